@@ -1,0 +1,201 @@
+"""Text to image: text encoder -> sampler loop with the U-Net and classifier-free guidance ->
+latent -> VAE decoder -> image (Rombach et al. 2022, fig. 3; Ho & Salimans 2022 for the guidance).
+
+Works in pixel space too (no VAE: the U-Net samples images directly, as in GLIDE/Imagen's base
+stage). The same seed gives the same image at any batch size: sample i draws all its noise from
+its own generator seeded `seed + i` (AUTOMATIC1111's convention for batches).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from imagine.images import to_pil
+from imagine.loading.folder import Components
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    parameters: dict[str, Any]
+    seconds: float = 0.0
+    latents: torch.Tensor | None = field(default=None, repr=False)
+
+
+class TextToImagePipeline:
+    def __init__(self, components: Components, precision: str = "exact"):
+        if precision not in ("exact", "fast"):
+            raise ValueError(f"precision must be 'exact' (fp32) or 'fast' (bf16 autocast, channels-last); got {precision!r}")
+        self.c = components
+        self.precision = precision
+        self.unet = components.unet.eval().requires_grad_(False)
+        self.vae = components.vae.eval().requires_grad_(False) if components.vae is not None else None
+        self.text_encoder = components.text_encoder
+        self.schedule = components.schedule
+        self.prediction_type = components.prediction_type
+        self.defaults = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m", **components.defaults}
+        if precision == "fast":
+            self.unet.to(memory_format=torch.channels_last)
+            if self.vae is not None:
+                self.vae.to(memory_format=torch.channels_last)
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, precision: str = "exact",
+                        dtype: torch.dtype = torch.float32) -> "TextToImagePipeline":
+        """`path`: a model folder (ours or diffusers'), an original single-file checkpoint
+        (.safetensors / .ckpt), or None for the embedded default model."""
+        if path is None:
+            if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+                raise FileNotFoundError(f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; "
+                                        "reinstall imagine or pass --model PATH")
+            path = DEFAULT_MODEL_DIR
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model not found: {path} (give a model folder with model_index.json, "
+                                    "or a .safetensors / .ckpt single-file checkpoint)")
+        if path.is_dir():
+            from imagine.loading.folder import load_folder
+
+            comps = load_folder(path, dtype=dtype)
+        else:
+            from imagine.loading.single_file import load_single_file
+
+            comps = load_single_file(path, dtype=dtype)
+        return cls(comps, precision=precision)
+
+    # -- running -------------------------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels if self.vae is not None else self.unet.config.out_channels
+
+    @property
+    def scale(self) -> int:
+        return self.vae.config.downsampling_factor if self.vae is not None else 1
+
+    def check_size(self, height: int, width: int) -> None:
+        f = self.scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {v!r}")
+            if v % f:
+                raise ValueError(f"{name} {v} is not a multiple of {f} (this model needs multiples of {f}, "
+                                 f"e.g. {max(f, v // f * f)} or {(v // f + 1) * f})")
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.text_encoder.encode(prompts).as_cond()
+
+    def __call__(self, prompt, negative_prompt=None, **kw) -> list[Image.Image]:
+        return self.generate(prompt, negative_prompt, **kw).images
+
+    @torch.no_grad()
+    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
+                 seed: int | None = None, seeds: list[int] | None = None, num_images_per_prompt: int = 1,
+                 height: int | None = None, width: int | None = None, guidance_rescale: float = 0.0,
+                 eta: float | None = None, karras: bool | None = None, thresholding: str | None = None,
+                 callback: Callable[[dict], None] | None = None, progress: bool = True,
+                 output_type: str = "pil") -> GenerationResult:
+        t0 = time.time()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("no prompt given")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be strings")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negs) == 1:
+                negs = negs * (len(prompts) // num_images_per_prompt)
+            if len(negs) * num_images_per_prompt != len(prompts):
+                raise ValueError(f"{len(negs)} negative prompts for {len(prompts) // num_images_per_prompt} prompts; "
+                                 "give one, or one per prompt")
+            negatives = [n for n in negs for _ in range(num_images_per_prompt)]
+        d = self.defaults
+        steps = int(d["steps"] if steps is None else steps)
+        guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
+        sampler = sampler or d["sampler"]
+        height = int(height or d.get("height") or 8 * self.scale * (self.unet.config.sample_size or 8))
+        width = int(width or d.get("width") or height)
+        self.check_size(height, width)
+        if seeds is None:
+            base = random.randint(0, MAX_SEED) if seed is None or seed < 0 else int(seed)
+            seeds = [(base + i) % (MAX_SEED + 1) for i in range(len(prompts))]
+        elif len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
+
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts(negatives) if guidance_scale != 1.0 else None
+        shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
+        latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                               seeds=seeds, guidance_rescale=guidance_rescale, eta=eta, karras=karras,
+                               thresholding=thresholding, callback=callback, progress=progress)
+        images_t = self.decode(latents)
+        params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
+                  "width": width, "model": Path(self.c.source).name or "default",
+                  "version": __import__("imagine").__version__}
+        if guidance_rescale:
+            params["guidance_rescale"] = guidance_rescale
+        images = [to_pil(t) for t in images_t] if output_type == "pil" else []
+        return GenerationResult(images=images, seeds=seeds, seconds=time.time() - t0, latents=latents,
+                                parameters={**params, "prompt": prompts, "negative_prompt": negatives})
+
+    def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, seeds, guidance_rescale, eta, karras,
+                thresholding, callback, progress):
+        from imagine.sampling import sample
+
+        sc = self.c.scheduler_config
+        kwargs = {}
+        if sc.get("timestep_spacing"):
+            kwargs["timestep_spacing"] = sc["timestep_spacing"]
+        if sc.get("steps_offset") is not None:
+            kwargs["steps_offset"] = int(sc["steps_offset"])
+        if karras is None:
+            karras = bool(sc.get("use_karras_sigmas", False))
+        model = self.unet
+        if self.precision == "fast":
+            model = _Autocast(self.unet)
+        return sample(model, shape, schedule=self.schedule, prediction_type=self.prediction_type, sampler=sampler,
+                      steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+                      guidance_rescale=guidance_rescale, thresholding=thresholding, karras=karras, eta=eta,
+                      seeds=seeds, callback=callback, progress=progress, **kwargs)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        tile = 64 if max(latents.shape[-2:]) > 96 else None  # bound memory for big images
+        if self.precision == "fast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                x = self.vae.decode_latent(latents.to(memory_format=torch.channels_last), tile=tile)
+            return x.float().clamp(-1, 1)
+        return self.vae.decode_latent(latents, tile=tile).clamp(-1, 1)
+
+
+class _Autocast(torch.nn.Module):
+    """Runs the U-Net under bf16 autocast (AMX on recent Xeons) and hands back fp32, so the
+    sampler's arithmetic stays in fp32."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.config = unet.config
+
+    def forward(self, x, t, **cond):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.unet(x.contiguous(memory_format=torch.channels_last), t, **cond)
+        return out.float()
