@@ -55,7 +55,13 @@ class VAETask(Task):
         if self.lc["reconstruction"] not in ("l1", "l2"):
             raise ValueError(f"loss.reconstruction must be 'l1' or 'l2'; got {self.lc['reconstruction']!r}")
         torch.manual_seed(int(cfg.get("seed", 0)))
-        self.trainable = AutoencoderKL(VAEConfig.from_dict(cfg.get("model", {})))
+        mcfg = dict(cfg.get("model", {}))
+        # scaling_factor "auto": set at export to 1 / std of the training latents (LDM sec. 4.3.2,
+        # which is how 0.18215 was found for SD's VAE).
+        self.auto_scale = mcfg.get("scaling_factor") == "auto"
+        if self.auto_scale:
+            mcfg["scaling_factor"] = 1.0
+        self.trainable = AutoencoderKL(VAEConfig.from_dict(mcfg))
         self.gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)) + 1)
         self.eval_images = eval_images
         self.disc = None
@@ -129,4 +135,8 @@ class VAETask(Task):
         save_grid([to_pil(t) for t in torch.cat([x, rec])], path, cols=8)
 
     def export(self, model, folder: Path):
+        if self.auto_scale and self.eval_images is not None:
+            with torch.no_grad():
+                z = torch.cat([model.encode(c).sample(self.gen) for c in self.eval_images.split(64)])
+            model.config.scaling_factor = float(1.0 / z.flatten().std())
         model.save_pretrained(folder)
