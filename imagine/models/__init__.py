@@ -1,0 +1,1 @@
+"""Networks: the U-Net denoiser, the KL autoencoder, text encoders, and their shared layers."""

@@ -1,0 +1,182 @@
+"""Attention and the spatial transformer of the latent-diffusion U-Net.
+
+Rombach et al. 2022 (LDM), sec. 3.3: the U-Net is conditioned on a text encoder's token states
+tau(y) [B, L, D] by cross-attention,
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V,  Q = phi(z) W_Q,  K = tau(y) W_K,  V = tau(y) W_V   (LDM eq. 3)
+
+inside a transformer block (Vaswani et al. 2017) applied to the feature map flattened to tokens:
+pre-LayerNorm self-attention, cross-attention and a GEGLU feed-forward (Shazeer 2020), each
+with a residual, between a GroupNorm + projection in and a projection out plus the outer residual
+(LDM appendix, "SpatialTransformer").
+
+Module and parameter names follow diffusers (`Transformer2DModel`, `BasicTransformerBlock`,
+`Attention`), so their weights load as they are. All attention goes through
+torch.nn.functional.scaled_dot_product_attention, one call per layer over all heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def key_padding_mask(context_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A [B, L] keep-mask (True = attend) -> the boolean mask SDPA broadcasts, [B, 1, 1, L].
+
+    Returns None when every token is kept (no masking work at all). A row with no kept token
+    would make the softmax 0/0; such a row attends to all its tokens instead, which is what
+    diffusers' additive -10000 bias amounts to in that case."""
+    if context_mask is None:
+        return None
+    keep = context_mask.bool()
+    if bool(keep.all()):
+        return None
+    keep = keep | ~keep.any(dim=1, keepdim=True)
+    return keep[:, None, None, :]
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, N, heads * d] -> [B, heads, N, d] (a view)."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """[B, heads, N, d] -> [B, N, heads * d]."""
+    return t.transpose(1, 2).flatten(2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of `x` [B, N, query_dim] over `context` [B, L, context_dim] (itself
+    when None). The scale is 1/sqrt(dim_head) (LDM eq. 3 with d the per-head width).
+
+    `upcast` computes the attention in float32 when the weights are float16/bfloat16: SD 2.1's
+    attention logits overflow half precision (diffusers' `upcast_attention`)."""
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+                 bias: bool = False, upcast: bool = False, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head, self.upcast = heads, dim_head, upcast
+        self.context_dim = context_dim if context_dim is not None else query_dim
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(self.context_dim, inner, bias=bias)
+        self.to_v = nn.Linear(self.context_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: None or boolean [B, 1, 1, L] (True = attend), as made by `key_padding_mask`."""
+        source = x if context is None else context
+        q = split_heads(self.to_q(x), self.heads)
+        k = split_heads(self.to_k(source), self.heads)
+        v = split_heads(self.to_v(source), self.heads)
+        dtype = q.dtype
+        if self.upcast and dtype in (torch.float16, torch.bfloat16):
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = merge_heads(out.to(dtype))
+        return self.to_out[1](self.to_out[0](out))
+
+
+class GEGLU(nn.Module):
+    """GEGLU(x) = (x W + b) * GELU(x V + c) (Shazeer 2020, eq. 5); W and V stored as one `proj`."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU to `mult` x width, dropout, linear back (`net.0`, `net.1`, `net.2` as in diffusers)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block over tokens [B, N, dim]:
+
+        x = x + SelfAttn(LN1(x));  x = x + CrossAttn(LN2(x), context);  x = x + FF(LN3(x))
+
+    With `only_cross_attention` the first attention also attends to the context (no self-attention)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None,
+                 only_cross_attention: bool = False, upcast_attention: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.only_cross_attention = only_cross_attention
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, context_dim if only_cross_attention else None, heads, dim_head,
+                               upcast=upcast_attention, dropout=dropout)
+        if context_dim is not None:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = Attention(dim, context_dim, heads, dim_head, upcast=upcast_attention, dropout=dropout)
+        else:
+            self.norm2 = self.attn2 = None
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.only_cross_attention:
+            # The mask applies to every attention over the context (diffusers passes its
+            # encoder_attention_mask only to attn2, so it leaves this one unmasked).
+            x = x + self.attn1(self.norm1(x), context, mask)
+        else:
+            x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x), context, mask if context is not None else None)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """A feature map [B, C, H, W] -> tokens [B, HW, inner] -> transformer blocks -> back, plus
+    the input (diffusers' `Transformer2DModel` for continuous inputs).
+
+    `use_linear_projection` (SD 2.x) projects in and out with linear layers on the tokens instead of
+    1x1 convolutions on the map; the two are the same map, only the weight shapes differ. On a
+    channels_last map, flattening to tokens and back costs no copy."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int | None, layers: int = 1,
+                 groups: int = 32, use_linear_projection: bool = False, only_cross_attention: bool = False,
+                 upcast_attention: bool = False, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear_projection = use_linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        if use_linear_projection:
+            self.proj_in = nn.Linear(channels, inner)
+            self.proj_out = nn.Linear(inner, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.transformer_blocks = nn.ModuleList([
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, only_cross_attention, upcast_attention, dropout)
+            for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, _, h, w = x.shape
+        h_map = self.norm(x)
+        if self.use_linear_projection:
+            tokens = self.proj_in(h_map.permute(0, 2, 3, 1).reshape(b, h * w, -1))
+        else:
+            tokens = self.proj_in(h_map).permute(0, 2, 3, 1).reshape(b, h * w, -1)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context, mask)
+        if self.use_linear_projection:
+            out = self.proj_out(tokens).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        else:
+            out = self.proj_out(tokens.reshape(b, h, w, -1).permute(0, 3, 1, 2))
+        return out + x

@@ -1,0 +1,116 @@
+"""Embeddings of the diffusion time and of extra conditioning vectors.
+
+- The time t enters the network as a sinusoidal code (Vaswani et al. 2017, sec. 3.5, used for
+  t in Ho et al. 2020, appendix B) followed by a two-layer MLP; the result is added into every
+  residual block.
+- Extra vectors are mapped to the same width and added to that time embedding: a class label
+  (nn.Embedding), a second timestep such as the noise level of a super-resolution stage's
+  augmented low-res input (Ho et al. 2021, CDM sec. 4.1; Saharia et al. 2022, Imagen sec. 2.5),
+  or a CLIP image embedding (Ramesh et al. 2022, unCLIP sec. 2.1: "projecting and adding CLIP
+  embeddings to the existing timestep embedding").
+
+Module and parameter names follow diffusers (`time_embedding.linear_1`, `class_embedding.*`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, "relu": F.relu}
+
+
+def activation(name: str):
+    """The pointwise non-linearity called `name` in a diffusers config."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; valid: {', '.join(ACTIVATIONS)}") from None
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
+                       max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal code of (possibly fractional) timesteps t [B] -> [B, dim], in float32.
+
+    With half = dim // 2 and frequencies w_i = max_period^(-i / (half - freq_shift)), i < half:
+        emb(t) = [sin(t w_0), ..., sin(t w_{half-1}), cos(t w_0), ..., cos(t w_{half-1})]
+    (Vaswani et al. 2017, sec. 3.5). `flip_sin_to_cos` puts the cosines first (the order of the
+    LDM/SD checkpoints); `freq_shift` = 1 is the original DDPM/tensor2tensor spacing,
+    0 the LDM one. An odd `dim` gets one zero column at the end.
+    """
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must be a 1-D tensor [B]; got shape {tuple(t.shape)}")
+    half = dim // 2
+    if half - freq_shift <= 0:
+        raise ValueError(f"timestep embedding width {dim} is too small for freq_shift {freq_shift}")
+    i = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * i / (half - freq_shift))
+    # float32 arguments, as the released checkpoints were trained with.
+    args = t.float()[:, None] * freqs[None, :]
+    sin, cos = torch.sin(args), torch.cos(args)
+    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class SinusoidalTimesteps(nn.Module):
+    """`timestep_embedding` as a (parameter-free) module, so the U-Net's `time_proj` reads as in diffusers."""
+
+    def __init__(self, dim: int, flip_sin_to_cos: bool, freq_shift: float):
+        super().__init__()
+        self.dim, self.flip_sin_to_cos, self.freq_shift = dim, flip_sin_to_cos, freq_shift
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(t, self.dim, self.flip_sin_to_cos, self.freq_shift)
+
+
+class TimestepEmbedding(nn.Module):
+    """The MLP after the sinusoidal code: linear -> act -> linear (Ho et al. 2020, appendix B).
+
+    Also used, unchanged, to project arbitrary vectors (unCLIP image embeddings), since it is just
+    two linear layers."""
+
+    def __init__(self, in_dim: int, dim: int, act_fn: str = "silu"):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act = activation(act_fn)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_projection")
+
+
+def make_class_embedding(kind: str | None, num_class_embeds: int | None, projection_dim: int | None,
+                         time_embed_dim: int, timestep_dim: int, act_fn: str) -> nn.Module | None:
+    """The diffusers `class_embedding` module for a config (None when there is none).
+
+    kind (diffusers' `class_embed_type`):
+      None + num_class_embeds  integer labels [B] -> a learned table (nn.Embedding)
+      "timestep"               a scalar per sample [B] (e.g. a noise-augmentation level) -> the
+                               same sinusoidal code as t, then its own MLP (CDM/Imagen)
+      "identity"               already time_embed_dim wide [B, time_embed_dim], added as it is
+      "projection"             a vector [B, projection_dim] -> MLP (unCLIP image embeddings)
+      "simple_projection"      a vector [B, projection_dim] -> one linear layer
+    """
+    if kind not in CLASS_EMBED_TYPES:
+        raise ValueError(f"unsupported class_embed_type {kind!r}; valid: {CLASS_EMBED_TYPES}")
+    if kind is None:
+        return nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds is not None else None
+    if kind == "timestep":
+        return TimestepEmbedding(timestep_dim, time_embed_dim, act_fn)
+    if kind == "identity":
+        return nn.Identity()
+    if projection_dim is None:
+        raise ValueError(f"class_embed_type {kind!r} needs projection_class_embeddings_input_dim "
+                         "(the width of the class_labels vectors)")
+    if kind == "projection":
+        # diffusers builds this MLP with its default SiLU, whatever the config's act_fn.
+        return TimestepEmbedding(projection_dim, time_embed_dim, "silu")
+    return nn.Linear(projection_dim, time_embed_dim)

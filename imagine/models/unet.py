@@ -1,0 +1,565 @@
+"""The cross-attention U-Net denoiser of latent diffusion.
+
+Ho et al. 2020 (DDPM), appendix B: a U-Net of residual blocks (GroupNorm, SiLU, 3x3 convs) at
+several resolutions, the sinusoidal embedding of t added into every residual block, skip
+connections from each down-path block to the mirrored up-path block.
+Rombach et al. 2022 (LDM), sec. 3.3: spatial transformer blocks after the residual blocks of the
+attention levels, whose cross-attention reads the text encoder's token states (LDM eq. 3; see
+`imagine.models.attention`). Extra conditioning vectors (class labels, unCLIP image embeddings,
+CDM/Imagen noise-augmentation levels) are embedded and added to the time embedding
+(`imagine.models.embeddings`).
+
+The config uses the field names of diffusers' `UNet2DConditionModel` config.json and the modules
+use its parameter names, so a diffusers `unet/` folder loads with `from_pretrained` and a
+diffusers state_dict with `load_state_dict(strict=True)`, with no key mapping.
+
+The call follows docs/DESIGN.md: `model(x_t, t, context=..., context_mask=..., class_labels=...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from imagine.models import io
+from imagine.models.attention import SpatialTransformer, key_padding_mask
+from imagine.models.embeddings import (
+    CLASS_EMBED_TYPES, SinusoidalTimesteps, TimestepEmbedding, activation, make_class_embedding,
+)
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
+
+# diffusers config keys this U-Net does not implement, with the one value each may take (the
+# value under which the feature is off). Any other value is refused rather than silently dropped.
+# Keys not listed here and not fields of UNetConfig are ignored (e.g. `mid_block_only_cross_attention`
+# and `addition_embed_type_num_heads`, which do nothing for the supported block types).
+FIXED_KEYS: dict[str, Any] = {
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "cross_attention_norm": None,
+    "reverse_transformer_layers_per_block": None,
+}
+
+
+@dataclass
+class UNetConfig:
+    """The U-Net's shape, with diffusers' field names and defaults (so an omitted key means what it
+    means in diffusers).
+
+    Heads: in diffusers' UNet2DConditionModel `attention_head_dim` is, for historical reasons, the
+    NUMBER of attention heads per level whenever `num_attention_heads` is None (every SD 1.x/2.x
+    config); each head is then out_channels // heads wide. `num_attention_heads`, when given,
+    is the number of heads and takes precedence (diffusers 0.42 refuses it outright; we accept it
+    with that meaning). See `heads_per_block`.
+    """
+
+    sample_size: int | tuple[int, int] | None = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                         "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    only_cross_attention: bool | tuple[bool, ...] = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    dropout: float = 0.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    attention_head_dim: int | tuple[int, ...] = 8
+    num_attention_heads: int | tuple[int, ...] | None = None
+    use_linear_projection: bool = False
+    class_embed_type: str | None = None
+    num_class_embeds: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+    upcast_attention: bool = False
+    time_embedding_dim: int | None = None
+
+    def __post_init__(self):
+        def tup(v):
+            return tuple(v) if isinstance(v, (list, tuple)) else v
+
+        for f in fields(self):
+            setattr(self, f.name, tup(getattr(self, f.name)))
+        n = len(self.block_out_channels)
+        if n < 1:
+            raise ValueError("UNet config: block_out_channels must list at least one level")
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(f"UNet config: {n} block_out_channels but {len(self.down_block_types)} down_block_types "
+                             f"and {len(self.up_block_types)} up_block_types; all three must have the same length")
+        for kind, valid in (("down", DOWN_BLOCK_TYPES), ("up", UP_BLOCK_TYPES)):
+            for t in getattr(self, f"{kind}_block_types"):
+                if t not in valid:
+                    raise ValueError(f"UNet config: unsupported {kind} block type {t!r}; valid: {', '.join(valid)}")
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            raise ValueError(f"UNet config: unsupported mid_block_type {self.mid_block_type!r}; "
+                             "valid: 'UNetMidBlock2DCrossAttn' or None")
+        if isinstance(self.cross_attention_dim, tuple):
+            # diffusers allows one per level; one context can only feed them all if they agree.
+            if len(set(self.cross_attention_dim)) != 1:
+                raise ValueError("UNet config: per-level cross_attention_dim values that differ "
+                                 f"{self.cross_attention_dim} are not supported; give one integer")
+            self.cross_attention_dim = self.cross_attention_dim[0]
+        for name in ("only_cross_attention", "layers_per_block", "transformer_layers_per_block",
+                     "attention_head_dim", "num_attention_heads"):
+            v = getattr(self, name)
+            if isinstance(v, tuple) and len(v) != n:
+                raise ValueError(f"UNet config: {name} lists {len(v)} values for {n} levels")
+        if any(isinstance(v, (list, tuple)) for v in self._per_level(self.transformer_layers_per_block)):
+            raise ValueError("UNet config: nested transformer_layers_per_block (asymmetric U-Nets) is not supported")
+        if not isinstance(self.norm_num_groups, int):
+            raise ValueError(f"UNet config: norm_num_groups must be an integer; got {self.norm_num_groups!r}")
+        activation(self.act_fn)  # raises on an unknown name
+        if self.class_embed_type not in CLASS_EMBED_TYPES:
+            raise ValueError(f"UNet config: unsupported class_embed_type {self.class_embed_type!r}; "
+                             f"valid: {CLASS_EMBED_TYPES}")
+        if self.class_embed_type in ("projection", "simple_projection") and not self.projection_class_embeddings_input_dim:
+            raise ValueError(f"UNet config: class_embed_type {self.class_embed_type!r} needs "
+                             "projection_class_embeddings_input_dim")
+        if self.downsample_padding not in (0, 1):
+            raise ValueError(f"UNet config: downsample_padding must be 0 or 1; got {self.downsample_padding}")
+        heads = self.heads_per_block
+        for c, h in zip(self.block_out_channels, heads):
+            if c % self.norm_num_groups:
+                raise ValueError(f"UNet config: channels {c} not divisible by norm_num_groups {self.norm_num_groups}")
+            if h < 1 or c % h:
+                raise ValueError(f"UNet config: {c} channels cannot be split into {h} attention heads "
+                                 "(attention_head_dim holds the number of heads when num_attention_heads is None)")
+
+    # -- derived values ------------------------------------------------------------------------
+    def _per_level(self, v) -> tuple:
+        return tuple(v) if isinstance(v, tuple) else (v,) * len(self.block_out_channels)
+
+    @property
+    def heads_per_block(self) -> tuple[int, ...]:
+        """Attention heads per level (diffusers: `num_attention_heads or attention_head_dim`)."""
+        return self._per_level(self.num_attention_heads if self.num_attention_heads is not None
+                               else self.attention_head_dim)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Height and width of an input must be multiples of this."""
+        return 2 ** (self.num_levels - 1)
+
+    @property
+    def has_cross_attention(self) -> bool:
+        return (any(t.startswith("CrossAttn") for t in self.down_block_types + self.up_block_types)
+                or self.mid_block_type == "UNetMidBlock2DCrossAttn")
+
+    # -- dict round trip -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
+        """From a diffusers unet/config.json dict: known fields are used, keys of features we do not
+        implement must hold their "off" value (else ValueError), other keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {}
+        for k, v in d.items():
+            if k in names:
+                kwargs[k] = v
+            elif k in FIXED_KEYS and not _same(v, FIXED_KEYS[k]):
+                raise ValueError(f"UNet config: {k}={v!r} is not supported by imagine's UNet2DConditionModel "
+                                 f"(only {FIXED_KEYS[k]!r})")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    # -- the released shapes ----------------------------------------------------------------------
+    @classmethod
+    def sd15(cls) -> "UNetConfig":
+        """Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5, unet/config.json): CLIP ViT-L/14
+        context (768), 8 heads per level, 1x1-conv projections, 64x64 latents (512 px)."""
+        return cls(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                   layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+    @classmethod
+    def sd21(cls) -> "UNetConfig":
+        """Stable Diffusion 2.1 (stabilityai/stable-diffusion-2-1, the 768-v model): OpenCLIP ViT-H
+        context (1024), heads (5, 10, 20, 20) i.e. 64 channels per head, linear projections,
+        attention upcast to fp32, 96x96 latents (768 px)."""
+        return cls(sample_size=96, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                   layers_per_block=2, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                   use_linear_projection=True, upcast_attention=True,
+                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+class ResnetBlock(nn.Module):
+    """Residual block with the time embedding injected between its two convolutions
+    (DDPM appendix B; the Wide-ResNet block with GroupNorm):
+
+        h = conv1(act(GN1(x))) + W act(emb);  h = conv2(dropout(act(GN2(h))));  out = (skip(x) + h) / s
+    """
+
+    def __init__(self, cin: int, cout: int, temb: int, groups: int, eps: float, act_fn: str,
+                 dropout: float = 0.0, output_scale_factor: float = 1.0):
+        super().__init__()
+        self.act = activation(act_fn)
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
+        """emb_act: act(time embedding) [B, temb], computed once per forward by the U-Net."""
+        h = self.conv1(self.act(self.norm1(x)))
+        h = h + self.time_emb_proj(emb_act)[:, :, None, None]
+        h = self.conv2(self.dropout(self.act(self.norm2(h))))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        out = skip + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv. `padding` 1 is symmetric; 0 pads only right and bottom (LDM's layout)."""
+
+    def __init__(self, channels: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv (DDPM appendix B)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Checkpointable(nn.Module):
+    gradient_checkpointing = False
+
+    def _run(self, module: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+
+def _transformer(cfg: UNetConfig, channels: int, heads: int, layers: int, only_cross: bool) -> SpatialTransformer:
+    return SpatialTransformer(channels, heads, channels // heads, cfg.cross_attention_dim, layers,
+                              cfg.norm_num_groups, cfg.use_linear_projection, only_cross, cfg.upcast_attention,
+                              cfg.dropout)
+
+
+class DownBlock(_Checkpointable):
+    """One level of the contracting path (diffusers' CrossAttnDownBlock2D / DownBlock2D): residual
+    blocks, each followed by a spatial transformer on attention levels, then a downsampler. Every
+    intermediate output is kept as a skip for the expanding path."""
+
+    def __init__(self, cfg: UNetConfig, level: int, cin: int, cout: int):
+        super().__init__()
+        cross = cfg.down_block_types[level] == "CrossAttnDownBlock2D"
+        n = cfg._per_level(cfg.layers_per_block)[level]
+        self.resnets = nn.ModuleList([
+            ResnetBlock(cin if i == 0 else cout, cout, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps,
+                        cfg.act_fn, cfg.dropout) for i in range(n)])
+        self.attentions = nn.ModuleList([
+            _transformer(cfg, cout, cfg.heads_per_block[level], cfg._per_level(cfg.transformer_layers_per_block)[level],
+                         cfg._per_level(cfg.only_cross_attention)[level]) for _ in range(n)]) if cross else None
+        last = level == cfg.num_levels - 1
+        self.downsamplers = None if last else nn.ModuleList([Downsample(cout, cfg.downsample_padding)])
+
+    def forward(self, x, emb_act, context, mask):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = self._run(resnet, x, emb_act)
+            if self.attentions is not None:
+                x = self._run(self.attentions[i], x, context, mask)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(_Checkpointable):
+    """The bottleneck (diffusers' UNetMidBlock2DCrossAttn): resnet, transformer, resnet. Its
+    transformer always has self-attention (diffusers does not pass only_cross_attention here)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        c = cfg.block_out_channels[-1]
+
+        def resnet():
+            return ResnetBlock(c, c, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn, cfg.dropout,
+                               output_scale_factor=cfg.mid_block_scale_factor)
+
+        self.resnets = nn.ModuleList([resnet(), resnet()])
+        self.attentions = nn.ModuleList([
+            _transformer(cfg, c, cfg.heads_per_block[-1], cfg._per_level(cfg.transformer_layers_per_block)[-1], False)])
+
+    def forward(self, x, emb_act, context, mask):
+        x = self._run(self.resnets[0], x, emb_act)
+        x = self._run(self.attentions[0], x, context, mask)
+        return self._run(self.resnets[1], x, emb_act)
+
+
+class UpBlock(_Checkpointable):
+    """One level of the expanding path (diffusers' CrossAttnUpBlock2D / UpBlock2D): layers_per_block + 1
+    residual blocks, each taking the previous output concatenated (on channels) with the next skip,
+    each followed by a transformer on attention levels, then an upsampler."""
+
+    def __init__(self, cfg: UNetConfig, i: int):
+        super().__init__()
+        rev = tuple(reversed(cfg.block_out_channels))
+        level = cfg.num_levels - 1 - i  # the mirrored down level
+        cross = cfg.up_block_types[i] == "CrossAttnUpBlock2D"
+        cout, cprev = rev[i], rev[max(i - 1, 0)]
+        cskip_last = rev[min(i + 1, cfg.num_levels - 1)]  # the skip from the level below (or conv_in)
+        n = cfg._per_level(cfg.layers_per_block)[level] + 1
+        self.resnets = nn.ModuleList([
+            ResnetBlock((cprev if j == 0 else cout) + (cskip_last if j == n - 1 else cout), cout, cfg.time_embed_dim,
+                        cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn, cfg.dropout) for j in range(n)])
+        self.attentions = nn.ModuleList([
+            _transformer(cfg, cout, cfg.heads_per_block[level], cfg._per_level(cfg.transformer_layers_per_block)[level],
+                         cfg._per_level(cfg.only_cross_attention)[level]) for _ in range(n)]) if cross else None
+        last = i == cfg.num_levels - 1
+        self.upsamplers = None if last else nn.ModuleList([Upsample(cout)])
+
+    def forward(self, x, skips, emb_act, context, mask):
+        for j, resnet in enumerate(self.resnets):
+            x = torch.cat([x, skips[-1 - j]], dim=1)
+            x = self._run(resnet, x, emb_act)
+            if self.attentions is not None:
+                x = self._run(self.attentions[j], x, context, mask)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The U-Net
+# ---------------------------------------------------------------------------------------------
+class UNet2DConditionModel(nn.Module):
+    """eps/x0/v-prediction network f(x_t, t, context) of latent diffusion; see the module docstring."""
+
+    def __init__(self, config: UNetConfig | dict | None = None):
+        super().__init__()
+        if isinstance(config, dict):
+            config = UNetConfig.from_dict(config)
+        self.config = c = config if config is not None else UNetConfig()
+        ch = c.block_out_channels
+        self.act = activation(c.act_fn)
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.time_proj = SinusoidalTimesteps(ch[0], c.flip_sin_to_cos, c.freq_shift)
+        self.time_embedding = TimestepEmbedding(ch[0], c.time_embed_dim, c.act_fn)
+        self.class_embedding = make_class_embedding(c.class_embed_type, c.num_class_embeds,
+                                                    c.projection_class_embeddings_input_dim, c.time_embed_dim,
+                                                    ch[0], c.act_fn)
+        self.down_blocks = nn.ModuleList([DownBlock(c, i, ch[max(i - 1, 0)], ch[i]) for i in range(c.num_levels)])
+        self.mid_block = MidBlock(c) if c.mid_block_type is not None else None
+        self.up_blocks = nn.ModuleList([UpBlock(c, i) for i in range(c.num_levels)])
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
+    def enable_gradient_checkpointing(self, on: bool = True) -> "UNet2DConditionModel":
+        """Recompute each residual block and transformer in the backward pass (training memory)."""
+        for m in self.modules():
+            if isinstance(m, _Checkpointable):
+                m.gradient_checkpointing = on
+        return self
+
+    # -- the denoiser call (docs/DESIGN.md) ------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, in_channels, H, W] (H, W multiples of config.downsampling_factor); t a scalar or [B]
+        (training-timestep units, may be fractional); context [B, L, cross_attention_dim];
+        context_mask [B, L] bool, True = attend to that token; class_labels per config.class_embed_type.
+        Returns [B, out_channels, H, W]."""
+        c = self.config
+        t, context, context_mask = self._check_inputs(x, t, context, context_mask)
+        # Time embedding (DDPM appendix B): sinusoidal code in float32, then the MLP in the model's dtype.
+        emb = self.time_embedding(self.time_proj(t).to(x.dtype))
+        if self.class_embedding is not None:
+            emb = emb + self._class_embedding(class_labels, x)
+        elif class_labels is not None:
+            raise ValueError("class_labels given, but this UNet has no class embedding (config.class_embed_type "
+                             "and num_class_embeds are None)")
+        emb_act = self.act(emb)  # every residual block applies act() before its projection
+        mask = key_padding_mask(context_mask)
+
+        if c.center_input_sample:
+            x = 2 * x - 1.0
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, s = block(h, emb_act, context, mask)
+            skips.extend(s)
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb_act, context, mask)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            h = block(h, skips[-n:], emb_act, context, mask)
+            del skips[-n:]
+        return self.conv_out(self.act(self.conv_norm_out(h)))
+
+    def _class_embedding(self, labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        c, b = self.config, x.shape[0]
+        kind = c.class_embed_type
+        if labels is None:
+            raise ValueError(f"this UNet needs class_labels (class_embed_type={kind!r}, "
+                             f"num_class_embeds={c.num_class_embeds})")
+        if not torch.is_tensor(labels):
+            raise TypeError(f"class_labels must be a tensor; got {type(labels).__name__}")
+        if kind is None:  # a table of num_class_embeds learned vectors
+            if labels.shape != (b,) or labels.dtype.is_floating_point:
+                raise ValueError(f"class_labels must be integer class ids of shape [{b}]; "
+                                 f"got {tuple(labels.shape)} {labels.dtype}")
+            if labels.numel() and (labels.min() < 0 or labels.max() >= c.num_class_embeds):
+                raise ValueError(f"class_labels must be in [0, {c.num_class_embeds}); got values "
+                                 f"{labels.min().item()}..{labels.max().item()}")
+            return self.class_embedding(labels).to(x.dtype)
+        if kind == "timestep":  # e.g. a noise-augmentation level (CDM sec. 4.1): same code as t
+            labels = self._batch_vector(labels, b, "class_labels")
+            return self.class_embedding(self.time_proj(labels).to(x.dtype))
+        width = c.time_embed_dim if kind == "identity" else c.projection_class_embeddings_input_dim
+        if labels.shape != (b, width):
+            raise ValueError(f"class_labels for class_embed_type={kind!r} must have shape [{b}, {width}]; "
+                             f"got {tuple(labels.shape)}")
+        return self.class_embedding(labels.to(x.dtype)).to(x.dtype)
+
+    @staticmethod
+    def _batch_vector(t, b: int, name: str) -> torch.Tensor:
+        """A scalar, [1] or [B] number/tensor -> a [B] tensor."""
+        if not torch.is_tensor(t):
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                raise TypeError(f"{name} must be a number or a tensor; got {type(t).__name__}")
+            t = torch.tensor([t], dtype=torch.float64 if isinstance(t, float) else torch.int64)
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{name} must be a real number tensor; got {t.dtype}")
+        if t.ndim == 0:
+            t = t[None]
+        if t.ndim != 1 or t.shape[0] not in (1, b):
+            raise ValueError(f"{name} must be a scalar or have shape [{b}] (the batch size of x); "
+                             f"got shape {tuple(t.shape)}")
+        return t.expand(b)
+
+    def _check_inputs(self, x, t, context, context_mask):
+        c = self.config
+        if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != c.in_channels:
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"x must be a tensor [B, {c.in_channels}, H, W] (in_channels={c.in_channels}); got {got}")
+        b, f = x.shape[0], c.downsampling_factor
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(f"x height and width must be multiples of {f} (2 ** (levels - 1) for "
+                             f"{c.num_levels} levels); got {tuple(x.shape[-2:])}")
+        t = self._batch_vector(t, b, "t").to(x.device)
+        if not c.has_cross_attention:
+            if context is not None or context_mask is not None:
+                raise ValueError("this UNet has no cross-attention blocks; pass context=None and context_mask=None")
+            return t, None, None
+        if context is None:
+            raise ValueError(f"this UNet cross-attends to text: pass context [B, L, {c.cross_attention_dim}]")
+        if not torch.is_tensor(context) or context.ndim != 3:
+            got = tuple(context.shape) if torch.is_tensor(context) else type(context).__name__
+            raise ValueError(f"context must be a tensor [B, L, {c.cross_attention_dim}]; got {got}")
+        if context.shape[-1] != c.cross_attention_dim:
+            raise ValueError(f"context width {context.shape[-1]} does not match the UNet's cross_attention_dim "
+                             f"{c.cross_attention_dim}")
+        if context.shape[0] != b:
+            raise ValueError(f"batch mismatch: x has {b} samples but context has {context.shape[0]}")
+        if context_mask is not None:
+            if not torch.is_tensor(context_mask) or tuple(context_mask.shape) != tuple(context.shape[:2]):
+                got = tuple(context_mask.shape) if torch.is_tensor(context_mask) else type(context_mask).__name__
+                raise ValueError(f"context_mask must have shape [B, L] = {tuple(context.shape[:2])} "
+                                 f"(True = attend); got {got}")
+            if context_mask.dtype.is_floating_point:
+                raise TypeError("context_mask must be bool (True = keep) or 0/1 integers; "
+                                f"got {context_mask.dtype}")
+        return t, context.to(x.dtype), context_mask
+
+    # -- folders (diffusers' layout) -------------------------------------------------------------
+    def save_pretrained(self, folder) -> None:
+        """Write config.json (with _class_name and _imagine_version) and diffusion_pytorch_model.safetensors."""
+        io.save_component(self, self.config.to_dict(), folder, "UNet2DConditionModel")
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "UNet2DConditionModel":
+        """Load a diffusers-layout unet folder (config.json + diffusion_pytorch_model.safetensors or
+        model.safetensors), in eval mode."""
+        cfg = io.read_config(folder)
+        name = cfg.get("_class_name", "UNet2DConditionModel")
+        if name != "UNet2DConditionModel":
+            raise ValueError(f"{folder}: config.json is for {name}, not UNet2DConditionModel")
+        try:
+            config = UNetConfig.from_dict(cfg)
+        except ValueError as e:
+            raise ValueError(f"{folder}/config.json: {e}") from None
+        # Build on the meta device: the weights are about to be replaced anyway.
+        with torch.device("meta"):
+            model = cls(config)
+        path = io.find_weights(folder)
+        state = io.load_tensors(path)
+        model = model.to_empty(device="cpu")
+        io.load_state_into(model, state, str(path))
+        return model.to(dtype).eval()
