@@ -38,7 +38,8 @@ SIZE_TOLERANCE = 2
 
 _NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[n] for n in _NAMES], np.int32)  # [6, 3]
-_WHITE = np.array([255, 255, 255], np.int32)
+_REFS = np.vstack([_PALETTE, [255, 255, 255]]).astype(np.float64)  # [7, 3]: palette, then white
+_REFS_SQ = (_REFS ** 2).sum(1)
 _FORMS = ('"a {color} {shape}", "a {small|large} {color} {shape}", "a {c1} {s1} and a {c2} {s2}", '
           '"a {c1} {s1} {to the left of|to the right of|above|below} a {c2} {s2}", "{two|three} {color} {shape}s"')
 
@@ -156,13 +157,16 @@ def _as_array(image) -> np.ndarray:
 
 def classify_pixels(image) -> np.ndarray:
     """[H, W] int: index into COLORS (in its order) of each pixel's colour, -1 for background."""
-    a = _as_array(image).astype(np.int32)
-    d2 = ((a[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1)  # [H, W, 6]
-    nearest = d2.argmin(-1)
-    dmin = np.take_along_axis(d2, nearest[..., None], -1)[..., 0]
-    dwhite = ((a - _WHITE) ** 2).sum(-1)
-    ok = (dmin < COLOR_DISTANCE ** 2) & (dmin < dwhite)
-    return np.where(ok, nearest, -1)
+    a = _as_array(image)
+    h, w, _ = a.shape
+    x = a.reshape(-1, 3).astype(np.float64)
+    # squared distances |x - p|^2 = |x|^2 - 2 x.p + |p|^2 to the palette and to white (column 6);
+    # every term is an integer below 2^53, so this is exact
+    d2 = (x * x).sum(1, keepdims=True) - 2.0 * x @ _REFS.T + _REFS_SQ  # [H*W, 7]
+    nearest = d2[:, :6].argmin(1)
+    dmin = d2[np.arange(len(x)), nearest]
+    ok = (dmin < COLOR_DISTANCE ** 2) & (dmin < d2[:, 6])
+    return np.where(ok, nearest, -1).reshape(h, w)
 
 
 def shape_of(area: int, w: int, h: int) -> str | None:

@@ -1,0 +1,201 @@
+"""Score a text-to-image model on the shapes task with the exact judge (shared/specs/shapes.md).
+
+A seeded set of canonical prompts (`imagine.data.shapes.eval_prompts`: every family, and for the
+pair and relation families both seen and held-out object combinations) is generated with one
+seed per prompt, and each image is judged by `imagine.data.judge`. The report gives the score per
+family, the overall score (the mean of the family scores), the seen and held-out scores apart,
+and a grid PNG of examples with their captions and verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from imagine.data.judge import judge, parse_caption, score
+from imagine.data.shapes import FAMILIES, eval_prompts, is_heldout
+
+log = logging.getLogger(__name__)
+
+
+def _normalise_prompts(prompts) -> list[dict]:
+    """dicts (caption, family, heldout) pass through checked; bare captions get both from the parse."""
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            parsed = parse_caption(p)
+            objs = [(o["color"], o["shape"]) for o in parsed["objects"]]
+            held = parsed["family"] in ("pair", "relation") and is_heldout(*objs)
+            out.append(dict(caption=p, family=parsed["family"], heldout=held))
+        elif isinstance(p, dict) and "caption" in p:
+            parsed = parse_caption(p["caption"])
+            family = p.get("family", parsed["family"])
+            if family != parsed["family"]:
+                raise ValueError(f"prompt {p['caption']!r} is of family {parsed['family']!r}, not {family!r}")
+            out.append(dict(caption=p["caption"], family=family, heldout=bool(p.get("heldout", False))))
+        else:
+            raise TypeError(f"a prompt must be a caption str or a dict with a 'caption'; got {type(p).__name__}")
+    if not out:
+        raise ValueError("no prompts to evaluate")
+    return out
+
+
+def evaluate_shapes(generate_fn, prompts=None, batch_size: int = 8, seed: int = 0, grid_path=None,
+                    grid_columns: int = 6) -> dict:
+    """Generate one image per prompt with `generate_fn(prompts, seeds) -> list[PIL.Image]` (prompt i
+    gets seed `seed + i`, so a run is reproducible at any batch size), judge each, and return the
+    report of `imagine.data.judge.score` plus `results` (caption, family, heldout, seed, ok per
+    prompt) and `seconds`. `prompts`: eval_prompts() items or bare canonical captions (None: the
+    default eval_prompts()). With `grid_path`, a PNG of up to `grid_columns` examples per family
+    (seen and held-out on separate rows) with captions and verdicts is written there."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    items = _normalise_prompts(eval_prompts() if prompts is None else prompts)
+    results, examples = [], {}
+    start = time.perf_counter()
+    for b in range(0, len(items), batch_size):
+        batch = items[b:b + batch_size]
+        seeds = [seed + b + k for k in range(len(batch))]
+        images = list(generate_fn([p["caption"] for p in batch], seeds))
+        if len(images) != len(batch):
+            raise ValueError(f"generate_fn returned {len(images)} images for {len(batch)} prompts")
+        for p, s, img in zip(batch, seeds, images):
+            if not isinstance(img, Image.Image):
+                raise TypeError(f"generate_fn must return PIL images; got {type(img).__name__}")
+            ok = judge(img, p["caption"])
+            results.append(dict(p, seed=s, ok=ok))
+            group = examples.setdefault((p["family"], p["heldout"]), [])
+            if len(group) < grid_columns:
+                group.append((img.convert("RGB"), p["caption"], ok))
+        log.info("shapes eval: %d/%d images", min(b + batch_size, len(items)), len(items))
+    report = score([(r["ok"], r["caption"], r["family"], r["heldout"]) for r in results])
+    report["results"] = results
+    report["seconds"] = time.perf_counter() - start
+    if grid_path is not None:
+        report["grid"] = str(save_grid(examples, grid_path))
+    return report
+
+
+# ----------------------------------------------------------------------------------- output
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split(" "):
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line] if line else lines
+
+
+def save_grid(examples: dict, path, scale: int = 2) -> Path:
+    """One row per (family, seen/held-out) group: each image upscaled `scale`x (nearest), framed
+    green if the judge passed it and red if not, its caption and verdict below."""
+    font = ImageFont.load_default()
+    cell_w, pad, text_h = 64 * scale, 6, 48
+    order = [k for f in FAMILIES for k in ((f, False), (f, True)) if k in examples]
+    columns = max((len(v) for v in examples.values()), default=1)
+    header = 14
+    row_h = header + cell_w + text_h + pad
+    sheet = Image.new("RGB", (pad + columns * (cell_w + pad), max(1, len(order)) * row_h + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, key in enumerate(order):
+        y0 = pad + r * row_h
+        draw.text((pad, y0), f"{key[0]} ({'held-out' if key[1] else 'seen'} combinations)" if key[0] in
+                  ("pair", "relation") else key[0], fill="black", font=font)
+        for c, (img, caption, ok) in enumerate(examples[key]):
+            x0, yi = pad + c * (cell_w + pad), y0 + header
+            colour = (30, 150, 60) if ok else (200, 30, 30)
+            sheet.paste(img.resize((cell_w, cell_w), Image.NEAREST), (x0, yi))
+            draw.rectangle((x0 - 2, yi - 2, x0 + cell_w + 1, yi + cell_w + 1), outline=colour, width=2)
+            lines = ["PASS" if ok else "FAIL"] + _wrap(draw, caption, font, cell_w)
+            for k, line in enumerate(lines[:4]):
+                draw.text((x0, yi + cell_w + 3 + 11 * k), line, fill=colour if k == 0 else "black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    sheet.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+def _fmt(x) -> str:
+    return "  -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def format_report(report: dict) -> str:
+    """A plain-text table: per family the score on all prompts, on seen and on held-out ones."""
+    seen, held = report["seen"]["families"], report["heldout"]["families"]
+    lines = [f"{'family':<10} {'score':>6} {'correct':>9} {'seen':>6} {'held-out':>9}"]
+    for f, v in report["families"].items():
+        s = seen.get(f, {}).get("score")
+        h = held.get(f, {}).get("score")
+        lines.append(f"{f:<10} {_fmt(v['score']):>6} {str(v['correct']) + '/' + str(v['n']):>9} "
+                     f"{_fmt(s):>6} {_fmt(h):>9}")
+    c = report["counts"]
+    lines.append(f"{'overall':<10} {_fmt(report['overall']):>6} {str(c['correct']) + '/' + str(c['n']):>9} "
+                 f"{_fmt(report['seen']['score']):>6} {_fmt(report['heldout']['score']):>9}")
+    lines.append("overall = mean of the family scores; seen/held-out = mean over the families that have such "
+                 f"prompts; held-out gap (pair, relation: seen - held-out) = {_fmt(report.get('heldout_gap'))}")
+    return "\n".join(lines)
+
+
+def _json_safe(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
+    parser.add_argument("--n-per-family", type=int, default=100,
+                        help="prompts per family (pair and relation get this many seen plus as many held-out)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    parser.add_argument("--sampler", default=None, help="sampler name (default: the pipeline's)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed SEED + i")
+    parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt set")
+    parser.add_argument("--out", default="shapes-eval", help="folder for grid.png and report.json")
+    parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
+
+
+def run(args) -> int:
+    if args.n_per_family < 1:
+        raise ValueError(f"--n-per-family must be at least 1; got {args.n_per_family}")
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(args.model)  # None: the embedded default model
+    options = {k: v for k, v in dict(steps=args.steps, guidance_scale=args.guidance_scale,
+                                     sampler=args.sampler).items() if v is not None}
+
+    def generate(prompts, seeds):
+        return pipe(prompts, seeds=seeds, **options)
+
+    out = Path(args.out)
+    prompts = eval_prompts(args.n_per_family, seed=args.prompt_seed)
+    report = evaluate_shapes(generate, prompts, batch_size=args.batch_size, seed=args.seed,
+                             grid_path=out / "grid.png")
+    report["settings"] = dict(model=args.model or "default", n_per_family=args.n_per_family, seed=args.seed,
+                              prompt_seed=args.prompt_seed, **options)
+    print(format_report(report))
+    text = json.dumps(_json_safe(report), indent=1)
+    for target in [out / "report.json"] + ([Path(args.json)] if args.json else []):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    print(f"grid: {report['grid']}; report: {out / 'report.json'}")
+    return 0
