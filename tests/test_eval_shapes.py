@@ -1,0 +1,126 @@
+"""`imagine eval shapes`: an oracle that renders the true scene scores 1, blank images score 0,
+seen and held-out are reported apart, and run() wires the pipeline, the grid and the JSON."""
+
+import argparse
+import json
+import random
+import sys
+import types
+
+import pytest
+from PIL import Image
+
+from imagine import evaluation as E
+from imagine.data import shapes as S
+
+
+def oracle(prompts, seeds):
+    return [S.render(S.scene_for_caption(p, random.Random(s))) for p, s in zip(prompts, seeds)]
+
+
+def blank(prompts, seeds):
+    return [Image.new("RGB", (64, 64), "white") for _ in prompts]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return S.eval_prompts(n_per_family=12, seed=3)
+
+
+def test_oracle_scores_one_and_writes_a_grid(prompts, tmp_path):
+    grid = tmp_path / "grid.png"
+    report = E.evaluate_shapes(oracle, prompts, batch_size=5, seed=10, grid_path=grid)
+    assert report["overall"] == 1.0
+    assert all(v["score"] == 1.0 for v in report["families"].values())
+    assert set(report["families"]) == set(S.FAMILIES)
+    assert report["seen"]["score"] == 1.0 and report["heldout"]["score"] == 1.0
+    assert set(report["heldout"]["families"]) == {"pair", "relation"}
+    assert report["counts"] == dict(n=len(prompts), correct=len(prompts))
+    assert [r["seed"] for r in report["results"]] == list(range(10, 10 + len(prompts)))
+    with Image.open(grid) as g:
+        assert g.format == "PNG" and g.width > 6 * 128 and g.height > 7 * 128  # 7 rows of 6 examples
+    table = E.format_report(report)
+    for fam in S.FAMILIES:
+        assert fam in table
+    assert "overall" in table and "1.000" in table
+
+
+def test_blank_images_score_zero(prompts):
+    report = E.evaluate_shapes(blank, prompts, batch_size=64)
+    assert report["overall"] == 0.0 and report["counts"]["correct"] == 0
+    assert all(v["score"] == 0.0 for v in report["families"].values())
+
+
+def test_seen_and_heldout_reported_apart(prompts):
+    def seen_only(ps, seeds):
+        out = []
+        for p, s in zip(ps, seeds):
+            held = p in HELD
+            out.append(blank([p], [s])[0] if held else oracle([p], [s])[0])
+        return out
+
+    HELD = {p["caption"] for p in prompts if p["heldout"]}
+    report = E.evaluate_shapes(seen_only, prompts)
+    assert report["seen"]["score"] == 1.0 and report["heldout"]["score"] == 0.0
+    assert report["heldout_gap"] == 1.0
+    assert report["families"]["pair"]["score"] == 0.5  # 12 seen + 12 held-out
+    assert report["overall"] == pytest.approx((1 + 1 + 0.5 + 0.5 + 1) / 5)
+
+
+def test_seeds_do_not_depend_on_batch_size(prompts):
+    got = {}
+
+    def record(ps, seeds):
+        got.update(zip(seeds, ps))
+        return blank(ps, seeds)
+
+    E.evaluate_shapes(record, prompts[:9], batch_size=4, seed=5)
+    first = dict(got)
+    got.clear()
+    E.evaluate_shapes(record, prompts[:9], batch_size=9, seed=5)
+    assert got == first and sorted(got) == list(range(5, 14))
+
+
+def test_bare_captions_and_errors():
+    report = E.evaluate_shapes(oracle, ["a red circle", S.canonical_caption("pair", sorted(S.HELDOUT_COMBINATIONS)[0])])
+    assert report["heldout"]["families"]["pair"]["n"] == 1 and report["overall"] == 1.0
+    with pytest.raises(ValueError, match="returned 0 images"):
+        E.evaluate_shapes(lambda p, s: [], ["a red circle"])
+    with pytest.raises(ValueError, match="not a canonical"):
+        E.evaluate_shapes(oracle, ["a red circle."])
+    with pytest.raises(TypeError, match="PIL images"):
+        E.evaluate_shapes(lambda p, s: [None] * len(p), ["a red circle"])
+
+
+def test_run_wires_the_pipeline(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    class FakePipeline:
+        @classmethod
+        def from_pretrained(cls, path):
+            calls.append(("load", path))
+            return cls()
+
+        def __call__(self, prompts, seeds, **options):
+            calls.append(("call", len(prompts), options))
+            return oracle(prompts, seeds)
+
+    module = types.ModuleType("imagine.pipelines.text_to_image")
+    module.TextToImagePipeline = FakePipeline
+    monkeypatch.setitem(sys.modules, "imagine.pipelines.text_to_image", module)
+    parser = argparse.ArgumentParser()
+    E.add_arguments(parser)
+    out, js = tmp_path / "out", tmp_path / "r.json"
+    args = parser.parse_args(["--model", "m", "--n-per-family", "2", "--steps", "7", "--sampler", "ddim",
+                              "--out", str(out), "--json", str(js), "--batch-size", "16"])
+    assert E.run(args) == 0
+    assert calls[0] == ("load", "m")
+    assert calls[1][2] == dict(steps=7, sampler="ddim")  # guidance scale not given: the pipeline's default
+    report = json.loads(js.read_text())
+    assert report["overall"] == 1.0 and report["counts"]["n"] == 2 * 3 + 4 * 2
+    assert json.loads((out / "report.json").read_text()) == report
+    assert (out / "grid.png").exists()
+    assert "overall" in capsys.readouterr().out
+    args = parser.parse_args(["--n-per-family", "0", "--out", str(out)])
+    with pytest.raises(ValueError, match="n-per-family"):
+        E.run(args)
