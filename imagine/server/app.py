@@ -1,0 +1,756 @@
+"""The HTTP API: AUTOMATIC1111's `/sdapi/v1/*`, OpenAI's `/v1/images/generations`, and the web page.
+
+`create_app(pipe, config)` builds the FastAPI app around one `ModelWorker` (imagine/server/worker.py),
+which owns the pipeline; request handlers only validate, queue a job and wait for it. So the
+event loop never runs a forward pass, a full queue answers 429 at once, and a client that
+goes away has its job cancelled (if it waits) or its batch stopped (if it ran alone).
+
+Errors on `/sdapi/*` (and the page's own `/imagine/*`) have AUTOMATIC1111's shape
+`{"error", "detail", ...}`; on `/v1/*` OpenAI's `{"error": {"message", "type", "param", "code"}}`,
+so each client library raises its own exception type with the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import math
+import random
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import PngImagePlugin
+from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
+                                   ShuttingDown)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class ServerConfig:
+    """Limits and queue settings; every limit is checked before a job is queued (422 past it)."""
+
+    max_width: int = 1024
+    max_height: int = 1024
+    max_steps: int = 150
+    max_images: int = 8  # per request: batch_size * n_iter, or OpenAI's n
+    max_prompt_length: int = 2000  # characters, prompt and negative prompt each
+    max_body_bytes: int = 1 << 20
+    queue_size: int = 16  # jobs waiting (the running batch not counted)
+    max_batch: int = 8  # images per forward pass
+
+    def __post_init__(self):
+        for k, v in asdict(self).items():
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"ServerConfig.{k} must be a positive integer; got {v!r}")
+
+
+# -- samplers: AUTOMATIC1111's names -> ours -------------------------------------------------
+# (A1111 name, its aliases, our sampler). Only those whose sampler exists here are offered.
+A1111_SAMPLERS = [
+    ("DPM++ 2M", ["k_dpmpp_2m"], "dpmpp_2m"),
+    ("DPM++ 2M SDE", ["k_dpmpp_2m_sde"], "dpmpp_2m_sde"),
+    ("DPM++ SDE", ["k_dpmpp_sde"], "dpmpp_sde"),
+    ("DPM++ 2S a", ["k_dpmpp_2s_a"], "dpmpp_2s_a"),
+    ("DPM++ 3M SDE", ["k_dpmpp_3m_sde"], "dpmpp_3m_sde"),
+    ("Euler a", ["k_euler_a"], "euler_a"),
+    ("Euler", ["k_euler"], "euler"),
+    ("LMS", ["k_lms"], "lms"),
+    ("Heun", ["k_heun"], "heun"),
+    ("DPM2", ["k_dpm_2"], "dpm2"),
+    ("DPM2 a", ["k_dpm_2_a"], "dpm2_a"),
+    ("DDIM", [], "ddim"),
+    ("PLMS", [], "plms"),
+    ("UniPC", [], "unipc"),
+    ("LCM", [], "lcm"),
+    ("DDPM", [], "ddpm"),
+]
+_FALLBACK_SAMPLERS = ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a", "heun"]
+
+
+def our_sampler_names() -> list[str]:
+    """The sampler registry's names (imagine/samplers.py)."""
+    try:
+        from imagine import samplers as registry
+    except ImportError:
+        return list(_FALLBACK_SAMPLERS)
+    for attr in ("SAMPLERS", "REGISTRY", "samplers"):
+        table = getattr(registry, attr, None)
+        if isinstance(table, dict) and table:
+            return sorted(table)
+    names = getattr(registry, "names", None) or getattr(registry, "available", None)
+    if callable(names):
+        return sorted(names())
+    return list(_FALLBACK_SAMPLERS)
+
+
+class SamplerTable:
+    def __init__(self, ours: list[str]):
+        self.ours = sorted(ours)
+        self.a1111 = [(name, aliases, s) for name, aliases, s in A1111_SAMPLERS if s in ours]
+        self._lookup: dict[str, str] = {}
+        for s in self.ours:
+            self._lookup[s.lower()] = s
+        for name, aliases, s in self.a1111:
+            for key in [name, *aliases]:
+                self._lookup[key.lower()] = s
+        self._a1111_of = {s: name for name, _, s in self.a1111}
+
+    def resolve(self, name: str) -> tuple[str, bool | None]:
+        """An A1111 or imagine name -> (our sampler, karras). A1111's old "... Karras" names
+        (e.g. "DPM++ 2M Karras") select Karras sigmas."""
+        key = name.strip().lower()
+        karras = None
+        if key not in self._lookup and key.endswith(" karras"):
+            key, karras = key[: -len(" karras")].strip(), True
+        if key not in self._lookup:
+            raise LookupError(f"unknown sampler {name!r}; valid: {', '.join(self.names())}")
+        return self._lookup[key], karras
+
+    def a1111_name(self, ours: str) -> str:
+        return self._a1111_of.get(ours, ours)
+
+    def names(self) -> list[str]:
+        return [n for n, _, _ in self.a1111] + [s for s in self.ours if s not in self._a1111_of]
+
+
+# -- request bodies --------------------------------------------------------------------------
+class Txt2ImgRequest(BaseModel):
+    """AUTOMATIC1111's txt2img body. Fields not declared here are accepted, not used, and listed
+    in the response's info as `ignored_fields`."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # A1111's deprecated name field; used if sampler_name is absent
+    scheduler: str | None = None  # "automatic" (the model's) or "karras"
+    batch_size: int = 1
+    n_iter: int = 1
+    send_images: bool = True
+    force_task_id: str | None = None  # lets /sdapi/v1/progress?id_task= follow this request
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's images.generate body, plus our own optional fields (send them as extra_body)."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str
+    n: int = 1
+    size: str | None = None
+    response_format: str | None = None
+    model: str | None = None
+    output_format: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    sampler: str | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None,
+                 kind: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers, self.kind = status, message, field, headers, kind
+
+
+class _ClientGone(Exception):
+    pass
+
+
+_A1111_SCRIPTS = {"txt2img": [], "img2img": []}
+_EMPTY_LISTS = ["sd-vae", "upscalers", "latent-upscale-modes", "loras", "hypernetworks", "face-restorers",
+                "realesrgan-models", "prompt-styles", "artist-categories", "artists"]
+
+
+def _openai_path(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def _error_response(request: Request, status: int, message: str, field: str | None = None,
+                    headers: dict | None = None, kind: str | None = None, errors: Any = None) -> JSONResponse:
+    if _openai_path(request):
+        otype = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error",
+                 429: "rate_limit_error", 503: "server_busy"}.get(status, "server_error")
+        body = {"error": {"message": message, "type": kind or otype, "param": field, "code": None}}
+    else:
+        body = {"error": kind or _status_kind(status), "detail": message}
+        if field is not None:
+            body["field"] = field
+        if errors is not None:
+            body["errors"] = errors
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _status_kind(status: int) -> str:
+    return {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 409: "Interrupted", 413: "TooLarge",
+            422: "ValidationError", 429: "QueueFull", 499: "ClientClosedRequest", 503: "Unavailable"}.get(
+        status, "ServerError")
+
+
+def _describe_validation(errors: list[dict]) -> tuple[str, str | None]:
+    """Pydantic's errors -> one sentence that names each field, and the first field."""
+    parts, first = [], None
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            err = (e.get("ctx") or {}).get("error", "")
+            parts.append(f"the body is not valid JSON ({err})" if err else "the body is not valid JSON")
+            continue
+        name = ".".join(loc) or "body"
+        first = first or name
+        if e.get("type") == "missing":
+            parts.append(f"{name} is required")
+        else:
+            parts.append(f"{name}: {e.get('msg', 'invalid')} (got {e.get('input')!r})" if "input" in e and loc
+                         else f"{name}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request", first
+
+
+def model_fingerprint(source: str) -> str:
+    """A stable fingerprint of the weights: sha256 over each weight file's name, size, and first
+    and last 64 KiB (hashing gigabytes at start-up would delay serving by many seconds). It
+    stands where AUTOMATIC1111 shows a checkpoint's hash."""
+    h = hashlib.sha256()
+    root = Path(source)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root] if root.is_file() else []
+    for p in files:
+        if p.suffix not in (".safetensors", ".ckpt", ".bin", ".pt", ".json"):
+            continue
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(root) if root.is_dir() else p.name}:{size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 16))
+            if size > 1 << 17:
+                f.seek(-(1 << 16), 2)
+                h.update(f.read())
+    if not files:
+        h.update(source.encode())
+    return h.hexdigest()
+
+
+def png_bytes(img, infotext: str | None = None) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    if infotext:
+        info.add_text("parameters", infotext)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _b64_png(img, infotext: str | None = None) -> str:
+    return base64.b64encode(png_bytes(img, infotext)).decode("ascii")
+
+
+def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int,
+              model: str, model_hash: str, version: str) -> str:
+    # AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg:g}, Seed: {seed}, Size: {w}x{h}, "
+                 f"Model hash: {model_hash[:10]}, Model: {model}, Version: imagine {version}")
+    return "\n".join(lines)
+
+
+class _BodyLimit:
+    """Refuse bodies over `limit` bytes (by Content-Length) with 413, before they are read.
+    A plain ASGI middleware: it leaves `receive` alone, so disconnect detection still works."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for k, v in scope.get("headers", []):
+                if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                    body = json.dumps({"error": "TooLarge", "detail": f"request body of {int(v)} bytes exceeds "
+                                       f"the server's limit of {self.limit} bytes"}).encode()
+                    await send({"type": "http.response.start", "status": 413,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker | None = None,
+               model_name: str | None = None) -> FastAPI:
+    """The app around `pipe` (a TextToImagePipeline, or anything with its generate/decode/
+    check_size/defaults). The worker thread starts with the app and stops with it."""
+    import imagine
+
+    cfg = config or ServerConfig()
+    worker = worker or ModelWorker(pipe, queue_size=cfg.queue_size, max_batch=cfg.max_batch)
+    samplers = SamplerTable(our_sampler_names())
+    source = str(getattr(getattr(pipe, "c", None), "source", "") or "")
+    name = model_name or (Path(source).name if source else "") or "default"
+    fingerprint = model_fingerprint(source) if source else hashlib.sha256(name.encode()).hexdigest()
+    title = f"{name} [{fingerprint[:10]}]"
+    version = imagine.__version__
+    defaults = _model_defaults(pipe, samplers)
+    options: dict[str, Any] = {
+        "sd_model_checkpoint": title, "sd_checkpoint_hash": fingerprint, "samples_format": "png",
+        "live_previews_enable": True, "show_progress_every_n_steps": 1, "CLIP_stop_at_last_layers": 1,
+        "sd_vae": "Automatic", "eta_ddim": 0.0, "eta_ancestral": 1.0,
+    }
+    finished: dict[str, float] = {}  # recently finished job ids, for progress?id_task=
+    preview_lock = threading.Lock()
+    preview_cache: dict[str, Any] = {"key": None, "b64": None}
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(worker.stop)
+
+    app = FastAPI(title="imagine", version=version, lifespan=lifespan,
+                  description="Text-to-image diffusion: AUTOMATIC1111- and OpenAI-compatible API")
+    app.state.worker, app.state.config, app.state.pipe = worker, cfg, pipe
+    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
+
+    # -- errors ------------------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return _error_response(request, e.status, e.message, e.field, e.headers, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        message, field = _describe_validation(list(e.errors()))
+        return _error_response(request, 422, message, field, errors=jsonable_encoder(e.errors(), exclude={"url"})
+                               if not _openai_path(request) else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return _error_response(request, e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        return _error_response(request, 500, f"internal error: {type(e).__name__}: {e}")
+
+    # -- shared validation -------------------------------------------------------------------
+    def check_prompt(field: str, text: str) -> None:
+        if len(text) > cfg.max_prompt_length:
+            raise ApiError(422, f"{field} is {len(text)} characters; the server's limit is {cfg.max_prompt_length}",
+                           field)
+
+    def check_int(field: str, v: int, lo: int, hi: int, hint: str = "") -> None:
+        if not lo <= v <= hi:
+            raise ApiError(422, f"{field} must be between {lo} and {hi}{hint}; got {v}", field)
+
+    def check_size(height: int, width: int) -> None:
+        check_int("width", width, 1, cfg.max_width, " (the server's limit)")
+        check_int("height", height, 1, cfg.max_height, " (the server's limit)")
+        try:
+            pipe.check_size(height, width)
+        except ValueError as e:
+            field = "width" if str(e).startswith("width") else "height"
+            raise ApiError(422, str(e), field) from None
+
+    def check_guidance(field: str, v: float) -> None:
+        if not math.isfinite(v) or not 0 <= v <= 100:
+            raise ApiError(422, f"{field} must be a finite number between 0 and 100; got {v}", field)
+
+    def resolve_sampler(field: str, name: str | None, scheduler: str | None = None) -> tuple[str, bool | None]:
+        try:
+            sampler, karras = samplers.resolve(name) if name else (defaults["sampler"], None)
+        except LookupError as e:
+            raise ApiError(422, str(e), field) from None
+        if scheduler:
+            key = scheduler.strip().lower()
+            if key == "karras":
+                karras = True
+            elif key not in ("automatic", "auto", "default", ""):
+                raise ApiError(422, f"scheduler {scheduler!r} is not supported; valid: automatic, karras", "scheduler")
+        return sampler, karras
+
+    def check_seed(field: str, seed: int) -> int:
+        if seed < -1 or seed > MAX_SEED:
+            raise ApiError(422, f"{field} must be -1 (random) or between 0 and {MAX_SEED}; got {seed}", field)
+        return random.randint(0, MAX_SEED) if seed == -1 else seed
+
+    async def run_job(request: Request, job: Job):
+        try:
+            future = worker.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}", headers={"Retry-After": str(e.retry_after)}) from None
+        except ShuttingDown as e:
+            raise ApiError(503, str(e)) from None
+        waiting = asyncio.wrap_future(future)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=0.25)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    worker.cancel(job)
+                    waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    raise _ClientGone
+            try:
+                return waiting.result()
+            except ValueError as e:  # the pipeline refused the parameters
+                raise ApiError(422, str(e)) from None
+            except JobCancelled as e:
+                raise ApiError(499, str(e)) from None
+            except ShuttingDown as e:
+                raise ApiError(503, str(e)) from None
+        finally:
+            finished[job.id] = time.time()
+            if len(finished) > 512:
+                for k in sorted(finished, key=finished.get)[:256]:
+                    finished.pop(k, None)
+
+    # -- AUTOMATIC1111 -----------------------------------------------------------------------
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(req: Txt2ImgRequest, request: Request):
+        check_prompt("prompt", req.prompt)
+        check_prompt("negative_prompt", req.negative_prompt)
+        steps = defaults["steps"] if req.steps is None else req.steps
+        check_int("steps", steps, 1, cfg.max_steps, " (the server's limit)")
+        guidance = defaults["guidance_scale"] if req.cfg_scale is None else req.cfg_scale
+        check_guidance("cfg_scale", guidance)
+        width = req.width or defaults["width"]
+        height = req.height or defaults["height"]
+        check_size(height, width)
+        check_int("batch_size", req.batch_size, 1, cfg.max_images, " (the server's limit on images per request)")
+        check_int("n_iter", req.n_iter, 1, cfg.max_images, " (the server's limit on images per request)")
+        n = req.batch_size * req.n_iter
+        if n > cfg.max_images:
+            raise ApiError(422, f"batch_size x n_iter = {n} images; the server's limit is {cfg.max_images} "
+                                "images per request", "batch_size")
+        sampler_field = "sampler_name" if req.sampler_name else "sampler_index"
+        sampler, karras = resolve_sampler(sampler_field, req.sampler_name or req.sampler_index, req.scheduler)
+        base = check_seed("seed", req.seed)
+        seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
+        job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt] * n, seeds=seeds,
+                  settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
+                                    guidance_scale=float(guidance), karras=karras))
+        if req.force_task_id:
+            job.id = str(req.force_task_id)[:200]
+        try:
+            result = await run_job(request, job)
+        except _ClientGone:
+            return Response(status_code=499)
+        except Interrupted:
+            result = None
+        images = result.images if result is not None else []
+        used = result.seeds if result is not None else []
+        a_name = samplers.a1111_name(sampler)
+        infotexts = [_infotext(req.prompt, req.negative_prompt, steps, a_name, guidance, s, width, height, name,
+                               fingerprint, version) for s in used]
+        encoded = []
+        if req.send_images and images:
+            encoded = await run_in_threadpool(lambda: [_b64_png(im, t) for im, t in zip(images, infotexts)])
+        info = {
+            "prompt": req.prompt, "all_prompts": [req.prompt] * len(used),
+            "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * len(used),
+            "seed": seeds[0], "all_seeds": used, "subseed": seeds[0], "all_subseeds": used,
+            "subseed_strength": 0, "width": width, "height": height, "sampler_name": a_name, "sampler": sampler,
+            "scheduler": "karras" if karras else "automatic", "cfg_scale": guidance, "steps": steps,
+            "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False,
+            "face_restoration_model": None, "sd_model_name": name, "sd_model_hash": fingerprint[:10],
+            "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
+            "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": f"imagine {version}",
+            "task_id": job.id, "interrupted": result is None or result.interrupted,
+            "ignored_fields": sorted(req.model_extra or {}),
+            "seconds": round(result.seconds, 3) if result else 0.0,
+            "batch_images": result.batch_images if result else 0,
+        }
+        parameters = {**req.model_dump(), "steps": steps, "cfg_scale": guidance, "width": width, "height": height,
+                      "sampler_name": a_name}
+        return {"images": encoded, "parameters": jsonable_encoder(parameters), "info": json.dumps(info)}
+
+    @app.get("/sdapi/v1/samplers")
+    def get_samplers():
+        out = [{"name": n, "aliases": a, "options": {"imagine": s}} for n, a, s in samplers.a1111]
+        out += [{"name": s, "aliases": [], "options": {"imagine": s}} for s in samplers.ours
+                if s not in {x for _, _, x in samplers.a1111}]
+        return out
+
+    @app.get("/sdapi/v1/schedulers")
+    def get_schedulers():
+        return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
+                 "need_inner_model": False},
+                {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+                 "need_inner_model": False}]
+
+    @app.get("/sdapi/v1/sd-models")
+    def get_sd_models():
+        return [{"title": title, "model_name": name, "hash": fingerprint[:10], "sha256": fingerprint,
+                 "filename": source, "config": None}]
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints():
+        return None
+
+    @app.get("/sdapi/v1/options")
+    def get_options():
+        return options
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(request: Request):
+        try:
+            body = await request.json()
+        except ValueError as e:
+            raise ApiError(422, f"the body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise ApiError(422, f"options must be a JSON object of option names to values; got {type(body).__name__}")
+        want = body.get("sd_model_checkpoint")
+        if want is not None and want not in (title, name, fingerprint[:10]):
+            raise ApiError(422, f"this server serves one model, {title!r}; cannot switch to {want!r}",
+                           "sd_model_checkpoint")
+        body.pop("sd_model_checkpoint", None)
+        options.update(body)
+        return None
+
+    @app.get("/sdapi/v1/cmd-flags")
+    def cmd_flags():
+        return {"listen": bool(getattr(app.state, "listen", False)), "api": True, "nowebui": False}
+
+    @app.get("/sdapi/v1/scripts")
+    def get_scripts():
+        return _A1111_SCRIPTS
+
+    @app.get("/sdapi/v1/script-info")
+    def get_script_info():
+        return []
+
+    @app.get("/sdapi/v1/embeddings")
+    def get_embeddings():
+        return {"loaded": {}, "skipped": {}}
+
+    @app.get("/sdapi/v1/memory")
+    def get_memory():
+        import os
+
+        try:
+            pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+            avail = os.sysconf("SC_AVPHYS_PAGES")
+            ram = {"total": pages * size, "free": avail * size, "used": (pages - avail) * size}
+        except (ValueError, OSError, AttributeError):
+            ram = {"error": "unknown"}
+        return {"ram": ram, "cuda": {"error": "no CUDA: imagine runs on the CPU"}}
+
+    for _path in _EMPTY_LISTS:
+        app.add_api_route(f"/sdapi/v1/{_path}", lambda: [], methods=["GET"])
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt():
+        worker.interrupt()
+        return None
+
+    @app.post("/sdapi/v1/skip")
+    def skip():
+        worker.interrupt()
+        return None
+
+    @app.get("/sdapi/v1/progress")
+    def progress(skip_current_image: bool = False, id_task: str | None = None):
+        p = worker.progress
+        running = worker.running()
+        queued = worker.queued()
+        state = {"skipped": False, "interrupted": p.interrupted, "stopping_generation": False,
+                 "job": ",".join(p.job_ids), "job_count": len(running) + queued,
+                 "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(p.started or time.time())),
+                 "job_no": p.chunk, "sampling_step": p.step, "sampling_steps": p.steps}
+        out = {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None,
+               "current_task": p.job_ids[0] if p.job_ids else None, "queued": queued}
+        position = worker.position(id_task) if id_task else 0 if running else None
+        if id_task:
+            out["completed"] = position is None and id_task in finished
+            if position is None or position > 0:
+                out["textinfo"] = (f"waiting: position {position} in the queue" if position
+                                   else "finished" if out["completed"] else "unknown task")
+                return out
+        if not running or not p.steps:
+            return out
+        done = (p.chunk + p.step / p.steps) / max(1, p.chunks)
+        elapsed = time.time() - p.started
+        out["progress"] = round(done, 4)
+        out["eta_relative"] = round(elapsed / done - elapsed, 3) if done > 0 else 0.0
+        out["textinfo"] = f"step {p.step}/{p.steps}" + (f", batch {p.chunk + 1}/{p.chunks}" if p.chunks > 1 else "")
+        if not skip_current_image and options.get("live_previews_enable", True) and p.denoised is not None:
+            key = f"{p.started}:{p.version}:{id_task}"
+            with preview_lock:  # at most one decode per sampler step, however many pollers
+                if preview_cache["key"] != key:
+                    img = worker.preview(id_task)
+                    preview_cache.update(key=key, b64=_b64_png(img) if img is not None else None)
+                out["current_image"] = preview_cache["b64"]
+        return out
+
+    # -- OpenAI ------------------------------------------------------------------------------
+    @app.post("/v1/images/generations")
+    async def images_generations(req: ImageGenerationRequest, request: Request):
+        if req.response_format not in (None, "b64_json"):
+            raise ApiError(400, f"response_format {req.response_format!r} is not supported: this server keeps no "
+                                "files to link to; use response_format='b64_json'", "response_format")
+        if req.output_format not in (None, "png"):
+            raise ApiError(400, f"output_format {req.output_format!r} is not supported; use 'png'", "output_format")
+        check_prompt("prompt", req.prompt)
+        if not req.prompt.strip():
+            raise ApiError(422, "prompt must not be empty", "prompt")
+        negative = req.negative_prompt or ""
+        check_prompt("negative_prompt", negative)
+        check_int("n", req.n, 1, cfg.max_images, " (the server's limit on images per request)")
+        height, width = defaults["height"], defaults["width"]
+        if req.size not in (None, "auto"):
+            m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", req.size)
+            if not m:
+                raise ApiError(422, f"size must be 'WIDTHxHEIGHT' (e.g. '{width}x{height}') or 'auto'; "
+                                    f"got {req.size!r}", "size")
+            width, height = int(m.group(1)), int(m.group(2))
+        try:
+            check_size(height, width)
+        except ApiError as e:
+            e.field = "size"
+            raise
+        steps = defaults["steps"] if req.steps is None else req.steps
+        check_int("steps", steps, 1, cfg.max_steps, " (the server's limit)")
+        guidance = defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
+        check_guidance("guidance_scale", guidance)
+        sampler, karras = resolve_sampler("sampler", req.sampler)
+        base = check_seed("seed", -1 if req.seed is None else req.seed)
+        seeds = [(base + i) % (MAX_SEED + 1) for i in range(req.n)]
+        job = Job(prompts=[req.prompt] * req.n, negative_prompts=[negative] * req.n, seeds=seeds,
+                  settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
+                                    guidance_scale=float(guidance), karras=karras))
+        try:
+            result = await run_job(request, job)
+        except _ClientGone:
+            return Response(status_code=499)
+        except Interrupted:
+            result = None
+        if result is None or result.interrupted:
+            raise ApiError(409, "the generation was interrupted (POST /sdapi/v1/interrupt) before it finished",
+                           kind="interrupted")
+        a_name = samplers.a1111_name(sampler)
+        data = await run_in_threadpool(lambda: [
+            {"b64_json": _b64_png(im, _infotext(req.prompt, negative, steps, a_name, guidance, s, width, height,
+                                                name, fingerprint, version)), "seed": s}
+            for im, s in zip(result.images, result.seeds)])
+        return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{width}x{height}"}
+
+    @app.get("/v1/models")
+    def list_models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "imagine"}]}
+
+    # -- ours: the page's settings, counters -------------------------------------------------
+    @app.get("/imagine/v1/config")
+    def get_config():
+        return {"model": title, "version": version, "defaults": {**defaults,
+                                                                 "sampler": samplers.a1111_name(defaults["sampler"])},
+                "limits": {"max_width": cfg.max_width, "max_height": cfg.max_height, "max_steps": cfg.max_steps,
+                           "max_images": cfg.max_images, "max_prompt_length": cfg.max_prompt_length},
+                "size_multiple": _size_multiple(pipe), "samplers": samplers.names()}
+
+    @app.get("/imagine/v1/stats")
+    def get_stats():
+        return {**{k: worker.stats.get(k, 0) for k in ("accepted", "rejected", "completed", "failed", "cancelled",
+                                                        "interrupted", "batches")},
+                "queued": worker.queued(), "running": len(worker.running()), "queue_size": cfg.queue_size,
+                "max_batch": cfg.max_batch}
+
+    # -- the page ----------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _size_multiple(pipe) -> int:
+    unet_cfg = pipe.unet.config
+    return int(pipe.scale * 2 ** (len(unet_cfg.block_out_channels) - 1))
+
+
+def _model_defaults(pipe, samplers: SamplerTable) -> dict:
+    d = dict(getattr(pipe, "defaults", {}) or {})
+    sample = getattr(pipe.unet.config, "sample_size", None) or 32
+    if isinstance(sample, (tuple, list)):
+        sh, sw = int(sample[0]), int(sample[1])
+    else:
+        sh = sw = int(sample)
+    height = int(d.get("height") or sh * pipe.scale)
+    width = int(d.get("width") or sw * pipe.scale)
+    sampler = d.get("sampler") or "dpmpp_2m"
+    try:
+        sampler = samplers.resolve(sampler)[0]
+    except LookupError:
+        sampler = samplers.ours[0] if samplers.ours else sampler
+    return {"steps": int(d.get("steps") or 20), "guidance_scale": float(d.get("guidance_scale", 7.5)),
+            "sampler": sampler, "height": height, "width": width}
+
+
+class BackgroundServer:
+    """Run an app with uvicorn in a thread on 127.0.0.1 and a free port (tests, benchmarks,
+    notebooks): `with BackgroundServer(app) as srv: srv.url`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import socket
+
+        import uvicorn
+
+        self.app = app
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))  # bound here, so the port is known before uvicorn starts
+        self.host, self.port = host, self._sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
+                                        name="imagine-uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self._thread.start()
+        t0 = time.time()
+        while not self.server.started:
+            if not self._thread.is_alive() or time.time() - t0 > timeout:
+                raise RuntimeError(f"the server did not start within {timeout} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,85 @@
+"""Serve the AUTOMATIC1111- and OpenAI-style HTTP API and the web page: `imagine serve [--model M]`."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from imagine.server.app import ServerConfig
+
+    d = ServerConfig()
+    p.add_argument("--model", "-m", default=None,
+                   help="model folder (ours or diffusers') or single-file checkpoint; default: the embedded model")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; there is no authentication, "
+                        "so bind another address only on a network you trust)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860, AUTOMATIC1111's)")
+    p.add_argument("--precision", choices=["exact", "fast"], default="exact",
+                   help="exact: fp32; fast: bf16 autocast and channels-last")
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help=f"jobs that may wait; past it requests get 429 with Retry-After (default {d.queue_size})")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"images per forward pass when compatible requests are batched (default {d.max_batch})")
+    p.add_argument("--max-width", type=int, default=d.max_width, help=f"default {d.max_width}")
+    p.add_argument("--max-height", type=int, default=d.max_height, help=f"default {d.max_height}")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"default {d.max_steps}")
+    p.add_argument("--max-images", type=int, default=d.max_images,
+                   help=f"images per request: batch_size x n_iter, or n (default {d.max_images})")
+    p.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length,
+                   help=f"characters in a prompt or negative prompt (default {d.max_prompt_length})")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default warning)")
+
+
+def config_from_args(args) -> "ServerConfig":
+    from imagine.server.app import ServerConfig
+
+    return ServerConfig(max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
+                        max_images=args.max_images, max_prompt_length=args.max_prompt_length,
+                        queue_size=args.queue_size, max_batch=args.max_batch)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args) -> int:
+    import torch
+    import uvicorn
+
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.server.app import create_app
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535; got {args.port}")
+    config = config_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if not is_loopback(args.host):
+        print(f"imagine serve: warning: binding {args.host}: other machines can reach this server, and it has no "
+              "authentication", file=sys.stderr)
+    pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision)
+    app = create_app(pipe, config)
+    app.state.listen = not is_loopback(args.host)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"imagine serve: {app.state.worker.pipe.c.source or 'default model'} on http://{shown}:{args.port}/ "
+          f"(API: /sdapi/v1/txt2img, /v1/images/generations; queue {config.queue_size}, batch {config.max_batch})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    return 0

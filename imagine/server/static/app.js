@@ -1,0 +1,170 @@
+// The page: a form that posts AUTOMATIC1111's txt2img body to /sdapi/v1/txt2img, a progress bar
+// fed by polling /sdapi/v1/progress?id_task=<this request's id>, and a gallery of the results.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const form = $("form");
+const gallery = $("gallery");
+let busy = false;
+let pollTimer = null;
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function taskId() {
+  const a = new Uint8Array(8);
+  crypto.getRandomValues(a);
+  return "page-" + Array.from(a, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function loadConfig() {
+  try {
+    const r = await fetch("/imagine/v1/config");
+    const c = await r.json();
+    $("model").textContent = c.model + "  ·  imagine " + c.version;
+    const d = c.defaults, lim = c.limits;
+    $("steps").value = d.steps; $("steps").max = lim.max_steps;
+    $("cfg_scale").value = d.guidance_scale;
+    for (const k of ["width", "height"]) {
+      $(k).value = d[k]; $(k).step = c.size_multiple; $(k).min = c.size_multiple;
+      $(k).max = lim["max_" + k];
+    }
+    $("batch_size").max = lim.max_images;
+    $("prompt").maxLength = lim.max_prompt_length;
+    $("negative_prompt").maxLength = lim.max_prompt_length;
+    const sel = $("sampler");
+    sel.replaceChildren(...c.samplers.map((n) => new Option(n, n, n === d.sampler, n === d.sampler)));
+  } catch (e) {
+    showError("Could not read the server's settings: " + e);
+  }
+}
+
+function setBusy(on) {
+  busy = on;
+  $("generate").disabled = on;
+  $("generate").textContent = on ? "Generating…" : "Generate";
+  $("interrupt").disabled = !on;
+  $("progress").hidden = !on;
+  if (!on) {
+    clearTimeout(pollTimer);
+    pollTimer = null;
+  }
+}
+
+async function poll(id) {
+  if (!busy) return;
+  try {
+    const r = await fetch("/sdapi/v1/progress?id_task=" + encodeURIComponent(id));
+    if (r.ok) {
+      const p = await r.json();
+      $("progress-fill").style.width = (100 * (p.progress || 0)).toFixed(1) + "%";
+      let text = p.textinfo || "starting…";
+      if (p.progress > 0 && p.eta_relative > 0) text += " · about " + p.eta_relative.toFixed(1) + " s left";
+      $("progress-text").textContent = text;
+      if (p.current_image) {
+        $("preview").src = "data:image/png;base64," + p.current_image;
+        $("preview").hidden = false;
+      }
+    }
+  } catch (e) { /* the next poll tries again */ }
+  if (busy) pollTimer = setTimeout(() => poll(id), 400);
+}
+
+function intValue(id) { return parseInt($(id).value, 10); }
+
+function addCard(b64, params, seed, interrupted) {
+  const node = $("card-template").content.firstElementChild.cloneNode(true);
+  const src = "data:image/png;base64," + b64;
+  const img = node.querySelector(".image");
+  img.src = src;
+  img.alt = params.prompt;
+  img.width = params.width;
+  img.height = params.height;
+  node.querySelector(".prompt").textContent = params.prompt;
+  const rows = [["Seed", seed], ["Steps", params.steps], ["Sampler", params.sampler_name],
+                ["CFG", params.cfg_scale], ["Size", params.width + "×" + params.height]];
+  if (params.negative_prompt) rows.push(["Negative", params.negative_prompt]);
+  if (interrupted) rows.push(["Note", "interrupted"]);
+  const dl = node.querySelector(".params");
+  for (const [k, v] of rows) {
+    const dt = document.createElement("dt"); dt.textContent = k;
+    const dd = document.createElement("dd"); dd.textContent = v;
+    dl.append(dt, dd);
+  }
+  const a = node.querySelector(".download");
+  a.href = src;
+  a.download = "imagine-" + seed + ".png";
+  node.querySelector(".reuse").addEventListener("click", () => {
+    $("prompt").value = params.prompt;
+    $("negative_prompt").value = params.negative_prompt || "";
+    $("steps").value = params.steps; $("cfg_scale").value = params.cfg_scale;
+    $("width").value = params.width; $("height").value = params.height;
+    $("sampler").value = params.sampler_name; $("seed").value = seed;
+    window.scrollTo({ top: 0, behavior: "smooth" });
+  });
+  if (interrupted) node.classList.add("interrupted");
+  node.dataset.seed = seed;
+  gallery.prepend(node);
+  $("empty").hidden = true;
+  $("clear").hidden = false;
+}
+
+async function generate(ev) {
+  if (ev) ev.preventDefault();
+  if (busy) return;
+  showError("");
+  const prompt = $("prompt").value.trim();
+  if (!prompt) { showError("Write a prompt first."); $("prompt").focus(); return; }
+  const id = taskId();
+  const body = {
+    prompt, negative_prompt: $("negative_prompt").value.trim(),
+    steps: intValue("steps"), cfg_scale: parseFloat($("cfg_scale").value),
+    width: intValue("width"), height: intValue("height"),
+    sampler_name: $("sampler").value, seed: intValue("seed"),
+    batch_size: intValue("batch_size"), n_iter: 1, force_task_id: id,
+  };
+  for (const k of ["steps", "width", "height", "seed", "batch_size"]) {
+    if (Number.isNaN(body[k])) { showError(k + " must be a whole number"); return; }
+  }
+  setBusy(true);
+  $("progress-fill").style.width = "0%";
+  $("progress-text").textContent = "queued…";
+  $("preview").hidden = true;
+  poll(id);
+  try {
+    const r = await fetch("/sdapi/v1/txt2img", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    const data = await r.json().catch(() => ({}));
+    if (!r.ok) {
+      let msg = data.detail || ("HTTP " + r.status);
+      if (r.status === 429) msg = "The server is busy. Try again in " + (r.headers.get("Retry-After") || "a few") + " s.";
+      showError(msg);
+      return;
+    }
+    const info = JSON.parse(data.info);
+    const params = { ...body, ...data.parameters };
+    data.images.forEach((b64, i) => addCard(b64, params, info.all_seeds[i], info.interrupted));
+    if (info.interrupted && !data.images.length) showError("Interrupted before any image was started.");
+  } catch (e) {
+    showError("Request failed: " + e);
+  } finally {
+    setBusy(false);
+  }
+}
+
+form.addEventListener("submit", generate);
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(e);
+});
+$("random-seed").addEventListener("click", () => { $("seed").value = -1; });
+$("interrupt").addEventListener("click", () => fetch("/sdapi/v1/interrupt", { method: "POST" }));
+$("clear").addEventListener("click", () => {
+  gallery.replaceChildren();
+  $("empty").hidden = false;
+  $("clear").hidden = true;
+});
+loadConfig();

@@ -1,0 +1,368 @@
+"""The model worker: one thread owns the pipeline and takes jobs from a bounded queue.
+
+One thread, because a CPU has one set of cores to give and two forward passes side by side
+only share them; what raises throughput is a bigger batch. So the worker takes the oldest
+job and, with it, every queued job that can share its forward passes (same size, steps,
+sampler, scheduler and guidance scale): their prompts are concatenated into one
+`pipe.generate` call. Every image keeps its own seed, and the pipeline draws each sample's
+noise from its own generator, so a job's images are those it would get alone.
+
+Nothing accepted is dropped: a job's future always ends with its result or an exception
+(`QueueFull` is raised at submission, before anything is accepted).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue holds its maximum of waiting jobs; try again after `retry_after` seconds."""
+
+    def __init__(self, size: int, retry_after: int):
+        super().__init__(f"the queue is full ({size} jobs waiting); retry after {retry_after} s")
+        self.size = size
+        self.retry_after = retry_after
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (its client went away) before it produced images."""
+
+
+class ShuttingDown(Exception):
+    """The server stopped before the job ran."""
+
+
+class Interrupted(Exception):
+    """An interrupt came before the job's first image was started."""
+
+
+class _Interrupted(Exception):
+    # raised from the sampler callback: the sampler loop stops at the current step
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What jobs must share to run in one forward pass."""
+
+    height: int
+    width: int
+    steps: int
+    sampler: str
+    guidance_scale: float
+    karras: bool | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    settings: Settings
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    future: Future = field(default_factory=Future)
+    state: str = "queued"  # queued -> running -> done | cancelled
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+
+    def __post_init__(self):
+        if not (len(self.prompts) == len(self.negative_prompts) == len(self.seeds) > 0):
+            raise ValueError(f"a job needs as many prompts, negative prompts and seeds, at least one; got "
+                             f"{len(self.prompts)}, {len(self.negative_prompts)}, {len(self.seeds)}")
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass
+class JobResult:
+    images: list  # PIL images, one per seed
+    seeds: list[int]
+    parameters: dict[str, Any]
+    interrupted: bool = False  # True: the images are the x0 estimates at the step the interrupt came
+    seconds: float = 0.0
+    batch_images: int = 0  # how many images shared the forward passes (this job's and others')
+
+
+@dataclass
+class Progress:
+    """What the worker is doing now, for /sdapi/v1/progress."""
+
+    job_ids: list[str] = field(default_factory=list)
+    offsets: dict[str, int] = field(default_factory=dict)  # job id -> index of its first image in the batch
+    step: int = 0
+    steps: int = 0
+    chunk: int = 0
+    chunks: int = 0
+    chunk_start: int = 0  # index (in the batch) of the chunk's first image
+    started: float = 0.0
+    denoised: torch.Tensor | None = None  # the chunk's latest x0 estimate, for previews
+    version: int = 0  # bumps at every step, so previews can be cached per step
+    interrupted: bool = False
+
+
+class ModelWorker:
+    """Owns `pipe`; `submit(job)` queues, the thread runs batches, `future` gets the result."""
+
+    def __init__(self, pipe, *, queue_size: int = 16, max_batch: int = 8):
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be at least 1; got {queue_size}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1; got {max_batch}")
+        self.pipe = pipe
+        self.queue_size = int(queue_size)
+        self.max_batch = int(max_batch)
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._running: list[Job] = []
+        self._interrupt = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.progress = Progress()
+        self.stats = collections.Counter()  # accepted, rejected, completed, failed, cancelled, interrupted, batches
+        self._seconds_per_image = None  # running mean, for Retry-After and ETA
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "ModelWorker":
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="imagine-model-worker", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fail the waiting jobs, interrupt the running batch, and join the thread."""
+        with self._cv:
+            self._stopping = True
+            while self._pending:
+                job = self._pending.popleft()
+                job.state = "cancelled"
+                self.stats["failed"] += 1
+                job.future.set_exception(ShuttingDown("the server is shutting down; the job did not run"))
+            self._cv.notify_all()
+        self._interrupt.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # -- the client side ---------------------------------------------------------------------
+    def submit(self, job: Job) -> Future:
+        with self._cv:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._pending) >= self.queue_size:
+                self.stats["rejected"] += 1
+                raise QueueFull(len(self._pending), self.retry_after())
+            self._pending.append(job)
+            self.stats["accepted"] += 1
+            self._cv.notify()
+        return job.future
+
+    def cancel(self, job: Job) -> str:
+        """The client is gone: drop the job if it waits, stop its batch if it runs alone.
+        Returns the state the job was in."""
+        with self._cv:
+            if job.state == "queued" and job in self._pending:
+                self._pending.remove(job)
+                job.state = "cancelled"
+                job.cancelled = True
+                self.stats["cancelled"] += 1
+                job.future.set_exception(JobCancelled("the client disconnected before the job ran"))
+                return "queued"
+            if job.state == "running":
+                # the callback stops the batch once every job in it is cancelled
+                job.cancelled = True
+                return "running"
+            return job.state
+
+    def interrupt(self) -> bool:
+        """Stop the running batch at its next step (AUTOMATIC1111's Interrupt). Its jobs get the
+        x0 estimates of that step. Returns whether anything was running."""
+        with self._cv:
+            if not self._running:
+                return False
+            self._interrupt.set()
+            return True
+
+    # -- queries -----------------------------------------------------------------------------
+    def queued(self) -> int:
+        with self._cv:
+            return len(self._pending)
+
+    def running(self) -> list[Job]:
+        with self._cv:
+            return list(self._running)
+
+    def position(self, job_id: str) -> int | None:
+        """0 if running, k >= 1 if k-th in the queue, None if unknown or finished."""
+        with self._cv:
+            if any(j.id == job_id for j in self._running):
+                return 0
+            for k, j in enumerate(self._pending, 1):
+                if j.id == job_id:
+                    return k
+        return None
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely to free: the mean time per image times the images
+        ahead in the queue, capped to a batch's worth, at least 1."""
+        per_image = self._seconds_per_image or 1.0
+        waiting = sum(len(j) for j in list(self._pending)[: max(1, self.max_batch)])
+        return max(1, min(600, math.ceil(per_image * max(1, waiting))))
+
+    # -- the worker thread -------------------------------------------------------------------
+    def _take_batch(self) -> list[Job]:
+        first = self._pending.popleft()
+        batch, n = [first], len(first)
+        for job in list(self._pending):
+            if n >= self.max_batch:
+                break
+            if job.settings == first.settings and n + len(job) <= self.max_batch:
+                self._pending.remove(job)
+                batch.append(job)
+                n += len(job)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                batch = self._take_batch()
+                now = time.time()
+                for job in batch:
+                    job.state, job.started = "running", now
+                self._running = batch
+                self._interrupt.clear()
+            try:
+                self._run_batch(batch)
+            except BaseException as e:  # never let the thread die with jobs unanswered
+                log.exception("batch failed")
+                for job in batch:
+                    if not job.future.done():
+                        self.stats["failed"] += 1
+                        job.future.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))
+            finally:
+                with self._cv:
+                    for job in batch:
+                        if job.state == "running":
+                            job.state = "done"
+                    self._running = []
+                    self.progress = Progress()
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        s = batch[0].settings
+        prompts = [p for j in batch for p in j.prompts]
+        negatives = [p for j in batch for p in j.negative_prompts]
+        seeds = [x for j in batch for x in j.seeds]
+        offsets = dict(zip((j.id for j in batch), itertools.accumulate([0] + [len(j) for j in batch])))
+        chunks = [(i, min(i + self.max_batch, len(seeds))) for i in range(0, len(seeds), self.max_batch)]
+        self.stats["batches"] += 1
+        t0 = time.time()
+        self.progress = Progress(job_ids=[j.id for j in batch], offsets=offsets, steps=s.steps, chunks=len(chunks),
+                                 started=t0)
+        images, parameters, interrupted = [], {}, False
+        for c, (a, b) in enumerate(chunks):
+            p = self.progress
+            p.chunk, p.chunk_start, p.step, p.denoised = c, a, 0, None
+
+            def callback(d: dict, _p=p) -> None:
+                if self._interrupt.is_set() or all(j.cancelled for j in batch):
+                    raise _Interrupted
+                _p.step = _step_of(d) + 1
+                x0 = d.get("denoised")
+                _p.denoised = x0.detach().clone() if isinstance(x0, torch.Tensor) else None
+                _p.version += 1
+
+            try:
+                res = self.pipe.generate(prompts[a:b], negatives[a:b], seeds=seeds[a:b], steps=s.steps,
+                                         guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
+                                         width=s.width, karras=s.karras, callback=callback, progress=False)
+                images += res.images
+                parameters = res.parameters
+            except _Interrupted:
+                interrupted = True
+                images += self._partial_images(p.denoised, b - a, s)
+                break
+        seconds = time.time() - t0
+        if not interrupted:
+            n = len(seeds)
+            mean = seconds / n
+            self._seconds_per_image = mean if self._seconds_per_image is None else 0.7 * self._seconds_per_image + 0.3 * mean
+        if interrupted:
+            self.progress.interrupted = True
+            self.stats["interrupted"] += 1
+        common = {k: v for k, v in parameters.items() if k not in ("prompt", "negative_prompt")}
+        if not common:
+            common = {"steps": s.steps, "sampler": s.sampler, "guidance_scale": s.guidance_scale,
+                      "height": s.height, "width": s.width}
+        for job in batch:
+            if job.cancelled:
+                job.state = "cancelled"
+                self.stats["cancelled"] += 1
+                job.future.set_exception(JobCancelled("the client disconnected while the job ran"))
+                continue
+            k = offsets[job.id]
+            mine = images[k:k + len(job)]  # fewer if the interrupt came before its later chunks
+            if not mine:
+                self.stats["failed"] += 1
+                job.future.set_exception(Interrupted("interrupted before this job's images were started"))
+                continue
+            self.stats["completed"] += 1
+            job.future.set_result(JobResult(images=mine, seeds=list(job.seeds[:len(mine)]), parameters=dict(common),
+                                            interrupted=interrupted, seconds=seconds, batch_images=len(seeds)))
+
+    def _partial_images(self, denoised, n: int, s: Settings) -> list:
+        """Interrupted: decode the last x0 estimate, as AUTOMATIC1111 returns the unfinished
+        images; pure noise-free grey if the sampler had not finished a step."""
+        from imagine.images import to_pil
+
+        if denoised is None or denoised.shape[0] != n:
+            from PIL import Image
+
+            return [Image.new("RGB", (s.width, s.height), (128, 128, 128)) for _ in range(n)]
+        with torch.no_grad():
+            x = self.pipe.decode(denoised)
+        return [to_pil(t) for t in x]
+
+    def preview(self, job_id: str | None = None):
+        """The running chunk's latest x0 estimate decoded to an image (the job's first image if
+        it is in this chunk, else the chunk's first), or None."""
+        p = self.progress
+        x0 = p.denoised
+        if x0 is None:
+            return None
+        i = 0
+        if job_id is not None and job_id in p.offsets:
+            k = p.offsets[job_id] - p.chunk_start
+            if 0 <= k < x0.shape[0]:
+                i = k
+        from imagine.images import to_pil
+
+        with torch.no_grad():
+            x = self.pipe.decode(x0[i:i + 1])
+        return to_pil(x[0])
+
+
+def _step_of(d: dict) -> int:
+    for key in ("i", "step", "index"):
+        if key in d:
+            return int(d[key])
+    return 0
