@@ -37,15 +37,14 @@ def _add_group(sub, name: str, help_: str, table: dict) -> None:
     p = sub.add_parser(name, help=help_)
     inner = p.add_subparsers(dest="target", metavar="WHAT", required=True)
     for key, (mod, h) in table.items():
-        q = inner.add_parser(key, help=h)
-        q.set_defaults(_module=mod)
+        q = inner.add_parser(key, help=h, add_help=False)
         _lazy_arguments(q, mod)
 
 
 def _lazy_arguments(parser: argparse.ArgumentParser, module: str) -> None:
-    # Arguments are only needed for the command that runs; defer the import to then.
+    # Arguments are only needed for the command that runs: the module's own parser reads what
+    # this one leaves over (parse_known_args), so the import waits until then.
     parser.set_defaults(_module=module)
-    parser.add_argument("_rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     top = build_parser()
-    args = top.parse_args(argv)
+    args, rest = top.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     module = importlib.import_module(args._module)
     prog = "imagine " + " ".join(x for x in (args.command, getattr(args, "target", None)) if x)
     sp = argparse.ArgumentParser(prog=prog, description=module.__doc__.strip().splitlines()[0] if module.__doc__ else None)
     module.add_arguments(sp)
-    sub_args = sp.parse_args(args._rest)
+    sub_args = sp.parse_args(rest)
     try:
         result = module.run(sub_args)
     except KeyboardInterrupt:
