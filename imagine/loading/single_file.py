@@ -1,0 +1,590 @@
+"""Loading an original Stable Diffusion 1.x / 2.x single-file checkpoint, offline.
+
+A single file (`.safetensors`, or a `.ckpt` pickle read with `torch.load(weights_only=True)`)
+holds the three networks of latent diffusion under the CompVis names (Rombach et al. 2022):
+`model.diffusion_model.*` (the U-Net), `first_stage_model.*` (the KL autoencoder) and
+`cond_stage_model.transformer.*` (SD 1.x: OpenAI CLIP ViT-L/14, a transformers CLIPTextModel)
+or `cond_stage_model.model.*` (SD 2.x: OpenCLIP ViT-H/14). It carries no config: each network's
+shape is read off its weights (channels per level, residual blocks per level, which levels
+attend, transformer depth, context width, 1x1-conv vs linear projections), and the names are
+mapped by `imagine.loading.keymap`. Three things cannot be seen in the weights:
+
+- Attention heads. The released configs use 8 heads per level for SD 1.x (CLIP context, 768)
+  and 64-channel heads for SD 2.x (OpenCLIP context, 1024, linear projections); we follow them
+  (override with `unet_config={"attention_head_dim": ...}`).
+- The prediction type. SD 1.x and SD 2.x "base" (512 px) predict the noise (epsilon); the SD 2.x
+  768-v models (stable-diffusion-2, 2-1) predict v (Salimans & Ho 2022). Pass
+  `prediction_type="v_prediction"` for those, or keep Stability's `<name>.yaml` next to the file
+  (with `parameterization: "v"`, the convention of the original repo and of AUTOMATIC1111).
+- The tokenizer. Its vocab.json + merges.txt are in neither the checkpoint nor transformers; pass
+  `tokenizer=FOLDER`, or put a `tokenizer/` folder next to the checkpoint, or set
+  IMAGINE_CLIP_TOKENIZER, or have it in the local Hugging Face cache (searched, never fetched).
+
+The noise schedule is SD's: 1000 steps, "scaled_linear" betas from 0.00085 to 0.012 (LDM's
+`linear_start`/`linear_end`, betas linear in sqrt). When the checkpoint carries its `betas`
+buffer (the .ckpt files do) and they differ from that, the stored betas are used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagine.loading import keymap
+from imagine.loading.folder import Components
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+TOKENIZER_ENV = "IMAGINE_CLIP_TOKENIZER"
+
+# Stable Diffusion's training schedule (LDM configs: linear_start 0.00085, linear_end 0.012,
+# 1000 timesteps; diffusers' "scaled_linear"), and the sampling conventions of its releases.
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
+}
+SD_SCALING_FACTOR = 0.18215  # LDM sec. 4.3.2: 1 / std of the SD autoencoder's latents
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+# Keys an original checkpoint carries besides the three networks: the diffusion buffers of
+# LDM's DDPM module, its learned-logvar parameter, the EMA copy, and training bookkeeping.
+IGNORED_PREFIXES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus_alphas_cumprod",
+                    "posterior_", "logvar", "model_ema.", "lvlb_weights", "ucg_", "cond_stage_model.model.visual.",
+                    "cond_stage_model.model.logit_scale", "cond_stage_model.model.text_projection")
+KNOWN_OTHER_LAYOUTS = {
+    "conditioner.embedders.": "an SDXL checkpoint (conditioner.embedders.*); imagine loads SD 1.x and 2.x",
+    "model.diffusion_model.joint_blocks.": "an SD3 checkpoint (MMDiT joint_blocks); imagine loads SD 1.x and 2.x",
+    "model.diffusion_model.double_blocks.": "a Flux checkpoint; imagine loads SD 1.x and 2.x",
+    "down_blocks.": "the weights of one diffusers component (down_blocks.* at the top level); load the model "
+                    "folder it belongs to (with model_index.json) instead",
+    "encoder.down.": "a standalone VAE checkpoint; imagine loads whole SD 1.x/2.x checkpoints",
+    "text_model.": "a standalone CLIP text encoder; imagine loads whole SD 1.x/2.x checkpoints",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the file
+# ---------------------------------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The flat name -> tensor dict of a .safetensors or (weights-only) pickle checkpoint, with a
+    clear error for a missing, truncated or corrupt file, or a pickle that holds more than weights."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; load_single_file takes a .safetensors or .ckpt file "
+                         "(use load_folder for a model folder with model_index.json)")
+    kind = _file_kind(path)
+    if kind == "safetensors":
+        state = _read_safetensors(path)
+    else:
+        state = _read_pickle(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of weights")
+    # Lightning / LDM checkpoints nest the weights: {"state_dict": {...}, "global_step": ...}
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and torch.is_tensor(v)}
+    if not tensors:
+        found = sorted(str(k) for k in state)[:8]
+        raise ValueError(f"{path} holds no tensors at its top level or under 'state_dict' (found keys {found})")
+    return tensors
+
+
+def _file_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return "safetensors"
+    if suffix in PICKLE_SUFFIXES:
+        return "pickle"
+    with open(path, "rb") as f:  # no telling suffix: sniff the first bytes
+        head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise ValueError(f"{path}: not a checkpoint imagine can read; expected a .safetensors file or a .ckpt/.pt "
+                     f"pickle (suffixes {', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)})")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from imagine.models.io import load_tensors
+
+    return load_tensors(path)  # names the file when it is truncated or corrupt
+
+
+def _read_pickle(path: Path) -> Any:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e).lower():
+                raise
+            # legacy (non-zip) torch.save format: no memory mapping possible
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "weights_only" in msg.lower() or "unsupported global" in msg.lower() or "weights only" in msg.lower():
+            found = re.search(r"(?:Unsupported global|GLOBAL)\s*:?\s*(?:GLOBAL\s+)?([\w.]+)", msg)
+            what = f" (it needs {found.group(1)})" if found else ""
+            raise ValueError(
+                f"{path} is a pickle that holds more than weights{what}; imagine only loads tensors "
+                "(torch.load(weights_only=True)), since unpickling arbitrary objects can run code. If you "
+                "trust the file, re-save its state_dict as .safetensors and load that") from None
+        raise ValueError(f"{path} is not a readable checkpoint ({_first_line(msg)}); it may be truncated "
+                         "or corrupt") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, IndexError) as e:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {_first_line(str(e))}); "
+                         "it may be truncated or corrupt - re-download it or use the .safetensors version") from None
+
+
+def _first_line(s: str) -> str:
+    return (s.strip().splitlines() or [""])[0][:200]
+
+
+# ---------------------------------------------------------------------------------------------
+# What is in it
+# ---------------------------------------------------------------------------------------------
+def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, Any]:
+    """Split an original SD checkpoint into its networks: {"unet": {...}, "vae": {...},
+    "text": {...}, "text_kind": "clip" | "openclip", "betas": tensor | None}, prefixes removed.
+    Raises ValueError naming what was found when the layout is not SD 1.x/2.x."""
+    keys = list(state)
+    for prefix, what in KNOWN_OTHER_LAYOUTS.items():
+        if any(k.startswith(prefix) for k in keys) and not any(k.startswith(keymap.UNET_PREFIX + "input_blocks.")
+                                                             for k in keys):
+            raise ValueError(f"{source} looks like {what}")
+    parts: dict[str, Any] = {"unet": {}, "vae": {}, "text": {}, "text_kind": None, "betas": state.get("betas")}
+    other = []
+    for k, v in state.items():
+        if k.startswith(keymap.UNET_PREFIX):
+            parts["unet"][k[len(keymap.UNET_PREFIX):]] = v
+        elif k.startswith(keymap.VAE_PREFIX):
+            parts["vae"][k[len(keymap.VAE_PREFIX):]] = v
+        elif k.startswith(keymap.CLIP_PREFIX):
+            parts["text"][k[len(keymap.CLIP_PREFIX):]] = v
+            parts["text_kind"] = "clip"
+        elif k.startswith(IGNORED_PREFIXES):
+            continue
+        elif k.startswith(keymap.OPENCLIP_PREFIX):
+            parts["text"][k[len(keymap.OPENCLIP_PREFIX):]] = v
+            parts["text_kind"] = "openclip"
+        else:
+            other.append(k)
+    if any(k.startswith(keymap.CLIP_PREFIX) for k in keys) and any(k.startswith(keymap.OPENCLIP_PREFIX) for k in keys):
+        raise ValueError(f"{source} has both a CLIP (cond_stage_model.transformer.*) and an OpenCLIP "
+                         "(cond_stage_model.model.*) text encoder; expected one")
+    missing = [name for name, part, prefix in (("U-Net", "unet", keymap.UNET_PREFIX),
+                                               ("VAE", "vae", keymap.VAE_PREFIX),
+                                               ("text encoder", "text", "cond_stage_model.transformer.* or "
+                                                                        "cond_stage_model.model."))
+               if not parts[part]]
+    if missing or other:
+        tops = sorted({".".join(k.split(".")[:2]) for k in keys})
+        shown = ", ".join(tops[:10]) + (f" ... ({len(tops)} groups)" if len(tops) > 10 else "")
+        expected = ("expected an original Stable Diffusion 1.x/2.x checkpoint with model.diffusion_model.* "
+                    "(U-Net), first_stage_model.* (VAE) and cond_stage_model.transformer.* (SD 1.x CLIP) or "
+                    "cond_stage_model.model.* (SD 2.x OpenCLIP)")
+        if missing:
+            raise ValueError(f"{source}: no {' and no '.join(missing)} weights found; {expected}; found {shown}")
+        raise ValueError(f"{source}: unexpected weights {', '.join(other[:6])}"
+                         + (f" ... ({len(other)} in all)" if len(other) > 6 else "") + f"; {expected}")
+    return parts
+
+
+def _need(state: dict, key: str, what: str) -> torch.Tensor:
+    if key not in state:
+        near = sorted(state)[:6]
+        raise ValueError(f"{what}: expected the weight {key!r} of an SD 1.x/2.x layout; found e.g. {near}")
+    return state[key]
+
+
+def infer_unet_config(unet: dict[str, torch.Tensor]) -> tuple[dict[str, Any], list[int], list[bool]]:
+    """The diffusers-style config of an LDM U-Net read off its weights (prefix removed), plus the
+    residual blocks and attention flag per level (what the key map needs)."""
+    what = "U-Net (model.diffusion_model.*)"
+    conv_in = _need(unet, "input_blocks.0.0.weight", what)
+    if conv_in.ndim != 4:
+        raise ValueError(f"{what}: input_blocks.0.0.weight should be a conv weight; got shape {tuple(conv_in.shape)}")
+    levels: list[dict[str, Any]] = [{"channels": [], "attention": [], "depth": []}]
+    n = 1
+    while f"input_blocks.{n}.0.op.weight" in unet or f"input_blocks.{n}.0.in_layers.0.weight" in unet:
+        if f"input_blocks.{n}.0.op.weight" in unet:
+            levels.append({"channels": [], "attention": [], "depth": []})
+        else:
+            lv = levels[-1]
+            lv["channels"].append(unet[f"input_blocks.{n}.0.in_layers.2.weight"].shape[0])
+            depth = len({k.split(".")[4] for k in unet if k.startswith(f"input_blocks.{n}.1.transformer_blocks.")})
+            lv["attention"].append(f"input_blocks.{n}.1.norm.weight" in unet)
+            lv["depth"].append(depth)
+        n += 1
+    if any(k.startswith((f"input_blocks.{n}.", f"input_blocks.{n + 1}.")) for k in unet) or not levels[0]["channels"]:
+        raise ValueError(f"{what}: input_blocks.{n} is neither a residual block nor a downsampler; "
+                         "not the LDM U-Net layout of SD 1.x/2.x")
+    if not levels[-1]["channels"]:
+        raise ValueError(f"{what}: the last level has a downsampler but no residual block; unknown layout")
+    for i, lv in enumerate(levels):
+        if len(set(lv["channels"])) != 1 or len(set(lv["attention"])) != 1 or len(set(lv["depth"])) != 1:
+            raise ValueError(f"{what}: level {i} mixes residual blocks of different widths or attention "
+                             f"({lv}); not an SD 1.x/2.x U-Net")
+    channels = [lv["channels"][0] for lv in levels]
+    attention = [lv["attention"][0] for lv in levels]
+    layers = [len(lv["channels"]) for lv in levels]
+    depth = [max(lv["depth"][0], 1) for lv in levels]
+    first_attn = next((k for k in sorted(unet) if k.endswith("transformer_blocks.0.attn2.to_k.weight")), None)
+    if first_attn is None:
+        raise ValueError(f"{what}: no cross-attention (…transformer_blocks.0.attn2.to_k.weight) found: not a "
+                         "text-conditioned SD 1.x/2.x U-Net")
+    context_dim = unet[first_attn].shape[1]
+    proj_in = next(v for k, v in sorted(unet.items()) if k.endswith(".proj_in.weight"))
+    linear = proj_in.ndim == 2
+    # Heads are not visible in the weights; follow the released configs (see module docstring).
+    if linear or context_dim == 1024:
+        heads: Any = [c // 64 for c in channels]
+    else:
+        heads = 8
+    time_dim = _need(unet, "time_embed.0.weight", what).shape[0]
+    cfg = {
+        "in_channels": conv_in.shape[1], "out_channels": _need(unet, "out.2.weight", what).shape[0],
+        "block_out_channels": channels, "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if "middle_block.1.norm.weight" in unet else None,
+        "cross_attention_dim": context_dim, "attention_head_dim": heads, "use_linear_projection": linear,
+        "transformer_layers_per_block": depth[0] if len(set(depth)) == 1 else depth,
+        # SD 2.1's attention logits overflow float16 (diffusers' upcast_attention): the SD 2.x family
+        "upcast_attention": linear or context_dim == 1024,
+    }
+    if time_dim != 4 * channels[0]:
+        cfg["time_embedding_dim"] = time_dim
+    if any(k.startswith("label_emb.") for k in unet):
+        raise ValueError(f"{what}: has a class/vector embedding (label_emb.*: SD 2.x unCLIP or an upscaler); "
+                         "imagine's single-file loader takes the text-to-image SD 1.x/2.x U-Net")
+    return cfg, layers, attention
+
+
+def infer_vae_config(vae: dict[str, torch.Tensor]) -> tuple[dict[str, Any], int, int]:
+    what = "VAE (first_stage_model.*)"
+    levels = len({k.split(".")[2] for k in vae if k.startswith("encoder.down.")})
+    if levels == 0:
+        raise ValueError(f"{what}: no encoder.down.* blocks; found e.g. {sorted(vae)[:6]}")
+    channels = [_need(vae, f"encoder.down.{i}.block.0.conv1.weight", what).shape[0] for i in range(levels)]
+    layers = len({k.split(".")[4] for k in vae if k.startswith("encoder.down.0.block.")})
+    cfg = {
+        "in_channels": _need(vae, "encoder.conv_in.weight", what).shape[1],
+        "out_channels": _need(vae, "decoder.conv_out.weight", what).shape[0],
+        "block_out_channels": channels, "layers_per_block": layers,
+        "latent_channels": _need(vae, "decoder.conv_in.weight", what).shape[1],
+        "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in vae,
+        "use_quant_conv": "quant_conv.weight" in vae, "use_post_quant_conv": "post_quant_conv.weight" in vae,
+        "scaling_factor": SD_SCALING_FACTOR, "sample_size": 512,
+    }
+    return cfg, levels, layers
+
+
+def infer_text_config(text: dict[str, torch.Tensor], kind: str) -> tuple[dict[str, Any], int]:
+    """A transformers CLIPTextConfig dict for the text encoder (prefix removed), and for OpenCLIP
+    the number of transformer layers to keep (all but the last: SD 2.x's penultimate layer)."""
+    if kind == "clip":
+        s = keymap.clip_to_transformers(text)
+        what = "text encoder (cond_stage_model.transformer.*)"
+        tok = _need(s, "embeddings.token_embedding.weight", what)
+        pos = _need(s, "embeddings.position_embedding.weight", what)
+        layers = len({k.split(".")[2] for k in s if k.startswith("encoder.layers.")})
+        inter = _need(s, "encoder.layers.0.mlp.fc1.weight", what).shape[0]
+        act = "quick_gelu"  # OpenAI CLIP's x * sigmoid(1.702 x)
+        keep = layers
+    else:
+        what = "text encoder (cond_stage_model.model.*)"
+        tok = _need(text, "token_embedding.weight", what)
+        pos = _need(text, "positional_embedding", what)
+        total = keymap.openclip_layers(text)
+        if total < 2:
+            raise ValueError(f"{what}: {total} transformer blocks; SD 2.x's OpenCLIP text tower has 24")
+        keep = total - 1  # SD 2.x conditions on the penultimate layer
+        layers = keep
+        inter = _need(text, "transformer.resblocks.0.mlp.c_fc.weight", what).shape[0]
+        act = "gelu"  # OpenCLIP ViT-H/14: exact GELU
+    width = tok.shape[1]
+    cfg = {"vocab_size": tok.shape[0], "hidden_size": width, "intermediate_size": inter,
+           "num_hidden_layers": layers, "num_attention_heads": max(1, width // 64),  # 64-wide heads in both
+           "max_position_embeddings": pos.shape[0], "hidden_act": act, "layer_norm_eps": 1e-5,
+           "projection_dim": width}
+    return cfg, keep
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer
+# ---------------------------------------------------------------------------------------------
+def find_tokenizer(checkpoint: Path, kind: str, tokenizer: str | os.PathLike | None = None) -> Path:
+    """The CLIP tokenizer folder to use: `tokenizer` if given, else `tokenizer/` next to the
+    checkpoint, else $IMAGINE_CLIP_TOKENIZER, else a local Hugging Face cache copy."""
+    tried = []
+    candidates: list[tuple[str, Path]] = []
+    if tokenizer is not None:
+        p = Path(tokenizer)
+        if not _is_tokenizer_folder(p):
+            raise FileNotFoundError(f"tokenizer={p}: not a CLIP tokenizer folder (needs vocab.json and merges.txt, "
+                                    f"or tokenizer.json); found {_listing(p)}")
+        return p
+    candidates.append(("next to the checkpoint", checkpoint.parent / "tokenizer"))
+    candidates.append(("next to the checkpoint", checkpoint.parent / checkpoint.stem / "tokenizer"))
+    env = os.environ.get(TOKENIZER_ENV)
+    if env:
+        candidates.append((f"${TOKENIZER_ENV}", Path(env)))
+        candidates.append((f"${TOKENIZER_ENV}", Path(env) / "tokenizer"))
+    for repo, sub in _hf_cache_repos(kind):
+        candidates.extend(("the Hugging Face cache", snap / sub) for snap in _hf_snapshots(repo))
+    for where, p in candidates:
+        tried.append(str(p))
+        if _is_tokenizer_folder(p):
+            log.info("single-file checkpoint: using the tokenizer in %s (%s)", p, where)
+            return p
+    model = "SD 1.x (openai/clip-vit-large-patch14)" if kind == "clip" else "SD 2.x (OpenCLIP ViT-H/14)"
+    raise FileNotFoundError(
+        f"no CLIP tokenizer found for {checkpoint.name} ({model} text encoder): a single-file checkpoint does not "
+        "contain the tokenizer's vocab.json and merges.txt. Pass tokenizer=FOLDER (load_single_file) or put a "
+        f"'tokenizer' folder next to the checkpoint, or set {TOKENIZER_ENV}=FOLDER; e.g. the tokenizer/ folder "
+        "of the matching diffusers model. Looked in: " + ", ".join(tried))
+
+
+def _is_tokenizer_folder(p: Path) -> bool:
+    return p.is_dir() and ((p / "vocab.json").is_file() and (p / "merges.txt").is_file()
+                           or (p / "tokenizer.json").is_file())
+
+
+def _listing(p: Path) -> str:
+    if not p.exists():
+        return "no such folder"
+    if not p.is_dir():
+        return "a file, not a folder"
+    return str(sorted(q.name for q in p.iterdir())[:10])
+
+
+def _hf_cache_repos(kind: str) -> list[tuple[str, str]]:
+    if kind == "clip":
+        return [("openai/clip-vit-large-patch14", ""), ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
+                ("runwayml/stable-diffusion-v1-5", "tokenizer"), ("CompVis/stable-diffusion-v1-4", "tokenizer")]
+    return [("stabilityai/stable-diffusion-2-1", "tokenizer"), ("stabilityai/stable-diffusion-2-1-base", "tokenizer"),
+            ("stabilityai/stable-diffusion-2", "tokenizer"), ("stabilityai/stable-diffusion-2-base", "tokenizer")]
+
+
+def _hf_snapshots(repo: str) -> list[Path]:
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    cache = Path(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub"))
+    snaps = cache / ("models--" + repo.replace("/", "--")) / "snapshots"
+    return sorted(snaps.iterdir()) if snaps.is_dir() else []
+
+
+def load_tokenizer(folder: Path, kind: str, vocab_size: int, max_positions: int):
+    from transformers import CLIPTokenizer
+
+    try:
+        tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{folder}: not a loadable CLIP tokenizer ({_first_line(str(e))})") from None
+    if len(tok) > vocab_size:
+        raise ValueError(f"the tokenizer in {folder} has {len(tok)} tokens but the checkpoint's text encoder only "
+                         f"{vocab_size}: they do not belong together")
+    # The padding each release was trained with: OpenAI's CLIP tokenizer pads with the end token
+    # (SD 1.x), open_clip.tokenize pads with id 0 (SD 2.x).
+    pad = tok.eos_token if kind == "clip" else tok.convert_ids_to_tokens(0)
+    if tok.pad_token != pad:
+        log.info("tokenizer %s: padding with %r as the %s text encoder was trained (was %r)", folder, pad,
+                 "SD 1.x" if kind == "clip" else "SD 2.x", tok.pad_token)
+        tok.pad_token = pad
+    max_len = tok.model_max_length if tok.model_max_length < 10_000 else max_positions
+    return tok, min(max_len, max_positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the networks
+# ---------------------------------------------------------------------------------------------
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+
+
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True, assign=True): the checkpoint's tensors become the parameters
+    (no second copy of a multi-GB model), with an error listing missing/unexpected/misshapen keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        def show(keys):
+            return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {show(unexpected)}")
+        if wrong:
+            problems.append("shape mismatches: " + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                                                         for k in wrong]))
+        raise ValueError(f"weights from {source} do not fit {type(model).__name__} as inferred: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def _build(cls, config, state, source: str, dtype: torch.dtype):
+    """Build on the meta device (no init work: every weight is about to be replaced), then take
+    the checkpoint's tensors as the parameters."""
+    with torch.device("meta"):
+        model = cls(config)
+    _assign(model, _cast(state, dtype), source)
+    return model.eval()
+
+
+def build_clip_text_model(config: dict[str, Any], state: dict[str, torch.Tensor], source: str,
+                          dtype: torch.dtype = torch.float32, token_ids: dict[str, int] | None = None):
+    """A transformers CLIPTextModel with these weights (built on the meta device)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(**config, **(token_ids or {}))
+    with torch.device("meta"):
+        model = CLIPTextModel(cfg)
+    state = _cast(state, dtype)
+    _assign(model, state, source)
+    # Buffers outside the state dict are still on the meta device: rebuild them.
+    device = next(iter(state.values())).device
+    emb = model.embeddings
+    if hasattr(emb, "position_ids"):
+        n = emb.position_ids.shape[-1]
+        emb.register_buffer("position_ids", torch.arange(n, device=device).expand(1, -1), persistent=False)
+    for name, buf in model.named_buffers():
+        if buf.device.type == "meta" and device.type != "meta":
+            raise RuntimeError(f"CLIPTextModel buffer {name} is not in the checkpoint and this loader does not "
+                               "rebuild it (a transformers version this loader does not know)")
+    return model.eval()
+
+
+def load_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
+                     tokenizer: str | os.PathLike | None = None, prediction_type: str | None = None,
+                     scaling_factor: float | None = None, unet_config: dict[str, Any] | None = None,
+                     clip_skip: int = 0) -> Components:
+    """Load an original SD 1.x/2.x checkpoint (.safetensors or .ckpt) into Components, offline.
+
+    tokenizer: a CLIP tokenizer folder (vocab.json + merges.txt); see `find_tokenizer` for where
+        it is looked for when omitted. prediction_type: "epsilon" (SD 1.x, SD 2.x base) or
+        "v_prediction" (SD 2.x 768-v); default: from `<name>.yaml` next to the file, else epsilon.
+    scaling_factor: the VAE latent scale (default SD's 0.18215). unet_config: entries that
+        override the inferred U-Net config (e.g. attention_head_dim)."""
+    path = Path(path)
+    _check_options(prediction_type, dtype)
+    if prediction_type is None and path.is_file():
+        prediction_type = _prediction_type_from_yaml(path)
+    state = read_checkpoint(path)
+    return components_from_state(state, str(path), dtype, tokenizer=tokenizer, prediction_type=prediction_type,
+                                 scaling_factor=scaling_factor, unet_config=unet_config, clip_skip=clip_skip,
+                                 checkpoint_path=path)
+
+
+def _check_options(prediction_type, dtype) -> None:
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, ...); got {dtype!r}")
+
+
+def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpoint",
+                          dtype: torch.dtype = torch.float32, *, tokenizer: str | os.PathLike | None = None,
+                          prediction_type: str | None = None, scaling_factor: float | None = None,
+                          unet_config: dict[str, Any] | None = None, clip_skip: int = 0,
+                          checkpoint_path: Path | None = None) -> Components:
+    """`load_single_file` after the file is read: an original SD state dict -> Components. The
+    tensors are taken as they are (no copy when already in `dtype`); meta tensors give a model
+    on the meta device (shape checks without memory)."""
+    from imagine.models.text_encoders import CLIPTextEncoder
+    from imagine.models.unet import UNet2DConditionModel, UNetConfig
+    from imagine.models.vae import AutoencoderKL, VAEConfig
+    from imagine.schedules import NoiseSchedule
+
+    _check_options(prediction_type, dtype)
+    parts = split_checkpoint(state, source)
+    name = Path(source).name
+
+    # U-Net
+    ucfg, layers, attention = infer_unet_config(parts["unet"])
+    if unet_config:
+        ucfg.update(unet_config)
+    mapped = keymap.unet_to_diffusers(parts["unet"], layers, attention, ucfg["mid_block_type"] is not None)
+    text_kind = parts["text_kind"]
+    sd2 = text_kind == "openclip"
+    if prediction_type is None:
+        prediction_type = "epsilon"
+        if sd2:
+            log.warning("%s: SD 2.x weights; assuming epsilon prediction (the 512-px 'base' models). For the "
+                        "768-v models (stable-diffusion-2, 2-1) pass prediction_type='v_prediction'", name)
+    ucfg["sample_size"] = 96 if (sd2 and prediction_type == "v_prediction") else 64
+    try:
+        unet_cfg = UNetConfig.from_dict(ucfg)
+    except ValueError as e:
+        raise ValueError(f"{name}: the U-Net read off the weights is not buildable: {e}") from None
+    unet = _build(UNet2DConditionModel, unet_cfg, mapped, f"{name} (U-Net)", dtype)
+
+    # VAE
+    vcfg, vlevels, vlayers = infer_vae_config(parts["vae"])
+    if scaling_factor is not None:
+        vcfg["scaling_factor"] = float(scaling_factor)
+    vmapped = keymap.vae_to_diffusers(parts["vae"], vlevels, vlayers, vcfg["mid_block_add_attention"])
+    vae = _build(AutoencoderKL, VAEConfig.from_dict(vcfg), vmapped, f"{name} (VAE)", dtype)
+
+    # Text encoder + tokenizer
+    tcfg, keep = infer_text_config(parts["text"], text_kind)
+    tstate = (keymap.clip_to_transformers(parts["text"]) if text_kind == "clip"
+              else keymap.openclip_to_transformers(parts["text"], keep))
+    tok_dir = find_tokenizer(checkpoint_path or Path(source), text_kind, tokenizer)
+    tok, max_len = load_tokenizer(tok_dir, text_kind, tcfg["vocab_size"], tcfg["max_position_embeddings"])
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    text_model = build_clip_text_model(tcfg, tstate, f"{name} (text encoder)", dtype, ids)
+    text_encoder = CLIPTextEncoder(text_model, tok, max_len, f"{source} (text encoder)", clip_skip)
+
+    # Noise schedule
+    sched_cfg = dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    betas = parts["betas"]
+    if betas is not None and betas.device.type != "meta":
+        if not _is_sd_schedule(betas):
+            log.warning("%s: its betas differ from SD's scaled_linear schedule; using the stored betas", name)
+            sched_cfg = dict(sched_cfg, trained_betas=betas.double().tolist(), num_train_timesteps=len(betas))
+    schedule = NoiseSchedule.from_diffusers_config(sched_cfg)
+    size = 8 * unet_cfg.sample_size
+    return Components(unet=unet, text_encoder=text_encoder, schedule=schedule, prediction_type=prediction_type,
+                      vae=vae, scheduler_config=sched_cfg, defaults={"height": size, "width": size},
+                      source=str(source))
+
+
+def _is_sd_schedule(betas: torch.Tensor) -> bool:
+    """Whether stored betas are SD's: linear in sqrt(beta) from sqrt(0.00085) to sqrt(0.012), 1000 steps."""
+    c = SD_SCHEDULER_CONFIG
+    n = c["num_train_timesteps"]
+    sd = torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, n, dtype=torch.float64) ** 2
+    return betas.ndim == 1 and betas.shape[0] == n and torch.allclose(betas.double(), sd, rtol=1e-4, atol=1e-8)
+
+
+def _prediction_type_from_yaml(path: Path) -> str | None:
+    """Stability's inference config next to the checkpoint (`<name>.yaml`, as AUTOMATIC1111
+    reads it): `parameterization: "v"` marks a v-prediction model."""
+    yaml = path.with_suffix(".yaml")
+    if not yaml.is_file():
+        return None
+    text = yaml.read_text(errors="replace")
+    m = re.search(r"^\s*parameterization\s*:\s*[\"']?(\w+)[\"']?", text, re.MULTILINE)
+    if not m:
+        return "epsilon"
+    value = m.group(1)
+    if value == "v":
+        return "v_prediction"
+    if value == "eps":
+        return "epsilon"
+    if value == "x0":
+        return "sample"
+    raise ValueError(f"{yaml}: unknown parameterization {value!r}; valid: eps, v, x0")

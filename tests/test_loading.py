@@ -1,0 +1,532 @@
+"""Loading Stable Diffusion checkpoints offline: original single files (CompVis names, SD 1.x
+CLIP and SD 2.x OpenCLIP text encoders) and diffusers folders, their inferred shapes, the
+full-size SD 1.5 / 2.1 layouts, and the errors for bad files.
+
+The original-layout checkpoints are written here with a diffusers -> CompVis mapping of this
+file's own (diffusers' wheel has no such converter), keyed on diffusers' names, independent of
+imagine.loading.keymap. The helpers at the top are also used by test_sd_parity.py and
+test_generate_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+# ---------------------------------------------------------------------------------------------
+# A tiny CLIP tokenizer: byte-level BPE with CLIP's conventions (</w> word ends, 256 byte
+# symbols), a handful of merges, and CLIP's two special tokens.
+# ---------------------------------------------------------------------------------------------
+MERGES = ["r e", "re d</w>", "c i", "ci r", "cir c", "l e</w>", "circ le</w>", "b l", "bl u", "blu e</w>",
+          "s q", "sq u", "squ a", "squa r", "squar e</w>", "a n", "o f</w>", "t h", "th e</w>"]
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's reversible table of the 256 bytes as printable characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_symbols()
+    vocab = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in MERGES]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "pad_token": pad_token,
+         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+    return folder
+
+
+VOCAB = 2 * 256 + len(MERGES) + 2
+
+# ---------------------------------------------------------------------------------------------
+# Tiny Stable-Diffusion-shaped models in diffusers
+# ---------------------------------------------------------------------------------------------
+# The heads follow the released convention the single-file loader assumes: 8 heads per level
+# with 1x1-conv projections (SD 1.x), 64-channel heads with linear projections (SD 2.x).
+TINY = {
+    "sd1": dict(unet=dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8,
+                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+                text=dict(hidden_act="quick_gelu", num_hidden_layers=2), openclip=False),
+    "sd2": dict(unet=dict(block_out_channels=(64, 128, 128), layers_per_block=2, attention_head_dim=(1, 2, 2),
+                          use_linear_projection=True, upcast_attention=True,
+                          down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+                text=dict(hidden_act="gelu", num_hidden_layers=2), openclip=True),
+    # all levels attend, two transformer layers per block, three residual blocks per level
+    "deep": dict(unet=dict(block_out_channels=(32, 32), layers_per_block=3, attention_head_dim=8,
+                           transformer_layers_per_block=2,
+                           down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2),
+                 text=dict(hidden_act="quick_gelu", num_hidden_layers=1), openclip=False),
+}
+TEXT_WIDTH = 64
+
+
+def tiny_diffusers_parts(kind: str, seed: int = 0):
+    """(unet, vae, text_encoder) of diffusers/transformers with random weights."""
+    spec = TINY[kind]
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, norm_num_groups=32,
+                                          cross_attention_dim=TEXT_WIDTH, **spec["unet"]).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=32, sample_size=32,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    tcfg = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=96,
+                                       num_attention_heads=1, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
+                                       bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1,
+                                       pad_token_id=0 if spec["openclip"] else VOCAB - 1, **spec["text"])
+    text = transformers.CLIPTextModel(tcfg).eval()
+    with torch.no_grad():  # spread the weights out so every path matters in the comparisons
+        for m in (unet, vae):
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    return unet, vae, text
+
+
+def save_diffusers_folder(folder: Path, kind: str, scheduler: str = "ddim", prediction_type: str = "epsilon",
+                          seed: int = 0):
+    """A diffusers StableDiffusionPipeline folder; returns the pipeline."""
+    unet, vae, text = tiny_diffusers_parts(kind, seed)
+    tok_dir = write_clip_tokenizer(Path(folder).parent / f"_tok_{kind}", "!" if TINY[kind]["openclip"] else
+                                   "<|endoftext|>")
+    tok = transformers.CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                             scheduler=make_scheduler(scheduler, prediction_type),
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   steps_offset=1, timestep_spacing="leading")
+
+
+def make_scheduler(name: str, prediction_type: str = "epsilon"):
+    if name == "ddim":
+        return diffusers.DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
+                                       prediction_type=prediction_type)
+    if name == "euler":
+        return diffusers.EulerDiscreteScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+    if name == "dpmpp_2m":
+        return diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULE, prediction_type=prediction_type,
+                                                     algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers names -> CompVis names (this test's own mapping, keyed on diffusers' names)
+# ---------------------------------------------------------------------------------------------
+RESNET_BACK = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def _resnet(rest: str) -> str:
+    head, _, leaf = rest.partition(".")
+    return f"{RESNET_BACK[head]}.{leaf}"
+
+
+def unet_to_compvis(sd: dict, cfg) -> dict:
+    lpb = cfg["layers_per_block"]
+    levels = len(cfg["block_out_channels"])
+    attn = [t.startswith("CrossAttn") for t in cfg["down_block_types"]]
+    out = {}
+    for k, v in sd.items():
+        if m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k):
+            i, j, rest = int(m[1]), int(m[2]), m[3]
+            name = f"input_blocks.{1 + i * (lpb + 1) + j}.0.{_resnet(rest)}"
+        elif m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", k):
+            i, j, rest = int(m[1]), int(m[2]), m[3]
+            name = f"input_blocks.{1 + i * (lpb + 1) + j}.1.{rest}"
+        elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", k):
+            name = f"input_blocks.{(int(m[1]) + 1) * (lpb + 1)}.0.op.{m[2]}"
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k):
+            name = f"output_blocks.{int(m[1]) * (lpb + 1) + int(m[2])}.0.{_resnet(m[3])}"
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", k):
+            name = f"output_blocks.{int(m[1]) * (lpb + 1) + int(m[2])}.1.{m[3]}"
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", k):
+            i = int(m[1])
+            slot = 2 if attn[levels - 1 - i] else 1
+            name = f"output_blocks.{i * (lpb + 1) + lpb}.{slot}.conv.{m[2]}"
+        elif m := re.fullmatch(r"mid_block\.resnets\.([01])\.(.+)", k):
+            name = f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", k):
+            name = f"middle_block.1.{m[1]}"
+        else:
+            fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+                     "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+            head, _, leaf = k.rpartition(".")
+            name = f"{fixed[head]}.{leaf}"
+        out["model.diffusion_model." + name] = v
+    return out
+
+
+VAE_ATTN_BACK = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_to_compvis(sd: dict, levels: int) -> dict:
+    out = {}
+    for k, v in sd.items():
+        k2 = k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k2):
+            k2 = f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
+        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", k2):
+            k2 = f"encoder.down.{m[1]}.downsample.{m[2]}"
+        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k2):
+            k2 = f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{m[3]}"
+        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", k2):
+            k2 = f"decoder.up.{levels - 1 - int(m[1])}.upsample.{m[2]}"
+        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(.+)", k2):
+            k2 = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", k2):
+            k2 = f"{m[1]}.mid.attn_1.{VAE_ATTN_BACK[m[2]]}.{m[3]}"
+            if m[3] == "weight" and v.ndim == 2:
+                v = v[:, :, None, None]  # LDM's attention uses 1x1 convs
+        out["first_stage_model." + k2] = v
+    return out
+
+
+def clip_to_compvis(sd: dict) -> dict:
+    """SD 1.x: transformers CLIPTextModel saved under the old `text_model.` prefix."""
+    out = {"cond_stage_model.transformer.text_model." + k: v for k, v in sd.items()}
+    n = sd["embeddings.position_embedding.weight"].shape[0]
+    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(n)[None]
+    return out
+
+
+def clip_to_openclip(sd: dict, extra_layer_seed: int = 5) -> dict:
+    """SD 2.x: OpenCLIP's text tower, with one more (random) block after the ones the model uses
+    and the contrastive projection, as the released checkpoints have them."""
+    p = "cond_stage_model.model."
+    out = {p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           p + "positional_embedding": sd["embeddings.position_embedding.weight"],
+           p + "ln_final.weight": sd["final_layer_norm.weight"], p + "ln_final.bias": sd["final_layer_norm.bias"]}
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for i in range(layers):
+        a = f"encoder.layers.{i}."
+        b = f"{p}transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[b + f"attn.in_proj_{leaf}"] = torch.cat([sd[a + f"self_attn.{x}_proj.{leaf}"] for x in "qkv"])
+            for ours, theirs in names.items():
+                out[b + f"{theirs}.{leaf}"] = sd[a + f"{ours}.{leaf}"]
+    g = torch.Generator().manual_seed(extra_layer_seed)
+    for k in [k for k in out if k.startswith(f"{p}transformer.resblocks.0.")]:
+        out[k.replace("resblocks.0.", f"resblocks.{layers}.")] = torch.randn(out[k].shape, generator=g)
+    width = sd["final_layer_norm.weight"].shape[0]
+    out[p + "text_projection"] = torch.randn(width, width, generator=g)
+    out[p + "logit_scale"] = torch.tensor(4.6)
+    return out
+
+
+def compvis_checkpoint(unet, vae, text, openclip: bool, extras: bool = True) -> dict:
+    state = {}
+    state.update(unet_to_compvis(unet.state_dict(), unet.config))
+    state.update(vae_to_compvis(vae.state_dict(), len(vae.config.block_out_channels)))
+    ts = {k: v for k, v in text.state_dict().items() if not k.endswith("position_ids")}
+    state.update(clip_to_openclip(ts) if openclip else clip_to_compvis(ts))
+    if extras:  # what LDM's DDPM module also saves
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+        state["betas"] = betas.float()
+        state["alphas_cumprod"] = torch.cumprod(1 - betas, 0).float()
+        state["model_ema.decay"] = torch.tensor(0.9999)
+        state["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def write_single_file(path: Path, kind: str, seed: int = 0, fmt: str = "safetensors", tokenizer_next_to_it=True):
+    """An original-layout single-file checkpoint of tiny random weights (and the diffusers parts
+    it was made from)."""
+    unet, vae, text = tiny_diffusers_parts(kind, seed)
+    state = compvis_checkpoint(unet, vae, text, TINY[kind]["openclip"])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state, "global_step": 470000, "epoch": 3}, path)
+    if tokenizer_next_to_it:
+        write_clip_tokenizer(path.parent / "tokenizer", "!" if TINY[kind]["openclip"] else "<|endoftext|>")
+    return unet, vae, text
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+from imagine.loading import keymap  # noqa: E402
+from imagine.loading.single_file import (  # noqa: E402
+    components_from_state, infer_unet_config, load_single_file, read_checkpoint, split_checkpoint,
+)
+
+
+def _inputs(unet_cfg, seed=1, b=2, size=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, size, size, generator=g)
+    t = torch.tensor([11.0, 741.5])[:b]
+    ctx = torch.randn(b, 77, TEXT_WIDTH, generator=g)
+    return x, t, ctx
+
+
+@pytest.mark.parametrize("kind,fmt", [("sd1", "safetensors"), ("sd2", "ckpt"), ("deep", "safetensors")])
+def test_single_file_matches_diffusers(tmp_path, kind, fmt):
+    """U-Net, VAE and text encoder of a single file, loaded by shape inference alone, give the
+    outputs of the diffusers/transformers models the file was written from."""
+    path = tmp_path / f"model.{fmt}"
+    unet, vae, text = write_single_file(path, kind, fmt=fmt)
+    c = load_single_file(path)
+    cfg = dict(unet.config)
+    assert list(c.unet.config.block_out_channels) == list(cfg["block_out_channels"])
+    assert c.unet.config.use_linear_projection == cfg["use_linear_projection"]
+    assert c.unet.config.heads_per_block == tuple(
+        cfg["attention_head_dim"] if isinstance(cfg["attention_head_dim"], (list, tuple))
+        else [cfg["attention_head_dim"]] * len(cfg["block_out_channels"]))
+    x, t, ctx = _inputs(cfg)
+    with torch.no_grad():
+        assert rel_err(c.unet(x, t, context=ctx), unet(x, t, ctx).sample) < 1e-4
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+        assert rel_err(c.vae.decode(z), vae.decode(z).sample) < 1e-4
+        img = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+        assert rel_err(c.vae.encode(img).mean, vae.encode(img).latent_dist.mean) < 1e-4
+        enc = c.text_encoder.encode(["a red circle", "the blue square"])
+        ids = c.text_encoder.tokenize(["a red circle", "the blue square"])["input_ids"]
+        assert rel_err(enc.states, text(ids).last_hidden_state) < 1e-4
+    assert c.prediction_type == "epsilon"
+    assert c.vae.config.scaling_factor == pytest.approx(0.18215)
+
+
+def test_sd2_text_encoder_drops_last_block_and_pads_with_zero(tmp_path):
+    path = tmp_path / "v2.safetensors"
+    _, _, text = write_single_file(path, "sd2")
+    c = load_single_file(path)
+    assert c.text_encoder.model.config.num_hidden_layers == TINY["sd2"]["text"]["num_hidden_layers"]
+    assert c.text_encoder.model.config.hidden_act == "gelu"
+    ids = c.text_encoder.tokenize(["a red circle"])["input_ids"][0]
+    assert ids[-1].item() == 0  # open_clip.tokenize pads with id 0 ('!')
+    # q, k, v were one fused in_proj in the file
+    sd = text.state_dict()
+    for x in "qkv":
+        w = c.text_encoder.model.state_dict()[f"encoder.layers.1.self_attn.{x}_proj.weight"]
+        assert torch.equal(w, sd[f"encoder.layers.1.self_attn.{x}_proj.weight"])
+
+
+def test_diffusers_folder_loads(tmp_path):
+    pipe = save_diffusers_folder(tmp_path / "sd", "sd2", scheduler="euler", prediction_type="v_prediction")
+    from imagine.loading.folder import load_folder
+
+    c = load_folder(tmp_path / "sd")
+    assert c.prediction_type == "v_prediction"
+    assert c.defaults["sampler"] == "euler"
+    x, t, ctx = _inputs(dict(pipe.unet.config))
+    with torch.no_grad():
+        assert rel_err(c.unet(x, t, context=ctx), pipe.unet(x, t, ctx).sample) < 1e-4
+
+
+def test_prediction_type_argument_and_yaml(tmp_path, caplog):
+    path = tmp_path / "v2.safetensors"
+    write_single_file(path, "sd2")
+    with caplog.at_level("WARNING"):
+        c = load_single_file(path)
+    assert c.prediction_type == "epsilon" and "v_prediction" in caplog.text
+    assert c.defaults["height"] == 512
+    c = load_single_file(path, prediction_type="v_prediction")
+    assert c.prediction_type == "v_prediction" and c.scheduler_config["prediction_type"] == "v_prediction"
+    assert c.defaults["height"] == 768  # the 768-v convention
+    (tmp_path / "v2.yaml").write_text('model:\n  params:\n    parameterization: "v"\n    linear_start: 0.00085\n')
+    assert load_single_file(path).prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        load_single_file(path, prediction_type="v")
+
+
+def test_tokenizer_lookup(tmp_path, monkeypatch):
+    path = tmp_path / "a" / "m.safetensors"
+    write_single_file(path, "sd1", tokenizer_next_to_it=False)
+    monkeypatch.delenv("IMAGINE_CLIP_TOKENIZER", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(FileNotFoundError, match="no CLIP tokenizer found.*tokenizer=FOLDER.*IMAGINE_CLIP_TOKENIZER"):
+        load_single_file(path)
+    tok = write_clip_tokenizer(tmp_path / "elsewhere")
+    assert load_single_file(path, tokenizer=tok).text_encoder.max_length == 77
+    monkeypatch.setenv("IMAGINE_CLIP_TOKENIZER", str(tok))
+    load_single_file(path)
+    monkeypatch.delenv("IMAGINE_CLIP_TOKENIZER")
+    with pytest.raises(FileNotFoundError, match="not a CLIP tokenizer folder"):
+        load_single_file(path, tokenizer=tmp_path / "a")
+    # a local Hugging Face cache copy is used (never fetched)
+    snap = tmp_path / "empty-cache" / "models--openai--clip-vit-large-patch14" / "snapshots" / "abc"
+    write_clip_tokenizer(snap)
+    load_single_file(path)
+
+
+def test_bad_files_get_clear_errors(tmp_path):
+    good = tmp_path / "good.safetensors"
+    write_single_file(good, "sd1")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_single_file(tmp_path / "missing.safetensors")
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_single_file(cut)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        load_single_file(junk)
+    # a pickle that needs more than tensors to load
+    evil = tmp_path / "evil.ckpt"
+    import argparse
+
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hparams": argparse.Namespace(lr=1)}, evil)
+    with pytest.raises(ValueError, match="holds more than weights.*argparse.Namespace"):
+        load_single_file(evil)
+    cut_ckpt = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1000)}}, cut_ckpt)
+    cut_ckpt.write_bytes(cut_ckpt.read_bytes()[:300])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_single_file(cut_ckpt)
+    with pytest.raises(ValueError, match="is a folder"):
+        read_checkpoint(tmp_path)
+
+
+def test_unknown_layouts_name_what_was_found(tmp_path):
+    unet, vae, text = tiny_diffusers_parts("sd1")
+    full = compvis_checkpoint(unet, vae, text, openclip=False)
+    no_vae = {k: v for k, v in full.items() if not k.startswith("first_stage_model.")}
+    with pytest.raises(ValueError, match=r"no VAE weights found; expected .*first_stage_model.*found .*model\.diffusion_model"):
+        split_checkpoint(no_vae)
+    with pytest.raises(ValueError, match="one diffusers component"):
+        split_checkpoint(dict(unet.state_dict()))
+    with pytest.raises(ValueError, match="SDXL"):
+        split_checkpoint({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2)})
+    odd = dict(full, **{"some_adapter.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match="unexpected weights some_adapter.weight"):
+        split_checkpoint(odd)
+    # a U-Net tensor the inferred layout has no place for
+    extra = dict(full, **{"model.diffusion_model.middle_block.3.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match="middle_block.3.weight"):
+        components_from_state(extra, "extra.safetensors", tokenizer=write_clip_tokenizer(tmp_path / "tok"))
+    # a weight of the wrong shape
+    bad = dict(full)
+    k = "model.diffusion_model.out.2.bias"
+    bad[k] = torch.zeros(5)
+    with pytest.raises(ValueError, match="conv_out.bias"):
+        components_from_state(bad, "bad.safetensors", tokenizer=tmp_path / "tok")
+
+
+def test_inferred_config_and_keymap_round_trip():
+    """keymap's own inverse (for export) undoes its forward map, and both agree with this file's
+    independent mapping."""
+    unet, vae, text = tiny_diffusers_parts("sd2")
+    ldm = {k[len("model.diffusion_model."):]: v
+           for k, v in unet_to_compvis(unet.state_dict(), unet.config).items()}
+    cfg, layers, attention = infer_unet_config(ldm)
+    assert layers == [2, 2, 2] and attention == [True, True, False]
+    assert cfg["attention_head_dim"] == [1, 2, 2] and cfg["use_linear_projection"] and cfg["upcast_attention"]
+    ours = keymap.unet_to_diffusers(ldm, layers, attention)
+    assert set(ours) == set(unet.state_dict())
+    assert set(keymap.unet_to_original(ours, layers, attention)) == set(ldm)
+    vs = {k[len("first_stage_model."):]: v for k, v in vae_to_compvis(vae.state_dict(), 2).items()}
+    back = keymap.vae_to_original(keymap.vae_to_diffusers(vs, 2, 1), 2, 1)
+    assert set(back) == set(vs) and all(back[k].shape == vs[k].shape for k in vs)
+    oc = {k[len("cond_stage_model.model."):]: v
+          for k, v in clip_to_openclip(text.state_dict()).items()}
+    mapped = keymap.openclip_to_transformers(oc, keep_layers=2)
+    again = keymap.transformers_to_openclip(mapped)
+    for k, v in again.items():
+        assert torch.equal(v, oc[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-size SD 1.5 and SD 2.1: the real key layout, on the meta device (no memory, no time)
+# ---------------------------------------------------------------------------------------------
+SD15_KEYS = {  # names and shapes as in the released v1-5 checkpoint
+    "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+    "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+    "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+    "model.diffusion_model.input_blocks.11.0.out_layers.3.weight": (1280, 1280, 3, 3),
+    "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": (1280, 768),
+    "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+    "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+    "model.diffusion_model.output_blocks.8.2.conv.weight": (640, 640, 3, 3),
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight": (2560, 320),
+    "model.diffusion_model.time_embed.0.weight": (1280, 320),
+    "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+    "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+    "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+    "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+    "first_stage_model.quant_conv.weight": (8, 8, 1, 1),
+    "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc1.weight": (3072, 768),
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+}
+SD21_KEYS = {
+    "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320),
+    "model.diffusion_model.input_blocks.7.1.transformer_blocks.0.attn2.to_k.weight": (1280, 1024),
+    "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight": (3072, 1024),
+    "cond_stage_model.model.positional_embedding": (77, 1024),
+    "cond_stage_model.model.text_projection": (1024, 1024),
+}
+
+
+def _meta_full_size(which: str) -> dict:
+    """Random-free 'weights' of the real SD 1.5 / 2.1 shapes on the meta device, in the
+    original key layout (built by diffusers and transformers, renamed by this file's map)."""
+    if which == "sd15":
+        ucfg = dict(cross_attention_dim=768, attention_head_dim=8)
+        tcfg = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    hidden_act="quick_gelu")
+    else:
+        ucfg = dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                    upcast_attention=True)
+        tcfg = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                    hidden_act="gelu")
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), **ucfg)
+        vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                      down_block_types=("DownEncoderBlock2D",) * 4,
+                                      up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
+        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
+                                                                      **tcfg))
+    state = compvis_checkpoint(unet, vae, text, openclip=which == "sd21", extras=False)
+    return state
+
+
+@pytest.mark.parametrize("which", ["sd15", "sd21"])
+def test_full_size_layouts_load_without_missing_or_unexpected_keys(tmp_path, which):
+    state = _meta_full_size(which)
+    for k, shape in (SD15_KEYS if which == "sd15" else SD21_KEYS).items():
+        assert tuple(state[k].shape) == shape, k
+    n_unet = sum(k.startswith("model.diffusion_model.") for k in state)
+    assert n_unet == 686  # the released checkpoints' U-Net tensor count
+    tok = write_clip_tokenizer(tmp_path / "tok", "!" if which == "sd21" else "<|endoftext|>")
+    c = components_from_state(state, f"{which}.safetensors", tokenizer=tok,
+                              prediction_type="v_prediction" if which == "sd21" else None)
+    from imagine.models.unet import UNetConfig
+
+    want = UNetConfig.sd15() if which == "sd15" else UNetConfig.sd21()
+    assert c.unet.config == want
+    assert c.unet.conv_in.weight.is_meta  # nothing was allocated
+    assert c.vae.config.block_out_channels == (128, 256, 512, 512)
+    te = c.text_encoder.model.config
+    assert (te.hidden_size, te.num_hidden_layers) == ((768, 12) if which == "sd15" else (1024, 23))
