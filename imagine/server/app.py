@@ -121,6 +121,14 @@ class SamplerTable:
         if key not in self._lookup and key.endswith(" karras"):
             key, karras = key[: -len(" karras")].strip(), True
         if key not in self._lookup:
+            try:  # the registry's own aliases (k-diffusion's and diffusers' names)
+                from imagine.samplers import resolve_sampler
+
+                canonical, _, implied = resolve_sampler(name)
+                if canonical in self.ours:
+                    return canonical, True if implied else None
+            except (ImportError, ValueError, TypeError):
+                pass
             raise LookupError(f"unknown sampler {name!r}; valid: {', '.join(self.names())}")
         return self._lookup[key], karras
 
@@ -631,7 +639,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         try:
             check_size(height, width)
         except ApiError as e:
-            e.field = "size"
+            e.field, e.message = "size", f"size {width}x{height}: {e.message}"
             raise
         steps = defaults["steps"] if req.steps is None else req.steps
         check_int("steps", steps, 1, cfg.max_steps, " (the server's limit)")

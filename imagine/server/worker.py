@@ -362,7 +362,7 @@ class ModelWorker:
 
 
 def _step_of(d: dict) -> int:
-    for key in ("i", "step", "index"):
+    for key in ("step", "i"):  # imagine.samplers reports "step" (0-based)
         if key in d:
             return int(d[key])
     return 0

@@ -81,8 +81,7 @@ function addCard(b64, params, seed, interrupted) {
   const img = node.querySelector(".image");
   img.src = src;
   img.alt = params.prompt;
-  img.width = params.width;
-  img.height = params.height;
+  img.style.aspectRatio = params.width + " / " + params.height;
   node.querySelector(".prompt").textContent = params.prompt;
   const rows = [["Seed", seed], ["Steps", params.steps], ["Sampler", params.sampler_name],
                 ["CFG", params.cfg_scale], ["Size", params.width + "×" + params.height]];

@@ -1,0 +1,436 @@
+"""`imagine serve` against real clients: webuiapi's WebUIApi and openai's OpenAI, on a tiny model.
+
+The server runs for real (uvicorn in a thread, 127.0.0.1, a free port). Queue-full, batching,
+interrupt and disconnect tests hold the model worker at a sampler step with a gate (a thin
+wrapper around the real pipeline), so what is queued when is certain rather than timed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+webuiapi = pytest.importorskip("webuiapi")
+openai = pytest.importorskip("openai")
+
+from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
+
+SIZE = 32  # tiny model: small images, few steps
+STEPS = 3
+
+
+class GatedPipe:
+    """The real pipeline, but each generate call waits at sampler step `gate_at` until `gate` is
+    set (so a test can fill the queue or interrupt mid-run), and records what it was asked."""
+
+    def __init__(self, pipe, gate_at: int = 0):
+        self.pipe = pipe
+        self.gate = threading.Event()
+        self.gate.set()
+        self.gate_at = gate_at
+        self.waiting = threading.Event()  # set while a generate call is held at the gate
+        self.calls: list[dict] = []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def generate(self, prompts, negative_prompt=None, **kw):
+        call = {"prompts": list(prompts), "seeds": list(kw.get("seeds") or []), "steps_run": 0,
+                "height": kw.get("height"), "width": kw.get("width")}
+        self.calls.append(call)
+        inner = kw.get("callback")
+
+        def callback(d):
+            if call["steps_run"] == self.gate_at and not self.gate.is_set():
+                self.waiting.set()
+                self.gate.wait(60)
+                self.waiting.clear()
+            call["steps_run"] += 1
+            if inner is not None:
+                inner(d)
+
+        kw["callback"] = callback
+        return self.pipe.generate(prompts, negative_prompt, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    testing = pytest.importorskip("imagine.testing")
+    return testing.make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    import torch
+
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    torch.manual_seed(0)
+    return TextToImagePipeline.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    gated = GatedPipe(pipe)
+    app = create_app(gated, ServerConfig(queue_size=3, max_batch=8, max_width=64, max_height=64, max_steps=50,
+                                         max_images=4, max_prompt_length=200))
+    with BackgroundServer(app) as srv:
+        srv.gated, srv.worker = gated, app.state.worker
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def _open_gate(request):
+    # whatever a test did, leave the shared server's worker free and idle
+    yield
+    if "server" in request.fixturenames:
+        srv = request.getfixturevalue("server")
+        srv.gated.gate.set()
+        _wait(lambda: not srv.worker.running() and not srv.worker.queued(), 60)
+
+
+def _wait(cond, timeout=30.0, what="condition"):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _api(srv) -> "webuiapi.WebUIApi":
+    return webuiapi.WebUIApi(host=srv.host, port=srv.port, sampler="Euler a", steps=STEPS)
+
+
+def _txt2img(srv, **kw):
+    body = {"prompt": "a red circle", "seed": 1, "steps": STEPS, "width": SIZE, "height": SIZE,
+            "sampler_name": "Euler a", "cfg_scale": 5.0, **kw}
+    return requests.post(srv.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+
+
+def _decode(b64: str) -> Image.Image:
+    raw = base64.b64decode(b64, validate=True)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    img = Image.open(io.BytesIO(raw))
+    img.load()
+    return img
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+# -- AUTOMATIC1111 ---------------------------------------------------------------------------
+def test_webuiapi_txt2img_images_seeds_and_info(server):
+    api = _api(server)  # its constructor calls /sdapi/v1/scripts
+    r = api.txt2img(prompt="a red circle", negative_prompt="blue", seed=1234, steps=STEPS, width=SIZE,
+                    height=SIZE + 16, cfg_scale=5.0, batch_size=2, sampler_name="Euler a")
+    assert len(r.images) == 2
+    for img in r.images:
+        assert img.format == "PNG" and img.size == (SIZE, SIZE + 16)
+        assert "Seed:" in img.info["parameters"]  # A1111's infotext travels in the PNG
+    assert r.info["seed"] == 1234 and r.info["all_seeds"] == [1234, 1235]  # A1111: seed + i within a request
+    assert r.info["all_prompts"] == ["a red circle"] * 2
+    assert r.info["sampler_name"] == "Euler a" and r.info["sampler"] == "euler_a"
+    assert "enable_hr" in r.info["ignored_fields"] and "prompt" not in r.info["ignored_fields"]
+    assert r.parameters["width"] == SIZE and r.parameters["prompt"] == "a red circle"
+    # the two images of one request differ (seeds 1234 and 1235)
+    assert np.abs(_pixels(r.images[0]) - _pixels(r.images[1])).max() > 0
+
+
+def test_same_seed_same_image_and_random_seed_reported(server):
+    api = _api(server)
+    kw = dict(prompt="a green triangle", steps=STEPS, width=SIZE, height=SIZE, cfg_scale=5.0, sampler_name="DDIM")
+    a = api.txt2img(seed=77, **kw)
+    b = api.txt2img(seed=77, **kw)
+    c = api.txt2img(seed=78, **kw)
+    assert np.array_equal(_pixels(a.image), _pixels(b.image))
+    assert np.abs(_pixels(a.image) - _pixels(c.image)).max() > 0
+    # seed -1: a random seed is drawn and reported; asking for it again gives the same image
+    d = api.txt2img(seed=-1, **kw)
+    assert 0 <= d.info["seed"] < 2**32 and d.info["seed"] == d.info["all_seeds"][0]
+    e = api.txt2img(seed=d.info["seed"], **kw)
+    assert np.array_equal(_pixels(d.image), _pixels(e.image))
+
+
+def test_a1111_listing_endpoints(server):
+    api = _api(server)
+    names = api.util_get_sampler_names()
+    assert {"Euler a", "DDIM", "DPM++ 2M"} <= set(names)
+    models = api.util_get_model_names()
+    assert len(models) == 1
+    assert api.util_get_current_model() == models[0]
+    api.util_set_model(models[0])  # posts options with the same checkpoint: accepted
+    assert api.get_options()["samples_format"] == "png"
+    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
+    for getter in (api.get_sd_vae, api.get_upscalers, api.get_loras, api.get_prompt_styles):
+        assert getter() == []
+    p = api.get_progress()
+    assert p["progress"] == 0.0 and p["state"]["job_count"] == 0
+    api.util_wait_for_ready(check_interval=0.1)  # idle server: returns at once
+    r = requests.post(server.url + "/sdapi/v1/options", json={"sd_model_checkpoint": "some other model"})
+    assert r.status_code == 422 and "one model" in r.json()["detail"]
+
+
+def test_unknown_sampler_and_karras_names(server):
+    r = _txt2img(server, sampler_name="No Such Sampler")
+    assert r.status_code == 422 and r.json()["field"] == "sampler_name"
+    assert "Euler a" in r.json()["detail"]  # the message lists the valid names
+    r = _txt2img(server, sampler_name="DPM++ 2M Karras")
+    assert r.status_code == 200
+    info = json.loads(r.json()["info"])
+    assert info["sampler"] == "dpmpp_2m" and info["scheduler"] == "karras"
+    r = _txt2img(server, sampler_name="euler")  # our own names work too
+    assert r.status_code == 200 and json.loads(r.json()["info"])["sampler"] == "euler"
+
+
+# -- OpenAI ----------------------------------------------------------------------------------
+def test_openai_images_generate(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    res = client.images.generate(prompt="a blue square", n=2, size=f"{SIZE}x{SIZE + 16}",
+                                 response_format="b64_json", extra_body={"seed": 5, "steps": STEPS})
+    assert len(res.data) == 2 and res.created > 0
+    imgs = [_decode(d.b64_json) for d in res.data]
+    assert all(im.size == (SIZE, SIZE + 16) for im in imgs)
+    again = client.images.generate(prompt="a blue square", n=1, size=f"{SIZE}x{SIZE + 16}",
+                                   extra_body={"seed": 5, "steps": STEPS})
+    assert np.array_equal(_pixels(_decode(again.data[0].b64_json)), _pixels(imgs[0]))
+    with pytest.raises(openai.BadRequestError, match="b64_json"):
+        client.images.generate(prompt="x", size=f"{SIZE}x{SIZE}", response_format="url")
+    with pytest.raises(openai.UnprocessableEntityError, match="size"):
+        client.images.generate(prompt="x", size="1024x1024")
+    with pytest.raises(openai.UnprocessableEntityError, match=r"\bn\b.*4"):
+        client.images.generate(prompt="x", size=f"{SIZE}x{SIZE}", n=9)
+
+
+def test_openai_and_a1111_agree(server):
+    """The two APIs are views of one pipeline: same prompt, seed and settings -> same pixels."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    o = client.images.generate(prompt="a yellow circle", size=f"{SIZE}x{SIZE}",
+                               extra_body={"seed": 9, "steps": STEPS, "guidance_scale": 5.0, "sampler": "euler_a"})
+    a = _txt2img(server, prompt="a yellow circle", seed=9).json()
+    assert np.array_equal(_pixels(_decode(o.data[0].b64_json)), _pixels(_decode(a["images"][0])))
+
+
+# -- limits and bad input --------------------------------------------------------------------
+@pytest.mark.parametrize("field,value,limit", [
+    ("width", 128, "64"), ("height", 4096, "64"), ("steps", 51, "50"), ("steps", 0, "50"),
+    ("batch_size", 5, "4"), ("prompt", "x" * 201, "200"), ("negative_prompt", "y" * 201, "200"),
+    ("cfg_scale", 1e9, "100"), ("seed", 2**40, str(2**32 - 1)),
+])
+def test_limits_give_422_naming_field_and_limit(server, field, value, limit):
+    r = _txt2img(server, **{field: value})
+    assert r.status_code == 422
+    body = r.json()
+    assert body["field"] == field and field in body["detail"] and limit in body["detail"]
+
+
+def test_limit_on_images_per_request_counts_n_iter(server):
+    r = _txt2img(server, batch_size=2, n_iter=3)
+    assert r.status_code == 422 and "4" in r.json()["detail"] and "n_iter" in r.json()["detail"]
+
+
+def test_size_not_multiple_of_model_factor_is_422(server):
+    r = _txt2img(server, width=SIZE + 1)
+    assert r.status_code == 422 and r.json()["field"] == "width" and "multiple" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'{"steps": "many"}', b'{"width": 1.5}', b"null",
+                                 b'{"prompt": ["a", "b"]}', b"\xff\xfe"])
+def test_malformed_json_is_422_never_500(server, raw):
+    for path in ("/sdapi/v1/txt2img", "/v1/images/generations"):
+        r = requests.post(server.url + path, data=raw, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 422, (path, raw, r.status_code, r.text)
+        assert "error" in r.json()
+
+
+def test_oversized_body_is_413(server):
+    r = requests.post(server.url + "/sdapi/v1/txt2img", data=b"{" + b" " * (2 << 20) + b"}",
+                      headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413
+
+
+# -- under load: batching, queue full, interrupt, disconnect ----------------------------------
+def test_compatible_requests_share_a_batch_with_the_same_images(server):
+    g, w = server.gated, server.worker
+    solo = {s: _pixels(_decode(_txt2img(server, prompt=p, seed=s).json()["images"][0]))
+            for p, s in (("a red circle", 11), ("two blue squares", 22), ("a purple triangle", 33))}
+    g.calls.clear()
+    g.gate.clear()
+    with ThreadPoolExecutor(4) as ex:
+        blocker = ex.submit(_txt2img, server, width=SIZE + 16)  # other size: cannot join the batch below
+        _wait(g.waiting.is_set, what="the blocker to reach the gate")
+        futs = []
+        for k, (p, s) in enumerate((("a red circle", 11), ("two blue squares", 22), ("a purple triangle", 33))):
+            futs.append((s, ex.submit(_txt2img, server, prompt=p, seed=s)))
+            _wait(lambda: w.queued() == k + 1, what="the request to be queued")
+        g.gate.set()
+        assert blocker.result().status_code == 200
+        results = {s: f.result() for s, f in futs}
+    assert [len(c["prompts"]) for c in g.calls] == [1, 3]  # the three waiting requests: one forward batch
+    assert sorted(g.calls[1]["seeds"]) == [11, 22, 33]
+    for s, r in results.items():
+        assert r.status_code == 200
+        assert json.loads(r.json()["info"])["batch_images"] == 3
+        # each request's image is the one it gets alone (max abs difference in 0..255 levels)
+        diff = np.abs(_pixels(_decode(r.json()["images"][0])) - solo[s]).max()
+        assert diff <= 1, f"seed {s}: batched image differs from the solo one by {diff} levels"
+
+
+def test_full_queue_gets_429_with_retry_after_and_nothing_is_dropped(server):
+    g, w = server.gated, server.worker
+    g.gate.clear()
+    with ThreadPoolExecutor(4) as ex:
+        running = ex.submit(_txt2img, server, seed=1)
+        _wait(g.waiting.is_set, what="the first job to reach the gate")
+        queued = []
+        for k in range(3):  # queue_size 3
+            queued.append(ex.submit(_txt2img, server, seed=100 + k, width=SIZE + 16 * (k % 2)))
+            _wait(lambda: w.queued() == k + 1, what="queued")
+        t0 = time.perf_counter()
+        r = _txt2img(server, seed=9)
+        answered_in = time.perf_counter() - t0
+        assert r.status_code == 429
+        assert int(r.headers["Retry-After"]) >= 1
+        assert "full" in r.json()["detail"]
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as e:
+            client.images.generate(prompt="x", size=f"{SIZE}x{SIZE}")
+        assert int(e.value.response.headers["retry-after"]) >= 1
+        g.gate.set()
+        statuses = [f.result().status_code for f in [running, *queued]]
+    assert statuses == [200] * 4  # every accepted request got its images
+    assert answered_in < 10  # at once, not after the queue drained (loose: a busy CI machine)
+
+
+def test_interrupt_returns_the_unfinished_images(server):
+    g = server.gated
+    g.gate_at = 1  # let one step run, so there is an x0 estimate to return
+    g.calls.clear()
+    g.gate.clear()
+    try:
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(_txt2img, server, steps=40, seed=3, batch_size=2)
+            _wait(g.waiting.is_set, what="the job to reach the gate")
+            p = requests.get(server.url + "/sdapi/v1/progress", timeout=30).json()
+            assert p["state"]["sampling_steps"] == 40 and p["state"]["job_count"] == 1
+            assert 0 < p["progress"] < 1 and p["current_image"] is not None  # a live preview of step 1
+            assert _decode(p["current_image"]).size == (SIZE, SIZE)
+            _api(server).interrupt()
+            g.gate.set()
+            r = fut.result()
+    finally:
+        g.gate_at = 0
+    assert r.status_code == 200
+    info = json.loads(r.json()["info"])
+    assert info["interrupted"] is True
+    assert [_decode(b).size for b in r.json()["images"]] == [(SIZE, SIZE)] * 2
+    assert g.calls[-1]["steps_run"] < 40  # sampling stopped early
+    # the next job is not affected by the old interrupt
+    r = _txt2img(server, seed=3)
+    assert r.status_code == 200 and json.loads(r.json()["info"])["interrupted"] is False
+
+
+def test_disconnected_clients_free_their_slots(server):
+    g, w = server.gated, server.worker
+    before = dict(w.stats)
+    g.calls.clear()
+    g.gate.clear()
+    with ThreadPoolExecutor(2) as ex:
+        # a running job whose client gives up, and a queued one whose client gives up
+        running = ex.submit(_post_and_give_up, server, {"seed": 1, "steps": 30}, 1.0)
+        _wait(g.waiting.is_set, what="the running job to reach the gate")
+        queued = ex.submit(_post_and_give_up, server, {"seed": 2, "steps": 30, "width": SIZE + 16}, 0.5)
+        assert queued.result() == "gave up" and running.result() == "gave up"
+        _wait(lambda: w.queued() == 0, what="the queued job to be cancelled")
+        g.gate.set()
+        _wait(lambda: not w.running(), what="the running job to stop")
+    assert w.stats["cancelled"] - before.get("cancelled", 0) == 2
+    assert g.calls[-1]["steps_run"] < 30  # the abandoned running job was interrupted, not finished
+    assert len(g.calls) == 1  # the abandoned queued job never ran
+
+
+def _post_and_give_up(srv, body, timeout):
+    try:
+        _txt2img_timeout(srv, body, timeout)
+    except requests.exceptions.ReadTimeout:
+        return "gave up"
+    return "answered"
+
+
+def _txt2img_timeout(srv, body, timeout):
+    full = {"prompt": "x", "width": SIZE, "height": SIZE, "sampler_name": "Euler a", **body}
+    return requests.post(srv.url + "/sdapi/v1/txt2img", json=full, timeout=timeout)
+
+
+# -- the page and the command ----------------------------------------------------------------
+def test_page_and_static_files_are_served(server):
+    r = requests.get(server.url + "/", timeout=30)
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    for ref in ("/static/app.js", "/static/style.css"):
+        assert ref in r.text
+        assert requests.get(server.url + ref, timeout=30).status_code == 200
+    # nothing from a CDN: every src/href is a local path
+    import re
+
+    for url in re.findall(r'(?:src|href)="([^"]+)"', r.text):
+        assert url.startswith("/"), f"non-local resource {url}"
+    c = requests.get(server.url + "/imagine/v1/config", timeout=30).json()
+    assert c["limits"]["max_width"] == 64 and "Euler a" in c["samplers"]
+
+
+def test_serve_command_binds_loopback_by_default():
+    import argparse
+
+    from imagine.server import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args([])
+    assert args.host == "127.0.0.1" and args.port == 7860 and args.model is None
+    assert cli.is_loopback("127.0.0.1") and cli.is_loopback("::1") and not cli.is_loopback("0.0.0.0")
+    with pytest.raises(ValueError, match="queue_size"):
+        cli.config_from_args(p.parse_args(["--queue-size", "0"]))
+
+
+def test_serve_command_end_to_end(tiny_model, tmp_path):
+    """`imagine serve --model tiny` in a subprocess answers webuiapi, then stops on SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "imagine.cli", "serve", "--model", str(tiny_model),
+                             "--port", str(port), "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/sdapi/v1/options", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.time() - t0 < 120, "server did not start"
+            time.sleep(0.2)
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
+        r = api.txt2img(prompt="a circle", seed=1, steps=2, width=SIZE, height=SIZE)
+        assert r.image.size == (SIZE, SIZE)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        log.close()
+    assert f"127.0.0.1:{port}" in (tmp_path / "serve.log").read_text()

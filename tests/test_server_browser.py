@@ -1,0 +1,142 @@
+"""The web page in a real browser: headless Chromium (Debian's) driven by Playwright.
+
+Types a prompt, clicks Generate, sees the live progress bar and preview while the model worker
+is held at a sampler step, then the finished image in the gallery with its parameters and a
+download link; saves a screenshot to docs/serving-page.png.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "serving-page.png"
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is absent (Debian's chromium package; .ci/run installs it)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
+
+
+class HeldPipe:
+    """The real pipeline; generate waits at sampler step 1 while `hold` is set."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.hold = threading.Event()
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def generate(self, prompts, negative_prompt=None, **kw):
+        inner, seen = kw.get("callback"), [0]
+
+        def callback(d):
+            if seen[0] == 1 and self.hold.is_set():
+                self.held.set()
+                self.release.wait(60)
+            seen[0] += 1
+            inner(d)
+
+        kw["callback"] = callback
+        return self.pipe.generate(prompts, negative_prompt, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    testing = pytest.importorskip("imagine.testing")
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    pipe = HeldPipe(TextToImagePipeline.from_pretrained(testing.make_tiny_model(tmp_path_factory.mktemp("tiny"))))
+    app = create_app(pipe, ServerConfig(max_width=256, max_height=256))
+    with BackgroundServer(app) as srv:
+        srv.pipe = pipe
+        yield srv
+        pipe.release.set()
+
+
+@pytest.fixture(scope="module")
+def page():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1200, "height": 760})
+        finally:
+            browser.close()
+
+
+def test_generate_from_the_page(server, page):
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#sampler').options.length > 0")
+    assert "[" in page.inner_text("#model")  # the model's title with its fingerprint
+    page.fill("#prompt", "a red circle to the left of a blue square")
+    page.fill("#negative_prompt", "blurry")
+    page.fill("#steps", "6")
+    page.fill("#seed", "4242")
+    page.fill("#width", "64")
+    page.fill("#height", "64")
+    page.select_option("#sampler", "Euler a")
+
+    server.pipe.hold.set()
+    server.pipe.release.clear()
+    page.click("#generate")
+    assert server.pipe.held.wait(60), "the job never reached the sampler"
+    # live progress: the bar moved and the x0 preview of step 1 is shown
+    page.wait_for_selector("#preview:not([hidden])", timeout=30_000)
+    page.wait_for_function("parseFloat(document.querySelector('#progress-fill').style.width) > 0")
+    assert "step" in page.inner_text("#progress-text")
+    assert page.is_disabled("#generate") and page.is_enabled("#interrupt")
+    server.pipe.hold.clear()
+    server.pipe.release.set()
+
+    card = page.wait_for_selector(".gallery .card", timeout=60_000)
+    img = card.query_selector("img.image")
+    page.wait_for_function("document.querySelector('.gallery .card img.image').naturalWidth > 0")
+    assert img.evaluate("e => [e.naturalWidth, e.naturalHeight]") == [64, 64]
+    params = card.query_selector(".params").inner_text()
+    assert "4242" in params and "Euler a" in params and "64×64" in params and "blurry" in params
+    link = card.query_selector("a.download")
+    assert link.get_attribute("download") == "imagine-4242.png"
+    href = link.get_attribute("href")
+    assert href.startswith("data:image/png;base64,")
+    generated = Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB")
+    assert generated.size == (64, 64)
+    assert page.is_hidden("#progress") and page.is_enabled("#generate")
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    # the screenshot shows the image: the card's pixels on screen match the generated image
+    shot = Image.open(io.BytesIO(img.screenshot())).convert("RGB").resize((64, 64), Image.BILINEAR)
+    a, b = np.asarray(shot, dtype=np.float32), np.asarray(generated, dtype=np.float32)
+    assert a.std() > 5, "the image on screen is blank"
+    assert np.abs(a.mean((0, 1)) - b.mean((0, 1))).max() < 12, "the image on screen is not the generated one"
+    corr = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    assert corr > 0.8, f"the image on screen does not look like the generated one (correlation {corr:.2f})"
+    assert not errors, errors
+
+
+def test_page_shows_server_errors(server, page):
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#sampler').options.length > 0")
+    page.fill("#prompt", "x")
+    page.evaluate("document.querySelector('#width').removeAttribute('max')")  # past the browser's own check
+    page.fill("#width", "512")
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+    text = page.inner_text("#error")
+    assert "width" in text and "256" in text
