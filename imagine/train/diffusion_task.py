@@ -38,6 +38,7 @@ class DiffusionTask(Task):
 
         self.cfg = cfg
         d = {**DIFFUSION_DEFAULTS, **{k: v for k, v in cfg.items() if k in DIFFUSION_DEFAULTS}}
+        d["sample"] = {**DIFFUSION_DEFAULTS["sample"], **(cfg.get("sample") or {})}
         self.d = d
         if d["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample'; got {d['prediction_type']!r}")
