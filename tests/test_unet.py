@@ -11,6 +11,15 @@ from imagine.models.unet import UNet2DConditionModel, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one thread avoids OpenMP overhead (and spinning on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 TWO = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 CONFIGS = {
     # SD 1.x-like: 1x1-conv proj_in, attention_head_dim = the number of heads (diffusers' quirk).
@@ -255,6 +264,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         ours(x, t, context, mask).square().mean().backward()
         return torch.cat([p.grad.flatten() for p in ours.parameters()])
 
+    with torch.no_grad():  # the in-place inference path computes the same function
+        inference = ours(x, t, context, mask)
+    assert _rel(ours(x, t, context, mask).detach(), inference) < 1e-6
     plain = grads()
     ours.enable_gradient_checkpointing()
     assert _rel(grads(), plain) < 1e-5

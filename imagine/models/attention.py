@@ -89,7 +89,9 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        if torch.is_grad_enabled():
+            return value * F.gelu(gate)
+        return F.gelu(gate).mul_(value)  # one map fewer to allocate at inference
 
 
 class FeedForward(nn.Module):
@@ -132,12 +134,16 @@ class BasicTransformerBlock(nn.Module):
         if self.only_cross_attention:
             # The mask applies to every attention over the context (diffusers passes its
             # encoder_attention_mask only to attn2, so it leaves this one unmasked).
-            x = x + self.attn1(self.norm1(x), context, mask)
+            a = self.attn1(self.norm1(x), context, mask)
         else:
-            x = x + self.attn1(self.norm1(x))
+            a = self.attn1(self.norm1(x))
+        x = x + a  # a new tensor: the caller's x is never modified
+        # At inference the next residual sums go in place into that tensor of our own.
         if self.attn2 is not None:
-            x = x + self.attn2(self.norm2(x), context, mask if context is not None else None)
-        return x + self.ff(self.norm3(x))
+            a = self.attn2(self.norm2(x), context, mask if context is not None else None)
+            x = x + a if torch.is_grad_enabled() else x.add_(a)
+        a = self.ff(self.norm3(x))
+        return x + a if torch.is_grad_enabled() else x.add_(a)
 
 
 class SpatialTransformer(nn.Module):
@@ -179,4 +185,5 @@ class SpatialTransformer(nn.Module):
             out = self.proj_out(tokens).reshape(b, h, w, -1).permute(0, 3, 1, 2)
         else:
             out = self.proj_out(tokens.reshape(b, h, w, -1).permute(0, 3, 1, 2))
-        return out + x
+        # x first: the sum keeps x's memory layout (NCHW or channels_last), not the tokens' one.
+        return x + out

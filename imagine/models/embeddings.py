@@ -23,12 +23,18 @@ from torch import nn
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, "relu": F.relu}
 
 
-def activation(name: str):
-    """The pointwise non-linearity called `name` in a diffusers config."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unsupported activation {name!r}; valid: {', '.join(ACTIVATIONS)}") from None
+INPLACE_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "relu": F.relu}
+
+
+def activation(name: str, inplace: bool = False):
+    """The pointwise non-linearity called `name` in a diffusers config; with `inplace`, a version
+    that overwrites its argument where torch has one (for inference on tensors we own)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
+    if inplace and name in INPLACE_ACTIVATIONS:
+        fn = INPLACE_ACTIVATIONS[name]
+        return lambda x: fn(x, inplace=True)
+    return ACTIVATIONS[name]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
