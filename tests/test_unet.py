@@ -118,6 +118,17 @@ def test_channels_last_and_scalar_t_match():
     assert _rel(fast, base) < 1e-5
 
 
+def test_bfloat16_weights_with_float32_inputs():
+    """Samplers keep x in fp32; a bf16 model computes in bf16 (attention upcast) and answers in fp32."""
+    _, ours = _pair("sd2")
+    x, t, context, mask, _ = _inputs("sd2")
+    with torch.no_grad():
+        expect = ours(x, t, context, mask)
+        got = ours.to(torch.bfloat16)(x, t, context, mask)
+    assert got.dtype == torch.float32
+    assert _rel(got, expect) < 0.05
+
+
 def test_timestep_embedding_closed_form():
     t = torch.tensor([0.0, 1.5, 999.0])
     emb = timestep_embedding(t, 6, flip_sin_to_cos=True, freq_shift=0)

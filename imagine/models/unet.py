@@ -446,9 +446,14 @@ class UNet2DConditionModel(nn.Module):
         """x [B, in_channels, H, W] (H, W multiples of config.downsampling_factor); t a scalar or [B]
         (training-timestep units, may be fractional); context [B, L, cross_attention_dim];
         context_mask [B, L] bool, True = attend to that token; class_labels per config.class_embed_type.
-        Returns [B, out_channels, H, W]."""
+        Returns [B, out_channels, H, W] in x's dtype (the network runs in its weights' dtype)."""
         c = self.config
         t, context, context_mask = self._check_inputs(x, t, context, context_mask)
+        # Compute in the weights' dtype (e.g. bf16) and answer in the caller's (samplers keep fp32).
+        out_dtype = x.dtype
+        x = x.to(self.dtype)
+        if context is not None:
+            context = context.to(x.dtype)
         # Time embedding (DDPM appendix B): sinusoidal code in float32, then the MLP in the model's dtype.
         emb = self.time_embedding(self.time_proj(t).to(x.dtype))
         if self.class_embedding is not None:
@@ -472,7 +477,7 @@ class UNet2DConditionModel(nn.Module):
             n = len(block.resnets)
             h = block(h, skips[-n:], emb_act, context, mask)
             del skips[-n:]
-        return self.conv_out(self.act(self.conv_norm_out(h)))
+        return self.conv_out(self.act(self.conv_norm_out(h))).to(out_dtype)
 
     def _class_embedding(self, labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         c, b = self.config, x.shape[0]
@@ -547,7 +552,7 @@ class UNet2DConditionModel(nn.Module):
             if context_mask.dtype.is_floating_point:
                 raise TypeError("context_mask must be bool (True = keep) or 0/1 integers; "
                                 f"got {context_mask.dtype}")
-        return t, context.to(x.dtype), context_mask
+        return t, context, context_mask
 
     # -- folders (diffusers' layout) -------------------------------------------------------------
     def save_pretrained(self, folder) -> None:
