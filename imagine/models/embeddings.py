@@ -14,6 +14,7 @@ Module and parameter names follow diffusers (`time_embedding.linear_1`, `class_e
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,8 +33,7 @@ def activation(name: str, inplace: bool = False):
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
     if inplace and name in INPLACE_ACTIVATIONS:
-        fn = INPLACE_ACTIVATIONS[name]
-        return lambda x: fn(x, inplace=True)
+        return functools.partial(INPLACE_ACTIVATIONS[name], inplace=True)
     return ACTIVATIONS[name]
 
 
