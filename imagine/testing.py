@@ -1,0 +1,44 @@
+"""Tiny random models for tests and benchmarks (no download: the text encoder is the packaged
+MiniLM, the U-Net and VAE are random and a few hundred kB)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from imagine.models.io import atomic_write_json
+
+TINY_UNET = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [16, 32],
+             "layers_per_block": 1, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 2,
+             "cross_attention_dim": 384, "norm_num_groups": 8}
+TINY_VAE = {"block_out_channels": [16, 32], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8,
+            "scaling_factor": 0.5}
+
+
+def make_tiny_model(folder: str | Path, seed: int = 0, latent: bool = True,
+                    defaults: dict | None = None) -> Path:
+    """Write a tiny text-to-image model folder (ours: model_index.json, unet/, vae/, scheduler/)
+    that TextToImagePipeline.from_pretrained loads. Images are 16x16 by default (8x8 latents, f=2)."""
+    from imagine.models.unet import UNet2DConditionModel
+    from imagine.models.vae import AutoencoderKL
+    from imagine.schedules import NoiseSchedule
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    ucfg = dict(TINY_UNET)
+    if not latent:
+        ucfg.update(in_channels=3, out_channels=3, sample_size=16)
+    UNet2DConditionModel(ucfg).save_pretrained(folder / "unet")
+    index = {"_class_name": "TextToImagePipeline", "unet": "unet", "scheduler": "scheduler",
+             "text_encoder": {"type": "minilm", "max_length": 16},
+             "defaults": {"steps": 4, "guidance_scale": 3.0, "sampler": "euler", "height": 16, "width": 16,
+                          **(defaults or {})}}
+    if latent:
+        AutoencoderKL(TINY_VAE).save_pretrained(folder / "vae")
+        index["vae"] = "vae"
+    sched = NoiseSchedule.from_config("scaled_linear", num_train_timesteps=1000)
+    atomic_write_json(folder / "scheduler" / "scheduler_config.json", {"_class_name": "NoiseSchedule", **sched.to_config()})
+    atomic_write_json(folder / "model_index.json", index)
+    return folder
