@@ -69,13 +69,21 @@ def tiny_model(tmp_path_factory):
     return testing.make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_model):
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # 2 cores, shared with other work: torch's two threads would spin against each other
     import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
     from imagine.pipelines.text_to_image import TextToImagePipeline
 
-    torch.manual_seed(0)
     return TextToImagePipeline.from_pretrained(tiny_model)
 
 

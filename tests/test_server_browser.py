@@ -55,6 +55,17 @@ class HeldPipe:
         return self.pipe.generate(prompts, negative_prompt, **kw)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # 2 cores, shared with the browser: torch's two threads would spin against each other
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     testing = pytest.importorskip("imagine.testing")
