@@ -40,6 +40,7 @@ class GatedPipe:
         self.gate_at = gate_at
         self.waiting = threading.Event()  # set while a generate call is held at the gate
         self.calls: list[dict] = []
+        self.fail_on: str | None = None  # a prompt containing this makes generate raise
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
@@ -48,6 +49,8 @@ class GatedPipe:
         call = {"prompts": list(prompts), "seeds": list(kw.get("seeds") or []), "steps_run": 0,
                 "height": kw.get("height"), "width": kw.get("width")}
         self.calls.append(call)
+        if self.fail_on and any(self.fail_on in p for p in prompts):
+            raise RuntimeError(f"test failure for a prompt with {self.fail_on!r}")
         inner = kw.get("callback")
 
         def callback(d):
@@ -295,6 +298,29 @@ def test_compatible_requests_share_a_batch_with_the_same_images(server):
         assert diff <= 1, f"seed {s}: batched image differs from the solo one by {diff} levels"
 
 
+def test_a_failing_job_fails_alone_not_its_batch(server):
+    g, w = server.gated, server.worker
+    g.calls.clear()
+    g.fail_on = "boom"
+    g.gate.clear()
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            blocker = ex.submit(_txt2img, server, width=SIZE + 16)
+            _wait(g.waiting.is_set, what="the blocker to reach the gate")
+            futs = []
+            for k, p in enumerate(("fine one", "boom", "fine two")):
+                futs.append(ex.submit(_txt2img, server, prompt=p, seed=k))
+                _wait(lambda: w.queued() == k + 1, what="queued")
+            g.gate.set()
+            assert blocker.result().status_code == 200
+            ok1, bad, ok2 = (f.result() for f in futs)
+    finally:
+        g.fail_on = None
+    assert [len(c["prompts"]) for c in g.calls] == [1, 3, 1, 1, 1]  # the batch failed, then each alone
+    assert ok1.status_code == 200 and ok2.status_code == 200
+    assert bad.status_code == 500 and "boom" in bad.json()["detail"]
+
+
 def test_full_queue_gets_429_with_retry_after_and_nothing_is_dropped(server):
     g, w = server.gated, server.worker
     g.gate.clear()
@@ -442,3 +468,18 @@ def test_serve_command_end_to_end(tiny_model, tmp_path):
         assert proc.wait(60) == 0
         log.close()
     assert f"127.0.0.1:{port}" in (tmp_path / "serve.log").read_text()
+
+
+def test_bench_serve_accounts_for_every_request(tmp_path):
+    """`imagine bench serve`: a short run against its own server; nothing is lost."""
+    from imagine.cli import main
+
+    out = tmp_path / "bench.json"
+    code = main(["bench", "serve", "--clients", "6", "--duration", "2", "--queue-size", "2", "--max-batch", "4",
+                 "--steps", "2", "--size", str(SIZE), "--threads", "1", "--backoff", "0.05", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["sent"] > 0 and report["answered"] > 0
+    assert report["answered"] + report["rejected_429"] + report["failed"] == report["sent"]
+    assert report["failed"] == 0 and report["all_accounted"] and report["server_agrees"]
+    assert report["server_counters"]["completed"] == report["answered"]
+    assert code == 0

@@ -429,6 +429,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                 raise ApiError(499, str(e)) from None
             except ShuttingDown as e:
                 raise ApiError(503, str(e)) from None
+            except Interrupted:
+                raise
+            except Exception as e:  # the pipeline failed on this job: an answer, not a dropped request
+                raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from None
         finally:
             finished[job.id] = time.time()
             if len(finished) > 512:

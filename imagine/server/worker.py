@@ -252,13 +252,14 @@ class ModelWorker:
                 self._running = batch
                 self._interrupt.clear()
             try:
-                self._run_batch(batch)
+                self._run_isolated(batch)
             except BaseException as e:  # never let the thread die with jobs unanswered
                 log.exception("batch failed")
                 for job in batch:
                     if not job.future.done():
                         self.stats["failed"] += 1
-                        job.future.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))
+                        job.future.set_exception(RuntimeError(f"generation failed: {e!r}"))
+                raise
             finally:
                 with self._cv:
                     for job in batch:
@@ -266,6 +267,23 @@ class ModelWorker:
                             job.state = "done"
                     self._running = []
                     self.progress = Progress()
+
+    def _run_isolated(self, batch: list[Job]) -> None:
+        """Run a batch; if it fails, run its jobs one by one, so one job whose input breaks the
+        pipeline fails alone and the others still get their images."""
+        try:
+            self._run_batch(batch)
+        except Exception as e:
+            if len(batch) > 1 and not any(j.future.done() for j in batch):
+                log.warning("a batch of %d jobs failed (%r); running them one by one", len(batch), e)
+                for job in batch:
+                    self._run_isolated([job])
+                return
+            log.exception("generation failed")
+            for job in batch:
+                if not job.future.done():
+                    self.stats["failed"] += 1
+                    job.future.set_exception(e)
 
     def _run_batch(self, batch: list[Job]) -> None:
         s = batch[0].settings
