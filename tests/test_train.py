@@ -101,6 +101,11 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     proc.wait()
     assert (killed / "checkpoints" / "latest").exists(), "no checkpoint was written before the kill"
     assert not (killed / "model").exists(), "the run finished before it could be killed; the test proves nothing"
+    # The latest complete checkpoint exports as a loadable model without further training.
+    run_cli("train", "vae", "--config", cfg, "--output", killed, "--export-only")
+    from imagine.models.vae import AutoencoderKL
+
+    AutoencoderKL.from_pretrained(killed / "model")
     out = run_cli("train", "vae", "--config", cfg, "--output", killed, "--resume")
     assert "resumed from" in out.stdout
     a = io.load_tensors(tmp_path / "straight" / "model" / "diffusion_pytorch_model.safetensors")

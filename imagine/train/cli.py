@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     p.add_argument("--output", "-o", help="run folder (checkpoints, samples, logs, and the trained model in model/)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--export-only", action="store_true",
+                   help="write model/ from the latest checkpoint (EMA weights) without training further")
 
 
 def _heldout_split(dataset, n_eval: int):
@@ -60,5 +62,6 @@ def run(args) -> dict:
             from imagine.data.shapes import all_captions
 
             task.precompute_text(all_captions("train") + [""])
-    result = run_training(cfg, task, dataset, out, resume=args.resume)
+    result = run_training(cfg, task, dataset, out, resume=args.resume or args.export_only,
+                          export_only=args.export_only)
     return result

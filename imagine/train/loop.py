@@ -79,7 +79,8 @@ class Task:
         return {}
 
 
-def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool = False, accelerator=None) -> dict:
+def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool = False, accelerator=None,
+                 export_only: bool = False) -> dict:
     tc = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
     check_keys(tc, set(TRAIN_DEFAULTS), "train")
     out_dir = Path(out_dir)
@@ -158,6 +159,10 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool = F
             io.save_tensors(path / f"opt_{name}.safetensors", t)
 
     total = int(tc["max_steps"])
+    if export_only:
+        if step == 0:
+            raise ValueError(f"--export-only: no checkpoint in {out_dir}/checkpoints to export")
+        total = step
     bar = tqdm(total=total, initial=step, disable=not (main and tc["progress"]), desc=f"train {task.name}",
                dynamic_ncols=True)
     t_start, losses, history = time.time(), [], []
