@@ -1,0 +1,184 @@
+"""The forward process and the training objectives.
+
+Forward process (Ho et al. 2020, eq. 4): q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), i.e.
+x_t = alpha_t x_0 + sigma_t eps with alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), eps ~ N(0, I).
+
+A network can predict any of three quantities, equivalent given x_t and t (names as in diffusers):
+  "epsilon"      eps                                  (Ho et al. 2020, eq. 11)
+  "sample"       x_0
+  "v_prediction" v = alpha_t eps - sigma_t x_0        (Salimans & Ho 2022, sec. 4 / appendix D)
+Since alpha^2 + sigma^2 = 1: x_0 = alpha x_t - sigma v and eps = sigma x_t + alpha v.
+
+The loss is the simplified objective of Ho et al. (eq. 14), ||target - prediction||^2 at a uniform
+random t, optionally with the min-SNR-gamma weights of Hang et al. 2023.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from imagine.schedules import PREDICTION_TYPES
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+    return prediction_type
+
+
+def _per_sample(coef, x: torch.Tensor) -> torch.Tensor:
+    """A scalar or [B] coefficient shaped to broadcast over x = [B, ...], in x's dtype."""
+    c = torch.as_tensor(coef, dtype=torch.float64, device=x.device)
+    if c.ndim == 1:
+        c = c.reshape(-1, *([1] * (x.ndim - 1)))
+    return c.to(x.dtype)
+
+
+def _alpha_sigma(alphas_cumprod_t, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    abar = torch.as_tensor(alphas_cumprod_t, dtype=torch.float64)
+    return _per_sample(abar.sqrt(), x), _per_sample((1 - abar).sqrt(), x)
+
+
+def _abar_at(schedule, t: torch.Tensor) -> torch.Tensor:
+    """abar at integer timesteps t [B] (float64)."""
+    t = torch.as_tensor(t)
+    if t.is_floating_point() and not bool((t == t.round()).all()):
+        raise ValueError("the forward process is defined at integer timesteps; got fractional t")
+    t = t.long().cpu()
+    T = schedule.num_train_timesteps
+    if bool((t < 0).any()) or bool((t >= T).any()):
+        raise ValueError(f"timesteps must lie in 0..{T - 1}; got {t.min().item()}..{t.max().item()}")
+    return schedule.alphas_cumprod[t]
+
+
+# -- forward process ---------------------------------------------------------------------------
+def q_mean_variance(x0: torch.Tensor, t: torch.Tensor, schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of q(x_t | x_0) (Ho et al. 2020, eq. 4): sqrt(abar_t) x_0, (1 - abar_t)."""
+    abar = _abar_at(schedule, t).to(x0.device)
+    alpha, _ = _alpha_sigma(abar, x0)
+    return alpha * x0, _per_sample(1 - abar, x0).expand_as(x0)
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, schedule, noise: torch.Tensor) -> torch.Tensor:
+    """Draw x_t ~ q(x_t | x_0) in closed form: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4)."""
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} must equal x0 shape {tuple(x0.shape)}")
+    alpha, sigma = _alpha_sigma(_abar_at(schedule, t).to(x0.device), x0)
+    return alpha * x0 + sigma * noise
+
+
+# -- prediction types ----------------------------------------------------------------------------
+def velocity(x0: torch.Tensor, eps: torch.Tensor, alphas_cumprod_t) -> torch.Tensor:
+    """v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, the velocity of x_t on the alpha-sigma circle)."""
+    alpha, sigma = _alpha_sigma(alphas_cumprod_t, x0)
+    return alpha * eps - sigma * x0
+
+
+def predict_x0(output: torch.Tensor, x_t: torch.Tensor, alphas_cumprod_t, prediction_type: str) -> torch.Tensor:
+    """x_0 from a network output (Ho et al. eq. 15 for eps; Salimans & Ho for v).
+    `alphas_cumprod_t`: a number or one per sample [B]."""
+    check_prediction_type(prediction_type)
+    alpha, sigma = _alpha_sigma(alphas_cumprod_t, x_t)
+    if prediction_type == "epsilon":
+        return (x_t - sigma * output) / alpha
+    if prediction_type == "sample":
+        return output
+    return alpha * x_t - sigma * output
+
+
+def predict_eps(output: torch.Tensor, x_t: torch.Tensor, alphas_cumprod_t, prediction_type: str) -> torch.Tensor:
+    """eps from a network output: x_t = alpha x_0 + sigma eps solved for eps."""
+    check_prediction_type(prediction_type)
+    alpha, sigma = _alpha_sigma(alphas_cumprod_t, x_t)
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "sample":
+        return (x_t - alpha * output) / sigma
+    return sigma * x_t + alpha * output
+
+
+def convert_prediction(output: torch.Tensor, x_t: torch.Tensor, alphas_cumprod_t, from_type: str,
+                       to_type: str) -> torch.Tensor:
+    """Re-express a prediction of one type as another, given x_t and abar_t."""
+    check_prediction_type(from_type)
+    check_prediction_type(to_type)
+    if from_type == to_type:
+        return output
+    if to_type == "sample":
+        return predict_x0(output, x_t, alphas_cumprod_t, from_type)
+    if to_type == "epsilon":
+        return predict_eps(output, x_t, alphas_cumprod_t, from_type)
+    x0 = predict_x0(output, x_t, alphas_cumprod_t, from_type)
+    eps = predict_eps(output, x_t, alphas_cumprod_t, from_type)
+    return velocity(x0, eps, alphas_cumprod_t)
+
+
+def training_target(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t, prediction_type: str) -> torch.Tensor:
+    """What a network of the given prediction type should output for x_t = alpha x0 + sigma noise."""
+    check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    return velocity(x0, noise, alphas_cumprod_t)
+
+
+# -- loss ------------------------------------------------------------------------------------------
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 8 and its conversions, sec. 3.4).
+
+    The x_0 loss weighted by min(SNR, gamma) is the target. The eps loss equals SNR times the x_0
+    loss, the v loss (SNR + 1) times it, so their weights are min(SNR, gamma) / SNR and
+    min(SNR, gamma) / (SNR + 1). At SNR = 0 (zero terminal SNR) the eps weight is its limit, 1.
+    """
+    check_prediction_type(prediction_type)
+    if not gamma > 0:
+        raise ValueError(f"min_snr_gamma must be positive; got {gamma}")
+    snr = snr.double()
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "sample":
+        return clipped
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return torch.where(snr > 0, clipped / snr.clamp_min(1e-300), torch.ones_like(snr))
+
+
+def training_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cond: dict[str, Any] | None, schedule,
+                  prediction_type: str, generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
+                  t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                  reduction: str = "mean") -> torch.Tensor:
+    """The simplified DDPM objective (Ho et al. 2020, eq. 14 / Algorithm 1), for any prediction type.
+
+    t ~ Uniform{0..T-1} and eps ~ N(0, I) are drawn from `generator` unless given; the model sees
+    x_t = q_sample(x0, t, eps) as `model(x_t, t.float(), **cond)`. Returns the mean over the batch
+    (reduction="mean") or one loss per sample ("none"), each the mean squared error over the
+    sample's elements, times the min-SNR-gamma weight if `min_snr_gamma` is set.
+    """
+    check_prediction_type(prediction_type)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
+    if cond is not None and not isinstance(cond, dict):
+        raise TypeError(f"cond must be a dict of keyword arguments for the model; got {type(cond).__name__}")
+    B = x0.shape[0]
+    T = schedule.num_train_timesteps
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    if t is None:
+        t = torch.randint(0, T, (B,), generator=generator, device=gen_device).to(x0.device)
+    t = torch.as_tensor(t, device=x0.device)
+    if t.shape != (B,):
+        raise ValueError(f"t must have shape [{B}] (one timestep per sample); got {tuple(t.shape)}")
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    abar = _abar_at(schedule, t).to(x0.device)
+    x_t = q_sample(x0, t, schedule, noise)
+    prediction = model(x_t, t.to(torch.float32), **(cond or {}))
+    if prediction.shape != x0.shape:
+        raise ValueError(f"model output shape {tuple(prediction.shape)} differs from x0 shape {tuple(x0.shape)}")
+    target = training_target(x0, noise, abar, prediction_type)
+    loss = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    if min_snr_gamma is not None:
+        snr = abar / (1 - abar)
+        loss = loss * min_snr_weights(snr, float(min_snr_gamma), prediction_type).to(loss)
+    return loss.mean() if reduction == "mean" else loss

@@ -1,0 +1,151 @@
+"""Guidance and thresholding: what turns a model's raw prediction into the denoised x_0 a sampler steps with.
+
+- Classifier-free guidance (Ho & Salimans 2022, eq. 6; GLIDE, Nichol et al. 2022, eq. 4): one
+  network conditioned and unconditioned, combined as pred = uncond + s (cond - uncond). Both passes
+  run as ONE forward on a batch of 2B (uncond first, as diffusers orders them); negative prompts are
+  just the uncond inputs.
+- Guidance rescale (Lin et al. 2023, sec. 3.4, eq. 15-16): with std over each sample's elements,
+  rescaled = cfg * std(cond) / std(cfg), then phi * rescaled + (1 - phi) * cfg; it undoes the
+  over-exposure large scales cause. Applied to the raw prediction, as diffusers' pipelines do.
+- Classifier guidance (Dhariwal & Nichol 2021): the gradient g of log p_phi(y | x_t, t) from a
+  classifier trained on noisy images either shifts the DDPM posterior mean by s * Sigma * g
+  (Algorithm 1) or the predicted noise by -sqrt(1 - abar_t) * s * g (Algorithm 2, for DDIM and
+  any sampler that works from eps / x_0).
+- Thresholding of x_0 (Saharia et al. 2022, Imagen, sec. 2.3): static clips to [-1, 1]; dynamic
+  takes s = the p-th percentile of |x_0| per sample, s = max(s, 1), clips to [-s, s] and divides by s.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+THRESHOLDINGS = (None, "static", "dynamic")
+
+
+# -- classifier-free guidance ---------------------------------------------------------------------
+def check_cond(cond: dict[str, Any] | None, batch: int, name: str = "cond") -> dict[str, Any]:
+    """Every tensor in a cond dict must be batch-first with `batch` rows."""
+    if cond is None:
+        return {}
+    if not isinstance(cond, dict):
+        raise TypeError(f"{name} must be a dict of keyword tensors for the model (e.g. context=...); "
+                        f"got {type(cond).__name__}")
+    for k, v in cond.items():
+        if isinstance(v, torch.Tensor) and (v.ndim == 0 or v.shape[0] != batch):
+            raise ValueError(f"{name}[{k!r}] has shape {tuple(v.shape)}, but the batch has {batch} samples: "
+                             f"its first dimension must be {batch}")
+    return cond
+
+
+def concat_cond(uncond: dict[str, Any], cond: dict[str, Any]) -> dict[str, Any]:
+    """One cond dict for the 2B batch [uncond; cond]: tensors concatenated along dim 0; anything else
+    (flags, None) must be the same in both and is passed once."""
+    if set(uncond) != set(cond):
+        raise ValueError(f"cond and uncond must have the same keys for one batched forward; cond has "
+                         f"{sorted(cond)}, uncond has {sorted(uncond)}")
+    out = {}
+    for k, c in cond.items():
+        u = uncond[k]
+        if isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor):
+            if u.shape[1:] != c.shape[1:]:
+                raise ValueError(f"cond[{k!r}] {tuple(c.shape)} and uncond[{k!r}] {tuple(u.shape)} differ beyond "
+                                 f"the batch dimension (pad both prompts to the same length)")
+            out[k] = torch.cat([u, c.to(u.dtype)], dim=0)
+        elif isinstance(c, torch.Tensor) or isinstance(u, torch.Tensor):
+            raise TypeError(f"cond[{k!r}] and uncond[{k!r}] must both be tensors or both not")
+        else:
+            if u is not c and u != c:
+                raise ValueError(f"non-tensor entry {k!r} differs between cond ({c!r}) and uncond ({u!r})")
+            out[k] = c
+    return out
+
+
+def classifier_free_guidance(uncond_out: torch.Tensor, cond_out: torch.Tensor, scale: float) -> torch.Tensor:
+    """Ho & Salimans 2022, eq. 6 (in its diffusers form): uncond + s (cond - uncond); s = 1 is cond alone."""
+    return uncond_out + scale * (cond_out - uncond_out)
+
+
+def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2023, eq. 15-16: x_rescaled = x_cfg * std(x_pos) / std(x_cfg) per sample;
+    result = phi * x_rescaled + (1 - phi) * x_cfg."""
+    if phi == 0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    factor = cond_out.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return phi * (guided * factor) + (1 - phi) * guided
+
+
+def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
+                        cond: dict[str, Any] | None, uncond: dict[str, Any] | None = None, scale: float = 1.0,
+                        rescale: float = 0.0) -> torch.Tensor:
+    """The model's prediction at (x, t), with classifier-free guidance when scale != 1 and uncond is
+    given: one forward on cat([x, x]) with every cond tensor concatenated [uncond; cond]."""
+    cond = cond or {}
+    if uncond is None or scale == 1:
+        return model(x, t, **cond)
+    both = model(torch.cat([x, x]), torch.cat([t, t]), **concat_cond(uncond, cond))
+    uncond_out, cond_out = both.chunk(2)
+    return rescale_guidance(classifier_free_guidance(uncond_out, cond_out, scale), cond_out, rescale)
+
+
+# -- classifier guidance --------------------------------------------------------------------------
+def classifier_log_prob(classifier: Callable[..., torch.Tensor], labels: torch.Tensor) -> Callable:
+    """Wrap a noisy classifier `classifier(x_t, t) -> logits [B, K]` into the `(x_t, t) -> log p(y | x_t) [B]`
+    that sampling's `classifier=` takes, for fixed target labels y [B]."""
+
+    def log_prob(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = classifier(x_t, t)
+        return torch.log_softmax(logits.float(), dim=-1).gather(1, labels.to(logits.device).long().view(-1, 1))[:, 0]
+
+    return log_prob
+
+
+def classifier_gradient(log_prob: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """grad_x log p_phi(y | x_t, t) (Dhariwal & Nichol 2021, sec. 4.1), one gradient per sample."""
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        lp = log_prob(x_in, t)
+        if lp.shape != (x.shape[0],):
+            raise ValueError(f"the classifier must return log p(y | x_t) with shape [{x.shape[0]}]; got "
+                             f"{tuple(lp.shape)} (wrap a logits classifier with classifier_log_prob)")
+        (grad,) = torch.autograd.grad(lp.sum(), x_in)
+    return grad.detach()
+
+
+def classifier_mean_shift(grad: torch.Tensor, variance: float, scale: float) -> torch.Tensor:
+    """Dhariwal & Nichol 2021, Algorithm 1: the DDPM posterior mean moves by s * Sigma * grad."""
+    return scale * variance * grad
+
+
+def classifier_eps_shift(eps: torch.Tensor, grad: torch.Tensor, alphas_cumprod_t: float, scale: float) -> torch.Tensor:
+    """Dhariwal & Nichol 2021, Algorithm 2: eps_hat = eps - sqrt(1 - abar_t) * s * grad."""
+    return eps - (1 - alphas_cumprod_t) ** 0.5 * scale * grad
+
+
+# -- thresholding ---------------------------------------------------------------------------------
+def static_threshold(x0: torch.Tensor) -> torch.Tensor:
+    """Saharia et al. 2022, sec. 2.3: clip x_0 to the data range [-1, 1]."""
+    return x0.clamp(-1, 1)
+
+
+def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
+    """Saharia et al. 2022, sec. 2.3: per sample, s = the `percentile` quantile of |x_0|; s = max(s, 1);
+    x_0 = clip(x_0, -s, s) / s. Pushes saturated pixels inwards instead of flattening them."""
+    if not 0 < percentile <= 1:
+        raise ValueError(f"threshold_percentile must be in (0, 1]; got {percentile}")
+    flat = x0.reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs().float(), percentile, dim=1).clamp(min=1).to(x0.dtype)
+    s = s.view(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def apply_threshold(x0: torch.Tensor, thresholding: str | None, percentile: float = 0.995) -> torch.Tensor:
+    if thresholding is None:
+        return x0
+    if thresholding == "static":
+        return static_threshold(x0)
+    if thresholding == "dynamic":
+        return dynamic_threshold(x0, percentile)
+    raise ValueError(f"thresholding must be None, 'static' or 'dynamic'; got {thresholding!r}")

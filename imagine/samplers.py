@@ -1,0 +1,323 @@
+"""Samplers, k-diffusion style: one short function per paper algorithm, all with one signature
+
+    sampler(denoise, x, plan, *, noise=None, eta=None, callback=None, progress=True) -> x_0
+
+- `denoise(x_t, i)` is the x_0-denoiser D at step i of `plan`: it takes the sample as the network
+  sees it (VP: x_t = alpha_t x_0 + sigma_t eps at noise level plan.alphas_cumprod[i]) and returns
+  the (guided, thresholded) prediction of x_0. See `imagine.sampling.Denoiser`.
+- `x` is the start sample x_T in the same VP convention; the result is the sample at the plan's end
+  (x_0 for every plan except DDIM with set_alpha_to_one=False, which ends at abar_0 as diffusers does).
+- `plan` (`imagine.schedules.SamplingPlan`) holds per step the model timestep, sigma and abar.
+- `noise(x)` draws standard normal noise shaped like x (one generator per sample; see
+  `imagine.sampling.PerSampleNoise`); defaults to torch.randn_like.
+- `eta` scales the fresh noise of the stochastic samplers; deterministic ones reject eta != 0.
+- `callback(info)` runs after each model evaluation with a dict: step, total, t, sigma, x (the
+  VP sample at that step), denoised. It may raise to stop the run.
+
+The Karras-style samplers (Euler, Euler ancestral, Heun) step in VE space, x / alpha with noise
+level sigma (Karras et al. 2022, eq. 4 with s(t) = 1, sigma(t) = t); DDPM, DDIM and DPM-Solver++
+step in VP space as their papers do. Every sampler reads its step sizes from the plan, so the same
+function serves any schedule, spacing or Karras sigmas.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from imagine.schedules import SamplingPlan
+
+Denoise = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+# -- shared pieces -------------------------------------------------------------------------------------
+def _steps(plan: SamplingPlan, progress: bool, desc: str):
+    return tqdm(range(len(plan)), desc=desc, disable=not progress, leave=False)
+
+
+def _report(callback, plan: SamplingPlan, i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"step": i, "total": len(plan), "t": float(plan.timesteps[i]), "sigma": float(plan.sigmas[i]),
+                  "x": x, "denoised": denoised})
+
+
+def _noise(noise, x: torch.Tensor) -> torch.Tensor:
+    return torch.randn_like(x) if noise is None else noise(x)
+
+
+def _deterministic(name: str, eta) -> None:
+    if eta not in (None, 0, 0.0):
+        raise ValueError(f"the {name} sampler is deterministic and takes no eta (got {eta}); eta applies to "
+                         f"ddim, euler_a and dpmpp_2m_sde")
+
+
+def _eta(name: str, eta, default: float) -> float:
+    eta = default if eta is None else float(eta)
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"eta for {name} must be a finite number >= 0; got {eta}")
+    return eta
+
+
+def _vp_to_ve(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    # x_VE = x_t / alpha_t with alpha_t = 1 / sqrt(1 + sigma^2). Kept in float64: at sigma_max ~ 2e4 (cosine
+    # schedule) a float32 ulp is 2e-3, and x_VE - sigma * eps cancels down to O(1).
+    return x.double() * math.sqrt(1.0 + sigma * sigma)
+
+
+def _ve_to_vp(x: torch.Tensor, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    return (x / math.sqrt(1.0 + sigma * sigma)).to(dtype)
+
+
+# -- DDPM ------------------------------------------------------------------------------------------------
+def sample_ddpm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                progress: bool = True, variance_type: str = "fixed_small") -> torch.Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), on the plan's sub-sequence of timesteps.
+
+    Each step draws from the posterior q(x_prev | x_t, x_0 = D(x_t)) (eq. 6-7), with the strided
+    beta_t = 1 - abar_t / abar_prev; variance "fixed_small" = beta_tilde (the posterior's own) or
+    "fixed_large" = beta (sec. 3.2: both give similar samples). No noise on the final step (Alg. 2,
+    z = 0 at t = 1). With classifier guidance in its DDPM form, the mean moves by s * Sigma * grad
+    log p(y | x_t) (Dhariwal & Nichol 2021, Algorithm 1) through `denoise.mean_shift`.
+    """
+    _deterministic("ddpm", eta)  # its noise is fixed by the variance choice
+    if variance_type not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large'; got {variance_type!r}")
+    abar = plan.alphas_cumprod.tolist()
+    mean_shift = getattr(denoise, "mean_shift", None)
+    for i in _steps(plan, progress, "ddpm"):
+        a_t, a_prev = abar[i], abar[i + 1]
+        x0 = denoise(x, i)
+        _report(callback, plan, i, x, x0)
+        beta = 1.0 - a_t / a_prev
+        # posterior mean, eq. 7: mu = sqrt(abar_prev) beta / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x_t
+        mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
+        variance = beta if variance_type == "fixed_large" else (1 - a_prev) / (1 - a_t) * beta
+        if mean_shift is not None:
+            mean = mean + mean_shift(x, i, variance)
+        last = i == len(plan) - 1
+        x = mean if last else mean + math.sqrt(variance) * _noise(noise, x)
+    return x
+
+
+# -- DDIM ------------------------------------------------------------------------------------------------
+def sample_ddim(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                progress: bool = True) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) on any sub-sequence of timesteps, with stochasticity eta (eq. 16):
+
+        x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z,
+        s = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
+
+    eta = 0 is the deterministic DDIM (the probability-flow ODE's Euler step); eta = 1 is DDPM with
+    the posterior variance. eps is recomputed from the (guided, thresholded) x0, as guided-diffusion does.
+    """
+    eta = _eta("ddim", eta, 0.0)
+    abar = plan.alphas_cumprod.tolist()
+    for i in _steps(plan, progress, "ddim"):
+        a_t, a_prev = abar[i], abar[i + 1]
+        x0 = denoise(x, i)
+        _report(callback, plan, i, x, x0)
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+        s = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - s * s, 0.0)) * eps
+        if eta > 0:
+            x = x + s * _noise(noise, x)
+    return x
+
+
+def invert_ddim(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                progress: bool = True) -> torch.Tensor:
+    """DDIM inversion: x_0 -> x_T by running the deterministic DDIM ODE backwards (Song et al. 2021,
+    sec. 4.3, eq. 14), through the plan's levels from its end to its start.
+
+    Going from level i+1 to the noisier level i, eps is the network's at timestep t_i evaluated on the
+    current, less noisy sample (the usual approximation eps(x_{t-1}, t) ~ eps(x_t, t), as in diffusers'
+    DDIMInverseScheduler), then x_i = sqrt(abar_i) x0' + sqrt(1 - abar_i) eps with x0' the x_0 that
+    eps implies at level i+1. Sampling the same plan with ddim (eta = 0) maps the result back.
+    """
+    _deterministic("ddim inversion", eta)
+    abar = plan.alphas_cumprod.tolist()
+    for i in reversed(range(len(plan))):
+        a_from, a_to = abar[i + 1], abar[i]
+        x0 = denoise(x, i)
+        _report(callback, plan, i, x, x0)
+        eps = (x - math.sqrt(a_to) * x0) / math.sqrt(1 - a_to)
+        x0 = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
+        x = math.sqrt(a_to) * x0 + math.sqrt(1 - a_to) * eps
+    return x
+
+
+# -- Karras et al. 2022 ----------------------------------------------------------------------------------
+def sample_euler(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                 progress: bool = True) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma
+    (Karras et al. 2022, eq. 4 and Algorithm 2 with S_churn = 0), in VE space."""
+    _deterministic("euler", eta)
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    for i in _steps(plan, progress, "euler"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i)
+        _report(callback, plan, i, x_t, denoised)
+        d = (x - denoised) / s
+        x = x + (s_next - s) * d
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def sample_euler_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                           callback=None, progress: bool = True) -> torch.Tensor:
+    """Euler ancestral (k-diffusion's sample_euler_ancestral, A1111's "Euler a"): an Euler step down to
+    sigma_down, then fresh noise back up to sigma_next, split so that the step matches the ancestral
+    (DDPM-like) transition: sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 (times eta^2),
+    sigma_down^2 = sigma_next^2 - sigma_up^2. Euler's method as in Karras et al. 2022, eq. 4."""
+    eta = _eta("euler_a", eta, 1.0)
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    for i in _steps(plan, progress, "euler_a"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i)
+        _report(callback, plan, i, x_t, denoised)
+        s_up = min(s_next, eta * math.sqrt(max(s_next**2 * (s**2 - s_next**2) / s**2, 0.0)))
+        s_down = math.sqrt(s_next**2 - s_up**2)
+        x = x + (s_down - s) * (x - denoised) / s
+        if s_next > 0:
+            x = x + s_up * _noise(noise, x_t).double()
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def sample_heun(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                progress: bool = True) -> torch.Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1): an Euler step to sigma_next, then
+    the average of the slopes at both ends; the last step (to sigma = 0) stays Euler. 2N-1 model calls."""
+    _deterministic("heun", eta)
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    for i in _steps(plan, progress, "heun"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i)
+        _report(callback, plan, i, x_t, denoised)
+        d = (x - denoised) / s
+        x_euler = x + (s_next - s) * d
+        if s_next == 0:
+            x = x_euler
+        else:
+            d_next = (x_euler - denoise(_ve_to_vp(x_euler, s_next, dtype), i + 1)) / s_next
+            x = x + (s_next - s) * (d + d_next) / 2
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+# -- DPM-Solver++ (Lu et al. 2022) -----------------------------------------------------------------------
+def _dpm_solver_pp_2m(denoise, x, plan, *, eta, noise, callback, progress, name):
+    # VP quantities: alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma alpha, lambda = log(alpha/sigma_vp) = -log sigma
+    sigmas = plan.sigmas.tolist()
+    old_denoised, h_last = None, None
+    for i in _steps(plan, progress, name):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(x, i)
+        _report(callback, plan, i, x, denoised)
+        if s_next == 0:
+            # the exact solution at sigma = 0 is x_0 itself ("lower order final", as diffusers with final sigma 0)
+            x = denoised
+            break
+        alpha_next = 1.0 / math.sqrt(1.0 + s_next**2)
+        h = math.log(s / s_next)  # lambda_next - lambda
+        if old_denoised is None:
+            D = denoised  # first step: DPM-Solver++(1), i.e. DDIM
+        else:
+            r = h_last / h  # Lu et al. 2022 (DPM-Solver++), Algorithm 2: multistep 2nd order
+            D = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        # x_next = (sigma_next/sigma) e^{-eta h} x + alpha_next (1 - e^{-(1+eta) h}) D + sigma_next sqrt(1 - e^{-2 eta h}) z
+        # (eta = 0: the ODE solver, eq. 9; eta = 1: the SDE solver of Lu et al. 2022, sec. 4 / appendix)
+        ratio = (s_next * alpha_next) / (s / math.sqrt(1.0 + s**2))
+        x = (ratio * math.exp(-eta * h)) * x + (alpha_next * -math.expm1(-(1 + eta) * h)) * D
+        if eta > 0:
+            x = x + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * eta * h))) * _noise(noise, x)
+        old_denoised, h_last = denoised, h
+    return x
+
+
+def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                    progress: bool = True) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): the exponential-integrator solution
+    of the data-prediction ODE in lambda = log(alpha/sigma), with a 2nd-order multistep correction from the
+    previous denoised: D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1}/h_i. First step 1st order."""
+    _deterministic("dpmpp_2m", eta)
+    return _dpm_solver_pp_2m(denoise, x, plan, eta=0.0, noise=noise, callback=callback, progress=progress,
+                             name="dpmpp_2m")
+
+
+def sample_dpmpp_2m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                        callback=None, progress: bool = True) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 4 and appendix; diffusers' "sde-dpmsolver++" with the
+    midpoint correction): the same 2nd-order data prediction on the reverse SDE, adding fresh noise of
+    variance sigma_next^2 (1 - e^{-2h}) each step; eta in [0, 1] blends to the ODE (eta = 0)."""
+    eta = _eta("dpmpp_2m_sde", eta, 1.0)
+    return _dpm_solver_pp_2m(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
+                             name="dpmpp_2m_sde")
+
+
+# -- registry --------------------------------------------------------------------------------------------
+# canonical name -> (function, the timestep rule its diffusers peer uses; see SamplingPlan)
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "heun": sample_heun,
+}
+TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmpp_2m_sde": "dpm_solver",
+                 "euler": "karras", "euler_a": "karras", "heun": "karras"}
+STOCHASTIC = {"ddpm", "dpmpp_2m_sde", "euler_a", "ddim"}  # ddim only with eta > 0
+
+# What people type (AUTOMATIC1111's labels, k-diffusion's k_ names, diffusers' classes and algorithm
+# types) -> (canonical name, Karras sigmas implied?). Lookup ignores case, spaces, '-' and '_'.
+_ALIASES: dict[str, tuple[str, bool]] = {}
+
+
+def _alias(canonical: str, *names: str, karras: bool = False) -> None:
+    for n in names:
+        _ALIASES[_key(n)] = (canonical, karras)
+
+
+def _key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch not in " -_")
+
+
+_alias("ddpm", "ddpm", "DDPMScheduler", "ddpm_fixed_small")
+_alias("ddim", "ddim", "DDIMScheduler")
+_alias("dpmpp_2m", "dpmpp_2m", "DPM++ 2M", "k_dpmpp_2m", "dpmsolver++", "DPMSolverMultistepScheduler",
+       "dpm++2m")
+_alias("dpmpp_2m", "DPM++ 2M Karras", "dpmpp_2m_karras", "k_dpmpp_2m_karras", karras=True)
+_alias("dpmpp_2m_sde", "dpmpp_2m_sde", "DPM++ 2M SDE", "k_dpmpp_2m_sde", "sde-dpmsolver++")
+_alias("dpmpp_2m_sde", "DPM++ 2M SDE Karras", "dpmpp_2m_sde_karras", "k_dpmpp_2m_sde_karras", karras=True)
+_alias("euler", "euler", "Euler", "k_euler", "EulerDiscreteScheduler")
+_alias("euler", "Euler Karras", "k_euler_karras", karras=True)
+_alias("euler_a", "euler_a", "Euler a", "euler_ancestral", "k_euler_a", "k_euler_ancestral",
+       "EulerAncestralDiscreteScheduler")
+_alias("heun", "heun", "Heun", "k_heun", "HeunDiscreteScheduler")
+_alias("heun", "Heun Karras", "k_heun_karras", karras=True)
+
+
+def sampler_names() -> list[str]:
+    """The canonical sampler names."""
+    return list(SAMPLERS)
+
+
+def resolve_sampler(name: str) -> tuple[str, Callable[..., torch.Tensor], bool]:
+    """(canonical name, function, Karras sigmas implied by the name) for a sampler name or alias."""
+    if not isinstance(name, str):
+        raise TypeError(f"sampler must be a name (str); got {type(name).__name__}")
+    hit = _ALIASES.get(_key(name))
+    if hit is None:
+        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} "
+                         f"(also AUTOMATIC1111's: DDIM, DDPM, Euler, Euler a, Heun, DPM++ 2M, DPM++ 2M Karras, "
+                         f"DPM++ 2M SDE, DPM++ 2M SDE Karras, and k_euler-style names)")
+    canonical, karras = hit
+    return canonical, SAMPLERS[canonical], karras

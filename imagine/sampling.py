@@ -1,0 +1,273 @@
+"""The one sampling entry point: start noise, step plan, guidance, and the sampler loop.
+
+    x0 = sample(model, (B, C, H, W), schedule=schedule, sampler="dpmpp_2m", steps=20,
+                cond={"context": states}, uncond={"context": empty_states}, guidance_scale=7.5, seeds=42)
+
+`model(x_t, t, **cond)` follows docs/DESIGN.md: x_t the VP sample, t a float tensor [B] in training
+timestep units. Each sample has its own torch.Generator (seeds s, s+1, ... for an int seed, as
+AUTOMATIC1111 does), which draws its start noise `torch.randn((1, *shape), generator=g)` and then
+its ancestral noise, so a seed gives the same image at any batch size. The start noise is scaled as
+diffusers' scheduler of the same family scales it (`init_noise_sigma`), and the model sees the
+timesteps that scheduler would pass: the same seed and weights give diffusers' image.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from imagine.diffusion import check_prediction_type, predict_x0
+from imagine.guidance import (
+    THRESHOLDINGS,
+    apply_threshold,
+    check_cond,
+    classifier_gradient,
+    classifier_mean_shift,
+    guided_model_output,
+)
+from imagine.samplers import TIMESTEP_RULE, invert_ddim, resolve_sampler
+from imagine.schedules import NoiseSchedule, SamplingPlan
+
+CLASSIFIER_FORMS = {"eps": "eps", "ddim": "eps", "epsilon": "eps", "mean": "mean", "ddpm": "mean"}
+
+
+class PerSampleNoise:
+    """Standard normal noise with one generator per sample: row i of every draw comes from
+    generators[i] as torch.randn((1, *shape), generator=generators[i]) (diffusers' randn_tensor with a
+    list of generators). A single generator draws the whole batch at once, as diffusers does;
+    None uses torch's global generator."""
+
+    def __init__(self, generators: torch.Generator | Sequence[torch.Generator] | None):
+        self.generators = generators
+
+    def __call__(self, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.draw(tuple(like.shape), dtype).to(device=like.device, dtype=like.dtype)
+
+    def draw(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = self.generators
+        if isinstance(g, (list, tuple)):
+            if len(g) != shape[0]:
+                raise ValueError(f"{len(g)} generators for a batch of {shape[0]}: give one per sample")
+            return torch.cat([torch.randn((1, *shape[1:]), generator=gi, device=gi.device, dtype=dtype).cpu()
+                              for gi in g])
+        if g is None:
+            return torch.randn(shape, dtype=dtype)
+        return torch.randn(shape, generator=g, device=g.device, dtype=dtype).cpu()
+
+
+class Denoiser:
+    """The x_0-denoiser D(x_t, i) a sampler steps with, for one run over `plan`:
+    model -> classifier-free guidance (+ rescale) -> x_0 -> classifier guidance (eps form) -> thresholding.
+
+    The model sees t = plan.timesteps[i]; its output becomes x_0 with plan.alphas_cumprod[i]. A NaN or
+    inf in the model's output raises FloatingPointError naming the step.
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor], plan: SamplingPlan, prediction_type: str,
+                 cond: dict[str, Any] | None = None, uncond: dict[str, Any] | None = None,
+                 guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                 classifier: Callable[..., torch.Tensor] | None = None, classifier_scale: float = 0.0,
+                 classifier_form: str = "eps", thresholding: str | None = None, threshold_percentile: float = 0.995):
+        self.model, self.plan = model, plan
+        self.prediction_type = check_prediction_type(prediction_type)
+        self.cond, self.uncond = cond or {}, uncond
+        self.guidance_scale, self.guidance_rescale = float(guidance_scale), float(guidance_rescale)
+        self.classifier, self.classifier_scale = classifier, float(classifier_scale)
+        self.classifier_form = classifier_form
+        self.thresholding, self.threshold_percentile = thresholding, threshold_percentile
+        self.calls = 0
+
+    def _t(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return torch.full((x.shape[0],), float(self.plan.timesteps[i]), dtype=torch.float32, device=x.device)
+
+    def model_output(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        out = guided_model_output(self.model, x, self._t(x, i), self.cond, self.uncond, self.guidance_scale,
+                                  self.guidance_rescale)
+        self.calls += 1
+        if out.shape != x.shape:
+            if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1]:
+                out = out[:, : x.shape[1]]  # learned variance (improved DDPM): we sample with fixed variances
+            else:
+                raise ValueError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+        if not bool(torch.isfinite(out).all()):
+            raise FloatingPointError(f"the model returned NaN or inf at step {i + 1} of {len(self.plan)} "
+                                     f"(t = {float(self.plan.timesteps[i]):g})")
+        return out
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        abar = float(self.plan.alphas_cumprod[i])
+        x0 = predict_x0(self.model_output(x, i), x, abar, self.prediction_type)
+        if self.classifier is not None and self.classifier_scale and self.classifier_form == "eps" and abar > 0:
+            # Dhariwal & Nichol 2021, Alg. 2: eps_hat = eps - sqrt(1 - abar) s grad; the x_0 this implies
+            # is x0 + (1 - abar) / sqrt(abar) * s * grad.
+            grad = classifier_gradient(self.classifier, x, self._t(x, i))
+            x0 = x0 + ((1 - abar) / math.sqrt(abar) * self.classifier_scale) * grad.to(x0.dtype)
+        return apply_threshold(x0, self.thresholding, self.threshold_percentile)
+
+    def mean_shift(self, x: torch.Tensor, i: int, variance: float):
+        """Dhariwal & Nichol 2021, Alg. 1 (the DDPM sampler asks for it): s * Sigma * grad log p(y | x_t)."""
+        if self.classifier is None or not self.classifier_scale or self.classifier_form != "mean":
+            return 0.0
+        grad = classifier_gradient(self.classifier, x, self._t(x, i))
+        return classifier_mean_shift(grad, variance, self.classifier_scale).to(x.dtype)
+
+
+def make_generators(batch: int, seeds=None, generator=None) -> torch.Generator | list[torch.Generator] | None:
+    """seeds: int s -> s, s+1, ..., s+B-1 (AUTOMATIC1111); list -> one each. generator: one, or a list."""
+    if seeds is not None and generator is not None:
+        raise ValueError("give seeds or generator, not both")
+    if seeds is not None:
+        if isinstance(seeds, bool):
+            raise TypeError("seeds must be an int or a list of ints")
+        if isinstance(seeds, int):
+            seeds = [seeds + i for i in range(batch)]
+        seeds = list(seeds)
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for a batch of {batch}: give one seed per sample (or one int)")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise TypeError(f"seeds must be ints; got {seeds!r}")
+        return [torch.Generator().manual_seed(s) for s in seeds]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch}: give one per sample")
+        return list(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of them; got {type(generator).__name__}")
+    return generator
+
+
+def initial_noise_scale(plan: SamplingPlan) -> float:
+    """What unit noise is multiplied by to give x_T in VP terms, as diffusers' `init_noise_sigma` sets it:
+    1 for the VP schedulers (DDPM, DDIM, DPM-Solver); for Euler/Heun, x_VE = z * sigma_max with
+    linspace/trailing spacing and z * sqrt(sigma_max^2 + 1) with leading, i.e. x_T = z * sigma_max /
+    sqrt(1 + sigma_max^2) or z."""
+    if plan.rule != "karras":
+        return 1.0
+    s = float(plan.sigmas.max())
+    return s / math.sqrt(1 + s * s) if plan.spacing in ("linspace", "trailing") else 1.0
+
+
+def _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, classifier_scale, form, thresholding,
+                       threshold_percentile, canonical):
+    if not math.isfinite(float(guidance_scale)):
+        raise ValueError(f"guidance_scale must be a finite number; got {guidance_scale}")
+    if guidance_scale != 1 and uncond is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs uncond (the unconditional / negative-prompt inputs "
+                         f"for classifier-free guidance); pass uncond=... or guidance_scale=1")
+    if not 0 <= float(guidance_rescale) <= 1:
+        raise ValueError(f"guidance_rescale (phi of Lin et al. 2023) must be in [0, 1]; got {guidance_rescale}")
+    if thresholding not in THRESHOLDINGS:
+        raise ValueError(f"thresholding must be one of {THRESHOLDINGS}; got {thresholding!r}")
+    if not 0 < float(threshold_percentile) <= 1:
+        raise ValueError(f"threshold_percentile must be in (0, 1]; got {threshold_percentile}")
+    if form not in CLASSIFIER_FORMS:
+        raise ValueError(f"classifier_guidance_form must be one of {sorted(CLASSIFIER_FORMS)}; got {form!r}")
+    if classifier_scale and classifier is None:
+        raise ValueError(f"classifier_scale={classifier_scale} needs a classifier")
+    if classifier is not None and not callable(classifier):
+        raise TypeError("classifier must be callable: (x_t, t) -> log p(y | x_t) of shape [B]")
+    if classifier is not None and classifier_scale and CLASSIFIER_FORMS[form] == "mean" and canonical != "ddpm":
+        raise ValueError(f"classifier guidance in its DDPM form (shifting the posterior mean, Dhariwal & Nichol "
+                         f"Alg. 1) only exists for the ddpm sampler, not {canonical!r}; use "
+                         f"classifier_guidance_form='eps' (Alg. 2) with other samplers")
+
+
+def _prepare(model, schedule, prediction_type, sampler, steps, timestep_spacing, steps_offset, karras, rule=None):
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be an imagine.schedules.NoiseSchedule; got {type(schedule).__name__}")
+    if not callable(model):
+        raise TypeError("model must be callable as model(x_t, t, **cond)")
+    prediction_type = check_prediction_type(schedule.prediction_type if prediction_type is None else prediction_type)
+    canonical, fn, karras_hint = resolve_sampler(sampler)
+    plan = schedule.plan(steps, rule=rule or TIMESTEP_RULE[canonical], spacing=timestep_spacing,
+                         steps_offset=steps_offset, karras=bool(karras) or karras_hint)
+    if prediction_type == "epsilon" and bool((plan.alphas_cumprod[:-1] == 0).any()):
+        raise ValueError("an epsilon-predicting model cannot denoise at zero terminal SNR (abar = 0 at "
+                         f"t = {float(plan.timesteps[0]):g}: x_0 is undefined from eps); use v_prediction "
+                         "(Lin et al. 2023) or a spacing that avoids the last timestep")
+    return prediction_type, canonical, fn, plan
+
+
+def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | torch.Tensor, *,
+           schedule: NoiseSchedule, prediction_type: str | None = None, sampler: str, steps: int,
+           cond: dict[str, Any] | None = None, uncond: dict[str, Any] | None = None, guidance_scale: float = 1.0,
+           guidance_rescale: float = 0.0, classifier: Callable[..., torch.Tensor] | None = None,
+           classifier_scale: float = 0.0, classifier_guidance_form: str = "eps", thresholding: str | None = None,
+           threshold_percentile: float = 0.995, timestep_spacing: str | None = None, steps_offset: int | None = None,
+           karras: bool | None = False, eta: float | None = None, seeds: int | Sequence[int] | None = None,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None,
+           callback: Callable[[dict], None] | None = None, progress: bool = True, dtype: torch.dtype = torch.float32,
+           device: torch.device | str | None = None) -> torch.Tensor:
+    """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
+
+    shape_or_noise: the full shape (B, C, H, W), or a start-noise tensor of unit variance [B, ...]
+        (scaled by the sampler's initial noise scale, as diffusers treats `latents=`).
+    schedule / prediction_type: the model's training schedule and output type (default: the schedule's).
+    sampler: a name from `imagine.samplers.sampler_names()` or an alias ("DPM++ 2M Karras", "Euler a"...).
+    timestep_spacing, steps_offset: default to the schedule's settings ("leading", 0 unless configured).
+    karras: Karras et al. sigmas (also implied by a "... Karras" sampler name).
+    eta: DDIM's eta (default 0), or the noise scale of euler_a / dpmpp_2m_sde (default 1).
+    cond / uncond: keyword tensors for the model, batch-first; classifier-free guidance runs when
+        guidance_scale != 1 (uncond required then) with guidance_rescale = phi of Lin et al. 2023.
+    classifier, classifier_scale, classifier_guidance_form: classifier guidance with
+        `classifier(x_t, t) -> log p(y | x_t)` [B] (see guidance.classifier_log_prob); form "eps"
+        (Alg. 2, any sampler) or "mean" (Alg. 1, ddpm only).
+    thresholding: None, "static" or "dynamic" (Imagen) on every x_0 prediction.
+    seeds / generator: reproducible noise, one generator per sample (see module doc).
+    callback(info): after each step; info has step, total, t, sigma, x, denoised. Raise to stop.
+    """
+    prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, steps,
+                                                    timestep_spacing, steps_offset, karras)
+    _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, classifier_scale,
+                       classifier_guidance_form, thresholding, threshold_percentile, canonical)
+    if isinstance(shape_or_noise, torch.Tensor):
+        if shape_or_noise.ndim < 2:
+            raise ValueError(f"start noise must be batch-first [B, ...]; got shape {tuple(shape_or_noise.shape)}")
+        batch = shape_or_noise.shape[0]
+    else:
+        shape = tuple(shape_or_noise)
+        if len(shape) < 2 or not all(isinstance(n, int) and n > 0 for n in shape):
+            raise ValueError(f"shape must be a tuple of positive ints (B, C, ...) including the batch; got {shape!r}")
+        batch = shape[0]
+    noise = PerSampleNoise(make_generators(batch, seeds, generator))
+    cond = check_cond(cond, batch, "cond")
+    uncond = check_cond(uncond, batch, "uncond") if uncond is not None else None
+    if isinstance(shape_or_noise, torch.Tensor):
+        z = shape_or_noise
+        device = z.device if device is None else device
+    else:
+        z = noise.draw(shape)
+        device = _model_device(model) if device is None else device
+    x = (z.to(torch.float64) * initial_noise_scale(plan)).to(device=device, dtype=dtype)
+    variance_type = schedule.variance_type
+    denoise = Denoiser(model, plan, prediction_type, cond, uncond, guidance_scale, guidance_rescale, classifier,
+                       classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,
+                       threshold_percentile)
+    kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
+    with torch.no_grad():
+        return fn(denoise, x, plan, noise=noise, eta=eta, callback=callback, progress=progress, **kwargs)
+
+
+def invert(model: Callable[..., torch.Tensor], x0: torch.Tensor, *, schedule: NoiseSchedule,
+           prediction_type: str | None = None, steps: int, cond: dict[str, Any] | None = None,
+           uncond: dict[str, Any] | None = None, guidance_scale: float = 1.0, timestep_spacing: str | None = None,
+           steps_offset: int | None = None, karras: bool = False, callback=None, progress: bool = True) -> torch.Tensor:
+    """DDIM inversion (samplers.invert_ddim): the x_T from which `sample(..., sampler="ddim", eta=0)`
+    with the same settings returns (approximately) x0. Pass the result as `shape_or_noise`."""
+    prediction_type, _, _, plan = _prepare(model, schedule, prediction_type, "ddim", steps, timestep_spacing,
+                                           steps_offset, karras)
+    _validate_guidance(guidance_scale, 0.0, uncond, None, 0.0, "eps", None, 0.995, "ddim")
+    cond = check_cond(cond, x0.shape[0], "cond")
+    uncond = check_cond(uncond, x0.shape[0], "uncond") if uncond is not None else None
+    denoise = Denoiser(model, plan, prediction_type, cond, uncond, guidance_scale)
+    with torch.no_grad():
+        return invert_ddim(denoise, x0, plan, callback=callback, progress=progress)
+
+
+def _model_device(model) -> torch.device | None:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return None

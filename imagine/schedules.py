@@ -1,0 +1,380 @@
+"""Noise schedules: betas, alphas_cumprod, sigmas, timestep spacing and Karras sigmas.
+
+The forward process of Ho et al. 2020 (DDPM) adds noise with variances beta_1..beta_T, so that
+q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) with abar_t = prod_{s<=t} (1 - beta_s) (eq. 4).
+Everything a sampler needs follows from abar_t. The same process seen as x_t / sqrt(abar_t) is the
+variance-exploding (VE) one of Karras et al. 2022 with noise level sigma_t = sqrt((1 - abar_t) / abar_t).
+
+Timesteps are indexed 0..T-1 as in diffusers (the paper's t = 1..T shifted by one), so a diffusers
+scheduler_config.json describes the same schedule, and `SamplingPlan` lists exactly the timesteps
+diffusers' schedulers hand the model at each step: the same seed gives the same image.
+
+Everything is float64; samplers cast coefficients to the sample's dtype as they use them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine", "custom")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# How a sampler family lays its steps out; see `SamplingPlan`.
+TIMESTEP_RULES = ("ddpm", "ddim", "karras", "dpm_solver")
+
+# diffusers' beta_schedule names <-> ours
+_FROM_DIFFUSERS_KIND = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+_TO_DIFFUSERS_KIND = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+_DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
+
+# The floor diffusers' sigma-based schedulers put under abar_T = 0 (zero terminal SNR), where sigma
+# would be infinite; float32's epsilon, so sigma_max = 4096.
+ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+
+
+def linear_betas(num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Ho et al. 2020, sec. 4: betas rising linearly from 1e-4 to 0.02 over T = 1000 steps."""
+    return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+
+
+def scaled_linear_betas(num_train_timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Latent diffusion / Stable Diffusion: linear in sqrt(beta), then squared."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+
+
+def cosine_betas(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: abar(t) = f(t)/f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2,
+    and beta_t = 1 - abar_t / abar_{t-1} clipped to 0.999 so the last steps stay finite.
+
+    f(0) cancels in the ratio, so it is left out, as in the improved-DDPM code."""
+
+    def f(u: float) -> float:
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    T = num_train_timesteps
+    return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float64)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(abar) so that abar_T = 0 (zero SNR at the
+    last timestep, so the model learns to start from pure noise) while abar_1 stays as it was."""
+    sqrt_abar = torch.cumprod(1 - betas.double(), 0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+    i = 0..n-1: steps crowd towards low noise, where the ODE curves most."""
+    ramp = np.linspace(0.0, 1.0, n)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str, steps_offset: int = 0,
+                     rule: str = "ddim") -> np.ndarray:
+    """The `steps` training timesteps a sampler visits, from most to least noisy (float64).
+
+    Spacings as in Lin et al. 2023, Table 2 (and diffusers' `timestep_spacing`):
+      leading:  0, k, 2k, ... with k = T // steps, plus `steps_offset` (Stable Diffusion uses 1);
+      trailing: T-1, T-1-T/steps, ... rounded (starts at the last timestep, as zero-SNR needs);
+      linspace: evenly from T-1 down to 0.
+    `rule` picks the sampler family's variant, so that each family sees diffusers' timesteps:
+      "ddpm"/"ddim": integers; "karras" (Euler, Euler a, Heun): linspace is not rounded;
+      "dpm_solver": leading and linspace lay out steps+1 points and drop the last (t = 0).
+    """
+    T, n = num_train_timesteps, steps
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}; got {spacing!r}")
+    if rule not in TIMESTEP_RULES:
+        raise ValueError(f"rule must be one of {TIMESTEP_RULES}; got {rule!r}")
+    if spacing == "trailing":
+        # round(T - i*T/n) - 1 for i < n; written per index so that no n gives an extra point
+        # (np.arange with a float step yields n+1 points for some n, e.g. 61 of 1000).
+        return np.round(T - np.arange(n) * (T / n)) - 1.0
+    if rule == "dpm_solver":
+        if spacing == "linspace":
+            return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy()
+        return (np.arange(n + 1) * (T // (n + 1)))[::-1][:-1].astype(np.float64) + steps_offset
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, n)
+        return (t if rule == "karras" else t.round())[::-1].copy()
+    return (np.arange(n) * (T // n))[::-1].astype(np.float64) + steps_offset
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """The steps of one sampling run: step i evaluates the model at `timesteps[i]` on a sample whose
+    noise level is `sigmas[i]` (VE) or, equivalently, `alphas_cumprod[i]` (VP), and moves it to
+    level i+1. Index N (= len) is where the run ends: sigma 0 / abar 1 for a clean x_0 (DDIM with
+    set_alpha_to_one=False ends at abar_0, as diffusers' DDIMScheduler does).
+
+    `timesteps` are what diffusers would pass to the model (fractional with Karras sigmas), while
+    the conversions between prediction types use `alphas_cumprod` / `sigmas`, also as diffusers does.
+    At zero terminal SNR, VP plans keep abar = 0 (sigma = inf); sigma-based plans use abar = 2^-24.
+    """
+
+    timesteps: torch.Tensor  # [N] float64
+    sigmas: torch.Tensor  # [N+1] float64
+    alphas_cumprod: torch.Tensor  # [N+1] float64
+    rule: str = "ddim"
+    spacing: str = "leading"
+
+    def __len__(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    def tail(self, start: int) -> "SamplingPlan":
+        """The plan from step `start` on (img2img-style partial runs)."""
+        return replace(self, timesteps=self.timesteps[start:], sigmas=self.sigmas[start:],
+                       alphas_cumprod=self.alphas_cumprod[start:])
+
+
+class NoiseSchedule:
+    """betas, alphas_cumprod and sigmas for T training timesteps (float64), plus the settings a model
+    folder's scheduler/config.json carries (prediction type, spacing, offset...).
+
+    Build with `from_config(kind=...)` or `from_diffusers_config(dict)`; `to_config()` writes a dict
+    that diffusers' schedulers and `from_diffusers_config` both read.
+    """
+
+    def __init__(self, betas, *, kind: str = "custom", beta_start: float | None = None, beta_end: float | None = None,
+                 zero_terminal_snr: bool = False, set_alpha_to_one: bool = True, steps_offset: int = 0,
+                 timestep_spacing: str = "leading", prediction_type: str = "epsilon", clip_sample: bool = False,
+                 variance_type: str = "fixed_small"):
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().clone()
+        if betas.ndim != 1 or betas.numel() < 1:
+            raise ValueError(f"betas must be a non-empty 1-D sequence; got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError(f"betas must lie in (0, 1]; got min {float(betas.min())}, max {float(betas.max())}")
+        if kind not in SCHEDULE_KINDS:
+            raise ValueError(f"kind must be one of {SCHEDULE_KINDS}; got {kind!r}")
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}; got {timestep_spacing!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+        if variance_type not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large'; got {variance_type!r}")
+        if int(steps_offset) != steps_offset or steps_offset < 0:
+            raise ValueError(f"steps_offset must be a non-negative integer; got {steps_offset!r}")
+        self.kind = kind
+        self.beta_start, self.beta_end = beta_start, beta_end
+        self.zero_terminal_snr = bool(zero_terminal_snr)
+        self.set_alpha_to_one = bool(set_alpha_to_one)
+        self.steps_offset = int(steps_offset)
+        self.timestep_spacing = timestep_spacing
+        self.prediction_type = prediction_type
+        self.clip_sample = bool(clip_sample)
+        self.variance_type = variance_type
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)  # abar_t, Ho et al. eq. 4
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, kind: str = "linear", *, num_train_timesteps: int = 1000, beta_start: float | None = None,
+                    beta_end: float | None = None, zero_terminal_snr: bool = False,
+                    rescale_betas_zero_snr: bool | None = None, trained_betas=None, **settings) -> "NoiseSchedule":
+        """kind: "linear" (DDPM, 1e-4..0.02), "scaled_linear" (Stable Diffusion, 0.00085..0.012),
+        "cosine" (improved DDPM, s=0.008; diffusers' "squaredcos_cap_v2" is accepted too), or "custom"
+        with `trained_betas`. `zero_terminal_snr` (diffusers' `rescale_betas_zero_snr`) applies
+        Lin et al. 2023. Other keywords (prediction_type, timestep_spacing, steps_offset,
+        set_alpha_to_one, clip_sample, variance_type) are stored settings."""
+        kind = _FROM_DIFFUSERS_KIND.get(kind, kind)
+        if kind not in SCHEDULE_KINDS:
+            raise ValueError(f"kind must be one of {SCHEDULE_KINDS} (or diffusers' 'squaredcos_cap_v2'); got {kind!r}")
+        if rescale_betas_zero_snr is not None:
+            zero_terminal_snr = bool(rescale_betas_zero_snr)
+        if isinstance(num_train_timesteps, bool) or int(num_train_timesteps) != num_train_timesteps \
+                or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive integer; got {num_train_timesteps!r}")
+        T = int(num_train_timesteps)
+        if kind == "custom":
+            if trained_betas is None:
+                raise ValueError("kind='custom' needs trained_betas (a list of T betas)")
+            betas = torch.as_tensor(trained_betas, dtype=torch.float64)
+        elif trained_betas is not None:
+            raise ValueError(f"trained_betas only goes with kind='custom'; got kind={kind!r}")
+        elif kind == "cosine":
+            if beta_start is not None or beta_end is not None:
+                raise ValueError("the cosine schedule has no beta_start/beta_end (Nichol & Dhariwal 2021, eq. 17)")
+            betas = cosine_betas(T)
+        else:
+            d0, d1 = _DEFAULT_BETAS[kind]
+            beta_start = d0 if beta_start is None else float(beta_start)
+            beta_end = d1 if beta_end is None else float(beta_end)
+            if not (0 < beta_start < 1 and 0 < beta_end < 1):
+                raise ValueError(f"beta_start and beta_end must lie in (0, 1); got {beta_start}, {beta_end}")
+            betas = (linear_betas if kind == "linear" else scaled_linear_betas)(T, beta_start, beta_end)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        unknown = set(settings) - {"prediction_type", "timestep_spacing", "steps_offset", "set_alpha_to_one",
+                                   "clip_sample", "variance_type"}
+        if unknown:
+            raise TypeError(f"NoiseSchedule.from_config got unknown settings {sorted(unknown)}")
+        return cls(betas, kind=kind, beta_start=beta_start, beta_end=beta_end,
+                   zero_terminal_snr=zero_terminal_snr, **settings)
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict[str, Any]) -> "NoiseSchedule":
+        """Read a diffusers scheduler_config.json (any of its schedulers) or our own `to_config()`.
+        Keys other schedulers add (skip_prk_steps, use_karras_sigmas, solver_order...) are ignored."""
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict; got {type(config).__name__}")
+        c = config
+        kind = c.get("beta_schedule", c.get("kind", "linear"))
+        if c.get("trained_betas") is not None:
+            kind = "custom"
+        if kind not in _FROM_DIFFUSERS_KIND and kind not in SCHEDULE_KINDS:
+            raise ValueError(f"beta_schedule {kind!r} is not supported; valid: {sorted(_FROM_DIFFUSERS_KIND)}")
+        kind = _FROM_DIFFUSERS_KIND.get(kind, kind)
+        variance_type = c.get("variance_type") or "fixed_small"
+        if variance_type not in ("fixed_small", "fixed_large"):
+            variance_type = "fixed_small"  # learned variances: we sample with the fixed posterior variance
+        return cls.from_config(
+            kind, num_train_timesteps=int(c.get("num_train_timesteps", 1000)),
+            # absent keys mean diffusers' defaults (1e-4, 0.02), whatever the beta_schedule
+            beta_start=None if kind in ("cosine", "custom") else c.get("beta_start", 1e-4),
+            beta_end=None if kind in ("cosine", "custom") else c.get("beta_end", 0.02),
+            trained_betas=c.get("trained_betas"),
+            zero_terminal_snr=bool(c.get("rescale_betas_zero_snr", c.get("zero_terminal_snr", False))),
+            prediction_type=c.get("prediction_type", "epsilon"),
+            timestep_spacing=c.get("timestep_spacing") or "leading",
+            steps_offset=int(c.get("steps_offset", 0) or 0),
+            set_alpha_to_one=bool(c.get("set_alpha_to_one", True)),
+            clip_sample=bool(c.get("clip_sample", False)),
+            variance_type=variance_type,
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        """diffusers' scheduler_config keys (DDIMScheduler reads them all), plus `_imagine_version`."""
+        from imagine import __version__
+
+        c: dict[str, Any] = {
+            "_imagine_version": __version__,
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_schedule": _TO_DIFFUSERS_KIND.get(self.kind, "linear"),
+            "prediction_type": self.prediction_type,
+            "timestep_spacing": self.timestep_spacing,
+            "steps_offset": self.steps_offset,
+            "rescale_betas_zero_snr": self.zero_terminal_snr,
+            "set_alpha_to_one": self.set_alpha_to_one,
+            "clip_sample": self.clip_sample,
+            "variance_type": self.variance_type,
+        }
+        if self.kind in ("linear", "scaled_linear"):
+            c["beta_start"], c["beta_end"] = self.beta_start, self.beta_end
+        if self.kind == "custom":
+            c["trained_betas"] = self.betas.tolist()
+        return c
+
+    # -- derived quantities ------------------------------------------------------------------
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.betas.shape[0])
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """VE noise levels sigma_t = sqrt((1 - abar_t) / abar_t) (Karras et al. 2022, with
+        x_VE = x_t / sqrt(abar_t)); inf where abar_t = 0 (zero terminal SNR)."""
+        a = self.alphas_cumprod
+        return torch.where(a > 0, ((1 - a) / a.clamp_min(1e-300)).sqrt(), torch.full_like(a, math.inf))
+
+    @property
+    def snr(self) -> torch.Tensor:
+        """Signal-to-noise ratio abar_t / (1 - abar_t) = 1 / sigma_t^2 (Kingma et al. 2021)."""
+        return self.alphas_cumprod / (1 - self.alphas_cumprod)
+
+    @property
+    def final_alpha_cumprod(self) -> float:
+        """Where a DDIM run ends: abar = 1 (x_0), or abar_0 with set_alpha_to_one=False (as SD's config)."""
+        return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
+
+    def __repr__(self) -> str:
+        extra = ", zero_terminal_snr" if self.zero_terminal_snr else ""
+        return f"NoiseSchedule({self.kind}, T={self.num_train_timesteps}{extra}, {self.prediction_type})"
+
+    # -- per-run step plans ------------------------------------------------------------------
+    def _sigma_table(self) -> np.ndarray:
+        # the sigmas the Karras-style samplers interpolate; abar_T = 0 floored as diffusers does
+        a = self.alphas_cumprod.numpy().copy()
+        a[a <= 0] = ZERO_SNR_ALPHA_CUMPROD
+        return np.sqrt((1 - a) / a)
+
+    def sigma_to_t(self, sigmas) -> np.ndarray:
+        """The (fractional) timestep of each noise level: linear interpolation in log sigma between
+        neighbouring training timesteps, clamped to [0, T-1]."""
+        log_table = np.log(self._sigma_table())
+        return np.interp(np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10)), log_table,
+                         np.arange(len(log_table), dtype=np.float64))
+
+    def t_to_sigma(self, t) -> np.ndarray:
+        """Inverse of `sigma_to_t`: sigma at a fractional timestep, log-linear between neighbours."""
+        log_table = np.log(self._sigma_table())
+        return np.exp(np.interp(np.asarray(t, dtype=np.float64), np.arange(len(log_table)), log_table))
+
+    def plan(self, steps: int, *, rule: str = "ddim", spacing: str | None = None, steps_offset: int | None = None,
+             karras: bool = False) -> SamplingPlan:
+        """The timesteps and noise levels of a `steps`-step run, laid out as diffusers' scheduler of
+        that family does (so the model sees the same t at each step):
+
+        rule "ddpm"/"ddim" (DDPMScheduler, DDIMScheduler): integer timesteps, abar read at them; DDPM
+            ends at abar = 1, DDIM at `final_alpha_cumprod`.
+        rule "karras" (Euler, Euler ancestral, Heun): sigmas interpolated linearly at (possibly
+            fractional) timesteps; with Karras sigmas, eq. 5 between the first and last of them.
+        rule "dpm_solver" (DPMSolverMultistepScheduler): its own leading/linspace; with Karras
+            sigmas, eq. 5 over the whole training range and t rounded (not for the cosine schedule).
+        Karras sigmas with the DDPM/DDIM rules span sigma(t_last)..sigma(t_first) (no diffusers peer).
+        """
+        T = self.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+            raise TypeError(f"steps must be an integer; got {steps!r}")
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be between 1 and the {T} training timesteps; got {steps}")
+        if rule not in TIMESTEP_RULES:
+            raise ValueError(f"rule must be one of {TIMESTEP_RULES}; got {rule!r}")
+        spacing = self.timestep_spacing if spacing is None else spacing
+        steps_offset = self.steps_offset if steps_offset is None else int(steps_offset)
+        t = spaced_timesteps(T, int(steps), spacing, steps_offset, rule)
+        if t.max() > T - 1 or t.min() < 0:
+            raise ValueError(f"steps_offset={steps_offset} puts timesteps outside 0..{T - 1} ({t.max():.0f})")
+        table = self._sigma_table()
+        if rule in ("ddpm", "ddim"):
+            if karras:
+                sig = karras_sigmas(table[int(t[-1])], table[int(t[0])], len(t))
+                t = self.sigma_to_t(sig)
+                abar = 1.0 / (1.0 + sig**2)
+            else:
+                abar = self.alphas_cumprod.numpy()[t.astype(np.int64)]
+            end = 1.0 if rule == "ddpm" else self.final_alpha_cumprod
+            abar = np.append(abar, end)
+            with np.errstate(divide="ignore"):
+                sig = np.where(abar > 0, np.sqrt((1 - abar) / np.maximum(abar, 1e-300)), np.inf)
+        else:
+            if rule == "karras":
+                sig = np.interp(t, np.arange(T), table)
+                if karras:
+                    sig = karras_sigmas(sig[-1], sig[0], len(t))
+                    t = self.sigma_to_t(sig)
+            else:  # dpm_solver
+                sig = table[t.astype(np.int64)]
+                if karras:
+                    sig = karras_sigmas(table[0], table[-1], len(t))
+                    t = self.sigma_to_t(sig)
+                    # diffusers rounds t here, except for squaredcos_cap_v2 (where it then truncates to
+                    # int64, a quirk we do not copy: our models take fractional t)
+                    if self.kind != "cosine":
+                        t = t.round()
+            sig = np.append(sig, 0.0)
+            abar = 1.0 / (1.0 + sig**2)
+        return SamplingPlan(timesteps=torch.from_numpy(np.ascontiguousarray(t, dtype=np.float64)),
+                            sigmas=torch.from_numpy(np.asarray(sig, dtype=np.float64)),
+                            alphas_cumprod=torch.from_numpy(np.asarray(abar, dtype=np.float64)),
+                            rule=rule, spacing=spacing)

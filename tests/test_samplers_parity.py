@@ -1,0 +1,296 @@
+"""Our samplers against diffusers' schedulers on the same model, seeds and settings.
+
+The model is a small fixed random conv net of (x, t) whose output moves by ~1e-3 when t moves by 1
+(its x_0 guess, expressed in the prediction type under test), so a wrong timestep fails the 1e-4 bound as surely as a wrong coefficient. diffusers' loop is
+driven by hand (set_timesteps, init_noise_sigma, scale_model_input, step with per-sample generators),
+as its pipelines do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import (  # noqa: E402
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
+
+from imagine.sampling import sample  # noqa: E402
+from imagine.schedules import NoiseSchedule  # noqa: E402
+
+TOL = 1e-4
+SHAPE = (2, 2, 6, 6)
+SEEDS = [11, 12]
+STEPS = 5  # divides T, where diffusers' DDIM steps to the next listed timestep (see test_ddim_as_ddpm)
+
+
+class TinyNet(torch.nn.Module):
+    """A fixed random conv net of (x, t) giving a bounded guess of x_0: g = tanh(conv(tanh(conv(x) + emb(t))))."""
+
+    def __init__(self, channels: int = 2, hidden: int = 8):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(channels, hidden, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(hidden, channels, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.register_buffer("freqs", torch.linspace(0.002, 0.03, hidden))
+        self.register_buffer("phase", torch.rand(hidden, generator=g) * 6.28)
+
+    def forward(self, x, t):
+        emb = torch.sin(t[:, None] * self.freqs + self.phase)[:, :, None, None]
+        return torch.tanh(self.conv2(torch.tanh(self.conv1(x) + emb)))
+
+
+NET = TinyNet().eval()
+
+
+def make_model(cfg):
+    """A denoiser-like model: x_0 guess g = sqrt(abar) x + sqrt(1 - abar) h(x, t) with h the net (so g ~ x_t at
+    low noise and eps, v stay O(1), as for a trained model), expressed as the config's prediction type with
+    abar(t) of its schedule (linear interpolation at fractional t)."""
+    abar_table = NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod
+    pred = cfg["prediction_type"]
+
+    def model(x, t, **cond):
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        abar = torch.from_numpy(np.interp(t.double().numpy(), np.arange(len(abar_table)), abar_table.numpy()))
+        a = abar.sqrt().float().view(-1, 1, 1, 1)
+        s = (1 - abar).sqrt().float().view(-1, 1, 1, 1)
+        g = a * x + s * NET(x, t)
+        if pred == "sample":
+            return g
+        eps = (x - a * g) / s
+        return eps if pred == "epsilon" else a * eps - s * g
+
+    return model
+
+
+BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
+
+
+def config(kind, spacing, prediction_type, zero_snr=False, **extra):
+    b0, b1 = BETAS[kind]
+    c = dict(num_train_timesteps=1000, beta_schedule=kind, beta_start=b0, beta_end=b1, prediction_type=prediction_type,
+             timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+    if zero_snr:
+        c["rescale_betas_zero_snr"] = True
+    return {**c, **extra}
+
+
+def run_diffusers(scheduler, steps=STEPS, seeds=SEEDS, **step_kwargs):
+    model = make_model(dict(scheduler.config))
+    if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
+        float64_table(scheduler)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    scheduler.set_timesteps(steps)
+    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * scheduler.init_noise_sigma
+    stochastic = isinstance(scheduler, (DDPMScheduler, DDIMScheduler, EulerAncestralDiscreteScheduler,
+                                        DPMSolverMultistepScheduler, EulerDiscreteScheduler))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in scheduler.timesteps:
+            out = model(scheduler.scale_model_input(x, t), t)
+            kw = dict(step_kwargs, generator=gens) if stochastic else dict(step_kwargs)
+            x = scheduler.step(out, t, x, **kw).prev_sample
+    return x
+
+
+def run_ours(cfg, sampler, steps=STEPS, seeds=SEEDS, **kw):
+    schedule = NoiseSchedule.from_diffusers_config(cfg)
+    return sample(make_model(cfg), SHAPE, schedule=schedule, sampler=sampler, steps=steps, seeds=list(seeds), progress=False,
+                  **kw)
+
+
+def float64_table(scheduler):
+    """Give a sigma-based diffusers scheduler our float64 alphas_cumprod (compared with its own float32 table
+    in test_schedules). Its float32 table is off by up to ~1e-4 relative where 1 - abar cancels (t ~ 0) and at
+    abar_T of the cosine schedule, which moves Karras timesteps by up to 0.06 and sigma_max by 1e-4: the
+    algorithm, not the table's rounding, is what this file tests. set_timesteps recomputes from the table."""
+    cfg = dict(scheduler.config)
+    scheduler.alphas_cumprod = NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod.clone()
+    if cfg.get("rescale_betas_zero_snr"):
+        scheduler.alphas_cumprod[-1] = 2.0**-24  # as diffusers floors abar_T = 0
+    return scheduler
+
+
+def check(ours, theirs, tol=TOL):
+    assert torch.isfinite(ours).all()
+    assert 0.2 < float(theirs.std()) < 5, f"degenerate test output (std {float(theirs.std()):.3g})"
+    err = float((ours - theirs).abs().max())
+    assert err < tol, f"max abs diff {err:.3g} (bound {tol:.3g})"
+
+
+def float32_budget(cfg, sampler, steps=STEPS, **kw):
+    """diffusers' Euler-family schedulers keep the VE sample x / alpha in float32; where sigma_max is large
+    (cosine: 20291 at t = 999, zero SNR: 4096) its ulp is 1e-3..2e-3 and x_VE - sigma eps cancels to O(1),
+    so diffusers' own result carries errors of a few ulps (ours steps in float64). The bound there is
+    8 float32 ulps at sigma_max; the 1e-4 check is against our VP twin instead (see check_karras)."""
+    plan = NoiseSchedule.from_diffusers_config(cfg).plan(steps, rule="karras", karras=kw.get("karras", False))
+    return max(TOL, 8 * float(plan.sigmas[0]) * 2.0**-23)
+
+
+def check_karras(cfg, sampler, theirs, steps=STEPS, **kw):
+    """Euler / Euler a / Heun against diffusers; where float32 cannot reach 1e-4 (float32_budget), also
+    Euler against DDIM (eta 0) and Euler a against DDPM: the same maths on the same plan when the spacing
+    visits integer timesteps, computed in VP, where float32 is well conditioned."""
+    ours = run_ours(cfg, sampler, steps=steps, **kw)
+    tol = float32_budget(cfg, sampler, steps, **kw)
+    check(ours, theirs, tol)
+    twin = {"euler": ("ddim", {"eta": 0.0}), "euler_a": ("ddpm", {})}.get(sampler)
+    # (not at zero SNR: there DDIM/DDPM keep abar_T = 0 while the sigma plans floor it at 2^-24)
+    if tol > TOL and twin and not kw.get("karras") and cfg["timestep_spacing"] == "trailing" \
+            and not cfg.get("rescale_betas_zero_snr"):
+        check(ours, run_ours(cfg, twin[0], steps=steps, **twin[1]))
+    return tol
+
+
+SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]
+SPACINGS = ["leading", "trailing", "linspace"]
+PREDICTIONS = ["epsilon", "v_prediction"]
+GRID = list(itertools.product(SCHEDULES, SPACINGS, PREDICTIONS))
+
+
+@pytest.mark.parametrize("kind,spacing,pred", GRID)
+def test_ddpm(kind, spacing, pred):
+    cfg = config(kind, spacing, pred)
+    check(run_ours(cfg, "ddpm"), run_diffusers(DDPMScheduler(**cfg, clip_sample=False)))
+
+
+@pytest.mark.parametrize("kind,spacing", [(k, s) for k in SCHEDULES for s in ("leading", "linspace")])
+def test_ddpm_fixed_large(kind, spacing):
+    # offset 0: the run ends at t = 0, where Ho et al. add no noise; diffusers adds beta_t noise when its last
+    # timestep is > 0 (leading with offset 1, trailing), which we do not copy
+    cfg = config(kind, spacing, "epsilon", steps_offset=0, variance_type="fixed_large")
+    check(run_ours(cfg, "ddpm"), run_diffusers(DDPMScheduler(**cfg, clip_sample=False)))
+
+
+@pytest.mark.parametrize("kind,spacing,pred", [g for g in GRID if g[1] != "linspace"])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim(kind, spacing, pred, eta):
+    cfg = config(kind, spacing, pred)
+    check(run_ours(cfg, "ddim", eta=eta), run_diffusers(DDIMScheduler(**cfg, clip_sample=False), eta=eta))
+
+
+@pytest.mark.parametrize("kind,spacing,pred", GRID)
+def test_ddim_as_ddpm(kind, spacing, pred):
+    """DDIM with eta = 1 is DDPM with the posterior variance (Song et al. 2021, sec. 4.1). diffusers' DDPMScheduler
+    steps to the next listed timestep for every spacing; its DDIMScheduler steps to t - T//N, which is another
+    level for linspace (and trailing with N not dividing T), so this is how linspace DDIM is checked."""
+    cfg = config(kind, spacing, pred)
+    for steps in (STEPS, 7):
+        check(run_ours(cfg, "ddim", eta=1.0, steps=steps),
+              run_diffusers(DDPMScheduler(**cfg, clip_sample=False), steps=steps))
+
+
+def test_ddim_stable_diffusion_config():
+    # SD 1.x: set_alpha_to_one False (the run ends at abar_0), steps_offset 1, leading
+    cfg = config("scaled_linear", "leading", "epsilon", set_alpha_to_one=False)
+    for eta in (0.0, 0.5):
+        check(run_ours(cfg, "ddim", eta=eta, steps=10),
+              run_diffusers(DDIMScheduler(**cfg, clip_sample=False), steps=10, eta=eta))
+
+
+@pytest.mark.parametrize("kind,spacing,pred", GRID)
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_euler_heun(kind, spacing, pred, karras, sampler):
+    cfg = config(kind, spacing, pred)
+    cls = EulerDiscreteScheduler if sampler == "euler" else HeunDiscreteScheduler
+    steps = STEPS
+    if sampler == "heun" and kind == "squaredcos_cap_v2" and spacing != "leading":
+        if not karras:
+            pytest.skip("from cosine's sigma_max = 20291, Heun's corrector multiplies the slope at sigma_1 ~ 3 by "
+                        "sigma_1 - sigma_max ~ -2e4: the run diverges (output std ~600 in diffusers and ours) and "
+                        "diffusers' float32 rounding of that slope (~1e-3) becomes O(1)")
+        steps = 10  # at 5 Karras steps the output std is ~20 (still a coarse jump); 10 gives std ~3
+    check_karras(cfg, sampler, run_diffusers(cls(**cfg, use_karras_sigmas=karras), steps=steps), steps=steps,
+                 karras=karras)
+
+
+@pytest.mark.parametrize("kind,spacing,pred", GRID)
+def test_euler_ancestral(kind, spacing, pred):
+    cfg = config(kind, spacing, pred)
+    check_karras(cfg, "euler_a", run_diffusers(EulerAncestralDiscreteScheduler(**cfg)))
+
+
+@pytest.mark.parametrize("kind,spacing,pred", GRID)
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde"])
+def test_dpm_solver(kind, spacing, pred, karras, sampler):
+    if karras and kind == "squaredcos_cap_v2":
+        pytest.skip("diffusers truncates fractional Karras timesteps to int64 for squaredcos_cap_v2; ours stay exact")
+    cfg = config(kind, spacing, pred)
+    algorithm = "dpmsolver++" if sampler == "dpmpp_2m" else "sde-dpmsolver++"
+    sched = DPMSolverMultistepScheduler(**cfg, algorithm_type=algorithm, solver_order=2, use_karras_sigmas=karras)
+    check(run_ours(cfg, sampler, karras=karras), run_diffusers(sched))
+
+
+@pytest.mark.parametrize("sampler,cls,kwargs", [
+    ("ddpm", DDPMScheduler, {}), ("ddim", DDIMScheduler, {"eta": 0.0}), ("euler", EulerDiscreteScheduler, {}),
+    ("euler_a", EulerAncestralDiscreteScheduler, {}), ("dpmpp_2m", DPMSolverMultistepScheduler, {}),
+    ("dpmpp_2m_sde", DPMSolverMultistepScheduler, {})])
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_zero_terminal_snr(sampler, cls, kwargs, spacing):
+    if sampler == "ddim" and spacing == "linspace":
+        pytest.skip("diffusers' DDIM linspace steps to t - T//N (see test_ddim_as_ddpm)")
+    cfg = config("scaled_linear", spacing, "v_prediction", zero_snr=True)
+    extra = {"algorithm_type": "sde-dpmsolver++"} if sampler == "dpmpp_2m_sde" else {}
+    if cls in (DDPMScheduler, DDIMScheduler):
+        extra["clip_sample"] = False
+    theirs = run_diffusers(cls(**cfg, **extra), **kwargs)
+    if sampler in ("euler", "euler_a"):
+        check_karras(cfg, sampler, theirs)
+    else:
+        check(run_ours(cfg, sampler, **kwargs), theirs)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 13])
+@pytest.mark.parametrize("sampler,cls", [("ddpm", DDPMScheduler), ("euler", EulerDiscreteScheduler),
+                                         ("euler_a", EulerAncestralDiscreteScheduler), ("heun", HeunDiscreteScheduler),
+                                         ("dpmpp_2m", DPMSolverMultistepScheduler)])
+def test_step_counts(sampler, cls, steps):
+    cfg = config("scaled_linear", "trailing", "epsilon")  # trailing starts at t = 999 for any count
+    extra = {"clip_sample": False} if cls is DDPMScheduler else {}
+    check(run_ours(cfg, sampler, steps=steps), run_diffusers(cls(**cfg, **extra), steps=steps))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler_a", "dpmpp_2m_sde", "heun"])
+def test_same_seed_same_sample_at_any_batch_size(sampler):
+    cfg = config("scaled_linear", "leading", "epsilon")
+    eta = 0.5 if sampler == "ddim" else None
+    both = run_ours(cfg, sampler, seeds=[7, 8], eta=eta)
+    schedule = NoiseSchedule.from_diffusers_config(cfg)
+    model = make_model(cfg)
+    alone = sample(model, (1, *SHAPE[1:]), schedule=schedule, sampler=sampler, steps=STEPS, seeds=8, eta=eta,
+                   progress=False)
+    # (up to the float rounding of a batch-2 vs batch-1 convolution)
+    torch.testing.assert_close(both[1:], alone, rtol=0, atol=1e-5)
+    # an int seed s with batch B means s, s+1, ...
+    as_int = sample(model, SHAPE, schedule=schedule, sampler=sampler, steps=STEPS, seeds=7, eta=eta, progress=False)
+    assert torch.equal(as_int, both)
+    # and the start noise for seed s is torch.randn((1, *shape), generator=manual_seed(s)) at batch 1
+    z = torch.randn((1, *SHAPE[1:]), generator=torch.Generator().manual_seed(8))
+    seen = []
+    sample(lambda x, t: (seen.append(x.clone()), model(x, t))[1], (1, *SHAPE[1:]), schedule=schedule,
+           sampler="ddim", steps=STEPS, seeds=8, progress=False)
+    assert torch.equal(seen[0], z)
+
+
+def test_sampler_aliases_match():
+    cfg = config("scaled_linear", "leading", "epsilon")
+    base = run_ours(cfg, "dpmpp_2m", karras=True)
+    assert torch.equal(run_ours(cfg, "DPM++ 2M Karras"), base)
+    assert torch.equal(run_ours(cfg, "Euler a"), run_ours(cfg, "euler_a"))
+    assert torch.equal(run_ours(cfg, "k_euler"), run_ours(cfg, "euler"))
