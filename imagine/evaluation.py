@@ -172,6 +172,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt set")
     parser.add_argument("--out", default="shapes-eval", help="folder for grid.png and report.json")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    parser.add_argument("--thresholding", choices=["static", "dynamic"], default=None,
+                        help="clip x0 predictions while sampling (Imagen's dynamic thresholding or static)")
+    parser.add_argument("--precision", choices=["exact", "fast"], default="exact", help="fp32, or bf16 autocast")
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
+                        help="run a preset sweep of settings (the papers' claims) and print one table")
+
+
+# Preset sweeps: the papers' claims, reproduced on the shapes task (settings per row).
+SWEEPS = {
+    # Ho & Salimans 2022 / GLIDE: guidance trades diversity for fidelity; 1 = no guidance.
+    "guidance": [dict(guidance_scale=g) for g in (1.0, 3.0, 5.0, 7.5)],
+    # DDPM needs many steps; DDIM (Song et al. 2021) and DPM-Solver++ (Lu et al. 2022) need few.
+    "samplers": ([dict(sampler="ddpm", steps=n) for n in (10, 50, 1000)]
+                 + [dict(sampler="ddim", steps=n) for n in (10, 20, 50)]
+                 + [dict(sampler="dpmpp_2m", steps=n) for n in (10, 20)]),
+    # Saharia et al. 2022: dynamic thresholding keeps high guidance scales from saturating.
+    "thresholding": [dict(guidance_scale=12.0), dict(guidance_scale=12.0, thresholding="dynamic"),
+                     dict(guidance_scale=12.0, thresholding="static")],
+}
 
 
 def run(args) -> int:
@@ -179,23 +198,52 @@ def run(args) -> int:
         raise ValueError(f"--n-per-family must be at least 1; got {args.n_per_family}")
     from imagine.pipelines.text_to_image import TextToImagePipeline
 
-    pipe = TextToImagePipeline.from_pretrained(args.model)  # None: the embedded default model
-    options = {k: v for k, v in dict(steps=args.steps, guidance_scale=args.guidance_scale,
-                                     sampler=args.sampler).items() if v is not None}
-
-    def generate(prompts, seeds):
-        return pipe(prompts, seeds=seeds, **options)
-
+    pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision)  # None: the default model
+    base = {k: v for k, v in dict(steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
+                                  thresholding=args.thresholding).items() if v is not None}
+    rows = [dict(base)] if args.sweep is None else [{**base, **row} for row in SWEEPS[args.sweep]]
     out = Path(args.out)
+    reports = []
+    for k, options in enumerate(rows):
+        sub = out if len(rows) == 1 else out / "-".join(f"{a}{b}" for a, b in options.items())
+        reports.append(_evaluate_one(pipe, args, options, sub))
+    if len(rows) > 1:
+        table = format_sweep(rows, reports, pipe.defaults)
+        print(table)
+        (out / "sweep.md").write_text(table + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(_json_safe(reports), indent=1))
+    return 0
+
+
+def format_sweep(rows: list[dict], reports: list[dict], defaults: dict) -> str:
+    """A markdown table: one row per setting, the judge's scores per family and overall."""
+    head = "| sampler | steps | guidance | thresholding | " + " | ".join(FAMILIES) + " | overall | seen | held-out |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for opt, rep in zip(rows, reports):
+        fam = rep["families"]
+        cells = [str(opt.get("sampler", defaults.get("sampler"))), str(opt.get("steps", defaults.get("steps"))),
+                 str(opt.get("guidance_scale", defaults.get("guidance_scale"))), str(opt.get("thresholding") or "-")]
+        cells += [f"{fam[f]['score']:.3f}" if f in fam else "-" for f in FAMILIES]
+        cells += [f"{rep['overall']:.3f}", f"{rep['seen']['score']:.3f}", f"{rep['heldout']['score']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _evaluate_one(pipe, args, options: dict, out: Path) -> dict:
+    def generate(prompts, seeds):
+        return pipe(prompts, seeds=seeds, progress=False, **options)
+
     prompts = eval_prompts(args.n_per_family, seed=args.prompt_seed)
     report = evaluate_shapes(generate, prompts, batch_size=args.batch_size, seed=args.seed,
                              grid_path=out / "grid.png")
     report["settings"] = dict(model=args.model or "default", n_per_family=args.n_per_family, seed=args.seed,
-                              prompt_seed=args.prompt_seed, **options)
+                              prompt_seed=args.prompt_seed, precision=args.precision, **options)
     print(format_report(report))
     text = json.dumps(_json_safe(report), indent=1)
-    for target in [out / "report.json"] + ([Path(args.json)] if args.json else []):
+    single = args.sweep is None
+    for target in [out / "report.json"] + ([Path(args.json)] if args.json and single else []):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
     print(f"grid: {report['grid']}; report: {out / 'report.json'}")
-    return 0
+    return report

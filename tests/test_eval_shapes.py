@@ -97,7 +97,10 @@ def test_run_wires_the_pipeline(tmp_path, monkeypatch, capsys):
 
     class FakePipeline:
         @classmethod
-        def from_pretrained(cls, path):
+        defaults = {"steps": 20, "sampler": "dpmpp_2m", "guidance_scale": 5.0}
+
+        @classmethod
+        def from_pretrained(cls, path, precision="exact"):
             calls.append(("load", path))
             return cls()
 
@@ -115,7 +118,8 @@ def test_run_wires_the_pipeline(tmp_path, monkeypatch, capsys):
                               "--out", str(out), "--json", str(js), "--batch-size", "16"])
     assert E.run(args) == 0
     assert calls[0] == ("load", "m")
-    assert calls[1][2] == dict(steps=7, sampler="ddim")  # guidance scale not given: the pipeline's default
+    # guidance scale not given: the pipeline's default; no progress bars inside an evaluation
+    assert calls[1][2] == dict(steps=7, sampler="ddim", progress=False)
     report = json.loads(js.read_text())
     assert report["overall"] == 1.0 and report["counts"]["n"] == 2 * 3 + 4 * 2
     assert json.loads((out / "report.json").read_text()) == report
