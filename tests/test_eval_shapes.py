@@ -96,7 +96,6 @@ def test_run_wires_the_pipeline(tmp_path, monkeypatch, capsys):
     calls = []
 
     class FakePipeline:
-        @classmethod
         defaults = {"steps": 20, "sampler": "dpmpp_2m", "guidance_scale": 5.0}
 
         @classmethod
