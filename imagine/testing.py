@@ -36,6 +36,7 @@ def make_tiny_model(folder: str | Path, seed: int = 0, latent: bool = True,
              "defaults": {"steps": 4, "guidance_scale": 3.0, "sampler": "euler", "height": 16, "width": 16,
                           **(defaults or {})}}
     if latent:
+        torch.manual_seed(seed + 1)
         AutoencoderKL(TINY_VAE).save_pretrained(folder / "vae")
         index["vae"] = "vae"
     sched = NoiseSchedule.from_config("scaled_linear", num_train_timesteps=1000)

@@ -129,7 +129,9 @@ class TextToImagePipeline:
         steps = int(d["steps"] if steps is None else steps)
         guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
         sampler = sampler or d["sampler"]
-        height = int(height or d.get("height") or 8 * self.scale * (self.unet.config.sample_size or 8))
+        sample_size = self.unet.config.sample_size or 64
+        sample_size = sample_size[0] if isinstance(sample_size, (tuple, list)) else sample_size
+        height = int(height or d.get("height") or self.scale * sample_size)
         width = int(width or d.get("width") or height)
         self.check_size(height, width)
         if seeds is None:
