@@ -62,10 +62,10 @@ TINY = {
                           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
                 text=dict(hidden_act="quick_gelu", num_hidden_layers=2), openclip=False),
-    "sd2": dict(unet=dict(block_out_channels=(64, 128, 128), layers_per_block=2, attention_head_dim=(1, 2, 2),
+    "sd2": dict(unet=dict(block_out_channels=(64, 128), layers_per_block=2, attention_head_dim=(1, 2),
                           use_linear_projection=True, upcast_attention=True,
-                          down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
                 text=dict(hidden_act="gelu", num_hidden_layers=2), openclip=True),
     # all levels attend, two transformer layers per block, three residual blocks per level
     "deep": dict(unet=dict(block_out_channels=(32, 32), layers_per_block=3, attention_head_dim=8,
@@ -442,8 +442,8 @@ def test_inferred_config_and_keymap_round_trip():
     ldm = {k[len("model.diffusion_model."):]: v
            for k, v in unet_to_compvis(unet.state_dict(), unet.config).items()}
     cfg, layers, attention = infer_unet_config(ldm)
-    assert layers == [2, 2, 2] and attention == [True, True, False]
-    assert cfg["attention_head_dim"] == [1, 2, 2] and cfg["use_linear_projection"] and cfg["upcast_attention"]
+    assert layers == [2, 2] and attention == [True, False]
+    assert cfg["attention_head_dim"] == [1, 2] and cfg["use_linear_projection"] and cfg["upcast_attention"]
     ours = keymap.unet_to_diffusers(ldm, layers, attention)
     assert set(ours) == set(unet.state_dict())
     assert set(keymap.unet_to_original(ours, layers, attention)) == set(ldm)
