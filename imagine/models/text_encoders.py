@@ -69,7 +69,8 @@ class TextEncoder(nn.Module):
             prompts = [prompts]
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
-        full = self.tokenizer(prompts, add_special_tokens=True, truncation=False)["input_ids"]
+        # verbose=False: the tokenizer's own "sequence longer than" notice is replaced by ours below.
+        full = self.tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         for p, ids in zip(prompts, full):
             if len(ids) > self.max_length:
                 kept = self.tokenizer.decode(ids[: self.max_length], skip_special_tokens=True)
@@ -207,7 +208,18 @@ def load_text_encoder(spec: dict, root: Path | None = None, dtype=torch.float32)
     raise ValueError(f"unknown text encoder type {kind!r}; valid: 'minilm', 'clip', 't5'")
 
 
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars from transformers in our CLI output."""
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+    except (ImportError, AttributeError):
+        pass
+
+
 def _check_folder(folder) -> Path:
+    _quiet_transformers()
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"text encoder folder not found: {folder}")
