@@ -43,6 +43,10 @@ CONFIGS = {
                time_embedding_dim=48, mid_block_type=None, mid_block_scale_factor=1.5, act_fn="mish", **TWO),
     "classes": dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, attention_head_dim=4,
                     norm_num_groups=8, num_class_embeds=10, only_cross_attention=(True, False), **TWO),
+    # only_cross_attention for every level: diffusers' mid block keeps its self-attention regardless.
+    "cross_only": dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, attention_head_dim=4,
+                       norm_num_groups=8, only_cross_attention=True, down_block_types=("CrossAttnDownBlock2D",) * 2,
+                       up_block_types=("CrossAttnUpBlock2D",) * 2),
 }
 
 
@@ -82,7 +86,7 @@ def test_matches_diffusers(name):
     x, t, context, mask, labels = _inputs(name)
     # diffusers gives encoder_attention_mask only to attn2; with only_cross_attention its attn1
     # also reads the context but stays unmasked, so that case is compared without a mask.
-    use_mask = name != "classes"
+    use_mask = name not in ("classes", "cross_only")
     with torch.no_grad():
         expect = ref(x, t, context, class_labels=labels,
                      encoder_attention_mask=mask if use_mask else None).sample
@@ -92,6 +96,18 @@ def test_matches_diffusers(name):
     assert _rel(got, expect) < 1e-4
     if use_mask:  # the mask is not a no-op on these inputs
         assert _rel(unmasked, expect) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["sd1", "cross_only"])
+def test_masked_tokens_are_as_if_absent(name):
+    """Masking the last tokens = dropping them from the context (every attention over the context,
+    including attn1 when it is a cross-attention)."""
+    _, ours = _pair(name)
+    x, t, context, _, _ = _inputs(name)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[:, :4] = True
+    with torch.no_grad():
+        assert _rel(ours(x, t, context, mask), ours(x, t, context[:, :4])) < 1e-5
 
 
 def test_fully_masked_row_matches_diffusers():
