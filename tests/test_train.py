@@ -186,3 +186,21 @@ def test_diffusion_pixel_space_trains_exports_and_generates(tmp_path):
     img = Image.open(out)
     assert img.size == (16, 16)
     assert "Seed: 5" in img.text["parameters"]
+
+
+def test_resume_from_a_carried_checkpoint_without_optimizer(tmp_path):
+    """A checkpoint carried to another machine without its optimizer moments (to keep it small)
+    continues: weights, EMA, data position and RNG states come back; the step count goes on."""
+    import shutil
+
+    data = make_folder(tmp_path / "data")
+    cfg = write_yaml(tmp_path / "vae.yaml", vae_config(data, max_steps=10, checkpoint_every=5))
+    run_cli("train", "vae", "--config", cfg, "--output", tmp_path / "a")
+    carried = tmp_path / "carried"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000010", carried)
+    (carried / "optimizer.safetensors").unlink()
+    out = run_cli("train", "vae", "--config", cfg, "--output", tmp_path / "b", "--resume-from", carried,
+                  "--set", "train.max_steps=14")
+    assert "resumed from" in out.stdout and "at step 10" in out.stdout
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-00000014" / "state.json").read_text())
+    assert state["step"] == 14 and state["data_position"] == 14

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     p.add_argument("--output", "-o", help="run folder (checkpoints, samples, logs, and the trained model in model/)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="continue from this checkpoint folder (e.g. one committed to carry a run across machines)")
     p.add_argument("--export-only", action="store_true",
                    help="write model/ from the latest checkpoint (EMA weights) without training further")
 
@@ -30,8 +33,26 @@ def _heldout_split(dataset, n_eval: int):
     return train, torch.utils.data.Subset(dataset, range(n - n_eval, n))
 
 
+def _heldout_shards(data_cfg: dict, n_eval: int):
+    """A WebDataset stream's held-out images: data.eval_urls if given, else the last shard (when
+    there are several); the rest is trained on."""
+    from imagine.train.data import WebDatasetShards, build_dataset
+
+    dataset = build_dataset(data_cfg, require_captions=False)
+    res, flip = dataset.resolution, False
+    if data_cfg.get("eval_urls"):
+        eval_ds = WebDatasetShards(data_cfg["eval_urls"], res, flip, require_captions=False)
+    elif len(dataset.urls) > 1:
+        eval_ds = WebDatasetShards(dataset.urls[-1:], res, flip, require_captions=False)
+        dataset = build_dataset({**data_cfg, "urls": dataset.urls[:-1]}, require_captions=False)
+    else:
+        print("one WebDataset shard and no data.eval_urls: no held-out images, so no PSNR")
+        return dataset, []
+    return dataset, list(itertools.islice(iter(eval_ds), n_eval))
+
+
 def _stack_images(ds) -> torch.Tensor | None:
-    items = [ds[i] for i in range(len(ds))]
+    items = list(ds) if isinstance(ds, list) else [ds[i] for i in range(len(ds))]
     imgs = [it["image"] for it in items if "image" in it]
     return torch.stack(imgs) if imgs else None
 
@@ -47,21 +68,29 @@ def run(args) -> dict:
     if args.what == "vae":
         from imagine.train.vae_task import VAETask
 
-        dataset = build_dataset(data_cfg, require_captions=False)
-        if data_cfg.get("type", "shapes") == "shapes":
+        if data_cfg.get("type") == "webdataset":
+            dataset, eval_ds = _heldout_shards(data_cfg, n_eval)
+        elif data_cfg.get("type", "shapes") == "shapes":
+            dataset = build_dataset(data_cfg, require_captions=False)
             eval_ds = build_dataset({**data_cfg, "length": n_eval, "seed": int(data_cfg.get("seed", 0)) + 7919})
         else:
-            dataset, eval_ds = _heldout_split(dataset, n_eval)
+            dataset, eval_ds = _heldout_split(build_dataset(data_cfg, require_captions=False), n_eval)
         task = VAETask(cfg, _stack_images(eval_ds))
     else:
         from imagine.train.diffusion_task import DiffusionTask
 
         dataset = build_dataset(data_cfg)
-        task = DiffusionTask(cfg, dataset_len=len(dataset))
-        if data_cfg.get("type", "shapes") == "shapes" and cfg.get("cache_text", True):
-            from imagine.data.shapes import all_captions
+        # Latents are cached by record index for map-style datasets; a stream is encoded as it comes.
+        task = DiffusionTask(cfg, dataset_len=len(dataset) if hasattr(dataset, "__len__") else None)
+        if task.d["cache_text"]:
+            # Every caption the data can hold, encoded up front in a fixed order (a resumed run
+            # then sees exactly the states an uninterrupted one saw).
+            if data_cfg.get("type", "shapes") == "shapes":
+                from imagine.data.shapes import all_captions
 
-            task.precompute_text(all_captions("train") + [""])
-    result = run_training(cfg, task, dataset, out, resume=args.resume or args.export_only,
-                          export_only=args.export_only)
+                task.precompute_text(all_captions("train") + [""])
+            elif hasattr(dataset, "captions"):
+                task.precompute_text(dataset.captions() + [""])
+    resume = Path(args.resume_from) if args.resume_from else (args.resume or args.export_only)
+    result = run_training(cfg, task, dataset, out, resume=resume, export_only=args.export_only)
     return result

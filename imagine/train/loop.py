@@ -10,6 +10,7 @@ sample grid every N steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from imagine import __version__
 from imagine.models import io
 from imagine.train import checkpoint as ckpt
 from imagine.train.config import check_keys
-from imagine.train.data import GlobalBatches, SkipCounter, collate
+from imagine.train.data import SkipCounter, collate, make_batches
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,24 @@ def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -
 
 
 class Task:
-    """What differs between the VAE and the diffusion model. The loop owns everything else."""
+    """What differs between the VAE and the diffusion model. The loop owns everything else.
+
+    Under DDP the loss must run through the module the accelerator prepared (its forward is what
+    makes the gradients average across processes): the loop hands it to `bind` as `self.model`.
+    `step_module()` names that module; by default the trainable network itself.
+    """
 
     name = "task"
     trainable: torch.nn.Module
     extra_optimizers: dict[str, torch.optim.Optimizer] = {}
+    model: torch.nn.Module | None = None
+    accelerator = None
+
+    def step_module(self) -> torch.nn.Module:
+        return self.trainable
+
+    def bind(self, model: torch.nn.Module, accelerator) -> None:
+        self.model, self.accelerator = model, accelerator
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
@@ -79,7 +93,52 @@ class Task:
         return {}
 
 
-def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool = False, accelerator=None,
+def global_slots(batch: dict) -> tuple[int, torch.Tensor]:
+    """(global batch size, each local sample's slot in the global batch). Per-sample randomness
+    (timesteps, noise, caption dropout) is drawn for the whole global batch on every process and
+    indexed by slot, so sample j gets the same draws whatever the number of processes."""
+    n = len(batch["caption"]) if "caption" in batch else batch["image"].shape[0]
+    slot = batch.get("slot")
+    if slot is None:
+        return n, torch.arange(n)
+    return int(batch.get("global_batch", int(slot.max()) + 1)), slot
+
+
+def _agree(accelerator, flag: bool, how: str) -> bool:
+    """The same decision on every process (all: every process says yes; any: one does)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    t = accelerator.reduce(t, "sum")
+    return bool(t.item() == accelerator.num_processes) if how == "all" else bool(t.item() > 0)
+
+
+def _mean_across(accelerator, logs: dict[str, float], exclude=("grad_norm",)) -> dict[str, float]:
+    """Logged values are the global batch's: the mean of the processes' slice means."""
+    if accelerator.num_processes == 1:
+        return logs
+    keys = sorted(k for k in logs if k not in exclude)
+    if keys:
+        t = accelerator.reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64,
+                                            device=accelerator.device), "mean")
+        logs = {**logs, **dict(zip(keys, t.tolist()))}
+    return logs
+
+
+def _sum_across(accelerator, counts: SkipCounter) -> SkipCounter:
+    if accelerator.num_processes == 1:
+        return SkipCounter(counts)
+    import torch.distributed as dist
+
+    gathered = [None] * accelerator.num_processes
+    dist.all_gather_object(gathered, dict(counts))
+    total = SkipCounter()
+    for c in gathered:
+        total.update(c)
+    return total
+
+
+def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | Path = False, accelerator=None,
                  export_only: bool = False) -> dict:
     tc = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
     check_keys(tc, set(TRAIN_DEFAULTS), "train")
@@ -100,24 +159,36 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool = F
     if main:
         io.atomic_write_json(out_dir / "config.json", {"imagine_version": __version__, **cfg})
 
-    model = task.trainable
-    params = [p for p in model.parameters() if p.requires_grad]
+    net = task.trainable
+    params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
     from imagine.train.ema import EMA
 
-    ema = EMA(model, tc["ema_decay"], tc["ema_warmup"]) if tc["ema_decay"] > 0 else None
-    model, opt = accelerator.prepare(model, opt)
-    batches = GlobalBatches(len(dataset), tc["batch_size"], int(cfg.get("seed", 0)),
-                            accelerator.process_index, accelerator.num_processes)
-    skipped = SkipCounter(getattr(dataset, "skipped", {}))
+    # The EMA is only read for samples, evaluation and export, which the main process does.
+    ema = EMA(net, tc["ema_decay"], tc["ema_warmup"]) if tc["ema_decay"] > 0 and main else None
+    model, opt = accelerator.prepare(task.step_module(), opt)
+    task.bind(model, accelerator)
+    batches = make_batches(dataset, tc["batch_size"], int(cfg.get("seed", 0)),
+                           accelerator.process_index, accelerator.num_processes)
+    # Each process counts the records it skips; the counts are summed across processes when
+    # saved and reported (what the dataset counted while loading is counted once, by the main).
+    skipped = SkipCounter(getattr(dataset, "skipped", {}) if main else {})
     step = 0
     gens = task.generators()
     if resume:
-        last = ckpt.latest_checkpoint(out_dir)
+        if isinstance(resume, Path):
+            if not (resume / "state.json").is_file():
+                raise FileNotFoundError(f"--resume-from {resume}: not a checkpoint folder (no state.json)")
+            last = resume
+        else:
+            last = ckpt.latest_checkpoint(out_dir)
+        if last is not None and not (last / "optimizer.safetensors").is_file():
+            log.warning("%s has no optimizer state: AdamW's moments start from zero (weights, EMA, data "
+                        "position and RNG states are restored)", last)
         if last is None:
             log.warning("--resume: no checkpoint in %s; starting from scratch", out_dir)
         else:
-            mods = {"model": accelerator.unwrap_model(model), **task.checkpoint_modules()}
+            mods = {"model": net, **task.checkpoint_modules()}
             if ema is not None:
                 mods["ema"] = ema
             meta = ckpt.load_checkpoint(last, modules=mods, optimizer=opt, generators=gens)
@@ -127,7 +198,8 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool = F
                         io.load_tensors(last / f"opt_{name}.safetensors"), meta["extra_optimizers"][name]))
             step = meta["step"]
             batches.position = meta["data_position"]
-            skipped.update(meta.get("skipped", {}))
+            if main:
+                skipped.update(meta.get("skipped", {}))
             if main:
                 print(f"resumed from {last} at step {step}")
 
@@ -141,9 +213,10 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool = F
             log.warning("tensorboard is not installed: no TensorBoard scalars")
 
     def save(step_now: int):
+        total_skipped = _sum_across(accelerator, skipped)  # a collective: every process calls save
         if not main:
             return
-        mods = {"model": accelerator.unwrap_model(model), **task.checkpoint_modules()}
+        mods = {"model": net, **task.checkpoint_modules()}
         if ema is not None:
             mods["ema"] = ema
         extra = {}
@@ -152,7 +225,7 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool = F
             extra[name] = (t, m)
         path = ckpt.save_checkpoint(out_dir, step_now, modules=mods, optimizer=opt,
                                     state={"data_position": batches.position, "config": cfg,
-                                           "skipped": dict(skipped),
+                                           "skipped": dict(total_skipped),
                                            "extra_optimizers": {k: v[1] for k, v in extra.items()}},
                                     generators=gens, keep=tc["keep_checkpoints"])
         for name, (t, _) in extra.items():
@@ -173,22 +246,30 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool = F
             g["lr"] = tc["lr"] * lr_factor(step, tc["warmup_steps"], total, tc["lr_schedule"], tc["min_lr_ratio"])
         logs: dict[str, float] = {}
         opt.zero_grad(set_to_none=True)
+        batch = None
         for micro in range(tc["grad_accum"]):
-            idx = batches.next()
-            batch = collate([dataset[i] for i in idx], skipped)
-            if batch is None:
+            batch = collate(batches.take(dataset), skipped)
+            # Under DDP every process must run the backward pass (it is where gradients are
+            # averaged): if one process's whole slice was bad, every process skips this micro-batch.
+            if not _agree(accelerator, batch is not None, "all"):
+                batch = None
                 continue
-            with accelerator.autocast():
-                loss, parts = task.loss(batch, step)
-            accelerator.backward(loss / tc["grad_accum"])
+            batch["global_batch"] = int(tc["batch_size"])
+            sync = micro == tc["grad_accum"] - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    loss, parts = task.loss(batch, step)
+                accelerator.backward(loss / tc["grad_accum"])
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + v / tc["grad_accum"]
         if tc["grad_clip"]:
             logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, tc["grad_clip"]))
         opt.step()
-        logs.update(task.after_backward(batch, step))
+        if batch is not None:
+            logs.update(task.after_backward(batch, step))
+        logs = _mean_across(accelerator, logs)
         if ema is not None:
-            ema.update(accelerator.unwrap_model(model))
+            ema.update(net)
         step += 1
         losses.append(logs.get("loss", float("nan")))
         bar.update(1)
@@ -205,7 +286,7 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool = F
             if main:
                 with open(out_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(history[-1]) + "\n")
-        eval_model = ema.model if ema is not None else accelerator.unwrap_model(model)
+        eval_model = ema.model if ema is not None else net
         if main and tc["eval_every"] and step % tc["eval_every"] == 0:
             metrics = task.evaluate(eval_model, step)
             if metrics:
@@ -215,7 +296,7 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool = F
                         writer.add_scalar(f"eval/{k}", v, step)
         if main and tc["sample_every"] and step % tc["sample_every"] == 0:
             task.sample_grid(eval_model, out_dir / "samples" / f"step-{step:08d}.png", step)
-        stop_now = deadline is not None and time.time() > deadline
+        stop_now = deadline is not None and _agree(accelerator, main and time.time() > deadline, "any")
         if step % tc["checkpoint_every"] == 0 or step == total or stop_now:
             save(step)
         if stop_now:
@@ -223,10 +304,11 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool = F
                 print(f"train.max_minutes reached at step {step}: checkpoint written; continue with --resume")
             break
     bar.close()
+    skipped = _sum_across(accelerator, skipped)
     accelerator.wait_for_everyone()
     result = {"step": step, "seconds": time.time() - t_start, "skipped": dict(skipped), "history": history}
     if main:
-        final = ema.model if ema is not None else accelerator.unwrap_model(model)
+        final = ema.model if ema is not None else net
         metrics = task.evaluate(final, step)
         result["eval"] = metrics
         if step >= total:
