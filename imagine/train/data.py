@@ -95,6 +95,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
+    def captions(self) -> list[str]:
+        """The captions of the records that have one (read from metadata.jsonl, no image opened)."""
+        return [c for r in self.records if isinstance(c := r.get(self.caption_column), str) and c.strip()]
+
     def __getitem__(self, i):
         rec = self.records[i]
         caption = rec.get(self.caption_column)
@@ -129,54 +133,139 @@ class ShapesTrainDataset(torch.utils.data.Dataset):
 
 
 class WebDatasetShards(torch.utils.data.IterableDataset):
-    """WebDataset tar shards streamed in order (shards shuffled per epoch with the seed)."""
+    """WebDataset tar shards, streamed: for data that does not fit in memory.
+
+    A sample is the run of consecutive tar members sharing a key (the member's path up to the first
+    dot of its base name, the WebDataset convention): an image (`.png`, `.jpg`, ...) and a caption
+    in `.txt`, `.caption` or `.text`, or a `.json` with a `caption` field. Epoch e reads the shards
+    in an order shuffled from (seed, e) and each shard's samples in their stored order (shards are
+    expected to be written shuffled, as img2dataset does), so the stream is a function of the seed
+    and a position (epoch, shard, record) is all a resume needs. A corrupt image, a sample without
+    an image or a caption, or an unreadable shard is skipped and counted.
+    """
 
     def __init__(self, urls: str | list[str], resolution: int, flip: bool = False, seed: int = 0,
-                 caption_keys=("txt", "caption", "text")):
-        import webdataset as wds  # noqa: F401  (checked here so the error is early and clear)
-
-        self.urls = urls
-        self.resolution, self.flip, self.seed, self.caption_keys = resolution, flip, seed, caption_keys
-        self.skipped = SkipCounter()
-        self.epoch = 0
-
-    def __iter__(self):
+                 caption_keys=("txt", "caption", "text"), require_captions: bool = True, check: int = 64):
         import webdataset as wds
 
-        urls = self.urls
-        if isinstance(urls, str):
-            urls = list(wds.shardlists.expand_urls(urls))
-        rng = random.Random(self.seed + self.epoch)
-        urls = list(urls)
-        rng.shuffle(urls)
-        ds = wds.WebDataset(urls, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False)
-        for n, sample in enumerate(ds):
-            img_key = next((k for k in sample if k.split(".")[-1].lower() in {e[1:] for e in IMAGE_EXTS}), None)
-            caption = None
-            for k in self.caption_keys:
-                if k in sample:
-                    caption = sample[k]
-                    caption = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else caption
+        self.urls = list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else [str(u) for u in urls]
+        if not self.urls:
+            raise ValueError(f"data.urls {urls!r} names no shard")
+        missing = [u for u in self.urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+        if missing:
+            raise FileNotFoundError(f"WebDataset shard(s) not found: {', '.join(missing[:5])}"
+                                    f"{' ...' if len(missing) > 5 else ''}")
+        self.resolution, self.flip, self.seed, self.caption_keys = resolution, flip, seed, tuple(caption_keys)
+        self.require_captions = require_captions
+        self.skipped = SkipCounter()
+        self._check_start(check)
+
+    def _check_start(self, n: int) -> None:
+        """Refuse, before training, a stream with no sample, or whose first `n` samples have no caption."""
+        seen, captioned = 0, 0
+        for url in self.urls:
+            for raw in self.raw_records(url):
+                if "__error__" in raw:
+                    continue
+                seen += 1
+                captioned += self.caption_of(raw) is not None
+                if seen >= n:
                     break
-            if caption is None and "json" in sample:
-                try:
-                    caption = json.loads(sample["json"]).get("caption")
-                except (ValueError, AttributeError):
-                    caption = None
-            if img_key is None:
-                yield {"skip": "records without an image"}
-                continue
-            if not caption or not str(caption).strip():
-                yield {"skip": "records without a caption"}
-                continue
+            if seen >= n:
+                break
+        if seen == 0:
+            raise ValueError(f"the WebDataset shards {self.urls[:3]}{' ...' if len(self.urls) > 3 else ''} "
+                             f"hold no records: nothing to train on")
+        if self.require_captions and captioned == 0:
+            raise ValueError(f"none of the first {seen} WebDataset samples has a caption; a caption is a "
+                             f"{' / '.join('.' + k for k in self.caption_keys)} entry or a .json with a 'caption' field")
+
+    # -- the raw stream --------------------------------------------------------------------------
+    def shard_order(self, epoch: int) -> list[str]:
+        order = list(self.urls)
+        random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        return order
+
+    @staticmethod
+    def raw_records(url: str):
+        """The samples of one shard as {extension: bytes, "__key__": key}, undecoded; a shard that
+        cannot be read (to its end) yields one {"__error__": reason} and stops."""
+        import tarfile
+
+        import webdataset as wds
+
+        current: dict | None = None
+        try:
+            with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    name = member.name
+                    base = name.rsplit("/", 1)[-1]
+                    if base.startswith(".") or "." not in base:
+                        continue
+                    dot = name.rfind("/") + 1 + base.index(".")
+                    key, ext = name[:dot], name[dot + 1:].lower()
+                    data = tar.extractfile(member).read()
+                    if current is not None and current["__key__"] != key:
+                        yield current
+                        current = None
+                    if current is None:
+                        current = {"__key__": key}
+                    current[ext] = data
+        except (OSError, EOFError, tarfile.TarError) as e:
+            current = None
+            yield {"__error__": f"{type(e).__name__}: {e}"}
+        if current is not None:
+            yield current
+
+    def caption_of(self, raw: dict) -> str | None:
+        for k in self.caption_keys:
+            if k in raw:
+                c = raw[k].decode("utf-8", "replace") if isinstance(raw[k], bytes) else str(raw[k])
+                return c if c.strip() else None
+        if "json" in raw:
             try:
-                with Image.open(_io.BytesIO(sample[img_key])) as img:
-                    img.load()
-                    flip = self.flip and rng.random() < 0.5
-                    yield {"image": image_to_tensor(img, self.resolution, flip), "caption": str(caption), "index": n}
-            except (OSError, ValueError, SyntaxError):
-                yield {"skip": "corrupt or unreadable images"}
-        self.epoch += 1
+                c = json.loads(raw["json"]).get("caption")
+            except (ValueError, AttributeError):
+                return None
+            return c if isinstance(c, str) and c.strip() else None
+        return None
+
+    def decode(self, raw: dict, number: int) -> dict:
+        """One raw sample -> a training item, or {"skip": reason}. `number` is the sample's place in
+        the stream: it names the item and draws its flip, so a flip does not depend on the process."""
+        if "__error__" in raw:
+            return {"skip": "unreadable shards"}
+        img_key = next((k for k in raw if k in _IMAGE_KEYS), None)
+        if img_key is None:
+            return {"skip": "records without an image"}
+        caption = self.caption_of(raw)
+        if self.require_captions and caption is None:
+            return {"skip": "records without a caption"}
+        try:
+            with Image.open(_io.BytesIO(raw[img_key])) as img:
+                img.load()
+                flip = self.flip and random.Random(self.seed * 1_000_003 + number).random() < 0.5
+                x = image_to_tensor(img, self.resolution, flip)
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            return {"skip": "corrupt or unreadable images"}
+        return {"image": x, "caption": caption or "", "index": number}
+
+    def __iter__(self):
+        """One epoch (epoch 0's shard order), decoded; skipped samples are counted in `self.skipped`."""
+        number = 0
+        for url in self.shard_order(0):
+            for raw in self.raw_records(url):
+                item = self.decode(raw, number)
+                number += "__error__" not in raw
+                if "skip" in item:
+                    self.skipped[item["skip"]] += 1
+                else:
+                    yield item
+
+
+_IMAGE_KEYS = {e[1:] for e in IMAGE_EXTS}
 
 
 def build_dataset(cfg: dict, require_captions: bool = True):
@@ -193,22 +282,24 @@ def build_dataset(cfg: dict, require_captions: bool = True):
     if kind == "webdataset":
         if "urls" not in cfg:
             raise ValueError("data.type webdataset needs data.urls (a brace pattern or a list of .tar shards)")
-        return WebDatasetShards(cfg["urls"], res, bool(cfg.get("flip", False)), int(cfg.get("seed", 0)))
+        return WebDatasetShards(cfg["urls"], res, bool(cfg.get("flip", False)), int(cfg.get("seed", 0)),
+                                require_captions=require_captions)
     raise ValueError(f"unknown data.type {kind!r}; valid: 'shapes', 'imagefolder', 'webdataset'")
 
 
 def collate(items: list[dict], skipped: SkipCounter) -> dict | None:
-    """Stack the good records, count the skipped ones; None if the whole batch was bad."""
+    """Stack the good records, count the skipped ones; None if the whole batch was bad. `slot` is
+    each record's place in the global batch (what per-sample randomness is drawn by)."""
     good = []
-    for it in items:
+    for k, it in enumerate(items):
         if "skip" in it:
             skipped[it["skip"]] += 1
         else:
-            good.append(it)
+            good.append((it.get("slot", k), it))
     if not good:
         return None
-    return {"image": torch.stack([g["image"] for g in good]), "caption": [g["caption"] for g in good],
-            "index": torch.tensor([g["index"] for g in good])}
+    return {"image": torch.stack([g["image"] for _, g in good]), "caption": [g["caption"] for _, g in good],
+            "index": torch.tensor([g["index"] for _, g in good]), "slot": torch.tensor([s for s, _ in good])}
 
 
 class GlobalBatches:
@@ -239,3 +330,75 @@ class GlobalBatches:
         self.position += 1
         per = self.batch // self.world
         return idx[self.rank * per:(self.rank + 1) * per]
+
+    def take(self, dataset) -> list[dict]:
+        """This process's records of the next global batch, each tagged with its slot in it."""
+        first = self.rank * (self.batch // self.world)
+        return [{**dataset[i], "slot": first + k} for k, i in enumerate(self.next())]
+
+
+class StreamBatches:
+    """Global batches read in order from a WebDataset stream. Every process reads the same raw
+    stream (tar bytes are cheap next to decoding and training) and decodes only its own slice of
+    each global batch, so N processes see the same global batches as one. The position is
+    {epoch, shard, record}: a resume skips that many raw records without decoding them."""
+
+    def __init__(self, dataset: WebDatasetShards, batch_size: int, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"the global batch size {batch_size} must be divisible by the number of processes {world}")
+        self.ds, self.batch, self.rank, self.world = dataset, batch_size, rank, world
+        self._pos = {"epoch": 0, "shard": 0, "record": 0, "consumed": 0}
+        self._stream = None
+
+    @property
+    def position(self) -> dict:
+        return dict(self._pos)
+
+    @position.setter
+    def position(self, pos) -> None:
+        if not isinstance(pos, dict) or not {"epoch", "shard", "record"} <= set(pos):
+            raise ValueError(f"a WebDataset run resumes from a position {{epoch, shard, record}}; the checkpoint "
+                             f"holds {pos!r} (was it written by a run on another kind of dataset?)")
+        self._pos = {"consumed": 0, **{k: int(v) for k, v in pos.items()}}
+        self._stream = None
+
+    def _records(self):
+        p = self._pos
+        while True:
+            order = self.ds.shard_order(p["epoch"])
+            whole_epoch, read_any = p["shard"] == 0 and p["record"] == 0, False
+            while p["shard"] < len(order):
+                skip = p["record"]
+                for r, raw in enumerate(self.ds.raw_records(order[p["shard"]])):
+                    if r < skip:
+                        continue
+                    read_any = True
+                    p["record"], p["consumed"] = r + 1, p["consumed"] + 1
+                    yield raw
+                p["shard"], p["record"] = p["shard"] + 1, 0
+            if whole_epoch and not read_any:
+                raise ValueError(f"the WebDataset shards {order[:3]} yielded no record in epoch {p['epoch']}")
+            p["epoch"], p["shard"], p["record"] = p["epoch"] + 1, 0, 0
+
+    def take(self, dataset=None) -> list[dict]:
+        if self._stream is None:
+            self._stream = self._records()
+        per = self.batch // self.world
+        mine = range(self.rank * per, (self.rank + 1) * per)
+        items = []
+        for slot in range(self.batch):
+            number = self._pos["consumed"]
+            raw = next(self._stream)
+            if slot in mine:
+                items.append({**self.ds.decode(raw, number), "slot": slot})
+        return items
+
+
+def make_batches(dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """The global-batch reader for a dataset: in order from a stream, or permuted from a map-style one."""
+    if isinstance(dataset, WebDatasetShards):
+        return StreamBatches(dataset, batch_size, rank, world)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        raise TypeError(f"{type(dataset).__name__} is an iterable dataset the trainer cannot position for resume; "
+                        f"use a map-style dataset or WebDatasetShards")
+    return GlobalBatches(len(dataset), batch_size, seed, rank, world)

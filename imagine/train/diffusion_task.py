@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from imagine.models.io import atomic_write_json
-from imagine.train.loop import Task
+from imagine.train.loop import Task, global_slots
 
 DIFFUSION_DEFAULTS = {
     "prediction_type": "epsilon", "caption_dropout": 0.1, "min_snr_gamma": None,
@@ -75,6 +75,8 @@ class DiffusionTask(Task):
 
     # -- conditioning --------------------------------------------------------------------------
     def precompute_text(self, captions: list[str], batch: int = 256) -> None:
+        """Encode and cache `captions` in chunks of `batch` (sorted, so the chunks, and with them the
+        float rounding of each caption's states, depend only on the list given)."""
         todo = sorted(set(captions) - set(self.text_cache))
         for i in range(0, len(todo), batch):
             chunk = todo[i:i + batch]
@@ -84,7 +86,11 @@ class DiffusionTask(Task):
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.d["cache_text"]:
-            self.precompute_text(captions)
+            # A caption not cached up front is encoded on its own: its states must not depend on
+            # which captions shared its batch (they do, by float rounding), or a resumed run would
+            # differ from an uninterrupted one.
+            for c in sorted(set(captions) - set(self.text_cache)):
+                self.precompute_text([c])
             states = torch.stack([self.text_cache[c][0] for c in captions])
             masks = [self.text_cache[c][1] for c in captions]
             cond = {"context": states}
@@ -96,6 +102,7 @@ class DiffusionTask(Task):
     # -- data to x_0 -----------------------------------------------------------------------------
     @torch.no_grad()
     def to_x0(self, batch) -> torch.Tensor:
+        G, slot = global_slots(batch)
         x = batch["image"]
         if self.vae is None:
             return x
@@ -113,19 +120,26 @@ class DiffusionTask(Task):
             moments = self.latent_cache[idx].float()
         mean, logvar = moments.chunk(2, dim=1)
         # LDM samples z from the posterior (not its mode) when building the training latents.
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=self.gen)
+        eps = torch.randn((G, *mean.shape[1:]), generator=self.gen)[slot]
+        z = mean + torch.exp(0.5 * logvar) * eps
         return self.vae.to_latent(z)
 
     def loss(self, batch, step):
         from imagine.diffusion import training_loss
 
+        # Every random choice is drawn for the whole global batch and indexed by the sample's slot
+        # in it, so sample j sees the same dropout, timestep and noise on any number of processes
+        # (and the gradient averaged by DDP is the one-process gradient).
+        G, slot = global_slots(batch)
         captions = list(batch["caption"])
-        drop = torch.rand(len(captions), generator=self.drop_gen) < float(self.d["caption_dropout"])
+        drop = (torch.rand(G, generator=self.drop_gen) < float(self.d["caption_dropout"]))[slot]
         captions = ["" if dr else c for c, dr in zip(captions, drop.tolist())]
         cond = self.encode_text(captions)
         x0 = self.to_x0(batch)
-        loss = training_loss(self.trainable, x0, cond, self.schedule, self.d["prediction_type"], generator=self.gen,
-                             min_snr_gamma=self.d["min_snr_gamma"])
+        t = torch.randint(0, self.schedule.num_train_timesteps, (G,), generator=self.gen)[slot]
+        noise = torch.randn((G, *x0.shape[1:]), generator=self.gen, dtype=x0.dtype)[slot]
+        loss = training_loss(self.model or self.trainable, x0, cond, self.schedule, self.d["prediction_type"],
+                             t=t, noise=noise, min_snr_gamma=self.d["min_snr_gamma"])
         return loss, {"loss": float(loss.detach())}
 
     # -- sampling and export -------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagine.models.vae import AutoencoderKL, VAEConfig
-from imagine.train.loop import Task
+from imagine.train.loop import Task, global_slots
 
 VAE_LOSS_DEFAULTS = {"reconstruction": "l1", "kl_weight": 1e-6, "discriminator": False, "disc_start": 5000,
                      "disc_weight": 0.5, "disc_lr": None, "disc_layers": 3}
@@ -40,6 +40,22 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+class ReconstructionStep(nn.Module):
+    """x -> (reconstruction, q(z|x)) with z = mean + std * eps, eps drawn for the whole global
+    batch and indexed by slot (so a sample's eps does not depend on the number of processes).
+    A forward of its own so that DDP, which hooks `forward`, averages the VAE's gradients."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, slot, global_batch: int, generator: torch.Generator):
+        posterior = self.vae.encode(x)
+        m = posterior.mean
+        eps = torch.randn((global_batch, *m.shape[1:]), generator=generator, device=m.device, dtype=m.dtype)[slot]
+        return self.vae.decode(m + posterior.std * eps), posterior
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """PSNR in dB per image for tensors in [-1, 1] (peak-to-peak 2)."""
     mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).flatten(1).mean(1)
@@ -62,6 +78,7 @@ class VAETask(Task):
         if self.auto_scale:
             mcfg["scaling_factor"] = 1.0
         self.trainable = AutoencoderKL(VAEConfig.from_dict(mcfg))
+        self.step = ReconstructionStep(self.trainable)
         self.gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)) + 1)
         self.eval_images = eval_images
         self.disc = None
@@ -74,6 +91,9 @@ class VAETask(Task):
     def generators(self):
         return {"noise": self.gen}
 
+    def step_module(self):
+        return self.step
+
     def checkpoint_modules(self):
         return {"disc": self.disc} if self.disc is not None else {}
 
@@ -83,8 +103,8 @@ class VAETask(Task):
     def loss(self, batch, step):
         model = self.trainable
         x = batch["image"]
-        posterior = model.encode(x)
-        rec = model.decode(posterior.sample(self.gen))
+        G, slot = global_slots(batch)
+        rec, posterior = (self.model or self.step)(x, slot, G, self.gen)
         diff = (rec.float() - x).abs() if self.lc["reconstruction"] == "l1" else (rec.float() - x) ** 2
         nll = diff.flatten(1).sum(1).mean()
         kl = posterior.kl().float().mean()
@@ -111,6 +131,16 @@ class VAETask(Task):
         # Hinge loss (Lim & Ye 2017): push real logits above 1 and fake logits below -1.
         d_loss = 0.5 * (F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(rec.detach())).mean())
         d_loss.backward()
+        acc = self.accelerator
+        if acc is not None and acc.num_processes > 1:
+            # The discriminator is outside DDP (it runs twice a step): average its gradients by
+            # hand so that every process keeps the same discriminator.
+            import torch.distributed as dist
+
+            for p in self.disc.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= acc.num_processes
         opt.step()
         return {"d_loss": float(d_loss)}
 
