@@ -27,7 +27,7 @@ from imagine.guidance import (
     classifier_mean_shift,
     guided_model_output,
 )
-from imagine.samplers import TIMESTEP_RULE, invert_ddim, resolve_sampler
+from imagine.samplers import TIMESTEP_RULE, final_heun_step, invert_ddim, resolve_sampler
 from imagine.schedules import NoiseSchedule, SamplingPlan
 
 CLASSIFIER_FORMS = {"eps": "eps", "ddim": "eps", "epsilon": "eps", "mean": "mean", "ddpm": "mean"}
@@ -198,8 +198,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            threshold_percentile: float = 0.995, timestep_spacing: str | None = None, steps_offset: int | None = None,
            karras: bool | None = False, eta: float | None = None, seeds: int | Sequence[int] | None = None,
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
-           callback: Callable[[dict], None] | None = None, progress: bool = True, dtype: torch.dtype = torch.float32,
-           device: torch.device | str | None = None) -> torch.Tensor:
+           callback: Callable[[dict], None] | None = None, progress: bool = True, final_step: str = "euler",
+           dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     shape_or_noise: the full shape (B, C, H, W), or a start-noise tensor of unit variance [B, ...]
@@ -217,9 +217,14 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     thresholding: None, "static" or "dynamic" (Imagen) on every x_0 prediction.
     seeds / generator: reproducible noise, one generator per sample (see module doc).
     callback(info): after each step; info has step, total, t, sigma, x, denoised. Raise to stop.
+    final_step: "euler" (x_0 = D(x) from the last level, as every diffusers scheduler does) or "heun"
+        (the trapezoidal last step, samplers.final_heun_step: same model calls, less narrowing of the
+        modes; see docs/samplers.md).
     """
     prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, steps,
                                                     timestep_spacing, steps_offset, karras)
+    if final_step not in ("euler", "heun"):
+        raise ValueError(f"final_step must be 'euler' or 'heun'; got {final_step!r}")
     _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, classifier_scale,
                        classifier_guidance_form, thresholding, threshold_percentile, canonical)
     if isinstance(shape_or_noise, torch.Tensor):
@@ -247,7 +252,15 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
                        threshold_percentile)
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
     with torch.no_grad():
-        return fn(denoise, x, plan, noise=noise, eta=eta, callback=callback, progress=progress, **kwargs)
+        if final_step == "euler":
+            return fn(denoise, x, plan, noise=noise, eta=eta, callback=callback, progress=progress, **kwargs)
+        if float(plan.sigmas[-1]) != 0:
+            raise ValueError("final_step='heun' needs a plan that ends at sigma = 0; DDIM with "
+                             "set_alpha_to_one=False ends at abar_0")
+        if len(plan) > 1:  # every step but the last as the sampler does them, then the trapezoid to sigma = 0
+            x = fn(denoise, x, plan.head(len(plan) - 1), noise=noise, eta=eta, callback=callback, progress=progress,
+                   **kwargs)
+        return final_heun_step(denoise, x, plan, callback=callback)
 
 
 def invert(model: Callable[..., torch.Tensor], x0: torch.Tensor, *, schedule: NoiseSchedule,

@@ -131,6 +131,11 @@ class SamplingPlan:
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def head(self, stop: int) -> "SamplingPlan":
+        """The first `stop` steps, ending at level `stop` (not at the plan's end)."""
+        return replace(self, timesteps=self.timesteps[:stop], sigmas=self.sigmas[: stop + 1],
+                       alphas_cumprod=self.alphas_cumprod[: stop + 1])
+
     def tail(self, start: int) -> "SamplingPlan":
         """The plan from step `start` on (img2img-style partial runs)."""
         return replace(self, timesteps=self.timesteps[start:], sigmas=self.sigmas[start:],

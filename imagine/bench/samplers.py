@@ -1,0 +1,294 @@
+"""Samplers against the truth: ours and diffusers' schedulers on Gaussian mixtures with an exact denoiser.
+
+For data x_0 ~ sum_k w_k N(mu_k, diag(v_k)), the noisy marginal at abar is again a mixture,
+sum_k w_k N(sqrt(abar) mu_k, diag(abar v_k + 1 - abar)), and the ideal denoiser is known in closed form:
+E[x_0 | x_t] = sum_k r_k(x_t) (mu_k + sqrt(abar) v_k / (abar v_k + 1 - abar) (x_t - sqrt(abar) mu_k)),
+with r_k the posterior responsibilities. So every error left in the samples is the sampler's own
+(discretisation, start distribution, final step), with no network in the way.
+
+Each sampler runs on the same exact epsilon-model and is scored against the true distribution:
+  gap  = cross-entropy of the samples under the true mixture minus its entropy, E_q[-log p] - H(p)
+         (0 for exact samples; > 0 for samples off the data, < 0 for samples crowding the modes);
+  swd  = sliced Wasserstein-1 distance to a fresh set of true samples (128 random directions).
+Each has a noise floor: the same score for n fresh true samples.
+
+    python -m imagine.bench.samplers --steps 5 10 20 50 --json out/bench_samplers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imagine.schedules import NoiseSchedule
+
+# Stable Diffusion 1.x's scheduler settings (its scheduler_config.json), used by both sides
+SD_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+             "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
+             "clip_sample": False}
+
+
+# -- the truth -----------------------------------------------------------------------------------
+@dataclass
+class GaussianMixture:
+    """A mixture of diagonal Gaussians over flattened x of `shape` (float64)."""
+
+    weights: torch.Tensor  # [K]
+    means: torch.Tensor  # [K, D]
+    variances: torch.Tensor  # [K, D]
+    shape: tuple[int, ...]
+    name: str = ""
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.variances[k].sqrt() * z).reshape(n, *self.shape)
+
+    def _component_log_probs(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        # [n, K]: log w_k + log N(x; mean_k, diag(var_k)), in chunks of components to bound memory
+        x = x.reshape(x.shape[0], -1).double()
+        out = []
+        for k in range(mean.shape[0]):
+            d = x - mean[k]
+            out.append(-0.5 * ((d * d) / var[k]).sum(1) - 0.5 * torch.log(2 * math.pi * var[k]).sum())
+        return torch.stack(out, 1) + self.weights.log()
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(self._component_log_probs(x, self.means, self.variances), 1)
+
+    def posterior_mean(self, x_t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        """E[x_0 | x_t] at noise level abar (one value per row), in closed form."""
+        n = x_t.shape[0]
+        x = x_t.reshape(n, -1).double()
+        out = torch.empty_like(x)
+        for a in torch.unique(abar):  # rows share a level in a sampler step; group them
+            rows = abar == a
+            a = float(a)
+            mean_t, var_t = math.sqrt(a) * self.means, a * self.variances + (1 - a)
+            r = torch.softmax(self._component_log_probs(x[rows], mean_t, var_t), 1)  # [m, K]
+            gain = math.sqrt(a) * self.variances / var_t  # [K, D]
+            per_k = self.means[None] + gain[None] * (x[rows, None, :] - mean_t[None])  # [m, K, D]
+            out[rows] = (r[..., None] * per_k).sum(1)
+        return out.reshape(x_t.shape)
+
+
+class ExactModel:
+    """The ideal network for a mixture: model(x_t, t) -> the exact prediction (epsilon, sample or v).
+    abar at a fractional t comes from log-linear interpolation of sigma (NoiseSchedule.t_to_sigma)."""
+
+    def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
+        self.mixture, self.schedule, self.prediction_type = mixture, schedule, prediction_type
+        self.calls = 0
+
+    def __call__(self, x_t: torch.Tensor, t, **cond) -> torch.Tensor:
+        self.calls += 1
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x_t.shape[0])
+        sigma = torch.from_numpy(self.schedule.t_to_sigma(t.numpy()))
+        abar = 1.0 / (1.0 + sigma**2)
+        x0 = self.mixture.posterior_mean(x_t, abar)
+        view = (-1,) + (1,) * (x_t.ndim - 1)
+        a, s = abar.sqrt().view(view), (1 - abar).sqrt().view(view)
+        eps = (x_t.double() - a * x0) / s
+        out = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[self.prediction_type]
+        return out.to(x_t.dtype)
+
+
+def ring2d() -> GaussianMixture:
+    """8 equal modes on the unit circle, std 0.1: well separated, so mode-hopping and blur both show."""
+    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    means = torch.stack([angles.cos(), angles.sin()], 1)
+    return GaussianMixture(torch.full((8,), 1 / 8, dtype=torch.float64), means, torch.full((8, 2), 0.01,
+                           dtype=torch.float64), (2,), "ring2d")
+
+
+def aniso16() -> GaussianMixture:
+    """6 unequal components in 16-D with per-axis stds from 0.02 to 0.6 (seeded)."""
+    g = torch.Generator().manual_seed(16)
+    w = torch.rand(6, generator=g, dtype=torch.float64) + 0.3
+    means = torch.randn(6, 16, generator=g, dtype=torch.float64) * 0.7
+    stds = torch.exp(torch.empty(6, 16, dtype=torch.float64).uniform_(math.log(0.02), math.log(0.6), generator=g))
+    return GaussianMixture(w / w.sum(), means, stds**2, (16,), "aniso16")
+
+
+def image3x8x8() -> GaussianMixture:
+    """10 smooth 3x8x8 'images' (bilinear upsampling of random 3x2x2 patterns) with pixel noise 0.05-0.15."""
+    g = torch.Generator().manual_seed(388)
+    coarse = torch.rand(10, 3, 2, 2, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    means = torch.nn.functional.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=True)
+    stds = torch.empty(10, 192, dtype=torch.float64).uniform_(0.05, 0.15, generator=g)
+    return GaussianMixture(torch.full((10,), 0.1, dtype=torch.float64), means.reshape(10, -1), stds**2, (3, 8, 8),
+                           "image3x8x8")
+
+
+PROBLEMS = {"ring2d": (ring2d, 20000), "aniso16": (aniso16, 10000), "image3x8x8": (image3x8x8, 4000)}
+
+
+# -- scores --------------------------------------------------------------------------------------
+class Scorer:
+    """Scores for one problem: cross-entropy gap and sliced W1, plus their noise floors."""
+
+    def __init__(self, mixture: GaussianMixture, n: int, seed: int = 0, directions: int = 128, floor_sets: int = 4):
+        g = torch.Generator().manual_seed(seed + 1000)
+        self.mixture, self.n = mixture, n
+        big = mixture.sample(max(20 * n, 200_000) if mixture.dim < 64 else 20 * n, g)
+        self.entropy = float(-mixture.log_prob(big).mean())
+        self.reference = mixture.sample(n, g).reshape(n, -1)
+        d = torch.randn(mixture.dim, directions, generator=g, dtype=torch.float64)
+        self.directions = d / d.norm(dim=0, keepdim=True)
+        self._ref_sorted = (self.reference @ self.directions).sort(0).values
+        floors = [self.score(mixture.sample(n, g)) for _ in range(floor_sets)]
+        self.floor = {"gap": float(np.mean([abs(f["gap"]) for f in floors])),
+                      "swd": float(np.mean([f["swd"] for f in floors]))}
+
+    def score(self, x: torch.Tensor) -> dict[str, float]:
+        x = x.reshape(x.shape[0], -1).double()
+        if not bool(torch.isfinite(x).all()):
+            return {"gap": float("nan"), "swd": float("nan")}
+        gap = float(-self.mixture.log_prob(x).mean()) - self.entropy
+        proj = (x @ self.directions).sort(0).values
+        swd = float((proj - self._ref_sorted).abs().mean())
+        return {"gap": gap, "swd": swd}
+
+
+# -- the contestants ------------------------------------------------------------------------------
+# label -> (side, sampler or scheduler, options)
+OURS = {
+    "ddim": ("ddim", {}), "ddpm": ("ddpm", {}), "euler": ("euler", {}), "euler_a": ("euler_a", {}),
+    "heun": ("heun", {}), "dpmpp_2m": ("dpmpp_2m", {}), "dpmpp_2m_sde": ("dpmpp_2m_sde", {}),
+    "euler karras": ("euler", {"karras": True}), "heun karras": ("heun", {"karras": True}),
+    "dpmpp_2m karras": ("dpmpp_2m", {"karras": True}), "dpmpp_2m_sde karras": ("dpmpp_2m_sde", {"karras": True}),
+    "dpmpp_2m trailing": ("dpmpp_2m", {"timestep_spacing": "trailing"}),
+    "heun trailing": ("heun", {"timestep_spacing": "trailing"}),
+    "dpmpp_2m_sde trailing": ("dpmpp_2m_sde", {"timestep_spacing": "trailing"}),
+    # with the trapezoidal last step (samplers.final_heun_step): same model calls
+    "euler karras, heun final": ("euler", {"karras": True, "final_step": "heun"}),
+    "heun karras, heun final": ("heun", {"karras": True, "final_step": "heun"}),
+    "dpmpp_2m karras, heun final": ("dpmpp_2m", {"karras": True, "final_step": "heun"}),
+    "dpmpp_2m_sde karras, heun final": ("dpmpp_2m_sde", {"karras": True, "final_step": "heun"}),
+}
+DIFFUSERS = {
+    "DDIMScheduler": ("DDIMScheduler", {}), "DDPMScheduler": ("DDPMScheduler", {}),
+    "EulerDiscrete": ("EulerDiscreteScheduler", {}), "EulerAncestral": ("EulerAncestralDiscreteScheduler", {}),
+    "HeunDiscrete": ("HeunDiscreteScheduler", {}), "DPM++2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "EulerDiscrete karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "HeunDiscrete karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM++2M karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++2M trailing": ("DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}),
+}
+
+
+def run_ours(model: ExactModel, schedule: NoiseSchedule, shape, sampler: str, steps: int, seed: int,
+             options: dict) -> torch.Tensor:
+    from imagine.sampling import sample
+
+    return sample(model, shape, schedule=schedule, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(seed),
+                  progress=False, **options)
+
+
+def run_diffusers(model: ExactModel, shape, scheduler_name: str, steps: int, seed: int, options: dict) -> torch.Tensor:
+    import diffusers
+
+    scheduler = getattr(diffusers, scheduler_name).from_config({**SD_CONFIG, **options})
+    g = torch.Generator().manual_seed(seed)
+    scheduler.set_timesteps(steps)
+    x = torch.randn(shape, generator=g) * scheduler.init_noise_sigma
+    takes_generator = scheduler_name != "HeunDiscreteScheduler"
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = model(scheduler.scale_model_input(x, t), t)
+            x = scheduler.step(out, t, x, **({"generator": g} if takes_generator else {})).prev_sample
+    return x
+
+
+def nfe(sampler_or_scheduler: str, steps: int) -> int:
+    return 2 * steps - 1 if "heun" in sampler_or_scheduler.lower() else steps
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    torch.set_num_threads(max(1, int(args.threads)))
+    warnings.filterwarnings("ignore")
+    schedule = NoiseSchedule.from_diffusers_config(SD_CONFIG)
+    try:
+        import diffusers  # noqa: F401
+
+        have_diffusers = not args.no_diffusers
+    except ImportError:
+        have_diffusers = False
+        print("diffusers is not installed: running our samplers only")
+    contestants = [(f"ours: {k}", "ours", *v) for k, v in OURS.items()]
+    if have_diffusers:
+        contestants += [(f"diffusers: {k}", "diffusers", *v) for k, v in DIFFUSERS.items()]
+    if args.only:
+        contestants = [c for c in contestants if any(o.lower() in c[0].lower() for o in args.only)]
+    results = {"config": {"schedule": SD_CONFIG, "steps": args.steps, "seed": args.seed}, "problems": {}}
+    for pname in args.problems:
+        make, default_n = PROBLEMS[pname]
+        mixture = make()
+        n = int(args.samples or default_n)
+        t0 = time.time()
+        scorer = Scorer(mixture, n, args.seed)
+        shape = (n, *mixture.shape)
+        model = ExactModel(mixture, schedule)
+        rows = {}
+        for label, side, name, options in contestants:
+            rows[label] = {}
+            for steps in args.steps:
+                if side == "ours":
+                    x = run_ours(model, schedule, shape, name, steps, args.seed, options)
+                else:
+                    x = run_diffusers(model, shape, name, steps, args.seed, options)
+                rows[label][str(steps)] = {**scorer.score(x), "nfe": nfe(name, steps)}
+        results["problems"][pname] = {"n": n, "dim": mixture.dim, "entropy": scorer.entropy, "floor": scorer.floor,
+                                      "results": rows, "seconds": round(time.time() - t0, 1)}
+        print_table(pname, results["problems"][pname], args.steps)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+        print(f"wrote {path}")
+    return 0
+
+
+def print_table(pname: str, res: dict, steps: list[int]) -> None:
+    f = res["floor"]
+    print(f"\n{pname} (dim {res['dim']}, n = {res['n']}, entropy {res['entropy']:.3f} nats; noise floor: "
+          f"|gap| {f['gap']:.4f}, swd {f['swd']:.4f}; {res['seconds']} s)")
+    print(f"{'sampler':34s}" + "".join(f"{'steps ' + str(s) + ': gap / swd':>24s}" for s in steps))
+    for label, row in res["results"].items():
+        cells = "".join(f"{row[str(s)]['gap']:>12.4f}{row[str(s)]['swd']:>12.4f}" for s in steps)
+        print(f"{label:34s}{cells}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    parser.add_argument("--steps", nargs="+", type=int, default=[5, 10, 20, 50])
+    parser.add_argument("--samples", type=int, default=None, help="samples per run (default: per problem)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", default=None, help="run only contestants whose label contains these")
+    parser.add_argument("--no-diffusers", action="store_true", help="our samplers only")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--json", default=None, help="write the results here")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m imagine.bench.samplers", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
