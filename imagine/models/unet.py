@@ -19,7 +19,7 @@ The call follows docs/DESIGN.md: `model(x_t, t, context=..., context_mask=..., c
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
