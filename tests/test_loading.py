@@ -21,6 +21,17 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared, loaded machine OpenMP's
+    barriers make two threads many times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------
 # A tiny CLIP tokenizer: byte-level BPE with CLIP's conventions (</w> word ends, 256 byte
 # symbols), a handful of merges, and CLIP's two special tokens.

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from test_loading import TINY, rel_err, save_diffusers_folder, write_single_file  # noqa: E402
+from test_loading import one_thread, TINY, rel_err, save_diffusers_folder, write_single_file  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 

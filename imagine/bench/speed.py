@@ -1,0 +1,334 @@
+"""U-Net step and VAE decode time against diffusers on identical weights: `imagine bench speed`.
+
+For each model shape (a small SD-shaped U-Net and the real SD 1.5 shape), one diffusers
+`UNet2DConditionModel` gets random weights and ours gets a copy of them; each side then runs
+the same batch-2 call (classifier-free guidance: conditional and unconditional halves in one
+pass) in turn, round after round, so that the load of a shared machine falls on all sides alike.
+The sides:
+
+  diffusers fp32          the reference
+  diffusers autocast      torch.autocast("cpu", bfloat16) around the fp32 model
+  diffusers bf16          the model's weights cast to bfloat16
+  imagine exact           fp32 (TextToImagePipeline(precision="exact"))
+  imagine fast            what TextToImagePipeline(precision="fast") runs
+
+Reported per side: the median seconds per call, the peak resident memory the call added on top
+of what was there before it (sampled every 5 ms), and the output's error against the fp32
+reference. The ratios: exact against diffusers fp32, fast against the faster of diffusers'
+two bf16 settings. The VAE decode (SD's autoencoder, 64x64 latents to a 512x512 image) is timed
+the same way, with the PSNR of each side's image against diffusers' fp32 image.
+
+Needs diffusers (a test dependency); weights are random (no download), so the numbers measure
+speed, not image quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import threading
+import time
+from typing import Callable
+
+import torch
+
+MODELS = ("small", "sd15")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default="small,sd15",
+                   help="comma-separated: small (SD-shaped, 1/4 of SD 1.5's channels, 32x32 latents), "
+                        "sd15 (the real SD 1.5 U-Net, 64x64 latents)")
+    p.add_argument("--parts", default="unet,vae", help="comma-separated: unet, vae")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per side (after one warm-up call)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--vae-size", type=int, default=512, help="decoded image size in pixels (multiple of 8)")
+    p.add_argument("--sides", default=None,
+                   help="comma-separated subset of: diffusers_fp32, diffusers_autocast, diffusers_bf16, "
+                        "imagine_exact, imagine_fast")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _PeakRSS:
+    """Peak resident memory during a block, above the level at its start (sampled every 5 ms)."""
+
+    def __enter__(self):
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+        self.added = self.peak - self.base
+
+
+def _alternate(sides: dict[str, Callable[[], torch.Tensor]], repeats: int, log=print) -> dict[str, dict]:
+    """One warm-up call per side, then `repeats` rounds of one timed call per side; the order
+    rotates every round so no side always follows the same neighbour."""
+    names = list(sides)
+    out = {n: {"seconds": [], "peak_added_mb": 0.0, "output": None} for n in names}
+    with torch.inference_mode():
+        for n in names:
+            t0 = time.perf_counter()
+            with _PeakRSS() as mem:
+                out[n]["output"] = sides[n]().float()
+            out[n]["warmup_s"] = time.perf_counter() - t0
+            out[n]["peak_added_mb"] = mem.added / 2**20
+            log(f"    warm-up {n}: {out[n]['warmup_s']:.2f} s")
+            gc.collect()
+        for r in range(repeats):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for n in order:
+                t0 = time.perf_counter()
+                with _PeakRSS() as mem:
+                    sides[n]()
+                dt = time.perf_counter() - t0
+                out[n]["seconds"].append(dt)
+                out[n]["peak_added_mb"] = max(out[n]["peak_added_mb"], mem.added / 2**20)
+            log("    round %d: %s" % (r + 1, ", ".join(f"{n} {out[n]['seconds'][-1]:.2f} s" for n in names)))
+    for n in names:
+        out[n]["median_s"] = statistics.median(out[n]["seconds"])
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of images in [-1, 1] (peak-to-peak 2)."""
+    mse = float(((a.double().clamp(-1, 1) - b.double().clamp(-1, 1)) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+# ---------------------------------------------------------------------------------------------
+# The models
+# ---------------------------------------------------------------------------------------------
+def unet_config(name: str):
+    from imagine.models.unet import UNetConfig
+
+    sd = UNetConfig.sd15()
+    if name == "sd15":
+        return sd, 64
+    if name == "small":
+        d = sd.to_dict()
+        d.update(block_out_channels=[c // 4 for c in sd.block_out_channels], sample_size=32)
+        return UNetConfig.from_dict(d), 32
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+
+
+def _random_diffusers_unet(cfg, seed: int = 0):
+    import diffusers
+
+    torch.manual_seed(seed)
+    ref = diffusers.UNet2DConditionModel(**{k: v for k, v in cfg.to_dict().items()
+                                            if k not in ("num_attention_heads",)})
+    return ref.eval().requires_grad_(False)
+
+
+def bench_unet(name: str, repeats: int, side_names: list[str] | None, log=print) -> dict:
+    from imagine.models.unet import UNet2DConditionModel
+    from imagine.pipelines.text_to_image import _Autocast
+
+    cfg, size = unet_config(name)
+    ref = _random_diffusers_unet(cfg)
+    ours = UNet2DConditionModel(cfg).eval().requires_grad_(False)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, cfg.in_channels, size, size, generator=g)
+    t = torch.tensor([801.0, 801.0])
+    ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+    params = sum(p.numel() for p in ours.parameters())
+    log(f"  U-Net {name}: {params / 1e6:.0f} M parameters, batch 2, latents {size}x{size}, "
+        f"{torch.get_num_threads()} threads")
+
+    import copy
+
+    sides: dict[str, Callable[[], torch.Tensor]] = {}
+    want = side_names or ["diffusers_fp32", "diffusers_autocast", "diffusers_bf16", "imagine_exact", "imagine_fast"]
+    if "diffusers_fp32" in want or "diffusers_autocast" in want:
+        if "diffusers_fp32" in want:
+            sides["diffusers_fp32"] = lambda: ref(x, t, ctx).sample
+        if "diffusers_autocast" in want:
+            def diffusers_autocast():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return ref(x, t, ctx).sample
+            sides["diffusers_autocast"] = diffusers_autocast
+    if "diffusers_bf16" in want:
+        ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
+        xb, cb = x.bfloat16(), ctx.bfloat16()
+        sides["diffusers_bf16"] = lambda: ref_bf16(xb, t, cb).sample
+    if "imagine_exact" in want:
+        sides["imagine_exact"] = lambda: ours(x, t, context=ctx)
+    if "imagine_fast" in want:
+        fast = _Autocast(ours)
+        sides["imagine_fast"] = lambda: fast(x, t, context=ctx)
+    res = _alternate(sides, repeats, log)
+    with torch.inference_mode():
+        reference = res["diffusers_fp32"]["output"] if "diffusers_fp32" in res else ref(x, t, ctx).sample
+    for n, r in res.items():
+        r["rel_err_vs_diffusers_fp32"] = _rel(r.pop("output"), reference)
+    return {"model": name, "parameters": params, "latent": size, "batch": 2, "sides": res}
+
+
+def bench_vae(repeats: int, image: int, side_names: list[str] | None, log=print) -> dict:
+    import copy
+
+    import diffusers
+
+    from imagine.models.vae import AutoencoderKL, VAEConfig
+    from imagine.pipelines.text_to_image import decode_latents
+
+    if image % 8:
+        raise ValueError(f"--vae-size must be a multiple of 8; got {image}")
+    cfg = VAEConfig.sd()
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(block_out_channels=cfg.block_out_channels, layers_per_block=2, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4).eval().requires_grad_(False)
+    ours = AutoencoderKL(cfg).eval().requires_grad_(False)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(2)
+    lat = torch.randn(1, 4, image // 8, image // 8, generator=g)
+    z = lat / cfg.scaling_factor
+    log(f"  VAE decode: latent {image // 8}x{image // 8} -> {image}x{image}, {torch.get_num_threads()} threads")
+    want = side_names or ["diffusers_fp32", "diffusers_autocast", "diffusers_bf16", "imagine_exact", "imagine_fast"]
+    sides: dict[str, Callable[[], torch.Tensor]] = {}
+    if "diffusers_fp32" in want:
+        sides["diffusers_fp32"] = lambda: ref.decode(z).sample
+    if "diffusers_autocast" in want:
+        def diffusers_autocast():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return ref.decode(z).sample
+        sides["diffusers_autocast"] = diffusers_autocast
+    if "diffusers_bf16" in want:
+        ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
+        zb = z.bfloat16()
+        sides["diffusers_bf16"] = lambda: ref_bf16.decode(zb).sample
+    if "imagine_exact" in want:
+        sides["imagine_exact"] = lambda: decode_latents(ours, lat, "exact")
+    if "imagine_fast" in want:
+        sides["imagine_fast"] = lambda: decode_latents(ours, lat, "fast")
+    res = _alternate(sides, repeats, log)
+    with torch.inference_mode():
+        reference = res["diffusers_fp32"]["output"] if "diffusers_fp32" in res else ref.decode(z).sample
+    for n, r in res.items():
+        out = r.pop("output")
+        r["psnr_vs_diffusers_fp32_db"] = psnr(out, reference)
+    if "imagine_fast" in res and "imagine_exact" in res:
+        with torch.inference_mode():
+            a = decode_latents(ours, lat, "exact")
+            b = decode_latents(ours, lat, "fast")
+        res["imagine_fast"]["psnr_vs_imagine_exact_db"] = psnr(b, a)
+    return {"image": image, "sides": res}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+def _ratios(sides: dict) -> dict:
+    r = {}
+    med = {n: s["median_s"] for n, s in sides.items()}
+    if "imagine_exact" in med and "diffusers_fp32" in med:
+        r["exact_speedup_vs_diffusers_fp32"] = med["diffusers_fp32"] / med["imagine_exact"]
+    fastest = [n for n in ("diffusers_autocast", "diffusers_bf16") if n in med]
+    if "imagine_fast" in med and fastest:
+        best = min(fastest, key=med.get)
+        r["fast_speedup_vs_diffusers_fastest"] = med[best] / med["imagine_fast"]
+        r["diffusers_fastest"] = best
+    if "imagine_fast" in med and "diffusers_fp32" in med:
+        r["fast_speedup_vs_diffusers_fp32"] = med["diffusers_fp32"] / med["imagine_fast"]
+    return r
+
+
+def _table(title: str, sides: dict, quality_key: str, quality_fmt: str) -> str:
+    lines = [title, f"  {'side':<20} {'median s':>9} {'calls (s)':<28} {'peak +MB':>9} {quality_key:>14}"]
+    for n, s in sides.items():
+        calls = " ".join(f"{v:.2f}" for v in s["seconds"])
+        q = s.get(quality_key)
+        lines.append(f"  {n:<20} {s['median_s']:>9.3f} {calls:<28} {s['peak_added_mb']:>9.0f} "
+                     f"{(quality_fmt % q) if q is not None else '-':>14}")
+    for k, v in _ratios(sides).items():
+        lines.append(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise ModuleNotFoundError("imagine bench speed compares against diffusers: pip install diffusers") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1; got {args.repeats}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    for m in models:
+        if m not in MODELS:
+            raise ValueError(f"--models: unknown model {m!r}; valid: {', '.join(MODELS)}")
+    for p in parts:
+        if p not in ("unet", "vae"):
+            raise ValueError(f"--parts: unknown part {p!r}; valid: unet, vae")
+    side_names = [s.strip() for s in args.sides.split(",")] if args.sides else None
+    valid_sides = {"diffusers_fp32", "diffusers_autocast", "diffusers_bf16", "imagine_exact", "imagine_fast"}
+    if side_names and not set(side_names) <= valid_sides:
+        raise ValueError(f"--sides: unknown {sorted(set(side_names) - valid_sides)}; valid: {sorted(valid_sides)}")
+    import diffusers as _d
+
+    results = {"torch": torch.__version__, "diffusers": _d.__version__, "threads": torch.get_num_threads(),
+               "load_average_start": _loadavg(), "unet": [], "vae": None}
+    print(f"imagine bench speed: torch {torch.__version__}, diffusers {_d.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {_loadavg()}")
+    if "unet" in parts:
+        for m in models:
+            r = bench_unet(m, args.repeats, side_names)
+            results["unet"].append(r)
+            print(_table(f"U-Net {m} (batch 2, {r['latent']}x{r['latent']} latents): seconds per step",
+                         r["sides"], "rel_err_vs_diffusers_fp32", "%.1e"))
+            gc.collect()
+    if "vae" in parts:
+        r = bench_vae(args.repeats, args.vae_size, side_names)
+        results["vae"] = r
+        print(_table(f"VAE decode to {r['image']}x{r['image']}: seconds", r["sides"], "psnr_vs_diffusers_fp32_db",
+                     "%.1f dB"))
+        if "psnr_vs_imagine_exact_db" in r["sides"].get("imagine_fast", {}):
+            print(f"  imagine fast vs exact image: {r['sides']['imagine_fast']['psnr_vs_imagine_exact_db']:.1f} dB")
+    results["load_average_end"] = _loadavg()
+    print(f"load average at the end: {results['load_average_end']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"

@@ -1,0 +1,97 @@
+"""`imagine generate --model PATH` end to end on a tiny Stable-Diffusion-shaped model, as a
+diffusers folder and as an original single file: PNGs with their parameters, --from-file
+batches with a JSONL record, and the errors a user can run into."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from test_loading import one_thread, save_diffusers_folder, write_single_file  # noqa: E402
+
+pytest.importorskip("diffusers")
+
+from imagine.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    save_diffusers_folder(root / "folder", "sd1", scheduler="ddim")
+    write_single_file(root / "single" / "tiny-sd.safetensors", "sd1")
+    return {"folder": root / "folder", "single": root / "single" / "tiny-sd.safetensors"}
+
+
+def _run(capsys, *argv):
+    code = main(["generate", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("which", ["folder", "single"])
+def test_generate_writes_png_with_parameters(models, tmp_path, capsys, which):
+    out = tmp_path / "picture.png"
+    code, stdout, err = _run(capsys, "--model", models[which], "a red circle", "--steps", 3, "--sampler", "euler",
+                             "--seed", 7, "--height", 32, "--width", 24, "--guidance-scale", 5, "-n", "blue",
+                             "-o", out, "-q")
+    assert code == 0, err
+    assert str(out) in stdout
+    img = Image.open(out)
+    assert img.size == (24, 32)
+    params = json.loads(img.text["imagine"])
+    assert params["prompt"] == "a red circle" and params["negative_prompt"] == "blue"
+    assert (params["seed"], params["steps"], params["sampler"], params["guidance_scale"]) == (7, 3, "euler", 5.0)
+    assert (params["width"], params["height"]) == (24, 32)
+    assert "Steps: 3" in img.text["parameters"] and "Seed: 7" in img.text["parameters"]
+
+
+def test_same_seed_same_image_from_folder_and_single_file(models, tmp_path, capsys):
+    """Both forms hold the same weights (written from the same seed): the same PNG comes out."""
+    paths = []
+    for which in ("folder", "single"):
+        out = tmp_path / f"{which}.png"
+        code, _, err = _run(capsys, "--model", models[which], "a blue square", "--steps", 2, "--sampler", "ddim",
+                            "--seed", 3, "--height", 16, "--width", 16, "-o", out, "-q")
+        assert code == 0, err
+        paths.append(out)
+    a, b = (Image.open(p).convert("RGB").tobytes() for p in paths)
+    assert a == b
+
+
+def test_from_file_writes_numbered_pngs_and_jsonl(models, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\nthe blue square\n", encoding="utf-8")
+    out_dir = tmp_path / "batch"
+    code, stdout, err = _run(capsys, "--model", models["single"], "--from-file", prompts, "--num-images", 2,
+                             "--steps", 2, "--seed", 100, "--height", 16, "--width", 16, "-o", out_dir, "-q",
+                             "--batch-size", 3)
+    assert code == 0, err
+    pngs = sorted(out_dir.glob("*.png"))
+    assert len(pngs) == 4
+    records = [json.loads(line) for line in (out_dir / "images.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["a red circle", "a red circle", "the blue square", "the blue square"]
+    assert [r["seed"] for r in records] == [100, 101, 102, 103]
+    assert sorted(r["file"] for r in records) == [p.name for p in pngs]
+    for r in records:
+        meta = json.loads(Image.open(out_dir / r["file"]).text["imagine"])
+        assert meta["seed"] == r["seed"] and meta["prompt"] == r["prompt"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--height", "30"], "height 30 is not a multiple of 4"),
+    (["--sampler", "warp_drive"], "unknown sampler 'warp_drive'"),
+    (["--model", "/nonexistent/model.safetensors"], "model not found"),
+    (["--from-file", "/nonexistent/prompts.txt"], "--from-file: /nonexistent/prompts.txt not found"),
+    (["--steps", "0"], "--steps must be at least 1"),
+])
+def test_errors_are_one_clear_line(models, tmp_path, capsys, args, message):
+    argv = ["--model", models["single"], "a red circle", "--steps", "1", "--height", "16", "--width", "16",
+            "-o", tmp_path / "x.png",
+            "-q"]
+    # later options win in argparse: the bad value replaces the good one
+    code, _, err = _run(capsys, *argv, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert err.startswith("imagine: error:")
