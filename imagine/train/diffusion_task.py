@@ -31,7 +31,9 @@ DIFFUSION_DEFAULTS = {
 class DiffusionTask(Task):
     name = "diffusion"
 
-    def __init__(self, cfg: dict, dataset_len: int | None = None):
+    def __init__(self, cfg: dict, dataset_len: int | None = None, text_encoder=None):
+        """`text_encoder`: an already built encoder (with `.dim` and `.encode`) instead of the one
+        the config names, e.g. when every caption's states are put in `text_cache` beforehand."""
         from imagine.models.text_encoders import load_text_encoder
         from imagine.models.unet import UNet2DConditionModel, UNetConfig
         from imagine.schedules import NoiseSchedule
@@ -45,7 +47,7 @@ class DiffusionTask(Task):
         if not 0.0 <= float(d["caption_dropout"]) < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1); got {d['caption_dropout']}")
         seed = int(cfg.get("seed", 0))
-        self.text_encoder = load_text_encoder(d["text_encoder"])
+        self.text_encoder = text_encoder if text_encoder is not None else load_text_encoder(d["text_encoder"])
         self.vae = None
         if d["vae"]:
             from imagine.models.vae import AutoencoderKL
