@@ -202,6 +202,16 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
                 skipped.update(meta.get("skipped", {}))
             if main:
                 print(f"resumed from {last} at step {step}")
+    if accelerator.num_processes > 1:
+        # Each process reads the checkpoint itself: one that found another (or none) would train
+        # on silently, out of step with the rest.
+        import torch.distributed as dist
+
+        span = torch.tensor([step, -step], dtype=torch.long, device=accelerator.device)
+        dist.all_reduce(span, op=dist.ReduceOp.MAX)
+        if int(span[0]) != -int(span[1]):
+            raise ValueError(f"the processes start at different steps ({-int(span[1])} to {int(span[0])}): every "
+                             f"machine must see the same checkpoint (a shared run folder, or --resume-from a copy)")
 
     writer = None
     if main and tc["tensorboard"]:
