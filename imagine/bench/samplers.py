@@ -164,18 +164,19 @@ class Scorer:
 # -- the contestants ------------------------------------------------------------------------------
 # label -> (side, sampler or scheduler, options)
 OURS = {
+    # the same algorithms and settings as diffusers' (identical numbers: the parity tests hold them to 1e-4)
     "ddim": ("ddim", {}), "ddpm": ("ddpm", {}), "euler": ("euler", {}), "euler_a": ("euler_a", {}),
     "heun": ("heun", {}), "dpmpp_2m": ("dpmpp_2m", {}), "dpmpp_2m_sde": ("dpmpp_2m_sde", {}),
-    "euler karras": ("euler", {"karras": True}), "heun karras": ("heun", {"karras": True}),
-    "dpmpp_2m karras": ("dpmpp_2m", {"karras": True}), "dpmpp_2m_sde karras": ("dpmpp_2m_sde", {"karras": True}),
-    "dpmpp_2m trailing": ("dpmpp_2m", {"timestep_spacing": "trailing"}),
-    "heun trailing": ("heun", {"timestep_spacing": "trailing"}),
-    "dpmpp_2m_sde trailing": ("dpmpp_2m_sde", {"timestep_spacing": "trailing"}),
     # with the trapezoidal last step (samplers.final_heun_step): same model calls
     "euler karras, heun final": ("euler", {"karras": True, "final_step": "heun"}),
     "heun karras, heun final": ("heun", {"karras": True, "final_step": "heun"}),
     "dpmpp_2m karras, heun final": ("dpmpp_2m", {"karras": True, "final_step": "heun"}),
     "dpmpp_2m_sde karras, heun final": ("dpmpp_2m_sde", {"karras": True, "final_step": "heun"}),
+}
+EXTRA = {  # --extra: ours with diffusers' Karras settings and trailing spacing (same numbers as diffusers')
+    "euler karras": ("euler", {"karras": True}), "heun karras": ("heun", {"karras": True}),
+    "dpmpp_2m karras": ("dpmpp_2m", {"karras": True}), "dpmpp_2m_sde karras": ("dpmpp_2m_sde", {"karras": True}),
+    "dpmpp_2m trailing": ("dpmpp_2m", {"timestep_spacing": "trailing"}),
 }
 DIFFUSERS = {
     "DDIMScheduler": ("DDIMScheduler", {}), "DDPMScheduler": ("DDPMScheduler", {}),
@@ -185,7 +186,8 @@ DIFFUSERS = {
     "EulerDiscrete karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "HeunDiscrete karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
     "DPM++2M karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "DPM++2M trailing": ("DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}),
+    "DPM++2M SDE karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                           "use_karras_sigmas": True}),
 }
 
 
@@ -229,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         have_diffusers = False
         print("diffusers is not installed: running our samplers only")
-    contestants = [(f"ours: {k}", "ours", *v) for k, v in OURS.items()]
+    contestants = [(f"ours: {k}", "ours", *v) for k, v in {**OURS, **(EXTRA if args.extra else {})}.items()]
     if have_diffusers:
         contestants += [(f"diffusers: {k}", "diffusers", *v) for k, v in DIFFUSERS.items()]
     if args.only:
@@ -280,6 +282,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", default=None, help="run only contestants whose label contains these")
     parser.add_argument("--no-diffusers", action="store_true", help="our samplers only")
+    parser.add_argument("--extra", action="store_true", help="also ours with diffusers' Karras / trailing settings")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--json", default=None, help="write the results here")
 
