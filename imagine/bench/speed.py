@@ -41,7 +41,7 @@ MODELS = ("small", "sd15")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="small,sd15",
-                   help="comma-separated: small (SD-shaped, 1/4 of SD 1.5's channels, 32x32 latents), "
+                   help="comma-separated: small (SD-shaped, 1/5 of SD 1.5's channels, 32x32 latents), "
                         "sd15 (the real SD 1.5 U-Net, 64x64 latents)")
     p.add_argument("--parts", default="unet,vae", help="comma-separated: unet, vae")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per side (after one warm-up call)")
@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sides", default=None,
                    help="comma-separated subset of: diffusers_fp32, diffusers_autocast, diffusers_bf16, "
                         "imagine_exact, imagine_fast")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the fast mode compiled with torch.compile (what IMAGINE_COMPILE=1 does); "
+                        "the compile time shows as that side's warm-up")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -91,28 +94,30 @@ def _alternate(sides: dict[str, Callable[[], torch.Tensor]], repeats: int, log=p
     """One warm-up call per side, then `repeats` rounds of one timed call per side; the order
     rotates every round so no side always follows the same neighbour."""
     names = list(sides)
-    out = {n: {"seconds": [], "peak_added_mb": 0.0, "output": None} for n in names}
+    out = {n: {"seconds": [], "cpu_seconds": [], "peak_added_mb": 0.0, "output": None} for n in names}
     with torch.inference_mode():
         for n in names:
             t0 = time.perf_counter()
             with _PeakRSS() as mem:
                 out[n]["output"] = sides[n]().float()
             out[n]["warmup_s"] = time.perf_counter() - t0
-            out[n]["peak_added_mb"] = mem.added / 2**20
+            out[n]["warmup_peak_added_mb"] = mem.added / 2**20  # includes one-time copies/compiles
             log(f"    warm-up {n}: {out[n]['warmup_s']:.2f} s")
             gc.collect()
         for r in range(repeats):
             order = names[r % len(names):] + names[:r % len(names)]
             for n in order:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 with _PeakRSS() as mem:
                     sides[n]()
                 dt = time.perf_counter() - t0
                 out[n]["seconds"].append(dt)
+                out[n]["cpu_seconds"].append(time.process_time() - c0)
                 out[n]["peak_added_mb"] = max(out[n]["peak_added_mb"], mem.added / 2**20)
             log("    round %d: %s" % (r + 1, ", ".join(f"{n} {out[n]['seconds'][-1]:.2f} s" for n in names)))
     for n in names:
         out[n]["median_s"] = statistics.median(out[n]["seconds"])
+        out[n]["median_cpu_s"] = statistics.median(out[n]["cpu_seconds"])
     return out
 
 
@@ -137,7 +142,7 @@ def unet_config(name: str):
         return sd, 64
     if name == "small":
         d = sd.to_dict()
-        d.update(block_out_channels=[c // 4 for c in sd.block_out_channels], sample_size=32)
+        d.update(block_out_channels=[c // 5 for c in sd.block_out_channels], sample_size=32)  # 64..256
         return UNetConfig.from_dict(d), 32
     raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
 
@@ -151,7 +156,7 @@ def _random_diffusers_unet(cfg, seed: int = 0):
     return ref.eval().requires_grad_(False)
 
 
-def bench_unet(name: str, repeats: int, side_names: list[str] | None, log=print) -> dict:
+def bench_unet(name: str, repeats: int, side_names: list[str] | None, log=print, compile: bool = False) -> dict:
     from imagine.models.unet import UNet2DConditionModel
     from imagine.pipelines.text_to_image import _Autocast
 
@@ -186,8 +191,11 @@ def bench_unet(name: str, repeats: int, side_names: list[str] | None, log=print)
     if "imagine_exact" in want:
         sides["imagine_exact"] = lambda: ours(x, t, context=ctx)
     if "imagine_fast" in want:
-        fast = _Autocast(ours)
+        fast = _Autocast(ours, compile=False)
         sides["imagine_fast"] = lambda: fast(x, t, context=ctx)
+    if compile:
+        fast_c = _Autocast(ours, compile=True)
+        sides["imagine_fast_compiled"] = lambda: fast_c(x, t, context=ctx)
     res = _alternate(sides, repeats, log)
     with torch.inference_mode():
         reference = res["diffusers_fp32"]["output"] if "diffusers_fp32" in res else ref(x, t, ctx).sample
@@ -251,15 +259,19 @@ def bench_vae(repeats: int, image: int, side_names: list[str] | None, log=print)
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
-def _ratios(sides: dict) -> dict:
+def _ratios(sides: dict, key: str = "median_s") -> dict:
+    """Speed-ups from the medians (`key`: median_s = wall clock, median_cpu_s = process CPU time,
+    which a busy machine's other processes disturb less)."""
     r = {}
-    med = {n: s["median_s"] for n, s in sides.items()}
+    med = {n: s[key] for n, s in sides.items()}
     if "imagine_exact" in med and "diffusers_fp32" in med:
         r["exact_speedup_vs_diffusers_fp32"] = med["diffusers_fp32"] / med["imagine_exact"]
     fastest = [n for n in ("diffusers_autocast", "diffusers_bf16") if n in med]
     if "imagine_fast" in med and fastest:
         best = min(fastest, key=med.get)
         r["fast_speedup_vs_diffusers_fastest"] = med[best] / med["imagine_fast"]
+        if "imagine_fast_compiled" in med:
+            r["compiled_speedup_vs_diffusers_fastest"] = med[best] / med["imagine_fast_compiled"]
         r["diffusers_fastest"] = best
     if "imagine_fast" in med and "diffusers_fp32" in med:
         r["fast_speedup_vs_diffusers_fp32"] = med["diffusers_fp32"] / med["imagine_fast"]
@@ -267,14 +279,16 @@ def _ratios(sides: dict) -> dict:
 
 
 def _table(title: str, sides: dict, quality_key: str, quality_fmt: str) -> str:
-    lines = [title, f"  {'side':<20} {'median s':>9} {'calls (s)':<28} {'peak +MB':>9} {quality_key:>14}"]
+    lines = [title, f"  {'side':<22} {'median s':>9} {'cpu s':>7} {'calls (wall s)':<30} {'peak +MB':>9} "
+                    f"{quality_key:>14}"]
     for n, s in sides.items():
         calls = " ".join(f"{v:.2f}" for v in s["seconds"])
         q = s.get(quality_key)
-        lines.append(f"  {n:<20} {s['median_s']:>9.3f} {calls:<28} {s['peak_added_mb']:>9.0f} "
-                     f"{(quality_fmt % q) if q is not None else '-':>14}")
-    for k, v in _ratios(sides).items():
-        lines.append(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}")
+        lines.append(f"  {n:<22} {s['median_s']:>9.3f} {s['median_cpu_s']:>7.2f} {calls:<30} "
+                     f"{s['peak_added_mb']:>9.0f} {(quality_fmt % q) if q is not None else '-':>14}")
+    for label, key in (("wall", "median_s"), ("cpu", "median_cpu_s")):
+        parts = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in _ratios(sides, key).items()]
+        lines.append(f"  ratios ({label}): " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -307,13 +321,15 @@ def run(args) -> int:
           f"{torch.get_num_threads()} threads, load average {_loadavg()}")
     if "unet" in parts:
         for m in models:
-            r = bench_unet(m, args.repeats, side_names)
+            r = bench_unet(m, args.repeats, side_names, compile=args.compile)
+            r["ratios"] = {"wall": _ratios(r["sides"]), "cpu": _ratios(r["sides"], "median_cpu_s")}
             results["unet"].append(r)
             print(_table(f"U-Net {m} (batch 2, {r['latent']}x{r['latent']} latents): seconds per step",
                          r["sides"], "rel_err_vs_diffusers_fp32", "%.1e"))
             gc.collect()
     if "vae" in parts:
         r = bench_vae(args.repeats, args.vae_size, side_names)
+        r["ratios"] = {"wall": _ratios(r["sides"]), "cpu": _ratios(r["sides"], "median_cpu_s")}
         results["vae"] = r
         print(_table(f"VAE decode to {r['image']}x{r['image']}: seconds", r["sides"], "psnr_vs_diffusers_fp32_db",
                      "%.1f dB"))
