@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from PIL import Image
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "serving-page.png"
+# The screenshot goes to docs/ only when asked (IMAGINE_UPDATE_DOCS=1), so a test run leaves the tree clean.
+SCREENSHOT = (Path(__file__).resolve().parent.parent / "docs" / "serving-page.png" if os.environ.get("IMAGINE_UPDATE_DOCS")
+              else Path(tempfile.gettempdir()) / "imagine-serving-page.png")
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is absent (Debian's chromium package; .ci/run installs it)", allow_module_level=True)
