@@ -16,9 +16,11 @@ the same pre-made batch (latents and text states made once, so data loading deci
 
 Both steps go through one accelerate Accelerator with the precision under test (fp32: "no"; bf16:
 autocast to bfloat16, as `train.mixed_precision: bf16`). accelerate allows one precision a
-process, so each precision runs in a subprocess of its own. Sides alternate within a round,
-their order reversed every round, so that the load of a shared machine falls on all alike; the
-figure is the median over rounds of samples per second. Weights are random (no download).
+process, so a round is one subprocess per precision, the precisions alternating from round to
+round; within a round the sides alternate, their order reversed every round, so that the load of
+a shared machine falls on all alike. The figure is the median over rounds of samples per CPU
+second (one thread: the time the process ran, not the time it waited for a core) and per wall
+second. Weights are random (no download).
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each side runs once a round")
     p.add_argument("--steps", type=int, default=4, help="timed training steps per side per round")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side before the first round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side before each round")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # model:precision, run in a subprocess
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # model:precision:round, in a subprocess
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ def _make_task(cfg: dict, states: torch.Tensor, empty: torch.Tensor):
     return task
 
 
-def worker(model: str, precision: str, args) -> dict:
+def worker(model: str, precision: str, first_round: int, args) -> dict:
     import diffusers
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -198,7 +200,7 @@ def worker(model: str, precision: str, args) -> dict:
             fn(i)
     wall: dict[str, list[float]] = {s: [] for s in SIDES}
     cpu: dict[str, list[float]] = {s: [] for s in SIDES}
-    for r in range(args.rounds):
+    for r in range(first_round, first_round + args.rounds):
         order = SIDES if r % 2 == 0 else SIDES[::-1]
         for side in order:
             if side == "imagine_loop":
@@ -221,8 +223,7 @@ def worker(model: str, precision: str, args) -> dict:
             "latent": [c["in_channels"], spec["latent"], spec["latent"]], "text": [spec["text_len"],
                                                                                    c["cross_attention_dim"]],
             "threads": torch.get_num_threads(), "rounds": args.rounds, "steps": args.steps,
-            "samples_per_cpu_s": {s: statistics.median(v) for s, v in cpu.items()},
-            "samples_per_s": {s: statistics.median(v) for s, v in wall.items()}, "all_cpu": cpu, "all_wall": wall}
+            "all_cpu": cpu, "all_wall": wall}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,27 +248,44 @@ def _check(args) -> tuple[list[str], list[str]]:
 
 def run(args) -> int:
     if args.worker:
-        model, precision = args.worker.split(":")
-        print(json.dumps(worker(model, precision, args)))
+        model, precision, first = args.worker.split(":")
+        print(json.dumps(worker(model, precision, int(first), args)))
         return 0
     try:
         import diffusers  # noqa: F401
     except ImportError as e:
         raise ModuleNotFoundError("imagine bench train compares against diffusers: pip install diffusers") from e
     models, precisions = _check(args)
+    # A round is one subprocess per precision (accelerate fixes the precision for the life of a
+    # process), the precisions alternating too, so that fp32 and bf16 see the same machine load.
     results = []
     for model in models:
+        print(f"{model}: {args.rounds} rounds of {args.steps} steps per side, {args.threads} thread(s); "
+              f"precisions {', '.join(precisions)}", flush=True)
+        merged: dict[str, dict] = {}
+        for r in range(args.rounds):
+            for precision in (precisions if r % 2 == 0 else precisions[::-1]):
+                cmd = [sys.executable, "-m", "imagine.bench.train", "--worker", f"{model}:{precision}:{r}",
+                       "--rounds", "1", "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--threads", str(args.threads)] + (["--batch", str(args.batch)] if args.batch else [])
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"bench worker {model}:{precision} failed (exit {proc.returncode})")
+                one = json.loads(proc.stdout.strip().splitlines()[-1])
+                if precision not in merged:
+                    merged[precision] = {**one, "rounds": 0, "all_cpu": {s: [] for s in SIDES},
+                                         "all_wall": {s: [] for s in SIDES}}
+                m = merged[precision]
+                m["rounds"] += 1
+                for s in SIDES:
+                    m["all_cpu"][s] += one["all_cpu"][s]
+                    m["all_wall"][s] += one["all_wall"][s]
         for precision in precisions:
-            cmd = [sys.executable, "-m", "imagine.bench.train", "--worker", f"{model}:{precision}",
-                   "--rounds", str(args.rounds), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--threads", str(args.threads)] + (["--batch", str(args.batch)] if args.batch else [])
-            print(f"{model} {precision}: {args.rounds} rounds of {args.steps} steps per side, "
-                  f"{args.threads} thread(s) ...", flush=True)
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-            if proc.returncode != 0:
-                raise RuntimeError(f"bench worker {model}:{precision} failed (exit {proc.returncode})")
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            m = merged[precision]
+            m["samples_per_cpu_s"] = {s: statistics.median(v) for s, v in m["all_cpu"].items()}
+            m["samples_per_s"] = {s: statistics.median(v) for s, v in m["all_wall"].items()}
+            results.append(m)
     print()
     print(table(results))
     if args.json:
