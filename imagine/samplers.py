@@ -283,7 +283,7 @@ def final_heun_step(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, ca
 
 
 # -- registry --------------------------------------------------------------------------------------------
-# canonical name -> (function, the timestep rule its diffusers peer uses; see SamplingPlan)
+# canonical name -> function; and the timestep rule its diffusers peer uses (see SamplingPlan)
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -295,7 +295,6 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmpp_2m_sde": "dpm_solver",
                  "euler": "karras", "euler_a": "karras", "heun": "karras"}
-STOCHASTIC = {"ddpm", "dpmpp_2m_sde", "euler_a", "ddim"}  # ddim only with eta > 0
 
 # What people type (AUTOMATIC1111's labels, k-diffusion's k_ names, diffusers' classes and algorithm
 # types) -> (canonical name, Karras sigmas implied?). Lookup ignores case, spaces, '-' and '_'.

@@ -18,11 +18,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from imagine.diffusion import check_prediction_type, predict_x0
+from imagine.diffusion import check_prediction_type, predict_eps, predict_x0
 from imagine.guidance import (
     THRESHOLDINGS,
     apply_threshold,
     check_cond,
+    classifier_eps_shift,
     classifier_gradient,
     classifier_mean_shift,
     guided_model_output,
@@ -98,12 +99,15 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
         abar = float(self.plan.alphas_cumprod[i])
-        x0 = predict_x0(self.model_output(x, i), x, abar, self.prediction_type)
+        out = self.model_output(x, i)
         if self.classifier is not None and self.classifier_scale and self.classifier_form == "eps" and abar > 0:
-            # Dhariwal & Nichol 2021, Alg. 2: eps_hat = eps - sqrt(1 - abar) s grad; the x_0 this implies
-            # is x0 + (1 - abar) / sqrt(abar) * s * grad.
-            grad = classifier_gradient(self.classifier, x, self._t(x, i))
-            x0 = x0 + ((1 - abar) / math.sqrt(abar) * self.classifier_scale) * grad.to(x0.dtype)
+            # Dhariwal & Nichol 2021, Alg. 2: eps_hat = eps - sqrt(1 - abar) s grad, and x_0 from eps_hat
+            grad = classifier_gradient(self.classifier, x, self._t(x, i)).to(out.dtype)
+            eps = classifier_eps_shift(predict_eps(out, x, abar, self.prediction_type), grad, abar,
+                                       self.classifier_scale)
+            x0 = predict_x0(eps, x, abar, "epsilon")
+        else:
+            x0 = predict_x0(out, x, abar, self.prediction_type)
         return apply_threshold(x0, self.thresholding, self.threshold_percentile)
 
     def mean_shift(self, x: torch.Tensor, i: int, variance: float):

@@ -307,7 +307,7 @@ def test_exact_model_ddim_reaches_the_noise_floor_on_the_ring():
     schedule = NoiseSchedule.from_config("scaled_linear")
     ring = ring2d()
     n = 4000
-    scorer = Scorer(ring, n, seed=0, floor_sets=8)
+    scorer = Scorer(ring, n, seed=0, floor_sets=8, entropy_samples=50_000)
     model = ExactModel(ring, schedule)
 
     def score(m, **kw):

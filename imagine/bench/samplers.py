@@ -138,10 +138,13 @@ PROBLEMS = {"ring2d": (ring2d, 20000), "aniso16": (aniso16, 10000), "image3x8x8"
 class Scorer:
     """Scores for one problem: cross-entropy gap and sliced W1, plus their noise floors."""
 
-    def __init__(self, mixture: GaussianMixture, n: int, seed: int = 0, directions: int = 128, floor_sets: int = 4):
+    def __init__(self, mixture: GaussianMixture, n: int, seed: int = 0, directions: int = 128, floor_sets: int = 4,
+                 entropy_samples: int | None = None):
         g = torch.Generator().manual_seed(seed + 1000)
         self.mixture, self.n = mixture, n
-        big = mixture.sample(max(20 * n, 200_000) if mixture.dim < 64 else 20 * n, g)
+        if entropy_samples is None:
+            entropy_samples = max(20 * n, 200_000) if mixture.dim < 64 else 20 * n
+        big = mixture.sample(entropy_samples, g)  # H(p) by Monte Carlo
         self.entropy = float(-mixture.log_prob(big).mean())
         self.reference = mixture.sample(n, g).reshape(n, -1)
         d = torch.randn(mixture.dim, directions, generator=g, dtype=torch.float64)
