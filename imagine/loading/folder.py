@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from imagine.models.io import read_json
 from imagine.models.text_encoders import TextEncoder, load_text_encoder
 
 # diffusers scheduler class -> the sampler of ours that follows the same algorithm
@@ -38,22 +39,13 @@ class Components:
     source: str = ""
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
 def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Components:
     from imagine.models.unet import UNet2DConditionModel
     from imagine.models.vae import AutoencoderKL
     from imagine.schedules import NoiseSchedule
 
     root = Path(root)
-    index = _read_json(root / "model_index.json")
+    index = read_json(root / "model_index.json")
     for needed in ("unet", "scheduler", "text_encoder"):
         if needed not in index:
             raise ValueError(f"{root / 'model_index.json'} has no {needed!r} entry; a text-to-image folder needs "
@@ -74,7 +66,7 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
         text_encoder = load_text_encoder({"type": kinds[cls], "path": "text_encoder", "tokenizer": "tokenizer"},
                                          root=root, dtype=dtype)
     sched_dir = root / _sub(index["scheduler"], "scheduler")
-    sched_cfg = _read_json(sched_dir / "scheduler_config.json")
+    sched_cfg = read_json(sched_dir / "scheduler_config.json")
     schedule = NoiseSchedule.from_diffusers_config(sched_cfg)
     defaults = dict(index.get("defaults", {}))
     sampler = SCHEDULER_TO_SAMPLER.get(sched_cfg.get("_class_name", ""))

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from imagine.models import io
 from imagine.loading import keymap
 from imagine.loading.folder import Components
 
@@ -416,23 +417,7 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch
 def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True, assign=True): the checkpoint's tensors become the parameters
     (no second copy of a multi-GB model), with an error listing missing/unexpected/misshapen keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        def show(keys):
-            return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {show(unexpected)}")
-        if wrong:
-            problems.append("shape mismatches: " + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                                                         for k in wrong]))
-        raise ValueError(f"weights from {source} do not fit {type(model).__name__} as inferred: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True, assign=True)
+    io.load_state_into(model, state, source, assign=True, layout="as inferred")
 
 
 def _build(cls, config, state, source: str, dtype: torch.dtype):

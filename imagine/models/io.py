@@ -84,16 +84,23 @@ def find_weights(folder: str | os.PathLike) -> Path:
            if any(n.endswith(".bin") for n in found) else ""))
 
 
-def read_config(folder: str | os.PathLike) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"model folder not found: {folder}")
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file, with errors that name the file."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {folder}")
+        raise FileNotFoundError(f"{path} not found")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    return read_json(Path(folder) / "config.json")
 
 
 def save_component(module: torch.nn.Module, config: dict[str, Any], folder: str | os.PathLike,
@@ -108,8 +115,10 @@ def save_component(module: torch.nn.Module, config: dict[str, Any], folder: str 
     atomic_write_json(folder / "config.json", full)
 
 
-def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """`load_state_dict(strict=True)` with an error that lists what was missing and unexpected."""
+def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False,
+                    layout: str = "as configured") -> None:
+    """`load_state_dict(strict=True)` with an error that lists what was missing, unexpected or
+    misshapen. `assign=True` makes the given tensors the parameters (no second copy of a big model)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -124,5 +133,5 @@ def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], sou
             parts.append(f"unexpected keys: {show(unexpected)}")
         if wrong:
             parts.append("shape mismatches: " + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
-        raise ValueError(f"weights from {source} do not fit {type(module).__name__} as configured: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
+        raise ValueError(f"weights from {source} do not fit {type(module).__name__} {layout}: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True, assign=assign)
