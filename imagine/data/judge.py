@@ -19,7 +19,6 @@ Images that are not 64x64 are box-resized to 64x64 first, since sizes are in pix
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 
 import numpy as np

@@ -9,7 +9,6 @@ Nothing here calls the hub: transformers is always given `local_files_only=True`
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -11,7 +11,6 @@ layout) load with no mapping. The latent the diffusion model sees is `scaling_fa
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 

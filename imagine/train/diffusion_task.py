@@ -11,7 +11,6 @@ both encoders are frozen.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
