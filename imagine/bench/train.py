@@ -304,10 +304,10 @@ def table(results: list[dict]) -> str:
     for r in results:
         s, w = r["samples_per_cpu_s"], r["samples_per_s"]
         lines.append(f"| {r['model']} ({r['params'] / 1e6:.1f} M) | {r['batch']} | {r['precision']} | "
-                     f"{s['imagine_step']:.1f} ({w['imagine_step']:.1f}) | "
-                     f"{s['diffusers_step']:.1f} ({w['diffusers_step']:.1f}) | "
+                     f"{s['imagine_step']:.3g} ({w['imagine_step']:.3g}) | "
+                     f"{s['diffusers_step']:.3g} ({w['diffusers_step']:.3g}) | "
                      f"{s['imagine_step'] / s['diffusers_step']:.2f}x ({w['imagine_step'] / w['diffusers_step']:.2f}x) | "
-                     f"{s['imagine_loop']:.1f} ({w['imagine_loop']:.1f}) |")
+                     f"{s['imagine_loop']:.3g} ({w['imagine_loop']:.3g}) |")
     lines.append("")
     lines.append("samples per CPU second (in brackets: per wall-clock second), median over rounds")
     for (model, precision), r in by.items():
