@@ -61,8 +61,10 @@ def run(args) -> int:
         raise ValueError("--num-images and --batch-size must be at least 1")
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision)
     if args.height is not None or args.width is not None:
-        h = args.height or args.width
-        pipe.check_size(h, args.width or h)
+        # One side given: a square image of that side (the check and the generation agree).
+        args.height = args.height or args.width
+        args.width = args.width or args.height
+        pipe.check_size(args.height, args.width)
     jobs = [(p, i) for p in prompts for i in range(args.num_images)]
     many = len(jobs) > 1 or args.from_file
     if many:

@@ -133,7 +133,9 @@ class CLIPTextEncoder(TextEncoder):
     def _encode(self, ids, mask):
         out = self.model(input_ids=ids, output_hidden_states=self.clip_skip > 0)
         if self.clip_skip > 0:
-            states = self.model.text_model.final_layer_norm(out.hidden_states[-(self.clip_skip + 1)])
+            # transformers < 5.6 nests the layers under .text_model; newer CLIPTextModel does not.
+            tower = getattr(self.model, "text_model", self.model)
+            states = tower.final_layer_norm(out.hidden_states[-(self.clip_skip + 1)])
         else:
             states = out.last_hidden_state
         return TextEncoding(states, None, out.pooler_output)
