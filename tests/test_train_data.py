@@ -138,7 +138,7 @@ def test_resize_shorter_side_and_centre_crop(w, h):
     assert torch.allclose(x, green, atol=2 / 255)
     # A square picture of the right size passes unchanged (only mapped to [-1, 1]).
     img = asymmetric(8, 3)
-    expected = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 127.5 - 1
+    expected = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.equal(image_to_tensor(img, 8), expected)
 
 

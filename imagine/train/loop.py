@@ -112,8 +112,16 @@ def _agree(accelerator, flag: bool, how: str) -> bool:
     return bool(t.item() == accelerator.num_processes) if how == "all" else bool(t.item() > 0)
 
 
+def _slice_sizes(accelerator, n: int, has_stand_in: bool) -> list[tuple[int, bool]]:
+    """(good records in the slice, has a stand-in record) for each process."""
+    if accelerator.num_processes == 1:
+        return [(n, has_stand_in)]
+    t = torch.tensor([[n, int(has_stand_in)]], dtype=torch.long, device=accelerator.device)
+    return [(int(a), bool(b)) for a, b in accelerator.gather(t).tolist()]
+
+
 def _mean_across(accelerator, logs: dict[str, float], exclude=("grad_norm",)) -> dict[str, float]:
-    """Logged values are the global batch's: the mean of the processes' slice means."""
+    """Logged values are the global batch's: the mean over processes of the (size-weighted) slice values."""
     if accelerator.num_processes == 1:
         return logs
     keys = sorted(k for k in logs if k not in exclude)
@@ -240,6 +248,35 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
         for name, (t, _) in extra.items():
             io.save_tensors(path / f"opt_{name}.safetensors", t)
 
+    last_good: dict | None = None
+    empty_limit = math.ceil(len(dataset) / tc["batch_size"]) + 1 if hasattr(dataset, "__len__") else 1000
+
+    def next_batch() -> tuple[dict, float]:
+        """This process's slice of the next global batch that has a good record, and its weight.
+
+        The task's loss is its slice's mean and DDP averages over processes, so slice k is
+        weighted n_k * N_proc / sum(n): the average is then the mean over the global batch's good
+        records, also when bad records left the slices unequal (the weight is 1.0 on one
+        process). Every process must run the backward pass (it is where DDP averages), so a
+        process whose whole slice was bad runs one record of its last good slice with weight 0.
+        """
+        nonlocal last_good
+        for _ in range(empty_limit):
+            batch = collate(batches.take(dataset), skipped)
+            n = 0 if batch is None else batch["image"].shape[0]
+            sizes = _slice_sizes(accelerator, n, last_good is not None)
+            total_good = sum(k for k, _ in sizes)
+            if total_good == 0 or any(k == 0 and not stand_in for k, stand_in in sizes):
+                continue   # nothing to learn from, or a process with nothing to run: the next batch
+            if batch is None:
+                batch = {k: v[:1] for k, v in last_good.items()}
+            else:
+                last_good = batch
+            scale = n * len(sizes) / total_good
+            return {**batch, "global_batch": int(tc["batch_size"]), "loss_scale": scale}, scale
+        raise ValueError(f"{empty_limit} global batches in a row without a readable record "
+                         f"(skipped so far: {_sum_across(accelerator, skipped).report()}): is the data all bad?")
+
     total = int(tc["max_steps"])
     if export_only:
         if step == 0:
@@ -257,25 +294,18 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
         opt.zero_grad(set_to_none=True)
         batch = None
         for micro in range(tc["grad_accum"]):
-            batch = collate(batches.take(dataset), skipped)
-            # Under DDP every process must run the backward pass (it is where gradients are
-            # averaged): if one process's whole slice was bad, every process skips this micro-batch.
-            if not _agree(accelerator, batch is not None, "all"):
-                batch = None
-                continue
-            batch["global_batch"] = int(tc["batch_size"])
+            batch, scale = next_batch()
             sync = micro == tc["grad_accum"] - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
                     loss, parts = task.loss(batch, step)
-                accelerator.backward(loss / tc["grad_accum"])
+                accelerator.backward(loss * scale / tc["grad_accum"])
             for k, v in parts.items():
-                logs[k] = logs.get(k, 0.0) + v / tc["grad_accum"]
+                logs[k] = logs.get(k, 0.0) + v * scale / tc["grad_accum"]
         if tc["grad_clip"]:
             logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, tc["grad_clip"]))
         opt.step()
-        if batch is not None:
-            logs.update(task.after_backward(batch, step))
+        logs.update(task.after_backward(batch, step))
         logs = _mean_across(accelerator, logs)
         if ema is not None:
             ema.update(net)

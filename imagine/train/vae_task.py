@@ -130,7 +130,7 @@ class VAETask(Task):
         opt.zero_grad(set_to_none=True)
         # Hinge loss (Lim & Ye 2017): push real logits above 1 and fake logits below -1.
         d_loss = 0.5 * (F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(rec.detach())).mean())
-        d_loss.backward()
+        (d_loss * batch.get("loss_scale", 1.0)).backward()   # slice weight, as the loop's (1.0 on one process)
         acc = self.accelerator
         if acc is not None and acc.num_processes > 1:
             # The discriminator is outside DDP (it runs twice a step): average its gradients by
@@ -142,7 +142,7 @@ class VAETask(Task):
                     dist.all_reduce(p.grad)
                     p.grad /= acc.num_processes
         opt.step()
-        return {"d_loss": float(d_loss)}
+        return {"d_loss": float(d_loss) * batch.get("loss_scale", 1.0)}
 
     @torch.no_grad()
     def evaluate(self, model, step):
