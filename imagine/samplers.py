@@ -61,6 +61,11 @@ def _eta(name: str, eta, default: float) -> float:
     return eta
 
 
+def _steps_to_zero(plan: SamplingPlan) -> int:
+    # the steps of the whole run: a plan that stops above sigma = 0 (plan.head) is followed by a final step
+    return len(plan) + (float(plan.sigmas[-1]) != 0)
+
+
 def _vp_to_ve(x: torch.Tensor, sigma: float) -> torch.Tensor:
     # x_VE = x_t / alpha_t with alpha_t = 1 / sqrt(1 + sigma^2). Kept in float64: at sigma_max ~ 2e4 (cosine
     # schedule) a float32 ulp is 2e-3, and x_VE - sigma * eps cancels down to O(1).
@@ -260,6 +265,109 @@ def sample_dpmpp_2m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *
                              name="dpmpp_2m_sde")
 
 
+def sample_dpmpp_3m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                    progress: bool = True) -> torch.Tensor:
+    """DPM-Solver++(3M) (Lu et al. 2022, "DPM-Solver++", sec. 4 and appendix B: the multistep 3rd-order data-
+    prediction solver): with r0 = h_{i-1}/h, r1 = h_{i-2}/h and divided differences of the last three x_0,
+        D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1)/(r0+r1),  D1_0 = (m0-m1)/r0, D1_1 = (m1-m2)/r1,
+        x_next = (sigma_next/sigma) x - alpha_next (e^{-h} - 1) m0 + alpha_next ((e^{-h} - 1)/h + 1) D1
+                 - alpha_next ((e^{-h} - 1 + h)/h^2 - 1/2) D2
+    (the Taylor terms of x_0(lambda) integrated exactly against e^{lambda}). Warm-up: 1st then 2nd order; under
+    15 steps the second-to-last step is 2nd order and the last (to sigma = 0) returns x_0, as diffusers'
+    lower_order_final. A plan that stops above sigma = 0 counts the final step that follows it."""
+    _deterministic("dpmpp_3m", eta)
+    sigmas, n = plan.sigmas.tolist(), _steps_to_zero(plan)
+    ms, hs = [], []  # the x_0 history (newest last) and the step lengths in lambda between them
+    for i in _steps(plan, progress, "dpmpp_3m"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(x, i)
+        _report(callback, plan, i, x, denoised)
+        ms = (ms + [denoised])[-3:]
+        if s_next == 0:
+            return denoised
+        alpha_next = 1.0 / math.sqrt(1.0 + s_next**2)
+        h = math.log(s / s_next)
+        order = min(3, len(ms), 2 if (i == n - 2 and n < 15) else 3)
+        em1 = math.expm1(-h)  # e^{-h} - 1
+        x = ((s_next * alpha_next) / (s / math.sqrt(1.0 + s**2))) * x - (alpha_next * em1) * ms[-1]
+        if order >= 2:
+            r0 = hs[-1] / h
+            d1_0 = (ms[-1] - ms[-2]) / r0
+            if order == 2:  # DPM-Solver++(2M): D = m0 + D1_0 / 2, i.e. alpha_next (1 - e^{-h}) D1_0 / 2
+                x = x - (alpha_next * em1 * 0.5) * d1_0
+            else:
+                r1 = hs[-2] / h
+                d1_1 = (ms[-2] - ms[-3]) / r1
+                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + (alpha_next * (em1 / h + 1.0)) * d1 - (alpha_next * ((em1 + h) / h**2 - 0.5)) * d2
+        hs = (hs + [h])[-2:]
+    return x
+
+
+def sample_unipc(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                 progress: bool = True, order: int = 2, variant: str = "bh2") -> torch.Tensor:
+    """UniPC (Zhao et al. 2023, "UniPC: a unified predictor-corrector framework", Algorithms 1-3, data
+    prediction): a UniP-p predictor to the next level, then, once the model has been evaluated there, the
+    UniC corrector redoes the step with that new x_0 included (order p+1) at no extra model call. B(h) is
+    e^{-h} - 1 ("bh2") or -h ("bh1"); the rho coefficients solve R rho = b (eq. 9 and appendix), with
+    rho = 1/2 for the 2nd-order predictor. Warm-up with lower orders; the last step (to sigma = 0) returns
+    x_0 (diffusers' lower_order_final with final sigma 0)."""
+    _deterministic("unipc", eta)
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
+        raise ValueError(f"UniPC order must be an integer from 1 to 4; got {order!r}")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"UniPC variant must be 'bh1' or 'bh2'; got {variant!r}")
+    sigmas, n = plan.sigmas.tolist(), _steps_to_zero(plan)
+    lam = [-math.log(s) if s > 0 else math.inf for s in sigmas]  # lambda = log(alpha/sigma_vp) = -log(sigma_VE)
+    ms: list[torch.Tensor] = []
+    x_prev, last_order = None, 0
+    for i in _steps(plan, progress, "unipc"):
+        denoised = denoise(x, i)
+        _report(callback, plan, i, x, denoised)
+        if x_prev is not None:  # UniC: correct the step that led here, using the x_0 just computed
+            x = _unipc_update(x_prev, ms, lam, sigmas, i - 1, last_order, variant, new=denoised)
+        ms = (ms + [denoised])[-order:]
+        if sigmas[i + 1] == 0:
+            return denoised
+        last_order = min(order, len(ms), n - i)
+        x_prev = x
+        x = _unipc_update(x, ms, lam, sigmas, i, last_order, variant)
+    return x
+
+
+def _unipc_update(x, ms, lam, sigmas, i, order, variant, new=None):
+    """One UniP step (new=None) from level i to i+1 with the x_0 history `ms` (newest = level i's), or the
+    UniC correction of that step given `new`, the x_0 at level i+1 (then ms still ends at level i's)."""
+    s, s_next = sigmas[i], sigmas[i + 1]
+    alpha_next = 1.0 / math.sqrt(1.0 + s_next**2)
+    h = lam[i + 1] - lam[i]
+    m0 = ms[-1]
+    rks = [(lam[i - k] - lam[i]) / h for k in range(1, order)]
+    d1s = [(ms[-1 - k] - m0) / rk for k, rk in zip(range(1, order), rks)]
+    hh = -h
+    h_phi_1 = math.expm1(hh)  # e^{-h} - 1
+    b_h = hh if variant == "bh1" else h_phi_1
+    rks, b, h_phi_k, fact = rks + [1.0], [], h_phi_1 / hh - 1.0, 1
+    for k in range(1, order + 1):
+        b.append(h_phi_k * fact / b_h)
+        fact *= k + 1
+        h_phi_k = h_phi_k / hh - 1.0 / fact
+    x_next = ((s_next * alpha_next) / (s / math.sqrt(1.0 + s**2))) * x - (alpha_next * h_phi_1) * m0
+    if new is None:  # predictor: rho from the first order-1 equations (rho = 1/2 at order 2)
+        if order == 1:
+            return x_next
+        rho = [0.5] if order == 2 else _solve([[r**k for r in rks[:-1]] for k in range(order - 1)], b[:-1])
+        return x_next - (alpha_next * b_h) * sum(r * d for r, d in zip(rho, d1s))
+    rho = [0.5] if order == 1 else _solve([[r**k for r in rks] for k in range(order)], b)
+    corr = sum((r * d for r, d in zip(rho[:-1], d1s)), torch.zeros_like(m0))
+    return x_next - (alpha_next * b_h) * (corr + rho[-1] * (new - m0))
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    return torch.linalg.solve(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)).tolist()
+
+
 # -- the last step ---------------------------------------------------------------------------------------
 def final_heun_step(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, callback=None) -> torch.Tensor:
     """The step from the plan's last level sigma_{N-1} to sigma = 0 by the trapezoidal rule (Heun, Karras et al.
@@ -289,11 +397,14 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_3m": sample_dpmpp_3m,
+    "unipc": sample_unipc,
     "euler": sample_euler,
     "euler_a": sample_euler_ancestral,
     "heun": sample_heun,
 }
 TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmpp_2m_sde": "dpm_solver",
+                 "dpmpp_3m": "dpm_solver", "unipc": "dpm_solver",
                  "euler": "karras", "euler_a": "karras", "heun": "karras"}
 
 # What people type (AUTOMATIC1111's labels, k-diffusion's k_ names, diffusers' classes and algorithm
@@ -317,6 +428,10 @@ _alias("dpmpp_2m", "dpmpp_2m", "DPM++ 2M", "k_dpmpp_2m", "dpmsolver++", "DPMSolv
 _alias("dpmpp_2m", "DPM++ 2M Karras", "dpmpp_2m_karras", "k_dpmpp_2m_karras", karras=True)
 _alias("dpmpp_2m_sde", "dpmpp_2m_sde", "DPM++ 2M SDE", "k_dpmpp_2m_sde", "sde-dpmsolver++")
 _alias("dpmpp_2m_sde", "DPM++ 2M SDE Karras", "dpmpp_2m_sde_karras", "k_dpmpp_2m_sde_karras", karras=True)
+_alias("dpmpp_3m", "dpmpp_3m", "DPM++ 3M", "k_dpmpp_3m", "dpm++3m")
+_alias("dpmpp_3m", "DPM++ 3M Karras", "dpmpp_3m_karras", karras=True)
+_alias("unipc", "unipc", "UniPC", "uni_pc", "UniPCMultistepScheduler", "uni_pc_bh2")
+_alias("unipc", "UniPC Karras", "unipc_karras", karras=True)
 _alias("euler", "euler", "Euler", "k_euler", "EulerDiscreteScheduler")
 _alias("euler", "Euler Karras", "k_euler_karras", karras=True)
 _alias("euler_a", "euler_a", "Euler a", "euler_ancestral", "k_euler_a", "k_euler_ancestral",

@@ -203,7 +203,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            karras: bool | None = False, eta: float | None = None, seeds: int | Sequence[int] | None = None,
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = True, final_step: str = "euler",
-           dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+           sampler_options: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     shape_or_noise: the full shape (B, C, H, W), or a start-noise tensor of unit variance [B, ...]
@@ -224,6 +224,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     final_step: "euler" (x_0 = D(x) from the last level, as every diffusers scheduler does) or "heun"
         (the trapezoidal last step, samplers.final_heun_step: same model calls, less narrowing of the
         modes; see docs/samplers.md).
+    sampler_options: further keywords of the sampler function, e.g. {"order": 3, "variant": "bh1"} for unipc.
     """
     prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, steps,
                                                     timestep_spacing, steps_offset, karras)
@@ -255,6 +256,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
                        classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,
                        threshold_percentile)
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
+    kwargs.update(_sampler_options(fn, canonical, sampler_options))
     with torch.no_grad():
         if final_step == "euler":
             return fn(denoise, x, plan, noise=noise, eta=eta, callback=callback, progress=progress, **kwargs)
@@ -265,6 +267,19 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
             x = fn(denoise, x, plan.head(len(plan) - 1), noise=noise, eta=eta, callback=callback, progress=progress,
                    **kwargs)
         return final_heun_step(denoise, x, plan, callback=callback)
+
+
+def _sampler_options(fn, canonical: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    import inspect
+
+    options = dict(options or {})
+    accepted = [n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY
+                and n not in ("noise", "eta", "callback", "progress")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"sampler {canonical!r} takes no option {', '.join(map(repr, unknown))}; its options: "
+                         f"{', '.join(accepted) or 'none'}")
+    return options
 
 
 def invert(model: Callable[..., torch.Tensor], x0: torch.Tensor, *, schedule: NoiseSchedule,

@@ -24,6 +24,7 @@ from diffusers import (  # noqa: E402
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 
 from imagine.sampling import sample  # noqa: E402
@@ -90,18 +91,19 @@ def config(kind, spacing, prediction_type, zero_snr=False, **extra):
     return {**c, **extra}
 
 
-def run_diffusers(scheduler, steps=STEPS, seeds=SEEDS, **step_kwargs):
+def run_diffusers(scheduler, steps=STEPS, seeds=SEEDS, stop=None, **step_kwargs):
+    """Drive `scheduler` by hand over `steps` steps (or only the first `stop` of them)."""
     model = make_model(dict(scheduler.config))
     if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
         float64_table(scheduler)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     scheduler.set_timesteps(steps)
     x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * scheduler.init_noise_sigma
-    stochastic = isinstance(scheduler, (DDPMScheduler, DDIMScheduler, EulerAncestralDiscreteScheduler,
+    stochastic = not isinstance(scheduler, (HeunDiscreteScheduler, UniPCMultistepScheduler)) and isinstance(scheduler, (DDPMScheduler, DDIMScheduler, EulerAncestralDiscreteScheduler,
                                         DPMSolverMultistepScheduler, EulerDiscreteScheduler))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for t in scheduler.timesteps:
+        for t in scheduler.timesteps[:stop]:
             out = model(scheduler.scale_model_input(x, t), t)
             kw = dict(step_kwargs, generator=gens) if stochastic else dict(step_kwargs)
             x = scheduler.step(out, t, x, **kw).prev_sample
@@ -236,6 +238,37 @@ def test_dpm_solver(kind, spacing, pred, karras, sampler):
     algorithm = "dpmsolver++" if sampler == "dpmpp_2m" else "sde-dpmsolver++"
     sched = DPMSolverMultistepScheduler(**cfg, algorithm_type=algorithm, solver_order=2, use_karras_sigmas=karras)
     check(run_ours(cfg, sampler, karras=karras), run_diffusers(sched))
+
+
+@pytest.mark.parametrize("kind,spacing,pred", GRID)
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("steps", [5, 13, 20])
+def test_dpmpp_3m(kind, spacing, pred, karras, steps):
+    if karras and kind == "squaredcos_cap_v2":
+        pytest.skip("diffusers truncates fractional Karras timesteps to int64 for squaredcos_cap_v2; ours stay exact")
+    cfg = config(kind, spacing, pred)
+    sched = DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++", solver_order=3, use_karras_sigmas=karras)
+    # 5 and 13 steps: 2nd order on the step before the last (lower_order_final under 15 steps); 20: 3rd order
+    check(run_ours(cfg, "dpmpp_3m", karras=karras, steps=steps), run_diffusers(sched, steps=steps))
+
+
+@pytest.mark.parametrize("kind,spacing,pred", GRID)
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("order,variant", [(2, "bh2"), (3, "bh2"), (2, "bh1"), (3, "bh1")])
+def test_unipc(kind, spacing, pred, karras, order, variant):
+    if karras and kind == "squaredcos_cap_v2":
+        pytest.skip("diffusers truncates fractional Karras timesteps to int64 for squaredcos_cap_v2; ours stay exact")
+    cfg = config(kind, spacing, pred)
+    sched = UniPCMultistepScheduler(**cfg, solver_order=order, solver_type=variant, use_karras_sigmas=karras)
+    options = {"order": order, "variant": variant}
+    if variant == "bh2":
+        check(run_ours(cfg, "unipc", karras=karras, steps=8, sampler_options=options), run_diffusers(sched, steps=8))
+        return
+    # bh1's B(h) = -h is infinite on the step to sigma = 0, where diffusers computes inf * 0 = NaN; compare the
+    # sample at the last level before it (after 7 predictor and 6 corrector steps): ours' callback sees it there
+    seen = []
+    run_ours(cfg, "unipc", karras=karras, steps=8, sampler_options=options, callback=lambda info: seen.append(info["x"]))
+    check(seen[-1], run_diffusers(sched, steps=8, stop=7))
 
 
 @pytest.mark.parametrize("sampler,cls,kwargs", [

@@ -209,7 +209,7 @@ def run_diffusers(model: ExactModel, shape, scheduler_name: str, steps: int, see
     g = torch.Generator().manual_seed(seed)
     scheduler.set_timesteps(steps)
     x = torch.randn(shape, generator=g) * scheduler.init_noise_sigma
-    takes_generator = scheduler_name != "HeunDiscreteScheduler"
+    takes_generator = scheduler_name not in ("HeunDiscreteScheduler", "UniPCMultistepScheduler")
     with torch.no_grad():
         for t in scheduler.timesteps:
             out = model(scheduler.scale_model_input(x, t), t)
