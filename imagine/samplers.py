@@ -453,6 +453,6 @@ def resolve_sampler(name: str) -> tuple[str, Callable[..., torch.Tensor], bool]:
     if hit is None:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} "
                          f"(also AUTOMATIC1111's: DDIM, DDPM, Euler, Euler a, Heun, DPM++ 2M, DPM++ 2M Karras, "
-                         f"DPM++ 2M SDE, DPM++ 2M SDE Karras, and k_euler-style names)")
+                         f"DPM++ 2M SDE, DPM++ 2M SDE Karras, DPM++ 3M, UniPC, and k_euler-style names)")
     canonical, karras = hit
     return canonical, SAMPLERS[canonical], karras

@@ -178,15 +178,21 @@ def _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, cla
                          f"classifier_guidance_form='eps' (Alg. 2) with other samplers")
 
 
-def _prepare(model, schedule, prediction_type, sampler, steps, timestep_spacing, steps_offset, karras, rule=None):
+def _prepare(model, schedule, prediction_type, sampler, steps, timestep_spacing, steps_offset, karras, rule=None,
+             sigma_schedule=None, rho=None):
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be an imagine.schedules.NoiseSchedule; got {type(schedule).__name__}")
     if not callable(model):
         raise TypeError("model must be callable as model(x_t, t, **cond)")
     prediction_type = check_prediction_type(schedule.prediction_type if prediction_type is None else prediction_type)
     canonical, fn, karras_hint = resolve_sampler(sampler)
+    if sigma_schedule is None and (bool(karras) or karras_hint):
+        sigma_schedule = "karras"
+    elif (karras or karras_hint) and sigma_schedule != "karras":
+        raise ValueError(f"{'karras=True' if karras else repr(sampler)} and sigma_schedule={sigma_schedule!r} "
+                         f"contradict each other; give one")
     plan = schedule.plan(steps, rule=rule or TIMESTEP_RULE[canonical], spacing=timestep_spacing,
-                         steps_offset=steps_offset, karras=bool(karras) or karras_hint)
+                         steps_offset=steps_offset, sigma_schedule=sigma_schedule, rho=rho)
     if prediction_type == "epsilon" and bool((plan.alphas_cumprod[:-1] == 0).any()):
         raise ValueError("an epsilon-predicting model cannot denoise at zero terminal SNR (abar = 0 at "
                          f"t = {float(plan.timesteps[0]):g}: x_0 is undefined from eps); use v_prediction "
@@ -203,7 +209,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            karras: bool | None = False, eta: float | None = None, seeds: int | Sequence[int] | None = None,
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = True, final_step: str = "euler",
-           sampler_options: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+           sampler_options: dict[str, Any] | None = None, sigma_schedule: str | None = None,
+           rho: float | None = None, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     shape_or_noise: the full shape (B, C, H, W), or a start-noise tensor of unit variance [B, ...]
@@ -212,6 +219,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     sampler: a name from `imagine.samplers.sampler_names()` or an alias ("DPM++ 2M Karras", "Euler a"...).
     timestep_spacing, steps_offset: default to the schedule's settings ("leading", 0 unless configured).
     karras: Karras et al. sigmas (also implied by a "... Karras" sampler name).
+    sigma_schedule, rho: the noise levels' spacing instead of the timestep spacing's own: "karras",
+        "exponential" (even in log-SNR) or "polyexponential" (schedules.spaced_sigmas), A1111's schedule types.
     eta: DDIM's eta (default 0), or the noise scale of euler_a / dpmpp_2m_sde (default 1).
     cond / uncond: keyword tensors for the model, batch-first; classifier-free guidance runs when
         guidance_scale != 1 (uncond required then) with guidance_rescale = phi of Lin et al. 2023.
@@ -227,7 +236,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     sampler_options: further keywords of the sampler function, e.g. {"order": 3, "variant": "bh1"} for unipc.
     """
     prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, steps,
-                                                    timestep_spacing, steps_offset, karras)
+                                                    timestep_spacing, steps_offset, karras,
+                                                    sigma_schedule=sigma_schedule, rho=rho)
     if final_step not in ("euler", "heun"):
         raise ValueError(f"final_step must be 'euler' or 'heun'; got {final_step!r}")
     _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, classifier_scale,

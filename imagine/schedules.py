@@ -79,6 +79,27 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (hi + ramp * (lo - hi)) ** rho
 
 
+SIGMA_SCHEDULES = ("karras", "exponential", "polyexponential")
+
+
+def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: float | None = None) -> np.ndarray:
+    """n noise levels from sigma_max down to sigma_min (A1111's "schedule types", diffusers' use_*_sigmas):
+      karras:          Karras et al. 2022, eq. 5 (rho default 7): sigma^(1/rho) evenly spaced;
+      exponential:     evenly spaced in log sigma, i.e. in log-SNR (lambda = -log sigma), the spacing the
+                       DPM-Solver papers use (Lu et al. 2022, sec. 3.3, "logSNR");
+      polyexponential: log sigma = log sigma_min + (1 - i/(n-1))^rho (log sigma_max - log sigma_min)
+                       (k-diffusion's get_sigmas_polyexponential; rho default 1 = exponential; rho > 1
+                       packs the levels towards sigma_min in log-SNR)."""
+    if kind not in SIGMA_SCHEDULES:
+        raise ValueError(f"sigma schedule must be one of {SIGMA_SCHEDULES}; got {kind!r}")
+    if rho is not None and not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be a positive number; got {rho}")
+    if kind == "karras":
+        return karras_sigmas(sigma_min, sigma_max, n, 7.0 if rho is None else rho)
+    ramp = np.linspace(1.0, 0.0, n) ** (1.0 if rho is None else rho)
+    return np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+
+
 def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str, steps_offset: int = 0,
                      rule: str = "ddim") -> np.ndarray:
     """The `steps` training timesteps a sampler visits, from most to least noisy (float64).
@@ -326,7 +347,7 @@ class NoiseSchedule:
         return np.exp(np.interp(np.asarray(t, dtype=np.float64), np.arange(len(log_table)), log_table))
 
     def plan(self, steps: int, *, rule: str = "ddim", spacing: str | None = None, steps_offset: int | None = None,
-             karras: bool = False) -> SamplingPlan:
+             karras: bool = False, sigma_schedule: str | None = None, rho: float | None = None) -> SamplingPlan:
         """The timesteps and noise levels of a `steps`-step run, laid out as diffusers' scheduler of
         that family does (so the model sees the same t at each step):
 
@@ -337,6 +358,9 @@ class NoiseSchedule:
         rule "dpm_solver" (DPMSolverMultistepScheduler): its own leading/linspace; with Karras
             sigmas, eq. 5 over the whole training range and t rounded (not for the cosine schedule).
         Karras sigmas with the DDPM/DDIM rules span sigma(t_last)..sigma(t_first) (no diffusers peer).
+        sigma_schedule ("karras", "exponential", "polyexponential"; `spaced_sigmas`, with `rho`) replaces the
+        spacing's levels the way Karras sigmas do (karras=True is sigma_schedule="karras"); with the
+        dpm_solver rule t is rounded for every such schedule (diffusers truncates exponential ones to int).
         """
         T = self.num_train_timesteps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
@@ -345,6 +369,13 @@ class NoiseSchedule:
             raise ValueError(f"steps must be between 1 and the {T} training timesteps; got {steps}")
         if rule not in TIMESTEP_RULES:
             raise ValueError(f"rule must be one of {TIMESTEP_RULES}; got {rule!r}")
+        if karras and sigma_schedule not in (None, "karras"):
+            raise ValueError(f"karras=True and sigma_schedule={sigma_schedule!r} contradict each other; give one")
+        if sigma_schedule is None and karras:
+            sigma_schedule = "karras"
+        if sigma_schedule is not None and sigma_schedule not in SIGMA_SCHEDULES:
+            raise ValueError(f"sigma_schedule must be one of {SIGMA_SCHEDULES} or None; got {sigma_schedule!r}")
+        custom = (lambda lo, hi, n: spaced_sigmas(sigma_schedule, lo, hi, n, rho)) if sigma_schedule else None
         spacing = self.timestep_spacing if spacing is None else spacing
         steps_offset = self.steps_offset if steps_offset is None else int(steps_offset)
         t = spaced_timesteps(T, int(steps), spacing, steps_offset, rule)
@@ -352,8 +383,8 @@ class NoiseSchedule:
             raise ValueError(f"steps_offset={steps_offset} puts timesteps outside 0..{T - 1} ({t.max():.0f})")
         table = self._sigma_table()
         if rule in ("ddpm", "ddim"):
-            if karras:
-                sig = karras_sigmas(table[int(t[-1])], table[int(t[0])], len(t))
+            if custom:
+                sig = custom(table[int(t[-1])], table[int(t[0])], len(t))
                 t = self.sigma_to_t(sig)
                 abar = 1.0 / (1.0 + sig**2)
             else:
@@ -365,13 +396,13 @@ class NoiseSchedule:
         else:
             if rule == "karras":
                 sig = np.interp(t, np.arange(T), table)
-                if karras:
-                    sig = karras_sigmas(sig[-1], sig[0], len(t))
+                if custom:
+                    sig = custom(sig[-1], sig[0], len(t))
                     t = self.sigma_to_t(sig)
             else:  # dpm_solver
                 sig = table[t.astype(np.int64)]
-                if karras:
-                    sig = karras_sigmas(table[0], table[-1], len(t))
+                if custom:
+                    sig = custom(table[0], table[-1], len(t))
                     t = self.sigma_to_t(sig)
                     # diffusers rounds t here, except for squaredcos_cap_v2 (where it then truncates to
                     # int64, a quirk we do not copy: our models take fractional t)

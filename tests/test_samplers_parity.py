@@ -91,13 +91,15 @@ def config(kind, spacing, prediction_type, zero_snr=False, **extra):
     return {**c, **extra}
 
 
-def run_diffusers(scheduler, steps=STEPS, seeds=SEEDS, stop=None, **step_kwargs):
+def run_diffusers(scheduler, steps=STEPS, seeds=SEEDS, stop=None, after_set_timesteps=None, **step_kwargs):
     """Drive `scheduler` by hand over `steps` steps (or only the first `stop` of them)."""
     model = make_model(dict(scheduler.config))
     if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
         float64_table(scheduler)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     scheduler.set_timesteps(steps)
+    if after_set_timesteps is not None:
+        after_set_timesteps(scheduler)
     x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * scheduler.init_noise_sigma
     stochastic = not isinstance(scheduler, (HeunDiscreteScheduler, UniPCMultistepScheduler)) and isinstance(scheduler, (DDPMScheduler, DDIMScheduler, EulerAncestralDiscreteScheduler,
                                         DPMSolverMultistepScheduler, EulerDiscreteScheduler))
@@ -153,7 +155,8 @@ def check_karras(cfg, sampler, theirs, steps=STEPS, **kw):
     check(ours, theirs, tol)
     twin = {"euler": ("ddim", {"eta": 0.0}), "euler_a": ("ddpm", {})}.get(sampler)
     # (not at zero SNR: there DDIM/DDPM keep abar_T = 0 while the sigma plans floor it at 2^-24)
-    if tol > TOL and twin and not kw.get("karras") and cfg["timestep_spacing"] == "trailing" \
+    if tol > TOL and twin and not kw.get("karras") and not kw.get("sigma_schedule") \
+            and cfg["timestep_spacing"] == "trailing" \
             and not cfg.get("rescale_betas_zero_snr"):
         check(ours, run_ours(cfg, twin[0], steps=steps, **twin[1]))
     return tol
@@ -269,6 +272,51 @@ def test_unipc(kind, spacing, pred, karras, order, variant):
     seen = []
     run_ours(cfg, "unipc", karras=karras, steps=8, sampler_options=options, callback=lambda info: seen.append(info["x"]))
     check(seen[-1], run_diffusers(sched, steps=8, stop=7))
+
+
+@pytest.mark.parametrize("kind,spacing,pred", [g for g in GRID if g[0] != "squaredcos_cap_v2"])
+@pytest.mark.parametrize("sampler,cls,extra", [
+    ("dpmpp_2m", DPMSolverMultistepScheduler, {}), ("dpmpp_3m", DPMSolverMultistepScheduler, {"solver_order": 3}),
+    ("unipc", UniPCMultistepScheduler, {}), ("euler", EulerDiscreteScheduler, {}),
+    ("heun", HeunDiscreteScheduler, {})])
+def test_exponential_sigmas(kind, spacing, pred, sampler, cls, extra):
+    """sigma_schedule="exponential" against diffusers' use_exponential_sigmas. The multistep schedulers cast
+    those fractional timesteps to int64 (truncation) where their Karras branch rounds; ours round for both, so
+    there diffusers is handed our rounded timesteps (its sigmas, which the maths uses, are its own)."""
+    cfg = config(kind, spacing, pred)
+    sched = cls(**cfg, **extra, use_exponential_sigmas=True)
+    ours = run_ours(cfg, sampler, steps=8, sigma_schedule="exponential")
+    patch = None
+    if sampler in ("dpmpp_2m", "dpmpp_3m", "unipc"):
+        plan = NoiseSchedule.from_diffusers_config(cfg).plan(8, rule="dpm_solver", sigma_schedule="exponential")
+
+        def patch(sch):
+            assert np.allclose(sch.sigmas[:-1].numpy(), plan.sigmas[:-1].numpy(), rtol=1e-5)
+            assert (sch.timesteps - plan.timesteps.to(torch.int64)).abs().max() <= 1
+            sch.timesteps = plan.timesteps.to(torch.int64)
+    theirs = run_diffusers(sched, steps=8, after_set_timesteps=patch)
+    if sampler in ("euler", "heun"):
+        check_karras(cfg, sampler, theirs, steps=8, sigma_schedule="exponential")
+    else:
+        check(ours, theirs)
+
+
+def test_sigma_schedules_closed_form():
+    from imagine.schedules import spaced_sigmas
+
+    # exponential: evenly spaced in log sigma; polyexponential with rho = 1 is the same; karras is eq. 5
+    e = spaced_sigmas("exponential", 0.03, 14.6, 6)
+    assert np.allclose(np.diff(np.log(e)), np.log(0.03 / 14.6) / 5)
+    assert np.allclose(spaced_sigmas("polyexponential", 0.03, 14.6, 6, 1.0), e)
+    p2 = spaced_sigmas("polyexponential", 0.03, 14.6, 6, 2.0)
+    assert np.allclose(np.log(p2 / 0.03), (np.linspace(1, 0, 6) ** 2) * np.log(14.6 / 0.03))
+    k = spaced_sigmas("karras", 0.03, 14.6, 6)
+    assert np.allclose(np.diff(k ** (1 / 7)), (0.03 ** (1 / 7) - 14.6 ** (1 / 7)) / 5)
+    with pytest.raises(ValueError, match="sigma schedule must be one of"):
+        spaced_sigmas("cosine", 0.03, 14.6, 6)
+    cfg = config("scaled_linear", "leading", "epsilon")
+    with pytest.raises(ValueError, match="contradict"):
+        run_ours(cfg, "DPM++ 2M Karras", sigma_schedule="exponential")
 
 
 @pytest.mark.parametrize("sampler,cls,kwargs", [

@@ -33,15 +33,26 @@ def test_unknown_sampler_lists_the_valid_names():
 
 
 def test_registry_names_and_aliases():
-    assert sampler_names() == ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a", "heun"]
+    assert sampler_names() == ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "unipc", "euler", "euler_a",
+                               "heun"]
     for alias, (name, karras) in {"DPM++ 2M": ("dpmpp_2m", False), "DPM++ 2M Karras": ("dpmpp_2m", True),
                                   "Euler a": ("euler_a", False), "Euler": ("euler", False), "Heun": ("heun", False),
                                   "DDIM": ("ddim", False), "DDPM": ("ddpm", False), "k_euler": ("euler", False),
                                   "k_euler_a": ("euler_a", False), "DPM++ 2M SDE": ("dpmpp_2m_sde", False),
-                                  "EulerDiscreteScheduler": ("euler", False), "sde-dpmsolver++": ("dpmpp_2m_sde", False)
-                                  }.items():
+                                  "EulerDiscreteScheduler": ("euler", False), "sde-dpmsolver++": ("dpmpp_2m_sde", False),
+                                  "UniPC": ("unipc", False), "DPM++ 3M Karras": ("dpmpp_3m", True),
+                                  "UniPCMultistepScheduler": ("unipc", False)}.items():
         got = resolve_sampler(alias)
         assert (got[0], got[2]) == (name, karras), alias
+
+
+def test_sampler_options_checked():
+    with pytest.raises(ValueError, match="sampler 'unipc' takes no option 'solver_order'; its options: order, variant"):
+        run(sampler="unipc", sampler_options={"solver_order": 3})
+    with pytest.raises(ValueError, match="UniPC order must be an integer from 1 to 4"):
+        run(sampler="unipc", sampler_options={"order": 7})
+    with pytest.raises(ValueError, match="sigma_schedule must be one of"):
+        run(sampler="euler", sigma_schedule="cosine")
 
 
 @pytest.mark.parametrize("steps", [0, -3, 1001])
