@@ -42,11 +42,14 @@ def a1111_parameters(p: dict) -> str:
     lines = [str(p.get("prompt", ""))]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
-    fields = [("Steps", "steps"), ("Sampler", "sampler"), ("CFG scale", "guidance_scale"), ("Seed", "seed"),
-              ("Size", None), ("Model", "model"), ("Version", "version")]
+    fields = [("Steps", "steps"), ("Sampler", "sampler"), ("Schedule type", "schedule_type"),
+              ("CFG scale", "guidance_scale"), ("Seed", "seed"), ("Size", None), ("Model", "model"),
+              ("Version", "version")]
     out = []
     for label, key in fields:
-        if key is None:
+        if key == "schedule_type" and p.get(key):
+            out.append(f"{label}: {str(p[key]).capitalize()}")  # A1111 writes "Schedule type: Karras"
+        elif key is None:
             if "width" in p and "height" in p:
                 out.append(f"Size: {p['width']}x{p['height']}")
         elif key in p and p[key] is not None:

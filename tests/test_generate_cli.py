@@ -79,6 +79,46 @@ def test_from_file_writes_numbered_pngs_and_jsonl(models, tmp_path, capsys):
         assert meta["seed"] == r["seed"] and meta["prompt"] == r["prompt"]
 
 
+def test_single_file_options_match_the_v_prediction_folder(tmp_path, capsys):
+    """An SD-2-like v-prediction model: the folder says so in its scheduler config; the single file (its
+    tokenizer elsewhere) needs --prediction-type and --tokenizer. Same weights, same seed: the same PNG; without
+    --prediction-type the single file is read as epsilon and the image differs."""
+    save_diffusers_folder(tmp_path / "folder", "sd2", scheduler="dpmpp_2m", prediction_type="v_prediction")
+    single = tmp_path / "ckpt" / "tiny-sd2-v.safetensors"
+    write_single_file(single, "sd2", tokenizer_next_to_it=False)
+    common = ["a green triangle", "--steps", 3, "--sampler", "dpmpp_2m", "--seed", 5, "--height", 16, "--width", 16,
+              "-q"]
+    outs = {}
+    for name, extra in (("folder", ["--model", tmp_path / "folder"]),
+                        ("single", ["--model", single, "--prediction-type", "v_prediction",
+                                    "--tokenizer", tmp_path / "folder" / "tokenizer"]),
+                        ("single-eps", ["--model", single, "--tokenizer", tmp_path / "folder" / "tokenizer"])):
+        outs[name] = tmp_path / f"{name}.png"
+        code, _, err = _run(capsys, *extra, *common, "-o", outs[name])
+        assert code == 0, err
+    pixels = {k: Image.open(v).convert("RGB").tobytes() for k, v in outs.items()}
+    assert pixels["single"] == pixels["folder"]
+    assert pixels["single-eps"] != pixels["folder"]
+    code, _, err = _run(capsys, "--model", tmp_path / "folder", "--prediction-type", "epsilon", *common,
+                        "-o", tmp_path / "x.png")
+    assert code == 2 and "only for single-file checkpoints" in err
+
+
+def test_schedule_type_and_final_step_reach_the_sampler(models, tmp_path, capsys):
+    common = ["--model", models["folder"], "a red circle", "--steps", 4, "--sampler", "unipc", "--seed", 9,
+              "--height", 16, "--width", 16, "-q"]
+    paths = {}
+    for name, extra in (("plain", []), ("exp", ["--schedule-type", "exponential"]),
+                        ("exp-heun", ["--schedule-type", "exponential", "--final-step", "heun"])):
+        paths[name] = tmp_path / f"{name}.png"
+        code, _, err = _run(capsys, *common, *extra, "-o", paths[name])
+        assert code == 0, err
+    meta = json.loads(Image.open(paths["exp-heun"]).text["imagine"])
+    assert (meta["sampler"], meta["schedule_type"], meta["final_step"]) == ("unipc", "exponential", "heun")
+    pixels = {k: Image.open(v).convert("RGB").tobytes() for k, v in paths.items()}
+    assert len(set(pixels.values())) == 3
+
+
 @pytest.mark.parametrize("args,message", [
     (["--height", "30"], "height 30 is not a multiple of 4"),
     (["--sampler", "warp_drive"], "unknown sampler 'warp_drive'"),

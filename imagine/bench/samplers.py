@@ -9,7 +9,8 @@ with r_k the posterior responsibilities. So every error left in the samples is t
 Each sampler runs on the same exact epsilon-model and is scored against the true distribution:
   gap  = cross-entropy of the samples under the true mixture minus its entropy, E_q[-log p] - H(p)
          (0 for exact samples; > 0 for samples off the data, < 0 for samples crowding the modes);
-  swd  = sliced Wasserstein-1 distance to a fresh set of true samples (128 random directions).
+  swd  = sliced Wasserstein-1 distance to the true law (min(128, 16 dim) random directions; each projection
+         of the mixture is a 1-D mixture with an exact CDF).
 Each has a noise floor: the same score for n fresh true samples.
 
     python -m imagine.bench.samplers --steps 5 10 20 50 --json out/bench_samplers.json
@@ -142,7 +143,7 @@ class Scorer:
     1-D Gaussian mixture (means mu_k . d, variances sum_j v_kj d_j^2): W1 = integral |F_n(x) - F(x)| dx on a
     fine grid. Against the truth rather than against a second sample set, only the samples' own noise is left."""
 
-    def __init__(self, mixture: GaussianMixture, n: int, seed: int = 0, directions: int = 128, floor_sets: int = 4,
+    def __init__(self, mixture: GaussianMixture, n: int, seed: int = 0, directions: int | None = None, floor_sets: int = 4,
                  entropy_samples: int | None = None, grid: int = 4096):
         g = torch.Generator().manual_seed(seed + 1000)
         self.mixture, self.n, self.grid = mixture, n, grid
@@ -150,6 +151,7 @@ class Scorer:
             entropy_samples = max(20 * n, 200_000) if mixture.dim < 64 else 20 * n
         big = mixture.sample(entropy_samples, g)  # H(p) by Monte Carlo
         self.entropy = float(-mixture.log_prob(big).mean())
+        directions = directions or min(128, 16 * mixture.dim)  # a 2-D law needs few directions
         d = torch.randn(mixture.dim, directions, generator=g, dtype=torch.float64)
         self.directions = d / d.norm(dim=0, keepdim=True)
         self._proj_means = mixture.means @ self.directions  # [K, P]
@@ -160,15 +162,14 @@ class Scorer:
                       "swd_std": float(np.std([f["swd"] for f in floors]))}
 
     def sliced_w1(self, x: torch.Tensor) -> float:
-        proj = (x @ self.directions).sort(0).values  # [n, P]
-        lo = torch.minimum(proj[0], (self._proj_means - 6 * self._proj_stds).min(0).values)
-        hi = torch.maximum(proj[-1], (self._proj_means + 6 * self._proj_stds).max(0).values)
+        proj = (self.directions.T @ x.T).sort(1).values  # [P, n] (sorting rows: 50x faster than columns here)
+        lo = torch.minimum(proj[:, 0], (self._proj_means - 6 * self._proj_stds).min(0).values)
+        hi = torch.maximum(proj[:, -1], (self._proj_means + 6 * self._proj_stds).max(0).values)
         u = torch.linspace(0, 1, self.grid, dtype=torch.float64)[:, None]
         grid = lo + u * (hi - lo)  # [G, P]
         z = (grid[:, None, :] - self._proj_means[None]) / self._proj_stds[None]  # [G, K, P]
         cdf = (torch.special.ndtr(z) * self.mixture.weights[None, :, None]).sum(1)  # [G, P]
-        emp = torch.stack([torch.searchsorted(proj[:, j].contiguous(), grid[:, j].contiguous(), right=True)
-                           for j in range(proj.shape[1])], 1).double() / proj.shape[0]
+        emp = torch.searchsorted(proj, grid.T.contiguous(), right=True).T.double() / proj.shape[1]
         w1 = torch.trapezoid((emp - cdf).abs(), grid, dim=0)  # [P]
         return float(w1.mean())
 

@@ -16,7 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
     p.add_argument("--sampler", default=None,
-                   help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, euler, euler_a, heun (A1111 names work too)")
+                   help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc, euler, euler_a, heun "
+                        "(A1111 names work too)")
+    p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None,
+                   choices=["karras", "exponential", "polyexponential"],
+                   help="noise levels' spacing (A1111's schedule type); default: the model's")
+    p.add_argument("--final-step", choices=["euler", "heun"], default=None,
+                   help="the step to sigma = 0: euler (x0 = D(x), as diffusers) or heun (trapezoidal, same cost)")
     p.add_argument("--guidance-scale", "--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2023 guidance rescale phi (0..1)")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help="Karras sigma spacing")
@@ -34,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["exact", "fast"], default="exact",
                    help="exact: fp32; fast: bf16 autocast and channels-last (AMX on recent Xeons)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    single = p.add_argument_group("single-file checkpoints (.safetensors / .ckpt)")
+    single.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                        help="what the U-Net predicts: epsilon (SD 1.x, SD 2.x base) or v_prediction (SD 2.x 768-v); "
+                             "default: from <name>.yaml beside the file, else epsilon")
+    single.add_argument("--tokenizer", default=None,
+                        help="a CLIP tokenizer folder (vocab.json + merges.txt), if none sits beside the file")
+    single.add_argument("--clip-skip", type=int, default=None, help="skip the last N CLIP layers (A1111's clip skip)")
 
 
 def _prompts(args) -> list[str]:
@@ -59,7 +72,9 @@ def run(args) -> int:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be at least 1")
-    pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision)
+    pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision,
+                                               prediction_type=args.prediction_type, tokenizer=args.tokenizer,
+                                               clip_skip=args.clip_skip)
     if args.height is not None or args.width is not None:
         # One side given: a square image of that side (the check and the generation agree).
         args.height = args.height or args.width
@@ -84,6 +99,7 @@ def run(args) -> int:
                             guidance_scale=args.guidance_scale, sampler=args.sampler, seeds=seeds,
                             height=args.height, width=args.width, guidance_rescale=args.guidance_rescale,
                             karras=args.karras, eta=args.eta, thresholding=args.thresholding,
+                            sigma_schedule=args.sigma_schedule, final_step=args.final_step,
                             progress=not args.quiet)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},

@@ -47,17 +47,16 @@ class TextToImagePipeline:
         self.schedule = components.schedule
         self.prediction_type = components.prediction_type
         self.defaults = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m", **components.defaults}
-        if precision == "fast":
-            self.unet.to(memory_format=torch.channels_last)
-            if self.vae is not None:
-                self.vae.to(memory_format=torch.channels_last)
+        # (the fast mode leaves these modules as they are: it runs bf16 channels-last copies, see fast_copy)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, precision: str = "exact",
-                        dtype: torch.dtype = torch.float32) -> "TextToImagePipeline":
+                        dtype: torch.dtype = torch.float32, **single_file) -> "TextToImagePipeline":
         """`path`: a model folder (ours or diffusers'), an original single-file checkpoint
-        (.safetensors / .ckpt), or None for the embedded default model."""
+        (.safetensors / .ckpt), or None for the embedded default model. `single_file`: options of
+        `load_single_file` (tokenizer, prediction_type, scaling_factor, unet_config, clip_skip); an
+        error for a folder, which carries all of them in its configs."""
         if path is None:
             if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
                 raise FileNotFoundError(f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; "
@@ -67,14 +66,18 @@ class TextToImagePipeline:
         if not path.exists():
             raise FileNotFoundError(f"model not found: {path} (give a model folder with model_index.json, "
                                     "or a .safetensors / .ckpt single-file checkpoint)")
+        given = {k: v for k, v in single_file.items() if v is not None}
         if path.is_dir():
             from imagine.loading.folder import load_folder
 
+            if given:
+                raise ValueError(f"{', '.join(sorted(given))}: only for single-file checkpoints; the model folder "
+                                 f"{path} carries these in its own configs")
             comps = load_folder(path, dtype=dtype)
         else:
             from imagine.loading.single_file import load_single_file
 
-            comps = load_single_file(path, dtype=dtype)
+            comps = load_single_file(path, dtype=dtype, **given)
         return cls(comps, precision=precision)
 
     # -- running -------------------------------------------------------------------------------
@@ -108,8 +111,14 @@ class TextToImagePipeline:
                  seed: int | None = None, seeds: list[int] | None = None, num_images_per_prompt: int = 1,
                  height: int | None = None, width: int | None = None, guidance_rescale: float = 0.0,
                  eta: float | None = None, karras: bool | None = None, thresholding: str | None = None,
+                 sigma_schedule: str | None = None, final_step: str | None = None,
+                 sampler_options: dict | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
+        """Text to images. Options left None take the model's defaults (model_index.json "defaults",
+        else 20 steps of dpmpp_2m at guidance 7.5). sigma_schedule: "karras", "exponential",
+        "polyexponential" (A1111's schedule types); final_step: "euler" or "heun" (the trapezoidal last
+        step, imagine.samplers.final_heun_step); sampler_options: e.g. {"order": 3} for unipc."""
         t0 = time.time()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -131,6 +140,12 @@ class TextToImagePipeline:
         steps = int(d["steps"] if steps is None else steps)
         guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
         sampler = sampler or d["sampler"]
+        if sampler == d["sampler"]:  # the model's default sampler comes with its default schedule and last step
+            if karras is None and sigma_schedule is None:
+                sigma_schedule = d.get("sigma_schedule")
+            if final_step is None:
+                final_step = d.get("final_step")
+        final_step = final_step or "euler"
         sample_size = self.unet.config.sample_size or 64
         sample_size = sample_size[0] if isinstance(sample_size, (tuple, list)) else sample_size
         height = int(height or d.get("height") or self.scale * sample_size)
@@ -147,19 +162,27 @@ class TextToImagePipeline:
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                seeds=seeds, guidance_rescale=guidance_rescale, eta=eta, karras=karras,
-                               thresholding=thresholding, callback=callback, progress=progress)
+                               thresholding=thresholding, callback=callback, progress=progress,
+                               sigma_schedule=sigma_schedule, final_step=final_step,
+                               sampler_options=sampler_options)
         images_t = self.decode(latents)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__}
         if guidance_rescale:
             params["guidance_rescale"] = guidance_rescale
+        if sigma_schedule or karras:
+            params["schedule_type"] = sigma_schedule or "karras"
+        if final_step != "euler":
+            params["final_step"] = final_step
+        if sampler_options:
+            params["sampler_options"] = dict(sampler_options)
         images = [to_pil(t) for t in images_t] if output_type == "pil" else []
         return GenerationResult(images=images, seeds=seeds, seconds=time.time() - t0, latents=latents,
                                 parameters={**params, "prompt": prompts, "negative_prompt": negatives})
 
     def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, seeds, guidance_rescale, eta, karras,
-                thresholding, callback, progress):
+                thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None):
         from imagine.sampling import sample
 
         sc = self.c.scheduler_config
@@ -168,15 +191,19 @@ class TextToImagePipeline:
             kwargs["timestep_spacing"] = sc["timestep_spacing"]
         if sc.get("steps_offset") is not None:
             kwargs["steps_offset"] = int(sc["steps_offset"])
-        if karras is None:
-            karras = bool(sc.get("use_karras_sigmas", False))
+        if karras is None and sigma_schedule is None:
+            if sc.get("use_karras_sigmas"):
+                sigma_schedule = "karras"
+            elif sc.get("use_exponential_sigmas"):
+                sigma_schedule = "exponential"
         model = self.unet
         if self.precision == "fast":
             model = _Autocast(self.unet)
         return sample(model, shape, schedule=self.schedule, prediction_type=self.prediction_type, sampler=sampler,
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
-                      guidance_rescale=guidance_rescale, thresholding=thresholding, karras=karras, eta=eta,
-                      seeds=seeds, callback=callback, progress=progress, **kwargs)
+                      guidance_rescale=guidance_rescale, thresholding=thresholding, karras=bool(karras), eta=eta,
+                      seeds=seeds, callback=callback, progress=progress, sigma_schedule=sigma_schedule,
+                      final_step=final_step, sampler_options=sampler_options, **kwargs)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
