@@ -10,6 +10,7 @@ as its pipelines do.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import numpy as np
@@ -404,6 +405,22 @@ def test_exact_model_ddim_reaches_the_noise_floor_on_the_ring():
     assert within(score(model)), (score(model), scorer.floor)
     assert not within(score(model, prediction_type="v_prediction"))
     assert not within(score(lambda x, t: model(x, t) * 1.05))
+
+
+def test_scorer_sliced_w1_closed_form():
+    """The swd is W1 to the exact projected law: for one Gaussian, samples shifted by delta along a unit vector u
+    score E|d . u| delta over random directions d (2/pi for d uniform on the circle in 2-D), plus the floor."""
+    from imagine.bench.samplers import GaussianMixture, Scorer
+
+    g = GaussianMixture(torch.ones(1, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64),
+                        torch.ones(1, 2, dtype=torch.float64), (2,), "gauss")
+    scorer = Scorer(g, 50_000, seed=0, directions=256, entropy_samples=50_000)
+    x = g.sample(50_000, torch.Generator().manual_seed(3))
+    shifted = scorer.score(x + torch.tensor([0.3, 0.0], dtype=torch.float64))["swd"]
+    expect = float((scorer.directions[0]).abs().mean()) * 0.3
+    assert abs(expect - 0.3 * 2 / math.pi) < 0.02
+    assert abs(shifted - expect) < 3 * scorer.floor["swd"], (shifted, expect, scorer.floor)
+    assert scorer.floor["swd"] < 0.01
 
 
 def test_ddim_inversion_reconstructs():

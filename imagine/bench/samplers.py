@@ -19,6 +19,7 @@ Each has a noise floor: the same score for n fresh true samples.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import time
@@ -187,27 +188,49 @@ OURS = {
     # the same algorithms and settings as diffusers' (identical numbers: the parity tests hold them to 1e-4)
     "ddim": ("ddim", {}), "ddpm": ("ddpm", {}), "euler": ("euler", {}), "euler_a": ("euler_a", {}),
     "heun": ("heun", {}), "dpmpp_2m": ("dpmpp_2m", {}), "dpmpp_2m_sde": ("dpmpp_2m_sde", {}),
-    # with the trapezoidal last step (samplers.final_heun_step): same model calls
-    "euler karras, heun final": ("euler", {"karras": True, "final_step": "heun"}),
+    "dpmpp_3m": ("dpmpp_3m", {}), "unipc": ("unipc", {}),
+    # with the trapezoidal last step (samplers.final_heun_step: same model calls) and other noise levels
     "heun karras, heun final": ("heun", {"karras": True, "final_step": "heun"}),
     "dpmpp_2m karras, heun final": ("dpmpp_2m", {"karras": True, "final_step": "heun"}),
     "dpmpp_2m_sde karras, heun final": ("dpmpp_2m_sde", {"karras": True, "final_step": "heun"}),
+    "unipc exponential": ("unipc", {"sigma_schedule": "exponential"}),
+    "unipc exponential, heun final": ("unipc", {"sigma_schedule": "exponential", "final_step": "heun"}),
+    "unipc polyexp 1.5": ("unipc", {"sigma_schedule": "polyexponential", "rho": 1.5}),
+    "unipc polyexp 1.5, heun final": ("unipc", {"sigma_schedule": "polyexponential", "rho": 1.5,
+                                                "final_step": "heun"}),
+    "dpmpp_3m polyexp 1.5, heun final": ("dpmpp_3m", {"sigma_schedule": "polyexponential", "rho": 1.5,
+                                                      "final_step": "heun"}),
 }
-EXTRA = {  # --extra: ours with diffusers' Karras settings and trailing spacing (same numbers as diffusers')
+EXTRA = {  # --extra: ours with diffusers' Karras / exponential settings (same numbers as diffusers')
     "euler karras": ("euler", {"karras": True}), "heun karras": ("heun", {"karras": True}),
     "dpmpp_2m karras": ("dpmpp_2m", {"karras": True}), "dpmpp_2m_sde karras": ("dpmpp_2m_sde", {"karras": True}),
     "dpmpp_2m trailing": ("dpmpp_2m", {"timestep_spacing": "trailing"}),
+    "unipc karras": ("unipc", {"karras": True}), "dpmpp_3m exponential": ("dpmpp_3m", {"sigma_schedule": "exponential"}),
 }
 DIFFUSERS = {
     "DDIMScheduler": ("DDIMScheduler", {}), "DDPMScheduler": ("DDPMScheduler", {}),
     "EulerDiscrete": ("EulerDiscreteScheduler", {}), "EulerAncestral": ("EulerAncestralDiscreteScheduler", {}),
     "HeunDiscrete": ("HeunDiscreteScheduler", {}), "DPM++2M": ("DPMSolverMultistepScheduler", {}),
     "DPM++2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++3M": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
     "EulerDiscrete karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "HeunDiscrete karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
     "DPM++2M karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "DPM++2M SDE karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
                                                            "use_karras_sigmas": True}),
+    "DPM++3M karras": ("DPMSolverMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
+    "UniPC karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+    "DEIS karras": ("DEISMultistepScheduler", {"use_karras_sigmas": True}),
+    # the log-SNR-uniform levels (Lu et al.'s own choice), under both of diffusers' names for them
+    "DPM++2M exponential": ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}),
+    "DPM++2M lu_lambdas": ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}),
+    "DPM++2M SDE exponential": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                                "use_exponential_sigmas": True}),
+    "DPM++3M exponential": ("DPMSolverMultistepScheduler", {"solver_order": 3, "use_exponential_sigmas": True}),
+    "UniPC exponential": ("UniPCMultistepScheduler", {"use_exponential_sigmas": True}),
+    "UniPC-3 exponential": ("UniPCMultistepScheduler", {"solver_order": 3, "use_exponential_sigmas": True}),
+    "HeunDiscrete exponential": ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}),
 }
 
 
@@ -226,7 +249,7 @@ def run_diffusers(model: ExactModel, shape, scheduler_name: str, steps: int, see
     g = torch.Generator().manual_seed(seed)
     scheduler.set_timesteps(steps)
     x = torch.randn(shape, generator=g) * scheduler.init_noise_sigma
-    takes_generator = scheduler_name not in ("HeunDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler")
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     with torch.no_grad():
         for t in scheduler.timesteps:
             out = model(scheduler.scale_model_input(x, t), t)
@@ -276,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
                 rows[label][str(steps)] = {**scorer.score(x), "nfe": nfe(name, steps)}
         results["problems"][pname] = {"n": n, "dim": mixture.dim, "entropy": scorer.entropy, "floor": scorer.floor,
                                       "results": rows, "seconds": round(time.time() - t0, 1)}
+        results["problems"][pname]["goal"] = goal(results["problems"][pname])
         print_table(pname, results["problems"][pname], args.steps)
     if args.json:
         path = Path(args.json)
@@ -283,6 +307,26 @@ def run(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(results, indent=1))
         print(f"wrote {path}")
     return 0
+
+
+def goal(res: dict, ours_steps: int = 10, theirs_steps: int = 20) -> dict | None:
+    """Issue 2's goal on one problem: our best sampler at 10 steps against diffusers' best at 20, by swd, met
+    when ours is no further from the truth than theirs plus twice the floor's standard deviation (the scores'
+    own sampling noise)."""
+    rows = res["results"]
+
+    def best(side: str, steps: int):
+        cands = [(r[str(steps)]["swd"], label) for label, r in rows.items()
+                 if label.startswith(side) and str(steps) in r and math.isfinite(r[str(steps)]["swd"])]
+        return min(cands) if cands else None
+
+    ours, theirs = best("ours:", ours_steps), best("diffusers:", theirs_steps)
+    if ours is None or theirs is None:
+        return None
+    tol = 2 * res["floor"].get("swd_std", 0.0)
+    return {"ours": ours[1], "ours_swd": ours[0], "ours_gap": rows[ours[1]][str(ours_steps)]["gap"],
+            "theirs": theirs[1], "theirs_swd": theirs[0], "theirs_gap": rows[theirs[1]][str(theirs_steps)]["gap"],
+            "tolerance": tol, "met": ours[0] <= theirs[0] + tol}
 
 
 def print_table(pname: str, res: dict, steps: list[int]) -> None:
@@ -293,6 +337,11 @@ def print_table(pname: str, res: dict, steps: list[int]) -> None:
     for label, row in res["results"].items():
         cells = "".join(f"{row[str(s)]['gap']:>12.4f}{row[str(s)]['swd']:>12.4f}" for s in steps)
         print(f"{label:34s}{cells}")
+    g = res.get("goal")
+    if g:
+        print(f"goal (ours at 10 steps vs diffusers' best at 20, swd within {g['tolerance']:.4f}): "
+              f"{'MET' if g['met'] else 'NOT MET'}: {g['ours']} {g['ours_swd']:.4f} (gap {g['ours_gap']:.3f}) vs "
+              f"{g['theirs']} {g['theirs_swd']:.4f} (gap {g['theirs_gap']:.3f})")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
