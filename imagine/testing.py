@@ -43,3 +43,32 @@ def make_tiny_model(folder: str | Path, seed: int = 0, latent: bool = True,
     atomic_write_json(folder / "scheduler" / "scheduler_config.json", {"_class_name": "NoiseSchedule", **sched.to_config()})
     atomic_write_json(folder / "model_index.json", index)
     return folder
+
+
+def make_image_folder(root: str | Path, n: int = 24, size: int = 16, bad: int = 0, uncaptioned: int = 0) -> Path:
+    """A captioned image folder in the imagefolder convention (metadata.jsonl): one coloured square a picture
+    on white, its place in the caption; plus `bad` corrupt files and `uncaptioned` records without text, which
+    a trainer must skip and count."""
+    import json
+
+    from PIL import Image
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(n):
+        a = torch.full((size, size, 3), 255, dtype=torch.uint8)
+        colour = torch.randint(0, 256, (3,), generator=g, dtype=torch.uint8)
+        x0 = int(torch.randint(0, size // 2, (1,), generator=g))
+        a[size // 4:size // 4 + size // 2, x0:x0 + size // 2] = colour
+        Image.fromarray(a.numpy()).save(root / f"{i}.png")
+        lines.append({"file_name": f"{i}.png", "text": f"a square at {x0}, colour {i % 5}"})
+    for j in range(bad):
+        (root / f"bad{j}.png").write_bytes(b"not a png at all")
+        lines.append({"file_name": f"bad{j}.png", "text": "broken"})
+    for j in range(uncaptioned):
+        Image.new("RGB", (size, size)).save(root / f"nocap{j}.png")
+        lines.append({"file_name": f"nocap{j}.png"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return root

@@ -9,11 +9,13 @@ import json
 import pytest
 from PIL import Image
 
-from test_loading import one_thread, save_diffusers_folder, write_single_file  # noqa: E402
+from test_loading import save_diffusers_folder, write_single_file  # noqa: E402
 
 pytest.importorskip("diffusers")
 
 from imagine.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,13 @@ import math
 import pytest
 import torch
 
-from test_loading import one_thread, TINY, rel_err, save_diffusers_folder, write_single_file  # noqa: E402
+from test_loading import TINY, rel_err, save_diffusers_folder, write_single_file  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 
 from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT, NEGATIVE = "a red circle left of the blue square", "the square"
 SIZE, STEPS, CFG, SEED = 32, 20, 7.5, 1234

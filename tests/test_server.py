@@ -25,6 +25,8 @@ openai = pytest.importorskip("openai")
 
 from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZE = 32  # tiny model: small images, few steps
 STEPS = 3
 
@@ -70,17 +72,6 @@ class GatedPipe:
 def tiny_model(tmp_path_factory):
     testing = pytest.importorskip("imagine.testing")
     return testing.make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # 2 cores, shared with other work: torch's two threads would spin against each other
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +174,7 @@ def test_a1111_listing_endpoints(server):
     api.util_set_model(models[0])  # posts options with the same checkpoint: accepted
     assert api.get_options()["samples_format"] == "png"
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
-    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
+    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras", "exponential", "polyexponential"]
     for getter in (api.get_sd_vae, api.get_upscalers, api.get_loras, api.get_prompt_styles):
         assert getter() == []
     p = api.get_progress()
@@ -203,6 +194,14 @@ def test_unknown_sampler_and_karras_names(server):
     assert info["sampler"] == "dpmpp_2m" and info["scheduler"] == "karras"
     r = _txt2img(server, sampler_name="euler")  # our own names work too
     assert r.status_code == 200 and json.loads(r.json()["info"])["sampler"] == "euler"
+    # A1111's schedule types: the image changes with the noise levels; an unknown one is named
+    plain = _txt2img(server, sampler_name="UniPC", seed=3)
+    exp = _txt2img(server, sampler_name="UniPC", scheduler="Exponential", seed=3)
+    assert plain.status_code == exp.status_code == 200
+    assert json.loads(exp.json()["info"])["scheduler"] == "exponential"
+    assert plain.json()["images"] != exp.json()["images"]
+    r = _txt2img(server, sampler_name="UniPC", scheduler="cosine")
+    assert r.status_code == 422 and r.json()["field"] == "scheduler" and "polyexponential" in r.json()["detail"]
 
 
 # -- OpenAI ----------------------------------------------------------------------------------

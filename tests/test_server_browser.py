@@ -31,6 +31,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 
 from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class HeldPipe:
     """The real pipeline; generate waits at sampler step 1 while `hold` is set."""
@@ -56,17 +58,6 @@ class HeldPipe:
 
         kw["callback"] = callback
         return self.pipe.generate(prompts, negative_prompt, **kw)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # 2 cores, shared with the browser: torch's two threads would spin against each other
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

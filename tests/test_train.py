@@ -13,33 +13,10 @@ import torch
 from PIL import Image
 
 from imagine.models import io
+from imagine.testing import make_image_folder as make_folder
 from imagine.train.config import load_config
 
 TINY_VAE = {"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 2, "norm_num_groups": 4}
-
-
-def make_folder(root: Path, n: int = 24, size: int = 16, bad: int = 0, uncaptioned: int = 0) -> Path:
-    """A captioned image folder in the imagefolder convention: coloured squares on white."""
-    root.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for i in range(n):
-        img = Image.new("RGB", (size, size), (255, 255, 255))
-        c = tuple(int(v) for v in torch.randint(0, 255, (3,), generator=g))
-        x0 = int(torch.randint(0, size // 2, (1,), generator=g))
-        for x in range(x0, x0 + size // 2):
-            for y in range(size // 4, size // 4 + size // 2):
-                img.putpixel((x, y), c)
-        img.save(root / f"{i}.png")
-        lines.append({"file_name": f"{i}.png", "text": f"square {i}"})
-    for j in range(bad):
-        (root / f"bad{j}.png").write_bytes(b"not a png at all")
-        lines.append({"file_name": f"bad{j}.png", "text": "broken"})
-    for j in range(uncaptioned):
-        Image.new("RGB", (size, size)).save(root / f"nocap{j}.png")
-        lines.append({"file_name": f"nocap{j}.png"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
-    return root
 
 
 def vae_config(data: Path, **train):

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from imagine.models import io
+from imagine.testing import make_image_folder
 
 STEPS = 10
 TINY_UNET = {"sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_channels": [8, 16],
@@ -32,30 +33,6 @@ TINY_UNET = {"sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_c
              "cross_attention_dim": 384, "norm_num_groups": 4}
 
 pytestmark = pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
-
-
-def make_folder(root: Path, n: int = 20, size: int = 8, bad: int = 4, uncaptioned: int = 2) -> Path:
-    """A captioned imagefolder: one coloured bar a picture, its colour and place in the caption;
-    plus corrupt images and caption-less records, which leave the processes' slices of a global
-    batch unequal (or one of them empty)."""
-    root.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for i in range(n):
-        a = torch.full((size, size, 3), 255, dtype=torch.uint8)
-        colour = torch.randint(0, 256, (3,), generator=g, dtype=torch.uint8)
-        x0 = int(torch.randint(0, size // 2, (1,), generator=g))
-        a[:, x0:x0 + size // 2] = colour
-        Image.fromarray(a.numpy()).save(root / f"{i}.png")
-        lines.append({"file_name": f"{i}.png", "text": f"a bar at {x0} colour {i % 5}"})
-    for j in range(bad):
-        (root / f"bad{j}.png").write_bytes(b"not a png")
-        lines.append({"file_name": f"bad{j}.png", "text": "broken"})
-    for j in range(uncaptioned):
-        Image.new("RGB", (size, size)).save(root / f"nocap{j}.png")
-        lines.append({"file_name": f"nocap{j}.png"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
-    return root
 
 
 def write_config(path: Path, data: Path, **train) -> Path:
@@ -112,7 +89,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
-    data = make_folder(root / "data")
+    data = make_image_folder(root / "data", n=20, size=8, bad=4, uncaptioned=2)
     cfg = write_config(root / "run.yaml", data)
     out = {"one": root / "one", "two": root / "two", "two_resumed": root / "two_resumed"}
     out["one_stdout"] = train(cfg, out["one"], 1).stdout

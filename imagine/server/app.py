@@ -82,6 +82,7 @@ A1111_SAMPLERS = [
     ("LCM", [], "lcm"),
     ("DDPM", [], "ddpm"),
 ]
+SCHEDULE_TYPES = ("karras", "exponential", "polyexponential")  # imagine.schedules.SIGMA_SCHEDULES
 _FALLBACK_SAMPLERS = ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a", "heun"]
 
 
@@ -154,7 +155,7 @@ class Txt2ImgRequest(BaseModel):
     height: int | None = None
     sampler_name: str | None = None
     sampler_index: str | None = None  # A1111's deprecated name field; used if sampler_name is absent
-    scheduler: str | None = None  # "automatic" (the model's) or "karras"
+    scheduler: str | None = None  # "automatic" (the model's), "karras", "exponential" or "polyexponential"
     batch_size: int = 1
     n_iter: int = 1
     send_images: bool = True
@@ -355,6 +356,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         return _error_response(request, 422, message, field, errors=jsonable_encoder(e.errors(), exclude={"url"})
                                if not _openai_path(request) else None)
 
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(request: Request, e: _ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         return _error_response(request, e.status_code, str(e.detail), headers=getattr(e, "headers", None))
@@ -386,18 +391,21 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if not math.isfinite(v) or not 0 <= v <= 100:
             raise ApiError(422, f"{field} must be a finite number between 0 and 100; got {v}", field)
 
-    def resolve_sampler(field: str, name: str | None, scheduler: str | None = None) -> tuple[str, bool | None]:
+    def resolve_sampler(field: str, name: str | None, scheduler: str | None = None) -> tuple[str, str | None]:
+        """-> (our sampler, its noise-level schedule: None for the model's own, or one of SCHEDULE_TYPES)."""
         try:
             sampler, karras = samplers.resolve(name) if name else (defaults["sampler"], None)
         except LookupError as e:
             raise ApiError(422, str(e), field) from None
+        schedule = "karras" if karras else None
         if scheduler:
             key = scheduler.strip().lower()
-            if key == "karras":
-                karras = True
+            if key in SCHEDULE_TYPES:
+                schedule = key
             elif key not in ("automatic", "auto", "default", ""):
-                raise ApiError(422, f"scheduler {scheduler!r} is not supported; valid: automatic, karras", "scheduler")
-        return sampler, karras
+                raise ApiError(422, f"scheduler {scheduler!r} is not supported; valid: automatic, "
+                                    f"{', '.join(SCHEDULE_TYPES)}", "scheduler")
+        return sampler, schedule
 
     def check_seed(field: str, seed: int) -> int:
         if seed < -1 or seed > MAX_SEED:
@@ -405,6 +413,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         return random.randint(0, MAX_SEED) if seed == -1 else seed
 
     async def run_job(request: Request, job: Job):
+        """The job's result from the worker; None if it was interrupted before it began. A client that went
+        away raises _ClientGone (answered 499 by its handler); the worker's refusals become ApiErrors."""
         try:
             future = worker.submit(job)
         except QueueFull as e:
@@ -430,7 +440,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             except ShuttingDown as e:
                 raise ApiError(503, str(e)) from None
             except Interrupted:
-                raise
+                return None
             except Exception as e:  # the pipeline failed on this job: an answer, not a dropped request
                 raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from None
         finally:
@@ -458,20 +468,15 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"batch_size x n_iter = {n} images; the server's limit is {cfg.max_images} "
                                 "images per request", "batch_size")
         sampler_field = "sampler_name" if req.sampler_name else "sampler_index"
-        sampler, karras = resolve_sampler(sampler_field, req.sampler_name or req.sampler_index, req.scheduler)
+        sampler, schedule = resolve_sampler(sampler_field, req.sampler_name or req.sampler_index, req.scheduler)
         base = check_seed("seed", req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
-                                    guidance_scale=float(guidance), karras=karras))
+                                    guidance_scale=float(guidance), schedule=schedule))
         if req.force_task_id:
             job.id = str(req.force_task_id)[:200]
-        try:
-            result = await run_job(request, job)
-        except _ClientGone:
-            return Response(status_code=499)
-        except Interrupted:
-            result = None
+        result = await run_job(request, job)
         images = result.images if result is not None else []
         used = result.seeds if result is not None else []
         a_name = samplers.a1111_name(sampler)
@@ -485,7 +490,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * len(used),
             "seed": seeds[0], "all_seeds": used, "subseed": seeds[0], "all_subseeds": used,
             "subseed_strength": 0, "width": width, "height": height, "sampler_name": a_name, "sampler": sampler,
-            "scheduler": "karras" if karras else "automatic", "cfg_scale": guidance, "steps": steps,
+            "scheduler": schedule or "automatic", "cfg_scale": guidance, "steps": steps,
             "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False,
             "face_restoration_model": None, "sd_model_name": name, "sd_model_hash": fingerprint[:10],
             "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
@@ -510,10 +515,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     @app.get("/sdapi/v1/schedulers")
     def get_schedulers():
+        rho = {"karras": 7.0, "exponential": -1, "polyexponential": 1.0}
         return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
-                 "need_inner_model": False},
-                {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
-                 "need_inner_model": False}]
+                 "need_inner_model": False}] + [
+                {"name": k, "label": k.capitalize(), "aliases": None, "default_rho": rho[k], "need_inner_model": False}
+                for k in SCHEDULE_TYPES]
 
     @app.get("/sdapi/v1/sd-models")
     def get_sd_models():
@@ -649,18 +655,13 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         check_int("steps", steps, 1, cfg.max_steps, " (the server's limit)")
         guidance = defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
         check_guidance("guidance_scale", guidance)
-        sampler, karras = resolve_sampler("sampler", req.sampler)
+        sampler, schedule = resolve_sampler("sampler", req.sampler)
         base = check_seed("seed", -1 if req.seed is None else req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(req.n)]
         job = Job(prompts=[req.prompt] * req.n, negative_prompts=[negative] * req.n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
-                                    guidance_scale=float(guidance), karras=karras))
-        try:
-            result = await run_job(request, job)
-        except _ClientGone:
-            return Response(status_code=499)
-        except Interrupted:
-            result = None
+                                    guidance_scale=float(guidance), schedule=schedule))
+        result = await run_job(request, job)
         if result is None or result.interrupted:
             raise ApiError(409, "the generation was interrupted (POST /sdapi/v1/interrupt) before it finished",
                            kind="interrupted")

@@ -64,7 +64,7 @@ class Settings:
     steps: int
     sampler: str
     guidance_scale: float
-    karras: bool | None = None
+    schedule: str | None = None  # noise-level spacing (imagine.schedules.SIGMA_SCHEDULES); None: the model's
 
 
 @dataclass(eq=False)
@@ -312,7 +312,7 @@ class ModelWorker:
             try:
                 res = self.pipe.generate(prompts[a:b], negatives[a:b], seeds=seeds[a:b], steps=s.steps,
                                          guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
-                                         width=s.width, karras=s.karras, callback=callback, progress=False)
+                                         width=s.width, sigma_schedule=s.schedule, callback=callback, progress=False)
                 images += res.images
                 parameters = res.parameters
             except _Interrupted:
