@@ -216,7 +216,7 @@ def sample_heun(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
 
 
 # -- DPM-Solver++ (Lu et al. 2022) -----------------------------------------------------------------------
-def _dpm_solver_pp_2m(denoise, x, plan, *, eta, noise, callback, progress, name):
+def _dpm_solver_pp_2m(denoise, x, plan, *, eta, noise, callback, progress, name, s_tmin=0.0, s_tmax=math.inf):
     # VP quantities: alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma alpha, lambda = log(alpha/sigma_vp) = -log sigma
     sigmas = plan.sigmas.tolist()
     old_denoised, h_last = None, None
@@ -230,6 +230,7 @@ def _dpm_solver_pp_2m(denoise, x, plan, *, eta, noise, callback, progress, name)
             break
         alpha_next = 1.0 / math.sqrt(1.0 + s_next**2)
         h = math.log(s / s_next)  # lambda_next - lambda
+        eta_i = eta if s_tmin <= s <= s_tmax else 0.0  # Karras et al. 2022, Alg. 2: noise only within [S_tmin, S_tmax]
         if old_denoised is None:
             D = denoised  # first step: DPM-Solver++(1), i.e. DDIM
         else:
@@ -238,9 +239,9 @@ def _dpm_solver_pp_2m(denoise, x, plan, *, eta, noise, callback, progress, name)
         # x_next = (sigma_next/sigma) e^{-eta h} x + alpha_next (1 - e^{-(1+eta) h}) D + sigma_next sqrt(1 - e^{-2 eta h}) z
         # (eta = 0: the ODE solver, eq. 9; eta = 1: the SDE solver of Lu et al. 2022, sec. 4 / appendix)
         ratio = (s_next * alpha_next) / (s / math.sqrt(1.0 + s**2))
-        x = (ratio * math.exp(-eta * h)) * x + (alpha_next * -math.expm1(-(1 + eta) * h)) * D
-        if eta > 0:
-            x = x + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * eta * h))) * _noise(noise, x)
+        x = (ratio * math.exp(-eta_i * h)) * x + (alpha_next * -math.expm1(-(1 + eta_i) * h)) * D
+        if eta_i > 0:
+            x = x + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * eta_i * h))) * _noise(noise, x)
         old_denoised, h_last = denoised, h
     return x
 
@@ -256,13 +257,18 @@ def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, no
 
 
 def sample_dpmpp_2m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
-                        callback=None, progress: bool = True) -> torch.Tensor:
+                        callback=None, progress: bool = True, s_tmin: float = 0.0,
+                        s_tmax: float = math.inf) -> torch.Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 4 and appendix; diffusers' "sde-dpmsolver++" with the
     midpoint correction): the same 2nd-order data prediction on the reverse SDE, adding fresh noise of
-    variance sigma_next^2 (1 - e^{-2h}) each step; eta in [0, 1] blends to the ODE (eta = 0)."""
+    variance sigma_next^2 (1 - e^{-2h}) each step; eta in [0, 1] blends to the ODE (eta = 0). s_tmin, s_tmax:
+    the band of noise levels that get noise (Karras et al. 2022, Alg. 2's S_tmin/S_tmax); outside it the step
+    is the ODE's (A1111 exposes the same two settings)."""
     eta = _eta("dpmpp_2m_sde", eta, 1.0)
+    if not 0 <= s_tmin <= s_tmax:
+        raise ValueError(f"need 0 <= s_tmin <= s_tmax; got s_tmin={s_tmin}, s_tmax={s_tmax}")
     return _dpm_solver_pp_2m(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
-                             name="dpmpp_2m_sde")
+                             name="dpmpp_2m_sde", s_tmin=float(s_tmin), s_tmax=float(s_tmax))
 
 
 def sample_dpmpp_3m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,

@@ -371,6 +371,21 @@ def test_same_seed_same_sample_at_any_batch_size(sampler):
     assert torch.equal(seen[0], z)
 
 
+def test_sde_noise_band():
+    """dpmpp_2m_sde's s_tmin/s_tmax (Karras et al. 2022, Alg. 2: noise only for sigma in the band): a band above
+    every level is the ODE sampler dpmpp_2m exactly; the full band is the plain SDE sampler; a band in between
+    differs from both."""
+    cfg = config("scaled_linear", "leading", "epsilon")
+    ode = run_ours(cfg, "dpmpp_2m", steps=8)
+    sde = run_ours(cfg, "dpmpp_2m_sde", steps=8)
+    assert torch.equal(run_ours(cfg, "dpmpp_2m_sde", steps=8, sampler_options={"s_tmin": 1e9}), ode)
+    assert torch.equal(run_ours(cfg, "dpmpp_2m_sde", steps=8, sampler_options={"s_tmin": 0.0, "s_tmax": 1e9}), sde)
+    mid = run_ours(cfg, "dpmpp_2m_sde", steps=8, sampler_options={"s_tmin": 1.0})
+    assert not torch.allclose(mid, ode, atol=1e-3) and not torch.allclose(mid, sde, atol=1e-3)
+    with pytest.raises(ValueError, match="s_tmin <= s_tmax"):
+        run_ours(cfg, "dpmpp_2m_sde", steps=8, sampler_options={"s_tmin": 2.0, "s_tmax": 1.0})
+
+
 def test_sampler_aliases_match():
     cfg = config("scaled_linear", "leading", "epsilon")
     base = run_ours(cfg, "dpmpp_2m", karras=True)
