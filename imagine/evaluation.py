@@ -174,6 +174,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
     parser.add_argument("--thresholding", choices=["static", "dynamic"], default=None,
                         help="clip x0 predictions while sampling (Imagen's dynamic thresholding or static)")
+    parser.add_argument("--schedule-type", dest="sigma_schedule", choices=["karras", "exponential", "polyexponential"],
+                        default=None, help="noise levels' spacing (default: the model's)")
+    parser.add_argument("--final-step", choices=["euler", "heun"], default=None,
+                        help="the last step to sigma = 0 (default: the model's)")
     parser.add_argument("--precision", choices=["exact", "fast"], default="exact", help="fp32, or bf16 autocast")
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
                         help="run a preset sweep of settings (the papers' claims) and print one table")
@@ -187,6 +191,12 @@ SWEEPS = {
     "samplers": ([dict(sampler="ddpm", steps=n) for n in (10, 50, 1000)]
                  + [dict(sampler="ddim", steps=n) for n in (10, 20, 50)]
                  + [dict(sampler="dpmpp_2m", steps=n) for n in (10, 20)]),
+    # the few-step samplers of docs/samplers.md on the trained model (the choice of the model's defaults)
+    "schedules": [dict(sampler="dpmpp_2m", steps=20), dict(sampler="dpmpp_2m", steps=20, sigma_schedule="karras"),
+                  dict(sampler="unipc", steps=10, sigma_schedule="exponential"),
+                  dict(sampler="unipc", steps=20, sigma_schedule="exponential"),
+                  dict(sampler="unipc", steps=20, sigma_schedule="exponential", final_step="heun"),
+                  dict(sampler="dpmpp_2m_sde", steps=20, sigma_schedule="exponential", final_step="heun")],
     # Saharia et al. 2022: dynamic thresholding keeps high guidance scales from saturating.
     "thresholding": [dict(guidance_scale=12.0), dict(guidance_scale=12.0, thresholding="dynamic"),
                      dict(guidance_scale=12.0, thresholding="static")],
@@ -200,7 +210,8 @@ def run(args) -> int:
 
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision)  # None: the default model
     base = {k: v for k, v in dict(steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                                  thresholding=args.thresholding).items() if v is not None}
+                                  thresholding=args.thresholding, sigma_schedule=getattr(args, "sigma_schedule", None),
+                                  final_step=getattr(args, "final_step", None)).items() if v is not None}
     rows = [dict(base)] if args.sweep is None else [{**base, **row} for row in SWEEPS[args.sweep]]
     out = Path(args.out)
     reports = []
@@ -218,12 +229,15 @@ def run(args) -> int:
 
 def format_sweep(rows: list[dict], reports: list[dict], defaults: dict) -> str:
     """A markdown table: one row per setting, the judge's scores per family and overall."""
-    head = "| sampler | steps | guidance | thresholding | " + " | ".join(FAMILIES) + " | overall | seen | held-out |"
+    head = ("| sampler | steps | guidance | thresholding | schedule, last step | " + " | ".join(FAMILIES)
+            + " | overall | seen | held-out |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for opt, rep in zip(rows, reports):
         fam = rep["families"]
         cells = [str(opt.get("sampler", defaults.get("sampler"))), str(opt.get("steps", defaults.get("steps"))),
-                 str(opt.get("guidance_scale", defaults.get("guidance_scale"))), str(opt.get("thresholding") or "-")]
+                 str(opt.get("guidance_scale", defaults.get("guidance_scale"))), str(opt.get("thresholding") or "-"),
+                 f"{opt.get('sigma_schedule') or defaults.get('sigma_schedule') or '-'}, "
+                 f"{opt.get('final_step') or defaults.get('final_step') or 'euler'}"]
         cells += [f"{fam[f]['score']:.3f}" if f in fam else "-" for f in FAMILIES]
         cells += [f"{rep['overall']:.3f}", f"{rep['seen']['score']:.3f}", f"{rep['heldout']['score']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")

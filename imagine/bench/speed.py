@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time the fast mode compiled with torch.compile (what IMAGINE_COMPILE=1 does); "
                         "the compile time shows as that side's warm-up")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing the sides: where the fast U-Net step's time goes (torch.profiler, by "
+                        "operator), and the self-attention kernel against a bare exp over as many values")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -292,7 +295,61 @@ def _table(title: str, sides: dict, quality_key: str, quality_fmt: str) -> str:
     return "\n".join(lines)
 
 
+def profile_fast_unet(name: str, rows: int = 12) -> dict:
+    """The fast mode's U-Net step under torch.profiler (self CPU time by operator), and the largest self-attention
+    (batch 2, the top level's token count) in SDPA's kernel against torch.exp over as many bf16 values: the
+    softmax's exponentials bound that kernel, and diffusers calls the same one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from imagine.models.unet import UNet2DConditionModel
+    from imagine.pipelines.text_to_image import _Autocast
+
+    cfg, size = unet_config(name)
+    fast = _Autocast(UNet2DConditionModel(cfg).eval().requires_grad_(False), compile=False)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, cfg.in_channels, size, size, generator=g), torch.tensor([801.0, 801.0])
+    ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+    with torch.inference_mode():
+        fast(x, t, context=ctx)
+        t0 = time.process_time()
+        fast(x, t, context=ctx)
+        step = time.process_time() - t0
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fast(x, t, context=ctx)
+    table = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in table)
+    ops = sorted(((e.key, e.self_cpu_time_total / total, e.count) for e in table), key=lambda r: -r[1])[:rows]
+    heads = cfg.attention_head_dim[0] if isinstance(cfg.attention_head_dim, (list, tuple)) else cfg.attention_head_dim
+    width = cfg.block_out_channels[0] // heads
+    q, k, v = (torch.randn(2, heads, size * size, width, generator=g).bfloat16() for _ in range(3))
+
+    def cpu_time(f):
+        f()
+        t0 = time.process_time()
+        f()
+        return time.process_time() - t0
+
+    attention = cpu_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    scores = torch.randn(size * size, size * size).bfloat16()
+    exp = cpu_time(lambda: [torch.exp(scores) for _ in range(2 * heads)])
+    return {"model": name, "step_cpu_s": step, "ops": ops, "attention": {
+        "tokens": size * size, "heads": heads, "head_width": width, "sdpa_cpu_s": attention, "exp_cpu_s": exp}}
+
+
 def run(args) -> int:
+    if getattr(args, "profile", False):
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for m in [m.strip() for m in args.models.split(",") if m.strip()]:
+            r = profile_fast_unet(m)
+            a = r["attention"]
+            print(f"fast U-Net {m}: {r['step_cpu_s']:.2f} CPU-s a step; self time by operator (under the profiler):")
+            for key, share, count in r["ops"]:
+                print(f"  {share:6.1%}  {key} ({count} calls)")
+            print(f"  one self-attention over {a['tokens']} tokens ({a['heads']} heads of {a['head_width']}, batch 2): "
+                  f"SDPA {a['sdpa_cpu_s']:.3f} CPU-s; torch.exp over the same {2 * a['heads']} x {a['tokens']}^2 "
+                  f"values {a['exp_cpu_s']:.3f} CPU-s")
+        return 0
     try:
         import diffusers  # noqa: F401
     except ImportError:
