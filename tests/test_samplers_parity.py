@@ -456,3 +456,26 @@ def test_ddim_inversion_reconstructs():
         # while sampling from fresh noise lands nowhere near the originals
         other = sample(model, x0.shape, schedule=schedule, sampler="ddim", steps=50, seeds=0, progress=False)
         assert float((other - x0).pow(2).mean().sqrt()) > 5 * rms
+
+
+def test_bench_samplers_runs_both_sides_and_reports_the_goal(tmp_path):
+    """`imagine bench samplers` end to end on a small ring run: both sides, equal numbers for the shared
+    algorithm, the goal line, JSON and the markdown tables."""
+    import json
+
+    from imagine.bench.samplers import main
+
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    assert main(["--problems", "ring2d", "--steps", "10", "20", "--samples", "2000", "--only", "ours: ddim",
+                 "diffusers: DDIMScheduler", "--json", str(js), "--markdown", str(md)]) == 0
+    res = json.loads(js.read_text())["problems"]["ring2d"]
+    ours, theirs = res["results"]["ours: ddim"], res["results"]["diffusers: DDIMScheduler"]
+    for steps in ("10", "20"):
+        assert abs(ours[steps]["swd"] - theirs[steps]["swd"]) < 1e-4
+        assert ours[steps]["swd"] > res["floor"]["swd"]  # 10 and 20 DDIM steps are visibly off the ring
+    assert ours["20"]["swd"] < ours["10"]["swd"]
+    assert res["goal"]["ours"] == "ours: ddim" and res["goal"]["met"] is False  # DDIM@10 is worse than DDIM@20
+    text = md.read_text()
+    assert "| ours: ddim |" in text and "Goal (ours at 10 steps" in text
+    assert main(["--from-json", str(js), "--markdown", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == text

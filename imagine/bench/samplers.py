@@ -264,6 +264,12 @@ def nfe(sampler_or_scheduler: str, steps: int) -> int:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
+    if args.from_json:
+        if not args.markdown:
+            raise ValueError("--from-json needs --markdown (the file to write)")
+        Path(args.markdown).write_text(markdown(json.loads(Path(args.from_json).read_text())))
+        return 0
+
     torch.set_num_threads(max(1, int(args.threads)))
     warnings.filterwarnings("ignore")
     schedule = NoiseSchedule.from_diffusers_config(SD_CONFIG)
@@ -306,6 +312,8 @@ def run(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
         print(f"wrote {path}")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(results))
     return 0
 
 
@@ -344,6 +352,31 @@ def print_table(pname: str, res: dict, steps: list[int]) -> None:
               f"{g['theirs']} {g['theirs_swd']:.4f} (gap {g['theirs_gap']:.3f})")
 
 
+def markdown(results: dict) -> str:
+    """The results as the markdown tables of docs/samplers.md."""
+    out = []
+    for pname, res in results["problems"].items():
+        f, steps = res["floor"], results["config"]["steps"]
+        out.append(f"**{pname}** (dim {res['dim']}, n = {res['n']}; noise floor: |gap| {f['gap']:.4f}, swd "
+                   f"{f['swd']:.4f} ± {f.get('swd_std', 0):.4f})\n")
+        out.append("| sampler | " + " | ".join(f"{s} steps: gap / swd" for s in steps) + " |")
+        out.append("|---|" + "---|" * len(steps))
+        for label, row in res["results"].items():
+            cells = []
+            for s in steps:
+                r = row[str(s)]
+                nfe = f" ({r['nfe']} NFE)" if r.get("nfe", s) != s else ""
+                cells.append(f"{r['gap']:.3f} / {r['swd']:.4f}{nfe}")
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        g = res.get("goal")
+        if g:
+            out.append(f"\nGoal (ours at 10 steps within {g['tolerance']:.4f} swd of diffusers' best at 20): "
+                       f"**{'met' if g['met'] else 'not met'}**: {g['ours']} {g['ours_swd']:.4f} (gap "
+                       f"{g['ours_gap']:.3f}) vs {g['theirs']} {g['theirs_swd']:.4f} (gap {g['theirs_gap']:.3f}).")
+        out.append("")
+    return "\n".join(out)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--steps", nargs="+", type=int, default=[5, 10, 20, 50])
@@ -354,6 +387,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra", action="store_true", help="also ours with diffusers' Karras / trailing settings")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--markdown", default=None, help="write the tables as markdown here (or, with --from-json, "
+                                                         "only convert that file)")
+    parser.add_argument("--from-json", default=None, help="with --markdown: convert an earlier run's JSON")
 
 
 def main(argv: list[str] | None = None) -> int:
