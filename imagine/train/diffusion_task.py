@@ -23,7 +23,8 @@ DIFFUSION_DEFAULTS = {
     "schedule": {"kind": "scaled_linear", "num_train_timesteps": 1000},
     "text_encoder": {"type": "minilm", "max_length": 32},
     "vae": None, "cache_text": True, "cache_latents": True,
-    "sample": {"prompts": [], "steps": 20, "guidance_scale": 5.0, "sampler": "dpmpp_2m", "seed": 0},
+    "sample": {"prompts": [], "steps": 20, "guidance_scale": 5.0, "sampler": "dpmpp_2m", "seed": 0,
+               "sigma_schedule": None, "final_step": "euler"},
 }
 
 
@@ -145,7 +146,8 @@ class DiffusionTask(Task):
 
     # -- sampling and export -------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, model, prompts: list[str], steps: int, guidance_scale: float, sampler: str, seed: int):
+    def generate(self, model, prompts: list[str], steps: int, guidance_scale: float, sampler: str, seed: int,
+                 sigma_schedule: str | None = None, final_step: str = "euler"):
         from imagine.sampling import sample
 
         model.eval()
@@ -157,7 +159,8 @@ class DiffusionTask(Task):
         shape = (c.out_channels, res // f, res // f)
         x = sample(model, (len(prompts), *shape), schedule=self.schedule, prediction_type=self.d["prediction_type"],
                    sampler=sampler, steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
-                   seeds=[seed + i for i in range(len(prompts))], progress=False)
+                   seeds=[seed + i for i in range(len(prompts))], progress=False, sigma_schedule=sigma_schedule,
+                   final_step=final_step)
         if self.vae is not None:
             x = self.vae.decode_latent(x)
         return x.clamp(-1, 1)
@@ -170,7 +173,8 @@ class DiffusionTask(Task):
         if not prompts:
             return
         was = model.training
-        x = self.generate(model, prompts, int(s["steps"]), float(s["guidance_scale"]), s["sampler"], int(s["seed"]))
+        x = self.generate(model, prompts, int(s["steps"]), float(s["guidance_scale"]), s["sampler"], int(s["seed"]),
+                          s.get("sigma_schedule"), s.get("final_step") or "euler")
         model.train(was)
         save_grid([to_pil(t) for t in x], path, cols=min(8, len(prompts)))
 
@@ -192,6 +196,9 @@ class DiffusionTask(Task):
             **comps, "text_encoder": te,
             "defaults": {"steps": int(s["steps"]), "guidance_scale": float(s["guidance_scale"]), "sampler": s["sampler"],
                          "height": int(self.cfg.get("data", {}).get("resolution", 64)),
-                         "width": int(self.cfg.get("data", {}).get("resolution", 64))},
+                         "width": int(self.cfg.get("data", {}).get("resolution", 64)),
+                         # the sampler's noise levels and last step (docs/samplers.md), when the run names them
+                         **({"sigma_schedule": s["sigma_schedule"]} if s.get("sigma_schedule") else {}),
+                         **({"final_step": s["final_step"]} if s.get("final_step", "euler") != "euler" else {})},
             "training_config": self.cfg,
         })
