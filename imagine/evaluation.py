@@ -193,10 +193,10 @@ SWEEPS = {
                  + [dict(sampler="dpmpp_2m", steps=n) for n in (10, 20)]),
     # the few-step samplers of docs/samplers.md on the trained model (the choice of the model's defaults)
     "schedules": [dict(sampler="dpmpp_2m", steps=20), dict(sampler="dpmpp_2m", steps=20, sigma_schedule="karras"),
-                  dict(sampler="unipc", steps=10, sigma_schedule="exponential"),
                   dict(sampler="unipc", steps=20, sigma_schedule="exponential"),
                   dict(sampler="unipc", steps=20, sigma_schedule="exponential", final_step="heun"),
-                  dict(sampler="dpmpp_2m_sde", steps=20, sigma_schedule="exponential", final_step="heun")],
+                  dict(sampler="dpmpp_2m_sde", steps=20, sigma_schedule="exponential", final_step="heun"),
+                  dict(sampler="unipc", steps=10, sigma_schedule="exponential", final_step="heun")],
     # Saharia et al. 2022: dynamic thresholding keeps high guidance scales from saturating.
     "thresholding": [dict(guidance_scale=12.0), dict(guidance_scale=12.0, thresholding="dynamic"),
                      dict(guidance_scale=12.0, thresholding="static")],

@@ -127,3 +127,12 @@ def test_run_wires_the_pipeline(tmp_path, monkeypatch, capsys):
     args = parser.parse_args(["--n-per-family", "0", "--out", str(out)])
     with pytest.raises(ValueError, match="n-per-family"):
         E.run(args)
+    # a sweep: one evaluation per preset row, its options reaching the pipeline, one table
+    calls.clear()
+    args = parser.parse_args(["--model", "m", "--n-per-family", "1", "--sweep", "schedules", "--out", str(out / "sw"),
+                              "--batch-size", "16"])
+    assert E.run(args) == 0
+    options = [c[2] for c in calls if c[0] == "call"]
+    assert dict(sampler="unipc", steps=20, sigma_schedule="exponential", final_step="heun", progress=False) in options
+    table = (out / "sw" / "sweep.md").read_text()
+    assert "| unipc | 20 | 5.0 | - | exponential, heun |" in table and table.count("\n") == len(E.SWEEPS["schedules"]) + 2
