@@ -146,6 +146,10 @@ class TextToImagePipeline:
             if final_step is None:
                 final_step = d.get("final_step")
         final_step = final_step or "euler"
+        if karras is None and sigma_schedule is None:  # a diffusers scheduler config may name its noise levels
+            sc = self.c.scheduler_config
+            sigma_schedule = ("karras" if sc.get("use_karras_sigmas") else
+                              "exponential" if sc.get("use_exponential_sigmas") else None)
         sample_size = self.unet.config.sample_size or 64
         sample_size = sample_size[0] if isinstance(sample_size, (tuple, list)) else sample_size
         height = int(height or d.get("height") or self.scale * sample_size)
@@ -191,11 +195,6 @@ class TextToImagePipeline:
             kwargs["timestep_spacing"] = sc["timestep_spacing"]
         if sc.get("steps_offset") is not None:
             kwargs["steps_offset"] = int(sc["steps_offset"])
-        if karras is None and sigma_schedule is None:
-            if sc.get("use_karras_sigmas"):
-                sigma_schedule = "karras"
-            elif sc.get("use_exponential_sigmas"):
-                sigma_schedule = "exponential"
         model = self.unet
         if self.precision == "fast":
             model = _Autocast(self.unet)
