@@ -210,7 +210,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = True, final_step: str = "euler",
            sampler_options: dict[str, Any] | None = None, sigma_schedule: str | None = None,
-           rho: float | None = None, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+           rho: float | None = None, dtype: torch.dtype = torch.float32,
+           device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     shape_or_noise: the full shape (B, C, H, W), or a start-noise tensor of unit variance [B, ...]

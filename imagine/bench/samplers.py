@@ -144,7 +144,8 @@ class Scorer:
     1-D Gaussian mixture (means mu_k . d, variances sum_j v_kj d_j^2): W1 = integral |F_n(x) - F(x)| dx on a
     fine grid. Against the truth rather than against a second sample set, only the samples' own noise is left."""
 
-    def __init__(self, mixture: GaussianMixture, n: int, seed: int = 0, directions: int | None = None, floor_sets: int = 4,
+    def __init__(self, mixture: GaussianMixture, n: int, seed: int = 0, directions: int | None = None,
+                 floor_sets: int = 4,
                  entropy_samples: int | None = None, grid: int = 4096):
         g = torch.Generator().manual_seed(seed + 1000)
         self.mixture, self.n, self.grid = mixture, n, grid
