@@ -186,13 +186,9 @@ def _prepare(model, schedule, prediction_type, sampler, steps, timestep_spacing,
         raise TypeError("model must be callable as model(x_t, t, **cond)")
     prediction_type = check_prediction_type(schedule.prediction_type if prediction_type is None else prediction_type)
     canonical, fn, karras_hint = resolve_sampler(sampler)
-    if sigma_schedule is None and (bool(karras) or karras_hint):
-        sigma_schedule = "karras"
-    elif (karras or karras_hint) and sigma_schedule != "karras":
-        raise ValueError(f"{'karras=True' if karras else repr(sampler)} and sigma_schedule={sigma_schedule!r} "
-                         f"contradict each other; give one")
     plan = schedule.plan(steps, rule=rule or TIMESTEP_RULE[canonical], spacing=timestep_spacing,
-                         steps_offset=steps_offset, sigma_schedule=sigma_schedule, rho=rho)
+                         steps_offset=steps_offset, karras=bool(karras) or karras_hint,
+                         sigma_schedule=sigma_schedule, rho=rho)
     if prediction_type == "epsilon" and bool((plan.alphas_cumprod[:-1] == 0).any()):
         raise ValueError("an epsilon-predicting model cannot denoise at zero terminal SNR (abar = 0 at "
                          f"t = {float(plan.timesteps[0]):g}: x_0 is undefined from eps); use v_prediction "

@@ -370,7 +370,8 @@ class NoiseSchedule:
         if rule not in TIMESTEP_RULES:
             raise ValueError(f"rule must be one of {TIMESTEP_RULES}; got {rule!r}")
         if karras and sigma_schedule not in (None, "karras"):
-            raise ValueError(f"karras=True and sigma_schedule={sigma_schedule!r} contradict each other; give one")
+            raise ValueError(f"Karras sigmas (karras=True, or a '... Karras' sampler name) and "
+                             f"sigma_schedule={sigma_schedule!r} contradict each other; give one")
         if sigma_schedule is None and karras:
             sigma_schedule = "karras"
         if sigma_schedule is not None and sigma_schedule not in SIGMA_SCHEDULES:
