@@ -178,7 +178,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=None, help="noise levels' spacing (default: the model's)")
     parser.add_argument("--final-step", choices=["euler", "heun"], default=None,
                         help="the last step to sigma = 0 (default: the model's)")
-    parser.add_argument("--precision", choices=["exact", "fast"], default="exact", help="fp32, or bf16 autocast")
+    parser.add_argument("--precision", choices=["exact", "fast"], default="exact",
+                        help="exact: fp32; fast: bf16 weights and channels-last where the CPU has native bf16 "
+                        "(AVX512-BF16 or AMX), else as exact")
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
                         help="run a preset sweep of settings (the papers' claims) and print one table")
 

@@ -15,3 +15,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _set_bf16(monkeypatch, value: str):
+    from imagine import hardware
+
+    monkeypatch.setenv(hardware.BF16_ENV, value)
+    hardware.native_bf16.cache_clear()
+
+
+@pytest.fixture
+def bf16_mode(monkeypatch):
+    """Run as on a CPU with native bfloat16 (AMX / AVX512-BF16), whatever this one has."""
+    from imagine import hardware
+
+    _set_bf16(monkeypatch, "1")
+    yield
+    monkeypatch.undo()
+    hardware.native_bf16.cache_clear()
+
+
+@pytest.fixture
+def no_bf16_mode(monkeypatch):
+    """Run as on a CPU without native bfloat16 (AVX2 only), whatever this one has."""
+    from imagine import hardware
+
+    _set_bf16(monkeypatch, "0")
+    yield
+    monkeypatch.undo()
+    hardware.native_bf16.cache_clear()

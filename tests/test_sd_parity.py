@@ -90,15 +90,19 @@ def test_generation_matches_diffusers(tmp_path, kind, sampler, prediction_type):
         assert psnr(_our_image(ours_folder, "euler"), want) < 50  # measured: about 48 dB
 
 
-def test_fast_mode_stays_close_to_exact(tmp_path):
+def test_fast_mode_stays_close_to_exact(tmp_path, bf16_mode):
     """bf16 fast mode against fp32 exact mode on the same single file: the decoded image of a full
-    generation, and the VAE decode alone."""
+    generation, and the VAE decode alone. The bf16 path is forced (`bf16_mode`), so that a machine
+    without native bf16, whose fast mode is float32, still checks what one with it runs."""
+    from imagine.pipelines.text_to_image import fast_copy
+
     single = tmp_path / "m.safetensors"
     write_single_file(single, "sd1")
     from imagine.loading.single_file import load_single_file
 
     exact = TextToImagePipeline(load_single_file(single), precision="exact")
     fast = TextToImagePipeline(load_single_file(single), precision="fast")
+    assert next(fast_copy(fast.unet).parameters()).dtype == torch.bfloat16
     a = _our_image(exact, "dpmpp_2m")
     b = _our_image(fast, "dpmpp_2m")
     assert psnr(b, a) >= 30

@@ -12,8 +12,8 @@ import webdataset as wds
 from PIL import Image
 
 from imagine.models import io
-from imagine.train.data import (ImageFolderDataset, SkipCounter, StreamBatches, WebDatasetShards, collate,
-                                image_to_tensor)
+from imagine.train.data import (ImageFolderDataset, SkipCounter, StreamBatches, WebDatasetShards, build_dataset,
+                                collate, image_to_tensor)
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -209,3 +209,23 @@ def test_vae_trains_on_shards_and_resumes_exactly(tmp_path):
     b = io.load_tensors(tmp_path / "split" / "model" / "diffusion_pytorch_model.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_shapes_family_weights_reach_the_training_data():
+    """data.family_weights draws families in the given proportions (0 = never); the items stay
+    functions of (seed, index): the same index gives the same scene."""
+    from collections import Counter
+
+    from imagine.data.judge import parse_caption
+
+    ds = build_dataset({"type": "shapes", "length": 1200, "seed": 1,
+                        "family_weights": {"single": 0.0, "sized": 0.0, "pair": 1.0, "relation": 3.0, "count": 0.0}})
+    fams = Counter(ds.inner.scene(i)[0].family for i in range(1200))
+    assert set(fams) == {"pair", "relation"}
+    assert 0.70 < fams["relation"] / 1200 < 0.80  # 3/4, within ~4 binomial standard deviations
+    again = build_dataset({"type": "shapes", "length": 1200, "seed": 1,
+                           "family_weights": {"single": 0.0, "sized": 0.0, "pair": 1.0, "relation": 3.0, "count": 0.0}})
+    assert again[7]["caption"] == ds[7]["caption"] and torch.equal(again[7]["image"], ds[7]["image"])
+    assert parse_caption(ds.inner.scene(7)[0].caption)["family"] == ds.inner.scene(7)[0].family
+    with pytest.raises(ValueError, match="family_weights names families not in use"):
+        build_dataset({"type": "shapes", "length": 10, "family_weights": {"triangles": 1.0}})

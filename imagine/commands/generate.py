@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="PNG path for one image (default imagine-<seed>.png), or a folder for several / --from-file")
     p.add_argument("--from-file", default=None, help="a text file with one prompt a line")
     p.add_argument("--precision", choices=["exact", "fast"], default="exact",
-                   help="exact: fp32; fast: bf16 autocast and channels-last (AMX on recent Xeons)")
+                   help="exact: fp32; fast: bf16 weights and channels-last where the CPU has native bf16 "
+                   "(AVX512-BF16 or AMX), else as exact")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     single = p.add_argument_group("single-file checkpoints (.safetensors / .ckpt)")
     single.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,

@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "so bind another address only on a network you trust)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, AUTOMATIC1111's)")
     p.add_argument("--precision", choices=["exact", "fast"], default="exact",
-                   help="exact: fp32; fast: bf16 autocast and channels-last")
+                   help="exact: fp32; fast: bf16 weights and channels-last where the CPU has native bf16 "
+                   "(AVX512-BF16 or AMX), else as exact")
     p.add_argument("--queue-size", type=int, default=d.queue_size,
                    help=f"jobs that may wait; past it requests get 429 with Retry-After (default {d.queue_size})")
     p.add_argument("--max-batch", type=int, default=d.max_batch,

@@ -117,12 +117,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 class ShapesTrainDataset(torch.utils.data.Dataset):
     """The shapes generator as a map-style dataset (item i is a function of (seed, i) only)."""
 
-    def __init__(self, length: int, seed: int = 0, resolution: int = 64, split: str = "train"):
+    def __init__(self, length: int, seed: int = 0, resolution: int = 64, split: str = "train",
+                 family_weights=None):
         from imagine.data.shapes import ShapesDataset
 
         if resolution != 64:
             raise ValueError(f"the shapes task renders at 64x64 (shared/specs/shapes.md); got resolution {resolution}")
-        self.inner = ShapesDataset(length=length, seed=seed, split=split)
+        # family_weights (dict family -> weight; default uniform) shifts training toward the
+        # families the model finds hard, e.g. relations.
+        self.inner = ShapesDataset(length=length, seed=seed, split=split, family_weights=family_weights)
 
     def __len__(self):
         return len(self.inner)
@@ -273,7 +276,7 @@ def build_dataset(cfg: dict, require_captions: bool = True):
     res = int(cfg.get("resolution", 64))
     if kind == "shapes":
         return ShapesTrainDataset(int(cfg.get("length", 100_000)), int(cfg.get("seed", 0)), res,
-                                  cfg.get("split", "train"))
+                                  cfg.get("split", "train"), cfg.get("family_weights"))
     if kind == "imagefolder":
         if "path" not in cfg:
             raise ValueError("data.type imagefolder needs data.path (a folder with metadata.jsonl)")

@@ -153,9 +153,12 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
     if accelerator is None:
         from accelerate import Accelerator
 
-        mp = tc["mixed_precision"]
-        if mp not in ("no", "bf16", "fp16"):
-            raise ValueError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16'; got {mp!r}")
+        from imagine.hardware import resolve_mixed_precision
+
+        mp = resolve_mixed_precision(tc["mixed_precision"])
+        if tc["mixed_precision"] == "auto":
+            print(f"train.mixed_precision auto -> {mp!r} (native bf16 on this machine: "
+                  f"{'yes' if mp == 'bf16' else 'no'})", flush=True)
         accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     if tc["threads"]:
