@@ -51,7 +51,7 @@ def _noise(noise, x: torch.Tensor) -> torch.Tensor:
 def _deterministic(name: str, eta) -> None:
     if eta not in (None, 0, 0.0):
         raise ValueError(f"the {name} sampler is deterministic and takes no eta (got {eta}); eta applies to "
-                         f"ddim, euler_a and dpmpp_2m_sde")
+                         f"ddim, euler_a, dpmpp_2m_sde and dpmpp_3m_sde")
 
 
 def _eta(name: str, eta, default: float) -> float:
@@ -59,6 +59,11 @@ def _eta(name: str, eta, default: float) -> float:
     if not (eta >= 0 and math.isfinite(eta)):
         raise ValueError(f"eta for {name} must be a finite number >= 0; got {eta}")
     return eta
+
+
+def _check_band(s_tmin, s_tmax) -> None:
+    if not 0 <= s_tmin <= s_tmax:
+        raise ValueError(f"need 0 <= s_tmin <= s_tmax; got s_tmin={s_tmin}, s_tmax={s_tmax}")
 
 
 def _steps_to_zero(plan: SamplingPlan) -> int:
@@ -265,10 +270,50 @@ def sample_dpmpp_2m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *
     the band of noise levels that get noise (Karras et al. 2022, Alg. 2's S_tmin/S_tmax); outside it the step
     is the ODE's (A1111 exposes the same two settings)."""
     eta = _eta("dpmpp_2m_sde", eta, 1.0)
-    if not 0 <= s_tmin <= s_tmax:
-        raise ValueError(f"need 0 <= s_tmin <= s_tmax; got s_tmin={s_tmin}, s_tmax={s_tmax}")
+    _check_band(s_tmin, s_tmax)
     return _dpm_solver_pp_2m(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
                              name="dpmpp_2m_sde", s_tmin=float(s_tmin), s_tmax=float(s_tmax))
+
+
+def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name, s_tmin=0.0, s_tmax=math.inf):
+    # The 3rd-order multistep data-prediction solver on the ODE (eta = 0) or the reverse SDE (eta = 1): the
+    # Taylor terms of x_0(lambda) integrated exactly against the weight (1 + eta) e^{-(1 + eta)(lambda_next -
+    # lambda)}, so every phi below is the ODE's with h replaced by h_eta = (1 + eta) h.
+    sigmas, n = plan.sigmas.tolist(), _steps_to_zero(plan)
+    ms, hs = [], []  # the x_0 history (newest last) and the step lengths in lambda between them
+    for i in _steps(plan, progress, name):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(x, i)
+        _report(callback, plan, i, x, denoised)
+        ms = (ms + [denoised])[-3:]
+        if s_next == 0:
+            return denoised
+        alpha_next = 1.0 / math.sqrt(1.0 + s_next**2)
+        h = math.log(s / s_next)
+        eta_i = eta if s_tmin <= s <= s_tmax else 0.0  # Karras et al. 2022, Alg. 2: noise only within [S_tmin, S_tmax]
+        h_eta = (1.0 + eta_i) * h
+        order = min(3, len(ms), 2 if (i == n - 2 and n < 15) else 3)
+        em1 = math.expm1(-h_eta)  # e^{-h_eta} - 1
+        ratio = (s_next * alpha_next) / (s / math.sqrt(1.0 + s**2))
+        x = (ratio * math.exp(-eta_i * h)) * x - (alpha_next * em1) * ms[-1]
+        if order >= 2:
+            r0 = hs[-1] / h
+            d1_0 = (ms[-1] - ms[-2]) / r0
+            if order == 2:  # DPM-Solver++(2M) (midpoint form): D = m0 + D1_0 / 2
+                x = x - (alpha_next * em1 * 0.5) * d1_0
+            else:
+                r1 = hs[-2] / h
+                d1_1 = (ms[-2] - ms[-3]) / r1
+                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                # phi_2 = (e^{-h_eta} - 1)/h_eta + 1; the D2 weight (1 - e^{-h_eta})/h_eta^2 - 1/h_eta + 1/2 -> 0
+                # as h -> 0, as a second-order correction must
+                x = x + (alpha_next * (em1 / h_eta + 1.0)) * d1 \
+                      - (alpha_next * ((em1 + h_eta) / h_eta**2 - 0.5)) * d2
+        if eta_i > 0:
+            x = x + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * eta_i * h))) * _noise(noise, x)
+        hs = (hs + [h])[-2:]
+    return x
 
 
 def sample_dpmpp_3m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
@@ -282,33 +327,27 @@ def sample_dpmpp_3m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, no
     15 steps the second-to-last step is 2nd order and the last (to sigma = 0) returns x_0, as diffusers'
     lower_order_final. A plan that stops above sigma = 0 counts the final step that follows it."""
     _deterministic("dpmpp_3m", eta)
-    sigmas, n = plan.sigmas.tolist(), _steps_to_zero(plan)
-    ms, hs = [], []  # the x_0 history (newest last) and the step lengths in lambda between them
-    for i in _steps(plan, progress, "dpmpp_3m"):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(x, i)
-        _report(callback, plan, i, x, denoised)
-        ms = (ms + [denoised])[-3:]
-        if s_next == 0:
-            return denoised
-        alpha_next = 1.0 / math.sqrt(1.0 + s_next**2)
-        h = math.log(s / s_next)
-        order = min(3, len(ms), 2 if (i == n - 2 and n < 15) else 3)
-        em1 = math.expm1(-h)  # e^{-h} - 1
-        x = ((s_next * alpha_next) / (s / math.sqrt(1.0 + s**2))) * x - (alpha_next * em1) * ms[-1]
-        if order >= 2:
-            r0 = hs[-1] / h
-            d1_0 = (ms[-1] - ms[-2]) / r0
-            if order == 2:  # DPM-Solver++(2M): D = m0 + D1_0 / 2, i.e. alpha_next (1 - e^{-h}) D1_0 / 2
-                x = x - (alpha_next * em1 * 0.5) * d1_0
-            else:
-                r1 = hs[-2] / h
-                d1_1 = (ms[-2] - ms[-3]) / r1
-                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                x = x + (alpha_next * (em1 / h + 1.0)) * d1 - (alpha_next * ((em1 + h) / h**2 - 0.5)) * d2
-        hs = (hs + [h])[-2:]
-    return x
+    return _dpm_solver_pp_3m(denoise, x, plan, eta=0.0, noise=noise, callback=callback, progress=progress,
+                             name="dpmpp_3m")
+
+
+def sample_dpmpp_3m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                        callback=None, progress: bool = True, s_tmin: float = 0.0,
+                        s_tmax: float = math.inf) -> torch.Tensor:
+    """SDE-DPM-Solver++(3M) (Lu et al. 2022, sec. 4 and appendix; k-diffusion's sample_dpmpp_3m_sde, A1111's
+    "DPM++ 3M SDE"): the 3M solver on the reverse SDE, whose data-prediction solution weights x_0(lambda) by
+    (1 + eta) e^{-(1 + eta)(lambda_next - lambda)}: with h_eta = (1 + eta) h,
+        x_next = (sigma_next/sigma) e^{-eta h} x + alpha_next (1 - e^{-h_eta}) m0 + alpha_next phi_2 D1
+                 + alpha_next ((1 - e^{-h_eta})/h_eta^2 - 1/h_eta + 1/2) D2 + sigma_next sqrt(1 - e^{-2 eta h}) z,
+    phi_2 = (e^{-h_eta} - 1)/h_eta + 1; eta = 0 is DPM-Solver++(3M). Fresh noise forgets the error of the start
+    sample (e.g. under a schedule whose terminal SNR is not zero) as an ODE solver cannot. diffusers' third-order
+    sde-dpmsolver++ (0.42) has -1/2 where the integral gives +1/2 in the D2 weight (its weight tends to -1, not
+    0, as h -> 0); the parity test corrects that one term. s_tmin, s_tmax: the band of noise levels that get
+    noise, as for dpmpp_2m_sde."""
+    eta = _eta("dpmpp_3m_sde", eta, 1.0)
+    _check_band(s_tmin, s_tmax)
+    return _dpm_solver_pp_3m(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
+                             name="dpmpp_3m_sde", s_tmin=float(s_tmin), s_tmax=float(s_tmax))
 
 
 def sample_unipc(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
@@ -404,13 +443,14 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_3m": sample_dpmpp_3m,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "unipc": sample_unipc,
     "euler": sample_euler,
     "euler_a": sample_euler_ancestral,
     "heun": sample_heun,
 }
 TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmpp_2m_sde": "dpm_solver",
-                 "dpmpp_3m": "dpm_solver", "unipc": "dpm_solver",
+                 "dpmpp_3m": "dpm_solver", "dpmpp_3m_sde": "dpm_solver", "unipc": "dpm_solver",
                  "euler": "karras", "euler_a": "karras", "heun": "karras"}
 
 # What people type (AUTOMATIC1111's labels, k-diffusion's k_ names, diffusers' classes and algorithm
@@ -436,6 +476,8 @@ _alias("dpmpp_2m_sde", "dpmpp_2m_sde", "DPM++ 2M SDE", "k_dpmpp_2m_sde", "sde-dp
 _alias("dpmpp_2m_sde", "DPM++ 2M SDE Karras", "dpmpp_2m_sde_karras", "k_dpmpp_2m_sde_karras", karras=True)
 _alias("dpmpp_3m", "dpmpp_3m", "DPM++ 3M", "k_dpmpp_3m", "dpm++3m")
 _alias("dpmpp_3m", "DPM++ 3M Karras", "dpmpp_3m_karras", karras=True)
+_alias("dpmpp_3m_sde", "dpmpp_3m_sde", "DPM++ 3M SDE", "k_dpmpp_3m_sde")
+_alias("dpmpp_3m_sde", "DPM++ 3M SDE Karras", "dpmpp_3m_sde_karras", "k_dpmpp_3m_sde_karras", karras=True)
 _alias("unipc", "unipc", "UniPC", "uni_pc", "UniPCMultistepScheduler", "uni_pc_bh2")
 _alias("unipc", "UniPC Karras", "unipc_karras", karras=True)
 _alias("euler", "euler", "Euler", "k_euler", "EulerDiscreteScheduler")
@@ -459,6 +501,6 @@ def resolve_sampler(name: str) -> tuple[str, Callable[..., torch.Tensor], bool]:
     if hit is None:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} "
                          f"(also AUTOMATIC1111's: DDIM, DDPM, Euler, Euler a, Heun, DPM++ 2M, DPM++ 2M Karras, "
-                         f"DPM++ 2M SDE, DPM++ 2M SDE Karras, DPM++ 3M, UniPC, and k_euler-style names)")
+                         f"DPM++ 2M SDE, DPM++ 2M SDE Karras, DPM++ 3M, DPM++ 3M SDE, UniPC, and k_euler-style names)")
     canonical, karras = hit
     return canonical, SAMPLERS[canonical], karras

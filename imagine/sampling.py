@@ -218,7 +218,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     karras: Karras et al. sigmas (also implied by a "... Karras" sampler name).
     sigma_schedule, rho: the noise levels' spacing instead of the timestep spacing's own: "karras",
         "exponential" (even in log-SNR) or "polyexponential" (schedules.spaced_sigmas), A1111's schedule types.
-    eta: DDIM's eta (default 0), or the noise scale of euler_a / dpmpp_2m_sde (default 1).
+    eta: DDIM's eta (default 0), or the noise scale of euler_a / dpmpp_2m_sde / dpmpp_3m_sde (default 1).
     cond / uncond: keyword tensors for the model, batch-first; classifier-free guidance runs when
         guidance_scale != 1 (uncond required then) with guidance_rescale = phi of Lin et al. 2023.
     classifier, classifier_scale, classifier_guidance_form: classifier guidance with

@@ -349,7 +349,7 @@ def test_step_counts(sampler, cls, steps):
     check(run_ours(cfg, sampler, steps=steps), run_diffusers(cls(**cfg, **extra), steps=steps))
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler_a", "dpmpp_2m_sde", "heun"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler_a", "dpmpp_2m_sde", "dpmpp_3m_sde", "heun"])
 def test_same_seed_same_sample_at_any_batch_size(sampler):
     cfg = config("scaled_linear", "leading", "epsilon")
     eta = 0.5 if sampler == "ddim" else None
@@ -371,19 +371,20 @@ def test_same_seed_same_sample_at_any_batch_size(sampler):
     assert torch.equal(seen[0], z)
 
 
-def test_sde_noise_band():
-    """dpmpp_2m_sde's s_tmin/s_tmax (Karras et al. 2022, Alg. 2: noise only for sigma in the band): a band above
-    every level is the ODE sampler dpmpp_2m exactly; the full band is the plain SDE sampler; a band in between
-    differs from both."""
+@pytest.mark.parametrize("sde,ode_twin", [("dpmpp_2m_sde", "dpmpp_2m"), ("dpmpp_3m_sde", "dpmpp_3m")])
+def test_sde_noise_band(sde, ode_twin):
+    """The SDE samplers' s_tmin/s_tmax (Karras et al. 2022, Alg. 2: noise only for sigma in the band): a band above
+    every level is the ODE sampler exactly; the full band is the plain SDE sampler; a band in between differs
+    from both."""
     cfg = config("scaled_linear", "leading", "epsilon")
-    ode = run_ours(cfg, "dpmpp_2m", steps=8)
-    sde = run_ours(cfg, "dpmpp_2m_sde", steps=8)
-    assert torch.equal(run_ours(cfg, "dpmpp_2m_sde", steps=8, sampler_options={"s_tmin": 1e9}), ode)
-    assert torch.equal(run_ours(cfg, "dpmpp_2m_sde", steps=8, sampler_options={"s_tmin": 0.0, "s_tmax": 1e9}), sde)
-    mid = run_ours(cfg, "dpmpp_2m_sde", steps=8, sampler_options={"s_tmin": 1.0})
-    assert not torch.allclose(mid, ode, atol=1e-3) and not torch.allclose(mid, sde, atol=1e-3)
+    ode = run_ours(cfg, ode_twin, steps=8)
+    full = run_ours(cfg, sde, steps=8)
+    assert torch.equal(run_ours(cfg, sde, steps=8, sampler_options={"s_tmin": 1e9}), ode)
+    assert torch.equal(run_ours(cfg, sde, steps=8, sampler_options={"s_tmin": 0.0, "s_tmax": 1e9}), full)
+    mid = run_ours(cfg, sde, steps=8, sampler_options={"s_tmin": 1.0})
+    assert not torch.allclose(mid, ode, atol=1e-3) and not torch.allclose(mid, full, atol=1e-3)
     with pytest.raises(ValueError, match="s_tmin <= s_tmax"):
-        run_ours(cfg, "dpmpp_2m_sde", steps=8, sampler_options={"s_tmin": 2.0, "s_tmax": 1.0})
+        run_ours(cfg, sde, steps=8, sampler_options={"s_tmin": 2.0, "s_tmax": 1.0})
 
 
 def test_sampler_aliases_match():
@@ -479,3 +480,43 @@ def test_bench_samplers_runs_both_sides_and_reports_the_goal(tmp_path):
     assert "| ours: ddim |" in text and "Goal (ours at 10 steps" in text
     assert main(["--from-json", str(js), "--markdown", str(tmp_path / "again.md")]) == 0
     assert (tmp_path / "again.md").read_text() == text
+
+
+class _SDE3MCorrected(DPMSolverMultistepScheduler):
+    """diffusers' third-order sde-dpmsolver++ with the D2 weight's constant taken as +1/2, as the integral
+    int_0^h 2 e^{-2(h-tau)} tau^2/2 dtau / h^2 gives (and as its own ODE branch has); diffusers 0.42 has -1/2,
+    a weight that tends to -1 instead of 0 as h -> 0. Everything else is diffusers' own step."""
+
+    def multistep_dpm_solver_third_order_update(self, model_output_list, *args, sample=None, noise=None, **kw):
+        x = super().multistep_dpm_solver_third_order_update(model_output_list, *args, sample=sample, noise=noise, **kw)
+        sig = [self.sigmas[self.step_index + k] for k in (1, 0, -1, -2)]
+        lam = [torch.log(a) - torch.log(s) for a, s in map(self._sigma_to_alpha_sigma_t, sig)]
+        h, h0, h1 = lam[0] - lam[1], lam[1] - lam[2], lam[2] - lam[3]
+        m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+        d1_0, d1_1 = (m0 - m1) / (h0 / h), (m1 - m2) / (h1 / h)
+        alpha_t = self._sigma_to_alpha_sigma_t(sig[0])[0]
+        return x + alpha_t * (d1_0 - d1_1) / (h0 / h + h1 / h)  # + (1/2 - (-1/2)) alpha_t D2
+
+
+@pytest.mark.parametrize("kind,spacing,pred", [("scaled_linear", "leading", "epsilon"),
+                                               ("scaled_linear", "trailing", "v_prediction"),
+                                               ("squaredcos_cap_v2", "linspace", "epsilon")])
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("steps", [5, 13, 20])
+def test_dpmpp_3m_sde(kind, spacing, pred, karras, steps):
+    """DPM++ 3M SDE against diffusers' sde-dpmsolver++ of order 3 (its one mis-signed constant corrected:
+    _SDE3MCorrected), with the same per-sample noise; and against diffusers' uncorrected step, from which it
+    must differ (every run here has 3rd-order steps: from the third step on, all but the last two under 15)."""
+    if karras and kind == "squaredcos_cap_v2":
+        pytest.skip("diffusers truncates fractional Karras timesteps to int64 for squaredcos_cap_v2; ours stay exact")
+    cfg = config(kind, spacing, pred)
+    kw = dict(**cfg, algorithm_type="sde-dpmsolver++", solver_order=3, use_karras_sigmas=karras)
+    ours = run_ours(cfg, "dpmpp_3m_sde", karras=karras, steps=steps)
+    check(ours, run_diffusers(_SDE3MCorrected(**kw), steps=steps))
+    as_shipped = run_diffusers(DPMSolverMultistepScheduler(**kw), steps=steps)
+    assert float((ours - as_shipped).abs().max()) > 1e-2
+
+
+def test_dpmpp_3m_sde_at_eta_0_is_dpmpp_3m():
+    cfg = config("scaled_linear", "leading", "epsilon")
+    assert torch.equal(run_ours(cfg, "dpmpp_3m_sde", steps=20, eta=0.0), run_ours(cfg, "dpmpp_3m", steps=20))

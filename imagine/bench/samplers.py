@@ -201,6 +201,16 @@ OURS = {
                                                 "final_step": "heun"}),
     "dpmpp_3m polyexp 1.5, heun final": ("dpmpp_3m", {"sigma_schedule": "polyexponential", "rho": 1.5,
                                                       "final_step": "heun"}),
+    "dpmpp_3m_sde": ("dpmpp_3m_sde", {}),
+    "dpmpp_3m_sde exponential": ("dpmpp_3m_sde", {"sigma_schedule": "exponential"}),
+    "dpmpp_3m_sde karras": ("dpmpp_3m_sde", {"karras": True}),
+    # noise only above sigma = s_tmin (Karras et al. 2022, Alg. 2): the SDE forgets the start error where the
+    # data's posterior is still nearly Gaussian; below, the 3rd-order ODE solver's accuracy
+    "dpmpp_3m_sde exponential, noise above 1": ("dpmpp_3m_sde", {"sigma_schedule": "exponential",
+                                                                 "sampler_options": {"s_tmin": 1.0}}),
+    "dpmpp_3m_sde polyexp 1.25, noise above 1.5, heun final": (
+        "dpmpp_3m_sde", {"sigma_schedule": "polyexponential", "rho": 1.25, "sampler_options": {"s_tmin": 1.5},
+                         "final_step": "heun"}),
 }
 EXTRA = {  # --extra: ours with diffusers' Karras / exponential settings (same numbers as diffusers')
     "euler karras": ("euler", {"karras": True}), "heun karras": ("heun", {"karras": True}),
@@ -229,6 +239,9 @@ DIFFUSERS = {
     "DPM++2M SDE exponential": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
                                                                 "use_exponential_sigmas": True}),
     "DPM++3M exponential": ("DPMSolverMultistepScheduler", {"solver_order": 3, "use_exponential_sigmas": True}),
+    "DPM++3M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    "DPM++3M SDE exponential": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3,
+                                                                "use_exponential_sigmas": True}),
     "UniPC exponential": ("UniPCMultistepScheduler", {"use_exponential_sigmas": True}),
     "UniPC-3 exponential": ("UniPCMultistepScheduler", {"solver_order": 3, "use_exponential_sigmas": True}),
     "HeunDiscrete exponential": ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}),

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
     p.add_argument("--sampler", default=None,
-                   help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc, euler, euler_a, heun "
+                   help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, unipc, euler, euler_a, heun "
                         "(A1111 names work too)")
     p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None,
                    choices=["karras", "exponential", "polyexponential"],
