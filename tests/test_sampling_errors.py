@@ -33,15 +33,16 @@ def test_unknown_sampler_lists_the_valid_names():
 
 
 def test_registry_names_and_aliases():
-    assert sampler_names() == ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "unipc", "euler", "euler_a",
-                               "heun"]
+    assert sampler_names() == ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "dpmpp_3m_sde", "unipc", "euler",
+                               "euler_a", "heun"]
     for alias, (name, karras) in {"DPM++ 2M": ("dpmpp_2m", False), "DPM++ 2M Karras": ("dpmpp_2m", True),
                                   "Euler a": ("euler_a", False), "Euler": ("euler", False), "Heun": ("heun", False),
                                   "DDIM": ("ddim", False), "DDPM": ("ddpm", False), "k_euler": ("euler", False),
                                   "k_euler_a": ("euler_a", False), "DPM++ 2M SDE": ("dpmpp_2m_sde", False),
                                   "EulerDiscreteScheduler": ("euler", False), "sde-dpmsolver++": ("dpmpp_2m_sde", False),
                                   "UniPC": ("unipc", False), "DPM++ 3M Karras": ("dpmpp_3m", True),
-                                  "UniPCMultistepScheduler": ("unipc", False)}.items():
+                                  "UniPCMultistepScheduler": ("unipc", False), "DPM++ 3M SDE": ("dpmpp_3m_sde", False),
+                                  "DPM++ 3M SDE Karras": ("dpmpp_3m_sde", True)}.items():
         got = resolve_sampler(alias)
         assert (got[0], got[2]) == (name, karras), alias
 
