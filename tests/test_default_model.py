@@ -34,7 +34,11 @@ def test_generates_a_64px_image_deterministically(pipe):
     a = pipe("a red circle", seed=3, steps=4, progress=False)[0]
     b = pipe(["a blue square", "a red circle"], seeds=[9, 3], steps=4, progress=False)[1]
     assert a.size == (64, 64)
-    assert np.array_equal(np.asarray(a), np.asarray(b)), "same seed, same image, whatever the batch"
+    # Same seed, same image, whatever the batch: the noise is drawn per sample, so only float rounding differs
+    # (oneDNN picks convolution blocking by batch size; measured 2e-6 in one U-Net call on an AVX2 CPU), which
+    # can move a pixel across a uint8 rounding boundary and no further.
+    diff = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99, "same seed, same image, whatever the batch"
     # Not a blank canvas: a trained model draws something that is not white.
     assert (np.asarray(a).astype(int).sum(-1) < 600).sum() > 20
 

