@@ -43,8 +43,8 @@ def a1111_parameters(p: dict) -> str:
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
     fields = [("Steps", "steps"), ("Sampler", "sampler"), ("Schedule type", "schedule_type"),
-              ("CFG scale", "guidance_scale"), ("Seed", "seed"), ("Size", None), ("Model", "model"),
-              ("Version", "version")]
+              ("Schedule rho", "schedule_rho"), ("CFG scale", "guidance_scale"), ("Seed", "seed"), ("Size", None),
+              ("Model", "model"), ("Final step", "final_step"), ("Version", "version")]
     out = []
     for label, key in fields:
         if key == "schedule_type" and p.get(key):
@@ -54,6 +54,8 @@ def a1111_parameters(p: dict) -> str:
                 out.append(f"Size: {p['width']}x{p['height']}")
         elif key in p and p[key] is not None:
             out.append(f"{label}: {p[key]}")
+    # sampler settings as A1111 writes its own (e.g. "s_tmin: 1.5")
+    out.extend(f"{k}: {v}" for k, v in (p.get("sampler_options") or {}).items())
     lines.append(", ".join(out))
     return "\n".join(lines)
 

@@ -121,7 +121,31 @@ def test_schedule_type_and_final_step_reach_the_sampler(models, tmp_path, capsys
     assert len(set(pixels.values())) == 3
 
 
+def test_rho_and_sampler_options_reach_the_sampler(models, tmp_path, capsys):
+    """--rho and --sampler-option give the image the pipeline gives with the same options, and are written into
+    the PNG's parameters (A1111's "Schedule rho", "s_tmin")."""
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    out = tmp_path / "band.png"
+    code, _, err = _run(capsys, "--model", models["folder"], "a red circle", "--steps", 6, "--sampler", "DPM++ 3M SDE",
+                        "--schedule-type", "polyexponential", "--rho", 1.25, "--sampler-option", "s_tmin=1.5",
+                        "--seed", 4, "--height", 16, "--width", 16, "-q", "-o", out)
+    assert code == 0, err
+    img = Image.open(out)
+    meta = json.loads(img.text["imagine"])
+    assert meta["schedule_rho"] == 1.25 and meta["sampler_options"] == {"s_tmin": 1.5}
+    assert "Schedule rho: 1.25" in img.text["parameters"] and "s_tmin: 1.5" in img.text["parameters"]
+    pipe = TextToImagePipeline.from_pretrained(models["folder"])
+    kw = dict(steps=6, sampler="dpmpp_3m_sde", sigma_schedule="polyexponential", seed=4, height=16, width=16,
+              progress=False)
+    want = pipe.generate("a red circle", rho=1.25, sampler_options={"s_tmin": 1.5}, **kw).images[0]
+    other = pipe.generate("a red circle", rho=1.25, **kw).images[0]
+    assert img.convert("RGB").tobytes() == want.convert("RGB").tobytes() != other.convert("RGB").tobytes()
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--sampler-option", "s_tmin"], "expected KEY=VALUE"),
+    (["--sampler-option", "warp=9"], "takes no option 'warp'"),
     (["--height", "30"], "height 30 is not a multiple of 4"),
     (["--sampler", "warp_drive"], "unknown sampler 'warp_drive'"),
     (["--model", "/nonexistent/model.safetensors"], "model not found"),

@@ -21,6 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None,
                    choices=["karras", "exponential", "polyexponential"],
                    help="noise levels' spacing (A1111's schedule type); default: the model's")
+    p.add_argument("--rho", type=float, default=None,
+                   help="the schedule type's exponent (karras: 7, polyexponential: 1 = exponential)")
+    p.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further option of the sampler, repeatable: e.g. s_tmin=1.5 (SDE samplers' noise band), "
+                        "order=3 or variant=bh1 (unipc)")
     p.add_argument("--final-step", choices=["euler", "heun"], default=None,
                    help="the step to sigma = 0: euler (x0 = D(x), as diffusers) or heun (trapezoidal, same cost)")
     p.add_argument("--guidance-scale", "--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
@@ -65,10 +70,30 @@ def _prompts(args) -> list[str]:
     return [args.prompt]
 
 
+def parse_sampler_options(items: list[str]) -> dict:
+    """["s_tmin=1.5", "variant=bh1"] -> {"s_tmin": 1.5, "variant": "bh1"} (numbers parsed; the sampler checks
+    the names)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--sampler-option {item!r}: expected KEY=VALUE, e.g. s_tmin=1.5")
+        value = value.strip()
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
+
+
 def run(args) -> int:
     from imagine.pipelines.text_to_image import MAX_SEED, TextToImagePipeline
 
     prompts = _prompts(args)
+    sampler_options = parse_sampler_options(args.sampler_option) or None
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")
     if args.num_images < 1 or args.batch_size < 1:
@@ -100,8 +125,8 @@ def run(args) -> int:
                             guidance_scale=args.guidance_scale, sampler=args.sampler, seeds=seeds,
                             height=args.height, width=args.width, guidance_rescale=args.guidance_rescale,
                             karras=args.karras, eta=args.eta, thresholding=args.thresholding,
-                            sigma_schedule=args.sigma_schedule, final_step=args.final_step,
-                            progress=not args.quiet)
+                            sigma_schedule=args.sigma_schedule, final_step=args.final_step, rho=args.rho,
+                            sampler_options=sampler_options, progress=not args.quiet)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},
                       "prompt": chunk[k][0], "negative_prompt": args.negative_prompt or "", "seed": s}

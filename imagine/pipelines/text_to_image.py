@@ -122,12 +122,12 @@ class TextToImagePipeline:
                  height: int | None = None, width: int | None = None, guidance_rescale: float = 0.0,
                  eta: float | None = None, karras: bool | None = None, thresholding: str | None = None,
                  sigma_schedule: str | None = None, final_step: str | None = None,
-                 sampler_options: dict | None = None,
+                 sampler_options: dict | None = None, rho: float | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
         else 20 steps of dpmpp_2m at guidance 7.5). sigma_schedule: "karras", "exponential",
-        "polyexponential" (A1111's schedule types); final_step: "euler" or "heun" (the trapezoidal last
+        "polyexponential" (A1111's schedule types), rho its exponent (Karras 7, polyexponential 1); final_step: "euler" or "heun" (the trapezoidal last
         step, imagine.samplers.final_heun_step); sampler_options: e.g. {"order": 3} for unipc."""
         t0 = time.time()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -178,7 +178,7 @@ class TextToImagePipeline:
                                seeds=seeds, guidance_rescale=guidance_rescale, eta=eta, karras=karras,
                                thresholding=thresholding, callback=callback, progress=progress,
                                sigma_schedule=sigma_schedule, final_step=final_step,
-                               sampler_options=sampler_options)
+                               sampler_options=sampler_options, rho=rho)
         images_t = self.decode(latents)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
@@ -187,6 +187,8 @@ class TextToImagePipeline:
             params["guidance_rescale"] = guidance_rescale
         if sigma_schedule or karras:
             params["schedule_type"] = sigma_schedule or "karras"
+        if rho is not None:
+            params["schedule_rho"] = float(rho)
         if final_step != "euler":
             params["final_step"] = final_step
         if sampler_options:
@@ -196,7 +198,8 @@ class TextToImagePipeline:
                                 parameters={**params, "prompt": prompts, "negative_prompt": negatives})
 
     def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, seeds, guidance_rescale, eta, karras,
-                thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None):
+                thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
+                rho=None):
         from imagine.sampling import sample
 
         sc = self.c.scheduler_config
@@ -212,7 +215,7 @@ class TextToImagePipeline:
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, thresholding=thresholding, karras=bool(karras), eta=eta,
                       seeds=seeds, callback=callback, progress=progress, sigma_schedule=sigma_schedule,
-                      final_step=final_step, sampler_options=sampler_options, **kwargs)
+                      final_step=final_step, sampler_options=sampler_options, rho=rho, **kwargs)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
