@@ -488,6 +488,19 @@ _alias("heun", "heun", "Heun", "k_heun", "HeunDiscreteScheduler")
 _alias("heun", "Heun Karras", "k_heun_karras", karras=True)
 
 
+def takes_eta(canonical: str) -> bool:
+    """Whether a sampler has a noise scale eta (the stochastic ones, and DDIM's interpolation to DDPM)."""
+    return canonical in ("ddim", "euler_a", "dpmpp_2m_sde", "dpmpp_3m_sde")
+
+
+def option_names(canonical: str) -> list[str]:
+    """A sampler's own options (sampler_options): its keyword-only parameters beyond the shared signature."""
+    import inspect
+
+    return [n for n, p in inspect.signature(SAMPLERS[canonical]).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and n not in ("noise", "eta", "callback", "progress")]
+
+
 def sampler_names() -> list[str]:
     """The canonical sampler names."""
     return list(SAMPLERS)

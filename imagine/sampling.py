@@ -263,7 +263,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
                        classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,
                        threshold_percentile)
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
-    kwargs.update(_sampler_options(fn, canonical, sampler_options))
+    kwargs.update(_sampler_options(canonical, sampler_options))
     with torch.no_grad():
         if final_step == "euler":
             return fn(denoise, x, plan, noise=noise, eta=eta, callback=callback, progress=progress, **kwargs)
@@ -276,12 +276,11 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         return final_heun_step(denoise, x, plan, callback=callback)
 
 
-def _sampler_options(fn, canonical: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    import inspect
+def _sampler_options(canonical: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    from imagine.samplers import option_names
 
     options = dict(options or {})
-    accepted = [n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY
-                and n not in ("noise", "eta", "callback", "progress")]
+    accepted = option_names(canonical)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"sampler {canonical!r} takes no option {', '.join(map(repr, unknown))}; its options: "

@@ -204,6 +204,26 @@ def test_unknown_sampler_and_karras_names(server):
     assert r.status_code == 422 and r.json()["field"] == "scheduler" and "polyexponential" in r.json()["detail"]
 
 
+def test_a1111_eta_and_noise_band(server, pipe):
+    """A1111's eta / s_tmin / s_tmax reach the samplers that take them (the image is the pipeline's with the same
+    options); webuiapi's defaults sent to a sampler without them (eta to Euler, s_tmin to DDIM) are listed in
+    ignored_fields, not refused; a band with s_tmin > s_tmax, or a negative eta, is a 422 naming the field."""
+    r = _txt2img(server, sampler_name="DPM++ 3M SDE", s_tmin=5.0, s_tmax=0, eta=1.0, seed=6)
+    assert r.status_code == 200, r.text
+    want = pipe.generate("a red circle", seed=6, steps=STEPS, height=SIZE, width=SIZE, sampler="dpmpp_3m_sde",
+                         guidance_scale=5.0, eta=1.0, sampler_options={"s_tmin": 5.0}, progress=False).images[0]
+    plain = pipe.generate("a red circle", seed=6, steps=STEPS, height=SIZE, width=SIZE, sampler="dpmpp_3m_sde",
+                          guidance_scale=5.0, progress=False).images[0]
+    got = _pixels(_decode(r.json()["images"][0]))
+    assert np.array_equal(got, _pixels(want)) and not np.array_equal(got, _pixels(plain))
+    r = _txt2img(server, sampler_name="Euler", eta=0.5, s_tmin=0.0, s_tmax=0.0)
+    assert r.status_code == 200 and json.loads(r.json()["info"])["ignored_fields"] == ["eta", "s_tmax", "s_tmin"]
+    r = _txt2img(server, sampler_name="DPM++ 2M SDE", s_tmin=3.0, s_tmax=1.0)
+    assert r.status_code == 422 and r.json()["field"] == "s_tmin"
+    r = _txt2img(server, sampler_name="DDIM", eta=-1)
+    assert r.status_code == 422 and r.json()["field"] == "eta"
+
+
 # -- OpenAI ----------------------------------------------------------------------------------
 def test_openai_images_generate(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)

@@ -156,6 +156,9 @@ class Txt2ImgRequest(BaseModel):
     sampler_name: str | None = None
     sampler_index: str | None = None  # A1111's deprecated name field; used if sampler_name is absent
     scheduler: str | None = None  # "automatic" (the model's), "karras", "exponential" or "polyexponential"
+    eta: float | None = None  # noise scale of DDIM / the ancestral and SDE samplers (None: the sampler's default)
+    s_tmin: float | None = None  # the SDE samplers' noise band [s_tmin, s_tmax] (A1111: s_tmax 0 = no upper end)
+    s_tmax: float | None = None
     batch_size: int = 1
     n_iter: int = 1
     send_images: bool = True
@@ -407,6 +410,33 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     f"{', '.join(SCHEDULE_TYPES)}", "scheduler")
         return sampler, schedule
 
+    def sampler_settings(sampler: str, eta, s_tmin, s_tmax) -> tuple[float | None, tuple, list[str]]:
+        """A1111's eta / s_tmin / s_tmax -> (eta, the sampler's options, fields it has no use for). Clients such
+        as webuiapi send all three with every request (eta 0 or 1, s_tmin 0, s_tmax 0 = no upper end), so a field
+        the sampler does not take is listed in ignored_fields, not refused."""
+        from imagine.samplers import option_names, takes_eta
+
+        unused = []
+        if eta is not None:
+            if not math.isfinite(eta) or eta < 0:
+                raise ApiError(422, f"eta must be a finite number >= 0; got {eta}", "eta")
+            if not takes_eta(sampler):
+                eta, unused = None, ["eta"]
+        band = {}
+        accepted = option_names(sampler)
+        for name, v in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):
+            if v is None:
+                continue
+            if not math.isfinite(v) or v < 0:
+                raise ApiError(422, f"{name} must be a finite number >= 0; got {v}", name)
+            if name not in accepted:
+                unused.append(name)
+            elif not (name == "s_tmax" and v == 0) and not (name == "s_tmin" and v == 0):
+                band[name] = float(v)  # A1111: s_tmax 0 means no upper end, s_tmin 0 no lower one
+        if band.get("s_tmin", 0.0) > band.get("s_tmax", math.inf):
+            raise ApiError(422, f"need s_tmin <= s_tmax; got {s_tmin} and {s_tmax}", "s_tmin")
+        return eta, tuple(sorted(band.items())), unused
+
     def check_seed(field: str, seed: int) -> int:
         if seed < -1 or seed > MAX_SEED:
             raise ApiError(422, f"{field} must be -1 (random) or between 0 and {MAX_SEED}; got {seed}", field)
@@ -469,11 +499,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                 "images per request", "batch_size")
         sampler_field = "sampler_name" if req.sampler_name else "sampler_index"
         sampler, schedule = resolve_sampler(sampler_field, req.sampler_name or req.sampler_index, req.scheduler)
+        eta, options, unused = sampler_settings(sampler, req.eta, req.s_tmin, req.s_tmax)
         base = check_seed("seed", req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
-                                    guidance_scale=float(guidance), schedule=schedule))
+                                    guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options))
         if req.force_task_id:
             job.id = str(req.force_task_id)[:200]
         result = await run_job(request, job)
@@ -498,7 +529,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": f"imagine {version}",
             "task_id": job.id, "interrupted": result is None or result.interrupted,
-            "ignored_fields": sorted(req.model_extra or {}),
+            "ignored_fields": sorted([*(req.model_extra or {}), *unused]),
             "seconds": round(result.seconds, 3) if result else 0.0,
             "batch_images": result.batch_images if result else 0,
         }

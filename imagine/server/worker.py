@@ -65,6 +65,8 @@ class Settings:
     sampler: str
     guidance_scale: float
     schedule: str | None = None  # noise-level spacing (imagine.schedules.SIGMA_SCHEDULES); None: the model's
+    eta: float | None = None  # the sampler's noise scale (None: its default)
+    options: tuple = ()  # the sampler's own options as sorted (name, value) pairs, e.g. (("s_tmin", 1.5),)
 
 
 @dataclass(eq=False)
@@ -312,7 +314,8 @@ class ModelWorker:
             try:
                 res = self.pipe.generate(prompts[a:b], negatives[a:b], seeds=seeds[a:b], steps=s.steps,
                                          guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
-                                         width=s.width, sigma_schedule=s.schedule, callback=callback, progress=False)
+                                         width=s.width, sigma_schedule=s.schedule, eta=s.eta,
+                                         sampler_options=dict(s.options) or None, callback=callback, progress=False)
                 images += res.images
                 parameters = res.parameters
             except _Interrupted:
