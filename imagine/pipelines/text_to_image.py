@@ -290,8 +290,8 @@ def decode_latents(vae, latents: torch.Tensor, precision: str = "exact") -> torc
     """Scaled latents -> images in [-1, 1], float32. "fast" decodes with the bf16 channels-last
     copy of the VAE; the latent scaling stays in float32."""
     tile = 64 if max(latents.shape[-2:]) > 96 else None  # bound memory for big images
-    if precision == "fast" and fast_copy(vae) is not vae:
-        m = fast_copy(vae)
+    m = fast_copy(vae) if precision == "fast" else vae  # the module itself where bf16 is not native
+    if m is not vae:
         z = m.from_latent(latents.float()).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         if tile is not None and (z.shape[-1] > tile or z.shape[-2] > tile):
             x = m.tiled_decode(z, tile)
