@@ -181,3 +181,29 @@ def test_resume_from_a_carried_checkpoint_without_optimizer(tmp_path):
     assert "resumed from" in out.stdout and "at step 10" in out.stdout
     state = json.loads((tmp_path / "b" / "checkpoints" / "step-00000014" / "state.json").read_text())
     assert state["step"] == 14 and state["data_position"] == 14
+
+
+def test_resume_into_a_model_with_new_zero_started_extensions(tmp_path):
+    """A run switched to the U-Net's position code and context refiner part-way resumes from the plain
+    model's checkpoint: the new parameters start at their initialisation (zero output), the old
+    ones come back, AdamW's moments (for the old parameter list) restart, the step count goes on."""
+    data = make_folder(tmp_path / "data", n=16)
+    cfg = write_yaml(tmp_path / "d.yaml", diffusion_config(data, max_steps=10, checkpoint_every=10, sample_every=0))
+    run_cli("train", "diffusion", "--config", cfg, "--output", tmp_path / "run")
+    old = io.load_tensors(tmp_path / "run" / "checkpoints" / "step-00000010" / "model.safetensors")
+    out = run_cli("train", "diffusion", "--config", cfg, "--output", tmp_path / "run", "--resume",
+                  "--set", "train.max_steps=12", "--set", "model.attention_position_embedding=true",
+                  "--set", "model.context_refiner_layers=1")
+    assert "at step 10" in out.stdout and "parameters are not in" in out.stdout, out.stdout
+    assert "AdamW's moments start from zero" in out.stderr
+    new = io.load_tensors(tmp_path / "run" / "checkpoints" / "step-00000012" / "model.safetensors")
+    ema = io.load_tensors(tmp_path / "run" / "checkpoints" / "step-00000012" / "ema.safetensors")
+    added = set(new) - set(old)
+    assert added and all("pos_proj" in k or k.startswith("context_refiner.") for k in added)
+    assert {f"model.{k}" for k in added} <= set(ema)
+    # Two steps on, the zero-started output layers have moved off zero (they learn).
+    assert new["context_refiner.proj_out.weight"].abs().max() > 0
+    # Without the extensions switched on, a checkpoint that has them is refused, not cut down.
+    bad = run_cli("train", "diffusion", "--config", cfg, "--output", tmp_path / "run", "--resume",
+                  "--set", "train.max_steps=14", check=False)
+    assert bad.returncode != 0 and "unexpected keys" in bad.stderr

@@ -17,6 +17,8 @@ torch.nn.functional.scaled_dot_product_attention, one call per layer over all he
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +47,41 @@ def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 def merge_heads(t: torch.Tensor) -> torch.Tensor:
     """[B, heads, N, d] -> [B, N, heads * d]."""
     return t.transpose(1, 2).flatten(2)
+
+
+POSITION_FREQUENCIES = 4
+
+
+def position_code(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """A fixed 2-D sinusoidal code of each token's place, [h * w, 4 * POSITION_FREQUENCIES], in
+    row-major token order (the order SpatialTransformer flattens a map to).
+
+    The coordinates are normalised to the image, u = (j + 1/2) / w * 2 - 1 in (-1, 1) (v likewise
+    for rows), so "left half" means the same code at every resolution; each coordinate is coded as
+    sin and cos of (pi / 2) 2^k u for k < POSITION_FREQUENCIES (the Transformer's sinusoids,
+    Vaswani et al. 2017 sec. 3.5, on a bounded coordinate). SD's U-Net has no position input: its
+    attention is permutation-invariant and only the convolutions' zero padding tells where a token
+    is, which a relation like "to the left of" has to know."""
+    return _position_code(h, w).to(device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=16)
+def _position_code(h: int, w: int) -> torch.Tensor:
+    def axis(n):
+        return (torch.arange(n, dtype=torch.float64) + 0.5) / n * 2 - 1
+    v, u = torch.meshgrid(axis(h), axis(w), indexing="ij")
+    freqs = (torch.pi / 2) * 2.0 ** torch.arange(POSITION_FREQUENCIES, dtype=torch.float64)
+    parts = [f(c.reshape(-1, 1) * freqs) for c in (u, v) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1)
+
+
+def zero_linear(cin: int, cout: int) -> nn.Linear:
+    """A linear layer that starts at zero: a new input path added to a trained network leaves its
+    output unchanged until training moves it (ControlNet's "zero convolution", Zhang et al. 2023)."""
+    layer = nn.Linear(cin, cout)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 class Attention(nn.Module):
@@ -130,13 +167,15 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, self_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: over the context's tokens; self_mask: over x's own tokens (both as `key_padding_mask`
+        makes them; the U-Net's feature-map tokens are never padded, the text refiner's are)."""
         if self.only_cross_attention:
             # The mask applies to every attention over the context (diffusers passes its
             # encoder_attention_mask only to attn2, so it leaves this one unmasked).
             a = self.attn1(self.norm1(x), context, mask)
         else:
-            a = self.attn1(self.norm1(x))
+            a = self.attn1(self.norm1(x), None, self_mask)
         x = x + a  # a new tensor: the caller's x is never modified
         # At inference the next residual sums go in place into that tensor of our own.
         if self.attn2 is not None:
@@ -156,10 +195,12 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int | None, layers: int = 1,
                  groups: int = 32, use_linear_projection: bool = False, only_cross_attention: bool = False,
-                 upcast_attention: bool = False, dropout: float = 0.0):
+                 upcast_attention: bool = False, dropout: float = 0.0, position_embedding: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
+        # Not in SD: see `position_code`. Zero-initialised, so a model trained without it is unchanged.
+        self.pos_proj = zero_linear(4 * POSITION_FREQUENCIES, inner) if position_embedding else None
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         if use_linear_projection:
             self.proj_in = nn.Linear(channels, inner)
@@ -179,6 +220,8 @@ class SpatialTransformer(nn.Module):
             tokens = self.proj_in(h_map.permute(0, 2, 3, 1).reshape(b, h * w, -1))
         else:
             tokens = self.proj_in(h_map).permute(0, 2, 3, 1).reshape(b, h * w, -1)
+        if self.pos_proj is not None:
+            tokens = tokens + self.pos_proj(position_code(h, w, tokens.device, tokens.dtype))
         for block in self.transformer_blocks:
             tokens = block(tokens, context, mask)
         if self.use_linear_projection:
@@ -187,3 +230,31 @@ class SpatialTransformer(nn.Module):
             out = self.proj_out(tokens.reshape(b, h, w, -1).permute(0, 3, 1, 2))
         # x first: the sum keeps x's memory layout (NCHW or channels_last), not the tokens' one.
         return x + out
+
+
+class ContextRefiner(nn.Module):
+    """A trainable transformer over a frozen text encoder's token states, as a residual:
+
+        tau(y) = c + W_out Blocks(c),   c = the frozen encoder's states [B, L, D]
+
+    LDM (Rombach et al. 2022, sec. 3.3) trains its text transformer tau_theta jointly with the U-Net;
+    Imagen (Saharia et al. 2022) keeps a large pretrained encoder frozen. With a small frozen encoder
+    (MiniLM) the states of "left" and "right" captions barely differ, so a few trained layers on top
+    let the U-Net bind each object to its relation. W_out starts at zero: a U-Net trained on the
+    bare states starts unchanged. Padded tokens are masked as keys; their own outputs are never
+    read, since the U-Net's cross-attention masks them too."""
+
+    def __init__(self, dim: int, layers: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"context refiner: width {dim} cannot be split into {heads} heads")
+        self.blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, dim // heads, None) for _ in range(layers)])
+        self.norm_out = nn.LayerNorm(dim)
+        self.proj_out = zero_linear(dim, dim)
+
+    def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """context [B, L, D]; mask: None or [B, 1, 1, L] from `key_padding_mask`."""
+        h = context
+        for block in self.blocks:
+            h = block(h, self_mask=mask)
+        return context + self.proj_out(self.norm_out(h))

@@ -116,11 +116,15 @@ def save_component(module: torch.nn.Module, config: dict[str, Any], folder: str 
 
 
 def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False,
-                    layout: str = "as configured") -> None:
+                    layout: str = "as configured", may_lack=None) -> list[str]:
     """`load_state_dict(strict=True)` with an error that lists what was missing, unexpected or
-    misshapen. `assign=True` makes the given tensors the parameters (no second copy of a big model)."""
+    misshapen. `assign=True` makes the given tensors the parameters (no second copy of a big model).
+
+    `may_lack(key) -> bool` names keys `state` may leave out (they keep the module's own values);
+    returns those it did leave out."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
+    kept = sorted(k for k in set(own) - set(state) if may_lack is not None and may_lack(k))
+    missing = sorted(set(own) - set(state) - set(kept))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
@@ -134,4 +138,5 @@ def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], sou
         if wrong:
             parts.append("shape mismatches: " + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
         raise ValueError(f"weights from {source} do not fit {type(module).__name__} {layout}: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True, assign=assign)
+    module.load_state_dict(state, strict=not kept, assign=assign)
+    return kept

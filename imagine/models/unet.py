@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from imagine.models import io
-from imagine.models.attention import SpatialTransformer, key_padding_mask
+from imagine.models.attention import ContextRefiner, SpatialTransformer, key_padding_mask
 from imagine.models.embeddings import (
     CLASS_EMBED_TYPES, SinusoidalTimesteps, TimestepEmbedding, activation, make_class_embedding,
 )
@@ -60,6 +60,20 @@ FIXED_KEYS: dict[str, Any] = {
     "cross_attention_norm": None,
     "reverse_transformer_layers_per_block": None,
 }
+
+
+# The config fields of imagine's own extensions (not in diffusers), with their "off" value.
+EXTENSIONS_OFF: dict[str, Any] = {"attention_position_embedding": False, "context_refiner_layers": 0,
+                                  "context_refiner_heads": None}
+# Parameters of those extensions, which start at zero or feed a path that does (`zero_linear`): a
+# checkpoint of the same U-Net without them may leave them out (see `new_parameter`).
+EXTENSION_MODULES = ("pos_proj", "context_refiner")
+
+
+def new_parameter(key: str) -> bool:
+    """Whether state-dict key `key` belongs to an extension module, so a checkpoint saved before
+    the extension was switched on may lack it and the model still starts as that checkpoint."""
+    return any(part in EXTENSION_MODULES for part in key.split("."))
 
 
 @dataclass
@@ -103,6 +117,12 @@ class UNetConfig:
     projection_class_embeddings_input_dim: int | None = None
     upcast_attention: bool = False
     time_embedding_dim: int | None = None
+    # imagine's own extensions, off in every SD config (and then left out of config.json, so a
+    # folder stays diffusers-readable): a 2-D position code in every spatial transformer, and a
+    # trainable transformer over the text states (imagine.models.attention.ContextRefiner).
+    attention_position_embedding: bool = False
+    context_refiner_layers: int = 0
+    context_refiner_heads: int | None = None
 
     def __post_init__(self):
         def tup(v):
@@ -139,6 +159,11 @@ class UNetConfig:
         if not isinstance(self.norm_num_groups, int):
             raise ValueError(f"UNet config: norm_num_groups must be an integer; got {self.norm_num_groups!r}")
         activation(self.act_fn)  # raises on an unknown name
+        if not isinstance(self.context_refiner_layers, int) or self.context_refiner_layers < 0:
+            raise ValueError(f"UNet config: context_refiner_layers must be an integer >= 0; got {self.context_refiner_layers!r}")
+        if self.context_refiner_layers and (self.refiner_heads < 1 or self.cross_attention_dim % self.refiner_heads):
+            raise ValueError(f"UNet config: the context refiner's width {self.cross_attention_dim} cannot be split "
+                             f"into {self.refiner_heads} heads (context_refiner_heads)")
         if self.class_embed_type not in CLASS_EMBED_TYPES:
             raise ValueError(f"UNet config: unsupported class_embed_type {self.class_embed_type!r}; "
                              f"valid: {CLASS_EMBED_TYPES}")
@@ -164,6 +189,11 @@ class UNetConfig:
         """Attention heads per level (diffusers: `num_attention_heads or attention_head_dim`)."""
         return self._per_level(self.num_attention_heads if self.num_attention_heads is not None
                                else self.attention_head_dim)
+
+    @property
+    def refiner_heads(self) -> int:
+        """The context refiner's heads: context_refiner_heads, else 64-wide heads."""
+        return self.context_refiner_heads or max(1, self.cross_attention_dim // 64)
 
     @property
     def time_embed_dim(self) -> int:
@@ -200,6 +230,9 @@ class UNetConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        for k, off in EXTENSIONS_OFF.items():
+            if d[k] == off:
+                del d[k]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     # -- the released shapes ----------------------------------------------------------------------
@@ -311,7 +344,7 @@ class _Checkpointable(nn.Module):
 def _transformer(cfg: UNetConfig, channels: int, heads: int, layers: int, only_cross: bool) -> SpatialTransformer:
     return SpatialTransformer(channels, heads, channels // heads, cfg.cross_attention_dim, layers,
                               cfg.norm_num_groups, cfg.use_linear_projection, only_cross, cfg.upcast_attention,
-                              cfg.dropout)
+                              cfg.dropout, cfg.attention_position_embedding)
 
 
 class DownBlock(_Checkpointable):
@@ -419,6 +452,8 @@ class UNet2DConditionModel(nn.Module):
         self.class_embedding = make_class_embedding(c.class_embed_type, c.num_class_embeds,
                                                     c.projection_class_embeddings_input_dim, c.time_embed_dim,
                                                     ch[0], c.act_fn)
+        self.context_refiner = (ContextRefiner(c.cross_attention_dim, c.context_refiner_layers, c.refiner_heads)
+                                if c.context_refiner_layers and c.has_cross_attention else None)
         self.down_blocks = nn.ModuleList([DownBlock(c, i, ch[max(i - 1, 0)], ch[i]) for i in range(c.num_levels)])
         self.mid_block = MidBlock(c) if c.mid_block_type is not None else None
         self.up_blocks = nn.ModuleList([UpBlock(c, i) for i in range(c.num_levels)])
@@ -463,6 +498,8 @@ class UNet2DConditionModel(nn.Module):
                              "and num_class_embeds are None)")
         emb_act = self.act(emb)  # every residual block applies act() before its projection
         mask = key_padding_mask(context_mask)
+        if self.context_refiner is not None:
+            context = self.context_refiner(context, mask)
 
         if c.center_input_sample:
             x = 2 * x - 1.0

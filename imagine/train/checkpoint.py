@@ -10,6 +10,7 @@ during a write leaves at worst a `.tmp` folder, which is ignored and cleaned up.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 
 from imagine import __version__
 from imagine.models import io
+
+log = logging.getLogger(__name__)
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -122,14 +125,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, *, modules: dict[str, torch.nn.Module], optimizer=None,
-                    generators: dict[str, torch.Generator] | None = None) -> dict:
-    """Restore modules, optimizer and RNG states from `path`; returns state.json's content."""
+                    generators: dict[str, torch.Generator] | None = None, may_lack=None) -> dict:
+    """Restore modules, optimizer and RNG states from `path`; returns state.json's content.
+
+    `may_lack(key)`: parameters a checkpoint saved before they existed may leave out (a model
+    extension that starts at zero, e.g. `imagine.models.unet.new_parameter`); they keep their
+    initialisation, listed in the result's "new_parameters", and AdamW's saved moments, which
+    belong to the old parameter list, are not restored."""
     path = Path(path)
     meta = json.loads((path / "state.json").read_text())
+    new = []
     for name, m in modules.items():
         f = path / f"{name}.safetensors"
-        io.load_state_into(m, io.load_tensors(f), str(f))
-    if optimizer is not None and (path / "optimizer.safetensors").is_file():
+        new += [f"{name}:{k}" for k in io.load_state_into(m, io.load_tensors(f), str(f), may_lack=may_lack)]
+    meta["new_parameters"] = new
+    if new and optimizer is not None and (path / "optimizer.safetensors").is_file():
+        log.warning("%s: %d parameters are new to this checkpoint (kept at their initialisation); its optimizer "
+                    "state is for the old parameters, so AdamW's moments start from zero", path, len(new))
+    elif optimizer is not None and (path / "optimizer.safetensors").is_file():
         optimizer.load_state_dict(unflatten_optimizer(io.load_tensors(path / "optimizer.safetensors"), meta["optimizer"]))
     if generators is not None:
         set_rng_state(io.load_tensors(path / "rng.safetensors"), meta["rng"], generators)

@@ -72,6 +72,11 @@ class DiffusionTask(Task):
             self.latent_cache = torch.zeros(dataset_len, 2 * c.latent_channels, res // f, res // f, dtype=torch.float16)
             self.latent_filled = torch.zeros(dataset_len, dtype=torch.bool)
 
+    def new_parameter(self, key: str) -> bool:
+        from imagine.models.unet import new_parameter
+
+        return new_parameter(key)
+
     def generators(self):
         return {"noise": self.gen, "dropout": self.drop_gen}
 

@@ -88,6 +88,10 @@ class Task:
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         return {}
 
+    def new_parameter(self, key: str) -> bool:
+        """Whether a checkpoint may lack parameter `key` (see checkpoint.load_checkpoint)."""
+        return False
+
     def generators(self) -> dict[str, torch.Generator]:
         return {}
 
@@ -201,7 +205,11 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
             mods = {"model": net, **task.checkpoint_modules()}
             if ema is not None:
                 mods["ema"] = ema
-            meta = ckpt.load_checkpoint(last, modules=mods, optimizer=opt, generators=gens)
+            meta = ckpt.load_checkpoint(last, modules=mods, optimizer=opt, generators=gens,
+                                        may_lack=task.new_parameter)
+            if meta["new_parameters"] and main:
+                print(f"{len(meta['new_parameters'])} parameters are not in {last} (a model extension switched on "
+                      f"since): they start at their initialisation, e.g. {meta['new_parameters'][0]}")
             for name, o in task.extra_optimizers.items():
                 if name in meta.get("extra_optimizers", {}):
                     o.load_state_dict(ckpt.unflatten_optimizer(
