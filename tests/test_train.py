@@ -182,6 +182,24 @@ def test_resume_from_a_carried_checkpoint_without_optimizer(tmp_path):
     state = json.loads((tmp_path / "b" / "checkpoints" / "step-00000014" / "state.json").read_text())
     assert state["step"] == 14 and state["data_position"] == 14
 
+    # The committed form: package --checkpoint stores weights and EMA in fp16 and drops the optimizer.
+    from imagine.train.package import package_checkpoint
+
+    small = tmp_path / "small"
+    package_checkpoint(tmp_path / "a" / "checkpoints" / "step-00000010", small)
+    assert not (small / "optimizer.safetensors").exists()
+    full, half = (io.load_tensors(d / "ema.safetensors") for d in (tmp_path / "a" / "checkpoints" / "step-00000010", small))
+    assert set(full) == set(half)
+    for k, v in full.items():
+        if v.is_floating_point():
+            assert half[k].dtype == torch.float16 and torch.equal(half[k], v.half()), k
+        else:
+            assert torch.equal(half[k], v), k   # the EMA's update count stays an integer
+    out = run_cli("train", "vae", "--config", cfg, "--output", tmp_path / "c", "--resume-from", small,
+                  "--set", "train.max_steps=12")
+    assert "at step 10" in out.stdout
+    assert (tmp_path / "c" / "checkpoints" / "step-00000012" / "state.json").is_file()
+
 
 def test_resume_into_a_model_with_new_zero_started_extensions(tmp_path):
     """A run switched to the U-Net's position code and context refiner part-way resumes from the plain
