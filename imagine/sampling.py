@@ -58,6 +58,9 @@ class PerSampleNoise:
         return torch.randn(shape, generator=g, device=g.device, dtype=dtype).cpu()
 
 
+STARTS = ("noise", "matched")
+
+
 class Denoiser:
     """The x_0-denoiser D(x_t, i) a sampler steps with, for one run over `plan`:
     model -> classifier-free guidance (+ rescale) -> x_0 -> classifier guidance (eps form) -> thresholding.
@@ -79,6 +82,22 @@ class Denoiser:
         self.classifier_form = classifier_form
         self.thresholding, self.threshold_percentile = thresholding, threshold_percentile
         self.calls = 0
+        self._held: torch.Tensor | None = None  # D(x_T) computed by matched_start, for the first step
+
+    def matched_start(self, x: torch.Tensor) -> torch.Tensor:
+        """The start sample moved to the first moment of q(x_T), which a schedule with non-zero terminal
+        SNR (SD's abar_T = 0.0047) does not centre at 0:
+
+            q(x_T) has mean sqrt(abar_T) E[x_0], so  x_T <- sqrt(abar_T) D(x_T) + sqrt(1 - abar_T) x_T
+
+        with E[x_0] estimated per sample by the model's own D(x_T) (near the data mean at the top level).
+        An ODE sampler carries a start error to x_0 unchanged (the plateau of docs/samplers.md); this
+        removes its first-moment part. D(x_T) is kept and used again for the first step, so the start
+        costs no model call: the shift moves D by O(abar_T) (its slope in x is ~ sqrt(abar_T) Cov[x_0])."""
+        abar = float(self.plan.alphas_cumprod[0])
+        x0 = self(x, 0)
+        self._held = x0
+        return (math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * x).to(x.dtype)
 
     def _t(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return torch.full((x.shape[0],), float(self.plan.timesteps[i]), dtype=torch.float32, device=x.device)
@@ -98,6 +117,9 @@ class Denoiser:
         return out
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if i == 0 and self._held is not None:
+            held, self._held = self._held, None
+            return held
         abar = float(self.plan.alphas_cumprod[i])
         out = self.model_output(x, i)
         if self.classifier is not None and self.classifier_scale and self.classifier_form == "eps" and abar > 0:
@@ -206,7 +228,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = True, final_step: str = "euler",
            sampler_options: dict[str, Any] | None = None, sigma_schedule: str | None = None,
-           rho: float | None = None, dtype: torch.dtype = torch.float32,
+           rho: float | None = None, start: str = "noise", dtype: torch.dtype = torch.float32,
            device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
@@ -231,12 +253,17 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         (the trapezoidal last step, samplers.final_heun_step: same model calls, less narrowing of the
         modes; see docs/samplers.md).
     sampler_options: further keywords of the sampler function, e.g. {"order": 3, "variant": "bh1"} for unipc.
+    start: "noise" (x_T is the scaled start noise, as diffusers starts) or "matched" (moved to the mean of
+        q(x_T) by the model's own x_0 estimate, Denoiser.matched_start: no extra model call; it matters
+        where the schedule's terminal SNR is not zero; docs/samplers.md).
     """
     prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, steps,
                                                     timestep_spacing, steps_offset, karras,
                                                     sigma_schedule=sigma_schedule, rho=rho)
     if final_step not in ("euler", "heun"):
         raise ValueError(f"final_step must be 'euler' or 'heun'; got {final_step!r}")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(map(repr, STARTS))}; got {start!r}")
     _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, classifier_scale,
                        classifier_guidance_form, thresholding, threshold_percentile, canonical)
     if isinstance(shape_or_noise, torch.Tensor):
@@ -265,6 +292,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
     kwargs.update(_sampler_options(canonical, sampler_options))
     with torch.no_grad():
+        if start == "matched":
+            x = denoise.matched_start(x)
         if final_step == "euler":
             return fn(denoise, x, plan, noise=noise, eta=eta, callback=callback, progress=progress, **kwargs)
         if float(plan.sigmas[-1]) != 0:

@@ -121,6 +121,25 @@ def test_schedule_type_and_final_step_reach_the_sampler(models, tmp_path, capsys
     assert len(set(pixels.values())) == 3
 
 
+def test_matched_start_reaches_the_sampler(models, tmp_path, capsys):
+    """--start matched gives the pipeline's start="matched" image, written as "Start: matched"; the tiny SD-like
+    model's scaled-linear schedule has a non-zero terminal SNR, so the image differs from the plain start."""
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    out = tmp_path / "matched.png"
+    code, _, err = _run(capsys, "--model", models["folder"], "a red circle", "--steps", 5, "--sampler", "unipc",
+                        "--start", "matched", "--seed", 2, "--height", 16, "--width", 16, "-q", "-o", out)
+    assert code == 0, err
+    img = Image.open(out)
+    assert json.loads(img.text["imagine"])["start"] == "matched" and "Start: matched" in img.text["parameters"]
+    pipe = TextToImagePipeline.from_pretrained(models["folder"])
+    kw = dict(steps=5, sampler="unipc", seed=2, height=16, width=16, progress=False)
+    want = pipe.generate("a red circle", start="matched", **kw).images[0]
+    plain = pipe.generate("a red circle", **kw)
+    assert "start" not in plain.parameters
+    assert img.convert("RGB").tobytes() == want.convert("RGB").tobytes() != plain.images[0].convert("RGB").tobytes()
+
+
 def test_rho_and_sampler_options_reach_the_sampler(models, tmp_path, capsys):
     """--rho and --sampler-option give the image the pipeline gives with the same options, and are written into
     the PNG's parameters (A1111's "Schedule rho", "s_tmin")."""

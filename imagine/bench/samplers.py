@@ -213,6 +213,16 @@ OURS = {
     "dpmpp_3m_sde polyexp 1.25, noise above 1.5, heun final": (
         "dpmpp_3m_sde", {"sigma_schedule": "polyexponential", "rho": 1.25, "sampler_options": {"s_tmin": 1.5},
                          "final_step": "heun"}),
+    # the start moved to q(x_T)'s mean by the model's own x_0 estimate (sampling.Denoiser.matched_start): SD's
+    # schedule ends at abar_T = 0.0047, not 0, so pure noise is not where its x_T lies
+    "unipc exponential, matched start": ("unipc", {"sigma_schedule": "exponential", "start": "matched"}),
+    "unipc exponential, heun final, matched start": ("unipc", {"sigma_schedule": "exponential", "final_step": "heun",
+                                                               "start": "matched"}),
+    "unipc polyexp 1.25, matched start": ("unipc", {"sigma_schedule": "polyexponential", "rho": 1.25,
+                                                    "start": "matched"}),
+    "dpmpp_3m_sde polyexp 1.25, noise above 1.5, heun final, matched start": (
+        "dpmpp_3m_sde", {"sigma_schedule": "polyexponential", "rho": 1.25, "sampler_options": {"s_tmin": 1.5},
+                         "final_step": "heun", "start": "matched"}),
 }
 EXTRA = {  # --extra: ours with diffusers' Karras / exponential settings (same numbers as diffusers')
     "euler karras": ("euler", {"karras": True}), "heun karras": ("heun", {"karras": True}),

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "order=3 or variant=bh1 (unipc)")
     p.add_argument("--final-step", choices=["euler", "heun"], default=None,
                    help="the step to sigma = 0: euler (x0 = D(x), as diffusers) or heun (trapezoidal, same cost)")
+    p.add_argument("--start", choices=["noise", "matched"], default=None,
+                   help="the start sample: noise (as diffusers) or matched (moved to the mean of q(x_T) by the model's "
+                        "own x0 estimate, no extra model call: for schedules whose terminal SNR is not zero)")
     p.add_argument("--guidance-scale", "--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2023 guidance rescale phi (0..1)")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help="Karras sigma spacing")
@@ -126,7 +129,7 @@ def run(args) -> int:
                             height=args.height, width=args.width, guidance_rescale=args.guidance_rescale,
                             karras=args.karras, eta=args.eta, thresholding=args.thresholding,
                             sigma_schedule=args.sigma_schedule, final_step=args.final_step, rho=args.rho,
-                            sampler_options=sampler_options, progress=not args.quiet)
+                            sampler_options=sampler_options, start=args.start, progress=not args.quiet)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},
                       "prompt": chunk[k][0], "negative_prompt": args.negative_prompt or "", "seed": s}

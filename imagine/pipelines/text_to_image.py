@@ -122,13 +122,14 @@ class TextToImagePipeline:
                  height: int | None = None, width: int | None = None, guidance_rescale: float = 0.0,
                  eta: float | None = None, karras: bool | None = None, thresholding: str | None = None,
                  sigma_schedule: str | None = None, final_step: str | None = None,
-                 sampler_options: dict | None = None, rho: float | None = None,
+                 sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
         else 20 steps of dpmpp_2m at guidance 7.5). sigma_schedule: "karras", "exponential",
         "polyexponential" (A1111's schedule types), rho its exponent (Karras 7, polyexponential 1); final_step: "euler" or "heun" (the trapezoidal last
-        step, imagine.samplers.final_heun_step); sampler_options: e.g. {"order": 3} for unipc."""
+        step, imagine.samplers.final_heun_step); sampler_options: e.g. {"order": 3} for unipc; start: "noise"
+        (diffusers' start) or "matched" (x_T moved to the mean of q(x_T), imagine.sampling.Denoiser.matched_start)."""
         t0 = time.time()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -156,6 +157,7 @@ class TextToImagePipeline:
             if final_step is None:
                 final_step = d.get("final_step")
         final_step = final_step or "euler"
+        start = start or d.get("start") or "noise"
         if karras is None and sigma_schedule is None:  # a diffusers scheduler config may name its noise levels
             sc = self.c.scheduler_config
             sigma_schedule = ("karras" if sc.get("use_karras_sigmas") else
@@ -178,7 +180,7 @@ class TextToImagePipeline:
                                seeds=seeds, guidance_rescale=guidance_rescale, eta=eta, karras=karras,
                                thresholding=thresholding, callback=callback, progress=progress,
                                sigma_schedule=sigma_schedule, final_step=final_step,
-                               sampler_options=sampler_options, rho=rho)
+                               sampler_options=sampler_options, rho=rho, start=start)
         images_t = self.decode(latents)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
@@ -191,6 +193,8 @@ class TextToImagePipeline:
             params["schedule_rho"] = float(rho)
         if final_step != "euler":
             params["final_step"] = final_step
+        if start != "noise":
+            params["start"] = start
         if sampler_options:
             params["sampler_options"] = dict(sampler_options)
         images = [to_pil(t) for t in images_t] if output_type == "pil" else []
@@ -199,7 +203,7 @@ class TextToImagePipeline:
 
     def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, seeds, guidance_rescale, eta, karras,
                 thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
-                rho=None):
+                rho=None, start="noise"):
         from imagine.sampling import sample
 
         sc = self.c.scheduler_config
@@ -215,7 +219,7 @@ class TextToImagePipeline:
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, thresholding=thresholding, karras=bool(karras), eta=eta,
                       seeds=seeds, callback=callback, progress=progress, sigma_schedule=sigma_schedule,
-                      final_step=final_step, sampler_options=sampler_options, rho=rho, **kwargs)
+                      final_step=final_step, sampler_options=sampler_options, rho=rho, start=start, **kwargs)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
