@@ -46,7 +46,7 @@ def _copy_converting(src: Path, dst: Path, dtype: torch.dtype, skip=frozenset())
             continue
         out = tmp / f.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
-        if f.suffix == ".safetensors" and f.name != "rng.safetensors":
+        if f.suffix == ".safetensors":  # only float tensors change (RNG states and counters are integers)
             t = io.load_tensors(f)
             io.save_tensors(out, {k: v.to(dtype) if v.is_floating_point() else v for k, v in t.items()},
                             metadata={"format": "pt", "stored_dtype": str(dtype)})
