@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from imagine.data.judge import judge, parse_caption, score
+from imagine.data.judge import FAILURES, detect_objects, diagnose, judge_objects, parse_caption, score
 from imagine.data.shapes import FAMILIES, eval_prompts, is_heldout
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,9 @@ def evaluate_shapes(generate_fn, prompts=None, batch_size: int = 8, seed: int = 
                     grid_columns: int = 6) -> dict:
     """Generate one image per prompt with `generate_fn(prompts, seeds) -> list[PIL.Image]` (prompt i
     gets seed `seed + i`, so a run is reproducible at any batch size), judge each, and return the
-    report of `imagine.data.judge.score` plus `results` (caption, family, heldout, seed, ok per
-    prompt) and `seconds`. `prompts`: eval_prompts() items or bare canonical captions (None: the
+    report of `imagine.data.judge.score` plus `results` (caption, family, heldout, seed, ok and why
+    per prompt: why is judge.diagnose's failure label, None for a pass), `failures` (the labels
+    counted per family) and `seconds`. `prompts`: eval_prompts() items or bare canonical captions (None: the
     default eval_prompts()). With `grid_path`, a PNG of up to `grid_columns` examples per family
     (seen and held-out on separate rows) with captions and verdicts is written there."""
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -68,18 +69,30 @@ def evaluate_shapes(generate_fn, prompts=None, batch_size: int = 8, seed: int = 
         for p, s, img in zip(batch, seeds, images):
             if not isinstance(img, Image.Image):
                 raise TypeError(f"generate_fn must return PIL images; got {type(img).__name__}")
-            ok = judge(img, p["caption"])
-            results.append(dict(p, seed=s, ok=ok))
+            objects = detect_objects(img)
+            ok = judge_objects(objects, p["caption"])
+            results.append(dict(p, seed=s, ok=ok, why=None if ok else diagnose(objects, p["caption"])))
             group = examples.setdefault((p["family"], p["heldout"]), [])
             if len(group) < grid_columns:
-                group.append((img.convert("RGB"), p["caption"], ok))
+                group.append((img.convert("RGB"), p["caption"], results[-1]["why"]))
         log.info("shapes eval: %d/%d images", min(b + batch_size, len(items)), len(items))
     report = score([(r["ok"], r["caption"], r["family"], r["heldout"]) for r in results])
+    report["failures"] = failure_counts(results)
     report["results"] = results
     report["seconds"] = time.perf_counter() - start
     if grid_path is not None:
         report["grid"] = str(save_grid(examples, grid_path))
     return report
+
+
+def failure_counts(results) -> dict:
+    """{family: {failure label: count}} over the failed results (labels of judge.FAILURES, in that order)."""
+    out: dict[str, dict[str, int]] = {}
+    for r in results:
+        if not r["ok"]:
+            fam = out.setdefault(r["family"], {})
+            fam[r["why"]] = fam.get(r["why"], 0) + 1
+    return {f: dict(sorted(c.items(), key=lambda kv: FAILURES.index(kv[0]))) for f, c in out.items()}
 
 
 # ----------------------------------------------------------------------------------- output
@@ -98,7 +111,9 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
 
 def save_grid(examples: dict, path, scale: int = 2) -> Path:
     """One row per (family, seen/held-out) group: each image upscaled `scale`x (nearest), framed
-    green if the judge passed it and red if not, its caption and verdict below."""
+    green if the judge passed it and red if not, its verdict (with the failure label of
+    judge.diagnose) and caption below. `examples`: {(family, heldout): [(image, caption, why)]}, why
+    None for a pass."""
     font = ImageFont.load_default()
     cell_w, pad, text_h = 64 * scale, 6, 48
     order = [k for f in FAMILIES for k in ((f, False), (f, True)) if k in examples]
@@ -111,12 +126,13 @@ def save_grid(examples: dict, path, scale: int = 2) -> Path:
         y0 = pad + r * row_h
         draw.text((pad, y0), f"{key[0]} ({'held-out' if key[1] else 'seen'} combinations)" if key[0] in
                   ("pair", "relation") else key[0], fill="black", font=font)
-        for c, (img, caption, ok) in enumerate(examples[key]):
+        for c, (img, caption, why) in enumerate(examples[key]):
+            ok = why is None
             x0, yi = pad + c * (cell_w + pad), y0 + header
             colour = (30, 150, 60) if ok else (200, 30, 30)
             sheet.paste(img.resize((cell_w, cell_w), Image.NEAREST), (x0, yi))
             draw.rectangle((x0 - 2, yi - 2, x0 + cell_w + 1, yi + cell_w + 1), outline=colour, width=2)
-            lines = ["PASS" if ok else "FAIL"] + _wrap(draw, caption, font, cell_w)
+            lines = ["PASS" if ok else f"FAIL: {why}"] + _wrap(draw, caption, font, cell_w)
             for k, line in enumerate(lines[:4]):
                 draw.text((x0, yi + cell_w + 3 + 11 * k), line, fill=colour if k == 0 else "black", font=font)
     path = Path(path)
@@ -145,6 +161,8 @@ def format_report(report: dict) -> str:
                  f"{_fmt(report['seen']['score']):>6} {_fmt(report['heldout']['score']):>9}")
     lines.append("overall = mean of the family scores; seen/held-out = mean over the families that have such "
                  f"prompts; held-out gap (pair, relation: seen - held-out) = {_fmt(report.get('heldout_gap'))}")
+    for f, counts in report.get("failures", {}).items():
+        lines.append(f"failures, {f}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
     return "\n".join(lines)
 
 

@@ -43,12 +43,16 @@ def test_oracle_scores_one_and_writes_a_grid(prompts, tmp_path):
     for fam in S.FAMILIES:
         assert fam in table
     assert "overall" in table and "1.000" in table
+    assert report["failures"] == {} and all(r["why"] is None for r in report["results"])
 
 
 def test_blank_images_score_zero(prompts):
     report = E.evaluate_shapes(blank, prompts, batch_size=64)
     assert report["overall"] == 0.0 and report["counts"]["correct"] == 0
     assert all(v["score"] == 0.0 for v in report["families"].values())
+    n = {f: sum(1 for p in prompts if p["family"] == f) for f in S.FAMILIES}
+    assert report["failures"] == {f: {"absent": n[f]} for f in S.FAMILIES}
+    assert "failures, relation: absent" in E.format_report(report)
 
 
 def test_seen_and_heldout_reported_apart(prompts):

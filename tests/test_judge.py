@@ -189,3 +189,53 @@ def test_classify_pixels_matches_the_rule_written_out():
             best = min(names, key=dist.get)
             want = names.index(best) if dist[best] < 80 and dist[best] < np.linalg.norm(px - 255) else -1
             assert labels[y, x] == want, (px, dist)
+
+
+def test_diagnose_names_each_kind_of_miss(generated):
+    """Captions altered in one known way against the generator's own images: diagnose must name
+    exactly that alteration (and None for the true caption)."""
+    scenes, images = generated
+    flip = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+            "below": "above"}
+    across = {"to the left of": "above", "to the right of": "below", "above": "to the left of",
+              "below": "to the right of"}
+    seen = set()
+    for s, img in list(zip(scenes, images))[::7]:
+        objects = J.detect_objects(img)
+        assert J.diagnose(objects, s.caption) is None
+        p = J.parse_caption(s.caption)
+        kinds = [(o["color"], o["shape"]) for o in p["objects"]]
+        cases = []
+        if p["family"] == "relation":
+            cases += [(s.caption.replace(p["relation"], flip[p["relation"]]), "reversed"),
+                      (s.caption.replace(p["relation"], across[p["relation"]]), "misplaced")]
+        if p["family"] in ("pair", "relation") and kinds[0][0] != kinds[1][0] and kinds[0][1] != kinds[1][1]:
+            swapped = [(kinds[0][0], kinds[1][1]), (kinds[1][0], kinds[0][1])]
+            cases.append((S.canonical_caption(p["family"], swapped, relation=p.get("relation")), "shapes swapped"))
+        if p["family"] == "count":
+            other = "three" if p["count"] == 2 else "two"
+            cases.append((s.caption.replace(s.caption.split(" ")[0], other, 1),
+                          "too few" if p["count"] == 2 else "too many"))
+        if p["family"] == "sized":
+            cases.append((s.caption.replace(p["size"], {"small": "large", "large": "small"}[p["size"]]), "wrong size"))
+        if p["family"] == "single":
+            other_shape = next(x for x in S.SHAPES if x != kinds[0][1])
+            absent = next(c for c in S.COLORS if c != kinds[0][0])
+            cases += [(S.canonical_caption("single", [(kinds[0][0], other_shape)]), "wrong shape"),
+                      (S.canonical_caption("single", [(absent, kinds[0][1])]), "absent")]
+        for caption, why in cases:
+            assert J.diagnose(objects, caption) == why, (s.caption, caption)
+            seen.add(why)
+    assert seen == set(J.FAILURES) - {"misshapen"}
+
+
+def test_diagnose_on_hand_drawn_blobs():
+    img = _canvas()
+    d = ImageDraw.Draw(img)
+    d.rectangle((4, 20, 40, 30), fill=S.COLORS["red"])  # 37 x 11 px: no shape (aspect ratio)
+    objects = J.detect_objects(img)
+    assert [o["shape"] for o in objects] == [None]
+    assert J.diagnose(objects, "a red circle") == "misshapen"
+    assert J.diagnose(objects, "two red squares") == "misshapen"
+    assert J.diagnose(objects, "a red circle and a blue square") == "absent"  # the worse of the two
+    assert J.diagnose([], "a green triangle below a red square") == "absent"

@@ -226,6 +226,57 @@ def judge_objects(objects: list[dict], caption: str) -> bool:
     return any(relation_holds(a["centre"], b["centre"], p["relation"]) for a in first for b in second)
 
 
+# Why a verdict failed, one label per image: what the eval report counts per family so that "what
+# limits the model" is a measurement, not a reading of sample grids. Checked in this order:
+FAILURES = (
+    "shapes swapped",   # pair/relation: each colour is there, carrying the other object's shape
+    "reversed",         # relation: both objects drawn, and the opposite relation holds
+    "misplaced",        # relation: both drawn, neither the relation nor its opposite (other axis, too close)
+    "too few",          # count: fewer objects of the colour and shape than asked
+    "too many",         # count: more
+    "wrong size",       # sized: the object is drawn, its size outside the range
+    "misshapen",        # a named colour is there only as shapeless blobs (merged or malformed objects)
+    "wrong shape",      # a named colour is there, as another shape
+    "absent",           # a named colour is not in the image at all
+)
+
+
+def diagnose(objects: list[dict], caption: str) -> str | None:
+    """None if the detected `objects` satisfy `caption` (judge_objects), else the first label of
+    FAILURES that describes the miss."""
+    if judge_objects(objects, caption):
+        return None
+    p = parse_caption(caption)
+    named = p["objects"]
+
+    def has(color, shape):
+        return [d for d in objects if d["color"] == color and d["shape"] == shape]
+
+    drawn = [bool(has(o["color"], o["shape"])) for o in named]
+    if len(named) == 2:
+        a, b = named
+        if (a["shape"] != b["shape"] and a["color"] != b["color"] and not any(drawn)
+                and has(a["color"], b["shape"]) and has(b["color"], a["shape"])):
+            return "shapes swapped"
+        if p["family"] == "relation" and all(drawn):
+            first, second = has(a["color"], a["shape"]), has(b["color"], b["shape"])
+            if any(relation_holds(y["centre"], x["centre"], p["relation"]) for x in first for y in second):
+                return "reversed"
+            return "misplaced"
+    if p["family"] == "count" and drawn[0]:
+        return "too few" if len(has(named[0]["color"], named[0]["shape"])) < p["count"] else "too many"
+    if p["family"] == "sized" and drawn[0]:
+        return "wrong size"
+    def status(o):
+        shapes = {d["shape"] for d in objects if d["color"] == o["color"]}
+        if not shapes:
+            return "absent"
+        return "misshapen" if shapes == {None} else "wrong shape"
+
+    # the worst-off named object decides (absent is worse than wrong shape, worse than misshapen)
+    return max((status(o) for o, ok in zip(named, drawn) if not ok), key=FAILURES.index)
+
+
 def judge(image, caption: str) -> bool:
     """Whether the image holds what the canonical caption says."""
     parse_caption(caption)  # a bad caption is an error even for a blank image
@@ -272,5 +323,5 @@ def score(results) -> dict:
                 counts=dict(n=everything["n"], correct=everything["correct"]))
 
 
-__all__ = ["parse_caption", "detect_objects", "judge", "judge_objects", "score", "classify_pixels", "shape_of",
+__all__ = ["parse_caption", "detect_objects", "judge", "judge_objects", "diagnose", "FAILURES", "score", "classify_pixels", "shape_of",
            "is_heldout"]
