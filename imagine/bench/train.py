@@ -13,6 +13,9 @@ the same pre-made batch (latents and text states made once, so data loading deci
                    clip_grad_norm_(1.0), AdamW, lr_scheduler.step, zero_grad.
   imagine loop     run_training itself for a few steps over an in-memory dataset of the same
                    latents: batching, logging, the EMA update and one checkpoint at the end.
+  imagine compiled (with --compile) the imagine step with the prepared U-Net through
+                   torch.compile, as `train.compile: true` runs it; the compile falls in the
+                   untimed warm-up steps.
 
 Both steps go through one accelerate Accelerator with the precision under test (fp32: "no"; bf16:
 autocast to bfloat16, as `train.mixed_precision: bf16`). accelerate allows one precision a
@@ -64,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=4, help="timed training steps per side per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side before each round")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the imagine step compiled with torch.compile (train.compile: true)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # model:precision:round, in a subprocess
 
@@ -137,30 +142,34 @@ def worker(model: str, precision: str, first_round: int, args) -> dict:
     states = torch.randn(B, spec["text_len"], c["cross_attention_dim"], generator=g)
     empty = torch.randn(spec["text_len"], c["cross_attention_dim"], generator=g)
 
+    batch = {"image": latents, "caption": [f"caption {i}" for i in range(B)], "index": torch.arange(B),
+             "slot": torch.arange(B), "global_batch": B}
+
+    def our_step(compiled: bool):
+        """run_training's step (imagine/train/loop.py), for one micro-batch, on a task of its own."""
+        task = _make_task(cfg, states, empty)
+        params = [p for p in task.trainable.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2)
+        model, opt = acc.prepare(task.step_module(), opt)
+        task.bind(torch.compile(model) if compiled else model, acc)
+
+        def step_fn(step: int) -> float:
+            opt.zero_grad(set_to_none=True)
+            with acc.autocast():
+                loss, _ = task.loss(batch, step)
+            acc.backward(loss)
+            acc.clip_grad_norm_(params, 1.0)
+            opt.step()
+            return float(loss.detach())
+        return task.trainable, step_fn
+
     # Ours: the trainer's task and step.
-    task = _make_task(cfg, states, empty)
-    ours = task.trainable
+    ours, imagine_step = our_step(compiled=False)
     n_params = sum(p.numel() for p in ours.parameters())
     ref = diffusers.UNet2DConditionModel(**{k: v for k, v in ours.config.to_dict().items()
                                             if k != "num_attention_heads"})
     ref.load_state_dict(ours.state_dict(), strict=True)   # the same weights, diffusers' parameter names
     ref.train()
-    ours_params = [p for p in ours.parameters() if p.requires_grad]
-    ours_opt = torch.optim.AdamW(ours_params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2)
-    ours_model, ours_opt = acc.prepare(task.step_module(), ours_opt)
-    task.bind(ours_model, acc)
-    batch = {"image": latents, "caption": [f"caption {i}" for i in range(B)], "index": torch.arange(B),
-             "slot": torch.arange(B), "global_batch": B}
-
-    def imagine_step(step: int) -> float:
-        # run_training's step (imagine/train/loop.py), for one micro-batch.
-        ours_opt.zero_grad(set_to_none=True)
-        with acc.autocast():
-            loss, _ = task.loss(batch, step)
-        acc.backward(loss)
-        acc.clip_grad_norm_(ours_params, 1.0)
-        ours_opt.step()
-        return float(loss.detach())
 
     # Theirs: train_text_to_image.py's step.
     noise_scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -185,6 +194,9 @@ def worker(model: str, precision: str, first_round: int, args) -> dict:
         return float(loss.detach())
 
     steps_fn = {"imagine_step": imagine_step, "diffusers_step": diffusers_step}
+    if args.compile:
+        steps_fn["imagine_compiled"] = our_step(compiled=True)[1]
+    sides = _sides(args)
     tmp = tempfile.TemporaryDirectory(prefix="imagine-bench-train-")
 
     def imagine_loop(r: int, steps: int) -> tuple[float, float]:
@@ -198,10 +210,10 @@ def worker(model: str, precision: str, first_round: int, args) -> dict:
     for name, fn in steps_fn.items():
         for i in range(args.warmup):
             fn(i)
-    wall: dict[str, list[float]] = {s: [] for s in SIDES}
-    cpu: dict[str, list[float]] = {s: [] for s in SIDES}
+    wall: dict[str, list[float]] = {s: [] for s in sides}
+    cpu: dict[str, list[float]] = {s: [] for s in sides}
     for r in range(first_round, first_round + args.rounds):
-        order = SIDES if r % 2 == 0 else SIDES[::-1]
+        order = sides if r % 2 == 0 else sides[::-1]
         for side in order:
             if side == "imagine_loop":
                 # Setup, the final checkpoint and the export cost the same in a run of 1 step and
@@ -229,6 +241,10 @@ def worker(model: str, precision: str, first_round: int, args) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------
+def _sides(args) -> tuple[str, ...]:
+    return SIDES + (("imagine_compiled",) if getattr(args, "compile", False) else ())
+
+
 def _check(args) -> tuple[list[str], list[str]]:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -267,18 +283,19 @@ def run(args) -> int:
             for precision in (precisions if r % 2 == 0 else precisions[::-1]):
                 cmd = [sys.executable, "-m", "imagine.bench.train", "--worker", f"{model}:{precision}:{r}",
                        "--rounds", "1", "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--threads", str(args.threads)] + (["--batch", str(args.batch)] if args.batch else [])
+                       "--threads", str(args.threads)] + (["--batch", str(args.batch)] if args.batch else []) \
+                    + (["--compile"] if args.compile else [])
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
                 proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
                 if proc.returncode != 0:
                     raise RuntimeError(f"bench worker {model}:{precision} failed (exit {proc.returncode})")
                 one = json.loads(proc.stdout.strip().splitlines()[-1])
                 if precision not in merged:
-                    merged[precision] = {**one, "rounds": 0, "all_cpu": {s: [] for s in SIDES},
-                                         "all_wall": {s: [] for s in SIDES}}
+                    merged[precision] = {**one, "rounds": 0, "all_cpu": {s: [] for s in _sides(args)},
+                                         "all_wall": {s: [] for s in _sides(args)}}
                 m = merged[precision]
                 m["rounds"] += 1
-                for s in SIDES:
+                for s in _sides(args):
                     m["all_cpu"][s] += one["all_cpu"][s]
                     m["all_wall"][s] += one["all_wall"][s]
         for precision in precisions:
@@ -299,15 +316,22 @@ def table(results: list[dict]) -> str:
     and bf16 against fp32. With one thread on a shared machine, CPU time is the steadier measure:
     it does not count the time the scheduler gave to other processes."""
     by = {(r["model"], r["precision"]): r for r in results}
-    lines = ["| model | batch | precision | imagine step | diffusers step | imagine / diffusers | imagine loop |",
-             "|---|---|---|---|---|---|---|"]
+    compiled = any("imagine_compiled" in r["samples_per_cpu_s"] for r in results)
+    lines = ["| model | batch | precision | imagine step | diffusers step | imagine / diffusers | imagine loop |"
+             + (" imagine compiled | compiled / diffusers |" if compiled else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if compiled else "")]
     for r in results:
         s, w = r["samples_per_cpu_s"], r["samples_per_s"]
-        lines.append(f"| {r['model']} ({r['params'] / 1e6:.1f} M) | {r['batch']} | {r['precision']} | "
-                     f"{s['imagine_step']:.3g} ({w['imagine_step']:.3g}) | "
-                     f"{s['diffusers_step']:.3g} ({w['diffusers_step']:.3g}) | "
-                     f"{s['imagine_step'] / s['diffusers_step']:.2f}x ({w['imagine_step'] / w['diffusers_step']:.2f}x) | "
-                     f"{s['imagine_loop']:.3g} ({w['imagine_loop']:.3g}) |")
+        row = (f"| {r['model']} ({r['params'] / 1e6:.1f} M) | {r['batch']} | {r['precision']} | "
+               f"{s['imagine_step']:.3g} ({w['imagine_step']:.3g}) | "
+               f"{s['diffusers_step']:.3g} ({w['diffusers_step']:.3g}) | "
+               f"{s['imagine_step'] / s['diffusers_step']:.2f}x ({w['imagine_step'] / w['diffusers_step']:.2f}x) | "
+               f"{s['imagine_loop']:.3g} ({w['imagine_loop']:.3g}) |")
+        if compiled:
+            c, cw = s.get("imagine_compiled"), w.get("imagine_compiled")
+            row += (f" {c:.3g} ({cw:.3g}) | {c / s['diffusers_step']:.2f}x ({cw / w['diffusers_step']:.2f}x) |"
+                    if c else " - | - |")
+        lines.append(row)
     lines.append("")
     lines.append("samples per CPU second (in brackets: per wall-clock second), median over rounds")
     for (model, precision), r in by.items():

@@ -35,6 +35,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "mixed_precision": "no", "ema_decay": 0.9999, "ema_warmup": True, "checkpoint_every": 500,
     "keep_checkpoints": 2, "sample_every": 0, "log_every": 10, "eval_every": 0, "num_workers": 0,
     "deterministic": False, "threads": 0, "progress": True, "tensorboard": True, "max_minutes": 0,
+    "compile": False,
 }
 
 
@@ -181,6 +182,12 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
     # The EMA is only read for samples, evaluation and export, which the main process does.
     ema = EMA(net, tc["ema_decay"], tc["ema_warmup"]) if tc["ema_decay"] > 0 and main else None
     model, opt = accelerator.prepare(task.step_module(), opt)
+    if tc["compile"]:
+        # Only the training forward (and so its backward) runs compiled (inductor): the parameters
+        # are the same tensors, so the optimizer, EMA, checkpoints and samples see the plain module.
+        # The first steps pay the compile (about a minute on 2 cores); a batch of another size
+        # (skipped records) compiles once more.
+        model = torch.compile(model)
     task.bind(model, accelerator)
     batches = make_batches(dataset, tc["batch_size"], int(cfg.get("seed", 0)),
                            accelerator.process_index, accelerator.num_processes)
