@@ -145,7 +145,7 @@ class DiffusionTask(Task):
         x0 = self.to_x0(batch)
         t = torch.randint(0, self.schedule.num_train_timesteps, (G,), generator=self.gen)[slot]
         noise = torch.randn((G, *x0.shape[1:]), generator=self.gen, dtype=x0.dtype)[slot]
-        loss = training_loss(self.model or self.trainable, x0, cond, self.schedule, self.d["prediction_type"],
+        loss = training_loss(self.trainable if self.model is None else self.model, x0, cond, self.schedule, self.d["prediction_type"],
                              t=t, noise=noise, min_snr_gamma=self.d["min_snr_gamma"])
         return loss, {"loss": float(loss.detach())}
 

@@ -104,7 +104,7 @@ class VAETask(Task):
         model = self.trainable
         x = batch["image"]
         G, slot = global_slots(batch)
-        rec, posterior = (self.model or self.step)(x, slot, G, self.gen)
+        rec, posterior = (self.step if self.model is None else self.model)(x, slot, G, self.gen)
         diff = (rec.float() - x).abs() if self.lc["reconstruction"] == "l1" else (rec.float() - x) ** 2
         nll = diff.flatten(1).sum(1).mean()
         kl = posterior.kl().float().mean()
