@@ -23,6 +23,7 @@ COMMANDS = {
 }
 EVALS = {
     "shapes": ("imagine.evaluation", "score a model on the shapes task with the exact judge"),
+    "captions": ("imagine.caption_probe", "which caption words a model uses, per noise level (denoising error)"),
 }
 BENCHES = {
     "samplers": ("imagine.bench.samplers", "our samplers vs diffusers' schedulers on exact Gaussian-mixture models"),
