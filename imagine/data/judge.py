@@ -267,6 +267,7 @@ def diagnose(objects: list[dict], caption: str) -> str | None:
         return "too few" if len(has(named[0]["color"], named[0]["shape"])) < p["count"] else "too many"
     if p["family"] == "sized" and drawn[0]:
         return "wrong size"
+
     def status(o):
         shapes = {d["shape"] for d in objects if d["color"] == o["color"]}
         if not shapes:
@@ -323,5 +324,6 @@ def score(results) -> dict:
                 counts=dict(n=everything["n"], correct=everything["correct"]))
 
 
-__all__ = ["parse_caption", "detect_objects", "judge", "judge_objects", "diagnose", "FAILURES", "score", "classify_pixels", "shape_of",
+__all__ = ["parse_caption", "detect_objects", "judge", "judge_objects", "diagnose", "FAILURES", "score",
+           "classify_pixels", "shape_of",
            "is_heldout"]
