@@ -46,6 +46,7 @@ RELATIONS = ("to the left of", "to the right of", "above", "below")
 SIZE_RANGES: dict[str | None, tuple[int, int]] = {"small": (10, 15), "large": (22, 30), None: (10, 30)}
 COUNT_WORDS = {"two": 2, "three": 3}
 SPLITS = ("train", "heldout", "any")
+PAIR_ORDERS = ("any", "left_first")
 
 GAP = 2  # px of background between any two objects' boxes (the spec's minimum)
 SUPERSAMPLE = 4  # draw at 4x, box-downsample
@@ -319,6 +320,16 @@ def _place(kinds, size_range, rng: _Rng, relation: str | None, attempts: int = 1
     return None
 
 
+def mirrored(scene: Scene) -> Scene:
+    """The scene reflected left to right (x -> CANVAS - size - x). Every shape is symmetric about
+    its vertical axis and the boxes keep their gaps, so the mirror image is a valid scene too; only
+    a relation's horizontal direction would change, so relation scenes are refused."""
+    if scene.family == "relation":
+        raise ValueError("a relation scene cannot be mirrored without changing its caption")
+    objects = tuple(ShapeObject(o.color, o.shape, o.size, CANVAS - o.size - o.x, o.y) for o in scene.objects)
+    return Scene(scene.caption, scene.family, objects, scene.captions)
+
+
 def scene_from_spec(family: str, kinds, rng, size_word: str | None = None, relation: str | None = None) -> Scene:
     """A random layout of exactly the given objects (no distractors) for a caption's content."""
     rng = _Rng(rng)
@@ -401,12 +412,19 @@ class ShapesDataset(torch.utils.data.Dataset):
     the canonical one with probability canonical_prob, otherwise a uniform choice among the
     scene's captions (canonical included), all drawn from the item's own seeded stream.
     `family_weights`: a dict family -> weight or a sequence aligned with `families`.
+    `pair_order`: "any" lays a pair's two objects out at random; "left_first" mirrors a pair
+    scene whenever the object its caption names first would lie to the right of the other (centre
+    x), so that training pair captions name the objects in reading order. The spec leaves both the
+    layout and the order of naming free; reading order gives "a red circle and a blue square" the
+    same left-to-right handle on which object is which colour that "to the left of" gives a relation.
     """
 
     def __init__(self, length: int, seed: int = 0, split: str = "train", families=None,
-                 family_weights=None, canonical_prob: float = 0.5):
+                 family_weights=None, canonical_prob: float = 0.5, pair_order: str = "any"):
         if not isinstance(length, int) or length < 1:
             raise ValueError(f"length must be a positive integer; got {length!r}")
+        if pair_order not in PAIR_ORDERS:
+            raise ValueError(f"unknown pair_order {pair_order!r}; valid: {', '.join(PAIR_ORDERS)}")
         _combinations(split)
         families = tuple(FAMILIES if families is None else families)
         bad = [f for f in families if f not in FAMILIES]
@@ -431,6 +449,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         total = sum(weights)
         self.cum_weights = list(np.cumsum([w / total for w in weights]))
         self.canonical_prob = canonical_prob
+        self.pair_order = pair_order
 
     def __len__(self):
         return self.length
@@ -442,6 +461,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         u = rng.random()
         family = next((f for f, c in zip(self.families, self.cum_weights) if u < c), self.families[-1])
         scene = sample_scene(rng, family, self.split)
+        if (self.pair_order == "left_first" and scene.family == "pair"
+                and scene.objects[0].centre[0] > scene.objects[1].centre[0]):
+            # The caption names objects[0] first: mirror the layout so that it is the left one
+            # (the random stream is untouched, so every other item stays as it was).
+            scene = mirrored(scene)
         if rng.random() < self.canonical_prob:
             caption = scene.caption
         else:

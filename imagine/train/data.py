@@ -118,14 +118,16 @@ class ShapesTrainDataset(torch.utils.data.Dataset):
     """The shapes generator as a map-style dataset (item i is a function of (seed, i) only)."""
 
     def __init__(self, length: int, seed: int = 0, resolution: int = 64, split: str = "train",
-                 family_weights=None):
+                 family_weights=None, pair_order: str = "any"):
         from imagine.data.shapes import ShapesDataset
 
         if resolution != 64:
             raise ValueError(f"the shapes task renders at 64x64 (shared/specs/shapes.md); got resolution {resolution}")
         # family_weights (dict family -> weight; default uniform) shifts training toward the
-        # families the model finds hard, e.g. relations.
-        self.inner = ShapesDataset(length=length, seed=seed, split=split, family_weights=family_weights)
+        # families the model finds hard, e.g. relations; pair_order "left_first" names a pair's
+        # objects in reading order (imagine.data.shapes.ShapesDataset).
+        self.inner = ShapesDataset(length=length, seed=seed, split=split, family_weights=family_weights,
+                                   pair_order=pair_order)
 
     def __len__(self):
         return len(self.inner)
@@ -276,7 +278,8 @@ def build_dataset(cfg: dict, require_captions: bool = True):
     res = int(cfg.get("resolution", 64))
     if kind == "shapes":
         return ShapesTrainDataset(int(cfg.get("length", 100_000)), int(cfg.get("seed", 0)), res,
-                                  cfg.get("split", "train"), cfg.get("family_weights"))
+                                  cfg.get("split", "train"), cfg.get("family_weights"),
+                                  cfg.get("pair_order", "any"))
     if kind == "imagefolder":
         if "path" not in cfg:
             raise ValueError("data.type imagefolder needs data.path (a folder with metadata.jsonl)")
