@@ -192,6 +192,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
     parser.add_argument("--thresholding", choices=["static", "dynamic"], default=None,
                         help="clip x0 predictions while sampling (Imagen's dynamic thresholding or static)")
+    parser.add_argument("--threshold-range", type=float, default=None,
+                        help="R, the data's range that thresholding holds x0 to (default: the model's, else 1 = pixels)")
     parser.add_argument("--schedule-type", dest="sigma_schedule", choices=["karras", "exponential", "polyexponential"],
                         default=None, help="noise levels' spacing (default: the model's)")
     parser.add_argument("--final-step", choices=["euler", "heun"], default=None,
@@ -217,8 +219,13 @@ SWEEPS = {
                   dict(sampler="unipc", steps=20, sigma_schedule="exponential", final_step="heun"),
                   dict(sampler="dpmpp_2m_sde", steps=20, sigma_schedule="exponential", final_step="heun"),
                   dict(sampler="unipc", steps=10, sigma_schedule="exponential", final_step="heun")],
-    # Saharia et al. 2022: dynamic thresholding keeps high guidance scales from saturating.
-    "thresholding": [dict(guidance_scale=12.0), dict(guidance_scale=12.0, thresholding="dynamic"),
+    # Saharia et al. 2022: dynamic thresholding keeps high guidance scales from saturating. Imagen's rules
+    # hold x_0 to the pixel range (R = 1); a latent model's own range (its "threshold_range") is the fair
+    # transfer, so both are rows (the model's rows drop out when it has no range of its own).
+    "thresholding": [dict(guidance_scale=12.0),
+                     dict(guidance_scale=12.0, thresholding="dynamic", threshold_range=1.0),
+                     dict(guidance_scale=12.0, thresholding="static", threshold_range=1.0),
+                     dict(guidance_scale=12.0, thresholding="dynamic"),
                      dict(guidance_scale=12.0, thresholding="static")],
 }
 
@@ -230,9 +237,11 @@ def run(args) -> int:
 
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision)  # None: the default model
     base = {k: v for k, v in dict(steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                                  thresholding=args.thresholding, sigma_schedule=getattr(args, "sigma_schedule", None),
+                                  thresholding=args.thresholding, threshold_range=getattr(args, "threshold_range", None),
+                                  sigma_schedule=getattr(args, "sigma_schedule", None),
                                   final_step=getattr(args, "final_step", None)).items() if v is not None}
-    rows = [dict(base)] if args.sweep is None else [{**base, **row} for row in SWEEPS[args.sweep]]
+    rows = [dict(base)] if args.sweep is None else _distinct(
+        [{**base, **row} for row in SWEEPS[args.sweep]], pipe.defaults)
     out = Path(args.out)
     reports = []
     for k, options in enumerate(rows):
@@ -247,6 +256,24 @@ def run(args) -> int:
     return 0
 
 
+def _threshold_cell(opt: dict, defaults: dict) -> str:
+    if not opt.get("thresholding"):
+        return "-"
+    return f"{opt['thresholding']}, R = {float(opt.get('threshold_range') or defaults.get('threshold_range', 1.0)):g}"
+
+
+def _distinct(rows: list[dict], defaults: dict) -> list[dict]:
+    """The rows whose settings, with the model's defaults filled in, differ from every earlier row's."""
+    seen, out = set(), []
+    for row in rows:
+        key = (tuple(sorted((k, str(v)) for k, v in row.items() if k not in ("thresholding", "threshold_range"))),
+               _threshold_cell(row, defaults))
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
 def format_sweep(rows: list[dict], reports: list[dict], defaults: dict) -> str:
     """A markdown table: one row per setting, the judge's scores per family and overall."""
     head = ("| sampler | steps | guidance | thresholding | schedule, last step | " + " | ".join(FAMILIES)
@@ -255,7 +282,7 @@ def format_sweep(rows: list[dict], reports: list[dict], defaults: dict) -> str:
     for opt, rep in zip(rows, reports):
         fam = rep["families"]
         cells = [str(opt.get("sampler", defaults.get("sampler"))), str(opt.get("steps", defaults.get("steps"))),
-                 str(opt.get("guidance_scale", defaults.get("guidance_scale"))), str(opt.get("thresholding") or "-"),
+                 str(opt.get("guidance_scale", defaults.get("guidance_scale"))), _threshold_cell(opt, defaults),
                  f"{opt.get('sigma_schedule') or defaults.get('sigma_schedule') or '-'}, "
                  f"{opt.get('final_step') or defaults.get('final_step') or 'euler'}"]
         cells += [f"{fam[f]['score']:.3f}" if f in fam else "-" for f in FAMILIES]

@@ -12,11 +12,13 @@
   (Algorithm 1) or the predicted noise by -sqrt(1 - abar_t) * s * g (Algorithm 2, for DDIM and
   any sampler that works from eps / x_0).
 - Thresholding of x_0 (Saharia et al. 2022, Imagen, sec. 2.3): static clips to [-1, 1]; dynamic
-  takes s = the p-th percentile of |x_0| per sample, s = max(s, 1), clips to [-s, s] and divides by s.
+  takes s = the p-th percentile of |x_0| per sample, s = max(s, 1), clips to [-s, s] and divides by s;
+  `threshold_range` R carries both to data in [-R, R] (a latent), R = 1 being the paper's pixels.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -125,27 +127,50 @@ def classifier_eps_shift(eps: torch.Tensor, grad: torch.Tensor, alphas_cumprod_t
 
 
 # -- thresholding ---------------------------------------------------------------------------------
-def static_threshold(x0: torch.Tensor) -> torch.Tensor:
-    """Saharia et al. 2022, sec. 2.3: clip x_0 to the data range [-1, 1]."""
-    return x0.clamp(-1, 1)
+# Imagen's rules assume x_0 lives in the pixel range [-1, 1]. `bound` = R generalises them to data in
+# [-R, R] (a VAE latent, whose range is several units): the rule applied to x_0 / R, then times R.
+# R = 1 is the paper's rule exactly.
+def _check_bound(bound: float) -> float:
+    bound = float(bound)
+    if not (bound > 0 and math.isfinite(bound)):
+        raise ValueError(f"threshold_range must be a positive finite number (1 for pixels in [-1, 1]); got {bound}")
+    return bound
 
 
-def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
-    """Saharia et al. 2022, sec. 2.3: per sample, s = the `percentile` quantile of |x_0|; s = max(s, 1);
-    x_0 = clip(x_0, -s, s) / s. Pushes saturated pixels inwards instead of flattening them."""
+def static_threshold(x0: torch.Tensor, bound: float = 1.0) -> torch.Tensor:
+    """Saharia et al. 2022, sec. 2.3: clip x_0 to the data range [-R, R] (R = 1: pixels)."""
+    bound = _check_bound(bound)
+    return x0.clamp(-bound, bound)
+
+
+def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, bound: float = 1.0) -> torch.Tensor:
+    """Saharia et al. 2022, sec. 2.3: per sample, s = the `percentile` quantile of |x_0|; s = max(s, R);
+    x_0 = clip(x_0, -s, s) * R / s (R = 1 in the paper). Pushes saturated values inwards instead of
+    flattening them; a sample whose quantile stays within R is only clipped, never rescaled."""
     if not 0 < percentile <= 1:
         raise ValueError(f"threshold_percentile must be in (0, 1]; got {percentile}")
+    bound = _check_bound(bound)
     flat = x0.reshape(x0.shape[0], -1)
-    s = torch.quantile(flat.abs().float(), percentile, dim=1).clamp(min=1).to(x0.dtype)
+    s = torch.quantile(flat.abs().float(), percentile, dim=1).clamp(min=bound).to(x0.dtype)
     s = s.view(-1, *([1] * (x0.ndim - 1)))
-    return torch.maximum(torch.minimum(x0, s), -s) / s
+    return torch.maximum(torch.minimum(x0, s), -s) * (bound / s)
 
 
-def apply_threshold(x0: torch.Tensor, thresholding: str | None, percentile: float = 0.995) -> torch.Tensor:
+def latent_threshold_range(latents: torch.Tensor, percentile: float = 0.995) -> float:
+    """R for thresholding a latent model: the largest per-sample `percentile` quantile of |latent| over
+    latents of real data (batch-first), so that dynamic thresholding rescales no real sample."""
+    if latents.ndim < 2 or latents.shape[0] == 0:
+        raise ValueError(f"latents must be a non-empty batch [B, ...]; got shape {tuple(latents.shape)}")
+    flat = latents.reshape(latents.shape[0], -1).abs().float()
+    return float(torch.quantile(flat, percentile, dim=1).max())
+
+
+def apply_threshold(x0: torch.Tensor, thresholding: str | None, percentile: float = 0.995,
+                    bound: float = 1.0) -> torch.Tensor:
     if thresholding is None:
         return x0
     if thresholding == "static":
-        return static_threshold(x0)
+        return static_threshold(x0, bound)
     if thresholding == "dynamic":
-        return dynamic_threshold(x0, percentile)
+        return dynamic_threshold(x0, percentile, bound)
     raise ValueError(f"thresholding must be None, 'static' or 'dynamic'; got {thresholding!r}")

@@ -73,7 +73,8 @@ class Denoiser:
                  cond: dict[str, Any] | None = None, uncond: dict[str, Any] | None = None,
                  guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
                  classifier: Callable[..., torch.Tensor] | None = None, classifier_scale: float = 0.0,
-                 classifier_form: str = "eps", thresholding: str | None = None, threshold_percentile: float = 0.995):
+                 classifier_form: str = "eps", thresholding: str | None = None, threshold_percentile: float = 0.995,
+                 threshold_range: float = 1.0):
         self.model, self.plan = model, plan
         self.prediction_type = check_prediction_type(prediction_type)
         self.cond, self.uncond = cond or {}, uncond
@@ -81,6 +82,7 @@ class Denoiser:
         self.classifier, self.classifier_scale = classifier, float(classifier_scale)
         self.classifier_form = classifier_form
         self.thresholding, self.threshold_percentile = thresholding, threshold_percentile
+        self.threshold_range = float(threshold_range)
         self.calls = 0
         self._held: torch.Tensor | None = None  # D(x_T) computed by matched_start, for the first step
 
@@ -130,7 +132,7 @@ class Denoiser:
             x0 = predict_x0(eps, x, abar, "epsilon")
         else:
             x0 = predict_x0(out, x, abar, self.prediction_type)
-        return apply_threshold(x0, self.thresholding, self.threshold_percentile)
+        return apply_threshold(x0, self.thresholding, self.threshold_percentile, self.threshold_range)
 
     def mean_shift(self, x: torch.Tensor, i: int, variance: float):
         """Dhariwal & Nichol 2021, Alg. 1 (the DDPM sampler asks for it): s * Sigma * grad log p(y | x_t)."""
@@ -176,7 +178,7 @@ def initial_noise_scale(plan: SamplingPlan) -> float:
 
 
 def _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, classifier_scale, form, thresholding,
-                       threshold_percentile, canonical):
+                       threshold_percentile, canonical, threshold_range=1.0):
     if not math.isfinite(float(guidance_scale)):
         raise ValueError(f"guidance_scale must be a finite number; got {guidance_scale}")
     if guidance_scale != 1 and uncond is None:
@@ -188,6 +190,9 @@ def _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, cla
         raise ValueError(f"thresholding must be one of {THRESHOLDINGS}; got {thresholding!r}")
     if not 0 < float(threshold_percentile) <= 1:
         raise ValueError(f"threshold_percentile must be in (0, 1]; got {threshold_percentile}")
+    if not (isinstance(threshold_range, (int, float)) and math.isfinite(threshold_range) and threshold_range > 0):
+        raise ValueError(f"threshold_range must be a positive finite number (1 for pixels in [-1, 1], the data's "
+                         f"range for a latent); got {threshold_range!r}")
     if form not in CLASSIFIER_FORMS:
         raise ValueError(f"classifier_guidance_form must be one of {sorted(CLASSIFIER_FORMS)}; got {form!r}")
     if classifier_scale and classifier is None:
@@ -223,7 +228,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            cond: dict[str, Any] | None = None, uncond: dict[str, Any] | None = None, guidance_scale: float = 1.0,
            guidance_rescale: float = 0.0, classifier: Callable[..., torch.Tensor] | None = None,
            classifier_scale: float = 0.0, classifier_guidance_form: str = "eps", thresholding: str | None = None,
-           threshold_percentile: float = 0.995, timestep_spacing: str | None = None, steps_offset: int | None = None,
+           threshold_percentile: float = 0.995, threshold_range: float = 1.0, timestep_spacing: str | None = None, steps_offset: int | None = None,
            karras: bool | None = False, eta: float | None = None, seeds: int | Sequence[int] | None = None,
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = True, final_step: str = "euler",
@@ -246,7 +251,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     classifier, classifier_scale, classifier_guidance_form: classifier guidance with
         `classifier(x_t, t) -> log p(y | x_t)` [B] (see guidance.classifier_log_prob); form "eps"
         (Alg. 2, any sampler) or "mean" (Alg. 1, ddpm only).
-    thresholding: None, "static" or "dynamic" (Imagen) on every x_0 prediction.
+    thresholding: None, "static" or "dynamic" (Imagen) on every x_0 prediction; threshold_range R: the data's
+        range [-R, R] the rules hold x_0 to (1: pixels, Imagen's case; a latent's range: guidance.latent_threshold_range).
     seeds / generator: reproducible noise, one generator per sample (see module doc).
     callback(info): after each step; info has step, total, t, sigma, x, denoised. Raise to stop.
     final_step: "euler" (x_0 = D(x) from the last level, as every diffusers scheduler does) or "heun"
@@ -265,7 +271,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(map(repr, STARTS))}; got {start!r}")
     _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, classifier_scale,
-                       classifier_guidance_form, thresholding, threshold_percentile, canonical)
+                       classifier_guidance_form, thresholding, threshold_percentile, canonical, threshold_range)
     if isinstance(shape_or_noise, torch.Tensor):
         if shape_or_noise.ndim < 2:
             raise ValueError(f"start noise must be batch-first [B, ...]; got shape {tuple(shape_or_noise.shape)}")
@@ -288,7 +294,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     variance_type = schedule.variance_type
     denoise = Denoiser(model, plan, prediction_type, cond, uncond, guidance_scale, guidance_rescale, classifier,
                        classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,
-                       threshold_percentile)
+                       threshold_percentile, threshold_range)
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
     kwargs.update(_sampler_options(canonical, sampler_options))
     with torch.no_grad():

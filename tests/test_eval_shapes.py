@@ -140,3 +140,16 @@ def test_run_wires_the_pipeline(tmp_path, monkeypatch, capsys):
     assert dict(sampler="unipc", steps=20, sigma_schedule="exponential", final_step="heun", progress=False) in options
     table = (out / "sw" / "sweep.md").read_text()
     assert "| unipc | 20 | 5.0 | - | exponential, heun |" in table and table.count("\n") == len(E.SWEEPS["schedules"]) + 2
+
+
+def test_thresholding_sweep_rows_follow_the_models_range():
+    rows = E.SWEEPS["thresholding"]
+    # a model without a range of its own: its rows are the pixel rule's (R = 1), so they drop out as repeats
+    plain = E._distinct(rows, {"guidance_scale": 3.0})
+    assert [E._threshold_cell(r, {}) for r in plain] == ["-", "dynamic, R = 1", "static, R = 1"]
+    ranged = E._distinct(rows, {"threshold_range": 4.84})
+    cells = [E._threshold_cell(r, {"threshold_range": 4.84}) for r in ranged]
+    assert cells == ["-", "dynamic, R = 1", "static, R = 1", "dynamic, R = 4.84", "static, R = 4.84"]
+    table = E.format_sweep(ranged, [{"families": {}, "overall": 0.0, "seen": {"score": 0.0},
+                                     "heldout": {"score": 0.0}}] * 5, {"threshold_range": 4.84})
+    assert "| static, R = 4.84 |" in table

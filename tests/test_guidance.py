@@ -14,6 +14,7 @@ from imagine.guidance import (
     concat_cond,
     dynamic_threshold,
     guided_model_output,
+    latent_threshold_range,
     rescale_guidance,
     static_threshold,
 )
@@ -85,6 +86,61 @@ def test_dynamic_threshold_by_hand():
     assert torch.equal(static_threshold(x)[0].flatten(), torch.tensor([0.5, -1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="threshold_percentile"):
         dynamic_threshold(x, 0.0)
+
+
+def test_threshold_range_is_the_papers_rule_in_units_of_r():
+    x = torch.tensor([[[[0.5, -3.0], [6.0, 2.0]]], [[[0.2, -1.5], [1.9, -0.1]]]])
+    # by hand, R = 2, p = 1: sample 0 has s = max(6, 2) = 6 -> x * 2 / 6; sample 1 has s = 1.9 < R: s = R, no change
+    out = dynamic_threshold(x, 1.0, bound=2.0)
+    assert torch.allclose(out[0].flatten(), torch.tensor([0.5, -3.0, 6.0, 2.0]) / 3)
+    assert torch.equal(out[1], x[1])
+    assert torch.equal(static_threshold(x, 2.0)[0].flatten(), torch.tensor([0.5, -2.0, 2.0, 2.0]))
+    # the identity the generalisation rests on: rule_R(x) = R * rule_1(x / R), for both rules
+    g = torch.Generator().manual_seed(0)
+    y = 4 * torch.randn(3, 4, 8, 8, generator=g)
+    for r in (0.5, 3.0, 4.84):
+        assert torch.allclose(dynamic_threshold(y, 0.995, r), r * dynamic_threshold(y / r, 0.995), atol=1e-6)
+        assert torch.allclose(static_threshold(y, r), r * static_threshold(y / r), atol=1e-6)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="threshold_range must be a positive finite number"):
+            dynamic_threshold(y, 0.995, bad)
+
+
+def test_latent_threshold_range_by_hand():
+    z = torch.tensor([[1.0, -2.0, 3.0, -4.0], [0.0, 0.0, 0.0, -10.0]])
+    assert latent_threshold_range(z, 1.0) == 10.0  # the largest |z| of any sample
+    # p = 0.5: medians of |z| interpolate to 2.5 and 0: the larger is R
+    assert latent_threshold_range(z, 0.5) == 2.5
+    # with R so chosen, dynamic thresholding rescales none of these samples
+    r = latent_threshold_range(z, 0.995)
+    assert torch.allclose(dynamic_threshold(z, 0.995, r), z.clamp(-r, r))
+    with pytest.raises(ValueError, match="non-empty batch"):
+        latent_threshold_range(torch.zeros(0, 4))
+
+
+def test_pipeline_thresholds_to_the_models_range(tmp_path):
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.testing import make_tiny_model
+
+    def run(pipe, **kw):
+        return pipe.generate("a red circle", seed=5, progress=False, output_type="latent", **kw)
+
+    plain = TextToImagePipeline.from_pretrained(make_tiny_model(tmp_path / "plain"))
+    top = float(run(plain).latents.abs().max())
+    r = top / 2  # a range the unthresholded sample exceeds, so the test can fail
+    pipe = TextToImagePipeline.from_pretrained(make_tiny_model(tmp_path / "ranged", defaults={"threshold_range": r}))
+    static = run(pipe, thresholding="static")
+    # the last x_0 is the output (euler's last step): static thresholding holds it to the model's [-R, R]
+    assert float(static.latents.abs().max()) <= r + 1e-6
+    assert static.parameters["thresholding"] == "static" and static.parameters["threshold_range"] == r
+    assert torch.equal(static.latents, run(pipe, thresholding="static", threshold_range=r).latents)
+    assert float(run(pipe, thresholding="static", threshold_range=1.0).latents.abs().max()) <= 1.0 + 1e-6
+    dyn = run(pipe, thresholding="dynamic")
+    assert torch.equal(dyn.latents, run(plain, thresholding="dynamic", threshold_range=r).latents)
+    assert not torch.equal(dyn.latents, run(plain, thresholding="dynamic").latents)  # R = 1 without a model range
+    assert "thresholding" not in run(pipe).parameters
+    with pytest.raises(ValueError, match="threshold_range must be a positive finite number"):
+        run(pipe, thresholding="dynamic", threshold_range=-2.0)
 
 
 def test_thresholding_reaches_the_sampler():

@@ -151,8 +151,13 @@ def diffusion_config(data: Path, **train):
 
 def test_diffusion_pixel_space_trains_exports_and_generates(tmp_path):
     data = make_folder(tmp_path / "data", n=16)
-    cfg = write_yaml(tmp_path / "d.yaml", diffusion_config(data))
+    config = diffusion_config(data)
+    config["sample"]["threshold_range"] = 2.5
+    cfg = write_yaml(tmp_path / "d.yaml", config)
     run_cli("train", "diffusion", "--config", cfg, "--output", tmp_path / "run")
+    # the run's sampling settings become the model's defaults, the thresholding range among them
+    defaults = json.loads((tmp_path / "run" / "model" / "model_index.json").read_text())["defaults"]
+    assert defaults["threshold_range"] == 2.5 and defaults["sampler"] == "ddim" and defaults["steps"] == 4
     log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     # The DDPM loss on this data starts near 1 (predicting eps ~ N(0, I) from noise) and must fall.
     assert log[-1]["loss"] < 0.7 * log[0]["loss"], log

@@ -36,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help="Karras sigma spacing")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     p.add_argument("--thresholding", choices=["static", "dynamic"], default=None,
-                   help="clip x0 predictions (Imagen's dynamic thresholding, or static [-1, 1])")
+                   help="clip x0 predictions (Imagen's dynamic thresholding, or static [-R, R])")
+    p.add_argument("--threshold-range", type=float, default=None,
+                   help="R, the data's range that thresholding holds x0 to (default: the model's, else 1 = pixels)")
     p.add_argument("--seed", type=int, default=-1, help="seed (-1: random); image i of a batch uses seed + i")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -128,6 +130,7 @@ def run(args) -> int:
                             guidance_scale=args.guidance_scale, sampler=args.sampler, seeds=seeds,
                             height=args.height, width=args.width, guidance_rescale=args.guidance_rescale,
                             karras=args.karras, eta=args.eta, thresholding=args.thresholding,
+                            threshold_range=args.threshold_range,
                             sigma_schedule=args.sigma_schedule, final_step=args.final_step, rho=args.rho,
                             sampler_options=sampler_options, start=args.start, progress=not args.quiet)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):

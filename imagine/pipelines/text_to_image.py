@@ -121,7 +121,7 @@ class TextToImagePipeline:
                  seed: int | None = None, seeds: list[int] | None = None, num_images_per_prompt: int = 1,
                  height: int | None = None, width: int | None = None, guidance_rescale: float = 0.0,
                  eta: float | None = None, karras: bool | None = None, thresholding: str | None = None,
-                 sigma_schedule: str | None = None, final_step: str | None = None,
+                 threshold_range: float | None = None, sigma_schedule: str | None = None, final_step: str | None = None,
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
@@ -129,7 +129,9 @@ class TextToImagePipeline:
         else 20 steps of dpmpp_2m at guidance 7.5). sigma_schedule: "karras", "exponential",
         "polyexponential" (A1111's schedule types), rho its exponent (Karras 7, polyexponential 1); final_step: "euler" or "heun" (the trapezoidal last
         step, imagine.samplers.final_heun_step); sampler_options: e.g. {"order": 3} for unipc; start: "noise"
-        (diffusers' start) or "matched" (x_T moved to the mean of q(x_T), imagine.sampling.Denoiser.matched_start)."""
+        (diffusers' start) or "matched" (x_T moved to the mean of q(x_T), imagine.sampling.Denoiser.matched_start);
+        thresholding "static"/"dynamic" (Imagen) holds x_0 to [-R, R], R = threshold_range (default: the model's
+        "threshold_range", else 1, the pixel range of the paper)."""
         t0 = time.time()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -158,6 +160,7 @@ class TextToImagePipeline:
                 final_step = d.get("final_step")
         final_step = final_step or "euler"
         start = start or d.get("start") or "noise"
+        threshold_range = float(d.get("threshold_range", 1.0) if threshold_range is None else threshold_range)
         if karras is None and sigma_schedule is None:  # a diffusers scheduler config may name its noise levels
             sc = self.c.scheduler_config
             sigma_schedule = ("karras" if sc.get("use_karras_sigmas") else
@@ -178,7 +181,8 @@ class TextToImagePipeline:
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                seeds=seeds, guidance_rescale=guidance_rescale, eta=eta, karras=karras,
-                               thresholding=thresholding, callback=callback, progress=progress,
+                               thresholding=thresholding, threshold_range=threshold_range, callback=callback,
+                               progress=progress,
                                sigma_schedule=sigma_schedule, final_step=final_step,
                                sampler_options=sampler_options, rho=rho, start=start)
         images_t = self.decode(latents)
@@ -191,6 +195,9 @@ class TextToImagePipeline:
             params["schedule_type"] = sigma_schedule or "karras"
         if rho is not None:
             params["schedule_rho"] = float(rho)
+        if thresholding:
+            params["thresholding"] = thresholding
+            params["threshold_range"] = threshold_range
         if final_step != "euler":
             params["final_step"] = final_step
         if start != "noise":
@@ -203,7 +210,7 @@ class TextToImagePipeline:
 
     def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, seeds, guidance_rescale, eta, karras,
                 thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
-                rho=None, start="noise"):
+                rho=None, start="noise", threshold_range=1.0):
         from imagine.sampling import sample
 
         sc = self.c.scheduler_config
@@ -217,7 +224,8 @@ class TextToImagePipeline:
             model = _Autocast(self.unet)
         return sample(model, shape, schedule=self.schedule, prediction_type=self.prediction_type, sampler=sampler,
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
-                      guidance_rescale=guidance_rescale, thresholding=thresholding, karras=bool(karras), eta=eta,
+                      guidance_rescale=guidance_rescale, thresholding=thresholding, threshold_range=threshold_range,
+                      karras=bool(karras), eta=eta,
                       seeds=seeds, callback=callback, progress=progress, sigma_schedule=sigma_schedule,
                       final_step=final_step, sampler_options=sampler_options, rho=rho, start=start, **kwargs)
 

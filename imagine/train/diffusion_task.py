@@ -204,6 +204,8 @@ class DiffusionTask(Task):
                          "width": int(self.cfg.get("data", {}).get("resolution", 64)),
                          # the sampler's noise levels and last step (docs/samplers.md), when the run names them
                          **({"sigma_schedule": s["sigma_schedule"]} if s.get("sigma_schedule") else {}),
-                         **({"final_step": s["final_step"]} if s.get("final_step", "euler") != "euler" else {})},
+                         **({"final_step": s["final_step"]} if s.get("final_step", "euler") != "euler" else {}),
+                         # the latent's range [-R, R] that thresholding holds x_0 to (guidance.latent_threshold_range)
+                         **({"threshold_range": float(s["threshold_range"])} if s.get("threshold_range") else {})},
             "training_config": self.cfg,
         })
