@@ -130,16 +130,21 @@ def classifier_eps_shift(eps: torch.Tensor, grad: torch.Tensor, alphas_cumprod_t
 # Imagen's rules assume x_0 lives in the pixel range [-1, 1]. `bound` = R generalises them to data in
 # [-R, R] (a VAE latent, whose range is several units): the rule applied to x_0 / R, then times R.
 # R = 1 is the paper's rule exactly.
-def _check_bound(bound: float) -> float:
-    bound = float(bound)
-    if not (bound > 0 and math.isfinite(bound)):
-        raise ValueError(f"threshold_range must be a positive finite number (1 for pixels in [-1, 1]); got {bound}")
-    return bound
+def check_threshold_range(bound) -> float:
+    """R as a float, or a ValueError naming what is valid."""
+    try:
+        value = float(bound)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"threshold_range must be a positive finite number (1 for pixels in [-1, 1], the data's "
+                         f"range for a latent); got {bound!r}")
+    return value
 
 
 def static_threshold(x0: torch.Tensor, bound: float = 1.0) -> torch.Tensor:
     """Saharia et al. 2022, sec. 2.3: clip x_0 to the data range [-R, R] (R = 1: pixels)."""
-    bound = _check_bound(bound)
+    bound = check_threshold_range(bound)
     return x0.clamp(-bound, bound)
 
 
@@ -149,7 +154,7 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, bound: float 
     flattening them; a sample whose quantile stays within R is only clipped, never rescaled."""
     if not 0 < percentile <= 1:
         raise ValueError(f"threshold_percentile must be in (0, 1]; got {percentile}")
-    bound = _check_bound(bound)
+    bound = check_threshold_range(bound)
     flat = x0.reshape(x0.shape[0], -1)
     s = torch.quantile(flat.abs().float(), percentile, dim=1).clamp(min=bound).to(x0.dtype)
     s = s.view(-1, *([1] * (x0.ndim - 1)))

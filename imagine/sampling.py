@@ -23,6 +23,7 @@ from imagine.guidance import (
     THRESHOLDINGS,
     apply_threshold,
     check_cond,
+    check_threshold_range,
     classifier_eps_shift,
     classifier_gradient,
     classifier_mean_shift,
@@ -190,9 +191,7 @@ def _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, cla
         raise ValueError(f"thresholding must be one of {THRESHOLDINGS}; got {thresholding!r}")
     if not 0 < float(threshold_percentile) <= 1:
         raise ValueError(f"threshold_percentile must be in (0, 1]; got {threshold_percentile}")
-    if not (isinstance(threshold_range, (int, float)) and math.isfinite(threshold_range) and threshold_range > 0):
-        raise ValueError(f"threshold_range must be a positive finite number (1 for pixels in [-1, 1], the data's "
-                         f"range for a latent); got {threshold_range!r}")
+    check_threshold_range(threshold_range)
     if form not in CLASSIFIER_FORMS:
         raise ValueError(f"classifier_guidance_form must be one of {sorted(CLASSIFIER_FORMS)}; got {form!r}")
     if classifier_scale and classifier is None:
@@ -228,7 +227,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            cond: dict[str, Any] | None = None, uncond: dict[str, Any] | None = None, guidance_scale: float = 1.0,
            guidance_rescale: float = 0.0, classifier: Callable[..., torch.Tensor] | None = None,
            classifier_scale: float = 0.0, classifier_guidance_form: str = "eps", thresholding: str | None = None,
-           threshold_percentile: float = 0.995, threshold_range: float = 1.0, timestep_spacing: str | None = None, steps_offset: int | None = None,
+           threshold_percentile: float = 0.995, threshold_range: float = 1.0, timestep_spacing: str | None = None,
+           steps_offset: int | None = None,
            karras: bool | None = False, eta: float | None = None, seeds: int | Sequence[int] | None = None,
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = True, final_step: str = "euler",

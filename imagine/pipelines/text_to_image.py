@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from imagine.guidance import check_threshold_range
 from imagine.images import to_pil
 from imagine.loading.folder import Components
 
@@ -160,7 +161,8 @@ class TextToImagePipeline:
                 final_step = d.get("final_step")
         final_step = final_step or "euler"
         start = start or d.get("start") or "noise"
-        threshold_range = float(d.get("threshold_range", 1.0) if threshold_range is None else threshold_range)
+        threshold_range = check_threshold_range(d.get("threshold_range", 1.0) if threshold_range is None
+                                                else threshold_range)
         if karras is None and sigma_schedule is None:  # a diffusers scheduler config may name its noise levels
             sc = self.c.scheduler_config
             sigma_schedule = ("karras" if sc.get("use_karras_sigmas") else
