@@ -83,11 +83,16 @@ def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: 
                         cond: dict[str, Any] | None, uncond: dict[str, Any] | None = None, scale: float = 1.0,
                         rescale: float = 0.0) -> torch.Tensor:
     """The model's prediction at (x, t), with classifier-free guidance when scale != 1 and uncond is
-    given: one forward on cat([x, x]) with every cond tensor concatenated [uncond; cond]."""
+    given: one forward on cat([x, x]) with every cond tensor concatenated [uncond; cond]. A model
+    whose `shares_guidance_batch` is true (the cross-attention U-Net) gets x and t once with the
+    2B rows of context, and runs the layers both halves share once."""
     cond = cond or {}
     if uncond is None or scale == 1:
         return model(x, t, **cond)
-    both = model(torch.cat([x, x]), torch.cat([t, t]), **concat_cond(uncond, cond))
+    if getattr(model, "shares_guidance_batch", False) and torch.is_tensor(cond.get("context")):
+        both = model(x, t, **concat_cond(uncond, cond))
+    else:
+        both = model(torch.cat([x, x]), torch.cat([t, t]), **concat_cond(uncond, cond))
     uncond_out, cond_out = both.chunk(2)
     return rescale_guidance(classifier_free_guidance(uncond_out, cond_out, scale), cond_out, rescale)
 

@@ -2,8 +2,10 @@
 
 For each model shape (a small SD-shaped U-Net and the real SD 1.5 shape), one diffusers
 `UNet2DConditionModel` gets random weights and ours gets a copy of them; each side then runs
-the same batch-2 call (classifier-free guidance: conditional and unconditional halves in one
-pass) in turn, round after round, so that the load of a shared machine falls on all sides alike.
+the same guidance step (classifier-free guidance: conditional and unconditional halves of one
+latent in one pass; diffusers as a batch of 2, ours as the guidance batch our sampler passes, x
+once with 2 rows of context) in turn, round after round, so that the load of a shared machine
+falls on all sides alike.
 The sides:
 
   diffusers fp32          the reference
@@ -178,8 +180,13 @@ def bench_unet(name: str, repeats: int, side_names: list[str] | None, log=print,
     ours = UNet2DConditionModel(cfg).eval().requires_grad_(False)
     ours.load_state_dict(ref.state_dict(), strict=True)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, cfg.in_channels, size, size, generator=g)
-    t = torch.tensor([801.0, 801.0])
+    # A guidance step: both halves of the batch see the same latent and timestep, with the
+    # unconditional and the conditional text states. diffusers gets the batch of 2; ours gets it
+    # as our sampler passes it, a guidance batch (x and t once, 2 rows of context: see
+    # UNet2DConditionModel.forward), which answers the same 2 rows.
+    x1 = torch.randn(1, cfg.in_channels, size, size, generator=g)
+    x, t1 = torch.cat([x1, x1]), torch.tensor([801.0])
+    t = torch.cat([t1, t1])
     ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
     params = sum(p.numel() for p in ours.parameters())
     log(f"  U-Net {name}: {params / 1e6:.0f} M parameters, batch 2, latents {size}x{size}, "
@@ -202,13 +209,13 @@ def bench_unet(name: str, repeats: int, side_names: list[str] | None, log=print,
         xb, cb = x.bfloat16(), ctx.bfloat16()
         sides["diffusers_bf16"] = lambda: ref_bf16(xb, t, cb).sample
     if "imagine_exact" in want:
-        sides["imagine_exact"] = lambda: ours(x, t, context=ctx)
+        sides["imagine_exact"] = lambda: ours(x1, t1, context=ctx)
     if "imagine_fast" in want:
         fast = _Autocast(ours, compile=False)
-        sides["imagine_fast"] = lambda: fast(x, t, context=ctx)
+        sides["imagine_fast"] = lambda: fast(x1, t1, context=ctx)
     if compile:
         fast_c = _Autocast(ours, compile=True)
-        sides["imagine_fast_compiled"] = lambda: fast_c(x, t, context=ctx)
+        sides["imagine_fast_compiled"] = lambda: fast_c(x1, t1, context=ctx)
     res = _alternate(sides, repeats, log)
     with torch.inference_mode():
         reference = res["diffusers_fp32"]["output"] if "diffusers_fp32" in res else ref(x, t, ctx).sample
@@ -319,7 +326,7 @@ def profile_fast_unet(name: str, rows: int = 12) -> dict:
     cfg, size = unet_config(name)
     fast = _Autocast(UNet2DConditionModel(cfg).eval().requires_grad_(False), compile=False)
     g = torch.Generator().manual_seed(1)
-    x, t = torch.randn(2, cfg.in_channels, size, size, generator=g), torch.tensor([801.0, 801.0])
+    x, t = torch.randn(1, cfg.in_channels, size, size, generator=g), torch.tensor([801.0])  # a guidance batch
     ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
     with torch.inference_mode():
         fast(x, t, context=ctx)

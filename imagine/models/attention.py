@@ -39,6 +39,14 @@ def key_padding_mask(context_mask: torch.Tensor | None) -> torch.Tensor | None:
     return keep[:, None, None, :]
 
 
+def expand_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """x [b, ...] -> [batch, ...] as torch.cat([x] * (batch // b)): the copies of a guidance batch
+    that shared x up to here (the U-Net's `forward` on context of k times x's batch)."""
+    if x.shape[0] == batch:
+        return x
+    return torch.cat([x] * (batch // x.shape[0]))
+
+
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, N, heads * d] -> [B, heads, N, d] (a view)."""
     return t.unflatten(-1, (heads, -1)).transpose(1, 2)
@@ -173,10 +181,14 @@ class BasicTransformerBlock(nn.Module):
         if self.only_cross_attention:
             # The mask applies to every attention over the context (diffusers passes its
             # encoder_attention_mask only to attn2, so it leaves this one unmasked).
+            if context is not None:
+                x = expand_batch(x, context.shape[0])
             a = self.attn1(self.norm1(x), context, mask)
         else:
             a = self.attn1(self.norm1(x), None, self_mask)
         x = x + a  # a new tensor: the caller's x is never modified
+        if context is not None:  # the copies of a guidance batch part here (self-attention was shared)
+            x = expand_batch(x, context.shape[0])
         # At inference the next residual sums go in place into that tensor of our own.
         if self.attn2 is not None:
             a = self.attn2(self.norm2(x), context, mask if context is not None else None)
@@ -224,12 +236,13 @@ class SpatialTransformer(nn.Module):
             tokens = tokens + self.pos_proj(position_code(h, w, tokens.device, tokens.dtype))
         for block in self.transformer_blocks:
             tokens = block(tokens, context, mask)
+        b = tokens.shape[0]  # k * b after the copies of a guidance batch parted
         if self.use_linear_projection:
             out = self.proj_out(tokens).reshape(b, h, w, -1).permute(0, 3, 1, 2)
         else:
             out = self.proj_out(tokens.reshape(b, h, w, -1).permute(0, 3, 1, 2))
         # x first: the sum keeps x's memory layout (NCHW or channels_last), not the tokens' one.
-        return x + out
+        return expand_batch(x, out.shape[0]) + out
 
 
 class ContextRefiner(nn.Module):

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from imagine.models import io
-from imagine.models.attention import ContextRefiner, SpatialTransformer, key_padding_mask
+from imagine.models.attention import ContextRefiner, SpatialTransformer, expand_batch, key_padding_mask
 from imagine.models.embeddings import (
     CLASS_EMBED_TYPES, SinusoidalTimesteps, TimestepEmbedding, activation, make_class_embedding,
 )
@@ -291,7 +291,10 @@ class ResnetBlock(nn.Module):
         """emb_act: act(time embedding) [B, temb], computed once per forward by the U-Net."""
         if torch.is_grad_enabled():
             h = self.conv1(self.act(self.norm1(x)))
-            h = h + self.time_emb_proj(emb_act)[:, :, None, None]
+            e = self.time_emb_proj(emb_act)
+            n = max(h.shape[0], e.shape[0])  # per-copy embeddings part a guidance batch's copies here
+            h, x, e = expand_batch(h, n), expand_batch(x, n), expand_batch(e, n)
+            h = h + e[:, :, None, None]
             h = self.conv2(self.dropout(self.act(self.norm2(h))))
             skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
             out = skip + h
@@ -299,7 +302,11 @@ class ResnetBlock(nn.Module):
         # Inference: the same arithmetic, updating the block's own intermediates in place, which
         # saves allocating (and page-faulting) a full feature map per step on a CPU.
         h = self.conv1(self.act_(self.norm1(x)))
-        h += self.time_emb_proj(emb_act)[:, :, None, None]
+        e = self.time_emb_proj(emb_act)
+        if e.shape[0] != h.shape[0]:  # a guidance batch: per-copy embeddings part its copies here;
+            n = max(h.shape[0], e.shape[0])  # after they parted, the shared embedding serves every copy
+            h, x, e = expand_batch(h, n), expand_batch(x, n), expand_batch(e, n)
+        h += e[:, :, None, None]
         h = self.conv2(self.dropout(self.act_(self.norm2(h))))
         h += x if self.conv_shortcut is None else self.conv_shortcut(x)
         if self.output_scale_factor != 1.0:
@@ -424,7 +431,9 @@ class UpBlock(_Checkpointable):
 
     def forward(self, x, skips, emb_act, context, mask):
         for j, resnet in enumerate(self.resnets):
-            x = torch.cat([x, skips[-1 - j]], dim=1)
+            skip = skips[-1 - j]
+            n = max(x.shape[0], skip.shape[0])  # a skip from before a guidance batch parted
+            x = torch.cat([expand_batch(x, n), expand_batch(skip, n)], dim=1)
             x = self._run(resnet, x, emb_act)
             if self.attentions is not None:
                 x = self._run(self.attentions[j], x, context, mask)
@@ -461,6 +470,11 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
 
     @property
+    def shares_guidance_batch(self) -> bool:
+        """Whether `forward` takes a guidance batch (x of B rows, context of k*B): with cross-attention."""
+        return self.config.has_cross_attention
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 
@@ -481,9 +495,16 @@ class UNet2DConditionModel(nn.Module):
         """x [B, in_channels, H, W] (H, W multiples of config.downsampling_factor); t a scalar or [B]
         (training-timestep units, may be fractional); context [B, L, cross_attention_dim];
         context_mask [B, L] bool, True = attend to that token; class_labels per config.class_embed_type.
-        Returns [B, out_channels, H, W] in x's dtype (the network runs in its weights' dtype)."""
+        Returns [B, out_channels, H, W] in x's dtype (the network runs in its weights' dtype).
+
+        A guidance batch: context (and class_labels, if any) of k*B rows with x and t of B rows is
+        the call on torch.cat([x] * k) and torch.cat([t] * k) (classifier-free guidance: k = 2, the
+        rows [uncond; cond]). The copies share every layer before the first one that sees a per-copy
+        input (the class embedding, else the first cross-attention: in SD, conv_in, the first
+        residual block and the first self-attention over the largest map), which then run once."""
         c = self.config
         t, context, context_mask = self._check_inputs(x, t, context, context_mask)
+        rows = x.shape[0] if context is None else context.shape[0]  # k * B for a guidance batch
         # Compute in the weights' dtype (e.g. bf16) and answer in the caller's (samplers keep fp32).
         out_dtype = x.dtype
         x = x.to(self.dtype)
@@ -492,7 +513,8 @@ class UNet2DConditionModel(nn.Module):
         # Time embedding (DDPM appendix B): sinusoidal code in float32, then the MLP in the model's dtype.
         emb = self.time_embedding(self.time_proj(t).to(x.dtype))
         if self.class_embedding is not None:
-            emb = emb + self._class_embedding(class_labels, x)
+            class_emb = self._class_embedding(class_labels, x, rows)
+            emb = expand_batch(emb, class_emb.shape[0]) + class_emb
         elif class_labels is not None:
             raise ValueError("class_labels given, but this UNet has no class embedding (config.class_embed_type "
                              "and num_class_embeds are None)")
@@ -514,10 +536,12 @@ class UNet2DConditionModel(nn.Module):
             n = len(block.resnets)
             h = block(h, skips[-n:], emb_act, context, mask)
             del skips[-n:]
-        return self.conv_out(self.act(self.conv_norm_out(h))).to(out_dtype)
+        return expand_batch(self.conv_out(self.act(self.conv_norm_out(h))), rows).to(out_dtype)
 
-    def _class_embedding(self, labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        c, b = self.config, x.shape[0]
+    def _class_embedding(self, labels: torch.Tensor | None, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """labels of x's batch B, or of `rows` (a guidance batch's k * B) -> the embedding [B or rows, temb]."""
+        c = self.config
+        b = rows if torch.is_tensor(labels) and labels.ndim >= 1 and labels.shape[0] == rows else x.shape[0]
         kind = c.class_embed_type
         if labels is None:
             raise ValueError(f"this UNet needs class_labels (class_embed_type={kind!r}, "
@@ -579,8 +603,9 @@ class UNet2DConditionModel(nn.Module):
         if context.shape[-1] != c.cross_attention_dim:
             raise ValueError(f"context width {context.shape[-1]} does not match the UNet's cross_attention_dim "
                              f"{c.cross_attention_dim}")
-        if context.shape[0] != b:
-            raise ValueError(f"batch mismatch: x has {b} samples but context has {context.shape[0]}")
+        if context.shape[0] != b and (b == 0 or context.shape[0] % b):
+            raise ValueError(f"batch mismatch: x has {b} samples but context has {context.shape[0]} (it must have "
+                             f"as many, or k times as many for a guidance batch whose k copies share x)")
         if context_mask is not None:
             if not torch.is_tensor(context_mask) or tuple(context_mask.shape) != tuple(context.shape[:2]):
                 got = tuple(context_mask.shape) if torch.is_tensor(context_mask) else type(context_mask).__name__

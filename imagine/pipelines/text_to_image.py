@@ -263,22 +263,35 @@ def _weights_stamp(module: torch.nn.Module) -> tuple:
 
 
 def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A bfloat16, channels-last copy of a U-Net or VAE for the fast mode, made once and reused
-    as long as the original's weights do not change. The original stays as it is (the exact
-    mode and training use it).
+    """The fast mode's copy of a U-Net or VAE, made once and reused as long as the original's
+    weights do not change. The original stays as it is (the exact mode and training use it).
 
-    On a CPU without native bfloat16 (`imagine.hardware.native_bf16`) it is the module itself:
-    emulated bf16 is many times slower than float32 there, and channels-last float32 measured no
-    faster than the default layout (SD 1.5 U-Net, batch 2, one thread of an AVX2 EPYC: 27.3 s
-    against 24.6-29.8 s a step)."""
+    - On a CPU with native bfloat16 (`imagine.hardware.native_bf16`): bfloat16 weights in
+      channels-last memory.
+    - Without it (emulated bf16 is many times slower than float32 there): float32, sharing the
+      original's weights, with its 3x3 convolutions on large maps computed by Winograd's F(4x4, 3x3)
+      (`imagine.models.winograd`: a quarter of the multiplications, as accurate as direct float32;
+      not used in bf16, where it loses 9x the accuracy). A module with no such convolution (the
+      embedded default's channels are all under 256) is returned itself."""
     from imagine.hardware import fast_dtype
+    from imagine.models.winograd import MIN_CHANNELS, use_winograd, winograd_eligible
 
-    if fast_dtype() == torch.float32:
-        return module
     stamp = _weights_stamp(module)
     hit = _FAST_COPIES.get(module)
     if hit is not None and hit[0] == stamp:
         return hit[1]
+    if fast_dtype() == torch.float32:
+        if not any(type(m) is torch.nn.Conv2d and winograd_eligible(m) and m.in_channels >= MIN_CHANNELS
+                   for m in module.modules()):
+            return module
+        import copy as _copy
+
+        shared = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+        copy = _copy.deepcopy(module, memo=shared)  # new modules, the same weight tensors
+        use_winograd(copy)
+        copy.eval().requires_grad_(False)
+        _FAST_COPIES[module] = (stamp, copy)
+        return copy
     state = {k: (v.detach().to(torch.bfloat16) if v.is_floating_point() else v.detach())
              for k, v in module.state_dict().items()}
     state = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v.contiguous()
@@ -299,6 +312,10 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy
 
 
+def _weights_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, precision: str = "exact") -> torch.Tensor:
     """Scaled latents -> images in [-1, 1], float32. "fast" decodes with the bf16 channels-last
@@ -306,7 +323,7 @@ def decode_latents(vae, latents: torch.Tensor, precision: str = "exact") -> torc
     tile = 64 if max(latents.shape[-2:]) > 96 else None  # bound memory for big images
     m = fast_copy(vae) if precision == "fast" else vae  # the module itself where bf16 is not native
     if m is not vae:
-        z = m.from_latent(latents.float()).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        z = m.from_latent(latents.float()).to(_weights_dtype(m)).contiguous(memory_format=torch.channels_last)
         if tile is not None and (z.shape[-1] > tile or z.shape[-2] > tile):
             x = m.tiled_decode(z, tile)
         else:
@@ -343,16 +360,18 @@ class _Autocast(torch.nn.Module):
         super().__init__()
         self.unet = unet
         self.config = unet.config
+        self.shares_guidance_batch = bool(getattr(unet, "shares_guidance_batch", False))
         self.fast = fast_copy(unet)
         if compile is None:
             compile = os.environ.get(COMPILE_ENV, "").strip() not in ("", "0")
         self.compile = bool(compile)
 
     def forward(self, x, t, **cond):
-        if self.fast is not self.unet:  # the bf16 channels-last copy (a native-bf16 CPU)
-            cond = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v)
+        if self.fast is not self.unet:  # the bf16 copy, or the float32 one with Winograd convolutions
+            dtype = _weights_dtype(self.fast)
+            cond = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
                     for k, v in cond.items()}
-            x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            x = x.to(dtype).contiguous(memory_format=torch.channels_last)
         if self.compile:
             import torch._inductor.config as inductor_config
 

@@ -1,0 +1,147 @@
+"""Winograd's F(4x4, 3x3) (Lavin & Gray 2016) against the float64 direct convolution, and its use
+in the fast mode on CPUs without native bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imagine.models import winograd
+from imagine.models.winograd import (
+    WinogradConv2d,
+    default_budget_bytes,
+    use_winograd,
+    winograd_conv3x3,
+    winograd_filter,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_one_dimensional_minimal_filtering_is_exact_correlation():
+    """Lavin & Gray eq. 10: Y = A^T [(G g) . (B^T d)] gives the 4 outputs of a 3-tap correlation
+    over 6 inputs, exactly (float64)."""
+    bt, g_, at = (torch.tensor(m, dtype=torch.float64) for m in (winograd._BT, winograd._G, winograd._AT))
+    gen = torch.Generator().manual_seed(0)
+    d, g = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+    y = at @ ((g_ @ g) * (bt @ d))
+    want = torch.stack([(d[i:i + 3] * g).sum() for i in range(4)])
+    assert torch.allclose(y, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("b,c,co,h,w", [(2, 8, 5, 12, 12), (1, 7, 3, 13, 9), (3, 16, 16, 5, 22), (1, 4, 6, 1, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_matches_float64_direct_as_closely_as_float32_direct(b, c, co, h, w, bias):
+    gen = torch.Generator().manual_seed(b * 100 + h)
+    x = torch.randn(b, c, h, w, generator=gen)
+    weight = torch.randn(co, c, 3, 3, generator=gen) / (3 * c ** 0.5)
+    bvec = torch.randn(co, generator=gen) if bias else None
+    truth = F.conv2d(x.double(), weight.double(), None if bvec is None else bvec.double(), padding=1)
+    direct = F.conv2d(x, weight, bvec, padding=1)
+    u = winograd_filter(weight)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for band in (winograd.BAND_ELEMENTS, 1):  # one band, and one tile row per band
+            y = winograd_conv3x3(x.contiguous(memory_format=layout), u, bvec, band_elements=band)
+            assert y.shape == direct.shape
+            assert _rel(y, truth) <= max(4 * _rel(direct, truth), 2e-6)
+
+
+def test_filter_transform_is_G_g_G_transposed():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(3, 2, 3, 3, generator=gen, dtype=torch.float64)
+    g = torch.tensor(winograd._G, dtype=torch.float64)
+    u = winograd_filter(weight)
+    assert u.shape == (36, 3, 2)
+    for o in range(3):
+        for i in range(2):
+            assert torch.allclose(u[:, o, i].view(6, 6), g @ weight[o, i] @ g.T, atol=1e-12)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match=r"3x3 filters \[C_out, C_in, 3, 3\]"):
+        winograd_filter(torch.zeros(4, 4, 5, 5))
+    with pytest.raises(ValueError, match="does not take 8 input channels"):
+        winograd_conv3x3(torch.zeros(1, 8, 4, 4), winograd_filter(torch.zeros(2, 3, 3, 3)))
+
+
+def _conv(cin=256, cout=8, **kw):
+    torch.manual_seed(0)
+    return torch.nn.Conv2d(cin, cout, 3, padding=1, **kw).eval().requires_grad_(False)
+
+
+def test_layer_keeps_its_parameters_and_falls_back_to_direct_where_winograd_does_not_pay():
+    conv = _conv()
+    keys = list(conv.state_dict())
+    weight = conv.weight
+    x_big = torch.randn(1, 256, 8, 8)
+    want = conv(x_big)
+    assert use_winograd(conv, budget_bytes=2**30) == 1 and type(conv) is WinogradConv2d
+    assert list(conv.state_dict()) == keys and conv.weight is weight
+    y = conv(x_big)
+    assert _rel(y, want) < 1e-5 and not torch.equal(y, want)  # the Winograd path ran
+    x_small = torch.randn(1, 256, 4, 4)  # under MIN_PIXELS: direct, so exactly nn.Conv2d's answer
+    assert torch.equal(conv(x_small), F.conv2d(x_small, conv.weight, conv.bias, padding=1))
+    with torch.no_grad():  # an in-place change of the weight rebuilds U
+        conv.weight.mul_(2)
+    assert _rel(conv(x_big), 2 * want - conv.bias.view(1, -1, 1, 1)) < 1e-5
+
+
+def test_layer_runs_direct_under_autograd():
+    conv = _conv().requires_grad_(True)
+    use_winograd(conv, budget_bytes=2**30)
+    x = torch.randn(1, 256, 8, 8)
+    y = conv(x)
+    assert y.requires_grad and torch.equal(y, F.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
+def test_only_eligible_layers_are_converted_smallest_weights_first_within_the_budget():
+    torch.manual_seed(0)
+    small, large = _conv(256, 8), _conv(512, 64)
+    net = torch.nn.Sequential(large, small, _conv(255, 8), _conv(256, 8, stride=2), _conv(256, 8, dilation=2),
+                              torch.nn.Conv2d(256, 8, 1), _conv(256, 8, groups=2))
+    one = 4 * small.weight.numel() * 4
+    assert use_winograd(net, budget_bytes=one) == 1
+    assert type(small) is WinogradConv2d and type(large) is torch.nn.Conv2d
+    assert use_winograd(net, budget_bytes=0) == 0
+    assert use_winograd(net, budget_bytes=2**40) == 1 and type(large) is WinogradConv2d
+    assert sum(type(m) is WinogradConv2d for m in net) == 2  # channels < 256, stride, dilation, 1x1, groups: direct
+
+
+def test_budget_from_the_environment(monkeypatch):
+    monkeypatch.setenv(winograd.BUDGET_ENV, "1.5")
+    assert default_budget_bytes() == int(1.5 * 2**30)
+    monkeypatch.setenv(winograd.BUDGET_ENV, "0")
+    assert default_budget_bytes() == 0
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv(winograd.BUDGET_ENV, bad)
+        with pytest.raises(ValueError, match=winograd.BUDGET_ENV):
+            default_budget_bytes()
+    monkeypatch.delenv(winograd.BUDGET_ENV)
+    assert default_budget_bytes() > 0
+
+
+@pytest.mark.usefixtures("no_bf16_mode")
+def test_fast_copy_without_native_bf16_shares_weights_and_runs_winograd():
+    from imagine.models.unet import UNet2DConditionModel, UNetConfig
+    from imagine.pipelines.text_to_image import _Autocast, fast_copy
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(block_out_channels=(256, 256), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                     cross_attention_dim=32, attention_head_dim=4)
+    unet = UNet2DConditionModel(cfg).eval().requires_grad_(False)
+    copy = fast_copy(unet)
+    assert copy is not unet and fast_copy(unet) is copy
+    assert sum(type(m) is WinogradConv2d for m in copy.modules()) > 0
+    assert not any(type(m) is WinogradConv2d for m in unet.modules())  # the exact model stays direct
+    ours = dict(copy.named_parameters())
+    assert all(p is ours[k] for k, p in unet.named_parameters())  # no second copy of the weights
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 32)
+    exact = unet(x, torch.tensor([10.0, 900.0]), context=ctx)
+    fast = _Autocast(unet, compile=False)(x, torch.tensor([10.0, 900.0]), context=ctx)
+    assert fast.dtype == torch.float32 and _rel(fast, exact) < 1e-5 and not torch.equal(fast, exact)
