@@ -217,11 +217,24 @@ def bench_unet(name: str, repeats: int, side_names: list[str] | None, log=print,
         fast_c = _Autocast(ours, compile=True)
         sides["imagine_fast_compiled"] = lambda: fast_c(x1, t1, context=ctx)
     res = _alternate(sides, repeats, log)
+    if "imagine_fast" in res:
+        _log_winograd(res["imagine_fast"], fast.fast, log)
     with torch.inference_mode():
         reference = res["diffusers_fp32"]["output"] if "diffusers_fp32" in res else ref(x, t, ctx).sample
     for n, r in res.items():
         r["rel_err_vs_diffusers_fp32"] = _rel(r.pop("output"), reference)
     return {"model": name, "parameters": params, "latent": size, "batch": 2, "sides": res}
+
+
+def _log_winograd(result: dict, module: torch.nn.Module, log) -> None:
+    """The fast copy's Winograd filters (built in the warm-up call, so not in its peak +MB)."""
+    from imagine.models.winograd import WinogradConv2d, winograd_bytes
+
+    layers = sum(isinstance(m, WinogradConv2d) for m in module.modules())
+    result["winograd_layers"], result["winograd_filter_mb"] = layers, winograd_bytes(module) / 2**20
+    if layers:
+        log(f"    imagine_fast: {layers} convolutions by Winograd F(4x4, 3x3), their transformed filters "
+            f"{result['winograd_filter_mb']:.0f} MB (built in the warm-up call)")
 
 
 def bench_vae(repeats: int, image: int, side_names: list[str] | None, log=print) -> dict:
@@ -263,6 +276,10 @@ def bench_vae(repeats: int, image: int, side_names: list[str] | None, log=print)
     if "imagine_fast" in want:
         sides["imagine_fast"] = lambda: decode_latents(ours, lat, "fast")
     res = _alternate(sides, repeats, log)
+    if "imagine_fast" in res:
+        from imagine.pipelines.text_to_image import fast_copy
+
+        _log_winograd(res["imagine_fast"], fast_copy(ours), log)
     with torch.inference_mode():
         reference = res["diffusers_fp32"]["output"] if "diffusers_fp32" in res else ref.decode(z).sample
     for n, r in res.items():

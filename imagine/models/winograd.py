@@ -179,3 +179,10 @@ def use_winograd(module: nn.Module, budget_bytes: int | None = None) -> int:
         m.__class__ = WinogradConv2d
         n += 1
     return n
+
+
+def winograd_bytes(module: nn.Module) -> int:
+    """Memory held by the transformed filters built so far inside `module` (they are built at a
+    layer's first Winograd call)."""
+    return sum(m._u.numel() * m._u.element_size() for m in module.modules()
+               if isinstance(m, WinogradConv2d) and m._u is not None)

@@ -51,7 +51,9 @@ class TextToImagePipeline:
 
             if not native_bf16():
                 log.warning("precision 'fast': this CPU has no native bfloat16 (AVX512-BF16 or AMX), so the fast "
-                            "mode runs in float32 like the exact one (emulated bf16 would be many times slower)")
+                            "mode runs in float32 (emulated bf16 would be many times slower), with Winograd "
+                            "convolutions where they pay (imagine.models.winograd; $IMAGINE_WINOGRAD_GB caps "
+                            "their memory)")
         self.unet = components.unet.eval().requires_grad_(False)
         self.vae = components.vae.eval().requires_grad_(False) if components.vae is not None else None
         self.text_encoder = components.text_encoder
@@ -239,7 +241,8 @@ class TextToImagePipeline:
 
 
 # ---------------------------------------------------------------------------------------------
-# The fast mode: bfloat16 weights, channels-last feature maps
+# The fast mode: bfloat16 weights, channels-last feature maps (float32 with Winograd
+# convolutions on a CPU without native bf16: see fast_copy)
 # ---------------------------------------------------------------------------------------------
 # Measured on a 2-core Sapphire Rapids (AMX) with the SD 1.5 U-Net (docs/stable-diffusion.md):
 # bf16 *weights* beat bf16 autocast, which re-casts every fp32 weight on every call (3.4 GB
