@@ -125,6 +125,18 @@ def test_budget_from_the_environment(monkeypatch):
     assert default_budget_bytes() > 0
 
 
+def test_layer_compiles_with_torch_compile():
+    """IMAGINE_COMPILE=1 compiles the fast copy: U is then computed in the graph, the bands are concatenated."""
+    conv = _conv(256, 16)
+    use_winograd(conv, budget_bytes=2**30)
+    conv.band_elements = 1  # several bands
+    x = torch.randn(1, 256, 12, 8)
+    want = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    with torch.inference_mode():
+        got = torch.compile(conv)(x)
+    assert _rel(got, want) < 1e-5
+
+
 @pytest.mark.usefixtures("no_bf16_mode")
 def test_fast_copy_without_native_bf16_shares_weights_and_runs_winograd():
     from imagine.models.unet import UNet2DConditionModel, UNetConfig

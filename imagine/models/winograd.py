@@ -84,7 +84,9 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
     th, tw = -(-h // TILE), -(-w // TILE)
     # Zero padding: 1 for the convolution, plus what makes the map a whole number of tiles.
     xp = F.pad(x, (1, 1 + TILE * tw - w, 1, 1 + TILE * th - h)).permute(0, 2, 3, 1)  # [B, H', W', C]
-    out = torch.empty((b, th, TILE, tw, TILE, co), dtype=x.dtype, device=x.device)
+    compiling = torch.compiler.is_compiling()
+    out = None if compiling else torch.empty((b, th, TILE, tw, TILE, co), dtype=x.dtype, device=x.device)
+    bands = []
     rows = max(1, band_elements // (36 * b * tw * max(c, co)))
     for r0 in range(0, th, rows):
         r1 = min(th, r0 + rows)
@@ -93,13 +95,19 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
         d = xp[:, TILE * r0: TILE * r1 + 2].unfold(1, 6, TILE).unfold(2, 6, TILE)
         d = d.permute(4, 5, 0, 1, 2, 3).reshape(6, -1)
         v = torch.matmul(bt, (bt @ d).view(6, 6, -1)).view(36, n, c)  # B^T d B, one axis at a time
-        m = torch.bmm(v, u.transpose(1, 2)).view(6, -1)  # the 36 products, summed over C_in (Lavin & Gray eq. 12)
-        y = torch.matmul(at, (at @ m).view(4, 6, -1)).view(TILE, TILE, b, r1 - r0, tw, co)  # A^T M A
-        band = out[:, r0:r1]
-        if bias is None:
-            band.copy_(y.permute(2, 3, 0, 4, 1, 5))
+        m = torch.bmm(v, u.transpose(1, 2))  # the 36 products, summed over C_in (Lavin & Gray eq. 12)
+        if bias is not None:
+            # Column 1 of A^T is all ones, so A^T (b e_1 e_1^T) A adds b to all 16 outputs of a tile:
+            # the bias goes into one of the 36 product matrices instead of a pass over the output.
+            m[7] += bias.to(x.dtype)
+        y = torch.matmul(at, (at @ m.view(6, -1)).view(4, 6, -1)).view(TILE, TILE, b, r1 - r0, tw, co)  # A^T M A
+        y = y.permute(2, 3, 0, 4, 1, 5)  # [B, rows, 4, tw, 4, C_out]
+        if out is None:  # torch.compile: no writes into a preallocated tensor
+            bands.append(y.contiguous())
         else:
-            torch.add(y.permute(2, 3, 0, 4, 1, 5), bias.to(x.dtype), out=band)
+            out[:, r0:r1].copy_(y)
+    if out is None:
+        out = torch.cat(bands, dim=1) if len(bands) > 1 else bands[0]
     return out.view(b, TILE * th, TILE * tw, co)[:, :h, :w].permute(0, 3, 1, 2)
 
 
@@ -118,6 +126,7 @@ class WinogradConv2d(nn.Conv2d):
 
     min_channels = MIN_CHANNELS
     min_pixels = MIN_PIXELS
+    band_elements = BAND_ELEMENTS
     _u: torch.Tensor | None = None
     _u_stamp: tuple | None = None
 
@@ -135,7 +144,9 @@ class WinogradConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.ndim == 4 and x.shape[1] >= self.min_channels and x.shape[-2] * x.shape[-1] >= self.min_pixels
                 and x.dtype == self.weight.dtype and not (torch.is_grad_enabled() and self.weight.requires_grad)):
-            return winograd_conv3x3(x, self._transformed(), self.bias)
+            # Under torch.compile U is part of the graph: with frozen weights inductor folds it to a constant.
+            u = winograd_filter(self.weight) if torch.compiler.is_compiling() else self._transformed()
+            return winograd_conv3x3(x, u, self.bias, self.band_elements)
         return super().forward(x)
 
 
