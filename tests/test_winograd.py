@@ -138,7 +138,7 @@ def test_layer_compiles_with_torch_compile():
 
 
 @pytest.mark.usefixtures("no_bf16_mode")
-def test_fast_copy_without_native_bf16_shares_weights_and_runs_winograd():
+def test_fast_copy_without_native_bf16_shares_weights_and_runs_winograd(monkeypatch):
     from imagine.models.unet import UNet2DConditionModel, UNetConfig
     from imagine.pipelines.text_to_image import _Autocast, fast_copy
 
@@ -147,6 +147,9 @@ def test_fast_copy_without_native_bf16_shares_weights_and_runs_winograd():
                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
                      cross_attention_dim=32, attention_head_dim=4)
     unet = UNet2DConditionModel(cfg).eval().requires_grad_(False)
+    monkeypatch.setenv(winograd.BUDGET_ENV, "0")
+    assert fast_copy(unet) is unet  # Winograd turned off: the float32 module itself
+    monkeypatch.delenv(winograd.BUDGET_ENV)
     copy = fast_copy(unet)
     assert copy is not unet and fast_copy(unet) is copy
     assert sum(type(m) is WinogradConv2d for m in copy.modules()) > 0

@@ -167,6 +167,13 @@ def default_budget_bytes() -> int:
         return 4 * 2**30
 
 
+def winograd_candidates(module: nn.Module) -> list[nn.Conv2d]:
+    """The plain nn.Conv2d layers inside `module` that `use_winograd` may convert: eligible, with at
+    least MIN_CHANNELS input channels."""
+    return [m for m in module.modules()
+            if type(m) is nn.Conv2d and winograd_eligible(m) and m.in_channels >= MIN_CHANNELS]
+
+
 def use_winograd(module: nn.Module, budget_bytes: int | None = None) -> int:
     """Turn eligible nn.Conv2d layers inside `module` into WinogradConv2d in place (same objects,
     same parameters), as many as the transformed filters fit in `budget_bytes` (default
@@ -178,8 +185,7 @@ def use_winograd(module: nn.Module, budget_bytes: int | None = None) -> int:
     3x3 filters on maps of 32x32 and more need 1 GB of U, those on 16x16 3.1 GB more, those on 8x8
     4.7 GB more.) Whether a call runs Winograd or direct is decided per call (see WinogradConv2d)."""
     budget = default_budget_bytes() if budget_bytes is None else int(budget_bytes)
-    candidates = [m for m in module.modules()
-                  if type(m) is nn.Conv2d and winograd_eligible(m) and m.in_channels >= MIN_CHANNELS]
+    candidates = winograd_candidates(module)
     candidates.sort(key=lambda m: m.weight.numel())  # stable: equal sizes keep the module order
     n = 0
     for m in candidates:

@@ -277,16 +277,15 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
       not used in bf16, where it loses 9x the accuracy). A module with no such convolution (the
       embedded default's channels are all under 256) is returned itself."""
     from imagine.hardware import fast_dtype
-    from imagine.models.winograd import MIN_CHANNELS, use_winograd, winograd_eligible
+    from imagine.models.winograd import default_budget_bytes, use_winograd, winograd_candidates
 
+    if fast_dtype() == torch.float32 and (not winograd_candidates(module) or default_budget_bytes() == 0):
+        return module  # nothing for Winograd to do: the float32 module is the fast one
     stamp = _weights_stamp(module)
     hit = _FAST_COPIES.get(module)
     if hit is not None and hit[0] == stamp:
         return hit[1]
     if fast_dtype() == torch.float32:
-        if not any(type(m) is torch.nn.Conv2d and winograd_eligible(m) and m.in_channels >= MIN_CHANNELS
-                   for m in module.modules()):
-            return module
         import copy as _copy
 
         shared = {id(t): t for t in [*module.parameters(), *module.buffers()]}
