@@ -30,6 +30,7 @@ so those stay direct. The thresholds are measured on a 2-core AVX2 EPYC (docs/st
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -53,62 +54,124 @@ _AT = ((1, 1, 1, 1, 1, 0),
        (0, 1, 1, 4, 4, 0),
        (0, 1, -1, 8, -8, 1))
 
-TILE = 4  # output tile side m; input tiles are m + 3 - 1 = 6 wide
+# F(6x6, 3x3) with the points 0, +-1, +-2, +-1/2 and infinity: the same construction (Lavin & Gray
+# sec. 4; these points keep the transforms' weights smallest for a 6-wide tile). A^T and G follow
+# from the points (A^T[i, j] = p_j^i, G[j, k] = p_j^k / prod_{l != j} (p_j - p_l)); B^T is what makes
+# eq. 10 exact, solved in rational arithmetic and checked to 1e-12 in tests/test_winograd.py.
+_BT6 = ((-1, 0, 21 / 4, 0, -21 / 4, 0, 1, 0),
+        (0, 1, 1, -17 / 4, -17 / 4, 1, 1, 0),
+        (0, -1, 1, 17 / 4, -17 / 4, -1, 1, 0),
+        (0, 1 / 2, 1 / 4, -5 / 2, -5 / 4, 2, 1, 0),
+        (0, -1 / 2, 1 / 4, 5 / 2, -5 / 4, -2, 1, 0),
+        (0, 2, 4, -5 / 2, -5, 1 / 2, 1, 0),
+        (0, -2, 4, 5 / 2, -5, -1 / 2, 1, 0),
+        (0, -1, 0, 21 / 4, 0, -21 / 4, 0, 1))
+_G6 = ((-1, 0, 0),
+       (-2 / 9, -2 / 9, -2 / 9),
+       (-2 / 9, 2 / 9, -2 / 9),
+       (1 / 90, 1 / 45, 2 / 45),
+       (1 / 90, -1 / 45, 2 / 45),
+       (32 / 45, 16 / 45, 8 / 45),
+       (32 / 45, -16 / 45, 8 / 45),
+       (0, 0, 1))
+_AT6 = ((1, 1, 1, 1, 1, 1, 1, 0),
+        (0, 1, -1, 2, -2, 1 / 2, -1 / 2, 0),
+        (0, 1, 1, 4, 4, 1 / 4, 1 / 4, 0),
+        (0, 1, -1, 8, -8, 1 / 8, -1 / 8, 0),
+        (0, 1, 1, 16, 16, 1 / 16, 1 / 16, 0),
+        (0, 1, -1, 32, -32, 1 / 32, -1 / 32, 1))
+
+# Output tile side m -> (B^T, G, A^T); input tiles are m + 3 - 1 wide.
+TRANSFORMS = {4: (_BT, _G, _AT), 6: (_BT6, _G6, _AT6)}
+TILE = 4  # the default tile (the smaller U, and the only one on maps under about 24x24)
 BAND_ELEMENTS = 1 << 22  # transformed values per band (16 MB in float32): measured best for SD's U-Net maps
 MIN_CHANNELS = 256  # input channels below which the transforms cost more than the products save
 MIN_PIXELS = 8 * 8  # maps smaller than this read U (4x the weight) for too few tiles
-BUDGET_ENV = "IMAGINE_WINOGRAD_GB"  # memory for the transformed filters; default a quarter of the RAM
+BUDGET_ENV = "IMAGINE_WINOGRAD_GB"  # memory for the transformed filters; default: half the available memory
 
 
-def winograd_filter(weight: torch.Tensor) -> torch.Tensor:
-    """U = G g G^T for every (out, in) filter pair: [C_out, C_in, 3, 3] -> [36, C_out, C_in], one
-    matrix product (G kron G) [36, 9] x [9, C_out C_in], in the weight's dtype (in float32 it is
+def _tile_of(u: torch.Tensor) -> int:
+    for m in TRANSFORMS:
+        if u.shape[0] == (m + 2) ** 2:
+            return m
+    raise ValueError(f"a transformed filter has (m + 2)^2 = {', '.join(str((m + 2) ** 2) for m in TRANSFORMS)} "
+                     f"planes (m = {', '.join(map(str, TRANSFORMS))}); got {tuple(u.shape)}")
+
+
+def best_tile(h: int, w: int) -> int:
+    """The output tile for an h x w map: 6 where it needs at least 10% fewer products than 4 once the
+    map is padded to whole tiles ((m + 2)^2 products per tile), else 4. F(6x6) takes 64 products for
+    36 outputs (1.78 each) against F(4x4)'s 36 for 16 (2.25), but on 32x32 or 16x16 the padding to
+    6-wide tiles eats that, and below 24x24 the 8x8 transforms cost more per tile than the products
+    save (measured on SD's layers, AVX2 EPYC, batch 2: 320 channels on 64x64 0.066 s against 0.077 s,
+    640 on 48x48 0.136 against 0.163; but 640 on 32x32 0.095 against 0.084, 1280 on 12x12 0.078
+    against 0.069)."""
+    if min(h, w) < 24:
+        return 4
+    cost = {m: -(-h // m) * -(-w // m) * (m + 2) ** 2 for m in TRANSFORMS}
+    return 6 if cost[6] <= 0.9 * cost[4] else 4
+
+
+def filter_bytes(weight: torch.Tensor, tile: int = TILE) -> int:
+    """The memory U = winograd_filter(weight, tile) takes: (m + 2)^2 / 9 times the weight's."""
+    return (tile + 2) ** 2 * weight.numel() // 9 * weight.element_size()
+
+
+def winograd_filter(weight: torch.Tensor, tile: int = TILE) -> torch.Tensor:
+    """U = G g G^T for every (out, in) filter pair: [C_out, C_in, 3, 3] -> [(m+2)^2, C_out, C_in], one
+    matrix product (G kron G) [(m+2)^2, 9] x [9, C_out C_in], in the weight's dtype (in float32 it is
     within 1e-7 relative of float64)."""
     if weight.ndim != 4 or tuple(weight.shape[-2:]) != (3, 3):
         raise ValueError(f"winograd_filter takes 3x3 filters [C_out, C_in, 3, 3]; got {tuple(weight.shape)}")
-    g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
+    if tile not in TRANSFORMS:
+        raise ValueError(f"winograd_filter has output tiles {sorted(TRANSFORMS)}; got {tile!r}")
+    g = torch.tensor(TRANSFORMS[tile][1], dtype=weight.dtype, device=weight.device)
     taps = weight.detach().permute(2, 3, 0, 1).reshape(9, -1)  # [(a, b), (o, i)]
-    return (torch.kron(g, g) @ taps).view(36, weight.shape[0], weight.shape[1])
+    return (torch.kron(g, g) @ taps).view((tile + 2) ** 2, weight.shape[0], weight.shape[1])
 
 
 def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None,
                      band_elements: int = BAND_ELEMENTS) -> torch.Tensor:
-    """conv2d(x, g, bias, stride=1, padding=1) for x [B, C_in, H, W] and U = winograd_filter(g);
-    returns [B, C_out, H, W] in channels-last memory (its natural layout here)."""
+    """conv2d(x, g, bias, stride=1, padding=1) for x [B, C_in, H, W] and U = winograd_filter(g, m)
+    (the tile m is read from U's shape); returns [B, C_out, H, W] in channels-last memory (its
+    natural layout here)."""
     b, c, h, w = x.shape
-    if u.ndim != 3 or u.shape[0] != 36 or u.shape[2] != c:
+    if u.ndim != 3 or u.shape[2] != c:
         raise ValueError(f"the transformed filter {tuple(u.shape)} does not take {c} input channels")
+    m = _tile_of(u)
+    n = m + 2  # input tile side
     co = u.shape[1]
-    bt = torch.tensor(_BT, dtype=x.dtype, device=x.device)
-    at = torch.tensor(_AT, dtype=x.dtype, device=x.device)
-    th, tw = -(-h // TILE), -(-w // TILE)
+    bt_, _, at_ = TRANSFORMS[m]
+    bt = torch.tensor(bt_, dtype=x.dtype, device=x.device)
+    at = torch.tensor(at_, dtype=x.dtype, device=x.device)
+    th, tw = -(-h // m), -(-w // m)
     # Zero padding: 1 for the convolution, plus what makes the map a whole number of tiles.
-    xp = F.pad(x, (1, 1 + TILE * tw - w, 1, 1 + TILE * th - h)).permute(0, 2, 3, 1)  # [B, H', W', C]
+    xp = F.pad(x, (1, 1 + m * tw - w, 1, 1 + m * th - h)).permute(0, 2, 3, 1)  # [B, H', W', C]
     compiling = torch.compiler.is_compiling()
-    out = None if compiling else torch.empty((b, th, TILE, tw, TILE, co), dtype=x.dtype, device=x.device)
+    out = None if compiling else torch.empty((b, th, m, tw, m, co), dtype=x.dtype, device=x.device)
     bands = []
-    rows = max(1, band_elements // (36 * b * tw * max(c, co)))
+    rows = max(1, band_elements // (n * n * b * tw * max(c, co)))
     for r0 in range(0, th, rows):
         r1 = min(th, r0 + rows)
-        n = b * (r1 - r0) * tw
-        # The tiles of this band: [6, 6, B, rows, tw, C], channels innermost (one gather copy).
-        d = xp[:, TILE * r0: TILE * r1 + 2].unfold(1, 6, TILE).unfold(2, 6, TILE)
-        d = d.permute(4, 5, 0, 1, 2, 3).reshape(6, -1)
-        v = torch.matmul(bt, (bt @ d).view(6, 6, -1)).view(36, n, c)  # B^T d B, one axis at a time
-        m = torch.bmm(v, u.transpose(1, 2))  # the 36 products, summed over C_in (Lavin & Gray eq. 12)
+        tiles = b * (r1 - r0) * tw
+        # The tiles of this band: [n, n, B, rows, tw, C], channels innermost (one gather copy).
+        d = xp[:, m * r0: m * r1 + 2].unfold(1, n, m).unfold(2, n, m)
+        d = d.permute(4, 5, 0, 1, 2, 3).reshape(n, -1)
+        v = torch.matmul(bt, (bt @ d).view(n, n, -1)).view(n * n, tiles, c)  # B^T d B, one axis at a time
+        prod = torch.bmm(v, u.transpose(1, 2))  # the n^2 products, summed over C_in (Lavin & Gray eq. 12)
         if bias is not None:
-            # Column 1 of A^T is all ones, so A^T (b e_1 e_1^T) A adds b to all 16 outputs of a tile:
-            # the bias goes into one of the 36 product matrices instead of a pass over the output.
-            m[7] += bias.to(x.dtype)
-        y = torch.matmul(at, (at @ m.view(6, -1)).view(4, 6, -1)).view(TILE, TILE, b, r1 - r0, tw, co)  # A^T M A
-        y = y.permute(2, 3, 0, 4, 1, 5)  # [B, rows, 4, tw, 4, C_out]
+            # Column 1 of A^T is all ones (the point 1), so A^T (b e_1 e_1^T) A adds b to all m^2
+            # outputs of a tile: the bias goes into one product matrix instead of a pass over the output.
+            prod[n + 1] += bias.to(x.dtype)
+        y = torch.matmul(at, (at @ prod.view(n, -1)).view(m, n, -1)).view(m, m, b, r1 - r0, tw, co)  # A^T M A
+        y = y.permute(2, 3, 0, 4, 1, 5)  # [B, rows, m, tw, m, C_out]
         if out is None:  # torch.compile: no writes into a preallocated tensor
             bands.append(y.contiguous())
         else:
             out[:, r0:r1].copy_(y)
     if out is None:
         out = torch.cat(bands, dim=1) if len(bands) > 1 else bands[0]
-    return out.view(b, TILE * th, TILE * tw, co)[:, :h, :w].permute(0, 3, 1, 2)
+    return out.view(b, m * th, m * tw, co)[:, :h, :w].permute(0, 3, 1, 2)
 
 
 def winograd_eligible(conv: nn.Conv2d) -> bool:
@@ -118,40 +181,88 @@ def winograd_eligible(conv: nn.Conv2d) -> bool:
             and conv.padding_mode == "zeros" and tuple(conv.padding) == (1, 1))
 
 
+class WinogradBudget:
+    """Memory for transformed filters shared by the layers one `use_winograd` call converted: each
+    layer holds `reserved` bytes (its F(4x4) U) and may draw on `free` for a larger tile's U."""
+
+    def __init__(self, free: int = 0):
+        self.free = int(free)
+
+
 class WinogradConv2d(nn.Conv2d):
     """An nn.Conv2d (same parameters and state-dict keys) that runs `winograd_conv3x3` on maps of
     at least `min_pixels` and with at least `min_channels` input channels, and the direct
-    convolution otherwise. U is built at the first such call and rebuilt if the weight changes;
-    it is a cache, not part of the state dict. Inference only: under autograd it runs direct."""
+    convolution otherwise. The tile is `best_tile` of the map, if its U fits in this layer's
+    reservation plus its budget's free memory (else the tile whose U is built, else 4). U is built
+    at the first call that needs it and rebuilt if the weight changes; it is a cache, not part of
+    the state dict. Inference only: under autograd it runs direct."""
 
     min_channels = MIN_CHANNELS
     min_pixels = MIN_PIXELS
     band_elements = BAND_ELEMENTS
-    _u: torch.Tensor | None = None
+    _reserved: int = 0  # bytes set aside by use_winograd and not yet spent on a U
+    _budget: WinogradBudget | None = None
+    _u: dict | None = None  # tile -> U
     _u_stamp: tuple | None = None
 
-    def _transformed(self) -> torch.Tensor:
+    def _transformed(self, tile: int) -> torch.Tensor:
         wt = self.weight
         try:
             version = wt._version
         except RuntimeError:  # inference-mode tensors keep no version counter
             version = -1
         stamp = (wt.data_ptr(), version, wt.dtype, wt.device)
-        if self._u is None or self._u_stamp != stamp:
-            self._u, self._u_stamp = winograd_filter(wt), stamp
-        return self._u
+        if self._u is None:
+            self._u = {}
+        if self._u_stamp != stamp:  # a new weight: the memory of the old U is this layer's again
+            self._reserved += sum(t.numel() * t.element_size() for t in self._u.values())
+            self._u, self._u_stamp = {m: winograd_filter(wt, m) for m in self._u}, stamp
+            self._reserved -= sum(t.numel() * t.element_size() for t in self._u.values())
+        if tile not in self._u:
+            cost = filter_bytes(wt, tile)
+            free = self._budget.free if self._budget is not None else 0
+            if cost <= self._reserved + free or not self._u:
+                spent_own = min(cost, self._reserved)
+                self._reserved -= spent_own
+                if self._budget is not None:
+                    self._budget.free -= cost - spent_own
+                self._u[tile] = winograd_filter(wt, tile)
+            else:  # no memory for this tile's U: the one already built serves (any tile is exact)
+                return next(iter(self._u.values()))
+        return self._u[tile]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.ndim == 4 and x.shape[1] >= self.min_channels and x.shape[-2] * x.shape[-1] >= self.min_pixels
                 and x.dtype == self.weight.dtype and not (torch.is_grad_enabled() and self.weight.requires_grad)):
-            # Under torch.compile U is part of the graph: with frozen weights inductor folds it to a constant.
-            u = winograd_filter(self.weight) if torch.compiler.is_compiling() else self._transformed()
+            tile = best_tile(x.shape[-2], x.shape[-1])
+            if torch.compiler.is_compiling():
+                # U is part of the graph: with frozen weights inductor folds it to a constant.
+                u = winograd_filter(self.weight, tile)
+            else:
+                u = self._transformed(tile)
             return winograd_conv3x3(x, u, self.bias, self.band_elements)
         return super().forward(x)
 
 
+_CONVERTED: "weakref.WeakSet[WinogradConv2d]" = weakref.WeakSet()
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def default_budget_bytes() -> int:
-    """$IMAGINE_WINOGRAD_GB gigabytes if set (0 turns Winograd off), else a quarter of the RAM."""
+    """$IMAGINE_WINOGRAD_GB gigabytes if set (0 turns Winograd off), else half the memory available
+    now less what earlier conversions reserved and have not built yet (the filters are built at
+    the first call, so a VAE converted right after a U-Net must not count the U-Net's share as
+    free); a quarter of the RAM where the available memory cannot be read."""
     value = os.environ.get(BUDGET_ENV, "").strip()
     if value:
         try:
@@ -161,6 +272,11 @@ def default_budget_bytes() -> int:
         if not gb >= 0:
             raise ValueError(f"{BUDGET_ENV} must be >= 0; got {value!r}")
         return int(gb * 2**30)
+    available = _available_bytes()
+    if available is not None:
+        promised = sum(m._reserved for m in _CONVERTED) + sum(
+            b.free for b in {id(m._budget): m._budget for m in _CONVERTED if m._budget is not None}.values())
+        return max(0, available - promised) // 2
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     except (ValueError, OSError, AttributeError):
@@ -176,30 +292,36 @@ def winograd_candidates(module: nn.Module) -> list[nn.Conv2d]:
 
 def use_winograd(module: nn.Module, budget_bytes: int | None = None) -> int:
     """Turn eligible nn.Conv2d layers inside `module` into WinogradConv2d in place (same objects,
-    same parameters), as many as the transformed filters fit in `budget_bytes` (default
-    `default_budget_bytes()`); returns how many.
+    same parameters), as many as their F(4x4) filters fit in `budget_bytes` (default
+    `default_budget_bytes()`); returns how many. What is left of the budget stays shared by these
+    layers, for the larger U of F(6x6) on large maps (64/9 of the weight against 36/9).
 
     U costs 4x its weight, and in a U-Net or VAE the small weights are the ones on the large maps
     (the channels double as the map halves), where a convolution takes as long as a deep level's
     for a fraction of the memory: so the smallest weights are taken first. (SD 1.5's U-Net: its
     3x3 filters on maps of 32x32 and more need 1 GB of U, those on 16x16 3.1 GB more, those on 8x8
-    4.7 GB more.) Whether a call runs Winograd or direct is decided per call (see WinogradConv2d)."""
+    4.7 GB more.) Whether a call runs Winograd or direct, and with which tile, is decided per call
+    (see WinogradConv2d)."""
     budget = default_budget_bytes() if budget_bytes is None else int(budget_bytes)
     candidates = winograd_candidates(module)
     candidates.sort(key=lambda m: m.weight.numel())  # stable: equal sizes keep the module order
+    shared = WinogradBudget()
     n = 0
     for m in candidates:
-        cost = 4 * m.weight.numel() * m.weight.element_size()
+        cost = filter_bytes(m.weight, TILE)
         if cost > budget:
             break
         budget -= cost
         m.__class__ = WinogradConv2d
+        m._reserved, m._budget, m._u, m._u_stamp = cost, shared, None, None
+        _CONVERTED.add(m)
         n += 1
+    shared.free = budget if n else 0
     return n
 
 
 def winograd_bytes(module: nn.Module) -> int:
     """Memory held by the transformed filters built so far inside `module` (they are built at a
     layer's first Winograd call)."""
-    return sum(m._u.numel() * m._u.element_size() for m in module.modules()
-               if isinstance(m, WinogradConv2d) and m._u is not None)
+    return sum(t.numel() * t.element_size() for m in module.modules()
+               if isinstance(m, WinogradConv2d) and m._u for t in m._u.values())
