@@ -1,5 +1,5 @@
-"""Winograd's F(4x4, 3x3) (Lavin & Gray 2016) against the float64 direct convolution, and its use
-in the fast mode on CPUs without native bf16."""
+"""Winograd's F(4x4, 3x3) and F(6x6, 3x3) (Lavin & Gray 2016) against the float64 direct
+convolution, and their use in the fast mode on CPUs without native bf16."""
 
 from __future__ import annotations
 
@@ -23,43 +23,66 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def test_one_dimensional_minimal_filtering_is_exact_correlation():
-    """Lavin & Gray eq. 10: Y = A^T [(G g) . (B^T d)] gives the 4 outputs of a 3-tap correlation
-    over 6 inputs, exactly (float64)."""
-    bt, g_, at = (torch.tensor(m, dtype=torch.float64) for m in (winograd._BT, winograd._G, winograd._AT))
-    gen = torch.Generator().manual_seed(0)
-    d, g = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+@pytest.mark.parametrize("m", sorted(winograd.TRANSFORMS))
+def test_one_dimensional_minimal_filtering_is_exact_correlation(m):
+    """Lavin & Gray eq. 10: Y = A^T [(G g) . (B^T d)] gives the m outputs of a 3-tap correlation
+    over m + 2 inputs, exactly (float64), for random d and g and for every basis pair."""
+    bt, g_, at = (torch.tensor(t, dtype=torch.float64) for t in winograd.TRANSFORMS[m])
+    assert bt.shape == (m + 2, m + 2) and g_.shape == (m + 2, 3) and at.shape == (m, m + 2)
+    gen = torch.Generator().manual_seed(m)
+    d, g = torch.randn(m + 2, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
     y = at @ ((g_ @ g) * (bt @ d))
-    want = torch.stack([(d[i:i + 3] * g).sum() for i in range(4)])
+    want = torch.stack([(d[i:i + 3] * g).sum() for i in range(m)])
     assert torch.allclose(y, want, rtol=0, atol=1e-12)
+    eye_d, eye_g = torch.eye(m + 2, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    for i in range(m + 2):
+        for k in range(3):
+            y = at @ ((g_ @ eye_g[k]) * (bt @ eye_d[i]))
+            want = torch.tensor([float(i - j == k) for j in range(m)], dtype=torch.float64)
+            assert torch.allclose(y, want, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("b,c,co,h,w", [(2, 8, 5, 12, 12), (1, 7, 3, 13, 9), (3, 16, 16, 5, 22), (1, 4, 6, 1, 1)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv_matches_float64_direct_as_closely_as_float32_direct(b, c, co, h, w, bias):
+@pytest.mark.parametrize("tile", sorted(winograd.TRANSFORMS))
+def test_conv_matches_float64_direct_as_closely_as_float32_direct(b, c, co, h, w, bias, tile):
     gen = torch.Generator().manual_seed(b * 100 + h)
     x = torch.randn(b, c, h, w, generator=gen)
     weight = torch.randn(co, c, 3, 3, generator=gen) / (3 * c ** 0.5)
     bvec = torch.randn(co, generator=gen) if bias else None
     truth = F.conv2d(x.double(), weight.double(), None if bvec is None else bvec.double(), padding=1)
     direct = F.conv2d(x, weight, bvec, padding=1)
-    u = winograd_filter(weight)
+    u = winograd_filter(weight, tile)
+    # F(6x6)'s transforms have larger weights (B^T up to 21/4, A^T up to 32): measured 3-4x the
+    # direct float32 error on SD's shapes, F(4x4)'s about 2x.
+    factor = {4: 4, 6: 8}[tile]
     for layout in (torch.contiguous_format, torch.channels_last):
         for band in (winograd.BAND_ELEMENTS, 1):  # one band, and one tile row per band
             y = winograd_conv3x3(x.contiguous(memory_format=layout), u, bvec, band_elements=band)
             assert y.shape == direct.shape
-            assert _rel(y, truth) <= max(4 * _rel(direct, truth), 2e-6)
+            assert _rel(y, truth) <= max(factor * _rel(direct, truth), factor / 2 * 1e-6)
 
 
-def test_filter_transform_is_G_g_G_transposed():
+@pytest.mark.parametrize("m", sorted(winograd.TRANSFORMS))
+def test_filter_transform_is_G_g_G_transposed(m):
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(3, 2, 3, 3, generator=gen, dtype=torch.float64)
-    g = torch.tensor(winograd._G, dtype=torch.float64)
-    u = winograd_filter(weight)
-    assert u.shape == (36, 3, 2)
+    g = torch.tensor(winograd.TRANSFORMS[m][1], dtype=torch.float64)
+    u = winograd_filter(weight, m)
+    n = m + 2
+    assert u.shape == (n * n, 3, 2) and winograd.filter_bytes(weight, m) == u.numel() * 8
     for o in range(3):
         for i in range(2):
-            assert torch.allclose(u[:, o, i].view(6, 6), g @ weight[o, i] @ g.T, atol=1e-12)
+            assert torch.allclose(u[:, o, i].view(n, n), g @ weight[o, i] @ g.T, atol=1e-12)
+
+
+def test_best_tile_counts_the_products_of_whole_tiles():
+    """F(6x6) needs 64 products per 36 outputs, F(4x4) 36 per 16: 6 wins by 10% or more on SD's 64x64
+    and 48x48 maps (and 24, 96, ...); on 32x32 the padding to 36 eats the gain (36 tiles of 64 against
+    64 tiles of 36), and under 24x24 the measured transform cost decides for 4."""
+    assert [winograd.best_tile(s, s) for s in (8, 12, 16, 23, 24, 32, 48, 64, 96, 128, 512)] == \
+        [4, 4, 4, 4, 6, 4, 6, 6, 6, 6, 6]
+    assert winograd.best_tile(64, 16) == 4 and winograd.best_tile(64, 30) == 6
 
 
 def test_bad_shapes_are_refused():
@@ -67,6 +90,10 @@ def test_bad_shapes_are_refused():
         winograd_filter(torch.zeros(4, 4, 5, 5))
     with pytest.raises(ValueError, match="does not take 8 input channels"):
         winograd_conv3x3(torch.zeros(1, 8, 4, 4), winograd_filter(torch.zeros(2, 3, 3, 3)))
+    with pytest.raises(ValueError, match=r"output tiles \[4, 6\]; got 5"):
+        winograd_filter(torch.zeros(2, 3, 3, 3), 5)
+    with pytest.raises(ValueError, match="planes"):
+        winograd_conv3x3(torch.zeros(1, 3, 4, 4), torch.zeros(49, 2, 3))
 
 
 def _conv(cin=256, cout=8, **kw):
@@ -110,6 +137,48 @@ def test_only_eligible_layers_are_converted_smallest_weights_first_within_the_bu
     assert use_winograd(net, budget_bytes=0) == 0
     assert use_winograd(net, budget_bytes=2**40) == 1 and type(large) is WinogradConv2d
     assert sum(type(m) is WinogradConv2d for m in net) == 2  # channels < 256, stride, dilation, 1x1, groups: direct
+
+
+def test_the_larger_tile_is_built_only_where_the_shared_budget_allows():
+    """Each layer reserves its F(4x4) U (36/9 of the weight); F(6x6)'s U (64/9) on a 24x24-or-larger map
+    draws the difference from what the use_winograd call had left; without it, the U that is built
+    serves (both tiles give the convolution)."""
+    a, b = _conv(256, 8), _conv(256, 8)
+    net = torch.nn.Sequential(a, b)
+    f4, f6 = winograd.filter_bytes(a.weight, 4), winograd.filter_bytes(a.weight, 6)
+    assert use_winograd(net, budget_bytes=2 * f4 + (f6 - f4)) == 2  # room for one F(6) U
+    x_big, x_small = torch.randn(1, 256, 24, 24), torch.randn(1, 256, 12, 12)
+    for conv in (a, b):
+        want = F.conv2d(x_big, conv.weight, conv.bias, padding=1)
+        assert _rel(conv(x_big), want) < 1e-5
+    assert sorted(a._u) == [6] and sorted(b._u) == [4]  # b found the pool empty and built F(4)
+    assert a._budget is b._budget and a._budget.free == 0
+    assert winograd.winograd_bytes(net) == f6 + f4
+    want = F.conv2d(x_small, a.weight, a.bias, padding=1)
+    assert _rel(a(x_small), want) < 1e-5 and sorted(a._u) == [6]  # no memory for a second U: F(6) serves
+    assert _rel(b(x_small), F.conv2d(x_small, b.weight, b.bias, padding=1)) < 1e-5 and sorted(b._u) == [4]
+    with torch.no_grad():  # a new weight rebuilds the same tiles within the same memory
+        a.weight.mul_(2)
+    assert _rel(a(x_big), 2 * F.conv2d(x_big, a.weight / 2, None, padding=1) + a.bias.view(1, -1, 1, 1)) < 1e-5
+    assert winograd.winograd_bytes(net) == f6 + f4 and a._budget.free == 0
+    c = _conv(256, 8)  # a generous budget: F(4) and F(6) both built, all within what was left
+    assert use_winograd(c, budget_bytes=2**30) == 1
+    c(x_big), c(x_small)
+    assert sorted(c._u) == [4, 6] and c._budget.free == 2**30 - f4 - f6
+
+
+def test_default_budget_is_half_the_available_memory_less_what_is_promised(monkeypatch):
+    monkeypatch.delenv(winograd.BUDGET_ENV, raising=False)
+    monkeypatch.setattr(winograd, "_available_bytes", lambda: 10 * 2**30)
+    monkeypatch.setattr(winograd, "_CONVERTED", __import__("weakref").WeakSet())
+    assert default_budget_bytes() == 5 * 2**30
+    conv = _conv(256, 8)
+    assert use_winograd(conv, budget_bytes=2**30) == 1  # 1 GB promised: reserved plus the shared pool
+    assert default_budget_bytes() == (9 * 2**30) // 2
+    conv(torch.randn(1, 256, 12, 12))  # the F(4) U is built: no longer promised (it is no longer available either)
+    assert default_budget_bytes() == (9 * 2**30 + winograd.filter_bytes(conv.weight, 4)) // 2
+    monkeypatch.setattr(winograd, "_available_bytes", lambda: None)  # no /proc/meminfo: a quarter of the RAM
+    assert 0 < default_budget_bytes() <= __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES") // 4
 
 
 def test_budget_from_the_environment(monkeypatch):

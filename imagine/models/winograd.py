@@ -219,16 +219,17 @@ class WinogradConv2d(nn.Conv2d):
             self._u, self._u_stamp = {m: winograd_filter(wt, m) for m in self._u}, stamp
             self._reserved -= sum(t.numel() * t.element_size() for t in self._u.values())
         if tile not in self._u:
-            cost = filter_bytes(wt, tile)
             free = self._budget.free if self._budget is not None else 0
-            if cost <= self._reserved + free or not self._u:
-                spent_own = min(cost, self._reserved)
-                self._reserved -= spent_own
-                if self._budget is not None:
-                    self._budget.free -= cost - spent_own
-                self._u[tile] = winograd_filter(wt, tile)
-            else:  # no memory for this tile's U: the one already built serves (any tile is exact)
-                return next(iter(self._u.values()))
+            if filter_bytes(wt, tile) > self._reserved + free:
+                if self._u:  # no memory for this tile's U: the one already built serves (any tile is exact)
+                    return next(iter(self._u.values()))
+                tile = TILE  # the first U: the default tile, whose memory use_winograd reserved
+            cost = filter_bytes(wt, tile)
+            spent_own = min(cost, self._reserved)
+            self._reserved -= spent_own
+            if self._budget is not None:
+                self._budget.free -= cost - spent_own
+            self._u[tile] = winograd_filter(wt, tile)
         return self._u[tile]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
