@@ -291,3 +291,26 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = grads()
     ours.enable_gradient_checkpointing()
     assert _rel(grads(), plain) < 1e-5
+
+
+def test_feed_forward_in_row_chunks_at_inference_matches_the_whole_product():
+    """At inference FeedForward runs long token sequences in chunks of rows (the GEGLU intermediates
+    stay in reused memory); each row depends on that row only, so the answer is the unchunked one,
+    checked against diffusers' GEGLU formula computed on all rows at once."""
+    import torch.nn.functional as F
+
+    from imagine.models.attention import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(16).eval()
+    ff.chunk_rows = 8
+    x = torch.randn(3, 21, 16)  # 63 rows: 7 full chunks and one of 7
+    value, gate = F.linear(x, ff.net[0].proj.weight, ff.net[0].proj.bias).chunk(2, dim=-1)
+    want = F.linear(value * F.gelu(gate), ff.net[2].weight, ff.net[2].bias)
+    with torch.no_grad():
+        got = ff(x)
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    x.requires_grad_(True)
+    y = ff(x)  # under autograd: one pass, with gradients
+    y.sum().backward()
+    assert x.grad is not None and torch.allclose(y.detach(), want, rtol=1e-5, atol=1e-6)

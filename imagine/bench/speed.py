@@ -230,11 +230,14 @@ def _log_winograd(result: dict, module: torch.nn.Module, log) -> None:
     """The fast copy's Winograd filters (built in the warm-up call, so not in its peak +MB)."""
     from imagine.models.winograd import WinogradConv2d, winograd_bytes
 
-    layers = sum(isinstance(m, WinogradConv2d) for m in module.modules())
-    result["winograd_layers"], result["winograd_filter_mb"] = layers, winograd_bytes(module) / 2**20
-    if layers:
-        log(f"    imagine_fast: {layers} convolutions by Winograd F(4x4, 3x3), their transformed filters "
-            f"{result['winograd_filter_mb']:.0f} MB (built in the warm-up call)")
+    convs = [m for m in module.modules() if isinstance(m, WinogradConv2d)]
+    tiles = {t: sum(t in (m._u or {}) for m in convs) for t in (4, 6)}
+    result["winograd_layers"], result["winograd_filter_mb"] = len(convs), winograd_bytes(module) / 2**20
+    result["winograd_filters_by_tile"] = {f"F({t}x{t},3x3)": k for t, k in tiles.items()}
+    if convs:
+        built = ", ".join(f"F({t}x{t}, 3x3) for {k}" for t, k in tiles.items() if k)
+        log(f"    imagine_fast: {len(convs)} convolutions by Winograd ({built or 'none built yet'}), their "
+            f"transformed filters {result['winograd_filter_mb']:.0f} MB (built in the warm-up call)")
 
 
 def bench_vae(repeats: int, image: int, side_names: list[str] | None, log=print) -> dict:

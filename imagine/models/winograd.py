@@ -1,35 +1,40 @@
-"""3x3 convolutions by Winograd's minimal filtering, F(4x4, 3x3) (Lavin & Gray 2016, "Fast
-Algorithms for Convolutional Neural Networks", sec. 4 and 5).
+"""3x3 convolutions by Winograd's minimal filtering, F(4x4, 3x3) and F(6x6, 3x3) (Lavin & Gray
+2016, "Fast Algorithms for Convolutional Neural Networks", sec. 4 and 5).
 
-A stride-1 3x3 convolution is computed on 6x6 input tiles d that overlap by 2, each giving a 4x4
-output tile (their eq. 10, nested to two dimensions):
+A stride-1 3x3 convolution is computed on (m+2)x(m+2) input tiles d that overlap by 2, each giving
+an m x m output tile (their eq. 10, nested to two dimensions):
 
     Y = A^T [ (G g G^T)  (.)  (B^T d B) ] A
 
-with g the 3x3 filter and (.) the element-wise product. Summed over the input channels, the 36
-element-wise products of each tile become 36 matrix products [tiles, C_in] x [C_in, C_out]
-(their eq. 12): 36 multiplications per 4x4 outputs instead of 16 * 9 = 144, a quarter of a direct
-convolution's. The filter transform U = G g G^T is computed once per weight (in float64).
+with g the 3x3 filter and (.) the element-wise product. Summed over the input channels, the
+(m+2)^2 element-wise products of each tile become as many matrix products [tiles, C_in] x
+[C_in, C_out] (their eq. 12): for m = 4, 36 multiplications per 16 outputs instead of 16 * 9 = 144,
+a quarter of a direct convolution's; for m = 6, 64 per 36 (a fifth), with larger transform weights.
+The filter transform U = G g G^T is computed once per weight and tile.
 
-The transforms B^T d B and A^T M A are additions with small integer weights, applied one axis at
-a time as [6 x 6] matrix products over all tiles and channels; the work is split into bands of
-tile rows so that the transformed tiles of a band stay in the CPU's cache.
+The transforms B^T d B and A^T M A are additions with small weights, applied one axis at a time as
+[(m+2) x (m+2)] matrix products over all tiles and channels; the work is split into bands of tile
+rows so that the transformed tiles of a band stay in the CPU's cache, and the band intermediates
+live in reused buffers (fresh ones would fault their pages in again at every band).
 
-Accuracy: in float32 the result is as close to the float64 convolution as oneDNN's direct one
-(about 2e-6 relative for SD's shapes against 1-2e-6; tests/test_winograd.py). In bfloat16 it is
-not: the transforms' weights up to 8 (A) and 5 (B) cost bf16's 8-bit mantissa about 9x the error
-of a direct bf16 convolution (2.3e-2 against 2.6e-3 relative, measured here), so the fast mode
-uses it only for float32 weights (CPUs without native bf16).
+Accuracy: in float32 F(4x4) is about as close to the float64 convolution as oneDNN's direct one
+(about 2e-6 relative for SD's shapes against 1-2e-6), F(6x6) about 3.5e-6 (tests/test_winograd.py).
+In bfloat16 neither is: the transforms' weights up to 8 (A) and 5 (B) cost bf16's 8-bit mantissa
+about 9x the error of a direct bf16 convolution (2.3e-2 against 2.6e-3 relative, measured here for
+F(4x4)), so the fast mode uses Winograd only for float32 weights (CPUs without native bf16).
 
-Cost: U takes 36/9 = 4x the memory of the weight it comes from, so `use_winograd` takes the
-convolutions with the smallest weights first, up to a memory budget; on maps with few channels
-the transforms cost more than the products save, and on tiny maps U is read for too few tiles,
-so those stay direct. The thresholds are measured on a 2-core AVX2 EPYC (docs/stable-diffusion.md).
+Cost: U takes (m+2)^2 / 9 of the memory of the weight it comes from (4x for F(4x4), 7.1x for
+F(6x6)), so `use_winograd` reserves F(4x4)'s U for the convolutions with the smallest weights first,
+up to a memory budget, and what is left serves F(6x6) on the large maps where it pays
+(`best_tile`). On maps with few channels the transforms cost more than the products save, and on
+tiny maps U is read for too few tiles, so those stay direct. The thresholds are measured on a
+2-core AVX2 EPYC (docs/stable-diffusion.md).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 
 import torch
@@ -130,6 +135,32 @@ def winograd_filter(weight: torch.Tensor, tile: int = TILE) -> torch.Tensor:
     return (torch.kron(g, g) @ taps).view((tile + 2) ** 2, weight.shape[0], weight.shape[1])
 
 
+class _Workspace(threading.local):
+    """Grow-only scratch buffers for the band intermediates, one set per thread. Fresh tensors of
+    tens of MB come from mmap and are returned at free, so each band would fault in its pages again
+    (measured: a third of a Winograd call's time on SD's layers, AVX2 EPYC); reused buffers are
+    faulted in once."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.dtype, like.device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            self.buffers.pop(key, None)  # free the smaller buffer before the larger one is taken
+            buf = self.buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel]
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffers (at most about 5 x BAND_ELEMENTS values)."""
+    _WORKSPACE.buffers.clear()
+
+
 def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None,
                      band_elements: int = BAND_ELEMENTS) -> torch.Tensor:
     """conv2d(x, g, bias, stride=1, padding=1) for x [B, C_in, H, W] and U = winograd_filter(g, m)
@@ -145,27 +176,47 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
     bt = torch.tensor(bt_, dtype=x.dtype, device=x.device)
     at = torch.tensor(at_, dtype=x.dtype, device=x.device)
     th, tw = -(-h // m), -(-w // m)
+    # Under torch.compile (or autograd) the band values are fresh tensors and the bands are
+    # concatenated; otherwise they go through the reused workspace into one preallocated output.
+    functional = torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or u.requires_grad))
     # Zero padding: 1 for the convolution, plus what makes the map a whole number of tiles.
-    xp = F.pad(x, (1, 1 + m * tw - w, 1, 1 + m * th - h)).permute(0, 2, 3, 1)  # [B, H', W', C]
-    compiling = torch.compiler.is_compiling()
-    out = None if compiling else torch.empty((b, th, m, tw, m, co), dtype=x.dtype, device=x.device)
+    if functional:
+        xp = F.pad(x, (1, 1 + m * tw - w, 1, 1 + m * th - h)).permute(0, 2, 3, 1)  # [B, H', W', C]
+    else:  # into a reused buffer (F.pad into a fresh one measured 6x slower on SD's 64x64 maps)
+        hp, wp = m * th + 2, m * tw + 2
+        xp = _WORKSPACE.get("x", b * hp * wp * c, x).view(b, hp, wp, c)
+        xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
+        xp[:, 0].zero_(), xp[:, h + 1:].zero_(), xp[:, 1:h + 1, 0].zero_(), xp[:, 1:h + 1, w + 1:].zero_()
+    out = None if functional else torch.empty((b, th, m, tw, m, co), dtype=x.dtype, device=x.device)
     bands = []
     rows = max(1, band_elements // (n * n * b * tw * max(c, co)))
     for r0 in range(0, th, rows):
         r1 = min(th, r0 + rows)
         tiles = b * (r1 - r0) * tw
         # The tiles of this band: [n, n, B, rows, tw, C], channels innermost (one gather copy).
-        d = xp[:, m * r0: m * r1 + 2].unfold(1, n, m).unfold(2, n, m)
-        d = d.permute(4, 5, 0, 1, 2, 3).reshape(n, -1)
-        v = torch.matmul(bt, (bt @ d).view(n, n, -1)).view(n * n, tiles, c)  # B^T d B, one axis at a time
-        prod = torch.bmm(v, u.transpose(1, 2))  # the n^2 products, summed over C_in (Lavin & Gray eq. 12)
+        d = xp[:, m * r0: m * r1 + 2].unfold(1, n, m).unfold(2, n, m).permute(4, 5, 0, 1, 2, 3)
+        if functional:
+            d = d.reshape(n, -1)
+            v = torch.matmul(bt, (bt @ d).view(n, n, -1)).view(n * n, tiles, c)  # B^T d B, one axis at a time
+            prod = torch.bmm(v, u.transpose(1, 2))  # the n^2 products, summed over C_in (Lavin & Gray eq. 12)
+        else:
+            ws = _WORKSPACE
+            d = ws.get("d", n * n * tiles * c, x).view(d.shape).copy_(d).view(n, -1)
+            half = torch.mm(bt, d, out=ws.get("bd", d.numel(), x).view(n, -1)).view(n, n, -1)
+            v = torch.bmm(bt.expand(n, n, n), half, out=ws.get("v", d.numel(), x).view(n, n, -1))
+            prod = torch.bmm(v.view(n * n, tiles, c), u.transpose(1, 2),
+                             out=ws.get("prod", n * n * tiles * co, x).view(n * n, tiles, co))
         if bias is not None:
             # Column 1 of A^T is all ones (the point 1), so A^T (b e_1 e_1^T) A adds b to all m^2
             # outputs of a tile: the bias goes into one product matrix instead of a pass over the output.
             prod[n + 1] += bias.to(x.dtype)
-        y = torch.matmul(at, (at @ prod.view(n, -1)).view(m, n, -1)).view(m, m, b, r1 - r0, tw, co)  # A^T M A
-        y = y.permute(2, 3, 0, 4, 1, 5)  # [B, rows, m, tw, m, C_out]
-        if out is None:  # torch.compile: no writes into a preallocated tensor
+        if functional:
+            y = torch.matmul(at, (at @ prod.view(n, -1)).view(m, n, -1))  # A^T M A
+        else:
+            half = torch.mm(at, prod.view(n, -1), out=ws.get("am", m * n * tiles * co, x).view(m, -1))
+            y = torch.bmm(at.expand(m, m, n), half.view(m, n, -1), out=ws.get("y", m * m * tiles * co, x).view(m, m, -1))
+        y = y.view(m, m, b, r1 - r0, tw, co).permute(2, 3, 0, 4, 1, 5)  # [B, rows, m, tw, m, C_out]
+        if out is None:
             bands.append(y.contiguous())
         else:
             out[:, r0:r1].copy_(y)
