@@ -236,8 +236,8 @@ def _log_winograd(result: dict, module: torch.nn.Module, log) -> None:
     result["winograd_filters_by_tile"] = {f"F({t}x{t},3x3)": k for t, k in tiles.items()}
     if convs:
         built = ", ".join(f"F({t}x{t}, 3x3) for {k}" for t, k in tiles.items() if k)
-        log(f"    imagine_fast: {len(convs)} convolutions by Winograd ({built or 'none built yet'}), their "
-            f"transformed filters {result['winograd_filter_mb']:.0f} MB (built in the warm-up call)")
+        log(f"    imagine_fast: {len(convs)} convolutions eligible for Winograd; filters built so far: "
+            f"{built or 'none'} ({result['winograd_filter_mb']:.0f} MB; a layer never called builds none)")
 
 
 def bench_vae(repeats: int, image: int, side_names: list[str] | None, log=print) -> dict:

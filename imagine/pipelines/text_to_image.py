@@ -321,8 +321,9 @@ def _weights_dtype(module: torch.nn.Module) -> torch.dtype:
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, precision: str = "exact") -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1], float32. "fast" decodes with the bf16 channels-last
-    copy of the VAE; the latent scaling stays in float32."""
+    """Scaled latents -> images in [-1, 1], float32. "fast" decodes with the VAE's `fast_copy` (bf16
+    channels-last where bf16 is native, else float32 with Winograd convolutions); the latent scaling
+    stays in float32."""
     tile = 64 if max(latents.shape[-2:]) > 96 else None  # bound memory for big images
     m = fast_copy(vae) if precision == "fast" else vae  # the module itself where bf16 is not native
     if m is not vae:
