@@ -195,15 +195,57 @@ def test_budget_from_the_environment(monkeypatch):
 
 
 def test_layer_compiles_with_torch_compile():
-    """IMAGINE_COMPILE=1 compiles the fast copy: U is then computed in the graph, the bands are concatenated."""
+    """IMAGINE_COMPILE=1 compiles the fast copy: the graph reads the U an eager call built (no second
+    copy of it), the bands are concatenated; before any U is built the compiled layer runs direct."""
+    import torch._inductor.config as inductor_config
+
     conv = _conv(256, 16)
     use_winograd(conv, budget_bytes=2**30)
     conv.band_elements = 1  # several bands
     x = torch.randn(1, 256, 12, 8)
     want = F.conv2d(x, conv.weight, conv.bias, padding=1)
     with torch.inference_mode():
-        got = torch.compile(conv)(x)
-    assert _rel(got, want) < 1e-5
+        torch._dynamo.reset()
+        direct = torch.compile(conv)(x)  # no U yet: the direct convolution
+        assert conv._u == {} or conv._u is None
+        assert _rel(direct, want) < 1e-5
+        torch._dynamo.reset()
+        eager = conv(x)  # builds U
+        (u,) = conv._u.values()
+        with inductor_config.patch(freezing=True):
+            got = torch.compile(conv)(x)
+    assert _rel(got, want) < 1e-5 and not torch.equal(got, direct)
+    assert torch.allclose(got, eager, rtol=0, atol=1e-5)
+    assert next(iter(conv._u.values())) is u  # the same U, not rebuilt
+
+
+@pytest.mark.usefixtures("no_bf16_mode")
+def test_compiled_fast_unet_reads_the_eagerly_built_filters():
+    """_Autocast with compile=True: its first call runs eagerly (building U under the budget), the next
+    compiled; U is built once and the compiled answer is the eager one (float32 rounding apart)."""
+    from imagine.models.unet import UNet2DConditionModel, UNetConfig
+    from imagine.pipelines.text_to_image import _Autocast
+
+    try:
+        torch.manual_seed(0)
+        cfg = UNetConfig(block_out_channels=(256, 256), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                         cross_attention_dim=32, attention_head_dim=4)
+        unet = UNet2DConditionModel(cfg).eval().requires_grad_(False)
+        fast = _Autocast(unet, compile=True)
+        x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.randn(2, 5, 32)
+        assert fast._needs_eager_call()
+        with torch.inference_mode():
+            torch._dynamo.reset()
+            first = fast(x, t, context=ctx)
+            assert not fast._needs_eager_call()
+            us = {id(u) for m in fast.fast.modules() if isinstance(m, WinogradConv2d) for u in (m._u or {}).values()}
+            second = fast(x, t, context=ctx)
+            exact = unet(x, t, context=ctx)
+        assert us == {id(u) for m in fast.fast.modules() if isinstance(m, WinogradConv2d) for u in (m._u or {}).values()}
+        assert _rel(first, exact) < 1e-5 and _rel(second, exact) < 1e-5
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.usefixtures("no_bf16_mode")
@@ -229,3 +271,22 @@ def test_fast_copy_without_native_bf16_shares_weights_and_runs_winograd(monkeypa
     exact = unet(x, torch.tensor([10.0, 900.0]), context=ctx)
     fast = _Autocast(unet, compile=False)(x, torch.tensor([10.0, 900.0]), context=ctx)
     assert fast.dtype == torch.float32 and _rel(fast, exact) < 1e-5 and not torch.equal(fast, exact)
+
+
+def test_workspace_serves_calls_in_and_out_of_inference_mode():
+    """The reused buffers made under inference_mode are inference tensors: a later call under
+    no_grad (or with autograd off by requires_grad=False) must not write into them."""
+    conv = _conv(256, 16)
+    use_winograd(conv, budget_bytes=2**30)
+    x = torch.randn(1, 256, 12, 12)
+    want = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    with torch.inference_mode():
+        a = conv(x)
+    with torch.no_grad():
+        b = conv(x)
+    c = conv(x)  # grad mode on, nothing requires grad: still the workspace path
+    with torch.inference_mode():
+        d = conv(x)
+    for got in (a, b, c, d):
+        assert _rel(got, want) < 1e-5
+    assert conv._u

@@ -145,7 +145,8 @@ class _Workspace(threading.local):
         self.buffers: dict[tuple, torch.Tensor] = {}
 
     def get(self, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
-        key = (name, like.dtype, like.device)
+        # Buffers made under inference_mode are inference tensors, which cannot be written outside it.
+        key = (name, like.dtype, like.device, torch.is_inference_mode_enabled())
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
             self.buffers.pop(key, None)  # free the smaller buffer before the larger one is taken
@@ -288,8 +289,14 @@ class WinogradConv2d(nn.Conv2d):
                 and x.dtype == self.weight.dtype and not (torch.is_grad_enabled() and self.weight.requires_grad)):
             tile = best_tile(x.shape[-2], x.shape[-1])
             if torch.compiler.is_compiling():
-                # U is part of the graph: with frozen weights inductor folds it to a constant.
-                u = winograd_filter(self.weight, tile)
+                # The graph reads the U built eagerly, under the memory budget (`_Autocast` makes one
+                # eager call before it compiles). A U computed in the graph would be folded into a
+                # second copy of every U and ignore the budget: SD 1.5's 8 GB twice, out of memory on
+                # a 24 GB machine. Without a built U the layer runs direct.
+                built = self._u or {}
+                u = built[tile] if tile in built else next(iter(built.values()), None)
+                if u is None:
+                    return super().forward(x)
             else:
                 u = self._transformed(tile)
             return winograd_conv3x3(x, u, self.bias, self.band_elements)

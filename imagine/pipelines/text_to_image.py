@@ -370,13 +370,21 @@ class _Autocast(torch.nn.Module):
             compile = os.environ.get(COMPILE_ENV, "").strip() not in ("", "0")
         self.compile = bool(compile)
 
+    def _needs_eager_call(self) -> bool:
+        """True while the fast copy has Winograd layers none of which has built its U: the first call
+        runs eagerly to build them under the memory budget, and the compiled graph then reads them."""
+        from imagine.models.winograd import WinogradConv2d
+
+        convs = [m for m in self.fast.modules() if isinstance(m, WinogradConv2d)]
+        return bool(convs) and not any(m._u for m in convs)
+
     def forward(self, x, t, **cond):
         if self.fast is not self.unet:  # the bf16 copy, or the float32 one with Winograd convolutions
             dtype = _weights_dtype(self.fast)
             cond = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
                     for k, v in cond.items()}
             x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-        if self.compile:
+        if self.compile and not self._needs_eager_call():
             import torch._inductor.config as inductor_config
 
             with inductor_config.patch(freezing=True):  # weights become constants: oneDNN prepacks them
