@@ -375,8 +375,11 @@ class _Autocast(torch.nn.Module):
         runs eagerly to build them under the memory budget, and the compiled graph then reads them."""
         from imagine.models.winograd import WinogradConv2d
 
+        if getattr(self, "_filters_built", False):  # once built, they stay: no scan on every step
+            return False
         convs = [m for m in self.fast.modules() if isinstance(m, WinogradConv2d)]
-        return bool(convs) and not any(m._u for m in convs)
+        self._filters_built = not convs or any(m._u for m in convs)
+        return not self._filters_built
 
     def forward(self, x, t, **cond):
         if self.fast is not self.unet:  # the bf16 copy, or the float32 one with Winograd convolutions
