@@ -369,13 +369,14 @@ class _Autocast(torch.nn.Module):
         if compile is None:
             compile = os.environ.get(COMPILE_ENV, "").strip() not in ("", "0")
         self.compile = bool(compile)
+        self._filters_built = False  # see _needs_eager_call
 
     def _needs_eager_call(self) -> bool:
         """True while the fast copy has Winograd layers none of which has built its U: the first call
         runs eagerly to build them under the memory budget, and the compiled graph then reads them."""
         from imagine.models.winograd import WinogradConv2d
 
-        if getattr(self, "_filters_built", False):  # once built, they stay: no scan on every step
+        if self._filters_built:  # once built, they stay: no scan on every step
             return False
         convs = [m for m in self.fast.modules() if isinstance(m, WinogradConv2d)]
         self._filters_built = not convs or any(m._u for m in convs)
