@@ -54,8 +54,8 @@ def test_conv_matches_float64_direct_as_closely_as_float32_direct(b, c, co, h, w
     direct = F.conv2d(x, weight, bvec, padding=1)
     u = winograd_filter(weight, tile)
     # F(6x6)'s transforms have larger weights (B^T up to 21/4, A^T up to 32): measured 3-4x the
-    # direct float32 error on SD's shapes, F(4x4)'s about 2x.
-    factor = {4: 4, 6: 8}[tile]
+    # direct float32 error on SD's shapes, F(4x4)'s about 2x; F(2x2)'s (0, +-1, 1/2) less than 1x.
+    factor = {2: 2, 4: 4, 6: 8}[tile]
     for layout in (torch.contiguous_format, torch.channels_last):
         for band in (winograd.BAND_ELEMENTS, 1):  # one band, and one tile row per band
             y = winograd_conv3x3(x.contiguous(memory_format=layout), u, bvec, band_elements=band)
@@ -79,9 +79,12 @@ def test_filter_transform_is_G_g_G_transposed(m):
 def test_best_tile_counts_the_products_of_whole_tiles():
     """F(6x6) needs 64 products per 36 outputs, F(4x4) 36 per 16: 6 wins by 10% or more on SD's 64x64
     and 48x48 maps (and 24, 96, ...); on 32x32 the padding to 36 eats the gain (36 tiles of 64 against
-    64 tiles of 36), and under 24x24 the measured transform cost decides for 4."""
-    assert [winograd.best_tile(s, s) for s in (8, 12, 16, 23, 24, 32, 48, 64, 96, 128, 512)] == \
-        [4, 4, 4, 4, 6, 4, 6, 6, 6, 6, 6]
+    64 tiles of 36), and under 24x24 the measured transform cost decides for 4. Where F(4x4) would
+    have fewer than FEW_TILES tiles in the call, F(2x2)'s smaller U wins."""
+    sides = (4, 8, 12, 16, 23, 24, 32, 48, 64, 96, 128, 512)
+    assert [winograd.best_tile(s, s, 2) for s in sides] == [2, 2, 4, 4, 4, 6, 4, 6, 6, 6, 6, 6]
+    assert [winograd.best_tile(s, s) for s in sides] == [2, 2, 2, 4, 4, 6, 4, 6, 6, 6, 6, 6]  # batch 1
+    assert winograd.best_tile(8, 8, 2) == 2 and winograd.best_tile(8, 8, 4) == 4  # 8 and 16 tiles
     assert winograd.best_tile(64, 16) == 4 and winograd.best_tile(64, 30) == 6
 
 
@@ -90,7 +93,7 @@ def test_bad_shapes_are_refused():
         winograd_filter(torch.zeros(4, 4, 5, 5))
     with pytest.raises(ValueError, match="does not take 8 input channels"):
         winograd_conv3x3(torch.zeros(1, 8, 4, 4), winograd_filter(torch.zeros(2, 3, 3, 3)))
-    with pytest.raises(ValueError, match=r"output tiles \[4, 6\]; got 5"):
+    with pytest.raises(ValueError, match=r"output tiles \[2, 4, 6\]; got 5"):
         winograd_filter(torch.zeros(2, 3, 3, 3), 5)
     with pytest.raises(ValueError, match="planes"):
         winograd_conv3x3(torch.zeros(1, 3, 4, 4), torch.zeros(49, 2, 3))
@@ -111,7 +114,7 @@ def test_layer_keeps_its_parameters_and_falls_back_to_direct_where_winograd_does
     assert list(conv.state_dict()) == keys and conv.weight is weight
     y = conv(x_big)
     assert _rel(y, want) < 1e-5 and not torch.equal(y, want)  # the Winograd path ran
-    x_small = torch.randn(1, 256, 4, 4)  # under MIN_PIXELS: direct, so exactly nn.Conv2d's answer
+    x_small = torch.randn(1, 256, 3, 3)  # under MIN_PIXELS: direct, so exactly nn.Conv2d's answer
     assert torch.equal(conv(x_small), F.conv2d(x_small, conv.weight, conv.bias, padding=1))
     with torch.no_grad():  # an in-place change of the weight rebuilds U
         conv.weight.mul_(2)
@@ -147,7 +150,7 @@ def test_the_larger_tile_is_built_only_where_the_shared_budget_allows():
     net = torch.nn.Sequential(a, b)
     f4, f6 = winograd.filter_bytes(a.weight, 4), winograd.filter_bytes(a.weight, 6)
     assert use_winograd(net, budget_bytes=2 * f4 + (f6 - f4)) == 2  # room for one F(6) U
-    x_big, x_small = torch.randn(1, 256, 24, 24), torch.randn(1, 256, 12, 12)
+    x_big, x_small = torch.randn(1, 256, 24, 24), torch.randn(1, 256, 20, 20)
     for conv in (a, b):
         want = F.conv2d(x_big, conv.weight, conv.bias, padding=1)
         assert _rel(conv(x_big), want) < 1e-5
@@ -167,6 +170,20 @@ def test_the_larger_tile_is_built_only_where_the_shared_budget_allows():
     assert sorted(c._u) == [4, 6] and c._budget.free == 2**30 - f4 - f6
 
 
+def test_calls_with_few_tiles_build_the_small_tile_within_the_reservation():
+    """F(2x2)'s U is 16/9 of the weight: built where F(4x4) would have under FEW_TILES tiles, from the
+    layer's reservation (its F(4x4) U), whose rest stays reserved; a later call that wants F(4x4)
+    without room for it runs on the F(2x2) U that is built."""
+    conv = _conv(256, 8)
+    f2, f4 = (winograd.filter_bytes(conv.weight, m) for m in (2, 4))
+    assert use_winograd(conv, budget_bytes=f4) == 1 and conv._budget.free == 0
+    x = torch.randn(2, 256, 8, 8)  # 8 tiles of F(4x4)
+    assert _rel(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
+    assert sorted(conv._u) == [2] and winograd.winograd_bytes(conv) == f2 and conv._reserved == f4 - f2
+    x = torch.randn(2, 256, 16, 16)  # 32 tiles: F(4x4) is the tile, but f4 does not fit in f4 - f2
+    assert _rel(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5 and sorted(conv._u) == [2]
+
+
 def test_default_budget_is_half_the_available_memory_less_what_is_promised(monkeypatch):
     monkeypatch.delenv(winograd.BUDGET_ENV, raising=False)
     monkeypatch.setattr(winograd, "_available_bytes", lambda: 10 * 2**30)
@@ -175,7 +192,7 @@ def test_default_budget_is_half_the_available_memory_less_what_is_promised(monke
     conv = _conv(256, 8)
     assert use_winograd(conv, budget_bytes=2**30) == 1  # 1 GB promised: reserved plus the shared pool
     assert default_budget_bytes() == (9 * 2**30) // 2
-    conv(torch.randn(1, 256, 12, 12))  # the F(4) U is built: no longer promised (it is no longer available either)
+    conv(torch.randn(1, 256, 20, 20))  # the F(4) U is built: no longer promised (it is no longer available either)
     assert default_budget_bytes() == (9 * 2**30 + winograd.filter_bytes(conv.weight, 4)) // 2
     monkeypatch.setattr(winograd, "_available_bytes", lambda: None)  # no /proc/meminfo: a quarter of the RAM
     assert 0 < default_budget_bytes() <= __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES") // 4
@@ -266,7 +283,12 @@ def test_fast_copy_without_native_bf16_shares_weights_and_runs_winograd(monkeypa
     assert sum(type(m) is WinogradConv2d for m in copy.modules()) > 0
     assert not any(type(m) is WinogradConv2d for m in unet.modules())  # the exact model stays direct
     ours = dict(copy.named_parameters())
-    assert all(p is ours[k] for k, p in unet.named_parameters())  # no second copy of the weights
+    # No second copy of the weights, but for the 3x3 filters that stay direct (here the stride-2
+    # downsampler): channels-last copies, so that oneDNN does not reorder them at every call.
+    copied = [k for k, p in unet.named_parameters() if p is not ours[k]]
+    assert copied == ["down_blocks.0.downsamplers.0.conv.weight"]
+    assert torch.equal(ours[copied[0]], unet.get_parameter(copied[0]))
+    assert ours[copied[0]].is_contiguous(memory_format=torch.channels_last)
     x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 32)
     exact = unet(x, torch.tensor([10.0, 900.0]), context=ctx)
     fast = _Autocast(unet, compile=False)(x, torch.tensor([10.0, 900.0]), context=ctx)

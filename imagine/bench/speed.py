@@ -228,10 +228,10 @@ def bench_unet(name: str, repeats: int, side_names: list[str] | None, log=print,
 
 def _log_winograd(result: dict, module: torch.nn.Module, log) -> None:
     """The fast copy's Winograd filters (built in the warm-up call, so not in its peak +MB)."""
-    from imagine.models.winograd import WinogradConv2d, winograd_bytes
+    from imagine.models.winograd import TRANSFORMS, WinogradConv2d, winograd_bytes
 
     convs = [m for m in module.modules() if isinstance(m, WinogradConv2d)]
-    tiles = {t: sum(t in (m._u or {}) for m in convs) for t in (4, 6)}
+    tiles = {t: sum(t in (m._u or {}) for m in convs) for t in sorted(TRANSFORMS)}
     result["winograd_layers"], result["winograd_filter_mb"] = len(convs), winograd_bytes(module) / 2**20
     result["winograd_filters_by_tile"] = {f"F({t}x{t},3x3)": k for t, k in tiles.items()}
     if convs:
@@ -336,8 +336,8 @@ def _table(title: str, sides: dict, quality_key: str, quality_fmt: str) -> str:
 
 def profile_fast_unet(name: str, rows: int = 12) -> dict:
     """The fast mode's U-Net step under torch.profiler (self CPU time by operator), and the largest self-attention
-    (batch 2, the top level's token count) in SDPA's kernel against torch.exp over as many bf16 values: the
-    softmax's exponentials bound that kernel, and diffusers calls the same one."""
+    (batch 2, the top level's token count) in SDPA's kernel against torch.exp over as many values, both in the
+    fast copy's dtype: how much of that kernel the softmax's exponentials take (diffusers calls the same one)."""
     from torch.profiler import ProfilerActivity, profile
 
     from imagine.models.unet import UNet2DConditionModel
@@ -360,7 +360,10 @@ def profile_fast_unet(name: str, rows: int = 12) -> dict:
     ops = sorted(((e.key, e.self_cpu_time_total / total, e.count) for e in table), key=lambda r: -r[1])[:rows]
     heads = cfg.attention_head_dim[0] if isinstance(cfg.attention_head_dim, (list, tuple)) else cfg.attention_head_dim
     width = cfg.block_out_channels[0] // heads
-    q, k, v = (torch.randn(2, heads, size * size, width, generator=g).bfloat16() for _ in range(3))
+    from imagine.hardware import fast_dtype
+
+    dtype = fast_dtype()  # what the fast copy attends in: bf16 where native, else float32
+    q, k, v = (torch.randn(2, heads, size * size, width, generator=g).to(dtype) for _ in range(3))
 
     def cpu_time(f):
         f()
@@ -369,7 +372,7 @@ def profile_fast_unet(name: str, rows: int = 12) -> dict:
         return time.process_time() - t0
 
     attention = cpu_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    scores = torch.randn(size * size, size * size).bfloat16()
+    scores = torch.randn(size * size, size * size).to(dtype)
     exp = cpu_time(lambda: [torch.exp(scores) for _ in range(2 * heads)])
     return {"model": name, "step_cpu_s": step, "ops": ops, "attention": {
         "tokens": size * size, "heads": heads, "head_width": width, "sdpa_cpu_s": attention, "exp_cpu_s": exp}}

@@ -1,5 +1,5 @@
-"""3x3 convolutions by Winograd's minimal filtering, F(4x4, 3x3) and F(6x6, 3x3) (Lavin & Gray
-2016, "Fast Algorithms for Convolutional Neural Networks", sec. 4 and 5).
+"""3x3 convolutions by Winograd's minimal filtering, F(2x2, 3x3), F(4x4, 3x3) and F(6x6, 3x3) (Lavin &
+Gray 2016, "Fast Algorithms for Convolutional Neural Networks", sec. 4 and 5).
 
 A stride-1 3x3 convolution is computed on (m+2)x(m+2) input tiles d that overlap by 2, each giving
 an m x m output tile (their eq. 10, nested to two dimensions):
@@ -9,7 +9,8 @@ an m x m output tile (their eq. 10, nested to two dimensions):
 with g the 3x3 filter and (.) the element-wise product. Summed over the input channels, the
 (m+2)^2 element-wise products of each tile become as many matrix products [tiles, C_in] x
 [C_in, C_out] (their eq. 12): for m = 4, 36 multiplications per 16 outputs instead of 16 * 9 = 144,
-a quarter of a direct convolution's; for m = 6, 64 per 36 (a fifth), with larger transform weights.
+a quarter of a direct convolution's; for m = 6, 64 per 36 (a fifth), with larger transform weights;
+for m = 2, 16 per 4 (4/9), with the smallest U, for the deep levels' small maps.
 The filter transform U = G g G^T is computed once per weight and tile.
 
 The transforms B^T d B and A^T M A are additions with small weights, applied one axis at a time as
@@ -17,17 +18,19 @@ The transforms B^T d B and A^T M A are additions with small weights, applied one
 rows so that the transformed tiles of a band stay in the CPU's cache, and the band intermediates
 live in reused buffers (fresh ones would fault their pages in again at every band).
 
-Accuracy: in float32 F(4x4) is about as close to the float64 convolution as oneDNN's direct one
+Accuracy: in float32 F(2x2) is closer to the float64 convolution than a direct one (its transforms'
+weights are 0, +-1 and 1/2), F(4x4) about as close to the float64 convolution as oneDNN's direct one
 (about 2e-6 relative for SD's shapes against 1-2e-6), F(6x6) about 3.5e-6 (tests/test_winograd.py).
 In bfloat16 neither is: the transforms' weights up to 8 (A) and 5 (B) cost bf16's 8-bit mantissa
 about 9x the error of a direct bf16 convolution (2.3e-2 against 2.6e-3 relative, measured here for
 F(4x4)), so the fast mode uses Winograd only for float32 weights (CPUs without native bf16).
 
-Cost: U takes (m+2)^2 / 9 of the memory of the weight it comes from (4x for F(4x4), 7.1x for
-F(6x6)), so `use_winograd` reserves F(4x4)'s U for the convolutions with the smallest weights first,
-up to a memory budget, and what is left serves F(6x6) on the large maps where it pays
-(`best_tile`). On maps with few channels the transforms cost more than the products save, and on
-tiny maps U is read for too few tiles, so those stay direct. The thresholds are measured on a
+Cost: U takes (m+2)^2 / 9 of the memory of the weight it comes from (1.8x for F(2x2), 4x for
+F(4x4), 7.1x for F(6x6)), so `use_winograd` reserves F(4x4)'s U for the convolutions with the
+smallest weights first, up to a memory budget, and what is left serves F(6x6) on the large maps
+where it pays (`best_tile`). Where a call has few tiles (the deep levels' 8x8 maps), reading U costs
+more than the products, and F(2x2)'s U, 4/9 of F(4x4)'s, wins. On maps with few channels the
+transforms cost more than the products save, and under 4x4 the layers stay direct. The thresholds are measured on a
 2-core AVX2 EPYC (docs/stable-diffusion.md).
 """
 
@@ -86,12 +89,25 @@ _AT6 = ((1, 1, 1, 1, 1, 1, 1, 0),
         (0, 1, 1, 16, 16, 1 / 16, 1 / 16, 0),
         (0, 1, -1, 32, -32, 1 / 32, -1 / 32, 1))
 
+# F(2x2, 3x3) with the points 0, +-1 and infinity (Lavin & Gray sec. 4.1, their eq. 7).
+_BT2 = ((1, 0, -1, 0),
+        (0, 1, 1, 0),
+        (0, -1, 1, 0),
+        (0, 1, 0, -1))
+_G2 = ((1, 0, 0),
+       (1 / 2, 1 / 2, 1 / 2),
+       (1 / 2, -1 / 2, 1 / 2),
+       (0, 0, 1))
+_AT2 = ((1, 1, 1, 0),
+        (0, 1, -1, -1))
+
 # Output tile side m -> (B^T, G, A^T); input tiles are m + 3 - 1 wide.
-TRANSFORMS = {4: (_BT, _G, _AT), 6: (_BT6, _G6, _AT6)}
-TILE = 4  # the default tile (the smaller U, and the only one on maps under about 24x24)
+TRANSFORMS = {2: (_BT2, _G2, _AT2), 4: (_BT, _G, _AT), 6: (_BT6, _G6, _AT6)}
+TILE = 4  # the tile whose U use_winograd reserves (and the one on mid-sized maps)
+FEW_TILES = 12  # F(4x4) tiles per call under which F(2x2) is faster: U's read outweighs the products
 BAND_ELEMENTS = 1 << 22  # transformed values per band (16 MB in float32): measured best for SD's U-Net maps
 MIN_CHANNELS = 256  # input channels below which the transforms cost more than the products save
-MIN_PIXELS = 8 * 8  # maps smaller than this read U (4x the weight) for too few tiles
+MIN_PIXELS = 4 * 4  # maps smaller than this stay direct (F(2x2) measured 6x faster than direct on 4x4)
 BUDGET_ENV = "IMAGINE_WINOGRAD_GB"  # memory for the transformed filters; default: half the available memory
 
 
@@ -103,17 +119,26 @@ def _tile_of(u: torch.Tensor) -> int:
                      f"planes (m = {', '.join(map(str, TRANSFORMS))}); got {tuple(u.shape)}")
 
 
-def best_tile(h: int, w: int) -> int:
-    """The output tile for an h x w map: 6 where it needs at least 10% fewer products than 4 once the
-    map is padded to whole tiles ((m + 2)^2 products per tile), else 4. F(6x6) takes 64 products for
-    36 outputs (1.78 each) against F(4x4)'s 36 for 16 (2.25), but on 32x32 or 16x16 the padding to
-    6-wide tiles eats that, and below 24x24 the 8x8 transforms cost more per tile than the products
-    save (measured on SD's layers, AVX2 EPYC, batch 2: 320 channels on 64x64 0.066 s against 0.077 s,
-    640 on 48x48 0.136 against 0.163; but 640 on 32x32 0.095 against 0.084, 1280 on 12x12 0.078
-    against 0.069)."""
+def best_tile(h: int, w: int, batch: int = 1) -> int:
+    """The output tile for a batch of h x w maps.
+
+    - 2 where F(4x4) would have fewer than FEW_TILES tiles in the call: reading U then costs more than
+      the products. Measured at 1280 channels, F(2x2) against F(4x4): 8x8 at batch 2 (8 tiles) 41 ms
+      against 52 on a Zen 3 EPYC, 25.9 against 28.5 on a Zen 4; at 16 tiles (8x8 at batch 4, 16x16 at
+      batch 1) the two CPUs disagree (Zen 3 76 against 83 and 84 against 97, Zen 4 43.1 against 37.5
+      and 44.7 against 39.6); at 32 tiles F(4x4) wins on both (143 against 125, 86.3 against 58.9).
+    - 6 where it needs at least 10% fewer products than 4 once the map is padded to whole tiles
+      ((m + 2)^2 products per tile). F(6x6) takes 64 products for 36 outputs (1.78 each) against
+      F(4x4)'s 36 for 16 (2.25), but on 32x32 or 16x16 the padding to 6-wide tiles eats that, and
+      below 24x24 the 8x8 transforms cost more per tile than the products save (measured on SD's
+      layers, batch 2: 320 channels on 64x64 0.066 s against 0.077 s, 640 on 48x48 0.136 against
+      0.163; but 640 on 32x32 0.095 against 0.084, 1280 on 12x12 0.078 against 0.069).
+    - else 4."""
+    if batch * -(-h // 4) * -(-w // 4) < FEW_TILES:
+        return 2
     if min(h, w) < 24:
         return 4
-    cost = {m: -(-h // m) * -(-w // m) * (m + 2) ** 2 for m in TRANSFORMS}
+    cost = {m: -(-h // m) * -(-w // m) * (m + 2) ** 2 for m in (4, 6)}
     return 6 if cost[6] <= 0.9 * cost[4] else 4
 
 
@@ -287,7 +312,7 @@ class WinogradConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.ndim == 4 and x.shape[1] >= self.min_channels and x.shape[-2] * x.shape[-1] >= self.min_pixels
                 and x.dtype == self.weight.dtype and not (torch.is_grad_enabled() and self.weight.requires_grad)):
-            tile = best_tile(x.shape[-2], x.shape[-1])
+            tile = best_tile(x.shape[-2], x.shape[-1], x.shape[0])
             if torch.compiler.is_compiling():
                 # The graph reads the U built eagerly, under the memory budget (`_Autocast` makes one
                 # eager call before it compiles). A U computed in the graph would be folded into a

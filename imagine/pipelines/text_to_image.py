@@ -292,6 +292,7 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
         shared = {id(t): t for t in [*module.parameters(), *module.buffers()]}
         copy = _copy.deepcopy(module, memo=shared)  # new modules, the same weight tensors
         use_winograd(copy)
+        _channels_last_direct_filters(copy)
         copy.eval().requires_grad_(False)
         _FAST_COPIES[module] = (stamp, copy)
         return copy
@@ -313,6 +314,22 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
     copy.eval().requires_grad_(False)
     _FAST_COPIES[module] = (stamp, copy)
     return copy
+
+
+def _channels_last_direct_filters(module: torch.nn.Module) -> None:
+    """Give the 3x3 convolutions that stay direct in a float32 fast copy (the stride-2 downsamplers,
+    those outside Winograd's budget) channels-last copies of their weights when they have
+    `winograd.MIN_CHANNELS` or more input channels: with channels-last inputs oneDNN otherwise
+    reorders an NCHW weight at every call (measured on an AVX2 EPYC: SD 1.5's 1280-channel
+    downsampler 116 ms against 190, no change on 640 or 320 channels or on 1x1 filters). The
+    original module keeps its weights."""
+    from imagine.models.winograd import MIN_CHANNELS
+
+    for m in module.modules():
+        if (type(m) is torch.nn.Conv2d and tuple(m.kernel_size) != (1, 1) and m.in_channels >= MIN_CHANNELS
+                and not m.weight.is_contiguous(memory_format=torch.channels_last)):
+            m.weight = torch.nn.Parameter(m.weight.detach().contiguous(memory_format=torch.channels_last),
+                                          requires_grad=False)
 
 
 def _weights_dtype(module: torch.nn.Module) -> torch.dtype:
