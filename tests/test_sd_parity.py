@@ -113,15 +113,21 @@ def test_fast_mode_stays_close_to_exact(tmp_path, bf16_mode):
 
 
 @pytest.mark.parametrize("tile", [2, 4, 6])
-def test_winograd_fast_mode_stays_close_to_exact(tmp_path, no_bf16_mode, monkeypatch, tile):
-    """The fast mode of a CPU without native bf16 (float32 with Winograd convolutions) against exact
-    mode: the decoded image of a full 20-step guided generation, with every 3x3 convolution of the
-    tiny model's U-Net and VAE decoder forced onto Winograd F(tile x tile, 3x3) (its real thresholds,
-    256 channels and 8x8 maps, would leave this tiny model direct). The issue's bar is 30 dB; float32
-    Winograd stays far above it (measured: 123 dB for F(4x4), 117 dB for F(6x6))."""
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_winograd_fast_mode_stays_close_to_exact(tmp_path, monkeypatch, request, tile, bf16):
+    """The fast mode with Winograd convolutions against exact mode: the decoded image of a full
+    20-step guided generation, with every 3x3 convolution of the tiny model's U-Net and VAE decoder
+    forced onto Winograd F(tile x tile, 3x3) (its real thresholds, 256 channels and 8x8 maps, or 16x16
+    in a bf16 copy, would leave this tiny model direct). float32: a CPU without native bf16. bf16:
+    one with it, where the bf16 copy's convolutions run Winograd in float32 from the original's
+    float32 weights. The issue's bar is 30 dB; float32 Winograd stays far above it (measured: 123 dB
+    for F(4x4), 117 dB for F(6x6))."""
     from imagine.models import winograd
+    from imagine.pipelines import text_to_image
     from imagine.pipelines.text_to_image import fast_copy
 
+    request.getfixturevalue("bf16_mode" if bf16 else "no_bf16_mode")
+    monkeypatch.setattr(text_to_image, "BF16_WINOGRAD_MIN_PIXELS", 1)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd.WinogradConv2d, "min_channels", 1)
     monkeypatch.setattr(winograd.WinogradConv2d, "min_pixels", 1)
@@ -138,6 +144,9 @@ def test_winograd_fast_mode_stays_close_to_exact(tmp_path, no_bf16_mode, monkeyp
         convs = [m for m in fast_copy(module).modules() if isinstance(m, winograd.WinogradConv2d)]
         assert convs and all(m._u is None or set(m._u) == {tile} for m in convs)
         assert any(m._u for m in convs), "no convolution ran by Winograd"
+        assert all((m._source is not None) == bf16 for m in convs)
+        if bf16:  # U from the original float32 weights, not from the copy's bf16 ones
+            assert all(u.dtype == torch.float32 for m in convs for u in (m._u or {}).values())
     assert not torch.equal(a, b)  # the fast path did compute differently
     assert psnr(b, a) >= 30
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))

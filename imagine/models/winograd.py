@@ -191,7 +191,8 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
                      band_elements: int = BAND_ELEMENTS) -> torch.Tensor:
     """conv2d(x, g, bias, stride=1, padding=1) for x [B, C_in, H, W] and U = winograd_filter(g, m)
     (the tile m is read from U's shape); returns [B, C_out, H, W] in channels-last memory (its
-    natural layout here)."""
+    natural layout here). The arithmetic is in U's dtype and the output in x's: a bf16 map with a
+    float32 U is converted in the copies that pad the input and gather the output tiles."""
     b, c, h, w = x.shape
     if u.ndim != 3 or u.shape[2] != c:
         raise ValueError(f"the transformed filter {tuple(u.shape)} does not take {c} input channels")
@@ -199,18 +200,18 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
     n = m + 2  # input tile side
     co = u.shape[1]
     bt_, _, at_ = TRANSFORMS[m]
-    bt = torch.tensor(bt_, dtype=x.dtype, device=x.device)
-    at = torch.tensor(at_, dtype=x.dtype, device=x.device)
+    bt = torch.tensor(bt_, dtype=u.dtype, device=x.device)
+    at = torch.tensor(at_, dtype=u.dtype, device=x.device)
     th, tw = -(-h // m), -(-w // m)
     # Under torch.compile (or autograd) the band values are fresh tensors and the bands are
     # concatenated; otherwise they go through the reused workspace into one preallocated output.
     functional = torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or u.requires_grad))
     # Zero padding: 1 for the convolution, plus what makes the map a whole number of tiles.
     if functional:
-        xp = F.pad(x, (1, 1 + m * tw - w, 1, 1 + m * th - h)).permute(0, 2, 3, 1)  # [B, H', W', C]
+        xp = F.pad(x.to(u.dtype), (1, 1 + m * tw - w, 1, 1 + m * th - h)).permute(0, 2, 3, 1)  # [B, H', W', C]
     else:  # into a reused buffer (F.pad into a fresh one measured 6x slower on SD's 64x64 maps)
         hp, wp = m * th + 2, m * tw + 2
-        xp = _WORKSPACE.get("x", b * hp * wp * c, x).view(b, hp, wp, c)
+        xp = _WORKSPACE.get("x", b * hp * wp * c, u).view(b, hp, wp, c)
         xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
         xp[:, 0].zero_(), xp[:, h + 1:].zero_(), xp[:, 1:h + 1, 0].zero_(), xp[:, 1:h + 1, w + 1:].zero_()
     out = None if functional else torch.empty((b, th, m, tw, m, co), dtype=x.dtype, device=x.device)
@@ -227,27 +228,27 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
             prod = torch.bmm(v, u.transpose(1, 2))  # the n^2 products, summed over C_in (Lavin & Gray eq. 12)
         else:
             ws = _WORKSPACE
-            d = ws.get("d", n * n * tiles * c, x).view(d.shape).copy_(d).view(n, -1)
-            half = torch.mm(bt, d, out=ws.get("bd", d.numel(), x).view(n, -1)).view(n, n, -1)
-            v = torch.bmm(bt.expand(n, n, n), half, out=ws.get("v", d.numel(), x).view(n, n, -1))
+            d = ws.get("d", n * n * tiles * c, u).view(d.shape).copy_(d).view(n, -1)
+            half = torch.mm(bt, d, out=ws.get("bd", d.numel(), u).view(n, -1)).view(n, n, -1)
+            v = torch.bmm(bt.expand(n, n, n), half, out=ws.get("v", d.numel(), u).view(n, n, -1))
             prod = torch.bmm(v.view(n * n, tiles, c), u.transpose(1, 2),
-                             out=ws.get("prod", n * n * tiles * co, x).view(n * n, tiles, co))
+                             out=ws.get("prod", n * n * tiles * co, u).view(n * n, tiles, co))
         if bias is not None:
             # Column 1 of A^T is all ones (the point 1), so A^T (b e_1 e_1^T) A adds b to all m^2
             # outputs of a tile: the bias goes into one product matrix instead of a pass over the output.
-            prod[n + 1] += bias.to(x.dtype)
+            prod[n + 1] += bias.to(u.dtype)
         if functional:
             y = torch.matmul(at, (at @ prod.view(n, -1)).view(m, n, -1))  # A^T M A
         else:
-            half = torch.mm(at, prod.view(n, -1), out=ws.get("am", m * n * tiles * co, x).view(m, -1))
-            y = torch.bmm(at.expand(m, m, n), half.view(m, n, -1), out=ws.get("y", m * m * tiles * co, x).view(m, m, -1))
+            half = torch.mm(at, prod.view(n, -1), out=ws.get("am", m * n * tiles * co, u).view(m, -1))
+            y = torch.bmm(at.expand(m, m, n), half.view(m, n, -1), out=ws.get("y", m * m * tiles * co, u).view(m, m, -1))
         y = y.view(m, m, b, r1 - r0, tw, co).permute(2, 3, 0, 4, 1, 5)  # [B, rows, m, tw, m, C_out]
         if out is None:
             bands.append(y.contiguous())
         else:
             out[:, r0:r1].copy_(y)
     if out is None:
-        out = torch.cat(bands, dim=1) if len(bands) > 1 else bands[0]
+        out = (torch.cat(bands, dim=1) if len(bands) > 1 else bands[0]).to(x.dtype)
     return out.view(b, m * th, m * tw, co)[:, :h, :w].permute(0, 3, 1, 2)
 
 
@@ -272,7 +273,11 @@ class WinogradConv2d(nn.Conv2d):
     convolution otherwise. The tile is `best_tile` of the map, if its U fits in this layer's
     reservation plus its budget's free memory (else the tile whose U is built, else 4). U is built
     at the first call that needs it and rebuilt if the weight changes; it is a cache, not part of
-    the state dict. Inference only: under autograd it runs direct."""
+    the state dict. Inference only: under autograd it runs direct.
+
+    `_source`, when set (a bf16 fast copy, see `use_winograd`'s `float32_from`), holds the float32
+    weight and bias of the original layer: U is built from those and the Winograd arithmetic runs in
+    float32 on the bf16 map, the output rounded to bf16 like the direct bf16 convolution's."""
 
     min_channels = MIN_CHANNELS
     min_pixels = MIN_PIXELS
@@ -281,9 +286,10 @@ class WinogradConv2d(nn.Conv2d):
     _budget: WinogradBudget | None = None
     _u: dict | None = None  # tile -> U
     _u_stamp: tuple | None = None
+    _source: tuple | None = None  # (float32 weight, bias) to build U from, instead of self's
 
     def _transformed(self, tile: int) -> torch.Tensor:
-        wt = self.weight
+        wt = self.weight if self._source is None else self._source[0]
         try:
             version = wt._version
         except RuntimeError:  # inference-mode tensors keep no version counter
@@ -324,7 +330,7 @@ class WinogradConv2d(nn.Conv2d):
                     return super().forward(x)
             else:
                 u = self._transformed(tile)
-            return winograd_conv3x3(x, u, self.bias, self.band_elements)
+            return winograd_conv3x3(x, u, self.bias if self._source is None else self._source[1], self.band_elements)
         return super().forward(x)
 
 
@@ -374,11 +380,17 @@ def winograd_candidates(module: nn.Module) -> list[nn.Conv2d]:
             if type(m) is nn.Conv2d and winograd_eligible(m) and m.in_channels >= MIN_CHANNELS]
 
 
-def use_winograd(module: nn.Module, budget_bytes: int | None = None) -> int:
+def use_winograd(module: nn.Module, budget_bytes: int | None = None, float32_from: nn.Module | None = None,
+                 min_pixels: int | None = None) -> int:
     """Turn eligible nn.Conv2d layers inside `module` into WinogradConv2d in place (same objects,
     same parameters), as many as their F(4x4) filters fit in `budget_bytes` (default
     `default_budget_bytes()`); returns how many. What is left of the budget stays shared by these
     layers, for the larger U of F(6x6) on large maps (64/9 of the weight against 36/9).
+
+    `float32_from`: the float32 module `module` is a lower-precision copy of (same layout): each
+    converted layer builds its U from the original's float32 weight, and computes in float32
+    (see WinogradConv2d). `min_pixels`: the converted layers' smallest map for Winograd (default
+    MIN_PIXELS).
 
     U costs 4x its weight, and in a U-Net or VAE the small weights are the ones on the large maps
     (the channels double as the map halves), where a convolution takes as long as a deep level's
@@ -388,16 +400,30 @@ def use_winograd(module: nn.Module, budget_bytes: int | None = None) -> int:
     (see WinogradConv2d)."""
     budget = default_budget_bytes() if budget_bytes is None else int(budget_bytes)
     candidates = winograd_candidates(module)
+    sources = {}
+    if float32_from is not None:
+        originals = dict(float32_from.named_modules())
+        for name, m in module.named_modules():
+            if any(m is c for c in candidates):
+                src = originals.get(name)
+                if not isinstance(src, nn.Conv2d) or src.weight.shape != m.weight.shape:
+                    raise ValueError(f"use_winograd: float32_from has no convolution {name!r} of shape "
+                                     f"{tuple(m.weight.shape)}")
+                sources[id(m)] = (src.weight.detach().float(),
+                                  None if src.bias is None else src.bias.detach().float())
     candidates.sort(key=lambda m: m.weight.numel())  # stable: equal sizes keep the module order
     shared = WinogradBudget()
     n = 0
     for m in candidates:
-        cost = filter_bytes(m.weight, TILE)
+        source = sources.get(id(m))
+        cost = filter_bytes(m.weight if source is None else source[0], TILE)
         if cost > budget:
             break
         budget -= cost
         m.__class__ = WinogradConv2d
-        m._reserved, m._budget, m._u, m._u_stamp = cost, shared, None, None
+        m._reserved, m._budget, m._u, m._u_stamp, m._source = cost, shared, None, None, source
+        if min_pixels is not None:
+            m.min_pixels = int(min_pixels)
         _CONVERTED.add(m)
         n += 1
     shared.free = budget if n else 0

@@ -179,7 +179,7 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
   });
 
   // Query blocks: QB rows of scores (QB x Mp floats) kept in the core's L2 (256 KB), at least RB rows.
-  const int64_t QB = std::max<int64_t>(RB, std::min<int64_t>(64, (65536 / Mp) / RB * RB));
+  const int64_t QB = std::max<int64_t>(1, std::min<int64_t>(64, 65536 / Mp) / RB) * RB;
   const int64_t NB = (N + QB - 1) / QB;
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * H * NB, 1, [&](int64_t begin, int64_t end) {
