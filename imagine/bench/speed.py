@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help="instead of timing the sides: where the fast U-Net step's time goes (torch.profiler, by "
                         "operator), and the self-attention kernel against a bare exp over as many values")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each side in a process of its own (spawned), so that no side's allocations can "
+                        "disturb another's (glibc's heap and its page faults); the rounds still alternate")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -95,35 +98,124 @@ class _PeakRSS:
         self.added = self.peak - self.base
 
 
-def _alternate(sides: dict[str, Callable[[], torch.Tensor]], repeats: int, log=print) -> dict[str, dict]:
+def _timed_call(side: Callable[[], torch.Tensor], keep_output: bool = False) -> dict:
+    """One call: wall and process CPU seconds, the peak resident memory it added, and (if asked) its
+    output in float32."""
+    with torch.inference_mode():
+        t0, c0 = time.perf_counter(), time.process_time()
+        with _PeakRSS() as mem:
+            y = side()
+        r = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+             "peak_added_mb": mem.added / 2**20, "pid": os.getpid()}
+        if keep_output:
+            r["output"] = y.float()
+    return r
+
+
+def _alternate(sides: dict[str, Callable[[], dict]], repeats: int, log=print) -> dict[str, dict]:
     """One warm-up call per side, then `repeats` rounds of one timed call per side; the order
-    rotates every round so no side always follows the same neighbour."""
+    rotates every round so no side always follows the same neighbour. A side is a function that
+    makes one `_timed_call` (in this process, or in the side's own process: `_isolated_sides`)."""
     names = list(sides)
     out = {n: {"seconds": [], "cpu_seconds": [], "peak_added_mb": 0.0, "output": None} for n in names}
-    with torch.inference_mode():
-        for n in names:
-            t0 = time.perf_counter()
-            with _PeakRSS() as mem:
-                out[n]["output"] = sides[n]().float()
-            out[n]["warmup_s"] = time.perf_counter() - t0
-            out[n]["warmup_peak_added_mb"] = mem.added / 2**20  # includes one-time copies/compiles
-            log(f"    warm-up {n}: {out[n]['warmup_s']:.2f} s")
-            gc.collect()
-        for r in range(repeats):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for n in order:
-                t0, c0 = time.perf_counter(), time.process_time()
-                with _PeakRSS() as mem:
-                    sides[n]()
-                dt = time.perf_counter() - t0
-                out[n]["seconds"].append(dt)
-                out[n]["cpu_seconds"].append(time.process_time() - c0)
-                out[n]["peak_added_mb"] = max(out[n]["peak_added_mb"], mem.added / 2**20)
-            log("    round %d: %s" % (r + 1, ", ".join(f"{n} {out[n]['seconds'][-1]:.2f} s" for n in names)))
+    for n in names:
+        r = sides[n](True)
+        out[n]["output"] = r["output"]
+        out[n]["warmup_s"] = r["seconds"]
+        out[n]["warmup_peak_added_mb"] = r["peak_added_mb"]  # includes one-time copies/compiles
+        out[n]["pid"] = r["pid"]
+        log(f"    warm-up {n}: {out[n]['warmup_s']:.2f} s")
+        gc.collect()
+    for k in range(repeats):
+        order = names[k % len(names):] + names[:k % len(names)]
+        for n in order:
+            r = sides[n](False)
+            out[n]["seconds"].append(r["seconds"])
+            out[n]["cpu_seconds"].append(r["cpu_seconds"])
+            out[n]["peak_added_mb"] = max(out[n]["peak_added_mb"], r["peak_added_mb"])
+        log("    round %d: %s" % (k + 1, ", ".join(f"{n} {out[n]['seconds'][-1]:.2f} s" for n in names)))
     for n in names:
         out[n]["median_s"] = statistics.median(out[n]["seconds"])
         out[n]["median_cpu_s"] = statistics.median(out[n]["cpu_seconds"])
     return out
+
+
+def _in_process(sides: dict[str, Callable[[], torch.Tensor]]) -> dict[str, Callable[[bool], dict]]:
+    return {n: (lambda keep, f=f: _timed_call(f, keep)) for n, f in sides.items()}
+
+
+def _isolated_sides(spec: tuple, names: list[str], log=print) -> tuple[dict, Callable[[], None], Callable]:
+    """Each side in a process of its own (spawned, so that nothing of this one's heap is shared): the
+    sides' allocations cannot disturb each other's (glibc's heap, page faults). Returns the sides as
+    `_alternate` calls them, a function that stops the processes, and `ask(name, command)`."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    conns = {}
+    procs = []
+    # One at a time (building SD 1.5 in several processes at once would only contend), ours first: the
+    # fast copy's Winograd budget is half the memory available when it is made, which the other sides'
+    # processes would otherwise have taken.
+    for n in sorted(names, key=lambda n: not n.startswith("imagine")):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_side_process, args=(spec, n, torch.get_num_threads(), child), daemon=True)
+        p.start()
+        procs.append(p)
+        conns[n] = parent
+        reply = parent.recv()
+        if reply != "ready":
+            raise RuntimeError(f"bench side {n} failed to start: {reply}")
+        log(f"    {n}: its own process ready")
+
+    def ask(n: str, command, *args):
+        conns[n].send((command, *args))
+        reply = conns[n].recv()
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def stop():
+        for n, c in conns.items():
+            try:
+                c.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+        for p in procs:
+            p.join(timeout=30)
+
+    return {n: (lambda keep, n=n: ask(n, "call", keep)) for n in names}, stop, ask
+
+
+def _side_process(spec: tuple, name: str, threads: int, conn) -> None:
+    """A spawned process that builds one side (`spec` says which bench: ("unet", model, compile) or
+    ("vae", image)) and answers commands: call, reference, winograd, stop."""
+    try:
+        torch.set_num_threads(threads)
+        reference = name == "diffusers_fp32"  # only that side's process is asked for the fp32 reference
+        if spec[0] == "unet":
+            sides, extras = _unet_sides(spec[1], [name], compile=spec[2], reference=reference)
+        else:
+            sides, extras = _vae_sides(spec[1], [name], reference=reference)
+        conn.send("ready")
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send(repr(e))
+        return
+    while True:
+        command, *args = conn.recv()
+        if command == "stop":
+            return
+        try:
+            if command == "call":
+                conn.send(_timed_call(sides[name], *args))
+            elif command == "reference":
+                with torch.inference_mode():
+                    conn.send(extras["reference"]().float())
+            elif command == "winograd":
+                conn.send(_winograd_info(extras.get("fast")))
+            elif command == "info":
+                conn.send(extras["info"])
+        except BaseException as e:  # noqa: BLE001
+            conn.send(e)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -171,7 +263,11 @@ def default_sides() -> list[str]:
     return ["diffusers_fp32", *bf16, "imagine_exact", "imagine_fast"]
 
 
-def bench_unet(name: str, repeats: int, side_names: list[str] | None, log=print, compile: bool = False) -> dict:
+def _unet_sides(name: str, want: list[str], compile: bool = False, log=None, reference: bool = True
+                ) -> tuple[dict, dict]:
+    """The U-Net sides named in `want` (functions of no argument that make one step) and extras:
+    "reference" (diffusers' fp32 step, if `reference`), "fast" (the fast copy, for its Winograd report),
+    "info". A model no side needs is dropped (a side's own process holds only its own)."""
     from imagine.models.unet import UNet2DConditionModel
     from imagine.pipelines.text_to_image import _Autocast
 
@@ -189,13 +285,18 @@ def bench_unet(name: str, repeats: int, side_names: list[str] | None, log=print,
     t = torch.cat([t1, t1])
     ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
     params = sum(p.numel() for p in ours.parameters())
-    log(f"  U-Net {name}: {params / 1e6:.0f} M parameters, batch 2, latents {size}x{size}, "
-        f"{torch.get_num_threads()} threads")
+    if log:
+        log(f"  U-Net {name}: {params / 1e6:.0f} M parameters, batch 2, latents {size}x{size}, "
+            f"{torch.get_num_threads()} threads")
 
     import copy
 
     sides: dict[str, Callable[[], torch.Tensor]] = {}
-    want = side_names or default_sides()
+    extras = {"info": {"parameters": params, "latent": size}}
+    if reference:
+        extras["reference"] = lambda: ref(x, t, ctx).sample
+    if not any(n.startswith("imagine") for n in want):
+        ours = None
     if "diffusers_fp32" in want or "diffusers_autocast" in want:
         if "diffusers_fp32" in want:
             sides["diffusers_fp32"] = lambda: ref(x, t, ctx).sample
@@ -208,39 +309,89 @@ def bench_unet(name: str, repeats: int, side_names: list[str] | None, log=print,
         ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
         xb, cb = x.bfloat16(), ctx.bfloat16()
         sides["diffusers_bf16"] = lambda: ref_bf16(xb, t, cb).sample
+    if not (reference or {"diffusers_fp32", "diffusers_autocast"} & set(want)):
+        # Frees diffusers' fp32 model where nothing calls it, before the fast copy is made: its Winograd
+        # budget is half the memory available then, as in a process that holds only our model.
+        ref = None  # noqa: F841
+        gc.collect()
     if "imagine_exact" in want:
         sides["imagine_exact"] = lambda: ours(x1, t1, context=ctx)
     if "imagine_fast" in want:
         fast = _Autocast(ours, compile=False)
         sides["imagine_fast"] = lambda: fast(x1, t1, context=ctx)
-    if compile:
+        extras["fast"] = fast.fast
+    if compile and "imagine_fast_compiled" in want:
         fast_c = _Autocast(ours, compile=True)
         sides["imagine_fast_compiled"] = lambda: fast_c(x1, t1, context=ctx)
-    res = _alternate(sides, repeats, log)
-    if "imagine_fast" in res:
-        _log_winograd(res["imagine_fast"], fast.fast, log)
-    with torch.inference_mode():
-        reference = res["diffusers_fp32"]["output"] if "diffusers_fp32" in res else ref(x, t, ctx).sample
+    return sides, extras
+
+
+def _run_sides(spec: tuple, build: Callable, names: list[str], repeats: int, isolate: bool, log) -> tuple:
+    """Time the sides (in this process, or each in its own), then fetch what the report needs: the fp32
+    reference output and the fast copy's Winograd report."""
+    if not isolate:
+        sides, extras = build(names)
+        res = _alternate(_in_process(sides), repeats, log)
+        with torch.inference_mode():
+            reference = res["diffusers_fp32"]["output"] if "diffusers_fp32" in res else extras["reference"]().float()
+        return res, reference, _winograd_info(extras.get("fast")), extras["info"]
+    sides, stop, ask = _isolated_sides(spec, names, log)
+    try:
+        res = _alternate(sides, repeats, log)
+        winograd = ask("imagine_fast", "winograd") if "imagine_fast" in names else None
+        info = ask(names[0], "info")
+    finally:
+        stop()
+    if "diffusers_fp32" in res:
+        reference = res["diffusers_fp32"]["output"]
+    else:  # one more process, for diffusers' fp32 output alone
+        ref_sides, stop, ask = _isolated_sides(spec, ["diffusers_fp32"], log)
+        try:
+            reference = ask("diffusers_fp32", "reference")
+        finally:
+            stop()
+    return res, reference, winograd, info
+
+
+def bench_unet(name: str, repeats: int, side_names: list[str] | None, log=print, compile: bool = False,
+               isolate: bool = False) -> dict:
+    names = list(side_names or default_sides()) + (["imagine_fast_compiled"] if compile else [])
+    res, reference, winograd, info = _run_sides(
+        ("unet", name, compile), lambda want: _unet_sides(name, want, compile, log), names, repeats, isolate, log)
+    if winograd:
+        res["imagine_fast"].update(winograd)
+        _log_winograd(winograd, log)
     for n, r in res.items():
         r["rel_err_vs_diffusers_fp32"] = _rel(r.pop("output"), reference)
-    return {"model": name, "parameters": params, "latent": size, "batch": 2, "sides": res}
+    return {"model": name, **info, "batch": 2, "isolated": isolate, "sides": res}
 
 
-def _log_winograd(result: dict, module: torch.nn.Module, log) -> None:
+def _winograd_info(module: torch.nn.Module | None) -> dict | None:
     """The fast copy's Winograd filters (built in the warm-up call, so not in its peak +MB)."""
+    if module is None:
+        return None
+    if not isinstance(module, torch.nn.Module):
+        module = module()
     from imagine.models.winograd import TRANSFORMS, WinogradConv2d, winograd_bytes
 
     convs = [m for m in module.modules() if isinstance(m, WinogradConv2d)]
     tiles = {t: sum(t in (m._u or {}) for m in convs) for t in sorted(TRANSFORMS)}
-    result["winograd_layers"], result["winograd_filter_mb"] = len(convs), winograd_bytes(module) / 2**20
-    result["winograd_filters_by_tile"] = {f"F({t}x{t},3x3)": k for t, k in tiles.items()}
+    return {"winograd_layers": len(convs), "winograd_filter_mb": winograd_bytes(module) / 2**20,
+            "winograd_filters_by_tile": {f"F({t}x{t},3x3)": k for t, k in tiles.items()}}
+
+
+def _log_winograd(result: dict, log) -> None:
+    convs = result["winograd_layers"]
+    tiles = {int(k[2]): v for k, v in result["winograd_filters_by_tile"].items()}
     if convs:
         built = ", ".join(f"F({t}x{t}, 3x3) for {k}" for t, k in tiles.items() if k)
-        log(f"    imagine_fast: {len(convs)} convolutions eligible for Winograd; filters built so far: "
+        log(f"    imagine_fast: {convs} convolutions eligible for Winograd; filters built so far: "
             f"{built or 'none'} ({result['winograd_filter_mb']:.0f} MB; a layer never called builds none)")
 
 
-def bench_vae(repeats: int, image: int, side_names: list[str] | None, log=print) -> dict:
+def _vae_sides(image: int, want: list[str], log=None, reference: bool = True) -> tuple[dict, dict]:
+    """The VAE-decode sides named in `want` and extras ("reference": diffusers' fp32 decode, "fast",
+    "info"), as `_unet_sides`."""
     import copy
 
     import diffusers
@@ -248,8 +399,6 @@ def bench_vae(repeats: int, image: int, side_names: list[str] | None, log=print)
     from imagine.models.vae import AutoencoderKL, VAEConfig
     from imagine.pipelines.text_to_image import decode_latents
 
-    if image % 8:
-        raise ValueError(f"--vae-size must be a multiple of 8; got {image}")
     cfg = VAEConfig.sd()
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKL(block_out_channels=cfg.block_out_channels, layers_per_block=2, latent_channels=4,
@@ -260,9 +409,12 @@ def bench_vae(repeats: int, image: int, side_names: list[str] | None, log=print)
     g = torch.Generator().manual_seed(2)
     lat = torch.randn(1, 4, image // 8, image // 8, generator=g)
     z = lat / cfg.scaling_factor
-    log(f"  VAE decode: latent {image // 8}x{image // 8} -> {image}x{image}, {torch.get_num_threads()} threads")
-    want = side_names or default_sides()
+    if log:
+        log(f"  VAE decode: latent {image // 8}x{image // 8} -> {image}x{image}, {torch.get_num_threads()} threads")
     sides: dict[str, Callable[[], torch.Tensor]] = {}
+    extras = {"info": {"image": image}}
+    if reference:
+        extras["reference"] = lambda: ref.decode(z).sample
     if "diffusers_fp32" in want:
         sides["diffusers_fp32"] = lambda: ref.decode(z).sample
     if "diffusers_autocast" in want:
@@ -277,23 +429,28 @@ def bench_vae(repeats: int, image: int, side_names: list[str] | None, log=print)
     if "imagine_exact" in want:
         sides["imagine_exact"] = lambda: decode_latents(ours, lat, "exact")
     if "imagine_fast" in want:
-        sides["imagine_fast"] = lambda: decode_latents(ours, lat, "fast")
-    res = _alternate(sides, repeats, log)
-    if "imagine_fast" in res:
         from imagine.pipelines.text_to_image import fast_copy
 
-        _log_winograd(res["imagine_fast"], fast_copy(ours), log)
-    with torch.inference_mode():
-        reference = res["diffusers_fp32"]["output"] if "diffusers_fp32" in res else ref.decode(z).sample
-    for n, r in res.items():
-        out = r.pop("output")
-        r["psnr_vs_diffusers_fp32_db"] = psnr(out, reference)
-    if "imagine_fast" in res and "imagine_exact" in res:
-        with torch.inference_mode():
-            a = decode_latents(ours, lat, "exact")
-            b = decode_latents(ours, lat, "fast")
-        res["imagine_fast"]["psnr_vs_imagine_exact_db"] = psnr(b, a)
-    return {"image": image, "sides": res}
+        sides["imagine_fast"] = lambda: decode_latents(ours, lat, "fast")
+        extras["fast"] = lambda: fast_copy(ours)  # made by the first fast call
+    return sides, extras
+
+
+def bench_vae(repeats: int, image: int, side_names: list[str] | None, log=print, isolate: bool = False) -> dict:
+    if image % 8:
+        raise ValueError(f"--vae-size must be a multiple of 8; got {image}")
+    names = list(side_names or default_sides())
+    res, reference, winograd, info = _run_sides(
+        ("vae", image), lambda want: _vae_sides(image, want, log), names, repeats, isolate, log)
+    if winograd:
+        res["imagine_fast"].update(winograd)
+        _log_winograd(winograd, log)
+    outputs = {n: r.pop("output") for n, r in res.items()}
+    for n, out in outputs.items():
+        res[n]["psnr_vs_diffusers_fp32_db"] = psnr(out, reference)
+    if "imagine_fast" in outputs and "imagine_exact" in outputs:  # the warm-up calls' images
+        res["imagine_fast"]["psnr_vs_imagine_exact_db"] = psnr(outputs["imagine_fast"], outputs["imagine_exact"])
+    return {**info, "isolated": isolate, "sides": res}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,21 +575,21 @@ def run(args) -> int:
 
     results = {"torch": torch.__version__, "diffusers": _d.__version__, "threads": torch.get_num_threads(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
-               "load_average_start": _loadavg(), "unet": [], "vae": None}
+               "load_average_start": _loadavg(), "isolated": args.isolate, "unet": [], "vae": None}
     print(f"imagine bench speed: torch {torch.__version__}, diffusers {_d.__version__}, "
           f"{torch.get_num_threads()} threads, CPU {results['cpu_capability']}, native bf16: "
           f"{'yes' if native_bf16() else 'no (bf16 sides left out unless --sides names them)'}, "
           f"load average {_loadavg()}")
     if "unet" in parts:
         for m in models:
-            r = bench_unet(m, args.repeats, side_names, compile=args.compile)
+            r = bench_unet(m, args.repeats, side_names, compile=args.compile, isolate=args.isolate)
             r["ratios"] = {"wall": _ratios(r["sides"]), "cpu": _ratios(r["sides"], "median_cpu_s")}
             results["unet"].append(r)
             print(_table(f"U-Net {m} (batch 2, {r['latent']}x{r['latent']} latents): seconds per step",
                          r["sides"], "rel_err_vs_diffusers_fp32", "%.1e"))
             gc.collect()
     if "vae" in parts:
-        r = bench_vae(args.repeats, args.vae_size, side_names)
+        r = bench_vae(args.repeats, args.vae_size, side_names, isolate=args.isolate)
         r["ratios"] = {"wall": _ratios(r["sides"]), "cpu": _ratios(r["sides"], "median_cpu_s")}
         results["vae"] = r
         print(_table(f"VAE decode to {r['image']}x{r['image']}: seconds", r["sides"], "psnr_vs_diffusers_fp32_db",

@@ -62,7 +62,8 @@ def wanted() -> bool:
 def _build():
     from torch.utils.cpp_extension import load
 
-    print("imagine: building the bf16 attention kernel (once per machine; about 10 s)", file=sys.stderr)
+    print("imagine: loading the bf16 attention kernel (compiled once per machine and torch version, about 10 s)",
+          file=sys.stderr)
     load(name="imagine_attention_bf16", sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False)
     return torch.ops.imagine.attention_bf16
 
