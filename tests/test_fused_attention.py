@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from imagine.models import fused_attention
 
-pytestmark = pytest.mark.skipif(not fused_attention.wanted(),
-                                reason="needs a CPU with AVX512-BF16 and no AMX (or IMAGINE_FUSED_ATTENTION=1)")
+needs_kernel = pytest.mark.skipif(not fused_attention.wanted(),
+                                  reason="needs a CPU with AVX512-BF16 and no AMX (or IMAGINE_FUSED_ATTENTION=1)")
 
 
 def _heads(t, h):
@@ -22,6 +22,7 @@ def _rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
+@needs_kernel
 @pytest.mark.parametrize("b, h, n, m, d, amp", [
     (2, 8, 600, 600, 40, 1.0),  # SD 1.5's top level, fewer tokens
     (2, 8, 600, 600, 40, 4.0),  # peaked softmax
@@ -49,6 +50,7 @@ def test_kernel_matches_float64_as_closely_as_sdpa(b, h, n, m, d, amp):
     assert _rel(ours, want) < 5e-3
 
 
+@needs_kernel
 def test_large_scores_neither_overflow_nor_lose_the_maximum():
     """Scores of several hundred: exp of (score - row max) must not overflow, and a row whose mass sits on
     one key must give that key's value."""
@@ -63,6 +65,7 @@ def test_large_scores_neither_overflow_nor_lose_the_maximum():
     assert _rel(ours, want) < 5e-3
 
 
+@needs_kernel
 def test_where_it_does_not_apply_the_callers_use_sdpa(monkeypatch):
     q = k = v = torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
     assert fused_attention.attention(q.float(), k.float(), v.float()) is None  # float32
@@ -75,6 +78,7 @@ def test_where_it_does_not_apply_the_callers_use_sdpa(monkeypatch):
     assert fused_attention.attention(q, k, v) is None
 
 
+@needs_kernel
 def test_attention_layer_in_bf16_agrees_with_its_sdpa_path(monkeypatch):
     """The U-Net's Attention layer (self and cross) in bf16: the kernel's answer against the same layer
     on SDPA (IMAGINE_FUSED_ATTENTION=0), both against the float32 layer."""
@@ -97,6 +101,7 @@ def test_attention_layer_in_bf16_agrees_with_its_sdpa_path(monkeypatch):
             assert _rel(ours, exact) <= 1.1 * _rel(sdpa, exact) + 2e-4
 
 
+@needs_kernel
 def test_vae_attention_in_bf16_agrees_with_float32():
     from imagine.models.vae import SpatialSelfAttention
 
@@ -107,3 +112,20 @@ def test_vae_attention_in_bf16_agrees_with_float32():
         exact = layer(x).double()
         ours = layer.bfloat16()(x.bfloat16())
     assert _rel(ours, exact) < 1e-2
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+    """No compiler: one warning, None (the callers use SDPA), and no second attempt."""
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise OSError("no compiler here")
+
+    monkeypatch.setattr(fused_attention, "wanted", lambda: True)  # on any CPU: the build is what fails
+    monkeypatch.setattr(fused_attention, "_build", broken)
+    monkeypatch.setattr(fused_attention, "_failed", False)
+    q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"):
+        assert fused_attention.attention(q, q, q) is None
+    assert fused_attention.attention(q, q, q) is None and calls == [1]

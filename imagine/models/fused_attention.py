@@ -30,8 +30,10 @@ import torch
 
 ENV = "IMAGINE_FUSED_ATTENTION"
 SOURCE = Path(__file__).with_name("csrc") / "attention_bf16.cpp"
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+# -fopenmp: at::parallel_for is inline OpenMP; without it the kernel would run on one thread.
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
 _lock = threading.Lock()
+_failed = False  # a build failed in this process: SDPA from then on
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,23 +66,24 @@ def _build():
 
     print("imagine: loading the bf16 attention kernel (compiled once per machine and torch version, about 10 s)",
           file=sys.stderr)
-    load(name="imagine_attention_bf16", sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False)
+    load(name="imagine_attention_bf16", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+         is_python_module=False)
     return torch.ops.imagine.attention_bf16
 
 
 def kernel():
     """The compiled op `(q, k, v, scale) -> [B, N, H*D]`, or None where it is not wanted or cannot be built."""
-    if not wanted():
+    global _failed
+    if _failed or not wanted():
         return None
     with _lock:
         try:
             return _build()
-        except Exception as e:  # no compiler, no headers: SDPA serves instead
-            if not getattr(kernel, "warned", False):
-                kernel.warned = True
-                warnings.warn(f"imagine: the bf16 attention kernel could not be built ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using SDPA. "
-                              f"Set {ENV}=0 to skip trying.", RuntimeWarning, stacklevel=2)
+        except Exception as e:  # no compiler, no headers: SDPA serves instead, and the build is not retried
+            _failed = True
+            warnings.warn(f"imagine: the bf16 attention kernel could not be built ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using SDPA. "
+                          f"Set {ENV}=0 to skip trying.", RuntimeWarning, stacklevel=2)
             return None
 
 
