@@ -341,3 +341,31 @@ def test_bf16_copy_builds_its_filters_from_the_float32_original():
     assert [u.dtype for u in conv._u.values()] == [torch.float32]
     with pytest.raises(ValueError, match="no convolution '0'"):
         use_winograd(__import__("copy").deepcopy(original).bfloat16(), float32_from=torch.nn.Sequential())
+
+
+@pytest.mark.usefixtures("bf16_mode")
+@pytest.mark.parametrize("amx", [False, True], ids=["AVX512-BF16", "AMX"])
+def test_bf16_fast_copy_uses_float32_winograd_except_with_amx(monkeypatch, amx):
+    """A bf16 fast copy converts its large 3x3 convolutions to float32 Winograd from the original's float32
+    weights, unless the CPU has AMX (whose bf16 convolutions are the faster); the step agrees with exact."""
+    from imagine import hardware
+    from imagine.models.unet import UNet2DConditionModel, UNetConfig
+    from imagine.pipelines.text_to_image import _Autocast, fast_copy
+
+    monkeypatch.setattr(hardware, "amx", lambda: amx)
+    torch.manual_seed(0)
+    cfg = UNetConfig(block_out_channels=(256, 256), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                     cross_attention_dim=32, attention_head_dim=4)
+    unet = UNet2DConditionModel(cfg).eval().requires_grad_(False)
+    copy = fast_copy(unet)
+    convs = [m for m in copy.modules() if type(m) is WinogradConv2d]
+    assert next(copy.parameters()).dtype == torch.bfloat16
+    assert bool(convs) is not amx
+    assert all(m._source[0].dtype == torch.float32 and m.min_pixels == 16 * 16 for m in convs)
+    x, ctx = torch.randn(2, 4, 32, 32), torch.randn(2, 5, 32)
+    with torch.inference_mode():
+        exact = unet(x, torch.tensor([10.0, 900.0]), context=ctx)
+        fast = _Autocast(unet, compile=False)(x, torch.tensor([10.0, 900.0]), context=ctx)
+    assert _rel(fast, exact) < 3e-2
+    assert all(m._u for m in convs if m.in_channels >= 256)  # the 32x32 and 16x16 maps ran Winograd

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from imagine.hardware import amx, cpu_flags
+
 ENV = "IMAGINE_FUSED_ATTENTION"
 SOURCE = Path(__file__).with_name("csrc") / "attention_bf16.cpp"
 # -fopenmp: at::parallel_for is inline OpenMP; without it the kernel would run on one thread.
@@ -36,28 +38,15 @@ _lock = threading.Lock()
 _failed = False  # a build failed in this process: SDPA from then on
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def wanted() -> bool:
     """Whether this machine should use the kernel: AVX512-BF16 without AMX, unless IMAGINE_FUSED_ATTENTION
     says otherwise (0: never; 1: wherever AVX512-BF16 is)."""
     forced = os.environ.get(ENV, "").strip()
     if forced == "0" or not sys.platform.startswith("linux"):
         return False
-    flags = _cpu_flags()
-    if "avx512_bf16" not in flags:
+    if "avx512_bf16" not in cpu_flags():
         return False
-    return forced == "1" or "amx_bf16" not in flags
+    return forced == "1" or not amx()
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,6 +57,11 @@ def _build():
           file=sys.stderr)
     load(name="imagine_attention_bf16", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
          is_python_module=False)
+
+    @torch.library.register_fake("imagine::attention_bf16")
+    def _(q, k, v, scale):  # what torch.compile needs to trace through the op: the output's shape
+        return q.new_empty(q.shape[0], q.shape[2], q.shape[1] * q.shape[3])
+
     return torch.ops.imagine.attention_bf16
 
 
@@ -89,12 +83,11 @@ def kernel():
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The kernel takes bf16 CPU tensors [B, H, N, D] with matching B and H, unit last stride, and no
-    gradient to carry (it has no backward) nor a graph being compiled (it has no fake tensor rule)."""
+    gradient to carry (it has no backward)."""
     return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu" and q.ndim == 4
             and k.shape[:2] == q.shape[:2] == v.shape[:2] and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-            and k.shape[2] > 0 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                      or v.requires_grad))
-            and not torch.compiler.is_compiling())
+            and k.shape[2] > 0
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:

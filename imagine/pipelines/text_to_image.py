@@ -275,14 +275,15 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
       oneDNN's direct bf16 convolution on SD's layers (320 channels on 64x64 at batch 1: 27.4 ms
       against 34.1; 2560 -> 1280 on 16x16 at batch 2: 120 against 164; the VAE's 512 on 256x256:
       1017 against 1397), at float32's accuracy; on 8x8 the direct bf16 one is faster (1280
-      channels at batch 2: 20.4 ms against 27.5).
+      channels at batch 2: 20.4 ms against 27.5). Not on CPUs with AMX, whose bf16 convolutions are
+      several times faster than AVX-512's (unmeasured against Winograd there).
     - Without it (emulated bf16 is many times slower than float32 there): float32, sharing the
       original's weights, with its 3x3 convolutions on large maps computed by Winograd's F(4x4, 3x3)
       or, on maps of 24x24 and more where memory allows, F(6x6, 3x3) (`imagine.models.winograd`: a
       quarter or a fifth of the multiplications, within 2-4e-6 of float64 like direct float32;
       not used in bf16, where it loses 9x the accuracy). A module with no such convolution (the
       embedded default's channels are all under 256) is returned itself."""
-    from imagine.hardware import fast_dtype
+    from imagine.hardware import amx, fast_dtype
     from imagine.models.winograd import default_budget_bytes, use_winograd, winograd_candidates
 
     if fast_dtype() == torch.float32 and (not winograd_candidates(module) or default_budget_bytes() == 0):
@@ -316,7 +317,7 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
     for m in copy.modules():
         if hasattr(m, "upcast"):
             m.upcast = False  # see the note above
-    if default_budget_bytes() > 0:
+    if not amx() and default_budget_bytes() > 0:  # with AMX, oneDNN's bf16 convolutions are the faster
         use_winograd(copy, float32_from=module, min_pixels=BF16_WINOGRAD_MIN_PIXELS)
     copy.eval().requires_grad_(False)
     _FAST_COPIES[module] = (stamp, copy)
