@@ -12,8 +12,9 @@ bf16 for the second product; its error against float64 equals SDPA's, tests/test
 On CPUs with AMX, SDPA's flash kernel multiplies on the AMX tiles, so it is kept there; on CPUs
 without AVX512-BF16 the fast mode is float32 and never calls this. The kernel is compiled by
 torch.utils.cpp_extension on first use (about 10 s, once per machine and torch version: torch
-caches the build under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR). If it cannot be built
-(no compiler), a warning says so once and SDPA is used. `IMAGINE_FUSED_ATTENTION=0` turns it off,
+caches the build under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR), with the system's C++
+compiler and ninja (a dependency of ours, from PyPI). If it cannot be built (no compiler), a warning
+says so once and SDPA is used. `IMAGINE_FUSED_ATTENTION=0` turns it off,
 `=1` uses it wherever the CPU has AVX512-BF16, AMX included.
 """
 
