@@ -125,6 +125,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(fused_attention, "wanted", lambda: True)  # on any CPU: the build is what fails
     monkeypatch.setattr(fused_attention, "_build", broken)
     monkeypatch.setattr(fused_attention, "_failed", False)
+    monkeypatch.setattr(fused_attention, "_op", None)  # not built yet in this process
     q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
     with pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"):
         assert fused_attention.attention(q, q, q) is None

@@ -37,6 +37,7 @@ SOURCE = Path(__file__).with_name("csrc") / "attention_bf16.cpp"
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
 _lock = threading.Lock()
 _failed = False  # a build failed in this process: SDPA from then on
+_op = None  # the built op
 
 
 def wanted() -> bool:
@@ -68,12 +69,15 @@ def _build():
 
 def kernel():
     """The compiled op `(q, k, v, scale) -> [B, N, H*D]`, or None where it is not wanted or cannot be built."""
-    global _failed
+    global _failed, _op
     if _failed or not wanted():
         return None
+    if _op is not None:  # built: no lock on the per-call path
+        return _op
     with _lock:
         try:
-            return _build()
+            _op = _build()
+            return _op
         except Exception as e:  # no compiler, no headers: SDPA serves instead, and the build is not retried
             _failed = True
             warnings.warn(f"imagine: the bf16 attention kernel could not be built ({type(e).__name__}: "

@@ -403,8 +403,9 @@ def use_winograd(module: nn.Module, budget_bytes: int | None = None, float32_fro
     sources = {}
     if float32_from is not None:
         originals = dict(float32_from.named_modules())
+        wanted = {id(c) for c in candidates}
         for name, m in module.named_modules():
-            if any(m is c for c in candidates):
+            if id(m) in wanted:
                 src = originals.get(name)
                 if not isinstance(src, nn.Conv2d) or src.weight.shape != m.weight.shape:
                     raise ValueError(f"use_winograd: float32_from has no convolution {name!r} of shape "
