@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imagine.models import fused_attention
+from imagine.models import fused_attention, native
 
 needs_kernel = pytest.mark.skipif(not fused_attention.wanted(),
                                   reason="needs a CPU with AVX512-BF16 and no AMX (or IMAGINE_FUSED_ATTENTION=1)")
@@ -122,10 +122,12 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         calls.append(1)
         raise OSError("no compiler here")
 
+    fresh = native.Kernel("imagine_never_built", "attention_bf16.cpp", (), what="the bf16 attention kernel",
+                          fallback="SDPA", env=fused_attention.ENV)  # not built yet in this process
+    monkeypatch.setattr(fresh, "build", broken)
+    monkeypatch.setattr(fused_attention, "KERNEL", fresh)
     monkeypatch.setattr(fused_attention, "wanted", lambda: True)  # on any CPU: the build is what fails
-    monkeypatch.setattr(fused_attention, "_build", broken)
-    monkeypatch.setattr(fused_attention, "_failed", False)
-    monkeypatch.setattr(fused_attention, "_op", None)  # not built yet in this process
+    monkeypatch.setattr(fused_attention, "_op", None)
     q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
     with pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"):
         assert fused_attention.attention(q, q, q) is None

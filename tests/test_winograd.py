@@ -45,7 +45,13 @@ def test_one_dimensional_minimal_filtering_is_exact_correlation(m):
 @pytest.mark.parametrize("b,c,co,h,w", [(2, 8, 5, 12, 12), (1, 7, 3, 13, 9), (3, 16, 16, 5, 22), (1, 4, 6, 1, 1)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tile", sorted(winograd.TRANSFORMS))
-def test_conv_matches_float64_direct_as_closely_as_float32_direct(b, c, co, h, w, bias, tile):
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch-ops"])
+def test_conv_matches_float64_direct_as_closely_as_float32_direct(b, c, co, h, w, bias, tile, kernel, monkeypatch):
+    """Both ways to the transforms: our C++ kernel (where the CPU has AVX-512) and torch's ops."""
+    if kernel and not winograd.transform_kernel():
+        pytest.skip("the transform kernel needs AVX-512")
+    if not kernel:
+        monkeypatch.setenv(winograd.KERNEL_ENV, "0")
     gen = torch.Generator().manual_seed(b * 100 + h)
     x = torch.randn(b, c, h, w, generator=gen)
     weight = torch.randn(co, c, 3, 3, generator=gen) / (3 * c ** 0.5)
@@ -57,7 +63,7 @@ def test_conv_matches_float64_direct_as_closely_as_float32_direct(b, c, co, h, w
     # direct float32 error on SD's shapes, F(4x4)'s about 2x; F(2x2)'s (0, +-1, 1/2) less than 1x.
     factor = {2: 2, 4: 4, 6: 8}[tile]
     for layout in (torch.contiguous_format, torch.channels_last):
-        for band in (winograd.BAND_ELEMENTS, 1):  # one band, and one tile row per band
+        for band in (None, 1):  # one band, and one tile row per band
             y = winograd_conv3x3(x.contiguous(memory_format=layout), u, bvec, band_elements=band)
             assert y.shape == direct.shape
             assert _rel(y, truth) <= max(factor * _rel(direct, truth), factor / 2 * 1e-6)

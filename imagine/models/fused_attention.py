@@ -12,31 +12,32 @@ bf16 for the second product; its error against float64 equals SDPA's, tests/test
 On CPUs with AMX, SDPA's flash kernel multiplies on the AMX tiles, so it is kept there; on CPUs
 without AVX512-BF16 the fast mode is float32 and never calls this. The kernel is compiled by
 torch.utils.cpp_extension on first use (about 10 s, once per machine and torch version: torch
-caches the build under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR), with the system's C++
-compiler and ninja (a dependency of ours, from PyPI). If it cannot be built (no compiler), a warning
-says so once and SDPA is used. `IMAGINE_FUSED_ATTENTION=0` turns it off,
+caches the build; see `native.py`). If it cannot be built (no compiler), a warning says so once and
+SDPA is used. `IMAGINE_FUSED_ATTENTION=0` turns it off,
 `=1` uses it wherever the CPU has AVX512-BF16, AMX included.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 
-from imagine.hardware import amx, cpu_flags
+from imagine.hardware import amx
+from imagine.models import native
 
 ENV = "IMAGINE_FUSED_ATTENTION"
-SOURCE = Path(__file__).with_name("csrc") / "attention_bf16.cpp"
-# -fopenmp: at::parallel_for is inline OpenMP; without it the kernel would run on one thread.
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
-_lock = threading.Lock()
-_failed = False  # a build failed in this process: SDPA from then on
+NEEDS = native.AVX512_FLAGS | {"avx512_bf16"}
+
+
+def _register_fake():
+    @torch.library.register_fake("imagine::attention_bf16")
+    def _(q, k, v, scale):  # what torch.compile needs to trace through the op: the output's shape
+        return q.new_empty(q.shape[0], q.shape[2], q.shape[1] * q.shape[3])
+
+
+KERNEL = native.Kernel("imagine_attention_bf16", "attention_bf16.cpp", native.AVX512 + ("-mavx512bf16",),
+                       what="the bf16 attention kernel", fallback="SDPA", env=ENV, after_load=_register_fake)
 _op = None  # the built op
 
 
@@ -44,46 +45,19 @@ def wanted() -> bool:
     """Whether this machine should use the kernel: AVX512-BF16 without AMX, unless IMAGINE_FUSED_ATTENTION
     says otherwise (0: never; 1: wherever AVX512-BF16 is)."""
     forced = os.environ.get(ENV, "").strip()
-    if forced == "0" or not sys.platform.startswith("linux"):
-        return False
-    if "avx512_bf16" not in cpu_flags():
+    if forced == "0" or not native.has_cpu_flags(NEEDS):
         return False
     return forced == "1" or not amx()
 
 
-@functools.lru_cache(maxsize=None)
-def _build():
-    from torch.utils.cpp_extension import load
-
-    print("imagine: loading the bf16 attention kernel (compiled once per machine and torch version, about 10 s)",
-          file=sys.stderr)
-    load(name="imagine_attention_bf16", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-         is_python_module=False)
-
-    @torch.library.register_fake("imagine::attention_bf16")
-    def _(q, k, v, scale):  # what torch.compile needs to trace through the op: the output's shape
-        return q.new_empty(q.shape[0], q.shape[2], q.shape[1] * q.shape[3])
-
-    return torch.ops.imagine.attention_bf16
-
-
 def kernel():
     """The compiled op `(q, k, v, scale) -> [B, N, H*D]`, or None where it is not wanted or cannot be built."""
-    global _failed, _op
-    if _failed or not wanted():
+    global _op
+    if not wanted():
         return None
-    if _op is not None:  # built: no lock on the per-call path
-        return _op
-    with _lock:
-        try:
-            _op = _build()
-            return _op
-        except Exception as e:  # no compiler, no headers: SDPA serves instead, and the build is not retried
-            _failed = True
-            warnings.warn(f"imagine: the bf16 attention kernel could not be built ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using SDPA. "
-                          f"Set {ENV}=0 to skip trying.", RuntimeWarning, stacklevel=2)
-            return None
+    if _op is None and KERNEL.load():
+        _op = torch.ops.imagine.attention_bf16
+    return _op
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

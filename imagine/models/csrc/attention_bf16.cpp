@@ -237,7 +237,7 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY(imagine, m) {
+TORCH_LIBRARY_FRAGMENT(imagine, m) {
   m.def("attention_bf16(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
 }
 
