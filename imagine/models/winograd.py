@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagine.models import native
+from imagine.models.prepacked import PackedConv2d
 
 # F(4x4, 3x3) with the interpolation points 0, +-1, +-2 and infinity (Lavin & Gray, sec. 5.2).
 _BT = ((4, 0, -5, 0, 1, 0),
@@ -317,10 +318,11 @@ class WinogradBudget:
         self.free = int(free)
 
 
-class WinogradConv2d(nn.Conv2d):
+class WinogradConv2d(PackedConv2d):
     """An nn.Conv2d (same parameters and state-dict keys) that runs `winograd_conv3x3` on maps of
     at least `min_pixels` and with at least `min_channels` input channels, and the direct
-    convolution otherwise. The tile is `best_tile` of the map, if its U fits in this layer's
+    convolution otherwise, with its weight packed for oneDNN (`prepacked.PackedConv2d`). The tile is
+    `best_tile` of the map, if its U fits in this layer's
     reservation plus its budget's free memory (else the tile whose U is built, else 4). U is built
     at the first call that needs it and rebuilt if the weight changes; it is a cache, not part of
     the state dict. Inference only: under autograd it runs direct.
@@ -377,11 +379,11 @@ class WinogradConv2d(nn.Conv2d):
                 built = self._u or {}
                 u = built[tile] if tile in built else next(iter(built.values()), None)
                 if u is None:
-                    return super().forward(x)
+                    return self._direct(x)
             else:
                 u = self._transformed(tile)
             return winograd_conv3x3(x, u, self.bias if self._source is None else self._source[1], self.band_elements)
-        return super().forward(x)
+        return self._direct(x)
 
 
 _CONVERTED: "weakref.WeakSet[WinogradConv2d]" = weakref.WeakSet()

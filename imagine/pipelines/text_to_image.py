@@ -282,8 +282,11 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
       or, on maps of 24x24 and more where memory allows, F(6x6, 3x3) (`imagine.models.winograd`: a
       quarter or a fifth of the multiplications, within 2-4e-6 of float64 like direct float32;
       not used in bf16, where it loses 9x the accuracy). A module with no such convolution (the
-      embedded default's channels are all under 256) is returned itself."""
+      embedded default's channels are all under 256) is returned itself.
+    - In both copies the linear layers and the direct convolutions use weights packed once into
+      oneDNN's layout (`imagine.models.prepacked`: bit-identical outputs, no reorder per call)."""
     from imagine.hardware import amx, fast_dtype
+    from imagine.models.prepacked import use_prepacked
     from imagine.models.winograd import default_budget_bytes, use_winograd, winograd_candidates
 
     if fast_dtype() == torch.float32 and (not winograd_candidates(module) or default_budget_bytes() == 0):
@@ -299,6 +302,7 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
         copy = _copy.deepcopy(module, memo=shared)  # new modules, the same weight tensors
         use_winograd(copy)
         _channels_last_direct_filters(copy)
+        use_prepacked(copy)
         copy.eval().requires_grad_(False)
         _FAST_COPIES[module] = (stamp, copy)
         return copy
@@ -319,6 +323,7 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
             m.upcast = False  # see the note above
     if not amx() and default_budget_bytes() > 0:  # with AMX, oneDNN's bf16 convolutions are the faster
         use_winograd(copy, float32_from=module, min_pixels=BF16_WINOGRAD_MIN_PIXELS)
+    use_prepacked(copy)  # after use_winograd, which converts only plain nn.Conv2d
     copy.eval().requires_grad_(False)
     _FAST_COPIES[module] = (stamp, copy)
     return copy

@@ -1,0 +1,131 @@
+"""Weights packed for oneDNN (imagine/models/prepacked.py): the packed layers against float64 and
+against torch's own F.linear / F.conv2d on the same bf16 weights, where they must agree bit for bit
+(channels-last, as in the fast copies)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imagine.models import prepacked
+from imagine.models.prepacked import PackedConv2d, PackedLinear, use_prepacked
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not prepacked.available(), reason="this torch build has no oneDNN")]
+CL = torch.channels_last
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _layers(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(48, 80), torch.nn.Linear(80, 32, bias=False))
+
+
+@pytest.mark.parametrize("shape", [(5, 48), (2, 7, 48)])
+def test_linear_matches_float64_and_torch_bit_for_bit_in_bf16(shape):
+    ref = _layers()
+    fast = _layers().bfloat16()
+    assert use_prepacked(fast) == 2 and all(type(m) is PackedLinear for m in fast)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        got = fast(x.bfloat16())
+        plain = F.linear(F.linear(x.bfloat16(), fast[0].weight, fast[0].bias), fast[1].weight)
+        truth = ref.double()(x.double())
+    assert fast[0]._pack is not None and fast[0]._pack.layout == torch._mkldnn  # the packed path ran
+    assert torch.equal(got, plain)
+    assert _rel(got, truth) < 2e-2  # bf16 weights and products
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,size", [(32, 48, 3, 1, 9), (32, 16, 3, 2, 12), (24, 40, 1, 1, 7)])
+def test_conv_matches_float64_and_torch_bit_for_bit_in_bf16_channels_last(cin, cout, k, stride, size):
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2).eval()
+    truth_of = lambda x: F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride=stride, padding=k // 2)
+    fast = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2).eval().bfloat16()
+    fast.load_state_dict({n: v.bfloat16() for n, v in conv.state_dict().items()})
+    fast.weight.data = fast.weight.data.contiguous(memory_format=CL)
+    use_prepacked(fast)
+    assert type(fast) is PackedConv2d and list(fast.state_dict()) == ["weight", "bias"]
+    with torch.inference_mode():
+        for batch, side in ((2, size), (1, size + 5)):  # one pack serves another input size
+            x = torch.randn(batch, cin, side, side).bfloat16().contiguous(memory_format=CL)
+            got = fast(x)
+            assert torch.equal(got, F.conv2d(x, fast.weight, fast.bias, stride=stride, padding=k // 2))
+            assert _rel(got, truth_of(x)) < 2e-2
+    assert fast._pack is not None
+
+
+def test_an_in_place_change_of_the_weight_repacks():
+    lin = _layers()[0].bfloat16()
+    use_prepacked(lin)
+    x = torch.randn(3, 48).bfloat16()
+    with torch.inference_mode():
+        before = lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    with torch.inference_mode():
+        after = lin(x)
+    assert torch.equal(after, F.linear(x, lin.weight, lin.bias)) and not torch.equal(after, before)
+
+
+def test_autograd_and_float64_take_the_plain_path():
+    lin = _layers()[0]
+    use_prepacked(lin)
+    x = torch.randn(3, 48, requires_grad=True)
+    y = lin(x)  # a gradient to carry: plain F.linear, no pack
+    y.sum().backward()
+    assert x.grad is not None and lin._pack is None
+    assert torch.equal(lin.double()(x.double()), F.linear(x.double(), lin.weight, lin.bias))
+    assert lin._pack is None
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(prepacked.ENV, "0")
+    assert use_prepacked(_layers()) == 0
+
+
+def test_a_pack_that_fails_leaves_the_layer_plain(monkeypatch):
+    lin = _layers()[0].bfloat16()
+    use_prepacked(lin)
+
+    def refuse(*args):
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    x = torch.randn(3, 48).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert lin._pack_failed and lin._pack is None
+
+
+@pytest.mark.usefixtures("bf16_mode")
+def test_the_bf16_fast_copy_packs_its_linear_layers_and_direct_convolutions(monkeypatch):
+    """The fast copy of an SD-shaped U-Net: every plain linear and convolution becomes packed, the
+    original keeps plain layers, and the copy's output is the same as with packing turned off."""
+    from imagine.models.unet import UNet2DConditionModel, UNetConfig
+    from imagine.pipelines import text_to_image
+
+    monkeypatch.setattr(text_to_image, "_FAST_COPIES", type(text_to_image._FAST_COPIES)())
+    torch.manual_seed(0)
+    cfg = UNetConfig(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                     layers_per_block=1, cross_attention_dim=24, attention_head_dim=8,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    unet = UNet2DConditionModel(cfg).eval()
+    copy = text_to_image.fast_copy(unet)
+    kinds = {type(m).__name__ for m in copy.modules()}
+    assert "PackedLinear" in kinds and "PackedConv2d" in kinds
+    assert not {"Linear", "Conv2d"} & kinds
+    assert not {"PackedLinear", "PackedConv2d"} & {type(m).__name__ for m in unet.modules()}
+    x, t, ctx = torch.randn(2, 4, 8, 8).bfloat16(), torch.tensor([10.0, 500.0]), torch.randn(2, 5, 24).bfloat16()
+    with torch.inference_mode():
+        packed = copy(x.contiguous(memory_format=CL), t, context=ctx)
+        assert all(m._pack is not None for m in copy.modules() if isinstance(m, PackedLinear))
+        monkeypatch.setenv(prepacked.ENV, "0")
+        plain = copy(x.contiguous(memory_format=CL), t, context=ctx)
+    out = lambda o: o.sample if hasattr(o, "sample") else o
+    assert torch.equal(out(packed), out(plain))
