@@ -66,6 +66,28 @@ def test_large_scores_neither_overflow_nor_lose_the_maximum():
 
 
 @needs_kernel
+@pytest.mark.parametrize("m", [21, 37, 64])
+def test_the_row_maximum_ignores_the_padding_keys(m):
+    """All scores far below zero (about -300, spread by tens) over a key count that is or is not a multiple of
+    16: the padded keys' zero scores must not count as the row's maximum, or every weight would fall to
+    the exponential's floor and the softmax would come out flat."""
+    g = torch.Generator().manual_seed(m)
+    u = torch.ones(16)
+    k = u + 0.5 * torch.randn(1, m, 16, generator=g)  # keys along u, queries against it
+    q = -75 * u + 0.1 * torch.randn(1, 9, 16, generator=g)
+    k = _heads(k.bfloat16(), 1)
+    q = _heads(q.bfloat16(), 1)
+    v = _heads(torch.randn(1, m, 16, generator=g).bfloat16(), 1)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / 4
+    assert scores.max() < -150 and scores.max(-1).values.sub(scores.min(-1).values).min() > 5
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).transpose(1, 2).flatten(2)
+    flat = v.double().mean(2).expand(1, 9, 16)  # what a flattened softmax would give
+    with torch.inference_mode():
+        ours = fused_attention.attention(q, k, v)
+    assert _rel(ours, want) < 1e-2 and _rel(flat, want) > 0.1
+
+
+@needs_kernel
 def test_where_it_does_not_apply_the_callers_use_sdpa(monkeypatch):
     q = k = v = torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
     assert fused_attention.attention(q.float(), k.float(), v.float()) is None  # float32

@@ -7,10 +7,12 @@
 // Here both products are VDPBF16PS micro-kernels: bf16 pairs multiplied and summed into float32 lanes.
 //
 // Numerics are SDPA's: scores S = scale * q.k summed in float32, the row's max subtracted, exp in
-// float32 (a Cody-Waite reduction and Cephes' degree-6 polynomial, about 1 ulp), the weights P rounded
-// to bf16 for the second product (as SDPA's flash kernel does), P V summed in float32 and divided by
-// the float32 row sum, the output rounded to bf16. A query block of QB rows holds its whole row of
-// scores (QB x M floats), so the softmax is the plain two-pass one, not the online rescaling.
+// float32 (as 2^x of the scores scaled by log2(e): a rounding and Cephes' exp2f polynomial, about
+// 1 ulp, fewer operations than e^x's two-part reduction), the weights P rounded to bf16 for the second
+// product (as SDPA's flash kernel does), P V summed in float32 and divided by the float32 row sum, the
+// output rounded to bf16. A query block of QB rows holds its whole row of scores (QB x M floats), so
+// the softmax is the plain two-pass one, not the online rescaling; the row's max is taken as the
+// scores are stored.
 //
 // Layouts. q, k, v are [B, H, N or M, D] views with a unit last stride (the heads split from a
 // [B, N, H*D] projection); the output is [B, N, H*D] contiguous (heads already merged). K is packed
@@ -31,22 +33,21 @@ namespace {
 
 using bf16 = uint16_t;
 
-inline __m512 exp_ps(__m512 x) {
-  // e^x = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts), |r| <= ln2 / 2.
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);  // e^x < 2^-125: 0
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+inline __m512 exp2_ps(__m512 x) {
+  // 2^x = 2^n 2^f with n = round(x), |f| <= 1/2, and 2^f by Cephes' exp2f polynomial (about 1 ulp).
+  // For x <= -126 (weights under 2^-126, which the bf16 products flush to zero anyway) 2^-126 stands in;
+  // x = -inf (a row whose scores are all -inf) cannot occur: the scores are finite products.
+  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
 }
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
@@ -58,12 +59,16 @@ inline void store_bf16(bf16* dst, __m512 v, __mmask16 mask) {
 
 inline __mmask16 head_mask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
 
-// S[r][j] = scale * sum_p qp[r][p] . Kp[j][p] for RB rows and 32 keys (two 16-key blocks) at a time.
+// S[r][j] = scale * sum_p qp[r][p] . Kp[j][p] for RB rows and 32 keys (two 16-key blocks) at a time,
+// and each row's maximum over its valid keys (`tail`: the valid lanes of the last 16-key block) into mx.
 template <int RB>
-void scores(const int32_t* qp, int64_t P, const bf16* kp, int64_t MB, float scale, float* s, int64_t ldS) {
+void scores(const int32_t* qp, int64_t P, const bf16* kp, int64_t MB, float scale, __mmask16 tail, float* s,
+            int64_t ldS, float* mx) {
   const __m512 sc = _mm512_set1_ps(scale);
+  __m512 rmax[RB];
+  for (int r = 0; r < RB; ++r) rmax[r] = _mm512_set1_ps(-INFINITY);
   int64_t jb = 0;
-  for (; jb + 2 <= MB; jb += 2) {
+  for (; jb + 2 < MB; jb += 2) {  // whole pairs of blocks before the last block
     __m512 acc[RB][2];
     for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const bf16* k0 = kp + jb * P * 32;
@@ -78,8 +83,10 @@ void scores(const int32_t* qp, int64_t P, const bf16* kp, int64_t MB, float scal
       }
     }
     for (int r = 0; r < RB; ++r) {
-      _mm512_storeu_ps(s + r * ldS + jb * 16, _mm512_mul_ps(acc[r][0], sc));
-      _mm512_storeu_ps(s + r * ldS + jb * 16 + 16, _mm512_mul_ps(acc[r][1], sc));
+      const __m512 s0 = _mm512_mul_ps(acc[r][0], sc), s1 = _mm512_mul_ps(acc[r][1], sc);
+      _mm512_storeu_ps(s + r * ldS + jb * 16, s0);
+      _mm512_storeu_ps(s + r * ldS + jb * 16 + 16, s1);
+      rmax[r] = _mm512_max_ps(rmax[r], _mm512_max_ps(s0, s1));
     }
   }
   for (; jb < MB; ++jb) {
@@ -90,8 +97,14 @@ void scores(const int32_t* qp, int64_t P, const bf16* kp, int64_t MB, float scal
       const __m512bh b0 = as_bh(_mm512_loadu_si512(k0 + p * 32));
       for (int r = 0; r < RB; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], as_bh(_mm512_set1_epi32(qp[r * P + p])), b0);
     }
-    for (int r = 0; r < RB; ++r) _mm512_storeu_ps(s + r * ldS + jb * 16, _mm512_mul_ps(acc[r], sc));
+    const __mmask16 valid = jb == MB - 1 ? tail : static_cast<__mmask16>(0xFFFF);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 s0 = _mm512_mul_ps(acc[r], sc);
+      _mm512_storeu_ps(s + r * ldS + jb * 16, s0);
+      rmax[r] = _mm512_mask_max_ps(rmax[r], valid, rmax[r], s0);
+    }
   }
+  for (int r = 0; r < RB; ++r) mx[r] = _mm512_reduce_max_ps(rmax[r]);
 }
 
 // out[r][c] = (sum_jj pp[r][jj] . Vp[jj][c]) * inv[r] for RB rows and NC 16-wide blocks of output dims
@@ -149,8 +162,8 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t P = (D + 1) / 2, MB = (M + 15) / 16, Mp = MB * 16, M2 = Mp / 2, CB = (D + 15) / 16;
   auto out = at::empty({B, N, H * D}, q.options());
   // K and V packed per (b, h) for the two products (zeros beyond M and D).
-  auto kpack = at::zeros({B * H, MB * P * 32}, q.options());
-  auto vpack = at::zeros({B * H, M2 * CB * 32}, q.options());
+  auto kpack = at::empty({B * H, MB * P * 32}, q.options());
+  auto vpack = at::empty({B * H, M2 * CB * 32}, q.options());
   const bf16* Q = reinterpret_cast<const bf16*>(q.data_ptr<at::BFloat16>());
   const bf16* K = reinterpret_cast<const bf16*>(k.data_ptr<at::BFloat16>());
   const bf16* V = reinterpret_cast<const bf16*>(v.data_ptr<at::BFloat16>());
@@ -165,6 +178,9 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
       const bf16* vv = V + b * v.stride(0) + h * v.stride(1);
       bf16* kp = KP + bh * MB * P * 32;
       bf16* vp = VP + bh * M2 * CB * 32;
+      // zeros beyond M and D, written here in this thread's cache rather than by a fill over all heads
+      std::memset(kp, 0, MB * P * 32 * sizeof(bf16));
+      std::memset(vp, 0, M2 * CB * 32 * sizeof(bf16));
       for (int64_t j = 0; j < M; ++j) {
         const bf16* row = kk + j * k.stride(2);
         bf16* dst = kp + (j / 16) * P * 32 + (j % 16) * 2;
@@ -187,6 +203,7 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
     std::vector<float> s(QB * Mp);
     std::vector<bf16> pbuf(QB * Mp);
     std::vector<float> inv(QB);
+    std::vector<float> mx(QB);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / NB, i0 = (task % NB) * QB, rows = std::min(QB, N - i0);
       const int64_t b = bh / H, h = bh % H;
@@ -199,25 +216,24 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
         std::memcpy(reinterpret_cast<bf16*>(qp.data() + r * P), row, D * sizeof(bf16));
       }
       const int64_t rows_r = (rows + RB - 1) / RB * RB;
-      for (int64_t r = 0; r < rows_r; r += RB) scores<RB>(qp.data() + r * P, P, kp, MB, sc, s.data() + r * Mp, Mp);
-      // softmax over the M valid keys: P = exp(S - max) in bf16 (zero beyond M), 1 / sum in float32
       const int64_t full = M / 16;
-      const __mmask16 tail = head_mask(M - full * 16);
+      const __mmask16 tail = head_mask(M - (MB - 1) * 16);
+      // Scores in base 2: S log2(e), so that exp(S - max) = 2^(S log2 e - max log2 e).
+      for (int64_t r = 0; r < rows_r; r += RB)
+        scores<RB>(qp.data() + r * P, P, kp, MB, sc * 1.4426950408889634f, tail, s.data() + r * Mp, Mp, mx.data() + r);
+      // softmax over the M valid keys: P = exp(S - max) in bf16 (zero beyond M), 1 / sum in float32
       for (int64_t r = 0; r < rows_r; ++r) {
-        float* sr = s.data() + r * Mp;
+        const float* sr = s.data() + r * Mp;
         bf16* pr = pbuf.data() + r * Mp;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < full; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + j * 16));
-        if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_loadu_ps(sr + full * 16));
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        const __m512 m = _mm512_set1_ps(mx[r]);
         __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < full; ++j) {
-          const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + j * 16), m));
+          const __m512 e = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + j * 16), m));
           sum = _mm512_add_ps(sum, e);
           store_bf16(pr + j * 16, e, 0xFFFF);
         }
         if (full < MB) {
-          const __m512 e = _mm512_maskz_mov_ps(tail, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + full * 16), m)));
+          const __m512 e = _mm512_maskz_mov_ps(tail, exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + full * 16), m)));
           sum = _mm512_add_ps(sum, e);
           store_bf16(pr + full * 16, e, 0xFFFF);
         }
