@@ -28,3 +28,21 @@ def test_sides_run_alternately_and_agree_with_diffusers(isolate, one_thread):
     else:
         assert pids == {os.getpid()}
     assert any("round 1" in line for line in lines)
+
+
+def test_a_side_process_that_dies_is_reported_not_waited_for(one_thread):
+    """A side killed under the bench (the kernel's OOM killer sends SIGKILL) must end the bench with an error
+    that says so, not leave it waiting for a reply that will never come."""
+    import signal
+
+    from imagine.bench.speed import _isolated_sides
+
+    sides, stop, ask = _isolated_sides(("unet", "small", False), ["imagine_exact"], log=lambda *a: None)
+    try:
+        pid = sides["imagine_exact"](True)["pid"]  # one timed call: the side answers, from its own process
+        assert pid != os.getpid()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"imagine_exact: its process died \(killed by signal 9, likely out of memory"):
+            sides["imagine_exact"](True)
+    finally:
+        stop()

@@ -156,20 +156,35 @@ def _isolated_sides(spec: tuple, names: list[str], log=print) -> tuple[dict, Cal
     # One at a time (building SD 1.5 in several processes at once would only contend), ours first: the
     # fast copy's Winograd budget is half the memory available when it is made, which the other sides'
     # processes would otherwise have taken.
+    owner = {}
+
+    def receive(n: str, send=None):
+        try:
+            if send is not None:
+                conns[n].send(send)
+            return conns[n].recv()
+        except (EOFError, ConnectionResetError, BrokenPipeError):  # the child is gone: say how, not wait forever
+            p = owner[n]
+            p.join(timeout=5)
+            how = ("killed by signal %d%s" % (-p.exitcode, ", likely out of memory: run fewer sides at once "
+                                              "(--sides)" if p.exitcode == -9 else "")
+                   if p.exitcode is not None and p.exitcode < 0 else f"exit code {p.exitcode}")
+            raise RuntimeError(f"bench side {n}: its process died ({how})") from None
+
     for n in sorted(names, key=lambda n: not n.startswith("imagine")):
         parent, child = ctx.Pipe()
         p = ctx.Process(target=_side_process, args=(spec, n, torch.get_num_threads(), child), daemon=True)
         p.start()
+        child.close()  # the child's end lives in the child only, so its death reaches receive() as EOF
         procs.append(p)
-        conns[n] = parent
-        reply = parent.recv()
+        conns[n], owner[n] = parent, p
+        reply = receive(n)
         if reply != "ready":
             raise RuntimeError(f"bench side {n} failed to start: {reply}")
         log(f"    {n}: its own process ready")
 
     def ask(n: str, command, *args):
-        conns[n].send((command, *args))
-        reply = conns[n].recv()
+        reply = receive(n, (command, *args))
         if isinstance(reply, BaseException):
             raise reply
         return reply

@@ -13,10 +13,14 @@ a quarter of a direct convolution's; for m = 6, 64 per 36 (a fifth), with larger
 for m = 2, 16 per 4 (4/9), with the smallest U, for the deep levels' small maps.
 The filter transform U = G g G^T is computed once per weight and tile.
 
-The transforms B^T d B and A^T M A are additions with small weights, applied one axis at a time as
-[(m+2) x (m+2)] matrix products over all tiles and channels; the work is split into bands of tile
-rows so that the transformed tiles of a band stay in the CPU's cache, and the band intermediates
-live in reused buffers (fresh ones would fault their pages in again at every band).
+The transforms B^T d B and A^T M A are additions with small weights. On CPUs with AVX-512 our kernel
+(`csrc/winograd_transforms.cpp`, `transform_kernel`) does each in one pass: a tile's values for 16
+channels are loaded into registers (zero past the map's edge: the convolution's padding), transformed
+along both axes there and stored once, straight from the input map and straight into the output map.
+Elsewhere they are torch ops, applied one axis at a time as [(m+2) x (m+2)] matrix products over all
+tiles and channels. Either way the work is split into bands of tile rows, whose intermediates live in
+reused buffers (fresh ones would fault their pages in again at every band): small bands, kept in cache,
+for the five passes of the torch ops; large ones for the kernel, where tall products pay more.
 
 Accuracy: in float32 F(2x2) is closer to the float64 convolution than a direct one (its transforms'
 weights are 0, +-1 and 1/2), F(4x4) about as close to the float64 convolution as oneDNN's direct one
