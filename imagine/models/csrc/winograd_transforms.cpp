@@ -61,6 +61,15 @@ inline __m512 axpy(__m512 acc, float c, F v) {
   return _mm512_fmadd_ps(_mm512_set1_ps(c), v(), acc);
 }
 
+// init + sum_l w[l] * value(l) over one axis of a tile, for a row w of B^T or A^T (compile-time weights
+// once unrolled, so axpy drops the zeros).
+template <int N, typename F>
+inline __m512 combine(const float (&w)[N], F value, __m512 init = _mm512_setzero_ps()) {
+#pragma GCC unroll 8
+  for (int l = 0; l < N; ++l) init = axpy(init, w[l], [&] { return value(l); });
+  return init;
+}
+
 inline __m512 load(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
 inline __m512 load(const at::BFloat16* p, __mmask16 k) {
   const __m256i h = _mm256_maskz_loadu_epi16(k, p);
@@ -109,21 +118,12 @@ void input_tiles(const T* x, int64_t C, int64_t H, int64_t W, int64_t r0, int64_
 #pragma GCC unroll 8
       for (int i = 0; i < N; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < N; ++j) {
-          __m512 acc = _mm512_setzero_ps();
-#pragma GCC unroll 8
-          for (int l = 0; l < N; ++l) acc = axpy(acc, Tr::BT[i][l], [&] { return d[l][j]; });
-          u[i][j] = acc;
-        }
+        for (int j = 0; j < N; ++j) u[i][j] = combine(Tr::BT[i], [&](int l) { return d[l][j]; });
 #pragma GCC unroll 8
       for (int i = 0; i < N; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < N; ++j) {
-          __m512 acc = _mm512_setzero_ps();
-#pragma GCC unroll 8
-          for (int l = 0; l < N; ++l) acc = axpy(acc, Tr::BT[j][l], [&] { return u[i][l]; });
-          store(dst + (i * N + j) * T_ * C + c, acc, k);
-        }
+        for (int j = 0; j < N; ++j)
+          store(dst + (i * N + j) * T_ * C + c, combine(Tr::BT[j], [&](int l) { return u[i][l]; }), k);
     }
   }
 }
@@ -146,13 +146,8 @@ void output_tiles(const float* p, int64_t Co, const float* bias, int64_t H, int6
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < N; ++j) {
-          __m512 acc = _mm512_setzero_ps();
-#pragma GCC unroll 8
-          for (int l = 0; l < N; ++l)
-            acc = axpy(acc, Tr::AT[i][l], [&] { return load(src + (l * N + j) * T_ * Co + c, k); });
-          q[i][j] = acc;
-        }
+        for (int j = 0; j < N; ++j)
+          q[i][j] = combine(Tr::AT[i], [&](int l) { return load(src + (l * N + j) * T_ * Co + c, k); });
       const __m512 bv = bias != nullptr ? load(bias + c, k) : _mm512_setzero_ps();
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) {
@@ -160,10 +155,7 @@ void output_tiles(const float* p, int64_t Co, const float* bias, int64_t H, int6
 #pragma GCC unroll 8
         for (int j = 0; j < M; ++j) {
           if (x0 + j >= W) break;
-          __m512 acc = bv;
-#pragma GCC unroll 8
-          for (int l = 0; l < N; ++l) acc = axpy(acc, Tr::AT[j][l], [&] { return q[i][l]; });
-          store(out + ((b * H + y0 + i) * W + x0 + j) * Co + c, acc, k);
+          store(out + ((b * H + y0 + i) * W + x0 + j) * Co + c, combine(Tr::AT[j], [&](int l) { return q[i][l]; }, bv), k);
         }
       }
     }
@@ -189,21 +181,15 @@ void winograd_input(const at::Tensor& x, int64_t m, int64_t r0, int64_t r1, at::
   TORCH_CHECK(v.scalar_type() == at::kFloat && v.is_contiguous() && v.numel() == N * N * T_ * C,
               "winograd_input: v must be contiguous float32 with ", N * N * T_ * C, " values");
   float* vp = v.data_ptr<float>();
-  AT_DISPATCH_SWITCH(x.scalar_type(), "winograd_input",
-    AT_DISPATCH_CASE(at::kFloat, [&] { using T = float;
-      at::parallel_for(0, T_, 1, [&](int64_t a, int64_t e) {
-        const T* xp = x.data_ptr<T>();
-        if (m == 2) input_tiles<2>(xp, C, H, W, r0, rows, tw, vp, T_, a, e);
-        else if (m == 4) input_tiles<4>(xp, C, H, W, r0, rows, tw, vp, T_, a, e);
-        else input_tiles<6>(xp, C, H, W, r0, rows, tw, vp, T_, a, e);
-      }); })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] { using T = at::BFloat16;
-      at::parallel_for(0, T_, 1, [&](int64_t a, int64_t e) {
-        const T* xp = x.data_ptr<T>();
-        if (m == 2) input_tiles<2>(xp, C, H, W, r0, rows, tw, vp, T_, a, e);
-        else if (m == 4) input_tiles<4>(xp, C, H, W, r0, rows, tw, vp, T_, a, e);
-        else input_tiles<6>(xp, C, H, W, r0, rows, tw, vp, T_, a, e);
-      }); }));
+  auto band = [&](auto* xp) {
+    at::parallel_for(0, T_, 1, [&](int64_t a, int64_t e) {
+      if (m == 2) input_tiles<2>(xp, C, H, W, r0, rows, tw, vp, T_, a, e);
+      else if (m == 4) input_tiles<4>(xp, C, H, W, r0, rows, tw, vp, T_, a, e);
+      else input_tiles<6>(xp, C, H, W, r0, rows, tw, vp, T_, a, e);
+    });
+  };
+  if (x.scalar_type() == at::kFloat) band(x.data_ptr<float>());
+  else band(x.data_ptr<at::BFloat16>());
 }
 
 // out[:, :, m r0 : m r1, :] = A^T M A + bias for the products M of the tiles in tile rows [r0, r1).
@@ -224,21 +210,15 @@ void winograd_output(const at::Tensor& prod, const c10::optional<at::Tensor>& bi
     bp = b32.data_ptr<float>();
   }
   const float* pp = prod.data_ptr<float>();
-  AT_DISPATCH_SWITCH(out.scalar_type(), "winograd_output",
-    AT_DISPATCH_CASE(at::kFloat, [&] { using T = float;
-      at::parallel_for(0, T_, 1, [&](int64_t a, int64_t e) {
-        T* op = out.data_ptr<T>();
-        if (m == 2) output_tiles<2>(pp, Co, bp, H, W, r0, rows, tw, op, T_, a, e);
-        else if (m == 4) output_tiles<4>(pp, Co, bp, H, W, r0, rows, tw, op, T_, a, e);
-        else output_tiles<6>(pp, Co, bp, H, W, r0, rows, tw, op, T_, a, e);
-      }); })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] { using T = at::BFloat16;
-      at::parallel_for(0, T_, 1, [&](int64_t a, int64_t e) {
-        T* op = out.data_ptr<T>();
-        if (m == 2) output_tiles<2>(pp, Co, bp, H, W, r0, rows, tw, op, T_, a, e);
-        else if (m == 4) output_tiles<4>(pp, Co, bp, H, W, r0, rows, tw, op, T_, a, e);
-        else output_tiles<6>(pp, Co, bp, H, W, r0, rows, tw, op, T_, a, e);
-      }); }));
+  auto band = [&](auto* op) {
+    at::parallel_for(0, T_, 1, [&](int64_t a, int64_t e) {
+      if (m == 2) output_tiles<2>(pp, Co, bp, H, W, r0, rows, tw, op, T_, a, e);
+      else if (m == 4) output_tiles<4>(pp, Co, bp, H, W, r0, rows, tw, op, T_, a, e);
+      else output_tiles<6>(pp, Co, bp, H, W, r0, rows, tw, op, T_, a, e);
+    });
+  };
+  if (out.scalar_type() == at::kFloat) band(out.data_ptr<float>());
+  else band(out.data_ptr<at::BFloat16>());
 }
 
 }  // namespace
