@@ -41,12 +41,14 @@ def available() -> bool:
     return os.environ.get(ENV, "").strip() != "0" and torch.backends.mkldnn.is_available()
 
 
-def _stamp(weight: torch.Tensor) -> tuple:
+def weight_stamp(weight: torch.Tensor) -> tuple:
+    """What a cache built from `weight` is keyed on: it changes when the weight is replaced or modified
+    in place (its storage, its version counter, its dtype or device)."""
     try:
         version = weight._version
     except RuntimeError:  # inference-mode tensors keep no version counter
         version = -1
-    return weight.data_ptr(), version, weight.dtype
+    return weight.data_ptr(), version, weight.dtype, weight.device
 
 
 class _Packs:
@@ -64,7 +66,7 @@ class _Packs:
                 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) and available())
 
     def _packed(self, build) -> torch.Tensor | None:
-        stamp = _stamp(self.weight)
+        stamp = weight_stamp(self.weight)
         if self._pack is None or self._pack_stamp != stamp:
             try:
                 self._pack, self._pack_stamp = build(), stamp

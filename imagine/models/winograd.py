@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagine.models import native
-from imagine.models.prepacked import PackedConv2d
+from imagine.models.prepacked import PackedConv2d, weight_stamp
 
 # F(4x4, 3x3) with the interpolation points 0, +-1, +-2 and infinity (Lavin & Gray, sec. 5.2).
 _BT = ((4, 0, -5, 0, 1, 0),
@@ -326,10 +326,9 @@ class WinogradConv2d(PackedConv2d):
     """An nn.Conv2d (same parameters and state-dict keys) that runs `winograd_conv3x3` on maps of
     at least `min_pixels` and with at least `min_channels` input channels, and the direct
     convolution otherwise, with its weight packed for oneDNN (`prepacked.PackedConv2d`). The tile is
-    `best_tile` of the map, if its U fits in this layer's
-    reservation plus its budget's free memory (else the tile whose U is built, else 4). U is built
-    at the first call that needs it and rebuilt if the weight changes; it is a cache, not part of
-    the state dict. Inference only: under autograd it runs direct.
+    `best_tile` of the map, if its U fits in this layer's reservation plus its budget's free memory
+    (else the tile whose U is built, else 4). U is built at the first call that needs it and rebuilt
+    if the weight changes; it is a cache, not part of the state dict. Inference only: under autograd it runs direct.
 
     `_source`, when set (a bf16 fast copy, see `use_winograd`'s `float32_from`), holds the float32
     weight and bias of the original layer: U is built from those and the Winograd arithmetic runs in
@@ -346,11 +345,7 @@ class WinogradConv2d(PackedConv2d):
 
     def _transformed(self, tile: int) -> torch.Tensor:
         wt = self.weight if self._source is None else self._source[0]
-        try:
-            version = wt._version
-        except RuntimeError:  # inference-mode tensors keep no version counter
-            version = -1
-        stamp = (wt.data_ptr(), version, wt.dtype, wt.device)
+        stamp = weight_stamp(wt)
         if self._u is None:
             self._u = {}
         if self._u_stamp != stamp:  # a new weight: the memory of the old U is this layer's again

@@ -255,14 +255,9 @@ _FAST_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.
 
 def _weights_stamp(module: torch.nn.Module) -> tuple:
     """Changes when a weight of `module` is replaced or modified in place."""
-    stamp = []
-    for p in module.state_dict(keep_vars=True).values():
-        try:
-            version = p._version
-        except RuntimeError:  # an inference-mode tensor keeps no version counter
-            version = -1
-        stamp.append((p.data_ptr(), version, p.dtype))
-    return tuple(stamp)
+    from imagine.models.prepacked import weight_stamp
+
+    return tuple(weight_stamp(p) for p in module.state_dict(keep_vars=True).values())
 
 
 def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
