@@ -129,3 +129,60 @@ def test_the_bf16_fast_copy_packs_its_linear_layers_and_direct_convolutions(monk
         plain = copy(x.contiguous(memory_format=CL), t, context=ctx)
     out = lambda o: o.sample if hasattr(o, "sample") else o
     assert torch.equal(out(packed), out(plain))
+
+
+def _sd_shaped_unet():
+    from imagine.models.unet import UNet2DConditionModel, UNetConfig
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                     layers_per_block=1, cross_attention_dim=24, attention_head_dim=8,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return UNet2DConditionModel(cfg).eval().requires_grad_(False)
+
+
+def test_the_exact_copy_shares_the_weights_packs_its_layers_and_stays_float32_exact(monkeypatch):
+    """The exact mode's copy: the original's own weight tensors (packs aside, no second copy of any
+    parameter), packed layers, and the float64 answer to float32's accuracy, as the plain module."""
+    from imagine.pipelines import text_to_image
+
+    monkeypatch.setattr(text_to_image, "_EXACT_COPIES", type(text_to_image._EXACT_COPIES)())
+    unet = _sd_shaped_unet()
+    copy = text_to_image.exact_copy(unet)
+    assert copy is not unet and text_to_image.exact_copy(unet) is copy  # made once
+    ours = dict(copy.named_parameters())
+    assert all(p is ours[k] for k, p in unet.named_parameters())
+    kinds = {type(m).__name__ for m in copy.modules()}
+    assert {"PackedLinear", "PackedConv2d"} <= kinds and not {"Linear", "Conv2d"} & kinds
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 5, 24)
+    with torch.inference_mode():
+        got, plain = copy(x, t, context=ctx), unet(x, t, context=ctx)
+        truth = _sd_shaped_unet().double()(x.double(), t, context=ctx.double())
+    assert all(m._pack is not None for m in copy.modules() if isinstance(m, (PackedLinear, PackedConv2d)))
+    out = lambda o: o.sample if hasattr(o, "sample") else o  # noqa: E731
+    assert got.dtype == torch.float32
+    assert _rel(out(got), out(truth)) < 1e-5 and _rel(out(plain), out(truth)) < 1e-5
+    with torch.no_grad():  # a changed weight makes a new copy, which sees it
+        unet.conv_in.weight.mul_(2)
+    again = text_to_image.exact_copy(unet)
+    assert again is not copy and again.conv_in.weight is unet.conv_in.weight
+
+
+def test_the_exact_copy_is_the_module_itself_where_packing_is_off_or_does_not_fit(monkeypatch):
+    from imagine.models import winograd
+    from imagine.pipelines import text_to_image
+
+    monkeypatch.setattr(text_to_image, "_EXACT_COPIES", type(text_to_image._EXACT_COPIES)())
+    unet = _sd_shaped_unet()
+    packable = text_to_image._packable_bytes(unet)
+    assert packable == sum(p.numel() * 4 for k, p in unet.named_parameters()
+                           if k.endswith(".weight") and p.ndim in (2, 4))  # every linear and conv weight
+    monkeypatch.setattr(winograd, "_available_bytes", lambda: 4 * packable - 4)  # the packs need a quarter
+    assert text_to_image.exact_copy(unet) is unet
+    monkeypatch.setattr(winograd, "_available_bytes", lambda: 4 * packable)
+    monkeypatch.setenv(prepacked.ENV, "0")
+    assert text_to_image.exact_copy(unet) is unet
+    monkeypatch.delenv(prepacked.ENV)
+    assert text_to_image.exact_copy(unet.double()) is unet  # not float32: nothing to do
+    assert text_to_image.exact_copy(unet.float()) is not unet

@@ -278,7 +278,7 @@ def test_compiled_fast_unet_reads_the_eagerly_built_filters():
 @pytest.mark.usefixtures("no_bf16_mode")
 def test_fast_copy_without_native_bf16_shares_weights_and_runs_winograd(monkeypatch):
     from imagine.models.unet import UNet2DConditionModel, UNetConfig
-    from imagine.pipelines.text_to_image import _Autocast, fast_copy
+    from imagine.pipelines.text_to_image import _Autocast, exact_copy, fast_copy
 
     torch.manual_seed(0)
     cfg = UNetConfig(block_out_channels=(256, 256), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -286,7 +286,7 @@ def test_fast_copy_without_native_bf16_shares_weights_and_runs_winograd(monkeypa
                      cross_attention_dim=32, attention_head_dim=4)
     unet = UNet2DConditionModel(cfg).eval().requires_grad_(False)
     monkeypatch.setenv(winograd.BUDGET_ENV, "0")
-    assert fast_copy(unet) is unet  # Winograd turned off: the float32 module itself
+    assert fast_copy(unet) is exact_copy(unet)  # Winograd turned off: the exact mode's float32 copy
     monkeypatch.delenv(winograd.BUDGET_ENV)
     copy = fast_copy(unet)
     assert copy is not unet and fast_copy(unet) is copy

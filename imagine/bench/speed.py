@@ -284,7 +284,7 @@ def _unet_sides(name: str, want: list[str], compile: bool = False, log=None, ref
     "reference" (diffusers' fp32 step, if `reference`), "fast" (the fast copy, for its Winograd report),
     "info". A model no side needs is dropped (a side's own process holds only its own)."""
     from imagine.models.unet import UNet2DConditionModel
-    from imagine.pipelines.text_to_image import _Autocast
+    from imagine.pipelines.text_to_image import _Autocast, exact_copy
 
     cfg, size = unet_config(name)
     ref = _random_diffusers_unet(cfg)
@@ -330,7 +330,8 @@ def _unet_sides(name: str, want: list[str], compile: bool = False, log=None, ref
         ref = None  # noqa: F841
         gc.collect()
     if "imagine_exact" in want:
-        sides["imagine_exact"] = lambda: ours(x1, t1, context=ctx)
+        exact = exact_copy(ours)  # what the exact mode runs: float32, packed weights
+        sides["imagine_exact"] = lambda: exact(x1, t1, context=ctx)
     if "imagine_fast" in want:
         fast = _Autocast(ours, compile=False)
         sides["imagine_fast"] = lambda: fast(x1, t1, context=ctx)
