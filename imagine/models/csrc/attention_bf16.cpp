@@ -7,9 +7,9 @@
 // Here both products are VDPBF16PS micro-kernels: bf16 pairs multiplied and summed into float32 lanes.
 //
 // Numerics are SDPA's: scores S = scale * q.k summed in float32, the row's max subtracted, exp in
-// float32 (as 2^x of the scores scaled by log2(e): a rounding and Cephes' exp2f polynomial, about
-// 1 ulp, fewer operations than e^x's two-part reduction), the weights P rounded to bf16 for the second
-// product (as SDPA's flash kernel does), P V summed in float32 and divided by the float32 row sum, the
+// float32 (as 2^x of the scores scaled by log2(e): a rounding and a cubic, 7.5e-5 relative, far under
+// bf16's rounding of P; fewer operations than e^x's two-part reduction), the weights P rounded to bf16
+// for the second product (as SDPA's flash kernel does), P V summed in float32 and divided by the float32 row sum, the
 // output rounded to bf16. A query block of QB rows holds its whole row of scores (QB x M floats), so
 // the softmax is the plain two-pass one, not the online rescaling; the row's max is taken as the
 // scores are stored.
@@ -34,19 +34,19 @@ namespace {
 using bf16 = uint16_t;
 
 inline __m512 exp2_ps(__m512 x) {
-  // 2^x = 2^n 2^f with n = round(x), |f| <= 1/2, and 2^f by Cephes' exp2f polynomial (about 1 ulp).
+  // 2^x = 2^n 2^f with n = round(x), |f| <= 1/2, and 2^f by a degree-3 polynomial fitted for least relative
+  // error on [-1/2, 1/2] (7.5e-5 at most, 26x under the 2^-9 at which P is rounded to bf16 for the second
+  // product; Cephes' degree-6 exp2f, 1 ulp, measured 269.5 against 264.7 ms on SD 1.5's largest
+  // attention, one Zen 4 thread, for a relative error of the output of 2.2870e-3 against 2.2885e-3).
   // For x <= -126 (weights under 2^-126, which the bf16 products flush to zero anyway) 2^-126 stands in;
   // x = -inf (a row whose scores are all -inf) cannot occur: the scores are finite products.
   x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(0.05517164617776871f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2426111251115799f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609677314758f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999280571937561f));
   return _mm512_scalef_ps(p, n);
 }
 
