@@ -244,3 +244,18 @@ def test_packed_geglu_repacks_after_a_weight_change_and_stays_plain_under_autogr
     y = layer(x)  # autograd: the plain path, with gradients
     y.sum().backward()
     assert layer.proj.weight.grad is not None and layer.proj.weight.grad.abs().sum() > 0
+
+
+def test_the_exact_copy_leaves_a_trainable_original_trainable(monkeypatch):
+    """The copy shares the original's parameters: making it must not freeze them, and under autograd it
+    takes the plain path, with gradients reaching the shared weights."""
+    from imagine.pipelines import text_to_image
+
+    monkeypatch.setattr(text_to_image, "_EXACT_COPIES", type(text_to_image._EXACT_COPIES)())
+    unet = _sd_shaped_unet().train().requires_grad_(True)
+    copy = text_to_image.exact_copy(unet)
+    assert copy is not unet and all(p.requires_grad for p in unet.parameters()) and unet.training
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 5, 24)
+    out = copy(x, t, context=ctx)
+    (out.sample if hasattr(out, "sample") else out).square().mean().backward()
+    assert unet.conv_in.weight.grad is not None and unet.conv_in.weight.grad.abs().sum() > 0

@@ -267,7 +267,7 @@ def _cached_copy(cache, module: torch.nn.Module, build) -> torch.nn.Module:
     hit = cache.get(module)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    copy = build().eval().requires_grad_(False)
+    copy = build().eval()  # (not requires_grad_(False): a copy may share the original's parameters)
     cache[module] = (stamp, copy)
     return copy
 
@@ -367,7 +367,7 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
         if not amx() and default_budget_bytes() > 0:  # with AMX, oneDNN's bf16 convolutions are the faster
             use_winograd(copy, float32_from=module, min_pixels=BF16_WINOGRAD_MIN_PIXELS)
         use_prepacked(copy)  # after use_winograd, which converts only plain nn.Conv2d
-        return copy
+        return copy.requires_grad_(False)  # its own bf16 weights
 
     return _cached_copy(_FAST_COPIES, module, build_float32 if fast_dtype() == torch.float32 else build_bf16)
 
