@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagine.models import fused_attention
+from imagine.models.group_norm import group_norm
 
 
 def key_padding_mask(context_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -250,7 +251,7 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         b, _, h, w = x.shape
-        h_map = self.norm(x)
+        h_map = group_norm(self.norm, x)  # x stays: it is the residual
         if self.use_linear_projection:
             tokens = self.proj_in(h_map.permute(0, 2, 3, 1).reshape(b, h * w, -1))
         else:

@@ -31,6 +31,7 @@ from imagine.models.attention import ContextRefiner, SpatialTransformer, expand_
 from imagine.models.embeddings import (
     CLASS_EMBED_TYPES, SinusoidalTimesteps, TimestepEmbedding, activation, make_class_embedding,
 )
+from imagine.models.group_norm import silu_of_norm
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -276,6 +277,7 @@ class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, temb: int, groups: int, eps: float, act_fn: str,
                  dropout: float = 0.0, output_scale_factor: float = 1.0):
         super().__init__()
+        self.act_fn = act_fn
         self.act = activation(act_fn)
         self.act_ = activation(act_fn, inplace=True)
         self.output_scale_factor = output_scale_factor
@@ -286,6 +288,12 @@ class ResnetBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def _act_of_norm(self, norm: nn.GroupNorm, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """act(norm(x)) at inference: SiLU's in one kernel with the norm on bf16 maps (`group_norm`)."""
+        if self.act_fn == "silu":
+            return silu_of_norm(norm, x, inplace=inplace)
+        return self.act_(norm(x))
 
     def forward(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
         """emb_act: act(time embedding) [B, temb], computed once per forward by the U-Net."""
@@ -301,13 +309,13 @@ class ResnetBlock(nn.Module):
             return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
         # Inference: the same arithmetic, updating the block's own intermediates in place, which
         # saves allocating (and page-faulting) a full feature map per step on a CPU.
-        h = self.conv1(self.act_(self.norm1(x)))
+        h = self.conv1(self._act_of_norm(self.norm1, x))
         e = self.time_emb_proj(emb_act)
         if e.shape[0] != h.shape[0]:  # a guidance batch: per-copy embeddings part its copies here;
             n = max(h.shape[0], e.shape[0])  # after they parted, the shared embedding serves every copy
             h, x, e = expand_batch(h, n), expand_batch(x, n), expand_batch(e, n)
         h += e[:, :, None, None]
-        h = self.conv2(self.dropout(self.act_(self.norm2(h))))
+        h = self.conv2(self.dropout(self._act_of_norm(self.norm2, h, inplace=True)))  # h is ours
         h += x if self.conv_shortcut is None else self.conv_shortcut(x)
         if self.output_scale_factor != 1.0:
             h /= self.output_scale_factor

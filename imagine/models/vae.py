@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagine.models import fused_attention, io
+from imagine.models.group_norm import group_norm, silu_of_norm
 
 
 @dataclass
@@ -92,17 +93,10 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(silu_of_norm(self.norm1, x))
-        h = self.conv2(silu_of_norm(self.norm2, h))
+        h = self.conv2(silu_of_norm(self.norm2, h, inplace=not torch.is_grad_enabled()))  # h: conv1's, ours
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h if torch.is_grad_enabled() else h.add_(x)
-
-
-def silu_of_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """SiLU(GroupNorm(x)); without autograd, in place on the norm's fresh output: on the decoder's
-    512x512 maps a new 64-128 MB tensor per call is a fresh mmap whose pages fault in again."""
-    h = norm(x)
-    return F.silu(h) if torch.is_grad_enabled() else F.silu(h, inplace=True)
 
 
 class SpatialSelfAttention(nn.Module):
@@ -118,7 +112,7 @@ class SpatialSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        t = group_norm(self.group_norm, x).flatten(2).transpose(1, 2)  # [B, HW, C]
         q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
         a = fused_attention.attention(q, k, v)  # bf16 on AVX512-BF16 CPUs (None elsewhere)
         if a is None:
@@ -198,7 +192,7 @@ class Encoder(nn.Module):
         for b in self.down_blocks:
             x = b(x)
         x = self.mid_block(x)
-        return self.conv_out(silu_of_norm(self.conv_norm_out, x))
+        return self.conv_out(silu_of_norm(self.conv_norm_out, x, inplace=not torch.is_grad_enabled()))
 
 
 class Decoder(nn.Module):
@@ -221,7 +215,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for b in self.up_blocks:
             x = b(x)
-        return self.conv_out(silu_of_norm(self.conv_norm_out, x))
+        return self.conv_out(silu_of_norm(self.conv_norm_out, x, inplace=not torch.is_grad_enabled()))
 
 
 class DiagonalGaussian:
