@@ -12,6 +12,7 @@ from imagine.models.winograd import (
     WinogradConv2d,
     default_budget_bytes,
     use_winograd,
+    winograd_candidates,
     winograd_conv3x3,
     winograd_filter,
 )
@@ -379,3 +380,27 @@ def test_bf16_fast_copy_uses_float32_winograd_except_with_amx(monkeypatch, amx):
         fast = _Autocast(unet, compile=False)(x, torch.tensor([10.0, 900.0]), context=ctx)
     assert _rel(fast, exact) < 3e-2
     assert all(m._u for m in convs if m.in_channels >= 256)  # the 32x32 and 16x16 maps ran Winograd
+
+
+def test_narrow_layers_run_winograd_only_on_large_maps():
+    """With `narrow`, 128-255 input channels and 128 or more out are converted too, but run Winograd
+    only on maps of NARROW_MIN_PIXELS or more; a narrow output (128 -> 3) stays a plain convolution."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(128, 128, 3, padding=1), torch.nn.Conv2d(128, 3, 3, padding=1),
+                              torch.nn.Conv2d(64, 128, 3, padding=1)).eval()
+    assert winograd_candidates(net) == [] and winograd_candidates(net, narrow=True) == [net[0]]
+    assert use_winograd(net, budget_bytes=2**30, narrow=True) == 1
+    conv = net[0]
+    assert type(conv) is WinogradConv2d and type(net[1]) is torch.nn.Conv2d
+    assert conv.min_channels == winograd.NARROW_CHANNELS and conv.min_pixels == winograd.NARROW_MIN_PIXELS
+    side = int(winograd.NARROW_MIN_PIXELS ** 0.5)
+    with torch.inference_mode():
+        small = torch.randn(1, 128, side // 2, side // 2)
+        direct = F.conv2d(small.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        assert _rel(conv(small), direct) < 1e-5
+        assert not conv._u  # the direct path ran
+        large = torch.randn(1, 128, side, side)
+        got = conv(large)
+        truth = F.conv2d(large.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert conv._u  # Winograd ran
+    assert _rel(got, truth) < 1e-5

@@ -120,6 +120,12 @@ KERNEL_BAND_ELEMENTS = 1 << 24
 KERNEL_ENV = "IMAGINE_WINOGRAD_KERNEL"  # "0": the transforms in torch ops even where the kernel could run
 MIN_CHANNELS = 256  # input channels below which the transforms cost more than the products save
 MIN_PIXELS = 4 * 4  # maps smaller than this stay direct (F(2x2) measured 6x faster than direct on 4x4)
+# With the transform kernel, a bf16 copy's 128-255-channel layers pay on large maps: 128 -> 128 on 512x512
+# 326.6 against 372.0 ms direct (bf16, packed; one Zen 4 thread), on 256x256 73.0 against 83.6, on 128x128
+# 18.5 against 21.2 (the VAE's top level), at float32 Winograd's accuracy; but 128 -> 3 (the VAE's conv_out)
+# 54.3 against 49.7: so 128 channels in and out, on maps of 128x128 or more (`use_winograd(narrow=True)`).
+NARROW_CHANNELS = 128
+NARROW_MIN_PIXELS = 128 * 128
 BUDGET_ENV = "IMAGINE_WINOGRAD_GB"  # memory for the transformed filters; default: half the available memory
 
 
@@ -424,15 +430,19 @@ def default_budget_bytes() -> int:
         return 4 * 2**30
 
 
-def winograd_candidates(module: nn.Module) -> list[nn.Conv2d]:
+def _narrow(conv: nn.Conv2d) -> bool:
+    return NARROW_CHANNELS <= conv.in_channels < MIN_CHANNELS and conv.out_channels >= NARROW_CHANNELS
+
+
+def winograd_candidates(module: nn.Module, narrow: bool = False) -> list[nn.Conv2d]:
     """The plain nn.Conv2d layers inside `module` that `use_winograd` may convert: eligible, with at
-    least MIN_CHANNELS input channels."""
+    least MIN_CHANNELS input channels, or with `narrow` also NARROW_CHANNELS in and out."""
     return [m for m in module.modules()
-            if type(m) is nn.Conv2d and winograd_eligible(m) and m.in_channels >= MIN_CHANNELS]
+            if type(m) is nn.Conv2d and winograd_eligible(m) and (m.in_channels >= MIN_CHANNELS or narrow and _narrow(m))]
 
 
 def use_winograd(module: nn.Module, budget_bytes: int | None = None, float32_from: nn.Module | None = None,
-                 min_pixels: int | None = None) -> int:
+                 min_pixels: int | None = None, narrow: bool = False) -> int:
     """Turn eligible nn.Conv2d layers inside `module` into WinogradConv2d in place (same objects,
     same parameters), as many as their F(4x4) filters fit in `budget_bytes` (default
     `default_budget_bytes()`); returns how many. What is left of the budget stays shared by these
@@ -448,9 +458,12 @@ def use_winograd(module: nn.Module, budget_bytes: int | None = None, float32_fro
     for a fraction of the memory: so the smallest weights are taken first. (SD 1.5's U-Net: its
     3x3 filters on maps of 32x32 and more need 1 GB of U, those on 16x16 3.1 GB more, those on 8x8
     4.7 GB more.) Whether a call runs Winograd or direct, and with which tile, is decided per call
-    (see WinogradConv2d)."""
+    (see WinogradConv2d).
+
+    `narrow`: also the layers with NARROW_CHANNELS to MIN_CHANNELS input channels (and NARROW_CHANNELS or
+    more out), run by Winograd on maps of NARROW_MIN_PIXELS or more only (see NARROW_CHANNELS)."""
     budget = default_budget_bytes() if budget_bytes is None else int(budget_bytes)
-    candidates = winograd_candidates(module)
+    candidates = winograd_candidates(module, narrow)
     sources = {}
     if float32_from is not None:
         originals = dict(float32_from.named_modules())
@@ -476,6 +489,8 @@ def use_winograd(module: nn.Module, budget_bytes: int | None = None, float32_fro
         m._reserved, m._budget, m._u, m._u_stamp, m._source = cost, shared, None, None, source
         if min_pixels is not None:
             m.min_pixels = int(min_pixels)
+        if m.in_channels < MIN_CHANNELS:
+            m.min_channels, m.min_pixels = NARROW_CHANNELS, max(m.min_pixels, NARROW_MIN_PIXELS)
         _CONVERTED.add(m)
         n += 1
     shared.free = budget if n else 0

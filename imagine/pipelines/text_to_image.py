@@ -324,7 +324,8 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
       oneDNN's direct bf16 convolution on SD's layers (320 channels on 64x64 at batch 1: 27.4 ms
       against 34.1; 2560 -> 1280 on 16x16 at batch 2: 120 against 164; the VAE's 512 on 256x256:
       1017 against 1397), at float32's accuracy; on 8x8 the direct bf16 one is faster (1280
-      channels at batch 2: 20.4 ms against 27.5). Not on CPUs with AMX, whose bf16 convolutions are
+      channels at batch 2: 20.4 ms against 27.5). With the transform kernel also 128-255 channels
+      on maps of 128x128 and more (the VAE's top levels; `winograd.NARROW_CHANNELS`). Not on CPUs with AMX, whose bf16 convolutions are
       several times faster than AVX-512's (unmeasured against Winograd there).
     - Without it (emulated bf16 is many times slower than float32 there): float32, sharing the
       original's weights, with its 3x3 convolutions on large maps computed by Winograd's F(4x4, 3x3)
@@ -336,7 +337,7 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
       oneDNN's layout (`imagine.models.prepacked`: bit-identical outputs, no reorder per call)."""
     from imagine.hardware import amx, fast_dtype
     from imagine.models.prepacked import use_prepacked
-    from imagine.models.winograd import default_budget_bytes, use_winograd, winograd_candidates
+    from imagine.models.winograd import default_budget_bytes, transform_kernel, use_winograd, winograd_candidates
 
     if fast_dtype() == torch.float32 and (not winograd_candidates(module) or default_budget_bytes() == 0):
         return exact_copy(module)  # nothing for Winograd to do: the float32 exact copy is the fast one
@@ -365,7 +366,7 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
             if hasattr(m, "upcast"):
                 m.upcast = False  # see the note above
         if not amx() and default_budget_bytes() > 0:  # with AMX, oneDNN's bf16 convolutions are the faster
-            use_winograd(copy, float32_from=module, min_pixels=BF16_WINOGRAD_MIN_PIXELS)
+            use_winograd(copy, float32_from=module, min_pixels=BF16_WINOGRAD_MIN_PIXELS, narrow=transform_kernel())
         use_prepacked(copy)  # after use_winograd, which converts only plain nn.Conv2d
         return copy.requires_grad_(False)  # its own bf16 weights
 
