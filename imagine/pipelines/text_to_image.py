@@ -288,10 +288,10 @@ def exact_copy(module: torch.nn.Module) -> torch.nn.Module:
     """The exact mode's U-Net or VAE: float32, sharing the original's weight tensors, with its linear layers
     and convolutions multiplying by weights packed once into oneDNN's layout (`imagine.models.prepacked`)
     instead of having oneDNN reorder them at every call, as diffusers' fp32 does. Same kernels, same
-    float32 arithmetic: the SD 1.5 U-Net step moves by 3e-6 relative (its maps become channels-last).
+    float32 arithmetic: the SD 1.5 U-Net step moves by 2.2e-6 relative (its maps become channels-last).
     Measured on a Zen 4 at one thread, SD 1.5 U-Net at batch 2: 15.2 against 17.4 s a step.
 
-    The packs are a second copy of those weights (3.3 GB for SD 1.5), built at the first call, so the
+    The packs are a second copy of those weights (3.4 GB for SD 1.5), built at the first call, so the
     module itself is returned where they would take more than a quarter of the memory available now, or
     where packing is off (`IMAGINE_PREPACK=0`, or a torch without oneDNN). The original is not changed
     (training, and the fast copy's float32 Winograd weights, use it)."""
@@ -325,8 +325,9 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
       against 34.1; 2560 -> 1280 on 16x16 at batch 2: 120 against 164; the VAE's 512 on 256x256:
       1017 against 1397), at float32's accuracy; on 8x8 the direct bf16 one is faster (1280
       channels at batch 2: 20.4 ms against 27.5). With the transform kernel also 128-255 channels
-      on maps of 128x128 and more (the VAE's top levels; `winograd.NARROW_CHANNELS`). Not on CPUs with AMX, whose bf16 convolutions are
-      several times faster than AVX-512's (unmeasured against Winograd there).
+      on maps of 128x128 and more (the VAE's top levels; `winograd.NARROW_CHANNELS`). Not on CPUs
+      with AMX, whose bf16 convolutions are several times faster than AVX-512's (unmeasured
+      against Winograd there).
     - Without it (emulated bf16 is many times slower than float32 there): float32, sharing the
       original's weights, with its 3x3 convolutions on large maps computed by Winograd's F(4x4, 3x3)
       or, on maps of 24x24 and more where memory allows, F(6x6, 3x3) (`imagine.models.winograd`: a
@@ -334,7 +335,8 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
       not used in bf16, where it loses 9x the accuracy). A module with no such convolution (the
       embedded default's channels are all under 256) gets the exact mode's copy (`exact_copy`).
     - In both copies the linear layers and the direct convolutions use weights packed once into
-      oneDNN's layout (`imagine.models.prepacked`: bit-identical outputs, no reorder per call)."""
+      oneDNN's layout (`imagine.models.prepacked`: bit-identical outputs, no reorder per call), and
+      the GEGLUs run as two packed products with oneDNN post-ops (each output rounded once)."""
     from imagine.hardware import amx, fast_dtype
     from imagine.models.prepacked import use_prepacked
     from imagine.models.winograd import default_budget_bytes, transform_kernel, use_winograd, winograd_candidates
