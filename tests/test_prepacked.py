@@ -259,3 +259,14 @@ def test_the_exact_copy_leaves_a_trainable_original_trainable(monkeypatch):
     out = copy(x, t, context=ctx)
     (out.sample if hasattr(out, "sample") else out).square().mean().backward()
     assert unet.conv_in.weight.grad is not None and unet.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_a_trainable_bias_alone_keeps_the_layer_on_the_autograd_path():
+    """Packed ops have no backward: a layer whose weight is frozen but whose bias trains runs plain."""
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(8, 4)
+    use_prepacked(lin)
+    lin.weight.requires_grad_(False)
+    lin(torch.randn(3, 8)).sum().backward()
+    assert lin.bias.grad is not None and torch.allclose(lin.bias.grad, torch.full((4,), 3.0))
+    assert lin._pack is None  # never packed

@@ -65,7 +65,8 @@ class _Packs:
         w = self.weight
         return (not self._pack_failed and x.device.type == "cpu" and x.dtype == w.dtype
                 and w.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
-                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) and available())
+                and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+                and available())
 
     def _packed(self, build) -> torch.Tensor | None:
         stamp = weight_stamp(self.weight)
@@ -120,8 +121,7 @@ class PackedGEGLU(_Packs, GEGLU):
         return self.proj.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim >= 2 and self._usable(x) and not (torch.is_grad_enabled() and self.proj.bias is not None
-                                                      and self.proj.bias.requires_grad):
+        if x.ndim >= 2 and self._usable(x):
             rows, half = x.numel() // x.shape[-1], self.proj.out_features // 2
             w, b = self.proj.weight.detach(), self.proj.bias
 
