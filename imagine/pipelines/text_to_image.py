@@ -404,16 +404,12 @@ def decode_latents(vae, latents: torch.Tensor, precision: str = "exact") -> torc
     channels-last where bf16 is native, else float32 with Winograd convolutions), "exact" with its
     `exact_copy` (float32, packed weights); the latent scaling stays in float32."""
     tile = 64 if max(latents.shape[-2:]) > 96 else None  # bound memory for big images
-    exact = exact_copy(vae)
-    m = fast_copy(vae) if precision == "fast" else exact
-    if m is not exact:  # the bf16 copy, or the float32 one with Winograd convolutions: channels-last maps
-        z = m.from_latent(latents.float()).to(_weights_dtype(m)).contiguous(memory_format=torch.channels_last)
-        if tile is not None and (z.shape[-1] > tile or z.shape[-2] > tile):
-            x = m.tiled_decode(z, tile)
-        else:
-            x = m.decode(z)
-        return x.float().clamp(-1, 1)
-    return exact.decode_latent(latents, tile=tile).clamp(-1, 1)
+    m = fast_copy(vae) if precision == "fast" else exact_copy(vae)  # the module itself where neither applies
+    z = m.from_latent(latents.float()).to(_weights_dtype(m))
+    if m is not vae:  # the copies run channels-last maps (their packed and Winograd convolutions' layout)
+        z = z.contiguous(memory_format=torch.channels_last)
+    x = m.tiled_decode(z, tile) if tile is not None and (z.shape[-1] > tile or z.shape[-2] > tile) else m.decode(z)
+    return x.float().clamp(-1, 1)
 
 
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
