@@ -13,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="what to draw (or use --from-file)")
     p.add_argument("--model", "-m", help="model folder (ours or diffusers') or single-file checkpoint; "
                                          "default: the embedded shapes model")
+    p.add_argument("--vae", default=None,
+                   help="a VAE file (.safetensors / .ckpt, original or diffusers names) or folder to decode with "
+                        "instead of the model's own (AUTOMATIC1111's SD VAE), e.g. vae-ft-mse-840000-ema-pruned")
     p.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
     p.add_argument("--sampler", default=None,
@@ -103,7 +106,7 @@ def run(args) -> int:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be at least 1")
-    pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision,
+    pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
                                                prediction_type=args.prediction_type, tokenizer=args.tokenizer,
                                                clip_skip=args.clip_skip)
     if args.height is not None or args.width is not None:

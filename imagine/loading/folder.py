@@ -36,6 +36,7 @@ class Components:
     scheduler_config: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)
     source: str = ""
+    vae_source: str = ""  # a VAE loaded in place of the model's own (imagine.loading.vae), else ""
 
 
 def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Components:

@@ -65,11 +65,13 @@ class TextToImagePipeline:
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, precision: str = "exact",
-                        dtype: torch.dtype = torch.float32, **single_file) -> "TextToImagePipeline":
+                        dtype: torch.dtype = torch.float32, vae: str | Path | None = None,
+                        **single_file) -> "TextToImagePipeline":
         """`path`: a model folder (ours or diffusers'), an original single-file checkpoint
-        (.safetensors / .ckpt), or None for the embedded default model. `single_file`: options of
-        `load_single_file` (tokenizer, prediction_type, scaling_factor, unet_config, clip_skip); an
-        error for a folder, which carries all of them in its configs."""
+        (.safetensors / .ckpt), or None for the embedded default model. `vae`: a VAE file or folder
+        that replaces the model's own (`imagine.loading.vae`; AUTOMATIC1111's "SD VAE"). `single_file`:
+        options of `load_single_file` (tokenizer, prediction_type, scaling_factor, unet_config,
+        clip_skip); an error for a folder, which carries all of them in its configs."""
         if path is None:
             if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
                 raise FileNotFoundError(f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; "
@@ -91,6 +93,8 @@ class TextToImagePipeline:
             from imagine.loading.single_file import load_single_file
 
             comps = load_single_file(path, dtype=dtype, **given)
+        if vae is not None:
+            comps = replace_vae(comps, vae, dtype)
         return cls(comps, precision=precision)
 
     # -- running -------------------------------------------------------------------------------
@@ -193,6 +197,8 @@ class TextToImagePipeline:
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__}
+        if self.c.vae_source:
+            params["vae"] = Path(self.c.vae_source).name
         if guidance_rescale:
             params["guidance_rescale"] = guidance_rescale
         if sigma_schedule or karras:
@@ -259,6 +265,29 @@ def _weights_stamp(module: torch.nn.Module) -> tuple:
 
 
 _EXACT_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def replace_vae(components: Components, vae: str | Path, dtype: torch.dtype = torch.float32) -> Components:
+    """`components` with the VAE at `vae` (a file or folder, `imagine.loading.vae.load_vae`) in place of
+    its own. A file's VAE takes the model's latent scaling factor, as AUTOMATIC1111 does (the file has
+    no config; a fine-tuned decoder keeps its model's latent space); a folder's config carries its own."""
+    from dataclasses import replace
+
+    from imagine.loading.vae import load_vae
+
+    own = components.vae
+    if own is None:
+        raise ValueError(f"--vae {vae}: the model {components.source or 'default'} works on pixels and has no VAE "
+                         "to replace")
+    new = load_vae(vae, dtype, scaling_factor=None if Path(vae).is_dir() else own.config.scaling_factor)
+    for what in ("latent_channels", "in_channels", "out_channels"):
+        if getattr(new.config, what) != getattr(own.config, what):
+            raise ValueError(f"--vae {vae}: its {what} is {getattr(new.config, what)}, the model's VAE has "
+                             f"{getattr(own.config, what)}; it belongs to another kind of model")
+    if new.config.downsampling_factor != own.config.downsampling_factor:
+        raise ValueError(f"--vae {vae}: it scales images down {new.config.downsampling_factor}x, the model's VAE "
+                         f"{own.config.downsampling_factor}x; it belongs to another kind of model")
+    return replace(components, vae=new, vae_source=str(vae))
 
 
 def _cached_copy(cache, module: torch.nn.Module, build) -> torch.nn.Module:

@@ -194,7 +194,7 @@ class _ClientGone(Exception):
 
 
 _A1111_SCRIPTS = {"txt2img": [], "img2img": []}
-_EMPTY_LISTS = ["sd-vae", "upscalers", "latent-upscale-modes", "loras", "hypernetworks", "face-restorers",
+_EMPTY_LISTS = ["upscalers", "latent-upscale-modes", "loras", "hypernetworks", "face-restorers",
                 "realesrgan-models", "prompt-styles", "artist-categories", "artists"]
 
 
@@ -278,13 +278,14 @@ def _b64_png(img, infotext: str | None = None) -> str:
 
 
 def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int,
-              model: str, model_hash: str, version: str) -> str:
+              model: str, model_hash: str, version: str, vae: str | None = None) -> str:
     # AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
     lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg:g}, Seed: {seed}, Size: {w}x{h}, "
-                 f"Model hash: {model_hash[:10]}, Model: {model}, Version: imagine {version}")
+                 f"Model hash: {model_hash[:10]}, Model: {model}, " + (f"VAE: {vae}, " if vae else "")
+                 + f"Version: imagine {version}")
     return "\n".join(lines)
 
 
@@ -324,10 +325,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     title = f"{name} [{fingerprint[:10]}]"
     version = imagine.__version__
     defaults = _model_defaults(pipe, samplers)
+    vae_source = str(getattr(getattr(pipe, "c", None), "vae_source", "") or "")
+    vae_name = Path(vae_source).name if vae_source else None  # a VAE given in place of the model's own
     options: dict[str, Any] = {
         "sd_model_checkpoint": title, "sd_checkpoint_hash": fingerprint, "samples_format": "png",
         "live_previews_enable": True, "show_progress_every_n_steps": 1, "CLIP_stop_at_last_layers": 1,
-        "sd_vae": "Automatic", "eta_ddim": 0.0, "eta_ancestral": 1.0,
+        "sd_vae": vae_name or "Automatic", "eta_ddim": 0.0, "eta_ancestral": 1.0,
     }
     finished: dict[str, float] = {}  # recently finished job ids, for progress?id_task=
     preview_lock = threading.Lock()
@@ -512,7 +515,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         used = result.seeds if result is not None else []
         a_name = samplers.a1111_name(sampler)
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, a_name, guidance, s, width, height, name,
-                               fingerprint, version) for s in used]
+                               fingerprint, version, vae_name) for s in used]
         encoded = []
         if req.send_images and images:
             encoded = await run_in_threadpool(lambda: [_b64_png(im, t) for im, t in zip(images, infotexts)])
@@ -524,7 +527,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "scheduler": schedule or "automatic", "cfg_scale": guidance, "steps": steps,
             "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False,
             "face_restoration_model": None, "sd_model_name": name, "sd_model_hash": fingerprint[:10],
-            "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "sd_vae_name": vae_name, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
             "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": f"imagine {version}",
@@ -608,6 +611,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         except (ValueError, OSError, AttributeError):
             ram = {"error": "unknown"}
         return {"ram": ram, "cuda": {"error": "no CUDA: imagine runs on the CPU"}}
+
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae():
+        return [{"model_name": vae_name, "filename": vae_source}] if vae_name else []
 
     for _path in _EMPTY_LISTS:
         app.add_api_route(f"/sdapi/v1/{_path}", lambda: [], methods=["GET"])

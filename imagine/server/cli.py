@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     p.add_argument("--model", "-m", default=None,
                    help="model folder (ours or diffusers') or single-file checkpoint; default: the embedded model")
+    p.add_argument("--vae", default=None,
+                   help="a VAE file or folder to decode with instead of the model's own (AUTOMATIC1111's SD VAE)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; there is no authentication, "
                         "so bind another address only on a network you trust)")
@@ -75,7 +77,7 @@ def run(args) -> int:
     if not is_loopback(args.host):
         print(f"imagine serve: warning: binding {args.host}: other machines can reach this server, and it has no "
               "authentication", file=sys.stderr)
-    pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision)
+    pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae)
     app = create_app(pipe, config)
     app.state.listen = not is_loopback(args.host)
     shown = f"[{args.host}]" if ":" in args.host else args.host
