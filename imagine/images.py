@@ -44,7 +44,7 @@ def a1111_parameters(p: dict) -> str:
         lines.append(f"Negative prompt: {p['negative_prompt']}")
     fields = [("Steps", "steps"), ("Sampler", "sampler"), ("Schedule type", "schedule_type"),
               ("Schedule rho", "schedule_rho"), ("CFG scale", "guidance_scale"), ("Seed", "seed"), ("Size", None),
-              ("Model", "model"), ("VAE", "vae"), ("Final step", "final_step"), ("Start", "start"), ("Version", "version")]
+              ("Model", "model"), ("VAE", "vae"), ("Lora", "lora"), ("Final step", "final_step"), ("Start", "start"), ("Version", "version")]
     out = []
     for label, key in fields:
         if key == "schedule_type" and p.get(key):

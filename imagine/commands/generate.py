@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None,
                    help="a VAE file (.safetensors / .ckpt, original or diffusers names) or folder to decode with "
                         "instead of the model's own (AUTOMATIC1111's SD VAE), e.g. vae-ft-mse-840000-ema-pruned")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="a LoRA file to merge (kohya-ss/A1111 or diffusers/peft names), repeatable; STRENGTH as "
+                        "A1111's <lora:name:STRENGTH> (default 1)")
     p.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
     p.add_argument("--sampler", default=None,
@@ -78,6 +81,20 @@ def _prompts(args) -> list[str]:
     return [args.prompt]
 
 
+def parse_loras(items: list[str]) -> list[tuple[str, float]]:
+    """["style.safetensors:0.7", "other.safetensors"] -> [(path, 0.7), (path, 1.0)]: a number after the last
+    colon is the strength (so a path with colons still works)."""
+    out = []
+    for item in items or []:
+        path, sep, tail = item.rpartition(":")
+        try:
+            strength = float(tail) if sep and path else None
+        except ValueError:
+            strength = None
+        out.append((path, strength) if strength is not None else (item, 1.0))
+    return out
+
+
 def parse_sampler_options(items: list[str]) -> dict:
     """["s_tmin=1.5", "variant=bh1"] -> {"s_tmin": 1.5, "variant": "bh1"} (numbers parsed; the sampler checks
     the names)."""
@@ -107,6 +124,7 @@ def run(args) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be at least 1")
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
+                                               loras=parse_loras(args.lora),
                                                prediction_type=args.prediction_type, tokenizer=args.tokenizer,
                                                clip_skip=args.clip_skip)
     if args.height is not None or args.width is not None:

@@ -9,6 +9,7 @@ its own generator seeded `seed + i` (AUTOMATIC1111's convention for batches).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -60,16 +61,18 @@ class TextToImagePipeline:
         self.schedule = components.schedule
         self.prediction_type = components.prediction_type
         self.defaults = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m", **components.defaults}
+        self.loras: list[tuple[str, float]] = []  # (name, strength) of the LoRAs merged, in order
         # (the fast mode leaves these modules as they are: it runs bf16 channels-last copies, see fast_copy)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, precision: str = "exact",
                         dtype: torch.dtype = torch.float32, vae: str | Path | None = None,
-                        **single_file) -> "TextToImagePipeline":
+                        loras: list | None = None, **single_file) -> "TextToImagePipeline":
         """`path`: a model folder (ours or diffusers'), an original single-file checkpoint
         (.safetensors / .ckpt), or None for the embedded default model. `vae`: a VAE file or folder
-        that replaces the model's own (`imagine.loading.vae`; AUTOMATIC1111's "SD VAE"). `single_file`:
+        that replaces the model's own (`imagine.loading.vae`; AUTOMATIC1111's "SD VAE"). `loras`: LoRA files
+        to merge, each a path or (path, strength) (`load_lora`). `single_file`:
         options of `load_single_file` (tokenizer, prediction_type, scaling_factor, unet_config,
         clip_skip); an error for a folder, which carries all of them in its configs."""
         if path is None:
@@ -95,7 +98,26 @@ class TextToImagePipeline:
             comps = load_single_file(path, dtype=dtype, **given)
         if vae is not None:
             comps = replace_vae(comps, vae, dtype)
-        return cls(comps, precision=precision)
+        pipe = cls(comps, precision=precision)
+        for item in loras or []:
+            lora, strength = (item, 1.0) if isinstance(item, (str, Path)) else item
+            pipe.load_lora(lora, strength)
+        return pipe
+
+    def load_lora(self, path: str | Path, strength: float = 1.0) -> dict[str, int]:
+        """Merge a LoRA file into the U-Net and text encoder (`imagine.loading.lora`: W += s (alpha / r) B A,
+        Hu et al. 2021 eq. 3), `strength` s as AUTOMATIC1111's `<lora:name:s>`. It stays merged; load the model
+        again to drop it. Returns the layers merged per part."""
+        from imagine.loading.lora import merge_lora, read_lora
+
+        strength = float(strength)
+        if not math.isfinite(strength):
+            raise ValueError(f"LoRA strength must be a finite number; got {strength}")
+        te = getattr(self.text_encoder, "model", None)
+        counts = merge_lora({"unet": self.unet, "text_encoder": te if isinstance(te, torch.nn.Module) else None},
+                            read_lora(path), strength, Path(path).name)
+        self.loras.append((Path(path).stem, strength))
+        return counts
 
     # -- running -------------------------------------------------------------------------------
     @property
@@ -199,6 +221,8 @@ class TextToImagePipeline:
                   "version": __import__("imagine").__version__}
         if self.c.vae_source:
             params["vae"] = Path(self.c.vae_source).name
+        if self.loras:
+            params["lora"] = ", ".join(f"{name}: {strength:g}" for name, strength in self.loras)
         if guidance_rescale:
             params["guidance_rescale"] = guidance_rescale
         if sigma_schedule or karras:

@@ -194,7 +194,7 @@ class _ClientGone(Exception):
 
 
 _A1111_SCRIPTS = {"txt2img": [], "img2img": []}
-_EMPTY_LISTS = ["upscalers", "latent-upscale-modes", "loras", "hypernetworks", "face-restorers",
+_EMPTY_LISTS = ["upscalers", "latent-upscale-modes", "hypernetworks", "face-restorers",
                 "realesrgan-models", "prompt-styles", "artist-categories", "artists"]
 
 
@@ -611,6 +611,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         except (ValueError, OSError, AttributeError):
             ram = {"error": "unknown"}
         return {"ram": ram, "cuda": {"error": "no CUDA: imagine runs on the CPU"}}
+
+    @app.get("/sdapi/v1/loras")
+    def loras():  # the LoRAs merged at start (imagine serve --lora): they apply to every request
+        return [{"name": n, "alias": n, "path": "", "metadata": {}, "strength": s}
+                for n, s in getattr(pipe, "loras", [])]
 
     @app.get("/sdapi/v1/sd-vae")
     def sd_vae():

@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model folder (ours or diffusers') or single-file checkpoint; default: the embedded model")
     p.add_argument("--vae", default=None,
                    help="a VAE file or folder to decode with instead of the model's own (AUTOMATIC1111's SD VAE)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="a LoRA file to merge into the model at start, repeatable (strength default 1)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; there is no authentication, "
                         "so bind another address only on a network you trust)")
@@ -77,7 +79,10 @@ def run(args) -> int:
     if not is_loopback(args.host):
         print(f"imagine serve: warning: binding {args.host}: other machines can reach this server, and it has no "
               "authentication", file=sys.stderr)
-    pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae)
+    from imagine.commands.generate import parse_loras
+
+    pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
+                                               loras=parse_loras(args.lora))
     app = create_app(pipe, config)
     app.state.listen = not is_loopback(args.host)
     shown = f"[{args.host}]" if ":" in args.host else args.host
