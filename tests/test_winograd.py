@@ -87,12 +87,21 @@ def test_best_tile_counts_the_products_of_whole_tiles():
     """F(6x6) needs 64 products per 36 outputs, F(4x4) 36 per 16: 6 wins by 10% or more on SD's 64x64
     and 48x48 maps (and 24, 96, ...); on 32x32 the padding to 36 eats the gain (36 tiles of 64 against
     64 tiles of 36), and under 24x24 the measured transform cost decides for 4. Where F(4x4) would
-    have fewer than FEW_TILES tiles in the call, F(2x2)'s smaller U wins."""
+    have fewer than FEW_TILES tiles a map, F(2x2)'s smaller U wins."""
     sides = (4, 8, 12, 16, 23, 24, 32, 48, 64, 96, 128, 512)
-    assert [winograd.best_tile(s, s, 2) for s in sides] == [2, 2, 4, 4, 4, 6, 4, 6, 6, 6, 6, 6]
-    assert [winograd.best_tile(s, s) for s in sides] == [2, 2, 2, 4, 4, 6, 4, 6, 6, 6, 6, 6]  # batch 1
-    assert winograd.best_tile(8, 8, 2) == 2 and winograd.best_tile(8, 8, 4) == 4  # 8 and 16 tiles
+    assert [winograd.best_tile(s, s) for s in sides] == [2, 2, 4, 4, 4, 6, 4, 6, 6, 6, 6, 6]
     assert winograd.best_tile(64, 16) == 4 and winograd.best_tile(64, 30) == 6
+
+
+def test_an_image_is_computed_alike_in_any_batch():
+    """The tile is chosen per map, not per call: an image's output is bit-identical alone and in a batch of 4
+    (on 8x8 maps a per-call count once picked F(2x2) for one image and F(4x4) for four)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1)
+    assert use_winograd(conv, budget_bytes=2**30, min_pixels=1) == 1
+    x = torch.randn(4, 256, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(conv(x)[2:3], conv(x[2:3]))
 
 
 def test_bad_shapes_are_refused():

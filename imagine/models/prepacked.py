@@ -21,8 +21,8 @@ Measured on a Zen 4, one thread, bf16, outputs bit-identical to F.conv2d and F.l
 (in float32 the 8x8 convolutions gain 2.2x: 146.6 against 67.1 ms for 2560 -> 1280). The packed weight
 is a second copy of the layer's weight (the plain one stays, for the paths that cannot use it: autograd,
 torch.compile, other devices); it is built at the layer's first call and rebuilt if the weight changes.
-One pack serves every input size (oneDNN chooses the layout from the first call's; measured equally
-fast on the others). `IMAGINE_PREPACK=0` turns it off.
+One pack serves every input size (its layout chosen without a batch-size hint, so that results do not
+depend on the calls before; measured equally fast). `IMAGINE_PREPACK=0` turns it off.
 """
 
 from __future__ import annotations
@@ -78,13 +78,20 @@ class _Packs:
         return self._pack
 
 
+def _linear_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A linear weight in oneDNN's layout, chosen without a batch-size hint: with the first call's row count
+    as the hint, later calls of other sizes could round differently, so that an image depended on what the
+    process had run before (1e-6 per layer, 5.9e-5 in a generation's latents). Measured equally fast on a
+    Zen 4 (bf16 and float32, SD's shapes from 2 to 8192 rows)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
 class PackedLinear(_Packs, nn.Linear):
     """An nn.Linear (same parameters and state-dict keys) that multiplies by its packed weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim >= 2 and self._usable(x):
-            rows = x.numel() // x.shape[-1]
-            w = self._packed(lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows))
+            w = self._packed(lambda: _linear_pack(self.weight.detach()))
             if w is not None:
                 # contiguous: on a strided input the op rounds differently from F.linear
                 return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, self.bias, "none", [], "")
@@ -122,12 +129,11 @@ class PackedGEGLU(_Packs, GEGLU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim >= 2 and self._usable(x):
-            rows, half = x.numel() // x.shape[-1], self.proj.out_features // 2
+            half = self.proj.out_features // 2
             w, b = self.proj.weight.detach(), self.proj.bias
 
             def build():
-                value, gate = (torch.ops.mkldnn._reorder_linear_weight(w[s].contiguous(), rows)
-                               for s in (slice(0, half), slice(half, None)))
+                value, gate = (_linear_pack(w[s].contiguous()) for s in (slice(0, half), slice(half, None)))
                 bias = (None, None) if b is None else (b.detach()[:half].contiguous(), b.detach()[half:].contiguous())
                 return value, gate, bias
 

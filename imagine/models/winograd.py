@@ -111,7 +111,11 @@ _AT2 = ((1, 1, 1, 0),
 # Output tile side m -> (B^T, G, A^T); input tiles are m + 3 - 1 wide.
 TRANSFORMS = {2: (_BT2, _G2, _AT2), 4: (_BT, _G, _AT), 6: (_BT6, _G6, _AT6)}
 TILE = 4  # the tile whose U use_winograd reserves (and the one on mid-sized maps)
-FEW_TILES = 12  # F(4x4) tiles per call under which F(2x2) is faster: U's read outweighs the products
+# F(4x4) tiles per map under which F(2x2) is faster: U's read outweighs the products. Measured per call
+# (12 tiles: a guided image, batch 2, of 6 tiles a map); counted per map so that the tile, and with it the
+# rounding, does not depend on how many images share the call (the same seed gives the same image at any
+# batch size).
+FEW_TILES = 6
 BAND_ELEMENTS = 1 << 22  # transformed values per band (16 MB in float32): measured best for SD's U-Net maps
 # With the transform kernel the transforms are one pass each and the band's size is set by the products:
 # fewer, larger bands keep their matrices tall (measured on a Zen 4, SD's layers at batch 2: 1280 -> 640
@@ -137,10 +141,10 @@ def _tile_of(u: torch.Tensor) -> int:
                      f"planes (m = {', '.join(map(str, TRANSFORMS))}); got {tuple(u.shape)}")
 
 
-def best_tile(h: int, w: int, batch: int = 1) -> int:
-    """The output tile for a batch of h x w maps.
+def best_tile(h: int, w: int) -> int:
+    """The output tile for h x w maps, whatever the batch (an image's rounding must not depend on it).
 
-    - 2 where F(4x4) would have fewer than FEW_TILES tiles in the call: reading U then costs more than
+    - 2 where F(4x4) would have fewer than FEW_TILES tiles a map: reading U then costs more than
       the products. Measured at 1280 channels, F(2x2) against F(4x4): 8x8 at batch 2 (8 tiles) 41 ms
       against 52 on a Zen 3 EPYC, 25.9 against 28.5 on a Zen 4; at 16 tiles (8x8 at batch 4, 16x16 at
       batch 1) the two CPUs disagree (Zen 3 76 against 83 and 84 against 97, Zen 4 43.1 against 37.5
@@ -152,7 +156,7 @@ def best_tile(h: int, w: int, batch: int = 1) -> int:
       layers, batch 2: 320 channels on 64x64 0.066 s against 0.077 s, 640 on 48x48 0.136 against
       0.163; but 640 on 32x32 0.095 against 0.084, 1280 on 12x12 0.078 against 0.069).
     - else 4."""
-    if batch * -(-h // 4) * -(-w // 4) < FEW_TILES:
+    if -(-h // 4) * -(-w // 4) < FEW_TILES:
         return 2
     if min(h, w) < 24:
         return 4
@@ -375,7 +379,7 @@ class WinogradConv2d(PackedConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.ndim == 4 and x.shape[1] >= self.min_channels and x.shape[-2] * x.shape[-1] >= self.min_pixels
                 and x.dtype == self.weight.dtype and not (torch.is_grad_enabled() and self.weight.requires_grad)):
-            tile = best_tile(x.shape[-2], x.shape[-1], x.shape[0])
+            tile = best_tile(x.shape[-2], x.shape[-1])
             if torch.compiler.is_compiling():
                 # The graph reads the U built eagerly, under the memory budget (`_Autocast` makes one
                 # eager call before it compiles). A U computed in the graph would be folded into a

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -104,6 +105,15 @@ class TextToImagePipeline:
             pipe.load_lora(lora, strength)
         return pipe
 
+    def weights_changed(self) -> None:
+        """Tell the pipeline that the U-Net's or VAE's weights were changed in a way their version counters do
+        not show (through `.data`, or under `torch.inference_mode`): the cached exact and fast copies are
+        rebuilt at the next call. (Changes through the parameters themselves, `load_state_dict` and
+        `load_lora` are seen without it.)"""
+        for m in (self.unet, self.vae):
+            if m is not None:
+                forget_copies(m)
+
     def load_lora(self, path: str | Path, strength: float = 1.0) -> dict[str, int]:
         """Merge a LoRA file into the U-Net and text encoder (`imagine.loading.lora`: W += s (alpha / r) B A,
         Hu et al. 2021 eq. 3), `strength` s as AUTOMATIC1111's `<lora:name:s>`. It stays merged; load the model
@@ -167,6 +177,9 @@ class TextToImagePipeline:
             raise ValueError("no prompt given")
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
+        if (not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool)
+                or num_images_per_prompt < 1):
+            raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if negative_prompt is None:
             negatives = [""] * len(prompts)
@@ -182,7 +195,8 @@ class TextToImagePipeline:
         steps = int(d["steps"] if steps is None else steps)
         guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
         sampler = sampler or d["sampler"]
-        if sampler == d["sampler"]:  # the model's default sampler comes with its default schedule and last step
+        if _same_sampler(sampler, d["sampler"]):  # the model's default sampler (by any of its names) comes with
+            # its default schedule and last step
             if karras is None and sigma_schedule is None:
                 sigma_schedule = d.get("sigma_schedule")
             if final_step is None:
@@ -291,6 +305,16 @@ def _weights_stamp(module: torch.nn.Module) -> tuple:
 _EXACT_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
 
 
+def _same_sampler(a: str, b: str) -> bool:
+    """Whether two sampler names (canonical, AUTOMATIC1111's, diffusers' scheduler classes) are one sampler."""
+    from imagine.samplers import resolve_sampler
+
+    try:
+        return resolve_sampler(a)[0] == resolve_sampler(b)[0]
+    except (TypeError, ValueError):
+        return a == b
+
+
 def replace_vae(components: Components, vae: str | Path, dtype: torch.dtype = torch.float32) -> Components:
     """`components` with the VAE at `vae` (a file or folder, `imagine.loading.vae.load_vae`) in place of
     its own. A file's VAE takes the model's latent scaling factor, as AUTOMATIC1111 does (the file has
@@ -315,14 +339,30 @@ def replace_vae(components: Components, vae: str | Path, dtype: torch.dtype = to
 
 
 def _cached_copy(cache, module: torch.nn.Module, build) -> torch.nn.Module:
-    """`build()`'s copy of `module`, made once and kept in `cache` while `module`'s weights do not change."""
-    stamp = _weights_stamp(module)
-    hit = cache.get(module)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    copy = build().eval()  # (not requires_grad_(False): a copy may share the original's parameters)
-    cache[module] = (stamp, copy)
-    return copy
+    """`build()`'s copy of `module`, made once and kept in `cache` while `module`'s weights do not change
+    (replaced, or modified in place through the parameters: a change through `.data` or under
+    inference mode moves no version counter and is not seen; `forget_copies` drops the copies then).
+    One thread builds while the others wait: the server's worker and a preview decode must not build
+    an SD-sized copy twice."""
+    with _COPY_LOCK:
+        stamp = _weights_stamp(module)
+        hit = cache.get(module)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        copy = build().eval()  # (not requires_grad_(False): a copy may share the original's parameters)
+        cache[module] = (stamp, copy)
+        return copy
+
+
+def forget_copies(module: torch.nn.Module) -> None:
+    """Drop the cached exact and fast copies of `module` (and their packs), so that the next call builds
+    them from its weights as they are now: for weights changed in a way no version counter shows."""
+    with _COPY_LOCK:
+        _EXACT_COPIES.pop(module, None)
+        _FAST_COPIES.pop(module, None)
+
+
+_COPY_LOCK = threading.RLock()
 
 
 def _sharing_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -399,7 +439,8 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
 
     def build_float32():
         copy = _sharing_copy(module)
-        use_winograd(copy)
+        if _weights_dtype(module) == torch.float32:  # (a module loaded in bf16 stays direct: Winograd loses 9x
+            use_winograd(copy)                         # the accuracy in bf16, see above)
         _channels_last_direct_filters(copy)
         use_prepacked(copy)
         return copy
@@ -465,7 +506,6 @@ def decode_latents(vae, latents: torch.Tensor, precision: str = "exact") -> torc
     return x.float().clamp(-1, 1)
 
 
-_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
 COMPILE_ENV = "IMAGINE_COMPILE"
 
 
@@ -476,10 +516,12 @@ def _compiled(module: torch.nn.Module) -> torch.nn.Module:
     1.2x but took about 45 CPU-seconds to compile (more than 2 minutes of wall time on a busy
     machine), and again for every new batch shape, so it pays only for long runs in one process
     (a server, or --from-file with many prompts), not for one image."""
-    hit = _COMPILED.get(module)
+    hit = getattr(module, "_imagine_compiled", None)
     if hit is None:
         hit = torch.compile(module)
-        _COMPILED[module] = hit
+        # kept on the copy (not registered as a submodule), so that it goes with the copy: a cache keyed by the
+        # copy would keep it alive through the compiled module's own reference to it
+        object.__setattr__(module, "_imagine_compiled", hit)
     return hit
 
 
