@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="a LoRA file to merge (kohya-ss/A1111 or diffusers/peft names), repeatable; STRENGTH as "
                         "A1111's <lora:name:STRENGTH> (default 1)")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
+                   help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds), repeatable; "
+                        "its word is WORD, else the one the file names, else the file's name (as in A1111)")
     p.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
     p.add_argument("--sampler", default=None,
@@ -95,6 +98,18 @@ def parse_loras(items: list[str]) -> list[tuple[str, float]]:
     return out
 
 
+def parse_embeddings(items: list[str]) -> list[tuple[str, str | None]]:
+    """["EasyNegative.safetensors", "cat.bin:<cat-toy>"] -> [(path, None), (path, "<cat-toy>")]: text after the last
+    colon is the word when what is before it is an existing file."""
+    from pathlib import Path as _Path
+
+    out = []
+    for item in items or []:
+        path, sep, word = item.rpartition(":")
+        out.append((path, word) if sep and word and _Path(path).is_file() else (item, None))
+    return out
+
+
 def parse_sampler_options(items: list[str]) -> dict:
     """["s_tmin=1.5", "variant=bh1"] -> {"s_tmin": 1.5, "variant": "bh1"} (numbers parsed; the sampler checks
     the names)."""
@@ -125,6 +140,7 @@ def run(args) -> int:
         raise ValueError("--num-images and --batch-size must be at least 1")
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
                                                loras=parse_loras(args.lora),
+                                               embeddings=parse_embeddings(args.embedding),
                                                prediction_type=args.prediction_type, tokenizer=args.tokenizer,
                                                clip_skip=args.clip_skip)
     if args.height is not None or args.width is not None:

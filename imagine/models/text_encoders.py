@@ -57,6 +57,9 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.source = source
+        # textual-inversion words read as several tokens: word -> "word word_1 ... word_{n-1}"
+        # (imagine.loading.textual_inversion)
+        self.expansions: dict[str, str] = {}
 
     @property
     def dim(self) -> int:
@@ -71,6 +74,8 @@ class TextEncoder(nn.Module):
             prompts = [prompts]
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
+        if self.expansions:
+            prompts = [self._expand(p) for p in prompts]
         # verbose=False: the tokenizer's own "sequence longer than" notice is replaced by ours below.
         full = self.tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         for p, ids in zip(prompts, full):
@@ -80,6 +85,13 @@ class TextEncoder(nn.Module):
                             "(kept: %r)", self.max_length, len(ids) - self.max_length, len(ids), kept[-60:])
         return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                               return_tensors="pt")
+
+    def _expand(self, prompt: str) -> str:
+        """A multi-vector embedding's word -> all of its tokens, where the tokenizer sees the word (diffusers'
+        `maybe_convert_prompt`, AUTOMATIC1111's embedding expansion)."""
+        for word in set(self.tokenizer.tokenize(prompt)) & self.expansions.keys():
+            prompt = prompt.replace(word, self.expansions[word])
+        return prompt
 
     @torch.no_grad()
     def encode(self, prompts: list[str] | str) -> TextEncoding:

@@ -63,17 +63,20 @@ class TextToImagePipeline:
         self.prediction_type = components.prediction_type
         self.defaults = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m", **components.defaults}
         self.loras: list[tuple[str, float]] = []  # (name, strength) of the LoRAs merged, in order
+        self.embeddings: list[str] = []  # the words of the textual-inversion embeddings loaded
         # (the fast mode leaves these modules as they are: it runs bf16 channels-last copies, see fast_copy)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, precision: str = "exact",
                         dtype: torch.dtype = torch.float32, vae: str | Path | None = None,
-                        loras: list | None = None, **single_file) -> "TextToImagePipeline":
+                        loras: list | None = None, embeddings: list | None = None,
+                        **single_file) -> "TextToImagePipeline":
         """`path`: a model folder (ours or diffusers'), an original single-file checkpoint
         (.safetensors / .ckpt), or None for the embedded default model. `vae`: a VAE file or folder
         that replaces the model's own (`imagine.loading.vae`; AUTOMATIC1111's "SD VAE"). `loras`: LoRA files
-        to merge, each a path or (path, strength) (`load_lora`). `single_file`:
+        to merge, each a path or (path, strength) (`load_lora`). `embeddings`: textual-inversion files, each a
+        path or (path, word) (`load_embedding`). `single_file`:
         options of `load_single_file` (tokenizer, prediction_type, scaling_factor, unet_config,
         clip_skip); an error for a folder, which carries all of them in its configs."""
         if path is None:
@@ -103,7 +106,25 @@ class TextToImagePipeline:
         for item in loras or []:
             lora, strength = (item, 1.0) if isinstance(item, (str, Path)) else item
             pipe.load_lora(lora, strength)
+        for item in embeddings or []:
+            emb, word = (item, None) if isinstance(item, (str, Path)) else item
+            pipe.load_embedding(emb, word)
         return pipe
+
+    def load_embedding(self, path: str | Path, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding's word to the text encoder (`imagine.loading.textual_inversion`,
+        Gal et al. 2022): `token`, else the word the file names (diffusers), else the file's name (AUTOMATIC1111).
+        Returns the tokens added; a prompt that says the word reads all of them."""
+        from imagine.loading.textual_inversion import add_embedding, read_embedding
+
+        named, vectors = read_embedding(path)
+        word = token or named or Path(path).stem
+        if not hasattr(getattr(self.text_encoder, "model", None), "get_input_embeddings"):
+            raise ValueError(f"{Path(path).name}: this model's text encoder ({self.text_encoder.kind}) takes no "
+                             "textual-inversion embeddings")
+        tokens = add_embedding(self.text_encoder, word, vectors, Path(path).name)
+        self.embeddings.append(word)
+        return tokens
 
     def weights_changed(self) -> None:
         """Tell the pipeline that the U-Net's or VAE's weights were changed in a way their version counters do

@@ -597,8 +597,14 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         return []
 
     @app.get("/sdapi/v1/embeddings")
-    def get_embeddings():
-        return {"loaded": {}, "skipped": {}}
+    def get_embeddings():  # A1111's shape: name -> {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}
+        encoder = getattr(pipe, "text_encoder", None)
+        loaded = {}
+        for word in getattr(pipe, "embeddings", []):
+            n = len(encoder.expansions.get(word, word).split()) if encoder is not None else 1
+            loaded[word] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                            "shape": getattr(encoder, "dim", None), "vectors": n}
+        return {"loaded": loaded, "skipped": {}}
 
     @app.get("/sdapi/v1/memory")
     def get_memory():

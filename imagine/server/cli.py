@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a VAE file or folder to decode with instead of the model's own (AUTOMATIC1111's SD VAE)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="a LoRA file to merge into the model at start, repeatable (strength default 1)")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
+                   help="a textual-inversion embedding to load at start, repeatable")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; there is no authentication, "
                         "so bind another address only on a network you trust)")
@@ -79,10 +81,11 @@ def run(args) -> int:
     if not is_loopback(args.host):
         print(f"imagine serve: warning: binding {args.host}: other machines can reach this server, and it has no "
               "authentication", file=sys.stderr)
-    from imagine.commands.generate import parse_loras
+    from imagine.commands.generate import parse_embeddings, parse_loras
 
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
-                                               loras=parse_loras(args.lora))
+                                               loras=parse_loras(args.lora),
+                                               embeddings=parse_embeddings(args.embedding))
     app = create_app(pipe, config)
     app.state.listen = not is_loopback(args.host)
     shown = f"[{args.host}]" if ":" in args.host else args.host

@@ -1,0 +1,86 @@
+"""Textual-inversion embeddings (Gal et al. 2022, "An Image is Worth One Word"): new words for the
+text encoder.
+
+An embedding is n learned vectors v_1..v_n in the text encoder's token-embedding space (eq. 2 of
+the paper optimises them with the whole model frozen). Loading one adds n tokens to the tokenizer,
+`<name>`, `<name>_1`, ..., `<name>_{n-1}`, with those vectors as their rows of the embedding matrix;
+a prompt that says `<name>` then reads all n (AUTOMATIC1111 and diffusers' `maybe_convert_prompt`
+expand the word the same way). Nothing else in the model changes. People keep them as files beside
+their checkpoints, most often for negative prompts; the layouts read here, offline:
+
+- AUTOMATIC1111's `.pt` (`{"string_to_param": {"*": [n, d]}, "name": ..., "step": ...}`, read with
+  `torch.load(weights_only=True)`) and `.safetensors` (`emb_params`: [n, d]); the word is the file's
+  name without its suffix, as in AUTOMATIC1111;
+- diffusers' `learned_embeds.safetensors` / `.bin` (`{"<token>": [d] or [n, d]}`); the word is that token.
+
+`token=` names the word instead. An embedding made for another text encoder (its width differs, or
+SDXL's two-encoder `clip_l` / `clip_g` files) and a word the tokenizer already knows are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def read_embedding(path: str | os.PathLike) -> tuple[str | None, torch.Tensor]:
+    """(the word the file names or None, the vectors [n, d]) of an embedding file."""
+    from imagine.loading.single_file import _file_kind, _read_pickle, _read_safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embedding not found: {path} (give a .pt, .bin or .safetensors file)")
+    obj = _read_safetensors(path) if _file_kind(path) == "safetensors" else _read_pickle(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path.name} holds a {type(obj).__name__}, not a textual-inversion embedding")
+    token = None
+    if "clip_l" in obj or "clip_g" in obj:
+        raise ValueError(f"{path.name} is an SDXL embedding (clip_l / clip_g); imagine's models are SD 1.x/2.x")
+    if isinstance(obj.get("string_to_param"), dict) and obj["string_to_param"]:  # AUTOMATIC1111 .pt
+        vectors = next(iter(obj["string_to_param"].values()))
+    elif "emb_params" in obj:  # AUTOMATIC1111 .safetensors
+        vectors = obj["emb_params"]
+    elif len(obj) == 1 and torch.is_tensor(next(iter(obj.values()))):  # diffusers: {"<token>": vectors}
+        token, vectors = next(iter(obj.items()))
+    else:
+        raise ValueError(f"{path.name}: not a textual-inversion embedding; expected string_to_param (AUTOMATIC1111 "
+                         f".pt), emb_params (.safetensors) or one {{token: vectors}} entry (diffusers); found "
+                         f"{sorted(map(str, obj))[:6]}")
+    if not torch.is_tensor(vectors) or vectors.ndim not in (1, 2) or not vectors.is_floating_point() \
+            or vectors.numel() == 0:
+        raise ValueError(f"{path.name}: the embedding should be float vectors [n, width]; got "
+                         f"{tuple(vectors.shape) if torch.is_tensor(vectors) else type(vectors).__name__}")
+    return token, vectors.reshape(-1, vectors.shape[-1]).detach()
+
+
+def word_tokens(token: str, n: int) -> list[str]:
+    """The n tokens that carry an n-vector embedding: token, token_1, ..., token_{n-1} (diffusers' and
+    AUTOMATIC1111's naming)."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+@torch.no_grad()
+def add_embedding(encoder, token: str, vectors: torch.Tensor, source: str = "embedding") -> list[str]:
+    """Give `encoder` (a TextEncoder over a transformers model with a token-embedding matrix) the word
+    `token` read as `vectors` [n, d]; returns the n tokens added."""
+    model, tok = encoder.model, encoder.tokenizer
+    emb = model.get_input_embeddings()
+    if vectors.shape[-1] != emb.weight.shape[1]:
+        raise ValueError(f"{source}: its vectors are {vectors.shape[-1]} wide, this model's text encoder takes "
+                         f"{emb.weight.shape[1]}; it was made for another model (SD 1.x: 768, SD 2.x: 1024)")
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"{source}: the word {token!r} must be one non-empty word without spaces")
+    tokens = word_tokens(token, vectors.shape[0])
+    known = [t for t in tokens if t in tok.get_vocab()]
+    if known:
+        raise ValueError(f"{source}: the tokenizer already has {known[0]!r}; name the embedding another word "
+                         "(token=...), or it would change what that word means")
+    tok.add_tokens(tokens)
+    ids = tok.convert_tokens_to_ids(tokens)
+    model.resize_token_embeddings(len(tok))
+    emb = model.get_input_embeddings()
+    emb.weight[ids] = vectors.to(emb.weight.dtype)
+    encoder.expansions[token] = " ".join(tokens)
+    return tokens
