@@ -216,3 +216,28 @@ def test_server_lists_the_merged_loras(tmp_path):
     with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
         listed = httpx.get(f"{srv.url}/sdapi/v1/loras").json()
         assert [(x["name"], x["strength"]) for x in listed] == [("style", 0.8)]
+        body = {"prompt": "a red circle <lora:style:0.8>", "steps": 1, "width": 32, "height": 32}
+        assert httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=120).status_code == 200
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "prompt": "x <lora:other:1>"}, timeout=120)
+        assert r.status_code == 422 and "not merged" in r.json()["detail"]
+
+
+def test_a1111_lora_tags_name_the_merged_loras(tmp_path):
+    """`<lora:name:s>` in a prompt (AUTOMATIC1111) is taken out when that LoRA is merged at that strength, and
+    is a clear error otherwise (imagine merges at load time, not per prompt)."""
+    single = tmp_path / "single" / "tiny-sd.safetensors"
+    unet, _, text = write_single_file(single, "sd1")
+    path = tmp_path / "style.safetensors"
+    save_file(_kohya_lora(unet, text), str(path))
+    pipe = TextToImagePipeline.from_pretrained(single, loras=[(path, 0.8)])
+    kw = dict(steps=2, seed=4, height=32, width=32, progress=False, output_type="latent")
+    plain = pipe.generate("a red circle, ", **kw)
+    tagged = pipe.generate("a red circle, <lora:style:0.8>", **kw)
+    assert torch.equal(plain.latents, tagged.latents)
+    assert tagged.parameters["prompt"] == ["a red circle, <lora:style:0.8>"]  # recorded as given
+    with pytest.raises(ValueError, match="merged at strength 0.8"):
+        pipe.generate("a red circle <lora:style:0.5>", **kw)
+    with pytest.raises(ValueError, match="not merged into this model"):
+        pipe.generate("x", "<lora:other:1>", **kw)
+    with pytest.raises(ValueError, match="not a number"):
+        pipe.generate("x <lora:style:strong>", **kw)

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 import weakref
@@ -28,6 +29,7 @@ from imagine.loading.folder import Components
 
 log = logging.getLogger(__name__)
 
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # AUTOMATIC1111's <lora:name[:s[:unet s]]>
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 MAX_SEED = 2**32 - 1
 
@@ -110,6 +112,27 @@ class TextToImagePipeline:
             emb, word = (item, None) if isinstance(item, (str, Path)) else item
             pipe.load_embedding(emb, word)
         return pipe
+
+    def _without_lora_tags(self, prompt: str) -> str:
+        """The prompt without AUTOMATIC1111's `<lora:name:s>` tags, each of which must name a LoRA merged into this
+        model at that strength (`load_lora`): imagine merges LoRAs when the model loads, not per prompt."""
+        def check(m: re.Match) -> str:
+            name = m[1].strip()
+            try:
+                strength = float(m[2]) if m[2] and m[2].strip() else 1.0
+            except ValueError:
+                raise ValueError(f"{m[0]}: the strength {m[2]!r} is not a number") from None
+            merged = dict(self.loras)
+            if name not in merged:
+                raise ValueError(f"the prompt asks for {m[0]}, which is not merged into this model (merged: "
+                                 f"{', '.join(merged) or 'none'}); imagine merges LoRAs when the model loads: "
+                                 f"--lora PATH/{name}.safetensors:{strength:g}")
+            if abs(merged[name] - strength) > 1e-6:
+                raise ValueError(f"the prompt asks for {m[0]}, but {name} is merged at strength {merged[name]:g}; "
+                                 f"load it with --lora PATH:{strength:g}")
+            return ""
+
+        return LORA_TAG.sub(check, prompt) if "<lora:" in prompt else prompt
 
     def load_embedding(self, path: str | Path, token: str | None = None) -> list[str]:
         """Add a textual-inversion embedding's word to the text encoder (`imagine.loading.textual_inversion`,
@@ -241,8 +264,9 @@ class TextToImagePipeline:
         elif len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
 
-        cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts(negatives) if guidance_scale != 1.0 else None
+        cond = self.encode_prompts([self._without_lora_tags(p) for p in prompts])
+        uncond = (self.encode_prompts([self._without_lora_tags(n) for n in negatives]) if guidance_scale != 1.0
+                  else None)
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                seeds=seeds, guidance_rescale=guidance_rescale, eta=eta, karras=karras,

@@ -379,6 +379,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if len(text) > cfg.max_prompt_length:
             raise ApiError(422, f"{field} is {len(text)} characters; the server's limit is {cfg.max_prompt_length}",
                            field)
+        strip_tags = getattr(pipe, "_without_lora_tags", None)
+        if strip_tags is not None:  # A1111's <lora:name:s> must name a LoRA merged at start (imagine serve --lora);
+            try:                    # checked here, so that one request's bad tag cannot fail a batch of others
+                strip_tags(text)
+            except ValueError as e:
+                raise ApiError(422, str(e), field) from None
 
     def check_int(field: str, v: int, lo: int, hi: int, hint: str = "") -> None:
         if not lo <= v <= hi:
