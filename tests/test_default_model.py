@@ -57,5 +57,5 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "unknown sampler 'nope'" in r.stderr and "dpmpp_2m" in r.stderr
     r = run("a red circle", "--steps", "0", "-o", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "--steps must be at least 1" in r.stderr
-    r = run("a red circle", "--height", "60", "-o", str(tmp_path / "x.png"))
+    r = run("a red circle", "--height", "62", "-o", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "not a multiple of" in r.stderr

@@ -111,3 +111,20 @@ def test_a_bf16_module_gets_no_bf16_winograd_in_the_float32_fast_copy(no_bf16_mo
 
     assert any(isinstance(m, WinogradConv2d) for m in t2i.fast_copy(net()).modules())
     assert not any(isinstance(m, WinogradConv2d) for m in t2i.fast_copy(net().bfloat16()).modules())
+
+
+def test_sizes_need_only_the_vae_factor(bf16_mode):
+    """SD takes any multiple of 8 px, as in diffusers and AUTOMATIC1111 (not of 64): the embedded model (VAE
+    factor 4, three U-Net levels) at 36 x 44 px runs a 9 x 11 latent, in both modes, the fast image close to the
+    exact one; 38 px is refused with the rule."""
+    from imagine.bench.speed import psnr
+    from imagine.images import from_pil
+
+    pipe = TextToImagePipeline.from_pretrained(None)
+    kw = dict(steps=4, seed=3, height=36, width=44, progress=False)
+    exact = pipe.generate("a red circle", **kw)
+    assert exact.latents.shape[-2:] == (9, 11) and exact.images[0].size == (44, 36)
+    fast = TextToImagePipeline.from_pretrained(None, precision="fast").generate("a red circle", **kw)
+    assert psnr(from_pil(fast.images[0]), from_pil(exact.images[0])) > 30
+    with pytest.raises(ValueError, match="height 38 is not a multiple of 4"):
+        pipe.generate("x", steps=1, height=38, width=44, progress=False)

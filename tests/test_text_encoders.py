@@ -26,6 +26,26 @@ def test_clip_skip_takes_the_layer_before_last_through_the_final_norm():
     assert not torch.allclose(plain.states, got.states)
 
 
+def test_clip_skip_range_is_checked_and_folders_take_it(tmp_path):
+    """clip_skip counts layers skipped (diffusers): 0 .. layers - 1, else one clear error (not an IndexError deep
+    in transformers). A diffusers folder takes it too (its configs do not carry it), and the image's parameters
+    record it."""
+    from test_loading import save_diffusers_folder  # the tiny SD folder: a 2-layer CLIP
+
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    for bad in (2, 50, -1, True, 1.0):
+        with pytest.raises(ValueError, match=r"clip_skip must be an integer from 0 .* to 1 .*'Clip skip 2' is clip_skip 1"):
+            TextToImagePipeline.from_pretrained(tmp_path / "folder", clip_skip=bad)
+    kw = dict(steps=2, seed=1, height=16, width=16, progress=False, output_type="latent")
+    skip = TextToImagePipeline.from_pretrained(tmp_path / "folder", clip_skip=1)
+    plain = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    a, b = skip.generate("a red circle", **kw), plain.generate("a red circle", **kw)
+    assert a.parameters["clip_skip"] == 1 and "clip_skip" not in b.parameters
+    assert not torch.equal(a.latents, b.latents)
+
+
 def test_minilm_states_mask_and_truncation_warning(caplog):
     enc = MiniLMTextEncoder.from_package(max_length=8)
     r = enc.encode(["a red circle", ""])

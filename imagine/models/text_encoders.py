@@ -159,7 +159,21 @@ class CLIPTextEncoder(TextEncoder):
 
     def __init__(self, model, tokenizer, max_length, source, clip_skip: int = 0):
         super().__init__(model, tokenizer, max_length, source)
-        self.clip_skip = int(clip_skip)
+        self.clip_skip = clip_skip
+
+    @property
+    def clip_skip(self) -> int:
+        return self._clip_skip
+
+    @clip_skip.setter
+    def clip_skip(self, value: int) -> None:
+        """k layers skipped (diffusers' numbering; AUTOMATIC1111's "Clip skip" is k + 1): 0 <= k < the layers."""
+        layers = int(getattr(self.model.config, "num_hidden_layers", 0) or 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (layers and value >= layers):
+            raise ValueError(f"clip_skip must be an integer from 0 (the last layer's states) to {max(layers - 1, 0)} "
+                             f"(this text encoder has {layers} layers); got {value!r}. It counts layers skipped, "
+                             "as diffusers does: AUTOMATIC1111's 'Clip skip 2' is clip_skip 1")
+        self._clip_skip = value
 
     @torch.no_grad()
     def _encode(self, ids, mask):

@@ -206,7 +206,9 @@ class UNetConfig:
 
     @property
     def downsampling_factor(self) -> int:
-        """Height and width of an input must be multiples of this."""
+        """How much the contracting path shrinks a map. Inputs need not be multiples of it: where a
+        stride-2 convolution rounds an odd size up, the upsampler returns to the skip's size (as diffusers'
+        `upsample_size`), so any latent size runs, as in diffusers and AUTOMATIC1111."""
         return 2 ** (self.num_levels - 1)
 
     @property
@@ -343,8 +345,12 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """`size`: the map size to reach, where it is not twice x's (an odd size on the way down, whose
+        stride-2 convolution rounded it: diffusers' `upsample_size`)."""
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 class _Checkpointable(nn.Module):
@@ -437,7 +443,7 @@ class UpBlock(_Checkpointable):
         last = i == cfg.num_levels - 1
         self.upsamplers = None if last else nn.ModuleList([Upsample(cout)])
 
-    def forward(self, x, skips, emb_act, context, mask):
+    def forward(self, x, skips, emb_act, context, mask, size=None):
         for j, resnet in enumerate(self.resnets):
             skip = skips[-1 - j]
             n = max(x.shape[0], skip.shape[0])  # a skip from before a guidance batch parted
@@ -446,7 +452,7 @@ class UpBlock(_Checkpointable):
             if self.attentions is not None:
                 x = self._run(self.attentions[j], x, context, mask)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
+            x = self.upsamplers[0](x, size)
         return x
 
 
@@ -500,7 +506,7 @@ class UNet2DConditionModel(nn.Module):
     # -- the denoiser call (docs/DESIGN.md) ------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, in_channels, H, W] (H, W multiples of config.downsampling_factor); t a scalar or [B]
+        """x [B, in_channels, H, W] (any H, W); t a scalar or [B]
         (training-timestep units, may be fractional); context [B, L, cross_attention_dim];
         context_mask [B, L] bool, True = attend to that token; class_labels per config.class_embed_type.
         Returns [B, out_channels, H, W] in x's dtype (the network runs in its weights' dtype).
@@ -542,7 +548,8 @@ class UNet2DConditionModel(nn.Module):
             h = self.mid_block(h, emb_act, context, mask)
         for block in self.up_blocks:
             n = len(block.resnets)
-            h = block(h, skips[-n:], emb_act, context, mask)
+            size = tuple(skips[-n - 1].shape[-2:]) if len(skips) > n else None  # the next level's skip's size
+            h = block(h, skips[-n:], emb_act, context, mask, size)
             del skips[-n:]
         return expand_batch(self.conv_out(self.act(self.conv_norm_out(h))), rows).to(out_dtype)
 
@@ -594,10 +601,9 @@ class UNet2DConditionModel(nn.Module):
         if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != c.in_channels:
             got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"x must be a tensor [B, {c.in_channels}, H, W] (in_channels={c.in_channels}); got {got}")
-        b, f = x.shape[0], c.downsampling_factor
-        if x.shape[-2] % f or x.shape[-1] % f:
-            raise ValueError(f"x height and width must be multiples of {f} (2 ** (levels - 1) for "
-                             f"{c.num_levels} levels); got {tuple(x.shape[-2:])}")
+        b = x.shape[0]
+        if x.shape[-2] < 1 or x.shape[-1] < 1:
+            raise ValueError(f"x must have a height and width of at least 1; got {tuple(x.shape[-2:])}")
         t = self._batch_vector(t, b, "t").to(x.device)
         if not c.has_cross_attention:
             if context is not None or context_mask is not None:

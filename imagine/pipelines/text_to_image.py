@@ -91,6 +91,7 @@ class TextToImagePipeline:
             raise FileNotFoundError(f"model not found: {path} (give a model folder with model_index.json, "
                                     "or a .safetensors / .ckpt single-file checkpoint)")
         given = {k: v for k, v in single_file.items() if v is not None}
+        clip_skip = given.pop("clip_skip", None) if path.is_dir() else None  # a folder's configs do not carry it
         if path.is_dir():
             from imagine.loading.folder import load_folder
 
@@ -102,6 +103,10 @@ class TextToImagePipeline:
             from imagine.loading.single_file import load_single_file
 
             comps = load_single_file(path, dtype=dtype, **given)
+        if clip_skip is not None:
+            if not hasattr(comps.text_encoder, "clip_skip"):
+                raise ValueError(f"clip_skip: {path}'s text encoder is not CLIP ({comps.text_encoder.kind})")
+            comps.text_encoder.clip_skip = clip_skip
         if vae is not None:
             comps = replace_vae(comps, vae, dtype)
         pipe = cls(comps, precision=precision)
@@ -183,7 +188,9 @@ class TextToImagePipeline:
         return self.vae.config.downsampling_factor if self.vae is not None else 1
 
     def check_size(self, height: int, width: int) -> None:
-        f = self.scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        # The VAE's factor only: the U-Net runs any latent size (upsampling to each skip's size, as diffusers),
+        # so SD takes multiples of 8, as in diffusers and AUTOMATIC1111.
+        f = self.scale
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}")
@@ -280,6 +287,8 @@ class TextToImagePipeline:
                   "version": __import__("imagine").__version__}
         if self.c.vae_source:
             params["vae"] = Path(self.c.vae_source).name
+        if getattr(self.text_encoder, "clip_skip", 0):
+            params["clip_skip"] = self.text_encoder.clip_skip  # layers skipped (diffusers' numbering)
         if self.loras:
             params["lora"] = ", ".join(f"{name}: {strength:g}" for name, strength in self.loras)
         if guidance_rescale:
