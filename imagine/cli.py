@@ -78,12 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (ValueError, OSError, ModuleNotFoundError) as e:
+        # OSError: a path that cannot be read or written (a folder where a file goes, no permission, a full
+        # disk), FileNotFoundError among them; -v shows the traceback
         if args.verbose:
             raise
-        print(f"imagine: error: {e}", file=sys.stderr)
+        print(f"imagine: error: {_message(e)}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
+
+
+def _message(e: BaseException) -> str:
+    """The error as one line; the system's OSErrors ("[Errno 21] Is a directory: 'x'") as "x: Is a directory"."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+        return f"{where}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

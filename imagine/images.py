@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -25,38 +26,91 @@ def from_pil(img: Image.Image) -> torch.Tensor:
 
 def save_png(img: Image.Image, path: str | os.PathLike, parameters: dict | None = None) -> Path:
     """Save a PNG with the generation parameters in its text chunks: `parameters` in
-    AUTOMATIC1111's one-line form (so its PNG-info tab reads it) and `imagine` as JSON."""
+    AUTOMATIC1111's one-line form (so its PNG-info tab reads it) and `imagine` as JSON.
+    Written to a temporary file beside it and renamed, so a reader never sees half a PNG; the
+    temporary file is removed if either step fails."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give a PNG file path", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", a1111_parameters(parameters))
         info.add_text("imagine", json.dumps(parameters, sort_keys=True))
     tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    try:
+        img.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
+_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _a1111_quote(value) -> str:
+    """AUTOMATIC1111's `quote()` (modules/infotext_utils.py): a value holding ',', ':' or a newline is
+    written as a JSON string, so its reader's regex takes it as one value (e.g. "Lora: \"style: 0.7, x: 1\"")."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # "CFG scale: 7", as A1111 writes it
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _a1111_model(name: str) -> str:
+    """A1111 writes the checkpoint's name without its extension (tiny-sd.safetensors -> tiny-sd); a folder's
+    name (a diffusers model, which may hold a dot, e.g. sd-v1.5) stays whole."""
+    name = str(name)
+    for suffix in _CHECKPOINT_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def a1111_parameters(p: dict) -> str:
+    """AUTOMATIC1111's infotext: the prompt, "Negative prompt: ..." and one line of "Label: value" fields, in
+    its labels and order, values quoted as A1111 quotes them, so its PNG Info / "Send to txt2img" (and the
+    tools that follow its format) read them back. One writer for the CLI's PNGs and the server's."""
     lines = [str(p.get("prompt", ""))]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
-    fields = [("Steps", "steps"), ("Sampler", "sampler"), ("Schedule type", "schedule_type"),
-              ("Schedule rho", "schedule_rho"), ("CFG scale", "guidance_scale"), ("Seed", "seed"), ("Size", None),
-              ("Model", "model"), ("VAE", "vae"), ("Lora", "lora"), ("Final step", "final_step"), ("Start", "start"), ("Version", "version")]
-    out = []
-    for label, key in fields:
-        if key == "schedule_type" and p.get(key):
-            out.append(f"{label}: {str(p[key]).capitalize()}")  # A1111 writes "Schedule type: Karras"
-        elif key is None:
-            if "width" in p and "height" in p:
-                out.append(f"Size: {p['width']}x{p['height']}")
-        elif key in p and p[key] is not None:
-            out.append(f"{label}: {p[key]}")
-    # sampler settings as A1111 writes its own (e.g. "s_tmin: 1.5")
-    out.extend(f"{k}: {v}" for k, v in (p.get("sampler_options") or {}).items())
-    lines.append(", ".join(out))
+    fields = []
+
+    def put(label: str, value) -> None:
+        if value is not None and value != "":
+            fields.append(f"{label}: {_a1111_quote(value)}")
+
+    put("Steps", p.get("steps"))
+    from imagine.samplers import a1111_label
+
+    sampler, karras = a1111_label(p["sampler"]) if p.get("sampler") else (None, False)
+    put("Sampler", sampler)
+    # A1111 (since 1.9) writes the schedule apart from the sampler: "Sampler: DPM++ 2M, Schedule type: Karras"
+    schedule = p.get("schedule_type") or ("karras" if karras else None)
+    put("Schedule type", str(schedule).capitalize() if schedule else None)
+    put("Schedule rho", p.get("schedule_rho"))
+    put("CFG scale", p.get("guidance_scale"))
+    put("Seed", p.get("seed"))
+    if p.get("width") is not None and p.get("height") is not None:
+        put("Size", f"{p['width']}x{p['height']}")
+    put("Model hash", p.get("model_hash"))
+    put("Model", _a1111_model(p["model"]) if p.get("model") else None)
+    put("VAE", p.get("vae"))
+    if p.get("clip_skip"):  # diffusers' k layers skipped is A1111's "Clip skip: k + 1" (1 = the last layer)
+        put("Clip skip", int(p["clip_skip"]) + 1)
+    put("Lora", p.get("lora"))
+    put("Final step", p.get("final_step"))
+    put("Start", p.get("start"))
+    for k, v in (p.get("sampler_options") or {}).items():  # as A1111 writes its own, e.g. "s_tmin: 1.5"
+        put(k, v)
+    if p.get("version"):
+        version = str(p["version"])
+        put("Version", version if version.startswith("imagine") else f"imagine {version}")
+    lines.append(", ".join(fields))
     return "\n".join(lines)
 
 

@@ -506,6 +506,38 @@ def sampler_names() -> list[str]:
     return list(SAMPLERS)
 
 
+# AUTOMATIC1111's sampler labels (its UI, API and infotexts), their old k_ aliases, and the sampler of ours each
+# names; the server lists them, and PNG parameters are written with them.
+A1111_SAMPLERS = [
+    ("DPM++ 2M", ["k_dpmpp_2m"], "dpmpp_2m"),
+    ("DPM++ 2M SDE", ["k_dpmpp_2m_sde"], "dpmpp_2m_sde"),
+    ("DPM++ SDE", ["k_dpmpp_sde"], "dpmpp_sde"),
+    ("DPM++ 2S a", ["k_dpmpp_2s_a"], "dpmpp_2s_a"),
+    ("DPM++ 3M SDE", ["k_dpmpp_3m_sde"], "dpmpp_3m_sde"),
+    ("Euler a", ["k_euler_a"], "euler_a"),
+    ("Euler", ["k_euler"], "euler"),
+    ("LMS", ["k_lms"], "lms"),
+    ("Heun", ["k_heun"], "heun"),
+    ("DPM2", ["k_dpm_2"], "dpm2"),
+    ("DPM2 a", ["k_dpm_2_a"], "dpm2_a"),
+    ("DDIM", [], "ddim"),
+    ("PLMS", [], "plms"),
+    ("UniPC", [], "unipc"),
+    ("LCM", [], "lcm"),
+    ("DDPM", [], "ddpm"),
+]
+
+
+def a1111_label(name: str) -> tuple[str, bool]:
+    """(AUTOMATIC1111's label for a sampler name of ours or any alias, Karras sigmas implied by the name): "Euler a"
+    for euler_a, ("DPM++ 2M", True) for "DPM++ 2M Karras"; a name with no A1111 label is given back as it is."""
+    try:
+        canonical, _, karras = resolve_sampler(str(name))
+    except (ValueError, TypeError):
+        return str(name), False
+    return next((label for label, _, ours in A1111_SAMPLERS if ours == canonical), canonical), bool(karras)
+
+
 def resolve_sampler(name: str) -> tuple[str, Callable[..., torch.Tensor], bool]:
     """(canonical name, function, Karras sigmas implied by the name) for a sampler name or alias."""
     if not isinstance(name, str):

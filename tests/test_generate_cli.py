@@ -165,7 +165,7 @@ def test_rho_and_sampler_options_reach_the_sampler(models, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--sampler-option", "s_tmin"], "expected KEY=VALUE"),
     (["--sampler-option", "warp=9"], "takes no option 'warp'"),
-    (["--height", "30"], "height 30 is not a multiple of 4"),
+    (["--height", "31"], "height 31 is not a multiple of"),
     (["--sampler", "warp_drive"], "unknown sampler 'warp_drive'"),
     (["--model", "/nonexistent/model.safetensors"], "model not found"),
     (["--from-file", "/nonexistent/prompts.txt"], "--from-file: /nonexistent/prompts.txt not found"),
@@ -180,3 +180,208 @@ def test_errors_are_one_clear_line(models, tmp_path, capsys, args, message):
     assert code == 2
     assert message in err and "Traceback" not in err
     assert err.startswith("imagine: error:")
+
+
+# -- the output path: checked before the model loads, a folder gets imagine-<seed>.png ---------------------------
+def test_one_image_into_a_folder(models, tmp_path, capsys):
+    """-o an existing folder, or a path ending in a separator, is a folder: imagine-<seed>.png goes inside it (not
+    an IsADirectoryError after the generation, nor an extension-less file named like the folder)."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for out, folder in ((existing, existing), (f"{tmp_path / 'new'}/", tmp_path / "new")):
+        code, stdout, err = _run(capsys, "--model", models["folder"], "a red circle", "--steps", 1, "--seed", 11,
+                                 "--height", 16, "--width", 16, "-q", "-o", out)
+        assert code == 0, err
+        assert folder.is_dir() and sorted(p.name for p in folder.iterdir()) == ["imagine-11.png"]
+        assert str(folder / "imagine-11.png") in stdout
+        assert json.loads(Image.open(folder / "imagine-11.png").text["imagine"])["seed"] == 11
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--num-images", 2, "-o", "{tmp}/results.txt"], "several images need a folder, and"),
+    (["-o", "{tmp}/results.txt/x.png"], "results.txt is a file, not a folder"),
+    (["--num-images", 2, "-o", "{tmp}/results.txt/batch"], "results.txt is a file, not a folder"),
+])
+def test_bad_output_path_is_refused_before_the_model_loads(tmp_path, capsys, extra, message):
+    """The model path does not exist: the output's error coming first shows it was checked before loading."""
+    (tmp_path / "results.txt").write_text("mine\n")
+    argv = [str(a).format(tmp=tmp_path) for a in extra]
+    code, _, err = _run(capsys, "--model", tmp_path / "no-such-model.safetensors", "a red circle", "-q", *argv)
+    assert code == 2 and message in err, err
+    assert err.startswith("imagine: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "results.txt").read_text() == "mine\n"
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_os_errors_are_one_clear_line(models, tmp_path, capsys):
+    """A path the system refuses (here a file name over the 255-byte limit) is one line naming it, no traceback."""
+    out = tmp_path / ("x" * 300 + ".png")
+    code, _, err = _run(capsys, "--model", models["folder"], "a red circle", "--steps", 1, "--height", 16,
+                        "--width", 16, "-q", "-o", out)
+    assert code == 2 and err.startswith("imagine: error:") and "name too long" in err.lower(), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# -- --from-file: safe to rerun, records kept when stopped -------------------------------------------------------
+def test_from_file_reruns_add_to_the_folder(models, tmp_path, capsys):
+    """A second run into the same folder (same seed even) continues the NNNNN- numbering, as A1111 does: no PNG is
+    overwritten and every images.jsonl record describes the file it names."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nthe blue square\n", encoding="utf-8")
+    out_dir = tmp_path / "batch"
+    out_dir.mkdir()
+    (out_dir / "00007-notes.txt").write_text("a file of mine numbered as A1111 numbers\n")
+    for _ in range(2):
+        code, _, err = _run(capsys, "--model", models["folder"], "--from-file", prompts, "--steps", 1, "--seed", 1,
+                            "--height", 16, "--width", 16, "-q", "-o", out_dir)
+        assert code == 0, err
+    pngs = sorted(p.name for p in out_dir.glob("*.png"))
+    assert pngs == ["00008-1.png", "00009-2.png", "00010-1.png", "00011-2.png"]
+    records = [json.loads(line) for line in (out_dir / "images.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == pngs
+    for r in records:
+        meta = json.loads(Image.open(out_dir / r["file"]).text["imagine"])
+        assert (meta["seed"], meta["prompt"]) == (r["seed"], r["prompt"])
+
+
+def test_a_stopped_run_keeps_the_records_of_its_images(models, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the second batch: the first batch's PNG is on disk and so is its images.jsonl line."""
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    original, calls = TextToImagePipeline.generate, []
+
+    def stopped_on_the_second_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(TextToImagePipeline, "generate", stopped_on_the_second_batch)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nthe blue square\n", encoding="utf-8")
+    code, _, _ = _run(capsys, "--model", models["folder"], "--from-file", prompts, "--batch-size", 1, "--steps", 1,
+                      "--seed", 3, "--height", 16, "--width", 16, "-q", "-o", tmp_path / "out")
+    assert code == 130
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000-3.png", "images.jsonl"]
+    records = [json.loads(line) for line in (tmp_path / "out" / "images.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["prompt"], r["seed"]) for r in records] == [("00000-3.png", "a red circle", 3)]
+
+
+# -- sizes, prompts, seeds -------------------------------------------------------------------------------------
+def test_one_side_keeps_the_models_other_side(models, tmp_path, capsys):
+    """The tiny model draws 32x32 by default; --height 48 alone gives 32 wide, 48 high (diffusers and A1111 keep
+    the default width), not a 48x48 square."""
+    for extra, size in ((["--height", 48], (32, 48)), (["--width", 24], (24, 32))):
+        out = tmp_path / "one-side.png"
+        code, _, err = _run(capsys, "--model", models["folder"], "a red circle", "--steps", 1, "--seed", 1, "-q",
+                            *extra, "-o", out)
+        assert code == 0, err
+        assert Image.open(out).size == size
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--height", 0, "--width", 16], "--height must be a positive number of pixels; got 0"),
+    (["--width", -8], "--width must be a positive number of pixels; got -8"),
+    (["--seed", 2**32 + 5], "--seed must be -1 (random) or 0..4294967295; got 4294967301"),
+    (["--seed", -7], "--seed must be -1 (random) or 0..4294967295; got -7"),
+])
+def test_bad_sizes_and_seeds_are_refused(models, tmp_path, capsys, extra, message):
+    out = tmp_path / "x.png"
+    code, _, err = _run(capsys, "--model", models["folder"], "a red circle", "--steps", 1, "-q", *extra, "-o", out)
+    assert code == 2 and message in err, err
+    assert err.startswith("imagine: error:") and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_prompt_files(models, tmp_path, capsys):
+    """A byte-order mark is not part of the first prompt; a file in another encoding, or a prompt given beside
+    --from-file (which would be dropped), is a clear error naming the problem."""
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffa red circle\n".encode("utf-8"))
+    code, _, err = _run(capsys, "--model", models["folder"], "--from-file", bom, "--steps", 1, "--seed", 1,
+                        "--height", 16, "--width", 16, "-q", "-o", tmp_path / "bom")
+    assert code == 0, err
+    [record] = [json.loads(line) for line in (tmp_path / "bom" / "images.jsonl").read_text().splitlines()]
+    assert record["prompt"] == "a red circle"
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 on a table\n".encode("latin-1"))
+    code, _, err = _run(capsys, "--model", models["folder"], "--from-file", latin1, "-q", "-o", tmp_path / "l1")
+    assert code == 2 and f"--from-file: {latin1} is not UTF-8 text" in err, err
+    assert "Traceback" not in err and not (tmp_path / "l1").exists()
+
+    code, _, err = _run(capsys, "--model", models["folder"], "a lone prompt", "--from-file", bom, "-q",
+                        "-o", tmp_path / "both")
+    assert code == 2 and "give a prompt or --from-file, not both" in err, err
+    assert not (tmp_path / "both").exists()
+
+
+def test_clip_skip_help_says_which_numbering(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "diffusers' clip_skip" in text and "AUTOMATIC1111's 'Clip skip' is N + 1" in text
+
+
+# -- the PNG's "parameters": AUTOMATIC1111's infotext, read back as A1111 reads it ------------------------------
+_A1111_FIELD = __import__("re").compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _parse_infotext(text: str) -> dict:
+    """AUTOMATIC1111's parse_generation_parameters (modules/infotext_utils.py), the fields' line: its regex, and
+    a value that starts with a quote read as JSON (its unquote())."""
+    *_, last = text.strip().split("\n")
+    out = {}
+    for key, value in _A1111_FIELD.findall(last):
+        value = value.strip()
+        if value.startswith('"'):
+            value = json.loads(value)
+        out[key] = value
+    return out
+
+
+def test_png_parameters_read_back_as_automatic1111_reads_them(tmp_path, capsys):
+    """A checkpoint named "tiny, v2.safetensors" and sampler euler_a: A1111 reads Model "tiny, v2" (its name
+    without the extension, the comma inside kept by quoting) and its own label "Euler a"."""
+    model = tmp_path / "ckpt" / "tiny, v2.safetensors"
+    write_single_file(model, "sd1")
+    out = tmp_path / "x.png"
+    code, _, err = _run(capsys, "--model", model, "a red circle", "--sampler", "euler_a", "--karras", "--steps", 2,
+                        "--seed", 3, "--height", 16, "--width", 16, "--guidance-scale", 6, "-q", "-o", out)
+    assert code == 0, err
+    got = _parse_infotext(Image.open(out).text["parameters"])
+    assert got["Sampler"] == "Euler a" and got["Schedule type"] == "Karras"
+    assert got["Model"] == "tiny, v2"
+    assert (got["Steps"], got["Seed"], got["Size"], got["CFG scale"]) == ("2", "3", "16x16", "6")
+    assert got["Version"].startswith("imagine ")
+
+
+def test_infotext_quotes_values_and_numbers_clip_skip_as_automatic1111():
+    from imagine.images import a1111_parameters
+
+    text = a1111_parameters({"prompt": "a cat", "negative_prompt": "blurry", "steps": 20, "sampler": "dpmpp_2m",
+                             "guidance_scale": 7.5, "seed": 1, "width": 512, "height": 512,
+                             "model": "v1-5-pruned-emaonly.ckpt", "lora": "style: 0.7, detail: 1", "clip_skip": 1,
+                             "version": "0.1.0"})
+    assert text.split("\n")[:2] == ["a cat", "Negative prompt: blurry"]
+    got = _parse_infotext(text)
+    assert got["Sampler"] == "DPM++ 2M" and got["Model"] == "v1-5-pruned-emaonly"
+    assert got["Lora"] == "style: 0.7, detail: 1"
+    assert got["Clip skip"] == "2"  # diffusers' clip_skip 1 (the penultimate layer) is A1111's 2
+    assert (got["CFG scale"], got["Size"], got["Version"]) == ("7.5", "512x512", "imagine 0.1.0")
+    assert "Clip skip" not in _parse_infotext(a1111_parameters({"prompt": "a cat", "steps": 2, "clip_skip": None}))
+
+
+def test_server_infotext_is_the_same_writer():
+    """The server's text: A1111's sampler label and model name, quoting, and its own model hash, VAE and
+    version fields."""
+    pytest.importorskip("fastapi")
+    from imagine.server.app import _infotext
+
+    text = _infotext("a cat", "", 4, "euler_a", 7.0, 9, 24, 16, "tiny, v2.safetensors", "0123456789abcdef",
+                     "0.1.0", "my: vae.safetensors", "karras")
+    got = _parse_infotext(text)
+    assert (got["Sampler"], got["Schedule type"], got["Model"]) == ("Euler a", "Karras", "tiny, v2")
+    assert (got["Model hash"], got["VAE"], got["Version"]) == ("0123456789", "my: vae.safetensors", "imagine 0.1.0")
+    assert (got["Steps"], got["CFG scale"], got["Seed"], got["Size"]) == ("4", "7", "9", "24x16")
+    assert "Negative prompt" not in text

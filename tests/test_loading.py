@@ -347,13 +347,11 @@ def test_diffusers_folder_loads(tmp_path):
         assert rel_err(c.unet(x, t, context=ctx), pipe.unet(x, t, ctx).sample) < 1e-4
 
 
-def test_prediction_type_argument_and_yaml(tmp_path, caplog):
+def test_prediction_type_argument_and_yaml(tmp_path):
     path = tmp_path / "v2.safetensors"
     write_single_file(path, "sd2")
-    with caplog.at_level("WARNING"):
-        c = load_single_file(path)
-    assert c.prediction_type == "epsilon" and "v_prediction" in caplog.text
-    assert c.defaults["height"] == 512
+    c = load_single_file(path, prediction_type="epsilon")
+    assert c.prediction_type == "epsilon" and c.defaults["height"] == 512
     c = load_single_file(path, prediction_type="v_prediction")
     assert c.prediction_type == "v_prediction" and c.scheduler_config["prediction_type"] == "v_prediction"
     assert c.defaults["height"] == 768  # the 768-v convention
@@ -411,6 +409,261 @@ def test_bad_files_get_clear_errors(tmp_path):
         load_single_file(cut_ckpt)
     with pytest.raises(ValueError, match="is a folder"):
         read_checkpoint(tmp_path)
+
+
+NOT_CHECKPOINTS = {  # what a failed download or a missing `git lfs pull` leaves under a .ckpt name
+    "hello.ckpt": (b"hello world\n", "a text file"),
+    "page.ckpt": (b"<!DOCTYPE html><html><body>Access denied</body></html>\n", "an HTML/XML page"),
+    "error.ckpt": (b'{"error":"Access to model is restricted. You must be authenticated."}', "JSON text"),
+    "lfs.ckpt": (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 4265380512\n",
+                 "a Git LFS pointer, not the file: fetch it with git lfs pull"),
+    "random.ckpt": (bytes(range(7, 256)) * 20, "binary data that is neither a zip/pickle torch checkpoint nor"),
+    "empty.ckpt": (b"", "empty"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CHECKPOINTS))
+def test_files_that_are_no_checkpoint_say_what_they_are(tmp_path, name):
+    """A .ckpt that is really an error page, a Git LFS pointer or junk is told apart from a pickle
+    that holds more than weights (every weights-only failure used to read as that), and never
+    escapes as a raw KeyError from the unpickler."""
+    data, looks_like = NOT_CHECKPOINTS[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ValueError) as err:
+        load_single_file(path)
+    msg = str(err.value)
+    assert f"{path} is not a torch checkpoint or a safetensors file" in msg
+    assert looks_like in msg and "holds more than weights" not in msg
+    assert ".safetensors" in msg and ".ckpt" in msg  # what is valid
+
+
+def test_damaged_pickle_is_reported_as_corrupt_whatever_torch_raises(tmp_path):
+    """A file that starts like a pickle but is damaged makes torch's unpickler raise all sorts
+    (here a KeyError from a memo lookup): it is reported as unreadable, not as a raw traceback."""
+    path = tmp_path / "damaged.ckpt"
+    path.write_bytes(b"\x80\x02h\x05" + b"\x00" * 40)  # protocol 2, then BINGET of a memo entry never stored
+    with pytest.raises(ValueError, match=r"damaged.ckpt is not a readable .*truncated or corrupt") as err:
+        load_single_file(path)
+    assert "holds more than weights" not in str(err.value)
+
+
+def test_safetensors_under_a_ckpt_name_is_read_as_safetensors(tmp_path):
+    """The format comes from the first bytes (a u64 header length, then '{'), not the suffix."""
+    path = tmp_path / "m.safetensors"
+    write_single_file(path, "sd1")
+    renamed = tmp_path / "renamed.ckpt"
+    renamed.write_bytes(path.read_bytes())
+    a, b = read_checkpoint(path), read_checkpoint(renamed)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_single_file(renamed).prediction_type == "epsilon"
+
+
+def test_lightning_ckpt_with_numpy_metadata_loads_and_code_is_still_refused(tmp_path):
+    """Lightning/LDM training checkpoints keep numpy scalars in their metadata (callbacks'
+    best_model_score, ...); their weights are plain tensors, so they load. numpy 1.x wrote the
+    scalar reconstructor as numpy.core.multiarray.scalar, numpy 2 as numpy._core.multiarray.scalar.
+    A pickle that names anything able to run code is still refused, naming it."""
+    np = pytest.importorskip("numpy")
+    unet, vae, text = tiny_diffusers_parts("sd1")
+    state = compvis_checkpoint(unet, vae, text, openclip=False)
+    meta = {"global_step": np.int64(12), "epoch": np.int32(1),
+            "callbacks": {"ModelCheckpoint": {"best_model_score": np.float64(0.5), "mode": "min",
+                                              "dtype": np.dtype("float32"), "flag": np.bool_(True)}}}
+    new = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": state, **meta}, new)
+    got = read_checkpoint(new)
+    assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
+    # the same written by numpy 1.x (legacy torch format: the pickle's GLOBAL lines are plain text)
+    old = tmp_path / "numpy1.ckpt"
+    torch.save({"state_dict": {"x": torch.ones(3)}, **meta}, old, _use_new_zipfile_serialization=False)
+    data = old.read_bytes()
+    assert b"numpy._core.multiarray\nscalar" in data
+    old.write_bytes(data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"))
+    assert torch.equal(read_checkpoint(old)["x"], torch.ones(3))
+    import os
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": os.system}, evil)
+    with pytest.raises(ValueError, match=r"holds more than weights \(it needs (posix|nt)\.system\)"):
+        read_checkpoint(evil)
+
+
+def _half_state(dtype, betas=None):
+    unet, vae, text = tiny_diffusers_parts("sd1")
+    state = compvis_checkpoint(unet, vae, text, openclip=False)
+    if betas is not None:
+        state["betas"] = betas.float()
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_betas_are_recognised_as_sds_schedule(tmp_path, caplog, dtype):
+    """fp16/bf16 prunes store LDM's betas buffer rounded (up to half an ulp, ~5e-4 / 4e-3
+    relative): that is still SD's schedule, so SD's exact one is used, without a warning."""
+    tok = write_clip_tokenizer(tmp_path / "tok")
+    with caplog.at_level("WARNING"):
+        c = components_from_state(_half_state(dtype), "half.safetensors", tokenizer=tok)
+    assert "differ" not in caplog.text
+    assert "trained_betas" not in c.scheduler_config
+    full = components_from_state(_half_state(torch.float32), "full.safetensors", tokenizer=tok)
+    assert torch.equal(c.schedule.alphas_cumprod, full.schedule.alphas_cumprod)
+
+
+def test_half_precision_betas_of_another_schedule_are_still_used(tmp_path, caplog):
+    """Stored betas that differ beyond their dtype's rounding (here DDPM's linear schedule) are the
+    model's own, and are used."""
+    linear = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    with caplog.at_level("WARNING"):
+        c = components_from_state(_half_state(torch.float16, linear), "other.safetensors",
+                                  tokenizer=write_clip_tokenizer(tmp_path / "tok"))
+    assert "betas differ" in caplog.text
+    assert torch.allclose(torch.tensor(c.scheduler_config["trained_betas"], dtype=torch.float64), linear, rtol=1e-3)
+
+
+# --- SD 2.x prediction type without a .yaml ---------------------------------------------------
+def _probe_score(unet) -> float:
+    """AUTOMATIC1111's v-prediction test quantity, computed here on its own: mean(out - x) for
+    x = 0.5 (1x4x8x8), t = 999, context = 0.5 (1x2xwidth)."""
+    x = torch.ones(1, 4, 8, 8) * 0.5
+    ctx = torch.ones(1, 2, unet.config.cross_attention_dim) * 0.5
+    with torch.no_grad():
+        return (unet(x, torch.tensor([999.0]), context=ctx) - x).mean().item()
+
+
+@pytest.mark.parametrize("shift", [-3.0, 3.0])
+def test_sd2_prediction_type_follows_the_unet_probe(tmp_path, caplog, shift):
+    """SD 2.x without a .yaml: the loader's decision is AUTOMATIC1111's (v when mean(out - x) < -1),
+    checked against the quantity computed independently on the loaded U-Net. Shifting the
+    output conv's bias moves the U-Net's output mean, so both decisions occur on real weights."""
+    unet, vae, text = tiny_diffusers_parts("sd2")
+    state = compvis_checkpoint(unet, vae, text, openclip=True)
+    state["model.diffusion_model.out.2.bias"] = state["model.diffusion_model.out.2.bias"] + shift
+    path = tmp_path / "v2.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(state, str(path))
+    write_clip_tokenizer(tmp_path / "tokenizer", "!")
+    score = _probe_score(load_single_file(path, prediction_type="epsilon").unet)
+    expected = "v_prediction" if score < -1 else "epsilon"
+    assert expected == ("v_prediction" if shift < 0 else "epsilon")  # the shift dominates tiny random weights
+    with caplog.at_level("INFO", logger="imagine.loading.single_file"):
+        c = load_single_file(path)
+    assert c.prediction_type == expected
+    assert c.defaults["height"] == (768 if expected == "v_prediction" else 512)
+    assert c.unet.config.sample_size == (96 if expected == "v_prediction" else 64)
+    assert "probe" in caplog.text and expected in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def _patch_unet_output(monkeypatch, shift: float):
+    """Make every U-Net call return x + shift (what the probe then sees as mean(out - x))."""
+    from imagine.models import unet as unet_mod
+
+    calls = []
+
+    def forward(self, x, t, context=None, **kw):
+        calls.append(tuple(x.shape))
+        return x + shift
+
+    monkeypatch.setattr(unet_mod.UNet2DConditionModel, "forward", forward)
+    return calls
+
+
+@pytest.mark.parametrize("shift,expected", [(-1.5, "v_prediction"), (-0.5, "epsilon"), (2.0, "epsilon")])
+def test_sd2_probe_threshold(tmp_path, monkeypatch, shift, expected):
+    path = tmp_path / "v2.safetensors"
+    write_single_file(path, "sd2")
+    calls = _patch_unet_output(monkeypatch, shift)
+    assert load_single_file(path).prediction_type == expected
+    assert calls == [(1, 4, 8, 8)]  # one call on an 8x8 latent
+
+
+def test_sd2_explicit_yaml_and_global_step_override_the_probe(tmp_path, monkeypatch, caplog):
+    """An explicit prediction_type or the .yaml wins; a .ckpt with global_step 875000 is SD 2's
+    512-base (epsilon, diffusers' rule) and is not probed; SD 1.x is epsilon whatever its U-Net says."""
+    path = tmp_path / "v2.safetensors"
+    write_single_file(path, "sd2")
+    calls = _patch_unet_output(monkeypatch, -5.0)  # the probe would say v
+    assert load_single_file(path, prediction_type="epsilon").prediction_type == "epsilon"
+    (tmp_path / "v2.yaml").write_text('model:\n  params:\n    parameterization: "eps"\n')
+    assert load_single_file(path).prediction_type == "epsilon"
+    assert calls == []
+    unet, vae, text = tiny_diffusers_parts("sd2")
+    state = compvis_checkpoint(unet, vae, text, openclip=True)
+    for step, expected in ((875000, "epsilon"), (470000, "v_prediction")):
+        ckpt = tmp_path / f"step{step}.ckpt"
+        torch.save({"state_dict": state, "global_step": step, "epoch": 3}, ckpt)
+        with caplog.at_level("INFO", logger="imagine.loading.single_file"):
+            assert load_single_file(ckpt).prediction_type == expected
+    assert "global_step 875000" in caplog.text
+    assert len(calls) == 1  # only the 470000-step file was probed
+    sd1 = tmp_path / "v1" / "m.safetensors"
+    write_single_file(sd1, "sd1")
+    assert load_single_file(sd1).prediction_type == "epsilon"
+    assert len(calls) == 1
+
+
+def test_sd2_probe_failure_warns_and_keeps_epsilon(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "v2.safetensors"
+    write_single_file(path, "sd2")
+    from imagine.models import unet as unet_mod
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("no kernel for this dtype")
+
+    monkeypatch.setattr(unet_mod.UNet2DConditionModel, "forward", broken)
+    with caplog.at_level("WARNING"):
+        c = load_single_file(path)
+    assert c.prediction_type == "epsilon"
+    assert "could not probe" in caplog.text and "prediction_type='v_prediction'" in caplog.text
+
+
+def test_sd2_on_the_meta_device_is_not_probed(tmp_path, monkeypatch):
+    calls = _patch_unet_output(monkeypatch, -5.0)
+    tok = write_clip_tokenizer(tmp_path / "tok", "!")
+    c = components_from_state(_meta_full_size("sd21"), "sd21.safetensors", tokenizer=tok)
+    assert c.prediction_type == "epsilon" and calls == []
+
+
+# --- what is not a model --------------------------------------------------------------------
+def test_folder_without_model_index_says_what_to_pass(tmp_path):
+    """A folder holding a single-file checkpoint, or one component folder of a diffusers model, is
+    not a model folder: the error says what one needs and what to pass instead."""
+    from imagine.loading import load
+    from imagine.loading.folder import load_folder
+
+    holder = tmp_path / "downloads"
+    write_single_file(holder / "m.safetensors", "sd1")
+    with pytest.raises(FileNotFoundError, match=r"no model_index.json.*one sub-folder per component.*"
+                                                r"pass the file itself, e\.g\. .*m\.safetensors"):
+        load(holder)
+    save_diffusers_folder(tmp_path / "sd", "sd1")
+    with pytest.raises(FileNotFoundError, match=r"one component of a diffusers model \(UNet2DConditionModel\).*"
+                                                r"pass its parent folder .*sd, which has model_index.json"):
+        load_folder(tmp_path / "sd" / "unet")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"model_index.json and one sub-folder per component.*found nothing"):
+        load_folder(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("channels,what", [(9, "an inpainting model"), (8, "an instruct-pix2pix model")])
+def test_image_conditioned_unets_are_refused_at_load(tmp_path, channels, what):
+    """Inpainting (9 input channels) and instruct-pix2pix (8) U-Nets need an image as input; they
+    are refused when loaded, not halfway through a generation."""
+    unet, vae, text = tiny_diffusers_parts("sd1")
+    state = compvis_checkpoint(unet, vae, text, openclip=False)
+    k = "model.diffusion_model.input_blocks.0.0.weight"
+    w = state[k]
+    state[k] = torch.cat([w, torch.zeros(w.shape[0], channels - 4, *w.shape[2:])], 1).contiguous()
+    path = tmp_path / "inpainting.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(state, str(path))
+    write_clip_tokenizer(tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match=rf"{what} \({channels}-channel U-Net input\); imagine's text-to-image "
+                                         r"takes 4-channel SD 1.x/2.x U-Nets"):
+        load_single_file(path)
 
 
 def test_unknown_layouts_name_what_was_found(tmp_path):

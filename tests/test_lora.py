@@ -162,7 +162,7 @@ def test_generate_cli_merges_and_records_loras(tmp_path, capsys):
                      "--height", "32", "--width", "32", "-o", str(out), "-q"]) == 0
         outs.append(Image.open(out))
     assert json.loads(outs[1].text["imagine"])["lora"] == "style: 0.5"
-    assert "Lora: style: 0.5" in outs[1].text["parameters"] and "Lora" not in outs[0].text["parameters"]
+    assert 'Lora: "style: 0.5"' in outs[1].text["parameters"] and "Lora" not in outs[0].text["parameters"]
     assert outs[0].tobytes() != outs[1].tobytes()
 
 

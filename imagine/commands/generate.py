@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from pathlib import Path
 
 from imagine.images import save_png
@@ -66,7 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              "default: from <name>.yaml beside the file, else epsilon")
     single.add_argument("--tokenizer", default=None,
                         help="a CLIP tokenizer folder (vocab.json + merges.txt), if none sits beside the file")
-    single.add_argument("--clip-skip", type=int, default=None, help="skip the last N CLIP layers (A1111's clip skip)")
+    single.add_argument("--clip-skip", type=int, default=None,
+                        help="use the states N layers before the last, diffusers' clip_skip (1 = the penultimate "
+                             "layer); AUTOMATIC1111's 'Clip skip' is N + 1")
 
 
 def _prompts(args) -> list[str]:
@@ -74,7 +78,16 @@ def _prompts(args) -> list[str]:
         path = Path(args.from_file)
         if not path.is_file():
             raise FileNotFoundError(f"--from-file: {path} not found")
-        prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if args.prompt is not None:
+            # one or the other: a prompt given with a file would otherwise be silently dropped
+            raise ValueError(f"give a prompt or --from-file, not both (got the prompt {args.prompt!r} and "
+                             f"--from-file {path})")
+        try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--from-file: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                             f"{e.start}); save it as UTF-8") from None
+        prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not prompts:
             raise ValueError(f"--from-file: {path} holds no prompt")
         return prompts
@@ -82,6 +95,52 @@ def _prompts(args) -> list[str]:
         raise ValueError("give a prompt, e.g. imagine generate \"a red circle to the left of a blue square\", "
                          "or --from-file FILE")
     return [args.prompt]
+
+
+def _output_target(output: str | None, many: bool) -> tuple[Path | None, Path | None]:
+    """Where the images go, as (folder, None) or (None, file); (None, None) is imagine-<seed>.png here. Checked
+    before the model loads, so a bad -o costs no generation: several images need a folder; for one image a
+    folder (an existing one, or a path ending in a separator) gets imagine-<seed>.png inside it."""
+    if many:
+        folder = Path(output or "outputs")
+        if folder.suffix.lower() == ".png":
+            raise ValueError(f"--output {folder}: several images need a folder, not a .png path")
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--output {folder}: several images need a folder, and {folder} is an existing file; "
+                             "give a folder (new or existing)")
+        _check_folder_path(folder, output)
+        return folder, None
+    if output is None:
+        return None, None
+    seps = tuple(s for s in (os.sep, os.altsep) if s)
+    if output.endswith(seps) or Path(output).is_dir():
+        folder = Path(output)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--output {output}: a path ending in a separator is a folder, and {folder} is an "
+                             "existing file")
+        _check_folder_path(folder, output)
+        return folder, None
+    file = Path(output)
+    _check_folder_path(file.parent, output)
+    return None, file
+
+
+def _check_folder_path(folder: Path, output: str | None) -> None:
+    """The nearest existing one of `folder` and its parents must be a folder (it is created below that)."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"--output {output}: {p} is a file, not a folder")
+            return
+
+
+def _next_number(folder: Path) -> int:
+    """The first free NNNNN- number in `folder`: one more than the highest there, as AUTOMATIC1111 numbers
+    its outputs, so a second run into the same folder adds to the first instead of overwriting it."""
+    if not folder.is_dir():
+        return 0
+    numbers = [int(m.group(1)) for e in folder.iterdir() if (m := re.match(r"(\d+)-", e.name))]
+    return max(numbers, default=-1) + 1
 
 
 def parse_loras(items: list[str]) -> list[tuple[str, float]]:
@@ -138,34 +197,35 @@ def run(args) -> int:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be at least 1")
+    if args.seed != -1 and not 0 <= args.seed <= MAX_SEED:  # not wrapped: the PNG would name another seed
+        raise ValueError(f"--seed must be -1 (random) or 0..{MAX_SEED}; got {args.seed}")
+    for side in ("height", "width"):
+        if getattr(args, side) is not None and getattr(args, side) <= 0:
+            raise ValueError(f"--{side} must be a positive number of pixels; got {getattr(args, side)}")
+    jobs = [(p, i) for p in prompts for i in range(args.num_images)]
+    many = len(jobs) > 1 or bool(args.from_file)
+    out_dir, out_file = _output_target(args.output, many)
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
                                                loras=parse_loras(args.lora),
                                                embeddings=parse_embeddings(args.embedding),
                                                prediction_type=args.prediction_type, tokenizer=args.tokenizer,
                                                clip_skip=args.clip_skip)
-    if args.height is not None or args.width is not None:
-        # One side given: a square image of that side (the check and the generation agree).
-        args.height = args.height or args.width
-        args.width = args.width or args.height
-        pipe.check_size(args.height, args.width)
-    jobs = [(p, i) for p in prompts for i in range(args.num_images)]
-    many = len(jobs) > 1 or args.from_file
+    height, width = args.height, args.width  # a side not given is the model's own (the pipeline's rule)
+    if height is not None or width is not None:
+        pipe.check_size(height or 8 * pipe.scale, width or 8 * pipe.scale)  # before the first image, not after
+    first = 0
     if many:
-        out_dir = Path(args.output or "outputs")
-        if out_dir.suffix.lower() == ".png":
-            raise ValueError(f"--output {out_dir}: several images need a folder, not a .png path")
         out_dir.mkdir(parents=True, exist_ok=True)
+        first = _next_number(out_dir)
     import random
 
     base = random.randint(0, MAX_SEED) if args.seed < 0 else args.seed
-    written = []
-    records = []
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start:start + args.batch_size]
         seeds = [(base + start + k) % (MAX_SEED + 1) for k in range(len(chunk))]
         res = pipe.generate([p for p, _ in chunk], args.negative_prompt, steps=args.steps,
                             guidance_scale=args.guidance_scale, sampler=args.sampler, seeds=seeds,
-                            height=args.height, width=args.width, guidance_rescale=args.guidance_rescale,
+                            height=height, width=width, guidance_rescale=args.guidance_rescale,
                             karras=args.karras, eta=args.eta, thresholding=args.thresholding,
                             threshold_range=args.threshold_range,
                             sigma_schedule=args.sigma_schedule, final_step=args.final_step, rho=args.rho,
@@ -174,16 +234,16 @@ def run(args) -> int:
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},
                       "prompt": chunk[k][0], "negative_prompt": args.negative_prompt or "", "seed": s}
             if many:
-                path = out_dir / f"{start + k:05d}-{s}.png"
+                path = out_dir / f"{first + start + k:05d}-{s}.png"
+            elif out_dir is not None:
+                path = out_dir / f"imagine-{s}.png"
             else:
-                path = Path(args.output or f"imagine-{s}.png")
+                path = out_file or Path(f"imagine-{s}.png")
             save_png(img, path, params)
-            written.append(path)
-            records.append({"file": path.name, **params})
-    if many:
-        with open(out_dir / "images.jsonl", "a", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    for p in written:
-        print(p)
+            if many:
+                # one line per image, written as soon as its PNG is: a run stopped part-way keeps the records
+                # of the images it wrote (one write of a whole line to a file opened for appending)
+                with open(out_dir / "images.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"file": path.name, **params}, ensure_ascii=False) + "\n")
+            print(path, flush=True)
     return 0

@@ -9,6 +9,7 @@ Nothing here calls the hub: transformers is always given `local_files_only=True`
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
     from imagine.schedules import NoiseSchedule
 
     root = Path(root)
+    if not (root / "model_index.json").is_file():
+        raise FileNotFoundError(_not_a_model_folder(root))
     index = read_json(root / "model_index.json")
     for needed in ("unet", "scheduler", "text_encoder"):
         if needed not in index:
@@ -75,6 +78,45 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
     return Components(unet=unet, text_encoder=text_encoder, schedule=schedule, vae=vae,
                       prediction_type=sched_cfg.get("prediction_type", "epsilon"), scheduler_config=sched_cfg,
                       defaults=defaults, source=str(root))
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _not_a_model_folder(root: Path) -> str:
+    """The error for a folder without model_index.json: what a model folder needs, and what to
+    pass instead when the folder is one component of a model or holds a single-file checkpoint."""
+    if not root.exists():
+        return (f"model folder not found: {root} (give a model folder with model_index.json, or a .safetensors / "
+                ".ckpt single-file checkpoint)")
+    if not root.is_dir():
+        return f"{root} is a file, not a model folder; load it as a single-file checkpoint"
+    needs = (f"{root} has no model_index.json, so it is not a model folder: a model folder (diffusers' "
+             "save_pretrained layout, or ours) has model_index.json and one sub-folder per component (unet/, vae/, "
+             "text_encoder/, tokenizer/, scheduler/)")
+    config = root / "config.json"
+    if config.is_file() or (root / "scheduler_config.json").is_file():
+        cls = ""
+        try:
+            cls = json.loads(config.read_text()).get("_class_name", "") if config.is_file() else "a scheduler"
+        except (OSError, ValueError, AttributeError):
+            pass
+        what = f" ({cls})" if cls else ""
+        parent = root.parent
+        if (parent / "model_index.json").is_file():
+            hint = f"pass its parent folder {parent}, which has model_index.json"
+        else:
+            hint = f"pass the model folder it belongs to (its parent {parent} has no model_index.json either)"
+        return (f"{needs}. It looks like one component of a diffusers model{what}, the {root.name}/ sub-folder: "
+                f"{hint}")
+    checkpoints = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES)
+    if checkpoints:
+        shown = ", ".join(checkpoints[:5]) + (f" ... ({len(checkpoints)} files)" if len(checkpoints) > 5 else "")
+        return (f"{needs}. It holds {shown}: to load a single-file checkpoint, pass the file itself, e.g. "
+                f"{root / checkpoints[0]}")
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    listing = ", ".join(found[:10]) + (f" ... ({len(found)} entries)" if len(found) > 10 else "")
+    return f"{needs}; found {listing or 'nothing'}"
 
 
 def _sub(entry, default: str) -> str:

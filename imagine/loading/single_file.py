@@ -13,25 +13,29 @@ mapped by `imagine.loading.keymap`. Three things cannot be seen in the weights:
   and 64-channel heads for SD 2.x (OpenCLIP context, 1024, linear projections); we follow them
   (override with `unet_config={"attention_head_dim": ...}`).
 - The prediction type. SD 1.x and SD 2.x "base" (512 px) predict the noise (epsilon); the SD 2.x
-  768-v models (stable-diffusion-2, 2-1) predict v (Salimans & Ho 2022). Pass
-  `prediction_type="v_prediction"` for those, or keep Stability's `<name>.yaml` next to the file
-  (with `parameterization: "v"`, the convention of the original repo and of AUTOMATIC1111).
+  768-v models (stable-diffusion-2, 2-1) predict v (Salimans & Ho 2022). `prediction_type=...`
+  or Stability's `<name>.yaml` next to the file (`parameterization: "v"`, the convention of the
+  original repo and of AUTOMATIC1111) decide; else SD 1.x is epsilon, and SD 2.x is epsilon when
+  a .ckpt stores global_step 875000 (the 512-base, diffusers' rule) and otherwise what
+  AUTOMATIC1111's one-call U-Net probe says (`sd2_prediction_type`).
 - The tokenizer. Its vocab.json + merges.txt are in neither the checkpoint nor transformers; pass
   `tokenizer=FOLDER`, or put a `tokenizer/` folder next to the checkpoint, or set
   IMAGINE_CLIP_TOKENIZER, or have it in the local Hugging Face cache (searched, never fetched).
 
 The noise schedule is SD's: 1000 steps, "scaled_linear" betas from 0.00085 to 0.012 (LDM's
 `linear_start`/`linear_end`, betas linear in sqrt). When the checkpoint carries its `betas`
-buffer (the .ckpt files do) and they differ from that, the stored betas are used.
+buffer (the .ckpt files do) and they differ from that beyond the rounding of their dtype, the
+stored betas are used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import numbers
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 TOKENIZER_ENV = "IMAGINE_CLIP_TOKENIZER"
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
 
 # Stable Diffusion's training schedule (LDM configs: linear_start 0.00085, linear_end 0.012,
 # 1000 timesteps; diffusers' "scaled_linear"), and the sampling conventions of its releases.
@@ -61,6 +66,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 IGNORED_PREFIXES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus_alphas_cumprod",
                     "posterior_", "logvar", "model_ema.", "lvlb_weights", "ucg_", "cond_stage_model.model.visual.",
                     "cond_stage_model.model.logit_scale", "cond_stage_model.model.text_projection")
+# U-Net input channels of SD's image-conditioned variants (conv_in = input_blocks.0.0)
+IMAGE_CONDITIONED_INPUTS = {
+    9: "an inpainting model (9-channel U-Net input)",  # noisy latent, mask, masked-image latent
+    8: "an instruct-pix2pix model (8-channel U-Net input)",  # noisy latent, input-image latent
+}
+SD2_BASE_GLOBAL_STEP = 875000  # the step count stored in SD 2.0/2.1 512-base .ckpt files (epsilon)
 KNOWN_OTHER_LAYOUTS = {
     "conditioner.embedders.": "an SDXL checkpoint (conditioner.embedders.*); imagine loads SD 1.x and 2.x",
     "model.diffusion_model.joint_blocks.": "an SD3 checkpoint (MMDiT joint_blocks); imagine loads SD 1.x and 2.x",
@@ -77,7 +88,14 @@ KNOWN_OTHER_LAYOUTS = {
 # ---------------------------------------------------------------------------------------------
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The flat name -> tensor dict of a .safetensors or (weights-only) pickle checkpoint, with a
-    clear error for a missing, truncated or corrupt file, or a pickle that holds more than weights."""
+    clear error for a missing, truncated or corrupt file, a file that is no checkpoint at all, or a
+    pickle that holds more than weights."""
+    return _read_checkpoint_and_step(path)[0]
+
+
+def _read_checkpoint_and_step(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int | None]:
+    """`read_checkpoint`, plus the `global_step` a Lightning/LDM .ckpt stores beside its
+    state_dict (None when absent): it tells SD 2's 512-px base (875000 steps) from the 768-v models."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -91,6 +109,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = _read_pickle(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of weights")
+    step = _as_int(state.get("global_step"))
     # Lightning / LDM checkpoints nest the weights: {"state_dict": {...}, "global_step": ...}
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -98,23 +117,70 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not tensors:
         found = sorted(str(k) for k in state)[:8]
         raise ValueError(f"{path} holds no tensors at its top level or under 'state_dict' (found keys {found})")
-    return tensors
+    return tensors, step
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer stored in a checkpoint's metadata (int, numpy integer or 0-d tensor), else None."""
+    if isinstance(value, bool):
+        return None
+    if torch.is_tensor(value):
+        return int(value.item()) if value.numel() == 1 and not value.is_floating_point() else None
+    return int(value) if isinstance(value, numbers.Integral) else None  # numpy integers are Integral
 
 
 def _file_kind(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        return "safetensors"
-    if suffix in PICKLE_SUFFIXES:
+    """The file's format, "pickle" or "safetensors", from its first bytes (a download saved under
+    the wrong name is common), falling back to the suffix for a .safetensors file too damaged to
+    tell; a file that is neither gets an error saying what it looks like."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save: a zip archive, or (legacy) a pickle stream
         return "pickle"
-    with open(path, "rb") as f:  # no telling suffix: sniff the first bytes
-        head = f.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
-    raise ValueError(f"{path}: not a checkpoint imagine can read; expected a .safetensors file or a .ckpt/.pt "
-                     f"pickle (suffixes {', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)})")
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < SAFETENSORS_MAX_HEADER:
+        return "safetensors"  # an 8-byte little-endian header length, then the JSON header
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return "safetensors"  # damaged: load_tensors says truncated or corrupt, naming the file
+    raise ValueError(f"{path} is not a torch checkpoint or a safetensors file: it is {_describe_head(head)}. "
+                     f"Expected a .safetensors file or a torch checkpoint ({'/'.join(PICKLE_SUFFIXES)}: a zip "
+                     "archive or pickle, as torch.save writes them)")
+
+
+def _describe_head(head: bytes) -> str:
+    """What a non-checkpoint file looks like, from its first bytes (for the error message)."""
+    if not head:
+        return "empty (0 bytes): the download or copy did not finish; fetch it again"
+    text = head.lstrip()
+    low = text[:100].lower()
+    if text.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the file: fetch it with git lfs pull (or download the file itself)"
+    if low.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in head.lower():
+        return ("an HTML/XML page (e.g. a login or error page saved in place of the download), not the model: "
+                "download the file itself")
+    if head[:2] == b"\x1f\x8b":
+        return "a gzip archive: unpack it first"
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError:
+        decoded = None if len(head) < 512 else _utf8_prefix(head)
+    if decoded is not None and decoded.strip() and all(c.isprintable() or c in "\r\n\t" for c in decoded):
+        first = _first_line(decoded)[:80]
+        if text.startswith((b"{", b"[")):
+            return (f"JSON text (starting {first!r}; e.g. a server's error message saved in place of the "
+                    "download), not the model")
+        return f"a text file (starting {first!r}), not the model"
+    return (f"binary data that is neither a zip/pickle torch checkpoint nor safetensors (it starts with bytes "
+            f"{head[:8].hex(' ')}); it may be corrupt, or another format")
+
+
+def _utf8_prefix(head: bytes) -> str | None:
+    """The text of `head` when only its last (cut) character fails to decode."""
+    for cut in range(1, 4):
+        try:
+            return head[:-cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -123,8 +189,31 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_tensors(path)  # names the file when it is truncated or corrupt
 
 
-def _read_pickle(path: Path) -> Any:
+def _numpy_safe_globals() -> list:
+    """What torch.load(weights_only=True) must allow to read numpy scalars, which Lightning/LDM
+    training checkpoints keep in their metadata (e.g. callbacks' best_model_score): numpy's scalar
+    reconstructor and the dtype classes, as torch's docs recommend for numpy scalars. None of these
+    can run code: `scalar(dtype, bytes)` builds a number from raw bytes, `dtype(...)` a dtype.
+    (`_codecs.encode`, which such pickles also use, torch allows by default.) Files written with
+    numpy 1.x name the reconstructor numpy.core.multiarray.scalar, numpy 2 numpy._core.multiarray.scalar."""
     try:
+        import numpy as np
+    except ImportError:
+        return []
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    allowed: list = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:  # numpy >= 1.25: a dtype instance's class, needed to BUILD it
+        allowed += [getattr(dtypes, n) for n in dir(dtypes)
+                    if n.endswith("DType") and n != "ObjectDType" and isinstance(getattr(dtypes, n), type)]
+    return allowed
+
+
+def _torch_load(path: Path) -> Any:
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
@@ -132,18 +221,31 @@ def _read_pickle(path: Path) -> Any:
                 raise
             # legacy (non-zip) torch.save format: no memory mapping possible
             return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# torch's weights-only messages for a pickle that needs a global it does not allow
+_NEEDS_GLOBAL = (re.compile(r"GLOBAL (\S+) was not an allowed global"),
+                 re.compile(r"unsupported GLOBAL (\S+) whose module"))
+
+
+def _read_pickle(path: Path) -> Any:
+    try:
+        return _torch_load(path)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "weights_only" in msg.lower() or "unsupported global" in msg.lower() or "weights only" in msg.lower():
-            found = re.search(r"(?:Unsupported global|GLOBAL)\s*:?\s*(?:GLOBAL\s+)?([\w.]+)", msg)
-            what = f" (it needs {found.group(1)})" if found else ""
+        needed = next((m.group(1) for rx in _NEEDS_GLOBAL if (m := rx.search(msg))), None)
+        if needed:
             raise ValueError(
-                f"{path} is a pickle that holds more than weights{what}; imagine only loads tensors "
+                f"{path} is a pickle that holds more than weights (it needs {needed}); imagine only loads tensors "
                 "(torch.load(weights_only=True)), since unpickling arbitrary objects can run code. If you "
                 "trust the file, re-save its state_dict as .safetensors and load that") from None
-        raise ValueError(f"{path} is not a readable checkpoint ({_first_line(msg)}); it may be truncated "
-                         "or corrupt") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, IndexError) as e:
+        detail = msg.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in msg else msg
+        detail = _first_line(detail.replace("Weights only load failed.", ""))
+        raise ValueError(f"{path} is not a readable checkpoint ({detail}); it may be truncated or corrupt - "
+                         "re-download it or use the .safetensors version") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes torch.load raise
         raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {_first_line(str(e))}); "
                          "it may be truncated or corrupt - re-download it or use the .safetensors version") from None
 
@@ -216,6 +318,11 @@ def infer_unet_config(unet: dict[str, torch.Tensor]) -> tuple[dict[str, Any], li
     conv_in = _need(unet, "input_blocks.0.0.weight", what)
     if conv_in.ndim != 4:
         raise ValueError(f"{what}: input_blocks.0.0.weight should be a conv weight; got shape {tuple(conv_in.shape)}")
+    # Image-conditioned variants take extra input channels beside the 4 of the noisy latent; they
+    # load fine but cannot generate from text alone, so refuse them here rather than mid-generation.
+    if conv_in.shape[1] in IMAGE_CONDITIONED_INPUTS:
+        raise ValueError(f"{what}: this is {IMAGE_CONDITIONED_INPUTS[conv_in.shape[1]]}; imagine's text-to-image "
+                         "takes 4-channel SD 1.x/2.x U-Nets")
     levels: list[dict[str, Any]] = [{"channels": [], "attention": [], "depth": []}]
     n = 1
     while f"input_blocks.{n}.0.op.weight" in unet or f"input_blocks.{n}.0.in_layers.0.weight" in unet:
@@ -460,17 +567,18 @@ def load_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32
 
     tokenizer: a CLIP tokenizer folder (vocab.json + merges.txt); see `find_tokenizer` for where
         it is looked for when omitted. prediction_type: "epsilon" (SD 1.x, SD 2.x base) or
-        "v_prediction" (SD 2.x 768-v); default: from `<name>.yaml` next to the file, else epsilon.
+        "v_prediction" (SD 2.x 768-v); default: from `<name>.yaml` next to the file, else epsilon
+        for SD 1.x and, for SD 2.x, as `sd2_prediction_type` decides.
     scaling_factor: the VAE latent scale (default SD's 0.18215). unet_config: entries that
         override the inferred U-Net config (e.g. attention_head_dim)."""
     path = Path(path)
     _check_options(prediction_type, dtype)
     if prediction_type is None and path.is_file():
         prediction_type = _prediction_type_from_yaml(path)
-    state = read_checkpoint(path)
+    state, step = _read_checkpoint_and_step(path)
     return components_from_state(state, str(path), dtype, tokenizer=tokenizer, prediction_type=prediction_type,
                                  scaling_factor=scaling_factor, unet_config=unet_config, clip_skip=clip_skip,
-                                 checkpoint_path=path)
+                                 checkpoint_path=path, global_step=step)
 
 
 def _check_options(prediction_type, dtype) -> None:
@@ -484,10 +592,11 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
                           dtype: torch.dtype = torch.float32, *, tokenizer: str | os.PathLike | None = None,
                           prediction_type: str | None = None, scaling_factor: float | None = None,
                           unet_config: dict[str, Any] | None = None, clip_skip: int = 0,
-                          checkpoint_path: Path | None = None) -> Components:
+                          checkpoint_path: Path | None = None, global_step: int | None = None) -> Components:
     """`load_single_file` after the file is read: an original SD state dict -> Components. The
     tensors are taken as they are (no copy when already in `dtype`); meta tensors give a model
-    on the meta device (shape checks without memory)."""
+    on the meta device (shape checks without memory). global_step: the training step a .ckpt
+    stores beside its state_dict, if any (see `sd2_prediction_type`)."""
     from imagine.models.text_encoders import CLIPTextEncoder
     from imagine.models.unet import UNet2DConditionModel, UNetConfig
     from imagine.models.vae import AutoencoderKL, VAEConfig
@@ -504,17 +613,17 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     mapped = keymap.unet_to_diffusers(parts["unet"], layers, attention, ucfg["mid_block_type"] is not None)
     text_kind = parts["text_kind"]
     sd2 = text_kind == "openclip"
-    if prediction_type is None:
-        prediction_type = "epsilon"
-        if sd2:
-            log.warning("%s: SD 2.x weights; assuming epsilon prediction (the 512-px 'base' models). For the "
-                        "768-v models (stable-diffusion-2, 2-1) pass prediction_type='v_prediction'", name)
-    ucfg["sample_size"] = 96 if (sd2 and prediction_type == "v_prediction") else 64
+    ucfg["sample_size"] = 64
     try:
         unet_cfg = UNetConfig.from_dict(ucfg)
     except ValueError as e:
         raise ValueError(f"{name}: the U-Net read off the weights is not buildable: {e}") from None
     unet = _build(UNet2DConditionModel, unet_cfg, mapped, f"{name} (U-Net)", dtype)
+    if prediction_type is None:
+        prediction_type = sd2_prediction_type(unet, global_step, name) if sd2 else "epsilon"
+    if sd2 and prediction_type == "v_prediction":  # the 768-v models: 768 px, 96x96 latents
+        unet_cfg = dataclasses.replace(unet_cfg, sample_size=96)
+        unet.config = unet_cfg
 
     # VAE
     vcfg, vlevels, vlayers = infer_vae_config(parts["vae"])
@@ -548,11 +657,53 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
 
 
 def _is_sd_schedule(betas: torch.Tensor) -> bool:
-    """Whether stored betas are SD's: linear in sqrt(beta) from sqrt(0.00085) to sqrt(0.012), 1000 steps."""
+    """Whether stored betas are SD's: linear in sqrt(beta) from sqrt(0.00085) to sqrt(0.012), 1000
+    steps, up to the rounding of the dtype they were stored in (fp16/bf16 prunes round them by up
+    to half an ulp, far more than float32's 1e-7; then SD's exact float64 schedule is used)."""
     c = SD_SCHEDULER_CONFIG
     n = c["num_train_timesteps"]
+    if betas.ndim != 1 or betas.shape[0] != n:
+        return False
     sd = torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, n, dtype=torch.float64) ** 2
-    return betas.ndim == 1 and betas.shape[0] == n and torch.allclose(betas.double(), sd, rtol=1e-4, atol=1e-8)
+    eps = torch.finfo(betas.dtype).eps if betas.is_floating_point() else 0.0
+    return torch.allclose(betas.double(), sd, rtol=max(1e-4, 4 * eps), atol=1e-8)
+
+
+def sd2_prediction_type(unet: torch.nn.Module, global_step: int | None, name: str = "checkpoint") -> str:
+    """The prediction type of SD 2.x weights given neither a prediction_type nor a .yaml.
+
+    A .ckpt that stores global_step 875000 is SD 2.0/2.1's 512-px base: epsilon (diffusers'
+    single-file rule). Otherwise AUTOMATIC1111's probe (modules/sd_models_config.py,
+    is_using_v_parameterization_for_sd2): run the U-Net once on x = 0.5 (1x4x8x8), t = 999,
+    context = 0.5 (1x2xwidth); a v-prediction model's output at the last step is close to -x
+    (v = -x0 there, for a flat input), an epsilon model's is noise-like, so mean(out - x) < -1
+    means v. The threshold is calibrated on the released SD 2 weights. One call on an 8x8 latent is
+    cheap; on the meta device (no weights) there is nothing to run, and epsilon is kept."""
+    if global_step == SD2_BASE_GLOBAL_STEP:
+        log.info("%s: SD 2.x weights with global_step %d (the 512-px base models): epsilon prediction", name,
+                 global_step)
+        return "epsilon"
+    first = next(unet.parameters())
+    if first.device.type == "meta":
+        log.info("%s: SD 2.x weights on the meta device: epsilon prediction (no weights to probe)", name)
+        return "epsilon"
+    cfg = unet.config
+    x = torch.full((1, cfg.in_channels, 8, 8), 0.5, device=first.device)
+    context = torch.full((1, 2, cfg.cross_attention_dim), 0.5, device=first.device)
+    try:
+        with torch.no_grad():
+            out = unet(x, torch.tensor([999.0], device=first.device), context=context)
+        score = (out.float() - x).mean().item()
+    except Exception as e:  # noqa: BLE001 - the probe is a heuristic; loading must not fail on it
+        log.warning("%s: SD 2.x weights; could not probe the U-Net for its prediction type (%s: %s), assuming "
+                    "epsilon (the 512-px base models). For the 768-v models (stable-diffusion-2, 2-1) pass "
+                    "prediction_type='v_prediction' or put the model's .yaml next to it", name, type(e).__name__,
+                    _first_line(str(e)))
+        return "epsilon"
+    chosen = "v_prediction" if score < -1 else "epsilon"
+    log.info("%s: SD 2.x weights without a .yaml: %s (AUTOMATIC1111's U-Net probe: mean(out - x) = %.3f, %s -1); "
+             "pass prediction_type to override", name, chosen, score, "<" if score < -1 else ">=")
+    return chosen
 
 
 def _prediction_type_from_yaml(path: Path) -> str | None:

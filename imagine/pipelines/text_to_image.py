@@ -260,11 +260,13 @@ class TextToImagePipeline:
             sc = self.c.scheduler_config
             sigma_schedule = ("karras" if sc.get("use_karras_sigmas") else
                               "exponential" if sc.get("use_exponential_sigmas") else None)
-        sample_size = self.unet.config.sample_size or 64
-        sample_size = sample_size[0] if isinstance(sample_size, (tuple, list)) else sample_size
-        height = int(height or d.get("height") or self.scale * sample_size)
-        width = int(width or d.get("width") or height)
+        # A side not given is the model's own (as diffusers and AUTOMATIC1111: not the other side, a square)
+        sample = self.unet.config.sample_size or 64
+        sample_h, sample_w = (sample[0], sample[-1]) if isinstance(sample, (tuple, list)) else (sample, sample)
+        height = (d.get("height") or self.scale * sample_h) if height is None else height
+        width = (d.get("width") or self.scale * sample_w) if width is None else width
         self.check_size(height, width)
+        height, width = int(height), int(width)
         if seeds is None:
             base = random.randint(0, MAX_SEED) if seed is None or seed < 0 else int(seed)
             seeds = [(base + i) % (MAX_SEED + 1) for i in range(len(prompts))]

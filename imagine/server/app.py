@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from imagine.samplers import A1111_SAMPLERS  # AUTOMATIC1111's labels of our samplers
 from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
                                    ShuttingDown)
 
@@ -62,26 +63,8 @@ class ServerConfig:
                 raise ValueError(f"ServerConfig.{k} must be a positive integer; got {v!r}")
 
 
-# -- samplers: AUTOMATIC1111's names -> ours -------------------------------------------------
-# (A1111 name, its aliases, our sampler). Only those whose sampler exists here are offered.
-A1111_SAMPLERS = [
-    ("DPM++ 2M", ["k_dpmpp_2m"], "dpmpp_2m"),
-    ("DPM++ 2M SDE", ["k_dpmpp_2m_sde"], "dpmpp_2m_sde"),
-    ("DPM++ SDE", ["k_dpmpp_sde"], "dpmpp_sde"),
-    ("DPM++ 2S a", ["k_dpmpp_2s_a"], "dpmpp_2s_a"),
-    ("DPM++ 3M SDE", ["k_dpmpp_3m_sde"], "dpmpp_3m_sde"),
-    ("Euler a", ["k_euler_a"], "euler_a"),
-    ("Euler", ["k_euler"], "euler"),
-    ("LMS", ["k_lms"], "lms"),
-    ("Heun", ["k_heun"], "heun"),
-    ("DPM2", ["k_dpm_2"], "dpm2"),
-    ("DPM2 a", ["k_dpm_2_a"], "dpm2_a"),
-    ("DDIM", [], "ddim"),
-    ("PLMS", [], "plms"),
-    ("UniPC", [], "unipc"),
-    ("LCM", [], "lcm"),
-    ("DDPM", [], "ddpm"),
-]
+# -- samplers: AUTOMATIC1111's names -> ours (imagine.samplers.A1111_SAMPLERS: A1111 name, its aliases,
+# our sampler). Only those whose sampler exists here are offered.
 SCHEDULE_TYPES = ("karras", "exponential", "polyexponential")  # imagine.schedules.SIGMA_SCHEDULES
 _FALLBACK_SAMPLERS = ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a", "heun"]
 
@@ -278,15 +261,15 @@ def _b64_png(img, infotext: str | None = None) -> str:
 
 
 def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int,
-              model: str, model_hash: str, version: str, vae: str | None = None) -> str:
-    # AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg:g}, Seed: {seed}, Size: {w}x{h}, "
-                 f"Model hash: {model_hash[:10]}, Model: {model}, " + (f"VAE: {vae}, " if vae else "")
-                 + f"Version: imagine {version}")
-    return "\n".join(lines)
+              model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None) -> str:
+    """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
+    the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
+    from imagine.images import a1111_parameters
+
+    return a1111_parameters({"prompt": prompt, "negative_prompt": negative, "steps": steps, "sampler": sampler,
+                             "schedule_type": schedule, "guidance_scale": cfg, "seed": seed, "width": w,
+                             "height": h, "model_hash": model_hash[:10], "model": model, "vae": vae,
+                             "version": f"imagine {version}"})
 
 
 class _BodyLimit:
@@ -520,8 +503,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         images = result.images if result is not None else []
         used = result.seeds if result is not None else []
         a_name = samplers.a1111_name(sampler)
-        infotexts = [_infotext(req.prompt, req.negative_prompt, steps, a_name, guidance, s, width, height, name,
-                               fingerprint, version, vae_name) for s in used]
+        infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
+                               fingerprint, version, vae_name, schedule) for s in used]
         encoded = []
         if req.send_images and images:
             encoded = await run_in_threadpool(lambda: [_b64_png(im, t) for im, t in zip(images, infotexts)])
@@ -720,10 +703,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if result is None or result.interrupted:
             raise ApiError(409, "the generation was interrupted (POST /sdapi/v1/interrupt) before it finished",
                            kind="interrupted")
-        a_name = samplers.a1111_name(sampler)
         data = await run_in_threadpool(lambda: [
-            {"b64_json": _b64_png(im, _infotext(req.prompt, negative, steps, a_name, guidance, s, width, height,
-                                                name, fingerprint, version)), "seed": s}
+            {"b64_json": _b64_png(im, _infotext(req.prompt, negative, steps, sampler, guidance, s, width, height,
+                                                name, fingerprint, version, vae_name, schedule)), "seed": s}
             for im, s in zip(result.images, result.seeds)])
         return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{width}x{height}"}
 
