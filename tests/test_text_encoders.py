@@ -120,3 +120,24 @@ def test_non_bert_folder_with_backend_imagine_is_a_clear_error(tmp_path):
         MiniLMTextEncoder.from_folder(tmp_path, backend="onnx")
     with pytest.raises(FileNotFoundError, match="not found"):
         MiniLMTextEncoder.from_folder(tmp_path / "nope")
+
+
+def test_server_reports_clip_skip_in_a1111_numbering(tmp_path):
+    """imagine serve --clip-skip 1 (diffusers' numbering) is AUTOMATIC1111's "Clip skip 2": its options, the
+    response's info and the image's infotext say 2."""
+    httpx = pytest.importorskip("httpx")
+    from test_loading import save_diffusers_folder
+
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", clip_skip=1)
+    with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
+        assert httpx.get(f"{srv.url}/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 1, "width": 16,
+                                                            "height": 16}, timeout=120)
+        import json
+
+        info = json.loads(r.json()["info"])
+        assert info["clip_skip"] == 2 and "Clip skip: 2" in info["infotexts"][0]

@@ -261,7 +261,8 @@ def _b64_png(img, infotext: str | None = None) -> str:
 
 
 def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int,
-              model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None) -> str:
+              model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None,
+              clip_skip: int = 0) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -269,6 +270,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
     return a1111_parameters({"prompt": prompt, "negative_prompt": negative, "steps": steps, "sampler": sampler,
                              "schedule_type": schedule, "guidance_scale": cfg, "seed": seed, "width": w,
                              "height": h, "model_hash": model_hash[:10], "model": model, "vae": vae,
+                             "clip_skip": clip_skip,
                              "version": f"imagine {version}"})
 
 
@@ -308,11 +310,13 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     title = f"{name} [{fingerprint[:10]}]"
     version = imagine.__version__
     defaults = _model_defaults(pipe, samplers)
+    # CLIP layers skipped at load (imagine serve --clip-skip; diffusers' numbering, A1111's is 1 + it)
+    clip_skip = int(getattr(getattr(pipe, "text_encoder", None), "clip_skip", 0) or 0)
     vae_source = str(getattr(getattr(pipe, "c", None), "vae_source", "") or "")
     vae_name = Path(vae_source).name if vae_source else None  # a VAE given in place of the model's own
     options: dict[str, Any] = {
         "sd_model_checkpoint": title, "sd_checkpoint_hash": fingerprint, "samples_format": "png",
-        "live_previews_enable": True, "show_progress_every_n_steps": 1, "CLIP_stop_at_last_layers": 1,
+        "live_previews_enable": True, "show_progress_every_n_steps": 1, "CLIP_stop_at_last_layers": 1 + clip_skip,
         "sd_vae": vae_name or "Automatic", "eta_ddim": 0.0, "eta_ancestral": 1.0,
     }
     finished: dict[str, float] = {}  # recently finished job ids, for progress?id_task=
@@ -504,7 +508,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         used = result.seeds if result is not None else []
         a_name = samplers.a1111_name(sampler)
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
-                               fingerprint, version, vae_name, schedule) for s in used]
+                               fingerprint, version, vae_name, schedule, clip_skip) for s in used]
         encoded = []
         if req.send_images and images:
             encoded = await run_in_threadpool(lambda: [_b64_png(im, t) for im, t in zip(images, infotexts)])
@@ -519,7 +523,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "sd_vae_name": vae_name, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
             "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-            "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": f"imagine {version}",
+            "clip_skip": 1 + clip_skip, "is_using_inpainting_conditioning": False, "version": f"imagine {version}",
             "task_id": job.id, "interrupted": result is None or result.interrupted,
             "ignored_fields": sorted([*(req.model_extra or {}), *unused]),
             "seconds": round(result.seconds, 3) if result else 0.0,
@@ -705,7 +709,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                            kind="interrupted")
         data = await run_in_threadpool(lambda: [
             {"b64_json": _b64_png(im, _infotext(req.prompt, negative, steps, sampler, guidance, s, width, height,
-                                                name, fingerprint, version, vae_name, schedule)), "seed": s}
+                                                name, fingerprint, version, vae_name, schedule, clip_skip)),
+             "seed": s}
             for im, s in zip(result.images, result.seeds)])
         return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{width}x{height}"}
 

@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a LoRA file to merge into the model at start, repeatable (strength default 1)")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
                    help="a textual-inversion embedding to load at start, repeatable")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="use the CLIP states N layers before the last (diffusers' clip_skip; A1111's 'Clip skip' N + 1)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; there is no authentication, "
                         "so bind another address only on a network you trust)")
@@ -85,7 +87,7 @@ def run(args) -> int:
 
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
                                                loras=parse_loras(args.lora),
-                                               embeddings=parse_embeddings(args.embedding))
+                                               embeddings=parse_embeddings(args.embedding), clip_skip=args.clip_skip)
     app = create_app(pipe, config)
     app.state.listen = not is_loopback(args.host)
     shown = f"[{args.host}]" if ":" in args.host else args.host
