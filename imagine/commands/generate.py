@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
                    help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds), repeatable; "
                         "its word is WORD, else the one the file names, else the file's name (as in A1111)")
+    p.add_argument("--emphasis", action="store_true",
+                   help="read AUTOMATIC1111's emphasis in the prompts: (word) x1.1, [word] /1.1, (word:1.3) x1.3 "
+                        "(default: brackets are text, as in diffusers)")
     p.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
     p.add_argument("--sampler", default=None,
@@ -229,7 +232,8 @@ def run(args) -> int:
                             karras=args.karras, eta=args.eta, thresholding=args.thresholding,
                             threshold_range=args.threshold_range,
                             sigma_schedule=args.sigma_schedule, final_step=args.final_step, rho=args.rho,
-                            sampler_options=sampler_options, start=args.start, progress=not args.quiet)
+                            sampler_options=sampler_options, start=args.start, emphasis=args.emphasis,
+                            progress=not args.quiet)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},
                       "prompt": chunk[k][0], "negative_prompt": args.negative_prompt or "", "seed": s}

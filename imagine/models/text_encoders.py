@@ -14,6 +14,8 @@ All load from local folders, no hub call ever: CLIP and T5 through transformers 
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 from dataclasses import dataclass
@@ -94,11 +96,33 @@ class TextEncoder(nn.Module):
         return prompt
 
     @torch.no_grad()
-    def encode(self, prompts: list[str] | str) -> TextEncoding:
+    def encode(self, prompts: list[str] | str, emphasis: bool = False) -> TextEncoding:
+        """Per-token states (+ mask, pooled vector). `emphasis`: read AUTOMATIC1111's `(word:1.3)` / `[word]`
+        syntax in the prompts (`imagine.emphasis`) instead of taking the brackets as text."""
+        if emphasis:
+            return self._encode_emphasis([prompts] if isinstance(prompts, str) else list(prompts))
         tok = self.tokenize(prompts)
         ids = tok["input_ids"].to(self.device)
         mask = tok["attention_mask"].to(self.device).bool()
         return self._encode(ids, mask)
+
+    def _encode_emphasis(self, prompts: list[str]) -> TextEncoding:
+        from imagine.emphasis import apply_emphasis, weighted_tokens
+
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be strings")
+        rows = [weighted_tokens(self.tokenizer, self._expand(p) if self.expansions else p, self.max_length)
+                for p in prompts]
+        for p, (_, _, _, cut) in zip(prompts, rows):
+            if cut:
+                log.warning("prompt truncated to the text encoder's %d-token window: %d tokens cut (%r)",
+                            self.max_length, cut, p[-60:])
+        ids = torch.tensor([r[0] for r in rows], device=self.device)
+        weights = torch.tensor([r[1] for r in rows], device=self.device)
+        mask = torch.tensor([[i < r[2] for i in range(self.max_length)] for r in rows], device=self.device)
+        enc = self._encode(ids, mask)
+        states = apply_emphasis(enc.states, weights, mask if self.uses_mask else None)
+        return dataclasses.replace(enc, states=states)
 
     def _encode(self, ids, mask) -> TextEncoding:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -158,7 +158,8 @@ class TextToImagePipeline:
         """Tell the pipeline that the U-Net's or VAE's weights were changed in a way their version counters do
         not show (through `.data`, or under `torch.inference_mode`): the cached exact and fast copies are
         rebuilt at the next call. (Changes through the parameters themselves, `load_state_dict` and
-        `load_lora` are seen without it.)"""
+        `load_lora` are seen without it.) The copies are new modules: hooks registered on `pipe.unet` or
+        `pipe.vae` do not run in them."""
         for m in (self.unet, self.vae):
             if m is not None:
                 forget_copies(m)
@@ -199,8 +200,8 @@ class TextToImagePipeline:
                                  f"e.g. {max(f, v // f * f)} or {(v // f + 1) * f})")
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return self.text_encoder.encode(prompts).as_cond()
+    def encode_prompts(self, prompts: list[str], emphasis: bool = False) -> dict[str, torch.Tensor]:
+        return self.text_encoder.encode(prompts, emphasis=emphasis).as_cond()
 
     def __call__(self, prompt, negative_prompt=None, **kw) -> list[Image.Image]:
         return self.generate(prompt, negative_prompt, **kw).images
@@ -213,14 +214,15 @@ class TextToImagePipeline:
                  eta: float | None = None, karras: bool | None = None, thresholding: str | None = None,
                  threshold_range: float | None = None, sigma_schedule: str | None = None, final_step: str | None = None,
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
-                 callback: Callable[[dict], None] | None = None, progress: bool = True,
+                 emphasis: bool = False, callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
         else 20 steps of dpmpp_2m at guidance 7.5). sigma_schedule: "karras", "exponential",
         "polyexponential" (A1111's schedule types), rho its exponent (Karras 7, polyexponential 1); final_step: "euler" or "heun" (the trapezoidal last
         step, imagine.samplers.final_heun_step); sampler_options: e.g. {"order": 3} for unipc; start: "noise"
         (diffusers' start) or "matched" (x_T moved to the mean of q(x_T), imagine.sampling.Denoiser.matched_start);
-        thresholding "static"/"dynamic" (Imagen) holds x_0 to [-R, R], R = threshold_range (default: the model's
+        emphasis: read AUTOMATIC1111's `(word:1.3)` / `[word]` syntax as weights (imagine.emphasis; off: brackets are
+        text, as in diffusers); thresholding "static"/"dynamic" (Imagen) holds x_0 to [-R, R], R = threshold_range (default: the model's
         "threshold_range", else 1, the pixel range of the paper)."""
         t0 = time.time()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -273,9 +275,9 @@ class TextToImagePipeline:
         elif len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
 
-        cond = self.encode_prompts([self._without_lora_tags(p) for p in prompts])
-        uncond = (self.encode_prompts([self._without_lora_tags(n) for n in negatives]) if guidance_scale != 1.0
-                  else None)
+        cond = self.encode_prompts([self._without_lora_tags(p) for p in prompts], emphasis)
+        uncond = (self.encode_prompts([self._without_lora_tags(n) for n in negatives], emphasis)
+                  if guidance_scale != 1.0 else None)
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                seeds=seeds, guidance_rescale=guidance_rescale, eta=eta, karras=karras,
@@ -289,11 +291,13 @@ class TextToImagePipeline:
                   "version": __import__("imagine").__version__}
         if self.c.vae_source:
             params["vae"] = Path(self.c.vae_source).name
+        if emphasis:
+            params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
         if getattr(self.text_encoder, "clip_skip", 0):
             params["clip_skip"] = self.text_encoder.clip_skip  # layers skipped (diffusers' numbering)
         if self.loras:
             params["lora"] = ", ".join(f"{name}: {strength:g}" for name, strength in self.loras)
-        if guidance_rescale:
+        if guidance_rescale and guidance_scale != 1.0:  # (at scale 1 there is no guidance to rescale)
             params["guidance_rescale"] = guidance_rescale
         if sigma_schedule or karras:
             params["schedule_type"] = sigma_schedule or "karras"

@@ -317,7 +317,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     options: dict[str, Any] = {
         "sd_model_checkpoint": title, "sd_checkpoint_hash": fingerprint, "samples_format": "png",
         "live_previews_enable": True, "show_progress_every_n_steps": 1, "CLIP_stop_at_last_layers": 1 + clip_skip,
-        "sd_vae": vae_name or "Automatic", "eta_ddim": 0.0, "eta_ancestral": 1.0,
+        "sd_vae": vae_name or "Automatic", "emphasis": "Original", "eta_ddim": 0.0, "eta_ancestral": 1.0,
     }
     finished: dict[str, float] = {}  # recently finished job ids, for progress?id_task=
     preview_lock = threading.Lock()
@@ -385,6 +385,15 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         except ValueError as e:
             field = "width" if str(e).startswith("width") else "height"
             raise ApiError(422, str(e), field) from None
+
+    def a1111_emphasis(req) -> bool:
+        """AUTOMATIC1111 reads its (word:1.3) syntax unless its "emphasis" setting is "None" (the request's
+        override_settings, else the server's options); its "No norm" mode is read as "Original"."""
+        override = (req.model_extra or {}).get("override_settings")
+        mode = options.get("emphasis", "Original")
+        if isinstance(override, dict) and "emphasis" in override:
+            mode = override["emphasis"]
+        return str(mode) != "None"
 
     def check_guidance(field: str, v: float) -> None:
         if not math.isfinite(v) or not 0 <= v <= 100:
@@ -500,7 +509,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
-                                    guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options))
+                                    guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
+                                    emphasis=a1111_emphasis(req)))
         if req.force_task_id:
             job.id = str(req.force_task_id)[:200]
         result = await run_job(request, job)

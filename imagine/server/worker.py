@@ -67,6 +67,7 @@ class Settings:
     schedule: str | None = None  # noise-level spacing (imagine.schedules.SIGMA_SCHEDULES); None: the model's
     eta: float | None = None  # the sampler's noise scale (None: its default)
     options: tuple = ()  # the sampler's own options as sorted (name, value) pairs, e.g. (("s_tmin", 1.5),)
+    emphasis: bool = False  # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default)
 
 
 @dataclass(eq=False)
@@ -315,7 +316,8 @@ class ModelWorker:
                 res = self.pipe.generate(prompts[a:b], negatives[a:b], seeds=seeds[a:b], steps=s.steps,
                                          guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
                                          width=s.width, sigma_schedule=s.schedule, eta=s.eta,
-                                         sampler_options=dict(s.options) or None, callback=callback, progress=False)
+                                         sampler_options=dict(s.options) or None, callback=callback, progress=False,
+                                         **({"emphasis": True} if s.emphasis else {}))
                 images += res.images
                 parameters = res.parameters
             except _Interrupted:

@@ -1,0 +1,122 @@
+"""Prompt emphasis in AUTOMATIC1111's syntax: `(word)`, `[word]`, `(word:1.3)`.
+
+A weight per piece of the prompt scales the text encoder's states of that piece's tokens; the states
+are then rescaled so that their mean stays what it was (AUTOMATIC1111's default emphasis, "Original"):
+
+    z' = z * w,    z'' = z' * mean(z) / mean(z'),
+
+with w per token (1 for the start, end and padding tokens). The syntax, as AUTOMATIC1111 documents it:
+`(text)` multiplies the weight of `text` by 1.1, `[text]` divides it by 1.1, `(text:w)` multiplies it by
+w; brackets nest (their factors multiply); `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are the characters
+themselves; a bracket left open applies to the rest of the prompt. Each piece is tokenized on its own,
+so a piece's tokens carry exactly its weight.
+
+Off by default in the pipeline and the CLI (`--emphasis`), where a prompt means what diffusers reads in
+it; on for the server's AUTOMATIC1111 API, whose clients write prompts in this syntax.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+ROUND, SQUARE = 1.1, 1 / 1.1
+_TOKENS = re.compile(r"""
+\\\(|\\\)|\\\[|\\]|\\\\|\\|   # escapes
+\(|\[|                        # openings
+:\s*([+-]?[.\d]+)\s*\)|       # a weighted closing: (text:1.3)
+\)|]|                         # closings
+[^\\()\[\]:]+|                # text
+:
+""", re.X)
+
+
+def parse_emphasis(text: str) -> list[tuple[str, float]]:
+    """`text` -> [(piece, weight)], neighbouring pieces of one weight merged; a text without pieces -> [("", 1)]."""
+    pieces: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for p in pieces[start:]:
+            p[1] *= factor
+
+    for m in _TOKENS.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\") and len(tok) == 2:
+            pieces.append([tok[1], 1.0])
+        elif tok == "(":
+            round_open.append(len(pieces))
+        elif tok == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif tok == ")" and round_open:
+            scale(round_open.pop(), ROUND)
+        elif tok == "]" and square_open:
+            scale(square_open.pop(), SQUARE)
+        elif weight is not None:  # "(" never opened: the characters themselves
+            pieces.append([tok, 1.0])
+        else:
+            pieces.append([tok, 1.0])
+    for start in round_open:  # left open: to the end
+        scale(start, ROUND)
+    for start in square_open:
+        scale(start, SQUARE)
+    merged: list[list] = []
+    for piece in pieces:
+        if merged and merged[-1][1] == piece[1]:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return [(p, w) for p, w in merged] or [("", 1.0)]
+
+
+def weighted_tokens(tokenizer, text: str, max_length: int) -> tuple[list[int], list[float], int, int]:
+    """The ids of `text` with its emphasis taken out, with the tokenizer's own start / end tokens and padding to
+    `max_length`, a weight per id (1 for those), how many are real (not padding), and how many tokens past the
+    window were cut. Each piece is tokenized on its own (its tokens carry its weight)."""
+    ids, weights = [], []
+    for piece, w in parse_emphasis(text):
+        if not piece:
+            continue
+        tok = _ids(tokenizer, piece, False)
+        ids += tok
+        weights += [w] * len(tok)
+    # the tokenizer's own special tokens around a text (CLIP: start + end, BERT: [CLS] + [SEP], T5: end only)
+    bare, marked = _ids(tokenizer, "a", False), _ids(tokenizer, "a", True)
+    head = next(i for i in range(len(marked)) if marked[i:i + len(bare)] == bare)
+    before, after = marked[:head], marked[head + len(bare):]
+    room = max_length - len(before) - len(after)
+    cut = max(0, len(ids) - room)
+    ids, weights = before + ids[:room] + after, [1.0] * len(before) + weights[:room] + [1.0] * len(after)
+    padded = _ids(tokenizer, "", True, max_length)  # the specials, then the tokenizer's padding
+    n = len(ids)
+    return ids + padded[len(before) + len(after):][: max_length - n], weights + [1.0] * (max_length - n), n, cut
+
+
+def _ids(tokenizer, text: str, special: bool, pad_to: int | None = None) -> list[int]:
+    """One text's ids, through the call that transformers' tokenizers and imagine.models.bert's both take."""
+    kw = dict(padding="max_length", max_length=pad_to, truncation=True) if pad_to else dict(truncation=False)
+    return list(tokenizer([text], add_special_tokens=special, verbose=False, **kw)["input_ids"][0])
+
+
+def apply_emphasis(states: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """z * w rescaled to z's mean, per prompt (AUTOMATIC1111's "Original" emphasis). `mask`: the tokens an
+    encoder's states count for (None: all, as CLIP's 77)."""
+    w = weights.to(states.dtype)[..., None]
+    if mask is None:
+        mean_before = states.mean(dim=(1, 2), keepdim=True)
+        z = states * w
+        mean_after = z.mean(dim=(1, 2), keepdim=True)
+    else:
+        m = mask.to(states.dtype)[..., None]
+        count = m.sum(dim=(1, 2), keepdim=True).clamp_min(1) * states.shape[-1]
+        mean_before = (states * m).sum(dim=(1, 2), keepdim=True) / count
+        z = states * w
+        mean_after = (z * m).sum(dim=(1, 2), keepdim=True) / count
+    # (a mean of zero - a text encoder whose last LayerNorm has no bias - leaves nothing to rescale to)
+    ratio = torch.where(mean_after.abs() > 1e-12, mean_before / mean_after.where(mean_after != 0, 1),
+                        torch.ones_like(mean_after))
+    return z * ratio
