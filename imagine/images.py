@@ -95,6 +95,7 @@ def a1111_parameters(p: dict) -> str:
     put("Schedule rho", p.get("schedule_rho"))
     put("CFG scale", p.get("guidance_scale"))
     put("Seed", p.get("seed"))
+    put("Denoising strength", p.get("strength"))  # image to image (A1111 writes it after the size; order is free)
     if p.get("width") is not None and p.get("height") is not None:
         put("Size", f"{p['width']}x{p['height']}")
     put("Model hash", p.get("model_hash"))

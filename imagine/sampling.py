@@ -233,8 +233,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = True, final_step: str = "euler",
            sampler_options: dict[str, Any] | None = None, sigma_schedule: str | None = None,
-           rho: float | None = None, start: str = "noise", dtype: torch.dtype = torch.float32,
-           device: torch.device | str | None = None) -> torch.Tensor:
+           rho: float | None = None, start: str = "noise", init: torch.Tensor | None = None, strength: float = 1.0,
+           dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     shape_or_noise: the full shape (B, C, H, W), or a start-noise tensor of unit variance [B, ...]
@@ -262,6 +262,10 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     start: "noise" (x_T is the scaled start noise, as diffusers starts) or "matched" (moved to the mean of
         q(x_T) by the model's own x_0 estimate, Denoiser.matched_start: no extra model call; it matters
         where the schedule's terminal SNR is not zero; docs/samplers.md).
+    init, strength: image-to-image (SDEdit, Meng et al. 2022): x_0 to start from, [B, ...] of the sample's shape;
+        the plan's last int(steps * strength) steps run from x_0 taken to their first level by q(x_t | x_0) =
+        N(sqrt(abar) x_0, (1 - abar) I) with the samples' own noise (drawn after any draws the caller made with
+        the same generators), as diffusers' img2img pipelines start. strength in (0, 1].
     """
     prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, steps,
                                                     timestep_spacing, steps_offset, karras,
@@ -284,13 +288,25 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     noise = PerSampleNoise(make_generators(batch, seeds, generator))
     cond = check_cond(cond, batch, "cond")
     uncond = check_cond(uncond, batch, "uncond") if uncond is not None else None
-    if isinstance(shape_or_noise, torch.Tensor):
+    if init is not None:
+        plan = _img2img_plan(plan, steps, strength, start)
+        if isinstance(shape_or_noise, torch.Tensor):
+            raise ValueError("with init, give the sample's shape, not start noise: the noise is drawn for init's level")
+        if not isinstance(init, torch.Tensor) or tuple(init.shape) != shape:
+            raise ValueError(f"init must be a tensor of the sample's shape {shape}; got "
+                             f"{tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__}")
+        device = _model_device(model) if device is None else device
+        abar = float(plan.alphas_cumprod[0])  # the first level of the steps that run
+        eps = noise.draw(shape).to(torch.float64)  # drawn in float32, as diffusers draws it
+        x = (math.sqrt(abar) * init.to(torch.float64).cpu() + math.sqrt(1 - abar) * eps).to(device=device, dtype=dtype)
+    elif isinstance(shape_or_noise, torch.Tensor):
         z = shape_or_noise
         device = z.device if device is None else device
+        x = (z.to(torch.float64) * initial_noise_scale(plan)).to(device=device, dtype=dtype)
     else:
         z = noise.draw(shape)
         device = _model_device(model) if device is None else device
-    x = (z.to(torch.float64) * initial_noise_scale(plan)).to(device=device, dtype=dtype)
+        x = (z.to(torch.float64) * initial_noise_scale(plan)).to(device=device, dtype=dtype)
     variance_type = schedule.variance_type
     denoise = Denoiser(model, plan, prediction_type, cond, uncond, guidance_scale, guidance_rescale, classifier,
                        classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,
@@ -309,6 +325,19 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
             x = fn(denoise, x, plan.head(len(plan) - 1), noise=noise, eta=eta, callback=callback, progress=progress,
                    **kwargs)
         return final_heun_step(denoise, x, plan, callback=callback)
+
+
+def _img2img_plan(plan: SamplingPlan, steps: int, strength: float, start: str) -> SamplingPlan:
+    """The steps an image-to-image run takes: the last int(steps * strength) of the plan (diffusers' rule)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1] (1: from pure noise, as text-to-image); got {strength!r}")
+    if start != "noise":
+        raise ValueError("start='matched' moves pure noise; an image-to-image run starts from the image")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise ValueError(f"strength {strength} of {steps} steps leaves no step to run (int(steps * strength) = 0); "
+                         f"raise the strength or the steps (at least {math.ceil(1 / strength)})")
+    return plan.tail(steps - run)
 
 
 def _sampler_options(canonical: str, options: dict[str, Any] | None) -> dict[str, Any]:

@@ -27,6 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emphasis", action="store_true",
                    help="read AUTOMATIC1111's emphasis in the prompts: (word) x1.1, [word] /1.1, (word:1.3) x1.3 "
                         "(default: brackets are text, as in diffusers)")
+    p.add_argument("--init-image", default=None, metavar="PATH",
+                   help="image to image (SDEdit; AUTOMATIC1111's img2img): start from this picture; its size unless "
+                        "--height/--width are given")
+    p.add_argument("--strength", "--denoising-strength", type=float, default=0.75,
+                   help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
+                        "(default 0.75, A1111's)")
     p.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
     p.add_argument("--sampler", default=None,
@@ -146,6 +152,19 @@ def _next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def _read_image(path: str):
+    """--init-image: a picture PIL can open, read now (before the model loads), or one clear error."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--init-image: {path} not found")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--init-image: {path} is not an image Pillow can read ({e})") from None
+
+
 def parse_loras(items: list[str]) -> list[tuple[str, float]]:
     """["style.safetensors:0.7", "other.safetensors"] -> [(path, 0.7), (path, 1.0)]: a number after the last
     colon is the strength (so a path with colons still works)."""
@@ -205,6 +224,7 @@ def run(args) -> int:
     for side in ("height", "width"):
         if getattr(args, side) is not None and getattr(args, side) <= 0:
             raise ValueError(f"--{side} must be a positive number of pixels; got {getattr(args, side)}")
+    init_image = _read_image(args.init_image) if args.init_image else None
     jobs = [(p, i) for p in prompts for i in range(args.num_images)]
     many = len(jobs) > 1 or bool(args.from_file)
     out_dir, out_file = _output_target(args.output, many)
@@ -233,7 +253,7 @@ def run(args) -> int:
                             threshold_range=args.threshold_range,
                             sigma_schedule=args.sigma_schedule, final_step=args.final_step, rho=args.rho,
                             sampler_options=sampler_options, start=args.start, emphasis=args.emphasis,
-                            progress=not args.quiet)
+                            init_image=init_image, strength=args.strength, progress=not args.quiet)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},
                       "prompt": chunk[k][0], "negative_prompt": args.negative_prompt or "", "seed": s}

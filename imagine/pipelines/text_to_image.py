@@ -26,6 +26,7 @@ from PIL import Image
 from imagine.guidance import check_threshold_range
 from imagine.images import to_pil
 from imagine.loading.folder import Components
+from imagine.sampling import make_generators
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,8 @@ class TextToImagePipeline:
                  eta: float | None = None, karras: bool | None = None, thresholding: str | None = None,
                  threshold_range: float | None = None, sigma_schedule: str | None = None, final_step: str | None = None,
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
-                 emphasis: bool = False, callback: Callable[[dict], None] | None = None, progress: bool = True,
+                 emphasis: bool = False, init_image=None, strength: float = 0.8,
+                 callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
         else 20 steps of dpmpp_2m at guidance 7.5). sigma_schedule: "karras", "exponential",
@@ -223,7 +225,13 @@ class TextToImagePipeline:
         (diffusers' start) or "matched" (x_T moved to the mean of q(x_T), imagine.sampling.Denoiser.matched_start);
         emphasis: read AUTOMATIC1111's `(word:1.3)` / `[word]` syntax as weights (imagine.emphasis; off: brackets are
         text, as in diffusers); thresholding "static"/"dynamic" (Imagen) holds x_0 to [-R, R], R = threshold_range (default: the model's
-        "threshold_range", else 1, the pixel range of the paper)."""
+        "threshold_range", else 1, the pixel range of the paper).
+
+        init_image, strength: image to image (SDEdit, Meng et al. 2022; diffusers' img2img, AUTOMATIC1111's
+        denoising strength): a PIL image (or a list, one per prompt) is encoded by the VAE (its posterior sampled
+        with each image's own seed, then the noise drawn, as diffusers does), taken to the level of the last
+        int(steps * strength) steps, and denoised from there. The size is the image's unless height/width are
+        given (the image is then resized to them)."""
         t0 = time.time()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -263,6 +271,9 @@ class TextToImagePipeline:
             sigma_schedule = ("karras" if sc.get("use_karras_sigmas") else
                               "exponential" if sc.get("use_exponential_sigmas") else None)
         # A side not given is the model's own (as diffusers and AUTOMATIC1111: not the other side, a square)
+        inits = self._init_images(init_image, len(prompts) // num_images_per_prompt, num_images_per_prompt)
+        if inits is not None and height is None and width is None:  # the image's size, to the VAE's factor
+            height, width = (max(self.scale, v // self.scale * self.scale) for v in (inits[0].height, inits[0].width))
         sample = self.unet.config.sample_size or 64
         sample_h, sample_w = (sample[0], sample[-1]) if isinstance(sample, (tuple, list)) else (sample, sample)
         height = (d.get("height") or self.scale * sample_h) if height is None else height
@@ -279,8 +290,11 @@ class TextToImagePipeline:
         uncond = (self.encode_prompts([self._without_lora_tags(n) for n in negatives], emphasis)
                   if guidance_scale != 1.0 else None)
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
+        generators = make_generators(len(prompts), seeds)
+        init = None if inits is None else self.encode_images(inits, width, height, generators)
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                               seeds=seeds, guidance_rescale=guidance_rescale, eta=eta, karras=karras,
+                               generators=generators, init=init, strength=strength,
+                               guidance_rescale=guidance_rescale, eta=eta, karras=karras,
                                thresholding=thresholding, threshold_range=threshold_range, callback=callback,
                                progress=progress,
                                sigma_schedule=sigma_schedule, final_step=final_step,
@@ -291,6 +305,8 @@ class TextToImagePipeline:
                   "version": __import__("imagine").__version__}
         if self.c.vae_source:
             params["vae"] = Path(self.c.vae_source).name
+        if init is not None:
+            params["strength"] = float(strength)
         if emphasis:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
         if getattr(self.text_encoder, "clip_skip", 0):
@@ -316,9 +332,43 @@ class TextToImagePipeline:
         return GenerationResult(images=images, seeds=seeds, seconds=time.time() - t0, latents=latents,
                                 parameters={**params, "prompt": prompts, "negative_prompt": negatives})
 
-    def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, seeds, guidance_rescale, eta, karras,
-                thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
-                rho=None, start="noise", threshold_range=1.0):
+    def _init_images(self, init_image, n_prompts: int, per_prompt: int) -> list[Image.Image] | None:
+        """init_image (one PIL image, or one per prompt) -> one per image of the batch, RGB."""
+        if init_image is None:
+            return None
+        images = [init_image] if isinstance(init_image, Image.Image) else list(init_image)
+        if not images or not all(isinstance(im, Image.Image) for im in images):
+            raise TypeError("init_image must be a PIL image or a list of them (one per prompt)")
+        if len(images) == 1:
+            images = images * n_prompts
+        if len(images) != n_prompts:
+            raise ValueError(f"{len(images)} init images for {n_prompts} prompts; give one, or one per prompt")
+        return [im.convert("RGB") for im in images for _ in range(per_prompt)]
+
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image], width: int, height: int, generators) -> torch.Tensor:
+        """Images -> scaled latents z ~ q(z | x) drawn with each image's generator (diffusers' img2img samples the
+        posterior, then draws the noise); resized to width x height (Lanczos, as diffusers) where they differ.
+        A model without a VAE starts from the pixels."""
+        from imagine.images import from_pil
+        from imagine.sampling import PerSampleNoise
+
+        x = torch.stack([from_pil(im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS))
+                         for im in images])
+        if self.vae is None:
+            return x
+        m = fast_copy(self.vae) if self.precision == "fast" else exact_copy(self.vae)
+        xm = x.to(_weights_dtype(m))
+        if m is not self.vae:  # the copies run channels-last maps
+            xm = xm.contiguous(memory_format=torch.channels_last)
+        posterior = m.encode(xm)
+        mean, std = posterior.mean.float(), posterior.std.float()
+        z = mean + std * PerSampleNoise(generators).draw(tuple(mean.shape))
+        return self.vae.to_latent(z)
+
+    def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, generators, guidance_rescale, eta,
+                karras, thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
+                rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0):
         from imagine.sampling import sample
 
         sc = self.c.scheduler_config
@@ -332,8 +382,9 @@ class TextToImagePipeline:
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, thresholding=thresholding, threshold_range=threshold_range,
                       karras=bool(karras), eta=eta,
-                      seeds=seeds, callback=callback, progress=progress, sigma_schedule=sigma_schedule,
-                      final_step=final_step, sampler_options=sampler_options, rho=rho, start=start, **kwargs)
+                      generator=generators, callback=callback, progress=progress, sigma_schedule=sigma_schedule,
+                      final_step=final_step, sampler_options=sampler_options, rho=rho, start=start,
+                      init=init, strength=strength, **kwargs)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

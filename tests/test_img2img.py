@@ -1,0 +1,115 @@
+"""Image to image (SDEdit, Meng et al. 2022): the image encoded, its posterior sampled with the image's own seed,
+taken to the level of the last int(steps * strength) steps and denoised from there, gives diffusers'
+StableDiffusionImg2ImgPipeline's image on the same weights, seed and scheduler (50 dB, as the text-to-image
+parity test); an image's result does not depend on its batch; strength 1 starts from pure noise of the first
+level; bad strengths are clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_loading import save_diffusers_folder  # noqa: E402
+from test_sd_parity import CFG, NEGATIVE, PROMPT, SEED, SIZE, psnr  # noqa: E402
+
+diffusers = pytest.importorskip("diffusers")
+
+from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _picture(size: int = SIZE, seed: int = 0) -> Image.Image:
+    """A smooth picture with an edge: something the model's prior does not give by itself."""
+    g = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([x, y, (x > 0.5) * 0.8 + 0.1], -1) + 0.05 * g.standard_normal((size, size, 3))
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+
+
+def _tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("sampler,strength,steps", [("ddim", 0.6, 20), ("euler", 0.75, 12), ("dpmpp_2m", 0.5, 10)])
+def test_img2img_matches_diffusers(tmp_path, sampler, strength, steps):
+    ref = save_diffusers_folder(tmp_path / "folder", "sd1", scheduler=sampler)
+    i2i = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+    i2i.set_progress_bar_config(disable=True)
+    init = _picture()
+    with torch.no_grad():
+        want = i2i(PROMPT, image=init, strength=strength, negative_prompt=NEGATIVE, num_inference_steps=steps,
+                   guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED), output_type="pt").images[0]
+    ours = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    res = ours.generate(PROMPT, NEGATIVE, init_image=init, strength=strength, steps=steps, guidance_scale=CFG,
+                        sampler=sampler, seed=SEED, progress=False)
+    got = _tensor(res.images[0])
+    assert res.images[0].size == init.size and res.parameters["strength"] == strength
+    assert psnr(got, want.float()) >= 50
+
+
+
+def test_a_lower_strength_stays_nearer_the_image(tmp_path):
+    """The run starts from the image's latent: at strength 0.3 the result's latent is far nearer it than at 1."""
+    from imagine.sampling import make_generators
+
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    init = _picture()
+    z0 = pipe.encode_images([init], SIZE, SIZE, make_generators(1, [SEED]))
+    far = {}
+    for strength in (0.3, 1.0):
+        lat = pipe.generate(PROMPT, init_image=init, strength=strength, steps=10, seed=SEED, progress=False,
+                            output_type="latent").latents
+        far[strength] = float((lat - z0).norm() / z0.norm())
+    assert far[0.3] < far[1.0] / 2, far
+
+
+def test_an_images_result_does_not_depend_on_its_batch(tmp_path):
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    kw = dict(steps=6, strength=0.7, progress=False, output_type="latent")
+    inits = [_picture(seed=1), _picture(seed=2), _picture(seed=3)]
+    batch = pipe.generate(["a", "b", "c"], init_image=inits, seeds=[7, 8, 9], **kw).latents
+    alone = pipe.generate("b", init_image=inits[1], seed=8, **kw).latents
+    assert torch.equal(batch[1:2], alone)
+
+
+def test_sizes_and_errors(tmp_path):
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    kw = dict(steps=4, seed=1, progress=False)
+    odd = _picture(37)  # taken to the VAE's factor (2 here): 36 x 36
+    assert pipe.generate("x", init_image=odd, strength=0.5, **kw).images[0].size == (36, 36)
+    assert pipe.generate("x", init_image=odd, strength=0.5, height=16, width=24, **kw).images[0].size == (24, 16)
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\]"):
+            pipe.generate("x", init_image=odd, strength=bad, **kw)
+    with pytest.raises(ValueError, match="leaves no step to run"):
+        pipe.generate("x", init_image=odd, strength=0.2, **kw)
+    with pytest.raises(ValueError, match="2 init images for 3 prompts"):
+        pipe.generate(["a", "b", "c"], init_image=[odd, odd], **kw)
+    with pytest.raises(TypeError, match="PIL image"):
+        pipe.generate("x", init_image="not an image", **kw)
+
+
+def test_generate_cli_takes_an_init_image(tmp_path, capsys):
+    from imagine.cli import main
+
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    src = tmp_path / "in.png"
+    _picture().save(src)
+    out = tmp_path / "out.png"
+    assert main(["generate", "--model", str(tmp_path / "folder"), "a red circle", "--init-image", str(src),
+                 "--strength", "0.5", "--steps", "4", "--seed", "3", "-o", str(out), "-q"]) == 0
+    img = Image.open(out)
+    assert img.size == (SIZE, SIZE) and "Denoising strength: 0.5" in img.text["parameters"]
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    want = pipe.generate("a red circle", init_image=_picture(), strength=0.5, steps=4, seed=3, progress=False)
+    assert img.convert("RGB").tobytes() == want.images[0].tobytes()
+    (tmp_path / "bad.png").write_text("not a picture")
+    assert main(["generate", "--model", str(tmp_path / "folder"), "x", "--init-image", str(tmp_path / "bad.png"),
+                 "-q"]) == 2
+    assert "is not an image Pillow can read" in capsys.readouterr().err
