@@ -113,3 +113,38 @@ def test_generate_cli_takes_an_init_image(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "folder"), "x", "--init-image", str(tmp_path / "bad.png"),
                  "-q"]) == 2
     assert "is not an image Pillow can read" in capsys.readouterr().err
+
+
+def test_the_a1111_img2img_endpoint(tmp_path):
+    """POST /sdapi/v1/img2img gives the pipeline's own image (A1111's fields: init_images as base64, with or
+    without a data: prefix, denoising_strength), and 422 for what it cannot use."""
+    import base64
+    import io
+    import json
+
+    httpx = pytest.importorskip("httpx")
+    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    buf = io.BytesIO()
+    _picture().save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    want = pipe.generate("a red circle", init_image=_picture(), strength=0.5, steps=4, seed=11, guidance_scale=5,
+                         sampler="euler", progress=False).images[0]
+    with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
+        def post(**body):
+            base = {"prompt": "a red circle", "steps": 4, "seed": 11, "cfg_scale": 5, "sampler_name": "Euler",
+                    "denoising_strength": 0.5, "init_images": [b64]}
+            return httpx.post(f"{srv.url}/sdapi/v1/img2img", json={**base, **body}, timeout=120)
+
+        for prefix in ("", "data:image/png;base64,"):
+            r = post(init_images=[prefix + b64])
+            assert r.status_code == 200, r.text
+            got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+            assert got.convert("RGB").tobytes() == want.tobytes()
+            info = json.loads(r.json()["info"])
+            assert info["denoising_strength"] == 0.5 and "Denoising strength: 0.5" in info["infotexts"][0]
+        assert post(init_images=[]).status_code == 422
+        assert post(init_images=["bm90IGFuIGltYWdl"]).status_code == 422  # "not an image"
+        assert post(denoising_strength=0).status_code == 422

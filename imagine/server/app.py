@@ -148,6 +148,28 @@ class Txt2ImgRequest(BaseModel):
     force_task_id: str | None = None  # lets /sdapi/v1/progress?id_task= follow this request
 
 
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's img2img body: txt2img's, plus the pictures and how far from them to go. Its other fields (masks,
+    resize_mode, inpainting) are accepted, not used, and listed in info.ignored_fields."""
+
+    init_images: list[str] = []
+    denoising_strength: float = 0.75
+
+
+def _decode_image(data: str, field: str):
+    """A base64 picture (A1111 clients may prefix it with data:image/png;base64,) -> RGB PIL image, or 422."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, str):
+        raise ApiError(422, f"{field} must hold base64 strings", field)
+    raw = data.split(",", 1)[1] if data.startswith("data:") else data
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(raw, validate=False))) as im:
+            return im.convert("RGB")
+    except (ValueError, UnidentifiedImageError, OSError) as e:
+        raise ApiError(422, f"{field}: not a base64 image Pillow can read ({type(e).__name__})", field) from None
+
+
 class ImageGenerationRequest(BaseModel):
     """OpenAI's images.generate body, plus our own optional fields (send them as extra_body)."""
 
@@ -262,7 +284,7 @@ def _b64_png(img, infotext: str | None = None) -> str:
 
 def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int,
               model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None,
-              clip_skip: int = 0) -> str:
+              clip_skip: int = 0, strength: float | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -270,7 +292,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
     return a1111_parameters({"prompt": prompt, "negative_prompt": negative, "steps": steps, "sampler": sampler,
                              "schedule_type": schedule, "guidance_scale": cfg, "seed": seed, "width": w,
                              "height": h, "model_hash": model_hash[:10], "model": model, "vae": vae,
-                             "clip_skip": clip_skip,
+                             "clip_skip": clip_skip, "strength": strength,
                              "version": f"imagine {version}"})
 
 
@@ -487,14 +509,33 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     # -- AUTOMATIC1111 -----------------------------------------------------------------------
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(req: Txt2ImgRequest, request: Request):
+        return await a1111_generate(req, request)
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(req: Img2ImgRequest, request: Request):
+        """A1111's img2img: the first of `init_images` (base64, with or without a data: prefix) for every image
+        of the request, `denoising_strength` as the pipeline's strength (imagine: SDEdit, diffusers' rule)."""
+        if not req.init_images:
+            raise ApiError(422, "init_images must hold at least one base64 image", "init_images")
+        if not isinstance(req.denoising_strength, (int, float)) or not 0 < req.denoising_strength <= 1:
+            raise ApiError(422, f"denoising_strength must be in (0, 1]; got {req.denoising_strength!r}",
+                           "denoising_strength")
+        init = await run_in_threadpool(_decode_image, req.init_images[0], "init_images")
+        return await a1111_generate(req, request, init, float(req.denoising_strength))
+
+    async def a1111_generate(req, request: Request, init=None, strength: float | None = None):
         check_prompt("prompt", req.prompt)
         check_prompt("negative_prompt", req.negative_prompt)
         steps = defaults["steps"] if req.steps is None else req.steps
         check_int("steps", steps, 1, cfg.max_steps, " (the server's limit)")
         guidance = defaults["guidance_scale"] if req.cfg_scale is None else req.cfg_scale
         check_guidance("cfg_scale", guidance)
-        width = req.width or defaults["width"]
-        height = req.height or defaults["height"]
+        if init is not None and not req.width and not req.height:  # the picture's size, to the model's factor
+            f = _size_multiple(pipe)
+            width, height = (max(f, v // f * f) for v in init.size)
+        else:
+            width = req.width or defaults["width"]
+            height = req.height or defaults["height"]
         check_size(height, width)
         check_int("batch_size", req.batch_size, 1, cfg.max_images, " (the server's limit on images per request)")
         check_int("n_iter", req.n_iter, 1, cfg.max_images, " (the server's limit on images per request)")
@@ -510,7 +551,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
-                                    emphasis=a1111_emphasis(req)))
+                                    emphasis=a1111_emphasis(req), strength=strength),
+                  init_images=None if init is None else [init] * n)
         if req.force_task_id:
             job.id = str(req.force_task_id)[:200]
         result = await run_job(request, job)
@@ -518,7 +560,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         used = result.seeds if result is not None else []
         a_name = samplers.a1111_name(sampler)
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
-                               fingerprint, version, vae_name, schedule, clip_skip) for s in used]
+                               fingerprint, version, vae_name, schedule, clip_skip, strength) for s in used]
         encoded = []
         if req.send_images and images:
             encoded = await run_in_threadpool(lambda: [_b64_png(im, t) for im, t in zip(images, infotexts)])
@@ -531,7 +573,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False,
             "face_restoration_model": None, "sd_model_name": name, "sd_model_hash": fingerprint[:10],
             "sd_vae_name": vae_name, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-            "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
+            "denoising_strength": strength, "extra_generation_params": {}, "index_of_first_image": 0,
             "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": 1 + clip_skip, "is_using_inpainting_conditioning": False, "version": f"imagine {version}",
             "task_id": job.id, "interrupted": result is None or result.interrupted,
@@ -539,7 +581,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "seconds": round(result.seconds, 3) if result else 0.0,
             "batch_images": result.batch_images if result else 0,
         }
-        parameters = {**req.model_dump(), "steps": steps, "cfg_scale": guidance, "width": width, "height": height,
+        dumped = req.model_dump()
+        if init is not None:
+            dumped["init_images"] = [f"<{len(x)} base64 characters>" for x in req.init_images]  # not echoed back
+        parameters = {**dumped, "steps": steps, "cfg_scale": guidance, "width": width, "height": height,
                       "sampler_name": a_name}
         return {"images": encoded, "parameters": jsonable_encoder(parameters), "info": json.dumps(info)}
 
@@ -754,8 +799,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
 
 def _size_multiple(pipe) -> int:
-    unet_cfg = pipe.unet.config
-    return int(pipe.scale * 2 ** (len(unet_cfg.block_out_channels) - 1))
+    """What image sides must be multiples of: the VAE's factor (the U-Net runs any latent size)."""
+    return int(getattr(pipe, "scale", 1))
 
 
 def _model_defaults(pipe, samplers: SamplerTable) -> dict:

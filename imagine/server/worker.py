@@ -68,6 +68,7 @@ class Settings:
     eta: float | None = None  # the sampler's noise scale (None: its default)
     options: tuple = ()  # the sampler's own options as sorted (name, value) pairs, e.g. (("s_tmin", 1.5),)
     emphasis: bool = False  # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default)
+    strength: float | None = None  # image to image: how far from the jobs' init images (None: text to image)
 
 
 @dataclass(eq=False)
@@ -76,6 +77,7 @@ class Job:
     negative_prompts: list[str]
     seeds: list[int]
     settings: Settings
+    init_images: list | None = None  # image to image: a PIL image per prompt
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     state: str = "queued"  # queued -> running -> done | cancelled
@@ -293,6 +295,7 @@ class ModelWorker:
         prompts = [p for j in batch for p in j.prompts]
         negatives = [p for j in batch for p in j.negative_prompts]
         seeds = [x for j in batch for x in j.seeds]
+        inits = [im for j in batch for im in (j.init_images or [])] if s.strength is not None else None
         offsets = dict(zip((j.id for j in batch), itertools.accumulate([0] + [len(j) for j in batch])))
         chunks = [(i, min(i + self.max_batch, len(seeds))) for i in range(0, len(seeds), self.max_batch)]
         self.stats["batches"] += 1
@@ -317,7 +320,8 @@ class ModelWorker:
                                          guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
                                          width=s.width, sigma_schedule=s.schedule, eta=s.eta,
                                          sampler_options=dict(s.options) or None, callback=callback, progress=False,
-                                         **({"emphasis": True} if s.emphasis else {}))
+                                         **({"emphasis": True} if s.emphasis else {}),
+                                         **({"init_image": inits[a:b], "strength": s.strength} if inits else {}))
                 images += res.images
                 parameters = res.parameters
             except _Interrupted:
