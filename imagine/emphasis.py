@@ -8,7 +8,8 @@ are then rescaled so that their mean stays what it was (AUTOMATIC1111's default 
 with w per token (1 for the start, end and padding tokens). The syntax, as AUTOMATIC1111 documents it:
 `(text)` multiplies the weight of `text` by 1.1, `[text]` divides it by 1.1, `(text:w)` multiplies it by
 w; brackets nest (their factors multiply); `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are the characters
-themselves; a bracket left open applies to the rest of the prompt. Each piece is tokenized on its own,
+themselves (a lone backslash is dropped); a bracket left open applies to the rest of the prompt; A1111's
+`BREAK` (a new 75-token chunk) is not supported: it is taken out with a warning. Each piece is tokenized on its own,
 so a piece's tokens carry exactly its weight.
 
 Off by default in the pipeline and the CLI (`--emphasis`), where a prompt means what diffusers reads in
@@ -17,11 +18,15 @@ it; on for the server's AUTOMATIC1111 API, whose clients write prompts in this s
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
 
+log = logging.getLogger(__name__)
+
 ROUND, SQUARE = 1.1, 1 / 1.1
+BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _TOKENS = re.compile(r"""
 \\\(|\\\)|\\\[|\\]|\\\\|\\|   # escapes
 \(|\[|                        # openings
@@ -34,6 +39,10 @@ _TOKENS = re.compile(r"""
 
 def parse_emphasis(text: str) -> list[tuple[str, float]]:
     """`text` -> [(piece, weight)], neighbouring pieces of one weight merged; a text without pieces -> [("", 1)]."""
+    if BREAK.search(text):  # A1111's chunk break: imagine encodes one window, so the prompt runs on through it
+        log.warning("emphasis: BREAK (AUTOMATIC1111's new 75-token chunk) is not supported; the prompt continues "
+                    "in one window without it")
+        text = BREAK.sub(" ", text)
     pieces: list[list] = []
     round_open: list[int] = []
     square_open: list[int] = []
@@ -44,14 +53,19 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
 
     for m in _TOKENS.finditer(text):
         tok, weight = m.group(0), m.group(1)
-        if tok.startswith("\\") and len(tok) == 2:
-            pieces.append([tok[1], 1.0])
+        if tok.startswith("\\"):  # an escaped character is itself; a lone backslash is dropped (as A1111)
+            if tok[1:]:
+                pieces.append([tok[1:], 1.0])
         elif tok == "(":
             round_open.append(len(pieces))
         elif tok == "[":
             square_open.append(len(pieces))
         elif weight is not None and round_open:
-            scale(round_open.pop(), float(weight))
+            try:
+                w = float(weight)
+            except ValueError:
+                raise ValueError(f"emphasis: the weight {weight!r} in {text!r} is not a number, e.g. (word:1.3)") from None
+            scale(round_open.pop(), w)
         elif tok == ")" and round_open:
             scale(round_open.pop(), ROUND)
         elif tok == "]" and square_open:

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
       (", sun, ", 1.1), ("sky", 1.1 ** 4), (".", 1.1)]),
     ("[[low]] (x:0.25) stray) ]", [("low", 1 / 1.1 ** 2), (" ", 1.0), ("x", 0.25), (" stray) ]", 1.0)]),
     ("", [("", 1.0)]),
+    ("C:\\path a \\ b", [("C:path a  b", 1.0)]),  # a lone backslash is dropped, as A1111 drops it
 ])
 def test_parse_follows_automatic1111s_examples(text, want):
     got = parse_emphasis(text)
@@ -113,3 +114,11 @@ def test_the_a1111_api_reads_emphasis_unless_told_none(tmp_path):
         assert image("(a red circle:1.5)") != plain
         literal = image("(a red circle:1.0)", override_settings={"emphasis": "None"})
         assert literal != plain  # the brackets and the number are text then
+
+
+def test_bad_weights_and_break_are_said(caplog):
+    with pytest.raises(ValueError, match="weight '1.2.3' in '\\(a:1.2.3\\)' is not a number"):
+        parse_emphasis("(a:1.2.3)")
+    with caplog.at_level("WARNING"):
+        assert parse_emphasis("a cat BREAK a dog") == [("a cat a dog", 1.0)]
+    assert "BREAK" in caplog.text and "not supported" in caplog.text

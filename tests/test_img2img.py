@@ -148,3 +148,49 @@ def test_the_a1111_img2img_endpoint(tmp_path):
         assert post(init_images=[]).status_code == 422
         assert post(init_images=["bm90IGFuIGltYWdl"]).status_code == 422  # "not an image"
         assert post(denoising_strength=0).status_code == 422
+
+
+def test_a_models_matched_start_does_not_stop_image_to_image(tmp_path):
+    """A model whose defaults start text to image from the matched mean: image to image starts from its picture."""
+    from imagine.testing import make_tiny_model
+
+    pipe = TextToImagePipeline.from_pretrained(make_tiny_model(tmp_path / "tiny", defaults={"start": "matched"}))
+    assert pipe.generate("x", steps=2, seed=1, progress=False).parameters["start"] == "matched"
+    res = pipe.generate("x", init_image=_picture(16), strength=0.5, steps=4, seed=1, progress=False)
+    assert "start" not in res.parameters
+    with pytest.raises(ValueError, match="starts from the image"):  # asked for explicitly
+        pipe.generate("x", init_image=_picture(16), strength=0.5, steps=4, seed=1, start="matched", progress=False)
+
+
+def test_the_a1111_img2img_endpoint_takes_one_picture_per_image(tmp_path):
+    """Several init_images: image i of the batch starts from picture i (AUTOMATIC1111 sets the batch to their
+    number); more pictures than the batch is 422."""
+    import base64
+    import io
+    import json
+
+    httpx = pytest.importorskip("httpx")
+    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    pictures = [_picture(seed=4), _picture(seed=5)]
+
+    def b64(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
+        body = {"prompt": "a red circle", "steps": 4, "seed": 20, "batch_size": 2, "denoising_strength": 0.5,
+                "init_images": [b64(im) for im in pictures]}
+        r = httpx.post(f"{srv.url}/sdapi/v1/img2img", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert json.loads(r.json()["info"])["batch_size"] == 2
+        for i, (data, picture) in enumerate(zip(r.json()["images"], pictures)):
+            got = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB").tobytes()
+            want = pipe.generate("a red circle", init_image=picture, strength=0.5, steps=4, seed=20 + i,
+                                 progress=False).images[0].tobytes()
+            assert got == want, i
+        r = httpx.post(f"{srv.url}/sdapi/v1/img2img", json={**body, "batch_size": 1}, timeout=120)
+        assert r.status_code == 422 and "2 pictures for a batch_size of 1" in r.json()["detail"]

@@ -241,3 +241,29 @@ def test_a1111_lora_tags_name_the_merged_loras(tmp_path):
         pipe.generate("x", "<lora:other:1>", **kw)
     with pytest.raises(ValueError, match="not a number"):
         pipe.generate("x <lora:style:strong>", **kw)
+    # A1111's third field is the U-Net's strength: only the merged one can be followed
+    assert torch.equal(pipe.generate("a red circle, <lora:style:0.8:0.8>", **kw).latents, plain.latents)
+    for tag in ("<lora:style:0.8:0>", "<lora:style:0.8:unet=0.2>", "<lora:style:0.8:0.8:lbw=OUTD>"):
+        with pytest.raises(ValueError, match="merges one strength"):
+            pipe.generate(f"a red circle, {tag}", **kw)
+    with pytest.raises(ValueError, match="merged already"):  # twice would add up to 1.6 under one name
+        pipe.load_lora(path, 0.8)
+
+
+def test_diffusers_attention_processor_names_merge_as_the_current_ones():
+    """diffusers 0.14-0.20's save_attn_procs names (attn1.processor.to_q_lora.down.weight; for CLIP
+    self_attn.to_q_lora.down.weight = q_proj) give the same layers and factors as today's lora_A / lora_B."""
+    g = torch.Generator().manual_seed(0)
+    a, b, c, d = (torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g), torch.randn(2, 6, generator=g),
+                  torch.randn(6, 2, generator=g))
+    old = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight": a,
+           "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight": b,
+           "text_encoder.text_model.encoder.layers.1.self_attn.to_k_lora.down.weight": c,
+           "text_encoder.text_model.encoder.layers.1.self_attn.to_k_lora.up.weight": d}
+    new = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_A.weight": a,
+           "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_B.weight": b,
+           "text_encoder.text_model.encoder.layers.1.self_attn.k_proj.lora_A.weight": c,
+           "text_encoder.text_model.encoder.layers.1.self_attn.k_proj.lora_B.weight": d}
+    got, want = lora_layers(old), lora_layers(new)
+    assert [(x.part, x.module) for x in got] == [(x.part, x.module) for x in want]
+    assert all(torch.equal(x.delta(), y.delta()) for x, y in zip(got, want))

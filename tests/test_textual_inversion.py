@@ -122,10 +122,10 @@ def test_bad_embeddings_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a textual-inversion embedding"):
         pipe.load_embedding(other)
     ok = _write("a1111.safetensors", _vectors(1), tmp_path / "ok", "fine")
-    with pytest.raises(ValueError, match="already has 'red"):
+    with pytest.raises(ValueError, match="already has the token 'red"):
         pipe.load_embedding(ok, token="red</w>")
     pipe.load_embedding(ok)
-    with pytest.raises(ValueError, match="already has 'fine'"):
+    with pytest.raises(ValueError, match="already has the token 'fine'"):
         pipe.load_embedding(ok)  # twice: the word is taken
 
 
@@ -140,3 +140,18 @@ def test_server_lists_the_loaded_embeddings(tmp_path):
     with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
         loaded = httpx.get(f"{srv.url}/sdapi/v1/embeddings").json()["loaded"]
     assert list(loaded) == ["easyneg"] and loaded["easyneg"]["vectors"] == 3 and loaded["easyneg"]["shape"] == 64
+
+
+def test_a_capitalised_word_reads_all_its_vectors(tmp_path):
+    """AUTOMATIC1111's files are named like EasyNegative; CLIP lower-cases the prompt, and the word must still be
+    read as all of its vectors, in any case and inside emphasis."""
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    path = _write("a1111.safetensors", _vectors(2), tmp_path / "emb", "EasyNegative")
+    tokens = pipe.load_embedding(path)
+    ids = pipe.text_encoder.tokenizer.convert_tokens_to_ids(tokens)
+    for prompt in ("a red circle, EasyNegative", "a red circle, easynegative", "(EasyNegative:1.2)"):
+        got = pipe.text_encoder.tokenize([prompt])["input_ids"][0].tolist()
+        assert all(i in got for i in ids), (prompt, got, ids)
+    weighted = pipe.text_encoder.encode(["(EasyNegative:1.2)"], emphasis=True)
+    assert weighted.states.shape[1] == 77

@@ -46,8 +46,12 @@ KOHYA_ALPHA = re.compile(r"^(lora_unet|lora_te)_(.+)\.alpha$")
 DIFFUSERS = re.compile(r"^(?:(unet|text_encoder)\.)?(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
                        r"lora_linear_layer\.up)(?:\.default(?:_0)?)?\.weight$")
 DIFFUSERS_ALPHA = re.compile(r"^(?:(unet|text_encoder)\.)?(.+)\.alpha$")
-# diffusers' attention processors named their LoRA after the projection: attn1.processor.to_q_lora
-PROCESSOR = re.compile(r"^(.+)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora$")
+# diffusers' attention processors (save_attn_procs, 0.14-0.20) named their LoRA after the projection:
+# unet ...attn1.processor.to_q_lora.down.weight; text encoder ...self_attn.to_q_lora.down.weight (= q_proj)
+PROCESSOR = re.compile(r"^(?:(unet|text_encoder)\.)?(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)"
+                       r"\.weight$")
+PROCESSOR_TARGETS = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+                     "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
 PARTS = {"lora_unet": "unet", "lora_te": "text_encoder", "unet": "unet", "text_encoder": "text_encoder"}
 OTHER_KINDS = {"hada_w1_a": "a LyCORIS LoHa", "lokr_w1": "a LyCORIS LoKr", "lora_te1_": "an SDXL LoRA",
                "lora_te2_": "an SDXL LoRA", "text_encoder_2.": "an SDXL LoRA", "oft_blocks": "a LyCORIS OFT",
@@ -112,10 +116,11 @@ def lora_layers(state: dict[str, torch.Tensor], source: str = "LoRA", metadata: 
             factors.setdefault((PARTS[m[1]], m[2]), {})["down" if m[3] == "lora_down" else "up"] = value
         elif m := KOHYA_ALPHA.match(key):
             alphas[(PARTS[m[1]], m[2])] = float(value)
+        elif m := PROCESSOR.match(key):
+            part = m[1] or "unet"
+            factors.setdefault((part, f"{m[2]}.{PROCESSOR_TARGETS[part][m[3]]}"), {})[m[4]] = value
         elif m := DIFFUSERS.match(key):
             module = m[2]
-            if p := PROCESSOR.match(module):
-                module = f"{p[1]}.{'to_out.0' if p[2] == 'to_out' else p[2]}"
             which = "down" if m[3] in ("lora_A", "lora.down", "lora_linear_layer.down") else "up"
             factors.setdefault((m[1] or "unet", module), {})[which] = value
         elif m := DIFFUSERS_ALPHA.match(key):

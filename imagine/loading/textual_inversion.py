@@ -14,7 +14,9 @@ their checkpoints, most often for negative prompts; the layouts read here, offli
 - diffusers' `learned_embeds.safetensors` / `.bin` (`{"<token>": [d] or [n, d]}`); the word is that token.
 
 `token=` names the word instead. An embedding made for another text encoder (its width differs, or
-SDXL's two-encoder `clip_l` / `clip_g` files) and a word the tokenizer already knows are refused.
+SDXL's two-encoder `clip_l` / `clip_g` files) and a token the tokenizer's vocabulary already holds
+(e.g. `red</w>`) are refused. A word is matched wherever a prompt says it, whatever its case: an embedding
+named like a common word (`circle`) takes that word over, as in AUTOMATIC1111 and diffusers.
 """
 
 from __future__ import annotations
@@ -75,8 +77,8 @@ def add_embedding(encoder, token: str, vectors: torch.Tensor, source: str = "emb
     tokens = word_tokens(token, vectors.shape[0])
     known = [t for t in tokens if t in tok.get_vocab()]
     if known:
-        raise ValueError(f"{source}: the tokenizer already has {known[0]!r}; name the embedding another word "
-                         "(token=...), or it would change what that word means")
+        raise ValueError(f"{source}: the tokenizer's vocabulary already has the token {known[0]!r}; name the "
+                         "embedding another word (token=..., or --embedding PATH:WORD)")
     tok.add_tokens(tokens)
     ids = tok.convert_tokens_to_ids(tokens)
     model.resize_token_embeddings(len(tok))

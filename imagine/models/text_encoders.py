@@ -18,6 +18,7 @@ import dataclasses
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +92,14 @@ class TextEncoder(nn.Module):
     def _expand(self, prompt: str) -> str:
         """A multi-vector embedding's word -> all of its tokens, where the tokenizer sees the word (diffusers'
         `maybe_convert_prompt`, AUTOMATIC1111's embedding expansion)."""
-        for word in set(self.tokenizer.tokenize(prompt)) & self.expansions.keys():
-            prompt = prompt.replace(word, self.expansions[word])
+        # The tokenizer may normalise the word (CLIP lower-cases: "EasyNegative" is seen as "easynegative"), so the
+        # words are compared and replaced without regard to case (AUTOMATIC1111 matches them on ids, alike).
+        by_lower = {w.lower(): w for w in self.expansions}
+        seen = {t.lower() for t in self.tokenizer.tokenize(prompt)} & by_lower.keys()
+        for low in seen:
+            word = by_lower[low]
+            if self.expansions[word] != word:
+                prompt = re.sub(re.escape(word), lambda _m, e=self.expansions[word]: e, prompt, flags=re.IGNORECASE)
         return prompt
 
     @torch.no_grad()

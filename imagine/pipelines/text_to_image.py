@@ -30,7 +30,7 @@ from imagine.sampling import make_generators
 
 log = logging.getLogger(__name__)
 
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # AUTOMATIC1111's <lora:name[:s[:unet s]]>
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?((?::[^:>]*)*)>")  # AUTOMATIC1111's <lora:name[:s[:unet s...]]>
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 MAX_SEED = 2**32 - 1
 
@@ -136,6 +136,15 @@ class TextToImagePipeline:
             if abs(merged[name] - strength) > 1e-6:
                 raise ValueError(f"the prompt asks for {m[0]}, but {name} is merged at strength {merged[name]:g}; "
                                  f"load it with --lora PATH:{strength:g}")
+            for extra in filter(None, (m[3] or "").split(":")):  # A1111's U-Net strength and other settings
+                try:
+                    same = abs(float(extra) - strength) <= 1e-6
+                except ValueError:
+                    same = False
+                if not same:
+                    raise ValueError(f"the prompt asks for {m[0]}: imagine merges one strength into the text "
+                                     f"encoder and the U-Net ({merged[name]:g}), so a second strength or a setting "
+                                     f"({extra!r}) cannot be followed; write <lora:{name}:{merged[name]:g}>")
             return ""
 
         return LORA_TAG.sub(check, prompt) if "<lora:" in prompt else prompt
@@ -174,10 +183,14 @@ class TextToImagePipeline:
         strength = float(strength)
         if not math.isfinite(strength):
             raise ValueError(f"LoRA strength must be a finite number; got {strength}")
+        name = Path(path).stem
+        if name in dict(self.loras):  # its strength would add up, and the name would stand for two merges
+            raise ValueError(f"{Path(path).name}: a LoRA named {name!r} is merged already (at "
+                             f"{dict(self.loras)[name]:g}); merge each once, at the strength wanted")
         te = getattr(self.text_encoder, "model", None)
         counts = merge_lora({"unet": self.unet, "text_encoder": te if isinstance(te, torch.nn.Module) else None},
                             read_lora(path), strength, Path(path).name)
-        self.loras.append((Path(path).stem, strength))
+        self.loras.append((name, strength))
         return counts
 
     # -- running -------------------------------------------------------------------------------
@@ -263,7 +276,8 @@ class TextToImagePipeline:
             if final_step is None:
                 final_step = d.get("final_step")
         final_step = final_step or "euler"
-        start = start or d.get("start") or "noise"
+        # a model's default start (matched) moves pure noise; an image-to-image run starts from its picture
+        start = start or (None if init_image is not None else d.get("start")) or "noise"
         threshold_range = check_threshold_range(d.get("threshold_range", 1.0) if threshold_range is None
                                                 else threshold_range)
         if karras is None and sigma_schedule is None:  # a diffusers scheduler config may name its noise levels

@@ -520,10 +520,18 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if not isinstance(req.denoising_strength, (int, float)) or not 0 < req.denoising_strength <= 1:
             raise ApiError(422, f"denoising_strength must be in (0, 1]; got {req.denoising_strength!r}",
                            "denoising_strength")
-        init = await run_in_threadpool(_decode_image, req.init_images[0], "init_images")
-        return await a1111_generate(req, request, init, float(req.denoising_strength))
+        if len(req.init_images) > max(1, req.batch_size):
+            raise ApiError(422, f"init_images holds {len(req.init_images)} pictures for a batch_size of "
+                                f"{req.batch_size}; give one (for every image) or at most batch_size (one each, as "
+                                "AUTOMATIC1111)", "init_images")
+        inits = await run_in_threadpool(lambda: [_decode_image(x, "init_images") for x in req.init_images])
+        return await a1111_generate(req, request, inits, float(req.denoising_strength))
 
-    async def a1111_generate(req, request: Request, init=None, strength: float | None = None):
+    async def a1111_generate(req, request: Request, inits: list | None = None, strength: float | None = None):
+        """txt2img, and img2img with `inits` (one picture for every image, or one per image of a batch: then the
+        batch is that many, as A1111 sets it)."""
+        init = inits[0] if inits else None
+        batch_size = len(inits) if inits and len(inits) > 1 else req.batch_size
         check_prompt("prompt", req.prompt)
         check_prompt("negative_prompt", req.negative_prompt)
         steps = defaults["steps"] if req.steps is None else req.steps
@@ -537,9 +545,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             width = req.width or defaults["width"]
             height = req.height or defaults["height"]
         check_size(height, width)
-        check_int("batch_size", req.batch_size, 1, cfg.max_images, " (the server's limit on images per request)")
+        check_int("batch_size", batch_size, 1, cfg.max_images, " (the server's limit on images per request)")
         check_int("n_iter", req.n_iter, 1, cfg.max_images, " (the server's limit on images per request)")
-        n = req.batch_size * req.n_iter
+        n = batch_size * req.n_iter
         if n > cfg.max_images:
             raise ApiError(422, f"batch_size x n_iter = {n} images; the server's limit is {cfg.max_images} "
                                 "images per request", "batch_size")
@@ -552,7 +560,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
                                     emphasis=a1111_emphasis(req), strength=strength),
-                  init_images=None if init is None else [init] * n)
+                  init_images=None if not inits else [inits[i % len(inits)] for i in range(n)])
         if req.force_task_id:
             job.id = str(req.force_task_id)[:200]
         result = await run_job(request, job)
@@ -570,7 +578,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "seed": seeds[0], "all_seeds": used, "subseed": seeds[0], "all_subseeds": used,
             "subseed_strength": 0, "width": width, "height": height, "sampler_name": a_name, "sampler": sampler,
             "scheduler": schedule or "automatic", "cfg_scale": guidance, "steps": steps,
-            "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False,
+            "batch_size": batch_size, "n_iter": req.n_iter, "restore_faces": False,
             "face_restoration_model": None, "sd_model_name": name, "sd_model_hash": fingerprint[:10],
             "sd_vae_name": vae_name, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": strength, "extra_generation_params": {}, "index_of_first_image": 0,
