@@ -95,7 +95,7 @@ def a1111_parameters(p: dict) -> str:
     put("Schedule rho", p.get("schedule_rho"))
     put("CFG scale", p.get("guidance_scale"))
     put("Seed", p.get("seed"))
-    put("Denoising strength", p.get("strength"))  # image to image (A1111 writes it after the size; order is free)
+    put("Denoising strength", p.get("strength"))  # image to image, hires. fix (A1111 writes it later; order is free)
     if p.get("width") is not None and p.get("height") is not None:
         put("Size", f"{p['width']}x{p['height']}")
     put("Model hash", p.get("model_hash"))
@@ -104,6 +104,9 @@ def a1111_parameters(p: dict) -> str:
     if p.get("clip_skip"):  # diffusers' k layers skipped is A1111's "Clip skip: k + 1" (1 = the last layer)
         put("Clip skip", int(p["clip_skip"]) + 1)
     put("Lora", p.get("lora"))
+    put("Hires upscale", p.get("hires_scale"))
+    put("Hires steps", p.get("hires_steps"))
+    put("Hires upscaler", p.get("hires_upscaler"))
     put("Final step", p.get("final_step"))
     put("Start", p.get("start"))
     for k, v in (p.get("sampler_options") or {}).items():  # as A1111 writes its own, e.g. "s_tmin: 1.5"

@@ -143,7 +143,8 @@ def test_webuiapi_txt2img_images_seeds_and_info(server):
     assert r.info["seed"] == 1234 and r.info["all_seeds"] == [1234, 1235]  # A1111: seed + i within a request
     assert r.info["all_prompts"] == ["a red circle"] * 2
     assert r.info["sampler_name"] == "Euler a" and r.info["sampler"] == "euler_a"
-    assert "enable_hr" in r.info["ignored_fields"] and "prompt" not in r.info["ignored_fields"]
+    assert "do_not_save_grid" in r.info["ignored_fields"] and "prompt" not in r.info["ignored_fields"]
+    assert "enable_hr" not in r.info["ignored_fields"]  # hires. fix is read (off here)
     assert r.parameters["width"] == SIZE and r.parameters["prompt"] == "a red circle"
     # the two images of one request differ (seeds 1234 and 1235)
     assert np.abs(_pixels(r.images[0]) - _pixels(r.images[1])).max() > 0

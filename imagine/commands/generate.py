@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -33,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", "--denoising-strength", type=float, default=0.75,
                    help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
                         "(default 0.75, A1111's)")
+    p.add_argument("--hires-scale", "--hr-scale", type=float, default=None, metavar="S",
+                   help="AUTOMATIC1111's hires. fix: generate at the base size, upscale the pictures by S (1 < S <= 4, "
+                        "Lanczos) and run image to image there")
+    p.add_argument("--hires-strength", type=float, default=0.7, help="the hires pass's denoising strength (0.7)")
+    p.add_argument("--hires-steps", type=int, default=None, help="the hires pass's steps (default: --steps)")
     p.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
     p.add_argument("--sampler", default=None,
@@ -246,14 +252,21 @@ def run(args) -> int:
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start:start + args.batch_size]
         seeds = [(base + start + k) % (MAX_SEED + 1) for k in range(len(chunk))]
-        res = pipe.generate([p for p, _ in chunk], args.negative_prompt, steps=args.steps,
+        run = pipe.generate
+        if args.hires_scale is not None:
+            if args.init_image:
+                raise ValueError("--hires-scale starts from text; with --init-image leave it out")
+            run = functools.partial(pipe.generate_hires, hires_scale=args.hires_scale,
+                                    hires_strength=args.hires_strength, hires_steps=args.hires_steps)
+        res = run([p for p, _ in chunk], args.negative_prompt, steps=args.steps,
                             guidance_scale=args.guidance_scale, sampler=args.sampler, seeds=seeds,
                             height=height, width=width, guidance_rescale=args.guidance_rescale,
                             karras=args.karras, eta=args.eta, thresholding=args.thresholding,
                             threshold_range=args.threshold_range,
                             sigma_schedule=args.sigma_schedule, final_step=args.final_step, rho=args.rho,
                             sampler_options=sampler_options, start=args.start, emphasis=args.emphasis,
-                            init_image=init_image, strength=args.strength, progress=not args.quiet)
+                            progress=not args.quiet,
+                            **({"init_image": init_image, "strength": args.strength} if init_image else {}))
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},
                       "prompt": chunk[k][0], "negative_prompt": args.negative_prompt or "", "seed": s}

@@ -346,6 +346,37 @@ class TextToImagePipeline:
         return GenerationResult(images=images, seeds=seeds, seconds=time.time() - t0, latents=latents,
                                 parameters={**params, "prompt": prompts, "negative_prompt": negatives})
 
+    def generate_hires(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                       hires_scale: float = 2.0, hires_strength: float = 0.7, hires_steps: int | None = None,
+                       callback: Callable[[dict], None] | None = None, progress: bool = True,
+                       output_type: str = "pil", **kw) -> GenerationResult:
+        """AUTOMATIC1111's "hires. fix": text to image at the base size, the pictures upscaled by `hires_scale`
+        (Lanczos, to the VAE's factor), then image to image at that size with `hires_strength` (A1111's hires
+        denoising strength, default 0.7) over `hires_steps` (default: the first pass's), each image with its own
+        seed again: the large picture keeps the small one's composition, which the model could not hold at a
+        size it was not trained on. `kw`: `generate`'s options, for both passes. The parameters give the first
+        pass's size, as A1111's infotext does, with the scale."""
+        if isinstance(hires_scale, bool) or not isinstance(hires_scale, (int, float)) or not 1 < hires_scale <= 4:
+            raise ValueError(f"hires_scale must be a number in (1, 4]; got {hires_scale!r}")
+        if hires_steps is not None and (not isinstance(hires_steps, int) or hires_steps < 1):
+            raise ValueError(f"hires_steps must be a positive integer or None (the first pass's); got {hires_steps!r}")
+        if kw.get("init_image") is not None:
+            raise ValueError("hires. fix starts from text; for a picture of your own use init_image alone")
+        first = self.generate(prompt, negative_prompt, callback=callback, progress=progress, output_type="pil", **kw)
+        p = first.parameters
+        f = self.scale
+        height, width = (max(f, round(v * hires_scale / f) * f) for v in (p["height"], p["width"]))
+        later = {k: v for k, v in kw.items()
+                 if k not in ("seed", "seeds", "num_images_per_prompt", "height", "width", "steps", "strength")}
+        steps = hires_steps or p["steps"]
+        second = self.generate(p["prompt"], p["negative_prompt"], seeds=first.seeds, height=height, width=width,
+                               steps=steps, init_image=first.images, strength=hires_strength, callback=callback,
+                               progress=progress, output_type=output_type, **later)
+        params = {**second.parameters, "height": p["height"], "width": p["width"], "steps": p["steps"],
+                  "hires_scale": float(hires_scale), "hires_steps": steps, "hires_upscaler": "Lanczos"}
+        return GenerationResult(images=second.images, seeds=second.seeds, parameters=params,
+                                seconds=first.seconds + second.seconds, latents=second.latents)
+
     def _init_images(self, init_image, n_prompts: int, per_prompt: int) -> list[Image.Image] | None:
         """init_image (one PIL image, or one per prompt) -> one per image of the batch, RGB."""
         if init_image is None:

@@ -144,6 +144,10 @@ class Txt2ImgRequest(BaseModel):
     s_tmax: float | None = None
     batch_size: int = 1
     n_iter: int = 1
+    enable_hr: bool = False  # A1111's hires. fix: width x height first, then upscaled by hr_scale (Lanczos)
+    hr_scale: float = 2.0
+    hr_second_pass_steps: int = 0  # 0: the first pass's steps
+    denoising_strength: float | None = None  # the hires pass's (A1111's default there: 0.7)
     send_images: bool = True
     force_task_id: str | None = None  # lets /sdapi/v1/progress?id_task= follow this request
 
@@ -284,7 +288,7 @@ def _b64_png(img, infotext: str | None = None) -> str:
 
 def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int,
               model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None,
-              clip_skip: int = 0, strength: float | None = None) -> str:
+              clip_skip: int = 0, strength: float | None = None, hires: tuple | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -293,6 +297,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "schedule_type": schedule, "guidance_scale": cfg, "seed": seed, "width": w,
                              "height": h, "model_hash": model_hash[:10], "model": model, "vae": vae,
                              "clip_skip": clip_skip, "strength": strength,
+                             **({"hires_scale": hires[0], "hires_steps": hires[2] or steps, "hires_upscaler": "Lanczos"}
+                                if hires else {}),
                              "version": f"imagine {version}"})
 
 
@@ -544,6 +550,20 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         else:
             width = req.width or defaults["width"]
             height = req.height or defaults["height"]
+        hires = None
+        if getattr(req, "enable_hr", False) and inits is None:
+            hr_strength = 0.7 if req.denoising_strength is None else req.denoising_strength
+            if not isinstance(req.hr_scale, (int, float)) or not 1 < req.hr_scale <= 4:
+                raise ApiError(422, f"hr_scale must be in (1, 4]; got {req.hr_scale!r}", "hr_scale")
+            if not 0 < hr_strength <= 1:
+                raise ApiError(422, f"denoising_strength must be in (0, 1]; got {hr_strength!r}", "denoising_strength")
+            check_int("hr_second_pass_steps", req.hr_second_pass_steps, 0, cfg.max_steps, " (the server's limit)")
+            f = _size_multiple(pipe)
+            big = [max(f, round(v * req.hr_scale / f) * f) for v in (height, width)]
+            check_int("height x hr_scale", big[0], 1, cfg.max_height, " (the server's limit)")
+            check_int("width x hr_scale", big[1], 1, cfg.max_width, " (the server's limit)")
+            hires = (float(req.hr_scale), float(hr_strength), req.hr_second_pass_steps or None)
+            strength = float(hr_strength)
         check_size(height, width)
         check_int("batch_size", batch_size, 1, cfg.max_images, " (the server's limit on images per request)")
         check_int("n_iter", req.n_iter, 1, cfg.max_images, " (the server's limit on images per request)")
@@ -559,7 +579,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
-                                    emphasis=a1111_emphasis(req), strength=strength),
+                                    emphasis=a1111_emphasis(req), strength=None if hires else strength,
+                                    hires=hires),
                   init_images=None if not inits else [inits[i % len(inits)] for i in range(n)])
         if req.force_task_id:
             job.id = str(req.force_task_id)[:200]
@@ -568,7 +589,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         used = result.seeds if result is not None else []
         a_name = samplers.a1111_name(sampler)
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
-                               fingerprint, version, vae_name, schedule, clip_skip, strength) for s in used]
+                               fingerprint, version, vae_name, schedule, clip_skip, strength, hires) for s in used]
         encoded = []
         if req.send_images and images:
             encoded = await run_in_threadpool(lambda: [_b64_png(im, t) for im, t in zip(images, infotexts)])

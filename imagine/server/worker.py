@@ -14,6 +14,7 @@ Nothing accepted is dropped: a job's future always ends with its result or an ex
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import math
@@ -69,6 +70,7 @@ class Settings:
     options: tuple = ()  # the sampler's own options as sorted (name, value) pairs, e.g. (("s_tmin", 1.5),)
     emphasis: bool = False  # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default)
     strength: float | None = None  # image to image: how far from the jobs' init images (None: text to image)
+    hires: tuple | None = None  # A1111's hires. fix: (scale, denoising strength, steps or None)
 
 
 @dataclass(eq=False)
@@ -316,7 +318,12 @@ class ModelWorker:
                 _p.version += 1
 
             try:
-                res = self.pipe.generate(prompts[a:b], negatives[a:b], seeds=seeds[a:b], steps=s.steps,
+                run = self.pipe.generate
+                if s.hires is not None:
+                    scale, hires_strength, hires_steps = s.hires
+                    run = functools.partial(self.pipe.generate_hires, hires_scale=scale,
+                                            hires_strength=hires_strength, hires_steps=hires_steps)
+                res = run(prompts[a:b], negatives[a:b], seeds=seeds[a:b], steps=s.steps,
                                          guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
                                          width=s.width, sigma_schedule=s.schedule, eta=s.eta,
                                          sampler_options=dict(s.options) or None, callback=callback, progress=False,
