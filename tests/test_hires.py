@@ -25,7 +25,7 @@ def pipe(tmp_path_factory):
 def test_hires_is_text_to_image_then_image_to_image(pipe):
     kw = dict(steps=3, guidance_scale=4.0, sampler="euler", height=16, width=24, progress=False)
     res = pipe.generate_hires(["a red circle", "a blue square"], "green", hires_scale=2, hires_strength=0.6,
-                              hires_steps=5, seeds=[4, 9], **kw)
+                              hires_steps=5, seeds=[4, 9], hires_upscaler="lanczos", **kw)
     first = pipe.generate(["a red circle", "a blue square"], "green", seeds=[4, 9], **kw)
     upscaled = pipe.generate(["a red circle", "a blue square"], "green", seeds=[4, 9], init_image=first.images,
                              strength=0.6, steps=5, guidance_scale=4.0, sampler="euler", height=32, width=48,
@@ -35,6 +35,22 @@ def test_hires_is_text_to_image_then_image_to_image(pipe):
     p = res.parameters
     assert (p["width"], p["height"], p["steps"], p["hires_scale"], p["hires_steps"], p["strength"]) == \
         (24, 16, 3, 2.0, 5, 0.6)
+
+
+def test_latent_hires_is_a_bilinear_latent_upscale_then_image_to_image(pipe):
+    """A1111's default "Latent" upscaler: the first pass's latents resized bilinearly, no VAE round trip."""
+    kw = dict(steps=3, guidance_scale=4.0, sampler="euler", height=16, width=24, progress=False)
+    res = pipe.generate_hires("a red circle", hires_scale=1.5, hires_strength=0.7, seed=4, **kw)
+    first = pipe.generate("a red circle", seed=4, output_type="latent", **kw)
+    up = torch.nn.functional.interpolate(first.latents, size=(12, 18), mode="bilinear", align_corners=False)
+    second = pipe.generate("a red circle", seed=4, init_latents=up, strength=0.7, steps=3, guidance_scale=4.0,
+                           sampler="euler", progress=False)
+    assert res.images[0].size == (36, 24) and res.images[0].tobytes() == second.images[0].tobytes()
+    assert res.parameters["hires_upscaler"] == "Latent"
+    with pytest.raises(ValueError, match="hires_upscaler must be one of latent, lanczos"):
+        pipe.generate_hires("x", hires_upscaler="ESRGAN_4x", steps=2, progress=False)
+    with pytest.raises(ValueError, match="init_latents must be"):
+        pipe.generate("x", init_latents=torch.zeros(2, 4, 8, 8), steps=2, progress=False)
 
 
 def test_hires_sizes_round_to_the_vae_factor_and_errors(pipe):

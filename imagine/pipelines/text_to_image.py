@@ -30,6 +30,7 @@ from imagine.sampling import make_generators
 
 log = logging.getLogger(__name__)
 
+HIRES_UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> AUTOMATIC1111's label
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?((?::[^:>]*)*)>")  # AUTOMATIC1111's <lora:name[:s[:unet s...]]>
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 MAX_SEED = 2**32 - 1
@@ -229,6 +230,7 @@ class TextToImagePipeline:
                  threshold_range: float | None = None, sigma_schedule: str | None = None, final_step: str | None = None,
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
                  emphasis: bool = False, init_image=None, strength: float = 0.8,
+                 init_latents: torch.Tensor | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -277,7 +279,7 @@ class TextToImagePipeline:
                 final_step = d.get("final_step")
         final_step = final_step or "euler"
         # a model's default start (matched) moves pure noise; an image-to-image run starts from its picture
-        start = start or (None if init_image is not None else d.get("start")) or "noise"
+        start = start or (None if init_image is not None or init_latents is not None else d.get("start")) or "noise"
         threshold_range = check_threshold_range(d.get("threshold_range", 1.0) if threshold_range is None
                                                 else threshold_range)
         if karras is None and sigma_schedule is None:  # a diffusers scheduler config may name its noise levels
@@ -286,6 +288,18 @@ class TextToImagePipeline:
                               "exponential" if sc.get("use_exponential_sigmas") else None)
         # A side not given is the model's own (as diffusers and AUTOMATIC1111: not the other side, a square)
         inits = self._init_images(init_image, len(prompts) // num_images_per_prompt, num_images_per_prompt)
+        if init_latents is not None:  # image to image from latents (hires. fix's latent upscale)
+            if inits is not None:
+                raise ValueError("give init_image or init_latents, not both")
+            expected = (len(prompts), self.latent_channels)
+            if not isinstance(init_latents, torch.Tensor) or init_latents.ndim != 4 or \
+                    tuple(init_latents.shape[:2]) != expected:
+                raise ValueError(f"init_latents must be [{expected[0]}, {expected[1]}, h, w] (one per image); got "
+                                 f"{tuple(init_latents.shape) if isinstance(init_latents, torch.Tensor) else init_latents!r}")
+            size = (init_latents.shape[-2] * self.scale, init_latents.shape[-1] * self.scale)
+            if (height or size[0], width or size[1]) != size:
+                raise ValueError(f"init_latents are for {size[1]}x{size[0]} pixels; got height {height}, width {width}")
+            height, width = size
         if inits is not None and height is None and width is None:  # the image's size, to the VAE's factor
             height, width = (max(self.scale, v // self.scale * self.scale) for v in (inits[0].height, inits[0].width))
         sample = self.unet.config.sample_size or 64
@@ -306,6 +320,8 @@ class TextToImagePipeline:
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
         generators = make_generators(len(prompts), seeds)
         init = None if inits is None else self.encode_images(inits, width, height, generators)
+        if init_latents is not None:
+            init = init_latents.float()
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                generators=generators, init=init, strength=strength,
                                guidance_rescale=guidance_rescale, eta=eta, karras=karras,
@@ -348,32 +364,44 @@ class TextToImagePipeline:
 
     def generate_hires(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                        hires_scale: float = 2.0, hires_strength: float = 0.7, hires_steps: int | None = None,
-                       callback: Callable[[dict], None] | None = None, progress: bool = True,
-                       output_type: str = "pil", **kw) -> GenerationResult:
-        """AUTOMATIC1111's "hires. fix": text to image at the base size, the pictures upscaled by `hires_scale`
-        (Lanczos, to the VAE's factor), then image to image at that size with `hires_strength` (A1111's hires
-        denoising strength, default 0.7) over `hires_steps` (default: the first pass's), each image with its own
-        seed again: the large picture keeps the small one's composition, which the model could not hold at a
-        size it was not trained on. `kw`: `generate`'s options, for both passes. The parameters give the first
-        pass's size, as A1111's infotext does, with the scale."""
+                       hires_upscaler: str = "latent", callback: Callable[[dict], None] | None = None,
+                       progress: bool = True, output_type: str = "pil", **kw) -> GenerationResult:
+        """AUTOMATIC1111's "hires. fix": text to image at the base size, upscaled by `hires_scale` (to the VAE's
+        factor), then image to image at that size with `hires_strength` (A1111's hires denoising strength, default
+        0.7) over `hires_steps` (default: the first pass's), each image with its own seed again: the large picture
+        keeps the small one's composition, which the model could not hold at a size it was not trained on.
+        `hires_upscaler`: "latent" (A1111's default "Latent": the latents resized bilinearly, no VAE round trip;
+        it wants a strength of 0.5 or more to clean up) or "lanczos" (the decoded pictures resized, then encoded).
+        `kw`: `generate`'s options, for both passes. The parameters give the first pass's size, as A1111's
+        infotext does, with the scale."""
         if isinstance(hires_scale, bool) or not isinstance(hires_scale, (int, float)) or not 1 < hires_scale <= 4:
             raise ValueError(f"hires_scale must be a number in (1, 4]; got {hires_scale!r}")
         if hires_steps is not None and (not isinstance(hires_steps, int) or hires_steps < 1):
             raise ValueError(f"hires_steps must be a positive integer or None (the first pass's); got {hires_steps!r}")
-        if kw.get("init_image") is not None:
+        if kw.get("init_image") is not None or kw.get("init_latents") is not None:
             raise ValueError("hires. fix starts from text; for a picture of your own use init_image alone")
-        first = self.generate(prompt, negative_prompt, callback=callback, progress=progress, output_type="pil", **kw)
+        upscaler = str(hires_upscaler).lower()
+        if upscaler not in HIRES_UPSCALERS:
+            raise ValueError(f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)}; got {hires_upscaler!r}")
+        first = self.generate(prompt, negative_prompt, callback=callback, progress=progress,
+                              output_type="pil" if upscaler == "lanczos" else "latent", **kw)
         p = first.parameters
         f = self.scale
         height, width = (max(f, round(v * hires_scale / f) * f) for v in (p["height"], p["width"]))
         later = {k: v for k, v in kw.items()
                  if k not in ("seed", "seeds", "num_images_per_prompt", "height", "width", "steps", "strength")}
         steps = hires_steps or p["steps"]
+        if upscaler == "lanczos":
+            start = {"init_image": first.images}
+        else:  # A1111's "Latent": bilinear, no antialiasing
+            start = {"init_latents": torch.nn.functional.interpolate(
+                first.latents.float(), size=(height // f, width // f), mode="bilinear", align_corners=False)}
         second = self.generate(p["prompt"], p["negative_prompt"], seeds=first.seeds, height=height, width=width,
-                               steps=steps, init_image=first.images, strength=hires_strength, callback=callback,
-                               progress=progress, output_type=output_type, **later)
+                               steps=steps, strength=hires_strength, callback=callback, progress=progress,
+                               output_type=output_type, **start, **later)
         params = {**second.parameters, "height": p["height"], "width": p["width"], "steps": p["steps"],
-                  "hires_scale": float(hires_scale), "hires_steps": steps, "hires_upscaler": "Lanczos"}
+                  "hires_scale": float(hires_scale), "hires_steps": steps,
+                  "hires_upscaler": HIRES_UPSCALERS[upscaler]}
         return GenerationResult(images=second.images, seeds=second.seeds, parameters=params,
                                 seconds=first.seconds + second.seconds, latents=second.latents)
 

@@ -147,6 +147,7 @@ class Txt2ImgRequest(BaseModel):
     enable_hr: bool = False  # A1111's hires. fix: width x height first, then upscaled by hr_scale (Lanczos)
     hr_scale: float = 2.0
     hr_second_pass_steps: int = 0  # 0: the first pass's steps
+    hr_upscaler: str | None = None  # "Latent..." (A1111's default): the latents; any other name: Lanczos
     denoising_strength: float | None = None  # the hires pass's (A1111's default there: 0.7)
     send_images: bool = True
     force_task_id: str | None = None  # lets /sdapi/v1/progress?id_task= follow this request
@@ -297,8 +298,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "schedule_type": schedule, "guidance_scale": cfg, "seed": seed, "width": w,
                              "height": h, "model_hash": model_hash[:10], "model": model, "vae": vae,
                              "clip_skip": clip_skip, "strength": strength,
-                             **({"hires_scale": hires[0], "hires_steps": hires[2] or steps, "hires_upscaler": "Lanczos"}
-                                if hires else {}),
+                             **({"hires_scale": hires[0], "hires_steps": hires[2] or steps,
+                                 "hires_upscaler": "Latent" if hires[3] == "latent" else "Lanczos"} if hires else {}),
                              "version": f"imagine {version}"})
 
 
@@ -562,7 +563,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             big = [max(f, round(v * req.hr_scale / f) * f) for v in (height, width)]
             check_int("height x hr_scale", big[0], 1, cfg.max_height, " (the server's limit)")
             check_int("width x hr_scale", big[1], 1, cfg.max_width, " (the server's limit)")
-            hires = (float(req.hr_scale), float(hr_strength), req.hr_second_pass_steps or None)
+            # A1111's "Latent" family resizes latents (its default); every other upscaler name is an image one here
+            upscaler = "latent" if str(req.hr_upscaler or "Latent").lower().startswith("latent") else "lanczos"
+            hires = (float(req.hr_scale), float(hr_strength), req.hr_second_pass_steps or None, upscaler)
             strength = float(hr_strength)
         check_size(height, width)
         check_int("batch_size", batch_size, 1, cfg.max_images, " (the server's limit on images per request)")

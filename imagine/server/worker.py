@@ -70,7 +70,7 @@ class Settings:
     options: tuple = ()  # the sampler's own options as sorted (name, value) pairs, e.g. (("s_tmin", 1.5),)
     emphasis: bool = False  # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default)
     strength: float | None = None  # image to image: how far from the jobs' init images (None: text to image)
-    hires: tuple | None = None  # A1111's hires. fix: (scale, denoising strength, steps or None)
+    hires: tuple | None = None  # A1111's hires. fix: (scale, denoising strength, steps or None, upscaler)
 
 
 @dataclass(eq=False)
@@ -320,8 +320,8 @@ class ModelWorker:
             try:
                 run = self.pipe.generate
                 if s.hires is not None:
-                    scale, hires_strength, hires_steps = s.hires
-                    run = functools.partial(self.pipe.generate_hires, hires_scale=scale,
+                    scale, hires_strength, hires_steps, upscaler = s.hires
+                    run = functools.partial(self.pipe.generate_hires, hires_scale=scale, hires_upscaler=upscaler,
                                             hires_strength=hires_strength, hires_steps=hires_steps)
                 res = run(prompts[a:b], negatives[a:b], seeds=seeds[a:b], steps=s.steps,
                                          guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
