@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
                         "(default 0.75, A1111's)")
     p.add_argument("--hires-scale", "--hr-scale", type=float, default=None, metavar="S",
-                   help="AUTOMATIC1111's hires. fix: generate at the base size, upscale the pictures by S (1 < S <= 4, "
-                        "Lanczos) and run image to image there")
+                   help="AUTOMATIC1111's hires. fix: generate at the base size, upscale by S (1 < S <= 4; see "
+                        "--hires-upscaler) and run image to image there")
     p.add_argument("--hires-strength", type=float, default=0.7, help="the hires pass's denoising strength (0.7)")
     p.add_argument("--hires-steps", type=int, default=None, help="the hires pass's steps (default: --steps)")
     p.add_argument("--hires-upscaler", choices=["latent", "lanczos"], default="latent",
