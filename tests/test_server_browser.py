@@ -145,3 +145,32 @@ def test_page_shows_server_errors(server, page):
     page.wait_for_selector("#error:not([hidden])", timeout=30_000)
     text = page.inner_text("#error")
     assert "width" in text and "256" in text
+
+
+def test_img2img_from_the_page(server, page, tmp_path):
+    """A picture chosen in "Start from a picture" goes to /sdapi/v1/img2img: the gallery shows the pipeline's own
+    image-to-image result for it."""
+    picture = Image.fromarray((np.indices((64, 64)).sum(0) % 32 * 8).astype(np.uint8)).convert("RGB")
+    path = tmp_path / "start.png"
+    picture.save(path)
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#sampler').options.length > 0")
+    page.click("#clear") if page.is_visible("#clear") else None
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "4")
+    page.fill("#seed", "77")
+    page.fill("#width", "64")
+    page.fill("#height", "64")
+    page.select_option("#sampler", "Euler")
+    page.click("#img2img summary")
+    page.set_input_files("#init_image", str(path))
+    page.fill("#denoising_strength", "0.5")
+    page.click("#generate")
+    card = page.wait_for_selector(".gallery .card", timeout=60_000)
+    href = card.query_selector("a.download").get_attribute("href")
+    got = Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB")
+    cfg = float(page.input_value("#cfg_scale"))
+    want = server.pipe.pipe.generate("a red circle", init_image=picture, strength=0.5, steps=4, seed=77,
+                                     width=64, height=64, sampler="euler", guidance_scale=cfg, emphasis=True,
+                                     progress=False).images[0]
+    assert got.tobytes() == want.tobytes()

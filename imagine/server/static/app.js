@@ -1,4 +1,5 @@
-// The page: a form that posts AUTOMATIC1111's txt2img body to /sdapi/v1/txt2img, a progress bar
+// The page: a form that posts AUTOMATIC1111's txt2img body to /sdapi/v1/txt2img (img2img's to /sdapi/v1/img2img
+// when a picture is chosen), a progress bar
 // fed by polling /sdapi/v1/progress?id_task=<this request's id>, and a gallery of the results.
 "use strict";
 
@@ -75,6 +76,15 @@ async function poll(id) {
 
 function intValue(id) { return parseInt($(id).value, 10); }
 
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
 function addCard(b64, params, seed, interrupted) {
   const node = $("card-template").content.firstElementChild.cloneNode(true);
   const src = "data:image/png;base64," + b64;
@@ -128,13 +138,21 @@ async function generate(ev) {
   for (const k of ["steps", "width", "height", "seed", "batch_size"]) {
     if (Number.isNaN(body[k])) { showError(k + " must be a whole number"); return; }
   }
+  // img2img when a picture is chosen: A1111's body, the picture as a data URL, resized by the server to the size
+  const file = $("init_image").files[0];
+  let endpoint = "/sdapi/v1/txt2img";
+  if (file) {
+    body.init_images = [await readAsDataURL(file)];
+    body.denoising_strength = parseFloat($("denoising_strength").value);
+    endpoint = "/sdapi/v1/img2img";
+  }
   setBusy(true);
   $("progress-fill").style.width = "0%";
   $("progress-text").textContent = "queued…";
   $("preview").hidden = true;
   poll(id);
   try {
-    const r = await fetch("/sdapi/v1/txt2img", {
+    const r = await fetch(endpoint, {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
     const data = await r.json().catch(() => ({}));
