@@ -299,13 +299,13 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         abar = float(plan.alphas_cumprod[0])  # the first level of the steps that run
         eps = noise.draw(shape).to(torch.float64)  # drawn in float32, as diffusers draws it
         x = (math.sqrt(abar) * init.to(torch.float64).cpu() + math.sqrt(1 - abar) * eps).to(device=device, dtype=dtype)
-    elif isinstance(shape_or_noise, torch.Tensor):
-        z = shape_or_noise
-        device = z.device if device is None else device
-        x = (z.to(torch.float64) * initial_noise_scale(plan)).to(device=device, dtype=dtype)
     else:
-        z = noise.draw(shape)
-        device = _model_device(model) if device is None else device
+        if isinstance(shape_or_noise, torch.Tensor):
+            z = shape_or_noise
+            device = z.device if device is None else device
+        else:
+            z = noise.draw(shape)
+            device = _model_device(model) if device is None else device
         x = (z.to(torch.float64) * initial_noise_scale(plan)).to(device=device, dtype=dtype)
     variance_type = schedule.variance_type
     denoise = Denoiser(model, plan, prediction_type, cond, uncond, guidance_scale, guidance_rescale, classifier,

@@ -83,19 +83,24 @@ def page():
             browser.close()
 
 
+def _fill_form(page, server, *, prompt: str, steps: int, seed: int, sampler: str, negative_prompt: str = "",
+               size: int = 64) -> None:
+    """Open the page, wait for its samplers, and fill the form as a person would."""
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#sampler').options.length > 0")
+    page.fill("#prompt", prompt)
+    page.fill("#negative_prompt", negative_prompt)
+    for field, value in (("#steps", steps), ("#seed", seed), ("#width", size), ("#height", size)):
+        page.fill(field, str(value))
+    page.select_option("#sampler", sampler)
+
+
 def test_generate_from_the_page(server, page):
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server.url + "/")
-    page.wait_for_function("document.querySelector('#sampler').options.length > 0")
+    _fill_form(page, server, prompt="a red circle to the left of a blue square", negative_prompt="blurry", steps=6,
+               seed=4242, sampler="Euler a")
     assert "[" in page.inner_text("#model")  # the model's title with its fingerprint
-    page.fill("#prompt", "a red circle to the left of a blue square")
-    page.fill("#negative_prompt", "blurry")
-    page.fill("#steps", "6")
-    page.fill("#seed", "4242")
-    page.fill("#width", "64")
-    page.fill("#height", "64")
-    page.select_option("#sampler", "Euler a")
 
     server.pipe.hold.set()
     server.pipe.release.clear()
@@ -153,15 +158,7 @@ def test_img2img_from_the_page(server, page, tmp_path):
     picture = Image.fromarray((np.indices((64, 64)).sum(0) % 32 * 8).astype(np.uint8)).convert("RGB")
     path = tmp_path / "start.png"
     picture.save(path)
-    page.goto(server.url + "/")
-    page.wait_for_function("document.querySelector('#sampler').options.length > 0")
-    page.click("#clear") if page.is_visible("#clear") else None
-    page.fill("#prompt", "a red circle")
-    page.fill("#steps", "4")
-    page.fill("#seed", "77")
-    page.fill("#width", "64")
-    page.fill("#height", "64")
-    page.select_option("#sampler", "Euler")
+    _fill_form(page, server, prompt="a red circle", steps=4, seed=77, sampler="Euler")
     page.click("#img2img summary")
     page.set_input_files("#init_image", str(path))
     page.fill("#denoising_strength", "0.5")

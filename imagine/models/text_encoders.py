@@ -14,12 +14,10 @@ All load from local folders, no hub call ever: CLIP and T5 through transformers 
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -129,7 +127,7 @@ class TextEncoder(nn.Module):
         mask = torch.tensor([[i < r[2] for i in range(self.max_length)] for r in rows], device=self.device)
         enc = self._encode(ids, mask)
         states = apply_emphasis(enc.states, weights, mask if self.uses_mask else None)
-        return dataclasses.replace(enc, states=states)
+        return replace(enc, states=states)
 
     def _encode(self, ids, mask) -> TextEncoding:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -228,9 +228,11 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z = mean + std * eps, eps drawn with `generator`, or given as `noise` (e.g. one generator per image)."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(device=self.mean.device, dtype=self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         return self.mean

@@ -184,10 +184,10 @@ class TextToImagePipeline:
         strength = float(strength)
         if not math.isfinite(strength):
             raise ValueError(f"LoRA strength must be a finite number; got {strength}")
-        name = Path(path).stem
-        if name in dict(self.loras):  # its strength would add up, and the name would stand for two merges
-            raise ValueError(f"{Path(path).name}: a LoRA named {name!r} is merged already (at "
-                             f"{dict(self.loras)[name]:g}); merge each once, at the strength wanted")
+        name, merged = Path(path).stem, dict(self.loras)
+        if name in merged:  # its strength would add up, and the name would stand for two merges
+            raise ValueError(f"{Path(path).name}: a LoRA named {name!r} is merged already (at {merged[name]:g}); "
+                             "merge each once, at the strength wanted")
         te = getattr(self.text_encoder, "model", None)
         counts = merge_lora({"unet": self.unet, "text_encoder": te if isinstance(te, torch.nn.Module) else None},
                             read_lora(path), strength, Path(path).name)
@@ -329,7 +329,6 @@ class TextToImagePipeline:
                                progress=progress,
                                sigma_schedule=sigma_schedule, final_step=final_step,
                                sampler_options=sampler_options, rho=rho, start=start)
-        images_t = self.decode(latents)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__}
@@ -358,7 +357,8 @@ class TextToImagePipeline:
             params["start"] = start
         if sampler_options:
             params["sampler_options"] = dict(sampler_options)
-        images = [to_pil(t) for t in images_t] if output_type == "pil" else []
+        # (latents asked for: no VAE decode; hires. fix's latent upscale and the parity tests decode themselves)
+        images = [to_pil(t) for t in self.decode(latents)] if output_type == "pil" else []
         return GenerationResult(images=images, seeds=seeds, seconds=time.time() - t0, latents=latents,
                                 parameters={**params, "prompt": prompts, "negative_prompt": negatives})
 
@@ -435,9 +435,8 @@ class TextToImagePipeline:
         if m is not self.vae:  # the copies run channels-last maps
             xm = xm.contiguous(memory_format=torch.channels_last)
         posterior = m.encode(xm)
-        mean, std = posterior.mean.float(), posterior.std.float()
-        z = mean + std * PerSampleNoise(generators).draw(tuple(mean.shape))
-        return self.vae.to_latent(z)
+        z = posterior.sample(noise=PerSampleNoise(generators).draw(tuple(posterior.mean.shape)))
+        return self.vae.to_latent(z.float())
 
     def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, generators, guidance_rescale, eta,
                 karras, thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
