@@ -387,7 +387,7 @@ class TextToImagePipeline:
                               output_type="pil" if upscaler == "lanczos" else "latent", **kw)
         p = first.parameters
         f = self.scale
-        height, width = (max(f, round(v * hires_scale / f) * f) for v in (p["height"], p["width"]))
+        height, width = self.hires_size(p["height"], p["width"], hires_scale)
         later = {k: v for k, v in kw.items()
                  if k not in ("seed", "seeds", "num_images_per_prompt", "height", "width", "steps", "strength")}
         steps = hires_steps or p["steps"]
@@ -404,6 +404,11 @@ class TextToImagePipeline:
                   "hires_upscaler": HIRES_UPSCALERS[upscaler]}
         return GenerationResult(images=second.images, seeds=second.seeds, parameters=params,
                                 seconds=first.seconds + second.seconds, latents=second.latents)
+
+    def hires_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
+        """The hires. fix's second size: height and width times `scale`, to the VAE's factor."""
+        f = self.scale
+        return max(f, round(height * scale / f) * f), max(f, round(width * scale / f) * f)
 
     def _init_images(self, init_image, n_prompts: int, per_prompt: int) -> list[Image.Image] | None:
         """init_image (one PIL image, or one per prompt) -> one per image of the batch, RGB."""

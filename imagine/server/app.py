@@ -144,7 +144,7 @@ class Txt2ImgRequest(BaseModel):
     s_tmax: float | None = None
     batch_size: int = 1
     n_iter: int = 1
-    enable_hr: bool = False  # A1111's hires. fix: width x height first, then upscaled by hr_scale (Lanczos)
+    enable_hr: bool = False  # A1111's hires. fix: width x height first, then upscaled by hr_scale
     hr_scale: float = 2.0
     hr_second_pass_steps: int = 0  # 0: the first pass's steps
     hr_upscaler: str | None = None  # "Latent..." (A1111's default): the latents; any other name: Lanczos
@@ -293,13 +293,14 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
+    from imagine.pipelines.text_to_image import HIRES_UPSCALERS
 
     return a1111_parameters({"prompt": prompt, "negative_prompt": negative, "steps": steps, "sampler": sampler,
                              "schedule_type": schedule, "guidance_scale": cfg, "seed": seed, "width": w,
                              "height": h, "model_hash": model_hash[:10], "model": model, "vae": vae,
                              "clip_skip": clip_skip, "strength": strength,
                              **({"hires_scale": hires[0], "hires_steps": hires[2] or steps,
-                                 "hires_upscaler": "Latent" if hires[3] == "latent" else "Lanczos"} if hires else {}),
+                                 "hires_upscaler": HIRES_UPSCALERS[hires[3]]} if hires else {}),
                              "version": f"imagine {version}"})
 
 
@@ -520,8 +521,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(req: Img2ImgRequest, request: Request):
-        """A1111's img2img: the first of `init_images` (base64, with or without a data: prefix) for every image
-        of the request, `denoising_strength` as the pipeline's strength (imagine: SDEdit, diffusers' rule)."""
+        """A1111's img2img: `init_images` (base64, with or without a data: prefix; one for every image, or one per
+        image of the batch), `denoising_strength` as the pipeline's strength (imagine: SDEdit, diffusers' rule)."""
         if not req.init_images:
             raise ApiError(422, "init_images must hold at least one base64 image", "init_images")
         if not isinstance(req.denoising_strength, (int, float)) or not 0 < req.denoising_strength <= 1:
@@ -559,8 +560,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             if not 0 < hr_strength <= 1:
                 raise ApiError(422, f"denoising_strength must be in (0, 1]; got {hr_strength!r}", "denoising_strength")
             check_int("hr_second_pass_steps", req.hr_second_pass_steps, 0, cfg.max_steps, " (the server's limit)")
-            f = _size_multiple(pipe)
-            big = [max(f, round(v * req.hr_scale / f) * f) for v in (height, width)]
+            big = pipe.hires_size(height, width, req.hr_scale)
             check_int("height x hr_scale", big[0], 1, cfg.max_height, " (the server's limit)")
             check_int("width x hr_scale", big[1], 1, cfg.max_width, " (the server's limit)")
             # A1111's "Latent" family resizes latents (its default); every other upscaler name is an image one here
