@@ -70,9 +70,7 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
             scale(round_open.pop(), ROUND)
         elif tok == "]" and square_open:
             scale(square_open.pop(), SQUARE)
-        elif weight is not None:  # "(" never opened: the characters themselves
-            pieces.append([tok, 1.0])
-        else:
+        else:  # text, and a closing or a ":w)" with nothing open: the characters themselves
             pieces.append([tok, 1.0])
     for start in round_open:  # left open: to the end
         scale(start, ROUND)
@@ -119,18 +117,13 @@ def _ids(tokenizer, text: str, special: bool, pad_to: int | None = None) -> list
 def apply_emphasis(states: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """z * w rescaled to z's mean, per prompt (AUTOMATIC1111's "Original" emphasis). `mask`: the tokens an
     encoder's states count for (None: all, as CLIP's 77)."""
-    w = weights.to(states.dtype)[..., None]
-    if mask is None:
-        mean_before = states.mean(dim=(1, 2), keepdim=True)
-        z = states * w
-        mean_after = z.mean(dim=(1, 2), keepdim=True)
-    else:
-        m = mask.to(states.dtype)[..., None]
-        count = m.sum(dim=(1, 2), keepdim=True).clamp_min(1) * states.shape[-1]
-        mean_before = (states * m).sum(dim=(1, 2), keepdim=True) / count
-        z = states * w
-        mean_after = (z * m).sum(dim=(1, 2), keepdim=True) / count
+    m = (torch.ones_like(weights) if mask is None else mask).to(states.dtype)[..., None]
+    count = m.sum(dim=(1, 2), keepdim=True).clamp_min(1) * states.shape[-1]
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        return (t * m).sum(dim=(1, 2), keepdim=True) / count
+
+    z = states * weights.to(states.dtype)[..., None]
+    before, after = mean(states), mean(z)
     # (a mean of zero - a text encoder whose last LayerNorm has no bias - leaves nothing to rescale to)
-    ratio = torch.where(mean_after.abs() > 1e-12, mean_before / mean_after.where(mean_after != 0, 1),
-                        torch.ones_like(mean_after))
-    return z * ratio
+    return z * torch.where(after.abs() > 1e-12, before / after, torch.ones_like(after))
