@@ -86,6 +86,20 @@ class Denoiser:
         self.threshold_range = float(threshold_range)
         self.calls = 0
         self._held: torch.Tensor | None = None  # D(x_T) computed by matched_start, for the first step
+        self.known: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see keep_known
+
+    def keep_known(self, x0: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor) -> None:
+        """Inpainting by the replacement method (Song et al. 2021, "Score-based generative modeling",
+        appendix G; Lugmayr et al. 2022, RePaint eq. 8; diffusers' inpainting with a 4-channel U-Net):
+        where `mask` is 0 the model sees the known x_0 at every step's noise level,
+
+            x_t <- mask * x_t + (1 - mask) * (sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps),
+
+        with `eps` the run's start noise, from the second model call on (the first sees the start as it
+        is: pure noise at strength 1, as diffusers starts). The samplers step each element on its own, so
+        where mask is 1 their state is the one diffusers' pipeline carries, which writes the same mix
+        into its state after every step; `sample` sets the result to x_0 where mask is 0."""
+        self.known = (x0, eps, mask)
 
     def matched_start(self, x: torch.Tensor) -> torch.Tensor:
         """The start sample moved to the first moment of q(x_T), which a schedule with non-zero terminal
@@ -124,6 +138,9 @@ class Denoiser:
             held, self._held = self._held, None
             return held
         abar = float(self.plan.alphas_cumprod[i])
+        if self.known is not None and i > 0:
+            x0, eps, mask = self.known
+            x = torch.lerp((math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * eps).to(x.dtype), x, mask.to(x.dtype))
         out = self.model_output(x, i)
         if self.classifier is not None and self.classifier_scale and self.classifier_form == "eps" and abar > 0:
             # Dhariwal & Nichol 2021, Alg. 2: eps_hat = eps - sqrt(1 - abar) s grad, and x_0 from eps_hat
@@ -141,6 +158,28 @@ class Denoiser:
             return 0.0
         grad = classifier_gradient(self.classifier, x, self._t(x, i))
         return classifier_mean_shift(grad, variance, self.classifier_scale).to(x.dtype)
+
+
+class ConcatChannels(torch.nn.Module):
+    """`model` conditioned by channel concatenation: it sees cat([x_t, extra], dim=1). LDM's inpainting
+    models take the mask and the masked image's latents so (Rombach et al. 2022, sec. 4.5; SD's 9-channel
+    U-Nets), as CDM's super-resolution stages take the upsampled low-resolution image (Ho et al. 2022,
+    sec. 2). `extra` [B, C', ...] is fixed for the run; a guidance batch of k * B rows sees it k times, and
+    a model that shares the guidance batch (docs/DESIGN.md) still gets x_t once."""
+
+    def __init__(self, model: Callable[..., torch.Tensor], extra: torch.Tensor):
+        super().__init__()
+        self.model, self.extra = model, extra
+        self.shares_guidance_batch = bool(getattr(model, "shares_guidance_batch", False))
+        self.config = getattr(model, "config", None)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        extra = self.extra.to(device=x.device, dtype=x.dtype)
+        if extra.shape[0] != x.shape[0]:
+            if x.shape[0] % extra.shape[0]:
+                raise ValueError(f"{extra.shape[0]} rows of concatenated conditioning for a batch of {x.shape[0]}")
+            extra = torch.cat([extra] * (x.shape[0] // extra.shape[0]))
+        return self.model(torch.cat([x, extra], dim=1), t, **cond)
 
 
 def make_generators(batch: int, seeds=None, generator=None) -> torch.Generator | list[torch.Generator] | None:
@@ -234,6 +273,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            callback: Callable[[dict], None] | None = None, progress: bool = True, final_step: str = "euler",
            sampler_options: dict[str, Any] | None = None, sigma_schedule: str | None = None,
            rho: float | None = None, start: str = "noise", init: torch.Tensor | None = None, strength: float = 1.0,
+           mask: torch.Tensor | None = None,
            dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
@@ -265,7 +305,11 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     init, strength: image-to-image (SDEdit, Meng et al. 2022): x_0 to start from, [B, ...] of the sample's shape;
         the plan's last int(steps * strength) steps run from x_0 taken to their first level by q(x_t | x_0) =
         N(sqrt(abar) x_0, (1 - abar) I) with the samples' own noise (drawn after any draws the caller made with
-        the same generators), as diffusers' img2img pipelines start. strength in (0, 1].
+        the same generators), as diffusers' img2img pipelines start. strength in (0, 1]. A start-noise tensor
+        given as `shape_or_noise` is that noise (unit variance, init's shape).
+    mask: inpainting with init (the replacement method, Denoiser.keep_known): [B or 1, 1 or C, ...] in [0, 1],
+        1 where the sample is generated, 0 where it keeps init; the result is init where mask is 0. At strength
+        1 the run starts from pure noise, as diffusers' inpainting pipeline does (below 1, from q(x_t | init)).
     """
     prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, steps,
                                                     timestep_spacing, steps_offset, karras,
@@ -288,17 +332,25 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     noise = PerSampleNoise(make_generators(batch, seeds, generator))
     cond = check_cond(cond, batch, "cond")
     uncond = check_cond(uncond, batch, "uncond") if uncond is not None else None
+    if mask is not None and init is None:
+        raise ValueError("mask needs init: the x_0 to keep where mask is 0 (inpainting)")
     if init is not None:
         plan = _img2img_plan(plan, steps, strength, start)
-        if isinstance(shape_or_noise, torch.Tensor):
-            raise ValueError("with init, give the sample's shape, not start noise: the noise is drawn for init's level")
+        shape = tuple(shape_or_noise.shape) if isinstance(shape_or_noise, torch.Tensor) else shape
         if not isinstance(init, torch.Tensor) or tuple(init.shape) != shape:
             raise ValueError(f"init must be a tensor of the sample's shape {shape}; got "
                              f"{tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__}")
         device = _model_device(model) if device is None else device
-        abar = float(plan.alphas_cumprod[0])  # the first level of the steps that run
-        eps = noise.draw(shape).to(torch.float64)  # drawn in float32, as diffusers draws it
-        x = (math.sqrt(abar) * init.to(torch.float64).cpu() + math.sqrt(1 - abar) * eps).to(device=device, dtype=dtype)
+        # drawn in float32, as diffusers draws it
+        eps = (shape_or_noise if isinstance(shape_or_noise, torch.Tensor) else noise.draw(shape)).to(torch.float64).cpu()
+        if mask is not None and strength == 1:  # diffusers' inpainting starts from noise at strength 1
+            x = (eps * initial_noise_scale(plan)).to(device=device, dtype=dtype)
+        else:
+            abar = float(plan.alphas_cumprod[0])  # the first level of the steps that run
+            x = (math.sqrt(abar) * init.to(torch.float64).cpu() + math.sqrt(1 - abar) * eps).to(device=device,
+                                                                                              dtype=dtype)
+        if mask is not None:
+            mask = _check_mask(mask, shape)
     else:
         if isinstance(shape_or_noise, torch.Tensor):
             z = shape_or_noise
@@ -313,18 +365,38 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
                        threshold_percentile, threshold_range)
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
     kwargs.update(_sampler_options(canonical, sampler_options))
+    if mask is not None:
+        known = init.to(device=x.device, dtype=torch.float64)
+        denoise.keep_known(known, eps.to(x.device), mask.to(device=x.device, dtype=torch.float64))
     with torch.no_grad():
         if start == "matched":
             x = denoise.matched_start(x)
         if final_step == "euler":
-            return fn(denoise, x, plan, noise=noise, eta=eta, callback=callback, progress=progress, **kwargs)
-        if float(plan.sigmas[-1]) != 0:
-            raise ValueError("final_step='heun' needs a plan that ends at sigma = 0; DDIM with "
-                             "set_alpha_to_one=False ends at abar_0")
-        if len(plan) > 1:  # every step but the last as the sampler does them, then the trapezoid to sigma = 0
-            x = fn(denoise, x, plan.head(len(plan) - 1), noise=noise, eta=eta, callback=callback, progress=progress,
-                   **kwargs)
-        return final_heun_step(denoise, x, plan, callback=callback)
+            x = fn(denoise, x, plan, noise=noise, eta=eta, callback=callback, progress=progress, **kwargs)
+        else:
+            if float(plan.sigmas[-1]) != 0:
+                raise ValueError("final_step='heun' needs a plan that ends at sigma = 0; DDIM with "
+                                 "set_alpha_to_one=False ends at abar_0")
+            if len(plan) > 1:  # every step but the last as the sampler does them, then the trapezoid to sigma = 0
+                x = fn(denoise, x, plan.head(len(plan) - 1), noise=noise, eta=eta, callback=callback,
+                       progress=progress, **kwargs)
+            x = final_heun_step(denoise, x, plan, callback=callback)
+    if mask is not None:  # the known part is x_0 itself (diffusers' last blend is with the clean latents)
+        x = torch.lerp(known.to(x.dtype), x, mask.to(x.dtype))
+    return x
+
+
+def _check_mask(mask, shape: tuple[int, ...]) -> torch.Tensor:
+    """An inpainting mask [B or 1, 1 or C, *spatial] with values in [0, 1] -> float64 of the sample's shape."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim != len(shape) or mask.shape[0] not in (1, shape[0]) \
+            or mask.shape[1] not in (1, shape[1]) or tuple(mask.shape[2:]) != tuple(shape[2:]):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a tensor [{shape[0]} or 1, 1 or {shape[1]}, {', '.join(map(str, shape[2:]))}] "
+                         f"(the sample's size; 1 = generate, 0 = keep init); got {got}")
+    mask = mask.detach().to(torch.float64).cpu()
+    if not bool(((mask >= 0) & (mask <= 1)).all()):
+        raise ValueError("mask values must be in [0, 1] (1 = generate, 0 = keep init)")
+    return mask.expand(shape)
 
 
 def _img2img_plan(plan: SamplingPlan, steps: int, strength: float, start: str) -> SamplingPlan:

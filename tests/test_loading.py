@@ -79,11 +79,12 @@ TINY = {
 TEXT_WIDTH = 64
 
 
-def tiny_diffusers_parts(kind: str, seed: int = 0):
-    """(unet, vae, text_encoder) of diffusers/transformers with random weights."""
+def tiny_diffusers_parts(kind: str, seed: int = 0, in_channels: int = 4):
+    """(unet, vae, text_encoder) of diffusers/transformers with random weights (in_channels 9: an inpainting
+    model's U-Net)."""
     spec = TINY[kind]
     torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, norm_num_groups=32,
+    unet = diffusers.UNet2DConditionModel(sample_size=16, in_channels=in_channels, out_channels=4, norm_num_groups=32,
                                           cross_attention_dim=TEXT_WIDTH, **spec["unet"]).eval()
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
                                   latent_channels=4, norm_num_groups=32, sample_size=32,
@@ -102,9 +103,9 @@ def tiny_diffusers_parts(kind: str, seed: int = 0):
 
 
 def save_diffusers_folder(folder: Path, kind: str, scheduler: str = "ddim", prediction_type: str = "epsilon",
-                          seed: int = 0):
+                          seed: int = 0, in_channels: int = 4):
     """A diffusers StableDiffusionPipeline folder; returns the pipeline."""
-    unet, vae, text = tiny_diffusers_parts(kind, seed)
+    unet, vae, text = tiny_diffusers_parts(kind, seed, in_channels)
     tok_dir = write_clip_tokenizer(Path(folder).parent / f"_tok_{kind}", "!" if TINY[kind]["openclip"] else
                                    "<|endoftext|>")
     tok = transformers.CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
@@ -254,10 +255,11 @@ def compvis_checkpoint(unet, vae, text, openclip: bool, extras: bool = True) -> 
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def write_single_file(path: Path, kind: str, seed: int = 0, fmt: str = "safetensors", tokenizer_next_to_it=True):
+def write_single_file(path: Path, kind: str, seed: int = 0, fmt: str = "safetensors", tokenizer_next_to_it=True,
+                      in_channels: int = 4):
     """An original-layout single-file checkpoint of tiny random weights (and the diffusers parts
     it was made from)."""
-    unet, vae, text = tiny_diffusers_parts(kind, seed)
+    unet, vae, text = tiny_diffusers_parts(kind, seed, in_channels)
     state = compvis_checkpoint(unet, vae, text, TINY[kind]["openclip"])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -647,10 +649,10 @@ def test_folder_without_model_index_says_what_to_pass(tmp_path):
         load_folder(tmp_path / "empty")
 
 
-@pytest.mark.parametrize("channels,what", [(9, "an inpainting model"), (8, "an instruct-pix2pix model")])
+@pytest.mark.parametrize("channels,what", [(8, "an instruct-pix2pix model")])
 def test_image_conditioned_unets_are_refused_at_load(tmp_path, channels, what):
-    """Inpainting (9 input channels) and instruct-pix2pix (8) U-Nets need an image as input; they
-    are refused when loaded, not halfway through a generation."""
+    """instruct-pix2pix (8 input channels) U-Nets need an image as input, and imagine does not run them: they
+    are refused when loaded, not halfway through a generation (inpainting models, 9, load: test_inpainting)."""
     unet, vae, text = tiny_diffusers_parts("sd1")
     state = compvis_checkpoint(unet, vae, text, openclip=False)
     k = "model.diffusion_model.input_blocks.0.0.weight"
@@ -661,8 +663,8 @@ def test_image_conditioned_unets_are_refused_at_load(tmp_path, channels, what):
 
     save_file(state, str(path))
     write_clip_tokenizer(tmp_path / "tokenizer")
-    with pytest.raises(ValueError, match=rf"{what} \({channels}-channel U-Net input\); imagine's text-to-image "
-                                         r"takes 4-channel SD 1.x/2.x U-Nets"):
+    with pytest.raises(ValueError, match=rf"{what} \({channels}-channel U-Net input\); imagine runs 4-channel "
+                                         r"SD 1.x/2.x U-Nets and 9-channel inpainting ones"):
         load_single_file(path)
 
 

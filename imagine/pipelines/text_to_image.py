@@ -62,6 +62,11 @@ class TextToImagePipeline:
                             "their memory)")
         self.unet = components.unet.eval().requires_grad_(False)
         self.vae = components.vae.eval().requires_grad_(False) if components.vae is not None else None
+        inputs, latent = self.unet.config.in_channels, self.latent_channels
+        if inputs not in (latent, 2 * latent + 1) or (inputs != latent and self.vae is None):
+            raise ValueError(f"{components.source or 'this model'}: its U-Net takes {inputs} input channels; imagine "
+                             f"runs U-Nets that take the {latent} channels of the noisy latents, or "
+                             f"{2 * latent + 1} (an inpainting model's: noisy latents, mask, masked-picture latents)")
         self.text_encoder = components.text_encoder
         self.schedule = components.schedule
         self.prediction_type = components.prediction_type
@@ -229,8 +234,8 @@ class TextToImagePipeline:
                  eta: float | None = None, karras: bool | None = None, thresholding: str | None = None,
                  threshold_range: float | None = None, sigma_schedule: str | None = None, final_step: str | None = None,
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
-                 emphasis: bool = False, init_image=None, strength: float = 0.8,
-                 init_latents: torch.Tensor | None = None,
+                 emphasis: bool = False, init_image=None, strength: float | None = None,
+                 init_latents: torch.Tensor | None = None, mask_image=None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -245,8 +250,16 @@ class TextToImagePipeline:
         init_image, strength: image to image (SDEdit, Meng et al. 2022; diffusers' img2img, AUTOMATIC1111's
         denoising strength): a PIL image (or a list, one per prompt) is encoded by the VAE (its posterior sampled
         with each image's own seed, then the noise drawn, as diffusers does), taken to the level of the last
-        int(steps * strength) steps, and denoised from there. The size is the image's unless height/width are
-        given (the image is then resized to them)."""
+        int(steps * strength) steps (strength default 0.8), and denoised from there. The size is the image's unless
+        height/width are given (the image is then resized to them).
+
+        mask_image (with init_image): inpainting, as diffusers' StableDiffusionInpaintPipeline (strength default
+        1): a PIL image (or one per prompt), white where the picture is painted anew and black where it is kept
+        (grey level 0.5 and up counts as white; `imagine.inpainting.prepare_masks`). An inpainting model (a U-Net
+        that takes the mask and the masked picture's latents beside its noisy latents, LDM sec. 4.5) sees them
+        at every step; any other model keeps the black part by the replacement method
+        (`imagine.sampling.Denoiser.keep_known`). An inpainting model given no picture paints a whole new one
+        from the text (everything masked), as AUTOMATIC1111 runs it."""
         t0 = time.time()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -288,6 +301,12 @@ class TextToImagePipeline:
                               "exponential" if sc.get("use_exponential_sigmas") else None)
         # A side not given is the model's own (as diffusers and AUTOMATIC1111: not the other side, a square)
         inits = self._init_images(init_image, len(prompts) // num_images_per_prompt, num_images_per_prompt)
+        masks = self._init_images(mask_image, len(prompts) // num_images_per_prompt, num_images_per_prompt,
+                                  "mask_image", mode=None)
+        if masks is not None and inits is None:
+            raise ValueError("mask_image needs init_image: the picture whose black part is kept (inpainting)")
+        if strength is None:
+            strength = 1.0 if masks is not None else 0.8  # diffusers' defaults for inpainting and image to image
         if init_latents is not None:  # image to image from latents (hires. fix's latent upscale)
             if inits is not None:
                 raise ValueError("give init_image or init_latents, not both")
@@ -319,11 +338,15 @@ class TextToImagePipeline:
                   if guidance_scale != 1.0 else None)
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
         generators = make_generators(len(prompts), seeds)
-        init = None if inits is None else self.encode_images(inits, width, height, generators)
-        if init_latents is not None:
-            init = init_latents.float()
+        inpaint = {}
+        if masks is not None or self.image_conditioned:
+            init, inpaint = self._inpainting(inits, masks, shape, width, height, generators, strength, init_latents)
+        else:
+            init = None if inits is None else self.encode_images(inits, width, height, generators)
+            if init_latents is not None:
+                init = init_latents.float()
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                               generators=generators, init=init, strength=strength,
+                               generators=generators, init=init, strength=strength, **inpaint,
                                guidance_rescale=guidance_rescale, eta=eta, karras=karras,
                                thresholding=thresholding, threshold_range=threshold_range, callback=callback,
                                progress=progress,
@@ -334,8 +357,10 @@ class TextToImagePipeline:
                   "version": __import__("imagine").__version__}
         if self.c.vae_source:
             params["vae"] = Path(self.c.vae_source).name
-        if init is not None:
+        if init is not None or masks is not None:
             params["strength"] = float(strength)
+        if masks is not None:
+            params["inpainting"] = True
         if emphasis:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
         if getattr(self.text_encoder, "clip_skip", 0):
@@ -410,31 +435,81 @@ class TextToImagePipeline:
         f = self.scale
         return max(f, round(height * scale / f) * f), max(f, round(width * scale / f) * f)
 
-    def _init_images(self, init_image, n_prompts: int, per_prompt: int) -> list[Image.Image] | None:
-        """init_image (one PIL image, or one per prompt) -> one per image of the batch, RGB."""
+    def _init_images(self, init_image, n_prompts: int, per_prompt: int, name: str = "init_image",
+                     mode: str | None = "RGB") -> list[Image.Image] | None:
+        """init_image (one PIL image, or one per prompt) -> one per image of the batch, in `mode` (None: as given)."""
         if init_image is None:
             return None
         images = [init_image] if isinstance(init_image, Image.Image) else list(init_image)
         if not images or not all(isinstance(im, Image.Image) for im in images):
-            raise TypeError("init_image must be a PIL image or a list of them (one per prompt)")
+            raise TypeError(f"{name} must be a PIL image or a list of them (one per prompt)")
         if len(images) == 1:
             images = images * n_prompts
         if len(images) != n_prompts:
-            raise ValueError(f"{len(images)} init images for {n_prompts} prompts; give one, or one per prompt")
-        return [im.convert("RGB") for im in images for _ in range(per_prompt)]
+            what = "init images" if name == "init_image" else "masks"
+            raise ValueError(f"{len(images)} {what} for {n_prompts} prompts; give one, or one per prompt")
+        return [(im.convert(mode) if mode else im) for im in images for _ in range(per_prompt)]
+
+    @property
+    def image_conditioned(self) -> bool:
+        """Whether the U-Net is an inpainting model's: it takes the mask and the masked picture's latents
+        beside the noisy latents (4 + 1 + 4 = 9 input channels in SD's)."""
+        return self.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    def _inpainting(self, inits, masks, shape, width: int, height: int, generators, strength: float,
+                    init_latents: torch.Tensor | None = None):
+        """The start and the model's inputs of an inpainting run, with diffusers' draws in diffusers' order (each
+        image's generator: the picture's posterior, then the start noise, then the masked picture's posterior).
+        An inpainting model given no mask paints everything anew: its mask is all ones, its masked picture all
+        zeros (AUTOMATIC1111's conditioning for such a model in text to image and image to image)."""
+        from imagine.inpainting import latent_mask, masked_pixels, prepare_masks
+        from imagine.sampling import PerSampleNoise
+
+        if self.vae is None:
+            raise ValueError("inpainting needs a latent model (with a VAE); this model works on pixels")
+        if inits is None:  # an inpainting model from text or latents: everything masked, nothing known
+            pixels = torch.zeros(shape[0], 3, height, width)
+            mask = torch.ones(shape[0], 1, height, width)
+        else:
+            pixels = self._pixels(inits, width, height)
+            mask = prepare_masks(masks, width, height) if masks is not None else torch.ones(shape[0], 1, height, width)
+        image_cond = self.image_conditioned
+        # the picture's latents: the start below strength 1, and what a plain model keeps (diffusers' order)
+        if init_latents is not None:
+            init = init_latents.float()
+        else:
+            init = self._encode_pixels(pixels, generators) if inits is not None and (not image_cond or strength < 1) \
+                else None
+        noise = PerSampleNoise(generators).draw(shape)
+        if image_cond:
+            masked = self._encode_pixels(masked_pixels(pixels, mask), generators)
+            return init, {"noise": noise, "concat": torch.cat([latent_mask(mask, shape[-2:]), masked], dim=1)}
+        PerSampleNoise(generators).draw(shape)  # diffusers encodes the masked picture here too, unused: same draws
+        return init, {"noise": noise, "mask": latent_mask(mask, shape[-2:])}
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image], width: int, height: int, generators) -> torch.Tensor:
         """Images -> scaled latents z ~ q(z | x) drawn with each image's generator (diffusers' img2img samples the
         posterior, then draws the noise); resized to width x height (Lanczos, as diffusers) where they differ.
         A model without a VAE starts from the pixels."""
-        from imagine.images import from_pil
-        from imagine.sampling import PerSampleNoise
-
-        x = torch.stack([from_pil(im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS))
-                         for im in images])
+        x = self._pixels(images, width, height)
         if self.vae is None:
             return x
+        return self._encode_pixels(x, generators)
+
+    @staticmethod
+    def _pixels(images: list[Image.Image], width: int, height: int) -> torch.Tensor:
+        """RGB pictures -> [B, 3, height, width] in [-1, 1], resized (Lanczos, as diffusers) where they differ."""
+        from imagine.images import from_pil
+
+        return torch.stack([from_pil(im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS))
+                            for im in images])
+
+    @torch.no_grad()
+    def _encode_pixels(self, x: torch.Tensor, generators) -> torch.Tensor:
+        """Pixels [B, 3, H, W] in [-1, 1] -> scaled latents z ~ q(z | x), drawn with each image's generator."""
+        from imagine.sampling import PerSampleNoise
+
         m = fast_copy(self.vae) if self.precision == "fast" else exact_copy(self.vae)
         xm = x.to(_weights_dtype(m))
         if m is not self.vae:  # the copies run channels-last maps
@@ -445,8 +520,9 @@ class TextToImagePipeline:
 
     def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, generators, guidance_rescale, eta,
                 karras, thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
-                rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0):
-        from imagine.sampling import sample
+                rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0, noise=None, mask=None,
+                concat=None):
+        from imagine.sampling import ConcatChannels, sample
 
         sc = self.c.scheduler_config
         kwargs = {}
@@ -455,13 +531,15 @@ class TextToImagePipeline:
         if sc.get("steps_offset") is not None:
             kwargs["steps_offset"] = int(sc["steps_offset"])
         model = _Autocast(self.unet) if self.precision == "fast" else exact_copy(self.unet)
-        return sample(model, shape, schedule=self.schedule, prediction_type=self.prediction_type, sampler=sampler,
+        if concat is not None:  # an inpainting model's mask and masked-picture latents
+            model = ConcatChannels(model, concat)
+        return sample(model, shape if noise is None else noise, schedule=self.schedule, prediction_type=self.prediction_type, sampler=sampler,
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, thresholding=thresholding, threshold_range=threshold_range,
                       karras=bool(karras), eta=eta,
                       generator=generators, callback=callback, progress=progress, sigma_schedule=sigma_schedule,
                       final_step=final_step, sampler_options=sampler_options, rho=rho, start=start,
-                      init=init, strength=strength, **kwargs)
+                      init=init, strength=strength, mask=mask, **kwargs)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,84 @@
+"""Inpainting: a picture, a mask of the part to paint anew, and a prompt for it.
+
+Two ways, both as diffusers' StableDiffusionInpaintPipeline runs them:
+
+- An *inpainting model* (LDM, Rombach et al. 2022, sec. 4.5; SD's 9-channel U-Nets) was trained to see,
+  beside its noisy latents, the mask at the latents' size and the latents of the masked picture (the
+  picture with the part to paint set to 0): `imagine.sampling.ConcatChannels` feeds them at every step.
+- Any other model keeps the known part by the *replacement method* (Song et al. 2021, appendix G):
+  before each model call the known part of x_t is set to the known latents at that step's noise level
+  (`imagine.sampling.Denoiser.keep_known`).
+
+Masks follow diffusers' convention: white (1) is painted anew, black (0) is kept; a mask is made grey, resized
+to the picture (Lanczos) and cut at 0.5, so that it is 0 or 1 everywhere, also at the latents' size
+(nearest neighbour). AUTOMATIC1111's extras for its img2img API live here too: its mask blur, its "fill"
+of the masked part before encoding, and the paste of the result over the original picture.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+
+
+def prepare_masks(masks: list[Image.Image], width: int, height: int) -> torch.Tensor:
+    """Mask pictures -> [B, 1, height, width] of 0 (keep) and 1 (paint anew): resized with Lanczos where the
+    size differs, made grey (ITU-R 601 luma, PIL's "L"), then 1 where the grey level is 0.5 or more
+    (diffusers' mask processor: resize, grayscale, binarize)."""
+    out = []
+    for m in masks:
+        if m.size != (width, height):
+            m = m.resize((width, height), Image.LANCZOS)
+        a = np.asarray(m.convert("L"), dtype=np.float32) / 255.0
+        out.append(torch.from_numpy((a >= 0.5).astype(np.float32))[None])
+    return torch.stack(out)
+
+
+def masked_pixels(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The picture an inpainting model sees: the pixels [B, 3, H, W] in [-1, 1] where the mask keeps them, 0
+    (mid grey) where it is painted anew (LDM's masked image x * (1 - m))."""
+    return pixels * (mask < 0.5)
+
+
+def latent_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """The pixel mask [B, 1, H, W] at the latents' size, by nearest neighbour (diffusers' default
+    interpolation), so that a 0/1 mask stays 0/1."""
+    return torch.nn.functional.interpolate(mask, size=tuple(size))
+
+
+# ---------------------------------------------------------------------------------------------
+# AUTOMATIC1111's img2img inpainting options (its API's mask_blur, inpainting_fill, the paste back)
+# ---------------------------------------------------------------------------------------------
+A1111_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
+
+def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
+    """A1111's mask blur: a Gaussian blur of the grey mask (radius in pixels; 0 leaves it as it is)."""
+    mask = mask.convert("L")
+    return mask.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else mask
+
+
+def fill_masked(picture: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill": the part to paint anew filled with the colours around it, so that the model starts
+    from a blur of its surroundings rather than from what was there. The kept part, weighted by its
+    coverage (premultiplied alpha), is blurred at radii from coarse to fine and each blur laid over the
+    last, the finest last, which leaves the kept pixels as they are."""
+    keep = ImageOps.invert(mask.convert("L"))
+    layer = Image.new("RGBa", picture.size)
+    layer.paste(picture.convert("RGBA").convert("RGBa"), mask=keep)
+    out = Image.new("RGBA", picture.size)
+    for radius, times in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = layer.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(times):
+            out.alpha_composite(blurred)
+    return out.convert("RGB")
+
+
+def paste_over(result: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """The result laid over the original where the (blurred) mask is white: the kept part is the original's
+    own pixels, not their trip through the VAE (A1111 pastes the inpainted picture back so)."""
+    original = original.convert("RGB").resize(result.size, Image.LANCZOS) if original.size != result.size \
+        else original.convert("RGB")
+    mask = mask.convert("L").resize(result.size, Image.LANCZOS) if mask.size != result.size else mask.convert("L")
+    return Image.composite(result.convert("RGB"), original, mask)
