@@ -131,6 +131,10 @@ def make_scheduler(name: str, prediction_type: str = "epsilon"):
     if name == "dpmpp_2m":
         return diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULE, prediction_type=prediction_type,
                                                      algorithm_type="dpmsolver++", solver_order=2)
+    if name == "euler_a":
+        return diffusers.EulerAncestralDiscreteScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+    if name == "heun":
+        return diffusers.HeunDiscreteScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
     raise ValueError(name)
 
 

@@ -1,0 +1,205 @@
+"""Inpainting (imagine.inpainting): a 9-channel inpainting model sees the mask and the masked picture's latents
+beside its noisy latents (sampling.ConcatChannels); any other model keeps the known part by the replacement method
+(sampling.Denoiser.keep_known). Both give diffusers' StableDiffusionInpaintPipeline's image on the same weights,
+seed and scheduler (50 dB, the parity bar of the text-to-image tests), from a folder and from an original single
+file; the known part of a plain model's result is the picture's latents exactly; an inpainting model runs text to
+image as inpainting with everything masked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_loading import make_scheduler, save_diffusers_folder, write_clip_tokenizer, write_single_file  # noqa: E402
+from test_sd_parity import CFG, NEGATIVE, PROMPT, SEED, SIZE, psnr  # noqa: E402
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from imagine.inpainting import latent_mask, prepare_masks  # noqa: E402
+from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+from imagine.sampling import make_generators, sample  # noqa: E402
+from imagine.schedules import NoiseSchedule  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _picture(size: int = SIZE, seed: int = 0) -> Image.Image:
+    g = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([x, y, (x > 0.5) * 0.8 + 0.1], -1) + 0.05 * g.standard_normal((size, size, 3))
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+
+
+def _mask(size: int = SIZE, box=None) -> Image.Image:
+    """White (paint anew) in a box, black elsewhere; an RGB picture, as masks drawn in an editor often are."""
+    a = np.zeros((size, size, 3), np.uint8)
+    top, bottom, left, right = box or (size // 4, 3 * size // 4, size // 8, size // 2)
+    a[top:bottom, left:right] = 255
+    return Image.fromarray(a)
+
+
+def _tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def _diffusers_inpaint(ref, steps, strength, image=None, mask=None):
+    pipe = diffusers.StableDiffusionInpaintPipeline(**ref.components)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(PROMPT, image=image or _picture(), mask_image=mask or _mask(), strength=strength,
+                    negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=CFG, height=SIZE, width=SIZE,
+                    generator=[torch.Generator().manual_seed(SEED)], output_type="pt").images[0].float()
+
+
+# (input channels, sampler, strength, steps): 9 = an inpainting model, 4 = a plain one (the replacement method).
+# euler_a pins the generator draws (diffusers encodes the masked picture even for a plain model); heun pins the
+# known part at the second evaluation of each step.
+CASES = [(9, "ddim", 1.0, 12), (9, "euler", 0.75, 12), (9, "dpmpp_2m", 0.6, 10),
+         (4, "ddim", 1.0, 12), (4, "dpmpp_2m", 0.6, 10), (4, "euler_a", 1.0, 8), (4, "heun", 0.8, 6)]
+
+
+@pytest.mark.parametrize("channels,sampler,strength,steps", CASES)
+def test_inpainting_matches_diffusers(tmp_path, channels, sampler, strength, steps):
+    ref = save_diffusers_folder(tmp_path / "folder", "sd1", scheduler=sampler, in_channels=channels)
+    want = _diffusers_inpaint(ref, steps, strength)
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    assert pipe.image_conditioned == (channels == 9)
+    res = pipe.generate(PROMPT, NEGATIVE, init_image=_picture(), mask_image=_mask(), strength=strength, steps=steps,
+                        guidance_scale=CFG, sampler=sampler, seed=SEED, progress=False)
+    assert res.parameters["inpainting"] is True and res.parameters["strength"] == strength
+    assert psnr(_tensor(res.images[0]), want) >= 50
+
+
+def test_an_inpainting_single_file_loads_and_matches_diffusers(tmp_path):
+    """SD 1.5-inpainting-style original checkpoints (input_blocks.0.0 with 9 input channels) load and run."""
+    path = tmp_path / "single" / "inpainting.safetensors"
+    unet, vae, text = write_single_file(path, "sd1", in_channels=9)
+    tok = transformers.CLIPTokenizer.from_pretrained(path.parent / "tokenizer", local_files_only=True)
+    ref = diffusers.StableDiffusionInpaintPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                                   scheduler=make_scheduler("dpmpp_2m"), safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    want = _diffusers_inpaint(ref, 10, 1.0)
+    pipe = TextToImagePipeline.from_pretrained(path)
+    assert pipe.unet.config.in_channels == 9 and pipe.image_conditioned
+    res = pipe.generate(PROMPT, NEGATIVE, init_image=_picture(), mask_image=_mask(), steps=10, guidance_scale=CFG,
+                        sampler="dpmpp_2m", seed=SEED, progress=False)
+    assert psnr(_tensor(res.images[0]), want) >= 50
+
+
+def test_an_inpainting_model_paints_from_text_as_with_everything_masked(tmp_path):
+    """With no picture an inpainting model sees an all-ones mask and an all-zeros masked picture (AUTOMATIC1111's
+    conditioning for it in text to image): diffusers' inpainting with a white mask, whatever the picture."""
+    ref = save_diffusers_folder(tmp_path / "folder", "sd1", scheduler="ddim", in_channels=9)
+    white = Image.new("L", (SIZE, SIZE), 255)
+    want = _diffusers_inpaint(ref, 8, 1.0, mask=white)
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    kw = dict(steps=8, guidance_scale=CFG, sampler="ddim", seed=SEED, progress=False)
+    text_only = pipe.generate(PROMPT, NEGATIVE, height=SIZE, width=SIZE, **kw)
+    assert psnr(_tensor(text_only.images[0]), want) >= 50
+    masked_all = pipe.generate(PROMPT, NEGATIVE, init_image=_picture(seed=5), mask_image=white, **kw)
+    assert torch.equal(text_only.latents, masked_all.latents)
+    assert "inpainting" not in text_only.parameters and "strength" not in text_only.parameters
+
+
+def test_a_plain_models_known_part_is_the_pictures_latents(tmp_path):
+    """Where the latent mask is 0 the result is the picture's own latents (the replacement method's last step),
+    drawn with the image's generator first, as diffusers draws them; where it is 1 the model painted anew."""
+    save_diffusers_folder(tmp_path / "folder", "sd1", scheduler="dpmpp_2m")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    res = pipe.generate(PROMPT, init_image=_picture(), mask_image=_mask(), steps=6, seed=SEED, progress=False,
+                        output_type="latent")
+    z0 = pipe.encode_images([_picture()], SIZE, SIZE, make_generators(1, [SEED]))
+    keep = latent_mask(prepare_masks([_mask()], SIZE, SIZE), z0.shape[-2:]).expand_as(z0) == 0
+    assert 0 < int(keep.sum()) < keep.numel()
+    assert torch.equal(res.latents[keep], z0[keep])
+    assert float((res.latents[~keep] - z0[~keep]).abs().mean()) > 0.1
+
+
+def test_an_images_result_does_not_depend_on_its_batch(tmp_path):
+    save_diffusers_folder(tmp_path / "folder", "sd1", in_channels=9)
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    kw = dict(steps=5, progress=False, output_type="latent", sampler="euler_a")
+    inits = [_picture(seed=1), _picture(seed=2), _picture(seed=3)]
+    masks = [_mask(box=(0, 16, 0, 16)), _mask(), _mask(box=(8, 32, 16, 32))]
+    batch = pipe.generate(["a", "b", "c"], init_image=inits, mask_image=masks, seeds=[7, 8, 9], **kw).latents
+    alone = pipe.generate("b", init_image=inits[1], mask_image=masks[1], seed=8, **kw).latents
+    assert torch.equal(batch[1:2], alone)
+
+
+def test_masks_follow_diffusers_rule():
+    """Resized with Lanczos, made grey, cut at 0.5: 0/1 at the picture's size and (nearest) at the latents'."""
+    grey = Image.fromarray(np.array([[0, 127, 128, 255]] * 4, np.uint8))
+    m = prepare_masks([grey], 4, 4)
+    assert m.shape == (1, 1, 4, 4) and m[0, 0, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    proc = diffusers.image_processor.VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True,
+                                                       do_convert_grayscale=True)
+    big = _mask(37)
+    assert torch.equal(prepare_masks([big], 24, 16), proc.preprocess(big, height=16, width=24))
+    assert set(latent_mask(prepare_masks([big], 24, 16), (2, 3)).unique().tolist()) <= {0.0, 1.0}
+
+
+def test_sample_with_a_mask_closed_forms():
+    """sample(init=, mask=): mask 0 everywhere returns init exactly; mask 1 everywhere is the run without a mask
+    from the same start (the replacement changes nothing); a mask must fit the sample and lie in [0, 1]."""
+    schedule = NoiseSchedule.from_diffusers_config({"num_train_timesteps": 1000, "beta_start": 0.00085,
+                                                    "beta_end": 0.012, "beta_schedule": "scaled_linear"})
+
+    def model(x, t, **_):  # a denoiser with some structure: eps depends on x and t
+        return torch.tanh(x) * (t[:, None, None, None] / 1000)
+
+    shape = (2, 4, 6, 6)
+    init = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    kw = dict(schedule=schedule, sampler="dpmpp_2m", steps=8, progress=False)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    kept = sample(model, noise, init=init, mask=torch.zeros(1, 1, 6, 6), strength=1.0, **kw)
+    assert torch.equal(kept, init)
+    free = sample(model, noise, init=init, mask=torch.ones(2, 1, 6, 6), strength=0.7, **kw)
+    plain = sample(model, noise, init=init, strength=0.7, **kw)
+    assert torch.allclose(free, plain, atol=1e-6)
+    from_noise = sample(model, noise, init=init, mask=torch.ones(2, 4, 6, 6), strength=1.0, **kw)
+    assert torch.allclose(from_noise, sample(model, noise, **kw), atol=1e-6)  # strength 1: pure noise start
+    # what the model sees: the start as it is (pure noise at strength 1), then the known part at each level
+    seen = []
+
+    def recording(x, t, **_):
+        seen.append(x.clone())
+        return model(x, t)
+
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., :3] = 1
+    sample(recording, noise, init=init, mask=mask, strength=1.0, **{**kw, "sampler": "ddim"})
+    assert torch.equal(seen[0], noise)
+    plan = schedule.plan(8, rule="ddim", spacing="leading")
+    abar = float(plan.alphas_cumprod[1])
+    known = abar ** 0.5 * init.double() + (1 - abar) ** 0.5 * noise.double()
+    assert torch.allclose(seen[1][..., 3:].double(), known[..., 3:], atol=1e-6)
+    assert not torch.allclose(seen[1][..., :3].double(), known[..., :3], atol=1e-2)
+    with pytest.raises(ValueError, match="mask needs init"):
+        sample(model, shape, mask=torch.ones(2, 1, 6, 6), **kw)
+    with pytest.raises(ValueError, match=r"mask must be a tensor \[2 or 1, 1 or 4, 6, 6\]"):
+        sample(model, shape, init=init, mask=torch.ones(2, 1, 3, 3), **kw)
+    with pytest.raises(ValueError, match=r"mask values must be in \[0, 1\]"):
+        sample(model, shape, init=init, mask=torch.full((2, 1, 6, 6), 2.0), **kw)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    kw = dict(steps=2, seed=1, progress=False)
+    with pytest.raises(ValueError, match="mask_image needs init_image"):
+        pipe.generate("x", mask_image=_mask(), **kw)
+    with pytest.raises(ValueError, match="2 masks for 3 prompts"):
+        pipe.generate(["a", "b", "c"], init_image=_picture(), mask_image=[_mask(), _mask()], **kw)
+    with pytest.raises(TypeError, match="mask_image must be a PIL image"):
+        pipe.generate("x", init_image=_picture(), mask_image="mask.png", **kw)
+
+
+def test_unets_imagine_cannot_run_are_refused_when_the_pipeline_is_made(tmp_path):
+    """An 8-channel U-Net (instruct-pix2pix's) in a diffusers folder: refused at load, naming what runs."""
+    save_diffusers_folder(tmp_path / "folder", "sd1", in_channels=8)
+    with pytest.raises(ValueError, match=r"takes 8 input channels; imagine runs U-Nets that take the 4 channels of "
+                                         r"the noisy latents, or 9 \(an inpainting model's"):
+        TextToImagePipeline.from_pretrained(tmp_path / "folder")
