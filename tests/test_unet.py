@@ -198,8 +198,10 @@ def test_config_from_dict():
         UNetConfig.from_dict(dict(d, down_block_types=["SimpleCrossAttnDownBlock2D", "DownBlock2D"]))
     with pytest.raises(ValueError, match="mid_block_type"):
         UNetConfig.from_dict(dict(d, mid_block_type="UNetMidBlock2DSimpleCrossAttn"))
-    with pytest.raises(ValueError, match="addition_embed_type='text_time' is not supported"):
-        UNetConfig.from_dict(dict(d, addition_embed_type="text_time"))
+    with pytest.raises(ValueError, match="unsupported addition_embed_type 'image'; valid: None or 'text_time'"):
+        UNetConfig.from_dict(dict(d, addition_embed_type="image"))
+    with pytest.raises(ValueError, match="'text_time' needs addition_time_embed_dim and projection_class_embeddings"):
+        UNetConfig.from_dict(dict(d, addition_embed_type="text_time"))  # SDXL's, without its sizes
     with pytest.raises(ValueError, match="resnet_time_scale_shift"):
         UNetConfig.from_dict(dict(d, resnet_time_scale_shift="scale_shift"))
     with pytest.raises(ValueError, match="attention heads"):

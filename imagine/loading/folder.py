@@ -59,8 +59,21 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
     if index.get("vae"):
         vae = AutoencoderKL.from_pretrained(root / _sub(index["vae"], "vae")).to(dtype).eval()
     te_entry = index["text_encoder"]
+    defaults = dict(index.get("defaults", {}))
     if isinstance(te_entry, dict):  # ours
         text_encoder = load_text_encoder(te_entry, root=root, dtype=dtype)
+    elif index.get("text_encoder_2"):  # SDXL: CLIP ViT-L and OpenCLIP ViT-bigG (with its projection)
+        from imagine.models.text_encoders import SDXLTextEncoder
+
+        classes = [e[1] if isinstance(e, list) and len(e) == 2 else None
+                   for e in (te_entry, index["text_encoder_2"])]
+        if classes != ["CLIPTextModel", "CLIPTextModelWithProjection"]:
+            raise ValueError(f"{root}: text encoders {classes} are not SDXL's (CLIPTextModel, "
+                             "CLIPTextModelWithProjection); imagine loads SD 1.x, 2.x and SDXL base folders")
+        text_encoder = SDXLTextEncoder.from_folders(root / "text_encoder", root / "tokenizer", root / "text_encoder_2",
+                                                    root / "tokenizer_2", dtype=dtype)
+        if index.get("force_zeros_for_empty_prompt", True):  # diffusers' default for SDXL
+            defaults.setdefault("zero_empty_negative", True)
     else:  # diffusers: ["transformers", "CLIPTextModel"]
         cls = te_entry[1] if isinstance(te_entry, list) and len(te_entry) == 2 else None
         kinds = {"CLIPTextModel": "clip", "T5EncoderModel": "t5"}
@@ -71,7 +84,6 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
     sched_dir = root / _sub(index["scheduler"], "scheduler")
     sched_cfg = read_json(sched_dir / "scheduler_config.json")
     schedule = NoiseSchedule.from_diffusers_config(sched_cfg)
-    defaults = dict(index.get("defaults", {}))
     sampler = SCHEDULER_TO_SAMPLER.get(sched_cfg.get("_class_name", ""))
     if sampler and "sampler" not in defaults:
         defaults["sampler"] = sampler

@@ -37,12 +37,15 @@ class TextEncoding:
     states: torch.Tensor
     mask: torch.Tensor | None
     pooled: torch.Tensor
+    pooled_cond: bool = False  # the U-Net takes `pooled` as its `text_embeds` (SDXL)
 
     def as_cond(self) -> dict[str, torch.Tensor]:
         """The conditioning dict the U-Net takes (docs/DESIGN.md)."""
         cond = {"context": self.states}
         if self.mask is not None:
             cond["context_mask"] = self.mask
+        if self.pooled_cond:
+            cond["text_embeds"] = self.pooled
         return cond
 
 
@@ -225,6 +228,94 @@ class CLIPTextEncoder(TextEncoder):
         model = CLIPTextModel.from_pretrained(text_encoder_folder, local_files_only=True, dtype=dtype)
         return cls(model, tok, tok.model_max_length if tok.model_max_length < 10_000 else 77,
                    str(text_encoder_folder), clip_skip)
+
+
+class SDXLCLIPTower(CLIPTextEncoder):
+    """One of SDXL's CLIP text towers: its states are the penultimate layer's as they leave it, with no
+    final layer norm (Podell et al. 2023, sec. 2.1; `clip_skip` = k goes k layers further back), and its
+    pooled vector is the projected one where the model has a projection (CLIPTextModelWithProjection's
+    text_embeds, the OpenCLIP ViT-bigG tower's), else the end-of-text state."""
+
+    kind = "clip-sdxl"
+
+    @torch.no_grad()
+    def _encode(self, ids, mask):
+        out = self.model(input_ids=ids, output_hidden_states=True)
+        pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+        return TextEncoding(out.hidden_states[-(self.clip_skip + 2)], None, pooled)
+
+    @CLIPTextEncoder.clip_skip.setter
+    def clip_skip(self, value: int) -> None:
+        layers = int(getattr(self.model.config, "num_hidden_layers", 0) or 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (layers and value >= layers - 1):
+            raise ValueError(f"clip_skip must be an integer from 0 (SDXL's penultimate layer) to {max(layers - 2, 0)} "
+                             f"(this text encoder has {layers} layers); got {value!r}")
+        self._clip_skip = value
+
+
+class SDXLTextEncoder(nn.Module):
+    """SDXL's two text encoders (Podell et al. 2023, sec. 2.1): CLIP ViT-L and OpenCLIP ViT-bigG read the same
+    prompt; the U-Net cross-attends to their penultimate states side by side (768 + 1280 = 2048 wide) and takes
+    the bigG tower's projected pooled vector as `text_embeds`, beside the size conditioning (`time_ids`)."""
+
+    kind = "clip-pair"
+    uses_mask = False
+
+    def __init__(self, first: SDXLCLIPTower, second: SDXLCLIPTower):
+        super().__init__()
+        self.towers = nn.ModuleList([first, second])
+        self.source = second.source
+        self.max_length = min(first.max_length, second.max_length)
+
+    @property
+    def dim(self) -> int:
+        return sum(t.dim for t in self.towers)
+
+    @property
+    def pooled_dim(self) -> int:
+        cfg = self.towers[1].model.config
+        return int(getattr(cfg, "projection_dim", None) or cfg.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.towers[1].device
+
+    @property
+    def clip_skip(self) -> int:
+        return self.towers[0].clip_skip
+
+    @clip_skip.setter
+    def clip_skip(self, value: int) -> None:
+        for tower in self.towers:
+            tower.clip_skip = value
+
+    @property
+    def tokenizer(self):
+        return self.towers[0].tokenizer
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str] | str, emphasis: bool = False) -> TextEncoding:
+        first, second = (t.encode(prompts, emphasis=emphasis) for t in self.towers)
+        return TextEncoding(torch.cat([first.states, second.states.to(first.states.dtype)], dim=-1), None,
+                            second.pooled, pooled_cond=True)
+
+    def zeros(self, n: int) -> TextEncoding:
+        """The encoding of "no negative prompt": all zeros (SDXL's `force_zeros_for_empty_prompt`)."""
+        states = torch.zeros(n, self.max_length, self.dim, device=self.device)
+        return TextEncoding(states, None, torch.zeros(n, self.pooled_dim, device=self.device), pooled_cond=True)
+
+    @classmethod
+    def from_folders(cls, te1, tok1, te2, tok2, dtype=torch.float32) -> "SDXLTextEncoder":
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        towers = []
+        for te, tok, model_cls in ((te1, tok1, CLIPTextModel), (te2, tok2, CLIPTextModelWithProjection)):
+            te, tok = _check_folder(te), _check_folder(tok or te)
+            tokenizer = CLIPTokenizer.from_pretrained(tok, local_files_only=True)
+            model = model_cls.from_pretrained(te, local_files_only=True, dtype=dtype)
+            towers.append(SDXLCLIPTower(model, tokenizer, tokenizer.model_max_length
+                                        if tokenizer.model_max_length < 10_000 else 77, str(te)))
+        return cls(*towers)
 
 
 class T5TextEncoder(TextEncoder):

@@ -45,8 +45,6 @@ FIXED_KEYS: dict[str, Any] = {
     "dual_cross_attention": False,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
@@ -118,6 +116,10 @@ class UNetConfig:
     projection_class_embeddings_input_dim: int | None = None
     upcast_attention: bool = False
     time_embedding_dim: int | None = None
+    # SDXL's extra conditioning (Podell et al. 2023, sec. 2.2): "text_time" adds an embedding of the pooled
+    # text vector and the sinusoidal codes of the six size numbers (addition_time_embed_dim wide each)
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
     # imagine's own extensions, off in every SD config (and then left out of config.json, so a
     # folder stays diffusers-readable): a 2-D position code in every spatial transformer, and a
     # trainable transformer over the text states (imagine.models.attention.ContextRefiner).
@@ -168,6 +170,13 @@ class UNetConfig:
         if self.class_embed_type not in CLASS_EMBED_TYPES:
             raise ValueError(f"UNet config: unsupported class_embed_type {self.class_embed_type!r}; "
                              f"valid: {CLASS_EMBED_TYPES}")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"UNet config: unsupported addition_embed_type {self.addition_embed_type!r}; valid: "
+                             "None or 'text_time' (SDXL)")
+        if self.addition_embed_type == "text_time" and not (self.addition_time_embed_dim
+                                                            and self.projection_class_embeddings_input_dim):
+            raise ValueError("UNet config: addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim (the pooled text width + 6 x the time code width)")
         if self.class_embed_type in ("projection", "simple_projection") and not self.projection_class_embeddings_input_dim:
             raise ValueError(f"UNet config: class_embed_type {self.class_embed_type!r} needs "
                              "projection_class_embeddings_input_dim")
@@ -475,6 +484,9 @@ class UNet2DConditionModel(nn.Module):
         self.class_embedding = make_class_embedding(c.class_embed_type, c.num_class_embeds,
                                                     c.projection_class_embeddings_input_dim, c.time_embed_dim,
                                                     ch[0], c.act_fn)
+        if c.addition_embed_type == "text_time":  # SDXL: pooled text + size codes, added to the time embedding
+            self.add_time_proj = SinusoidalTimesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, c.time_embed_dim, c.act_fn)
         self.context_refiner = (ContextRefiner(c.cross_attention_dim, c.context_refiner_layers, c.refiner_heads)
                                 if c.context_refiner_layers and c.has_cross_attention else None)
         self.down_blocks = nn.ModuleList([DownBlock(c, i, ch[max(i - 1, 0)], ch[i]) for i in range(c.num_levels)])
@@ -505,10 +517,13 @@ class UNet2DConditionModel(nn.Module):
 
     # -- the denoiser call (docs/DESIGN.md) ------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, in_channels, H, W] (any H, W); t a scalar or [B]
         (training-timestep units, may be fractional); context [B, L, cross_attention_dim];
-        context_mask [B, L] bool, True = attend to that token; class_labels per config.class_embed_type.
+        context_mask [B, L] bool, True = attend to that token; class_labels per config.class_embed_type;
+        text_embeds [B, D] and time_ids [B, 6] for addition_embed_type "text_time" (SDXL: the pooled text
+        vector, and the original size, crop corner and target size, each (height, width)).
         Returns [B, out_channels, H, W] in x's dtype (the network runs in its weights' dtype).
 
         A guidance batch: context (and class_labels, if any) of k*B rows with x and t of B rows is
@@ -532,6 +547,12 @@ class UNet2DConditionModel(nn.Module):
         elif class_labels is not None:
             raise ValueError("class_labels given, but this UNet has no class embedding (config.class_embed_type "
                              "and num_class_embeds are None)")
+        if c.addition_embed_type == "text_time":
+            add_emb = self._text_time_embedding(text_embeds, time_ids, x, rows)
+            emb = expand_batch(emb, add_emb.shape[0]) + add_emb
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds / time_ids given, but this UNet takes no such conditioning "
+                             "(config.addition_embed_type is None; SDXL's is 'text_time')")
         emb_act = self.act(emb)  # every residual block applies act() before its projection
         mask = key_padding_mask(context_mask)
         if self.context_refiner is not None:
@@ -552,6 +573,21 @@ class UNet2DConditionModel(nn.Module):
             h = block(h, skips[-n:], emb_act, context, mask, size)
             del skips[-n:]
         return expand_batch(self.conv_out(self.act(self.conv_norm_out(h))), rows).to(out_dtype)
+
+    def _text_time_embedding(self, text_embeds, time_ids, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """SDXL's added embedding (Podell et al. 2023, sec. 2.2): MLP(cat[pooled text, sinusoidal codes of the
+        six size numbers]), for x's batch B or a guidance batch's k * B rows."""
+        c = self.config
+        width = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        if not torch.is_tensor(text_embeds) or not torch.is_tensor(time_ids):
+            raise ValueError(f"this UNet (SDXL's) needs text_embeds [B, {width}] (the pooled text vector) and time_ids "
+                             "[B, 6] (original size, crop corner, target size)")
+        b = rows if text_embeds.ndim == 2 and text_embeds.shape[0] == rows else x.shape[0]
+        if tuple(text_embeds.shape) != (b, width) or tuple(time_ids.shape) != (b, 6):
+            raise ValueError(f"text_embeds must be [{b}, {width}] and time_ids [{b}, 6]; got {tuple(text_embeds.shape)} "
+                             f"and {tuple(time_ids.shape)}")
+        codes = self.add_time_proj(time_ids.flatten().float()).reshape(b, -1)
+        return self.add_embedding(torch.cat([text_embeds.to(codes.dtype), codes], dim=-1).to(x.dtype))
 
     def _class_embedding(self, labels: torch.Tensor | None, x: torch.Tensor, rows: int) -> torch.Tensor:
         """labels of x's batch B, or of `rows` (a guidance batch's k * B) -> the embedding [B or rows, temb]."""

@@ -223,6 +223,14 @@ class TextToImagePipeline:
     def encode_prompts(self, prompts: list[str], emphasis: bool = False) -> dict[str, torch.Tensor]:
         return self.text_encoder.encode(prompts, emphasis=emphasis).as_cond()
 
+    def size_conditioning(self, n: int, height: int, width: int) -> dict[str, torch.Tensor]:
+        """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2): the U-Net is told the picture's original
+        size, the crop's top-left corner and the target size, here (height, width), (0, 0), (height, width), as
+        diffusers' default; {} for a U-Net without it."""
+        if self.unet.config.addition_embed_type != "text_time":
+            return {}
+        return {"time_ids": torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(n, 1)}
+
     def __call__(self, prompt, negative_prompt=None, **kw) -> list[Image.Image]:
         return self.generate(prompt, negative_prompt, **kw).images
 
@@ -334,8 +342,15 @@ class TextToImagePipeline:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
 
         cond = self.encode_prompts([self._without_lora_tags(p) for p in prompts], emphasis)
-        uncond = (self.encode_prompts([self._without_lora_tags(n) for n in negatives], emphasis)
-                  if guidance_scale != 1.0 else None)
+        uncond = None
+        if guidance_scale != 1.0:
+            if negative_prompt is None and d.get("zero_empty_negative"):  # SDXL's force_zeros_for_empty_prompt
+                uncond = self.text_encoder.zeros(len(prompts)).as_cond()
+            else:
+                uncond = self.encode_prompts([self._without_lora_tags(n) for n in negatives], emphasis)
+        for c in (cond, uncond):
+            if c is not None:
+                c.update(self.size_conditioning(len(prompts), height, width))
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
         generators = make_generators(len(prompts), seeds)
         inpaint = {}
@@ -421,7 +436,7 @@ class TextToImagePipeline:
         else:  # A1111's "Latent": bilinear, no antialiasing
             start = {"init_latents": torch.nn.functional.interpolate(
                 first.latents.float(), size=(height // f, width // f), mode="bilinear", align_corners=False)}
-        second = self.generate(p["prompt"], p["negative_prompt"], seeds=first.seeds, height=height, width=width,
+        second = self.generate(p["prompt"], None if negative_prompt is None else p["negative_prompt"], seeds=first.seeds, height=height, width=width,
                                steps=steps, strength=hires_strength, callback=callback, progress=progress,
                                output_type=output_type, **start, **later)
         params = {**second.parameters, "height": p["height"], "width": p["width"], "steps": p["steps"],
@@ -822,8 +837,8 @@ class _Autocast(torch.nn.Module):
     def forward(self, x, t, **cond):
         if self.fast is not self.unet:  # the bf16 copy, or the float32 one with Winograd convolutions
             dtype = _weights_dtype(self.fast)
-            cond = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
-                    for k, v in cond.items()}
+            cond = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "time_ids" else v)
+                    for k, v in cond.items()}  # (SDXL's sizes stay float32: their sinusoidal codes are)
             x = x.to(dtype).contiguous(memory_format=torch.channels_last)
         if self.compile and not self._needs_eager_call():
             import torch._inductor.config as inductor_config

@@ -1,0 +1,133 @@
+"""SDXL (Podell et al. 2023) from a diffusers folder: two CLIP text towers whose penultimate states are read side
+by side, the bigG tower's projected pooled vector and the size micro-conditioning (`time_ids`) added to the time
+embedding (`addition_embed_type="text_time"`), zeros for a negative prompt not given. Checked against diffusers on
+the same tiny random weights: the U-Net to 1e-6 relative, the text states exactly, and the whole
+StableDiffusionXLPipeline image to 50 dB (the parity bar of the SD tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_loading import VOCAB, make_scheduler, write_clip_tokenizer  # noqa: E402
+from test_sd_parity import CFG, NEGATIVE, PROMPT, SEED, psnr  # noqa: E402
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from imagine.models.unet import UNet2DConditionModel  # noqa: E402
+from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WIDTHS = (32, 64)  # the two towers (SDXL: 768 and 1280)
+TIME_DIM = 8  # addition_time_embed_dim (SDXL: 256)
+SIZE = 32
+
+
+def tiny_sdxl_parts(seed: int = 0):
+    """(unet, vae, text_encoder, text_encoder_2) of diffusers/transformers with random weights, SDXL-shaped: no
+    attention on the first level, two transformer layers on the second, linear projections, text_time."""
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        cross_attention_dim=sum(WIDTHS), addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=WIDTHS[1] + 6 * TIME_DIM, norm_num_groups=32).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=32, sample_size=SIZE, scaling_factor=0.13025,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    towers = []
+    for width, cls, act, pad in ((WIDTHS[0], transformers.CLIPTextModel, "quick_gelu", VOCAB - 1),
+                                 (WIDTHS[1], transformers.CLIPTextModelWithProjection, "gelu", 0)):
+        cfg = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width,
+                                          num_attention_heads=2, num_hidden_layers=3, max_position_embeddings=77,
+                                          projection_dim=width, hidden_act=act, bos_token_id=VOCAB - 2,
+                                          eos_token_id=VOCAB - 1, pad_token_id=pad)
+        towers.append(cls(cfg).eval())
+    with torch.no_grad():
+        for m in (unet, vae):
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    return unet, vae, *towers
+
+
+def save_sdxl_folder(folder: Path, scheduler: str = "euler", seed: int = 0):
+    """A diffusers StableDiffusionXLPipeline folder; returns the pipeline."""
+    unet, vae, te1, te2 = tiny_sdxl_parts(seed)
+    tok1 = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder.parent / "_tok1"), local_files_only=True)
+    tok2 = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder.parent / "_tok2", "!"),
+                                                      local_files_only=True)
+    pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
+                                               tokenizer_2=tok2, unet=unet, scheduler=make_scheduler(scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+def test_the_text_time_unet_matches_diffusers():
+    unet = tiny_sdxl_parts()[0]
+    ours = UNet2DConditionModel(dict(unet.config)).eval()
+    ours.load_state_dict(unet.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(1)
+    x, ctx, pooled = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 96, generator=g), torch.randn(2, 64, generator=g)
+    t = torch.tensor([10.0, 500.0])
+    sizes = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [512, 768, 16, 8, 512, 768]])
+    with torch.no_grad():
+        want = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": sizes}).sample
+        got = ours(x, t, context=ctx, text_embeds=pooled, time_ids=sizes)
+        assert float((got - want).norm() / want.norm()) < 1e-6
+        # the size codes matter: another size, another output
+        other = ours(x, t, context=ctx, text_embeds=pooled, time_ids=sizes.flip(0))
+        assert float((other - got).norm() / got.norm()) > 1e-3
+        # a guidance batch (x once, two rows of conditioning each) is the call on the doubled x
+        shared = ours(x[:1], t[:1], context=ctx, text_embeds=pooled, time_ids=sizes)
+        doubled = ours(x[:1].repeat(2, 1, 1, 1), t[:1].repeat(2), context=ctx, text_embeds=pooled, time_ids=sizes)
+        assert float((shared - doubled).norm() / doubled.norm()) < 1e-5
+    with pytest.raises(ValueError, match=r"needs text_embeds \[B, 64\].*time_ids"):
+        ours(x, t, context=ctx)
+    with pytest.raises(ValueError, match=r"text_embeds must be \[2, 64\] and time_ids \[2, 6\]"):
+        ours(x, t, context=ctx, text_embeds=pooled, time_ids=sizes[:, :4])
+
+
+def test_the_text_states_are_both_towers_penultimate_states(tmp_path):
+    ref = save_sdxl_folder(tmp_path / "folder")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    with torch.no_grad():
+        want, _, pooled, _ = ref.encode_prompt([PROMPT, "a"], do_classifier_free_guidance=False)
+    cond = pipe.encode_prompts([PROMPT, "a"])
+    assert torch.equal(cond["context"], want) and torch.equal(cond["text_embeds"], pooled)
+    pipe.text_encoder.clip_skip = 1
+    with torch.no_grad():
+        want_skip = ref.encode_prompt(PROMPT, do_classifier_free_guidance=False, clip_skip=1)[0]
+    assert torch.equal(pipe.encode_prompts([PROMPT])["context"], want_skip)
+
+
+@pytest.mark.parametrize("sampler,negative,steps,width", [("euler", NEGATIVE, 12, SIZE), ("dpmpp_2m", None, 10, 40),
+                                                          ("ddim", "", 10, 24)])
+def test_generation_matches_diffusers(tmp_path, sampler, negative, steps, width):
+    """A negative prompt not given is all zeros (force_zeros_for_empty_prompt); an empty one is encoded. Sizes that
+    are not square tell the size codes' order."""
+    ref = save_sdxl_folder(tmp_path / "folder", scheduler=sampler)
+    with torch.no_grad():
+        want = ref(PROMPT, negative_prompt=negative, height=SIZE, width=width, num_inference_steps=steps,
+                   guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED), output_type="pt").images[0]
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    assert pipe.defaults["sampler"] == sampler
+    res = pipe.generate(PROMPT, negative, steps=steps, guidance_scale=CFG, seed=SEED, height=SIZE, width=width,
+                        progress=False, output_type="latent")
+    got = ((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1)
+    assert psnr(got, want.float()) >= 50
+
+
+def test_the_default_size_and_the_size_conditioning(tmp_path):
+    """The size is the U-Net's sample size times the VAE's factor, and the size codes follow the size asked."""
+    save_sdxl_folder(tmp_path / "folder")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    res = pipe.generate("a", steps=2, seed=1, progress=False)
+    assert res.images[0].size == (SIZE, SIZE)
+    assert pipe.size_conditioning(2, 48, 40)["time_ids"].tolist() == [[48, 40, 0, 0, 48, 40]] * 2
