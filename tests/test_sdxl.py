@@ -131,3 +131,16 @@ def test_the_default_size_and_the_size_conditioning(tmp_path):
     res = pipe.generate("a", steps=2, seed=1, progress=False)
     assert res.images[0].size == (SIZE, SIZE)
     assert pipe.size_conditioning(2, 48, 40)["time_ids"].tolist() == [[48, 40, 0, 0, 48, 40]] * 2
+
+
+def test_the_real_sdxl_base_unet_builds_with_diffusers_layout():
+    """UNetConfig.sdxl() (SDXL base 1.0's unet/config.json) has diffusers' parameters, name for name and shape for
+    shape: 2.57 B of them (built on the meta device: no memory)."""
+    from imagine.models.unet import UNetConfig
+
+    cfg = UNetConfig.sdxl()
+    with torch.device("meta"):
+        ours = UNet2DConditionModel(cfg)
+        ref = diffusers.UNet2DConditionModel(**{k: v for k, v in cfg.to_dict().items() if k != "num_attention_heads"})
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert round(sum(p.numel() for p in ours.parameters()) / 1e9, 2) == 2.57

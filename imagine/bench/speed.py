@@ -38,13 +38,14 @@ from typing import Callable
 
 import torch
 
-MODELS = ("small", "sd15")
+MODELS = ("small", "sd15", "sdxl")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="small,sd15",
                    help="comma-separated: small (SD-shaped, 1/5 of SD 1.5's channels, 32x32 latents), "
-                        "sd15 (the real SD 1.5 U-Net, 64x64 latents)")
+                        "sd15 (the real SD 1.5 U-Net, 64x64 latents), sdxl (SDXL base's U-Net, 128x128 latents: "
+                        "about 10 GB in float32 per side; run its sides one at a time with --sides)")
     p.add_argument("--parts", default="unet,vae", help="comma-separated: unet, vae")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per side (after one warm-up call)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -252,6 +253,8 @@ def unet_config(name: str):
     sd = UNetConfig.sd15()
     if name == "sd15":
         return sd, 64
+    if name == "sdxl":
+        return UNetConfig.sdxl(), 128
     if name == "small":
         d = sd.to_dict()
         d.update(block_out_channels=[c // 5 for c in sd.block_out_channels], sample_size=32)  # 64..256
@@ -299,6 +302,12 @@ def _unet_sides(name: str, want: list[str], compile: bool = False, log=None, ref
     x, t1 = torch.cat([x1, x1]), torch.tensor([801.0])
     t = torch.cat([t1, t1])
     ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+    added = {}  # SDXL's pooled text vector and size codes, one row per half
+    if cfg.addition_embed_type == "text_time":
+        width = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        side = 8 * size
+        added = {"text_embeds": torch.randn(2, width, generator=g),
+                 "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * 2, dtype=torch.float32)}
     params = sum(p.numel() for p in ours.parameters())
     if log:
         log(f"  U-Net {name}: {params / 1e6:.0f} M parameters, batch 2, latents {size}x{size}, "
@@ -309,21 +318,22 @@ def _unet_sides(name: str, want: list[str], compile: bool = False, log=None, ref
     sides: dict[str, Callable[[], torch.Tensor]] = {}
     extras = {"info": {"parameters": params, "latent": size}}
     if reference:
-        extras["reference"] = lambda: ref(x, t, ctx).sample
+        extras["reference"] = lambda: ref(x, t, ctx, added_cond_kwargs=added).sample
     if not any(n.startswith("imagine") for n in want):
         ours = None
     if "diffusers_fp32" in want or "diffusers_autocast" in want:
         if "diffusers_fp32" in want:
-            sides["diffusers_fp32"] = lambda: ref(x, t, ctx).sample
+            sides["diffusers_fp32"] = lambda: ref(x, t, ctx, added_cond_kwargs=added).sample
         if "diffusers_autocast" in want:
             def diffusers_autocast():
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return ref(x, t, ctx).sample
+                    return ref(x, t, ctx, added_cond_kwargs=added).sample
             sides["diffusers_autocast"] = diffusers_autocast
     if "diffusers_bf16" in want:
         ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
         xb, cb = x.bfloat16(), ctx.bfloat16()
-        sides["diffusers_bf16"] = lambda: ref_bf16(xb, t, cb).sample
+        added_b = {k: (v.bfloat16() if k == "text_embeds" else v) for k, v in added.items()}
+        sides["diffusers_bf16"] = lambda: ref_bf16(xb, t, cb, added_cond_kwargs=added_b).sample
     if not (reference or {"diffusers_fp32", "diffusers_autocast"} & set(want)):
         # Frees diffusers' fp32 model where nothing calls it, before the fast copy is made: its Winograd
         # budget is half the memory available then, as in a process that holds only our model.
@@ -331,14 +341,14 @@ def _unet_sides(name: str, want: list[str], compile: bool = False, log=None, ref
         gc.collect()
     if "imagine_exact" in want:
         exact = exact_copy(ours)  # what the exact mode runs: float32, packed weights
-        sides["imagine_exact"] = lambda: exact(x1, t1, context=ctx)
+        sides["imagine_exact"] = lambda: exact(x1, t1, context=ctx, **added)
     if "imagine_fast" in want:
         fast = _Autocast(ours, compile=False)
-        sides["imagine_fast"] = lambda: fast(x1, t1, context=ctx)
+        sides["imagine_fast"] = lambda: fast(x1, t1, context=ctx, **added)
         extras["fast"] = fast.fast
     if compile and "imagine_fast_compiled" in want:
         fast_c = _Autocast(ours, compile=True)
-        sides["imagine_fast_compiled"] = lambda: fast_c(x1, t1, context=ctx)
+        sides["imagine_fast_compiled"] = lambda: fast_c(x1, t1, context=ctx, **added)
     return sides, extras
 
 

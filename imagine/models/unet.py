@@ -268,6 +268,20 @@ class UNetConfig:
                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 
+    @classmethod
+    def sdxl(cls) -> "UNetConfig":
+        """Stable Diffusion XL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json; Podell et al.
+        2023, sec. 2.1): three levels, no attention on the first, 1/2/10 transformer layers per block, 64-channel
+        heads, linear projections, the two text towers' 768 + 1280 = 2048-wide context, the pooled 1280-wide
+        vector and six 256-wide size codes added to the time embedding, 128x128 latents (1024 px)."""
+        return cls(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+                   layers_per_block=2, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+                   transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                   addition_embed_type="text_time", addition_time_embed_dim=256,
+                   projection_class_embeddings_input_dim=1280 + 6 * 256)
+
 
 def _same(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
