@@ -144,3 +144,44 @@ def test_the_real_sdxl_base_unet_builds_with_diffusers_layout():
         ref = diffusers.UNet2DConditionModel(**{k: v for k, v in cfg.to_dict().items() if k != "num_attention_heads"})
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert round(sum(p.numel() for p in ours.parameters()) / 1e9, 2) == 2.57
+
+
+def _picture(size: int = SIZE):
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([x, y, (x > 0.5) * 0.8 + 0.1], -1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def _mask(size: int = SIZE):
+    from PIL import Image
+
+    m = Image.new("L", (size, size), 0)
+    m.paste(255, (size // 8, size // 4, size // 2, 3 * size // 4))
+    return m
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_image_to_image_and_inpainting_match_diffusers(tmp_path, kind):
+    """SDXL base's img2img and inpainting pipelines (no aesthetic score: the base model's size codes are the text
+    to image ones) on the same weights and seed: 50 dB."""
+    ref = save_sdxl_folder(tmp_path / "folder", scheduler="dpmpp_2m")
+    parts = dict(ref.components)
+    if kind == "img2img":
+        other = diffusers.StableDiffusionXLImg2ImgPipeline(**parts)
+        extra, ours_extra = {}, {}
+    else:
+        other = diffusers.StableDiffusionXLInpaintPipeline(**parts)
+        extra = ours_extra = {"mask_image": _mask()}
+    other.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = other(PROMPT, image=_picture(), strength=0.7, negative_prompt=NEGATIVE, num_inference_steps=10,
+                     guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED), output_type="pt",
+                     **extra).images[0].float()
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    res = pipe.generate(PROMPT, NEGATIVE, init_image=_picture(), strength=0.7, steps=10, guidance_scale=CFG,
+                        seed=SEED, progress=False, output_type="latent", **ours_extra)
+    got = ((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1)
+    assert psnr(got, want) >= 50
