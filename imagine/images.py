@@ -96,6 +96,14 @@ def a1111_parameters(p: dict) -> str:
     put("CFG scale", p.get("guidance_scale"))
     put("Seed", p.get("seed"))
     put("Denoising strength", p.get("strength"))  # image to image, hires. fix (A1111 writes it later; order is free)
+    if p.get("inpainting"):  # A1111's inpainting fields; it writes "Mask blur" only above 0, here 0 says "no blur"
+        if p.get("mask_invert"):
+            put("Mask mode", "Inpaint not masked")
+        put("Mask blur", p.get("mask_blur", 0))
+        if p.get("inpaint_full_res"):
+            put("Inpaint area", "Only masked")
+            put("Masked area padding", p.get("inpaint_full_res_padding", 0))
+        put("Masked content", p.get("masked_content"))  # "fill" (A1111 writes nothing for "original")
     if p.get("width") is not None and p.get("height") is not None:
         put("Size", f"{p['width']}x{p['height']}")
     put("Model hash", p.get("model_hash"))

@@ -82,3 +82,37 @@ def paste_over(result: Image.Image, original: Image.Image, mask: Image.Image) ->
         else original.convert("RGB")
     mask = mask.convert("L").resize(result.size, Image.LANCZOS) if mask.size != result.size else mask.convert("L")
     return Image.composite(result.convert("RGB"), original, mask)
+
+
+def crop_region(mask: Image.Image, width: int, height: int, padding: int = 0) -> tuple[int, int, int, int] | None:
+    """AUTOMATIC1111's "Only masked" region (its inpaint_full_res, with inpaint_full_res_padding): the box
+    (left, top, right, bottom; right and bottom exclusive) around the mask's non-black pixels, grown by `padding`
+    on each side and clipped to the picture, then grown along its short side, centred, to the aspect ratio of the
+    `width` x `height` the crop will be inpainted at, moved back inside the picture if it runs over an edge and
+    clipped to it (a picture too small for that ratio gives a box of other proportions). None if the mask is all
+    black (nothing to paint). diffusers' VaeImageProcessor.get_crop_region and A1111's get_crop_region_v2 +
+    expand_crop_region state the same rule, to the pixel."""
+    box = mask.convert("L").getbbox()
+    if box is None:
+        return None
+    if width <= 0 or height <= 0 or padding < 0:
+        raise ValueError(f"crop_region needs width, height > 0 and padding >= 0; got {width}, {height}, {padding}")
+    w, h = mask.size
+    x1, y1 = max(box[0] - padding, 0), max(box[1] - padding, 0)
+    x2, y2 = min(box[2] + padding, w), min(box[3] + padding, h)
+
+    def grow(lo: int, hi: int, want: float, limit: int) -> tuple[int, int]:
+        extra = int(want - (hi - lo))  # whole pixels to add, split evenly (the odd one after)
+        lo, hi = lo - extra // 2, hi + extra - extra // 2
+        if hi > limit:  # over the far edge: move back
+            lo, hi = lo - (hi - limit), limit
+        if lo < 0:  # over the near edge: move forward, then clip
+            lo, hi = 0, hi - lo
+        return lo, min(hi, limit)
+
+    ratio = width / height
+    if (x2 - x1) / (y2 - y1) > ratio:  # too wide for the ratio: taller
+        y1, y2 = grow(y1, y2, (x2 - x1) / ratio, h)
+    else:
+        x1, x2 = grow(x1, x2, (y2 - y1) * ratio, w)
+    return x1, y1, x2, y2

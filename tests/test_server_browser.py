@@ -171,3 +171,30 @@ def test_img2img_from_the_page(server, page, tmp_path):
                                      width=64, height=64, sampler="euler", guidance_scale=cfg, emphasis=True,
                                      progress=False).images[0]
     assert got.tobytes() == want.tobytes()
+
+
+def test_inpainting_from_the_page(server, page, tmp_path):
+    """A mask chosen with the picture goes with it as A1111's `mask` (its defaults: blur 4, fill, only masked):
+    outside the crop around the mask the answer is the picture's own pixels; inside, the mask's box is painted."""
+    from imagine.inpainting import blur_mask, crop_region
+
+    picture = Image.fromarray((np.indices((64, 64)).sum(0) % 32 * 8).astype(np.uint8)).convert("RGB")
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (26, 26, 38, 38))
+    picture.save(tmp_path / "start.png")
+    mask.save(tmp_path / "mask.png")
+    _fill_form(page, server, prompt="a red circle", steps=4, seed=78, sampler="Euler")
+    page.click("#img2img summary")
+    page.set_input_files("#init_image", str(tmp_path / "start.png"))
+    page.set_input_files("#mask", str(tmp_path / "mask.png"))
+    page.click("#generate")
+    card = page.wait_for_selector(".gallery .card", timeout=60_000)
+    href = card.query_selector("a.download").get_attribute("href")
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB"), dtype=np.int16)
+    x1, y1, x2, y2 = crop_region(blur_mask(mask, 4), 64, 64, 0)
+    assert 0 < x1 < 26 and 38 < x2 < 64, (x1, x2)
+    want = np.asarray(picture, dtype=np.int16)
+    outside = np.ones((64, 64), bool)
+    outside[y1:y2, x1:x2] = False
+    assert (got[outside] == want[outside]).all()
+    assert np.abs(got[28:36, 28:36] - want[28:36, 28:36]).mean() > 5

@@ -31,9 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-image", default=None, metavar="PATH",
                    help="image to image (SDEdit; AUTOMATIC1111's img2img): start from this picture; its size unless "
                         "--height/--width are given")
-    p.add_argument("--strength", "--denoising-strength", type=float, default=0.75,
+    p.add_argument("--mask", default=None, metavar="PATH",
+                   help="inpainting (with --init-image): a mask picture, white where the picture is painted anew, "
+                        "black where it is kept (grey counts as white from 50%%); resized to the image's size. "
+                        "Its result is diffusers' inpainting pipeline's (no blur, no paste back of the picture)")
+    p.add_argument("--invert-mask", action="store_true",
+                   help="with --mask: paint the black part anew and keep the white (A1111's 'Inpaint not masked')")
+    p.add_argument("--strength", "--denoising-strength", type=float, default=None,
                    help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
-                        "(default 0.75, A1111's)")
+                        "(default 0.75, A1111's; 1 with --mask, diffusers' inpainting default: the masked part "
+                        "starts from pure noise)")
     p.add_argument("--hires-scale", "--hr-scale", type=float, default=None, metavar="S",
                    help="AUTOMATIC1111's hires. fix: generate at the base size, upscale by S (1 < S <= 4; see "
                         "--hires-upscaler) and run image to image there")
@@ -160,17 +167,31 @@ def _next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def _read_image(path: str):
-    """--init-image: a picture PIL can open, read now (before the model loads), or one clear error."""
+def _read_image(path: str, option: str = "--init-image", mode: str = "RGB"):
+    """--init-image (or --mask): a picture PIL can open, read now (before the model loads), or one clear error."""
     from PIL import Image, UnidentifiedImageError
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--init-image: {path} not found")
+        raise FileNotFoundError(f"{option}: {path} not found")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return im.convert(mode)
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"--init-image: {path} is not an image Pillow can read ({e})") from None
+        raise ValueError(f"{option}: {path} is not an image Pillow can read ({e})") from None
+
+
+def _read_mask(args):
+    """--mask (with --init-image; --invert-mask swaps black and white): a grey picture, or None."""
+    from PIL import ImageOps
+
+    if args.mask is None:
+        if args.invert_mask:
+            raise ValueError("--invert-mask needs --mask")
+        return None
+    if not args.init_image:
+        raise ValueError("--mask needs --init-image: the picture whose black part is kept (inpainting)")
+    mask = _read_image(args.mask, "--mask", "L")
+    return ImageOps.invert(mask) if args.invert_mask else mask
 
 
 def parse_loras(items: list[str]) -> list[tuple[str, float]]:
@@ -233,6 +254,14 @@ def run(args) -> int:
         if getattr(args, side) is not None and getattr(args, side) <= 0:
             raise ValueError(f"--{side} must be a positive number of pixels; got {getattr(args, side)}")
     init_image = _read_image(args.init_image) if args.init_image else None
+    mask_image = _read_mask(args)
+    picture = {}  # image to image (A1111's default strength 0.75), inpainting (the pipeline's, 1, unless given)
+    if init_image is not None:
+        inpainting = mask_image is not None
+        picture = {"init_image": init_image,
+                   "strength": args.strength if args.strength is not None or inpainting else 0.75}
+        if inpainting:
+            picture["mask_image"] = mask_image
     jobs = [(p, i) for p in prompts for i in range(args.num_images)]
     many = len(jobs) > 1 or bool(args.from_file)
     out_dir, out_file = _output_target(args.output, many)
@@ -269,10 +298,12 @@ def run(args) -> int:
                             sigma_schedule=args.sigma_schedule, final_step=args.final_step, rho=args.rho,
                             sampler_options=sampler_options, start=args.start, emphasis=args.emphasis,
                             progress=not args.quiet,
-                            **({"init_image": init_image, "strength": args.strength} if init_image else {}))
+                            **picture)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},
                       "prompt": chunk[k][0], "negative_prompt": args.negative_prompt or "", "seed": s}
+            if mask_image is not None and args.invert_mask:
+                params["mask_invert"] = True  # (A1111's "Mask mode: Inpaint not masked")
             if many:
                 path = out_dir / f"{first + start + k:05d}-{s}.png"
             elif out_dir is not None:

@@ -154,11 +154,25 @@ class Txt2ImgRequest(BaseModel):
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    """A1111's img2img body: txt2img's, plus the pictures and how far from them to go. Its other fields (masks,
-    resize_mode, inpainting) are accepted, not used, and listed in info.ignored_fields."""
+    """A1111's img2img body: txt2img's, plus the pictures and how far from them to go, and A1111's inpainting:
+    `mask` (white: paint anew) with its options, in A1111's defaults. Its other fields (resize_mode, ...) are
+    accepted, not used, and listed in info.ignored_fields (the inpainting options too when no mask is sent)."""
 
     init_images: list[str] = []
     denoising_strength: float = 0.75
+    mask: str | None = None  # base64 picture (a data: prefix allowed); "" or null: no mask
+    mask_blur: int | None = None  # A1111: sets mask_blur_x and mask_blur_y both
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    inpainting_fill: int = 0  # 0 fill, 1 original (2 latent noise, 3 latent nothing: not implemented)
+    inpaint_full_res: bool = True  # "Only masked"
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0  # 1: "Inpaint not masked" (black is painted anew)
+
+
+INPAINTING_FIELDS = ("mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
+                     "inpaint_full_res_padding", "inpainting_mask_invert")
+MAX_MASK_BLUR = 256  # pixels (A1111's slider stops at 64; its API has no limit)
 
 
 def _decode_image(data: str, field: str):
@@ -173,6 +187,124 @@ def _decode_image(data: str, field: str):
             return im.convert("RGB")
     except (ValueError, UnidentifiedImageError, OSError) as e:
         raise ApiError(422, f"{field}: not a base64 image Pillow can read ({type(e).__name__})", field) from None
+
+
+def _decode_mask(data: str, field: str = "mask"):
+    """A1111's mask (create_binary_mask, its mask_round on): a base64 picture -> grey "L" mask of 0 and 255, 255
+    where the grey level (or, for a picture with transparency, the alpha) is over 128; or 422."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, str):
+        raise ApiError(422, f"{field} must be a base64 string", field)
+    raw = data.split(",", 1)[1] if data.startswith("data:") else data
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(raw, validate=False))) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                alpha = im.getchannel("A")
+                grey = alpha if alpha.getextrema() != (255, 255) else im.convert("L")
+            else:
+                grey = im.convert("L")
+    except (ValueError, UnidentifiedImageError, OSError) as e:
+        raise ApiError(422, f"{field}: not a base64 image Pillow can read ({type(e).__name__}); send a picture, "
+                            "white where it is painted anew, black where it is kept", field) from None
+    return grey.point(lambda v: 255 if v > 128 else 0)
+
+
+@dataclass
+class _Inpainting:
+    """One img2img request's A1111 inpainting, made ready for the pipeline (`prepare_inpainting`): per picture, what
+    the model gets (picture and mask, at the generation size) and how its result goes back (`finish`)."""
+
+    blur: int
+    fill: int  # 0 fill, 1 original
+    full_res: bool  # "Only masked" (False also when the mask was blank: A1111 then runs plain img2img)
+    padding: int
+    invert: int
+    inits: list  # per picture: the picture the model starts from (width x height)
+    masks: list  # per picture: the mask the model gets (width x height, blurred; the pipeline cuts it at 0.5)
+    originals: list  # per picture: what the result is laid over
+    overlays: list  # per picture: the mask the result is laid over it with (blurred; x2 without "Only masked")
+    boxes: list  # per picture: the crop (left, top, right, bottom) for "Only masked", else None
+
+    def finish(self, image, k: int):
+        """Picture k's result -> A1111's answer: pasted back into the crop (resized to it) for "Only masked", then
+        laid over the original with the blurred mask, so the kept part is the original's own pixels."""
+        from PIL import Image
+
+        from imagine.inpainting import paste_over
+
+        box, original = self.boxes[k], self.originals[k]
+        if box is not None:
+            whole = original.copy()
+            whole.paste(image.convert("RGB").resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS), box[:2])
+            image = whole
+        return paste_over(image, original, self.overlays[k])
+
+    def parameters(self) -> dict:
+        """For the infotext (imagine.images.a1111_parameters)."""
+        return {"inpainting": True, "mask_blur": self.blur, "inpaint_full_res": self.full_res,
+                "inpaint_full_res_padding": self.padding, "masked_content": "fill" if self.fill == 0 else None,
+                "mask_invert": bool(self.invert)}
+
+    def extra_generation_params(self) -> dict:
+        """What A1111 puts in its info's extra_generation_params for this inpainting."""
+        out = {}
+        if self.invert:
+            out["Mask mode"] = "Inpaint not masked"
+        if self.blur > 0:
+            out["Mask blur"] = self.blur
+        if self.full_res:
+            out["Inpaint area"] = "Only masked"
+            out["Masked area padding"] = self.padding
+        if self.fill == 0:
+            out["Masked content"] = "fill"
+        return out
+
+
+def prepare_inpainting(pictures: list, mask, width: int, height: int, *, blur: int, fill: int, full_res: bool,
+                       padding: int, invert: int) -> _Inpainting | None:
+    """AUTOMATIC1111's img2img inpainting (its StableDiffusionProcessingImg2Img.init) around imagine's pipeline:
+    the binary mask (`_decode_mask`) inverted if asked, blurred (`blur_mask`); then either "Only masked" (the crop
+    around the mask, grown by `padding` and to width:height, `crop_region`, resized to width x height; the result
+    is pasted back) or the whole picture resized to width x height (its overlay mask doubled, as A1111's, so the
+    result shows fully from mid-blur inward); `fill` 0 fills the part to paint with the colours around it
+    (`fill_masked`) before encoding. None when "Only masked" finds a blank mask: A1111 then runs plain img2img."""
+    from PIL import Image, ImageOps
+
+    from imagine.inpainting import blur_mask, crop_region, fill_masked
+
+    mask = mask.convert("L")
+    if invert:
+        mask = ImageOps.invert(mask)
+    mask = blur_mask(mask, blur)
+    if full_res and mask.getbbox() is None:
+        return None
+    size = (width, height)
+    out = _Inpainting(blur=blur, fill=fill, full_res=full_res, padding=padding, invert=invert, inits=[], masks=[],
+                      originals=[], overlays=[], boxes=[])
+    for picture in pictures:
+        picture = picture.convert("RGB")
+        if full_res:
+            overlay = mask if mask.size == picture.size else mask.resize(picture.size, Image.LANCZOS)
+            box = crop_region(overlay, width, height, padding) or (0, 0, *picture.size)
+            start = picture.crop(box).resize(size, Image.LANCZOS)
+            model_mask = overlay.crop(box).resize(size, Image.LANCZOS)
+        else:
+            box = None
+            picture = picture if picture.size == size else picture.resize(size, Image.LANCZOS)
+            model_mask = mask if mask.size == size else mask.resize(size, Image.LANCZOS)
+            overlay = model_mask.point(lambda v: min(255, 2 * v))
+            start = picture
+        if fill == 0:
+            start = fill_masked(start, model_mask)
+        out.inits.append(start)
+        out.masks.append(model_mask)
+        out.originals.append(picture)
+        out.overlays.append(overlay)
+        out.boxes.append(box)
+    return out
 
 
 class ImageGenerationRequest(BaseModel):
@@ -289,7 +421,8 @@ def _b64_png(img, infotext: str | None = None) -> str:
 
 def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int,
               model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None,
-              clip_skip: int = 0, strength: float | None = None, hires: tuple | None = None) -> str:
+              clip_skip: int = 0, strength: float | None = None, hires: tuple | None = None,
+              inpainting: dict | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -301,7 +434,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "clip_skip": clip_skip, "strength": strength,
                              **({"hires_scale": hires[0], "hires_steps": hires[2] or steps,
                                  "hires_upscaler": HIRES_UPSCALERS[hires[3]]} if hires else {}),
-                             "version": f"imagine {version}"})
+                             **(inpainting or {}), "version": f"imagine {version}"})
 
 
 class _BodyLimit:
@@ -522,8 +655,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     @app.post("/sdapi/v1/img2img")
     async def img2img(req: Img2ImgRequest, request: Request):
         """A1111's img2img: `init_images` (base64, with or without a data: prefix; one for every image, or one per
-        image of the batch), `denoising_strength` as the pipeline's strength (imagine: SDEdit, diffusers' rule)."""
+        image of the batch), `denoising_strength` as the pipeline's strength (imagine: SDEdit, diffusers' rule);
+        with `mask`, A1111's inpainting (`check_inpainting`, `prepare_inpainting`)."""
         if not req.init_images:
+            if req.mask:
+                raise ApiError(422, "mask needs init_images: give the picture (base64) whose black part is kept; "
+                                    "init_images holds none", "init_images")
             raise ApiError(422, "init_images must hold at least one base64 image", "init_images")
         if not isinstance(req.denoising_strength, (int, float)) or not 0 < req.denoising_strength <= 1:
             raise ApiError(422, f"denoising_strength must be in (0, 1]; got {req.denoising_strength!r}",
@@ -532,12 +669,41 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"init_images holds {len(req.init_images)} pictures for a batch_size of "
                                 f"{req.batch_size}; give one (for every image) or at most batch_size (one each, as "
                                 "AUTOMATIC1111)", "init_images")
+        mask_options = check_inpainting(req) if req.mask else None
         inits = await run_in_threadpool(lambda: [_decode_image(x, "init_images") for x in req.init_images])
-        return await a1111_generate(req, request, inits, float(req.denoising_strength))
+        mask = await run_in_threadpool(_decode_mask, req.mask) if req.mask else None
+        return await a1111_generate(req, request, inits, float(req.denoising_strength), mask, mask_options)
 
-    async def a1111_generate(req, request: Request, inits: list | None = None, strength: float | None = None):
+    def check_inpainting(req) -> dict:
+        """A1111's inpainting options -> prepare_inpainting's keywords, or 422 naming the field. mask_blur sets
+        both radii, as in A1111; else mask_blur_x and mask_blur_y (4 each) must agree: one radius blurs here."""
+        if req.mask_blur is not None:
+            blur = req.mask_blur
+            check_int("mask_blur", blur, 0, MAX_MASK_BLUR, " (pixels)")
+        else:
+            check_int("mask_blur_x", req.mask_blur_x, 0, MAX_MASK_BLUR, " (pixels)")
+            check_int("mask_blur_y", req.mask_blur_y, 0, MAX_MASK_BLUR, " (pixels)")
+            if req.mask_blur_x != req.mask_blur_y:
+                raise ApiError(422, f"mask_blur_x ({req.mask_blur_x}) and mask_blur_y ({req.mask_blur_y}) differ: "
+                                    "imagine blurs the mask with one radius; give mask_blur, or equal mask_blur_x "
+                                    "and mask_blur_y", "mask_blur_x")
+            blur = req.mask_blur_x
+        if req.inpainting_fill not in (0, 1):
+            raise ApiError(422, f"inpainting_fill must be 0 (fill) or 1 (original); 2 (latent noise) and 3 (latent "
+                                f"nothing) are not implemented; got {req.inpainting_fill!r}", "inpainting_fill")
+        if req.inpainting_mask_invert not in (0, 1):
+            raise ApiError(422, f"inpainting_mask_invert must be 0 (paint the white part) or 1 (paint the black "
+                                f"part); got {req.inpainting_mask_invert!r}", "inpainting_mask_invert")
+        if req.inpaint_full_res_padding < 0:
+            raise ApiError(422, f"inpaint_full_res_padding must be a number of pixels >= 0; got "
+                                f"{req.inpaint_full_res_padding}", "inpaint_full_res_padding")
+        return {"blur": int(blur), "fill": int(req.inpainting_fill), "full_res": bool(req.inpaint_full_res),
+                "padding": int(req.inpaint_full_res_padding), "invert": int(req.inpainting_mask_invert)}
+
+    async def a1111_generate(req, request: Request, inits: list | None = None, strength: float | None = None,
+                             mask=None, mask_options: dict | None = None):
         """txt2img, and img2img with `inits` (one picture for every image, or one per image of a batch: then the
-        batch is that many, as A1111 sets it)."""
+        batch is that many, as A1111 sets it), inpainting with `mask` (`prepare_inpainting`)."""
         init = inits[0] if inits else None
         batch_size = len(inits) if inits and len(inits) > 1 else req.batch_size
         check_prompt("prompt", req.prompt)
@@ -579,12 +745,19 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         eta, options, unused = sampler_settings(sampler, req.eta, req.s_tmin, req.s_tmax)
         base = check_seed("seed", req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
+        inpaint = None
+        if mask is not None:
+            inpaint = await run_in_threadpool(lambda: prepare_inpainting(inits, mask, width, height, **mask_options))
+        elif inits is not None:  # sent without a mask, A1111's inpainting options are not used
+            unused = [*unused, *(k for k in INPAINTING_FIELDS if k in req.model_fields_set)]
+        starts = inpaint.inits if inpaint is not None else inits
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
                                     emphasis=a1111_emphasis(req), strength=None if hires else strength,
-                                    hires=hires),
-                  init_images=None if not inits else [inits[i % len(inits)] for i in range(n)])
+                                    hires=hires, inpainting=inpaint is not None),
+                  init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
+                  masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)])
         if req.force_task_id:
             job.id = str(req.force_task_id)[:200]
         result = await run_job(request, job)
@@ -592,10 +765,20 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         used = result.seeds if result is not None else []
         a_name = samplers.a1111_name(sampler)
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
-                               fingerprint, version, vae_name, schedule, clip_skip, strength, hires) for s in used]
+                               fingerprint, version, vae_name, schedule, clip_skip, strength, hires,
+                               inpaint.parameters() if inpaint is not None else None) for s in used]
         encoded = []
         if req.send_images and images:
+            if inpaint is not None:  # A1111's paste back: the kept part is the original picture's pixels
+                images = await run_in_threadpool(lambda: [inpaint.finish(im, i % len(inits))
+                                                          for i, im in enumerate(images)])
             encoded = await run_in_threadpool(lambda: [_b64_png(im, t) for im, t in zip(images, infotexts)])
+        mask_info = {}
+        if mask is not None:  # as sent, with what was done ("Only masked" is off when the mask was blank)
+            o = mask_options
+            mask_info = {"mask_blur": o["blur"], "inpainting_fill": o["fill"], "inpainting_mask_invert": o["invert"],
+                         "inpaint_full_res": inpaint is not None and inpaint.full_res,
+                         "inpaint_full_res_padding": o["padding"]}
         info = {
             "prompt": req.prompt, "all_prompts": [req.prompt] * len(used),
             "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * len(used),
@@ -605,9 +788,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "batch_size": batch_size, "n_iter": req.n_iter, "restore_faces": False,
             "face_restoration_model": None, "sd_model_name": name, "sd_model_hash": fingerprint[:10],
             "sd_vae_name": vae_name, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-            "denoising_strength": strength, "extra_generation_params": {}, "index_of_first_image": 0,
-            "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-            "clip_skip": 1 + clip_skip, "is_using_inpainting_conditioning": False, "version": f"imagine {version}",
+            "denoising_strength": strength,
+            "extra_generation_params": inpaint.extra_generation_params() if inpaint is not None else {},
+            "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1 + clip_skip,
+            "is_using_inpainting_conditioning": bool(getattr(pipe, "image_conditioned", False)),
+            "version": f"imagine {version}", **mask_info,
             "task_id": job.id, "interrupted": result is None or result.interrupted,
             "ignored_fields": sorted([*(req.model_extra or {}), *unused]),
             "seconds": round(result.seconds, 3) if result else 0.0,
@@ -616,6 +802,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         dumped = req.model_dump()
         if init is not None:
             dumped["init_images"] = [f"<{len(x)} base64 characters>" for x in req.init_images]  # not echoed back
+        if getattr(req, "mask", None):
+            dumped["mask"] = f"<{len(req.mask)} base64 characters>"
         parameters = {**dumped, "steps": steps, "cfg_scale": guidance, "width": width, "height": height,
                       "sampler_name": a_name}
         return {"images": encoded, "parameters": jsonable_encoder(parameters), "info": json.dumps(info)}

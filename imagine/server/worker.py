@@ -70,6 +70,7 @@ class Settings:
     options: tuple = ()  # the sampler's own options as sorted (name, value) pairs, e.g. (("s_tmin", 1.5),)
     emphasis: bool = False  # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default)
     strength: float | None = None  # image to image: how far from the jobs' init images (None: text to image)
+    inpainting: bool = False  # the jobs carry masks (white: paint anew), one per image
     hires: tuple | None = None  # A1111's hires. fix: (scale, denoising strength, steps or None, upscaler)
 
 
@@ -80,6 +81,7 @@ class Job:
     seeds: list[int]
     settings: Settings
     init_images: list | None = None  # image to image: a PIL image per prompt
+    masks: list | None = None  # inpainting (with init_images and settings.inpainting): a PIL mask per prompt
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     state: str = "queued"  # queued -> running -> done | cancelled
@@ -91,6 +93,10 @@ class Job:
         if not (len(self.prompts) == len(self.negative_prompts) == len(self.seeds) > 0):
             raise ValueError(f"a job needs as many prompts, negative prompts and seeds, at least one; got "
                              f"{len(self.prompts)}, {len(self.negative_prompts)}, {len(self.seeds)}")
+        if self.settings.inpainting != (self.masks is not None) or (self.masks is not None and (
+                self.init_images is None or not len(self.masks) == len(self.init_images) == len(self.seeds))):
+            raise ValueError("an inpainting job needs settings.inpainting, and one init image and one mask per "
+                             "image; any other job neither")
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -298,6 +304,7 @@ class ModelWorker:
         negatives = [p for j in batch for p in j.negative_prompts]
         seeds = [x for j in batch for x in j.seeds]
         inits = [im for j in batch for im in (j.init_images or [])] if s.strength is not None else None
+        masks = [m for j in batch for m in j.masks] if s.inpainting else None  # (one settings: all have them)
         offsets = dict(zip((j.id for j in batch), itertools.accumulate([0] + [len(j) for j in batch])))
         chunks = [(i, min(i + self.max_batch, len(seeds))) for i in range(0, len(seeds), self.max_batch)]
         self.stats["batches"] += 1
@@ -328,7 +335,8 @@ class ModelWorker:
                                          width=s.width, sigma_schedule=s.schedule, eta=s.eta,
                                          sampler_options=dict(s.options) or None, callback=callback, progress=False,
                                          **({"emphasis": True} if s.emphasis else {}),
-                                         **({"init_image": inits[a:b], "strength": s.strength} if inits else {}))
+                                         **({"init_image": inits[a:b], "strength": s.strength} if inits else {}),
+                                         **({"mask_image": masks[a:b]} if masks else {}))
                 images += res.images
                 parameters = res.parameters
             except _Interrupted:

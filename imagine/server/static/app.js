@@ -1,5 +1,5 @@
 // The page: a form that posts AUTOMATIC1111's txt2img body to /sdapi/v1/txt2img (img2img's to /sdapi/v1/img2img
-// when a picture is chosen), a progress bar
+// when a picture is chosen, with its mask if one is chosen too), a progress bar
 // fed by polling /sdapi/v1/progress?id_task=<this request's id>, and a gallery of the results.
 "use strict";
 
@@ -140,10 +140,13 @@ async function generate(ev) {
   }
   // img2img when a picture is chosen: A1111's body, the picture as a data URL, resized by the server to the size
   const file = $("init_image").files[0];
+  const mask = $("mask").files[0];  // inpainting: A1111's mask (its other inpainting fields take their defaults)
   let endpoint = "/sdapi/v1/txt2img";
+  if (mask && !file) { showError("A mask needs a picture to start from."); return; }
   if (file) {
     body.init_images = [await readAsDataURL(file)];
     body.denoising_strength = parseFloat($("denoising_strength").value);
+    if (mask) body.mask = await readAsDataURL(mask);
     endpoint = "/sdapi/v1/img2img";
   }
   setBusy(true);
