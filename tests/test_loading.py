@@ -680,8 +680,14 @@ def test_unknown_layouts_name_what_was_found(tmp_path):
         split_checkpoint(no_vae)
     with pytest.raises(ValueError, match="one diffusers component"):
         split_checkpoint(dict(unet.state_dict()))
-    with pytest.raises(ValueError, match="SDXL"):
-        split_checkpoint({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2)})
+    # SDXL (conditioner.embedders.*) loads through imagine.loading.sdxl (tests/test_sdxl_single_file.py), which
+    # names what a piece of one lacks; split_checkpoint, SD 1.x/2.x's, still names it for what it is
+    sdxl_piece = {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"no U-Net and no VAE and no OpenCLIP ViT-bigG text encoder weights found; "
+                                         r"expected an original SDXL base checkpoint"):
+        components_from_state(sdxl_piece, "piece.safetensors")
+    with pytest.raises(ValueError, match="SDXL checkpoint"):
+        split_checkpoint(sdxl_piece)
     odd = dict(full, **{"some_adapter.weight": torch.zeros(2)})
     with pytest.raises(ValueError, match="unexpected weights some_adapter.weight"):
         split_checkpoint(odd)

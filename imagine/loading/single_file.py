@@ -26,6 +26,10 @@ The noise schedule is SD's: 1000 steps, "scaled_linear" betas from 0.00085 to 0.
 `linear_start`/`linear_end`, betas linear in sqrt). When the checkpoint carries its `betas`
 buffer (the .ckpt files do) and they differ from that beyond the rounding of their dtype, the
 stored betas are used.
+
+SDXL base checkpoints (text encoders under `conditioner.embedders.*`) are read by
+`imagine.loading.sdxl`, to which `components_from_state` hands them; it reuses the shape inference and
+key maps here.
 """
 
 from __future__ import annotations
@@ -72,10 +76,11 @@ IMAGE_CONDITIONED_INPUTS = {
     8: "an instruct-pix2pix model (8-channel U-Net input)",  # noisy latent, input-image latent
 }
 SD2_BASE_GLOBAL_STEP = 875000  # the step count stored in SD 2.0/2.1 512-base .ckpt files (epsilon)
-KNOWN_OTHER_LAYOUTS = {
-    "conditioner.embedders.": "an SDXL checkpoint (conditioner.embedders.*); imagine loads SD 1.x and 2.x",
-    "model.diffusion_model.joint_blocks.": "an SD3 checkpoint (MMDiT joint_blocks); imagine loads SD 1.x and 2.x",
-    "model.diffusion_model.double_blocks.": "a Flux checkpoint; imagine loads SD 1.x and 2.x",
+KNOWN_OTHER_LAYOUTS = {  # SDXL (conditioner.embedders.*) goes to imagine.loading.sdxl before these are checked
+    "conditioner.embedders.": "an SDXL checkpoint (conditioner.embedders.*) without its U-Net; imagine loads whole "
+                              "SD 1.x, 2.x and SDXL checkpoints",
+    "model.diffusion_model.joint_blocks.": "an SD3 checkpoint (MMDiT joint_blocks); imagine loads SD 1.x, 2.x and SDXL",
+    "model.diffusion_model.double_blocks.": "a Flux checkpoint; imagine loads SD 1.x, 2.x and SDXL",
     "down_blocks.": "the weights of one diffusers component (down_blocks.* at the top level); load the model "
                     "folder it belongs to (with model_index.json) instead",
     "encoder.down.": "a standalone VAE checkpoint; imagine loads whole SD 1.x/2.x checkpoints",
@@ -561,8 +566,9 @@ def build_clip_text_model(config: dict[str, Any], state: dict[str, torch.Tensor]
 def load_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
                      tokenizer: str | os.PathLike | None = None, prediction_type: str | None = None,
                      scaling_factor: float | None = None, unet_config: dict[str, Any] | None = None,
-                     clip_skip: int = 0) -> Components:
-    """Load an original SD 1.x/2.x checkpoint (.safetensors or .ckpt) into Components, offline.
+                     clip_skip: int = 0, tokenizer_2: str | os.PathLike | None = None) -> Components:
+    """Load an original SD 1.x/2.x or SDXL base checkpoint (.safetensors or .ckpt) into Components, offline
+    (SDXL: `imagine.loading.sdxl`, whose docstring says what differs; tokenizer_2 is its second tokenizer).
 
     tokenizer: a CLIP tokenizer folder (vocab.json + merges.txt); see `find_tokenizer` for where
         it is looked for when omitted. prediction_type: "epsilon" (SD 1.x, SD 2.x base) or
@@ -577,7 +583,7 @@ def load_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32
     state, step = _read_checkpoint_and_step(path)
     return components_from_state(state, str(path), dtype, tokenizer=tokenizer, prediction_type=prediction_type,
                                  scaling_factor=scaling_factor, unet_config=unet_config, clip_skip=clip_skip,
-                                 checkpoint_path=path, global_step=step)
+                                 checkpoint_path=path, global_step=step, tokenizer_2=tokenizer_2)
 
 
 def _check_options(prediction_type, dtype) -> None:
@@ -591,8 +597,10 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
                           dtype: torch.dtype = torch.float32, *, tokenizer: str | os.PathLike | None = None,
                           prediction_type: str | None = None, scaling_factor: float | None = None,
                           unet_config: dict[str, Any] | None = None, clip_skip: int = 0,
-                          checkpoint_path: Path | None = None, global_step: int | None = None) -> Components:
-    """`load_single_file` after the file is read: an original SD state dict -> Components. The
+                          checkpoint_path: Path | None = None, global_step: int | None = None,
+                          tokenizer_2: str | os.PathLike | None = None) -> Components:
+    """`load_single_file` after the file is read: an original SD 1.x/2.x state dict -> Components (an SDXL
+    one, with conditioner.embedders.*, goes to `imagine.loading.sdxl.components_from_state`). The
     tensors are taken as they are (no copy when already in `dtype`); meta tensors give a model
     on the meta device (shape checks without memory). global_step: the training step a .ckpt
     stores beside its state_dict, if any (see `sd2_prediction_type`)."""
@@ -600,7 +608,16 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     from imagine.models.unet import UNet2DConditionModel, UNetConfig
     from imagine.models.vae import AutoencoderKL, VAEConfig
     from imagine.schedules import NoiseSchedule
+    from imagine.loading import sdxl
 
+    if sdxl.is_sdxl(state):
+        return sdxl.components_from_state(state, source, dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                                          prediction_type=prediction_type, scaling_factor=scaling_factor,
+                                          unet_config=unet_config, clip_skip=clip_skip,
+                                          checkpoint_path=checkpoint_path, global_step=global_step)
+    if tokenizer_2 is not None:
+        raise ValueError(f"tokenizer_2 is the second tokenizer of an SDXL checkpoint; {Path(source).name} is not one "
+                         "(no conditioner.embedders.* weights)")
     _check_options(prediction_type, dtype)
     parts = split_checkpoint(state, source)
     name = Path(source).name
