@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_loading import VOCAB, make_scheduler, write_clip_tokenizer  # noqa: E402
+from test_loading import make_scheduler, write_clip_tokenizer  # noqa: E402
 from test_sd_parity import CFG, NEGATIVE, PROMPT, SEED, psnr  # noqa: E402
+from test_sdxl_single_file import PROJ, WIDTHS, tiny_sdxl_parts, write_sdxl_single_file  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -22,38 +23,7 @@ from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-WIDTHS = (32, 64)  # the two towers (SDXL: 768 and 1280)
-TIME_DIM = 8  # addition_time_embed_dim (SDXL: 256)
 SIZE = 32
-
-
-def tiny_sdxl_parts(seed: int = 0):
-    """(unet, vae, text_encoder, text_encoder_2) of diffusers/transformers with random weights, SDXL-shaped: no
-    attention on the first level, two transformer layers on the second, linear projections, text_time."""
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
-        cross_attention_dim=sum(WIDTHS), addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
-        projection_class_embeddings_input_dim=WIDTHS[1] + 6 * TIME_DIM, norm_num_groups=32).eval()
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                                  latent_channels=4, norm_num_groups=32, sample_size=SIZE, scaling_factor=0.13025,
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2).eval()
-    towers = []
-    for width, cls, act, pad in ((WIDTHS[0], transformers.CLIPTextModel, "quick_gelu", VOCAB - 1),
-                                 (WIDTHS[1], transformers.CLIPTextModelWithProjection, "gelu", 0)):
-        cfg = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width,
-                                          num_attention_heads=2, num_hidden_layers=3, max_position_embeddings=77,
-                                          projection_dim=width, hidden_act=act, bos_token_id=VOCAB - 2,
-                                          eos_token_id=VOCAB - 1, pad_token_id=pad)
-        towers.append(cls(cfg).eval())
-    with torch.no_grad():
-        for m in (unet, vae):
-            for p in m.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-    return unet, vae, *towers
 
 
 def save_sdxl_folder(folder: Path, scheduler: str = "euler", seed: int = 0):
@@ -74,7 +44,8 @@ def test_the_text_time_unet_matches_diffusers():
     ours = UNet2DConditionModel(dict(unet.config)).eval()
     ours.load_state_dict(unet.state_dict(), strict=True)
     g = torch.Generator().manual_seed(1)
-    x, ctx, pooled = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 96, generator=g), torch.randn(2, 64, generator=g)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, sum(WIDTHS), generator=g)
+    pooled = torch.randn(2, PROJ, generator=g)
     t = torch.tensor([10.0, 500.0])
     sizes = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [512, 768, 16, 8, 512, 768]])
     with torch.no_grad():
@@ -88,9 +59,9 @@ def test_the_text_time_unet_matches_diffusers():
         shared = ours(x[:1], t[:1], context=ctx, text_embeds=pooled, time_ids=sizes)
         doubled = ours(x[:1].repeat(2, 1, 1, 1), t[:1].repeat(2), context=ctx, text_embeds=pooled, time_ids=sizes)
         assert float((shared - doubled).norm() / doubled.norm()) < 1e-5
-    with pytest.raises(ValueError, match=r"needs text_embeds \[B, 64\].*time_ids"):
+    with pytest.raises(ValueError, match=rf"needs text_embeds \[B, {PROJ}\].*time_ids"):
         ours(x, t, context=ctx)
-    with pytest.raises(ValueError, match=r"text_embeds must be \[2, 64\] and time_ids \[2, 6\]"):
+    with pytest.raises(ValueError, match=rf"text_embeds must be \[2, {PROJ}\] and time_ids \[2, 6\]"):
         ours(x, t, context=ctx, text_embeds=pooled, time_ids=sizes[:, :4])
 
 
@@ -185,3 +156,27 @@ def test_image_to_image_and_inpainting_match_diffusers(tmp_path, kind):
                         seed=SEED, progress=False, output_type="latent", **ours_extra)
     got = ((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1)
     assert psnr(got, want) >= 50
+
+
+def test_an_sdxl_single_file_gives_diffusers_image(tmp_path, monkeypatch):
+    """The original-layout file (imagine.loading.sdxl) through the whole pipeline: StableDiffusionXLPipeline's image
+    on the weights it was written from, with and without a negative prompt."""
+    monkeypatch.delenv("IMAGINE_CLIP_TOKENIZER", raising=False)
+    monkeypatch.delenv("IMAGINE_CLIP_TOKENIZER_2", raising=False)
+    path = tmp_path / "single" / "sdxl.safetensors"
+    unet, vae, te1, te2 = write_sdxl_single_file(path)
+    tok1, tok2 = (transformers.CLIPTokenizer.from_pretrained(path.parent / n, local_files_only=True)
+                  for n in ("tokenizer", "tokenizer_2"))
+    ref = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
+                                              tokenizer_2=tok2, unet=unet, scheduler=make_scheduler("euler"))
+    ref.set_progress_bar_config(disable=True)
+    pipe = TextToImagePipeline.from_pretrained(path)
+    assert pipe.defaults["sampler"] == "euler" and pipe.vae.config.scaling_factor == 0.13025
+    for negative in (NEGATIVE, None):
+        with torch.no_grad():
+            want = ref(PROMPT, negative_prompt=negative, height=SIZE, width=40, num_inference_steps=8,
+                       guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED), output_type="pt").images[0]
+        res = pipe.generate(PROMPT, negative, steps=8, guidance_scale=CFG, seed=SEED, height=SIZE, width=40,
+                            progress=False, output_type="latent")
+        got = ((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1)
+        assert psnr(got, want.float()) >= 50
