@@ -283,6 +283,12 @@ class UNetConfig:
                    projection_class_embeddings_input_dim=1280 + 6 * 256)
 
 
+def _add_residual(h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """h + a ControlNet's residual, either of which may hold one copy of a guidance batch the other holds k of."""
+    rows = max(h.shape[0], residual.shape[0])
+    return expand_batch(h, rows) + expand_batch(residual.to(h.dtype), rows)
+
+
 def _same(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) == float(b)
@@ -485,7 +491,9 @@ class UpBlock(_Checkpointable):
 class UNet2DConditionModel(nn.Module):
     """eps/x0/v-prediction network f(x_t, t, context) of latent diffusion; see the module docstring."""
 
-    def __init__(self, config: UNetConfig | dict | None = None):
+    def __init__(self, config: UNetConfig | dict | None = None, encoder_only: bool = False):
+        """`encoder_only`: the embeddings, conv_in, the contracting path and the bottleneck, no expanding path
+        (what a ControlNet copies of the U-Net, imagine.models.controlnet)."""
         super().__init__()
         if isinstance(config, dict):
             config = UNetConfig.from_dict(config)
@@ -505,6 +513,8 @@ class UNet2DConditionModel(nn.Module):
                                 if c.context_refiner_layers and c.has_cross_attention else None)
         self.down_blocks = nn.ModuleList([DownBlock(c, i, ch[max(i - 1, 0)], ch[i]) for i in range(c.num_levels)])
         self.mid_block = MidBlock(c) if c.mid_block_type is not None else None
+        if encoder_only:
+            return
         self.up_blocks = nn.ModuleList([UpBlock(c, i) for i in range(c.num_levels)])
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
@@ -532,12 +542,16 @@ class UNet2DConditionModel(nn.Module):
     # -- the denoiser call (docs/DESIGN.md) ------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
-                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+                mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, in_channels, H, W] (any H, W); t a scalar or [B]
         (training-timestep units, may be fractional); context [B, L, cross_attention_dim];
         context_mask [B, L] bool, True = attend to that token; class_labels per config.class_embed_type;
         text_embeds [B, D] and time_ids [B, 6] for addition_embed_type "text_time" (SDXL: the pooled text
-        vector, and the original size, crop corner and target size, each (height, width)).
+        vector, and the original size, crop corner and target size, each (height, width));
+        down_block_additional_residuals (one per skip, conv_in's first) and mid_block_additional_residual: a
+        ControlNet's outputs, added to the skips and to the bottleneck's output (Zhang et al. 2023, eq. 4).
         Returns [B, out_channels, H, W] in x's dtype (the network runs in its weights' dtype).
 
         A guidance batch: context (and class_labels, if any) of k*B rows with x and t of B rows is
@@ -545,11 +559,37 @@ class UNet2DConditionModel(nn.Module):
         rows [uncond; cond]). The copies share every layer before the first one that sees a per-copy
         input (the class embedding, else the first cross-attention: in SD, conv_in, the first
         residual block and the first self-attention over the largest map), which then run once."""
+        out_dtype = x.dtype
+        x, emb_act, context, mask, rows = self.embed(x, t, context, context_mask, class_labels, text_embeds, time_ids)
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, s = block(h, emb_act, context, mask)
+            skips.extend(s)
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb_act, context, mask)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals: {len(down_block_additional_residuals)} tensors for "
+                                 f"this U-Net's {len(skips)} skips")
+            skips = [_add_residual(s, r) for s, r in zip(skips, down_block_additional_residuals)]
+        if mid_block_additional_residual is not None:
+            h = _add_residual(h, mid_block_additional_residual)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            size = tuple(skips[-n - 1].shape[-2:]) if len(skips) > n else None  # the next level's skip's size
+            h = block(h, skips[-n:], emb_act, context, mask, size)
+            del skips[-n:]
+        return expand_batch(self.conv_out(self.act(self.conv_norm_out(h))), rows).to(out_dtype)
+
+    def embed(self, x, t, context=None, context_mask=None, class_labels=None, text_embeds=None, time_ids=None):
+        """The inputs checked and embedded, as the contracting path takes them: (x in the weights' dtype,
+        act(time embedding + any class / SDXL embedding), context, the key padding mask, the rows of the call:
+        k * B for a guidance batch)."""
         c = self.config
         t, context, context_mask = self._check_inputs(x, t, context, context_mask)
         rows = x.shape[0] if context is None else context.shape[0]  # k * B for a guidance batch
         # Compute in the weights' dtype (e.g. bf16) and answer in the caller's (samplers keep fp32).
-        out_dtype = x.dtype
         x = x.to(self.dtype)
         if context is not None:
             context = context.to(x.dtype)
@@ -571,22 +611,9 @@ class UNet2DConditionModel(nn.Module):
         mask = key_padding_mask(context_mask)
         if self.context_refiner is not None:
             context = self.context_refiner(context, mask)
-
         if c.center_input_sample:
             x = 2 * x - 1.0
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.down_blocks:
-            h, s = block(h, emb_act, context, mask)
-            skips.extend(s)
-        if self.mid_block is not None:
-            h = self.mid_block(h, emb_act, context, mask)
-        for block in self.up_blocks:
-            n = len(block.resnets)
-            size = tuple(skips[-n - 1].shape[-2:]) if len(skips) > n else None  # the next level's skip's size
-            h = block(h, skips[-n:], emb_act, context, mask, size)
-            del skips[-n:]
-        return expand_batch(self.conv_out(self.act(self.conv_norm_out(h))), rows).to(out_dtype)
+        return x, emb_act, context, mask, rows
 
     def _text_time_embedding(self, text_embeds, time_ids, x: torch.Tensor, rows: int) -> torch.Tensor:
         """SDXL's added embedding (Podell et al. 2023, sec. 2.2): MLP(cat[pooled text, sinusoidal codes of the

@@ -1,0 +1,195 @@
+"""ControlNet (Zhang, Rao & Agrawala 2023, "Adding Conditional Control to Text-to-Image Diffusion Models").
+
+A trainable copy of the U-Net's contracting path and bottleneck reads a control picture (edges, depth, a pose)
+and adds its features to the frozen U-Net's skips and bottleneck through convolutions that start at zero:
+
+    y_c = F(x; Theta) + Z(F(x + Z(c; Theta_z1); Theta_c); Theta_z2)          (eq. 2)
+
+The control picture c (in [0, 1], at the image's size) is taken to the latents' size by a small encoder of
+3x3 convolutions (sec. 3.3: "a tiny network E of four convolution layers", diffusers'
+`controlnet_cond_embedding`), added to the copy's conv_in output; each of the copy's skips and its
+bottleneck output then pass through a zero-initialised 1x1 convolution and are added to the U-Net's
+(eq. 4; `UNet2DConditionModel.forward`'s `down_block_additional_residuals`). Parameter names and config
+keys are diffusers' `ControlNetModel`'s, so a diffusers ControlNet folder loads as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from imagine.models import io
+from imagine.models.unet import UNet2DConditionModel, UNetConfig
+
+DEFAULT_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # diffusers' conditioning_embedding_out_channels default
+
+
+class ControlNetConditioningEmbedding(nn.Module):
+    """The control picture -> a map of the U-Net's first width at the latents' size: 3x3 convolutions with SiLU,
+    each width taken twice (once at stride 2), the last one starting at zero."""
+
+    def __init__(self, out_channels: int, in_channels: int = 3, channels: tuple[int, ...] = DEFAULT_EMBEDDING_CHANNELS):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for a, b in zip(channels[:-1], channels[1:]):
+            self.blocks.append(nn.Conv2d(a, a, 3, padding=1))
+            self.blocks.append(nn.Conv2d(a, b, 3, padding=1, stride=2))
+        self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.conv_in(c))
+        for conv in self.blocks:
+            h = F.silu(conv(h))
+        return self.conv_out(h)
+
+
+@dataclass
+class ControlNetConfig(UNetConfig):
+    """A ControlNet's config: the U-Net's (diffusers' ControlNetModel keys; it has no expanding path, so the
+    mirror of the contracting path stands in for `up_block_types`, unused) and the control picture's."""
+
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: tuple[int, ...] = DEFAULT_EMBEDDING_CHANNELS
+    controlnet_conditioning_channel_order: str = "rgb"  # "bgr": the picture's channels are flipped first
+    global_pool_conditions: bool = False  # residuals averaged over the map (the shuffle ControlNet's)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
+            raise ValueError("controlnet_conditioning_channel_order must be 'rgb' or 'bgr'; got "
+                             f"{self.controlnet_conditioning_channel_order!r}")
+        if not self.conditioning_embedding_out_channels:
+            self.conditioning_embedding_out_channels = DEFAULT_EMBEDDING_CHANNELS
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ControlNetConfig":
+        mirror = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+        down = d.get("down_block_types", UNetConfig.down_block_types)
+        return super().from_dict({**d, "up_block_types": [mirror.get(t, t) for t in reversed(down)]})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        for k in ("up_block_types", "out_channels", "sample_size", "center_input_sample"):
+            d.pop(k, None)
+        return d
+
+
+class ControlNetModel(UNet2DConditionModel):
+    """The copy of the U-Net's contracting path and bottleneck (the parent's modules, `encoder_only`), the
+    control picture's encoder, and the zero convolutions. `forward(x, t, context, control, scale)` returns
+    (the residuals for the U-Net's skips, the residual for its bottleneck)."""
+
+    def __init__(self, config: ControlNetConfig | dict | None = None):
+        if not isinstance(config, ControlNetConfig):
+            config = ControlNetConfig.from_dict(config if isinstance(config, dict) else {})
+        super().__init__(config, encoder_only=True)
+        c = self.config
+        self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
+            c.block_out_channels[0], c.conditioning_channels, tuple(c.conditioning_embedding_out_channels))
+        widths = [c.block_out_channels[0]]
+        for level, block in enumerate(self.down_blocks):
+            widths += [c.block_out_channels[level]] * len(block.resnets)
+            if block.downsamplers is not None:
+                widths.append(c.block_out_channels[level])
+        self.controlnet_down_blocks = nn.ModuleList([nn.Conv2d(w, w, 1) for w in widths])
+        self.controlnet_mid_block = nn.Conv2d(c.block_out_channels[-1], c.block_out_channels[-1], 1)
+
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None, control: torch.Tensor | None = None,
+                scale: float = 1.0, context_mask=None, class_labels=None, text_embeds=None, time_ids=None
+                ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """x [B, C, h, w] and t as the U-Net takes them (a guidance batch too); control [B, 3, 8h, 8w] in [0, 1];
+        scale: the residuals' weight (diffusers' controlnet_conditioning_scale, A1111's control weight)."""
+        c = self.config
+        if not torch.is_tensor(control) or control.ndim != 4 or control.shape[1] != c.conditioning_channels:
+            got = tuple(control.shape) if torch.is_tensor(control) else type(control).__name__
+            raise ValueError(f"control must be a picture tensor [B, {c.conditioning_channels}, H, W] in [0, 1]; "
+                             f"got {got}")
+        x, emb_act, context, mask, rows = self.embed(x, t, context, context_mask, class_labels, text_embeds, time_ids)
+        if c.controlnet_conditioning_channel_order == "bgr":
+            control = control.flip(1)
+        cond = self.controlnet_cond_embedding(control.to(x.dtype))
+        if cond.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"the control picture maps to {tuple(cond.shape[-2:])} features, the latents are "
+                             f"{tuple(x.shape[-2:])}: give it at the image's size (the latents' times 8)")
+        h = self.conv_in(x)
+        h = _add(h, cond)
+        skips = [h]
+        for block in self.down_blocks:
+            h, s = block(h, emb_act, context, mask)
+            skips.extend(s)
+        h = self.mid_block(h, emb_act, context, mask)
+        down = [zero_conv(s) * scale for s, zero_conv in zip(skips, self.controlnet_down_blocks)]
+        mid = self.controlnet_mid_block(h) * scale
+        if c.global_pool_conditions:
+            down, mid = [r.mean(dim=(2, 3), keepdim=True) for r in down], mid.mean(dim=(2, 3), keepdim=True)
+        return tuple(down), mid
+
+    # -- folders (diffusers' layout) -------------------------------------------------------------
+    def save_pretrained(self, folder) -> None:
+        io.save_component(self, self.config.to_dict(), folder, "ControlNetModel")
+
+    @classmethod
+    def from_config_dict(cls, cfg: dict[str, Any]) -> "ControlNetModel":
+        return cls(ControlNetConfig.from_dict(cfg))
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "ControlNetModel":
+        """A diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors)."""
+        cfg = io.read_config(folder)
+        name = cfg.get("_class_name", "ControlNetModel")
+        if name != "ControlNetModel":
+            raise ValueError(f"{folder}: config.json is for {name}, not ControlNetModel")
+        try:
+            with torch.device("meta"):
+                model = cls.from_config_dict(cfg)
+        except ValueError as e:
+            raise ValueError(f"{folder}/config.json: {e}") from None
+        path = io.find_weights(folder)
+        io.load_state_into(model, io.load_tensors(path), str(path), assign=True)
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"ControlNetModel.from_pretrained: {left[:3]} not set by the weights")
+        return model.to(dtype).eval()
+
+
+
+def _add(h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    rows = max(h.shape[0], cond.shape[0])
+    return torch.cat([h] * (rows // h.shape[0])) + torch.cat([cond] * (rows // cond.shape[0]))
+
+
+class Controlled(nn.Module):
+    """The denoiser a sampler calls with ControlNets: each ControlNet reads (x_t, t, the text) and its control
+    picture, and the sum of their residuals (scaled) goes into the U-Net's skips and bottleneck (diffusers'
+    MultiControlNet sums them alike). `model` is the U-Net as the sampler would call it (its exact or fast copy),
+    `controls` (ControlNet as it is to be run, control [B, 3, H, W] in [0, 1], scale) per ControlNet. A guidance
+    batch (x once, k rows of conditioning) passes through: the control pictures are the same for every copy."""
+
+    def __init__(self, model, controls: list[tuple[nn.Module, torch.Tensor, float]]):
+        super().__init__()
+        self.model = model
+        self.nets = nn.ModuleList([c[0] for c in controls])
+        self.controls = [(c[1], float(c[2])) for c in controls]
+        self.shares_guidance_batch = bool(getattr(model, "shares_guidance_batch", False))
+        self.config = getattr(model, "config", None)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        down, mid = None, None
+        keys = ("context", "context_mask", "class_labels", "text_embeds", "time_ids")
+        for net, (picture, scale) in zip(self.nets, self.controls):
+            dtype = next(net.parameters()).dtype
+            xin = x.to(dtype).contiguous(memory_format=torch.channels_last)  # the layout the fast and exact copies run
+            picture = picture.to(device=x.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            if picture.shape[0] != x.shape[0]:
+                picture = torch.cat([picture] * (x.shape[0] // picture.shape[0]))
+            given = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "time_ids" else v)
+                     for k, v in cond.items() if k in keys}
+            d, m = net(xin, t, control=picture, scale=scale, **given)
+            down = list(d) if down is None else [_add(a, b.to(a.dtype)) for a, b in zip(down, d)]
+            mid = m if mid is None else _add(mid, m.to(mid.dtype))
+        return self.model(x, t, **cond, down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
