@@ -185,7 +185,9 @@ def test_bad_loras_get_clear_errors(tmp_path):
         pipe.load_lora(tmp_path / "missing.safetensors")
     cases = {
         "loha": ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "LyCORIS LoHa"),
-        "sdxl": ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 2)}, "SDXL"),
+        "sdxl": ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 2),
+                  "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(2, 2)},
+                 "a LoRA for SDXL and this model is SD 1.x/2.x"),
         "other": ({"model.weight": torch.zeros(2, 2)}, "not LoRA factors"),
         "half": ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)}, "only its down factor"),
         "absent": ({"lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 4),

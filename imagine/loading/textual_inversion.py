@@ -11,10 +11,15 @@ their checkpoints, most often for negative prompts; the layouts read here, offli
 - AUTOMATIC1111's `.pt` (`{"string_to_param": {"*": [n, d]}, "name": ..., "step": ...}`, read with
   `torch.load(weights_only=True)`) and `.safetensors` (`emb_params`: [n, d]); the word is the file's
   name without its suffix, as in AUTOMATIC1111;
-- diffusers' `learned_embeds.safetensors` / `.bin` (`{"<token>": [d] or [n, d]}`); the word is that token.
+- diffusers' `learned_embeds.safetensors` / `.bin` (`{"<token>": [d] or [n, d]}`); the word is that token;
+- SDXL's (AUTOMATIC1111, and what diffusers' SDXL examples load): `clip_l` [n, 768] and `clip_g` [n, 1280],
+  one set of n vectors for each text tower (CLIP ViT-L, OpenCLIP bigG); the word is the file's name. The
+  word goes to both towers, each with its own vectors (`add_sdxl_embedding`), as diffusers'
+  `load_textual_inversion(state["clip_l"], token, text_encoder, tokenizer)` and the same with `clip_g`,
+  `text_encoder_2`, `tokenizer_2` do.
 
-`token=` names the word instead. An embedding made for another text encoder (its width differs, or
-SDXL's two-encoder `clip_l` / `clip_g` files) and a token the tokenizer's vocabulary already holds
+`token=` names the word instead. An embedding made for another text encoder (its width differs; SDXL's
+two-tower files on SD 1.x/2.x, a one-tower file on SDXL) and a token the tokenizer's vocabulary already holds
 (e.g. `red</w>`) are refused. A word is matched wherever a prompt says it, whatever its case: an embedding
 named like a common word (`circle`) takes that word over, as in AUTOMATIC1111 and diffusers.
 """
@@ -27,8 +32,25 @@ from pathlib import Path
 import torch
 
 
+SDXL_TOWERS = ("clip_l", "clip_g")  # SDXL files' vectors for the first and the second text tower
+
+
 def read_embedding(path: str | os.PathLike) -> tuple[str | None, torch.Tensor]:
-    """(the word the file names or None, the vectors [n, d]) of an embedding file."""
+    """(the word the file names or None, the vectors [n, d]) of an SD 1.x/2.x embedding file."""
+    token, vectors = read_embedding_file(path)
+    if isinstance(vectors, dict):
+        raise ValueError(_sdxl_on_sd(Path(path).name))
+    return token, vectors
+
+
+def _sdxl_on_sd(source: str) -> str:
+    return (f"{source} is an SDXL embedding (clip_l / clip_g vectors, for SDXL's two text encoders); this model is "
+            "SD 1.x/2.x, with one text encoder")
+
+
+def read_embedding_file(path: str | os.PathLike) -> tuple[str | None, torch.Tensor | dict[str, torch.Tensor]]:
+    """(the word the file names or None, the vectors [n, d]) of an embedding file; for an SDXL file the vectors
+    are {"clip_l": [n, d1], "clip_g": [n, d2]}."""
     from imagine.loading.single_file import _file_kind, _read_pickle, _read_safetensors
 
     path = Path(path)
@@ -38,8 +60,15 @@ def read_embedding(path: str | os.PathLike) -> tuple[str | None, torch.Tensor]:
     if not isinstance(obj, dict):
         raise ValueError(f"{path.name} holds a {type(obj).__name__}, not a textual-inversion embedding")
     token = None
-    if "clip_l" in obj or "clip_g" in obj:
-        raise ValueError(f"{path.name} is an SDXL embedding (clip_l / clip_g); imagine's models are SD 1.x/2.x")
+    if any(k in obj for k in SDXL_TOWERS):
+        missing = [k for k in SDXL_TOWERS if k not in obj]
+        if missing:
+            raise ValueError(f"{path.name}: an SDXL embedding needs clip_l and clip_g vectors; {missing[0]} is missing")
+        parts = {k: _check_vectors(obj[k], f"{path.name} ({k})") for k in SDXL_TOWERS}
+        if parts["clip_l"].shape[0] != parts["clip_g"].shape[0]:
+            raise ValueError(f"{path.name}: clip_l holds {parts['clip_l'].shape[0]} vectors and clip_g "
+                             f"{parts['clip_g'].shape[0]}; an SDXL word needs as many for each text encoder")
+        return None, parts
     if isinstance(obj.get("string_to_param"), dict) and obj["string_to_param"]:  # AUTOMATIC1111 .pt
         vectors = next(iter(obj["string_to_param"].values()))
     elif "emb_params" in obj:  # AUTOMATIC1111 .safetensors
@@ -50,11 +79,15 @@ def read_embedding(path: str | os.PathLike) -> tuple[str | None, torch.Tensor]:
         raise ValueError(f"{path.name}: not a textual-inversion embedding; expected string_to_param (AUTOMATIC1111 "
                          f".pt), emb_params (.safetensors) or one {{token: vectors}} entry (diffusers); found "
                          f"{sorted(map(str, obj))[:6]}")
+    return token, _check_vectors(vectors, path.name)
+
+
+def _check_vectors(vectors, source: str) -> torch.Tensor:
     if not torch.is_tensor(vectors) or vectors.ndim not in (1, 2) or not vectors.is_floating_point() \
             or vectors.numel() == 0:
-        raise ValueError(f"{path.name}: the embedding should be float vectors [n, width]; got "
+        raise ValueError(f"{source}: the embedding should be float vectors [n, width]; got "
                          f"{tuple(vectors.shape) if torch.is_tensor(vectors) else type(vectors).__name__}")
-    return token, vectors.reshape(-1, vectors.shape[-1]).detach()
+    return vectors.reshape(-1, vectors.shape[-1]).detach()
 
 
 def word_tokens(token: str, n: int) -> list[str]:
@@ -67,18 +100,45 @@ def word_tokens(token: str, n: int) -> list[str]:
 def add_embedding(encoder, token: str, vectors: torch.Tensor, source: str = "embedding") -> list[str]:
     """Give `encoder` (a TextEncoder over a transformers model with a token-embedding matrix) the word
     `token` read as `vectors` [n, d]; returns the n tokens added."""
-    model, tok = encoder.model, encoder.tokenizer
-    emb = model.get_input_embeddings()
+    if isinstance(vectors, dict):
+        raise ValueError(_sdxl_on_sd(source))
+    _check_fits(encoder, token, vectors, source, "this model's text encoder", "(SD 1.x: 768, SD 2.x: 1024)")
+    return _add(encoder, token, vectors)
+
+
+@torch.no_grad()
+def add_sdxl_embedding(towers, token: str, vectors: dict[str, torch.Tensor] | torch.Tensor,
+                       source: str = "embedding") -> list[str]:
+    """Give SDXL's two text towers the word `token`: the first reads it as `vectors["clip_l"]`, the second as
+    `vectors["clip_g"]` (n vectors each). Both are checked before either changes; returns the n tokens added."""
+    if not isinstance(vectors, dict):
+        raise ValueError(f"{source} is an SD 1.x/2.x embedding (one set of {vectors.shape[-1]}-wide vectors, for one "
+                         "text encoder); an SDXL model needs an SDXL embedding, with clip_l and clip_g vectors for "
+                         "its two text encoders")
+    pairs = list(zip(towers, SDXL_TOWERS))
+    for (tower, key), which in zip(pairs, ("first", "second")):
+        _check_fits(tower, token, vectors[key], f"{source} ({key})", f"SDXL's {which} text encoder",
+                    "(SDXL: clip_l 768, clip_g 1280)")
+    added = [_add(tower, token, vectors[key]) for tower, key in pairs]
+    return added[0]
+
+
+def _check_fits(encoder, token: str, vectors: torch.Tensor, source: str, what: str, widths: str) -> None:
+    emb = encoder.model.get_input_embeddings()
     if vectors.shape[-1] != emb.weight.shape[1]:
-        raise ValueError(f"{source}: its vectors are {vectors.shape[-1]} wide, this model's text encoder takes "
-                         f"{emb.weight.shape[1]}; it was made for another model (SD 1.x: 768, SD 2.x: 1024)")
+        raise ValueError(f"{source}: its vectors are {vectors.shape[-1]} wide, {what} takes "
+                         f"{emb.weight.shape[1]}; it was made for another model {widths}")
     if not token or any(c.isspace() for c in token):
         raise ValueError(f"{source}: the word {token!r} must be one non-empty word without spaces")
-    tokens = word_tokens(token, vectors.shape[0])
-    known = [t for t in tokens if t in tok.get_vocab()]
+    known = [t for t in word_tokens(token, vectors.shape[0]) if t in encoder.tokenizer.get_vocab()]
     if known:
         raise ValueError(f"{source}: the tokenizer's vocabulary already has the token {known[0]!r}; name the "
                          "embedding another word (token=..., or --embedding PATH:WORD)")
+
+
+def _add(encoder, token: str, vectors: torch.Tensor) -> list[str]:
+    model, tok = encoder.model, encoder.tokenizer
+    tokens = word_tokens(token, vectors.shape[0])
     tok.add_tokens(tokens)
     ids = tok.convert_tokens_to_ids(tokens)
     model.resize_token_embeddings(len(tok))
