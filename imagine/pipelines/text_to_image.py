@@ -73,19 +73,21 @@ class TextToImagePipeline:
         self.defaults = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m", **components.defaults}
         self.loras: list[tuple[str, float]] = []  # (name, strength) of the LoRAs merged, in order
         self.embeddings: list[str] = []  # the words of the textual-inversion embeddings loaded
+        self.controlnets: list[tuple[str, torch.nn.Module]] = []  # (name, ControlNet) loaded, in order
         # (the fast mode leaves these modules as they are: it runs bf16 channels-last copies, see fast_copy)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, precision: str = "exact",
                         dtype: torch.dtype = torch.float32, vae: str | Path | None = None,
-                        loras: list | None = None, embeddings: list | None = None,
+                        loras: list | None = None, embeddings: list | None = None, controlnets: list | None = None,
                         **single_file) -> "TextToImagePipeline":
         """`path`: a model folder (ours or diffusers'), an original single-file checkpoint
         (.safetensors / .ckpt), or None for the embedded default model. `vae`: a VAE file or folder
         that replaces the model's own (`imagine.loading.vae`; AUTOMATIC1111's "SD VAE"). `loras`: LoRA files
         to merge, each a path or (path, strength) (`load_lora`). `embeddings`: textual-inversion files, each a
-        path or (path, word) (`load_embedding`). `single_file`:
+        path or (path, word) (`load_embedding`). `controlnets`: ControlNet files or folders, each a path or (path,
+        name) (`load_controlnet`). `single_file`:
         options of `load_single_file` (tokenizer, prediction_type, scaling_factor, unet_config,
         clip_skip); an error for a folder, which carries all of them in its configs."""
         if path is None:
@@ -123,7 +125,39 @@ class TextToImagePipeline:
         for item in embeddings or []:
             emb, word = (item, None) if isinstance(item, (str, Path)) else item
             pipe.load_embedding(emb, word)
+        for item in controlnets or []:
+            net, name = (item, None) if isinstance(item, (str, Path)) else item
+            pipe.load_controlnet(net, name)
         return pipe
+
+    def load_controlnet(self, path, name: str | None = None) -> str:
+        """Add a ControlNet (Zhang et al. 2023; `imagine.models.controlnet`): a diffusers ControlNet folder, an
+        original file (`imagine.loading.controlnet`), or a ControlNetModel. It must be made for this U-Net (the
+        same widths, levels and text width). Returns its name (default: the file's or folder's name), which
+        `generate`'s control pictures follow in the order loaded."""
+        from imagine.models.controlnet import ControlNetModel
+
+        if isinstance(path, ControlNetModel):
+            net, name = path, name or f"controlnet{len(self.controlnets)}"
+        else:
+            try:
+                from imagine.loading.controlnet import load_controlnet
+            except ImportError:  # the folder reader alone
+                load_controlnet = ControlNetModel.from_pretrained
+            net, name = load_controlnet(path, dtype=self.unet.dtype), name or Path(path).stem
+        u, c = self.unet.config, net.config
+        for what in ("block_out_channels", "cross_attention_dim", "layers_per_block", "down_block_types",
+                     "addition_embed_type"):
+            if getattr(u, what) != getattr(c, what):
+                raise ValueError(f"ControlNet {name}: its {what} is {getattr(c, what)!r}, this model's U-Net has "
+                                 f"{getattr(u, what)!r}; it was made for another kind of model")
+        if c.in_channels != self.latent_channels:
+            raise ValueError(f"ControlNet {name}: it takes {c.in_channels} latent channels, this model has "
+                             f"{self.latent_channels}")
+        if name in dict(self.controlnets):
+            raise ValueError(f"a ControlNet named {name!r} is loaded already; give another name")
+        self.controlnets.append((name, net.eval().requires_grad_(False)))
+        return name
 
     def _without_lora_tags(self, prompt: str) -> str:
         """The prompt without AUTOMATIC1111's `<lora:name:s>` tags, each of which must name a LoRA merged into this
@@ -158,15 +192,20 @@ class TextToImagePipeline:
     def load_embedding(self, path: str | Path, token: str | None = None) -> list[str]:
         """Add a textual-inversion embedding's word to the text encoder (`imagine.loading.textual_inversion`,
         Gal et al. 2022): `token`, else the word the file names (diffusers), else the file's name (AUTOMATIC1111).
-        Returns the tokens added; a prompt that says the word reads all of them."""
-        from imagine.loading.textual_inversion import add_embedding, read_embedding
+        SDXL takes SDXL files (`clip_l` and `clip_g` vectors, one set per text tower). Returns the tokens added; a
+        prompt that says the word reads all of them."""
+        from imagine.loading.textual_inversion import add_embedding, add_sdxl_embedding, read_embedding_file
 
-        named, vectors = read_embedding(path)
+        named, vectors = read_embedding_file(path)
         word = token or named or Path(path).stem
-        if not hasattr(getattr(self.text_encoder, "model", None), "get_input_embeddings"):
-            raise ValueError(f"{Path(path).name}: this model's text encoder ({self.text_encoder.kind}) takes no "
-                             "textual-inversion embeddings")
-        tokens = add_embedding(self.text_encoder, word, vectors, Path(path).name)
+        towers = getattr(self.text_encoder, "towers", None)
+        if towers is not None:
+            tokens = add_sdxl_embedding(towers, word, vectors, Path(path).name)
+        else:
+            if not hasattr(getattr(self.text_encoder, "model", None), "get_input_embeddings"):
+                raise ValueError(f"{Path(path).name}: this model's text encoder ({self.text_encoder.kind}) takes no "
+                                 "textual-inversion embeddings")
+            tokens = add_embedding(self.text_encoder, word, vectors, Path(path).name)
         self.embeddings.append(word)
         return tokens
 
@@ -193,9 +232,13 @@ class TextToImagePipeline:
         if name in merged:  # its strength would add up, and the name would stand for two merges
             raise ValueError(f"{Path(path).name}: a LoRA named {name!r} is merged already (at {merged[name]:g}); "
                              "merge each once, at the strength wanted")
-        te = getattr(self.text_encoder, "model", None)
-        counts = merge_lora({"unet": self.unet, "text_encoder": te if isinstance(te, torch.nn.Module) else None},
-                            read_lora(path), strength, Path(path).name)
+        towers = getattr(self.text_encoder, "towers", None)
+        if towers is not None:  # SDXL: CLIP ViT-L and OpenCLIP bigG, diffusers' text_encoder and text_encoder_2
+            parts = {"unet": self.unet, "text_encoder": towers[0].model, "text_encoder_2": towers[1].model}
+        else:
+            te = getattr(self.text_encoder, "model", None)
+            parts = {"unet": self.unet, "text_encoder": te if isinstance(te, torch.nn.Module) else None}
+        counts = merge_lora(parts, read_lora(path), strength, Path(path).name)
         self.loras.append((name, strength))
         return counts
 
@@ -243,7 +286,8 @@ class TextToImagePipeline:
                  threshold_range: float | None = None, sigma_schedule: str | None = None, final_step: str | None = None,
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
                  emphasis: bool = False, init_image=None, strength: float | None = None,
-                 init_latents: torch.Tensor | None = None, mask_image=None,
+                 init_latents: torch.Tensor | None = None, mask_image=None, control_image=None,
+                 controlnet_scale: float | list[float] = 1.0,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -267,7 +311,13 @@ class TextToImagePipeline:
         that takes the mask and the masked picture's latents beside its noisy latents, LDM sec. 4.5) sees them
         at every step; any other model keeps the black part by the replacement method
         (`imagine.sampling.Denoiser.keep_known`). An inpainting model given no picture paints a whole new one
-        from the text (everything masked), as AUTOMATIC1111 runs it."""
+        from the text (everything masked), as AUTOMATIC1111 runs it.
+
+        control_image, controlnet_scale: the loaded ControlNets' pictures (`load_controlnet`), as diffusers'
+        ControlNet pipelines take them: with one ControlNet a PIL image (or one per prompt) and a float; with
+        several, a list with one entry per ControlNet and a float or one per ControlNet. The pictures are used
+        as given (edges, depth, pose: already made), resized to the image's size; with no size given the size
+        is the first picture's."""
         t0 = time.time()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -315,6 +365,8 @@ class TextToImagePipeline:
             raise ValueError("mask_image needs init_image: the picture whose black part is kept (inpainting)")
         if strength is None:
             strength = 1.0 if masks is not None else 0.8  # diffusers' defaults for inpainting and image to image
+        n_prompts = len(prompts) // num_images_per_prompt
+        controls = self._control_pictures(control_image, controlnet_scale, n_prompts, num_images_per_prompt)
         if init_latents is not None:  # image to image from latents (hires. fix's latent upscale)
             if inits is not None:
                 raise ValueError("give init_image or init_latents, not both")
@@ -327,8 +379,9 @@ class TextToImagePipeline:
             if (height or size[0], width or size[1]) != size:
                 raise ValueError(f"init_latents are for {size[1]}x{size[0]} pixels; got height {height}, width {width}")
             height, width = size
-        if inits is not None and height is None and width is None:  # the image's size, to the VAE's factor
-            height, width = (max(self.scale, v // self.scale * self.scale) for v in (inits[0].height, inits[0].width))
+        first = inits[0] if inits is not None else (controls[0][1][0] if controls else None)
+        if first is not None and height is None and width is None:  # the picture's size, to the VAE's factor
+            height, width = (max(self.scale, v // self.scale * self.scale) for v in (first.height, first.width))
         sample = self.unet.config.sample_size or 64
         sample_h, sample_w = (sample[0], sample[-1]) if isinstance(sample, (tuple, list)) else (sample, sample)
         height = (d.get("height") or self.scale * sample_h) if height is None else height
@@ -360,6 +413,9 @@ class TextToImagePipeline:
             init = None if inits is None else self.encode_images(inits, width, height, generators)
             if init_latents is not None:
                 init = init_latents.float()
+        if controls:
+            inpaint["controls"] = [(net, self._pixels(pictures, width, height, normalize=False), scale)
+                                   for net, pictures, scale in controls]
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                generators=generators, init=init, strength=strength, **inpaint,
                                guidance_rescale=guidance_rescale, eta=eta, karras=karras,
@@ -376,6 +432,9 @@ class TextToImagePipeline:
             params["strength"] = float(strength)
         if masks is not None:
             params["inpainting"] = True
+        if controls:
+            params["controlnet"] = ", ".join(f"{name}: {scale:g}" for (name, _), (_, _, scale)
+                                             in zip(self.controlnets, controls))
         if emphasis:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
         if getattr(self.text_encoder, "clip_skip", 0):
@@ -461,9 +520,34 @@ class TextToImagePipeline:
         if len(images) == 1:
             images = images * n_prompts
         if len(images) != n_prompts:
-            what = "init images" if name == "init_image" else "masks"
+            what = {"init_image": "init images", "mask_image": "masks"}.get(name, "control pictures")
             raise ValueError(f"{len(images)} {what} for {n_prompts} prompts; give one, or one per prompt")
         return [(im.convert(mode) if mode else im) for im in images for _ in range(per_prompt)]
+
+    def _control_pictures(self, control_image, scales, n_prompts: int, per_prompt: int) -> list[tuple]:
+        """(ControlNet, one RGB picture per image of the batch, scale) per loaded ControlNet; [] with no picture."""
+        if control_image is None:
+            if self.controlnets:
+                log.debug("ControlNets loaded but no control_image given: they are not used")
+            return []
+        if not self.controlnets:
+            raise ValueError("control_image given, but no ControlNet is loaded (load_controlnet, or --controlnet)")
+        n = len(self.controlnets)
+        if n == 1:
+            per_net = [control_image]
+        elif not isinstance(control_image, (list, tuple)) or len(control_image) != n:
+            raise ValueError(f"{n} ControlNets are loaded ({', '.join(k for k, _ in self.controlnets)}): give "
+                             f"control_image as a list of {n}, one picture (or one per prompt) for each")
+        else:
+            per_net = list(control_image)
+        if isinstance(scales, (int, float)) and not isinstance(scales, bool):
+            scales = [float(scales)] * n
+        scales = list(scales)
+        if len(scales) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                       for v in scales):
+            raise ValueError(f"controlnet_scale must be a finite number or one per ControlNet ({n}); got {scales!r}")
+        return [(net, self._init_images(pictures, n_prompts, per_prompt, "control_image"), float(scale))
+                for (_, net), pictures, scale in zip(self.controlnets, per_net, scales)]
 
     @property
     def image_conditioned(self) -> bool:
@@ -513,12 +597,14 @@ class TextToImagePipeline:
         return self._encode_pixels(x, generators)
 
     @staticmethod
-    def _pixels(images: list[Image.Image], width: int, height: int) -> torch.Tensor:
-        """RGB pictures -> [B, 3, height, width] in [-1, 1], resized (Lanczos, as diffusers) where they differ."""
+    def _pixels(images: list[Image.Image], width: int, height: int, normalize: bool = True) -> torch.Tensor:
+        """RGB pictures -> [B, 3, height, width] in [-1, 1] ([0, 1] without `normalize`), resized (Lanczos, as
+        diffusers) where they differ."""
         from imagine.images import from_pil
 
-        return torch.stack([from_pil(im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS))
-                            for im in images])
+        x = torch.stack([from_pil(im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS))
+                         for im in images])
+        return x if normalize else (x + 1) / 2
 
     @torch.no_grad()
     def _encode_pixels(self, x: torch.Tensor, generators) -> torch.Tensor:
@@ -536,7 +622,7 @@ class TextToImagePipeline:
     def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, generators, guidance_rescale, eta,
                 karras, thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
                 rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0, noise=None, mask=None,
-                concat=None):
+                concat=None, controls=None):
         from imagine.sampling import ConcatChannels, sample
 
         sc = self.c.scheduler_config
@@ -548,6 +634,11 @@ class TextToImagePipeline:
         model = _Autocast(self.unet) if self.precision == "fast" else exact_copy(self.unet)
         if concat is not None:  # an inpainting model's mask and masked-picture latents
             model = ConcatChannels(model, concat)
+        if controls:  # ControlNets (they see the noisy latents alone), each run as the U-Net is: its fast or exact copy
+            from imagine.models.controlnet import Controlled
+
+            copy = fast_copy if self.precision == "fast" else exact_copy
+            model = Controlled(model, [(copy(net), picture, scale) for net, picture, scale in controls])
         return sample(model, shape if noise is None else noise, schedule=self.schedule, prediction_type=self.prediction_type, sampler=sampler,
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, thresholding=thresholding, threshold_range=threshold_range,
