@@ -120,6 +120,9 @@ class Denoiser:
         return torch.full((x.shape[0],), float(self.plan.timesteps[i]), dtype=torch.float32, device=x.device)
 
     def model_output(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        at_step = getattr(self.model, "at_step", None)
+        if at_step is not None:  # a model whose inputs follow the step (ControlNets' guidance window)
+            at_step(i, len(self.plan))
         out = guided_model_output(self.model, x, self._t(x, i), self.cond, self.uncond, self.guidance_scale,
                                   self.guidance_rescale)
         self.calls += 1

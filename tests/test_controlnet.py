@@ -197,3 +197,26 @@ def test_controlnet_inpainting_matches_diffusers(tmp_path):
     res = pipe.generate(PROMPT, NEGATIVE, init_image=_picture(), mask_image=_mask(), control_image=_edges(), steps=8,
                         guidance_scale=CFG, sampler="dpmpp_2m", seed=SEED, progress=False, output_type="latent")
     assert psnr(((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1), want) >= 50
+
+
+def test_the_guidance_window_matches_diffusers(tmp_path):
+    """control_guidance_start / end: the ControlNet acts on the steps i of n with start <= i/n, (i+1)/n <= end."""
+    ref, (net,) = _setup(tmp_path, "dpmpp_2m")
+    pipe_ref = diffusers.StableDiffusionControlNetPipeline(**ref.components, controlnet=net)
+    pipe_ref.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe_ref(PROMPT, image=_edges(), negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=CFG,
+                        control_guidance_start=0.2, control_guidance_end=0.7,
+                        generator=torch.Generator().manual_seed(SEED), output_type="pt").images[0].float()
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", controlnets=[tmp_path / "cn0"])
+    kw = dict(steps=10, guidance_scale=CFG, sampler="dpmpp_2m", seed=SEED, progress=False, output_type="latent")
+    res = pipe.generate(PROMPT, NEGATIVE, control_image=_edges(), control_guidance_start=0.2,
+                        control_guidance_end=0.7, **kw)
+    assert psnr(((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1), want) >= 50
+    assert res.parameters["controlnet"] == "cn0: 1 (0.2-0.7)"
+    whole = pipe.generate(PROMPT, NEGATIVE, control_image=_edges(), **kw)
+    assert float((whole.latents - res.latents).abs().mean()) > 1e-3
+    with pytest.raises(ValueError, match=r"control_guidance_start \(0.8\) must be below control_guidance_end \(0.5\)"):
+        pipe.generate("x", control_image=_edges(), control_guidance_start=0.8, control_guidance_end=0.5, steps=2)
+    with pytest.raises(ValueError, match=r"control_guidance_end must be a finite number in \[0, 1\]"):
+        pipe.generate("x", control_image=_edges(), control_guidance_end=1.5, steps=2)

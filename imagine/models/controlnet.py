@@ -167,21 +167,36 @@ class Controlled(nn.Module):
     """The denoiser a sampler calls with ControlNets: each ControlNet reads (x_t, t, the text) and its control
     picture, and the sum of their residuals (scaled) goes into the U-Net's skips and bottleneck (diffusers'
     MultiControlNet sums them alike). `model` is the U-Net as the sampler would call it (its exact or fast copy),
-    `controls` (ControlNet as it is to be run, control [B, 3, H, W] in [0, 1], scale) per ControlNet. A guidance
-    batch (x once, k rows of conditioning) passes through: the control pictures are the same for every copy."""
+    `controls` (ControlNet as it is to be run, control [B, 3, H, W] in [0, 1], scale, (start, end)) per ControlNet.
+    A ControlNet acts on the steps i of n with start <= i / n and (i + 1) / n <= end (diffusers'
+    control_guidance_start / end, A1111's starting and ending control step), which the sampler's denoiser tells
+    through `at_step`; outside them it is not run. A guidance batch (x once, k rows of conditioning) passes
+    through: the control pictures are the same for every copy."""
 
-    def __init__(self, model, controls: list[tuple[nn.Module, torch.Tensor, float]]):
+    def __init__(self, model, controls: list[tuple]):
         super().__init__()
         self.model = model
         self.nets = nn.ModuleList([c[0] for c in controls])
-        self.controls = [(c[1], float(c[2])) for c in controls]
+        self.controls = [(c[1], float(c[2]), tuple(c[3]) if len(c) > 3 else (0.0, 1.0)) for c in controls]
         self.shares_guidance_batch = bool(getattr(model, "shares_guidance_batch", False))
         self.config = getattr(model, "config", None)
+        self.step: tuple[int, int] | None = None  # (i, n), set by the denoiser before each call
+
+    def at_step(self, i: int, n: int) -> None:
+        self.step = (i, n)
+
+    def _acts(self, window: tuple[float, float]) -> bool:
+        if self.step is None:
+            return True
+        i, n = self.step
+        return not (i / n < window[0] or (i + 1) / n > window[1])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         down, mid = None, None
         keys = ("context", "context_mask", "class_labels", "text_embeds", "time_ids")
-        for net, (picture, scale) in zip(self.nets, self.controls):
+        for net, (picture, scale, window) in zip(self.nets, self.controls):
+            if not self._acts(window):
+                continue
             dtype = next(net.parameters()).dtype
             xin = x.to(dtype).contiguous(memory_format=torch.channels_last)  # the layout the fast and exact copies run
             picture = picture.to(device=x.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -192,4 +207,6 @@ class Controlled(nn.Module):
             d, m = net(xin, t, control=picture, scale=scale, **given)
             down = list(d) if down is None else [_add(a, b.to(a.dtype)) for a, b in zip(down, d)]
             mid = m if mid is None else _add(mid, m.to(mid.dtype))
+        if down is None:  # no ControlNet acts at this step
+            return self.model(x, t, **cond)
         return self.model(x, t, **cond, down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)

@@ -287,7 +287,8 @@ class TextToImagePipeline:
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
                  emphasis: bool = False, init_image=None, strength: float | None = None,
                  init_latents: torch.Tensor | None = None, mask_image=None, control_image=None,
-                 controlnet_scale: float | list[float] = 1.0,
+                 controlnet_scale: float | list[float] = 1.0, control_guidance_start: float | list[float] = 0.0,
+                 control_guidance_end: float | list[float] = 1.0,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -317,7 +318,8 @@ class TextToImagePipeline:
         ControlNet pipelines take them: with one ControlNet a PIL image (or one per prompt) and a float; with
         several, a list with one entry per ControlNet and a float or one per ControlNet. The pictures are used
         as given (edges, depth, pose: already made), resized to the image's size; with no size given the size
-        is the first picture's."""
+        is the first picture's. control_guidance_start / end (a float, or one per ControlNet): the fraction of the
+        steps a ControlNet acts in, as diffusers (A1111's starting and ending control step)."""
         t0 = time.time()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -366,7 +368,8 @@ class TextToImagePipeline:
         if strength is None:
             strength = 1.0 if masks is not None else 0.8  # diffusers' defaults for inpainting and image to image
         n_prompts = len(prompts) // num_images_per_prompt
-        controls = self._control_pictures(control_image, controlnet_scale, n_prompts, num_images_per_prompt)
+        controls = self._control_pictures(control_image, controlnet_scale, n_prompts, num_images_per_prompt,
+                                          control_guidance_start, control_guidance_end)
         if init_latents is not None:  # image to image from latents (hires. fix's latent upscale)
             if inits is not None:
                 raise ValueError("give init_image or init_latents, not both")
@@ -414,8 +417,8 @@ class TextToImagePipeline:
             if init_latents is not None:
                 init = init_latents.float()
         if controls:
-            inpaint["controls"] = [(net, self._pixels(pictures, width, height, normalize=False), scale)
-                                   for net, pictures, scale in controls]
+            inpaint["controls"] = [(net, self._pixels(pictures, width, height, normalize=False), scale, window)
+                                   for net, pictures, scale, window in controls]
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                generators=generators, init=init, strength=strength, **inpaint,
                                guidance_rescale=guidance_rescale, eta=eta, karras=karras,
@@ -433,8 +436,9 @@ class TextToImagePipeline:
         if masks is not None:
             params["inpainting"] = True
         if controls:
-            params["controlnet"] = ", ".join(f"{name}: {scale:g}" for (name, _), (_, _, scale)
-                                             in zip(self.controlnets, controls))
+            params["controlnet"] = ", ".join(
+                f"{name}: {scale:g}" + ("" if window == (0.0, 1.0) else f" ({window[0]:g}-{window[1]:g})")
+                for (name, _), (_, _, scale, window) in zip(self.controlnets, controls))
         if emphasis:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
         if getattr(self.text_encoder, "clip_skip", 0):
@@ -524,8 +528,10 @@ class TextToImagePipeline:
             raise ValueError(f"{len(images)} {what} for {n_prompts} prompts; give one, or one per prompt")
         return [(im.convert(mode) if mode else im) for im in images for _ in range(per_prompt)]
 
-    def _control_pictures(self, control_image, scales, n_prompts: int, per_prompt: int) -> list[tuple]:
-        """(ControlNet, one RGB picture per image of the batch, scale) per loaded ControlNet; [] with no picture."""
+    def _control_pictures(self, control_image, scales, n_prompts: int, per_prompt: int, starts=0.0,
+                          ends=1.0) -> list[tuple]:
+        """(ControlNet, one RGB picture per image of the batch, scale, (start, end)) per loaded ControlNet; [] with
+        no picture."""
         if control_image is None:
             if self.controlnets:
                 log.debug("ControlNets loaded but no control_image given: they are not used")
@@ -540,14 +546,24 @@ class TextToImagePipeline:
                              f"control_image as a list of {n}, one picture (or one per prompt) for each")
         else:
             per_net = list(control_image)
-        if isinstance(scales, (int, float)) and not isinstance(scales, bool):
-            scales = [float(scales)] * n
-        scales = list(scales)
-        if len(scales) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                       for v in scales):
-            raise ValueError(f"controlnet_scale must be a finite number or one per ControlNet ({n}); got {scales!r}")
-        return [(net, self._init_images(pictures, n_prompts, per_prompt, "control_image"), float(scale))
-                for (_, net), pictures, scale in zip(self.controlnets, per_net, scales)]
+        def per_controlnet(values, what: str, low: float = -math.inf, high: float = math.inf) -> list[float]:
+            if isinstance(values, (int, float)) and not isinstance(values, bool):
+                values = [values] * n
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            if len(values) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+                                           math.isfinite(v) and low <= v <= high for v in values):
+                bounds = f" in [{low:g}, {high:g}]" if math.isfinite(low) else ""
+                raise ValueError(f"{what} must be a finite number{bounds} or one per ControlNet ({n}); got {values!r}")
+            return [float(v) for v in values]
+
+        scales = per_controlnet(scales, "controlnet_scale")
+        starts = per_controlnet(starts, "control_guidance_start", 0.0, 1.0)
+        ends = per_controlnet(ends, "control_guidance_end", 0.0, 1.0)
+        for s, e in zip(starts, ends):
+            if s >= e:
+                raise ValueError(f"control_guidance_start ({s:g}) must be below control_guidance_end ({e:g})")
+        return [(net, self._init_images(pictures, n_prompts, per_prompt, "control_image"), scale, (s, e))
+                for (_, net), pictures, scale, s, e in zip(self.controlnets, per_net, scales, starts, ends)]
 
     @property
     def image_conditioned(self) -> bool:
@@ -638,7 +654,7 @@ class TextToImagePipeline:
             from imagine.models.controlnet import Controlled
 
             copy = fast_copy if self.precision == "fast" else exact_copy
-            model = Controlled(model, [(copy(net), picture, scale) for net, picture, scale in controls])
+            model = Controlled(model, [(copy(net), *rest) for net, *rest in controls])
         return sample(model, shape if noise is None else noise, schedule=self.schedule, prediction_type=self.prediction_type, sampler=sampler,
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, thresholding=thresholding, threshold_range=threshold_range,
