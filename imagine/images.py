@@ -112,6 +112,8 @@ def a1111_parameters(p: dict) -> str:
     if p.get("clip_skip"):  # diffusers' k layers skipped is A1111's "Clip skip: k + 1" (1 = the last layer)
         put("Clip skip", int(p["clip_skip"]) + 1)
     put("Lora", p.get("lora"))
+    for i, unit in enumerate(controlnet_units(p)):
+        put(f"ControlNet {i}", controlnet_unit_text(*unit))
     put("Hires upscale", p.get("hires_scale"))
     put("Hires steps", p.get("hires_steps"))
     put("Hires upscaler", p.get("hires_upscaler"))
@@ -124,6 +126,31 @@ def a1111_parameters(p: dict) -> str:
         put("Version", version if version.startswith("imagine") else f"imagine {version}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def controlnet_unit_text(model: str, weight: float, start: float = 0.0, end: float = 1.0) -> str:
+    """AUTOMATIC1111's ControlNet extension's infotext of one unit (its field labels), saying what imagine does: no
+    preprocessor, the picture resized to the image's size, both halves of the guidance batch; start / end: the
+    fraction of the steps the ControlNet acts in."""
+    return (f"Module: none, Model: {model}, Weight: {float(weight):g}, Resize Mode: Just Resize, Guidance Start: "
+            f"{float(start):g}, Guidance End: {float(end):g}, Pixel Perfect: False, Control Mode: Balanced")
+
+
+def controlnet_units(p: dict) -> list[tuple[str, float, float, float]]:
+    """The ControlNets of generation parameters as (model, weight, start, end): `controlnet_units` (the server's:
+    the model as its API names it) or the pipeline's `controlnet` text, "name: scale[ (start-end)], ..."."""
+    units = p.get("controlnet_units")
+    if units:
+        return [(str(u[0]), float(u[1]), *(float(v) for v in (u[2:4] if len(u) >= 4 else (0.0, 1.0))))
+                for u in units]
+    text = p.get("controlnet")
+    if not text:
+        return []
+    import re
+
+    number = r"[-+.\deE]+|inf|nan"
+    return [(m[1], float(m[2]), float(m[3] or 0.0), float(m[4] or 1.0))
+            for m in re.finditer(rf"(.+?): ({number})(?: \(({number})-({number})\))?(?:, |$)", str(text))]
 
 
 def grid(images: list[Image.Image], cols: int, pad: int = 2, bg=(255, 255, 255)) -> Image.Image:

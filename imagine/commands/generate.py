@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -25,6 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
                    help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds), repeatable; "
                         "its word is WORD, else the one the file names, else the file's name (as in A1111)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a ControlNet (a diffusers ControlNet folder, or lllyasviel's .pth/.safetensors file), "
+                        "repeatable; SCALE is its weight (default 1, diffusers' controlnet_conditioning_scale, "
+                        "A1111's control weight). Each needs a --control-image")
+    p.add_argument("--control-image", action="append", default=[], metavar="PATH",
+                   help="the picture a ControlNet reads (edges, depth, pose: already made, imagine runs no "
+                        "preprocessor), repeatable: one per --controlnet, in the same order; resized to the image's "
+                        "size, which is the first picture's when --height/--width are not given")
     p.add_argument("--emphasis", action="store_true",
                    help="read AUTOMATIC1111's emphasis in the prompts: (word) x1.1, [word] /1.1, (word:1.3) x1.3 "
                         "(default: brackets are text, as in diffusers)")
@@ -208,6 +217,31 @@ def parse_loras(items: list[str]) -> list[tuple[str, float]]:
     return out
 
 
+def parse_controlnets(items: list[str]) -> list[tuple[str, float]]:
+    """["canny.pth:0.8", "depth"] -> [(path, 0.8), (path, 1.0)]: a number after the last colon is the scale (so a
+    path with colons still works), as for --lora."""
+    return parse_loras(items)
+
+
+def _read_controls(args) -> tuple[list[tuple[str, float]], list]:
+    """--controlnet and --control-image, checked before the model loads: each ControlNet exists and has its
+    picture (one each, in order), and each picture reads. -> ([(path, scale)], [PIL image])."""
+    nets = parse_controlnets(args.controlnet)
+    if not nets and not args.control_image:
+        return [], []
+    if len(args.control_image) != len(nets):
+        if not nets:
+            raise ValueError("--control-image needs a --controlnet to read it")
+        raise ValueError(f"{len(nets)} --controlnet and {len(args.control_image)} --control-image given: give one "
+                         "control picture per ControlNet, in the same order")
+    for path, scale in nets:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--controlnet: {path} not found")
+        if not math.isfinite(scale):
+            raise ValueError(f"--controlnet {path}: the scale must be a finite number; got {scale}")
+    return nets, [_read_image(p, "--control-image") for p in args.control_image]
+
+
 def parse_embeddings(items: list[str]) -> list[tuple[str, str | None]]:
     """["EasyNegative.safetensors", "cat.bin:<cat-toy>"] -> [(path, None), (path, "<cat-toy>")]: text after the last
     colon is the word when what is before it is an existing file."""
@@ -255,6 +289,7 @@ def run(args) -> int:
             raise ValueError(f"--{side} must be a positive number of pixels; got {getattr(args, side)}")
     init_image = _read_image(args.init_image) if args.init_image else None
     mask_image = _read_mask(args)
+    controlnets, control_images = _read_controls(args)
     picture = {}  # image to image (A1111's default strength 0.75), inpainting (the pipeline's, 1, unless given)
     if init_image is not None:
         inpainting = mask_image is not None
@@ -262,12 +297,17 @@ def run(args) -> int:
                    "strength": args.strength if args.strength is not None or inpainting else 0.75}
         if inpainting:
             picture["mask_image"] = mask_image
+    if controlnets:  # one picture (for every prompt) per ControlNet, each at its scale
+        scales = [scale for _, scale in controlnets]
+        picture["control_image"] = control_images[0] if len(controlnets) == 1 else control_images
+        picture["controlnet_scale"] = scales[0] if len(scales) == 1 else scales
     jobs = [(p, i) for p in prompts for i in range(args.num_images)]
     many = len(jobs) > 1 or bool(args.from_file)
     out_dir, out_file = _output_target(args.output, many)
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
                                                loras=parse_loras(args.lora),
                                                embeddings=parse_embeddings(args.embedding),
+                                               controlnets=[path for path, _ in controlnets],
                                                prediction_type=args.prediction_type, tokenizer=args.tokenizer,
                                                clip_skip=args.clip_skip)
     height, width = args.height, args.width  # a side not given is the model's own (the pipeline's rule)

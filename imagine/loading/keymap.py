@@ -202,6 +202,56 @@ def unet_to_original(state: Mapping[str, Tensor], layers_per_block: Sequence[int
 
 
 # ---------------------------------------------------------------------------------------------
+# ControlNet (lllyasviel's ControlNet 1.0 / 1.1 files, `cldm.py`'s ControlNet module)
+# ---------------------------------------------------------------------------------------------
+def controlnet_module_table(layers_per_block: Sequence[int], attention: Sequence[bool], hint_convs: int,
+                            has_mid_block: bool = True, text_time: bool = False
+                            ) -> dict[str, tuple[str, dict[str, str]]]:
+    """A ControlNet's module prefixes: the LDM U-Net's input blocks, middle block and time embedding
+    (`unet_module_table`, no output blocks), plus
+
+        zero_convs.n.0                        controlnet_down_blocks.n (one 1x1 conv per skip, n from 0)
+        middle_block_out.0                    controlnet_mid_block
+        input_hint_block.0                    controlnet_cond_embedding.conv_in
+        input_hint_block.2k, 0 < k < m - 1    controlnet_cond_embedding.blocks.(k - 1)
+        input_hint_block.2(m - 1)             controlnet_cond_embedding.conv_out (14 in the released files)
+        label_emb.0.0 / .0.2                  add_embedding.linear_1 / 2 (SDXL's, `text_time`)
+
+    `hint_convs` = m, the convolutions of the hint encoder (a Sequential of convs with a SiLU after each but
+    the last, so at the even indices); 8 in the released files."""
+    if hint_convs < 2:
+        raise ValueError(f"a ControlNet's hint encoder has at least 2 convolutions; got {hint_convs}")
+    table = {k: v for k, v in unet_module_table(layers_per_block, attention, has_mid_block).items()
+             if not k.startswith(("output_blocks.", "out."))}
+    skips = 1 + sum(layers_per_block) + len(layers_per_block) - 1  # conv_in, every resnet, every downsampler
+    for n in range(skips):
+        table[f"zero_convs.{n}.0"] = (f"controlnet_down_blocks.{n}", SAME)
+    table["middle_block_out.0"] = ("controlnet_mid_block", SAME)
+    table["input_hint_block.0"] = ("controlnet_cond_embedding.conv_in", SAME)
+    for k in range(1, hint_convs - 1):
+        table[f"input_hint_block.{2 * k}"] = (f"controlnet_cond_embedding.blocks.{k - 1}", SAME)
+    table[f"input_hint_block.{2 * (hint_convs - 1)}"] = ("controlnet_cond_embedding.conv_out", SAME)
+    if text_time:
+        table["label_emb.0.0"] = ("add_embedding.linear_1", SAME)
+        table["label_emb.0.2"] = ("add_embedding.linear_2", SAME)
+    return table
+
+
+def controlnet_to_diffusers(state: Mapping[str, Tensor], layers_per_block: Sequence[int], attention: Sequence[bool],
+                            hint_convs: int, has_mid_block: bool = True, text_time: bool = False) -> dict[str, Tensor]:
+    """ControlNet weights in lllyasviel's names (without `control_model.`) -> our/diffusers names."""
+    table = controlnet_module_table(layers_per_block, attention, hint_convs, has_mid_block, text_time)
+    return apply_table(state, table, "ControlNet")
+
+
+def controlnet_to_original(state: Mapping[str, Tensor], layers_per_block: Sequence[int], attention: Sequence[bool],
+                           hint_convs: int, has_mid_block: bool = True, text_time: bool = False) -> dict[str, Tensor]:
+    """Our/diffusers ControlNet weights -> lllyasviel's names (without `control_model.`)."""
+    table = controlnet_module_table(layers_per_block, attention, hint_convs, has_mid_block, text_time)
+    return apply_table(state, _invert(table), "ControlNet")
+
+
+# ---------------------------------------------------------------------------------------------
 # VAE
 # ---------------------------------------------------------------------------------------------
 def _is_mid_attention_conv(key: str) -> bool:

@@ -143,19 +143,19 @@ def split_sdxl(state: dict[str, torch.Tensor], source: str = "checkpoint") -> di
 ADD_EMBEDDING = {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
 
 
-def infer_unet_config(unet: dict[str, torch.Tensor], pooled_dim: int
-                      ) -> tuple[dict[str, Any], list[int], list[bool]]:
+def infer_unet_config(unet: dict[str, torch.Tensor], pooled_dim: int, encoder_only: bool = False,
+                      what: str = "SDXL U-Net (model.diffusion_model.*)") -> tuple[dict[str, Any], list[int], list[bool]]:
     """The diffusers-style config of an SDXL U-Net (prefix removed), with the residual blocks and attention
     flag per level: SD's inference (`single_file.infer_unet_config`) on everything but `label_emb.*`, plus
-    the text_time embedding, whose input is the pooled text vector (`pooled_dim` wide) and six size codes."""
-    what = "SDXL U-Net (model.diffusion_model.*)"
+    the text_time embedding, whose input is the pooled text vector (`pooled_dim` wide) and six size codes.
+    `encoder_only`, `what`: as there (an SDXL ControlNet's copy of the contracting path)."""
     label = {k: v for k, v in unet.items() if k.startswith("label_emb.")}
     rest = {k: v for k, v in unet.items() if not k.startswith("label_emb.")}
     unknown = sorted(k for k in label if k.rpartition(".")[0] not in ADD_EMBEDDING)
     if unknown or not label:
         raise ValueError(f"{what}: expected label_emb.0.0 / label_emb.0.2 (SDXL's pooled-text and size embedding); "
                          f"found {unknown[:6] or 'none'}")
-    cfg, layers, attention = sf.infer_unet_config(rest)
+    cfg, layers, attention = sf.infer_unet_config(rest, encoder_only, what)
     adm_in = sf._need(label, "label_emb.0.0.weight", what).shape[1]
     time_dim, remainder = divmod(adm_in - pooled_dim, SIZE_NUMBERS)
     if time_dim < 1 or remainder:

@@ -316,10 +316,12 @@ def _need(state: dict, key: str, what: str) -> torch.Tensor:
     return state[key]
 
 
-def infer_unet_config(unet: dict[str, torch.Tensor]) -> tuple[dict[str, Any], list[int], list[bool]]:
+def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
+                      what: str = "U-Net (model.diffusion_model.*)") -> tuple[dict[str, Any], list[int], list[bool]]:
     """The diffusers-style config of an LDM U-Net read off its weights (prefix removed), plus the
-    residual blocks and attention flag per level (what the key map needs)."""
-    what = "U-Net (model.diffusion_model.*)"
+    residual blocks and attention flag per level (what the key map needs). `encoder_only`: the weights are
+    a ControlNet's copy of the contracting path and bottleneck (`imagine.loading.controlnet`): no output
+    blocks, so no out_channels in the config. `what` names the weights in errors."""
     conv_in = _need(unet, "input_blocks.0.0.weight", what)
     if conv_in.ndim != 4:
         raise ValueError(f"{what}: input_blocks.0.0.weight should be a conv weight; got shape {tuple(conv_in.shape)}")
@@ -366,7 +368,8 @@ def infer_unet_config(unet: dict[str, torch.Tensor]) -> tuple[dict[str, Any], li
         heads = 8
     time_dim = _need(unet, "time_embed.0.weight", what).shape[0]
     cfg = {
-        "in_channels": conv_in.shape[1], "out_channels": _need(unet, "out.2.weight", what).shape[0],
+        "in_channels": conv_in.shape[1],
+        **({} if encoder_only else {"out_channels": _need(unet, "out.2.weight", what).shape[0]}),
         "block_out_channels": channels, "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from imagine.images import controlnet_unit_text
 from imagine.samplers import A1111_SAMPLERS  # AUTOMATIC1111's labels of our samplers
 from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
                                    ShuttingDown)
@@ -210,6 +211,51 @@ def _decode_mask(data: str, field: str = "mask"):
         raise ApiError(422, f"{field}: not a base64 image Pillow can read ({type(e).__name__}); send a picture, "
                             "white where it is painted anew, black where it is kept", field) from None
     return grey.point(lambda v: 255 if v > 128 else 0)
+
+
+# AUTOMATIC1111's ControlNet extension (alwayson_scripts.controlnet.args: one dict per unit): the fields used
+# ("input_image" and "guidance" are its older names of "image" and "guidance_end"); others are accepted, not used
+CONTROLNET_USED = ("enabled", "image", "input_image", "model", "weight", "module", "guidance_start", "guidance_end",
+                   "guidance")
+CONTROLNET_MAX_WEIGHT = 2.0  # the extension's bound on a unit's weight
+
+
+def controlnet_hash(source: str | None) -> str | None:
+    """AUTOMATIC1111's short model hash, which its ControlNet extension shows after a model's name ("name [hash]"):
+    sha256 of the 64 KiB at 1 MiB into the file, 8 hex digits. A folder: its weights file's. None when unknown."""
+    if not source:
+        return None
+    path = Path(source)
+    if path.is_dir():
+        from imagine.models.io import WEIGHT_NAMES
+
+        path = next((path / n for n in WEIGHT_NAMES if (path / n).is_file()), path / WEIGHT_NAMES[0])
+    try:
+        with open(path, "rb") as f:
+            f.seek(0x100000)
+            return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    except OSError:
+        return None
+
+
+def _unit_picture(value, where: str) -> tuple[str | None, list[str]]:
+    """A unit's image in the extension's forms (a base64 string; {"image": b64, "mask": ...}; [image, mask]; a
+    list of one such dict) -> (the base64 picture or None, the parts not used)."""
+    if value is None or value == "":
+        return None, []
+    if isinstance(value, str):
+        return value, []
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1 and isinstance(value[0], dict):
+            return _unit_picture(value[0], where)
+        if len(value) == 2 and all(isinstance(v, str) or v is None for v in value):
+            return value[0] or None, [f"{where}[1]"] if value[1] else []
+        raise ApiError(422, f"{where}: one control picture per unit (a base64 string, or {{\"image\": ...}}); got a "
+                            f"list of {len(value)}", where)
+    if isinstance(value, dict):
+        picture, _ = _unit_picture(value.get("image"), f"{where}.image")
+        return picture, [f"{where}.{k}" for k in value if k != "image" and value[k] is not None]
+    raise ApiError(422, f"{where} must be a base64 picture; got {type(value).__name__}", where)
 
 
 @dataclass
@@ -422,7 +468,7 @@ def _b64_png(img, infotext: str | None = None) -> str:
 def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int,
               model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None,
               clip_skip: int = 0, strength: float | None = None, hires: tuple | None = None,
-              inpainting: dict | None = None) -> str:
+              inpainting: dict | None = None, controlnets: list | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -434,7 +480,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "clip_skip": clip_skip, "strength": strength,
                              **({"hires_scale": hires[0], "hires_steps": hires[2] or steps,
                                  "hires_upscaler": HIRES_UPSCALERS[hires[3]]} if hires else {}),
-                             **(inpainting or {}), "version": f"imagine {version}"})
+                             **(inpainting or {}), "controlnet_units": controlnets or None,
+                             "version": f"imagine {version}"})
 
 
 class _BodyLimit:
@@ -610,6 +657,110 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"{field} must be -1 (random) or between 0 and {MAX_SEED}; got {seed}", field)
         return random.randint(0, MAX_SEED) if seed == -1 else seed
 
+    hashes: dict[int, str | None] = {}  # id(model) -> AUTOMATIC1111's short hash of its file
+
+    def controlnet_titles() -> dict[str, str]:
+        """The loaded ControlNets (imagine serve --controlnet): name -> "name [hash]", as the extension lists them."""
+        out = {}
+        for n, net in worker.controlnets():
+            if id(net) not in hashes:
+                hashes[id(net)] = controlnet_hash(getattr(net, "source", None))
+            h = hashes[id(net)]
+            out[n] = f"{n} [{h}]" if h else n
+        return out
+
+    def check_controlnet(req, img2img: bool) -> tuple[list[dict], list[str]]:
+        """AUTOMATIC1111's ControlNet extension's units (alwayson_scripts.controlnet.args) -> the enabled ones as
+        {"name", "title", "weight", "start", "end", "image" (base64, or None in img2img: the init picture),
+        "field"}, and the
+        fields accepted but not used; 422 naming the field for what imagine cannot do."""
+        scripts = (req.model_extra or {}).get("alwayson_scripts")
+        if scripts is None:
+            return [], []
+        if not isinstance(scripts, dict):
+            raise ApiError(422, "alwayson_scripts must be an object: script name -> {\"args\": [...]}",
+                           "alwayson_scripts")
+        ignored, args = [], None
+        for key, value in scripts.items():
+            if str(key).lower() == "controlnet":
+                args = value.get("args") if isinstance(value, dict) else None
+                if not isinstance(args, list):
+                    raise ApiError(422, "alwayson_scripts.controlnet must be {\"args\": [unit, ...]}, one object per "
+                                        "ControlNet unit", "alwayson_scripts.controlnet")
+            else:
+                ignored.append(f"alwayson_scripts.{key}")
+        units = []
+        titles = None
+        for i, unit in enumerate(args or []):
+            where = f"alwayson_scripts.controlnet.args[{i}]"
+            if not isinstance(unit, dict):
+                raise ApiError(422, f"{where} must be an object (a ControlNet unit: model, image, weight, ...)", where)
+            if not unit.get("enabled", True):
+                continue
+            titles = controlnet_titles() if titles is None else titles
+            model = unit.get("model")
+            if not titles:
+                raise ApiError(422, f"{where}: no ControlNet is loaded; start the server with imagine serve "
+                                    "--controlnet PATH", f"{where}.model")
+            base = str(model).split(" [")[0].strip() if isinstance(model, str) else ""
+            name = base if base in titles else next((n for n in titles if n.lower() == base.lower()), None)
+            if name is None:
+                raise ApiError(422, f"{where}.model: {model!r} is not a loaded ControlNet; loaded: "
+                                    f"{', '.join(titles.values())}", f"{where}.model")
+            module = unit.get("module")
+            if module not in (None, "", "none", "None"):
+                raise ApiError(422, f"{where}.module: {module!r} is a preprocessor, and imagine runs none: send the "
+                                    "control picture already made (edges, depth, pose...) with module 'none'",
+                               f"{where}.module")
+            weight = unit.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+                    math.isfinite(weight) and 0 <= weight <= CONTROLNET_MAX_WEIGHT):
+                raise ApiError(422, f"{where}.weight must be a number between 0 and {CONTROLNET_MAX_WEIGHT:g}; got "
+                                    f"{weight!r}", f"{where}.weight")
+            end_key = "guidance_end" if "guidance_end" in unit or "guidance" not in unit else "guidance"
+            window = []
+            for key, default in (("guidance_start", 0.0), (end_key, 1.0)):
+                v = unit.get(key, default)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                    raise ApiError(422, f"{where}.{key} must be a number between 0 and 1 (the fraction of the steps); "
+                                        f"got {v!r}", f"{where}.{key}")
+                window.append(float(v))
+            if window[0] >= window[1]:
+                raise ApiError(422, f"{where}.guidance_start ({window[0]:g}) must be below guidance_end "
+                                    f"({window[1]:g})", f"{where}.guidance_start")
+            key = "image" if unit.get("image") not in (None, "") or "input_image" not in unit else "input_image"
+            image, unused = _unit_picture(unit.get(key), f"{where}.{key}")
+            if image is None and not img2img:
+                raise ApiError(422, f"{where}.image: the unit needs a control picture (base64: edges, depth, pose...)",
+                               f"{where}.image")
+            ignored += unused + [f"{where}.{k}" for k in unit if k not in CONTROLNET_USED and unit[k] is not None]
+            units.append({"name": name, "title": titles[name], "weight": float(weight), "start": window[0],
+                          "end": window[1], "image": image, "field": f"{where}.{key}"})
+        return units, ignored
+
+    def control_pictures(units: list[dict], pictures: list, n: int, starts: list | None,
+                         inpaint: "_Inpainting | None") -> list[list]:
+        """Per unit, its picture for each of the n images: the unit's own (for "Only masked" inpainting resized to
+        the init picture's size and cut to the same crop, as the extension crops it), else (img2img) the picture
+        the image starts from, as the extension takes the init image."""
+        from PIL import Image
+
+        out = []
+        for unit, picture in zip(units, pictures):
+            per_image = []
+            for i in range(n):
+                if picture is None:
+                    per_image.append(starts[i % len(starts)])
+                elif inpaint is not None and inpaint.boxes[i % len(inpaint.boxes)] is not None:
+                    k = i % len(inpaint.boxes)
+                    size = inpaint.originals[k].size
+                    whole = picture if picture.size == size else picture.resize(size, Image.LANCZOS)
+                    per_image.append(whole.crop(inpaint.boxes[k]))
+                else:
+                    per_image.append(picture)
+            out.append(per_image)
+        return out
+
     async def run_job(request: Request, job: Job):
         """The job's result from the worker; None if it was interrupted before it began. A client that went
         away raises _ClientGone (answered 499 by its handler); the worker's refusals become ApiErrors."""
@@ -745,28 +896,36 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         eta, options, unused = sampler_settings(sampler, req.eta, req.s_tmin, req.s_tmax)
         base = check_seed("seed", req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
+        units, unit_ignored = check_controlnet(req, inits is not None)
+        unit_pictures = await run_in_threadpool(
+            lambda: [_decode_image(u["image"], u["field"]) if u["image"] else None for u in units])
         inpaint = None
         if mask is not None:
             inpaint = await run_in_threadpool(lambda: prepare_inpainting(inits, mask, width, height, **mask_options))
         elif inits is not None:  # sent without a mask, A1111's inpainting options are not used
             unused = [*unused, *(k for k in INPAINTING_FIELDS if k in req.model_fields_set)]
         starts = inpaint.inits if inpaint is not None else inits
+        controls = await run_in_threadpool(lambda: control_pictures(units, unit_pictures, n, starts, inpaint))
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
                                     emphasis=a1111_emphasis(req), strength=None if hires else strength,
-                                    hires=hires, inpainting=inpaint is not None),
+                                    hires=hires, inpainting=inpaint is not None,
+                                    controlnets=tuple((u["name"], u["weight"], u["start"], u["end"])
+                                                      for u in units)),
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
-                  masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)])
+                  masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],
+                  control_images=controls or None)
         if req.force_task_id:
             job.id = str(req.force_task_id)[:200]
         result = await run_job(request, job)
         images = result.images if result is not None else []
         used = result.seeds if result is not None else []
         a_name = samplers.a1111_name(sampler)
+        cn_units = [(u["title"], u["weight"], u["start"], u["end"]) for u in units]
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
                                fingerprint, version, vae_name, schedule, clip_skip, strength, hires,
-                               inpaint.parameters() if inpaint is not None else None) for s in used]
+                               inpaint.parameters() if inpaint is not None else None, cn_units) for s in used]
         encoded = []
         if req.send_images and images:
             if inpaint is not None:  # A1111's paste back: the kept part is the original picture's pixels
@@ -789,13 +948,17 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "face_restoration_model": None, "sd_model_name": name, "sd_model_hash": fingerprint[:10],
             "sd_vae_name": vae_name, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": strength,
-            "extra_generation_params": inpaint.extra_generation_params() if inpaint is not None else {},
+            "extra_generation_params": {**(inpaint.extra_generation_params() if inpaint is not None else {}),
+                                        **{f"ControlNet {i}": controlnet_unit_text(*unit)
+                                           for i, unit in enumerate(cn_units)}},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1 + clip_skip,
             "is_using_inpainting_conditioning": bool(getattr(pipe, "image_conditioned", False)),
             "version": f"imagine {version}", **mask_info,
             "task_id": job.id, "interrupted": result is None or result.interrupted,
-            "ignored_fields": sorted([*(req.model_extra or {}), *unused]),
+            "ignored_fields": sorted([*(k for k in (req.model_extra or {})
+                                        if not (k == "alwayson_scripts" and isinstance(req.model_extra[k], dict))),
+                                      *unused, *unit_ignored]),
             "seconds": round(result.seconds, 3) if result else 0.0,
             "batch_images": result.batch_images if result else 0,
         }
@@ -804,9 +967,24 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             dumped["init_images"] = [f"<{len(x)} base64 characters>" for x in req.init_images]  # not echoed back
         if getattr(req, "mask", None):
             dumped["mask"] = f"<{len(req.mask)} base64 characters>"
+        if units:  # the control pictures are not echoed back either
+            dumped["alwayson_scripts"] = _without_pictures(dumped.get("alwayson_scripts"))
         parameters = {**dumped, "steps": steps, "cfg_scale": guidance, "width": width, "height": height,
                       "sampler_name": a_name}
         return {"images": encoded, "parameters": jsonable_encoder(parameters), "info": json.dumps(info)}
+
+    # -- AUTOMATIC1111's ControlNet extension -------------------------------------------------------
+    @app.get("/controlnet/model_list")
+    def controlnet_model_list(update: bool = True):
+        return {"model_list": list(controlnet_titles().values())}
+
+    @app.get("/controlnet/version")
+    def controlnet_version():
+        return {"version": 2}  # the extension's API version
+
+    @app.get("/controlnet/module_list")
+    def controlnet_module_list(alias_names: bool = False):
+        return {"module_list": ["none"], "module_detail": {"none": {"model_free": False, "sliders": []}}}
 
     @app.get("/sdapi/v1/samplers")
     def get_samplers():
@@ -857,7 +1035,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         return {"listen": bool(getattr(app.state, "listen", False)), "api": True, "nowebui": False}
 
     @app.get("/sdapi/v1/scripts")
-    def get_scripts():
+    def get_scripts():  # the ControlNet extension is there when ControlNets are loaded (clients look for it)
+        if worker.controlnets():
+            return {k: [*v, "controlnet"] for k, v in _A1111_SCRIPTS.items()}
         return _A1111_SCRIPTS
 
     @app.get("/sdapi/v1/script-info")
@@ -1016,6 +1196,17 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _without_pictures(value):
+    """A request's alwayson_scripts with the ControlNet units' base64 pictures shown by their length."""
+    if isinstance(value, dict):
+        return {k: (f"<{len(v)} base64 characters>" if k in ("image", "input_image", "mask", "mask_image")
+                    and isinstance(v, str) and len(v) > 64 else _without_pictures(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [f"<{len(v)} base64 characters>" if isinstance(v, str) and len(v) > 64 else _without_pictures(v)
+                for v in value]
+    return value
 
 
 def _size_multiple(pipe) -> int:

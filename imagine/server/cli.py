@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a LoRA file to merge into the model at start, repeatable (strength default 1)")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
                    help="a textual-inversion embedding to load at start, repeatable")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a ControlNet to load at start (a diffusers ControlNet folder, or lllyasviel's .pth/"
+                        ".safetensors file), repeatable; requests use it by its name (the file's or folder's name) "
+                        "through AUTOMATIC1111's ControlNet extension API (alwayson_scripts.controlnet)")
     p.add_argument("--clip-skip", type=int, default=None,
                    help="use the CLIP states N layers before the last (diffusers' clip_skip; A1111's 'Clip skip' N + 1)")
     p.add_argument("--host", default="127.0.0.1",
@@ -85,9 +90,14 @@ def run(args) -> int:
               "authentication", file=sys.stderr)
     from imagine.commands.generate import parse_embeddings, parse_loras
 
+    for path in args.controlnet:  # before the model loads
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--controlnet: {path} not found")
+
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
                                                loras=parse_loras(args.lora),
-                                               embeddings=parse_embeddings(args.embedding), clip_skip=args.clip_skip)
+                                               embeddings=parse_embeddings(args.embedding),
+                                               controlnets=list(args.controlnet), clip_skip=args.clip_skip)
     app = create_app(pipe, config)
     app.state.listen = not is_loopback(args.host)
     shown = f"[{args.host}]" if ":" in args.host else args.host

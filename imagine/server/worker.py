@@ -3,8 +3,8 @@
 One thread, because a CPU has one set of cores to give and two forward passes side by side
 only share them; what raises throughput is a bigger batch. So the worker takes the oldest
 job and, with it, every queued job that can share its forward passes (same size, steps,
-sampler, scheduler and guidance scale): their prompts are concatenated into one
-`pipe.generate` call. Every image keeps its own seed, and the pipeline draws each sample's
+sampler, scheduler and guidance scale, and the same ControlNet units and weights; each job
+keeps its own control pictures): their prompts are concatenated into one `pipe.generate` call. Every image keeps its own seed, and the pipeline draws each sample's
 noise from its own generator, so a job's images are those it would get alone.
 
 Nothing accepted is dropped: a job's future always ends with its result or an exception
@@ -14,6 +14,7 @@ Nothing accepted is dropped: a job's future always ends with its result or an ex
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -72,6 +73,9 @@ class Settings:
     strength: float | None = None  # image to image: how far from the jobs' init images (None: text to image)
     inpainting: bool = False  # the jobs carry masks (white: paint anew), one per image
     hires: tuple | None = None  # A1111's hires. fix: (scale, denoising strength, steps or None, upscaler)
+    # ControlNet units (A1111's ControlNet extension): ((name of a loaded ControlNet, weight, guidance start, end),
+    # ...) in order. Jobs batch only with the same units; each brings its own pictures (Job.control_images)
+    controlnets: tuple = ()
 
 
 @dataclass(eq=False)
@@ -82,6 +86,7 @@ class Job:
     settings: Settings
     init_images: list | None = None  # image to image: a PIL image per prompt
     masks: list | None = None  # inpainting (with init_images and settings.inpainting): a PIL mask per prompt
+    control_images: list | None = None  # per unit of settings.controlnets: a list of one PIL picture per prompt
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     state: str = "queued"  # queued -> running -> done | cancelled
@@ -97,6 +102,11 @@ class Job:
                 self.init_images is None or not len(self.masks) == len(self.init_images) == len(self.seeds))):
             raise ValueError("an inpainting job needs settings.inpainting, and one init image and one mask per "
                              "image; any other job neither")
+        units = len(self.settings.controlnets)
+        pictures = self.control_images or []
+        if len(pictures) != units or any(len(p) != len(self.seeds) for p in pictures):
+            raise ValueError(f"a job with {units} ControlNet units needs one list of control pictures per unit, one "
+                             f"picture per image ({len(self.seeds)}); got {[len(p) for p in pictures]}")
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -149,6 +159,7 @@ class ModelWorker:
         self.progress = Progress()
         self.stats = collections.Counter()  # accepted, rejected, completed, failed, cancelled, interrupted, batches
         self._seconds_per_image = None  # running mean, for Retry-After and ETA
+        self._all_controlnets: list | None = None  # pipe.controlnets while a batch runs a selection of them
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "ModelWorker":
@@ -231,6 +242,32 @@ class ModelWorker:
                     return k
         return None
 
+    def controlnets(self) -> list[tuple[str, Any]]:
+        """The ControlNets loaded into the pipeline, (name, model) in order, whatever the running batch uses."""
+        saved = self._all_controlnets
+        return list(saved if saved is not None else getattr(self.pipe, "controlnets", None) or [])
+
+    @contextlib.contextmanager
+    def _using_controlnets(self, names: list[str]):
+        """The pipeline runs every ControlNet it holds (one control picture each): for a batch's units, it holds
+        those, in the units' order (a name twice: that ControlNet twice), and all of them again afterwards."""
+        if not names:
+            yield
+            return
+        pipe = self.pipe
+        full = list(pipe.controlnets)
+        nets = dict(full)
+        missing = [n for n in names if n not in nets]
+        if missing:
+            raise ValueError(f"no ControlNet named {', '.join(map(repr, missing))} is loaded")
+        self._all_controlnets = full
+        pipe.controlnets = [(n, nets[n]) for n in names]
+        try:
+            yield
+        finally:
+            pipe.controlnets = full
+            self._all_controlnets = None
+
     def retry_after(self) -> int:
         """Seconds until a slot is likely to free: the mean time per image times the images
         ahead in the queue, capped to a batch's worth, at least 1."""
@@ -305,6 +342,7 @@ class ModelWorker:
         seeds = [x for j in batch for x in j.seeds]
         inits = [im for j in batch for im in (j.init_images or [])] if s.strength is not None else None
         masks = [m for j in batch for m in j.masks] if s.inpainting else None  # (one settings: all have them)
+        controls = [[im for j in batch for im in j.control_images[u]] for u in range(len(s.controlnets))]
         offsets = dict(zip((j.id for j in batch), itertools.accumulate([0] + [len(j) for j in batch])))
         chunks = [(i, min(i + self.max_batch, len(seeds))) for i in range(0, len(seeds), self.max_batch)]
         self.stats["batches"] += 1
@@ -330,13 +368,25 @@ class ModelWorker:
                     scale, hires_strength, hires_steps, upscaler = s.hires
                     run = functools.partial(self.pipe.generate_hires, hires_scale=scale, hires_upscaler=upscaler,
                                             hires_strength=hires_strength, hires_steps=hires_steps)
-                res = run(prompts[a:b], negatives[a:b], seeds=seeds[a:b], steps=s.steps,
-                                         guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
-                                         width=s.width, sigma_schedule=s.schedule, eta=s.eta,
-                                         sampler_options=dict(s.options) or None, callback=callback, progress=False,
-                                         **({"emphasis": True} if s.emphasis else {}),
-                                         **({"init_image": inits[a:b], "strength": s.strength} if inits else {}),
-                                         **({"mask_image": masks[a:b]} if masks else {}))
+                control = {}
+                if controls:  # one picture per image for each unit (as a list per ControlNet when several)
+                    pictures = [c[a:b] for c in controls]
+                    one = len(pictures) == 1
+                    units = [tuple(u) + (0.0, 1.0)[len(u) - 2:] for u in s.controlnets]  # (name, weight, start, end)
+                    weights, starts, ends = ([u[k] for u in units] for k in (1, 2, 3))
+                    control = {"control_image": pictures[0] if one else pictures,
+                               "controlnet_scale": weights[0] if one else weights}
+                    if any(v != 0 for v in starts) or any(v != 1 for v in ends):  # a guidance window
+                        control.update(control_guidance_start=starts[0] if one else starts,
+                                       control_guidance_end=ends[0] if one else ends)
+                with self._using_controlnets([u[0] for u in s.controlnets]):
+                    res = run(prompts[a:b], negatives[a:b], seeds=seeds[a:b], steps=s.steps,
+                              guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
+                              width=s.width, sigma_schedule=s.schedule, eta=s.eta,
+                              sampler_options=dict(s.options) or None, callback=callback, progress=False,
+                              **({"emphasis": True} if s.emphasis else {}),
+                              **({"init_image": inits[a:b], "strength": s.strength} if inits else {}),
+                              **({"mask_image": masks[a:b]} if masks else {}), **control)
                 images += res.images
                 parameters = res.parameters
             except _Interrupted:
