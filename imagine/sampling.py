@@ -87,6 +87,7 @@ class Denoiser:
         self.calls = 0
         self._held: torch.Tensor | None = None  # D(x_T) computed by matched_start, for the first step
         self.known: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see keep_known
+        self.evaluations: int | None = None  # the run's model evaluations where a step takes more than one
 
     def keep_known(self, x0: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor) -> None:
         """Inpainting by the replacement method (Song et al. 2021, "Score-based generative modeling",
@@ -122,7 +123,8 @@ class Denoiser:
     def model_output(self, x: torch.Tensor, i: int) -> torch.Tensor:
         at_step = getattr(self.model, "at_step", None)
         if at_step is not None:  # a model whose inputs follow the step (ControlNets' guidance window)
-            at_step(i, len(self.plan))
+            # counted in model evaluations where a step takes two (Heun: 2N - 1, as diffusers' doubled timesteps)
+            at_step(*((self.calls, self.evaluations) if self.evaluations else (i, len(self.plan))))
         out = guided_model_output(self.model, x, self._t(x, i), self.cond, self.uncond, self.guidance_scale,
                                   self.guidance_rescale)
         self.calls += 1
@@ -366,6 +368,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     denoise = Denoiser(model, plan, prediction_type, cond, uncond, guidance_scale, guidance_rescale, classifier,
                        classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,
                        threshold_percentile, threshold_range)
+    if canonical == "heun":
+        denoise.evaluations = 2 * len(plan) - 1  # (its last step, to sigma = 0, is one Euler evaluation)
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
     kwargs.update(_sampler_options(canonical, sampler_options))
     if mask is not None:

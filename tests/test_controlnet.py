@@ -199,9 +199,11 @@ def test_controlnet_inpainting_matches_diffusers(tmp_path):
     assert psnr(((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1), want) >= 50
 
 
-def test_the_guidance_window_matches_diffusers(tmp_path):
-    """control_guidance_start / end: the ControlNet acts on the steps i of n with start <= i/n, (i+1)/n <= end."""
-    ref, (net,) = _setup(tmp_path, "dpmpp_2m")
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun"])
+def test_the_guidance_window_matches_diffusers(tmp_path, sampler):
+    """control_guidance_start / end: the ControlNet acts on the evaluations k of n with start <= k/n, (k+1)/n <= end
+    (Heun: n = 2N - 1, diffusers' doubled timesteps)."""
+    ref, (net,) = _setup(tmp_path, sampler)
     pipe_ref = diffusers.StableDiffusionControlNetPipeline(**ref.components, controlnet=net)
     pipe_ref.set_progress_bar_config(disable=True)
     with torch.no_grad():
@@ -209,7 +211,7 @@ def test_the_guidance_window_matches_diffusers(tmp_path):
                         control_guidance_start=0.2, control_guidance_end=0.7,
                         generator=torch.Generator().manual_seed(SEED), output_type="pt").images[0].float()
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", controlnets=[tmp_path / "cn0"])
-    kw = dict(steps=10, guidance_scale=CFG, sampler="dpmpp_2m", seed=SEED, progress=False, output_type="latent")
+    kw = dict(steps=10, guidance_scale=CFG, sampler=sampler, seed=SEED, progress=False, output_type="latent")
     res = pipe.generate(PROMPT, NEGATIVE, control_image=_edges(), control_guidance_start=0.2,
                         control_guidance_end=0.7, **kw)
     assert psnr(((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1), want) >= 50
@@ -220,3 +222,30 @@ def test_the_guidance_window_matches_diffusers(tmp_path):
         pipe.generate("x", control_image=_edges(), control_guidance_start=0.8, control_guidance_end=0.5, steps=2)
     with pytest.raises(ValueError, match=r"control_guidance_end must be a finite number in \[0, 1\]"):
         pipe.generate("x", control_image=_edges(), control_guidance_end=1.5, steps=2)
+
+
+def test_a_pooled_controlnet_reads_the_prompt_only(tmp_path):
+    """A shuffle-style ControlNet (global_pool_conditions): diffusers runs it in guess mode, on the conditional half
+    of the guidance batch with zero residuals for the unconditional half; 50 dB."""
+    ref = save_diffusers_folder(tmp_path / "folder", "sd1", scheduler="ddim")
+    net = tiny_controlnet(global_pool_conditions=True)
+    net.save_pretrained(tmp_path / "cn", safe_serialization=True)
+    pipe_ref = diffusers.StableDiffusionControlNetPipeline(**ref.components, controlnet=net)
+    pipe_ref.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe_ref(PROMPT, image=_edges(), negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=CFG,
+                        generator=torch.Generator().manual_seed(SEED), output_type="pt").images[0].float()
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", controlnets=[tmp_path / "cn"])
+    res = pipe.generate(PROMPT, NEGATIVE, control_image=_edges(), steps=8, guidance_scale=CFG, sampler="ddim",
+                        seed=SEED, progress=False, output_type="latent")
+    assert psnr(((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1), want) >= 50
+
+
+def test_settings_without_their_pictures_and_unusable_controlnets_are_errors(tmp_path):
+    _setup(tmp_path, "ddim")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", controlnets=[tmp_path / "cn0"])
+    with pytest.raises(ValueError, match="need control_image"):
+        pipe.generate("x", controlnet_scale=0.3, steps=2, progress=False)
+    grey = tiny_controlnet(conditioning_channels=1)
+    with pytest.raises(ValueError, match="takes 1-channel control pictures; imagine gives ControlNets RGB pictures"):
+        pipe.load_controlnet(ControlNetModel.from_config_dict(dict(grey.config)), "grey")

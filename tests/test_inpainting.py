@@ -57,8 +57,10 @@ def _diffusers_inpaint(ref, steps, strength, image=None, mask=None):
 # (input channels, sampler, strength, steps): 9 = an inpainting model, 4 = a plain one (the replacement method).
 # euler_a pins the generator draws (diffusers encodes the masked picture even for a plain model); heun pins the
 # known part at the second evaluation of each step.
+# ddpm: DDPMScheduler (whose clip_sample diffusers' SD pipeline sets False, as imagine reads SD).
 CASES = [(9, "ddim", 1.0, 12), (9, "euler", 0.75, 12), (9, "dpmpp_2m", 0.6, 10),
-         (4, "ddim", 1.0, 12), (4, "dpmpp_2m", 0.6, 10), (4, "euler_a", 1.0, 8), (4, "heun", 0.8, 6)]
+         (4, "ddim", 1.0, 12), (4, "dpmpp_2m", 0.6, 10), (4, "euler_a", 1.0, 8), (4, "heun", 0.8, 6),
+         (4, "ddpm", 1.0, 8), (9, "ddpm", 0.7, 8)]
 
 
 @pytest.mark.parametrize("channels,sampler,strength,steps", CASES)
@@ -195,6 +197,10 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         pipe.generate(["a", "b", "c"], init_image=_picture(), mask_image=[_mask(), _mask()], **kw)
     with pytest.raises(TypeError, match="mask_image must be a PIL image"):
         pipe.generate("x", init_image=_picture(), mask_image="mask.png", **kw)
+    with pytest.raises(ValueError, match="strength is image to image's"):
+        pipe.generate("x", strength=0.5, **kw)
+    with pytest.raises(ValueError, match="hires. fix starts from text"):
+        pipe.generate_hires("x", mask_image=_mask(), **kw)
 
 
 def test_unets_imagine_cannot_run_are_refused_when_the_pipeline_is_made(tmp_path):

@@ -135,6 +135,8 @@ def make_scheduler(name: str, prediction_type: str = "epsilon"):
         return diffusers.EulerAncestralDiscreteScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
     if name == "heun":
         return diffusers.HeunDiscreteScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+    if name == "ddpm":  # diffusers' default clip_sample=True: x_0 clipped to [-1, 1]
+        return diffusers.DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
     raise ValueError(name)
 
 

@@ -204,7 +204,16 @@ class Controlled(nn.Module):
                 picture = torch.cat([picture] * (x.shape[0] // picture.shape[0]))
             given = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "time_ids" else v)
                      for k, v in cond.items() if k in keys}
-            d, m = net(xin, t, control=picture, scale=scale, **given)
+            context = given.get("context")
+            if net.config.global_pool_conditions and torch.is_tensor(context) and context.shape[0] == 2 * x.shape[0]:
+                # A pooled ControlNet (shuffle) reads the prompt only: diffusers runs it in guess mode, on the
+                # conditional half of the guidance batch, with zero residuals for the unconditional half.
+                half = {k: (v.chunk(2)[1] if torch.is_tensor(v) and v.shape[0] == context.shape[0] else v)
+                        for k, v in given.items()}
+                d, m = net(xin, t, control=picture, scale=scale, **half)
+                d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])
+            else:
+                d, m = net(xin, t, control=picture, scale=scale, **given)
             down = list(d) if down is None else [_add(a, b.to(a.dtype)) for a, b in zip(down, d)]
             mid = m if mid is None else _add(mid, m.to(mid.dtype))
         if down is None:  # no ControlNet acts at this step

@@ -154,6 +154,9 @@ class TextToImagePipeline:
         if c.in_channels != self.latent_channels:
             raise ValueError(f"ControlNet {name}: it takes {c.in_channels} latent channels, this model has "
                              f"{self.latent_channels}")
+        if c.conditioning_channels != 3:
+            raise ValueError(f"ControlNet {name}: it takes {c.conditioning_channels}-channel control pictures; imagine "
+                             "gives ControlNets RGB pictures (3 channels)")
         if name in dict(self.controlnets):
             raise ValueError(f"a ControlNet named {name!r} is loaded already; give another name")
         self.controlnets.append((name, net.eval().requires_grad_(False)))
@@ -287,8 +290,9 @@ class TextToImagePipeline:
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
                  emphasis: bool = False, init_image=None, strength: float | None = None,
                  init_latents: torch.Tensor | None = None, mask_image=None, control_image=None,
-                 controlnet_scale: float | list[float] = 1.0, control_guidance_start: float | list[float] = 0.0,
-                 control_guidance_end: float | list[float] = 1.0,
+                 controlnet_scale: float | list[float] | None = None,
+                 control_guidance_start: float | list[float] | None = None,
+                 control_guidance_end: float | list[float] | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -353,6 +357,8 @@ class TextToImagePipeline:
         final_step = final_step or "euler"
         # a model's default start (matched) moves pure noise; an image-to-image run starts from its picture
         start = start or (None if init_image is not None or init_latents is not None else d.get("start")) or "noise"
+        # (A scheduler config's clip_sample is not applied: diffusers' SD text-to-image and img2img pipelines set it
+        # False for SD, calling a True a bug in the config; only its inpainting pipeline keeps it.)
         threshold_range = check_threshold_range(d.get("threshold_range", 1.0) if threshold_range is None
                                                 else threshold_range)
         if karras is None and sigma_schedule is None:  # a diffusers scheduler config may name its noise levels
@@ -365,11 +371,20 @@ class TextToImagePipeline:
                                   "mask_image", mode=None)
         if masks is not None and inits is None:
             raise ValueError("mask_image needs init_image: the picture whose black part is kept (inpainting)")
+        if strength is not None and inits is None and init_latents is None:
+            raise ValueError("strength is image to image's (denoising strength); give init_image (or init_latents) "
+                             "with it, or leave it out for text to image")
         if strength is None:
             strength = 1.0 if masks is not None else 0.8  # diffusers' defaults for inpainting and image to image
+        if control_image is None and not all(v is None for v in (controlnet_scale, control_guidance_start,
+                                                                  control_guidance_end)):
+            raise ValueError("controlnet_scale / control_guidance_start / control_guidance_end need control_image "
+                             "(the ControlNets' pictures)")
         n_prompts = len(prompts) // num_images_per_prompt
-        controls = self._control_pictures(control_image, controlnet_scale, n_prompts, num_images_per_prompt,
-                                          control_guidance_start, control_guidance_end)
+        controls = self._control_pictures(control_image, 1.0 if controlnet_scale is None else controlnet_scale,
+                                          n_prompts, num_images_per_prompt,
+                                          0.0 if control_guidance_start is None else control_guidance_start,
+                                          1.0 if control_guidance_end is None else control_guidance_end)
         if init_latents is not None:  # image to image from latents (hires. fix's latent upscale)
             if inits is not None:
                 raise ValueError("give init_image or init_latents, not both")
@@ -481,8 +496,9 @@ class TextToImagePipeline:
             raise ValueError(f"hires_scale must be a number in (1, 4]; got {hires_scale!r}")
         if hires_steps is not None and (not isinstance(hires_steps, int) or hires_steps < 1):
             raise ValueError(f"hires_steps must be a positive integer or None (the first pass's); got {hires_steps!r}")
-        if kw.get("init_image") is not None or kw.get("init_latents") is not None:
-            raise ValueError("hires. fix starts from text; for a picture of your own use init_image alone")
+        if kw.get("init_image") is not None or kw.get("init_latents") is not None or kw.get("mask_image") is not None:
+            raise ValueError("hires. fix starts from text; for a picture of your own (or inpainting) use init_image "
+                             "(and mask_image) without hires")
         upscaler = str(hires_upscaler).lower()
         if upscaler not in HIRES_UPSCALERS:
             raise ValueError(f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)}; got {hires_upscaler!r}")
