@@ -591,6 +591,9 @@ class TextToImagePipeline:
                     init_latents: torch.Tensor | None = None):
         """The start and the model's inputs of an inpainting run, with diffusers' draws in diffusers' order (each
         image's generator: the picture's posterior, then the start noise, then the masked picture's posterior).
+        Each image encodes its picture with its own generator, so a seed gives the same image in any batch (with
+        num_images_per_prompt > 1 diffusers encodes a shared picture once, with the first image's generator: its
+        later images differ from the same seeds run alone).
         An inpainting model given no mask paints everything anew: its mask is all ones, its masked picture all
         zeros (AUTOMATIC1111's conditioning for such a model in text to image and image to image)."""
         from imagine.inpainting import latent_mask, masked_pixels, prepare_masks
