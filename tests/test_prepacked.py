@@ -200,6 +200,26 @@ def test_the_exact_copy_is_the_module_itself_where_packing_is_off_or_does_not_fi
     assert text_to_image.exact_copy(unet.float()) is not unet
 
 
+@pytest.mark.parametrize("mode", ["bf16_mode", "no_bf16_mode"])
+def test_the_fast_copy_runs_unpacked_where_the_packs_do_not_fit(monkeypatch, request, mode):
+    """exact_copy's rule in the fast copy too: packs (a second copy of the weights, at the copy's precision) that
+    would take more than a quarter of the memory available are not made (SDXL's U-Net on a 24 GB machine)."""
+    from imagine.models import winograd
+    from imagine.pipelines import text_to_image
+
+    request.getfixturevalue(mode)
+    monkeypatch.setenv(winograd.BUDGET_ENV, "1")
+    unet = _sd_shaped_unet()
+    per_element = 2 if mode == "bf16_mode" else 4
+    need = sum(m.weight.numel() for m in unet.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)) * per_element
+    for free, packed in ((4 * need, True), (4 * need - 4, False)):
+        monkeypatch.setattr(text_to_image, "_FAST_COPIES", type(text_to_image._FAST_COPIES)())
+        monkeypatch.setattr(text_to_image, "_EXACT_COPIES", type(text_to_image._EXACT_COPIES)())
+        monkeypatch.setattr(winograd, "_available_bytes", lambda free=free: free)
+        kinds = {type(m).__name__ for m in text_to_image.fast_copy(unet).modules()}
+        assert ("PackedLinear" in kinds) == packed, (mode, free, kinds)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 6e-3)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_geglu_matches_float64(dtype, tol, bias):

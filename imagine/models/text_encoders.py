@@ -240,8 +240,14 @@ class SDXLCLIPTower(CLIPTextEncoder):
 
     @torch.no_grad()
     def _encode(self, ids, mask):
-        out = self.model(input_ids=ids, output_hidden_states=True)
-        pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+        projection = getattr(self.model, "text_projection", None)
+        tower = getattr(self.model, "text_model", self.model) if projection is not None else self.model
+        out = tower(input_ids=ids, output_hidden_states=True)
+        pooled = out.pooler_output
+        if projection is not None:
+            # row by row: a product of one row and one of several round differently in the last bits, and a seed
+            # must give the same image in any batch
+            pooled = torch.cat([projection(row) for row in pooled.split(1)])
         return TextEncoding(out.hidden_states[-(self.clip_skip + 2)], None, pooled)
 
     @CLIPTextEncoder.clip_skip.setter

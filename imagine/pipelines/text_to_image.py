@@ -43,6 +43,7 @@ class GenerationResult:
     parameters: dict[str, Any]
     seconds: float = 0.0
     latents: torch.Tensor | None = field(default=None, repr=False)
+    negatives: list | None = field(default=None, repr=False)  # per image, None where not given (SDXL: zeros)
 
 
 class TextToImagePipeline:
@@ -62,6 +63,15 @@ class TextToImagePipeline:
                             "their memory)")
         self.unet = components.unet.eval().requires_grad_(False)
         self.vae = components.vae.eval().requires_grad_(False) if components.vae is not None else None
+        u = self.unet.config
+        if u.addition_embed_type == "text_time" and not hasattr(components.text_encoder, "towers"):
+            raise ValueError(f"{components.source or 'this model'}: its U-Net is SDXL's (text_time conditioning), but "
+                             "its text encoder is one CLIP tower; an SDXL folder needs text_encoder_2/ and tokenizer_2/ "
+                             "beside text_encoder/ and tokenizer/")
+        width = getattr(components.text_encoder, "dim", None)
+        if u.has_cross_attention and isinstance(width, int) and width != u.cross_attention_dim:
+            raise ValueError(f"{components.source or 'this model'}: the text encoder gives {width}-wide states, the "
+                             f"U-Net cross-attends to {u.cross_attention_dim}: they belong to different models")
         inputs, latent = self.unet.config.in_channels, self.latent_channels
         if inputs not in (latent, 2 * latent + 1) or (inputs != latent and self.vae is None):
             raise ValueError(f"{components.source or 'this model'}: its U-Net takes {inputs} input channels; imagine "
@@ -335,7 +345,7 @@ class TextToImagePipeline:
             raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if negative_prompt is None:
-            negatives = [""] * len(prompts)
+            negatives = [None] * len(prompts)  # not given: "" (encoded), or zeros for SDXL (zero_empty_negative)
         else:
             negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negs) == 1:
@@ -344,6 +354,8 @@ class TextToImagePipeline:
                 raise ValueError(f"{len(negs)} negative prompts for {len(prompts) // num_images_per_prompt} prompts; "
                                  "give one, or one per prompt")
             negatives = [n for n in negs for _ in range(num_images_per_prompt)]
+        if not all(n is None or isinstance(n, str) for n in negatives):
+            raise TypeError("negative prompts must be strings (or None: not given)")
         d = self.defaults
         steps = int(d["steps"] if steps is None else steps)
         guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
@@ -415,10 +427,15 @@ class TextToImagePipeline:
         cond = self.encode_prompts([self._without_lora_tags(p) for p in prompts], emphasis)
         uncond = None
         if guidance_scale != 1.0:
-            if negative_prompt is None and d.get("zero_empty_negative"):  # SDXL's force_zeros_for_empty_prompt
+            zero = [n is None and bool(d.get("zero_empty_negative")) for n in negatives]
+            if all(zero):  # SDXL's force_zeros_for_empty_prompt: no negative prompt is all zeros
                 uncond = self.text_encoder.zeros(len(prompts)).as_cond()
             else:
-                uncond = self.encode_prompts([self._without_lora_tags(n) for n in negatives], emphasis)
+                uncond = self.encode_prompts([self._without_lora_tags(n or "") for n in negatives], emphasis)
+                if any(zero):  # rows whose negative was not given, in a batch with some that were
+                    rows = torch.tensor(zero)
+                    uncond = {k: (v.masked_fill(rows.view(-1, *[1] * (v.ndim - 1)), 0) if k in ("context", "text_embeds")
+                                  else v) for k, v in uncond.items()}
         for c in (cond, uncond):
             if c is not None:
                 c.update(self.size_conditioning(len(prompts), height, width))
@@ -477,8 +494,9 @@ class TextToImagePipeline:
             params["sampler_options"] = dict(sampler_options)
         # (latents asked for: no VAE decode; hires. fix's latent upscale and the parity tests decode themselves)
         images = [to_pil(t) for t in self.decode(latents)] if output_type == "pil" else []
-        return GenerationResult(images=images, seeds=seeds, seconds=time.time() - t0, latents=latents,
-                                parameters={**params, "prompt": prompts, "negative_prompt": negatives})
+        return GenerationResult(images=images, seeds=seeds, seconds=time.time() - t0, latents=latents, negatives=negatives,
+                                parameters={**params, "prompt": prompts,
+                                            "negative_prompt": [n or "" for n in negatives]})
 
     def generate_hires(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                        hires_scale: float = 2.0, hires_strength: float = 0.7, hires_steps: int | None = None,
@@ -515,13 +533,13 @@ class TextToImagePipeline:
         else:  # A1111's "Latent": bilinear, no antialiasing
             start = {"init_latents": torch.nn.functional.interpolate(
                 first.latents.float(), size=(height // f, width // f), mode="bilinear", align_corners=False)}
-        second = self.generate(p["prompt"], None if negative_prompt is None else p["negative_prompt"], seeds=first.seeds, height=height, width=width,
+        second = self.generate(p["prompt"], first.negatives, seeds=first.seeds, height=height, width=width,
                                steps=steps, strength=hires_strength, callback=callback, progress=progress,
                                output_type=output_type, **start, **later)
         params = {**second.parameters, "height": p["height"], "width": p["width"], "steps": p["steps"],
                   "hires_scale": float(hires_scale), "hires_steps": steps,
                   "hires_upscaler": HIRES_UPSCALERS[upscaler]}
-        return GenerationResult(images=second.images, seeds=second.seeds, parameters=params,
+        return GenerationResult(images=second.images, seeds=second.seeds, parameters=params, negatives=second.negatives,
                                 seconds=first.seconds + second.seconds, latents=second.latents)
 
     def hires_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
@@ -846,10 +864,12 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
 
     def build_float32():
         copy = _sharing_copy(module)
+        packs = _pack_bytes_if_they_fit(module, 4)
         if _weights_dtype(module) == torch.float32:  # (a module loaded in bf16 stays direct: Winograd loses 9x
             use_winograd(copy)                         # the accuracy in bf16, see above)
         _channels_last_direct_filters(copy)
-        use_prepacked(copy)
+        if packs is not None:
+            use_prepacked(copy)
         return copy
 
     def build_bf16():
@@ -868,15 +888,31 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
         for m in copy.modules():
             if hasattr(m, "upcast"):
                 m.upcast = False  # see the note above
+        packs = _pack_bytes_if_they_fit(module, 2)
         if not amx() and default_budget_bytes() > 0:  # with AMX, oneDNN's bf16 convolutions are the faster
             use_winograd(copy, float32_from=module, min_pixels=BF16_WINOGRAD_MIN_PIXELS, narrow=transform_kernel())
-        use_prepacked(copy)  # after use_winograd, which converts only plain nn.Conv2d
+        if packs is not None:
+            use_prepacked(copy)  # after use_winograd, which converts only plain nn.Conv2d
         return copy.requires_grad_(False)  # its own bf16 weights
 
     return _cached_copy(_FAST_COPIES, module, build_float32 if fast_dtype() == torch.float32 else build_bf16)
 
 
 BF16_WINOGRAD_MIN_PIXELS = 16 * 16  # smallest map for float32 Winograd in a bf16 copy (see fast_copy)
+
+
+def _pack_bytes_if_they_fit(module: torch.nn.Module, element_size: int) -> int | None:
+    """The bytes the packed weights of `module`'s copy will take (its linear and convolution weights at
+    `element_size` bytes each: they are a second copy, made at the first call), or None where they would take
+    more than a quarter of the memory available now (exact_copy's rule): the copy then runs unpacked (SDXL's
+    2.6 B-parameter U-Net on a 24 GB machine, say)."""
+    from imagine.models.winograd import _available_bytes
+
+    need = sum(m.weight.numel() for m in module.modules()
+               if type(m) in (torch.nn.Linear, torch.nn.Conv2d)) * element_size
+    free = _available_bytes()
+    return need if free is None or need <= free // 4 else None
+
 
 
 def _channels_last_direct_filters(module: torch.nn.Module) -> None:

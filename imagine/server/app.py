@@ -906,7 +906,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             unused = [*unused, *(k for k in INPAINTING_FIELDS if k in req.model_fields_set)]
         starts = inpaint.inits if inpaint is not None else inits
         controls = await run_in_threadpool(lambda: control_pictures(units, unit_pictures, n, starts, inpaint))
-        job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt] * n, seeds=seeds,
+        # an empty negative prompt is none given: zeros on SDXL, as AUTOMATIC1111 runs it (encoded "" elsewhere)
+        job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt or None] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
                                     emphasis=a1111_emphasis(req), strength=None if hires else strength,
@@ -1155,7 +1156,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         sampler, schedule = resolve_sampler("sampler", req.sampler)
         base = check_seed("seed", -1 if req.seed is None else req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(req.n)]
-        job = Job(prompts=[req.prompt] * req.n, negative_prompts=[negative] * req.n, seeds=seeds,
+        job = Job(prompts=[req.prompt] * req.n, negative_prompts=[negative or None] * req.n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule))
         result = await run_job(request, job)
