@@ -227,3 +227,19 @@ def test_an_sdxl_unet_without_its_second_text_tower_is_refused_at_load(tmp_path)
     (tmp_path / "folder" / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="its U-Net is SDXL's .* needs text_encoder_2/ and tokenizer_2/"):
         TextToImagePipeline.from_pretrained(tmp_path / "folder")
+
+
+def test_the_servers_size_limit_is_twice_the_models_own_size(tmp_path):
+    """SDXL's usual sizes (1344 x 768) pass the server's default limit, which is twice the model's own size."""
+    from fastapi.testclient import TestClient
+
+    from imagine.server.app import ServerConfig, create_app
+
+    save_sdxl_folder(tmp_path / "folder")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    with TestClient(create_app(pipe)) as client:
+        limits = client.get("/imagine/v1/config").json()["limits"]
+    assert (limits["max_width"], limits["max_height"]) == (2 * SIZE, 2 * SIZE)  # the tiny model's own is 32
+    with TestClient(create_app(pipe, ServerConfig(max_width=100))) as client:
+        limits = client.get("/imagine/v1/config").json()["limits"]
+    assert (limits["max_width"], limits["max_height"]) == (100, 2 * SIZE)

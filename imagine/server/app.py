@@ -22,7 +22,7 @@ import random
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,8 @@ MAX_SEED = 2**32 - 1
 class ServerConfig:
     """Limits and queue settings; every limit is checked before a job is queued (422 past it)."""
 
-    max_width: int = 1024
-    max_height: int = 1024
+    max_width: int | None = None  # None: twice the model's own size (1024 for SD 1.x, 2048 for SDXL)
+    max_height: int | None = None
     max_steps: int = 150
     max_images: int = 8  # per request: batch_size * n_iter, or OpenAI's n
     max_prompt_length: int = 2000  # characters, prompt and negative prompt each
@@ -60,7 +60,9 @@ class ServerConfig:
 
     def __post_init__(self):
         for k, v in asdict(self).items():
-            if not isinstance(v, int) or v < 1:
+            if v is None and k in ("max_width", "max_height"):
+                continue  # the model's own size, twice (create_app)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"ServerConfig.{k} must be a positive integer; got {v!r}")
 
 
@@ -505,6 +507,18 @@ class _BodyLimit:
         await self.app(scope, receive, send)
 
 
+def _own_size(pipe) -> tuple[int, int]:
+    """The model's own (height, width): its defaults, else the U-Net's sample size times the VAE's factor, else
+    512 x 512."""
+    d = getattr(pipe, "defaults", {}) or {}
+    try:
+        sample = pipe.unet.config.sample_size or 64
+        sample = (sample[0], sample[-1]) if isinstance(sample, (tuple, list)) else (sample, sample)
+        return int(d.get("height") or pipe.scale * sample[0]), int(d.get("width") or pipe.scale * sample[1])
+    except (AttributeError, TypeError, IndexError):
+        return int(d.get("height") or 512), int(d.get("width") or 512)
+
+
 def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker | None = None,
                model_name: str | None = None) -> FastAPI:
     """The app around `pipe` (a TextToImagePipeline, or anything with its generate/decode/
@@ -512,6 +526,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     import imagine
 
     cfg = config or ServerConfig()
+    if cfg.max_width is None or cfg.max_height is None:
+        own = _own_size(pipe)
+        cfg = replace(cfg, max_width=cfg.max_width or 2 * own[1], max_height=cfg.max_height or 2 * own[0])
     worker = worker or ModelWorker(pipe, queue_size=cfg.queue_size, max_batch=cfg.max_batch)
     samplers = SamplerTable(our_sampler_names())
     source = str(getattr(getattr(pipe, "c", None), "source", "") or "")

@@ -42,8 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"jobs that may wait; past it requests get 429 with Retry-After (default {d.queue_size})")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help=f"images per forward pass when compatible requests are batched (default {d.max_batch})")
-    p.add_argument("--max-width", type=int, default=d.max_width, help=f"default {d.max_width}")
-    p.add_argument("--max-height", type=int, default=d.max_height, help=f"default {d.max_height}")
+    p.add_argument("--max-width", type=int, default=d.max_width,
+                   help="default: twice the model's own width (1024 for SD 1.x, 2048 for SDXL)")
+    p.add_argument("--max-height", type=int, default=d.max_height,
+                   help="default: twice the model's own height (1024 for SD 1.x, 2048 for SDXL)")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"default {d.max_steps}")
     p.add_argument("--max-images", type=int, default=d.max_images,
                    help=f"images per request: batch_size x n_iter, or n (default {d.max_images})")
