@@ -243,3 +243,19 @@ def test_the_servers_size_limit_is_twice_the_models_own_size(tmp_path):
     with TestClient(create_app(pipe, ServerConfig(max_width=100))) as client:
         limits = client.get("/imagine/v1/config").json()["limits"]
     assert (limits["max_width"], limits["max_height"]) == (100, 2 * SIZE)
+
+
+def test_the_cli_takes_sdxls_second_tokenizer(tmp_path, monkeypatch, capsys):
+    from imagine.cli import main
+
+    monkeypatch.delenv("IMAGINE_CLIP_TOKENIZER", raising=False)
+    monkeypatch.delenv("IMAGINE_CLIP_TOKENIZER_2", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    path = tmp_path / "single" / "sdxl.safetensors"
+    write_sdxl_single_file(path, tokenizers=("tokenizer",))
+    second = write_clip_tokenizer(tmp_path / "elsewhere" / "tok2", "!")
+    out = tmp_path / "out.png"
+    args = ["generate", "--model", str(path), "a red circle", "--steps", "2", "--height", "32", "--width", "32",
+            "--seed", "3", "-o", str(out), "-q"]
+    assert main(args) != 0 and "tokenizer_2" in capsys.readouterr().err
+    assert main(args + ["--tokenizer-2", str(second)]) == 0 and out.is_file()

@@ -101,6 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              "default: from <name>.yaml beside the file, else epsilon")
     single.add_argument("--tokenizer", default=None,
                         help="a CLIP tokenizer folder (vocab.json + merges.txt), if none sits beside the file")
+    single.add_argument("--tokenizer-2", default=None,
+                        help="SDXL's second (OpenCLIP ViT-bigG) tokenizer folder, if no tokenizer_2/ sits beside the "
+                             "file")
     single.add_argument("--clip-skip", type=int, default=None,
                         help="use the states N layers before the last, diffusers' clip_skip (1 = the penultimate "
                              "layer); AUTOMATIC1111's 'Clip skip' is N + 1")
@@ -309,7 +312,7 @@ def run(args) -> int:
                                                embeddings=parse_embeddings(args.embedding),
                                                controlnets=[path for path, _ in controlnets],
                                                prediction_type=args.prediction_type, tokenizer=args.tokenizer,
-                                               clip_skip=args.clip_skip)
+                                               tokenizer_2=args.tokenizer_2, clip_skip=args.clip_skip)
     height, width = args.height, args.width  # a side not given is the model's own (the pipeline's rule)
     if height is not None or width is not None:
         pipe.check_size(height or 8 * pipe.scale, width or 8 * pipe.scale)  # before the first image, not after
