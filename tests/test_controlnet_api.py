@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from test_controlnet import _edges  # noqa: E402
 from test_controlnet_files import SD1, diffusers_controlnet, save_state, to_lllyasviel  # noqa: E402
+from test_inpainting_api import _b64, _image, run_queued  # noqa: E402
 from test_loading import save_diffusers_folder  # noqa: E402
 from test_sd_parity import SIZE  # noqa: E402
 
@@ -37,30 +39,11 @@ KW = dict(steps=3, guidance_scale=5.0, sampler="euler")  # the bodies below ask 
 BODY = {"prompt": "a red circle", "steps": 3, "cfg_scale": 5, "sampler_name": "Euler"}
 
 
-def _edges(size: int = SIZE, seed: int = 0) -> Image.Image:
-    """A control picture: white strokes on black, as an edge map is."""
-    a = np.zeros((size, size, 3), np.uint8)
-    rng = np.random.default_rng(seed)
-    for _ in range(4):
-        r, c = rng.integers(0, size, 2)
-        a[r, :] = 255
-        a[:, c] = 255
-    return Image.fromarray(a)
-
-
 def _picture(size: int = SIZE, seed: int = 0) -> Image.Image:
     g = np.random.default_rng(seed)
     return Image.fromarray((g.random((size, size, 3)) * 255).astype(np.uint8))
 
 
-def _b64(im: Image.Image) -> str:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _image(data: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
 
 
 def _a1111_hash(path) -> str:
@@ -346,13 +329,7 @@ def test_jobs_batch_with_their_own_pictures_not_across_units(server, models):
     other = dataclasses.replace(settings, controlnets=(("edges", 0.4),))
     jobs.append(Job(prompts=["a red circle"], negative_prompts=[""], seeds=[52], settings=other,
                     control_images=[[pictures[0]]]))
-    for job in jobs:  # all queued before the worker starts: the first two go in one batch
-        worker.submit(job)
-    worker.start()
-    try:
-        results = [job.future.result(120) for job in jobs]
-    finally:
-        worker.stop()
+    results = run_queued(worker, jobs)  # all queued before the worker starts: the first two go in one batch
     assert worker.stats["batches"] == 2 and results[0].batch_images == 2 and results[2].batch_images == 1
     alone = _pipe(models, "edges")
     for i, (pic, weight, seed) in enumerate([(pictures[0], 0.8, 50), (pictures[1], 0.8, 51), (pictures[0], 0.4, 52)]):

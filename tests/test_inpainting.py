@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from test_img2img import _picture  # noqa: E402
 from test_loading import make_scheduler, save_diffusers_folder, write_clip_tokenizer, write_single_file  # noqa: E402
 from test_sd_parity import CFG, NEGATIVE, PROMPT, SEED, SIZE, psnr  # noqa: E402
 
@@ -24,13 +25,6 @@ from imagine.sampling import make_generators, sample  # noqa: E402
 from imagine.schedules import NoiseSchedule  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _picture(size: int = SIZE, seed: int = 0) -> Image.Image:
-    g = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    rgb = np.stack([x, y, (x > 0.5) * 0.8 + 0.1], -1) + 0.05 * g.standard_normal((size, size, 3))
-    return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
 
 
 def _mask(size: int = SIZE, box=None) -> Image.Image:

@@ -48,6 +48,17 @@ def _mask(size: int = SIZE, box=(12, 20, 10, 18)) -> Image.Image:
     return Image.fromarray(a)
 
 
+def run_queued(worker, jobs) -> list:
+    """Queue every job before the worker starts (so that compatible ones batch), run them, stop the worker."""
+    for job in jobs:
+        worker.submit(job)
+    worker.start()
+    try:
+        return [job.future.result(120) for job in jobs]
+    finally:
+        worker.stop()
+
+
 def _b64(im: Image.Image) -> str:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
@@ -242,13 +253,7 @@ def test_inpainting_jobs_batch_with_their_own_masks(plain):
                 init_images=[pictures[i]], masks=[masks[i]]) for i in range(2)]
     jobs.append(Job(prompts=["a red circle"], negative_prompts=[""], seeds=[42], settings=settings,
                     init_images=[pictures[0]]))
-    for job in jobs:  # all queued before the worker starts: the two inpainting jobs go in one batch
-        worker.submit(job)
-    worker.start()
-    try:
-        results = [job.future.result(120) for job in jobs]
-    finally:
-        worker.stop()
+    results = run_queued(worker, jobs)  # all queued before the worker starts: the two inpainting jobs go in one batch
     assert worker.stats["batches"] == 2 and results[0].batch_images == 2 and results[2].batch_images == 1
     for i in range(2):
         alone = pipe.generate("a red circle", init_image=pictures[i], mask_image=masks[i], strength=0.9, seed=40 + i,

@@ -88,6 +88,17 @@ def _compare_networks(ours: TextToImagePipeline, ref, size=16):
                        ref.text_encoder(ids).last_hidden_state) < 1e-4
 
 
+def fused_reference(ref, state: dict, scale: float, image) -> tuple:
+    """diffusers' image before and after load_lora_weights + fuse_lora of `state` at `scale` (`image(ref)` draws
+    it); the LoRA must show in the picture."""
+    plain = image(ref)
+    ref.load_lora_weights(dict(state))
+    ref.fuse_lora(lora_scale=scale)
+    want = image(ref)
+    assert psnr(plain, want) < 30  # the LoRA shows in the picture
+    return plain, want
+
+
 def test_kohya_lora_matches_diffusers(tmp_path):
     ref = save_diffusers_folder(tmp_path / "folder", "sd1", scheduler="ddim")
     single = tmp_path / "single" / "model.safetensors"
@@ -95,11 +106,7 @@ def test_kohya_lora_matches_diffusers(tmp_path):
     state = _kohya_lora(ref.unet, ref.text_encoder)
     path = tmp_path / "style.safetensors"
     save_file(state, str(path))
-    plain = _diffusers_image(ref)
-    ref.load_lora_weights(dict(state))
-    ref.fuse_lora(lora_scale=0.7)
-    want = _diffusers_image(ref)
-    assert psnr(plain, want) < 30  # the LoRA shows in the picture
+    want = fused_reference(ref, state, 0.7, _diffusers_image)[1]
     for model in (single, tmp_path / "folder"):
         ours = TextToImagePipeline.from_pretrained(model, loras=[(path, 0.7)])
         _compare_networks(ours, ref)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from test_loading import rel_err, save_diffusers_folder  # noqa: E402
+from test_lora import fused_reference  # noqa: E402
 from test_sd_parity import CFG, NEGATIVE, PROMPT, SEED, psnr  # noqa: E402
 from test_sdxl import SIZE, save_sdxl_folder  # noqa: E402
 
@@ -202,11 +203,7 @@ def test_kohya_sdxl_lora_matches_diffusers(tmp_path):
     assert any(k.startswith("lora_unet_output_blocks_2_2_conv.") for k in state)
     path = tmp_path / "xl_style.safetensors"
     save_file(state, str(path))
-    plain = _diffusers_image(ref)
-    ref.load_lora_weights(dict(state))
-    ref.fuse_lora(lora_scale=0.7)
-    want = _diffusers_image(ref)
-    assert psnr(plain, want) < 30  # the LoRA shows in the picture
+    plain, want = fused_reference(ref, state, 0.7, _diffusers_image)
     ours = TextToImagePipeline.from_pretrained(tmp_path / "folder")
     counts = ours.load_lora(path, 0.7)
     assert sum(counts.values()) == len(state) // 3 and counts["text_encoder"] == counts["text_encoder_2"] == 3 * 6

@@ -322,17 +322,9 @@ def build_projected_text_model(config: dict[str, Any], state: dict[str, torch.Te
         model = CLIPTextModelWithProjection(CLIPTextConfig(**config, **(token_ids or {})))
     prefix = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
     state = {k if k == "text_projection.weight" else prefix + k: v for k, v in state.items()}
-    sf._assign(model, sf._cast(state, dtype), source)
-    device = next(iter(state.values())).device
-    emb = getattr(model, "text_model", model).embeddings
-    if hasattr(emb, "position_ids"):  # a buffer outside the state dict: still on the meta device
-        n = emb.position_ids.shape[-1]
-        emb.register_buffer("position_ids", torch.arange(n, device=device).expand(1, -1), persistent=False)
-    for name, buf in model.named_buffers():
-        if buf.device.type == "meta" and device.type != "meta":
-            raise RuntimeError(f"CLIPTextModelWithProjection buffer {name} is not in the checkpoint and this loader "
-                               "does not rebuild it (a transformers version this loader does not know)")
-    return model.eval()
+    state = sf._cast(state, dtype)
+    sf._assign(model, state, source)
+    return sf.finish_clip_text_model(model, state)
 
 
 def _schedule(parts: SDXLParts, prediction_type: str, name: str) -> dict[str, Any]:

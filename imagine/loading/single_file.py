@@ -553,16 +553,21 @@ def build_clip_text_model(config: dict[str, Any], state: dict[str, torch.Tensor]
         model = CLIPTextModel(cfg)
     state = _cast(state, dtype)
     _assign(model, state, source)
-    # Buffers outside the state dict are still on the meta device: rebuild them.
+    return finish_clip_text_model(model, state)
+
+
+def finish_clip_text_model(model, state: dict[str, torch.Tensor]):
+    """A transformers CLIP text model whose weights were assigned from `state`: the buffers outside the state dict,
+    still on the meta device, rebuilt (position_ids), or a clear error for one this loader does not know."""
     device = next(iter(state.values())).device
-    emb = model.embeddings
+    emb = getattr(model, "text_model", model).embeddings
     if hasattr(emb, "position_ids"):
         n = emb.position_ids.shape[-1]
         emb.register_buffer("position_ids", torch.arange(n, device=device).expand(1, -1), persistent=False)
     for name, buf in model.named_buffers():
         if buf.device.type == "meta" and device.type != "meta":
-            raise RuntimeError(f"CLIPTextModel buffer {name} is not in the checkpoint and this loader does not "
-                               "rebuild it (a transformers version this loader does not know)")
+            raise RuntimeError(f"{type(model).__name__} buffer {name} is not in the checkpoint and this loader does "
+                               "not rebuild it (a transformers version this loader does not know)")
     return model.eval()
 
 
