@@ -139,7 +139,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         pipe.generate("x", control_image=_edges(), steps=2, progress=False)
     pipe.load_controlnet(tmp_path / "cn0")
     with pytest.raises(ValueError, match="a ControlNet named 'cn0' is loaded already"):
-        pipe.load_controlnet(tmp_path / "cn0")
+        pipe.load_controlnet(tmp_path / "cn0", "cn0")  # a name given twice
     with pytest.raises(ValueError, match=r"controlnet_scale must be a finite number or one per ControlNet \(1\)"):
         pipe.generate("x", control_image=_edges(), controlnet_scale=[1, 2], steps=2, progress=False)
     with pytest.raises(ValueError, match="2 control pictures for 3 prompts"):
@@ -249,3 +249,23 @@ def test_settings_without_their_pictures_and_unusable_controlnets_are_errors(tmp
     grey = tiny_controlnet(conditioning_channels=1)
     with pytest.raises(ValueError, match="takes 1-channel control pictures; imagine gives ControlNets RGB pictures"):
         pipe.load_controlnet(ControlNetModel.from_config_dict(dict(grey.config)), "grey")
+
+
+def test_one_controlnet_with_two_pictures_shares_its_model(tmp_path):
+    """The same file twice (diffusers' MultiControlNet and A1111's units allow it): named name and name#2, one model
+    in memory, and the image of diffusers' MultiControlNet of the same model twice; a diffusers-named file takes its
+    folder's name."""
+    ref, (net,) = _setup(tmp_path, "ddim")
+    pipe_ref = diffusers.StableDiffusionControlNetPipeline(**ref.components, controlnet=[net, net])
+    pipe_ref.set_progress_bar_config(disable=True)
+    pictures, scales = [_edges(seed=1), _edges(seed=2)], [0.5, 1.0]
+    with torch.no_grad():
+        want = pipe_ref(PROMPT, image=pictures, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=CFG,
+                        controlnet_conditioning_scale=scales, generator=torch.Generator().manual_seed(SEED),
+                        output_type="pt").images[0].float()
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", controlnets=[tmp_path / "cn0", tmp_path / "cn0"])
+    assert [n for n, _ in pipe.controlnets] == ["cn0", "cn0#2"] and pipe.controlnets[0][1] is pipe.controlnets[1][1]
+    res = pipe.generate(PROMPT, NEGATIVE, control_image=pictures, controlnet_scale=scales, steps=6, guidance_scale=CFG,
+                        sampler="ddim", seed=SEED, progress=False, output_type="latent")
+    assert psnr(((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1), want) >= 50
+    assert pipe.load_controlnet(tmp_path / "cn0" / "diffusion_pytorch_model.safetensors") == "cn0#3"

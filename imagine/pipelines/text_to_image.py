@@ -84,6 +84,7 @@ class TextToImagePipeline:
         self.loras: list[tuple[str, float]] = []  # (name, strength) of the LoRAs merged, in order
         self.embeddings: list[str] = []  # the words of the textual-inversion embeddings loaded
         self.controlnets: list[tuple[str, torch.nn.Module]] = []  # (name, ControlNet) loaded, in order
+        self._controlnet_files: dict[Path, torch.nn.Module] = {}  # a file loaded again shares its model
         # (the fast mode leaves these modules as they are: it runs bf16 channels-last copies, see fast_copy)
 
     # -- loading -------------------------------------------------------------------------------
@@ -143,18 +144,31 @@ class TextToImagePipeline:
     def load_controlnet(self, path, name: str | None = None) -> str:
         """Add a ControlNet (Zhang et al. 2023; `imagine.models.controlnet`): a diffusers ControlNet folder, an
         original file (`imagine.loading.controlnet`), or a ControlNetModel. It must be made for this U-Net (the
-        same widths, levels and text width). Returns its name (default: the file's or folder's name), which
-        `generate`'s control pictures follow in the order loaded."""
+        same widths, levels and text width). Returns its name (default: the file's or folder's name, or the folder
+        holding a diffusers-named file; `name#2`, `name#3`... where that is taken), which `generate`'s control
+        pictures follow in the order loaded. A file loaded again (one ControlNet with two pictures, as diffusers'
+        MultiControlNet and A1111's units allow) shares the model already loaded."""
         from imagine.models.controlnet import ControlNetModel
 
         if isinstance(path, ControlNetModel):
-            net, name = path, name or f"controlnet{len(self.controlnets)}"
+            net, base = path, f"controlnet{len(self.controlnets)}"
         else:
-            try:
-                from imagine.loading.controlnet import load_controlnet
-            except ImportError:  # the folder reader alone
-                load_controlnet = ControlNetModel.from_pretrained
-            net, name = load_controlnet(path, dtype=self.unet.dtype), name or Path(path).stem
+            source = Path(path).resolve()
+            net = self._controlnet_files.get(source)
+            if net is None:
+                try:
+                    from imagine.loading.controlnet import load_controlnet
+                except ImportError:  # the folder reader alone
+                    load_controlnet = ControlNetModel.from_pretrained
+                net = load_controlnet(path, dtype=self.unet.dtype)
+            base = Path(path).stem
+            if Path(path).is_file() and base in ("diffusion_pytorch_model", "model"):
+                base = Path(path).resolve().parent.name
+        if name is None:
+            taken = dict(self.controlnets)
+            name, k = base, 2
+            while name in taken:
+                name, k = f"{base}#{k}", k + 1
         u, c = self.unet.config, net.config
         for what in ("block_out_channels", "cross_attention_dim", "layers_per_block", "down_block_types",
                      "addition_embed_type"):
@@ -170,6 +184,8 @@ class TextToImagePipeline:
         if name in dict(self.controlnets):
             raise ValueError(f"a ControlNet named {name!r} is loaded already; give another name")
         self.controlnets.append((name, net.eval().requires_grad_(False)))
+        if not isinstance(path, ControlNetModel):
+            self._controlnet_files[Path(path).resolve()] = net
         return name
 
     def _without_lora_tags(self, prompt: str) -> str:
