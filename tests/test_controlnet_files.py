@@ -329,3 +329,24 @@ def test_errors(tmp_path):
     torch.save({"state_dict": good, "cfg": Path("x")}, tmp_path / "objects.pth")
     with pytest.raises(ValueError, match="holds more than weights"):
         load_controlnet(tmp_path / "objects.pth")
+
+
+def test_a_small_sdxl_file_without_its_config_and_a_nested_ip_adapter_say_what_they_are(tmp_path):
+    """SDXL's "small" ControlNets hold attention blocks with no transformer layer: with no config.json beside the
+    file the text width cannot be read, which the error says (with the config it loads); h94's IP-Adapter .bin nests
+    image_proj / ip_adapter."""
+    from safetensors.torch import save_file
+
+    ref = diffusers_controlnet(SDXL, transformer_layers_per_block=(0, 0))
+    path = tmp_path / "small" / "diffusers_xl_canny_small.safetensors"
+    path.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match="attention blocks hold no transformer layer.*put its config.json beside"):
+        load_controlnet(path, unet_config={"addition_time_embed_dim": SDXL_TIME})  # (the tiny model's, not 256)
+    ref.save_config(path.parent)
+    assert_same_outputs(ref, load_controlnet(path), sdxl=True)
+    ip = tmp_path / "ip-adapter_sd15.bin"
+    torch.save({"image_proj": {"proj.weight": torch.zeros(2, 2)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(2, 2)}},
+               ip)
+    with pytest.raises(ValueError, match="looks like an IP-Adapter"):
+        load_controlnet(ip)

@@ -80,13 +80,28 @@ def load_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if path.is_dir():
         net = _load_folder(path, dtype, unet_config)
     else:
-        state = sf.read_checkpoint(path)
+        try:
+            state = sf.read_checkpoint(path)
+        except ValueError as e:  # h94's IP-Adapter .bin files nest their two parts
+            if "'image_proj'" in str(e) and "'ip_adapter'" in str(e):
+                raise ValueError(f"{path} looks like an IP-Adapter (image_proj / ip_adapter), not a ControlNet; "
+                                 "imagine does not run IP-Adapters") from None
+            raise
         beside = path.parent / "config.json"
         config = io.read_json(beside) if beside.is_file() else None
         if config is not None and config.get("_class_name") != "ControlNetModel":
             config = None  # e.g. the config of something else in the same folder
-        net = controlnet_from_state(state, str(path), dtype, unet_config=unet_config,
-                                    global_pool=_global_pool(path), diffusers_config=config)
+        try:
+            net = controlnet_from_state(state, str(path), dtype, unet_config=unet_config,
+                                        global_pool=_global_pool(path), diffusers_config=config)
+        except ValueError as e:
+            if config is None and any(k.startswith("controlnet_cond_embedding.") for k in state) \
+                    and "cross-attention" in str(e):
+                # SDXL's "small" ControlNets hold attention blocks with no transformer layer: no text width to read
+                raise ValueError(f"{path}: a diffusers-named ControlNet whose attention blocks hold no transformer "
+                                 "layer; its text width and depths cannot be read off the weights: put its "
+                                 "config.json beside the file, or load its diffusers folder") from None
+            raise
     net.source = str(path)  # where it came from (the server's model list hashes it, as AUTOMATIC1111's does)
     return net
 
