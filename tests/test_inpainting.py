@@ -203,3 +203,31 @@ def test_unets_imagine_cannot_run_are_refused_when_the_pipeline_is_made(tmp_path
     with pytest.raises(ValueError, match=r"takes 8 input channels; imagine runs U-Nets that take the 4 channels of "
                                          r"the noisy latents, or 9 \(an inpainting model's"):
         TextToImagePipeline.from_pretrained(tmp_path / "folder")
+
+
+@pytest.mark.parametrize("content", ["latent_noise", "latent_nothing"])
+def test_masked_content_replaces_the_start_where_painted_anew(tmp_path, content):
+    """AUTOMATIC1111's masked content (its img2img inpainting_fill 2 and 3): where the latent mask is 1 the picture's
+    latents are the run's start noise, or zeros, before the start level's noise; the known part stays the picture's."""
+    from imagine.sampling import PerSampleNoise
+
+    save_diffusers_folder(tmp_path / "folder", "sd1", scheduler="ddim")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    shape = (1, 4, SIZE // 2, SIZE // 2)
+    init, _ = pipe._inpainting([_picture()], [_mask()], shape, SIZE, SIZE, make_generators(1, [SEED]), 0.6,
+                               masked_content=content)
+    g = make_generators(1, [SEED])
+    z0 = pipe.encode_images([_picture()], SIZE, SIZE, g)
+    eps = PerSampleNoise(g).draw(shape)
+    m = latent_mask(prepare_masks([_mask()], SIZE, SIZE), shape[-2:]).expand(shape).bool()
+    assert torch.equal(init[~m], z0[~m])
+    assert torch.equal(init[m], eps[m] if content == "latent_noise" else torch.zeros_like(init[m]))
+    res = pipe.generate(PROMPT, init_image=_picture(), mask_image=_mask(), strength=0.6, steps=6, seed=SEED,
+                        masked_content=content, progress=False, output_type="latent")
+    plain = pipe.generate(PROMPT, init_image=_picture(), mask_image=_mask(), strength=0.6, steps=6, seed=SEED,
+                          progress=False, output_type="latent")
+    assert res.parameters["masked_content"] == content and not torch.equal(res.latents, plain.latents)
+    with pytest.raises(ValueError, match="masked_content must be one of original, latent_noise, latent_nothing"):
+        pipe.generate(PROMPT, init_image=_picture(), mask_image=_mask(), masked_content="noise", steps=2)
+    with pytest.raises(ValueError, match="is for inpainting: give mask_image"):
+        pipe.generate(PROMPT, init_image=_picture(), masked_content=content, steps=2)

@@ -271,8 +271,7 @@ def test_inpainting_jobs_batch_with_their_own_masks(plain):
     ({"mask": "bm90IGFuIGltYWdl"}, "mask", "not a base64 image"),
     ({"mask": "@@@"}, "mask", "not a base64 image"),
     ({"init_images": []}, "init_images", "mask needs init_images"),
-    ({"inpainting_fill": 2}, "inpainting_fill", "0 (fill) or 1 (original)"),
-    ({"inpainting_fill": 3}, "inpainting_fill", "latent nothing) are not implemented"),
+    ({"inpainting_fill": 4}, "inpainting_fill", "0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)"),
     ({"mask_blur": -1}, "mask_blur", "between 0 and"),
     ({"mask_blur_x": 2, "mask_blur_y": 6}, "mask_blur_x", "one radius"),
     ({"inpainting_mask_invert": 2}, "inpainting_mask_invert", "must be 0"),
@@ -293,3 +292,19 @@ def test_inpainting_fields_without_a_mask_are_listed_as_ignored(plain):
     info = json.loads(r.json()["info"])
     assert {"mask_blur", "inpainting_fill", "inpaint_full_res"} <= set(info["ignored_fields"])
     assert "mask_blur" not in info and info["extra_generation_params"] == {}
+
+
+def test_latent_noise_and_latent_nothing_fills(plain):
+    """inpainting_fill 2 and 3 run the pipeline's masked_content latent_noise / latent_nothing: the API's image is the
+    pipeline's result laid over the original (as for the other fills), and the infotext says which."""
+    pipe = plain.pipe
+    for fill, content, label in ((2, "latent_noise", "latent noise"), (3, "latent_nothing", "latent nothing")):
+        r = _post(plain, init_images=[_b64(_picture())], mask=_b64(_mask()), seed=5, inpainting_fill=fill,
+                  inpaint_full_res=False, mask_blur=0, denoising_strength=0.6)
+        assert r.status_code == 200, r.text
+        got = _image(r.json()["images"][0])
+        want = pipe.generate("a red circle", init_image=_picture(), mask_image=_mask(), strength=0.6, seed=5,
+                             masked_content=content, progress=False, **{k: v for k, v in KW.items()}).images[0]
+        assert f"Masked content: {label}" in json.loads(r.json()["info"])["infotexts"][0]
+        keep = np.asarray(_mask().convert("L")) < 128  # the kept part is the original's; the painted part the result's
+        assert np.array_equal(np.asarray(got)[~keep], np.asarray(want.convert("RGB"))[~keep])

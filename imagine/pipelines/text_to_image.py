@@ -31,6 +31,7 @@ from imagine.sampling import make_generators
 log = logging.getLogger(__name__)
 
 HIRES_UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> AUTOMATIC1111's label
+MASKED_CONTENTS = ("original", "latent_noise", "latent_nothing")  # inpainting's start where painted anew (A1111's)
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?((?::[^:>]*)*)>")  # AUTOMATIC1111's <lora:name[:s[:unet s...]]>
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 MAX_SEED = 2**32 - 1
@@ -315,7 +316,8 @@ class TextToImagePipeline:
                  threshold_range: float | None = None, sigma_schedule: str | None = None, final_step: str | None = None,
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
                  emphasis: bool = False, init_image=None, strength: float | None = None,
-                 init_latents: torch.Tensor | None = None, mask_image=None, control_image=None,
+                 init_latents: torch.Tensor | None = None, mask_image=None, masked_content: str = "original",
+                 control_image=None,
                  controlnet_scale: float | list[float] | None = None,
                  control_guidance_start: float | list[float] | None = None,
                  control_guidance_end: float | list[float] | None = None,
@@ -342,7 +344,10 @@ class TextToImagePipeline:
         that takes the mask and the masked picture's latents beside its noisy latents, LDM sec. 4.5) sees them
         at every step; any other model keeps the black part by the replacement method
         (`imagine.sampling.Denoiser.keep_known`). An inpainting model given no picture paints a whole new one
-        from the text (everything masked), as AUTOMATIC1111 runs it.
+        from the text (everything masked), as AUTOMATIC1111 runs it. masked_content (AUTOMATIC1111's "masked
+        content" for the part painted anew, which matters below strength 1): "original" (the picture), "latent_noise"
+        (the latents there replaced by the run's own start noise, as A1111 draws it from the image's seed) or
+        "latent_nothing" (zeros).
 
         control_image, controlnet_scale: the loaded ControlNets' pictures (`load_controlnet`), as diffusers'
         ControlNet pipelines take them: with one ControlNet a PIL image (or one per prompt) and a float; with
@@ -399,6 +404,10 @@ class TextToImagePipeline:
                                   "mask_image", mode=None)
         if masks is not None and inits is None:
             raise ValueError("mask_image needs init_image: the picture whose black part is kept (inpainting)")
+        if masked_content not in MASKED_CONTENTS:
+            raise ValueError(f"masked_content must be one of {', '.join(MASKED_CONTENTS)}; got {masked_content!r}")
+        if masked_content != "original" and masks is None:
+            raise ValueError(f"masked_content={masked_content!r} is for inpainting: give mask_image (and init_image)")
         if strength is not None and inits is None and init_latents is None:
             raise ValueError("strength is image to image's (denoising strength); give init_image (or init_latents) "
                              "with it, or leave it out for text to image")
@@ -459,7 +468,8 @@ class TextToImagePipeline:
         generators = make_generators(len(prompts), seeds)
         inpaint = {}
         if masks is not None or self.image_conditioned:
-            init, inpaint = self._inpainting(inits, masks, shape, width, height, generators, strength, init_latents)
+            init, inpaint = self._inpainting(inits, masks, shape, width, height, generators, strength, init_latents,
+                                             masked_content)
         else:
             init = None if inits is None else self.encode_images(inits, width, height, generators)
             if init_latents is not None:
@@ -483,6 +493,8 @@ class TextToImagePipeline:
             params["strength"] = float(strength)
         if masks is not None:
             params["inpainting"] = True
+            if masked_content != "original":
+                params["masked_content"] = masked_content
         if controls:
             params["controlnet"] = ", ".join(
                 f"{name}: {scale:g}" + ("" if window == (0.0, 1.0) else f" ({window[0]:g}-{window[1]:g})")
@@ -622,7 +634,7 @@ class TextToImagePipeline:
         return self.unet.config.in_channels == 2 * self.latent_channels + 1
 
     def _inpainting(self, inits, masks, shape, width: int, height: int, generators, strength: float,
-                    init_latents: torch.Tensor | None = None):
+                    init_latents: torch.Tensor | None = None, masked_content: str = "original"):
         """The start and the model's inputs of an inpainting run, with diffusers' draws in diffusers' order (each
         image's generator: the picture's posterior, then the start noise, then the masked picture's posterior).
         Each image encodes its picture with its own generator, so a seed gives the same image in any batch (with
@@ -649,6 +661,9 @@ class TextToImagePipeline:
             init = self._encode_pixels(pixels, generators) if inits is not None and (not image_cond or strength < 1) \
                 else None
         noise = PerSampleNoise(generators).draw(shape)
+        if init is not None and masked_content != "original":  # A1111's masked content, in the part painted anew
+            fill = noise if masked_content == "latent_noise" else torch.zeros_like(init)
+            init = torch.lerp(init, fill.to(init.dtype), latent_mask(mask, shape[-2:]).to(init.dtype))
         if image_cond:
             masked = self._encode_pixels(masked_pixels(pixels, mask), generators)
             return init, {"noise": noise, "concat": torch.cat([latent_mask(mask, shape[-2:]), masked], dim=1)}

@@ -167,12 +167,16 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask_blur: int | None = None  # A1111: sets mask_blur_x and mask_blur_y both
     mask_blur_x: int = 4
     mask_blur_y: int = 4
-    inpainting_fill: int = 0  # 0 fill, 1 original (2 latent noise, 3 latent nothing: not implemented)
+    inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
     inpaint_full_res: bool = True  # "Only masked"
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0  # 1: "Inpaint not masked" (black is painted anew)
 
 
+# A1111's infotext labels of its inpainting_fill (it writes none for 1, "original")
+A1111_FILL_LABELS = {0: "fill", 2: "latent noise", 3: "latent nothing"}
+# A1111's inpainting_fill -> the pipeline's masked_content (0, "fill", is done on the picture before: "original")
+A1111_MASKED_CONTENT = {0: "original", 1: "original", 2: "latent_noise", 3: "latent_nothing"}
 INPAINTING_FIELDS = ("mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding", "inpainting_mask_invert")
 MAX_MASK_BLUR = 256  # pixels (A1111's slider stops at 64; its API has no limit)
@@ -293,7 +297,7 @@ class _Inpainting:
     def parameters(self) -> dict:
         """For the infotext (imagine.images.a1111_parameters)."""
         return {"inpainting": True, "mask_blur": self.blur, "inpaint_full_res": self.full_res,
-                "inpaint_full_res_padding": self.padding, "masked_content": "fill" if self.fill == 0 else None,
+                "inpaint_full_res_padding": self.padding, "masked_content": A1111_FILL_LABELS.get(self.fill),
                 "mask_invert": bool(self.invert)}
 
     def extra_generation_params(self) -> dict:
@@ -306,8 +310,8 @@ class _Inpainting:
         if self.full_res:
             out["Inpaint area"] = "Only masked"
             out["Masked area padding"] = self.padding
-        if self.fill == 0:
-            out["Masked content"] = "fill"
+        if self.fill in A1111_FILL_LABELS:
+            out["Masked content"] = A1111_FILL_LABELS[self.fill]
         return out
 
 
@@ -856,9 +860,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     "imagine blurs the mask with one radius; give mask_blur, or equal mask_blur_x "
                                     "and mask_blur_y", "mask_blur_x")
             blur = req.mask_blur_x
-        if req.inpainting_fill not in (0, 1):
-            raise ApiError(422, f"inpainting_fill must be 0 (fill) or 1 (original); 2 (latent noise) and 3 (latent "
-                                f"nothing) are not implemented; got {req.inpainting_fill!r}", "inpainting_fill")
+        if req.inpainting_fill not in (0, 1, 2, 3):
+            raise ApiError(422, f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent "
+                                f"nothing); got {req.inpainting_fill!r}", "inpainting_fill")
         if req.inpainting_mask_invert not in (0, 1):
             raise ApiError(422, f"inpainting_mask_invert must be 0 (paint the white part) or 1 (paint the black "
                                 f"part); got {req.inpainting_mask_invert!r}", "inpainting_mask_invert")
@@ -929,6 +933,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
                                     emphasis=a1111_emphasis(req), strength=None if hires else strength,
                                     hires=hires, inpainting=inpaint is not None,
+                                    masked_content=A1111_MASKED_CONTENT.get(int(req.inpainting_fill), "original")
+                                    if inpaint is not None else "original",
                                     controlnets=tuple((u["name"], u["weight"], u["start"], u["end"])
                                                       for u in units)),
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],

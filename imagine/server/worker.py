@@ -72,6 +72,7 @@ class Settings:
     emphasis: bool = False  # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default)
     strength: float | None = None  # image to image: how far from the jobs' init images (None: text to image)
     inpainting: bool = False  # the jobs carry masks (white: paint anew), one per image
+    masked_content: str = "original"  # inpainting's start where painted anew (TextToImagePipeline.generate)
     hires: tuple | None = None  # A1111's hires. fix: (scale, denoising strength, steps or None, upscaler)
     # ControlNet units (A1111's ControlNet extension): ((name of a loaded ControlNet, weight, guidance start, end),
     # ...) in order. Jobs batch only with the same units; each brings its own pictures (Job.control_images)
@@ -386,7 +387,8 @@ class ModelWorker:
                               sampler_options=dict(s.options) or None, callback=callback, progress=False,
                               **({"emphasis": True} if s.emphasis else {}),
                               **({"init_image": inits[a:b], "strength": s.strength} if inits else {}),
-                              **({"mask_image": masks[a:b]} if masks else {}), **control)
+                              **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
+                              **control)
                 images += res.images
                 parameters = res.parameters
             except _Interrupted:
