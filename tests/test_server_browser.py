@@ -198,3 +198,55 @@ def test_inpainting_from_the_page(server, page, tmp_path):
     outside[y1:y2, x1:x2] = False
     assert (got[outside] == want[outside]).all()
     assert np.abs(got[28:36, 28:36] - want[28:36, 28:36]).mean() > 5
+
+
+@pytest.fixture(scope="module")
+def controlnet_server(tmp_path_factory):
+    """The tiny model (f = 2) with a random ControlNet made for its U-Net, served."""
+    import torch
+
+    testing = pytest.importorskip("imagine.testing")
+    from imagine.models.controlnet import ControlNetModel
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(testing.make_tiny_model(tmp_path_factory.mktemp("tinycn")))
+    torch.manual_seed(7)
+    net = ControlNetModel({**pipe.unet.config.to_dict(), "conditioning_embedding_out_channels": [8, 16]}).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # the zero convolutions must not be zero here
+    pipe.load_controlnet(net, "edges")
+    with BackgroundServer(create_app(pipe, ServerConfig(max_width=256, max_height=256))) as srv:
+        srv.pipe = pipe
+        yield srv
+
+
+def test_controlnet_from_the_page(controlnet_server, page, tmp_path):
+    """With a ControlNet loaded the page offers it; a control picture chosen goes as one unit of A1111's ControlNet
+    extension, and the gallery shows the pipeline's own image for that picture and weight."""
+    server = controlnet_server
+    picture = Image.fromarray(((np.indices((16, 16)).sum(0) % 4 == 0) * 255).astype(np.uint8)).convert("RGB")
+    picture.save(tmp_path / "edges.png")
+    _fill_form(page, server, prompt="a red circle", steps=4, seed=31, sampler="Euler", size=16)
+    page.wait_for_function("document.querySelector('#controlnet').dataset.ready === '1'")
+    assert page.is_visible("#controlnet summary")
+    assert page.eval_on_selector("#controlnet_model", "s => s.options[0].value").startswith("edges")
+    page.click("#controlnet summary")
+    page.set_input_files("#control_image", str(tmp_path / "edges.png"))
+    page.fill("#control_weight", "0.7")
+    page.click("#generate")
+    card = page.wait_for_selector(".gallery .card", timeout=60_000)
+    href = card.query_selector("a.download").get_attribute("href")
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB"))
+    cfg = float(page.input_value("#cfg_scale"))  # the model's default, as the page sent it
+    want = server.pipe.generate("a red circle", control_image=picture, controlnet_scale=0.7, steps=4, seed=31,
+                                sampler="euler", height=16, width=16, guidance_scale=cfg, progress=False).images[0]
+    plain = server.pipe.generate("a red circle", steps=4, seed=31, sampler="euler", height=16, width=16,
+                                 guidance_scale=cfg, progress=False).images[0]
+    assert np.array_equal(got, np.asarray(want)) and not np.array_equal(got, np.asarray(plain))
+
+
+def test_the_controlnet_section_stays_hidden_without_controlnets(server, page):
+    _fill_form(page, server, prompt="x", steps=2, seed=1, sampler="Euler")
+    page.wait_for_function("document.querySelector('#controlnet').dataset.ready === '1'")
+    assert not page.is_visible("#controlnet summary")

@@ -1,5 +1,6 @@
 // The page: a form that posts AUTOMATIC1111's txt2img body to /sdapi/v1/txt2img (img2img's to /sdapi/v1/img2img
-// when a picture is chosen, with its mask if one is chosen too), a progress bar
+// when a picture is chosen, with its mask if one is chosen too; a ControlNet unit when a control picture is chosen),
+// a progress bar
 // fed by polling /sdapi/v1/progress?id_task=<this request's id>, and a gallery of the results.
 "use strict";
 
@@ -41,6 +42,15 @@ async function loadConfig() {
   } catch (e) {
     showError("Could not read the server's settings: " + e);
   }
+  try {  // the ControlNets the server loaded (A1111's ControlNet extension's list): the section shows when there are any
+    const r = await fetch("/controlnet/model_list");
+    const names = r.ok ? (await r.json()).model_list || [] : [];
+    $("controlnet_model").replaceChildren(...names.map((n) => new Option(n, n)));
+    $("controlnet").hidden = names.length === 0;
+  } catch (e) {
+    $("controlnet").hidden = true;
+  }
+  $("controlnet").dataset.ready = "1";  // (the list is read: the page's tests wait for it)
 }
 
 function setBusy(on) {
@@ -148,6 +158,15 @@ async function generate(ev) {
     body.denoising_strength = parseFloat($("denoising_strength").value);
     if (mask) body.mask = await readAsDataURL(mask);
     endpoint = "/sdapi/v1/img2img";
+  }
+  // a control picture: one unit of A1111's ControlNet extension (the picture used as given: module "none")
+  const control = $("control_image").files[0];
+  if (control) {
+    const weight = parseFloat($("control_weight").value);
+    if (!Number.isFinite(weight)) { showError("the ControlNet weight must be a number"); return; }
+    body.alwayson_scripts = { controlnet: { args: [{
+      enabled: true, image: await readAsDataURL(control), model: $("controlnet_model").value, weight, module: "none",
+    }] } };
   }
   setBusy(true);
   $("progress-fill").style.width = "0%";
