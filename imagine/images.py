@@ -103,7 +103,8 @@ def a1111_parameters(p: dict) -> str:
         if p.get("inpaint_full_res"):
             put("Inpaint area", "Only masked")
             put("Masked area padding", p.get("inpaint_full_res_padding", 0))
-        put("Masked content", p.get("masked_content"))  # "fill" (A1111 writes nothing for "original")
+        content = p.get("masked_content")  # A1111's labels: fill, latent noise, latent nothing (none for original)
+        put("Masked content", content.replace("_", " ") if content and content != "original" else None)
     if p.get("width") is not None and p.get("height") is not None:
         put("Size", f"{p['width']}x{p['height']}")
     put("Model hash", p.get("model_hash"))

@@ -95,6 +95,12 @@ def test_cli_controlnets_give_the_pipelines_image(models, tmp_path, capsys):
     text = got.text["parameters"]
     assert "ControlNet 0: \"Module: none, Model: control_v11p_sd15_canny, Weight: 1," in text
     assert "ControlNet 1: \"Module: none, Model: edges, Weight: 0.5," in text
+    # the guidance window
+    assert main([*base, "--controlnet", str(models / "edges"), "--control-image", str(edges), "--control-start",
+                 "0.3", "--control-end", "0.9", "-o", str(tmp_path / "window.png")]) == 0
+    want = _pipe(models, "edges").generate("a red circle", control_image=_edges(), control_guidance_start=0.3,
+                                           control_guidance_end=0.9, steps=3, seed=3, progress=False)
+    assert Image.open(tmp_path / "window.png").convert("RGB").tobytes() == want.images[0].tobytes()
     capsys.readouterr()
 
 
@@ -106,6 +112,9 @@ def test_cli_controlnets_give_the_pipelines_image(models, tmp_path, capsys):
     (["--controlnet", "{cn}", "--control-image", "{bad}"], "--control-image: {bad} is not an image Pillow can read"),
     (["--controlnet", "{cn}", "--control-image", "{none}"], "--control-image: {none} not found"),
     (["--controlnet", "{none}", "--control-image", "{img}"], "--controlnet: {none} not found"),
+    (["--control-start", "0.2"], "--control-start / --control-end need a --controlnet"),
+    (["--controlnet", "{cn}", "--control-image", "{img}", "--control-end", "1.5"],
+     "--control-end must be a fraction of the steps, from 0 to 1"),
 ])
 def test_cli_errors_exit_2_before_the_model_loads(models, tmp_path, capsys, extra, message):
     img, bad = tmp_path / "e.png", tmp_path / "bad.png"

@@ -136,6 +136,13 @@ def test_generate_cli_inpaints(tmp_path, capsys):
     assert "Mask mode: Inpaint not masked" in got.text["parameters"] and "Denoising strength: 0.6" in got.text[
         "parameters"]
 
+    assert main([*base, "--mask", str(mask), "--strength", "0.6", "--masked-content", "latent_nothing",
+                 "-o", str(tmp_path / "d.png")]) == 0
+    want = pipe.generate("a red circle", init_image=_picture(), mask_image=_mask(), strength=0.6, steps=4, seed=3,
+                         masked_content="latent_nothing", progress=False).images[0]
+    assert Image.open(tmp_path / "d.png").convert("RGB").tobytes() == want.tobytes()
+    assert "Masked content: latent nothing" in Image.open(tmp_path / "d.png").text["parameters"]
+
     assert main([*base, "-o", str(tmp_path / "c.png")]) == 0  # image to image keeps A1111's 0.75
     assert "Denoising strength: 0.75" in Image.open(tmp_path / "c.png").text["parameters"]
     capsys.readouterr()
@@ -144,6 +151,8 @@ def test_generate_cli_inpaints(tmp_path, capsys):
     missing = ["generate", "--model", str(tmp_path / "no-such-model"), "x", "-q"]
     assert main([*missing, "--mask", str(mask)]) == 2
     assert "--mask needs --init-image" in capsys.readouterr().err
+    assert main([*missing, "--init-image", str(picture), "--masked-content", "latent_noise"]) == 2
+    assert "--masked-content needs --mask" in capsys.readouterr().err
     (tmp_path / "bad.png").write_text("not a picture")
     assert main([*missing, "--init-image", str(picture), "--mask", str(tmp_path / "bad.png")]) == 2
     assert "--mask: " in (err := capsys.readouterr().err) and "is not an image Pillow can read" in err

@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the picture a ControlNet reads (edges, depth, pose: already made, imagine runs no "
                         "preprocessor), repeatable: one per --controlnet, in the same order; resized to the image's "
                         "size, which is the first picture's when --height/--width are not given")
+    p.add_argument("--control-start", type=float, default=None, metavar="F",
+                   help="the fraction of the steps before the ControlNets act (default 0; diffusers' "
+                        "control_guidance_start, A1111's starting control step)")
+    p.add_argument("--control-end", type=float, default=None, metavar="F",
+                   help="the fraction of the steps after which the ControlNets stop (default 1; diffusers' "
+                        "control_guidance_end, A1111's ending control step)")
     p.add_argument("--emphasis", action="store_true",
                    help="read AUTOMATIC1111's emphasis in the prompts: (word) x1.1, [word] /1.1, (word:1.3) x1.3 "
                         "(default: brackets are text, as in diffusers)")
@@ -46,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Its result is diffusers' inpainting pipeline's (no blur, no paste back of the picture)")
     p.add_argument("--invert-mask", action="store_true",
                    help="with --mask: paint the black part anew and keep the white (A1111's 'Inpaint not masked')")
+    p.add_argument("--masked-content", default=None, choices=["original", "latent_noise", "latent_nothing"],
+                   help="with --mask, below strength 1: what the part painted anew starts from, the picture "
+                        "(default), the run's start noise or zeros (A1111's 'masked content')")
     p.add_argument("--strength", "--denoising-strength", type=float, default=None,
                    help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
                         "(default 0.75, A1111's; 1 with --mask, diffusers' inpainting default: the masked part "
@@ -300,10 +309,23 @@ def run(args) -> int:
                    "strength": args.strength if args.strength is not None or inpainting else 0.75}
         if inpainting:
             picture["mask_image"] = mask_image
+            if args.masked_content:
+                picture["masked_content"] = args.masked_content
+    if args.masked_content and mask_image is None:
+        raise ValueError("--masked-content needs --mask (and --init-image)")
+    if (args.control_start is not None or args.control_end is not None) and not controlnets:
+        raise ValueError("--control-start / --control-end need a --controlnet")
     if controlnets:  # one picture (for every prompt) per ControlNet, each at its scale
         scales = [scale for _, scale in controlnets]
         picture["control_image"] = control_images[0] if len(controlnets) == 1 else control_images
         picture["controlnet_scale"] = scales[0] if len(scales) == 1 else scales
+        for flag, key in (("control_start", "control_guidance_start"), ("control_end", "control_guidance_end")):
+            value = getattr(args, flag)
+            if value is not None:
+                if not 0 <= value <= 1:
+                    raise ValueError(f"--{flag.replace('_', '-')} must be a fraction of the steps, from 0 to 1; got "
+                                     f"{value}")
+                picture[key] = value
     jobs = [(p, i) for p in prompts for i in range(args.num_images)]
     many = len(jobs) > 1 or bool(args.from_file)
     out_dir, out_file = _output_target(args.output, many)
