@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="a LoRA file to merge (kohya-ss/A1111 or diffusers/peft names), repeatable; STRENGTH as "
                         "A1111's <lora:name:STRENGTH> (default 1)")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="a folder of LoRA files that prompts ask for as AUTOMATIC1111's <lora:name:STRENGTH>")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
                    help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds), repeatable; "
                         "its word is WORD, else the one the file names, else the file's name (as in A1111)")
@@ -299,6 +301,8 @@ def run(args) -> int:
     for side in ("height", "width"):
         if getattr(args, side) is not None and getattr(args, side) <= 0:
             raise ValueError(f"--{side} must be a positive number of pixels; got {getattr(args, side)}")
+    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
+        raise FileNotFoundError(f"--lora-dir: {args.lora_dir} is not a folder")
     init_image = _read_image(args.init_image) if args.init_image else None
     mask_image = _read_mask(args)
     controlnets, control_images = _read_controls(args)
@@ -335,6 +339,7 @@ def run(args) -> int:
                                                controlnets=[path for path, _ in controlnets],
                                                prediction_type=args.prediction_type, tokenizer=args.tokenizer,
                                                tokenizer_2=args.tokenizer_2, clip_skip=args.clip_skip)
+    pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
     height, width = args.height, args.width  # a side not given is the model's own (the pipeline's rule)
     if height is not None or width is not None:
         pipe.check_size(height or 8 * pipe.scale, width or 8 * pipe.scale)  # before the first image, not after

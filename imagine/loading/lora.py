@@ -262,11 +262,12 @@ def _model_kind(models: dict[str, torch.nn.Module | None]) -> str | None:
 
 @torch.no_grad()
 def merge_lora(models: dict[str, torch.nn.Module | None], layers: list[LoraLayer], strength: float = 1.0,
-               source: str = "LoRA") -> dict[str, int]:
+               source: str = "LoRA", before=None) -> dict[str, int]:
     """W += s (alpha / r) B A for every layer, in place (the weights' version counters move, so cached
     fast/exact copies are rebuilt). `models`: {"unet": ..., "text_encoder": <a torch module or None>}, and for
-    SDXL "text_encoder_2" (the second tower). Everything is checked before the first weight changes. Returns the
-    layers merged per part."""
+    SDXL "text_encoder_2" (the second tower). Everything is checked before the first weight changes. `before(w)`
+    is called with each weight before it changes (to keep it, for an exact unmerge). Returns the layers merged per
+    part."""
     targets = {part: _targets(m, part) for part, m in models.items() if m is not None}
     plan, problems = [], []
     for layer in layers:
@@ -293,6 +294,8 @@ def merge_lora(models: dict[str, torch.nn.Module | None], layers: list[LoraLayer
     counts: dict[str, int] = {}
     for mod, layer in plan:
         w = mod.weight
+        if before is not None:
+            before(w)
         w.copy_((w.float() + layer.delta(strength).reshape(w.shape)).to(w.dtype))
         counts[layer.part] = counts.get(layer.part, 0) + 1
     return counts

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 HIRES_UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> AUTOMATIC1111's label
 MASKED_CONTENTS = ("original", "latent_noise", "latent_nothing")  # inpainting's start where painted anew (A1111's)
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")  # LoRA files in a lora_dir, as AUTOMATIC1111 lists them
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?((?::[^:>]*)*)>")  # AUTOMATIC1111's <lora:name[:s[:unet s...]]>
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 MAX_SEED = 2**32 - 1
@@ -83,6 +84,11 @@ class TextToImagePipeline:
         self.prediction_type = components.prediction_type
         self.defaults = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m", **components.defaults}
         self.loras: list[tuple[str, float]] = []  # (name, strength) of the LoRAs merged, in order
+        # AUTOMATIC1111's LoRAs per prompt (<lora:name:s> of a file in lora_dir): merged for the prompts that ask
+        # for them, the weights they change kept to be put back exactly (set_request_loras)
+        self.lora_dir: Path | None = None
+        self.request_loras: list[tuple[str, float]] = []
+        self._lora_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.embeddings: list[str] = []  # the words of the textual-inversion embeddings loaded
         self.controlnets: list[tuple[str, torch.nn.Module]] = []  # (name, ControlNet) loaded, in order
         self._controlnet_files: dict[Path, torch.nn.Module] = {}  # a file loaded again shares its model
@@ -198,11 +204,11 @@ class TextToImagePipeline:
                 strength = float(m[2]) if m[2] and m[2].strip() else 1.0
             except ValueError:
                 raise ValueError(f"{m[0]}: the strength {m[2]!r} is not a number") from None
-            merged = dict(self.loras)
+            merged = {**dict(self.loras), **dict(self.request_loras)}
             if name not in merged:
                 raise ValueError(f"the prompt asks for {m[0]}, which is not merged into this model (merged: "
-                                 f"{', '.join(merged) or 'none'}); imagine merges LoRAs when the model loads: "
-                                 f"--lora PATH/{name}.safetensors:{strength:g}")
+                                 f"{', '.join(merged) or 'none'}); merge it when the model loads (--lora "
+                                 f"PATH/{name}.safetensors:{strength:g}), or give a folder of LoRAs (--lora-dir)")
             if abs(merged[name] - strength) > 1e-6:
                 raise ValueError(f"the prompt asks for {m[0]}, but {name} is merged at strength {merged[name]:g}; "
                                  f"load it with --lora PATH:{strength:g}")
@@ -218,6 +224,85 @@ class TextToImagePipeline:
             return ""
 
         return LORA_TAG.sub(check, prompt) if "<lora:" in prompt else prompt
+
+    def loras_asked(self, texts: list[str]) -> list[tuple[str, Path, float]]:
+        """The LoRAs of `lora_dir` that AUTOMATIC1111's `<lora:name:s>` tags in `texts` ask for, (name, file,
+        strength) in the order first asked; a tag naming a LoRA merged at load is checked as `_without_lora_tags`
+        checks it. A name not found, or asked at two strengths, is a ValueError."""
+        asked: dict[str, tuple[Path, float]] = {}
+        for text in texts:
+            for m in LORA_TAG.finditer(text or ""):
+                name = m[1].strip()
+                if name in dict(self.loras) or self.lora_dir is None:
+                    self._without_lora_tags(m[0])  # checked as a LoRA merged at load (or not found: the error)
+                    continue
+                path = next((self.lora_dir / f"{name}{ext}" for ext in LORA_SUFFIXES
+                             if (self.lora_dir / f"{name}{ext}").is_file()), None)
+                if path is None:
+                    raise ValueError(f"the prompt asks for {m[0]}, but {self.lora_dir} has no {name}.safetensors (nor "
+                                     f".pt, .ckpt, .bin); LoRAs there: {', '.join(self.available_loras()) or 'none'}")
+                try:
+                    strength = float(m[2]) if m[2] and m[2].strip() else 1.0
+                except ValueError:
+                    raise ValueError(f"{m[0]}: the strength {m[2]!r} is not a number") from None
+                if not math.isfinite(strength):
+                    raise ValueError(f"{m[0]}: the strength must be a finite number")
+                for extra in filter(None, (m[3] or "").split(":")):  # A1111's U-Net strength and other settings
+                    try:
+                        same = abs(float(extra) - strength) <= 1e-6
+                    except ValueError:
+                        same = False
+                    if not same:
+                        raise ValueError(f"{m[0]}: imagine merges one strength into the text encoder and the U-Net, "
+                                         f"so a second strength or a setting ({extra!r}) cannot be followed; write "
+                                         f"<lora:{name}:{strength:g}>")
+                if name in asked and abs(asked[name][1] - strength) > 1e-6:
+                    raise ValueError(f"<lora:{name}> is asked for at strengths {asked[name][1]:g} and {strength:g}; "
+                                     "one batch merges one")
+                asked.setdefault(name, (path, strength))
+        return [(name, path, s) for name, (path, s) in asked.items()]
+
+    def available_loras(self) -> list[str]:
+        """The names of the LoRA files in lora_dir."""
+        if self.lora_dir is None or not self.lora_dir.is_dir():
+            return []
+        return sorted({p.stem for p in self.lora_dir.iterdir() if p.suffix.lower() in LORA_SUFFIXES and p.is_file()})
+
+    def set_request_loras(self, wanted: list[tuple[str, Path, float]]) -> None:
+        """Make the LoRAs merged for prompts exactly `wanted` ((name, file, strength), as `loras_asked` gives them),
+        on top of those merged at load: the weights the previous set changed are first put back as they were, bit
+        for bit, so that an image does not depend on the requests before it. Nothing is done when the set is the
+        one merged already (a change makes the cached fast and exact copies rebuild)."""
+        from imagine.loading.lora import merge_lora, read_lora
+
+        if [(n, s) for n, _, s in wanted] == self.request_loras:
+            return
+        with torch.no_grad():
+            for w, saved in reversed(self._lora_saved):
+                w.copy_(saved)
+        self._lora_saved, self.request_loras = [], []
+        kept: set[int] = set()
+
+        def keep(w: torch.Tensor) -> None:
+            if id(w) not in kept:
+                kept.add(id(w))
+                self._lora_saved.append((w, w.detach().clone()))
+
+        try:
+            for name, path, strength in wanted:
+                with torch.no_grad():
+                    merge_lora(self._lora_parts(), read_lora(path), strength, Path(path).name, before=keep)
+                self.request_loras.append((name, strength))
+        except BaseException:
+            self.set_request_loras([])  # back to the model as loaded
+            raise
+
+    def _lora_parts(self) -> dict:
+        towers = getattr(self.text_encoder, "towers", None)
+        if towers is not None:  # SDXL: CLIP ViT-L and OpenCLIP bigG, diffusers' text_encoder and text_encoder_2
+            return {"unet": self.unet, "text_encoder": towers[0].model, "text_encoder_2": towers[1].model}
+        te = getattr(self.text_encoder, "model", None)
+        return {"unet": self.unet, "text_encoder": te if isinstance(te, torch.nn.Module) else None}
 
     def load_embedding(self, path: str | Path, token: str | None = None) -> list[str]:
         """Add a textual-inversion embedding's word to the text encoder (`imagine.loading.textual_inversion`,
@@ -262,13 +347,9 @@ class TextToImagePipeline:
         if name in merged:  # its strength would add up, and the name would stand for two merges
             raise ValueError(f"{Path(path).name}: a LoRA named {name!r} is merged already (at {merged[name]:g}); "
                              "merge each once, at the strength wanted")
-        towers = getattr(self.text_encoder, "towers", None)
-        if towers is not None:  # SDXL: CLIP ViT-L and OpenCLIP bigG, diffusers' text_encoder and text_encoder_2
-            parts = {"unet": self.unet, "text_encoder": towers[0].model, "text_encoder_2": towers[1].model}
-        else:
-            te = getattr(self.text_encoder, "model", None)
-            parts = {"unet": self.unet, "text_encoder": te if isinstance(te, torch.nn.Module) else None}
-        counts = merge_lora(parts, read_lora(path), strength, Path(path).name)
+        if self.request_loras:
+            raise ValueError("LoRAs asked for by prompts are merged now; load LoRAs before generating with them")
+        counts = merge_lora(self._lora_parts(), read_lora(path), strength, Path(path).name)
         self.loras.append((name, strength))
         return counts
 
@@ -449,6 +530,7 @@ class TextToImagePipeline:
         elif len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
 
+        self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
         cond = self.encode_prompts([self._without_lora_tags(p) for p in prompts], emphasis)
         uncond = None
         if guidance_scale != 1.0:
@@ -503,8 +585,8 @@ class TextToImagePipeline:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
         if getattr(self.text_encoder, "clip_skip", 0):
             params["clip_skip"] = self.text_encoder.clip_skip  # layers skipped (diffusers' numbering)
-        if self.loras:
-            params["lora"] = ", ".join(f"{name}: {strength:g}" for name, strength in self.loras)
+        if self.loras or self.request_loras:
+            params["lora"] = ", ".join(f"{name}: {strength:g}" for name, strength in [*self.loras, *self.request_loras])
         if guidance_rescale and guidance_scale != 1.0:  # (at scale 1 there is no guidance to rescale)
             params["guidance_rescale"] = guidance_rescale
         if sigma_schedule or karras:

@@ -597,12 +597,24 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if len(text) > cfg.max_prompt_length:
             raise ApiError(422, f"{field} is {len(text)} characters; the server's limit is {cfg.max_prompt_length}",
                            field)
-        strip_tags = getattr(pipe, "_without_lora_tags", None)
-        if strip_tags is not None:  # A1111's <lora:name:s> must name a LoRA merged at start (imagine serve --lora);
-            try:                    # checked here, so that one request's bad tag cannot fail a batch of others
-                strip_tags(text)
+        # A1111's <lora:name:s> must name a LoRA merged at start (imagine serve --lora) or a file of --lora-dir;
+        # checked here, so that one request's bad tag cannot fail a batch of others
+        check_tags = getattr(pipe, "loras_asked", None) or getattr(pipe, "_without_lora_tags", None)
+        if check_tags is not None:
+            try:
+                check_tags([text] if check_tags.__name__ == "loras_asked" else text)
             except ValueError as e:
                 raise ApiError(422, str(e), field) from None
+
+    def prompt_loras(*texts: str) -> tuple:
+        """The LoRAs of --lora-dir the prompts ask for, as the batching key: jobs batch only with the same set."""
+        asked = getattr(pipe, "loras_asked", None)
+        if asked is None:
+            return ()
+        try:
+            return tuple((n, str(p), s) for n, p, s in asked([t for t in texts if t]))
+        except ValueError as e:
+            raise ApiError(422, str(e), "prompt") from None
 
     def check_int(field: str, v: int, lo: int, hi: int, hint: str = "") -> None:
         if not lo <= v <= hi:
@@ -933,6 +945,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
                                     emphasis=a1111_emphasis(req), strength=None if hires else strength,
                                     hires=hires, inpainting=inpaint is not None,
+                                    loras=prompt_loras(req.prompt, req.negative_prompt),
                                     masked_content=A1111_MASKED_CONTENT.get(int(req.inpainting_fill), "original")
                                     if inpaint is not None else "original",
                                     controlnets=tuple((u["name"], u["weight"], u["start"], u["end"])
@@ -1091,9 +1104,13 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         return {"ram": ram, "cuda": {"error": "no CUDA: imagine runs on the CPU"}}
 
     @app.get("/sdapi/v1/loras")
-    def loras():  # the LoRAs merged at start (imagine serve --lora): they apply to every request
-        return [{"name": n, "alias": n, "path": "", "metadata": {}, "strength": s}
-                for n, s in getattr(pipe, "loras", [])]
+    def loras():  # merged at start (imagine serve --lora: every request), then the files a prompt can ask for
+        merged = [{"name": n, "alias": n, "path": "", "metadata": {}, "strength": s}
+                  for n, s in getattr(pipe, "loras", [])]
+        folder = getattr(pipe, "lora_dir", None)
+        available = getattr(pipe, "available_loras", lambda: [])()
+        return merged + [{"name": n, "alias": n, "path": str(folder), "metadata": {}} for n in available
+                         if n not in {m["name"] for m in merged}]
 
     @app.get("/sdapi/v1/sd-vae")
     def sd_vae():
@@ -1181,7 +1198,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(req.n)]
         job = Job(prompts=[req.prompt] * req.n, negative_prompts=[negative or None] * req.n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
-                                    guidance_scale=float(guidance), schedule=schedule))
+                                    guidance_scale=float(guidance), schedule=schedule,
+                                    loras=prompt_loras(req.prompt, negative)))
         result = await run_job(request, job)
         if result is None or result.interrupted:
             raise ApiError(409, "the generation was interrupted (POST /sdapi/v1/interrupt) before it finished",

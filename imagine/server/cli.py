@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a VAE file or folder to decode with instead of the model's own (AUTOMATIC1111's SD VAE)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="a LoRA file to merge into the model at start, repeatable (strength default 1)")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="a folder of LoRA files that prompts ask for as AUTOMATIC1111's <lora:name:STRENGTH> (merged "
+                        "for the requests that ask, and put back exactly after)")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
                    help="a textual-inversion embedding to load at start, repeatable")
     p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
@@ -95,11 +98,14 @@ def run(args) -> int:
     for path in args.controlnet:  # before the model loads
         if not Path(path).exists():
             raise FileNotFoundError(f"--controlnet: {path} not found")
+    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
+        raise FileNotFoundError(f"--lora-dir: {args.lora_dir} is not a folder")
 
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
                                                loras=parse_loras(args.lora),
                                                embeddings=parse_embeddings(args.embedding),
                                                controlnets=list(args.controlnet), clip_skip=args.clip_skip)
+    pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
     app = create_app(pipe, config)
     app.state.listen = not is_loopback(args.host)
     shown = f"[{args.host}]" if ":" in args.host else args.host

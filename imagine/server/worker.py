@@ -73,6 +73,7 @@ class Settings:
     strength: float | None = None  # image to image: how far from the jobs' init images (None: text to image)
     inpainting: bool = False  # the jobs carry masks (white: paint anew), one per image
     masked_content: str = "original"  # inpainting's start where painted anew (TextToImagePipeline.generate)
+    loras: tuple = ()  # the --lora-dir LoRAs the prompts ask for (the pipeline merges them): one set per batch
     hires: tuple | None = None  # A1111's hires. fix: (scale, denoising strength, steps or None, upscaler)
     # ControlNet units (A1111's ControlNet extension): ((name of a loaded ControlNet, weight, guidance start, end),
     # ...) in order. Jobs batch only with the same units; each brings its own pictures (Job.control_images)
