@@ -200,10 +200,7 @@ class TextToImagePipeline:
         model at that strength (`load_lora`): imagine merges LoRAs when the model loads, not per prompt."""
         def check(m: re.Match) -> str:
             name = m[1].strip()
-            try:
-                strength = float(m[2]) if m[2] and m[2].strip() else 1.0
-            except ValueError:
-                raise ValueError(f"{m[0]}: the strength {m[2]!r} is not a number") from None
+            strength = _tag_strength(m)
             merged = {**dict(self.loras), **dict(self.request_loras)}
             if name not in merged:
                 raise ValueError(f"the prompt asks for {m[0]}, which is not merged into this model (merged: "
@@ -212,15 +209,6 @@ class TextToImagePipeline:
             if abs(merged[name] - strength) > 1e-6:
                 raise ValueError(f"the prompt asks for {m[0]}, but {name} is merged at strength {merged[name]:g}; "
                                  f"load it with --lora PATH:{strength:g}")
-            for extra in filter(None, (m[3] or "").split(":")):  # A1111's U-Net strength and other settings
-                try:
-                    same = abs(float(extra) - strength) <= 1e-6
-                except ValueError:
-                    same = False
-                if not same:
-                    raise ValueError(f"the prompt asks for {m[0]}: imagine merges one strength into the text "
-                                     f"encoder and the U-Net ({merged[name]:g}), so a second strength or a setting "
-                                     f"({extra!r}) cannot be followed; write <lora:{name}:{merged[name]:g}>")
             return ""
 
         return LORA_TAG.sub(check, prompt) if "<lora:" in prompt else prompt
@@ -241,21 +229,7 @@ class TextToImagePipeline:
                 if path is None:
                     raise ValueError(f"the prompt asks for {m[0]}, but {self.lora_dir} has no {name}.safetensors (nor "
                                      f".pt, .ckpt, .bin); LoRAs there: {', '.join(self.available_loras()) or 'none'}")
-                try:
-                    strength = float(m[2]) if m[2] and m[2].strip() else 1.0
-                except ValueError:
-                    raise ValueError(f"{m[0]}: the strength {m[2]!r} is not a number") from None
-                if not math.isfinite(strength):
-                    raise ValueError(f"{m[0]}: the strength must be a finite number")
-                for extra in filter(None, (m[3] or "").split(":")):  # A1111's U-Net strength and other settings
-                    try:
-                        same = abs(float(extra) - strength) <= 1e-6
-                    except ValueError:
-                        same = False
-                    if not same:
-                        raise ValueError(f"{m[0]}: imagine merges one strength into the text encoder and the U-Net, "
-                                         f"so a second strength or a setting ({extra!r}) cannot be followed; write "
-                                         f"<lora:{name}:{strength:g}>")
+                strength = _tag_strength(m)
                 if name in asked and abs(asked[name][1] - strength) > 1e-6:
                     raise ValueError(f"<lora:{name}> is asked for at strengths {asked[name][1]:g} and {strength:g}; "
                                      "one batch merges one")
@@ -841,6 +815,28 @@ def _weights_stamp(module: torch.nn.Module) -> tuple:
 
 
 _EXACT_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _tag_strength(m: re.Match) -> float:
+    """The strength of AUTOMATIC1111's `<lora:name:s[:unet s...]>` tag (default 1). Its further fields (the U-Net's
+    strength, other settings) must be that strength too: imagine merges one strength into the text encoder and the
+    U-Net."""
+    try:
+        strength = float(m[2]) if m[2] and m[2].strip() else 1.0
+    except ValueError:
+        raise ValueError(f"{m[0]}: the strength {m[2]!r} is not a number") from None
+    if not math.isfinite(strength):
+        raise ValueError(f"{m[0]}: the strength must be a finite number")
+    for extra in filter(None, (m[3] or "").split(":")):
+        try:
+            same = abs(float(extra) - strength) <= 1e-6
+        except ValueError:
+            same = False
+        if not same:
+            raise ValueError(f"the prompt asks for {m[0]}: imagine merges one strength into the text encoder and the "
+                             f"U-Net, so a second strength or a setting ({extra!r}) cannot be followed; write "
+                             f"<lora:{m[1].strip()}:{strength:g}>")
+    return strength
 
 
 def _same_sampler(a: str, b: str) -> bool:
