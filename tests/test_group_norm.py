@@ -110,3 +110,23 @@ def test_torch_serves_where_the_kernel_does_not_apply(case, monkeypatch):
     with torch.inference_mode():
         assert torch.equal(silu_of_norm(norm, x), F.silu(norm(x)))
         assert torch.equal(group_norm(norm, x), norm(x))
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """torch's extension builder waits forever for a lock a killed build left: imagine removes a lock older than a
+    build could take, and leaves a fresh one (a build in progress in another process) alone."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory("imagine_test_kernel", False), "lock")
+    open(lock, "w").close()
+    assert not native.remove_stale_lock("imagine_test_kernel") and os.path.exists(lock)
+    old = time.time() - native.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="did not finish"):
+        assert native.remove_stale_lock("imagine_test_kernel")
+    assert not os.path.exists(lock)
+    assert not native.remove_stale_lock("imagine_test_kernel")  # no lock: nothing to do

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,7 @@ from typing import Callable
 from imagine.hardware import cpu_flags
 
 CSRC = Path(__file__).with_name("csrc")
+STALE_LOCK_SECONDS = 600  # a build takes seconds; a lock this old was left by a build that was killed
 AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma")
 AVX512_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"})  # /proc/cpuinfo's names
 
@@ -44,6 +46,7 @@ class Kernel:
 
         print(f"imagine: loading {self.what} (compiled once per machine and torch version, about 10 s)",
               file=sys.stderr)
+        remove_stale_lock(self.name)
         # -fopenmp: at::parallel_for is inline OpenMP; without it the ops would run on one thread.
         load(name=self.name, sources=[str(self.source)], extra_cflags=["-O3", *self.cflags, "-fopenmp"],
              extra_ldflags=["-fopenmp"], is_python_module=False)
@@ -67,6 +70,25 @@ class Kernel:
                                   f"using {self.fallback}. Set {self.env}=0 to skip trying.",
                                   RuntimeWarning, stacklevel=3)
         return self.loaded
+
+
+def remove_stale_lock(name: str, max_age: float = STALE_LOCK_SECONDS) -> bool:
+    """torch's extension builder waits, with no end, for the lock file of a build in progress; a build that was
+    killed leaves it behind, and every later process would then wait forever. A lock older than `max_age`
+    seconds is that: it is removed (with a warning). Returns whether one was."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (ImportError, OSError, AttributeError, TypeError):
+        return False  # no lock (the usual case), or a torch whose builder this does not know
+    if age <= max_age:
+        return False
+    warnings.warn(f"imagine: removing {lock}, left {age / 60:.0f} minutes ago by a build of {name} that did not "
+                  "finish (a killed process)", RuntimeWarning, stacklevel=3)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def has_cpu_flags(flags: frozenset[str]) -> bool:
