@@ -105,24 +105,11 @@ def split_sdxl(state: dict[str, torch.Tensor], source: str = "checkpoint") -> di
         raise ValueError(f"{source} looks like an SDXL refiner checkpoint (conditioner.embedders.0 is the OpenCLIP "
                          "ViT-bigG text tower, with no CLIP ViT-L, and the U-Net takes aesthetic-score conditioning); "
                          "imagine loads SDXL base models")
-    parts: dict[str, Any] = {"unet": {}, "vae": {}, "clip": {}, "openclip": {}, "markers": set(),
+    split, rest = sf.split_by_prefix(state, {keymap.UNET_PREFIX: "unet", keymap.VAE_PREFIX: "vae",
+                                             CLIP_L_PREFIX: "clip", BIGG_PREFIX: "openclip"}, IGNORED_PREFIXES)
+    parts: dict[str, Any] = {**split, "markers": {k for k in rest if k in MARKERS},
                              "betas": state.get("betas"), "sigmas": state.get("denoiser.sigmas")}
-    other = []
-    for k, v in state.items():
-        if k.startswith(keymap.UNET_PREFIX):
-            parts["unet"][k[len(keymap.UNET_PREFIX):]] = v
-        elif k.startswith(keymap.VAE_PREFIX):
-            parts["vae"][k[len(keymap.VAE_PREFIX):]] = v
-        elif k.startswith(CLIP_L_PREFIX):
-            parts["clip"][k[len(CLIP_L_PREFIX):]] = v
-        elif k.startswith(IGNORED_PREFIXES):
-            continue
-        elif k.startswith(BIGG_PREFIX):
-            parts["openclip"][k[len(BIGG_PREFIX):]] = v
-        elif k in MARKERS:
-            parts["markers"].add(k)
-        else:
-            other.append(k)
+    other = [k for k in rest if k not in MARKERS]
     expected = ("expected an original SDXL base checkpoint with model.diffusion_model.* (U-Net), first_stage_model.* "
                 f"(VAE), {CLIP_L_PREFIX}* (CLIP ViT-L) and {BIGG_PREFIX}* (OpenCLIP ViT-bigG)")
     missing = [name for name, part in (("U-Net", "unet"), ("VAE", "vae"), ("CLIP ViT-L text encoder", "clip"),

@@ -271,23 +271,12 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint")
         if any(k.startswith(prefix) for k in keys) and not any(k.startswith(keymap.UNET_PREFIX + "input_blocks.")
                                                              for k in keys):
             raise ValueError(f"{source} looks like {what}")
-    parts: dict[str, Any] = {"unet": {}, "vae": {}, "text": {}, "text_kind": None, "betas": state.get("betas")}
-    other = []
-    for k, v in state.items():
-        if k.startswith(keymap.UNET_PREFIX):
-            parts["unet"][k[len(keymap.UNET_PREFIX):]] = v
-        elif k.startswith(keymap.VAE_PREFIX):
-            parts["vae"][k[len(keymap.VAE_PREFIX):]] = v
-        elif k.startswith(keymap.CLIP_PREFIX):
-            parts["text"][k[len(keymap.CLIP_PREFIX):]] = v
-            parts["text_kind"] = "clip"
-        elif k.startswith(IGNORED_PREFIXES):
-            continue
-        elif k.startswith(keymap.OPENCLIP_PREFIX):
-            parts["text"][k[len(keymap.OPENCLIP_PREFIX):]] = v
-            parts["text_kind"] = "openclip"
-        else:
-            other.append(k)
+    split, other = split_by_prefix(state, {keymap.UNET_PREFIX: "unet", keymap.VAE_PREFIX: "vae",
+                                           keymap.CLIP_PREFIX: "clip", keymap.OPENCLIP_PREFIX: "openclip"},
+                                   IGNORED_PREFIXES)
+    kind = "clip" if split["clip"] else "openclip" if split["openclip"] else None
+    parts: dict[str, Any] = {"unet": split["unet"], "vae": split["vae"], "text": split[kind] if kind else {},
+                             "text_kind": kind, "betas": state.get("betas")}
     if any(k.startswith(keymap.CLIP_PREFIX) for k in keys) and any(k.startswith(keymap.OPENCLIP_PREFIX) for k in keys):
         raise ValueError(f"{source} has both a CLIP (cond_stage_model.transformer.*) and an OpenCLIP "
                          "(cond_stage_model.model.*) text encoder; expected one")
@@ -307,6 +296,23 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint")
         raise ValueError(f"{source}: unexpected weights {', '.join(other[:6])}"
                          + (f" ... ({len(other)} in all)" if len(other) > 6 else "") + f"; {expected}")
     return parts
+
+
+def split_by_prefix(state: dict[str, torch.Tensor], parts: dict[str, str], ignored: tuple[str, ...] = ()
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """An original checkpoint's weights by network: {part: {name without its prefix: tensor}} for `parts` (prefix ->
+    part), with the keys starting with an `ignored` prefix dropped, and the keys of neither."""
+    split: dict[str, dict[str, torch.Tensor]] = {part: {} for part in parts.values()}
+    other = []
+    for k, v in state.items():
+        if k.startswith(ignored):
+            continue
+        prefix = next((p for p in parts if k.startswith(p)), None)
+        if prefix is None:
+            other.append(k)
+        else:
+            split[parts[prefix]][k[len(prefix):]] = v
+    return split, other
 
 
 def _need(state: dict, key: str, what: str) -> torch.Tensor:
