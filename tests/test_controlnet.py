@@ -36,6 +36,14 @@ def tiny_controlnet(seed: int = 5, **kw):
     return net
 
 
+def _reference(pipe_ref, **kw) -> torch.Tensor:
+    """diffusers' image [3, H, W] in [0, 1] for PROMPT / NEGATIVE at CFG and SEED, with the pipeline's own inputs."""
+    pipe_ref.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe_ref(PROMPT, negative_prompt=NEGATIVE, guidance_scale=CFG,
+                        generator=torch.Generator().manual_seed(SEED), output_type="pt", **kw).images[0].float()
+
+
 def _edges(size: int = SIZE, seed: int = 0) -> Image.Image:
     """A control picture: white strokes on black, as an edge map is."""
     a = np.zeros((size, size, 3), np.uint8)
@@ -88,11 +96,7 @@ def _setup(tmp_path, scheduler, n=1):
 def test_generation_matches_diffusers(tmp_path, sampler, scale, steps):
     ref, (net,) = _setup(tmp_path, sampler)
     pipe_ref = diffusers.StableDiffusionControlNetPipeline(**ref.components, controlnet=net)
-    pipe_ref.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        want = pipe_ref(PROMPT, image=_edges(), negative_prompt=NEGATIVE, num_inference_steps=steps,
-                        guidance_scale=CFG, controlnet_conditioning_scale=scale,
-                        generator=torch.Generator().manual_seed(SEED), output_type="pt").images[0].float()
+    want = _reference(pipe_ref, image=_edges(), num_inference_steps=steps, controlnet_conditioning_scale=scale)
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", controlnets=[tmp_path / "cn0"])
     res = pipe.generate(PROMPT, NEGATIVE, control_image=_edges(), controlnet_scale=scale, steps=steps,
                         guidance_scale=CFG, sampler=sampler, seed=SEED, progress=False, output_type="latent")
@@ -107,12 +111,8 @@ def test_generation_matches_diffusers(tmp_path, sampler, scale, steps):
 def test_two_controlnets_match_diffusers_multicontrolnet(tmp_path):
     ref, nets = _setup(tmp_path, "ddim", n=2)
     pipe_ref = diffusers.StableDiffusionControlNetPipeline(**ref.components, controlnet=nets)
-    pipe_ref.set_progress_bar_config(disable=True)
     pictures, scales = [_edges(seed=1), _edges(seed=2)], [0.8, 0.5]
-    with torch.no_grad():
-        want = pipe_ref(PROMPT, image=pictures, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=CFG,
-                        controlnet_conditioning_scale=scales, generator=torch.Generator().manual_seed(SEED),
-                        output_type="pt").images[0].float()
+    want = _reference(pipe_ref, image=pictures, num_inference_steps=8, controlnet_conditioning_scale=scales)
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
     assert [pipe.load_controlnet(tmp_path / "cn0", "edges"), pipe.load_controlnet(tmp_path / "cn1")] == ["edges", "cn1"]
     res = pipe.generate(PROMPT, NEGATIVE, control_image=pictures, controlnet_scale=scales, steps=8, guidance_scale=CFG,
@@ -168,11 +168,7 @@ def test_sdxl_controlnet_matches_diffusers(tmp_path):
             p.add_(torch.randn_like(p) * 0.05)
     net.save_pretrained(tmp_path / "cn", safe_serialization=True)
     pipe_ref = diffusers.StableDiffusionXLControlNetPipeline(**ref.components, controlnet=net)
-    pipe_ref.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        want = pipe_ref(PROMPT, image=_edges(), negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=CFG,
-                        controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(SEED),
-                        output_type="pt").images[0].float()
+    want = _reference(pipe_ref, image=_edges(), num_inference_steps=8, controlnet_conditioning_scale=0.8)
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", controlnets=[tmp_path / "cn"])
     res = pipe.generate(PROMPT, NEGATIVE, control_image=_edges(), controlnet_scale=0.8, steps=8, guidance_scale=CFG,
                         seed=SEED, progress=False, output_type="latent")
@@ -205,11 +201,8 @@ def test_the_guidance_window_matches_diffusers(tmp_path, sampler):
     (Heun: n = 2N - 1, diffusers' doubled timesteps)."""
     ref, (net,) = _setup(tmp_path, sampler)
     pipe_ref = diffusers.StableDiffusionControlNetPipeline(**ref.components, controlnet=net)
-    pipe_ref.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        want = pipe_ref(PROMPT, image=_edges(), negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=CFG,
-                        control_guidance_start=0.2, control_guidance_end=0.7,
-                        generator=torch.Generator().manual_seed(SEED), output_type="pt").images[0].float()
+    want = _reference(pipe_ref, image=_edges(), num_inference_steps=10, control_guidance_start=0.2,
+                      control_guidance_end=0.7)
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", controlnets=[tmp_path / "cn0"])
     kw = dict(steps=10, guidance_scale=CFG, sampler=sampler, seed=SEED, progress=False, output_type="latent")
     res = pipe.generate(PROMPT, NEGATIVE, control_image=_edges(), control_guidance_start=0.2,
@@ -231,10 +224,7 @@ def test_a_pooled_controlnet_reads_the_prompt_only(tmp_path):
     net = tiny_controlnet(global_pool_conditions=True)
     net.save_pretrained(tmp_path / "cn", safe_serialization=True)
     pipe_ref = diffusers.StableDiffusionControlNetPipeline(**ref.components, controlnet=net)
-    pipe_ref.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        want = pipe_ref(PROMPT, image=_edges(), negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=CFG,
-                        generator=torch.Generator().manual_seed(SEED), output_type="pt").images[0].float()
+    want = _reference(pipe_ref, image=_edges(), num_inference_steps=8)
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", controlnets=[tmp_path / "cn"])
     res = pipe.generate(PROMPT, NEGATIVE, control_image=_edges(), steps=8, guidance_scale=CFG, sampler="ddim",
                         seed=SEED, progress=False, output_type="latent")
@@ -257,12 +247,8 @@ def test_one_controlnet_with_two_pictures_shares_its_model(tmp_path):
     folder's name."""
     ref, (net,) = _setup(tmp_path, "ddim")
     pipe_ref = diffusers.StableDiffusionControlNetPipeline(**ref.components, controlnet=[net, net])
-    pipe_ref.set_progress_bar_config(disable=True)
     pictures, scales = [_edges(seed=1), _edges(seed=2)], [0.5, 1.0]
-    with torch.no_grad():
-        want = pipe_ref(PROMPT, image=pictures, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=CFG,
-                        controlnet_conditioning_scale=scales, generator=torch.Generator().manual_seed(SEED),
-                        output_type="pt").images[0].float()
+    want = _reference(pipe_ref, image=pictures, num_inference_steps=6, controlnet_conditioning_scale=scales)
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", controlnets=[tmp_path / "cn0", tmp_path / "cn0"])
     assert [n for n, _ in pipe.controlnets] == ["cn0", "cn0#2"] and pipe.controlnets[0][1] is pipe.controlnets[1][1]
     res = pipe.generate(PROMPT, NEGATIVE, control_image=pictures, controlnet_scale=scales, steps=6, guidance_scale=CFG,
