@@ -99,20 +99,26 @@ class ControlNetModel(UNet2DConditionModel):
         self.controlnet_down_blocks = nn.ModuleList([nn.Conv2d(w, w, 1) for w in widths])
         self.controlnet_mid_block = nn.Conv2d(c.block_out_channels[-1], c.block_out_channels[-1], 1)
 
-    def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None, control: torch.Tensor | None = None,
-                scale: float = 1.0, context_mask=None, class_labels=None, text_embeds=None, time_ids=None
-                ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """x [B, C, h, w] and t as the U-Net takes them (a guidance batch too); control [B, 3, 8h, 8w] in [0, 1];
-        scale: the residuals' weight (diffusers' controlnet_conditioning_scale, A1111's control weight)."""
+    def embed_control(self, control: torch.Tensor) -> torch.Tensor:
+        """The control picture [B, 3, H, W] in [0, 1] -> its features at the latents' size (the same at every step:
+        a sampler's loop computes them once, `Controlled`)."""
         c = self.config
         if not torch.is_tensor(control) or control.ndim != 4 or control.shape[1] != c.conditioning_channels:
             got = tuple(control.shape) if torch.is_tensor(control) else type(control).__name__
             raise ValueError(f"control must be a picture tensor [B, {c.conditioning_channels}, H, W] in [0, 1]; "
                              f"got {got}")
-        x, emb_act, context, mask, rows = self.embed(x, t, context, context_mask, class_labels, text_embeds, time_ids)
         if c.controlnet_conditioning_channel_order == "bgr":
             control = control.flip(1)
-        cond = self.controlnet_cond_embedding(control.to(x.dtype))
+        return self.controlnet_cond_embedding(control.to(self.dtype))
+
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None, control: torch.Tensor | None = None,
+                scale: float = 1.0, context_mask=None, class_labels=None, text_embeds=None, time_ids=None,
+                control_features: torch.Tensor | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """x [B, C, h, w] and t as the U-Net takes them (a guidance batch too); control [B, 3, 8h, 8w] in [0, 1], or
+        control_features, its `embed_control` computed already; scale: the residuals' weight (diffusers'
+        controlnet_conditioning_scale, A1111's control weight)."""
+        cond = self.embed_control(control) if control_features is None else control_features
+        x, emb_act, context, mask, rows = self.embed(x, t, context, context_mask, class_labels, text_embeds, time_ids)
         if cond.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"the control picture maps to {tuple(cond.shape[-2:])} features, the latents are "
                              f"{tuple(x.shape[-2:])}: give it at the image's size (the latents' times 8)")
@@ -125,7 +131,7 @@ class ControlNetModel(UNet2DConditionModel):
         h = self.mid_block(h, emb_act, context, mask)
         down = [zero_conv(s) * scale for s, zero_conv in zip(skips, self.controlnet_down_blocks)]
         mid = self.controlnet_mid_block(h) * scale
-        if c.global_pool_conditions:
+        if self.config.global_pool_conditions:
             down, mid = [r.mean(dim=(2, 3), keepdim=True) for r in down], mid.mean(dim=(2, 3), keepdim=True)
         return tuple(down), mid
 
@@ -177,10 +183,13 @@ class Controlled(nn.Module):
         super().__init__()
         self.model = model
         self.nets = nn.ModuleList([c[0] for c in controls])
-        self.controls = [(c[1], float(c[2]), tuple(c[3]) if len(c) > 3 else (0.0, 1.0)) for c in controls]
+        # the pictures in each ControlNet's dtype and the copies' channels-last layout, once for the run
+        self.controls = [(c[1].to(next(c[0].parameters()).dtype).contiguous(memory_format=torch.channels_last),
+                          float(c[2]), tuple(c[3]) if len(c) > 3 else (0.0, 1.0)) for c in controls]
         self.shares_guidance_batch = bool(getattr(model, "shares_guidance_batch", False))
         self.config = getattr(model, "config", None)
         self.step: tuple[int, int] | None = None  # (i, n), set by the denoiser before each call
+        self._features: dict[int, torch.Tensor] = {}  # per unit: its picture's features, made at its first call
 
     def at_step(self, i: int, n: int) -> None:
         self.step = (i, n)
@@ -194,14 +203,17 @@ class Controlled(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         down, mid = None, None
         keys = ("context", "context_mask", "class_labels", "text_embeds", "time_ids")
-        for net, (picture, scale, window) in zip(self.nets, self.controls):
+        for k, (net, (picture, scale, window)) in enumerate(zip(self.nets, self.controls)):
             if not self._acts(window):
                 continue
             dtype = next(net.parameters()).dtype
             xin = x.to(dtype).contiguous(memory_format=torch.channels_last)  # the layout the fast and exact copies run
-            picture = picture.to(device=x.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-            if picture.shape[0] != x.shape[0]:
-                picture = torch.cat([picture] * (x.shape[0] // picture.shape[0]))
+            if k not in self._features:  # (by unit: one ControlNet may come twice, with two pictures)
+                with torch.no_grad():
+                    self._features[k] = net.embed_control(picture.to(x.device))
+            features = self._features[k]
+            if features.shape[0] != x.shape[0]:
+                features = torch.cat([features] * (x.shape[0] // features.shape[0]))
             given = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "time_ids" else v)
                      for k, v in cond.items() if k in keys}
             context = given.get("context")
@@ -210,10 +222,10 @@ class Controlled(nn.Module):
                 # conditional half of the guidance batch, with zero residuals for the unconditional half.
                 half = {k: (v.chunk(2)[1] if torch.is_tensor(v) and v.shape[0] == context.shape[0] else v)
                         for k, v in given.items()}
-                d, m = net(xin, t, control=picture, scale=scale, **half)
+                d, m = net(xin, t, control_features=features, scale=scale, **half)
                 d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])
             else:
-                d, m = net(xin, t, control=picture, scale=scale, **given)
+                d, m = net(xin, t, control_features=features, scale=scale, **given)
             down = list(d) if down is None else [_add(a, b.to(a.dtype)) for a, b in zip(down, d)]
             mid = m if mid is None else _add(mid, m.to(mid.dtype))
         if down is None:  # no ControlNet acts at this step
