@@ -9,8 +9,8 @@ with w per token (1 for the start, end and padding tokens). The syntax, as AUTOM
 `(text)` multiplies the weight of `text` by 1.1, `[text]` divides it by 1.1, `(text:w)` multiplies it by
 w; brackets nest (their factors multiply); `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are the characters
 themselves (a lone backslash is dropped); a bracket left open applies to the rest of the prompt; A1111's
-`BREAK` (a new 75-token chunk) is not supported: it is taken out with a warning. Each piece is tokenized on its own,
-so a piece's tokens carry exactly its weight.
+`BREAK` starts a new 75-token chunk where prompts are read in chunks (`imagine.long_prompts`); in one window it
+is taken out with a warning. Each piece is tokenized on its own, so a piece's tokens carry exactly its weight.
 
 Off by default in the pipeline and the CLI (`--emphasis`), where a prompt means what diffusers reads in
 it; on for the server's AUTOMATIC1111 API, whose clients write prompts in this syntax.
@@ -37,11 +37,13 @@ _TOKENS = re.compile(r"""
 """, re.X)
 
 
-def parse_emphasis(text: str) -> list[tuple[str, float]]:
-    """`text` -> [(piece, weight)], neighbouring pieces of one weight merged; a text without pieces -> [("", 1)]."""
-    if BREAK.search(text):  # A1111's chunk break: imagine encodes one window, so the prompt runs on through it
-        log.warning("emphasis: BREAK (AUTOMATIC1111's new 75-token chunk) is not supported; the prompt continues "
-                    "in one window without it")
+def parse_emphasis(text: str, breaks: bool = False) -> list[tuple[str, float | None]]:
+    """`text` -> [(piece, weight)], neighbouring pieces of one weight merged; a text without pieces -> [("", 1)].
+    `breaks`: each BREAK becomes ("BREAK", None), where a new chunk starts (imagine.long_prompts); else it is
+    taken out, with a warning: one window has no chunks to break."""
+    if not breaks and BREAK.search(text):
+        log.warning("emphasis: BREAK (AUTOMATIC1111's new 75-token chunk) needs prompts read in chunks "
+                    "(long_prompts, --long-prompts); the prompt continues in one window without it")
         text = BREAK.sub(" ", text)
     pieces: list[list] = []
     round_open: list[int] = []
@@ -49,7 +51,8 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
 
     def scale(start: int, factor: float) -> None:
         for p in pieces[start:]:
-            p[1] *= factor
+            if p[1] is not None:  # (a BREAK is not weighted)
+                p[1] *= factor
 
     for m in _TOKENS.finditer(text):
         tok, weight = m.group(0), m.group(1)
@@ -71,14 +74,19 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
         elif tok == "]" and square_open:
             scale(square_open.pop(), SQUARE)
         else:  # text, and a closing or a ":w)" with nothing open: the characters themselves
-            pieces.append([tok, 1.0])
+            for k, part in enumerate(BREAK.split(tok) if breaks else [tok]):
+                if k:
+                    pieces.append(["BREAK", None])
+                pieces.append([part, 1.0])
     for start in round_open:  # left open: to the end
         scale(start, ROUND)
     for start in square_open:
         scale(start, SQUARE)
     merged: list[list] = []
     for piece in pieces:
-        if merged and merged[-1][1] == piece[1]:
+        if not piece[0] and piece[1] is not None:
+            continue
+        if merged and merged[-1][1] == piece[1] and piece[1] is not None:
             merged[-1][0] += piece[0]
         else:
             merged.append(piece)
@@ -93,22 +101,28 @@ def weighted_tokens(tokenizer, text: str, max_length: int) -> tuple[list[int], l
     for piece, w in parse_emphasis(text):
         if not piece:
             continue
-        tok = _ids(tokenizer, piece, False)
+        tok = token_ids(tokenizer, piece, False)
         ids += tok
         weights += [w] * len(tok)
-    # the tokenizer's own special tokens around a text (CLIP: start + end, BERT: [CLS] + [SEP], T5: end only)
-    bare, marked = _ids(tokenizer, "a", False), _ids(tokenizer, "a", True)
-    head = next(i for i in range(len(marked)) if marked[i:i + len(bare)] == bare)
-    before, after = marked[:head], marked[head + len(bare):]
+    before, after, padding = special_tokens(tokenizer, max_length)
     room = max_length - len(before) - len(after)
     cut = max(0, len(ids) - room)
     ids, weights = before + ids[:room] + after, [1.0] * len(before) + weights[:room] + [1.0] * len(after)
-    padded = _ids(tokenizer, "", True, max_length)  # the specials, then the tokenizer's padding
     n = len(ids)
-    return ids + padded[len(before) + len(after):][: max_length - n], weights + [1.0] * (max_length - n), n, cut
+    return ids + padding[: max_length - n], weights + [1.0] * (max_length - n), n, cut
 
 
-def _ids(tokenizer, text: str, special: bool, pad_to: int | None = None) -> list[int]:
+def special_tokens(tokenizer, max_length: int) -> tuple[list[int], list[int], list[int]]:
+    """The tokenizer's own special tokens before and after a text (CLIP: start / end, BERT: [CLS] / [SEP], T5:
+    end only) and its padding (CLIP for SD 1: the end token again; SD 2's OpenCLIP: "!", id 0)."""
+    bare, marked = token_ids(tokenizer, "a", False), token_ids(tokenizer, "a", True)
+    head = next(i for i in range(len(marked)) if marked[i:i + len(bare)] == bare)
+    before, after = marked[:head], marked[head + len(bare):]
+    padded = token_ids(tokenizer, "", True, max_length)  # the specials, then the padding
+    return before, after, padded[len(before) + len(after):]
+
+
+def token_ids(tokenizer, text: str, special: bool, pad_to: int | None = None) -> list[int]:
     """One text's ids, through the call that transformers' tokenizers and imagine.models.bert's both take."""
     kw = dict(padding="max_length", max_length=pad_to, truncation=True) if pad_to else dict(truncation=False)
     return list(tokenizer([text], add_special_tokens=special, verbose=False, **kw)["input_ids"][0])

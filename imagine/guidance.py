@@ -3,7 +3,8 @@
 - Classifier-free guidance (Ho & Salimans 2022, eq. 6; GLIDE, Nichol et al. 2022, eq. 4): one
   network conditioned and unconditioned, combined as pred = uncond + s (cond - uncond). Both passes
   run as ONE forward on a batch of 2B (uncond first, as diffusers orders them); negative prompts are
-  just the uncond inputs.
+  just the uncond inputs. A prompt and a negative prompt of different lengths (prompts read in 75-token
+  chunks, imagine.long_prompts) cannot share a batch: they run as two forwards, as AUTOMATIC1111 runs them.
 - Guidance rescale (Lin et al. 2023, sec. 3.4, eq. 15-16): with std over each sample's elements,
   rescaled = cfg * std(cond) / std(cfg), then phi * rescaled + (1 - phi) * cfg; it undoes the
   over-exposure large scales cause. Applied to the raw prediction, as diffusers' pipelines do.
@@ -43,7 +44,9 @@ def check_cond(cond: dict[str, Any] | None, batch: int, name: str = "cond") -> d
 
 def concat_cond(uncond: dict[str, Any], cond: dict[str, Any]) -> dict[str, Any]:
     """One cond dict for the 2B batch [uncond; cond]: tensors concatenated along dim 0; anything else
-    (flags, None) must be the same in both and is passed once."""
+    (flags, None) must be the same in both and is passed once. A text given without a `context_mask` beside one
+    with a mask attends to all of its tokens."""
+    uncond, cond = _with_mask(uncond, cond), _with_mask(cond, uncond)
     if set(uncond) != set(cond):
         raise ValueError(f"cond and uncond must have the same keys for one batched forward; cond has "
                          f"{sorted(cond)}, uncond has {sorted(uncond)}")
@@ -62,6 +65,20 @@ def concat_cond(uncond: dict[str, Any], cond: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"non-tensor entry {k!r} differs between cond ({c!r}) and uncond ({u!r})")
             out[k] = c
     return out
+
+
+def _with_mask(cond: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """`cond` with an all-true context_mask where `other` has a mask and `cond` a context without one."""
+    context = cond.get("context")
+    if "context_mask" in cond or "context_mask" not in other or not torch.is_tensor(context) or context.ndim != 3:
+        return cond
+    return {**cond, "context_mask": torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)}
+
+
+def _lengths_differ(uncond: dict[str, Any], cond: dict[str, Any]) -> bool:
+    """Whether the texts of cond and uncond have different lengths (and so cannot be one batch)."""
+    c, u = cond.get("context"), uncond.get("context")
+    return torch.is_tensor(c) and torch.is_tensor(u) and c.ndim == u.ndim == 3 and c.shape[1] != u.shape[1]
 
 
 def classifier_free_guidance(uncond_out: torch.Tensor, cond_out: torch.Tensor, scale: float) -> torch.Tensor:
@@ -89,6 +106,12 @@ def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: 
     cond = cond or {}
     if uncond is None or scale == 1:
         return model(x, t, **cond)
+    if _lengths_differ(uncond, cond):  # texts of different lengths: one forward each
+        # (a model that treats the halves differently, a ControlNet in guess mode, is told which it gets)
+        tell = getattr(model, "takes_guidance_half", False)
+        uncond_out = model(x, t, **uncond, **({"guidance_half": "uncond"} if tell else {}))
+        cond_out = model(x, t, **cond, **({"guidance_half": "cond"} if tell else {}))
+        return rescale_guidance(classifier_free_guidance(uncond_out, cond_out, scale), cond_out, rescale)
     if getattr(model, "shares_guidance_batch", False) and torch.is_tensor(cond.get("context")):
         both = model(x, t, **concat_cond(uncond, cond))
     else:

@@ -176,6 +176,7 @@ class ConcatChannels(torch.nn.Module):
         super().__init__()
         self.model, self.extra = model, extra
         self.shares_guidance_batch = bool(getattr(model, "shares_guidance_batch", False))
+        self.takes_guidance_half = bool(getattr(model, "takes_guidance_half", False))  # passed on in cond
         self.config = getattr(model, "config", None)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:

@@ -177,7 +177,10 @@ class Controlled(nn.Module):
     A ControlNet acts on the steps i of n with start <= i / n and (i + 1) / n <= end (diffusers'
     control_guidance_start / end, A1111's starting and ending control step), which the sampler's denoiser tells
     through `at_step`; outside them it is not run. A guidance batch (x once, k rows of conditioning) passes
-    through: the control pictures are the same for every copy."""
+    through: the control pictures are the same for every copy. Conditional and unconditional texts of different
+    lengths come in two calls, each told its `guidance_half` ("uncond" / "cond")."""
+
+    takes_guidance_half = True
 
     def __init__(self, model, controls: list[tuple]):
         super().__init__()
@@ -200,7 +203,7 @@ class Controlled(nn.Module):
         i, n = self.step
         return not (i / n < window[0] or (i + 1) / n > window[1])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, guidance_half: str | None = None, **cond) -> torch.Tensor:
         down, mid = None, None
         keys = ("context", "context_mask", "class_labels", "text_embeds", "time_ids")
         for k, (net, (picture, scale, window)) in enumerate(zip(self.nets, self.controls)):
@@ -224,6 +227,8 @@ class Controlled(nn.Module):
                         for k, v in given.items()}
                 d, m = net(xin, t, control_features=features, scale=scale, **half)
                 d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])
+            elif net.config.global_pool_conditions and guidance_half == "uncond":
+                continue  # (the same in two calls: no residuals for the unconditional half)
             else:
                 d, m = net(xin, t, control_features=features, scale=scale, **given)
             down = list(d) if down is None else [_add(a, b.to(a.dtype)) for a, b in zip(down, d)]

@@ -104,9 +104,13 @@ class TextEncoder(nn.Module):
         return prompt
 
     @torch.no_grad()
-    def encode(self, prompts: list[str] | str, emphasis: bool = False) -> TextEncoding:
+    def encode(self, prompts: list[str] | str, emphasis: bool = False, long_prompts: bool = False) -> TextEncoding:
         """Per-token states (+ mask, pooled vector). `emphasis`: read AUTOMATIC1111's `(word:1.3)` / `[word]`
-        syntax in the prompts (`imagine.emphasis`) instead of taking the brackets as text."""
+        syntax in the prompts (`imagine.emphasis`) instead of taking the brackets as text. `long_prompts`: a CLIP
+        encoder reads a prompt past its window in 75-token chunks (`imagine.long_prompts`), giving 77 k states;
+        an encoder with a padding mask (MiniLM, T5) keeps its one window."""
+        if long_prompts and not self.uses_mask:
+            return self._encode_chunks([prompts] if isinstance(prompts, str) else list(prompts), emphasis)
         if emphasis:
             return self._encode_emphasis([prompts] if isinstance(prompts, str) else list(prompts))
         tok = self.tokenize(prompts)
@@ -131,6 +135,48 @@ class TextEncoder(nn.Module):
         enc = self._encode(ids, mask)
         states = apply_emphasis(enc.states, weights, mask if self.uses_mask else None)
         return replace(enc, states=states)
+
+    def chunks(self, prompt: str, emphasis: bool = False) -> list:
+        """`prompt`'s 75-token chunks (`imagine.long_prompts.prompt_chunks`), its textual-inversion words expanded."""
+        from imagine.long_prompts import prompt_chunks
+
+        if not isinstance(prompt, str):
+            raise TypeError("prompts must be strings")
+        runs = {}
+        for word, expansion in self.expansions.items():  # a multi-vector word's ids stay in one chunk
+            if expansion != word:
+                ids = self.tokenizer([expansion], add_special_tokens=False, verbose=False)["input_ids"][0]
+                runs[ids[0]] = list(ids)
+        return prompt_chunks(self.tokenizer, self._expand(prompt) if self.expansions else prompt, self.max_length,
+                             emphasis, runs=runs)
+
+    def _encode_chunks(self, prompts: list[str], emphasis: bool) -> TextEncoding:
+        """Each prompt's chunks encoded chunk by chunk over the batch, each chunk's emphasis applied to its own
+        states, the states side by side; the pooled vector is the first chunk's (AUTOMATIC1111's
+        FrozenCLIPEmbedderWithCustomWords). A prompt with fewer chunks than the batch's longest is filled up
+        with empty chunks that the mask hides (A1111 lets its U-Net see them, which changes a prompt's image
+        with the prompts beside it; masked, a prompt gives its image whatever the batch)."""
+        from imagine.emphasis import apply_emphasis
+        from imagine.long_prompts import empty_chunk
+
+        rows = [self.chunks(p, emphasis) for p in prompts]
+        empty = empty_chunk(self.tokenizer, self.max_length)
+        parts, first = [], None
+        for i in range(max(len(r) for r in rows)):
+            chunk = [r[i] if i < len(r) else empty for r in rows]
+            ids = torch.tensor([c.ids for c in chunk], device=self.device)
+            enc = self._encode(ids, torch.ones_like(ids, dtype=torch.bool))
+            states = enc.states
+            if emphasis:
+                states = apply_emphasis(states, torch.tensor([c.weights for c in chunk], device=self.device))
+            parts.append(states)
+            if first is None:
+                first = enc
+        mask = None
+        if len({len(r) for r in rows}) > 1:
+            mask = torch.tensor([[i < len(r) * self.max_length for i in range(len(parts) * self.max_length)]
+                                 for r in rows], device=self.device)
+        return replace(first, states=torch.cat(parts, dim=1), mask=mask)
 
     def _encode(self, ids, mask) -> TextEncoding:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -299,10 +345,16 @@ class SDXLTextEncoder(nn.Module):
     def tokenizer(self):
         return self.towers[0].tokenizer
 
+    def chunks(self, prompt: str, emphasis: bool = False) -> list:
+        return self.towers[0].chunks(prompt, emphasis)
+
     @torch.no_grad()
-    def encode(self, prompts: list[str] | str, emphasis: bool = False) -> TextEncoding:
-        first, second = (t.encode(prompts, emphasis=emphasis) for t in self.towers)
-        return TextEncoding(torch.cat([first.states, second.states.to(first.states.dtype)], dim=-1), None,
+    def encode(self, prompts: list[str] | str, emphasis: bool = False, long_prompts: bool = False) -> TextEncoding:
+        first, second = (t.encode(prompts, emphasis=emphasis, long_prompts=long_prompts) for t in self.towers)
+        if first.states.shape[1] != second.states.shape[1]:  # (both towers read one BPE vocabulary: never)
+            raise ValueError(f"SDXL's two tokenizers read the prompt as {first.states.shape[1]} and "
+                             f"{second.states.shape[1]} tokens; they must cut it into the same chunks")
+        return TextEncoding(torch.cat([first.states, second.states.to(first.states.dtype)], dim=-1), first.mask,
                             second.pooled, pooled_cond=True)
 
     def zeros(self, n: int) -> TextEncoding:

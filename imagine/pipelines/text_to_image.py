@@ -348,8 +348,9 @@ class TextToImagePipeline:
                                  f"e.g. {max(f, v // f * f)} or {(v // f + 1) * f})")
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], emphasis: bool = False) -> dict[str, torch.Tensor]:
-        return self.text_encoder.encode(prompts, emphasis=emphasis).as_cond()
+    def encode_prompts(self, prompts: list[str], emphasis: bool = False,
+                       long_prompts: bool = False) -> dict[str, torch.Tensor]:
+        return self.text_encoder.encode(prompts, emphasis=emphasis, long_prompts=long_prompts).as_cond()
 
     def size_conditioning(self, n: int, height: int, width: int) -> dict[str, torch.Tensor]:
         """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2): the U-Net is told the picture's original
@@ -370,7 +371,7 @@ class TextToImagePipeline:
                  eta: float | None = None, karras: bool | None = None, thresholding: str | None = None,
                  threshold_range: float | None = None, sigma_schedule: str | None = None, final_step: str | None = None,
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
-                 emphasis: bool = False, init_image=None, strength: float | None = None,
+                 emphasis: bool = False, long_prompts: bool = False, init_image=None, strength: float | None = None,
                  init_latents: torch.Tensor | None = None, mask_image=None, masked_content: str = "original",
                  control_image=None,
                  controlnet_scale: float | list[float] | None = None,
@@ -384,7 +385,9 @@ class TextToImagePipeline:
         step, imagine.samplers.final_heun_step); sampler_options: e.g. {"order": 3} for unipc; start: "noise"
         (diffusers' start) or "matched" (x_T moved to the mean of q(x_T), imagine.sampling.Denoiser.matched_start);
         emphasis: read AUTOMATIC1111's `(word:1.3)` / `[word]` syntax as weights (imagine.emphasis; off: brackets are
-        text, as in diffusers); thresholding "static"/"dynamic" (Imagen) holds x_0 to [-R, R], R = threshold_range (default: the model's
+        text, as in diffusers); long_prompts: a CLIP text encoder reads a prompt past its 77-token window in
+        75-token chunks, BREAK starting a new one with emphasis (AUTOMATIC1111's way, imagine.long_prompts; off:
+        cut at the window with a warning, as diffusers); thresholding "static"/"dynamic" (Imagen) holds x_0 to [-R, R], R = threshold_range (default: the model's
         "threshold_range", else 1, the pixel range of the paper).
 
         init_image, strength: image to image (SDEdit, Meng et al. 2022; diffusers' img2img, AUTOMATIC1111's
@@ -505,14 +508,15 @@ class TextToImagePipeline:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
 
         self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
-        cond = self.encode_prompts([self._without_lora_tags(p) for p in prompts], emphasis)
+        cond = self.encode_prompts([self._without_lora_tags(p) for p in prompts], emphasis, long_prompts)
         uncond = None
         if guidance_scale != 1.0:
             zero = [n is None and bool(d.get("zero_empty_negative")) for n in negatives]
             if all(zero):  # SDXL's force_zeros_for_empty_prompt: no negative prompt is all zeros
                 uncond = self.text_encoder.zeros(len(prompts)).as_cond()
             else:
-                uncond = self.encode_prompts([self._without_lora_tags(n or "") for n in negatives], emphasis)
+                uncond = self.encode_prompts([self._without_lora_tags(n or "") for n in negatives], emphasis,
+                                             long_prompts)
                 if any(zero):  # rows whose negative was not given, in a batch with some that were
                     rows = torch.tensor(zero)
                     uncond = {k: (v.masked_fill(rows.view(-1, *[1] * (v.ndim - 1)), 0) if k in ("context", "text_embeds")
@@ -557,6 +561,8 @@ class TextToImagePipeline:
                 for (name, _), (_, _, scale, window) in zip(self.controlnets, controls))
         if emphasis:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
+        if long_prompts and not getattr(self.text_encoder, "uses_mask", True):
+            params["long_prompts"] = True  # read in 75-token chunks (imagine.long_prompts)
         if getattr(self.text_encoder, "clip_skip", 0):
             params["clip_skip"] = self.text_encoder.clip_skip  # layers skipped (diffusers' numbering)
         if self.loras or self.request_loras:

@@ -943,7 +943,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt or None] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
-                                    emphasis=a1111_emphasis(req), strength=None if hires else strength,
+                                    emphasis=a1111_emphasis(req), long_prompts=True,
+                                    strength=None if hires else strength,
                                     hires=hires, inpainting=inpaint is not None,
                                     loras=prompt_loras(req.prompt, req.negative_prompt),
                                     masked_content=A1111_MASKED_CONTENT.get(int(req.inpainting_fill), "original")
@@ -1198,7 +1199,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(req.n)]
         job = Job(prompts=[req.prompt] * req.n, negative_prompts=[negative or None] * req.n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
-                                    guidance_scale=float(guidance), schedule=schedule,
+                                    guidance_scale=float(guidance), schedule=schedule, long_prompts=True,
                                     loras=prompt_loras(req.prompt, negative)))
         result = await run_job(request, job)
         if result is None or result.interrupted:
