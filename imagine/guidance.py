@@ -76,9 +76,10 @@ def _with_mask(cond: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
 
 
 def _lengths_differ(uncond: dict[str, Any], cond: dict[str, Any]) -> bool:
-    """Whether the texts of cond and uncond have different lengths (and so cannot be one batch)."""
-    c, u = cond.get("context"), uncond.get("context")
-    return torch.is_tensor(c) and torch.is_tensor(u) and c.ndim == u.ndim == 3 and c.shape[1] != u.shape[1]
+    """Whether a tensor of cond and its uncond differ beyond the batch dimension (texts of different lengths), so
+    that they cannot be one batch."""
+    return any(torch.is_tensor(c) and torch.is_tensor(uncond.get(k)) and c.ndim == uncond[k].ndim >= 2
+               and c.shape[1:] != uncond[k].shape[1:] for k, c in cond.items())
 
 
 def classifier_free_guidance(uncond_out: torch.Tensor, cond_out: torch.Tensor, scale: float) -> torch.Tensor:

@@ -113,6 +113,8 @@ def a1111_parameters(p: dict) -> str:
     if p.get("clip_skip"):  # diffusers' k layers skipped is A1111's "Clip skip: k + 1" (1 = the last layer)
         put("Clip skip", int(p["clip_skip"]) + 1)
     put("Lora", p.get("lora"))
+    put("Refiner", _a1111_model(p["refiner"]) if p.get("refiner") else None)
+    put("Refiner switch at", p.get("refiner_switch_at"))
     for i, unit in enumerate(controlnet_units(p)):
         put(f"ControlNet {i}", controlnet_unit_text(*unit))
     put("Hires upscale", p.get("hires_scale"))

@@ -686,7 +686,7 @@ def test_unknown_layouts_name_what_was_found(tmp_path):
     # names what a piece of one lacks; split_checkpoint, SD 1.x/2.x's, still names it for what it is
     sdxl_piece = {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}
     with pytest.raises(ValueError, match=r"no U-Net and no VAE and no OpenCLIP ViT-bigG text encoder weights found; "
-                                         r"expected an original SDXL base checkpoint"):
+                                         r"expected an original SDXL checkpoint"):
         components_from_state(sdxl_piece, "piece.safetensors")
     with pytest.raises(ValueError, match="SDXL checkpoint"):
         split_checkpoint(sdxl_piece)

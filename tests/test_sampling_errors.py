@@ -87,9 +87,15 @@ def test_cond_batch_must_match():
         run(cond=ctx)
     with pytest.raises(ValueError, match=r"uncond\['context'\].*batch has 2"):
         run(cond={"context": torch.zeros(2, 7, 8)}, uncond=ctx, guidance_scale=5.0)
+    # texts of different lengths cannot be one batch: the model sees the uncond and the cond apart
+    seen = []
+    run(model=lambda x, t, context: (seen.append(tuple(context.shape)), x)[1], cond={"context": torch.zeros(2, 7, 8)},
+        uncond={"context": torch.zeros(2, 5, 8)}, guidance_scale=5.0)
+    assert seen[:2] == [(2, 5, 8), (2, 7, 8)]
+    from imagine.guidance import concat_cond
+
     with pytest.raises(ValueError, match="differ beyond the batch dimension"):
-        run(model=lambda x, t, context: x, cond={"context": torch.zeros(2, 7, 8)},
-            uncond={"context": torch.zeros(2, 5, 8)}, guidance_scale=5.0)
+        concat_cond({"context": torch.zeros(2, 5, 8)}, {"context": torch.zeros(2, 7, 8)})
     with pytest.raises(ValueError, match="same keys"):
         run(model=lambda x, t, **c: x, cond={"context": torch.zeros(2, 7, 8)},
             uncond={"context": torch.zeros(2, 7, 8), "mask": torch.ones(2, 7)}, guidance_scale=5.0)

@@ -13,7 +13,7 @@ import torch
 
 from test_loading import make_scheduler, write_clip_tokenizer  # noqa: E402
 from test_sd_parity import CFG, NEGATIVE, PROMPT, SEED, psnr  # noqa: E402
-from test_sdxl_single_file import PROJ, WIDTHS, tiny_sdxl_parts, write_sdxl_single_file  # noqa: E402
+from test_sdxl_single_file import PROJ, TIME_DIM, WIDTHS, tiny_sdxl_parts, write_sdxl_single_file  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -61,7 +61,7 @@ def test_the_text_time_unet_matches_diffusers():
         assert float((shared - doubled).norm() / doubled.norm()) < 1e-5
     with pytest.raises(ValueError, match=rf"needs text_embeds \[B, {PROJ}\].*time_ids"):
         ours(x, t, context=ctx)
-    with pytest.raises(ValueError, match=rf"text_embeds must be \[2, {PROJ}\] and time_ids \[2, 6\]"):
+    with pytest.raises(ValueError, match=rf"W \+ N x {TIME_DIM} = {PROJ + 6 * TIME_DIM}.*got \(2, {PROJ}\) and \(2, 4\)"):
         ours(x, t, context=ctx, text_embeds=pooled, time_ids=sizes[:, :4])
 
 

@@ -3,7 +3,8 @@ imagine.loading.sdxl: tiny random SDXL-shaped parts built in diffusers / transfo
 CompVis SDXL layout by this file's own inverse map (diffusers' wheel has no diffusers-to-original
 converter; the SD parts reuse test_loading.py's, which are independent of imagine.loading.keymap), then
 loaded by shape inference alone and compared with the models they were written from; the real SDXL base
-layout is checked on the meta device; the refiner, EDM models and missing tokenizers get clear errors.
+layout is checked on the meta device; EDM models and missing tokenizers get clear errors (the refiner's layout:
+tests/test_refiner.py).
 """
 
 from __future__ import annotations
@@ -73,11 +74,13 @@ def _unprefixed(sd: dict) -> dict:
     return {k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}
 
 
-def sdxl_to_compvis(unet_sd: dict, unet_cfg, vae_sd: dict, vae_levels: int, text_sd: dict, text_2_sd: dict) -> dict:
+def sdxl_to_compvis(unet_sd: dict, unet_cfg, vae_sd: dict, vae_levels: int, text_sd: dict | None,
+                    text_2_sd: dict) -> dict:
     """The four state dicts in sgm's names: SD's U-Net map (test_loading) plus label_emb, SD's VAE map,
     CLIP ViT-L as SD 1.x's under conditioner.embedders.0.transformer, bigG in OpenCLIP names (test_loading's
     SD 2 writer, without the extra block it adds) under conditioner.embedders.1.model, with
-    text_projection = W^T (OpenCLIP applies x @ P)."""
+    text_projection = W^T (OpenCLIP applies x @ P). text_sd None: the refiner's layout, bigG alone as
+    conditioner.embedders.0.model."""
     state = {}
     plain = {k: v for k, v in unet_sd.items() if not k.startswith("add_embedding.")}
     state.update(unet_to_compvis(plain, unet_cfg))
@@ -86,16 +89,17 @@ def sdxl_to_compvis(unet_sd: dict, unet_cfg, vae_sd: dict, vae_levels: int, text
             head, _, leaf = k.rpartition(".")
             state[f"model.diffusion_model.{LABEL_EMB[head]}.{leaf}"] = v
     state.update(vae_to_compvis(vae_sd, vae_levels))
-    for k, v in clip_to_compvis(_unprefixed(text_sd)).items():
+    for k, v in (clip_to_compvis(_unprefixed(text_sd)) if text_sd is not None else {}).items():
         state[k.replace("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.", 1)] = v
+    bigg = "conditioner.embedders.1.model." if text_sd is not None else "conditioner.embedders.0.model."
     t2 = _unprefixed(text_2_sd)
     proj = t2.pop("text_projection.weight")
     layers = 1 + max(int(k.split(".")[2]) for k in t2 if k.startswith("encoder.layers."))
     for k, v in clip_to_openclip(t2).items():
         if f".resblocks.{layers}." in k:
             continue  # the block SD 2 drops, which test_loading's writer appends
-        state[k.replace("cond_stage_model.model.", "conditioner.embedders.1.model.", 1)] = v
-    state["conditioner.embedders.1.model.text_projection"] = proj.t()
+        state[k.replace("cond_stage_model.model.", bigg, 1)] = v
+    state[bigg + "text_projection"] = proj.t()
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
@@ -294,16 +298,19 @@ def test_stored_sigmas(tiny_state, toks, no_tokenizer_env, caplog):
     assert torch.allclose(torch.tensor(c.scheduler_config["trained_betas"], dtype=torch.float64), other, rtol=1e-4)
 
 
-def test_refiner_and_edm_checkpoints_are_refused(tiny_state, toks):
+def test_edm_checkpoints_and_broken_layouts_are_refused(tiny_state, toks):
+    # the refiner's layout (bigG alone, as embedders.0) around a base U-Net: its added embedding is not pooled text
+    # plus the refiner's five size codes (tests/test_refiner.py loads real refiner layouts)
     refiner = {k.replace("conditioner.embedders.1.model.", "conditioner.embedders.0.model."): v
                for k, v in tiny_state.items() if not k.startswith("conditioner.embedders.0.transformer.")}
-    with pytest.raises(ValueError, match=r"looks like an SDXL refiner checkpoint .*imagine loads SDXL base models"):
+    with pytest.raises(ValueError, match=rf"label_emb.0.0 takes {PROJ + 6 * TIME_DIM} inputs, which is not the "
+                                         rf"{PROJ}-wide pooled text vector plus 5 equal size codes"):
         components_from_state(refiner, "sd_xl_refiner_1.0.safetensors", tokenizer=toks[0], tokenizer_2=toks[1])
     with pytest.raises(ValueError, match="Playground v2.5"):
         components_from_state(dict(tiny_state, edm_mean=torch.zeros(1, 4, 1, 1)), "pg.safetensors")
     # a piece missing, a weight of no known place
     no_vae = {k: v for k, v in tiny_state.items() if not k.startswith("first_stage_model.")}
-    with pytest.raises(ValueError, match=r"no VAE weights found; expected an original SDXL base checkpoint"):
+    with pytest.raises(ValueError, match=r"no VAE weights found; expected an original SDXL checkpoint"):
         components_from_state(no_vae, "x.safetensors")
     with pytest.raises(ValueError, match=r"unexpected weights conditioner\.embedders\.5\.thing"):
         components_from_state(dict(tiny_state, **{"conditioner.embedders.5.thing": torch.zeros(1)}), "x.safetensors")

@@ -42,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-end", type=float, default=None, metavar="F",
                    help="the fraction of the steps after which the ControlNets stop (default 1; diffusers' "
                         "control_guidance_end, A1111's ending control step)")
+    p.add_argument("--refiner", default=None, metavar="PATH",
+                   help="SDXL's refiner (a diffusers folder or the original sd_xl_refiner file) for the last steps: "
+                        "the sampler's run goes on with it after --refiner-switch of the steps (AUTOMATIC1111's "
+                        "Refiner)")
+    p.add_argument("--refiner-switch", type=float, default=None, metavar="F",
+                   help="the fraction of the steps after which the refiner takes over (default 0.8, AUTOMATIC1111's "
+                        "'switch at')")
     p.add_argument("--emphasis", action="store_true",
                    help="read AUTOMATIC1111's emphasis in the prompts: (word) x1.1, [word] /1.1, (word:1.3) x1.3 "
                         "(default: brackets are text, as in diffusers)")
@@ -334,13 +341,21 @@ def run(args) -> int:
                     raise ValueError(f"--{flag.replace('_', '-')} must be a fraction of the steps, from 0 to 1; got "
                                      f"{value}")
                 picture[key] = value
+    if args.refiner_switch is not None and not args.refiner:
+        raise ValueError("--refiner-switch needs --refiner")
+    if args.refiner:
+        if not Path(args.refiner).exists():
+            raise FileNotFoundError(f"--refiner: {args.refiner} not found")
+        from imagine.refiner import SWITCH, check_switch
+
+        picture["refiner_switch"] = check_switch(SWITCH if args.refiner_switch is None else args.refiner_switch)
     jobs = [(p, i) for p in prompts for i in range(args.num_images)]
     many = len(jobs) > 1 or bool(args.from_file)
     out_dir, out_file = _output_target(args.output, many)
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
                                                loras=parse_loras(args.lora),
                                                embeddings=parse_embeddings(args.embedding),
-                                               controlnets=[path for path, _ in controlnets],
+                                               controlnets=[path for path, _ in controlnets], refiner=args.refiner,
                                                prediction_type=args.prediction_type, tokenizer=args.tokenizer,
                                                tokenizer_2=args.tokenizer_2, clip_skip=args.clip_skip)
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None

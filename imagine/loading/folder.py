@@ -67,13 +67,17 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
 
         classes = [e[1] if isinstance(e, list) and len(e) == 2 else None
                    for e in (te_entry, index["text_encoder_2"])]
-        if classes != ["CLIPTextModel", "CLIPTextModelWithProjection"]:
+        if classes not in (["CLIPTextModel", "CLIPTextModelWithProjection"], [None, "CLIPTextModelWithProjection"]):
             raise ValueError(f"{root}: text encoders {classes} are not SDXL's (CLIPTextModel, "
-                             "CLIPTextModelWithProjection); imagine loads SD 1.x, 2.x and SDXL base folders")
-        text_encoder = SDXLTextEncoder.from_folders(root / "text_encoder", root / "tokenizer", root / "text_encoder_2",
-                                                    root / "tokenizer_2", dtype=dtype)
+                             "CLIPTextModelWithProjection; the refiner's: none, CLIPTextModelWithProjection); imagine "
+                             "loads SD 1.x, 2.x and SDXL base and refiner folders")
+        first = classes[0] is not None  # the refiner has the bigG tower alone
+        text_encoder = SDXLTextEncoder.from_folders(root / "text_encoder" if first else None, root / "tokenizer",
+                                                    root / "text_encoder_2", root / "tokenizer_2", dtype=dtype)
         if index.get("force_zeros_for_empty_prompt", True):  # diffusers' default for SDXL
             defaults.setdefault("zero_empty_negative", True)
+        if index.get("requires_aesthetics_score"):  # the refiner's size codes end with an aesthetic score
+            defaults.setdefault("aesthetic_score", AESTHETIC_SCORES)
     else:  # diffusers: ["transformers", "CLIPTextModel"]
         cls = te_entry[1] if isinstance(te_entry, list) and len(te_entry) == 2 else None
         kinds = {"CLIPTextModel": "clip", "T5EncoderModel": "t5"}
@@ -91,6 +95,11 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
                       prediction_type=sched_cfg.get("prediction_type", "epsilon"), scheduler_config=sched_cfg,
                       defaults=defaults, source=str(root))
 
+
+# The SDXL refiner's aesthetic-score conditioning (Podell et al. 2023, sec. 2.5): the score given with the prompt and
+# with the negative prompt, diffusers' aesthetic_score / negative_aesthetic_score defaults and AUTOMATIC1111's
+# "SDXL high / low aesthetic score" options
+AESTHETIC_SCORES = (6.0, 2.5)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 

@@ -36,8 +36,12 @@ Hugging Face cache; never downloaded. The first pads with the end token, the sec
 `open_clip.tokenize`), as SDXL was trained.
 
 Also read, as ComfyUI reads them: a `v_pred` marker tensor (v-prediction) and `ztsnr` (zero terminal SNR,
-diffusers' `rescale_betas_zero_snr`). Refused with a clear error: the refiner (only the bigG tower, as
-embedders.0, and an aesthetic-score U-Net), EDM models (Playground v2.5's `edm_mean`).
+diffusers' `rescale_betas_zero_snr`). Refused with a clear error: EDM models (Playground v2.5's `edm_mean`).
+
+The refiner (`sd_xl_refiner_1.0.safetensors`, sec. 2.5 of the paper) has the bigG tower alone, as
+`conditioner.embedders.0.model.*`, and a U-Net whose added embedding takes five numbers (original size, crop
+corner, aesthetic score: 1280 + 5 x 256 = 2560 inputs) and cross-attends to bigG's 1280-wide states; it needs
+`tokenizer_2` only, and encodes an empty negative prompt (diffusers' refiner config).
 """
 
 from __future__ import annotations
@@ -71,12 +75,13 @@ SDXL_SCHEDULER_CONFIG = {
 SDXL_SCALING_FACTOR = 0.13025  # stabilityai/sdxl-vae, vae/config.json
 SDXL_SAMPLE_SIZE = 128  # latents of 1024 px
 SIZE_NUMBERS = 6  # original (h, w), crop corner (top, left), target (h, w)
+REFINER_NUMBERS = 5  # original (h, w), crop corner (top, left), aesthetic score
 MARKERS = ("v_pred", "ztsnr")  # empty tensors some fine-tunes carry (ComfyUI's convention)
 # Keys besides the four networks: LDM/sgm buffers and training bookkeeping (as for SD; `denoiser.sigmas` is
 # checked against the schedule below), the contrastive logit scale, CLIP's position_ids buffer.
 IGNORED_PREFIXES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus_alphas_cumprod",
                     "posterior_", "logvar", "model_ema.", "lvlb_weights", "denoiser.", BIGG_PREFIX + "logit_scale",
-                    BIGG_PREFIX + "attn_mask")
+                    BIGG_PREFIX + "attn_mask", REFINER_BIGG_PREFIX + "logit_scale", REFINER_BIGG_PREFIX + "attn_mask")
 OTHER_SDXL_LIKE = {
     "edm_mean": "a Playground v2.5 checkpoint (an EDM model: edm_mean / edm_std); imagine loads SDXL base models "
                 "(DDPM-trained, epsilon or v)",
@@ -93,27 +98,34 @@ def is_sdxl(state: dict[str, torch.Tensor]) -> bool:
 # ---------------------------------------------------------------------------------------------
 # The file's parts
 # ---------------------------------------------------------------------------------------------
+def is_refiner(state: dict[str, torch.Tensor]) -> bool:
+    """Whether an original SDXL checkpoint is the refiner's: the bigG tower as embedders.0, no CLIP ViT-L."""
+    keys = list(state)
+    return any(k.startswith(REFINER_BIGG_PREFIX) for k in keys) and not any(k.startswith(CLIP_L_PREFIX) for k in keys)
+
+
 def split_sdxl(state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, Any]:
-    """An original SDXL base state dict -> {"unet", "vae", "clip", "openclip": {...} (prefixes removed),
-    "markers": set of MARKERS present, "betas", "sigmas": tensor | None}. ValueError, naming what was found,
-    for the refiner, EDM models, a missing network or weights of no known place."""
+    """An original SDXL base or refiner state dict -> {"unet", "vae", "clip" (empty for the refiner), "openclip":
+    {...} (prefixes removed), "refiner": bool, "markers": set of MARKERS present, "betas", "sigmas": tensor | None}.
+    ValueError, naming what was found, for EDM models, a missing network or weights of no known place."""
     keys = list(state)
     for key, what in OTHER_SDXL_LIKE.items():
         if key in state:
             raise ValueError(f"{source} looks like {what}")
-    if any(k.startswith(REFINER_BIGG_PREFIX) for k in keys) and not any(k.startswith(CLIP_L_PREFIX) for k in keys):
-        raise ValueError(f"{source} looks like an SDXL refiner checkpoint (conditioner.embedders.0 is the OpenCLIP "
-                         "ViT-bigG text tower, with no CLIP ViT-L, and the U-Net takes aesthetic-score conditioning); "
-                         "imagine loads SDXL base models")
-    split, rest = sf.split_by_prefix(state, {keymap.UNET_PREFIX: "unet", keymap.VAE_PREFIX: "vae",
-                                             CLIP_L_PREFIX: "clip", BIGG_PREFIX: "openclip"}, IGNORED_PREFIXES)
-    parts: dict[str, Any] = {**split, "markers": {k for k in rest if k in MARKERS},
+    refiner = is_refiner(state)
+    prefixes = {keymap.UNET_PREFIX: "unet", keymap.VAE_PREFIX: "vae"}
+    prefixes.update({REFINER_BIGG_PREFIX: "openclip"} if refiner else {CLIP_L_PREFIX: "clip", BIGG_PREFIX: "openclip"})
+    split, rest = sf.split_by_prefix(state, prefixes, IGNORED_PREFIXES)
+    parts: dict[str, Any] = {"clip": {}, **split, "refiner": refiner, "markers": {k for k in rest if k in MARKERS},
                              "betas": state.get("betas"), "sigmas": state.get("denoiser.sigmas")}
     other = [k for k in rest if k not in MARKERS]
-    expected = ("expected an original SDXL base checkpoint with model.diffusion_model.* (U-Net), first_stage_model.* "
-                f"(VAE), {CLIP_L_PREFIX}* (CLIP ViT-L) and {BIGG_PREFIX}* (OpenCLIP ViT-bigG)")
-    missing = [name for name, part in (("U-Net", "unet"), ("VAE", "vae"), ("CLIP ViT-L text encoder", "clip"),
-                                       ("OpenCLIP ViT-bigG text encoder", "openclip")) if not parts[part]]
+    expected = ("expected an original SDXL checkpoint with model.diffusion_model.* (U-Net), first_stage_model.* "
+                f"(VAE), {CLIP_L_PREFIX}* (CLIP ViT-L) and {BIGG_PREFIX}* (OpenCLIP ViT-bigG), or the refiner's "
+                f"{REFINER_BIGG_PREFIX}* (ViT-bigG alone)")
+    needed = [("U-Net", "unet"), ("VAE", "vae"), ("OpenCLIP ViT-bigG text encoder", "openclip")]
+    if not refiner:
+        needed.insert(2, ("CLIP ViT-L text encoder", "clip"))
+    missing = [name for name, part in needed if not parts[part]]
     if missing:
         tops = sorted({".".join(k.split(".")[:3]) for k in keys})
         shown = ", ".join(tops[:10]) + (f" ... ({len(tops)} groups)" if len(tops) > 10 else "")
@@ -131,11 +143,13 @@ ADD_EMBEDDING = {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "ad
 
 
 def infer_unet_config(unet: dict[str, torch.Tensor], pooled_dim: int, encoder_only: bool = False,
-                      what: str = "SDXL U-Net (model.diffusion_model.*)") -> tuple[dict[str, Any], list[int], list[bool]]:
+                      what: str = "SDXL U-Net (model.diffusion_model.*)",
+                      numbers: int = SIZE_NUMBERS) -> tuple[dict[str, Any], list[int], list[bool]]:
     """The diffusers-style config of an SDXL U-Net (prefix removed), with the residual blocks and attention
     flag per level: SD's inference (`single_file.infer_unet_config`) on everything but `label_emb.*`, plus
-    the text_time embedding, whose input is the pooled text vector (`pooled_dim` wide) and six size codes.
-    `encoder_only`, `what`: as there (an SDXL ControlNet's copy of the contracting path)."""
+    the text_time embedding, whose input is the pooled text vector (`pooled_dim` wide) and `numbers` size codes
+    (six; the refiner's five). `encoder_only`, `what`: as there (an SDXL ControlNet's copy of the contracting
+    path)."""
     label = {k: v for k, v in unet.items() if k.startswith("label_emb.")}
     rest = {k: v for k, v in unet.items() if not k.startswith("label_emb.")}
     unknown = sorted(k for k in label if k.rpartition(".")[0] not in ADD_EMBEDDING)
@@ -144,11 +158,11 @@ def infer_unet_config(unet: dict[str, torch.Tensor], pooled_dim: int, encoder_on
                          f"found {unknown[:6] or 'none'}")
     cfg, layers, attention = sf.infer_unet_config(rest, encoder_only, what)
     adm_in = sf._need(label, "label_emb.0.0.weight", what).shape[1]
-    time_dim, remainder = divmod(adm_in - pooled_dim, SIZE_NUMBERS)
+    time_dim, remainder = divmod(adm_in - pooled_dim, numbers)
     if time_dim < 1 or remainder:
         raise ValueError(f"{what}: label_emb.0.0 takes {adm_in} inputs, which is not the {pooled_dim}-wide pooled text "
-                         f"vector plus {SIZE_NUMBERS} equal size codes (SDXL base: 1280 + 6 x 256 = 2816; the "
-                         "refiner's 2560 adds an aesthetic score instead)")
+                         f"vector plus {numbers} equal size codes (SDXL base: 1280 + 6 x 256 = 2816; the refiner: "
+                         "1280 + 5 x 256 = 2560)")
     cfg.update(addition_embed_type="text_time", addition_time_embed_dim=time_dim,
                projection_class_embeddings_input_dim=adm_in,
                upcast_attention=False)  # SDXL's config (null): its attention runs in the weights' dtype
@@ -202,13 +216,14 @@ class SDXLParts:
     unet: dict[str, torch.Tensor]
     vae_config: dict[str, Any]
     vae: dict[str, torch.Tensor]
-    text_config: dict[str, Any]  # CLIP ViT-L (CLIPTextConfig keys)
+    text_config: dict[str, Any] | None  # CLIP ViT-L (CLIPTextConfig keys); None for the refiner
     text: dict[str, torch.Tensor]  # CLIPTextModel names without `text_model.`
     text_config_2: dict[str, Any]  # OpenCLIP ViT-bigG, with projection_dim
     text_2: dict[str, torch.Tensor]  # CLIPTextModelWithProjection names without `text_model.`
     markers: set
     betas: torch.Tensor | None
     sigmas: torch.Tensor | None
+    refiner: bool = False
 
 
 def convert(state: dict[str, torch.Tensor], source: str = "checkpoint", *, scaling_factor: float | None = None,
@@ -216,13 +231,15 @@ def convert(state: dict[str, torch.Tensor], source: str = "checkpoint", *, scali
     """An original SDXL base state dict -> SDXLParts (no tensor copied: renamed, split or transposed views)."""
     parts = split_sdxl(state, source)
     name = Path(source).name
-    tcfg, _ = sf.infer_text_config(parts["clip"], "clip")  # CLIP ViT-L: quick_gelu, all its layers
+    refiner = parts["refiner"]
+    tcfg = None if refiner else sf.infer_text_config(parts["clip"], "clip")[0]  # CLIP ViT-L: quick_gelu, all layers
     tcfg2 = infer_bigg_config(parts["openclip"])
-    ucfg, layers, attention = infer_unet_config(parts["unet"], tcfg2["projection_dim"])
-    context = tcfg["hidden_size"] + tcfg2["hidden_size"]
-    if ucfg["cross_attention_dim"] != context:
-        raise ValueError(f"{name}: the U-Net cross-attends to {ucfg['cross_attention_dim']}-wide states but the two "
-                         f"text towers give {tcfg['hidden_size']} + {tcfg2['hidden_size']} = {context}")
+    ucfg, layers, attention = infer_unet_config(parts["unet"], tcfg2["projection_dim"],
+                                                numbers=REFINER_NUMBERS if refiner else SIZE_NUMBERS)
+    widths = [c["hidden_size"] for c in (tcfg, tcfg2) if c is not None]
+    if ucfg["cross_attention_dim"] != sum(widths):
+        raise ValueError(f"{name}: the U-Net cross-attends to {ucfg['cross_attention_dim']}-wide states but the text "
+                         f"tower{'s give' if len(widths) > 1 else ' gives'} {' + '.join(map(str, widths))}")
     ucfg["sample_size"] = SDXL_SAMPLE_SIZE
     if unet_config:
         ucfg.update(unet_config)
@@ -232,9 +249,9 @@ def convert(state: dict[str, torch.Tensor], source: str = "checkpoint", *, scali
     return SDXLParts(
         unet_config=ucfg, unet=unet_to_diffusers(parts["unet"], layers, attention, ucfg["mid_block_type"] is not None),
         vae_config=vcfg, vae=keymap.vae_to_diffusers(parts["vae"], vlevels, vlayers, vcfg["mid_block_add_attention"]),
-        text_config=tcfg, text=keymap.clip_to_transformers(parts["clip"]),
+        text_config=tcfg, text=keymap.clip_to_transformers(parts["clip"]) if not refiner else {},
         text_config_2=tcfg2, text_2=bigg_to_transformers(parts["openclip"]),
-        markers=parts["markers"], betas=parts["betas"], sigmas=parts["sigmas"])
+        markers=parts["markers"], betas=parts["betas"], sigmas=parts["sigmas"], refiner=refiner)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,11 +403,13 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     vae = sf._build(AutoencoderKL, VAEConfig.from_dict(parts.vae_config), parts.vae, f"{name} (VAE)", dtype)
 
     checkpoint = checkpoint_path or Path(source)
-    tok_dirs = (find_tokenizer(checkpoint, "tokenizer", tokenizer),
+    tok_dirs = (None if parts.refiner else find_tokenizer(checkpoint, "tokenizer", tokenizer),
                 find_tokenizer(checkpoint, "tokenizer_2", tokenizer_2, first=tokenizer))
     towers = []
     for i, (tok_dir, kind, cfg, tstate) in enumerate(((tok_dirs[0], "clip", parts.text_config, parts.text),
                                                        (tok_dirs[1], "openclip", parts.text_config_2, parts.text_2))):
+        if cfg is None:  # the refiner: no CLIP ViT-L
+            continue
         tok, max_len = sf.load_tokenizer(tok_dir, kind, cfg["vocab_size"], cfg["max_position_embeddings"])
         ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
         what = f"{name} (text encoder {i + 1})"
@@ -403,7 +422,11 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     sched_cfg = _schedule(parts, prediction_type, name)
     sample = unet_cfg.sample_size if isinstance(unet_cfg.sample_size, int) else SDXL_SAMPLE_SIZE
     size = 8 * sample
+    defaults = {"height": size, "width": size, "sampler": "euler", "zero_empty_negative": True}
+    if parts.refiner:  # diffusers' refiner config: an empty negative prompt encoded, the aesthetic scores
+        from imagine.loading.folder import AESTHETIC_SCORES
+
+        defaults.update(zero_empty_negative=False, aesthetic_score=AESTHETIC_SCORES)
     return Components(unet=unet, text_encoder=text_encoder, schedule=NoiseSchedule.from_diffusers_config(sched_cfg),
-                      prediction_type=prediction_type, vae=vae, scheduler_config=sched_cfg,
-                      defaults={"height": size, "width": size, "sampler": "euler", "zero_empty_negative": True},
+                      prediction_type=prediction_type, vae=vae, scheduler_config=sched_cfg, defaults=defaults,
                       source=str(source))

@@ -360,6 +360,11 @@ def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
     attention = [lv["attention"][0] for lv in levels]
     layers = [len(lv["channels"]) for lv in levels]
     depth = [max(lv["depth"][0], 1) for lv in levels]
+    mid_depth = len({k.split(".")[3] for k in unet if k.startswith("middle_block.1.transformer_blocks.")})
+    if mid_depth and not attention[-1]:
+        # the middle block's transformer takes the last level's depth (diffusers' rule); a last level without
+        # attention leaves that number free, so it carries the middle's (SDXL's refiner: 4)
+        depth[-1] = mid_depth
     first_attn = next((k for k in sorted(unet) if k.endswith("transformer_blocks.0.attn2.to_k.weight")), None)
     if first_attn is None:
         raise ValueError(f"{what}: no cross-attention (…transformer_blocks.0.attn2.to_k.weight) found: not a "

@@ -308,16 +308,19 @@ class SDXLCLIPTower(CLIPTextEncoder):
 class SDXLTextEncoder(nn.Module):
     """SDXL's two text encoders (Podell et al. 2023, sec. 2.1): CLIP ViT-L and OpenCLIP ViT-bigG read the same
     prompt; the U-Net cross-attends to their penultimate states side by side (768 + 1280 = 2048 wide) and takes
-    the bigG tower's projected pooled vector as `text_embeds`, beside the size conditioning (`time_ids`)."""
+    the bigG tower's projected pooled vector as `text_embeds`, beside the size conditioning (`time_ids`). The
+    refiner (sec. 2.5) has the bigG tower alone: one tower, 1280 wide."""
 
     kind = "clip-pair"
     uses_mask = False
 
-    def __init__(self, first: SDXLCLIPTower, second: SDXLCLIPTower):
+    def __init__(self, *towers: SDXLCLIPTower):
         super().__init__()
-        self.towers = nn.ModuleList([first, second])
-        self.source = second.source
-        self.max_length = min(first.max_length, second.max_length)
+        if len(towers) not in (1, 2):
+            raise ValueError(f"SDXL has two text towers (the refiner one); got {len(towers)}")
+        self.towers = nn.ModuleList(towers)
+        self.source = towers[-1].source
+        self.max_length = min(t.max_length for t in towers)
 
     @property
     def dim(self) -> int:
@@ -325,12 +328,12 @@ class SDXLTextEncoder(nn.Module):
 
     @property
     def pooled_dim(self) -> int:
-        cfg = self.towers[1].model.config
+        cfg = self.towers[-1].model.config
         return int(getattr(cfg, "projection_dim", None) or cfg.hidden_size)
 
     @property
     def device(self) -> torch.device:
-        return self.towers[1].device
+        return self.towers[-1].device
 
     @property
     def clip_skip(self) -> int:
@@ -350,12 +353,13 @@ class SDXLTextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str] | str, emphasis: bool = False, long_prompts: bool = False) -> TextEncoding:
-        first, second = (t.encode(prompts, emphasis=emphasis, long_prompts=long_prompts) for t in self.towers)
-        if first.states.shape[1] != second.states.shape[1]:  # (both towers read one BPE vocabulary: never)
-            raise ValueError(f"SDXL's two tokenizers read the prompt as {first.states.shape[1]} and "
-                             f"{second.states.shape[1]} tokens; they must cut it into the same chunks")
-        return TextEncoding(torch.cat([first.states, second.states.to(first.states.dtype)], dim=-1), first.mask,
-                            second.pooled, pooled_cond=True)
+        encodings = [t.encode(prompts, emphasis=emphasis, long_prompts=long_prompts) for t in self.towers]
+        if len({e.states.shape[1] for e in encodings}) > 1:  # (both towers read one BPE vocabulary: never)
+            raise ValueError(f"SDXL's two tokenizers read the prompt as {[e.states.shape[1] for e in encodings]} "
+                             "tokens; they must cut it into the same chunks")
+        first, last = encodings[0], encodings[-1]
+        states = torch.cat([e.states.to(first.states.dtype) for e in encodings], dim=-1)
+        return TextEncoding(states, first.mask, last.pooled, pooled_cond=True)
 
     def zeros(self, n: int) -> TextEncoding:
         """The encoding of "no negative prompt": all zeros (SDXL's `force_zeros_for_empty_prompt`)."""
@@ -364,10 +368,13 @@ class SDXLTextEncoder(nn.Module):
 
     @classmethod
     def from_folders(cls, te1, tok1, te2, tok2, dtype=torch.float32) -> "SDXLTextEncoder":
+        """te1 None: the refiner's bigG tower alone."""
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         towers = []
         for te, tok, model_cls in ((te1, tok1, CLIPTextModel), (te2, tok2, CLIPTextModelWithProjection)):
+            if te is None:
+                continue
             te, tok = _check_folder(te), _check_folder(tok or te)
             tokenizer = CLIPTokenizer.from_pretrained(tok, local_files_only=True)
             model = model_cls.from_pretrained(te, local_files_only=True, dtype=dtype)

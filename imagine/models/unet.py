@@ -176,7 +176,8 @@ class UNetConfig:
         if self.addition_embed_type == "text_time" and not (self.addition_time_embed_dim
                                                             and self.projection_class_embeddings_input_dim):
             raise ValueError("UNet config: addition_embed_type 'text_time' needs addition_time_embed_dim and "
-                             "projection_class_embeddings_input_dim (the pooled text width + 6 x the time code width)")
+                             "projection_class_embeddings_input_dim (the pooled text width + 6 x the time code width; "
+                             "the refiner's: + 5 x)")
         if self.class_embed_type in ("projection", "simple_projection") and not self.projection_class_embeddings_input_dim:
             raise ValueError(f"UNet config: class_embed_type {self.class_embed_type!r} needs "
                              "projection_class_embeddings_input_dim")
@@ -617,16 +618,22 @@ class UNet2DConditionModel(nn.Module):
 
     def _text_time_embedding(self, text_embeds, time_ids, x: torch.Tensor, rows: int) -> torch.Tensor:
         """SDXL's added embedding (Podell et al. 2023, sec. 2.2): MLP(cat[pooled text, sinusoidal codes of the
-        six size numbers]), for x's batch B or a guidance batch's k * B rows."""
+        size numbers]), for x's batch B or a guidance batch's k * B rows. The base model takes six numbers
+        (original size, crop corner, target size); the refiner five (original size, crop corner, aesthetic
+        score): the MLP's input width, projection_class_embeddings_input_dim, is the pooled width plus their codes."""
         c = self.config
-        width = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        d, total = c.addition_time_embed_dim, c.projection_class_embeddings_input_dim
         if not torch.is_tensor(text_embeds) or not torch.is_tensor(time_ids):
-            raise ValueError(f"this UNet (SDXL's) needs text_embeds [B, {width}] (the pooled text vector) and time_ids "
-                             "[B, 6] (original size, crop corner, target size)")
+            raise ValueError(f"this UNet (SDXL's) needs text_embeds [B, {total - 6 * d}] (the pooled text vector) and "
+                             f"time_ids [B, 6] (original size, crop corner, target size), or for the refiner "
+                             f"[B, {total - 5 * d}] and [B, 5] (original size, crop corner, aesthetic score)")
         b = rows if text_embeds.ndim == 2 and text_embeds.shape[0] == rows else x.shape[0]
-        if tuple(text_embeds.shape) != (b, width) or tuple(time_ids.shape) != (b, 6):
-            raise ValueError(f"text_embeds must be [{b}, {width}] and time_ids [{b}, 6]; got {tuple(text_embeds.shape)} "
-                             f"and {tuple(time_ids.shape)}")
+        n = time_ids.shape[-1] if time_ids.ndim == 2 else 0
+        if text_embeds.ndim != 2 or text_embeds.shape[0] != b or tuple(time_ids.shape) != (b, n) or \
+                text_embeds.shape[1] + n * d != total:
+            raise ValueError(f"text_embeds [{b}, W] and time_ids [{b}, N] must fill this UNet's added embedding: "
+                             f"W + N x {d} = {total} (SDXL base: N = 6, W = {total - 6 * d}; refiner: N = 5, "
+                             f"W = {total - 5 * d}); got {tuple(text_embeds.shape)} and {tuple(time_ids.shape)}")
         codes = self.add_time_proj(time_ids.flatten().float()).reshape(b, -1)
         return self.add_embedding(torch.cat([text_embeds.to(codes.dtype), codes], dim=-1).to(x.dtype))
 

@@ -26,6 +26,7 @@ from PIL import Image
 from imagine.guidance import check_threshold_range
 from imagine.images import to_pil
 from imagine.loading.folder import Components
+from imagine.refiner import check_switch, with_refiner
 from imagine.sampling import make_generators
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class TextToImagePipeline:
         self.embeddings: list[str] = []  # the words of the textual-inversion embeddings loaded
         self.controlnets: list[tuple[str, torch.nn.Module]] = []  # (name, ControlNet) loaded, in order
         self._controlnet_files: dict[Path, torch.nn.Module] = {}  # a file loaded again shares its model
+        self.refiner: "TextToImagePipeline | None" = None  # SDXL's refiner (load_refiner), for generate's refiner_switch
         # (the fast mode leaves these modules as they are: it runs bf16 channels-last copies, see fast_copy)
 
     # -- loading -------------------------------------------------------------------------------
@@ -99,13 +101,13 @@ class TextToImagePipeline:
     def from_pretrained(cls, path: str | Path | None = None, precision: str = "exact",
                         dtype: torch.dtype = torch.float32, vae: str | Path | None = None,
                         loras: list | None = None, embeddings: list | None = None, controlnets: list | None = None,
-                        **single_file) -> "TextToImagePipeline":
+                        refiner: str | Path | None = None, **single_file) -> "TextToImagePipeline":
         """`path`: a model folder (ours or diffusers'), an original single-file checkpoint
         (.safetensors / .ckpt), or None for the embedded default model. `vae`: a VAE file or folder
         that replaces the model's own (`imagine.loading.vae`; AUTOMATIC1111's "SD VAE"). `loras`: LoRA files
         to merge, each a path or (path, strength) (`load_lora`). `embeddings`: textual-inversion files, each a
         path or (path, word) (`load_embedding`). `controlnets`: ControlNet files or folders, each a path or (path,
-        name) (`load_controlnet`). `single_file`:
+        name) (`load_controlnet`). `refiner`: an SDXL refiner's folder or file (`load_refiner`). `single_file`:
         options of `load_single_file` (tokenizer, prediction_type, scaling_factor, unet_config,
         clip_skip); an error for a folder, which carries all of them in its configs."""
         if path is None:
@@ -146,7 +148,36 @@ class TextToImagePipeline:
         for item in controlnets or []:
             net, name = (item, None) if isinstance(item, (str, Path)) else item
             pipe.load_controlnet(net, name)
+        if refiner is not None:
+            pipe.load_refiner(refiner, **{k: v for k, v in given.items() if k in ("tokenizer_2",)})
         return pipe
+
+    def load_refiner(self, path, **single_file) -> "TextToImagePipeline":
+        """Add SDXL's refiner (Podell et al. 2023, sec. 2.5; `imagine.refiner`): a refiner folder or original
+        file, or a pipeline of one, for the last steps of `generate(..., refiner_switch=...)`. It must denoise
+        this model's latents on this model's noise schedule. Returns the refiner's pipeline."""
+        if not isinstance(path, TextToImagePipeline) and Path(path).is_file() and not single_file.get("tokenizer_2"):
+            own = Path(self.c.source) / "tokenizer_2"  # a refiner file reads bigG's tokenizer, which an SDXL
+            if own.is_dir():  # folder beside it has
+                single_file["tokenizer_2"] = own
+        refiner = path if isinstance(path, TextToImagePipeline) else TextToImagePipeline.from_pretrained(
+            path, precision=self.precision, dtype=self.unet.dtype, **single_file)
+        where = refiner.c.source or "the refiner"
+        if refiner.latent_channels != self.latent_channels or refiner.scale != self.scale or \
+                refiner.unet.config.in_channels != refiner.latent_channels:
+            raise ValueError(f"{where}: it denoises {refiner.unet.config.in_channels}-channel latents at 1/{refiner.scale} "
+                             f"of the size; this model's are {self.latent_channels}-channel at 1/{self.scale}")
+        scales = [getattr(getattr(p.vae, "config", None), "scaling_factor", None) for p in (refiner, self)]
+        if scales[0] != scales[1]:
+            raise ValueError(f"{where}: its VAE scales latents by {scales[0]}, this model's by {scales[1]}: a refiner "
+                             "continues this model's latents, so it must work in the same latent space")
+        if refiner.prediction_type != self.prediction_type or not torch.allclose(
+                refiner.schedule.alphas_cumprod.double(), self.schedule.alphas_cumprod.double(), rtol=1e-6, atol=0):
+            raise ValueError(f"{where}: its noise schedule or prediction ({refiner.prediction_type}) is not this "
+                             f"model's ({self.prediction_type}); a refiner continues the base model's run, so they "
+                             "must share both")
+        self.refiner = refiner
+        return refiner
 
     def load_controlnet(self, path, name: str | None = None) -> str:
         """Add a ControlNet (Zhang et al. 2023; `imagine.models.controlnet`): a diffusers ControlNet folder, an
@@ -352,13 +383,42 @@ class TextToImagePipeline:
                        long_prompts: bool = False) -> dict[str, torch.Tensor]:
         return self.text_encoder.encode(prompts, emphasis=emphasis, long_prompts=long_prompts).as_cond()
 
-    def size_conditioning(self, n: int, height: int, width: int) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def conditioning(self, prompts: list[str], negatives: list[str | None], height: int, width: int,
+                     guided: bool = True, emphasis: bool = False, long_prompts: bool = False):
+        """(cond, uncond) for the U-Net: the prompts' and negative prompts' encodings (uncond None when not
+        `guided`) with SDXL's size codes. A negative prompt None is not given: "" encoded, or zeros where the
+        model says so (SDXL's force_zeros_for_empty_prompt)."""
+        d = self.defaults
+        cond = self.encode_prompts([self._without_lora_tags(p) for p in prompts], emphasis, long_prompts)
+        uncond = None
+        if guided:
+            zero = [n is None and bool(d.get("zero_empty_negative")) for n in negatives]
+            if all(zero):  # SDXL's force_zeros_for_empty_prompt: no negative prompt is all zeros
+                uncond = self.text_encoder.zeros(len(prompts)).as_cond()
+            else:
+                uncond = self.encode_prompts([self._without_lora_tags(n or "") for n in negatives], emphasis,
+                                             long_prompts)
+                if any(zero):  # rows whose negative was not given, in a batch with some that were
+                    rows = torch.tensor(zero)
+                    uncond = {k: (v.masked_fill(rows.view(-1, *[1] * (v.ndim - 1)), 0) if k in ("context", "text_embeds")
+                                  else v) for k, v in uncond.items()}
+        for c, negative in ((cond, False), (uncond, True)):
+            if c is not None:
+                c.update(self.size_conditioning(len(prompts), height, width, negative))
+        return cond, uncond
+
+    def size_conditioning(self, n: int, height: int, width: int, negative: bool = False) -> dict[str, torch.Tensor]:
         """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2): the U-Net is told the picture's original
         size, the crop's top-left corner and the target size, here (height, width), (0, 0), (height, width), as
-        diffusers' default; {} for a U-Net without it."""
+        diffusers' default; the refiner (sec. 2.5) is told an aesthetic score in place of the target size, a high
+        one with the prompt and a low one with the negative prompt (`negative`; defaults["aesthetic_score"],
+        6 and 2.5 as in diffusers and AUTOMATIC1111). {} for a U-Net without it."""
         if self.unet.config.addition_embed_type != "text_time":
             return {}
-        return {"time_ids": torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(n, 1)}
+        scores = self.defaults.get("aesthetic_score")
+        last = [float(scores[1 if negative else 0])] if scores else [height, width]
+        return {"time_ids": torch.tensor([[height, width, 0, 0, *last]], dtype=torch.float32).repeat(n, 1)}
 
     def __call__(self, prompt, negative_prompt=None, **kw) -> list[Image.Image]:
         return self.generate(prompt, negative_prompt, **kw).images
@@ -377,6 +437,7 @@ class TextToImagePipeline:
                  controlnet_scale: float | list[float] | None = None,
                  control_guidance_start: float | list[float] | None = None,
                  control_guidance_end: float | list[float] | None = None,
+                 refiner_switch: float | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -412,7 +473,10 @@ class TextToImagePipeline:
         several, a list with one entry per ControlNet and a float or one per ControlNet. The pictures are used
         as given (edges, depth, pose: already made), resized to the image's size; with no size given the size
         is the first picture's. control_guidance_start / end (a float, or one per ControlNet): the fraction of the
-        steps a ControlNet acts in, as diffusers (A1111's starting and ending control step)."""
+        steps a ControlNet acts in, as diffusers (A1111's starting and ending control step).
+
+        refiner_switch (with a refiner loaded, `load_refiner`): the fraction of the steps after which SDXL's refiner
+        takes over from this model (AUTOMATIC1111's "switch at", e.g. 0.8; imagine.refiner); None: no refiner."""
         t0 = time.time()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -507,23 +571,20 @@ class TextToImagePipeline:
         elif len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
 
+        refine = refiner_switch is not None
+        if refine:
+            refiner_switch = check_switch(refiner_switch)
+            if self.refiner is None:
+                raise ValueError("refiner_switch needs a refiner: load one first (load_refiner, --refiner)")
+            if self.image_conditioned:
+                raise ValueError("an inpainting model's U-Net takes the mask at every step; the refiner would not: "
+                                 "use the refiner with a 4-channel model")
         self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
-        cond = self.encode_prompts([self._without_lora_tags(p) for p in prompts], emphasis, long_prompts)
-        uncond = None
-        if guidance_scale != 1.0:
-            zero = [n is None and bool(d.get("zero_empty_negative")) for n in negatives]
-            if all(zero):  # SDXL's force_zeros_for_empty_prompt: no negative prompt is all zeros
-                uncond = self.text_encoder.zeros(len(prompts)).as_cond()
-            else:
-                uncond = self.encode_prompts([self._without_lora_tags(n or "") for n in negatives], emphasis,
-                                             long_prompts)
-                if any(zero):  # rows whose negative was not given, in a batch with some that were
-                    rows = torch.tensor(zero)
-                    uncond = {k: (v.masked_fill(rows.view(-1, *[1] * (v.ndim - 1)), 0) if k in ("context", "text_embeds")
-                                  else v) for k, v in uncond.items()}
-        for c in (cond, uncond):
-            if c is not None:
-                c.update(self.size_conditioning(len(prompts), height, width))
+        cond, uncond = self.conditioning(prompts, negatives, height, width, guidance_scale != 1.0, emphasis,
+                                         long_prompts)
+        if refine:  # the refiner reads the prompts with its own text encoder and size codes
+            cond, uncond = (with_refiner(c, r) for c, r in zip((cond, uncond), self.refiner.conditioning(
+                prompts, negatives, height, width, guidance_scale != 1.0, emphasis, long_prompts)))
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
         generators = make_generators(len(prompts), seeds)
         inpaint = {}
@@ -543,7 +604,8 @@ class TextToImagePipeline:
                                thresholding=thresholding, threshold_range=threshold_range, callback=callback,
                                progress=progress,
                                sigma_schedule=sigma_schedule, final_step=final_step,
-                               sampler_options=sampler_options, rho=rho, start=start)
+                               sampler_options=sampler_options, rho=rho, start=start,
+                               refiner_switch=refiner_switch if refine else None)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__}
@@ -561,6 +623,9 @@ class TextToImagePipeline:
                 for (name, _), (_, _, scale, window) in zip(self.controlnets, controls))
         if emphasis:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
+        if refine:  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
+            params["refiner"] = Path(self.refiner.c.source).name
+            params["refiner_switch_at"] = refiner_switch
         if long_prompts and not getattr(self.text_encoder, "uses_mask", True):
             params["long_prompts"] = True  # read in 75-token chunks (imagine.long_prompts)
         if getattr(self.text_encoder, "clip_skip", 0):
@@ -768,7 +833,7 @@ class TextToImagePipeline:
     def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, generators, guidance_rescale, eta,
                 karras, thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
                 rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0, noise=None, mask=None,
-                concat=None, controls=None):
+                concat=None, controls=None, refiner_switch=None):
         from imagine.sampling import ConcatChannels, sample
 
         sc = self.c.scheduler_config
@@ -785,6 +850,11 @@ class TextToImagePipeline:
 
             copy = fast_copy if self.precision == "fast" else exact_copy
             model = Controlled(model, [(copy(net), *rest) for net, *rest in controls])
+        if refiner_switch is not None:  # SDXL's refiner for the last steps (imagine.refiner)
+            from imagine.refiner import Handoff
+
+            r = self.refiner.unet
+            model = Handoff(model, _Autocast(r) if self.precision == "fast" else exact_copy(r), refiner_switch)
         return sample(model, shape if noise is None else noise, schedule=self.schedule, prediction_type=self.prediction_type, sampler=sampler,
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, thresholding=thresholding, threshold_range=threshold_range,

@@ -154,6 +154,8 @@ class Txt2ImgRequest(BaseModel):
     denoising_strength: float | None = None  # the hires pass's (A1111's default there: 0.7)
     send_images: bool = True
     force_task_id: str | None = None  # lets /sdapi/v1/progress?id_task= follow this request
+    refiner_checkpoint: str | None = None  # SDXL's refiner: the one loaded with `imagine serve --refiner`
+    refiner_switch_at: float | None = None  # the fraction of the steps after which it takes over (default 0.8)
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -474,7 +476,8 @@ def _b64_png(img, infotext: str | None = None) -> str:
 def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int,
               model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None,
               clip_skip: int = 0, strength: float | None = None, hires: tuple | None = None,
-              inpainting: dict | None = None, controlnets: list | None = None) -> str:
+              inpainting: dict | None = None, controlnets: list | None = None,
+              refiner: tuple | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -487,6 +490,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              **({"hires_scale": hires[0], "hires_steps": hires[2] or steps,
                                  "hires_upscaler": HIRES_UPSCALERS[hires[3]]} if hires else {}),
                              **(inpainting or {}), "controlnet_units": controlnets or None,
+                             **({"refiner": refiner[0], "refiner_switch_at": refiner[1]} if refiner else {}),
                              "version": f"imagine {version}"})
 
 
@@ -637,6 +641,30 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if isinstance(override, dict) and "emphasis" in override:
             mode = override["emphasis"]
         return str(mode) != "None"
+
+    def check_refiner(req) -> tuple[str, float] | None:
+        """A1111's refiner fields -> (the loaded refiner's name, switch at) or None: `refiner_checkpoint` must name
+        the refiner the server loaded (`imagine serve --refiner`); empty or "None" is none."""
+        asked = (req.refiner_checkpoint or "").strip()
+        if not asked or asked == "None":  # (refiner_switch_at then does nothing, as in A1111)
+            return None
+        refiner = getattr(pipe, "refiner", None)
+        if refiner is None:
+            raise ApiError(422, f"refiner_checkpoint {asked!r}: this server has no refiner (start it with "
+                                "imagine serve --refiner PATH)", "refiner_checkpoint")
+        name = Path(refiner.c.source).name
+        stem = Path(refiner.c.source).stem
+        if asked.split(" [")[0] not in (name, stem):  # A1111 names checkpoints "name [hash]"
+            raise ApiError(422, f"refiner_checkpoint {asked!r} is not this server's refiner; valid: {stem!r}",
+                           "refiner_checkpoint")
+        if getattr(pipe, "image_conditioned", False):
+            raise ApiError(422, "an inpainting model's U-Net takes the mask at every step and the refiner would not: "
+                                "no refiner with this model", "refiner_checkpoint")
+        switch = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at
+        if not isinstance(switch, (int, float)) or not 0 < switch < 1:
+            raise ApiError(422, f"refiner_switch_at must be in (0, 1), the fraction of the steps before the refiner "
+                                f"takes over; got {switch!r}", "refiner_switch_at")
+        return stem, float(switch)
 
     def check_guidance(field: str, v: float) -> None:
         if not math.isfinite(v) or not 0 <= v <= 100:
@@ -918,6 +946,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             hires = (float(req.hr_scale), float(hr_strength), req.hr_second_pass_steps or None, upscaler)
             strength = float(hr_strength)
         check_size(height, width)
+        refiner = check_refiner(req)
         check_int("batch_size", batch_size, 1, cfg.max_images, " (the server's limit on images per request)")
         check_int("n_iter", req.n_iter, 1, cfg.max_images, " (the server's limit on images per request)")
         n = batch_size * req.n_iter
@@ -950,7 +979,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     masked_content=A1111_MASKED_CONTENT.get(int(req.inpainting_fill), "original")
                                     if inpaint is not None else "original",
                                     controlnets=tuple((u["name"], u["weight"], u["start"], u["end"])
-                                                      for u in units)),
+                                                      for u in units),
+                                    refiner_switch=refiner[1] if refiner else None),
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],
                   control_images=controls or None)
@@ -963,7 +993,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         cn_units = [(u["title"], u["weight"], u["start"], u["end"]) for u in units]
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
                                fingerprint, version, vae_name, schedule, clip_skip, strength, hires,
-                               inpaint.parameters() if inpaint is not None else None, cn_units) for s in used]
+                               inpaint.parameters() if inpaint is not None else None, cn_units, refiner)
+                     for s in used]
         encoded = []
         if req.send_images and images:
             if inpaint is not None:  # A1111's paste back: the kept part is the original picture's pixels
@@ -988,7 +1019,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "denoising_strength": strength,
             "extra_generation_params": {**(inpaint.extra_generation_params() if inpaint is not None else {}),
                                         **{f"ControlNet {i}": controlnet_unit_text(*unit)
-                                           for i, unit in enumerate(cn_units)}},
+                                           for i, unit in enumerate(cn_units)},
+                                        **({"Refiner": refiner[0], "Refiner switch at": refiner[1]} if refiner
+                                           else {})},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1 + clip_skip,
             "is_using_inpainting_conditioning": bool(getattr(pipe, "image_conditioned", False)),

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a ControlNet to load at start (a diffusers ControlNet folder, or lllyasviel's .pth/"
                         ".safetensors file), repeatable; requests use it by its name (the file's or folder's name) "
                         "through AUTOMATIC1111's ControlNet extension API (alwayson_scripts.controlnet)")
+    p.add_argument("--refiner", default=None, metavar="PATH",
+                   help="SDXL's refiner (a diffusers folder or the original sd_xl_refiner file), for the requests that "
+                        "name it in AUTOMATIC1111's refiner_checkpoint (with refiner_switch_at, default 0.8)")
     p.add_argument("--clip-skip", type=int, default=None,
                    help="use the CLIP states N layers before the last (diffusers' clip_skip; A1111's 'Clip skip' N + 1)")
     p.add_argument("--host", default="127.0.0.1",
@@ -100,11 +103,14 @@ def run(args) -> int:
             raise FileNotFoundError(f"--controlnet: {path} not found")
     if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
         raise FileNotFoundError(f"--lora-dir: {args.lora_dir} is not a folder")
+    if args.refiner is not None and not Path(args.refiner).exists():
+        raise FileNotFoundError(f"--refiner: {args.refiner} not found")
 
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
                                                loras=parse_loras(args.lora),
                                                embeddings=parse_embeddings(args.embedding),
-                                               controlnets=list(args.controlnet), clip_skip=args.clip_skip)
+                                               controlnets=list(args.controlnet), clip_skip=args.clip_skip,
+                                               refiner=args.refiner)
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
     app = create_app(pipe, config)
     app.state.listen = not is_loopback(args.host)

@@ -79,6 +79,7 @@ class Settings:
     # ControlNet units (A1111's ControlNet extension): ((name of a loaded ControlNet, weight, guidance start, end),
     # ...) in order. Jobs batch only with the same units; each brings its own pictures (Job.control_images)
     controlnets: tuple = ()
+    refiner_switch: float | None = None  # SDXL's refiner (the pipeline's, `serve --refiner`) after this fraction of steps
 
 
 @dataclass(eq=False)
@@ -389,6 +390,7 @@ class ModelWorker:
                               sampler_options=dict(s.options) or None, callback=callback, progress=False,
                               **({"emphasis": True} if s.emphasis else {}),
                               **({"long_prompts": True} if s.long_prompts else {}),
+                              **({"refiner_switch": s.refiner_switch} if s.refiner_switch else {}),
                               **({"init_image": inits[a:b], "strength": s.strength} if inits else {}),
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
                               **control)

@@ -1,0 +1,255 @@
+"""SDXL's refiner (Podell et al. 2023, sec. 2.5; imagine.refiner), against diffusers on the same tiny random weights:
+
+- a refiner folder (the bigG tower alone, a U-Net whose added embedding takes five numbers: original size, crop
+  corner, aesthetic score) run as image to image gives `StableDiffusionXLImg2ImgPipeline`'s image (50 dB), with a
+  negative prompt and without one (the refiner encodes "", as diffusers' refiner config says);
+- base + refiner over one run (the refiner after `refiner_switch` of the steps) gives diffusers' two-pipeline
+  ensemble, the base to `denoising_end` and the refiner from `denoising_start` on its latents (Euler, a one-step
+  sampler, where the two ways are the same run), 50 dB;
+- the original refiner file (`conditioner.embedders.0.model.*`) loads by shape and gives the folder's image;
+- the CLI and the A1111 API (refiner_checkpoint, refiner_switch_at) give the pipeline's image; bad input is clear."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from test_loading import make_scheduler  # noqa: E402
+from test_sd_parity import CFG, NEGATIVE, PROMPT, SEED, psnr  # noqa: E402
+from test_sdxl import SIZE, _picture, save_sdxl_folder  # noqa: E402
+from test_sdxl_single_file import PROJ, TIME_DIM, WIDTHS, sdxl_to_compvis  # noqa: E402
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+from imagine.refiner import Handoff  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_refiner_unet(seed: int = 1):
+    """A refiner-shaped diffusers U-Net: it cross-attends to bigG's states alone and its added embedding takes the
+    pooled vector and five size codes (SDXL refiner: 1280 + 5 x 256 = 2560)."""
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(1, 2), use_linear_projection=True,
+        cross_attention_dim=WIDTHS[1], addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=PROJ + 5 * TIME_DIM, norm_num_groups=32).eval()
+    with torch.no_grad():  # spread the weights out so every path matters
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return unet
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(diffusers base pipeline, diffusers refiner pipeline, root): the refiner shares the base's VAE and bigG
+    tower, as SDXL's refiner does (its VAE is the same; its bigG tower is the base's own)."""
+    root = tmp_path_factory.mktemp("sdxl")
+    base = save_sdxl_folder(root / "base", scheduler="euler")
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
+        tokenizer_2=base.tokenizer_2, unet=tiny_refiner_unet(), scheduler=make_scheduler("euler"),
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    refiner.set_progress_bar_config(disable=True)
+    refiner.save_pretrained(root / "refiner", safe_serialization=True)
+    return base, refiner, root
+
+
+def _image(pipe, res) -> torch.Tensor:
+    return ((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1)
+
+
+@pytest.mark.parametrize("negative", [NEGATIVE, None])
+def test_the_refiner_alone_is_diffusers_sdxl_img2img(models, negative):
+    _, ref, root = models
+    with torch.no_grad():
+        want = ref(PROMPT, image=_picture(), strength=0.3, negative_prompt=negative, num_inference_steps=10,
+                   guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED), output_type="pt").images[0]
+    pipe = TextToImagePipeline.from_pretrained(root / "refiner")
+    assert pipe.defaults["aesthetic_score"] == (6.0, 2.5) and not pipe.defaults.get("zero_empty_negative")
+    assert pipe.size_conditioning(1, 48, 40)["time_ids"].tolist() == [[48, 40, 0, 0, 6.0]]
+    assert pipe.size_conditioning(1, 48, 40, negative=True)["time_ids"].tolist() == [[48, 40, 0, 0, 2.5]]
+    res = pipe.generate(PROMPT, negative, init_image=_picture(), strength=0.3, steps=10, guidance_scale=CFG,
+                        seed=SEED, progress=False, output_type="latent")
+    assert psnr(_image(pipe, res), want.float()) >= 50
+
+
+def _diffusers_ensemble(base, ref, steps: int, switch: float) -> torch.Tensor:
+    with torch.no_grad():
+        latents = base(PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=steps,
+                       denoising_end=switch, guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED),
+                       output_type="latent").images
+        return ref(PROMPT, image=latents, negative_prompt=NEGATIVE, num_inference_steps=steps, denoising_start=switch,
+                   guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED),
+                   output_type="pt").images[0].float()
+
+
+def test_base_then_refiner_is_diffusers_ensemble_of_experts(models):
+    """10 Euler steps, switch at 0.8: diffusers' base runs the timesteps >= 200 (8 of them) and the refiner the
+    rest, as imagine's handoff after 8 of 10 steps (A1111's rule, a fraction of the steps, cuts at the same step
+    here). 50 dB; the refiner's two steps matter (the base alone is another image)."""
+    base, ref, root = models
+    want = _diffusers_ensemble(base, ref, 10, 0.8)
+    pipe = TextToImagePipeline.from_pretrained(root / "base", refiner=root / "refiner")
+    kw = dict(steps=10, guidance_scale=CFG, seed=SEED, height=SIZE, width=SIZE, progress=False, output_type="latent")
+    res = pipe.generate(PROMPT, NEGATIVE, refiner_switch=0.8, **kw)
+    got = _image(pipe, res)
+    assert psnr(got, want) >= 50
+    assert res.parameters["refiner"] == "refiner" and res.parameters["refiner_switch_at"] == 0.8
+    alone = _image(pipe, pipe.generate(PROMPT, NEGATIVE, **kw))
+    assert psnr(alone, want) < 50 and "refiner" not in pipe.generate(PROMPT, NEGATIVE, **kw).parameters
+
+
+def test_the_handoff_switches_at_a1111s_step_and_carries_the_samplers_state():
+    """The steps i of n with i / n >= switch are the refiner's, each model with its own conditioning keys."""
+    seen = []
+
+    def model(name):
+        return lambda x, t, **c: (seen.append((name, sorted(c))), x)[1]
+
+    h = Handoff(model("base"), model("refiner"), 0.75)
+    x = torch.zeros(1, 1)
+    for i in range(8):
+        h.at_step(i, 8)
+        h(x, torch.zeros(1), context=x, refiner_context=x, refiner_time_ids=x)
+    assert [s[0] for s in seen] == ["base"] * 6 + ["refiner"] * 2
+    assert seen[0][1] == ["context"] and seen[-1][1] == ["context", "time_ids"]
+    with pytest.raises(ValueError, match=r"refiner_switch must be a number in \(0, 1\)"):
+        Handoff(model("a"), model("b"), 1.0)
+
+
+def write_refiner_single_file(path: Path, ref) -> None:
+    """The refiner in sgm's names: SD's U-Net and VAE maps plus label_emb, bigG as conditioner.embedders.0.model."""
+    from safetensors.torch import save_file
+
+    state = sdxl_to_compvis(ref.unet.state_dict(), ref.unet.config, ref.vae.state_dict(),
+                            len(ref.vae.config.block_out_channels), None, ref.text_encoder_2.state_dict())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+
+
+def test_the_original_refiner_file_loads_and_gives_the_folders_image(models, tmp_path):
+    base, ref, root = models
+    path = tmp_path / "sd_xl_refiner_tiny.safetensors"
+    write_refiner_single_file(path, ref)
+    assert not (path.parent / "tokenizer_2").exists()
+    with pytest.raises(FileNotFoundError, match="no tokenizer_2 found"):
+        TextToImagePipeline.from_pretrained(path)
+    single = TextToImagePipeline.from_pretrained(path, tokenizer_2=root / "refiner" / "tokenizer_2")
+    u = single.unet.config
+    assert (u.cross_attention_dim, u.projection_class_embeddings_input_dim) == (WIDTHS[1], PROJ + 5 * TIME_DIM)
+    assert len(single.text_encoder.towers) == 1 and single.defaults["aesthetic_score"] == (6.0, 2.5)
+    kw = dict(init_image=_picture(), strength=0.5, steps=6, guidance_scale=CFG, seed=SEED, progress=False,
+              output_type="latent")
+    folder = TextToImagePipeline.from_pretrained(root / "refiner")
+    assert psnr(_image(single, single.generate(PROMPT, **kw)), _image(folder, folder.generate(PROMPT, **kw))) >= 60
+    # a base folder lends its tokenizer_2 to a refiner file
+    pipe = TextToImagePipeline.from_pretrained(root / "base", refiner=path)
+    want = _diffusers_ensemble(base, ref, 10, 0.8)
+    res = pipe.generate(PROMPT, NEGATIVE, refiner_switch=0.8, steps=10, guidance_scale=CFG, seed=SEED, height=SIZE,
+                        width=SIZE, progress=False, output_type="latent")
+    assert psnr(_image(pipe, res), want) >= 50
+
+
+def test_bad_refiner_use_is_a_clear_error(models, tmp_path):
+    from test_loading import save_diffusers_folder
+
+    _, _, root = models
+    pipe = TextToImagePipeline.from_pretrained(root / "base")
+    with pytest.raises(ValueError, match="refiner_switch needs a refiner: load one first"):
+        pipe.generate(PROMPT, refiner_switch=0.8, steps=2, progress=False)
+    pipe.load_refiner(root / "refiner")
+    with pytest.raises(ValueError, match=r"refiner_switch must be a number in \(0, 1\).*got 1.5"):
+        pipe.generate(PROMPT, refiner_switch=1.5, steps=2, progress=False)
+    v = TextToImagePipeline.from_pretrained(root / "refiner")
+    v.prediction_type = "v_prediction"  # (a refiner trained for v-prediction)
+    with pytest.raises(ValueError, match="noise schedule or prediction \\(v_prediction\\) is not this model's"):
+        pipe.load_refiner(v)
+    save_diffusers_folder(tmp_path / "sd1", "sd1")  # SD 1's latents: scaled by 0.18215, not SDXL's 0.13025
+    with pytest.raises(ValueError, match="latent space"):
+        pipe.load_refiner(TextToImagePipeline.from_pretrained(tmp_path / "sd1"))
+
+
+def test_the_cli_and_the_a1111_api_run_the_refiner(models, tmp_path, capsys):
+    httpx = pytest.importorskip("httpx")
+    from imagine.cli import main
+    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+
+    _, _, root = models
+    pipe = TextToImagePipeline.from_pretrained(root / "base", refiner=root / "refiner")
+    kw = dict(steps=5, guidance_scale=CFG, height=SIZE, width=SIZE, progress=False, sampler="euler")
+    want = pipe.generate(PROMPT, NEGATIVE, seed=4, refiner_switch=0.6, **kw).images[0].convert("RGB").tobytes()
+    out = tmp_path / "refined.png"
+    code = main(["generate", "--model", str(root / "base"), PROMPT, "-n", NEGATIVE, "--refiner", str(root / "refiner"),
+                 "--refiner-switch", "0.6", "--steps", "5", "--sampler", "euler", "--seed", "4", "--height", str(SIZE),
+                 "--width", str(SIZE), "--guidance-scale", str(CFG), "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    img = Image.open(out)
+    assert img.convert("RGB").tobytes() == want
+    assert "Refiner: refiner, Refiner switch at: 0.6" in img.text["parameters"]
+    assert json.loads(img.text["imagine"])["refiner_switch_at"] == 0.6
+    with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
+        def post(**extra):
+            body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 5, "cfg_scale": CFG, "width": SIZE,
+                    "height": SIZE, "seed": 4, "sampler_name": "Euler", **extra}
+            return httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=120)
+
+        r = post(refiner_checkpoint="refiner [0123456789]", refiner_switch_at=0.6)
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        assert got.convert("RGB").tobytes() == want
+        info = json.loads(r.json()["info"])
+        assert info["extra_generation_params"]["Refiner switch at"] == 0.6
+        assert "Refiner: refiner, Refiner switch at: 0.6" in info["infotexts"][0]
+        r = post(refiner_checkpoint="other_refiner")
+        assert r.status_code == 422 and "valid: 'refiner'" in r.text
+        r = post(refiner_checkpoint="refiner", refiner_switch_at=1.0)
+        assert r.status_code == 422 and "refiner_switch_at must be in (0, 1)" in r.text
+
+
+# stabilityai/stable-diffusion-xl-refiner-1.0's unet/config.json (sgm's sd_xl_refiner.yaml: 384 channels, x1 x2 x4
+# x4, 4 transformer layers where there is attention, 64-wide heads, 1280-wide context, 2560 added inputs)
+REFINER_UNET = dict(sample_size=128, block_out_channels=(384, 768, 1536, 1536), layers_per_block=2,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24), use_linear_projection=True,
+                    cross_attention_dim=1280, addition_embed_type="text_time", addition_time_embed_dim=256,
+                    projection_class_embeddings_input_dim=2560)
+
+
+def test_the_full_size_refiner_layout_loads_on_the_meta_device(tmp_path, monkeypatch):
+    """The real refiner's shapes in sgm's names, built on the meta device: every tensor finds its place (the
+    loader is strict), the U-Net is diffusers' in names and shapes, and nothing is allocated."""
+    from test_loading import write_clip_tokenizer
+
+    monkeypatch.delenv("IMAGINE_CLIP_TOKENIZER_2", raising=False)
+    bigg = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**REFINER_UNET)
+        vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                      down_block_types=("DownEncoderBlock2D",) * 4,
+                                      up_block_types=("UpDecoderBlock2D",) * 4)
+        te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**bigg))
+    state = sdxl_to_compvis(unet.state_dict(), unet.config, vae.state_dict(), 4, None, te2.state_dict())
+    assert tuple(state["model.diffusion_model.label_emb.0.0.weight"].shape) == (1536, 2560)
+    assert "model.diffusion_model.middle_block.1.transformer_blocks.3.attn2.to_k.weight" in state
+    assert "conditioner.embedders.0.model.transformer.resblocks.31.attn.in_proj_weight" in state
+    from imagine.loading.sdxl import components_from_state
+
+    c = components_from_state(state, "sd_xl_refiner_1.0.safetensors",
+                              tokenizer_2=write_clip_tokenizer(tmp_path / "tok2", "!"))
+    assert c.unet.conv_in.weight.is_meta
+    assert {k: v.shape for k, v in c.unet.state_dict().items()} == {k: v.shape for k, v in unet.state_dict().items()}
+    assert sum(p.numel() for p in c.unet.parameters()) == sum(p.numel() for p in unet.parameters())  # 2.26 B
+    assert c.text_encoder.dim == 1280 and c.text_encoder.pooled_dim == 1280 and len(c.text_encoder.towers) == 1
