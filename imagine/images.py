@@ -131,20 +131,30 @@ def a1111_parameters(p: dict) -> str:
     return "\n".join(lines)
 
 
-def controlnet_unit_text(model: str, weight: float, start: float = 0.0, end: float = 1.0) -> str:
-    """AUTOMATIC1111's ControlNet extension's infotext of one unit (its field labels), saying what imagine does: no
-    preprocessor, the picture resized to the image's size, both halves of the guidance batch; start / end: the
+def controlnet_unit_text(model: str, weight: float, start: float = 0.0, end: float = 1.0, module: str = "none",
+                         resize: str = "just_resize", resolution: int | None = None, threshold_a: float | None = None,
+                         threshold_b: float | None = None, pixel_perfect: bool = False) -> str:
+    """AUTOMATIC1111's ControlNet extension's infotext of one unit (its field labels): the preprocessor (`module`,
+    imagine.preprocessors) with its settings, the resize mode, both halves of the guidance batch; start / end: the
     fraction of the steps the ControlNet acts in."""
-    return (f"Module: none, Model: {model}, Weight: {float(weight):g}, Resize Mode: Just Resize, Guidance Start: "
-            f"{float(start):g}, Guidance End: {float(end):g}, Pixel Perfect: False, Control Mode: Balanced")
+    from imagine.preprocessors import PREPROCESSORS
+
+    mode = {"just_resize": "Just Resize", "crop_and_resize": "Crop and Resize",
+            "resize_and_fill": "Resize and Fill"}[resize]
+    settings = "".join(f", {label}: {value:g}" for label, value in (
+        ("Processor Res", resolution), ("Threshold A", threshold_a), ("Threshold B", threshold_b)) if value is not None)
+    return (f"Module: {PREPROCESSORS.get(module, (module,))[0]}, Model: {model}, Weight: {float(weight):g}, Resize Mode: "
+            f"{mode}{settings}, Guidance Start: {float(start):g}, Guidance End: {float(end):g}, Pixel Perfect: "
+            f"{bool(pixel_perfect)}, Control Mode: Balanced")
 
 
-def controlnet_units(p: dict) -> list[tuple[str, float, float, float]]:
-    """The ControlNets of generation parameters as (model, weight, start, end): `controlnet_units` (the server's:
-    the model as its API names it) or the pipeline's `controlnet` text, "name: scale[ (start-end)], ..."."""
+def controlnet_units(p: dict) -> list[tuple]:
+    """The ControlNets of generation parameters as (model, weight, start, end[, module, resize, resolution, threshold
+    a, threshold b, pixel perfect]): `controlnet_units` (the server's and the CLI's: the model as named, with the
+    preprocessing) or the pipeline's `controlnet` text, "name: scale[ (start-end)], ..."."""
     units = p.get("controlnet_units")
     if units:
-        return [(str(u[0]), float(u[1]), *(float(v) for v in (u[2:4] if len(u) >= 4 else (0.0, 1.0))))
+        return [(str(u[0]), float(u[1]), *(float(v) for v in (u[2:4] if len(u) >= 4 else (0.0, 1.0))), *u[4:])
                 for u in units]
     text = p.get("controlnet")
     if not text:

@@ -157,7 +157,7 @@ def test_model_list_version_and_scripts(server, models):
     canny_hash = _a1111_hash(models / "control_v11p_sd15_canny.pth")
     assert r.json() == {"model_list": [f"edges [{edges_hash}]", f"control_v11p_sd15_canny [{canny_hash}]"]}
     assert httpx.get(f"{server.url}/controlnet/version").json() == {"version": 2}
-    assert httpx.get(f"{server.url}/controlnet/module_list").json()["module_list"] == ["none"]
+    assert httpx.get(f"{server.url}/controlnet/module_list").json()["module_list"] == ["none", "canny", "invert"]
     assert "controlnet" in httpx.get(f"{server.url}/sdapi/v1/scripts").json()["txt2img"]
 
 
@@ -174,13 +174,14 @@ def test_txt2img_unit_is_the_pipelines_image(server, models):
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
     info = json.loads(r.json()["info"])
     title = httpx.get(f"{server.url}/controlnet/model_list").json()["model_list"][1]
-    text = (f"Module: none, Model: {title}, Weight: 0.6, Resize Mode: Just Resize, Guidance Start: 0, "
+    text = (f"Module: none, Model: {title}, Weight: 0.6, Resize Mode: Crop and Resize, Guidance Start: 0, "
             "Guidance End: 1, Pixel Perfect: False, Control Mode: Balanced")
     assert info["extra_generation_params"] == {"ControlNet 0": text}
     assert f"ControlNet 0: {json.dumps(text)}" in info["infotexts"][0]
     where = "alwayson_scripts.controlnet.args[0]"
-    assert {f"{where}.{k}" for k in ("resize_mode", "processor_res", "threshold_a", "control_mode", "pixel_perfect",
-                                     "lowvram")} <= set(info["ignored_fields"])
+    assert {f"{where}.{k}" for k in ("control_mode", "lowvram")} <= set(info["ignored_fields"])
+    assert not {f"{where}.{k}" for k in ("resize_mode", "processor_res", "threshold_a", "pixel_perfect")} & set(
+        info["ignored_fields"])  # (the preprocessing fields: tests/test_preprocessors.py)
     assert "alwayson_scripts" not in info["ignored_fields"] and f"{where}.weight" not in info["ignored_fields"]
     echoed = r.json()["parameters"]["alwayson_scripts"]["controlnet"]["args"][0]
     assert echoed["image"].endswith("base64 characters>") and echoed["weight"] == 0.6
@@ -261,13 +262,16 @@ def test_img2img_unit_without_a_picture_reads_the_init_image(server, models):
 def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
     """enable_hr: both passes read the picture (generate_hires, as the extension's hr_option "Both"); "Only masked"
     inpainting: the control picture is cut to the same crop as the init picture, as the extension crops it."""
+    from imagine.preprocessors import fit
     from imagine.server.app import prepare_inpainting
 
     pipe = _pipe(models, "edges")
     r = _post(server, seed=15, width=16, height=16, enable_hr=True, hr_scale=2, denoising_strength=0.6,
               **_units(_unit("edges", _edges())))
     assert r.status_code == 200, r.text
-    want = pipe.generate_hires("a red circle", control_image=_edges(), seed=15, height=16, width=16, hires_scale=2.0,
+    # the map fitted to the large size (the extension's default "Crop and Resize"; here the same size)
+    want = pipe.generate_hires("a red circle", control_image=fit(_edges(), 32, 32, "crop_and_resize"), seed=15,
+                               height=16, width=16, hires_scale=2.0,
                                hires_strength=0.6, emphasis=True, progress=False, **KW).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
 
@@ -279,14 +283,16 @@ def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
     inp = prepare_inpainting([picture], mask, 16, 16, blur=4, fill=0, full_res=True, padding=0, invert=0)
     box = inp.boxes[0]
     assert box is not None and box != (0, 0, SIZE, SIZE)
-    control = _edges(size=2 * SIZE).resize((SIZE, SIZE), Image.LANCZOS).crop(box)
+    control = fit(_edges(size=2 * SIZE), SIZE, SIZE, "crop_and_resize").crop(box)
     result = pipe.generate("a red circle", init_image=inp.inits[0], mask_image=inp.masks[0], control_image=control,
                            strength=0.75, seed=16, height=16, width=16, emphasis=True, progress=False, **KW).images[0]
     assert _image(r.json()["images"][0]).tobytes() == inp.finish(result, 0).tobytes()
 
 
 @pytest.mark.parametrize("unit,field,words", [
-    ({"model": "edges", "module": "canny"}, ".module", "'canny' is a preprocessor, and imagine runs none"),
+    ({"model": "edges", "module": "depth_midas"}, ".module", "'depth_midas' is not one imagine runs; valid: 'none', "),
+    ({"model": "edges", "resize_mode": "Stretch"}, ".resize_mode", "must be 'Just Resize', 'Crop and Resize' or"),
+    ({"model": "edges", "threshold_a": "x"}, ".threshold_a", "must be a number (-1: the preprocessor's default)"),
     ({"model": "edges", "guidance_start": 0.6, "guidance_end": 0.4}, ".guidance_start", "must be below guidance_end"),
     ({"model": "edges", "guidance_end": 1.5}, ".guidance_end", "between 0 and 1"),
     ({"model": "edges", "guidance": -1}, ".guidance", "between 0 and 1"),

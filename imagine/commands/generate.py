@@ -33,9 +33,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "repeatable; SCALE is its weight (default 1, diffusers' controlnet_conditioning_scale, "
                         "A1111's control weight). Each needs a --control-image")
     p.add_argument("--control-image", action="append", default=[], metavar="PATH",
-                   help="the picture a ControlNet reads (edges, depth, pose: already made, imagine runs no "
-                        "preprocessor), repeatable: one per --controlnet, in the same order; resized to the image's "
-                        "size, which is the first picture's when --height/--width are not given")
+                   help="the picture a ControlNet reads (a map already made, or a photo for --control-preprocessor), "
+                        "repeatable: one per --controlnet, in the same order; fitted to the image's size "
+                        "(--control-resize), which is the first picture's when --height/--width are not given")
+    p.add_argument("--control-preprocessor", action="append", default=[], metavar="NAME[:A[:B]]",
+                   help="make the control map from the picture, as AUTOMATIC1111's ControlNet extension: 'canny' "
+                        "(A, B: its low and high thresholds, default 100 and 200), 'invert', 'none' (default); one "
+                        "for all --controlnet, or one each in order")
+    p.add_argument("--control-resolution", type=int, default=None, metavar="N",
+                   help="the preprocessor's resolution, the short side it runs at (default: the image's scale, the "
+                        "extension's 'pixel perfect')")
+    p.add_argument("--control-resize", choices=["just_resize", "crop_and_resize", "resize_and_fill"],
+                   default="just_resize",
+                   help="how a control map of another shape meets the image's: stretched (default, as diffusers), "
+                        "scaled to cover and cut at the centre (the extension's default), or scaled to fit and the "
+                        "rest filled with its border's colour")
     p.add_argument("--control-start", type=float, default=None, metavar="F",
                    help="the fraction of the steps before the ControlNets act (default 0; diffusers' "
                         "control_guidance_start, A1111's starting control step)")
@@ -267,6 +279,43 @@ def _read_controls(args) -> tuple[list[tuple[str, float]], list]:
     return nets, [_read_image(p, "--control-image") for p in args.control_image]
 
 
+def parse_preprocessors(items: list[str], n: int) -> list[tuple[str, float, float]]:
+    """--control-preprocessor NAME[:A[:B]] (none given: 'none'; one: for every ControlNet; else one each) ->
+    [(name, threshold a, threshold b)] (-1: the preprocessor's default)."""
+    from imagine.preprocessors import find_preprocessor
+
+    if len(items) > 1 and len(items) != n:
+        raise ValueError(f"{len(items)} --control-preprocessor for {n} --controlnet: give one for all, or one each")
+    out = []
+    for item in items or ["none"]:
+        name, *numbers = item.split(":")
+        if len(numbers) > 2:
+            raise ValueError(f"--control-preprocessor {item!r}: NAME[:A[:B]], e.g. canny:100:200")
+        try:
+            values = [float(v) for v in numbers] + [-1.0] * (2 - len(numbers))
+        except ValueError:
+            raise ValueError(f"--control-preprocessor {item!r}: its thresholds must be numbers, e.g. canny:100:200") \
+                from None
+        out.append((find_preprocessor(name), *values))
+    return out * n if len(out) == 1 else out
+
+
+def prepare_control_maps(pictures: list, preps: list[tuple[str, float, float]], width: int, height: int, mode: str,
+                         resolution: int | None) -> tuple[list, list[tuple]]:
+    """Each control picture through its preprocessor (at `resolution`, default pixel perfect) and fitted to width x
+    height by `mode` -> (the maps, per map (module, mode, resolution, threshold a, threshold b, pixel perfect) for the
+    infotext)."""
+    from imagine import preprocessors as pp
+
+    maps, used = [], []
+    for picture, (name, a, b) in zip(pictures, preps):
+        res = resolution if resolution is not None else pp.pixel_perfect_resolution(picture, width, height, mode)
+        kw = pp.settings(name, res, a, b, free_resolution=True)  # (checked: --control-resolution, or pixel perfect)
+        maps.append(pp.fit(pp.preprocess(name, picture, res, a, b, free_resolution=True), width, height, mode))
+        used.append((name, mode, kw.get("resolution"), kw.get("low"), kw.get("high"), resolution is None))
+    return maps, used
+
+
 def parse_embeddings(items: list[str]) -> list[tuple[str, str | None]]:
     """["EasyNegative.safetensors", "cat.bin:<cat-toy>"] -> [(path, None), (path, "<cat-toy>")]: text after the last
     colon is the word when what is before it is an existing file."""
@@ -330,6 +379,11 @@ def run(args) -> int:
         raise ValueError("--masked-content needs --mask (and --init-image)")
     if (args.control_start is not None or args.control_end is not None) and not controlnets:
         raise ValueError("--control-start / --control-end need a --controlnet")
+    preps = parse_preprocessors(args.control_preprocessor, len(controlnets))
+    if args.control_preprocessor and not controlnets:
+        raise ValueError("--control-preprocessor needs a --controlnet (and its --control-image)")
+    if args.control_resolution is not None and not 64 <= args.control_resolution <= 4096:
+        raise ValueError(f"--control-resolution must be 64..4096 pixels; got {args.control_resolution}")
     if controlnets:  # one picture (for every prompt) per ControlNet, each at its scale
         scales = [scale for _, scale in controlnets]
         picture["control_image"] = control_images[0] if len(controlnets) == 1 else control_images
@@ -362,6 +416,15 @@ def run(args) -> int:
     height, width = args.height, args.width  # a side not given is the model's own (the pipeline's rule)
     if height is not None or width is not None:
         pipe.check_size(height or 8 * pipe.scale, width or 8 * pipe.scale)  # before the first image, not after
+    control_units = None
+    if controlnets:  # the maps made and fitted to the image's size, as the pipeline will choose it
+        size_h, size_w = pipe.output_size(height, width, init_image if init_image is not None else control_images[0])
+        maps, used = prepare_control_maps(control_images, preps, size_w, size_h, args.control_resize,
+                                          args.control_resolution)
+        picture["control_image"] = maps[0] if len(maps) == 1 else maps
+        control_units = [(name, scale, picture.get("control_guidance_start", 0.0), picture.get("control_guidance_end",
+                                                                                                  1.0), *u)
+                         for (name, _), (_, scale), u in zip(pipe.controlnets, controlnets, used)]
     first = 0
     if many:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -394,6 +457,8 @@ def run(args) -> int:
                       "prompt": chunk[k][0], "negative_prompt": args.negative_prompt or "", "seed": s}
             if mask_image is not None and args.invert_mask:
                 params["mask_invert"] = True  # (A1111's "Mask mode: Inpaint not masked")
+            if control_units:  # the preprocessing too (A1111's ControlNet infotext)
+                params["controlnet_units"] = control_units
             if many:
                 path = out_dir / f"{first + start + k:05d}-{s}.png"
             elif out_dir is not None:

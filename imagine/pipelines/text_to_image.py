@@ -408,6 +408,19 @@ class TextToImagePipeline:
                 c.update(self.size_conditioning(len(prompts), height, width, negative))
         return cond, uncond
 
+    def output_size(self, height: int | None = None, width: int | None = None,
+                    picture: Image.Image | None = None) -> tuple[int, int]:
+        """The image's (height, width) for generate's height / width: with neither given, `picture`'s size (the
+        first init or control picture) to the VAE's factor; a side still not given is the model's own."""
+        if picture is not None and height is None and width is None:  # the picture's size, to the VAE's factor
+            height, width = (max(self.scale, v // self.scale * self.scale) for v in (picture.height, picture.width))
+        sample = self.unet.config.sample_size or 64
+        sample_h, sample_w = (sample[0], sample[-1]) if isinstance(sample, (tuple, list)) else (sample, sample)
+        d = self.defaults
+        height = (d.get("height") or self.scale * sample_h) if height is None else height
+        width = (d.get("width") or self.scale * sample_w) if width is None else width
+        return height, width
+
     def size_conditioning(self, n: int, height: int, width: int, negative: bool = False) -> dict[str, torch.Tensor]:
         """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2): the U-Net is told the picture's original
         size, the crop's top-left corner and the target size, here (height, width), (0, 0), (height, width), as
@@ -557,12 +570,7 @@ class TextToImagePipeline:
                 raise ValueError(f"init_latents are for {size[1]}x{size[0]} pixels; got height {height}, width {width}")
             height, width = size
         first = inits[0] if inits is not None else (controls[0][1][0] if controls else None)
-        if first is not None and height is None and width is None:  # the picture's size, to the VAE's factor
-            height, width = (max(self.scale, v // self.scale * self.scale) for v in (first.height, first.width))
-        sample = self.unet.config.sample_size or 64
-        sample_h, sample_w = (sample[0], sample[-1]) if isinstance(sample, (tuple, list)) else (sample, sample)
-        height = (d.get("height") or self.scale * sample_h) if height is None else height
-        width = (d.get("width") or self.scale * sample_w) if width is None else width
+        height, width = self.output_size(height, width, first)
         self.check_size(height, width)
         height, width = int(height), int(width)
         if seeds is None:

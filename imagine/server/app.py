@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from imagine import preprocessors
 from imagine.images import controlnet_unit_text
 from imagine.samplers import A1111_SAMPLERS  # AUTOMATIC1111's labels of our samplers
 from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
@@ -158,6 +159,17 @@ class Txt2ImgRequest(BaseModel):
     refiner_switch_at: float | None = None  # the fraction of the steps after which it takes over (default 0.8)
 
 
+class DetectRequest(BaseModel):
+    """The ControlNet extension's /controlnet/detect body (its other fields are accepted, not used)."""
+
+    model_config = ConfigDict(extra="allow")
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = []
+    controlnet_processor_res: float = -1
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+
+
 class Img2ImgRequest(Txt2ImgRequest):
     """A1111's img2img body: txt2img's, plus the pictures and how far from them to go, and A1111's inpainting:
     `mask` (white: paint anew) with its options, in A1111's defaults. Its other fields (resize_mode, ...) are
@@ -224,7 +236,7 @@ def _decode_mask(data: str, field: str = "mask"):
 # AUTOMATIC1111's ControlNet extension (alwayson_scripts.controlnet.args: one dict per unit): the fields used
 # ("input_image" and "guidance" are its older names of "image" and "guidance_end"); others are accepted, not used
 CONTROLNET_USED = ("enabled", "image", "input_image", "model", "weight", "module", "guidance_start", "guidance_end",
-                   "guidance")
+                   "guidance", "processor_res", "threshold_a", "threshold_b", "pixel_perfect", "resize_mode")
 CONTROLNET_MAX_WEIGHT = 2.0  # the extension's bound on a unit's weight
 
 
@@ -768,11 +780,22 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             if name is None:
                 raise ApiError(422, f"{where}.model: {model!r} is not a loaded ControlNet; loaded: "
                                     f"{', '.join(titles.values())}", f"{where}.model")
-            module = unit.get("module")
-            if module not in (None, "", "none", "None"):
-                raise ApiError(422, f"{where}.module: {module!r} is a preprocessor, and imagine runs none: send the "
-                                    "control picture already made (edges, depth, pose...) with module 'none'",
-                               f"{where}.module")
+            try:
+                module = preprocessors.find_preprocessor(unit.get("module"))
+            except ValueError as e:
+                raise ApiError(422, f"{where}.module: {e}", f"{where}.module") from None
+            resize = unit.get("resize_mode", "Crop and Resize")  # the extension's default
+            resize = preprocessors.A1111_RESIZE_MODES.get(str(resize).strip().lower())
+            if resize is None:
+                raise ApiError(422, f"{where}.resize_mode must be 'Just Resize', 'Crop and Resize' or 'Resize and Fill' "
+                                    f"(or 0, 1, 2); got {unit.get('resize_mode')!r}", f"{where}.resize_mode")
+            numbers = {}
+            for key in ("processor_res", "threshold_a", "threshold_b"):
+                v = unit.get(key, -1)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ApiError(422, f"{where}.{key} must be a number (-1: the preprocessor's default); got {v!r}",
+                                   f"{where}.{key}")
+                numbers[key] = v
             weight = unit.get("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
                     math.isfinite(weight) and 0 <= weight <= CONTROLNET_MAX_WEIGHT):
@@ -796,29 +819,43 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                f"{where}.image")
             ignored += unused + [f"{where}.{k}" for k in unit if k not in CONTROLNET_USED and unit[k] is not None]
             units.append({"name": name, "title": titles[name], "weight": float(weight), "start": window[0],
-                          "end": window[1], "image": image, "field": f"{where}.{key}"})
+                          "end": window[1], "image": image, "field": f"{where}.{key}", "module": module,
+                          "resize": resize, "pixel_perfect": bool(unit.get("pixel_perfect", False)), **numbers})
         return units, ignored
 
     def control_pictures(units: list[dict], pictures: list, n: int, starts: list | None,
-                         inpaint: "_Inpainting | None") -> list[list]:
-        """Per unit, its picture for each of the n images: the unit's own (for "Only masked" inpainting resized to
-        the init picture's size and cut to the same crop, as the extension crops it), else (img2img) the picture
-        the image starts from, as the extension takes the init image."""
-        from PIL import Image
-
+                         inpaint: "_Inpainting | None", width: int, height: int) -> list[list]:
+        """Per unit, its map for each of the n images: the unit's own picture (else, in img2img, the picture the
+        image starts from, as the extension takes the init image) through the unit's preprocessor, fitted to the
+        image's size by its resize mode (for "Only masked" inpainting to the init picture's size, then cut to the
+        same crop, as the extension crops it). Each unit records the settings used (its infotext)."""
         out = []
         for unit, picture in zip(units, pictures):
+            made: dict[int, object] = {}
+
+            def prepared(source, size):
+                """The preprocessed map of `source` fitted to `size` (made once per picture and size)."""
+                key = (id(source), size)
+                if key not in made:
+                    res = unit["processor_res"]
+                    if unit["pixel_perfect"]:
+                        res = preprocessors.pixel_perfect_resolution(source, *size, unit["resize"])
+                    free = unit["pixel_perfect"]  # (its resolution is not held to the slider's range)
+                    unit["settings"] = preprocessors.settings(unit["module"], res, unit["threshold_a"],
+                                                              unit["threshold_b"], free)
+                    m = preprocessors.preprocess(unit["module"], source, res, unit["threshold_a"], unit["threshold_b"],
+                                                 free)
+                    made[key] = preprocessors.fit(m, *size, unit["resize"])
+                return made[key]
+
             per_image = []
             for i in range(n):
-                if picture is None:
-                    per_image.append(starts[i % len(starts)])
-                elif inpaint is not None and inpaint.boxes[i % len(inpaint.boxes)] is not None:
+                source = picture if picture is not None else starts[i % len(starts)]
+                if inpaint is not None and inpaint.boxes[i % len(inpaint.boxes)] is not None:
                     k = i % len(inpaint.boxes)
-                    size = inpaint.originals[k].size
-                    whole = picture if picture.size == size else picture.resize(size, Image.LANCZOS)
-                    per_image.append(whole.crop(inpaint.boxes[k]))
+                    per_image.append(prepared(source, inpaint.originals[k].size).crop(inpaint.boxes[k]))
                 else:
-                    per_image.append(picture)
+                    per_image.append(prepared(source, (width, height)))
             out.append(per_image)
         return out
 
@@ -967,7 +1004,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         elif inits is not None:  # sent without a mask, A1111's inpainting options are not used
             unused = [*unused, *(k for k in INPAINTING_FIELDS if k in req.model_fields_set)]
         starts = inpaint.inits if inpaint is not None else inits
-        controls = await run_in_threadpool(lambda: control_pictures(units, unit_pictures, n, starts, inpaint))
+        # (with hires. fix the maps are made for the large size; the first pass takes them scaled down)
+        map_h, map_w = pipe.hires_size(height, width, hires[0]) if hires else (height, width)
+        controls = await run_in_threadpool(lambda: control_pictures(units, unit_pictures, n, starts, inpaint, map_w,
+                                                                    map_h))
         # an empty negative prompt is none given: zeros on SDXL, as AUTOMATIC1111 runs it (encoded "" elsewhere)
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt or None] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
@@ -990,7 +1030,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         images = result.images if result is not None else []
         used = result.seeds if result is not None else []
         a_name = samplers.a1111_name(sampler)
-        cn_units = [(u["title"], u["weight"], u["start"], u["end"]) for u in units]
+        cn_units = [(u["title"], u["weight"], u["start"], u["end"], u["module"], u["resize"],
+                     *(u.get("settings", {}).get(k) for k in ("resolution", "low", "high")), u["pixel_perfect"])
+                    for u in units]
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
                                fingerprint, version, vae_name, schedule, clip_skip, strength, hires,
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner)
@@ -1055,7 +1097,44 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     @app.get("/controlnet/module_list")
     def controlnet_module_list(alias_names: bool = False):
-        return {"module_list": ["none"], "module_detail": {"none": {"model_free": False, "sliders": []}}}
+        """The preprocessors imagine runs (imagine.preprocessors), as the extension lists its own."""
+        names, detail = [], {}
+        for name, (label, _, sliders) in preprocessors.PREPROCESSORS.items():
+            key = label if alias_names else name
+            names.append(key)
+            detail[key] = {"model_free": False, "sliders": [
+                {"name": sl[0], "value": sl[1], "min": sl[2], "max": sl[3], "step": sl[4]}
+                for sl in sliders if sl is not None]}
+        return {"module_list": names, "module_detail": detail}
+
+    @app.post("/controlnet/detect")
+    async def controlnet_detect(req: DetectRequest):
+        """The extension's preview of a preprocessor: each picture's map at the preprocessor's resolution."""
+        try:
+            module = preprocessors.find_preprocessor(req.controlnet_module)
+        except ValueError as e:
+            raise ApiError(422, str(e), "controlnet_module") from None
+        if not req.controlnet_input_images:
+            raise ApiError(422, "controlnet_input_images: no image given (base64 pictures)", "controlnet_input_images")
+        if len(req.controlnet_input_images) > cfg.max_images:
+            raise ApiError(422, f"controlnet_input_images: at most {cfg.max_images} pictures (the server's limit)",
+                           "controlnet_input_images")
+        for v, field in ((req.controlnet_processor_res, "controlnet_processor_res"),
+                         (req.controlnet_threshold_a, "controlnet_threshold_a"),
+                         (req.controlnet_threshold_b, "controlnet_threshold_b")):
+            if not math.isfinite(v):
+                raise ApiError(422, f"{field} must be a finite number (-1: the preprocessor's default)", field)
+        res = min(req.controlnet_processor_res, max(cfg.max_width, cfg.max_height))
+
+        def run():
+            maps = []
+            for i, data in enumerate(req.controlnet_input_images):
+                picture = _decode_image(data, f"controlnet_input_images[{i}]")
+                maps.append(_b64_png(preprocessors.preprocess(module, picture, res, req.controlnet_threshold_a,
+                                                              req.controlnet_threshold_b)))
+            return maps
+
+        return {"images": await run_in_threadpool(run), "info": "Success"}
 
     @app.get("/sdapi/v1/samplers")
     def get_samplers():
