@@ -231,6 +231,8 @@ def test_controlnet_from_the_page(controlnet_server, page, tmp_path):
     page.wait_for_function("document.querySelector('#controlnet').dataset.ready === '1'")
     assert page.is_visible("#controlnet summary")
     assert page.eval_on_selector("#controlnet_model", "s => s.options[0].value").startswith("edges")
+    modules = page.eval_on_selector("#control_module", "s => [...s.options].map(o => o.value)")
+    assert modules == ["none", "canny", "invert (from white bg & black line)"]  # the server's preprocessors
     page.click("#controlnet summary")
     page.set_input_files("#control_image", str(tmp_path / "edges.png"))
     page.fill("#control_weight", "0.7")

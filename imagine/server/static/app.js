@@ -47,6 +47,9 @@ async function loadConfig() {
     const names = r.ok ? (await r.json()).model_list || [] : [];
     $("controlnet_model").replaceChildren(...names.map((n) => new Option(n, n)));
     $("controlnet").hidden = names.length === 0;
+    const m = await fetch("/controlnet/module_list?alias_names=true");  // the preprocessors the server runs
+    const modules = m.ok ? (await m.json()).module_list || ["none"] : ["none"];
+    $("control_module").replaceChildren(...modules.map((n) => new Option(n, n)));
   } catch (e) {
     $("controlnet").hidden = true;
   }
@@ -159,13 +162,14 @@ async function generate(ev) {
     if (mask) body.mask = await readAsDataURL(mask);
     endpoint = "/sdapi/v1/img2img";
   }
-  // a control picture: one unit of A1111's ControlNet extension (the picture used as given: module "none")
+  // a control picture: one unit of A1111's ControlNet extension (its preprocessor, "none": the picture is the map)
   const control = $("control_image").files[0];
   if (control) {
     const weight = parseFloat($("control_weight").value);
     if (!Number.isFinite(weight)) { showError("the ControlNet weight must be a number"); return; }
     body.alwayson_scripts = { controlnet: { args: [{
-      enabled: true, image: await readAsDataURL(control), model: $("controlnet_model").value, weight, module: "none",
+      enabled: true, image: await readAsDataURL(control), model: $("controlnet_model").value, weight,
+      module: $("control_module").value,
     }] } };
   }
   setBusy(true);
