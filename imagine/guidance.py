@@ -28,10 +28,33 @@ THRESHOLDINGS = (None, "static", "dynamic")
 
 
 # -- classifier-free guidance ---------------------------------------------------------------------
+class StepConditioning:
+    """Conditioning that changes with the sampler's step (AUTOMATIC1111's prompt editing, imagine.prompt_editing):
+    `at(i)` is the cond dict of step i of the run (from 0), made by `fn`. The denoiser reads it at every step."""
+
+    def __init__(self, fn: Callable[[int], dict[str, Any]]):
+        self.fn = fn
+
+    def at(self, i: int) -> dict[str, Any]:
+        return self.fn(i)
+
+    def map(self, f: Callable[[dict[str, Any]], dict[str, Any]]) -> "StepConditioning":
+        """The conditioning with `f` applied to each step's dict."""
+        return StepConditioning(lambda i: f(self.at(i)))
+
+
+def cond_at(cond, i: int):
+    """A cond dict, or a StepConditioning's dict at step i."""
+    return cond.at(i) if isinstance(cond, StepConditioning) else cond
+
+
 def check_cond(cond: dict[str, Any] | None, batch: int, name: str = "cond") -> dict[str, Any]:
-    """Every tensor in a cond dict must be batch-first with `batch` rows."""
+    """Every tensor in a cond dict must be batch-first with `batch` rows (a StepConditioning: its first step's)."""
     if cond is None:
         return {}
+    if isinstance(cond, StepConditioning):
+        check_cond(cond.at(0), batch, name)
+        return cond
     if not isinstance(cond, dict):
         raise TypeError(f"{name} must be a dict of keyword tensors for the model (e.g. context=...); "
                         f"got {type(cond).__name__}")

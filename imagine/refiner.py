@@ -37,10 +37,15 @@ def check_switch(switch) -> float:
     return value
 
 
-def with_refiner(cond: dict[str, Any] | None, refiner_cond: dict[str, Any] | None) -> dict[str, Any] | None:
-    """One cond dict for the run: the base's keys, and the refiner's under PREFIX."""
+def with_refiner(cond, refiner_cond):
+    """One conditioning for the run: the base's keys, and the refiner's under PREFIX (either may change with the
+    step: a StepConditioning, imagine.guidance)."""
+    from imagine.guidance import StepConditioning, cond_at
+
     if cond is None:
         return None
+    if isinstance(cond, StepConditioning) or isinstance(refiner_cond, StepConditioning):
+        return StepConditioning(lambda i: with_refiner(cond_at(cond, i), cond_at(refiner_cond, i)))
     return {**cond, **{PREFIX + k: v for k, v in (refiner_cond or {}).items()}}
 
 

@@ -23,6 +23,7 @@ from imagine.guidance import (
     THRESHOLDINGS,
     apply_threshold,
     check_cond,
+    cond_at,
     check_threshold_range,
     classifier_eps_shift,
     classifier_gradient,
@@ -125,8 +126,9 @@ class Denoiser:
         if at_step is not None:  # a model whose inputs follow the step (ControlNets' guidance window)
             # counted in model evaluations where a step takes two (Heun: 2N - 1, as diffusers' doubled timesteps)
             at_step(*((self.calls, self.evaluations) if self.evaluations else (i, len(self.plan))))
-        out = guided_model_output(self.model, x, self._t(x, i), self.cond, self.uncond, self.guidance_scale,
-                                  self.guidance_rescale)
+        # (the conditioning of step i: prompt editing changes it during the run)
+        out = guided_model_output(self.model, x, self._t(x, i), cond_at(self.cond, i), cond_at(self.uncond, i),
+                                  self.guidance_scale, self.guidance_rescale)
         self.calls += 1
         if out.shape != x.shape:
             if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1]:

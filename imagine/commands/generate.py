@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emphasis", action="store_true",
                    help="read AUTOMATIC1111's emphasis in the prompts: (word) x1.1, [word] /1.1, (word:1.3) x1.3 "
                         "(default: brackets are text, as in diffusers)")
+    p.add_argument("--prompt-editing", action="store_true",
+                   help="read AUTOMATIC1111's prompt editing: [from:to:when] (when: a step, or with a '.' a fraction "
+                        "of the steps) and [a|b] (alternating every step); default: brackets are text or emphasis")
     p.add_argument("--long-prompts", action="store_true",
                    help="read a prompt past CLIP's 77-token window in 75-token chunks, as AUTOMATIC1111 and ComfyUI "
                         "do (with --emphasis, BREAK starts a new chunk); default: cut at the window with a warning, "
@@ -449,7 +452,7 @@ def run(args) -> int:
                             threshold_range=args.threshold_range,
                             sigma_schedule=args.sigma_schedule, final_step=args.final_step, rho=args.rho,
                             sampler_options=sampler_options, start=args.start, emphasis=args.emphasis,
-                            long_prompts=args.long_prompts,
+                            long_prompts=args.long_prompts, prompt_editing=args.prompt_editing,
                             progress=not args.quiet,
                             **picture)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):

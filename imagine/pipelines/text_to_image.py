@@ -385,28 +385,57 @@ class TextToImagePipeline:
 
     @torch.no_grad()
     def conditioning(self, prompts: list[str], negatives: list[str | None], height: int, width: int,
-                     guided: bool = True, emphasis: bool = False, long_prompts: bool = False):
+                     guided: bool = True, emphasis: bool = False, long_prompts: bool = False,
+                     editing_steps: int | None = None):
         """(cond, uncond) for the U-Net: the prompts' and negative prompts' encodings (uncond None when not
         `guided`) with SDXL's size codes. A negative prompt None is not given: "" encoded, or zeros where the
-        model says so (SDXL's force_zeros_for_empty_prompt)."""
+        model says so (SDXL's force_zeros_for_empty_prompt). `editing_steps`: read AUTOMATIC1111's prompt editing
+        over a run of that many steps (imagine.prompt_editing); where a text changes, that side is a
+        StepConditioning (imagine.guidance)."""
         d = self.defaults
-        cond = self.encode_prompts([self._without_lora_tags(p) for p in prompts], emphasis, long_prompts)
+        cond = self._encode_texts([self._without_lora_tags(p) for p in prompts], emphasis, long_prompts, editing_steps)
         uncond = None
         if guided:
             zero = [n is None and bool(d.get("zero_empty_negative")) for n in negatives]
             if all(zero):  # SDXL's force_zeros_for_empty_prompt: no negative prompt is all zeros
                 uncond = self.text_encoder.zeros(len(prompts)).as_cond()
             else:
-                uncond = self.encode_prompts([self._without_lora_tags(n or "") for n in negatives], emphasis,
-                                             long_prompts)
+                uncond = self._encode_texts([self._without_lora_tags(n or "") for n in negatives], emphasis,
+                                            long_prompts, editing_steps)
                 if any(zero):  # rows whose negative was not given, in a batch with some that were
                     rows = torch.tensor(zero)
-                    uncond = {k: (v.masked_fill(rows.view(-1, *[1] * (v.ndim - 1)), 0) if k in ("context", "text_embeds")
-                                  else v) for k, v in uncond.items()}
-        for c, negative in ((cond, False), (uncond, True)):
-            if c is not None:
-                c.update(self.size_conditioning(len(prompts), height, width, negative))
+                    uncond = _each_step(uncond, lambda u: {
+                        k: (v.masked_fill(rows.view(-1, *[1] * (v.ndim - 1)), 0) if k in ("context", "text_embeds")
+                            else v) for k, v in u.items()})
+        sizes = [self.size_conditioning(len(prompts), height, width, negative) for negative in (False, True)]
+        cond = _each_step(cond, lambda c: {**c, **sizes[0]})
+        uncond = None if uncond is None else _each_step(uncond, lambda c: {**c, **sizes[1]})
         return cond, uncond
+
+    def _encode_texts(self, texts: list[str], emphasis: bool, long_prompts: bool, editing_steps: int | None):
+        """The texts' cond dict; with `editing_steps`, a StepConditioning where some text changes during the run:
+        every text a schedule reaches is encoded once, and each step's dict takes each row's text of that step."""
+        from imagine.guidance import StepConditioning
+        from imagine.prompt_editing import prompt_schedule, text_at
+
+        if editing_steps is None:
+            return self.encode_prompts(texts, emphasis, long_prompts)
+        schedules = [prompt_schedule(t, editing_steps) for t in texts]
+        if all(len(s) == 1 for s in schedules):
+            return self.encode_prompts([s[0][1] for s in schedules], emphasis, long_prompts)
+        unique = list(dict.fromkeys(text for s in schedules for _, text in s))
+        table = self.encode_prompts(unique, emphasis, long_prompts)
+        rows = [[unique.index(text) for _, text in s] for s in schedules]
+        made: dict[tuple, dict] = {}
+
+        def at(i: int) -> dict:
+            pick = tuple(row[text_at(s, i)] for row, s in zip(rows, schedules))
+            if pick not in made:
+                index = torch.tensor(pick, device=self.text_encoder.device)
+                made[pick] = {k: v.index_select(0, index) if torch.is_tensor(v) else v for k, v in table.items()}
+            return made[pick]
+
+        return StepConditioning(at)
 
     def output_size(self, height: int | None = None, width: int | None = None,
                     picture: Image.Image | None = None) -> tuple[int, int]:
@@ -444,7 +473,7 @@ class TextToImagePipeline:
                  eta: float | None = None, karras: bool | None = None, thresholding: str | None = None,
                  threshold_range: float | None = None, sigma_schedule: str | None = None, final_step: str | None = None,
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
-                 emphasis: bool = False, long_prompts: bool = False, init_image=None, strength: float | None = None,
+                 emphasis: bool = False, long_prompts: bool = False, prompt_editing: bool = False, init_image=None, strength: float | None = None,
                  init_latents: torch.Tensor | None = None, mask_image=None, masked_content: str = "original",
                  control_image=None,
                  controlnet_scale: float | list[float] | None = None,
@@ -461,7 +490,9 @@ class TextToImagePipeline:
         emphasis: read AUTOMATIC1111's `(word:1.3)` / `[word]` syntax as weights (imagine.emphasis; off: brackets are
         text, as in diffusers); long_prompts: a CLIP text encoder reads a prompt past its 77-token window in
         75-token chunks, BREAK starting a new one with emphasis (AUTOMATIC1111's way, imagine.long_prompts; off:
-        cut at the window with a warning, as diffusers); thresholding "static"/"dynamic" (Imagen) holds x_0 to [-R, R], R = threshold_range (default: the model's
+        cut at the window with a warning, as diffusers); prompt_editing: read AUTOMATIC1111's `[from:to:when]` and
+        `[a|b]`, a text that changes during the run (imagine.prompt_editing; off: brackets are text or emphasis);
+        thresholding "static"/"dynamic" (Imagen) holds x_0 to [-R, R], R = threshold_range (default: the model's
         "threshold_range", else 1, the pixel range of the paper).
 
         init_image, strength: image to image (SDEdit, Meng et al. 2022; diffusers' img2img, AUTOMATIC1111's
@@ -588,11 +619,12 @@ class TextToImagePipeline:
                 raise ValueError("an inpainting model's U-Net takes the mask at every step; the refiner would not: "
                                  "use the refiner with a 4-channel model")
         self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
+        editing = steps if prompt_editing else None
         cond, uncond = self.conditioning(prompts, negatives, height, width, guidance_scale != 1.0, emphasis,
-                                         long_prompts)
+                                         long_prompts, editing)
         if refine:  # the refiner reads the prompts with its own text encoder and size codes
             cond, uncond = (with_refiner(c, r) for c, r in zip((cond, uncond), self.refiner.conditioning(
-                prompts, negatives, height, width, guidance_scale != 1.0, emphasis, long_prompts)))
+                prompts, negatives, height, width, guidance_scale != 1.0, emphasis, long_prompts, editing)))
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
         generators = make_generators(len(prompts), seeds)
         inpaint = {}
@@ -634,6 +666,8 @@ class TextToImagePipeline:
         if refine:  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
             params["refiner"] = Path(self.refiner.c.source).name
             params["refiner_switch_at"] = refiner_switch
+        if prompt_editing:
+            params["prompt_editing"] = True  # [from:to:when], [a|b] read (imagine.prompt_editing)
         if long_prompts and not getattr(self.text_encoder, "uses_mask", True):
             params["long_prompts"] = True  # read in 75-token chunks (imagine.long_prompts)
         if getattr(self.text_encoder, "clip_skip", 0):
@@ -899,6 +933,13 @@ def _weights_stamp(module: torch.nn.Module) -> tuple:
 
 
 _EXACT_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _each_step(cond, f):
+    """f applied to a cond dict, or to each step's dict of a StepConditioning."""
+    from imagine.guidance import StepConditioning
+
+    return cond.map(f) if isinstance(cond, StepConditioning) else f(cond)
 
 
 def _tag_strength(m: re.Match) -> float:

@@ -1012,7 +1012,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt or None] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
-                                    emphasis=a1111_emphasis(req), long_prompts=True,
+                                    emphasis=a1111_emphasis(req), long_prompts=True, prompt_editing=True,
                                     strength=None if hires else strength,
                                     hires=hires, inpainting=inpaint is not None,
                                     loras=prompt_loras(req.prompt, req.negative_prompt),

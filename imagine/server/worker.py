@@ -71,6 +71,7 @@ class Settings:
     options: tuple = ()  # the sampler's own options as sorted (name, value) pairs, e.g. (("s_tmin", 1.5),)
     emphasis: bool = False  # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default)
     long_prompts: bool = False  # prompts past the text encoder's window read in 75-token chunks (imagine.long_prompts)
+    prompt_editing: bool = False  # A1111's [from:to:when] and [a|b] read (imagine.prompt_editing)
     strength: float | None = None  # image to image: how far from the jobs' init images (None: text to image)
     inpainting: bool = False  # the jobs carry masks (white: paint anew), one per image
     masked_content: str = "original"  # inpainting's start where painted anew (TextToImagePipeline.generate)
@@ -390,6 +391,7 @@ class ModelWorker:
                               sampler_options=dict(s.options) or None, callback=callback, progress=False,
                               **({"emphasis": True} if s.emphasis else {}),
                               **({"long_prompts": True} if s.long_prompts else {}),
+                              **({"prompt_editing": True} if s.prompt_editing else {}),
                               **({"refiner_switch": s.refiner_switch} if s.refiner_switch else {}),
                               **({"init_image": inits[a:b], "strength": s.strength} if inits else {}),
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),

@@ -1,0 +1,201 @@
+"""AUTOMATIC1111's prompt editing: a prompt whose text changes during the run.
+
+- `[from:to:when]` reads `from` until step `when`, then `to`; `[to:when]` adds `to` from then on; `[from::when]`
+  drops `from` then. `when` with a decimal point is a fraction of the steps (0.25 of 20 steps: step 5), without
+  one a step number; either is capped at the steps.
+- `[a|b|c]` alternates, one word a step (`[cat|]`: the word every other step).
+- They nest, inside each other and inside emphasis brackets, which stay in the text for `imagine.emphasis`:
+  `(a [red:blue:0.5] ball:1.2)`. A bracket that fits none of these is text.
+
+As A1111 (its `prompt_parser`): the step numbers where the text may change are collected (every `when` from 1 on,
+the run's steps, and every step when a prompt alternates); `prompt_schedule` gives, for each, the text at that step.
+The sampler's denoiser at step i (from 0) reads the text of the first number >= i (`StepConditioning` in
+imagine.guidance): so `[a:b:10]` reads `a` at steps 0 to 10 and `b` after, and `[a|b]` reads a, a, b, a, b, ...,
+A1111's counting, kept so that its prompts give its images. A prompt it cannot parse is read as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SPECIAL = "[]():|"
+_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*")
+
+
+@dataclass
+class _Text:
+    text: str
+
+
+@dataclass
+class _Round:  # (prompt) or (prompt:weight): emphasis, kept as text
+    inner: list
+    weight: list | None
+
+
+@dataclass
+class _Square:  # [prompt]: emphasis, kept as text
+    inner: list
+
+
+@dataclass
+class _Scheduled:  # [before:after:when]
+    before: list
+    after: list
+    when: str
+
+
+@dataclass
+class _Alternate:  # [a|b|...]
+    options: list
+
+
+class _Unparsable(Exception):
+    pass
+
+
+class _Parser:
+    """A recursive-descent reading of A1111's prompt grammar: plain text, ( ), [ ], ':' and '|'."""
+
+    def __init__(self, text: str):
+        self.s, self.i = text, 0
+
+    def peek(self) -> str:
+        return self.s[self.i] if self.i < len(self.s) else ""
+
+    def plain(self) -> str:
+        start = self.i
+        while self.i < len(self.s) and self.s[self.i] not in _SPECIAL:
+            self.i += 2 if self.s[self.i] == "\\" and self.i + 1 < len(self.s) else 1
+        return self.s[start:self.i]
+
+    def prompt(self, stops: str) -> list:
+        """Items until one of `stops` (not consumed) or the end."""
+        items = []
+        while self.i < len(self.s) and self.peek() not in stops:
+            c = self.peek()
+            if c in "([":
+                start = self.i
+                try:
+                    items.append(self.round() if c == "(" else self.square())
+                except _Unparsable:
+                    if stops:
+                        raise
+                    self.i = start + 1  # at the top level an unclosed bracket is text, and reading goes on
+                    items.append(_Text(c))
+            elif c in _SPECIAL:  # a stray closing, ':' or '|': text, as A1111 reads it at the top level
+                if stops:
+                    raise _Unparsable
+                items.append(_Text(c))
+                self.i += 1
+            else:
+                items.append(_Text(self.plain()))
+        return items
+
+    def round(self):
+        self.i += 1
+        inner = self.prompt(":)")
+        weight = None
+        if self.peek() == ":":
+            self.i += 1
+            weight = self.prompt(")")
+        if self.peek() != ")":
+            raise _Unparsable
+        self.i += 1
+        return _Round(inner, weight)
+
+    def square(self):
+        self.i += 1
+        parts, seps = [self.prompt(":|]")], []
+        while self.peek() in (":", "|"):
+            seps.append(self.peek())
+            self.i += 1
+            parts.append(self.prompt(":|]"))
+        if self.peek() != "]":
+            raise _Unparsable
+        self.i += 1
+        if not seps:
+            return _Square(parts[0])
+        if set(seps) == {"|"}:
+            return _Alternate(parts)
+        if set(seps) == {":"} and len(parts) in (2, 3):
+            when = "".join(p.text for p in parts[-1] if isinstance(p, _Text)) if all(
+                isinstance(p, _Text) for p in parts[-1]) else ""
+            if _NUMBER.fullmatch(when):
+                before = parts[0] if len(parts) == 3 else []
+                return _Scheduled(before, parts[-2], when.strip())
+        raise _Unparsable
+
+
+def _parse(prompt: str) -> list | None:
+    p = _Parser(prompt)
+    try:
+        items = p.prompt("")
+    except _Unparsable:
+        return None
+    return items
+
+
+def _when(text: str, steps: int) -> int:
+    """A1111's reading of `when`: with a decimal point a fraction of the steps, else a step; capped at the steps."""
+    v = float(text)
+    return min(steps, int(v * steps if "." in text else v))
+
+
+def _walk(items: list, steps: int, points: set[int]) -> bool:
+    """Collect the steps where the text may change; True if some part alternates."""
+    alternates = False
+    for it in items:
+        if isinstance(it, _Round):
+            alternates |= _walk(it.inner, steps, points) | _walk(it.weight or [], steps, points)
+        elif isinstance(it, _Square):
+            alternates |= _walk(it.inner, steps, points)
+        elif isinstance(it, _Scheduled):
+            when = _when(it.when, steps)
+            if when >= 1:
+                points.add(when)
+            alternates |= _walk(it.before, steps, points) | _walk(it.after, steps, points)
+        elif isinstance(it, _Alternate):
+            alternates = True
+            for o in it.options:
+                _walk(o, steps, points)
+    return alternates
+
+
+def _render(items: list, step: int, steps: int) -> str:
+    out = []
+    for it in items:
+        if isinstance(it, _Text):
+            out.append(it.text)
+        elif isinstance(it, _Round):
+            weight = "" if it.weight is None else ":" + _render(it.weight, step, steps)
+            out.append("(" + _render(it.inner, step, steps) + weight + ")")
+        elif isinstance(it, _Square):
+            out.append("[" + _render(it.inner, step, steps) + "]")
+        elif isinstance(it, _Scheduled):
+            out.append(_render(it.before if step <= _when(it.when, steps) else it.after, step, steps))
+        else:
+            out.append(_render(it.options[(step - 1) % len(it.options)], step, steps))
+    return "".join(out)
+
+
+def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+    """[(last step, text)]: the prompt's text up to each step number where it may change, the last being `steps`.
+    A prompt without editing (or that cannot be parsed) -> [(steps, prompt)]."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    if "[" not in prompt:
+        return [(steps, prompt)]
+    items = _parse(prompt)
+    if items is None:
+        return [(steps, prompt)]
+    points = {steps}
+    if _walk(items, steps, points):
+        points.update(range(1, steps + 1))
+    return [(end, _render(items, end, steps)) for end in sorted(points)]
+
+
+def text_at(schedule: list[tuple[int, str]], i: int) -> int:
+    """The index of the schedule's text that step i (from 0) reads: the first entry whose last step is >= i."""
+    return next((k for k, (end, _) in enumerate(schedule) if i <= end), len(schedule) - 1)

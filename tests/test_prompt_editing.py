@@ -1,0 +1,137 @@
+"""AUTOMATIC1111's prompt editing (imagine.prompt_editing): `[from:to:when]`, `[to:when]`, `[from::when]`, `[a|b]`.
+
+The truths: the schedules of A1111's documented examples, counted by hand from its rules (a `when` with a '.' is a
+fraction of the steps; step i, from 0, reads the first text whose last step is >= i); and the image: diffusers'
+StableDiffusionPipeline changing its prompt_embeds at the same steps through its `callback_on_step_end` gives ours
+(50 dB, the SD parity bar). A prompt without the syntax encodes as without it; a row's image does not depend on
+its batch; the A1111 API and the CLI read it."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from test_loading import save_diffusers_folder  # noqa: E402
+from test_sd_parity import CFG, SEED, psnr  # noqa: E402
+
+from imagine.prompt_editing import prompt_schedule, text_at
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("prompt,steps,want", [
+    # A1111's wiki: "a [fantasy:cyberpunk:16] landscape", fantasy for the first 16 steps
+    ("a [fantasy:cyberpunk:16] landscape", 100, [(16, "a fantasy landscape"), (100, "a cyberpunk landscape")]),
+    ("a [fantasy:cyberpunk:0.25] landscape", 20, [(5, "a fantasy landscape"), (20, "a cyberpunk landscape")]),
+    ("a [mountain:5] lake", 10, [(5, "a  lake"), (10, "a mountain lake")]),  # [to:when]: added
+    ("a [mountain::5] lake", 10, [(5, "a mountain lake"), (10, "a  lake")]),  # [from::when]: removed
+    ("[cow|horse] in a field", 4, [(1, "cow in a field"), (2, "horse in a field"), (3, "cow in a field"),
+                                   (4, "horse in a field")]),
+    ("a [fantasy:[cyber:steam:8]punk:4] city", 10, [(4, "a fantasy city"), (8, "a cyberpunk city"),
+                                                    (10, "a steampunk city")]),  # nested
+    ("(a [red:blue:0.5] ball:1.2) [[dim]]", 10, [(5, "(a red ball:1.2) [[dim]]"), (10, "(a blue ball:1.2) [[dim]]")]),
+    ("x [a:b:25] y", 20, [(20, "x a y")]),  # past the steps: capped, so the first text throughout
+    ("x [a:b:1.0]", 10, [(10, "x a")]),  # with a '.' a fraction, even 1.0 (A1111 since 1.7; before, a step)
+    ("x [a:b:1]", 10, [(1, "x a"), (10, "x b")]),
+    ("[a:b]", 4, [(4, "[a:b]")]),  # no number: text (emphasis reads it later)
+    ("(unclosed [a:b:2] end", 4, [(2, "(unclosed a end"), (4, "(unclosed b end")]),
+    ("plain words, (emphasis:1.2)", 8, [(8, "plain words, (emphasis:1.2)")]),
+])
+def test_schedules_follow_a1111s_rules(prompt, steps, want):
+    assert prompt_schedule(prompt, steps) == want
+
+
+def test_step_i_reads_the_first_text_whose_last_step_is_at_least_i():
+    """A1111's counting (its denoiser's step from 0): [a:b:3] reads a at steps 0-3, and [a|b] a, a, b, a."""
+    s = prompt_schedule("[a:b:3]", 6)
+    assert [s[text_at(s, i)][1] for i in range(6)] == ["a", "a", "a", "a", "b", "b"]
+    s = prompt_schedule("[a|b]", 4)
+    assert [s[text_at(s, i)][1] for i in range(4)] == ["a", "a", "b", "a"]
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    folder = tmp_path_factory.mktemp("sd") / "folder"
+    ref = save_diffusers_folder(folder, "sd1", scheduler="ddim")
+    return ref, TextToImagePipeline.from_pretrained(folder)
+
+
+def _diffusers_edited(ref, prompt: str, negative: str, steps: int) -> torch.Tensor:
+    """diffusers' image with its prompt_embeds changed at each step to the text our schedule gives (A1111's)."""
+    pos, neg = prompt_schedule(prompt, steps), prompt_schedule(negative, steps)
+
+    def embeds(i):
+        with torch.no_grad():
+            return torch.cat([ref.encode_prompt(neg[text_at(neg, i)][1], "cpu", 1, False)[0],
+                              ref.encode_prompt(pos[text_at(pos, i)][1], "cpu", 1, False)[0]])
+
+    def switch(pipe, i, t, kwargs):
+        return {"prompt_embeds": embeds(i + 1)}  # (after step i: the text of step i + 1)
+
+    first = embeds(0)
+    with torch.no_grad():
+        return ref(prompt_embeds=first[1:], negative_prompt_embeds=first[:1], num_inference_steps=steps,
+                   guidance_scale=CFG, height=32, width=32, generator=torch.Generator().manual_seed(SEED),
+                   callback_on_step_end=switch, callback_on_step_end_tensor_inputs=["prompt_embeds"],
+                   output_type="pt").images[0].float()
+
+
+@pytest.mark.parametrize("prompt,negative", [("a [red:blue:0.5] circle", "the square"),
+                                             ("a [red|blue] circle", "[the square:a line:3]")])
+def test_the_image_is_diffusers_changing_its_embeddings_at_those_steps(sd, prompt, negative):
+    """On these tiny random weights a word changed for the last steps moves the image little (the run with the
+    first texts throughout is 61-78 dB from diffusers' edited one), so the bar here is 100 dB (measured: 127)."""
+    ref, pipe = sd
+    want = _diffusers_edited(ref, prompt, negative, 10)
+
+    def ours(p, n, **kw):
+        res = pipe.generate(p, n, steps=10, guidance_scale=CFG, sampler="ddim", seed=SEED, height=32, width=32,
+                            progress=False, output_type="latent", **kw)
+        return ((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1), res.parameters
+
+    got, params = ours(prompt, negative, prompt_editing=True)
+    assert psnr(got, want) >= 100 and params["prompt_editing"] is True
+    first_texts = ours(prompt_schedule(prompt, 10)[0][1], prompt_schedule(negative, 10)[0][1])[0]
+    assert psnr(first_texts, want) < 90  # the edits matter at this bar
+    assert psnr(ours(prompt, negative)[0], want) < 90  # without the flag the brackets are text
+
+
+def test_no_syntax_is_the_plain_run_and_a_row_does_not_depend_on_its_batch(sd):
+    _, pipe = sd
+    kw = dict(steps=4, guidance_scale=CFG, height=16, width=16, progress=False, output_type="latent")
+    plain = pipe.generate("a red circle", seed=3, **kw).latents
+    assert torch.equal(pipe.generate("a red circle", seed=3, prompt_editing=True, **kw).latents, plain)
+    both = pipe.generate(["a [red:blue:2] circle", "a red circle"], ["[x|y]", None], seeds=[4, 3],
+                         prompt_editing=True, **kw).latents
+    assert torch.allclose(both[1:], plain, atol=1e-5, rtol=0)
+    alone = pipe.generate("a [red:blue:2] circle", "[x|y]", seed=4, prompt_editing=True, **kw).latents
+    assert torch.allclose(both[:1], alone, atol=1e-5, rtol=0)
+
+
+def test_the_a1111_api_and_the_cli_read_prompt_editing(sd, tmp_path, capsys):
+    httpx = pytest.importorskip("httpx")
+    from imagine.cli import main
+    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+
+    _, pipe = sd
+    prompt = "a [red:blue:0.5] (circle:1.1)"
+    kw = dict(steps=4, guidance_scale=CFG, height=16, width=16, sampler="euler", seed=6, progress=False)
+    want = pipe.generate(prompt, prompt_editing=True, emphasis=True, **kw).images[0].convert("RGB").tobytes()
+    with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
+        body = {"prompt": prompt, "steps": 4, "cfg_scale": CFG, "width": 16, "height": 16, "seed": 6,
+                "sampler_name": "Euler"}
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB").tobytes() == want
+    out = tmp_path / "x.png"
+    code = main(["generate", "--model", pipe.c.source, prompt, "--prompt-editing", "--emphasis", "--steps", "4",
+                 "--guidance-scale", str(CFG), "--height", "16", "--width", "16", "--sampler", "euler", "--seed", "6",
+                 "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out).convert("RGB").tobytes() == want
