@@ -144,6 +144,30 @@ def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: 
     return rescale_guidance(classifier_free_guidance(uncond_out, cond_out, scale), cond_out, rescale)
 
 
+def instruct_pix2pix_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
+                              cond: dict[str, Any], uncond: dict[str, Any] | None, scale: float, image_scale: float,
+                              rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance on two conditions, the picture to edit c_I and the instruction c_T (Brooks et al.
+    2023, InstructPix2Pix, eq. 3):
+
+        e~ = e(z, 0, 0) + s_I (e(z, c_I, 0) - e(z, 0, 0)) + s_T (e(z, c_I, c_T) - e(z, c_I, 0)),
+
+    the picture's latents travelling in cond["concat"] (for the U-Net's extra input channels) and zeroed for
+    e(z, 0, 0). Three passes, one batch where the texts are of one length; as diffusers' pipeline, the guidance
+    runs when s_T > 1 and s_I >= 1, else the conditional pass alone."""
+    if uncond is None or not (scale > 1 and image_scale >= 1):
+        return model(x, t, **cond)
+    none = {**uncond, "concat": torch.zeros_like(uncond["concat"])}
+    parts = [cond, uncond, none]
+    if any(_lengths_differ(a, b) for a in parts for b in parts):
+        text, image, nothing = (model(x, t, **p) for p in parts)
+    else:
+        both = concat_cond(concat_cond(cond, uncond), none)
+        text, image, nothing = model(torch.cat([x] * 3), torch.cat([t] * 3), **both).chunk(3)
+    guided = nothing + scale * (text - image) + image_scale * (image - nothing)
+    return rescale_guidance(guided, text, rescale)
+
+
 # -- classifier guidance --------------------------------------------------------------------------
 def classifier_log_prob(classifier: Callable[..., torch.Tensor], labels: torch.Tensor) -> Callable:
     """Wrap a noisy classifier `classifier(x_t, t) -> logits [B, K]` into the `(x_t, t) -> log p(y | x_t) [B]`

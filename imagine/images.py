@@ -94,6 +94,7 @@ def a1111_parameters(p: dict) -> str:
     put("Schedule type", str(schedule).capitalize() if schedule else None)
     put("Schedule rho", p.get("schedule_rho"))
     put("CFG scale", p.get("guidance_scale"))
+    put("Image CFG scale", p.get("image_guidance_scale"))  # (instruct-pix2pix)
     put("Seed", p.get("seed"))
     put("Denoising strength", p.get("strength"))  # image to image, hires. fix (A1111 writes it later; order is free)
     if p.get("inpainting"):  # A1111's inpainting fields; it writes "Mask blur" only above 0, here 0 says "no blur"

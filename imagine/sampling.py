@@ -76,8 +76,10 @@ class Denoiser:
                  guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
                  classifier: Callable[..., torch.Tensor] | None = None, classifier_scale: float = 0.0,
                  classifier_form: str = "eps", thresholding: str | None = None, threshold_percentile: float = 0.995,
-                 threshold_range: float = 1.0):
+                 threshold_range: float = 1.0, guidance: Callable[..., torch.Tensor] | None = None):
         self.model, self.plan = model, plan
+        # how cond and uncond combine: classifier-free guidance, or another rule (InstructPix2Pix's three passes)
+        self.guidance = guidance or guided_model_output
         self.prediction_type = check_prediction_type(prediction_type)
         self.cond, self.uncond = cond or {}, uncond
         self.guidance_scale, self.guidance_rescale = float(guidance_scale), float(guidance_rescale)
@@ -127,8 +129,8 @@ class Denoiser:
             # counted in model evaluations where a step takes two (Heun: 2N - 1, as diffusers' doubled timesteps)
             at_step(*((self.calls, self.evaluations) if self.evaluations else (i, len(self.plan))))
         # (the conditioning of step i: prompt editing changes it during the run)
-        out = guided_model_output(self.model, x, self._t(x, i), cond_at(self.cond, i), cond_at(self.uncond, i),
-                                  self.guidance_scale, self.guidance_rescale)
+        out = self.guidance(self.model, x, self._t(x, i), cond_at(self.cond, i), cond_at(self.uncond, i),
+                            self.guidance_scale, rescale=self.guidance_rescale)
         self.calls += 1
         if out.shape != x.shape:
             if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1]:
@@ -188,6 +190,20 @@ class ConcatChannels(torch.nn.Module):
                 raise ValueError(f"{extra.shape[0]} rows of concatenated conditioning for a batch of {x.shape[0]}")
             extra = torch.cat([extra] * (x.shape[0] // extra.shape[0]))
         return self.model(torch.cat([x, extra], dim=1), t, **cond)
+
+
+class ConcatFromCond(torch.nn.Module):
+    """`model` conditioned by channel concatenation, the extra channels coming with each call's conditioning as
+    cond["concat"] [B, C', ...]: InstructPix2Pix's picture latents (Brooks et al. 2023, sec. 3.4), which its guidance
+    gives to two of its three passes and zeroes for the third (imagine.guidance.instruct_pix2pix_guidance)."""
+
+    def __init__(self, model: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.config = getattr(model, "config", None)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, concat: torch.Tensor, **cond) -> torch.Tensor:
+        return self.model(torch.cat([x, concat.to(device=x.device, dtype=x.dtype)], dim=1), t, **cond)
 
 
 def make_generators(batch: int, seeds=None, generator=None) -> torch.Generator | list[torch.Generator] | None:
@@ -281,7 +297,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            callback: Callable[[dict], None] | None = None, progress: bool = True, final_step: str = "euler",
            sampler_options: dict[str, Any] | None = None, sigma_schedule: str | None = None,
            rho: float | None = None, start: str = "noise", init: torch.Tensor | None = None, strength: float = 1.0,
-           mask: torch.Tensor | None = None,
+           mask: torch.Tensor | None = None, guidance: Callable[..., torch.Tensor] | None = None,
            dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
@@ -296,6 +312,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     eta: DDIM's eta (default 0), or the noise scale of euler_a / dpmpp_2m_sde / dpmpp_3m_sde (default 1).
     cond / uncond: keyword tensors for the model, batch-first; classifier-free guidance runs when
         guidance_scale != 1 (uncond required then) with guidance_rescale = phi of Lin et al. 2023.
+    guidance: another rule for combining them, called as guided_model_output is (e.g.
+        functools.partial(guidance.instruct_pix2pix_guidance, image_scale=1.5)).
     classifier, classifier_scale, classifier_guidance_form: classifier guidance with
         `classifier(x_t, t) -> log p(y | x_t)` [B] (see guidance.classifier_log_prob); form "eps"
         (Alg. 2, any sampler) or "mean" (Alg. 1, ddpm only).
@@ -370,7 +388,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     variance_type = schedule.variance_type
     denoise = Denoiser(model, plan, prediction_type, cond, uncond, guidance_scale, guidance_rescale, classifier,
                        classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,
-                       threshold_percentile, threshold_range)
+                       threshold_percentile, threshold_range, guidance)
     if canonical == "heun":
         denoise.evaluations = 2 * len(plan) - 1  # (its last step, to sigma = 0, is one Euler evaluation)
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}

@@ -655,25 +655,6 @@ def test_folder_without_model_index_says_what_to_pass(tmp_path):
         load_folder(tmp_path / "empty")
 
 
-@pytest.mark.parametrize("channels,what", [(8, "an instruct-pix2pix model")])
-def test_image_conditioned_unets_are_refused_at_load(tmp_path, channels, what):
-    """instruct-pix2pix (8 input channels) U-Nets need an image as input, and imagine does not run them: they
-    are refused when loaded, not halfway through a generation (inpainting models, 9, load: test_inpainting)."""
-    unet, vae, text = tiny_diffusers_parts("sd1")
-    state = compvis_checkpoint(unet, vae, text, openclip=False)
-    k = "model.diffusion_model.input_blocks.0.0.weight"
-    w = state[k]
-    state[k] = torch.cat([w, torch.zeros(w.shape[0], channels - 4, *w.shape[2:])], 1).contiguous()
-    path = tmp_path / "inpainting.safetensors"
-    from safetensors.torch import save_file
-
-    save_file(state, str(path))
-    write_clip_tokenizer(tmp_path / "tokenizer")
-    with pytest.raises(ValueError, match=rf"{what} \({channels}-channel U-Net input\); imagine runs 4-channel "
-                                         r"SD 1.x/2.x U-Nets and 9-channel inpainting ones"):
-        load_single_file(path)
-
-
 def test_unknown_layouts_name_what_was_found(tmp_path):
     unet, vae, text = tiny_diffusers_parts("sd1")
     full = compvis_checkpoint(unet, vae, text, openclip=False)

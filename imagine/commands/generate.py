@@ -83,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masked-content", default=None, choices=["original", "latent_noise", "latent_nothing"],
                    help="with --mask, below strength 1: what the part painted anew starts from, the picture "
                         "(default), the run's start noise or zeros (A1111's 'masked content')")
+    p.add_argument("--image-guidance-scale", type=float, default=None, metavar="S",
+                   help="an instruct-pix2pix model's guidance on the picture to edit (--init-image), beside "
+                        "--guidance-scale on the instruction (default 1.5; A1111's 'Image CFG scale')")
     p.add_argument("--strength", "--denoising-strength", type=float, default=None,
                    help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
                         "(default 0.75, A1111's; 1 with --mask, diffusers' inpainting default: the masked part "
@@ -416,6 +419,13 @@ def run(args) -> int:
                                                prediction_type=args.prediction_type, tokenizer=args.tokenizer,
                                                tokenizer_2=args.tokenizer_2, clip_skip=args.clip_skip)
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
+    if pipe.edits:  # instruct-pix2pix: the picture conditions every step; the run starts from noise unless
+        if args.strength is None:  # a strength is given (diffusers' pipeline)
+            picture.pop("strength", None)
+        if args.image_guidance_scale is not None:
+            picture["image_guidance_scale"] = args.image_guidance_scale
+    elif args.image_guidance_scale is not None:
+        raise ValueError("--image-guidance-scale is for instruct-pix2pix models (8-channel U-Nets); this one is not")
     height, width = args.height, args.width  # a side not given is the model's own (the pipeline's rule)
     if height is not None or width is not None:
         pipe.check_size(height or 8 * pipe.scale, width or 8 * pipe.scale)  # before the first image, not after

@@ -70,11 +70,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 IGNORED_PREFIXES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus_alphas_cumprod",
                     "posterior_", "logvar", "model_ema.", "lvlb_weights", "ucg_", "cond_stage_model.model.visual.",
                     "cond_stage_model.model.logit_scale", "cond_stage_model.model.text_projection")
-# U-Net input channels of SD's image-conditioned variants that imagine does not run (conv_in =
-# input_blocks.0.0); inpainting models (9: noisy latent, mask, masked-picture latent) load and run
-IMAGE_CONDITIONED_INPUTS = {
-    8: "an instruct-pix2pix model (8-channel U-Net input)",  # noisy latent, input-image latent
-}
 SD2_BASE_GLOBAL_STEP = 875000  # the step count stored in SD 2.0/2.1 512-base .ckpt files (epsilon)
 KNOWN_OTHER_LAYOUTS = {  # SDXL (conditioner.embedders.*) goes to imagine.loading.sdxl before these are checked
     "conditioner.embedders.": "an SDXL checkpoint (conditioner.embedders.*) without its U-Net; imagine loads whole "
@@ -331,10 +326,7 @@ def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
     conv_in = _need(unet, "input_blocks.0.0.weight", what)
     if conv_in.ndim != 4:
         raise ValueError(f"{what}: input_blocks.0.0.weight should be a conv weight; got shape {tuple(conv_in.shape)}")
-    # Image-conditioned variants imagine cannot run: refused here rather than mid-generation.
-    if conv_in.shape[1] in IMAGE_CONDITIONED_INPUTS:
-        raise ValueError(f"{what}: this is {IMAGE_CONDITIONED_INPUTS[conv_in.shape[1]]}; imagine runs 4-channel "
-                         "SD 1.x/2.x U-Nets and 9-channel inpainting ones")
+    # (its input channels: 4, or an inpainting model's 9, or instruct-pix2pix's 8: the pipeline tells them apart)
     levels: list[dict[str, Any]] = [{"channels": [], "attention": [], "depth": []}]
     n = 1
     while f"input_blocks.{n}.0.op.weight" in unet or f"input_blocks.{n}.0.in_layers.0.weight" in unet:

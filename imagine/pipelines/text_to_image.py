@@ -76,10 +76,11 @@ class TextToImagePipeline:
             raise ValueError(f"{components.source or 'this model'}: the text encoder gives {width}-wide states, the "
                              f"U-Net cross-attends to {u.cross_attention_dim}: they belong to different models")
         inputs, latent = self.unet.config.in_channels, self.latent_channels
-        if inputs not in (latent, 2 * latent + 1) or (inputs != latent and self.vae is None):
+        if inputs not in (latent, 2 * latent + 1, 2 * latent) or (inputs != latent and self.vae is None):
             raise ValueError(f"{components.source or 'this model'}: its U-Net takes {inputs} input channels; imagine "
                              f"runs U-Nets that take the {latent} channels of the noisy latents, or "
-                             f"{2 * latent + 1} (an inpainting model's: noisy latents, mask, masked-picture latents)")
+                             f"{2 * latent + 1} (an inpainting model's: noisy latents, mask, masked-picture latents), or "
+                             f"{2 * latent} (instruct-pix2pix's: noisy latents, the picture's latents)")
         self.text_encoder = components.text_encoder
         self.schedule = components.schedule
         self.prediction_type = components.prediction_type
@@ -479,7 +480,7 @@ class TextToImagePipeline:
                  controlnet_scale: float | list[float] | None = None,
                  control_guidance_start: float | list[float] | None = None,
                  control_guidance_end: float | list[float] | None = None,
-                 refiner_switch: float | None = None,
+                 refiner_switch: float | None = None, image_guidance_scale: float | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -520,7 +521,13 @@ class TextToImagePipeline:
         steps a ControlNet acts in, as diffusers (A1111's starting and ending control step).
 
         refiner_switch (with a refiner loaded, `load_refiner`): the fraction of the steps after which SDXL's refiner
-        takes over from this model (AUTOMATIC1111's "switch at", e.g. 0.8; imagine.refiner); None: no refiner."""
+        takes over from this model (AUTOMATIC1111's "switch at", e.g. 0.8; imagine.refiner); None: no refiner.
+
+        An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
+        StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
+        runs on the picture and the text (image_guidance_scale s_I, default 1.5, beside guidance_scale s_T;
+        imagine.guidance.instruct_pix2pix_guidance). It starts from noise; a strength given starts it from the
+        picture as image to image does (AUTOMATIC1111's denoising strength for such models)."""
         t0 = time.time()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -577,6 +584,20 @@ class TextToImagePipeline:
         if strength is not None and inits is None and init_latents is None:
             raise ValueError("strength is image to image's (denoising strength); give init_image (or init_latents) "
                              "with it, or leave it out for text to image")
+        edit_from_noise = self.edits and strength is None  # (instruct-pix2pix: the picture conditions, noise starts)
+        if self.edits:
+            if inits is None:
+                raise ValueError("this is an instruct-pix2pix model: it edits a picture as the prompt instructs; give "
+                                 "init_image (the picture to edit)")
+            if masks is not None:
+                raise ValueError("an instruct-pix2pix model edits the whole picture; mask_image is for inpainting")
+            image_guidance_scale = float(d.get("image_guidance_scale", 1.5) if image_guidance_scale is None
+                                         else image_guidance_scale)
+            if not math.isfinite(image_guidance_scale) or image_guidance_scale < 0:
+                raise ValueError(f"image_guidance_scale must be a finite number >= 0; got {image_guidance_scale}")
+        elif image_guidance_scale is not None:
+            raise ValueError("image_guidance_scale is for instruct-pix2pix models (8-channel U-Nets, which read the "
+                             "picture to edit); this model's U-Net does not")
         if strength is None:
             strength = 1.0 if masks is not None else 0.8  # diffusers' defaults for inpainting and image to image
         if control_image is None and not all(v is None for v in (controlnet_scale, control_guidance_start,
@@ -632,9 +653,14 @@ class TextToImagePipeline:
             init, inpaint = self._inpainting(inits, masks, shape, width, height, generators, strength, init_latents,
                                              masked_content)
         else:
-            init = None if inits is None else self.encode_images(inits, width, height, generators)
+            init = None if inits is None or edit_from_noise else self.encode_images(inits, width, height, generators)
             if init_latents is not None:
                 init = init_latents.float()
+        if self.edits:  # the picture's latents: the mode of q(z | x), unscaled, as diffusers gives them
+            picture = self._edit_latents(inits, width, height)
+            cond = _each_step(cond, lambda c: {**c, "concat": picture})
+            uncond = None if uncond is None else _each_step(uncond, lambda c: {**c, "concat": picture})
+            inpaint["image_guidance_scale"] = image_guidance_scale
         if controls:
             inpaint["controls"] = [(net, self._pixels(pictures, width, height, normalize=False), scale, window)
                                    for net, pictures, scale, window in controls]
@@ -663,6 +689,8 @@ class TextToImagePipeline:
                 for (name, _), (_, _, scale, window) in zip(self.controlnets, controls))
         if emphasis:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
+        if self.edits:
+            params["image_guidance_scale"] = image_guidance_scale  # (A1111's "Image CFG scale")
         if refine:  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
             params["refiner"] = Path(self.refiner.c.source).name
             params["refiner_switch_at"] = refiner_switch
@@ -797,6 +825,12 @@ class TextToImagePipeline:
                 for (_, net), pictures, scale, s, e in zip(self.controlnets, per_net, scales, starts, ends)]
 
     @property
+    def edits(self) -> bool:
+        """Whether the model is InstructPix2Pix's (Brooks et al. 2023): its U-Net reads the picture to edit, as
+        latents beside the noisy latents (4 + 4 = 8 input channels in SD's), and follows an instruction."""
+        return self.unet.config.in_channels == 2 * self.latent_channels
+
+    @property
     def image_conditioned(self) -> bool:
         """Whether the U-Net is an inpainting model's: it takes the mask and the masked picture's latents
         beside the noisy latents (4 + 1 + 4 = 9 input channels in SD's)."""
@@ -860,6 +894,16 @@ class TextToImagePipeline:
         return x if normalize else (x + 1) / 2
 
     @torch.no_grad()
+    def _edit_latents(self, images: list[Image.Image], width: int, height: int) -> torch.Tensor:
+        """instruct-pix2pix's picture condition: the mode of q(z | x) of each picture, not scaled (the model was
+        trained on them so, and diffusers' pipeline gives them so)."""
+        m = fast_copy(self.vae) if self.precision == "fast" else exact_copy(self.vae)
+        x = self._pixels(images, width, height).to(_weights_dtype(m))
+        if m is not self.vae:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return m.encode(x).mode().float()
+
+    @torch.no_grad()
     def _encode_pixels(self, x: torch.Tensor, generators) -> torch.Tensor:
         """Pixels [B, 3, H, W] in [-1, 1] -> scaled latents z ~ q(z | x), drawn with each image's generator."""
         from imagine.sampling import PerSampleNoise
@@ -875,8 +919,8 @@ class TextToImagePipeline:
     def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, generators, guidance_rescale, eta,
                 karras, thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
                 rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0, noise=None, mask=None,
-                concat=None, controls=None, refiner_switch=None):
-        from imagine.sampling import ConcatChannels, sample
+                concat=None, controls=None, refiner_switch=None, image_guidance_scale=None):
+        from imagine.sampling import ConcatChannels, ConcatFromCond, sample
 
         sc = self.c.scheduler_config
         kwargs = {}
@@ -887,6 +931,14 @@ class TextToImagePipeline:
         model = _Autocast(self.unet) if self.precision == "fast" else exact_copy(self.unet)
         if concat is not None:  # an inpainting model's mask and masked-picture latents
             model = ConcatChannels(model, concat)
+        guidance = None
+        if image_guidance_scale is not None:  # instruct-pix2pix: the picture's latents come with each pass's cond
+            import functools
+
+            from imagine.guidance import instruct_pix2pix_guidance
+
+            model = ConcatFromCond(model)
+            guidance = functools.partial(instruct_pix2pix_guidance, image_scale=image_guidance_scale)
         if controls:  # ControlNets (they see the noisy latents alone), each run as the U-Net is: its fast or exact copy
             from imagine.models.controlnet import Controlled
 
@@ -903,7 +955,7 @@ class TextToImagePipeline:
                       karras=bool(karras), eta=eta,
                       generator=generators, callback=callback, progress=progress, sigma_schedule=sigma_schedule,
                       final_step=final_step, sampler_options=sampler_options, rho=rho, start=start,
-                      init=init, strength=strength, mask=mask, **kwargs)
+                      init=init, strength=strength, mask=mask, guidance=guidance, **kwargs)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -177,6 +177,7 @@ class Img2ImgRequest(Txt2ImgRequest):
 
     init_images: list[str] = []
     denoising_strength: float = 0.75
+    image_cfg_scale: float | None = None  # an instruct-pix2pix model's guidance on the picture (default 1.5)
     mask: str | None = None  # base64 picture (a data: prefix allowed); "" or null: no mask
     mask_blur: int | None = None  # A1111: sets mask_blur_x and mask_blur_y both
     mask_blur_x: int = 4
@@ -489,7 +490,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
               model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None,
               clip_skip: int = 0, strength: float | None = None, hires: tuple | None = None,
               inpainting: dict | None = None, controlnets: list | None = None,
-              refiner: tuple | None = None) -> str:
+              refiner: tuple | None = None, image_cfg: float | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -503,6 +504,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                                  "hires_upscaler": HIRES_UPSCALERS[hires[3]]} if hires else {}),
                              **(inpainting or {}), "controlnet_units": controlnets or None,
                              **({"refiner": refiner[0], "refiner_switch_at": refiner[1]} if refiner else {}),
+                             "image_guidance_scale": image_cfg,
                              "version": f"imagine {version}"})
 
 
@@ -653,6 +655,20 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if isinstance(override, dict) and "emphasis" in override:
             mode = override["emphasis"]
         return str(mode) != "None"
+
+    def image_guidance(req, inits) -> float | None:
+        """img2img's image_cfg_scale for an instruct-pix2pix model (A1111's "Image CFG scale", default 1.5); None
+        for any other model (the field is then not used)."""
+        if not getattr(pipe, "edits", False):
+            return None
+        if inits is None:
+            raise ApiError(422, "this server's model is an instruct-pix2pix model: it edits a picture; use "
+                                "/sdapi/v1/img2img with init_images", "init_images")
+        v = getattr(req, "image_cfg_scale", None)
+        v = 1.5 if v is None else v
+        if not math.isfinite(v) or not 0 <= v <= 100:
+            raise ApiError(422, f"image_cfg_scale must be a finite number between 0 and 100; got {v}", "image_cfg_scale")
+        return float(v)
 
     def check_refiner(req) -> tuple[str, float] | None:
         """A1111's refiner fields -> (the loaded refiner's name, switch at) or None: `refiner_checkpoint` must name
@@ -1014,6 +1030,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
                                     emphasis=a1111_emphasis(req), long_prompts=True, prompt_editing=True,
                                     strength=None if hires else strength,
+                                    image_guidance_scale=image_guidance(req, inits),
                                     hires=hires, inpainting=inpaint is not None,
                                     loras=prompt_loras(req.prompt, req.negative_prompt),
                                     masked_content=A1111_MASKED_CONTENT.get(int(req.inpainting_fill), "original")
@@ -1035,7 +1052,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                     for u in units]
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
                                fingerprint, version, vae_name, schedule, clip_skip, strength, hires,
-                               inpaint.parameters() if inpaint is not None else None, cn_units, refiner)
+                               inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
+                               job.settings.image_guidance_scale)
                      for s in used]
         encoded = []
         if req.send_images and images:

@@ -80,6 +80,7 @@ class Settings:
     # ControlNet units (A1111's ControlNet extension): ((name of a loaded ControlNet, weight, guidance start, end),
     # ...) in order. Jobs batch only with the same units; each brings its own pictures (Job.control_images)
     controlnets: tuple = ()
+    image_guidance_scale: float | None = None  # an instruct-pix2pix model's guidance on the picture
     refiner_switch: float | None = None  # SDXL's refiner (the pipeline's, `serve --refiner`) after this fraction of steps
 
 
@@ -393,6 +394,8 @@ class ModelWorker:
                               **({"long_prompts": True} if s.long_prompts else {}),
                               **({"prompt_editing": True} if s.prompt_editing else {}),
                               **({"refiner_switch": s.refiner_switch} if s.refiner_switch else {}),
+                              **({"image_guidance_scale": s.image_guidance_scale}
+                                 if s.image_guidance_scale is not None else {}),
                               **({"init_image": inits[a:b], "strength": s.strength} if inits else {}),
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
                               **control)
