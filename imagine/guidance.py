@@ -91,18 +91,22 @@ def concat_cond(uncond: dict[str, Any], cond: dict[str, Any]) -> dict[str, Any]:
 
 
 def _with_mask(cond: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
-    """`cond` with an all-true context_mask where `other` has a mask and `cond` a context without one."""
-    context = cond.get("context")
-    if "context_mask" in cond or "context_mask" not in other or not torch.is_tensor(context) or context.ndim != 3:
-        return cond
-    return {**cond, "context_mask": torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)}
+    """`cond` with an all-true mask for each text (a key ending in "context": "context", the refiner's
+    "refiner_context") that has none where `other` has one (its key + "_mask")."""
+    out = cond
+    for key, context in cond.items():
+        mask = key + "_mask"
+        if (key.endswith("context") and mask not in cond and mask in other and torch.is_tensor(context)
+                and context.ndim == 3):
+            out = {**out, mask: torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)}
+    return out
 
 
 def _lengths_differ(uncond: dict[str, Any], cond: dict[str, Any]) -> bool:
-    """Whether a tensor of cond and its uncond differ beyond the batch dimension (texts of different lengths), so
-    that they cannot be one batch."""
-    return any(torch.is_tensor(c) and torch.is_tensor(uncond.get(k)) and c.ndim == uncond[k].ndim >= 2
-               and c.shape[1:] != uncond[k].shape[1:] for k, c in cond.items())
+    """Whether a text of cond and its uncond have different numbers of tokens ([B, L, D] tensors alike but in L),
+    so that they cannot be one batch. Any other difference is left to concat_cond, which names it."""
+    return any(torch.is_tensor(c) and torch.is_tensor(uncond.get(k)) and c.ndim == uncond[k].ndim == 3
+               and c.shape[1] != uncond[k].shape[1] and c.shape[2] == uncond[k].shape[2] for k, c in cond.items())
 
 
 def classifier_free_guidance(uncond_out: torch.Tensor, cond_out: torch.Tensor, scale: float) -> torch.Tensor:

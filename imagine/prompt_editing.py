@@ -5,7 +5,8 @@
   one a step number; either is capped at the steps.
 - `[a|b|c]` alternates, one word a step (`[cat|]`: the word every other step).
 - They nest, inside each other and inside emphasis brackets, which stay in the text for `imagine.emphasis`:
-  `(a [red:blue:0.5] ball:1.2)`. A bracket that fits none of these is text.
+  `(a [red:blue:0.5] ball:1.2)`. A bracket that fits none of these is text; a '|' outside `[a|b]` (A1111's
+  grammar has none) or a lone backslash at the end leaves the whole prompt unparsed, as A1111 leaves it.
 
 As A1111 (its `prompt_parser`): the step numbers where the text may change are collected (every `when` from 1 on,
 the run's steps, and every step when a prompt alternates); `prompt_schedule` gives, for each, the text at that step.
@@ -20,7 +21,7 @@ import re
 from dataclasses import dataclass
 
 _SPECIAL = "[]():|"
-_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*")
+_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*")  # (lark's SIGNED_NUMBER)
 
 
 @dataclass
@@ -84,8 +85,8 @@ class _Parser:
                         raise
                     self.i = start + 1  # at the top level an unclosed bracket is text, and reading goes on
                     items.append(_Text(c))
-            elif c in _SPECIAL:  # a stray closing, ':' or '|': text, as A1111 reads it at the top level
-                if stops:
+            elif c in _SPECIAL:  # a stray closing or ':' is text at the top level, as A1111 reads it; its grammar has
+                if stops or c == "|":  # no '|' outside [a|b]: such a prompt is not parsed
                     raise _Unparsable
                 items.append(_Text(c))
                 self.i += 1
@@ -129,6 +130,8 @@ class _Parser:
 
 
 def _parse(prompt: str) -> list | None:
+    if (len(prompt) - len(prompt.rstrip("\\"))) % 2:  # a lone backslash at the end escapes nothing: not parsed
+        return None
     p = _Parser(prompt)
     try:
         items = p.prompt("")

@@ -5,13 +5,14 @@ model leaves off: an ensemble of expert denoisers (Balaji et al. 2022, eDiff-I) 
 has its own text encoder (the OpenCLIP ViT-bigG tower alone, 1280 wide) and conditioning (size codes ending with
 an aesthetic score: `TextToImagePipeline.size_conditioning`).
 
-`Handoff` is that run's model: the base for the steps i of n with i / n < switch, the refiner from there on, as
-AUTOMATIC1111's "Refiner, switch at" (default 0.8) swaps the model under the sampler: the sampler's state (a
-multistep method's history) carries over. diffusers runs the two as two pipelines, the base to `denoising_end`
-and the refiner from `denoising_start` on the base's latents; with a one-step sampler (Euler, DDIM) and a switch
-where both rules cut at the same step, the two give the same image (tests/test_refiner.py). diffusers cuts at a
-timestep, (1 - switch) x 1000, and A1111 at a fraction of the steps, which differ on a schedule that is not
-uniform in t (Karras); imagine follows A1111.
+`Handoff` is that run's model: the base while the noise is high, the refiner once the step's timestep t has come
+down to where (999 - t) / 1000 >= switch (t <= 199 for the default 0.8): AUTOMATIC1111's rule for its "Refiner,
+switch at" (its default since 1.7; t is its discrete level nearest the step's, here the model's timestep rounded),
+which is also where diffusers hands over (its base runs the timesteps >= round((1 - switch) x 1000), the refiner the
+rest). A1111 swaps the model under the sampler, so the sampler's state (a multistep method's history) carries
+over, as here; diffusers runs two pipelines, the base to `denoising_end` and the refiner from `denoising_start`
+on the base's latents, which with a one-step sampler (Euler, DDIM) is the same run (tests/test_refiner.py).
+Image to image and short runs still reach the refiner: the last steps are always at low noise.
 """
 
 from __future__ import annotations
@@ -26,15 +27,22 @@ SWITCH = 0.8  # AUTOMATIC1111's default "switch at"
 
 
 def check_switch(switch) -> float:
-    """The fraction of the steps after which the refiner takes over: in (0, 1)."""
+    """The fraction of the noise levels (of 1000) after which the refiner takes over: in (0, 1] (1: never)."""
     try:
         value = float(switch)
     except (TypeError, ValueError):
         value = float("nan")
-    if isinstance(switch, bool) or not 0 < value < 1:
-        raise ValueError(f"refiner_switch must be a number in (0, 1), the fraction of the steps the base model runs "
-                         f"(AUTOMATIC1111's 'switch at', default {SWITCH}); got {switch!r}")
+    if isinstance(switch, bool) or not 0 < value <= 1:
+        raise ValueError(f"refiner_switch must be a number in (0, 1], where the refiner takes over: the fraction of "
+                         f"the noise levels done (AUTOMATIC1111's 'switch at', default {SWITCH}); got {switch!r}")
     return value
+
+
+def refines(t: torch.Tensor, switch: float) -> bool:
+    """Whether the refiner denoises at timestep t (AUTOMATIC1111's rule: (999 - t) / 1000 >= switch, t its discrete
+    level)."""
+    level = int(round(float(t.max())))
+    return (999 - level) / 1000 >= switch
 
 
 def with_refiner(cond, refiner_cond):
@@ -50,9 +58,9 @@ def with_refiner(cond, refiner_cond):
 
 
 class Handoff(nn.Module):
-    """`first` for the steps i of n with i / n < `switch`, `second` from there on, each with its own conditioning
-    (the keys under PREFIX are the second's). The sampler's denoiser tells the step through `at_step`, as it tells
-    ControlNets; a model inside that follows the step (ControlNets) is told too."""
+    """`first` while the timestep is high, `second` from where `refines(t, switch)` (each with its own conditioning:
+    the keys under PREFIX are the second's). A model inside that follows the step (ControlNets) is told it through
+    `at_step`, as the sampler's denoiser tells it. `used`: whether the second ran."""
 
     takes_guidance_half = True
 
@@ -61,21 +69,16 @@ class Handoff(nn.Module):
         self.first, self.second, self.switch = first, second, check_switch(switch)
         self.shares_guidance_batch = all(bool(getattr(m, "shares_guidance_batch", False)) for m in (first, second))
         self.config = getattr(first, "config", None)
-        self.step: tuple[int, int] | None = None
+        self.used = False
 
     def at_step(self, i: int, n: int) -> None:
-        self.step = (i, n)
         for m in (self.first, self.second):
             if hasattr(m, "at_step"):
                 m.at_step(i, n)
 
-    def refines(self) -> bool:
-        """Whether the current step is the refiner's."""
-        i, n = self.step or (0, 1)
-        return i / n >= self.switch
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, guidance_half: str | None = None, **cond) -> torch.Tensor:
-        late = self.refines()
+        late = refines(t, self.switch)
+        self.used |= late
         model = self.second if late else self.first
         own = ({k[len(PREFIX):]: v for k, v in cond.items() if k.startswith(PREFIX)} if late
                else {k: v for k, v in cond.items() if not k.startswith(PREFIX)})

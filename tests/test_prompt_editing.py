@@ -40,6 +40,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("[a:b]", 4, [(4, "[a:b]")]),  # no number: text (emphasis reads it later)
     ("(unclosed [a:b:2] end", 4, [(2, "(unclosed a end"), (4, "(unclosed b end")]),
     ("plain words, (emphasis:1.2)", 8, [(8, "plain words, (emphasis:1.2)")]),
+    # what A1111's grammar cannot parse leaves the whole prompt as written: a '|' outside [a|b], a lone final backslash
+    ("masterpiece | best, a [cat:dog:0.5]", 10, [(10, "masterpiece | best, a [cat:dog:0.5]")]),
+    ("(red|blue) [cat:dog:2]", 10, [(10, "(red|blue) [cat:dog:2]")]),
+    ("a [cat:dog:2] \\", 10, [(10, "a [cat:dog:2] \\")]),
+    ("a [cat:dog:1e1]", 10, [(10, "a cat")]),  # (an exponent is a number, and without a '.' a step: 10)
 ])
 def test_schedules_follow_a1111s_rules(prompt, steps, want):
     assert prompt_schedule(prompt, steps) == want

@@ -110,8 +110,9 @@ def test_base_then_refiner_is_diffusers_ensemble_of_experts(models):
     assert psnr(alone, want) < 50 and "refiner" not in pipe.generate(PROMPT, NEGATIVE, **kw).parameters
 
 
-def test_the_handoff_switches_at_a1111s_step_and_carries_the_samplers_state():
-    """The steps i of n with i / n >= switch are the refiner's, each model with its own conditioning keys."""
+def test_the_handoff_follows_a1111s_timestep_rule():
+    """The refiner denoises where (999 - t) / 1000 >= switch (AUTOMATIC1111's rule, t <= 249 for 0.75), each model
+    with its own conditioning keys."""
     seen = []
 
     def model(name):
@@ -119,15 +120,87 @@ def test_the_handoff_switches_at_a1111s_step_and_carries_the_samplers_state():
 
     h = Handoff(model("base"), model("refiner"), 0.75)
     x = torch.zeros(1, 1)
-    for i in range(8):
-        h.at_step(i, 8)
-        h(x, torch.zeros(1), context=x, refiner_context=x, refiner_time_ids=x)
-    assert [s[0] for s in seen] == ["base"] * 6 + ["refiner"] * 2
+    for t in (999.0, 749.0, 250.0, 249.4, 249.0, 100.0, 1.0):
+        h(x, torch.tensor([t]), context=x, refiner_context=x, refiner_time_ids=x)
+    assert [s[0] for s in seen] == ["base"] * 3 + ["refiner"] * 4 and h.used
     assert seen[0][1] == ["context"] and seen[-1][1] == ["context", "time_ids"]
-    with pytest.raises(ValueError, match=r"refiner_switch must be a number in \(0, 1\)"):
-        Handoff(model("a"), model("b"), 1.0)
+    with pytest.raises(ValueError, match=r"refiner_switch must be a number in \(0, 1\]"):
+        Handoff(model("a"), model("b"), 1.5)
 
 
+def test_karras_noise_levels_switch_at_the_timestep_as_diffusers(models):
+    """Euler on Karras noise levels (a one-step sampler: diffusers' two pipelines are one run): the refiner takes
+    the steps below t = 200, where diffusers' ensemble hands over, not the last fifth of the steps (here 4 of the
+    10 steps are below t = 200, where the steps' rule would give the refiner 2). 50 dB."""
+    base, ref, root = models
+    from diffusers import EulerDiscreteScheduler
+
+    for p in (base, ref):
+        p.scheduler = EulerDiscreteScheduler.from_config(p.scheduler.config, use_karras_sigmas=True)
+    try:
+        want = _diffusers_ensemble(base, ref, 10, 0.8)
+        levels = base.scheduler.timesteps
+        assert int((levels < 200).sum()) == 4 and not bool(((levels >= 199.5) & (levels < 200)).any())
+    finally:
+        for p in (base, ref):
+            p.scheduler = make_scheduler("euler")
+    pipe = TextToImagePipeline.from_pretrained(root / "base", refiner=root / "refiner")
+    res = pipe.generate(PROMPT, NEGATIVE, refiner_switch=0.8, sigma_schedule="karras", steps=10, guidance_scale=CFG,
+                        seed=SEED, height=SIZE, width=SIZE, progress=False, output_type="latent")
+    assert psnr(_image(pipe, res), want) >= 50
+
+
+def test_image_to_image_hires_and_lora_tags_with_a_refiner(models, tmp_path):
+    """A short image-to-image run still reaches the refiner (its last steps are at low noise); hires. fix runs it in
+    the second pass only (A1111's default); a LoRA tag (the base's) does not trouble the refiner; the refiner shares
+    the base's VAE and, its weights being equal, its bigG tower."""
+    _, _, root = models
+    pipe = TextToImagePipeline.from_pretrained(root / "base", refiner=root / "refiner")
+    assert pipe.refiner.vae is pipe.vae and pipe.refiner.text_encoder.towers[0] is pipe.text_encoder.towers[1]
+    kw = dict(guidance_scale=CFG, seed=SEED, progress=False, output_type="latent")
+    res = pipe.generate(PROMPT, init_image=_picture(), strength=0.3, steps=10, refiner_switch=0.8, **kw)
+    plain = pipe.generate(PROMPT, init_image=_picture(), strength=0.3, steps=10, **kw)
+    assert res.parameters["refiner"] == "refiner" and not torch.equal(res.latents, plain.latents)
+    from imagine.pipelines.text_to_image import exact_copy
+
+    calls = []
+    unet = exact_copy(pipe.refiner.unet)  # (the copy the exact mode runs)
+    hook = unet.register_forward_hook(lambda m, a, out: calls.append(tuple(a[0].shape[-2:])))
+    try:
+        pipe.generate_hires(PROMPT, hires_scale=2.0, steps=6, refiner_switch=0.8, height=16, width=16, **kw)
+    finally:
+        hook.remove()
+    assert calls and set(calls) == {(16, 16)}  # the large pass's 16 x 16 latents only (the small pass is 8 x 8)
+    from safetensors.torch import save_file
+    from test_sdxl_lora import _kohya_sdxl_lora
+
+    base, _, _ = models
+    (tmp_path / "loras").mkdir()
+    save_file(_kohya_sdxl_lora(base), str(tmp_path / "loras" / "xl_style.safetensors"))
+    pipe.lora_dir = tmp_path / "loras"
+    tagged = pipe.generate("<lora:xl_style:0.7> " + PROMPT, steps=4, refiner_switch=0.8, height=16, width=16, **kw)
+    assert tagged.parameters["lora"] == "xl_style: 0.7" and tagged.parameters["refiner"] == "refiner"
+
+
+def test_an_empty_negative_is_zeros_for_the_refiner_where_the_base_zeros_it(models):
+    """AUTOMATIC1111 zeros an empty negative prompt for every SDXL model, the refiner included: in a handoff the
+    refiner's unconditional text follows the base's rule (its own, used alone, encodes "", as diffusers' refiner
+    pipeline does)."""
+    _, _, root = models
+    pipe = TextToImagePipeline.from_pretrained(root / "base", refiner=root / "refiner")
+    _, alone = pipe.refiner.conditioning([PROMPT], [None], SIZE, SIZE)
+    assert float(alone["context"].abs().max()) > 0
+    from imagine.pipelines.text_to_image import exact_copy
+
+    seen = []
+    hook = exact_copy(pipe.refiner.unet).register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["context"].clone()), with_kwargs=True)
+    try:
+        pipe.generate(PROMPT, steps=3, refiner_switch=0.5, height=16, width=16, guidance_scale=CFG, seed=1,
+                      progress=False, output_type="latent")
+    finally:
+        hook.remove()
+    assert seen and all(float(c[0].abs().max()) == 0 for c in seen)  # [uncond; cond]: the uncond half is zeros
 def write_refiner_single_file(path: Path, ref) -> None:
     """The refiner in sgm's names: SD's U-Net and VAE maps plus label_emb, bigG as conditioner.embedders.0.model."""
     from safetensors.torch import save_file
@@ -169,7 +242,7 @@ def test_bad_refiner_use_is_a_clear_error(models, tmp_path):
     with pytest.raises(ValueError, match="refiner_switch needs a refiner: load one first"):
         pipe.generate(PROMPT, refiner_switch=0.8, steps=2, progress=False)
     pipe.load_refiner(root / "refiner")
-    with pytest.raises(ValueError, match=r"refiner_switch must be a number in \(0, 1\).*got 1.5"):
+    with pytest.raises(ValueError, match=r"refiner_switch must be a number in \(0, 1\].*got 1.5"):
         pipe.generate(PROMPT, refiner_switch=1.5, steps=2, progress=False)
     v = TextToImagePipeline.from_pretrained(root / "refiner")
     v.prediction_type = "v_prediction"  # (a refiner trained for v-prediction)
@@ -213,8 +286,8 @@ def test_the_cli_and_the_a1111_api_run_the_refiner(models, tmp_path, capsys):
         assert "Refiner: refiner, Refiner switch at: 0.6" in info["infotexts"][0]
         r = post(refiner_checkpoint="other_refiner")
         assert r.status_code == 422 and "valid: 'refiner'" in r.text
-        r = post(refiner_checkpoint="refiner", refiner_switch_at=1.0)
-        assert r.status_code == 422 and "refiner_switch_at must be in (0, 1)" in r.text
+        r = post(refiner_checkpoint="refiner", refiner_switch_at=1.5)
+        assert r.status_code == 422 and "refiner_switch_at must be in (0, 1]" in r.text
 
 
 # stabilityai/stable-diffusion-xl-refiner-1.0's unet/config.json (sgm's sd_xl_refiner.yaml: 384 channels, x1 x2 x4
@@ -253,3 +326,18 @@ def test_the_full_size_refiner_layout_loads_on_the_meta_device(tmp_path, monkeyp
     assert {k: v.shape for k, v in c.unet.state_dict().items()} == {k: v.shape for k, v in unet.state_dict().items()}
     assert sum(p.numel() for p in c.unet.parameters()) == sum(p.numel() for p in unet.parameters())  # 2.26 B
     assert c.text_encoder.dim == 1280 and c.text_encoder.pooled_dim == 1280 and len(c.text_encoder.towers) == 1
+
+
+def test_long_prompts_and_prompt_editing_reach_the_refiner(models):
+    """A long prompt with an edit and a long negative (the A1111 API reads both): the refiner's texts are read in
+    chunks too, with the masks the batch needs; each row is its run alone."""
+    from test_long_prompts import LONG, NEGATIVE_LONG
+
+    _, _, root = models
+    pipe = TextToImagePipeline.from_pretrained(root / "base", refiner=root / "refiner")
+    kw = dict(steps=4, refiner_switch=0.5, height=16, width=16, guidance_scale=CFG, progress=False,
+              output_type="latent", long_prompts=True, prompt_editing=True)
+    both = pipe.generate([f"[red:{LONG}:2]", "a red circle"], [NEGATIVE_LONG, NEGATIVE_LONG], seeds=[1, 2], **kw)
+    alone = pipe.generate("a red circle", NEGATIVE_LONG, seeds=[2], **kw)
+    assert both.parameters["refiner"] == "refiner"
+    assert torch.allclose(both.latents[1:], alone.latents, atol=1e-4, rtol=0)

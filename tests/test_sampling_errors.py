@@ -96,6 +96,9 @@ def test_cond_batch_must_match():
 
     with pytest.raises(ValueError, match="differ beyond the batch dimension"):
         concat_cond({"context": torch.zeros(2, 5, 8)}, {"context": torch.zeros(2, 7, 8)})
+    with pytest.raises(ValueError, match="differ beyond the batch dimension"):  # another width: a mistake, said
+        run(model=lambda x, t, context: x, cond={"context": torch.zeros(2, 7, 8)},
+            uncond={"context": torch.zeros(2, 7, 6)}, guidance_scale=5.0)
     with pytest.raises(ValueError, match="same keys"):
         run(model=lambda x, t, **c: x, cond={"context": torch.zeros(2, 7, 8)},
             uncond={"context": torch.zeros(2, 7, 8), "mask": torch.ones(2, 7)}, guidance_scale=5.0)

@@ -85,6 +85,13 @@ class TextToImagePipeline:
         self.schedule = components.schedule
         self.prediction_type = components.prediction_type
         self.defaults = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m", **components.defaults}
+        pooled = getattr(components.text_encoder, "pooled_dim", None)
+        if u.addition_embed_type == "text_time" and pooled and "aesthetic_score" not in self.defaults and (
+                u.projection_class_embeddings_input_dim - pooled == 5 * u.addition_time_embed_dim):
+            from imagine.loading.folder import AESTHETIC_SCORES
+
+            # five size codes: SDXL's refiner (its last is the aesthetic score), whatever its folder's config says
+            self.defaults["aesthetic_score"] = AESTHETIC_SCORES
         self.loras: list[tuple[str, float]] = []  # (name, strength) of the LoRAs merged, in order
         # AUTOMATIC1111's LoRAs per prompt (<lora:name:s> of a file in lora_dir): merged for the prompts that ask
         # for them, the weights they change kept to be put back exactly (set_request_loras)
@@ -177,6 +184,12 @@ class TextToImagePipeline:
             raise ValueError(f"{where}: its noise schedule or prediction ({refiner.prediction_type}) is not this "
                              f"model's ({self.prediction_type}); a refiner continues the base model's run, so they "
                              "must share both")
+        # The refiner decodes nothing (this model's VAE does), and SDXL's refiner reads the prompt with the base's own
+        # bigG tower: a copy of equal weights is dropped for this model's (2.8 GB at full size in float32)
+        refiner.vae = self.vae
+        own, theirs = getattr(self.text_encoder, "towers", [None])[-1], refiner.text_encoder
+        if own is not None and len(getattr(theirs, "towers", ())) == 1 and _same_weights(own, theirs.towers[0]):
+            theirs.towers[0] = own
         self.refiner = refiner
         return refiner
 
@@ -387,17 +400,19 @@ class TextToImagePipeline:
     @torch.no_grad()
     def conditioning(self, prompts: list[str], negatives: list[str | None], height: int, width: int,
                      guided: bool = True, emphasis: bool = False, long_prompts: bool = False,
-                     editing_steps: int | None = None):
+                     editing_steps: int | None = None, zero_empty: bool | None = None):
         """(cond, uncond) for the U-Net: the prompts' and negative prompts' encodings (uncond None when not
         `guided`) with SDXL's size codes. A negative prompt None is not given: "" encoded, or zeros where the
         model says so (SDXL's force_zeros_for_empty_prompt). `editing_steps`: read AUTOMATIC1111's prompt editing
         over a run of that many steps (imagine.prompt_editing); where a text changes, that side is a
-        StepConditioning (imagine.guidance)."""
+        StepConditioning (imagine.guidance). `zero_empty`: whether a negative prompt not given is zeros (None: the
+        model's own rule)."""
         d = self.defaults
+        zero_empty = bool(d.get("zero_empty_negative")) if zero_empty is None else zero_empty
         cond = self._encode_texts([self._without_lora_tags(p) for p in prompts], emphasis, long_prompts, editing_steps)
         uncond = None
         if guided:
-            zero = [n is None and bool(d.get("zero_empty_negative")) for n in negatives]
+            zero = [n is None and zero_empty for n in negatives]
             if all(zero):  # SDXL's force_zeros_for_empty_prompt: no negative prompt is all zeros
                 uncond = self.text_encoder.zeros(len(prompts)).as_cond()
             else:
@@ -643,9 +658,14 @@ class TextToImagePipeline:
         editing = steps if prompt_editing else None
         cond, uncond = self.conditioning(prompts, negatives, height, width, guidance_scale != 1.0, emphasis,
                                          long_prompts, editing)
-        if refine:  # the refiner reads the prompts with its own text encoder and size codes
-            cond, uncond = (with_refiner(c, r) for c, r in zip((cond, uncond), self.refiner.conditioning(
-                prompts, negatives, height, width, guidance_scale != 1.0, emphasis, long_prompts, editing)))
+        if refine:  # the refiner reads the prompts with its own text encoder and size codes; the LoRA tags (this
+            # model's) are taken out first, and a negative prompt not given is zeros where this model zeros it (A1111
+            # zeros an empty negative prompt for every SDXL model, the refiner too)
+            refined = self.refiner.conditioning(
+                [self._without_lora_tags(p) for p in prompts],
+                [None if n is None else self._without_lora_tags(n) for n in negatives], height, width,
+                guidance_scale != 1.0, emphasis, long_prompts, editing, zero_empty=bool(d.get("zero_empty_negative")))
+            cond, uncond = (with_refiner(c, r) for c, r in zip((cond, uncond), refined))
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
         generators = make_generators(len(prompts), seeds)
         inpaint = {}
@@ -664,6 +684,7 @@ class TextToImagePipeline:
         if controls:
             inpaint["controls"] = [(net, self._pixels(pictures, width, height, normalize=False), scale, window)
                                    for net, pictures, scale, window in controls]
+        report: dict = {}
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                generators=generators, init=init, strength=strength, **inpaint,
                                guidance_rescale=guidance_rescale, eta=eta, karras=karras,
@@ -671,7 +692,7 @@ class TextToImagePipeline:
                                progress=progress,
                                sigma_schedule=sigma_schedule, final_step=final_step,
                                sampler_options=sampler_options, rho=rho, start=start,
-                               refiner_switch=refiner_switch if refine else None)
+                               refiner_switch=refiner_switch if refine else None, report=report)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__}
@@ -691,7 +712,7 @@ class TextToImagePipeline:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
         if self.edits:
             params["image_guidance_scale"] = image_guidance_scale  # (A1111's "Image CFG scale")
-        if refine:  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
+        if refine and report.get("refined"):  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
             params["refiner"] = Path(self.refiner.c.source).name
             params["refiner_switch_at"] = refiner_switch
         if prompt_editing:
@@ -745,8 +766,10 @@ class TextToImagePipeline:
         upscaler = str(hires_upscaler).lower()
         if upscaler not in HIRES_UPSCALERS:
             raise ValueError(f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)}; got {hires_upscaler!r}")
+        # (a refiner runs in the second pass only: AUTOMATIC1111's default "hires_fix_refiner_pass")
         first = self.generate(prompt, negative_prompt, callback=callback, progress=progress,
-                              output_type="pil" if upscaler == "lanczos" else "latent", **kw)
+                              output_type="pil" if upscaler == "lanczos" else "latent",
+                              **{k: v for k, v in kw.items() if k != "refiner_switch"})
         p = first.parameters
         f = self.scale
         height, width = self.hires_size(p["height"], p["width"], hires_scale)
@@ -919,7 +942,7 @@ class TextToImagePipeline:
     def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, generators, guidance_rescale, eta,
                 karras, thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
                 rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0, noise=None, mask=None,
-                concat=None, controls=None, refiner_switch=None, image_guidance_scale=None):
+                concat=None, controls=None, refiner_switch=None, image_guidance_scale=None, report=None):
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
 
         sc = self.c.scheduler_config
@@ -948,14 +971,17 @@ class TextToImagePipeline:
             from imagine.refiner import Handoff
 
             r = self.refiner.unet
-            model = Handoff(model, _Autocast(r) if self.precision == "fast" else exact_copy(r), refiner_switch)
-        return sample(model, shape if noise is None else noise, schedule=self.schedule, prediction_type=self.prediction_type, sampler=sampler,
+            model = handoff = Handoff(model, _Autocast(r) if self.precision == "fast" else exact_copy(r), refiner_switch)
+        latents = sample(model, shape if noise is None else noise, schedule=self.schedule, prediction_type=self.prediction_type, sampler=sampler,
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, thresholding=thresholding, threshold_range=threshold_range,
                       karras=bool(karras), eta=eta,
                       generator=generators, callback=callback, progress=progress, sigma_schedule=sigma_schedule,
                       final_step=final_step, sampler_options=sampler_options, rho=rho, start=start,
                       init=init, strength=strength, mask=mask, guidance=guidance, **kwargs)
+        if report is not None and refiner_switch is not None:
+            report["refined"] = handoff.used  # (whether some step was the refiner's)
+        return latents
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -985,6 +1011,13 @@ def _weights_stamp(module: torch.nn.Module) -> tuple:
 
 
 _EXACT_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two modules hold the same tensors, name for name, value for value."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _each_step(cond, f):

@@ -689,9 +689,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, "an inpainting model's U-Net takes the mask at every step and the refiner would not: "
                                 "no refiner with this model", "refiner_checkpoint")
         switch = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at
-        if not isinstance(switch, (int, float)) or not 0 < switch < 1:
-            raise ApiError(422, f"refiner_switch_at must be in (0, 1), the fraction of the steps before the refiner "
-                                f"takes over; got {switch!r}", "refiner_switch_at")
+        if not isinstance(switch, (int, float)) or not 0 < switch <= 1:
+            raise ApiError(422, f"refiner_switch_at must be in (0, 1], the fraction of the noise levels done when the "
+                                f"refiner takes over (1: never); got {switch!r}", "refiner_switch_at")
         return stem, float(switch)
 
     def check_guidance(field: str, v: float) -> None:
