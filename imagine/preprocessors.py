@@ -22,10 +22,12 @@ from PIL import Image
 
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 # AUTOMATIC1111 ControlNet extension's names for them (its API takes the label or the index)
-A1111_RESIZE_MODES = {"just resize": "just_resize", "envelope (outer fit)": "just_resize",
-                      "crop and resize": "crop_and_resize", "inner fit (scale to fit)": "crop_and_resize",
+A1111_RESIZE_MODES = {"just resize": "just_resize", "crop and resize": "crop_and_resize",
+                      "inner fit (scale to fit)": "crop_and_resize", "scale to fit (inner fit)": "crop_and_resize",
                       "resize and fill": "resize_and_fill", "outer fit (shrink to fit)": "resize_and_fill",
-                      "0": "just_resize", "1": "crop_and_resize", "2": "resize_and_fill"}
+                      "envelope (outer fit)": "resize_and_fill",
+                      "0": "just_resize", "1": "crop_and_resize", "2": "resize_and_fill", "3": "just_resize"}
+MAX_PIXELS = 4096 * 4096  # the largest picture a preprocessor works on (a thin picture grows along its long side)
 TG22 = int(0.4142135623730950488016887242097 * (1 << 15) + 0.5)  # tan(22.5 deg) in OpenCV's 15-bit fixed point
 
 
@@ -96,12 +98,23 @@ def hwc3(picture: Image.Image) -> np.ndarray:
     return np.asarray(picture.convert("RGB"))
 
 
+def _scaled_size(h: int, w: int, resolution: int) -> tuple[int, int]:
+    """(width, height) of a picture scaled so that its short side is `resolution`; ValueError past MAX_PIXELS."""
+    k = resolution / min(h, w)
+    size = (max(1, int(np.round(w * k))), max(1, int(np.round(h * k))))
+    if size[0] * size[1] > MAX_PIXELS:
+        raise ValueError(f"a {w}x{h} picture at resolution {resolution} (its short side) would be {size[0]}x{size[1]}; "
+                         f"the preprocessors work on at most {MAX_PIXELS} pixels: give a lower resolution or a less "
+                         "elongated picture")
+    return size
+
+
 def _at_resolution(x: np.ndarray, resolution: int) -> np.ndarray:
     """The picture scaled so that its short side is `resolution` (bicubic up, area down, as the extension's
     cv2 INTER_CUBIC / INTER_AREA), then padded with its edge to a multiple of 64 at the bottom and right."""
     h, w = x.shape[:2]
     k = resolution / min(h, w)
-    size = (int(np.round(w * k)), int(np.round(h * k)))
+    size = _scaled_size(h, w, resolution)
     if size != (w, h):
         x = np.asarray(Image.fromarray(x).resize(size, Image.BICUBIC if k > 1 else Image.BOX))
     pad = [(0, -n % 64) for n in x.shape[:2]] + [(0, 0)] * (x.ndim - 2)
@@ -112,9 +125,7 @@ def canny(picture: Image.Image, low: float = 100, high: float = 200, resolution:
     """The extension's "canny": the picture at `resolution` (short side), its Canny edges (`canny_edges`), as an RGB
     picture of that size (the padding taken off)."""
     x = hwc3(picture)
-    h, w = x.shape[:2]
-    k = resolution / min(h, w)
-    size = (int(np.round(w * k)), int(np.round(h * k)))
+    size = _scaled_size(*x.shape[:2], resolution)
     edges = canny_edges(_at_resolution(x, resolution), low, high)[: size[1], : size[0]]
     return Image.fromarray(np.repeat(edges[..., None], 3, axis=2))
 
@@ -205,7 +216,7 @@ def fit(picture: Image.Image, width: int, height: int, mode: str = "just_resize"
     if mode == "just_resize":
         return Image.fromarray(resize(x, (width, height)))
     k = (max if mode == "crop_and_resize" else min)(height / h0, width / w0)
-    nw, nh = int(np.round(w0 * k)), int(np.round(h0 * k))
+    nw, nh = max(1, int(np.round(w0 * k))), max(1, int(np.round(h0 * k)))
     scaled = resize(x, (nw, nh))
     if mode == "crop_and_resize":
         top, left = max(0, (nh - height) // 2), max(0, (nw - width) // 2)

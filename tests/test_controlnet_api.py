@@ -257,6 +257,15 @@ def test_img2img_unit_without_a_picture_reads_the_init_image(server, models):
     want = pipe.generate("a red circle", init_image=picture, strength=0.7, control_image=_edges(), seed=14,
                          emphasis=True, progress=False, **KW).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
+    # a picture of another shape: the unit reads it stretched to the image's size, as the init picture is (img2img's
+    # "Just resize"), not by the unit's resize mode, so that map and picture line up
+    wide = _picture(seed=2).resize((2 * SIZE, SIZE))
+    r = _post(server, "img2img", seed=14, init_images=[_b64(wide)], width=SIZE, height=SIZE, denoising_strength=0.7,
+              **_units(_unit("edges", weight=0.9)))
+    assert r.status_code == 200, r.text
+    want = pipe.generate("a red circle", init_image=wide, strength=0.7, control_image=wide, controlnet_scale=0.9,
+                         seed=14, height=SIZE, width=SIZE, emphasis=True, progress=False, **KW).images[0]
+    assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
 
 
 def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
@@ -269,8 +278,8 @@ def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
     r = _post(server, seed=15, width=16, height=16, enable_hr=True, hr_scale=2, denoising_strength=0.6,
               **_units(_unit("edges", _edges())))
     assert r.status_code == 200, r.text
-    # the map fitted to the large size (the extension's default "Crop and Resize"; here the same size)
-    want = pipe.generate_hires("a red circle", control_image=fit(_edges(), 32, 32, "crop_and_resize"), seed=15,
+    # the map fitted to the first pass's size (the extension's default "Crop and Resize"), scaled up for the second
+    want = pipe.generate_hires("a red circle", control_image=fit(_edges(), 16, 16, "crop_and_resize"), seed=15,
                                height=16, width=16, hires_scale=2.0,
                                hires_strength=0.6, emphasis=True, progress=False, **KW).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
@@ -286,6 +295,14 @@ def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
     control = fit(_edges(size=2 * SIZE), SIZE, SIZE, "crop_and_resize").crop(box)
     result = pipe.generate("a red circle", init_image=inp.inits[0], mask_image=inp.masks[0], control_image=control,
                            strength=0.75, seed=16, height=16, width=16, emphasis=True, progress=False, **KW).images[0]
+    assert _image(r.json()["images"][0]).tobytes() == inp.finish(result, 0).tobytes()
+    # a unit without a picture reads the init picture, cut to the same crop (once: the crop is not cut again)
+    r = _post(server, "img2img", seed=16, init_images=[_b64(picture)], mask=_b64(mask), width=16, height=16,
+              **_units(_unit("edges")))
+    assert r.status_code == 200, r.text
+    result = pipe.generate("a red circle", init_image=inp.inits[0], mask_image=inp.masks[0],
+                           control_image=picture.crop(box), strength=0.75, seed=16, height=16, width=16, emphasis=True,
+                           progress=False, **KW).images[0]
     assert _image(r.json()["images"][0]).tobytes() == inp.finish(result, 0).tobytes()
 
 

@@ -101,6 +101,15 @@ def test_fit_follows_the_extensions_resize_modes():
     assert pp.pixel_perfect_resolution(src, 64, 64, "resize_and_fill") == 32  # 0.64 x 50
     with pytest.raises(ValueError, match="resize mode must be one of just_resize, crop_and_resize, resize_and_fill"):
         pp.fit(src, 8, 8, "stretch")
+    # extreme shapes: a 400 x 2 strip fits (at least a pixel high); a 2048 x 8 one at resolution 512 would be a
+    # 131072 x 512 picture: refused by name, not run
+    strip = Image.new("RGB", (400, 2), (200, 10, 10))
+    assert pp.fit(strip, 32, 32, "resize_and_fill").size == (32, 32)
+    with pytest.raises(ValueError, match="a 2048x8 picture at resolution 512 .* would be 131072x512"):
+        pp.preprocess("canny", Image.new("RGB", (2048, 8)), 512)
+    labels = {k: pp.A1111_RESIZE_MODES[k] for k in ("envelope (outer fit)", "scale to fit (inner fit)", "3")}
+    assert labels == {"envelope (outer fit)": "resize_and_fill", "scale to fit (inner fit)": "crop_and_resize",
+                      "3": "just_resize"}
 
 
 def _b64(im: Image.Image) -> str:
@@ -155,6 +164,9 @@ def test_the_server_runs_the_units_preprocessor_and_detect(tmp_path):
         assert r.status_code == 200 and r.json()["info"] == "Success"
         detected = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
         assert detected.convert("RGB").tobytes() == pp.canny(photo, 60, 120, resolution=64).tobytes()
+        thin = {**unit, "image": _b64(Image.new("RGB", (2048, 8))), "pixel_perfect": False}
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [thin]}}})
+        assert r.status_code == 422 and "would be 131072x512" in r.text
         r = httpx.post(f"{srv.url}/controlnet/detect", json={"controlnet_module": "depth_midas",
                                                               "controlnet_input_images": [_b64(photo)]})
         assert r.status_code == 422 and "not one imagine runs" in r.text

@@ -315,10 +315,12 @@ def prepare_control_maps(pictures: list, preps: list[tuple[str, float, float]], 
 
     maps, used = [], []
     for picture, (name, a, b) in zip(pictures, preps):
-        res = resolution if resolution is not None else pp.pixel_perfect_resolution(picture, width, height, mode)
+        res = resolution if resolution is not None else max(1, pp.pixel_perfect_resolution(picture, width, height,
+                                                                                            mode))
         kw = pp.settings(name, res, a, b, free_resolution=True)  # (checked: --control-resolution, or pixel perfect)
         maps.append(pp.fit(pp.preprocess(name, picture, res, a, b, free_resolution=True), width, height, mode))
-        used.append((name, mode, kw.get("resolution"), kw.get("low"), kw.get("high"), resolution is None))
+        used.append((name, mode, kw.get("resolution"), kw.get("low"), kw.get("high"),
+                     resolution is None and "resolution" in kw))  # (pixel perfect: for a preprocessor that scales)
     return maps, used
 
 

@@ -197,8 +197,9 @@ INPAINTING_FIELDS = ("mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill
 MAX_MASK_BLUR = 256  # pixels (A1111's slider stops at 64; its API has no limit)
 
 
-def _decode_image(data: str, field: str):
-    """A base64 picture (A1111 clients may prefix it with data:image/png;base64,) -> RGB PIL image, or 422."""
+def _decode_image(data: str, field: str, rgb: bool = True):
+    """A base64 picture (A1111 clients may prefix it with data:image/png;base64,) -> RGB PIL image (`rgb` False: as
+    stored, its transparency kept for a ControlNet preprocessor), or 422."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(data, str):
@@ -206,7 +207,8 @@ def _decode_image(data: str, field: str):
     raw = data.split(",", 1)[1] if data.startswith("data:") else data
     try:
         with Image.open(io.BytesIO(base64.b64decode(raw, validate=False))) as im:
-            return im.convert("RGB")
+            return im.convert("RGB") if rgb else (im.copy() if im.mode in ("RGB", "RGBA", "LA", "L", "P")
+                                                  else im.convert("RGBA"))
     except (ValueError, UnidentifiedImageError, OSError) as e:
         raise ApiError(422, f"{field}: not a base64 image Pillow can read ({type(e).__name__})", field) from None
 
@@ -841,37 +843,43 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     def control_pictures(units: list[dict], pictures: list, n: int, starts: list | None,
                          inpaint: "_Inpainting | None", width: int, height: int) -> list[list]:
-        """Per unit, its map for each of the n images: the unit's own picture (else, in img2img, the picture the
-        image starts from, as the extension takes the init image) through the unit's preprocessor, fitted to the
-        image's size by its resize mode (for "Only masked" inpainting to the init picture's size, then cut to the
-        same crop, as the extension crops it). Each unit records the settings used (its infotext)."""
+        """Per unit, its map for each of the n images: the unit's own picture through its preprocessor, fitted to
+        the image's size by its resize mode; a unit without a picture (img2img) reads the picture the image starts
+        from, as the extension takes the init image, stretched as the init picture is (img2img's "Just resize").
+        For "Only masked" inpainting the map is made at the init picture's size and cut to the same crop, as the
+        extension crops it. Each unit records the settings of its first map (its infotext)."""
         out = []
         for unit, picture in zip(units, pictures):
-            made: dict[int, object] = {}
+            made: dict[tuple, object] = {}
 
-            def prepared(source, size):
+            def prepared(source, size, mode):
                 """The preprocessed map of `source` fitted to `size` (made once per picture and size)."""
-                key = (id(source), size)
+                key = (id(source), size, mode)
                 if key not in made:
-                    res = unit["processor_res"]
-                    if unit["pixel_perfect"]:
-                        res = preprocessors.pixel_perfect_resolution(source, *size, unit["resize"])
-                    free = unit["pixel_perfect"]  # (its resolution is not held to the slider's range)
-                    unit["settings"] = preprocessors.settings(unit["module"], res, unit["threshold_a"],
-                                                              unit["threshold_b"], free)
-                    m = preprocessors.preprocess(unit["module"], source, res, unit["threshold_a"], unit["threshold_b"],
-                                                 free)
-                    made[key] = preprocessors.fit(m, *size, unit["resize"])
+                    res, free = unit["processor_res"], False
+                    if unit["pixel_perfect"]:  # (its resolution is not held to the slider's range)
+                        res, free = max(1, preprocessors.pixel_perfect_resolution(source, *size, mode)), True
+                    used = preprocessors.settings(unit["module"], res, unit["threshold_a"], unit["threshold_b"], free)
+                    unit.setdefault("settings", used)
+                    try:
+                        m = preprocessors.preprocess(unit["module"], source, res, unit["threshold_a"],
+                                                     unit["threshold_b"], free)
+                    except ValueError as e:
+                        raise ApiError(422, f"{unit['field']}: {e}", unit["field"]) from None
+                    made[key] = preprocessors.fit(m, *size, mode)
                 return made[key]
 
             per_image = []
             for i in range(n):
-                source = picture if picture is not None else starts[i % len(starts)]
-                if inpaint is not None and inpaint.boxes[i % len(inpaint.boxes)] is not None:
-                    k = i % len(inpaint.boxes)
-                    per_image.append(prepared(source, inpaint.originals[k].size).crop(inpaint.boxes[k]))
+                own = picture is not None
+                k = i % len(inpaint.boxes) if inpaint is not None else None
+                if inpaint is not None and inpaint.boxes[k] is not None:
+                    source = picture if own else inpaint.originals[k]
+                    mode = unit["resize"] if own else "just_resize"
+                    per_image.append(prepared(source, inpaint.originals[k].size, mode).crop(inpaint.boxes[k]))
                 else:
-                    per_image.append(prepared(source, (width, height)))
+                    source = picture if own else starts[i % len(starts)]
+                    per_image.append(prepared(source, (width, height), unit["resize"] if own else "just_resize"))
             out.append(per_image)
         return out
 
@@ -1013,17 +1021,16 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
         units, unit_ignored = check_controlnet(req, inits is not None)
         unit_pictures = await run_in_threadpool(
-            lambda: [_decode_image(u["image"], u["field"]) if u["image"] else None for u in units])
+            lambda: [_decode_image(u["image"], u["field"], rgb=False) if u["image"] else None for u in units])
         inpaint = None
         if mask is not None:
             inpaint = await run_in_threadpool(lambda: prepare_inpainting(inits, mask, width, height, **mask_options))
         elif inits is not None:  # sent without a mask, A1111's inpainting options are not used
             unused = [*unused, *(k for k in INPAINTING_FIELDS if k in req.model_fields_set)]
         starts = inpaint.inits if inpaint is not None else inits
-        # (with hires. fix the maps are made for the large size; the first pass takes them scaled down)
-        map_h, map_w = pipe.hires_size(height, width, hires[0]) if hires else (height, width)
-        controls = await run_in_threadpool(lambda: control_pictures(units, unit_pictures, n, starts, inpaint, map_w,
-                                                                    map_h))
+        # (with hires. fix the maps are made at the first pass's size; the second pass takes them scaled up)
+        controls = await run_in_threadpool(lambda: control_pictures(units, unit_pictures, n, starts, inpaint, width,
+                                                                    height))
         # an empty negative prompt is none given: zeros on SDXL, as AUTOMATIC1111 runs it (encoded "" elsewhere)
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt or None] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
@@ -1147,9 +1154,13 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         def run():
             maps = []
             for i, data in enumerate(req.controlnet_input_images):
-                picture = _decode_image(data, f"controlnet_input_images[{i}]")
-                maps.append(_b64_png(preprocessors.preprocess(module, picture, res, req.controlnet_threshold_a,
-                                                              req.controlnet_threshold_b)))
+                picture = _decode_image(data, f"controlnet_input_images[{i}]", rgb=False)
+                try:
+                    made = preprocessors.preprocess(module, picture, res, req.controlnet_threshold_a,
+                                                    req.controlnet_threshold_b)
+                except ValueError as e:
+                    raise ApiError(422, f"controlnet_input_images[{i}]: {e}", "controlnet_input_images") from None
+                maps.append(_b64_png(made))
             return maps
 
         return {"images": await run_in_threadpool(run), "info": "Success"}
