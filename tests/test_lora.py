@@ -250,11 +250,13 @@ def test_a1111_lora_tags_name_the_merged_loras(tmp_path):
         pipe.generate("x", "<lora:other:1>", **kw)
     with pytest.raises(ValueError, match="not a number"):
         pipe.generate("x <lora:style:strong>", **kw)
-    # A1111's third field is the U-Net's strength: only the merged one can be followed
+    # A1111's third field is the U-Net's strength: a LoRA merged at load is followed at its own strengths only
     assert torch.equal(pipe.generate("a red circle, <lora:style:0.8:0.8>", **kw).latents, plain.latents)
-    for tag in ("<lora:style:0.8:0>", "<lora:style:0.8:unet=0.2>", "<lora:style:0.8:0.8:lbw=OUTD>"):
-        with pytest.raises(ValueError, match="merges one strength"):
+    for tag in ("<lora:style:0.8:0>", "<lora:style:0.8:unet=0.2>"):
+        with pytest.raises(ValueError, match="is merged at strength 0.8; load it with --lora PATH:0.8:"):
             pipe.generate(f"a red circle, {tag}", **kw)
+    with pytest.raises(ValueError, match="not a third field"):
+        pipe.generate("a red circle, <lora:style:0.8:0.8:lbw=OUTD>", **kw)
     with pytest.raises(ValueError, match="merged already"):  # twice would add up to 1.6 under one name
         pipe.load_lora(path, 0.8)
 

@@ -56,8 +56,10 @@ def test_bad_tags_are_clear_errors_and_change_nothing(setup):
         pipe.generate("a <lora:nope:0.5>", **KW)
     with pytest.raises(ValueError, match="asked for at strengths 0.5 and 0.6"):
         pipe.generate(["a <lora:style:0.5>", "b <lora:style:0.6>"], **KW)
-    with pytest.raises(ValueError, match="a second strength"):
-        pipe.generate("a <lora:style:0.5:0.2>", **KW)
+    with pytest.raises(ValueError, match="not a third field .*A1111's dyn"):
+        pipe.generate("a <lora:style:0.5:0.2:4>", **KW)
+    with pytest.raises(ValueError, match="the U-Net strength 'x' is not a number"):
+        pipe.generate("a <lora:style:0.5:x>", **KW)
     assert pipe.request_loras == [] and torch.equal(pipe.generate("a red circle", **KW).latents, plain)
 
 
@@ -105,3 +107,21 @@ def test_the_cli_takes_a_folder_of_loras(setup, capsys):
     assert 'Lora: "style: 0.7"' in Image.open(out).text["parameters"]
     assert main([*base, "--lora-dir", str(tmp / "nowhere")]) == 2
     assert "--lora-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tag,te,unet", [("<lora:style:0.5:0.2>", 0.5, 0.2), ("<lora:style:unet=0.2>", 1.0, 0.2),
+                                         ("<lora:style:te=0.3:unet=0.6>", 0.3, 0.6), ("<lora:style:0.4>", 0.4, 0.4)])
+def test_a_tags_text_encoder_and_unet_strengths_are_a1111s(setup, tag, te, unet):
+    """AUTOMATIC1111's <lora:name:te:unet> (and te= / unet=): the text encoder gets the LoRA at the first strength and
+    the U-Net at the second, weight for weight what a merge at each strength alone gives those parts."""
+    tmp = setup
+    pipe = TextToImagePipeline.from_pretrained(tmp / "folder")
+    pipe.lora_dir = tmp / "loras"
+    res = pipe.generate("a red circle " + tag, **KW)
+    want = "style: " + (f"{te:g}" if te == unet else f"{te:g}:{unet:g}")
+    assert res.parameters["lora"] == want
+    for part, strength in (("text_encoder", te), ("unet", unet)):
+        alone = TextToImagePipeline.from_pretrained(tmp / "folder")
+        alone.load_lora(tmp / "loras" / "style.safetensors", strength)
+        got, exp = pipe._lora_parts()[part].state_dict(), alone._lora_parts()[part].state_dict()
+        assert all(torch.equal(got[k], exp[k]) for k in exp), part

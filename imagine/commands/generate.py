@@ -20,9 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None,
                    help="a VAE file (.safetensors / .ckpt, original or diffusers names) or folder to decode with "
                         "instead of the model's own (AUTOMATIC1111's SD VAE), e.g. vae-ft-mse-840000-ema-pruned")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH[:UNET]]",
                    help="a LoRA file to merge (kohya-ss/A1111 or diffusers/peft names), repeatable; STRENGTH as "
-                        "A1111's <lora:name:STRENGTH> (default 1)")
+                        "A1111's <lora:name:STRENGTH> (default 1); a second number is the U-Net's, STRENGTH then the "
+                        "text encoders' (A1111's <lora:name:te:unet>)")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="a folder of LoRA files that prompts ask for as AUTOMATIC1111's <lora:name:STRENGTH>")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
@@ -246,24 +247,38 @@ def _read_mask(args):
     return ImageOps.invert(mask) if args.invert_mask else mask
 
 
-def parse_loras(items: list[str]) -> list[tuple[str, float]]:
-    """["style.safetensors:0.7", "other.safetensors"] -> [(path, 0.7), (path, 1.0)]: a number after the last
-    colon is the strength (so a path with colons still works)."""
+def _number_suffix(item: str) -> tuple[str, float | None]:
+    """"path:0.7" -> ("path", 0.7); without a number after the last colon -> (item, None)."""
+    path, sep, tail = item.rpartition(":")
+    try:
+        return (path, float(tail)) if sep and path else (item, None)
+    except ValueError:
+        return item, None
+
+
+def parse_loras(items: list[str]) -> list[tuple[str, float | tuple[float, float]]]:
+    """["style.safetensors:0.7", "other.safetensors", "x.safetensors:1:0.5"] -> [(path, 0.7), (path, 1.0), (path,
+    (1.0, 0.5))]: numbers after the last colons are the strength, or the text encoders' and the U-Net's, as
+    AUTOMATIC1111's <lora:name:te:unet> (a path with colons still works)."""
     out = []
     for item in items or []:
-        path, sep, tail = item.rpartition(":")
-        try:
-            strength = float(tail) if sep and path else None
-        except ValueError:
-            strength = None
-        out.append((path, strength) if strength is not None else (item, 1.0))
+        path, unet = _number_suffix(item)
+        if unet is None:
+            out.append((item, 1.0))
+            continue
+        head, te = _number_suffix(path)
+        out.append((head, (te, unet)) if te is not None else (path, unet))
     return out
 
 
 def parse_controlnets(items: list[str]) -> list[tuple[str, float]]:
     """["canny.pth:0.8", "depth"] -> [(path, 0.8), (path, 1.0)]: a number after the last colon is the scale (so a
-    path with colons still works), as for --lora."""
-    return parse_loras(items)
+    path with colons still works)."""
+    out = []
+    for item in items or []:
+        path, scale = _number_suffix(item)
+        out.append((path, scale) if scale is not None else (item, 1.0))
+    return out
 
 
 def _read_controls(args) -> tuple[list[tuple[str, float]], list]:

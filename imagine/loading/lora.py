@@ -260,14 +260,22 @@ def _model_kind(models: dict[str, torch.nn.Module | None]) -> str | None:
     return "SD 1.x/2.x" if str(getattr(config, "model_type", "")).startswith("clip") else None
 
 
+def part_strengths(strength: float | tuple[float, float]) -> dict[str, float]:
+    """A LoRA's strength per part: one number for all, or (text encoders', U-Net's) as AUTOMATIC1111's
+    `<lora:name:te:unet>`."""
+    te, unet = (strength, strength) if isinstance(strength, (int, float)) else strength
+    return {"unet": float(unet), "text_encoder": float(te), "text_encoder_2": float(te)}
+
+
 @torch.no_grad()
-def merge_lora(models: dict[str, torch.nn.Module | None], layers: list[LoraLayer], strength: float = 1.0,
-               source: str = "LoRA", before=None) -> dict[str, int]:
+def merge_lora(models: dict[str, torch.nn.Module | None], layers: list[LoraLayer],
+               strength: float | tuple[float, float] = 1.0, source: str = "LoRA", before=None) -> dict[str, int]:
     """W += s (alpha / r) B A for every layer, in place (the weights' version counters move, so cached
     fast/exact copies are rebuilt). `models`: {"unet": ..., "text_encoder": <a torch module or None>}, and for
-    SDXL "text_encoder_2" (the second tower). Everything is checked before the first weight changes. `before(w)`
-    is called with each weight before it changes (to keep it, for an exact unmerge). Returns the layers merged per
-    part."""
+    SDXL "text_encoder_2" (the second tower). `strength`: s, or (the text encoders' s, the U-Net's s). Everything
+    is checked before the first weight changes. `before(w)` is called with each weight before it changes (to keep
+    it, for an exact unmerge). Returns the layers merged per part."""
+    strengths = part_strengths(strength)
     targets = {part: _targets(m, part) for part, m in models.items() if m is not None}
     plan, problems = [], []
     for layer in layers:
@@ -296,6 +304,6 @@ def merge_lora(models: dict[str, torch.nn.Module | None], layers: list[LoraLayer
         w = mod.weight
         if before is not None:
             before(w)
-        w.copy_((w.float() + layer.delta(strength).reshape(w.shape)).to(w.dtype))
+        w.copy_((w.float() + layer.delta(strengths[layer.part]).reshape(w.shape)).to(w.dtype))
         counts[layer.part] = counts.get(layer.part, 0) + 1
     return counts

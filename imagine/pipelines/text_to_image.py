@@ -250,10 +250,11 @@ class TextToImagePipeline:
             if name not in merged:
                 raise ValueError(f"the prompt asks for {m[0]}, which is not merged into this model (merged: "
                                  f"{', '.join(merged) or 'none'}); merge it when the model loads (--lora "
-                                 f"PATH/{name}.safetensors:{strength:g}), or give a folder of LoRAs (--lora-dir)")
-            if abs(merged[name] - strength) > 1e-6:
-                raise ValueError(f"the prompt asks for {m[0]}, but {name} is merged at strength {merged[name]:g}; "
-                                 f"load it with --lora PATH:{strength:g}")
+                                 f"PATH/{name}.safetensors:{_strength_text(strength)}), or give a folder of LoRAs "
+                                 "(--lora-dir)")
+            if not _same_strength(merged[name], strength):
+                raise ValueError(f"the prompt asks for {m[0]}, but {name} is merged at strength "
+                                 f"{_strength_text(merged[name])}; load it with --lora PATH:{_strength_text(strength)}")
             return ""
 
         return LORA_TAG.sub(check, prompt) if "<lora:" in prompt else prompt
@@ -275,9 +276,9 @@ class TextToImagePipeline:
                     raise ValueError(f"the prompt asks for {m[0]}, but {self.lora_dir} has no {name}.safetensors (nor "
                                      f".pt, .ckpt, .bin); LoRAs there: {', '.join(self.available_loras()) or 'none'}")
                 strength = _tag_strength(m)
-                if name in asked and abs(asked[name][1] - strength) > 1e-6:
-                    raise ValueError(f"<lora:{name}> is asked for at strengths {asked[name][1]:g} and {strength:g}; "
-                                     "one batch merges one")
+                if name in asked and not _same_strength(asked[name][1], strength):
+                    raise ValueError(f"<lora:{name}> is asked for at strengths {_strength_text(asked[name][1])} and "
+                                     f"{_strength_text(strength)}; one batch merges one")
                 asked.setdefault(name, (path, strength))
         return [(name, path, s) for name, (path, s) in asked.items()]
 
@@ -353,19 +354,21 @@ class TextToImagePipeline:
             if m is not None:
                 forget_copies(m)
 
-    def load_lora(self, path: str | Path, strength: float = 1.0) -> dict[str, int]:
+    def load_lora(self, path: str | Path, strength: float | tuple[float, float] = 1.0) -> dict[str, int]:
         """Merge a LoRA file into the U-Net and text encoder (`imagine.loading.lora`: W += s (alpha / r) B A,
-        Hu et al. 2021 eq. 3), `strength` s as AUTOMATIC1111's `<lora:name:s>`. It stays merged; load the model
-        again to drop it. Returns the layers merged per part."""
+        Hu et al. 2021 eq. 3), `strength` s as AUTOMATIC1111's `<lora:name:s>`, or (the text encoders' s, the
+        U-Net's s) as its `<lora:name:te:unet>`. It stays merged; load the model again to drop it. Returns the layers
+        merged per part."""
         from imagine.loading.lora import merge_lora, read_lora
 
-        strength = float(strength)
-        if not math.isfinite(strength):
-            raise ValueError(f"LoRA strength must be a finite number; got {strength}")
+        pair = strength if isinstance(strength, (tuple, list)) else (strength, strength)
+        if len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair):
+            raise ValueError(f"LoRA strength must be a finite number, or (text encoders', U-Net's); got {strength!r}")
+        strength = float(pair[0]) if pair[0] == pair[1] else (float(pair[0]), float(pair[1]))
         name, merged = Path(path).stem, dict(self.loras)
         if name in merged:  # its strength would add up, and the name would stand for two merges
-            raise ValueError(f"{Path(path).name}: a LoRA named {name!r} is merged already (at {merged[name]:g}); "
-                             "merge each once, at the strength wanted")
+            raise ValueError(f"{Path(path).name}: a LoRA named {name!r} is merged already (at "
+                             f"{_strength_text(merged[name])}); merge each once, at the strength wanted")
         if self.request_loras:
             raise ValueError("LoRAs asked for by prompts are merged now; load LoRAs before generating with them")
         counts = merge_lora(self._lora_parts(), read_lora(path), strength, Path(path).name)
@@ -722,7 +725,8 @@ class TextToImagePipeline:
         if getattr(self.text_encoder, "clip_skip", 0):
             params["clip_skip"] = self.text_encoder.clip_skip  # layers skipped (diffusers' numbering)
         if self.loras or self.request_loras:
-            params["lora"] = ", ".join(f"{name}: {strength:g}" for name, strength in [*self.loras, *self.request_loras])
+            params["lora"] = ", ".join(f"{name}: {_strength_text(strength)}"
+                                       for name, strength in [*self.loras, *self.request_loras])
         if guidance_rescale and guidance_scale != 1.0:  # (at scale 1 there is no guidance to rescale)
             params["guidance_rescale"] = guidance_rescale
         if sigma_schedule or karras:
@@ -1027,26 +1031,47 @@ def _each_step(cond, f):
     return cond.map(f) if isinstance(cond, StepConditioning) else f(cond)
 
 
-def _tag_strength(m: re.Match) -> float:
-    """The strength of AUTOMATIC1111's `<lora:name:s[:unet s...]>` tag (default 1). Its further fields (the U-Net's
-    strength, other settings) must be that strength too: imagine merges one strength into the text encoder and the
-    U-Net."""
-    try:
-        strength = float(m[2]) if m[2] and m[2].strip() else 1.0
-    except ValueError:
-        raise ValueError(f"{m[0]}: the strength {m[2]!r} is not a number") from None
-    if not math.isfinite(strength):
-        raise ValueError(f"{m[0]}: the strength must be a finite number")
-    for extra in filter(None, (m[3] or "").split(":")):
+def _tag_strength(m: re.Match) -> float | tuple[float, float]:
+    """The strength of AUTOMATIC1111's `<lora:name:te[:unet]>` tag: its fields after the name are positional (the
+    text encoders' strength, default 1; the U-Net's, default the text encoders') or named (`te=`, `unet=`). One
+    number where both are the same, else (text encoders', U-Net's). A1111's `dyn` (a rank to cut the LoRA to) is
+    refused: imagine merges the whole LoRA."""
+    fields = [f.strip() for f in ([m[2]] if m[2] is not None else []) + (m[3] or "").split(":")[1:]]
+    positional, named = [], {}
+    for f in fields:
+        key, eq, value = f.partition("=")
+        if eq:
+            named[key.strip().lower()] = value.strip()
+        else:
+            positional.append(f)
+
+    def number(text: str, what: str) -> float:
         try:
-            same = abs(float(extra) - strength) <= 1e-6
+            v = float(text)
         except ValueError:
-            same = False
-        if not same:
-            raise ValueError(f"the prompt asks for {m[0]}: imagine merges one strength into the text encoder and the "
-                             f"U-Net, so a second strength or a setting ({extra!r}) cannot be followed; write "
-                             f"<lora:{m[1].strip()}:{strength:g}>")
-    return strength
+            raise ValueError(f"{m[0]}: the {what} strength {text!r} is not a number") from None
+        if not math.isfinite(v):
+            raise ValueError(f"{m[0]}: the {what} strength must be a finite number")
+        return v
+
+    if len(positional) > 2 or "dyn" in named or set(named) - {"te", "unet", "dyn"}:
+        raise ValueError(f"the prompt asks for {m[0]}: imagine reads a LoRA tag's strengths, <lora:name:te:unet> or "
+                         "te= / unet=; not a third field (A1111's dyn, a rank to cut the LoRA to) nor other settings")
+    te = number(positional[0], "text encoder") if positional and positional[0] else 1.0
+    te = number(named["te"], "text encoder") if "te" in named else te
+    unet = number(positional[1], "U-Net") if len(positional) > 1 and positional[1] else te
+    unet = number(named["unet"], "U-Net") if "unet" in named else unet
+    return te if te == unet else (te, unet)
+
+
+def _strength_text(strength: float | tuple[float, float]) -> str:
+    """A strength as its tag writes it: 0.7, or 0.7:0.2 (text encoders', U-Net's)."""
+    return f"{strength:g}" if isinstance(strength, (int, float)) else f"{strength[0]:g}:{strength[1]:g}"
+
+
+def _same_strength(a, b) -> bool:
+    ta, tb = ((s, s) if isinstance(s, (int, float)) else tuple(s) for s in (a, b))
+    return all(abs(x - y) <= 1e-6 for x, y in zip(ta, tb))
 
 
 def _same_sampler(a: str, b: str) -> bool:

@@ -21,8 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model folder (ours or diffusers') or single-file checkpoint; default: the embedded model")
     p.add_argument("--vae", default=None,
                    help="a VAE file or folder to decode with instead of the model's own (AUTOMATIC1111's SD VAE)")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
-                   help="a LoRA file to merge into the model at start, repeatable (strength default 1)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH[:UNET]]",
+                   help="a LoRA file to merge into the model at start, repeatable (strength default 1; a second number "
+                        "is the U-Net's, the first then the text encoders', as A1111's <lora:name:te:unet>)")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="a folder of LoRA files that prompts ask for as AUTOMATIC1111's <lora:name:STRENGTH> (merged "
                         "for the requests that ask, and put back exactly after)")
