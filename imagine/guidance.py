@@ -44,8 +44,10 @@ class StepConditioning:
 
 
 def cond_at(cond, i: int):
-    """A cond dict, or a StepConditioning's dict at step i."""
-    return cond.at(i) if isinstance(cond, StepConditioning) else cond
+    """A cond dict, or a StepConditioning's dict at step i (a ComposedConditioning: its parts at step i)."""
+    from imagine.composable import ComposedConditioning
+
+    return cond.at(i) if isinstance(cond, (StepConditioning, ComposedConditioning)) else cond
 
 
 def check_cond(cond: dict[str, Any] | None, batch: int, name: str = "cond") -> dict[str, Any]:
@@ -54,6 +56,15 @@ def check_cond(cond: dict[str, Any] | None, batch: int, name: str = "cond") -> d
         return {}
     if isinstance(cond, StepConditioning):
         check_cond(cond.at(0), batch, name)
+        return cond
+    from imagine.composable import ComposedConditioning
+
+    if isinstance(cond, ComposedConditioning):
+        for part in cond.parts:
+            check_cond(part, batch, name)
+        if tuple(cond.weights.shape) != (batch, len(cond.parts)):
+            raise ValueError(f"{name}: {len(cond.parts)} composed parts need weights [{batch}, {len(cond.parts)}]; "
+                             f"got {tuple(cond.weights.shape)}")
         return cond
     if not isinstance(cond, dict):
         raise TypeError(f"{name} must be a dict of keyword tensors for the model (e.g. context=...); "
@@ -131,6 +142,10 @@ def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: 
     given: one forward on cat([x, x]) with every cond tensor concatenated [uncond; cond]. A model
     whose `shares_guidance_batch` is true (the cross-attention U-Net) gets x and t once with the
     2B rows of context, and runs the layers both halves share once."""
+    from imagine.composable import ComposedConditioning
+
+    if isinstance(cond, ComposedConditioning):  # AUTOMATIC1111's AND
+        return composed_guidance(model, x, t, cond, uncond, scale, rescale)
     cond = cond or {}
     if uncond is None or scale == 1:
         return model(x, t, **cond)
@@ -148,6 +163,34 @@ def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: 
     return rescale_guidance(classifier_free_guidance(uncond_out, cond_out, scale), cond_out, rescale)
 
 
+def composed_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond,
+                      uncond: dict[str, Any] | None, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """Composable diffusion's conjunction (Liu et al. 2022, eq. 10; AUTOMATIC1111's AND): with K parts c_k of
+    weights w_k per image, e~ = e(x, 0) + s * sum_k w_k (e(x, c_k) - e(x, 0)). One forward over [uncond; c_1; ...;
+    c_K] where the texts are of one length (the cross-attention U-Net takes x once with the (K + 1) B rows of
+    text), else one forward each. Guidance rescale (Lin et al.) takes the first part as its conditional output."""
+    if uncond is None:
+        raise ValueError("AND (composed prompts) needs the unconditional pass: give uncond")
+    parts = [uncond, *cond.parts]
+    k = len(parts)
+    if any(_lengths_differ(a, b) for a in parts for b in parts):
+        outs = [model(x, t, **p) for p in parts]
+    else:
+        both = parts[0]
+        for p in parts[1:]:
+            both = concat_cond(both, p)
+        if getattr(model, "shares_guidance_batch", False) and torch.is_tensor(both.get("context")):
+            outs = model(x, t, **both).chunk(k)
+        else:
+            outs = model(torch.cat([x] * k), torch.cat([t] * k), **both).chunk(k)
+    nothing = outs[0]
+    w = cond.weights.to(device=nothing.device, dtype=nothing.dtype)
+    guided = nothing.clone()
+    for j, out in enumerate(outs[1:]):
+        guided = guided + (out - nothing) * (scale * w[:, j]).view(-1, *[1] * (nothing.ndim - 1))
+    return rescale_guidance(guided, outs[1], rescale)
+
+
 def instruct_pix2pix_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
                               cond: dict[str, Any], uncond: dict[str, Any] | None, scale: float, image_scale: float,
                               rescale: float = 0.0) -> torch.Tensor:
@@ -159,6 +202,11 @@ def instruct_pix2pix_guidance(model: Callable[..., torch.Tensor], x: torch.Tenso
     the picture's latents travelling in cond["concat"] (for the U-Net's extra input channels) and zeroed for
     e(z, 0, 0). Three passes, one batch where the texts are of one length; as diffusers' pipeline, the guidance
     runs when s_T > 1 and s_I >= 1, else the conditional pass alone."""
+    from imagine.composable import ComposedConditioning
+
+    if isinstance(cond, ComposedConditioning):
+        raise ValueError("AND (composed prompts) is not combined with instruct-pix2pix's two-condition guidance; give "
+                         "the instruction as one prompt")
     if uncond is None or not (scale > 1 and image_scale >= 1):
         return model(x, t, **cond)
     none = {**uncond, "concat": torch.zeros_like(uncond["concat"])}

@@ -48,10 +48,13 @@ def refines(t: torch.Tensor, switch: float) -> bool:
 def with_refiner(cond, refiner_cond):
     """One conditioning for the run: the base's keys, and the refiner's under PREFIX (either may change with the
     step: a StepConditioning, imagine.guidance)."""
+    from imagine.composable import ComposedConditioning
     from imagine.guidance import StepConditioning, cond_at
 
     if cond is None:
         return None
+    if isinstance(cond, ComposedConditioning):  # (the refiner's reads the same parts)
+        return ComposedConditioning([with_refiner(c, r) for c, r in zip(cond.parts, refiner_cond.parts)], cond.weights)
     if isinstance(cond, StepConditioning) or isinstance(refiner_cond, StepConditioning):
         return StepConditioning(lambda i: with_refiner(cond_at(cond, i), cond_at(refiner_cond, i)))
     return {**cond, **{PREFIX + k: v for k, v in (refiner_cond or {}).items()}}

@@ -68,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-editing", action="store_true",
                    help="read AUTOMATIC1111's prompt editing: [from:to:when] (when: a step, or with a '.' a fraction "
                         "of the steps) and [a|b] (alternating every step); default: brackets are text or emphasis")
+    p.add_argument("--composable", action="store_true",
+                   help="read AUTOMATIC1111's AND: 'a cat AND a dog :0.8', several prompts guiding one image "
+                        "(composable diffusion), each part's trailing :w its weight")
+    p.add_argument("--a1111-prompts", action="store_true",
+                   help="read prompts as AUTOMATIC1111 does: --emphasis, --long-prompts, --prompt-editing and "
+                        "--composable together (what the server's A1111 API reads)")
     p.add_argument("--long-prompts", action="store_true",
                    help="read a prompt past CLIP's 77-token window in 75-token chunks, as AUTOMATIC1111 and ComfyUI "
                         "do (with --emphasis, BREAK starts a new chunk); default: cut at the window with a warning, "
@@ -478,8 +484,10 @@ def run(args) -> int:
                             karras=args.karras, eta=args.eta, thresholding=args.thresholding,
                             threshold_range=args.threshold_range,
                             sigma_schedule=args.sigma_schedule, final_step=args.final_step, rho=args.rho,
-                            sampler_options=sampler_options, start=args.start, emphasis=args.emphasis,
-                            long_prompts=args.long_prompts, prompt_editing=args.prompt_editing,
+                            sampler_options=sampler_options, start=args.start, emphasis=args.emphasis or args.a1111_prompts,
+                            long_prompts=args.long_prompts or args.a1111_prompts,
+                            prompt_editing=args.prompt_editing or args.a1111_prompts,
+                            composable=args.composable or args.a1111_prompts,
                             progress=not args.quiet,
                             **picture)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):

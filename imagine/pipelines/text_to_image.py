@@ -26,6 +26,7 @@ from PIL import Image
 from imagine.guidance import check_threshold_range
 from imagine.images import to_pil
 from imagine.loading.folder import Components
+from imagine.composable import ComposedConditioning, split_and
 from imagine.refiner import check_switch, with_refiner
 from imagine.sampling import make_generators
 
@@ -403,16 +404,28 @@ class TextToImagePipeline:
     @torch.no_grad()
     def conditioning(self, prompts: list[str], negatives: list[str | None], height: int, width: int,
                      guided: bool = True, emphasis: bool = False, long_prompts: bool = False,
-                     editing_steps: int | None = None, zero_empty: bool | None = None):
+                     editing_steps: int | None = None, zero_empty: bool | None = None, composable: bool = False):
         """(cond, uncond) for the U-Net: the prompts' and negative prompts' encodings (uncond None when not
         `guided`) with SDXL's size codes. A negative prompt None is not given: "" encoded, or zeros where the
         model says so (SDXL's force_zeros_for_empty_prompt). `editing_steps`: read AUTOMATIC1111's prompt editing
         over a run of that many steps (imagine.prompt_editing); where a text changes, that side is a
         StepConditioning (imagine.guidance). `zero_empty`: whether a negative prompt not given is zeros (None: the
-        model's own rule)."""
+        model's own rule). `composable`: read AUTOMATIC1111's AND (imagine.composable): where a prompt has parts (or
+        a weight), cond is a ComposedConditioning, and uncond is made even without guidance (the parts pull from
+        it)."""
         d = self.defaults
         zero_empty = bool(d.get("zero_empty_negative")) if zero_empty is None else zero_empty
-        cond = self._encode_texts([self._without_lora_tags(p) for p in prompts], emphasis, long_prompts, editing_steps)
+        texts = [self._without_lora_tags(p) for p in prompts]
+        split = [split_and(t) for t in texts] if composable else []
+        if any(len(parts) > 1 or parts[0][1] != 1.0 for parts in split):
+            k = max(len(parts) for parts in split)  # (a row with fewer parts: weight 0 on the rest)
+            cond = ComposedConditioning(
+                [self._encode_texts([parts[j][0] if j < len(parts) else parts[0][0] for parts in split], emphasis,
+                                    long_prompts, editing_steps) for j in range(k)],
+                torch.tensor([[parts[j][1] if j < len(parts) else 0.0 for j in range(k)] for parts in split]))
+            guided = True
+        else:
+            cond = self._encode_texts(texts, emphasis, long_prompts, editing_steps)
         uncond = None
         if guided:
             zero = [n is None and zero_empty for n in negatives]
@@ -492,7 +505,8 @@ class TextToImagePipeline:
                  eta: float | None = None, karras: bool | None = None, thresholding: str | None = None,
                  threshold_range: float | None = None, sigma_schedule: str | None = None, final_step: str | None = None,
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
-                 emphasis: bool = False, long_prompts: bool = False, prompt_editing: bool = False, init_image=None, strength: float | None = None,
+                 emphasis: bool = False, long_prompts: bool = False, prompt_editing: bool = False,
+                 composable: bool = False, init_image=None, strength: float | None = None,
                  init_latents: torch.Tensor | None = None, mask_image=None, masked_content: str = "original",
                  control_image=None,
                  controlnet_scale: float | list[float] | None = None,
@@ -511,6 +525,7 @@ class TextToImagePipeline:
         75-token chunks, BREAK starting a new one with emphasis (AUTOMATIC1111's way, imagine.long_prompts; off:
         cut at the window with a warning, as diffusers); prompt_editing: read AUTOMATIC1111's `[from:to:when]` and
         `[a|b]`, a text that changes during the run (imagine.prompt_editing; off: brackets are text or emphasis);
+        composable: read AUTOMATIC1111's `a AND b :w`, several prompts guiding one image (imagine.composable);
         thresholding "static"/"dynamic" (Imagen) holds x_0 to [-R, R], R = threshold_range (default: the model's
         "threshold_range", else 1, the pixel range of the paper).
 
@@ -660,14 +675,15 @@ class TextToImagePipeline:
         self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
         editing = steps if prompt_editing else None
         cond, uncond = self.conditioning(prompts, negatives, height, width, guidance_scale != 1.0, emphasis,
-                                         long_prompts, editing)
+                                         long_prompts, editing, composable=composable)
         if refine:  # the refiner reads the prompts with its own text encoder and size codes; the LoRA tags (this
             # model's) are taken out first, and a negative prompt not given is zeros where this model zeros it (A1111
             # zeros an empty negative prompt for every SDXL model, the refiner too)
             refined = self.refiner.conditioning(
                 [self._without_lora_tags(p) for p in prompts],
                 [None if n is None else self._without_lora_tags(n) for n in negatives], height, width,
-                guidance_scale != 1.0, emphasis, long_prompts, editing, zero_empty=bool(d.get("zero_empty_negative")))
+                guidance_scale != 1.0, emphasis, long_prompts, editing, zero_empty=bool(d.get("zero_empty_negative")),
+                composable=composable)
             cond, uncond = (with_refiner(c, r) for c, r in zip((cond, uncond), refined))
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
         generators = make_generators(len(prompts), seeds)
@@ -718,6 +734,8 @@ class TextToImagePipeline:
         if refine and report.get("refined"):  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
             params["refiner"] = Path(self.refiner.c.source).name
             params["refiner_switch_at"] = refiner_switch
+        if composable:
+            params["composable"] = True  # a AND b read (imagine.composable)
         if prompt_editing:
             params["prompt_editing"] = True  # [from:to:when], [a|b] read (imagine.prompt_editing)
         if long_prompts and not getattr(self.text_encoder, "uses_mask", True):
@@ -1025,10 +1043,10 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def _each_step(cond, f):
-    """f applied to a cond dict, or to each step's dict of a StepConditioning."""
+    """f applied to a cond dict, or to each step's dict of a StepConditioning (each part of a ComposedConditioning)."""
     from imagine.guidance import StepConditioning
 
-    return cond.map(f) if isinstance(cond, StepConditioning) else f(cond)
+    return cond.map(f) if isinstance(cond, (StepConditioning, ComposedConditioning)) else f(cond)
 
 
 def _tag_strength(m: re.Match) -> float | tuple[float, float]:

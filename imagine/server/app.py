@@ -1036,6 +1036,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
                                     emphasis=a1111_emphasis(req), long_prompts=True, prompt_editing=True,
+                                    composable=True,
                                     strength=None if hires else strength,
                                     image_guidance_scale=image_guidance(req, inits),
                                     hires=hires, inpainting=inpaint is not None,

@@ -72,6 +72,7 @@ class Settings:
     emphasis: bool = False  # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default)
     long_prompts: bool = False  # prompts past the text encoder's window read in 75-token chunks (imagine.long_prompts)
     prompt_editing: bool = False  # A1111's [from:to:when] and [a|b] read (imagine.prompt_editing)
+    composable: bool = False  # A1111's AND read (imagine.composable)
     strength: float | None = None  # image to image: how far from the jobs' init images (None: text to image)
     inpainting: bool = False  # the jobs carry masks (white: paint anew), one per image
     masked_content: str = "original"  # inpainting's start where painted anew (TextToImagePipeline.generate)
@@ -393,6 +394,7 @@ class ModelWorker:
                               **({"emphasis": True} if s.emphasis else {}),
                               **({"long_prompts": True} if s.long_prompts else {}),
                               **({"prompt_editing": True} if s.prompt_editing else {}),
+                              **({"composable": True} if s.composable else {}),
                               **({"refiner_switch": s.refiner_switch} if s.refiner_switch else {}),
                               **({"image_guidance_scale": s.image_guidance_scale}
                                  if s.image_guidance_scale is not None else {}),
