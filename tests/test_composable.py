@@ -5,12 +5,8 @@ s * w; a plain row in a batch with a composed one is its run alone; the A1111 AP
 
 from __future__ import annotations
 
-import base64
-import io
-
 import pytest
 import torch
-from PIL import Image
 
 from test_loading import save_diffusers_folder  # noqa: E402
 from test_sd_parity import CFG, SEED, psnr  # noqa: E402
@@ -89,24 +85,11 @@ def test_one_weighted_part_is_guidance_at_s_w_and_a_plain_row_is_its_run_alone(s
 
 
 def test_the_a1111_api_and_the_cli_read_and(sd, tmp_path, capsys):
-    httpx = pytest.importorskip("httpx")
-    from imagine.cli import main
-    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+    from test_prompt_editing import api_and_cli_images
 
     _, pipe = sd
     prompt = "a red circle AND a [blue:green:2] square :0.7"
     kw = dict(steps=4, guidance_scale=CFG, height=16, width=16, sampler="euler", seed=6, progress=False)
     want = pipe.generate(prompt, composable=True, prompt_editing=True, emphasis=True, long_prompts=True,
                          **kw).images[0].convert("RGB").tobytes()
-    with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
-        body = {"prompt": prompt, "steps": 4, "cfg_scale": CFG, "width": 16, "height": 16, "seed": 6,
-                "sampler_name": "Euler"}
-        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-        assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB").tobytes() == want
-    out = tmp_path / "x.png"
-    code = main(["generate", "--model", pipe.c.source, prompt, "--a1111-prompts", "--steps", "4", "--guidance-scale",
-                 str(CFG), "--height", "16", "--width", "16", "--sampler", "euler", "--seed", "6", "-o", str(out),
-                 "-q"])
-    assert code == 0, capsys.readouterr().err
-    assert Image.open(out).convert("RGB").tobytes() == want
+    assert api_and_cli_images(pipe, prompt, ["--a1111-prompts"], tmp_path, capsys) == (want, want)

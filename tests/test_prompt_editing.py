@@ -119,24 +119,29 @@ def test_no_syntax_is_the_plain_run_and_a_row_does_not_depend_on_its_batch(sd):
     assert torch.allclose(both[:1], alone, atol=1e-5, rtol=0)
 
 
-def test_the_a1111_api_and_the_cli_read_prompt_editing(sd, tmp_path, capsys):
+def api_and_cli_images(pipe, prompt: str, cli_flags: list[str], tmp_path, capsys) -> tuple[bytes, bytes]:
+    """The RGB bytes of the A1111 API's txt2img image and of the CLI's PNG for `prompt` (4 Euler steps at CFG, 16 x 16,
+    seed 6), the CLI run with `cli_flags`."""
     httpx = pytest.importorskip("httpx")
     from imagine.cli import main
     from imagine.server.app import BackgroundServer, ServerConfig, create_app
 
-    _, pipe = sd
-    prompt = "a [red:blue:0.5] (circle:1.1)"
-    kw = dict(steps=4, guidance_scale=CFG, height=16, width=16, sampler="euler", seed=6, progress=False)
-    want = pipe.generate(prompt, prompt_editing=True, emphasis=True, **kw).images[0].convert("RGB").tobytes()
     with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
         body = {"prompt": prompt, "steps": 4, "cfg_scale": CFG, "width": 16, "height": 16, "seed": 6,
                 "sampler_name": "Euler"}
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=120)
         assert r.status_code == 200, r.text
-        assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB").tobytes() == want
+        api = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB").tobytes()
     out = tmp_path / "x.png"
-    code = main(["generate", "--model", pipe.c.source, prompt, "--prompt-editing", "--emphasis", "--steps", "4",
-                 "--guidance-scale", str(CFG), "--height", "16", "--width", "16", "--sampler", "euler", "--seed", "6",
-                 "-o", str(out), "-q"])
+    code = main(["generate", "--model", pipe.c.source, prompt, *cli_flags, "--steps", "4", "--guidance-scale", str(CFG),
+                 "--height", "16", "--width", "16", "--sampler", "euler", "--seed", "6", "-o", str(out), "-q"])
     assert code == 0, capsys.readouterr().err
-    assert Image.open(out).convert("RGB").tobytes() == want
+    return api, Image.open(out).convert("RGB").tobytes()
+
+
+def test_the_a1111_api_and_the_cli_read_prompt_editing(sd, tmp_path, capsys):
+    _, pipe = sd
+    prompt = "a [red:blue:0.5] (circle:1.1)"
+    kw = dict(steps=4, guidance_scale=CFG, height=16, width=16, sampler="euler", seed=6, progress=False)
+    want = pipe.generate(prompt, prompt_editing=True, emphasis=True, **kw).images[0].convert("RGB").tobytes()
+    assert api_and_cli_images(pipe, prompt, ["--prompt-editing", "--emphasis"], tmp_path, capsys) == (want, want)

@@ -306,14 +306,12 @@ def test_the_full_size_refiner_layout_loads_on_the_meta_device(tmp_path, monkeyp
     from test_loading import write_clip_tokenizer
 
     monkeypatch.delenv("IMAGINE_CLIP_TOKENIZER_2", raising=False)
-    bigg = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+    from test_sdxl_single_file import REAL_BIGG, real_sdxl_vae
+
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(**REFINER_UNET)
-        vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                                      down_block_types=("DownEncoderBlock2D",) * 4,
-                                      up_block_types=("UpDecoderBlock2D",) * 4)
-        te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**bigg))
+        vae = real_sdxl_vae()
+        te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**REAL_BIGG))
     state = sdxl_to_compvis(unet.state_dict(), unet.config, vae.state_dict(), 4, None, te2.state_dict())
     assert tuple(state["model.diffusion_model.label_emb.0.0.weight"].shape) == (1536, 2560)
     assert "model.diffusion_model.middle_block.1.transformer_blocks.3.attn2.to_k.weight" in state

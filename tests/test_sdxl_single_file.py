@@ -215,6 +215,17 @@ SDXL_BASE_KEYS = {  # names and shapes of sd_xl_base_1.0.safetensors
 }
 
 
+REAL_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,  # OpenCLIP bigG
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+
+
+def real_sdxl_vae():
+    """SDXL's VAE (stabilityai/sdxl-vae's config), built where the caller's device says (meta: no memory)."""
+    return diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                   down_block_types=("DownEncoderBlock2D",) * 4,
+                                   up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025)
+
+
 def _meta_sdxl_base() -> tuple[dict, int]:
     """'Weights' of the real SDXL base shapes on the meta device, in the sgm layout (built by diffusers and
     transformers from stabilityai/stable-diffusion-xl-base-1.0's configs, renamed by this file's map), and the
@@ -224,15 +235,11 @@ def _meta_sdxl_base() -> tuple[dict, int]:
     ucfg = {k: v for k, v in UNetConfig.sdxl().to_dict().items() if k != "num_attention_heads"}
     clip_l = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-    bigg = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(**ucfg)
-        vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                                      down_block_types=("DownEncoderBlock2D",) * 4,
-                                      up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025)
+        vae = real_sdxl_vae()
         te1 = transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip_l))
-        te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**bigg))
+        te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**REAL_BIGG))
     return compvis_state(unet, vae, te1, te2), len(unet.state_dict())
 
 
