@@ -96,6 +96,9 @@ def a1111_parameters(p: dict) -> str:
     put("CFG scale", p.get("guidance_scale"))
     put("Image CFG scale", p.get("image_guidance_scale"))  # (instruct-pix2pix)
     put("Seed", p.get("seed"))
+    if p.get("subseed_strength"):  # A1111's variation seed
+        put("Variation seed", p.get("subseed"))
+        put("Variation seed strength", p.get("subseed_strength"))
     put("Denoising strength", p.get("strength"))  # image to image, hires. fix (A1111 writes it later; order is free)
     if p.get("inpainting"):  # A1111's inpainting fields; it writes "Mask blur" only above 0, here 0 says "no blur"
         if p.get("mask_invert"):

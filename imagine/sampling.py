@@ -60,6 +60,26 @@ class PerSampleNoise:
         return torch.randn(shape, generator=g, device=g.device, dtype=dtype).cpu()
 
 
+def variation_noise(strength: float, noise: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """AUTOMATIC1111's variation seed: one sample's start noise [C, H, W] moved towards another seed's by spherical
+    interpolation (Shoemake 1985), as its `slerp`: with the norms taken along dim 1 (the rows), angle omega per
+    (channel, column), result = sin((1 - s) omega) / sin omega * noise + sin(s omega) / sin omega * other; where the two
+    are nearly parallel (mean cosine > 0.9995) A1111's linear fallback, noise * s + other * (1 - s), as it writes it.
+    s = 0 gives the noise itself, bit for bit."""
+    if not 0 <= strength <= 1:
+        raise ValueError(f"subseed_strength must be in [0, 1]; got {strength}")
+    if strength == 0:
+        return noise
+    a, b = noise.double(), other.double()
+    dot = (a / a.norm(dim=1, keepdim=True) * (b / b.norm(dim=1, keepdim=True))).sum(1)
+    if float(dot.mean()) > 0.9995:
+        return (a * strength + b * (1 - strength)).to(noise.dtype)
+    omega = torch.acos(dot.clamp(-1, 1))
+    so = torch.sin(omega)
+    out = (torch.sin((1.0 - strength) * omega) / so).unsqueeze(1) * a + (torch.sin(strength * omega) / so).unsqueeze(1) * b
+    return out.to(noise.dtype)
+
+
 STARTS = ("noise", "matched")
 
 

@@ -93,6 +93,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-guidance-scale", type=float, default=None, metavar="S",
                    help="an instruct-pix2pix model's guidance on the picture to edit (--init-image), beside "
                         "--guidance-scale on the instruction (default 1.5; A1111's 'Image CFG scale')")
+    p.add_argument("--variation-seed", "--subseed", type=int, default=None, metavar="N",
+                   help="AUTOMATIC1111's variation seed: the start noise moves towards this seed's (image i: N + i; "
+                        "-1: random) by --variation-strength")
+    p.add_argument("--variation-strength", "--subseed-strength", type=float, default=0.0, metavar="S",
+                   help="how far towards the variation seed's noise, 0 (the seed's image) to 1")
     p.add_argument("--strength", "--denoising-strength", type=float, default=None,
                    help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
                         "(default 0.75, A1111's; 1 with --mask, diffusers' inpainting default: the masked part "
@@ -468,6 +473,10 @@ def run(args) -> int:
     import random
 
     base = random.randint(0, MAX_SEED) if args.seed < 0 else args.seed
+    if not 0 <= args.variation_strength <= 1:
+        raise ValueError(f"--variation-strength must be in [0, 1]; got {args.variation_strength}")
+    variation = (random.randint(0, MAX_SEED) if args.variation_seed is None or args.variation_seed < 0
+                 else args.variation_seed)
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start:start + args.batch_size]
         seeds = [(base + start + k) % (MAX_SEED + 1) for k in range(len(chunk))]
@@ -488,11 +497,15 @@ def run(args) -> int:
                             long_prompts=args.long_prompts or args.a1111_prompts,
                             prompt_editing=args.prompt_editing or args.a1111_prompts,
                             composable=args.composable or args.a1111_prompts,
+                            **({"subseeds": [(variation + start + k) % (MAX_SEED + 1) for k in range(len(chunk))],
+                                "subseed_strength": args.variation_strength} if args.variation_strength else {}),
                             progress=not args.quiet,
                             **picture)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},
                       "prompt": chunk[k][0], "negative_prompt": args.negative_prompt or "", "seed": s}
+            if res.subseeds:  # (A1111's "Variation seed" of this image)
+                params["subseed"] = res.subseeds[k]
             if mask_image is not None and args.invert_mask:
                 params["mask_invert"] = True  # (A1111's "Mask mode: Inpaint not masked")
             if control_units:  # the preprocessing too (A1111's ControlNet infotext)

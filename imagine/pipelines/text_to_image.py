@@ -48,6 +48,7 @@ class GenerationResult:
     seconds: float = 0.0
     latents: torch.Tensor | None = field(default=None, repr=False)
     negatives: list | None = field(default=None, repr=False)  # per image, None where not given (SDXL: zeros)
+    subseeds: list[int] | None = None  # A1111's variation seeds, per image (with subseed_strength > 0)
 
 
 class TextToImagePipeline:
@@ -513,6 +514,7 @@ class TextToImagePipeline:
                  control_guidance_start: float | list[float] | None = None,
                  control_guidance_end: float | list[float] | None = None,
                  refiner_switch: float | None = None, image_guidance_scale: float | None = None,
+                 subseed: int | None = None, subseeds: list[int] | None = None, subseed_strength: float = 0.0,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -555,6 +557,10 @@ class TextToImagePipeline:
 
         refiner_switch (with a refiner loaded, `load_refiner`): the fraction of the steps after which SDXL's refiner
         takes over from this model (AUTOMATIC1111's "switch at", e.g. 0.8; imagine.refiner); None: no refiner.
+
+        subseed, subseed_strength (AUTOMATIC1111's variation seed): each image's start noise moved towards the noise of
+        its variation seed (subseed + i, or `subseeds`; a negative or None: random) by spherical interpolation
+        (imagine.sampling.variation_noise); 0 leaves the seed's image, 1 gives the variation seed's start noise.
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -703,6 +709,23 @@ class TextToImagePipeline:
         if controls:
             inpaint["controls"] = [(net, self._pixels(pictures, width, height, normalize=False), scale, window)
                                    for net, pictures, scale, window in controls]
+        if isinstance(subseed_strength, bool) or not isinstance(subseed_strength, (int, float)) or \
+                not 0 <= subseed_strength <= 1:
+            raise ValueError(f"subseed_strength must be a number in [0, 1]; got {subseed_strength!r}")
+        if subseed_strength > 0:  # A1111's variation seed: the start noise moved towards another seed's
+            from imagine.sampling import PerSampleNoise, variation_noise
+
+            if subseeds is None:
+                first = random.randint(0, MAX_SEED) if subseed is None or subseed < 0 else int(subseed)
+                subseeds = [(first + i) % (MAX_SEED + 1) for i in range(len(prompts))]
+            elif len(subseeds) != len(prompts):
+                raise ValueError(f"{len(subseeds)} subseeds for {len(prompts)} images")
+            # (drawn from the images' own generators, as the sampler would draw it, so the steps' noise follows on)
+            own = inpaint["noise"] if "noise" in inpaint else PerSampleNoise(generators).draw(shape)
+            other = PerSampleNoise(make_generators(len(prompts), list(subseeds))).draw(shape)
+            inpaint["noise"] = torch.stack([variation_noise(float(subseed_strength), a, b) for a, b in zip(own, other)])
+        else:
+            subseeds = None
         report: dict = {}
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                generators=generators, init=init, strength=strength, **inpaint,
@@ -731,6 +754,8 @@ class TextToImagePipeline:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
         if self.edits:
             params["image_guidance_scale"] = image_guidance_scale  # (A1111's "Image CFG scale")
+        if subseeds is not None:
+            params["subseed_strength"] = float(subseed_strength)  # (each image's variation seed: result.subseeds)
         if refine and report.get("refined"):  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
             params["refiner"] = Path(self.refiner.c.source).name
             params["refiner_switch_at"] = refiner_switch
@@ -763,6 +788,7 @@ class TextToImagePipeline:
         # (latents asked for: no VAE decode; hires. fix's latent upscale and the parity tests decode themselves)
         images = [to_pil(t) for t in self.decode(latents)] if output_type == "pil" else []
         return GenerationResult(images=images, seeds=seeds, seconds=time.time() - t0, latents=latents, negatives=negatives,
+                                subseeds=list(subseeds) if subseeds is not None else None,
                                 parameters={**params, "prompt": prompts,
                                             "negative_prompt": [n or "" for n in negatives]})
 

@@ -155,6 +155,8 @@ class Txt2ImgRequest(BaseModel):
     denoising_strength: float | None = None  # the hires pass's (A1111's default there: 0.7)
     send_images: bool = True
     force_task_id: str | None = None  # lets /sdapi/v1/progress?id_task= follow this request
+    subseed: int = -1  # A1111's variation seed (-1: random), image i's is subseed + i
+    subseed_strength: float = 0.0  # how far each image's start noise moves towards its variation seed's
     refiner_checkpoint: str | None = None  # SDXL's refiner: the one loaded with `imagine serve --refiner`
     refiner_switch_at: float | None = None  # the fraction of the steps after which it takes over (default 0.8)
 
@@ -492,7 +494,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
               model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None,
               clip_skip: int = 0, strength: float | None = None, hires: tuple | None = None,
               inpainting: dict | None = None, controlnets: list | None = None,
-              refiner: tuple | None = None, image_cfg: float | None = None) -> str:
+              refiner: tuple | None = None, image_cfg: float | None = None, variation: tuple | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -507,6 +509,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              **(inpainting or {}), "controlnet_units": controlnets or None,
                              **({"refiner": refiner[0], "refiner_switch_at": refiner[1]} if refiner else {}),
                              "image_guidance_scale": image_cfg,
+                             **({"subseed": variation[0], "subseed_strength": variation[1]} if variation else {}),
                              "version": f"imagine {version}"})
 
 
@@ -1019,6 +1022,14 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         eta, options, unused = sampler_settings(sampler, req.eta, req.s_tmin, req.s_tmax)
         base = check_seed("seed", req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
+        variation = float(req.subseed_strength)
+        if not math.isfinite(variation) or not 0 <= variation <= 1:
+            raise ApiError(422, f"subseed_strength must be a number in [0, 1]; got {req.subseed_strength}",
+                           "subseed_strength")
+        subseeds = None
+        if variation > 0:
+            first = check_seed("subseed", req.subseed)
+            subseeds = [(first + i) % (MAX_SEED + 1) for i in range(n)]
         units, unit_ignored = check_controlnet(req, inits is not None)
         unit_pictures = await run_in_threadpool(
             lambda: [_decode_image(u["image"], u["field"], rgb=False) if u["image"] else None for u in units])
@@ -1045,7 +1056,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     if inpaint is not None else "original",
                                     controlnets=tuple((u["name"], u["weight"], u["start"], u["end"])
                                                       for u in units),
-                                    refiner_switch=refiner[1] if refiner else None),
+                                    refiner_switch=refiner[1] if refiner else None, subseed_strength=variation),
+                  subseeds=subseeds,
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],
                   control_images=controls or None)
@@ -1061,8 +1073,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
                                fingerprint, version, vae_name, schedule, clip_skip, strength, hires,
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
-                               job.settings.image_guidance_scale)
-                     for s in used]
+                               job.settings.image_guidance_scale,
+                               (subseeds[i], variation) if subseeds else None)
+                     for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:
             if inpaint is not None:  # A1111's paste back: the kept part is the original picture's pixels
@@ -1078,8 +1091,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         info = {
             "prompt": req.prompt, "all_prompts": [req.prompt] * len(used),
             "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * len(used),
-            "seed": seeds[0], "all_seeds": used, "subseed": seeds[0], "all_subseeds": used,
-            "subseed_strength": 0, "width": width, "height": height, "sampler_name": a_name, "sampler": sampler,
+            "seed": seeds[0], "all_seeds": used, "subseed": (subseeds or seeds)[0],
+            "all_subseeds": (subseeds or used)[:len(used)], "subseed_strength": variation, "width": width, "height": height, "sampler_name": a_name, "sampler": sampler,
             "scheduler": schedule or "automatic", "cfg_scale": guidance, "steps": steps,
             "batch_size": batch_size, "n_iter": req.n_iter, "restore_faces": False,
             "face_restoration_model": None, "sd_model_name": name, "sd_model_hash": fingerprint[:10],

@@ -81,6 +81,7 @@ class Settings:
     # ControlNet units (A1111's ControlNet extension): ((name of a loaded ControlNet, weight, guidance start, end),
     # ...) in order. Jobs batch only with the same units; each brings its own pictures (Job.control_images)
     controlnets: tuple = ()
+    subseed_strength: float = 0.0  # A1111's variation seeds (Job.subseeds), their strength
     image_guidance_scale: float | None = None  # an instruct-pix2pix model's guidance on the picture
     refiner_switch: float | None = None  # SDXL's refiner (the pipeline's, `serve --refiner`) after this fraction of steps
 
@@ -94,6 +95,7 @@ class Job:
     init_images: list | None = None  # image to image: a PIL image per prompt
     masks: list | None = None  # inpainting (with init_images and settings.inpainting): a PIL mask per prompt
     control_images: list | None = None  # per unit of settings.controlnets: a list of one PIL picture per prompt
+    subseeds: list[int] | None = None  # A1111's variation seeds, one per image (with settings.subseed_strength)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     state: str = "queued"  # queued -> running -> done | cancelled
@@ -347,6 +349,7 @@ class ModelWorker:
         prompts = [p for j in batch for p in j.prompts]
         negatives = [p for j in batch for p in j.negative_prompts]
         seeds = [x for j in batch for x in j.seeds]
+        subseeds = [x for j in batch for x in (j.subseeds or j.seeds)] if s.subseed_strength else None
         inits = [im for j in batch for im in (j.init_images or [])] if s.strength is not None else None
         masks = [m for j in batch for m in j.masks] if s.inpainting else None  # (one settings: all have them)
         controls = [[im for j in batch for im in j.control_images[u]] for u in range(len(s.controlnets))]
@@ -396,6 +399,8 @@ class ModelWorker:
                               **({"prompt_editing": True} if s.prompt_editing else {}),
                               **({"composable": True} if s.composable else {}),
                               **({"refiner_switch": s.refiner_switch} if s.refiner_switch else {}),
+                              **({"subseeds": subseeds[a:b], "subseed_strength": s.subseed_strength}
+                                 if subseeds else {}),
                               **({"image_guidance_scale": s.image_guidance_scale}
                                  if s.image_guidance_scale is not None else {}),
                               **({"init_image": inits[a:b], "strength": s.strength} if inits else {}),
