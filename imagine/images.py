@@ -124,6 +124,8 @@ def a1111_parameters(p: dict) -> str:
     put("Hires upscale", p.get("hires_scale"))
     put("Hires steps", p.get("hires_steps"))
     put("Hires upscaler", p.get("hires_upscaler"))
+    put("Hires prompt", p.get("hires_prompt"))
+    put("Hires negative prompt", p.get("hires_negative_prompt"))
     put("Final step", p.get("final_step"))
     put("Start", p.get("start"))
     for k, v in (p.get("sampler_options") or {}).items():  # as A1111 writes its own, e.g. "s_tmin: 1.5"

@@ -47,6 +47,13 @@ def test_latent_hires_is_a_bilinear_latent_upscale_then_image_to_image(pipe):
                            sampler="euler", progress=False)
     assert res.images[0].size == (36, 24) and res.images[0].tobytes() == second.images[0].tobytes()
     assert res.parameters["hires_upscaler"] == "Latent"
+    # A1111's hires prompt: the second pass reads it; the parameters keep the first pass's prompt and name it
+    other = pipe.generate_hires("a red circle", hires_scale=1.5, hires_strength=0.7, seed=4, hires_prompt="a square",
+                                hires_negative_prompt="blur", **kw)
+    second = pipe.generate("a square", "blur", seed=4, init_latents=up, strength=0.7, steps=3, guidance_scale=4.0,
+                           sampler="euler", progress=False)
+    assert other.images[0].tobytes() == second.images[0].tobytes()
+    assert (other.parameters["prompt"], other.parameters["hires_prompt"]) == (["a red circle"], "a square")
     with pytest.raises(ValueError, match="hires_upscaler must be one of latent, lanczos"):
         pipe.generate_hires("x", hires_upscaler="ESRGAN_4x", steps=2, progress=False)
     with pytest.raises(ValueError, match="init_latents must be"):
@@ -106,5 +113,13 @@ def test_the_a1111_api_runs_hires_fix(tmp_path, pipe):
         text = json.loads(r.json()["info"])["infotexts"][0]
         assert "Size: 16x16" in text and "Hires upscale: 2" in text and "Hires steps: 3" in text
         assert "Denoising strength: 0.5" in text
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "hr_prompt": "a blue square"}, timeout=120)
+        assert r.status_code == 200, r.text
+        want = pipe.generate_hires("a red circle", hires_scale=2, hires_strength=0.5, hires_steps=3, steps=2, seed=5,
+                                   width=16, height=16, sampler="euler", guidance_scale=3, hires_prompt="a blue square",
+                                   progress=False)
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        assert got.convert("RGB").tobytes() == want.images[0].tobytes()
+        assert "Hires prompt: a blue square" in json.loads(r.json()["info"])["infotexts"][0]
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "hr_scale": 8}, timeout=120)
         assert r.status_code == 422

@@ -107,6 +107,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--hires-upscaler) and run image to image there")
     p.add_argument("--hires-strength", type=float, default=0.7, help="the hires pass's denoising strength (0.7)")
     p.add_argument("--hires-steps", type=int, default=None, help="the hires pass's steps (default: --steps)")
+    p.add_argument("--hires-prompt", default=None, metavar="TEXT",
+                   help="the hires pass's prompt (A1111's 'Hires prompt'; default: the prompt)")
+    p.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
+                   help="the hires pass's negative prompt (default: the negative prompt)")
     p.add_argument("--hires-upscaler", choices=["latent", "lanczos"], default="latent",
                    help="latent: the latents resized bilinearly (A1111's default 'Latent'); lanczos: the pictures")
     p.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
@@ -486,7 +490,8 @@ def run(args) -> int:
                 raise ValueError("--hires-scale starts from text; with --init-image leave it out")
             run = functools.partial(pipe.generate_hires, hires_scale=args.hires_scale,
                                     hires_strength=args.hires_strength, hires_steps=args.hires_steps,
-                                    hires_upscaler=args.hires_upscaler)
+                                    hires_upscaler=args.hires_upscaler, hires_prompt=args.hires_prompt,
+                                    hires_negative_prompt=args.hires_negative_prompt)
         res = run([p for p, _ in chunk], args.negative_prompt, steps=args.steps,
                             guidance_scale=args.guidance_scale, sampler=args.sampler, seeds=seeds,
                             height=height, width=width, guidance_rescale=args.guidance_rescale,

@@ -794,7 +794,8 @@ class TextToImagePipeline:
 
     def generate_hires(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                        hires_scale: float = 2.0, hires_strength: float = 0.7, hires_steps: int | None = None,
-                       hires_upscaler: str = "latent", callback: Callable[[dict], None] | None = None,
+                       hires_upscaler: str = "latent", hires_prompt: str | None = None,
+                       hires_negative_prompt: str | None = None, callback: Callable[[dict], None] | None = None,
                        progress: bool = True, output_type: str = "pil", **kw) -> GenerationResult:
         """AUTOMATIC1111's "hires. fix": text to image at the base size, upscaled by `hires_scale` (to the VAE's
         factor), then image to image at that size with `hires_strength` (A1111's hires denoising strength, default
@@ -802,8 +803,9 @@ class TextToImagePipeline:
         keeps the small one's composition, which the model could not hold at a size it was not trained on.
         `hires_upscaler`: "latent" (A1111's default "Latent": the latents resized bilinearly, no VAE round trip;
         it wants a strength of 0.5 or more to clean up) or "lanczos" (the decoded pictures resized, then encoded).
-        `kw`: `generate`'s options, for both passes. The parameters give the first pass's size, as A1111's
-        infotext does, with the scale."""
+        `hires_prompt` / `hires_negative_prompt`: the second pass's texts (A1111's "Hires prompt"; None or "": the
+        first pass's). `kw`: `generate`'s options, for both passes. The parameters give the first pass's size, as
+        A1111's infotext does, with the scale."""
         if isinstance(hires_scale, bool) or not isinstance(hires_scale, (int, float)) or not 1 < hires_scale <= 4:
             raise ValueError(f"hires_scale must be a number in (1, 4]; got {hires_scale!r}")
         if hires_steps is not None and (not isinstance(hires_steps, int) or hires_steps < 1):
@@ -829,12 +831,17 @@ class TextToImagePipeline:
         else:  # A1111's "Latent": bilinear, no antialiasing
             start = {"init_latents": torch.nn.functional.interpolate(
                 first.latents.float(), size=(height // f, width // f), mode="bilinear", align_corners=False)}
-        second = self.generate(p["prompt"], first.negatives, seeds=first.seeds, height=height, width=width,
+        prompts = [hires_prompt] * len(first.seeds) if hires_prompt else p["prompt"]
+        negatives = [hires_negative_prompt] * len(first.seeds) if hires_negative_prompt else first.negatives
+        second = self.generate(prompts, negatives, seeds=first.seeds, height=height, width=width,
                                steps=steps, strength=hires_strength, callback=callback, progress=progress,
                                output_type=output_type, **start, **later)
         params = {**second.parameters, "height": p["height"], "width": p["width"], "steps": p["steps"],
                   "hires_scale": float(hires_scale), "hires_steps": steps,
-                  "hires_upscaler": HIRES_UPSCALERS[upscaler]}
+                  "hires_upscaler": HIRES_UPSCALERS[upscaler], "prompt": p["prompt"],
+                  "negative_prompt": p["negative_prompt"],
+                  **({"hires_prompt": hires_prompt} if hires_prompt else {}),
+                  **({"hires_negative_prompt": hires_negative_prompt} if hires_negative_prompt else {})}
         return GenerationResult(images=second.images, seeds=second.seeds, parameters=params, negatives=second.negatives,
                                 seconds=first.seconds + second.seconds, latents=second.latents)
 

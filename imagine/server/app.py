@@ -153,6 +153,8 @@ class Txt2ImgRequest(BaseModel):
     hr_second_pass_steps: int = 0  # 0: the first pass's steps
     hr_upscaler: str | None = None  # "Latent..." (A1111's default): the latents; any other name: Lanczos
     denoising_strength: float | None = None  # the hires pass's (A1111's default there: 0.7)
+    hr_prompt: str = ""  # the hires pass's prompt ("": the prompt)
+    hr_negative_prompt: str = ""  # the hires pass's negative prompt ("": the negative prompt)
     send_images: bool = True
     force_task_id: str | None = None  # lets /sdapi/v1/progress?id_task= follow this request
     subseed: int = -1  # A1111's variation seed (-1: random), image i's is subseed + i
@@ -505,7 +507,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "height": h, "model_hash": model_hash[:10], "model": model, "vae": vae,
                              "clip_skip": clip_skip, "strength": strength,
                              **({"hires_scale": hires[0], "hires_steps": hires[2] or steps,
-                                 "hires_upscaler": HIRES_UPSCALERS[hires[3]]} if hires else {}),
+                                 "hires_upscaler": HIRES_UPSCALERS[hires[3]], "hires_prompt": hires[4],
+                                 "hires_negative_prompt": hires[5]} if hires else {}),
                              **(inpainting or {}), "controlnet_units": controlnets or None,
                              **({"refiner": refiner[0], "refiner_switch_at": refiner[1]} if refiner else {}),
                              "image_guidance_scale": image_cfg,
@@ -1007,7 +1010,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             check_int("width x hr_scale", big[1], 1, cfg.max_width, " (the server's limit)")
             # A1111's "Latent" family resizes latents (its default); every other upscaler name is an image one here
             upscaler = "latent" if str(req.hr_upscaler or "Latent").lower().startswith("latent") else "lanczos"
-            hires = (float(req.hr_scale), float(hr_strength), req.hr_second_pass_steps or None, upscaler)
+            # (A1111's hr_prompt / hr_negative_prompt: the second pass's texts; "" the first pass's)
+            hires = (float(req.hr_scale), float(hr_strength), req.hr_second_pass_steps or None, upscaler,
+                     req.hr_prompt or None, req.hr_negative_prompt or None)
             strength = float(hr_strength)
         check_size(height, width)
         refiner = check_refiner(req)

@@ -375,8 +375,10 @@ class ModelWorker:
             try:
                 run = self.pipe.generate
                 if s.hires is not None:
-                    scale, hires_strength, hires_steps, upscaler = s.hires
+                    scale, hires_strength, hires_steps, upscaler, *texts = s.hires
+                    texts = dict(zip(("hires_prompt", "hires_negative_prompt"), texts))
                     run = functools.partial(self.pipe.generate_hires, hires_scale=scale, hires_upscaler=upscaler,
+                                            **{k: v for k, v in texts.items() if v},
                                             hires_strength=hires_strength, hires_steps=hires_steps)
                 control = {}
                 if controls:  # one picture per image for each unit (as a list per ControlNet when several)
