@@ -174,7 +174,9 @@ def composed_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: to
     parts = [uncond, *cond.parts]
     k = len(parts)
     if any(_lengths_differ(a, b) for a in parts for b in parts):
-        outs = [model(x, t, **p) for p in parts]
+        tell = getattr(model, "takes_guidance_half", False)
+        outs = [model(x, t, **p, **({"guidance_half": "uncond" if j == 0 else "cond"} if tell else {}))
+                for j, p in enumerate(parts)]
     else:
         both = parts[0]
         for p in parts[1:]:
@@ -193,21 +195,25 @@ def composed_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: to
 
 def instruct_pix2pix_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
                               cond: dict[str, Any], uncond: dict[str, Any] | None, scale: float, image_scale: float,
-                              rescale: float = 0.0) -> torch.Tensor:
+                              rescale: float = 0.0, gate: bool = True) -> torch.Tensor:
     """Classifier-free guidance on two conditions, the picture to edit c_I and the instruction c_T (Brooks et al.
     2023, InstructPix2Pix, eq. 3):
 
         e~ = e(z, 0, 0) + s_I (e(z, c_I, 0) - e(z, 0, 0)) + s_T (e(z, c_I, c_T) - e(z, c_I, 0)),
 
     the picture's latents travelling in cond["concat"] (for the U-Net's extra input channels) and zeroed for
-    e(z, 0, 0). Three passes, one batch where the texts are of one length; as diffusers' pipeline, the guidance
-    runs when s_T > 1 and s_I >= 1, else the conditional pass alone."""
+    e(z, 0, 0). Three passes, one batch where the texts are of one length. `gate` (diffusers' pipeline): guidance
+    runs when s_T > 1 and s_I >= 1, else the conditional pass alone; without it (AUTOMATIC1111) the formula always
+    runs. At s_I = 1 it is classifier-free guidance with the picture in both passes, which is how AND's parts
+    (imagine.composable) combine with it."""
     from imagine.composable import ComposedConditioning
 
     if isinstance(cond, ComposedConditioning):
-        raise ValueError("AND (composed prompts) is not combined with instruct-pix2pix's two-condition guidance; give "
-                         "the instruction as one prompt")
-    if uncond is None or not (scale > 1 and image_scale >= 1):
+        if image_scale != 1:
+            raise ValueError("AND (composed prompts) combines with instruct-pix2pix only at image_guidance_scale 1 "
+                             "(as AUTOMATIC1111); give the instruction as one prompt, or image guidance 1")
+        return composed_guidance(model, x, t, cond, uncond, scale, rescale)
+    if uncond is None or (gate and not (scale > 1 and image_scale >= 1)):
         return model(x, t, **cond)
     none = {**uncond, "concat": torch.zeros_like(uncond["concat"])}
     parts = [cond, uncond, none]

@@ -84,6 +84,25 @@ def test_one_weighted_part_is_guidance_at_s_w_and_a_plain_row_is_its_run_alone(s
                                                                                  seed=2, **kw).latents)
 
 
+def test_a_pooled_controlnet_leaves_the_unconditional_rows_alone_with_and(sd, tmp_path):
+    """A shuffle-style ControlNet reads the prompt only (guess mode): with AND's (K + 1) B rows its residuals go to
+    the K conditional parts, none to the unconditional rows, so a part of weight 0 changes nothing."""
+    from test_controlnet import _edges, tiny_controlnet
+
+    _, pipe = sd
+    net = tiny_controlnet(global_pool_conditions=True)
+    net.save_pretrained(tmp_path / "shuffle", safe_serialization=True)
+    pipe.load_controlnet(tmp_path / "shuffle", "shuffle")
+    try:
+        kw = dict(control_image=_edges(16), steps=3, guidance_scale=CFG, seed=4, height=16, width=16, progress=False,
+                  output_type="latent")
+        zero = pipe.generate("a red circle AND a blue square :0", composable=True, **kw).latents
+        plain = pipe.generate("a red circle", **kw).latents
+        assert torch.allclose(zero, plain, atol=1e-5, rtol=0)
+    finally:
+        pipe.controlnets.clear()
+
+
 def test_the_a1111_api_and_the_cli_read_and(sd, tmp_path, capsys):
     from test_prompt_editing import api_and_cli_images
 

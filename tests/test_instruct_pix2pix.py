@@ -82,6 +82,28 @@ def test_the_picture_matters_and_a_single_file_loads(tmp_path):
     assert psnr(((single.decode(other.latents)[0] + 1) / 2).clamp(0, 1), want) < 40
 
 
+def test_a1111s_rule_runs_the_formula_at_any_scale():
+    """Without diffusers' gate (AUTOMATIC1111's combine_denoised_for_edit_model) the three-pass formula runs at any
+    scales: e(0,0) + s_T (e(I,T) - e(I,0)) + s_I (e(I,0) - e(0,0)), written out here on a model whose output tells
+    the passes apart."""
+    from imagine.guidance import instruct_pix2pix_guidance
+
+    def model(x, t, context, concat):  # a different output per (text, picture)
+        return x * 0 + context.mean((1, 2)).view(-1, 1, 1, 1) * 3 + concat.mean((1, 2, 3)).view(-1, 1, 1, 1) * 5
+
+    x, t = torch.zeros(1, 4, 2, 2), torch.tensor([500.0])
+    pic = torch.full((1, 4, 2, 2), 0.7)
+    cond = {"context": torch.full((1, 3, 8), 0.4), "concat": pic}
+    uncond = {"context": torch.full((1, 3, 8), -0.2), "concat": pic}
+    text, image, nothing = model(x, t, **cond), model(x, t, **uncond), model(x, t, uncond["context"], pic * 0)
+    for s_t, s_i in ((1.0, 1.5), (0.5, 1.5), (7.5, 0.5), (7.5, 0.0)):
+        want = nothing + s_t * (text - image) + s_i * (image - nothing)
+        got = instruct_pix2pix_guidance(model, x, t, cond, uncond, s_t, s_i, gate=False)
+        assert torch.allclose(got, want, atol=1e-6), (s_t, s_i)
+        gated = instruct_pix2pix_guidance(model, x, t, cond, uncond, s_t, s_i)
+        assert torch.allclose(gated, text)  # (diffusers: below its thresholds, the conditional pass alone)
+
+
 def test_misuse_is_a_clear_error(tmp_path):
     _reference(tmp_path, "euler")
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "euler")
@@ -130,5 +152,22 @@ def test_the_cli_and_the_a1111_img2img_edit(tmp_path, capsys):
         got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
         assert got.tobytes() == want.convert("RGB").tobytes()
         assert "Image CFG scale: 1.4" in json.loads(r.json()["info"])["infotexts"][0]
+        # A1111's rule: image CFG below 1 still guides; not given, 1 (plain guidance, the picture in both passes), and
+        # no "Image CFG scale" in the infotext
+        for extra, scale in (({"image_cfg_scale": 0.5}, 0.5), ({}, 1.0)):
+            r = httpx.post(f"{srv.url}/sdapi/v1/img2img", json={**{k: v for k, v in body.items()
+                                                                      if k != "image_cfg_scale"}, **extra}, timeout=120)
+            assert r.status_code == 200, r.text
+            want = pipe.generate(PROMPT, init_image=_picture(32), image_guidance_scale=scale, strength=0.75,
+                                 image_guidance_gate=False, emphasis=True, **kw).images[0]
+            got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
+            assert got.tobytes() == want.convert("RGB").tobytes()
+            assert ("Image CFG scale" in json.loads(r.json()["info"])["infotexts"][0]) == (scale != 1.0)
+        # AND at image guidance 1 (plain guidance: the parts each with the picture); at another scale refused
+        r = httpx.post(f"{srv.url}/sdapi/v1/img2img", json={**body, "prompt": "red AND blue", "image_cfg_scale": 1},
+                       timeout=120)
+        assert r.status_code == 200, r.text
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2}, timeout=60)
         assert r.status_code == 422 and "instruct-pix2pix" in r.text
+    with pytest.raises(ValueError, match="AND \\(composed prompts\\) combines with instruct-pix2pix only at"):
+        pipe.generate("red AND blue", init_image=_picture(32), composable=True, steps=2, progress=False)

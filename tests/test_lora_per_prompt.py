@@ -60,6 +60,10 @@ def test_bad_tags_are_clear_errors_and_change_nothing(setup):
         pipe.generate("a <lora:style:0.5:0.2:4>", **KW)
     with pytest.raises(ValueError, match="the U-Net strength 'x' is not a number"):
         pipe.generate("a <lora:style:0.5:x>", **KW)
+    with pytest.raises(ValueError, match="nor other settings"):  # (A1111 reads a named field's key as written)
+        pipe.generate("a <lora:style:TE=0.3>", **KW)
+    with pytest.raises(ValueError, match="the text encoder strength '' is not a number"):
+        pipe.generate("a <lora:style::0.3>", **KW)
     assert pipe.request_loras == [] and torch.equal(pipe.generate("a red circle", **KW).latents, plain)
 
 

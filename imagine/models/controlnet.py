@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from imagine.models import io
+from imagine.models.attention import expand_batch
 from imagine.models.unet import UNet2DConditionModel, UNetConfig
 
 DEFAULT_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # diffusers' conditioning_embedding_out_channels default
@@ -220,13 +221,16 @@ class Controlled(nn.Module):
             given = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "time_ids" else v)
                      for k, v in cond.items() if k in keys}
             context = given.get("context")
-            if net.config.global_pool_conditions and torch.is_tensor(context) and context.shape[0] == 2 * x.shape[0]:
+            rows, b = (context.shape[0], x.shape[0]) if torch.is_tensor(context) else (0, 0)
+            if net.config.global_pool_conditions and b and rows >= 2 * b and rows % b == 0:
                 # A pooled ControlNet (shuffle) reads the prompt only: diffusers runs it in guess mode, on the
-                # conditional half of the guidance batch, with zero residuals for the unconditional half.
-                half = {k: (v.chunk(2)[1] if torch.is_tensor(v) and v.shape[0] == context.shape[0] else v)
-                        for k, v in given.items()}
-                d, m = net(xin, t, control_features=features, scale=scale, **half)
-                d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])
+                # conditional part of the guidance batch [uncond; cond...] (one part, or AND's several), with zero
+                # residuals for the unconditional rows.
+                rest = {k: (v[b:] if torch.is_tensor(v) and v.shape[0] == rows else v) for k, v in given.items()}
+                d, m = net(xin, t, control_features=features, scale=scale, **rest)
+                # (a residual from before the net's own guidance batch parted holds one copy for all the parts)
+                d = [torch.cat([torch.zeros_like(r[:b]), expand_batch(r, rows - b)]) for r in d]
+                m = torch.cat([torch.zeros_like(m[:b]), expand_batch(m, rows - b)])
             elif net.config.global_pool_conditions and guidance_half == "uncond":
                 continue  # (the same in two calls: no residuals for the unconditional half)
             else:

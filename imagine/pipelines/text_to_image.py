@@ -515,6 +515,7 @@ class TextToImagePipeline:
                  control_guidance_end: float | list[float] | None = None,
                  refiner_switch: float | None = None, image_guidance_scale: float | None = None,
                  subseed: int | None = None, subseeds: list[int] | None = None, subseed_strength: float = 0.0,
+                 image_guidance_gate: bool = True,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -565,7 +566,8 @@ class TextToImagePipeline:
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
         runs on the picture and the text (image_guidance_scale s_I, default 1.5, beside guidance_scale s_T;
-        imagine.guidance.instruct_pix2pix_guidance). It starts from noise; a strength given starts it from the
+        imagine.guidance.instruct_pix2pix_guidance), when s_T > 1 and s_I >= 1 as diffusers gates it
+        (`image_guidance_gate`; False: always, as AUTOMATIC1111). It starts from noise; a strength given starts it from the
         picture as image to image does (AUTOMATIC1111's denoising strength for such models)."""
         t0 = time.time()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -680,8 +682,12 @@ class TextToImagePipeline:
                                  "use the refiner with a 4-channel model")
         self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
         editing = steps if prompt_editing else None
-        cond, uncond = self.conditioning(prompts, negatives, height, width, guidance_scale != 1.0, emphasis,
-                                         long_prompts, editing, composable=composable)
+        guided = guidance_scale != 1.0 or (self.edits and not image_guidance_gate)  # (A1111's edit guidance: always)
+        cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts, editing,
+                                         composable=composable)
+        if self.edits and isinstance(cond, ComposedConditioning) and image_guidance_scale != 1:
+            raise ValueError("AND (composed prompts) combines with instruct-pix2pix only at image_guidance_scale 1 "
+                             "(as AUTOMATIC1111); give the instruction as one prompt, or image guidance 1")
         if refine:  # the refiner reads the prompts with its own text encoder and size codes; the LoRA tags (this
             # model's) are taken out first, and a negative prompt not given is zeros where this model zeros it (A1111
             # zeros an empty negative prompt for every SDXL model, the refiner too)
@@ -706,6 +712,7 @@ class TextToImagePipeline:
             cond = _each_step(cond, lambda c: {**c, "concat": picture})
             uncond = None if uncond is None else _each_step(uncond, lambda c: {**c, "concat": picture})
             inpaint["image_guidance_scale"] = image_guidance_scale
+            inpaint["image_guidance_gate"] = image_guidance_gate
         if controls:
             inpaint["controls"] = [(net, self._pixels(pictures, width, height, normalize=False), scale, window)
                                    for net, pictures, scale, window in controls]
@@ -752,8 +759,8 @@ class TextToImagePipeline:
                 for (name, _), (_, _, scale, window) in zip(self.controlnets, controls))
         if emphasis:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
-        if self.edits:
-            params["image_guidance_scale"] = image_guidance_scale  # (A1111's "Image CFG scale")
+        if self.edits and (image_guidance_gate or image_guidance_scale != 1):
+            params["image_guidance_scale"] = image_guidance_scale  # (A1111's "Image CFG scale"; its default 1: none)
         if subseeds is not None:
             params["subseed_strength"] = float(subseed_strength)  # (each image's variation seed: result.subseeds)
         if refine and report.get("refined"):  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
@@ -997,7 +1004,8 @@ class TextToImagePipeline:
     def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, generators, guidance_rescale, eta,
                 karras, thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
                 rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0, noise=None, mask=None,
-                concat=None, controls=None, refiner_switch=None, image_guidance_scale=None, report=None):
+                concat=None, controls=None, refiner_switch=None, image_guidance_scale=None, image_guidance_gate=True,
+                report=None):
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
 
         sc = self.c.scheduler_config
@@ -1016,7 +1024,8 @@ class TextToImagePipeline:
             from imagine.guidance import instruct_pix2pix_guidance
 
             model = ConcatFromCond(model)
-            guidance = functools.partial(instruct_pix2pix_guidance, image_scale=image_guidance_scale)
+            guidance = functools.partial(instruct_pix2pix_guidance, image_scale=image_guidance_scale,
+                                         gate=image_guidance_gate)
         if controls:  # ControlNets (they see the noisy latents alone), each run as the U-Net is: its fast or exact copy
             from imagine.models.controlnet import Controlled
 
@@ -1089,10 +1098,10 @@ def _tag_strength(m: re.Match) -> float | tuple[float, float]:
     refused: imagine merges the whole LoRA."""
     fields = [f.strip() for f in ([m[2]] if m[2] is not None else []) + (m[3] or "").split(":")[1:]]
     positional, named = [], {}
-    for f in fields:
+    for f in fields:  # (as A1111's ExtraNetworkParams: a named field's key is read as written)
         key, eq, value = f.partition("=")
         if eq:
-            named[key.strip().lower()] = value.strip()
+            named[key] = value
         else:
             positional.append(f)
 
@@ -1108,9 +1117,9 @@ def _tag_strength(m: re.Match) -> float | tuple[float, float]:
     if len(positional) > 2 or "dyn" in named or set(named) - {"te", "unet", "dyn"}:
         raise ValueError(f"the prompt asks for {m[0]}: imagine reads a LoRA tag's strengths, <lora:name:te:unet> or "
                          "te= / unet=; not a third field (A1111's dyn, a rank to cut the LoRA to) nor other settings")
-    te = number(positional[0], "text encoder") if positional and positional[0] else 1.0
+    te = number(positional[0], "text encoder") if positional else 1.0
     te = number(named["te"], "text encoder") if "te" in named else te
-    unet = number(positional[1], "U-Net") if len(positional) > 1 and positional[1] else te
+    unet = number(positional[1], "U-Net") if len(positional) > 1 else te
     unet = number(named["unet"], "U-Net") if "unet" in named else unet
     return te if te == unet else (te, unet)
 

@@ -181,7 +181,7 @@ class Img2ImgRequest(Txt2ImgRequest):
 
     init_images: list[str] = []
     denoising_strength: float = 0.75
-    image_cfg_scale: float | None = None  # an instruct-pix2pix model's guidance on the picture (default 1.5)
+    image_cfg_scale: float | None = None  # an instruct-pix2pix model's guidance on the picture (not given: 1)
     mask: str | None = None  # base64 picture (a data: prefix allowed); "" or null: no mask
     mask_blur: int | None = None  # A1111: sets mask_blur_x and mask_blur_y both
     mask_blur_x: int = 4
@@ -665,15 +665,15 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         return str(mode) != "None"
 
     def image_guidance(req, inits) -> float | None:
-        """img2img's image_cfg_scale for an instruct-pix2pix model (A1111's "Image CFG scale", default 1.5); None
-        for any other model (the field is then not used)."""
+        """img2img's image_cfg_scale for an instruct-pix2pix model (A1111's "Image CFG scale"; not given: 1, plain
+        guidance with the picture in both passes, as A1111 runs it); None for any other model (not used)."""
         if not getattr(pipe, "edits", False):
             return None
         if inits is None:
             raise ApiError(422, "this server's model is an instruct-pix2pix model: it edits a picture; use "
                                 "/sdapi/v1/img2img with init_images", "init_images")
         v = getattr(req, "image_cfg_scale", None)
-        v = 1.5 if v is None else v
+        v = 1.0 if v is None else v
         if not math.isfinite(v) or not 0 <= v <= 100:
             raise ApiError(422, f"image_cfg_scale must be a finite number between 0 and 100; got {v}", "image_cfg_scale")
         return float(v)
@@ -1078,7 +1078,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
                                fingerprint, version, vae_name, schedule, clip_skip, strength, hires,
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
-                               job.settings.image_guidance_scale,
+                               job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
                                (subseeds[i], variation) if subseeds else None)
                      for i, s in enumerate(used)]
         encoded = []
@@ -1266,8 +1266,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     @app.get("/sdapi/v1/loras")
     def loras():  # merged at start (imagine serve --lora: every request), then the files a prompt can ask for
-        merged = [{"name": n, "alias": n, "path": "", "metadata": {}, "strength": s}
-                  for n, s in getattr(pipe, "loras", [])]
+        merged = [{"name": n, "alias": n, "path": "", "metadata": {},  # (strength: the text encoders'; unet_strength)
+                   "strength": s if isinstance(s, (int, float)) else s[0],
+                   "unet_strength": s if isinstance(s, (int, float)) else s[1]} for n, s in getattr(pipe, "loras", [])]
         folder = getattr(pipe, "lora_dir", None)
         available = getattr(pipe, "available_loras", lambda: [])()
         return merged + [{"name": n, "alias": n, "path": str(folder), "metadata": {}} for n in available

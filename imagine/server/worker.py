@@ -403,7 +403,7 @@ class ModelWorker:
                               **({"refiner_switch": s.refiner_switch} if s.refiner_switch else {}),
                               **({"subseeds": subseeds[a:b], "subseed_strength": s.subseed_strength}
                                  if subseeds else {}),
-                              **({"image_guidance_scale": s.image_guidance_scale}
+                              **({"image_guidance_scale": s.image_guidance_scale, "image_guidance_gate": False}
                                  if s.image_guidance_scale is not None else {}),
                               **({"init_image": inits[a:b], "strength": s.strength} if inits else {}),
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
