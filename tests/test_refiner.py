@@ -284,6 +284,8 @@ def test_the_cli_and_the_a1111_api_run_the_refiner(models, tmp_path, capsys):
         info = json.loads(r.json()["info"])
         assert info["extra_generation_params"]["Refiner switch at"] == 0.6
         assert "Refiner: refiner, Refiner switch at: 0.6" in info["infotexts"][0]
+        listed = httpx.get(f"{srv.url}/sdapi/v1/sd-models").json()
+        assert [m["model_name"] for m in listed] == ["base", "refiner"]  # (A1111 lists its refiner among them)
         r = post(refiner_checkpoint="other_refiner")
         assert r.status_code == 422 and "valid: 'refiner'" in r.text
         r = post(refiner_checkpoint="refiner", refiner_switch_at=1.5)

@@ -1201,8 +1201,14 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     @app.get("/sdapi/v1/sd-models")
     def get_sd_models():
-        return [{"title": title, "model_name": name, "hash": fingerprint[:10], "sha256": fingerprint,
-                 "filename": source, "config": None}]
+        models = [{"title": title, "model_name": name, "hash": fingerprint[:10], "sha256": fingerprint,
+                   "filename": source, "config": None}]
+        refiner = getattr(pipe, "refiner", None)
+        if refiner is not None:  # (A1111 lists its refiner among the checkpoints: clients pick refiner_checkpoint here)
+            stem = Path(refiner.c.source).stem
+            models.append({"title": stem, "model_name": stem, "hash": None, "sha256": None,
+                           "filename": str(refiner.c.source), "config": None})
+        return models
 
     @app.post("/sdapi/v1/refresh-checkpoints")
     def refresh_checkpoints():
