@@ -1332,52 +1332,172 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         return out
 
     # -- OpenAI ------------------------------------------------------------------------------
-    @app.post("/v1/images/generations")
-    async def images_generations(req: ImageGenerationRequest, request: Request):
-        if req.response_format not in (None, "b64_json"):
-            raise ApiError(400, f"response_format {req.response_format!r} is not supported: this server keeps no "
+    def openai_settings(prompt: str, negative: str, n, size, steps, guidance_scale, sampler, seed,
+                        own_size: tuple[int, int], response_format=None, output_format=None):
+        """The checked settings of an OpenAI images request (generations, edits, variations): (height, width,
+        steps, guidance, sampler, schedule, seeds). size "auto" (or none) is `own_size`."""
+        if response_format not in (None, "b64_json"):
+            raise ApiError(400, f"response_format {response_format!r} is not supported: this server keeps no "
                                 "files to link to; use response_format='b64_json'", "response_format")
-        if req.output_format not in (None, "png"):
-            raise ApiError(400, f"output_format {req.output_format!r} is not supported; use 'png'", "output_format")
-        check_prompt("prompt", req.prompt)
-        if not req.prompt.strip():
-            raise ApiError(422, "prompt must not be empty", "prompt")
-        negative = req.negative_prompt or ""
+        if output_format not in (None, "png"):
+            raise ApiError(400, f"output_format {output_format!r} is not supported; use 'png'", "output_format")
+        check_prompt("prompt", prompt)
         check_prompt("negative_prompt", negative)
-        check_int("n", req.n, 1, cfg.max_images, " (the server's limit on images per request)")
-        height, width = defaults["height"], defaults["width"]
-        if req.size not in (None, "auto"):
-            m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", req.size)
+        check_int("n", n, 1, cfg.max_images, " (the server's limit on images per request)")
+        height, width = own_size
+        if size not in (None, "auto"):
+            m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", size)
             if not m:
                 raise ApiError(422, f"size must be 'WIDTHxHEIGHT' (e.g. '{width}x{height}') or 'auto'; "
-                                    f"got {req.size!r}", "size")
+                                    f"got {size!r}", "size")
             width, height = int(m.group(1)), int(m.group(2))
         try:
             check_size(height, width)
         except ApiError as e:
             e.field, e.message = "size", f"size {width}x{height}: {e.message}"
             raise
-        steps = defaults["steps"] if req.steps is None else req.steps
+        steps = defaults["steps"] if steps is None else steps
         check_int("steps", steps, 1, cfg.max_steps, " (the server's limit)")
-        guidance = defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
+        guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         check_guidance("guidance_scale", guidance)
-        sampler, schedule = resolve_sampler("sampler", req.sampler)
-        base = check_seed("seed", -1 if req.seed is None else req.seed)
-        seeds = [(base + i) % (MAX_SEED + 1) for i in range(req.n)]
-        job = Job(prompts=[req.prompt] * req.n, negative_prompts=[negative or None] * req.n, seeds=seeds,
-                  settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
-                                    guidance_scale=float(guidance), schedule=schedule, long_prompts=True,
-                                    loras=prompt_loras(req.prompt, negative)))
+        sampler, schedule = resolve_sampler("sampler", sampler)
+        base = check_seed("seed", -1 if seed is None else seed)
+        return height, width, steps, guidance, sampler, schedule, [(base + i) % (MAX_SEED + 1) for i in range(n)]
+
+    async def openai_answer(request: Request, job: Job, prompt: str, negative: str, originals=None) -> dict:
+        """Run an OpenAI images job; answer {created, data: [{b64_json, seed}], output_format, size}. `originals`:
+        (picture, mask) for an edit, whose kept part is the picture's own pixels in the answer."""
+        s = job.settings
         result = await run_job(request, job)
         if result is None or result.interrupted:
             raise ApiError(409, "the generation was interrupted (POST /sdapi/v1/interrupt) before it finished",
                            kind="interrupted")
-        data = await run_in_threadpool(lambda: [
-            {"b64_json": _b64_png(im, _infotext(req.prompt, negative, steps, sampler, guidance, s, width, height,
-                                                name, fingerprint, version, vae_name, schedule, clip_skip)),
-             "seed": s}
-            for im, s in zip(result.images, result.seeds)])
-        return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{width}x{height}"}
+
+        def encode():
+            out = []
+            for im, seed in zip(result.images, result.seeds):
+                if originals is not None and originals[1] is not None:  # the kept part: the picture's own pixels
+                    picture, mask = (x.resize(im.size, Image.LANCZOS) for x in originals)
+                    im = Image.composite(im, picture.convert("RGB"), mask.point(lambda v: 255 if v > 127 else 0))
+                text = _infotext(prompt, negative, s.steps, s.sampler, s.guidance_scale, seed, s.width, s.height,
+                                 name, fingerprint, version, vae_name, s.schedule, clip_skip, s.strength)
+                out.append({"b64_json": _b64_png(im, text), "seed": seed})
+            return out
+
+        from PIL import Image
+
+        data = await run_in_threadpool(encode)
+        return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{s.width}x{s.height}"}
+
+    @app.post("/v1/images/generations")
+    async def images_generations(req: ImageGenerationRequest, request: Request):
+        if not req.prompt.strip():
+            raise ApiError(422, "prompt must not be empty", "prompt")
+        negative = req.negative_prompt or ""
+        height, width, steps, guidance, sampler, schedule, seeds = openai_settings(
+            req.prompt, negative, req.n, req.size, req.steps, req.guidance_scale, req.sampler, req.seed,
+            (defaults["height"], defaults["width"]), req.response_format, req.output_format)
+        job = Job(prompts=[req.prompt] * req.n, negative_prompts=[negative or None] * req.n, seeds=seeds,
+                  settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
+                                    guidance_scale=float(guidance), schedule=schedule, long_prompts=True,
+                                    loras=prompt_loras(req.prompt, negative)))
+        return await openai_answer(request, job, req.prompt, negative)
+
+    async def openai_picture_form(request: Request, what: str) -> tuple[dict, object, object]:
+        """An OpenAI images.edit / create_variation multipart body -> (its text fields, the picture, the mask file's
+        picture or None), pictures with their transparency kept; 400 naming what is wrong."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            form = await request.form()
+        except Exception:  # (not multipart/form-data, or a broken body)
+            raise ApiError(400, f"{what} takes multipart/form-data: image (a PNG file), prompt, ...") from None
+        files = [f for key in ("image", "image[]") for f in form.getlist(key)]
+        if not files or any(isinstance(f, str) for f in files):
+            raise ApiError(400, "image: a picture file (PNG) is required", "image")
+        if len(files) > 1:
+            raise ApiError(400, f"image: {len(files)} pictures given; this server edits one picture", "image")
+
+        async def picture(upload, field):
+            data = await upload.read()
+            if len(data) > cfg.max_body_bytes:
+                raise ApiError(413, f"{field}: {len(data)} bytes; the server's limit is {cfg.max_body_bytes}", field)
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    return im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
+            except (ValueError, UnidentifiedImageError, OSError) as e:
+                raise ApiError(400, f"{field}: not a picture Pillow can read ({type(e).__name__})", field) from None
+
+        mask = form.get("mask")
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        return fields, await picture(files[0], "image"), (await picture(mask, "mask") if mask is not None and
+                                                          not isinstance(mask, str) else None)
+
+    def form_number(fields: dict, key: str, kind=float):
+        v = fields.get(key)
+        if v in (None, ""):
+            return None
+        try:
+            return kind(v)
+        except ValueError:
+            raise ApiError(422, f"{key} must be {'an integer' if kind is int else 'a number'}; got {v!r}", key) from None
+
+    async def openai_picture_job(request: Request, fields: dict, picture, mask, prompt: str, strength_default: float):
+        """The job of an edit or a variation: inpainting where `mask` (white: paint anew) is given, else image to
+        image at `strength`."""
+        negative = fields.get("negative_prompt") or ""
+        n = form_number(fields, "n", int)
+        f = _size_multiple(pipe)
+        own = tuple(max(f, v // f * f) for v in (picture.height, picture.width))
+        height, width, steps, guidance, sampler, schedule, seeds = openai_settings(
+            prompt, negative, 1 if n is None else n, fields.get("size"), form_number(fields, "steps", int),
+            form_number(fields, "guidance_scale"), fields.get("sampler"), form_number(fields, "seed", int), own,
+            fields.get("response_format"), fields.get("output_format"))
+        strength = form_number(fields, "strength")
+        strength = (1.0 if mask is not None else strength_default) if strength is None else strength
+        if not 0 < strength <= 1:
+            raise ApiError(422, f"strength must be in (0, 1]; got {strength}", "strength")
+        k = len(seeds)
+        rgb = picture.convert("RGB")
+        job = Job(prompts=[prompt] * k, negative_prompts=[negative or None] * k, seeds=seeds,
+                  settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
+                                    guidance_scale=float(guidance), schedule=schedule, long_prompts=True,
+                                    strength=float(strength), inpainting=mask is not None,
+                                    loras=prompt_loras(prompt, negative)),
+                  init_images=[rgb] * k, masks=None if mask is None else [mask] * k)
+        return await openai_answer(request, job, prompt, negative, (rgb, mask))
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request):
+        """OpenAI's images.edit: `image` edited as `prompt` says. With a `mask` (a PNG of the picture's size), its
+        fully transparent pixels (alpha 0) are painted anew and the rest kept, the picture's own pixels; without
+        one, the picture's own fully transparent pixels, as DALL-E 2 reads them; a picture with none is redrawn
+        whole by image to image (strength 0.75, A1111's default; `strength` in the form). Ours, as form fields:
+        negative_prompt, seed, steps, guidance_scale, sampler, strength."""
+        fields, picture, mask_picture = await openai_picture_form(request, "images.edit")
+        prompt = fields.get("prompt") or ""
+        if not prompt.strip():
+            raise ApiError(400, "prompt: the edit's instruction is required", "prompt")
+        source = mask_picture if mask_picture is not None else picture
+        if mask_picture is not None and mask_picture.size != picture.size:
+            raise ApiError(400, f"mask: {mask_picture.size[0]}x{mask_picture.size[1]}, but the image is "
+                                f"{picture.size[0]}x{picture.size[1]}; they must be the same size", "mask")
+        if mask_picture is not None and source.mode != "RGBA":
+            raise ApiError(400, "mask: its fully transparent pixels say where to edit; give a PNG with transparency",
+                           "mask")
+        mask = None
+        if source.mode == "RGBA":
+            alpha = source.getchannel("A")
+            if alpha.getextrema()[0] == 0:  # some pixel fully transparent
+                mask = alpha.point(lambda v: 255 if v == 0 else 0)
+        return await openai_picture_job(request, fields, picture, mask, prompt, 0.75)
+
+    @app.post("/v1/images/variations")
+    async def images_variations(request: Request):
+        """OpenAI's images.create_variation: image to image from `image` with no prompt (strength 0.6; `prompt` and
+        `strength` in the form if wanted), n pictures of its kind."""
+        fields, picture, _ = await openai_picture_form(request, "images.create_variation")
+        return await openai_picture_job(request, fields, picture, None, fields.get("prompt") or "", 0.6)
 
     @app.get("/v1/models")
     def list_models():
