@@ -148,8 +148,10 @@ class Denoiser:
         if at_step is not None:  # a model whose inputs follow the step (ControlNets' guidance window)
             # counted in model evaluations where a step takes two (Heun: 2N - 1, as diffusers' doubled timesteps)
             at_step(*((self.calls, self.evaluations) if self.evaluations else (i, len(self.plan))))
-        # (the conditioning of step i: prompt editing changes it during the run)
-        out = self.guidance(self.model, x, self._t(x, i), cond_at(self.cond, i), cond_at(self.uncond, i),
+        # (the conditioning of step i, or for a sampler of two evaluations a step of the model call's count, as
+        # AUTOMATIC1111 counts its prompt editing's steps: prompt editing changes it during the run)
+        k = self.calls if self.evaluations else i
+        out = self.guidance(self.model, x, self._t(x, i), cond_at(self.cond, k), cond_at(self.uncond, k),
                             self.guidance_scale, rescale=self.guidance_rescale)
         self.calls += 1
         if out.shape != x.shape:

@@ -681,7 +681,8 @@ class TextToImagePipeline:
                 raise ValueError("an inpainting model's U-Net takes the mask at every step; the refiner would not: "
                                  "use the refiner with a 4-channel model")
         self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
-        editing = steps if prompt_editing else None
+        # (A1111 schedules a second-order sampler's edits over 2N model calls; the denoiser counts its calls then)
+        editing = (2 * steps if _same_sampler(sampler, "heun") else steps) if prompt_editing else None
         guided = guidance_scale != 1.0 or (self.edits and not image_guidance_gate)  # (A1111's edit guidance: always)
         cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts, editing,
                                          composable=composable)
