@@ -139,19 +139,21 @@ def a1111_parameters(p: dict) -> str:
 
 def controlnet_unit_text(model: str, weight: float, start: float = 0.0, end: float = 1.0, module: str = "none",
                          resize: str = "just_resize", resolution: int | None = None, threshold_a: float | None = None,
-                         threshold_b: float | None = None, pixel_perfect: bool = False) -> str:
+                         threshold_b: float | None = None, pixel_perfect: bool = False, mode: str = "balanced") -> str:
     """AUTOMATIC1111's ControlNet extension's infotext of one unit (its field labels): the preprocessor (`module`,
     imagine.preprocessors) with its settings, the resize mode, both halves of the guidance batch; start / end: the
     fraction of the steps the ControlNet acts in."""
     from imagine.preprocessors import PREPROCESSORS
 
-    mode = {"just_resize": "Just Resize", "crop_and_resize": "Crop and Resize",
-            "resize_and_fill": "Resize and Fill"}[resize]
+    resize_label = {"just_resize": "Just Resize", "crop_and_resize": "Crop and Resize",
+                    "resize_and_fill": "Resize and Fill"}[resize]
     settings = "".join(f", {label}: {value:g}" for label, value in (
         ("Processor Res", resolution), ("Threshold A", threshold_a), ("Threshold B", threshold_b)) if value is not None)
     return (f"Module: {PREPROCESSORS.get(module, (module,))[0]}, Model: {model}, Weight: {float(weight):g}, Resize Mode: "
-            f"{mode}{settings}, Guidance Start: {float(start):g}, Guidance End: {float(end):g}, Pixel Perfect: "
-            f"{bool(pixel_perfect)}, Control Mode: Balanced")
+            f"{resize_label}{settings}, Guidance Start: {float(start):g}, Guidance End: {float(end):g}, Pixel Perfect: "
+            f"{bool(pixel_perfect)}, Control Mode: " + {"balanced": "Balanced", "prompt": "My prompt is more important",
+                                                       "controlnet": "ControlNet is more important",
+                                                       "guess": "ControlNet is more important"}[mode])
 
 
 def controlnet_units(p: dict) -> list[tuple]:

@@ -255,3 +255,39 @@ def test_one_controlnet_with_two_pictures_shares_its_model(tmp_path):
                         sampler="ddim", seed=SEED, progress=False, output_type="latent")
     assert psnr(((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1), want) >= 50
     assert pipe.load_controlnet(tmp_path / "cn0" / "diffusion_pytorch_model.safetensors") == "cn0#3"
+
+
+def test_guess_mode_matches_diffusers_and_a1111s_modes_scale_the_levels(tmp_path):
+    """diffusers' guess_mode (the conditional rows only, logspace(-1, 0) up the residuals): 50 dB against its
+    pipeline. AUTOMATIC1111's "My prompt is more important" scales the residuals by 0.825 ** (12 - i) on both halves
+    and "ControlNet is more important" also leaves the unconditional rows alone: checked on the residuals the U-Net
+    receives."""
+    from imagine.models.controlnet import Controlled
+
+    ref, nets = _setup(tmp_path, "ddim")
+    pipe_ref = diffusers.StableDiffusionControlNetPipeline(**ref.components, controlnet=nets[0])
+    want = _reference(pipe_ref, image=_edges(), num_inference_steps=8, guess_mode=True)
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", controlnets=[tmp_path / "cn0"])
+    res = pipe.generate(PROMPT, NEGATIVE, control_image=_edges(), guess_mode=True, steps=8, guidance_scale=CFG,
+                        sampler="ddim", seed=SEED, progress=False, output_type="latent")
+    assert psnr(((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1), want) >= 50
+    assert res.parameters["control_mode"] == ["guess"]
+
+    seen = []
+
+    def unet(x, t, down_block_additional_residuals=None, mid_block_additional_residual=None, **cond):
+        seen.append([*down_block_additional_residuals, mid_block_additional_residual])
+        return x
+
+    net = pipe.controlnets[0][1]
+    picture = pipe._pixels([_edges()], SIZE, SIZE, normalize=False)
+    x, t = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0])
+    context = pipe.text_encoder.encode([NEGATIVE, PROMPT]).states
+    for mode in ("balanced", "prompt", "controlnet"):
+        Controlled(unet, [(net, picture, 0.7, (0.0, 1.0), mode)])(x, t, context=context)
+    balanced, prompt, control = seen
+    factors = [0.825 ** float(12 - i) for i in range(13)][:len(balanced)]
+    for b, p, c, f in zip(balanced, prompt, control, factors):
+        assert torch.allclose(p, b * f, rtol=1e-5, atol=1e-7)
+        # (the conditional rows alone are another batch for the net: equal to rounding)
+        assert torch.equal(c[:1], torch.zeros_like(c[:1])) and torch.allclose(c[1:], (b * f)[1:], rtol=0, atol=1e-5)

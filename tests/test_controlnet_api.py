@@ -179,9 +179,9 @@ def test_txt2img_unit_is_the_pipelines_image(server, models):
     assert info["extra_generation_params"] == {"ControlNet 0": text}
     assert f"ControlNet 0: {json.dumps(text)}" in info["infotexts"][0]
     where = "alwayson_scripts.controlnet.args[0]"
-    assert {f"{where}.{k}" for k in ("control_mode", "lowvram")} <= set(info["ignored_fields"])
-    assert not {f"{where}.{k}" for k in ("resize_mode", "processor_res", "threshold_a", "pixel_perfect")} & set(
-        info["ignored_fields"])  # (the preprocessing fields: tests/test_preprocessors.py)
+    assert {f"{where}.{k}" for k in ("lowvram",)} <= set(info["ignored_fields"])
+    assert not {f"{where}.{k}" for k in ("resize_mode", "processor_res", "threshold_a", "pixel_perfect",
+                                         "control_mode")} & set(info["ignored_fields"])  # (tests/test_preprocessors.py)
     assert "alwayson_scripts" not in info["ignored_fields"] and f"{where}.weight" not in info["ignored_fields"]
     echoed = r.json()["parameters"]["alwayson_scripts"]["controlnet"]["args"][0]
     assert echoed["image"].endswith("base64 characters>") and echoed["weight"] == 0.6
@@ -388,3 +388,17 @@ def test_serve_loads_controlnets_at_start(models, tmp_path, monkeypatch, capsys)
     assert [n for n, _ in app.state.worker.controlnets()] == ["edges", "control_v11p_sd15_canny"]
     assert main(["serve", "--model", str(tmp_path / "no-such-model"), "--controlnet", str(tmp_path / "x.pth")]) == 2
     assert f"--controlnet: {tmp_path / 'x.pth'} not found" in capsys.readouterr().err
+
+
+def test_a_units_control_mode_reaches_the_pipeline(server, models):
+    """The extension's control_mode: "ControlNet is more important" is the pipeline's control_mode "controlnet", and
+    the infotext names it; an unknown mode is 422."""
+    unit = _unit("edges", _edges(), control_mode="ControlNet is more important")
+    r = _post(server, seed=21, **_units(unit))
+    assert r.status_code == 200, r.text
+    want = _pipe(models, "edges").generate("a red circle", control_image=_edges(), control_mode="controlnet",
+                                           seed=21, emphasis=True, progress=False, **KW).images[0]
+    assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
+    assert "Control Mode: ControlNet is more important" in json.loads(r.json()["info"])["infotexts"][0]
+    r = _post(server, seed=21, **_units(_unit("edges", _edges(), control_mode="Louder")))
+    assert r.status_code == 422 and "control_mode must be 'Balanced'" in r.text

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-resolution", type=int, default=None, metavar="N",
                    help="the preprocessor's resolution, the short side it runs at (default: the image's scale, the "
                         "extension's 'pixel perfect')")
+    p.add_argument("--control-mode", choices=["balanced", "prompt", "controlnet", "guess"], default=None,
+                   help="balanced (default); A1111's 'My prompt is more important' (prompt) or 'ControlNet is more "
+                        "important' (controlnet); or diffusers' guess mode (guess)")
     p.add_argument("--control-resize", choices=["just_resize", "crop_and_resize", "resize_and_fill"],
                    default="just_resize",
                    help="how a control map of another shape meets the image's: stretched (default, as diffusers), "
@@ -415,6 +418,8 @@ def run(args) -> int:
                 picture["masked_content"] = args.masked_content
     if args.masked_content and mask_image is None:
         raise ValueError("--masked-content needs --mask (and --init-image)")
+    if args.control_mode and not controlnets:
+        raise ValueError("--control-mode needs a --controlnet")
     if (args.control_start is not None or args.control_end is not None) and not controlnets:
         raise ValueError("--control-start / --control-end need a --controlnet")
     preps = parse_preprocessors(args.control_preprocessor, len(controlnets))
@@ -468,8 +473,11 @@ def run(args) -> int:
                                           args.control_resolution)
         picture["control_image"] = maps[0] if len(maps) == 1 else maps
         control_units = [(name, scale, picture.get("control_guidance_start", 0.0), picture.get("control_guidance_end",
-                                                                                                  1.0), *u)
+                                                                                                  1.0), *u,
+                          args.control_mode or "balanced")
                          for (name, _), (_, scale), u in zip(pipe.controlnets, controlnets, used)]
+        if args.control_mode:
+            picture["control_mode"] = args.control_mode
     first = 0
     if many:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -165,6 +165,21 @@ class ControlNetModel(UNet2DConditionModel):
 
 
 
+CONTROL_MODES = ("balanced", "prompt", "controlnet", "guess")
+
+
+def mode_scales(mode: str, n: int) -> list[float] | None:
+    """The factors on a ControlNet's n residuals (the down ones, then the middle's) for a control mode, or None:
+    "guess" (the ControlNet paper's guess mode as diffusers runs it: logspace(-1, 0) over the n), "prompt" and
+    "controlnet" (AUTOMATIC1111's extension: 0.825 ** (12 - i) for i = 0..12, the first n of them, so that SDXL's
+    10 residuals take 0.825 ** 12 .. 0.825 ** 3)."""
+    if mode == "guess":
+        return torch.logspace(-1, 0, n).tolist()
+    if mode in ("prompt", "controlnet"):
+        return [0.825 ** float(12 - i) for i in range(13)][:n]
+    return None
+
+
 def _add(h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     rows = max(h.shape[0], cond.shape[0])
     return torch.cat([h] * (rows // h.shape[0])) + torch.cat([cond] * (rows // cond.shape[0]))
@@ -174,7 +189,12 @@ class Controlled(nn.Module):
     """The denoiser a sampler calls with ControlNets: each ControlNet reads (x_t, t, the text) and its control
     picture, and the sum of their residuals (scaled) goes into the U-Net's skips and bottleneck (diffusers'
     MultiControlNet sums them alike). `model` is the U-Net as the sampler would call it (its exact or fast copy),
-    `controls` (ControlNet as it is to be run, control [B, 3, H, W] in [0, 1], scale, (start, end)) per ControlNet.
+    `controls` (ControlNet as it is to be run, control [B, 3, H, W] in [0, 1], scale, (start, end)[, mode]) per
+    ControlNet; mode (`CONTROL_MODES`): "balanced" (both halves of the guidance batch, the residuals at the scale),
+    "guess" (diffusers' guess_mode: the conditional rows only, the residuals scaled up the levels, `mode_scales`),
+    AUTOMATIC1111's "prompt" ("My prompt is more important": A1111's level factors, both halves) and "controlnet"
+    ("ControlNet is more important": its level factors, the conditional rows only). A pooled ControlNet (shuffle)
+    always acts on the conditional rows only, as diffusers runs it, unscaled by level in guess mode.
     A ControlNet acts on the steps i of n with start <= i / n and (i + 1) / n <= end (diffusers'
     control_guidance_start / end, A1111's starting and ending control step), which the sampler's denoiser tells
     through `at_step`; outside them it is not run. A guidance batch (x once, k rows of conditioning) passes
@@ -189,7 +209,11 @@ class Controlled(nn.Module):
         self.nets = nn.ModuleList([c[0] for c in controls])
         # the pictures in each ControlNet's dtype and the copies' channels-last layout, once for the run
         self.controls = [(c[1].to(next(c[0].parameters()).dtype).contiguous(memory_format=torch.channels_last),
-                          float(c[2]), tuple(c[3]) if len(c) > 3 else (0.0, 1.0)) for c in controls]
+                          float(c[2]), tuple(c[3]) if len(c) > 3 else (0.0, 1.0), c[4] if len(c) > 4 else "balanced")
+                         for c in controls]
+        for c in self.controls:
+            if c[3] not in CONTROL_MODES:
+                raise ValueError(f"control mode must be one of {', '.join(CONTROL_MODES)}; got {c[3]!r}")
         self.shares_guidance_batch = bool(getattr(model, "shares_guidance_batch", False))
         self.config = getattr(model, "config", None)
         self.step: tuple[int, int] | None = None  # (i, n), set by the denoiser before each call
@@ -207,7 +231,7 @@ class Controlled(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, guidance_half: str | None = None, **cond) -> torch.Tensor:
         down, mid = None, None
         keys = ("context", "context_mask", "class_labels", "text_embeds", "time_ids")
-        for k, (net, (picture, scale, window)) in enumerate(zip(self.nets, self.controls)):
+        for k, (net, (picture, scale, window, mode)) in enumerate(zip(self.nets, self.controls)):
             if not self._acts(window):
                 continue
             dtype = next(net.parameters()).dtype
@@ -222,19 +246,24 @@ class Controlled(nn.Module):
                      for k, v in cond.items() if k in keys}
             context = given.get("context")
             rows, b = (context.shape[0], x.shape[0]) if torch.is_tensor(context) else (0, 0)
-            if net.config.global_pool_conditions and b and rows >= 2 * b and rows % b == 0:
-                # A pooled ControlNet (shuffle) reads the prompt only: diffusers runs it in guess mode, on the
-                # conditional part of the guidance batch [uncond; cond...] (one part, or AND's several), with zero
-                # residuals for the unconditional rows.
+            pooled = bool(net.config.global_pool_conditions)
+            cond_only = pooled or mode in ("guess", "controlnet")
+            factors = None if pooled and mode == "guess" else mode_scales(mode, len(net.controlnet_down_blocks) + 1)
+            if cond_only and b and rows >= 2 * b and rows % b == 0:
+                # the conditional part of the guidance batch [uncond; cond...] (one part, or AND's several) only,
+                # with zero residuals for the unconditional rows (a pooled ControlNet reads the prompt only;
+                # diffusers runs it, and guess mode, so)
                 rest = {k: (v[b:] if torch.is_tensor(v) and v.shape[0] == rows else v) for k, v in given.items()}
                 d, m = net(xin, t, control_features=features, scale=scale, **rest)
                 # (a residual from before the net's own guidance batch parted holds one copy for all the parts)
                 d = [torch.cat([torch.zeros_like(r[:b]), expand_batch(r, rows - b)]) for r in d]
                 m = torch.cat([torch.zeros_like(m[:b]), expand_batch(m, rows - b)])
-            elif net.config.global_pool_conditions and guidance_half == "uncond":
+            elif cond_only and guidance_half == "uncond":
                 continue  # (the same in two calls: no residuals for the unconditional half)
             else:
                 d, m = net(xin, t, control_features=features, scale=scale, **given)
+            if factors is not None:  # the control mode's level factors
+                d, m = [r * f for r, f in zip(d, factors)], m * factors[-1]
             down = list(d) if down is None else [_add(a, b.to(a.dtype)) for a, b in zip(down, d)]
             mid = m if mid is None else _add(mid, m.to(mid.dtype))
         if down is None:  # no ControlNet acts at this step

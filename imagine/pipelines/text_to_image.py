@@ -513,6 +513,7 @@ class TextToImagePipeline:
                  controlnet_scale: float | list[float] | None = None,
                  control_guidance_start: float | list[float] | None = None,
                  control_guidance_end: float | list[float] | None = None,
+                 control_mode: str | list[str] | None = None, guess_mode: bool = False,
                  refiner_switch: float | None = None, image_guidance_scale: float | None = None,
                  subseed: int | None = None, subseeds: list[int] | None = None, subseed_strength: float = 0.0,
                  image_guidance_gate: bool = True,
@@ -554,7 +555,10 @@ class TextToImagePipeline:
         several, a list with one entry per ControlNet and a float or one per ControlNet. The pictures are used
         as given (edges, depth, pose: already made), resized to the image's size; with no size given the size
         is the first picture's. control_guidance_start / end (a float, or one per ControlNet): the fraction of the
-        steps a ControlNet acts in, as diffusers (A1111's starting and ending control step).
+        steps a ControlNet acts in, as diffusers (A1111's starting and ending control step). control_mode (one, or one
+        per ControlNet; imagine.models.controlnet.CONTROL_MODES): "balanced", AUTOMATIC1111's "prompt" ("My prompt is
+        more important") and "controlnet" ("ControlNet is more important"), or "guess"; guess_mode: diffusers' guess
+        mode for all (the conditional rows only, the residuals scaled up the levels).
 
         refiner_switch (with a refiner loaded, `load_refiner`): the fraction of the steps after which SDXL's refiner
         takes over from this model (AUTOMATIC1111's "switch at", e.g. 0.8; imagine.refiner); None: no refiner.
@@ -641,15 +645,16 @@ class TextToImagePipeline:
                              "picture to edit); this model's U-Net does not")
         if strength is None:
             strength = 1.0 if masks is not None else 0.8  # diffusers' defaults for inpainting and image to image
-        if control_image is None and not all(v is None for v in (controlnet_scale, control_guidance_start,
-                                                                  control_guidance_end)):
-            raise ValueError("controlnet_scale / control_guidance_start / control_guidance_end need control_image "
-                             "(the ControlNets' pictures)")
+        if control_image is None and (guess_mode or not all(v is None for v in (
+                controlnet_scale, control_guidance_start, control_guidance_end, control_mode))):
+            raise ValueError("controlnet_scale / control_guidance_start / control_guidance_end / control_mode / guess_mode "
+                             "need control_image (the ControlNets' pictures)")
         n_prompts = len(prompts) // num_images_per_prompt
         controls = self._control_pictures(control_image, 1.0 if controlnet_scale is None else controlnet_scale,
                                           n_prompts, num_images_per_prompt,
                                           0.0 if control_guidance_start is None else control_guidance_start,
-                                          1.0 if control_guidance_end is None else control_guidance_end)
+                                          1.0 if control_guidance_end is None else control_guidance_end,
+                                          "guess" if guess_mode else (control_mode or "balanced"))
         if init_latents is not None:  # image to image from latents (hires. fix's latent upscale)
             if inits is not None:
                 raise ValueError("give init_image or init_latents, not both")
@@ -715,8 +720,8 @@ class TextToImagePipeline:
             inpaint["image_guidance_scale"] = image_guidance_scale
             inpaint["image_guidance_gate"] = image_guidance_gate
         if controls:
-            inpaint["controls"] = [(net, self._pixels(pictures, width, height, normalize=False), scale, window)
-                                   for net, pictures, scale, window in controls]
+            inpaint["controls"] = [(net, self._pixels(pictures, width, height, normalize=False), scale, window, mode)
+                                   for net, pictures, scale, window, mode in controls]
         if isinstance(subseed_strength, bool) or not isinstance(subseed_strength, (int, float)) or \
                 not 0 <= subseed_strength <= 1:
             raise ValueError(f"subseed_strength must be a number in [0, 1]; got {subseed_strength!r}")
@@ -757,7 +762,9 @@ class TextToImagePipeline:
         if controls:
             params["controlnet"] = ", ".join(
                 f"{name}: {scale:g}" + ("" if window == (0.0, 1.0) else f" ({window[0]:g}-{window[1]:g})")
-                for (name, _), (_, _, scale, window) in zip(self.controlnets, controls))
+                for (name, _), (_, _, scale, window, _) in zip(self.controlnets, controls))
+            if any(c[4] != "balanced" for c in controls):
+                params["control_mode"] = [c[4] for c in controls]
         if emphasis:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
         if self.edits and (image_guidance_gate or image_guidance_scale != 1):
@@ -874,9 +881,9 @@ class TextToImagePipeline:
         return [(im.convert(mode) if mode else im) for im in images for _ in range(per_prompt)]
 
     def _control_pictures(self, control_image, scales, n_prompts: int, per_prompt: int, starts=0.0,
-                          ends=1.0) -> list[tuple]:
-        """(ControlNet, one RGB picture per image of the batch, scale, (start, end)) per loaded ControlNet; [] with
-        no picture."""
+                          ends=1.0, modes="balanced") -> list[tuple]:
+        """(ControlNet, one RGB picture per image of the batch, scale, (start, end), control mode) per loaded
+        ControlNet; [] with no picture."""
         if control_image is None:
             if self.controlnets:
                 log.debug("ControlNets loaded but no control_image given: they are not used")
@@ -907,8 +914,15 @@ class TextToImagePipeline:
         for s, e in zip(starts, ends):
             if s >= e:
                 raise ValueError(f"control_guidance_start ({s:g}) must be below control_guidance_end ({e:g})")
-        return [(net, self._init_images(pictures, n_prompts, per_prompt, "control_image"), scale, (s, e))
-                for (_, net), pictures, scale, s, e in zip(self.controlnets, per_net, scales, starts, ends)]
+        from imagine.models.controlnet import CONTROL_MODES
+
+        modes = [modes] * n if isinstance(modes, str) else list(modes)
+        if len(modes) != n or any(m not in CONTROL_MODES for m in modes):
+            raise ValueError(f"control_mode must be one of {', '.join(CONTROL_MODES)}, or one per ControlNet ({n}); "
+                             f"got {modes!r}")
+        return [(net, self._init_images(pictures, n_prompts, per_prompt, "control_image"), scale, (s, e), mode)
+                for (_, net), pictures, scale, s, e, mode in zip(self.controlnets, per_net, scales, starts, ends,
+                                                                 modes)]
 
     @property
     def edits(self) -> bool:

@@ -243,7 +243,11 @@ def _decode_mask(data: str, field: str = "mask"):
 # AUTOMATIC1111's ControlNet extension (alwayson_scripts.controlnet.args: one dict per unit): the fields used
 # ("input_image" and "guidance" are its older names of "image" and "guidance_end"); others are accepted, not used
 CONTROLNET_USED = ("enabled", "image", "input_image", "model", "weight", "module", "guidance_start", "guidance_end",
-                   "guidance", "processor_res", "threshold_a", "threshold_b", "pixel_perfect", "resize_mode")
+                   "guidance", "processor_res", "threshold_a", "threshold_b", "pixel_perfect", "resize_mode",
+                   "control_mode")
+# the extension's control modes (its labels, or 0-2) -> imagine's (imagine.models.controlnet.CONTROL_MODES)
+A1111_CONTROL_MODES = {"balanced": "balanced", "my prompt is more important": "prompt",
+                       "controlnet is more important": "controlnet", "0": "balanced", "1": "prompt", "2": "controlnet"}
 CONTROLNET_MAX_WEIGHT = 2.0  # the extension's bound on a unit's weight
 
 
@@ -808,6 +812,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                 module = preprocessors.find_preprocessor(unit.get("module"))
             except ValueError as e:
                 raise ApiError(422, f"{where}.module: {e}", f"{where}.module") from None
+            mode = A1111_CONTROL_MODES.get(str(unit.get("control_mode", "Balanced")).strip().lower())
+            if mode is None:
+                raise ApiError(422, f"{where}.control_mode must be 'Balanced', 'My prompt is more important' or "
+                                    f"'ControlNet is more important' (or 0, 1, 2); got {unit.get('control_mode')!r}",
+                               f"{where}.control_mode")
             resize = unit.get("resize_mode", "Crop and Resize")  # the extension's default
             resize = preprocessors.A1111_RESIZE_MODES.get(str(resize).strip().lower())
             if resize is None:
@@ -843,7 +852,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                f"{where}.image")
             ignored += unused + [f"{where}.{k}" for k in unit if k not in CONTROLNET_USED and unit[k] is not None]
             units.append({"name": name, "title": titles[name], "weight": float(weight), "start": window[0],
-                          "end": window[1], "image": image, "field": f"{where}.{key}", "module": module,
+                          "end": window[1], "image": image, "field": f"{where}.{key}", "module": module, "mode": mode,
                           "resize": resize, "pixel_perfect": bool(unit.get("pixel_perfect", False)), **numbers})
         return units, ignored
 
@@ -1059,7 +1068,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     loras=prompt_loras(req.prompt, req.negative_prompt),
                                     masked_content=A1111_MASKED_CONTENT.get(int(req.inpainting_fill), "original")
                                     if inpaint is not None else "original",
-                                    controlnets=tuple((u["name"], u["weight"], u["start"], u["end"])
+                                    controlnets=tuple((u["name"], u["weight"], u["start"], u["end"], u["mode"])
                                                       for u in units),
                                     refiner_switch=refiner[1] if refiner else None, subseed_strength=variation),
                   subseeds=subseeds,
@@ -1073,8 +1082,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         used = result.seeds if result is not None else []
         a_name = samplers.a1111_name(sampler)
         cn_units = [(u["title"], u["weight"], u["start"], u["end"], u["module"], u["resize"],
-                     *(u.get("settings", {}).get(k) for k in ("resolution", "low", "high")), u["pixel_perfect"])
-                    for u in units]
+                     *(u.get("settings", {}).get(k) for k in ("resolution", "low", "high")), u["pixel_perfect"],
+                     u["mode"]) for u in units]
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
                                fingerprint, version, vae_name, schedule, clip_skip, strength, hires,
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,

@@ -384,13 +384,17 @@ class ModelWorker:
                 if controls:  # one picture per image for each unit (as a list per ControlNet when several)
                     pictures = [c[a:b] for c in controls]
                     one = len(pictures) == 1
-                    units = [tuple(u) + (0.0, 1.0)[len(u) - 2:] for u in s.controlnets]  # (name, weight, start, end)
+                    # (name, weight, start, end[, control mode])
+                    units = [tuple(u) + (0.0, 1.0)[len(u) - 2:] if len(u) < 4 else tuple(u) for u in s.controlnets]
                     weights, starts, ends = ([u[k] for u in units] for k in (1, 2, 3))
+                    modes = [u[4] if len(u) > 4 else "balanced" for u in units]
                     control = {"control_image": pictures[0] if one else pictures,
                                "controlnet_scale": weights[0] if one else weights}
                     if any(v != 0 for v in starts) or any(v != 1 for v in ends):  # a guidance window
                         control.update(control_guidance_start=starts[0] if one else starts,
                                        control_guidance_end=ends[0] if one else ends)
+                    if any(m != "balanced" for m in modes):
+                        control["control_mode"] = modes
                 with self._using_controlnets([u[0] for u in s.controlnets]):
                     res = run(prompts[a:b], negatives[a:b], seeds=seeds[a:b], steps=s.steps,
                               guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
