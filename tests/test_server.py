@@ -286,9 +286,10 @@ def test_malformed_json_is_422_never_500(server, raw):
 
 
 def test_oversized_body_is_413(server):
-    r = requests.post(server.url + "/sdapi/v1/txt2img", data=b"{" + b" " * (2 << 20) + b"}",
+    """The default limit is four base64 RGBA pictures of the largest size, at least 8 MiB."""
+    r = requests.post(server.url + "/sdapi/v1/txt2img", data=b"{" + b" " * (9 << 20) + b"}",
                       headers={"Content-Type": "application/json"}, timeout=30)
-    assert r.status_code == 413
+    assert r.status_code == 413 and "limit of 8388608 bytes" in r.text
 
 
 # -- under load: batching, queue full, interrupt, disconnect ----------------------------------

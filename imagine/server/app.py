@@ -55,14 +55,16 @@ class ServerConfig:
     max_steps: int = 150
     max_images: int = 8  # per request: batch_size * n_iter, or OpenAI's n
     max_prompt_length: int = 2000  # characters, prompt and negative prompt each
-    max_body_bytes: int = 1 << 20
+    # None: room for four base64 pictures of the largest size, uncompressed RGBA (an img2img picture, its mask and
+    # ControlNet pictures), at least 8 MiB: a photo of the model's own size fits in any of the APIs
+    max_body_bytes: int | None = None
     queue_size: int = 16  # jobs waiting (the running batch not counted)
     max_batch: int = 8  # images per forward pass
 
     def __post_init__(self):
         for k, v in asdict(self).items():
-            if v is None and k in ("max_width", "max_height"):
-                continue  # the model's own size, twice (create_app)
+            if v is None and k in ("max_width", "max_height", "max_body_bytes"):
+                continue  # the model's own size, twice, and room for its pictures (create_app)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"ServerConfig.{k} must be a positive integer; got {v!r}")
 
@@ -563,6 +565,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     if cfg.max_width is None or cfg.max_height is None:
         own = _own_size(pipe)
         cfg = replace(cfg, max_width=cfg.max_width or 2 * own[1], max_height=cfg.max_height or 2 * own[0])
+    if cfg.max_body_bytes is None:
+        cfg = replace(cfg, max_body_bytes=max(8 << 20, 4 * (4 * cfg.max_width * cfg.max_height) * 4 // 3))
     worker = worker or ModelWorker(pipe, queue_size=cfg.queue_size, max_batch=cfg.max_batch)
     samplers = SamplerTable(our_sampler_names())
     source = str(getattr(getattr(pipe, "c", None), "source", "") or "")
