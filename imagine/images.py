@@ -153,7 +153,7 @@ def controlnet_unit_text(model: str, weight: float, start: float = 0.0, end: flo
             f"{resize_label}{settings}, Guidance Start: {float(start):g}, Guidance End: {float(end):g}, Pixel Perfect: "
             f"{bool(pixel_perfect)}, Control Mode: " + {"balanced": "Balanced", "prompt": "My prompt is more important",
                                                        "controlnet": "ControlNet is more important",
-                                                       "guess": "ControlNet is more important"}[mode])
+                                                       "guess": "Guess"}[mode])
 
 
 def controlnet_units(p: dict) -> list[tuple]:

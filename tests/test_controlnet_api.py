@@ -400,5 +400,8 @@ def test_a_units_control_mode_reaches_the_pipeline(server, models):
                                            seed=21, emphasis=True, progress=False, **KW).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
     assert "Control Mode: ControlNet is more important" in json.loads(r.json()["info"])["infotexts"][0]
+    balanced = _pipe(models, "edges").generate("a red circle", control_image=_edges(), seed=21, emphasis=True,
+                                               progress=False, **KW).images[0]
+    assert balanced.tobytes() != want.tobytes()  # (the mode changes the image)
     r = _post(server, seed=21, **_units(_unit("edges", _edges(), control_mode="Louder")))
     assert r.status_code == 422 and "control_mode must be 'Balanced'" in r.text

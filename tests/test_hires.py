@@ -121,5 +121,7 @@ def test_the_a1111_api_runs_hires_fix(tmp_path, pipe):
         got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
         assert got.convert("RGB").tobytes() == want.images[0].tobytes()
         assert "Hires prompt: a blue square" in json.loads(r.json()["info"])["infotexts"][0]
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "hr_prompt": "x" * 3000}, timeout=60)
+        assert r.status_code == 422 and r.json()["field"] == "hr_prompt"
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "hr_scale": 8}, timeout=120)
         assert r.status_code == 422

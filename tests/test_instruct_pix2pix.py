@@ -112,8 +112,14 @@ def test_misuse_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="mask_image is for inpainting"):
         pipe.generate(PROMPT, init_image=_picture(32), mask_image=Image.new("L", (32, 32), 255), steps=2,
                       progress=False)
+    from test_controlnet import tiny_controlnet
     from test_loading import save_diffusers_folder
 
+    tiny_controlnet().save_pretrained(tmp_path / "cn", safe_serialization=True)
+    pipe.load_controlnet(tmp_path / "cn")
+    with pytest.raises(ValueError, match="conditional half only .* is not combined with instruct-pix2pix"):
+        pipe.generate(PROMPT, init_image=_picture(32), control_image=_picture(32), guess_mode=True, steps=2,
+                      progress=False)
     save_diffusers_folder(tmp_path / "plain", "sd1")
     plain = TextToImagePipeline.from_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="image_guidance_scale is for instruct-pix2pix models"):

@@ -98,6 +98,10 @@ def test_bad_edits_are_400s_naming_the_field(served):
     with pytest.raises(openai.BadRequestError, match="give a PNG with transparency"):
         client.images.edit(image=("p.png", _png(_picture())), mask=("m.png", _png(Image.new("L", (SIZE, SIZE)))),
                            prompt="x")
+    with pytest.raises(openai.BadRequestError, match="no pixel is fully transparent"):
+        client.images.edit(image=("p.png", _png(_picture())), mask=("m.png", _png(Image.new("RGBA", (SIZE, SIZE),
+                                                                                         (0, 0, 0, 255)))),
+                           prompt="x")
     with pytest.raises(openai.BadRequestError, match="prompt: the edit's instruction is required"):
         client.images.edit(image=("p.png", _png(_picture())), prompt=" ")
     with pytest.raises(openai.BadRequestError, match="not a picture Pillow can read"):

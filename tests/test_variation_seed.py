@@ -74,6 +74,17 @@ def test_strengths_0_and_1_are_the_two_seeds_and_a_batch_changes_nothing(pipe):
         float((mid.latents[:1] - other).abs().max()) > 0.1
 
 
+def test_hires_keeps_the_variation_seeds_for_both_passes(pipe):
+    kw = {k: v for k, v in KW.items() if k != "output_type"}
+    res = pipe.generate_hires("a red circle", hires_scale=1.5, seed=5, subseed=9, subseed_strength=0.5, **kw)
+    assert res.subseeds == [9]
+    again = pipe.generate_hires("a red circle", hires_scale=1.5, seed=5, subseeds=[9], subseed_strength=0.5, **kw)
+    assert res.images[0].tobytes() == again.images[0].tobytes()
+    randomly = pipe.generate_hires("a red circle", hires_scale=1.5, seed=5, subseed_strength=0.5, **kw)
+    first = pipe.generate("a red circle", seed=5, subseeds=randomly.subseeds, subseed_strength=0.5, **KW)
+    assert randomly.subseeds == first.subseeds  # (a random variation seed is drawn once, for both passes)
+
+
 def test_the_a1111_api_and_the_cli_follow(pipe, tmp_path, capsys):
     httpx = pytest.importorskip("httpx")
     from imagine.cli import main

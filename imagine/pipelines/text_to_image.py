@@ -691,6 +691,11 @@ class TextToImagePipeline:
         guided = guidance_scale != 1.0 or (self.edits and not image_guidance_gate)  # (A1111's edit guidance: always)
         cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts, editing,
                                          composable=composable)
+        if self.edits and controls and any(c[4] in ("guess", "controlnet") or c[0].config.global_pool_conditions
+                                           for c in controls):
+            raise ValueError("a ControlNet acting on the conditional half only (guess mode, 'ControlNet is more "
+                             "important', a shuffle ControlNet) is not combined with instruct-pix2pix's three passes; "
+                             "use control_mode 'balanced' or 'prompt'")
         if self.edits and isinstance(cond, ComposedConditioning) and image_guidance_scale != 1:
             raise ValueError("AND (composed prompts) combines with instruct-pix2pix only at image_guidance_scale 1 "
                              "(as AUTOMATIC1111); give the instruction as one prompt, or image guidance 1")
@@ -848,6 +853,8 @@ class TextToImagePipeline:
                 first.latents.float(), size=(height // f, width // f), mode="bilinear", align_corners=False)}
         prompts = [hires_prompt] * len(first.seeds) if hires_prompt else p["prompt"]
         negatives = [hires_negative_prompt] * len(first.seeds) if hires_negative_prompt else first.negatives
+        if first.subseeds is not None:  # (the same variation seeds in both passes, as A1111)
+            later = {**{k: v for k, v in later.items() if k != "subseed"}, "subseeds": first.subseeds}
         second = self.generate(prompts, negatives, seeds=first.seeds, height=height, width=width,
                                steps=steps, strength=hires_strength, callback=callback, progress=progress,
                                output_type=output_type, **start, **later)
@@ -858,6 +865,7 @@ class TextToImagePipeline:
                   **({"hires_prompt": hires_prompt} if hires_prompt else {}),
                   **({"hires_negative_prompt": hires_negative_prompt} if hires_negative_prompt else {})}
         return GenerationResult(images=second.images, seeds=second.seeds, parameters=params, negatives=second.negatives,
+                                subseeds=second.subseeds,
                                 seconds=first.seconds + second.seconds, latents=second.latents)
 
     def hires_size(self, height: int, width: int, scale: float) -> tuple[int, int]:

@@ -426,8 +426,8 @@ def _openai_path(request: Request) -> bool:
 def _error_response(request: Request, status: int, message: str, field: str | None = None,
                     headers: dict | None = None, kind: str | None = None, errors: Any = None) -> JSONResponse:
     if _openai_path(request):
-        otype = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error",
-                 429: "rate_limit_error", 503: "server_busy"}.get(status, "server_error")
+        otype = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                 422: "invalid_request_error", 429: "rate_limit_error", 503: "server_busy"}.get(status, "server_error")
         body = {"error": {"message": message, "type": kind or otype, "param": field, "code": None}}
     else:
         body = {"error": kind or _status_kind(status), "detail": message}
@@ -1023,7 +1023,13 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             check_int("width x hr_scale", big[1], 1, cfg.max_width, " (the server's limit)")
             # A1111's "Latent" family resizes latents (its default); every other upscaler name is an image one here
             upscaler = "latent" if str(req.hr_upscaler or "Latent").lower().startswith("latent") else "lanczos"
-            # (A1111's hr_prompt / hr_negative_prompt: the second pass's texts; "" the first pass's)
+            # (A1111's hr_prompt / hr_negative_prompt: the second pass's texts; "" the first pass's), checked as the
+            # prompt is, before the job is queued
+            check_prompt("hr_prompt", req.hr_prompt)
+            check_prompt("hr_negative_prompt", req.hr_negative_prompt)
+            if prompt_loras(req.hr_prompt, req.hr_negative_prompt):
+                raise ApiError(422, "hr_prompt: <lora:...> tags are read in the prompt; the hires pass keeps the "
+                                    "prompt's LoRAs", "hr_prompt")
             hires = (float(req.hr_scale), float(hr_strength), req.hr_second_pass_steps or None, upscaler,
                      req.hr_prompt or None, req.hr_negative_prompt or None)
             strength = float(hr_strength)
@@ -1458,6 +1464,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     async def openai_picture_job(request: Request, fields: dict, picture, mask, prompt: str, strength_default: float):
         """The job of an edit or a variation: inpainting where `mask` (white: paint anew) is given, else image to
         image at `strength`."""
+        from PIL import Image
+
         negative = fields.get("negative_prompt") or ""
         n = form_number(fields, "n", int)
         f = _size_multiple(pipe)
@@ -1472,6 +1480,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"strength must be in (0, 1]; got {strength}", "strength")
         k = len(seeds)
         rgb = picture.convert("RGB")
+        if picture.mode == "RGBA" and mask is None:  # (what lies under transparent pixels is not the picture: white)
+            rgb = Image.alpha_composite(Image.new("RGBA", picture.size, (255, 255, 255, 255)), picture).convert("RGB")
         job = Job(prompts=[prompt] * k, negative_prompts=[negative or None] * k, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, long_prompts=True,
@@ -1503,6 +1513,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             alpha = source.getchannel("A")
             if alpha.getextrema()[0] == 0:  # some pixel fully transparent
                 mask = alpha.point(lambda v: 255 if v == 0 else 0)
+            elif mask_picture is not None:
+                raise ApiError(400, "mask: no pixel is fully transparent (alpha 0), so there is nothing to edit",
+                               "mask")
         return await openai_picture_job(request, fields, picture, mask, prompt, 0.75)
 
     @app.post("/v1/images/variations")
