@@ -385,3 +385,26 @@ def test_server_infotext_is_the_same_writer():
     assert (got["Model hash"], got["VAE"], got["Version"]) == ("0123456789", "my: vae.safetensors", "imagine 0.1.0")
     assert (got["Steps"], got["CFG scale"], got["Seed"], got["Size"]) == ("4", "7", "9", "24x16")
     assert "Negative prompt" not in text
+
+
+def test_bf16_weights_for_the_fast_mode(models, tmp_path, capsys):
+    """--dtype bfloat16 loads the weights in bf16 (half the memory) for --precision fast, whose copies compute in bf16:
+    close to the float32-loaded fast image (the same weights rounded once more); refused with the exact mode."""
+    import numpy as np
+
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    outs = []
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.png"
+        code, _, err = _run(capsys, "--model", models["folder"], "a red circle", "--steps", 3, "--seed", 2, "--height",
+                            32, "--width", 32, "--precision", "fast", "--dtype", dtype, "-o", out, "-q")
+        assert code == 0, err
+        outs.append(np.asarray(Image.open(out).convert("RGB"), dtype=np.float64))
+    mse = ((outs[0] - outs[1]) ** 2).mean()
+    assert mse == 0 or 10 * np.log10(255 ** 2 / mse) >= 30
+    import torch
+
+    assert TextToImagePipeline.from_pretrained(models["folder"], dtype=torch.bfloat16).unet.dtype == torch.bfloat16
+    code, _, err = _run(capsys, "--model", models["folder"], "x", "--dtype", "bfloat16", "-q")
+    assert code == 2 and "--dtype bfloat16 is for --precision fast" in err
