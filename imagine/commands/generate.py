@@ -154,8 +154,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exact: fp32; fast: bf16 weights and channels-last where the CPU has native bf16 "
                    "(AVX512-BF16 or AMX), else as exact")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="the weights as loaded: bfloat16 halves the model's memory (SDXL with its refiner fits in "
-                        "24 GB), for --precision fast only, whose copies compute in bf16 anyway")
+                   help="the weights as loaded: bfloat16 halves the model's memory, for --precision fast only, whose "
+                        "copies compute in bf16 anyway")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     single = p.add_argument_group("single-file checkpoints (.safetensors / .ckpt)")
     single.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,

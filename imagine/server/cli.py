@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exact: fp32; fast: bf16 weights and channels-last where the CPU has native bf16 "
                    "(AVX512-BF16 or AMX), else as exact")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="the weights as loaded: bfloat16 halves the model's memory (SDXL with its refiner fits in "
-                        "24 GB), for --precision fast only, whose copies compute in bf16 anyway")
+                   help="the weights as loaded: bfloat16 halves the model's memory, for --precision fast only, whose "
+                        "copies compute in bf16 anyway")
     p.add_argument("--queue-size", type=int, default=d.queue_size,
                    help=f"jobs that may wait; past it requests get 429 with Retry-After (default {d.queue_size})")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
