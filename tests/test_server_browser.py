@@ -252,3 +252,25 @@ def test_the_controlnet_section_stays_hidden_without_controlnets(server, page):
     _fill_form(page, server, prompt="x", steps=2, seed=1, sampler="Euler")
     page.wait_for_function("document.querySelector('#controlnet').dataset.ready === '1'")
     assert not page.is_visible("#controlnet summary")
+
+
+def test_hires_and_a_variation_seed_from_the_page(server, page):
+    """The Upscale section sends A1111's hires. fix (enable_hr, hr_scale, the hires strength) and the Variation section
+    its subseed / subseed_strength: the gallery shows the pipeline's own image for them, at the larger size."""
+    _fill_form(page, server, prompt="a red circle", steps=3, seed=12, sampler="Euler", size=32)
+    page.click("#hires summary")
+    page.fill("#hr_scale", "2")
+    page.fill("#hr_strength", "0.6")
+    page.click("#variation summary")
+    page.fill("#subseed", "40")
+    page.fill("#subseed_strength", "0.3")
+    page.click("#generate")
+    card = page.wait_for_selector(".gallery .card", timeout=60_000)
+    href = card.query_selector("a.download").get_attribute("href")
+    got = Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB")
+    cfg = float(page.input_value("#cfg_scale"))
+    want = server.pipe.pipe.generate_hires("a red circle", hires_scale=2.0, hires_strength=0.6, steps=3, seed=12,
+                                           subseeds=[40], subseed_strength=0.3, width=32, height=32, sampler="euler",
+                                           guidance_scale=cfg, emphasis=True, long_prompts=True, prompt_editing=True,
+                                           composable=True, progress=False).images[0]
+    assert got.size == (64, 64) and got.tobytes() == want.tobytes()

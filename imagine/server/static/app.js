@@ -151,6 +151,9 @@ async function generate(ev) {
   for (const k of ["steps", "width", "height", "seed", "batch_size"]) {
     if (Number.isNaN(body[k])) { showError(k + " must be a whole number"); return; }
   }
+  // A1111's variation seed: another seed's start noise mixed in at that strength
+  const variation = parseFloat($("subseed_strength").value);
+  if (variation > 0) { body.subseed = intValue("subseed"); body.subseed_strength = variation; }
   // img2img when a picture is chosen: A1111's body, the picture as a data URL, resized by the server to the size
   const file = $("init_image").files[0];
   const mask = $("mask").files[0];  // inpainting: A1111's mask (its other inpainting fields take their defaults)
@@ -161,6 +164,10 @@ async function generate(ev) {
     body.denoising_strength = parseFloat($("denoising_strength").value);
     if (mask) body.mask = await readAsDataURL(mask);
     endpoint = "/sdapi/v1/img2img";
+  } else if (parseFloat($("hr_scale").value) > 1) {  // A1111's hires. fix (text to image only)
+    body.enable_hr = true;
+    body.hr_scale = parseFloat($("hr_scale").value);
+    body.denoising_strength = parseFloat($("hr_strength").value);
   }
   // a control picture: one unit of A1111's ControlNet extension (its preprocessor, "none": the picture is the map)
   const control = $("control_image").files[0];
