@@ -120,6 +120,24 @@ def _lengths_differ(uncond: dict[str, Any], cond: dict[str, Any]) -> bool:
                and c.shape[1] != uncond[k].shape[1] and c.shape[2] == uncond[k].shape[2] for k, c in cond.items())
 
 
+def _forward_parts(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, parts: list[dict[str, Any]],
+                   halves: list[str] | None = None) -> list[torch.Tensor]:
+    """The model's outputs for the same (x, t) under each cond dict of `parts`: one forward over their concatenation
+    (a model whose `shares_guidance_batch` is true gets x and t once, with every part's rows of text), or one
+    forward each where their texts' lengths differ; a model that treats the halves of guidance apart
+    (`takes_guidance_half`: a ControlNet in guess mode) is then told each part's (`halves`)."""
+    k = len(parts)
+    if any(_lengths_differ(a, b) for a in parts for b in parts):
+        tell = halves is not None and getattr(model, "takes_guidance_half", False)
+        return [model(x, t, **p, **({"guidance_half": h} if tell else {})) for p, h in zip(parts, halves or parts)]
+    both = parts[0]
+    for p in parts[1:]:
+        both = concat_cond(both, p)
+    if getattr(model, "shares_guidance_batch", False) and torch.is_tensor(both.get("context")):
+        return list(model(x, t, **both).chunk(k))
+    return list(model(torch.cat([x] * k), torch.cat([t] * k), **both).chunk(k))
+
+
 def classifier_free_guidance(uncond_out: torch.Tensor, cond_out: torch.Tensor, scale: float) -> torch.Tensor:
     """Ho & Salimans 2022, eq. 6 (in its diffusers form): uncond + s (cond - uncond); s = 1 is cond alone."""
     return uncond_out + scale * (cond_out - uncond_out)
@@ -149,17 +167,7 @@ def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: 
     cond = cond or {}
     if uncond is None or scale == 1:
         return model(x, t, **cond)
-    if _lengths_differ(uncond, cond):  # texts of different lengths: one forward each
-        # (a model that treats the halves differently, a ControlNet in guess mode, is told which it gets)
-        tell = getattr(model, "takes_guidance_half", False)
-        uncond_out = model(x, t, **uncond, **({"guidance_half": "uncond"} if tell else {}))
-        cond_out = model(x, t, **cond, **({"guidance_half": "cond"} if tell else {}))
-        return rescale_guidance(classifier_free_guidance(uncond_out, cond_out, scale), cond_out, rescale)
-    if getattr(model, "shares_guidance_batch", False) and torch.is_tensor(cond.get("context")):
-        both = model(x, t, **concat_cond(uncond, cond))
-    else:
-        both = model(torch.cat([x, x]), torch.cat([t, t]), **concat_cond(uncond, cond))
-    uncond_out, cond_out = both.chunk(2)
+    uncond_out, cond_out = _forward_parts(model, x, t, [uncond, cond], ["uncond", "cond"])
     return rescale_guidance(classifier_free_guidance(uncond_out, cond_out, scale), cond_out, rescale)
 
 
@@ -171,20 +179,7 @@ def composed_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: to
     text), else one forward each. Guidance rescale (Lin et al.) takes the first part as its conditional output."""
     if uncond is None:
         raise ValueError("AND (composed prompts) needs the unconditional pass: give uncond")
-    parts = [uncond, *cond.parts]
-    k = len(parts)
-    if any(_lengths_differ(a, b) for a in parts for b in parts):
-        tell = getattr(model, "takes_guidance_half", False)
-        outs = [model(x, t, **p, **({"guidance_half": "uncond" if j == 0 else "cond"} if tell else {}))
-                for j, p in enumerate(parts)]
-    else:
-        both = parts[0]
-        for p in parts[1:]:
-            both = concat_cond(both, p)
-        if getattr(model, "shares_guidance_batch", False) and torch.is_tensor(both.get("context")):
-            outs = model(x, t, **both).chunk(k)
-        else:
-            outs = model(torch.cat([x] * k), torch.cat([t] * k), **both).chunk(k)
+    outs = _forward_parts(model, x, t, [uncond, *cond.parts], ["uncond"] + ["cond"] * len(cond.parts))
     nothing = outs[0]
     w = cond.weights.to(device=nothing.device, dtype=nothing.dtype)
     guided = nothing.clone()
@@ -216,12 +211,7 @@ def instruct_pix2pix_guidance(model: Callable[..., torch.Tensor], x: torch.Tenso
     if uncond is None or (gate and not (scale > 1 and image_scale >= 1)):
         return model(x, t, **cond)
     none = {**uncond, "concat": torch.zeros_like(uncond["concat"])}
-    parts = [cond, uncond, none]
-    if any(_lengths_differ(a, b) for a in parts for b in parts):
-        text, image, nothing = (model(x, t, **p) for p in parts)
-    else:
-        both = concat_cond(concat_cond(cond, uncond), none)
-        text, image, nothing = model(torch.cat([x] * 3), torch.cat([t] * 3), **both).chunk(3)
+    text, image, nothing = _forward_parts(model, x, t, [cond, uncond, none])
     guided = nothing + scale * (text - image) + image_scale * (image - nothing)
     return rescale_guidance(guided, text, rescale)
 

@@ -705,7 +705,7 @@ class TextToImagePipeline:
             refined = self.refiner.conditioning(
                 [self._without_lora_tags(p) for p in prompts],
                 [None if n is None else self._without_lora_tags(n) for n in negatives], height, width,
-                guidance_scale != 1.0, emphasis, long_prompts, editing, zero_empty=bool(d.get("zero_empty_negative")),
+                guided, emphasis, long_prompts, editing, zero_empty=bool(d.get("zero_empty_negative")),
                 composable=composable)
             cond, uncond = (with_refiner(c, r) for c, r in zip((cond, uncond), refined))
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
