@@ -95,6 +95,13 @@ def _fill_form(page, server, *, prompt: str, steps: int, seed: int, sampler: str
     page.select_option("#sampler", sampler)
 
 
+def _gallery_download(page) -> Image.Image:
+    """The first gallery card's download: the image the page received, as RGB."""
+    card = page.wait_for_selector(".gallery .card", timeout=60_000)
+    href = card.query_selector("a.download").get_attribute("href")
+    return Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB")
+
+
 def test_generate_from_the_page(server, page):
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -163,9 +170,7 @@ def test_img2img_from_the_page(server, page, tmp_path):
     page.set_input_files("#init_image", str(path))
     page.fill("#denoising_strength", "0.5")
     page.click("#generate")
-    card = page.wait_for_selector(".gallery .card", timeout=60_000)
-    href = card.query_selector("a.download").get_attribute("href")
-    got = Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB")
+    got = _gallery_download(page)
     cfg = float(page.input_value("#cfg_scale"))
     want = server.pipe.pipe.generate("a red circle", init_image=picture, strength=0.5, steps=4, seed=77,
                                      width=64, height=64, sampler="euler", guidance_scale=cfg, emphasis=True,
@@ -188,9 +193,7 @@ def test_inpainting_from_the_page(server, page, tmp_path):
     page.set_input_files("#init_image", str(tmp_path / "start.png"))
     page.set_input_files("#mask", str(tmp_path / "mask.png"))
     page.click("#generate")
-    card = page.wait_for_selector(".gallery .card", timeout=60_000)
-    href = card.query_selector("a.download").get_attribute("href")
-    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB"), dtype=np.int16)
+    got = np.asarray(_gallery_download(page), dtype=np.int16)
     x1, y1, x2, y2 = crop_region(blur_mask(mask, 4), 64, 64, 0)
     assert 0 < x1 < 26 and 38 < x2 < 64, (x1, x2)
     want = np.asarray(picture, dtype=np.int16)
@@ -237,9 +240,7 @@ def test_controlnet_from_the_page(controlnet_server, page, tmp_path):
     page.set_input_files("#control_image", str(tmp_path / "edges.png"))
     page.fill("#control_weight", "0.7")
     page.click("#generate")
-    card = page.wait_for_selector(".gallery .card", timeout=60_000)
-    href = card.query_selector("a.download").get_attribute("href")
-    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB"))
+    got = np.asarray(_gallery_download(page))
     cfg = float(page.input_value("#cfg_scale"))  # the model's default, as the page sent it
     want = server.pipe.generate("a red circle", control_image=picture, controlnet_scale=0.7, steps=4, seed=31,
                                 sampler="euler", height=16, width=16, guidance_scale=cfg, progress=False).images[0]
@@ -265,9 +266,7 @@ def test_hires_and_a_variation_seed_from_the_page(server, page):
     page.fill("#subseed", "40")
     page.fill("#subseed_strength", "0.3")
     page.click("#generate")
-    card = page.wait_for_selector(".gallery .card", timeout=60_000)
-    href = card.query_selector("a.download").get_attribute("href")
-    got = Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB")
+    got = _gallery_download(page)
     cfg = float(page.input_value("#cfg_scale"))
     want = server.pipe.pipe.generate_hires("a red circle", hires_scale=2.0, hires_strength=0.6, steps=3, seed=12,
                                            subseeds=[40], subseed_strength=0.3, width=32, height=32, sampler="euler",
