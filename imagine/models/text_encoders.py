@@ -136,19 +136,24 @@ class TextEncoder(nn.Module):
         states = apply_emphasis(enc.states, weights, mask if self.uses_mask else None)
         return replace(enc, states=states)
 
-    def chunks(self, prompt: str, emphasis: bool = False) -> list:
-        """`prompt`'s 75-token chunks (`imagine.long_prompts.prompt_chunks`), its textual-inversion words expanded."""
+    def chunks(self, prompt: str, emphasis: bool = False, runs: dict | None = None) -> list:
+        """`prompt`'s 75-token chunks (`imagine.long_prompts.prompt_chunks`), its textual-inversion words expanded
+        and kept whole (`runs`: `_runs()`, given when already made)."""
         from imagine.long_prompts import prompt_chunks
 
         if not isinstance(prompt, str):
             raise TypeError("prompts must be strings")
+        return prompt_chunks(self.tokenizer, self._expand(prompt) if self.expansions else prompt, self.max_length,
+                             emphasis, runs=self._runs() if runs is None else runs)
+
+    def _runs(self) -> dict[int, list[int]]:
+        """First id -> the ids of each multi-vector textual-inversion word, which a chunk keeps whole."""
         runs = {}
-        for word, expansion in self.expansions.items():  # a multi-vector word's ids stay in one chunk
+        for word, expansion in self.expansions.items():
             if expansion != word:
                 ids = self.tokenizer([expansion], add_special_tokens=False, verbose=False)["input_ids"][0]
                 runs[ids[0]] = list(ids)
-        return prompt_chunks(self.tokenizer, self._expand(prompt) if self.expansions else prompt, self.max_length,
-                             emphasis, runs=runs)
+        return runs
 
     def _encode_chunks(self, prompts: list[str], emphasis: bool) -> TextEncoding:
         """Each prompt's chunks encoded chunk by chunk over the batch, each chunk's emphasis applied to its own
@@ -159,7 +164,8 @@ class TextEncoder(nn.Module):
         from imagine.emphasis import apply_emphasis
         from imagine.long_prompts import empty_chunk
 
-        rows = [self.chunks(p, emphasis) for p in prompts]
+        runs = self._runs()  # (once for the batch)
+        rows = [self.chunks(p, emphasis, runs) for p in prompts]
         empty = empty_chunk(self.tokenizer, self.max_length)
         parts, first = [], None
         for i in range(max(len(r) for r in rows)):

@@ -385,7 +385,7 @@ class ModelWorker:
                     pictures = [c[a:b] for c in controls]
                     one = len(pictures) == 1
                     # (name, weight, start, end[, control mode])
-                    units = [tuple(u) + (0.0, 1.0)[len(u) - 2:] if len(u) < 4 else tuple(u) for u in s.controlnets]
+                    units = [tuple(u) + (0.0, 1.0)[len(u) - 2:] for u in s.controlnets]
                     weights, starts, ends = ([u[k] for u in units] for k in (1, 2, 3))
                     modes = [u[4] if len(u) > 4 else "balanced" for u in units]
                     control = {"control_image": pictures[0] if one else pictures,
