@@ -191,7 +191,8 @@ def test_bad_loras_get_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="LoRA not found"):
         pipe.load_lora(tmp_path / "missing.safetensors")
     cases = {
-        "loha": ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "LyCORIS LoHa"),
+        "oft": ({"lora_unet_x.oft_blocks": torch.zeros(2, 2, 2)}, "LyCORIS OFT"),
+        "half a loha": ({"lora_unet_conv_in.hada_w1_a": torch.zeros(32, 2)}, "lacks hada_w1_b, hada_w2_a"),
         "sdxl": ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 2),
                   "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(2, 2)},
                  "a LoRA for SDXL and this model is SD 1.x/2.x"),

@@ -33,8 +33,15 @@ The files people have come in three namings, all read here offline, for SD 1.x/2
 - diffusers' older attention-processor names (`...attn1.processor.to_q_lora.down.weight`, and
   `.lora.down.weight` / `.lora_linear_layer.down.weight`).
 
-With no alpha given, alpha = r (a scale of 1), as kohya-ss and diffusers take it. A file with a key
-that is none of these (LyCORIS' LoHa / LoKr factors, DoRA), or that names a layer the model does not
+With no alpha given, alpha = r (a scale of 1), as kohya-ss and diffusers take it.
+
+LyCORIS' other kinds, in kohya-ss names, are merged as AUTOMATIC1111's built-in Lora extension merges them
+(`update` has the formulas): LoCon's Tucker form (`lora_mid`), LoHa (`hada_w1_a` ...), LoKr (`lokr_w1` ...),
+full differences (`diff`, `diff_b`) and norm differences (`w_norm`, `b_norm`), each with its scale, alpha / r
+(r the inner size of the low-rank product, none for whole factors), or the file's `scale`. DoRA (Liu et al.
+2024) comes as LyCORIS' `dora_scale` beside any of them (AUTOMATIC1111's rule) or as peft's
+`lora_magnitude_vector` in diffusers' files (diffusers' rule); `LoraLayer.delta` says how the two differ.
+A file with a key that is none of these (OFT, (IA)^3, GLoRA), or that names a layer the model does not
 have, is refused with the keys it could not place: a LoRA applied in part is a different model. An
 SDXL LoRA given to an SD 1.x/2.x model (or the reverse) is refused so, and the message says which is which.
 """
@@ -50,12 +57,26 @@ from pathlib import Path
 
 import torch
 
-KOHYA = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_(.+)\.(lora_down|lora_up)\.weight$")
-KOHYA_ALPHA = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_(.+)\.alpha$")
+# kohya-ss / AUTOMATIC1111 / LyCORIS: <prefix>_<the module's name with _ for .>.<entry>
+KOHYA = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_([^.]+)\.(.+)$")
+# a layer's entries in those files -> their names here (AUTOMATIC1111's extensions-builtin/Lora reads the same)
+KOHYA_ENTRIES = {"lora_down.weight": "lora_down", "lora_up.weight": "lora_up", "lora_mid.weight": "lora_mid",
+                 **{e: e for e in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                   "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+                                   "diff", "diff_b", "w_norm", "b_norm", "dora_scale", "alpha", "scale")}}
+# which entries make a layer of each kind, and which are optional
+KINDS = {"lora": ({"lora_down", "lora_up"}, {"lora_mid"}),
+         "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, {"hada_t1", "hada_t2"}),
+         "lokr": (set(), {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}),
+         "full": ({"diff"}, {"diff_b"}),
+         "norm": ({"w_norm"}, {"b_norm"})}
+DORA = ("dora_scale", "magnitude")  # LyCORIS' (AUTOMATIC1111's rule), peft's (diffusers' rule)
 _PART = r"(?:(unet|text_encoder_2|text_encoder)\.)?"
 DIFFUSERS = re.compile(rf"^{_PART}(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
                        r"lora_linear_layer\.up)(?:\.default(?:_0)?)?\.weight$")
 DIFFUSERS_ALPHA = re.compile(rf"^{_PART}(.+)\.alpha$")
+# peft's DoRA magnitudes as diffusers saves them (`...to_q.lora_magnitude_vector`, older peft: `.weight` after it)
+DIFFUSERS_MAGNITUDE = re.compile(rf"^{_PART}(.+?)\.lora_magnitude_vector(?:\.default(?:_0)?)?(?:\.weight)?$")
 # diffusers' attention processors (save_attn_procs, 0.14-0.20) named their LoRA after the projection:
 # unet ...attn1.processor.to_q_lora.down.weight; text encoder ...self_attn.to_q_lora.down.weight (= q_proj)
 PROCESSOR = re.compile(rf"^{_PART}(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
@@ -64,31 +85,170 @@ PROCESSOR_TARGETS = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "t
                      "text_encoder": _CLIP_PROCESSOR, "text_encoder_2": _CLIP_PROCESSOR}
 PARTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
          "unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
-OTHER_KINDS = {"hada_w1_a": "a LyCORIS LoHa", "lokr_w1": "a LyCORIS LoKr", "oft_blocks": "a LyCORIS OFT",
-               "diff_b": "a LyCORIS full-difference file", "dora_scale": "a DoRA"}
+# LyCORIS' other kinds, by an entry of theirs: refused (AUTOMATIC1111 reads them, rarely met in SD files)
+OTHER_KINDS = {"oft_blocks": "a LyCORIS OFT", "oft_diag": "an OFT", "on_input": "a LyCORIS (IA)^3",
+               "a1.weight": "a LyCORIS GLoRA", "b1.weight": "a LyCORIS GLoRA"}
 # the original (LDM / SGM) U-Net's modules outside the block table of keymap.unet_module_table: SDXL's MLP over
 # [pooled text, size codes], which diffusers calls add_embedding
 SGM_EXTRA = {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
+NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def make_weight_cp(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """A convolution kernel from its Tucker (CP) factors, as LyCORIS stores a "tucker" layer: a core t [r, r', kh, kw]
+    between the 1x1 maps wa [r, out] and wb [r', in] -> [out, in, kh, kw]."""
+    return torch.einsum("ijkl,jr,ip->prkl", t, wb, wa)
+
+
+def _low_rank(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """B A over the inner size: up [d, r, ...] and down [r, k, ...] -> [d, k * ...]."""
+    return up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+
+
+def update(w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A layer's update before its scale, from the entries of one kind (KINDS):
+    - LoRA / LoCon: B A (Hu et al. 2021 eq. 3); with `lora_mid` (LoCon's Tucker form) up, mid and down as three
+      convolutions in a row, 1x1 -> kh x kw -> 1x1, folded into one kernel;
+    - LoHa (Hyeon-Woo et al. 2022, FedPara eq. 2): (B1 A1) * (B2 A2), the element-wise product of two low-rank
+      products, each optionally in Tucker form;
+    - LoKr (Yeh et al. 2024, LyCORIS): W1 (x) W2, the Kronecker product, each factor whole or low-rank (W2 also in
+      Tucker form); a convolution's kernel comes with W2;
+    - full and norm differences: the difference itself.
+    Rows are the output channels; the shape is the product's own (the caller reshapes to the weight's)."""
+    if "lora_down" in w:
+        up, down = w["lora_up"], w["lora_down"]
+        if "lora_mid" in w:
+            return torch.einsum("nmkl,in,mj->ijkl", w["lora_mid"], up.reshape(up.shape[0], -1),
+                                down.reshape(down.shape[0], -1))
+        return _low_rank(up, down)
+    if "hada_w1_a" in w:
+        halves = []
+        for i in ("1", "2"):
+            a, b, t = w[f"hada_w{i}_a"], w[f"hada_w{i}_b"], w.get(f"hada_t{i}")
+            halves.append(_low_rank(a, b) if t is None else make_weight_cp(t, a, b).flatten(1))
+        return halves[0] * halves[1]
+    if any(k.startswith("lokr_") for k in w):
+        w1 = w["lokr_w1"] if "lokr_w1" in w else w["lokr_w1_a"] @ w["lokr_w1_b"]
+        if "lokr_w2" in w:
+            w2 = w["lokr_w2"]
+        elif "lokr_t2" in w:
+            w2 = make_weight_cp(w["lokr_t2"], w["lokr_w2_a"], w["lokr_w2_b"])
+        else:
+            w2 = w["lokr_w2_a"] @ w["lokr_w2_b"]
+        # the Kronecker product W1 (x) W2 over the first two axes, [o1 o2, i1 i2, kh, kw] (einsum: works on meta)
+        kron = torch.einsum("ij,kl...->ikjl...", w1, w2)
+        return kron.reshape(w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1], *w2.shape[2:])
+    return w["diff"] if "diff" in w else w["w_norm"]
 
 
 @dataclass
 class LoraLayer:
+    """One layer's update in an adapter file: its entries under LyCORIS' names (KINDS: lora_down / lora_up /
+    lora_mid, hada_*, lokr_*, diff / diff_b, w_norm / b_norm; DoRA's `dora_scale` or peft's `magnitude`), alpha,
+    and an explicit `scale` (which AUTOMATIC1111 takes in place of alpha / r)."""
     part: str  # "unet", "text_encoder" or (SDXL's second tower) "text_encoder_2"
     module: str  # the layer's name in that part
-    down: torch.Tensor  # A: [r, k] or [r, c_in, kh, kw]
-    up: torch.Tensor  # B: [d, r] or [d, r, 1, 1]
+    w: dict[str, torch.Tensor]
     alpha: float | None = None
+    scale: float | None = None
 
     @property
-    def rank(self) -> int:
-        return self.down.shape[0]
+    def kind(self) -> str:
+        return kind_of(self.w)
 
-    def delta(self, strength: float = 1.0) -> torch.Tensor:
-        """s (alpha / r) B A in float32, in the layer's weight shape (eq. 3, merged)."""
-        r = self.rank
-        alpha = float(r if self.alpha is None else self.alpha)
-        up, down = self.up.float().reshape(self.up.shape[0], r), self.down.float().reshape(r, -1)
-        return (strength * alpha / r) * (up @ down)
+    @property
+    def rank(self) -> int | None:
+        """r in alpha / r (AUTOMATIC1111's `dim`): the inner size of the low-rank product (LoKr: W2's, else W1's);
+        None where nothing is low-rank (a LoKr of two whole factors, a full or norm difference)."""
+        for key in ("lora_down", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+            if key in self.w:
+                return self.w[key].shape[0]
+        return None
+
+    def factor(self) -> float:
+        """The update's scale: `scale` if the file gives one, else alpha / r; 1 without alpha or r (kohya-ss and
+        diffusers take a missing alpha as r)."""
+        if self.scale is not None:
+            return self.scale
+        return 1.0 if self.alpha is None or self.rank is None else self.alpha / self.rank
+
+    def shape(self) -> torch.Size:
+        """The update's shape before reshaping, computed on the meta device (nothing multiplied)."""
+        return update({k: v.to("meta") for k, v in self.w.items() if k not in DORA}).shape
+
+    def delta(self, strength: float = 1.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The change to the layer's weight at strength s, in float32, in `weight`'s shape (needed for DoRA):
+        s * factor * update; with DoRA (Liu et al. 2024, eq. 5: W' = m (W0 + dW) / ||W0 + dW||), the weight's
+        direction and magnitude set as the file's tool does it:
+        - LyCORIS' `dora_scale`, AUTOMATIC1111's rule: s ((W0 + dW) m / ||W0 + dW|| - W0), the norm over each
+          input column (or each output row where m has one value per row), dW = factor * update;
+        - peft's magnitude (diffusers' files), diffusers' rule: m (W0 + s dW) / ||W0 + s dW|| - W0, rows."""
+        d = self.factor() * update({k: v.float() for k, v in self.w.items() if k not in DORA})
+        if weight is None:
+            if any(k in self.w for k in DORA):
+                raise ValueError(f"{self.part} layer {self.module}: DoRA needs the layer's weight")
+            return strength * d
+        w0 = weight.float()
+        d = d.reshape(w0.shape)
+        if "dora_scale" in self.w:
+            merged = w0 + d
+            return strength * (merged * (self.w["dora_scale"].float().reshape(_dora_shape(self.w["dora_scale"], w0.shape))
+                                         / _norms(merged, _dora_axis(self.w["dora_scale"], w0.shape))) - w0)
+        if "magnitude" in self.w:
+            merged = w0 + strength * d
+            return self.w["magnitude"].float().reshape(_dora_shape(self.w["magnitude"], w0.shape, rows=True)) \
+                * merged / _norms(merged, 0) - w0
+        return strength * d
+
+    def bias_delta(self, strength: float = 1.0) -> torch.Tensor | None:
+        """A full or norm difference's bias change, s * diff_b (AUTOMATIC1111 leaves alpha out of it), or None."""
+        b = self.w.get("diff_b", self.w.get("b_norm"))
+        return None if b is None else strength * b.float().flatten()
+
+    def misfit(self, module: torch.nn.Module) -> str | None:
+        """Why this update cannot go into `module`, or None when it fits."""
+        w = module.weight
+        if (self.kind == "norm") != isinstance(module, NORMS):
+            return f"a {self.kind} update for a {type(module).__name__}"
+        shape = self.shape()
+        if shape[0] != w.shape[0] or shape.numel() != w.numel():
+            factors = " / ".join(f"{k} {tuple(v.shape)}" for k, v in self.w.items() if k not in DORA)
+            return f"factors {factors} for a weight of shape {tuple(w.shape)}"
+        bias = self.bias_delta()
+        if bias is not None and (module.bias is None or module.bias.numel() != bias.numel()):
+            return f"a bias difference of {bias.numel()} values for a layer with " + (
+                "no bias" if module.bias is None else f"{module.bias.numel()}")
+        for key in DORA:
+            if key in self.w and _dora_shape(self.w[key], w.shape, rows=key == "magnitude") is None:
+                return f"DoRA magnitudes of shape {tuple(self.w[key].shape)} for a weight of shape {tuple(w.shape)}"
+        return None
+
+
+def _dora_axis(m: torch.Tensor, shape: torch.Size) -> int:
+    """0 where DoRA's magnitudes are one per output row (LyCORIS' wd_on_out, shape [out, 1, ...]), else 1 (one per
+    input column, [1, in, ...], the DoRA paper's and AUTOMATIC1111's reading; a 1-D tensor of `in` values too)."""
+    per_row = m.ndim >= 2 and m.shape[0] == shape[0] and m[0].numel() == 1 and shape[0] > 1
+    return 0 if per_row or (m.ndim == 1 and m.numel() == shape[0] != shape[1]) else 1
+
+
+def _dora_shape(m: torch.Tensor, shape: torch.Size, rows: bool = False) -> tuple | None:
+    """The shape that broadcasts DoRA's magnitudes over a weight of `shape`, or None when their number fits no axis."""
+    axis = 0 if rows else _dora_axis(m, shape)
+    if m.numel() != shape[axis]:
+        return None
+    return (shape[0], *[1] * (len(shape) - 1)) if axis == 0 else (1, shape[1], *[1] * (len(shape) - 2))
+
+
+def _norms(w: torch.Tensor, axis: int) -> torch.Tensor:
+    """||w|| over everything but `axis` (0: one norm per output row, 1: per input column), kept broadcastable."""
+    return w.transpose(0, axis).flatten(1).norm(dim=1).reshape(
+        (w.shape[0], *[1] * (w.ndim - 1)) if axis == 0 else (1, w.shape[1], *[1] * (w.ndim - 2)))
+
+
+def kind_of(w: dict[str, torch.Tensor]) -> str:
+    """The kind (KINDS) a layer's entries make: the one kind they all belong to."""
+    kinds = {k for k, (need, optional) in KINDS.items() for e in w if e in need | optional}
+    return kinds.pop() if len(kinds) == 1 else ""
 
 
 def read_lora(path: str | os.PathLike) -> list[LoraLayer]:
@@ -116,50 +276,67 @@ def _metadata(path: Path) -> dict:
 
 
 def lora_layers(state: dict[str, torch.Tensor], source: str = "LoRA", metadata: dict | None = None) -> list[LoraLayer]:
-    """A LoRA state dict in any of the namings of the module docstring -> its layers."""
-    for mark, kind in OTHER_KINDS.items():
-        if any(mark in k for k in state):
-            raise ValueError(f"{source} looks like {kind} file ({mark}...); imagine merges LoRA (lora_down/lora_up "
-                             "or lora_A/lora_B) for SD 1.x/2.x and SDXL")
-    factors: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    alphas: dict[tuple[str, str], float] = {}
-    unknown = []
+    """An adapter's state dict in any of the namings of the module docstring -> its layers."""
+    entries: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    unknown, other = [], {}
     for key, value in state.items():
-        if m := KOHYA.match(key):
-            factors.setdefault((PARTS[m[1]], m[2]), {})["down" if m[3] == "lora_down" else "up"] = value
-        elif m := KOHYA_ALPHA.match(key):
-            alphas[(PARTS[m[1]], m[2])] = float(value)
+        if (m := KOHYA.match(key)) and m[3] in KOHYA_ENTRIES:
+            entries.setdefault((PARTS[m[1]], m[2]), {})[KOHYA_ENTRIES[m[3]]] = value
+        elif m and m[3] in OTHER_KINDS:
+            other.setdefault(OTHER_KINDS[m[3]], key)
         elif m := PROCESSOR.match(key):
             part = m[1] or "unet"
-            factors.setdefault((part, f"{m[2]}.{PROCESSOR_TARGETS[part][m[3]]}"), {})[m[4]] = value
+            entries.setdefault((part, f"{m[2]}.{PROCESSOR_TARGETS[part][m[3]]}"), {})[f"lora_{m[4]}"] = value
         elif m := DIFFUSERS.match(key):
-            module = m[2]
-            which = "down" if m[3] in ("lora_A", "lora.down", "lora_linear_layer.down") else "up"
-            factors.setdefault((m[1] or "unet", module), {})[which] = value
+            which = "lora_down" if m[3] in ("lora_A", "lora.down", "lora_linear_layer.down") else "lora_up"
+            entries.setdefault((m[1] or "unet", m[2]), {})[which] = value
+        elif m := DIFFUSERS_MAGNITUDE.match(key):
+            entries.setdefault((m[1] or "unet", m[2]), {})["magnitude"] = value
         elif m := DIFFUSERS_ALPHA.match(key):
-            alphas[(m[1] or "unet", m[2])] = float(value)
+            entries.setdefault((m[1] or "unet", m[2]), {})["alpha"] = value
         else:
             unknown.append(key)
+    if other:
+        kind, key = next(iter(other.items()))
+        raise ValueError(f"{source} looks like {kind} file ({key}); imagine merges LoRA and LoCon, LyCORIS' LoHa, "
+                         "LoKr, full and norm differences, and DoRA")
     if unknown:
         raise ValueError(f"{source}: entries that are not LoRA factors: {', '.join(unknown[:5])}"
                          + (f" ... ({len(unknown)} in all)" if len(unknown) > 5 else "")
-                         + "; expected <layer>.lora_down/lora_up.weight (kohya-ss, AUTOMATIC1111) or "
-                           "<layer>.lora_A/lora_B.weight (diffusers, peft)")
-    if not factors:
-        raise ValueError(f"{source} holds no LoRA factors")
+                         + "; expected <layer>.lora_down/lora_up.weight (kohya-ss, AUTOMATIC1111), LyCORIS' "
+                           "<layer>.hada_*/lokr_*/diff entries, or <layer>.lora_A/lora_B.weight (diffusers, peft)")
     layers = []
-    for (part, module), f in sorted(factors.items()):
-        if set(f) != {"down", "up"}:
-            raise ValueError(f"{source}: {part} layer {module} has only its {'up' if 'up' in f else 'down'} factor")
-        down, up = f["down"], f["up"]
-        if up.shape[1] != down.shape[0] or (up.ndim == 4 and up.shape[2:] != (1, 1)):
-            raise ValueError(f"{source}: {part} layer {module}: factors of shapes {tuple(down.shape)} (down) and "
-                             f"{tuple(up.shape)} (up) do not multiply")
-        alpha = alphas.get((part, module))
-        if alpha is None:
-            alpha = _metadata_alpha(metadata or {}, part, module, down.shape[0])
-        layers.append(LoraLayer(part, module, down, up, alpha))
+    for (part, module), w in sorted(entries.items()):
+        alpha, scale = w.pop("alpha", None), w.pop("scale", None)
+        if not w:
+            continue  # an alpha alone (kohya-ss writes one for layers it left untrained)
+        if problem := _incomplete(w):
+            raise ValueError(f"{source}: {part} layer {module} {problem}")
+        if (rank := LoraLayer(part, module, w).rank) is not None and alpha is None and "lora_down" in w:
+            alpha = _metadata_alpha(metadata or {}, part, module, rank)
+        layers.append(LoraLayer(part, module, w, None if alpha is None else float(alpha),
+                                None if scale is None else float(scale)))
+    if not layers:
+        raise ValueError(f"{source} holds no LoRA factors")
     return layers
+
+
+def _incomplete(w: dict[str, torch.Tensor]) -> str | None:
+    """What a layer's entries lack to make one update, or None."""
+    update_entries = {k for k in w if k not in DORA}
+    if not update_entries:
+        return "has DoRA magnitudes and no update"
+    kind = kind_of({k: w[k] for k in update_entries})
+    if not kind:
+        return f"mixes entries of different kinds ({', '.join(sorted(update_entries))})"
+    need = KINDS[kind][0]
+    if kind == "lora" and len(need & w.keys()) == 1:
+        return f"has only its {'up' if 'lora_up' in w else 'down'} factor"
+    if kind == "lokr":  # each factor whole, or as its two low-rank factors
+        for i in "12":
+            need = need | ({f"lokr_w{i}"} if f"lokr_w{i}" in w else {f"lokr_w{i}_a", f"lokr_w{i}_b"})
+    missing = sorted(need - w.keys())
+    return f"lacks {', '.join(missing)} ({kind})" if missing else None
 
 
 def _metadata_alpha(metadata: dict, part: str, module: str, rank: int) -> float | None:
@@ -175,10 +352,12 @@ def _metadata_alpha(metadata: dict, part: str, module: str, rank: int) -> float 
 
 
 def _targets(model: torch.nn.Module, part: str) -> dict[str, torch.nn.Module]:
-    """The layers a LoRA can name in `model`, under their dotted names and kohya-ss' underscored ones
-    (CLIP's with and without transformers' older `text_model.` level; the U-Net's under the original LDM / SGM
-    names too, `original_unet_names`)."""
-    layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))]
+    """The layers an adapter can name in `model` (linear layers, convolutions, and the norms LyCORIS' norm
+    differences change), under their dotted names and kohya-ss' underscored ones (CLIP's with and without
+    transformers' older `text_model.` level; the U-Net's under the original LDM / SGM names too,
+    `original_unet_names`)."""
+    kinds = (torch.nn.Linear, torch.nn.Conv2d, *NORMS)
+    layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, kinds)]
     original = original_unet_names(model) if part == "unet" else {}
     out = {}
     for name, mod in layers:
@@ -270,11 +449,11 @@ def part_strengths(strength: float | tuple[float, float]) -> dict[str, float]:
 @torch.no_grad()
 def merge_lora(models: dict[str, torch.nn.Module | None], layers: list[LoraLayer],
                strength: float | tuple[float, float] = 1.0, source: str = "LoRA", before=None) -> dict[str, int]:
-    """W += s (alpha / r) B A for every layer, in place (the weights' version counters move, so cached
-    fast/exact copies are rebuilt). `models`: {"unet": ..., "text_encoder": <a torch module or None>}, and for
-    SDXL "text_encoder_2" (the second tower). `strength`: s, or (the text encoders' s, the U-Net's s). Everything
-    is checked before the first weight changes. `before(w)` is called with each weight before it changes (to keep
-    it, for an exact unmerge). Returns the layers merged per part."""
+    """Each layer's update (`LoraLayer.delta`: W += s (alpha / r) B A for a LoRA) merged in place (the weights'
+    version counters move, so cached fast/exact copies are rebuilt). `models`: {"unet": ..., "text_encoder": <a
+    torch module or None>}, and for SDXL "text_encoder_2" (the second tower). `strength`: s, or (the text encoders'
+    s, the U-Net's s). Everything is checked before the first weight changes. `before(w)` is called with each weight
+    (and bias) before it changes (to keep it, for an exact unmerge). Returns the layers merged per part."""
     strengths = part_strengths(strength)
     targets = {part: _targets(m, part) for part, m in models.items() if m is not None}
     plan, problems = [], []
@@ -285,14 +464,10 @@ def merge_lora(models: dict[str, torch.nn.Module | None], layers: list[LoraLayer
         mod = targets[layer.part].get(layer.module)
         if mod is None:
             problems.append(f"{layer.part} layer {layer.module} (no such layer)")
-            continue
-        w = mod.weight
-        fan_in = w[0].numel()
-        if layer.up.shape[0] != w.shape[0] or layer.down[0].numel() != fan_in:
-            problems.append(f"{layer.part} layer {layer.module}: factors {tuple(layer.down.shape)} / "
-                            f"{tuple(layer.up.shape)} for a weight of shape {tuple(w.shape)}")
-            continue
-        plan.append((mod, layer))
+        elif misfit := layer.misfit(mod):
+            problems.append(f"{layer.part} layer {layer.module}: {misfit}")
+        else:
+            plan.append((mod, layer))
     if problems:
         kind, model_kind = _lora_kind(layers), _model_kind(models)
         what = (f"it is a LoRA for {kind} and this model is {model_kind} (its layers are not this model's); "
@@ -301,9 +476,11 @@ def merge_lora(models: dict[str, torch.nn.Module | None], layers: list[LoraLayer
                          + (f" ... ({len(problems)} in all)" if len(problems) > 5 else ""))
     counts: dict[str, int] = {}
     for mod, layer in plan:
-        w = mod.weight
-        if before is not None:
-            before(w)
-        w.copy_((w.float() + layer.delta(strengths[layer.part]).reshape(w.shape)).to(w.dtype))
+        s = strengths[layer.part]
+        for param, change in ((mod.weight, layer.delta(s, mod.weight)), (mod.bias, layer.bias_delta(s))):
+            if change is not None:
+                if before is not None:
+                    before(param)
+                param.copy_((param.float() + change.reshape(param.shape)).to(param.dtype))
         counts[layer.part] = counts.get(layer.part, 0) + 1
     return counts

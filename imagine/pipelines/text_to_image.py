@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 HIRES_UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> AUTOMATIC1111's label
 MASKED_CONTENTS = ("original", "latent_noise", "latent_nothing")  # inpainting's start where painted anew (A1111's)
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")  # LoRA files in a lora_dir, as AUTOMATIC1111 lists them
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?((?::[^:>]*)*)>")  # AUTOMATIC1111's <lora:name[:s[:unet s...]]>
+# AUTOMATIC1111's <lora:name[:s[:unet s...]]>, and <lyco:...>, its alias of the same tag (LyCORIS files load alike)
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?((?::[^:>]*)*)>")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 MAX_SEED = 2**32 - 1
 
@@ -259,7 +260,7 @@ class TextToImagePipeline:
                                  f"{_strength_text(merged[name])}; load it with --lora PATH:{_strength_text(strength)}")
             return ""
 
-        return LORA_TAG.sub(check, prompt) if "<lora:" in prompt else prompt
+        return LORA_TAG.sub(check, prompt) if "<lora:" in prompt or "<lyco:" in prompt else prompt
 
     def loras_asked(self, texts: list[str]) -> list[tuple[str, Path, float]]:
         """The LoRAs of `lora_dir` that AUTOMATIC1111's `<lora:name:s>` tags in `texts` ask for, (name, file,
