@@ -24,6 +24,43 @@ def from_pil(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
+# AUTOMATIC1111's img2img resize modes, in the order of its API's `resize_mode` 0-3
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill", "latent_upscale")
+
+
+def fit_picture(picture: Image.Image, width: int, height: int, mode: str = "just_resize") -> Image.Image:
+    """A picture brought to width x height as AUTOMATIC1111's img2img does it (modules/images.py resize_image;
+    diffusers' VaeImageProcessor.resize states the same rule), Lanczos throughout, in the picture's own mode:
+    - just_resize: stretched;
+    - crop_and_resize: scaled (aspect kept) to cover width x height, centred, the overhang cut off;
+    - resize_and_fill: scaled to fit inside, centred, and the two bands beside it filled with its first and last
+      rows (or columns) stretched across them (with Pillow's default filter, as A1111 writes it).
+    (latent_upscale leaves the picture as it is: the pipeline resizes its latents.)"""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}; got {mode!r}")
+    if mode == "latent_upscale" or picture.size == (width, height):
+        return picture
+    if mode == "just_resize":
+        return picture.resize((width, height), Image.LANCZOS)
+    ratio, src_ratio = width / height, picture.width / picture.height
+    # (integer sizes as A1111 computes them: the side that fits is exact, the other floor-divided)
+    wide = ratio > src_ratio if mode == "crop_and_resize" else ratio < src_ratio
+    tall = ratio <= src_ratio if mode == "crop_and_resize" else ratio >= src_ratio
+    src_w = width if wide else picture.width * height // picture.height
+    src_h = height if tall else picture.height * width // picture.width
+    resized = picture.resize((src_w, src_h), Image.LANCZOS)
+    out = Image.new(picture.mode, (width, height))
+    out.paste(resized, (width // 2 - src_w // 2, height // 2 - src_h // 2))
+    if mode == "resize_and_fill":
+        if ratio < src_ratio and (band := height // 2 - src_h // 2) > 0:  # bands above and below
+            out.paste(resized.resize((width, band), box=(0, 0, width, 0)), (0, 0))
+            out.paste(resized.resize((width, band), box=(0, src_h, width, src_h)), (0, band + src_h))
+        elif ratio > src_ratio and (band := width // 2 - src_w // 2) > 0:  # bands left and right
+            out.paste(resized.resize((band, height), box=(0, 0, 0, height)), (0, 0))
+            out.paste(resized.resize((band, height), box=(src_w, 0, src_w, height)), (band + src_w, 0))
+    return out
+
+
 def save_png(img: Image.Image, path: str | os.PathLike, parameters: dict | None = None) -> Path:
     """Save a PNG with the generation parameters in its text chunks: `parameters` in
     AUTOMATIC1111's one-line form (so its PNG-info tab reads it) and `imagine` as JSON.

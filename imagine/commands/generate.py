@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from imagine.images import save_png
+from imagine.images import RESIZE_MODES, save_png
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,6 +93,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masked-content", default=None, choices=["original", "latent_noise", "latent_nothing"],
                    help="with --mask, below strength 1: what the part painted anew starts from, the picture "
                         "(default), the run's start noise or zeros (A1111's 'masked content')")
+    p.add_argument("--resize-mode", default=None, choices=list(RESIZE_MODES),
+                   help="with --init-image and --height/--width of another shape: stretch it (just_resize, the "
+                        "default), cover and cut (crop_and_resize), fit and fill the bands with its edges "
+                        "(resize_and_fill), or encode it at its own size and resize the latents (latent_upscale, "
+                        "no --mask); AUTOMATIC1111's img2img resize modes")
     p.add_argument("--image-guidance-scale", type=float, default=None, metavar="S",
                    help="an instruct-pix2pix model's guidance on the picture to edit (--init-image), beside "
                         "--guidance-scale on the instruction (default 1.5; A1111's 'Image CFG scale')")
@@ -419,6 +424,10 @@ def run(args) -> int:
             picture["mask_image"] = mask_image
             if args.masked_content:
                 picture["masked_content"] = args.masked_content
+        if args.resize_mode:
+            picture["resize_mode"] = args.resize_mode
+    if args.resize_mode and init_image is None:
+        raise ValueError("--resize-mode needs --init-image (the picture to bring to --height x --width)")
     if args.masked_content and mask_image is None:
         raise ValueError("--masked-content needs --mask (and --init-image)")
     if args.control_mode and not controlnets:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from imagine.guidance import check_threshold_range
-from imagine.images import to_pil
+from imagine.images import RESIZE_MODES, fit_picture, to_pil
 from imagine.loading.folder import Components
 from imagine.composable import ComposedConditioning, split_and
 from imagine.refiner import check_switch, with_refiner
@@ -510,7 +510,7 @@ class TextToImagePipeline:
                  emphasis: bool = False, long_prompts: bool = False, prompt_editing: bool = False,
                  composable: bool = False, init_image=None, strength: float | None = None,
                  init_latents: torch.Tensor | None = None, mask_image=None, masked_content: str = "original",
-                 control_image=None,
+                 resize_mode: str = "just_resize", control_image=None,
                  controlnet_scale: float | list[float] | None = None,
                  control_guidance_start: float | list[float] | None = None,
                  control_guidance_end: float | list[float] | None = None,
@@ -538,7 +538,10 @@ class TextToImagePipeline:
         denoising strength): a PIL image (or a list, one per prompt) is encoded by the VAE (its posterior sampled
         with each image's own seed, then the noise drawn, as diffusers does), taken to the level of the last
         int(steps * strength) steps (strength default 0.8), and denoised from there. The size is the image's unless
-        height/width are given (the image is then resized to them).
+        height/width are given; the image (and mask) is then brought to them by AUTOMATIC1111's img2img resize_mode
+        (`imagine.images.fit_picture`): "just_resize" (stretched, the default), "crop_and_resize", "resize_and_fill",
+        or "latent_upscale" (encoded at its own size, to the VAE's factor below, its latents resized bilinearly; image
+        to image only).
 
         mask_image (with init_image): inpainting, as diffusers' StableDiffusionInpaintPipeline (strength default
         1): a PIL image (or one per prompt), white where the picture is painted anew and black where it is kept
@@ -672,6 +675,10 @@ class TextToImagePipeline:
         height, width = self.output_size(height, width, first)
         self.check_size(height, width)
         height, width = int(height), int(width)
+        latent_upscale = self._check_resize_mode(resize_mode, inits, masks)
+        if inits is not None and not latent_upscale:  # (A1111 brings the mask to the size as it does the picture)
+            inits = [fit_picture(im, width, height, resize_mode) for im in inits]
+            masks = None if masks is None else [fit_picture(m, width, height, resize_mode) for m in masks]
         if seeds is None:
             base = random.randint(0, MAX_SEED) if seed is None or seed < 0 else int(seed)
             seeds = [(base + i) % (MAX_SEED + 1) for i in range(len(prompts))]
@@ -716,7 +723,16 @@ class TextToImagePipeline:
             init, inpaint = self._inpainting(inits, masks, shape, width, height, generators, strength, init_latents,
                                              masked_content)
         else:
-            init = None if inits is None or edit_from_noise else self.encode_images(inits, width, height, generators)
+            if inits is None or edit_from_noise:
+                init = None
+            elif latent_upscale:  # A1111's "Just resize (latent upscale)": the picture encoded at its own size (sides
+                # not multiples of the VAE's factor: stretched to the multiple below, which the VAE takes), its latents
+                # resized bilinearly
+                own = [max(self.scale, side // self.scale * self.scale) for side in inits[0].size]
+                init = torch.nn.functional.interpolate(self.encode_images(inits, *own, generators),
+                                                       size=shape[2:], mode="bilinear", align_corners=False)
+            else:
+                init = self.encode_images(inits, width, height, generators)
             if init_latents is not None:
                 init = init_latents.float()
         if self.edits:  # the picture's latents: the mode of q(z | x), unscaled, as diffusers gives them
@@ -761,6 +777,8 @@ class TextToImagePipeline:
             params["vae"] = Path(self.c.vae_source).name
         if init is not None or masks is not None:
             params["strength"] = float(strength)
+            if resize_mode != "just_resize":
+                params["resize_mode"] = resize_mode
         if masks is not None:
             params["inpainting"] = True
             if masked_content != "original":
@@ -873,6 +891,25 @@ class TextToImagePipeline:
         """The hires. fix's second size: height and width times `scale`, to the VAE's factor."""
         f = self.scale
         return max(f, round(height * scale / f) * f), max(f, round(width * scale / f) * f)
+
+    def _check_resize_mode(self, mode: str, inits: list | None, masks: list | None) -> bool:
+        """resize_mode must be one of RESIZE_MODES; "latent_upscale" (True) is image to image's only: not for a mask, an
+        inpainting or instruct-pix2pix model (A1111 runs it only where the picture is encoded alone), and its pictures
+        must share one size (they are encoded together)."""
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}; got {mode!r}")
+        if mode != "latent_upscale":
+            return False
+        if inits is None:
+            raise ValueError("resize_mode 'latent_upscale' resizes an init_image's latents; give init_image")
+        if masks is not None or self.image_conditioned or self.edits:
+            raise ValueError("resize_mode 'latent_upscale' is for image to image; inpainting and instruct-pix2pix "
+                             "take the picture at the output size: use 'just_resize', 'crop_and_resize' or "
+                             "'resize_and_fill'")
+        if len({im.size for im in inits}) > 1:
+            raise ValueError(f"resize_mode 'latent_upscale' encodes the pictures together: give pictures of one size "
+                             f"(got {sorted({im.size for im in inits})})")
+        return True
 
     def _init_images(self, init_image, n_prompts: int, per_prompt: int, name: str = "init_image",
                      mode: str | None = "RGB") -> list[Image.Image] | None:

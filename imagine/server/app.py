@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imagine import preprocessors
-from imagine.images import controlnet_unit_text
+from imagine.images import RESIZE_MODES, controlnet_unit_text, fit_picture
 from imagine.samplers import A1111_SAMPLERS  # AUTOMATIC1111's labels of our samplers
 from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
                                    ShuttingDown)
@@ -178,10 +178,12 @@ class DetectRequest(BaseModel):
 
 class Img2ImgRequest(Txt2ImgRequest):
     """A1111's img2img body: txt2img's, plus the pictures and how far from them to go, and A1111's inpainting:
-    `mask` (white: paint anew) with its options, in A1111's defaults. Its other fields (resize_mode, ...) are
+    `mask` (white: paint anew) with its options, in A1111's defaults, and `resize_mode` (0 just resize, 1 crop and
+    resize, 2 resize and fill, 3 just resize (latent upscale): imagine.images.fit_picture). Its other fields are
     accepted, not used, and listed in info.ignored_fields (the inpainting options too when no mask is sent)."""
 
     init_images: list[str] = []
+    resize_mode: int = 0
     denoising_strength: float = 0.75
     image_cfg_scale: float | None = None  # an instruct-pix2pix model's guidance on the picture (not given: 1)
     mask: str | None = None  # base64 picture (a data: prefix allowed); "" or null: no mask
@@ -343,12 +345,12 @@ class _Inpainting:
 
 
 def prepare_inpainting(pictures: list, mask, width: int, height: int, *, blur: int, fill: int, full_res: bool,
-                       padding: int, invert: int) -> _Inpainting | None:
+                       padding: int, invert: int, resize_mode: str = "just_resize") -> _Inpainting | None:
     """AUTOMATIC1111's img2img inpainting (its StableDiffusionProcessingImg2Img.init) around imagine's pipeline:
     the binary mask (`_decode_mask`) inverted if asked, blurred (`blur_mask`); then either "Only masked" (the crop
     around the mask, grown by `padding` and to width:height, `crop_region`, resized to width x height; the result
-    is pasted back) or the whole picture resized to width x height (its overlay mask doubled, as A1111's, so the
-    result shows fully from mid-blur inward); `fill` 0 fills the part to paint with the colours around it
+    is pasted back) or the whole picture and the mask brought to width x height by `resize_mode` (`fit_picture`;
+    its overlay mask doubled, as A1111's, so the result shows fully from mid-blur inward); `fill` 0 fills the part to paint with the colours around it
     (`fill_masked`) before encoding. None when "Only masked" finds a blank mask: A1111 then runs plain img2img."""
     from PIL import Image, ImageOps
 
@@ -372,8 +374,8 @@ def prepare_inpainting(pictures: list, mask, width: int, height: int, *, blur: i
             model_mask = overlay.crop(box).resize(size, Image.LANCZOS)
         else:
             box = None
-            picture = picture if picture.size == size else picture.resize(size, Image.LANCZOS)
-            model_mask = mask if mask.size == size else mask.resize(size, Image.LANCZOS)
+            picture = fit_picture(picture, width, height, resize_mode)
+            model_mask = fit_picture(mask, width, height, resize_mode)
             overlay = model_mask.point(lambda v: min(255, 2 * v))
             start = picture
         if fill == 0:
@@ -961,6 +963,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"init_images holds {len(req.init_images)} pictures for a batch_size of "
                                 f"{req.batch_size}; give one (for every image) or at most batch_size (one each, as "
                                 "AUTOMATIC1111)", "init_images")
+        if isinstance(req.resize_mode, bool) or req.resize_mode not in range(len(RESIZE_MODES)):
+            raise ApiError(422, f"resize_mode must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3 "
+                                f"(just resize, latent upscale); got {req.resize_mode!r}", "resize_mode")
+        if req.mask and req.resize_mode == 3:
+            raise ApiError(422, "resize_mode 3 (latent upscale) is for img2img without a mask; with a mask give 0, 1 "
+                                "or 2", "resize_mode")
         mask_options = check_inpainting(req) if req.mask else None
         inits = await run_in_threadpool(lambda: [_decode_image(x, "init_images") for x in req.init_images])
         mask = await run_in_threadpool(_decode_mask, req.mask) if req.mask else None
@@ -990,7 +998,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"inpaint_full_res_padding must be a number of pixels >= 0; got "
                                 f"{req.inpaint_full_res_padding}", "inpaint_full_res_padding")
         return {"blur": int(blur), "fill": int(req.inpainting_fill), "full_res": bool(req.inpaint_full_res),
-                "padding": int(req.inpaint_full_res_padding), "invert": int(req.inpainting_mask_invert)}
+                "padding": int(req.inpaint_full_res_padding), "invert": int(req.inpainting_mask_invert),
+                "resize_mode": RESIZE_MODES[req.resize_mode]}
 
     async def a1111_generate(req, request: Request, inits: list | None = None, strength: float | None = None,
                              mask=None, mask_options: dict | None = None):
@@ -1062,6 +1071,16 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             inpaint = await run_in_threadpool(lambda: prepare_inpainting(inits, mask, width, height, **mask_options))
         elif inits is not None:  # sent without a mask, A1111's inpainting options are not used
             unused = [*unused, *(k for k in INPAINTING_FIELDS if k in req.model_fields_set)]
+        # (img2img's pictures are fitted by the pipeline, inpainting's by prepare_inpainting; a ControlNet unit without
+        # a picture takes the picture as sent, as the extension takes A1111's init image)
+        resize_mode = RESIZE_MODES[getattr(req, "resize_mode", 0)]
+        if resize_mode == "latent_upscale" and (getattr(pipe, "edits", False) or getattr(pipe, "image_conditioned",
+                                                                                        False)):
+            raise ApiError(422, "resize_mode 3 (latent upscale) is for img2img with a 4-channel model; this model "
+                                "takes the picture at the output size: give 0, 1 or 2", "resize_mode")
+        if resize_mode == "latent_upscale" and inits and len({im.size for im in inits}) > 1:
+            raise ApiError(422, "resize_mode 3 (latent upscale) encodes the pictures together: send init_images of one "
+                                "size", "resize_mode")
         starts = inpaint.inits if inpaint is not None else inits
         # (with hires. fix the maps are made at the first pass's size; the second pass takes them scaled up)
         controls = await run_in_threadpool(lambda: control_pictures(units, unit_pictures, n, starts, inpaint, width,
@@ -1080,7 +1099,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     if inpaint is not None else "original",
                                     controlnets=tuple((u["name"], u["weight"], u["start"], u["end"], u["mode"])
                                                       for u in units),
-                                    refiner_switch=refiner[1] if refiner else None, subseed_strength=variation),
+                                    refiner_switch=refiner[1] if refiner else None, subseed_strength=variation,
+                                    resize_mode=resize_mode),
                   subseeds=subseeds,
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],

@@ -84,6 +84,7 @@ class Settings:
     subseed_strength: float = 0.0  # A1111's variation seeds (Job.subseeds), their strength
     image_guidance_scale: float | None = None  # an instruct-pix2pix model's guidance on the picture
     refiner_switch: float | None = None  # SDXL's refiner (the pipeline's, `serve --refiner`) after this fraction of steps
+    resize_mode: str = "just_resize"  # image to image: how the pictures are brought to the size (imagine.images)
 
 
 @dataclass(eq=False)
@@ -410,6 +411,7 @@ class ModelWorker:
                               **({"image_guidance_scale": s.image_guidance_scale, "image_guidance_gate": False}
                                  if s.image_guidance_scale is not None else {}),
                               **({"init_image": inits[a:b], "strength": s.strength} if inits else {}),
+                              **({"resize_mode": s.resize_mode} if inits and s.resize_mode != "just_resize" else {}),
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
                               **control)
                 images += res.images
