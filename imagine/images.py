@@ -136,6 +136,7 @@ def a1111_parameters(p: dict) -> str:
     if p.get("subseed_strength"):  # A1111's variation seed
         put("Variation seed", p.get("subseed"))
         put("Variation seed strength", p.get("subseed_strength"))
+    put("Seed resize from", p.get("seed_resize_from"))  # "WxH", A1111's
     put("Denoising strength", p.get("strength"))  # image to image, hires. fix (A1111 writes it later; order is free)
     if p.get("inpainting"):  # A1111's inpainting fields; it writes "Mask blur" only above 0, here 0 says "no blur"
         if p.get("mask_invert"):

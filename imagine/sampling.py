@@ -80,6 +80,41 @@ def variation_noise(strength: float, noise: torch.Tensor, other: torch.Tensor) -
     return out.to(noise.dtype)
 
 
+def seed_resized_noise(noise: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """AUTOMATIC1111's "resize seed from width/height": `first` [C, h, w], the noise the seed gave at the size it was
+    first used at, put in the middle of `noise` [C, H, W], this size's own noise from the same seed, so that the
+    picture keeps its composition at a new size. Where `first` is larger its middle is cut out; the offsets are
+    A1111's, floor halves of the size differences (so an odd margin puts the extra row or column at the end)."""
+    (height, width), (h, w) = noise.shape[-2:], first.shape[-2:]
+    dx, dy = (width - w) // 2, (height - h) // 2
+    cw, ch = (w if dx >= 0 else w + 2 * dx), (h if dy >= 0 else h + 2 * dy)
+    out = noise.clone()
+    out[..., max(dy, 0):max(dy, 0) + ch, max(dx, 0):max(dx, 0) + cw] = \
+        first[..., max(-dy, 0):max(-dy, 0) + ch, max(-dx, 0):max(-dx, 0) + cw]
+    return out
+
+
+def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], seeds: list[int],
+                subseeds: list[int] | None = None, subseed_strength: float = 0.0,
+                first_size: tuple[int, int] | None = None, own: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image's start noise [B, C, H, W] as AUTOMATIC1111 draws it (its ImageRNG.first) with its two seed
+    options: `own`, drawn from the images' generators (drawn here if not given; the steps' noise follows on from
+    them), is the noise; with `first_size` (h, w) in latent cells (A1111's seed_resize_from_h/w over the VAE's factor)
+    and not (H, W), the noise the seeds give at that size (fresh generators of `seeds`) goes in its middle
+    (`seed_resized_noise`); with subseed_strength > 0, the noise at the seed's size is first moved towards the
+    variation seeds' (`subseeds`) at that size (`variation_noise`)."""
+    own = PerSampleNoise(generators).draw(shape) if own is None else own
+    resized = first_size is not None and tuple(first_size) != tuple(shape[-2:])
+    if not resized and not subseed_strength:
+        return own
+    size = (*shape[:-2], *first_size) if resized else shape
+    seeded = PerSampleNoise(make_generators(shape[0], list(seeds))).draw(size) if resized else own
+    if subseed_strength:
+        other = PerSampleNoise(make_generators(shape[0], list(subseeds))).draw(size)
+        seeded = torch.stack([variation_noise(float(subseed_strength), a, b) for a, b in zip(seeded, other)])
+    return torch.stack([seed_resized_noise(a, b) for a, b in zip(own, seeded)]) if resized else seeded
+
+
 STARTS = ("noise", "matched")
 
 

@@ -106,6 +106,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "-1: random) by --variation-strength")
     p.add_argument("--variation-strength", "--subseed-strength", type=float, default=0.0, metavar="S",
                    help="how far towards the variation seed's noise, 0 (the seed's image) to 1")
+    p.add_argument("--seed-resize-from", default=None, metavar="WxH",
+                   help="AUTOMATIC1111's 'resize seed from': the noise the seed gives at WxH pixels goes in the "
+                        "middle of this size's, so an image found at WxH keeps its composition")
     p.add_argument("--strength", "--denoising-strength", type=float, default=None,
                    help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
                         "(default 0.75, A1111's; 1 with --mask, diffusers' inpainting default: the masked part "
@@ -504,6 +507,13 @@ def run(args) -> int:
         raise ValueError(f"--variation-strength must be in [0, 1]; got {args.variation_strength}")
     variation = (random.randint(0, MAX_SEED) if args.variation_seed is None or args.variation_seed < 0
                  else args.variation_seed)
+    seed_resize = {}
+    if args.seed_resize_from:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", args.seed_resize_from)
+        if not m or 0 in (int(m[1]), int(m[2])):
+            raise ValueError(f"--seed-resize-from must be WIDTHxHEIGHT in pixels, e.g. 512x512; got "
+                             f"{args.seed_resize_from!r}")
+        seed_resize = {"seed_resize_from_w": int(m[1]), "seed_resize_from_h": int(m[2])}
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start:start + args.batch_size]
         seeds = [(base + start + k) % (MAX_SEED + 1) for k in range(len(chunk))]
@@ -527,7 +537,7 @@ def run(args) -> int:
                             composable=args.composable or args.a1111_prompts,
                             **({"subseeds": [(variation + start + k) % (MAX_SEED + 1) for k in range(len(chunk))],
                                 "subseed_strength": args.variation_strength} if args.variation_strength else {}),
-                            progress=not args.quiet,
+                            **seed_resize, progress=not args.quiet,
                             **picture)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},

@@ -39,6 +39,7 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")  # LoRA files in a lora
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?((?::[^:>]*)*)>")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 MAX_SEED = 2**32 - 1
+MAX_SEED_RESIZE = 8192  # pixels: AUTOMATIC1111's seed_resize_from_h/w (its sliders end at 2048)
 
 
 @dataclass
@@ -517,6 +518,7 @@ class TextToImagePipeline:
                  control_mode: str | list[str] | None = None, guess_mode: bool = False,
                  refiner_switch: float | None = None, image_guidance_scale: float | None = None,
                  subseed: int | None = None, subseeds: list[int] | None = None, subseed_strength: float = 0.0,
+                 seed_resize_from_h: int = 0, seed_resize_from_w: int = 0,
                  image_guidance_gate: bool = True,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
@@ -570,6 +572,9 @@ class TextToImagePipeline:
         subseed, subseed_strength (AUTOMATIC1111's variation seed): each image's start noise moved towards the noise of
         its variation seed (subseed + i, or `subseeds`; a negative or None: random) by spherical interpolation
         (imagine.sampling.variation_noise); 0 leaves the seed's image, 1 gives the variation seed's start noise.
+        seed_resize_from_h, seed_resize_from_w (AUTOMATIC1111's "resize seed from", pixels; 0: off): the noise the
+        seeds give at that size is put in the middle of this size's (imagine.sampling.start_noise), so that an image
+        found at one size keeps its composition at another.
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -747,20 +752,22 @@ class TextToImagePipeline:
         if isinstance(subseed_strength, bool) or not isinstance(subseed_strength, (int, float)) or \
                 not 0 <= subseed_strength <= 1:
             raise ValueError(f"subseed_strength must be a number in [0, 1]; got {subseed_strength!r}")
+        first_size = self._seed_resize(seed_resize_from_h, seed_resize_from_w, shape)
         if subseed_strength > 0:  # A1111's variation seed: the start noise moved towards another seed's
-            from imagine.sampling import PerSampleNoise, variation_noise
-
             if subseeds is None:
                 first = random.randint(0, MAX_SEED) if subseed is None or subseed < 0 else int(subseed)
                 subseeds = [(first + i) % (MAX_SEED + 1) for i in range(len(prompts))]
             elif len(subseeds) != len(prompts):
                 raise ValueError(f"{len(subseeds)} subseeds for {len(prompts)} images")
-            # (drawn from the images' own generators, as the sampler would draw it, so the steps' noise follows on)
-            own = inpaint["noise"] if "noise" in inpaint else PerSampleNoise(generators).draw(shape)
-            other = PerSampleNoise(make_generators(len(prompts), list(subseeds))).draw(shape)
-            inpaint["noise"] = torch.stack([variation_noise(float(subseed_strength), a, b) for a, b in zip(own, other)])
         else:
             subseeds = None
+        if subseeds is not None or first_size is not None:  # A1111's seed options (imagine.sampling.start_noise)
+            from imagine.sampling import start_noise
+
+            # (its own part drawn from the images' own generators, as the sampler would draw it, so the steps' noise
+            # follows on)
+            inpaint["noise"] = start_noise(shape, generators, seeds, subseeds, float(subseed_strength), first_size,
+                                           inpaint.get("noise"))
         report: dict = {}
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                generators=generators, init=init, strength=strength, **inpaint,
@@ -795,6 +802,8 @@ class TextToImagePipeline:
             params["image_guidance_scale"] = image_guidance_scale  # (A1111's "Image CFG scale"; its default 1: none)
         if subseeds is not None:
             params["subseed_strength"] = float(subseed_strength)  # (each image's variation seed: result.subseeds)
+        if seed_resize_from_h > 0 and seed_resize_from_w > 0:  # (A1111's W x H; written, as A1111, whenever set)
+            params["seed_resize_from"] = f"{seed_resize_from_w}x{seed_resize_from_h}"
         if refine and report.get("refined"):  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
             params["refiner"] = Path(self.refiner.c.source).name
             params["refiner_switch_at"] = refiner_switch
@@ -891,6 +900,18 @@ class TextToImagePipeline:
         """The hires. fix's second size: height and width times `scale`, to the VAE's factor."""
         f = self.scale
         return max(f, round(height * scale / f) * f), max(f, round(width * scale / f) * f)
+
+    def _seed_resize(self, from_h, from_w, shape: tuple) -> tuple[int, int] | None:
+        """AUTOMATIC1111's seed_resize_from_h / _w (pixels; either <= 0: off) -> the latent size the seeds' noise is
+        drawn at, or None when off or equal to this run's."""
+        for name, v in (("seed_resize_from_h", from_h), ("seed_resize_from_w", from_w)):
+            if isinstance(v, bool) or not isinstance(v, int) or v > MAX_SEED_RESIZE:
+                raise ValueError(f"{name} must be a whole number of pixels up to {MAX_SEED_RESIZE} (0 or less: "
+                                 f"off); got {v!r}")
+        if from_h <= 0 or from_w <= 0:
+            return None
+        size = (max(1, from_h // self.scale), max(1, from_w // self.scale))
+        return None if size == tuple(shape[-2:]) else size
 
     def _check_resize_mode(self, mode: str, inits: list | None, masks: list | None) -> bool:
         """resize_mode must be one of RESIZE_MODES; "latent_upscale" (True) is image to image's only: not for a mask, an

@@ -161,6 +161,8 @@ class Txt2ImgRequest(BaseModel):
     force_task_id: str | None = None  # lets /sdapi/v1/progress?id_task= follow this request
     subseed: int = -1  # A1111's variation seed (-1: random), image i's is subseed + i
     subseed_strength: float = 0.0  # how far each image's start noise moves towards its variation seed's
+    seed_resize_from_h: int = -1  # A1111's "resize seed from" (pixels; 0 or less: off): the seeds' noise at that
+    seed_resize_from_w: int = -1  # size goes in the middle of this size's (TextToImagePipeline.generate)
     refiner_checkpoint: str | None = None  # SDXL's refiner: the one loaded with `imagine serve --refiner`
     refiner_switch_at: float | None = None  # the fraction of the steps after which it takes over (default 0.8)
 
@@ -504,7 +506,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
               model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None,
               clip_skip: int = 0, strength: float | None = None, hires: tuple | None = None,
               inpainting: dict | None = None, controlnets: list | None = None,
-              refiner: tuple | None = None, image_cfg: float | None = None, variation: tuple | None = None) -> str:
+              refiner: tuple | None = None, image_cfg: float | None = None, variation: tuple | None = None,
+              seed_resize: tuple | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -521,6 +524,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              **({"refiner": refiner[0], "refiner_switch_at": refiner[1]} if refiner else {}),
                              "image_guidance_scale": image_cfg,
                              **({"subseed": variation[0], "subseed_strength": variation[1]} if variation else {}),
+                             **({"seed_resize_from": f"{seed_resize[1]}x{seed_resize[0]}"} if seed_resize else {}),
                              "version": f"imagine {version}"})
 
 
@@ -1063,6 +1067,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if variation > 0:
             first = check_seed("subseed", req.subseed)
             subseeds = [(first + i) % (MAX_SEED + 1) for i in range(n)]
+        check_int("seed_resize_from_h", req.seed_resize_from_h, -1, cfg.max_height, " (pixels, the server's limit; "
+                  "0 or -1: off)")
+        check_int("seed_resize_from_w", req.seed_resize_from_w, -1, cfg.max_width, " (pixels, the server's limit; "
+                  "0 or -1: off)")
+        seed_resize = ((req.seed_resize_from_h, req.seed_resize_from_w)
+                       if req.seed_resize_from_h > 0 and req.seed_resize_from_w > 0 else None)
         units, unit_ignored = check_controlnet(req, inits is not None)
         unit_pictures = await run_in_threadpool(
             lambda: [_decode_image(u["image"], u["field"], rgb=False) if u["image"] else None for u in units])
@@ -1100,7 +1110,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     controlnets=tuple((u["name"], u["weight"], u["start"], u["end"], u["mode"])
                                                       for u in units),
                                     refiner_switch=refiner[1] if refiner else None, subseed_strength=variation,
-                                    resize_mode=resize_mode),
+                                    resize_mode=resize_mode, seed_resize=seed_resize),
                   subseeds=subseeds,
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],
@@ -1118,7 +1128,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                fingerprint, version, vae_name, schedule, clip_skip, strength, hires,
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
                                job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
-                               (subseeds[i], variation) if subseeds else None)
+                               (subseeds[i], variation) if subseeds else None, seed_resize)
                      for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:
@@ -1140,7 +1150,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "scheduler": schedule or "automatic", "cfg_scale": guidance, "steps": steps,
             "batch_size": batch_size, "n_iter": req.n_iter, "restore_faces": False,
             "face_restoration_model": None, "sd_model_name": name, "sd_model_hash": fingerprint[:10],
-            "sd_vae_name": vae_name, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "sd_vae_name": vae_name, "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w,
+            "seed_resize_from_h": req.seed_resize_from_h,
             "denoising_strength": strength,
             "extra_generation_params": {**(inpaint.extra_generation_params() if inpaint is not None else {}),
                                         **{f"ControlNet {i}": controlnet_unit_text(*unit)

@@ -85,6 +85,7 @@ class Settings:
     image_guidance_scale: float | None = None  # an instruct-pix2pix model's guidance on the picture
     refiner_switch: float | None = None  # SDXL's refiner (the pipeline's, `serve --refiner`) after this fraction of steps
     resize_mode: str = "just_resize"  # image to image: how the pictures are brought to the size (imagine.images)
+    seed_resize: tuple | None = None  # A1111's seed_resize_from_h / _w, (h, w) in pixels, both > 0 (None: off)
 
 
 @dataclass(eq=False)
@@ -412,6 +413,8 @@ class ModelWorker:
                                  if s.image_guidance_scale is not None else {}),
                               **({"init_image": inits[a:b], "strength": s.strength} if inits else {}),
                               **({"resize_mode": s.resize_mode} if inits and s.resize_mode != "just_resize" else {}),
+                              **({"seed_resize_from_h": s.seed_resize[0], "seed_resize_from_w": s.seed_resize[1]}
+                                 if s.seed_resize else {}),
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
                               **control)
                 images += res.images
