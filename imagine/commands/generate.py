@@ -125,6 +125,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hires-upscaler", choices=["latent", "lanczos"], default="latent",
                    help="latent: the latents resized bilinearly (A1111's default 'Latent'); lanczos: the pictures")
     p.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
+    p.add_argument("--style", action="append", default=[], metavar="NAME",
+                   help="an AUTOMATIC1111 prompt style from --styles-file, merged into the prompt and the negative "
+                        "prompt (its {prompt} marks where the prompt goes; else appended after a comma); repeatable, "
+                        "applied in order")
+    p.add_argument("--styles-file", default=None, metavar="CSV",
+                   help="AUTOMATIC1111's styles.csv (columns name, prompt, negative_prompt)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
     p.add_argument("--sampler", default=None,
                    help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, unipc, euler, euler_a, heun "
@@ -403,6 +409,14 @@ def run(args) -> int:
     from imagine.pipelines.text_to_image import MAX_SEED, TextToImagePipeline
 
     prompts = _prompts(args)
+    if args.style or args.styles_file:  # A1111's prompt styles, merged into every prompt and the negative prompt
+        from imagine.styles import apply_styles, pick_styles, read_styles
+
+        if not (args.style and args.styles_file):
+            raise ValueError("--style NAME takes its text from --styles-file CSV (A1111's styles.csv): give both")
+        chosen = pick_styles(read_styles(args.styles_file), args.style)
+        prompts = [apply_styles(p, "", chosen)[0] for p in prompts]
+        args.negative_prompt = apply_styles("", args.negative_prompt or "", chosen)[1] or None
     sampler_options = parse_sampler_options(args.sampler_option) or None
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")

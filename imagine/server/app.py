@@ -137,6 +137,7 @@ class Txt2ImgRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt: str = ""
     negative_prompt: str = ""
+    styles: list[str] = []  # A1111's prompt styles (`imagine serve --styles CSV`), merged into the texts in order
     seed: int = -1
     steps: int | None = None
     cfg_scale: float | None = None
@@ -420,7 +421,7 @@ class _ClientGone(Exception):
 
 _A1111_SCRIPTS = {"txt2img": [], "img2img": []}
 _EMPTY_LISTS = ["upscalers", "latent-upscale-modes", "hypernetworks", "face-restorers",
-                "realesrgan-models", "prompt-styles", "artist-categories", "artists"]
+                "realesrgan-models", "artist-categories", "artists"]
 
 
 def _openai_path(request: Request) -> bool:
@@ -562,9 +563,10 @@ def _own_size(pipe) -> tuple[int, int]:
 
 
 def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker | None = None,
-               model_name: str | None = None) -> FastAPI:
+               model_name: str | None = None, styles: dict | None = None) -> FastAPI:
     """The app around `pipe` (a TextToImagePipeline, or anything with its generate/decode/
-    check_size/defaults). The worker thread starts with the app and stops with it."""
+    check_size/defaults). The worker thread starts with the app and stops with it. `styles`: A1111's prompt
+    styles by name (`imagine.styles.read_styles`), which requests name in `styles`."""
     import imagine
 
     cfg = config or ServerConfig()
@@ -1011,6 +1013,21 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         batch is that many, as A1111 sets it), inpainting with `mask` (`prepare_inpainting`)."""
         init = inits[0] if inits else None
         batch_size = len(inits) if inits and len(inits) > 1 else req.batch_size
+        sent = req  # (echoed in `parameters` as sent; `info` carries the texts used, as A1111's)
+        if req.styles:  # A1111's prompt styles: merged into the texts before anything reads them
+            from imagine.styles import apply_styles, pick_styles
+
+            try:
+                chosen = pick_styles(styles or {}, list(req.styles))
+            except ValueError as e:
+                raise ApiError(422, str(e), "styles") from None
+            prompt, negative = apply_styles(req.prompt, req.negative_prompt, chosen)
+            update = {"prompt": prompt, "negative_prompt": negative}
+            if getattr(req, "hr_prompt", ""):  # (the hires pass's own texts are styled when given, as A1111's)
+                update["hr_prompt"] = apply_styles(req.hr_prompt, "", chosen)[0]
+            if getattr(req, "hr_negative_prompt", ""):
+                update["hr_negative_prompt"] = apply_styles("", req.hr_negative_prompt, chosen)[1]
+            req = req.model_copy(update=update)
         check_prompt("prompt", req.prompt)
         check_prompt("negative_prompt", req.negative_prompt)
         steps = defaults["steps"] if req.steps is None else req.steps
@@ -1158,7 +1175,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                            for i, unit in enumerate(cn_units)},
                                         **({"Refiner": refiner[0], "Refiner switch at": refiner[1]} if refiner
                                            else {})},
-            "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+            "index_of_first_image": 0, "infotexts": infotexts, "styles": list(req.styles),
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1 + clip_skip,
             "is_using_inpainting_conditioning": bool(getattr(pipe, "image_conditioned", False)),
             "version": f"imagine {version}", **mask_info,
@@ -1169,7 +1186,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "seconds": round(result.seconds, 3) if result else 0.0,
             "batch_images": result.batch_images if result else 0,
         }
-        dumped = req.model_dump()
+        dumped = sent.model_dump()
         if init is not None:
             dumped["init_images"] = [f"<{len(x)} base64 characters>" for x in req.init_images]  # not echoed back
         if getattr(req, "mask", None):
@@ -1336,6 +1353,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     for _path in _EMPTY_LISTS:
         app.add_api_route(f"/sdapi/v1/{_path}", lambda: [], methods=["GET"])
+
+    @app.get("/sdapi/v1/prompt-styles")
+    def prompt_styles():  # A1111's list (`imagine serve --styles`)
+        return [{"name": st.name, "prompt": st.prompt, "negative_prompt": st.negative_prompt}
+                for st in (styles or {}).values()]
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt():

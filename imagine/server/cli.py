@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH[:UNET]]",
                    help="a LoRA file to merge into the model at start, repeatable (strength default 1; a second number "
                         "is the U-Net's, the first then the text encoders', as A1111's <lora:name:te:unet>)")
+    p.add_argument("--styles", default=None, metavar="CSV",
+                   help="AUTOMATIC1111's styles.csv (columns name, prompt, negative_prompt): requests name styles in "
+                        "`styles`; /sdapi/v1/prompt-styles lists them")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="a folder of LoRA files that prompts ask for as AUTOMATIC1111's <lora:name:STRENGTH> (merged "
                         "for the requests that ask, and put back exactly after)")
@@ -109,6 +112,9 @@ def run(args) -> int:
         raise FileNotFoundError(f"--lora-dir: {args.lora_dir} is not a folder")
     if args.refiner is not None and not Path(args.refiner).exists():
         raise FileNotFoundError(f"--refiner: {args.refiner} not found")
+    from imagine.styles import read_styles
+
+    styles = read_styles(args.styles) if args.styles else None  # (read before the model loads: a bad file fails fast)
 
     if args.dtype == "bfloat16" and args.precision != "fast":
         raise ValueError("--dtype bfloat16 is for --precision fast (exact mode computes in float32 on float32 weights)")
@@ -119,7 +125,7 @@ def run(args) -> int:
                                                controlnets=list(args.controlnet), clip_skip=args.clip_skip,
                                                refiner=args.refiner)
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
-    app = create_app(pipe, config)
+    app = create_app(pipe, config, styles=styles)
     app.state.listen = not is_loopback(args.host)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"imagine serve: {app.state.worker.pipe.c.source or 'default model'} on http://{shown}:{args.port}/ "
