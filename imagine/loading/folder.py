@@ -38,6 +38,9 @@ class Components:
     defaults: dict = field(default_factory=dict)
     source: str = ""
     vae_source: str = ""  # a VAE loaded in place of the model's own (imagine.loading.vae), else ""
+    # a super-resolution stage's (SD's x4 upscaler): the schedule that noises its low-resolution picture (CDM's
+    # conditioning augmentation), else None
+    low_res_schedule: Any = None
 
 
 def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Components:
@@ -91,9 +94,14 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
     sampler = SCHEDULER_TO_SAMPLER.get(sched_cfg.get("_class_name", ""))
     if sampler and "sampler" not in defaults:
         defaults["sampler"] = sampler
+    low_res = None
+    if index.get("low_res_scheduler"):  # diffusers' StableDiffusionUpscalePipeline (SD's x4 upscaler)
+        low_res = NoiseSchedule.from_diffusers_config(read_json(
+            root / _sub(index["low_res_scheduler"], "low_res_scheduler") / "scheduler_config.json"))
+        defaults.setdefault("max_noise_level", int(index.get("max_noise_level", 350)))
     return Components(unet=unet, text_encoder=text_encoder, schedule=schedule, vae=vae,
                       prediction_type=sched_cfg.get("prediction_type", "epsilon"), scheduler_config=sched_cfg,
-                      defaults=defaults, source=str(root))
+                      defaults=defaults, source=str(root), low_res_schedule=low_res)
 
 
 # The SDXL refiner's aesthetic-score conditioning (Podell et al. 2023, sec. 2.5): the score given with the prompt and

@@ -80,7 +80,11 @@ class TextToImagePipeline:
             raise ValueError(f"{components.source or 'this model'}: the text encoder gives {width}-wide states, the "
                              f"U-Net cross-attends to {u.cross_attention_dim}: they belong to different models")
         inputs, latent = self.unet.config.in_channels, self.latent_channels
-        if inputs not in (latent, 2 * latent + 1, 2 * latent) or (inputs != latent and self.vae is None):
+        if components.low_res_schedule is not None:  # a super-resolution stage: the picture's RGB beside its latents
+            if inputs != latent + 3 or self.vae is None:
+                raise ValueError(f"{components.source or 'this model'}: an upscaler (it has a low_res_scheduler) "
+                                 f"needs a VAE and a U-Net taking {latent} + 3 input channels; its takes {inputs}")
+        elif inputs not in (latent, 2 * latent + 1, 2 * latent) or (inputs != latent and self.vae is None):
             raise ValueError(f"{components.source or 'this model'}: its U-Net takes {inputs} input channels; imagine "
                              f"runs U-Nets that take the {latent} channels of the noisy latents, or "
                              f"{2 * latent + 1} (an inpainting model's: noisy latents, mask, masked-picture latents), or "
@@ -604,6 +608,9 @@ class TextToImagePipeline:
             negatives = [n for n in negs for _ in range(num_images_per_prompt)]
         if not all(n is None or isinstance(n, str) for n in negatives):
             raise TypeError("negative prompts must be strings (or None: not given)")
+        if self.c.low_res_schedule is not None:
+            raise ValueError(f"{self.c.source or 'this model'} is a super-resolution model (SD's x4 upscaler): it makes "
+                             "a picture larger; use upscale(prompt, image) (the CLI: --init-image PICTURE)")
         d = self.defaults
         steps = int(d["steps"] if steps is None else steps)
         guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
@@ -996,6 +1003,13 @@ class TextToImagePipeline:
         """Whether the model is InstructPix2Pix's (Brooks et al. 2023): its U-Net reads the picture to edit, as
         latents beside the noisy latents (4 + 4 = 8 input channels in SD's), and follows an instruction."""
         return self.unet.config.in_channels == 2 * self.latent_channels
+
+    def upscale(self, prompt, image, negative_prompt=None, **kw) -> GenerationResult:
+        """A super-resolution model's (SD's x4 upscaler) picture made larger as the prompt describes it:
+        `imagine.pipelines.upscale.upscale`."""
+        from imagine.pipelines.upscale import upscale
+
+        return upscale(self, prompt, image, negative_prompt, **kw)
 
     @property
     def image_conditioned(self) -> bool:

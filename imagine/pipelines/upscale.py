@@ -1,0 +1,113 @@
+"""A super-resolution stage of a cascade: Stable Diffusion's x4 upscaler (diffusers' StableDiffusionUpscalePipeline).
+
+Cascaded diffusion (Ho et al. 2022, "Cascaded Diffusion Models for High Fidelity Image Generation", sec. 3) samples a
+high-resolution image with a model conditioned on a low-resolution one, here by concatenating the low-resolution
+picture to the U-Net's input channels: the upscaler's latents are a quarter of the output's size (its VAE downsamples
+by 4), the size of the picture itself, so the picture's 3 RGB channels join the 4 latent ones (7 inputs). The
+picture is first noised to level `noise_level` of a schedule of its own (conditioning augmentation, sec. 4.1:
+z = sqrt(abar_s) x_lr + sqrt(1 - abar_s) eps, at s = noise_level), and s enters the U-Net as its class label, so
+one model serves clean and degraded inputs; more noise lets the model invent more detail. Guidance, samplers and the
+VAE decode are the text-to-image pipeline's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+NOISE_LEVEL = 20  # diffusers' default for SD's x4 upscaler
+
+
+def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[str] | None = None, *,
+            noise_level: int = NOISE_LEVEL, steps: int | None = None, guidance_scale: float | None = None,
+            sampler: str | None = None, seed: int | None = None, seeds: list[int] | None = None,
+            num_images_per_prompt: int = 1, eta: float | None = None, karras: bool | None = None,
+            sigma_schedule: str | None = None, rho: float | None = None, final_step: str | None = None,
+            sampler_options: dict | None = None, emphasis: bool = False, long_prompts: bool = False, callback=None,
+            progress: bool = True, output_type: str = "pil"):
+    """`image` (a PIL picture, or one per prompt) made `pipe.scale` times larger, as the prompt describes it.
+    `noise_level`: the conditioning augmentation's level, 0 to the model's max_noise_level (350 for SD's x4).
+    steps, guidance_scale, sampler and the noise levels' options (karras, sigma_schedule, rho, final_step,
+    sampler_options): as for generate, the model's defaults where not given. Each image's generator
+    (its seed) draws the picture's noise first, then the start noise, as diffusers' pipeline draws them. Returns a
+    GenerationResult whose images are `pipe.scale` times the picture's size."""
+    from imagine.pipelines.text_to_image import MAX_SEED, GenerationResult, to_pil
+    from imagine.sampling import PerSampleNoise, make_generators
+
+    schedule = pipe.c.low_res_schedule
+    if schedule is None:
+        raise ValueError(f"{pipe.c.source or 'this model'} is not a super-resolution model (SD's x4 upscaler: a "
+                         "U-Net reading the picture beside its latents, and a low_res_scheduler); use generate()")
+    d = pipe.defaults
+    top = int(d.get("max_noise_level", 350))
+    if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
+        raise ValueError(f"noise_level must be a whole number from 0 to {top} (this model's max_noise_level); "
+                         f"got {noise_level!r}")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = (negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts))
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    pictures = pipe._init_images(image, len(prompts), num_images_per_prompt, "image")
+    if pictures is None:
+        raise ValueError("upscale needs the picture to make larger: give image=")
+    prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+    negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+    if len({im.size for im in pictures}) > 1:
+        raise ValueError(f"the pictures are upscaled together: give pictures of one size (got "
+                         f"{sorted({im.size for im in pictures})})")
+    w, h = pictures[0].size
+    height, width = h * pipe.scale, w * pipe.scale
+    pipe.check_size(height, width)
+    steps = int(d["steps"] if steps is None else steps)
+    guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
+    sampler = sampler or d["sampler"]
+    if seeds is None:
+        import random
+
+        base = random.randint(0, MAX_SEED) if seed is None or seed < 0 else int(seed)
+        seeds = [(base + i) % (MAX_SEED + 1) for i in range(len(prompts))]
+    elif len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
+    t0 = time.perf_counter()
+    generators = make_generators(len(prompts), list(seeds))
+    pipe.set_request_loras(pipe.loras_asked([*prompts, *(n for n in negatives if n)]))
+    guided = guidance_scale != 1.0
+    cond, uncond = pipe.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts)
+    x = pipe._pixels(pictures, w, h)
+    low_res = augment(schedule, x, PerSampleNoise(generators).draw(tuple(x.shape)), noise_level)
+    label = torch.full((len(prompts),), noise_level, dtype=torch.long)
+    cond = {**cond, "class_labels": label}
+    uncond = None if uncond is None else {**uncond, "class_labels": label}
+    latents = pipe._sample((len(prompts), pipe.latent_channels, h, w), cond, uncond, steps=steps,
+                           guidance_scale=guidance_scale, sampler=sampler, generators=generators, guidance_rescale=0.0,
+                           eta=eta, karras=bool(karras), sigma_schedule=sigma_schedule, rho=rho,
+                           final_step=final_step or "euler", sampler_options=sampler_options, thresholding=None,
+                           callback=callback, progress=progress, concat=low_res)
+    params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height, "width": width,
+              "noise_level": noise_level, "upscaled_from": f"{w}x{h}",
+              "model": Path(pipe.c.source).name if pipe.c.source else "default",
+              "version": __import__("imagine").__version__, "prompt": prompts[0],
+              "negative_prompt": negatives[0] or ""}
+    if emphasis:
+        params["emphasis"] = "a1111"
+    if sigma_schedule or karras:
+        params["schedule_type"] = sigma_schedule or "karras"
+    images = [] if output_type == "latent" else [to_pil(im) for im in pipe.decode(latents)]
+    return GenerationResult(images=images, seeds=list(seeds), parameters=params, latents=latents,
+                            negatives=negatives, seconds=time.perf_counter() - t0)
+
+
+def augment(schedule, x: torch.Tensor, noise: torch.Tensor, noise_level: int) -> torch.Tensor:
+    """Conditioning augmentation (CDM sec. 4.1): the low-resolution picture x in [-1, 1] taken to level s of its
+    own schedule, z_s = sqrt(abar_s) x + sqrt(1 - abar_s) eps (DDPM eq. 4, q(x_s | x_0))."""
+    abar = float(schedule.alphas_cumprod[noise_level])
+    return math.sqrt(abar) * x + math.sqrt(1.0 - abar) * noise
+
+
+def is_upscaler(pipe) -> bool:
+    """Whether a pipeline's model is a super-resolution stage (see `upscale`)."""
+    return getattr(pipe.c, "low_res_schedule", None) is not None
+

@@ -1,0 +1,151 @@
+"""Stable Diffusion's x4 upscaler, a super-resolution stage of a cascade (`imagine/pipelines/upscale.py`): a tiny
+random model of its layout (a 7-channel U-Net with the noise level as its class label, a VAE that downsamples by 4,
+a low-resolution scheduler) saved by diffusers loads offline and gives diffusers' StableDiffusionUpscalePipeline's
+images (two samplers, v-prediction, a batch with per-image seeds and negative prompts) at 50 dB or more."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_loading import TEXT_WIDTH, VOCAB, save_diffusers_folder, write_clip_tokenizer  # noqa: E402
+from test_sd_parity import psnr  # noqa: E402
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tiny_upscaler(folder):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=7, out_channels=4, norm_num_groups=8, block_out_channels=(16, 32),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
+        num_class_embeds=1000, use_linear_projection=True).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 16, 16), layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 3,
+                                  up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333).eval()
+    with torch.no_grad():  # spread the weights so that every path shows, the class embedding's above all
+        for m in (unet, vae):
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=96, num_attention_heads=1,
+        max_position_embeddings=77, projection_dim=TEXT_WIDTH, bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1,
+        pad_token_id=0, num_hidden_layers=2, hidden_act="gelu")).eval()
+    tok = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder.parent / "_tok_x4", "!"),
+                                                     local_files_only=True)
+    schedule = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
+    pipe = diffusers.StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=text, tokenizer=tok, unet=unet, max_noise_level=350,
+        low_res_scheduler=diffusers.DDPMScheduler(**schedule),
+        scheduler=diffusers.DDIMScheduler(**schedule, prediction_type="v_prediction", clip_sample=False,
+                                          set_alpha_to_one=False, steps_offset=1))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+def _picture(seed: int, size=(16, 12)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def x4(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("x4") / "folder"
+    _tiny_upscaler(folder)
+    # (read back from the folder, as a user loads it: a scheduler made in memory marks the settings it was not
+    # given, and from_config then takes another class's defaults for them, e.g. Euler's linspace spacing)
+    ref = diffusers.StableDiffusionUpscalePipeline.from_pretrained(folder, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    return folder, ref, TextToImagePipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler")])
+def test_upscale_matches_diffusers(x4, sampler, scheduler):
+    """Two prompts, each with its picture, negative prompt and seed, noise level 40, 10 steps, guidance 7.5; the
+    result is 4x the picture; without the noise level's class label, or with the picture's noise at another level,
+    the image is visibly not diffusers'."""
+    folder, ref, ours = x4
+    ref.scheduler = getattr(diffusers, scheduler).from_config(ref.scheduler.config)
+    pictures, prompts, negatives = [_picture(1), _picture(2)], ["a red circle", "a blue square"], ["blurry", ""]
+    want = ref(prompts, image=pictures, negative_prompt=negatives, num_inference_steps=10, guidance_scale=7.5,
+               noise_level=40, generator=[torch.Generator().manual_seed(s) for s in (3, 4)], output_type="pt").images
+    got = ours.upscale(prompts, pictures, negatives, steps=10, guidance_scale=7.5, noise_level=40, seeds=[3, 4],
+                       sampler=sampler, progress=False, output_type="latent")
+    images = ((ours.decode(got.latents) + 1) / 2).clamp(0, 1)
+    assert images.shape[-2:] == (48, 64) and got.parameters["upscaled_from"] == "16x12"
+    for a, b in zip(images, want):
+        assert psnr(a, b.float()) >= 50, psnr(a, b.float())
+    other = ours.upscale(prompts, pictures, negatives, steps=10, guidance_scale=7.5, noise_level=200, seeds=[3, 4],
+                         sampler=sampler, progress=False, output_type="latent")
+    assert psnr(((ours.decode(other.latents)[0] + 1) / 2).clamp(0, 1), want[0].float()) < 40
+
+
+def test_conditioning_augmentation_is_the_low_res_schedulers_add_noise(x4):
+    """z_s = sqrt(abar_s) x + sqrt(1 - abar_s) eps at every level the model takes (0, 20, 40, 350), against diffusers'
+    DDPMScheduler.add_noise with the folder's low-res scheduler and the same noise."""
+    from imagine.pipelines.upscale import augment
+
+    folder, ref, ours = x4
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.rand(2, 3, 12, 16, generator=g) * 2 - 1, torch.randn(2, 3, 12, 16, generator=g)
+    for level in (0, 20, 40, 350):
+        want = ref.low_res_scheduler.add_noise(x, eps, torch.tensor([level]))
+        assert torch.allclose(augment(ours.c.low_res_schedule, x, eps, level), want, atol=2e-5), level  # (float32 there)
+
+
+def test_one_picture_for_every_prompt_and_the_fast_mode(x4):
+    folder, ref, ours = x4
+    picture = _picture(5)
+    a = ours.upscale("a red circle", picture, steps=4, seed=7, num_images_per_prompt=2, progress=False)
+    b = ours.upscale(["a red circle"] * 2, [picture, picture], steps=4, seeds=[7, 8], progress=False)
+    assert [im.tobytes() for im in a.images] == [im.tobytes() for im in b.images] and a.seeds == [7, 8]
+    fast = TextToImagePipeline.from_pretrained(folder, precision="fast")
+    f = fast.upscale("a red circle", picture, steps=4, seed=7, progress=False, output_type="latent")
+    x = ((fast.decode(f.latents) + 1) / 2).clamp(0, 1)
+    y = ((ours.decode(a.latents[:1]) + 1) / 2).clamp(0, 1)
+    assert psnr(x, y) >= 30
+
+
+def test_upscaler_errors(x4, tmp_path):
+    folder, ref, ours = x4
+    with pytest.raises(ValueError, match="super-resolution model.*use upscale"):
+        ours.generate("a red circle", steps=2, progress=False)
+    with pytest.raises(ValueError, match="noise_level must be a whole number from 0 to 350"):
+        ours.upscale("a", _picture(1), noise_level=351)
+    with pytest.raises(ValueError, match="pictures of one size"):
+        ours.upscale(["a", "b"], [_picture(1), _picture(2, (8, 8))])
+    save_diffusers_folder(tmp_path / "sd", "sd1")
+    with pytest.raises(ValueError, match="not a super-resolution model"):
+        TextToImagePipeline.from_pretrained(tmp_path / "sd").upscale("a", _picture(1))
+
+
+def test_generate_cli_upscales(x4, tmp_path, capsys):
+    from imagine.cli import main
+
+    folder, ref, ours = x4
+    low = tmp_path / "low.png"
+    _picture(9).save(low)
+    out = tmp_path / "big.png"
+    assert main(["generate", "--model", str(folder), "--init-image", str(low), "a red circle", "--steps", "4",
+                 "--seed", "2", "--noise-level", "30", "-o", str(out)]) == 0
+    want = ours.upscale("a red circle", Image.open(low).convert("RGB"), steps=4, seed=2, noise_level=30,
+                        progress=False).images[0]
+    assert Image.open(out).size == (64, 48) and Image.open(out).convert("RGB").tobytes() == want.tobytes()
+    assert json.loads(Image.open(out).info["imagine"])["noise_level"] == 30
+    for extra, words in ((["--strength", "0.5"], "--strength: not for a super-resolution model"),
+                         ([], "give the picture to make larger with --init-image")):
+        args = ["generate", "--model", str(folder), "a", "--steps", "2", "-o", str(tmp_path / "x.png"), *extra]
+        if extra:
+            args += ["--init-image", str(low)]
+        assert main(args) != 0
+        assert words in capsys.readouterr().err
