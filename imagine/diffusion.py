@@ -69,6 +69,13 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, schedule, noise: torch.Tensor) -
     return alpha * x0 + sigma * noise
 
 
+def augment(x: torch.Tensor, level: int, schedule, noise: torch.Tensor) -> torch.Tensor:
+    """Conditioning augmentation (Ho et al. 2022, "Cascaded Diffusion Models", sec. 4.1; unCLIP's noised image
+    embedding): a conditioning input, every row taken to the same level of its own schedule by the forward process,
+    x_s = sqrt(abar_s) x + sqrt(1 - abar_s) eps; the model is told s, so one model serves clean and degraded inputs."""
+    return q_sample(x, torch.full((x.shape[0],), int(level)), schedule, noise)
+
+
 # -- prediction types ----------------------------------------------------------------------------
 def velocity(x0: torch.Tensor, eps: torch.Tensor, alphas_cumprod_t) -> torch.Tensor:
     """v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, the velocity of x_t on the alpha-sigma circle)."""

@@ -93,14 +93,14 @@ def test_upscale_matches_diffusers(x4, sampler, scheduler):
 def test_conditioning_augmentation_is_the_low_res_schedulers_add_noise(x4):
     """z_s = sqrt(abar_s) x + sqrt(1 - abar_s) eps at every level the model takes (0, 20, 40, 350), against diffusers'
     DDPMScheduler.add_noise with the folder's low-res scheduler and the same noise."""
-    from imagine.pipelines.upscale import augment
+    from imagine.diffusion import augment
 
     folder, ref, ours = x4
     g = torch.Generator().manual_seed(0)
     x, eps = torch.rand(2, 3, 12, 16, generator=g) * 2 - 1, torch.randn(2, 3, 12, 16, generator=g)
     for level in (0, 20, 40, 350):
         want = ref.low_res_scheduler.add_noise(x, eps, torch.tensor([level]))
-        assert torch.allclose(augment(ours.c.low_res_schedule, x, eps, level), want, atol=2e-5), level  # (float32 there)
+        assert torch.allclose(augment(x, level, ours.c.low_res_schedule, eps), want, atol=2e-5), level  # (float32 there)
 
 
 def test_one_picture_for_every_prompt_and_the_fast_mode(x4):

@@ -12,7 +12,6 @@ VAE decode are the text-to-image pipeline's.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
     sampler_options): as for generate, the model's defaults where not given. Each image's generator
     (its seed) draws the picture's noise first, then the start noise, as diffusers' pipeline draws them. Returns a
     GenerationResult whose images are `pipe.scale` times the picture's size."""
+    from imagine.diffusion import augment
     from imagine.pipelines.text_to_image import MAX_SEED, GenerationResult, to_pil
     from imagine.sampling import PerSampleNoise, make_generators
 
@@ -77,7 +77,7 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
     guided = guidance_scale != 1.0
     cond, uncond = pipe.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts)
     x = pipe._pixels(pictures, w, h)
-    low_res = augment(schedule, x, PerSampleNoise(generators).draw(tuple(x.shape)), noise_level)
+    low_res = augment(x, noise_level, schedule, PerSampleNoise(generators).draw(tuple(x.shape)))
     label = torch.full((len(prompts),), noise_level, dtype=torch.long)
     cond = {**cond, "class_labels": label}
     uncond = None if uncond is None else {**uncond, "class_labels": label}
@@ -98,13 +98,6 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
     images = [] if output_type == "latent" else [to_pil(im) for im in pipe.decode(latents)]
     return GenerationResult(images=images, seeds=list(seeds), parameters=params, latents=latents,
                             negatives=negatives, seconds=time.perf_counter() - t0)
-
-
-def augment(schedule, x: torch.Tensor, noise: torch.Tensor, noise_level: int) -> torch.Tensor:
-    """Conditioning augmentation (CDM sec. 4.1): the low-resolution picture x in [-1, 1] taken to level s of its
-    own schedule, z_s = sqrt(abar_s) x + sqrt(1 - abar_s) eps (DDPM eq. 4, q(x_s | x_0))."""
-    abar = float(schedule.alphas_cumprod[noise_level])
-    return math.sqrt(abar) * x + math.sqrt(1.0 - abar) * noise
 
 
 def is_upscaler(pipe) -> bool:
