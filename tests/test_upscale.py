@@ -143,7 +143,7 @@ def test_generate_cli_upscales(x4, tmp_path, capsys):
     assert Image.open(out).size == (64, 48) and Image.open(out).convert("RGB").tobytes() == want.tobytes()
     assert json.loads(Image.open(out).info["imagine"])["noise_level"] == 30
     for extra, words in ((["--strength", "0.5"], "--strength: not for a super-resolution model"),
-                         ([], "give the picture to make larger with --init-image")):
+                         ([], "is a super-resolution model (SD's x4 upscaler): give the picture with --init-image")):
         args = ["generate", "--model", str(folder), "a", "--steps", "2", "-o", str(tmp_path / "x.png"), *extra]
         if extra:
             args += ["--init-image", str(low)]

@@ -99,8 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(resize_and_fill), or encode it at its own size and resize the latents (latent_upscale, "
                         "no --mask); AUTOMATIC1111's img2img resize modes")
     p.add_argument("--noise-level", type=int, default=None, metavar="N",
-                   help="a super-resolution model's (SD's x4 upscaler, with --init-image): how much noise its "
-                        "low-resolution picture gets, 0 to its max_noise_level (default 20); more invents more detail")
+                   help="with --init-image, for SD's x4 upscaler: how much noise its low-resolution picture gets, 0 to "
+                        "its max_noise_level (default 20; more invents more detail); for an unCLIP decoder (SD 2.1 "
+                        "unCLIP): how much noise the picture's CLIP embedding gets (default 0; more keeps less of it)")
     p.add_argument("--image-guidance-scale", type=float, default=None, metavar="S",
                    help="an instruct-pix2pix model's guidance on the picture to edit (--init-image), beside "
                         "--guidance-scale on the instruction (default 1.5; A1111's 'Image CFG scale')")
@@ -294,42 +295,48 @@ def _number_suffix(item: str) -> tuple[str, float | None]:
         return item, None
 
 
-def _upscaler_run(pipe, args, picture: dict):
-    """For a super-resolution model (SD's x4 upscaler): the call that makes --init-image larger
-    (`TextToImagePipeline.upscale`), taking generate's keywords; None for other models. Options it has no use for
-    are errors."""
+def _picture_model_run(pipe, args, picture: dict):
+    """For a model that a picture conditions throughout, the call that takes generate's keywords; None for other
+    models: a super-resolution model (SD's x4 upscaler) makes --init-image larger (`TextToImagePipeline.upscale`),
+    an unCLIP decoder (SD 2.1 unCLIP) makes variations of it (`variations`). Options they have no use for are
+    errors."""
     from imagine.pipelines.upscale import NOISE_LEVEL, is_upscaler
 
-    if not is_upscaler(pipe):
+    kind = "upscaler" if is_upscaler(pipe) else "unCLIP" if pipe.c.image_embedder is not None else None
+    if kind is None:
         if args.noise_level is not None:
-            raise ValueError("--noise-level is for super-resolution models (SD's x4 upscaler); this one is not")
+            raise ValueError("--noise-level is for super-resolution models (SD's x4 upscaler) and unCLIP decoders; "
+                             "this model is neither")
         return None
+    what = "super-resolution model (SD's x4 upscaler)" if kind == "upscaler" else "unCLIP decoder (SD 2.1 unCLIP)"
     if "init_image" not in picture:
-        raise ValueError(f"{args.model} is a super-resolution model (SD's x4 upscaler): give the picture to make "
-                         "larger with --init-image")
+        raise ValueError(f"{args.model} is a {what}: give the picture with --init-image")
     unused = [flag for flag, given in (("--mask", "mask_image" in picture), ("--strength", args.strength is not None),
                                        ("--controlnet", "control_image" in picture),
                                        ("--hires-scale", args.hires_scale is not None),
                                        ("--resize-mode", bool(args.resize_mode)),
-                                       ("--height/--width", args.height is not None or args.width is not None),
+                                       ("--height/--width", kind == "upscaler" and (args.height is not None
+                                                                                    or args.width is not None)),
                                        ("--variation-strength", bool(args.variation_strength)),
                                        ("--refiner", bool(args.refiner))) if given]
     if unused:
-        raise ValueError(f"{', '.join(unused)}: not for a super-resolution model, which makes --init-image "
-                         f"{pipe.scale} times larger")
+        raise ValueError(f"{', '.join(unused)}: not for a {what}")
     image = picture.pop("init_image")
     picture.pop("strength", None)
 
-    def run(prompts, negative, *, steps, guidance_scale, sampler, seeds, eta, karras, sigma_schedule, rho,
-            final_step, sampler_options, emphasis, long_prompts, progress, **rest):
+    def run(prompts, negative, *, steps, guidance_scale, sampler, seeds, height, width, eta, karras, sigma_schedule,
+            rho, final_step, sampler_options, emphasis, long_prompts, progress, **rest):
         other = sorted(k for k, v in rest.items() if v not in (None, False, 0, 0.0, {}))
         if other:
-            raise ValueError(f"{', '.join(other)}: not for a super-resolution model (SD's x4 upscaler)")
-        return pipe.upscale(prompts, image, negative, noise_level=NOISE_LEVEL if args.noise_level is None
-                            else args.noise_level, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                            seeds=seeds, eta=eta, karras=karras, sigma_schedule=sigma_schedule, rho=rho,
-                            final_step=final_step, sampler_options=sampler_options, emphasis=emphasis,
-                            long_prompts=long_prompts, progress=progress)
+            raise ValueError(f"{', '.join(other)}: not for a {what}")
+        common = dict(steps=steps, guidance_scale=guidance_scale, sampler=sampler, seeds=seeds, eta=eta, karras=karras,
+                      sigma_schedule=sigma_schedule, rho=rho, final_step=final_step, sampler_options=sampler_options,
+                      emphasis=emphasis, long_prompts=long_prompts, progress=progress)
+        if kind == "upscaler":
+            return pipe.upscale(prompts, image, negative, **common,
+                                noise_level=NOISE_LEVEL if args.noise_level is None else args.noise_level)
+        return pipe.variations(image, prompts, negative, height=height, width=width, **common,
+                               noise_level=args.noise_level or 0)
     return run
 
 
@@ -530,7 +537,7 @@ def run(args) -> int:
                                                prediction_type=args.prediction_type, tokenizer=args.tokenizer,
                                                tokenizer_2=args.tokenizer_2, clip_skip=args.clip_skip)
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
-    upscaling = _upscaler_run(pipe, args, picture)
+    conditioned = _picture_model_run(pipe, args, picture)
     if pipe.edits:  # instruct-pix2pix: the picture conditions every step; the run starts from noise unless
         if args.strength is None:  # a strength is given (diffusers' pipeline)
             picture.pop("strength", None)
@@ -574,7 +581,7 @@ def run(args) -> int:
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start:start + args.batch_size]
         seeds = [(base + start + k) % (MAX_SEED + 1) for k in range(len(chunk))]
-        run = upscaling or pipe.generate
+        run = conditioned or pipe.generate
         if args.hires_scale is not None:
             if args.init_image:
                 raise ValueError("--hires-scale starts from text; with --init-image leave it out")

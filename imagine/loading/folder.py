@@ -41,6 +41,10 @@ class Components:
     # a super-resolution stage's (SD's x4 upscaler): the schedule that noises its low-resolution picture (CDM's
     # conditioning augmentation), else None
     low_res_schedule: Any = None
+    # an unCLIP decoder's (SD 2.1 unCLIP): the CLIP image embedder (imagine.models.image_encoder) and the schedule
+    # that noises its embedding, else None
+    image_embedder: Any = None
+    image_noise_schedule: Any = None
 
 
 def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Components:
@@ -99,9 +103,17 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
         low_res = NoiseSchedule.from_diffusers_config(read_json(
             root / _sub(index["low_res_scheduler"], "low_res_scheduler") / "scheduler_config.json"))
         defaults.setdefault("max_noise_level", int(index.get("max_noise_level", 350)))
+    embedder = image_noise = None
+    if index.get("image_encoder") and index.get("image_normalizer"):  # diffusers' StableUnCLIPImg2ImgPipeline
+        from imagine.models.image_encoder import ImageEmbedder
+
+        embedder = ImageEmbedder.from_folder(root, dtype)
+        image_noise = NoiseSchedule.from_diffusers_config(read_json(
+            root / _sub(index.get("image_noising_scheduler", []), "image_noising_scheduler") / "scheduler_config.json"))
     return Components(unet=unet, text_encoder=text_encoder, schedule=schedule, vae=vae,
                       prediction_type=sched_cfg.get("prediction_type", "epsilon"), scheduler_config=sched_cfg,
-                      defaults=defaults, source=str(root), low_res_schedule=low_res)
+                      defaults=defaults, source=str(root), low_res_schedule=low_res, image_embedder=embedder,
+                      image_noise_schedule=image_noise)
 
 
 # The SDXL refiner's aesthetic-score conditioning (Podell et al. 2023, sec. 2.5): the score given with the prompt and

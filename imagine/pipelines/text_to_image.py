@@ -611,6 +611,9 @@ class TextToImagePipeline:
         if self.c.low_res_schedule is not None:
             raise ValueError(f"{self.c.source or 'this model'} is a super-resolution model (SD's x4 upscaler): it makes "
                              "a picture larger; use upscale(prompt, image) (the CLI: --init-image PICTURE)")
+        if self.c.image_embedder is not None:
+            raise ValueError(f"{self.c.source or 'this model'} is an unCLIP decoder (SD 2.1 unCLIP): it makes variations "
+                             "of a picture; use variations(image, prompt) (the CLI: --init-image PICTURE)")
         d = self.defaults
         steps = int(d["steps"] if steps is None else steps)
         guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
@@ -920,6 +923,41 @@ class TextToImagePipeline:
         size = (max(1, from_h // self.scale), max(1, from_w // self.scale))
         return None if size == tuple(shape[-2:]) else size
 
+    def _picture_batch(self, prompt, negative_prompt, image, per_prompt: int, seed, seeds):
+        """The batch of a run conditioned on pictures (`upscale`, `variations`): (prompts, negative prompts, pictures,
+        seeds), each per image: one prompt or a list, a negative prompt or one per prompt, one picture or one per
+        prompt, `per_prompt` images of each; seeds: `seeds`, else seed, seed + 1, ... (random where None or < 0)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        pictures = self._init_images(image, len(prompts), per_prompt, "image")
+        if pictures is None:
+            raise ValueError("give the picture (image=)")
+        prompts = [p for p in prompts for _ in range(per_prompt)]
+        negatives = [n for n in negatives for _ in range(per_prompt)]
+        if seeds is None:
+            base = random.randint(0, MAX_SEED) if seed is None or seed < 0 else int(seed)
+            seeds = [(base + i) % (MAX_SEED + 1) for i in range(len(prompts))]
+        elif len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
+        return prompts, negatives, pictures, list(seeds)
+
+    def _stage_result(self, latents, prompts, negatives, seeds, t0: float, output_type: str, *, emphasis: bool,
+                      karras, sigma_schedule, **params):
+        """A GenerationResult for `upscale` / `variations`: the decoded images (none for output_type "latent") and
+        the run's parameters (with the model, version and first prompt, as generate records them)."""
+        params = {**params, "model": Path(self.c.source).name if self.c.source else "default",
+                  "version": __import__("imagine").__version__, "prompt": prompts[0],
+                  "negative_prompt": negatives[0] or ""}
+        if emphasis:
+            params["emphasis"] = "a1111"
+        if sigma_schedule or karras:
+            params["schedule_type"] = sigma_schedule or "karras"
+        images = [] if output_type == "latent" else [to_pil(im) for im in self.decode(latents)]
+        return GenerationResult(images=images, seeds=seeds, parameters=params, latents=latents, negatives=negatives,
+                                seconds=time.perf_counter() - t0)
+
     def _check_resize_mode(self, mode: str, inits: list | None, masks: list | None) -> bool:
         """resize_mode must be one of RESIZE_MODES; "latent_upscale" (True) is image to image's only: not for a mask, an
         inpainting or instruct-pix2pix model (A1111 runs it only where the picture is encoded alone), and its pictures
@@ -1010,6 +1048,13 @@ class TextToImagePipeline:
         from imagine.pipelines.upscale import upscale
 
         return upscale(self, prompt, image, negative_prompt, **kw)
+
+    def variations(self, image, prompt="", negative_prompt=None, **kw) -> GenerationResult:
+        """An unCLIP decoder's (SD 2.1 unCLIP) variations of a picture, from its CLIP image embedding:
+        `imagine.pipelines.unclip.variations`."""
+        from imagine.pipelines.unclip import variations
+
+        return variations(self, image, prompt, negative_prompt, **kw)
 
     @property
     def image_conditioned(self) -> bool:

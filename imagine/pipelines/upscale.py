@@ -13,7 +13,6 @@ VAE decode are the text-to-image pipeline's.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
@@ -34,7 +33,6 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
     (its seed) draws the picture's noise first, then the start noise, as diffusers' pipeline draws them. Returns a
     GenerationResult whose images are `pipe.scale` times the picture's size."""
     from imagine.diffusion import augment
-    from imagine.pipelines.text_to_image import MAX_SEED, GenerationResult, to_pil
     from imagine.sampling import PerSampleNoise, make_generators
 
     schedule = pipe.c.low_res_schedule
@@ -46,15 +44,8 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
     if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
         raise ValueError(f"noise_level must be a whole number from 0 to {top} (this model's max_noise_level); "
                          f"got {noise_level!r}")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = (negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts))
-    if len(negatives) != len(prompts):
-        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-    pictures = pipe._init_images(image, len(prompts), num_images_per_prompt, "image")
-    if pictures is None:
-        raise ValueError("upscale needs the picture to make larger: give image=")
-    prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-    negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+    prompts, negatives, pictures, seeds = pipe._picture_batch(prompt, negative_prompt, image, num_images_per_prompt,
+                                                              seed, seeds)
     if len({im.size for im in pictures}) > 1:
         raise ValueError(f"the pictures are upscaled together: give pictures of one size (got "
                          f"{sorted({im.size for im in pictures})})")
@@ -64,18 +55,10 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
     steps = int(d["steps"] if steps is None else steps)
     guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
     sampler = sampler or d["sampler"]
-    if seeds is None:
-        import random
-
-        base = random.randint(0, MAX_SEED) if seed is None or seed < 0 else int(seed)
-        seeds = [(base + i) % (MAX_SEED + 1) for i in range(len(prompts))]
-    elif len(seeds) != len(prompts):
-        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
     t0 = time.perf_counter()
-    generators = make_generators(len(prompts), list(seeds))
+    generators = make_generators(len(prompts), seeds)
     pipe.set_request_loras(pipe.loras_asked([*prompts, *(n for n in negatives if n)]))
-    guided = guidance_scale != 1.0
-    cond, uncond = pipe.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts)
+    cond, uncond = pipe.conditioning(prompts, negatives, height, width, guidance_scale != 1.0, emphasis, long_prompts)
     x = pipe._pixels(pictures, w, h)
     low_res = augment(x, noise_level, schedule, PerSampleNoise(generators).draw(tuple(x.shape)))
     label = torch.full((len(prompts),), noise_level, dtype=torch.long)
@@ -86,18 +69,10 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
                            eta=eta, karras=bool(karras), sigma_schedule=sigma_schedule, rho=rho,
                            final_step=final_step or "euler", sampler_options=sampler_options, thresholding=None,
                            callback=callback, progress=progress, concat=low_res)
-    params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height, "width": width,
-              "noise_level": noise_level, "upscaled_from": f"{w}x{h}",
-              "model": Path(pipe.c.source).name if pipe.c.source else "default",
-              "version": __import__("imagine").__version__, "prompt": prompts[0],
-              "negative_prompt": negatives[0] or ""}
-    if emphasis:
-        params["emphasis"] = "a1111"
-    if sigma_schedule or karras:
-        params["schedule_type"] = sigma_schedule or "karras"
-    images = [] if output_type == "latent" else [to_pil(im) for im in pipe.decode(latents)]
-    return GenerationResult(images=images, seeds=list(seeds), parameters=params, latents=latents,
-                            negatives=negatives, seconds=time.perf_counter() - t0)
+    return pipe._stage_result(latents, prompts, negatives, seeds, t0, output_type, steps=steps, sampler=sampler,
+                              guidance_scale=guidance_scale, height=height, width=width, noise_level=noise_level,
+                              upscaled_from=f"{w}x{h}", emphasis=emphasis, karras=karras,
+                              sigma_schedule=sigma_schedule)
 
 
 def is_upscaler(pipe) -> bool:

@@ -1,0 +1,64 @@
+"""A CLIP image embedding (Radford et al. 2021) for unCLIP-style conditioning: the vision tower with its projection
+(transformers' CLIPVisionModelWithProjection), its picture preprocessing (transformers' CLIP image processor: the
+shortest side resized, the middle cut out, normalized), and the statistics of the embeddings a model was trained
+on (diffusers' StableUnCLIPImageNormalizer: a mean and a standard deviation per dimension), all read offline from a
+model folder's image_encoder/, feature_extractor/ and image_normalizer/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class ImageEmbedder:
+    def __init__(self, encoder, processor, mean: torch.Tensor, std: torch.Tensor):
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.processor = processor
+        self.mean, self.std = mean.float().reshape(1, -1), std.float().reshape(1, -1)
+        if self.mean.shape != self.std.shape:
+            raise ValueError(f"image_normalizer: mean {tuple(mean.shape)} and std {tuple(std.shape)} differ")
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[-1]
+
+    @classmethod
+    def from_folder(cls, root: str | Path, dtype: torch.dtype = torch.float32) -> "ImageEmbedder":
+        import transformers
+        from safetensors.torch import load_file
+
+        root = Path(root)
+        for sub in ("image_encoder", "feature_extractor", "image_normalizer"):
+            if not (root / sub).is_dir():
+                raise FileNotFoundError(f"{root}: an image-embedding model needs {sub}/ (with image_encoder/, "
+                                        "feature_extractor/ and image_normalizer/)")
+        encoder = transformers.CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder",
+                                                                             local_files_only=True).to(dtype)
+        # (the Pillow processor: the default one wants torchvision, which this build of torch cannot use)
+        kind = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+        processor = kind.from_pretrained(root / "feature_extractor", local_files_only=True)
+        weights = sorted((root / "image_normalizer").glob("*.safetensors"))
+        if not weights:
+            raise FileNotFoundError(f"{root / 'image_normalizer'}: no .safetensors with the embeddings' mean and std")
+        stats = load_file(str(weights[0]))
+        if not {"mean", "std"} <= stats.keys():
+            raise ValueError(f"{weights[0]}: expected 'mean' and 'std'; found {sorted(stats)}")
+        embedder = cls(encoder, processor, stats["mean"], stats["std"])
+        if embedder.dim != encoder.config.projection_dim:
+            raise ValueError(f"{root}: the image encoder projects to {encoder.config.projection_dim}, its normalizer "
+                             f"has {embedder.dim} dimensions")
+        return embedder
+
+    @torch.no_grad()
+    def embed(self, pictures: list) -> torch.Tensor:
+        """PIL pictures -> their CLIP image embeddings [B, D] (float32)."""
+        pixels = self.processor(images=[p.convert("RGB") for p in pictures], return_tensors="pt").pixel_values
+        w = next(self.encoder.parameters())
+        return self.encoder(pixels.to(device=w.device, dtype=w.dtype)).image_embeds.float()
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean) / self.std
+
+    def unnormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std + self.mean

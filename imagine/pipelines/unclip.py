@@ -1,0 +1,83 @@
+"""unCLIP's image-embedding condition: image variations with Stable Diffusion 2.1 unCLIP (diffusers'
+StableUnCLIPImg2ImgPipeline folders).
+
+unCLIP (Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP Latents", sec. 2.1) generates
+an image from a CLIP image embedding z_i: its decoder adds a projection of z_i to the timestep embedding. SD 2.1
+unCLIP is such a decoder built on SD 2.1: its U-Net's class embedding ("projection") reads [z_i noised; the noise
+level's sinusoidal code], 2 x 1024 wide. Here z_i is the embedding of a picture (`ImageEmbedder`), so the result is a
+variation of it, optionally steered by a prompt. The embedding is normalized by the statistics of the training
+embeddings, noised to `noise_level` of its own schedule (conditioning augmentation, as Ho et al. 2022 "Cascaded
+Diffusion Models" sec. 4.1 noises a cascade's low-resolution input: `imagine.diffusion.augment`), and
+un-normalized; more noise keeps less of the picture. Guidance's unconditional side gets zeros in place of the
+whole condition. The text, samplers and VAE are the text-to-image pipeline's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def image_condition(embedder, embeds: torch.Tensor, noise: torch.Tensor, level: int, schedule) -> torch.Tensor:
+    """[z noised to `level`; the level's code] [B, 2D] for the U-Net's class embedding: z normalized, taken to the
+    level by the forward process, un-normalized, then the sinusoidal code of the level (cosines first, LDM's
+    spacing) appended."""
+    from imagine.diffusion import augment
+    from imagine.models.embeddings import timestep_embedding
+
+    z = embedder.unnormalize(augment(embedder.normalize(embeds), level, schedule, noise))
+    code = timestep_embedding(torch.full((embeds.shape[0],), int(level)), embeds.shape[-1], flip_sin_to_cos=True,
+                              freq_shift=0.0)
+    return torch.cat([z, code.to(z.dtype)], dim=1)
+
+
+def variations(pipe, image, prompt: str | list[str] = "", negative_prompt: str | list[str] | None = None, *,
+               noise_level: int = 0, steps: int | None = None, guidance_scale: float | None = None,
+               sampler: str | None = None, seed: int | None = None, seeds: list[int] | None = None,
+               num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
+               eta: float | None = None, karras: bool | None = None, sigma_schedule: str | None = None,
+               rho: float | None = None, final_step: str | None = None, sampler_options: dict | None = None,
+               emphasis: bool = False, long_prompts: bool = False, callback=None, progress: bool = True,
+               output_type: str = "pil"):
+    """Images like `image` (a PIL picture, or one per prompt), at the model's own size unless height/width are
+    given, steered by `prompt` ("" by default, as diffusers'). `noise_level`: 0 (the embedding as it is) to the
+    embedding schedule's last step. Each image's generator (its seed) draws its embedding's noise first, then the
+    start noise, as diffusers' pipeline draws them for one image (for a batch diffusers draws one embedding noise
+    for all; here each image has its own, so an image does not depend on its batch). The other options are
+    generate's."""
+    from imagine.sampling import PerSampleNoise, make_generators
+
+    embedder, schedule = pipe.c.image_embedder, pipe.c.image_noise_schedule
+    if embedder is None:
+        raise ValueError(f"{pipe.c.source or 'this model'} takes no image embedding (an unCLIP model, e.g. SD 2.1 "
+                         "unCLIP, has image_encoder/ and image_normalizer/); use generate()")
+    top = schedule.num_train_timesteps - 1
+    if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
+        raise ValueError(f"noise_level must be a whole number from 0 to {top}; got {noise_level!r}")
+    prompts, negatives, pictures, seeds = pipe._picture_batch(prompt, negative_prompt, image, num_images_per_prompt,
+                                                              seed, seeds)
+    height, width = pipe.output_size(height, width, None)
+    pipe.check_size(height, width)
+    height, width = int(height), int(width)
+    d = pipe.defaults
+    steps = int(d["steps"] if steps is None else steps)
+    guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
+    sampler = sampler or d["sampler"]
+    t0 = time.perf_counter()
+    generators = make_generators(len(prompts), seeds)
+    pipe.set_request_loras(pipe.loras_asked([*prompts, *(n for n in negatives if n)]))
+    cond, uncond = pipe.conditioning(prompts, negatives, height, width, guidance_scale != 1.0, emphasis, long_prompts)
+    embeds = embedder.embed(pictures)
+    label = image_condition(embedder, embeds, PerSampleNoise(generators).draw(tuple(embeds.shape)), noise_level,
+                            schedule)
+    cond = {**cond, "class_labels": label}
+    uncond = None if uncond is None else {**uncond, "class_labels": torch.zeros_like(label)}
+    latents = pipe._sample((len(prompts), pipe.latent_channels, height // pipe.scale, width // pipe.scale), cond,
+                           uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler, generators=generators,
+                           guidance_rescale=0.0, eta=eta, karras=bool(karras), sigma_schedule=sigma_schedule, rho=rho,
+                           final_step=final_step or "euler", sampler_options=sampler_options, thresholding=None,
+                           callback=callback, progress=progress)
+    return pipe._stage_result(latents, prompts, negatives, seeds, t0, output_type, steps=steps, sampler=sampler,
+                              guidance_scale=guidance_scale, height=height, width=width, noise_level=noise_level,
+                              emphasis=emphasis, karras=karras, sigma_schedule=sigma_schedule)

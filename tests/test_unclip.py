@@ -1,0 +1,149 @@
+"""unCLIP's image-embedding condition with SD 2.1 unCLIP's layout (`imagine/pipelines/unclip.py`,
+`imagine/models/image_encoder.py`): a tiny random model (a CLIP vision tower with projection, the embedding
+statistics, a U-Net whose class embedding reads [noised embedding; noise-level code]) saved by diffusers loads
+offline and gives diffusers' StableUnCLIPImg2ImgPipeline's images at 50 dB or more."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_loading import TEXT_WIDTH, VOCAB, save_diffusers_folder, write_clip_tokenizer  # noqa: E402
+from test_sd_parity import psnr  # noqa: E402
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+E = 32  # the image embedding's width
+
+
+def _tiny_unclip(folder):
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, norm_num_groups=8, block_out_channels=(16, 32),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
+        class_embed_type="projection", projection_class_embeddings_input_dim=2 * E, use_linear_projection=True).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 16), layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=96, num_attention_heads=1,
+        max_position_embeddings=77, projection_dim=TEXT_WIDTH, bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1,
+        pad_token_id=0, num_hidden_layers=2, hidden_act="gelu")).eval()
+    tok = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder.parent / "_tok_unclip", "!"),
+                                                     local_files_only=True)
+    encoder = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=32, projection_dim=E, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        image_size=32, patch_size=4)).eval()
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=E)
+    with torch.no_grad():  # statistics that move the embedding, and a class embedding that shows it
+        normalizer.mean.copy_(torch.randn(1, E) * 0.1)
+        normalizer.std.copy_(torch.rand(1, E) + 0.5)
+        unet.class_embedding.linear_1.weight.mul_(20)
+    pipe = diffusers.StableUnCLIPImg2ImgPipeline(
+        feature_extractor=transformers.CLIPImageProcessor(crop_size=32, size=32), image_encoder=encoder,
+        image_normalizer=normalizer, image_noising_scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        tokenizer=tok, text_encoder=text, unet=unet, vae=vae,
+        scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                          prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1,
+                                          clip_sample=False))
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _picture(seed: int, size=(50, 40)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def unclip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unclip") / "folder"
+    _tiny_unclip(folder)
+    ref = diffusers.StableUnCLIPImg2ImgPipeline.from_pretrained(folder, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    return folder, ref, TextToImagePipeline.from_pretrained(folder)
+
+
+def _ours(pipe, res):
+    return ((pipe.decode(res.latents) + 1) / 2).clamp(0, 1)
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler")])
+def test_variations_match_diffusers(unclip, sampler, scheduler):
+    """A picture's variation with a prompt, at noise levels 0 and 300, 10 steps at guidance 7.5: diffusers' image at
+    50 dB or more; another noise level or another picture is visibly another image."""
+    folder, ref, ours = unclip
+    ref.scheduler = getattr(diffusers, scheduler).from_config(ref.scheduler.config)
+    kw = dict(height=32, width=32, guidance_scale=7.5)
+    got = {}
+    for level in (0, 300):
+        want = ref(image=_picture(1), prompt="a red circle", num_inference_steps=10, noise_level=level,
+                   generator=torch.Generator().manual_seed(3), output_type="pt", **kw).images[0].float()
+        got[level] = _ours(ours, ours.variations(_picture(1), "a red circle", steps=10, noise_level=level, seeds=[3],
+                                                 sampler=sampler, progress=False, output_type="latent", **kw))[0]
+        assert psnr(got[level], want) >= 50, (level, psnr(got[level], want))
+    other = _ours(ours, ours.variations(_picture(2), "a red circle", steps=10, seeds=[3], sampler=sampler,
+                                        progress=False, output_type="latent", **kw))[0]
+    assert psnr(got[0], got[300]) < 40 and psnr(got[0], other) < 40
+
+
+def test_the_condition_is_diffusers_noised_embedding(unclip):
+    """The CLIP image embedding (preprocessing and tower) and [noised, un-normalized embedding; level code] equal
+    diffusers' image_encoder output and noise_image_embeddings with the same noise, at levels 0, 250 and 999."""
+    from imagine.pipelines.unclip import image_condition
+
+    folder, ref, ours = unclip
+    pictures = [_picture(1), _picture(4, (20, 64))]
+    embeds = ours.c.image_embedder.embed(pictures)
+    with torch.no_grad():
+        pixels = ref.feature_extractor(images=pictures, return_tensors="pt").pixel_values
+        want = ref.image_encoder(pixels).image_embeds
+    assert torch.allclose(embeds, want, atol=1e-6)
+    noise = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(0))
+    for level in (0, 250, 999):
+        expected = ref.noise_image_embeddings(want, level, noise=noise)
+        got = image_condition(ours.c.image_embedder, embeds, noise, level, ours.c.image_noise_schedule)
+        assert torch.allclose(got, expected, atol=1e-5), level
+
+
+def test_a_batch_is_its_images_alone(unclip):
+    """Two prompts with their own seeds give the images each gives alone (each image draws its own embedding
+    noise; diffusers draws one for the batch)."""
+    folder, ref, ours = unclip
+    kw = dict(height=32, width=32, steps=4, noise_level=100, progress=False, output_type="latent")
+    both = ours.variations(_picture(1), ["a red circle", "a blue square"], seeds=[5, 6], **kw)
+    for k, (prompt, seed) in enumerate((("a red circle", 5), ("a blue square", 6))):
+        alone = ours.variations(_picture(1), prompt, seeds=[seed], **kw).latents[0]
+        assert torch.allclose(both.latents[k], alone, atol=1e-4)  # (to the rounding of a batch's matrix products)
+
+
+def test_unclip_errors_and_cli(unclip, tmp_path, capsys):
+    from imagine.cli import main
+
+    folder, ref, ours = unclip
+    with pytest.raises(ValueError, match="unCLIP decoder.*use variations"):
+        ours.generate("a red circle", steps=2, progress=False)
+    with pytest.raises(ValueError, match="noise_level must be a whole number from 0 to 999"):
+        ours.variations(_picture(1), noise_level=1000)
+    save_diffusers_folder(tmp_path / "sd", "sd1")
+    with pytest.raises(ValueError, match="takes no image embedding"):
+        TextToImagePipeline.from_pretrained(tmp_path / "sd").variations(_picture(1))
+    src, out = tmp_path / "pic.png", tmp_path / "var.png"
+    _picture(7).save(src)
+    assert main(["generate", "--model", str(folder), "--init-image", str(src), "a red circle", "--steps", "4",
+                 "--seed", "2", "--noise-level", "50", "--height", "32", "--width", "32", "-o", str(out)]) == 0
+    want = ours.variations(Image.open(src).convert("RGB"), "a red circle", steps=4, seed=2, noise_level=50, height=32,
+                           width=32, progress=False).images[0]
+    assert Image.open(out).convert("RGB").tobytes() == want.tobytes()
+    assert json.loads(Image.open(out).info["imagine"])["noise_level"] == 50
+    assert main(["generate", "--model", str(folder), "a", "--steps", "2", "-o", str(tmp_path / "x.png")]) != 0
+    assert "unCLIP decoder (SD 2.1 unCLIP): give the picture with --init-image" in capsys.readouterr().err
