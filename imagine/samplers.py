@@ -4,7 +4,9 @@
 
 - `denoise(x_t, i)` is the x_0-denoiser D at step i of `plan`: it takes the sample as the network
   sees it (VP: x_t = alpha_t x_0 + sigma_t eps at noise level plan.alphas_cumprod[i]) and returns
-  the (guided, thresholded) prediction of x_0. See `imagine.sampling.Denoiser`.
+  the (guided, thresholded) prediction of x_0. See `imagine.sampling.Denoiser`. The samplers that
+  evaluate between the plan's levels (DPM2, DPM2 a, DPM++ 2S a) call `denoise.at_sigma(x_t, sigma, i)`:
+  the same chain at VE noise level sigma, the model at that level's fractional timestep.
 - `x` is the start sample x_T in the same VP convention; the result is the sample at the plan's end
   (x_0 for every plan except DDIM with set_alpha_to_one=False, which ends at abar_0 as diffusers does).
 - `plan` (`imagine.schedules.SamplingPlan`) holds per step the model timestep, sigma and abar.
@@ -14,10 +16,10 @@
 - `callback(info)` runs after each model evaluation with a dict: step, total, t, sigma, x (the
   VP sample at that step), denoised. It may raise to stop the run.
 
-The Karras-style samplers (Euler, Euler ancestral, Heun) step in VE space, x / alpha with noise
-level sigma (Karras et al. 2022, eq. 4 with s(t) = 1, sigma(t) = t); DDPM, DDIM and DPM-Solver++
-step in VP space as their papers do. Every sampler reads its step sizes from the plan, so the same
-function serves any schedule, spacing or Karras sigmas.
+The Karras-style samplers (Euler, Euler ancestral, Heun, LMS, DPM2, DPM2 ancestral, DPM++ 2S ancestral)
+step in VE space, x / alpha with noise level sigma (Karras et al. 2022, eq. 4 with s(t) = 1, sigma(t) = t);
+DDPM, DDIM, PLMS, LCM and DPM-Solver++ step in VP space as their papers do. Every sampler reads its step sizes
+from the plan, so the same function serves any schedule, spacing or Karras sigmas.
 """
 
 from __future__ import annotations
@@ -48,10 +50,14 @@ def _noise(noise, x: torch.Tensor) -> torch.Tensor:
     return torch.randn_like(x) if noise is None else noise(x)
 
 
+# the samplers with a noise scale eta (see takes_eta)
+_ETA_SAMPLERS = ("ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_2m_sde", "dpmpp_3m_sde")
+
+
 def _deterministic(name: str, eta) -> None:
     if eta not in (None, 0, 0.0):
         raise ValueError(f"the {name} sampler is deterministic and takes no eta (got {eta}); eta applies to "
-                         f"ddim, euler_a, dpmpp_2m_sde and dpmpp_3m_sde")
+                         f"{', '.join(_ETA_SAMPLERS[:-1])} and {_ETA_SAMPLERS[-1]}")
 
 
 def _eta(name: str, eta, default: float) -> float:
@@ -69,6 +75,16 @@ def _check_band(s_tmin, s_tmax) -> None:
 def _steps_to_zero(plan: SamplingPlan) -> int:
     # the steps of the whole run: a plan that stops above sigma = 0 (plan.head) is followed by a final step
     return len(plan) + (float(plan.sigmas[-1]) != 0)
+
+
+def _ancestral_step(s: float, s_next: float, eta: float) -> tuple[float, float]:
+    # (sigma_down, sigma_up) of an ancestral step from s to s_next (k-diffusion's get_ancestral_step): noise
+    # sigma_up^2 = eta^2 s_next^2 (s^2 - s_next^2) / s^2 (at most s_next^2) after a deterministic step to
+    # sigma_down^2 = s_next^2 - sigma_up^2; eta = 0 is the plain step to s_next
+    if eta == 0:
+        return s_next, 0.0
+    s_up = min(s_next, eta * math.sqrt(max(s_next**2 * (s**2 - s_next**2) / s**2, 0.0)))
+    return math.sqrt(s_next**2 - s_up**2), s_up
 
 
 def _vp_to_ve(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -218,6 +234,187 @@ def sample_heun(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
             d_next = (x_euler - denoise(_ve_to_vp(x_euler, s_next, dtype), i + 1)) / s_next
             x = x + (s_next - s) * (d + d_next) / 2
     return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def _lms_coefficient(sigmas: list[float], i: int, order: int, k: int) -> float:
+    """int_{sigma_i}^{sigma_{i+1}} l_k(tau) dtau, with l_k the Lagrange basis polynomial that is 1 at sigma_{i-k}
+    and 0 at the other nodes sigma_i, ..., sigma_{i-order+1}. l_k has degree order - 1 <= 3, which the 2-point
+    Gauss-Legendre rule integrates exactly."""
+    nodes = [sigmas[i - j] for j in range(order)]
+
+    def basis(tau: float) -> float:
+        out = 1.0
+        for j, node in enumerate(nodes):
+            if j != k:
+                out *= (tau - node) / (nodes[k] - node)
+        return out
+
+    s, h = sigmas[i], sigmas[i + 1] - sigmas[i]
+    c = 0.5 / math.sqrt(3.0)
+    return h * 0.5 * (basis(s + (0.5 - c) * h) + basis(s + (0.5 + c) * h))
+
+
+def sample_lms(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+               progress: bool = True, order: int = 4) -> torch.Tensor:
+    """Linear multistep (Adams-Bashforth) on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma
+    (Karras et al. 2022, eq. 4), as k-diffusion's sample_lms (A1111's "LMS"): the slope d is interpolated by the
+    Lagrange polynomial through the last `order` steps' slopes (at their sigmas, however unevenly spaced) and
+    integrated over [sigma_i, sigma_{i+1}]: x_{i+1} = x_i + sum_k c_k d_{i-k}, c_k = int l_k. The first steps use
+    the slopes there are (orders 1, 2, 3). One model call per step."""
+    _deterministic("lms", eta)
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
+        raise ValueError(f"LMS order must be an integer from 1 to 4; got {order!r}")
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    ds: list[torch.Tensor] = []  # the slopes, oldest first
+    for i in _steps(plan, progress, "lms"):
+        s = sigmas[i]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i)
+        _report(callback, plan, i, x_t, denoised)
+        ds = (ds + [(x - denoised) / s])[-order:]
+        n = len(ds)
+        x = x + sum(_lms_coefficient(sigmas, i, n, k) * d for k, d in enumerate(reversed(ds)))
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def _dpm2(denoise, x, plan, *, eta, noise, callback, progress, name):
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    for i in _steps(plan, progress, name):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i)
+        _report(callback, plan, i, x_t, denoised)
+        s_down, s_up = _ancestral_step(s, s_next, eta)
+        d = (x - denoised) / s
+        if s_down == 0:  # the midpoint of [s, 0] in log sigma does not exist: an Euler step
+            x = x + (s_down - s) * d
+        else:
+            s_mid = math.exp(0.5 * (math.log(s) + math.log(s_down)))  # halfway in log sigma
+            x_mid = x + (s_mid - s) * d
+            d_mid = (x_mid - denoise.at_sigma(_ve_to_vp(x_mid, s_mid, dtype), s_mid, i)) / s_mid
+            x = x + (s_down - s) * d_mid
+        if eta > 0 and s_next > 0:
+            x = x + s_up * _noise(noise, x_t).double()
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def sample_dpm2(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                progress: bool = True) -> torch.Tensor:
+    """DPM-Solver-2 on the probability-flow ODE in sigma, as Karras et al. 2022 use it ("DPM2"; k-diffusion's
+    sample_dpm_2, A1111's "DPM2"): Lu et al. 2022 (DPM-Solver), Algorithm 1 with r = 1/2 in the form of a midpoint
+    method: an Euler step to sigma_mid = sqrt(sigma sigma_next) (halfway in log sigma), then the whole step with
+    the slope there, x_next = x + (sigma_next - sigma) d(x_mid; sigma_mid). The model sees sigma_mid's fractional
+    timestep (Denoiser.at_sigma). The last step (to sigma = 0) is Euler. 2N - 1 model calls."""
+    _deterministic("dpm2", eta)
+    return _dpm2(denoise, x, plan, eta=0.0, noise=noise, callback=callback, progress=progress, name="dpm2")
+
+
+def sample_dpm2_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                          callback=None, progress: bool = True) -> torch.Tensor:
+    """DPM2 ancestral (k-diffusion's sample_dpm_2_ancestral, A1111's "DPM2 a"): the DPM2 midpoint step down to
+    sigma_down (midpoint sqrt(sigma sigma_down)), then fresh noise up to sigma_next, split as Euler ancestral's
+    (sigma_up^2 = eta^2 sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2); eta = 0 is DPM2."""
+    eta = _eta("dpm2_a", eta, 1.0)
+    return _dpm2(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress, name="dpm2_a")
+
+
+def sample_dpmpp_2s_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                              callback=None, progress: bool = True) -> torch.Tensor:
+    """DPM-Solver++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral, A1111's "DPM++ 2S a"): Lu et al. 2022
+    ("DPM-Solver++"), Algorithm 1 (singlestep, 2nd order) with r = 1/2, down to sigma_down of the ancestral split,
+    then fresh noise up to sigma_next. In VE space (alpha = 1) with lambda = -log sigma, h = lambda_down - lambda:
+        u = (sigma_mid / sigma) x - (e^{-h/2} - 1) D(x; sigma),            sigma_mid = sigma e^{-h/2},
+        x_down = (sigma_down / sigma) x - (e^{-h} - 1) D(u; sigma_mid)
+    (the data-prediction exponential integrator, eq. 9, with x_0 taken at the midpoint). The last step (to
+    sigma = 0) is Euler, i.e. x_0 = D(x). eta = 0 is the deterministic DPM-Solver++(2S). 2N - 1 model calls."""
+    eta = _eta("dpmpp_2s_a", eta, 1.0)
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    for i in _steps(plan, progress, "dpmpp_2s_a"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i)
+        _report(callback, plan, i, x_t, denoised)
+        s_down, s_up = _ancestral_step(s, s_next, eta)
+        if s_down == 0:
+            x = x + (s_down - s) * (x - denoised) / s
+        else:
+            h = math.log(s / s_down)
+            s_mid = s * math.exp(-0.5 * h)
+            u = (s_mid / s) * x - math.expm1(-0.5 * h) * denoised
+            x = (s_down / s) * x - math.expm1(-h) * denoise.at_sigma(_ve_to_vp(u, s_mid, dtype), s_mid, i)
+        if eta > 0 and s_next > 0:
+            x = x + s_up * _noise(noise, x_t).double()
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+# -- PLMS (Liu et al. 2022) and LCM (Luo et al. 2023) ----------------------------------------------------
+def sample_plms(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                progress: bool = True) -> torch.Tensor:
+    """Pseudo linear multistep (Liu et al. 2022, "PNDM": its pseudo linear multistep method, with the transfer part
+    phi of its eq. 9, which is DDIM's step given an eps): each step moves x along DDIM's transfer with eps' the
+    4th-order Adams-Bashforth combination of the last four eps, (55 e_t - 59 e_{t-1} + 37 e_{t-2} - 9 e_{t-3}) / 24.
+    Warm-up as CompVis's
+    PLMS (A1111's "PLMS") and diffusers' PNDMScheduler(skip_prk_steps=True): the first step is the pseudo improved
+    Euler step (eps' = (e_t + e(x', t_next)) / 2 with x' the DDIM step's result, one extra model call), the second
+    and third use (3, -1)/2 and (23, -16, 5)/12. eps is read from the (guided, thresholded) x_0, as DDIM does.
+    N + 1 model calls. At abar = 0 (zero terminal SNR), where x_0 cannot be recovered from eps', the step uses the
+    model's own x_0."""
+    _deterministic("plms", eta)
+    abar = plan.alphas_cumprod.tolist()
+
+    def eps_of(x_t, x0, a):
+        return (x_t - math.sqrt(a) * x0) / math.sqrt(1 - a)
+
+    def transfer(x_t, eps, x0, i):  # DDIM's step from level i to i+1 with eps (PNDM's phi, eq. 9)
+        a, a_next = abar[i], abar[i + 1]
+        if a > 0:
+            x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        return math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
+
+    old: list[torch.Tensor] = []  # eps at the previous steps' samples, oldest first
+    for i in _steps(plan, progress, "plms"):
+        x0 = denoise(x, i)
+        _report(callback, plan, i, x, x0)
+        eps = eps_of(x, x0, abar[i])
+        if not old:
+            e = eps
+            if i + 1 < len(plan):  # pseudo improved Euler
+                x_next = transfer(x, eps, x0, i)
+                e = (eps + eps_of(x_next, denoise(x_next, i + 1), abar[i + 1])) / 2
+        elif len(old) == 1:
+            e = (3 * eps - old[-1]) / 2
+        elif len(old) == 2:
+            e = (23 * eps - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e = (55 * eps - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        old = (old + [eps])[-3:]
+        x = transfer(x, e, x0, i)
+    return x
+
+
+def sample_lcm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+               progress: bool = True) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, "Consistency models", Algorithm 1; Luo et al. 2023, LCM,
+    Algorithm 3), as A1111's "LCM" (k-diffusion style: x = D(x; sigma_i), then + sigma_{i+1} z) and diffusers'
+    LCMScheduler: each step takes the model's x_0 and noises it afresh to the next level,
+        x_{i+1} = sqrt(abar_{i+1}) D(x_i) + sqrt(1 - abar_{i+1}) z,
+    the VP form of x_VE = D + sigma_{i+1} z; the last step returns D. For LCM-distilled models and LoRAs, at the
+    timesteps they were distilled at (the "lcm" timestep rule). LCM's boundary scalings c_skip, c_out (sigma_data =
+    0.5, timestep scaling 10) are left out: at those timesteps (t >= 19) c_skip <= 7e-6 and 1 - c_out <= 4e-6.
+    The noise is fixed by the levels: no eta."""
+    if eta not in (None, 0, 0.0):
+        raise ValueError(f"the lcm sampler's noise is set by the next level (sqrt(1 - abar_next) z, as LCM's "
+                         f"Algorithm 3); it takes no eta (got {eta})")
+    abar = plan.alphas_cumprod.tolist()
+    for i in _steps(plan, progress, "lcm"):
+        x0 = denoise(x, i)
+        _report(callback, plan, i, x, x0)
+        a_next = abar[i + 1]
+        x = x0 if a_next >= 1.0 else math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * _noise(noise, x0)
+    return x
 
 
 # -- DPM-Solver++ (Lu et al. 2022) -----------------------------------------------------------------------
@@ -448,10 +645,20 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler": sample_euler,
     "euler_a": sample_euler_ancestral,
     "heun": sample_heun,
+    "lms": sample_lms,
+    "dpm2": sample_dpm2,
+    "dpm2_a": sample_dpm2_ancestral,
+    "dpmpp_2s_a": sample_dpmpp_2s_ancestral,
+    "plms": sample_plms,
+    "lcm": sample_lcm,
 }
+# the samplers that evaluate the model twice a step (once on the last, to sigma = 0): AUTOMATIC1111 counts their
+# prompt-editing steps (and ControlNet windows) in model calls, 2N - 1 of them
+TWO_CALL_SAMPLERS = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a")
 TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmpp_2m_sde": "dpm_solver",
                  "dpmpp_3m": "dpm_solver", "dpmpp_3m_sde": "dpm_solver", "unipc": "dpm_solver",
-                 "euler": "karras", "euler_a": "karras", "heun": "karras"}
+                 "euler": "karras", "euler_a": "karras", "heun": "karras", "lms": "karras", "dpm2": "karras",
+                 "dpm2_a": "karras", "dpmpp_2s_a": "karras", "plms": "ddim", "lcm": "lcm"}
 
 # What people type (AUTOMATIC1111's labels, k-diffusion's k_ names, diffusers' classes and algorithm
 # types) -> (canonical name, Karras sigmas implied?). Lookup ignores case, spaces, '-' and '_'.
@@ -486,11 +693,22 @@ _alias("euler_a", "euler_a", "Euler a", "euler_ancestral", "k_euler_a", "k_euler
        "EulerAncestralDiscreteScheduler")
 _alias("heun", "heun", "Heun", "k_heun", "HeunDiscreteScheduler")
 _alias("heun", "Heun Karras", "k_heun_karras", karras=True)
+_alias("lms", "lms", "LMS", "k_lms", "LMSDiscreteScheduler")
+_alias("lms", "LMS Karras", "lms_karras", "k_lms_karras", karras=True)
+_alias("dpm2", "dpm2", "DPM2", "dpm_2", "k_dpm_2", "KDPM2DiscreteScheduler")
+_alias("dpm2", "DPM2 Karras", "dpm2_karras", "k_dpm_2_karras", karras=True)
+_alias("dpm2_a", "dpm2_a", "DPM2 a", "dpm_2_a", "k_dpm_2_a", "dpm2_ancestral", "dpm_2_ancestral",
+       "k_dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler")
+_alias("dpm2_a", "DPM2 a Karras", "dpm2_a_karras", "k_dpm_2_a_karras", karras=True)
+_alias("dpmpp_2s_a", "dpmpp_2s_a", "DPM++ 2S a", "k_dpmpp_2s_a", "dpmpp_2s_ancestral", "k_dpmpp_2s_ancestral")
+_alias("dpmpp_2s_a", "DPM++ 2S a Karras", "dpmpp_2s_a_karras", "k_dpmpp_2s_a_karras", karras=True)
+_alias("plms", "plms", "PLMS", "pndm_plms", "PNDMScheduler")
+_alias("lcm", "lcm", "LCM", "k_lcm", "LCMScheduler")
 
 
 def takes_eta(canonical: str) -> bool:
     """Whether a sampler has a noise scale eta (the stochastic ones, and DDIM's interpolation to DDPM)."""
-    return canonical in ("ddim", "euler_a", "dpmpp_2m_sde", "dpmpp_3m_sde")
+    return canonical in _ETA_SAMPLERS
 
 
 def option_names(canonical: str) -> list[str]:
@@ -523,7 +741,7 @@ A1111_SAMPLERS = [
     ("DDIM", [], "ddim"),
     ("PLMS", [], "plms"),
     ("UniPC", [], "unipc"),
-    ("LCM", [], "lcm"),
+    ("LCM", ["k_lcm"], "lcm"),
     ("DDPM", [], "ddpm"),
 ]
 
@@ -545,7 +763,8 @@ def resolve_sampler(name: str) -> tuple[str, Callable[..., torch.Tensor], bool]:
     hit = _ALIASES.get(_key(name))
     if hit is None:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} "
-                         f"(also AUTOMATIC1111's: DDIM, DDPM, Euler, Euler a, Heun, DPM++ 2M, DPM++ 2M Karras, "
-                         f"DPM++ 2M SDE, DPM++ 2M SDE Karras, DPM++ 3M, DPM++ 3M SDE, UniPC, and k_euler-style names)")
+                         f"(also AUTOMATIC1111's: DDIM, DDPM, PLMS, Euler, Euler a, Heun, LMS, DPM2, DPM2 a, "
+                         f"DPM++ 2S a, DPM++ 2M, DPM++ 2M SDE, DPM++ 3M, DPM++ 3M SDE, UniPC, LCM, their "
+                         f"'... Karras' forms, and k_euler-style names)")
     canonical, karras = hit
     return canonical, SAMPLERS[canonical], karras

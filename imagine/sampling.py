@@ -30,7 +30,7 @@ from imagine.guidance import (
     classifier_mean_shift,
     guided_model_output,
 )
-from imagine.samplers import TIMESTEP_RULE, final_heun_step, invert_ddim, resolve_sampler
+from imagine.samplers import TIMESTEP_RULE, TWO_CALL_SAMPLERS, final_heun_step, invert_ddim, resolve_sampler
 from imagine.schedules import NoiseSchedule, SamplingPlan
 
 CLASSIFIER_FORMS = {"eps": "eps", "ddim": "eps", "epsilon": "eps", "mean": "mean", "ddpm": "mean"}
@@ -123,7 +123,9 @@ class Denoiser:
     model -> classifier-free guidance (+ rescale) -> x_0 -> classifier guidance (eps form) -> thresholding.
 
     The model sees t = plan.timesteps[i]; its output becomes x_0 with plan.alphas_cumprod[i]. A NaN or
-    inf in the model's output raises FloatingPointError naming the step.
+    inf in the model's output raises FloatingPointError naming the step. `at_sigma` evaluates the same
+    chain at a noise level between the plan's (the midpoints of DPM2 and DPM++ 2S); it needs `schedule`,
+    the training schedule, whose sigma table maps such a level to the model's timestep.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], plan: SamplingPlan, prediction_type: str,
@@ -131,8 +133,9 @@ class Denoiser:
                  guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
                  classifier: Callable[..., torch.Tensor] | None = None, classifier_scale: float = 0.0,
                  classifier_form: str = "eps", thresholding: str | None = None, threshold_percentile: float = 0.995,
-                 threshold_range: float = 1.0, guidance: Callable[..., torch.Tensor] | None = None):
-        self.model, self.plan = model, plan
+                 threshold_range: float = 1.0, guidance: Callable[..., torch.Tensor] | None = None,
+                 schedule: NoiseSchedule | None = None):
+        self.model, self.plan, self.schedule = model, plan, schedule
         # how cond and uncond combine: classifier-free guidance, or another rule (InstructPix2Pix's three passes)
         self.guidance = guidance or guided_model_output
         self.prediction_type = check_prediction_type(prediction_type)
@@ -175,10 +178,12 @@ class Denoiser:
         self._held = x0
         return (math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * x).to(x.dtype)
 
-    def _t(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return torch.full((x.shape[0],), float(self.plan.timesteps[i]), dtype=torch.float32, device=x.device)
+    def _t(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        return torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
 
-    def model_output(self, x: torch.Tensor, i: int) -> torch.Tensor:
+    def model_output(self, x: torch.Tensor, i: int, t: float | None = None) -> torch.Tensor:
+        """The (guided) model output for step i's x, at the step's timestep or at `t` (an off-grid evaluation)."""
+        t = float(self.plan.timesteps[i]) if t is None else t
         at_step = getattr(self.model, "at_step", None)
         if at_step is not None:  # a model whose inputs follow the step (ControlNets' guidance window)
             # counted in model evaluations where a step takes two (Heun: 2N - 1, as diffusers' doubled timesteps)
@@ -186,7 +191,7 @@ class Denoiser:
         # (the conditioning of step i, or for a sampler of two evaluations a step of the model call's count, as
         # AUTOMATIC1111 counts its prompt editing's steps: prompt editing changes it during the run)
         k = self.calls if self.evaluations else i
-        out = self.guidance(self.model, x, self._t(x, i), cond_at(self.cond, k), cond_at(self.uncond, k),
+        out = self.guidance(self.model, x, self._t(x, t), cond_at(self.cond, k), cond_at(self.uncond, k),
                             self.guidance_scale, rescale=self.guidance_rescale)
         self.calls += 1
         if out.shape != x.shape:
@@ -196,21 +201,36 @@ class Denoiser:
                 raise ValueError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
         if not bool(torch.isfinite(out).all()):
             raise FloatingPointError(f"the model returned NaN or inf at step {i + 1} of {len(self.plan)} "
-                                     f"(t = {float(self.plan.timesteps[i]):g})")
+                                     f"(t = {t:g})")
         return out
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
         if i == 0 and self._held is not None:
             held, self._held = self._held, None
             return held
-        abar = float(self.plan.alphas_cumprod[i])
-        if self.known is not None and i > 0:
+        return self._denoise(x, i, float(self.plan.timesteps[i]), float(self.plan.alphas_cumprod[i]), known=i > 0)
+
+    def at_sigma(self, x: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
+        """D(x; sigma) at a noise level off the plan's grid, evaluated within step i (whose conditioning it uses):
+        x is the VP sample at abar = 1 / (1 + sigma^2), and the model sees the fractional timestep of that level,
+        interpolated linearly in log sigma between neighbouring training timesteps (`NoiseSchedule.sigma_to_t`, as
+        k-diffusion's sigma_to_t and diffusers' KDPM2 schedulers map their midpoints). Guidance, classifier guidance,
+        thresholding and inpainting's known part are applied as for an on-grid step."""
+        if self.schedule is None:
+            raise ValueError("evaluating the denoiser between the plan's noise levels needs the training schedule: "
+                             "Denoiser(..., schedule=...)")
+        t = float(self.schedule.sigma_to_t(float(sigma)))
+        return self._denoise(x, i, t, 1.0 / (1.0 + float(sigma) ** 2), known=True)
+
+    def _denoise(self, x: torch.Tensor, i: int, t: float, abar: float, known: bool) -> torch.Tensor:
+        # model -> guidance -> x_0 -> classifier guidance (eps form) -> thresholding, at timestep t and level abar
+        if self.known is not None and known:
             x0, eps, mask = self.known
             x = torch.lerp((math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * eps).to(x.dtype), x, mask.to(x.dtype))
-        out = self.model_output(x, i)
+        out = self.model_output(x, i, t)
         if self.classifier is not None and self.classifier_scale and self.classifier_form == "eps" and abar > 0:
             # Dhariwal & Nichol 2021, Alg. 2: eps_hat = eps - sqrt(1 - abar) s grad, and x_0 from eps_hat
-            grad = classifier_gradient(self.classifier, x, self._t(x, i)).to(out.dtype)
+            grad = classifier_gradient(self.classifier, x, self._t(x, t)).to(out.dtype)
             eps = classifier_eps_shift(predict_eps(out, x, abar, self.prediction_type), grad, abar,
                                        self.classifier_scale)
             x0 = predict_x0(eps, x, abar, "epsilon")
@@ -222,7 +242,7 @@ class Denoiser:
         """Dhariwal & Nichol 2021, Alg. 1 (the DDPM sampler asks for it): s * Sigma * grad log p(y | x_t)."""
         if self.classifier is None or not self.classifier_scale or self.classifier_form != "mean":
             return 0.0
-        grad = classifier_gradient(self.classifier, x, self._t(x, i))
+        grad = classifier_gradient(self.classifier, x, self._t(x, float(self.plan.timesteps[i])))
         return classifier_mean_shift(grad, variance, self.classifier_scale).to(x.dtype)
 
 
@@ -366,7 +386,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     karras: Karras et al. sigmas (also implied by a "... Karras" sampler name).
     sigma_schedule, rho: the noise levels' spacing instead of the timestep spacing's own: "karras",
         "exponential" (even in log-SNR) or "polyexponential" (schedules.spaced_sigmas), A1111's schedule types.
-    eta: DDIM's eta (default 0), or the noise scale of euler_a / dpmpp_2m_sde / dpmpp_3m_sde (default 1).
+    eta: DDIM's eta (default 0), or the noise scale of euler_a / dpm2_a / dpmpp_2s_a / dpmpp_2m_sde /
+    dpmpp_3m_sde (default 1).
     cond / uncond: keyword tensors for the model, batch-first; classifier-free guidance runs when
         guidance_scale != 1 (uncond required then) with guidance_rescale = phi of Lin et al. 2023.
     guidance: another rule for combining them, called as guided_model_output is (e.g.
@@ -445,9 +466,9 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     variance_type = schedule.variance_type
     denoise = Denoiser(model, plan, prediction_type, cond, uncond, guidance_scale, guidance_rescale, classifier,
                        classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,
-                       threshold_percentile, threshold_range, guidance)
-    if canonical == "heun":
-        denoise.evaluations = 2 * len(plan) - 1  # (its last step, to sigma = 0, is one Euler evaluation)
+                       threshold_percentile, threshold_range, guidance, schedule=schedule)
+    if canonical in TWO_CALL_SAMPLERS:
+        denoise.evaluations = 2 * len(plan) - 1  # (their last step, to sigma = 0, is one Euler evaluation)
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
     kwargs.update(_sampler_options(canonical, sampler_options))
     if mask is not None:

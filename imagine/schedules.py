@@ -25,7 +25,10 @@ SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine", "custom")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 # How a sampler family lays its steps out; see `SamplingPlan`.
-TIMESTEP_RULES = ("ddpm", "ddim", "karras", "dpm_solver")
+TIMESTEP_RULES = ("ddpm", "ddim", "karras", "dpm_solver", "lcm")
+# The timesteps a latent consistency model is distilled at (Luo et al. 2023, LCM's skipping-step schedule): every
+# T // 50-th, ending at T - 1 (T = 1000: 19, 39, ..., 999); the "lcm" rule samples from them.
+LCM_ORIGINAL_STEPS = 50
 
 # diffusers' beta_schedule names <-> ours
 _FROM_DIFFUSERS_KIND = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -357,6 +360,10 @@ class NoiseSchedule:
             fractional) timesteps; with Karras sigmas, eq. 5 between the first and last of them.
         rule "dpm_solver" (DPMSolverMultistepScheduler): its own leading/linspace; with Karras
             sigmas, eq. 5 over the whole training range and t rounded (not for the cosine schedule).
+        rule "lcm" (LCMScheduler): `steps` of the latent consistency model's distillation timesteps
+            (LCM_ORIGINAL_STEPS of them, k = T // 50 apart, ending at T - 1), evenly by index from the
+            noisiest (4 steps: 999, 759, 499, 259), abar read at them, ending at abar = 1; the spacing,
+            offset and noise-level options do not apply (the model was distilled at these timesteps).
         Karras sigmas with the DDPM/DDIM rules span sigma(t_last)..sigma(t_first) (no diffusers peer).
         sigma_schedule ("karras", "exponential", "polyexponential"; `spaced_sigmas`, with `rho`) replaces the
         spacing's levels the way Karras sigmas do (karras=True is sigma_schedule="karras"); with the
@@ -379,6 +386,8 @@ class NoiseSchedule:
         custom = (lambda lo, hi, n: spaced_sigmas(sigma_schedule, lo, hi, n, rho)) if sigma_schedule else None
         spacing = self.timestep_spacing if spacing is None else spacing
         steps_offset = self.steps_offset if steps_offset is None else int(steps_offset)
+        if rule == "lcm":
+            return self._lcm_plan(int(steps), sigma_schedule, spacing)
         t = spaced_timesteps(T, int(steps), spacing, steps_offset, rule)
         if t.max() > T - 1 or t.min() < 0:
             raise ValueError(f"steps_offset={steps_offset} puts timesteps outside 0..{T - 1} ({t.max():.0f})")
@@ -415,3 +424,22 @@ class NoiseSchedule:
                             sigmas=torch.from_numpy(np.asarray(sig, dtype=np.float64)),
                             alphas_cumprod=torch.from_numpy(np.asarray(abar, dtype=np.float64)),
                             rule=rule, spacing=spacing)
+
+    def _lcm_plan(self, steps: int, sigma_schedule: str | None, spacing: str) -> SamplingPlan:
+        # the "lcm" rule (see `plan`): diffusers' LCMScheduler picks floor(j * n0 / steps) of the n0 distillation
+        # timesteps, most noisy first
+        if sigma_schedule is not None:
+            raise ValueError(f"the lcm sampler runs at the timesteps its model was distilled at; sigma_schedule="
+                             f"{sigma_schedule!r} (or Karras sigmas) does not apply to it")
+        T = self.num_train_timesteps
+        k = max(T // LCM_ORIGINAL_STEPS, 1)
+        origin = (np.arange(1, min(LCM_ORIGINAL_STEPS, T) + 1) * k - 1)[::-1]
+        if steps > len(origin):
+            raise ValueError(f"the lcm sampler takes at most the {len(origin)} timesteps its model was distilled at; "
+                             f"got steps={steps}")
+        t = origin[np.floor(np.linspace(0, len(origin), steps, endpoint=False)).astype(np.int64)]
+        abar = np.append(self.alphas_cumprod.numpy()[t], 1.0)
+        with np.errstate(divide="ignore"):
+            sig = np.where(abar > 0, np.sqrt((1 - abar) / np.maximum(abar, 1e-300)), np.inf)
+        return SamplingPlan(timesteps=torch.from_numpy(t.astype(np.float64)), sigmas=torch.from_numpy(sig),
+                            alphas_cumprod=torch.from_numpy(abar), rule="lcm", spacing=spacing)

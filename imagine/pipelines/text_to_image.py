@@ -710,7 +710,7 @@ class TextToImagePipeline:
                                  "use the refiner with a 4-channel model")
         self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
         # (A1111 schedules a second-order sampler's edits over 2N model calls; the denoiser counts its calls then)
-        editing = (2 * steps if _same_sampler(sampler, "heun") else steps) if prompt_editing else None
+        editing = (2 * steps if _two_call(sampler) else steps) if prompt_editing else None
         guided = guidance_scale != 1.0 or (self.edits and not image_guidance_gate)  # (A1111's edit guidance: always)
         cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts, editing,
                                          composable=composable)
@@ -1273,6 +1273,16 @@ def _strength_text(strength: float | tuple[float, float]) -> str:
 def _same_strength(a, b) -> bool:
     ta, tb = ((s, s) if isinstance(s, (int, float)) else tuple(s) for s in (a, b))
     return all(abs(x - y) <= 1e-6 for x, y in zip(ta, tb))
+
+
+def _two_call(sampler: str) -> bool:
+    """Whether a sampler evaluates the model twice a step (imagine.samplers.TWO_CALL_SAMPLERS)."""
+    from imagine.samplers import TWO_CALL_SAMPLERS, resolve_sampler
+
+    try:
+        return resolve_sampler(sampler)[0] in TWO_CALL_SAMPLERS
+    except (TypeError, ValueError):
+        return False
 
 
 def _same_sampler(a: str, b: str) -> bool:
