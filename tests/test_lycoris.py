@@ -212,6 +212,21 @@ def test_dora_per_column_is_automatic1111s_rule():
                           atol=1e-6)
 
 
+def test_dora_per_row_at_a_strength():
+    """LyCORIS' per-row `dora_scale` ([out, 1]) at strength s: s of the way to the decomposed weight, whose rows then
+    have the file's norms (the rule checked against peft at s = 1 above, here where A1111's and diffusers' differ)."""
+    g = torch.Generator().manual_seed(6)
+    w0 = torch.randn(5, 6, generator=g)
+    m = torch.rand(5, 1, generator=g) + 0.5
+    layer = LoraLayer("unet", "lin", {"lora_down": torch.randn(2, 6, generator=g),
+                                      "lora_up": torch.randn(5, 2, generator=g), "dora_scale": m}, alpha=1.0)
+    v = w0.double() + 0.5 * (layer.w["lora_up"].double() @ layer.w["lora_down"].double())
+    decomposed = v * m.double() / v.norm(dim=1, keepdim=True)
+    assert torch.allclose(w0.double() + layer.delta(1.0, w0).double(), decomposed, atol=1e-5)
+    assert torch.allclose((w0.double() + layer.delta(1.0, w0).double()).norm(dim=1), m.double().flatten(), atol=1e-5)
+    assert torch.allclose(layer.delta(0.3, w0).double(), 0.3 * (decomposed - w0.double()), atol=1e-5)
+
+
 def test_locon_tucker_is_three_convolutions():
     """LoCon's Tucker form (lora_down 1x1, lora_mid 3x3, lora_up 1x1): the merged layer's change is those three
     convolutions run in a row, times s alpha / r."""
@@ -277,6 +292,8 @@ def test_bad_lycoris_files_get_clear_errors():
         "two kinds": ({"lora_unet_lin.lora_down.weight": z(2, 4), "lora_unet_lin.lora_up.weight": z(4, 2),
                        "lora_unet_lin.diff": z(4, 4)}, "mixes entries of different kinds"),
         "DoRA alone": ({"lora_unet_lin.dora_scale": z(1, 4)}, "DoRA magnitudes and no update"),
+        "an alpha of many values": ({"lora_unet_lin.lora_down.weight": z(2, 4), "lora_unet_lin.lora_up.weight": z(4, 2),
+                                     "lora_unet_lin.alpha": z(2)}, "its alpha holds 2 values"),
     }
     for name, (state, message) in cases.items():
         with pytest.raises(ValueError, match=message):
@@ -289,6 +306,18 @@ def test_bad_lycoris_files_get_clear_errors():
         "diff for a norm": ({"lora_unet_norm.diff": z(4)}, "a full update for a LayerNorm"),
         "DoRA of the wrong size": ({"lora_unet_lin.lora_down.weight": z(2, 4), "lora_unet_lin.lora_up.weight": z(4, 2),
                                     "lora_unet_lin.dora_scale": z(1, 3)}, "DoRA magnitudes of shape"),
+        "LoRA factors that do not multiply": ({"lora_unet_lin.lora_down.weight": z(2, 4),
+                                               "lora_unet_lin.lora_up.weight": z(4, 3)}, "do not multiply"),
+        "LoHa halves that do not match": ({"lora_unet_lin.hada_w1_a": z(4, 2), "lora_unet_lin.hada_w1_b": z(2, 4),
+                                           "lora_unet_lin.hada_w2_a": z(4, 2), "lora_unet_lin.hada_w2_b": z(3, 4)},
+                                          "do not multiply"),
+        "a Tucker core of the wrong rank": ({"lora_unet_lin.lora_down.weight": z(2, 4, 1, 1),
+                                             "lora_unet_lin.lora_mid.weight": z(3, 3, 1, 1),
+                                             "lora_unet_lin.lora_up.weight": z(4, 2, 1, 1)}, "do not multiply"),
+        "a one-dimensional LoKr factor": ({"lora_unet_lin.lokr_w1": z(2), "lora_unet_lin.lokr_w2": z(2, 4)},
+                                          "do not multiply"),
+        "DoRA on a norm": ({"lora_unet_norm.w_norm": z(4), "lora_unet_norm.dora_scale": z(4)},
+                           "DoRA magnitudes for a layer without input columns"),
     }
     w = model.lin.weight.detach().clone()
     for name, (state, message) in misfits.items():

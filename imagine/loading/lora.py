@@ -181,7 +181,8 @@ class LoraLayer:
         s * factor * update; with DoRA (Liu et al. 2024, eq. 5: W' = m (W0 + dW) / ||W0 + dW||), the weight's
         direction and magnitude set as the file's tool does it:
         - LyCORIS' `dora_scale`, AUTOMATIC1111's rule: s ((W0 + dW) m / ||W0 + dW|| - W0), the norm over each
-          input column (or each output row where m has one value per row), dW = factor * update;
+          input column, dW = factor * update (where m has one value per output row, LyCORIS' wd_on_out, the norm
+          is over each row, as LyCORIS computes it: A1111 would divide by column norms there too);
         - peft's magnitude (diffusers' files), diffusers' rule: m (W0 + s dW) / ||W0 + s dW|| - W0, rows."""
         d = self.factor() * update({k: v.float() for k, v in self.w.items() if k not in DORA})
         if weight is None:
@@ -210,14 +211,19 @@ class LoraLayer:
         w = module.weight
         if (self.kind == "norm") != isinstance(module, NORMS):
             return f"a {self.kind} update for a {type(module).__name__}"
-        shape = self.shape()
+        factors = " / ".join(f"{k} {tuple(v.shape)}" for k, v in self.w.items() if k not in DORA)
+        try:
+            shape = self.shape()
+        except (RuntimeError, IndexError, ValueError):  # (what torch says of factors that do not multiply)
+            return f"factors {factors} do not multiply"
         if shape[0] != w.shape[0] or shape.numel() != w.numel():
-            factors = " / ".join(f"{k} {tuple(v.shape)}" for k, v in self.w.items() if k not in DORA)
             return f"factors {factors} for a weight of shape {tuple(w.shape)}"
         bias = self.bias_delta()
         if bias is not None and (module.bias is None or module.bias.numel() != bias.numel()):
             return f"a bias difference of {bias.numel()} values for a layer with " + (
                 "no bias" if module.bias is None else f"{module.bias.numel()}")
+        if w.ndim < 2 and any(k in self.w for k in DORA):
+            return "DoRA magnitudes for a layer without input columns (a norm's weight)"
         for key in DORA:
             if key in self.w and _dora_shape(self.w[key], w.shape, rows=key == "magnitude") is None:
                 return f"DoRA magnitudes of shape {tuple(self.w[key].shape)} for a weight of shape {tuple(w.shape)}"
@@ -225,8 +231,9 @@ class LoraLayer:
 
 
 def _dora_axis(m: torch.Tensor, shape: torch.Size) -> int:
-    """0 where DoRA's magnitudes are one per output row (LyCORIS' wd_on_out, shape [out, 1, ...]), else 1 (one per
-    input column, [1, in, ...], the DoRA paper's and AUTOMATIC1111's reading; a 1-D tensor of `in` values too)."""
+    """0 where DoRA's magnitudes are one per output row (LyCORIS' wd_on_out, shape [out, 1, ...]: LyCORIS' own rule;
+    AUTOMATIC1111 divides by column norms whatever the shape, which scrambles such a file), else 1 (one per input
+    column, [1, in, ...], the DoRA paper's and AUTOMATIC1111's reading; a 1-D tensor of `in` values too)."""
     per_row = m.ndim >= 2 and m.shape[0] == shape[0] and m[0].numel() == 1 and shape[0] > 1
     return 0 if per_row or (m.ndim == 1 and m.numel() == shape[0] != shape[1]) else 1
 
@@ -234,15 +241,18 @@ def _dora_axis(m: torch.Tensor, shape: torch.Size) -> int:
 def _dora_shape(m: torch.Tensor, shape: torch.Size, rows: bool = False) -> tuple | None:
     """The shape that broadcasts DoRA's magnitudes over a weight of `shape`, or None when their number fits no axis."""
     axis = 0 if rows else _dora_axis(m, shape)
-    if m.numel() != shape[axis]:
-        return None
-    return (shape[0], *[1] * (len(shape) - 1)) if axis == 0 else (1, shape[1], *[1] * (len(shape) - 2))
+    return _along(shape, axis) if m.numel() == shape[axis] else None
+
+
+def _along(shape: torch.Size, axis: int) -> tuple:
+    """The shape of one value per output row (axis 0: [out, 1, ...]) or per input column (1: [1, in, 1, ...]) of a
+    weight of `shape`, which broadcasts over it."""
+    return tuple(n if k == axis else 1 for k, n in enumerate(shape))
 
 
 def _norms(w: torch.Tensor, axis: int) -> torch.Tensor:
     """||w|| over everything but `axis` (0: one norm per output row, 1: per input column), kept broadcastable."""
-    return w.transpose(0, axis).flatten(1).norm(dim=1).reshape(
-        (w.shape[0], *[1] * (w.ndim - 1)) if axis == 0 else (1, w.shape[1], *[1] * (w.ndim - 2)))
+    return w.transpose(0, axis).flatten(1).norm(dim=1).reshape(_along(w.shape, axis))
 
 
 def kind_of(w: dict[str, torch.Tensor]) -> str:
@@ -308,6 +318,10 @@ def lora_layers(state: dict[str, torch.Tensor], source: str = "LoRA", metadata: 
     layers = []
     for (part, module), w in sorted(entries.items()):
         alpha, scale = w.pop("alpha", None), w.pop("scale", None)
+        for name, value in (("alpha", alpha), ("scale", scale)):
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                raise ValueError(f"{source}: {part} layer {module}: its {name} holds {value.numel()} values; one "
+                                 "number was expected")
         if not w:
             continue  # an alpha alone (kohya-ss writes one for layers it left untrained)
         if problem := _incomplete(w):
