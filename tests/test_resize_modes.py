@@ -36,6 +36,10 @@ def test_fitting_is_diffusers_resize_bit_for_bit():
         for mode, theirs in (("crop_and_resize", "crop"), ("resize_and_fill", "fill"), ("just_resize", "default")):
             got, want = fit_picture(im, w, h, mode), proc.resize(im, h, w, resize_mode=theirs)
             assert got.size == want.size and got.tobytes() == want.tobytes(), (mode, (w0, h0), (w, h))
+    for (w0, h0), (w, h) in (((64, 32), (32, 16)), ((30, 45), (20, 30)), ((17, 17), (40, 40))):  # equal ratios
+        im = Image.fromarray(g.integers(0, 256, (h0, w0, 3), dtype=np.uint8))
+        for mode, theirs in (("crop_and_resize", "crop"), ("resize_and_fill", "fill")):
+            assert fit_picture(im, w, h, mode).tobytes() == proc.resize(im, h, w, resize_mode=theirs).tobytes()
     grey = Image.fromarray(g.integers(0, 256, (30, 50), dtype=np.uint8))
     got = fit_picture(grey, 40, 40, "resize_and_fill")
     assert got.mode == "L" and got.tobytes() == proc.resize(grey, 40, 40, resize_mode="fill").convert("L").tobytes()
@@ -82,6 +86,27 @@ def test_the_pipelines_modes_are_the_picture_fitted_first(pipe):
     up = pipe.generate("a", init_image=square, resize_mode="latent_upscale", **dict(run, height=64, width=64))
     assert up.latents.shape[-1] == 64 // pipe.scale
     assert not torch.equal(up.latents, pipe.generate("a", init_image=square, **dict(run, height=64, width=64)).latents)
+    # latent_upscale encodes the picture at its own size (sides down to the VAE's factor) and resizes the latents
+    # bilinearly to the output's, as A1111 (F.interpolate, align_corners False)
+    import torch.nn.functional as F
+
+    seen = []
+    original = F.interpolate
+
+    def spy(x, *args, **kwargs):
+        seen.append((tuple(x.shape[-2:]), kwargs.get("size"), kwargs.get("mode"), kwargs.get("align_corners")))
+        return original(x, *args, **kwargs)
+
+    odd = _picture(40).resize((37, 26), Image.LANCZOS)
+    F.interpolate = spy
+    try:
+        pipe.generate("a", init_image=odd, resize_mode="latent_upscale", **dict(run, height=64, width=48))
+    finally:
+        F.interpolate = original
+    f = pipe.scale
+    assert seen[0] == ((26 // f, 37 // f), (64 // f, 48 // f), "bilinear", False), seen
+    with pytest.raises(ValueError, match="resize_mode 'crop_and_resize' brings an init_image to the size"):
+        pipe.generate("a", resize_mode="crop_and_resize", **{k: v for k, v in same.items() if k != "strength"})
     with pytest.raises(ValueError, match="latent_upscale' is for image to image"):
         pipe.generate("a", init_image=square, mask_image=_mask(32), resize_mode="latent_upscale", **same)
     with pytest.raises(ValueError, match="resize_mode must be one of"):
@@ -118,10 +143,14 @@ def test_a1111_img2img_resize_mode(plain):  # noqa: F811
                            strength=0.75, seed=5, emphasis=True, progress=False, **KW).images[0]
     want = paste_over(result, fitted, fitted_mask.point(lambda v: min(255, 2 * v)))
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
-    for body, words in (({"resize_mode": 4}, "resize_mode must be 0"), ({"resize_mode": 3, "mask": _b64(mask)},
-                                                                        "latent upscale")):
-        r = _post(plain, init_images=[_b64(picture)], **body)
-        assert r.status_code == 422 and words in r.text and "resize_mode" in r.text, r.text
+    for body, words, field in (({"resize_mode": 4}, "resize_mode must be 0", "resize_mode"),
+                               ({"resize_mode": 3, "mask": _b64(mask)}, "latent_upscale' is for image to image",
+                                "resize_mode"),
+                               ({"resize_mode": 3, "init_images": [_b64(Image.new("RGB", (200, 40)))], "width": 32,
+                                 "height": 32},
+                                "encodes the picture at its own size, 200x40", "init_images")):
+        r = _post(plain, **{"init_images": [_b64(picture)], **body})
+        assert r.status_code == 422 and words in r.text and r.json()["field"] == field, r.text
 
 
 def test_generate_cli_resize_mode(tmp_path, pipe, capsys):

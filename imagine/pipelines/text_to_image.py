@@ -690,7 +690,9 @@ class TextToImagePipeline:
         height, width = self.output_size(height, width, first)
         self.check_size(height, width)
         height, width = int(height), int(width)
-        latent_upscale = self._check_resize_mode(resize_mode, inits, masks)
+        latent_upscale = self.check_resize_mode(resize_mode, inits, masks)
+        first_size = self._seed_resize(seed_resize_from_h, seed_resize_from_w, (height // self.scale,
+                                                                                width // self.scale))
         if inits is not None and not latent_upscale:  # (A1111 brings the mask to the size as it does the picture)
             inits = [fit_picture(im, width, height, resize_mode) for im in inits]
             masks = None if masks is None else [fit_picture(m, width, height, resize_mode) for m in masks]
@@ -743,8 +745,8 @@ class TextToImagePipeline:
             elif latent_upscale:  # A1111's "Just resize (latent upscale)": the picture encoded at its own size (sides
                 # not multiples of the VAE's factor: stretched to the multiple below, which the VAE takes), its latents
                 # resized bilinearly
-                own = [max(self.scale, side // self.scale * self.scale) for side in inits[0].size]
-                init = torch.nn.functional.interpolate(self.encode_images(inits, *own, generators),
+                init = torch.nn.functional.interpolate(self.encode_images(inits, *self.latent_upscale_size(inits[0]),
+                                                                          generators),
                                                        size=shape[2:], mode="bilinear", align_corners=False)
             else:
                 init = self.encode_images(inits, width, height, generators)
@@ -762,7 +764,6 @@ class TextToImagePipeline:
         if isinstance(subseed_strength, bool) or not isinstance(subseed_strength, (int, float)) or \
                 not 0 <= subseed_strength <= 1:
             raise ValueError(f"subseed_strength must be a number in [0, 1]; got {subseed_strength!r}")
-        first_size = self._seed_resize(seed_resize_from_h, seed_resize_from_w, shape)
         if subseed_strength > 0:  # A1111's variation seed: the start noise moved towards another seed's
             if subseeds is None:
                 first = random.randint(0, MAX_SEED) if subseed is None or subseed < 0 else int(subseed)
@@ -911,17 +912,18 @@ class TextToImagePipeline:
         f = self.scale
         return max(f, round(height * scale / f) * f), max(f, round(width * scale / f) * f)
 
-    def _seed_resize(self, from_h, from_w, shape: tuple) -> tuple[int, int] | None:
+    def _seed_resize(self, from_h, from_w, size: tuple) -> tuple[int, int] | None:
         """AUTOMATIC1111's seed_resize_from_h / _w (pixels; either <= 0: off) -> the latent size the seeds' noise is
-        drawn at, or None when off or equal to this run's."""
+        drawn at, or None when off, equal to this run's latent `size`, or under one latent cell (A1111 then pastes
+        nothing)."""
         for name, v in (("seed_resize_from_h", from_h), ("seed_resize_from_w", from_w)):
             if isinstance(v, bool) or not isinstance(v, int) or v > MAX_SEED_RESIZE:
                 raise ValueError(f"{name} must be a whole number of pixels up to {MAX_SEED_RESIZE} (0 or less: "
                                  f"off); got {v!r}")
         if from_h <= 0 or from_w <= 0:
             return None
-        size = (max(1, from_h // self.scale), max(1, from_w // self.scale))
-        return None if size == tuple(shape[-2:]) else size
+        first = (from_h // self.scale, from_w // self.scale)
+        return None if first == tuple(size) or 0 in first else first
 
     def _picture_batch(self, prompt, negative_prompt, image, per_prompt: int, seed, seeds):
         """The batch of a run conditioned on pictures (`upscale`, `variations`): (prompts, negative prompts, pictures,
@@ -958,16 +960,17 @@ class TextToImagePipeline:
         return GenerationResult(images=images, seeds=seeds, parameters=params, latents=latents, negatives=negatives,
                                 seconds=time.perf_counter() - t0)
 
-    def _check_resize_mode(self, mode: str, inits: list | None, masks: list | None) -> bool:
-        """resize_mode must be one of RESIZE_MODES; "latent_upscale" (True) is image to image's only: not for a mask, an
-        inpainting or instruct-pix2pix model (A1111 runs it only where the picture is encoded alone), and its pictures
-        must share one size (they are encoded together)."""
+    def check_resize_mode(self, mode: str, inits: list | None, masks: list | None) -> bool:
+        """resize_mode must be one of RESIZE_MODES, and other than "just_resize" only with init pictures;
+        "latent_upscale" (True) is image to image's only: not for a mask, an inpainting or instruct-pix2pix model
+        (A1111 runs it only where the picture is encoded alone), and its pictures must share one size (they are
+        encoded together, at `latent_upscale_size`)."""
         if mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}; got {mode!r}")
+        if mode != "just_resize" and inits is None:
+            raise ValueError(f"resize_mode {mode!r} brings an init_image to the size; give init_image")
         if mode != "latent_upscale":
             return False
-        if inits is None:
-            raise ValueError("resize_mode 'latent_upscale' resizes an init_image's latents; give init_image")
         if masks is not None or self.image_conditioned or self.edits:
             raise ValueError("resize_mode 'latent_upscale' is for image to image; inpainting and instruct-pix2pix "
                              "take the picture at the output size: use 'just_resize', 'crop_and_resize' or "
@@ -976,6 +979,11 @@ class TextToImagePipeline:
             raise ValueError(f"resize_mode 'latent_upscale' encodes the pictures together: give pictures of one size "
                              f"(got {sorted({im.size for im in inits})})")
         return True
+
+    def latent_upscale_size(self, picture: Image.Image) -> tuple[int, int]:
+        """(width, height) a picture is encoded at under "latent_upscale": its own, each side down to the VAE's factor
+        (which the VAE needs)."""
+        return tuple(max(self.scale, side // self.scale * self.scale) for side in picture.size)
 
     def _init_images(self, init_image, n_prompts: int, per_prompt: int, name: str = "init_image",
                      mode: str | None = "RGB") -> list[Image.Image] | None:

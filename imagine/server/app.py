@@ -972,9 +972,6 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if isinstance(req.resize_mode, bool) or req.resize_mode not in range(len(RESIZE_MODES)):
             raise ApiError(422, f"resize_mode must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3 "
                                 f"(just resize, latent upscale); got {req.resize_mode!r}", "resize_mode")
-        if req.mask and req.resize_mode == 3:
-            raise ApiError(422, "resize_mode 3 (latent upscale) is for img2img without a mask; with a mask give 0, 1 "
-                                "or 2", "resize_mode")
         mask_options = check_inpainting(req) if req.mask else None
         inits = await run_in_threadpool(lambda: [_decode_image(x, "init_images") for x in req.init_images])
         mask = await run_in_threadpool(_decode_mask, req.mask) if req.mask else None
@@ -1101,13 +1098,17 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         # (img2img's pictures are fitted by the pipeline, inpainting's by prepare_inpainting; a ControlNet unit without
         # a picture takes the picture as sent, as the extension takes A1111's init image)
         resize_mode = RESIZE_MODES[getattr(req, "resize_mode", 0)]
-        if resize_mode == "latent_upscale" and (getattr(pipe, "edits", False) or getattr(pipe, "image_conditioned",
-                                                                                        False)):
-            raise ApiError(422, "resize_mode 3 (latent upscale) is for img2img with a 4-channel model; this model "
-                                "takes the picture at the output size: give 0, 1 or 2", "resize_mode")
-        if resize_mode == "latent_upscale" and inits and len({im.size for im in inits}) > 1:
-            raise ApiError(422, "resize_mode 3 (latent upscale) encodes the pictures together: send init_images of one "
-                                "size", "resize_mode")
+        encoded_at = None  # (latent upscale: the size the pictures are encoded at, which jobs must share to batch)
+        if inits is not None and hasattr(pipe, "check_resize_mode"):
+            try:
+                if pipe.check_resize_mode(resize_mode, inits, None if mask is None else [mask]):
+                    encoded_at = pipe.latent_upscale_size(inits[0])
+            except ValueError as e:
+                raise ApiError(422, f"resize_mode {getattr(req, 'resize_mode', 0)}: {e}", "resize_mode") from None
+        if encoded_at is not None and (encoded_at[0] > cfg.max_width or encoded_at[1] > cfg.max_height):
+            raise ApiError(422, f"resize_mode 3 (latent upscale) encodes the picture at its own size, "
+                                f"{encoded_at[0]}x{encoded_at[1]}; the server's limit is {cfg.max_width}x"
+                                f"{cfg.max_height}: send a smaller picture or another resize_mode", "init_images")
         starts = inpaint.inits if inpaint is not None else inits
         # (with hires. fix the maps are made at the first pass's size; the second pass takes them scaled up)
         controls = await run_in_threadpool(lambda: control_pictures(units, unit_pictures, n, starts, inpaint, width,
@@ -1127,7 +1128,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     controlnets=tuple((u["name"], u["weight"], u["start"], u["end"], u["mode"])
                                                       for u in units),
                                     refiner_switch=refiner[1] if refiner else None, subseed_strength=variation,
-                                    resize_mode=resize_mode, seed_resize=seed_resize),
+                                    resize_mode=resize_mode, encoded_at=encoded_at, seed_resize=seed_resize),
                   subseeds=subseeds,
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],

@@ -85,6 +85,7 @@ class Settings:
     image_guidance_scale: float | None = None  # an instruct-pix2pix model's guidance on the picture
     refiner_switch: float | None = None  # SDXL's refiner (the pipeline's, `serve --refiner`) after this fraction of steps
     resize_mode: str = "just_resize"  # image to image: how the pictures are brought to the size (imagine.images)
+    encoded_at: tuple | None = None  # its latent upscale: the size the pictures are encoded at (jobs share it to batch)
     seed_resize: tuple | None = None  # A1111's seed_resize_from_h / _w, (h, w) in pixels, both > 0 (None: off)
 
 
