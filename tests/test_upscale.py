@@ -149,3 +149,12 @@ def test_generate_cli_upscales(x4, tmp_path, capsys):
             args += ["--init-image", str(low)]
         assert main(args) != 0
         assert words in capsys.readouterr().err
+
+
+def test_serve_refuses_a_super_resolution_model(x4, capsys):
+    """imagine serve runs text-to-image models: an upscaler is refused at start, with what to do instead."""
+    from imagine.cli import main
+
+    folder, ref, ours = x4
+    assert main(["serve", "--model", str(folder)]) != 0
+    assert "super-resolution model (SD's x4 upscaler)" in capsys.readouterr().err
