@@ -206,8 +206,7 @@ def sample_euler_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan
         x_t = _ve_to_vp(x, s, dtype)
         denoised = denoise(x_t, i)
         _report(callback, plan, i, x_t, denoised)
-        s_up = min(s_next, eta * math.sqrt(max(s_next**2 * (s**2 - s_next**2) / s**2, 0.0)))
-        s_down = math.sqrt(s_next**2 - s_up**2)
+        s_down, s_up = _ancestral_step(s, s_next, eta)
         x = x + (s_down - s) * (x - denoised) / s
         if s_next > 0:
             x = x + s_up * _noise(noise, x_t).double()

@@ -945,11 +945,34 @@ class TextToImagePipeline:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
         return prompts, negatives, pictures, list(seeds)
 
-    def _stage_result(self, latents, prompts, negatives, seeds, t0: float, output_type: str, *, emphasis: bool,
-                      karras, sigma_schedule, **params):
-        """A GenerationResult for `upscale` / `variations`: the decoded images (none for output_type "latent") and
-        the run's parameters (with the model, version and first prompt, as generate records them)."""
-        params = {**params, "model": Path(self.c.source).name if self.c.source else "default",
+    def _picture_run(self, prompts, negatives, seeds, height: int, width: int, condition, *, steps, guidance_scale,
+                     sampler, eta, karras, sigma_schedule, rho, final_step, sampler_options, emphasis, long_prompts,
+                     callback, progress, output_type, **params) -> GenerationResult:
+        """The run `upscale` and `variations` share: the model's defaults where steps, guidance or sampler are not
+        given; the prompts' LoRAs and encodings; `condition(generators)` -> (the U-Net's class labels for the prompts,
+        for the negatives, channels to concatenate or None), its noise drawn from each image's generator before the
+        start noise (as diffusers' pipelines draw them); the sampling; the decoded images (none for output_type
+        "latent") and the parameters (`params` with what generate records)."""
+        d = self.defaults
+        steps = int(d["steps"] if steps is None else steps)
+        guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
+        sampler = sampler or d["sampler"]
+        t0 = time.perf_counter()
+        generators = make_generators(len(prompts), seeds)
+        self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
+        cond, uncond = self.conditioning(prompts, negatives, height, width, guidance_scale != 1.0, emphasis,
+                                         long_prompts)
+        label, negative_label, concat = condition(generators)
+        cond = {**cond, "class_labels": label}
+        uncond = None if uncond is None else {**uncond, "class_labels": negative_label}
+        latents = self._sample((len(prompts), self.latent_channels, height // self.scale, width // self.scale), cond,
+                               uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                               generators=generators, guidance_rescale=0.0, eta=eta, karras=bool(karras),
+                               sigma_schedule=sigma_schedule, rho=rho, final_step=final_step or "euler",
+                               sampler_options=sampler_options, thresholding=None, callback=callback,
+                               progress=progress, concat=concat)
+        params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
+                  "width": width, **params, "model": Path(self.c.source).name if self.c.source else "default",
                   "version": __import__("imagine").__version__, "prompt": prompts[0],
                   "negative_prompt": negatives[0] or ""}
         if emphasis:

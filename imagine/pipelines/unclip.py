@@ -14,8 +14,6 @@ whole condition. The text, samplers and VAE are the text-to-image pipeline's.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 
@@ -46,7 +44,7 @@ def variations(pipe, image, prompt: str | list[str] = "", negative_prompt: str |
     start noise, as diffusers' pipeline draws them for one image (for a batch diffusers draws one embedding noise
     for all; here each image has its own, so an image does not depend on its batch). The other options are
     generate's."""
-    from imagine.sampling import PerSampleNoise, make_generators
+    from imagine.sampling import PerSampleNoise
 
     embedder, schedule = pipe.c.image_embedder, pipe.c.image_noise_schedule
     if embedder is None:
@@ -59,25 +57,15 @@ def variations(pipe, image, prompt: str | list[str] = "", negative_prompt: str |
                                                               seed, seeds)
     height, width = pipe.output_size(height, width, None)
     pipe.check_size(height, width)
-    height, width = int(height), int(width)
-    d = pipe.defaults
-    steps = int(d["steps"] if steps is None else steps)
-    guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
-    sampler = sampler or d["sampler"]
-    t0 = time.perf_counter()
-    generators = make_generators(len(prompts), seeds)
-    pipe.set_request_loras(pipe.loras_asked([*prompts, *(n for n in negatives if n)]))
-    cond, uncond = pipe.conditioning(prompts, negatives, height, width, guidance_scale != 1.0, emphasis, long_prompts)
-    embeds = embedder.embed(pictures)
-    label = image_condition(embedder, embeds, PerSampleNoise(generators).draw(tuple(embeds.shape)), noise_level,
-                            schedule)
-    cond = {**cond, "class_labels": label}
-    uncond = None if uncond is None else {**uncond, "class_labels": torch.zeros_like(label)}
-    latents = pipe._sample((len(prompts), pipe.latent_channels, height // pipe.scale, width // pipe.scale), cond,
-                           uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler, generators=generators,
-                           guidance_rescale=0.0, eta=eta, karras=bool(karras), sigma_schedule=sigma_schedule, rho=rho,
-                           final_step=final_step or "euler", sampler_options=sampler_options, thresholding=None,
-                           callback=callback, progress=progress)
-    return pipe._stage_result(latents, prompts, negatives, seeds, t0, output_type, steps=steps, sampler=sampler,
-                              guidance_scale=guidance_scale, height=height, width=width, noise_level=noise_level,
-                              emphasis=emphasis, karras=karras, sigma_schedule=sigma_schedule)
+
+    def condition(generators):  # unCLIP's: the picture's noised CLIP embedding and its level's code; zeros unguided
+        embeds = embedder.embed(pictures)
+        label = image_condition(embedder, embeds, PerSampleNoise(generators).draw(tuple(embeds.shape)), noise_level,
+                                schedule)
+        return label, torch.zeros_like(label), None
+
+    return pipe._picture_run(prompts, negatives, seeds, int(height), int(width), condition, steps=steps,
+                             guidance_scale=guidance_scale, sampler=sampler, eta=eta, karras=karras,
+                             sigma_schedule=sigma_schedule, rho=rho, final_step=final_step,
+                             sampler_options=sampler_options, emphasis=emphasis, long_prompts=long_prompts,
+                             callback=callback, progress=progress, output_type=output_type, noise_level=noise_level)

@@ -12,8 +12,6 @@ VAE decode are the text-to-image pipeline's.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 NOISE_LEVEL = 20  # diffusers' default for SD's x4 upscaler
@@ -33,14 +31,13 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
     (its seed) draws the picture's noise first, then the start noise, as diffusers' pipeline draws them. Returns a
     GenerationResult whose images are `pipe.scale` times the picture's size."""
     from imagine.diffusion import augment
-    from imagine.sampling import PerSampleNoise, make_generators
+    from imagine.sampling import PerSampleNoise
 
     schedule = pipe.c.low_res_schedule
     if schedule is None:
         raise ValueError(f"{pipe.c.source or 'this model'} is not a super-resolution model (SD's x4 upscaler: a "
                          "U-Net reading the picture beside its latents, and a low_res_scheduler); use generate()")
-    d = pipe.defaults
-    top = int(d.get("max_noise_level", 350))
+    top = int(pipe.defaults.get("max_noise_level", 350))
     if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
         raise ValueError(f"noise_level must be a whole number from 0 to {top} (this model's max_noise_level); "
                          f"got {noise_level!r}")
@@ -52,27 +49,19 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
     w, h = pictures[0].size
     height, width = h * pipe.scale, w * pipe.scale
     pipe.check_size(height, width)
-    steps = int(d["steps"] if steps is None else steps)
-    guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
-    sampler = sampler or d["sampler"]
-    t0 = time.perf_counter()
-    generators = make_generators(len(prompts), seeds)
-    pipe.set_request_loras(pipe.loras_asked([*prompts, *(n for n in negatives if n)]))
-    cond, uncond = pipe.conditioning(prompts, negatives, height, width, guidance_scale != 1.0, emphasis, long_prompts)
-    x = pipe._pixels(pictures, w, h)
-    low_res = augment(x, noise_level, schedule, PerSampleNoise(generators).draw(tuple(x.shape)))
-    label = torch.full((len(prompts),), noise_level, dtype=torch.long)
-    cond = {**cond, "class_labels": label}
-    uncond = None if uncond is None else {**uncond, "class_labels": label}
-    latents = pipe._sample((len(prompts), pipe.latent_channels, h, w), cond, uncond, steps=steps,
-                           guidance_scale=guidance_scale, sampler=sampler, generators=generators, guidance_rescale=0.0,
-                           eta=eta, karras=bool(karras), sigma_schedule=sigma_schedule, rho=rho,
-                           final_step=final_step or "euler", sampler_options=sampler_options, thresholding=None,
-                           callback=callback, progress=progress, concat=low_res)
-    return pipe._stage_result(latents, prompts, negatives, seeds, t0, output_type, steps=steps, sampler=sampler,
-                              guidance_scale=guidance_scale, height=height, width=width, noise_level=noise_level,
-                              upscaled_from=f"{w}x{h}", emphasis=emphasis, karras=karras,
-                              sigma_schedule=sigma_schedule)
+
+    def condition(generators):  # CDM's conditioning augmentation, the level as the U-Net's class label
+        x = pipe._pixels(pictures, w, h)
+        low_res = augment(x, noise_level, schedule, PerSampleNoise(generators).draw(tuple(x.shape)))
+        label = torch.full((len(prompts),), noise_level, dtype=torch.long)
+        return label, label, low_res
+
+    return pipe._picture_run(prompts, negatives, seeds, height, width, condition, steps=steps,
+                             guidance_scale=guidance_scale, sampler=sampler, eta=eta, karras=karras,
+                             sigma_schedule=sigma_schedule, rho=rho, final_step=final_step,
+                             sampler_options=sampler_options, emphasis=emphasis, long_prompts=long_prompts,
+                             callback=callback, progress=progress, output_type=output_type, noise_level=noise_level,
+                             upscaled_from=f"{w}x{h}")
 
 
 def is_upscaler(pipe) -> bool:
