@@ -211,7 +211,8 @@ class Denoiser:
         return self._denoise(x, i, float(self.plan.timesteps[i]), float(self.plan.alphas_cumprod[i]), known=i > 0)
 
     def at_sigma(self, x: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
-        """D(x; sigma) at a noise level off the plan's grid, evaluated within step i (whose conditioning it uses):
+        """D(x; sigma) at a noise level off the plan's grid, evaluated within step i (its conditioning is that of
+        the model call's count where the sampler counts calls, `evaluations`, else step i's):
         x is the VP sample at abar = 1 / (1 + sigma^2), and the model sees the fractional timestep of that level,
         interpolated linearly in log sigma between neighbouring training timesteps (`NoiseSchedule.sigma_to_t`, as
         k-diffusion's sigma_to_t and diffusers' KDPM2 schedulers map their midpoints). Guidance, classifier guidance,

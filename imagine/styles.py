@@ -37,23 +37,26 @@ def apply_styles(prompt: str, negative_prompt: str, styles: list[PromptStyle]) -
 
 
 def read_styles(path: str | os.PathLike) -> dict[str, PromptStyle]:
-    """A styles CSV -> {name: style}, in the file's order (rows without a name are skipped, as A1111 skips them;
-    a name given twice keeps its last row, as A1111's dictionary does). A missing file, or one without a name column,
-    is a clear error."""
+    """A styles CSV -> {name: style}, in the file's order, read as A1111 reads it: spaces after a comma skipped
+    (`name, prompt, negative_prompt` is a header too), rows without a name or whose name starts with # skipped, a
+    name given twice keeping its last row. A missing file, or one without a name and a prompt (or text) column, is a
+    clear error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"styles file not found: {path} (give AUTOMATIC1111's styles.csv: columns name, "
                                 "prompt, negative_prompt)")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "name" not in reader.fieldnames:
-                raise ValueError(f"{path}: a styles CSV needs a header row with a 'name' column (and 'prompt', "
-                                 f"'negative_prompt'); got {reader.fieldnames}")
+            reader = csv.DictReader(f, skipinitialspace=True)
+            fields = [(n or "").strip() for n in reader.fieldnames or []]
+            reader.fieldnames = fields
+            if "name" not in fields or not {"prompt", "text"} & set(fields):
+                raise ValueError(f"{path}: a styles CSV needs a header row with 'name' and 'prompt' columns (and "
+                                 f"'negative_prompt'); got {fields}")
             styles = {}
             for row in reader:
                 name = (row.get("name") or "").strip()
-                if name:
+                if name and not name.startswith("#"):
                     prompt = row.get("prompt") if row.get("prompt") is not None else row.get("text")
                     styles[name] = PromptStyle(name, prompt or "", row.get("negative_prompt") or "")
             return styles

@@ -58,9 +58,11 @@ def test_step_i_reads_the_first_text_whose_last_step_is_at_least_i():
     assert [s[text_at(s, i)][1] for i in range(4)] == ["a", "a", "b", "a"]
 
 
-def test_heun_counts_model_calls_over_twice_the_steps_as_a1111():
-    """A1111 schedules a second-order sampler's edits over 2N (its total_steps) and counts model calls: with Heun's
-    2N - 1 calls the denoiser asks for the text of call k; the pipeline's schedule spans 2N."""
+@pytest.mark.parametrize("sampler", ["heun", "dpm2", "dpm2_a", "dpmpp_2s_a"])
+def test_second_order_samplers_count_model_calls_over_twice_the_steps_as_a1111(sampler):
+    """A1111 schedules a second-order sampler's edits over 2N (its total_steps) and counts model calls: with the
+    2N - 1 calls of Heun, DPM2, DPM2 a and DPM++ 2S a the denoiser asks for the text of call k; the pipeline's
+    schedule spans 2N."""
     from imagine.guidance import StepConditioning
     from imagine.sampling import sample
     from imagine.schedules import NoiseSchedule
@@ -68,7 +70,7 @@ def test_heun_counts_model_calls_over_twice_the_steps_as_a1111():
     asked = []
     cond = StepConditioning(lambda k: (asked.append(k), {})[1])
     sample(lambda x, t: torch.zeros_like(x), (1, 1, 2, 2), schedule=NoiseSchedule.from_config("scaled_linear"),
-           prediction_type="epsilon", sampler="heun", steps=5, cond=cond, seeds=0, progress=False)
+           prediction_type="epsilon", sampler=sampler, steps=5, cond=cond, seeds=0, progress=False)
     assert asked[1:] == list(range(9))  # (the first: check_cond's look at step 0)
     s = prompt_schedule("a [cat:dog:4] b", 2 * 10)  # 10 Heun steps: 'dog' from call 5, as A1111
     assert [s[text_at(s, k)][1] for k in range(19)].index("a dog b") == 5
@@ -129,10 +131,10 @@ def test_the_pipeline_schedules_heun_over_twice_its_steps(sd, monkeypatch):
     encode = pipe._encode_texts
     monkeypatch.setattr(pipe, "_encode_texts", lambda texts, e, lp, steps: (spans.append(steps), encode(texts, e, lp,
                                                                                                          steps))[1])
-    for sampler in ("heun", "euler"):
+    for sampler in ("heun", "euler", "DPM2 a", "dpmpp_2s_a", "lms"):
         pipe.generate("a [red:blue:2] circle", prompt_editing=True, sampler=sampler, steps=3, height=16, width=16,
                       progress=False, output_type="latent")
-    assert spans == [6, 6, 3, 3]  # (prompt and negative prompt each)
+    assert spans == [6, 6, 3, 3, 6, 6, 6, 6, 3, 3]  # (prompt and negative prompt each)
 
 
 def test_no_syntax_is_the_plain_run_and_a_row_does_not_depend_on_its_batch(sd):

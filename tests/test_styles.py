@@ -46,10 +46,14 @@ def test_the_styles_file(tmp_path):
     old = tmp_path / "old.csv"
     old.write_text("name,text\nold,in the text column\n")
     assert read_styles(old)["old"].prompt == "in the text column"  # A1111's older column name
-    bad = tmp_path / "bad.csv"
-    bad.write_text("title,prompt\nx,y\n")
-    with pytest.raises(ValueError, match="needs a header row with a 'name' column"):
-        read_styles(bad)
+    spaced = tmp_path / "spaced.csv"  # as people write them by hand; A1111 skips the spaces after commas
+    spaced.write_text('name, prompt, negative_prompt\nsharp, "highly detailed, 8k", "blurry"\n# old, x, y\n')
+    assert read_styles(spaced) == {"sharp": PromptStyle("sharp", "highly detailed, 8k", "blurry")}  # (# rows skipped)
+    for header in ("title,prompt\nx,y\n", "name,negative\nx,y\n"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(header)
+        with pytest.raises(ValueError, match="needs a header row with 'name' and 'prompt' columns"):
+            read_styles(bad)
     with pytest.raises(FileNotFoundError, match="styles file not found"):
         read_styles(tmp_path / "none.csv")
     with pytest.raises(ValueError, match="no style named 'oli'; styles: oil, sharp"):
@@ -87,6 +91,15 @@ def test_a1111_api_styles(setup):
     assert r.json()["parameters"]["prompt"] == "a red circle"  # the request as sent
     listed = httpx.get(f"{setup.url}/sdapi/v1/prompt-styles").json()
     assert [s["name"] for s in listed] == ["oil", "sharp", "quoted, name"] and listed[2]["negative_prompt"] == "lowres"
+    # the hires pass's own prompt is styled too (an empty one is the styled prompt), as A1111's
+    r = httpx.post(f"{setup.url}/sdapi/v1/txt2img", json={**BODY, "seed": 2, "styles": ["sharp"], "enable_hr": True,
+                                                          "hr_scale": 2, "hr_prompt": "a green circle", "width": 16,
+                                                          "height": 16, "denoising_strength": 0.5}, timeout=120)
+    assert r.status_code == 200, r.text
+    want = pipe.generate_hires("a red circle, highly detailed", seed=2, emphasis=True, progress=False, height=16,
+                               width=16, hires_scale=2, hires_strength=0.5,
+                               hires_prompt="a green circle, highly detailed", **KW).images[0]
+    assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
     r = httpx.post(f"{setup.url}/sdapi/v1/txt2img", json={**BODY, "styles": ["nope"]}, timeout=120)
     assert r.status_code == 422 and r.json()["field"] == "styles" and "oil, sharp" in r.json()["detail"]
 
@@ -104,6 +117,12 @@ def test_generate_cli_styles(setup, capsys):
     saved = json.loads(Image.open(out).info["imagine"])
     assert saved["prompt"] == "a red circle, oil painting, (thick brushstrokes:1.2)"
     assert saved["negative_prompt"] == "dark, blurry, photo"
+    hires = setup.tmp / "hires.png"
+    assert main([*args[:-1], str(hires), "--styles-file", str(setup.tmp / "styles.csv"), "--style", "sharp",
+                 "--height", "16", "--width", "16", "--hires-scale", "2", "--hires-prompt", "a green circle"]) == 0
+    want = setup.pipe.generate_hires("a red circle, highly detailed", seed=2, progress=False, height=16, width=16,
+                                     hires_scale=2, hires_prompt="a green circle, highly detailed", **KW).images[0]
+    assert Image.open(hires).convert("RGB").tobytes() == want.tobytes()
     assert main([*args, "--style", "oil"]) != 0
     assert "give both" in capsys.readouterr().err
     assert main([*args, "--styles-file", str(setup.tmp / "styles.csv"), "--style", "nope"]) != 0

@@ -103,6 +103,20 @@ def test_conditioning_augmentation_is_the_low_res_schedulers_add_noise(x4):
         assert torch.allclose(augment(x, level, ours.c.low_res_schedule, eps), want, atol=2e-5), level  # (float32 there)
 
 
+def test_a_picture_whose_sides_are_not_multiples_of_the_factor(x4):
+    """diffusers brings a 17 x 14 picture down to 16 x 12 (bicubic) before upscaling it: the same image here."""
+    folder, ref, ours = x4
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    picture = _picture(3, (17, 14))
+    want = ref("a red circle", image=picture, num_inference_steps=4, noise_level=20, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(1), output_type="pt").images[0].float()
+    got = ours.upscale("a red circle", picture, steps=4, noise_level=20, seed=1, sampler="ddim", guidance_scale=7.5,
+                       progress=False,
+                       output_type="latent")
+    image = ((ours.decode(got.latents)[0] + 1) / 2).clamp(0, 1)
+    assert image.shape[-2:] == (48, 64) and psnr(image, want) >= 50
+
+
 def test_one_picture_for_every_prompt_and_the_fast_mode(x4):
     folder, ref, ours = x4
     picture = _picture(5)
@@ -122,6 +136,10 @@ def test_upscaler_errors(x4, tmp_path):
         ours.generate("a red circle", steps=2, progress=False)
     with pytest.raises(ValueError, match="noise_level must be a whole number from 0 to 350"):
         ours.upscale("a", _picture(1), noise_level=351)
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a positive integer"):
+        ours.upscale("a", _picture(1), num_images_per_prompt=0)
+    with pytest.raises(ValueError, match="no prompt given"):
+        ours.upscale([], _picture(1))
     with pytest.raises(ValueError, match="pictures of one size"):
         ours.upscale(["a", "b"], [_picture(1), _picture(2, (8, 8))])
     save_diffusers_folder(tmp_path / "sd", "sd1")

@@ -466,6 +466,10 @@ def run(args) -> int:
         chosen = pick_styles(read_styles(args.styles_file), args.style)
         prompts = [apply_styles(p, "", chosen)[0] for p in prompts]
         args.negative_prompt = apply_styles("", args.negative_prompt or "", chosen)[1] or None
+        if args.hires_prompt:  # (the hires pass's own texts are styled when given, as A1111's)
+            args.hires_prompt = apply_styles(args.hires_prompt, "", chosen)[0]
+        if args.hires_negative_prompt:
+            args.hires_negative_prompt = apply_styles("", args.hires_negative_prompt, chosen)[1]
     sampler_options = parse_sampler_options(args.sampler_option) or None
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")

@@ -587,14 +587,7 @@ class TextToImagePipeline:
         (`image_guidance_gate`; False: always, as AUTOMATIC1111). It starts from noise; a strength given starts it from the
         picture as image to image does (AUTOMATIC1111's denoising strength for such models)."""
         t0 = time.time()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("no prompt given")
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be strings")
-        if (not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool)
-                or num_images_per_prompt < 1):
-            raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
+        prompts = _prompt_list(prompt, num_images_per_prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if negative_prompt is None:
             negatives = [None] * len(prompts)  # not given: "" (encoded), or zeros for SDXL (zero_empty_negative)
@@ -929,7 +922,7 @@ class TextToImagePipeline:
         """The batch of a run conditioned on pictures (`upscale`, `variations`): (prompts, negative prompts, pictures,
         seeds), each per image: one prompt or a list, a negative prompt or one per prompt, one picture or one per
         prompt, `per_prompt` images of each; seeds: `seeds`, else seed, seed + 1, ... (random where None or < 0)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _prompt_list(prompt, per_prompt)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
@@ -1304,6 +1297,18 @@ def _strength_text(strength: float | tuple[float, float]) -> str:
 def _same_strength(a, b) -> bool:
     ta, tb = ((s, s) if isinstance(s, (int, float)) else tuple(s) for s in (a, b))
     return all(abs(x - y) <= 1e-6 for x, y in zip(ta, tb))
+
+
+def _prompt_list(prompt, per_prompt) -> list[str]:
+    """One prompt or a list of them -> the list, checked, with the number of images for each."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("no prompt given")
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be strings")
+    if not isinstance(per_prompt, int) or isinstance(per_prompt, bool) or per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be a positive integer; got {per_prompt!r}")
+    return prompts
 
 
 def _two_call(sampler: str) -> bool:

@@ -13,6 +13,7 @@ VAE decode are the text-to-image pipeline's.
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
 NOISE_LEVEL = 20  # diffusers' default for SD's x4 upscaler
 
@@ -46,7 +47,9 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
     if len({im.size for im in pictures}) > 1:
         raise ValueError(f"the pictures are upscaled together: give pictures of one size (got "
                          f"{sorted({im.size for im in pictures})})")
-    w, h = pictures[0].size
+    w, h = (max(pipe.scale, side // pipe.scale * pipe.scale) for side in pictures[0].size)
+    if (w, h) != pictures[0].size:  # sides down to the VAE's factor, bicubic, as diffusers' pipeline takes them
+        pictures = [im.resize((w, h), Image.BICUBIC) for im in pictures]
     height, width = h * pipe.scale, w * pipe.scale
     pipe.check_size(height, width)
 
