@@ -703,6 +703,11 @@ _alias("dpmpp_2s_a", "dpmpp_2s_a", "DPM++ 2S a", "k_dpmpp_2s_a", "dpmpp_2s_ances
 _alias("dpmpp_2s_a", "DPM++ 2S a Karras", "dpmpp_2s_a_karras", "k_dpmpp_2s_a_karras", karras=True)
 _alias("plms", "plms", "PLMS", "pndm_plms", "PNDMScheduler")
 _alias("lcm", "lcm", "LCM", "k_lcm", "LCMScheduler")
+# AUTOMATIC1111's old names of its Karras variants (k_<sampler>_ka)
+for _name, _canonical in (("k_lms_ka", "lms"), ("k_dpm_2_ka", "dpm2"), ("k_dpm_2_a_ka", "dpm2_a"),
+                          ("k_dpmpp_2s_a_ka", "dpmpp_2s_a"), ("k_dpmpp_2m_ka", "dpmpp_2m"),
+                          ("k_dpmpp_2m_sde_ka", "dpmpp_2m_sde"), ("k_dpmpp_3m_sde_ka", "dpmpp_3m_sde")):
+    _alias(_canonical, _name, karras=True)
 
 
 def takes_eta(canonical: str) -> bool:
@@ -763,7 +768,7 @@ def resolve_sampler(name: str) -> tuple[str, Callable[..., torch.Tensor], bool]:
     if hit is None:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} "
                          f"(also AUTOMATIC1111's: DDIM, DDPM, PLMS, Euler, Euler a, Heun, LMS, DPM2, DPM2 a, "
-                         f"DPM++ 2S a, DPM++ 2M, DPM++ 2M SDE, DPM++ 3M, DPM++ 3M SDE, UniPC, LCM, their "
-                         f"'... Karras' forms, and k_euler-style names)")
+                         f"DPM++ 2S a, DPM++ 2M, DPM++ 2M SDE, DPM++ 3M, DPM++ 3M SDE, UniPC, LCM, the '... Karras' "
+                         f"forms of the k-diffusion ones and of UniPC, and k_euler-style names)")
     canonical, karras = hit
     return canonical, SAMPLERS[canonical], karras

@@ -134,6 +134,13 @@ def test_unclip_errors_and_cli(unclip, tmp_path, capsys):
         ours.generate("a red circle", steps=2, progress=False)
     with pytest.raises(ValueError, match="noise_level must be a whole number from 0 to 999"):
         ours.variations(_picture(1), noise_level=1000)
+    prior = tmp_path / "prior"
+    prior.mkdir()
+    (prior / "model_index.json").write_text(json.dumps({"_class_name": "StableUnCLIPPipeline",
+                                                        "prior": ["diffusers", "PriorTransformer"],
+                                                        "unet": ["diffusers", "UNet2DConditionModel"]}))
+    with pytest.raises(ValueError, match="text-to-image with a diffusion prior.*does not run yet"):
+        TextToImagePipeline.from_pretrained(prior)
     save_diffusers_folder(tmp_path / "sd", "sd1")
     with pytest.raises(ValueError, match="takes no image embedding"):
         TextToImagePipeline.from_pretrained(tmp_path / "sd").variations(_picture(1))

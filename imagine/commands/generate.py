@@ -137,8 +137,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="AUTOMATIC1111's styles.csv (columns name, prompt, negative_prompt)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
     p.add_argument("--sampler", default=None,
-                   help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, unipc, euler, euler_a, heun "
-                        "(A1111 names work too)")
+                   help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, unipc, euler, euler_a, heun, "
+                        "lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm (A1111 names work too)")
     p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None,
                    choices=["karras", "exponential", "polyexponential"],
                    help="noise levels' spacing (A1111's schedule type); default: the model's")
@@ -155,7 +155,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", "--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2023 guidance rescale phi (0..1)")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help="Karras sigma spacing")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM's eta (default 0: deterministic), or the noise scale of the ancestral and SDE samplers "
+                        "(euler_a, dpm2_a, dpmpp_2s_a, dpmpp_2m_sde, dpmpp_3m_sde; default 1)")
     p.add_argument("--thresholding", choices=["static", "dynamic"], default=None,
                    help="clip x0 predictions (Imagen's dynamic thresholding, or static [-R, R])")
     p.add_argument("--threshold-range", type=float, default=None,
@@ -302,15 +304,15 @@ def _picture_model_run(pipe, args, picture: dict):
     errors."""
     from imagine.pipelines.upscale import NOISE_LEVEL, is_upscaler
 
-    kind = "upscaler" if is_upscaler(pipe) else "unCLIP" if pipe.c.image_embedder is not None else None
-    if kind is None:
+    what = pipe.picture_model
+    if what is None:
         if args.noise_level is not None:
             raise ValueError("--noise-level is for super-resolution models (SD's x4 upscaler) and unCLIP decoders; "
                              "this model is neither")
         return None
-    what = "super-resolution model (SD's x4 upscaler)" if kind == "upscaler" else "unCLIP decoder (SD 2.1 unCLIP)"
+    kind = "upscaler" if is_upscaler(pipe) else "unCLIP"
     if "init_image" not in picture:
-        raise ValueError(f"{args.model} is a {what}: give the picture with --init-image")
+        raise ValueError(f"{args.model} is {what}: give the picture with --init-image")
     unused = [flag for flag, given in (("--mask", "mask_image" in picture), ("--strength", args.strength is not None),
                                        ("--controlnet", "control_image" in picture),
                                        ("--hires-scale", args.hires_scale is not None),
@@ -320,7 +322,7 @@ def _picture_model_run(pipe, args, picture: dict):
                                        ("--variation-strength", bool(args.variation_strength)),
                                        ("--refiner", bool(args.refiner))) if given]
     if unused:
-        raise ValueError(f"{', '.join(unused)}: not for a {what}")
+        raise ValueError(f"{', '.join(unused)}: not for {what}")
     image = picture.pop("init_image")
     picture.pop("strength", None)
 
@@ -328,7 +330,7 @@ def _picture_model_run(pipe, args, picture: dict):
             rho, final_step, sampler_options, emphasis, long_prompts, progress, **rest):
         other = sorted(k for k, v in rest.items() if v not in (None, False, 0, 0.0, {}))
         if other:
-            raise ValueError(f"{', '.join(other)}: not for a {what}")
+            raise ValueError(f"{', '.join(other)}: not for {what}")
         common = dict(steps=steps, guidance_scale=guidance_scale, sampler=sampler, seeds=seeds, eta=eta, karras=karras,
                       sigma_schedule=sigma_schedule, rho=rho, final_step=final_step, sampler_options=sampler_options,
                       emphasis=emphasis, long_prompts=long_prompts, progress=progress)

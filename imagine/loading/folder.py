@@ -56,6 +56,10 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
     if not (root / "model_index.json").is_file():
         raise FileNotFoundError(_not_a_model_folder(root))
     index = read_json(root / "model_index.json")
+    if index.get("prior"):  # diffusers' StableUnCLIPPipeline / UnCLIPPipeline: text -> image embedding -> image
+        raise ValueError(f"{root} is unCLIP's text-to-image with a diffusion prior ({index.get('_class_name', 'a prior')}"
+                         "), which imagine does not run yet; its image-variation form (StableUnCLIPImg2ImgPipeline "
+                         "folders: image_encoder/, image_normalizer/) loads")
     for needed in ("unet", "scheduler", "text_encoder"):
         if needed not in index:
             raise ValueError(f"{root / 'model_index.json'} has no {needed!r} entry; a text-to-image folder needs "

@@ -601,12 +601,10 @@ class TextToImagePipeline:
             negatives = [n for n in negs for _ in range(num_images_per_prompt)]
         if not all(n is None or isinstance(n, str) for n in negatives):
             raise TypeError("negative prompts must be strings (or None: not given)")
-        if self.c.low_res_schedule is not None:
-            raise ValueError(f"{self.c.source or 'this model'} is a super-resolution model (SD's x4 upscaler): it makes "
-                             "a picture larger; use upscale(prompt, image) (the CLI: --init-image PICTURE)")
-        if self.c.image_embedder is not None:
-            raise ValueError(f"{self.c.source or 'this model'} is an unCLIP decoder (SD 2.1 unCLIP): it makes variations "
-                             "of a picture; use variations(image, prompt) (the CLI: --init-image PICTURE)")
+        if self.picture_model:
+            call = "upscale(prompt, image)" if self.c.low_res_schedule is not None else "variations(image, prompt)"
+            raise ValueError(f"{self.c.source or 'this model'} is {self.picture_model}, which a picture conditions "
+                             f"throughout; use {call} (the CLI: --init-image PICTURE)")
         d = self.defaults
         steps = int(d["steps"] if steps is None else steps)
         guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
@@ -1065,6 +1063,17 @@ class TextToImagePipeline:
         """Whether the model is InstructPix2Pix's (Brooks et al. 2023): its U-Net reads the picture to edit, as
         latents beside the noisy latents (4 + 4 = 8 input channels in SD's), and follows an instruction."""
         return self.unet.config.in_channels == 2 * self.latent_channels
+
+    @property
+    def picture_model(self) -> str | None:
+        """What the model is where a picture conditions it throughout ("a super-resolution model (SD's x4
+        upscaler)", "an unCLIP decoder (SD 2.1 unCLIP)"): it runs `upscale` or `variations`, not `generate`; else
+        None."""
+        if self.c.low_res_schedule is not None:
+            return "a super-resolution model (SD's x4 upscaler)"
+        if self.c.image_embedder is not None:
+            return "an unCLIP decoder (SD 2.1 unCLIP)"
+        return None
 
     def upscale(self, prompt, image, negative_prompt=None, **kw) -> GenerationResult:
         """A super-resolution model's (SD's x4 upscaler) picture made larger as the prompt describes it:

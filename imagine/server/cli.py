@@ -124,11 +124,9 @@ def run(args) -> int:
                                                embeddings=parse_embeddings(args.embedding),
                                                controlnets=list(args.controlnet), clip_skip=args.clip_skip,
                                                refiner=args.refiner)
-    if pipe.c.low_res_schedule is not None or pipe.c.image_embedder is not None:
-        what = "a super-resolution model (SD's x4 upscaler)" if pipe.c.low_res_schedule is not None else \
-            "an unCLIP decoder (SD 2.1 unCLIP)"
-        raise ValueError(f"{args.model} is {what}, which a picture conditions throughout; imagine serve runs "
-                         "text-to-image models: use imagine generate --init-image PICTURE with it")
+    if pipe.picture_model:
+        raise ValueError(f"{args.model} is {pipe.picture_model}, which a picture conditions throughout; imagine serve "
+                         "runs text-to-image models: use imagine generate --init-image PICTURE with it")
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
     app = create_app(pipe, config, styles=styles)
     app.state.listen = not is_loopback(args.host)
