@@ -416,3 +416,29 @@ if __name__ == "__main__":  # the parity figures of docs/samplers.md: max |ours 
             err = float((ours - theirs).abs().max())
             worst_abs, worst_rel = max(worst_abs, err), max(worst_rel, err / float(theirs.abs().max()))
         print(f"{name:7s} {len(cases):3d} cases: max abs {worst_abs:.1e}, max abs / max |output| {worst_rel:.1e}")
+
+
+@pytest.mark.parametrize("sampler", ["dpm2", "dpm2_a", "dpmpp_2s_a"])
+def test_midpoint_calls_see_inpaintings_known_part(sampler):
+    """With inpainting's replacement method (mask 0: keep init), every model call, the off-grid midpoints too, sees
+    the known part as the forward process puts it at that call's level: x = a x_0 + b eps with a^2 + b^2 = 1 and one
+    eps for the whole run, though the model's guess of x_0 is neither."""
+    from imagine.sampling import sample
+    from imagine.schedules import NoiseSchedule
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 2, 4, 4, generator=g)
+    seen = []
+
+    def model(x, t):
+        seen.append(x.double().clone())
+        return torch.tanh(x.flip(-1) * 3 + t[:, None, None, None] / 500)
+
+    sample(model, (1, 2, 4, 4), schedule=NoiseSchedule.from_config("scaled_linear"), prediction_type="epsilon",
+           sampler=sampler, steps=4, seeds=0, init=x0, strength=1.0, mask=torch.zeros(1, 1, 4, 4), progress=False)
+    assert len(seen) == 7  # 4 steps, 2N - 1 calls: the midpoints are among them
+    first = seen[0]
+    basis = torch.stack([x0.double().flatten(), first.flatten()], 1)  # span{x_0, eps} = span{x_0, x_T}
+    for x in seen:
+        coef = torch.linalg.lstsq(basis, x.flatten()[:, None]).solution
+        assert float((basis @ coef - x.flatten()[:, None]).abs().max()) < 1e-5  # (float32) nothing of the guess
