@@ -154,3 +154,33 @@ def test_unclip_errors_and_cli(unclip, tmp_path, capsys):
     assert json.loads(Image.open(out).info["imagine"])["noise_level"] == 50
     assert main(["generate", "--model", str(folder), "a", "--steps", "2", "-o", str(tmp_path / "x.png")]) != 0
     assert "unCLIP decoder (SD 2.1 unCLIP): give the picture with --init-image" in capsys.readouterr().err
+
+
+def test_served_unclip_makes_openai_variations(unclip, tmp_path):
+    """An unCLIP decoder behind the server answers OpenAI's /v1/images/variations with unCLIP's own variations (the
+    picture's CLIP embedding, noise_level from the form), the pipeline's image bit for bit; other endpoints are 422
+    saying to use the variations endpoint."""
+    import base64
+    import io
+
+    import httpx
+
+    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+
+    folder, ref, ours = unclip
+    picture = _picture(8, (40, 40))
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    with BackgroundServer(create_app(ours, ServerConfig(max_width=64, max_height=64))) as srv:
+        r = httpx.post(f"{srv.url}/v1/images/variations", files={"image": ("p.png", buf.getvalue(), "image/png")},
+                       data={"n": "2", "size": "32x32", "seed": "4", "steps": "4", "noise_level": "100",
+                             "response_format": "b64_json"}, timeout=120)
+        assert r.status_code == 200, r.text
+        got = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).convert("RGB") for d in r.json()["data"]]
+        want = ours.variations(picture, ["", ""], height=32, width=32, seeds=[4, 5], steps=4, noise_level=100,
+                               long_prompts=True, progress=False).images
+        assert [g.tobytes() for g in got] == [w.tobytes() for w in want]
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "a", "steps": 2}, timeout=120)
+        assert r.status_code == 422 and "use POST /v1/images/variations" in r.text
+        r = httpx.post(f"{srv.url}/v1/images/generations", json={"prompt": "a"}, timeout=120)
+        assert r.status_code == 422 and "use POST /v1/images/variations" in r.text

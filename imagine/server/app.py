@@ -1008,6 +1008,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                              mask=None, mask_options: dict | None = None):
         """txt2img, and img2img with `inits` (one picture for every image, or one per image of a batch: then the
         batch is that many, as A1111 sets it), inpainting with `mask` (`prepare_inpainting`)."""
+        only_variations()
         init = inits[0] if inits else None
         batch_size = len(inits) if inits and len(inits) > 1 else req.batch_size
         sent = req  # (echoed in `parameters` as sent; `info` carries the texts used, as A1111's)
@@ -1462,8 +1463,16 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         data = await run_in_threadpool(encode)
         return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{s.width}x{s.height}"}
 
+    def only_variations() -> None:
+        """422 for a request other than OpenAI's variations when the model is an unCLIP decoder, which makes
+        variations of a picture and nothing else."""
+        if getattr(pipe, "picture_model", None):
+            raise ApiError(422, f"this server's model is {pipe.picture_model}: it makes variations of a picture; use "
+                                "POST /v1/images/variations")
+
     @app.post("/v1/images/generations")
     async def images_generations(req: ImageGenerationRequest, request: Request):
+        only_variations()
         if not req.prompt.strip():
             raise ApiError(422, "prompt must not be empty", "prompt")
         negative = req.negative_prompt or ""
@@ -1523,7 +1532,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         negative = fields.get("negative_prompt") or ""
         n = form_number(fields, "n", int)
         f = _size_multiple(pipe)
-        own = tuple(max(f, v // f * f) for v in (picture.height, picture.width))
+        unclip = getattr(pipe, "picture_model", None) is not None
+        if unclip and mask is not None:
+            only_variations()
+        # (an unCLIP decoder's variations are at the model's own size; image to image keeps the picture's)
+        own = (defaults["height"], defaults["width"]) if unclip else \
+            tuple(max(f, v // f * f) for v in (picture.height, picture.width))
         height, width, steps, guidance, sampler, schedule, seeds = openai_settings(
             prompt, negative, 1 if n is None else n, fields.get("size"), form_number(fields, "steps", int),
             form_number(fields, "guidance_scale"), fields.get("sampler"), form_number(fields, "seed", int), own,
@@ -1532,6 +1546,13 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         strength = (1.0 if mask is not None else strength_default) if strength is None else strength
         if not 0 < strength <= 1:
             raise ApiError(422, f"strength must be in (0, 1]; got {strength}", "strength")
+        noise_level = None
+        if unclip:  # unCLIP's variations (DALL-E 2's own kind): the picture's CLIP embedding, noised to noise_level
+            noise_level = form_number(fields, "noise_level", int)
+            noise_level = 0 if noise_level is None else noise_level
+            top = pipe.c.image_noise_schedule.num_train_timesteps - 1
+            if not 0 <= noise_level <= top:
+                raise ApiError(422, f"noise_level must be 0..{top}; got {noise_level}", "noise_level")
         k = len(seeds)
         rgb = picture.convert("RGB")
         if picture.mode == "RGBA" and mask is None:  # (what lies under transparent pixels is not the picture: white)
@@ -1539,8 +1560,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         job = Job(prompts=[prompt] * k, negative_prompts=[negative or None] * k, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, long_prompts=True,
-                                    strength=float(strength), inpainting=mask is not None,
-                                    loras=prompt_loras(prompt, negative)),
+                                    strength=None if unclip else float(strength), inpainting=mask is not None,
+                                    loras=prompt_loras(prompt, negative), noise_level=noise_level),
                   init_images=[rgb] * k, masks=None if mask is None else [mask] * k)
         return await openai_answer(request, job, prompt, negative, (rgb, mask))
 
@@ -1575,7 +1596,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     @app.post("/v1/images/variations")
     async def images_variations(request: Request):
         """OpenAI's images.create_variation: image to image from `image` with no prompt (strength 0.6; `prompt` and
-        `strength` in the form if wanted), n pictures of its kind."""
+        `strength` in the form if wanted), n pictures of its kind; with an unCLIP decoder (SD 2.1 unCLIP), unCLIP's
+        own variations, from the picture's CLIP embedding (`noise_level` in the form, default 0)."""
         fields, picture, _ = await openai_picture_form(request, "images.create_variation")
         return await openai_picture_job(request, fields, picture, None, fields.get("prompt") or "", 0.6)
 

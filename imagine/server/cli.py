@@ -124,9 +124,9 @@ def run(args) -> int:
                                                embeddings=parse_embeddings(args.embedding),
                                                controlnets=list(args.controlnet), clip_skip=args.clip_skip,
                                                refiner=args.refiner)
-    if pipe.picture_model:
+    if pipe.c.low_res_schedule is not None:  # (an unCLIP decoder serves OpenAI's variations)
         raise ValueError(f"{args.model} is {pipe.picture_model}, which a picture conditions throughout; imagine serve "
-                         "runs text-to-image models: use imagine generate --init-image PICTURE with it")
+                         "runs text-to-image models and unCLIP decoders: use imagine generate --init-image PICTURE")
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
     app = create_app(pipe, config, styles=styles)
     app.state.listen = not is_loopback(args.host)

@@ -86,6 +86,7 @@ class Settings:
     refiner_switch: float | None = None  # SDXL's refiner (the pipeline's, `serve --refiner`) after this fraction of steps
     resize_mode: str = "just_resize"  # image to image: how the pictures are brought to the size (imagine.images)
     encoded_at: tuple | None = None  # its latent upscale: the size the pictures are encoded at (jobs share it to batch)
+    noise_level: int | None = None  # an unCLIP decoder's variations of the jobs' pictures (TextToImagePipeline.variations)
     seed_resize: tuple | None = None  # A1111's seed_resize_from_h / _w, (h, w) in pixels, both > 0 (None: off)
 
 
@@ -353,7 +354,8 @@ class ModelWorker:
         negatives = [p for j in batch for p in j.negative_prompts]
         seeds = [x for j in batch for x in j.seeds]
         subseeds = [x for j in batch for x in (j.subseeds or j.seeds)] if s.subseed_strength else None
-        inits = [im for j in batch for im in (j.init_images or [])] if s.strength is not None else None
+        inits = [im for j in batch for im in (j.init_images or [])] \
+            if s.strength is not None or s.noise_level is not None else None
         masks = [m for j in batch for m in j.masks] if s.inpainting else None  # (one settings: all have them)
         controls = [[im for j in batch for im in j.control_images[u]] for u in range(len(s.controlnets))]
         offsets = dict(zip((j.id for j in batch), itertools.accumulate([0] + [len(j) for j in batch])))
@@ -398,6 +400,8 @@ class ModelWorker:
                                        control_guidance_end=ends[0] if one else ends)
                     if any(m != "balanced" for m in modes):
                         control["control_mode"] = modes
+                if s.noise_level is not None:  # unCLIP's variations of the jobs' pictures
+                    run = functools.partial(self.pipe.variations, inits[a:b], noise_level=s.noise_level)
                 with self._using_controlnets([u[0] for u in s.controlnets]):
                     res = run(prompts[a:b], negatives[a:b], seeds=seeds[a:b], steps=s.steps,
                               guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
@@ -412,7 +416,8 @@ class ModelWorker:
                                  if subseeds else {}),
                               **({"image_guidance_scale": s.image_guidance_scale, "image_guidance_gate": False}
                                  if s.image_guidance_scale is not None else {}),
-                              **({"init_image": inits[a:b], "strength": s.strength} if inits else {}),
+                              **({"init_image": inits[a:b], "strength": s.strength}
+                                 if inits and s.noise_level is None else {}),
                               **({"resize_mode": s.resize_mode} if inits and s.resize_mode != "just_resize" else {}),
                               **({"seed_resize_from_h": s.seed_resize[0], "seed_resize_from_w": s.seed_resize[1]}
                                  if s.seed_resize else {}),
