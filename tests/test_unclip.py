@@ -184,3 +184,6 @@ def test_served_unclip_makes_openai_variations(unclip, tmp_path):
         assert r.status_code == 422 and "use POST /v1/images/variations" in r.text
         r = httpx.post(f"{srv.url}/v1/images/generations", json={"prompt": "a"}, timeout=120)
         assert r.status_code == 422 and "use POST /v1/images/variations" in r.text
+        r = httpx.post(f"{srv.url}/v1/images/edits", files={"image": ("p.png", buf.getvalue(), "image/png")},
+                       data={"prompt": "a hat"}, timeout=120)
+        assert r.status_code == 422 and "use POST /v1/images/variations" in r.text

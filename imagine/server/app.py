@@ -1532,9 +1532,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         negative = fields.get("negative_prompt") or ""
         n = form_number(fields, "n", int)
         f = _size_multiple(pipe)
-        unclip = getattr(pipe, "picture_model", None) is not None
-        if unclip and mask is not None:
-            only_variations()
+        unclip = getattr(pipe, "picture_model", None) is not None  # (variations only: edits are refused before)
         # (an unCLIP decoder's variations are at the model's own size; image to image keeps the picture's)
         own = (defaults["height"], defaults["width"]) if unclip else \
             tuple(max(f, v // f * f) for v in (picture.height, picture.width))
@@ -1572,6 +1570,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         one, the picture's own fully transparent pixels, as DALL-E 2 reads them; a picture with none is redrawn
         whole by image to image (strength 0.75, A1111's default; `strength` in the form). Ours, as form fields:
         negative_prompt, seed, steps, guidance_scale, sampler, strength."""
+        only_variations()
         fields, picture, mask_picture = await openai_picture_form(request, "images.edit")
         prompt = fields.get("prompt") or ""
         if not prompt.strip():
