@@ -583,6 +583,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     title = f"{name} [{fingerprint[:10]}]"
     version = imagine.__version__
     defaults = _model_defaults(pipe, samplers)
+    unclip_model = getattr(getattr(pipe, "c", None), "image_embedder", None) is not None  # (SD 2.1 unCLIP)
     # CLIP layers skipped at load (imagine serve --clip-skip; diffusers' numbering, A1111's is 1 + it)
     clip_skip = int(getattr(getattr(pipe, "text_encoder", None), "clip_skip", 0) or 0)
     vae_source = str(getattr(getattr(pipe, "c", None), "vae_source", "") or "")
@@ -1465,10 +1466,13 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     def only_variations() -> None:
         """422 for a request other than OpenAI's variations when the model is an unCLIP decoder, which makes
-        variations of a picture and nothing else."""
-        if getattr(pipe, "picture_model", None):
-            raise ApiError(422, f"this server's model is {pipe.picture_model}: it makes variations of a picture; use "
-                                "POST /v1/images/variations")
+        variations of a picture and nothing else (or another model a picture conditions throughout, which no
+        endpoint serves)."""
+        what = getattr(pipe, "picture_model", None)
+        if what:
+            hint = ("it makes variations of a picture; use POST /v1/images/variations" if unclip_model else
+                    "no endpoint of this server runs it; serve a text-to-image model")
+            raise ApiError(422, f"this server's model is {what}: {hint}")
 
     @app.post("/v1/images/generations")
     async def images_generations(req: ImageGenerationRequest, request: Request):
@@ -1532,7 +1536,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         negative = fields.get("negative_prompt") or ""
         n = form_number(fields, "n", int)
         f = _size_multiple(pipe)
-        unclip = getattr(pipe, "picture_model", None) is not None  # (variations only: edits are refused before)
+        unclip = unclip_model  # (variations only: edits are refused before)
         # (an unCLIP decoder's variations are at the model's own size; image to image keeps the picture's)
         own = (defaults["height"], defaults["width"]) if unclip else \
             tuple(max(f, v // f * f) for v in (picture.height, picture.width))
