@@ -76,6 +76,12 @@ def augment(x: torch.Tensor, level: int, schedule, noise: torch.Tensor) -> torch
     return q_sample(x, torch.full((x.shape[0],), int(level)), schedule, noise)
 
 
+def check_level(level, top: int, hint: str = "") -> None:
+    """An augmentation's noise level must be a whole number from 0 to `top`: else a ValueError saying so."""
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= top:
+        raise ValueError(f"noise_level must be a whole number from 0 to {top}{hint}; got {level!r}")
+
+
 # -- prediction types ----------------------------------------------------------------------------
 def velocity(x0: torch.Tensor, eps: torch.Tensor, alphas_cumprod_t) -> torch.Tensor:
     """v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, the velocity of x_t on the alpha-sigma circle)."""

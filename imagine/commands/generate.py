@@ -302,7 +302,7 @@ def _picture_model_run(pipe, args, picture: dict):
     models: a super-resolution model (SD's x4 upscaler) makes --init-image larger (`TextToImagePipeline.upscale`),
     an unCLIP decoder (SD 2.1 unCLIP) makes variations of it (`variations`). Options they have no use for are
     errors."""
-    from imagine.pipelines.upscale import NOISE_LEVEL, is_upscaler
+    from imagine.pipelines.upscale import NOISE_LEVEL
 
     what = pipe.picture_model
     if what is None:
@@ -310,7 +310,7 @@ def _picture_model_run(pipe, args, picture: dict):
             raise ValueError("--noise-level is for super-resolution models (SD's x4 upscaler) and unCLIP decoders; "
                              "this model is neither")
         return None
-    kind = "upscaler" if is_upscaler(pipe) else "unCLIP"
+    kind = "upscaler" if pipe.c.low_res_schedule is not None else "unCLIP"
     if "init_image" not in picture:
         raise ValueError(f"{args.model} is {what}: give the picture with --init-image")
     unused = [flag for flag, given in (("--mask", "mask_image" in picture), ("--strength", args.strength is not None),

@@ -117,9 +117,8 @@ def update(w: dict[str, torch.Tensor]) -> torch.Tensor:
     Rows are the output channels; the shape is the product's own (the caller reshapes to the weight's)."""
     if "lora_down" in w:
         up, down = w["lora_up"], w["lora_down"]
-        if "lora_mid" in w:
-            return torch.einsum("nmkl,in,mj->ijkl", w["lora_mid"], up.reshape(up.shape[0], -1),
-                                down.reshape(down.shape[0], -1))
+        if "lora_mid" in w:  # (the same Tucker form as LoHa's and LoKr's, its 1x1 maps stored as convolutions)
+            return make_weight_cp(w["lora_mid"], up.reshape(up.shape[0], -1).T, down.reshape(down.shape[0], -1))
         return _low_rank(up, down)
     if "hada_w1_a" in w:
         halves = []

@@ -481,7 +481,7 @@ class TextToImagePipeline:
         """The image's (height, width) for generate's height / width: with neither given, `picture`'s size (the
         first init or control picture) to the VAE's factor; a side still not given is the model's own."""
         if picture is not None and height is None and width is None:  # the picture's size, to the VAE's factor
-            height, width = (max(self.scale, v // self.scale * self.scale) for v in (picture.height, picture.width))
+            width, height = self.factor_size(picture)
         sample = self.unet.config.sample_size or 64
         sample_h, sample_w = (sample[0], sample[-1]) if isinstance(sample, (tuple, list)) else (sample, sample)
         d = self.defaults
@@ -736,7 +736,7 @@ class TextToImagePipeline:
             elif latent_upscale:  # A1111's "Just resize (latent upscale)": the picture encoded at its own size (sides
                 # not multiples of the VAE's factor: stretched to the multiple below, which the VAE takes), its latents
                 # resized bilinearly
-                init = torch.nn.functional.interpolate(self.encode_images(inits, *self.latent_upscale_size(inits[0]),
+                init = torch.nn.functional.interpolate(self.encode_images(inits, *self.factor_size(inits[0]),
                                                                           generators),
                                                        size=shape[2:], mode="bilinear", align_corners=False)
             else:
@@ -978,7 +978,7 @@ class TextToImagePipeline:
         """resize_mode must be one of RESIZE_MODES, and other than "just_resize" only with init pictures;
         "latent_upscale" (True) is image to image's only: not for a mask, an inpainting or instruct-pix2pix model
         (A1111 runs it only where the picture is encoded alone), and its pictures must share one size (they are
-        encoded together, at `latent_upscale_size`)."""
+        encoded together, at `factor_size`)."""
         if mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}; got {mode!r}")
         if mode != "just_resize" and inits is None:
@@ -994,9 +994,9 @@ class TextToImagePipeline:
                              f"(got {sorted({im.size for im in inits})})")
         return True
 
-    def latent_upscale_size(self, picture: Image.Image) -> tuple[int, int]:
-        """(width, height) a picture is encoded at under "latent_upscale": its own, each side down to the VAE's factor
-        (which the VAE needs)."""
+    def factor_size(self, picture: Image.Image) -> tuple[int, int]:
+        """A picture's (width, height), each side down to the VAE's factor (at least one factor): the size it is
+        encoded at where its own is kept (generate's default size, "latent_upscale", the x4 upscaler's input)."""
         return tuple(max(self.scale, side // self.scale * self.scale) for side in picture.size)
 
     def _init_images(self, init_image, n_prompts: int, per_prompt: int, name: str = "init_image",

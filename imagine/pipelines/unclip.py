@@ -44,15 +44,14 @@ def variations(pipe, image, prompt: str | list[str] = "", negative_prompt: str |
     start noise, as diffusers' pipeline draws them for one image (for a batch diffusers draws one embedding noise
     for all; here each image has its own, so an image does not depend on its batch). The other options are
     generate's."""
+    from imagine.diffusion import check_level
     from imagine.sampling import PerSampleNoise
 
     embedder, schedule = pipe.c.image_embedder, pipe.c.image_noise_schedule
     if embedder is None:
         raise ValueError(f"{pipe.c.source or 'this model'} takes no image embedding (an unCLIP model, e.g. SD 2.1 "
                          "unCLIP, has image_encoder/ and image_normalizer/); use generate()")
-    top = schedule.num_train_timesteps - 1
-    if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
-        raise ValueError(f"noise_level must be a whole number from 0 to {top}; got {noise_level!r}")
+    check_level(noise_level, schedule.num_train_timesteps - 1)
     prompts, negatives, pictures, seeds = pipe._picture_batch(prompt, negative_prompt, image, num_images_per_prompt,
                                                               seed, seeds)
     height, width = pipe.output_size(height, width, None)

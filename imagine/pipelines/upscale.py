@@ -31,23 +31,20 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
     sampler_options): as for generate, the model's defaults where not given. Each image's generator
     (its seed) draws the picture's noise first, then the start noise, as diffusers' pipeline draws them. Returns a
     GenerationResult whose images are `pipe.scale` times the picture's size."""
-    from imagine.diffusion import augment
+    from imagine.diffusion import augment, check_level
     from imagine.sampling import PerSampleNoise
 
     schedule = pipe.c.low_res_schedule
     if schedule is None:
         raise ValueError(f"{pipe.c.source or 'this model'} is not a super-resolution model (SD's x4 upscaler: a "
                          "U-Net reading the picture beside its latents, and a low_res_scheduler); use generate()")
-    top = int(pipe.defaults.get("max_noise_level", 350))
-    if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
-        raise ValueError(f"noise_level must be a whole number from 0 to {top} (this model's max_noise_level); "
-                         f"got {noise_level!r}")
+    check_level(noise_level, int(pipe.defaults.get("max_noise_level", 350)), " (this model's max_noise_level)")
     prompts, negatives, pictures, seeds = pipe._picture_batch(prompt, negative_prompt, image, num_images_per_prompt,
                                                               seed, seeds)
     if len({im.size for im in pictures}) > 1:
         raise ValueError(f"the pictures are upscaled together: give pictures of one size (got "
                          f"{sorted({im.size for im in pictures})})")
-    w, h = (max(pipe.scale, side // pipe.scale * pipe.scale) for side in pictures[0].size)
+    w, h = pipe.factor_size(pictures[0])
     if (w, h) != pictures[0].size:  # sides down to the VAE's factor, bicubic, as diffusers' pipeline takes them
         pictures = [im.resize((w, h), Image.BICUBIC) for im in pictures]
     height, width = h * pipe.scale, w * pipe.scale
@@ -66,8 +63,4 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
                              callback=callback, progress=progress, output_type=output_type, noise_level=noise_level,
                              upscaled_from=f"{w}x{h}")
 
-
-def is_upscaler(pipe) -> bool:
-    """Whether a pipeline's model is a super-resolution stage (see `upscale`)."""
-    return getattr(pipe.c, "low_res_schedule", None) is not None
 

@@ -37,6 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imagine import preprocessors
+from imagine.diffusion import check_level
 from imagine.images import RESIZE_MODES, controlnet_unit_text, fit_picture
 from imagine.samplers import A1111_SAMPLERS  # AUTOMATIC1111's labels of our samplers
 from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
@@ -1104,7 +1105,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if inits is not None and hasattr(pipe, "check_resize_mode"):
             try:
                 if pipe.check_resize_mode(resize_mode, inits, None if mask is None else [mask]):
-                    encoded_at = pipe.latent_upscale_size(inits[0])
+                    encoded_at = pipe.factor_size(inits[0])
             except ValueError as e:
                 raise ApiError(422, f"resize_mode {getattr(req, 'resize_mode', 0)}: {e}", "resize_mode") from None
         if encoded_at is not None and (encoded_at[0] > cfg.max_width or encoded_at[1] > cfg.max_height):
@@ -1552,9 +1553,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if unclip:  # unCLIP's variations (DALL-E 2's own kind): the picture's CLIP embedding, noised to noise_level
             noise_level = form_number(fields, "noise_level", int)
             noise_level = 0 if noise_level is None else noise_level
-            top = pipe.c.image_noise_schedule.num_train_timesteps - 1
-            if not 0 <= noise_level <= top:
-                raise ApiError(422, f"noise_level must be 0..{top}; got {noise_level}", "noise_level")
+            try:
+                check_level(noise_level, pipe.c.image_noise_schedule.num_train_timesteps - 1)
+            except ValueError as e:
+                raise ApiError(422, str(e), "noise_level") from None
         k = len(seeds)
         rgb = picture.convert("RGB")
         if picture.mode == "RGBA" and mask is None:  # (what lies under transparent pixels is not the picture: white)
