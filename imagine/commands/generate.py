@@ -460,6 +460,13 @@ def run(args) -> int:
     from imagine.pipelines.text_to_image import MAX_SEED, TextToImagePipeline
 
     prompts = _prompts(args)
+    seed_resize = {}  # (read before the model loads: a bad value fails fast)
+    if args.seed_resize_from:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", args.seed_resize_from)
+        if not m or 0 in (int(m[1]), int(m[2])):
+            raise ValueError(f"--seed-resize-from must be WIDTHxHEIGHT in pixels, e.g. 512x512; got "
+                             f"{args.seed_resize_from!r}")
+        seed_resize = {"seed_resize_from_w": int(m[1]), "seed_resize_from_h": int(m[2])}
     if args.style or args.styles_file:  # A1111's prompt styles, merged into every prompt and the negative prompt
         from imagine.styles import apply_styles, pick_styles, read_styles
 
@@ -577,13 +584,6 @@ def run(args) -> int:
         raise ValueError(f"--variation-strength must be in [0, 1]; got {args.variation_strength}")
     variation = (random.randint(0, MAX_SEED) if args.variation_seed is None or args.variation_seed < 0
                  else args.variation_seed)
-    seed_resize = {}
-    if args.seed_resize_from:
-        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", args.seed_resize_from)
-        if not m or 0 in (int(m[1]), int(m[2])):
-            raise ValueError(f"--seed-resize-from must be WIDTHxHEIGHT in pixels, e.g. 512x512; got "
-                             f"{args.seed_resize_from!r}")
-        seed_resize = {"seed_resize_from_w": int(m[1]), "seed_resize_from_h": int(m[2])}
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start:start + args.batch_size]
         seeds = [(base + start + k) % (MAX_SEED + 1) for k in range(len(chunk))]

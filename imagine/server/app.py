@@ -1537,9 +1537,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         negative = fields.get("negative_prompt") or ""
         n = form_number(fields, "n", int)
         f = _size_multiple(pipe)
-        unclip = unclip_model  # (variations only: edits are refused before)
-        # (an unCLIP decoder's variations are at the model's own size; image to image keeps the picture's)
-        own = (defaults["height"], defaults["width"]) if unclip else \
+        # (an unCLIP decoder's variations, the only job it takes, are at the model's own size; image to image keeps
+        # the picture's)
+        own = (defaults["height"], defaults["width"]) if unclip_model else \
             tuple(max(f, v // f * f) for v in (picture.height, picture.width))
         height, width, steps, guidance, sampler, schedule, seeds = openai_settings(
             prompt, negative, 1 if n is None else n, fields.get("size"), form_number(fields, "steps", int),
@@ -1550,7 +1550,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if not 0 < strength <= 1:
             raise ApiError(422, f"strength must be in (0, 1]; got {strength}", "strength")
         noise_level = None
-        if unclip:  # unCLIP's variations (DALL-E 2's own kind): the picture's CLIP embedding, noised to noise_level
+        if unclip_model:  # unCLIP's variations (DALL-E 2's own kind): the picture's CLIP embedding, noised to noise_level
             noise_level = form_number(fields, "noise_level", int)
             noise_level = 0 if noise_level is None else noise_level
             try:
@@ -1564,7 +1564,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         job = Job(prompts=[prompt] * k, negative_prompts=[negative or None] * k, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, long_prompts=True,
-                                    strength=None if unclip else float(strength), inpainting=mask is not None,
+                                    strength=None if unclip_model else float(strength), inpainting=mask is not None,
                                     loras=prompt_loras(prompt, negative), noise_level=noise_level),
                   init_images=[rgb] * k, masks=None if mask is None else [mask] * k)
         return await openai_answer(request, job, prompt, negative, (rgb, mask))
