@@ -50,8 +50,38 @@ def _noise(noise, x: torch.Tensor) -> torch.Tensor:
     return torch.randn_like(x) if noise is None else noise(x)
 
 
+SDE_NOISES = ("brownian", "independent")
+
+
+def _increments(noise, x: torch.Tensor, plan: SamplingPlan, sde_noise: str):
+    """The SDE samplers' noise z(sigma, sigma_next) for a step from sigma to sigma_next: with sde_noise "brownian" the
+    normalized increment of each sample's Brownian path between the two levels (imagine.brownian: the paths of
+    `noise.brownian` when `sample` made the noise, else paths seeded from torch's global generator over the plan's
+    levels), with "independent" a fresh standard normal draw per call (diffusers' multistep SDE schedulers)."""
+    if sde_noise not in SDE_NOISES:
+        raise ValueError(f"sde_noise must be one of {', '.join(map(repr, SDE_NOISES))}; got {sde_noise!r}")
+    if sde_noise == "independent":
+        return lambda s, s_next: _noise(noise, x)
+    paths = []  # built at the first increment (a run that never adds noise needs none)
+
+    def z(s: float, s_next: float) -> torch.Tensor:
+        if not paths:
+            levels = [v for v in plan.sigmas.tolist() if v > 0]
+            levels = (min(levels), max(levels))
+            if getattr(noise, "brownian", None) is not None:
+                paths.append(noise.brownian(x, levels))
+            else:
+                from imagine.brownian import BrownianTreeNoise, tree_seeds
+
+                paths.append(BrownianTreeNoise(tree_seeds(x.shape[0]), x.shape[1:], *levels))
+        return paths[0](s, s_next).to(device=x.device, dtype=x.dtype)
+
+    return z
+
+
 # the samplers with a noise scale eta (see takes_eta)
-_ETA_SAMPLERS = ("ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_2m_sde", "dpmpp_3m_sde")
+_ETA_SAMPLERS = ("ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
+                 "dpmpp_3m_sde")
 
 
 def _deterministic(name: str, eta) -> None:
@@ -349,6 +379,58 @@ def sample_dpmpp_2s_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingP
     return _ve_to_vp(x, sigmas[-1], dtype)
 
 
+def sample_dpmpp_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                     progress: bool = True, r: float = 0.5, sde_noise: str = "brownian") -> torch.Tensor:
+    """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde, A1111's "DPM++ SDE", diffusers' DPMSolverSDEScheduler): Lu
+    et al. 2022 ("DPM-Solver++"), Algorithm 1 (singlestep, 2nd order) on the reverse SDE, each of its two substeps
+    an ancestral one. In VE space with lambda = -log sigma, h = lambda_next - lambda, sigma_r = sigma e^{-r h}:
+        u = (sd_1 / sigma) x + (1 - sd_1 / sigma) D(x; sigma) + su_1 z(sigma, sigma_r),
+        x_next = (sd_2 / sigma) x + (1 - sd_2 / sigma) ((1 - 1/(2r)) D(x; sigma) + 1/(2r) D(u; sigma_r)) + su_2 z(sigma, sigma_next)
+    where (sd_k, su_k) split the substep to sigma_r (k = 1) or sigma_next (k = 2) into a deterministic part and fresh
+    noise as Euler ancestral does (eta scales it; eta = 0 is DPM-Solver++(2S) with ratio r), and z(a, b) the
+    normalized increment of the sample's noise between the two levels: both substeps start at sigma, so with
+    sde_noise "brownian" (A1111's and diffusers') their noises are one Brownian path's, correlated as the SDE
+    needs. r in (0, 1]: where in log sigma the midpoint lies (1/2, the default, is A1111's and diffusers'). The last
+    step (to sigma = 0) is Euler, x_0 = D(x). 2N - 1 model calls."""
+    eta = _eta("dpmpp_sde", eta, 1.0)
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+        raise ValueError(f"r (the midpoint's place in log sigma) must be in (0, 1]; got {r!r}")
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    z = _increments(noise, x, plan, sde_noise) if eta > 0 else None
+    x = _vp_to_ve(x, sigmas[0])
+    for i in _steps(plan, progress, "dpmpp_sde"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i)
+        _report(callback, plan, i, x_t, denoised)
+        if s_next == 0:
+            x = denoised.double()  # Euler to sigma = 0: x + (0 - sigma) (x - D) / sigma
+            break
+        s_mid = s * math.exp(-r * math.log(s / s_next))
+        s_down, s_up = _ancestral_step(s, s_mid, eta)
+        u = (s_down / s) * x + (1 - s_down / s) * denoised
+        at, at_mid, at_next = _float32_levels(s, s_next, r)
+        if s_up > 0:
+            u = u + s_up * z(at, at_mid).double()
+        denoised_mid = denoise.at_sigma(_ve_to_vp(u, s_mid, dtype), s_mid, i)
+        s_down, s_up = _ancestral_step(s, s_next, eta)
+        d = (1 - 1 / (2 * r)) * denoised + (1 / (2 * r)) * denoised_mid
+        x = (s_down / s) * x + (1 - s_down / s) * d
+        if s_up > 0:
+            x = x + s_up * z(at, at_next).double()
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def _float32_levels(s: float, s_next: float, r: float) -> tuple[float, float, float]:
+    # The levels at which k-diffusion's DPM++ SDE (and diffusers' copy) reads its Brownian path: sigma, the midpoint
+    # and sigma_next taken through lambda = -log sigma in float32, sigma_fn(t_fn(sigma)), sigma_fn(t + r h) and
+    # sigma_fn(t_fn(sigma_next)). The round trip moves a level by an ulp, which can move the path's increment by
+    # ~1e-3 (near a point the tree has already been split at); reading it where they do gives their noise, hence
+    # their image for a seed.
+    t, t_next = -torch.tensor([s, s_next], dtype=torch.float32).log()
+    return float((-t).exp()), float((-(t + (t_next - t) * r)).exp()), float((-t_next).exp())
+
+
 # -- PLMS (Liu et al. 2022) and LCM (Luo et al. 2023) ----------------------------------------------------
 def sample_plms(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
                 progress: bool = True) -> torch.Tensor:
@@ -417,9 +499,11 @@ def sample_lcm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=N
 
 
 # -- DPM-Solver++ (Lu et al. 2022) -----------------------------------------------------------------------
-def _dpm_solver_pp_2m(denoise, x, plan, *, eta, noise, callback, progress, name, s_tmin=0.0, s_tmax=math.inf):
+def _dpm_solver_pp_2m(denoise, x, plan, *, eta, noise, callback, progress, name, s_tmin=0.0, s_tmax=math.inf,
+                      solver_type="midpoint", sde_noise="brownian"):
     # VP quantities: alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma alpha, lambda = log(alpha/sigma_vp) = -log sigma
     sigmas = plan.sigmas.tolist()
+    z = _increments(noise, x, plan, sde_noise) if eta > 0 else None
     old_denoised, h_last = None, None
     for i in _steps(plan, progress, name):
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -432,17 +516,19 @@ def _dpm_solver_pp_2m(denoise, x, plan, *, eta, noise, callback, progress, name,
         alpha_next = 1.0 / math.sqrt(1.0 + s_next**2)
         h = math.log(s / s_next)  # lambda_next - lambda
         eta_i = eta if s_tmin <= s <= s_tmax else 0.0  # Karras et al. 2022, Alg. 2: noise only within [S_tmin, S_tmax]
-        if old_denoised is None:
-            D = denoised  # first step: DPM-Solver++(1), i.e. DDIM
-        else:
-            r = h_last / h  # Lu et al. 2022 (DPM-Solver++), Algorithm 2: multistep 2nd order
-            D = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-        # x_next = (sigma_next/sigma) e^{-eta h} x + alpha_next (1 - e^{-(1+eta) h}) D + sigma_next sqrt(1 - e^{-2 eta h}) z
-        # (eta = 0: the ODE solver, eq. 9; eta = 1: the SDE solver of Lu et al. 2022, sec. 4 / appendix)
+        h_eta = (1 + eta_i) * h
+        # x_next = (sigma_next/sigma) e^{-eta h} x + alpha_next (1 - e^{-h_eta}) x0 + alpha_next c D1 + sigma_next sqrt(1 - e^{-2 eta h}) z
+        # with D1 = (x0 - x0_prev) / r, r = h_prev / h (Lu et al. 2022, DPM-Solver++ Algorithm 2: multistep 2nd order;
+        # none on the first step, DPM-Solver++(1), i.e. DDIM); c = (1 - e^{-h_eta}) / 2 by the midpoint rule, or
+        # e^{-h_eta}-weighted exactly, (e^{-h_eta} - 1)/h_eta + 1, by the "heun" rule (k-diffusion's and diffusers'
+        # solver_type). eta = 0: the ODE solver, eq. 9; eta = 1: the SDE solver of Lu et al. 2022, sec. 4 / appendix.
         ratio = (s_next * alpha_next) / (s / math.sqrt(1.0 + s**2))
-        x = (ratio * math.exp(-eta_i * h)) * x + (alpha_next * -math.expm1(-(1 + eta_i) * h)) * D
+        x = (ratio * math.exp(-eta_i * h)) * x + (alpha_next * -math.expm1(-h_eta)) * denoised
+        if old_denoised is not None:
+            c = -0.5 * math.expm1(-h_eta) if solver_type == "midpoint" else math.expm1(-h_eta) / h_eta + 1
+            x = x + (alpha_next * c * h / h_last) * (denoised - old_denoised)
         if eta_i > 0:
-            x = x + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * eta_i * h))) * _noise(noise, x)
+            x = x + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * eta_i * h))) * z(s, s_next)
         old_denoised, h_last = denoised, h
     return x
 
@@ -458,24 +544,41 @@ def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, no
 
 
 def sample_dpmpp_2m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
-                        callback=None, progress: bool = True, s_tmin: float = 0.0,
-                        s_tmax: float = math.inf) -> torch.Tensor:
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 4 and appendix; diffusers' "sde-dpmsolver++" with the
-    midpoint correction): the same 2nd-order data prediction on the reverse SDE, adding fresh noise of
-    variance sigma_next^2 (1 - e^{-2h}) each step; eta in [0, 1] blends to the ODE (eta = 0). s_tmin, s_tmax:
-    the band of noise levels that get noise (Karras et al. 2022, Alg. 2's S_tmin/S_tmax); outside it the step
-    is the ODE's (A1111 exposes the same two settings)."""
+                        callback=None, progress: bool = True, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                        sde_noise: str = "brownian") -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 4 and appendix; k-diffusion's sample_dpmpp_2m_sde, diffusers'
+    "sde-dpmsolver++" with the midpoint correction): the same 2nd-order data prediction on the reverse SDE, adding
+    noise of variance sigma_next^2 (1 - e^{-2h}) each step; eta in [0, 1] blends to the ODE (eta = 0). s_tmin,
+    s_tmax: the band of noise levels that get noise (Karras et al. 2022, Alg. 2's S_tmin/S_tmax); outside it the
+    step is the ODE's (A1111 exposes the same two settings). sde_noise: "brownian" (each sample's Brownian path,
+    as A1111 and ComfyUI draw it; imagine.brownian) or "independent" (a fresh draw per step, as diffusers)."""
     eta = _eta("dpmpp_2m_sde", eta, 1.0)
     _check_band(s_tmin, s_tmax)
     return _dpm_solver_pp_2m(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
-                             name="dpmpp_2m_sde", s_tmin=float(s_tmin), s_tmax=float(s_tmax))
+                             name="dpmpp_2m_sde", s_tmin=float(s_tmin), s_tmax=float(s_tmax), sde_noise=sde_noise)
 
 
-def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name, s_tmin=0.0, s_tmax=math.inf):
+def sample_dpmpp_2m_sde_heun(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                             callback=None, progress: bool = True, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                             sde_noise: str = "brownian") -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) with the "heun" correction (k-diffusion's solver_type='heun', A1111's "DPM++ 2M SDE
+    Heun", diffusers' solver_type="heun"): the previous x_0's difference weighted by its exact integral against
+    e^{-h_eta (1 - tau)}, (e^{-h_eta} - 1)/h_eta + 1, instead of the midpoint rule's (1 - e^{-h_eta})/2. One model
+    call a step; options as dpmpp_2m_sde."""
+    eta = _eta("dpmpp_2m_sde_heun", eta, 1.0)
+    _check_band(s_tmin, s_tmax)
+    return _dpm_solver_pp_2m(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
+                             name="dpmpp_2m_sde_heun", s_tmin=float(s_tmin), s_tmax=float(s_tmax),
+                             solver_type="heun", sde_noise=sde_noise)
+
+
+def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name, s_tmin=0.0, s_tmax=math.inf,
+                      sde_noise="brownian"):
     # The 3rd-order multistep data-prediction solver on the ODE (eta = 0) or the reverse SDE (eta = 1): the
     # Taylor terms of x_0(lambda) integrated exactly against the weight (1 + eta) e^{-(1 + eta)(lambda_next -
     # lambda)}, so every phi below is the ODE's with h replaced by h_eta = (1 + eta) h.
     sigmas, n = plan.sigmas.tolist(), _steps_to_zero(plan)
+    z = _increments(noise, x, plan, sde_noise) if eta > 0 else None
     ms, hs = [], []  # the x_0 history (newest last) and the step lengths in lambda between them
     for i in _steps(plan, progress, name):
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -507,7 +610,7 @@ def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name,
                 x = x + (alpha_next * (em1 / h_eta + 1.0)) * d1 \
                       - (alpha_next * ((em1 + h_eta) / h_eta**2 - 0.5)) * d2
         if eta_i > 0:
-            x = x + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * eta_i * h))) * _noise(noise, x)
+            x = x + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * eta_i * h))) * z(s, s_next)
         hs = (hs + [h])[-2:]
     return x
 
@@ -528,22 +631,21 @@ def sample_dpmpp_3m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, no
 
 
 def sample_dpmpp_3m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
-                        callback=None, progress: bool = True, s_tmin: float = 0.0,
-                        s_tmax: float = math.inf) -> torch.Tensor:
+                        callback=None, progress: bool = True, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                        sde_noise: str = "brownian") -> torch.Tensor:
     """SDE-DPM-Solver++(3M) (Lu et al. 2022, sec. 4 and appendix; k-diffusion's sample_dpmpp_3m_sde, A1111's
-    "DPM++ 3M SDE"): the 3M solver on the reverse SDE, whose data-prediction solution weights x_0(lambda) by
+    "DPM++ 3M SDE", with diffusers' warm-up: see docs/samplers.md): the 3M solver on the reverse SDE, whose data-prediction solution weights x_0(lambda) by
     (1 + eta) e^{-(1 + eta)(lambda_next - lambda)}: with h_eta = (1 + eta) h,
         x_next = (sigma_next/sigma) e^{-eta h} x + alpha_next (1 - e^{-h_eta}) m0 + alpha_next phi_2 D1
                  + alpha_next ((1 - e^{-h_eta})/h_eta^2 - 1/h_eta + 1/2) D2 + sigma_next sqrt(1 - e^{-2 eta h}) z,
     phi_2 = (e^{-h_eta} - 1)/h_eta + 1; eta = 0 is DPM-Solver++(3M). Fresh noise forgets the error of the start
     sample (e.g. under a schedule whose terminal SNR is not zero) as an ODE solver cannot. diffusers' third-order
     sde-dpmsolver++ (0.42) has -1/2 where the integral gives +1/2 in the D2 weight (its weight tends to -1, not
-    0, as h -> 0); the parity test corrects that one term. s_tmin, s_tmax: the band of noise levels that get
-    noise, as for dpmpp_2m_sde."""
+    0, as h -> 0); the parity test corrects that one term. s_tmin, s_tmax, sde_noise: as for dpmpp_2m_sde."""
     eta = _eta("dpmpp_3m_sde", eta, 1.0)
     _check_band(s_tmin, s_tmax)
     return _dpm_solver_pp_3m(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
-                             name="dpmpp_3m_sde", s_tmin=float(s_tmin), s_tmax=float(s_tmax))
+                             name="dpmpp_3m_sde", s_tmin=float(s_tmin), s_tmax=float(s_tmax), sde_noise=sde_noise)
 
 
 def sample_unipc(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
@@ -638,6 +740,8 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
+    "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_3m": sample_dpmpp_3m,
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "unipc": sample_unipc,
@@ -653,8 +757,9 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 # the samplers that evaluate the model twice a step (once on the last, to sigma = 0): AUTOMATIC1111 counts their
 # prompt-editing steps (and ControlNet windows) in model calls, 2N - 1 of them
-TWO_CALL_SAMPLERS = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a")
+TWO_CALL_SAMPLERS = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde")
 TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmpp_2m_sde": "dpm_solver",
+                 "dpmpp_2m_sde_heun": "dpm_solver", "dpmpp_sde": "karras",
                  "dpmpp_3m": "dpm_solver", "dpmpp_3m_sde": "dpm_solver", "unipc": "dpm_solver",
                  "euler": "karras", "euler_a": "karras", "heun": "karras", "lms": "karras", "dpm2": "karras",
                  "dpm2_a": "karras", "dpmpp_2s_a": "karras", "plms": "ddim", "lcm": "lcm"}
@@ -680,6 +785,11 @@ _alias("dpmpp_2m", "dpmpp_2m", "DPM++ 2M", "k_dpmpp_2m", "dpmsolver++", "DPMSolv
 _alias("dpmpp_2m", "DPM++ 2M Karras", "dpmpp_2m_karras", "k_dpmpp_2m_karras", karras=True)
 _alias("dpmpp_2m_sde", "dpmpp_2m_sde", "DPM++ 2M SDE", "k_dpmpp_2m_sde", "sde-dpmsolver++")
 _alias("dpmpp_2m_sde", "DPM++ 2M SDE Karras", "dpmpp_2m_sde_karras", "k_dpmpp_2m_sde_karras", karras=True)
+_alias("dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun", "DPM++ 2M SDE Heun", "k_dpmpp_2m_sde_heun")
+_alias("dpmpp_2m_sde_heun", "DPM++ 2M SDE Heun Karras", "dpmpp_2m_sde_heun_karras", "k_dpmpp_2m_sde_heun_karras",
+       karras=True)
+_alias("dpmpp_sde", "dpmpp_sde", "DPM++ SDE", "k_dpmpp_sde", "DPMSolverSDEScheduler")
+_alias("dpmpp_sde", "DPM++ SDE Karras", "dpmpp_sde_karras", "k_dpmpp_sde_karras", "k_dpmpp_sde_ka", karras=True)
 _alias("dpmpp_3m", "dpmpp_3m", "DPM++ 3M", "k_dpmpp_3m", "dpm++3m")
 _alias("dpmpp_3m", "DPM++ 3M Karras", "dpmpp_3m_karras", karras=True)
 _alias("dpmpp_3m_sde", "dpmpp_3m_sde", "DPM++ 3M SDE", "k_dpmpp_3m_sde")
@@ -732,8 +842,9 @@ def sampler_names() -> list[str]:
 # names; the server lists them, and PNG parameters are written with them.
 A1111_SAMPLERS = [
     ("DPM++ 2M", ["k_dpmpp_2m"], "dpmpp_2m"),
-    ("DPM++ 2M SDE", ["k_dpmpp_2m_sde"], "dpmpp_2m_sde"),
     ("DPM++ SDE", ["k_dpmpp_sde"], "dpmpp_sde"),
+    ("DPM++ 2M SDE", ["k_dpmpp_2m_sde"], "dpmpp_2m_sde"),
+    ("DPM++ 2M SDE Heun", ["k_dpmpp_2m_sde_heun"], "dpmpp_2m_sde_heun"),
     ("DPM++ 2S a", ["k_dpmpp_2s_a"], "dpmpp_2s_a"),
     ("DPM++ 3M SDE", ["k_dpmpp_3m_sde"], "dpmpp_3m_sde"),
     ("Euler a", ["k_euler_a"], "euler_a"),

@@ -42,8 +42,21 @@ class PerSampleNoise:
     list of generators). A single generator draws the whole batch at once, as diffusers does;
     None uses torch's global generator."""
 
-    def __init__(self, generators: torch.Generator | Sequence[torch.Generator] | None):
+    def __init__(self, generators: torch.Generator | Sequence[torch.Generator] | None,
+                 tree_seeds: Sequence[int] | None = None, levels: tuple[float, float] | None = None):
         self.generators = generators
+        # the SDE samplers' Brownian paths (imagine.brownian): seeded with tree_seeds (else one draw from each
+        # sample's generator when first asked for), over the noise levels `levels` (else the asking sampler's)
+        self.tree_seeds, self.levels, self._paths = tree_seeds, levels, None
+
+    def brownian(self, like: torch.Tensor, levels: tuple[float, float]):
+        """The samples' Brownian paths (imagine.brownian.BrownianTreeNoise), built once."""
+        if self._paths is None:
+            from imagine.brownian import BrownianTreeNoise, tree_seeds
+
+            seeds = tree_seeds(like.shape[0], self.tree_seeds, self.generators)
+            self._paths = BrownianTreeNoise(seeds, like.shape[1:], *(self.levels or levels))
+        return self._paths
 
     def __call__(self, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.draw(tuple(like.shape), dtype).to(device=like.device, dtype=like.dtype)
@@ -376,6 +389,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            sampler_options: dict[str, Any] | None = None, sigma_schedule: str | None = None,
            rho: float | None = None, start: str = "noise", init: torch.Tensor | None = None, strength: float = 1.0,
            mask: torch.Tensor | None = None, guidance: Callable[..., torch.Tensor] | None = None,
+           noise_seeds: Sequence[int] | None = None,
            dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
@@ -399,6 +413,9 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     thresholding: None, "static" or "dynamic" (Imagen) on every x_0 prediction; threshold_range R: the data's
         range [-R, R] the rules hold x_0 to (1: pixels, Imagen's case; a latent's range: guidance.latent_threshold_range).
     seeds / generator: reproducible noise, one generator per sample (see module doc).
+    noise_seeds: the seeds of the samples' Brownian paths, for the SDE samplers' default sde_noise "brownian"
+        (imagine.brownian; A1111 seeds each image's with the image's seed): default `seeds`, else a draw from each
+        sample's generator. The paths span the noise levels of the whole plan (an image-to-image run's too).
     callback(info): after each step; info has step, total, t, sigma, x, denoised. Raise to stop.
     final_step: "euler" (x_0 = D(x) from the last level, as every diffusers scheduler does) or "heun"
         (the trapezoidal last step, samplers.final_heun_step: same model calls, less narrowing of the
@@ -434,7 +451,15 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         if len(shape) < 2 or not all(isinstance(n, int) and n > 0 for n in shape):
             raise ValueError(f"shape must be a tuple of positive ints (B, C, ...) including the batch; got {shape!r}")
         batch = shape[0]
-    noise = PerSampleNoise(make_generators(batch, seeds, generator))
+    if noise_seeds is None and seeds is not None:
+        noise_seeds = seeds
+    if noise_seeds is not None:
+        from imagine.brownian import tree_seeds
+
+        noise_seeds = tree_seeds(batch, noise_seeds)
+    levels = [v for v in plan.sigmas.tolist() if v > 0]
+    noise = PerSampleNoise(make_generators(batch, seeds, generator), noise_seeds,
+                           (min(levels), max(levels)) if len(levels) > 1 else None)
     cond = check_cond(cond, batch, "cond")
     uncond = check_cond(uncond, batch, "uncond") if uncond is not None else None
     if mask is not None and init is None:

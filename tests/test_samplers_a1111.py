@@ -371,9 +371,8 @@ def test_names_and_options():
         canonical, fn, implied = resolve_sampler(alias)
         assert (canonical, implied) == (name, karras), alias
         assert fn is SAMPLERS[name]
-    assert {s for s in SAMPLERS if takes_eta(s)} == {"ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_2m_sde",
-                                                     "dpmpp_3m_sde"}
-    assert "dpmpp_sde" not in SAMPLERS  # needs torchsde's Brownian tree (docs/samplers.md)
+    assert {s for s in SAMPLERS if takes_eta(s)} == {"ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde",
+                                                     "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
     cfg = config("scaled_linear", "leading", "epsilon")
     for sampler in ("lms", "dpm2", "plms"):
         with pytest.raises(ValueError, match="deterministic and takes no eta"):
@@ -389,9 +388,9 @@ def test_a1111_api_lists_the_new_samplers():
     app = pytest.importorskip("imagine.server.app")
     table = app.SamplerTable(app.our_sampler_names())
     names = table.names()
-    for label in ("LMS", "DPM2", "DPM2 a", "DPM++ 2S a", "PLMS", "LCM"):
+    for label in ("LMS", "DPM2", "DPM2 a", "DPM++ 2S a", "PLMS", "LCM", "DPM++ SDE", "DPM++ 2M SDE Heun"):
         assert label in names
-    assert "DPM++ SDE" not in names
+    assert table.resolve("DPM++ SDE Karras") == ("dpmpp_sde", True)
     assert table.resolve("DPM2 a") == ("dpm2_a", None)
     assert table.resolve("LMS Karras") == ("lms", True)
     assert table.resolve("k_dpmpp_2s_a") == ("dpmpp_2s_a", None)

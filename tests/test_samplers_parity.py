@@ -32,6 +32,9 @@ from imagine.sampling import sample  # noqa: E402
 from imagine.schedules import NoiseSchedule  # noqa: E402
 
 TOL = 1e-4
+# diffusers' multistep SDE schedulers draw each step's noise fresh from the generators; ours draw it from Brownian
+# paths unless told (A1111's way, compared with diffusers' Brownian tree in test_brownian.py)
+PER_STEP = {s: {"sampler_options": {"sde_noise": "independent"}} for s in ("dpmpp_2m_sde", "dpmpp_3m_sde")}
 SHAPE = (2, 2, 6, 6)
 SEEDS = [11, 12]
 STEPS = 5  # divides T, where diffusers' DDIM steps to the next listed timestep (see test_ddim_as_ddpm)
@@ -241,7 +244,7 @@ def test_dpm_solver(kind, spacing, pred, karras, sampler):
     cfg = config(kind, spacing, pred)
     algorithm = "dpmsolver++" if sampler == "dpmpp_2m" else "sde-dpmsolver++"
     sched = DPMSolverMultistepScheduler(**cfg, algorithm_type=algorithm, solver_order=2, use_karras_sigmas=karras)
-    check(run_ours(cfg, sampler, karras=karras), run_diffusers(sched))
+    check(run_ours(cfg, sampler, karras=karras, **PER_STEP.get(sampler, {})), run_diffusers(sched))
 
 
 @pytest.mark.parametrize("kind,spacing,pred", GRID)
@@ -336,7 +339,7 @@ def test_zero_terminal_snr(sampler, cls, kwargs, spacing):
     if sampler in ("euler", "euler_a"):
         check_karras(cfg, sampler, theirs)
     else:
-        check(run_ours(cfg, sampler, **kwargs), theirs)
+        check(run_ours(cfg, sampler, **kwargs, **PER_STEP.get(sampler, {})), theirs)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 13])
@@ -349,7 +352,8 @@ def test_step_counts(sampler, cls, steps):
     check(run_ours(cfg, sampler, steps=steps), run_diffusers(cls(**cfg, **extra), steps=steps))
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler_a", "dpmpp_2m_sde", "dpmpp_3m_sde", "heun"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler_a", "dpmpp_2m_sde", "dpmpp_3m_sde", "heun", "dpmpp_sde",
+                                     "dpmpp_2m_sde_heun"])
 def test_same_seed_same_sample_at_any_batch_size(sampler):
     cfg = config("scaled_linear", "leading", "epsilon")
     eta = 0.5 if sampler == "ddim" else None
@@ -511,7 +515,7 @@ def test_dpmpp_3m_sde(kind, spacing, pred, karras, steps):
         pytest.skip("diffusers truncates fractional Karras timesteps to int64 for squaredcos_cap_v2; ours stay exact")
     cfg = config(kind, spacing, pred)
     kw = dict(**cfg, algorithm_type="sde-dpmsolver++", solver_order=3, use_karras_sigmas=karras)
-    ours = run_ours(cfg, "dpmpp_3m_sde", karras=karras, steps=steps)
+    ours = run_ours(cfg, "dpmpp_3m_sde", karras=karras, steps=steps, **PER_STEP["dpmpp_3m_sde"])
     check(ours, run_diffusers(_SDE3MCorrected(**kw), steps=steps))
     as_shipped = run_diffusers(DPMSolverMultistepScheduler(**kw), steps=steps)
     assert float((ours - as_shipped).abs().max()) > 1e-2

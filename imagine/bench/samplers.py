@@ -262,8 +262,13 @@ DIFFUSERS = {
 
 def run_ours(model: ExactModel, schedule: NoiseSchedule, shape, sampler: str, steps: int, seed: int,
              options: dict) -> torch.Tensor:
+    from imagine.samplers import option_names, resolve_sampler
     from imagine.sampling import sample
 
+    if "sde_noise" in option_names(resolve_sampler(sampler)[0]):
+        # the SDE samplers' noise as diffusers' multistep SDE draws it, fresh each step for the whole batch: one
+        # Brownian tree per sample (their default, imagine.brownian) over 200,000 samples would outcost the model
+        options = {**options, "sampler_options": {"sde_noise": "independent", **options.get("sampler_options", {})}}
     return sample(model, shape, schedule=schedule, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(seed),
                   progress=False, **options)
 

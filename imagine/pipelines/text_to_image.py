@@ -772,7 +772,7 @@ class TextToImagePipeline:
                                            inpaint.get("noise"))
         report: dict = {}
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                               generators=generators, init=init, strength=strength, **inpaint,
+                               generators=generators, seeds=seeds, init=init, strength=strength, **inpaint,
                                guidance_rescale=guidance_rescale, eta=eta, karras=karras,
                                thresholding=thresholding, threshold_range=threshold_range, callback=callback,
                                progress=progress,
@@ -958,7 +958,7 @@ class TextToImagePipeline:
         uncond = None if uncond is None else {**uncond, "class_labels": negative_label}
         latents = self._sample((len(prompts), self.latent_channels, height // self.scale, width // self.scale), cond,
                                uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                               generators=generators, guidance_rescale=0.0, eta=eta, karras=bool(karras),
+                               generators=generators, seeds=seeds, guidance_rescale=0.0, eta=eta, karras=bool(karras),
                                sigma_schedule=sigma_schedule, rho=rho, final_step=final_step or "euler",
                                sampler_options=sampler_options, thresholding=None, callback=callback,
                                progress=progress, concat=concat)
@@ -1175,7 +1175,7 @@ class TextToImagePipeline:
         z = posterior.sample(noise=PerSampleNoise(generators).draw(tuple(posterior.mean.shape)))
         return self.vae.to_latent(z.float())
 
-    def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, generators, guidance_rescale, eta,
+    def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, generators, seeds, guidance_rescale, eta,
                 karras, thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
                 rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0, noise=None, mask=None,
                 concat=None, controls=None, refiner_switch=None, image_guidance_scale=None, image_guidance_gate=True,
@@ -1214,7 +1214,8 @@ class TextToImagePipeline:
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, thresholding=thresholding, threshold_range=threshold_range,
                       karras=bool(karras), eta=eta,
-                      generator=generators, callback=callback, progress=progress, sigma_schedule=sigma_schedule,
+                      generator=generators, noise_seeds=seeds, callback=callback, progress=progress,
+                      sigma_schedule=sigma_schedule,
                       final_step=final_step, sampler_options=sampler_options, rho=rho, start=start,
                       init=init, strength=strength, mask=mask, guidance=guidance, **kwargs)
         if report is not None and refiner_switch is not None:

@@ -1,0 +1,82 @@
+"""Brownian-tree noise for the SDE samplers: each sample's noise is one Brownian path W(sigma) over the noise levels.
+
+A stochastic solver of the reverse SDE adds sigma-scaled increments of a Wiener process. Drawing each step's noise
+fresh is one valid discretization; drawing them as increments of one fixed path W, z = (W(sigma_next) - W(sigma)) /
+sqrt(|sigma_next - sigma|), is another with two properties the first lacks: the increments a step takes inside itself
+(DPM++ SDE's midpoint and full step both start at sigma) are correlated exactly as Brownian motion says, and a run with
+more steps samples the same path more finely, so its image converges as the steps grow (the solution of the SDE for
+that path) instead of changing with every step count.
+
+The path is a virtual Brownian tree (Li et al. 2020, "Scalable gradients for stochastic differential equations",
+sec. 4; the Brownian interval of Kidger et al. 2021): W at a query time is found by bisecting [sigma_min, sigma_max]
+with Brownian-bridge draws whose seeds derive from the tree's seed, so no path is stored and the same seed gives the
+same W at any query order. torchsde's `BrownianTree` is that tree; k-diffusion's `BrownianTreeNoiseSampler`, which
+AUTOMATIC1111 ("DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"), ComfyUI and diffusers' DPMSolverSDEScheduler use, puts one
+tree per image, seeded with the image's seed, over the run's positive noise levels (float32, on the CPU). This module
+builds the same trees, so a seed gives the image those tools give on a CPU, at any batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def _f32(value: float) -> float:
+    # the peers hold sigma in float32 tensors; the tree reads its times as Python floats of those
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
+class BrownianTreeNoise:
+    """One Brownian path per sample over [sigma_min, sigma_max]; `noise(sigma, sigma_next)` is the batch's normalized
+    increment (W(sigma_next) - W(sigma)) / sqrt(|sigma_next - sigma|) [B, *shape], standard normal for each step.
+
+    seeds: one int per sample (A1111 seeds each image's tree with the image's seed). shape: one sample's shape."""
+
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int], sigma_min: float, sigma_max: float):
+        try:
+            import torchsde
+        except ImportError as e:  # a dependency of imagine; this names it if an install left it out
+            raise ImportError("the Brownian-tree noise of the SDE samplers needs torchsde (pip install torchsde), or "
+                              "sampler option sde_noise='independent' (a fresh normal draw per step)") from e
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise ValueError("BrownianTreeNoise needs one seed per sample; got none")
+        lo, hi = _f32(sigma_min), _f32(sigma_max)
+        if not (0 < lo < hi and math.isfinite(hi)):
+            raise ValueError(f"a Brownian tree spans 0 < sigma_min < sigma_max < inf; got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = lo, hi
+        w0 = torch.zeros(tuple(shape), dtype=torch.float32)
+        self.trees = [torchsde.BrownianTree(lo, w0, hi, entropy=s) for s in seeds]
+
+    def __call__(self, sigma: float, sigma_next: float) -> torch.Tensor:
+        a, b = _f32(sigma), _f32(sigma_next)
+        if a == b:
+            raise ValueError(f"a Brownian increment needs two different noise levels; got {sigma} twice")
+        lo, hi = min(a, b), max(a, b)
+        slack = 1e-6 * self.sigma_max  # float32 rounding of a level that is the range's own end
+        if lo < self.sigma_min - slack or hi > self.sigma_max + slack:
+            raise ValueError(f"noise levels {sigma:g} -> {sigma_next:g} fall outside the Brownian tree's range "
+                             f"[{self.sigma_min:g}, {self.sigma_max:g}]")
+        sign = 1.0 if b > a else -1.0  # W(b) - W(a) from the tree's W(hi) - W(lo)
+        # (a level an ulp outside is read at the end, as torchsde clamps it; the scale below keeps the asked levels')
+        w = torch.stack([tree(max(lo, self.sigma_min), min(hi, self.sigma_max)) for tree in self.trees])
+        # (the scale in float32, as k-diffusion divides by its float32 tensors' sqrt)
+        return w * (sign / float(torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32)) ** 0.5)
+
+
+def tree_seeds(batch: int, seeds=None, generators=None) -> list[int]:
+    """The seeds of a batch's Brownian trees: the samples' own seeds (an int s for s, s+1, ..., as
+    sampling.make_generators reads it), or else one draw in [0, 2^63 - 1) from each sample's generator (a single
+    generator draws them all; None: torch's global generator), the range k-diffusion draws an unseeded tree's from."""
+    if seeds is not None:
+        out = [seeds + i for i in range(batch)] if isinstance(seeds, int) else list(seeds)
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in out):
+            raise TypeError(f"tree seeds must be ints; got {seeds!r}")
+        if len(out) != batch:
+            raise ValueError(f"{len(out)} tree seeds for a batch of {batch}: give one per sample")
+        return out
+    gens = generators if isinstance(generators, (list, tuple)) else [generators] * batch
+    return [int(torch.randint(0, 2**63 - 1, (), generator=g)) for g in gens]
