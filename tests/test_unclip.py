@@ -24,7 +24,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 E = 32  # the image embedding's width
 
 
-def _tiny_unclip(folder):
+def tiny_decoder_parts(folder) -> dict:
+    """SD 2.1 unCLIP's decoder side, tiny and random, as StableUnCLIP(Img2Img)Pipeline keywords: U-Net with the
+    [noised embedding; level code] class embedding, VAE, CLIP text tower and tokenizer, embedding statistics, the
+    embedding's noise schedule, a v-prediction DDIM scheduler."""
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 
     torch.manual_seed(0)
@@ -42,21 +45,25 @@ def _tiny_unclip(folder):
         pad_token_id=0, num_hidden_layers=2, hidden_act="gelu")).eval()
     tok = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder.parent / "_tok_unclip", "!"),
                                                      local_files_only=True)
-    encoder = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
-        hidden_size=32, projection_dim=E, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        image_size=32, patch_size=4)).eval()
     normalizer = StableUnCLIPImageNormalizer(embedding_dim=E)
     with torch.no_grad():  # statistics that move the embedding, and a class embedding that shows it
         normalizer.mean.copy_(torch.randn(1, E) * 0.1)
         normalizer.std.copy_(torch.rand(1, E) + 0.5)
         unet.class_embedding.linear_1.weight.mul_(20)
+    return dict(image_normalizer=normalizer, image_noising_scheduler=diffusers.DDPMScheduler(
+                    beta_schedule="squaredcos_cap_v2"), tokenizer=tok, text_encoder=text, unet=unet, vae=vae,
+                scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                  prediction_type="v_prediction", set_alpha_to_one=False,
+                                                  steps_offset=1, clip_sample=False))
+
+
+def _tiny_unclip(folder):
+    parts = tiny_decoder_parts(folder)
+    encoder = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=32, projection_dim=E, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        image_size=32, patch_size=4)).eval()
     pipe = diffusers.StableUnCLIPImg2ImgPipeline(
-        feature_extractor=transformers.CLIPImageProcessor(crop_size=32, size=32), image_encoder=encoder,
-        image_normalizer=normalizer, image_noising_scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        tokenizer=tok, text_encoder=text, unet=unet, vae=vae,
-        scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                          prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1,
-                                          clip_sample=False))
+        feature_extractor=transformers.CLIPImageProcessor(crop_size=32, size=32), image_encoder=encoder, **parts)
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
@@ -135,11 +142,11 @@ def test_unclip_errors_and_cli(unclip, tmp_path, capsys):
     with pytest.raises(ValueError, match="noise_level must be a whole number from 0 to 999"):
         ours.variations(_picture(1), noise_level=1000)
     prior = tmp_path / "prior"
-    prior.mkdir()
-    (prior / "model_index.json").write_text(json.dumps({"_class_name": "StableUnCLIPPipeline",
+    prior.mkdir()  # DALL-E 2's own cascade (diffusers' UnCLIPPipeline): a prior with no SD 2.1 unCLIP decoder
+    (prior / "model_index.json").write_text(json.dumps({"_class_name": "UnCLIPPipeline",
                                                         "prior": ["diffusers", "PriorTransformer"],
-                                                        "unet": ["diffusers", "UNet2DConditionModel"]}))
-    with pytest.raises(ValueError, match="text-to-image with a diffusion prior.*does not run yet"):
+                                                        "decoder": ["diffusers", "UNet2DConditionModel"]}))
+    with pytest.raises(ValueError, match="has a diffusion prior but no image_normalizer.*StableUnCLIPPipeline"):
         TextToImagePipeline.from_pretrained(prior)
     save_diffusers_folder(tmp_path / "sd", "sd1")
     with pytest.raises(ValueError, match="takes no image embedding"):

@@ -98,10 +98,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default), cover and cut (crop_and_resize), fit and fill the bands with its edges "
                         "(resize_and_fill), or encode it at its own size and resize the latents (latent_upscale, "
                         "no --mask); AUTOMATIC1111's img2img resize modes")
+    p.add_argument("--prior-steps", type=int, default=None, metavar="N",
+                   help="an unCLIP model with a diffusion prior (SD 2.1 unCLIP with Karlo's prior): the prior's steps "
+                        "(default 25)")
+    p.add_argument("--prior-guidance-scale", type=float, default=None, metavar="S",
+                   help="an unCLIP model with a diffusion prior: the prior's guidance against the empty caption "
+                        "(default 4)")
     p.add_argument("--noise-level", type=int, default=None, metavar="N",
                    help="with --init-image, for SD's x4 upscaler: how much noise its low-resolution picture gets, 0 to "
                         "its max_noise_level (default 20; more invents more detail); for an unCLIP decoder (SD 2.1 "
-                        "unCLIP): how much noise the picture's CLIP embedding gets (default 0; more keeps less of it)")
+                        "unCLIP): how much noise the picture's CLIP embedding gets (default 0; more keeps less of it); "
+                        "for an unCLIP model with a diffusion prior: how much noise the prior's embedding gets")
     p.add_argument("--image-guidance-scale", type=float, default=None, metavar="S",
                    help="an instruct-pix2pix model's guidance on the picture to edit (--init-image), beside "
                         "--guidance-scale on the instruction (default 1.5; A1111's 'Image CFG scale')")
@@ -298,22 +305,29 @@ def _number_suffix(item: str) -> tuple[str, float | None]:
 
 
 def _picture_model_run(pipe, args, picture: dict):
-    """For a model that a picture conditions throughout, the call that takes generate's keywords; None for other
-    models: a super-resolution model (SD's x4 upscaler) makes --init-image larger (`TextToImagePipeline.upscale`),
-    an unCLIP decoder (SD 2.1 unCLIP) makes variations of it (`variations`). Options they have no use for are
+    """For a model that is not plain text-to-image, the call that takes generate's keywords; None for other models:
+    a super-resolution model (SD's x4 upscaler) makes --init-image larger (`TextToImagePipeline.upscale`), an unCLIP
+    decoder (SD 2.1 unCLIP) makes variations of it (`variations`), an unCLIP model with a diffusion prior makes
+    images from text through it (`imagine.pipelines.unclip.text_to_image`). Options they have no use for are
     errors."""
     from imagine.pipelines.upscale import NOISE_LEVEL
 
     what = pipe.picture_model
-    if what is None:
+    prior = getattr(pipe.c, "prior", None) is not None
+    if not prior and (args.prior_steps is not None or args.prior_guidance_scale is not None):
+        raise ValueError("--prior-steps / --prior-guidance-scale are for unCLIP models with a diffusion prior (diffusers' "
+                         "StableUnCLIPPipeline folders); this model has none")
+    if what is None and not prior:
         if args.noise_level is not None:
-            raise ValueError("--noise-level is for super-resolution models (SD's x4 upscaler) and unCLIP decoders; "
+            raise ValueError("--noise-level is for super-resolution models (SD's x4 upscaler) and unCLIP models; "
                              "this model is neither")
         return None
-    kind = "upscaler" if pipe.c.low_res_schedule is not None else "unCLIP"
-    if "init_image" not in picture:
+    kind = "prior" if prior else "upscaler" if pipe.c.low_res_schedule is not None else "unCLIP"
+    what = what or "an unCLIP text-to-image model (a diffusion prior and SD 2.1 unCLIP's decoder)"
+    if kind != "prior" and "init_image" not in picture:
         raise ValueError(f"{args.model} is {what}: give the picture with --init-image")
-    unused = [flag for flag, given in (("--mask", "mask_image" in picture), ("--strength", args.strength is not None),
+    unused = [flag for flag, given in (("--init-image", kind == "prior" and "init_image" in picture),
+                                       ("--mask", "mask_image" in picture), ("--strength", args.strength is not None),
                                        ("--controlnet", "control_image" in picture),
                                        ("--hires-scale", args.hires_scale is not None),
                                        ("--resize-mode", bool(args.resize_mode)),
@@ -323,7 +337,7 @@ def _picture_model_run(pipe, args, picture: dict):
                                        ("--refiner", bool(args.refiner))) if given]
     if unused:
         raise ValueError(f"{', '.join(unused)}: not for {what}")
-    image = picture.pop("init_image")
+    image = picture.pop("init_image", None)
     picture.pop("strength", None)
 
     def run(prompts, negative, *, steps, guidance_scale, sampler, seeds, height, width, eta, karras, sigma_schedule,
@@ -337,6 +351,12 @@ def _picture_model_run(pipe, args, picture: dict):
         if kind == "upscaler":
             return pipe.upscale(prompts, image, negative, **common,
                                 noise_level=NOISE_LEVEL if args.noise_level is None else args.noise_level)
+        if kind == "prior":
+            from imagine.pipelines.unclip import text_to_image
+
+            return text_to_image(pipe, prompts, negative, height=height, width=width, **common,
+                                 noise_level=args.noise_level or 0, prior_steps=args.prior_steps,
+                                 prior_guidance_scale=args.prior_guidance_scale)
         return pipe.variations(image, prompts, negative, height=height, width=width, **common,
                                noise_level=args.noise_level or 0)
     return run

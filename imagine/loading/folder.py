@@ -45,6 +45,9 @@ class Components:
     # that noises its embedding, else None
     image_embedder: Any = None
     image_noise_schedule: Any = None
+    # unCLIP's text-to-image (SD 2.1 unCLIP with Karlo): the diffusion prior that makes the image embedding from the
+    # prompt (imagine.models.prior.DiffusionPrior), else None
+    prior: Any = None
 
 
 def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Components:
@@ -56,10 +59,10 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
     if not (root / "model_index.json").is_file():
         raise FileNotFoundError(_not_a_model_folder(root))
     index = read_json(root / "model_index.json")
-    if index.get("prior"):  # diffusers' StableUnCLIPPipeline / UnCLIPPipeline: text -> image embedding -> image
-        raise ValueError(f"{root} is unCLIP's text-to-image with a diffusion prior ({index.get('_class_name', 'a prior')}"
-                         "), which imagine does not run yet; its image-variation form (StableUnCLIPImg2ImgPipeline "
-                         "folders: image_encoder/, image_normalizer/) loads")
+    if index.get("prior") and not index.get("image_normalizer"):  # DALL-E 2's own cascade (UnCLIPPipeline), Kandinsky
+        raise ValueError(f"{root} has a diffusion prior but no image_normalizer/ ({index.get('_class_name', '?')}): "
+                         "imagine runs unCLIP's prior with an SD 2.1 unCLIP decoder (diffusers' StableUnCLIPPipeline "
+                         "folders), not this pipeline")
     for needed in ("unet", "scheduler", "text_encoder"):
         if needed not in index:
             raise ValueError(f"{root / 'model_index.json'} has no {needed!r} entry; a text-to-image folder needs "
@@ -107,17 +110,26 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
         low_res = NoiseSchedule.from_diffusers_config(read_json(
             root / _sub(index["low_res_scheduler"], "low_res_scheduler") / "scheduler_config.json"))
         defaults.setdefault("max_noise_level", int(index.get("max_noise_level", 350)))
-    embedder = image_noise = None
-    if index.get("image_encoder") and index.get("image_normalizer"):  # diffusers' StableUnCLIPImg2ImgPipeline
+    embedder = image_noise = prior = None
+    if index.get("image_normalizer") and (index.get("image_encoder") or index.get("prior")):
+        # diffusers' StableUnCLIPImg2ImgPipeline (a picture's CLIP embedding) or StableUnCLIPPipeline (a prior's)
         from imagine.models.image_encoder import ImageEmbedder
 
-        embedder = ImageEmbedder.from_folder(root, dtype)
+        embedder = ImageEmbedder.from_folder(root, dtype, encoder=bool(index.get("image_encoder")))
         image_noise = NoiseSchedule.from_diffusers_config(read_json(
             root / _sub(index.get("image_noising_scheduler", []), "image_noising_scheduler") / "scheduler_config.json"))
+        if index.get("prior"):
+            from imagine.models.prior import DiffusionPrior
+
+            prior = DiffusionPrior.from_folder(root, index, dtype)
+            width = prior.model.config["clip_embed_dim"] or prior.model.embedding_dim
+            if width != embedder.dim:
+                raise ValueError(f"{root}: the prior makes {width}-wide image embeddings, the decoder's normalizer "
+                                 f"has {embedder.dim}")
     return Components(unet=unet, text_encoder=text_encoder, schedule=schedule, vae=vae,
                       prediction_type=sched_cfg.get("prediction_type", "epsilon"), scheduler_config=sched_cfg,
                       defaults=defaults, source=str(root), low_res_schedule=low_res, image_embedder=embedder,
-                      image_noise_schedule=image_noise)
+                      image_noise_schedule=image_noise, prior=prior)
 
 
 # The SDXL refiner's aesthetic-score conditioning (Podell et al. 2023, sec. 2.5): the score given with the prompt and

@@ -146,12 +146,27 @@ class GEGLU(nn.Module):
         return F.gelu(gate).mul_(value)  # one map fewer to allocate at inference
 
 
-class FeedForward(nn.Module):
-    """GEGLU to `mult` x width, dropout, linear back (`net.0`, `net.1`, `net.2` as in diffusers)."""
+class GELU(nn.Module):
+    """GELU(x W + b), the feed-forward's plain form (Hendrycks & Gimpel 2016; unCLIP's prior), `proj` as diffusers'."""
 
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+    def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    """GEGLU (or plain GELU, `activation="gelu"`) to `mult` x width, dropout, linear back (`net.0`, `net.1`, `net.2`
+    as in diffusers)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, activation: str = "geglu"):
+        super().__init__()
+        if activation not in ("geglu", "gelu"):
+            raise ValueError(f"feed-forward activation must be 'geglu' or 'gelu'; got {activation!r}")
+        act = GEGLU(dim, dim * mult) if activation == "geglu" else GELU(dim, dim * mult)
+        self.net = nn.ModuleList([act, nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
 
     # Rows per chunk at inference: the 4x-wide GEGLU intermediates of a chunk (1024 x 2560 floats for
     # SD 1.5's 64x64 level) stay in reused memory instead of fresh maps of 80 MB, whose pages fault in
@@ -184,19 +199,21 @@ class BasicTransformerBlock(nn.Module):
     With `only_cross_attention` the first attention also attends to the context (no self-attention)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None,
-                 only_cross_attention: bool = False, upcast_attention: bool = False, dropout: float = 0.0):
+                 only_cross_attention: bool = False, upcast_attention: bool = False, dropout: float = 0.0,
+                 attention_bias: bool = False, activation: str = "geglu"):
         super().__init__()
         self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, context_dim if only_cross_attention else None, heads, dim_head,
-                               upcast=upcast_attention, dropout=dropout)
+                               bias=attention_bias, upcast=upcast_attention, dropout=dropout)
         if context_dim is not None:
             self.norm2 = nn.LayerNorm(dim)
-            self.attn2 = Attention(dim, context_dim, heads, dim_head, upcast=upcast_attention, dropout=dropout)
+            self.attn2 = Attention(dim, context_dim, heads, dim_head, bias=attention_bias, upcast=upcast_attention,
+                                   dropout=dropout)
         else:
             self.norm2 = self.attn2 = None
         self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout, activation=activation)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, self_mask: torch.Tensor | None = None) -> torch.Tensor:

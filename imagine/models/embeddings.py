@@ -80,11 +80,11 @@ class TimestepEmbedding(nn.Module):
     Also used, unchanged, to project arbitrary vectors (unCLIP image embeddings), since it is just
     two linear layers."""
 
-    def __init__(self, in_dim: int, dim: int, act_fn: str = "silu"):
+    def __init__(self, in_dim: int, dim: int, act_fn: str = "silu", out_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
         self.act = activation(act_fn)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_2 = nn.Linear(dim, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(x)))

@@ -12,8 +12,10 @@ import torch
 
 
 class ImageEmbedder:
+    """encoder None: the statistics alone, for embeddings that come from elsewhere (unCLIP's prior)."""
+
     def __init__(self, encoder, processor, mean: torch.Tensor, std: torch.Tensor):
-        self.encoder = encoder.eval().requires_grad_(False)
+        self.encoder = encoder.eval().requires_grad_(False) if encoder is not None else None
         self.processor = processor
         self.mean, self.std = mean.float().reshape(1, -1), std.float().reshape(1, -1)
         if self.mean.shape != self.std.shape:
@@ -24,35 +26,41 @@ class ImageEmbedder:
         return self.mean.shape[-1]
 
     @classmethod
-    def from_folder(cls, root: str | Path, dtype: torch.dtype = torch.float32) -> "ImageEmbedder":
+    def from_folder(cls, root: str | Path, dtype: torch.dtype = torch.float32, encoder: bool = True) -> "ImageEmbedder":
+        """A model folder's image_encoder/, feature_extractor/ and image_normalizer/ (encoder=False: the last alone)."""
         import transformers
         from safetensors.torch import load_file
 
         root = Path(root)
-        for sub in ("image_encoder", "feature_extractor", "image_normalizer"):
+        for sub in ("image_encoder", "feature_extractor", "image_normalizer") if encoder else ("image_normalizer",):
             if not (root / sub).is_dir():
                 raise FileNotFoundError(f"{root}: an image-embedding model needs {sub}/ (with image_encoder/, "
                                         "feature_extractor/ and image_normalizer/)")
-        encoder = transformers.CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder",
-                                                                             local_files_only=True).to(dtype)
-        # (the Pillow processor: the default one wants torchvision, which this build of torch cannot use)
-        kind = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-        processor = kind.from_pretrained(root / "feature_extractor", local_files_only=True)
+        tower = processor = None
+        if encoder:
+            tower = transformers.CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder",
+                                                                               local_files_only=True).to(dtype)
+            # (the Pillow processor: the default one wants torchvision, which this build of torch cannot use)
+            kind = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+            processor = kind.from_pretrained(root / "feature_extractor", local_files_only=True)
         weights = sorted((root / "image_normalizer").glob("*.safetensors"))
         if not weights:
             raise FileNotFoundError(f"{root / 'image_normalizer'}: no .safetensors with the embeddings' mean and std")
         stats = load_file(str(weights[0]))
         if not {"mean", "std"} <= stats.keys():
             raise ValueError(f"{weights[0]}: expected 'mean' and 'std'; found {sorted(stats)}")
-        embedder = cls(encoder, processor, stats["mean"], stats["std"])
-        if embedder.dim != encoder.config.projection_dim:
-            raise ValueError(f"{root}: the image encoder projects to {encoder.config.projection_dim}, its normalizer "
+        embedder = cls(tower, processor, stats["mean"], stats["std"])
+        if tower is not None and embedder.dim != tower.config.projection_dim:
+            raise ValueError(f"{root}: the image encoder projects to {tower.config.projection_dim}, its normalizer "
                              f"has {embedder.dim} dimensions")
         return embedder
 
     @torch.no_grad()
     def embed(self, pictures: list) -> torch.Tensor:
         """PIL pictures -> their CLIP image embeddings [B, D] (float32)."""
+        if self.encoder is None:
+            raise ValueError("this model has no CLIP image encoder (image_encoder/): its image embeddings come from "
+                             "its diffusion prior, so it makes images from text, not variations of a picture")
         pixels = self.processor(images=[p.convert("RGB") for p in pictures], return_tensors="pt").pixel_values
         w = next(self.encoder.parameters())
         return self.encoder(pixels.to(device=w.device, dtype=w.dtype)).image_embeds.float()

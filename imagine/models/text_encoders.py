@@ -311,6 +311,33 @@ class SDXLCLIPTower(CLIPTextEncoder):
         self._clip_skip = value
 
 
+class CLIPPriorTextEncoder(TextEncoder):
+    """The caption as unCLIP's diffusion prior reads it (Ramesh et al. 2022, sec. 2.2: "the encoded text, the CLIP
+    text embedding"): CLIP's text tower with its projection (transformers' CLIPTextModelWithProjection), the last
+    layer's states with the tokenizer's padding mask (the prior masks padded tokens), and pooled = the projected
+    text embedding."""
+
+    kind = "clip-prior"
+
+    @torch.no_grad()
+    def _encode(self, ids, mask):
+        tower = getattr(self.model, "text_model", self.model)
+        out = tower(input_ids=ids)
+        # row by row, as SDXLCLIPTower projects: a seed gives the same image in any batch
+        pooled = torch.cat([self.model.text_projection(row) for row in out.pooler_output.split(1)])
+        return TextEncoding(out.last_hidden_state, mask, pooled)
+
+    @classmethod
+    def from_folder(cls, text_encoder_folder, tokenizer_folder=None, dtype=torch.float32):
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        text_encoder_folder = _check_folder(text_encoder_folder)
+        tokenizer_folder = _check_folder(tokenizer_folder or text_encoder_folder)
+        tok = CLIPTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+        model = CLIPTextModelWithProjection.from_pretrained(text_encoder_folder, local_files_only=True, dtype=dtype)
+        return cls(model, tok, tok.model_max_length if tok.model_max_length < 10_000 else 77, str(text_encoder_folder))
+
+
 class SDXLTextEncoder(nn.Module):
     """SDXL's two text encoders (Podell et al. 2023, sec. 2.1): CLIP ViT-L and OpenCLIP ViT-bigG read the same
     prompt; the U-Net cross-attends to their penultimate states side by side (768 + 1280 = 2048 wide) and takes

@@ -585,7 +585,42 @@ class TextToImagePipeline:
         runs on the picture and the text (image_guidance_scale s_I, default 1.5, beside guidance_scale s_T;
         imagine.guidance.instruct_pix2pix_guidance), when s_T > 1 and s_I >= 1 as diffusers gates it
         (`image_guidance_gate`; False: always, as AUTOMATIC1111). It starts from noise; a strength given starts it from the
-        picture as image to image does (AUTOMATIC1111's denoising strength for such models)."""
+        picture as image to image does (AUTOMATIC1111's denoising strength for such models).
+
+        An unCLIP text-to-image model (a diffusion prior and an SD 2.1 unCLIP decoder) runs `imagine.pipelines.unclip.
+        text_to_image` with the prior's defaults; the options that steer a picture, the text or the start noise are
+        not for it."""
+        if self.c.prior is not None:
+            from imagine.pipelines.unclip import text_to_image
+
+            from imagine.composable import split_and
+            from imagine.prompt_editing import prompt_schedule
+
+            # (A1111's prompt syntax, which its API always reads, counts only where a prompt uses it)
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
+            given = {"guidance_rescale": guidance_rescale, "thresholding": thresholding,
+                     "threshold_range": threshold_range, "start": start,
+                     "prompt_editing": prompt_editing and any(len(prompt_schedule(t, 20)) > 1
+                                                              for t in texts + [n for n in negs if n]),
+                     "composable": composable and any(len(split_and(t)) > 1 for t in texts),
+                     "init_image": init_image, "strength": strength,
+                     "init_latents": init_latents, "mask_image": mask_image, "control_image": control_image,
+                     "refiner_switch": refiner_switch, "image_guidance_scale": image_guidance_scale,
+                     "subseed": subseed, "subseeds": subseeds, "subseed_strength": subseed_strength,
+                     "seed_resize_from_h": seed_resize_from_h, "seed_resize_from_w": seed_resize_from_w,
+                     "masked_content": masked_content != "original", "resize_mode": resize_mode != "just_resize",
+                     "controlnet_scale": controlnet_scale, "control_mode": control_mode, "guess_mode": guess_mode}
+            unused = sorted(k for k, v in given.items() if v not in (None, False, 0, 0.0, "noise"))
+            if unused:
+                raise ValueError(f"{', '.join(unused)}: not for {self.c.source or 'this model'}, an unCLIP text-to-image "
+                                 "model (prior and decoder)")
+            return text_to_image(self, prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale,
+                                 sampler=sampler, seed=seed, seeds=seeds, num_images_per_prompt=num_images_per_prompt,
+                                 height=height, width=width, eta=eta, karras=karras, sigma_schedule=sigma_schedule,
+                                 rho=rho, final_step=final_step, sampler_options=sampler_options, emphasis=emphasis,
+                                 long_prompts=long_prompts, callback=callback, progress=progress,
+                                 output_type=output_type)
         t0 = time.time()
         prompts = _prompt_list(prompt, num_images_per_prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -916,16 +951,17 @@ class TextToImagePipeline:
         first = (from_h // self.scale, from_w // self.scale)
         return None if first == tuple(size) or 0 in first else first
 
-    def _picture_batch(self, prompt, negative_prompt, image, per_prompt: int, seed, seeds):
-        """The batch of a run conditioned on pictures (`upscale`, `variations`): (prompts, negative prompts, pictures,
-        seeds), each per image: one prompt or a list, a negative prompt or one per prompt, one picture or one per
-        prompt, `per_prompt` images of each; seeds: `seeds`, else seed, seed + 1, ... (random where None or < 0)."""
+    def _picture_batch(self, prompt, negative_prompt, image, per_prompt: int, seed, seeds, picture: bool = True):
+        """The batch of a run conditioned on pictures (`upscale`, `variations`) or on an embedding (unCLIP's prior,
+        picture=False: no picture): (prompts, negative prompts, pictures, seeds), each per image: one prompt or a
+        list, a negative prompt or one per prompt, one picture or one per prompt, `per_prompt` images of each;
+        seeds: `seeds`, else seed, seed + 1, ... (random where None or < 0)."""
         prompts = _prompt_list(prompt, per_prompt)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        pictures = self._init_images(image, len(prompts), per_prompt, "image")
-        if pictures is None:
+        pictures = self._init_images(image, len(prompts), per_prompt, "image") if picture else None
+        if pictures is None and picture:
             raise ValueError("give the picture (image=)")
         prompts = [p for p in prompts for _ in range(per_prompt)]
         negatives = [n for n in negatives for _ in range(per_prompt)]
@@ -1071,7 +1107,7 @@ class TextToImagePipeline:
         None."""
         if self.c.low_res_schedule is not None:
             return "a super-resolution model (SD's x4 upscaler)"
-        if self.c.image_embedder is not None:
+        if self.c.image_embedder is not None and self.c.prior is None:
             return "an unCLIP decoder (SD 2.1 unCLIP)"
         return None
 

@@ -1,5 +1,5 @@
-"""unCLIP's image-embedding condition: image variations with Stable Diffusion 2.1 unCLIP (diffusers'
-StableUnCLIPImg2ImgPipeline folders).
+"""unCLIP's image-embedding condition: text to image through a diffusion prior (diffusers' StableUnCLIPPipeline
+folders: Karlo's prior and SD 2.1 unCLIP's decoder), and image variations (StableUnCLIPImg2ImgPipeline folders).
 
 unCLIP (Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP Latents", sec. 2.1) generates
 an image from a CLIP image embedding z_i: its decoder adds a projection of z_i to the timestep embedding. SD 2.1
@@ -10,6 +10,10 @@ embeddings, noised to `noise_level` of its own schedule (conditioning augmentati
 Diffusion Models" sec. 4.1 noises a cascade's low-resolution input: `imagine.diffusion.augment`), and
 un-normalized; more noise keeps less of the picture. Guidance's unconditional side gets zeros in place of the
 whole condition. The text, samplers and VAE are the text-to-image pipeline's.
+
+From text, z_i comes from unCLIP's prior P(z_i | y) (sec. 2.2; `imagine.models.prior`): a diffusion over the
+embedding itself, run with the same samplers (Karlo's: DDPM predicting x_0, clipped to [-5, 5]) and classifier-free
+guidance against the empty caption, then taken back to CLIP's space by its training statistics.
 """
 
 from __future__ import annotations
@@ -68,3 +72,77 @@ def variations(pipe, image, prompt: str | list[str] = "", negative_prompt: str |
                              sigma_schedule=sigma_schedule, rho=rho, final_step=final_step,
                              sampler_options=sampler_options, emphasis=emphasis, long_prompts=long_prompts,
                              callback=callback, progress=progress, output_type=output_type, noise_level=noise_level)
+
+
+# diffusers' StableUnCLIPPipeline defaults: the prior's steps and guidance
+PRIOR_STEPS, PRIOR_GUIDANCE = 25, 4.0
+
+
+def prior_embeddings(prior, prompts: list[str], generators, seeds, *, steps: int, guidance_scale: float,
+                     sampler: str, progress: bool = True) -> torch.Tensor:
+    """unCLIP's prior (Ramesh et al. 2022, sec. 2.2): a CLIP image embedding [B, D] per prompt, sampled from P(z_i | y)
+    with classifier-free guidance against the empty caption (as the prior was trained, and as diffusers' pipeline
+    guides it), each image's noise from its own generator, then un-normalized."""
+    from imagine.sampling import sample
+
+    def as_cond(enc):
+        return {"proj_embedding": enc.pooled, "context": enc.states, "context_mask": enc.mask}
+
+    text = prior.text_encoder.encode(prompts)
+    guided = guidance_scale != 1.0
+    uncond = as_cond(prior.text_encoder.encode([""] * len(prompts))) if guided else None
+    c = prior.scheduler_config
+    z = sample(prior.model, (len(prompts), prior.model.embedding_dim), schedule=prior.schedule, sampler=sampler,
+               steps=steps, cond=as_cond(text), uncond=uncond, guidance_scale=guidance_scale,
+               thresholding="static" if prior.clip_range else None, threshold_range=prior.clip_range or 1.0,
+               timestep_spacing=c.get("timestep_spacing"), steps_offset=c.get("steps_offset"),
+               generator=generators, noise_seeds=seeds, progress=progress)
+    return prior.model.unnormalize(z)
+
+
+def text_to_image(pipe, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                  prior_steps: int | None = None, prior_guidance_scale: float | None = None,
+                  prior_sampler: str | None = None, noise_level: int = 0, steps: int | None = None,
+                  guidance_scale: float | None = None, sampler: str | None = None, seed: int | None = None,
+                  seeds: list[int] | None = None, num_images_per_prompt: int = 1, height: int | None = None,
+                  width: int | None = None, eta: float | None = None, karras: bool | None = None,
+                  sigma_schedule: str | None = None, rho: float | None = None, final_step: str | None = None,
+                  sampler_options: dict | None = None, emphasis: bool = False, long_prompts: bool = False,
+                  callback=None, progress: bool = True, output_type: str = "pil"):
+    """unCLIP text to image (Ramesh et al. 2022, sec. 2): the prior's CLIP image embedding for each prompt
+    (`prior_steps`, default 25, of its own sampler at `prior_guidance_scale`, default 4: diffusers' defaults), noised
+    to `noise_level` of the decoder's embedding schedule, then the decoder from it and the prompt. Each image's
+    generator (its seed) draws, in diffusers' order for one image: the prior's start and step noise, the embedding's
+    noise, the decoder's start noise. The other options are generate's."""
+    from imagine.diffusion import check_level
+    from imagine.sampling import PerSampleNoise
+
+    prior, embedder, schedule = pipe.c.prior, pipe.c.image_embedder, pipe.c.image_noise_schedule
+    if prior is None:
+        raise ValueError(f"{pipe.c.source or 'this model'} has no diffusion prior (an unCLIP text-to-image model, "
+                         "e.g. SD 2.1 unCLIP with Karlo's prior, has prior/ and image_normalizer/); use generate()")
+    check_level(noise_level, schedule.num_train_timesteps - 1)
+    prior_steps = PRIOR_STEPS if prior_steps is None else int(prior_steps)
+    if prior_steps < 1:
+        raise ValueError(f"prior_steps must be at least 1; got {prior_steps}")
+    prior_guidance_scale = PRIOR_GUIDANCE if prior_guidance_scale is None else float(prior_guidance_scale)
+    prior_sampler = prior_sampler or prior.sampler
+    prompts, negatives, _, seeds = pipe._picture_batch(prompt, negative_prompt, None, num_images_per_prompt, seed,
+                                                       seeds, picture=False)
+    height, width = pipe.output_size(height, width, None)
+    pipe.check_size(height, width)
+
+    def condition(generators):  # the prior's embedding, noised, and its level's code; zeros unguided
+        embeds = prior_embeddings(prior, prompts, generators, seeds, steps=prior_steps,
+                                  guidance_scale=prior_guidance_scale, sampler=prior_sampler, progress=progress)
+        label = image_condition(embedder, embeds, PerSampleNoise(generators).draw(tuple(embeds.shape)), noise_level,
+                                schedule)
+        return label, torch.zeros_like(label), None
+
+    return pipe._picture_run(prompts, negatives, seeds, int(height), int(width), condition, steps=steps,
+                             guidance_scale=guidance_scale, sampler=sampler, eta=eta, karras=karras,
+                             sigma_schedule=sigma_schedule, rho=rho, final_step=final_step,
+                             sampler_options=sampler_options, emphasis=emphasis, long_prompts=long_prompts,
+                             callback=callback, progress=progress, output_type=output_type, noise_level=noise_level,
+                             prior_steps=prior_steps, prior_guidance_scale=prior_guidance_scale,
+                             prior_sampler=prior_sampler)

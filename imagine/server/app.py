@@ -584,7 +584,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     title = f"{name} [{fingerprint[:10]}]"
     version = imagine.__version__
     defaults = _model_defaults(pipe, samplers)
-    unclip_model = getattr(getattr(pipe, "c", None), "image_embedder", None) is not None  # (SD 2.1 unCLIP)
+    # (SD 2.1 unCLIP's decoder for a picture's embedding; with a diffusion prior the model makes images from text)
+    unclip_model = getattr(getattr(pipe, "c", None), "image_embedder", None) is not None and \
+        getattr(getattr(pipe, "c", None), "prior", None) is None
     # CLIP layers skipped at load (imagine serve --clip-skip; diffusers' numbering, A1111's is 1 + it)
     clip_skip = int(getattr(getattr(pipe, "text_encoder", None), "clip_skip", 0) or 0)
     vae_source = str(getattr(getattr(pipe, "c", None), "vae_source", "") or "")
