@@ -13,7 +13,7 @@ with Brownian-bridge draws whose seeds derive from the tree's seed, so no path i
 same W at any query order. torchsde's `BrownianTree` is that tree; k-diffusion's `BrownianTreeNoiseSampler`, which
 AUTOMATIC1111 ("DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"), ComfyUI and diffusers' DPMSolverSDEScheduler use, puts one
 tree per image, seeded with the image's seed, over the run's positive noise levels (float32, on the CPU). This module
-builds the same trees, so a seed gives the image those tools give on a CPU, at any batch size.
+builds the same trees: for the same seed and noise levels, the noise those tools draw on a CPU, at any batch size.
 """
 
 from __future__ import annotations
