@@ -180,7 +180,8 @@ def unet_to_compvis(sd: dict, cfg) -> dict:
             name = f"middle_block.1.{m[1]}"
         else:
             fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-                     "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+                     "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+                     "class_embedding": "label_emb"}  # (an upscaler's noise-level classes)
             head, _, leaf = k.rpartition(".")
             name = f"{fixed[head]}.{leaf}"
         out["model.diffusion_model." + name] = v
@@ -246,14 +247,14 @@ def clip_to_openclip(sd: dict, extra_layer_seed: int = 5) -> dict:
     return out
 
 
-def compvis_checkpoint(unet, vae, text, openclip: bool, extras: bool = True) -> dict:
+def compvis_checkpoint(unet, vae, text, openclip: bool, extras: bool = True, betas_range=(0.00085, 0.012)) -> dict:
     state = {}
     state.update(unet_to_compvis(unet.state_dict(), unet.config))
     state.update(vae_to_compvis(vae.state_dict(), len(vae.config.block_out_channels)))
     ts = {k: v for k, v in text.state_dict().items() if not k.endswith("position_ids")}
     state.update(clip_to_openclip(ts) if openclip else clip_to_compvis(ts))
     if extras:  # what LDM's DDPM module also saves
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+        betas = torch.linspace(betas_range[0] ** 0.5, betas_range[1] ** 0.5, 1000, dtype=torch.float64) ** 2
         state["betas"] = betas.float()
         state["alphas_cumprod"] = torch.cumprod(1 - betas, 0).float()
         state["model_ema.decay"] = torch.tensor(0.9999)

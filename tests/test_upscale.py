@@ -23,15 +23,17 @@ from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tiny_upscaler(folder):
+def _tiny_upscaler(folder, only_cross_attention=False, width=16, groups=8):
+    """only_cross_attention: per level, as the real x4's disable_self_attentions (its attention levels but the last);
+    width, groups: the first level's channels and the GroupNorms' groups (an original single file has SD's 32)."""
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=7, out_channels=4, norm_num_groups=8, block_out_channels=(16, 32),
+        sample_size=16, in_channels=7, out_channels=4, norm_num_groups=groups, block_out_channels=(width, 2 * width),
         layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
-        num_class_embeds=1000, use_linear_projection=True).eval()
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 16, 16), layers_per_block=1,
-                                  latent_channels=4, norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 3,
+        num_class_embeds=1000, use_linear_projection=True, only_cross_attention=only_cross_attention).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(width,) * 3, layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=groups, down_block_types=("DownEncoderBlock2D",) * 3,
                                   up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333).eval()
     with torch.no_grad():  # spread the weights so that every path shows, the class embedding's above all
         for m in (unet, vae):
@@ -176,3 +178,46 @@ def test_serve_refuses_a_super_resolution_model(x4, capsys):
     folder, ref, ours = x4
     assert main(["serve", "--model", str(folder)]) != 0
     assert "super-resolution model (SD's x4 upscaler)" in capsys.readouterr().err
+
+
+def test_single_file_x4_matches_diffusers(tmp_path):
+    """An original x4-upscaler single file (LDM names: label_emb for the noise-level classes, the OpenCLIP text tower
+    with the layer SD 2.x drops, the x4's betas, a 3-level VAE; the first attention level reading the text only, as
+    the released model's disable_self_attentions) loads offline as an upscaler: its v-prediction, 0.08333 latent
+    scale, the low-resolution schedule and 350 levels from the released config; its images are diffusers' (from the
+    same weights as a folder) at 50 dB or more."""
+    from safetensors.torch import save_file
+
+    from test_loading import compvis_checkpoint
+
+    from imagine.loading.single_file import load_single_file
+
+    _tiny_upscaler(tmp_path / "folder", only_cross_attention=(False, True), width=64, groups=32)
+    ref = diffusers.StableDiffusionUpscalePipeline.from_pretrained(tmp_path / "folder", local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    state = compvis_checkpoint(ref.unet, ref.vae, ref.text_encoder, openclip=True, betas_range=(0.0001, 0.02))
+    assert "model.diffusion_model.label_emb.weight" in state
+    path = tmp_path / "single" / "x4-upscaler-ema.safetensors"
+    path.parent.mkdir()
+    save_file(state, str(path))
+    write_clip_tokenizer(path.parent / "tokenizer", "!")
+    ours = TextToImagePipeline(load_single_file(path))
+    c = ours.c
+    assert ours.picture_model and c.prediction_type == "v_prediction" and c.defaults["max_noise_level"] == 350
+    assert c.vae.config.scaling_factor == 0.08333 and c.unet.config.only_cross_attention == (False, True)
+    assert torch.allclose(c.low_res_schedule.alphas_cumprod.float(), ref.low_res_scheduler.alphas_cumprod, atol=1e-6)
+    pictures = [_picture(1), _picture(2)]
+    want = ref(["a red circle", "a blue square"], image=pictures, num_inference_steps=10, guidance_scale=7.5,
+               noise_level=40, generator=[torch.Generator().manual_seed(s) for s in (3, 4)], output_type="pt").images
+    got = ours.upscale(["a red circle", "a blue square"], pictures, steps=10, guidance_scale=7.5, noise_level=40,
+                       seeds=[3, 4], sampler="ddim", progress=False, output_type="latent")
+    images = ((ours.decode(got.latents) + 1) / 2).clamp(0, 1)
+    for a, b in zip(images, want):
+        assert psnr(a, b.float()) >= 50, psnr(a, b.float())
+    # SD 2.1 unCLIP's single file (label_emb.0.*: its image-embedding projection) is refused by name
+    del state["model.diffusion_model.label_emb.weight"]
+    state["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(512, 2048)
+    with pytest.raises(ValueError, match="SD 2.1 unCLIP's image embedding.*diffusers folder"):
+        from imagine.loading.single_file import components_from_state
+
+        components_from_state(state, str(path))

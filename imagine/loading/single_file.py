@@ -63,6 +63,11 @@ SD_SCHEDULER_CONFIG = {
     "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
 }
 SD_SCALING_FACTOR = 0.18215  # LDM sec. 4.3.2: 1 / std of the SD autoencoder's latents
+# SD's x4 upscaler, from stablediffusion's configs/stable-diffusion/x4-upscaling.yaml: v-prediction on LDM's "linear"
+# (diffusers' scaled_linear) schedule from 1e-4 to 0.02 (its low-resolution augmentation's too), latents scaled by
+# 0.08333, augmentation levels up to 350
+X4_UPSCALER = {"prediction_type": "v_prediction", "beta_start": 0.0001, "beta_end": 0.02, "scaling_factor": 0.08333,
+               "max_noise_level": 350}
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 # Keys an original checkpoint carries besides the three networks: the diffusion buffers of
@@ -327,17 +332,22 @@ def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
     if conv_in.ndim != 4:
         raise ValueError(f"{what}: input_blocks.0.0.weight should be a conv weight; got shape {tuple(conv_in.shape)}")
     # (its input channels: 4, or an inpainting model's 9, or instruct-pix2pix's 8: the pipeline tells them apart)
-    levels: list[dict[str, Any]] = [{"channels": [], "attention": [], "depth": []}]
+    levels: list[dict[str, Any]] = [{"channels": [], "attention": [], "depth": [], "only_cross": []}]
     n = 1
     while f"input_blocks.{n}.0.op.weight" in unet or f"input_blocks.{n}.0.in_layers.0.weight" in unet:
         if f"input_blocks.{n}.0.op.weight" in unet:
-            levels.append({"channels": [], "attention": [], "depth": []})
+            levels.append({"channels": [], "attention": [], "depth": [], "only_cross": []})
         else:
             lv = levels[-1]
             lv["channels"].append(unet[f"input_blocks.{n}.0.in_layers.2.weight"].shape[0])
             depth = len({k.split(".")[4] for k in unet if k.startswith(f"input_blocks.{n}.1.transformer_blocks.")})
             lv["attention"].append(f"input_blocks.{n}.1.norm.weight" in unet)
             lv["depth"].append(depth)
+            # LDM's disable_self_attn (SD's x4 upscaler): the first attention reads the text, so its keys take the
+            # context's width, not the tokens' (where the two widths are equal the weights cannot tell; self-attention)
+            k1 = unet.get(f"input_blocks.{n}.1.transformer_blocks.0.attn1.to_k.weight")
+            q1 = unet.get(f"input_blocks.{n}.1.transformer_blocks.0.attn1.to_q.weight")
+            lv["only_cross"].append(k1 is not None and q1 is not None and k1.shape[1] != q1.shape[1])
         n += 1
     if any(k.startswith((f"input_blocks.{n}.", f"input_blocks.{n + 1}.")) for k in unet) or not levels[0]["channels"]:
         raise ValueError(f"{what}: input_blocks.{n} is neither a residual block nor a downsampler; "
@@ -345,7 +355,8 @@ def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
     if not levels[-1]["channels"]:
         raise ValueError(f"{what}: the last level has a downsampler but no residual block; unknown layout")
     for i, lv in enumerate(levels):
-        if len(set(lv["channels"])) != 1 or len(set(lv["attention"])) != 1 or len(set(lv["depth"])) != 1:
+        if len(set(lv["channels"])) != 1 or len(set(lv["attention"])) != 1 or len(set(lv["depth"])) != 1 \
+                or len(set(lv["only_cross"])) != 1:
             raise ValueError(f"{what}: level {i} mixes residual blocks of different widths or attention "
                              f"({lv}); not an SD 1.x/2.x U-Net")
     channels = [lv["channels"][0] for lv in levels]
@@ -364,8 +375,10 @@ def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
     context_dim = unet[first_attn].shape[1]
     proj_in = next(v for k, v in sorted(unet.items()) if k.endswith(".proj_in.weight"))
     linear = proj_in.ndim == 2
-    # Heads are not visible in the weights; follow the released configs (see module docstring).
-    if linear or context_dim == 1024:
+    # Heads are not visible in the weights; follow the released configs (see module docstring): SD's x4 upscaler
+    # (the U-Net with noise-level classes, label_emb.weight) has num_heads 8 at every level
+    upscaler = "label_emb.weight" in unet
+    if (linear or context_dim == 1024) and not upscaler:
         heads: Any = [c // 64 for c in channels]
     else:
         heads = 8
@@ -384,9 +397,15 @@ def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
     }
     if time_dim != 4 * channels[0]:
         cfg["time_embedding_dim"] = time_dim
-    if any(k.startswith("label_emb.") for k in unet):
-        raise ValueError(f"{what}: has a class/vector embedding (label_emb.*: SD 2.x unCLIP or an upscaler); "
-                         "imagine's single-file loader takes the text-to-image SD 1.x/2.x U-Net")
+    only_cross = [lv["only_cross"][0] for lv in levels]
+    if any(only_cross):
+        cfg["only_cross_attention"] = only_cross
+    if upscaler:  # the noise level of the low-resolution picture's augmentation, as a class label (one per level)
+        cfg["num_class_embeds"] = unet["label_emb.weight"].shape[0]
+    elif any(k.startswith("label_emb.") for k in unet):
+        raise ValueError(f"{what}: has a vector embedding (label_emb.0.*: SD 2.1 unCLIP's image embedding); imagine "
+                         "reads SD 2.1 unCLIP from its diffusers folder (image_encoder/, image_normalizer/, ...), not "
+                         "from a single file")
     return cfg, layers, attention
 
 
@@ -637,23 +656,33 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     ucfg, layers, attention = infer_unet_config(parts["unet"])
     if unet_config:
         ucfg.update(unet_config)
-    mapped = keymap.unet_to_diffusers(parts["unet"], layers, attention, ucfg["mid_block_type"] is not None)
+    # SD's x4 upscaler (stablediffusion's x4-upscaling.yaml): a U-Net with the low-resolution picture's noise level as
+    # its class label, the picture concatenated to the latents
+    upscaler = ucfg.get("num_class_embeds") is not None
+    unet_weights = {k: v for k, v in parts["unet"].items() if k != "label_emb.weight"}
+    mapped = keymap.unet_to_diffusers(unet_weights, layers, attention, ucfg["mid_block_type"] is not None)
+    if upscaler:
+        mapped["class_embedding.weight"] = parts["unet"]["label_emb.weight"]
     text_kind = parts["text_kind"]
     sd2 = text_kind == "openclip"
-    ucfg["sample_size"] = 64
+    ucfg["sample_size"] = 128 if upscaler else 64
     try:
         unet_cfg = UNetConfig.from_dict(ucfg)
     except ValueError as e:
         raise ValueError(f"{name}: the U-Net read off the weights is not buildable: {e}") from None
     unet = _build(UNet2DConditionModel, unet_cfg, mapped, f"{name} (U-Net)", dtype)
+    if prediction_type is None and upscaler:
+        prediction_type = X4_UPSCALER["prediction_type"]
     if prediction_type is None:
         prediction_type = sd2_prediction_type(unet, global_step, name) if sd2 else "epsilon"
-    if sd2 and prediction_type == "v_prediction":  # the 768-v models: 768 px, 96x96 latents
+    if sd2 and prediction_type == "v_prediction" and not upscaler:  # the 768-v models: 768 px, 96x96 latents
         unet_cfg = dataclasses.replace(unet_cfg, sample_size=96)
         unet.config = unet_cfg
 
     # VAE
     vcfg, vlevels, vlayers = infer_vae_config(parts["vae"])
+    if upscaler:
+        vcfg["scaling_factor"] = X4_UPSCALER["scaling_factor"]
     if scaling_factor is not None:
         vcfg["scaling_factor"] = float(scaling_factor)
     vmapped = keymap.vae_to_diffusers(parts["vae"], vlevels, vlayers, vcfg["mid_block_add_attention"])
@@ -671,23 +700,31 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
 
     # Noise schedule
     sched_cfg = dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    if upscaler:
+        sched_cfg.update(beta_start=X4_UPSCALER["beta_start"], beta_end=X4_UPSCALER["beta_end"])
     betas = parts["betas"]
     if betas is not None and betas.device.type != "meta":
-        if not _is_sd_schedule(betas):
-            log.warning("%s: its betas differ from SD's scaled_linear schedule; using the stored betas", name)
+        if not _is_sd_schedule(betas, sched_cfg):
+            log.warning("%s: its betas differ from %s scaled_linear schedule; using the stored betas", name,
+                        "the x4 upscaler's" if upscaler else "SD's")
             sched_cfg = dict(sched_cfg, trained_betas=betas.double().tolist(), num_train_timesteps=len(betas))
     schedule = NoiseSchedule.from_diffusers_config(sched_cfg)
     size = 8 * unet_cfg.sample_size
+    defaults: dict[str, Any] = {"height": size, "width": size}
+    low_res = None
+    if upscaler:  # the low-resolution picture's own noise schedule (its ImageConcatWithNoiseAugmentation) and limit
+        low_res = NoiseSchedule.from_diffusers_config({k: X4_UPSCALER[k] for k in ("beta_start", "beta_end")}
+                                                      | {"beta_schedule": "scaled_linear", "num_train_timesteps": 1000})
+        defaults = {"max_noise_level": X4_UPSCALER["max_noise_level"]}
     return Components(unet=unet, text_encoder=text_encoder, schedule=schedule, prediction_type=prediction_type,
-                      vae=vae, scheduler_config=sched_cfg, defaults={"height": size, "width": size},
-                      source=str(source))
+                      vae=vae, scheduler_config=sched_cfg, defaults=defaults, source=str(source),
+                      low_res_schedule=low_res)
 
 
-def _is_sd_schedule(betas: torch.Tensor) -> bool:
-    """Whether stored betas are SD's: linear in sqrt(beta) from sqrt(0.00085) to sqrt(0.012), 1000
-    steps, up to the rounding of the dtype they were stored in (fp16/bf16 prunes round them by up
+def _is_sd_schedule(betas: torch.Tensor, c: dict = SD_SCHEDULER_CONFIG) -> bool:
+    """Whether stored betas are SD's (or those of the config `c`): linear in sqrt(beta) from sqrt(0.00085) to
+    sqrt(0.012), 1000 steps, up to the rounding of the dtype they were stored in (fp16/bf16 prunes round them by up
     to half an ulp, far more than float32's 1e-7; then SD's exact float64 schedule is used)."""
-    c = SD_SCHEDULER_CONFIG
     n = c["num_train_timesteps"]
     if betas.ndim != 1 or betas.shape[0] != n:
         return False
