@@ -11,9 +11,10 @@ The path is a virtual Brownian tree (Li et al. 2020, "Scalable gradients for sto
 sec. 4; the Brownian interval of Kidger et al. 2021): W at a query time is found by bisecting [sigma_min, sigma_max]
 with Brownian-bridge draws whose seeds derive from the tree's seed, so no path is stored and the same seed gives the
 same W at any query order. torchsde's `BrownianTree` is that tree; k-diffusion's `BrownianTreeNoiseSampler`, which
-AUTOMATIC1111 ("DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"), ComfyUI and diffusers' DPMSolverSDEScheduler use, puts one
-tree per image, seeded with the image's seed, over the run's positive noise levels (float32, on the CPU). This module
-builds the same trees: for the same seed and noise levels, the noise those tools draw on a CPU, at any batch size.
+AUTOMATIC1111 ("DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"), ComfyUI and diffusers' DPMSolverSDEScheduler use, makes
+the tree over the run's positive noise levels (float32, on the CPU); A1111 gives it the images' seeds, one tree per
+image (ComfyUI, and diffusers unless given a list, one seed and one tree for the batch: the same at batch 1). This
+module builds A1111's trees: for the same seeds and noise levels, the noise it draws on a CPU, at any batch size.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ class BrownianTreeNoise:
     def __call__(self, sigma: float, sigma_next: float) -> torch.Tensor:
         a, b = _f32(sigma), _f32(sigma_next)
         if a == b:
-            raise ValueError(f"a Brownian increment needs two different noise levels; got {sigma} twice")
+            raise ValueError(f"a Brownian increment needs two different noise levels; got {sigma!r} and "
+                             f"{sigma_next!r}, which are one level in float32 (the peers' precision)")
         lo, hi = min(a, b), max(a, b)
-        slack = 1e-6 * self.sigma_max  # float32 rounding of a level that is the range's own end
-        if lo < self.sigma_min - slack or hi > self.sigma_max + slack:
+        # (a level the float32 rounding of a log/exp round trip moved past an end by an ulp or two)
+        if lo < self.sigma_min * (1 - 1e-6) or hi > self.sigma_max * (1 + 1e-6):
             raise ValueError(f"noise levels {sigma:g} -> {sigma_next:g} fall outside the Brownian tree's range "
                              f"[{self.sigma_min:g}, {self.sigma_max:g}]")
         sign = 1.0 if b > a else -1.0  # W(b) - W(a) from the tree's W(hi) - W(lo)
@@ -79,4 +81,5 @@ def tree_seeds(batch: int, seeds=None, generators=None) -> list[int]:
             raise ValueError(f"{len(out)} tree seeds for a batch of {batch}: give one per sample")
         return out
     gens = generators if isinstance(generators, (list, tuple)) else [generators] * batch
-    return [int(torch.randint(0, 2**63 - 1, (), generator=g)) for g in gens]
+    return [int(torch.randint(0, 2**63 - 1, (), generator=g, device=g.device if g is not None else None))
+            for g in gens]

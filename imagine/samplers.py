@@ -56,11 +56,12 @@ SDE_NOISES = ("brownian", "independent")
 def _increments(noise, x: torch.Tensor, plan: SamplingPlan, sde_noise: str):
     """The SDE samplers' noise z(sigma, sigma_next) for a step from sigma to sigma_next: with sde_noise "brownian" the
     normalized increment of each sample's Brownian path between the two levels (imagine.brownian: the paths of
-    `noise.brownian` when `sample` made the noise, else paths seeded from torch's global generator over the plan's
-    levels), with "independent" a fresh standard normal draw per call (diffusers' multistep SDE schedulers)."""
+    `noise.brownian` when `sample` made the noise; with noise None, paths seeded from torch's global generator over
+    the plan's levels; a noise callable of the caller's own, without paths, gives its own draws), with "independent" a
+    fresh standard normal draw per call (diffusers' multistep SDE schedulers)."""
     if sde_noise not in SDE_NOISES:
         raise ValueError(f"sde_noise must be one of {', '.join(map(repr, SDE_NOISES))}; got {sde_noise!r}")
-    if sde_noise == "independent":
+    if sde_noise == "independent" or (noise is not None and getattr(noise, "brownian", None) is None):
         return lambda s, s_next: _noise(noise, x)
     paths = []  # built at the first increment (a run that never adds noise needs none)
 
@@ -68,7 +69,7 @@ def _increments(noise, x: torch.Tensor, plan: SamplingPlan, sde_noise: str):
         if not paths:
             levels = [v for v in plan.sigmas.tolist() if v > 0]
             levels = (min(levels), max(levels))
-            if getattr(noise, "brownian", None) is not None:
+            if noise is not None:
                 paths.append(noise.brownian(x, levels))
             else:
                 from imagine.brownian import BrownianTreeNoise, tree_seeds
@@ -77,6 +78,16 @@ def _increments(noise, x: torch.Tensor, plan: SamplingPlan, sde_noise: str):
         return paths[0](s, s_next).to(device=x.device, dtype=x.dtype)
 
     return z
+
+
+def _distinct_levels(plan: SamplingPlan, name: str) -> None:
+    # The exponential integrators step in lambda = -log sigma; two equal levels make a step of length 0 (which the
+    # multistep ratio h_prev / h divides by). diffusers' leading spacing repeats levels at a step count near T.
+    sigmas = plan.sigmas.tolist()
+    for i, (a, b) in enumerate(zip(sigmas, sigmas[1:])):
+        if a == b and b > 0:
+            raise ValueError(f"{name}: noise level {a:.6g} repeats at steps {i} and {i + 1} of {len(plan)}; use fewer "
+                             "steps, or trailing / linspace spacing, or Karras / exponential levels")
 
 
 # the samplers with a noise scale eta (see takes_eta)
@@ -390,11 +401,15 @@ def sample_dpmpp_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, n
     noise as Euler ancestral does (eta scales it; eta = 0 is DPM-Solver++(2S) with ratio r), and z(a, b) the
     normalized increment of the sample's noise between the two levels: both substeps start at sigma, so with
     sde_noise "brownian" (A1111's and diffusers') their noises are one Brownian path's, correlated as the SDE
-    needs. r in (0, 1]: where in log sigma the midpoint lies (1/2, the default, is A1111's and diffusers'). The last
-    step (to sigma = 0) is Euler, x_0 = D(x). 2N - 1 model calls."""
+    needs (so sde_noise is "brownian" only here). r in (0, 1]: where in log sigma the midpoint lies (1/2, the default,
+    is A1111's and diffusers'). The last step (to sigma = 0) is Euler, x_0 = D(x). 2N - 1 model calls."""
     eta = _eta("dpmpp_sde", eta, 1.0)
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
         raise ValueError(f"r (the midpoint's place in log sigma) must be in (0, 1]; got {r!r}")
+    if sde_noise == "independent":
+        raise ValueError("dpmpp_sde's two substeps read one Brownian path (their noises overlap); sde_noise "
+                         "'independent' is for the multistep SDE samplers (dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde)")
+    _distinct_levels(plan, "dpmpp_sde")
     sigmas, dtype = plan.sigmas.tolist(), x.dtype
     z = _increments(noise, x, plan, sde_noise) if eta > 0 else None
     x = _vp_to_ve(x, sigmas[0])
@@ -502,6 +517,7 @@ def sample_lcm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=N
 def _dpm_solver_pp_2m(denoise, x, plan, *, eta, noise, callback, progress, name, s_tmin=0.0, s_tmax=math.inf,
                       solver_type="midpoint", sde_noise="brownian"):
     # VP quantities: alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma alpha, lambda = log(alpha/sigma_vp) = -log sigma
+    _distinct_levels(plan, name)
     sigmas = plan.sigmas.tolist()
     z = _increments(noise, x, plan, sde_noise) if eta > 0 else None
     old_denoised, h_last = None, None
@@ -551,7 +567,7 @@ def sample_dpmpp_2m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *
     noise of variance sigma_next^2 (1 - e^{-2h}) each step; eta in [0, 1] blends to the ODE (eta = 0). s_tmin,
     s_tmax: the band of noise levels that get noise (Karras et al. 2022, Alg. 2's S_tmin/S_tmax); outside it the
     step is the ODE's (A1111 exposes the same two settings). sde_noise: "brownian" (each sample's Brownian path,
-    as A1111 and ComfyUI draw it; imagine.brownian) or "independent" (a fresh draw per step, as diffusers)."""
+    as A1111 draws it; imagine.brownian) or "independent" (a fresh draw per step, as diffusers)."""
     eta = _eta("dpmpp_2m_sde", eta, 1.0)
     _check_band(s_tmin, s_tmax)
     return _dpm_solver_pp_2m(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
@@ -577,6 +593,7 @@ def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name,
     # The 3rd-order multistep data-prediction solver on the ODE (eta = 0) or the reverse SDE (eta = 1): the
     # Taylor terms of x_0(lambda) integrated exactly against the weight (1 + eta) e^{-(1 + eta)(lambda_next -
     # lambda)}, so every phi below is the ODE's with h replaced by h_eta = (1 + eta) h.
+    _distinct_levels(plan, name)
     sigmas, n = plan.sigmas.tolist(), _steps_to_zero(plan)
     z = _increments(noise, x, plan, sde_noise) if eta > 0 else None
     ms, hs = [], []  # the x_0 history (newest last) and the step lengths in lambda between them
@@ -816,7 +833,8 @@ _alias("lcm", "lcm", "LCM", "k_lcm", "LCMScheduler")
 # AUTOMATIC1111's old names of its Karras variants (k_<sampler>_ka)
 for _name, _canonical in (("k_lms_ka", "lms"), ("k_dpm_2_ka", "dpm2"), ("k_dpm_2_a_ka", "dpm2_a"),
                           ("k_dpmpp_2s_a_ka", "dpmpp_2s_a"), ("k_dpmpp_2m_ka", "dpmpp_2m"),
-                          ("k_dpmpp_2m_sde_ka", "dpmpp_2m_sde"), ("k_dpmpp_3m_sde_ka", "dpmpp_3m_sde")):
+                          ("k_dpmpp_2m_sde_ka", "dpmpp_2m_sde"), ("k_dpmpp_3m_sde_ka", "dpmpp_3m_sde"),
+                          ("k_dpmpp_2m_sde_heun_ka", "dpmpp_2m_sde_heun")):
     _alias(_canonical, _name, karras=True)
 
 

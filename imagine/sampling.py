@@ -389,7 +389,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            sampler_options: dict[str, Any] | None = None, sigma_schedule: str | None = None,
            rho: float | None = None, start: str = "noise", init: torch.Tensor | None = None, strength: float = 1.0,
            mask: torch.Tensor | None = None, guidance: Callable[..., torch.Tensor] | None = None,
-           noise_seeds: Sequence[int] | None = None,
+           noise_seeds: int | Sequence[int] | None = None,
            dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
@@ -401,8 +401,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     karras: Karras et al. sigmas (also implied by a "... Karras" sampler name).
     sigma_schedule, rho: the noise levels' spacing instead of the timestep spacing's own: "karras",
         "exponential" (even in log-SNR) or "polyexponential" (schedules.spaced_sigmas), A1111's schedule types.
-    eta: DDIM's eta (default 0), or the noise scale of euler_a / dpm2_a / dpmpp_2s_a / dpmpp_2m_sde /
-    dpmpp_3m_sde (default 1).
+    eta: DDIM's eta (default 0), or the noise scale of euler_a / dpm2_a / dpmpp_2s_a / dpmpp_sde / dpmpp_2m_sde /
+    dpmpp_2m_sde_heun / dpmpp_3m_sde (default 1).
     cond / uncond: keyword tensors for the model, batch-first; classifier-free guidance runs when
         guidance_scale != 1 (uncond required then) with guidance_rescale = phi of Lin et al. 2023.
     guidance: another rule for combining them, called as guided_model_output is (e.g.
@@ -413,9 +413,10 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     thresholding: None, "static" or "dynamic" (Imagen) on every x_0 prediction; threshold_range R: the data's
         range [-R, R] the rules hold x_0 to (1: pixels, Imagen's case; a latent's range: guidance.latent_threshold_range).
     seeds / generator: reproducible noise, one generator per sample (see module doc).
-    noise_seeds: the seeds of the samples' Brownian paths, for the SDE samplers' default sde_noise "brownian"
-        (imagine.brownian; A1111 seeds each image's with the image's seed): default `seeds`, else a draw from each
-        sample's generator. The paths span the noise levels of the whole plan (an image-to-image run's too).
+    noise_seeds: the seeds of the samples' Brownian paths (an int s for s, s+1, ...), for the SDE samplers' default
+        sde_noise "brownian" (imagine.brownian; A1111 seeds each image's with the image's seed): default `seeds`, else
+        a draw from each sample's generator. The paths span the noise levels of the whole plan (an image-to-image
+        run's too).
     callback(info): after each step; info has step, total, t, sigma, x, denoised. Raise to stop.
     final_step: "euler" (x_0 = D(x) from the last level, as every diffusers scheduler does) or "heun"
         (the trapezoidal last step, samplers.final_heun_step: same model calls, less narrowing of the
@@ -451,15 +452,13 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         if len(shape) < 2 or not all(isinstance(n, int) and n > 0 for n in shape):
             raise ValueError(f"shape must be a tuple of positive ints (B, C, ...) including the batch; got {shape!r}")
         batch = shape[0]
-    if noise_seeds is None and seeds is not None:
-        noise_seeds = seeds
-    if noise_seeds is not None:
+    generators = make_generators(batch, seeds, generator)  # (checks the seeds first)
+    if noise_seeds is not None or seeds is not None:
         from imagine.brownian import tree_seeds
 
-        noise_seeds = tree_seeds(batch, noise_seeds)
+        noise_seeds = tree_seeds(batch, seeds if noise_seeds is None else noise_seeds)
     levels = [v for v in plan.sigmas.tolist() if v > 0]
-    noise = PerSampleNoise(make_generators(batch, seeds, generator), noise_seeds,
-                           (min(levels), max(levels)) if len(levels) > 1 else None)
+    noise = PerSampleNoise(generators, noise_seeds, (min(levels), max(levels)) if len(levels) > 1 else None)
     cond = check_cond(cond, batch, "cond")
     uncond = check_cond(uncond, batch, "uncond") if uncond is not None else None
     if mask is not None and init is None:
