@@ -87,6 +87,13 @@ def test_prior_transformer_matches_diffusers(tmp_path, extra):
         assert not torch.allclose(ours(x, t, proj, moved, mask)[0], got[0], atol=1e-3)
         z = torch.randn(2, ours.proj_to_clip_embeddings.out_features, generator=g)
         assert torch.allclose(ours.unnormalize(z), ref.post_process_latents(z))
+        # without a caption mask diffusers applies no mask at all (its causal mask comes with the caption's)
+        want = ref(x, t, proj_embedding=proj, encoder_hidden_states=context).predicted_image_embedding
+        assert torch.allclose(ours(x, t, proj, context), want, atol=1e-5, rtol=0)
+        # bfloat16 weights take float32 samples and give float32 back, near the float32 model's
+        half = PriorTransformer.from_pretrained(tmp_path / "prior", dtype=torch.bfloat16)
+        out = half(x, t, proj, context, mask)
+        assert out.dtype == torch.float32 and (out - got).norm() / got.norm() < 0.05
 
 
 def test_the_prior_loop_gives_diffusers_embedding(stable_unclip, monkeypatch):
@@ -144,11 +151,35 @@ def test_a_batch_is_its_images_alone(stable_unclip):
     assert not torch.allclose(both[0], alone[0], atol=1e-2)
 
 
+def test_the_prior_reads_plain_text(stable_unclip):
+    """A1111's syntax is the decoder's text encoder's: the prior gets the caption without LoRA tags, brackets,
+    weights or BREAK, so a prompt whose weights are all 1 gives the plain prompt's image."""
+    from imagine.pipelines.unclip import prior_text
+
+    folder, ref, ours = stable_unclip
+    assert prior_text(ours, "a (red:1.4) circle BREAK [square]", True, True) == "a red circle square"
+    assert prior_text(ours, "a (red:1.4) circle BREAK square", False, True) == "a (red:1.4) circle square"
+    kw = dict(seed=2, steps=3, height=SIZE, width=SIZE, progress=False, output_type="latent")
+    plain = ours.generate("a red circle", **kw).latents
+    assert torch.equal(ours.generate("a (red:1.0) circle", emphasis=True, **kw).latents, plain)
+    assert not torch.equal(ours.generate("a (red:1.0) circle", **kw).latents, plain)
+
+
 def test_errors_name_the_problem(stable_unclip):
     folder, ref, ours = stable_unclip
     assert ours.picture_model is None  # text to image: generate() runs it
     with pytest.raises(ValueError, match="init_image, strength: not for .* an unCLIP text-to-image model"):
         ours.generate("a red circle", init_image=object(), strength=0.5)
+    with pytest.raises(ValueError, match="init_latents: not for"):
+        ours.generate("a red circle", init_latents=torch.zeros(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="control_guidance_start: not for"):
+        ours.generate("a red circle", control_guidance_start=0.2)
+    with pytest.raises(ValueError, match="prompt_editing: not for"):  # (an edit at step 25 of 30)
+        ours.generate("a [cat:dog:25]", steps=30, prompt_editing=True)
+    with pytest.raises(ValueError, match="composable: not for"):  # (a weighted prompt is composed too)
+        ours.generate("a cat :1.5", composable=True)
+    with pytest.raises(ValueError, match="hires. fix is not for .* an unCLIP text-to-image model"):
+        ours.generate_hires("a red circle", hires_scale=2)
     with pytest.raises(ValueError, match="prior_steps must be at least 1"):
         text_to_image(ours, "a red circle", prior_steps=0)
     with pytest.raises(ValueError, match="no CLIP image encoder"):
@@ -185,6 +216,12 @@ def test_cli_runs_the_prior(stable_unclip, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "sd"), "a", "--prior-steps", "5", "-o",
                  str(tmp_path / "y.png")]) != 0
     assert "--prior-steps / --prior-guidance-scale are for unCLIP models with a diffusion prior" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="noise_level is for unCLIP text-to-image models"):
+        TextToImagePipeline.from_pretrained(tmp_path / "sd").generate("a", noise_level=5)
+    # A1111's prompt syntax switched on, a prompt without it: the image of the plain run
+    assert main(["generate", "--model", str(folder), "a red circle", "--steps", "4", "--seed", "2", "--noise-level",
+                 "50", "--prior-steps", "6", "--prior-guidance-scale", "3", "--height", "32", "--width", "32",
+                 "--a1111-prompts", "-o", str(tmp_path / "a.png")]) == 0
 
 
 def test_served_prior_model_makes_images_from_text(stable_unclip):
@@ -198,7 +235,19 @@ def test_served_prior_model_makes_images_from_text(stable_unclip):
     from imagine.server.app import BackgroundServer, ServerConfig, create_app
 
     folder, ref, ours = stable_unclip
+    picture = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(picture, format="PNG")
     with BackgroundServer(create_app(ours, ServerConfig(max_width=64, max_height=64))) as srv:
+        refused = [httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "a", "steps": 2, "enable_hr": True},
+                              timeout=120),
+                   httpx.post(f"{srv.url}/sdapi/v1/img2img", json={"prompt": "a", "steps": 2, "init_images": [
+                       base64.b64encode(picture.getvalue()).decode()]}, timeout=120),
+                   httpx.post(f"{srv.url}/v1/images/variations",
+                              files={"image": ("p.png", picture.getvalue(), "image/png")}, timeout=120),
+                   httpx.post(f"{srv.url}/v1/images/edits", files={"image": ("p.png", picture.getvalue(), "image/png")},
+                              data={"prompt": "a hat"}, timeout=120)]
+        for r in refused:
+            assert r.status_code == 422 and "makes images from text" in r.text, r.text
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 3, "seed": 5,
                                                              "width": 32, "height": 32, "sampler_name": "DDIM",
                                                              "cfg_scale": 5.0},

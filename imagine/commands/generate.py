@@ -337,6 +337,11 @@ def _picture_model_run(pipe, args, picture: dict):
                                        ("--refiner", bool(args.refiner))) if given]
     if unused:
         raise ValueError(f"{', '.join(unused)}: not for {what}")
+    if kind == "prior":  # generate() runs the prior and refuses what it cannot honour (A1111 syntax only where used)
+        import functools
+
+        return functools.partial(pipe.generate, noise_level=args.noise_level, prior_steps=args.prior_steps,
+                                 prior_guidance_scale=args.prior_guidance_scale)
     image = picture.pop("init_image", None)
     picture.pop("strength", None)
 
@@ -351,12 +356,6 @@ def _picture_model_run(pipe, args, picture: dict):
         if kind == "upscaler":
             return pipe.upscale(prompts, image, negative, **common,
                                 noise_level=NOISE_LEVEL if args.noise_level is None else args.noise_level)
-        if kind == "prior":
-            from imagine.pipelines.unclip import text_to_image
-
-            return text_to_image(pipe, prompts, negative, height=height, width=width, **common,
-                                 noise_level=args.noise_level or 0, prior_steps=args.prior_steps,
-                                 prior_guidance_scale=args.prior_guidance_scale)
         return pipe.variations(image, prompts, negative, height=height, width=width, **common,
                                noise_level=args.noise_level or 0)
     return run

@@ -88,9 +88,12 @@ class PriorTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, proj_embedding: torch.Tensor,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b = x.shape[0]
+        b, dtype = x.shape[0], x.dtype
+        w = self.proj_in.weight.dtype  # (reduced-precision weights: the inputs in their dtype, the output in x's)
+        x, proj_embedding = x.to(w), proj_embedding.to(w)
+        context = None if context is None else context.to(w)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
-        time = self.time_embedding(self.time_proj(t).to(x.dtype))
+        time = self.time_embedding(self.time_proj(t).to(w))
         if self.embedding_proj_norm is not None:
             proj_embedding = self.embedding_proj_norm(proj_embedding)
         parts = []
@@ -111,18 +114,19 @@ class PriorTransformer(nn.Module):
             pos = F.pad(pos, (0, 0, text_len + 2, after))
         h = h + pos
         n = h.shape[1]
-        # causal (each token sees itself and those before it), and no padded caption token is seen
-        mask = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()[None, None]
+        # causal (each token sees itself and those before it), and no padded caption token is seen; without a caption
+        # mask, no mask at all, as diffusers runs it (its causal mask comes with the caption's)
+        mask = None
         if context_mask is not None:
             keys = F.pad(context_mask.to(torch.bool), (0, n - context_mask.shape[1]), value=True)
-            mask = mask & keys[:, None, None, :]
+            mask = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()[None, None] & keys[:, None, None, :]
         if self.norm_in is not None:
             h = self.norm_in(h)
         for block in self.transformer_blocks:
             h = block(h, self_mask=mask)
         h = self.norm_out(h)
         h = h[:, -1] if self.prd_embedding is not None else h[:, text_len + 2:]
-        return self.proj_to_clip_embeddings(h)
+        return self.proj_to_clip_embeddings(h).to(dtype)
 
     def unnormalize(self, z: torch.Tensor) -> torch.Tensor:
         """A sample of the prior -> a CLIP image embedding: z std + mean."""
@@ -165,7 +169,9 @@ class DiffusionPrior:
     def clip_range(self) -> float | None:
         """The range x_0 is clipped to at every step (diffusers' clip_sample / clip_sample_range), else None."""
         c = self.scheduler_config
-        return float(c.get("clip_sample_range", 1.0)) if c.get("clip_sample") else None
+        # (diffusers' DDPM and DDIM schedulers clip unless told not to)
+        clip = c.get("clip_sample", c.get("_class_name") in ("DDPMScheduler", "DDIMScheduler"))
+        return float(c.get("clip_sample_range", 1.0)) if clip else None
 
     @classmethod
     def from_folder(cls, root, index: dict, dtype: torch.dtype = torch.float32) -> "DiffusionPrior":

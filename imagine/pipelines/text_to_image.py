@@ -523,7 +523,8 @@ class TextToImagePipeline:
                  refiner_switch: float | None = None, image_guidance_scale: float | None = None,
                  subseed: int | None = None, subseeds: list[int] | None = None, subseed_strength: float = 0.0,
                  seed_resize_from_h: int = 0, seed_resize_from_w: int = 0,
-                 image_guidance_gate: bool = True,
+                 image_guidance_gate: bool = True, noise_level: int | None = None, prior_steps: int | None = None,
+                 prior_guidance_scale: float | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -588,8 +589,8 @@ class TextToImagePipeline:
         picture as image to image does (AUTOMATIC1111's denoising strength for such models).
 
         An unCLIP text-to-image model (a diffusion prior and an SD 2.1 unCLIP decoder) runs `imagine.pipelines.unclip.
-        text_to_image` with the prior's defaults; the options that steer a picture, the text or the start noise are
-        not for it."""
+        text_to_image` (noise_level, prior_steps, prior_guidance_scale: its options, None for the prior's defaults);
+        the options that steer a picture, the text or the start noise are not for it."""
         if self.c.prior is not None:
             from imagine.pipelines.unclip import text_to_image
 
@@ -599,19 +600,23 @@ class TextToImagePipeline:
             # (A1111's prompt syntax, which its API always reads, counts only where a prompt uses it)
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
             negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
+            edit_steps = int(self.defaults["steps"] if steps is None else steps)
             given = {"guidance_rescale": guidance_rescale, "thresholding": thresholding,
                      "threshold_range": threshold_range, "start": start,
-                     "prompt_editing": prompt_editing and any(len(prompt_schedule(t, 20)) > 1
+                     "prompt_editing": prompt_editing and any(len(prompt_schedule(t, edit_steps)) > 1
                                                               for t in texts + [n for n in negs if n]),
-                     "composable": composable and any(len(split_and(t)) > 1 for t in texts),
+                     "composable": composable and any(split_and(t) != [(t, 1.0)] for t in texts),
                      "init_image": init_image, "strength": strength,
                      "init_latents": init_latents, "mask_image": mask_image, "control_image": control_image,
                      "refiner_switch": refiner_switch, "image_guidance_scale": image_guidance_scale,
                      "subseed": subseed, "subseeds": subseeds, "subseed_strength": subseed_strength,
                      "seed_resize_from_h": seed_resize_from_h, "seed_resize_from_w": seed_resize_from_w,
                      "masked_content": masked_content != "original", "resize_mode": resize_mode != "just_resize",
-                     "controlnet_scale": controlnet_scale, "control_mode": control_mode, "guess_mode": guess_mode}
-            unused = sorted(k for k, v in given.items() if v not in (None, False, 0, 0.0, "noise"))
+                     "controlnet_scale": controlnet_scale, "control_mode": control_mode, "guess_mode": guess_mode,
+                     "control_guidance_start": control_guidance_start, "control_guidance_end": control_guidance_end,
+                     "image_guidance_gate": image_guidance_gate is not True}
+            unused = sorted(k for k, v in given.items() if v is not None and v is not False
+                            and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
                 raise ValueError(f"{', '.join(unused)}: not for {self.c.source or 'this model'}, an unCLIP text-to-image "
                                  "model (prior and decoder)")
@@ -620,7 +625,14 @@ class TextToImagePipeline:
                                  height=height, width=width, eta=eta, karras=karras, sigma_schedule=sigma_schedule,
                                  rho=rho, final_step=final_step, sampler_options=sampler_options, emphasis=emphasis,
                                  long_prompts=long_prompts, callback=callback, progress=progress,
-                                 output_type=output_type)
+                                 output_type=output_type, noise_level=noise_level or 0, prior_steps=prior_steps,
+                                 prior_guidance_scale=prior_guidance_scale)
+        for name, value in (("noise_level", noise_level), ("prior_steps", prior_steps),
+                            ("prior_guidance_scale", prior_guidance_scale)):
+            if value is not None:
+                raise ValueError(f"{name} is for unCLIP text-to-image models (a diffusion prior and decoder); "
+                                 f"{self.c.source or 'this model'} has no prior (an upscaler or unCLIP decoder takes "
+                                 "its noise_level in upscale() / variations())")
         t0 = time.time()
         prompts = _prompt_list(prompt, num_images_per_prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -898,6 +910,9 @@ class TextToImagePipeline:
         if kw.get("init_image") is not None or kw.get("init_latents") is not None or kw.get("mask_image") is not None:
             raise ValueError("hires. fix starts from text; for a picture of your own (or inpainting) use init_image "
                              "(and mask_image) without hires")
+        if self.c.prior is not None:  # (its second pass would start from the first's latents, a picture)
+            raise ValueError(f"hires. fix is not for {self.c.source or 'this model'}, an unCLIP text-to-image model "
+                             "(prior and decoder): generate at the size wanted")
         upscaler = str(hires_upscaler).lower()
         if upscaler not in HIRES_UPSCALERS:
             raise ValueError(f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)}; got {hires_upscaler!r}")

@@ -78,6 +78,20 @@ def variations(pipe, image, prompt: str | list[str] = "", negative_prompt: str |
 PRIOR_STEPS, PRIOR_GUIDANCE = 25, 4.0
 
 
+def prior_text(pipe, prompt: str, emphasis: bool, long_prompts: bool) -> str:
+    """The caption as the prior reads it: plain text, without the syntax that the decoder's text encoder reads
+    (AUTOMATIC1111's LoRA tags, which must name merged LoRAs; with emphasis, its brackets and weights; with
+    long_prompts, BREAK): the prior has its own CLIP tower, which no weight or chunk reaches."""
+    from imagine.emphasis import BREAK, parse_emphasis
+
+    text = pipe._without_lora_tags(prompt)
+    if emphasis:
+        text = "".join(" " if w is None else piece for piece, w in parse_emphasis(text, breaks=True))
+    elif long_prompts:
+        text = BREAK.sub(" ", text)
+    return " ".join(text.split())
+
+
 def prior_embeddings(prior, prompts: list[str], generators, seeds, *, steps: int, guidance_scale: float,
                      sampler: str, progress: bool = True) -> torch.Tensor:
     """unCLIP's prior (Ramesh et al. 2022, sec. 2.2): a CLIP image embedding [B, D] per prompt, sampled from P(z_i | y)
@@ -89,7 +103,7 @@ def prior_embeddings(prior, prompts: list[str], generators, seeds, *, steps: int
         return {"proj_embedding": enc.pooled, "context": enc.states, "context_mask": enc.mask}
 
     text = prior.text_encoder.encode(prompts)
-    guided = guidance_scale != 1.0
+    guided = guidance_scale > 1.0  # (diffusers' gate: a scale at or below 1 runs the caption alone)
     uncond = as_cond(prior.text_encoder.encode([""] * len(prompts))) if guided else None
     c = prior.scheduler_config
     z = sample(prior.model, (len(prompts), prior.model.embedding_dim), schedule=prior.schedule, sampler=sampler,
@@ -110,7 +124,8 @@ def text_to_image(pipe, prompt: str | list[str], negative_prompt: str | list[str
                   sampler_options: dict | None = None, emphasis: bool = False, long_prompts: bool = False,
                   callback=None, progress: bool = True, output_type: str = "pil"):
     """unCLIP text to image (Ramesh et al. 2022, sec. 2): the prior's CLIP image embedding for each prompt
-    (`prior_steps`, default 25, of its own sampler at `prior_guidance_scale`, default 4: diffusers' defaults), noised
+    (`prior_steps`, default 25, of its own sampler at `prior_guidance_scale`, default 4: diffusers' defaults; the
+    caption as `prior_text` gives it; its steps are not reported to `callback`, which sees the decoder's), noised
     to `noise_level` of the decoder's embedding schedule, then the decoder from it and the prompt. Each image's
     generator (its seed) draws, in diffusers' order for one image: the prior's start and step noise, the embedding's
     noise, the decoder's start noise. The other options are generate's."""
@@ -132,8 +147,10 @@ def text_to_image(pipe, prompt: str | list[str], negative_prompt: str | list[str
     height, width = pipe.output_size(height, width, None)
     pipe.check_size(height, width)
 
+    texts = [prior_text(pipe, p, emphasis, long_prompts) for p in prompts]
+
     def condition(generators):  # the prior's embedding, noised, and its level's code; zeros unguided
-        embeds = prior_embeddings(prior, prompts, generators, seeds, steps=prior_steps,
+        embeds = prior_embeddings(prior, texts, generators, seeds, steps=prior_steps,
                                   guidance_scale=prior_guidance_scale, sampler=prior_sampler, progress=progress)
         label = image_condition(embedder, embeds, PerSampleNoise(generators).draw(tuple(embeds.shape)), noise_level,
                                 schedule)

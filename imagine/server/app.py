@@ -585,8 +585,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     version = imagine.__version__
     defaults = _model_defaults(pipe, samplers)
     # (SD 2.1 unCLIP's decoder for a picture's embedding; with a diffusion prior the model makes images from text)
-    unclip_model = getattr(getattr(pipe, "c", None), "image_embedder", None) is not None and \
-        getattr(getattr(pipe, "c", None), "prior", None) is None
+    prior_model = getattr(getattr(pipe, "c", None), "prior", None) is not None  # (unCLIP's text to image)
+    unclip_model = getattr(getattr(pipe, "c", None), "image_embedder", None) is not None and not prior_model
     # CLIP layers skipped at load (imagine serve --clip-skip; diffusers' numbering, A1111's is 1 + it)
     clip_skip = int(getattr(getattr(pipe, "text_encoder", None), "clip_skip", 0) or 0)
     vae_source = str(getattr(getattr(pipe, "c", None), "vae_source", "") or "")
@@ -1013,6 +1013,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         """txt2img, and img2img with `inits` (one picture for every image, or one per image of a batch: then the
         batch is that many, as A1111 sets it), inpainting with `mask` (`prepare_inpainting`)."""
         only_variations()
+        if prior_model and (inits is not None or getattr(req, "enable_hr", False)):
+            from_text_only("img2img" if inits is not None else "hires. fix (enable_hr)")
         init = inits[0] if inits else None
         batch_size = len(inits) if inits and len(inits) > 1 else req.batch_size
         sent = req  # (echoed in `parameters` as sent; `info` carries the texts used, as A1111's)
@@ -1477,6 +1479,13 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                     "no endpoint of this server runs it; serve a text-to-image model")
             raise ApiError(422, f"this server's model is {what}: {hint}")
 
+    def from_text_only(what: str) -> None:
+        """422 for a request that starts from a picture when the model is an unCLIP text-to-image model (a diffusion
+        prior and decoder), which makes images from text alone."""
+        raise ApiError(422, f"this server's model is an unCLIP text-to-image model (a diffusion prior and decoder): it "
+                            f"makes images from text, so {what} is not for it; use POST /sdapi/v1/txt2img or "
+                            "/v1/images/generations")
+
     @app.post("/v1/images/generations")
     async def images_generations(req: ImageGenerationRequest, request: Request):
         only_variations()
@@ -1579,6 +1588,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         whole by image to image (strength 0.75, A1111's default; `strength` in the form). Ours, as form fields:
         negative_prompt, seed, steps, guidance_scale, sampler, strength."""
         only_variations()
+        if prior_model:
+            from_text_only("an edit of a picture")
         fields, picture, mask_picture = await openai_picture_form(request, "images.edit")
         prompt = fields.get("prompt") or ""
         if not prompt.strip():
@@ -1605,6 +1616,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         """OpenAI's images.create_variation: image to image from `image` with no prompt (strength 0.6; `prompt` and
         `strength` in the form if wanted), n pictures of its kind; with an unCLIP decoder (SD 2.1 unCLIP), unCLIP's
         own variations, from the picture's CLIP embedding (`noise_level` in the form, default 0)."""
+        if prior_model:
+            from_text_only("a variation of a picture")
         fields, picture, _ = await openai_picture_form(request, "images.create_variation")
         return await openai_picture_job(request, fields, picture, None, fields.get("prompt") or "", 0.6)
 
