@@ -396,7 +396,8 @@ def sample_dpmpp_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, n
     et al. 2022 ("DPM-Solver++"), Algorithm 1 (singlestep, 2nd order) on the reverse SDE, each of its two substeps
     an ancestral one. In VE space with lambda = -log sigma, h = lambda_next - lambda, sigma_r = sigma e^{-r h}:
         u = (sd_1 / sigma) x + (1 - sd_1 / sigma) D(x; sigma) + su_1 z(sigma, sigma_r),
-        x_next = (sd_2 / sigma) x + (1 - sd_2 / sigma) ((1 - 1/(2r)) D(x; sigma) + 1/(2r) D(u; sigma_r)) + su_2 z(sigma, sigma_next)
+        x_next = (sd_2 / sigma) x + (1 - sd_2 / sigma) ((1 - 1/(2r)) D(x; sigma) + 1/(2r) D(u; sigma_r))
+                 + su_2 z(sigma, sigma_next)
     where (sd_k, su_k) split the substep to sigma_r (k = 1) or sigma_next (k = 2) into a deterministic part and fresh
     noise as Euler ancestral does (eta scales it; eta = 0 is DPM-Solver++(2S) with ratio r), and z(a, b) the
     normalized increment of the sample's noise between the two levels: both substeps start at sigma, so with
@@ -408,7 +409,8 @@ def sample_dpmpp_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, n
         raise ValueError(f"r (the midpoint's place in log sigma) must be in (0, 1]; got {r!r}")
     if sde_noise == "independent":
         raise ValueError("dpmpp_sde's two substeps read one Brownian path (their noises overlap); sde_noise "
-                         "'independent' is for the multistep SDE samplers (dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde)")
+                         "'independent' is for the multistep SDE samplers (dpmpp_2m_sde, dpmpp_2m_sde_heun, "
+                         "dpmpp_3m_sde)")
     _distinct_levels(plan, "dpmpp_sde")
     sigmas, dtype = plan.sigmas.tolist(), x.dtype
     z = _increments(noise, x, plan, sde_noise) if eta > 0 else None
@@ -533,7 +535,8 @@ def _dpm_solver_pp_2m(denoise, x, plan, *, eta, noise, callback, progress, name,
         h = math.log(s / s_next)  # lambda_next - lambda
         eta_i = eta if s_tmin <= s <= s_tmax else 0.0  # Karras et al. 2022, Alg. 2: noise only within [S_tmin, S_tmax]
         h_eta = (1 + eta_i) * h
-        # x_next = (sigma_next/sigma) e^{-eta h} x + alpha_next (1 - e^{-h_eta}) x0 + alpha_next c D1 + sigma_next sqrt(1 - e^{-2 eta h}) z
+        # x_next = (sigma_next/sigma) e^{-eta h} x + alpha_next (1 - e^{-h_eta}) x0 + alpha_next c D1
+        #          + sigma_next sqrt(1 - e^{-2 eta h}) z
         # with D1 = (x0 - x0_prev) / r, r = h_prev / h (Lu et al. 2022, DPM-Solver++ Algorithm 2: multistep 2nd order;
         # none on the first step, DPM-Solver++(1), i.e. DDIM); c = (1 - e^{-h_eta}) / 2 by the midpoint rule, or
         # e^{-h_eta}-weighted exactly, (e^{-h_eta} - 1)/h_eta + 1, by the "heun" rule (k-diffusion's and diffusers'
@@ -651,8 +654,9 @@ def sample_dpmpp_3m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *
                         callback=None, progress: bool = True, s_tmin: float = 0.0, s_tmax: float = math.inf,
                         sde_noise: str = "brownian") -> torch.Tensor:
     """SDE-DPM-Solver++(3M) (Lu et al. 2022, sec. 4 and appendix; k-diffusion's sample_dpmpp_3m_sde, A1111's
-    "DPM++ 3M SDE", with diffusers' warm-up: see docs/samplers.md): the 3M solver on the reverse SDE, whose data-prediction solution weights x_0(lambda) by
-    (1 + eta) e^{-(1 + eta)(lambda_next - lambda)}: with h_eta = (1 + eta) h,
+    "DPM++ 3M SDE", with diffusers' warm-up: see docs/samplers.md): the 3M solver on the reverse SDE, whose
+    data-prediction solution weights x_0(lambda) by (1 + eta) e^{-(1 + eta)(lambda_next - lambda)}: with
+    h_eta = (1 + eta) h,
         x_next = (sigma_next/sigma) e^{-eta h} x + alpha_next (1 - e^{-h_eta}) m0 + alpha_next phi_2 D1
                  + alpha_next ((1 - e^{-h_eta})/h_eta^2 - 1/h_eta + 1/2) D2 + sigma_next sqrt(1 - e^{-2 eta h}) z,
     phi_2 = (e^{-h_eta} - 1)/h_eta + 1; eta = 0 is DPM-Solver++(3M). Fresh noise forgets the error of the start

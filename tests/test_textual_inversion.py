@@ -155,3 +155,48 @@ def test_a_capitalised_word_reads_all_its_vectors(tmp_path):
         assert all(i in got for i in ids), (prompt, got, ids)
     weighted = pipe.text_encoder.encode(["(EasyNegative:1.2)"], emphasis=True)
     assert weighted.states.shape[1] == 77
+
+
+@pytest.mark.parametrize("layout", ["string_to_param", "emb_params"])
+def test_embeddings_bundled_in_a_lora_file(tmp_path, layout, caplog):
+    """kohya-ss / AUTOMATIC1111 bundle embeddings in a LoRA file (`bundle_emb.<word>.*`, the embedding file's
+    entries under its word): merging that LoRA at load gives the model with the plain LoRA merged and the embedding
+    file loaded under that word, bit for bit. A prompt's tag merges the LoRA but adds no word (one request must not
+    change the next), and says so; a bundle that does not fit changes nothing."""
+    from test_lora import _kohya_lora
+
+    ref = save_diffusers_folder(tmp_path / "folder", "sd1")
+    lora = _kohya_lora(ref.unet, ref.text_encoder)
+    vectors = _vectors(3, seed=4)
+    bundle = ({"bundle_emb.mystyle.string_to_param.*": vectors} if layout == "string_to_param"
+              else {"bundle_emb.mystyle.emb_params": vectors})
+    (tmp_path / "loras").mkdir()
+    save_file({**lora, **bundle}, str(tmp_path / "loras" / "bundled.safetensors"))
+    save_file(lora, str(tmp_path / "plain.safetensors"))
+    kw = dict(steps=3, seed=5, height=SIZE, width=SIZE, progress=False, output_type="latent")
+    prompt = "a mystyle circle"
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder", loras=[(tmp_path / "loras" / "bundled.safetensors",
+                                                                            0.8)])
+    want = TextToImagePipeline.from_pretrained(tmp_path / "folder", loras=[(tmp_path / "plain.safetensors", 0.8)])
+    want.load_embedding(_write("a1111.safetensors", vectors, tmp_path / "emb", "mystyle"))
+    assert pipe.embeddings == ["mystyle"]
+    assert torch.equal(pipe.generate(prompt, **kw).latents, want.generate(prompt, **kw).latents)
+    # a prompt's tag: the LoRA merged, the word not added
+    asked = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    asked.lora_dir = tmp_path / "loras"
+    with caplog.at_level("WARNING"):
+        got = asked.generate(prompt + " <lora:bundled:0.8>", **kw).latents
+    assert "bundles embeddings (mystyle) that a prompt's tag does not load" in caplog.text
+    plain_merged = TextToImagePipeline.from_pretrained(tmp_path / "folder", loras=[(tmp_path / "plain.safetensors", 0.8)])
+    assert asked.embeddings == [] and torch.equal(got, plain_merged.generate(prompt, **kw).latents)
+    # an SDXL bundle on SD 1.x, or a bundle of unknown entries: refused before anything is merged
+    for bad, message in (({"bundle_emb.x.clip_l": vectors, "bundle_emb.x.clip_g": vectors.clone()},
+                          "is an SDXL embedding"),
+                         ({"bundle_emb.x.weights": vectors}, "the bundled embedding 'x' has \\['weights'\\]")):
+        save_file({**lora, **bad}, str(tmp_path / "bad.safetensors"))
+        fresh = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+        before = {k: v.clone() for k, v in fresh.unet.state_dict().items()}
+        with pytest.raises(ValueError, match=message):
+            fresh.load_lora(tmp_path / "bad.safetensors")
+        assert fresh.loras == [] and fresh.embeddings == []
+        assert all(torch.equal(before[k], v) for k, v in fresh.unet.state_dict().items())

@@ -315,8 +315,8 @@ def _picture_model_run(pipe, args, picture: dict):
     what = pipe.picture_model
     prior = getattr(pipe.c, "prior", None) is not None
     if not prior and (args.prior_steps is not None or args.prior_guidance_scale is not None):
-        raise ValueError("--prior-steps / --prior-guidance-scale are for unCLIP models with a diffusion prior (diffusers' "
-                         "StableUnCLIPPipeline folders); this model has none")
+        raise ValueError("--prior-steps / --prior-guidance-scale are for unCLIP models with a diffusion prior "
+                         "(diffusers' StableUnCLIPPipeline folders); this model has none")
     if what is None and not prior:
         if args.noise_level is not None:
             raise ValueError("--noise-level is for super-resolution models (SD's x4 upscaler) and unCLIP models; "

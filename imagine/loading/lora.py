@@ -42,7 +42,9 @@ full differences (`diff`, `diff_b`) and norm differences (`w_norm`, `b_norm`), e
 2024) comes as LyCORIS' `dora_scale` beside any of them (AUTOMATIC1111's rule) or as peft's
 `lora_magnitude_vector` in diffusers' files (diffusers' rule); `LoraLayer.delta` says how the two differ.
 A file with a key that is none of these (OFT, (IA)^3, GLoRA), or that names a layer the model does not
-have, is refused with the keys it could not place: a LoRA applied in part is a different model. An
+have, is refused with the keys it could not place: a LoRA applied in part is a different model. Textual-inversion
+embeddings bundled in the file (`bundle_emb.<word>.*`, kohya-ss / AUTOMATIC1111) are read beside the layers
+(`read_lora_file`, `bundled_embeddings`). An
 SDXL LoRA given to an SD 1.x/2.x model (or the reverse) is refused so, and the message says which is which.
 """
 
@@ -262,12 +264,51 @@ def kind_of(w: dict[str, torch.Tensor]) -> str:
 
 def read_lora(path: str | os.PathLike) -> list[LoraLayer]:
     """The layers of a LoRA file (.safetensors, or a .ckpt/.pt read with weights_only=True)."""
+    return read_lora_file(path)[0]
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[list[LoraLayer], dict]:
+    """(the layers, the textual-inversion embeddings bundled with them) of a LoRA file; see `bundled_embeddings`."""
     from imagine.loading.single_file import read_checkpoint
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"LoRA not found: {path} (give a .safetensors or .ckpt file)")
-    return lora_layers(read_checkpoint(path), path.name, _metadata(path))
+    state = read_checkpoint(path)
+    embeddings = bundled_embeddings(state, path.name)
+    return lora_layers({k: v for k, v in state.items() if not k.startswith(BUNDLE)}, path.name,
+                       _metadata(path)), embeddings
+
+
+BUNDLE = "bundle_emb."
+
+
+def bundled_embeddings(state: dict[str, torch.Tensor], source: str = "LoRA") -> dict:
+    """The textual-inversion embeddings a LoRA file bundles (kohya-ss' and AUTOMATIC1111's `bundle_emb.<word>.<key>`:
+    an embedding file's entries under its word, `string_to_param.*` / `emb_params` for SD 1.x/2.x, `clip_l` / `clip_g`
+    for SDXL) -> {word: vectors [n, d], or {"clip_l": ..., "clip_g": ...}}, as `textual_inversion` reads files."""
+    from imagine.loading.textual_inversion import embedding_vectors
+
+    grouped: dict[str, dict] = {}
+    for key, value in state.items():
+        if not key.startswith(BUNDLE):
+            continue
+        word, _, entry = key[len(BUNDLE):].partition(".")
+        if not word or not entry:
+            raise ValueError(f"{source}: {key} names no embedding entry; expected {BUNDLE}<word>.<entry> (e.g. "
+                             "emb_params, string_to_param.*, clip_l, clip_g)")
+        head, _, sub = entry.partition(".")
+        if head == "string_to_param":  # (an A1111 .pt's {"string_to_param": {"*": vectors}}, flattened)
+            grouped.setdefault(word, {}).setdefault("string_to_param", {})[sub or "*"] = value
+        else:
+            grouped.setdefault(word, {})[entry] = value
+    out = {}
+    for word, entries in grouped.items():
+        if not (entries.keys() & {"string_to_param", "emb_params", "clip_l", "clip_g"}):
+            raise ValueError(f"{source}: the bundled embedding {word!r} has {sorted(entries)}; expected emb_params or "
+                             "string_to_param.* (SD 1.x/2.x) or clip_l and clip_g (SDXL)")
+        out[word] = embedding_vectors(entries, f"{source} (bundled embedding {word!r})")[1]
+    return out
 
 
 def _metadata(path: Path) -> dict:

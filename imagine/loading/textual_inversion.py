@@ -57,16 +57,21 @@ def read_embedding_file(path: str | os.PathLike) -> tuple[str | None, torch.Tens
     if not path.is_file():
         raise FileNotFoundError(f"embedding not found: {path} (give a .pt, .bin or .safetensors file)")
     obj = _read_safetensors(path) if _file_kind(path) == "safetensors" else _read_pickle(path)
+    return embedding_vectors(obj, path.name)
+
+
+def embedding_vectors(obj, source: str) -> tuple[str | None, torch.Tensor | dict[str, torch.Tensor]]:
+    """`read_embedding_file` on an embedding's contents (a file's, or one bundled in a LoRA file)."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{path.name} holds a {type(obj).__name__}, not a textual-inversion embedding")
+        raise ValueError(f"{source} holds a {type(obj).__name__}, not a textual-inversion embedding")
     token = None
     if any(k in obj for k in SDXL_TOWERS):
         missing = [k for k in SDXL_TOWERS if k not in obj]
         if missing:
-            raise ValueError(f"{path.name}: an SDXL embedding needs clip_l and clip_g vectors; {missing[0]} is missing")
-        parts = {k: _check_vectors(obj[k], f"{path.name} ({k})") for k in SDXL_TOWERS}
+            raise ValueError(f"{source}: an SDXL embedding needs clip_l and clip_g vectors; {missing[0]} is missing")
+        parts = {k: _check_vectors(obj[k], f"{source} ({k})") for k in SDXL_TOWERS}
         if parts["clip_l"].shape[0] != parts["clip_g"].shape[0]:
-            raise ValueError(f"{path.name}: clip_l holds {parts['clip_l'].shape[0]} vectors and clip_g "
+            raise ValueError(f"{source}: clip_l holds {parts['clip_l'].shape[0]} vectors and clip_g "
                              f"{parts['clip_g'].shape[0]}; an SDXL word needs as many for each text encoder")
         return None, parts
     if isinstance(obj.get("string_to_param"), dict) and obj["string_to_param"]:  # AUTOMATIC1111 .pt
@@ -76,10 +81,10 @@ def read_embedding_file(path: str | os.PathLike) -> tuple[str | None, torch.Tens
     elif len(obj) == 1 and torch.is_tensor(next(iter(obj.values()))):  # diffusers: {"<token>": vectors}
         token, vectors = next(iter(obj.items()))
     else:
-        raise ValueError(f"{path.name}: not a textual-inversion embedding; expected string_to_param (AUTOMATIC1111 "
+        raise ValueError(f"{source}: not a textual-inversion embedding; expected string_to_param (AUTOMATIC1111 "
                          f".pt), emb_params (.safetensors) or one {{token: vectors}} entry (diffusers); found "
                          f"{sorted(map(str, obj))[:6]}")
-    return token, _check_vectors(vectors, path.name)
+    return token, _check_vectors(vectors, source)
 
 
 def _check_vectors(vectors, source: str) -> torch.Tensor:

@@ -152,7 +152,7 @@ class PriorTransformer(nn.Module):
 class DiffusionPrior:
     """A prior with what it reads and how it samples: the model, its caption encoder
     (`imagine.models.text_encoders.CLIPPriorTextEncoder`), its training schedule, and its scheduler's settings (a
-    diffusers prior_scheduler config: Karlo's DDPM predicts x_0 and clips it to [-clip_sample_range, clip_sample_range])."""
+    diffusers prior_scheduler config: Karlo's DDPM predicts x_0 and clips it to +-clip_sample_range)."""
 
     model: PriorTransformer
     text_encoder: Any

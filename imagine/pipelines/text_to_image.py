@@ -301,7 +301,7 @@ class TextToImagePipeline:
         on top of those merged at load: the weights the previous set changed are first put back as they were, bit
         for bit, so that an image does not depend on the requests before it. Nothing is done when the set is the
         one merged already (a change makes the cached fast and exact copies rebuild)."""
-        from imagine.loading.lora import merge_lora, read_lora
+        from imagine.loading.lora import merge_lora, read_lora_file
 
         if [(n, s) for n, _, s in wanted] == self.request_loras:
             return
@@ -318,8 +318,14 @@ class TextToImagePipeline:
 
         try:
             for name, path, strength in wanted:
+                layers, embeddings = read_lora_file(path)
+                if set(embeddings) - set(self.embeddings):
+                    # (a word added for one request would stay for the next: an image must not depend on those before)
+                    log.warning("%s bundles embeddings (%s) that a prompt's tag does not load; merge the LoRA when the "
+                                "model loads (--lora, load_lora) to have their words", Path(path).name,
+                                ", ".join(sorted(set(embeddings) - set(self.embeddings))))
                 with torch.no_grad():
-                    merge_lora(self._lora_parts(), read_lora(path), strength, Path(path).name, before=keep)
+                    merge_lora(self._lora_parts(), layers, strength, Path(path).name, before=keep)
                 self.request_loras.append((name, strength))
         except BaseException:
             self.set_request_loras([])  # back to the model as loaded
@@ -337,18 +343,37 @@ class TextToImagePipeline:
         Gal et al. 2022): `token`, else the word the file names (diffusers), else the file's name (AUTOMATIC1111).
         SDXL takes SDXL files (`clip_l` and `clip_g` vectors, one set per text tower). Returns the tokens added; a
         prompt that says the word reads all of them."""
-        from imagine.loading.textual_inversion import add_embedding, add_sdxl_embedding, read_embedding_file
+        from imagine.loading.textual_inversion import read_embedding_file
 
         named, vectors = read_embedding_file(path)
-        word = token or named or Path(path).stem
+        return self._add_word(token or named or Path(path).stem, vectors, Path(path).name)
+
+    def _add_word(self, word: str, vectors, source: str, check_only: bool = False) -> list[str]:
+        """An embedding's word added to the text encoder(s) (`load_embedding`); check_only: only the checks."""
+        from imagine.loading.textual_inversion import (SDXL_TOWERS, _check_fits, add_embedding, add_sdxl_embedding,
+                                                       _sdxl_on_sd)
+
         towers = getattr(self.text_encoder, "towers", None)
+        if towers is None and not hasattr(getattr(self.text_encoder, "model", None), "get_input_embeddings"):
+            raise ValueError(f"{source}: this model's text encoder ({self.text_encoder.kind}) takes no "
+                             "textual-inversion embeddings")
+        if check_only:
+            if towers is not None:
+                if not isinstance(vectors, dict):
+                    raise ValueError(f"{source} is an SD 1.x/2.x embedding; an SDXL model needs clip_l and clip_g")
+                for tower, key in zip(towers, SDXL_TOWERS):
+                    _check_fits(tower, word, vectors[key], f"{source} ({key})", "SDXL's text encoder",
+                                "(SDXL: clip_l 768, clip_g 1280)")
+            elif isinstance(vectors, dict):
+                raise ValueError(_sdxl_on_sd(source))
+            else:
+                _check_fits(self.text_encoder, word, vectors, source, "this model's text encoder",
+                            "(SD 1.x: 768, SD 2.x: 1024)")
+            return []
         if towers is not None:
-            tokens = add_sdxl_embedding(towers, word, vectors, Path(path).name)
+            tokens = add_sdxl_embedding(towers, word, vectors, source)
         else:
-            if not hasattr(getattr(self.text_encoder, "model", None), "get_input_embeddings"):
-                raise ValueError(f"{Path(path).name}: this model's text encoder ({self.text_encoder.kind}) takes no "
-                                 "textual-inversion embeddings")
-            tokens = add_embedding(self.text_encoder, word, vectors, Path(path).name)
+            tokens = add_embedding(self.text_encoder, word, vectors, source)
         self.embeddings.append(word)
         return tokens
 
@@ -367,7 +392,7 @@ class TextToImagePipeline:
         Hu et al. 2021 eq. 3), `strength` s as AUTOMATIC1111's `<lora:name:s>`, or (the text encoders' s, the
         U-Net's s) as its `<lora:name:te:unet>`. It stays merged; load the model again to drop it. Returns the layers
         merged per part."""
-        from imagine.loading.lora import merge_lora, read_lora
+        from imagine.loading.lora import merge_lora, read_lora_file
 
         pair = strength if isinstance(strength, (tuple, list)) else (strength, strength)
         if len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair):
@@ -379,7 +404,18 @@ class TextToImagePipeline:
                              f"{_strength_text(merged[name])}); merge each once, at the strength wanted")
         if self.request_loras:
             raise ValueError("LoRAs asked for by prompts are merged now; load LoRAs before generating with them")
-        counts = merge_lora(self._lora_parts(), read_lora(path), strength, Path(path).name)
+        layers, embeddings = read_lora_file(path)
+        # the embeddings it bundles (AUTOMATIC1111's bundle_emb) become words too, checked before anything changes; a
+        # word already loaded keeps its own vectors
+        words = {w: v for w, v in embeddings.items() if w not in self.embeddings}
+        for word in embeddings.keys() - words.keys():
+            log.warning("%s bundles an embedding for %r, a word already loaded; the loaded one is kept",
+                        Path(path).name, word)
+        for word, vectors in words.items():
+            self._add_word(word, vectors, f"{Path(path).name} (bundled embedding {word!r})", check_only=True)
+        counts = merge_lora(self._lora_parts(), layers, strength, Path(path).name)
+        for word, vectors in words.items():
+            self._add_word(word, vectors, f"{Path(path).name} (bundled embedding {word!r})")
         self.loras.append((name, strength))
         return counts
 
@@ -618,8 +654,8 @@ class TextToImagePipeline:
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
-                raise ValueError(f"{', '.join(unused)}: not for {self.c.source or 'this model'}, an unCLIP text-to-image "
-                                 "model (prior and decoder)")
+                raise ValueError(f"{', '.join(unused)}: not for {self.c.source or 'this model'}, an unCLIP "
+                                 "text-to-image model (prior and decoder)")
             return text_to_image(self, prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, seed=seed, seeds=seeds, num_images_per_prompt=num_images_per_prompt,
                                  height=height, width=width, eta=eta, karras=karras, sigma_schedule=sigma_schedule,
