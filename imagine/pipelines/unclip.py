@@ -34,6 +34,20 @@ def image_condition(embedder, embeds: torch.Tensor, noise: torch.Tensor, level: 
     return torch.cat([z, code.to(z.dtype)], dim=1)
 
 
+def embedding_condition(embed, embedder, schedule, level: int):
+    """The `condition(generators)` of a run on CLIP image embeddings (`TextToImagePipeline._picture_run`):
+    `embed(generators)` gives them (a picture's, or the prior's, drawing its noise first), each image's generator then
+    draws the noise that takes them to `level` (`image_condition`); guidance's unconditional side gets zeros."""
+    from imagine.sampling import PerSampleNoise
+
+    def condition(generators):
+        embeds = embed(generators)
+        label = image_condition(embedder, embeds, PerSampleNoise(generators).draw(tuple(embeds.shape)), level, schedule)
+        return label, torch.zeros_like(label), None
+
+    return condition
+
+
 def variations(pipe, image, prompt: str | list[str] = "", negative_prompt: str | list[str] | None = None, *,
                noise_level: int = 0, steps: int | None = None, guidance_scale: float | None = None,
                sampler: str | None = None, seed: int | None = None, seeds: list[int] | None = None,
@@ -49,7 +63,6 @@ def variations(pipe, image, prompt: str | list[str] = "", negative_prompt: str |
     for all; here each image has its own, so an image does not depend on its batch). The other options are
     generate's."""
     from imagine.diffusion import check_level
-    from imagine.sampling import PerSampleNoise
 
     embedder, schedule = pipe.c.image_embedder, pipe.c.image_noise_schedule
     if embedder is None:
@@ -61,12 +74,7 @@ def variations(pipe, image, prompt: str | list[str] = "", negative_prompt: str |
     height, width = pipe.output_size(height, width, None)
     pipe.check_size(height, width)
 
-    def condition(generators):  # unCLIP's: the picture's noised CLIP embedding and its level's code; zeros unguided
-        embeds = embedder.embed(pictures)
-        label = image_condition(embedder, embeds, PerSampleNoise(generators).draw(tuple(embeds.shape)), noise_level,
-                                schedule)
-        return label, torch.zeros_like(label), None
-
+    condition = embedding_condition(lambda generators: embedder.embed(pictures), embedder, schedule, noise_level)
     return pipe._picture_run(prompts, negatives, seeds, int(height), int(width), condition, steps=steps,
                              guidance_scale=guidance_scale, sampler=sampler, eta=eta, karras=karras,
                              sigma_schedule=sigma_schedule, rho=rho, final_step=final_step,
@@ -130,7 +138,6 @@ def text_to_image(pipe, prompt: str | list[str], negative_prompt: str | list[str
     generator (its seed) draws, in diffusers' order for one image: the prior's start and step noise, the embedding's
     noise, the decoder's start noise. The other options are generate's."""
     from imagine.diffusion import check_level
-    from imagine.sampling import PerSampleNoise
 
     prior, embedder, schedule = pipe.c.prior, pipe.c.image_embedder, pipe.c.image_noise_schedule
     if prior is None:
@@ -149,13 +156,10 @@ def text_to_image(pipe, prompt: str | list[str], negative_prompt: str | list[str
 
     texts = [prior_text(pipe, p, emphasis, long_prompts) for p in prompts]
 
-    def condition(generators):  # the prior's embedding, noised, and its level's code; zeros unguided
-        embeds = prior_embeddings(prior, texts, generators, seeds, steps=prior_steps,
-                                  guidance_scale=prior_guidance_scale, sampler=prior_sampler, progress=progress)
-        label = image_condition(embedder, embeds, PerSampleNoise(generators).draw(tuple(embeds.shape)), noise_level,
-                                schedule)
-        return label, torch.zeros_like(label), None
-
+    condition = embedding_condition(
+        lambda generators: prior_embeddings(prior, texts, generators, seeds, steps=prior_steps,
+                                            guidance_scale=prior_guidance_scale, sampler=prior_sampler,
+                                            progress=progress), embedder, schedule, noise_level)
     return pipe._picture_run(prompts, negatives, seeds, int(height), int(width), condition, steps=steps,
                              guidance_scale=guidance_scale, sampler=sampler, eta=eta, karras=karras,
                              sigma_schedule=sigma_schedule, rho=rho, final_step=final_step,
