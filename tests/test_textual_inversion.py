@@ -187,12 +187,24 @@ def test_embeddings_bundled_in_a_lora_file(tmp_path, layout, caplog):
     with caplog.at_level("WARNING"):
         got = asked.generate(prompt + " <lora:bundled:0.8>", **kw).latents
     assert "bundles embeddings (mystyle) that a prompt's tag does not load" in caplog.text
-    plain_merged = TextToImagePipeline.from_pretrained(tmp_path / "folder", loras=[(tmp_path / "plain.safetensors", 0.8)])
+    plain_merged = TextToImagePipeline.from_pretrained(tmp_path / "folder",
+                                                       loras=[(tmp_path / "plain.safetensors", 0.8)])
     assert asked.embeddings == [] and torch.equal(got, plain_merged.generate(prompt, **kw).latents)
-    # an SDXL bundle on SD 1.x, or a bundle of unknown entries: refused before anything is merged
+    # the embedding file given with --embedding keeps its vectors over the bundled word's
+    other = _vectors(3, seed=9)
+    both = TextToImagePipeline.from_pretrained(tmp_path / "folder", embeddings=[_write(
+        "a1111.safetensors", other, tmp_path / "emb2", "mystyle")], loras=[(tmp_path / "loras" / "bundled.safetensors",
+                                                                            0.8)])
+    file_only = TextToImagePipeline.from_pretrained(tmp_path / "folder", loras=[(tmp_path / "plain.safetensors", 0.8)])
+    file_only.load_embedding(tmp_path / "emb2" / "mystyle.safetensors")
+    assert torch.equal(both.generate(prompt, **kw).latents, file_only.generate(prompt, **kw).latents)
+    # an SDXL bundle on SD 1.x, a bundle of unknown entries, two bundled words that share a token: refused before
+    # anything is merged
     for bad, message in (({"bundle_emb.x.clip_l": vectors, "bundle_emb.x.clip_g": vectors.clone()},
                           "is an SDXL embedding"),
-                         ({"bundle_emb.x.weights": vectors}, "the bundled embedding 'x' has \\['weights'\\]")):
+                         ({"bundle_emb.x.weights": vectors}, "the bundled embedding 'x' has \\['weights'\\]"),
+                         ({"bundle_emb.ab.emb_params": vectors, "bundle_emb.ab_1.emb_params": vectors.clone()},
+                          "need the token 'ab_1' twice")):
         save_file({**lora, **bad}, str(tmp_path / "bad.safetensors"))
         fresh = TextToImagePipeline.from_pretrained(tmp_path / "folder")
         before = {k: v.clone() for k, v in fresh.unet.state_dict().items()}

@@ -33,7 +33,8 @@ def _tiny_upscaler(folder, only_cross_attention=False, width=16, groups=8):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
         num_class_embeds=1000, use_linear_projection=True, only_cross_attention=only_cross_attention).eval()
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(width,) * 3, layers_per_block=1,
-                                  latent_channels=4, norm_num_groups=groups, down_block_types=("DownEncoderBlock2D",) * 3,
+                                  latent_channels=4, norm_num_groups=groups,
+                                  down_block_types=("DownEncoderBlock2D",) * 3,
                                   up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333).eval()
     with torch.no_grad():  # spread the weights so that every path shows, the class embedding's above all
         for m in (unet, vae):
@@ -197,6 +198,11 @@ def test_single_file_x4_matches_diffusers(tmp_path):
     ref.set_progress_bar_config(disable=True)
     state = compvis_checkpoint(ref.unet, ref.vae, ref.text_encoder, openclip=True, betas_range=(0.0001, 0.02))
     assert "model.diffusion_model.label_emb.weight" in state
+    # (its noise augmenter's schedule buffers, as LDM's LatentUpscaleDiffusion saves them)
+    low = torch.linspace(0.0001 ** 0.5, 0.02 ** 0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - low, 0)
+    state.update({"low_scale_model.betas": low.float(), "low_scale_model.alphas_cumprod": abar.float(),
+                  "low_scale_model.sqrt_alphas_cumprod": abar.sqrt().float()})
     path = tmp_path / "single" / "x4-upscaler-ema.safetensors"
     path.parent.mkdir()
     save_file(state, str(path))
@@ -207,17 +213,24 @@ def test_single_file_x4_matches_diffusers(tmp_path):
     assert c.vae.config.scaling_factor == 0.08333 and c.unet.config.only_cross_attention == (False, True)
     assert torch.allclose(c.low_res_schedule.alphas_cumprod.float(), ref.low_res_scheduler.alphas_cumprod, atol=1e-6)
     pictures = [_picture(1), _picture(2)]
-    want = ref(["a red circle", "a blue square"], image=pictures, num_inference_steps=10, guidance_scale=7.5,
-               noise_level=40, generator=[torch.Generator().manual_seed(s) for s in (3, 4)], output_type="pt").images
-    got = ours.upscale(["a red circle", "a blue square"], pictures, steps=10, guidance_scale=7.5, noise_level=40,
-                       seeds=[3, 4], sampler="ddim", progress=False, output_type="latent")
-    images = ((ours.decode(got.latents) + 1) / 2).clamp(0, 1)
-    for a, b in zip(images, want):
-        assert psnr(a, b.float()) >= 50, psnr(a, b.float())
-    # SD 2.1 unCLIP's single file (label_emb.0.*: its image-embedding projection) is refused by name
+    for sampler, scheduler in (("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler")):
+        ref.scheduler = getattr(diffusers, scheduler).from_config(ref.scheduler.config)
+        want = ref(["a red circle", "a blue square"], image=pictures, num_inference_steps=10, guidance_scale=7.5,
+                   noise_level=40, generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+                   output_type="pt").images
+        got = ours.upscale(["a red circle", "a blue square"], pictures, steps=10, guidance_scale=7.5, noise_level=40,
+                           seeds=[3, 4], sampler=sampler, progress=False, output_type="latent")
+        images = ((ours.decode(got.latents) + 1) / 2).clamp(0, 1)
+        for a, b in zip(images, want):
+            assert psnr(a, b.float()) >= 50, (sampler, psnr(a, b.float()))
+    # SD 2.1 unCLIP's single file (label_emb.0.*: its image-embedding projection; its image tower and noise augmentor
+    # beside the U-Net) is refused by name
+    from imagine.loading.single_file import components_from_state
+
     del state["model.diffusion_model.label_emb.weight"]
     state["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(512, 2048)
     with pytest.raises(ValueError, match="SD 2.1 unCLIP's image embedding.*diffusers folder"):
-        from imagine.loading.single_file import components_from_state
-
+        components_from_state(state, str(path))
+    state["noise_augmentor.betas"] = torch.zeros(1000)
+    with pytest.raises(ValueError, match="looks like SD 2.1 unCLIP.*diffusers folder"):
         components_from_state(state, str(path))

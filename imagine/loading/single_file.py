@@ -74,7 +74,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # LDM's DDPM module, its learned-logvar parameter, the EMA copy, and training bookkeeping.
 IGNORED_PREFIXES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus_alphas_cumprod",
                     "posterior_", "logvar", "model_ema.", "lvlb_weights", "ucg_", "cond_stage_model.model.visual.",
-                    "cond_stage_model.model.logit_scale", "cond_stage_model.model.text_projection")
+                    "cond_stage_model.model.logit_scale", "cond_stage_model.model.text_projection",
+                    # SD's x4 upscaler: its low-resolution augmentation's schedule buffers (ImageConcatWithNoise-
+                    # Augmentation), checked against the released config where the file has them
+                    "low_scale_model.")
 SD2_BASE_GLOBAL_STEP = 875000  # the step count stored in SD 2.0/2.1 512-base .ckpt files (epsilon)
 KNOWN_OTHER_LAYOUTS = {  # SDXL (conditioner.embedders.*) goes to imagine.loading.sdxl before these are checked
     "conditioner.embedders.": "an SDXL checkpoint (conditioner.embedders.*) without its U-Net; imagine loads whole "
@@ -267,6 +270,10 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint")
     "text": {...}, "text_kind": "clip" | "openclip", "betas": tensor | None}, prefixes removed.
     Raises ValueError naming what was found when the layout is not SD 1.x/2.x."""
     keys = list(state)
+    if any(k.startswith(("noise_augmentor.", "embedder.model.visual.")) for k in keys):
+        raise ValueError(f"{source} looks like SD 2.1 unCLIP (an OpenCLIP image tower, embedder.*, and a noise "
+                         "augmentor beside the U-Net); imagine reads SD 2.1 unCLIP from its diffusers folder "
+                         "(image_encoder/, image_normalizer/, ...), not from a single file")
     for prefix, what in KNOWN_OTHER_LAYOUTS.items():
         if any(k.startswith(prefix) for k in keys) and not any(k.startswith(keymap.UNET_PREFIX + "input_blocks.")
                                                              for k in keys):
@@ -713,8 +720,14 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     defaults: dict[str, Any] = {"height": size, "width": size}
     low_res = None
     if upscaler:  # the low-resolution picture's own noise schedule (its ImageConcatWithNoiseAugmentation) and limit
-        low_res = NoiseSchedule.from_diffusers_config({k: X4_UPSCALER[k] for k in ("beta_start", "beta_end")}
-                                                      | {"beta_schedule": "scaled_linear", "num_train_timesteps": 1000})
+        low_cfg = {"beta_start": X4_UPSCALER["beta_start"], "beta_end": X4_UPSCALER["beta_end"],
+                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+        low_betas = state.get("low_scale_model.betas")
+        if low_betas is not None and low_betas.device.type != "meta" and not _is_sd_schedule(low_betas, low_cfg):
+            log.warning("%s: its low-resolution augmentation's betas differ from the x4 upscaler's; using the "
+                        "stored betas", name)
+            low_cfg = dict(low_cfg, trained_betas=low_betas.double().tolist(), num_train_timesteps=len(low_betas))
+        low_res = NoiseSchedule.from_diffusers_config(low_cfg)
         defaults = {"max_noise_level": X4_UPSCALER["max_noise_level"]}
     return Components(unet=unet, text_encoder=text_encoder, schedule=schedule, prediction_type=prediction_type,
                       vae=vae, scheduler_config=sched_cfg, defaults=defaults, source=str(source),
@@ -722,9 +735,9 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
 
 
 def _is_sd_schedule(betas: torch.Tensor, c: dict = SD_SCHEDULER_CONFIG) -> bool:
-    """Whether stored betas are SD's (or those of the config `c`): linear in sqrt(beta) from sqrt(0.00085) to
-    sqrt(0.012), 1000 steps, up to the rounding of the dtype they were stored in (fp16/bf16 prunes round them by up
-    to half an ulp, far more than float32's 1e-7; then SD's exact float64 schedule is used)."""
+    """Whether stored betas are the scaled_linear schedule of the config `c` (SD's: linear in sqrt(beta) from
+    sqrt(0.00085) to sqrt(0.012), 1000 steps), up to the rounding of the dtype they were stored in (fp16/bf16 prunes
+    round them by up to half an ulp, far more than float32's 1e-7; then the exact float64 schedule is used)."""
     n = c["num_train_timesteps"]
     if betas.ndim != 1 or betas.shape[0] != n:
         return False

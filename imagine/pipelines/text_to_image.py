@@ -155,12 +155,13 @@ class TextToImagePipeline:
         if vae is not None:
             comps = replace_vae(comps, vae, dtype)
         pipe = cls(comps, precision=precision)
-        for item in loras or []:
-            lora, strength = (item, 1.0) if isinstance(item, (str, Path)) else item
-            pipe.load_lora(lora, strength)
+        # (the embedding files first: a word a LoRA also bundles keeps the file's vectors, as in AUTOMATIC1111)
         for item in embeddings or []:
             emb, word = (item, None) if isinstance(item, (str, Path)) else item
             pipe.load_embedding(emb, word)
+        for item in loras or []:
+            lora, strength = (item, 1.0) if isinstance(item, (str, Path)) else item
+            pipe.load_lora(lora, strength)
         for item in controlnets or []:
             net, name = (item, None) if isinstance(item, (str, Path)) else item
             pipe.load_controlnet(net, name)
@@ -361,8 +362,8 @@ class TextToImagePipeline:
             if towers is not None:
                 if not isinstance(vectors, dict):
                     raise ValueError(f"{source} is an SD 1.x/2.x embedding; an SDXL model needs clip_l and clip_g")
-                for tower, key in zip(towers, SDXL_TOWERS):
-                    _check_fits(tower, word, vectors[key], f"{source} ({key})", "SDXL's text encoder",
+                for tower, key, which in zip(towers, SDXL_TOWERS, ("first", "second")):
+                    _check_fits(tower, word, vectors[key], f"{source} ({key})", f"SDXL's {which} text encoder",
                                 "(SDXL: clip_l 768, clip_g 1280)")
             elif isinstance(vectors, dict):
                 raise ValueError(_sdxl_on_sd(source))
@@ -393,6 +394,7 @@ class TextToImagePipeline:
         U-Net's s) as its `<lora:name:te:unet>`. It stays merged; load the model again to drop it. Returns the layers
         merged per part."""
         from imagine.loading.lora import merge_lora, read_lora_file
+        from imagine.loading.textual_inversion import word_tokens
 
         pair = strength if isinstance(strength, (tuple, list)) else (strength, strength)
         if len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair):
@@ -411,8 +413,14 @@ class TextToImagePipeline:
         for word in embeddings.keys() - words.keys():
             log.warning("%s bundles an embedding for %r, a word already loaded; the loaded one is kept",
                         Path(path).name, word)
+        tokens: set[str] = set()
         for word, vectors in words.items():
             self._add_word(word, vectors, f"{Path(path).name} (bundled embedding {word!r})", check_only=True)
+            n = (vectors["clip_l"] if isinstance(vectors, dict) else vectors).shape[0]
+            if clash := tokens & set(word_tokens(word, n)):  # (two bundled words that would share a token)
+                raise ValueError(f"{Path(path).name}: its bundled embeddings need the token {sorted(clash)[0]!r} "
+                                 f"twice ({word!r} is one of them); nothing was merged")
+            tokens |= set(word_tokens(word, n))
         counts = merge_lora(self._lora_parts(), layers, strength, Path(path).name)
         for word, vectors in words.items():
             self._add_word(word, vectors, f"{Path(path).name} (bundled embedding {word!r})")
