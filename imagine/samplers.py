@@ -407,7 +407,7 @@ def sample_dpmpp_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, n
     eta = _eta("dpmpp_sde", eta, 1.0)
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
         raise ValueError(f"r (the midpoint's place in log sigma) must be in (0, 1]; got {r!r}")
-    if sde_noise == "independent":
+    if sde_noise == "independent" or (noise is not None and getattr(noise, "brownian", None) is None):
         raise ValueError("dpmpp_sde's two substeps read one Brownian path (their noises overlap); sde_noise "
                          "'independent' is for the multistep SDE samplers (dpmpp_2m_sde, dpmpp_2m_sde_heun, "
                          "dpmpp_3m_sde)")

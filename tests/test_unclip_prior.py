@@ -174,10 +174,17 @@ def test_errors_name_the_problem(stable_unclip):
         ours.generate("a red circle", init_latents=torch.zeros(1, 4, 4, 4))
     with pytest.raises(ValueError, match="control_guidance_start: not for"):
         ours.generate("a red circle", control_guidance_start=0.2)
-    with pytest.raises(ValueError, match="prompt_editing: not for"):  # (an edit at step 25 of 30)
+    with pytest.raises(ValueError, match="prompt_editing .* prompts.: not for"):  # (an edit at step 25 of 30)
         ours.generate("a [cat:dog:25]", steps=30, prompt_editing=True)
-    with pytest.raises(ValueError, match="composable: not for"):  # (a weighted prompt is composed too)
+    with pytest.raises(ValueError, match="composable .AND / :weight prompts.: not for"):  # (a weighted one too)
         ours.generate("a cat :1.5", composable=True)
+    kw = dict(steps=2, seed=1, height=SIZE, width=SIZE, progress=False, output_type="latent")
+    for plain in ("a red circle, ", "a cat :1", "a cat\n"):  # (no AND, no weight but 1: read as it is)
+        ours.generate(plain, composable=True, prompt_editing=True, **kw)
+    ours.generate("a red circle", subseed=5, **kw)  # (a variation seed at strength 0 does nothing)
+    # a prior guidance at or below 1 runs the caption alone, as diffusers
+    assert torch.equal(text_to_image(ours, "a red circle", prior_guidance_scale=0.5, **kw).latents,
+                       text_to_image(ours, "a red circle", prior_guidance_scale=1.0, **kw).latents)
     with pytest.raises(ValueError, match="hires. fix is not for .* an unCLIP text-to-image model"):
         ours.generate_hires("a red circle", hires_scale=2)
     with pytest.raises(ValueError, match="prior_steps must be at least 1"):
@@ -245,7 +252,9 @@ def test_served_prior_model_makes_images_from_text(stable_unclip):
                    httpx.post(f"{srv.url}/v1/images/variations",
                               files={"image": ("p.png", picture.getvalue(), "image/png")}, timeout=120),
                    httpx.post(f"{srv.url}/v1/images/edits", files={"image": ("p.png", picture.getvalue(), "image/png")},
-                              data={"prompt": "a hat"}, timeout=120)]
+                              data={"prompt": "a hat"}, timeout=120),
+                   httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "a", "steps": 2, "subseed_strength": 0.3},
+                              timeout=120)]
         for r in refused:
             assert r.status_code == 422 and "makes images from text" in r.text, r.text
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 3, "seed": 5,

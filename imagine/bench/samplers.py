@@ -265,7 +265,8 @@ def run_ours(model: ExactModel, schedule: NoiseSchedule, shape, sampler: str, st
     from imagine.samplers import option_names, resolve_sampler
     from imagine.sampling import sample
 
-    if "sde_noise" in option_names(resolve_sampler(sampler)[0]):
+    canonical = resolve_sampler(sampler)[0]
+    if "sde_noise" in option_names(canonical) and canonical != "dpmpp_sde":  # (its substeps need the paths)
         # the SDE samplers' noise as diffusers' multistep SDE draws it, fresh each step for the whole batch: one
         # Brownian tree per sample (their default, imagine.brownian) over 200,000 samples would outcost the model
         options = {**options, "sampler_options": {"sde_noise": "independent", **options.get("sampler_options", {})}}

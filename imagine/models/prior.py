@@ -170,7 +170,8 @@ class DiffusionPrior:
         """The range x_0 is clipped to at every step (diffusers' clip_sample / clip_sample_range), else None."""
         c = self.scheduler_config
         # (diffusers' DDPM and DDIM schedulers clip unless told not to)
-        clip = c.get("clip_sample", c.get("_class_name") in ("DDPMScheduler", "DDIMScheduler"))
+        clip = c.get("clip_sample", c.get("_class_name") in ("DDPMScheduler", "DDIMScheduler", "UnCLIPScheduler",
+                                                              "DDPMParallelScheduler", "DDIMParallelScheduler"))
         return float(c.get("clip_sample_range", 1.0)) if clip else None
 
     @classmethod

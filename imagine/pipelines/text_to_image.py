@@ -649,11 +649,12 @@ class TextToImagePipeline:
                      "threshold_range": threshold_range, "start": start,
                      "prompt_editing": prompt_editing and any(len(prompt_schedule(t, edit_steps)) > 1
                                                               for t in texts + [n for n in negs if n]),
-                     "composable": composable and any(split_and(t) != [(t, 1.0)] for t in texts),
+                     "composable": composable and any(len(parts) > 1 or parts[0][1] != 1.0
+                                                      for parts in map(split_and, texts)),
                      "init_image": init_image, "strength": strength,
                      "init_latents": init_latents, "mask_image": mask_image, "control_image": control_image,
                      "refiner_switch": refiner_switch, "image_guidance_scale": image_guidance_scale,
-                     "subseed": subseed, "subseeds": subseeds, "subseed_strength": subseed_strength,
+                     "subseed_strength": subseed_strength,  # (a variation seed does nothing at strength 0)
                      "seed_resize_from_h": seed_resize_from_h, "seed_resize_from_w": seed_resize_from_w,
                      "masked_content": masked_content != "original", "resize_mode": resize_mode != "just_resize",
                      "controlnet_scale": controlnet_scale, "control_mode": control_mode, "guess_mode": guess_mode,
@@ -662,8 +663,11 @@ class TextToImagePipeline:
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
-                raise ValueError(f"{', '.join(unused)}: not for {self.c.source or 'this model'}, an unCLIP "
-                                 "text-to-image model (prior and decoder)")
+                said = {"composable": "composable (AND / :weight prompts)",
+                        "prompt_editing": "prompt_editing ([from:to:when] / [a|b] prompts)",
+                        "subseed_strength": "subseed_strength (a variation seed)"}
+                raise ValueError(f"{', '.join(said.get(k, k) for k in unused)}: not for "
+                                 f"{self.c.source or 'this model'}, an unCLIP text-to-image model (prior and decoder)")
             return text_to_image(self, prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale,
                                  sampler=sampler, seed=seed, seeds=seeds, num_images_per_prompt=num_images_per_prompt,
                                  height=height, width=width, eta=eta, karras=karras, sigma_schedule=sigma_schedule,

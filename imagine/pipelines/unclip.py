@@ -115,7 +115,7 @@ def prior_embeddings(prior, prompts: list[str], generators, seeds, *, steps: int
     uncond = as_cond(prior.text_encoder.encode([""] * len(prompts))) if guided else None
     c = prior.scheduler_config
     z = sample(prior.model, (len(prompts), prior.model.embedding_dim), schedule=prior.schedule, sampler=sampler,
-               steps=steps, cond=as_cond(text), uncond=uncond, guidance_scale=guidance_scale,
+               steps=steps, cond=as_cond(text), uncond=uncond, guidance_scale=guidance_scale if guided else 1.0,
                thresholding="static" if prior.clip_range else None, threshold_range=prior.clip_range or 1.0,
                timestep_spacing=c.get("timestep_spacing"), steps_offset=c.get("steps_offset"),
                generator=generators, noise_seeds=seeds, progress=progress)

@@ -1013,8 +1013,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         """txt2img, and img2img with `inits` (one picture for every image, or one per image of a batch: then the
         batch is that many, as A1111 sets it), inpainting with `mask` (`prepare_inpainting`)."""
         only_variations()
-        if prior_model and (inits is not None or getattr(req, "enable_hr", False)):
-            from_text_only("img2img" if inits is not None else "hires. fix (enable_hr)")
+        if prior_model and inits is not None:
+            from_text_only("img2img", "use POST /sdapi/v1/txt2img or /v1/images/generations")
+        if prior_model and getattr(req, "enable_hr", False):
+            from_text_only("hires. fix (enable_hr)", "send the request without enable_hr, at the size wanted")
+        if prior_model and float(getattr(req, "subseed_strength", 0) or 0) > 0:
+            from_text_only("a variation seed (subseed_strength)", "send the request without subseed_strength")
         init = inits[0] if inits else None
         batch_size = len(inits) if inits and len(inits) > 1 else req.batch_size
         sent = req  # (echoed in `parameters` as sent; `info` carries the texts used, as A1111's)
@@ -1479,12 +1483,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                     "no endpoint of this server runs it; serve a text-to-image model")
             raise ApiError(422, f"this server's model is {what}: {hint}")
 
-    def from_text_only(what: str) -> None:
-        """422 for a request that starts from a picture when the model is an unCLIP text-to-image model (a diffusion
-        prior and decoder), which makes images from text alone."""
+    def from_text_only(what: str, hint: str = "use POST /sdapi/v1/txt2img or /v1/images/generations") -> None:
+        """422 for what an unCLIP text-to-image model (a diffusion prior and decoder) does not do: it makes images
+        from text alone."""
         raise ApiError(422, f"this server's model is an unCLIP text-to-image model (a diffusion prior and decoder): it "
-                            f"makes images from text, so {what} is not for it; use POST /sdapi/v1/txt2img or "
-                            "/v1/images/generations")
+                            f"makes images from text, so {what} is not for it; {hint}")
 
     @app.post("/v1/images/generations")
     async def images_generations(req: ImageGenerationRequest, request: Request):
