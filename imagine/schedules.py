@@ -82,7 +82,8 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (hi + ramp * (lo - hi)) ** rho
 
 
-SIGMA_SCHEDULES = ("karras", "exponential", "polyexponential")
+SIGMA_SCHEDULES = ("karras", "exponential", "polyexponential", "beta")
+BETA_SIGMAS = (0.6, 0.6)  # Lee et al. 2024's (and diffusers', A1111's, ComfyUI's) default alpha, beta
 
 
 def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: float | None = None) -> np.ndarray:
@@ -92,13 +93,23 @@ def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: fl
                        DPM-Solver papers use (Lu et al. 2022, sec. 3.3, "logSNR");
       polyexponential: log sigma = log sigma_min + (1 - i/(n-1))^rho (log sigma_max - log sigma_min)
                        (k-diffusion's get_sigmas_polyexponential; rho default 1 = exponential; rho > 1
-                       packs the levels towards sigma_min in log-SNR)."""
+                       packs the levels towards sigma_min in log-SNR);
+      beta:            sigma = sigma_min + F^-1(1 - i/(n-1)) (sigma_max - sigma_min), F the CDF of the Beta(0.6, 0.6)
+                       law (Lee et al. 2024, "Beta sampling is all you need"; diffusers' use_beta_sigmas): the
+                       levels crowd both ends of the range, where the paper measured the steps to matter most."""
     if kind not in SIGMA_SCHEDULES:
         raise ValueError(f"sigma schedule must be one of {SIGMA_SCHEDULES}; got {kind!r}")
     if rho is not None and not (math.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be a positive number; got {rho}")
     if kind == "karras":
         return karras_sigmas(sigma_min, sigma_max, n, 7.0 if rho is None else rho)
+    if kind == "beta":
+        if rho is not None:
+            raise ValueError("rho is the karras and polyexponential schedules' exponent; the beta schedule takes none "
+                             f"(its Beta law is {BETA_SIGMAS})")
+        from scipy.stats import beta
+
+        return sigma_min + beta.ppf(1.0 - np.linspace(0.0, 1.0, n), *BETA_SIGMAS) * (sigma_max - sigma_min)
     ramp = np.linspace(1.0, 0.0, n) ** (1.0 if rho is None else rho)
     return np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
 

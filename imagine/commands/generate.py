@@ -144,10 +144,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="AUTOMATIC1111's styles.csv (columns name, prompt, negative_prompt)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
     p.add_argument("--sampler", default=None,
-                   help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, unipc, euler, euler_a, heun, "
-                        "lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm (A1111 names work too)")
+                   help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_sde, dpmpp_3m, dpmpp_3m_sde, "
+                        "unipc, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm (A1111 names work too)")
     p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None,
-                   choices=["karras", "exponential", "polyexponential"],
+                   choices=["karras", "exponential", "polyexponential", "beta"],  # (schedules.SIGMA_SCHEDULES: no
+                   # torch import to parse arguments)
                    help="noise levels' spacing (A1111's schedule type); default: the model's")
     p.add_argument("--rho", type=float, default=None,
                    help="the schedule type's exponent (karras: 7, polyexponential: 1 = exponential)")
@@ -338,8 +339,6 @@ def _picture_model_run(pipe, args, picture: dict):
     if unused:
         raise ValueError(f"{', '.join(unused)}: not for {what}")
     if kind == "prior":  # generate() runs the prior and refuses what it cannot honour (A1111 syntax only where used)
-        import functools
-
         return functools.partial(pipe.generate, noise_level=args.noise_level, prior_steps=args.prior_steps,
                                  prior_guidance_scale=args.prior_guidance_scale)
     image = picture.pop("init_image", None)

@@ -40,6 +40,7 @@ from imagine import preprocessors
 from imagine.diffusion import check_level
 from imagine.images import RESIZE_MODES, controlnet_unit_text, fit_picture
 from imagine.samplers import A1111_SAMPLERS  # AUTOMATIC1111's labels of our samplers
+from imagine.schedules import SIGMA_SCHEDULES
 from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
                                    ShuttingDown)
 
@@ -72,7 +73,7 @@ class ServerConfig:
 
 # -- samplers: AUTOMATIC1111's names -> ours (imagine.samplers.A1111_SAMPLERS: A1111 name, its aliases,
 # our sampler). Only those whose sampler exists here are offered.
-SCHEDULE_TYPES = ("karras", "exponential", "polyexponential")  # imagine.schedules.SIGMA_SCHEDULES
+SCHEDULE_TYPES = SIGMA_SCHEDULES  # karras, exponential, polyexponential, beta (A1111's schedule types)
 _FALLBACK_SAMPLERS = ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a", "heun"]
 
 
@@ -146,7 +147,7 @@ class Txt2ImgRequest(BaseModel):
     height: int | None = None
     sampler_name: str | None = None
     sampler_index: str | None = None  # A1111's deprecated name field; used if sampler_name is absent
-    scheduler: str | None = None  # "automatic" (the model's), "karras", "exponential" or "polyexponential"
+    scheduler: str | None = None  # "automatic" (the model's), "karras", "exponential", "polyexponential" or "beta"
     eta: float | None = None  # noise scale of DDIM / the ancestral and SDE samplers (None: the sampler's default)
     s_tmin: float | None = None  # the SDE samplers' noise band [s_tmin, s_tmax] (A1111: s_tmax 0 = no upper end)
     s_tmax: float | None = None
@@ -1272,7 +1273,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     @app.get("/sdapi/v1/schedulers")
     def get_schedulers():
-        rho = {"karras": 7.0, "exponential": -1, "polyexponential": 1.0}
+        rho = {"karras": 7.0, "exponential": -1, "polyexponential": 1.0, "beta": -1}
         return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
                  "need_inner_model": False}] + [
                 {"name": k, "label": k.capitalize(), "aliases": None, "default_rho": rho[k], "need_inner_model": False}
