@@ -407,10 +407,10 @@ def sample_dpmpp_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, n
     eta = _eta("dpmpp_sde", eta, 1.0)
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
         raise ValueError(f"r (the midpoint's place in log sigma) must be in (0, 1]; got {r!r}")
-    if sde_noise == "independent" or (noise is not None and getattr(noise, "brownian", None) is None):
+    if eta > 0 and (sde_noise == "independent" or (noise is not None and getattr(noise, "brownian", None) is None)):
         raise ValueError("dpmpp_sde's two substeps read one Brownian path (their noises overlap); sde_noise "
-                         "'independent' is for the multistep SDE samplers (dpmpp_2m_sde, dpmpp_2m_sde_heun, "
-                         "dpmpp_3m_sde)")
+                         "'independent' (or a noise callable without paths) is for the multistep SDE samplers "
+                         "(dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde)")
     _distinct_levels(plan, "dpmpp_sde")
     sigmas, dtype = plan.sigmas.tolist(), x.dtype
     z = _increments(noise, x, plan, sde_noise) if eta > 0 else None

@@ -400,7 +400,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     timestep_spacing, steps_offset: default to the schedule's settings ("leading", 0 unless configured).
     karras: Karras et al. sigmas (also implied by a "... Karras" sampler name).
     sigma_schedule, rho: the noise levels' spacing instead of the timestep spacing's own: "karras",
-        "exponential" (even in log-SNR) or "polyexponential" (schedules.spaced_sigmas), A1111's schedule types.
+        "exponential" (even in log-SNR), "polyexponential" or "beta" (schedules.spaced_sigmas), A1111's schedule types.
     eta: DDIM's eta (default 0), or the noise scale of euler_a / dpm2_a / dpmpp_2s_a / dpmpp_sde / dpmpp_2m_sde /
     dpmpp_2m_sde_heun / dpmpp_3m_sde (default 1).
     cond / uncond: keyword tensors for the model, batch-first; classifier-free guidance runs when

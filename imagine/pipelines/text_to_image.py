@@ -572,9 +572,9 @@ class TextToImagePipeline:
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
-        else 20 steps of dpmpp_2m at guidance 7.5). sigma_schedule: "karras", "exponential",
-        "polyexponential" (A1111's schedule types), rho its exponent (Karras 7, polyexponential 1); final_step: "euler" or "heun" (the trapezoidal last
-        step, imagine.samplers.final_heun_step); sampler_options: e.g. {"order": 3} for unipc; start: "noise"
+        else 20 steps of dpmpp_2m at guidance 7.5). sigma_schedule: "karras", "exponential", "polyexponential",
+        "beta" (A1111's schedule types), rho its exponent (Karras 7, polyexponential 1); final_step: "euler" or "heun"
+        (the trapezoidal last step, imagine.samplers.final_heun_step); sampler_options: e.g. {"order": 3} for unipc; start: "noise"
         (diffusers' start) or "matched" (x_T moved to the mean of q(x_T), imagine.sampling.Denoiser.matched_start);
         emphasis: read AUTOMATIC1111's `(word:1.3)` / `[word]` syntax as weights (imagine.emphasis; off: brackets are
         text, as in diffusers); long_prompts: a CLIP text encoder reads a prompt past its 77-token window in
