@@ -636,9 +636,8 @@ class TextToImagePipeline:
         text_to_image` (noise_level, prior_steps, prior_guidance_scale: its options, None for the prior's defaults);
         the options that steer a picture, the text or the start noise are not for it."""
         if self.c.prior is not None:
-            from imagine.pipelines.unclip import text_to_image
-
             from imagine.composable import split_and
+            from imagine.pipelines.unclip import text_to_image
             from imagine.prompt_editing import prompt_schedule
 
             # (A1111's prompt syntax, which its API always reads, counts only where a prompt uses it)
