@@ -147,10 +147,7 @@ class ControlNetModel(UNet2DConditionModel):
     @classmethod
     def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "ControlNetModel":
         """A diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors)."""
-        cfg = io.read_config(folder)
-        name = cfg.get("_class_name", "ControlNetModel")
-        if name != "ControlNetModel":
-            raise ValueError(f"{folder}: config.json is for {name}, not ControlNetModel")
+        cfg = io.read_config(folder, "ControlNetModel")
         try:
             with torch.device("meta"):
                 model = cls.from_config_dict(cfg)

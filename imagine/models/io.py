@@ -95,12 +95,17 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+def read_config(folder: str | os.PathLike, class_name: str | None = None) -> dict[str, Any]:
+    """A component folder's config.json; with `class_name`, checked to be that class's (diffusers' `_class_name`;
+    a config without one is taken as it)."""
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {folder}")
-    return read_json(Path(folder) / "config.json")
+    cfg = read_json(Path(folder) / "config.json")
+    if class_name is not None and cfg.get("_class_name", class_name) != class_name:
+        raise ValueError(f"{folder}: config.json is for {cfg['_class_name']}, not {class_name}")
+    return cfg
 
 
 def save_component(module: torch.nn.Module, config: dict[str, Any], folder: str | os.PathLike,

@@ -135,10 +135,7 @@ class PriorTransformer(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "PriorTransformer":
         """A diffusers-layout prior folder (config.json + safetensors), in eval mode."""
-        cfg = io.read_config(folder)
-        name = cfg.get("_class_name", "PriorTransformer")
-        if name != "PriorTransformer":
-            raise ValueError(f"{folder}: config.json is for {name}, not PriorTransformer")
+        cfg = io.read_config(folder, "PriorTransformer")
         try:
             model = cls(cfg)
         except ValueError as e:

@@ -723,10 +723,7 @@ class UNet2DConditionModel(nn.Module):
     def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "UNet2DConditionModel":
         """Load a diffusers-layout unet folder (config.json + diffusion_pytorch_model.safetensors or
         model.safetensors), in eval mode."""
-        cfg = io.read_config(folder)
-        name = cfg.get("_class_name", "UNet2DConditionModel")
-        if name != "UNet2DConditionModel":
-            raise ValueError(f"{folder}: config.json is for {name}, not UNet2DConditionModel")
+        cfg = io.read_config(folder, "UNet2DConditionModel")
         try:
             config = UNetConfig.from_dict(cfg)
         except ValueError as e:

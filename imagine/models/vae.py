@@ -334,9 +334,7 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "AutoencoderKL":
-        cfg = io.read_config(folder)
-        if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"{folder}: config is for {cfg['_class_name']}, not AutoencoderKL")
+        cfg = io.read_config(folder, "AutoencoderKL")
         model = cls(VAEConfig.from_dict(cfg))
         path = io.find_weights(folder)
         io.load_state_into(model, io.load_tensors(path), str(path))
