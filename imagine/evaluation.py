@@ -195,7 +195,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold-range", type=float, default=None,
                         help="R, the data's range that thresholding holds x0 to (default: the model's, else 1 = pixels)")
     parser.add_argument("--schedule-type", dest="sigma_schedule",
-                        choices=["karras", "exponential", "polyexponential", "beta"],  # (schedules.SIGMA_SCHEDULES)
+                        choices=["karras", "exponential", "polyexponential", "beta", "align_your_steps",
+                                 "align_your_steps_sdxl"],  # (schedules.SIGMA_SCHEDULES)
                         default=None, help="noise levels' spacing (default: the model's)")
     parser.add_argument("--final-step", choices=["euler", "heun"], default=None,
                         help="the last step to sigma = 0 (default: the model's)")

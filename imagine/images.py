@@ -128,7 +128,9 @@ def a1111_parameters(p: dict) -> str:
     put("Sampler", sampler)
     # A1111 (since 1.9) writes the schedule apart from the sampler: "Sampler: DPM++ 2M, Schedule type: Karras"
     schedule = p.get("schedule_type") or ("karras" if karras else None)
-    put("Schedule type", str(schedule).capitalize() if schedule else None)
+    from imagine.schedules import SCHEDULE_LABELS
+
+    put("Schedule type", SCHEDULE_LABELS.get(str(schedule), str(schedule).capitalize()) if schedule else None)
     put("Schedule rho", p.get("schedule_rho"))
     put("CFG scale", p.get("guidance_scale"))
     put("Image CFG scale", p.get("image_guidance_scale"))  # (instruct-pix2pix)

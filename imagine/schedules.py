@@ -82,8 +82,15 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (hi + ramp * (lo - hi)) ** rho
 
 
-SIGMA_SCHEDULES = ("karras", "exponential", "polyexponential", "beta")
+SIGMA_SCHEDULES = ("karras", "exponential", "polyexponential", "beta", "align_your_steps", "align_your_steps_sdxl")
 BETA_SIGMAS = (0.6, 0.6)  # Lee et al. 2024's (and diffusers', A1111's, ComfyUI's) default alpha, beta
+# AUTOMATIC1111's labels of the schedule types (its infotexts' "Schedule type: ...", its API's scheduler labels)
+SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "polyexponential": "Polyexponential",
+                   "beta": "Beta", "align_your_steps": "Align Your Steps", "align_your_steps_sdxl": "Align Your Steps"}
+# Align Your Steps (Sabour et al. 2024): the 10-step levels NVIDIA optimised for Stable Diffusion 1.5 and for SDXL
+# (its published lists, as A1111 and ComfyUI hold them; diffusers' AysSchedules ends them at 0 instead of 0.029)
+AYS_SIGMAS = {"align_your_steps": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+              "align_your_steps_sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)}
 
 
 def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: float | None = None) -> np.ndarray:
@@ -96,13 +103,21 @@ def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: fl
                        packs the levels towards sigma_min in log-SNR);
       beta:            sigma = sigma_min + F^-1(1 - i/(n-1)) (sigma_max - sigma_min), F the CDF of the Beta(0.6, 0.6)
                        law (Lee et al. 2024, "Beta sampling is all you need"; diffusers' use_beta_sigmas): the
-                       levels crowd both ends of the range, where the paper measured the steps to matter most."""
+                       levels crowd both ends of the range, where the paper measured the steps to matter most;
+      align_your_steps(_sdxl): the levels Sabour et al. 2024 ("Align Your Steps") optimised for SD 1.5 (SDXL) at 10
+                       steps, AYS_SIGMAS, for n levels interpolated linearly in log sigma over their index (NVIDIA's
+                       recipe, as A1111 and ComfyUI do); absolute levels, for SD's noise schedule: the range is theirs."""
     if kind not in SIGMA_SCHEDULES:
         raise ValueError(f"sigma schedule must be one of {SIGMA_SCHEDULES}; got {kind!r}")
     if rho is not None and not (math.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be a positive number; got {rho}")
     if kind == "karras":
         return karras_sigmas(sigma_min, sigma_max, n, 7.0 if rho is None else rho)
+    if kind in AYS_SIGMAS:
+        if rho is not None:
+            raise ValueError(f"rho is the karras and polyexponential schedules' exponent; {kind} takes none")
+        levels = np.log(np.asarray(AYS_SIGMAS[kind][::-1]))
+        return np.exp(np.interp(np.linspace(0.0, 1.0, n), np.linspace(0.0, 1.0, len(levels)), levels))[::-1].copy()
     if kind == "beta":
         if rho is not None:
             raise ValueError("rho is the karras and polyexponential schedules' exponent; the beta schedule takes none "
@@ -395,6 +410,16 @@ class NoiseSchedule:
         if sigma_schedule is not None and sigma_schedule not in SIGMA_SCHEDULES:
             raise ValueError(f"sigma_schedule must be one of {SIGMA_SCHEDULES} or None; got {sigma_schedule!r}")
         custom = (lambda lo, hi, n: spaced_sigmas(sigma_schedule, lo, hi, n, rho)) if sigma_schedule else None
+        if sigma_schedule in AYS_SIGMAS:  # (absolute levels: the model must span them as SD does)
+            table = self._sigma_table()
+            if not abs(float(table[-1]) / AYS_SIGMAS[sigma_schedule][0] - 1) < 0.01:
+                raise ValueError(f"{sigma_schedule}'s levels (sigma {AYS_SIGMAS[sigma_schedule][-1]} to "
+                                 f"{AYS_SIGMAS[sigma_schedule][0]}) are for Stable Diffusion's noise schedule; this "
+                                 f"model's reaches sigma {float(table[-1]):.4g}")
+            # held to the model's trained range (its last, 0.029, lies just under SD's sigma(t = 0) = 0.0292, where
+            # DDIM's last step would go up in noise)
+            custom = (lambda lo, hi, n, lo_t=float(table[0]), hi_t=float(table[-1]):
+                      np.clip(spaced_sigmas(sigma_schedule, lo, hi, n), lo_t, hi_t))
         spacing = self.timestep_spacing if spacing is None else spacing
         steps_offset = self.steps_offset if steps_offset is None else int(steps_offset)
         if rule == "lcm":

@@ -259,3 +259,23 @@ def test_the_cli_takes_sdxls_second_tokenizer(tmp_path, monkeypatch, capsys):
             "--seed", "3", "-o", str(out), "-q"]
     assert main(args) != 0 and "tokenizer_2" in capsys.readouterr().err
     assert main(args + ["--tokenizer-2", str(second)]) == 0 and out.is_file()
+
+
+def test_align_your_steps_takes_the_models_own_list(tmp_path):
+    """A1111's "Align Your Steps" picks NVIDIA's SDXL levels for an SDXL model and SD 1.5's for the others; the
+    infotext names it as A1111 does."""
+    from test_loading import save_diffusers_folder
+
+    from imagine.images import a1111_parameters
+
+    save_sdxl_folder(tmp_path / "xl")
+    save_diffusers_folder(tmp_path / "sd", "sd1")
+    kw = dict(steps=4, seed=1, progress=False, output_type="latent")
+    for folder, own, other in (("xl", "align_your_steps_sdxl", "align_your_steps"),
+                               ("sd", "align_your_steps", "align_your_steps_sdxl")):
+        pipe = TextToImagePipeline.from_pretrained(tmp_path / folder)
+        asked = pipe.generate("a", sigma_schedule="align_your_steps", **kw)
+        assert torch.equal(asked.latents, pipe.generate("a", sigma_schedule=own, **kw).latents), folder
+        if folder == "sd":  # (an SDXL model's "align_your_steps" always becomes its own list)
+            assert not torch.equal(asked.latents, pipe.generate("a", sigma_schedule=other, **kw).latents)
+        assert "Schedule type: Align Your Steps" in a1111_parameters({**asked.parameters, "prompt": "a", "seed": 1})

@@ -175,8 +175,9 @@ def test_a1111_listing_endpoints(server):
     api.util_set_model(models[0])  # posts options with the same checkpoint: accepted
     assert api.get_options()["samples_format"] == "png"
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
-    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras", "exponential", "polyexponential",
-                                                                "beta"]
+    assert [(s["name"], s["label"]) for s in api.get_schedulers()] == [
+        ("automatic", "Automatic"), ("karras", "Karras"), ("exponential", "Exponential"),
+        ("polyexponential", "Polyexponential"), ("beta", "Beta"), ("align_your_steps", "Align Your Steps")]
     for getter in (api.get_sd_vae, api.get_upscalers, api.get_loras, api.get_prompt_styles):
         assert getter() == []
     p = api.get_progress()

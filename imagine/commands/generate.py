@@ -147,9 +147,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_sde, dpmpp_3m, dpmpp_3m_sde, "
                         "unipc, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm (A1111 names work too)")
     p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None,
-                   choices=["karras", "exponential", "polyexponential", "beta"],  # (schedules.SIGMA_SCHEDULES: no
-                   # torch import to parse arguments)
-                   help="noise levels' spacing (A1111's schedule type); default: the model's")
+                   # (schedules.SIGMA_SCHEDULES, with no torch import to parse arguments)
+                   choices=["karras", "exponential", "polyexponential", "beta", "align_your_steps",
+                            "align_your_steps_sdxl"],
+                   help="noise levels' spacing (A1111's schedule type; align_your_steps: SDXL's list for an SDXL "
+                        "model); default: the model's")
     p.add_argument("--rho", type=float, default=None,
                    help="the schedule type's exponent (karras: 7, polyexponential: 1 = exponential)")
     p.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE",

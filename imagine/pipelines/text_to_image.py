@@ -1281,6 +1281,8 @@ class TextToImagePipeline:
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
 
         sc = self.c.scheduler_config
+        if sigma_schedule == "align_your_steps" and self.unet.config.addition_embed_type == "text_time":
+            sigma_schedule = "align_your_steps_sdxl"  # (SDXL's levels for an SDXL model, as A1111 picks them)
         kwargs = {}
         if sc.get("timestep_spacing"):
             kwargs["timestep_spacing"] = sc["timestep_spacing"]

@@ -40,7 +40,7 @@ from imagine import preprocessors
 from imagine.diffusion import check_level
 from imagine.images import RESIZE_MODES, controlnet_unit_text, fit_picture
 from imagine.samplers import A1111_SAMPLERS  # AUTOMATIC1111's labels of our samplers
-from imagine.schedules import SIGMA_SCHEDULES
+from imagine.schedules import SCHEDULE_LABELS, SIGMA_SCHEDULES
 from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
                                    ShuttingDown)
 
@@ -73,7 +73,8 @@ class ServerConfig:
 
 # -- samplers: AUTOMATIC1111's names -> ours (imagine.samplers.A1111_SAMPLERS: A1111 name, its aliases,
 # our sampler). Only those whose sampler exists here are offered.
-SCHEDULE_TYPES = SIGMA_SCHEDULES  # karras, exponential, polyexponential, beta (A1111's schedule types)
+# A1111's schedule types of ours (align_your_steps picks SDXL's levels for an SDXL model, as A1111 does)
+SCHEDULE_TYPES = tuple(s for s in SIGMA_SCHEDULES if s != "align_your_steps_sdxl")
 _FALLBACK_SAMPLERS = ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a", "heun"]
 
 
@@ -1273,11 +1274,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     @app.get("/sdapi/v1/schedulers")
     def get_schedulers():
-        rho = {"karras": 7.0, "exponential": -1, "polyexponential": 1.0, "beta": -1}
+        rho = {"karras": 7.0, "polyexponential": 1.0}
         return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
                  "need_inner_model": False}] + [
-                {"name": k, "label": k.capitalize(), "aliases": None, "default_rho": rho[k], "need_inner_model": False}
-                for k in SCHEDULE_TYPES]
+                {"name": k, "label": SCHEDULE_LABELS[k], "aliases": None, "default_rho": rho.get(k, -1),
+                 "need_inner_model": False} for k in SCHEDULE_TYPES]
 
     @app.get("/sdapi/v1/sd-models")
     def get_sd_models():
