@@ -141,6 +141,23 @@ def test_text_to_image_matches_diffusers(stable_unclip, noise_level, sampler, sc
     assert psnr(((ours.decode(other.latents)[0] + 1) / 2).clamp(0, 1), want) < 40
 
 
+def test_the_callback_hears_the_prior_then_the_decoder(stable_unclip):
+    """The prior's steps reach the callback first, marked stage "prior" and without x / denoised (embeddings, not
+    latents: a preview would decode them); a callback that raises stops the run there (the server's interrupt)."""
+    folder, ref, ours = stable_unclip
+    heard = []
+    ours.generate("a red circle", seed=1, steps=3, prior_steps=4, height=SIZE, width=SIZE, progress=False,
+                  output_type="latent", callback=heard.append)
+    assert [h.get("stage") for h in heard] == ["prior"] * 4 + [None] * 3
+    assert all("denoised" not in h for h in heard[:4]) and all(h["denoised"].shape[1] == 4 for h in heard[4:])
+
+    def stop(info):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ours.generate("a red circle", seed=1, steps=3, height=SIZE, width=SIZE, progress=False, callback=stop)
+
+
 def test_a_batch_is_its_images_alone(stable_unclip):
     folder, ref, ours = stable_unclip
     kw = dict(height=SIZE, width=SIZE, steps=4, progress=False, output_type="latent")

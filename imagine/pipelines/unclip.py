@@ -101,10 +101,12 @@ def prior_text(pipe, prompt: str, emphasis: bool, long_prompts: bool) -> str:
 
 
 def prior_embeddings(prior, prompts: list[str], generators, seeds, *, steps: int, guidance_scale: float,
-                     sampler: str, progress: bool = True) -> torch.Tensor:
+                     sampler: str, progress: bool = True, callback=None) -> torch.Tensor:
     """unCLIP's prior (Ramesh et al. 2022, sec. 2.2): a CLIP image embedding [B, D] per prompt, sampled from P(z_i | y)
     with classifier-free guidance against the empty caption (as the prior was trained, and as diffusers' pipeline
-    guides it), each image's noise from its own generator, then un-normalized."""
+    guides it), each image's noise from its own generator, then un-normalized. `callback` hears each step as
+    {"stage": "prior", "step", "total", "t", "sigma"}: no x or denoised (embeddings, not latents to preview); it may
+    raise to stop the run, as for the decoder's steps."""
     from imagine.sampling import sample
 
     def as_cond(enc):
@@ -118,7 +120,9 @@ def prior_embeddings(prior, prompts: list[str], generators, seeds, *, steps: int
                steps=steps, cond=as_cond(text), uncond=uncond, guidance_scale=guidance_scale if guided else 1.0,
                thresholding="static" if prior.clip_range else None, threshold_range=prior.clip_range or 1.0,
                timestep_spacing=c.get("timestep_spacing"), steps_offset=c.get("steps_offset"),
-               generator=generators, noise_seeds=seeds, progress=progress)
+               generator=generators, noise_seeds=seeds, progress=progress,
+               callback=None if callback is None else lambda info: callback(
+                   {"stage": "prior", **{k: info[k] for k in ("step", "total", "t", "sigma")}}))
     return prior.model.unnormalize(z)
 
 
@@ -133,7 +137,7 @@ def text_to_image(pipe, prompt: str | list[str], negative_prompt: str | list[str
                   callback=None, progress: bool = True, output_type: str = "pil"):
     """unCLIP text to image (Ramesh et al. 2022, sec. 2): the prior's CLIP image embedding for each prompt
     (`prior_steps`, default 25, of its own sampler at `prior_guidance_scale`, default 4: diffusers' defaults; the
-    caption as `prior_text` gives it; its steps are not reported to `callback`, which sees the decoder's), noised
+    caption as `prior_text` gives it; `callback` hears its steps first, with stage "prior"), noised
     to `noise_level` of the decoder's embedding schedule, then the decoder from it and the prompt. Each image's
     generator (its seed) draws, in diffusers' order for one image: the prior's start and step noise, the embedding's
     noise, the decoder's start noise. The other options are generate's."""
@@ -159,7 +163,7 @@ def text_to_image(pipe, prompt: str | list[str], negative_prompt: str | list[str
     condition = embedding_condition(
         lambda generators: prior_embeddings(prior, texts, generators, seeds, steps=prior_steps,
                                             guidance_scale=prior_guidance_scale, sampler=prior_sampler,
-                                            progress=progress), embedder, schedule, noise_level)
+                                            progress=progress, callback=callback), embedder, schedule, noise_level)
     return pipe._picture_run(prompts, negatives, seeds, int(height), int(width), condition, steps=steps,
                              guidance_scale=guidance_scale, sampler=sampler, eta=eta, karras=karras,
                              sigma_schedule=sigma_schedule, rho=rho, final_step=final_step,

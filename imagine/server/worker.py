@@ -372,6 +372,8 @@ class ModelWorker:
             def callback(d: dict, _p=p) -> None:
                 if self._interrupt.is_set() or all(j.cancelled for j in batch):
                     raise _Interrupted
+                if d.get("stage") == "prior":  # (unCLIP's prior, before the steps counted: interruptible, no preview)
+                    return
                 _p.step = _step_of(d) + 1
                 x0 = d.get("denoised")
                 _p.denoised = x0.detach().clone() if isinstance(x0, torch.Tensor) else None
