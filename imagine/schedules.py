@@ -391,7 +391,8 @@ class NoiseSchedule:
             noisiest (4 steps: 999, 759, 499, 259), abar read at them, ending at abar = 1; the spacing,
             offset and noise-level options do not apply (the model was distilled at these timesteps).
         Karras sigmas with the DDPM/DDIM rules span sigma(t_last)..sigma(t_first) (no diffusers peer).
-        sigma_schedule ("karras", "exponential", "polyexponential"; `spaced_sigmas`, with `rho`) replaces the
+        sigma_schedule ("karras", "exponential", "polyexponential", "beta", "align_your_steps(_sdxl)";
+        `spaced_sigmas`, with `rho`) replaces the
         spacing's levels the way Karras sigmas do (karras=True is sigma_schedule="karras"); with the
         dpm_solver rule t is rounded for every such schedule (diffusers truncates exponential ones to int).
         """
@@ -411,6 +412,10 @@ class NoiseSchedule:
             raise ValueError(f"sigma_schedule must be one of {SIGMA_SCHEDULES} or None; got {sigma_schedule!r}")
         custom = (lambda lo, hi, n: spaced_sigmas(sigma_schedule, lo, hi, n, rho)) if sigma_schedule else None
         if sigma_schedule in AYS_SIGMAS:  # (absolute levels: the model must span them as SD does)
+            if rule in ("ddpm", "ddim", "lcm"):  # (their last step lands on abar_0 or the model's own timesteps)
+                raise ValueError(f"{sigma_schedule} is for the samplers that step in noise levels (Euler, Heun, "
+                                 f"DPM++, UniPC, ...); the {rule} rule keeps its timesteps (A1111 gives DDIM and PLMS "
+                                 "their own too)")
             table = self._sigma_table()
             if not abs(float(table[-1]) / AYS_SIGMAS[sigma_schedule][0] - 1) < 0.01:
                 raise ValueError(f"{sigma_schedule}'s levels (sigma {AYS_SIGMAS[sigma_schedule][-1]} to "

@@ -541,9 +541,10 @@ def test_dpmpp_3m_sde_at_eta_0_is_dpmpp_3m():
 
 
 def test_align_your_steps_levels():
-    """Sabour et al. 2024's levels (AYS_SIGMAS): at 10 steps NVIDIA's list itself; for n levels, linear in log sigma over
-    the list's index (at 21 the list's levels with their geometric means between); absolute levels, refused for a
-    schedule that does not reach SD's sigma_max; `sample()` runs the model at the levels' fractional timesteps."""
+    """Sabour et al. 2024's levels (AYS_SIGMAS): at 11 steps NVIDIA's 11 levels themselves; for n steps, n levels linear
+    in log sigma over the list's index (21: the list's levels with their geometric means between; 10: spread over all
+    eleven, A1111's way); absolute levels, refused for a schedule that does not reach SD's sigma_max and for the rules
+    that keep their own timesteps; `sample()` runs the model at the levels' fractional timesteps."""
     from imagine.schedules import AYS_SIGMAS, spaced_sigmas
 
     for kind, levels in AYS_SIGMAS.items():
@@ -568,3 +569,6 @@ def test_align_your_steps_levels():
         run_ours(config("linear", "leading", "epsilon"), "euler", sigma_schedule="align_your_steps")
     with pytest.raises(ValueError, match="align_your_steps takes none"):
         spaced_sigmas("align_your_steps", 0, 0, 10, rho=2.0)
+    for sampler in ("ddim", "ddpm", "plms"):
+        with pytest.raises(ValueError, match="align_your_steps is for the samplers that step in noise levels"):
+            run_ours(cfg, sampler, sigma_schedule="align_your_steps")

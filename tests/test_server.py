@@ -205,6 +205,11 @@ def test_unknown_sampler_and_karras_names(server):
     assert plain.json()["images"] != exp.json()["images"]
     r = _txt2img(server, sampler_name="UniPC", scheduler="cosine")
     assert r.status_code == 422 and r.json()["field"] == "scheduler" and "polyexponential" in r.json()["detail"]
+    # a name or A1111's label
+    for name in ("align_your_steps", "Align Your Steps"):
+        r = _txt2img(server, sampler_name="Euler", scheduler=name, seed=3)
+        assert r.status_code == 200, r.text
+        assert json.loads(r.json()["info"])["scheduler"] == "align_your_steps"
 
 
 def test_a1111_eta_and_noise_band(server, pipe):

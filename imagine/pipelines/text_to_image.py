@@ -719,7 +719,8 @@ class TextToImagePipeline:
         if karras is None and sigma_schedule is None:  # a diffusers scheduler config may name its noise levels
             sc = self.c.scheduler_config
             sigma_schedule = ("karras" if sc.get("use_karras_sigmas") else
-                              "exponential" if sc.get("use_exponential_sigmas") else None)
+                              "exponential" if sc.get("use_exponential_sigmas") else
+                              "beta" if sc.get("use_beta_sigmas") else None)
         # A side not given is the model's own (as diffusers and AUTOMATIC1111: not the other side, a square)
         inits = self._init_images(init_image, len(prompts) // num_images_per_prompt, num_images_per_prompt)
         masks = self._init_images(mask_image, len(prompts) // num_images_per_prompt, num_images_per_prompt,

@@ -148,7 +148,7 @@ class Txt2ImgRequest(BaseModel):
     height: int | None = None
     sampler_name: str | None = None
     sampler_index: str | None = None  # A1111's deprecated name field; used if sampler_name is absent
-    scheduler: str | None = None  # "automatic" (the model's), "karras", "exponential", "polyexponential" or "beta"
+    scheduler: str | None = None  # "automatic" (the model's) or one of SCHEDULE_TYPES, by name or A1111's label
     eta: float | None = None  # noise scale of DDIM / the ancestral and SDE samplers (None: the sampler's default)
     s_tmin: float | None = None  # the SDE samplers' noise band [s_tmin, s_tmax] (A1111: s_tmax 0 = no upper end)
     s_tmax: float | None = None
@@ -736,7 +736,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, str(e), field) from None
         schedule = "karras" if karras else None
         if scheduler:
-            key = scheduler.strip().lower()
+            key = scheduler.strip().lower().replace(" ", "_")  # (A1111 takes a name or its label: "Align Your Steps")
             if key in SCHEDULE_TYPES:
                 schedule = key
             elif key not in ("automatic", "auto", "default", ""):
