@@ -270,7 +270,7 @@ def test_align_your_steps_takes_the_models_own_list(tmp_path):
 
     save_sdxl_folder(tmp_path / "xl")
     save_diffusers_folder(tmp_path / "sd", "sd1")
-    kw = dict(steps=4, seed=1, progress=False, output_type="latent")
+    kw = dict(steps=4, seed=1, sampler="euler", progress=False, output_type="latent")
     for folder, own, other in (("xl", "align_your_steps_sdxl", "align_your_steps"),
                                ("sd", "align_your_steps", "align_your_steps_sdxl")):
         pipe = TextToImagePipeline.from_pretrained(tmp_path / folder)
