@@ -102,20 +102,22 @@ def word_tokens(token: str, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def add_embedding(encoder, token: str, vectors: torch.Tensor, source: str = "embedding") -> list[str]:
+def add_embedding(encoder, token: str, vectors: torch.Tensor, source: str = "embedding",
+                  check_only: bool = False) -> list[str]:
     """Give `encoder` (a TextEncoder over a transformers model with a token-embedding matrix) the word
-    `token` read as `vectors` [n, d]; returns the n tokens added."""
+    `token` read as `vectors` [n, d]; returns the n tokens added (check_only: only the checks, nothing added)."""
     if isinstance(vectors, dict):
         raise ValueError(_sdxl_on_sd(source))
     _check_fits(encoder, token, vectors, source, "this model's text encoder", "(SD 1.x: 768, SD 2.x: 1024)")
-    return _add(encoder, token, vectors)
+    return [] if check_only else _add(encoder, token, vectors)
 
 
 @torch.no_grad()
 def add_sdxl_embedding(towers, token: str, vectors: dict[str, torch.Tensor] | torch.Tensor,
-                       source: str = "embedding") -> list[str]:
+                       source: str = "embedding", check_only: bool = False) -> list[str]:
     """Give SDXL's two text towers the word `token`: the first reads it as `vectors["clip_l"]`, the second as
-    `vectors["clip_g"]` (n vectors each). Both are checked before either changes; returns the n tokens added."""
+    `vectors["clip_g"]` (n vectors each). Both are checked before either changes; returns the n tokens added
+    (check_only: only the checks)."""
     if not isinstance(vectors, dict):
         raise ValueError(f"{source} is an SD 1.x/2.x embedding (one set of {vectors.shape[-1]}-wide vectors, for one "
                          "text encoder); an SDXL model needs an SDXL embedding, with clip_l and clip_g vectors for "
@@ -124,6 +126,8 @@ def add_sdxl_embedding(towers, token: str, vectors: dict[str, torch.Tensor] | to
     for (tower, key), which in zip(pairs, ("first", "second")):
         _check_fits(tower, token, vectors[key], f"{source} ({key})", f"SDXL's {which} text encoder",
                     "(SDXL: clip_l 768, clip_g 1280)")
+    if check_only:
+        return []
     added = [_add(tower, token, vectors[key]) for tower, key in pairs]
     return added[0]
 

@@ -295,11 +295,7 @@ class SDXLCLIPTower(CLIPTextEncoder):
         projection = getattr(self.model, "text_projection", None)
         tower = getattr(self.model, "text_model", self.model) if projection is not None else self.model
         out = tower(input_ids=ids, output_hidden_states=True)
-        pooled = out.pooler_output
-        if projection is not None:
-            # row by row: a product of one row and one of several round differently in the last bits, and a seed
-            # must give the same image in any batch
-            pooled = torch.cat([projection(row) for row in pooled.split(1)])
+        pooled = out.pooler_output if projection is None else project_rows(projection, out.pooler_output)
         return TextEncoding(out.hidden_states[-(self.clip_skip + 2)], None, pooled)
 
     @CLIPTextEncoder.clip_skip.setter
@@ -309,6 +305,12 @@ class SDXLCLIPTower(CLIPTextEncoder):
             raise ValueError(f"clip_skip must be an integer from 0 (SDXL's penultimate layer) to {max(layers - 2, 0)} "
                              f"(this text encoder has {layers} layers); got {value!r}")
         self._clip_skip = value
+
+
+def project_rows(projection, pooled: torch.Tensor) -> torch.Tensor:
+    # row by row: a product of one row and one of several round differently in the last bits, and a seed must give
+    # the same image in any batch
+    return torch.cat([projection(row) for row in pooled.split(1)])
 
 
 class CLIPPriorTextEncoder(TextEncoder):
@@ -323,9 +325,7 @@ class CLIPPriorTextEncoder(TextEncoder):
     def _encode(self, ids, mask):
         tower = getattr(self.model, "text_model", self.model)
         out = tower(input_ids=ids)
-        # row by row, as SDXLCLIPTower projects: a seed gives the same image in any batch
-        pooled = torch.cat([self.model.text_projection(row) for row in out.pooler_output.split(1)])
-        return TextEncoding(out.last_hidden_state, mask, pooled)
+        return TextEncoding(out.last_hidden_state, mask, project_rows(self.model.text_projection, out.pooler_output))
 
     @classmethod
     def from_folder(cls, text_encoder_folder, tokenizer_folder=None, dtype=torch.float32):

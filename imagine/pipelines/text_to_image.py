@@ -351,31 +351,18 @@ class TextToImagePipeline:
 
     def _add_word(self, word: str, vectors, source: str, check_only: bool = False) -> list[str]:
         """An embedding's word added to the text encoder(s) (`load_embedding`); check_only: only the checks."""
-        from imagine.loading.textual_inversion import (SDXL_TOWERS, _check_fits, add_embedding, add_sdxl_embedding,
-                                                       _sdxl_on_sd)
+        from imagine.loading.textual_inversion import add_embedding, add_sdxl_embedding
 
         towers = getattr(self.text_encoder, "towers", None)
-        if towers is None and not hasattr(getattr(self.text_encoder, "model", None), "get_input_embeddings"):
+        if towers is not None:
+            tokens = add_sdxl_embedding(towers, word, vectors, source, check_only)
+        elif not hasattr(getattr(self.text_encoder, "model", None), "get_input_embeddings"):
             raise ValueError(f"{source}: this model's text encoder ({self.text_encoder.kind}) takes no "
                              "textual-inversion embeddings")
-        if check_only:
-            if towers is not None:
-                if not isinstance(vectors, dict):
-                    raise ValueError(f"{source} is an SD 1.x/2.x embedding; an SDXL model needs clip_l and clip_g")
-                for tower, key, which in zip(towers, SDXL_TOWERS, ("first", "second")):
-                    _check_fits(tower, word, vectors[key], f"{source} ({key})", f"SDXL's {which} text encoder",
-                                "(SDXL: clip_l 768, clip_g 1280)")
-            elif isinstance(vectors, dict):
-                raise ValueError(_sdxl_on_sd(source))
-            else:
-                _check_fits(self.text_encoder, word, vectors, source, "this model's text encoder",
-                            "(SD 1.x: 768, SD 2.x: 1024)")
-            return []
-        if towers is not None:
-            tokens = add_sdxl_embedding(towers, word, vectors, source)
         else:
-            tokens = add_embedding(self.text_encoder, word, vectors, source)
-        self.embeddings.append(word)
+            tokens = add_embedding(self.text_encoder, word, vectors, source, check_only)
+        if not check_only:
+            self.embeddings.append(word)
         return tokens
 
     def weights_changed(self) -> None:
