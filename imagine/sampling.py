@@ -359,7 +359,7 @@ def _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, cla
 
 
 def _prepare(model, schedule, prediction_type, sampler, steps, timestep_spacing, steps_offset, karras, rule=None,
-             sigma_schedule=None, rho=None):
+             sigma_schedule=None, rho=None, sigma_range="spaced"):
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be an imagine.schedules.NoiseSchedule; got {type(schedule).__name__}")
     if not callable(model):
@@ -368,7 +368,7 @@ def _prepare(model, schedule, prediction_type, sampler, steps, timestep_spacing,
     canonical, fn, karras_hint = resolve_sampler(sampler)
     plan = schedule.plan(steps, rule=rule or TIMESTEP_RULE[canonical], spacing=timestep_spacing,
                          steps_offset=steps_offset, karras=bool(karras) or karras_hint,
-                         sigma_schedule=sigma_schedule, rho=rho)
+                         sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range)
     if prediction_type == "epsilon" and bool((plan.alphas_cumprod[:-1] == 0).any()):
         raise ValueError("an epsilon-predicting model cannot denoise at zero terminal SNR (abar = 0 at "
                          f"t = {float(plan.timesteps[0]):g}: x_0 is undefined from eps); use v_prediction "
@@ -389,7 +389,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            sampler_options: dict[str, Any] | None = None, sigma_schedule: str | None = None,
            rho: float | None = None, start: str = "noise", init: torch.Tensor | None = None, strength: float = 1.0,
            mask: torch.Tensor | None = None, guidance: Callable[..., torch.Tensor] | None = None,
-           noise_seeds: int | Sequence[int] | None = None,
+           noise_seeds: int | Sequence[int] | None = None, sigma_range: str = "spaced",
            dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
@@ -400,7 +400,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     timestep_spacing, steps_offset: default to the schedule's settings ("leading", 0 unless configured).
     karras: Karras et al. sigmas (also implied by a "... Karras" sampler name).
     sigma_schedule, rho: the noise levels' spacing instead of the timestep spacing's own: "karras",
-        "exponential" (even in log-SNR), "polyexponential" or "beta" (schedules.spaced_sigmas), A1111's schedule types.
+        "exponential" (even in log-SNR), "polyexponential" or "beta" (schedules.spaced_sigmas), A1111's schedule types;
+        sigma_range: what they span, "spaced" (diffusers') or "model" (A1111's: the whole trained range; plan()).
     eta: DDIM's eta (default 0), or the noise scale of euler_a / dpm2_a / dpmpp_2s_a / dpmpp_sde / dpmpp_2m_sde /
     dpmpp_2m_sde_heun / dpmpp_3m_sde (default 1).
     cond / uncond: keyword tensors for the model, batch-first; classifier-free guidance runs when
@@ -436,7 +437,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     """
     prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, steps,
                                                     timestep_spacing, steps_offset, karras,
-                                                    sigma_schedule=sigma_schedule, rho=rho)
+                                                    sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range)
     if final_step not in ("euler", "heun"):
         raise ValueError(f"final_step must be 'euler' or 'heun'; got {final_step!r}")
     if start not in STARTS:

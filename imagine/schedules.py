@@ -82,6 +82,7 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (hi + ramp * (lo - hi)) ** rho
 
 
+SIGMA_RANGES = ("spaced", "model")  # what a schedule type spans: NoiseSchedule.plan's sigma_range
 SIGMA_SCHEDULES = ("karras", "exponential", "polyexponential", "beta", "align_your_steps", "align_your_steps_sdxl")
 BETA_SIGMAS = (0.6, 0.6)  # Lee et al. 2024's (and diffusers', A1111's, ComfyUI's) default alpha, beta
 # AUTOMATIC1111's labels of the schedule types (its infotexts' "Schedule type: ...", its API's scheduler labels)
@@ -376,7 +377,8 @@ class NoiseSchedule:
         return np.exp(np.interp(np.asarray(t, dtype=np.float64), np.arange(len(log_table)), log_table))
 
     def plan(self, steps: int, *, rule: str = "ddim", spacing: str | None = None, steps_offset: int | None = None,
-             karras: bool = False, sigma_schedule: str | None = None, rho: float | None = None) -> SamplingPlan:
+             karras: bool = False, sigma_schedule: str | None = None, rho: float | None = None,
+             sigma_range: str = "spaced") -> SamplingPlan:
         """The timesteps and noise levels of a `steps`-step run, laid out as diffusers' scheduler of
         that family does (so the model sees the same t at each step):
 
@@ -395,6 +397,9 @@ class NoiseSchedule:
         `spaced_sigmas`, with `rho`) replaces the
         spacing's levels the way Karras sigmas do (karras=True is sigma_schedule="karras"); with the
         dpm_solver rule t is rounded for every such schedule (diffusers truncates exponential ones to int).
+        sigma_range: "spaced" (diffusers: such a schedule spans the spaced timesteps' levels, or with the dpm_solver
+        rule the whole range) or "model" (k-diffusion's and AUTOMATIC1111's: the model's whole trained range,
+        sigma(0) to sigma(T-1), with fractional timesteps for every rule).
         """
         T = self.num_train_timesteps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
@@ -410,6 +415,9 @@ class NoiseSchedule:
             sigma_schedule = "karras"
         if sigma_schedule is not None and sigma_schedule not in SIGMA_SCHEDULES:
             raise ValueError(f"sigma_schedule must be one of {SIGMA_SCHEDULES} or None; got {sigma_schedule!r}")
+        if sigma_range not in SIGMA_RANGES:
+            raise ValueError(f"sigma_range must be one of {', '.join(map(repr, SIGMA_RANGES))}; got {sigma_range!r}")
+        whole = sigma_range == "model"
         custom = (lambda lo, hi, n: spaced_sigmas(sigma_schedule, lo, hi, n, rho)) if sigma_schedule else None
         if sigma_schedule in AYS_SIGMAS:  # (absolute levels: the model must span them as SD does)
             if rule in ("ddpm", "ddim", "lcm"):  # (their last step lands on abar_0 or the model's own timesteps)
@@ -435,7 +443,7 @@ class NoiseSchedule:
         table = self._sigma_table()
         if rule in ("ddpm", "ddim"):
             if custom:
-                sig = custom(table[int(t[-1])], table[int(t[0])], len(t))
+                sig = custom(*((table[0], table[-1]) if whole else (table[int(t[-1])], table[int(t[0])])), len(t))
                 t = self.sigma_to_t(sig)
                 abar = 1.0 / (1.0 + sig**2)
             else:
@@ -448,7 +456,7 @@ class NoiseSchedule:
             if rule == "karras":
                 sig = np.interp(t, np.arange(T), table)
                 if custom:
-                    sig = custom(sig[-1], sig[0], len(t))
+                    sig = custom(*((table[0], table[-1]) if whole else (sig[-1], sig[0])), len(t))
                     t = self.sigma_to_t(sig)
             else:  # dpm_solver
                 sig = table[t.astype(np.int64)]
@@ -457,7 +465,7 @@ class NoiseSchedule:
                     t = self.sigma_to_t(sig)
                     # diffusers rounds t here, except for squaredcos_cap_v2 (where it then truncates to
                     # int64, a quirk we do not copy: our models take fractional t)
-                    if self.kind != "cosine":
+                    if self.kind != "cosine" and not whole:
                         t = t.round()
             sig = np.append(sig, 0.0)
             abar = 1.0 / (1.0 + sig**2)

@@ -572,3 +572,27 @@ def test_align_your_steps_levels():
     for sampler in ("ddim", "ddpm", "plms"):
         with pytest.raises(ValueError, match="align_your_steps is for the samplers that step in noise levels"):
             run_ours(cfg, sampler, sigma_schedule="align_your_steps")
+
+
+def test_sigma_range_model_spans_the_whole_trained_range():
+    """sigma_range="model" (k-diffusion's and A1111's): a schedule type spans sigma(0)..sigma(T-1) for every rule, with
+    fractional timesteps; Karras levels are then eq. 5 between those ends (A1111's get_sigmas_karras with the model's
+    sigma_min and sigma_max), whatever the spacing; "spaced" (diffusers') spans the spaced timesteps' levels."""
+    from imagine.schedules import karras_sigmas, spaced_sigmas
+
+    cfg = config("scaled_linear", "leading", "epsilon")
+    sched = NoiseSchedule.from_diffusers_config(cfg)
+    a = sched.alphas_cumprod.numpy()
+    lo, hi = np.sqrt((1 - a[0]) / a[0]), np.sqrt((1 - a[-1]) / a[-1])
+    for rule in ("karras", "dpm_solver", "ddim"):
+        for kind in ("karras", "exponential", "beta"):
+            plan = sched.plan(20, rule=rule, sigma_schedule=kind, sigma_range="model")
+            levels = plan.sigmas.numpy()[:20]
+            assert np.allclose(levels, spaced_sigmas(kind, lo, hi, 20), rtol=1e-9), (rule, kind)
+            assert np.allclose(plan.timesteps.numpy(), sched.sigma_to_t(levels)), (rule, kind)
+    assert np.allclose(sched.plan(20, rule="karras", karras=True, sigma_range="model").sigmas.numpy()[:20],
+                       karras_sigmas(lo, hi, 20, 7.0))
+    spaced = sched.plan(20, rule="karras", karras=True).sigmas.numpy()
+    assert spaced[0] < 0.8 * hi  # (leading spacing at 20 steps: sigma(951) = 11.03 < 14.61)
+    with pytest.raises(ValueError, match="sigma_range must be one of 'spaced', 'model'"):
+        sched.plan(20, rule="karras", karras=True, sigma_range="full")

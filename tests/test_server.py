@@ -212,6 +212,19 @@ def test_unknown_sampler_and_karras_names(server):
         assert json.loads(r.json()["info"])["scheduler"] == "align_your_steps"
 
 
+def test_a1111_schedule_types_span_the_models_whole_range(server, pipe):
+    """A1111's schedule types through its API span the model's whole trained range (sigma_range="model"), as A1111's
+    get_sigmas_karras(n, sigma_min, sigma_max) does: the pipeline's image with that range, not diffusers' spaced one."""
+    r = _txt2img(server, sampler_name="Euler", scheduler="Karras", seed=6)
+    assert r.status_code == 200, r.text
+    kw = dict(seed=6, steps=STEPS, height=SIZE, width=SIZE, sampler="euler", guidance_scale=5.0,
+              sigma_schedule="karras", progress=False)
+    want = pipe.generate("a red circle", sigma_range="model", **kw).images[0]
+    spaced = pipe.generate("a red circle", **kw).images[0]
+    got = _pixels(_decode(r.json()["images"][0]))
+    assert np.array_equal(got, _pixels(want)) and not np.array_equal(got, _pixels(spaced))
+
+
 def test_a1111_eta_and_noise_band(server, pipe):
     """A1111's eta / s_tmin / s_tmax reach the samplers that take them (the image is the pipeline's with the same
     options); webuiapi's defaults sent to a sampler without them (eta to Euler, s_tmin to DDIM) are listed in

@@ -152,6 +152,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "align_your_steps_sdxl"],
                    help="noise levels' spacing (A1111's schedule type; align_your_steps: SDXL's list for an SDXL "
                         "model); default: the model's")
+    p.add_argument("--sigma-range", choices=["spaced", "model"], default="spaced",
+                   help="what --schedule-type (or a '... Karras' sampler) spans: the spaced timesteps' levels "
+                        "(diffusers', the default) or the model's whole trained range (AUTOMATIC1111's)")
     p.add_argument("--rho", type=float, default=None,
                    help="the schedule type's exponent (karras: 7, polyexponential: 1 = exponential)")
     p.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE",
@@ -621,6 +624,7 @@ def run(args) -> int:
                             karras=args.karras, eta=args.eta, thresholding=args.thresholding,
                             threshold_range=args.threshold_range,
                             sigma_schedule=args.sigma_schedule, final_step=args.final_step, rho=args.rho,
+                            **({"sigma_range": args.sigma_range} if args.sigma_range != "spaced" else {}),
                             sampler_options=sampler_options, start=args.start, emphasis=args.emphasis or args.a1111_prompts,
                             long_prompts=args.long_prompts or args.a1111_prompts,
                             prompt_editing=args.prompt_editing or args.a1111_prompts,

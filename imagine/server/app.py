@@ -1130,6 +1130,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt or None] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
+                                    # (A1111's schedule types span the model's whole trained range)
+                                    sigma_range="model" if schedule else "spaced",
                                     emphasis=a1111_emphasis(req), long_prompts=True, prompt_editing=True,
                                     composable=True,
                                     strength=None if hires else strength,

@@ -67,6 +67,7 @@ class Settings:
     sampler: str
     guidance_scale: float
     schedule: str | None = None  # noise-level spacing (imagine.schedules.SIGMA_SCHEDULES); None: the model's
+    sigma_range: str = "spaced"  # what the schedule spans (NoiseSchedule.plan): "model" for AUTOMATIC1111's API
     eta: float | None = None  # the sampler's noise scale (None: its default)
     options: tuple = ()  # the sampler's own options as sorted (name, value) pairs, e.g. (("s_tmin", 1.5),)
     emphasis: bool = False  # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default)
@@ -410,6 +411,7 @@ class ModelWorker:
                               width=s.width, sigma_schedule=s.schedule, eta=s.eta,
                               sampler_options=dict(s.options) or None, callback=callback, progress=False,
                               **({"emphasis": True} if s.emphasis else {}),
+                              **({"sigma_range": s.sigma_range} if s.sigma_range != "spaced" else {}),
                               **({"long_prompts": True} if s.long_prompts else {}),
                               **({"prompt_editing": True} if s.prompt_editing else {}),
                               **({"composable": True} if s.composable else {}),
