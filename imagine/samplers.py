@@ -591,11 +591,16 @@ def sample_dpmpp_2m_sde_heun(denoise: Denoise, x: torch.Tensor, plan: SamplingPl
                              solver_type="heun", sde_noise=sde_noise)
 
 
+WARMUPS = ("diffusers", "k_diffusion")  # the 3M solvers' first steps: see sample_dpmpp_3m
+
+
 def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name, s_tmin=0.0, s_tmax=math.inf,
-                      sde_noise="brownian"):
+                      sde_noise="brownian", warmup="diffusers"):
     # The 3rd-order multistep data-prediction solver on the ODE (eta = 0) or the reverse SDE (eta = 1): the
     # Taylor terms of x_0(lambda) integrated exactly against the weight (1 + eta) e^{-(1 + eta)(lambda_next -
     # lambda)}, so every phi below is the ODE's with h replaced by h_eta = (1 + eta) h.
+    if warmup not in WARMUPS:
+        raise ValueError(f"{name}: warmup must be one of {', '.join(map(repr, WARMUPS))}; got {warmup!r}")
     _distinct_levels(plan, name)
     sigmas, n = plan.sigmas.tolist(), _steps_to_zero(plan)
     z = _increments(noise, x, plan, sde_noise) if eta > 0 else None
@@ -611,15 +616,17 @@ def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name,
         h = math.log(s / s_next)
         eta_i = eta if s_tmin <= s <= s_tmax else 0.0  # Karras et al. 2022, Alg. 2: noise only within [S_tmin, S_tmax]
         h_eta = (1.0 + eta_i) * h
-        order = min(3, len(ms), 2 if (i == n - 2 and n < 15) else 3)
+        order = min(3, len(ms), 2 if (i == n - 2 and n < 15 and warmup == "diffusers") else 3)
         em1 = math.expm1(-h_eta)  # e^{-h_eta} - 1
         ratio = (s_next * alpha_next) / (s / math.sqrt(1.0 + s**2))
         x = (ratio * math.exp(-eta_i * h)) * x - (alpha_next * em1) * ms[-1]
         if order >= 2:
             r0 = hs[-1] / h
             d1_0 = (ms[-1] - ms[-2]) / r0
-            if order == 2:  # DPM-Solver++(2M) (midpoint form): D = m0 + D1_0 / 2
+            if order == 2 and warmup == "diffusers":  # DPM-Solver++(2M) (midpoint form): D = m0 + D1_0 / 2
                 x = x - (alpha_next * em1 * 0.5) * d1_0
+            elif order == 2:  # k-diffusion's: D1_0 weighted by its exact integral phi_2, as at 3rd order with D2 = 0
+                x = x + (alpha_next * (em1 / h_eta + 1.0)) * d1_0
             else:
                 r1 = hs[-2] / h
                 d1_1 = (ms[-2] - ms[-3]) / r1
@@ -636,7 +643,7 @@ def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name,
 
 
 def sample_dpmpp_3m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
-                    progress: bool = True) -> torch.Tensor:
+                    progress: bool = True, warmup: str = "diffusers") -> torch.Tensor:
     """DPM-Solver++(3M) (Lu et al. 2022, "DPM-Solver++", sec. 4 and appendix B: the multistep 3rd-order data-
     prediction solver): with r0 = h_{i-1}/h, r1 = h_{i-2}/h and divided differences of the last three x_0,
         D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1)/(r0+r1),  D1_0 = (m0-m1)/r0, D1_1 = (m1-m2)/r1,
@@ -644,15 +651,18 @@ def sample_dpmpp_3m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, no
                  - alpha_next ((e^{-h} - 1 + h)/h^2 - 1/2) D2
     (the Taylor terms of x_0(lambda) integrated exactly against e^{lambda}). Warm-up: 1st then 2nd order; under
     15 steps the second-to-last step is 2nd order and the last (to sigma = 0) returns x_0, as diffusers'
-    lower_order_final. A plan that stops above sigma = 0 counts the final step that follows it."""
+    lower_order_final. A plan that stops above sigma = 0 counts the final step that follows it.
+    warmup: "diffusers" (above: its 2nd-order step in the midpoint form D1_0 (1 - e^{-h})/2) or "k_diffusion"
+    (k-diffusion's sample_dpmpp_3m_sde, which A1111 runs: that step weighted by phi_2 = (e^{-h} - 1)/h + 1, and
+    3rd order up to the last step)."""
     _deterministic("dpmpp_3m", eta)
     return _dpm_solver_pp_3m(denoise, x, plan, eta=0.0, noise=noise, callback=callback, progress=progress,
-                             name="dpmpp_3m")
+                             name="dpmpp_3m", warmup=warmup)
 
 
 def sample_dpmpp_3m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
                         callback=None, progress: bool = True, s_tmin: float = 0.0, s_tmax: float = math.inf,
-                        sde_noise: str = "brownian") -> torch.Tensor:
+                        sde_noise: str = "brownian", warmup: str = "diffusers") -> torch.Tensor:
     """SDE-DPM-Solver++(3M) (Lu et al. 2022, sec. 4 and appendix; k-diffusion's sample_dpmpp_3m_sde, A1111's
     "DPM++ 3M SDE", with diffusers' warm-up: see docs/samplers.md): the 3M solver on the reverse SDE, whose
     data-prediction solution weights x_0(lambda) by (1 + eta) e^{-(1 + eta)(lambda_next - lambda)}: with
@@ -662,11 +672,13 @@ def sample_dpmpp_3m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *
     phi_2 = (e^{-h_eta} - 1)/h_eta + 1; eta = 0 is DPM-Solver++(3M). Fresh noise forgets the error of the start
     sample (e.g. under a schedule whose terminal SNR is not zero) as an ODE solver cannot. diffusers' third-order
     sde-dpmsolver++ (0.42) has -1/2 where the integral gives +1/2 in the D2 weight (its weight tends to -1, not
-    0, as h -> 0); the parity test corrects that one term. s_tmin, s_tmax, sde_noise: as for dpmpp_2m_sde."""
+    0, as h -> 0); the parity test corrects that one term. s_tmin, s_tmax, sde_noise: as for dpmpp_2m_sde;
+    warmup: as for dpmpp_3m ("k_diffusion" is A1111's "DPM++ 3M SDE", which also discards the penultimate level)."""
     eta = _eta("dpmpp_3m_sde", eta, 1.0)
     _check_band(s_tmin, s_tmax)
     return _dpm_solver_pp_3m(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
-                             name="dpmpp_3m_sde", s_tmin=float(s_tmin), s_tmax=float(s_tmax), sde_noise=sde_noise)
+                             name="dpmpp_3m_sde", s_tmin=float(s_tmin), s_tmax=float(s_tmax), sde_noise=sde_noise,
+                             warmup=warmup)
 
 
 def sample_unipc(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
@@ -881,6 +893,40 @@ A1111_SAMPLERS = [
     ("LCM", ["k_lcm"], "lcm"),
     ("DDPM", [], "ddpm"),
 ]
+
+
+# How AUTOMATIC1111 (1.10, modules/sd_samplers_kdiffusion.py) runs its k-diffusion samplers: the schedule type its
+# "Automatic" picks for each ("uniform": k-diffusion's own discrete levels), and those that lay out one level more and
+# leave out the penultimate (discard_next_to_last_sigma)
+A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential",
+                   "dpmpp_2m_sde_heun": "exponential", "dpmpp_2s_a": "karras", "dpmpp_3m_sde": "exponential",
+                   "euler_a": "uniform", "euler": "uniform", "lms": "uniform", "heun": "uniform", "dpm2": "karras",
+                   "dpm2_a": "karras"}
+A1111_DISCARD = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
+
+
+def a1111_settings(name: str, scheduler: str | None = None) -> dict:
+    """The sampling settings (keywords of `imagine.sampling.sample` and TextToImagePipeline.generate) that run
+    AUTOMATIC1111's sampler `name` (a label such as "DPM++ 2M", an old "... Karras" name, or one of ours) with its
+    schedule type `scheduler` (a SIGMA_SCHEDULES name; None or "automatic": the sampler's own) the way A1111 does.
+
+    For its k-diffusion samplers (A1111_AUTOMATIC): the schedule type "Automatic" picks; levels over the model's whole
+    trained range (sigma_range "model"); x_T = z sigma_max (start "sigma_max"); one level more with the penultimate
+    left out for DPM2, DPM2 a and DPM++ 3M SDE; k-diffusion's warm-up for DPM++ 3M SDE. Checked against k-diffusion's
+    own functions in tests/test_k_diffusion.py. DDIM, PLMS, UniPC, LCM and DDPM keep their own timesteps unless a
+    schedule type is named."""
+    canonical, _, karras = resolve_sampler(name)
+    if scheduler in (None, "", "automatic"):
+        scheduler = None
+    if karras:
+        if scheduler not in (None, "karras"):
+            raise ValueError(f"{name!r} names Karras levels; scheduler {scheduler!r} contradicts it")
+        scheduler = "karras"
+    if canonical not in A1111_AUTOMATIC:
+        return {"sampler": canonical, "sigma_schedule": scheduler, "sigma_range": "model" if scheduler else "spaced"}
+    return {"sampler": canonical, "sigma_schedule": scheduler or A1111_AUTOMATIC[canonical], "sigma_range": "model",
+            "discard_penultimate_sigma": canonical in A1111_DISCARD, "start": "sigma_max",
+            "sampler_options": {"warmup": "k_diffusion"} if canonical == "dpmpp_3m_sde" else {}}
 
 
 def a1111_label(name: str) -> tuple[str, bool]:

@@ -128,7 +128,7 @@ def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], seeds
     return torch.stack([seed_resized_noise(a, b) for a, b in zip(own, seeded)]) if resized else seeded
 
 
-STARTS = ("noise", "matched")
+STARTS = ("noise", "matched", "sigma_max")
 
 
 class Denoiser:
@@ -359,7 +359,7 @@ def _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, cla
 
 
 def _prepare(model, schedule, prediction_type, sampler, steps, timestep_spacing, steps_offset, karras, rule=None,
-             sigma_schedule=None, rho=None, sigma_range="spaced"):
+             sigma_schedule=None, rho=None, sigma_range="spaced", discard_penultimate_sigma=False):
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be an imagine.schedules.NoiseSchedule; got {type(schedule).__name__}")
     if not callable(model):
@@ -368,7 +368,8 @@ def _prepare(model, schedule, prediction_type, sampler, steps, timestep_spacing,
     canonical, fn, karras_hint = resolve_sampler(sampler)
     plan = schedule.plan(steps, rule=rule or TIMESTEP_RULE[canonical], spacing=timestep_spacing,
                          steps_offset=steps_offset, karras=bool(karras) or karras_hint,
-                         sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range)
+                         sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range,
+                         discard_penultimate_sigma=discard_penultimate_sigma)
     if prediction_type == "epsilon" and bool((plan.alphas_cumprod[:-1] == 0).any()):
         raise ValueError("an epsilon-predicting model cannot denoise at zero terminal SNR (abar = 0 at "
                          f"t = {float(plan.timesteps[0]):g}: x_0 is undefined from eps); use v_prediction "
@@ -390,7 +391,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            rho: float | None = None, start: str = "noise", init: torch.Tensor | None = None, strength: float = 1.0,
            mask: torch.Tensor | None = None, guidance: Callable[..., torch.Tensor] | None = None,
            noise_seeds: int | Sequence[int] | None = None, sigma_range: str = "spaced",
-           dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+           discard_penultimate_sigma: bool = False, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     shape_or_noise: the full shape (B, C, H, W), or a start-noise tensor of unit variance [B, ...]
@@ -402,6 +403,10 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     sigma_schedule, rho: the noise levels' spacing instead of the timestep spacing's own: "karras",
         "exponential" (even in log-SNR), "polyexponential" or "beta" (schedules.spaced_sigmas), A1111's schedule types;
         sigma_range: what they span, "spaced" (diffusers') or "model" (A1111's: the whole trained range; plan()).
+        Also "kl_optimal", and the types read off the model's own levels: "uniform" / "normal", "sgm_uniform",
+        "simple", "ddim_uniform" (schedules.model_levels; "ddim_uniform" may give a few more steps than asked).
+    discard_penultimate_sigma: steps + 1 levels with the last before the end left out (A1111's
+        discard_next_to_last_sigma, its way for DPM2, DPM2 a and DPM++ 3M SDE; NoiseSchedule.plan).
     eta: DDIM's eta (default 0), or the noise scale of euler_a / dpm2_a / dpmpp_2s_a / dpmpp_sde / dpmpp_2m_sde /
     dpmpp_2m_sde_heun / dpmpp_3m_sde (default 1).
     cond / uncond: keyword tensors for the model, batch-first; classifier-free guidance runs when
@@ -425,7 +430,10 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     sampler_options: further keywords of the sampler function, e.g. {"order": 3, "variant": "bh1"} for unipc.
     start: "noise" (x_T is the scaled start noise, as diffusers starts) or "matched" (moved to the mean of
         q(x_T) by the model's own x_0 estimate, Denoiser.matched_start: no extra model call; it matters
-        where the schedule's terminal SNR is not zero; docs/samplers.md).
+        where the schedule's terminal SNR is not zero; docs/samplers.md) or "sigma_max" (x_T = z sigma_max in VE
+        terms, z sqrt(1 - abar) in VP terms, for every sampler: k-diffusion's and AUTOMATIC1111's start; diffusers
+        scales z so for its Euler-family samplers with linspace or trailing spacing only). An image-to-image run
+        starts from q(x_t | x_0) with "noise" or "sigma_max" alike.
     init, strength: image-to-image (SDEdit, Meng et al. 2022): x_0 to start from, [B, ...] of the sample's shape;
         the plan's last int(steps * strength) steps run from x_0 taken to their first level by q(x_t | x_0) =
         N(sqrt(abar) x_0, (1 - abar) I) with the samples' own noise (drawn after any draws the caller made with
@@ -437,7 +445,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     """
     prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, steps,
                                                     timestep_spacing, steps_offset, karras,
-                                                    sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range)
+                                                    sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range,
+                                                    discard_penultimate_sigma=discard_penultimate_sigma)
     if final_step not in ("euler", "heun"):
         raise ValueError(f"final_step must be 'euler' or 'heun'; got {final_step!r}")
     if start not in STARTS:
@@ -465,7 +474,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     if mask is not None and init is None:
         raise ValueError("mask needs init: the x_0 to keep where mask is 0 (inpainting)")
     if init is not None:
-        plan = _img2img_plan(plan, steps, strength, start)
+        plan = _img2img_plan(plan, len(plan), strength, start)
         shape = tuple(shape_or_noise.shape) if isinstance(shape_or_noise, torch.Tensor) else shape
         if not isinstance(init, torch.Tensor) or tuple(init.shape) != shape:
             raise ValueError(f"init must be a tensor of the sample's shape {shape}; got "
@@ -488,7 +497,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         else:
             z = noise.draw(shape)
             device = _model_device(model) if device is None else device
-        x = (z.to(torch.float64) * initial_noise_scale(plan)).to(device=device, dtype=dtype)
+        scale = math.sqrt(1.0 - float(plan.alphas_cumprod[0])) if start == "sigma_max" else initial_noise_scale(plan)
+        x = (z.to(torch.float64) * scale).to(device=device, dtype=dtype)
     variance_type = schedule.variance_type
     denoise = Denoiser(model, plan, prediction_type, cond, uncond, guidance_scale, guidance_rescale, classifier,
                        classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,
@@ -535,7 +545,7 @@ def _img2img_plan(plan: SamplingPlan, steps: int, strength: float, start: str) -
     """The steps an image-to-image run takes: the last int(steps * strength) of the plan (diffusers' rule)."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1] (1: from pure noise, as text-to-image); got {strength!r}")
-    if start != "noise":
+    if start == "matched":
         raise ValueError("start='matched' moves pure noise; an image-to-image run starts from the image")
     run = min(int(steps * strength), steps)
     if run < 1:

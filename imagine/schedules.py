@@ -74,27 +74,35 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0,
+                  dtype: torch.dtype = torch.float64) -> np.ndarray:
     """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
-    i = 0..n-1: steps crowd towards low noise, where the ODE curves most."""
-    ramp = np.linspace(0.0, 1.0, n)
+    i = 0..n-1: steps crowd towards low noise, where the ODE curves most. dtype: the arithmetic's (float32 is
+    k-diffusion's, whose rounding A1111's Brownian noise depends on)."""
+    ramp = torch.linspace(0.0, 1.0, n, dtype=dtype)
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
+    return ((hi + ramp * (lo - hi)) ** rho).double().numpy()
 
 
 SIGMA_RANGES = ("spaced", "model")  # what a schedule type spans: NoiseSchedule.plan's sigma_range
-SIGMA_SCHEDULES = ("karras", "exponential", "polyexponential", "beta", "align_your_steps", "align_your_steps_sdxl")
+# The schedule types read off the model's own discrete levels sigma(0..T-1) (`model_levels`); the others span a range
+MODEL_SIGMA_SCHEDULES = ("uniform", "normal", "sgm_uniform", "simple", "ddim_uniform")
+SIGMA_SCHEDULES = ("karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
+                   "align_your_steps_sdxl") + MODEL_SIGMA_SCHEDULES
 BETA_SIGMAS = (0.6, 0.6)  # Lee et al. 2024's (and diffusers', A1111's, ComfyUI's) default alpha, beta
 # AUTOMATIC1111's labels of the schedule types (its infotexts' "Schedule type: ...", its API's scheduler labels)
 SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "polyexponential": "Polyexponential",
-                   "beta": "Beta", "align_your_steps": "Align Your Steps", "align_your_steps_sdxl": "Align Your Steps"}
+                   "beta": "Beta", "kl_optimal": "KL Optimal", "align_your_steps": "Align Your Steps",
+                   "align_your_steps_sdxl": "Align Your Steps", "uniform": "Uniform", "normal": "Normal",
+                   "sgm_uniform": "SGM Uniform", "simple": "Simple", "ddim_uniform": "DDIM"}
 # Align Your Steps (Sabour et al. 2024): the 10-step levels NVIDIA optimised for Stable Diffusion 1.5 and for SDXL
 # (its published lists, as A1111 and ComfyUI hold them; diffusers' AysSchedules ends them at 0 instead of 0.029)
 AYS_SIGMAS = {"align_your_steps": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
               "align_your_steps_sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)}
 
 
-def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: float | None = None) -> np.ndarray:
+def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: float | None = None,
+                  dtype: torch.dtype = torch.float64) -> np.ndarray:
     """n noise levels from sigma_max down to sigma_min (A1111's "schedule types", diffusers' use_*_sigmas):
       karras:          Karras et al. 2022, eq. 5 (rho default 7): sigma^(1/rho) evenly spaced;
       exponential:     evenly spaced in log sigma, i.e. in log-SNR (lambda = -log sigma), the spacing the
@@ -105,15 +113,23 @@ def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: fl
       beta:            sigma = sigma_min + F^-1(1 - i/(n-1)) (sigma_max - sigma_min), F the CDF of the Beta(0.6, 0.6)
                        law (Lee et al. 2024, "Beta sampling is all you need"; diffusers' use_beta_sigmas): the
                        levels crowd both ends of the range, where the paper measured the steps to matter most;
+      kl_optimal:      sigma = tan((1 - i/(n-1)) arctan sigma_max + i/(n-1) arctan sigma_min): even steps in
+                       arctan sigma, the schedule Sabour et al. 2024 (arXiv 2404.14507, "Align Your Steps", sec. 3)
+                       derive as KL-optimal when the data is a single point (ComfyUI's and A1111's "KL Optimal");
       align_your_steps(_sdxl): the levels Sabour et al. 2024 ("Align Your Steps") optimised for SD 1.5 (SDXL) at 10
                        steps, AYS_SIGMAS, for n levels interpolated linearly in log sigma over their index (NVIDIA's
-                       recipe, as A1111 and ComfyUI do); absolute levels, for SD's noise schedule: the range is theirs."""
-    if kind not in SIGMA_SCHEDULES:
-        raise ValueError(f"sigma schedule must be one of {SIGMA_SCHEDULES}; got {kind!r}")
+                       recipe, as A1111 and ComfyUI do); absolute levels, for SD's noise schedule: the range is theirs.
+    (The schedule types read off a model's own levels are `model_levels`.) dtype: float32 computes and rounds as
+    k-diffusion and A1111 do (their float32 tensors), so that a Brownian tree over the levels is theirs."""
+    if kind not in SIGMA_SCHEDULES or kind in MODEL_SIGMA_SCHEDULES:
+        raise ValueError(f"sigma schedule must be one of "
+                         f"{tuple(k for k in SIGMA_SCHEDULES if k not in MODEL_SIGMA_SCHEDULES)}; got {kind!r}")
     if rho is not None and not (math.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be a positive number; got {rho}")
+    if dtype == torch.float32 and kind not in ("karras", "exponential", "polyexponential"):
+        return spaced_sigmas(kind, sigma_min, sigma_max, n, rho).astype(np.float32).astype(np.float64)
     if kind == "karras":
-        return karras_sigmas(sigma_min, sigma_max, n, 7.0 if rho is None else rho)
+        return karras_sigmas(sigma_min, sigma_max, n, 7.0 if rho is None else rho, dtype)
     if kind in AYS_SIGMAS:
         if rho is not None:
             raise ValueError(f"rho is the karras and polyexponential schedules' exponent; {kind} takes none")
@@ -126,8 +142,43 @@ def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: fl
         from scipy.stats import beta
 
         return sigma_min + beta.ppf(1.0 - np.linspace(0.0, 1.0, n), *BETA_SIGMAS) * (sigma_max - sigma_min)
-    ramp = np.linspace(1.0, 0.0, n) ** (1.0 if rho is None else rho)
-    return np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    if kind == "kl_optimal":
+        if rho is not None:
+            raise ValueError("rho is the karras and polyexponential schedules' exponent; kl_optimal takes none")
+        u = np.linspace(0.0, 1.0, n)
+        return np.tan((1.0 - u) * math.atan(sigma_max) + u * math.atan(sigma_min))
+    if kind == "exponential":  # (k-diffusion's own form of rho = 1, for its rounding)
+        return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=dtype).exp().double().numpy()
+    ramp = torch.linspace(1.0, 0.0, n, dtype=dtype) ** (1.0 if rho is None else rho)
+    return torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).double().numpy()
+
+
+def model_levels(kind: str, table: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas): the levels of a schedule type read off a model's own discrete levels table[t] = sigma(t),
+    t = 0..T-1, most noisy first, as k-diffusion, AUTOMATIC1111 and ComfyUI compute them (with sigma at a fractional
+    t log-linear between neighbours, k-diffusion's DiscreteSchedule.t_to_sigma):
+      uniform, normal: t evenly from T-1 down to 0, n points (k-diffusion's DiscreteSchedule.get_sigmas(n): A1111's
+                    "Uniform", its "Normal" and what its "Automatic" gives Euler, Euler a, Heun and LMS; ComfyUI's
+                    "normal"); the two names give the same levels;
+      sgm_uniform:  t evenly from T-1 towards 0 over n + 1 points, the last left out (the "trailing" spacing of
+                    Stability's sgm code; A1111's and ComfyUI's "SGM Uniform");
+      simple:       t = T-1 - floor(i T / n), i = 0..n-1 (A1111's and ComfyUI's "Simple");
+      ddim_uniform: t = 1, 1 + k, 1 + 2k, ... below T with k = max(T // n, 1), most noisy first: the CompVis DDIM
+                    code's "uniform" discretisation (A1111's "DDIM" schedule type, ComfyUI's "ddim_uniform"). Where
+                    T / n is not whole that is more than n levels (n = 30 of T = 1000: 31), as in both apps."""
+    T = len(table)
+    if kind not in MODEL_SIGMA_SCHEDULES:
+        raise ValueError(f"a model-read schedule type must be one of {MODEL_SIGMA_SCHEDULES}; got {kind!r}")
+    if kind in ("uniform", "normal"):
+        t = np.linspace(T - 1, 0, n)
+    elif kind == "sgm_uniform":
+        t = np.linspace(T - 1, 0, n + 1)[:-1]
+    elif kind == "simple":
+        t = (T - 1 - np.floor(np.arange(n) * (T / n))).astype(np.float64)
+    else:
+        t = np.arange(1, T, max(T // n, 1), dtype=np.float64)[::-1].copy()
+    log_table = np.log(table)
+    return t, np.exp(np.interp(t, np.arange(T, dtype=np.float64), log_table))
 
 
 def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str, steps_offset: int = 0,
@@ -358,10 +409,15 @@ class NoiseSchedule:
         return f"NoiseSchedule({self.kind}, T={self.num_train_timesteps}{extra}, {self.prediction_type})"
 
     # -- per-run step plans ------------------------------------------------------------------
-    def _sigma_table(self) -> np.ndarray:
-        # the sigmas the Karras-style samplers interpolate; abar_T = 0 floored as diffusers does
+    def _sigma_table(self, float32: bool = False) -> np.ndarray:
+        # the sigmas the Karras-style samplers interpolate; abar_T = 0 floored as diffusers does. float32: as
+        # k-diffusion holds them (AUTOMATIC1111's CompVis models keep abar in float32, and k-diffusion takes
+        # sqrt((1 - abar) / abar) in float32): 1e-5 apart at SD's low end, which moves a Brownian tree's ends
         a = self.alphas_cumprod.numpy().copy()
         a[a <= 0] = ZERO_SNR_ALPHA_CUMPROD
+        if float32:
+            a = torch.from_numpy(a).float()
+            return (((1 - a) / a) ** 0.5).double().numpy()
         return np.sqrt((1 - a) / a)
 
     def sigma_to_t(self, sigmas) -> np.ndarray:
@@ -378,7 +434,7 @@ class NoiseSchedule:
 
     def plan(self, steps: int, *, rule: str = "ddim", spacing: str | None = None, steps_offset: int | None = None,
              karras: bool = False, sigma_schedule: str | None = None, rho: float | None = None,
-             sigma_range: str = "spaced") -> SamplingPlan:
+             sigma_range: str = "spaced", discard_penultimate_sigma: bool = False) -> SamplingPlan:
         """The timesteps and noise levels of a `steps`-step run, laid out as diffusers' scheduler of
         that family does (so the model sees the same t at each step):
 
@@ -399,7 +455,13 @@ class NoiseSchedule:
         dpm_solver rule t is rounded for every such schedule (diffusers truncates exponential ones to int).
         sigma_range: "spaced" (diffusers: such a schedule spans the spaced timesteps' levels, or with the dpm_solver
         rule the whole range) or "model" (k-diffusion's and AUTOMATIC1111's: the model's whole trained range,
-        sigma(0) to sigma(T-1), with fractional timesteps for every rule).
+        sigma(0) to sigma(T-1), with fractional timesteps for every rule; the model's levels as k-diffusion holds
+        them, in float32, so that a Brownian tree spans what A1111's spans). The schedule types read off the model's
+        own levels ("uniform", "normal", "sgm_uniform", "simple", "ddim_uniform": `model_levels`) set the timesteps
+        themselves, whatever the spacing and range.
+        discard_penultimate_sigma: lay out steps + 1 levels and leave out the last before the end, so that the last
+        step is a long one (AUTOMATIC1111's "discard_next_to_last_sigma", on for its DPM2, DPM2 a and DPM++ 3M SDE:
+        their last step from a small sigma is where they err most).
         """
         T = self.num_train_timesteps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
@@ -408,6 +470,20 @@ class NoiseSchedule:
             raise ValueError(f"steps must be between 1 and the {T} training timesteps; got {steps}")
         if rule not in TIMESTEP_RULES:
             raise ValueError(f"rule must be one of {TIMESTEP_RULES}; got {rule!r}")
+        if not isinstance(discard_penultimate_sigma, (bool, np.bool_)):
+            raise TypeError(f"discard_penultimate_sigma must be True or False; got {discard_penultimate_sigma!r}")
+        if discard_penultimate_sigma:
+            if rule == "lcm":
+                raise ValueError("the lcm sampler runs at the timesteps its model was distilled at; "
+                                 "discard_penultimate_sigma does not apply to it")
+            if steps == self.num_train_timesteps:
+                raise ValueError(f"discard_penultimate_sigma lays out steps + 1 levels; at most "
+                                 f"{self.num_train_timesteps - 1} steps with it, got {steps}")
+            full = self.plan(steps + 1, rule=rule, spacing=spacing, steps_offset=steps_offset, karras=karras,
+                             sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range)
+            keep = [i for i in range(len(full) + 1) if i != len(full) - 1]
+            return replace(full, timesteps=full.timesteps[keep[:-1]], sigmas=full.sigmas[keep],
+                           alphas_cumprod=full.alphas_cumprod[keep])
         if karras and sigma_schedule not in (None, "karras"):
             raise ValueError(f"Karras sigmas (karras=True, or a '... Karras' sampler name) and "
                              f"sigma_schedule={sigma_schedule!r} contradict each other; give one")
@@ -418,7 +494,11 @@ class NoiseSchedule:
         if sigma_range not in SIGMA_RANGES:
             raise ValueError(f"sigma_range must be one of {', '.join(map(repr, SIGMA_RANGES))}; got {sigma_range!r}")
         whole = sigma_range == "model"
-        custom = (lambda lo, hi, n: spaced_sigmas(sigma_schedule, lo, hi, n, rho)) if sigma_schedule else None
+        if sigma_schedule in MODEL_SIGMA_SCHEDULES and rho is not None:
+            raise ValueError(f"rho is the karras and polyexponential schedules' exponent; {sigma_schedule} takes none")
+        custom = (lambda lo, hi, n: spaced_sigmas(sigma_schedule, lo, hi, n, rho,
+                                                  torch.float32 if whole else torch.float64)) \
+            if sigma_schedule and sigma_schedule not in MODEL_SIGMA_SCHEDULES else None
         if sigma_schedule in AYS_SIGMAS:  # (absolute levels: the model must span them as SD does)
             if rule in ("ddpm", "ddim", "lcm"):  # (their last step lands on abar_0 or the model's own timesteps)
                 raise ValueError(f"{sigma_schedule} is for the samplers that step in noise levels (Euler, Heun, "
@@ -432,7 +512,8 @@ class NoiseSchedule:
             # held to the model's trained range (its last, 0.029, lies just under SD's sigma(t = 0) = 0.0292, where
             # DDIM's last step would go up in noise)
             custom = (lambda lo, hi, n, lo_t=float(table[0]), hi_t=float(table[-1]):
-                      np.clip(spaced_sigmas(sigma_schedule, lo, hi, n), lo_t, hi_t))
+                      np.clip(spaced_sigmas(sigma_schedule, lo, hi, n, None, torch.float32 if whole else torch.float64),
+                              lo_t, hi_t))
         spacing = self.timestep_spacing if spacing is None else spacing
         steps_offset = self.steps_offset if steps_offset is None else int(steps_offset)
         if rule == "lcm":
@@ -440,9 +521,15 @@ class NoiseSchedule:
         t = spaced_timesteps(T, int(steps), spacing, steps_offset, rule)
         if t.max() > T - 1 or t.min() < 0:
             raise ValueError(f"steps_offset={steps_offset} puts timesteps outside 0..{T - 1} ({t.max():.0f})")
-        table = self._sigma_table()
+        table = self._sigma_table(float32=whole)
+        read = model_levels(sigma_schedule, table, int(steps)) if sigma_schedule in MODEL_SIGMA_SCHEDULES else None
+        if read is not None and whole:  # (k-diffusion's float32 levels)
+            read = (read[0], read[1].astype(np.float32).astype(np.float64))
         if rule in ("ddpm", "ddim"):
-            if custom:
+            if read is not None:
+                t, sig = read
+                abar = 1.0 / (1.0 + sig**2)
+            elif custom:
                 sig = custom(*((table[0], table[-1]) if whole else (table[int(t[-1])], table[int(t[0])])), len(t))
                 t = self.sigma_to_t(sig)
                 abar = 1.0 / (1.0 + sig**2)
@@ -453,7 +540,9 @@ class NoiseSchedule:
             with np.errstate(divide="ignore"):
                 sig = np.where(abar > 0, np.sqrt((1 - abar) / np.maximum(abar, 1e-300)), np.inf)
         else:
-            if rule == "karras":
+            if read is not None:
+                t, sig = read
+            elif rule == "karras":
                 sig = np.interp(t, np.arange(T), table)
                 if custom:
                     sig = custom(*((table[0], table[-1]) if whole else (sig[-1], sig[0])), len(t))

@@ -23,6 +23,7 @@ from PIL import Image
 webuiapi = pytest.importorskip("webuiapi")
 openai = pytest.importorskip("openai")
 
+from imagine.samplers import a1111_settings  # noqa: E402
 from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,7 +178,9 @@ def test_a1111_listing_endpoints(server):
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
     assert [(s["name"], s["label"]) for s in api.get_schedulers()] == [
         ("automatic", "Automatic"), ("karras", "Karras"), ("exponential", "Exponential"),
-        ("polyexponential", "Polyexponential"), ("beta", "Beta"), ("align_your_steps", "Align Your Steps")]
+        ("polyexponential", "Polyexponential"), ("beta", "Beta"), ("kl_optimal", "KL Optimal"),
+        ("align_your_steps", "Align Your Steps"), ("uniform", "Uniform"), ("normal", "Normal"),
+        ("sgm_uniform", "SGM Uniform"), ("simple", "Simple"), ("ddim", "DDIM")]
     for getter in (api.get_sd_vae, api.get_upscalers, api.get_loras, api.get_prompt_styles):
         assert getter() == []
     p = api.get_progress()
@@ -212,17 +215,29 @@ def test_unknown_sampler_and_karras_names(server):
         assert json.loads(r.json()["info"])["scheduler"] == "align_your_steps"
 
 
-def test_a1111_schedule_types_span_the_models_whole_range(server, pipe):
-    """A1111's schedule types through its API span the model's whole trained range (sigma_range="model"), as A1111's
-    get_sigmas_karras(n, sigma_min, sigma_max) does: the pipeline's image with that range, not diffusers' spaced one."""
-    r = _txt2img(server, sampler_name="Euler", scheduler="Karras", seed=6)
+@pytest.mark.parametrize("sampler, scheduler", [("Euler", "Karras"), ("Euler", None), ("DPM++ 2M", "Automatic"),
+                                                ("DPM2", None), ("Euler a", "SGM Uniform"), ("Euler", "DDIM")])
+def test_a1111_api_runs_samplers_as_a1111(server, pipe, sampler, scheduler):
+    """The A1111 API runs a sampler as A1111 does (samplers.a1111_settings, checked against k-diffusion in
+    test_k_diffusion.py): the schedule type "Automatic" picks for it (Euler: k-diffusion's own levels; DPM++ 2M and
+    DPM2: Karras), over the model's whole range, from x_T = z sigma_max, with DPM2's discarded level: the pipeline's
+    image with those settings, not with diffusers' ways."""
+    r = _txt2img(server, sampler_name=sampler, seed=6, **({"scheduler": scheduler} if scheduler else {}))
     assert r.status_code == 200, r.text
-    kw = dict(seed=6, steps=STEPS, height=SIZE, width=SIZE, sampler="euler", guidance_scale=5.0,
-              sigma_schedule="karras", progress=False)
-    want = pipe.generate("a red circle", sigma_range="model", **kw).images[0]
-    spaced = pipe.generate("a red circle", **kw).images[0]
+    kw = dict(seed=6, steps=STEPS, height=SIZE, width=SIZE, guidance_scale=5.0, progress=False)
+    asked = None if scheduler in (None, "Automatic") else scheduler.lower().replace(" ", "_").replace("ddim", "ddim_uniform")
+    want = pipe.generate("a red circle", **kw, **a1111_settings(sampler, asked)).images[0]
+    ours = pipe.generate("a red circle", **kw, sampler=sampler, sigma_schedule=asked).images[0]
     got = _pixels(_decode(r.json()["images"][0]))
-    assert np.array_equal(got, _pixels(want)) and not np.array_equal(got, _pixels(spaced))
+    assert np.array_equal(got, _pixels(want)) and not np.array_equal(got, _pixels(ours))
+    info = json.loads(r.json()["info"])
+    assert info["scheduler"] == ({"Karras": "karras", "SGM Uniform": "sgm_uniform", "DDIM": "ddim_uniform"}
+                                 .get(scheduler, "automatic"))
+    # the infotext names the schedule type as A1111's does: unless "Automatic" left k-diffusion's own levels
+    shown = {"Karras": "Karras", "SGM Uniform": "SGM Uniform", "DDIM": "DDIM"}.get(
+        scheduler, "Karras" if sampler in ("DPM++ 2M", "DPM2") else None)
+    text = info["infotexts"][0]
+    assert (f"Schedule type: {shown}" in text) if shown else ("Schedule type" not in text), text
 
 
 def test_a1111_eta_and_noise_band(server, pipe):
@@ -231,10 +246,12 @@ def test_a1111_eta_and_noise_band(server, pipe):
     ignored_fields, not refused; a band with s_tmin > s_tmax, or a negative eta, is a 422 naming the field."""
     r = _txt2img(server, sampler_name="DPM++ 3M SDE", s_tmin=5.0, s_tmax=0, eta=1.0, seed=6)
     assert r.status_code == 200, r.text
-    want = pipe.generate("a red circle", seed=6, steps=STEPS, height=SIZE, width=SIZE, sampler="dpmpp_3m_sde",
-                         guidance_scale=5.0, eta=1.0, sampler_options={"s_tmin": 5.0}, progress=False).images[0]
-    plain = pipe.generate("a red circle", seed=6, steps=STEPS, height=SIZE, width=SIZE, sampler="dpmpp_3m_sde",
-                          guidance_scale=5.0, progress=False).images[0]
+    a1111 = a1111_settings("DPM++ 3M SDE")
+    options = a1111.pop("sampler_options")
+    want = pipe.generate("a red circle", seed=6, steps=STEPS, height=SIZE, width=SIZE, guidance_scale=5.0, eta=1.0,
+                         sampler_options={**options, "s_tmin": 5.0}, progress=False, **a1111).images[0]
+    plain = pipe.generate("a red circle", seed=6, steps=STEPS, height=SIZE, width=SIZE, guidance_scale=5.0,
+                          sampler_options=options, progress=False, **a1111).images[0]
     got = _pixels(_decode(r.json()["images"][0]))
     assert np.array_equal(got, _pixels(want)) and not np.array_equal(got, _pixels(plain))
     r = _txt2img(server, sampler_name="Euler", eta=0.5, s_tmin=0.0, s_tmax=0.0)
@@ -265,11 +282,13 @@ def test_openai_images_generate(server):
 
 
 def test_openai_and_a1111_agree(server):
-    """The two APIs are views of one pipeline: same prompt, seed and settings -> same pixels."""
+    """The two APIs are views of one pipeline: same prompt, seed and settings -> same pixels. (With DDIM, which A1111
+    runs at its own timesteps as diffusers does; its k-diffusion samplers the A1111 API runs as A1111 does, the
+    OpenAI API as diffusers: test_a1111_api_runs_samplers_as_a1111.)"""
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     o = client.images.generate(prompt="a yellow circle", size=f"{SIZE}x{SIZE}",
-                               extra_body={"seed": 9, "steps": STEPS, "guidance_scale": 5.0, "sampler": "euler_a"})
-    a = _txt2img(server, prompt="a yellow circle", seed=9).json()
+                               extra_body={"seed": 9, "steps": STEPS, "guidance_scale": 5.0, "sampler": "ddim"})
+    a = _txt2img(server, prompt="a yellow circle", seed=9, sampler_name="DDIM").json()
     assert np.array_equal(_pixels(_decode(o.data[0].b64_json)), _pixels(_decode(a["images"][0])))
 
 

@@ -148,10 +148,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "unipc, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm (A1111 names work too)")
     p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None,
                    # (schedules.SIGMA_SCHEDULES, with no torch import to parse arguments)
-                   choices=["karras", "exponential", "polyexponential", "beta", "align_your_steps",
-                            "align_your_steps_sdxl"],
+                   choices=["karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
+                            "align_your_steps_sdxl", "uniform", "normal", "sgm_uniform", "simple", "ddim_uniform"],
                    help="noise levels' spacing (A1111's schedule type; align_your_steps: SDXL's list for an SDXL "
-                        "model); default: the model's")
+                        "model; uniform/normal, sgm_uniform, simple, ddim_uniform: read off the model's own levels "
+                        "as A1111 and ComfyUI do); default: the model's")
     p.add_argument("--sigma-range", choices=["spaced", "model"], default="spaced",
                    help="what --schedule-type (or a '... Karras' sampler) spans: the spaced timesteps' levels "
                         "(diffusers', the default) or the model's whole trained range (AUTOMATIC1111's)")
@@ -162,9 +163,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "order=3 or variant=bh1 (unipc)")
     p.add_argument("--final-step", choices=["euler", "heun"], default=None,
                    help="the step to sigma = 0: euler (x0 = D(x), as diffusers) or heun (trapezoidal, same cost)")
-    p.add_argument("--start", choices=["noise", "matched"], default=None,
-                   help="the start sample: noise (as diffusers) or matched (moved to the mean of q(x_T) by the model's "
-                        "own x0 estimate, no extra model call: for schedules whose terminal SNR is not zero)")
+    p.add_argument("--start", choices=["noise", "matched", "sigma_max"], default=None,
+                   help="the start sample: noise (as diffusers), matched (moved to the mean of q(x_T) by the model's "
+                        "own x0 estimate, no extra model call: for schedules whose terminal SNR is not zero) or "
+                        "sigma_max (x_T = z sigma_max for every sampler, as k-diffusion and AUTOMATIC1111)")
+    p.add_argument("--discard-penultimate-sigma", action="store_true",
+                   help="lay out steps + 1 noise levels and leave out the one before the end (AUTOMATIC1111's way "
+                        "for DPM2, DPM2 a and DPM++ 3M SDE)")
+    p.add_argument("--a1111-sampling", action="store_true",
+                   help="run the sampler as AUTOMATIC1111 does (imagine.samplers.a1111_settings): the schedule type "
+                        "its 'Automatic' picks unless --schedule-type names one, over the model's whole range, "
+                        "x_T = z sigma_max, its discarded level for DPM2 / DPM2 a / DPM++ 3M SDE and k-diffusion's "
+                        "3M warm-up (what the server's A1111 API does)")
     p.add_argument("--guidance-scale", "--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2023 guidance rescale phi (0..1)")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help="Karras sigma spacing")
@@ -503,6 +513,17 @@ def run(args) -> int:
         if args.hires_negative_prompt:
             args.hires_negative_prompt = apply_styles("", args.hires_negative_prompt, chosen)[1]
     sampler_options = parse_sampler_options(args.sampler_option) or None
+    sampling = {"sigma_schedule": args.sigma_schedule, "sampler_options": sampler_options, "start": args.start,
+                **({"sigma_range": args.sigma_range} if args.sigma_range != "spaced" else {}),
+                **({"discard_penultimate_sigma": True} if args.discard_penultimate_sigma else {})}
+    if args.a1111_sampling:
+        from imagine.samplers import a1111_settings
+
+        if args.karras is not None or args.sigma_range != "spaced" or args.start or args.discard_penultimate_sigma:
+            raise ValueError("--a1111-sampling sets the noise levels' range, the start and the discarded level as "
+                             "AUTOMATIC1111 does; leave out --karras, --sigma-range, --start and "
+                             "--discard-penultimate-sigma (name a schedule type with --schedule-type)")
+        a1111_settings(args.sampler or "euler", args.sigma_schedule)  # (a bad name fails before the model loads)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")
     if args.num_images < 1 or args.batch_size < 1:
@@ -573,6 +594,12 @@ def run(args) -> int:
                                                prediction_type=args.prediction_type, tokenizer=args.tokenizer,
                                                tokenizer_2=args.tokenizer_2, clip_skip=args.clip_skip)
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
+    if args.a1111_sampling:
+        from imagine.samplers import a1111_settings
+
+        a1111 = a1111_settings(args.sampler or pipe.defaults["sampler"], args.sigma_schedule)
+        args.sampler = a1111.pop("sampler")
+        sampling = {**a1111, "sampler_options": {**a1111.get("sampler_options", {}), **(sampler_options or {})} or None}
     conditioned = _picture_model_run(pipe, args, picture)
     if pipe.edits:  # instruct-pix2pix: the picture conditions every step; the run starts from noise unless
         if args.strength is None:  # a strength is given (diffusers' pipeline)
@@ -623,9 +650,8 @@ def run(args) -> int:
                             height=height, width=width, guidance_rescale=args.guidance_rescale,
                             karras=args.karras, eta=args.eta, thresholding=args.thresholding,
                             threshold_range=args.threshold_range,
-                            sigma_schedule=args.sigma_schedule, final_step=args.final_step, rho=args.rho,
-                            **({"sigma_range": args.sigma_range} if args.sigma_range != "spaced" else {}),
-                            sampler_options=sampler_options, start=args.start, emphasis=args.emphasis or args.a1111_prompts,
+                            final_step=args.final_step, rho=args.rho, **sampling,
+                            emphasis=args.emphasis or args.a1111_prompts,
                             long_prompts=args.long_prompts or args.a1111_prompts,
                             prompt_editing=args.prompt_editing or args.a1111_prompts,
                             composable=args.composable or args.a1111_prompts,

@@ -39,8 +39,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from imagine import preprocessors
 from imagine.diffusion import check_level
 from imagine.images import RESIZE_MODES, controlnet_unit_text, fit_picture
-from imagine.samplers import A1111_SAMPLERS  # AUTOMATIC1111's labels of our samplers
-from imagine.schedules import SCHEDULE_LABELS, SIGMA_SCHEDULES
+from imagine.samplers import A1111_SAMPLERS, a1111_settings  # AUTOMATIC1111's labels and ways of our samplers
+from imagine.schedules import MODEL_SIGMA_SCHEDULES, SCHEDULE_LABELS, SIGMA_SCHEDULES
 from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
                                    ShuttingDown)
 
@@ -75,6 +75,9 @@ class ServerConfig:
 # our sampler). Only those whose sampler exists here are offered.
 # A1111's schedule types of ours (align_your_steps picks SDXL's levels for an SDXL model, as A1111 does)
 SCHEDULE_TYPES = tuple(s for s in SIGMA_SCHEDULES if s != "align_your_steps_sdxl")
+# A1111's names where ours differ (ours are ComfyUI's), and its aliases
+A1111_SCHEDULE_NAMES = {"ddim_uniform": "ddim"}
+_SCHEDULE_ALIASES = {"ddim": "ddim_uniform", "sgmuniform": "sgm_uniform"}
 _FALLBACK_SAMPLERS = ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a", "heun"]
 
 
@@ -737,11 +740,13 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         schedule = "karras" if karras else None
         if scheduler:
             key = scheduler.strip().lower().replace(" ", "_")  # (A1111 takes a name or its label: "Align Your Steps")
+            key = _SCHEDULE_ALIASES.get(key, key)
             if key in SCHEDULE_TYPES:
                 schedule = key
             elif key not in ("automatic", "auto", "default", ""):
                 raise ApiError(422, f"scheduler {scheduler!r} is not supported; valid: automatic, "
-                                    f"{', '.join(SCHEDULE_TYPES)}", "scheduler")
+                                    f"{', '.join(A1111_SCHEDULE_NAMES.get(k, k) for k in SCHEDULE_TYPES)}",
+                               "scheduler")
         return sampler, schedule
 
     def sampler_settings(sampler: str, eta, s_tmin, s_tmax) -> tuple[float | None, tuple, list[str]]:
@@ -1082,8 +1087,15 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"batch_size x n_iter = {n} images; the server's limit is {cfg.max_images} "
                                 "images per request", "batch_size")
         sampler_field = "sampler_name" if req.sampler_name else "sampler_index"
-        sampler, schedule = resolve_sampler(sampler_field, req.sampler_name or req.sampler_index, req.scheduler)
+        sampler, asked = resolve_sampler(sampler_field, req.sampler_name or req.sampler_index, req.scheduler)
         eta, options, unused = sampler_settings(sampler, req.eta, req.s_tmin, req.s_tmax)
+        # run as AUTOMATIC1111 runs it (samplers.a1111_settings): the schedule type its "Automatic" picks, the model's
+        # whole range, x_T = z sigma_max, DPM2 / DPM2 a / DPM++ 3M SDE's discarded level, k-diffusion's 3M warm-up
+        a1111 = a1111_settings(sampler, asked)
+        schedule = a1111["sigma_schedule"]
+        options = tuple(sorted({**dict(options), **a1111.get("sampler_options", {})}.items()))
+        # (its infotext names the schedule type unless "Automatic" left k-diffusion's own levels: "uniform")
+        shown = asked or (schedule if schedule != "uniform" else None)
         base = check_seed("seed", req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
         variation = float(req.subseed_strength)
@@ -1130,8 +1142,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt or None] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
-                                    # (A1111's schedule types span the model's whole trained range)
-                                    sigma_range="model" if schedule else "spaced",
+                                    sigma_range=a1111["sigma_range"], start=a1111.get("start", "noise"),
+                                    discard_penultimate_sigma=a1111.get("discard_penultimate_sigma", False),
                                     emphasis=a1111_emphasis(req), long_prompts=True, prompt_editing=True,
                                     composable=True,
                                     strength=None if hires else strength,
@@ -1158,7 +1170,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                      *(u.get("settings", {}).get(k) for k in ("resolution", "low", "high")), u["pixel_perfect"],
                      u["mode"]) for u in units]
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
-                               fingerprint, version, vae_name, schedule, clip_skip, strength, hires,
+                               fingerprint, version, vae_name, shown, clip_skip, strength, hires,
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
                                job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
                                (subseeds[i], variation) if subseeds else None, seed_resize)
@@ -1180,7 +1192,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * len(used),
             "seed": seeds[0], "all_seeds": used, "subseed": (subseeds or seeds)[0],
             "all_subseeds": (subseeds or used)[:len(used)], "subseed_strength": variation, "width": width, "height": height, "sampler_name": a_name, "sampler": sampler,
-            "scheduler": schedule or "automatic", "cfg_scale": guidance, "steps": steps,
+            "scheduler": asked or "automatic", "cfg_scale": guidance, "steps": steps,
             "batch_size": batch_size, "n_iter": req.n_iter, "restore_faces": False,
             "face_restoration_model": None, "sd_model_name": name, "sd_model_hash": fingerprint[:10],
             "sd_vae_name": vae_name, "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w,
@@ -1279,8 +1291,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         rho = {"karras": 7.0, "polyexponential": 1.0}
         return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
                  "need_inner_model": False}] + [
-                {"name": k, "label": SCHEDULE_LABELS[k], "aliases": None, "default_rho": rho.get(k, -1),
-                 "need_inner_model": False} for k in SCHEDULE_TYPES]
+                {"name": A1111_SCHEDULE_NAMES.get(k, k), "label": SCHEDULE_LABELS[k],
+                 "aliases": ["SGMUniform"] if k == "sgm_uniform" else None, "default_rho": rho.get(k, -1),
+                 "need_inner_model": k in MODEL_SIGMA_SCHEDULES} for k in SCHEDULE_TYPES]
 
     @app.get("/sdapi/v1/sd-models")
     def get_sd_models():

@@ -68,6 +68,8 @@ class Settings:
     guidance_scale: float
     schedule: str | None = None  # noise-level spacing (imagine.schedules.SIGMA_SCHEDULES); None: the model's
     sigma_range: str = "spaced"  # what the schedule spans (NoiseSchedule.plan): "model" for AUTOMATIC1111's API
+    start: str = "noise"  # the start sample (imagine.sampling.sample): "sigma_max" for AUTOMATIC1111's API
+    discard_penultimate_sigma: bool = False  # A1111's DPM2, DPM2 a, DPM++ 3M SDE (samplers.a1111_settings)
     eta: float | None = None  # the sampler's noise scale (None: its default)
     options: tuple = ()  # the sampler's own options as sorted (name, value) pairs, e.g. (("s_tmin", 1.5),)
     emphasis: bool = False  # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default)
@@ -412,6 +414,8 @@ class ModelWorker:
                               sampler_options=dict(s.options) or None, callback=callback, progress=False,
                               **({"emphasis": True} if s.emphasis else {}),
                               **({"sigma_range": s.sigma_range} if s.sigma_range != "spaced" else {}),
+                              **({"start": s.start} if s.start != "noise" else {}),
+                              **({"discard_penultimate_sigma": True} if s.discard_penultimate_sigma else {}),
                               **({"long_prompts": True} if s.long_prompts else {}),
                               **({"prompt_editing": True} if s.prompt_editing else {}),
                               **({"composable": True} if s.composable else {}),

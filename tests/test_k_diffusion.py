@@ -1,0 +1,270 @@
+"""AUTOMATIC1111's samplers as A1111 runs them, against k-diffusion's own functions, the code A1111 calls.
+
+A1111 (1.10, modules/sd_samplers_kdiffusion.py and sd_schedulers.py) wraps the model in k-diffusion's CompVisDenoiser
+(CompVisVDenoiser for v-prediction), takes its noise levels from the schedule type "Automatic" picks for the sampler
+(or the one asked for), lays out one level more and drops the penultimate for DPM2, DPM2 a and DPM++ 3M SDE, starts
+from x_T = z sigma_max with each image's generator, draws ancestral noise from the same generators and SDE noise from
+one Brownian tree per image seed, and calls k-diffusion's sample_* function. `run_a1111` below does exactly that with
+k-diffusion 0.1.1's sampling.py and external.py (loaded from the installed wheel: its package __init__ imports
+torchvision, which does not work beside this machine's torch, so the two modules are loaded on their own with a
+one-line append_dims in place of its utils). Ours runs `sample(**samplers.a1111_settings(label, scheduler))`: the
+settings the AUTOMATIC1111 API uses. The model, seeds and shapes are test_samplers_parity.py's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_samplers_parity import SEEDS, SHAPE, config, make_model
+
+from imagine.samplers import A1111_AUTOMATIC, A1111_DISCARD, a1111_settings
+from imagine.sampling import sample
+from imagine.schedules import NoiseSchedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = 1e-4
+
+# A1111's k-diffusion samplers, restated from its source: label -> (k-diffusion function, its keywords, the schedule
+# type "Automatic" gives it, discard_next_to_last_sigma, Brownian-tree noise)
+A1111 = {
+    "DPM++ 2M": ("sample_dpmpp_2m", {}, "karras", False, False),
+    "DPM++ SDE": ("sample_dpmpp_sde", {}, "karras", False, True),
+    "DPM++ 2M SDE": ("sample_dpmpp_2m_sde", {}, "exponential", False, True),
+    "DPM++ 2M SDE Heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}, "exponential", False, True),
+    "DPM++ 2S a": ("sample_dpmpp_2s_ancestral", {}, "karras", False, False),
+    "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", {}, "exponential", True, True),
+    "Euler a": ("sample_euler_ancestral", {}, None, False, False),
+    "Euler": ("sample_euler", {}, None, False, False),
+    "LMS": ("sample_lms", {}, None, False, False),
+    "Heun": ("sample_heun", {}, None, False, False),
+    "DPM2": ("sample_dpm_2", {}, "karras", True, False),
+    "DPM2 a": ("sample_dpm_2_ancestral", {}, "karras", True, False),
+}
+CONFIGS = [config("scaled_linear", "leading", "epsilon"), config("scaled_linear", "leading", "v_prediction")]
+
+
+@pytest.fixture(scope="module")
+def kd():
+    """k-diffusion's sampling and external modules (see the module doc)."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion==0.1.1.post1)")
+    folder = Path(spec.submodule_search_locations[0])
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = [str(folder)]
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.utils", "k_diffusion.sampling",
+                                             "k_diffusion.external")}
+    sys.modules.update({"k_diffusion": package, "k_diffusion.utils": utils})
+    package.utils = utils
+    try:
+        for name in ("sampling", "external"):
+            s = importlib.util.spec_from_file_location(f"k_diffusion.{name}", folder / f"{name}.py")
+            module = importlib.util.module_from_spec(s)
+            sys.modules[s.name] = module
+            s.loader.exec_module(module)
+            setattr(package, name, module)
+        yield types.SimpleNamespace(sampling=package.sampling, external=package.external)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+class CompVisModel:
+    """What CompVisDenoiser wraps: a model with alphas_cumprod (float32, as A1111's) and apply_model(x, t, cond)."""
+
+    def __init__(self, cfg):
+        self.model = make_model(cfg)
+        self.alphas_cumprod = NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod.float()
+
+    def apply_model(self, x, t, cond=None):
+        return self.model(x, t)
+
+
+def a1111_sigmas(kd, denoiser, scheduler: str, n: int) -> torch.Tensor:
+    """n + 1 levels (the last 0) as A1111's sd_schedulers.py lays them out for schedule type `scheduler` ("uniform"
+    is also what "Automatic" gives a sampler with no schedule of its own: k-diffusion's get_sigmas), with the model's
+    whole range, sigma_min/max = denoiser.sigmas[0]/[-1]. "kl_optimal" as ComfyUI ends it, at 0 (A1111 stops at
+    sigma_min)."""
+    lo, hi = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
+    T = len(denoiser.sigmas)
+    zero = torch.zeros(1)
+    if scheduler in ("uniform", "normal"):
+        return denoiser.get_sigmas(n)
+    if scheduler == "karras":
+        return kd.sampling.get_sigmas_karras(n, lo, hi)
+    if scheduler == "exponential":
+        return kd.sampling.get_sigmas_exponential(n, lo, hi)
+    if scheduler == "sgm_uniform":
+        start, end = denoiser.sigma_to_t(torch.tensor(hi)), denoiser.sigma_to_t(torch.tensor(lo))
+        return torch.cat([torch.stack([denoiser.t_to_sigma(t) for t in torch.linspace(start, end, n + 1)[:-1]]), zero])
+    if scheduler == "simple":
+        ss = T / n
+        return torch.tensor([float(denoiser.sigmas[-(1 + int(x * ss))]) for x in range(n)] + [0.0])
+    if scheduler == "ddim_uniform":
+        ss, x, sigs = max(T // n, 1), 1, []
+        while x < T:
+            sigs.append(float(denoiser.sigmas[x]))
+            x += ss
+        return torch.tensor(sigs[::-1] + [0.0])
+    if scheduler == "kl_optimal":
+        u = torch.arange(n, dtype=torch.float32) / (n - 1)
+        return torch.cat([torch.tan(u * math.atan(lo) + (1 - u) * math.atan(hi)), zero])
+    raise AssertionError(scheduler)
+
+
+def run_a1111(kd, cfg, label, steps, scheduler=None, seeds=SEEDS):
+    funcname, kwargs, automatic, discard, brownian = A1111[label]
+    inner = CompVisModel(cfg)
+    wrapper = kd.external.CompVisVDenoiser if cfg["prediction_type"] == "v_prediction" else kd.external.CompVisDenoiser
+    denoiser = wrapper(inner)
+    n = steps + 1 if discard else steps
+    sigmas = a1111_sigmas(kd, denoiser, scheduler or automatic or "uniform", n)
+    if discard:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * sigmas[0]
+    if brownian:
+        noise_sampler = kd.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds)
+    else:
+        def noise_sampler(sigma, sigma_next):
+            return torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens])
+    fn = getattr(kd.sampling, funcname)
+    if "noise_sampler" in inspect.signature(fn).parameters:
+        kwargs = {**kwargs, "noise_sampler": noise_sampler}
+    with torch.no_grad():
+        return fn(denoiser, x, sigmas, extra_args={"cond": None}, disable=True, **kwargs), len(sigmas) - 1
+
+
+def run_ours(cfg, label, steps, scheduler=None, seeds=SEEDS):
+    settings = a1111_settings(label, scheduler)
+    return sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps, seeds=seeds,
+                  progress=False, **settings)
+
+
+def test_the_settings_table_is_a1111s():
+    """a1111_settings names the schedule and discard A1111's table (above) gives each of its k-diffusion samplers."""
+    assert set(A1111) == {label for label in A1111}
+    for label, (_, kwargs, automatic, discard, _) in A1111.items():
+        s = a1111_settings(label)
+        assert s["sigma_schedule"] == (automatic or "uniform"), label
+        assert s["discard_penultimate_sigma"] == discard, label
+        assert s["sigma_range"] == "model" and s["start"] == "sigma_max"
+    assert set(A1111_AUTOMATIC) == {a1111_settings(label)["sampler"] for label in A1111}
+    assert set(A1111_DISCARD) == {a1111_settings(label)["sampler"] for label in A1111 if A1111[label][3]}
+    # an old "... Karras" label, and the schedule type asked for
+    assert a1111_settings("DPM++ 2M Karras")["sigma_schedule"] == "karras"
+    assert a1111_settings("Euler", "sgm_uniform")["sigma_schedule"] == "sgm_uniform"
+    with pytest.raises(ValueError, match="Karras"):
+        a1111_settings("DPM++ 2M Karras", "exponential")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["prediction_type"])
+@pytest.mark.parametrize("label", list(A1111))
+@pytest.mark.parametrize("steps", [6, 11])
+def test_a1111_sampler_equals_k_diffusion(kd, cfg, label, steps):
+    theirs, n = run_a1111(kd, cfg, label, steps)
+    ours = run_ours(cfg, label, steps)
+    assert n == steps  # (the discarding samplers too take the steps asked for)
+    err = (ours.float() - theirs).abs().max().item()
+    assert err < TOL, f"{label}, {steps} steps: max |ours - k-diffusion| = {err:.2e}"
+
+
+@pytest.mark.parametrize("scheduler", ["uniform", "normal", "karras", "exponential", "sgm_uniform", "simple",
+                                       "ddim_uniform", "kl_optimal"])
+@pytest.mark.parametrize("label", ["Euler", "DPM++ 2M", "DPM2"])
+def test_a1111_schedule_types_equal_theirs(kd, scheduler, label):
+    cfg = CONFIGS[0]
+    steps = 7  # (1000 / 7 is not whole: DDIM's schedule type gives 8 levels, simple's floor shows)
+    theirs, n = run_a1111(kd, cfg, label, steps, scheduler)
+    ours = run_ours(cfg, label, steps, scheduler)
+    err = (ours.float() - theirs).abs().max().item()
+    assert err < TOL, f"{label} / {scheduler}: max |ours - k-diffusion| = {err:.2e}"
+
+
+@pytest.mark.parametrize("scheduler", ["uniform", "sgm_uniform", "simple", "ddim_uniform", "kl_optimal"])
+@pytest.mark.parametrize("steps", [1, 7, 20, 30])
+def test_schedule_levels_equal_theirs(kd, scheduler, steps):
+    """The levels themselves, our plan's against A1111's recipe over k-diffusion's discrete schedule."""
+    cfg = CONFIGS[0]
+    if scheduler == "kl_optimal" and steps == 1:
+        pytest.skip("one level: the recipe divides by n - 1")
+    denoiser = kd.external.CompVisDenoiser(CompVisModel(cfg))
+    theirs = a1111_sigmas(kd, denoiser, scheduler, steps).double()
+    plan = NoiseSchedule.from_diffusers_config(cfg).plan(steps, rule="karras", sigma_schedule=scheduler,
+                                                         sigma_range="model")
+    assert plan.sigmas.shape == theirs.shape
+    torch.testing.assert_close(plan.sigmas, theirs, rtol=1e-5, atol=1e-6)
+    # and the model sees each level's timestep as k-diffusion's sigma_to_t gives it
+    t = denoiser.sigma_to_t(theirs[:-1].float()).double()
+    torch.testing.assert_close(plan.timesteps, t, rtol=0, atol=2e-3)
+
+
+def test_ddim_uniform_gives_more_steps_where_a1111_does():
+    schedule = NoiseSchedule.from_config("scaled_linear")
+    assert len(schedule.plan(30, rule="karras", sigma_schedule="ddim_uniform")) == 31
+    assert len(schedule.plan(20, rule="karras", sigma_schedule="ddim_uniform")) == 20
+
+
+def test_discard_penultimate_sigma():
+    """steps + 1 levels with the one before the end left out: the same levels otherwise, the last step longer."""
+    schedule = NoiseSchedule.from_config("scaled_linear")
+    for rule, kw in (("karras", {"sigma_schedule": "karras", "sigma_range": "model"}), ("dpm_solver", {}),
+                     ("ddim", {})):
+        full = schedule.plan(9, rule=rule, **kw)
+        cut = schedule.plan(8, rule=rule, discard_penultimate_sigma=True, **kw)
+        assert len(cut) == 8
+        assert torch.equal(cut.sigmas, torch.cat([full.sigmas[:-2], full.sigmas[-1:]]))
+        assert torch.equal(cut.timesteps, full.timesteps[:-1])
+    with pytest.raises(ValueError, match="at most 999 steps"):
+        schedule.plan(1000, rule="karras", discard_penultimate_sigma=True)
+    with pytest.raises(ValueError, match="lcm"):
+        schedule.plan(4, rule="lcm", discard_penultimate_sigma=True)
+
+
+def test_warmup_differs_only_where_k_diffusion_differs():
+    """DPM++ 3M SDE's two warm-ups agree on the first step and part after the second (diffusers' midpoint form vs
+    k-diffusion's phi_2 there)."""
+    cfg = CONFIGS[0]
+    kw = dict(schedule=NoiseSchedule.from_diffusers_config(cfg), seeds=SEEDS, progress=False, sampler="dpmpp_3m",
+              sigma_schedule="exponential")
+    model = make_model(cfg)
+    a1 = sample(model, SHAPE, steps=8, **kw, sampler_options={"warmup": "k_diffusion"})
+    b1 = sample(model, SHAPE, steps=8, **kw)
+    assert (a1 - b1).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="warmup must be one of"):
+        sample(model, SHAPE, steps=8, **kw, sampler_options={"warmup": "comfy"})
+
+
+def test_start_at_sigma_max():
+    """start="sigma_max": x_T = z sigma_0 in VE terms (sigma_0 the plan's first level), whatever the sampler;
+    diffusers' own start for Euler with trailing spacing only, so there the two starts agree."""
+    cfg = config("scaled_linear", "trailing", "epsilon")
+    model, schedule = make_model(cfg), NoiseSchedule.from_diffusers_config(cfg)
+    z = torch.cat([torch.randn((1, *SHAPE[1:]), generator=torch.Generator().manual_seed(s)) for s in SEEDS]).double()
+    for sampler, rule, spacing, same in (("euler", "karras", "trailing", True), ("euler", "karras", "leading", False),
+                                          ("dpmpp_2m", "dpm_solver", "trailing", False)):
+        seen = {}
+        for start in ("noise", "sigma_max"):
+            def first(info, start=start):
+                if info["step"] == 0:
+                    seen[start] = info["x"].double().clone()
+
+            sample(model, SHAPE, schedule=schedule, steps=4, seeds=SEEDS, progress=False, sampler=sampler,
+                   timestep_spacing=spacing, start=start, callback=first)
+        s0 = float(schedule.plan(4, rule=rule, spacing=spacing).sigmas[0])
+        torch.testing.assert_close(seen["sigma_max"], z * (s0 / math.sqrt(1 + s0 * s0)), rtol=1e-6, atol=1e-6)
+        assert torch.allclose(seen["noise"], seen["sigma_max"]) == same, (sampler, spacing)
