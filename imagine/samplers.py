@@ -905,6 +905,30 @@ A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": 
 A1111_DISCARD = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
 
 
+# A1111's schedule-type names (and labels, and aliases) where ours differ: ours are ComfyUI's
+A1111_SCHEDULE_NAMES = {"ddim_uniform": "ddim"}
+_SCHEDULE_ALIASES = {"ddim": "ddim_uniform", "sgmuniform": "sgm_uniform"}
+
+
+def a1111_schedule(scheduler: str | None) -> str | None:
+    """An A1111 schedule type, by name or label ("Karras", "SGM Uniform", "DDIM", "Align Your Steps", ...) -> our
+    SIGMA_SCHEDULES name, or None for "Automatic"; ValueError naming the valid ones."""
+    from imagine.schedules import SIGMA_SCHEDULES
+
+    if scheduler is None:
+        return None
+    if not isinstance(scheduler, str):
+        raise TypeError(f"scheduler must be a name (str); got {type(scheduler).__name__}")
+    key = scheduler.strip().lower().replace(" ", "_")
+    key = _SCHEDULE_ALIASES.get(key, key)
+    if key in ("automatic", "auto", "default", ""):
+        return None
+    if key not in SIGMA_SCHEDULES:
+        names = [A1111_SCHEDULE_NAMES.get(k, k) for k in SIGMA_SCHEDULES if k != "align_your_steps_sdxl"]
+        raise ValueError(f"scheduler {scheduler!r} is not supported; valid: automatic, {', '.join(names)}")
+    return key
+
+
 def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     """The sampling settings (keywords of `imagine.sampling.sample` and TextToImagePipeline.generate) that run
     AUTOMATIC1111's sampler `name` (a label such as "DPM++ 2M", an old "... Karras" name, or one of ours) with its
@@ -914,10 +938,11 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     trained range (sigma_range "model"); x_T = z sigma_max (start "sigma_max"); one level more with the penultimate
     left out for DPM2, DPM2 a and DPM++ 3M SDE; k-diffusion's warm-up for DPM++ 3M SDE. Checked against k-diffusion's
     own functions in tests/test_k_diffusion.py. DDIM, PLMS, UniPC, LCM and DDPM keep their own timesteps unless a
-    schedule type is named."""
+    schedule type is named (A1111 passes over a schedule type for them; here it applies, over the model's range).
+    Not A1111's: its img2img runs int(strength * steps) + 1 steps of the full plan; `generate` runs diffusers'
+    int(strength * steps)."""
     canonical, _, karras = resolve_sampler(name)
-    if scheduler in (None, "", "automatic"):
-        scheduler = None
+    scheduler = a1111_schedule(scheduler)
     if karras:
         if scheduler not in (None, "karras"):
             raise ValueError(f"{name!r} names Karras levels; scheduler {scheduler!r} contradicts it")

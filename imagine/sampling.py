@@ -321,11 +321,14 @@ def make_generators(batch: int, seeds=None, generator=None) -> torch.Generator |
     return generator
 
 
-def initial_noise_scale(plan: SamplingPlan) -> float:
+def initial_noise_scale(plan: SamplingPlan, start: str = "noise") -> float:
     """What unit noise is multiplied by to give x_T in VP terms, as diffusers' `init_noise_sigma` sets it:
     1 for the VP schedulers (DDPM, DDIM, DPM-Solver); for Euler/Heun, x_VE = z * sigma_max with
     linspace/trailing spacing and z * sqrt(sigma_max^2 + 1) with leading, i.e. x_T = z * sigma_max /
-    sqrt(1 + sigma_max^2) or z."""
+    sqrt(1 + sigma_max^2) or z. start="sigma_max": x_VE = z * sigma_0 for every sampler (k-diffusion's and
+    AUTOMATIC1111's start), i.e. z sqrt(1 - abar_0)."""
+    if start == "sigma_max":
+        return math.sqrt(1.0 - float(plan.alphas_cumprod[0]))
     if plan.rule != "karras":
         return 1.0
     s = float(plan.sigmas.max())
@@ -483,7 +486,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         # drawn in float32, as diffusers draws it
         eps = (shape_or_noise if isinstance(shape_or_noise, torch.Tensor) else noise.draw(shape)).to(torch.float64).cpu()
         if mask is not None and strength == 1:  # diffusers' inpainting starts from noise at strength 1
-            x = (eps * initial_noise_scale(plan)).to(device=device, dtype=dtype)
+            x = (eps * initial_noise_scale(plan, start)).to(device=device, dtype=dtype)
         else:
             abar = float(plan.alphas_cumprod[0])  # the first level of the steps that run
             x = (math.sqrt(abar) * init.to(torch.float64).cpu() + math.sqrt(1 - abar) * eps).to(device=device,
@@ -497,8 +500,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         else:
             z = noise.draw(shape)
             device = _model_device(model) if device is None else device
-        scale = math.sqrt(1.0 - float(plan.alphas_cumprod[0])) if start == "sigma_max" else initial_noise_scale(plan)
-        x = (z.to(torch.float64) * scale).to(device=device, dtype=dtype)
+        x = (z.to(torch.float64) * initial_noise_scale(plan, start)).to(device=device, dtype=dtype)
     variance_type = schedule.variance_type
     denoise = Denoiser(model, plan, prediction_type, cond, uncond, guidance_scale, guidance_rescale, classifier,
                        classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,

@@ -115,7 +115,8 @@ def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: fl
                        levels crowd both ends of the range, where the paper measured the steps to matter most;
       kl_optimal:      sigma = tan((1 - i/(n-1)) arctan sigma_max + i/(n-1) arctan sigma_min): even steps in
                        arctan sigma, the schedule Sabour et al. 2024 (arXiv 2404.14507, "Align Your Steps", sec. 3)
-                       derive as KL-optimal when the data is a single point (ComfyUI's and A1111's "KL Optimal");
+                       derive as KL-optimal when the data is a single point (ComfyUI's "KL Optimal": n levels ending
+                       at sigma_min, then 0; A1111's lays out n + 1 over i/n and stops at sigma_min, unresolved);
       align_your_steps(_sdxl): the levels Sabour et al. 2024 ("Align Your Steps") optimised for SD 1.5 (SDXL) at 10
                        steps, AYS_SIGMAS, for n levels interpolated linearly in log sigma over their index (NVIDIA's
                        recipe, as A1111 and ComfyUI do); absolute levels, for SD's noise schedule: the range is theirs.
@@ -126,31 +127,32 @@ def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: fl
                          f"{tuple(k for k in SIGMA_SCHEDULES if k not in MODEL_SIGMA_SCHEDULES)}; got {kind!r}")
     if rho is not None and not (math.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be a positive number; got {rho}")
+    if rho is not None and kind not in ("karras", "exponential", "polyexponential"):
+        raise ValueError(f"rho is the karras and polyexponential schedules' exponent; {kind} takes none"
+                         + (f" (its Beta law is {BETA_SIGMAS})" if kind == "beta" else ""))
     if dtype == torch.float32 and kind not in ("karras", "exponential", "polyexponential"):
-        return spaced_sigmas(kind, sigma_min, sigma_max, n, rho).astype(np.float32).astype(np.float64)
+        return float32_levels(spaced_sigmas(kind, sigma_min, sigma_max, n))
     if kind == "karras":
         return karras_sigmas(sigma_min, sigma_max, n, 7.0 if rho is None else rho, dtype)
     if kind in AYS_SIGMAS:
-        if rho is not None:
-            raise ValueError(f"rho is the karras and polyexponential schedules' exponent; {kind} takes none")
         levels = np.log(np.asarray(AYS_SIGMAS[kind][::-1]))
         return np.exp(np.interp(np.linspace(0.0, 1.0, n), np.linspace(0.0, 1.0, len(levels)), levels))[::-1].copy()
     if kind == "beta":
-        if rho is not None:
-            raise ValueError("rho is the karras and polyexponential schedules' exponent; the beta schedule takes none "
-                             f"(its Beta law is {BETA_SIGMAS})")
         from scipy.stats import beta
 
         return sigma_min + beta.ppf(1.0 - np.linspace(0.0, 1.0, n), *BETA_SIGMAS) * (sigma_max - sigma_min)
     if kind == "kl_optimal":
-        if rho is not None:
-            raise ValueError("rho is the karras and polyexponential schedules' exponent; kl_optimal takes none")
         u = np.linspace(0.0, 1.0, n)
         return np.tan((1.0 - u) * math.atan(sigma_max) + u * math.atan(sigma_min))
-    if kind == "exponential":  # (k-diffusion's own form of rho = 1, for its rounding)
+    if kind == "exponential" and rho is None:  # (k-diffusion's own form of rho = 1, for its rounding)
         return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=dtype).exp().double().numpy()
     ramp = torch.linspace(1.0, 0.0, n, dtype=dtype) ** (1.0 if rho is None else rho)
     return torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).double().numpy()
+
+
+def float32_levels(levels: np.ndarray) -> np.ndarray:
+    """Levels rounded to float32, as k-diffusion and AUTOMATIC1111 hold them (float64 again, for the plan)."""
+    return np.asarray(levels, dtype=np.float64).astype(np.float32).astype(np.float64)
 
 
 def model_levels(kind: str, table: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,8 +166,9 @@ def model_levels(kind: str, table: np.ndarray, n: int) -> tuple[np.ndarray, np.n
                     Stability's sgm code; A1111's and ComfyUI's "SGM Uniform");
       simple:       t = T-1 - floor(i T / n), i = 0..n-1 (A1111's and ComfyUI's "Simple");
       ddim_uniform: t = 1, 1 + k, 1 + 2k, ... below T with k = max(T // n, 1), most noisy first: the CompVis DDIM
-                    code's "uniform" discretisation (A1111's "DDIM" schedule type, ComfyUI's "ddim_uniform"). Where
-                    T / n is not whole that is more than n levels (n = 30 of T = 1000: 31), as in both apps."""
+                    code's "uniform" discretisation (A1111's "DDIM" schedule type, ComfyUI's "ddim_uniform"): ceil((T-1)
+                    / k) levels, n only where k divides T - 1 closely (T = 1000: n = 30 gives 31, n = 600 gives 999),
+                    as in both apps; `NoiseSchedule.plan` warns when the count is not n."""
     T = len(table)
     if kind not in MODEL_SIGMA_SCHEDULES:
         raise ValueError(f"a model-read schedule type must be one of {MODEL_SIGMA_SCHEDULES}; got {kind!r}")
@@ -494,7 +497,7 @@ class NoiseSchedule:
         if sigma_range not in SIGMA_RANGES:
             raise ValueError(f"sigma_range must be one of {', '.join(map(repr, SIGMA_RANGES))}; got {sigma_range!r}")
         whole = sigma_range == "model"
-        if sigma_schedule in MODEL_SIGMA_SCHEDULES and rho is not None:
+        if sigma_schedule in MODEL_SIGMA_SCHEDULES and rho is not None:  # (spaced_sigmas checks the others)
             raise ValueError(f"rho is the karras and polyexponential schedules' exponent; {sigma_schedule} takes none")
         custom = (lambda lo, hi, n: spaced_sigmas(sigma_schedule, lo, hi, n, rho,
                                                   torch.float32 if whole else torch.float64)) \
@@ -521,10 +524,16 @@ class NoiseSchedule:
         t = spaced_timesteps(T, int(steps), spacing, steps_offset, rule)
         if t.max() > T - 1 or t.min() < 0:
             raise ValueError(f"steps_offset={steps_offset} puts timesteps outside 0..{T - 1} ({t.max():.0f})")
-        table = self._sigma_table(float32=whole)
+        table = self._sigma_table(float32=whole and sigma_schedule is not None)
         read = model_levels(sigma_schedule, table, int(steps)) if sigma_schedule in MODEL_SIGMA_SCHEDULES else None
+        if read is not None and len(read[0]) != steps:
+            import warnings
+
+            warnings.warn(f"{sigma_schedule} lays out {len(read[0])} levels for {steps} steps (A1111's and ComfyUI's "
+                          f"rule: t = 1, 1 + k, ... below {T} with k = {max(T // int(steps), 1)}): the run takes "
+                          f"{len(read[0])} steps", stacklevel=2)
         if read is not None and whole:  # (k-diffusion's float32 levels)
-            read = (read[0], read[1].astype(np.float32).astype(np.float64))
+            read = (read[0], float32_levels(read[1]))
         if rule in ("ddpm", "ddim"):
             if read is not None:
                 t, sig = read

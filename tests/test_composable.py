@@ -12,6 +12,7 @@ from test_loading import save_diffusers_folder  # noqa: E402
 from test_sd_parity import CFG, SEED, psnr  # noqa: E402
 
 from imagine.composable import split_and
+from imagine.samplers import a1111_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,7 +109,8 @@ def test_the_a1111_api_and_the_cli_read_and(sd, tmp_path, capsys):
 
     _, pipe = sd
     prompt = "a red circle AND a [blue:green:2] square :0.7"
-    kw = dict(steps=4, guidance_scale=CFG, height=16, width=16, sampler="euler", seed=6, progress=False)
+    # (Euler as AUTOMATIC1111 runs it, as its API does: samplers.a1111_settings, --a1111-sampling)
+    kw = dict(steps=4, guidance_scale=CFG, height=16, width=16, seed=6, progress=False, **a1111_settings("Euler"))
     want = pipe.generate(prompt, composable=True, prompt_editing=True, emphasis=True, long_prompts=True,
                          **kw).images[0].convert("RGB").tobytes()
     assert api_and_cli_images(pipe, prompt, ["--a1111-prompts"], tmp_path, capsys) == (want, want)

@@ -19,6 +19,7 @@ from test_loading import save_diffusers_folder  # noqa: E402
 from test_sd_parity import CFG, SEED, psnr  # noqa: E402
 
 from imagine.prompt_editing import prompt_schedule, text_at
+from imagine.samplers import a1111_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -151,7 +152,7 @@ def test_no_syntax_is_the_plain_run_and_a_row_does_not_depend_on_its_batch(sd):
 
 def api_and_cli_images(pipe, prompt: str, cli_flags: list[str], tmp_path, capsys) -> tuple[bytes, bytes]:
     """The RGB bytes of the A1111 API's txt2img image and of the CLI's PNG for `prompt` (4 Euler steps at CFG, 16 x 16,
-    seed 6), the CLI run with `cli_flags`."""
+    seed 6), the CLI run with `cli_flags` and --a1111-sampling (the API runs its samplers as A1111 does)."""
     httpx = pytest.importorskip("httpx")
     from imagine.cli import main
     from imagine.server.app import BackgroundServer, ServerConfig, create_app
@@ -164,7 +165,8 @@ def api_and_cli_images(pipe, prompt: str, cli_flags: list[str], tmp_path, capsys
         api = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB").tobytes()
     out = tmp_path / "x.png"
     code = main(["generate", "--model", pipe.c.source, prompt, *cli_flags, "--steps", "4", "--guidance-scale", str(CFG),
-                 "--height", "16", "--width", "16", "--sampler", "euler", "--seed", "6", "-o", str(out), "-q"])
+                 "--height", "16", "--width", "16", "--sampler", "euler", "--a1111-sampling", "--seed", "6", "-o",
+                 str(out), "-q"])
     assert code == 0, capsys.readouterr().err
     return api, Image.open(out).convert("RGB").tobytes()
 
@@ -172,6 +174,7 @@ def api_and_cli_images(pipe, prompt: str, cli_flags: list[str], tmp_path, capsys
 def test_the_a1111_api_and_the_cli_read_prompt_editing(sd, tmp_path, capsys):
     _, pipe = sd
     prompt = "a [red:blue:0.5] (circle:1.1)"
-    kw = dict(steps=4, guidance_scale=CFG, height=16, width=16, sampler="euler", seed=6, progress=False)
+    # (Euler as AUTOMATIC1111 runs it, as its API does: samplers.a1111_settings, --a1111-sampling)
+    kw = dict(steps=4, guidance_scale=CFG, height=16, width=16, seed=6, progress=False, **a1111_settings("Euler"))
     want = pipe.generate(prompt, prompt_editing=True, emphasis=True, **kw).images[0].convert("RGB").tobytes()
     assert api_and_cli_images(pipe, prompt, ["--prompt-editing", "--emphasis"], tmp_path, capsys) == (want, want)

@@ -330,8 +330,16 @@ def test_sigma_schedules_closed_form():
     assert np.allclose(b + b[::-1], 14.63) and np.all(np.diff(b) < 0)
     gaps = -np.diff(b)
     assert gaps[0] < gaps[4] and gaps[-1] < gaps[4]
-    with pytest.raises(ValueError, match="the beta schedule takes none"):
+    with pytest.raises(ValueError, match="beta takes none"):
         spaced_sigmas("beta", 0.03, 14.6, 9, rho=2.0)
+    # kl_optimal: even steps in arctan sigma between the ends (Sabour et al. 2024)
+    kl = spaced_sigmas("kl_optimal", 0.03, 14.6, 7)
+    assert np.isclose(kl[0], 14.6) and np.isclose(kl[-1], 0.03)
+    assert np.allclose(np.diff(np.arctan(kl)), (np.arctan(0.03) - np.arctan(14.6)) / 6)
+    with pytest.raises(ValueError, match="kl_optimal takes none"):
+        spaced_sigmas("kl_optimal", 0.03, 14.6, 7, rho=2.0)
+    # exponential with rho is the polyexponential (as before k-diffusion's float32 form of exponential came in)
+    assert np.allclose(spaced_sigmas("exponential", 0.03, 14.6, 6, 2.0), p2)
     cfg = config("scaled_linear", "leading", "epsilon")
     with pytest.raises(ValueError, match="contradict"):
         run_ours(cfg, "DPM++ 2M Karras", sigma_schedule="exponential")

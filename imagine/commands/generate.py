@@ -599,8 +599,15 @@ def run(args) -> int:
 
         a1111 = a1111_settings(args.sampler or pipe.defaults["sampler"], args.sigma_schedule)
         args.sampler = a1111.pop("sampler")
-        sampling = {**a1111, "sampler_options": {**a1111.get("sampler_options", {}), **(sampler_options or {})} or None}
+        sampling = {"sigma_schedule": a1111["sigma_schedule"],
+                    "sampler_options": {**a1111.get("sampler_options", {}), **(sampler_options or {})} or None,
+                    "start": a1111.get("start"),
+                    **{k: a1111[k] for k in ("sigma_range", "discard_penultimate_sigma")
+                       if a1111.get(k) not in (None, False, "spaced")}}
     conditioned = _picture_model_run(pipe, args, picture)
+    if args.a1111_sampling and conditioned is not None:
+        raise ValueError(f"--a1111-sampling: not for {args.model}, whose pipeline (an upscaler, unCLIP variations or "
+                         "a prior) runs its samplers diffusers' way; leave it out")
     if pipe.edits:  # instruct-pix2pix: the picture conditions every step; the run starts from noise unless
         if args.strength is None:  # a strength is given (diffusers' pipeline)
             picture.pop("strength", None)

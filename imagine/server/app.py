@@ -39,7 +39,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from imagine import preprocessors
 from imagine.diffusion import check_level
 from imagine.images import RESIZE_MODES, controlnet_unit_text, fit_picture
-from imagine.samplers import A1111_SAMPLERS, a1111_settings  # AUTOMATIC1111's labels and ways of our samplers
+from imagine.samplers import (  # AUTOMATIC1111's labels and ways of our samplers
+    A1111_SAMPLERS,
+    A1111_SCHEDULE_NAMES,
+    a1111_schedule,
+    a1111_settings,
+)
 from imagine.schedules import MODEL_SIGMA_SCHEDULES, SCHEDULE_LABELS, SIGMA_SCHEDULES
 from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
                                    ShuttingDown)
@@ -75,9 +80,6 @@ class ServerConfig:
 # our sampler). Only those whose sampler exists here are offered.
 # A1111's schedule types of ours (align_your_steps picks SDXL's levels for an SDXL model, as A1111 does)
 SCHEDULE_TYPES = tuple(s for s in SIGMA_SCHEDULES if s != "align_your_steps_sdxl")
-# A1111's names where ours differ (ours are ComfyUI's), and its aliases
-A1111_SCHEDULE_NAMES = {"ddim_uniform": "ddim"}
-_SCHEDULE_ALIASES = {"ddim": "ddim_uniform", "sgmuniform": "sgm_uniform"}
 _FALLBACK_SAMPLERS = ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a", "heun"]
 
 
@@ -739,14 +741,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, str(e), field) from None
         schedule = "karras" if karras else None
         if scheduler:
-            key = scheduler.strip().lower().replace(" ", "_")  # (A1111 takes a name or its label: "Align Your Steps")
-            key = _SCHEDULE_ALIASES.get(key, key)
-            if key in SCHEDULE_TYPES:
-                schedule = key
-            elif key not in ("automatic", "auto", "default", ""):
-                raise ApiError(422, f"scheduler {scheduler!r} is not supported; valid: automatic, "
-                                    f"{', '.join(A1111_SCHEDULE_NAMES.get(k, k) for k in SCHEDULE_TYPES)}",
-                               "scheduler")
+            try:  # (A1111 takes a name or its label: "Align Your Steps")
+                schedule = a1111_schedule(scheduler) or schedule
+            except (ValueError, TypeError) as e:
+                raise ApiError(422, str(e), "scheduler") from None
         return sampler, schedule
 
     def sampler_settings(sampler: str, eta, s_tmin, s_tmax) -> tuple[float | None, tuple, list[str]]:
@@ -1092,6 +1090,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         # run as AUTOMATIC1111 runs it (samplers.a1111_settings): the schedule type its "Automatic" picks, the model's
         # whole range, x_T = z sigma_max, DPM2 / DPM2 a / DPM++ 3M SDE's discarded level, k-diffusion's 3M warm-up
         a1111 = a1111_settings(sampler, asked)
+        if prior_model:  # (unCLIP's prior and decoder run diffusers' way: its pipeline takes no other start or range)
+            a1111 = {"sampler": sampler, "sigma_schedule": asked, "sigma_range": "spaced"}
         schedule = a1111["sigma_schedule"]
         options = tuple(sorted({**dict(options), **a1111.get("sampler_options", {})}.items()))
         # (its infotext names the schedule type unless "Automatic" left k-diffusion's own levels: "uniform")
