@@ -162,6 +162,37 @@ def test_rho_and_sampler_options_reach_the_sampler(models, tmp_path, capsys):
     assert img.convert("RGB").tobytes() == want.convert("RGB").tobytes() != other.convert("RGB").tobytes()
 
 
+def test_a1111_sampling_flag(models, tmp_path, capsys):
+    """--a1111-sampling runs the sampler as AUTOMATIC1111 does (samplers.a1111_settings: here DPM2's Karras levels
+    over the model's range with the penultimate dropped, from x_T = z sigma_max): the pipeline's image with those
+    settings, which the PNG's parameters record; --discard-penultimate-sigma and --start sigma_max on their own
+    reach the pipeline too."""
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.samplers import a1111_settings
+
+    pipe = TextToImagePipeline.from_pretrained(models["folder"])
+    kw = dict(steps=5, seed=4, height=16, width=16, progress=False)
+    base = ["--model", models["folder"], "a red circle", "--steps", 5, "--seed", 4, "--height", 16, "--width", 16,
+            "-q"]
+    out = tmp_path / "a1111.png"
+    code, _, err = _run(capsys, *base, "--sampler", "DPM2", "--a1111-sampling", "-o", out)
+    assert code == 0, err
+    img = Image.open(out)
+    meta = json.loads(img.text["imagine"])
+    assert meta["discard_penultimate_sigma"] is True and meta["start"] == "sigma_max"
+    assert meta["schedule_type"] == "karras" and meta["sigma_range"] == "model"
+    want = pipe.generate("a red circle", **kw, **a1111_settings("DPM2")).images[0]
+    plain = pipe.generate("a red circle", **kw, sampler="dpm2").images[0]
+    assert img.convert("RGB").tobytes() == want.convert("RGB").tobytes() != plain.convert("RGB").tobytes()
+    out = tmp_path / "parts.png"
+    code, _, err = _run(capsys, *base, "--sampler", "euler", "--discard-penultimate-sigma", "--start", "sigma_max",
+                        "-o", out)
+    assert code == 0, err
+    want = pipe.generate("a red circle", **kw, sampler="euler", discard_penultimate_sigma=True,
+                         start="sigma_max").images[0]
+    assert Image.open(out).convert("RGB").tobytes() == want.convert("RGB").tobytes()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--sampler-option", "s_tmin"], "expected KEY=VALUE"),
     (["--sampler-option", "warp=9"], "takes no option 'warp'"),
@@ -170,6 +201,9 @@ def test_rho_and_sampler_options_reach_the_sampler(models, tmp_path, capsys):
     (["--model", "/nonexistent/model.safetensors"], "model not found"),
     (["--from-file", "/nonexistent/prompts.txt"], "--from-file: /nonexistent/prompts.txt not found"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--a1111-sampling", "--karras"], "--a1111-sampling sets the noise levels' range"),
+    (["--a1111-sampling", "--schedule-type", "karras", "--sampler", "DPM++ 2M Karras", "--schedule-type",
+      "exponential"], "names Karras levels; scheduler 'exponential' contradicts it"),
 ])
 def test_errors_are_one_clear_line(models, tmp_path, capsys, args, message):
     argv = ["--model", models["single"], "a red circle", "--steps", "1", "--height", "16", "--width", "16",

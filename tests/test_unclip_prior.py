@@ -280,9 +280,19 @@ def test_served_prior_model_makes_images_from_text(stable_unclip):
                        timeout=120)
         assert r.status_code == 200, r.text
         got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
+        # a k-diffusion sampler too: the prior and decoder run it diffusers' way (their pipeline takes no A1111 start
+        # or range), with a schedule type when one is named
+        e = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 3, "seed": 5,
+                                                             "width": 32, "height": 32, "sampler_name": "Euler",
+                                                             "scheduler": "Karras", "cfg_scale": 5.0}, timeout=120)
+        assert e.status_code == 200, e.text
+        got_euler = Image.open(io.BytesIO(base64.b64decode(e.json()["images"][0]))).convert("RGB")
     want = ours.generate("a red circle", steps=3, seed=5, height=32, width=32, sampler="ddim", guidance_scale=5.0,
                          long_prompts=True, progress=False).images[0]
     assert got.tobytes() == want.tobytes()
+    want = ours.generate("a red circle", steps=3, seed=5, height=32, width=32, sampler="euler", guidance_scale=5.0,
+                         sigma_schedule="karras", long_prompts=True, progress=False).images[0]
+    assert got_euler.tobytes() == want.tobytes()
 
 
 def test_karlo_sized_prior_has_diffusers_keys_and_shapes():
