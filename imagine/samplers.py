@@ -936,11 +936,12 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
 
     For its k-diffusion samplers (A1111_AUTOMATIC): the schedule type "Automatic" picks; levels over the model's whole
     trained range (sigma_range "model"); x_T = z sigma_max (start "sigma_max"); one level more with the penultimate
-    left out for DPM2, DPM2 a and DPM++ 3M SDE; k-diffusion's warm-up for DPM++ 3M SDE. Checked against k-diffusion's
+    left out for DPM2, DPM2 a and DPM++ 3M SDE; k-diffusion's warm-up for DPM++ 3M SDE; A1111's image-to-image step
+    count (strength_rule "a1111": int(min(strength, 0.999) * steps) + 1 steps; its hires. fix pass runs its steps in
+    full, generate_hires's "a1111_fixed_steps"). Checked against k-diffusion's
     own functions in tests/test_k_diffusion.py. DDIM, PLMS, UniPC, LCM and DDPM keep their own timesteps unless a
     schedule type is named (A1111 passes over a schedule type for them; here it applies, over the model's range).
-    Not A1111's: its img2img runs int(strength * steps) + 1 steps of the full plan; `generate` runs diffusers'
-    int(strength * steps)."""
+    """
     canonical, _, karras = resolve_sampler(name)
     scheduler = a1111_schedule(scheduler)
     if karras:
@@ -950,7 +951,7 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     if canonical not in A1111_AUTOMATIC:
         return {"sampler": canonical, "sigma_schedule": scheduler, "sigma_range": "model" if scheduler else "spaced"}
     return {"sampler": canonical, "sigma_schedule": scheduler or A1111_AUTOMATIC[canonical], "sigma_range": "model",
-            "discard_penultimate_sigma": canonical in A1111_DISCARD, "start": "sigma_max",
+            "discard_penultimate_sigma": canonical in A1111_DISCARD, "start": "sigma_max", "strength_rule": "a1111",
             "sampler_options": {"warmup": "k_diffusion"} if canonical == "dpmpp_3m_sde" else {}}
 
 

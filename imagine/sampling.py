@@ -129,6 +129,8 @@ def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], seeds
 
 
 STARTS = ("noise", "matched", "sigma_max")
+# Which steps an image-to-image run takes (`_img2img_plan`)
+STRENGTH_RULES = ("diffusers", "a1111", "a1111_fixed_steps")
 
 
 class Denoiser:
@@ -394,7 +396,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            rho: float | None = None, start: str = "noise", init: torch.Tensor | None = None, strength: float = 1.0,
            mask: torch.Tensor | None = None, guidance: Callable[..., torch.Tensor] | None = None,
            noise_seeds: int | Sequence[int] | None = None, sigma_range: str = "spaced",
-           discard_penultimate_sigma: bool = False, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+           discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     shape_or_noise: the full shape (B, C, H, W), or a start-noise tensor of unit variance [B, ...]
@@ -442,11 +444,25 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         N(sqrt(abar) x_0, (1 - abar) I) with the samples' own noise (drawn after any draws the caller made with
         the same generators), as diffusers' img2img pipelines start. strength in (0, 1]. A start-noise tensor
         given as `shape_or_noise` is that noise (unit variance, init's shape).
+    strength_rule: which steps an image-to-image run takes: "diffusers" (above), "a1111" (AUTOMATIC1111's img2img:
+        the last int(min(strength, 0.999) * steps) + 1 of the plan) or "a1111_fixed_steps" (its hires. fix pass and
+        its "img2img_fix_steps" setting: `steps` steps, the last of a plan laid out for int(steps / min(strength,
+        0.999)) steps); both A1111 rules start from q(x_t | x_0), at strength 1 too.
     mask: inpainting with init (the replacement method, Denoiser.keep_known): [B or 1, 1 or C, ...] in [0, 1],
         1 where the sample is generated, 0 where it keeps init; the result is init where mask is 0. At strength
         1 the run starts from pure noise, as diffusers' inpainting pipeline does (below 1, from q(x_t | init)).
     """
-    prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, steps,
+    if strength_rule not in STRENGTH_RULES:
+        raise ValueError(f"strength_rule must be one of {', '.join(map(repr, STRENGTH_RULES))}; got {strength_rule!r}")
+    plan_steps = steps
+    if init is not None and strength_rule == "a1111_fixed_steps":
+        _check_strength(strength)
+        plan_steps = int(steps / min(strength, 0.999))
+        if plan_steps > schedule.num_train_timesteps:
+            raise ValueError(f"strength_rule 'a1111_fixed_steps' runs {steps} steps as the last of "
+                             f"int({steps} / {strength}) = {plan_steps}, more than the model's "
+                             f"{schedule.num_train_timesteps} timesteps; raise the strength or lower the steps")
+    prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, plan_steps,
                                                     timestep_spacing, steps_offset, karras,
                                                     sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range,
                                                     discard_penultimate_sigma=discard_penultimate_sigma)
@@ -477,7 +493,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     if mask is not None and init is None:
         raise ValueError("mask needs init: the x_0 to keep where mask is 0 (inpainting)")
     if init is not None:
-        plan = _img2img_plan(plan, len(plan), strength, start)
+        plan = _img2img_plan(plan, strength, start, strength_rule, steps)
         shape = tuple(shape_or_noise.shape) if isinstance(shape_or_noise, torch.Tensor) else shape
         if not isinstance(init, torch.Tensor) or tuple(init.shape) != shape:
             raise ValueError(f"init must be a tensor of the sample's shape {shape}; got "
@@ -485,7 +501,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         device = _model_device(model) if device is None else device
         # drawn in float32, as diffusers draws it
         eps = (shape_or_noise if isinstance(shape_or_noise, torch.Tensor) else noise.draw(shape)).to(torch.float64).cpu()
-        if mask is not None and strength == 1:  # diffusers' inpainting starts from noise at strength 1
+        if mask is not None and strength == 1 and strength_rule == "diffusers":
+            # (diffusers' inpainting starts from noise at strength 1; A1111's from q(x_t | x_0) with t its first)
             x = (eps * initial_noise_scale(plan, start)).to(device=device, dtype=dtype)
         else:
             abar = float(plan.alphas_cumprod[0])  # the first level of the steps that run
@@ -543,17 +560,26 @@ def _check_mask(mask, shape: tuple[int, ...]) -> torch.Tensor:
     return mask.expand(shape)
 
 
-def _img2img_plan(plan: SamplingPlan, steps: int, strength: float, start: str) -> SamplingPlan:
-    """The steps an image-to-image run takes: the last int(steps * strength) of the plan (diffusers' rule)."""
+def _check_strength(strength) -> None:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1] (1: from pure noise, as text-to-image); got {strength!r}")
+
+
+def _img2img_plan(plan: SamplingPlan, strength: float, start: str, rule: str = "diffusers",
+                  steps: int | None = None) -> SamplingPlan:
+    """The steps an image-to-image run takes, the last of the N-step plan: int(N * strength) of them (diffusers'
+    rule), int(min(strength, 0.999) * N) + 1 (A1111's img2img: its t_enc + 1 steps from sigmas[N - t_enc - 1]), or
+    `steps` (A1111's fixed steps, the plan laid out for more: see `sample`)."""
+    _check_strength(strength)
     if start == "matched":
         raise ValueError("start='matched' moves pure noise; an image-to-image run starts from the image")
-    run = min(int(steps * strength), steps)
+    n = len(plan)
+    run = {"diffusers": int(n * strength), "a1111": int(min(strength, 0.999) * n) + 1}.get(rule, steps)
+    run = min(run, n)
     if run < 1:
-        raise ValueError(f"strength {strength} of {steps} steps leaves no step to run (int(steps * strength) = 0); "
+        raise ValueError(f"strength {strength} of {n} steps leaves no step to run (int(steps * strength) = 0); "
                          f"raise the strength or the steps (at least {math.ceil(1 / strength)})")
-    return plan.tail(steps - run)
+    return plan.tail(n - run)
 
 
 def _sampler_options(canonical: str, options: dict[str, Any] | None) -> dict[str, Any]:

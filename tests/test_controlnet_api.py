@@ -31,12 +31,15 @@ httpx = pytest.importorskip("httpx")
 
 from imagine.cli import main  # noqa: E402
 from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+from imagine.samplers import a1111_settings  # noqa: E402
 from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KW = dict(steps=3, guidance_scale=5.0, sampler="euler")  # the bodies below ask for the same
 BODY = {"prompt": "a red circle", "steps": 3, "cfg_scale": 5, "sampler_name": "Euler"}
+# (the A1111 API runs Euler as AUTOMATIC1111 does: samplers.a1111_settings; the CLI and the worker as KW)
+API = dict(KW, **a1111_settings("Euler"))
 
 
 def _picture(size: int = SIZE, seed: int = 0) -> Image.Image:
@@ -170,7 +173,7 @@ def test_txt2img_unit_is_the_pipelines_image(server, models):
     r = _post(server, seed=11, **_units(unit))
     assert r.status_code == 200, r.text
     want = _pipe(models, "canny").generate("a red circle", control_image=_edges(), controlnet_scale=0.6, seed=11,
-                                           emphasis=True, progress=False, **KW).images[0]
+                                           emphasis=True, progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
     info = json.loads(r.json()["info"])
     title = httpx.get(f"{server.url}/controlnet/model_list").json()["model_list"][1]
@@ -190,7 +193,7 @@ def test_txt2img_unit_is_the_pipelines_image(server, models):
     r = _post(server, seed=11, alwayson_scripts={"controlnet": {"args": [{**unit, "enabled": False}]},
                                                  "Other Script": {"args": [1]}})
     assert r.status_code == 200, r.text
-    plain = _pipe(models).generate("a red circle", seed=11, emphasis=True, progress=False, **KW).images[0]
+    plain = _pipe(models).generate("a red circle", seed=11, emphasis=True, progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == plain.tobytes()
     assert np.abs(np.asarray(want, np.int16) - np.asarray(plain, np.int16)).mean() > 1  # the unit mattered
     info = json.loads(r.json()["info"])
@@ -206,7 +209,7 @@ def test_two_units_in_their_order_and_a_real_client(server, models):
     assert r.status_code == 200, r.text
     want = _pipe(models, "canny", "edges").generate(
         "a red circle", control_image=[_edges(seed=1), _edges(seed=2)], controlnet_scale=[0.8, 1.3], seed=12,
-        num_images_per_prompt=2, emphasis=True, progress=False, **KW).images
+        num_images_per_prompt=2, emphasis=True, progress=False, **API).images
     got = [_image(x) for x in r.json()["images"]]
     assert [g.tobytes() for g in got] == [w.tobytes() for w in want]
     assert list(json.loads(r.json()["info"])["extra_generation_params"]) == ["ControlNet 0", "ControlNet 1"]
@@ -218,7 +221,7 @@ def test_two_units_in_their_order_and_a_real_client(server, models):
                       height=SIZE, alwayson_scripts={},
                       controlnet_units=[webuiapi.ControlNetUnit(image=_edges(seed=3), model="edges", weight=0.9)])
     want = _pipe(models, "edges").generate("a red circle", control_image=_edges(seed=3), controlnet_scale=0.9,
-                                           seed=13, emphasis=True, progress=False, **KW).images[0]
+                                           seed=13, emphasis=True, progress=False, **API).images[0]
     assert res.image.convert("RGB").tobytes() == want.tobytes()
     assert api.controlnet_model_list()[0].startswith("edges [") and api.controlnet_version() == 2
 
@@ -229,7 +232,7 @@ def test_guidance_window_reaches_the_pipeline(server, models):
     r = _post(server, seed=17, steps=5, **_units(_unit("edges", _edges(), guidance_start=0.2, guidance_end=0.6)))
     assert r.status_code == 200, r.text
     pipe = _pipe(models, "edges")
-    kw = dict(KW, steps=5)
+    kw = dict(API, steps=5)
     want = pipe.generate("a red circle", control_image=_edges(), control_guidance_start=0.2, control_guidance_end=0.6,
                          seed=17, emphasis=True, progress=False, **kw).images[0]
     whole = pipe.generate("a red circle", control_image=_edges(), seed=17, emphasis=True, progress=False,
@@ -249,13 +252,13 @@ def test_img2img_unit_without_a_picture_reads_the_init_image(server, models):
     assert r.status_code == 200, r.text
     pipe = _pipe(models, "edges")
     want = pipe.generate("a red circle", init_image=picture, strength=0.7, control_image=picture,
-                         controlnet_scale=0.9, seed=14, emphasis=True, progress=False, **KW).images[0]
+                         controlnet_scale=0.9, seed=14, emphasis=True, progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
     r = _post(server, "img2img", seed=14, init_images=[_b64(picture)], denoising_strength=0.7,
               **_units({"model": "edges", "input_image": _b64(_edges()), "guidance": 1.0}))
     assert r.status_code == 200, r.text
     want = pipe.generate("a red circle", init_image=picture, strength=0.7, control_image=_edges(), seed=14,
-                         emphasis=True, progress=False, **KW).images[0]
+                         emphasis=True, progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
     # a picture of another shape: the unit reads it stretched to the image's size, as the init picture is (img2img's
     # "Just resize"), not by the unit's resize mode, so that map and picture line up
@@ -264,7 +267,7 @@ def test_img2img_unit_without_a_picture_reads_the_init_image(server, models):
               **_units(_unit("edges", weight=0.9)))
     assert r.status_code == 200, r.text
     want = pipe.generate("a red circle", init_image=wide, strength=0.7, control_image=wide, controlnet_scale=0.9,
-                         seed=14, height=SIZE, width=SIZE, emphasis=True, progress=False, **KW).images[0]
+                         seed=14, height=SIZE, width=SIZE, emphasis=True, progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
 
 
@@ -281,7 +284,7 @@ def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
     # the map fitted to the first pass's size (the extension's default "Crop and Resize"), scaled up for the second
     want = pipe.generate_hires("a red circle", control_image=fit(_edges(), 16, 16, "crop_and_resize"), seed=15,
                                height=16, width=16, hires_scale=2.0,
-                               hires_strength=0.6, emphasis=True, progress=False, **KW).images[0]
+                               hires_strength=0.6, emphasis=True, progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
 
     picture, mask = _picture(seed=3), Image.new("L", (SIZE, SIZE))
@@ -294,7 +297,7 @@ def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
     assert box is not None and box != (0, 0, SIZE, SIZE)
     control = fit(_edges(size=2 * SIZE), SIZE, SIZE, "crop_and_resize").crop(box)
     result = pipe.generate("a red circle", init_image=inp.inits[0], mask_image=inp.masks[0], control_image=control,
-                           strength=0.75, seed=16, height=16, width=16, emphasis=True, progress=False, **KW).images[0]
+                           strength=0.75, seed=16, height=16, width=16, emphasis=True, progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == inp.finish(result, 0).tobytes()
     # a unit without a picture reads the init picture, cut to the same crop (once: the crop is not cut again)
     r = _post(server, "img2img", seed=16, init_images=[_b64(picture)], mask=_b64(mask), width=16, height=16,
@@ -302,7 +305,7 @@ def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
     assert r.status_code == 200, r.text
     result = pipe.generate("a red circle", init_image=inp.inits[0], mask_image=inp.masks[0],
                            control_image=picture.crop(box), strength=0.75, seed=16, height=16, width=16, emphasis=True,
-                           progress=False, **KW).images[0]
+                           progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == inp.finish(result, 0).tobytes()
 
 
@@ -397,11 +400,11 @@ def test_a_units_control_mode_reaches_the_pipeline(server, models):
     r = _post(server, seed=21, **_units(unit))
     assert r.status_code == 200, r.text
     want = _pipe(models, "edges").generate("a red circle", control_image=_edges(), control_mode="controlnet",
-                                           seed=21, emphasis=True, progress=False, **KW).images[0]
+                                           seed=21, emphasis=True, progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
     assert "Control Mode: ControlNet is more important" in json.loads(r.json()["info"])["infotexts"][0]
     balanced = _pipe(models, "edges").generate("a red circle", control_image=_edges(), seed=21, emphasis=True,
-                                               progress=False, **KW).images[0]
+                                               progress=False, **API).images[0]
     assert balanced.tobytes() != want.tobytes()  # (the mode changes the image)
     r = _post(server, seed=21, **_units(_unit("edges", _edges(), control_mode="Louder")))
     assert r.status_code == 422 and "control_mode must be 'Balanced'" in r.text

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from imagine.pipelines.text_to_image import TextToImagePipeline
+from imagine.samplers import a1111_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,8 +108,10 @@ def test_the_a1111_api_runs_hires_fix(tmp_path, pipe):
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=120)
         assert r.status_code == 200, r.text
         got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        # (Euler as AUTOMATIC1111 runs it, as its API does: samplers.a1111_settings)
+        a1111 = a1111_settings("Euler")
         want = pipe.generate_hires("a red circle", hires_scale=2, hires_strength=0.5, hires_steps=3, steps=2, seed=5,
-                                   width=16, height=16, sampler="euler", guidance_scale=3, progress=False)
+                                   width=16, height=16, guidance_scale=3, progress=False, **a1111)
         assert got.size == (32, 32) and got.convert("RGB").tobytes() == want.images[0].tobytes()
         text = json.loads(r.json()["info"])["infotexts"][0]
         assert "Size: 16x16" in text and "Hires upscale: 2" in text and "Hires steps: 3" in text
@@ -116,8 +119,8 @@ def test_the_a1111_api_runs_hires_fix(tmp_path, pipe):
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "hr_prompt": "a blue square"}, timeout=120)
         assert r.status_code == 200, r.text
         want = pipe.generate_hires("a red circle", hires_scale=2, hires_strength=0.5, hires_steps=3, steps=2, seed=5,
-                                   width=16, height=16, sampler="euler", guidance_scale=3, hires_prompt="a blue square",
-                                   progress=False)
+                                   width=16, height=16, guidance_scale=3, hires_prompt="a blue square",
+                                   progress=False, **a1111)
         got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
         assert got.convert("RGB").tobytes() == want.images[0].tobytes()
         assert "Hires prompt: a blue square" in json.loads(r.json()["info"])["infotexts"][0]

@@ -17,6 +17,7 @@ from test_sd_parity import CFG, NEGATIVE, PROMPT, SEED, SIZE, psnr  # noqa: E402
 diffusers = pytest.importorskip("diffusers")
 
 from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+from imagine.samplers import a1111_settings  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,8 +131,9 @@ def test_the_a1111_img2img_endpoint(tmp_path):
     buf = io.BytesIO()
     _picture().save(buf, format="PNG")
     b64 = base64.b64encode(buf.getvalue()).decode()
+    # (Euler as AUTOMATIC1111 runs it, as its API does: samplers.a1111_settings)
     want = pipe.generate("a red circle", init_image=_picture(), strength=0.5, steps=4, seed=11, guidance_scale=5,
-                         sampler="euler", progress=False).images[0]
+                         progress=False, **a1111_settings("Euler")).images[0]
     with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
         def post(**body):
             base = {"prompt": "a red circle", "steps": 4, "seed": 11, "cfg_scale": 5, "sampler_name": "Euler",

@@ -25,12 +25,15 @@ httpx = pytest.importorskip("httpx")
 
 from imagine.inpainting import blur_mask, crop_region, fill_masked, paste_over  # noqa: E402
 from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+from imagine.samplers import a1111_settings  # noqa: E402
 from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KW = dict(steps=4, guidance_scale=5.0, sampler="euler")  # the A1111 bodies below ask for the same
 BODY = {"prompt": "a red circle", "steps": 4, "cfg_scale": 5, "sampler_name": "Euler"}
+# (the A1111 API runs Euler as AUTOMATIC1111 does: samplers.a1111_settings; the CLI and the worker as KW)
+API = dict(KW, **a1111_settings("Euler"))
 
 
 def _picture(size: int = SIZE, seed: int = 0) -> Image.Image:
@@ -174,7 +177,7 @@ def test_a1111_inpainting_of_the_whole_picture(plain):
     got = _image(r.json()["images"][0])
     blurred = blur_mask(mask, 2)
     result = pipe.generate("a red circle", init_image=fill_masked(picture, blurred), mask_image=blurred,
-                           strength=0.8, seed=5, emphasis=True, progress=False, **KW).images[0]
+                           strength=0.8, seed=5, emphasis=True, progress=False, **API).images[0]
     want = paste_over(result, picture, blurred.point(lambda v: min(255, 2 * v)))
     assert got.tobytes() == want.tobytes()
     a, p = _a(got), _a(picture)
@@ -198,7 +201,7 @@ def test_a1111_inpainting_of_the_whole_picture(plain):
     assert r.status_code == 200, r.text
     blurred = blur_mask(ImageOps.invert(big.convert("L")), 4).resize((SIZE, SIZE), Image.LANCZOS)
     result = pipe.generate("a red circle", init_image=picture, mask_image=blurred, strength=0.75, seed=6,
-                           emphasis=True, progress=False, **KW).images[0]
+                           emphasis=True, progress=False, **API).images[0]
     want = paste_over(result, picture, blurred.point(lambda v: min(255, 2 * v)))
     got = _image(r.json()["images"][0])
     assert got.tobytes() == want.tobytes()
@@ -226,7 +229,7 @@ def test_a1111_only_masked_inpaints_the_crop(plain):
     crop_mask = blurred.crop(box).resize((32, 16), Image.LANCZOS)
     start = fill_masked(picture.crop(box).resize((32, 16), Image.LANCZOS), crop_mask)
     result = pipe.generate("a red circle", init_image=start, mask_image=crop_mask, strength=0.75, seed=7,
-                           height=16, width=32, emphasis=True, progress=False, **KW).images[0]
+                           height=16, width=32, emphasis=True, progress=False, **API).images[0]
     whole = picture.copy()
     whole.paste(result.resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
     assert got.tobytes() == paste_over(whole, picture, blurred).tobytes()
@@ -242,7 +245,7 @@ def test_a1111_only_masked_inpaints_the_crop(plain):
     r = _post(plain, init_images=[_b64(picture)], mask=_b64(Image.new("L", picture.size)), seed=8)
     assert r.status_code == 200, r.text
     want = pipe.generate("a red circle", init_image=picture, strength=0.75, seed=8, emphasis=True, progress=False,
-                         **KW).images[0]
+                         **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
     assert json.loads(r.json()["info"])["inpaint_full_res"] is False
 
@@ -313,7 +316,7 @@ def test_latent_noise_and_latent_nothing_fills(plain):
         assert r.status_code == 200, r.text
         got = _image(r.json()["images"][0])
         want = pipe.generate("a red circle", init_image=_picture(), mask_image=_mask(), strength=0.6, seed=5,
-                             masked_content=content, progress=False, **{k: v for k, v in KW.items()}).images[0]
+                             masked_content=content, progress=False, **{k: v for k, v in API.items()}).images[0]
         assert f"Masked content: {label}" in json.loads(r.json()["info"])["infotexts"][0]
         keep = np.asarray(_mask().convert("L")) < 128  # the kept part is the original's; the painted part the result's
         assert np.array_equal(np.asarray(got)[~keep], np.asarray(want.convert("RGB"))[~keep])

@@ -22,6 +22,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+from imagine.samplers import a1111_settings  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,7 +146,9 @@ def test_the_cli_and_the_a1111_img2img_edit(tmp_path, capsys):
     img = Image.open(out)
     assert img.convert("RGB").tobytes() == want.convert("RGB").tobytes()
     assert "Image CFG scale: 1.3" in img.text["parameters"]
-    # the A1111 API: img2img with its denoising strength (A1111 starts such models from the picture too)
+    # the A1111 API: img2img with its denoising strength (A1111 starts such models from the picture too), Euler run
+    # as AUTOMATIC1111 runs it (samplers.a1111_settings)
+    kw = dict(steps=4, guidance_scale=CFG, seed=3, progress=False, **a1111_settings("Euler"))
     want = pipe.generate(PROMPT, init_image=_picture(32), image_guidance_scale=1.4, strength=0.75, emphasis=True,
                          **kw).images[0]
     buf = io.BytesIO()

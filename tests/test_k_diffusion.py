@@ -162,6 +162,35 @@ def run_ours(cfg, label, steps, scheduler=None, seeds=SEEDS):
                   progress=False, **settings)
 
 
+def run_a1111_img2img(kd, cfg, label, steps, strength, init, fixed=False, seeds=SEEDS):
+    """A1111's img2img with a k-diffusion sampler (sd_samplers_kdiffusion.sample_img2img and
+    sd_samplers_common.setup_img2img_steps, restated): t_enc = int(min(strength, 0.999) * steps) over a `steps` plan,
+    or, fixed (its hires. fix pass), t_enc = steps - 1 over a plan of int(steps / min(strength, 0.999)); the run
+    takes sigmas[total - t_enc - 1:] from x = init + z sigma there, z each image's first draw; the Brownian trees span
+    the whole plan."""
+    funcname, kwargs, automatic, discard, brownian = A1111[label]
+    wrapper = kd.external.CompVisVDenoiser if cfg["prediction_type"] == "v_prediction" else kd.external.CompVisDenoiser
+    denoiser = wrapper(CompVisModel(cfg))
+    total = int(steps / min(strength, 0.999)) if fixed else steps
+    t_enc = steps - 1 if fixed else int(min(strength, 0.999) * steps)
+    sigmas = a1111_sigmas(kd, denoiser, automatic or "uniform", total + 1 if discard else total)
+    if discard:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    sched = sigmas[total - t_enc - 1:]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x = init + torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * sched[0]
+    if brownian:
+        noise_sampler = kd.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds)
+    else:
+        def noise_sampler(sigma, sigma_next):
+            return torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens])
+    fn = getattr(kd.sampling, funcname)
+    if "noise_sampler" in inspect.signature(fn).parameters:
+        kwargs = {**kwargs, "noise_sampler": noise_sampler}
+    with torch.no_grad():
+        return fn(denoiser, x, sched, extra_args={"cond": None}, disable=True, **kwargs), len(sched) - 1
+
+
 def test_the_settings_table_is_a1111s():
     """a1111_settings names the schedule and discard A1111's table (above) gives each of its k-diffusion samplers."""
     for label, (_, kwargs, automatic, discard, _) in A1111.items():
@@ -187,6 +216,46 @@ def test_a1111_sampler_equals_k_diffusion(kd, cfg, label, steps):
     assert n == steps  # (the discarding samplers too take the steps asked for)
     err = (ours.float() - theirs).abs().max().item()
     assert err < TOL, f"{label}, {steps} steps: max |ours - k-diffusion| = {err:.2e}"
+
+
+@pytest.mark.parametrize("label", ["Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 3M SDE", "DPM2"])
+@pytest.mark.parametrize("strength, fixed", [(0.5, False), (0.75, False), (1.0, False), (0.6, True)])
+def test_a1111_img2img_equals_k_diffusion(kd, label, strength, fixed):
+    """Image to image with strength_rule "a1111" (A1111's img2img: int(min(strength, 0.999) * steps) + 1 steps) and
+    "a1111_fixed_steps" (its hires. fix pass: all the steps, the last of a longer plan) against A1111's way."""
+    cfg = CONFIGS[0]
+    steps = 8
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99)).clamp(-1, 1)
+    theirs, n = run_a1111_img2img(kd, cfg, label, steps, strength, init, fixed)
+    settings = {**a1111_settings(label), **({"strength_rule": "a1111_fixed_steps"} if fixed else {})}
+    runs = []
+    ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps, seeds=SEEDS,
+                  progress=False, init=init, strength=strength, callback=lambda d: runs.append(d["step"]), **settings)
+    assert len(set(runs)) == n == (steps if fixed else int(min(strength, 0.999) * steps) + 1)
+    err = (ours.float() - theirs).abs().max().item()
+    assert err < TOL, f"{label}, strength {strength}: max |ours - k-diffusion| = {err:.2e}"
+
+
+def test_strength_rules():
+    """Which steps each rule runs, from the end of the plan; the fixed rule's plan too long for the model is refused."""
+    from imagine.sampling import _img2img_plan
+
+    plan = NoiseSchedule.from_config("scaled_linear").plan(20, rule="karras")
+    for strength, diffusers, a1111 in ((0.5, 10, 11), (0.75, 15, 16), (1.0, 20, 20), (0.04, 0, 1)):
+        for rule, run in (("diffusers", diffusers), ("a1111", a1111)):
+            if run == 0:
+                with pytest.raises(ValueError, match="leaves no step to run"):
+                    _img2img_plan(plan, strength, "noise", rule)
+                continue
+            tail = _img2img_plan(plan, strength, "noise", rule)
+            assert len(tail) == run and torch.equal(tail.sigmas, plan.sigmas[20 - run:])
+    cfg = CONFIGS[0]
+    with pytest.raises(ValueError, match="strength_rule must be one of"):
+        sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=4, sampler="euler",
+               init=torch.zeros(SHAPE), strength=0.5, strength_rule="comfy")
+    with pytest.raises(ValueError, match="more than the model's 1000 timesteps"):
+        sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=50, sampler="euler",
+               init=torch.zeros(SHAPE), strength=0.04, strength_rule="a1111_fixed_steps")
 
 
 @pytest.mark.parametrize("scheduler", ["uniform", "normal", "karras", "exponential", "sgm_uniform", "simple",
@@ -397,6 +466,16 @@ if __name__ == "__main__":  # the figures: worst |ours - k-diffusion| per sample
                      - run_a1111(k, CONFIGS[0], label, 7, scheduler)[0]).abs().max().item()
                     for label in ("Euler", "DPM++ 2M", "DPM2"))
         print(f"schedule {scheduler:13s} worst {worst:.1e}")
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99)).clamp(-1, 1)
+    worst = 0.0
+    for label in ("Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 3M SDE", "DPM2"):
+        for strength, fixed in ((0.5, False), (0.75, False), (1.0, False), (0.6, True)):
+            settings = {**a1111_settings(label), **({"strength_rule": "a1111_fixed_steps"} if fixed else {})}
+            ours = sample(make_model(CONFIGS[0]), SHAPE, schedule=NoiseSchedule.from_diffusers_config(CONFIGS[0]),
+                          steps=8, seeds=SEEDS, progress=False, init=init, strength=strength, **settings)
+            theirs = run_a1111_img2img(k, CONFIGS[0], label, 8, strength, init, fixed)[0]
+            worst = max(worst, (ours.float() - theirs).abs().max().item())
+    print(f"img2img (6 samplers, 4 strengths/rules) worst {worst:.1e}")
     import tempfile
     from pathlib import Path as _Path
 

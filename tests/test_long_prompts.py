@@ -26,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 from imagine.guidance import guided_model_output  # noqa: E402
 from imagine.long_prompts import prompt_chunks  # noqa: E402
 from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+from imagine.samplers import a1111_settings  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -246,10 +247,12 @@ def test_the_cli_flag_and_the_a1111_api_read_long_prompts(sd1, tmp_path, capsys)
 
     _, pipe = sd1
     kw = dict(steps=3, guidance_scale=CFG, height=16, width=16, progress=False, long_prompts=True)
-    want = pipe.generate(LONG, NEGATIVE_LONG, seed=4, sampler="euler", **kw).images[0]
+    # (Euler as AUTOMATIC1111 runs it, as its API does: samplers.a1111_settings, --a1111-sampling)
+    want = pipe.generate(LONG, NEGATIVE_LONG, seed=4, **kw, **a1111_settings("Euler")).images[0]
     out = tmp_path / "long.png"
     code = main(["generate", "--model", pipe.c.source, LONG, "-n", NEGATIVE_LONG, "--long-prompts", "--steps", "3",
-                 "--sampler", "euler", "--seed", "4", "--height", "16", "--width", "16", "-o", str(out), "-q"])
+                 "--sampler", "euler", "--a1111-sampling", "--seed", "4", "--height", "16", "--width", "16", "-o",
+                 str(out), "-q"])
     assert code == 0, capsys.readouterr().err
     img = Image.open(out)
     assert json.loads(img.text["imagine"])["long_prompts"] is True

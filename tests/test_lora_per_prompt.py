@@ -14,6 +14,7 @@ from test_loading import save_diffusers_folder  # noqa: E402
 diffusers = pytest.importorskip("diffusers")
 
 from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+from imagine.samplers import a1111_settings  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,8 +82,9 @@ def test_the_a1111_api_merges_a_prompts_lora(setup):
     pipe = TextToImagePipeline.from_pretrained(tmp / "folder")
     merged = TextToImagePipeline.from_pretrained(tmp / "folder", loras=[(tmp / "loras" / "style.safetensors", 0.7)])
     pipe.lora_dir = tmp / "loras"
-    want = merged.generate("a red circle", seed=5, steps=3, sampler="euler", guidance_scale=5.0, progress=False,
-                           emphasis=True).images[0]
+    # (Euler as AUTOMATIC1111 runs it, as its API does: samplers.a1111_settings)
+    want = merged.generate("a red circle", seed=5, steps=3, guidance_scale=5.0, progress=False, emphasis=True,
+                           **a1111_settings("Euler")).images[0]
     with TestClient(create_app(pipe)) as client:
         body = {"prompt": "a red circle <lora:style:0.7>", "seed": 5, "steps": 3, "cfg_scale": 5,
                 "sampler_name": "Euler"}

@@ -127,6 +127,7 @@ def test_the_server_runs_the_units_preprocessor_and_detect(tmp_path):
     from test_loading import save_diffusers_folder
 
     from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.samplers import a1111_settings
     from imagine.server.app import BackgroundServer, ServerConfig, create_app
 
     save_diffusers_folder(tmp_path / "sd", "sd1")
@@ -134,8 +135,9 @@ def test_the_server_runs_the_units_preprocessor_and_detect(tmp_path):
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "sd", controlnets=[tmp_path / "edges"])
     photo = Image.fromarray(_photo(48, 80, 5))
     made = pp.fit(pp.canny(photo, 60, 120, resolution=512), 32, 32, "crop_and_resize")
-    want = pipe.generate("a red circle", control_image=made, steps=3, guidance_scale=5.0, sampler="euler", seed=2,
-                         height=32, width=32, emphasis=True, progress=False).images[0]
+    a1111 = a1111_settings("Euler")  # (Euler as AUTOMATIC1111 runs it, as its API does)
+    want = pipe.generate("a red circle", control_image=made, steps=3, guidance_scale=5.0, seed=2,
+                         height=32, width=32, emphasis=True, progress=False, **a1111).images[0]
     with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
         unit = {"model": "edges", "module": "canny", "image": _b64(photo), "threshold_a": 60, "threshold_b": 120}
         body = {"prompt": "a red circle", "steps": 3, "cfg_scale": 5, "sampler_name": "Euler", "seed": 2,
@@ -153,8 +155,8 @@ def test_the_server_runs_the_units_preprocessor_and_detect(tmp_path):
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=120)
         assert r.status_code == 200, r.text
         made = pp.fit(pp.canny(photo, 60, 120, resolution=32), 32, 32, "just_resize")
-        want = pipe.generate("a red circle", control_image=made, steps=3, guidance_scale=5.0, sampler="euler", seed=2,
-                             height=32, width=32, emphasis=True, progress=False).images[0]
+        want = pipe.generate("a red circle", control_image=made, steps=3, guidance_scale=5.0, seed=2,
+                             height=32, width=32, emphasis=True, progress=False, **a1111).images[0]
         got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
         assert got.tobytes() == want.tobytes()
         assert "Processor Res: 32" in json.loads(r.json()["info"])["extra_generation_params"]["ControlNet 0"]

@@ -29,6 +29,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+from imagine.samplers import a1111_settings  # noqa: E402
 from imagine.refiner import Handoff  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -260,12 +261,13 @@ def test_the_cli_and_the_a1111_api_run_the_refiner(models, tmp_path, capsys):
 
     _, _, root = models
     pipe = TextToImagePipeline.from_pretrained(root / "base", refiner=root / "refiner")
-    kw = dict(steps=5, guidance_scale=CFG, height=SIZE, width=SIZE, progress=False, sampler="euler")
+    # (Euler as AUTOMATIC1111 runs it, as its API does: samplers.a1111_settings, --a1111-sampling)
+    kw = dict(steps=5, guidance_scale=CFG, height=SIZE, width=SIZE, progress=False, **a1111_settings("Euler"))
     want = pipe.generate(PROMPT, NEGATIVE, seed=4, refiner_switch=0.6, **kw).images[0].convert("RGB").tobytes()
     out = tmp_path / "refined.png"
     code = main(["generate", "--model", str(root / "base"), PROMPT, "-n", NEGATIVE, "--refiner", str(root / "refiner"),
-                 "--refiner-switch", "0.6", "--steps", "5", "--sampler", "euler", "--seed", "4", "--height", str(SIZE),
-                 "--width", str(SIZE), "--guidance-scale", str(CFG), "-o", str(out), "-q"])
+                 "--refiner-switch", "0.6", "--steps", "5", "--sampler", "euler", "--a1111-sampling", "--seed", "4",
+                 "--height", str(SIZE), "--width", str(SIZE), "--guidance-scale", str(CFG), "-o", str(out), "-q"])
     assert code == 0, capsys.readouterr().err
     img = Image.open(out)
     assert img.convert("RGB").tobytes() == want

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_inpainting_api import BODY, KW, _b64, _image, _mask, _picture, _post, plain  # noqa: F401, E402
+from test_inpainting_api import API, BODY, KW, _b64, _image, _mask, _picture, _post, plain  # noqa: F401, E402
 from test_loading import save_diffusers_folder  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
@@ -124,13 +124,13 @@ def test_a1111_img2img_resize_mode(plain):  # noqa: F811
                   resize_mode=mode)
         assert r.status_code == 200, r.text
         want = pipe.generate("a red circle", init_image=fit_picture(picture, 32, 32, RESIZE_MODES[mode]),
-                             strength=0.6, seed=4, emphasis=True, progress=False, **KW).images[0]
+                             strength=0.6, seed=4, emphasis=True, progress=False, **API).images[0]
         assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
         assert "resize_mode" not in json.loads(r.json()["info"])["ignored_fields"]
     r = _post(plain, init_images=[_b64(picture)], seed=4, width=32, height=32, denoising_strength=0.6, resize_mode=3)
     assert r.status_code == 200, r.text
     want = pipe.generate("a red circle", init_image=picture, strength=0.6, seed=4, emphasis=True, progress=False,
-                         resize_mode="latent_upscale", height=32, width=32, **KW).images[0]
+                         resize_mode="latent_upscale", height=32, width=32, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
 
     mask = _mask().resize((32, 16), Image.NEAREST)
@@ -140,7 +140,7 @@ def test_a1111_img2img_resize_mode(plain):  # noqa: F811
     fitted, fitted_mask = fit_picture(picture, 32, 32, "resize_and_fill"), fit_picture(blur_mask(mask.convert("L"), 0),
                                                                                        32, 32, "resize_and_fill")
     result = pipe.generate("a red circle", init_image=fill_masked(fitted, fitted_mask), mask_image=fitted_mask,
-                           strength=0.75, seed=5, emphasis=True, progress=False, **KW).images[0]
+                           strength=0.75, seed=5, emphasis=True, progress=False, **API).images[0]
     want = paste_over(result, fitted, fitted_mask.point(lambda v: min(255, 2 * v)))
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
     for body, words, field in (({"resize_mode": 4}, "resize_mode must be 0", "resize_mode"),

@@ -202,10 +202,12 @@ def test_negatives_not_given_are_zeros_row_by_row_and_the_a1111_api_zeros_an_emp
     from fastapi.testclient import TestClient
     from PIL import Image
 
+    from imagine.samplers import a1111_settings
     from imagine.server.app import create_app
 
+    # (Euler as AUTOMATIC1111 runs it, as its API does: samplers.a1111_settings)
     want = pipe.generate("a", None, seed=1, steps=3, guidance_scale=CFG, height=SIZE, width=SIZE, progress=False,
-                         sampler="euler").images[0]
+                         **a1111_settings("Euler")).images[0]
     with TestClient(create_app(pipe)) as client:
         r = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "negative_prompt": "", "seed": 1, "steps": 3,
                                                    "cfg_scale": CFG, "width": SIZE, "height": SIZE,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_inpainting_api import BODY, KW, _image, plain  # noqa: F401, E402
+from test_inpainting_api import API, BODY, KW, _image, plain  # noqa: F401, E402
 
 from imagine import sampling  # noqa: E402
 from imagine.sampling import make_generators, start_noise, variation_noise  # noqa: E402
@@ -100,13 +100,13 @@ def test_a1111_api_and_cli_seed_resize(plain, tmp_path, capsys):  # noqa: F811
                    timeout=120)
     assert r.status_code == 200, r.text
     want = pipe.generate("a red circle", seed=4, width=48, height=32, seed_resize_from_w=24, seed_resize_from_h=40,
-                         emphasis=True, progress=False, **KW).images[0]
+                         emphasis=True, progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
     info = json.loads(r.json()["info"])
     assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (24, 40)
     assert "Seed resize from: 24x40" in info["infotexts"][0]
     plain_image = pipe.generate("a red circle", seed=4, width=48, height=32, emphasis=True, progress=False,
-                                **KW).images[0]
+                                **API).images[0]
     assert want.tobytes() != plain_image.tobytes()
     r = httpx.post(f"{plain.url}/sdapi/v1/txt2img", json={**BODY, "seed_resize_from_h": 10**5, "seed_resize_from_w": 8},
                    timeout=120)

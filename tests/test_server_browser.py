@@ -29,6 +29,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is absent (Debian's chromium package; .ci/run installs it)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
+from imagine.samplers import a1111_settings  # noqa: E402
 from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -172,9 +173,10 @@ def test_img2img_from_the_page(server, page, tmp_path):
     page.click("#generate")
     got = _gallery_download(page)
     cfg = float(page.input_value("#cfg_scale"))
+    # (Euler as AUTOMATIC1111 runs it, as the page's A1111 API does: samplers.a1111_settings)
     want = server.pipe.pipe.generate("a red circle", init_image=picture, strength=0.5, steps=4, seed=77,
-                                     width=64, height=64, sampler="euler", guidance_scale=cfg, emphasis=True,
-                                     progress=False).images[0]
+                                     width=64, height=64, guidance_scale=cfg, emphasis=True,
+                                     progress=False, **a1111_settings("Euler")).images[0]
     assert got.tobytes() == want.tobytes()
 
 
@@ -242,10 +244,11 @@ def test_controlnet_from_the_page(controlnet_server, page, tmp_path):
     page.click("#generate")
     got = np.asarray(_gallery_download(page))
     cfg = float(page.input_value("#cfg_scale"))  # the model's default, as the page sent it
+    a1111 = a1111_settings("Euler")  # (Euler as AUTOMATIC1111 runs it, as the page's A1111 API does)
     want = server.pipe.generate("a red circle", control_image=picture, controlnet_scale=0.7, steps=4, seed=31,
-                                sampler="euler", height=16, width=16, guidance_scale=cfg, progress=False).images[0]
-    plain = server.pipe.generate("a red circle", steps=4, seed=31, sampler="euler", height=16, width=16,
-                                 guidance_scale=cfg, progress=False).images[0]
+                                height=16, width=16, guidance_scale=cfg, progress=False, **a1111).images[0]
+    plain = server.pipe.generate("a red circle", steps=4, seed=31, height=16, width=16,
+                                 guidance_scale=cfg, progress=False, **a1111).images[0]
     assert np.array_equal(got, np.asarray(want)) and not np.array_equal(got, np.asarray(plain))
 
 
@@ -268,8 +271,9 @@ def test_hires_and_a_variation_seed_from_the_page(server, page):
     page.click("#generate")
     got = _gallery_download(page)
     cfg = float(page.input_value("#cfg_scale"))
+    # (Euler as AUTOMATIC1111 runs it, as the page's A1111 API does: samplers.a1111_settings)
     want = server.pipe.pipe.generate_hires("a red circle", hires_scale=2.0, hires_strength=0.6, steps=3, seed=12,
-                                           subseeds=[40], subseed_strength=0.3, width=32, height=32, sampler="euler",
+                                           subseeds=[40], subseed_strength=0.3, width=32, height=32,
                                            guidance_scale=cfg, emphasis=True, long_prompts=True, prompt_editing=True,
-                                           composable=True, progress=False).images[0]
+                                           composable=True, progress=False, **a1111_settings("Euler")).images[0]
     assert got.size == (64, 64) and got.tobytes() == want.tobytes()

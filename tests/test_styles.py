@@ -9,7 +9,7 @@ import json
 import pytest
 from PIL import Image
 
-from test_inpainting_api import BODY, KW, _image  # noqa: E402
+from test_inpainting_api import API, BODY, KW, _image  # noqa: E402
 from test_loading import save_diffusers_folder  # noqa: E402
 
 httpx = pytest.importorskip("httpx")
@@ -81,9 +81,9 @@ def test_a1111_api_styles(setup):
                                                           "styles": ["oil", "sharp"]}, timeout=120)
     assert r.status_code == 200, r.text
     prompt = "a red circle, oil painting, (thick brushstrokes:1.2), highly detailed"
-    want = pipe.generate(prompt, "dark, blurry, photo", seed=2, emphasis=True, progress=False, **KW).images[0]
+    want = pipe.generate(prompt, "dark, blurry, photo", seed=2, emphasis=True, progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
-    plain = pipe.generate("a red circle", "dark", seed=2, emphasis=True, progress=False, **KW).images[0]
+    plain = pipe.generate("a red circle", "dark", seed=2, emphasis=True, progress=False, **API).images[0]
     assert plain.tobytes() != want.tobytes()
     info = json.loads(r.json()["info"])
     assert info["styles"] == ["oil", "sharp"] and info["prompt"] == prompt
@@ -98,7 +98,7 @@ def test_a1111_api_styles(setup):
     assert r.status_code == 200, r.text
     want = pipe.generate_hires("a red circle, highly detailed", seed=2, emphasis=True, progress=False, height=16,
                                width=16, hires_scale=2, hires_strength=0.5,
-                               hires_prompt="a green circle, highly detailed", **KW).images[0]
+                               hires_prompt="a green circle, highly detailed", **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
     r = httpx.post(f"{setup.url}/sdapi/v1/txt2img", json={**BODY, "styles": ["nope"]}, timeout=120)
     assert r.status_code == 422 and r.json()["field"] == "styles" and "oil, sharp" in r.json()["detail"]

@@ -170,11 +170,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--discard-penultimate-sigma", action="store_true",
                    help="lay out steps + 1 noise levels and leave out the one before the end (AUTOMATIC1111's way "
                         "for DPM2, DPM2 a and DPM++ 3M SDE)")
+    p.add_argument("--strength-rule", choices=["diffusers", "a1111", "a1111_fixed_steps"], default="diffusers",
+                   help="which steps --init-image runs: diffusers' int(steps x strength), A1111's img2img "
+                        "int(min(strength, 0.999) x steps) + 1, or A1111's fixed steps (all --steps, the last of "
+                        "int(steps / strength); its hires. fix pass); with --hires-scale, a1111 runs the second pass "
+                        "with the fixed rule, as A1111 does")
     p.add_argument("--a1111-sampling", action="store_true",
                    help="run the sampler as AUTOMATIC1111 does (imagine.samplers.a1111_settings): the schedule type "
                         "its 'Automatic' picks unless --schedule-type names one, over the model's whole range, "
-                        "x_T = z sigma_max, its discarded level for DPM2 / DPM2 a / DPM++ 3M SDE and k-diffusion's "
-                        "3M warm-up (what the server's A1111 API does)")
+                        "x_T = z sigma_max, its discarded level for DPM2 / DPM2 a / DPM++ 3M SDE, k-diffusion's "
+                        "3M warm-up and A1111's image-to-image step count (what the server's A1111 API does)")
     p.add_argument("--guidance-scale", "--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2023 guidance rescale phi (0..1)")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help="Karras sigma spacing")
@@ -515,14 +520,17 @@ def run(args) -> int:
     sampler_options = parse_sampler_options(args.sampler_option) or None
     sampling = {"sigma_schedule": args.sigma_schedule, "sampler_options": sampler_options, "start": args.start,
                 **({"sigma_range": args.sigma_range} if args.sigma_range != "spaced" else {}),
+                **({"strength_rule": args.strength_rule} if args.strength_rule != "diffusers" else {}),
                 **({"discard_penultimate_sigma": True} if args.discard_penultimate_sigma else {})}
     if args.a1111_sampling:
         from imagine.samplers import a1111_settings
 
-        if args.karras is not None or args.sigma_range != "spaced" or args.start or args.discard_penultimate_sigma:
-            raise ValueError("--a1111-sampling sets the noise levels' range, the start and the discarded level as "
-                             "AUTOMATIC1111 does; leave out --karras, --sigma-range, --start and "
-                             "--discard-penultimate-sigma (name a schedule type with --schedule-type)")
+        if args.karras is not None or args.sigma_range != "spaced" or args.start or args.discard_penultimate_sigma \
+                or args.strength_rule != "diffusers":
+            raise ValueError("--a1111-sampling sets the noise levels' range, the start, the discarded level and the "
+                             "image-to-image steps as AUTOMATIC1111 does; leave out --karras, --sigma-range, --start, "
+                             "--discard-penultimate-sigma and --strength-rule (name a schedule type with "
+                             "--schedule-type)")
         a1111_settings(args.sampler or "euler", args.sigma_schedule)  # (a bad name fails before the model loads)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")
@@ -602,8 +610,8 @@ def run(args) -> int:
         sampling = {"sigma_schedule": a1111["sigma_schedule"],
                     "sampler_options": {**a1111.get("sampler_options", {}), **(sampler_options or {})} or None,
                     "start": a1111.get("start"),
-                    **{k: a1111[k] for k in ("sigma_range", "discard_penultimate_sigma")
-                       if a1111.get(k) not in (None, False, "spaced")}}
+                    **{k: a1111[k] for k in ("sigma_range", "discard_penultimate_sigma", "strength_rule")
+                       if a1111.get(k) not in (None, False, "spaced", "diffusers")}}
     conditioned = _picture_model_run(pipe, args, picture)
     if args.a1111_sampling and conditioned is not None:
         raise ValueError(f"--a1111-sampling: not for {args.model}, whose pipeline (an upscaler, unCLIP variations or "

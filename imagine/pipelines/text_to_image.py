@@ -556,7 +556,7 @@ class TextToImagePipeline:
                  seed_resize_from_h: int = 0, seed_resize_from_w: int = 0,
                  image_guidance_gate: bool = True, noise_level: int | None = None, prior_steps: int | None = None,
                  prior_guidance_scale: float | None = None, sigma_range: str = "spaced",
-                 discard_penultimate_sigma: bool = False, callback: Callable[[dict], None] | None = None, progress: bool = True,
+                 discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
         else 20 steps of dpmpp_2m at guidance 7.5). sigma_schedule: "karras", "exponential", "polyexponential",
@@ -564,7 +564,10 @@ class TextToImagePipeline:
         "sgm_uniform", "simple", "ddim_uniform" (A1111's schedule types), rho its exponent (Karras 7, polyexponential
         1), sigma_range what they span ("spaced", diffusers', or "model", A1111's: imagine.schedules.NoiseSchedule.plan);
         discard_penultimate_sigma: steps + 1 levels, the one before the end left out (A1111's way for DPM2, DPM2 a
-        and DPM++ 3M SDE; imagine.samplers.a1111_settings gives all of A1111's settings for its samplers); final_step: "euler" or "heun"
+        and DPM++ 3M SDE; imagine.samplers.a1111_settings gives all of A1111's settings for its samplers);
+        strength_rule: which steps an image-to-image run takes, "diffusers" (int(steps * strength)), "a1111" or
+        "a1111_fixed_steps" (imagine.sampling.sample; generate_hires runs its second pass with the fixed rule when
+        given "a1111", as A1111's hires. fix does); final_step: "euler" or "heun"
         (the trapezoidal last step, imagine.samplers.final_heun_step); sampler_options: e.g. {"order": 3} for unipc; start: "noise"
         (diffusers' start) or "matched" (x_T moved to the mean of q(x_T), imagine.sampling.Denoiser.matched_start);
         emphasis: read AUTOMATIC1111's `(word:1.3)` / `[word]` syntax as weights (imagine.emphasis; off: brackets are
@@ -651,7 +654,8 @@ class TextToImagePipeline:
                      "control_guidance_start": control_guidance_start, "control_guidance_end": control_guidance_end,
                      "image_guidance_gate": image_guidance_gate is not True,
                      "sigma_range": sigma_range != "spaced" and bool(sigma_schedule or karras),
-                     "discard_penultimate_sigma": discard_penultimate_sigma}
+                     "discard_penultimate_sigma": discard_penultimate_sigma,
+                     "strength_rule": strength_rule != "diffusers"}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -866,7 +870,7 @@ class TextToImagePipeline:
                                progress=progress,
                                sigma_schedule=sigma_schedule, final_step=final_step,
                                sampler_options=sampler_options, rho=rho, start=start, sigma_range=sigma_range,
-                               discard_penultimate_sigma=discard_penultimate_sigma,
+                               discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
                                refiner_switch=refiner_switch if refine else None, report=report)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
@@ -928,6 +932,8 @@ class TextToImagePipeline:
             params["sigma_range"] = sigma_range
         if discard_penultimate_sigma:
             params["discard_penultimate_sigma"] = True
+        if strength_rule != "diffusers" and (init is not None):
+            params["strength_rule"] = strength_rule
         # (latents asked for: no VAE decode; hires. fix's latent upscale and the parity tests decode themselves)
         images = [to_pil(t) for t in self.decode(latents)] if output_type == "pil" else []
         return GenerationResult(images=images, seeds=seeds, seconds=time.time() - t0, latents=latents, negatives=negatives,
@@ -971,6 +977,8 @@ class TextToImagePipeline:
         height, width = self.hires_size(p["height"], p["width"], hires_scale)
         later = {k: v for k, v in kw.items()
                  if k not in ("seed", "seeds", "num_images_per_prompt", "height", "width", "steps", "strength")}
+        if later.get("strength_rule") == "a1111":  # (A1111's second pass runs its steps in full, the last of more)
+            later["strength_rule"] = "a1111_fixed_steps"
         steps = hires_steps or p["steps"]
         if upscaler == "lanczos":
             start = {"init_image": first.images}
@@ -1276,7 +1284,7 @@ class TextToImagePipeline:
                 karras, thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
                 rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0, noise=None, mask=None,
                 concat=None, controls=None, refiner_switch=None, image_guidance_scale=None, image_guidance_gate=True,
-                report=None, sigma_range="spaced", discard_penultimate_sigma=False):
+                report=None, sigma_range="spaced", discard_penultimate_sigma=False, strength_rule="diffusers"):
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
 
         sc = self.c.scheduler_config
@@ -1315,7 +1323,7 @@ class TextToImagePipeline:
                       karras=bool(karras), eta=eta,
                       generator=generators, noise_seeds=seeds, callback=callback, progress=progress,
                       sigma_schedule=sigma_schedule, sigma_range=sigma_range,
-                      discard_penultimate_sigma=discard_penultimate_sigma,
+                      discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
                       final_step=final_step, sampler_options=sampler_options, rho=rho, start=start,
                       init=init, strength=strength, mask=mask, guidance=guidance, **kwargs)
         if report is not None and refiner_switch is not None:

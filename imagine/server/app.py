@@ -1144,6 +1144,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
                                     sigma_range=a1111["sigma_range"], start=a1111.get("start", "noise"),
                                     discard_penultimate_sigma=a1111.get("discard_penultimate_sigma", False),
+                                    strength_rule=a1111.get("strength_rule", "diffusers"),
                                     emphasis=a1111_emphasis(req), long_prompts=True, prompt_editing=True,
                                     composable=True,
                                     strength=None if hires else strength,

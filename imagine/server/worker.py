@@ -70,6 +70,7 @@ class Settings:
     sigma_range: str = "spaced"  # what the schedule spans (NoiseSchedule.plan): "model" for AUTOMATIC1111's API
     start: str = "noise"  # the start sample (imagine.sampling.sample): "sigma_max" for AUTOMATIC1111's API
     discard_penultimate_sigma: bool = False  # A1111's DPM2, DPM2 a, DPM++ 3M SDE (samplers.a1111_settings)
+    strength_rule: str = "diffusers"  # which steps image to image takes (imagine.sampling.sample): A1111's for its API
     eta: float | None = None  # the sampler's noise scale (None: its default)
     options: tuple = ()  # the sampler's own options as sorted (name, value) pairs, e.g. (("s_tmin", 1.5),)
     emphasis: bool = False  # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default)
@@ -418,6 +419,7 @@ class ModelWorker:
                               **({"sigma_range": s.sigma_range} if s.sigma_range != "spaced" else {}),
                               **({"start": s.start} if s.start != "noise" else {}),
                               **({"discard_penultimate_sigma": True} if s.discard_penultimate_sigma else {}),
+                              **({"strength_rule": s.strength_rule} if s.strength_rule != "diffusers" else {}),
                               **({"long_prompts": True} if s.long_prompts else {}),
                               **({"prompt_editing": True} if s.prompt_editing else {}),
                               **({"composable": True} if s.composable else {}),
