@@ -27,10 +27,11 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from imagine.schedules import SamplingPlan
+from imagine.schedules import SamplingPlan, karras_sigmas
 
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -274,6 +275,76 @@ def sample_heun(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
             d_next = (x_euler - denoise(_ve_to_vp(x_euler, s_next, dtype), i + 1)) / s_next
             x = x + (s_next - s) * (d + d_next) / 2
     return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def restart_segments(sigmas: list[float], restart_list: dict | None = None) -> list[tuple[float, float]]:
+    """The (sigma_from, sigma_to) segments of a Restart run over the plan's levels `sigmas` (ending at 0), laid out
+    as AUTOMATIC1111's "Restart" sampler lays them out (its sd_samplers_extra.restart_sampler): restart_list maps a
+    level to (levels, times, top): at the plan's level nearest `level`, go back up to the level nearest `top` and
+    come down again over `levels` - 1 Karras steps (eq. 5 between the two), `times` times. None: A1111's choice,
+    nothing under 20 steps (Heun on the plan); from 20 steps the plan's range is laid out again with Karras levels
+    for N - k m steps and one restart (k = 9, m = 1) at 0.1 up to 2, from 36 steps two (k = N // 4, m = 2); either
+    way N segments in all, as many as the plan has steps. Levels in float32, as A1111's."""
+    n = len(sigmas) - 1
+    if restart_list is None:
+        if n >= 20:
+            k, m = (n // 4, 2) if n >= 36 else (9, 1)
+            sigmas = karras_sigmas(sigmas[-2], sigmas[0], n - k * m, dtype=torch.float32).tolist() + [0.0]
+            restart_list = {0.1: (k + 1, m, 2.0)}
+        else:
+            restart_list = {}
+    levels = np.asarray(sigmas)
+    nearest = {int(np.argmin(np.abs(levels - key))): value for key, value in restart_list.items()}
+    segments = []
+    for i in range(len(sigmas) - 1):
+        segments.append((sigmas[i], sigmas[i + 1]))
+        if i + 1 in nearest:
+            count, times, top = nearest[i + 1]
+            hi = int(np.argmin(np.abs(levels - top)))
+            if hi < i + 1:  # (a restart goes up)
+                ladder = karras_sigmas(sigmas[i + 1], sigmas[hi], int(count), dtype=torch.float32).tolist()
+                segments += list(zip(ladder[:-1], ladder[1:])) * int(times)
+    return segments
+
+
+def sample_restart(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                   progress: bool = True, restart_list: dict | None = None, s_noise: float = 1.0) -> torch.Tensor:
+    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes", Algorithm 1):
+    Heun's ODE steps (Karras et al. 2022, Alg. 1) down the plan, and at a restart interval [t_min, t_max] the sample
+    taken back up by the forward process, x += sqrt(t_max^2 - t_min^2) z (fresh noise, s_noise its scale), and
+    brought down again by the ODE, several times: the noise contracts the error the ODE steps accumulated, which an
+    ODE sampler alone cannot. The segments are AUTOMATIC1111's "Restart" (`restart_segments`; restart_list as
+    there); its noise comes from each image's generator, as A1111 draws it. 2N - 1 model calls."""
+    _deterministic("restart", eta)
+    if isinstance(s_noise, bool) or not isinstance(s_noise, (int, float)) or not s_noise >= 0:
+        raise ValueError(f"s_noise (the restart noise's scale) must be a number >= 0; got {s_noise!r}")
+    if float(plan.sigmas[-1]) != 0:
+        raise ValueError("restart runs down to sigma = 0; this plan stops above it")
+    dtype = x.dtype
+    segments = restart_segments(plan.sigmas.tolist(), restart_list)
+    if getattr(denoise, "evaluations", None):  # (two calls a segment, one on the last: as Heun counts them)
+        denoise.evaluations = 2 * len(segments) - 1
+    x = _vp_to_ve(x, float(plan.sigmas[0]))
+    last = None
+    bar = tqdm(segments, desc="restart", disable=not progress, leave=False)
+    for k, (s, s_next) in enumerate(bar):
+        i = min(k, len(plan) - 1)  # (the plan's step this segment stands for)
+        if last is not None and last < s:  # the restart's jump up: the forward process from last to s
+            x = x + (s_noise * math.sqrt(s * s - last * last)) * _noise(noise, _ve_to_vp(x, last, dtype)).double()
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise.at_sigma(x_t, s, i)
+        if callback is not None:
+            callback({"step": k, "total": len(segments), "t": float(denoise.schedule.sigma_to_t(s)), "sigma": s,
+                      "x": x_t, "denoised": denoised})
+        d = (x - denoised) / s
+        x_euler = x + (s_next - s) * d
+        if s_next == 0:
+            x = x_euler
+        else:
+            d_next = (x_euler - denoise.at_sigma(_ve_to_vp(x_euler, s_next, dtype), s_next, i)) / s_next
+            x = x + (s_next - s) * (d + d_next) / 2
+        last = s_next
+    return _ve_to_vp(x, 0.0, dtype)
 
 
 def _lms_coefficient(sigmas: list[float], i: int, order: int, k: int) -> float:
@@ -787,15 +858,16 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_2s_a": sample_dpmpp_2s_ancestral,
     "plms": sample_plms,
     "lcm": sample_lcm,
+    "restart": sample_restart,
 }
 # the samplers that evaluate the model twice a step (once on the last, to sigma = 0): AUTOMATIC1111 counts their
 # prompt-editing steps (and ControlNet windows) in model calls, 2N - 1 of them
-TWO_CALL_SAMPLERS = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde")
+TWO_CALL_SAMPLERS = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")
 TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmpp_2m_sde": "dpm_solver",
                  "dpmpp_2m_sde_heun": "dpm_solver", "dpmpp_sde": "karras",
                  "dpmpp_3m": "dpm_solver", "dpmpp_3m_sde": "dpm_solver", "unipc": "dpm_solver",
                  "euler": "karras", "euler_a": "karras", "heun": "karras", "lms": "karras", "dpm2": "karras",
-                 "dpm2_a": "karras", "dpmpp_2s_a": "karras", "plms": "ddim", "lcm": "lcm"}
+                 "dpm2_a": "karras", "dpmpp_2s_a": "karras", "plms": "ddim", "lcm": "lcm", "restart": "karras"}
 
 # What people type (AUTOMATIC1111's labels, k-diffusion's k_ names, diffusers' classes and algorithm
 # types) -> (canonical name, Karras sigmas implied?). Lookup ignores case, spaces, '-' and '_'.
@@ -846,6 +918,7 @@ _alias("dpmpp_2s_a", "dpmpp_2s_a", "DPM++ 2S a", "k_dpmpp_2s_a", "dpmpp_2s_ances
 _alias("dpmpp_2s_a", "DPM++ 2S a Karras", "dpmpp_2s_a_karras", "k_dpmpp_2s_a_karras", karras=True)
 _alias("plms", "plms", "PLMS", "pndm_plms", "PNDMScheduler")
 _alias("lcm", "lcm", "LCM", "k_lcm", "LCMScheduler")
+_alias("restart", "restart", "Restart")
 # AUTOMATIC1111's old names of its Karras variants (k_<sampler>_ka)
 for _name, _canonical in (("k_lms_ka", "lms"), ("k_dpm_2_ka", "dpm2"), ("k_dpm_2_a_ka", "dpm2_a"),
                           ("k_dpmpp_2s_a_ka", "dpmpp_2s_a"), ("k_dpmpp_2m_ka", "dpmpp_2m"),
@@ -887,6 +960,7 @@ A1111_SAMPLERS = [
     ("Heun", ["k_heun"], "heun"),
     ("DPM2", ["k_dpm_2"], "dpm2"),
     ("DPM2 a", ["k_dpm_2_a"], "dpm2_a"),
+    ("Restart", ["restart"], "restart"),
     ("DDIM", [], "ddim"),
     ("PLMS", [], "plms"),
     ("UniPC", [], "unipc"),
@@ -901,7 +975,7 @@ A1111_SAMPLERS = [
 A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential",
                    "dpmpp_2m_sde_heun": "exponential", "dpmpp_2s_a": "karras", "dpmpp_3m_sde": "exponential",
                    "euler_a": "uniform", "euler": "uniform", "lms": "uniform", "heun": "uniform", "dpm2": "karras",
-                   "dpm2_a": "karras"}
+                   "dpm2_a": "karras", "restart": "karras"}
 A1111_DISCARD = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
 
 
@@ -973,7 +1047,7 @@ def resolve_sampler(name: str) -> tuple[str, Callable[..., torch.Tensor], bool]:
     if hit is None:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} "
                          f"(also AUTOMATIC1111's: DDIM, DDPM, PLMS, Euler, Euler a, Heun, LMS, DPM2, DPM2 a, "
-                         f"DPM++ 2S a, DPM++ 2M, DPM++ 2M SDE, DPM++ 3M, DPM++ 3M SDE, UniPC, LCM, the '... Karras' "
+                         f"DPM++ 2S a, DPM++ 2M, DPM++ 2M SDE, DPM++ 3M, DPM++ 3M SDE, UniPC, LCM, Restart, the '... Karras' "
                          f"forms of the k-diffusion ones and of UniPC, and k_euler-style names)")
     canonical, karras = hit
     return canonical, SAMPLERS[canonical], karras

@@ -14,6 +14,7 @@ settings the AUTOMATIC1111 API uses. The model, seeds and shapes are test_sample
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import inspect
 import math
@@ -54,6 +55,7 @@ A1111 = {
     "Heun": ("sample_heun", {}, None, False, False),
     "DPM2": ("sample_dpm_2", {}, "karras", True, False),
     "DPM2 a": ("sample_dpm_2_ancestral", {}, "karras", True, False),
+    "Restart": ("restart", {}, "karras", False, False),  # (A1111's own, modules/sd_samplers_extra.py: `a1111_restart`)
 }
 CONFIGS = [config("scaled_linear", "leading", "epsilon"), config("scaled_linear", "leading", "v_prediction")]
 
@@ -133,6 +135,42 @@ def a1111_sigmas(kd, denoiser, scheduler: str, n: int) -> torch.Tensor:
     raise AssertionError(scheduler)
 
 
+def a1111_restart(kd, model, x, sigmas, extra_args=None, disable=None, noise_sampler=None):
+    """A1111's "Restart" sampler (modules/sd_samplers_extra.py, restart_sampler with restart_list None), restated over
+    k-diffusion's get_sigmas_karras: from 20 steps the range is laid out again for N - k m Karras steps, with m
+    restarts (k = 9, m = 1; from 36 steps k = N // 4, m = 2) at the level nearest 0.1 back up to the one nearest 2,
+    down k Karras steps each time; every segment a Heun step (Euler to 0), a jump up preceded by noise
+    sqrt(s^2 - last^2) z."""
+    n = len(sigmas) - 1
+    plan, restarts = sigmas, {}
+    if n >= 20:
+        k, m = (n // 4, 2) if n >= 36 else (9, 1)
+        plan = kd.sampling.get_sigmas_karras(n - k * m, sigmas[-2].item(), sigmas[0].item())
+        restarts = {0.1: (k + 1, m, 2)}
+    where = {int(torch.argmin((plan - key).abs())): v for key, v in restarts.items()}
+    pairs = []
+    for i in range(len(plan) - 1):
+        pairs.append((plan[i], plan[i + 1]))
+        if i + 1 in where:
+            count, times, top = where[i + 1]
+            hi = int(torch.argmin((plan - top).abs()))
+            if hi < i + 1:
+                ladder = kd.sampling.get_sigmas_karras(count, plan[i + 1].item(), plan[hi].item())[:-1]
+                pairs += list(zip(ladder[:-1], ladder[1:])) * times
+    s_in, last = x.new_ones([x.shape[0]]), None
+    for a, b in pairs:
+        if last is not None and last < a:
+            x = x + noise_sampler(last, a) * (a ** 2 - last ** 2) ** 0.5
+        d = (x - model(x, a * s_in, **extra_args)) / a
+        x_euler = x + d * (b - a)
+        if b == 0:
+            x = x_euler
+        else:
+            x = x + (d + (x_euler - model(x_euler, b * s_in, **extra_args)) / b) / 2 * (b - a)
+        last = b
+    return x
+
+
 def run_a1111(kd, cfg, label, steps, scheduler=None, seeds=SEEDS):
     funcname, kwargs, automatic, discard, brownian = A1111[label]
     inner = CompVisModel(cfg)
@@ -149,7 +187,7 @@ def run_a1111(kd, cfg, label, steps, scheduler=None, seeds=SEEDS):
     else:
         def noise_sampler(sigma, sigma_next):
             return torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens])
-    fn = getattr(kd.sampling, funcname)
+    fn = functools.partial(a1111_restart, kd) if funcname == "restart" else getattr(kd.sampling, funcname)
     if "noise_sampler" in inspect.signature(fn).parameters:
         kwargs = {**kwargs, "noise_sampler": noise_sampler}
     with torch.no_grad():
@@ -184,7 +222,7 @@ def run_a1111_img2img(kd, cfg, label, steps, strength, init, fixed=False, seeds=
     else:
         def noise_sampler(sigma, sigma_next):
             return torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens])
-    fn = getattr(kd.sampling, funcname)
+    fn = functools.partial(a1111_restart, kd) if funcname == "restart" else getattr(kd.sampling, funcname)
     if "noise_sampler" in inspect.signature(fn).parameters:
         kwargs = {**kwargs, "noise_sampler": noise_sampler}
     with torch.no_grad():
@@ -218,7 +256,27 @@ def test_a1111_sampler_equals_k_diffusion(kd, cfg, label, steps):
     assert err < TOL, f"{label}, {steps} steps: max |ours - k-diffusion| = {err:.2e}"
 
 
-@pytest.mark.parametrize("label", ["Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 3M SDE", "DPM2"])
+@pytest.mark.parametrize("steps", [20, 36, 40])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["prediction_type"])
+def test_restart_equals_a1111s(kd, cfg, steps):
+    """Restart from 20 steps (one restart; from 36, two) against A1111's restart_sampler restated; below 20 it is
+    Heun on the plan (the main test's 6 and 11 steps)."""
+    theirs, _ = run_a1111(kd, cfg, "Restart", steps)
+    ours = run_ours(cfg, "Restart", steps)
+    err = (ours.float() - theirs).abs().max().item()
+    assert err < TOL, f"Restart, {steps} steps: max |ours - A1111's| = {err:.2e}"
+    from imagine.samplers import restart_segments
+
+    plan = NoiseSchedule.from_diffusers_config(cfg).plan(steps, rule="karras", sigma_schedule="karras",
+                                                         sigma_range="model")
+    segments = restart_segments(plan.sigmas.tolist())
+    # as many segments as steps; each starts where the last ended, but at a restart, which starts higher
+    assert len(segments) == steps
+    gaps = [(end, start) for (_, end), (start, _) in zip(segments[:-1], segments[1:]) if start != end]
+    assert len(gaps) == (2 if steps >= 36 else 1) and all(start > end for end, start in gaps)
+
+
+@pytest.mark.parametrize("label", ["Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 3M SDE", "DPM2", "Restart"])
 @pytest.mark.parametrize("strength, fixed", [(0.5, False), (0.75, False), (1.0, False), (0.6, True)])
 def test_a1111_img2img_equals_k_diffusion(kd, label, strength, fixed):
     """Image to image with strength_rule "a1111" (A1111's img2img: int(min(strength, 0.999) * steps) + 1 steps) and

@@ -388,7 +388,7 @@ def test_a1111_api_lists_the_new_samplers():
     app = pytest.importorskip("imagine.server.app")
     table = app.SamplerTable(app.our_sampler_names())
     names = table.names()
-    for label in ("LMS", "DPM2", "DPM2 a", "DPM++ 2S a", "PLMS", "LCM", "DPM++ SDE", "DPM++ 2M SDE Heun"):
+    for label in ("LMS", "DPM2", "DPM2 a", "DPM++ 2S a", "PLMS", "LCM", "DPM++ SDE", "DPM++ 2M SDE Heun", "Restart"):
         assert label in names
     assert table.resolve("DPM++ SDE Karras") == ("dpmpp_sde", True)
     assert table.resolve("DPM2 a") == ("dpm2_a", None)
