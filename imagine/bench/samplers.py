@@ -223,6 +223,10 @@ OURS = {
     "dpmpp_3m_sde polyexp 1.25, noise above 1.5, heun final, matched start": (
         "dpmpp_3m_sde", {"sigma_schedule": "polyexponential", "rho": 1.25, "sampler_options": {"s_tmin": 1.5},
                          "final_step": "heun", "start": "matched"}),
+    # Restart (Xu et al. 2023) as A1111 runs it, against Heun on the same levels (A1111's Karras over the model's
+    # range, x_T = z sigma_max): the same 2N - 1 model calls; from 20 steps Restart spends some on its restart
+    "restart, a1111": ("restart", {"sigma_schedule": "karras", "sigma_range": "model", "start": "sigma_max"}),
+    "heun karras, a1111": ("heun", {"sigma_schedule": "karras", "sigma_range": "model", "start": "sigma_max"}),
 }
 EXTRA = {  # --extra: ours with diffusers' Karras / exponential settings (same numbers as diffusers')
     "euler karras": ("euler", {"karras": True}), "heun karras": ("heun", {"karras": True}),
