@@ -286,6 +286,14 @@ def restart_segments(sigmas: list[float], restart_list: dict | None = None) -> l
     for N - k m steps and one restart (k = 9, m = 1) at 0.1 up to 2, from 36 steps two (k = N // 4, m = 2); either
     way N segments in all, as many as the plan has steps. Levels in float32, as A1111's."""
     n = len(sigmas) - 1
+    if restart_list is not None:
+        if not isinstance(restart_list, dict) or not all(
+                isinstance(key, (int, float)) and not isinstance(key, bool) and key > 0
+                and isinstance(v, (tuple, list)) and len(v) == 3 and isinstance(v[0], int) and v[0] >= 2
+                and isinstance(v[1], int) and v[1] >= 1 and isinstance(v[2], (int, float)) and v[2] > key
+                for key, v in restart_list.items()):
+            raise ValueError(f"restart_list must map a noise level to (levels >= 2, times >= 1, top > level), as "
+                             f"{{0.1: (10, 1, 2.0)}}; got {restart_list!r}")
     if restart_list is None:
         if n >= 20:
             k, m = (n // 4, 2) if n >= 36 else (9, 1)
@@ -315,7 +323,8 @@ def sample_restart(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noi
     brought down again by the ODE, several times: the noise contracts the error the ODE steps accumulated, which an
     ODE sampler alone cannot. The segments are AUTOMATIC1111's "Restart" (`restart_segments`; restart_list as
     there); its noise comes from each image's generator, as A1111 draws it. 2N - 1 model calls."""
-    _deterministic("restart", eta)
+    if eta not in (None, 0, 0.0):
+        raise ValueError(f"restart takes no eta (got {eta}): its noise is the restart's jump up, scaled by s_noise")
     if isinstance(s_noise, bool) or not isinstance(s_noise, (int, float)) or not s_noise >= 0:
         raise ValueError(f"s_noise (the restart noise's scale) must be a number >= 0; got {s_noise!r}")
     if float(plan.sigmas[-1]) != 0:
@@ -332,7 +341,8 @@ def sample_restart(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noi
         if last is not None and last < s:  # the restart's jump up: the forward process from last to s
             x = x + (s_noise * math.sqrt(s * s - last * last)) * _noise(noise, _ve_to_vp(x, last, dtype)).double()
         x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise.at_sigma(x_t, s, i)
+        # (the first segment starts at the plan's first level: the on-grid call, which a matched start may hold)
+        denoised = denoise(x_t, 0) if k == 0 else denoise.at_sigma(x_t, s, i)
         if callback is not None:
             callback({"step": k, "total": len(segments), "t": float(denoise.schedule.sigma_to_t(s)), "sigma": s,
                       "x": x_t, "denoised": denoised})

@@ -468,6 +468,9 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
                                                     discard_penultimate_sigma=discard_penultimate_sigma)
     if final_step not in ("euler", "heun"):
         raise ValueError(f"final_step must be 'euler' or 'heun'; got {final_step!r}")
+    if canonical == "restart" and final_step != "euler":
+        raise ValueError("final_step='heun' is for the samplers that end on one step to sigma = 0; restart lays out "
+                         "its own last steps (Heun's, but to sigma = 0 Euler's): leave final_step 'euler'")
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(map(repr, STARTS))}; got {start!r}")
     _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, classifier_scale,
@@ -493,7 +496,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     if mask is not None and init is None:
         raise ValueError("mask needs init: the x_0 to keep where mask is 0 (inpainting)")
     if init is not None:
-        plan = _img2img_plan(plan, strength, start, strength_rule, steps)
+        plan = _img2img_plan(plan, strength, start, strength_rule, steps, plan_steps)
         shape = tuple(shape_or_noise.shape) if isinstance(shape_or_noise, torch.Tensor) else shape
         if not isinstance(init, torch.Tensor) or tuple(init.shape) != shape:
             raise ValueError(f"init must be a tensor of the sample's shape {shape}; got "
@@ -566,20 +569,25 @@ def _check_strength(strength) -> None:
 
 
 def _img2img_plan(plan: SamplingPlan, strength: float, start: str, rule: str = "diffusers",
-                  steps: int | None = None) -> SamplingPlan:
-    """The steps an image-to-image run takes, the last of the N-step plan: int(N * strength) of them (diffusers'
-    rule), int(min(strength, 0.999) * N) + 1 (A1111's img2img: its t_enc + 1 steps from sigmas[N - t_enc - 1]), or
-    `steps` (A1111's fixed steps, the plan laid out for more: see `sample`)."""
+                  steps: int | None = None, plan_steps: int | None = None) -> SamplingPlan:
+    """The steps an image-to-image run takes, the last of the plan laid out for N steps (N = len(plan) but for the
+    schedule types that lay out more, `plan_steps`): int(N * strength) of them (diffusers' rule); from level
+    N - t_enc - 1 on, t_enc = int(min(strength, 0.999) * N) (A1111's img2img: sigmas[N - t_enc - 1:]); or from
+    N - steps on (A1111's fixed steps, the plan laid out for more: see `sample`)."""
     _check_strength(strength)
     if start == "matched":
         raise ValueError("start='matched' moves pure noise; an image-to-image run starts from the image")
     n = len(plan)
-    run = {"diffusers": int(n * strength), "a1111": int(min(strength, 0.999) * n) + 1}.get(rule, steps)
-    run = min(run, n)
-    if run < 1:
+    if rule == "diffusers":
+        first = n - min(int(n * strength), n)
+    else:
+        asked = plan_steps or n
+        first = asked - (int(min(strength, 0.999) * asked) + 1 if rule == "a1111" else steps)
+        first = min(max(first, 0), n)
+    if first >= n:
         raise ValueError(f"strength {strength} of {n} steps leaves no step to run (int(steps * strength) = 0); "
                          f"raise the strength or the steps (at least {math.ceil(1 / strength)})")
-    return plan.tail(n - run)
+    return plan.tail(first)
 
 
 def _sampler_options(canonical: str, options: dict[str, Any] | None) -> dict[str, Any]:

@@ -125,6 +125,19 @@ def test_an_images_result_does_not_depend_on_its_batch(tmp_path):
     assert torch.equal(batch[1:2], alone)
 
 
+def test_an_inpainting_model_at_strength_1_under_a1111s_rule_starts_from_the_picture(tmp_path):
+    """At strength 1 an inpainting model starts from noise under diffusers' rule: with everything masked the picture
+    does not matter. A1111's img2img starts from q(x_t | x_0) at strength 1 too (strength_rule "a1111"), so there the
+    picture does."""
+    save_diffusers_folder(tmp_path / "folder", "sd1", in_channels=9)
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    kw = dict(steps=4, progress=False, output_type="latent", seed=3, strength=1.0,
+              mask_image=Image.new("L", (SIZE, SIZE), 255))
+    for rule, same in (("diffusers", True), ("a1111", False)):
+        a, b = (pipe.generate("a", init_image=_picture(seed=k), strength_rule=rule, **kw).latents for k in (1, 2))
+        assert torch.equal(a, b) == same, rule
+
+
 def test_masks_follow_diffusers_rule():
     """Resized with Lanczos, made grey, cut at 0.5: 0/1 at the picture's size and (nearest) at the latents'."""
     grey = Image.fromarray(np.array([[0, 127, 128, 255]] * 4, np.uint8))

@@ -276,13 +276,14 @@ def test_restart_equals_a1111s(kd, cfg, steps):
     assert len(gaps) == (2 if steps >= 36 else 1) and all(start > end for end, start in gaps)
 
 
-@pytest.mark.parametrize("label", ["Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 3M SDE", "DPM2", "Restart"])
+@pytest.mark.parametrize("label, steps", [("Euler", 8), ("Euler a", 8), ("DPM++ 2M", 8), ("DPM++ SDE", 8),
+                                         ("DPM++ 3M SDE", 8), ("DPM2", 8), ("Restart", 8), ("Restart", 24)])
 @pytest.mark.parametrize("strength, fixed", [(0.5, False), (0.75, False), (1.0, False), (0.6, True)])
-def test_a1111_img2img_equals_k_diffusion(kd, label, strength, fixed):
+def test_a1111_img2img_equals_k_diffusion(kd, label, steps, strength, fixed):
     """Image to image with strength_rule "a1111" (A1111's img2img: int(min(strength, 0.999) * steps) + 1 steps) and
-    "a1111_fixed_steps" (its hires. fix pass: all the steps, the last of a longer plan) against A1111's way."""
+    "a1111_fixed_steps" (its hires. fix pass: all the steps, the last of a longer plan) against A1111's way (Restart
+    at 24 steps: with its restart, in the steps run or not)."""
     cfg = CONFIGS[0]
-    steps = 8
     init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99)).clamp(-1, 1)
     theirs, n = run_a1111_img2img(kd, cfg, label, steps, strength, init, fixed)
     settings = {**a1111_settings(label), **({"strength_rule": "a1111_fixed_steps"} if fixed else {})}
@@ -292,6 +293,55 @@ def test_a1111_img2img_equals_k_diffusion(kd, label, strength, fixed):
     assert len(set(runs)) == n == (steps if fixed else int(min(strength, 0.999) * steps) + 1)
     err = (ours.float() - theirs).abs().max().item()
     assert err < TOL, f"{label}, strength {strength}: max |ours - k-diffusion| = {err:.2e}"
+
+
+def test_restart_options_and_calls():
+    """Restart makes 2N - 1 model calls (with a matched start too, whose first call it reuses); its options are
+    checked by name."""
+    cfg = CONFIGS[0]
+    base = make_model(cfg)
+    calls = []
+
+    def model(x, t, **cond):
+        calls.append(1)
+        return base(x, t)
+
+    kw = dict(schedule=NoiseSchedule.from_diffusers_config(cfg), steps=20, seeds=SEEDS, progress=False,
+              sampler="restart", sigma_schedule="karras", sigma_range="model")
+    for start in ("noise", "matched"):
+        calls.clear()
+        sample(model, SHAPE, start=start, **kw)
+        assert len(calls) == 2 * 20 - 1, start
+    for options, message in (({"restart_list": {0.1: (3,)}}, "restart_list must map a noise level"),
+                             ({"restart_list": {"low": (3, 1, 2.0)}}, "restart_list must map a noise level"),
+                             ({"s_noise": -1}, "s_noise .* must be a number >= 0")):
+        with pytest.raises(ValueError, match=message):
+            sample(model, SHAPE, sampler_options=options, **kw)
+    with pytest.raises(ValueError, match="restart takes no eta"):
+        sample(model, SHAPE, eta=0.5, **kw)
+    with pytest.raises(ValueError, match="final_step='heun' is for the samplers"):
+        sample(model, SHAPE, final_step="heun", **kw)
+    # a restart list of one's own: two restarts from 0.5 up to 3 over 4 levels
+    plan = NoiseSchedule.from_diffusers_config(cfg).plan(12, rule="karras", sigma_schedule="karras",
+                                                         sigma_range="model")
+    from imagine.samplers import restart_segments
+
+    segments = restart_segments(plan.sigmas.tolist(), {0.5: (4, 2, 3.0)})
+    assert len(segments) == 12 + 2 * 3
+    calls.clear()
+    sample(model, SHAPE, **{**kw, "steps": 12}, sampler_options={"restart_list": {0.5: (4, 2, 3.0)}})
+    assert len(calls) == 2 * len(segments) - 1
+
+
+def test_a1111_img2img_with_a_schedule_that_lays_out_more():
+    """ddim_uniform lays out 31 levels for 30 steps; A1111's img2img counts from the steps asked (sigmas[30 - t_enc -
+    1:]), so at strength 0.5 it runs t_enc + 2 = 17 of them."""
+    from imagine.sampling import _img2img_plan
+
+    plan = NoiseSchedule.from_config("scaled_linear").plan(30, rule="karras", sigma_schedule="ddim_uniform")
+    assert len(plan) == 31
+    assert len(_img2img_plan(plan, 0.5, "noise", "a1111", 30, 30)) == 17
+    assert len(_img2img_plan(plan, 0.5, "noise", "diffusers", 30, 30)) == 15
 
 
 def test_strength_rules():

@@ -821,7 +821,7 @@ class TextToImagePipeline:
         inpaint = {}
         if masks is not None or self.image_conditioned:
             init, inpaint = self._inpainting(inits, masks, shape, width, height, generators, strength, init_latents,
-                                             masked_content)
+                                             masked_content, strength_rule)
         else:
             if inits is None or edit_from_noise:
                 init = None
@@ -1201,7 +1201,8 @@ class TextToImagePipeline:
         return self.unet.config.in_channels == 2 * self.latent_channels + 1
 
     def _inpainting(self, inits, masks, shape, width: int, height: int, generators, strength: float,
-                    init_latents: torch.Tensor | None = None, masked_content: str = "original"):
+                    init_latents: torch.Tensor | None = None, masked_content: str = "original",
+                    strength_rule: str = "diffusers"):
         """The start and the model's inputs of an inpainting run, with diffusers' draws in diffusers' order (each
         image's generator: the picture's posterior, then the start noise, then the masked picture's posterior).
         Each image encodes its picture with its own generator, so a seed gives the same image in any batch (with
@@ -1225,8 +1226,9 @@ class TextToImagePipeline:
         if init_latents is not None:
             init = init_latents.float()
         else:
-            init = self._encode_pixels(pixels, generators) if inits is not None and (not image_cond or strength < 1) \
-                else None
+            # (at strength 1 an inpainting model starts from noise, as diffusers; A1111's rules from q(x_t | x_0))
+            init = self._encode_pixels(pixels, generators) \
+                if inits is not None and (not image_cond or strength < 1 or strength_rule != "diffusers") else None
         noise = PerSampleNoise(generators).draw(shape)
         if init is not None and masked_content != "original":  # A1111's masked content, in the part painted anew
             fill = noise if masked_content == "latent_noise" else torch.zeros_like(init)

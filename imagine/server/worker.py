@@ -379,7 +379,7 @@ class ModelWorker:
                 if d.get("stage") == "prior":  # (unCLIP's prior, before the steps counted: interruptible, no preview)
                     return
                 _p.step = _step_of(d) + 1
-                if int(d.get("total", 0)) > _p.steps:  # (a schedule type read off the model's levels may run more)
+                if d.get("total"):  # (the steps this run takes: image to image's fewer, a schedule type's more)
                     _p.steps = int(d["total"])
                 x0 = d.get("denoised")
                 _p.denoised = x0.detach().clone() if isinstance(x0, torch.Tensor) else None
