@@ -171,17 +171,18 @@ def a1111_restart(kd, model, x, sigmas, extra_args=None, disable=None, noise_sam
     return x
 
 
-def run_a1111(kd, cfg, label, steps, scheduler=None, seeds=SEEDS):
+def _run_a1111(kd, cfg, label, total, first=0, init=0.0, scheduler=None, seeds=SEEDS):
+    """A1111's run of k-diffusion sampler `label` over the levels of a `total`-step plan from level `first` on,
+    starting at x = init + z sigma_first (z each image's first draw); Brownian trees over the whole plan."""
     funcname, kwargs, automatic, discard, brownian = A1111[label]
-    inner = CompVisModel(cfg)
     wrapper = kd.external.CompVisVDenoiser if cfg["prediction_type"] == "v_prediction" else kd.external.CompVisDenoiser
-    denoiser = wrapper(inner)
-    n = steps + 1 if discard else steps
-    sigmas = a1111_sigmas(kd, denoiser, scheduler or automatic or "uniform", n)
+    denoiser = wrapper(CompVisModel(cfg))
+    sigmas = a1111_sigmas(kd, denoiser, scheduler or automatic or "uniform", total + 1 if discard else total)
     if discard:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    sched = sigmas[first:]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * sigmas[0]
+    x = init + torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * sched[0]
     if brownian:
         noise_sampler = kd.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds)
     else:
@@ -191,7 +192,12 @@ def run_a1111(kd, cfg, label, steps, scheduler=None, seeds=SEEDS):
     if "noise_sampler" in inspect.signature(fn).parameters:
         kwargs = {**kwargs, "noise_sampler": noise_sampler}
     with torch.no_grad():
-        return fn(denoiser, x, sigmas, extra_args={"cond": None}, disable=True, **kwargs), len(sigmas) - 1
+        return fn(denoiser, x, sched, extra_args={"cond": None}, disable=True, **kwargs), len(sched) - 1
+
+
+def run_a1111(kd, cfg, label, steps, scheduler=None, seeds=SEEDS):
+    """A1111's txt2img: the whole plan from x_T = z sigma_max."""
+    return _run_a1111(kd, cfg, label, steps, scheduler=scheduler, seeds=seeds)
 
 
 def run_ours(cfg, label, steps, scheduler=None, seeds=SEEDS):
@@ -206,27 +212,9 @@ def run_a1111_img2img(kd, cfg, label, steps, strength, init, fixed=False, seeds=
     or, fixed (its hires. fix pass), t_enc = steps - 1 over a plan of int(steps / min(strength, 0.999)); the run
     takes sigmas[total - t_enc - 1:] from x = init + z sigma there, z each image's first draw; the Brownian trees span
     the whole plan."""
-    funcname, kwargs, automatic, discard, brownian = A1111[label]
-    wrapper = kd.external.CompVisVDenoiser if cfg["prediction_type"] == "v_prediction" else kd.external.CompVisDenoiser
-    denoiser = wrapper(CompVisModel(cfg))
     total = int(steps / min(strength, 0.999)) if fixed else steps
     t_enc = steps - 1 if fixed else int(min(strength, 0.999) * steps)
-    sigmas = a1111_sigmas(kd, denoiser, automatic or "uniform", total + 1 if discard else total)
-    if discard:
-        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
-    sched = sigmas[total - t_enc - 1:]
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    x = init + torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * sched[0]
-    if brownian:
-        noise_sampler = kd.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds)
-    else:
-        def noise_sampler(sigma, sigma_next):
-            return torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens])
-    fn = functools.partial(a1111_restart, kd) if funcname == "restart" else getattr(kd.sampling, funcname)
-    if "noise_sampler" in inspect.signature(fn).parameters:
-        kwargs = {**kwargs, "noise_sampler": noise_sampler}
-    with torch.no_grad():
-        return fn(denoiser, x, sched, extra_args={"cond": None}, disable=True, **kwargs), len(sched) - 1
+    return _run_a1111(kd, cfg, label, total, total - t_enc - 1, init, seeds=seeds)
 
 
 def test_the_settings_table_is_a1111s():
