@@ -170,8 +170,20 @@ def sample_ddpm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
 
 
 # -- DDIM ------------------------------------------------------------------------------------------------
+def _without_last_step(plan: SamplingPlan, last_step: bool, name: str) -> SamplingPlan:
+    # last_step False: the CompVis (and AUTOMATIC1111) DDIM and PLMS loops stop at the first timestep's level, a step
+    # short of the end
+    if not isinstance(last_step, bool):
+        raise ValueError(f"{name}: last_step must be True or False; got {last_step!r}")
+    if last_step:
+        return plan
+    if len(plan) < 2:
+        raise ValueError(f"{name}: last_step=False leaves no step of a {len(plan)}-step plan; take 2 steps or more")
+    return plan.head(len(plan) - 1)
+
+
 def sample_ddim(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
-                progress: bool = True) -> torch.Tensor:
+                progress: bool = True, last_step: bool = True) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) on any sub-sequence of timesteps, with stochasticity eta (eq. 16):
 
         x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z,
@@ -179,8 +191,11 @@ def sample_ddim(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
 
     eta = 0 is the deterministic DDIM (the probability-flow ODE's Euler step); eta = 1 is DDPM with
     the posterior variance. eps is recomputed from the (guided, thresholded) x0, as guided-diffusion does.
+    last_step False: stop at the plan's last timestep's level, one step short of the end, as the CompVis code's DDIM
+    loop (and AUTOMATIC1111's) does.
     """
     eta = _eta("ddim", eta, 0.0)
+    plan = _without_last_step(plan, last_step, "ddim")
     abar = plan.alphas_cumprod.tolist()
     for i in _steps(plan, progress, "ddim"):
         a_t, a_prev = abar[i], abar[i + 1]
@@ -531,7 +546,7 @@ def _float32_levels(s: float, s_next: float, r: float) -> tuple[float, float, fl
 
 # -- PLMS (Liu et al. 2022) and LCM (Luo et al. 2023) ----------------------------------------------------
 def sample_plms(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
-                progress: bool = True) -> torch.Tensor:
+                progress: bool = True, last_step: bool = True) -> torch.Tensor:
     """Pseudo linear multistep (Liu et al. 2022, "PNDM": its pseudo linear multistep method, with the transfer part
     phi of its eq. 9, which is DDIM's step given an eps): each step moves x along DDIM's transfer with eps' the
     4th-order Adams-Bashforth combination of the last four eps, (55 e_t - 59 e_{t-1} + 37 e_{t-2} - 9 e_{t-3}) / 24.
@@ -540,8 +555,9 @@ def sample_plms(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
     Euler step (eps' = (e_t + e(x', t_next)) / 2 with x' the DDIM step's result, one extra model call), the second
     and third use (3, -1)/2 and (23, -16, 5)/12. eps is read from the (guided, thresholded) x_0, as DDIM does.
     N + 1 model calls. At abar = 0 (zero terminal SNR), where x_0 cannot be recovered from eps', the step uses the
-    model's own x_0."""
+    model's own x_0. last_step: as for ddim (the CompVis loop stops at the last timestep's level)."""
     _deterministic("plms", eta)
+    plan = _without_last_step(plan, last_step, "plms")
     abar = plan.alphas_cumprod.tolist()
 
     def eps_of(x_t, x0, a):
@@ -1023,8 +1039,11 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     left out for DPM2, DPM2 a and DPM++ 3M SDE; k-diffusion's warm-up for DPM++ 3M SDE; A1111's image-to-image step
     count (strength_rule "a1111": int(min(strength, 0.999) * steps) + 1 steps; its hires. fix pass runs its steps in
     full, generate_hires's "a1111_fixed_steps"). Checked against k-diffusion's
-    own functions in tests/test_k_diffusion.py. DDIM, PLMS, UniPC, LCM and DDPM keep their own timesteps unless a
-    schedule type is named (A1111 passes over a schedule type for them; here it applies, over the model's range).
+    own functions in tests/test_k_diffusion.py. DDIM and PLMS run A1111's own timesteps (its CompVis samplers'): t = 1,
+    1 + k, ... below T with k = T // steps (the "ddim_uniform" schedule type), from unit noise at the highest, stopping
+    at t = 1's level (last_step False), unless a schedule type is named (A1111 passes over one for them; here it
+    applies, over the model's range); their image to image keeps diffusers' rule. UniPC, LCM and DDPM keep their own
+    timesteps unless a schedule type is named.
     """
     canonical, _, karras = resolve_sampler(name)
     scheduler = a1111_schedule(scheduler)
@@ -1032,6 +1051,9 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
         if scheduler not in (None, "karras"):
             raise ValueError(f"{name!r} names Karras levels; scheduler {scheduler!r} contradicts it")
         scheduler = "karras"
+    if canonical in ("ddim", "plms") and scheduler is None:
+        return {"sampler": canonical, "sigma_schedule": "ddim_uniform", "sigma_range": "spaced",
+                "sampler_options": {"last_step": False}}
     if canonical not in A1111_AUTOMATIC:
         return {"sampler": canonical, "sigma_schedule": scheduler, "sigma_range": "model" if scheduler else "spaced"}
     return {"sampler": canonical, "sigma_schedule": scheduler or A1111_AUTOMATIC[canonical], "sigma_range": "model",

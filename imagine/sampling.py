@@ -468,6 +468,12 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
                                                     discard_penultimate_sigma=discard_penultimate_sigma)
     if final_step not in ("euler", "heun"):
         raise ValueError(f"final_step must be 'euler' or 'heun'; got {final_step!r}")
+    steps_run = len(plan) - (0 if (sampler_options or {}).get("last_step", True) else 1)
+    if init is None and steps_run > steps:  # (the DDIM schedule type lays out more where T / steps is not whole)
+        import warnings
+
+        warnings.warn(f"{sigma_schedule} lays out {len(plan)} levels for {steps} steps (A1111's and ComfyUI's rule "
+                      f"for it): the run takes {steps_run} steps", stacklevel=2)
     if canonical == "restart" and final_step != "euler":
         raise ValueError("final_step='heun' is for the samplers that end on one step to sigma = 0; restart lays out "
                          "its own last steps (Heun's, but to sigma = 0 Euler's): leave final_step 'euler'")

@@ -168,7 +168,7 @@ def model_levels(kind: str, table: np.ndarray, n: int) -> tuple[np.ndarray, np.n
       ddim_uniform: t = 1, 1 + k, 1 + 2k, ... below T with k = max(T // n, 1), most noisy first: the CompVis DDIM
                     code's "uniform" discretisation (A1111's "DDIM" schedule type, ComfyUI's "ddim_uniform"): ceil((T-1)
                     / k) levels, n only where k divides T - 1 closely (T = 1000: n = 30 gives 31, n = 600 gives 999),
-                    as in both apps; `NoiseSchedule.plan` warns when the count is not n."""
+                    as in both apps; `imagine.sampling.sample` warns when the run's count is not n."""
     T = len(table)
     if kind not in MODEL_SIGMA_SCHEDULES:
         raise ValueError(f"a model-read schedule type must be one of {MODEL_SIGMA_SCHEDULES}; got {kind!r}")
@@ -526,12 +526,6 @@ class NoiseSchedule:
             raise ValueError(f"steps_offset={steps_offset} puts timesteps outside 0..{T - 1} ({t.max():.0f})")
         table = self._sigma_table(float32=whole and sigma_schedule is not None)
         read = model_levels(sigma_schedule, table, int(steps)) if sigma_schedule in MODEL_SIGMA_SCHEDULES else None
-        if read is not None and len(read[0]) != steps:
-            import warnings
-
-            warnings.warn(f"{sigma_schedule} lays out {len(read[0])} levels for {steps} steps (A1111's and ComfyUI's "
-                          f"rule: t = 1, 1 + k, ... below {T} with k = {max(T // int(steps), 1)}): the run takes "
-                          f"{len(read[0])} steps", stacklevel=2)
         if read is not None and whole:  # (k-diffusion's float32 levels)
             read = (read[0], float32_levels(read[1]))
         if rule in ("ddpm", "ddim"):

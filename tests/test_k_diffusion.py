@@ -217,6 +217,74 @@ def run_a1111_img2img(kd, cfg, label, steps, strength, init, fixed=False, seeds=
     return _run_a1111(kd, cfg, label, total, total - t_enc - 1, init, seeds=seeds)
 
 
+def run_a1111_timesteps(cfg, label, steps, eta=0.0, seeds=SEEDS):
+    """A1111's DDIM and PLMS, its CompVis samplers (modules/sd_samplers_timesteps.py and sd_samplers_timesteps_impl.py,
+    restated): timesteps clip(range(0, T, T // steps) + 1, 0, T - 1) with the model's float32 abar; x = each image's
+    unit noise; len - 1 steps from the highest down to the lowest timestep's abar (none below it); eps from the model
+    (v turned into eps at the integer timestep); DDIM's eta noise drawn every step, PLMS's warm-up the pseudo improved
+    Euler step and Adams-Bashforth 2, 3, then 4."""
+    model = make_model(cfg)
+    abar = NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod.float()
+    timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    alphas = abar[timesteps].double()
+    alphas_prev = abar[torch.nn.functional.pad(timesteps[:-1], (1, 0))].double()
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]).double()
+
+    def eps(x, t):
+        out = model(x.float(), torch.full((x.shape[0],), float(t))).double()
+        if cfg["prediction_type"] == "v_prediction":
+            a = float(abar[t])
+            out = a ** 0.5 * out + (1 - a) ** 0.5 * x
+        return out
+
+    def transfer(x, e, index):
+        a_t, a_prev = float(alphas[index]), float(alphas_prev[index])
+        pred = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
+        return a_prev ** 0.5 * pred + (1 - a_prev) ** 0.5 * e
+
+    old = []
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        e = eps(x, int(timesteps[index]))
+        if label == "DDIM":
+            a_t, a_prev = float(alphas[index]), float(alphas_prev[index])
+            sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+            pred = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
+            z = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]).double()
+            x = a_prev ** 0.5 * pred + (1 - a_prev - sigma ** 2) ** 0.5 * e + sigma * z
+            continue
+        if not old:
+            e_prime = (e + eps(transfer(x, e, index), int(timesteps[max(index - 1, 0)]))) / 2
+        elif len(old) == 1:
+            e_prime = (3 * e - old[-1]) / 2
+        elif len(old) == 2:
+            e_prime = (23 * e - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_prime = (55 * e - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = transfer(x, e_prime, index)
+        old = (old + [e])[-3:]
+    return x, len(timesteps) - 1
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["prediction_type"])
+@pytest.mark.parametrize("label, eta", [("DDIM", 0.0), ("DDIM", 0.5), ("PLMS", 0.0)])
+@pytest.mark.parametrize("steps", [5, 20, 30])
+def test_a1111_ddim_and_plms(cfg, label, eta, steps):
+    """DDIM and PLMS with a1111_settings (A1111's timesteps, the DDIM schedule type, stopping at t = 1's level)
+    against A1111's loops restated. Both run one step fewer than the timesteps: 4 for 5, 19 for 20; 30 steps lay out
+    31 timesteps and run 30."""
+    theirs, n = run_a1111_timesteps(cfg, label, steps, eta)
+    settings = a1111_settings(label)
+    calls = []
+    ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps, seeds=SEEDS,
+                  progress=False, callback=lambda d: calls.append(d["step"]), **({"eta": eta} if eta else {}),
+                  **settings)
+    assert len(calls) == n == len(range(0, 1000, 1000 // steps)) - 1
+    err = (ours.double() - theirs).abs().max().item()
+    assert err < TOL, f"{label}, {steps} steps: max |ours - A1111's| = {err:.2e}"
+
+
 def test_the_settings_table_is_a1111s():
     """a1111_settings names the schedule and discard A1111's table (above) gives each of its k-diffusion samplers."""
     for label, (_, kwargs, automatic, discard, _) in A1111.items():

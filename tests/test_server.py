@@ -216,7 +216,8 @@ def test_unknown_sampler_and_karras_names(server):
 
 
 @pytest.mark.parametrize("sampler, scheduler", [("Euler", "Karras"), ("Euler", None), ("DPM++ 2M", "Automatic"),
-                                                ("DPM2", None), ("Euler a", "SGM Uniform"), ("Euler", "DDIM")])
+                                                ("DPM2", None), ("Euler a", "SGM Uniform"), ("Euler", "DDIM"),
+                                                ("DDIM", None), ("Restart", None)])
 def test_a1111_api_runs_samplers_as_a1111(server, pipe, sampler, scheduler):
     """The A1111 API runs a sampler as A1111 does (samplers.a1111_settings, checked against k-diffusion in
     test_k_diffusion.py): the schedule type "Automatic" picks for it (Euler: k-diffusion's own levels; DPM++ 2M and
@@ -235,7 +236,7 @@ def test_a1111_api_runs_samplers_as_a1111(server, pipe, sampler, scheduler):
                                  .get(scheduler, "automatic"))
     # the infotext names the schedule type as A1111's does: unless "Automatic" left k-diffusion's own levels
     shown = {"Karras": "Karras", "SGM Uniform": "SGM Uniform", "DDIM": "DDIM"}.get(
-        scheduler, "Karras" if sampler in ("DPM++ 2M", "DPM2") else None)
+        scheduler, "Karras" if sampler in ("DPM++ 2M", "DPM2", "Restart") else None)
     text = info["infotexts"][0]
     assert (f"Schedule type: {shown}" in text) if shown else ("Schedule type" not in text), text
 
@@ -282,13 +283,13 @@ def test_openai_images_generate(server):
 
 
 def test_openai_and_a1111_agree(server):
-    """The two APIs are views of one pipeline: same prompt, seed and settings -> same pixels. (With DDIM, which A1111
-    runs at its own timesteps as diffusers does; its k-diffusion samplers the A1111 API runs as A1111 does, the
-    OpenAI API as diffusers: test_a1111_api_runs_samplers_as_a1111.)"""
+    """The two APIs are views of one pipeline: same prompt, seed and settings -> same pixels. (With UniPC, which both
+    run diffusers' way; the A1111 API runs its other samplers as A1111 does, the OpenAI API as diffusers:
+    test_a1111_api_runs_samplers_as_a1111.)"""
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     o = client.images.generate(prompt="a yellow circle", size=f"{SIZE}x{SIZE}",
-                               extra_body={"seed": 9, "steps": STEPS, "guidance_scale": 5.0, "sampler": "ddim"})
-    a = _txt2img(server, prompt="a yellow circle", seed=9, sampler_name="DDIM").json()
+                               extra_body={"seed": 9, "steps": STEPS, "guidance_scale": 5.0, "sampler": "unipc"})
+    a = _txt2img(server, prompt="a yellow circle", seed=9, sampler_name="UniPC").json()
     assert np.array_equal(_pixels(_decode(o.data[0].b64_json)), _pixels(_decode(a["images"][0])))
 
 

@@ -90,8 +90,12 @@ def test_the_a1111_api_and_the_cli_follow(pipe, tmp_path, capsys):
     from imagine.cli import main
     from imagine.server.app import BackgroundServer, ServerConfig, create_app
 
+    from imagine.samplers import a1111_settings
+
     kw = {k: v for k, v in KW.items() if k != "output_type"}
-    want = pipe.generate("a red circle", seed=5, subseed=9, subseed_strength=0.3, emphasis=True, **kw).images[0]
+    # (the API runs DDIM as A1111 does: its timesteps, stopping at t = 1's level)
+    api_kw = {**{k: v for k, v in kw.items() if k != "sampler"}, **a1111_settings("DDIM")}
+    want = pipe.generate("a red circle", seed=5, subseed=9, subseed_strength=0.3, emphasis=True, **api_kw).images[0]
     with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
         body = {"prompt": "a red circle", "steps": 4, "cfg_scale": 5, "width": 16, "height": 16, "seed": 5,
                 "sampler_name": "DDIM", "subseed": 9, "subseed_strength": 0.3}

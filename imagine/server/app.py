@@ -1094,8 +1094,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             a1111 = {"sampler": sampler, "sigma_schedule": asked, "sigma_range": "spaced"}
         schedule = a1111["sigma_schedule"]
         options = tuple(sorted({**dict(options), **a1111.get("sampler_options", {})}.items()))
-        # (its infotext names the schedule type unless "Automatic" left k-diffusion's own levels: "uniform")
-        shown = asked or (schedule if schedule != "uniform" else None)
+        # (its infotext names the schedule type unless "Automatic" left k-diffusion's own levels, "uniform", or the
+        # sampler is one of its CompVis ones, DDIM and PLMS, which take none)
+        shown = asked or (schedule if schedule != "uniform" and sampler not in ("ddim", "plms") else None)
         base = check_seed("seed", req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
         variation = float(req.subseed_strength)
