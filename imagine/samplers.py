@@ -178,7 +178,8 @@ def _without_last_step(plan: SamplingPlan, last_step: bool, name: str) -> Sampli
     if last_step:
         return plan
     if len(plan) < 2:
-        raise ValueError(f"{name}: last_step=False leaves no step of a {len(plan)}-step plan; take 2 steps or more")
+        raise ValueError(f"{name}: last_step=False (the CompVis and AUTOMATIC1111 loop, which stops a step short of the "
+                         f"end) leaves no step of a {len(plan)}-step plan; take 2 steps or more")
     return plan.head(len(plan) - 1)
 
 

@@ -172,6 +172,7 @@ def test_the_a1111_img2img_endpoint_takes_one_picture_per_image(tmp_path):
     import json
 
     httpx = pytest.importorskip("httpx")
+    from imagine.samplers import a1111_settings
     from imagine.server.app import BackgroundServer, ServerConfig, create_app
 
     save_diffusers_folder(tmp_path / "folder", "sd1")
@@ -191,8 +192,9 @@ def test_the_a1111_img2img_endpoint_takes_one_picture_per_image(tmp_path):
         assert json.loads(r.json()["info"])["batch_size"] == 2
         for i, (data, picture) in enumerate(zip(r.json()["images"], pictures)):
             got = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB").tobytes()
+            # (the API runs the model's sampler, DDIM, as A1111 does: samplers.a1111_settings)
             want = pipe.generate("a red circle", init_image=picture, strength=0.5, steps=4, seed=20 + i,
-                                 progress=False).images[0].tobytes()
+                                 progress=False, **a1111_settings(pipe.defaults["sampler"])).images[0].tobytes()
             assert got == want, i
         r = httpx.post(f"{srv.url}/sdapi/v1/img2img", json={**body, "batch_size": 1}, timeout=120)
         assert r.status_code == 422 and "2 pictures for a batch_size of 1" in r.json()["detail"]

@@ -241,6 +241,14 @@ def test_a1111_api_runs_samplers_as_a1111(server, pipe, sampler, scheduler):
     assert (f"Schedule type: {shown}" in text) if shown else ("Schedule type" not in text), text
 
 
+def test_a1111_ddim_needs_two_steps(server):
+    """A1111's DDIM stops a step short of the end, so one step would leave none (A1111 answers its start noise): a
+    422 that says so."""
+    r = _txt2img(server, sampler_name="DDIM", steps=1)
+    assert r.status_code == 422 and "take 2 steps or more" in r.json()["detail"], r.text
+    assert _txt2img(server, sampler_name="DDIM", steps=2).status_code == 200
+
+
 def test_a1111_eta_and_noise_band(server, pipe):
     """A1111's eta / s_tmin / s_tmax reach the samplers that take them (the image is the pipeline's with the same
     options); webuiapi's defaults sent to a sampler without them (eta to Euler, s_tmin to DDIM) are listed in
