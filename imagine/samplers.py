@@ -179,7 +179,8 @@ def _without_last_step(plan: SamplingPlan, last_step: bool, name: str) -> Sampli
         return plan
     if len(plan) < 2:
         raise ValueError(f"{name}: last_step=False (the CompVis and AUTOMATIC1111 loop, which stops a step short of the "
-                         f"end) leaves no step of a {len(plan)}-step plan; take 2 steps or more")
+                         f"end) leaves no step of a {len(plan)}-step run; take more steps (or, image to image, a "
+                         "higher strength)")
     return plan.head(len(plan) - 1)
 
 
@@ -558,6 +559,7 @@ def sample_plms(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
     N + 1 model calls. At abar = 0 (zero terminal SNR), where x_0 cannot be recovered from eps', the step uses the
     model's own x_0. last_step: as for ddim (the CompVis loop stops at the last timestep's level)."""
     _deterministic("plms", eta)
+    levels = len(plan)  # (with last_step False the first step's correction still reads the next level, as CompVis's)
     plan = _without_last_step(plan, last_step, "plms")
     abar = plan.alphas_cumprod.tolist()
 
@@ -577,7 +579,7 @@ def sample_plms(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
         eps = eps_of(x, x0, abar[i])
         if not old:
             e = eps
-            if i + 1 < len(plan):  # pseudo improved Euler
+            if i + 1 < levels:  # pseudo improved Euler
                 x_next = transfer(x, eps, x0, i)
                 e = (eps + eps_of(x_next, denoise(x_next, i + 1), abar[i + 1])) / 2
         elif len(old) == 1:
@@ -1041,8 +1043,8 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     count (strength_rule "a1111": int(min(strength, 0.999) * steps) + 1 steps; its hires. fix pass runs its steps in
     full, generate_hires's "a1111_fixed_steps"). Checked against k-diffusion's
     own functions in tests/test_k_diffusion.py. DDIM and PLMS run A1111's own timesteps (its CompVis samplers'): t = 1,
-    1 + k, ... below T with k = T // steps (the "ddim_uniform" schedule type), from unit noise at the highest, stopping
-    at t = 1's level (last_step False), unless a schedule type is named (A1111 passes over one for them; here it
+    1 + k, ... with k = T // steps, the last held to T - 1 (the "compvis" schedule type), from unit noise at the
+    highest, stopping at t = 1's level (last_step False), unless a schedule type is named (A1111 passes over one for them; here it
     applies, over the model's range); their image to image keeps diffusers' rule. UniPC, LCM and DDPM keep their own
     timesteps unless a schedule type is named.
     """
@@ -1053,7 +1055,7 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
             raise ValueError(f"{name!r} names Karras levels; scheduler {scheduler!r} contradicts it")
         scheduler = "karras"
     if canonical in ("ddim", "plms") and scheduler is None:
-        return {"sampler": canonical, "sigma_schedule": "ddim_uniform", "sigma_range": "spaced",
+        return {"sampler": canonical, "sigma_schedule": "compvis", "sigma_range": "spaced",
                 "sampler_options": {"last_step": False}}
     if canonical not in A1111_AUTOMATIC:
         return {"sampler": canonical, "sigma_schedule": scheduler, "sigma_range": "model" if scheduler else "spaced"}

@@ -468,7 +468,11 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
                                                     discard_penultimate_sigma=discard_penultimate_sigma)
     if final_step not in ("euler", "heun"):
         raise ValueError(f"final_step must be 'euler' or 'heun'; got {final_step!r}")
-    steps_run = len(plan) - (0 if (sampler_options or {}).get("last_step", True) else 1)
+    whole = (sampler_options or {}).get("last_step", True)
+    if whole is False and final_step != "euler":
+        raise ValueError("final_step='heun' replaces the plan's last step; last_step=False leaves it out (the CompVis "
+                         "loop): give one of them")
+    steps_run = len(plan) - (0 if whole else 1)
     if init is None and steps_run > steps:  # (the DDIM schedule type lays out more where T / steps is not whole)
         import warnings
 

@@ -86,7 +86,7 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0,
 
 SIGMA_RANGES = ("spaced", "model")  # what a schedule type spans: NoiseSchedule.plan's sigma_range
 # The schedule types read off the model's own discrete levels sigma(0..T-1) (`model_levels`); the others span a range
-MODEL_SIGMA_SCHEDULES = ("uniform", "normal", "sgm_uniform", "simple", "ddim_uniform")
+MODEL_SIGMA_SCHEDULES = ("uniform", "normal", "sgm_uniform", "simple", "ddim_uniform", "compvis")
 SIGMA_SCHEDULES = ("karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
                    "align_your_steps_sdxl") + MODEL_SIGMA_SCHEDULES
 BETA_SIGMAS = (0.6, 0.6)  # Lee et al. 2024's (and diffusers', A1111's, ComfyUI's) default alpha, beta
@@ -94,7 +94,7 @@ BETA_SIGMAS = (0.6, 0.6)  # Lee et al. 2024's (and diffusers', A1111's, ComfyUI'
 SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "polyexponential": "Polyexponential",
                    "beta": "Beta", "kl_optimal": "KL Optimal", "align_your_steps": "Align Your Steps",
                    "align_your_steps_sdxl": "Align Your Steps", "uniform": "Uniform", "normal": "Normal",
-                   "sgm_uniform": "SGM Uniform", "simple": "Simple", "ddim_uniform": "DDIM"}
+                   "sgm_uniform": "SGM Uniform", "simple": "Simple", "ddim_uniform": "DDIM", "compvis": "CompVis"}
 # Align Your Steps (Sabour et al. 2024): the 10-step levels NVIDIA optimised for Stable Diffusion 1.5 and for SDXL
 # (its published lists, as A1111 and ComfyUI hold them; diffusers' AysSchedules ends them at 0 instead of 0.029)
 AYS_SIGMAS = {"align_your_steps": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
@@ -168,7 +168,10 @@ def model_levels(kind: str, table: np.ndarray, n: int) -> tuple[np.ndarray, np.n
       ddim_uniform: t = 1, 1 + k, 1 + 2k, ... below T with k = max(T // n, 1), most noisy first: the CompVis DDIM
                     code's "uniform" discretisation (A1111's "DDIM" schedule type, ComfyUI's "ddim_uniform"): ceil((T-1)
                     / k) levels, n only where k divides T - 1 closely (T = 1000: n = 30 gives 31, n = 600 gives 999),
-                    as in both apps; `imagine.sampling.sample` warns when the run's count is not n."""
+                    as in both apps; `imagine.sampling.sample` warns when the run's count is not n;
+      compvis:      t = 1 + k j for k j < T, k = max(T // n, 1), the last held to T - 1 (the CompVis code's "uniform"
+                    DDIM discretisation as AUTOMATIC1111 clips it for its DDIM and PLMS: where k divides T - 1 its
+                    last is T - 1, twice where k = 1; n = 3 of T = 1000: 999, 667, 334, 1)."""
     T = len(table)
     if kind not in MODEL_SIGMA_SCHEDULES:
         raise ValueError(f"a model-read schedule type must be one of {MODEL_SIGMA_SCHEDULES}; got {kind!r}")
@@ -178,8 +181,10 @@ def model_levels(kind: str, table: np.ndarray, n: int) -> tuple[np.ndarray, np.n
         t = np.linspace(T - 1, 0, n + 1)[:-1]
     elif kind == "simple":
         t = (T - 1 - np.floor(np.arange(n) * (T / n))).astype(np.float64)
-    else:
+    elif kind == "ddim_uniform":
         t = np.arange(1, T, max(T // n, 1), dtype=np.float64)[::-1].copy()
+    else:
+        t = np.minimum(np.arange(0, T, max(T // n, 1)) + 1, T - 1).astype(np.float64)[::-1].copy()
     log_table = np.log(table)
     return t, np.exp(np.interp(t, np.arange(T, dtype=np.float64), log_table))
 

@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               # (k-diffusion reads its tree at float32 levels an ulp past its ends, and torchsde says so; the DDIM
               # schedule type warns when it lays out more levels than steps)
               pytest.mark.filterwarnings("ignore:Should have:UserWarning"),
-              pytest.mark.filterwarnings("ignore:ddim_uniform lays out:UserWarning")]
+              pytest.mark.filterwarnings("ignore:.* lays out .* levels for:UserWarning")]
 
 TOL = 1e-4
 
@@ -269,11 +269,12 @@ def run_a1111_timesteps(cfg, label, steps, eta=0.0, seeds=SEEDS):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["prediction_type"])
 @pytest.mark.parametrize("label, eta", [("DDIM", 0.0), ("DDIM", 0.5), ("PLMS", 0.0)])
-@pytest.mark.parametrize("steps", [5, 20, 30])
+@pytest.mark.parametrize("steps", [2, 3, 5, 9, 20, 30, 36, 600])
 def test_a1111_ddim_and_plms(cfg, label, eta, steps):
-    """DDIM and PLMS with a1111_settings (A1111's timesteps, the DDIM schedule type, stopping at t = 1's level)
+    """DDIM and PLMS with a1111_settings (A1111's timesteps, the "compvis" schedule type, stopping at t = 1's level)
     against A1111's loops restated. Both run one step fewer than the timesteps: 4 for 5, 19 for 20; 30 steps lay out
-    31 timesteps and run 30."""
+    31 timesteps and run 30; where T // steps divides 999 the last timestep is held to 999 (3 steps: 999, 667, 334, 1;
+    600: 999 twice)."""
     theirs, n = run_a1111_timesteps(cfg, label, steps, eta)
     settings = a1111_settings(label)
     calls = []
@@ -283,6 +284,17 @@ def test_a1111_ddim_and_plms(cfg, label, eta, steps):
     assert len(calls) == n == len(range(0, 1000, 1000 // steps)) - 1
     err = (ours.double() - theirs).abs().max().item()
     assert err < TOL, f"{label}, {steps} steps: max |ours - A1111's| = {err:.2e}"
+
+
+def test_last_step_options_are_checked():
+    cfg = CONFIGS[0]
+    kw = dict(schedule=NoiseSchedule.from_diffusers_config(cfg), seeds=SEEDS, progress=False, sampler="ddim")
+    with pytest.raises(ValueError, match="final_step='heun' replaces the plan's last step; last_step=False"):
+        sample(make_model(cfg), SHAPE, steps=4, final_step="heun", sampler_options={"last_step": False}, **kw)
+    with pytest.raises(ValueError, match="last_step must be True or False"):
+        sample(make_model(cfg), SHAPE, steps=4, sampler_options={"last_step": "no"}, **kw)
+    with pytest.raises(ValueError, match="take more steps .* a higher strength"):
+        sample(make_model(cfg), SHAPE, steps=1, sampler_options={"last_step": False}, **kw)
 
 
 def test_the_settings_table_is_a1111s():
@@ -640,6 +652,17 @@ if __name__ == "__main__":  # the figures: worst |ours - k-diffusion| per sample
             theirs = run_a1111_img2img(k, CONFIGS[0], label, 8, strength, init, fixed)[0]
             worst = max(worst, (ours.float() - theirs).abs().max().item())
     print(f"img2img (6 samplers, 4 strengths/rules) worst {worst:.1e}")
+    worst = max((run_ours(cfg, "Restart", n).float() - run_a1111(k, cfg, "Restart", n)[0]).abs().max().item()
+                for cfg in CONFIGS for n in (20, 36, 40))
+    print(f"Restart (20, 36, 40 steps, eps and v) worst {worst:.1e}")
+    worst = 0.0
+    for cfg in CONFIGS:
+        for label, eta in (("DDIM", 0.0), ("DDIM", 0.5), ("PLMS", 0.0)):
+            for n in (2, 3, 5, 9, 20, 30, 36, 600):
+                ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=n,
+                              seeds=SEEDS, progress=False, **({"eta": eta} if eta else {}), **a1111_settings(label))
+                worst = max(worst, (ours.double() - run_a1111_timesteps(cfg, label, n, eta)[0]).abs().max().item())
+    print(f"DDIM/PLMS (A1111's CompVis loops, eps and v, 8 step counts) worst {worst:.1e}")
     import tempfile
     from pathlib import Path as _Path
 

@@ -149,7 +149,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None,
                    # (schedules.SIGMA_SCHEDULES, with no torch import to parse arguments)
                    choices=["karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
-                            "align_your_steps_sdxl", "uniform", "normal", "sgm_uniform", "simple", "ddim_uniform"],
+                            "align_your_steps_sdxl", "uniform", "normal", "sgm_uniform", "simple", "ddim_uniform",
+                            "compvis"],
                    help="noise levels' spacing (A1111's schedule type; align_your_steps: SDXL's list for an SDXL "
                         "model; uniform/normal, sgm_uniform, simple, ddim_uniform: read off the model's own levels "
                         "as A1111 and ComfyUI do); default: the model's")
