@@ -245,7 +245,7 @@ def test_a1111_ddim_needs_two_steps(server):
     """A1111's DDIM stops a step short of the end, so one step would leave none (A1111 answers its start noise): a
     422 that says so."""
     r = _txt2img(server, sampler_name="DDIM", steps=1)
-    assert r.status_code == 422 and "take 2 steps or more" in r.json()["detail"], r.text
+    assert r.status_code == 422 and "take more steps" in r.json()["detail"], r.text
     assert _txt2img(server, sampler_name="DDIM", steps=2).status_code == 200
 
 
