@@ -396,7 +396,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            rho: float | None = None, start: str = "noise", init: torch.Tensor | None = None, strength: float = 1.0,
            mask: torch.Tensor | None = None, guidance: Callable[..., torch.Tensor] | None = None,
            noise_seeds: int | Sequence[int] | None = None, sigma_range: str = "spaced",
-           discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+           discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers",
+           dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     shape_or_noise: the full shape (B, C, H, W), or a start-noise tensor of unit variance [B, ...]
@@ -409,7 +410,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         "exponential" (even in log-SNR), "polyexponential" or "beta" (schedules.spaced_sigmas), A1111's schedule types;
         sigma_range: what they span, "spaced" (diffusers') or "model" (A1111's: the whole trained range; plan()).
         Also "kl_optimal", and the types read off the model's own levels: "uniform" / "normal", "sgm_uniform",
-        "simple", "ddim_uniform" (schedules.model_levels; "ddim_uniform" may give a few more steps than asked).
+        "simple", "ddim_uniform", "compvis" (schedules.model_levels; the last two may lay out more levels than steps:
+        a warning says when the run takes more steps than asked).
     discard_penultimate_sigma: steps + 1 levels with the last before the end left out (A1111's
         discard_next_to_last_sigma, its way for DPM2, DPM2 a and DPM++ 3M SDE; NoiseSchedule.plan).
     eta: DDIM's eta (default 0), or the noise scale of euler_a / dpm2_a / dpmpp_2s_a / dpmpp_sde / dpmpp_2m_sde /

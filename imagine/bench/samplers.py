@@ -228,6 +228,20 @@ OURS = {
     "restart, a1111": ("restart", {"sigma_schedule": "karras", "sigma_range": "model", "start": "sigma_max"}),
     "heun karras, a1111": ("heun", {"sigma_schedule": "karras", "sigma_range": "model", "start": "sigma_max"}),
 }
+
+# AUTOMATIC1111's way of running five of them (samplers.a1111_settings: its "Automatic" levels, x_T = z sigma_max,
+# DPM++ 3M SDE's discarded level and warm-up, its DDIM timesteps), beside the same samplers run diffusers' way above
+def _a1111_contestants() -> dict:
+    from imagine.samplers import a1111_settings
+
+    out = {}
+    for label in ("Euler", "Euler a", "DPM++ 2M", "DPM++ 3M SDE", "DDIM"):
+        settings = a1111_settings(label)
+        out[f"{settings.pop('sampler')}, a1111"] = (label, settings)
+    return out
+
+
+OURS.update(_a1111_contestants())
 EXTRA = {  # --extra: ours with diffusers' Karras / exponential settings (same numbers as diffusers')
     "euler karras": ("euler", {"karras": True}), "heun karras": ("heun", {"karras": True}),
     "dpmpp_2m karras": ("dpmpp_2m", {"karras": True}), "dpmpp_2m_sde karras": ("dpmpp_2m_sde", {"karras": True}),
