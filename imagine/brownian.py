@@ -20,6 +20,7 @@ module builds A1111's trees: for the same seeds and noise levels, the noise it d
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -64,7 +65,11 @@ class BrownianTreeNoise:
                              f"[{self.sigma_min:g}, {self.sigma_max:g}]")
         sign = 1.0 if b > a else -1.0  # W(b) - W(a) from the tree's W(hi) - W(lo)
         # (a level an ulp outside is read at the end, as torchsde clamps it; the scale below keeps the asked levels')
-        w = torch.stack([tree(max(lo, self.sigma_min), min(hi, self.sigma_max)) for tree in self.trees])
+        with warnings.catch_warnings():
+            # torchsde rounds the tree's ends to 6 decimals (its tol) and warns that a query at an end lies outside
+            # them, then clamps it: k-diffusion's trees, A1111's, do the same, so that is their increment too
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            w = torch.stack([tree(max(lo, self.sigma_min), min(hi, self.sigma_max)) for tree in self.trees])
         # (the scale in float32, as k-diffusion divides by its float32 tensors' sqrt)
         return w * (sign / float(torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32)) ** 0.5)
 
