@@ -127,9 +127,7 @@ def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: fl
                          f"{tuple(k for k in SIGMA_SCHEDULES if k not in MODEL_SIGMA_SCHEDULES)}; got {kind!r}")
     if rho is not None and not (math.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be a positive number; got {rho}")
-    if rho is not None and kind not in ("karras", "exponential", "polyexponential"):
-        raise ValueError(f"rho is the karras and polyexponential schedules' exponent; {kind} takes none"
-                         + (f" (its Beta law is {BETA_SIGMAS})" if kind == "beta" else ""))
+    _check_no_rho(kind, rho)
     if dtype == torch.float32 and kind not in ("karras", "exponential", "polyexponential"):
         return float32_levels(spaced_sigmas(kind, sigma_min, sigma_max, n))
     if kind == "karras":
@@ -150,6 +148,12 @@ def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: fl
     return torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).double().numpy()
 
 
+def _check_no_rho(kind: str, rho: float | None) -> None:
+    if rho is not None and kind not in ("karras", "exponential", "polyexponential"):
+        raise ValueError(f"rho is the karras and polyexponential schedules' exponent; {kind} takes none"
+                         + (f" (its Beta law is {BETA_SIGMAS})" if kind == "beta" else ""))
+
+
 def float32_levels(levels: np.ndarray) -> np.ndarray:
     """Levels rounded to float32, as k-diffusion and AUTOMATIC1111 hold them (float64 again, for the plan)."""
     return np.asarray(levels, dtype=np.float64).astype(np.float32).astype(np.float64)
@@ -168,7 +172,7 @@ def model_levels(kind: str, table: np.ndarray, n: int) -> tuple[np.ndarray, np.n
       ddim_uniform: t = 1, 1 + k, 1 + 2k, ... below T with k = max(T // n, 1), most noisy first: the CompVis DDIM
                     code's "uniform" discretisation (A1111's "DDIM" schedule type, ComfyUI's "ddim_uniform"): ceil((T-1)
                     / k) levels, n only where k divides T - 1 closely (T = 1000: n = 30 gives 31, n = 600 gives 999),
-                    as in both apps; `imagine.sampling.sample` warns when the run's count is not n;
+                    as in both apps; `imagine.sampling.sample` warns when a run takes more steps than asked;
       compvis:      t = 1 + k j for k j < T, k = max(T // n, 1), the last held to T - 1 (the CompVis code's "uniform"
                     DDIM discretisation as AUTOMATIC1111 clips it for its DDIM and PLMS: where k divides T - 1 its
                     last is T - 1, twice where k = 1; n = 3 of T = 1000: 999, 667, 334, 1)."""
@@ -465,8 +469,8 @@ class NoiseSchedule:
         rule the whole range) or "model" (k-diffusion's and AUTOMATIC1111's: the model's whole trained range,
         sigma(0) to sigma(T-1), with fractional timesteps for every rule; the model's levels as k-diffusion holds
         them, in float32, so that a Brownian tree spans what A1111's spans). The schedule types read off the model's
-        own levels ("uniform", "normal", "sgm_uniform", "simple", "ddim_uniform": `model_levels`) set the timesteps
-        themselves, whatever the spacing and range.
+        own levels ("uniform", "normal", "sgm_uniform", "simple", "ddim_uniform", "compvis": `model_levels`) set the
+        timesteps themselves, whatever the spacing and range.
         discard_penultimate_sigma: lay out steps + 1 levels and leave out the last before the end, so that the last
         step is a long one (AUTOMATIC1111's "discard_next_to_last_sigma", on for its DPM2, DPM2 a and DPM++ 3M SDE:
         their last step from a small sigma is where they err most).
@@ -502,10 +506,10 @@ class NoiseSchedule:
         if sigma_range not in SIGMA_RANGES:
             raise ValueError(f"sigma_range must be one of {', '.join(map(repr, SIGMA_RANGES))}; got {sigma_range!r}")
         whole = sigma_range == "model"
-        if sigma_schedule in MODEL_SIGMA_SCHEDULES and rho is not None:  # (spaced_sigmas checks the others)
-            raise ValueError(f"rho is the karras and polyexponential schedules' exponent; {sigma_schedule} takes none")
-        custom = (lambda lo, hi, n: spaced_sigmas(sigma_schedule, lo, hi, n, rho,
-                                                  torch.float32 if whole else torch.float64)) \
+        if sigma_schedule is not None:
+            _check_no_rho(sigma_schedule, rho)
+        levels_dtype = torch.float32 if whole else torch.float64  # (k-diffusion's precision over the model's range)
+        custom = (lambda lo, hi, n: spaced_sigmas(sigma_schedule, lo, hi, n, rho, levels_dtype)) \
             if sigma_schedule and sigma_schedule not in MODEL_SIGMA_SCHEDULES else None
         if sigma_schedule in AYS_SIGMAS:  # (absolute levels: the model must span them as SD does)
             if rule in ("ddpm", "ddim", "lcm"):  # (their last step lands on abar_0 or the model's own timesteps)
@@ -520,8 +524,7 @@ class NoiseSchedule:
             # held to the model's trained range (its last, 0.029, lies just under SD's sigma(t = 0) = 0.0292, where
             # DDIM's last step would go up in noise)
             custom = (lambda lo, hi, n, lo_t=float(table[0]), hi_t=float(table[-1]):
-                      np.clip(spaced_sigmas(sigma_schedule, lo, hi, n, None, torch.float32 if whole else torch.float64),
-                              lo_t, hi_t))
+                      np.clip(spaced_sigmas(sigma_schedule, lo, hi, n, None, levels_dtype), lo_t, hi_t))
         spacing = self.timestep_spacing if spacing is None else spacing
         steps_offset = self.steps_offset if steps_offset is None else int(steps_offset)
         if rule == "lcm":
