@@ -563,7 +563,8 @@ class TextToImagePipeline:
         else 20 steps of dpmpp_2m at guidance 7.5). sigma_schedule: "karras", "exponential", "polyexponential",
         "beta", "kl_optimal", "align_your_steps", and those read off the model's own levels, "uniform" / "normal",
         "sgm_uniform", "simple", "ddim_uniform", "compvis" (A1111's schedule types and its DDIM timesteps), rho its
-        exponent (Karras 7, polyexponential 1), sigma_range what they span ("spaced", diffusers', or "model", A1111's: imagine.schedules.NoiseSchedule.plan);
+        exponent (Karras 7, polyexponential 1), sigma_range what they span ("spaced", diffusers', or "model", A1111's:
+        imagine.schedules.NoiseSchedule.plan);
         discard_penultimate_sigma: steps + 1 levels, the one before the end left out (A1111's way for DPM2, DPM2 a
         and DPM++ 3M SDE; imagine.samplers.a1111_settings gives all of A1111's settings for its samplers);
         strength_rule: which steps an image-to-image run takes, "diffusers" (int(steps * strength)), "a1111" or
