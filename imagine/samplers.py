@@ -93,7 +93,7 @@ def _distinct_levels(plan: SamplingPlan, name: str) -> None:
 
 # the samplers with a noise scale eta (see takes_eta)
 _ETA_SAMPLERS = ("ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
-                 "dpmpp_3m_sde")
+                 "dpmpp_3m_sde", "dpm_fast", "dpm_adaptive")
 
 
 def _deterministic(name: str, eta) -> None:
@@ -781,6 +781,229 @@ def sample_dpmpp_3m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *
                              warmup=warmup)
 
 
+# -- DPM-Solver (Lu et al. 2022), singlestep: fixed steps ("DPM fast") and adaptive ones -------------------
+def _dpm_solver_span(plan: SamplingPlan, name: str) -> tuple[float, float]:
+    # DPM-Solver integrates the ODE from the plan's first level to its last above sigma = 0 (k-diffusion's solvers
+    # need sigma_min > 0; A1111 and ComfyUI pass sigmas[0] and sigmas[-2]) and returns the sample there
+    levels = [s for s in plan.sigmas.tolist() if s > 0]
+    if len(levels) < 2 or levels[0] <= levels[-1]:
+        raise ValueError(f"{name} integrates from the plan's first noise level to its last above 0, so it needs two "
+                         f"different levels above 0 (at least 2 steps); got {len(levels)} ({levels})")
+    return levels[0], levels[-1]
+
+
+def _log_snr(sigma: float) -> torch.Tensor:
+    # lambda = -log sigma (the half log-SNR, Lu et al.'s lambda_t) held in float32, as k-diffusion holds it: its
+    # step sizes, and the levels the model sees, follow from these values
+    return -torch.tensor(sigma, dtype=torch.float32).log()
+
+
+def _sigma_of(lam: torch.Tensor) -> float:
+    return float((-lam).exp())
+
+
+def _dpm_solver_eps(denoise, dtype: torch.dtype, i_of):
+    """eps(x_VE, lambda) = (x - D(x; sigma)) / sigma at sigma = e^{-lambda}, the model at that level's fractional
+    timestep (Denoiser.at_sigma), within the plan's step i_of(sigma); the first call, at the plan's first level, is
+    the plan's step 0 (a matched start's held D, inpainting's first call)."""
+    first = []
+
+    def eps(x: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = _sigma_of(lam)
+        x_t = _ve_to_vp(x, sigma, dtype)
+        denoised = denoise(x_t, 0) if not first else denoise.at_sigma(x_t, sigma, i_of(sigma))
+        first.append(True)
+        return (x - denoised.double()) / sigma, denoised
+
+    return eps
+
+
+def _dpm_solver_step(eps_at, x: torch.Tensor, eps: torch.Tensor, lam: torch.Tensor, lam_next: torch.Tensor,
+                     order: int, r1: float = 0.5) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One singlestep DPM-Solver step from lambda to lambda_next in VE form (alpha = 1, sigma = e^{-lambda}), given
+    eps at x; eps_at(u, lambda) evaluates the model at an intermediate level. With h = lambda_next - lambda:
+        order 1 (DDIM; Lu et al. eq. 3.7):  x_next = x - sigma_next (e^h - 1) eps
+        order 2 (Algorithm 4, ratio r1):    u_1 = x - sigma_{s1} (e^{r1 h} - 1) eps,  s1 = lambda + r1 h,
+            x_next = x - sigma_next (e^h - 1) eps - sigma_next / (2 r1) (e^h - 1) (eps(u_1, s1) - eps)
+        order 3 (Algorithm 5, r1 = 1/3, r2 = 2/3): u_1 as above, then
+            u_2 = x - sigma_{s2} (e^{r2 h} - 1) eps - sigma_{s2} (r2 / r1) ((e^{r2 h} - 1) / (r2 h) - 1) (eps_1 - eps),
+            x_next = x - sigma_next (e^h - 1) eps - sigma_next / r2 ((e^h - 1) / h - 1) (eps(u_2, s2) - eps).
+    Returns (x_next, and for order 3 the order-2 result with r1 = 1/3 from the same u_1: DPM-Solver-23's pair)."""
+    h = lam_next - lam
+    s_next, e_h = _sigma_of(lam_next), float(h.expm1())
+    x_next = x - (s_next * e_h) * eps
+    if order == 1:
+        return x_next, None
+    r1 = 1 / 3 if order == 3 else r1
+    s1 = lam + r1 * h
+    u1 = x - (_sigma_of(s1) * float((r1 * h).expm1())) * eps
+    d1 = eps_at(u1, s1) - eps
+    if order == 2:
+        return x_next - (s_next / (2 * r1) * e_h) * d1, None
+    r2 = 2 / 3
+    s2 = lam + r2 * h
+    e_r2h, sigma_s2 = float((r2 * h).expm1()), _sigma_of(s2)
+    u2 = x - (sigma_s2 * e_r2h) * eps - (sigma_s2 * (r2 / r1) * (e_r2h / float(r2 * h) - 1)) * d1
+    d2 = eps_at(u2, s2) - eps
+    return x_next - (s_next / r2 * (e_h / float(h) - 1)) * d2, x_next - (s_next / (2 * r1) * e_h) * d1
+
+
+def _ancestral_split(lam: torch.Tensor, lam_next: torch.Tensor, lam_end: torch.Tensor, eta: float):
+    # (lambda the deterministic part steps to, the noise's sigma_up): Euler ancestral's split of the step from sigma
+    # to sigma_next (as _ancestral_step), the deterministic part held to the run's end, the noise filling the rest up
+    # to sigma_next (k-diffusion's DPM-Solver with eta). In float32 as there: sigma_down^2 = sigma_next^2 - sigma_up^2
+    # cancels (to sigma_next^4 / sigma^2 at eta 1), and its rounding moves the image by ~1e-4
+    if eta == 0:
+        return lam_next, 0.0
+    s, s_next = (-lam).exp(), (-lam_next).exp()
+    s_up = torch.minimum(s_next, eta * (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
+    lam_down = torch.minimum(lam_end, -((s_next**2 - s_up**2) ** 0.5).log())
+    return lam_down, float((s_next**2 - (-lam_down).exp() ** 2) ** 0.5)
+
+
+def _nearest_step(plan: SamplingPlan):
+    # the plan's step whose level is nearest sigma in log sigma: the step an off-grid evaluation belongs to
+    logs = [math.log(s) for s in plan.sigmas.tolist()[:len(plan)] if s > 0]
+    return lambda sigma: min(range(len(logs)), key=lambda k: abs(logs[k] - math.log(sigma)))
+
+
+def _report_at(callback, k: int, total: int | None, sigma: float, t: float, x_t, denoised) -> None:
+    if callback is not None:
+        callback({"step": k, "total": total, "t": t, "sigma": sigma, "x": x_t, "denoised": denoised})
+
+
+def _timestep_of(denoise, sigma: float) -> float:
+    schedule = getattr(denoise, "schedule", None)
+    return float(schedule.sigma_to_t(sigma)) if schedule is not None else float("nan")
+
+
+def sample_dpm_fast(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                    progress: bool = True, s_noise: float = 1.0) -> torch.Tensor:
+    """DPM-Solver-fast (Lu et al. 2022, sec. 3.4 and appendix C's fixed step schedule; k-diffusion's sample_dpm_fast,
+    A1111's "DPM fast"): singlestep DPM-Solver with K = N model calls over M = floor(K/3) + 1 steps even in
+    lambda = -log sigma, of orders 3, ..., 3, then 2, 1 when 3 divides K, else 3, ..., 3, K mod 3. It runs from the
+    plan's first level to its last above 0 (A1111 and ComfyUI pass sigmas[0] and sigmas[-2]; N = the plan's steps)
+    and returns the sample there, x_0 + sigma_min z in VE terms, as k-diffusion does: no last step to sigma = 0.
+    The plan's other levels are not used. eta > 0 (A1111 runs eta 1, its eta_ancestral): each step goes down to
+    Euler ancestral's sigma_down, then s_noise times fresh noise fills up to the next level. Prompt editing and
+    ControlNet windows count model calls, as A1111's denoiser counts its steps."""
+    eta = _eta("dpm_fast", eta, 0.0)
+    n = len(plan)
+    s_max, s_min = _dpm_solver_span(plan, "dpm_fast")
+    if getattr(denoise, "evaluations", False) is not False:
+        denoise.evaluations = n  # (conditioning and ControlNet windows follow the model calls)
+    m = n // 3 + 1
+    orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+    lam_end = _log_snr(s_min)
+    lams = torch.linspace(float(_log_snr(s_max)), float(lam_end), m + 1, dtype=torch.float32)
+    dtype, step_of = x.dtype, _nearest_step(plan)
+    eps_of = _dpm_solver_eps(denoise, dtype, step_of)
+    x = _vp_to_ve(x, s_max)
+    for k in tqdm(range(len(orders)), desc="dpm_fast", disable=not progress, leave=False):
+        lam, lam_next = lams[k], lams[k + 1]
+        lam_to, s_up = _ancestral_split(lam, lam_next, lam_end, eta)
+        sigma = _sigma_of(lam)
+        eps, denoised = eps_of(x, lam)
+        _report_at(callback, k, len(orders), sigma, _timestep_of(denoise, sigma), _ve_to_vp(x, sigma, dtype),
+                   denoised)
+        x, _ = _dpm_solver_step(lambda u, lam_u: eps_of(u, lam_u)[0], x, eps, lam, lam_to, orders[k])
+        if eta > 0:  # (k-diffusion draws at every step, the last one's weight 0)
+            x = x + (s_up * s_noise) * _noise(noise, x).double()
+    return x.to(dtype)
+
+
+def sample_dpm_adaptive(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                        callback=None, progress: bool = True, order: int = 3, rtol: float = 0.05,
+                        atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0, icoeff: float = 1.0,
+                        dcoeff: float = 0.0, accept_safety: float = 0.81, s_noise: float = 1.0) -> torch.Tensor:
+    """DPM-Solver-12 / -23 with adaptive steps (Lu et al. 2022, sec. 3.4 and appendix C, Algorithm 6;
+    k-diffusion's sample_dpm_adaptive, A1111's "DPM adaptive"): each step in lambda = -log sigma, of length h,
+    computes a lower- and a higher-order solution from the same model calls (order 3: DPM-Solver-2 with r1 = 1/3 and
+    DPM-Solver-3; order 2: DPM-Solver-1 and -2), the error E = ||(x_low - x_high) / delta||_2 / sqrt(numel) with
+    delta = max(atol, rtol max(|x_low|, |x_prev|)), and a PID controller (Söderlind 2003, as k-diffusion's; pcoeff 0,
+    icoeff 1, dcoeff 0 is the paper's h E^{-1/order}) scales h by 1 + atan(f - 1) of its factor f, accepting the
+    step when that is at least accept_safety. From the plan's first level to its last above 0 (as dpm_fast; the
+    plan's step count only sets those ends), returning the sample there. The step sizes follow the error over the
+    whole batch, as in k-diffusion and A1111: a sample's result depends on the batch it runs in (run batch 1 for an
+    image that depends on its seed alone). eta > 0: as dpm_fast, noise after each accepted step (the controller then
+    takes order 1.5). Off-grid calls count as the plan's step nearest their level (prompt editing, ControlNet
+    windows). The callback reports each attempted step, total None: the count is not known ahead."""
+    eta = _eta("dpm_adaptive", eta, 0.0)
+    if order not in (2, 3):
+        raise ValueError(f"dpm_adaptive's order must be 2 or 3 (DPM-Solver-12 or -23); got {order!r}")
+    for name, v in (("rtol", rtol), ("atol", atol), ("h_init", h_init), ("accept_safety", accept_safety)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"dpm_adaptive's {name} must be a finite number > 0; got {v!r}")
+    s_max, s_min = _dpm_solver_span(plan, "dpm_adaptive")
+    dtype, step_of = x.dtype, _nearest_step(plan)
+    eps_of = _dpm_solver_eps(denoise, dtype, step_of)
+    controller = _PIDStepSize(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+    lam, lam_end = _log_snr(s_max), _log_snr(s_min)
+    x = _vp_to_ve(x, s_max)
+    x_prev, steps, held = x, 0, None
+    bar = tqdm(desc="dpm_adaptive", disable=not progress, leave=False)
+    while lam < lam_end - 1e-5:
+        lam_next = torch.minimum(lam_end, lam + controller.h)
+        lam_to, s_up = _ancestral_split(lam, lam_next, lam_end, eta)
+        sigma = _sigma_of(lam)
+        # (after a rejected step x and lambda are unchanged: k-diffusion calls the model there again, we keep it)
+        eps, denoised = held or eps_of(x, lam)
+        cache = {}
+
+        def eps_at(u, lam_u):  # (the low- and high-order solutions share their model calls)
+            key = float(lam_u)
+            if key not in cache:
+                cache[key] = eps_of(u, lam_u)[0]
+            return cache[key]
+
+        if order == 2:
+            x_low, _ = _dpm_solver_step(eps_at, x, eps, lam, lam_to, 1)
+            x_high, _ = _dpm_solver_step(eps_at, x, eps, lam, lam_to, 2)
+        else:
+            x_high, x_low = _dpm_solver_step(eps_at, x, eps, lam, lam_to, 3)
+        delta = torch.clamp(rtol * torch.maximum(x_low.abs(), x_prev.abs()), min=atol)
+        error = float(torch.linalg.norm((x_low - x_high) / delta)) / math.sqrt(x.numel())
+        held = None
+        if controller.accept(error):
+            x_prev = x_low
+            x = x_high
+            if eta > 0:
+                x = x + (s_up * s_noise) * _noise(noise, x).double()
+            lam = lam_next
+        else:
+            held = eps, denoised
+        _report_at(callback, steps, None, sigma, _timestep_of(denoise, sigma), _ve_to_vp(x, _sigma_of(lam), dtype),
+                   denoised)
+        steps += 1
+        bar.update()
+    bar.close()
+    return x.to(dtype)
+
+
+class _PIDStepSize:
+    """PID step-size control (Söderlind 2003, "Digital filters in adaptive time-stepping"; k-diffusion's
+    PIDStepSizeController): with e_k = 1 / (error_k + 1e-8) of this and the last two accepted steps, the factor
+    f = e_0^{b1} e_1^{b2} e_2^{b3}, b1 = (kP + kI + kD) / k, b2 = -(kP + 2 kD) / k, b3 = kD / k for order k, limited
+    to 1 + atan(f - 1); h <- h f in every case, the step accepted when the limited f >= accept_safety."""
+
+    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float, accept_safety: float):
+        self.h, self.accept_safety = h, accept_safety
+        self.b = ((pcoeff + icoeff + dcoeff) / order, -(pcoeff + 2 * dcoeff) / order, dcoeff / order)
+        self.errs: list[float] = []
+
+    def accept(self, error: float) -> bool:
+        inv = 1 / (error + 1e-8)
+        if not self.errs:
+            self.errs = [inv, inv, inv]
+        self.errs[0] = inv
+        factor = 1 + math.atan(math.prod(e**b for e, b in zip(self.errs, self.b)) - 1)
+        accepted = factor >= self.accept_safety
+        if accepted:
+            self.errs[1:] = self.errs[:2]
+        self.h *= factor
+        return accepted
+
+
 def sample_unipc(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
                  progress: bool = True, order: int = 2, variant: str = "bh2") -> torch.Tensor:
     """UniPC (Zhao et al. 2023, "UniPC: a unified predictor-corrector framework", Algorithms 1-3, data
@@ -888,6 +1111,8 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "plms": sample_plms,
     "lcm": sample_lcm,
     "restart": sample_restart,
+    "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,
 }
 # the samplers that evaluate the model twice a step (once on the last, to sigma = 0): AUTOMATIC1111 counts their
 # prompt-editing steps (and ControlNet windows) in model calls, 2N - 1 of them
@@ -896,7 +1121,8 @@ TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmp
                  "dpmpp_2m_sde_heun": "dpm_solver", "dpmpp_sde": "karras",
                  "dpmpp_3m": "dpm_solver", "dpmpp_3m_sde": "dpm_solver", "unipc": "dpm_solver",
                  "euler": "karras", "euler_a": "karras", "heun": "karras", "lms": "karras", "dpm2": "karras",
-                 "dpm2_a": "karras", "dpmpp_2s_a": "karras", "plms": "ddim", "lcm": "lcm", "restart": "karras"}
+                 "dpm2_a": "karras", "dpmpp_2s_a": "karras", "plms": "ddim", "lcm": "lcm", "restart": "karras",
+                 "dpm_fast": "karras", "dpm_adaptive": "karras"}
 
 # What people type (AUTOMATIC1111's labels, k-diffusion's k_ names, diffusers' classes and algorithm
 # types) -> (canonical name, Karras sigmas implied?). Lookup ignores case, spaces, '-' and '_'.
@@ -948,6 +1174,10 @@ _alias("dpmpp_2s_a", "DPM++ 2S a Karras", "dpmpp_2s_a_karras", "k_dpmpp_2s_a_kar
 _alias("plms", "plms", "PLMS", "pndm_plms", "PNDMScheduler")
 _alias("lcm", "lcm", "LCM", "k_lcm", "LCMScheduler")
 _alias("restart", "restart", "Restart")
+_alias("dpm_fast", "dpm_fast", "DPM fast", "k_dpm_fast", "dpm_solver_fast")
+_alias("dpm_fast", "DPM fast Karras", "dpm_fast_karras", karras=True)
+_alias("dpm_adaptive", "dpm_adaptive", "DPM adaptive", "k_dpm_ad", "k_dpm_adaptive", "dpm_solver_adaptive")
+_alias("dpm_adaptive", "DPM adaptive Karras", "dpm_adaptive_karras", karras=True)
 # AUTOMATIC1111's old names of its Karras variants (k_<sampler>_ka)
 for _name, _canonical in (("k_lms_ka", "lms"), ("k_dpm_2_ka", "dpm2"), ("k_dpm_2_a_ka", "dpm2_a"),
                           ("k_dpmpp_2s_a_ka", "dpmpp_2s_a"), ("k_dpmpp_2m_ka", "dpmpp_2m"),
@@ -989,6 +1219,8 @@ A1111_SAMPLERS = [
     ("Heun", ["k_heun"], "heun"),
     ("DPM2", ["k_dpm_2"], "dpm2"),
     ("DPM2 a", ["k_dpm_2_a"], "dpm2_a"),
+    ("DPM fast", ["k_dpm_fast"], "dpm_fast"),
+    ("DPM adaptive", ["k_dpm_ad"], "dpm_adaptive"),
     ("Restart", ["restart"], "restart"),
     ("DDIM", [], "ddim"),
     ("PLMS", [], "plms"),
@@ -1004,8 +1236,10 @@ A1111_SAMPLERS = [
 A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential",
                    "dpmpp_2m_sde_heun": "exponential", "dpmpp_2s_a": "karras", "dpmpp_3m_sde": "exponential",
                    "euler_a": "uniform", "euler": "uniform", "lms": "uniform", "heun": "uniform", "dpm2": "karras",
-                   "dpm2_a": "karras", "restart": "karras"}
+                   "dpm2_a": "karras", "restart": "karras", "dpm_fast": "uniform", "dpm_adaptive": "uniform"}
 A1111_DISCARD = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
+# the samplers whose eta A1111 sets to its eta_ancestral, 1, where k-diffusion's (and our) default is 0
+A1111_ETA_ONE = ("dpm_fast", "dpm_adaptive")
 
 
 # A1111's schedule-type names (and labels, and aliases) where ours differ: ours are ComfyUI's
@@ -1041,7 +1275,8 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     trained range (sigma_range "model"); x_T = z sigma_max (start "sigma_max"); one level more with the penultimate
     left out for DPM2, DPM2 a and DPM++ 3M SDE; k-diffusion's warm-up for DPM++ 3M SDE; A1111's image-to-image step
     count (strength_rule "a1111": int(min(strength, 0.999) * steps) + 1 steps; its hires. fix pass runs its steps in
-    full, generate_hires's "a1111_fixed_steps"). Checked against k-diffusion's
+    full, generate_hires's "a1111_fixed_steps"); eta 1 for DPM fast and DPM adaptive (A1111's eta_ancestral, the
+    default of a request without one; the other stochastic samplers default to 1 here too). Checked against k-diffusion's
     own functions in tests/test_k_diffusion.py. DDIM and PLMS run A1111's own timesteps (its CompVis samplers'): t = 1,
     1 + k, ... with k = T // steps, the last held to T - 1 (the "compvis" schedule type), from unit noise at the
     highest, stopping at t = 1's level (last_step False), unless a schedule type is named (A1111 passes over one for them; here it
@@ -1061,7 +1296,8 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
         return {"sampler": canonical, "sigma_schedule": scheduler, "sigma_range": "model" if scheduler else "spaced"}
     return {"sampler": canonical, "sigma_schedule": scheduler or A1111_AUTOMATIC[canonical], "sigma_range": "model",
             "discard_penultimate_sigma": canonical in A1111_DISCARD, "start": "sigma_max", "strength_rule": "a1111",
-            "sampler_options": {"warmup": "k_diffusion"} if canonical == "dpmpp_3m_sde" else {}}
+            "sampler_options": {"warmup": "k_diffusion"} if canonical == "dpmpp_3m_sde" else {},
+            **({"eta": 1.0} if canonical in A1111_ETA_ONE else {})}
 
 
 def a1111_label(name: str) -> tuple[str, bool]:

@@ -483,6 +483,9 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     if canonical == "restart" and final_step != "euler":
         raise ValueError("final_step='heun' is for the samplers that end on one step to sigma = 0; restart lays out "
                          "its own last steps (Heun's, but to sigma = 0 Euler's): leave final_step 'euler'")
+    if canonical in ("dpm_fast", "dpm_adaptive") and final_step != "euler":
+        raise ValueError(f"final_step='heun' is for the samplers that end on one step to sigma = 0; {canonical} "
+                         "integrates to the plan's last level above 0 and stops there: leave final_step 'euler'")
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(map(repr, STARTS))}; got {start!r}")
     _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, classifier_scale,

@@ -56,7 +56,11 @@ A1111 = {
     "DPM2": ("sample_dpm_2", {}, "karras", True, False),
     "DPM2 a": ("sample_dpm_2_ancestral", {}, "karras", True, False),
     "Restart": ("restart", {}, "karras", False, False),  # (A1111's own, modules/sd_samplers_extra.py: `a1111_restart`)
+    # (eta 1: A1111 passes its eta_ancestral to every sampler that takes an eta; these two default to 0)
+    "DPM fast": ("sample_dpm_fast", {"eta": 1.0}, None, False, False),
+    "DPM adaptive": ("sample_dpm_adaptive", {"eta": 1.0}, None, False, False),
 }
+DPM_SOLVERS = ("sample_dpm_fast", "sample_dpm_adaptive")
 CONFIGS = [config("scaled_linear", "leading", "epsilon"), config("scaled_linear", "leading", "v_prediction")]
 
 
@@ -171,9 +175,10 @@ def a1111_restart(kd, model, x, sigmas, extra_args=None, disable=None, noise_sam
     return x
 
 
-def _run_a1111(kd, cfg, label, total, first=0, init=0.0, scheduler=None, seeds=SEEDS):
+def _run_a1111(kd, cfg, label, total, first=0, init=0.0, scheduler=None, seeds=SEEDS, img2img=False):
     """A1111's run of k-diffusion sampler `label` over the levels of a `total`-step plan from level `first` on,
-    starting at x = init + z sigma_first (z each image's first draw); Brownian trees over the whole plan."""
+    starting at x = init + z sigma_first (z each image's first draw); Brownian trees over the whole plan. DPM fast
+    and DPM adaptive get their ends from the model's range in txt2img, from the levels run in img2img."""
     funcname, kwargs, automatic, discard, brownian = A1111[label]
     wrapper = kd.external.CompVisVDenoiser if cfg["prediction_type"] == "v_prediction" else kd.external.CompVisDenoiser
     denoiser = wrapper(CompVisModel(cfg))
@@ -191,8 +196,12 @@ def _run_a1111(kd, cfg, label, total, first=0, init=0.0, scheduler=None, seeds=S
     fn = functools.partial(a1111_restart, kd) if funcname == "restart" else getattr(kd.sampling, funcname)
     if "noise_sampler" in inspect.signature(fn).parameters:
         kwargs = {**kwargs, "noise_sampler": noise_sampler}
+    levels = (sched,)
+    if funcname in DPM_SOLVERS:  # txt2img: the model's whole range; img2img: sigma_sched[-2] and [0], n its steps
+        ends = (sched[-2], sched[0]) if img2img else (denoiser.sigmas[0].item(), denoiser.sigmas[-1].item())
+        levels = (*ends, len(sched) - 1) if funcname == "sample_dpm_fast" else ends
     with torch.no_grad():
-        return fn(denoiser, x, sched, extra_args={"cond": None}, disable=True, **kwargs), len(sched) - 1
+        return fn(denoiser, x, *levels, extra_args={"cond": None}, disable=True, **kwargs), len(sched) - 1
 
 
 def run_a1111(kd, cfg, label, steps, scheduler=None, seeds=SEEDS):
@@ -214,7 +223,7 @@ def run_a1111_img2img(kd, cfg, label, steps, strength, init, fixed=False, seeds=
     the whole plan."""
     total = int(steps / min(strength, 0.999)) if fixed else steps
     t_enc = steps - 1 if fixed else int(min(strength, 0.999) * steps)
-    return _run_a1111(kd, cfg, label, total, total - t_enc - 1, init, seeds=seeds)
+    return _run_a1111(kd, cfg, label, total, total - t_enc - 1, init, seeds=seeds, img2img=True)
 
 
 def run_a1111_timesteps(cfg, label, steps, eta=0.0, seeds=SEEDS):
@@ -359,6 +368,21 @@ def test_a1111_img2img_equals_k_diffusion(kd, label, steps, strength, fixed):
     ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps, seeds=SEEDS,
                   progress=False, init=init, strength=strength, callback=lambda d: runs.append(d["step"]), **settings)
     assert len(set(runs)) == n == (steps if fixed else int(min(strength, 0.999) * steps) + 1)
+    err = (ours.float() - theirs).abs().max().item()
+    assert err < TOL, f"{label}, strength {strength}: max |ours - k-diffusion| = {err:.2e}"
+
+
+@pytest.mark.parametrize("label", ["DPM fast", "DPM adaptive"])
+@pytest.mark.parametrize("strength, fixed", [(0.5, False), (0.75, False), (0.6, True)])
+def test_a1111_img2img_with_dpm_solver_equals_k_diffusion(kd, label, strength, fixed):
+    """DPM fast and DPM adaptive in image to image: A1111 passes the steps' first level, the last above 0
+    (sigma_sched[-2]) and their count; ours takes the same from the plan's tail."""
+    cfg = CONFIGS[0]
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99)).clamp(-1, 1)
+    theirs, _ = run_a1111_img2img(kd, cfg, label, 10, strength, init, fixed)
+    settings = {**a1111_settings(label), **({"strength_rule": "a1111_fixed_steps"} if fixed else {})}
+    ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=10, seeds=SEEDS,
+                  progress=False, init=init, strength=strength, **settings)
     err = (ours.float() - theirs).abs().max().item()
     assert err < TOL, f"{label}, strength {strength}: max |ours - k-diffusion| = {err:.2e}"
 
@@ -599,8 +623,12 @@ def a1111_generation(kd, ref, label: str, steps: int) -> torch.Tensor:
             x, sigmas[sigmas > 0].min(), sigmas.max(), seed=[SEED])}
     elif "noise_sampler" in inspect.signature(getattr(kd.sampling, funcname)).parameters:
         kwargs = {**kwargs, "noise_sampler": lambda s, t: torch.randn(x.shape, generator=g)}
+    levels = (sigmas,)
+    if funcname in DPM_SOLVERS:  # (txt2img: the model's whole range, and for DPM fast the steps)
+        ends = (denoiser.sigmas[0].item(), denoiser.sigmas[-1].item())
+        levels = (*ends, steps) if funcname == "sample_dpm_fast" else ends
     with torch.no_grad():
-        latents = getattr(kd.sampling, funcname)(guided, x, sigmas, disable=True, **kwargs)
+        latents = getattr(kd.sampling, funcname)(guided, x, *levels, disable=True, **kwargs)
         image = ref.vae.decode(latents / ref.vae.config.scaling_factor).sample[0]
     return ((image + 1) / 2).clamp(0, 1).float()
 
@@ -613,7 +641,7 @@ def our_generation(pipe, label: str, steps: int, **settings) -> torch.Tensor:
     return ((pipe.decode(res.latents)[0] + 1) / 2).clamp(0, 1).float()
 
 
-@pytest.mark.parametrize("label", ["Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 3M SDE", "DPM2"])
+@pytest.mark.parametrize("label", ["Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 3M SDE", "DPM2", "DPM fast"])
 def test_a1111_generation_equals_k_diffusion_over_diffusers_parts(kd, sd, label):
     """A whole generation (guidance 7.5, 12 steps): ours with a1111_settings against A1111's way assembled from
     diffusers' U-Net and VAE and k-diffusion's sampler: >= 50 dB, test_sd_parity.py's bar; the same sampler run
@@ -644,14 +672,14 @@ if __name__ == "__main__":  # the figures: worst |ours - k-diffusion| per sample
         print(f"schedule {scheduler:13s} worst {worst:.1e}")
     init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99)).clamp(-1, 1)
     worst = 0.0
-    for label in ("Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 3M SDE", "DPM2"):
+    for label in ("Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 3M SDE", "DPM2", "DPM fast", "DPM adaptive"):
         for strength, fixed in ((0.5, False), (0.75, False), (1.0, False), (0.6, True)):
             settings = {**a1111_settings(label), **({"strength_rule": "a1111_fixed_steps"} if fixed else {})}
             ours = sample(make_model(CONFIGS[0]), SHAPE, schedule=NoiseSchedule.from_diffusers_config(CONFIGS[0]),
                           steps=8, seeds=SEEDS, progress=False, init=init, strength=strength, **settings)
             theirs = run_a1111_img2img(k, CONFIGS[0], label, 8, strength, init, fixed)[0]
             worst = max(worst, (ours.float() - theirs).abs().max().item())
-    print(f"img2img (6 samplers, 4 strengths/rules) worst {worst:.1e}")
+    print(f"img2img (8 samplers, 4 strengths/rules) worst {worst:.1e}")
     worst = max((run_ours(cfg, "Restart", n).float() - run_a1111(k, cfg, "Restart", n)[0]).abs().max().item()
                 for cfg in CONFIGS for n in (20, 36, 40))
     print(f"Restart (20, 36, 40 steps, eps and v) worst {worst:.1e}")
@@ -673,7 +701,8 @@ if __name__ == "__main__":  # the figures: worst |ours - k-diffusion| per sample
     with tempfile.TemporaryDirectory() as d:
         ref = save_diffusers_folder(_Path(d) / "folder", "sd1")
         pipe = TextToImagePipeline.from_pretrained(_Path(d) / "folder")
-        for label in ("Euler a", "Euler", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE", "DPM2", "DPM2 a"):
+        for label in ("Euler a", "Euler", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE", "DPM2", "DPM2 a",
+                      "DPM fast", "DPM adaptive"):
             want = a1111_generation(k, ref, label, 12)
             print(f"generation {label:14s} a1111_settings {psnr(our_generation(pipe, label, 12), want):6.1f} dB, "
                   f"diffusers' way {psnr(our_generation(pipe, label, 12, sampler=label), want):5.1f} dB")

@@ -367,12 +367,15 @@ def test_names_and_options():
             "KDPM2AncestralDiscreteScheduler": ("dpm2_a", False), "DPM++ 2S a": ("dpmpp_2s_a", False),
             "DPM++ 2S a Karras": ("dpmpp_2s_a", True), "k_dpmpp_2s_a": ("dpmpp_2s_a", False),
             "PLMS": ("plms", False), "PNDMScheduler": ("plms", False), "LCM": ("lcm", False),
-            "k_lcm": ("lcm", False), "LCMScheduler": ("lcm", False)}.items():
+            "k_lcm": ("lcm", False), "LCMScheduler": ("lcm", False), "DPM fast": ("dpm_fast", False),
+            "k_dpm_fast": ("dpm_fast", False), "DPM adaptive": ("dpm_adaptive", False),
+            "k_dpm_ad": ("dpm_adaptive", False)}.items():
         canonical, fn, implied = resolve_sampler(alias)
         assert (canonical, implied) == (name, karras), alias
         assert fn is SAMPLERS[name]
     assert {s for s in SAMPLERS if takes_eta(s)} == {"ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde",
-                                                     "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
+                                                     "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpm_fast",
+                                                     "dpm_adaptive"}
     cfg = config("scaled_linear", "leading", "epsilon")
     for sampler in ("lms", "dpm2", "plms"):
         with pytest.raises(ValueError, match="deterministic and takes no eta"):

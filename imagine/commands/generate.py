@@ -186,7 +186,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help="Karras sigma spacing")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM's eta (default 0: deterministic), or the noise scale of the ancestral and SDE samplers "
-                        "(euler_a, dpm2_a, dpmpp_2s_a, dpmpp_2m_sde, dpmpp_3m_sde; default 1)")
+                        "(euler_a, dpm2_a, dpmpp_2s_a, dpmpp_2m_sde, dpmpp_3m_sde; default 1), or of dpm_fast and "
+                        "dpm_adaptive (default 0; 1 under --a1111-sampling, as A1111)")
     p.add_argument("--thresholding", choices=["static", "dynamic"], default=None,
                    help="clip x0 predictions (Imagen's dynamic thresholding, or static [-R, R])")
     p.add_argument("--threshold-range", type=float, default=None,
@@ -608,6 +609,8 @@ def run(args) -> int:
 
         a1111 = a1111_settings(args.sampler or pipe.defaults["sampler"], args.sigma_schedule)
         args.sampler = a1111.pop("sampler")
+        if args.eta is None:  # (A1111's eta_ancestral, 1, for DPM fast and DPM adaptive)
+            args.eta = a1111.get("eta")
         sampling = {"sigma_schedule": a1111["sigma_schedule"],
                     "sampler_options": {**a1111.get("sampler_options", {}), **(sampler_options or {})} or None,
                     "start": a1111.get("start"),

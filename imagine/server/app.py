@@ -1092,6 +1092,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         a1111 = a1111_settings(sampler, asked)
         if prior_model:  # (unCLIP's prior and decoder run diffusers' way: its pipeline takes no other start or range)
             a1111 = {"sampler": sampler, "sigma_schedule": asked, "sigma_range": "spaced"}
+        if eta is None:  # (A1111's eta_ancestral, 1, for DPM fast and DPM adaptive, whose own default is 0)
+            eta = a1111.get("eta")
         schedule = a1111["sigma_schedule"]
         options = tuple(sorted({**dict(options), **a1111.get("sampler_options", {})}.items()))
         # (its infotext names the schedule type unless "Automatic" left k-diffusion's own levels, "uniform", or the
