@@ -155,32 +155,43 @@ def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, phi: float) -
 
 def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
                         cond: dict[str, Any] | None, uncond: dict[str, Any] | None = None, scale: float = 1.0,
-                        rescale: float = 0.0) -> torch.Tensor:
+                        rescale: float = 0.0, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The model's prediction at (x, t), with classifier-free guidance when scale != 1 and uncond is
     given: one forward on cat([x, x]) with every cond tensor concatenated [uncond; cond]. A model
     whose `shares_guidance_batch` is true (the cross-attention U-Net) gets x and t once with the
-    2B rows of context, and runs the layers both halves share once."""
+    2B rows of context, and runs the layers both halves share once. `parts`, a dict, receives the unconditional
+    output as parts["uncond"] (CFG++'s samplers renoise with it; it is computed at scale 1 too; with no uncond it is
+    the output itself)."""
     from imagine.composable import ComposedConditioning
 
     if isinstance(cond, ComposedConditioning):  # AUTOMATIC1111's AND
-        return composed_guidance(model, x, t, cond, uncond, scale, rescale)
+        return composed_guidance(model, x, t, cond, uncond, scale, rescale, parts=parts)
     cond = cond or {}
-    if uncond is None or scale == 1:
-        return model(x, t, **cond)
+    if uncond is None or (scale == 1 and parts is None):  # (CFG++ needs the unconditional pass at scale 1 too)
+        out = model(x, t, **cond)
+        if parts is not None:
+            parts["uncond"] = out
+        return out
     uncond_out, cond_out = _forward_parts(model, x, t, [uncond, cond], ["uncond", "cond"])
+    if parts is not None:
+        parts["uncond"] = uncond_out
     return rescale_guidance(classifier_free_guidance(uncond_out, cond_out, scale), cond_out, rescale)
 
 
 def composed_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond,
-                      uncond: dict[str, Any] | None, scale: float, rescale: float = 0.0) -> torch.Tensor:
+                      uncond: dict[str, Any] | None, scale: float, rescale: float = 0.0,
+                      parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Composable diffusion's conjunction (Liu et al. 2022, eq. 10; AUTOMATIC1111's AND): with K parts c_k of
     weights w_k per image, e~ = e(x, 0) + s * sum_k w_k (e(x, c_k) - e(x, 0)). One forward over [uncond; c_1; ...;
     c_K] where the texts are of one length (the cross-attention U-Net takes x once with the (K + 1) B rows of
-    text), else one forward each. Guidance rescale (Lin et al.) takes the first part as its conditional output."""
+    text), else one forward each. Guidance rescale (Lin et al.) takes the first part as its conditional output.
+    parts: as guided_model_output's."""
     if uncond is None:
         raise ValueError("AND (composed prompts) needs the unconditional pass: give uncond")
     outs = _forward_parts(model, x, t, [uncond, *cond.parts], ["uncond"] + ["cond"] * len(cond.parts))
     nothing = outs[0]
+    if parts is not None:
+        parts["uncond"] = nothing
     w = cond.weights.to(device=nothing.device, dtype=nothing.dtype)
     guided = nothing.clone()
     for j, out in enumerate(outs[1:]):
@@ -190,7 +201,8 @@ def composed_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: to
 
 def instruct_pix2pix_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
                               cond: dict[str, Any], uncond: dict[str, Any] | None, scale: float, image_scale: float,
-                              rescale: float = 0.0, gate: bool = True) -> torch.Tensor:
+                              rescale: float = 0.0, gate: bool = True,
+                              parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Classifier-free guidance on two conditions, the picture to edit c_I and the instruction c_T (Brooks et al.
     2023, InstructPix2Pix, eq. 3):
 
@@ -200,18 +212,23 @@ def instruct_pix2pix_guidance(model: Callable[..., torch.Tensor], x: torch.Tenso
     e(z, 0, 0). Three passes, one batch where the texts are of one length. `gate` (diffusers' pipeline): guidance
     runs when s_T > 1 and s_I >= 1, else the conditional pass alone; without it (AUTOMATIC1111) the formula always
     runs. At s_I = 1 it is classifier-free guidance with the picture in both passes, which is how AND's parts
-    (imagine.composable) combine with it."""
+    (imagine.composable) combine with it. parts: as guided_model_output's (the unconditional output is e(z, 0, 0))."""
     from imagine.composable import ComposedConditioning
 
     if isinstance(cond, ComposedConditioning):
         if image_scale != 1:
             raise ValueError("AND (composed prompts) combines with instruct-pix2pix only at image_guidance_scale 1 "
                              "(as AUTOMATIC1111); give the instruction as one prompt, or image guidance 1")
-        return composed_guidance(model, x, t, cond, uncond, scale, rescale)
+        return composed_guidance(model, x, t, cond, uncond, scale, rescale, parts=parts)
     if uncond is None or (gate and not (scale > 1 and image_scale >= 1)):
-        return model(x, t, **cond)
+        out = model(x, t, **cond)
+        if parts is not None:
+            parts["uncond"] = out
+        return out
     none = {**uncond, "concat": torch.zeros_like(uncond["concat"])}
     text, image, nothing = _forward_parts(model, x, t, [cond, uncond, none])
+    if parts is not None:
+        parts["uncond"] = nothing
     guided = nothing + scale * (text - image) + image_scale * (image - nothing)
     return rescale_guidance(guided, text, rescale)
 

@@ -93,7 +93,7 @@ def _distinct_levels(plan: SamplingPlan, name: str) -> None:
 
 # the samplers with a noise scale eta (see takes_eta)
 _ETA_SAMPLERS = ("ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
-                 "dpmpp_3m_sde", "dpm_fast", "dpm_adaptive")
+                 "dpmpp_3m_sde", "dpm_fast", "dpm_adaptive", "ddim_cfgpp", "euler_a_cfgpp")
 
 
 def _deterministic(name: str, eta) -> None:
@@ -196,14 +196,44 @@ def sample_ddim(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
     last_step False: stop at the plan's last timestep's level, one step short of the end, as the CompVis code's DDIM
     loop (and AUTOMATIC1111's) does.
     """
-    eta = _eta("ddim", eta, 0.0)
-    plan = _without_last_step(plan, last_step, "ddim")
+    return _ddim(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress, last_step=last_step,
+                 name="ddim")
+
+
+def sample_ddim_cfgpp(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                      progress: bool = True, last_step: bool = True) -> torch.Tensor:
+    """DDIM with CFG++ (Chung et al. 2024, "CFG++: manifold-constrained classifier free guidance", Algorithm 1;
+    A1111's "DDIM CFG++"): the guided x0 = x0_u + lambda (x0_c - x0_u), but the step renoises along the unconditional
+    eps_u, x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps_u + s z, which keeps the sample on the data
+    manifold where plain CFG's extrapolated eps leaves it. The guidance scale is CFG++'s lambda, in [0, 1] (the
+    paper's range; A1111 divides its CFG scale by 12.5): lambda 0 is the unconditional DDIM, lambda 1 steps to the
+    conditional x0 and still renoises with eps_u; without an uncond it is DDIM. eta and last_step as for ddim."""
+    return _ddim(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress, last_step=last_step,
+                 name="ddim_cfgpp", cfg_pp=True)
+
+
+def _unconditional_x0(denoise, cfg_pp: bool, name: str):
+    # CFG++ (Chung et al. 2024) renoises along the unconditional prediction: the Denoiser keeps its x_0 beside the
+    # guided one (imagine.sampling.Denoiser.keep_uncond)
+    if not cfg_pp:
+        return None
+    if not hasattr(denoise, "keep_uncond"):
+        raise ValueError(f"{name} renoises with the unconditional prediction: it needs an imagine.sampling.Denoiser "
+                         "(which keeps it), not a plain denoising function")
+    denoise.keep_uncond = True
+    return lambda: denoise.uncond_x0
+
+
+def _ddim(denoise, x, plan, *, eta, noise, callback, progress, last_step, name, cfg_pp=False):
+    eta = _eta(name, eta, 0.0)
+    plan = _without_last_step(plan, last_step, name)
+    uncond_x0 = _unconditional_x0(denoise, cfg_pp, name)
     abar = plan.alphas_cumprod.tolist()
-    for i in _steps(plan, progress, "ddim"):
+    for i in _steps(plan, progress, name):
         a_t, a_prev = abar[i], abar[i + 1]
         x0 = denoise(x, i)
         _report(callback, plan, i, x, x0)
-        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+        eps = (x - math.sqrt(a_t) * (uncond_x0() if cfg_pp else x0)) / math.sqrt(1 - a_t)
         s = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - s * s, 0.0)) * eps
         if eta > 0:
@@ -239,16 +269,7 @@ def sample_euler(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma
     (Karras et al. 2022, eq. 4 and Algorithm 2 with S_churn = 0), in VE space."""
     _deterministic("euler", eta)
-    sigmas, dtype = plan.sigmas.tolist(), x.dtype
-    x = _vp_to_ve(x, sigmas[0])
-    for i in _steps(plan, progress, "euler"):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise(x_t, i)
-        _report(callback, plan, i, x_t, denoised)
-        d = (x - denoised) / s
-        x = x + (s_next - s) * d
-    return _ve_to_vp(x, sigmas[-1], dtype)
+    return _euler(denoise, x, plan, eta=None, noise=noise, callback=callback, progress=progress, name="euler")
 
 
 def sample_euler_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
@@ -258,16 +279,45 @@ def sample_euler_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan
     (DDPM-like) transition: sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 (times eta^2),
     sigma_down^2 = sigma_next^2 - sigma_up^2. Euler's method as in Karras et al. 2022, eq. 4."""
     eta = _eta("euler_a", eta, 1.0)
+    return _euler(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress, name="euler_a")
+
+
+def sample_euler_cfgpp(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                       progress: bool = True) -> torch.Tensor:
+    """Euler with CFG++ (Chung et al. 2024, Algorithm 1 in the sigma parametrisation; ComfyUI's euler_cfg_pp): the
+    step goes to the guided D but along the unconditional direction, x_next = D + sigma_next (x - D_u) / sigma,
+    where Euler's is x_next = D + sigma_next (x - D) / sigma. The guidance scale is CFG++'s lambda (about 0 to 1)."""
+    _deterministic("euler_cfgpp", eta)
+    return _euler(denoise, x, plan, eta=None, noise=noise, callback=callback, progress=progress, name="euler_cfgpp",
+                  cfg_pp=True)
+
+
+def sample_euler_ancestral_cfgpp(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                                 callback=None, progress: bool = True) -> torch.Tensor:
+    """Euler ancestral with CFG++ (ComfyUI's euler_ancestral_cfg_pp): x_down = D + sigma_down (x - D_u) / sigma,
+    then Euler ancestral's fresh noise up to sigma_next (eta scales it, default 1)."""
+    eta = _eta("euler_a_cfgpp", eta, 1.0)
+    return _euler(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress, name="euler_a_cfgpp",
+                  cfg_pp=True)
+
+
+def _euler(denoise, x, plan, *, eta, noise, callback, progress, name, cfg_pp=False):
+    # eta None: the ODE's Euler; a number: Euler ancestral's split (which draws its noise at eta 0 too, as before)
+    ancestral, eta = eta is not None, eta or 0.0
+    uncond_x0 = _unconditional_x0(denoise, cfg_pp, name)
     sigmas, dtype = plan.sigmas.tolist(), x.dtype
     x = _vp_to_ve(x, sigmas[0])
-    for i in _steps(plan, progress, "euler_a"):
+    for i in _steps(plan, progress, name):
         s, s_next = sigmas[i], sigmas[i + 1]
         x_t = _ve_to_vp(x, s, dtype)
         denoised = denoise(x_t, i)
         _report(callback, plan, i, x_t, denoised)
         s_down, s_up = _ancestral_step(s, s_next, eta)
-        x = x + (s_down - s) * (x - denoised) / s
-        if s_next > 0:
+        if cfg_pp:
+            x = denoised.double() + s_down * (x - uncond_x0().double()) / s
+        else:
+            x = x + (s_down - s) * (x - denoised) / s
+        if ancestral and s_next > 0:
             x = x + s_up * _noise(noise, x_t).double()
     return _ve_to_vp(x, sigmas[-1], dtype)
 
@@ -1113,16 +1163,23 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "restart": sample_restart,
     "dpm_fast": sample_dpm_fast,
     "dpm_adaptive": sample_dpm_adaptive,
+    "ddim_cfgpp": sample_ddim_cfgpp,
+    "euler_cfgpp": sample_euler_cfgpp,
+    "euler_a_cfgpp": sample_euler_ancestral_cfgpp,
 }
 # the samplers that evaluate the model twice a step (once on the last, to sigma = 0): AUTOMATIC1111 counts their
 # prompt-editing steps (and ControlNet windows) in model calls, 2N - 1 of them
 TWO_CALL_SAMPLERS = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")
+# the CFG++ samplers (Chung et al. 2024): they renoise with the unconditional prediction, so the unconditional pass runs
+# at every guidance scale (the pipelines encode the negative prompt at scale 1 too)
+CFG_PP_SAMPLERS = ("ddim_cfgpp", "euler_cfgpp", "euler_a_cfgpp")
 TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmpp_2m_sde": "dpm_solver",
                  "dpmpp_2m_sde_heun": "dpm_solver", "dpmpp_sde": "karras",
                  "dpmpp_3m": "dpm_solver", "dpmpp_3m_sde": "dpm_solver", "unipc": "dpm_solver",
                  "euler": "karras", "euler_a": "karras", "heun": "karras", "lms": "karras", "dpm2": "karras",
                  "dpm2_a": "karras", "dpmpp_2s_a": "karras", "plms": "ddim", "lcm": "lcm", "restart": "karras",
-                 "dpm_fast": "karras", "dpm_adaptive": "karras"}
+                 "dpm_fast": "karras", "dpm_adaptive": "karras", "ddim_cfgpp": "ddim", "euler_cfgpp": "karras",
+                 "euler_a_cfgpp": "karras"}
 
 # What people type (AUTOMATIC1111's labels, k-diffusion's k_ names, diffusers' classes and algorithm
 # types) -> (canonical name, Karras sigmas implied?). Lookup ignores case, spaces, '-' and '_'.
@@ -1178,6 +1235,9 @@ _alias("dpm_fast", "dpm_fast", "DPM fast", "k_dpm_fast", "dpm_solver_fast")
 _alias("dpm_fast", "DPM fast Karras", "dpm_fast_karras", karras=True)
 _alias("dpm_adaptive", "dpm_adaptive", "DPM adaptive", "k_dpm_ad", "k_dpm_adaptive", "dpm_solver_adaptive")
 _alias("dpm_adaptive", "DPM adaptive Karras", "dpm_adaptive_karras", karras=True)
+_alias("ddim_cfgpp", "ddim_cfgpp", "DDIM CFG++", "ddim_cfg_pp")
+_alias("euler_cfgpp", "euler_cfgpp", "Euler CFG++", "euler_cfg_pp")
+_alias("euler_a_cfgpp", "euler_a_cfgpp", "Euler a CFG++", "euler_ancestral_cfg_pp", "euler_ancestral_cfgpp")
 # AUTOMATIC1111's old names of its Karras variants (k_<sampler>_ka)
 for _name, _canonical in (("k_lms_ka", "lms"), ("k_dpm_2_ka", "dpm2"), ("k_dpm_2_a_ka", "dpm2_a"),
                           ("k_dpmpp_2s_a_ka", "dpmpp_2s_a"), ("k_dpmpp_2m_ka", "dpmpp_2m"),
@@ -1223,6 +1283,7 @@ A1111_SAMPLERS = [
     ("DPM adaptive", ["k_dpm_ad"], "dpm_adaptive"),
     ("Restart", ["restart"], "restart"),
     ("DDIM", [], "ddim"),
+    ("DDIM CFG++", ["ddim_cfgpp"], "ddim_cfgpp"),
     ("PLMS", [], "plms"),
     ("UniPC", [], "unipc"),
     ("LCM", ["k_lcm"], "lcm"),
@@ -1240,6 +1301,8 @@ A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": 
 A1111_DISCARD = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
 # the samplers whose eta A1111 sets to its eta_ancestral, 1, where k-diffusion's (and our) default is 0
 A1111_ETA_ONE = ("dpm_fast", "dpm_adaptive")
+# A1111's "DDIM CFG++" maps its CFG scale to CFG++'s lambda by 1 / 12.5 (CFG 0..12.5 -> lambda 0..1)
+A1111_CFGPP_SCALE = 1 / 12.5
 
 
 # A1111's schedule-type names (and labels, and aliases) where ours differ: ours are ComfyUI's
@@ -1279,7 +1342,8 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     default of a request without one; the other stochastic samplers default to 1 here too). Checked against k-diffusion's
     own functions in tests/test_k_diffusion.py. DDIM and PLMS run A1111's own timesteps (its CompVis samplers'): t = 1,
     1 + k, ... with k = T // steps, the last held to T - 1 (the "compvis" schedule type), from unit noise at the
-    highest, stopping at t = 1's level (last_step False), unless a schedule type is named (A1111 passes over one for them; here it
+    highest, stopping at t = 1's level (last_step False), as is "DDIM CFG++" (with guidance_scale_multiplier 1/12.5:
+    A1111 takes CFG scale / 12.5 as CFG++'s lambda; the caller multiplies), unless a schedule type is named (A1111 passes over one for them; here it
     applies, over the model's range); their image to image keeps diffusers' rule. UniPC, LCM and DDPM keep their own
     timesteps unless a schedule type is named.
     """
@@ -1289,11 +1353,14 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
         if scheduler not in (None, "karras"):
             raise ValueError(f"{name!r} names Karras levels; scheduler {scheduler!r} contradicts it")
         scheduler = "karras"
-    if canonical in ("ddim", "plms") and scheduler is None:
+    # (A1111's DDIM CFG++ takes its CFG scale / 12.5 as CFG++'s lambda: generate's guidance_scale times this)
+    cfg_pp = {"guidance_scale_multiplier": A1111_CFGPP_SCALE} if canonical == "ddim_cfgpp" else {}
+    if canonical in ("ddim", "plms", "ddim_cfgpp") and scheduler is None:
         return {"sampler": canonical, "sigma_schedule": "compvis", "sigma_range": "spaced",
-                "sampler_options": {"last_step": False}}
+                "sampler_options": {"last_step": False}, **cfg_pp}
     if canonical not in A1111_AUTOMATIC:
-        return {"sampler": canonical, "sigma_schedule": scheduler, "sigma_range": "model" if scheduler else "spaced"}
+        return {"sampler": canonical, "sigma_schedule": scheduler, "sigma_range": "model" if scheduler else "spaced",
+                **cfg_pp}
     return {"sampler": canonical, "sigma_schedule": scheduler or A1111_AUTOMATIC[canonical], "sigma_range": "model",
             "discard_penultimate_sigma": canonical in A1111_DISCARD, "start": "sigma_max", "strength_rule": "a1111",
             "sampler_options": {"warmup": "k_diffusion"} if canonical == "dpmpp_3m_sde" else {},

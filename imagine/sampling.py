@@ -164,6 +164,8 @@ class Denoiser:
         self._held: torch.Tensor | None = None  # D(x_T) computed by matched_start, for the first step
         self.known: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see keep_known
         self.evaluations: int | None = None  # the run's model evaluations where a step takes more than one
+        # CFG++ (keep_unconditional): the unconditional x_0 of the last evaluation, beside the guided one it returns
+        self.keep_uncond, self.uncond_x0, self._uncond_out = False, None, None
 
     def keep_known(self, x0: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor) -> None:
         """Inpainting by the replacement method (Song et al. 2021, "Score-based generative modeling",
@@ -206,14 +208,24 @@ class Denoiser:
         # (the conditioning of step i, or for a sampler of two evaluations a step of the model call's count, as
         # AUTOMATIC1111 counts its prompt editing's steps: prompt editing changes it during the run)
         k = self.calls if self.evaluations else i
-        out = self.guidance(self.model, x, self._t(x, t), cond_at(self.cond, k), cond_at(self.uncond, k),
-                            self.guidance_scale, rescale=self.guidance_rescale)
+        parts = {} if self.keep_uncond else None
+        try:
+            out = self.guidance(self.model, x, self._t(x, t), cond_at(self.cond, k), cond_at(self.uncond, k),
+                                self.guidance_scale, rescale=self.guidance_rescale,
+                                **({"parts": parts} if parts is not None else {}))
+        except TypeError as e:
+            if parts is not None and "parts" in str(e):
+                raise ValueError("the CFG++ samplers need the unconditional output: this guidance rule takes no "
+                                 "`parts` (see imagine.guidance.guided_model_output)") from e
+            raise
         self.calls += 1
         if out.shape != x.shape:
             if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1]:
                 out = out[:, : x.shape[1]]  # learned variance (improved DDPM): we sample with fixed variances
             else:
                 raise ValueError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+        if parts is not None:
+            self._uncond_out = parts["uncond"][:, : x.shape[1]]
         if not bool(torch.isfinite(out).all()):
             raise FloatingPointError(f"the model returned NaN or inf at step {i + 1} of {len(self.plan)} "
                                      f"(t = {t:g})")
@@ -244,6 +256,8 @@ class Denoiser:
             x0, eps, mask = self.known
             x = torch.lerp((math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * eps).to(x.dtype), x, mask.to(x.dtype))
         out = self.model_output(x, i, t)
+        if self.keep_uncond:  # (CFG++: the model's own unconditional x_0, without classifier guidance or thresholds)
+            self.uncond_x0 = predict_x0(self._uncond_out, x, abar, self.prediction_type)
         if self.classifier is not None and self.classifier_scale and self.classifier_form == "eps" and abar > 0:
             # Dhariwal & Nichol 2021, Alg. 2: eps_hat = eps - sqrt(1 - abar) s grad, and x_0 from eps_hat
             grad = classifier_gradient(self.classifier, x, self._t(x, t)).to(out.dtype)

@@ -375,7 +375,7 @@ def test_names_and_options():
         assert fn is SAMPLERS[name]
     assert {s for s in SAMPLERS if takes_eta(s)} == {"ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde",
                                                      "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpm_fast",
-                                                     "dpm_adaptive"}
+                                                     "dpm_adaptive", "ddim_cfgpp", "euler_a_cfgpp"}
     cfg = config("scaled_linear", "leading", "epsilon")
     for sampler in ("lms", "dpm2", "plms"):
         with pytest.raises(ValueError, match="deterministic and takes no eta"):
@@ -391,8 +391,10 @@ def test_a1111_api_lists_the_new_samplers():
     app = pytest.importorskip("imagine.server.app")
     table = app.SamplerTable(app.our_sampler_names())
     names = table.names()
-    for label in ("LMS", "DPM2", "DPM2 a", "DPM++ 2S a", "PLMS", "LCM", "DPM++ SDE", "DPM++ 2M SDE Heun", "Restart"):
+    for label in ("LMS", "DPM2", "DPM2 a", "DPM++ 2S a", "PLMS", "LCM", "DPM++ SDE", "DPM++ 2M SDE Heun", "Restart",
+                  "DPM fast", "DPM adaptive"):
         assert label in names
+    assert table.resolve("k_dpm_ad") == ("dpm_adaptive", None) and table.a1111_name("dpm_fast") == "DPM fast"
     assert table.resolve("DPM++ SDE Karras") == ("dpmpp_sde", True)
     assert table.resolve("DPM2 a") == ("dpm2_a", None)
     assert table.resolve("LMS Karras") == ("lms", True)

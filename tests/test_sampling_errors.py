@@ -35,7 +35,8 @@ def test_unknown_sampler_lists_the_valid_names():
 def test_registry_names_and_aliases():
     assert sampler_names() == ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_sde", "dpmpp_3m",
                                "dpmpp_3m_sde", "unipc", "euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2s_a",
-                               "plms", "lcm", "restart", "dpm_fast", "dpm_adaptive"]
+                               "plms", "lcm", "restart", "dpm_fast", "dpm_adaptive", "ddim_cfgpp", "euler_cfgpp",
+                               "euler_a_cfgpp"]
     for alias, (name, karras) in {"DPM++ 2M": ("dpmpp_2m", False), "DPM++ 2M Karras": ("dpmpp_2m", True),
                                   "Euler a": ("euler_a", False), "Euler": ("euler", False), "Heun": ("heun", False),
                                   "DDIM": ("ddim", False), "DDPM": ("ddpm", False), "k_euler": ("euler", False),

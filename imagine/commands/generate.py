@@ -611,6 +611,9 @@ def run(args) -> int:
         args.sampler = a1111.pop("sampler")
         if args.eta is None:  # (A1111's eta_ancestral, 1, for DPM fast and DPM adaptive)
             args.eta = a1111.get("eta")
+        if "guidance_scale_multiplier" in a1111:  # (DDIM CFG++: A1111's CFG scale / 12.5 is CFG++'s lambda)
+            given = pipe.defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+            args.guidance_scale = given * a1111["guidance_scale_multiplier"]
         sampling = {"sigma_schedule": a1111["sigma_schedule"],
                     "sampler_options": {**a1111.get("sampler_options", {}), **(sampler_options or {})} or None,
                     "start": a1111.get("start"),

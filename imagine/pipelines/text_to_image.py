@@ -798,7 +798,8 @@ class TextToImagePipeline:
         self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
         # (A1111 schedules a second-order sampler's edits over 2N model calls; the denoiser counts its calls then)
         editing = (2 * steps if _two_call(sampler) else steps) if prompt_editing else None
-        guided = guidance_scale != 1.0 or (self.edits and not image_guidance_gate)  # (A1111's edit guidance: always)
+        # (A1111's edit guidance: always; CFG++'s samplers renoise with the unconditional prediction at scale 1 too)
+        guided = guidance_scale != 1.0 or (self.edits and not image_guidance_gate) or _cfg_pp(sampler)
         cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts, editing,
                                          composable=composable)
         if self.edits and controls and any(c[4] in ("guess", "controlnet") or c[0].config.global_pool_conditions
@@ -1058,8 +1059,8 @@ class TextToImagePipeline:
         t0 = time.perf_counter()
         generators = make_generators(len(prompts), seeds)
         self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
-        cond, uncond = self.conditioning(prompts, negatives, height, width, guidance_scale != 1.0, emphasis,
-                                         long_prompts)
+        cond, uncond = self.conditioning(prompts, negatives, height, width, guidance_scale != 1.0 or _cfg_pp(sampler),
+                                         emphasis, long_prompts)
         label, negative_label, concat = condition(generators)
         cond = {**cond, "class_labels": label}
         uncond = None if uncond is None else {**uncond, "class_labels": negative_label}
@@ -1435,10 +1436,23 @@ def _prompt_list(prompt, per_prompt) -> list[str]:
 
 def _two_call(sampler: str) -> bool:
     """Whether a sampler evaluates the model twice a step (imagine.samplers.TWO_CALL_SAMPLERS)."""
-    from imagine.samplers import TWO_CALL_SAMPLERS, resolve_sampler
+    from imagine.samplers import TWO_CALL_SAMPLERS
+
+    return _sampler_in(sampler, TWO_CALL_SAMPLERS)
+
+
+def _cfg_pp(sampler: str) -> bool:
+    """Whether a sampler is a CFG++ one, which needs the unconditional pass at every guidance scale, 1 too."""
+    from imagine.samplers import CFG_PP_SAMPLERS
+
+    return _sampler_in(sampler, CFG_PP_SAMPLERS)
+
+
+def _sampler_in(sampler: str, names) -> bool:
+    from imagine.samplers import resolve_sampler
 
     try:
-        return resolve_sampler(sampler)[0] in TWO_CALL_SAMPLERS
+        return resolve_sampler(sampler)[0] in names
     except (TypeError, ValueError):
         return False
 

@@ -1099,7 +1099,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         # (its infotext names the schedule type unless "Automatic" left k-diffusion's own levels, "uniform", or the
         # sampler is one of its CompVis ones, DDIM and PLMS, which A1111 runs on their own timesteps; a type named for
         # them is applied here, and named)
-        shown = asked or (schedule if schedule != "uniform" and sampler not in ("ddim", "plms") else None)
+        shown = asked or (schedule if schedule != "uniform" and sampler not in ("ddim", "plms", "ddim_cfgpp") else None)
         base = check_seed("seed", req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
         variation = float(req.subseed_strength)
@@ -1145,7 +1145,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         # an empty negative prompt is none given: zeros on SDXL, as AUTOMATIC1111 runs it (encoded "" elsewhere)
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt or None] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
-                                    guidance_scale=float(guidance), schedule=schedule, eta=eta, options=options,
+                                    guidance_scale=float(guidance) * a1111.get("guidance_scale_multiplier", 1.0),
+                                    schedule=schedule, eta=eta, options=options,
                                     sigma_range=a1111["sigma_range"], start=a1111.get("start", "noise"),
                                     discard_penultimate_sigma=a1111.get("discard_penultimate_sigma", False),
                                     strength_rule=a1111.get("strength_rule", "diffusers"),
