@@ -1342,8 +1342,8 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     default of a request without one; the other stochastic samplers default to 1 here too). Checked against k-diffusion's
     own functions in tests/test_k_diffusion.py. DDIM and PLMS run A1111's own timesteps (its CompVis samplers'): t = 1,
     1 + k, ... with k = T // steps, the last held to T - 1 (the "compvis" schedule type), from unit noise at the
-    highest, stopping at t = 1's level (last_step False), as is "DDIM CFG++" (with guidance_scale_multiplier 1/12.5:
-    A1111 takes CFG scale / 12.5 as CFG++'s lambda; the caller multiplies), unless a schedule type is named (A1111 passes over one for them; here it
+    highest, stopping at t = 1's level (last_step False), as does "DDIM CFG++" (whose guidance scale A1111 divides by
+    12.5: a1111_guidance_scale), unless a schedule type is named (A1111 passes over one for them; here it
     applies, over the model's range); their image to image keeps diffusers' rule. UniPC, LCM and DDPM keep their own
     timesteps unless a schedule type is named.
     """
@@ -1353,18 +1353,22 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
         if scheduler not in (None, "karras"):
             raise ValueError(f"{name!r} names Karras levels; scheduler {scheduler!r} contradicts it")
         scheduler = "karras"
-    # (A1111's DDIM CFG++ takes its CFG scale / 12.5 as CFG++'s lambda: generate's guidance_scale times this)
-    cfg_pp = {"guidance_scale_multiplier": A1111_CFGPP_SCALE} if canonical == "ddim_cfgpp" else {}
     if canonical in ("ddim", "plms", "ddim_cfgpp") and scheduler is None:
         return {"sampler": canonical, "sigma_schedule": "compvis", "sigma_range": "spaced",
-                "sampler_options": {"last_step": False}, **cfg_pp}
+                "sampler_options": {"last_step": False}}
     if canonical not in A1111_AUTOMATIC:
-        return {"sampler": canonical, "sigma_schedule": scheduler, "sigma_range": "model" if scheduler else "spaced",
-                **cfg_pp}
+        return {"sampler": canonical, "sigma_schedule": scheduler, "sigma_range": "model" if scheduler else "spaced"}
     return {"sampler": canonical, "sigma_schedule": scheduler or A1111_AUTOMATIC[canonical], "sigma_range": "model",
             "discard_penultimate_sigma": canonical in A1111_DISCARD, "start": "sigma_max", "strength_rule": "a1111",
             "sampler_options": {"warmup": "k_diffusion"} if canonical == "dpmpp_3m_sde" else {},
             **({"eta": 1.0} if canonical in A1111_ETA_ONE else {})}
+
+
+def a1111_guidance_scale(name: str, cfg_scale: float) -> float:
+    """The guidance scale that runs AUTOMATIC1111's sampler `name` at its CFG scale `cfg_scale`: for "DDIM CFG++",
+    CFG++'s lambda = cfg_scale / 12.5 (A1111 maps CFG 0..12.5 to lambda 0..1); for every other sampler the scale
+    itself."""
+    return float(cfg_scale) * (A1111_CFGPP_SCALE if resolve_sampler(name)[0] == "ddim_cfgpp" else 1.0)
 
 
 def a1111_label(name: str) -> tuple[str, bool]:

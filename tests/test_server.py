@@ -23,7 +23,7 @@ from PIL import Image
 webuiapi = pytest.importorskip("webuiapi")
 openai = pytest.importorskip("openai")
 
-from imagine.samplers import a1111_settings  # noqa: E402
+from imagine.samplers import a1111_guidance_scale, a1111_settings  # noqa: E402
 from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -218,15 +218,17 @@ def test_unknown_sampler_and_karras_names(server):
 @pytest.mark.parametrize("sampler, scheduler", [("Euler", "Karras"), ("Euler", None), ("DPM++ 2M", "Automatic"),
                                                 ("DPM2", None), ("Euler a", "SGM Uniform"), ("Euler", "DDIM"),
                                                 ("DDIM", None), ("Restart", None), ("DPM fast", None),
-                                                ("DPM adaptive", None)])
+                                                ("DPM adaptive", None), ("DDIM CFG++", None)])
 def test_a1111_api_runs_samplers_as_a1111(server, pipe, sampler, scheduler):
     """The A1111 API runs a sampler as A1111 does (samplers.a1111_settings, checked against k-diffusion in
     test_k_diffusion.py): the schedule type "Automatic" picks for it (Euler: k-diffusion's own levels; DPM++ 2M and
     DPM2: Karras), over the model's whole range, from x_T = z sigma_max, with DPM2's discarded level, DPM fast's and
-    DPM adaptive's eta 1: the pipeline's image with those settings, not with diffusers' ways."""
+    DPM adaptive's eta 1, DDIM CFG++'s lambda = CFG scale / 12.5: the pipeline's image with those settings, not with
+    diffusers' ways."""
     r = _txt2img(server, sampler_name=sampler, seed=6, **({"scheduler": scheduler} if scheduler else {}))
     assert r.status_code == 200, r.text
-    kw = dict(seed=6, steps=STEPS, height=SIZE, width=SIZE, guidance_scale=5.0, progress=False)
+    kw = dict(seed=6, steps=STEPS, height=SIZE, width=SIZE, guidance_scale=a1111_guidance_scale(sampler, 5.0),
+              progress=False)
     asked = None if scheduler in (None, "Automatic") else scheduler.lower().replace(" ", "_").replace("ddim", "ddim_uniform")
     want = pipe.generate("a red circle", **kw, **a1111_settings(sampler, asked)).images[0]
     ours = pipe.generate("a red circle", **kw, sampler=sampler, sigma_schedule=asked).images[0]

@@ -605,15 +605,15 @@ def run(args) -> int:
                                                tokenizer_2=args.tokenizer_2, clip_skip=args.clip_skip)
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
     if args.a1111_sampling:
-        from imagine.samplers import a1111_settings
+        from imagine.samplers import a1111_guidance_scale, a1111_settings
 
         a1111 = a1111_settings(args.sampler or pipe.defaults["sampler"], args.sigma_schedule)
         args.sampler = a1111.pop("sampler")
         if args.eta is None:  # (A1111's eta_ancestral, 1, for DPM fast and DPM adaptive)
             args.eta = a1111.get("eta")
-        if "guidance_scale_multiplier" in a1111:  # (DDIM CFG++: A1111's CFG scale / 12.5 is CFG++'s lambda)
-            given = pipe.defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
-            args.guidance_scale = given * a1111["guidance_scale_multiplier"]
+        # (DDIM CFG++: A1111's CFG scale / 12.5 is CFG++'s lambda)
+        args.guidance_scale = a1111_guidance_scale(args.sampler, pipe.defaults["guidance_scale"]
+                                                   if args.guidance_scale is None else args.guidance_scale)
         sampling = {"sigma_schedule": a1111["sigma_schedule"],
                     "sampler_options": {**a1111.get("sampler_options", {}), **(sampler_options or {})} or None,
                     "start": a1111.get("start"),

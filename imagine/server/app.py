@@ -42,6 +42,7 @@ from imagine.images import RESIZE_MODES, controlnet_unit_text, fit_picture
 from imagine.samplers import (  # AUTOMATIC1111's labels and ways of our samplers
     A1111_SAMPLERS,
     A1111_SCHEDULE_NAMES,
+    a1111_guidance_scale,
     a1111_schedule,
     a1111_settings,
 )
@@ -1145,7 +1146,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         # an empty negative prompt is none given: zeros on SDXL, as AUTOMATIC1111 runs it (encoded "" elsewhere)
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt or None] * n, seeds=seeds,
                   settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
-                                    guidance_scale=float(guidance) * a1111.get("guidance_scale_multiplier", 1.0),
+                                    guidance_scale=a1111_guidance_scale(sampler, guidance),
                                     schedule=schedule, eta=eta, options=options,
                                     sigma_range=a1111["sigma_range"], start=a1111.get("start", "noise"),
                                     discard_penultimate_sigma=a1111.get("discard_penultimate_sigma", False),

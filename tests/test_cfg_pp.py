@@ -1,0 +1,164 @@
+"""CFG++ (Chung et al. 2024): DDIM, Euler and Euler a that renoise with the unconditional prediction.
+
+Checked against A1111's "DDIM CFG++" (modules/sd_samplers_timesteps_impl.py, ddim_cfgpp, restated: its CompVis
+timesteps, the guided eps from CFG scale / 12.5, x0 from it, the direction from the unconditional eps) and against the
+identities that follow from the paper's update: at lambda 0 a CFG++ sampler is its plain sampler run on the
+unconditional prediction, and with no guidance at all it is the plain sampler.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_samplers_parity import SEEDS, SHAPE, config, make_model
+
+from imagine.samplers import A1111_CFGPP_SCALE, a1111_guidance_scale, a1111_settings
+from imagine.sampling import Denoiser, sample
+from imagine.schedules import NoiseSchedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONFIGS = [config("scaled_linear", "leading", "epsilon"), config("scaled_linear", "leading", "v_prediction")]
+
+
+def conditioned(cfg):
+    """The parity harness's tiny model with a conditioning input: its output shifted and scaled by `c`."""
+    inner = make_model(cfg)
+
+    def model(x, t, c):
+        c = c.view(-1, 1, 1, 1).to(x.dtype)
+        return inner(x + 0.3 * c, t) * (1 + 0.2 * c)
+
+    return model
+
+
+COND = {"c": torch.tensor([1.0, -0.5])}
+UNCOND = {"c": torch.tensor([0.0, 0.0])}
+
+
+def run(cfg, sampler, steps=8, **kw):
+    return sample(conditioned(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), sampler=sampler,
+                  steps=steps, seeds=SEEDS, progress=False, **kw)
+
+
+@torch.no_grad()
+def a1111_ddim_cfgpp(cfg, steps, cfg_scale, eta=0.0):
+    """A1111's ddim_cfgpp restated: timesteps clip(range(0, T, T // steps) + 1, 0, T - 1) over the model's float32
+    abar, x = each image's unit noise, len - 1 steps down to the lowest timestep's level; at each, eps_c and eps_u from
+    the model (v turned into eps at the integer timestep), e = eps_u + (eps_c - eps_u) cfg_scale / 12.5, x0 from e,
+    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps_u + s z."""
+    model = conditioned(cfg)
+    abar = NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod.float()
+    timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    alphas = abar[timesteps].double()
+    alphas_prev = abar[torch.nn.functional.pad(timesteps[:-1], (1, 0))].double()
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]).double()
+
+    def eps(x, t, c):
+        out = model(x.float(), torch.full((x.shape[0],), float(t)), c["c"]).double()
+        if cfg["prediction_type"] == "v_prediction":
+            a = float(abar[t])
+            out = a ** 0.5 * out + (1 - a) ** 0.5 * x
+        return out
+
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        t = int(timesteps[index])
+        e_c, e_u = eps(x, t, COND), eps(x, t, UNCOND)
+        e = e_u + (e_c - e_u) * cfg_scale / 12.5
+        a_t, a_prev = float(alphas[index]), float(alphas_prev[index])
+        s = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        x0 = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
+        z = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]).double()
+        x = a_prev ** 0.5 * x0 + (1 - a_prev - s ** 2) ** 0.5 * e_u + s * z
+    return x
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["prediction_type"])
+@pytest.mark.parametrize("steps, cfg_scale, eta", [(5, 7.0, 0.0), (12, 12.5, 0.0), (9, 5.0, 0.5), (20, 1.0, 0.0)])
+def test_ddim_cfgpp_equals_a1111s(cfg, steps, cfg_scale, eta):
+    theirs = a1111_ddim_cfgpp(cfg, steps, cfg_scale, eta)
+    settings = a1111_settings("DDIM CFG++")
+    ours = run(cfg, settings.pop("sampler"), steps, cond=COND, uncond=UNCOND, eta=eta,
+               guidance_scale=a1111_guidance_scale("DDIM CFG++", cfg_scale), **settings)
+    err = float((ours.double() - theirs).abs().max())
+    assert err < 1e-4, f"{steps} steps, CFG {cfg_scale}: max |ours - A1111's| = {err:.2e}"
+
+
+def test_a1111_maps_cfg_to_lambda():
+    assert A1111_CFGPP_SCALE == pytest.approx(1 / 12.5)
+    assert a1111_guidance_scale("DDIM CFG++", 7.5) == pytest.approx(0.6)
+    assert a1111_guidance_scale("ddim_cfgpp", 12.5) == pytest.approx(1.0)
+    assert a1111_guidance_scale("DDIM", 7.5) == 7.5 and a1111_guidance_scale("Euler CFG++", 1.5) == 1.5
+
+
+@pytest.mark.parametrize("cfgpp, plain, kw", [("ddim_cfgpp", "ddim", {}), ("ddim_cfgpp", "ddim", {"eta": 0.7}),
+                                              ("euler_cfgpp", "euler", {}), ("euler_a_cfgpp", "euler_a", {}),
+                                              ("euler_a_cfgpp", "euler_a", {"eta": 0.5})])
+def test_lambda_zero_is_the_unconditional_sampler(cfgpp, plain, kw):
+    """At lambda 0 the guided prediction is the unconditional one, and the step renoises with it too: the plain
+    sampler run on the unconditional inputs alone (its draws the same)."""
+    cfg = CONFIGS[0]
+    ours = run(cfg, cfgpp, cond=COND, uncond=UNCOND, guidance_scale=0.0, **kw)
+    want = run(cfg, plain, cond=UNCOND, **kw)
+    torch.testing.assert_close(ours, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("cfgpp, plain", [("ddim_cfgpp", "ddim"), ("euler_cfgpp", "euler"),
+                                          ("euler_a_cfgpp", "euler_a")])
+def test_lambda_one_still_renoises_with_the_unconditional_prediction(cfgpp, plain):
+    """lambda 1 goes to the conditional x0 but along the unconditional direction: not the plain sampler's conditional
+    run (which skips the unconditional pass at scale 1); without an uncond there is nothing else to renoise with, and
+    it is the plain sampler."""
+    cfg = CONFIGS[0]
+    calls = []
+    inner = conditioned(cfg)
+
+    def counting(x, t, c):
+        calls.append(x.shape[0])
+        return inner(x, t, c)
+
+    schedule = NoiseSchedule.from_diffusers_config(cfg)
+    ours = sample(counting, SHAPE, schedule=schedule, sampler=cfgpp, steps=8, seeds=SEEDS, progress=False, cond=COND,
+                  uncond=UNCOND, guidance_scale=1.0)
+    assert sum(calls) == 2 * SHAPE[0] * 8  # (both passes at every step)
+    plain_run = run(cfg, plain, cond=COND, guidance_scale=1.0)
+    gap = float((ours - plain_run).abs().max())
+    assert gap > 1e-2, gap
+    torch.testing.assert_close(run(cfg, cfgpp, cond=COND), plain_run, rtol=0, atol=2e-5)
+
+
+def test_pipeline_runs_the_unconditional_pass_at_scale_one(tmp_path):
+    """generate() encodes the negative prompt for a CFG++ sampler at guidance 1 too (diffusers and our pipelines skip
+    it at 1 for plain CFG): the image differs from the plain sampler's at 1."""
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.testing import make_tiny_model
+
+    pipe = TextToImagePipeline.from_pretrained(make_tiny_model(tmp_path / "tiny"))
+    kw = dict(seed=3, steps=6, guidance_scale=1.0, progress=False, output_type="latent")
+    cfgpp = pipe.generate("a red circle", "blue", sampler="ddim_cfgpp", **kw).latents
+    plain = pipe.generate("a red circle", "blue", sampler="ddim", **kw).latents
+    assert float((cfgpp - plain).abs().max()) > 1e-4
+
+
+def test_errors_name_the_problem():
+    from imagine.samplers import SAMPLERS
+
+    schedule = NoiseSchedule.from_config("scaled_linear")
+    plan = schedule.plan(4, rule="ddim")
+    with pytest.raises(ValueError, match="needs an imagine.sampling.Denoiser"):
+        SAMPLERS["ddim_cfgpp"](lambda x, i: x, torch.zeros(SHAPE), plan, progress=False)
+    cfg = CONFIGS[0]
+
+    def rule(model, x, t, cond, uncond, scale, rescale=0.0):  # a guidance rule of the caller's, without `parts`
+        return model(x, t, **cond)
+
+    with pytest.raises(ValueError, match="takes no `parts`"):
+        run(cfg, "euler_cfgpp", cond=COND, uncond=UNCOND, guidance_scale=0.5, guidance=rule)
+    with pytest.raises(ValueError, match="deterministic and takes no eta"):
+        run(cfg, "euler_cfgpp", eta=0.5)
+    # the denoiser keeps the unconditional x0 only when a CFG++ sampler asks
+    denoise = Denoiser(conditioned(cfg), plan, "epsilon", COND, UNCOND, 0.5)
+    denoise(torch.zeros(SHAPE), 0)
+    assert denoise.uncond_x0 is None
