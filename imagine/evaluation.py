@@ -229,6 +229,10 @@ SWEEPS = {
                      dict(guidance_scale=12.0, thresholding="static", threshold_range=1.0),
                      dict(guidance_scale=12.0, thresholding="dynamic"),
                      dict(guidance_scale=12.0, thresholding="static")],
+    # Chung et al. 2024 (CFG++): renoising along the unconditional prediction keeps guided samples on the data
+    # manifold; CFG scales 3 / 7.5 / 12 against CFG++'s lambda = scale / 12.5 (A1111's mapping), DDIM both
+    "cfgpp": ([dict(sampler="ddim", steps=20, guidance_scale=g) for g in (3.0, 7.5, 12.0)]
+              + [dict(sampler="ddim_cfgpp", steps=20, guidance_scale=g / 12.5) for g in (3.0, 7.5, 12.0)]),
 }
 
 

@@ -220,7 +220,8 @@ def instruct_pix2pix_guidance(model: Callable[..., torch.Tensor], x: torch.Tenso
             raise ValueError("AND (composed prompts) combines with instruct-pix2pix only at image_guidance_scale 1 "
                              "(as AUTOMATIC1111); give the instruction as one prompt, or image guidance 1")
         return composed_guidance(model, x, t, cond, uncond, scale, rescale, parts=parts)
-    if uncond is None or (gate and not (scale > 1 and image_scale >= 1)):
+    # (the gate is diffusers' CFG rule; CFG++'s lambda is below 1 and needs the unconditional pass: no gate for it)
+    if uncond is None or (gate and parts is None and not (scale > 1 and image_scale >= 1)):
         out = model(x, t, **cond)
         if parts is not None:
             parts["uncond"] = out

@@ -132,7 +132,12 @@ def a1111_parameters(p: dict) -> str:
 
     put("Schedule type", SCHEDULE_LABELS.get(str(schedule), str(schedule).capitalize()) if schedule else None)
     put("Schedule rho", p.get("schedule_rho"))
-    put("CFG scale", p.get("guidance_scale"))
+    cfg = p.get("guidance_scale")
+    if cfg is not None and sampler == "DDIM CFG++":  # its lambda is A1111's CFG scale / 12.5: written as that scale
+        from imagine.samplers import A1111_CFGPP_SCALE
+
+        cfg = round(float(cfg) / A1111_CFGPP_SCALE, 6)
+    put("CFG scale", cfg)
     put("Image CFG scale", p.get("image_guidance_scale"))  # (instruct-pix2pix)
     put("Seed", p.get("seed"))
     if p.get("subseed_strength"):  # A1111's variation seed

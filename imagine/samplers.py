@@ -832,14 +832,31 @@ def sample_dpmpp_3m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *
 
 
 # -- DPM-Solver (Lu et al. 2022), singlestep: fixed steps ("DPM fast") and adaptive ones -------------------
-def _dpm_solver_span(plan: SamplingPlan, name: str) -> tuple[float, float]:
-    # DPM-Solver integrates the ODE from the plan's first level to its last above sigma = 0 (k-diffusion's solvers
-    # need sigma_min > 0; A1111 and ComfyUI pass sigmas[0] and sigmas[-2]) and returns the sample there
+DPM_SOLVER_ENDS = ("auto", "plan", "model")
+
+
+def _dpm_solver_span(denoise, plan: SamplingPlan, name: str, ends: str) -> tuple[float, float]:
+    """(sigma_start, sigma_end) of DPM-Solver's integration (k-diffusion's solvers need sigma_end > 0):
+    "plan": the plan's first level to its last above 0 (ComfyUI's sigmas[0] and sigmas[-2], A1111's image to image);
+    "model": the model's whole trained range, sigma_max to sigma_min, whatever the plan (A1111's text to image);
+    "auto": the plan's first level to the model's sigma_min (or the plan's last level above 0 where that is lower, or
+    where the denoiser knows no schedule), so a plan whose last level is high (trailing spacing) still ends clean."""
+    if ends not in DPM_SOLVER_ENDS:
+        raise ValueError(f"{name}: ends must be one of {', '.join(map(repr, DPM_SOLVER_ENDS))}; got {ends!r}")
     levels = [s for s in plan.sigmas.tolist() if s > 0]
-    if len(levels) < 2 or levels[0] <= levels[-1]:
-        raise ValueError(f"{name} integrates from the plan's first noise level to its last above 0, so it needs two "
-                         f"different levels above 0 (at least 2 steps); got {len(levels)} ({levels})")
-    return levels[0], levels[-1]
+    schedule = getattr(denoise, "schedule", None)
+    table = schedule._sigma_table(float32=True) if schedule is not None else None  # (k-diffusion's float32 levels)
+    if ends == "model":
+        if table is None:
+            raise ValueError(f"{name}: ends='model' needs the training schedule (Denoiser(..., schedule=...))")
+        return float(table[-1]), float(table[0])
+    if not levels:
+        raise ValueError(f"{name}: the plan has no noise level above 0 to integrate from")
+    end = levels[-1] if ends == "plan" or table is None else min(levels[-1], float(table[0]))
+    if levels[0] <= end:
+        raise ValueError(f"{name} integrates from the plan's first noise level to its last above 0 (ends={ends!r}), "
+                         f"so it needs two different levels above 0 (at least 2 steps); got {levels}")
+    return levels[0], end
 
 
 def _log_snr(sigma: float) -> torch.Tensor:
@@ -852,16 +869,17 @@ def _sigma_of(lam: torch.Tensor) -> float:
     return float((-lam).exp())
 
 
-def _dpm_solver_eps(denoise, dtype: torch.dtype, i_of):
+def _dpm_solver_eps(denoise, dtype: torch.dtype, i_of, first_level: float):
     """eps(x_VE, lambda) = (x - D(x; sigma)) / sigma at sigma = e^{-lambda}, the model at that level's fractional
-    timestep (Denoiser.at_sigma), within the plan's step i_of(sigma); the first call, at the plan's first level, is
-    the plan's step 0 (a matched start's held D, inpainting's first call)."""
+    timestep (Denoiser.at_sigma), within the plan's step i_of(sigma); the first call, where it is at the plan's first
+    level (to float32's rounding), is the plan's step 0 (a matched start's held D, inpainting's first call)."""
     first = []
 
     def eps(x: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = _sigma_of(lam)
         x_t = _ve_to_vp(x, sigma, dtype)
-        denoised = denoise(x_t, 0) if not first else denoise.at_sigma(x_t, sigma, i_of(sigma))
+        on_plan = not first and math.isclose(sigma, first_level, rel_tol=1e-6)
+        denoised = denoise(x_t, 0) if on_plan else denoise.at_sigma(x_t, sigma, i_of(sigma))
         first.append(True)
         return (x - denoised.double()) / sigma, denoised
 
@@ -928,18 +946,24 @@ def _timestep_of(denoise, sigma: float) -> float:
 
 
 def sample_dpm_fast(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
-                    progress: bool = True, s_noise: float = 1.0) -> torch.Tensor:
+                    progress: bool = True, s_noise: float = 1.0, ends: str = "auto",
+                    calls: int | None = None) -> torch.Tensor:
     """DPM-Solver-fast (Lu et al. 2022, sec. 3.4 and appendix C's fixed step schedule; k-diffusion's sample_dpm_fast,
     A1111's "DPM fast"): singlestep DPM-Solver with K = N model calls over M = floor(K/3) + 1 steps even in
-    lambda = -log sigma, of orders 3, ..., 3, then 2, 1 when 3 divides K, else 3, ..., 3, K mod 3. It runs from the
-    plan's first level to its last above 0 (A1111 and ComfyUI pass sigmas[0] and sigmas[-2]; N = the plan's steps)
-    and returns the sample there, x_0 + sigma_min z in VE terms, as k-diffusion does: no last step to sigma = 0.
-    The plan's other levels are not used. eta > 0 (A1111 runs eta 1, its eta_ancestral): each step goes down to
+    lambda = -log sigma, of orders 3, ..., 3, then 2, 1 when 3 divides K, else 3, ..., 3, K mod 3 (N = the plan's
+    steps). It integrates between the `ends` (_dpm_solver_span: "auto", the plan's first level to the model's
+    sigma_min; "plan", to the plan's last level above 0, ComfyUI's and A1111's image to image; "model", the model's
+    whole range, A1111's text to image, the start sample read at the plan's first level as A1111 scales it) and returns
+    the sample there, x_0 + sigma_min z in VE terms, as k-diffusion does: no last step to sigma = 0. The plan's
+    other levels are not used. eta > 0 (A1111 runs eta 1, its eta_ancestral): each step goes down to
     Euler ancestral's sigma_down, then s_noise times fresh noise fills up to the next level. Prompt editing and
-    ControlNet windows count model calls, as A1111's denoiser counts its steps."""
+    ControlNet windows count model calls, as A1111's denoiser counts its steps. calls: K (default N; A1111's text to
+    image passes the steps asked, which `sample` gives with ends "model", where a schedule type may lay out more)."""
     eta = _eta("dpm_fast", eta, 0.0)
-    n = len(plan)
-    s_max, s_min = _dpm_solver_span(plan, "dpm_fast")
+    n = len(plan) if calls is None else calls
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"dpm_fast: calls (its model calls) must be a positive int; got {calls!r}")
+    s_max, s_min = _dpm_solver_span(denoise, plan, "dpm_fast", ends)
     if getattr(denoise, "evaluations", False) is not False:
         denoise.evaluations = n  # (conditioning and ControlNet windows follow the model calls)
     m = n // 3 + 1
@@ -947,8 +971,8 @@ def sample_dpm_fast(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, no
     lam_end = _log_snr(s_min)
     lams = torch.linspace(float(_log_snr(s_max)), float(lam_end), m + 1, dtype=torch.float32)
     dtype, step_of = x.dtype, _nearest_step(plan)
-    eps_of = _dpm_solver_eps(denoise, dtype, step_of)
-    x = _vp_to_ve(x, s_max)
+    eps_of = _dpm_solver_eps(denoise, dtype, step_of, float(plan.sigmas[0]))
+    x = _vp_to_ve(x, float(plan.sigmas[0]))
     for k in tqdm(range(len(orders)), desc="dpm_fast", disable=not progress, leave=False):
         lam, lam_next = lams[k], lams[k + 1]
         lam_to, s_up = _ancestral_split(lam, lam_next, lam_end, eta)
@@ -965,31 +989,33 @@ def sample_dpm_fast(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, no
 def sample_dpm_adaptive(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
                         callback=None, progress: bool = True, order: int = 3, rtol: float = 0.05,
                         atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0, icoeff: float = 1.0,
-                        dcoeff: float = 0.0, accept_safety: float = 0.81, s_noise: float = 1.0) -> torch.Tensor:
+                        dcoeff: float = 0.0, accept_safety: float = 0.81, s_noise: float = 1.0,
+                        ends: str = "auto") -> torch.Tensor:
     """DPM-Solver-12 / -23 with adaptive steps (Lu et al. 2022, sec. 3.4 and appendix C, Algorithm 6;
     k-diffusion's sample_dpm_adaptive, A1111's "DPM adaptive"): each step in lambda = -log sigma, of length h,
     computes a lower- and a higher-order solution from the same model calls (order 3: DPM-Solver-2 with r1 = 1/3 and
     DPM-Solver-3; order 2: DPM-Solver-1 and -2), the error E = ||(x_low - x_high) / delta||_2 / sqrt(numel) with
     delta = max(atol, rtol max(|x_low|, |x_prev|)), and a PID controller (Söderlind 2003, as k-diffusion's; pcoeff 0,
     icoeff 1, dcoeff 0 is the paper's h E^{-1/order}) scales h by 1 + atan(f - 1) of its factor f, accepting the
-    step when that is at least accept_safety. From the plan's first level to its last above 0 (as dpm_fast; the
-    plan's step count only sets those ends), returning the sample there. The step sizes follow the error over the
+    step when that is at least accept_safety. Between the `ends`, as dpm_fast (the plan's step count does not matter),
+    returning the sample there. The step sizes follow the error over the
     whole batch, as in k-diffusion and A1111: a sample's result depends on the batch it runs in (run batch 1 for an
     image that depends on its seed alone). eta > 0: as dpm_fast, noise after each accepted step (the controller then
     takes order 1.5). Off-grid calls count as the plan's step nearest their level (prompt editing, ControlNet
-    windows). The callback reports each attempted step, total None: the count is not known ahead."""
+    windows). The callback reports each attempted step, with total the steps so far plus the rest of the range at
+    the current step size (an estimate: the count is not known ahead)."""
     eta = _eta("dpm_adaptive", eta, 0.0)
     if order not in (2, 3):
         raise ValueError(f"dpm_adaptive's order must be 2 or 3 (DPM-Solver-12 or -23); got {order!r}")
     for name, v in (("rtol", rtol), ("atol", atol), ("h_init", h_init), ("accept_safety", accept_safety)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
             raise ValueError(f"dpm_adaptive's {name} must be a finite number > 0; got {v!r}")
-    s_max, s_min = _dpm_solver_span(plan, "dpm_adaptive")
+    s_max, s_min = _dpm_solver_span(denoise, plan, "dpm_adaptive", ends)
     dtype, step_of = x.dtype, _nearest_step(plan)
-    eps_of = _dpm_solver_eps(denoise, dtype, step_of)
+    eps_of = _dpm_solver_eps(denoise, dtype, step_of, float(plan.sigmas[0]))
     controller = _PIDStepSize(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
     lam, lam_end = _log_snr(s_max), _log_snr(s_min)
-    x = _vp_to_ve(x, s_max)
+    x = _vp_to_ve(x, float(plan.sigmas[0]))
     x_prev, steps, held = x, 0, None
     bar = tqdm(desc="dpm_adaptive", disable=not progress, leave=False)
     while lam < lam_end - 1e-5:
@@ -1022,7 +1048,9 @@ def sample_dpm_adaptive(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *
             lam = lam_next
         else:
             held = eps, denoised
-        _report_at(callback, steps, None, sigma, _timestep_of(denoise, sigma), _ve_to_vp(x, _sigma_of(lam), dtype),
+        rest = max(float(lam_end - lam), 0.0)
+        total = steps + 1 + (math.ceil(rest / controller.h - 1e-9) if rest > 1e-5 else 0)
+        _report_at(callback, steps, total, sigma, _timestep_of(denoise, sigma), _ve_to_vp(x, _sigma_of(lam), dtype),
                    denoised)
         steps += 1
         bar.update()
@@ -1339,7 +1367,8 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     left out for DPM2, DPM2 a and DPM++ 3M SDE; k-diffusion's warm-up for DPM++ 3M SDE; A1111's image-to-image step
     count (strength_rule "a1111": int(min(strength, 0.999) * steps) + 1 steps; its hires. fix pass runs its steps in
     full, generate_hires's "a1111_fixed_steps"); eta 1 for DPM fast and DPM adaptive (A1111's eta_ancestral, the
-    default of a request without one; the other stochastic samplers default to 1 here too). Checked against k-diffusion's
+    default of a request without one; the other stochastic samplers default to 1 here too) and their integration over
+    the model's whole range (ends "model"; image to image runs the plan's, as A1111's). Checked against k-diffusion's
     own functions in tests/test_k_diffusion.py. DDIM and PLMS run A1111's own timesteps (its CompVis samplers'): t = 1,
     1 + k, ... with k = T // steps, the last held to T - 1 (the "compvis" schedule type), from unit noise at the
     highest, stopping at t = 1's level (last_step False), as does "DDIM CFG++" (whose guidance scale A1111 divides by
@@ -1360,7 +1389,8 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
         return {"sampler": canonical, "sigma_schedule": scheduler, "sigma_range": "model" if scheduler else "spaced"}
     return {"sampler": canonical, "sigma_schedule": scheduler or A1111_AUTOMATIC[canonical], "sigma_range": "model",
             "discard_penultimate_sigma": canonical in A1111_DISCARD, "start": "sigma_max", "strength_rule": "a1111",
-            "sampler_options": {"warmup": "k_diffusion"} if canonical == "dpmpp_3m_sde" else {},
+            "sampler_options": ({"warmup": "k_diffusion"} if canonical == "dpmpp_3m_sde"
+                                else {"ends": "model"} if canonical in A1111_ETA_ONE else {}),
             **({"eta": 1.0} if canonical in A1111_ETA_ONE else {})}
 
 
@@ -1388,8 +1418,9 @@ def resolve_sampler(name: str) -> tuple[str, Callable[..., torch.Tensor], bool]:
     hit = _ALIASES.get(_key(name))
     if hit is None:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} "
-                         f"(also AUTOMATIC1111's: DDIM, DDPM, PLMS, Euler, Euler a, Heun, LMS, DPM2, DPM2 a, "
-                         f"DPM++ 2S a, DPM++ 2M, DPM++ 2M SDE, DPM++ 3M, DPM++ 3M SDE, UniPC, LCM, Restart, the '... Karras' "
+                         f"(also AUTOMATIC1111's: DDIM, DDIM CFG++, DDPM, PLMS, Euler, Euler a, Heun, LMS, DPM2, "
+                         f"DPM2 a, DPM++ 2S a, DPM++ 2M, DPM++ 2M SDE, DPM++ 3M, DPM++ 3M SDE, UniPC, LCM, Restart, "
+                         f"DPM fast, DPM adaptive, the '... Karras' "
                          f"forms of the k-diffusion ones and of UniPC, and k_euler-style names)")
     canonical, karras = hit
     return canonical, SAMPLERS[canonical], karras

@@ -30,7 +30,8 @@ from imagine.guidance import (
     classifier_mean_shift,
     guided_model_output,
 )
-from imagine.samplers import TIMESTEP_RULE, TWO_CALL_SAMPLERS, final_heun_step, invert_ddim, resolve_sampler
+from imagine.samplers import (CFG_PP_SAMPLERS, TIMESTEP_RULE, TWO_CALL_SAMPLERS, final_heun_step, invert_ddim,
+                              resolve_sampler)
 from imagine.schedules import NoiseSchedule, SamplingPlan
 
 CLASSIFIER_FORMS = {"eps": "eps", "ddim": "eps", "epsilon": "eps", "mean": "mean", "ddpm": "mean"}
@@ -161,7 +162,8 @@ class Denoiser:
         self.thresholding, self.threshold_percentile = thresholding, threshold_percentile
         self.threshold_range = float(threshold_range)
         self.calls = 0
-        self._held: torch.Tensor | None = None  # D(x_T) computed by matched_start, for the first step
+        # (D(x_T), and its unconditional x_0) computed by matched_start, for the first step
+        self._held: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.known: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see keep_known
         self.evaluations: int | None = None  # the run's model evaluations where a step takes more than one
         # CFG++ (keep_unconditional): the unconditional x_0 of the last evaluation, beside the guided one it returns
@@ -192,7 +194,7 @@ class Denoiser:
         costs no model call: the shift moves D by O(abar_T) (its slope in x is ~ sqrt(abar_T) Cov[x_0])."""
         abar = float(self.plan.alphas_cumprod[0])
         x0 = self(x, 0)
-        self._held = x0
+        self._held = (x0, self.uncond_x0)
         return (math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * x).to(x.dtype)
 
     def _t(self, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -233,7 +235,7 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
         if i == 0 and self._held is not None:
-            held, self._held = self._held, None
+            (held, self.uncond_x0), self._held = self._held, None
             return held
         return self._denoise(x, i, float(self.plan.timesteps[i]), float(self.plan.alphas_cumprod[i]), known=i > 0)
 
@@ -428,8 +430,9 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         a warning says when the run takes more steps than asked).
     discard_penultimate_sigma: steps + 1 levels with the last before the end left out (A1111's
         discard_next_to_last_sigma, its way for DPM2, DPM2 a and DPM++ 3M SDE; NoiseSchedule.plan).
-    eta: DDIM's eta (default 0), or the noise scale of euler_a / dpm2_a / dpmpp_2s_a / dpmpp_sde / dpmpp_2m_sde /
-    dpmpp_2m_sde_heun / dpmpp_3m_sde (default 1).
+    eta: DDIM's eta (ddim, ddim_cfgpp; default 0), or the noise scale of euler_a / euler_a_cfgpp / dpm2_a /
+    dpmpp_2s_a / dpmpp_sde / dpmpp_2m_sde / dpmpp_2m_sde_heun / dpmpp_3m_sde (default 1), or of dpm_fast /
+    dpm_adaptive (default 0; A1111 runs 1).
     cond / uncond: keyword tensors for the model, batch-first; classifier-free guidance runs when
         guidance_scale != 1 (uncond required then) with guidance_rescale = phi of Lin et al. 2023.
     guidance: another rule for combining them, called as guided_model_output is (e.g.
@@ -499,7 +502,10 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
                          "its own last steps (Heun's, but to sigma = 0 Euler's): leave final_step 'euler'")
     if canonical in ("dpm_fast", "dpm_adaptive") and final_step != "euler":
         raise ValueError(f"final_step='heun' is for the samplers that end on one step to sigma = 0; {canonical} "
-                         "integrates to the plan's last level above 0 and stops there: leave final_step 'euler'")
+                         "integrates to a last level above 0 and stops there: leave final_step 'euler'")
+    if canonical in CFG_PP_SAMPLERS and final_step != "euler":
+        raise ValueError(f"final_step='heun' steps with the guided prediction alone; {canonical} renoises along the "
+                         "unconditional one (CFG++) at every step: leave final_step 'euler'")
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(map(repr, STARTS))}; got {start!r}")
     _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, classifier_scale,
@@ -558,6 +564,11 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         denoise.evaluations = 2 * len(plan) - 1  # (their last step, to sigma = 0, is one Euler evaluation)
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
     kwargs.update(_sampler_options(canonical, sampler_options))
+    if init is not None and kwargs.get("ends") == "model":  # (A1111's img2img runs DPM-Solver over the steps run)
+        kwargs["ends"] = "plan"
+    elif canonical == "dpm_fast" and kwargs.get("ends") == "model":  # (A1111's txt2img: K = the steps asked)
+        kwargs.setdefault("calls", steps)
+    denoise.keep_uncond = canonical in CFG_PP_SAMPLERS  # (set before a matched start's first model call)
     if mask is not None:
         known = init.to(device=x.device, dtype=torch.float64)
         denoise.keep_known(known, eps.to(x.device), mask.to(device=x.device, dtype=torch.float64))

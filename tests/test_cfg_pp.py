@@ -162,3 +162,103 @@ def test_errors_name_the_problem():
     denoise = Denoiser(conditioned(cfg), plan, "epsilon", COND, UNCOND, 0.5)
     denoise(torch.zeros(SHAPE), 0)
     assert denoise.uncond_x0 is None
+
+
+@torch.no_grad()
+def comfyui_euler_cfgpp(cfg, steps, lam, eta):
+    """ComfyUI's euler_cfg_pp / euler_ancestral_cfg_pp (comfy/k_diffusion/sampling.py, for an eps model) restated over
+    k-diffusion's layout: in VE terms at our plan's levels, D = D_u + lam (D_c - D_u), d = (x - D_u) / sigma,
+    x = D + d sigma_down, then sigma_up z from each image's generator (k-diffusion's ancestral split)."""
+    schedule = NoiseSchedule.from_diffusers_config(cfg)
+    plan = schedule.plan(steps, rule="karras")
+    model = conditioned(cfg)
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+
+    def draw():
+        return torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]).double()
+
+    sig = plan.sigmas.tolist()
+    x = draw() * (sig[0] ** 2 + 1) ** 0.5  # (diffusers' leading-spacing start, which ours keeps)
+    for i in range(steps):
+        s, s_next = sig[i], sig[i + 1]
+        a = 1 / (1 + s * s) ** 0.5
+        t = torch.full((SHAPE[0],), float(plan.timesteps[i]))
+        d_c = x - s * model((x * a).float(), t, COND["c"]).double()
+        d_u = x - s * model((x * a).float(), t, UNCOND["c"]).double()
+        denoised = d_u + lam * (d_c - d_u)
+        up = min(s_next, eta * (s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) ** 0.5)
+        down = (s_next ** 2 - up ** 2) ** 0.5
+        x = denoised + (x - d_u) / s * down
+        if eta > 0 and s_next > 0:
+            x = x + up * draw()
+    return x
+
+
+@pytest.mark.parametrize("sampler, eta", [("euler_cfgpp", 0.0), ("euler_a_cfgpp", 1.0), ("euler_a_cfgpp", 0.5)])
+@pytest.mark.parametrize("lam", [0.5, 0.8])
+def test_euler_cfgpp_equals_comfyuis(sampler, eta, lam):
+    cfg = CONFIGS[0]
+    theirs = comfyui_euler_cfgpp(cfg, 8, lam, eta)
+    ours = run(cfg, sampler, cond=COND, uncond=UNCOND, guidance_scale=lam, **({"eta": eta} if eta else {}))
+    err = float((ours.double() - theirs).abs().max())
+    assert err < 1e-4, f"{sampler}, lambda {lam}: max |ours - ComfyUI's| = {err:.2e}"
+
+
+@pytest.mark.parametrize("sampler", ["ddim_cfgpp", "euler_cfgpp"])
+def test_matched_start_keeps_the_unconditional_x0(sampler):
+    """start="matched" evaluates the first step's D before the sampler runs; the unconditional x0 of that call is kept
+    with it, so the run equals one whose first step computes both afresh at the moved start (up to the O(abar_T)
+    shift that the held D leaves out, the same for plain samplers)."""
+    cfg = CONFIGS[0]
+    out = run(cfg, sampler, cond=COND, uncond=UNCOND, guidance_scale=0.6, start="matched")
+    plain = run(cfg, sampler.replace("_cfgpp", ""), cond=COND, uncond=UNCOND, guidance_scale=0.6, start="matched")
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+
+
+def test_instruct_pix2pix_runs_its_three_passes_for_cfgpp():
+    """InstructPix2Pix's diffusers-style gate runs guidance only for s_T > 1; CFG++'s lambda is below 1, so for CFG++
+    the three passes always run and the unconditional pass is e(z, 0, 0)."""
+    import functools
+
+    from imagine.guidance import instruct_pix2pix_guidance
+
+    calls = []
+
+    def model(x, t, concat, c):
+        calls.append(x.shape[0])
+        return torch.tanh(x + concat + c.view(-1, 1, 1, 1))
+
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    t = torch.full((SHAPE[0],), 500.0)
+    concat = torch.ones(SHAPE)
+    cond, uncond = {"concat": concat, "c": COND["c"]}, {"concat": concat, "c": UNCOND["c"]}
+    rule = functools.partial(instruct_pix2pix_guidance, image_scale=1.5)
+    parts = {}
+    out = rule(model, x, t, cond, uncond, 0.6, parts=parts)
+    nothing = model(x, t, torch.zeros_like(concat), UNCOND["c"])
+    torch.testing.assert_close(parts["uncond"], nothing)
+    assert not torch.allclose(out, model(x, t, concat, COND["c"]))  # (guided: not the conditional pass alone)
+    assert rule(model, x, t, cond, uncond, 0.6) is not None  # (without parts the gate still applies: one pass)
+
+
+def test_defaults_and_refusals(tmp_path):
+    """A CFG++ sampler with no guidance scale takes the model's default CFG / 12.5; a scale above 2 warns (a CFG
+    scale where lambda is meant); final_step "heun" is refused; the infotext writes DDIM CFG++'s lambda back as A1111's
+    CFG scale."""
+    from imagine.images import a1111_parameters
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.testing import make_tiny_model
+
+    pipe = TextToImagePipeline.from_pretrained(make_tiny_model(tmp_path / "tiny"))  # (its default guidance: 3)
+    kw = dict(seed=3, steps=4, progress=False, output_type="latent")
+    default = pipe.generate("a red circle", sampler="ddim_cfgpp", **kw)
+    assert default.parameters["guidance_scale"] == pytest.approx(3.0 / 12.5)
+    torch.testing.assert_close(default.latents, pipe.generate("a red circle", sampler="ddim_cfgpp",
+                                                              guidance_scale=0.24, **kw).latents)
+    with pytest.warns(UserWarning, match="CFG\\+\\+'s lambda"):
+        pipe.generate("a red circle", sampler="euler_cfgpp", guidance_scale=7.5, **kw)
+    with pytest.raises(ValueError, match="final_step='heun'"):
+        run(CONFIGS[0], "ddim_cfgpp", cond=COND, uncond=UNCOND, guidance_scale=0.5, final_step="heun")
+    text = a1111_parameters({"prompt": "p", "steps": 20, "sampler": "ddim_cfgpp", "guidance_scale": 0.6})
+    assert text.endswith("Sampler: DDIM CFG++, CFG scale: 7.5")
+    assert a1111_parameters({"prompt": "p", "sampler": "euler_cfgpp", "guidance_scale": 0.6}).endswith("CFG scale: 0.6")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_samplers_a1111 import _gaussian
-from test_samplers_parity import SHAPE, config, make_model, run_ours
+from test_samplers_parity import SHAPE, STEPS, config, make_model, run_ours
 
 from imagine.bench.samplers import ExactModel
 from imagine.samplers import SAMPLERS
@@ -79,9 +79,9 @@ def test_dpm_adaptive_ignores_the_plans_inner_levels():
     assert calls_a == calls_b and torch.equal(a, b)
 
 
-def test_eta_adds_noise_and_stops_at_the_last_level():
+def test_eta_adds_noise_from_the_samples_generators():
     """With eta the result differs from the ODE's, by noise drawn from the samples' own generators (same seeds, same
-    result); the last step adds none (the noise fills up to the next level, and the last is the end)."""
+    result)."""
     cfg = config("scaled_linear", "leading", "epsilon")
     for sampler in ("dpm_fast", "dpm_adaptive"):
         ode = run_ours(cfg, sampler, sigma_range="model", start="sigma_max")
@@ -90,17 +90,85 @@ def test_eta_adds_noise_and_stops_at_the_last_level():
         assert torch.equal(sde, again) and float((sde - ode).abs().max()) > 1e-2
 
 
-def test_same_seed_same_sample_at_any_batch_size():
-    import test_samplers_parity as parity
+class _Draws:
+    """Injected noise: fixed draws in order, the last one replaced by `last` (to see whether it is used)."""
 
-    parity.test_same_seed_same_sample_at_any_batch_size("dpm_fast")
+    def __init__(self, n: int, last: float):
+        g = torch.Generator().manual_seed(5)
+        self.z = [torch.randn(64, 4, generator=g, dtype=torch.float64) for _ in range(n - 1)]
+        self.last, self.used = last, 0
+
+    def __call__(self, like):
+        self.used += 1
+        return self.z[self.used - 1] if self.used <= len(self.z) else torch.full_like(like, self.last)
+
+
+def test_dpm_fasts_last_step_adds_no_noise():
+    """Each step's noise fills up to the next level; the last level is the end, so the last step's draw (made, as
+    k-diffusion makes it) has weight 0: a huge last draw changes nothing."""
+    gauss, _, _ = _gaussian()
+    schedule = NoiseSchedule.from_config("scaled_linear")
+    plan = schedule.plan(8, rule="karras", sigma_schedule="karras", sigma_range="model")
+    x_T = torch.randn(64, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outs = []
+    for last in (0.0, 1e6):
+        draws = _Draws(3, last)  # (8 calls: steps of orders 3, 3, 2)
+        denoise = Denoiser(ExactModel(gauss, schedule), plan, "epsilon", schedule=schedule)
+        outs.append(SAMPLERS["dpm_fast"](denoise, x_T, plan, noise=draws, eta=1.0, progress=False))
+        assert draws.used == 3
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_same_seed_same_sample_at_any_batch_size():
+    """DPM fast with its ancestral noise (eta 1): a seed's image is the same alone or in a batch (DPM adaptive's is
+    not, by design: its steps follow the batch's error)."""
+    cfg = config("scaled_linear", "leading", "epsilon")
+    kw = dict(eta=1.0, sigma_range="model", start="sigma_max")
+    both = run_ours(cfg, "dpm_fast", seeds=[7, 8], **kw)
+    alone = sample(make_model(cfg), (1, *SHAPE[1:]), schedule=NoiseSchedule.from_diffusers_config(cfg),
+                   sampler="dpm_fast", steps=STEPS, seeds=8, progress=False, **kw)
+    torch.testing.assert_close(both[1:], alone, rtol=0, atol=1e-5)
+
+
+def test_ends():
+    """"auto" ends at the model's sigma_min whatever the plan's last level (trailing spacing's is high: 0.22 at 20
+    steps), "plan" at the plan's last level above 0, "model" spans the model's range; "auto" and "model" run a
+    1-step plan (one interval), "plan" needs two levels above 0."""
+    gauss, mu, var = _gaussian()
+    schedule = NoiseSchedule.from_config("scaled_linear")
+    table = schedule._sigma_table(float32=True)
+    plan = schedule.plan(20, rule="karras", spacing="trailing")
+    assert float(plan.sigmas[-2]) > 0.2
+    x_T = torch.randn(64, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outs, exact = {}, {}
+    for ends in ("auto", "plan", "model"):
+        denoise = Denoiser(ExactModel(gauss, schedule), plan, "epsilon", schedule=schedule)
+        outs[ends] = SAMPLERS["dpm_fast"](denoise, x_T, plan, ends=ends, progress=False)
+        s0 = float(table[-1]) if ends == "model" else float(plan.sigmas[0])
+        s1 = float(plan.sigmas[-2]) if ends == "plan" else float(table[0])
+        exact[ends] = mu + (x_T * math.sqrt(1 + float(plan.sigmas[0]) ** 2) - mu) * ((var + s1**2) / (var + s0**2)).sqrt()
+    # each run is the ODE's solution between its own ends (20 calls: within 1e-2), far from the others' ("auto" and
+    # "model" differ only in where they start, sigma_max and the plan's first level, which trailing spacing puts close)
+    for ends, out in outs.items():
+        own = float((out - exact[ends]).abs().max())
+        assert own < 1e-2, (ends, own)
+    assert float((outs["plan"] - exact["auto"]).abs().max()) > 0.1
+    one = schedule.plan(1, rule="karras", sigma_schedule="karras", sigma_range="model")
+    for ends in ("auto", "model"):
+        denoise = Denoiser(ExactModel(gauss, schedule), one, "epsilon", schedule=schedule)
+        assert torch.isfinite(SAMPLERS["dpm_fast"](denoise, x_T, one, ends=ends, progress=False)).all()
+    with pytest.raises(ValueError, match="two different levels above 0"):
+        SAMPLERS["dpm_fast"](Denoiser(ExactModel(gauss, schedule), one, "epsilon", schedule=schedule), x_T, one,
+                             ends="plan", progress=False)
 
 
 def test_errors_name_the_problem():
     cfg = config("scaled_linear", "leading", "epsilon")
     for sampler in ("dpm_fast", "dpm_adaptive"):
         with pytest.raises(ValueError, match="two different levels above 0"):
-            run_ours(cfg, sampler, steps=1)
+            run_ours(cfg, sampler, steps=1, sampler_options={"ends": "plan"})
+        with pytest.raises(ValueError, match="ends must be one of"):
+            run_ours(cfg, sampler, sampler_options={"ends": "zero"})
         with pytest.raises(ValueError, match="final_step='heun'"):
             run_ours(cfg, sampler, final_step="heun")
         with pytest.raises(ValueError, match="eta for"):
@@ -109,6 +177,8 @@ def test_errors_name_the_problem():
         run_ours(cfg, "dpm_adaptive", sampler_options={"order": 1})
     with pytest.raises(ValueError, match="rtol must be a finite number > 0"):
         run_ours(cfg, "dpm_adaptive", sampler_options={"rtol": 0})
+    with pytest.raises(ValueError, match="calls .* must be a positive int"):
+        run_ours(cfg, "dpm_fast", sampler_options={"calls": 0})
 
 
 def test_prompt_editing_counts_dpm_fasts_model_calls():
@@ -129,3 +199,17 @@ def test_prompt_editing_counts_dpm_fasts_model_calls():
     sample(model, SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), sampler="dpm_fast", steps=steps,
            seeds=[1, 2], cond=cond, progress=False)
     assert seen == list(range(steps))
+
+
+def test_the_server_does_not_merge_dpm_adaptive_requests():
+    """The worker batches queued requests with equal settings; DPM adaptive's steps follow the batch's error, so its
+    requests run alone (an image would otherwise depend on whoever else was queued)."""
+    from imagine.server.worker import Job, ModelWorker, Settings
+
+    worker = ModelWorker(pipe=None, max_batch=8)
+    for sampler, together in (("euler", 2), ("DPM adaptive", 1), ("dpm_fast", 2)):
+        settings = Settings(height=16, width=16, steps=4, sampler=sampler, guidance_scale=3.0)
+        worker._pending.extend(Job(prompts=["a"], negative_prompts=[None], seeds=[i], settings=settings)
+                               for i in range(2))
+        assert len(worker._take_batch()) == together, sampler
+        worker._pending.clear()

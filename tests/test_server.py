@@ -242,6 +242,7 @@ def test_a1111_api_runs_samplers_as_a1111(server, pipe, sampler, scheduler):
         scheduler, "Karras" if sampler in ("DPM++ 2M", "DPM2", "Restart") else None)
     text = info["infotexts"][0]
     assert (f"Schedule type: {shown}" in text) if shown else ("Schedule type" not in text), text
+    assert "CFG scale: 5," in text, text  # (DDIM CFG++ too: its lambda 0.4 written back as the CFG scale asked)
 
 
 def test_a1111_ddim_needs_two_steps(server):

@@ -145,7 +145,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
     p.add_argument("--sampler", default=None,
                    help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_sde, dpmpp_3m, dpmpp_3m_sde, "
-                        "unipc, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm (A1111 names work too)")
+                        "unipc, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm, restart, dpm_fast, "
+                        "dpm_adaptive, ddim_cfgpp, euler_cfgpp, euler_a_cfgpp (A1111 names work too)")
     p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None,
                    # (schedules.SIGMA_SCHEDULES, with no torch import to parse arguments)
                    choices=["karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
@@ -185,9 +186,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2023 guidance rescale phi (0..1)")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help="Karras sigma spacing")
     p.add_argument("--eta", type=float, default=None,
-                   help="DDIM's eta (default 0: deterministic), or the noise scale of the ancestral and SDE samplers "
-                        "(euler_a, dpm2_a, dpmpp_2s_a, dpmpp_2m_sde, dpmpp_3m_sde; default 1), or of dpm_fast and "
-                        "dpm_adaptive (default 0; 1 under --a1111-sampling, as A1111)")
+                   help="DDIM's eta (ddim, ddim_cfgpp; default 0: deterministic), or the noise scale of the ancestral "
+                        "and SDE samplers (euler_a, euler_a_cfgpp, dpm2_a, dpmpp_2s_a, dpmpp_sde, dpmpp_2m_sde, "
+                        "dpmpp_3m_sde; default 1), or of dpm_fast and dpm_adaptive (default 0; 1 under "
+                        "--a1111-sampling, as A1111)")
     p.add_argument("--thresholding", choices=["static", "dynamic"], default=None,
                    help="clip x0 predictions (Imagen's dynamic thresholding, or static [-R, R])")
     p.add_argument("--threshold-range", type=float, default=None,

@@ -700,7 +700,7 @@ class TextToImagePipeline:
                              f"throughout; use {call} (the CLI: --init-image PICTURE)")
         d = self.defaults
         steps = int(d["steps"] if steps is None else steps)
-        guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
+        guidance_scale = _default_guidance(d, guidance_scale, sampler or d["sampler"])
         sampler = sampler or d["sampler"]
         if _same_sampler(sampler, d["sampler"]):  # the model's default sampler (by any of its names) comes with
             # its default schedule and last step
@@ -1054,7 +1054,7 @@ class TextToImagePipeline:
         "latent") and the parameters (`params` with what generate records)."""
         d = self.defaults
         steps = int(d["steps"] if steps is None else steps)
-        guidance_scale = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
+        guidance_scale = _default_guidance(d, guidance_scale, sampler or d["sampler"])
         sampler = sampler or d["sampler"]
         t0 = time.perf_counter()
         generators = make_generators(len(prompts), seeds)
@@ -1439,6 +1439,26 @@ def _two_call(sampler: str) -> bool:
     from imagine.samplers import TWO_CALL_SAMPLERS
 
     return _sampler_in(sampler, TWO_CALL_SAMPLERS)
+
+
+def _default_guidance(defaults: dict, guidance_scale: float | None, sampler: str) -> float:
+    """The guidance scale asked, else the model's default; for a CFG++ sampler, whose scale is lambda in about [0, 1],
+    the default CFG scale / 12.5 (A1111's mapping: 7.5 -> 0.6). A lambda above 2 is far outside CFG++'s range: a
+    warning says so (a CFG scale given to a CFG++ sampler)."""
+    if guidance_scale is None:
+        scale = float(defaults["guidance_scale"])
+        if _cfg_pp(sampler):
+            from imagine.samplers import A1111_CFGPP_SCALE
+
+            scale *= A1111_CFGPP_SCALE
+        return scale
+    guidance_scale = float(guidance_scale)
+    if _cfg_pp(sampler) and guidance_scale > 2:
+        import warnings
+
+        warnings.warn(f"{sampler}: guidance_scale {guidance_scale} is CFG++'s lambda, whose range is about 0 to 1 "
+                      "(A1111's CFG scale / 12.5: 7.5 -> 0.6)", stacklevel=3)
+    return guidance_scale
 
 
 def _cfg_pp(sampler: str) -> bool:

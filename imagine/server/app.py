@@ -1176,8 +1176,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         cn_units = [(u["title"], u["weight"], u["start"], u["end"], u["module"], u["resize"],
                      *(u.get("settings", {}).get(k) for k in ("resolution", "low", "high")), u["pixel_perfect"],
                      u["mode"]) for u in units]
-        infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, guidance, s, width, height, name,
-                               fingerprint, version, vae_name, shown, clip_skip, strength, hires,
+        # (the run's guidance scale: for DDIM CFG++ its lambda, which the infotext writes back as A1111's CFG scale)
+        infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, job.settings.guidance_scale, s, width,
+                               height, name, fingerprint, version, vae_name, shown, clip_skip, strength, hires,
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
                                job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
                                (subseeds[i], variation) if subseeds else None, seed_resize)

@@ -296,6 +296,8 @@ class ModelWorker:
     def _take_batch(self) -> list[Job]:
         first = self._pending.popleft()
         batch, n = [first], len(first)
+        if _couples_batch(first.settings.sampler):  # (its result would depend on the requests it ran with)
+            return batch
         for job in list(self._pending):
             if n >= self.max_batch:
                 break
@@ -499,6 +501,17 @@ class ModelWorker:
         with torch.no_grad():
             x = self.pipe.decode(x0[i:i + 1])
         return to_pil(x[0])
+
+
+def _couples_batch(sampler: str) -> bool:
+    """Whether a sampler's images depend on the rest of their batch: DPM adaptive picks its steps from the error over
+    the whole batch (as k-diffusion and A1111 do), so its requests are not merged with others'."""
+    from imagine.samplers import resolve_sampler
+
+    try:
+        return resolve_sampler(sampler)[0] == "dpm_adaptive"
+    except (TypeError, ValueError):
+        return False
 
 
 def _step_of(d: dict) -> int:
