@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from test_k_diffusion import compvis_setup
 from test_samplers_parity import SEEDS, SHAPE, config, make_model
 
 from imagine.samplers import A1111_CFGPP_SCALE, a1111_guidance_scale, a1111_settings
@@ -48,19 +49,10 @@ def a1111_ddim_cfgpp(cfg, steps, cfg_scale, eta=0.0):
     the model (v turned into eps at the integer timestep), e = eps_u + (eps_c - eps_u) cfg_scale / 12.5, x0 from e,
     x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps_u + s z."""
     model = conditioned(cfg)
-    abar = NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod.float()
-    timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
-    alphas = abar[timesteps].double()
-    alphas_prev = abar[torch.nn.functional.pad(timesteps[:-1], (1, 0))].double()
-    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
-    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]).double()
+    timesteps, alphas, alphas_prev, gens, x, eps_of = compvis_setup(cfg, steps)
 
     def eps(x, t, c):
-        out = model(x.float(), torch.full((x.shape[0],), float(t)), c["c"]).double()
-        if cfg["prediction_type"] == "v_prediction":
-            a = float(abar[t])
-            out = a ** 0.5 * out + (1 - a) ** 0.5 * x
-        return out
+        return eps_of(model, x, t, c["c"])
 
     for i in range(len(timesteps) - 1):
         index = len(timesteps) - 1 - i

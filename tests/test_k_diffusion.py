@@ -227,13 +227,10 @@ def run_a1111_img2img(kd, cfg, label, steps, strength, init, fixed=False, seeds=
     return _run_a1111(kd, cfg, label, total, total - t_enc - 1, init, seeds=seeds, img2img=True)
 
 
-def run_a1111_timesteps(cfg, label, steps, eta=0.0, seeds=SEEDS):
-    """A1111's DDIM and PLMS, its CompVis samplers (modules/sd_samplers_timesteps.py and sd_samplers_timesteps_impl.py,
-    restated): timesteps clip(range(0, T, T // steps) + 1, 0, T - 1) with the model's float32 abar; x = each image's
-    unit noise; len - 1 steps from the highest down to the lowest timestep's abar (none below it); eps from the model
-    (v turned into eps at the integer timestep); DDIM's eta noise drawn every step, PLMS's warm-up the pseudo improved
-    Euler step and Adams-Bashforth 2, 3, then 4."""
-    model = make_model(cfg)
+def compvis_setup(cfg, steps, seeds=SEEDS):
+    """What A1111's CompVis samplers start from (sd_samplers_timesteps.py): timesteps clip(range(0, T, T // steps) + 1,
+    0, T - 1), their float32 abar and the previous one's (abar[0] below the first), each image's generator and unit
+    noise x; and eps_of(model, x, t, *args), the model's eps at integer timestep t (v turned into eps there)."""
     abar = NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod.float()
     timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
     alphas = abar[timesteps].double()
@@ -241,12 +238,27 @@ def run_a1111_timesteps(cfg, label, steps, eta=0.0, seeds=SEEDS):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]).double()
 
-    def eps(x, t):
-        out = model(x.float(), torch.full((x.shape[0],), float(t))).double()
+    def eps_of(model, x, t, *args):
+        out = model(x.float(), torch.full((x.shape[0],), float(t)), *args).double()
         if cfg["prediction_type"] == "v_prediction":
             a = float(abar[t])
             out = a ** 0.5 * out + (1 - a) ** 0.5 * x
         return out
+
+    return timesteps, alphas, alphas_prev, gens, x, eps_of
+
+
+def run_a1111_timesteps(cfg, label, steps, eta=0.0, seeds=SEEDS):
+    """A1111's DDIM and PLMS, its CompVis samplers (modules/sd_samplers_timesteps.py and sd_samplers_timesteps_impl.py,
+    restated): timesteps clip(range(0, T, T // steps) + 1, 0, T - 1) with the model's float32 abar; x = each image's
+    unit noise; len - 1 steps from the highest down to the lowest timestep's abar (none below it); eps from the model
+    (v turned into eps at the integer timestep); DDIM's eta noise drawn every step, PLMS's warm-up the pseudo improved
+    Euler step and Adams-Bashforth 2, 3, then 4."""
+    model = make_model(cfg)
+    timesteps, alphas, alphas_prev, gens, x, eps_of = compvis_setup(cfg, steps, seeds)
+
+    def eps(x, t):
+        return eps_of(model, x, t)
 
     def transfer(x, e, index):
         a_t, a_prev = float(alphas[index]), float(alphas_prev[index])
