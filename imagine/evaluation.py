@@ -280,6 +280,14 @@ def _distinct(rows: list[dict], defaults: dict) -> list[dict]:
     return out
 
 
+def _guidance_used(opt: dict, defaults: dict):
+    # the scale the row ran with: the one given, else the model's default (for a CFG++ sampler its lambda, the
+    # default CFG scale / 12.5, as the pipeline takes it)
+    from imagine.pipelines.text_to_image import _default_guidance
+
+    return _default_guidance(defaults, opt.get("guidance_scale"), opt.get("sampler") or defaults.get("sampler"))
+
+
 def format_sweep(rows: list[dict], reports: list[dict], defaults: dict) -> str:
     """A markdown table: one row per setting, the judge's scores per family and overall."""
     head = ("| sampler | steps | guidance | thresholding | schedule, last step | " + " | ".join(FAMILIES)
@@ -288,7 +296,7 @@ def format_sweep(rows: list[dict], reports: list[dict], defaults: dict) -> str:
     for opt, rep in zip(rows, reports):
         fam = rep["families"]
         cells = [str(opt.get("sampler", defaults.get("sampler"))), str(opt.get("steps", defaults.get("steps"))),
-                 str(opt.get("guidance_scale", defaults.get("guidance_scale"))), _threshold_cell(opt, defaults),
+                 str(_guidance_used(opt, defaults)), _threshold_cell(opt, defaults),
                  f"{opt.get('sigma_schedule') or defaults.get('sigma_schedule') or '-'}, "
                  f"{opt.get('final_step') or defaults.get('final_step') or 'euler'}"]
         cells += [f"{fam[f]['score']:.3f}" if f in fam else "-" for f in FAMILIES]

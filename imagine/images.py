@@ -133,9 +133,9 @@ def a1111_parameters(p: dict) -> str:
     put("Schedule type", SCHEDULE_LABELS.get(str(schedule), str(schedule).capitalize()) if schedule else None)
     put("Schedule rho", p.get("schedule_rho"))
     cfg = p.get("guidance_scale")
-    if cfg is not None and sampler == "DDIM CFG++":  # its lambda is A1111's CFG scale / 12.5: written as that scale
-        from imagine.samplers import A1111_CFGPP_SCALE
+    from imagine.samplers import A1111_CFGPP_SCALE, is_cfg_pp
 
+    if cfg is not None and is_cfg_pp(p.get("sampler")):  # (CFG++'s lambda is A1111's CFG scale / 12.5: written so)
         cfg = round(float(cfg) / A1111_CFGPP_SCALE, 6)
     put("CFG scale", cfg)
     put("Image CFG scale", p.get("image_guidance_scale"))  # (instruct-pix2pix)

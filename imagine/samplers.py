@@ -1394,11 +1394,19 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
             **({"eta": 1.0} if canonical in A1111_ETA_ONE else {})}
 
 
+def is_cfg_pp(name) -> bool:
+    """Whether `name` (any alias) is a CFG++ sampler (CFG_PP_SAMPLERS); False for a name that is not a sampler."""
+    try:
+        return resolve_sampler(str(name))[0] in CFG_PP_SAMPLERS if name else False
+    except ValueError:
+        return False
+
+
 def a1111_guidance_scale(name: str, cfg_scale: float) -> float:
-    """The guidance scale that runs AUTOMATIC1111's sampler `name` at its CFG scale `cfg_scale`: for "DDIM CFG++",
-    CFG++'s lambda = cfg_scale / 12.5 (A1111 maps CFG 0..12.5 to lambda 0..1); for every other sampler the scale
-    itself."""
-    return float(cfg_scale) * (A1111_CFGPP_SCALE if resolve_sampler(name)[0] == "ddim_cfgpp" else 1.0)
+    """The guidance scale that runs sampler `name` at AUTOMATIC1111's CFG scale `cfg_scale`: for its "DDIM CFG++" (and
+    our other CFG++ samplers, the same way), CFG++'s lambda = cfg_scale / 12.5 (A1111 maps CFG 0..12.5 to lambda
+    0..1); for every other sampler the scale itself."""
+    return float(cfg_scale) * (A1111_CFGPP_SCALE if resolve_sampler(name)[0] in CFG_PP_SAMPLERS else 1.0)
 
 
 def a1111_label(name: str) -> tuple[str, bool]:

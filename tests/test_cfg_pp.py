@@ -82,7 +82,10 @@ def test_a1111_maps_cfg_to_lambda():
     assert A1111_CFGPP_SCALE == pytest.approx(1 / 12.5)
     assert a1111_guidance_scale("DDIM CFG++", 7.5) == pytest.approx(0.6)
     assert a1111_guidance_scale("ddim_cfgpp", 12.5) == pytest.approx(1.0)
-    assert a1111_guidance_scale("DDIM", 7.5) == 7.5 and a1111_guidance_scale("Euler CFG++", 1.5) == 1.5
+    assert a1111_guidance_scale("DDIM", 7.5) == 7.5
+    # (our other CFG++ samplers, reached through the A1111 API or --a1111-sampling, are mapped the same way)
+    assert a1111_guidance_scale("Euler CFG++", 7.5) == pytest.approx(0.6)
+    assert a1111_guidance_scale("euler_a_cfgpp", 12.5) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("cfgpp, plain, kw", [("ddim_cfgpp", "ddim", {}), ("ddim_cfgpp", "ddim", {"eta": 0.7}),
@@ -199,9 +202,18 @@ def test_euler_cfgpp_equals_comfyuis(sampler, eta, lam):
 @pytest.mark.parametrize("sampler", ["ddim_cfgpp", "euler_cfgpp"])
 def test_matched_start_keeps_the_unconditional_x0(sampler):
     """start="matched" evaluates the first step's D before the sampler runs; the unconditional x0 of that call is kept
-    with it, so the run equals one whose first step computes both afresh at the moved start (up to the O(abar_T)
-    shift that the held D leaves out, the same for plain samplers)."""
+    with it, and the sampler's first step reads that pair (not the uncond x0 of a later call, nor none)."""
     cfg = CONFIGS[0]
+    schedule = NoiseSchedule.from_diffusers_config(cfg)
+    plan = schedule.plan(6, rule="ddim" if sampler == "ddim_cfgpp" else "karras")
+    denoise = Denoiser(conditioned(cfg), plan, "epsilon", COND, UNCOND, 0.6, schedule=schedule)
+    denoise.keep_uncond = True
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    moved = denoise.matched_start(x)
+    held = denoise.uncond_x0.clone()
+    denoise.uncond_x0 = None  # (as if something in between had cleared it: the held pair must restore it)
+    first = denoise(moved, 0)
+    assert torch.equal(denoise.uncond_x0, held) and first is not None
     out = run(cfg, sampler, cond=COND, uncond=UNCOND, guidance_scale=0.6, start="matched")
     plain = run(cfg, sampler.replace("_cfgpp", ""), cond=COND, uncond=UNCOND, guidance_scale=0.6, start="matched")
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
@@ -230,7 +242,12 @@ def test_instruct_pix2pix_runs_its_three_passes_for_cfgpp():
     nothing = model(x, t, torch.zeros_like(concat), UNCOND["c"])
     torch.testing.assert_close(parts["uncond"], nothing)
     assert not torch.allclose(out, model(x, t, concat, COND["c"]))  # (guided: not the conditional pass alone)
-    assert rule(model, x, t, cond, uncond, 0.6) is not None  # (without parts the gate still applies: one pass)
+    calls.clear()
+    rule(model, x, t, cond, uncond, 0.6, parts={})
+    assert sum(calls) == 3 * SHAPE[0]  # (the three passes, for CFG++)
+    calls.clear()
+    rule(model, x, t, cond, uncond, 0.6)
+    assert calls == [SHAPE[0]]  # (without parts the gate still applies below scale 1: the conditional pass alone)
 
 
 def test_defaults_and_refusals(tmp_path):
@@ -253,4 +270,5 @@ def test_defaults_and_refusals(tmp_path):
         run(CONFIGS[0], "ddim_cfgpp", cond=COND, uncond=UNCOND, guidance_scale=0.5, final_step="heun")
     text = a1111_parameters({"prompt": "p", "steps": 20, "sampler": "ddim_cfgpp", "guidance_scale": 0.6})
     assert text.endswith("Sampler: DDIM CFG++, CFG scale: 7.5")
-    assert a1111_parameters({"prompt": "p", "sampler": "euler_cfgpp", "guidance_scale": 0.6}).endswith("CFG scale: 0.6")
+    assert a1111_parameters({"prompt": "p", "sampler": "euler_cfgpp", "guidance_scale": 0.6}).endswith("CFG scale: 7.5")
+    assert a1111_parameters({"prompt": "p", "sampler": "euler", "guidance_scale": 0.6}).endswith("CFG scale: 0.6")

@@ -137,8 +137,9 @@ def test_ends():
     gauss, mu, var = _gaussian()
     schedule = NoiseSchedule.from_config("scaled_linear")
     table = schedule._sigma_table(float32=True)
-    plan = schedule.plan(20, rule="karras", spacing="trailing")
-    assert float(plan.sigmas[-2]) > 0.2
+    plan = schedule.plan(20, rule="karras", spacing="trailing", steps_offset=0)
+    plan = plan.tail(1)  # (from sigma 10.9, below sigma_max, as an image-to-image run starts: "model" starts higher)
+    assert float(plan.sigmas[-2]) > 0.2 and float(plan.sigmas[0]) < 0.9 * float(table[-1])
     x_T = torch.randn(64, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     outs, exact = {}, {}
     for ends in ("auto", "plan", "model"):
@@ -147,12 +148,14 @@ def test_ends():
         s0 = float(table[-1]) if ends == "model" else float(plan.sigmas[0])
         s1 = float(plan.sigmas[-2]) if ends == "plan" else float(table[0])
         exact[ends] = mu + (x_T * math.sqrt(1 + float(plan.sigmas[0]) ** 2) - mu) * ((var + s1**2) / (var + s0**2)).sqrt()
-    # each run is the ODE's solution between its own ends (20 calls: within 1e-2), far from the others' ("auto" and
-    # "model" differ only in where they start, sigma_max and the plan's first level, which trailing spacing puts close)
+    # each run is the ODE's solution between its own ends (19 calls, the last a DDIM step: measured 0.011, 0.048
+    # and 0.009 from its own, 0.30 and more from the others')
     for ends, out in outs.items():
         own = float((out - exact[ends]).abs().max())
-        assert own < 1e-2, (ends, own)
-    assert float((outs["plan"] - exact["auto"]).abs().max()) > 0.1
+        assert own < 0.06, (ends, own)
+        for other in exact:
+            if other != ends:
+                assert float((out - exact[other]).abs().max()) > 0.25, (ends, other)
     one = schedule.plan(1, rule="karras", sigma_schedule="karras", sigma_range="model")
     for ends in ("auto", "model"):
         denoise = Denoiser(ExactModel(gauss, schedule), one, "epsilon", schedule=schedule)
@@ -213,3 +216,28 @@ def test_the_server_does_not_merge_dpm_adaptive_requests():
                                for i in range(2))
         assert len(worker._take_batch()) == together, sampler
         worker._pending.clear()
+
+
+def test_the_server_runs_dpm_adaptive_in_a1111s_batches():
+    """A1111 runs each n_iter round as its own batch of batch_size; DPM adaptive's images depend on their batch, so
+    the worker samples a DPM adaptive request in chunks of its batch_size (others in chunks of max_batch)."""
+    from imagine.server.worker import Job, ModelWorker, Settings
+
+    class Pipe:
+        sizes = []
+
+        def generate(self, prompts, negatives, **kw):
+            Pipe.sizes.append(len(prompts))
+            raise RuntimeError("stop")  # (the chunk sizes are what this test reads)
+
+    for sampler, want in (("DPM adaptive", 2), ("euler", 6)):
+        Pipe.sizes.clear()
+        worker = ModelWorker(pipe=Pipe(), max_batch=8)
+        settings = Settings(height=16, width=16, steps=4, sampler=sampler, guidance_scale=3.0)
+        job = Job(prompts=["a"] * 6, negative_prompts=[None] * 6, seeds=list(range(6)), settings=settings,
+                  batch_size=2)
+        try:
+            worker._run_batch([job])
+        except RuntimeError:
+            pass
+        assert Pipe.sizes[:1] == [want], (sampler, Pipe.sizes)

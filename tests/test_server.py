@@ -305,6 +305,24 @@ def test_openai_and_a1111_agree(server):
     assert np.array_equal(_pixels(_decode(o.data[0].b64_json)), _pixels(_decode(a["images"][0])))
 
 
+def test_cfgpp_default_scale_is_lambda_on_every_api(server, pipe):
+    """A CFG++ sampler sent without a guidance scale runs at the model's default CFG / 12.5 (its lambda), not at the
+    CFG scale itself, on the OpenAI API as in the pipeline; the A1111 API maps its cfg_scale the same way for our
+    Euler CFG++ (A1111's own CFG++ is DDIM's, test_a1111_api_runs_samplers_as_a1111)."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    o = client.images.generate(prompt="a yellow circle", size=f"{SIZE}x{SIZE}",
+                               extra_body={"seed": 9, "steps": STEPS, "sampler": "ddim_cfgpp"})
+    kw = dict(seed=9, steps=STEPS, height=SIZE, width=SIZE, progress=False)
+    want = pipe.generate("a yellow circle", sampler="ddim_cfgpp", **kw).images[0]  # (default CFG / 12.5)
+    assert np.array_equal(_pixels(_decode(o.data[0].b64_json)), _pixels(want))
+    r = _txt2img(server, prompt="a yellow circle", seed=9, sampler_name="Euler CFG++", cfg_scale=7.5)
+    assert r.status_code == 200, r.text
+    want = pipe.generate("a yellow circle", sampler="euler_cfgpp", guidance_scale=0.6, **kw,
+                         **{k: v for k, v in a1111_settings("Euler CFG++").items() if k != "sampler"}).images[0]
+    assert np.array_equal(_pixels(_decode(r.json()["images"][0])), _pixels(want))
+    assert "CFG scale: 7.5," in json.loads(r.json()["info"])["infotexts"][0]
+
+
 # -- limits and bad input --------------------------------------------------------------------
 @pytest.mark.parametrize("field,value,limit", [
     ("width", 128, "64"), ("height", 4096, "64"), ("steps", 51, "50"), ("steps", 0, "50"),

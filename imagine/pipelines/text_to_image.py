@@ -1436,9 +1436,12 @@ def _prompt_list(prompt, per_prompt) -> list[str]:
 
 def _two_call(sampler: str) -> bool:
     """Whether a sampler evaluates the model twice a step (imagine.samplers.TWO_CALL_SAMPLERS)."""
-    from imagine.samplers import TWO_CALL_SAMPLERS
+    from imagine.samplers import TWO_CALL_SAMPLERS, resolve_sampler
 
-    return _sampler_in(sampler, TWO_CALL_SAMPLERS)
+    try:
+        return resolve_sampler(sampler)[0] in TWO_CALL_SAMPLERS
+    except (TypeError, ValueError):
+        return False
 
 
 def _default_guidance(defaults: dict, guidance_scale: float | None, sampler: str) -> float:
@@ -1463,18 +1466,9 @@ def _default_guidance(defaults: dict, guidance_scale: float | None, sampler: str
 
 def _cfg_pp(sampler: str) -> bool:
     """Whether a sampler is a CFG++ one, which needs the unconditional pass at every guidance scale, 1 too."""
-    from imagine.samplers import CFG_PP_SAMPLERS
+    from imagine.samplers import is_cfg_pp
 
-    return _sampler_in(sampler, CFG_PP_SAMPLERS)
-
-
-def _sampler_in(sampler: str, names) -> bool:
-    from imagine.samplers import resolve_sampler
-
-    try:
-        return resolve_sampler(sampler)[0] in names
-    except (TypeError, ValueError):
-        return False
+    return is_cfg_pp(sampler)
 
 
 def _same_sampler(a: str, b: str) -> bool:

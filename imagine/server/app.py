@@ -1145,7 +1145,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                                                     height))
         # an empty negative prompt is none given: zeros on SDXL, as AUTOMATIC1111 runs it (encoded "" elsewhere)
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt or None] * n, seeds=seeds,
-                  settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
+                  batch_size=batch_size, settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=a1111_guidance_scale(sampler, guidance),
                                     schedule=schedule, eta=eta, options=options,
                                     sigma_range=a1111["sigma_range"], start=a1111.get("start", "noise"),
@@ -1467,9 +1467,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise
         steps = defaults["steps"] if steps is None else steps
         check_int("steps", steps, 1, cfg.max_steps, " (the server's limit)")
-        guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        check_guidance("guidance_scale", guidance)
         sampler, schedule = resolve_sampler("sampler", sampler)
+        guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        if guidance_scale is None:  # (a CFG++ sampler's default lambda: the default CFG scale mapped as A1111 maps it)
+            guidance = a1111_guidance_scale(sampler, guidance)
+        check_guidance("guidance_scale", guidance)
         base = check_seed("seed", -1 if seed is None else seed)
         return height, width, steps, guidance, sampler, schedule, [(base + i) % (MAX_SEED + 1) for i in range(n)]
 

@@ -104,6 +104,9 @@ class Job:
     masks: list | None = None  # inpainting (with init_images and settings.inpainting): a PIL mask per prompt
     control_images: list | None = None  # per unit of settings.controlnets: a list of one PIL picture per prompt
     subseeds: list[int] | None = None  # A1111's variation seeds, one per image (with settings.subseed_strength)
+    # images per sampling batch where the sampler couples a batch's images (DPM adaptive): A1111's batch_size, each
+    # n_iter round its own batch (None: the worker's max_batch)
+    batch_size: int | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     state: str = "queued"  # queued -> running -> done | cancelled
@@ -365,7 +368,10 @@ class ModelWorker:
         masks = [m for j in batch for m in j.masks] if s.inpainting else None  # (one settings: all have them)
         controls = [[im for j in batch for im in j.control_images[u]] for u in range(len(s.controlnets))]
         offsets = dict(zip((j.id for j in batch), itertools.accumulate([0] + [len(j) for j in batch])))
-        chunks = [(i, min(i + self.max_batch, len(seeds))) for i in range(0, len(seeds), self.max_batch)]
+        size = self.max_batch
+        if _couples_batch(s.sampler) and batch[0].batch_size:  # (alone in its batch: _take_batch)
+            size = min(size, batch[0].batch_size)
+        chunks = [(i, min(i + size, len(seeds))) for i in range(0, len(seeds), size)]
         self.stats["batches"] += 1
         t0 = time.time()
         self.progress = Progress(job_ids=[j.id for j in batch], offsets=offsets, steps=s.steps, chunks=len(chunks),
