@@ -283,9 +283,11 @@ def _distinct(rows: list[dict], defaults: dict) -> list[dict]:
 def _guidance_used(opt: dict, defaults: dict):
     # the scale the row ran with: the one given, else the model's default (for a CFG++ sampler its lambda, the
     # default CFG scale / 12.5, as the pipeline takes it)
-    from imagine.pipelines.text_to_image import _default_guidance
+    from imagine.samplers import default_guidance_scale
 
-    return _default_guidance(defaults, opt.get("guidance_scale"), opt.get("sampler") or defaults.get("sampler"))
+    if opt.get("guidance_scale") is not None or defaults.get("guidance_scale") is None:
+        return opt.get("guidance_scale", defaults.get("guidance_scale"))
+    return default_guidance_scale(defaults["guidance_scale"], opt.get("sampler") or defaults.get("sampler"))
 
 
 def format_sweep(rows: list[dict], reports: list[dict], defaults: dict) -> str:

@@ -1402,6 +1402,12 @@ def is_cfg_pp(name) -> bool:
         return False
 
 
+def default_guidance_scale(cfg_default: float, sampler) -> float:
+    """The guidance scale a run takes when none is given: the model's default CFG scale, for a CFG++ sampler mapped
+    to its lambda as A1111 maps it (/ 12.5: 7.5 -> 0.6)."""
+    return float(cfg_default) * (A1111_CFGPP_SCALE if is_cfg_pp(sampler) else 1.0)
+
+
 def a1111_guidance_scale(name: str, cfg_scale: float) -> float:
     """The guidance scale that runs sampler `name` at AUTOMATIC1111's CFG scale `cfg_scale`: for its "DDIM CFG++" (and
     our other CFG++ samplers, the same way), CFG++'s lambda = cfg_scale / 12.5 (A1111 maps CFG 0..12.5 to lambda

@@ -1449,12 +1449,9 @@ def _default_guidance(defaults: dict, guidance_scale: float | None, sampler: str
     the default CFG scale / 12.5 (A1111's mapping: 7.5 -> 0.6). A lambda above 2 is far outside CFG++'s range: a
     warning says so (a CFG scale given to a CFG++ sampler)."""
     if guidance_scale is None:
-        scale = float(defaults["guidance_scale"])
-        if _cfg_pp(sampler):
-            from imagine.samplers import A1111_CFGPP_SCALE
+        from imagine.samplers import default_guidance_scale
 
-            scale *= A1111_CFGPP_SCALE
-        return scale
+        return default_guidance_scale(defaults["guidance_scale"], sampler)
     guidance_scale = float(guidance_scale)
     if _cfg_pp(sampler) and guidance_scale > 2:
         import warnings

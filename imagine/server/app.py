@@ -45,6 +45,7 @@ from imagine.samplers import (  # AUTOMATIC1111's labels and ways of our sampler
     a1111_guidance_scale,
     a1111_schedule,
     a1111_settings,
+    default_guidance_scale,
 )
 from imagine.schedules import MODEL_SIGMA_SCHEDULES, SCHEDULE_LABELS, SIGMA_SCHEDULES
 from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
@@ -1468,9 +1469,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         steps = defaults["steps"] if steps is None else steps
         check_int("steps", steps, 1, cfg.max_steps, " (the server's limit)")
         sampler, schedule = resolve_sampler("sampler", sampler)
-        guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        if guidance_scale is None:  # (a CFG++ sampler's default lambda: the default CFG scale mapped as A1111 maps it)
-            guidance = a1111_guidance_scale(sampler, guidance)
+        # (a CFG++ sampler's default is its lambda: the default CFG scale mapped as A1111 maps it)
+        guidance = (default_guidance_scale(defaults["guidance_scale"], sampler) if guidance_scale is None
+                    else guidance_scale)
         check_guidance("guidance_scale", guidance)
         base = check_seed("seed", -1 if seed is None else seed)
         return height, width, steps, guidance, sampler, schedule, [(base + i) % (MAX_SEED + 1) for i in range(n)]
