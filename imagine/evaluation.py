@@ -285,8 +285,10 @@ def _guidance_used(opt: dict, defaults: dict):
     # default CFG scale / 12.5, as the pipeline takes it)
     from imagine.samplers import default_guidance_scale
 
-    if opt.get("guidance_scale") is not None or defaults.get("guidance_scale") is None:
-        return opt.get("guidance_scale", defaults.get("guidance_scale"))
+    if opt.get("guidance_scale") is not None:
+        return opt["guidance_scale"]
+    if defaults.get("guidance_scale") is None:
+        return None
     return default_guidance_scale(defaults["guidance_scale"], opt.get("sampler") or defaults.get("sampler"))
 
 

@@ -964,7 +964,7 @@ def sample_dpm_fast(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, no
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"dpm_fast: calls (its model calls) must be a positive int; got {calls!r}")
     s_max, s_min = _dpm_solver_span(denoise, plan, "dpm_fast", ends)
-    if getattr(denoise, "evaluations", False) is not False:
+    if hasattr(denoise, "evaluations"):
         denoise.evaluations = n  # (conditioning and ControlNet windows follow the model calls)
     m = n // 3 + 1
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
@@ -1394,12 +1394,17 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
             **({"eta": 1.0} if canonical in A1111_ETA_ONE else {})}
 
 
-def is_cfg_pp(name) -> bool:
-    """Whether `name` (any alias) is a CFG++ sampler (CFG_PP_SAMPLERS); False for a name that is not a sampler."""
+def sampler_in(name, names) -> bool:
+    """Whether sampler `name` (any alias) is one of the canonical `names`; False for a name that is not a sampler."""
     try:
-        return resolve_sampler(str(name))[0] in CFG_PP_SAMPLERS if name else False
+        return resolve_sampler(str(name))[0] in names if name else False
     except ValueError:
         return False
+
+
+def is_cfg_pp(name) -> bool:
+    """Whether `name` is a CFG++ sampler (CFG_PP_SAMPLERS), whose guidance scale is lambda."""
+    return sampler_in(name, CFG_PP_SAMPLERS)
 
 
 def default_guidance_scale(cfg_default: float, sampler) -> float:

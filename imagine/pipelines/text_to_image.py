@@ -28,6 +28,7 @@ from imagine.images import RESIZE_MODES, fit_picture, to_pil
 from imagine.loading.folder import Components
 from imagine.composable import ComposedConditioning, split_and
 from imagine.refiner import check_switch, with_refiner
+from imagine.samplers import default_guidance_scale, is_cfg_pp
 from imagine.sampling import make_generators
 
 log = logging.getLogger(__name__)
@@ -799,7 +800,7 @@ class TextToImagePipeline:
         # (A1111 schedules a second-order sampler's edits over 2N model calls; the denoiser counts its calls then)
         editing = (2 * steps if _two_call(sampler) else steps) if prompt_editing else None
         # (A1111's edit guidance: always; CFG++'s samplers renoise with the unconditional prediction at scale 1 too)
-        guided = guidance_scale != 1.0 or (self.edits and not image_guidance_gate) or _cfg_pp(sampler)
+        guided = guidance_scale != 1.0 or (self.edits and not image_guidance_gate) or is_cfg_pp(sampler)
         cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts, editing,
                                          composable=composable)
         if self.edits and controls and any(c[4] in ("guess", "controlnet") or c[0].config.global_pool_conditions
@@ -1059,7 +1060,7 @@ class TextToImagePipeline:
         t0 = time.perf_counter()
         generators = make_generators(len(prompts), seeds)
         self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
-        cond, uncond = self.conditioning(prompts, negatives, height, width, guidance_scale != 1.0 or _cfg_pp(sampler),
+        cond, uncond = self.conditioning(prompts, negatives, height, width, guidance_scale != 1.0 or is_cfg_pp(sampler),
                                          emphasis, long_prompts)
         label, negative_label, concat = condition(generators)
         cond = {**cond, "class_labels": label}
@@ -1436,12 +1437,9 @@ def _prompt_list(prompt, per_prompt) -> list[str]:
 
 def _two_call(sampler: str) -> bool:
     """Whether a sampler evaluates the model twice a step (imagine.samplers.TWO_CALL_SAMPLERS)."""
-    from imagine.samplers import TWO_CALL_SAMPLERS, resolve_sampler
+    from imagine.samplers import TWO_CALL_SAMPLERS, sampler_in
 
-    try:
-        return resolve_sampler(sampler)[0] in TWO_CALL_SAMPLERS
-    except (TypeError, ValueError):
-        return False
+    return sampler_in(sampler, TWO_CALL_SAMPLERS)
 
 
 def _default_guidance(defaults: dict, guidance_scale: float | None, sampler: str) -> float:
@@ -1449,23 +1447,14 @@ def _default_guidance(defaults: dict, guidance_scale: float | None, sampler: str
     the default CFG scale / 12.5 (A1111's mapping: 7.5 -> 0.6). A lambda above 2 is far outside CFG++'s range: a
     warning says so (a CFG scale given to a CFG++ sampler)."""
     if guidance_scale is None:
-        from imagine.samplers import default_guidance_scale
-
         return default_guidance_scale(defaults["guidance_scale"], sampler)
     guidance_scale = float(guidance_scale)
-    if _cfg_pp(sampler) and guidance_scale > 2:
+    if is_cfg_pp(sampler) and guidance_scale > 2:
         import warnings
 
         warnings.warn(f"{sampler}: guidance_scale {guidance_scale} is CFG++'s lambda, whose range is about 0 to 1 "
                       "(A1111's CFG scale / 12.5: 7.5 -> 0.6)", stacklevel=3)
     return guidance_scale
-
-
-def _cfg_pp(sampler: str) -> bool:
-    """Whether a sampler is a CFG++ one, which needs the unconditional pass at every guidance scale, 1 too."""
-    from imagine.samplers import is_cfg_pp
-
-    return is_cfg_pp(sampler)
 
 
 def _same_sampler(a: str, b: str) -> bool:

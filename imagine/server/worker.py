@@ -512,12 +512,9 @@ class ModelWorker:
 def _couples_batch(sampler: str) -> bool:
     """Whether a sampler's images depend on the rest of their batch: DPM adaptive picks its steps from the error over
     the whole batch (as k-diffusion and A1111 do), so its requests are not merged with others'."""
-    from imagine.samplers import resolve_sampler
+    from imagine.samplers import sampler_in
 
-    try:
-        return resolve_sampler(sampler)[0] == "dpm_adaptive"
-    except (TypeError, ValueError):
-        return False
+    return sampler_in(sampler, ("dpm_adaptive",))
 
 
 def _step_of(d: dict) -> int:
