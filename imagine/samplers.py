@@ -114,9 +114,9 @@ def _check_band(s_tmin, s_tmax) -> None:
         raise ValueError(f"need 0 <= s_tmin <= s_tmax; got s_tmin={s_tmin}, s_tmax={s_tmax}")
 
 
-def _steps_to_zero(plan: SamplingPlan) -> int:
-    # the steps of the whole run: a plan that stops above sigma = 0 (plan.head) is followed by a final step
-    return len(plan) + (float(plan.sigmas[-1]) != 0)
+def _run_steps(plan: SamplingPlan) -> int:
+    # the steps of the whole run: the plan's and those that follow its end (plan.head's: a final step run apart)
+    return len(plan) + plan.follow
 
 
 def _ancestral_step(s: float, s_next: float, eta: float) -> tuple[float, float]:
@@ -752,7 +752,7 @@ def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name,
     if warmup not in WARMUPS:
         raise ValueError(f"{name}: warmup must be one of {', '.join(map(repr, WARMUPS))}; got {warmup!r}")
     _distinct_levels(plan, name)
-    sigmas, n = plan.sigmas.tolist(), _steps_to_zero(plan)
+    sigmas, n = plan.sigmas.tolist(), _run_steps(plan)
     z = _increments(noise, x, plan, sde_noise) if eta > 0 else None
     ms, hs = [], []  # the x_0 history (newest last) and the step lengths in lambda between them
     for i in _steps(plan, progress, name):
@@ -1088,14 +1088,15 @@ def sample_unipc(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise
     prediction): a UniP-p predictor to the next level, then, once the model has been evaluated there, the
     UniC corrector redoes the step with that new x_0 included (order p+1) at no extra model call. B(h) is
     e^{-h} - 1 ("bh2") or -h ("bh1"); the rho coefficients solve R rho = b (eq. 9 and appendix), with
-    rho = 1/2 for the 2nd-order predictor. Warm-up with lower orders; the last step (to sigma = 0) returns
-    x_0 (diffusers' lower_order_final with final sigma 0)."""
+    rho = 1/2 for the 2nd-order predictor. Warm-up with lower orders, and the order lowered towards the run's end
+    (order min(p, steps left): diffusers' and the UniPC code's lower_order_final); a last step to sigma = 0 returns x_0,
+    one to a level above it (the continuous-time schedule types' t = 1/T) the predictor's x, with no corrector."""
     _deterministic("unipc", eta)
     if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
         raise ValueError(f"UniPC order must be an integer from 1 to 4; got {order!r}")
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2'; got {variant!r}")
-    sigmas, n = plan.sigmas.tolist(), _steps_to_zero(plan)
+    sigmas, n = plan.sigmas.tolist(), _run_steps(plan)
     lam = [-math.log(s) if s > 0 else math.inf for s in sigmas]  # lambda = log(alpha/sigma_vp) = -log(sigma_VE)
     ms: list[torch.Tensor] = []
     x_prev, last_order = None, 0
@@ -1329,6 +1330,8 @@ A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": 
 A1111_DISCARD = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
 # the samplers whose eta A1111 sets to its eta_ancestral, 1, where k-diffusion's (and our) default is 0
 A1111_ETA_ONE = ("dpm_fast", "dpm_adaptive")
+# A1111's UniPC (modules/models/diffusion/uni_pc, its settings' defaults): 3rd order, B(h) = -h
+A1111_UNIPC = {"order": 3, "variant": "bh1"}
 # A1111's "DDIM CFG++" maps its CFG scale to CFG++'s lambda by 1 / 12.5 (CFG 0..12.5 -> lambda 0..1)
 A1111_CFGPP_SCALE = 1 / 12.5
 
@@ -1373,8 +1376,11 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     1 + k, ... with k = T // steps, the last held to T - 1 (the "compvis" schedule type), from unit noise at the
     highest, stopping at t = 1's level (last_step False), as does "DDIM CFG++" (whose guidance scale A1111 divides by
     12.5: a1111_guidance_scale), unless a schedule type is named (A1111 passes over one for them; here it
-    applies, over the model's range); their image to image keeps diffusers' rule. UniPC, LCM and DDPM keep their own
-    timesteps unless a schedule type is named.
+    applies, over the model's range); their image to image keeps diffusers' rule. UniPC runs A1111's own (its
+    modules/models/diffusion/uni_pc): 3rd order, bh1, lower order towards the end, in continuous VP time evenly from
+    t = 1 to 1/T over as many steps as the CompVis timesteps count (the "compvis_time_uniform" schedule type: 31 for
+    30), from unit noise, ending at abar_0 (a named schedule type applies instead, as for DDIM). LCM and DDPM keep
+    their own timesteps unless a schedule type is named.
     """
     canonical, _, karras = resolve_sampler(name)
     scheduler = a1111_schedule(scheduler)
@@ -1385,6 +1391,9 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     if canonical in ("ddim", "plms", "ddim_cfgpp") and scheduler is None:
         return {"sampler": canonical, "sigma_schedule": "compvis", "sigma_range": "spaced",
                 "sampler_options": {"last_step": False}}
+    if canonical == "unipc":  # (A1111's uni_pc settings: order 3, bh1, time-uniform, lower order final)
+        return {"sampler": canonical, "sigma_schedule": scheduler or "compvis_time_uniform",
+                "sigma_range": "model" if scheduler else "spaced", "sampler_options": dict(A1111_UNIPC)}
     if canonical not in A1111_AUTOMATIC:
         return {"sampler": canonical, "sigma_schedule": scheduler, "sigma_range": "model" if scheduler else "spaced"}
     return {"sampler": canonical, "sigma_schedule": scheduler or A1111_AUTOMATIC[canonical], "sigma_range": "model",

@@ -237,7 +237,8 @@ class Denoiser:
         if i == 0 and self._held is not None:
             (held, self.uncond_x0), self._held = self._held, None
             return held
-        return self._denoise(x, i, float(self.plan.timesteps[i]), float(self.plan.alphas_cumprod[i]), known=i > 0)
+        return self._denoise(x, i, float(self.plan.timesteps[i]), float(self.plan.alphas_cumprod[i]), known=i > 0,
+                             on_grid=True)
 
     def at_sigma(self, x: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
         """D(x; sigma) at a noise level off the plan's grid, evaluated within step i (its conditioning is that of
@@ -252,22 +253,28 @@ class Denoiser:
         t = float(self.schedule.sigma_to_t(float(sigma)))
         return self._denoise(x, i, t, 1.0 / (1.0 + float(sigma) ** 2), known=True)
 
-    def _denoise(self, x: torch.Tensor, i: int, t: float, abar: float, known: bool) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, i: int, t: float, abar: float, known: bool,
+                 on_grid: bool = False) -> torch.Tensor:
         # model -> guidance -> x_0 -> classifier guidance (eps form) -> thresholding, at timestep t and level abar
         if self.known is not None and known:
             x0, eps, mask = self.known
             x = torch.lerp((math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * eps).to(x.dtype), x, mask.to(x.dtype))
-        out = self.model_output(x, i, t)
-        if self.keep_uncond:  # (CFG++: the model's own unconditional x_0, without classifier guidance or thresholds)
-            self.uncond_x0 = predict_x0(self._uncond_out, x, abar, self.prediction_type)
+        out, kind = self.model_output(x, i, t), self.prediction_type
+        uncond_out = self._uncond_out if self.keep_uncond else None
+        if on_grid and kind == "v_prediction" and self.plan.v_alphas_cumprod is not None:
+            # (v read as eps at the plan's other abar: plan.v_alphas_cumprod; linear in v, so guidance commutes)
+            v_abar = float(self.plan.v_alphas_cumprod[i])
+            out, kind = predict_eps(out, x, v_abar, kind), "epsilon"
+            uncond_out = None if uncond_out is None else predict_eps(uncond_out, x, v_abar, "v_prediction")
+        if uncond_out is not None:  # (CFG++: the model's own unconditional x_0, without classifier guidance or thresholds)
+            self.uncond_x0 = predict_x0(uncond_out, x, abar, kind)
         if self.classifier is not None and self.classifier_scale and self.classifier_form == "eps" and abar > 0:
             # Dhariwal & Nichol 2021, Alg. 2: eps_hat = eps - sqrt(1 - abar) s grad, and x_0 from eps_hat
             grad = classifier_gradient(self.classifier, x, self._t(x, t)).to(out.dtype)
-            eps = classifier_eps_shift(predict_eps(out, x, abar, self.prediction_type), grad, abar,
-                                       self.classifier_scale)
+            eps = classifier_eps_shift(predict_eps(out, x, abar, kind), grad, abar, self.classifier_scale)
             x0 = predict_x0(eps, x, abar, "epsilon")
         else:
-            x0 = predict_x0(out, x, abar, self.prediction_type)
+            x0 = predict_x0(out, x, abar, kind)
         return apply_threshold(x0, self.thresholding, self.threshold_percentile, self.threshold_range)
 
     def mean_shift(self, x: torch.Tensor, i: int, variance: float):

@@ -87,14 +87,20 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0,
 SIGMA_RANGES = ("spaced", "model")  # what a schedule type spans: NoiseSchedule.plan's sigma_range
 # The schedule types read off the model's own discrete levels sigma(0..T-1) (`model_levels`); the others span a range
 MODEL_SIGMA_SCHEDULES = ("uniform", "normal", "sgm_uniform", "simple", "ddim_uniform", "compvis")
+# The discretisations of the DPM-Solver and UniPC code in continuous VP time (`vp_time_levels`): they end at t = 1/T,
+# abar_0, not at sigma = 0. "compvis_time_uniform" is AUTOMATIC1111's UniPC: time-uniform over as many steps as its
+# CompVis timesteps count ("compvis": 31 for 30)
+VP_TIME_SCHEDULES = ("time_uniform", "time_quadratic", "logsnr", "compvis_time_uniform")
 SIGMA_SCHEDULES = ("karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
-                   "align_your_steps_sdxl") + MODEL_SIGMA_SCHEDULES
+                   "align_your_steps_sdxl") + MODEL_SIGMA_SCHEDULES + VP_TIME_SCHEDULES
 BETA_SIGMAS = (0.6, 0.6)  # Lee et al. 2024's (and diffusers', A1111's, ComfyUI's) default alpha, beta
 # AUTOMATIC1111's labels of the schedule types (its infotexts' "Schedule type: ...", its API's scheduler labels)
 SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "polyexponential": "Polyexponential",
                    "beta": "Beta", "kl_optimal": "KL Optimal", "align_your_steps": "Align Your Steps",
                    "align_your_steps_sdxl": "Align Your Steps", "uniform": "Uniform", "normal": "Normal",
-                   "sgm_uniform": "SGM Uniform", "simple": "Simple", "ddim_uniform": "DDIM", "compvis": "CompVis"}
+                   "sgm_uniform": "SGM Uniform", "simple": "Simple", "ddim_uniform": "DDIM", "compvis": "CompVis",
+                   "time_uniform": "Time Uniform", "time_quadratic": "Time Quadratic", "logsnr": "LogSNR",
+                   "compvis_time_uniform": "CompVis Time Uniform"}
 # Align Your Steps (Sabour et al. 2024): the 10-step levels NVIDIA optimised for Stable Diffusion 1.5 and for SDXL
 # (its published lists, as A1111 and ComfyUI hold them; diffusers' AysSchedules ends them at 0 instead of 0.029)
 AYS_SIGMAS = {"align_your_steps": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
@@ -193,6 +199,49 @@ def model_levels(kind: str, table: np.ndarray, n: int) -> tuple[np.ndarray, np.n
     return t, np.exp(np.interp(t, np.arange(T, dtype=np.float64), log_table))
 
 
+def compvis_count(T: int, n: int) -> int:
+    """How many timesteps the CompVis discretisation t = 1 + k j (k = max(T // n, 1), k j < T) lays out for n asked:
+    ceil(T / k), n where k divides T (T = 1000: n = 30 gives 31, n = 15 gives 16)."""
+    return len(range(0, T, max(T // n, 1)))
+
+
+def vp_time_levels(kind: str, alphas_cumprod, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(t, abar): n + 1 points of continuous VP time t in [1/T, 1], most noisy first, and abar at each, as the DPM-Solver
+    and UniPC code discretise a discrete-time model (Lu et al. 2022, "DPM-Solver", sec. 3.4 and appendix "discrete-
+    time DPMs"): timestep j of the model is t_j = (j + 1) / T, log alpha_t = log sqrt(abar) is piecewise linear in t
+    between them, and the model at time t sees the fractional timestep T t - 1. The run ends at t = 1/T (abar_0).
+      time_uniform:   t evenly from 1 to 1/T (UniPC's and AUTOMATIC1111's default "skip type");
+      time_quadratic: sqrt(t) evenly from 1 to sqrt(1/T): steps crowd towards low noise;
+      logsnr:         lambda = log alpha - log sigma evenly from lambda(1) to lambda(1/T), t by inverting the
+                      piecewise-linear log alpha (the DPM-Solver paper's own, as "exponential" levels but over
+                      [abar_0, abar_T] and with its interpolation);
+      compvis_time_uniform: time_uniform over compvis_count(T, n) steps (AUTOMATIC1111's UniPC: as many as the
+                      CompVis timesteps it lays out for n)."""
+    if kind not in VP_TIME_SCHEDULES:
+        raise ValueError(f"a continuous-time schedule type must be one of {VP_TIME_SCHEDULES}; got {kind!r}")
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    T = len(abar)
+    if not bool((abar > 0).all()):
+        raise ValueError(f"{kind} interpolates log abar over the model's timesteps; this schedule has abar = 0 at its "
+                         "last (zero terminal SNR), where it is -inf: use another schedule type")
+    grid, log_alpha = np.arange(1, T + 1, dtype=np.float64) / T, 0.5 * np.log(abar)  # t_j = (j + 1) / T
+    if kind == "compvis_time_uniform":
+        kind, n = "time_uniform", compvis_count(T, n)
+    if kind == "time_uniform":
+        t = np.linspace(1.0, 1.0 / T, n + 1)
+    elif kind == "time_quadratic":
+        t = np.linspace(1.0, math.sqrt(1.0 / T), n + 1) ** 2
+    else:
+        def lam(log_a):  # lambda = log alpha - log sigma, sigma = sqrt(1 - alpha^2)
+            return log_a - 0.5 * np.log(-np.expm1(2 * log_a))
+
+        lams = np.linspace(lam(log_alpha[-1]), lam(log_alpha[0]), n + 1)
+        log_a = -0.5 * np.logaddexp(0.0, -2 * lams)  # log alpha of lambda
+        t = np.interp(log_a, log_alpha[::-1], grid[::-1])  # (log alpha falls with t)
+        t[0], t[-1] = 1.0, 1.0 / T
+    return t, np.exp(2 * np.interp(t, grid, log_alpha))
+
+
 def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str, steps_offset: int = 0,
                      rule: str = "ddim") -> np.ndarray:
     """The `steps` training timesteps a sampler visits, from most to least noisy (float64).
@@ -241,6 +290,12 @@ class SamplingPlan:
     alphas_cumprod: torch.Tensor  # [N+1] float64
     rule: str = "ddim"
     spacing: str = "leading"
+    # the steps of the same run that follow this plan's end (a head's: the final step run apart); the multistep
+    # samplers lower their order towards the run's end, not the plan's
+    follow: int = 0
+    # [N] or None: the abar at which a v-prediction model's output is read as eps, where not at the step's own level
+    # (AUTOMATIC1111's CompVis wrapper reads it at the timestep truncated to an integer: its UniPC's are fractional)
+    v_alphas_cumprod: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
@@ -248,12 +303,14 @@ class SamplingPlan:
     def head(self, stop: int) -> "SamplingPlan":
         """The first `stop` steps, ending at level `stop` (not at the plan's end)."""
         return replace(self, timesteps=self.timesteps[:stop], sigmas=self.sigmas[: stop + 1],
-                       alphas_cumprod=self.alphas_cumprod[: stop + 1])
+                       alphas_cumprod=self.alphas_cumprod[: stop + 1], follow=self.follow + len(self) - stop,
+                       v_alphas_cumprod=None if self.v_alphas_cumprod is None else self.v_alphas_cumprod[:stop])
 
     def tail(self, start: int) -> "SamplingPlan":
         """The plan from step `start` on (img2img-style partial runs)."""
         return replace(self, timesteps=self.timesteps[start:], sigmas=self.sigmas[start:],
-                       alphas_cumprod=self.alphas_cumprod[start:])
+                       alphas_cumprod=self.alphas_cumprod[start:],
+                       v_alphas_cumprod=None if self.v_alphas_cumprod is None else self.v_alphas_cumprod[start:])
 
 
 class NoiseSchedule:
@@ -529,6 +586,15 @@ class NoiseSchedule:
         steps_offset = self.steps_offset if steps_offset is None else int(steps_offset)
         if rule == "lcm":
             return self._lcm_plan(int(steps), sigma_schedule, spacing)
+        if sigma_schedule in VP_TIME_SCHEDULES:  # (their own end, abar_0, whatever the rule: the code they come from)
+            t, abar = vp_time_levels(sigma_schedule, self.alphas_cumprod.numpy(), int(steps))
+            v_abar = None
+            if sigma_schedule == "compvis_time_uniform":  # (A1111's v models: abar at int(t_in), its float32 t_in)
+                t_in = (torch.linspace(1.0, 1.0 / T, len(t), dtype=torch.float32)[:-1] - 1.0 / T) * 1000.0
+                v_abar = self.alphas_cumprod[t_in.long().clamp(0, T - 1)]
+            return SamplingPlan(timesteps=torch.from_numpy(T * t[:-1] - 1.0), sigmas=torch.from_numpy(np.sqrt(
+                (1 - abar) / abar)), alphas_cumprod=torch.from_numpy(abar), rule=rule, spacing=spacing,
+                v_alphas_cumprod=v_abar)
         t = spaced_timesteps(T, int(steps), spacing, steps_offset, rule)
         if t.max() > T - 1 or t.min() < 0:
             raise ValueError(f"steps_offset={steps_offset} puts timesteps outside 0..{T - 1} ({t.max():.0f})")

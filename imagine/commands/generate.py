@@ -151,10 +151,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    # (schedules.SIGMA_SCHEDULES, with no torch import to parse arguments)
                    choices=["karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
                             "align_your_steps_sdxl", "uniform", "normal", "sgm_uniform", "simple", "ddim_uniform",
-                            "compvis"],
+                            "compvis", "time_uniform", "time_quadratic", "logsnr", "compvis_time_uniform"],
                    help="noise levels' spacing (A1111's schedule type; align_your_steps: SDXL's list for an SDXL "
                         "model; uniform/normal, sgm_uniform, simple, ddim_uniform: read off the model's own levels "
-                        "as A1111 and ComfyUI do); default: the model's")
+                        "as A1111 and ComfyUI do; time_uniform, time_quadratic, logsnr: the DPM-Solver and UniPC "
+                        "code's steps in continuous time, ending at abar_0); default: the model's")
     p.add_argument("--sigma-range", choices=["spaced", "model"], default="spaced",
                    help="what --schedule-type (or a '... Karras' sampler) spans: the spaced timesteps' levels "
                         "(diffusers', the default) or the model's whole trained range (AUTOMATIC1111's)")

@@ -81,7 +81,8 @@ class ServerConfig:
 # -- samplers: AUTOMATIC1111's names -> ours (imagine.samplers.A1111_SAMPLERS: A1111 name, its aliases,
 # our sampler). Only those whose sampler exists here are offered.
 # A1111's schedule types of ours (align_your_steps picks SDXL's levels for an SDXL model, as A1111 does)
-SCHEDULE_TYPES = tuple(s for s in SIGMA_SCHEDULES if s not in ("align_your_steps_sdxl", "compvis"))
+SCHEDULE_TYPES = tuple(s for s in SIGMA_SCHEDULES
+                       if s not in ("align_your_steps_sdxl", "compvis", "compvis_time_uniform"))
 _FALLBACK_SAMPLERS = ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a", "heun"]
 
 
@@ -1099,9 +1100,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         schedule = a1111["sigma_schedule"]
         options = tuple(sorted({**dict(options), **a1111.get("sampler_options", {})}.items()))
         # (its infotext names the schedule type unless "Automatic" left k-diffusion's own levels, "uniform", or the
-        # sampler is one of its CompVis ones, DDIM and PLMS, which A1111 runs on their own timesteps; a type named for
-        # them is applied here, and named)
-        shown = asked or (schedule if schedule != "uniform" and sampler not in ("ddim", "plms", "ddim_cfgpp") else None)
+        # sampler is one of its CompVis ones, DDIM, PLMS and UniPC, which A1111 runs on their own timesteps; a type
+        # named for them is applied here, and named)
+        shown = asked or (schedule if schedule != "uniform" and sampler not in ("ddim", "plms", "ddim_cfgpp", "unipc")
+                          else None)
         base = check_seed("seed", req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
         variation = float(req.subseed_strength)

@@ -1,0 +1,213 @@
+"""AUTOMATIC1111's UniPC: our unipc sampler over the continuous-time schedule types, against A1111's own code restated.
+
+A1111's "UniPC" is not diffusers' UniPCMultistepScheduler but the UniPC authors' code in
+modules/models/diffusion/uni_pc/uni_pc.py, driven by modules/sd_samplers_timesteps_impl.py's unipc(). Restated here
+from that source, in its own terms (continuous VP time t, its NoiseScheduleVP, its R rho = b systems):
+- the model's float32 abar as a discrete-time schedule: timestep j sits at t_j = (j + 1) / N, log alpha_t =
+  log sqrt(abar) piecewise linear in t between those, sigma_t = sqrt(1 - alpha_t^2), lambda_t = log alpha_t - log sigma_t;
+- as many steps as its CompVis timesteps clip(range(0, 1000, 1000 // steps) + 1, 0, 999) count, laid out by the skip
+  type ("time_uniform": t evenly from 1 to 1/N; "time_quadratic"; "logSNR": lambda evenly, t by inverse interpolation);
+- the model called at the fractional timestep (t - 1/N) * 1000 with A1111's classifier-free guidance on eps (a
+  v-prediction model's v made eps with abar at the timestep truncated to an integer), x_0 = (x - sigma_t eps) / alpha_t;
+- the multistep UniPC with B(h) = -h (bh1) or e^-h - 1 (bh2): warm-up at orders 1..p-1 with the corrector, then order
+  min(p, steps + 1 - step) (lower_order_final), no corrector on the last step, the result at t = 1/N (not denoised).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from test_cfg_pp import COND, UNCOND, conditioned
+from test_samplers_parity import SEEDS, SHAPE, config
+
+from imagine.samplers import a1111_settings
+from imagine.sampling import sample
+from imagine.schedules import NoiseSchedule, compvis_count
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+EPS = config("scaled_linear", "leading", "epsilon")
+V = config("scaled_linear", "leading", "v_prediction")
+
+
+class A1111Schedule:
+    """uni_pc.NoiseScheduleVP('discrete', alphas_cumprod=...) restated, in float32 as A1111 holds the model's abar."""
+
+    def __init__(self, abar: torch.Tensor, dtype=torch.float32):
+        self.abar, self.dtype = abar.to(dtype), dtype
+        self.N = len(abar)
+        self.t_grid = torch.linspace(0.0, 1.0, self.N + 1, dtype=dtype)[1:]
+        self.log_alpha_grid = 0.5 * torch.log(self.abar)
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        # piecewise linear through (t_j, log alpha_j), extended linearly beyond the ends (interpolate_fn)
+        j = torch.clamp(torch.searchsorted(self.t_grid, t) - 1, 0, self.N - 2)
+        t0, t1 = self.t_grid[j], self.t_grid[j + 1]
+        y0, y1 = self.log_alpha_grid[j], self.log_alpha_grid[j + 1]
+        return y0 + (t - t0) * (y1 - y0) / (t1 - t0)
+
+    def alpha(self, t):
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t):
+        return torch.sqrt(1.0 - torch.exp(2.0 * self.log_alpha(t)))
+
+    def lam(self, t):
+        la = self.log_alpha(t)
+        return la - 0.5 * torch.log(1.0 - torch.exp(2.0 * la))
+
+    def t_of_lambda(self, lam):
+        la = -0.5 * torch.logaddexp(torch.zeros((), dtype=self.dtype), -2.0 * lam)
+        # interpolate t over log alpha (flipped so that it rises)
+        xs, ys = torch.flip(self.log_alpha_grid, [0]), torch.flip(self.t_grid, [0])
+        j = torch.clamp(torch.searchsorted(xs, la) - 1, 0, self.N - 2)
+        return ys[j] + (la - xs[j]) * (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j])
+
+    def times(self, skip: str, n: int) -> torch.Tensor:
+        t_T, t_0 = 1.0, 1.0 / self.N
+        if skip == "time_uniform":
+            return torch.linspace(t_T, t_0, n + 1, dtype=self.dtype)
+        if skip == "time_quadratic":
+            return torch.linspace(t_T ** 0.5, t_0 ** 0.5, n + 1, dtype=self.dtype) ** 2
+        lams = torch.linspace(float(self.lam(torch.tensor(t_T, dtype=self.dtype))),
+                              float(self.lam(torch.tensor(t_0, dtype=self.dtype))), n + 1, dtype=self.dtype)
+        return self.t_of_lambda(lams)
+
+
+@torch.no_grad()
+def a1111_unipc(cfg, steps, cfg_scale, order=3, variant="bh1", skip="time_uniform", seeds=SEEDS, dtype=torch.float64):
+    """A1111's UniPC restated (module doc), computing in `dtype`: float64 by default, A1111's algorithm in exact
+    arithmetic (float32, A1111's own, is itself 6e-6 away at 20 steps of CFG 1 on the tiny model and 3e-3 at CFG 7.5,
+    where that model's guided ODE amplifies rounding: the scales below stay where it does not)."""
+    model = conditioned(cfg)
+    ns = A1111Schedule(NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod, dtype)
+    n = len(torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999))  # its CompVis timesteps' count
+    assert n >= order, "UniPC order must be < sampling steps"
+    ts = ns.times(skip, n)
+    # (its float32 t as well: the integer timestep a v model's output is read at is truncated from it)
+    t_ints = ((A1111Schedule(ns.abar, torch.float32).times(skip, n) - 1.0 / ns.N) * 1000.0).long()
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]).to(dtype)
+
+    def eps(x, t_in, c, t_int):
+        out = model(x.float(), torch.full((x.shape[0],), float(t_in)), c["c"]).to(x.dtype)
+        if cfg["prediction_type"] == "v_prediction":  # (CompVisTimestepsVDenoiser: abar at int(t))
+            a = ns.abar[t_int]
+            out = a.sqrt() * out + (1 - a).sqrt() * x
+        return out
+
+    def x0_of(x, k):
+        t, t_in = ts[k], float((ts[k] - 1.0 / ns.N) * 1000.0)
+        e = eps(x, t_in, COND, t_ints[k])
+        if cfg_scale != 1.0:
+            e_u = eps(x, t_in, UNCOND, t_ints[k])
+            e = e_u + (e - e_u) * cfg_scale
+        return (x - ns.sigma(t) * e) / ns.alpha(t)
+
+    def update(x, ms, t_prevs, k_t, p, use_corrector):
+        t = ts[k_t]
+        lam_prev, lam_t = ns.lam(t_prevs[-1]), ns.lam(t)
+        h = lam_t - lam_prev
+        m0 = ms[-1]
+        rks, d1s = [], []
+        for k in range(1, p):
+            rk = float((ns.lam(t_prevs[-(k + 1)]) - lam_prev) / h)
+            rks.append(rk)
+            d1s.append((ms[-(k + 1)] - m0) / rk)
+        rks = torch.tensor(rks + [1.0], dtype=ns.dtype)
+        hh = -h
+        h_phi_1 = torch.expm1(hh)
+        b_h = hh if variant == "bh1" else torch.expm1(hh)
+        rows, b, h_phi_k, fact = [], [], h_phi_1 / hh - 1, 1
+        for k in range(1, p + 1):
+            rows.append(rks ** (k - 1))
+            b.append(float(h_phi_k * fact / b_h))
+            fact *= k + 1
+            h_phi_k = h_phi_k / hh - 1 / fact
+        r_mat, b = torch.stack(rows), torch.tensor(b, dtype=ns.dtype)
+        x_lin = ns.sigma(t) / ns.sigma(t_prevs[-1]) * x - ns.alpha(t) * h_phi_1 * m0
+        pred = 0
+        if d1s:
+            rho_p = torch.tensor([0.5], dtype=ns.dtype) if p == 2 else torch.linalg.solve(r_mat[:-1, :-1], b[:-1])
+            pred = sum(r * d for r, d in zip(rho_p, d1s))
+        x_t = x_lin - ns.alpha(t) * b_h * pred
+        if not use_corrector:
+            return x_t, None
+        m_t = x0_of(x_t, k_t)
+        rho_c = torch.tensor([0.5], dtype=ns.dtype) if p == 1 else torch.linalg.solve(r_mat, b)
+        corr = sum((r * d for r, d in zip(rho_c[:-1], d1s)), torch.zeros_like(m0))
+        return x_lin - ns.alpha(t) * b_h * (corr + rho_c[-1] * (m_t - m0)), m_t
+
+    ms, t_prevs = [x0_of(x, 0)], [ts[0]]
+    for k in range(1, order):  # warm-up
+        x, m = update(x, ms, t_prevs, k, k, True)
+        ms.append(m)
+        t_prevs.append(ts[k])
+    for step in range(order, n + 1):
+        p = min(order, n + 1 - step)
+        x, m = update(x, ms, t_prevs, step, p, step != n)
+        ms, t_prevs = (ms + [m])[-order:], (t_prevs + [ts[step]])[-order:]
+    return x.double()
+
+
+def ours(cfg, steps, cfg_scale, scheduler=None, **options):
+    settings = a1111_settings("UniPC", scheduler)
+    settings["sampler_options"] = {**settings["sampler_options"], **options}
+    return sample(conditioned(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg),
+                  sampler=settings.pop("sampler"), steps=steps, seeds=SEEDS, progress=False, cond=COND,
+                  uncond=UNCOND if cfg_scale != 1 else None, guidance_scale=cfg_scale, **settings).double()
+
+
+@pytest.mark.parametrize("cfg", [EPS, V], ids=lambda c: c["prediction_type"])
+@pytest.mark.parametrize("steps, cfg_scale", [(5, 5.0), (8, 1.0), (20, 4.0), (10, 3.5), (50, 3.0)])
+def test_unipc_equals_a1111s(cfg, steps, cfg_scale):
+    theirs = a1111_unipc(cfg, steps, cfg_scale)
+    err = float((ours(cfg, steps, cfg_scale) - theirs).abs().max())
+    assert err < 1e-4, f"{steps} steps, CFG {cfg_scale}: max |ours - A1111's| = {err:.2e}"
+
+
+@pytest.mark.parametrize("steps, asked_more", [(30, 31), (7, 8)])
+def test_unipc_takes_a1111s_step_count(steps, asked_more):
+    """Where 1000 // steps leaves a remainder A1111's UniPC runs as many steps as its CompVis timesteps count."""
+    assert compvis_count(1000, steps) == asked_more
+    theirs = a1111_unipc(EPS, steps, 4.0)
+    with pytest.warns(UserWarning, match=f"the run takes {asked_more} steps"):
+        got = ours(EPS, steps, 4.0)
+    err = float((got - theirs).abs().max())
+    assert err < 1e-4, f"{steps} steps: max |ours - A1111's| = {err:.2e}"
+
+
+@pytest.mark.parametrize("order, variant", [(1, "bh1"), (2, "bh1"), (2, "bh2"), (3, "bh2"), (4, "bh1")])
+def test_unipc_orders_and_variants_equal_a1111s(order, variant):
+    theirs = a1111_unipc(EPS, 10, 5.0, order=order, variant=variant)
+    err = float((ours(EPS, 10, 5.0, order=order, variant=variant) - theirs).abs().max())
+    assert err < 1e-4, f"order {order}, {variant}: max |ours - A1111's| = {err:.2e}"
+
+
+@pytest.mark.parametrize("ours_name, skip", [("time_quadratic", "time_quadratic"), ("logsnr", "logSNR")])
+def test_unipc_skip_types_equal_a1111s(ours_name, skip):
+    """A1111's other skip types (its uni_pc_skip_type setting) are our schedule types of those names (at a step count
+    where its CompVis count is the same)."""
+    theirs = a1111_unipc(EPS, 8, 4.0, skip=skip)
+    err = float((ours(EPS, 8, 4.0, scheduler=ours_name) - theirs).abs().max())
+    assert err < 1e-4, f"{skip}: max |ours - A1111's| = {err:.2e}"
+
+
+def test_time_uniform_levels_follow_the_papers_interpolation():
+    """The plan's levels: t evenly in [1/T, 1], abar from log sqrt(abar) linear in t between the timesteps (exactly the
+    model's abar where t falls on one), the model at timestep T t - 1, the end at abar_0."""
+    schedule = NoiseSchedule.from_diffusers_config(EPS)
+    plan = schedule.plan(10, rule="dpm_solver", sigma_schedule="time_uniform")
+    abar = schedule.alphas_cumprod
+    t = torch.linspace(1.0, 1e-3, 11, dtype=torch.float64)
+    torch.testing.assert_close(plan.timesteps, 1000 * t[:-1] - 1)
+    assert float(plan.alphas_cumprod[0]) == pytest.approx(float(abar[999]), rel=1e-12)
+    assert float(plan.alphas_cumprod[-1]) == pytest.approx(float(abar[0]), rel=1e-12)
+    for i in range(1, 10):  # between timesteps j and j + 1, log abar is the weighted mean of theirs
+        tau = float(plan.timesteps[i])
+        j, w = int(math.floor(tau)), tau - math.floor(tau)
+        want = math.exp((1 - w) * math.log(float(abar[j])) + w * math.log(float(abar[j + 1])))
+        assert float(plan.alphas_cumprod[i]) == pytest.approx(want, rel=1e-12)
+    assert float(plan.sigmas[-1]) > 0  # (ends at abar_0, as the DPM-Solver and UniPC code end at t = 1/T)
