@@ -1376,11 +1376,12 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     1 + k, ... with k = T // steps, the last held to T - 1 (the "compvis" schedule type), from unit noise at the
     highest, stopping at t = 1's level (last_step False), as does "DDIM CFG++" (whose guidance scale A1111 divides by
     12.5: a1111_guidance_scale), unless a schedule type is named (A1111 passes over one for them; here it
-    applies, over the model's range); their image to image keeps diffusers' rule. UniPC runs A1111's own (its
-    modules/models/diffusion/uni_pc): 3rd order, bh1, lower order towards the end, in continuous VP time evenly from
-    t = 1 to 1/T over as many steps as the CompVis timesteps count (the "compvis_time_uniform" schedule type: 31 for
-    30), from unit noise, ending at abar_0 (a named schedule type applies instead, as for DDIM). LCM and DDPM keep
-    their own timesteps unless a schedule type is named.
+    applies, over the model's range). UniPC runs A1111's own (its modules/models/diffusion/uni_pc): 3rd order, bh1,
+    lower order towards the end, in continuous VP time evenly from t = 1 to 1/T over as many steps as the CompVis
+    timesteps count (the "compvis_time_uniform" schedule type: 31 for 30), from unit noise, ending at abar_0 (a named
+    schedule type applies instead, as for DDIM). Image to image with DDIM, PLMS and UniPC is A1111's CompVis one (the
+    "a1111" strength rule over their schedule types: the sampler starts a level below the image's noise,
+    sampling._compvis_img2img). LCM and DDPM keep their own timesteps unless a schedule type is named.
     """
     canonical, _, karras = resolve_sampler(name)
     scheduler = a1111_schedule(scheduler)
@@ -1390,10 +1391,11 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
         scheduler = "karras"
     if canonical in ("ddim", "plms", "ddim_cfgpp") and scheduler is None:
         return {"sampler": canonical, "sigma_schedule": "compvis", "sigma_range": "spaced",
-                "sampler_options": {"last_step": False}}
+                "sampler_options": {"last_step": False}, "strength_rule": "a1111"}
     if canonical == "unipc":  # (A1111's uni_pc settings: order 3, bh1, time-uniform, lower order final)
         return {"sampler": canonical, "sigma_schedule": scheduler or "compvis_time_uniform",
-                "sigma_range": "model" if scheduler else "spaced", "sampler_options": dict(A1111_UNIPC)}
+                "sigma_range": "model" if scheduler else "spaced", "sampler_options": dict(A1111_UNIPC),
+                **({} if scheduler else {"strength_rule": "a1111"})}
     if canonical not in A1111_AUTOMATIC:
         return {"sampler": canonical, "sigma_schedule": scheduler, "sigma_range": "model" if scheduler else "spaced"}
     return {"sampler": canonical, "sigma_schedule": scheduler or A1111_AUTOMATIC[canonical], "sigma_range": "model",

@@ -132,6 +132,9 @@ def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], seeds
 STARTS = ("noise", "matched", "sigma_max")
 # Which steps an image-to-image run takes (`_img2img_plan`)
 STRENGTH_RULES = ("diffusers", "a1111", "a1111_fixed_steps")
+# the schedule types of AUTOMATIC1111's CompVis samplers, whose image to image its strength rules run its own way
+# (_compvis_img2img)
+COMPVIS_SCHEDULES = ("compvis", "compvis_time_uniform")
 
 
 class Denoiser:
@@ -473,7 +476,9 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     strength_rule: which steps an image-to-image run takes: "diffusers" (above), "a1111" (AUTOMATIC1111's img2img:
         the last int(min(strength, 0.999) * steps) + 1 of the plan) or "a1111_fixed_steps" (its hires. fix pass and
         its "img2img_fix_steps" setting: `steps` steps, the last of a plan laid out for int(steps / min(strength,
-        0.999)) steps); both A1111 rules start from q(x_t | x_0), at strength 1 too.
+        0.999)) steps); both A1111 rules start from q(x_t | x_0), at strength 1 too. Over the schedule types of its
+        CompVis samplers (DDIM, PLMS, UniPC: "compvis", "compvis_time_uniform") they run its CompVis image to image,
+        which starts the sampler a level below the image's (_compvis_img2img).
     mask: inpainting with init (the replacement method, Denoiser.keep_known): [B or 1, 1 or C, ...] in [0, 1],
         1 where the sample is generated, 0 where it keeps init; the result is init where mask is 0. At strength
         1 the run starts from pure noise, as diffusers' inpainting pipeline does (below 1, from q(x_t | init)).
@@ -538,7 +543,11 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     if mask is not None and init is None:
         raise ValueError("mask needs init: the x_0 to keep where mask is 0 (inpainting)")
     if init is not None:
-        plan = _img2img_plan(plan, strength, start, strength_rule, steps, plan_steps)
+        start_abar = None  # (the level the image is noised to: the plan's first, but for A1111's CompVis samplers)
+        if strength_rule != "diffusers" and sigma_schedule in COMPVIS_SCHEDULES:
+            plan, start_abar = _compvis_img2img(schedule, plan, sigma_schedule, strength, start, strength_rule, steps)
+        else:
+            plan = _img2img_plan(plan, strength, start, strength_rule, steps, plan_steps)
         shape = tuple(shape_or_noise.shape) if isinstance(shape_or_noise, torch.Tensor) else shape
         if not isinstance(init, torch.Tensor) or tuple(init.shape) != shape:
             raise ValueError(f"init must be a tensor of the sample's shape {shape}; got "
@@ -550,7 +559,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
             # (diffusers' inpainting starts from noise at strength 1; A1111's from q(x_t | x_0) with t its first)
             x = (eps * initial_noise_scale(plan, start)).to(device=device, dtype=dtype)
         else:
-            abar = float(plan.alphas_cumprod[0])  # the first level of the steps that run
+            abar = float(plan.alphas_cumprod[0]) if start_abar is None else start_abar  # (the first level run)
             x = (math.sqrt(abar) * init.to(torch.float64).cpu() + math.sqrt(1 - abar) * eps).to(device=device,
                                                                                               dtype=dtype)
         if mask is not None:
@@ -635,6 +644,32 @@ def _img2img_plan(plan: SamplingPlan, strength: float, start: str, rule: str = "
         raise ValueError(f"strength {strength} of {n} steps leaves no step to run (int(steps * strength) = 0); "
                          f"raise the strength or the steps (at least {math.ceil(1 / strength)})")
     return plan.tail(first)
+
+
+def _compvis_img2img(schedule: NoiseSchedule, plan: SamplingPlan, kind: str, strength: float, start: str, rule: str,
+                     steps: int) -> tuple[SamplingPlan, float]:
+    """(plan, abar the image is noised to): AUTOMATIC1111's image to image for its CompVis samplers, DDIM, PLMS and
+    UniPC (its sd_samplers_timesteps.py, over the "compvis" and "compvis_time_uniform" schedule types): of the CompVis
+    timesteps ts = 1, 1 + k, ... for N = `steps` (k = T // N), t_enc = int(min(strength, 0.999) N) (its fixed-steps
+    rule, "a1111_fixed_steps": N = int(steps / min(strength, 0.999)) and t_enc = steps - 1); the image goes by q(x_t |
+    x_0) to ts[t_enc]'s level, and the sampler runs over ts[:t_enc], from ts[t_enc - 1]'s level: a level below the
+    sample's own, as A1111 runs it (DDIM and PLMS over the tail of `plan`, t_enc - 1 steps with last_step False; UniPC
+    time-uniform over t_enc steps from t = (ts[t_enc - 1] + 1) / T)."""
+    _check_strength(strength)
+    if start == "matched":
+        raise ValueError("start='matched' moves pure noise; an image-to-image run starts from the image")
+    fixed = rule == "a1111_fixed_steps"
+    n = int(steps / min(strength, 0.999)) if fixed else steps
+    t_enc = steps - 1 if fixed else int(min(strength, 0.999) * steps)
+    T = schedule.num_train_timesteps
+    ts = [min(j + 1, T - 1) for j in range(0, T, max(T // n, 1))]
+    if t_enc < 1:
+        raise ValueError(f"strength {strength} of {steps} steps leaves no step to run (AUTOMATIC1111's t_enc = "
+                         f"int(min(strength, 0.999) * steps) = {t_enc}); raise the strength or the steps")
+    abar = float(schedule.alphas_cumprod[ts[t_enc]])
+    if kind == "compvis":
+        return plan.tail(len(plan) - t_enc), abar
+    return schedule.vp_time_plan(kind, t_enc, top=ts[t_enc - 1], rule=plan.rule, spacing=plan.spacing), abar
 
 
 def _sampler_options(canonical: str, options: dict[str, Any] | None) -> dict[str, Any]:

@@ -205,40 +205,40 @@ def compvis_count(T: int, n: int) -> int:
     return len(range(0, T, max(T // n, 1)))
 
 
-def vp_time_levels(kind: str, alphas_cumprod, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(t, abar): n + 1 points of continuous VP time t in [1/T, 1], most noisy first, and abar at each, as the DPM-Solver
-    and UniPC code discretise a discrete-time model (Lu et al. 2022, "DPM-Solver", sec. 3.4 and appendix "discrete-
-    time DPMs"): timestep j of the model is t_j = (j + 1) / T, log alpha_t = log sqrt(abar) is piecewise linear in t
-    between them, and the model at time t sees the fractional timestep T t - 1. The run ends at t = 1/T (abar_0).
-      time_uniform:   t evenly from 1 to 1/T (UniPC's and AUTOMATIC1111's default "skip type");
-      time_quadratic: sqrt(t) evenly from 1 to sqrt(1/T): steps crowd towards low noise;
-      logsnr:         lambda = log alpha - log sigma evenly from lambda(1) to lambda(1/T), t by inverting the
-                      piecewise-linear log alpha (the DPM-Solver paper's own, as "exponential" levels but over
-                      [abar_0, abar_T] and with its interpolation);
-      compvis_time_uniform: time_uniform over compvis_count(T, n) steps (AUTOMATIC1111's UniPC: as many as the
-                      CompVis timesteps it lays out for n)."""
-    if kind not in VP_TIME_SCHEDULES:
-        raise ValueError(f"a continuous-time schedule type must be one of {VP_TIME_SCHEDULES}; got {kind!r}")
+def vp_time_levels(kind: str, alphas_cumprod, n: int, t_max: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(t, abar): n + 1 points of continuous VP time t from t_max (default 1) down to 1/T, and abar at each, as the
+    DPM-Solver and UniPC code discretise a discrete-time model (Lu et al. 2022, "DPM-Solver", sec. 3.4 and appendix
+    "discrete-time DPMs"): timestep j of the model is t_j = (j + 1) / T, log alpha_t = log sqrt(abar) is piecewise
+    linear in t between them, and the model at time t sees the fractional timestep T t - 1. The run ends at t = 1/T
+    (abar_0).
+      time_uniform:   t evenly (UniPC's and AUTOMATIC1111's default "skip type");
+      time_quadratic: sqrt(t) evenly: steps crowd towards low noise;
+      logsnr:         lambda = log alpha - log sigma evenly, t by inverting the piecewise-linear log alpha (the
+                      DPM-Solver paper's own; as "exponential" levels, but over [abar_0, abar(t_max)] and with its
+                      interpolation).
+    (The schedule type "compvis_time_uniform" is time_uniform over another count of steps: NoiseSchedule.plan.)"""
+    if kind not in ("time_uniform", "time_quadratic", "logsnr"):
+        raise ValueError(f"a continuous-time schedule type must be time_uniform, time_quadratic or logsnr; got {kind!r}")
     abar = np.asarray(alphas_cumprod, dtype=np.float64)
     T = len(abar)
     if not bool((abar > 0).all()):
         raise ValueError(f"{kind} interpolates log abar over the model's timesteps; this schedule has abar = 0 at its "
                          "last (zero terminal SNR), where it is -inf: use another schedule type")
+    if not 1.0 / T < t_max <= 1.0:
+        raise ValueError(f"t_max must be in (1/T, 1] = ({1.0 / T:g}, 1]; got {t_max!r}")
     grid, log_alpha = np.arange(1, T + 1, dtype=np.float64) / T, 0.5 * np.log(abar)  # t_j = (j + 1) / T
-    if kind == "compvis_time_uniform":
-        kind, n = "time_uniform", compvis_count(T, n)
     if kind == "time_uniform":
-        t = np.linspace(1.0, 1.0 / T, n + 1)
+        t = np.linspace(t_max, 1.0 / T, n + 1)
     elif kind == "time_quadratic":
-        t = np.linspace(1.0, math.sqrt(1.0 / T), n + 1) ** 2
+        t = np.linspace(math.sqrt(t_max), math.sqrt(1.0 / T), n + 1) ** 2
     else:
         def lam(log_a):  # lambda = log alpha - log sigma, sigma = sqrt(1 - alpha^2)
             return log_a - 0.5 * np.log(-np.expm1(2 * log_a))
 
-        lams = np.linspace(lam(log_alpha[-1]), lam(log_alpha[0]), n + 1)
+        lams = np.linspace(lam(np.interp(t_max, grid, log_alpha)), lam(log_alpha[0]), n + 1)
         log_a = -0.5 * np.logaddexp(0.0, -2 * lams)  # log alpha of lambda
         t = np.interp(log_a, log_alpha[::-1], grid[::-1])  # (log alpha falls with t)
-        t[0], t[-1] = 1.0, 1.0 / T
+        t[0], t[-1] = t_max, 1.0 / T
     return t, np.exp(2 * np.interp(t, grid, log_alpha))
 
 
@@ -587,14 +587,7 @@ class NoiseSchedule:
         if rule == "lcm":
             return self._lcm_plan(int(steps), sigma_schedule, spacing)
         if sigma_schedule in VP_TIME_SCHEDULES:  # (their own end, abar_0, whatever the rule: the code they come from)
-            t, abar = vp_time_levels(sigma_schedule, self.alphas_cumprod.numpy(), int(steps))
-            v_abar = None
-            if sigma_schedule == "compvis_time_uniform":  # (A1111's v models: abar at int(t_in), its float32 t_in)
-                t_in = (torch.linspace(1.0, 1.0 / T, len(t), dtype=torch.float32)[:-1] - 1.0 / T) * 1000.0
-                v_abar = self.alphas_cumprod[t_in.long().clamp(0, T - 1)]
-            return SamplingPlan(timesteps=torch.from_numpy(T * t[:-1] - 1.0), sigmas=torch.from_numpy(np.sqrt(
-                (1 - abar) / abar)), alphas_cumprod=torch.from_numpy(abar), rule=rule, spacing=spacing,
-                v_alphas_cumprod=v_abar)
+            return self.vp_time_plan(sigma_schedule, int(steps), rule=rule, spacing=spacing)
         t = spaced_timesteps(T, int(steps), spacing, steps_offset, rule)
         if t.max() > T - 1 or t.min() < 0:
             raise ValueError(f"steps_offset={steps_offset} puts timesteps outside 0..{T - 1} ({t.max():.0f})")
@@ -639,6 +632,30 @@ class NoiseSchedule:
                             sigmas=torch.from_numpy(np.asarray(sig, dtype=np.float64)),
                             alphas_cumprod=torch.from_numpy(np.asarray(abar, dtype=np.float64)),
                             rule=rule, spacing=spacing)
+
+    def vp_time_plan(self, kind: str, steps: int, *, top: int | None = None, rule: str = "dpm_solver",
+                     spacing: str = "leading") -> SamplingPlan:
+        """The plan of a continuous-time schedule type (VP_TIME_SCHEDULES; `vp_time_levels`): `steps` steps from t = 1
+        (or from the model's timestep `top`, t = (top + 1) / T: AUTOMATIC1111's UniPC image to image) to t = 1/T.
+        "compvis_time_uniform" is AUTOMATIC1111's UniPC: time_uniform over compvis_count(T, steps) steps from t = 1 (over
+        `steps` from `top`), and a v-prediction model's output read as eps at abar of the timestep its float32
+        arithmetic truncates to an integer (its CompVis wrapper's int(t); SamplingPlan.v_alphas_cumprod)."""
+        if kind not in VP_TIME_SCHEDULES:
+            raise ValueError(f"a continuous-time schedule type must be one of {VP_TIME_SCHEDULES}; got {kind!r}")
+        T = self.num_train_timesteps
+        a1111 = kind == "compvis_time_uniform"
+        if a1111:
+            kind, steps = "time_uniform", compvis_count(T, steps) if top is None else steps
+        t_max = 1.0 if top is None else (int(top) + 1) / T
+        t, abar = vp_time_levels(kind, self.alphas_cumprod.numpy(), steps, t_max)
+        v_abar = None
+        if a1111:  # (its t in float32: t_start = top / 1000 + 1 / 1000, linspace to 1 / T, t_in = (t - 1 / T) * 1000)
+            t_top = torch.tensor(1.0) if top is None else torch.tensor(float(top)) / 1000 + 1 / 1000
+            t_in = (torch.linspace(float(t_top), 1.0 / T, len(t), dtype=torch.float32)[:-1] - 1.0 / T) * 1000.0
+            v_abar = self.alphas_cumprod[t_in.long().clamp(0, T - 1)]
+        return SamplingPlan(timesteps=torch.from_numpy(T * t[:-1] - 1.0), sigmas=torch.from_numpy(np.sqrt(
+            (1 - abar) / abar)), alphas_cumprod=torch.from_numpy(abar), rule=rule, spacing=spacing,
+            v_alphas_cumprod=v_abar)
 
     def _lcm_plan(self, steps: int, sigma_schedule: str | None, spacing: str) -> SamplingPlan:
         # the "lcm" rule (see `plan`): diffusers' LCMScheduler picks floor(j * n0 / steps) of the n0 distillation

@@ -248,14 +248,29 @@ def compvis_setup(cfg, steps, seeds=SEEDS):
     return timesteps, alphas, alphas_prev, gens, x, eps_of
 
 
-def run_a1111_timesteps(cfg, label, steps, eta=0.0, seeds=SEEDS):
+def a1111_img2img_steps(steps, strength, fixed=False):
+    """A1111's sd_samplers_common.setup_img2img_steps: (the steps its timesteps are laid out for, t_enc)."""
+    if fixed:
+        return int(steps / min(strength, 0.999)), steps - 1
+    return steps, int(min(strength, 0.999) * steps)
+
+
+def run_a1111_timesteps(cfg, label, steps, eta=0.0, seeds=SEEDS, init=None, strength=1.0, fixed=False):
     """A1111's DDIM and PLMS, its CompVis samplers (modules/sd_samplers_timesteps.py and sd_samplers_timesteps_impl.py,
     restated): timesteps clip(range(0, T, T // steps) + 1, 0, T - 1) with the model's float32 abar; x = each image's
     unit noise; len - 1 steps from the highest down to the lowest timestep's abar (none below it); eps from the model
     (v turned into eps at the integer timestep); DDIM's eta noise drawn every step, PLMS's warm-up the pseudo improved
-    Euler step and Adams-Bashforth 2, 3, then 4."""
+    Euler step and Adams-Bashforth 2, 3, then 4. Image to image (its CompVisSampler.sample_img2img): the timesteps laid
+    out for setup_img2img_steps' count, the init taken to timesteps[t_enc]'s abar with that unit noise, and the loop
+    over timesteps[:t_enc] (from timesteps[t_enc - 1], a level below)."""
     model = make_model(cfg)
+    if init is not None:
+        steps, t_enc = a1111_img2img_steps(steps, strength, fixed)
     timesteps, alphas, alphas_prev, gens, x, eps_of = compvis_setup(cfg, steps, seeds)
+    if init is not None:
+        a = float(NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod.float()[int(timesteps[t_enc])])
+        x = a ** 0.5 * init.double() + (1 - a) ** 0.5 * x
+        timesteps = timesteps[:t_enc]
 
     def eps(x, t):
         return eps_of(model, x, t)
@@ -306,6 +321,28 @@ def test_a1111_ddim_and_plms(cfg, label, eta, steps):
     assert len(calls) == n == len(range(0, 1000, 1000 // steps)) - 1
     err = (ours.double() - theirs).abs().max().item()
     assert err < TOL, f"{label}, {steps} steps: max |ours - A1111's| = {err:.2e}"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["prediction_type"])
+@pytest.mark.parametrize("label, eta", [("DDIM", 0.0), ("DDIM", 0.5), ("PLMS", 0.0)])
+@pytest.mark.parametrize("steps, strength, fixed", [(20, 0.75, False), (30, 0.5, False), (9, 1.0, False),
+                                                    (10, 0.6, True), (7, 0.3, False)])
+def test_a1111_ddim_and_plms_img2img(cfg, label, eta, steps, strength, fixed):
+    """Image to image with a1111_settings ("a1111" strength rule over the compvis schedule type; "a1111_fixed_steps",
+    its hires. fix pass) against A1111's CompVis img2img restated: t_enc - 1 model calls (14 for 20 steps at 0.75),
+    from the init noised to timesteps[t_enc]'s level, the sampler starting at timesteps[t_enc - 1]'s."""
+    init = torch.linspace(-1, 1, math.prod(SHAPE)).reshape(SHAPE)
+    theirs, n = run_a1111_timesteps(cfg, label, steps, eta, init=init, strength=strength, fixed=fixed)
+    settings = a1111_settings(label)
+    if fixed:
+        settings["strength_rule"] = "a1111_fixed_steps"
+    calls = []
+    ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps, seeds=SEEDS,
+                  progress=False, callback=lambda d: calls.append(d["step"]), init=init, strength=strength,
+                  **({"eta": eta} if eta else {}), **settings)
+    assert len(calls) == n == a1111_img2img_steps(steps, strength, fixed)[1] - 1
+    err = (ours.double() - theirs).abs().max().item()
+    assert err < TOL, f"{label}, {steps} steps at {strength}: max |ours - A1111's| = {err:.2e}"
 
 
 def test_last_step_options_are_checked():

@@ -180,7 +180,8 @@ def test_a1111_listing_endpoints(server):
         ("automatic", "Automatic"), ("karras", "Karras"), ("exponential", "Exponential"),
         ("polyexponential", "Polyexponential"), ("beta", "Beta"), ("kl_optimal", "KL Optimal"),
         ("align_your_steps", "Align Your Steps"), ("uniform", "Uniform"), ("normal", "Normal"),
-        ("sgm_uniform", "SGM Uniform"), ("simple", "Simple"), ("ddim", "DDIM")]
+        ("sgm_uniform", "SGM Uniform"), ("simple", "Simple"), ("ddim", "DDIM"),
+        ("time_uniform", "Time Uniform"), ("time_quadratic", "Time Quadratic"), ("logsnr", "LogSNR")]
     for getter in (api.get_sd_vae, api.get_upscalers, api.get_loras, api.get_prompt_styles):
         assert getter() == []
     p = api.get_progress()

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from test_cfg_pp import COND, UNCOND, conditioned
+from test_k_diffusion import a1111_img2img_steps
 from test_samplers_parity import SEEDS, SHAPE, config
 
 from imagine.samplers import a1111_settings
@@ -65,31 +66,42 @@ class A1111Schedule:
         j = torch.clamp(torch.searchsorted(xs, la) - 1, 0, self.N - 2)
         return ys[j] + (la - xs[j]) * (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j])
 
-    def times(self, skip: str, n: int) -> torch.Tensor:
-        t_T, t_0 = 1.0, 1.0 / self.N
+    def times(self, skip: str, n: int, t_T=1.0) -> torch.Tensor:
+        t_0 = 1.0 / self.N
         if skip == "time_uniform":
             return torch.linspace(t_T, t_0, n + 1, dtype=self.dtype)
         if skip == "time_quadratic":
             return torch.linspace(t_T ** 0.5, t_0 ** 0.5, n + 1, dtype=self.dtype) ** 2
-        lams = torch.linspace(float(self.lam(torch.tensor(t_T, dtype=self.dtype))),
-                              float(self.lam(torch.tensor(t_0, dtype=self.dtype))), n + 1, dtype=self.dtype)
+        lams = torch.linspace(float(self.lam(torch.as_tensor(t_T, dtype=self.dtype))),
+                              float(self.lam(torch.as_tensor(t_0, dtype=self.dtype))), n + 1, dtype=self.dtype)
         return self.t_of_lambda(lams)
 
 
 @torch.no_grad()
-def a1111_unipc(cfg, steps, cfg_scale, order=3, variant="bh1", skip="time_uniform", seeds=SEEDS, dtype=torch.float64):
+def a1111_unipc(cfg, steps, cfg_scale, order=3, variant="bh1", skip="time_uniform", seeds=SEEDS, dtype=torch.float64,
+                init=None, strength=1.0, fixed=False):
     """A1111's UniPC restated (module doc), computing in `dtype`: float64 by default, A1111's algorithm in exact
     arithmetic (float32, A1111's own, is itself 6e-6 away at 20 steps of CFG 1 on the tiny model and 3e-3 at CFG 7.5,
-    where that model's guided ODE amplifies rounding: the scales below stay where it does not)."""
+    where that model's guided ODE amplifies rounding: the scales below stay where it does not). Image to image (its
+    CompVisSampler.sample_img2img and unipc(is_img2img=True)): the init taken to the abar of timesteps[t_enc] with the
+    unit noise, then t_enc steps from t_start = timesteps[t_enc - 1] / 1000 + 1 / 1000 (float32), a level below."""
     model = conditioned(cfg)
     ns = A1111Schedule(NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod, dtype)
-    n = len(torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999))  # its CompVis timesteps' count
+    if init is not None:
+        steps, t_enc = a1111_img2img_steps(steps, strength, fixed)
+    timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)  # its CompVis timesteps
+    n, t_top = len(timesteps), torch.tensor(1.0)
+    if init is not None:
+        n, t_top = t_enc, timesteps[:t_enc][-1] / 1000 + 1 / 1000
     assert n >= order, "UniPC order must be < sampling steps"
-    ts = ns.times(skip, n)
+    ts = ns.times(skip, n, t_top.to(dtype))
     # (its float32 t as well: the integer timestep a v model's output is read at is truncated from it)
-    t_ints = ((A1111Schedule(ns.abar, torch.float32).times(skip, n) - 1.0 / ns.N) * 1000.0).long()
+    t_ints = ((A1111Schedule(ns.abar, torch.float32).times(skip, n, t_top) - 1.0 / ns.N) * 1000.0).long()
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]).to(dtype)
+    if init is not None:
+        a = ns.abar[timesteps[t_enc]].to(dtype)
+        x = a.sqrt() * init.to(dtype) + (1 - a).sqrt() * x
 
     def eps(x, t_in, c, t_int):
         out = model(x.float(), torch.full((x.shape[0],), float(t_in)), c["c"]).to(x.dtype)
@@ -152,12 +164,15 @@ def a1111_unipc(cfg, steps, cfg_scale, order=3, variant="bh1", skip="time_unifor
     return x.double()
 
 
-def ours(cfg, steps, cfg_scale, scheduler=None, **options):
+def ours(cfg, steps, cfg_scale, scheduler=None, strength_rule=None, init=None, strength=1.0, **options):
     settings = a1111_settings("UniPC", scheduler)
     settings["sampler_options"] = {**settings["sampler_options"], **options}
+    if strength_rule:
+        settings["strength_rule"] = strength_rule
     return sample(conditioned(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg),
                   sampler=settings.pop("sampler"), steps=steps, seeds=SEEDS, progress=False, cond=COND,
-                  uncond=UNCOND if cfg_scale != 1 else None, guidance_scale=cfg_scale, **settings).double()
+                  uncond=UNCOND if cfg_scale != 1 else None, guidance_scale=cfg_scale, init=init, strength=strength,
+                  **settings).double()
 
 
 @pytest.mark.parametrize("cfg", [EPS, V], ids=lambda c: c["prediction_type"])
@@ -211,3 +226,17 @@ def test_time_uniform_levels_follow_the_papers_interpolation():
         want = math.exp((1 - w) * math.log(float(abar[j])) + w * math.log(float(abar[j + 1])))
         assert float(plan.alphas_cumprod[i]) == pytest.approx(want, rel=1e-12)
     assert float(plan.sigmas[-1]) > 0  # (ends at abar_0, as the DPM-Solver and UniPC code end at t = 1/T)
+
+
+@pytest.mark.parametrize("cfg", [EPS, V], ids=lambda c: c["prediction_type"])
+@pytest.mark.parametrize("steps, strength, fixed", [(20, 0.75, False), (30, 0.5, False), (10, 1.0, False),
+                                                    (10, 0.6, True)])
+def test_unipc_img2img_equals_a1111s(cfg, steps, strength, fixed):
+    """Image to image: A1111's CompVis img2img (the "a1111" strength rule; "a1111_fixed_steps", its hires. fix pass)
+    runs UniPC over t_enc steps from the level below the one the image is noised to."""
+    init = torch.linspace(-1, 1, math.prod(SHAPE)).reshape(SHAPE)
+    theirs = a1111_unipc(cfg, steps, 3.0, init=init, strength=strength, fixed=fixed)
+    got = ours(cfg, steps, 3.0, init=init, strength=strength,
+               strength_rule="a1111_fixed_steps" if fixed else None)
+    err = float((got - theirs).abs().max())
+    assert err < 1e-4, f"{steps} steps at {strength}: max |ours - A1111's| = {err:.2e}"
