@@ -130,6 +130,9 @@ def a1111_parameters(p: dict) -> str:
     schedule = p.get("schedule_type") or ("karras" if karras else None)
     from imagine.schedules import SCHEDULE_LABELS
 
+    if schedule in ("compvis", "compvis_time_uniform"):  # (A1111's own DDIM/PLMS/UniPC timesteps: no schedule type)
+        schedule = None
+
     put("Schedule type", SCHEDULE_LABELS.get(str(schedule), str(schedule).capitalize()) if schedule else None)
     put("Schedule rho", p.get("schedule_rho"))
     cfg = p.get("guidance_scale")

@@ -404,6 +404,13 @@ def test_infotext_quotes_values_and_numbers_clip_skip_as_automatic1111():
     assert got["Clip skip"] == "2"  # diffusers' clip_skip 1 (the penultimate layer) is A1111's 2
     assert (got["CFG scale"], got["Size"], got["Version"]) == ("7.5", "512x512", "imagine 0.1.0")
     assert "Clip skip" not in _parse_infotext(a1111_parameters({"prompt": "a cat", "steps": 2, "clip_skip": None}))
+    # A1111's CompVis samplers (DDIM, PLMS, UniPC) run their own timesteps, with no schedule type in its infotext; a
+    # schedule type asked for is named
+    for sampler, schedule, shown in (("ddim", "compvis", None), ("unipc", "compvis_time_uniform", None),
+                                     ("unipc", "time_uniform", "Time Uniform"), ("euler", "karras", "Karras")):
+        got = _parse_infotext(a1111_parameters({"prompt": "a cat", "steps": 20, "sampler": sampler,
+                                                "schedule_type": schedule}))
+        assert got.get("Schedule type") == shown, (sampler, schedule)
 
 
 def test_server_infotext_is_the_same_writer():

@@ -219,13 +219,13 @@ def test_unknown_sampler_and_karras_names(server):
 @pytest.mark.parametrize("sampler, scheduler", [("Euler", "Karras"), ("Euler", None), ("DPM++ 2M", "Automatic"),
                                                 ("DPM2", None), ("Euler a", "SGM Uniform"), ("Euler", "DDIM"),
                                                 ("DDIM", None), ("Restart", None), ("DPM fast", None),
-                                                ("DPM adaptive", None), ("DDIM CFG++", None)])
+                                                ("DPM adaptive", None), ("DDIM CFG++", None), ("UniPC", None)])
 def test_a1111_api_runs_samplers_as_a1111(server, pipe, sampler, scheduler):
     """The A1111 API runs a sampler as A1111 does (samplers.a1111_settings, checked against k-diffusion in
     test_k_diffusion.py): the schedule type "Automatic" picks for it (Euler: k-diffusion's own levels; DPM++ 2M and
     DPM2: Karras), over the model's whole range, from x_T = z sigma_max, with DPM2's discarded level, DPM fast's and
-    DPM adaptive's eta 1, DDIM CFG++'s lambda = CFG scale / 12.5: the pipeline's image with those settings, not with
-    diffusers' ways."""
+    DPM adaptive's eta 1, DDIM CFG++'s lambda = CFG scale / 12.5, UniPC's own (3rd order, bh1, time-uniform): the
+    pipeline's image with those settings, not with diffusers' ways."""
     r = _txt2img(server, sampler_name=sampler, seed=6, **({"scheduler": scheduler} if scheduler else {}))
     assert r.status_code == 200, r.text
     kw = dict(seed=6, steps=STEPS, height=SIZE, width=SIZE, guidance_scale=a1111_guidance_scale(sampler, 5.0),
@@ -296,13 +296,13 @@ def test_openai_images_generate(server):
 
 
 def test_openai_and_a1111_agree(server):
-    """The two APIs are views of one pipeline: same prompt, seed and settings -> same pixels. (With UniPC, which both
+    """The two APIs are views of one pipeline: same prompt, seed and settings -> same pixels. (With DDPM, which both
     run diffusers' way; the A1111 API runs its other samplers as A1111 does, the OpenAI API as diffusers:
     test_a1111_api_runs_samplers_as_a1111.)"""
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     o = client.images.generate(prompt="a yellow circle", size=f"{SIZE}x{SIZE}",
-                               extra_body={"seed": 9, "steps": STEPS, "guidance_scale": 5.0, "sampler": "unipc"})
-    a = _txt2img(server, prompt="a yellow circle", seed=9, sampler_name="UniPC").json()
+                               extra_body={"seed": 9, "steps": STEPS, "guidance_scale": 5.0, "sampler": "ddpm"})
+    a = _txt2img(server, prompt="a yellow circle", seed=9, sampler_name="DDPM").json()
     assert np.array_equal(_pixels(_decode(o.data[0].b64_json)), _pixels(_decode(a["images"][0])))
 
 
