@@ -338,8 +338,10 @@ def sample_heun(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
         x_euler = x + (s_next - s) * d
         if s_next == 0:
             x = x_euler
-        else:
-            d_next = (x_euler - denoise(_ve_to_vp(x_euler, s_next, dtype), i + 1)) / s_next
+        else:  # (a plan that ends above sigma = 0, e.g. at abar_0, corrects its last step at that level too)
+            x_next = _ve_to_vp(x_euler, s_next, dtype)
+            d_next = (x_euler - (denoise(x_next, i + 1) if i + 1 < len(plan) else denoise.at_sigma(x_next, s_next, i))
+                      ) / s_next
             x = x + (s_next - s) * (d + d_next) / 2
     return _ve_to_vp(x, sigmas[-1], dtype)
 
@@ -766,7 +768,10 @@ def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name,
         h = math.log(s / s_next)
         eta_i = eta if s_tmin <= s <= s_tmax else 0.0  # Karras et al. 2022, Alg. 2: noise only within [S_tmin, S_tmax]
         h_eta = (1.0 + eta_i) * h
-        order = min(3, len(ms), 2 if (i == n - 2 and n < 15 and warmup == "diffusers") else 3)
+        # (diffusers' lower_order_final under 15 steps: 2nd order on the step before the last; 1st on a last step that
+        # ends above sigma = 0, its final_sigmas_type "sigma_min")
+        low = n < 15 and warmup == "diffusers"
+        order = min(3, len(ms), 1 if (i == n - 1 and low) else 2 if (i == n - 2 and low) else 3)
         em1 = math.expm1(-h_eta)  # e^{-h_eta} - 1
         ratio = (s_next * alpha_next) / (s / math.sqrt(1.0 + s**2))
         x = (ratio * math.exp(-eta_i * h)) * x - (alpha_next * em1) * ms[-1]
@@ -801,7 +806,8 @@ def sample_dpmpp_3m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, no
                  - alpha_next ((e^{-h} - 1 + h)/h^2 - 1/2) D2
     (the Taylor terms of x_0(lambda) integrated exactly against e^{lambda}). Warm-up: 1st then 2nd order; under
     15 steps the second-to-last step is 2nd order and the last (to sigma = 0) returns x_0, as diffusers'
-    lower_order_final. A plan that stops above sigma = 0 counts the final step that follows it.
+    lower_order_final; a last step to a level above 0 (a plan ending at abar_0) is 1st order, as its final_sigmas_type
+    "sigma_min". A plan split off before a final step run apart (plan.head) counts that step (SamplingPlan.follow).
     warmup: "diffusers" (above: its 2nd-order step in the midpoint form D1_0 (1 - e^{-h})/2) or "k_diffusion"
     (k-diffusion's sample_dpmpp_3m_sde, which A1111 runs: that step weighted by phi_2 = (e^{-h} - 1)/h + 1, and
     3rd order up to the last step)."""

@@ -135,6 +135,7 @@ STRENGTH_RULES = ("diffusers", "a1111", "a1111_fixed_steps")
 # the schedule types of AUTOMATIC1111's CompVis samplers, whose image to image its strength rules run its own way
 # (_compvis_img2img)
 COMPVIS_SCHEDULES = ("compvis", "compvis_time_uniform")
+COMPVIS_SAMPLERS = ("ddim", "plms", "ddim_cfgpp", "unipc")
 
 
 class Denoiser:
@@ -544,7 +545,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         raise ValueError("mask needs init: the x_0 to keep where mask is 0 (inpainting)")
     if init is not None:
         start_abar = None  # (the level the image is noised to: the plan's first, but for A1111's CompVis samplers)
-        if strength_rule != "diffusers" and sigma_schedule in COMPVIS_SCHEDULES:
+        if strength_rule != "diffusers" and sigma_schedule in COMPVIS_SCHEDULES and canonical in COMPVIS_SAMPLERS:
             plan, start_abar = _compvis_img2img(schedule, plan, sigma_schedule, strength, start, strength_rule, steps)
         else:
             plan = _img2img_plan(plan, strength, start, strength_rule, steps, plan_steps)
@@ -596,7 +597,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         else:
             if float(plan.sigmas[-1]) != 0:
                 raise ValueError("final_step='heun' needs a plan that ends at sigma = 0; DDIM with "
-                                 "set_alpha_to_one=False ends at abar_0")
+                                 "set_alpha_to_one=False and the continuous-time schedule types (time_uniform, ...) "
+                                 "end at abar_0")
             if len(plan) > 1:  # every step but the last as the sampler does them, then the trapezoid to sigma = 0
                 x = fn(denoise, x, plan.head(len(plan) - 1), noise=noise, eta=eta, callback=callback,
                        progress=progress, **kwargs)
@@ -663,9 +665,11 @@ def _compvis_img2img(schedule: NoiseSchedule, plan: SamplingPlan, kind: str, str
     t_enc = steps - 1 if fixed else int(min(strength, 0.999) * steps)
     T = schedule.num_train_timesteps
     ts = [min(j + 1, T - 1) for j in range(0, T, max(T // n, 1))]
-    if t_enc < 1:
+    if t_enc < (2 if kind == "compvis" else 1):  # (DDIM and PLMS run t_enc - 1 steps, UniPC t_enc)
+        rule_text = "steps - 1" if fixed else "int(min(strength, 0.999) * steps)"
+        runs = "DDIM and PLMS run t_enc - 1 steps" if kind == "compvis" else "UniPC runs t_enc steps"
         raise ValueError(f"strength {strength} of {steps} steps leaves no step to run (AUTOMATIC1111's t_enc = "
-                         f"int(min(strength, 0.999) * steps) = {t_enc}); raise the strength or the steps")
+                         f"{rule_text} = {t_enc}, and its {runs}); raise the strength or the steps")
     abar = float(schedule.alphas_cumprod[ts[t_enc]])
     if kind == "compvis":
         return plan.tail(len(plan) - t_enc), abar

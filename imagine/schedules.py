@@ -219,11 +219,8 @@ def vp_time_levels(kind: str, alphas_cumprod, n: int, t_max: float = 1.0) -> tup
     (The schedule type "compvis_time_uniform" is time_uniform over another count of steps: NoiseSchedule.plan.)"""
     if kind not in ("time_uniform", "time_quadratic", "logsnr"):
         raise ValueError(f"a continuous-time schedule type must be time_uniform, time_quadratic or logsnr; got {kind!r}")
-    abar = np.asarray(alphas_cumprod, dtype=np.float64)
-    T = len(abar)
-    if not bool((abar > 0).all()):
-        raise ValueError(f"{kind} interpolates log abar over the model's timesteps; this schedule has abar = 0 at its "
-                         "last (zero terminal SNR), where it is -inf: use another schedule type")
+    abar = np.maximum(np.asarray(alphas_cumprod, dtype=np.float64), ZERO_SNR_ALPHA_CUMPROD)
+    T = len(abar)  # (zero terminal SNR: abar_T = 0 floored as the sigma-based plans floor it, log abar stays finite)
     if not 1.0 / T < t_max <= 1.0:
         raise ValueError(f"t_max must be in (1/T, 1] = ({1.0 / T:g}, 1]; got {t_max!r}")
     grid, log_alpha = np.arange(1, T + 1, dtype=np.float64) / T, 0.5 * np.log(abar)  # t_j = (j + 1) / T
@@ -552,7 +549,8 @@ class NoiseSchedule:
                              sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range)
             keep = [i for i in range(len(full) + 1) if i != len(full) - 1]
             return replace(full, timesteps=full.timesteps[keep[:-1]], sigmas=full.sigmas[keep],
-                           alphas_cumprod=full.alphas_cumprod[keep])
+                           alphas_cumprod=full.alphas_cumprod[keep],
+                           v_alphas_cumprod=None if full.v_alphas_cumprod is None else full.v_alphas_cumprod[keep[:-1]])
         if karras and sigma_schedule not in (None, "karras"):
             raise ValueError(f"Karras sigmas (karras=True, or a '... Karras' sampler name) and "
                              f"sigma_schedule={sigma_schedule!r} contradict each other; give one")
@@ -649,10 +647,11 @@ class NoiseSchedule:
         t_max = 1.0 if top is None else (int(top) + 1) / T
         t, abar = vp_time_levels(kind, self.alphas_cumprod.numpy(), steps, t_max)
         v_abar = None
-        if a1111:  # (its t in float32: t_start = top / 1000 + 1 / 1000, linspace to 1 / T, t_in = (t - 1 / T) * 1000)
-            t_top = torch.tensor(1.0) if top is None else torch.tensor(float(top)) / 1000 + 1 / 1000
-            t_in = (torch.linspace(float(t_top), 1.0 / T, len(t), dtype=torch.float32)[:-1] - 1.0 / T) * 1000.0
-            v_abar = self.alphas_cumprod[t_in.long().clamp(0, T - 1)]
+        if a1111:  # (its t in float32: t_start = top / T + 1 / T, linspace to 1 / T, t_in = (t - 1 / T) T; its code
+            # writes 1000 for T, which SD's models have)
+            t_top = torch.tensor(1.0) if top is None else torch.tensor(float(top)) / T + 1 / T
+            t_in = (torch.linspace(float(t_top), 1.0 / T, len(t), dtype=torch.float32)[:-1] - 1.0 / T) * float(T)
+            v_abar = self.alphas_cumprod[t_in.long().clamp(0, T - 1)].clamp_min(ZERO_SNR_ALPHA_CUMPROD)
         return SamplingPlan(timesteps=torch.from_numpy(T * t[:-1] - 1.0), sigmas=torch.from_numpy(np.sqrt(
             (1 - abar) / abar)), alphas_cumprod=torch.from_numpy(abar), rule=rule, spacing=spacing,
             v_alphas_cumprod=v_abar)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from test_cfg_pp import COND, UNCOND, conditioned
-from test_k_diffusion import a1111_img2img_steps
+from test_k_diffusion import a1111_img2img_steps, kd  # noqa: F401 (kd: k-diffusion's modules, a fixture)
 from test_samplers_parity import SEEDS, SHAPE, config
 
 from imagine.samplers import a1111_settings
@@ -240,3 +240,106 @@ def test_unipc_img2img_equals_a1111s(cfg, steps, strength, fixed):
                strength_rule="a1111_fixed_steps" if fixed else None)
     err = float((got - theirs).abs().max())
     assert err < 1e-4, f"{steps} steps at {strength}: max |ours - A1111's| = {err:.2e}"
+
+
+# -- plans that end above sigma = 0 ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler, order", [("dpmpp_3m", 3), ("unipc", 2), ("unipc", 3)])
+@pytest.mark.parametrize("steps", [5, 8, 12, 20])
+def test_multistep_orders_on_a_plan_that_ends_at_abar_0(sampler, order, steps):
+    """A multistep run whose last level is abar_0 (sigma 0.029), not 0, lowers its order towards its own end as
+    diffusers does with final_sigmas_type "sigma_min" (DPMSolverMultistepScheduler under 15 steps: 2nd order on the step
+    before the last and 1st on the last; UniPCMultistepScheduler: min(order, steps left)): the plan's `follow` is 0."""
+    from dataclasses import replace
+
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    from test_samplers_parity import make_model, run_diffusers
+
+    from imagine.samplers import SAMPLERS
+    from imagine.sampling import Denoiser
+
+    cfg = EPS
+    schedule = NoiseSchedule.from_diffusers_config(cfg)
+    plan = schedule.plan(steps, rule="dpm_solver")
+    abar0 = schedule.alphas_cumprod[:1]
+    plan = replace(plan, sigmas=torch.cat([plan.sigmas[:-1], ((1 - abar0) / abar0).sqrt()]),
+                   alphas_cumprod=torch.cat([plan.alphas_cumprod[:-1], abar0]))
+    assert plan.follow == 0
+    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=torch.Generator().manual_seed(s)) for s in SEEDS])
+    options = {"order": order} if sampler == "unipc" else {}
+    ours = SAMPLERS[sampler](Denoiser(make_model(cfg), plan, "epsilon"), x, plan, progress=False, **options)
+    scheduler = (DPMSolverMultistepScheduler.from_config(cfg, solver_order=3, final_sigmas_type="sigma_min")
+                 if sampler == "dpmpp_3m" else
+                 UniPCMultistepScheduler.from_config(cfg, solver_order=order, final_sigmas_type="sigma_min"))
+    theirs = run_diffusers(scheduler, steps)
+    err = float((ours - theirs).abs().max())
+    assert err < 1e-4, f"{sampler} order {order}, {steps} steps: max |ours - diffusers'| = {err:.2e}"
+
+
+@pytest.mark.parametrize("sampler", ["heun", "euler", "dpm2", "lms"])
+def test_karras_samplers_on_a_plan_that_ends_at_abar_0(kd, sampler):
+    """The Karras-style samplers over a continuous-time plan (ending at abar_0, not 0) step to that last level as
+    k-diffusion's do over the same levels (Heun corrects its last step there too, with a model call at sigma 0.029),
+    and return the sample there: ours in VP terms, theirs in VE (x / alpha)."""
+    from test_k_diffusion import CompVisModel
+
+    schedule = NoiseSchedule.from_diffusers_config(EPS)
+    plan = schedule.plan(8, rule="karras", sigma_schedule="time_uniform")
+    denoiser = kd.external.CompVisDenoiser(CompVisModel(EPS), quantize=False)
+    sigmas = plan.sigmas.float()
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * sigmas[0]
+    fn = getattr(kd.sampling, {"heun": "sample_heun", "euler": "sample_euler", "dpm2": "sample_dpm_2",
+                               "lms": "sample_lms"}[sampler])
+    theirs = fn(denoiser, x, sigmas, disable=True).double()
+    ours = sample(CompVisModel(EPS).model, SHAPE, schedule=schedule, sampler=sampler, steps=8, seeds=SEEDS,
+                  progress=False, sigma_schedule="time_uniform", start="sigma_max").double()
+    ours = ours * math.sqrt(1 + float(plan.sigmas[-1]) ** 2)
+    err = float((ours - theirs).abs().max())
+    assert err < 1e-4, f"{sampler}: max |ours - k-diffusion's| = {err:.2e}"
+
+
+def test_continuous_time_types_floor_zero_terminal_snr():
+    """At zero terminal SNR (abar_T = 0, log abar = -inf) the continuous-time types floor abar_T at 2^-24, as the
+    sigma-based plans do, and a v model runs to a finite result."""
+    cfg = config("scaled_linear", "trailing", "v_prediction", zero_snr=True)
+    schedule = NoiseSchedule.from_diffusers_config(cfg)
+    assert float(schedule.alphas_cumprod[-1]) == 0.0
+    for kind in ("time_uniform", "time_quadratic", "logsnr", "compvis_time_uniform"):
+        plan = schedule.plan(6, rule="dpm_solver", sigma_schedule=kind)
+        assert float(plan.alphas_cumprod[0]) == pytest.approx(2.0**-24) and bool(torch.isfinite(plan.sigmas).all())
+    settings = a1111_settings("UniPC")
+    out = sample(conditioned(cfg), SHAPE, schedule=schedule, sampler=settings.pop("sampler"), steps=10, seeds=SEEDS,
+                 progress=False, cond=COND, uncond=UNCOND, guidance_scale=3.0, **settings)
+    assert bool(torch.isfinite(out).all())
+
+
+def test_v_reading_follows_the_models_timesteps():
+    """A1111's integer timestep for reading v is its float32 (t - 1/T) T truncated: for a model of T = 500 timesteps
+    too (A1111's code writes 1000 for T), the floor of the plan's fractional timestep wherever that is not within
+    float32 rounding of an integer."""
+    for T in (1000, 500):
+        schedule = NoiseSchedule.from_diffusers_config(config("scaled_linear", "leading", "v_prediction",
+                                                              num_train_timesteps=T))
+        plan = schedule.plan(7, rule="dpm_solver", sigma_schedule="compvis_time_uniform")
+        for tau, v_abar in zip(plan.timesteps.tolist(), plan.v_alphas_cumprod.tolist()):
+            if abs(tau - round(tau)) > 1e-3:
+                assert v_abar == float(schedule.alphas_cumprod[math.floor(tau)]), (T, tau)
+
+
+def test_compvis_image_to_image_errors_and_scope():
+    """Too little strength for A1111's CompVis image to image is an error naming its t_enc rule; the rule belongs to
+    its CompVis samplers: Euler over the compvis schedule type with the a1111 strength rule runs the k-diffusion way."""
+    from test_samplers_parity import make_model
+
+    schedule = NoiseSchedule.from_diffusers_config(EPS)
+    init = torch.zeros(SHAPE)
+    kw = dict(schedule=schedule, seeds=SEEDS, progress=False, init=init)
+    with pytest.raises(ValueError, match=r"t_enc = int\(min\(strength, 0.999\) \* steps\) = 1, and its DDIM and PLMS"):
+        sample(make_model(EPS), SHAPE, steps=10, strength=0.15, **kw, **a1111_settings("DDIM"))
+    with pytest.raises(ValueError, match=r"t_enc = steps - 1 = 0, and its UniPC runs t_enc steps"):
+        sample(make_model(EPS), SHAPE, steps=1, strength=0.5, **kw,
+               **{**a1111_settings("UniPC"), "strength_rule": "a1111_fixed_steps"})
+    calls = []
+    sample(make_model(EPS), SHAPE, steps=10, strength=0.5, sampler="euler", sigma_schedule="compvis",
+           strength_rule="a1111", callback=lambda d: calls.append(d["step"]), **kw)
+    assert len(calls) == int(0.5 * 10) + 1  # (A1111's k-diffusion count: t_enc + 1 steps from timestep t_enc's level)
