@@ -9,6 +9,11 @@ Two ways, both as diffusers' StableDiffusionInpaintPipeline runs them:
   before each model call the known part of x_t is set to the known latents at that step's noise level
   (`imagine.sampling.Denoiser.keep_known`).
 
+Run with AUTOMATIC1111's image-to-image rules (`strength_rule="a1111"`, its API), the known part is kept as A1111
+keeps it instead, for either kind of model: every prediction of x_0 is the known latents there (its k-diffusion
+samplers), or the model sees the clean known latents there (its DDIM, PLMS and UniPC), over its latent mask
+(`a1111_latent_mask`).
+
 Masks follow diffusers' convention: white (1) is painted anew, black (0) is kept; a mask is made grey, resized
 to the picture (Lanczos) and cut at 0.5, so that it is 0 or 1 everywhere, also at the latents' size
 (nearest neighbour). AUTOMATIC1111's extras for its img2img API live here too: its mask blur, its "fill"
@@ -45,6 +50,21 @@ def latent_mask(mask: torch.Tensor, size) -> torch.Tensor:
     """The pixel mask [B, 1, H, W] at the latents' size, by nearest neighbour (diffusers' default
     interpolation), so that a 0/1 mask stays 0/1."""
     return torch.nn.functional.interpolate(mask, size=tuple(size))
+
+
+def a1111_latent_mask(masks: list[Image.Image], width: int, height: int, size) -> torch.Tensor:
+    """AUTOMATIC1111's latent mask (its StableDiffusionProcessingImg2Img.init: latmask): each mask picture at the
+    image's size (Lanczos where it differs) made RGB, resized to the latents' size by PIL's default filter for RGB
+    (bicubic), its first channel / 255 rounded to 0 or 1 (its mask_round): [B, 1, h, w], 1 = painted anew. It decides
+    the edge cells differently from the nearest-neighbour `latent_mask` of the binarized pixel mask."""
+    h, w = (int(v) for v in size)
+    out = []
+    for m in masks:
+        if m.size != (width, height):
+            m = m.resize((width, height), Image.LANCZOS)
+        a = np.asarray(m.convert("L").convert("RGB").resize((w, h)), dtype=np.float32)[..., 0] / 255.0
+        out.append(torch.from_numpy(np.around(a))[None])
+    return torch.stack(out)
 
 
 # ---------------------------------------------------------------------------------------------

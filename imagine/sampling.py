@@ -136,6 +136,7 @@ STRENGTH_RULES = ("diffusers", "a1111", "a1111_fixed_steps")
 # (_compvis_img2img)
 COMPVIS_SCHEDULES = ("compvis", "compvis_time_uniform")
 COMPVIS_SAMPLERS = ("ddim", "plms", "ddim_cfgpp", "unipc")
+KEEP_RULES = ("replace", "denoised", "input")  # how inpainting keeps the known part: Denoiser.keep_known
 
 
 class Denoiser:
@@ -173,18 +174,28 @@ class Denoiser:
         # CFG++ (keep_unconditional): the unconditional x_0 of the last evaluation, beside the guided one it returns
         self.keep_uncond, self.uncond_x0, self._uncond_out = False, None, None
 
-    def keep_known(self, x0: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor) -> None:
-        """Inpainting by the replacement method (Song et al. 2021, "Score-based generative modeling",
-        appendix G; Lugmayr et al. 2022, RePaint eq. 8; diffusers' inpainting with a 4-channel U-Net):
-        where `mask` is 0 the model sees the known x_0 at every step's noise level,
+    def keep_known(self, x0: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, rule: str = "replace") -> None:
+        """Inpainting: keep the known x_0 where `mask` is 0 (1: painted anew), by one of three rules.
+
+        "replace": the replacement method (Song et al. 2021, "Score-based generative modeling", appendix G;
+        Lugmayr et al. 2022, RePaint eq. 8; diffusers' inpainting with a 4-channel U-Net): where `mask` is 0 the
+        model sees the known x_0 at every step's noise level,
 
             x_t <- mask * x_t + (1 - mask) * (sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps),
 
         with `eps` the run's start noise, from the second model call on (the first sees the start as it
         is: pure noise at strength 1, as diffusers starts). The samplers step each element on its own, so
         where mask is 1 their state is the one diffusers' pipeline carries, which writes the same mix
-        into its state after every step; `sample` sets the result to x_0 where mask is 0."""
-        self.known = (x0, eps, mask)
+        into its state after every step.
+        "denoised": AUTOMATIC1111's for its k-diffusion samplers (its CFGDenoiser's blend after denoising): every
+        prediction becomes x_0 where mask is 0, D <- mask * D + (1 - mask) * x_0, so the samplers step towards it.
+        "input": A1111's for its CompVis samplers, DDIM, PLMS and UniPC (its blend before denoising): the model sees
+        the clean x_0 where mask is 0, x_in = mask * x_t + (1 - mask) * x_0, and its output, read as eps at x_in,
+        gives the prediction at the sampler's own x_t.
+        `sample` sets the result to x_0 where mask is 0 (so do diffusers and A1111)."""
+        if rule not in KEEP_RULES:
+            raise ValueError(f"rule must be one of {', '.join(map(repr, KEEP_RULES))}; got {rule!r}")
+        self.known = (x0, eps, mask, rule)
 
     def matched_start(self, x: torch.Tensor) -> torch.Tensor:
         """The start sample moved to the first moment of q(x_T), which a schedule with non-zero terminal
@@ -260,16 +271,24 @@ class Denoiser:
     def _denoise(self, x: torch.Tensor, i: int, t: float, abar: float, known: bool,
                  on_grid: bool = False) -> torch.Tensor:
         # model -> guidance -> x_0 -> classifier guidance (eps form) -> thresholding, at timestep t and level abar
-        if self.known is not None and known:
-            x0, eps, mask = self.known
-            x = torch.lerp((math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * eps).to(x.dtype), x, mask.to(x.dtype))
-        out, kind = self.model_output(x, i, t), self.prediction_type
+        rule, x_in = None, x
+        if self.known is not None:
+            x0_known, eps, mask, rule = self.known
+            if rule == "replace" and known:
+                x = x_in = torch.lerp((math.sqrt(abar) * x0_known + math.sqrt(1.0 - abar) * eps).to(x.dtype), x,
+                                      mask.to(x.dtype))
+            elif rule == "input":
+                x_in = torch.lerp(x0_known.to(x.dtype), x, mask.to(x.dtype))
+        out, kind = self.model_output(x_in, i, t), self.prediction_type
         uncond_out = self._uncond_out if self.keep_uncond else None
+        read_abar = abar  # (the output read as eps at the model's own input, where that is not the sample)
         if on_grid and kind == "v_prediction" and self.plan.v_alphas_cumprod is not None:
             # (v read as eps at the plan's other abar: plan.v_alphas_cumprod; linear in v, so guidance commutes)
-            v_abar = float(self.plan.v_alphas_cumprod[i])
-            out, kind = predict_eps(out, x, v_abar, kind), "epsilon"
-            uncond_out = None if uncond_out is None else predict_eps(uncond_out, x, v_abar, "v_prediction")
+            read_abar = float(self.plan.v_alphas_cumprod[i])
+        if (read_abar != abar and kind == "v_prediction") or x_in is not x:
+            out, kind = predict_eps(out, x_in, read_abar, kind), "epsilon"
+            uncond_out = None if uncond_out is None else predict_eps(uncond_out, x_in, read_abar,
+                                                                       self.prediction_type)
         if uncond_out is not None:  # (CFG++: the model's own unconditional x_0, without classifier guidance or thresholds)
             self.uncond_x0 = predict_x0(uncond_out, x, abar, kind)
         if self.classifier is not None and self.classifier_scale and self.classifier_form == "eps" and abar > 0:
@@ -279,7 +298,10 @@ class Denoiser:
             x0 = predict_x0(eps, x, abar, "epsilon")
         else:
             x0 = predict_x0(out, x, abar, kind)
-        return apply_threshold(x0, self.thresholding, self.threshold_percentile, self.threshold_range)
+        x0 = apply_threshold(x0, self.thresholding, self.threshold_percentile, self.threshold_range)
+        if rule == "denoised":
+            x0 = torch.lerp(x0_known.to(x0.dtype), x0, mask.to(x0.dtype))
+        return x0
 
     def mean_shift(self, x: torch.Tensor, i: int, variance: float):
         """Dhariwal & Nichol 2021, Alg. 1 (the DDPM sampler asks for it): s * Sigma * grad log p(y | x_t)."""
@@ -480,7 +502,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         0.999)) steps); both A1111 rules start from q(x_t | x_0), at strength 1 too. Over the schedule types of its
         CompVis samplers (DDIM, PLMS, UniPC: "compvis", "compvis_time_uniform") they run its CompVis image to image,
         which starts the sampler a level below the image's (_compvis_img2img).
-    mask: inpainting with init (the replacement method, Denoiser.keep_known): [B or 1, 1 or C, ...] in [0, 1],
+    mask: inpainting with init (Denoiser.keep_known: the replacement method; with an A1111 strength rule A1111's
+        blend, after denoising for its k-diffusion samplers, before it for DDIM, PLMS and UniPC): [B or 1, 1 or C, ...] in [0, 1],
         1 where the sample is generated, 0 where it keeps init; the result is init where mask is 0. At strength
         1 the run starts from pure noise, as diffusers' inpainting pipeline does (below 1, from q(x_t | init)).
     """
@@ -588,7 +611,9 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     denoise.keep_uncond = canonical in CFG_PP_SAMPLERS  # (set before a matched start's first model call)
     if mask is not None:
         known = init.to(device=x.device, dtype=torch.float64)
-        denoise.keep_known(known, eps.to(x.device), mask.to(device=x.device, dtype=torch.float64))
+        # (A1111's rules: its blend after denoising for its k-diffusion samplers, before it for its CompVis ones)
+        keep = "replace" if strength_rule == "diffusers" else "input" if start_abar is not None else "denoised"
+        denoise.keep_known(known, eps.to(x.device), mask.to(device=x.device, dtype=torch.float64), keep)
     with torch.no_grad():
         if start == "matched":
             x = denoise.matched_start(x)

@@ -19,7 +19,7 @@ from test_sd_parity import CFG, NEGATIVE, PROMPT, SEED, SIZE, psnr  # noqa: E402
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from imagine.inpainting import latent_mask, prepare_masks  # noqa: E402
+from imagine.inpainting import a1111_latent_mask, latent_mask, prepare_masks  # noqa: E402
 from imagine.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
 from imagine.sampling import make_generators, sample  # noqa: E402
 from imagine.schedules import NoiseSchedule  # noqa: E402
@@ -148,6 +148,21 @@ def test_masks_follow_diffusers_rule():
     big = _mask(37)
     assert torch.equal(prepare_masks([big], 24, 16), proc.preprocess(big, height=16, width=24))
     assert set(latent_mask(prepare_masks([big], 24, 16), (2, 3)).unique().tolist()) <= {0.0, 1.0}
+
+
+def test_a1111s_latent_mask_rounds_its_bicubic_resize():
+    """A1111's latent mask (a1111_latent_mask): the mask picture resized to the latents' size (PIL's bicubic) and
+    rounded, so an edge cell a quarter painted is kept, where diffusers' nearest neighbour of the binarized mask
+    paints it; a cell three quarters painted is painted by both."""
+    a = np.zeros((64, 64), np.uint8)
+    a[:, :26] = 255  # cell 3 (pixels 24..31): 2 of 8 columns painted
+    a[:, 32:38] = 255  # cell 4 (pixels 32..39): 6 of 8
+    pic = Image.fromarray(a)
+    ours = a1111_latent_mask([pic], 64, 64, (8, 8))[0, 0, 0].tolist()
+    theirs = latent_mask(prepare_masks([pic], 64, 64), (8, 8))[0, 0, 0].tolist()
+    assert ours[:3] == [1.0, 1.0, 1.0] and ours[3] == 0.0 and ours[4] == 1.0 and ours[5:] == [0.0] * 3
+    assert theirs[3] == 1.0  # (nearest neighbour reads pixel 24)
+    assert set(a1111_latent_mask([pic], 64, 64, (8, 8)).unique().tolist()) == {0.0, 1.0}
 
 
 def test_sample_with_a_mask_closed_forms():

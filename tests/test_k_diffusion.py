@@ -175,10 +175,23 @@ def a1111_restart(kd, model, x, sigmas, extra_args=None, disable=None, noise_sam
     return x
 
 
-def _run_a1111(kd, cfg, label, total, first=0, init=0.0, scheduler=None, seeds=SEEDS, img2img=False):
+class BlendAfterDenoising:
+    """A1111's CFGDenoiser with a mask, for its k-diffusion samplers (mask_before_denoising False): every prediction
+    blended with the clean init latents, denoised * nmask + init * mask (nmask: 1 where painted anew)."""
+
+    def __init__(self, inner, init, paint):
+        self.inner, self.init, self.paint = inner, init, paint
+
+    def __call__(self, x, sigma, **kwargs):
+        return self.inner(x, sigma, **kwargs) * self.paint + self.init * (1 - self.paint)
+
+
+def _run_a1111(kd, cfg, label, total, first=0, init=0.0, scheduler=None, seeds=SEEDS, img2img=False, paint=None):
     """A1111's run of k-diffusion sampler `label` over the levels of a `total`-step plan from level `first` on,
     starting at x = init + z sigma_first (z each image's first draw); Brownian trees over the whole plan. DPM fast
-    and DPM adaptive get their ends from the model's range in txt2img, from the levels run in img2img."""
+    and DPM adaptive get their ends from the model's range in txt2img, from the levels run in img2img. With `paint`
+    (a latent mask, 1 where painted anew: A1111's nmask) its inpainting: the blend after denoising, and the result
+    blended with the init at the end (its processing's samples * nmask + init_latent * mask)."""
     funcname, kwargs, automatic, discard, brownian = A1111[label]
     wrapper = kd.external.CompVisVDenoiser if cfg["prediction_type"] == "v_prediction" else kd.external.CompVisDenoiser
     denoiser = wrapper(CompVisModel(cfg))
@@ -201,8 +214,12 @@ def _run_a1111(kd, cfg, label, total, first=0, init=0.0, scheduler=None, seeds=S
         # and [0], n its steps
         ends = (sched[-2], sched[0]) if img2img else (denoiser.sigmas[0].item(), denoiser.sigmas[-1].item())
         levels = (*ends, len(sched) - 1 if img2img else total) if funcname == "sample_dpm_fast" else ends
+    model = denoiser if paint is None else BlendAfterDenoising(denoiser, init, paint)
     with torch.no_grad():
-        return fn(denoiser, x, *levels, extra_args={"cond": None}, disable=True, **kwargs), len(sched) - 1
+        out = fn(model, x, *levels, extra_args={"cond": None}, disable=True, **kwargs)
+    if paint is not None:
+        out = out * paint + init * (1 - paint)
+    return out, len(sched) - 1
 
 
 def run_a1111(kd, cfg, label, steps, scheduler=None, seeds=SEEDS):
@@ -216,7 +233,7 @@ def run_ours(cfg, label, steps, scheduler=None, seeds=SEEDS):
                   progress=False, **settings)
 
 
-def run_a1111_img2img(kd, cfg, label, steps, strength, init, fixed=False, seeds=SEEDS):
+def run_a1111_img2img(kd, cfg, label, steps, strength, init, fixed=False, seeds=SEEDS, paint=None):
     """A1111's img2img with a k-diffusion sampler (sd_samplers_kdiffusion.sample_img2img and
     sd_samplers_common.setup_img2img_steps, restated): t_enc = int(min(strength, 0.999) * steps) over a `steps` plan,
     or, fixed (its hires. fix pass), t_enc = steps - 1 over a plan of int(steps / min(strength, 0.999)); the run
@@ -224,7 +241,7 @@ def run_a1111_img2img(kd, cfg, label, steps, strength, init, fixed=False, seeds=
     the whole plan."""
     total = int(steps / min(strength, 0.999)) if fixed else steps
     t_enc = steps - 1 if fixed else int(min(strength, 0.999) * steps)
-    return _run_a1111(kd, cfg, label, total, total - t_enc - 1, init, seeds=seeds, img2img=True)
+    return _run_a1111(kd, cfg, label, total, total - t_enc - 1, init, seeds=seeds, img2img=True, paint=paint)
 
 
 def compvis_setup(cfg, steps, seeds=SEEDS):
@@ -255,14 +272,17 @@ def a1111_img2img_steps(steps, strength, fixed=False):
     return steps, int(min(strength, 0.999) * steps)
 
 
-def run_a1111_timesteps(cfg, label, steps, eta=0.0, seeds=SEEDS, init=None, strength=1.0, fixed=False):
+def run_a1111_timesteps(cfg, label, steps, eta=0.0, seeds=SEEDS, init=None, strength=1.0, fixed=False, paint=None):
     """A1111's DDIM and PLMS, its CompVis samplers (modules/sd_samplers_timesteps.py and sd_samplers_timesteps_impl.py,
     restated): timesteps clip(range(0, T, T // steps) + 1, 0, T - 1) with the model's float32 abar; x = each image's
     unit noise; len - 1 steps from the highest down to the lowest timestep's abar (none below it); eps from the model
     (v turned into eps at the integer timestep); DDIM's eta noise drawn every step, PLMS's warm-up the pseudo improved
     Euler step and Adams-Bashforth 2, 3, then 4. Image to image (its CompVisSampler.sample_img2img): the timesteps laid
     out for setup_img2img_steps' count, the init taken to timesteps[t_enc]'s abar with that unit noise, and the loop
-    over timesteps[:t_enc] (from timesteps[t_enc - 1], a level below)."""
+    over timesteps[:t_enc] (from timesteps[t_enc - 1], a level below). With `paint` (1 where painted anew) its
+    inpainting for these samplers: the model sees the clean init where paint is 0 (its CFGDenoiserTimesteps'
+    blend before denoising; its output, eps at that input, is used with the sampler's own x), and the result blended
+    with the init at the end."""
     model = make_model(cfg)
     if init is not None:
         steps, t_enc = a1111_img2img_steps(steps, strength, fixed)
@@ -273,6 +293,8 @@ def run_a1111_timesteps(cfg, label, steps, eta=0.0, seeds=SEEDS, init=None, stre
         timesteps = timesteps[:t_enc]
 
     def eps(x, t):
+        if paint is not None:  # (the model, and the reading of v as eps, at the blended input)
+            x = x * paint + init.double() * (1 - paint)
         return eps_of(model, x, t)
 
     def transfer(x, e, index):
@@ -301,6 +323,8 @@ def run_a1111_timesteps(cfg, label, steps, eta=0.0, seeds=SEEDS, init=None, stre
             e_prime = (55 * e - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
         x = transfer(x, e_prime, index)
         old = (old + [e])[-3:]
+    if paint is not None:
+        x = x * paint + init.double() * (1 - paint)
     return x, len(timesteps) - 1
 
 
@@ -420,6 +444,47 @@ def test_a1111_img2img_equals_k_diffusion(kd, label, steps, strength, fixed):
     assert len(set(runs)) == n == (steps if fixed else int(min(strength, 0.999) * steps) + 1)
     err = (ours.float() - theirs).abs().max().item()
     assert err < TOL, f"{label}, strength {strength}: max |ours - k-diffusion| = {err:.2e}"
+
+
+def paint_mask():
+    """A latent inpainting mask: 1 (painted anew) over the left half and one cell of the right, 0 (kept) elsewhere."""
+    paint = torch.zeros((1, 1, *SHAPE[2:]))
+    paint[..., : SHAPE[-1] // 2] = 1.0
+    paint[..., 0, -1] = 1.0
+    return paint
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["prediction_type"])
+@pytest.mark.parametrize("label", ["Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DPM2", "Heun"])
+@pytest.mark.parametrize("strength", [0.75, 1.0])
+def test_a1111_inpainting_equals_k_diffusion(kd, cfg, label, strength):
+    """Inpainting with A1111's rules (a1111_settings: its strength rule, so its blend): every prediction is the clean
+    init where the mask keeps it (its CFGDenoiser's blend after denoising), the result blended with the init at the
+    end, against k-diffusion's samplers run so."""
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99)).clamp(-1, 1)
+    paint = paint_mask()
+    theirs, _ = run_a1111_img2img(kd, cfg, label, 8, strength, init, paint=paint)
+    ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=8, seeds=SEEDS,
+                  progress=False, init=init, strength=strength, mask=paint, **a1111_settings(label))
+    err = (ours.float() - theirs).abs().max().item()
+    assert err < TOL, f"{label}, strength {strength}: max |ours - k-diffusion| = {err:.2e}"
+    assert torch.equal(ours[..., 1:, -1], init[..., 1:, -1].to(ours.dtype))  # (the kept part is the init's own)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["prediction_type"])
+@pytest.mark.parametrize("label, eta", [("DDIM", 0.0), ("DDIM", 0.5), ("PLMS", 0.0)])
+@pytest.mark.parametrize("strength", [0.75, 1.0])
+def test_a1111_ddim_and_plms_inpainting(cfg, label, eta, strength):
+    """A1111's inpainting with its CompVis samplers: the model sees the clean init where the mask keeps it (its blend
+    before denoising), its eps used with the sampler's own x, against its loops restated."""
+    init = torch.linspace(-1, 1, math.prod(SHAPE)).reshape(SHAPE)
+    paint = paint_mask()
+    theirs, _ = run_a1111_timesteps(cfg, label, 20, eta, init=init, strength=strength, paint=paint)
+    ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=20, seeds=SEEDS,
+                  progress=False, init=init, strength=strength, mask=paint, **({"eta": eta} if eta else {}),
+                  **a1111_settings(label))
+    err = (ours.double() - theirs).abs().max().item()
+    assert err < TOL, f"{label} at {strength}: max |ours - A1111's| = {err:.2e}"
 
 
 @pytest.mark.parametrize("label", ["DPM fast", "DPM adaptive"])

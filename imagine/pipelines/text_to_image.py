@@ -1214,7 +1214,7 @@ class TextToImagePipeline:
         later images differ from the same seeds run alone).
         An inpainting model given no mask paints everything anew: its mask is all ones, its masked picture all
         zeros (AUTOMATIC1111's conditioning for such a model in text to image and image to image)."""
-        from imagine.inpainting import latent_mask, masked_pixels, prepare_masks
+        from imagine.inpainting import a1111_latent_mask, latent_mask, masked_pixels, prepare_masks
         from imagine.sampling import PerSampleNoise
 
         if self.vae is None:
@@ -1234,14 +1234,19 @@ class TextToImagePipeline:
             init = self._encode_pixels(pixels, generators) \
                 if inits is not None and (not image_cond or strength < 1 or strength_rule != "diffusers") else None
         noise = PerSampleNoise(generators).draw(shape)
+        # the mask the samplers keep the known part by: diffusers' (nearest of the binarized pixel mask) or A1111's
+        a1111 = strength_rule != "diffusers" and masks is not None
+        keep = a1111_latent_mask(masks, width, height, shape[-2:]) if a1111 else latent_mask(mask, shape[-2:])
         if init is not None and masked_content != "original":  # A1111's masked content, in the part painted anew
             fill = noise if masked_content == "latent_noise" else torch.zeros_like(init)
-            init = torch.lerp(init, fill.to(init.dtype), latent_mask(mask, shape[-2:]).to(init.dtype))
+            init = torch.lerp(init, fill.to(init.dtype), keep.to(init.dtype))
         if image_cond:
             masked = self._encode_pixels(masked_pixels(pixels, mask), generators)
-            return init, {"noise": noise, "concat": torch.cat([latent_mask(mask, shape[-2:]), masked], dim=1)}
+            concat = torch.cat([latent_mask(mask, shape[-2:]), masked], dim=1)
+            # (A1111 keeps the known part for an inpainting model too)
+            return init, {"noise": noise, "concat": concat, **({"mask": keep} if a1111 and init is not None else {})}
         PerSampleNoise(generators).draw(shape)  # diffusers encodes the masked picture here too, unused: same draws
-        return init, {"noise": noise, "mask": latent_mask(mask, shape[-2:])}
+        return init, {"noise": noise, "mask": keep}
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image], width: int, height: int, generators) -> torch.Tensor:
