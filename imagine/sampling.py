@@ -169,7 +169,7 @@ class Denoiser:
         self.calls = 0
         # (D(x_T), and its unconditional x_0) computed by matched_start, for the first step
         self._held: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self.known: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see keep_known
+        self.known: tuple[torch.Tensor, torch.Tensor, torch.Tensor, str] | None = None  # see keep_known
         self.evaluations: int | None = None  # the run's model evaluations where a step takes more than one
         # CFG++ (keep_unconditional): the unconditional x_0 of the last evaluation, beside the guided one it returns
         self.keep_uncond, self.uncond_x0, self._uncond_out = False, None, None
@@ -503,7 +503,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         CompVis samplers (DDIM, PLMS, UniPC: "compvis", "compvis_time_uniform") they run its CompVis image to image,
         which starts the sampler a level below the image's (_compvis_img2img).
     mask: inpainting with init (Denoiser.keep_known: the replacement method; with an A1111 strength rule A1111's
-        blend, after denoising for its k-diffusion samplers, before it for DDIM, PLMS and UniPC): [B or 1, 1 or C, ...] in [0, 1],
+        blend, before denoising for DDIM, PLMS, DDIM CFG++ and UniPC on their CompVis schedule types, after it for every
+        other run): [B or 1, 1 or C, ...] in [0, 1],
         1 where the sample is generated, 0 where it keeps init; the result is init where mask is 0. At strength
         1 the run starts from pure noise, as diffusers' inpainting pipeline does (below 1, from q(x_t | init)).
     """

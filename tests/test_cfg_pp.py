@@ -78,6 +78,40 @@ def test_ddim_cfgpp_equals_a1111s(cfg, steps, cfg_scale, eta):
     assert err < 1e-4, f"{steps} steps, CFG {cfg_scale}: max |ours - A1111's| = {err:.2e}"
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["prediction_type"])
+@pytest.mark.parametrize("strength, eta", [(0.75, 0.0), (1.0, 0.5)])
+def test_ddim_cfgpp_inpainting_equals_a1111s(cfg, strength, eta):
+    """A1111's DDIM CFG++ inpainting (its CompVis img2img and its blend before denoising: both passes see the clean
+    init where the mask keeps it; x0 and the renoising direction from that eps at the sampler's own x)."""
+    import math
+
+    from test_k_diffusion import a1111_img2img_steps, paint_mask
+
+    model, init, paint = conditioned(cfg), torch.linspace(-1, 1, math.prod(SHAPE)).reshape(SHAPE), paint_mask()
+    steps, t_enc = a1111_img2img_steps(20, strength)
+    timesteps, alphas, alphas_prev, gens, x, eps_of = compvis_setup(cfg, steps)
+    a = float(NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod.float()[int(timesteps[t_enc])])
+    x = a ** 0.5 * init.double() + (1 - a) ** 0.5 * x
+    timesteps = timesteps[:t_enc]
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        t = int(timesteps[index])
+        x_in = x * paint + init.double() * (1 - paint)
+        e_c, e_u = eps_of(model, x_in, t, COND["c"]), eps_of(model, x_in, t, UNCOND["c"])
+        e = e_u + (e_c - e_u) * 7.0 / 12.5
+        a_t, a_prev = float(alphas[index]), float(alphas_prev[index])
+        s = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        x0 = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
+        z = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]).double()
+        x = a_prev ** 0.5 * x0 + (1 - a_prev - s ** 2) ** 0.5 * e_u + s * z
+    theirs = x * paint + init.double() * (1 - paint)
+    settings = a1111_settings("DDIM CFG++")
+    ours = run(cfg, settings.pop("sampler"), 20, cond=COND, uncond=UNCOND, eta=eta, init=init, strength=strength,
+               mask=paint, guidance_scale=a1111_guidance_scale("DDIM CFG++", 7.0), **settings)
+    err = float((ours.double() - theirs).abs().max())
+    assert err < 1e-4, f"strength {strength}, eta {eta}: max |ours - A1111's| = {err:.2e}"
+
+
 def test_a1111_maps_cfg_to_lambda():
     assert A1111_CFGPP_SCALE == pytest.approx(1 / 12.5)
     assert a1111_guidance_scale("DDIM CFG++", 7.5) == pytest.approx(0.6)

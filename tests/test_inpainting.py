@@ -165,6 +165,31 @@ def test_a1111s_latent_mask_rounds_its_bicubic_resize():
     assert set(a1111_latent_mask([pic], 64, 64, (8, 8)).unique().tolist()) == {0.0, 1.0}
 
 
+@pytest.mark.parametrize("channels", [4, 9])
+def test_a1111_rules_keep_the_picture_on_a1111s_latent_mask(tmp_path, channels):
+    """generate() under A1111's rules (strength_rule "a1111") keeps the picture's latents exactly where A1111's latent
+    mask keeps them, for a plain model and an inpainting model alike (A1111 blends for both); under diffusers' rules
+    a plain model keeps them on the nearest-neighbour mask and an inpainting model keeps none by blending."""
+    from PIL import ImageFilter
+
+    save_diffusers_folder(tmp_path / "folder", "sd1", in_channels=channels)
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    mask = _mask(box=(SIZE // 4, 3 * SIZE // 4, 3, SIZE // 2 + 3)).filter(ImageFilter.GaussianBlur(4))
+    z0 = pipe.encode_images([_picture()], SIZE, SIZE, make_generators(1, [3]))
+    kept_a1111 = (a1111_latent_mask([mask], SIZE, SIZE, z0.shape[-2:]) == 0).expand_as(z0)
+    kept_diffusers = (latent_mask(prepare_masks([mask], SIZE, SIZE), z0.shape[-2:]) == 0).expand_as(z0)
+    assert not torch.equal(kept_a1111, kept_diffusers)  # (the blurred edge falls differently)
+    for rule in ("a1111", "diffusers"):
+        got = pipe.generate("a", init_image=_picture(), mask_image=mask, seed=3, steps=4, progress=False,
+                            output_type="latent", sampler="euler_a", strength=0.75, strength_rule=rule).latents
+        kept = kept_a1111 if rule == "a1111" else kept_diffusers
+        if rule == "diffusers" and channels == 9:
+            assert not torch.equal(got[kept], z0[kept])
+        else:
+            assert torch.equal(got[kept], z0[kept]), rule
+            assert not torch.equal(got[~kept], z0[~kept])
+
+
 def test_sample_with_a_mask_closed_forms():
     """sample(init=, mask=): mask 0 everywhere returns init exactly; mask 1 everywhere is the run without a mask
     from the same start (the replacement changes nothing); a mask must fit the sample and lie in [0, 1]."""

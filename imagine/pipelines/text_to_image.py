@@ -596,7 +596,10 @@ class TextToImagePipeline:
         (grey level 0.5 and up counts as white; `imagine.inpainting.prepare_masks`). An inpainting model (a U-Net
         that takes the mask and the masked picture's latents beside its noisy latents, LDM sec. 4.5) sees them
         at every step; any other model keeps the black part by the replacement method
-        (`imagine.sampling.Denoiser.keep_known`). An inpainting model given no picture paints a whole new one
+        (`imagine.sampling.Denoiser.keep_known`). Under AUTOMATIC1111's rules (strength_rule "a1111" or
+        "a1111_fixed_steps") both kinds keep it as A1111 does instead: over its latent mask (the mask resized bicubic to
+        the latents' size and rounded, `imagine.inpainting.a1111_latent_mask`), by its blend with the picture's clean
+        latents (keep_known's "denoised" and "input" rules). An inpainting model given no picture paints a whole new one
         from the text (everything masked), as AUTOMATIC1111 runs it. masked_content (AUTOMATIC1111's "masked
         content" for the part painted anew, which matters below strength 1): "original" (the picture), "latent_noise"
         (the latents there replaced by the run's own start noise, as A1111 draws it from the image's seed) or
@@ -1244,7 +1247,7 @@ class TextToImagePipeline:
             masked = self._encode_pixels(masked_pixels(pixels, mask), generators)
             concat = torch.cat([latent_mask(mask, shape[-2:]), masked], dim=1)
             # (A1111 keeps the known part for an inpainting model too)
-            return init, {"noise": noise, "concat": concat, **({"mask": keep} if a1111 and init is not None else {})}
+            return init, {"noise": noise, "concat": concat, **({"mask": keep} if a1111 else {})}
         PerSampleNoise(generators).draw(shape)  # diffusers encodes the masked picture here too, unused: same draws
         return init, {"noise": noise, "mask": keep}
 
