@@ -652,7 +652,8 @@ def sample_lcm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=N
     LCMScheduler: each step takes the model's x_0 and noises it afresh to the next level,
         x_{i+1} = sqrt(abar_{i+1}) D(x_i) + sqrt(1 - abar_{i+1}) z,
     the VP form of x_VE = D + sigma_{i+1} z; the last step returns D. For LCM-distilled models and LoRAs, at the
-    timesteps they were distilled at (the "lcm" timestep rule). LCM's boundary scalings c_skip, c_out (sigma_data =
+    timesteps they were distilled at (the "lcm" timestep rule; with a schedule type A1111's levels over them, the model
+    at the nearest). LCM's boundary scalings c_skip, c_out (sigma_data =
     0.5, timestep scaling 10) are left out: at those timesteps (t >= 19) c_skip <= 7e-6 and 1 - c_out <= 4e-6.
     The noise is fixed by the levels: no eta."""
     if eta not in (None, 0, 0.0):
@@ -1387,7 +1388,9 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     timesteps count (the "compvis_time_uniform" schedule type: 31 for 30), from unit noise, ending at abar_0 (a named
     schedule type applies instead, as for DDIM). Image to image with DDIM, PLMS and UniPC is A1111's CompVis one (the
     "a1111" strength rule over their schedule types: the sampler starts a level below the image's noise,
-    sampling._compvis_img2img). LCM and DDPM keep their own timesteps unless a schedule type is named.
+    sampling._compvis_img2img). LCM runs A1111's (its sd_samplers_lcm): k-diffusion style, the "uniform" schedule type
+    over its distillation timesteps' levels (schedules._lcm_levels), x_T = z sigma_max, its image-to-image rule. DDPM
+    keeps its own timesteps unless a schedule type is named.
     """
     canonical, _, karras = resolve_sampler(name)
     scheduler = a1111_schedule(scheduler)
@@ -1398,6 +1401,9 @@ def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     if canonical in ("ddim", "plms", "ddim_cfgpp") and scheduler is None:
         return {"sampler": canonical, "sigma_schedule": "compvis", "sigma_range": "spaced",
                 "sampler_options": {"last_step": False}, "strength_rule": "a1111"}
+    if canonical == "lcm":  # (A1111's own LCM, k-diffusion style over its distillation levels: schedules._lcm_levels)
+        return {"sampler": canonical, "sigma_schedule": scheduler or "uniform", "sigma_range": "model",
+                "start": "sigma_max", "strength_rule": "a1111"}
     if canonical == "unipc":  # (A1111's uni_pc settings: order 3, bh1, time-uniform, lower order final)
         return {"sampler": canonical, "sigma_schedule": scheduler or "compvis_time_uniform",
                 "sigma_range": "model" if scheduler else "spaced", "sampler_options": dict(A1111_UNIPC),

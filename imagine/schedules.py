@@ -583,7 +583,7 @@ class NoiseSchedule:
         spacing = self.timestep_spacing if spacing is None else spacing
         steps_offset = self.steps_offset if steps_offset is None else int(steps_offset)
         if rule == "lcm":
-            return self._lcm_plan(int(steps), sigma_schedule, spacing)
+            return self._lcm_plan(int(steps), sigma_schedule, spacing, rho)
         if sigma_schedule in VP_TIME_SCHEDULES:  # (their own end, abar_0, whatever the rule: the code they come from)
             return self.vp_time_plan(sigma_schedule, int(steps), rule=rule, spacing=spacing)
         t = spaced_timesteps(T, int(steps), spacing, steps_offset, rule)
@@ -656,15 +656,15 @@ class NoiseSchedule:
             (1 - abar) / abar)), alphas_cumprod=torch.from_numpy(abar), rule=rule, spacing=spacing,
             v_alphas_cumprod=v_abar)
 
-    def _lcm_plan(self, steps: int, sigma_schedule: str | None, spacing: str) -> SamplingPlan:
+    def _lcm_plan(self, steps: int, sigma_schedule: str | None, spacing: str, rho: float | None = None
+                  ) -> SamplingPlan:
         # the "lcm" rule (see `plan`): diffusers' LCMScheduler picks floor(j * n0 / steps) of the n0 distillation
-        # timesteps, most noisy first
-        if sigma_schedule is not None:
-            raise ValueError(f"the lcm sampler runs at the timesteps its model was distilled at; sigma_schedule="
-                             f"{sigma_schedule!r} (or Karras sigmas) does not apply to it")
+        # timesteps, most noisy first; with a schedule type, AUTOMATIC1111's LCM (_lcm_levels)
         T = self.num_train_timesteps
         k = max(T // LCM_ORIGINAL_STEPS, 1)
         origin = (np.arange(1, min(LCM_ORIGINAL_STEPS, T) + 1) * k - 1)[::-1]
+        if sigma_schedule is not None:
+            return self._lcm_levels(origin, steps, sigma_schedule, spacing, rho)
         if steps > len(origin):
             raise ValueError(f"the lcm sampler takes at most the {len(origin)} timesteps its model was distilled at; "
                              f"got steps={steps}")
@@ -674,3 +674,24 @@ class NoiseSchedule:
             sig = np.where(abar > 0, np.sqrt((1 - abar) / np.maximum(abar, 1e-300)), np.inf)
         return SamplingPlan(timesteps=torch.from_numpy(t.astype(np.float64)), sigmas=torch.from_numpy(sig),
                             alphas_cumprod=torch.from_numpy(abar), rule="lcm", spacing=spacing)
+
+    def _lcm_levels(self, origin: np.ndarray, steps: int, kind: str, spacing: str, rho: float | None) -> SamplingPlan:
+        """AUTOMATIC1111's LCM (its sd_samplers_lcm.LCMCompVisDenoiser): a schedule type's `steps` levels laid over the
+        distillation timesteps' own levels, a table of len(origin) in float32 as it holds them ("uniform": evenly in
+        their index, log-sigma between neighbours, A1111's "Automatic" for LCM; "karras" and the other relative types
+        over the table's ends), then 0; the model at each level sees the distillation timestep nearest it in log
+        sigma."""
+        if kind in VP_TIME_SCHEDULES or kind in AYS_SIGMAS:
+            raise ValueError(f"the lcm sampler's levels are read off its distillation timesteps; {kind!r} does not "
+                             "apply to it (a relative schedule type, or one read off the model's levels, does)")
+        a = torch.from_numpy(self.alphas_cumprod.numpy()[origin[::-1].copy()]).float()
+        table = (((1 - a) / a) ** 0.5).double().numpy()  # least noisy first, as A1111 holds it
+        if kind in MODEL_SIGMA_SCHEDULES:
+            sig = float32_levels(model_levels(kind, table, steps)[1])
+        else:
+            sig = spaced_sigmas(kind, float(table[0]), float(table[-1]), steps, rho, torch.float32)
+        nearest = np.abs(np.log(sig)[:, None] - np.log(table)[None, :]).argmin(axis=1)
+        t = origin[::-1][nearest].astype(np.float64)
+        sig = np.append(sig, 0.0)
+        return SamplingPlan(timesteps=torch.from_numpy(t), sigmas=torch.from_numpy(sig),
+                            alphas_cumprod=torch.from_numpy(1.0 / (1.0 + sig**2)), rule="lcm", spacing=spacing)

@@ -502,6 +502,77 @@ def test_a1111_img2img_with_dpm_solver_equals_k_diffusion(kd, label, strength, f
     assert err < TOL, f"{label}, strength {strength}: max |ours - k-diffusion| = {err:.2e}"
 
 
+def a1111_lcm_denoiser(kd, cfg):
+    """A1111's LCMCompVisDenoiser (modules/sd_samplers_lcm.py), restated over k-diffusion's DiscreteEpsDDPMDenoiser: the
+    schedule of the 50 distillation timesteps 19, 39, ..., 999 (float32 abar), levels n evenly in timestep from 999
+    to 19 through its t_to_sigma, the model at sigma_to_t = the nearest distillation timestep (argmin in log sigma),
+    and LCM's boundary scalings c_skip, c_out of 10 t (sigma_data 0.5) on the x_0 and the VE input."""
+    inner = CompVisModel(cfg)
+    skip = 1000 // 50
+    valid = torch.stack([inner.alphas_cumprod[1000 - 1 - j * skip] for j in range(50)]).flip(0)
+
+    class LCMDenoiser(kd.external.DiscreteEpsDDPMDenoiser):
+        def get_sigmas(self, n=None):
+            start, end = self.sigma_to_t(self.sigma_max), self.sigma_to_t(self.sigma_min)
+            return kd.sampling.append_zero(self.t_to_sigma(torch.linspace(start, end, n)))
+
+        def sigma_to_t(self, sigma, quantize=None):
+            dists = sigma.log() - self.log_sigmas[:, None]
+            return dists.abs().argmin(dim=0).view(sigma.shape) * skip + (skip - 1)
+
+        def t_to_sigma(self, timestep):
+            t = torch.clamp(((timestep - (skip - 1)) / skip).float(), min=0, max=len(self.sigmas) - 1)
+            return super().t_to_sigma(t)
+
+        def get_eps(self, *args, **kwargs):
+            return self.inner_model.apply_model(*args, **kwargs)
+
+        def forward(self, input, sigma, **kwargs):
+            c_out, c_in = [x[:, None, None, None] for x in self.get_scalings(sigma)]
+            x0 = input + self.get_eps(input * c_in, self.sigma_to_t(sigma), **kwargs) * c_out
+            t = self.sigma_to_t(sigma)[:, None, None, None] * 10.0
+            return t / (t ** 2 + 0.25) ** 0.5 * x0 + 0.25 / (t ** 2 + 0.25) * input
+
+    return LCMDenoiser(inner, valid, quantize=None)
+
+
+def run_a1111_lcm(kd, cfg, steps, init=None, strength=1.0, seeds=SEEDS):
+    """A1111's sample_lcm over its LCM denoiser's levels (x = D(x), then + sigma_next z from each image's generator),
+    from x_T = z sigma_max, or in image to image from init + z sigma at level steps - t_enc - 1."""
+    denoiser = a1111_lcm_denoiser(kd, cfg)
+    sigmas = denoiser.get_sigmas(steps)
+    if init is not None:
+        sigmas = sigmas[steps - int(min(strength, 0.999) * steps) - 1:]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * sigmas[0]
+    if init is not None:
+        x = x + init
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            x = denoiser(x, sigmas[i] * x.new_ones([x.shape[0]]), cond=None)
+            if sigmas[i + 1] > 0:
+                x = x + sigmas[i + 1] * torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens])
+    return x
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 6, 8])
+@pytest.mark.parametrize("strength", [1.0, 0.75])
+def test_a1111_lcm_equals_its_own(kd, steps, strength):
+    """A1111's "LCM" (its own code, k-diffusion style) with a1111_settings: levels evenly in timestep over the
+    distillation timesteps' levels (4 steps: 999, 672, 346, 19 in timestep, the model at the nearest distillation
+    timestep), from x_T = z sigma_max, image to image by its k-diffusion rule. (An epsilon model: A1111's LCM reads any
+    model's output as eps.)"""
+    cfg = CONFIGS[0]
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99)).clamp(-1, 1) if strength < 1 else None
+    if init is not None and int(0.75 * steps) == 0:
+        pytest.skip("no step to run")
+    theirs = run_a1111_lcm(kd, cfg, steps, init, strength)
+    ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps, seeds=SEEDS,
+                  progress=False, init=init, strength=strength, **a1111_settings("LCM"))
+    err = (ours.float() - theirs).abs().max().item()
+    assert err < TOL, f"LCM, {steps} steps at {strength}: max |ours - A1111's| = {err:.2e}"
+
+
 def test_restart_options_and_calls():
     """Restart makes 2N - 1 model calls (with a matched start too, whose first call it reuses); its options are
     checked by name."""

@@ -209,8 +209,18 @@ def test_lcm_timesteps():
     assert plan.timesteps.tolist() == list(range(999, 0, -20)) and float(plan.sigmas[-1]) == 0
     with pytest.raises(ValueError, match="at most the 50 timesteps"):
         schedule.plan(51, rule="lcm")
-    with pytest.raises(ValueError, match="distilled at"):
-        schedule.plan(4, rule="lcm", karras=True)
+    # a schedule type lays its levels over the distillation timesteps' own (AUTOMATIC1111's LCM): Karras from
+    # sigma(999) to sigma(19), the model at the nearest distillation timestep; the ones with levels of their own
+    # do not apply
+    plan = schedule.plan(6, rule="lcm", karras=True)
+    sig = schedule.sigmas.numpy()
+    assert float(plan.sigmas[0]) == pytest.approx(sig[999], rel=1e-6)
+    assert float(plan.sigmas[-2]) == pytest.approx(sig[19], rel=1e-6) and float(plan.sigmas[-1]) == 0
+    assert plan.timesteps[0] == 999 and plan.timesteps[-1] == 19
+    assert all(int(t) % 20 == 19 for t in plan.timesteps.tolist())
+    for kind, says in (("align_your_steps", "lcm rule keeps its timesteps"), ("time_uniform", "distillation")):
+        with pytest.raises(ValueError, match=says):
+            schedule.plan(4, rule="lcm", sigma_schedule=kind)
 
 
 def _gaussian(dim=4):
