@@ -629,6 +629,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
                 x = fn(denoise, x, plan.head(len(plan) - 1), noise=noise, eta=eta, callback=callback,
                        progress=progress, **kwargs)
             x = final_heun_step(denoise, x, plan, callback=callback)
+    if plan.end_ve and float(plan.sigmas[-1]) > 0 and canonical not in ("dpm_fast", "dpm_adaptive"):
+        x = (x.double() * math.sqrt(1.0 + float(plan.sigmas[-1]) ** 2)).to(x.dtype)  # (x / alpha; DPM fast's is already)
     if mask is not None:  # the known part is x_0 itself (diffusers' last blend is with the clean latents)
         x = torch.lerp(known.to(x.dtype), x, mask.to(x.dtype))
     return x

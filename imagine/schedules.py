@@ -122,7 +122,8 @@ def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: fl
       kl_optimal:      sigma = tan((1 - i/(n-1)) arctan sigma_max + i/(n-1) arctan sigma_min): even steps in
                        arctan sigma, the schedule Sabour et al. 2024 (arXiv 2404.14507, "Align Your Steps", sec. 3)
                        derive as KL-optimal when the data is a single point (ComfyUI's "KL Optimal": n levels ending
-                       at sigma_min, then 0; A1111's lays out n + 1 over i/n and stops at sigma_min, unresolved);
+                       at sigma_min, then 0; A1111's, which NoiseSchedule.plan lays out under sigma_range "model", n + 1
+                       over i/n, stopping at sigma_min);
       align_your_steps(_sdxl): the levels Sabour et al. 2024 ("Align Your Steps") optimised for SD 1.5 (SDXL) at 10
                        steps, AYS_SIGMAS, for n levels interpolated linearly in log sigma over their index (NVIDIA's
                        recipe, as A1111 and ComfyUI do); absolute levels, for SD's noise schedule: the range is theirs.
@@ -293,6 +294,9 @@ class SamplingPlan:
     # [N] or None: the abar at which a v-prediction model's output is read as eps, where not at the step's own level
     # (AUTOMATIC1111's CompVis wrapper reads it at the timestep truncated to an integer: its UniPC's are fractional)
     v_alphas_cumprod: torch.Tensor | None = None
+    # a run that ends at a level above 0 hands on the VE sample x / alpha there, as k-diffusion's samplers do (and
+    # AUTOMATIC1111 decodes), not the VP one (`sampling.sample` converts; AUTOMATIC1111's KL Optimal levels)
+    end_ve: bool = False
 
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
@@ -624,8 +628,18 @@ class NoiseSchedule:
                     # int64, a quirk we do not copy: our models take fractional t)
                     if self.kind != "cosine" and not whole:
                         t = t.round()
-            sig = np.append(sig, 0.0)
+            end_ve = whole and sigma_schedule == "kl_optimal"
+            if end_ve:  # (AUTOMATIC1111's KL Optimal: n + 1 levels over i / n, down to sigma_min and no further)
+                u = np.arange(len(t) + 1) / len(t)
+                sig = float32_levels(np.tan(u * math.atan(table[0]) + (1.0 - u) * math.atan(table[-1])))
+                t = self.sigma_to_t(sig[:-1])
+            else:
+                sig = np.append(sig, 0.0)
             abar = 1.0 / (1.0 + sig**2)
+            return SamplingPlan(timesteps=torch.from_numpy(np.ascontiguousarray(t, dtype=np.float64)),
+                                sigmas=torch.from_numpy(np.asarray(sig, dtype=np.float64)),
+                                alphas_cumprod=torch.from_numpy(np.asarray(abar, dtype=np.float64)),
+                                rule=rule, spacing=spacing, end_ve=end_ve)
         return SamplingPlan(timesteps=torch.from_numpy(np.ascontiguousarray(t, dtype=np.float64)),
                             sigmas=torch.from_numpy(np.asarray(sig, dtype=np.float64)),
                             alphas_cumprod=torch.from_numpy(np.asarray(abar, dtype=np.float64)),

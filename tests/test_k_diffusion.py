@@ -110,8 +110,8 @@ class CompVisModel:
 def a1111_sigmas(kd, denoiser, scheduler: str, n: int) -> torch.Tensor:
     """n + 1 levels (the last 0) as A1111's sd_schedulers.py lays them out for schedule type `scheduler` ("uniform"
     is also what "Automatic" gives a sampler with no schedule of its own: k-diffusion's get_sigmas), with the model's
-    whole range, sigma_min/max = denoiser.sigmas[0]/[-1]. "kl_optimal" as ComfyUI ends it, at 0 (A1111 stops at
-    sigma_min)."""
+    whole range, sigma_min/max = denoiser.sigmas[0]/[-1]. "kl_optimal" stops at sigma_min: its samplers end there and
+    hand on the VE sample."""
     lo, hi = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
     T = len(denoiser.sigmas)
     zero = torch.zeros(1)
@@ -133,9 +133,9 @@ def a1111_sigmas(kd, denoiser, scheduler: str, n: int) -> torch.Tensor:
             sigs.append(float(denoiser.sigmas[x]))
             x += ss
         return torch.tensor(sigs[::-1] + [0.0])
-    if scheduler == "kl_optimal":
-        u = torch.arange(n, dtype=torch.float32) / (n - 1)
-        return torch.cat([torch.tan(u * math.atan(lo) + (1 - u) * math.atan(hi)), zero])
+    if scheduler == "kl_optimal":  # (sd_schedulers.kl_optimal: n + 1 levels over i / n, no 0 after sigma_min)
+        u = torch.arange(n + 1) / n
+        return torch.tan(u * torch.arctan(torch.tensor(lo)) + (1.0 - u) * torch.arctan(torch.tensor(hi)))
     raise AssertionError(scheduler)
 
 
@@ -663,8 +663,6 @@ def test_a1111_schedule_types_equal_theirs(kd, scheduler, label):
 def test_schedule_levels_equal_theirs(kd, scheduler, steps):
     """The levels themselves, our plan's against A1111's recipe over k-diffusion's discrete schedule."""
     cfg = CONFIGS[0]
-    if scheduler == "kl_optimal" and steps == 1:
-        pytest.skip("one level: the recipe divides by n - 1")
     denoiser = kd.external.CompVisDenoiser(CompVisModel(cfg))
     theirs = a1111_sigmas(kd, denoiser, scheduler, steps).double()
     plan = NoiseSchedule.from_diffusers_config(cfg).plan(steps, rule="karras", sigma_schedule=scheduler,
