@@ -128,6 +128,8 @@ def a1111_parameters(p: dict) -> str:
     put("Sampler", sampler)
     # A1111 (since 1.9) writes the schedule apart from the sampler: "Sampler: DPM++ 2M, Schedule type: Karras"
     schedule = p.get("schedule_type") or ("karras" if karras else None)
+    if "a1111_schedule" in p:  # (a run as A1111 runs it: the schedule type its infotext names, or none)
+        schedule = p["a1111_schedule"]
     from imagine.schedules import SCHEDULE_LABELS
 
     if schedule in ("compvis", "compvis_time_uniform"):  # (A1111's own DDIM/PLMS/UniPC timesteps: no schedule type)

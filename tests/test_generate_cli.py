@@ -184,6 +184,16 @@ def test_a1111_sampling_flag(models, tmp_path, capsys):
     want = pipe.generate("a red circle", **kw, **a1111_settings("DPM2")).images[0]
     plain = pipe.generate("a red circle", **kw, sampler="dpm2").images[0]
     assert img.convert("RGB").tobytes() == want.convert("RGB").tobytes() != plain.convert("RGB").tobytes()
+    assert "Schedule type: Karras" in img.text["parameters"]  # (DPM2's Automatic pick, named as A1111 names it)
+    # Euler's Automatic is k-diffusion's own levels, and DDIM and UniPC run their own timesteps: A1111 names no
+    # schedule type for them (the run's record still has it)
+    for sampler, schedule in (("euler", "uniform"), ("DDIM", "compvis"), ("UniPC", "compvis_time_uniform")):
+        out = tmp_path / f"{sampler}.png"
+        code, _, err = _run(capsys, *base, "--sampler", sampler, "--a1111-sampling", "-o", out)
+        assert code == 0, err
+        img = Image.open(out)
+        assert "Schedule type" not in img.text["parameters"], sampler
+        assert json.loads(img.text["imagine"])["schedule_type"] == schedule
     out = tmp_path / "parts.png"
     code, _, err = _run(capsys, *base, "--sampler", "euler", "--discard-penultimate-sigma", "--start", "sigma_max",
                         "-o", out)

@@ -612,6 +612,10 @@ def run(args) -> int:
 
         a1111 = a1111_settings(args.sampler or pipe.defaults["sampler"], args.sigma_schedule)
         args.sampler = a1111.pop("sampler")
+        # (the infotext's schedule type as A1111 writes it: the one asked, else the one its "Automatic" picked unless
+        # that is k-diffusion's own levels; the CompVis samplers' own timesteps are never named: images.a1111_parameters)
+        a1111_schedule = args.sigma_schedule or (a1111["sigma_schedule"] if a1111["sigma_schedule"] != "uniform"
+                                                 else None)
         if args.eta is None:  # (A1111's eta_ancestral, 1, for DPM fast and DPM adaptive)
             args.eta = a1111.get("eta")
         # (DDIM CFG++: A1111's CFG scale / 12.5 is CFG++'s lambda)
@@ -689,6 +693,8 @@ def run(args) -> int:
                       "prompt": chunk[k][0], "negative_prompt": args.negative_prompt or "", "seed": s}
             if res.subseeds:  # (A1111's "Variation seed" of this image)
                 params["subseed"] = res.subseeds[k]
+            if args.a1111_sampling:
+                params["a1111_schedule"] = a1111_schedule
             if mask_image is not None and args.invert_mask:
                 params["mask_invert"] = True  # (A1111's "Mask mode: Inpaint not masked")
             if control_units:  # the preprocessing too (A1111's ControlNet infotext)
