@@ -391,12 +391,15 @@ def sample_restart(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noi
     taken back up by the forward process, x += sqrt(t_max^2 - t_min^2) z (fresh noise, s_noise its scale), and
     brought down again by the ODE, several times: the noise contracts the error the ODE steps accumulated, which an
     ODE sampler alone cannot. The segments are AUTOMATIC1111's "Restart" (`restart_segments`; restart_list as
-    there); its noise comes from each image's generator, as A1111 draws it. 2N - 1 model calls."""
+    there); its noise comes from each image's generator, as A1111 draws it. 2N - 1 model calls. Over a plan that
+    stops above sigma = 0 (A1111's KL Optimal, SamplingPlan.end_ve) it ends as A1111's does: below 20 steps with
+    Heun's step to that last level, from 20 on at 0 (the range laid out again from the level before the last); it
+    returns the VE sample."""
     if eta not in (None, 0, 0.0):
         raise ValueError(f"restart takes no eta (got {eta}): its noise is the restart's jump up, scaled by s_noise")
     if isinstance(s_noise, bool) or not isinstance(s_noise, (int, float)) or not s_noise >= 0:
         raise ValueError(f"s_noise (the restart noise's scale) must be a number >= 0; got {s_noise!r}")
-    if float(plan.sigmas[-1]) != 0:
+    if float(plan.sigmas[-1]) != 0 and not plan.end_ve:
         raise ValueError("restart runs down to sigma = 0; this plan stops above it")
     dtype = x.dtype
     segments = restart_segments(plan.sigmas.tolist(), restart_list)
@@ -860,6 +863,8 @@ def _dpm_solver_span(denoise, plan: SamplingPlan, name: str, ends: str) -> tuple
     if not levels:
         raise ValueError(f"{name}: the plan has no noise level above 0 to integrate from")
     end = levels[-1] if ends == "plan" or table is None else min(levels[-1], float(table[0]))
+    if ends == "plan" and plan.end_ve and len(plan.sigmas) > 2:  # (A1111's sigma_sched[-2]: the level before the end)
+        end = float(plan.sigmas[-2])
     if levels[0] <= end:
         raise ValueError(f"{name} integrates from the plan's first noise level to its last above 0 (ends={ends!r}), "
                          f"so it needs two different levels above 0 (at least 2 steps); got {levels}")

@@ -624,13 +624,14 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
             if float(plan.sigmas[-1]) != 0:
                 raise ValueError("final_step='heun' needs a plan that ends at sigma = 0; DDIM with "
                                  "set_alpha_to_one=False and the continuous-time schedule types (time_uniform, ...) "
-                                 "end at abar_0")
+                                 "end at abar_0, KL Optimal under sigma_range 'model' (A1111's) at sigma_min")
             if len(plan) > 1:  # every step but the last as the sampler does them, then the trapezoid to sigma = 0
                 x = fn(denoise, x, plan.head(len(plan) - 1), noise=noise, eta=eta, callback=callback,
                        progress=progress, **kwargs)
             x = final_heun_step(denoise, x, plan, callback=callback)
-    if plan.end_ve and float(plan.sigmas[-1]) > 0 and canonical not in ("dpm_fast", "dpm_adaptive"):
-        x = (x.double() * math.sqrt(1.0 + float(plan.sigmas[-1]) ** 2)).to(x.dtype)  # (x / alpha; DPM fast's is already)
+    if plan.end_ve and float(plan.sigmas[-1]) > 0 and canonical not in ("dpm_fast", "dpm_adaptive", "restart"):
+        # (x / alpha; DPM fast's, DPM adaptive's and Restart's are VE already)
+        x = (x.double() * math.sqrt(1.0 + float(plan.sigmas[-1]) ** 2)).to(x.dtype)
     if mask is not None:  # the known part is x_0 itself (diffusers' last blend is with the clean latents)
         x = torch.lerp(known.to(x.dtype), x, mask.to(x.dtype))
     return x

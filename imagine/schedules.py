@@ -161,6 +161,29 @@ def _check_no_rho(kind: str, rho: float | None) -> None:
                          + (f" (its Beta law is {BETA_SIGMAS})" if kind == "beta" else ""))
 
 
+def kl_optimal_a1111(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """AUTOMATIC1111's "KL Optimal" (its sd_schedulers.kl_optimal): n + 1 levels tan((i/n) arctan sigma_min + (1 - i/n)
+    arctan sigma_max), i = 0..n, down to sigma_min with no 0 after it, computed in float32 as A1111 computes them (a
+    Brownian tree over them then spans exactly what its spans)."""
+    u = torch.arange(n + 1) / n
+    lo, hi = torch.arctan(torch.tensor(float(sigma_min))), torch.arctan(torch.tensor(float(sigma_max)))
+    return torch.tan(u * lo + (1.0 - u) * hi).double().numpy()
+
+
+def kdiffusion_levels(kind: str, table: np.ndarray, n: int) -> np.ndarray:
+    """The levels of "uniform" / "normal" (n timesteps evenly from T-1 to 0) and "sgm_uniform" (n + 1, the last left
+    out) interpolated as k-diffusion's DiscreteSchedule.t_to_sigma does, in float32 (log sigma linear between the
+    neighbouring timesteps of its float32 table): the levels AUTOMATIC1111 runs, to the last bit, so that a Brownian
+    tree over them spans exactly what its spans (`model_levels` gives the same in float64)."""
+    if kind not in ("uniform", "normal", "sgm_uniform"):
+        raise ValueError(f"k-diffusion's interpolated levels are uniform, normal or sgm_uniform; got {kind!r}")
+    log_table = torch.from_numpy(np.asarray(table)).float().log()
+    T = len(log_table)
+    t = torch.linspace(T - 1, 0, n) if kind != "sgm_uniform" else torch.linspace(T - 1, 0, n + 1)[:-1]
+    lo, hi, w = t.floor().long(), t.ceil().long(), t.frac()
+    return ((1 - w) * log_table[lo] + w * log_table[hi]).exp().double().numpy()
+
+
 def float32_levels(levels: np.ndarray) -> np.ndarray:
     """Levels rounded to float32, as k-diffusion and AUTOMATIC1111 hold them (float64 again, for the plan)."""
     return np.asarray(levels, dtype=np.float64).astype(np.float32).astype(np.float64)
@@ -587,7 +610,7 @@ class NoiseSchedule:
         spacing = self.timestep_spacing if spacing is None else spacing
         steps_offset = self.steps_offset if steps_offset is None else int(steps_offset)
         if rule == "lcm":
-            return self._lcm_plan(int(steps), sigma_schedule, spacing, rho)
+            return self._lcm_plan(int(steps), sigma_schedule, spacing, rho, whole)
         if sigma_schedule in VP_TIME_SCHEDULES:  # (their own end, abar_0, whatever the rule: the code they come from)
             return self.vp_time_plan(sigma_schedule, int(steps), rule=rule, spacing=spacing)
         t = spaced_timesteps(T, int(steps), spacing, steps_offset, rule)
@@ -595,8 +618,9 @@ class NoiseSchedule:
             raise ValueError(f"steps_offset={steps_offset} puts timesteps outside 0..{T - 1} ({t.max():.0f})")
         table = self._sigma_table(float32=whole and sigma_schedule is not None)
         read = model_levels(sigma_schedule, table, int(steps)) if sigma_schedule in MODEL_SIGMA_SCHEDULES else None
-        if read is not None and whole:  # (k-diffusion's float32 levels)
-            read = (read[0], float32_levels(read[1]))
+        if read is not None and whole:  # (k-diffusion's float32 levels, computed as it computes them)
+            read = (read[0], kdiffusion_levels(sigma_schedule, table, int(steps))
+                    if sigma_schedule in ("uniform", "normal", "sgm_uniform") else float32_levels(read[1]))
         if rule in ("ddpm", "ddim"):
             if read is not None:
                 t, sig = read
@@ -630,8 +654,7 @@ class NoiseSchedule:
                         t = t.round()
             end_ve = whole and sigma_schedule == "kl_optimal"
             if end_ve:  # (AUTOMATIC1111's KL Optimal: n + 1 levels over i / n, down to sigma_min and no further)
-                u = np.arange(len(t) + 1) / len(t)
-                sig = float32_levels(np.tan(u * math.atan(table[0]) + (1.0 - u) * math.atan(table[-1])))
+                sig = kl_optimal_a1111(float(table[0]), float(table[-1]), len(t))
                 t = self.sigma_to_t(sig[:-1])
             else:
                 sig = np.append(sig, 0.0)
@@ -670,15 +693,15 @@ class NoiseSchedule:
             (1 - abar) / abar)), alphas_cumprod=torch.from_numpy(abar), rule=rule, spacing=spacing,
             v_alphas_cumprod=v_abar)
 
-    def _lcm_plan(self, steps: int, sigma_schedule: str | None, spacing: str, rho: float | None = None
-                  ) -> SamplingPlan:
+    def _lcm_plan(self, steps: int, sigma_schedule: str | None, spacing: str, rho: float | None = None,
+                  whole: bool = True) -> SamplingPlan:
         # the "lcm" rule (see `plan`): diffusers' LCMScheduler picks floor(j * n0 / steps) of the n0 distillation
         # timesteps, most noisy first; with a schedule type, AUTOMATIC1111's LCM (_lcm_levels)
         T = self.num_train_timesteps
         k = max(T // LCM_ORIGINAL_STEPS, 1)
         origin = (np.arange(1, min(LCM_ORIGINAL_STEPS, T) + 1) * k - 1)[::-1]
         if sigma_schedule is not None:
-            return self._lcm_levels(origin, steps, sigma_schedule, spacing, rho)
+            return self._lcm_levels(origin, steps, sigma_schedule, spacing, rho, whole)
         if steps > len(origin):
             raise ValueError(f"the lcm sampler takes at most the {len(origin)} timesteps its model was distilled at; "
                              f"got steps={steps}")
@@ -689,23 +712,46 @@ class NoiseSchedule:
         return SamplingPlan(timesteps=torch.from_numpy(t.astype(np.float64)), sigmas=torch.from_numpy(sig),
                             alphas_cumprod=torch.from_numpy(abar), rule="lcm", spacing=spacing)
 
-    def _lcm_levels(self, origin: np.ndarray, steps: int, kind: str, spacing: str, rho: float | None) -> SamplingPlan:
+    def _lcm_levels(self, origin: np.ndarray, steps: int, kind: str, spacing: str, rho: float | None,
+                    whole: bool = True) -> SamplingPlan:
         """AUTOMATIC1111's LCM (its sd_samplers_lcm.LCMCompVisDenoiser): a schedule type's `steps` levels laid over the
-        distillation timesteps' own levels, a table of len(origin) in float32 as it holds them ("uniform": evenly in
-        their index, log-sigma between neighbours, A1111's "Automatic" for LCM; "karras" and the other relative types
-        over the table's ends), then 0; the model at each level sees the distillation timestep nearest it in log
-        sigma."""
+        distillation timesteps' own levels, a table of len(origin) held in float32 as A1111 holds it, and computed in
+        float32 as it computes them ("uniform" / "normal", A1111's "Automatic" for LCM: evenly in distillation
+        timestep, log-sigma between neighbours; "sgm_uniform" so over n + 1 with the last left out; "simple" and
+        "ddim_uniform" the table's own; "karras" and the other relative types over the table's ends; "kl_optimal"
+        under sigma_range "model" A1111's n + 1 levels down to the table's lowest, `kl_optimal_a1111`), then 0; the
+        model at each level sees the distillation timestep nearest it in log sigma (float32, the first on a tie, as
+        its argmin). The distillation timesteps are k = T // 50 apart (A1111 writes 20, SD's)."""
         if kind in VP_TIME_SCHEDULES or kind in AYS_SIGMAS:
             raise ValueError(f"the lcm sampler's levels are read off its distillation timesteps; {kind!r} does not "
                              "apply to it (a relative schedule type, or one read off the model's levels, does)")
-        a = torch.from_numpy(self.alphas_cumprod.numpy()[origin[::-1].copy()]).float()
-        table = (((1 - a) / a) ** 0.5).double().numpy()  # least noisy first, as A1111 holds it
-        if kind in MODEL_SIGMA_SCHEDULES:
-            sig = float32_levels(model_levels(kind, table, steps)[1])
+        k = int(origin[0] - origin[1]) if len(origin) > 1 else 1
+        a = torch.from_numpy(self.alphas_cumprod.numpy()[origin[::-1].copy()]).float().clamp_min(ZERO_SNR_ALPHA_CUMPROD)
+        table = ((1 - a) / a) ** 0.5  # least noisy first, float32, as A1111 holds it
+        log_table = table.log()
+
+        def at_timesteps(t: torch.Tensor) -> torch.Tensor:  # (its t_to_sigma: k-diffusion's log-linear interpolation)
+            idx = ((t - (k - 1)) / k).float().clamp(0, len(table) - 1)
+            lo, hi, w = idx.floor().long(), idx.ceil().long(), idx.frac()
+            return ((1 - w) * log_table[lo] + w * log_table[hi]).exp()
+
+        end_ve = False
+        top, bottom = float(origin[0]), float(origin[-1])
+        if kind in ("uniform", "normal"):
+            sig = at_timesteps(torch.linspace(top, bottom, steps))
+        elif kind == "sgm_uniform":
+            sig = at_timesteps(torch.linspace(top, bottom, steps + 1)[:-1])
+        elif kind in MODEL_SIGMA_SCHEDULES:
+            sig = torch.from_numpy(model_levels(kind, table.double().numpy(), steps)[1]).float()
+        elif kind == "kl_optimal" and whole:
+            sig, end_ve = torch.from_numpy(kl_optimal_a1111(float(table[0]), float(table[-1]), steps)).float(), True
         else:
-            sig = spaced_sigmas(kind, float(table[0]), float(table[-1]), steps, rho, torch.float32)
-        nearest = np.abs(np.log(sig)[:, None] - np.log(table)[None, :]).argmin(axis=1)
-        t = origin[::-1][nearest].astype(np.float64)
-        sig = np.append(sig, 0.0)
-        return SamplingPlan(timesteps=torch.from_numpy(t), sigmas=torch.from_numpy(sig),
-                            alphas_cumprod=torch.from_numpy(1.0 / (1.0 + sig**2)), rule="lcm", spacing=spacing)
+            sig = torch.from_numpy(spaced_sigmas(kind, float(table[0]), float(table[-1]), steps, rho,
+                                                 torch.float32)).float()
+        run = sig[:-1] if end_ve else sig
+        nearest = (run.log()[None, :] - log_table[:, None]).abs().argmin(dim=0)
+        t = torch.from_numpy(origin[::-1].copy())[nearest].double()
+        sig = sig.double().numpy() if end_ve else np.append(sig.double().numpy(), 0.0)
+        return SamplingPlan(timesteps=t, sigmas=torch.from_numpy(sig),
+                            alphas_cumprod=torch.from_numpy(1.0 / (1.0 + sig**2)), rule="lcm", spacing=spacing,
+                            end_ve=end_ve)

@@ -555,7 +555,7 @@ def run_a1111_lcm(kd, cfg, steps, init=None, strength=1.0, seeds=SEEDS):
     return x
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4, 6, 8])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 7, 8, 20])
 @pytest.mark.parametrize("strength", [1.0, 0.75])
 def test_a1111_lcm_equals_its_own(kd, steps, strength):
     """A1111's "LCM" (its own code, k-diffusion style) with a1111_settings: levels evenly in timestep over the
@@ -571,6 +571,43 @@ def test_a1111_lcm_equals_its_own(kd, steps, strength):
                   progress=False, init=init, strength=strength, **a1111_settings("LCM"))
     err = (ours.float() - theirs).abs().max().item()
     assert err < TOL, f"LCM, {steps} steps at {strength}: max |ours - A1111's| = {err:.2e}"
+
+
+@pytest.mark.parametrize("scheduler", ["karras", "sgm_uniform", "simple", "exponential", "kl_optimal"])
+@pytest.mark.parametrize("steps", [4, 5, 20])
+def test_a1111_lcm_schedule_types(kd, scheduler, steps):
+    """A1111's LCM with a schedule type: A1111's recipe for it over its LCM denoiser (sigma_min / max its table's ends,
+    the sgm_uniform and simple recipes over its sigma_to_t / t_to_sigma and its 50 levels), its sample_lcm."""
+    cfg = CONFIGS[0]
+    denoiser = a1111_lcm_denoiser(kd, cfg)
+    sigmas = a1111_sigmas(kd, denoiser, scheduler, steps)
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * sigmas[0]
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            x = denoiser(x, sigmas[i] * x.new_ones([x.shape[0]]), cond=None)
+            if sigmas[i + 1] > 0:
+                x = x + sigmas[i + 1] * torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens])
+    ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps, seeds=SEEDS,
+                  progress=False, **a1111_settings("LCM", scheduler))
+    err = (ours.float() - x).abs().max().item()
+    assert err < TOL, f"LCM / {scheduler}, {steps} steps: max |ours - A1111's| = {err:.2e}"
+
+
+@pytest.mark.parametrize("label", ["DPM fast", "DPM adaptive", "Euler a", "Restart"])
+@pytest.mark.parametrize("strength", [0.5, 0.75])
+def test_a1111_kl_optimal_img2img(kd, label, strength):
+    """Image to image over A1111's KL Optimal levels (which stop at sigma_min): DPM fast and DPM adaptive integrate
+    from the first level run to the one before the last (its sigma_sched[-2])."""
+    cfg = CONFIGS[0]
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99)).clamp(-1, 1)
+    steps = 8
+    t_enc = int(strength * steps)
+    theirs, _ = _run_a1111(kd, cfg, label, steps, steps - t_enc - 1, init, scheduler="kl_optimal", img2img=True)
+    ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps, seeds=SEEDS,
+                  progress=False, init=init, strength=strength, **a1111_settings(label, "kl_optimal"))
+    err = (ours.float() - theirs).abs().max().item()
+    assert err < TOL, f"{label} / kl_optimal at {strength}: max |ours - k-diffusion| = {err:.2e}"
 
 
 def test_restart_options_and_calls():
@@ -646,7 +683,8 @@ def test_strength_rules():
 
 @pytest.mark.parametrize("scheduler", ["uniform", "normal", "karras", "exponential", "sgm_uniform", "simple",
                                        "ddim_uniform", "kl_optimal"])
-@pytest.mark.parametrize("label", ["Euler", "DPM++ 2M", "DPM2", "DPM fast", "DPM adaptive"])
+@pytest.mark.parametrize("label", ["Euler", "DPM++ 2M", "DPM2", "DPM fast", "DPM adaptive", "DPM++ SDE",
+                                   "DPM++ 3M SDE", "Restart"])
 def test_a1111_schedule_types_equal_theirs(kd, scheduler, label):
     """(DPM fast and DPM adaptive: A1111's text to image spans the model's range whatever the schedule type, which
     only scales the start noise, by its first level; DPM fast takes the steps asked, though DDIM's lays out more)"""
