@@ -129,6 +129,38 @@ def _ancestral_step(s: float, s_next: float, eta: float) -> tuple[float, float]:
     return math.sqrt(s_next**2 - s_up**2), s_up
 
 
+def _check_churn(name: str, s_churn, s_tmin, s_tmax, s_noise) -> tuple[float, float, float, float]:
+    for key, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"{name}: {key} must be a finite number >= 0; got {v!r}")
+    if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)) or not s_tmax >= s_tmin:
+        raise ValueError(f"{name}: need s_tmin <= s_tmax (inf: no upper end); got s_tmin={s_tmin}, s_tmax={s_tmax}")
+    return float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)
+
+
+def _churned(denoise, x: torch.Tensor, plan: SamplingPlan, i: int, churn, noise, dtype, callback):
+    """Karras et al. 2022, Algorithm 2, lines 4-7 (k-diffusion's s_churn): where s_tmin <= sigma_i <= s_tmax, raise
+    the noise level to sigma_hat = sigma_i (1 + gamma), gamma = min(S_churn / N, sqrt 2 - 1), by adding fresh noise
+    of variance sigma_hat^2 - sigma_i^2 (times S_noise^2), then evaluate D there (its fractional timestep); with
+    S_churn > 0 a draw is made at every step, as k-diffusion makes it, so the noise at a step is its. Returns
+    (x, sigma_hat, D); with S_churn 0 it is the plain step's (x, sigma_i, D(x; sigma_i)). x in VE terms."""
+    s = float(plan.sigmas[i])
+    s_churn, s_tmin, s_tmax, s_noise = churn
+    gamma = min(s_churn / len(plan), math.sqrt(2.0) - 1.0) if s_churn > 0 and s_tmin <= s <= s_tmax else 0.0
+    s_hat = s * (gamma + 1.0)
+    x_t = _ve_to_vp(x, s, dtype)
+    # (k-diffusion draws the churn's noise at every step once S_churn is on, used or not: the draws stay its)
+    z = _noise(noise, x_t).double() if s_churn > 0 else None
+    if gamma > 0:
+        x = x + (s_noise * math.sqrt(s_hat * s_hat - s * s)) * z
+        x_t = _ve_to_vp(x, s_hat, dtype)
+        denoised = denoise.at_sigma(x_t, s_hat, i)
+    else:
+        denoised = denoise(x_t, i)
+    _report(callback, plan, i, x_t, denoised)
+    return x, s_hat, denoised
+
+
 def _vp_to_ve(x: torch.Tensor, sigma: float) -> torch.Tensor:
     # x_VE = x_t / alpha_t with alpha_t = 1 / sqrt(1 + sigma^2). Kept in float64: at sigma_max ~ 2e4 (cosine
     # schedule) a float32 ulp is 2e-3, and x_VE - sigma * eps cancels down to O(1).
@@ -265,11 +297,15 @@ def invert_ddim(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
 
 # -- Karras et al. 2022 ----------------------------------------------------------------------------------
 def sample_euler(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
-                 progress: bool = True) -> torch.Tensor:
-    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma
-    (Karras et al. 2022, eq. 4 and Algorithm 2 with S_churn = 0), in VE space."""
+                 progress: bool = True, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                 s_noise: float = 1.0) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, eq. 4
+    and Algorithm 2), in VE space; with s_churn > 0 Algorithm 2's stochastic "churn" before each step whose level is
+    in [s_tmin, s_tmax] (`_churned`; k-diffusion's sample_euler, whose options A1111 passes)."""
     _deterministic("euler", eta)
-    return _euler(denoise, x, plan, eta=None, noise=noise, callback=callback, progress=progress, name="euler")
+    churn = _check_churn("euler", s_churn, s_tmin, s_tmax, s_noise)
+    return _euler(denoise, x, plan, eta=None, noise=noise, callback=callback, progress=progress, name="euler",
+                  churn=churn)
 
 
 def sample_euler_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
@@ -301,17 +337,16 @@ def sample_euler_ancestral_cfgpp(denoise: Denoise, x: torch.Tensor, plan: Sampli
                   cfg_pp=True)
 
 
-def _euler(denoise, x, plan, *, eta, noise, callback, progress, name, cfg_pp=False):
+def _euler(denoise, x, plan, *, eta, noise, callback, progress, name, cfg_pp=False, churn=(0.0, 0.0, math.inf, 1.0)):
     # eta None: the ODE's Euler; a number: Euler ancestral's split (which draws its noise at eta 0 too, as before)
     ancestral, eta = eta is not None, eta or 0.0
     uncond_x0 = _unconditional_x0(denoise, cfg_pp, name)
     sigmas, dtype = plan.sigmas.tolist(), x.dtype
     x = _vp_to_ve(x, sigmas[0])
     for i in _steps(plan, progress, name):
-        s, s_next = sigmas[i], sigmas[i + 1]
+        s_next = sigmas[i + 1]
+        x, s, denoised = _churned(denoise, x, plan, i, churn, noise, dtype, callback)  # (s: sigma_hat)
         x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise(x_t, i)
-        _report(callback, plan, i, x_t, denoised)
         s_down, s_up = _ancestral_step(s, s_next, eta)
         if cfg_pp:
             x = denoised.double() + s_down * (x - uncond_x0().double()) / s
@@ -323,17 +358,18 @@ def _euler(denoise, x, plan, *, eta, noise, callback, progress, name, cfg_pp=Fal
 
 
 def sample_heun(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
-                progress: bool = True) -> torch.Tensor:
+                progress: bool = True, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                s_noise: float = 1.0) -> torch.Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1): an Euler step to sigma_next, then
-    the average of the slopes at both ends; the last step (to sigma = 0) stays Euler. 2N-1 model calls."""
+    the average of the slopes at both ends; the last step (to sigma = 0) stays Euler. 2N-1 model calls. With
+    s_churn > 0 Algorithm 2's churn before each step in [s_tmin, s_tmax] (`_churned`, as k-diffusion's sample_heun)."""
     _deterministic("heun", eta)
+    churn = _check_churn("heun", s_churn, s_tmin, s_tmax, s_noise)
     sigmas, dtype = plan.sigmas.tolist(), x.dtype
     x = _vp_to_ve(x, sigmas[0])
     for i in _steps(plan, progress, "heun"):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise(x_t, i)
-        _report(callback, plan, i, x_t, denoised)
+        s_next = sigmas[i + 1]
+        x, s, denoised = _churned(denoise, x, plan, i, churn, noise, dtype, callback)  # (s: sigma_hat)
         d = (x - denoised) / s
         x_euler = x + (s_next - s) * d
         if s_next == 0:
@@ -471,14 +507,13 @@ def sample_lms(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=N
     return _ve_to_vp(x, sigmas[-1], dtype)
 
 
-def _dpm2(denoise, x, plan, *, eta, noise, callback, progress, name):
+def _dpm2(denoise, x, plan, *, eta, noise, callback, progress, name, churn=(0.0, 0.0, math.inf, 1.0)):
     sigmas, dtype = plan.sigmas.tolist(), x.dtype
     x = _vp_to_ve(x, sigmas[0])
     for i in _steps(plan, progress, name):
-        s, s_next = sigmas[i], sigmas[i + 1]
+        s_next = sigmas[i + 1]
+        x, s, denoised = _churned(denoise, x, plan, i, churn, noise, dtype, callback)  # (s: sigma_hat)
         x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise(x_t, i)
-        _report(callback, plan, i, x_t, denoised)
         s_down, s_up = _ancestral_step(s, s_next, eta)
         d = (x - denoised) / s
         if s_down == 0:  # the midpoint of [s, 0] in log sigma does not exist: an Euler step
@@ -494,14 +529,18 @@ def _dpm2(denoise, x, plan, *, eta, noise, callback, progress, name):
 
 
 def sample_dpm2(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
-                progress: bool = True) -> torch.Tensor:
+                progress: bool = True, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                s_noise: float = 1.0) -> torch.Tensor:
     """DPM-Solver-2 on the probability-flow ODE in sigma, as Karras et al. 2022 use it ("DPM2"; k-diffusion's
     sample_dpm_2, A1111's "DPM2"): Lu et al. 2022 (DPM-Solver), Algorithm 1 with r = 1/2 in the form of a midpoint
     method: an Euler step to sigma_mid = sqrt(sigma sigma_next) (halfway in log sigma), then the whole step with
     the slope there, x_next = x + (sigma_next - sigma) d(x_mid; sigma_mid). The model sees sigma_mid's fractional
-    timestep (Denoiser.at_sigma). The last step (to sigma = 0) is Euler. 2N - 1 model calls."""
+    timestep (Denoiser.at_sigma). The last step (to sigma = 0) is Euler. 2N - 1 model calls. With s_churn > 0
+    Algorithm 2's churn before each step in [s_tmin, s_tmax] (`_churned`, as k-diffusion's sample_dpm_2)."""
     _deterministic("dpm2", eta)
-    return _dpm2(denoise, x, plan, eta=0.0, noise=noise, callback=callback, progress=progress, name="dpm2")
+    churn = _check_churn("dpm2", s_churn, s_tmin, s_tmax, s_noise)
+    return _dpm2(denoise, x, plan, eta=0.0, noise=noise, callback=callback, progress=progress, name="dpm2",
+                 churn=churn)
 
 
 def sample_dpm2_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,

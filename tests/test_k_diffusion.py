@@ -610,6 +610,51 @@ def test_a1111_kl_optimal_img2img(kd, label, strength):
     assert err < TOL, f"{label} / kl_optimal at {strength}: max |ours - k-diffusion| = {err:.2e}"
 
 
+class PerImageTorch:
+    """A1111's TorchHijack: k-diffusion's `torch` with randn_like drawn from each image's generator in turn."""
+
+    def __init__(self, gens):
+        self.gens = gens
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def randn_like(self, x):
+        return torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in self.gens]).to(x.dtype)
+
+
+@pytest.mark.parametrize("label", ["Euler", "Heun", "DPM2"])
+@pytest.mark.parametrize("churn", [dict(s_churn=1.0), dict(s_churn=4.0, s_tmin=0.5, s_tmax=5.0, s_noise=1.003)])
+def test_churn_equals_k_diffusion(kd, label, churn):
+    """Karras et al. 2022's S_churn (Algorithm 2) on Euler, Heun and DPM2, as k-diffusion's functions take it (A1111
+    passes s_churn, s_tmin, s_tmax, s_noise to them), the fresh noise from each image's generator as A1111 draws it."""
+    cfg = CONFIGS[0]
+    funcname, _, automatic, discard, _ = A1111[label]
+    denoiser = kd.external.CompVisDenoiser(CompVisModel(cfg))
+    steps = 8
+    sigmas = a1111_sigmas(kd, denoiser, automatic or "uniform", steps + 1 if discard else steps)
+    if discard:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * sigmas[0]
+    saved = kd.sampling.torch
+    kd.sampling.torch = PerImageTorch(gens)
+    try:
+        with torch.no_grad():
+            theirs = getattr(kd.sampling, funcname)(denoiser, x, sigmas, extra_args={"cond": None}, disable=True,
+                                                   **churn)
+    finally:
+        kd.sampling.torch = saved
+    settings = a1111_settings(label)
+    settings["sampler_options"] = {**settings.get("sampler_options", {}), **churn}
+    ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps, seeds=SEEDS,
+                  progress=False, **settings)
+    err = (ours.float() - theirs).abs().max().item()
+    assert err < TOL, f"{label} with {churn}: max |ours - k-diffusion| = {err:.2e}"
+    plain = run_ours(cfg, label, steps)
+    assert (ours.float() - plain.float()).abs().max().item() > 1e-2  # (the churn does move the result)
+
+
 def test_restart_options_and_calls():
     """Restart makes 2N - 1 model calls (with a matched start too, whose first call it reuses); its options are
     checked by name."""

@@ -255,9 +255,10 @@ def test_a1111_ddim_needs_two_steps(server):
 
 
 def test_a1111_eta_and_noise_band(server, pipe):
-    """A1111's eta / s_tmin / s_tmax reach the samplers that take them (the image is the pipeline's with the same
-    options); webuiapi's defaults sent to a sampler without them (eta to Euler, s_tmin to DDIM) are listed in
-    ignored_fields, not refused; a band with s_tmin > s_tmax, or a negative eta, is a 422 naming the field."""
+    """A1111's eta / s_tmin / s_tmax / s_churn / s_noise reach the samplers that take them (the image is the
+    pipeline's with the same options); webuiapi's defaults sent to a sampler without them (eta to Euler, s_tmin to
+    DDIM) are listed in ignored_fields, not refused (s_churn 0 and s_noise 1, which change nothing, are not listed);
+    a band with s_tmin > s_tmax, or a negative eta or s_churn, is a 422 naming the field."""
     r = _txt2img(server, sampler_name="DPM++ 3M SDE", s_tmin=5.0, s_tmax=0, eta=1.0, seed=6)
     assert r.status_code == 200, r.text
     a1111 = a1111_settings("DPM++ 3M SDE")
@@ -268,8 +269,25 @@ def test_a1111_eta_and_noise_band(server, pipe):
                           sampler_options=options, progress=False, **a1111).images[0]
     got = _pixels(_decode(r.json()["images"][0]))
     assert np.array_equal(got, _pixels(want)) and not np.array_equal(got, _pixels(plain))
-    r = _txt2img(server, sampler_name="Euler", eta=0.5, s_tmin=0.0, s_tmax=0.0)
-    assert r.status_code == 200 and json.loads(r.json()["info"])["ignored_fields"] == ["eta", "s_tmax", "s_tmin"]
+    r = _txt2img(server, sampler_name="Euler", eta=0.5, s_tmin=0.0, s_tmax=0.0, s_churn=0.0, s_noise=1.0)
+    assert r.status_code == 200 and json.loads(r.json()["info"])["ignored_fields"] == ["eta"]
+    r = _txt2img(server, sampler_name="DDIM", s_tmin=0.0, s_churn=0.0, s_noise=1.0)
+    assert r.status_code == 200 and json.loads(r.json()["info"])["ignored_fields"] == ["s_tmin"]
+    r = _txt2img(server, sampler_name="DDIM", s_churn=1.0)
+    assert r.status_code == 200 and json.loads(r.json()["info"])["ignored_fields"] == ["s_churn"]
+    # Euler's churn (Karras et al. 2022, Algorithm 2), as A1111 passes s_churn and its band to k-diffusion's Euler
+    r = _txt2img(server, sampler_name="Euler", s_churn=2.0, s_tmin=0.5, s_tmax=0, seed=6)
+    assert r.status_code == 200, r.text
+    a1111 = a1111_settings("Euler")
+    a1111.pop("sampler_options", None)
+    want = pipe.generate("a red circle", seed=6, steps=STEPS, height=SIZE, width=SIZE, guidance_scale=5.0,
+                         sampler_options={"s_churn": 2.0, "s_tmin": 0.5}, progress=False, **a1111).images[0]
+    plain = pipe.generate("a red circle", seed=6, steps=STEPS, height=SIZE, width=SIZE, guidance_scale=5.0,
+                          progress=False, **a1111).images[0]
+    got = _pixels(_decode(r.json()["images"][0]))
+    assert np.array_equal(got, _pixels(want)) and not np.array_equal(got, _pixels(plain))
+    r = _txt2img(server, sampler_name="Heun", s_churn=-1)
+    assert r.status_code == 422 and r.json()["field"] == "s_churn"
     r = _txt2img(server, sampler_name="DPM++ 2M SDE", s_tmin=3.0, s_tmax=1.0)
     assert r.status_code == 422 and r.json()["field"] == "s_tmin"
     r = _txt2img(server, sampler_name="DDIM", eta=-1)

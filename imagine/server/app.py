@@ -158,8 +158,10 @@ class Txt2ImgRequest(BaseModel):
     sampler_index: str | None = None  # A1111's deprecated name field; used if sampler_name is absent
     scheduler: str | None = None  # "automatic" (the model's) or one of SCHEDULE_TYPES, by name or A1111's label
     eta: float | None = None  # noise scale of DDIM / the ancestral and SDE samplers (None: the sampler's default)
-    s_tmin: float | None = None  # the SDE samplers' noise band [s_tmin, s_tmax] (A1111: s_tmax 0 = no upper end)
-    s_tmax: float | None = None
+    s_tmin: float | None = None  # the SDE samplers' noise band [s_tmin, s_tmax] (A1111: s_tmax 0 = no upper end),
+    s_tmax: float | None = None  # and the band of Euler's, Heun's and DPM2's churn
+    s_churn: float | None = None  # Karras et al. 2022's S_churn for Euler, Heun, DPM2 (0: none, A1111's default)
+    s_noise: float | None = None  # the churn's noise scale (A1111's default 1)
     batch_size: int = 1
     n_iter: int = 1
     enable_hr: bool = False  # A1111's hires. fix: width x height first, then upscaled by hr_scale
@@ -750,10 +752,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                 raise ApiError(422, str(e), "scheduler") from None
         return sampler, schedule
 
-    def sampler_settings(sampler: str, eta, s_tmin, s_tmax) -> tuple[float | None, tuple, list[str]]:
-        """A1111's eta / s_tmin / s_tmax -> (eta, the sampler's options, fields it has no use for). Clients such
-        as webuiapi send all three with every request (eta 0 or 1, s_tmin 0, s_tmax 0 = no upper end), so a field
-        the sampler does not take is listed in ignored_fields, not refused."""
+    def sampler_settings(sampler: str, eta, s_tmin, s_tmax, s_churn=None, s_noise=None
+                         ) -> tuple[float | None, tuple, list[str]]:
+        """A1111's eta / s_tmin / s_tmax / s_churn / s_noise -> (eta, the sampler's options, fields it has no use for).
+        Clients such as webuiapi send them with every request (eta 0 or 1, s_tmin 0, s_tmax 0 = no upper end, s_churn
+        0, s_noise 1), so a field the sampler does not take is listed in ignored_fields, not refused."""
         from imagine.samplers import option_names, takes_eta
 
         unused = []
@@ -775,6 +778,16 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                 band[name] = float(v)  # A1111: s_tmax 0 means no upper end, s_tmin 0 no lower one
         if band.get("s_tmin", 0.0) > band.get("s_tmax", math.inf):
             raise ApiError(422, f"need s_tmin <= s_tmax; got {s_tmin} and {s_tmax}", "s_tmin")
+        for name, v, default in (("s_churn", s_churn, 0.0), ("s_noise", s_noise, 1.0)):
+            if v is None:
+                continue
+            if not math.isfinite(v) or v < 0:
+                raise ApiError(422, f"{name} must be a finite number >= 0; got {v}", name)
+            if name not in accepted:
+                if v != default:  # (A1111's default sent to a sampler without it: nothing to say)
+                    unused.append(name)
+            elif v != default:
+                band[name] = float(v)
         return eta, tuple(sorted(band.items())), unused
 
     def check_seed(field: str, seed: int) -> int:
@@ -1089,7 +1102,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                 "images per request", "batch_size")
         sampler_field = "sampler_name" if req.sampler_name else "sampler_index"
         sampler, asked = resolve_sampler(sampler_field, req.sampler_name or req.sampler_index, req.scheduler)
-        eta, options, unused = sampler_settings(sampler, req.eta, req.s_tmin, req.s_tmax)
+        eta, options, unused = sampler_settings(sampler, req.eta, req.s_tmin, req.s_tmax, req.s_churn, req.s_noise)
         # run as AUTOMATIC1111 runs it (samplers.a1111_settings): the schedule type its "Automatic" picks, the model's
         # whole range, x_T = z sigma_max, DPM2 / DPM2 a / DPM++ 3M SDE's discarded level, k-diffusion's 3M warm-up
         a1111 = a1111_settings(sampler, asked)
