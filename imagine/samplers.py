@@ -146,7 +146,8 @@ def _churned(denoise, x: torch.Tensor, plan: SamplingPlan, i: int, churn, noise,
     (x, sigma_hat, D); with S_churn 0 it is the plain step's (x, sigma_i, D(x; sigma_i)). x in VE terms."""
     s = float(plan.sigmas[i])
     s_churn, s_tmin, s_tmax, s_noise = churn
-    gamma = min(s_churn / len(plan), math.sqrt(2.0) - 1.0) if s_churn > 0 and s_tmin <= s <= s_tmax else 0.0
+    # (N: the run's steps, a final step run apart included, as k-diffusion's len(sigmas) - 1)
+    gamma = min(s_churn / _run_steps(plan), math.sqrt(2.0) - 1.0) if s_churn > 0 and s_tmin <= s <= s_tmax else 0.0
     s_hat = s * (gamma + 1.0)
     x_t = _ve_to_vp(x, s, dtype)
     # (k-diffusion draws the churn's noise at every step once S_churn is on, used or not: the draws stay its)
@@ -440,7 +441,7 @@ def sample_restart(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noi
     dtype = x.dtype
     segments = restart_segments(plan.sigmas.tolist(), restart_list)
     if getattr(denoise, "evaluations", None):  # (two calls a segment, one on the last: as Heun counts them)
-        denoise.evaluations = 2 * len(segments) - 1
+        denoise.evaluations = 2 * len(segments) - (segments[-1][1] == 0)
     x = _vp_to_ve(x, float(plan.sigmas[0]))
     last = None
     bar = tqdm(segments, desc="restart", disable=not progress, leave=False)

@@ -534,6 +534,9 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
 
         warnings.warn(f"{sigma_schedule} lays out {len(plan)} levels for {steps} steps (A1111's and ComfyUI's rule "
                       f"for it): the run takes {steps_run} steps", stacklevel=2)
+    if start == "matched" and (sampler_options or {}).get("s_churn"):
+        raise ValueError("start='matched' holds D(x_T) for the first step, which s_churn's fresh noise moves off; "
+                         "give one of them")
     if canonical == "restart" and final_step != "euler":
         raise ValueError("final_step='heun' is for the samplers that end on one step to sigma = 0; restart lays out "
                          "its own last steps (Heun's, but to sigma = 0 Euler's): leave final_step 'euler'")
@@ -602,7 +605,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
                        classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,
                        threshold_percentile, threshold_range, guidance, schedule=schedule)
     if canonical in TWO_CALL_SAMPLERS:
-        denoise.evaluations = 2 * len(plan) - 1  # (their last step, to sigma = 0, is one Euler evaluation)
+        # (their last step, to sigma = 0, is one Euler evaluation; to a level above it, two)
+        denoise.evaluations = 2 * len(plan) - (float(plan.sigmas[-1]) == 0)
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
     kwargs.update(_sampler_options(canonical, sampler_options))
     if init is not None and kwargs.get("ends") == "model":  # (A1111's img2img runs DPM-Solver over the steps run)

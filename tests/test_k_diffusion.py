@@ -655,6 +655,30 @@ def test_churn_equals_k_diffusion(kd, label, churn):
     assert (ours.float() - plain.float()).abs().max().item() > 1e-2  # (the churn does move the result)
 
 
+def test_churn_options_are_checked_and_count_steps():
+    """Bad churn options are errors naming them; a matched start does not mix with churn (its held first prediction
+    would be at the unchurned level); the two-call samplers' evaluation count covers a last step above sigma 0 (A1111's
+    KL Optimal), as ControlNet windows and prompt editing read it."""
+    cfg = CONFIGS[0]
+    kw = dict(schedule=NoiseSchedule.from_diffusers_config(cfg), seeds=SEEDS, progress=False, steps=4)
+    with pytest.raises(ValueError, match="euler: s_churn must be a finite number >= 0"):
+        sample(make_model(cfg), SHAPE, sampler="euler", sampler_options={"s_churn": -1}, **kw)
+    with pytest.raises(ValueError, match="need s_tmin <= s_tmax"):
+        sample(make_model(cfg), SHAPE, sampler="heun", sampler_options={"s_churn": 1, "s_tmin": 2, "s_tmax": 1}, **kw)
+    with pytest.raises(ValueError, match="start='matched' .* s_churn"):
+        sample(make_model(cfg), SHAPE, sampler="dpm2", start="matched", sampler_options={"s_churn": 1}, **kw)
+    inner, seen = make_model(cfg), []
+
+    def model(x, t, **cond):
+        return inner(x, t, **cond)
+
+    model.at_step = lambda call, total: seen.append((call, total))
+    for label in ("Heun", "DPM2", "Restart"):
+        seen.clear()
+        sample(model, SHAPE, **{**kw, "steps": 8}, **a1111_settings(label, "kl_optimal"))
+        assert seen[-1][0] == seen[-1][1] - 1 and len(seen) == seen[-1][1], (label, seen[-1], len(seen))
+
+
 def test_restart_options_and_calls():
     """Restart makes 2N - 1 model calls (with a matched start too, whose first call it reuses); its options are
     checked by name."""

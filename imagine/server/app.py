@@ -783,7 +783,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                 continue
             if not math.isfinite(v) or v < 0:
                 raise ApiError(422, f"{name} must be a finite number >= 0; got {v}", name)
-            if name not in accepted:
+            # (A1111 passes s_noise to k-diffusion's samplers only, not to its Restart nor to DPM adaptive)
+            if name not in accepted or (name == "s_noise" and sampler in ("restart", "dpm_adaptive")):
                 if v != default:  # (A1111's default sent to a sampler without it: nothing to say)
                     unused.append(name)
             elif v != default:
