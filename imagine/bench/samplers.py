@@ -235,7 +235,7 @@ def _a1111_contestants() -> dict:
     from imagine.samplers import a1111_settings
 
     out = {}
-    for label in ("Euler", "Euler a", "DPM++ 2M", "DPM++ 3M SDE", "DDIM", "DPM fast", "DPM adaptive"):
+    for label in ("Euler", "Euler a", "DPM++ 2M", "DPM++ 3M SDE", "DDIM", "DPM fast", "DPM adaptive", "UniPC"):
         settings = a1111_settings(label)
         name = settings.pop("sampler")
         out[f"{name}, a1111"] = (label, settings)
