@@ -41,10 +41,14 @@ def _steps(plan: SamplingPlan, progress: bool, desc: str):
     return tqdm(range(len(plan)), desc=desc, disable=not progress, leave=False)
 
 
-def _report(callback, plan: SamplingPlan, i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+def _report(callback, plan: SamplingPlan, i: int, x: torch.Tensor, denoised: torch.Tensor,
+            sigma_hat: float | None = None) -> None:
     if callback is not None:
-        callback({"step": i, "total": len(plan), "t": float(plan.timesteps[i]), "sigma": float(plan.sigmas[i]),
-                  "x": x, "denoised": denoised})
+        info = {"step": i, "total": len(plan), "t": float(plan.timesteps[i]), "sigma": float(plan.sigmas[i]),
+                "x": x, "denoised": denoised}
+        if sigma_hat is not None:  # (a churned step: x is at sigma_hat, as k-diffusion reports it)
+            info["sigma_hat"] = sigma_hat
+        callback(info)
 
 
 def _noise(noise, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +162,7 @@ def _churned(denoise, x: torch.Tensor, plan: SamplingPlan, i: int, churn, noise,
         denoised = denoise.at_sigma(x_t, s_hat, i)
     else:
         denoised = denoise(x_t, i)
-    _report(callback, plan, i, x_t, denoised)
+    _report(callback, plan, i, x_t, denoised, s_hat if gamma > 0 else None)
     return x, s_hat, denoised
 
 

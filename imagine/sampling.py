@@ -480,7 +480,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         sde_noise "brownian" (imagine.brownian; A1111 seeds each image's with the image's seed): default `seeds`, else
         a draw from each sample's generator. The paths span the noise levels of the whole plan (an image-to-image
         run's too).
-    callback(info): after each step; info has step, total, t, sigma, x, denoised. Raise to stop.
+    callback(info): after each step; info has step, total, t, sigma, x, denoised (and sigma_hat, the level x is at,
+        on a step S_churn raised). Raise to stop.
     final_step: "euler" (x_0 = D(x) from the last level, as every diffusers scheduler does) or "heun"
         (the trapezoidal last step, samplers.final_heun_step: same model calls, less narrowing of the
         modes; see docs/samplers.md).

@@ -667,6 +667,15 @@ def test_churn_options_are_checked_and_count_steps():
         sample(make_model(cfg), SHAPE, sampler="heun", sampler_options={"s_churn": 1, "s_tmin": 2, "s_tmax": 1}, **kw)
     with pytest.raises(ValueError, match="start='matched' .* s_churn"):
         sample(make_model(cfg), SHAPE, sampler="dpm2", start="matched", sampler_options={"s_churn": 1}, **kw)
+    infos = []  # (a churned step reports the level its sample is at, sigma_hat = sigma (1 + gamma))
+    sample(make_model(cfg), SHAPE, sampler="euler", sampler_options={"s_churn": 1.0, "s_tmin": 1.0},
+           callback=infos.append, **kw)
+    for info in infos:
+        if info["sigma"] >= 1.0:
+            assert info["sigma_hat"] == pytest.approx(info["sigma"] * (1 + 1.0 / 4))
+        else:
+            assert "sigma_hat" not in info
+    assert {"sigma_hat" in info for info in infos} == {True, False}
     inner, seen = make_model(cfg), []
 
     def model(x, t, **cond):
