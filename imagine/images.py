@@ -130,9 +130,9 @@ def a1111_parameters(p: dict) -> str:
     schedule = p.get("schedule_type") or ("karras" if karras else None)
     if "a1111_schedule" in p:  # (a run as A1111 runs it: the schedule type its infotext names, or none)
         schedule = p["a1111_schedule"]
-    from imagine.schedules import SCHEDULE_LABELS
+    from imagine.schedules import COMPVIS_SCHEDULES, SCHEDULE_LABELS
 
-    if schedule in ("compvis", "compvis_time_uniform"):  # (A1111's own DDIM/PLMS/UniPC timesteps: no schedule type)
+    if schedule in COMPVIS_SCHEDULES:  # (A1111's own DDIM/PLMS/UniPC timesteps: no schedule type)
         schedule = None
 
     put("Schedule type", SCHEDULE_LABELS.get(str(schedule), str(schedule).capitalize()) if schedule else None)

@@ -1255,6 +1255,11 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 # the samplers that evaluate the model twice a step (once on the last, to sigma = 0): AUTOMATIC1111 counts their
 # prompt-editing steps (and ControlNet windows) in model calls, 2N - 1 of them
 TWO_CALL_SAMPLERS = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")
+# the samplers whose result at a last level above 0 is already the VE sample x / alpha, as k-diffusion's (the others
+# hand on the VP one, which sampling.sample turns into VE for a plan with end_ve)
+VE_RESULT_SAMPLERS = ("dpm_fast", "dpm_adaptive", "restart")
+# AUTOMATIC1111's CompVis samplers (its sd_samplers_timesteps), over schedules.COMPVIS_SCHEDULES
+COMPVIS_SAMPLERS = ("ddim", "plms", "ddim_cfgpp", "unipc")
 # the CFG++ samplers (Chung et al. 2024): they renoise with the unconditional prediction, so the unconditional pass runs
 # at every guidance scale (the pipelines encode the negative prompt at scale 1 too)
 CFG_PP_SAMPLERS = ("ddim_cfgpp", "euler_cfgpp", "euler_a_cfgpp")

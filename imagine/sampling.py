@@ -30,9 +30,9 @@ from imagine.guidance import (
     classifier_mean_shift,
     guided_model_output,
 )
-from imagine.samplers import (CFG_PP_SAMPLERS, TIMESTEP_RULE, TWO_CALL_SAMPLERS, final_heun_step, invert_ddim,
-                              resolve_sampler)
-from imagine.schedules import NoiseSchedule, SamplingPlan
+from imagine.samplers import (CFG_PP_SAMPLERS, COMPVIS_SAMPLERS, TIMESTEP_RULE, TWO_CALL_SAMPLERS, VE_RESULT_SAMPLERS,
+                              final_heun_step, invert_ddim, resolve_sampler)
+from imagine.schedules import COMPVIS_SCHEDULES, NoiseSchedule, SamplingPlan, compvis_timesteps
 
 CLASSIFIER_FORMS = {"eps": "eps", "ddim": "eps", "epsilon": "eps", "mean": "mean", "ddpm": "mean"}
 
@@ -132,10 +132,6 @@ def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], seeds
 STARTS = ("noise", "matched", "sigma_max")
 # Which steps an image-to-image run takes (`_img2img_plan`)
 STRENGTH_RULES = ("diffusers", "a1111", "a1111_fixed_steps")
-# the schedule types of AUTOMATIC1111's CompVis samplers, whose image to image its strength rules run its own way
-# (_compvis_img2img)
-COMPVIS_SCHEDULES = ("compvis", "compvis_time_uniform")
-COMPVIS_SAMPLERS = ("ddim", "plms", "ddim_cfgpp", "unipc")
 KEEP_RULES = ("replace", "denoised", "input")  # how inpainting keeps the known part: Denoiser.keep_known
 
 
@@ -634,8 +630,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
                 x = fn(denoise, x, plan.head(len(plan) - 1), noise=noise, eta=eta, callback=callback,
                        progress=progress, **kwargs)
             x = final_heun_step(denoise, x, plan, callback=callback)
-    if plan.end_ve and float(plan.sigmas[-1]) > 0 and canonical not in ("dpm_fast", "dpm_adaptive", "restart"):
-        # (x / alpha; DPM fast's, DPM adaptive's and Restart's are VE already)
+    if plan.end_ve and float(plan.sigmas[-1]) > 0 and canonical not in VE_RESULT_SAMPLERS:  # (x / alpha)
         x = (x.double() * math.sqrt(1.0 + float(plan.sigmas[-1]) ** 2)).to(x.dtype)
     if mask is not None:  # the known part is x_0 itself (diffusers' last blend is with the clean latents)
         x = torch.lerp(known.to(x.dtype), x, mask.to(x.dtype))
@@ -698,7 +693,7 @@ def _compvis_img2img(schedule: NoiseSchedule, plan: SamplingPlan, kind: str, str
     n = int(steps / min(strength, 0.999)) if fixed else steps
     t_enc = steps - 1 if fixed else int(min(strength, 0.999) * steps)
     T = schedule.num_train_timesteps
-    ts = [min(j + 1, T - 1) for j in range(0, T, max(T // n, 1))]
+    ts = compvis_timesteps(T, n).tolist()
     if t_enc < (2 if kind == "compvis" else 1):  # (DDIM and PLMS run t_enc - 1 steps, UniPC t_enc)
         rule_text = "steps - 1" if fixed else "int(min(strength, 0.999) * steps)"
         runs = "DDIM and PLMS run t_enc - 1 steps" if kind == "compvis" else "UniPC runs t_enc steps"

@@ -91,6 +91,9 @@ MODEL_SIGMA_SCHEDULES = ("uniform", "normal", "sgm_uniform", "simple", "ddim_uni
 # abar_0, not at sigma = 0. "compvis_time_uniform" is AUTOMATIC1111's UniPC: time-uniform over as many steps as its
 # CompVis timesteps count ("compvis": 31 for 30)
 VP_TIME_SCHEDULES = ("time_uniform", "time_quadratic", "logsnr", "compvis_time_uniform")
+# the schedule types of AUTOMATIC1111's CompVis samplers (DDIM, PLMS; UniPC): its own timesteps, which its infotext
+# names no schedule type for and its image to image runs its own way (sampling._compvis_img2img)
+COMPVIS_SCHEDULES = ("compvis", "compvis_time_uniform")
 SIGMA_SCHEDULES = ("karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
                    "align_your_steps_sdxl") + MODEL_SIGMA_SCHEDULES + VP_TIME_SCHEDULES
 BETA_SIGMAS = (0.6, 0.6)  # Lee et al. 2024's (and diffusers', A1111's, ComfyUI's) default alpha, beta
@@ -180,8 +183,15 @@ def kdiffusion_levels(kind: str, table: np.ndarray, n: int) -> np.ndarray:
     log_table = torch.from_numpy(np.asarray(table)).float().log()
     T = len(log_table)
     t = torch.linspace(T - 1, 0, n) if kind != "sgm_uniform" else torch.linspace(T - 1, 0, n + 1)[:-1]
+    return kdiffusion_t_to_sigma(t, log_table).double().numpy()
+
+
+def kdiffusion_t_to_sigma(t: torch.Tensor, log_table: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's DiscreteSchedule.t_to_sigma in float32: sigma at fractional index t of a table of log sigma,
+    log-linear between its neighbours."""
+    t = t.float()
     lo, hi, w = t.floor().long(), t.ceil().long(), t.frac()
-    return ((1 - w) * log_table[lo] + w * log_table[hi]).exp().double().numpy()
+    return ((1 - w) * log_table[lo] + w * log_table[hi]).exp()
 
 
 def float32_levels(levels: np.ndarray) -> np.ndarray:
@@ -218,15 +228,21 @@ def model_levels(kind: str, table: np.ndarray, n: int) -> tuple[np.ndarray, np.n
     elif kind == "ddim_uniform":
         t = np.arange(1, T, max(T // n, 1), dtype=np.float64)[::-1].copy()
     else:
-        t = np.minimum(np.arange(0, T, max(T // n, 1)) + 1, T - 1).astype(np.float64)[::-1].copy()
+        t = compvis_timesteps(T, n)[::-1].astype(np.float64)
     log_table = np.log(table)
     return t, np.exp(np.interp(t, np.arange(T, dtype=np.float64), log_table))
 
 
+def compvis_timesteps(T: int, n: int) -> np.ndarray:
+    """The CompVis DDIM discretisation as AUTOMATIC1111 clips it for its DDIM, PLMS and UniPC (its CompVisSampler's
+    get_timesteps): t = 1 + k j for k j < T, k = max(T // n, 1), the last held to T - 1; least noisy first."""
+    return np.minimum(np.arange(0, T, max(T // n, 1)) + 1, T - 1)
+
+
 def compvis_count(T: int, n: int) -> int:
-    """How many timesteps the CompVis discretisation t = 1 + k j (k = max(T // n, 1), k j < T) lays out for n asked:
-    ceil(T / k), n where k divides T (T = 1000: n = 30 gives 31, n = 15 gives 16)."""
-    return len(range(0, T, max(T // n, 1)))
+    """How many timesteps `compvis_timesteps` lays out for n asked: ceil(T / k), n where k divides T (T = 1000: n = 30
+    gives 31, n = 15 gives 16)."""
+    return len(compvis_timesteps(T, n))
 
 
 def vp_time_levels(kind: str, alphas_cumprod, n: int, t_max: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -730,10 +746,8 @@ class NoiseSchedule:
         table = ((1 - a) / a) ** 0.5  # least noisy first, float32, as A1111 holds it
         log_table = table.log()
 
-        def at_timesteps(t: torch.Tensor) -> torch.Tensor:  # (its t_to_sigma: k-diffusion's log-linear interpolation)
-            idx = ((t - (k - 1)) / k).float().clamp(0, len(table) - 1)
-            lo, hi, w = idx.floor().long(), idx.ceil().long(), idx.frac()
-            return ((1 - w) * log_table[lo] + w * log_table[hi]).exp()
+        def at_timesteps(t: torch.Tensor) -> torch.Tensor:  # (its t_to_sigma: the table's index of distillation t)
+            return kdiffusion_t_to_sigma(((t - (k - 1)) / k).float().clamp(0, len(table) - 1), log_table)
 
         end_ve = False
         top, bottom = float(origin[0]), float(origin[-1])

@@ -42,12 +42,13 @@ from imagine.images import RESIZE_MODES, controlnet_unit_text, fit_picture
 from imagine.samplers import (  # AUTOMATIC1111's labels and ways of our samplers
     A1111_SAMPLERS,
     A1111_SCHEDULE_NAMES,
+    COMPVIS_SAMPLERS,
     a1111_guidance_scale,
     a1111_schedule,
     a1111_settings,
     default_guidance_scale,
 )
-from imagine.schedules import MODEL_SIGMA_SCHEDULES, SCHEDULE_LABELS, SIGMA_SCHEDULES
+from imagine.schedules import COMPVIS_SCHEDULES, MODEL_SIGMA_SCHEDULES, SCHEDULE_LABELS, SIGMA_SCHEDULES
 from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
                                    ShuttingDown)
 
@@ -81,8 +82,7 @@ class ServerConfig:
 # -- samplers: AUTOMATIC1111's names -> ours (imagine.samplers.A1111_SAMPLERS: A1111 name, its aliases,
 # our sampler). Only those whose sampler exists here are offered.
 # A1111's schedule types of ours (align_your_steps picks SDXL's levels for an SDXL model, as A1111 does)
-SCHEDULE_TYPES = tuple(s for s in SIGMA_SCHEDULES
-                       if s not in ("align_your_steps_sdxl", "compvis", "compvis_time_uniform"))
+SCHEDULE_TYPES = tuple(s for s in SIGMA_SCHEDULES if s != "align_your_steps_sdxl" and s not in COMPVIS_SCHEDULES)
 _FALLBACK_SAMPLERS = ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a", "heun"]
 
 
@@ -1116,8 +1116,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         # (its infotext names the schedule type unless "Automatic" left k-diffusion's own levels, "uniform", or the
         # sampler is one of its CompVis ones, DDIM, PLMS and UniPC, which A1111 runs on their own timesteps; a type
         # named for them is applied here, and named)
-        shown = asked or (schedule if schedule != "uniform" and sampler not in ("ddim", "plms", "ddim_cfgpp", "unipc")
-                          else None)
+        shown = asked or (schedule if schedule != "uniform" and sampler not in COMPVIS_SAMPLERS else None)
         base = check_seed("seed", req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
         variation = float(req.subseed_strength)
