@@ -43,15 +43,28 @@ def run(cfg, sampler, steps=8, **kw):
 
 
 @torch.no_grad()
-def a1111_ddim_cfgpp(cfg, steps, cfg_scale, eta=0.0):
+def a1111_ddim_cfgpp(cfg, steps, cfg_scale, eta=0.0, init=None, strength=1.0, paint=None):
     """A1111's ddim_cfgpp restated: timesteps clip(range(0, T, T // steps) + 1, 0, T - 1) over the model's float32
     abar, x = each image's unit noise, len - 1 steps down to the lowest timestep's level; at each, eps_c and eps_u from
     the model (v turned into eps at the integer timestep), e = eps_u + (eps_c - eps_u) cfg_scale / 12.5, x0 from e,
-    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps_u + s z."""
+    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps_u + s z. Image to image (its CompVis sample_img2img): the
+    timesteps for its step count, init noised to timesteps[t_enc]'s abar, the loop over timesteps[:t_enc]; with `paint`
+    (1 where painted anew) its inpainting: both passes see the clean init where paint is 0, the result blended at the
+    end."""
+    from test_k_diffusion import a1111_img2img_steps
+
     model = conditioned(cfg)
+    if init is not None:
+        steps, t_enc = a1111_img2img_steps(steps, strength)
     timesteps, alphas, alphas_prev, gens, x, eps_of = compvis_setup(cfg, steps)
+    if init is not None:
+        a = float(NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod.float()[int(timesteps[t_enc])])
+        x = a ** 0.5 * init.double() + (1 - a) ** 0.5 * x
+        timesteps = timesteps[:t_enc]
 
     def eps(x, t, c):
+        if paint is not None:
+            x = x * paint + init.double() * (1 - paint)
         return eps_of(model, x, t, c["c"])
 
     for i in range(len(timesteps) - 1):
@@ -64,7 +77,7 @@ def a1111_ddim_cfgpp(cfg, steps, cfg_scale, eta=0.0):
         x0 = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
         z = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]).double()
         x = a_prev ** 0.5 * x0 + (1 - a_prev - s ** 2) ** 0.5 * e_u + s * z
-    return x
+    return x if paint is None else x * paint + init.double() * (1 - paint)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["prediction_type"])
@@ -85,26 +98,10 @@ def test_ddim_cfgpp_inpainting_equals_a1111s(cfg, strength, eta):
     init where the mask keeps it; x0 and the renoising direction from that eps at the sampler's own x)."""
     import math
 
-    from test_k_diffusion import a1111_img2img_steps, paint_mask
+    from test_k_diffusion import paint_mask
 
-    model, init, paint = conditioned(cfg), torch.linspace(-1, 1, math.prod(SHAPE)).reshape(SHAPE), paint_mask()
-    steps, t_enc = a1111_img2img_steps(20, strength)
-    timesteps, alphas, alphas_prev, gens, x, eps_of = compvis_setup(cfg, steps)
-    a = float(NoiseSchedule.from_diffusers_config(cfg).alphas_cumprod.float()[int(timesteps[t_enc])])
-    x = a ** 0.5 * init.double() + (1 - a) ** 0.5 * x
-    timesteps = timesteps[:t_enc]
-    for i in range(len(timesteps) - 1):
-        index = len(timesteps) - 1 - i
-        t = int(timesteps[index])
-        x_in = x * paint + init.double() * (1 - paint)
-        e_c, e_u = eps_of(model, x_in, t, COND["c"]), eps_of(model, x_in, t, UNCOND["c"])
-        e = e_u + (e_c - e_u) * 7.0 / 12.5
-        a_t, a_prev = float(alphas[index]), float(alphas_prev[index])
-        s = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-        x0 = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
-        z = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]).double()
-        x = a_prev ** 0.5 * x0 + (1 - a_prev - s ** 2) ** 0.5 * e_u + s * z
-    theirs = x * paint + init.double() * (1 - paint)
+    init, paint = torch.linspace(-1, 1, math.prod(SHAPE)).reshape(SHAPE), paint_mask()
+    theirs = a1111_ddim_cfgpp(cfg, 20, 7.0, eta, init=init, strength=strength, paint=paint)
     settings = a1111_settings("DDIM CFG++")
     ours = run(cfg, settings.pop("sampler"), 20, cond=COND, uncond=UNCOND, eta=eta, init=init, strength=strength,
                mask=paint, guidance_scale=a1111_guidance_scale("DDIM CFG++", 7.0), **settings)

@@ -536,11 +536,12 @@ def a1111_lcm_denoiser(kd, cfg):
     return LCMDenoiser(inner, valid, quantize=None)
 
 
-def run_a1111_lcm(kd, cfg, steps, init=None, strength=1.0, seeds=SEEDS):
+def run_a1111_lcm(kd, cfg, steps, init=None, strength=1.0, seeds=SEEDS, scheduler=None):
     """A1111's sample_lcm over its LCM denoiser's levels (x = D(x), then + sigma_next z from each image's generator),
-    from x_T = z sigma_max, or in image to image from init + z sigma at level steps - t_enc - 1."""
+    from x_T = z sigma_max, or in image to image from init + z sigma at level steps - t_enc - 1; with a schedule type,
+    A1111's recipe for it over the LCM denoiser (a1111_sigmas)."""
     denoiser = a1111_lcm_denoiser(kd, cfg)
-    sigmas = denoiser.get_sigmas(steps)
+    sigmas = denoiser.get_sigmas(steps) if scheduler is None else a1111_sigmas(kd, denoiser, scheduler, steps)
     if init is not None:
         sigmas = sigmas[steps - int(min(strength, 0.999) * steps) - 1:]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -579,15 +580,7 @@ def test_a1111_lcm_schedule_types(kd, scheduler, steps):
     """A1111's LCM with a schedule type: A1111's recipe for it over its LCM denoiser (sigma_min / max its table's ends,
     the sgm_uniform and simple recipes over its sigma_to_t / t_to_sigma and its 50 levels), its sample_lcm."""
     cfg = CONFIGS[0]
-    denoiser = a1111_lcm_denoiser(kd, cfg)
-    sigmas = a1111_sigmas(kd, denoiser, scheduler, steps)
-    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
-    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * sigmas[0]
-    with torch.no_grad():
-        for i in range(len(sigmas) - 1):
-            x = denoiser(x, sigmas[i] * x.new_ones([x.shape[0]]), cond=None)
-            if sigmas[i + 1] > 0:
-                x = x + sigmas[i + 1] * torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens])
+    x = run_a1111_lcm(kd, cfg, steps, scheduler=scheduler)
     ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps, seeds=SEEDS,
                   progress=False, **a1111_settings("LCM", scheduler))
     err = (ours.float() - x).abs().max().item()
