@@ -19,7 +19,9 @@ module builds A1111's trees: for the same seeds and noise levels, the noise it d
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
 from typing import Sequence
 
@@ -35,9 +37,12 @@ class BrownianTreeNoise:
     """One Brownian path per sample over [sigma_min, sigma_max]; `noise(sigma, sigma_next)` is the batch's normalized
     increment (W(sigma_next) - W(sigma)) / sqrt(|sigma_next - sigma|) [B, *shape], standard normal for each step.
 
-    seeds: one int per sample (A1111 seeds each image's tree with the image's seed). shape: one sample's shape."""
+    seeds: one int per sample (A1111 seeds each image's tree with the image's seed). shape: one sample's shape.
+    rng: "cpu" (torchsde's draws, torch's CPU generator) or "nv": the tree's draws made as an NVIDIA GPU makes them
+    (imagine.philox), as A1111 draws them under its "NV" source (it routes torchsde's draws through its own)."""
 
-    def __init__(self, seeds: Sequence[int], shape: Sequence[int], sigma_min: float, sigma_max: float):
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int], sigma_min: float, sigma_max: float,
+                 rng: str = "cpu"):
         try:
             import torchsde
         except ImportError as e:  # a dependency of imagine; this names it if an install left it out
@@ -49,9 +54,12 @@ class BrownianTreeNoise:
         lo, hi = _f32(sigma_min), _f32(sigma_max)
         if not (0 < lo < hi and math.isfinite(hi)):
             raise ValueError(f"a Brownian tree spans 0 < sigma_min < sigma_max < inf; got {sigma_min}, {sigma_max}")
-        self.sigma_min, self.sigma_max = lo, hi
+        if rng not in ("cpu", "nv"):
+            raise ValueError(f"a Brownian tree's rng is 'cpu' or 'nv'; got {rng!r}")
+        self.sigma_min, self.sigma_max, self.rng = lo, hi, rng
         w0 = torch.zeros(tuple(shape), dtype=torch.float32)
-        self.trees = [torchsde.BrownianTree(lo, w0, hi, entropy=s) for s in seeds]
+        with _tree_draws(rng):
+            self.trees = [torchsde.BrownianTree(lo, w0, hi, entropy=s) for s in seeds]
 
     def __call__(self, sigma: float, sigma_next: float) -> torch.Tensor:
         a, b = _f32(sigma), _f32(sigma_next)
@@ -69,9 +77,42 @@ class BrownianTreeNoise:
             # torchsde rounds the tree's ends to 6 decimals (its tol) and warns that a query at an end lies outside
             # them, then clamps it: k-diffusion's trees, A1111's, do the same, so that is their increment too
             warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
-            w = torch.stack([tree(max(lo, self.sigma_min), min(hi, self.sigma_max)) for tree in self.trees])
+            with _tree_draws(self.rng):
+                w = torch.stack([tree(max(lo, self.sigma_min), min(hi, self.sigma_max)) for tree in self.trees])
         # (the scale in float32, as k-diffusion divides by its float32 tensors' sqrt)
         return w * (sign / float(torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32)) ** 0.5)
+
+
+_source = threading.local()  # the rng the trees being built or queried on this thread draw with
+
+
+@contextlib.contextmanager
+def _tree_draws(rng: str):
+    """torchsde draws every tree node with its module's `_randn(size, dtype, device, seed)`, a CPU generator seeded
+    so; under "nv" those draws are Philox's (A1111 replaces that function with its own randn_local for the same
+    reason). The replacement is put in once and reads this thread's rng, so other trees keep torchsde's draws."""
+    if rng == "cpu":
+        yield
+        return
+    import torchsde._brownian.brownian_interval as interval
+
+    if not getattr(interval._randn, "_imagine_rng", False):
+        own = interval._randn
+
+        def _randn(size, dtype, device, seed):
+            if getattr(_source, "rng", "cpu") == "nv":
+                from imagine.philox import PhiloxGenerator
+
+                return PhiloxGenerator(int(seed)).randn(size).to(device=device, dtype=dtype)
+            return own(size, dtype, device, seed)
+
+        _randn._imagine_rng = True
+        interval._randn = _randn
+    before, _source.rng = getattr(_source, "rng", "cpu"), rng
+    try:
+        yield
+    finally:
+        _source.rng = before
 
 
 def tree_seeds(batch: int, seeds=None, generators=None) -> list[int]:

@@ -149,6 +149,10 @@ def a1111_parameters(p: dict) -> str:
         put("Variation seed", p.get("subseed"))
         put("Variation seed strength", p.get("subseed_strength"))
     put("Seed resize from", p.get("seed_resize_from"))  # "WxH", A1111's
+    # the noise's source (A1111's "RNG": its default "GPU" writes none, and would give an NVIDIA card's draws, which
+    # are "NV" here) and its eta noise seed delta
+    put("RNG", str(p.get("rng", "cpu")).upper())
+    put("ENSD", p.get("noise_seed_delta") or None)
     put("Denoising strength", p.get("strength"))  # image to image, hires. fix (A1111 writes it later; order is free)
     if p.get("inpainting"):  # A1111's inpainting fields; it writes "Mask blur" only above 0, here 0 says "no blur"
         if p.get("mask_invert"):

@@ -37,6 +37,58 @@ from imagine.schedules import COMPVIS_SCHEDULES, NoiseSchedule, SamplingPlan, co
 CLASSIFIER_FORMS = {"eps": "eps", "ddim": "eps", "epsilon": "eps", "mean": "mean", "ddpm": "mean"}
 
 
+RNG_SOURCES = ("cpu", "nv")  # where a seed's normal draws come from: ImageNoiseStream
+
+
+class ImageNoiseStream:
+    """One image's random stream from its seed, as AUTOMATIC1111's ImageRNG keeps each image's. rng: "cpu", torch's
+    CPU generator (A1111's "CPU" source, and its default "GPU" on a machine without one; the stream a torch.Generator
+    seeded so gives), or "nv", the draws torch.randn makes on an NVIDIA GPU (imagine.philox; A1111's "NV", which gives
+    on any machine the pictures its default gives on an NVIDIA card). seed_delta (A1111's "Eta noise seed delta",
+    ENSD): not 0, the draws after the first (the start noise) come from the stream of seed + seed_delta, as
+    ImageRNG.first() seeds the images' generators anew after drawing the start noise."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, seed: int, rng: str = "cpu", seed_delta: int = 0):
+        check_rng(rng, seed_delta)
+        self.seed, self.rng, self.seed_delta = int(seed), rng, int(seed_delta)
+        self._stream, self._first = self._new(self.seed), True
+
+    def _new(self, seed: int):
+        if self.rng == "nv":
+            from imagine.philox import PhiloxGenerator
+
+            return PhiloxGenerator(seed)
+        return torch.Generator().manual_seed(seed)
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.rng == "nv":
+            out = self._stream.randn(shape, dtype)
+        else:
+            out = torch.randn(shape, generator=self._stream, dtype=dtype)
+        if self._first and self.seed_delta:
+            self._stream = self._new((self.seed + self.seed_delta) % 2**64)
+        self._first = False
+        return out
+
+
+def check_rng(rng: str, seed_delta: int = 0) -> None:
+    if rng not in RNG_SOURCES:
+        raise ValueError(f"rng must be one of {', '.join(map(repr, RNG_SOURCES))} (torch's CPU generator, or the "
+                         f"draws of an NVIDIA GPU as AUTOMATIC1111's 'NV' source); got {rng!r}")
+    if isinstance(seed_delta, bool) or not isinstance(seed_delta, int) or seed_delta < 0:
+        raise ValueError(f"seed_delta (AUTOMATIC1111's eta noise seed delta, ENSD) must be an int >= 0; got "
+                         f"{seed_delta!r}")
+
+
+def stream_rng(generators) -> str:
+    """The rng of the images' streams: "nv" where they are ImageNoiseStreams drawing so, else "cpu"."""
+    if isinstance(generators, (list, tuple)) and generators and isinstance(generators[0], ImageNoiseStream):
+        return generators[0].rng
+    return "cpu"
+
+
 class PerSampleNoise:
     """Standard normal noise with one generator per sample: row i of every draw comes from
     generators[i] as torch.randn((1, *shape), generator=generators[i]) (diffusers' randn_tensor with a
@@ -56,7 +108,8 @@ class PerSampleNoise:
             from imagine.brownian import BrownianTreeNoise, tree_seeds
 
             seeds = tree_seeds(like.shape[0], self.tree_seeds, self.generators)
-            self._paths = BrownianTreeNoise(seeds, like.shape[1:], *(self.levels or levels))
+            self._paths = BrownianTreeNoise(seeds, like.shape[1:], *(self.levels or levels),
+                                            rng=stream_rng(self.generators))
         return self._paths
 
     def __call__(self, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -67,7 +120,8 @@ class PerSampleNoise:
         if isinstance(g, (list, tuple)):
             if len(g) != shape[0]:
                 raise ValueError(f"{len(g)} generators for a batch of {shape[0]}: give one per sample")
-            return torch.cat([torch.randn((1, *shape[1:]), generator=gi, device=gi.device, dtype=dtype).cpu()
+            return torch.cat([gi.randn((1, *shape[1:]), dtype) if isinstance(gi, ImageNoiseStream) else
+                              torch.randn((1, *shape[1:]), generator=gi, device=gi.device, dtype=dtype).cpu()
                               for gi in g])
         if g is None:
             return torch.randn(shape, dtype=dtype)
@@ -110,21 +164,23 @@ def seed_resized_noise(noise: torch.Tensor, first: torch.Tensor) -> torch.Tensor
 
 def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], seeds: list[int],
                 subseeds: list[int] | None = None, subseed_strength: float = 0.0,
-                first_size: tuple[int, int] | None = None, own: torch.Tensor | None = None) -> torch.Tensor:
+                first_size: tuple[int, int] | None = None, own: torch.Tensor | None = None,
+                rng: str = "cpu") -> torch.Tensor:
     """Each image's start noise [B, C, H, W] as AUTOMATIC1111 draws it (its ImageRNG.first) with its two seed
     options: `own`, drawn from the images' generators (drawn here if not given; the steps' noise follows on from
     them), is the noise; with `first_size` (h, w) in latent cells (A1111's seed_resize_from_h/w over the VAE's factor)
     and not (H, W), the noise the seeds give at that size (fresh generators of `seeds`) goes in its middle
     (`seed_resized_noise`); with subseed_strength > 0, the noise at the seed's size is first moved towards the
-    variation seeds' (`subseeds`) at that size (`variation_noise`)."""
+    variation seeds' (`subseeds`) at that size (`variation_noise`). rng: the source of those fresh streams'
+    draws (ImageNoiseStream)."""
     own = PerSampleNoise(generators).draw(shape) if own is None else own
     resized = first_size is not None and tuple(first_size) != tuple(shape[-2:])
     if not resized and not subseed_strength:
         return own
     size = (*shape[:-2], *first_size) if resized else shape
-    seeded = PerSampleNoise(make_generators(shape[0], list(seeds))).draw(size) if resized else own
+    seeded = PerSampleNoise(make_generators(shape[0], list(seeds), rng=rng)).draw(size) if resized else own
     if subseed_strength:
-        other = PerSampleNoise(make_generators(shape[0], list(subseeds))).draw(size)
+        other = PerSampleNoise(make_generators(shape[0], list(subseeds), rng=rng)).draw(size)
         seeded = torch.stack([variation_noise(float(subseed_strength), a, b) for a, b in zip(seeded, other)])
     return torch.stack([seed_resized_noise(a, b) for a, b in zip(own, seeded)]) if resized else seeded
 
@@ -344,10 +400,16 @@ class ConcatFromCond(torch.nn.Module):
         return self.model(torch.cat([x, concat.to(device=x.device, dtype=x.dtype)], dim=1), t, **cond)
 
 
-def make_generators(batch: int, seeds=None, generator=None) -> torch.Generator | list[torch.Generator] | None:
-    """seeds: int s -> s, s+1, ..., s+B-1 (AUTOMATIC1111); list -> one each. generator: one, or a list."""
+def make_generators(batch: int, seeds=None, generator=None, rng: str = "cpu",
+                    seed_delta: int = 0) -> torch.Generator | list[torch.Generator | ImageNoiseStream] | None:
+    """seeds: int s -> s, s+1, ..., s+B-1 (AUTOMATIC1111); list -> one each. generator: one, or a list.
+    rng "nv" or a seed_delta: the seeds' ImageNoiseStreams (a torch.Generator each otherwise)."""
     if seeds is not None and generator is not None:
         raise ValueError("give seeds or generator, not both")
+    check_rng(rng, seed_delta)
+    if (rng != "cpu" or seed_delta) and seeds is None:
+        raise ValueError(f"rng {rng!r} and seed_delta {seed_delta} make each image's stream from its seed: give seeds, "
+                         "not generators")
     if seeds is not None:
         if isinstance(seeds, bool):
             raise TypeError("seeds must be an int or a list of ints")
@@ -358,6 +420,8 @@ def make_generators(batch: int, seeds=None, generator=None) -> torch.Generator |
             raise ValueError(f"{len(seeds)} seeds for a batch of {batch}: give one seed per sample (or one int)")
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise TypeError(f"seeds must be ints; got {seeds!r}")
+        if rng != "cpu" or seed_delta:
+            return [ImageNoiseStream(s, rng, seed_delta) for s in seeds]
         return [torch.Generator().manual_seed(s) for s in seeds]
     if isinstance(generator, (list, tuple)):
         if len(generator) != batch:
@@ -366,6 +430,14 @@ def make_generators(batch: int, seeds=None, generator=None) -> torch.Generator |
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or a list of them; got {type(generator).__name__}")
     return generator
+
+
+def posterior_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """The streams a run under AUTOMATIC1111's rules draws the VAE's posterior q(z | x) from, apart from the images'
+    own, so that each image's stream gives its start noise first, as A1111's ImageRNG does (A1111 draws the posterior
+    from its global generator, which no setting of it reproduces): torch CPU generators seeded seed + 2^32, streams no
+    image seed (< 2^32) starts."""
+    return [torch.Generator().manual_seed((int(s) + 2**32) % 2**64) for s in seeds]
 
 
 def initial_noise_scale(plan: SamplingPlan, start: str = "noise") -> float:
@@ -441,8 +513,9 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            rho: float | None = None, start: str = "noise", init: torch.Tensor | None = None, strength: float = 1.0,
            mask: torch.Tensor | None = None, guidance: Callable[..., torch.Tensor] | None = None,
            noise_seeds: int | Sequence[int] | None = None, sigma_range: str = "spaced",
-           discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers",
-           dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+           discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", rng: str = "cpu",
+           seed_delta: int = 0, dtype: torch.dtype = torch.float32,
+           device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     shape_or_noise: the full shape (B, C, H, W), or a start-noise tensor of unit variance [B, ...]
@@ -472,6 +545,9 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     thresholding: None, "static" or "dynamic" (Imagen) on every x_0 prediction; threshold_range R: the data's
         range [-R, R] the rules hold x_0 to (1: pixels, Imagen's case; a latent's range: guidance.latent_threshold_range).
     seeds / generator: reproducible noise, one generator per sample (see module doc).
+    rng, seed_delta (with seeds): each sample's stream as AUTOMATIC1111 keeps it (ImageNoiseStream): "cpu" (torch's
+        CPU generator, as a generator seeded so) or "nv" (an NVIDIA GPU's draws, A1111's "NV" source, for its Brownian
+        trees too); seed_delta, A1111's ENSD: the draws after the start noise from seed + seed_delta.
     noise_seeds: the seeds of the samples' Brownian paths (an int s for s, s+1, ...), for the SDE samplers' default
         sde_noise "brownian" (imagine.brownian; A1111 seeds each image's with the image's seed): default `seeds`, else
         a draw from each sample's generator. The paths span the noise levels of the whole plan (an image-to-image
@@ -556,7 +632,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         if len(shape) < 2 or not all(isinstance(n, int) and n > 0 for n in shape):
             raise ValueError(f"shape must be a tuple of positive ints (B, C, ...) including the batch; got {shape!r}")
         batch = shape[0]
-    generators = make_generators(batch, seeds, generator)  # (checks the seeds first)
+    generators = make_generators(batch, seeds, generator, rng, seed_delta)  # (checks the seeds first)
     if noise_seeds is not None or seeds is not None:
         from imagine.brownian import tree_seeds
 

@@ -120,6 +120,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed-resize-from", default=None, metavar="WxH",
                    help="AUTOMATIC1111's 'resize seed from': the noise the seed gives at WxH pixels goes in the "
                         "middle of this size's, so an image found at WxH keeps its composition")
+    p.add_argument("--rng", choices=("cpu", "nv"), default="cpu",
+                   help="where a seed's noise comes from: cpu (torch's CPU generator; A1111's 'CPU', and its default on "
+                        "a machine without a GPU) or nv (the noise torch gives on an NVIDIA GPU, A1111's 'NV': a seed "
+                        "gives here the picture A1111's default gives on an NVIDIA card)")
+    p.add_argument("--noise-seed-delta", "--ensd", type=int, default=0, metavar="N",
+                   help="A1111's eta noise seed delta (ENSD, e.g. 31337): each image's noise after its start noise "
+                        "(ancestral samplers, eta) comes from its seed + N")
     p.add_argument("--strength", "--denoising-strength", type=float, default=None,
                    help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
                         "(default 0.75, A1111's; 1 with --mask, diffusers' inpainting default: the masked part "
@@ -687,6 +694,8 @@ def run(args) -> int:
                             **({"subseeds": [(variation + start + k) % (MAX_SEED + 1) for k in range(len(chunk))],
                                 "subseed_strength": args.variation_strength} if args.variation_strength else {}),
                             **seed_resize, progress=not args.quiet,
+                            **({"rng": args.rng} if args.rng != "cpu" else {}),
+                            **({"noise_seed_delta": args.noise_seed_delta} if args.noise_seed_delta else {}),
                             **picture)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},

@@ -29,7 +29,7 @@ from imagine.loading.folder import Components
 from imagine.composable import ComposedConditioning, split_and
 from imagine.refiner import check_switch, with_refiner
 from imagine.samplers import default_guidance_scale, is_cfg_pp
-from imagine.sampling import make_generators
+from imagine.sampling import make_generators, posterior_generators
 
 log = logging.getLogger(__name__)
 
@@ -557,8 +557,8 @@ class TextToImagePipeline:
                  seed_resize_from_h: int = 0, seed_resize_from_w: int = 0,
                  image_guidance_gate: bool = True, noise_level: int | None = None, prior_steps: int | None = None,
                  prior_guidance_scale: float | None = None, sigma_range: str = "spaced",
-                 discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers",
-                 callback: Callable[[dict], None] | None = None, progress: bool = True,
+                 discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", rng: str = "cpu",
+                 noise_seed_delta: int = 0, callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
         else 20 steps of dpmpp_2m at guidance 7.5). sigma_schedule: "karras", "exponential", "polyexponential",
@@ -584,7 +584,9 @@ class TextToImagePipeline:
 
         init_image, strength: image to image (SDEdit, Meng et al. 2022; diffusers' img2img, AUTOMATIC1111's
         denoising strength): a PIL image (or a list, one per prompt) is encoded by the VAE (its posterior sampled
-        with each image's own seed, then the noise drawn, as diffusers does), taken to the level of the last
+        with each image's own seed, then the noise drawn, as diffusers does; under A1111's strength rules the noise
+        is the seed's first draw, as A1111's, and the posterior from a stream of its own,
+        imagine.sampling.posterior_generators), taken to the level of the last
         int(steps * strength) steps (strength default 0.8), and denoised from there. The size is the image's unless
         height/width are given; the image (and mask) is then brought to them by AUTOMATIC1111's img2img resize_mode
         (`imagine.images.fit_picture`): "just_resize" (stretched, the default), "crop_and_resize", "resize_and_fill",
@@ -624,6 +626,12 @@ class TextToImagePipeline:
         seed_resize_from_h, seed_resize_from_w (AUTOMATIC1111's "resize seed from", pixels; 0: off): the noise the
         seeds give at that size is put in the middle of this size's (imagine.sampling.start_noise), so that an image
         found at one size keeps its composition at another.
+        rng (AUTOMATIC1111's "random number generator source"): "cpu", each image's noise from torch's CPU generator
+        seeded with its seed (A1111's "CPU", and its default on a machine without a GPU), or "nv", the noise
+        torch.randn gives on an NVIDIA GPU (imagine.philox; A1111's "NV", which reproduces there the pictures its
+        default makes on an NVIDIA card). noise_seed_delta (A1111's "Eta noise seed delta", ENSD, e.g. 31337): each
+        image's draws after its start noise (an ancestral sampler's, eta's) come from its seed + the delta
+        (imagine.sampling.ImageNoiseStream).
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -661,7 +669,8 @@ class TextToImagePipeline:
                      "image_guidance_gate": image_guidance_gate is not True,
                      "sigma_range": sigma_range != "spaced" and bool(sigma_schedule or karras),
                      "discard_penultimate_sigma": discard_penultimate_sigma,
-                     "strength_rule": strength_rule != "diffusers"}
+                     "strength_rule": strength_rule != "diffusers", "rng": rng != "cpu",
+                     "noise_seed_delta": noise_seed_delta}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -824,11 +833,14 @@ class TextToImagePipeline:
                 composable=composable)
             cond, uncond = (with_refiner(c, r) for c, r in zip((cond, uncond), refined))
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
-        generators = make_generators(len(prompts), seeds)
+        generators = make_generators(len(prompts), seeds, rng=rng, seed_delta=noise_seed_delta)
+        # the VAE's posterior draws: from the images' streams first, as diffusers; under A1111's rules from streams of
+        # their own, each image's stream giving its start noise first as A1111's does
+        encoders = generators if strength_rule == "diffusers" else posterior_generators(seeds)
         inpaint = {}
         if masks is not None or self.image_conditioned:
-            init, inpaint = self._inpainting(inits, masks, shape, width, height, generators, strength, init_latents,
-                                             masked_content, strength_rule)
+            init, inpaint = self._inpainting(inits, masks, shape, width, height, generators, encoders, strength,
+                                             init_latents, masked_content, strength_rule)
         else:
             if inits is None or edit_from_noise:
                 init = None
@@ -836,10 +848,10 @@ class TextToImagePipeline:
                 # not multiples of the VAE's factor: stretched to the multiple below, which the VAE takes), its latents
                 # resized bilinearly
                 init = torch.nn.functional.interpolate(self.encode_images(inits, *self.factor_size(inits[0]),
-                                                                          generators),
+                                                                          encoders),
                                                        size=shape[2:], mode="bilinear", align_corners=False)
             else:
-                init = self.encode_images(inits, width, height, generators)
+                init = self.encode_images(inits, width, height, encoders)
             if init_latents is not None:
                 init = init_latents.float()
         if self.edits:  # the picture's latents: the mode of q(z | x), unscaled, as diffusers gives them
@@ -868,7 +880,7 @@ class TextToImagePipeline:
             # (its own part drawn from the images' own generators, as the sampler would draw it, so the steps' noise
             # follows on)
             inpaint["noise"] = start_noise(shape, generators, seeds, subseeds, float(subseed_strength), first_size,
-                                           inpaint.get("noise"))
+                                           inpaint.get("noise"), rng)
         report: dict = {}
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                generators=generators, seeds=seeds, init=init, strength=strength, **inpaint,
@@ -904,6 +916,10 @@ class TextToImagePipeline:
             params["image_guidance_scale"] = image_guidance_scale  # (A1111's "Image CFG scale"; its default 1: none)
         if subseeds is not None:
             params["subseed_strength"] = float(subseed_strength)  # (each image's variation seed: result.subseeds)
+        if rng != "cpu":
+            params["rng"] = rng  # (A1111's "RNG: NV")
+        if noise_seed_delta:
+            params["noise_seed_delta"] = noise_seed_delta  # (A1111's "ENSD")
         if seed_resize_from_h > 0 and seed_resize_from_w > 0:  # (A1111's W x H; written, as A1111, whenever set)
             params["seed_resize_from"] = f"{seed_resize_from_w}x{seed_resize_from_h}"
         if refine and report.get("refined"):  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
@@ -1207,11 +1223,12 @@ class TextToImagePipeline:
         beside the noisy latents (4 + 1 + 4 = 9 input channels in SD's)."""
         return self.unet.config.in_channels == 2 * self.latent_channels + 1
 
-    def _inpainting(self, inits, masks, shape, width: int, height: int, generators, strength: float,
+    def _inpainting(self, inits, masks, shape, width: int, height: int, generators, encoders, strength: float,
                     init_latents: torch.Tensor | None = None, masked_content: str = "original",
                     strength_rule: str = "diffusers"):
         """The start and the model's inputs of an inpainting run, with diffusers' draws in diffusers' order (each
-        image's generator: the picture's posterior, then the start noise, then the masked picture's posterior).
+        image's generator: the picture's posterior, then the start noise, then the masked picture's posterior); the
+        posteriors' draws come from `encoders` (the images' generators, or under A1111's rules streams of their own).
         Each image encodes its picture with its own generator, so a seed gives the same image in any batch (with
         num_images_per_prompt > 1 diffusers encodes a shared picture once, with the first image's generator: its
         later images differ from the same seeds run alone).
@@ -1234,7 +1251,7 @@ class TextToImagePipeline:
             init = init_latents.float()
         else:
             # (at strength 1 an inpainting model starts from noise, as diffusers; A1111's rules from q(x_t | x_0))
-            init = self._encode_pixels(pixels, generators) \
+            init = self._encode_pixels(pixels, encoders) \
                 if inits is not None and (not image_cond or strength < 1 or strength_rule != "diffusers") else None
         noise = PerSampleNoise(generators).draw(shape)
         # the mask the samplers keep the known part by: diffusers' (nearest of the binarized pixel mask) or A1111's
@@ -1244,11 +1261,11 @@ class TextToImagePipeline:
             fill = noise if masked_content == "latent_noise" else torch.zeros_like(init)
             init = torch.lerp(init, fill.to(init.dtype), keep.to(init.dtype))
         if image_cond:
-            masked = self._encode_pixels(masked_pixels(pixels, mask), generators)
+            masked = self._encode_pixels(masked_pixels(pixels, mask), encoders)
             concat = torch.cat([latent_mask(mask, shape[-2:]), masked], dim=1)
             # (A1111 keeps the known part for an inpainting model too)
             return init, {"noise": noise, "concat": concat, **({"mask": keep} if a1111 else {})}
-        PerSampleNoise(generators).draw(shape)  # diffusers encodes the masked picture here too, unused: same draws
+        PerSampleNoise(encoders).draw(shape)  # diffusers encodes the masked picture here too, unused: same draws
         return init, {"noise": noise, "mask": keep}
 
     @torch.no_grad()

@@ -54,6 +54,9 @@ from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, 
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_SEED = 2**32 - 1
+# AUTOMATIC1111's random number generator sources as imagine's rng ("GPU" draws with torch on the device: the CPU here)
+A1111_RNG_SOURCES = {"GPU": "cpu", "CPU": "cpu", "NV": "nv"}
+A1111_OVERRIDES_READ = ("emphasis", "randn_source", "eta_noise_seed_delta")  # the override_settings the API reads
 
 
 @dataclass
@@ -521,7 +524,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
               clip_skip: int = 0, strength: float | None = None, hires: tuple | None = None,
               inpainting: dict | None = None, controlnets: list | None = None,
               refiner: tuple | None = None, image_cfg: float | None = None, variation: tuple | None = None,
-              seed_resize: tuple | None = None) -> str:
+              seed_resize: tuple | None = None, rng: str = "cpu", noise_seed_delta: int = 0) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -539,7 +542,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "image_guidance_scale": image_cfg,
                              **({"subseed": variation[0], "subseed_strength": variation[1]} if variation else {}),
                              **({"seed_resize_from": f"{seed_resize[1]}x{seed_resize[0]}"} if seed_resize else {}),
-                             "version": f"imagine {version}"})
+                             "rng": rng, "noise_seed_delta": noise_seed_delta, "version": f"imagine {version}"})
 
 
 class _BodyLimit:
@@ -607,6 +610,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         "sd_model_checkpoint": title, "sd_checkpoint_hash": fingerprint, "samples_format": "png",
         "live_previews_enable": True, "show_progress_every_n_steps": 1, "CLIP_stop_at_last_layers": 1 + clip_skip,
         "sd_vae": vae_name or "Automatic", "emphasis": "Original", "eta_ddim": 0.0, "eta_ancestral": 1.0,
+        "randn_source": "GPU", "eta_noise_seed_delta": 0,
     }
     finished: dict[str, float] = {}  # recently finished job ids, for progress?id_task=
     preview_lock = threading.Lock()
@@ -695,6 +699,24 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if isinstance(override, dict) and "emphasis" in override:
             mode = override["emphasis"]
         return str(mode) != "None"
+
+    def a1111_noise(req) -> tuple[str, int]:
+        """The images' noise as AUTOMATIC1111's settings make it (the request's override_settings, else the
+        server's options): its "randn_source" ("GPU", its default, is torch's generator on the device: this server's
+        CPU; "CPU"; "NV", an NVIDIA GPU's draws) as imagine's rng, and its "eta_noise_seed_delta" (ENSD)."""
+        override = (req.model_extra or {}).get("override_settings")
+        override = override if isinstance(override, dict) else {}
+        source = override.get("randn_source", options.get("randn_source", "GPU"))
+        if source not in A1111_RNG_SOURCES:
+            raise ApiError(422, f"randn_source must be one of {', '.join(A1111_RNG_SOURCES)} (AUTOMATIC1111's random "
+                                f"number generator source); got {source!r}", "override_settings")
+        delta = override.get("eta_noise_seed_delta", options.get("eta_noise_seed_delta", 0))
+        if isinstance(delta, float) and delta.is_integer():  # (a JSON client may send 31337.0)
+            delta = int(delta)
+        if isinstance(delta, bool) or not isinstance(delta, int) or delta < 0:
+            raise ApiError(422, f"eta_noise_seed_delta must be an integer >= 0 (AUTOMATIC1111's ENSD, e.g. 31337); "
+                                f"got {delta!r}", "override_settings")
+        return A1111_RNG_SOURCES[source], delta
 
     def image_guidance(req, inits) -> float | None:
         """img2img's image_cfg_scale for an instruct-pix2pix model (A1111's "Image CFG scale"; not given: 1, plain
@@ -1133,6 +1155,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                   "0 or -1: off)")
         seed_resize = ((req.seed_resize_from_h, req.seed_resize_from_w)
                        if req.seed_resize_from_h > 0 and req.seed_resize_from_w > 0 else None)
+        rng, seed_delta = a1111_noise(req)
+        overrides = (req.model_extra or {}).get("override_settings")
+        overrides = overrides if isinstance(overrides, dict) else {}
         units, unit_ignored = check_controlnet(req, inits is not None)
         unit_pictures = await run_in_threadpool(
             lambda: [_decode_image(u["image"], u["field"], rgb=False) if u["image"] else None for u in units])
@@ -1178,7 +1203,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     controlnets=tuple((u["name"], u["weight"], u["start"], u["end"], u["mode"])
                                                       for u in units),
                                     refiner_switch=refiner[1] if refiner else None, subseed_strength=variation,
-                                    resize_mode=resize_mode, encoded_at=encoded_at, seed_resize=seed_resize),
+                                    resize_mode=resize_mode, encoded_at=encoded_at, seed_resize=seed_resize,
+                                    rng=rng, noise_seed_delta=seed_delta),
                   subseeds=subseeds,
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],
@@ -1197,7 +1223,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                height, name, fingerprint, version, vae_name, shown, clip_skip, strength, hires,
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
                                job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
-                               (subseeds[i], variation) if subseeds else None, seed_resize)
+                               (subseeds[i], variation) if subseeds else None, seed_resize, rng, seed_delta)
                      for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:
@@ -1233,7 +1259,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "version": f"imagine {version}", **mask_info,
             "task_id": job.id, "interrupted": result is None or result.interrupted,
             "ignored_fields": sorted([*(k for k in (req.model_extra or {})
-                                        if not (k == "alwayson_scripts" and isinstance(req.model_extra[k], dict))),
+                                        if not (k in ("alwayson_scripts", "override_settings")
+                                                and isinstance(req.model_extra[k], dict))),
+                                      *(f"override_settings.{k}" for k in overrides if k not in A1111_OVERRIDES_READ),
                                       *unused, *unit_ignored]),
             "seconds": round(result.seconds, 3) if result else 0.0,
             "batch_images": result.batch_images if result else 0,

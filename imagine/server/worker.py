@@ -92,6 +92,8 @@ class Settings:
     encoded_at: tuple | None = None  # its latent upscale: the size the pictures are encoded at (jobs share it to batch)
     noise_level: int | None = None  # an unCLIP decoder's variations of the jobs' pictures (TextToImagePipeline.variations)
     seed_resize: tuple | None = None  # A1111's seed_resize_from_h / _w, (h, w) in pixels, both > 0 (None: off)
+    rng: str = "cpu"  # where the seeds' noise comes from (TextToImagePipeline.generate): "nv" for A1111's "NV"
+    noise_seed_delta: int = 0  # A1111's eta noise seed delta (ENSD)
 
 
 @dataclass(eq=False)
@@ -441,6 +443,8 @@ class ModelWorker:
                               **({"resize_mode": s.resize_mode} if inits and s.resize_mode != "just_resize" else {}),
                               **({"seed_resize_from_h": s.seed_resize[0], "seed_resize_from_w": s.seed_resize[1]}
                                  if s.seed_resize else {}),
+                              **({"rng": s.rng} if s.rng != "cpu" else {}),
+                              **({"noise_seed_delta": s.noise_seed_delta} if s.noise_seed_delta else {}),
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
                               **control)
                 images += res.images
