@@ -277,3 +277,20 @@ def test_hires_and_a_variation_seed_from_the_page(server, page):
                                            guidance_scale=cfg, emphasis=True, long_prompts=True, prompt_editing=True,
                                            composable=True, progress=False, **a1111_settings("Euler")).images[0]
     assert got.size == (64, 64) and got.tobytes() == want.tobytes()
+
+
+def test_the_noise_section_sends_a1111s_source_and_ensd(server, page):
+    """The Noise section sends A1111's randn_source and eta_noise_seed_delta as the request's override_settings: the
+    gallery shows the pipeline's image with rng "nv" and that delta (Euler a: the delta moves its ancestral noise)."""
+    _fill_form(page, server, prompt="a red circle", steps=3, seed=12, sampler="Euler a", size=32)
+    page.click("#noise summary")
+    page.select_option("#randn_source", "NV")
+    page.fill("#eta_noise_seed_delta", "31337")
+    page.click("#generate")
+    got = _gallery_download(page)
+    cfg = float(page.input_value("#cfg_scale"))
+    kw = dict(steps=3, seed=12, width=32, height=32, guidance_scale=cfg, emphasis=True, long_prompts=True,
+              prompt_editing=True, composable=True, progress=False, **a1111_settings("Euler a"))
+    want = server.pipe.pipe.generate("a red circle", rng="nv", noise_seed_delta=31337, **kw).images[0]
+    assert got.tobytes() == want.tobytes()
+    assert got.tobytes() != server.pipe.pipe.generate("a red circle", **kw).images[0].tobytes()

@@ -154,6 +154,10 @@ async function generate(ev) {
   // A1111's variation seed: another seed's start noise mixed in at that strength
   const variation = parseFloat($("subseed_strength").value);
   if (variation > 0) { body.subseed = intValue("subseed"); body.subseed_strength = variation; }
+  // A1111's noise settings, for this request only (its override_settings)
+  const ensd = intValue("eta_noise_seed_delta");
+  if (Number.isNaN(ensd) || ensd < 0) { showError("eta noise seed delta must be a whole number, 0 or more"); return; }
+  body.override_settings = { randn_source: $("randn_source").value, eta_noise_seed_delta: ensd };
   // img2img when a picture is chosen: A1111's body, the picture as a data URL, resized by the server to the size
   const file = $("init_image").files[0];
   const mask = $("mask").files[0];  // inpainting: A1111's mask (its other inpainting fields take their defaults)
