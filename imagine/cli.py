@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(sp)
     sub_args = sp.parse_args(rest)
     try:
+        # a command may take its flags' defaults from a file (generate --infotext): the flags are read again over
+        # them, so those given win
+        extra = module.defaults_from(sub_args) if hasattr(module, "defaults_from") else None
+        if extra:
+            sp.set_defaults(**extra)
+            sub_args = sp.parse_args(rest)
         result = module.run(sub_args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

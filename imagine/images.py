@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,72 @@ def a1111_parameters(p: dict) -> str:
         put("Version", version if version.startswith("imagine") else f"imagine {version}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+# AUTOMATIC1111's reading of an infotext (modules/infotext_utils.py): its field regex and its "WxH" values
+_A1111_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
+# the fields A1111 1.10's parse_generation_parameters fills in where an infotext has none (its /sdapi/v1/png-info
+# answers with them)
+A1111_INFOTEXT_DEFAULTS = {
+    "Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires sampler": "Use same sampler",
+    "Hires checkpoint": "Use same checkpoint", "Hires prompt": "", "Hires negative prompt": "",
+    "Mask mode": "Inpaint masked", "Masked content": "original", "Inpaint area": "Whole picture",
+    "Masked area padding": 32, "RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": 0,
+    "Schedule min sigma": 0, "Schedule rho": 0, "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",
+}
+
+
+def parse_a1111_parameters(text: str, defaults: bool = False) -> dict:
+    """An infotext read as AUTOMATIC1111's parse_generation_parameters reads it: "Prompt" (the lines before one that
+    starts "Negative prompt:"), "Negative prompt" (that line on), and the fields of the last line, which counts as
+    fields only when it holds three or more; a quoted value is read as JSON (its unquote), a "WxH" value becomes
+    "Label-1" and "Label-2" (e.g. "Size-1": "512"). Values stay text, as A1111 keeps them. defaults: A1111's values
+    for the fields not there (A1111_INFOTEXT_DEFAULTS), as its reader adds them."""
+    *lines, last = str(text).strip().split("\n")
+    if len(_A1111_FIELD.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _A1111_FIELD.findall(last):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass  # (A1111 keeps a value it cannot unquote as it is)
+        size = _A1111_SIZE.match(value)
+        if size:
+            out[f"{key}-1"], out[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            out[key] = value
+    if defaults:
+        out = {**A1111_INFOTEXT_DEFAULTS, **out}
+    return out
+
+
+def read_infotext(path: str | os.PathLike) -> str:
+    """The infotext of a picture (its PNG "parameters" text chunk, as A1111 and imagine write it) or of a text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such file (a PNG with A1111's parameters, or a text file)", str(path))
+    try:
+        with Image.open(path) as img:
+            text = img.info.get("parameters")
+            if text is None:
+                raise ValueError(f"{path}: this picture carries no parameters text (AUTOMATIC1111's PNG infotext); "
+                                 "give a PNG A1111 or imagine wrote, or the text in a file")
+            return str(text)
+    except (OSError, SyntaxError):  # (not a picture: read as text)
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: neither a picture nor UTF-8 text") from None
 
 
 def controlnet_unit_text(model: str, weight: float, start: float = 0.0, end: float = 1.0, module: str = "none",

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 from imagine.images import RESIZE_MODES, save_png
@@ -120,6 +121,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed-resize-from", default=None, metavar="WxH",
                    help="AUTOMATIC1111's 'resize seed from': the noise the seed gives at WxH pixels goes in the "
                         "middle of this size's, so an image found at WxH keeps its composition")
+    p.add_argument("--infotext", default=None, metavar="PNG|TXT",
+                   help="run what an AUTOMATIC1111 infotext describes (A1111's PNG Info / 'Send to txt2img'): a PNG "
+                        "with its parameters, or the text in a file; the prompt, negative prompt, steps, sampler and "
+                        "schedule type, CFG scale, seed, size, hires. fix, variation seed, seed resize, RNG, ENSD, "
+                        "eta and clip skip become the flags' defaults (flags given win), run as A1111 runs them "
+                        "(--a1111-sampling, --a1111-prompts); the fields not applied (the model, LoRAs...) are said")
     p.add_argument("--rng", choices=("cpu", "nv"), default="cpu",
                    help="where a seed's noise comes from: cpu (torch's CPU generator; A1111's 'CPU', and its default on "
                         "a machine without a GPU) or nv (the noise torch gives on an NVIDIA GPU, A1111's 'NV': a seed "
@@ -229,6 +236,107 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     single.add_argument("--clip-skip", type=int, default=None,
                         help="use the states N layers before the last, diffusers' clip_skip (1 = the penultimate "
                              "layer); AUTOMATIC1111's 'Clip skip' is N + 1")
+
+
+def defaults_from(args) -> dict:
+    """The flags' defaults an --infotext gives (imagine.cli parses the flags again over them, so flags given win)."""
+    if not args.infotext:
+        return {}
+    from imagine.images import parse_a1111_parameters, read_infotext
+
+    return infotext_defaults(parse_a1111_parameters(read_infotext(args.infotext)), init_image=bool(args.init_image))
+
+
+def infotext_defaults(fields: dict, init_image: bool = False) -> dict:
+    """An AUTOMATIC1111 infotext's fields (imagine.images.parse_a1111_parameters) as this command's flags, for a run
+    as A1111 made it: its sampling and prompt reading, and "_infotext_notes" for what is not applied or assumed."""
+    from imagine.samplers import COMPVIS_SAMPLERS, a1111_settings, resolve_sampler
+
+    fields, notes = dict(fields), []
+
+    def number(label: str, cast=float):
+        value = fields.pop(label)
+        try:
+            return cast(float(value)) if cast is int and float(value).is_integer() else cast(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--infotext: {label} {value!r} is not a{' whole' if cast is int else ''} "
+                             "number") from None
+
+    out: dict = {"a1111_sampling": True, "long_prompts": True, "prompt_editing": True, "composable": True,
+                 "emphasis": fields.pop("Emphasis", "Original") != "None"}
+    if fields.get("Start") == "sigma_max":  # (imagine's record of an A1111 run's start: the one these flags run)
+        fields.pop("Start")
+    prompt, negative = fields.pop("Prompt", ""), fields.pop("Negative prompt", "")
+    if prompt:
+        out["prompt"] = prompt
+    if negative:
+        out["negative_prompt"] = negative
+    for label, dest, cast in (("Steps", "steps", int), ("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
+                              ("Size-1", "width", int), ("Size-2", "height", int), ("ENSD", "noise_seed_delta", int),
+                              ("Eta", "eta", float)):
+        if label in fields:
+            out[dest] = number(label, cast)
+    if "Sampler" in fields:
+        sampler, schedule = fields.pop("Sampler"), fields.pop("Schedule type", None)
+        if schedule == "Automatic":
+            schedule = None
+        if schedule and resolve_sampler(sampler)[0] in COMPVIS_SAMPLERS:
+            notes.append(f"Schedule type: {schedule} (A1111 runs {sampler} on its own timesteps)")
+            schedule = None
+        out["sampler"] = sampler
+        out["sigma_schedule"] = a1111_settings(sampler, schedule)["sigma_schedule"] if schedule else None
+        if "Eta DDIM" in fields and resolve_sampler(sampler)[0] in ("ddim", "ddim_cfgpp"):
+            out["eta"] = number("Eta DDIM")
+    if "Schedule rho" in fields and float(fields["Schedule rho"] or 0) != 0:
+        out["rho"] = number("Schedule rho")
+    if "Clip skip" in fields:  # (A1111's 1 is the last layer; diffusers' clip_skip counts the layers skipped)
+        skip = number("Clip skip", int)
+        if skip > 1:
+            out["clip_skip"] = skip - 1
+    source = fields.pop("RNG", "GPU")
+    if source not in ("GPU", "CPU", "NV"):
+        raise ValueError(f"--infotext: RNG {source!r} is not one of A1111's sources GPU, CPU, NV")
+    out["rng"] = "cpu" if source == "CPU" else "nv"
+    if source == "GPU":  # (A1111's default writes no RNG; most such pictures were made on an NVIDIA card)
+        notes.append("RNG: GPU (A1111's default) read as --rng nv, an NVIDIA card's draws; give --rng cpu for a "
+                     "picture made without one")
+    if "Variation seed strength" in fields and float(fields["Variation seed strength"]) > 0:
+        out["variation_strength"] = number("Variation seed strength")
+        if "Variation seed" in fields:
+            out["variation_seed"] = number("Variation seed", int)
+    if "Seed resize from-1" in fields and "Seed resize from-2" in fields:
+        out["seed_resize_from"] = f"{fields.pop('Seed resize from-1')}x{fields.pop('Seed resize from-2')}"
+    hires = "Hires upscale" in fields or float(fields.get("Hires resize-1", 0) or 0) > 0
+    if hires:
+        if "Hires upscale" in fields:
+            out["hires_scale"] = number("Hires upscale")
+        else:  # (A1111's "resize to WxH" form: the scale it gives, where both sides agree)
+            w, h = float(fields.pop("Hires resize-1")), float(fields.pop("Hires resize-2"))
+            scale = w / out.get("width", 512)
+            if abs(h / out.get("height", 512) - scale) > 1e-6:
+                raise ValueError(f"--infotext: hires resize to {w:g}x{h:g} is not one scale of "
+                                 f"{out.get('width', 512)}x{out.get('height', 512)}; give --hires-scale")
+            out["hires_scale"] = scale
+        if "Hires steps" in fields:
+            out["hires_steps"] = number("Hires steps", int)
+        if "Hires upscaler" in fields:
+            upscaler = fields.pop("Hires upscaler")
+            out["hires_upscaler"] = "latent" if upscaler.startswith("Latent") else "lanczos"
+            if upscaler not in ("Lanczos", "Latent") and not upscaler.startswith("Latent"):
+                notes.append(f"Hires upscaler: {upscaler} (upscaled with Lanczos here)")
+        for label, dest in (("Hires prompt", "hires_prompt"), ("Hires negative prompt", "hires_negative_prompt")):
+            if fields.get(label):
+                out[dest] = fields.pop(label)
+        if "Denoising strength" in fields:
+            out["hires_strength"] = number("Denoising strength")
+    elif "Denoising strength" in fields and init_image:
+        out["strength"] = number("Denoising strength")
+    not_applied = [f"{k}: {v}" for k, v in fields.items()
+                   if not (k in ("Version", "Hires resize-1", "Hires resize-2") or (k.startswith("Hires ") and not v))]
+    if not_applied:
+        notes.append("not applied: " + ", ".join(not_applied))
+    out["_infotext_notes"] = notes
+    return out
 
 
 def _prompts(args) -> list[str]:
@@ -509,6 +617,9 @@ def parse_sampler_options(items: list[str]) -> dict:
 def run(args) -> int:
     from imagine.pipelines.text_to_image import MAX_SEED, TextToImagePipeline
 
+    if not args.quiet:
+        for note in getattr(args, "_infotext_notes", None) or []:  # (what an --infotext left out or assumed)
+            print(f"imagine: --infotext: {note}", file=sys.stderr)
     prompts = _prompts(args)
     seed_resize = {}  # (read before the model loads: a bad value fails fast)
     if args.seed_resize_from:

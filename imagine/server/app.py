@@ -195,6 +195,12 @@ class DetectRequest(BaseModel):
     controlnet_threshold_b: float = -1
 
 
+class PngInfoRequest(BaseModel):
+    """A1111's /sdapi/v1/png-info body: a base64 picture (a data: prefix allowed)."""
+
+    image: str = ""
+
+
 class Img2ImgRequest(Txt2ImgRequest):
     """A1111's img2img body: txt2img's, plus the pictures and how far from them to go, and A1111's inpainting:
     `mask` (white: paint anew) with its options, in A1111's defaults, and `resize_mode` (0 just resize, 1 crop and
@@ -215,6 +221,10 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpainting_mask_invert: int = 0  # 1: "Inpaint not masked" (black is painted anew)
 
 
+# a picture's info entries about its file, not its generation (A1111's IGNORED_INFO_KEYS, left out of png-info's items)
+_PICTURE_INFO_KEYS = frozenset({"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background",
+                                "timestamp", "duration", "progressive", "progression", "icc_profile", "chromaticity",
+                                "photoshop"})
 # A1111's infotext labels of its inpainting_fill (it writes none for 1, "original")
 A1111_FILL_LABELS = {0: "fill", 2: "latent noise", 3: "latent nothing"}
 # A1111's inpainting_fill -> the pipeline's masked_content (0, "fill", is done on the picture before: "original")
@@ -1365,6 +1375,20 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     @app.get("/sdapi/v1/options")
     def get_options():
         return options
+
+    @app.post("/sdapi/v1/png-info")
+    def png_info(req: PngInfoRequest):
+        """A picture's generation parameters as A1111's PNG Info reads them: `info`, its infotext (the PNG's
+        "parameters" text); `items`, its other text chunks (imagine's JSON among them); `parameters`, the infotext
+        read as A1111 reads it, with A1111's values for the fields it lacks (imagine.images.parse_a1111_parameters)."""
+        from imagine.images import parse_a1111_parameters
+
+        if not req.image.strip():
+            return {"info": "", "items": {}, "parameters": {}}
+        picture = _decode_image(req.image.strip(), "image", rgb=False)
+        items = {k: v for k, v in picture.info.items() if isinstance(v, str) and k not in _PICTURE_INFO_KEYS}
+        info = items.pop("parameters", "") or ""
+        return {"info": info, "items": items, "parameters": parse_a1111_parameters(info, defaults=True)}
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
