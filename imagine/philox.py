@@ -9,7 +9,7 @@ key (seed mod 2^32, seed div 2^32), its first two words made one normal by the B
 `_curand_box_muller` does (its first output, s sin v), and each draw moves the offset on by one.
 
 Known answers: Random123's vectors for Philox4x32-10, and A1111's documented first draws for seed 0
-(tests/test_philox.py).
+(tests/test_noise_sources.py).
 """
 
 from __future__ import annotations

@@ -45,15 +45,16 @@ class ImageNoiseStream:
     CPU generator (A1111's "CPU" source, and its default "GPU" on a machine without one; the stream a torch.Generator
     seeded so gives), or "nv", the draws torch.randn makes on an NVIDIA GPU (imagine.philox; A1111's "NV", which gives
     on any machine the pictures its default gives on an NVIDIA card). seed_delta (A1111's "Eta noise seed delta",
-    ENSD): not 0, the draws after the first (the start noise) come from the stream of seed + seed_delta, as
-    ImageRNG.first() seeds the images' generators anew after drawing the start noise."""
+    ENSD): not 0, the draws after the start noise come from the stream of seed + seed_delta, as ImageRNG.first()
+    seeds the images' generators anew after drawing the start noise (`started`, which PerSampleNoise.draw_start
+    calls; a draw before it, diffusers' VAE posterior, comes from the seed's stream)."""
 
     device = torch.device("cpu")
 
     def __init__(self, seed: int, rng: str = "cpu", seed_delta: int = 0):
         check_rng(rng, seed_delta)
         self.seed, self.rng, self.seed_delta = int(seed), rng, int(seed_delta)
-        self._stream, self._first = self._new(self.seed), True
+        self._stream, self._started = self._new(self.seed), False
 
     def _new(self, seed: int):
         if self.rng == "nv":
@@ -64,13 +65,14 @@ class ImageNoiseStream:
 
     def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.rng == "nv":
-            out = self._stream.randn(shape, dtype)
-        else:
-            out = torch.randn(shape, generator=self._stream, dtype=dtype)
-        if self._first and self.seed_delta:
+            return self._stream.randn(shape, dtype)
+        return torch.randn(shape, generator=self._stream, dtype=dtype)
+
+    def started(self) -> None:
+        """The start noise is drawn: with a seed delta, the stream goes on from seed + delta (once)."""
+        if not self._started and self.seed_delta:
             self._stream = self._new((self.seed + self.seed_delta) % 2**64)
-        self._first = False
-        return out
+        self._started = True
 
 
 def check_rng(rng: str, seed_delta: int = 0) -> None:
@@ -114,6 +116,19 @@ class PerSampleNoise:
 
     def __call__(self, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.draw(tuple(like.shape), dtype).to(device=like.device, dtype=like.dtype)
+
+    def draw_start(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The samples' start noise: a draw, after which each ImageNoiseStream goes on as A1111's after its start
+        noise (ImageNoiseStream.started: its eta noise seed delta)."""
+        out = self.draw(shape)
+        self.started()
+        return out
+
+    def started(self) -> None:
+        """The start noise is drawn (here, or given): the ImageNoiseStreams go on as after it."""
+        for g in self.generators if isinstance(self.generators, (list, tuple)) else ():
+            if isinstance(g, ImageNoiseStream):
+                g.started()
 
     def draw(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         g = self.generators
@@ -173,7 +188,7 @@ def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], seeds
     (`seed_resized_noise`); with subseed_strength > 0, the noise at the seed's size is first moved towards the
     variation seeds' (`subseeds`) at that size (`variation_noise`). rng: the source of those fresh streams'
     draws (ImageNoiseStream)."""
-    own = PerSampleNoise(generators).draw(shape) if own is None else own
+    own = PerSampleNoise(generators).draw_start(shape) if own is None else own
     resized = first_size is not None and tuple(first_size) != tuple(shape[-2:])
     if not resized and not subseed_strength:
         return own
@@ -432,12 +447,13 @@ def make_generators(batch: int, seeds=None, generator=None, rng: str = "cpu",
     return generator
 
 
-def posterior_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+def posterior_generators(seeds: Sequence[int]) -> list[ImageNoiseStream]:
     """The streams a run under AUTOMATIC1111's rules draws the VAE's posterior q(z | x) from, apart from the images'
     own, so that each image's stream gives its start noise first, as A1111's ImageRNG does (A1111 draws the posterior
-    from its global generator, which no setting of it reproduces): torch CPU generators seeded seed + 2^32, streams no
-    image seed (< 2^32) starts."""
-    return [torch.Generator().manual_seed((int(s) + 2**32) % 2**64) for s in seeds]
+    from its global generator, which no setting of it reproduces): Philox streams (imagine.philox) keyed by
+    seed + 2^32, a key no image seed (< 2^32) has under either source (torch's CPU generator reads only a seed's low
+    32 bits, so seed + 2^32 there would be the image's own stream)."""
+    return [ImageNoiseStream((int(s) + 2**32) % 2**64, "nv") for s in seeds]
 
 
 def initial_noise_scale(plan: SamplingPlan, start: str = "noise") -> float:
@@ -655,7 +671,9 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
                              f"{tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__}")
         device = _model_device(model) if device is None else device
         # drawn in float32, as diffusers draws it
-        eps = (shape_or_noise if isinstance(shape_or_noise, torch.Tensor) else noise.draw(shape)).to(torch.float64).cpu()
+        if isinstance(shape_or_noise, torch.Tensor):
+            noise.started()
+        eps = (shape_or_noise if isinstance(shape_or_noise, torch.Tensor) else noise.draw_start(shape)).to(torch.float64).cpu()
         if mask is not None and strength == 1 and strength_rule == "diffusers":
             # (diffusers' inpainting starts from noise at strength 1; A1111's from q(x_t | x_0) with t its first)
             x = (eps * initial_noise_scale(plan, start)).to(device=device, dtype=dtype)
@@ -668,9 +686,10 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     else:
         if isinstance(shape_or_noise, torch.Tensor):
             z = shape_or_noise
+            noise.started()
             device = z.device if device is None else device
         else:
-            z = noise.draw(shape)
+            z = noise.draw_start(shape)
             device = _model_device(model) if device is None else device
         x = (z.to(torch.float64) * initial_noise_scale(plan, start)).to(device=device, dtype=dtype)
     variance_type = schedule.variance_type

@@ -114,11 +114,25 @@ def test_image_streams_are_a1111s():
         for delta in (0, 31337):
             ours = make_generators(2, [7, 8], rng=rng, seed_delta=delta)
             theirs = A1111ImageRNG([7, 8], source, delta)
-            for _ in range(3):
-                got = PerSampleNoise(ours).draw((2, *SHAPE[1:]))
+            noise = PerSampleNoise(ours)
+            for k in range(3):  # (the first draw is the start noise: A1111's first())
+                got = noise.draw_start((2, *SHAPE[1:])) if k == 0 else noise.draw((2, *SHAPE[1:]))
                 assert torch.equal(got, theirs.next()), (rng, delta)
     plain = make_generators(2, [7, 8])  # (the default: torch.Generators, as before)
     assert all(isinstance(g, torch.Generator) for g in plain)
+    # a draw before the start noise (diffusers' VAE posterior) comes from the seed's stream; the delta counts from
+    # the start noise on
+    before = make_generators(1, [7], seed_delta=31337)
+    noise = PerSampleNoise(before)
+    first, start, after = noise.draw((1, 2)), noise.draw_start((1, 2)), noise.draw((1, 2))
+    assert torch.equal(torch.cat([first, start]), torch.randn((2, 2), generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(after, torch.randn((1, 2), generator=torch.Generator().manual_seed(7 + 31337)))
+    # the VAE posterior's streams under A1111's rules are none of the images' (cpu or nv)
+    for seed in (0, 5, 2**32 - 1):
+        post = PerSampleNoise(posterior_generators([seed])).draw((1, 4, 8, 8))
+        for rng in ("cpu", "nv"):
+            own = PerSampleNoise(make_generators(1, [seed], rng=rng, seed_delta=1)).draw((1, 4, 8, 8))
+            assert abs(float(torch.corrcoef(torch.stack([post.flatten(), own.flatten()]))[0, 1])) < 0.2
     stream = ImageNoiseStream(7)
     assert torch.equal(torch.cat([stream.randn((2, 3)), stream.randn((2, 3))]),
                        torch.randn((4, 3), generator=torch.Generator().manual_seed(7)))
@@ -228,6 +242,31 @@ def test_a1111_img2img_starts_from_the_seeds_first_draw(pipe):
     assert (diffusers.latents - from_latents.latents).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("rule", ["diffusers", "a1111"])
+def test_the_delta_leaves_the_start_noise_alone(pipe, rule):
+    """ENSD moves only the draws after the start noise: a deterministic sampler's image to image, inpainting (both
+    masked contents) and hires. fix (Lanczos: a VAE round trip) do not change with it, under either strength rule
+    (under diffusers' the VAE posterior is drawn before the start noise, from the seed's stream); an ancestral one
+    does."""
+    picture = Image.new("RGB", (16, 16), (200, 40, 40))
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (4, 4, 12, 12))
+    kw = {**KW, "seed": 5, "output_type": "latent", "strength_rule": rule}
+    runs = {"img2img": dict(init_image=picture, strength=0.6),
+            "inpainting": dict(init_image=picture, mask_image=mask, strength=0.7),
+            "latent noise": dict(init_image=picture, mask_image=mask, strength=0.7, masked_content="latent_noise")}
+    for sampler, moves in (("euler", False), ("euler_a", True)):
+        for name, run in runs.items():
+            plain = pipe.generate("a red circle", sampler=sampler, **kw, **run).latents
+            delta = pipe.generate("a red circle", sampler=sampler, noise_seed_delta=31337, **kw, **run).latents
+            assert (float((plain - delta).abs().max()) > 0.05) == moves, (rule, sampler, name)
+    hires = dict(hires_scale=1.5, hires_strength=0.6, hires_upscaler="lanczos", sampler="euler", seed=5,
+                 strength_rule=rule, **{k: v for k, v in KW.items()})
+    assert torch.equal(pipe.generate_hires("a red circle", output_type="latent", **hires).latents,
+                       pipe.generate_hires("a red circle", output_type="latent", noise_seed_delta=31337,
+                                           **hires).latents)
+
+
 def test_the_cli_and_the_a1111_api_follow(pipe, tmp_path, capsys):
     httpx = pytest.importorskip("httpx")
     from imagine.cli import main
@@ -274,3 +313,6 @@ def test_the_cli_and_the_a1111_api_follow(pipe, tmp_path, capsys):
                           ({"eta_noise_seed_delta": -3}, "eta_noise_seed_delta must be an integer >= 0")):
             r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "override_settings": bad}, timeout=60)
             assert r.status_code == 422 and says in r.text, r.text
+            r = httpx.post(f"{srv.url}/sdapi/v1/options", json=bad, timeout=60)  # (refused, not stored)
+            assert r.status_code == 422 and says in r.text and r.json()["field"] == "options", r.text
+        assert httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=120).status_code == 200

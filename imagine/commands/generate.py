@@ -129,8 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(--a1111-sampling, --a1111-prompts); the fields not applied (the model, LoRAs...) are said")
     p.add_argument("--rng", choices=("cpu", "nv"), default="cpu",
                    help="where a seed's noise comes from: cpu (torch's CPU generator; A1111's 'CPU', and its default on "
-                        "a machine without a GPU) or nv (the noise torch gives on an NVIDIA GPU, A1111's 'NV': a seed "
-                        "gives here the picture A1111's default gives on an NVIDIA card)")
+                        "a machine without a GPU) or nv (the noise torch gives on an NVIDIA GPU: A1111's 'NV', which "
+                        "A1111 gives so that its runs make the pictures its default makes on an NVIDIA card; with "
+                        "--a1111-sampling, so do these)")
     p.add_argument("--noise-seed-delta", "--ensd", type=int, default=0, metavar="N",
                    help="A1111's eta noise seed delta (ENSD, e.g. 31337): each image's noise after its start noise "
                         "(ancestral samplers, eta) comes from its seed + N")
@@ -657,6 +658,8 @@ def run(args) -> int:
         a1111_settings(args.sampler or "euler", args.sigma_schedule)  # (a bad name fails before the model loads)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")
+    if args.noise_seed_delta < 0:
+        raise ValueError(f"--noise-seed-delta (--ensd) must be 0 or more; got {args.noise_seed_delta}")
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be at least 1")
     if args.seed != -1 and not 0 <= args.seed <= MAX_SEED:  # not wrapped: the PNG would name another seed

@@ -1253,7 +1253,7 @@ class TextToImagePipeline:
             # (at strength 1 an inpainting model starts from noise, as diffusers; A1111's rules from q(x_t | x_0))
             init = self._encode_pixels(pixels, encoders) \
                 if inits is not None and (not image_cond or strength < 1 or strength_rule != "diffusers") else None
-        noise = PerSampleNoise(generators).draw(shape)
+        noise = PerSampleNoise(generators).draw_start(shape)
         # the mask the samplers keep the known part by: diffusers' (nearest of the binarized pixel mask) or A1111's
         a1111 = strength_rule != "diffusers" and masks is not None
         keep = a1111_latent_mask(masks, width, height, shape[-2:]) if a1111 else latent_mask(mask, shape[-2:])

@@ -715,18 +715,25 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         server's options): its "randn_source" ("GPU", its default, is torch's generator on the device: this server's
         CPU; "CPU"; "NV", an NVIDIA GPU's draws) as imagine's rng, and its "eta_noise_seed_delta" (ENSD)."""
         override = (req.model_extra or {}).get("override_settings")
-        override = override if isinstance(override, dict) else {}
+        override = check_noise_settings(override if isinstance(override, dict) else {}, "override_settings")
         source = override.get("randn_source", options.get("randn_source", "GPU"))
+        return A1111_RNG_SOURCES[source], int(override.get("eta_noise_seed_delta", options.get("eta_noise_seed_delta",
+                                                                                               0)))
+
+    def check_noise_settings(settings: dict, field: str) -> dict:
+        """A1111's randn_source and eta_noise_seed_delta among `settings` (a request's override_settings, or options
+        being set) checked, or 422 naming `field`; a whole-number float delta (31337.0) is taken as the int."""
+        source = settings.get("randn_source", "GPU")
         if source not in A1111_RNG_SOURCES:
             raise ApiError(422, f"randn_source must be one of {', '.join(A1111_RNG_SOURCES)} (AUTOMATIC1111's random "
-                                f"number generator source); got {source!r}", "override_settings")
-        delta = override.get("eta_noise_seed_delta", options.get("eta_noise_seed_delta", 0))
+                                f"number generator source); got {source!r}", field)
+        delta = settings.get("eta_noise_seed_delta", 0)
         if isinstance(delta, float) and delta.is_integer():  # (a JSON client may send 31337.0)
-            delta = int(delta)
+            delta = settings["eta_noise_seed_delta"] = int(delta)
         if isinstance(delta, bool) or not isinstance(delta, int) or delta < 0:
             raise ApiError(422, f"eta_noise_seed_delta must be an integer >= 0 (AUTOMATIC1111's ENSD, e.g. 31337); "
-                                f"got {delta!r}", "override_settings")
-        return A1111_RNG_SOURCES[source], delta
+                                f"got {delta!r}", field)
+        return settings
 
     def image_guidance(req, inits) -> float | None:
         """img2img's image_cfg_scale for an instruct-pix2pix model (A1111's "Image CFG scale"; not given: 1, plain
@@ -1403,6 +1410,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"this server serves one model, {title!r}; cannot switch to {want!r}",
                            "sd_model_checkpoint")
         body.pop("sd_model_checkpoint", None)
+        check_noise_settings(body, "options")
         options.update(body)
         return None
 
