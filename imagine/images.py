@@ -145,6 +145,11 @@ def a1111_parameters(p: dict) -> str:
         cfg = round(float(cfg) / A1111_CFGPP_SCALE, 6)
     put("CFG scale", cfg)
     put("Image CFG scale", p.get("image_guidance_scale"))  # (instruct-pix2pix)
+    if p.get("eta") is not None:  # (A1111 names DDIM's "Eta DDIM", the others' "Eta")
+        from imagine.samplers import resolve_sampler
+
+        ddim = bool(p.get("sampler")) and resolve_sampler(p["sampler"])[0] in ("ddim", "ddim_cfgpp")
+        put("Eta DDIM" if ddim else "Eta", p["eta"])
     put("Seed", p.get("seed"))
     if p.get("subseed_strength"):  # A1111's variation seed
         put("Variation seed", p.get("subseed"))
@@ -256,6 +261,21 @@ def read_infotext(path: str | os.PathLike) -> str:
             return path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{path}: neither a picture nor UTF-8 text") from None
+
+
+def read_imagine_parameters(path: str | os.PathLike) -> dict | None:
+    """The parameters imagine recorded in a PNG (its "imagine" JSON text chunk, save_png), or None: not a picture,
+    or not one imagine wrote."""
+    try:
+        with Image.open(path) as img:
+            text = img.info.get("imagine")
+    except (OSError, SyntaxError):
+        return None
+    try:
+        record = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def controlnet_unit_text(model: str, weight: float, start: float = 0.0, end: float = 1.0, module: str = "none",

@@ -135,6 +135,38 @@ def test_a_picture_is_made_again_from_its_png(model, tmp_path, capsys):
     assert c.text["parameters"] == a.text["parameters"].replace("Seed: 5", "Seed: 6")
 
 
+def test_an_imagine_picture_made_diffusers_way_is_made_again_from_its_record(model, tmp_path, capsys):
+    """A PNG imagine made without A1111's rules carries its own record (the "imagine" chunk): --infotext runs that
+    record, diffusers' way, to the same bytes; its eta is recorded (A1111's "Eta" / "Eta DDIM")."""
+    first = tmp_path / "first.png"
+    _run(["--model", model, "a (red:1.2) circle", "-n", "blurry", "--seed", 5, "--steps", 3, "--sampler", "euler_a",
+          "--schedule-type", "karras", "--emphasis", "--eta", 0.7, "--guidance-scale", 6, "--height", 16, "--width",
+          16, "--variation-seed", 40, "--variation-strength", 0.3, "--rng", "nv", "--ensd", 7, "--hires-scale", 1.5,
+          "--hires-upscaler", "lanczos", "--hires-strength", 0.6, "-o", first, "-q"], capsys)
+    a = Image.open(first)
+    assert "Eta: 0.7" in a.text["parameters"] and "Schedule type: Karras" in a.text["parameters"]
+    again = tmp_path / "again.png"
+    err = _run(["--model", model, "--infotext", first, "-o", again], capsys)
+    assert "not applied: model: folder" in err
+    b = Image.open(again)
+    assert a.convert("RGB").tobytes() == b.convert("RGB").tobytes() and a.text["imagine"] == b.text["imagine"]
+    # the same picture replayed as A1111 would run its infotext (its levels, its start) is another picture
+    text = tmp_path / "params.txt"
+    text.write_text(a.text["parameters"], encoding="utf-8")
+    other = tmp_path / "other.png"
+    _run(["--model", model, "--infotext", text, "-o", other, "-q"], capsys)
+    assert Image.open(other).convert("RGB").tobytes() != a.convert("RGB").tobytes()
+    churned, replayed = tmp_path / "churned.png", tmp_path / "replayed.png"
+    _run(["--model", model, "a circle", "--steps", 3, "--sampler", "euler", "--sampler-option", "s_churn=1", "--height",
+          16, "--width", 16, "-o", churned, "-q"], capsys)
+    _run(["--model", model, "--infotext", churned, "-o", replayed, "-q"], capsys)
+    assert Image.open(churned).tobytes() == Image.open(replayed).tobytes()
+    ddim = tmp_path / "ddim.png"
+    _run(["--model", model, "a circle", "--steps", 2, "--sampler", "ddim", "--eta", 0.5, "--height", 16, "--width", 16,
+          "-o", ddim, "-q"], capsys)
+    assert "Eta DDIM: 0.5" in Image.open(ddim).text["parameters"]
+
+
 def test_bad_infotexts_are_named(model, tmp_path, capsys):
     from imagine.cli import main
 

@@ -240,12 +240,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def defaults_from(args) -> dict:
-    """The flags' defaults an --infotext gives (imagine.cli parses the flags again over them, so flags given win)."""
+    """The flags' defaults an --infotext gives (imagine.cli parses the flags again over them, so flags given win): a
+    PNG imagine made diffusers' way (its "imagine" record, without --a1111-sampling's mark) is run again from that
+    record; any other infotext as A1111 runs it."""
     if not args.infotext:
         return {}
-    from imagine.images import parse_a1111_parameters, read_infotext
+    from imagine.images import parse_a1111_parameters, read_imagine_parameters, read_infotext
 
+    own = read_imagine_parameters(args.infotext)
+    if own is not None and "a1111_schedule" not in own:
+        return record_defaults(own, init_image=bool(args.init_image))
     return infotext_defaults(parse_a1111_parameters(read_infotext(args.infotext)), init_image=bool(args.init_image))
+
+
+# imagine's record of a run (TextToImagePipeline.generate's parameters, with the CLI's) -> this command's flags
+_RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler",
+                 "guidance_scale": "guidance_scale", "seed": "seed", "height": "height", "width": "width",
+                 "schedule_type": "sigma_schedule", "schedule_rho": "rho", "sigma_range": "sigma_range",
+                 "start": "start", "final_step": "final_step", "strength_rule": "strength_rule",
+                 "discard_penultimate_sigma": "discard_penultimate_sigma", "guidance_rescale": "guidance_rescale",
+                 "thresholding": "thresholding", "threshold_range": "threshold_range", "eta": "eta", "rng": "rng",
+                 "noise_seed_delta": "noise_seed_delta", "clip_skip": "clip_skip", "subseed": "variation_seed",
+                 "subseed_strength": "variation_strength", "seed_resize_from": "seed_resize_from",
+                 "hires_scale": "hires_scale", "hires_steps": "hires_steps", "hires_prompt": "hires_prompt",
+                 "hires_negative_prompt": "hires_negative_prompt", "composable": "composable",
+                 "prompt_editing": "prompt_editing", "long_prompts": "long_prompts", "resize_mode": "resize_mode",
+                 "masked_content": "masked_content"}
+
+
+def record_defaults(record: dict, init_image: bool = False) -> dict:
+    """imagine's own record of a run (a PNG's "imagine" chunk) as this command's flags, for the same run again;
+    "_infotext_notes" says what is not applied (the model and what was loaded with it)."""
+    from imagine.pipelines.text_to_image import HIRES_UPSCALERS
+
+    record, out = dict(record), {}
+    for key, dest in _RECORD_FLAGS.items():
+        if record.get(key) is not None:
+            out[dest] = record.pop(key)
+    if record.pop("emphasis", None) == "a1111":
+        out["emphasis"] = True
+    if record.get("sampler_options"):
+        out["sampler_option"] = [f"{k}={v}" for k, v in record.pop("sampler_options").items()]
+    if "hires_upscaler" in record:
+        labels = {label: name for name, label in HIRES_UPSCALERS.items()}
+        out["hires_upscaler"] = labels.get(record.pop("hires_upscaler"), "lanczos")
+    if "strength" in record:
+        if "hires_scale" in out:
+            out["hires_strength"] = record.pop("strength")
+        elif init_image:
+            out["strength"] = record.pop("strength")
+    record.pop("version", None)
+    notes = [f"not applied: {', '.join(f'{k}: {v}' for k, v in record.items())}"] if record else []
+    return {**out, "_infotext_notes": notes}
 
 
 def infotext_defaults(fields: dict, init_image: bool = False) -> dict:

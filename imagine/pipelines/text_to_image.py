@@ -916,6 +916,8 @@ class TextToImagePipeline:
             params["image_guidance_scale"] = image_guidance_scale  # (A1111's "Image CFG scale"; its default 1: none)
         if subseeds is not None:
             params["subseed_strength"] = float(subseed_strength)  # (each image's variation seed: result.subseeds)
+        if eta is not None:
+            params["eta"] = float(eta)  # (A1111's "Eta", "Eta DDIM")
         if rng != "cpu":
             params["rng"] = rng  # (A1111's "RNG: NV")
         if noise_seed_delta:
