@@ -194,6 +194,11 @@ def test_png_info_answers_as_a1111(model, tmp_path):
         p = got["parameters"]
         assert (p["Prompt"], p["Seed"], p["Sampler"], p["Size-1"], p["RNG"], p["Schedule type"]) == (
             "a red circle", "5", "Euler", "16", "CPU", "Automatic")
+        # the eta sent is in the infotext where the sampler takes one (A1111's "Eta"), not where it is unused
+        for sampler, written in (("Euler a", True), ("Euler", False)):
+            made = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "sampler_name": sampler, "eta": 0.5},
+                              timeout=120).json()
+            assert ("Eta: 0.5" in __import__("json").loads(made["info"])["infotexts"][0]) == written, sampler
         plain = io.BytesIO()
         Image.new("RGB", (4, 4)).save(plain, format="PNG")
         r = httpx.post(f"{srv.url}/sdapi/v1/png-info", json={"image": base64.b64encode(plain.getvalue()).decode()},

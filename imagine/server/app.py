@@ -534,7 +534,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
               clip_skip: int = 0, strength: float | None = None, hires: tuple | None = None,
               inpainting: dict | None = None, controlnets: list | None = None,
               refiner: tuple | None = None, image_cfg: float | None = None, variation: tuple | None = None,
-              seed_resize: tuple | None = None, rng: str = "cpu", noise_seed_delta: int = 0) -> str:
+              seed_resize: tuple | None = None, rng: str = "cpu", noise_seed_delta: int = 0,
+              eta: float | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -552,7 +553,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "image_guidance_scale": image_cfg,
                              **({"subseed": variation[0], "subseed_strength": variation[1]} if variation else {}),
                              **({"seed_resize_from": f"{seed_resize[1]}x{seed_resize[0]}"} if seed_resize else {}),
-                             "rng": rng, "noise_seed_delta": noise_seed_delta, "version": f"imagine {version}"})
+                             "rng": rng, "noise_seed_delta": noise_seed_delta, "eta": eta,
+                             "version": f"imagine {version}"})
 
 
 class _BodyLimit:
@@ -1240,7 +1242,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                height, name, fingerprint, version, vae_name, shown, clip_skip, strength, hires,
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
                                job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
-                               (subseeds[i], variation) if subseeds else None, seed_resize, rng, seed_delta)
+                               (subseeds[i], variation) if subseeds else None, seed_resize, rng, seed_delta,
+                               None if "eta" in unused else req.eta)
                      for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:
