@@ -294,3 +294,27 @@ def test_the_noise_section_sends_a1111s_source_and_ensd(server, page):
     want = server.pipe.pipe.generate("a red circle", rng="nv", noise_seed_delta=31337, **kw).images[0]
     assert got.tobytes() == want.tobytes()
     assert got.tobytes() != server.pipe.pipe.generate("a red circle", **kw).images[0].tobytes()
+
+
+def test_a_pictures_parameters_fill_the_form(server, page, tmp_path):
+    """A1111's PNG Info on the page: a picture the API made (Euler with the Karras schedule type, a variation seed, the
+    NV source and an ENSD) read through /sdapi/v1/png-info into the form, which then makes the same picture again."""
+    import httpx
+
+    body = {"prompt": "a red circle", "negative_prompt": "blurry", "steps": 3, "cfg_scale": 6, "width": 32,
+            "height": 32, "seed": 77, "sampler_name": "Euler a", "scheduler": "Karras", "subseed": 9,
+            "subseed_strength": 0.2, "override_settings": {"randn_source": "NV", "eta_noise_seed_delta": 5}}
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    made = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    path = tmp_path / "made.png"
+    path.write_bytes(base64.b64decode(r.json()["images"][0]))
+    _fill_form(page, server, prompt="something else", steps=9, seed=1, sampler="Euler", size=64)
+    page.click("#pnginfo summary")
+    page.set_input_files("#pnginfo_image", str(path))
+    page.wait_for_function("document.querySelector('#prompt').value === 'a red circle'")
+    assert page.input_value("#scheduler") == "Karras" and page.input_value("#randn_source") == "NV"
+    assert "Seed: 77" in page.inner_text("#pnginfo_text")
+    page.click("#generate")
+    got = _gallery_download(page)
+    assert got.tobytes() == made.convert("RGB").tobytes()

@@ -125,6 +125,7 @@ function addCard(b64, params, seed, interrupted) {
     $("steps").value = params.steps; $("cfg_scale").value = params.cfg_scale;
     $("width").value = params.width; $("height").value = params.height;
     $("sampler").value = params.sampler_name; $("seed").value = seed;
+    $("scheduler").value = params.scheduler || "Automatic";
     window.scrollTo({ top: 0, behavior: "smooth" });
   });
   if (interrupted) node.classList.add("interrupted");
@@ -145,7 +146,7 @@ async function generate(ev) {
     prompt, negative_prompt: $("negative_prompt").value.trim(),
     steps: intValue("steps"), cfg_scale: parseFloat($("cfg_scale").value),
     width: intValue("width"), height: intValue("height"),
-    sampler_name: $("sampler").value, seed: intValue("seed"),
+    sampler_name: $("sampler").value, scheduler: $("scheduler").value, seed: intValue("seed"),
     batch_size: intValue("batch_size"), n_iter: 1, force_task_id: id,
   };
   for (const k of ["steps", "width", "height", "seed", "batch_size"]) {
@@ -210,6 +211,47 @@ async function generate(ev) {
   }
 }
 
+// A1111's PNG Info: a picture's parameters (its infotext, read by the server's /sdapi/v1/png-info) into the form
+async function readPicture() {
+  const file = $("pnginfo_image").files[0];
+  if (!file) return;
+  showError("");
+  try {
+    const r = await fetch("/sdapi/v1/png-info", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ image: await readAsDataURL(file) }),
+    });
+    const data = await r.json();
+    if (!r.ok) { showError(data.detail || ("HTTP " + r.status)); return; }
+    $("pnginfo_text").textContent = data.info;
+    $("pnginfo_text").hidden = !data.info;
+    if (!data.info) { showError("This picture carries no parameters (an A1111 or imagine PNG does)."); return; }
+    const p = data.parameters;
+    const set = (id, v) => { if (v !== undefined && v !== null && v !== "") $(id).value = v; };
+    $("prompt").value = p["Prompt"] || "";
+    $("negative_prompt").value = p["Negative prompt"] || "";
+    set("steps", p["Steps"]); set("cfg_scale", p["CFG scale"]); set("seed", p["Seed"]);
+    set("width", p["Size-1"]); set("height", p["Size-2"]);
+    const has = (id, v) => [...$(id).options].some((o) => o.value === v);
+    if (p["Sampler"] && !has("sampler", p["Sampler"])) showError("This server has no sampler " + p["Sampler"] + ".");
+    else set("sampler", p["Sampler"]);
+    $("scheduler").value = has("scheduler", p["Schedule type"]) ? p["Schedule type"] : "Automatic";
+    const hires = parseFloat(p["Hires upscale"] || "0") > 1;
+    $("hr_scale").value = hires ? p["Hires upscale"] : 1;
+    if (hires) { set("hr_strength", p["Denoising strength"]); $("hires").open = true; }
+    const variation = parseFloat(p["Variation seed strength"] || "0");
+    $("subseed_strength").value = variation;
+    if (variation > 0) { set("subseed", p["Variation seed"]); $("variation").open = true; }
+    // (no RNG written: A1111's default GPU source, an NVIDIA card's draws for most pictures: NV)
+    $("randn_source").value = p["RNG"] === "CPU" ? "CPU" : "NV";
+    $("eta_noise_seed_delta").value = p["ENSD"] || 0;
+    $("noise").open = true;
+  } catch (e) {
+    showError("Could not read the picture: " + e);
+  }
+}
+
+$("pnginfo_image").addEventListener("change", readPicture);
 form.addEventListener("submit", generate);
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(e);
