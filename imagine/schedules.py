@@ -38,6 +38,9 @@ _DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
 # The floor diffusers' sigma-based schedulers put under abar_T = 0 (zero terminal SNR), where sigma
 # would be infinite; float32's epsilon, so sigma_max = 4096.
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+# AUTOMATIC1111's abar_T under its "Zero Terminal SNR" noise schedule (rescale_zero_terminal_snr_abar, 1.8+):
+# sigma_max = sqrt((1 - abar_T) / abar_T) = 4518.8 in place of infinity
+A1111_ZERO_SNR_ALPHA_CUMPROD = 4.8973451890853435e-08
 
 
 def linear_betas(num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -468,6 +471,24 @@ class NoiseSchedule:
             clip_sample=bool(c.get("clip_sample", False)),
             variance_type=variance_type,
         )
+
+    def a1111_zero_terminal_snr(self) -> "NoiseSchedule":
+        """This schedule as AUTOMATIC1111's "Zero Terminal SNR" noise schedule samples it (its sd_noise_schedule
+        option, for models trained so): Lin et al. 2023's Algorithm 1 on sqrt(abar) in float32, as A1111 rescales
+        its model's float32 alphas_cumprod (shifted so that the last is 0, scaled so that the first keeps its value,
+        squared), and the last abar set to A1111's A1111_ZERO_SNR_ALPHA_CUMPROD instead of 0. A "custom" schedule
+        (its betas, to_config's trained_betas) with this schedule's settings."""
+        root = self.alphas_cumprod.float().sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        root -= last
+        root *= first / (first - last)
+        abar = root**2
+        abar[-1] = A1111_ZERO_SNR_ALPHA_CUMPROD
+        abar = abar.double()  # (float32 values held exactly; the betas' cumprod gives them back to float32's last bit)
+        return NoiseSchedule(1 - torch.cat([abar[:1], abar[1:] / abar[:-1]]), kind="custom",
+                             set_alpha_to_one=self.set_alpha_to_one, steps_offset=self.steps_offset,
+                             timestep_spacing=self.timestep_spacing, prediction_type=self.prediction_type,
+                             clip_sample=self.clip_sample, variance_type=self.variance_type)
 
     def to_config(self) -> dict[str, Any]:
         """diffusers' scheduler_config keys (DDIMScheduler reads them all), plus `_imagine_version`."""

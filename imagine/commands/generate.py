@@ -135,6 +135,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-seed-delta", "--ensd", type=int, default=0, metavar="N",
                    help="A1111's eta noise seed delta (ENSD, e.g. 31337): each image's noise after its start noise "
                         "(ancestral samplers, eta) comes from its seed + N")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="sample over A1111's 'Zero Terminal SNR' noise schedule: the model's rescaled so that the last "
+                        "level is pure noise (Lin et al. 2023), for models trained so (v-prediction fine-tunes)")
     p.add_argument("--strength", "--denoising-strength", type=float, default=None,
                    help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
                         "(default 0.75, A1111's; 1 with --mask, diffusers' inpainting default: the masked part "
@@ -265,7 +268,7 @@ _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "step
                  "hires_scale": "hires_scale", "hires_steps": "hires_steps", "hires_prompt": "hires_prompt",
                  "hires_negative_prompt": "hires_negative_prompt", "composable": "composable",
                  "prompt_editing": "prompt_editing", "long_prompts": "long_prompts", "resize_mode": "resize_mode",
-                 "masked_content": "masked_content"}
+                 "masked_content": "masked_content", "zero_terminal_snr": "zero_terminal_snr"}
 
 
 def record_defaults(record: dict, init_image: bool = False) -> dict:
@@ -340,6 +343,11 @@ def infotext_defaults(fields: dict, init_image: bool = False) -> dict:
         skip = number("Clip skip", int)
         if skip > 1:
             out["clip_skip"] = skip - 1
+    schedule = fields.pop("Noise Schedule", "Default")
+    if schedule not in ("Default", "Zero Terminal SNR"):
+        raise ValueError(f"--infotext: Noise Schedule {schedule!r} is not one of A1111's, Default and Zero Terminal SNR")
+    if schedule == "Zero Terminal SNR":
+        out["zero_terminal_snr"] = True
     source = fields.pop("RNG", "GPU")
     if source not in ("GPU", "CPU", "NV"):
         raise ValueError(f"--infotext: RNG {source!r} is not one of A1111's sources GPU, CPU, NV")
@@ -856,6 +864,7 @@ def run(args) -> int:
                             **seed_resize, progress=not args.quiet,
                             **({"rng": args.rng} if args.rng != "cpu" else {}),
                             **({"noise_seed_delta": args.noise_seed_delta} if args.noise_seed_delta else {}),
+                            **({"zero_terminal_snr": True} if args.zero_terminal_snr else {}),
                             **picture)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},

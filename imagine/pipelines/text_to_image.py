@@ -558,7 +558,8 @@ class TextToImagePipeline:
                  image_guidance_gate: bool = True, noise_level: int | None = None, prior_steps: int | None = None,
                  prior_guidance_scale: float | None = None, sigma_range: str = "spaced",
                  discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", rng: str = "cpu",
-                 noise_seed_delta: int = 0, callback: Callable[[dict], None] | None = None, progress: bool = True,
+                 noise_seed_delta: int = 0, zero_terminal_snr: bool = False,
+                 callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
         else 20 steps of dpmpp_2m at guidance 7.5). sigma_schedule: "karras", "exponential", "polyexponential",
@@ -631,7 +632,9 @@ class TextToImagePipeline:
         torch.randn gives on an NVIDIA GPU (imagine.philox; A1111's "NV", which reproduces there the pictures its
         default makes on an NVIDIA card). noise_seed_delta (A1111's "Eta noise seed delta", ENSD, e.g. 31337): each
         image's draws after its start noise (an ancestral sampler's, eta's) come from its seed + the delta
-        (imagine.sampling.ImageNoiseStream).
+        (imagine.sampling.ImageNoiseStream). zero_terminal_snr: sample over AUTOMATIC1111's "Zero Terminal SNR" noise
+        schedule, the model's rescaled so that the last level is pure noise (Lin et al. 2023; for models trained so;
+        imagine.schedules.NoiseSchedule.a1111_zero_terminal_snr).
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -670,7 +673,7 @@ class TextToImagePipeline:
                      "sigma_range": sigma_range != "spaced" and bool(sigma_schedule or karras),
                      "discard_penultimate_sigma": discard_penultimate_sigma,
                      "strength_rule": strength_rule != "diffusers", "rng": rng != "cpu",
-                     "noise_seed_delta": noise_seed_delta}
+                     "noise_seed_delta": noise_seed_delta, "zero_terminal_snr": zero_terminal_snr}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -890,7 +893,8 @@ class TextToImagePipeline:
                                sigma_schedule=sigma_schedule, final_step=final_step,
                                sampler_options=sampler_options, rho=rho, start=start, sigma_range=sigma_range,
                                discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
-                               refiner_switch=refiner_switch if refine else None, report=report)
+                               refiner_switch=refiner_switch if refine else None, report=report,
+                               schedule=self.schedule.a1111_zero_terminal_snr() if zero_terminal_snr else None)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__}
@@ -922,6 +926,8 @@ class TextToImagePipeline:
             params["rng"] = rng  # (A1111's "RNG: NV")
         if noise_seed_delta:
             params["noise_seed_delta"] = noise_seed_delta  # (A1111's "ENSD")
+        if zero_terminal_snr:
+            params["zero_terminal_snr"] = True  # (A1111's "Noise Schedule: Zero Terminal SNR")
         if seed_resize_from_h > 0 and seed_resize_from_w > 0:  # (A1111's W x H; written, as A1111, whenever set)
             params["seed_resize_from"] = f"{seed_resize_from_w}x{seed_resize_from_h}"
         if refine and report.get("refined"):  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
@@ -1317,7 +1323,10 @@ class TextToImagePipeline:
                 karras, thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
                 rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0, noise=None, mask=None,
                 concat=None, controls=None, refiner_switch=None, image_guidance_scale=None, image_guidance_gate=True,
-                report=None, sigma_range="spaced", discard_penultimate_sigma=False, strength_rule="diffusers"):
+                report=None, sigma_range="spaced", discard_penultimate_sigma=False, strength_rule="diffusers",
+                schedule=None):
+        """The sampler's run over the U-Net (and what wraps it); `schedule`: the run's noise schedule (None: the
+        model's)."""
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
 
         sc = self.c.scheduler_config
@@ -1350,7 +1359,8 @@ class TextToImagePipeline:
 
             r = self.refiner.unet
             model = handoff = Handoff(model, _Autocast(r) if self.precision == "fast" else exact_copy(r), refiner_switch)
-        latents = sample(model, shape if noise is None else noise, schedule=self.schedule, prediction_type=self.prediction_type, sampler=sampler,
+        latents = sample(model, shape if noise is None else noise, schedule=schedule or self.schedule,
+                         prediction_type=self.prediction_type, sampler=sampler,
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, thresholding=thresholding, threshold_range=threshold_range,
                       karras=bool(karras), eta=eta,

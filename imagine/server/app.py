@@ -56,7 +56,9 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_SEED = 2**32 - 1
 # AUTOMATIC1111's random number generator sources as imagine's rng ("GPU" draws with torch on the device: the CPU here)
 A1111_RNG_SOURCES = {"GPU": "cpu", "CPU": "cpu", "NV": "nv"}
-A1111_OVERRIDES_READ = ("emphasis", "randn_source", "eta_noise_seed_delta")  # the override_settings the API reads
+# the override_settings the API reads
+A1111_OVERRIDES_READ = ("emphasis", "randn_source", "eta_noise_seed_delta", "sd_noise_schedule")
+A1111_NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")  # its sd_noise_schedule
 
 
 @dataclass
@@ -535,7 +537,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
               inpainting: dict | None = None, controlnets: list | None = None,
               refiner: tuple | None = None, image_cfg: float | None = None, variation: tuple | None = None,
               seed_resize: tuple | None = None, rng: str = "cpu", noise_seed_delta: int = 0,
-              eta: float | None = None) -> str:
+              eta: float | None = None, zero_terminal_snr: bool = False) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -554,6 +556,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              **({"subseed": variation[0], "subseed_strength": variation[1]} if variation else {}),
                              **({"seed_resize_from": f"{seed_resize[1]}x{seed_resize[0]}"} if seed_resize else {}),
                              "rng": rng, "noise_seed_delta": noise_seed_delta, "eta": eta,
+                             "zero_terminal_snr": zero_terminal_snr,
                              "version": f"imagine {version}"})
 
 
@@ -622,7 +625,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         "sd_model_checkpoint": title, "sd_checkpoint_hash": fingerprint, "samples_format": "png",
         "live_previews_enable": True, "show_progress_every_n_steps": 1, "CLIP_stop_at_last_layers": 1 + clip_skip,
         "sd_vae": vae_name or "Automatic", "emphasis": "Original", "eta_ddim": 0.0, "eta_ancestral": 1.0,
-        "randn_source": "GPU", "eta_noise_seed_delta": 0,
+        "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_noise_schedule": "Default",
     }
     finished: dict[str, float] = {}  # recently finished job ids, for progress?id_task=
     preview_lock = threading.Lock()
@@ -712,15 +715,18 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             mode = override["emphasis"]
         return str(mode) != "None"
 
-    def a1111_noise(req) -> tuple[str, int]:
+    def a1111_noise(req) -> tuple[str, int, bool]:
         """The images' noise as AUTOMATIC1111's settings make it (the request's override_settings, else the
         server's options): its "randn_source" ("GPU", its default, is torch's generator on the device: this server's
-        CPU; "CPU"; "NV", an NVIDIA GPU's draws) as imagine's rng, and its "eta_noise_seed_delta" (ENSD)."""
+        CPU; "CPU"; "NV", an NVIDIA GPU's draws) as imagine's rng, its "eta_noise_seed_delta" (ENSD), and whether its
+        "sd_noise_schedule" is "Zero Terminal SNR"."""
         override = (req.model_extra or {}).get("override_settings")
         override = check_noise_settings(override if isinstance(override, dict) else {}, "override_settings")
         source = override.get("randn_source", options.get("randn_source", "GPU"))
+        schedule = override.get("sd_noise_schedule", options.get("sd_noise_schedule", "Default"))
         return A1111_RNG_SOURCES[source], int(override.get("eta_noise_seed_delta", options.get("eta_noise_seed_delta",
-                                                                                               0)))
+                                                                                               0))), \
+            schedule == "Zero Terminal SNR"
 
     def check_noise_settings(settings: dict, field: str) -> dict:
         """A1111's randn_source and eta_noise_seed_delta among `settings` (a request's override_settings, or options
@@ -735,6 +741,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if isinstance(delta, bool) or not isinstance(delta, int) or delta < 0:
             raise ApiError(422, f"eta_noise_seed_delta must be an integer >= 0 (AUTOMATIC1111's ENSD, e.g. 31337); "
                                 f"got {delta!r}", field)
+        if settings.get("sd_noise_schedule", "Default") not in A1111_NOISE_SCHEDULES:
+            raise ApiError(422, f"sd_noise_schedule must be one of {', '.join(A1111_NOISE_SCHEDULES)} (AUTOMATIC1111's "
+                                f"noise schedule for sampling); got {settings['sd_noise_schedule']!r}", field)
         return settings
 
     def image_guidance(req, inits) -> float | None:
@@ -1174,7 +1183,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                   "0 or -1: off)")
         seed_resize = ((req.seed_resize_from_h, req.seed_resize_from_w)
                        if req.seed_resize_from_h > 0 and req.seed_resize_from_w > 0 else None)
-        rng, seed_delta = a1111_noise(req)
+        rng, seed_delta, zero_snr = a1111_noise(req)
         overrides = (req.model_extra or {}).get("override_settings")
         overrides = overrides if isinstance(overrides, dict) else {}
         units, unit_ignored = check_controlnet(req, inits is not None)
@@ -1223,7 +1232,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                                       for u in units),
                                     refiner_switch=refiner[1] if refiner else None, subseed_strength=variation,
                                     resize_mode=resize_mode, encoded_at=encoded_at, seed_resize=seed_resize,
-                                    rng=rng, noise_seed_delta=seed_delta),
+                                    rng=rng, noise_seed_delta=seed_delta, zero_terminal_snr=zero_snr),
                   subseeds=subseeds,
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],
@@ -1243,7 +1252,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
                                job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
                                (subseeds[i], variation) if subseeds else None, seed_resize, rng, seed_delta,
-                               None if "eta" in unused else req.eta)
+                               None if "eta" in unused else req.eta, zero_snr)
                      for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:

@@ -94,6 +94,7 @@ class Settings:
     seed_resize: tuple | None = None  # A1111's seed_resize_from_h / _w, (h, w) in pixels, both > 0 (None: off)
     rng: str = "cpu"  # where the seeds' noise comes from (TextToImagePipeline.generate): "nv" for A1111's "NV"
     noise_seed_delta: int = 0  # A1111's eta noise seed delta (ENSD)
+    zero_terminal_snr: bool = False  # A1111's "Zero Terminal SNR" noise schedule (its sd_noise_schedule)
 
 
 @dataclass(eq=False)
@@ -445,6 +446,7 @@ class ModelWorker:
                                  if s.seed_resize else {}),
                               **({"rng": s.rng} if s.rng != "cpu" else {}),
                               **({"noise_seed_delta": s.noise_seed_delta} if s.noise_seed_delta else {}),
+                              **({"zero_terminal_snr": True} if s.zero_terminal_snr else {}),
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
                               **control)
                 images += res.images
