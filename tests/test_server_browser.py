@@ -303,7 +303,8 @@ def test_a_pictures_parameters_fill_the_form(server, page, tmp_path):
 
     body = {"prompt": "a red circle", "negative_prompt": "blurry", "steps": 3, "cfg_scale": 6, "width": 32,
             "height": 32, "seed": 77, "sampler_name": "Euler a", "scheduler": "Karras", "subseed": 9,
-            "subseed_strength": 0.2, "override_settings": {"randn_source": "NV", "eta_noise_seed_delta": 5}}
+            "subseed_strength": 0.2, "override_settings": {"randn_source": "NV", "eta_noise_seed_delta": 5,
+                                                           "sd_noise_schedule": "Zero Terminal SNR"}}
     r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=120)
     assert r.status_code == 200, r.text
     made = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
@@ -314,6 +315,7 @@ def test_a_pictures_parameters_fill_the_form(server, page, tmp_path):
     page.set_input_files("#pnginfo_image", str(path))
     page.wait_for_function("document.querySelector('#prompt').value === 'a red circle'")
     assert page.input_value("#scheduler") == "Karras" and page.input_value("#randn_source") == "NV"
+    assert page.is_checked("#zero_terminal_snr")
     assert "Seed: 77" in page.inner_text("#pnginfo_text")
     page.click("#generate")
     got = _gallery_download(page)

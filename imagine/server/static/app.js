@@ -158,7 +158,8 @@ async function generate(ev) {
   // A1111's noise settings, for this request only (its override_settings)
   const ensd = intValue("eta_noise_seed_delta");
   if (Number.isNaN(ensd) || ensd < 0) { showError("eta noise seed delta must be a whole number, 0 or more"); return; }
-  body.override_settings = { randn_source: $("randn_source").value, eta_noise_seed_delta: ensd };
+  body.override_settings = { randn_source: $("randn_source").value, eta_noise_seed_delta: ensd,
+                             sd_noise_schedule: $("zero_terminal_snr").checked ? "Zero Terminal SNR" : "Default" };
   // img2img when a picture is chosen: A1111's body, the picture as a data URL, resized by the server to the size
   const file = $("init_image").files[0];
   const mask = $("mask").files[0];  // inpainting: A1111's mask (its other inpainting fields take their defaults)
@@ -245,6 +246,7 @@ async function readPicture() {
     // (no RNG written: A1111's default GPU source, an NVIDIA card's draws for most pictures: NV)
     $("randn_source").value = p["RNG"] === "CPU" ? "CPU" : "NV";
     $("eta_noise_seed_delta").value = p["ENSD"] || 0;
+    $("zero_terminal_snr").checked = p["Noise Schedule"] === "Zero Terminal SNR";
     $("noise").open = true;
   } catch (e) {
     showError("Could not read the picture: " + e);
