@@ -300,6 +300,7 @@ def test_defaults_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="final_step='heun'"):
         run(CONFIGS[0], "ddim_cfgpp", cond=COND, uncond=UNCOND, guidance_scale=0.5, final_step="heun")
     text = a1111_parameters({"prompt": "p", "steps": 20, "sampler": "ddim_cfgpp", "guidance_scale": 0.6})
-    assert text.endswith("Sampler: DDIM CFG++, CFG scale: 7.5")
-    assert a1111_parameters({"prompt": "p", "sampler": "euler_cfgpp", "guidance_scale": 0.6}).endswith("CFG scale: 7.5")
-    assert a1111_parameters({"prompt": "p", "sampler": "euler", "guidance_scale": 0.6}).endswith("CFG scale: 0.6")
+    # (the fields' line: "..., CFG scale: x," then the noise source, "RNG: CPU")
+    assert "Sampler: DDIM CFG++, CFG scale: 7.5, RNG" in text
+    assert "CFG scale: 7.5, RNG" in a1111_parameters({"prompt": "p", "sampler": "euler_cfgpp", "guidance_scale": 0.6})
+    assert "CFG scale: 0.6, RNG" in a1111_parameters({"prompt": "p", "sampler": "euler", "guidance_scale": 0.6})
