@@ -186,15 +186,17 @@ class BlendAfterDenoising:
         return self.inner(x, sigma, **kwargs) * self.paint + self.init * (1 - self.paint)
 
 
-def _run_a1111(kd, cfg, label, total, first=0, init=0.0, scheduler=None, seeds=SEEDS, img2img=False, paint=None):
+def _run_a1111(kd, cfg, label, total, first=0, init=0.0, scheduler=None, seeds=SEEDS, img2img=False, paint=None,
+               inner=None):
     """A1111's run of k-diffusion sampler `label` over the levels of a `total`-step plan from level `first` on,
     starting at x = init + z sigma_first (z each image's first draw); Brownian trees over the whole plan. DPM fast
     and DPM adaptive get their ends from the model's range in txt2img, from the levels run in img2img. With `paint`
     (a latent mask, 1 where painted anew: A1111's nmask) its inpainting: the blend after denoising, and the result
-    blended with the init at the end (its processing's samples * nmask + init_latent * mask)."""
+    blended with the init at the end (its processing's samples * nmask + init_latent * mask). `inner`: what the
+    denoiser wraps (default CompVisModel(cfg))."""
     funcname, kwargs, automatic, discard, brownian = A1111[label]
     wrapper = kd.external.CompVisVDenoiser if cfg["prediction_type"] == "v_prediction" else kd.external.CompVisDenoiser
-    denoiser = wrapper(CompVisModel(cfg))
+    denoiser = wrapper(CompVisModel(cfg) if inner is None else inner)
     sigmas = a1111_sigmas(kd, denoiser, scheduler or automatic or "uniform", total + 1 if discard else total)
     if discard:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])

@@ -11,7 +11,6 @@ from its infotext, and the API's equal to the pipeline's.
 from __future__ import annotations
 
 import base64
-import inspect
 import io
 import json
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_k_diffusion import A1111, CONFIGS, a1111_sigmas, kd  # noqa: F401 (kd: the fixture)
+from test_k_diffusion import CONFIGS, _run_a1111, kd  # noqa: F401 (kd: the fixture)
 from test_loading import save_diffusers_folder
 from test_samplers_parity import SEEDS, SHAPE, make_model
 
@@ -70,31 +69,13 @@ class RescaledModel:
 # step from sigma 4519 cancels catastrophically, ~1e-2 of rounding in its own result)
 @pytest.mark.parametrize("label", ["Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DPM2", "DPM++ 2M SDE"])
 def test_samplers_equal_a1111s_over_the_rescaled_schedule(kd, label):
-    cfg = CONFIGS[1]
-    funcname, kwargs, automatic, discard, brownian = A1111[label]
-    wrapper = kd.external.CompVisVDenoiser if cfg["prediction_type"] == "v_prediction" else kd.external.CompVisDenoiser
-    denoiser = wrapper(RescaledModel(cfg))
-    steps = 8
-    sigmas = a1111_sigmas(kd, denoiser, automatic or "uniform", steps + 1 if discard else steps)
-    if discard:
-        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
-    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
-    x = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens]) * sigmas[0]
-    if brownian:
-        noise = kd.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=SEEDS)
-    else:
-        def noise(sigma, sigma_next):
-            return torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens])
-    fn = getattr(kd.sampling, funcname)
-    extra = {"noise_sampler": noise} if "noise_sampler" in inspect.signature(fn).parameters else {}
-    with torch.no_grad():
-        theirs = fn(denoiser, x, sigmas, extra_args={"cond": None}, disable=True, **kwargs, **extra)
+    cfg, steps = CONFIGS[1], 8
+    theirs, _ = _run_a1111(kd, cfg, label, steps, inner=RescaledModel(cfg))
     schedule = NoiseSchedule.from_diffusers_config(cfg).a1111_zero_terminal_snr()
     ours = sample(make_model(cfg), SHAPE, schedule=schedule, steps=steps, seeds=SEEDS, progress=False,
                   **a1111_settings(label))
     err = (ours.float() - theirs).abs().max().item()
     assert err < 1e-4, f"{label}: max |ours - A1111's| = {err:.2e}"
-    assert float(sigmas[0]) > 4000  # (the run starts at the rescaled schedule's last level)
     plain = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps,
                    seeds=SEEDS, progress=False, **a1111_settings(label))
     assert (plain - ours).abs().max() > 0.05  # (the option moves the picture)
