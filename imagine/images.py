@@ -199,7 +199,10 @@ def a1111_parameters(p: dict) -> str:
 
 
 # AUTOMATIC1111's reading of an infotext (modules/infotext_utils.py): its field regex and its "WxH" values
-_A1111_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# (a label of up to 64 characters and a quoted value of up to 4096: A1111's are far shorter, and the bounds keep the
+# regex's backtracking linear in the line's length, where A1111's unbounded one takes seconds on 40 kB of words)
+_A1111_FIELD = re.compile(r'\s*(\w[\w \-/]{1,63}):\s*("(?:\\.|[^\\"]){1,4096}"|[^,]*)(?:,|$)')
+MAX_INFOTEXT = 65536  # characters of an infotext read (A1111's are a few thousand)
 _A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
 # the fields A1111 1.10's parse_generation_parameters fills in where an infotext has none (its /sdapi/v1/png-info
 # answers with them)
@@ -209,6 +212,7 @@ A1111_INFOTEXT_DEFAULTS = {
     "Mask mode": "Inpaint masked", "Masked content": "original", "Inpaint area": "Whole picture",
     "Masked area padding": 32, "RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": 0,
     "Schedule min sigma": 0, "Schedule rho": 0, "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",
+    "Hires schedule type": "Use same scheduler", "Refiner switch by sampling steps": False,
 }
 
 
@@ -217,7 +221,10 @@ def parse_a1111_parameters(text: str, defaults: bool = False) -> dict:
     starts "Negative prompt:"), "Negative prompt" (that line on), and the fields of the last line, which counts as
     fields only when it holds three or more; a quoted value is read as JSON (its unquote), a "WxH" value becomes
     "Label-1" and "Label-2" (e.g. "Size-1": "512"). Values stay text, as A1111 keeps them. defaults: A1111's values
-    for the fields not there (A1111_INFOTEXT_DEFAULTS), as its reader adds them."""
+    for the fields not there (A1111_INFOTEXT_DEFAULTS), as its reader adds them. Longer than MAX_INFOTEXT: an error."""
+    if len(str(text)) > MAX_INFOTEXT:
+        raise ValueError(f"an infotext of {len(str(text))} characters; up to {MAX_INFOTEXT} are read (A1111's are a few "
+                         "thousand)")
     *lines, last = str(text).strip().split("\n")
     if len(_A1111_FIELD.findall(last)) < 3:
         lines.append(last)
@@ -245,14 +252,36 @@ def parse_a1111_parameters(text: str, defaults: bool = False) -> dict:
     return out
 
 
+def picture_infotext(img: Image.Image) -> str | None:
+    """A picture's infotext as A1111 reads it (read_info_from_image): a PNG's "parameters" text chunk, or a JPEG's or
+    WebP's EXIF UserComment (A1111 writes those as "UNICODE\\0" and UTF-16); None where there is none. Reads what
+    opening the file read, not the pixels."""
+    text = img.info.get("parameters")
+    if isinstance(text, str):
+        return text
+    try:
+        comment = img.getexif().get_ifd(0x8769).get(0x9286)  # (the Exif IFD's UserComment)
+    except Exception:  # (a broken EXIF block: no infotext, as A1111 passes over it)
+        return None
+    if isinstance(comment, bytes):
+        head, body = comment[:8], comment[8:]
+        if head == b"UNICODE\0":
+            be, le = body.decode("utf-16-be", "replace"), body.decode("utf-16-le", "replace")
+            # (A1111's piexif writes big-endian; some tools little-endian: the one that reads as text)
+            return max((be, le), key=lambda t: sum(c.isprintable() or c in "\n\t" for c in t)).rstrip("\0")
+        return body.decode("utf-8", "replace").rstrip("\0") if head in (b"ASCII\0\0\0", b"\0" * 8) else None
+    return comment if isinstance(comment, str) and comment else None
+
+
 def read_infotext(path: str | os.PathLike) -> str:
-    """The infotext of a picture (its PNG "parameters" text chunk, as A1111 and imagine write it) or of a text file."""
+    """The infotext of a picture (its PNG "parameters" text chunk, as A1111 and imagine write it, or a JPEG's or
+    WebP's EXIF UserComment) or of a text file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "no such file (a PNG with A1111's parameters, or a text file)", str(path))
     try:
         with Image.open(path) as img:
-            text = img.info.get("parameters")
+            text = picture_infotext(img)
             if text is None:
                 raise ValueError(f"{path}: this picture carries no parameters text (AUTOMATIC1111's PNG infotext); "
                                  "give a PNG A1111 or imagine wrote, or the text in a file")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from test_loading import save_diffusers_folder
 
-from imagine.commands.generate import infotext_defaults
+from imagine.commands.generate import infotext_defaults, parse_sampler_options, record_defaults
 from imagine.images import A1111_INFOTEXT_DEFAULTS, a1111_parameters, parse_a1111_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,6 +70,13 @@ def test_our_writer_reads_back():
         "hires_scale": 1.5, "hires_steps": 10, "hires_upscaler": "latent", "hires_strength": 0.6, "clip_skip": 1}
     assert flags["a1111_sampling"] and flags["emphasis"] and flags["prompt_editing"]
     assert flags["_infotext_notes"] == []
+    # imagine's own record: an inverted mask and an A1111-rule run's schedule naming (None: none written) carried
+    record = record_defaults({"mask_invert": True, "a1111_schedule": None, "sampler_options": {"last_step": False},
+                              "model": "m.safetensors", "version": "x"})
+    assert (record["invert_mask"], record["_a1111_schedule"], record["sampler_option"]) == (True, None,
+                                                                                           ["last_step=False"])
+    assert record["_infotext_notes"] == ["not applied: model: m.safetensors"]
+    assert parse_sampler_options(record["sampler_option"]) == {"last_step": False}
 
 
 def test_a1111s_forms_map_onto_the_flags():
@@ -89,6 +96,24 @@ def test_a1111s_forms_map_onto_the_flags():
     resized = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + ", Hires resize: 768x768, Denoising "
                                                                        "strength: 0.5, Hires upscaler: R-ESRGAN 4x+"))
     assert (resized["hires_scale"], resized["hires_strength"], resized["hires_upscaler"]) == (1.5, 0.5, "lanczos")
+    # A1111's aspect-keeping "resize to" (0 for a side), and one to another shape: said, not applied, unless the
+    # scale is given
+    kept = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + ", Hires resize: 0x768"))
+    assert kept["hires_scale"] == 1.5
+    other = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + ", Hires resize: 768x1024"))
+    assert "hires_scale" not in other and any("give --hires-scale" in n for n in other["_infotext_notes"])
+    given = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + ", Hires resize: 768x1024"), hires_scale=2.0)
+    assert not any("Hires resize" in n for n in given["_infotext_notes"])  # (the --hires-scale given stands)
+    # A1111 1.6-1.8's schedule in the sampler's name; its Latent upscalers' variants and "No norm" said as read
+    named = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE.replace("Euler a", "DPM++ 2M SDE Exponential")
+                                                     + ", Hires upscale: 2, Hires upscaler: Latent (nearest), "
+                                                       "Emphasis: No norm"))
+    assert (named["sampler"], named["sigma_schedule"], named["hires_upscaler"]) == ("DPM++ 2M SDE", "exponential",
+                                                                                    "latent")
+    assert any("Latent (nearest)" in n for n in named["_infotext_notes"])
+    assert any("Emphasis: No norm" in n for n in named["_infotext_notes"])
+    with pytest.raises(ValueError, match="up to 65536 are read"):
+        parse_a1111_parameters("p\n" + "word " * 20000)
     img2img = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + ", Denoising strength: 0.4"), init_image=True)
     assert img2img["strength"] == 0.4 and "hires_scale" not in img2img
     with pytest.raises(ValueError, match="Steps 'many' is not a whole number"):
@@ -121,7 +146,7 @@ def test_a_picture_is_made_again_from_its_png(model, tmp_path, capsys):
           "--hires-strength", 0.6, "-o", first, "-q"], capsys)
     again = tmp_path / "again.png"
     err = _run(["--model", model, "--infotext", first, "-o", again], capsys)
-    assert "not applied: Model: folder" in err and "Start" not in err  # (the start A1111's rules run)
+    assert "not applied: model: folder" in err  # (imagine's own record, the whole run, is what is read)
     a, b = Image.open(first), Image.open(again)
     assert b.size == (24, 24) and a.convert("RGB").tobytes() == b.convert("RGB").tobytes()
     assert a.text["parameters"] == b.text["parameters"]
@@ -130,9 +155,33 @@ def test_a_picture_is_made_again_from_its_png(model, tmp_path, capsys):
     text.write_text(a.text["parameters"], encoding="utf-8")
     other = tmp_path / "other.png"
     _run(["--model", model, "--infotext", text, "--seed", 6, "-o", other, "-q"], capsys)
+    # --from-file gives the prompts (the picture's prompt is not one given)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square\n", encoding="utf-8")
+    _run(["--model", model, "--infotext", text, "--from-file", prompts, "-o", tmp_path / "many", "-q"], capsys)
+    made = sorted((tmp_path / "many").glob("*.png"))
+    assert len(made) == 1 and Image.open(made[0]).text["parameters"].startswith("a blue square\n")
     c = Image.open(other)
     assert "Seed: 6" in c.text["parameters"] and c.convert("RGB").tobytes() != a.convert("RGB").tobytes()
     assert c.text["parameters"] == a.text["parameters"].replace("Seed: 5", "Seed: 6")
+
+
+@pytest.mark.parametrize("extra", [
+    ["a (red:1.5) circle, ((blue))", "--sampler", "Euler"],  # (A1111's rules without its prompt syntax)
+    ["a circle", "--sampler", "Euler a", "--guidance-rescale", "0.7"],  # (no infotext field for it)
+    ["a circle", "--sampler", "DDIM", "--schedule-type", "karras"],  # (A1111 would not apply it; imagine did)
+    ["a circle", "--sampler", "UniPC"],  # (A1111's UniPC: its own options, among them booleans)
+])
+def test_an_a1111_rule_picture_is_made_again_from_its_record(model, tmp_path, capsys, extra):
+    """A PNG made under --a1111-sampling carries more than its infotext says: its record makes it again, bit for bit,
+    with the same infotext."""
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    _run(["--model", model, *extra, "--a1111-sampling", "--seed", 3, "--steps", 4, "--height", 16, "--width", 16,
+          "-o", first, "-q"], capsys)
+    _run(["--model", model, "--infotext", first, "-o", again, "-q"], capsys)
+    a, b = Image.open(first), Image.open(again)
+    assert a.convert("RGB").tobytes() == b.convert("RGB").tobytes()
+    assert a.text["parameters"] == b.text["parameters"] and a.text["imagine"] == b.text["imagine"]
 
 
 def test_an_imagine_picture_made_diffusers_way_is_made_again_from_its_record(model, tmp_path, capsys):
@@ -205,5 +254,14 @@ def test_png_info_answers_as_a1111(model, tmp_path):
                        timeout=30)
         assert r.json()["info"] == "" and r.json()["parameters"]["RNG"] == "GPU"
         assert httpx.post(f"{srv.url}/sdapi/v1/png-info", json={"image": ""}, timeout=30).json()["info"] == ""
+        # A1111's JPEG and WebP infotexts: the EXIF UserComment, "UNICODE\0" and UTF-16
+        for fmt in ("JPEG", "WEBP"):
+            exif = Image.Exif()
+            exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + A1111_EXAMPLE.encode("utf-16-be")
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8)).save(buf, format=fmt, exif=exif.tobytes())
+            r = httpx.post(f"{srv.url}/sdapi/v1/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()},
+                           timeout=30)
+            assert r.json()["info"] == A1111_EXAMPLE and r.json()["parameters"]["Seed"] == "965400086", fmt
         r = httpx.post(f"{srv.url}/sdapi/v1/png-info", json={"image": "bm90IGEgcGljdHVyZQ=="}, timeout=30)
         assert r.status_code == 422 and "not a base64 image" in r.text

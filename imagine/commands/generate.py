@@ -66,19 +66,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner-switch", type=float, default=None, metavar="F",
                    help="the fraction of the steps after which the refiner takes over (default 0.8, AUTOMATIC1111's "
                         "'switch at')")
-    p.add_argument("--emphasis", action="store_true",
+    p.add_argument("--emphasis", action=argparse.BooleanOptionalAction, default=False,
                    help="read AUTOMATIC1111's emphasis in the prompts: (word) x1.1, [word] /1.1, (word:1.3) x1.3 "
                         "(default: brackets are text, as in diffusers)")
-    p.add_argument("--prompt-editing", action="store_true",
+    p.add_argument("--prompt-editing", action=argparse.BooleanOptionalAction, default=False,
                    help="read AUTOMATIC1111's prompt editing: [from:to:when] (when: a step, or with a '.' a fraction "
                         "of the steps) and [a|b] (alternating every step); default: brackets are text or emphasis")
-    p.add_argument("--composable", action="store_true",
+    p.add_argument("--composable", action=argparse.BooleanOptionalAction, default=False,
                    help="read AUTOMATIC1111's AND: 'a cat AND a dog :0.8', several prompts guiding one image "
                         "(composable diffusion), each part's trailing :w its weight")
     p.add_argument("--a1111-prompts", action="store_true",
                    help="read prompts as AUTOMATIC1111 does: --emphasis, --long-prompts, --prompt-editing and "
                         "--composable together (what the server's A1111 API reads)")
-    p.add_argument("--long-prompts", action="store_true",
+    p.add_argument("--long-prompts", action=argparse.BooleanOptionalAction, default=False,
                    help="read a prompt past CLIP's 77-token window in 75-token chunks, as AUTOMATIC1111 and ComfyUI "
                         "do (with --emphasis, BREAK starts a new chunk); default: cut at the window with a warning, "
                         "as diffusers")
@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inpainting (with --init-image): a mask picture, white where the picture is painted anew, "
                         "black where it is kept (grey counts as white from 50%%); resized to the image's size. "
                         "Its result is diffusers' inpainting pipeline's (no blur, no paste back of the picture)")
-    p.add_argument("--invert-mask", action="store_true",
+    p.add_argument("--invert-mask", action=argparse.BooleanOptionalAction, default=False,
                    help="with --mask: paint the black part anew and keep the white (A1111's 'Inpaint not masked')")
     p.add_argument("--masked-content", default=None, choices=["original", "latent_noise", "latent_nothing"],
                    help="with --mask, below strength 1: what the part painted anew starts from, the picture "
@@ -135,7 +135,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-seed-delta", "--ensd", type=int, default=0, metavar="N",
                    help="A1111's eta noise seed delta (ENSD, e.g. 31337): each image's noise after its start noise "
                         "(ancestral samplers, eta) comes from its seed + N")
-    p.add_argument("--zero-terminal-snr", action="store_true",
+    p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=False,
                    help="sample over A1111's 'Zero Terminal SNR' noise schedule: the model's rescaled so that the last "
                         "level is pure noise (Lin et al. 2023), for models trained so (v-prediction fine-tunes)")
     p.add_argument("--strength", "--denoising-strength", type=float, default=None,
@@ -196,7 +196,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "int(min(strength, 0.999) x steps) + 1, or A1111's fixed steps (all --steps, the last of "
                         "int(steps / strength); its hires. fix pass); with --hires-scale, a1111 runs the second pass "
                         "with the fixed rule, as A1111 does")
-    p.add_argument("--a1111-sampling", action="store_true",
+    p.add_argument("--a1111-sampling", action=argparse.BooleanOptionalAction, default=False,
                    help="run the sampler as AUTOMATIC1111 does (imagine.samplers.a1111_settings): the schedule type "
                         "its 'Automatic' picks unless --schedule-type names one, over the model's whole range, "
                         "x_T = z sigma_max, its discarded level for DPM2 / DPM2 a / DPM++ 3M SDE, k-diffusion's "
@@ -244,16 +244,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def defaults_from(args) -> dict:
     """The flags' defaults an --infotext gives (imagine.cli parses the flags again over them, so flags given win): a
-    PNG imagine made diffusers' way (its "imagine" record, without --a1111-sampling's mark) is run again from that
-    record; any other infotext as A1111 runs it."""
+    PNG imagine made is run again from its own record (the "imagine" chunk: the whole run, which the infotext is not);
+    any other infotext as A1111 runs it."""
     if not args.infotext:
         return {}
     from imagine.images import parse_a1111_parameters, read_imagine_parameters, read_infotext
 
     own = read_imagine_parameters(args.infotext)
-    if own is not None and "a1111_schedule" not in own:
-        return record_defaults(own, init_image=bool(args.init_image))
-    return infotext_defaults(parse_a1111_parameters(read_infotext(args.infotext)), init_image=bool(args.init_image))
+    if own is not None:
+        out = record_defaults(own, init_image=bool(args.init_image))
+    else:
+        out = infotext_defaults(parse_a1111_parameters(read_infotext(args.infotext)), init_image=bool(args.init_image),
+                                hires_scale=args.hires_scale)
+    if args.from_file:  # (its prompts, not the picture's)
+        out.pop("prompt", None)
+    return out
 
 
 # imagine's record of a run (TextToImagePipeline.generate's parameters, with the CLI's) -> this command's flags
@@ -268,17 +273,19 @@ _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "step
                  "hires_scale": "hires_scale", "hires_steps": "hires_steps", "hires_prompt": "hires_prompt",
                  "hires_negative_prompt": "hires_negative_prompt", "composable": "composable",
                  "prompt_editing": "prompt_editing", "long_prompts": "long_prompts", "resize_mode": "resize_mode",
-                 "masked_content": "masked_content", "zero_terminal_snr": "zero_terminal_snr"}
+                 "masked_content": "masked_content", "zero_terminal_snr": "zero_terminal_snr",
+                 "mask_invert": "invert_mask", "a1111_schedule": "_a1111_schedule"}
 
 
 def record_defaults(record: dict, init_image: bool = False) -> dict:
-    """imagine's own record of a run (a PNG's "imagine" chunk) as this command's flags, for the same run again;
-    "_infotext_notes" says what is not applied (the model and what was loaded with it)."""
+    """imagine's own record of a run (a PNG's "imagine" chunk) as this command's flags, for the same run again: its
+    sampling as run (a run under --a1111-sampling too: its levels, start and steps spelled out, its infotext's
+    schedule naming kept); "_infotext_notes" says what is not applied (the model and what was loaded with it)."""
     from imagine.pipelines.text_to_image import HIRES_UPSCALERS
 
     record, out = dict(record), {}
     for key, dest in _RECORD_FLAGS.items():
-        if record.get(key) is not None:
+        if key in record and (record[key] is not None or key == "a1111_schedule"):
             out[dest] = record.pop(key)
     if record.pop("emphasis", None) == "a1111":
         out["emphasis"] = True
@@ -297,10 +304,12 @@ def record_defaults(record: dict, init_image: bool = False) -> dict:
     return {**out, "_infotext_notes": notes}
 
 
-def infotext_defaults(fields: dict, init_image: bool = False) -> dict:
+def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float | None = None) -> dict:
     """An AUTOMATIC1111 infotext's fields (imagine.images.parse_a1111_parameters) as this command's flags, for a run
-    as A1111 made it: its sampling and prompt reading, and "_infotext_notes" for what is not applied or assumed."""
+    as A1111 made it: its sampling and prompt reading, and "_infotext_notes" for what is not applied or assumed.
+    hires_scale: the --hires-scale given (an A1111 "Hires resize" to another shape is then not an error)."""
     from imagine.samplers import COMPVIS_SAMPLERS, a1111_settings, resolve_sampler
+    from imagine.schedules import SCHEDULE_LABELS
 
     fields, notes = dict(fields), []
 
@@ -312,8 +321,11 @@ def infotext_defaults(fields: dict, init_image: bool = False) -> dict:
             raise ValueError(f"--infotext: {label} {value!r} is not a{' whole' if cast is int else ''} "
                              "number") from None
 
+    emphasis = fields.pop("Emphasis", "Original")
+    if emphasis not in ("Original", "None"):
+        notes.append(f"Emphasis: {emphasis} (read as Original, A1111's default)")
     out: dict = {"a1111_sampling": True, "long_prompts": True, "prompt_editing": True, "composable": True,
-                 "emphasis": fields.pop("Emphasis", "Original") != "None"}
+                 "emphasis": emphasis != "None"}
     if fields.get("Start") == "sigma_max":  # (imagine's record of an A1111 run's start: the one these flags run)
         fields.pop("Start")
     prompt, negative = fields.pop("Prompt", ""), fields.pop("Negative prompt", "")
@@ -328,6 +340,14 @@ def infotext_defaults(fields: dict, init_image: bool = False) -> dict:
             out[dest] = number(label, cast)
     if "Sampler" in fields:
         sampler, schedule = fields.pop("Sampler"), fields.pop("Schedule type", None)
+        for label in sorted(set(SCHEDULE_LABELS.values()), key=len, reverse=True):
+            # (A1111 1.6-1.8 wrote some schedules in the sampler's name: "DPM++ 2M SDE Exponential")
+            if schedule is None and sampler.endswith(" " + label) and sampler != label:
+                try:
+                    resolve_sampler(sampler)
+                except ValueError:
+                    sampler, schedule = sampler[: -len(label) - 1], label
+                break
         if schedule == "Automatic":
             schedule = None
         if schedule and resolve_sampler(sampler)[0] in COMPVIS_SAMPLERS:
@@ -361,24 +381,29 @@ def infotext_defaults(fields: dict, init_image: bool = False) -> dict:
             out["variation_seed"] = number("Variation seed", int)
     if "Seed resize from-1" in fields and "Seed resize from-2" in fields:
         out["seed_resize_from"] = f"{fields.pop('Seed resize from-1')}x{fields.pop('Seed resize from-2')}"
-    hires = "Hires upscale" in fields or float(fields.get("Hires resize-1", 0) or 0) > 0
+    resize = (float(fields.get("Hires resize-1", 0) or 0), float(fields.get("Hires resize-2", 0) or 0))
+    hires = "Hires upscale" in fields or max(resize) > 0
     if hires:
         if "Hires upscale" in fields:
             out["hires_scale"] = number("Hires upscale")
-        else:  # (A1111's "resize to WxH" form: the scale it gives, where both sides agree)
-            w, h = float(fields.pop("Hires resize-1")), float(fields.pop("Hires resize-2"))
-            scale = w / out.get("width", 512)
-            if abs(h / out.get("height", 512) - scale) > 1e-6:
-                raise ValueError(f"--infotext: hires resize to {w:g}x{h:g} is not one scale of "
-                                 f"{out.get('width', 512)}x{out.get('height', 512)}; give --hires-scale")
-            out["hires_scale"] = scale
+        else:  # A1111's "resize to WxH" form (0 for a side: kept to the other's scale): the scale it gives
+            w, h = resize
+            sw, sh = w / out.get("width", 512), h / out.get("height", 512)
+            scale = sw if h == 0 else sh if w == 0 else sw
+            if w and h and abs(sh - sw) > 1e-6 and hires_scale is None:
+                notes.append(f"Hires resize: {w:g}x{h:g} (not one scale of {out.get('width', 512)}x"
+                             f"{out.get('height', 512)}: give --hires-scale)")
+            else:
+                out["hires_scale"] = scale
+            fields.pop("Hires resize-1", None), fields.pop("Hires resize-2", None)
         if "Hires steps" in fields:
             out["hires_steps"] = number("Hires steps", int)
         if "Hires upscaler" in fields:
             upscaler = fields.pop("Hires upscaler")
             out["hires_upscaler"] = "latent" if upscaler.startswith("Latent") else "lanczos"
-            if upscaler not in ("Lanczos", "Latent") and not upscaler.startswith("Latent"):
-                notes.append(f"Hires upscaler: {upscaler} (upscaled with Lanczos here)")
+            if upscaler not in ("Lanczos", "Latent"):
+                notes.append(f"Hires upscaler: {upscaler} (upscaled with "
+                             f"{'bilinear Latent' if upscaler.startswith('Latent') else 'Lanczos'} here)")
         for label, dest in (("Hires prompt", "hires_prompt"), ("Hires negative prompt", "hires_negative_prompt")):
             if fields.get(label):
                 out[dest] = fields.pop(label)
@@ -651,14 +676,17 @@ def parse_embeddings(items: list[str]) -> list[tuple[str, str | None]]:
 
 
 def parse_sampler_options(items: list[str]) -> dict:
-    """["s_tmin=1.5", "variant=bh1"] -> {"s_tmin": 1.5, "variant": "bh1"} (numbers parsed; the sampler checks
-    the names)."""
+    """["s_tmin=1.5", "variant=bh1", "last_step=False"] -> {"s_tmin": 1.5, "variant": "bh1", "last_step": False}
+    (numbers and True / False parsed; the sampler checks the names)."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--sampler-option {item!r}: expected KEY=VALUE, e.g. s_tmin=1.5")
         value = value.strip()
+        if value in ("True", "False"):
+            out[key.strip()] = value == "True"
+            continue
         for cast in (int, float):
             try:
                 value = cast(value)
@@ -672,9 +700,8 @@ def parse_sampler_options(items: list[str]) -> dict:
 def run(args) -> int:
     from imagine.pipelines.text_to_image import MAX_SEED, TextToImagePipeline
 
-    if not args.quiet:
-        for note in getattr(args, "_infotext_notes", None) or []:  # (what an --infotext left out or assumed)
-            print(f"imagine: --infotext: {note}", file=sys.stderr)
+    for note in getattr(args, "_infotext_notes", None) or []:  # (what an --infotext left out or assumed: said
+        print(f"imagine: --infotext: {note}", file=sys.stderr)  # with -q too, which only stops the progress bar)
     prompts = _prompts(args)
     seed_resize = {}  # (read before the model loads: a bad value fails fast)
     if args.seed_resize_from:
@@ -705,10 +732,10 @@ def run(args) -> int:
 
         if args.karras is not None or args.sigma_range != "spaced" or args.start or args.discard_penultimate_sigma \
                 or args.strength_rule != "diffusers":
-            raise ValueError("--a1111-sampling sets the noise levels' range, the start, the discarded level and the "
-                             "image-to-image steps as AUTOMATIC1111 does; leave out --karras, --sigma-range, --start, "
-                             "--discard-penultimate-sigma and --strength-rule (name a schedule type with "
-                             "--schedule-type)")
+            raise ValueError("--a1111-sampling (and an --infotext from A1111, which runs so) sets the noise levels' "
+                             "range, the start, the discarded level and the image-to-image steps as AUTOMATIC1111 "
+                             "does; leave out --karras, --sigma-range, --start, --discard-penultimate-sigma and "
+                             "--strength-rule (name a schedule type with --schedule-type), or give --no-a1111-sampling")
         a1111_settings(args.sampler or "euler", args.sigma_schedule)  # (a bad name fails before the model loads)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")
@@ -873,6 +900,8 @@ def run(args) -> int:
                 params["subseed"] = res.subseeds[k]
             if args.a1111_sampling:
                 params["a1111_schedule"] = a1111_schedule
+            elif hasattr(args, "_a1111_schedule"):  # (an A1111-rule run again from its record: its infotext's naming)
+                params["a1111_schedule"] = args._a1111_schedule
             if mask_image is not None and args.invert_mask:
                 params["mask_invert"] = True  # (A1111's "Mask mode: Inpaint not masked")
             if control_units:  # the preprocessing too (A1111's ControlNet infotext)

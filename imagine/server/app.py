@@ -1400,14 +1400,26 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         """A picture's generation parameters as A1111's PNG Info reads them: `info`, its infotext (the PNG's
         "parameters" text); `items`, its other text chunks (imagine's JSON among them); `parameters`, the infotext
         read as A1111 reads it, with A1111's values for the fields it lacks (imagine.images.parse_a1111_parameters)."""
-        from imagine.images import parse_a1111_parameters
+        from PIL import Image, UnidentifiedImageError
 
-        if not req.image.strip():
+        from imagine.images import parse_a1111_parameters, picture_infotext
+
+        data = req.image.strip()
+        if not data:
             return {"info": "", "items": {}, "parameters": {}}
-        picture = _decode_image(req.image.strip(), "image", rgb=False)
-        items = {k: v for k, v in picture.info.items() if isinstance(v, str) and k not in _PICTURE_INFO_KEYS}
-        info = items.pop("parameters", "") or ""
-        return {"info": info, "items": items, "parameters": parse_a1111_parameters(info, defaults=True)}
+        raw = data.split(",", 1)[1] if data.startswith("data:") else data
+        try:  # (opened, not decoded: the text chunks and EXIF are read with the header, the pixels never)
+            with Image.open(io.BytesIO(base64.b64decode(raw, validate=False))) as picture:
+                info = picture_infotext(picture) or ""
+                items = {k: v for k, v in picture.info.items()
+                         if isinstance(v, str) and k not in _PICTURE_INFO_KEYS and k != "parameters"}
+        except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+            raise ApiError(422, f"image: not a base64 image Pillow can read ({type(e).__name__})", "image") from None
+        try:
+            parameters = parse_a1111_parameters(info, defaults=True)
+        except ValueError as e:
+            raise ApiError(422, f"image: {e}", "image") from None
+        return {"info": info, "items": items, "parameters": parameters}
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
