@@ -286,6 +286,8 @@ def read_infotext(path: str | os.PathLike) -> str:
                 raise ValueError(f"{path}: this picture carries no parameters text (AUTOMATIC1111's PNG infotext); "
                                  "give a PNG A1111 or imagine wrote, or the text in a file")
             return str(text)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: {e}") from None
     except (OSError, SyntaxError):  # (not a picture: read as text)
         try:
             return path.read_text(encoding="utf-8")
@@ -299,7 +301,7 @@ def read_imagine_parameters(path: str | os.PathLike) -> dict | None:
     try:
         with Image.open(path) as img:
             text = img.info.get("imagine")
-    except (OSError, SyntaxError):
+    except (OSError, SyntaxError, Image.DecompressionBombError):
         return None
     try:
         record = json.loads(text) if isinstance(text, str) else None
