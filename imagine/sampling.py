@@ -43,8 +43,8 @@ RNG_SOURCES = ("cpu", "nv")  # where a seed's normal draws come from: ImageNoise
 class ImageNoiseStream:
     """One image's random stream from its seed, as AUTOMATIC1111's ImageRNG keeps each image's. rng: "cpu", torch's
     CPU generator (A1111's "CPU" source, and its default "GPU" on a machine without one; the stream a torch.Generator
-    seeded so gives), or "nv", the draws torch.randn makes on an NVIDIA GPU (imagine.philox; A1111's "NV", which gives
-    on any machine the pictures its default gives on an NVIDIA card). seed_delta (A1111's "Eta noise seed delta",
+    seeded so gives), or "nv", the draws torch.randn makes on an NVIDIA GPU (imagine.philox; A1111's "NV", which A1111
+    gives so that any machine makes the pictures its default makes on an NVIDIA card). seed_delta (A1111's "Eta noise seed delta",
     ENSD): not 0, the draws after the start noise come from the stream of seed + seed_delta, as ImageRNG.first()
     seeds the images' generators anew after drawing the start noise (`started`, which PerSampleNoise.draw_start
     calls; a draw before it, diffusers' VAE posterior, comes from the seed's stream)."""

@@ -732,10 +732,10 @@ def run(args) -> int:
 
         if args.karras is not None or args.sigma_range != "spaced" or args.start or args.discard_penultimate_sigma \
                 or args.strength_rule != "diffusers":
-            raise ValueError("--a1111-sampling (and an --infotext from A1111, which runs so) sets the noise levels' "
-                             "range, the start, the discarded level and the image-to-image steps as AUTOMATIC1111 "
-                             "does; leave out --karras, --sigma-range, --start, --discard-penultimate-sigma and "
-                             "--strength-rule (name a schedule type with --schedule-type), or give --no-a1111-sampling")
+            raise ValueError("--a1111-sampling sets the noise levels' range, the start, the discarded level and the "
+                             "image-to-image steps as AUTOMATIC1111 does (an --infotext from A1111 runs so too); leave "
+                             "out --karras, --sigma-range, --start, --discard-penultimate-sigma and --strength-rule "
+                             "(name a schedule type with --schedule-type), or give --no-a1111-sampling")
         a1111_settings(args.sampler or "euler", args.sigma_schedule)  # (a bad name fails before the model loads)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")
