@@ -199,9 +199,9 @@ def a1111_parameters(p: dict) -> str:
 
 
 # AUTOMATIC1111's reading of an infotext (modules/infotext_utils.py): its field regex and its "WxH" values
-# (a label of up to 64 characters and a quoted value of up to 4096: A1111's are far shorter, and the bounds keep the
-# regex's backtracking linear in the line's length, where A1111's unbounded one takes seconds on 40 kB of words)
-_A1111_FIELD = re.compile(r'\s*(\w[\w \-/]{1,63}):\s*("(?:\\.|[^\\"]){1,4096}"|[^,]*)(?:,|$)')
+# (a label of up to 64 characters: A1111's are far shorter, and the bound keeps the regex's backtracking linear in the
+# line's length, where A1111's unbounded label takes seconds on 40 kB of words; quoted values cannot backtrack badly)
+_A1111_FIELD = re.compile(r'\s*(\w[\w \-/]{1,63}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 MAX_INFOTEXT = 65536  # characters of an infotext read (A1111's are a few thousand)
 _A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
 # the fields A1111 1.10's parse_generation_parameters fills in where an infotext has none (its /sdapi/v1/png-info
@@ -282,6 +282,9 @@ def read_infotext(path: str | os.PathLike) -> str:
     try:
         with Image.open(path) as img:
             text = picture_infotext(img)
+            if text is None:  # (a text chunk after the pixels is read with them)
+                img.load()
+                text = picture_infotext(img)
             if text is None:
                 raise ValueError(f"{path}: this picture carries no parameters text (AUTOMATIC1111's PNG infotext); "
                                  "give a PNG A1111 or imagine wrote, or the text in a file")
@@ -301,6 +304,9 @@ def read_imagine_parameters(path: str | os.PathLike) -> dict | None:
     try:
         with Image.open(path) as img:
             text = img.info.get("imagine")
+            if text is None:  # (a text chunk after the pixels is read with them)
+                img.load()
+                text = img.info.get("imagine")
     except (OSError, SyntaxError, Image.DecompressionBombError):
         return None
     try:

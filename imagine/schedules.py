@@ -483,6 +483,11 @@ class NoiseSchedule:
         root -= last
         root *= first / (first - last)
         abar = root**2
+        if len(abar) > 1 and float(abar[-2]) <= A1111_ZERO_SNR_ALPHA_CUMPROD:
+            raise ValueError(f"this schedule rescaled to zero terminal SNR has abar {float(abar[-2]):.3g} at its "
+                             f"second-last timestep, under A1111's last ({A1111_ZERO_SNR_ALPHA_CUMPROD:.4g}): its noise "
+                             "would fall at the end (DDPM's linear 1e-4..0.02 betas do this); the option is for "
+                             "scaled-linear and cosine schedules")
         abar[-1] = A1111_ZERO_SNR_ALPHA_CUMPROD
         abar = abar.double()  # (float32 values held exactly; the betas' cumprod gives them back to float32's last bit)
         return NoiseSchedule(1 - torch.cat([abar[:1], abar[1:] / abar[:-1]]), kind="custom",

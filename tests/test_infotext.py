@@ -72,11 +72,17 @@ def test_our_writer_reads_back():
     assert flags["_infotext_notes"] == []
     # imagine's own record: an inverted mask and an A1111-rule run's schedule naming (None: none written) carried
     record = record_defaults({"mask_invert": True, "a1111_schedule": None, "sampler_options": {"last_step": False},
-                              "model": "m.safetensors", "version": "x"})
+                              "model": "m.safetensors", "version": "x"}, mask=True)
     assert (record["invert_mask"], record["_a1111_schedule"], record["sampler_option"]) == (True, None,
                                                                                            ["last_step=False"])
     assert record["_infotext_notes"] == ["not applied: model: m.safetensors"]
     assert parse_sampler_options(record["sampler_option"]) == {"last_step": False}
+    # the picture's settings apply where the picture (and its mask) are given again; else they are said
+    picture = {"resize_mode": "crop_and_resize", "masked_content": "latent_noise", "mask_invert": True, "strength": 0.6}
+    assert "resize_mode" not in record_defaults(picture) and "masked_content" not in record_defaults(picture)
+    both = record_defaults(picture, init_image=True, mask=True)
+    assert (both["resize_mode"], both["masked_content"], both["invert_mask"], both["strength"]) == (
+        "crop_and_resize", "latent_noise", True, 0.6)
 
 
 def test_a1111s_forms_map_onto_the_flags():
@@ -112,6 +118,10 @@ def test_a1111s_forms_map_onto_the_flags():
                                                                                     "latent")
     assert any("Latent (nearest)" in n for n in named["_infotext_notes"])
     assert any("Emphasis: No norm" in n for n in named["_infotext_notes"])
+    # a long quoted value (a hires prompt of thousands of characters, commas and "Label: value" inside) stays one value
+    long = "(masterpiece:1.2), Steps: 99, " * 200
+    got = parse_a1111_parameters(A1111_EXAMPLE + ", Hires prompt: " + __import__("json").dumps(long) + ", ENSD: 1")
+    assert (got["Hires prompt"], got["Steps"], got["ENSD"]) == (long, "20", "1")
     with pytest.raises(ValueError, match="up to 65536 are read"):
         parse_a1111_parameters("p\n" + "word " * 20000)
     img2img = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + ", Denoising strength: 0.4"), init_image=True)
@@ -214,6 +224,25 @@ def test_an_imagine_picture_made_diffusers_way_is_made_again_from_its_record(mod
     _run(["--model", model, "a circle", "--steps", 2, "--sampler", "ddim", "--eta", 0.5, "--height", 16, "--width", 16,
           "-o", ddim, "-q"], capsys)
     assert "Eta DDIM: 0.5" in Image.open(ddim).text["parameters"]
+
+
+def test_a_text_chunk_after_the_pixels_is_read(tmp_path):
+    """A PNG whose parameters chunk comes after its pixel data (Pillow, A1111 and ComfyUI write it before) is read
+    from a file too."""
+    import struct
+    import zlib
+
+    from imagine.images import read_infotext
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    data = buf.getvalue()
+    body = b"parameters\0" + A1111_EXAMPLE.encode("latin-1")
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    end = data.rindex(b"IEND") - 4
+    path = tmp_path / "late.png"
+    path.write_bytes(data[:end] + chunk + data[end:])
+    assert read_infotext(path) == A1111_EXAMPLE
 
 
 def test_bad_infotexts_are_named(model, tmp_path, capsys):

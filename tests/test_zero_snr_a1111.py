@@ -50,6 +50,9 @@ def test_the_schedule_is_a1111s(cfg):
     assert abs(float(rescaled.sigmas[-1]) - 4518.76) < 0.01 and rescaled.prediction_type == schedule.prediction_type
     again = NoiseSchedule.from_diffusers_config(rescaled.to_config())  # (its betas kept: trained_betas)
     assert torch.equal(again.alphas_cumprod, rescaled.alphas_cumprod)
+    # DDPM's linear betas rescaled fall under A1111's last abar before the end: refused, named
+    with pytest.raises(ValueError, match="second-last timestep, under A1111's last"):
+        NoiseSchedule.from_config("linear").a1111_zero_terminal_snr()
 
 
 class RescaledModel:

@@ -252,7 +252,7 @@ def defaults_from(args) -> dict:
 
     own = read_imagine_parameters(args.infotext)
     if own is not None:
-        out = record_defaults(own, init_image=bool(args.init_image))
+        out = record_defaults(own, init_image=bool(args.init_image), mask=bool(args.mask))
     else:
         out = infotext_defaults(parse_a1111_parameters(read_infotext(args.infotext)), init_image=bool(args.init_image),
                                 hires_scale=args.hires_scale)
@@ -277,14 +277,18 @@ _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "step
                  "mask_invert": "invert_mask", "a1111_schedule": "_a1111_schedule"}
 
 
-def record_defaults(record: dict, init_image: bool = False) -> dict:
+def record_defaults(record: dict, init_image: bool = False, mask: bool = False) -> dict:
     """imagine's own record of a run (a PNG's "imagine" chunk) as this command's flags, for the same run again: its
     sampling as run (a run under --a1111-sampling too: its levels, start and steps spelled out, its infotext's
     schedule naming kept); "_infotext_notes" says what is not applied (the model and what was loaded with it)."""
     from imagine.pipelines.text_to_image import HIRES_UPSCALERS
 
     record, out = dict(record), {}
+    # (the picture's settings only where the picture and its mask are given again: said otherwise)
+    given = {"resize_mode": init_image, "masked_content": mask, "mask_invert": mask}
     for key, dest in _RECORD_FLAGS.items():
+        if not given.get(key, True):
+            continue
         if key in record and (record[key] is not None or key == "a1111_schedule"):
             out[dest] = record.pop(key)
     if record.pop("emphasis", None) == "a1111":
