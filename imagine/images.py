@@ -189,8 +189,8 @@ def a1111_parameters(p: dict) -> str:
     put("Hires negative prompt", p.get("hires_negative_prompt"))
     put("Final step", p.get("final_step"))
     put("Start", p.get("start"))
-    for k, v in (p.get("sampler_options") or {}).items():  # as A1111 writes its own, e.g. "s_tmin: 1.5"
-        put(k, v)
+    for k, v in (p.get("sampler_options") or {}).items():  # (A1111's labels for its four, "Sigma churn"...)
+        put(A1111_SIGMA_LABELS.get(k, k), v)
     if p.get("version"):
         version = str(p["version"])
         put("Version", version if version.startswith("imagine") else f"imagine {version}")
@@ -198,6 +198,9 @@ def a1111_parameters(p: dict) -> str:
     return "\n".join(lines)
 
 
+# the sampler options AUTOMATIC1111 writes in its infotext, under its labels (sd_samplers_kdiffusion, where they differ
+# from the sampler's defaults)
+A1111_SIGMA_LABELS = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
 # AUTOMATIC1111's reading of an infotext (modules/infotext_utils.py): its field regex and its "WxH" values
 # (a label of up to 64 characters: A1111's are far shorter, and the bound keeps the regex's backtracking linear in the
 # line's length, where A1111's unbounded label takes seconds on 40 kB of words; quoted values cannot backtrack badly)

@@ -142,7 +142,7 @@ def test_matched_start_reaches_the_sampler(models, tmp_path, capsys):
 
 def test_rho_and_sampler_options_reach_the_sampler(models, tmp_path, capsys):
     """--rho and --sampler-option give the image the pipeline gives with the same options, and are written into
-    the PNG's parameters (A1111's "Schedule rho", "s_tmin")."""
+    the PNG's parameters (A1111's "Schedule rho", "Sigma tmin")."""
     from imagine.pipelines.text_to_image import TextToImagePipeline
 
     out = tmp_path / "band.png"
@@ -153,7 +153,7 @@ def test_rho_and_sampler_options_reach_the_sampler(models, tmp_path, capsys):
     img = Image.open(out)
     meta = json.loads(img.text["imagine"])
     assert meta["schedule_rho"] == 1.25 and meta["sampler_options"] == {"s_tmin": 1.5}
-    assert "Schedule rho: 1.25" in img.text["parameters"] and "s_tmin: 1.5" in img.text["parameters"]
+    assert "Schedule rho: 1.25" in img.text["parameters"] and "Sigma tmin: 1.5" in img.text["parameters"]
     pipe = TextToImagePipeline.from_pretrained(models["folder"])
     kw = dict(steps=6, sampler="dpmpp_3m_sde", sigma_schedule="polyexponential", seed=4, height=16, width=16,
               progress=False)

@@ -94,6 +94,10 @@ def test_a1111s_forms_map_onto_the_flags():
     # no RNG: A1111's default GPU source, read as an NVIDIA card's; the model is said, not applied
     assert old["rng"] == "nv" and any("RNG: GPU" in n for n in old["_infotext_notes"])
     assert any("Model hash: 45dee52b" in n for n in old["_infotext_notes"])
+    # A1111's labels for the churn options (sd_samplers_kdiffusion's "Sigma churn"...), and imagine's older ones
+    churn = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE.replace("Euler a", "Euler")
+                                                     + ", Sigma churn: 1, Sigma noise: 1.003, s_tmin: 0.5"))
+    assert parse_sampler_options(churn["sampler_option"]) == {"s_churn": 1.0, "s_noise": 1.003, "s_tmin": 0.5}
     auto = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + ", Schedule type: Automatic, RNG: CPU"))
     assert auto["sigma_schedule"] is None and auto["rng"] == "cpu"
     ddim = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE.replace("Euler a", "DDIM")
@@ -272,6 +276,10 @@ def test_png_info_answers_as_a1111(model, tmp_path):
         p = got["parameters"]
         assert (p["Prompt"], p["Seed"], p["Sampler"], p["Size-1"], p["RNG"], p["Schedule type"]) == (
             "a red circle", "5", "Euler", "16", "CPU", "Automatic")
+        # the churn sent is in the infotext under A1111's labels
+        made = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "s_churn": 1, "s_noise": 1.003},
+                          timeout=120).json()
+        assert "Sigma churn: 1, Sigma noise: 1.003" in __import__("json").loads(made["info"])["infotexts"][0]
         # the eta sent is in the infotext where the sampler takes one (A1111's "Eta"), not where it is unused
         for sampler, written in (("Euler a", True), ("Euler", False)):
             made = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "sampler_name": sampler, "eta": 0.5},

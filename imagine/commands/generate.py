@@ -312,6 +312,7 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
     """An AUTOMATIC1111 infotext's fields (imagine.images.parse_a1111_parameters) as this command's flags, for a run
     as A1111 made it: its sampling and prompt reading, and "_infotext_notes" for what is not applied or assumed.
     hires_scale: the --hires-scale given (an A1111 "Hires resize" to another shape is then not an error)."""
+    from imagine.images import A1111_SIGMA_LABELS
     from imagine.samplers import COMPVIS_SAMPLERS, a1111_settings, resolve_sampler
     from imagine.schedules import SCHEDULE_LABELS
 
@@ -363,6 +364,10 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
             out["eta"] = number("Eta DDIM")
     if "Schedule rho" in fields and float(fields["Schedule rho"] or 0) != 0:
         out["rho"] = number("Schedule rho")
+    options = [f"{key}={number(label)}" for key, label in A1111_SIGMA_LABELS.items() if label in fields]
+    options += [f"{key}={number(key)}" for key in A1111_SIGMA_LABELS if key in fields]  # (imagine's before session 23)
+    if options:
+        out["sampler_option"] = options
     if "Clip skip" in fields:  # (A1111's 1 is the last layer; diffusers' clip_skip counts the layers skipped)
         skip = number("Clip skip", int)
         if skip > 1:

@@ -537,7 +537,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
               inpainting: dict | None = None, controlnets: list | None = None,
               refiner: tuple | None = None, image_cfg: float | None = None, variation: tuple | None = None,
               seed_resize: tuple | None = None, rng: str = "cpu", noise_seed_delta: int = 0,
-              eta: float | None = None, zero_terminal_snr: bool = False) -> str:
+              eta: float | None = None, zero_terminal_snr: bool = False,
+              sampler_options: dict | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -556,7 +557,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              **({"subseed": variation[0], "subseed_strength": variation[1]} if variation else {}),
                              **({"seed_resize_from": f"{seed_resize[1]}x{seed_resize[0]}"} if seed_resize else {}),
                              "rng": rng, "noise_seed_delta": noise_seed_delta, "eta": eta,
-                             "zero_terminal_snr": zero_terminal_snr,
+                             "zero_terminal_snr": zero_terminal_snr, "sampler_options": sampler_options or None,
                              "version": f"imagine {version}"})
 
 
@@ -1154,6 +1155,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         sampler_field = "sampler_name" if req.sampler_name else "sampler_index"
         sampler, asked = resolve_sampler(sampler_field, req.sampler_name or req.sampler_index, req.scheduler)
         eta, options, unused = sampler_settings(sampler, req.eta, req.s_tmin, req.s_tmax, req.s_churn, req.s_noise)
+        asked_options = dict(options)  # (the request's, which the infotext writes as A1111's "Sigma churn"...)
         # run as AUTOMATIC1111 runs it (samplers.a1111_settings): the schedule type its "Automatic" picks, the model's
         # whole range, x_T = z sigma_max, DPM2 / DPM2 a / DPM++ 3M SDE's discarded level, k-diffusion's 3M warm-up
         a1111 = a1111_settings(sampler, asked)
@@ -1252,7 +1254,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
                                job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
                                (subseeds[i], variation) if subseeds else None, seed_resize, rng, seed_delta,
-                               None if "eta" in unused else req.eta, zero_snr)
+                               None if "eta" in unused else req.eta, zero_snr, asked_options)
                      for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:
