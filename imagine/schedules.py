@@ -66,15 +66,25 @@ def cosine_betas(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0
     return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float64)
 
 
-def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+def zero_terminal_snr_abar(abar: torch.Tensor) -> torch.Tensor:
     """Lin et al. 2023, Algorithm 1: shift and scale sqrt(abar) so that abar_T = 0 (zero SNR at the
-    last timestep, so the model learns to start from pure noise) while abar_1 stays as it was."""
-    sqrt_abar = torch.cumprod(1 - betas.double(), 0).sqrt()
-    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
-    sqrt_abar = (sqrt_abar - last) * first / (first - last)
-    abar = sqrt_abar**2
-    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
-    return 1 - alphas
+    last timestep, so the model learns to start from pure noise) while abar_1 stays as it was; in abar's dtype,
+    the steps in A1111's order (its rescale_zero_terminal_snr_abar, on float32)."""
+    root = abar.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root -= last
+    root *= first / (first - last)
+    return root**2
+
+
+def betas_of(abar: torch.Tensor) -> torch.Tensor:
+    """The betas whose cumulative product of (1 - beta) is abar (Ho et al. eq. 4 inverted)."""
+    return 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023's rescale (zero_terminal_snr_abar) of a schedule given by its betas, in float64."""
+    return betas_of(zero_terminal_snr_abar(torch.cumprod(1 - betas.double(), 0)))
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0,
@@ -478,11 +488,7 @@ class NoiseSchedule:
         its model's float32 alphas_cumprod (shifted so that the last is 0, scaled so that the first keeps its value,
         squared), and the last abar set to A1111's A1111_ZERO_SNR_ALPHA_CUMPROD instead of 0. A "custom" schedule
         (its betas, to_config's trained_betas) with this schedule's settings."""
-        root = self.alphas_cumprod.float().sqrt()
-        first, last = root[0].clone(), root[-1].clone()
-        root -= last
-        root *= first / (first - last)
-        abar = root**2
+        abar = zero_terminal_snr_abar(self.alphas_cumprod.float())
         if len(abar) > 1 and float(abar[-2]) <= A1111_ZERO_SNR_ALPHA_CUMPROD:
             raise ValueError(f"this schedule rescaled to zero terminal SNR has abar {float(abar[-2]):.3g} at its "
                              f"second-last timestep, under A1111's last ({A1111_ZERO_SNR_ALPHA_CUMPROD:.4g}): its noise "
@@ -490,7 +496,7 @@ class NoiseSchedule:
                              "scaled-linear and cosine schedules")
         abar[-1] = A1111_ZERO_SNR_ALPHA_CUMPROD
         abar = abar.double()  # (float32 values held exactly; the betas' cumprod gives them back to float32's last bit)
-        return NoiseSchedule(1 - torch.cat([abar[:1], abar[1:] / abar[:-1]]), kind="custom",
+        return NoiseSchedule(betas_of(abar), kind="custom",
                              set_alpha_to_one=self.set_alpha_to_one, steps_offset=self.steps_offset,
                              timestep_spacing=self.timestep_spacing, prediction_type=self.prediction_type,
                              clip_sample=self.clip_sample, variance_type=self.variance_type)

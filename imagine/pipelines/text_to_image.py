@@ -629,8 +629,8 @@ class TextToImagePipeline:
         found at one size keeps its composition at another.
         rng (AUTOMATIC1111's "random number generator source"): "cpu", each image's noise from torch's CPU generator
         seeded with its seed (A1111's "CPU", and its default on a machine without a GPU), or "nv", the noise
-        torch.randn gives on an NVIDIA GPU (imagine.philox; A1111's "NV", which reproduces there the pictures its
-        default makes on an NVIDIA card). noise_seed_delta (A1111's "Eta noise seed delta", ENSD, e.g. 31337): each
+        torch.randn gives on an NVIDIA GPU (imagine.philox; A1111's "NV", which A1111 gives so that any machine makes
+        the pictures its default makes on an NVIDIA card). noise_seed_delta (A1111's "Eta noise seed delta", ENSD, e.g. 31337): each
         image's draws after its start noise (an ancestral sampler's, eta's) come from its seed + the delta
         (imagine.sampling.ImageNoiseStream). zero_terminal_snr: sample over AUTOMATIC1111's "Zero Terminal SNR" noise
         schedule, the model's rescaled so that the last level is pure noise (Lin et al. 2023; for models trained so;

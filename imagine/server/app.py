@@ -707,27 +707,28 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             field = "width" if str(e).startswith("width") else "height"
             raise ApiError(422, str(e), field) from None
 
+    def request_overrides(req) -> dict:
+        """The request's override_settings (A1111's per-request settings; not a dict: none)."""
+        override = (req.model_extra or {}).get("override_settings")
+        return override if isinstance(override, dict) else {}
+
+    def setting(req, name: str, default):
+        """An A1111 setting for this request: its override_settings' value, else the server's option, else `default`."""
+        return request_overrides(req).get(name, options.get(name, default))
+
     def a1111_emphasis(req) -> bool:
         """AUTOMATIC1111 reads its (word:1.3) syntax unless its "emphasis" setting is "None" (the request's
         override_settings, else the server's options); its "No norm" mode is read as "Original"."""
-        override = (req.model_extra or {}).get("override_settings")
-        mode = options.get("emphasis", "Original")
-        if isinstance(override, dict) and "emphasis" in override:
-            mode = override["emphasis"]
-        return str(mode) != "None"
+        return str(setting(req, "emphasis", "Original")) != "None"
 
     def a1111_noise(req) -> tuple[str, int, bool]:
         """The images' noise as AUTOMATIC1111's settings make it (the request's override_settings, else the
         server's options): its "randn_source" ("GPU", its default, is torch's generator on the device: this server's
         CPU; "CPU"; "NV", an NVIDIA GPU's draws) as imagine's rng, its "eta_noise_seed_delta" (ENSD), and whether its
         "sd_noise_schedule" is "Zero Terminal SNR"."""
-        override = (req.model_extra or {}).get("override_settings")
-        override = check_noise_settings(override if isinstance(override, dict) else {}, "override_settings")
-        source = override.get("randn_source", options.get("randn_source", "GPU"))
-        schedule = override.get("sd_noise_schedule", options.get("sd_noise_schedule", "Default"))
-        return A1111_RNG_SOURCES[source], int(override.get("eta_noise_seed_delta", options.get("eta_noise_seed_delta",
-                                                                                               0))), \
-            schedule == "Zero Terminal SNR"
+        check_noise_settings(request_overrides(req), "override_settings")  # (the options were checked when set)
+        return (A1111_RNG_SOURCES[setting(req, "randn_source", "GPU")], int(setting(req, "eta_noise_seed_delta", 0)),
+                setting(req, "sd_noise_schedule", "Default") == "Zero Terminal SNR")
 
     def check_noise_settings(settings: dict, field: str) -> dict:
         """A1111's randn_source and eta_noise_seed_delta among `settings` (a request's override_settings, or options
@@ -1186,8 +1187,6 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         seed_resize = ((req.seed_resize_from_h, req.seed_resize_from_w)
                        if req.seed_resize_from_h > 0 and req.seed_resize_from_w > 0 else None)
         rng, seed_delta, zero_snr = a1111_noise(req)
-        overrides = (req.model_extra or {}).get("override_settings")
-        overrides = overrides if isinstance(overrides, dict) else {}
         units, unit_ignored = check_controlnet(req, inits is not None)
         unit_pictures = await run_in_threadpool(
             lambda: [_decode_image(u["image"], u["field"], rgb=False) if u["image"] else None for u in units])
@@ -1292,7 +1291,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             "ignored_fields": sorted([*(k for k in (req.model_extra or {})
                                         if not (k in ("alwayson_scripts", "override_settings")
                                                 and isinstance(req.model_extra[k], dict))),
-                                      *(f"override_settings.{k}" for k in overrides if k not in A1111_OVERRIDES_READ),
+                                      *(f"override_settings.{k}" for k in request_overrides(req)
+                                        if k not in A1111_OVERRIDES_READ),
                                       *unused, *unit_ignored]),
             "seconds": round(result.seconds, 3) if result else 0.0,
             "batch_images": result.batch_images if result else 0,
