@@ -123,15 +123,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "middle of this size's, so an image found at WxH keeps its composition")
     p.add_argument("--infotext", default=None, metavar="PNG|TXT",
                    help="run what an AUTOMATIC1111 infotext describes (A1111's PNG Info / 'Send to txt2img'): a PNG "
-                        "with its parameters, or the text in a file; the prompt, negative prompt, steps, sampler and "
-                        "schedule type, CFG scale, seed, size, hires. fix, variation seed, seed resize, RNG, ENSD, "
-                        "eta and clip skip become the flags' defaults (flags given win), run as A1111 runs them "
-                        "(--a1111-sampling, --a1111-prompts); the fields not applied (the model, LoRAs...) are said")
+                        "(or JPEG/WebP) with its parameters, or the text in a file; the prompt, negative prompt, "
+                        "steps, sampler and schedule type, CFG scale, seed, size, hires. fix, variation seed, seed "
+                        "resize, RNG, ENSD, eta, churn options, noise schedule and clip skip become the flags' "
+                        "defaults (flags given win), run as A1111 runs them (--a1111-sampling, A1111's prompt "
+                        "syntax); a PNG imagine made runs again from its own record; what is not applied (the model, "
+                        "LoRAs...) is said")
     p.add_argument("--rng", choices=("cpu", "nv"), default="cpu",
                    help="where a seed's noise comes from: cpu (torch's CPU generator; A1111's 'CPU', and its default on "
                         "a machine without a GPU) or nv (the noise torch gives on an NVIDIA GPU: A1111's 'NV', which "
-                        "A1111 gives so that its runs make the pictures its default makes on an NVIDIA card; with "
-                        "--a1111-sampling, so do these)")
+                        "A1111 gives so that any machine makes the pictures its default makes on an NVIDIA card)")
     p.add_argument("--noise-seed-delta", "--ensd", type=int, default=0, metavar="N",
                    help="A1111's eta noise seed delta (ENSD, e.g. 31337): each image's noise after its start noise "
                         "(ancestral samplers, eta) comes from its seed + N")
