@@ -159,6 +159,7 @@ def a1111_parameters(p: dict) -> str:
     # are "NV" here) and its eta noise seed delta
     put("RNG", str(p.get("rng", "cpu")).upper())
     put("ENSD", p.get("noise_seed_delta") or None)
+    put("Downcast alphas_cumprod", True if p.get("downcast_alphas_cumprod") else None)
     put("Noise Schedule", "Zero Terminal SNR" if p.get("zero_terminal_snr") else None)
     put("Denoising strength", p.get("strength"))  # image to image, hires. fix (A1111 writes it later; order is free)
     if p.get("inpainting"):  # A1111's inpainting fields; it writes "Mask blur" only above 0, here 0 says "no blur"
@@ -219,12 +220,55 @@ A1111_INFOTEXT_DEFAULTS = {
 }
 
 
+# the versions AUTOMATIC1111's infotext_versions.backcompat compares an infotext's "Version" with
+_A1111_V160, _A1111_V170_TSNR, _A1111_V180 = "1.6.0", "v1.7.0-225", "1.8.0"
+
+
+def a1111_version(text):
+    """An infotext's "Version" as AUTOMATIC1111 reads it (infotext_versions.parse_version): cut after its second "-"
+    part ("v1.7.0-375-gf92d6149" -> "v1.7.0-375", a post-release of 1.7.0), then a PEP 440 version; None where it is
+    none (a fork's "f0.0.17v1.8.0rc-latest-276-g29be1da7")."""
+    from packaging import version
+
+    if text is None:
+        return None
+    m = re.match(r"([^-]+-[^-]+)-.*", str(text))
+    try:
+        return version.parse(m.group(1) if m else str(text))
+    except version.InvalidVersion:
+        return None
+
+
+def a1111_backcompat(fields: dict) -> list[str]:
+    """AUTOMATIC1111's infotext_versions.backcompat (its "auto_backcompat" option, on by default): the compatibility
+    options it turns on for a picture its older versions made, set in `fields` as its reader sets them; the notes
+    that say so. Before 1.6.0: "Old prompt editing timelines" (a prompt with "[") and "Pad conds v0" (DDIM, PLMS);
+    before 1.7.0-225: "Downcast alphas_cumprod"; before 1.8.0: "Refiner switch by sampling steps" (with a refiner)."""
+    from packaging import version
+
+    ver = a1111_version(fields.get("Version"))
+    if ver is None:
+        return []
+    turned = []
+    if ver < version.parse(_A1111_V160) and "[" in fields.get("Prompt", ""):
+        turned.append("Old prompt editing timelines")
+    if ver < version.parse(_A1111_V160) and fields.get("Sampler", "") in ("DDIM", "PLMS"):
+        turned.append("Pad conds v0")
+    if ver < version.parse(_A1111_V170_TSNR):
+        turned.append("Downcast alphas_cumprod")
+    if ver < version.parse(_A1111_V180) and fields.get("Refiner"):
+        turned.append("Refiner switch by sampling steps")
+    fields.update({label: True for label in turned})
+    return [f"Version {fields['Version']}: A1111 turns on {', '.join(turned)} for its pictures"] if turned else []
+
+
 def parse_a1111_parameters(text: str, defaults: bool = False) -> dict:
     """An infotext read as AUTOMATIC1111's parse_generation_parameters reads it: "Prompt" (the lines before one that
     starts "Negative prompt:"), "Negative prompt" (that line on), and the fields of the last line, which counts as
     fields only when it holds three or more; a quoted value is read as JSON (its unquote), a "WxH" value becomes
     "Label-1" and "Label-2" (e.g. "Size-1": "512"). Values stay text, as A1111 keeps them. defaults: A1111's values
-    for the fields not there (A1111_INFOTEXT_DEFAULTS), as its reader adds them. Longer than MAX_INFOTEXT: an error."""
+    for the fields not there (A1111_INFOTEXT_DEFAULTS), as its reader adds them, and the options it turns on for
+    its older versions' pictures (a1111_backcompat). Longer than MAX_INFOTEXT: an error."""
     if len(str(text)) > MAX_INFOTEXT:
         raise ValueError(f"an infotext of {len(str(text))} characters; up to {MAX_INFOTEXT} are read (A1111's are a few "
                          "thousand)")
@@ -252,6 +296,7 @@ def parse_a1111_parameters(text: str, defaults: bool = False) -> dict:
             out[key] = value
     if defaults:
         out = {**A1111_INFOTEXT_DEFAULTS, **out}
+        a1111_backcompat(out)
     return out
 
 

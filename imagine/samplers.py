@@ -899,7 +899,7 @@ def _dpm_solver_span(denoise, plan: SamplingPlan, name: str, ends: str) -> tuple
         raise ValueError(f"{name}: ends must be one of {', '.join(map(repr, DPM_SOLVER_ENDS))}; got {ends!r}")
     levels = [s for s in plan.sigmas.tolist() if s > 0]
     schedule = getattr(denoise, "schedule", None)
-    table = schedule._sigma_table(float32=True) if schedule is not None else None  # (k-diffusion's float32 levels)
+    table = schedule._sigma_table(held=True) if schedule is not None else None  # (k-diffusion's levels)
     if ends == "model":
         if table is None:
             raise ValueError(f"{name}: ends='model' needs the training schedule (Denoiser(..., schedule=...))")

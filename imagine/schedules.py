@@ -186,14 +186,14 @@ def kl_optimal_a1111(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
     return torch.tan(u * lo + (1.0 - u) * hi).double().numpy()
 
 
-def kdiffusion_levels(kind: str, table: np.ndarray, n: int) -> np.ndarray:
+def kdiffusion_levels(kind: str, log_table: torch.Tensor, n: int) -> np.ndarray:
     """The levels of "uniform" / "normal" (n timesteps evenly from T-1 to 0) and "sgm_uniform" (n + 1, the last left
     out) interpolated as k-diffusion's DiscreteSchedule.t_to_sigma does, in float32 (log sigma linear between the
-    neighbouring timesteps of its float32 table): the levels AUTOMATIC1111 runs, to the last bit, so that a Brownian
-    tree over them spans exactly what its spans (`model_levels` gives the same in float64)."""
+    neighbouring timesteps of its table of log sigma, `NoiseSchedule.kdiffusion_log_sigmas`): the levels AUTOMATIC1111
+    runs, to the last bit, so that a Brownian tree over them spans exactly what its spans (`model_levels` gives the
+    same in float64)."""
     if kind not in ("uniform", "normal", "sgm_uniform"):
         raise ValueError(f"k-diffusion's interpolated levels are uniform, normal or sgm_uniform; got {kind!r}")
-    log_table = torch.from_numpy(np.asarray(table)).float().log()
     T = len(log_table)
     t = torch.linspace(T - 1, 0, n) if kind != "sgm_uniform" else torch.linspace(T - 1, 0, n + 1)[:-1]
     return kdiffusion_t_to_sigma(t, log_table).double().numpy()
@@ -405,6 +405,9 @@ class NoiseSchedule:
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)  # abar_t, Ho et al. eq. 4
+        # the precision k-diffusion and AUTOMATIC1111 hold abar in (their noise levels come from it): float32, or
+        # float16 under A1111's "Downcast alphas_cumprod" (a1111_downcast)
+        self.held_dtype = torch.float32
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -482,12 +485,46 @@ class NoiseSchedule:
             variance_type=variance_type,
         )
 
+    def _settings(self) -> dict[str, Any]:
+        # what a derived schedule keeps of this one (its stored settings, not its betas)
+        return dict(set_alpha_to_one=self.set_alpha_to_one, steps_offset=self.steps_offset,
+                    timestep_spacing=self.timestep_spacing, prediction_type=self.prediction_type,
+                    clip_sample=self.clip_sample, variance_type=self.variance_type)
+
+    def a1111_downcast(self) -> "NoiseSchedule":
+        """This schedule as AUTOMATIC1111 samples it under "Downcast alphas_cumprod" (its use_downcasted_alpha_bar
+        option, "for reproducing old seeds", and what its infotext reader turns on for pictures from before 1.7.0-225,
+        when a float16 model held its alphas_cumprod in float16): abar rounded to float16 (float64 again, exactly), and
+        held in float16 (`held_dtype`), so that the levels k-diffusion derives, sigma = sqrt((1 - abar) / abar) and
+        their logarithms, are computed in float16 as it computes them from a float16 abar (`_sigma_table(held=True)`,
+        `kdiffusion_log_sigmas`), and read so (`sigma_to_t`, `t_to_sigma`). For the k-diffusion samplers (the rules
+        that step in noise levels); `plan` refuses the others (A1111's DDIM and PLMS then take sqrt(1 - abar) in
+        float16 too, its UniPC and LCM their own tables). A "custom" schedule with this schedule's settings."""
+        if self.held_dtype == torch.float16:
+            return self
+        abar = self.alphas_cumprod.float().half()
+        steady = (abar[1:] == abar[:-1]).nonzero()
+        if len(steady) or not bool((abar > 0).all()):
+            where = (f"abar at timesteps {int(steady[0])} and {int(steady[0]) + 1} round to the same value"
+                     if len(steady) else f"abar at timestep {int((abar <= 0).nonzero()[0])} rounds to 0")
+            raise ValueError(f"this schedule does not survive float16: {where}; A1111's 'Downcast alphas_cumprod' is "
+                             "for Stable Diffusion's scaled-linear schedule (DDPM's linear betas, and zero terminal "
+                             "SNR, fall outside it)")
+        out = NoiseSchedule(betas_of(abar.double()), kind="custom", **self._settings())
+        out.alphas_cumprod = abar.double()  # (the float16 values to the bit, not their betas' float64 cumprod)
+        out.held_dtype = torch.float16
+        return out
+
     def a1111_zero_terminal_snr(self) -> "NoiseSchedule":
         """This schedule as AUTOMATIC1111's "Zero Terminal SNR" noise schedule samples it (its sd_noise_schedule
         option, for models trained so): Lin et al. 2023's Algorithm 1 on sqrt(abar) in float32, as A1111 rescales
         its model's float32 alphas_cumprod (shifted so that the last is 0, scaled so that the first keeps its value,
         squared), and the last abar set to A1111's A1111_ZERO_SNR_ALPHA_CUMPROD instead of 0. A "custom" schedule
         (its betas, to_config's trained_betas) with this schedule's settings."""
+        if self.held_dtype == torch.float16:  # (A1111 rescales the float16 abar: its last, 4.9e-8, rounds to 6e-8, and
+            # sqrt((1 - abar) / abar) overflows float16 to an infinite first noise level)
+            raise ValueError("A1111's Zero Terminal SNR noise schedule over its downcast (float16) alphas_cumprod starts "
+                             "from an infinite noise level (sigma_max overflows float16): use one of the two options")
         abar = zero_terminal_snr_abar(self.alphas_cumprod.float())
         if len(abar) > 1 and float(abar[-2]) <= A1111_ZERO_SNR_ALPHA_CUMPROD:
             raise ValueError(f"this schedule rescaled to zero terminal SNR has abar {float(abar[-2]):.3g} at its "
@@ -496,10 +533,7 @@ class NoiseSchedule:
                              "scaled-linear and cosine schedules")
         abar[-1] = A1111_ZERO_SNR_ALPHA_CUMPROD
         abar = abar.double()  # (float32 values held exactly; the betas' cumprod gives them back to float32's last bit)
-        return NoiseSchedule(betas_of(abar), kind="custom",
-                             set_alpha_to_one=self.set_alpha_to_one, steps_offset=self.steps_offset,
-                             timestep_spacing=self.timestep_spacing, prediction_type=self.prediction_type,
-                             clip_sample=self.clip_sample, variance_type=self.variance_type)
+        return NoiseSchedule(betas_of(abar), kind="custom", **self._settings())
 
     def to_config(self) -> dict[str, Any]:
         """diffusers' scheduler_config keys (DDIMScheduler reads them all), plus `_imagine_version`."""
@@ -550,27 +584,40 @@ class NoiseSchedule:
         return f"NoiseSchedule({self.kind}, T={self.num_train_timesteps}{extra}, {self.prediction_type})"
 
     # -- per-run step plans ------------------------------------------------------------------
-    def _sigma_table(self, float32: bool = False) -> np.ndarray:
-        # the sigmas the Karras-style samplers interpolate; abar_T = 0 floored as diffusers does. float32: as
-        # k-diffusion holds them (AUTOMATIC1111's CompVis models keep abar in float32, and k-diffusion takes
-        # sqrt((1 - abar) / abar) in float32): 1e-5 apart at SD's low end, which moves a Brownian tree's ends
+    def _sigma_table(self, held: bool = False) -> np.ndarray:
+        # the sigmas the Karras-style samplers interpolate; abar_T = 0 floored as diffusers does. held: as
+        # k-diffusion holds them, computed in `held_dtype` (AUTOMATIC1111's CompVis models keep abar in float32, and
+        # k-diffusion takes sqrt((1 - abar) / abar) in float32: 1e-5 apart at SD's low end, which moves a Brownian
+        # tree's ends; float16 under A1111's downcast)
         a = self.alphas_cumprod.numpy().copy()
         a[a <= 0] = ZERO_SNR_ALPHA_CUMPROD
-        if float32:
-            a = torch.from_numpy(a).float()
+        if held:
+            a = torch.from_numpy(a).to(self.held_dtype)
             return (((1 - a) / a) ** 0.5).double().numpy()
         return np.sqrt((1 - a) / a)
+
+    def kdiffusion_log_sigmas(self) -> torch.Tensor:
+        """log sigma_t, t = 0..T-1, as k-diffusion's DiscreteSchedule holds them (its log_sigmas): the log of the held
+        levels, in their dtype."""
+        return torch.from_numpy(self._sigma_table(held=True)).to(self.held_dtype).log()
+
+    def _log_sigma_table(self) -> np.ndarray:
+        # log sigma_t that levels are read against (sigma_to_t, t_to_sigma): float64, or a downcast schedule's as
+        # k-diffusion holds them (float16 logs are up to 1.5e-3 off, a quarter of a timestep at SD's low end)
+        if self.held_dtype == torch.float16:
+            return self.kdiffusion_log_sigmas().double().numpy()
+        return np.log(self._sigma_table())
 
     def sigma_to_t(self, sigmas) -> np.ndarray:
         """The (fractional) timestep of each noise level: linear interpolation in log sigma between
         neighbouring training timesteps, clamped to [0, T-1]."""
-        log_table = np.log(self._sigma_table())
+        log_table = self._log_sigma_table()
         return np.interp(np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10)), log_table,
                          np.arange(len(log_table), dtype=np.float64))
 
     def t_to_sigma(self, t) -> np.ndarray:
         """Inverse of `sigma_to_t`: sigma at a fractional timestep, log-linear between neighbours."""
-        log_table = np.log(self._sigma_table())
+        log_table = self._log_sigma_table()
         return np.exp(np.interp(np.asarray(t, dtype=np.float64), np.arange(len(log_table)), log_table))
 
     def plan(self, steps: int, *, rule: str = "ddim", spacing: str | None = None, steps_offset: int | None = None,
@@ -655,6 +702,12 @@ class NoiseSchedule:
             # DDIM's last step would go up in noise)
             custom = (lambda lo, hi, n, lo_t=float(table[0]), hi_t=float(table[-1]):
                       np.clip(spaced_sigmas(sigma_schedule, lo, hi, n, None, levels_dtype), lo_t, hi_t))
+        if self.held_dtype == torch.float16 and (rule in ("ddpm", "ddim", "lcm") or sigma_schedule in VP_TIME_SCHEDULES):
+            raise ValueError("A1111's 'Downcast alphas_cumprod' is reproduced for the samplers that step in noise levels "
+                             "(Euler, Euler a, LMS, Heun, DPM2, the DPM++ family, DPM fast and adaptive, Restart); "
+                             f"the {rule} rule{'s ' + sigma_schedule if sigma_schedule in VP_TIME_SCHEDULES else ''} is "
+                             "not (A1111's DDIM and PLMS then take sqrt(1 - abar) in float16 too, its UniPC and LCM "
+                             "their own tables)")
         spacing = self.timestep_spacing if spacing is None else spacing
         steps_offset = self.steps_offset if steps_offset is None else int(steps_offset)
         if rule == "lcm":
@@ -664,10 +717,10 @@ class NoiseSchedule:
         t = spaced_timesteps(T, int(steps), spacing, steps_offset, rule)
         if t.max() > T - 1 or t.min() < 0:
             raise ValueError(f"steps_offset={steps_offset} puts timesteps outside 0..{T - 1} ({t.max():.0f})")
-        table = self._sigma_table(float32=whole and sigma_schedule is not None)
+        table = self._sigma_table(held=whole and sigma_schedule is not None)
         read = model_levels(sigma_schedule, table, int(steps)) if sigma_schedule in MODEL_SIGMA_SCHEDULES else None
         if read is not None and whole:  # (k-diffusion's float32 levels, computed as it computes them)
-            read = (read[0], kdiffusion_levels(sigma_schedule, table, int(steps))
+            read = (read[0], kdiffusion_levels(sigma_schedule, self.kdiffusion_log_sigmas(), int(steps))
                     if sigma_schedule in ("uniform", "normal", "sgm_uniform") else float32_levels(read[1]))
         if rule in ("ddpm", "ddim"):
             if read is not None:

@@ -136,7 +136,7 @@ def test_ends():
     1-step plan (one interval), "plan" needs two levels above 0."""
     gauss, mu, var = _gaussian()
     schedule = NoiseSchedule.from_config("scaled_linear")
-    table = schedule._sigma_table(float32=True)
+    table = schedule._sigma_table(held=True)
     plan = schedule.plan(20, rule="karras", spacing="trailing", steps_offset=0)
     plan = plan.tail(1)  # (from sigma 10.9, below sigma_max, as an image-to-image run starts: "model" starts higher)
     assert float(plan.sigmas[-2]) > 0.2 and float(plan.sigmas[0]) < 0.9 * float(table[-1])

@@ -139,6 +139,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=False,
                    help="sample over A1111's 'Zero Terminal SNR' noise schedule: the model's rescaled so that the last "
                         "level is pure noise (Lin et al. 2023), for models trained so (v-prediction fine-tunes)")
+    p.add_argument("--downcast-alphas-cumprod", action=argparse.BooleanOptionalAction, default=False,
+                   help="A1111's 'Downcast alphas_cumprod', for pictures made before its 1.7.0-225 (an infotext from "
+                        "then turns it on): the noise levels from the model's alphas_cumprod rounded to float16, as a "
+                        "float16 model held them; for the samplers that step in noise levels (not DDIM, PLMS, UniPC, "
+                        "LCM)")
     p.add_argument("--strength", "--denoising-strength", type=float, default=None,
                    help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
                         "(default 0.75, A1111's; 1 with --mask, diffusers' inpainting default: the masked part "
@@ -275,6 +280,7 @@ _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "step
                  "hires_negative_prompt": "hires_negative_prompt", "composable": "composable",
                  "prompt_editing": "prompt_editing", "long_prompts": "long_prompts", "resize_mode": "resize_mode",
                  "masked_content": "masked_content", "zero_terminal_snr": "zero_terminal_snr",
+                 "downcast_alphas_cumprod": "downcast_alphas_cumprod",
                  "mask_invert": "invert_mask", "a1111_schedule": "_a1111_schedule"}
 
 
@@ -317,7 +323,10 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
     from imagine.samplers import COMPVIS_SAMPLERS, a1111_settings, resolve_sampler
     from imagine.schedules import SCHEDULE_LABELS
 
+    from imagine.images import a1111_backcompat
+
     fields, notes = dict(fields), []
+    notes += a1111_backcompat(fields)
 
     def number(label: str, cast=float):
         value = fields.pop(label)
@@ -378,6 +387,15 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
         raise ValueError(f"--infotext: Noise Schedule {schedule!r} is not one of A1111's, Default and Zero Terminal SNR")
     if schedule == "Zero Terminal SNR":
         out["zero_terminal_snr"] = True
+    if fields.get("Downcast alphas_cumprod") in ("True", True):
+        fields.pop("Downcast alphas_cumprod")
+        if resolve_sampler(out.get("sampler", "Euler"))[0] in (*COMPVIS_SAMPLERS, "lcm"):
+            notes.append(f"Downcast alphas_cumprod: True (not reproduced for {out['sampler']}: A1111 then takes more "
+                         "than the noise levels in float16)")
+        else:
+            out["downcast_alphas_cumprod"] = True
+    elif fields.get("Downcast alphas_cumprod") == "False":
+        fields.pop("Downcast alphas_cumprod")
     source = fields.pop("RNG", "GPU")
     if source not in ("GPU", "CPU", "NV"):
         raise ValueError(f"--infotext: RNG {source!r} is not one of A1111's sources GPU, CPU, NV")
@@ -902,6 +920,7 @@ def run(args) -> int:
                             **({"rng": args.rng} if args.rng != "cpu" else {}),
                             **({"noise_seed_delta": args.noise_seed_delta} if args.noise_seed_delta else {}),
                             **({"zero_terminal_snr": True} if args.zero_terminal_snr else {}),
+                            **({"downcast_alphas_cumprod": True} if args.downcast_alphas_cumprod else {}),
                             **picture)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},

@@ -558,7 +558,7 @@ class TextToImagePipeline:
                  image_guidance_gate: bool = True, noise_level: int | None = None, prior_steps: int | None = None,
                  prior_guidance_scale: float | None = None, sigma_range: str = "spaced",
                  discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", rng: str = "cpu",
-                 noise_seed_delta: int = 0, zero_terminal_snr: bool = False,
+                 noise_seed_delta: int = 0, zero_terminal_snr: bool = False, downcast_alphas_cumprod: bool = False,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -634,7 +634,10 @@ class TextToImagePipeline:
         image's draws after its start noise (an ancestral sampler's, eta's) come from its seed + the delta
         (imagine.sampling.ImageNoiseStream). zero_terminal_snr: sample over AUTOMATIC1111's "Zero Terminal SNR" noise
         schedule, the model's rescaled so that the last level is pure noise (Lin et al. 2023; for models trained so;
-        imagine.schedules.NoiseSchedule.a1111_zero_terminal_snr).
+        imagine.schedules.NoiseSchedule.a1111_zero_terminal_snr). downcast_alphas_cumprod: AUTOMATIC1111's "Downcast
+        alphas_cumprod" (for pictures from before its 1.7.0-225, when a float16 model held them in float16): the noise
+        levels of the model's alphas_cumprod rounded to float16, computed in float16 as k-diffusion computes them
+        (imagine.schedules.NoiseSchedule.a1111_downcast; for the samplers that step in noise levels).
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -673,7 +676,8 @@ class TextToImagePipeline:
                      "sigma_range": sigma_range != "spaced" and bool(sigma_schedule or karras),
                      "discard_penultimate_sigma": discard_penultimate_sigma,
                      "strength_rule": strength_rule != "diffusers", "rng": rng != "cpu",
-                     "noise_seed_delta": noise_seed_delta, "zero_terminal_snr": zero_terminal_snr}
+                     "noise_seed_delta": noise_seed_delta, "zero_terminal_snr": zero_terminal_snr,
+                     "downcast_alphas_cumprod": downcast_alphas_cumprod}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -725,6 +729,7 @@ class TextToImagePipeline:
             if final_step is None:
                 final_step = d.get("final_step")
         final_step = final_step or "euler"
+        schedule = self.a1111_schedule(downcast_alphas_cumprod, zero_terminal_snr)  # (its errors before any work)
         # a model's default start (matched) moves pure noise; an image-to-image run starts from its picture
         start = start or (None if init_image is not None or init_latents is not None else d.get("start")) or "noise"
         # (A scheduler config's clip_sample is not applied: diffusers' SD text-to-image and img2img pipelines set it
@@ -894,7 +899,7 @@ class TextToImagePipeline:
                                sampler_options=sampler_options, rho=rho, start=start, sigma_range=sigma_range,
                                discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
                                refiner_switch=refiner_switch if refine else None, report=report,
-                               schedule=self.schedule.a1111_zero_terminal_snr() if zero_terminal_snr else None)
+                               schedule=schedule)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__}
@@ -928,6 +933,8 @@ class TextToImagePipeline:
             params["noise_seed_delta"] = noise_seed_delta  # (A1111's "ENSD")
         if zero_terminal_snr:
             params["zero_terminal_snr"] = True  # (A1111's "Noise Schedule: Zero Terminal SNR")
+        if downcast_alphas_cumprod:
+            params["downcast_alphas_cumprod"] = True  # (A1111's "Downcast alphas_cumprod: True")
         if seed_resize_from_h > 0 and seed_resize_from_w > 0:  # (A1111's W x H; written, as A1111, whenever set)
             params["seed_resize_from"] = f"{seed_resize_from_w}x{seed_resize_from_h}"
         if refine and report.get("refined"):  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
@@ -971,6 +978,18 @@ class TextToImagePipeline:
                                 subseeds=list(subseeds) if subseeds is not None else None,
                                 parameters={**params, "prompt": prompts,
                                             "negative_prompt": [n or "" for n in negatives]})
+
+    def a1111_schedule(self, downcast_alphas_cumprod: bool = False, zero_terminal_snr: bool = False):
+        """The model's noise schedule under AUTOMATIC1111's overrides, in its order (apply_alpha_schedule_override):
+        "Downcast alphas_cumprod", then the "Zero Terminal SNR" rescale; None where neither is asked (the model's own)."""
+        for name, value in (("downcast_alphas_cumprod", downcast_alphas_cumprod),
+                            ("zero_terminal_snr", zero_terminal_snr)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False; got {value!r}")
+        if not (downcast_alphas_cumprod or zero_terminal_snr):
+            return None
+        schedule = self.schedule.a1111_downcast() if downcast_alphas_cumprod else self.schedule
+        return schedule.a1111_zero_terminal_snr() if zero_terminal_snr else schedule
 
     def generate_hires(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                        hires_scale: float = 2.0, hires_strength: float = 0.7, hires_steps: int | None = None,

@@ -57,7 +57,8 @@ MAX_SEED = 2**32 - 1
 # AUTOMATIC1111's random number generator sources as imagine's rng ("GPU" draws with torch on the device: the CPU here)
 A1111_RNG_SOURCES = {"GPU": "cpu", "CPU": "cpu", "NV": "nv"}
 # the override_settings the API reads
-A1111_OVERRIDES_READ = ("emphasis", "randn_source", "eta_noise_seed_delta", "sd_noise_schedule")
+A1111_OVERRIDES_READ = ("emphasis", "randn_source", "eta_noise_seed_delta", "sd_noise_schedule",
+                        "use_downcasted_alpha_bar")
 A1111_NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")  # its sd_noise_schedule
 
 
@@ -538,7 +539,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
               refiner: tuple | None = None, image_cfg: float | None = None, variation: tuple | None = None,
               seed_resize: tuple | None = None, rng: str = "cpu", noise_seed_delta: int = 0,
               eta: float | None = None, zero_terminal_snr: bool = False,
-              sampler_options: dict | None = None) -> str:
+              sampler_options: dict | None = None, downcast_alphas_cumprod: bool = False) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -558,6 +559,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              **({"seed_resize_from": f"{seed_resize[1]}x{seed_resize[0]}"} if seed_resize else {}),
                              "rng": rng, "noise_seed_delta": noise_seed_delta, "eta": eta,
                              "zero_terminal_snr": zero_terminal_snr, "sampler_options": sampler_options or None,
+                             "downcast_alphas_cumprod": downcast_alphas_cumprod,
                              "version": f"imagine {version}"})
 
 
@@ -627,6 +629,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         "live_previews_enable": True, "show_progress_every_n_steps": 1, "CLIP_stop_at_last_layers": 1 + clip_skip,
         "sd_vae": vae_name or "Automatic", "emphasis": "Original", "eta_ddim": 0.0, "eta_ancestral": 1.0,
         "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_noise_schedule": "Default",
+        "use_downcasted_alpha_bar": False,
     }
     finished: dict[str, float] = {}  # recently finished job ids, for progress?id_task=
     preview_lock = threading.Lock()
@@ -721,14 +724,15 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         override_settings, else the server's options); its "No norm" mode is read as "Original"."""
         return str(setting(req, "emphasis", "Original")) != "None"
 
-    def a1111_noise(req) -> tuple[str, int, bool]:
+    def a1111_noise(req) -> tuple[str, int, bool, bool]:
         """The images' noise as AUTOMATIC1111's settings make it (the request's override_settings, else the
         server's options): its "randn_source" ("GPU", its default, is torch's generator on the device: this server's
-        CPU; "CPU"; "NV", an NVIDIA GPU's draws) as imagine's rng, its "eta_noise_seed_delta" (ENSD), and whether its
-        "sd_noise_schedule" is "Zero Terminal SNR"."""
+        CPU; "CPU"; "NV", an NVIDIA GPU's draws) as imagine's rng, its "eta_noise_seed_delta" (ENSD), whether its
+        "sd_noise_schedule" is "Zero Terminal SNR", and its "use_downcasted_alpha_bar" ("Downcast alphas_cumprod")."""
         check_noise_settings(request_overrides(req), "override_settings")  # (the options were checked when set)
         return (A1111_RNG_SOURCES[setting(req, "randn_source", "GPU")], int(setting(req, "eta_noise_seed_delta", 0)),
-                setting(req, "sd_noise_schedule", "Default") == "Zero Terminal SNR")
+                setting(req, "sd_noise_schedule", "Default") == "Zero Terminal SNR",
+                setting(req, "use_downcasted_alpha_bar", False))
 
     def check_noise_settings(settings: dict, field: str) -> dict:
         """A1111's randn_source and eta_noise_seed_delta among `settings` (a request's override_settings, or options
@@ -746,6 +750,13 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if settings.get("sd_noise_schedule", "Default") not in A1111_NOISE_SCHEDULES:
             raise ApiError(422, f"sd_noise_schedule must be one of {', '.join(A1111_NOISE_SCHEDULES)} (AUTOMATIC1111's "
                                 f"noise schedule for sampling); got {settings['sd_noise_schedule']!r}", field)
+        if not isinstance(settings.get("use_downcasted_alpha_bar", False), bool):
+            raise ApiError(422, "use_downcasted_alpha_bar must be true or false (AUTOMATIC1111's 'Downcast "
+                                f"alphas_cumprod'); got {settings['use_downcasted_alpha_bar']!r}", field)
+        if settings.get("use_downcasted_alpha_bar") and settings.get("sd_noise_schedule") == "Zero Terminal SNR":
+            raise ApiError(422, "use_downcasted_alpha_bar with sd_noise_schedule 'Zero Terminal SNR': A1111 starts such "
+                                "a run from an infinite noise level (sigma_max overflows float16); use one of the two",
+                           field)
         return settings
 
     def image_guidance(req, inits) -> float | None:
@@ -1186,7 +1197,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                   "0 or -1: off)")
         seed_resize = ((req.seed_resize_from_h, req.seed_resize_from_w)
                        if req.seed_resize_from_h > 0 and req.seed_resize_from_w > 0 else None)
-        rng, seed_delta, zero_snr = a1111_noise(req)
+        rng, seed_delta, zero_snr, downcast = a1111_noise(req)
+        if downcast and (sampler in COMPVIS_SAMPLERS or sampler == "lcm"):
+            raise ApiError(422, f"use_downcasted_alpha_bar ('Downcast alphas_cumprod') is reproduced for the samplers "
+                                f"that step in noise levels, not for {samplers.a1111_name(sampler)} (A1111 then takes "
+                                "more than the noise levels in float16)", "override_settings")
         units, unit_ignored = check_controlnet(req, inits is not None)
         unit_pictures = await run_in_threadpool(
             lambda: [_decode_image(u["image"], u["field"], rgb=False) if u["image"] else None for u in units])
@@ -1233,7 +1248,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                                       for u in units),
                                     refiner_switch=refiner[1] if refiner else None, subseed_strength=variation,
                                     resize_mode=resize_mode, encoded_at=encoded_at, seed_resize=seed_resize,
-                                    rng=rng, noise_seed_delta=seed_delta, zero_terminal_snr=zero_snr),
+                                    rng=rng, noise_seed_delta=seed_delta, zero_terminal_snr=zero_snr,
+                                    downcast_alphas_cumprod=downcast),
                   subseeds=subseeds,
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],
@@ -1253,7 +1269,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
                                job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
                                (subseeds[i], variation) if subseeds else None, seed_resize, rng, seed_delta,
-                               None if "eta" in unused else req.eta, zero_snr, asked_options)
+                               None if "eta" in unused else req.eta, zero_snr, asked_options, downcast)
                      for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:

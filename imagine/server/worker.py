@@ -95,6 +95,7 @@ class Settings:
     rng: str = "cpu"  # where the seeds' noise comes from (TextToImagePipeline.generate): "nv" for A1111's "NV"
     noise_seed_delta: int = 0  # A1111's eta noise seed delta (ENSD)
     zero_terminal_snr: bool = False  # A1111's "Zero Terminal SNR" noise schedule (its sd_noise_schedule)
+    downcast_alphas_cumprod: bool = False  # A1111's "Downcast alphas_cumprod" (its use_downcasted_alpha_bar)
 
 
 @dataclass(eq=False)
@@ -447,6 +448,7 @@ class ModelWorker:
                               **({"rng": s.rng} if s.rng != "cpu" else {}),
                               **({"noise_seed_delta": s.noise_seed_delta} if s.noise_seed_delta else {}),
                               **({"zero_terminal_snr": True} if s.zero_terminal_snr else {}),
+                              **({"downcast_alphas_cumprod": True} if s.downcast_alphas_cumprod else {}),
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
                               **control)
                 images += res.images

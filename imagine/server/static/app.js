@@ -159,7 +159,8 @@ async function generate(ev) {
   const ensd = intValue("eta_noise_seed_delta");
   if (Number.isNaN(ensd) || ensd < 0) { showError("eta noise seed delta must be a whole number, 0 or more"); return; }
   body.override_settings = { randn_source: $("randn_source").value, eta_noise_seed_delta: ensd,
-                             sd_noise_schedule: $("zero_terminal_snr").checked ? "Zero Terminal SNR" : "Default" };
+                             sd_noise_schedule: $("zero_terminal_snr").checked ? "Zero Terminal SNR" : "Default",
+                             use_downcasted_alpha_bar: $("downcast_alphas_cumprod").checked };
   // img2img when a picture is chosen: A1111's body, the picture as a data URL, resized by the server to the size
   const file = $("init_image").files[0];
   const mask = $("mask").files[0];  // inpainting: A1111's mask (its other inpainting fields take their defaults)
@@ -247,6 +248,8 @@ async function readPicture() {
     $("randn_source").value = p["RNG"] === "CPU" ? "CPU" : "NV";
     $("eta_noise_seed_delta").value = p["ENSD"] || 0;
     $("zero_terminal_snr").checked = p["Noise Schedule"] === "Zero Terminal SNR";
+    // (A1111's reader turns it on for its older versions' pictures: the API answers true)
+    $("downcast_alphas_cumprod").checked = p["Downcast alphas_cumprod"] === true || p["Downcast alphas_cumprod"] === "True";
     $("noise").open = true;
   } catch (e) {
     showError("Could not read the picture: " + e);
