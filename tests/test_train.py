@@ -252,3 +252,119 @@ def test_compiled_training_matches_eager(tmp_path):
     moved = max(float((a[k] - runs["eager"][3][k]).abs().max()) for k in a)
     print(f"compiled vs eager after 6 steps: max |diff| {apart:.2e}; steps 3 to 6 moved {moved:.2e}")
     assert apart < 0.05 * moved, (apart, moved)   # compiled and eager agree far better than steps 3 and 6 do
+
+
+def _state(run: Path, step: int) -> dict:
+    return json.loads((run / "checkpoints" / f"step-{step:08d}" / "state.json").read_text())
+
+
+def test_a_run_keeps_its_own_checkpoints(tmp_path):
+    """A fresh run into a folder holding an earlier run's checkpoints is refused (they would mix); a run resumed from
+    an earlier checkpoint prunes only what is older than the one it writes, so `latest` names a checkpoint that is
+    there (keep_checkpoints 1 deleted the new one at once when the abandoned later one sorted after it)."""
+    from imagine.train import checkpoint as ckpt
+
+    data = make_folder(tmp_path / "data", n=8)
+    cfg = write_yaml(tmp_path / "vae.yaml", vae_config(data, max_steps=8, checkpoint_every=4, keep_checkpoints=2))
+    run = tmp_path / "run"
+    run_cli("train", "vae", "--config", cfg, "--output", run)
+    out = run_cli("train", "vae", "--config", cfg, "--output", run, check=False)
+    assert out.returncode == 2 and "holds checkpoints of an earlier run (the newest step-00000008)" in out.stderr
+    out = run_cli("train", "vae", "--config", cfg, "--output", run, "--resume-from",
+                  run / "checkpoints" / "step-00000004", "--set", "train.max_steps=6", "--set",
+                  "train.checkpoint_every=1", "--set", "train.keep_checkpoints=1")
+    assert "at step 4" in out.stdout
+    assert ckpt.latest_checkpoint(run) == run / "checkpoints" / "step-00000006"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000006", "step-00000008"]
+
+
+def test_train_options_are_checked_and_yaml_floats_read(tmp_path):
+    from imagine.train.loop import TRAIN_DEFAULTS, check_train_options
+
+    c = load_config(None, ["train.lr=1e-4", "train.betas=[0.9, 0.99]"])
+    assert c["train"]["lr"] == 1e-4  # (PyYAML alone reads 1e-4 as a string)
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 2e-4\n")
+    assert load_config(tmp_path / "c.yaml")["train"]["lr"] == 2e-4
+    assert check_train_options({**TRAIN_DEFAULTS, "lr": "3e-4"})["lr"] == 3e-4
+    for key, value, said in (("batch_size", 0, "train.batch_size must be a whole number >= 1"),
+                             ("checkpoint_every", 0, "train.checkpoint_every must be a whole number >= 1"),
+                             ("log_every", 2.5, "train.log_every must be a whole number"),
+                             ("grad_accum", 0, "train.grad_accum must be a whole number >= 1"),
+                             ("lr", "fast", "train.lr must be a number"), ("lr", 0, "train.lr must be > 0"),
+                             ("betas", [0.9], "train.betas must be two numbers"),
+                             ("ema_decay", 1.0, "train.ema_decay must be below 1"),
+                             ("compile", "yes", "train.compile must be true or false"),
+                             ("lr_schedule", "linear", "unknown train.lr_schedule")):
+        with pytest.raises(ValueError, match=said):
+            check_train_options({**TRAIN_DEFAULTS, key: value})
+    data = make_folder(tmp_path / "data", n=4)
+    cfg = write_yaml(tmp_path / "vae.yaml", vae_config(data, max_steps=2))
+    for override, said in (("train.batch_size=0", "train.batch_size must be a whole number >= 1"),
+                           ("loss.kl_wieght=1.0", "unknown key(s) in loss: kl_wieght"),
+                           ("data.captoin_column=text", "unknown key(s) in data: captoin_column"),
+                           ("min_snr_gama=5", "unknown key(s) in the VAE's config: min_snr_gama")):
+        out = run_cli("train", "vae", "--config", cfg, "--output", tmp_path / "r", "--set", override, check=False)
+        assert out.returncode == 2 and said in out.stderr, (override, out.stderr[-400:])
+
+
+def test_bad_metadata_records_are_counted_once(tmp_path):
+    """A record whose file_name is no string is a malformed line (skipped, counted); a resumed run's counts are the
+    checkpoint's, not those plus the ones the dataset counted again while loading; the checkpoint stores the whole
+    config (defaults filled in) and a resume takes the configured AdamW settings."""
+    data = make_folder(tmp_path / "data", n=8)
+    with open(data / "metadata.jsonl", "a") as f:
+        f.write('{"file_name": null, "text": "x"}\n{"file_name": 3, "text": "y"}\n')
+    from imagine.train.data import ImageFolderDataset
+
+    assert ImageFolderDataset(data, 16).skipped == {"malformed metadata lines": 2}
+    cfg = write_yaml(tmp_path / "vae.yaml", vae_config(data, max_steps=4, checkpoint_every=2))
+    run_cli("train", "vae", "--config", cfg, "--output", tmp_path / "straight")
+    run_cli("train", "vae", "--config", cfg, "--output", tmp_path / "resumed", "--set", "train.max_steps=2")
+    run_cli("train", "vae", "--config", cfg, "--output", tmp_path / "resumed", "--resume", "--set",
+            "train.weight_decay=0.5")
+    want = _state(tmp_path / "straight", 4)
+    got = _state(tmp_path / "resumed", 4)
+    assert got["skipped"] == want["skipped"] == {"malformed metadata lines": 2}
+    assert got["optimizer"]["param_groups"][0]["weight_decay"] == 0.5  # (the checkpoint said 0.01)
+    assert want["resolved"]["train"]["ema_decay"] == 0.9999 and want["resolved"]["loss"]["disc_start"] == 5000
+    assert want["resolved"]["model"]["latent_channels"] == 2
+
+
+def test_a_discriminators_optimizer_is_part_of_the_atomic_checkpoint(tmp_path, monkeypatch):
+    """A VAE trained with its PatchGAN: the discriminator's AdamW state is written inside the checkpoint's atomic
+    step, so a failure while writing it leaves the previous checkpoint as `latest` (it used to be written after the
+    rename, `latest` naming a checkpoint that could not resume); a packaged checkpoint leaves every optimizer's
+    moments out (float16 would flush them) and still resumes."""
+    from imagine.models import io as mio
+    from imagine.train import checkpoint as ckpt
+    from imagine.train.cli import add_arguments, run
+    from imagine.train.package import package_checkpoint
+    import argparse
+
+    data = make_folder(tmp_path / "data", n=8)
+    config = vae_config(data, max_steps=4, checkpoint_every=2)
+    config["loss"].update(discriminator=True, disc_start=0, disc_layers=1)
+    cfg = write_yaml(tmp_path / "vae.yaml", config)
+    save = mio.save_tensors
+
+    def failing(path, tensors, *a, **k):
+        if Path(path).name == "opt_disc.safetensors" and "00000004" in str(path):
+            raise OSError("disk full")
+        return save(path, tensors, *a, **k)
+
+    monkeypatch.setattr(mio, "save_tensors", failing)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    with pytest.raises(OSError, match="disk full"):
+        run(p.parse_args(["vae", "--config", str(cfg), "--output", str(tmp_path / "run")]))
+    monkeypatch.setattr(mio, "save_tensors", save)
+    last = ckpt.latest_checkpoint(tmp_path / "run")
+    assert last.name == "step-00000002" and (last / "opt_disc.safetensors").is_file()
+    out = run_cli("train", "vae", "--config", cfg, "--output", tmp_path / "run", "--resume")
+    assert "at step 2" in out.stdout and (tmp_path / "run" / "checkpoints" / "step-00000004" / "opt_disc.safetensors").is_file()
+    small = tmp_path / "small"
+    package_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000004", small)
+    assert not list(small.glob("opt*.safetensors"))
+    out = run_cli("train", "vae", "--config", cfg, "--output", tmp_path / "c", "--resume-from", small, "--set",
+                  "train.max_steps=5")
+    assert "at step 4" in out.stdout and "no state for the disc optimizer" in out.stderr

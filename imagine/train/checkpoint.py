@@ -79,8 +79,10 @@ def _py_state_from_json(s):
 
 def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Module | dict],
                     optimizer: torch.optim.Optimizer | None, state: dict, generators: dict[str, torch.Generator],
-                    keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and point `latest` at it; keep the newest `keep`."""
+                    keep: int = 2, files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; keep it and the newest `keep` - 1 before it
+    (0: all). `files`: more tensor files by name (e.g. another optimizer's), written inside the same atomic step.
+    Checkpoints numbered above `step` (a run resumed from an earlier one) are left alone: only older ones go."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
@@ -96,6 +98,8 @@ def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Mod
         t, m = flatten_optimizer(optimizer.state_dict())
         io.save_tensors(tmp / "optimizer.safetensors", t)
         meta["optimizer"] = m
+    for name, tensors in (files or {}).items():
+        io.save_tensors(tmp / f"{name}.safetensors", tensors)
     rt, rm = rng_state(generators)
     io.save_tensors(tmp / "rng.safetensors", rt)
     meta["rng"] = rm
@@ -104,8 +108,8 @@ def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Mod
         shutil.rmtree(final)
     tmp.rename(final)
     io.atomic_write_bytes(ckpt_root / "latest", (final.name + "\n").encode())
-    done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-    for old in done[:-keep] if keep > 0 else []:
+    older = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p.name < final.name)
+    for old in older[:len(older) - (keep - 1)] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(".step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's floats: PyYAML (YAML 1.1) reads `1e-4`, a learning rate's usual spelling, as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, defaults: dict | None = None) -> dict:
@@ -15,7 +30,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, def
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = parse_yaml(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config must be a YAML mapping at the top level")
         deep_update(cfg, loaded)
@@ -23,7 +38,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, def
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value")
         key, value = item.split("=", 1)
-        set_dotted(cfg, key.strip(), yaml.safe_load(value))
+        set_dotted(cfg, key.strip(), parse_yaml(value))
     return cfg
 
 
@@ -47,6 +62,8 @@ def set_dotted(cfg: dict, key: str, value: Any) -> None:
 
 
 def check_keys(section: dict, allowed: set[str], where: str) -> None:
+    if not isinstance(section, dict):
+        raise ValueError(f"{where} must be a mapping of keys to values; got {section!r}")
     unknown = sorted(set(section) - allowed)
     if unknown:
         raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")

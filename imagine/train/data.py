@@ -70,7 +70,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     continue
                 try:
                     rec = json.loads(line)
-                    if not isinstance(rec, dict) or "file_name" not in rec:
+                    if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str):
                         raise ValueError("no file_name")
                 except (json.JSONDecodeError, ValueError):
                     self.skipped["malformed metadata lines"] += 1
@@ -273,7 +273,15 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
 _IMAGE_KEYS = {e[1:] for e in IMAGE_EXTS}
 
 
+# the data section's keys (build_dataset's, and the trainer's held-out images: eval_count, eval_urls)
+DATA_KEYS = {"type", "resolution", "seed", "length", "split", "family_weights", "pair_order", "path",
+             "caption_column", "flip", "urls", "eval_urls", "eval_count"}
+
+
 def build_dataset(cfg: dict, require_captions: bool = True):
+    from imagine.train.config import check_keys
+
+    check_keys(cfg, DATA_KEYS, "data")
     kind = cfg.get("type", "shapes")
     res = int(cfg.get("resolution", 64))
     if kind == "shapes":

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from imagine.models.io import atomic_write_json
+from imagine.train.config import check_keys
 from imagine.train.loop import Task, global_slots
 
 DIFFUSION_DEFAULTS = {
@@ -24,7 +25,7 @@ DIFFUSION_DEFAULTS = {
     "text_encoder": {"type": "minilm", "max_length": 32},
     "vae": None, "cache_text": True, "cache_latents": True,
     "sample": {"prompts": [], "steps": 20, "guidance_scale": 5.0, "sampler": "dpmpp_2m", "seed": 0,
-               "sigma_schedule": None, "final_step": "euler"},
+               "sigma_schedule": None, "final_step": "euler", "threshold_range": None},
 }
 
 
@@ -39,6 +40,8 @@ class DiffusionTask(Task):
         from imagine.schedules import NoiseSchedule
 
         self.cfg = cfg
+        check_keys(cfg, {"seed", "output", "data", "model", "train", *DIFFUSION_DEFAULTS}, "the diffusion config")
+        check_keys(cfg.get("sample") or {}, set(DIFFUSION_DEFAULTS["sample"]), "sample")
         d = {**DIFFUSION_DEFAULTS, **{k: v for k, v in cfg.items() if k in DIFFUSION_DEFAULTS}}
         d["sample"] = {**DIFFUSION_DEFAULTS["sample"], **(cfg.get("sample") or {})}
         self.d = d
@@ -79,6 +82,9 @@ class DiffusionTask(Task):
 
     def generators(self):
         return {"noise": self.gen, "dropout": self.drop_gen}
+
+    def resolved_config(self):
+        return {**self.d, "model": self.trainable.config.to_dict()}
 
     # -- conditioning --------------------------------------------------------------------------
     def precompute_text(self, captions: list[str], batch: int = 256) -> None:

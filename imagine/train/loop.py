@@ -39,6 +39,50 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
+# the train options' kinds: numbers (a YAML "1e-4" read as a string is taken), counts, switches
+_TRAIN_NUMBERS = {"lr": (0.0, False), "weight_decay": (0.0, True), "min_lr_ratio": (0.0, True),
+                  "grad_clip": (0.0, True), "ema_decay": (0.0, True), "max_minutes": (0.0, True)}  # (bound, inclusive)
+_TRAIN_COUNTS = {"batch_size": 1, "max_steps": 1, "grad_accum": 1, "checkpoint_every": 1, "log_every": 1,
+                 "warmup_steps": 0, "keep_checkpoints": 0, "sample_every": 0, "eval_every": 0, "num_workers": 0,
+                 "threads": 0}  # (the least value; 0 is "off" or "all" where allowed)
+_TRAIN_SWITCHES = ("ema_warmup", "deterministic", "progress", "tensorboard", "compile")
+
+
+def check_train_options(tc: dict) -> dict:
+    """The train section's values checked (a ValueError naming the key and what is valid) and numbers made floats."""
+    out = dict(tc)
+    for key, (least, inclusive) in _TRAIN_NUMBERS.items():
+        v = out[key]
+        try:
+            if isinstance(v, bool):
+                raise ValueError
+            v = out[key] = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"train.{key} must be a number; got {tc[key]!r}") from None
+        if not (v >= least if inclusive else v > least) or v != v:
+            raise ValueError(f"train.{key} must be {'>=' if inclusive else '>'} {least:g}; got {tc[key]!r}")
+    for key, least in _TRAIN_COUNTS.items():
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"train.{key} must be a whole number >= {least}; got {v!r}")
+    for key in _TRAIN_SWITCHES:
+        if not isinstance(out[key], bool):
+            raise ValueError(f"train.{key} must be true or false; got {out[key]!r}")
+    if out["ema_decay"] >= 1 or out["min_lr_ratio"] > 1:
+        raise ValueError(f"train.ema_decay must be below 1 and train.min_lr_ratio at most 1; got {out['ema_decay']!r} "
+                         f"and {out['min_lr_ratio']!r}")
+    betas = out["betas"]
+    try:
+        betas = out["betas"] = [float(b) for b in betas]
+    except (TypeError, ValueError):
+        betas = None
+    if not betas or len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"train.betas must be two numbers in [0, 1) (AdamW's); got {tc['betas']!r}")
+    if out["lr_schedule"] not in ("cosine", "constant"):
+        raise ValueError(f"unknown train.lr_schedule {out['lr_schedule']!r}; valid: 'cosine', 'constant'")
+    return out
+
+
 def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
     """Linear warm-up then constant or cosine decay (Loshchilov & Hutter 2017) to min_ratio."""
     if warmup > 0 and step < warmup:
@@ -94,6 +138,10 @@ class Task:
         return False
 
     def generators(self) -> dict[str, torch.Generator]:
+        return {}
+
+    def resolved_config(self) -> dict:
+        """The task's sections with their defaults filled in (stored in every checkpoint beside the config given)."""
         return {}
 
 
@@ -152,9 +200,14 @@ def _sum_across(accelerator, counts: SkipCounter) -> SkipCounter:
 
 def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | Path = False, accelerator=None,
                  export_only: bool = False) -> dict:
-    tc = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
-    check_keys(tc, set(TRAIN_DEFAULTS), "train")
+    check_keys(cfg.get("train", {}), set(TRAIN_DEFAULTS), "train")
+    tc = check_train_options({**TRAIN_DEFAULTS, **cfg.get("train", {})})
     out_dir = Path(out_dir)
+    earlier = None if resume or export_only else ckpt.latest_checkpoint(out_dir)
+    if earlier is not None:  # (a fresh run there would mix its checkpoints with the earlier run's, and --resume
+        # could pick either)
+        raise ValueError(f"{out_dir} holds checkpoints of an earlier run (the newest {earlier.name}): --resume "
+                         "continues it; give another --output, or remove its checkpoints folder, to start afresh")
     if accelerator is None:
         from accelerate import Accelerator
 
@@ -172,7 +225,8 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
         torch.use_deterministic_algorithms(True, warn_only=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     if main:
-        io.atomic_write_json(out_dir / "config.json", {"imagine_version": __version__, **cfg})
+        io.atomic_write_json(out_dir / "config.json", {"imagine_version": __version__, **cfg,
+                                                        "resolved": {"train": tc, **task.resolved_config()}})
 
     net = task.trainable
     params = [p for p in net.parameters() if p.requires_grad]
@@ -214,17 +268,23 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
                 mods["ema"] = ema
             meta = ckpt.load_checkpoint(last, modules=mods, optimizer=opt, generators=gens,
                                         may_lack=task.new_parameter)
+            for g in opt.param_groups:  # (the config's, as the lr is set at every step; the checkpoint's groups
+                # would otherwise keep the old run's)
+                g["weight_decay"], g["betas"] = tc["weight_decay"], tuple(tc["betas"])
             if meta["new_parameters"] and main:
                 print(f"{len(meta['new_parameters'])} parameters are not in {last} (a model extension switched on "
                       f"since): they start at their initialisation, e.g. {meta['new_parameters'][0]}")
             for name, o in task.extra_optimizers.items():
-                if name in meta.get("extra_optimizers", {}):
+                if name in meta.get("extra_optimizers", {}) and (last / f"opt_{name}.safetensors").is_file():
                     o.load_state_dict(ckpt.unflatten_optimizer(
                         io.load_tensors(last / f"opt_{name}.safetensors"), meta["extra_optimizers"][name]))
+                elif name in meta.get("extra_optimizers", {}):
+                    log.warning("%s has no state for the %s optimizer (a packaged checkpoint): its moments start "
+                                "from zero", last, name)
             step = meta["step"]
             batches.position = meta["data_position"]
-            if main:
-                skipped.update(meta.get("skipped", {}))
+            if main:  # (the checkpoint's counts include what the dataset counted while loading)
+                skipped = SkipCounter(meta.get("skipped", {}))
             if main:
                 print(f"resumed from {last} at step {step}")
     if accelerator.num_processes > 1:
@@ -258,13 +318,13 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
         for name, o in task.extra_optimizers.items():
             t, m = ckpt.flatten_optimizer(o.state_dict())
             extra[name] = (t, m)
-        path = ckpt.save_checkpoint(out_dir, step_now, modules=mods, optimizer=opt,
-                                    state={"data_position": batches.position, "config": cfg,
-                                           "skipped": dict(total_skipped),
-                                           "extra_optimizers": {k: v[1] for k, v in extra.items()}},
-                                    generators=gens, keep=tc["keep_checkpoints"])
-        for name, (t, _) in extra.items():
-            io.save_tensors(path / f"opt_{name}.safetensors", t)
+        ckpt.save_checkpoint(out_dir, step_now, modules=mods, optimizer=opt,
+                             state={"data_position": batches.position, "config": cfg,
+                                    "resolved": {"train": tc, **task.resolved_config()},
+                                    "skipped": dict(total_skipped),
+                                    "extra_optimizers": {k: v[1] for k, v in extra.items()}},
+                             generators=gens, keep=tc["keep_checkpoints"],
+                             files={f"opt_{k}": v[0] for k, v in extra.items()})
 
     last_good: dict | None = None
     empty_limit = math.ceil(len(dataset) / tc["batch_size"]) + 1 if hasattr(dataset, "__len__") else 1000

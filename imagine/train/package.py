@@ -8,6 +8,7 @@ back into fp32 modules), configs and model_index.json copied, sizes reported.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import shutil
 import sys
 from pathlib import Path
@@ -30,19 +31,20 @@ def package_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = to
     """A training checkpoint made small enough to commit, so a run goes on in another session:
     the weights and the EMA stored in `dtype` (they load back into the fp32 modules, and training
     goes on in fp32: one rounding, 2^-11 relative in fp16, per carry), data position and RNG
-    states as they are, AdamW's moments left out (a resume restarts them, with a warning)."""
+    states as they are, AdamW's moments left out, every optimizer's (a resume restarts them, with a warning: float16
+    would flush the small second moments to 0 and blow up the first updates)."""
     src = Path(src)
     if not (src / "state.json").is_file():
         raise FileNotFoundError(f"{src} is not a checkpoint folder (no state.json)")
-    return _copy_converting(src, Path(dst), dtype, skip={"optimizer.safetensors"})
+    return _copy_converting(src, Path(dst), dtype, skip=("optimizer.safetensors", "opt_*.safetensors"))
 
 
-def _copy_converting(src: Path, dst: Path, dtype: torch.dtype, skip=frozenset()) -> int:
+def _copy_converting(src: Path, dst: Path, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> int:
     tmp = dst.with_name(f".{dst.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     for f in sorted(src.rglob("*")):
-        if f.is_dir() or f.name in skip:
+        if f.is_dir() or any(fnmatch.fnmatch(f.name, pattern) for pattern in skip):
             continue
         out = tmp / f.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)

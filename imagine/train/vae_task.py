@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagine.models.vae import AutoencoderKL, VAEConfig
+from imagine.train.config import check_keys
 from imagine.train.loop import Task, global_slots
 
 VAE_LOSS_DEFAULTS = {"reconstruction": "l1", "kl_weight": 1e-6, "discriminator": False, "disc_start": 5000,
@@ -67,6 +68,8 @@ class VAETask(Task):
 
     def __init__(self, cfg: dict, eval_images: torch.Tensor | None = None):
         self.cfg = cfg
+        check_keys(cfg, {"seed", "output", "data", "model", "loss", "train"}, "the VAE's config")
+        check_keys(cfg.get("loss", {}), set(VAE_LOSS_DEFAULTS), "loss")
         self.lc = {**VAE_LOSS_DEFAULTS, **cfg.get("loss", {})}
         if self.lc["reconstruction"] not in ("l1", "l2"):
             raise ValueError(f"loss.reconstruction must be 'l1' or 'l2'; got {self.lc['reconstruction']!r}")
@@ -90,6 +93,9 @@ class VAETask(Task):
 
     def generators(self):
         return {"noise": self.gen}
+
+    def resolved_config(self):
+        return {"loss": self.lc, "model": self.trainable.config.to_dict()}
 
     def step_module(self):
         return self.step
