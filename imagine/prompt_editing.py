@@ -8,6 +8,12 @@
   `(a [red:blue:0.5] ball:1.2)`. A bracket that fits none of these is text; a '|' outside `[a|b]` (A1111's
   grammar has none) or a lone backslash at the end leaves the whole prompt unparsed, as A1111 leaves it.
 
+A hires. fix second pass reads the same `when` on one timeline over both passes, as A1111 1.6+ does: a step number
+counts from the first pass's start (`[a:b:25]` after a 20-step first pass switches at this pass's step 5), a fraction
+from 1 to 2 spans this pass (`[a:b:1.5]`: half way through it), so `[a:b:0.5]` reads `b` all through it. A1111's
+"Old prompt editing timelines" (its use_old_scheduling, before 1.6): `when` under 1 a fraction of the steps, else a
+step number, decimal point or not, and a second pass read over the first pass's steps.
+
 As A1111 (its `prompt_parser`): the step numbers where the text may change are collected (every `when` from 1 on,
 the run's steps, and every step when a prompt alternates); `prompt_schedule` gives, for each, the text at that step.
 The sampler's denoiser at step i (from 0) reads the text of the first number >= i (`StepConditioning` in
@@ -140,13 +146,27 @@ def _parse(prompt: str) -> list | None:
     return items
 
 
-def _when(text: str, steps: int) -> int:
-    """A1111's reading of `when`: with a decimal point a fraction of the steps, else a step; capped at the steps."""
-    v = float(text)
-    return min(steps, int(v * steps if "." in text else v))
+@dataclass(frozen=True)
+class Timeline:
+    """How `when` is read (A1111's get_learned_conditioning_prompt_schedules): `steps` the pass's steps, `first_pass`
+    the first pass's where this is a hires. fix second pass (None: a run of its own), `old` A1111's old rule."""
+    steps: int
+    first_pass: int | None = None
+    old: bool = False
+
+    def when(self, text: str) -> int:
+        """The step `when` names, capped at the steps (under 1: the text never reads `before` in this pass)."""
+        v = float(text)
+        if self.old:
+            v = v * self.steps if v < 1 else v
+        elif "." in text:
+            v = (v - (self.first_pass is not None)) * self.steps
+        else:
+            v = v - (self.first_pass or 0)
+        return min(self.steps, int(v))
 
 
-def _walk(items: list, steps: int, points: set[int]) -> bool:
+def _walk(items: list, steps: Timeline, points: set[int]) -> bool:
     """Collect the steps where the text may change; True if some part alternates."""
     alternates = False
     for it in items:
@@ -155,7 +175,7 @@ def _walk(items: list, steps: int, points: set[int]) -> bool:
         elif isinstance(it, _Square):
             alternates |= _walk(it.inner, steps, points)
         elif isinstance(it, _Scheduled):
-            when = _when(it.when, steps)
+            when = steps.when(it.when)
             if when >= 1:
                 points.add(when)
             alternates |= _walk(it.before, steps, points) | _walk(it.after, steps, points)
@@ -166,7 +186,7 @@ def _walk(items: list, steps: int, points: set[int]) -> bool:
     return alternates
 
 
-def _render(items: list, step: int, steps: int) -> str:
+def _render(items: list, step: int, steps: Timeline) -> str:
     out = []
     for it in items:
         if isinstance(it, _Text):
@@ -177,26 +197,33 @@ def _render(items: list, step: int, steps: int) -> str:
         elif isinstance(it, _Square):
             out.append("[" + _render(it.inner, step, steps) + "]")
         elif isinstance(it, _Scheduled):
-            out.append(_render(it.before if step <= _when(it.when, steps) else it.after, step, steps))
+            out.append(_render(it.before if step <= steps.when(it.when) else it.after, step, steps))
         else:
             out.append(_render(it.options[(step - 1) % len(it.options)], step, steps))
     return "".join(out)
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(prompt: str, steps: int, first_pass: int | None = None, old: bool = False) -> list[tuple[int, str]]:
     """[(last step, text)]: the prompt's text up to each step number where it may change, the last being `steps`.
-    A prompt without editing (or that cannot be parsed) -> [(steps, prompt)]."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    A prompt without editing (or that cannot be parsed) -> [(steps, prompt)]. first_pass: this is a hires. fix second
+    pass after a first pass of that many steps (one timeline over both); old: A1111's "Old prompt editing timelines"
+    (a second pass is then read over the first pass's steps, as A1111 reads it)."""
+    for name, value in (("steps", steps), ("first_pass", first_pass)):
+        if (value is not None or name == "steps") and (isinstance(value, bool) or not isinstance(value, int)
+                                                        or value < 1):
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    if old and first_pass is not None:
+        steps = first_pass
+    timeline = Timeline(steps, first_pass, bool(old))
     if "[" not in prompt:
         return [(steps, prompt)]
     items = _parse(prompt)
     if items is None:
         return [(steps, prompt)]
     points = {steps}
-    if _walk(items, steps, points):
+    if _walk(items, timeline, points):
         points.update(range(1, steps + 1))
-    return [(end, _render(items, end, steps)) for end in sorted(points)]
+    return [(end, _render(items, end, timeline)) for end in sorted(points)]
 
 
 def text_at(schedule: list[tuple[int, str]], i: int) -> int:

@@ -1,7 +1,8 @@
 """AUTOMATIC1111's "Downcast alphas_cumprod" (its use_downcasted_alpha_bar option, "for reproducing old seeds";
 NoiseSchedule.a1111_downcast, generate(downcast_alphas_cumprod=True), --downcast-alphas-cumprod, the A1111 API's
 override_settings, the infotext's "Downcast alphas_cumprod") and the options A1111's infotext reader turns on for its
-older versions' pictures (images.a1111_backcompat, its infotext_versions.backcompat).
+older versions' pictures (images.a1111_backcompat, its infotext_versions.backcompat), among them "Old prompt editing
+timelines" (generate(old_prompt_editing=True), --old-prompt-editing, override_settings use_old_scheduling).
 
 Checked: the float16 alphas_cumprod, and the noise levels k-diffusion derives from them (its CompVisDenoiser over a
 model holding float16 alphas_cumprod, as A1111's apply_alpha_schedule_override leaves it), bit for bit; k-diffusion's
@@ -181,3 +182,40 @@ def test_the_cli_and_the_a1111_api_follow(pipe, tmp_path, capsys):
     assert main(["generate", "--model", pipe.c.source, "--infotext", str(out), "--no-downcast-alphas-cumprod",
                  "-o", str(again), "-q"]) == 0
     assert "Downcast" not in Image.open(again).text["parameters"]
+
+
+def test_old_prompt_editing_timelines_follow(pipe, tmp_path, capsys):
+    """A1111's "Old prompt editing timelines" (use_old_scheduling; its reader turns it on for a picture from before
+    1.6 whose prompt has '['): `[red:blue:1.0]` switches after step 1 there, never under the new rule."""
+    httpx = pytest.importorskip("httpx")
+    from imagine.cli import main
+    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+
+    flags = infotext_defaults(parse_a1111_parameters("a [red:blue:1.0] circle\nSteps: 4, Sampler: Euler a, CFG "
+                                                     "scale: 5, Seed: 5, Size: 16x16, Version: v1.5.1"))
+    assert flags["old_prompt_editing"] is True and flags["downcast_alphas_cumprod"] is True
+    kw = dict(steps=4, height=16, width=16, guidance_scale=5.0, seed=5, progress=False)
+    api = {**a1111_settings("Euler a"), "emphasis": True, "long_prompts": True, "prompt_editing": True,
+           "composable": True}
+    want = pipe.generate("a [red:blue:1.0] circle", old_prompt_editing=True, **kw, **api)
+    assert want.images[0].tobytes() == pipe.generate("a [red:blue:1] circle", **kw, **api).images[0].tobytes()
+    assert want.images[0].tobytes() != pipe.generate("a [red:blue:1.0] circle", **kw, **api).images[0].tobytes()
+    body = {"prompt": "a [red:blue:1.0] circle", "steps": 4, "cfg_scale": 5, "width": 16, "height": 16, "seed": 5,
+            "sampler_name": "Euler a"}
+    with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "override_settings": {"use_old_scheduling": True}},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
+        assert got.tobytes() == want.images[0].convert("RGB").tobytes()
+        assert "Old prompt editing timelines: True" in json.loads(r.json()["info"])["infotexts"][0]
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "override_settings": {"use_old_scheduling": 1}},
+                       timeout=60)
+        assert r.status_code == 422 and "use_old_scheduling must be true or false" in r.text
+    out = tmp_path / "old.png"
+    assert main(["generate", "--model", pipe.c.source, "a [red:blue:1.0] circle", "--old-prompt-editing",
+                 "--a1111-sampling", "--a1111-prompts", "--sampler", "Euler a", "--steps", "4", "--guidance-scale",
+                 "5", "--seed", "5", "--height", "16", "--width", "16", "-o", str(out), "-q"]) == 0
+    made = Image.open(out)
+    assert made.convert("RGB").tobytes() == want.images[0].convert("RGB").tobytes()
+    assert "Old prompt editing timelines: True" in made.text["parameters"]

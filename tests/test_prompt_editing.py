@@ -130,8 +130,8 @@ def test_the_pipeline_schedules_heun_over_twice_its_steps(sd, monkeypatch):
     _, pipe = sd
     spans = []
     encode = pipe._encode_texts
-    monkeypatch.setattr(pipe, "_encode_texts", lambda texts, e, lp, steps: (spans.append(steps), encode(texts, e, lp,
-                                                                                                         steps))[1])
+    monkeypatch.setattr(pipe, "_encode_texts", lambda texts, e, lp, line: (spans.append(line.steps),
+                                                                            encode(texts, e, lp, line))[1])
     for sampler in ("heun", "euler", "DPM2 a", "dpmpp_2s_a", "lms"):
         pipe.generate("a [red:blue:2] circle", prompt_editing=True, sampler=sampler, steps=3, height=16, width=16,
                       progress=False, output_type="latent")
@@ -178,3 +178,41 @@ def test_the_a1111_api_and_the_cli_read_prompt_editing(sd, tmp_path, capsys):
     kw = dict(steps=4, guidance_scale=CFG, height=16, width=16, seed=6, progress=False, **a1111_settings("Euler"))
     want = pipe.generate(prompt, prompt_editing=True, emphasis=True, **kw).images[0].convert("RGB").tobytes()
     assert api_and_cli_images(pipe, prompt, ["--prompt-editing", "--emphasis"], tmp_path, capsys) == (want, want)
+
+
+@pytest.mark.parametrize("prompt,steps,first_pass,old,want", [
+    # A1111's docstring (get_learned_conditioning_prompt_schedules([p], 10, 10)): a hires. fix second pass reads
+    # `when` on one timeline over both passes, a fraction from 1 to 2 spanning the second
+    ("a [b:.5] c", 10, 10, False, [(10, "a b c")]),
+    ("a [b:1.5] c", 10, 10, False, [(5, "a  c"), (10, "a b c")]),
+    ("x [a:b:25]", 10, 20, False, [(5, "x a"), (10, "x b")]),  # a step number counts from the first pass's start
+    ("x [a:b:15]", 10, 20, False, [(10, "x b")]),  # (a step of the first pass: done before this one starts)
+    ("x [a|b]", 3, 20, False, [(1, "x a"), (2, "x b"), (3, "x a")]),  # alternation over this pass's steps
+    # A1111's old timelines (use_old_scheduling): under 1 a fraction, else a step, with or without a '.'
+    ("x [a:b:1.0]", 10, None, True, [(1, "x a"), (10, "x b")]),
+    ("x [a:b:2.5]", 10, None, True, [(2, "x a"), (10, "x b")]),
+    ("x [a:b:0.25]", 20, None, True, [(5, "x a"), (20, "x b")]),
+    ("x [a:b:0.5]", 10, 20, True, [(10, "x a"), (20, "x b")]),  # a second pass read over the first pass's steps
+])
+def test_hires_and_old_timelines_follow_a1111s_rules(prompt, steps, first_pass, old, want):
+    assert prompt_schedule(prompt, steps, first_pass, old) == want
+
+
+def test_a_hires_second_pass_continues_the_first_passes_timeline(sd, monkeypatch):
+    """`[red:blue:0.5]` has read blue since the first pass's middle: the second pass reads blue throughout, as the
+    same run with the second pass's prompt "a blue circle" does (A1111 1.6+); a second pass on a timeline of its own
+    (imagine before, starting on red again) differs, as the old timelines do."""
+    import imagine.pipelines.text_to_image as t2i
+
+    _, pipe = sd
+    kw = dict(steps=4, guidance_scale=CFG, sampler="euler", seed=SEED, height=32, width=32, progress=False,
+              hires_scale=1.5, hires_strength=0.6, prompt_editing=True, output_type="latent")
+    edited = pipe.generate_hires("a [red:blue:0.5] circle", **kw)
+    blue = pipe.generate_hires("a [red:blue:0.5] circle", hires_prompt="a blue circle", **kw)
+    assert torch.equal(edited.latents, blue.latents)
+    old = pipe.generate_hires("a [red:blue:0.5] circle", old_prompt_editing=True, **kw)
+    assert not torch.equal(old.latents, edited.latents) and old.parameters["old_prompt_editing"] is True
+    monkeypatch.setattr(t2i, "prompt_schedule", lambda text, steps, first_pass, old: prompt_schedule(text, steps,
+                                                                                                    None, old))
+    alone = pipe.generate_hires("a [red:blue:0.5] circle", **kw)
+    assert not torch.equal(alone.latents, edited.latents)  # (so the bar above can fail)

@@ -72,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-editing", action=argparse.BooleanOptionalAction, default=False,
                    help="read AUTOMATIC1111's prompt editing: [from:to:when] (when: a step, or with a '.' a fraction "
                         "of the steps) and [a|b] (alternating every step); default: brackets are text or emphasis")
+    p.add_argument("--old-prompt-editing", action=argparse.BooleanOptionalAction, default=False,
+                   help="with prompt editing, A1111's 'Old prompt editing timelines' (before its 1.6; an infotext from "
+                        "then turns it on): a when under 1 is a fraction of the steps, else a step, and hires. fix's "
+                        "second pass reads the first pass's steps")
     p.add_argument("--composable", action=argparse.BooleanOptionalAction, default=False,
                    help="read AUTOMATIC1111's AND: 'a cat AND a dog :0.8', several prompts guiding one image "
                         "(composable diffusion), each part's trailing :w its weight")
@@ -280,7 +284,7 @@ _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "step
                  "hires_negative_prompt": "hires_negative_prompt", "composable": "composable",
                  "prompt_editing": "prompt_editing", "long_prompts": "long_prompts", "resize_mode": "resize_mode",
                  "masked_content": "masked_content", "zero_terminal_snr": "zero_terminal_snr",
-                 "downcast_alphas_cumprod": "downcast_alphas_cumprod",
+                 "downcast_alphas_cumprod": "downcast_alphas_cumprod", "old_prompt_editing": "old_prompt_editing",
                  "mask_invert": "invert_mask", "a1111_schedule": "_a1111_schedule"}
 
 
@@ -396,6 +400,8 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
             out["downcast_alphas_cumprod"] = True
     elif fields.get("Downcast alphas_cumprod") == "False":
         fields.pop("Downcast alphas_cumprod")
+    if fields.get("Old prompt editing timelines") in ("True", True, "False"):
+        out["old_prompt_editing"] = fields.pop("Old prompt editing timelines") in ("True", True)
     source = fields.pop("RNG", "GPU")
     if source not in ("GPU", "CPU", "NV"):
         raise ValueError(f"--infotext: RNG {source!r} is not one of A1111's sources GPU, CPU, NV")
@@ -921,6 +927,7 @@ def run(args) -> int:
                             **({"noise_seed_delta": args.noise_seed_delta} if args.noise_seed_delta else {}),
                             **({"zero_terminal_snr": True} if args.zero_terminal_snr else {}),
                             **({"downcast_alphas_cumprod": True} if args.downcast_alphas_cumprod else {}),
+                            **({"old_prompt_editing": True} if args.old_prompt_editing else {}),
                             **picture)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},

@@ -27,6 +27,7 @@ from imagine.guidance import check_threshold_range
 from imagine.images import RESIZE_MODES, fit_picture, to_pil
 from imagine.loading.folder import Components
 from imagine.composable import ComposedConditioning, split_and
+from imagine.prompt_editing import Timeline, prompt_schedule, text_at
 from imagine.refiner import check_switch, with_refiner
 from imagine.samplers import default_guidance_scale, is_cfg_pp
 from imagine.sampling import make_generators, posterior_generators
@@ -443,11 +444,11 @@ class TextToImagePipeline:
     @torch.no_grad()
     def conditioning(self, prompts: list[str], negatives: list[str | None], height: int, width: int,
                      guided: bool = True, emphasis: bool = False, long_prompts: bool = False,
-                     editing_steps: int | None = None, zero_empty: bool | None = None, composable: bool = False):
+                     editing_steps=None, zero_empty: bool | None = None, composable: bool = False):
         """(cond, uncond) for the U-Net: the prompts' and negative prompts' encodings (uncond None when not
         `guided`) with SDXL's size codes. A negative prompt None is not given: "" encoded, or zeros where the
         model says so (SDXL's force_zeros_for_empty_prompt). `editing_steps`: read AUTOMATIC1111's prompt editing
-        over a run of that many steps (imagine.prompt_editing); where a text changes, that side is a
+        over a run of that many steps, or on an imagine.prompt_editing.Timeline (a hires. fix second pass's); where a text changes, that side is a
         StepConditioning (imagine.guidance). `zero_empty`: whether a negative prompt not given is zeros (None: the
         model's own rule). `composable`: read AUTOMATIC1111's AND (imagine.composable): where a prompt has parts (or
         a weight), cond is a ComposedConditioning, and uncond is made even without guidance (the parts pull from
@@ -487,11 +488,10 @@ class TextToImagePipeline:
         """The texts' cond dict; with `editing_steps`, a StepConditioning where some text changes during the run:
         every text a schedule reaches is encoded once, and each step's dict takes each row's text of that step."""
         from imagine.guidance import StepConditioning
-        from imagine.prompt_editing import prompt_schedule, text_at
-
         if editing_steps is None:
             return self.encode_prompts(texts, emphasis, long_prompts)
-        schedules = [prompt_schedule(t, editing_steps) for t in texts]
+        line = editing_steps if isinstance(editing_steps, Timeline) else Timeline(editing_steps)
+        schedules = [prompt_schedule(t, line.steps, line.first_pass, line.old) for t in texts]
         if all(len(s) == 1 for s in schedules):
             return self.encode_prompts([s[0][1] for s in schedules], emphasis, long_prompts)
         unique = list(dict.fromkeys(text for s in schedules for _, text in s))
@@ -559,6 +559,7 @@ class TextToImagePipeline:
                  prior_guidance_scale: float | None = None, sigma_range: str = "spaced",
                  discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", rng: str = "cpu",
                  noise_seed_delta: int = 0, zero_terminal_snr: bool = False, downcast_alphas_cumprod: bool = False,
+                 old_prompt_editing: bool = False, editing_first_pass: int | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -638,6 +639,9 @@ class TextToImagePipeline:
         alphas_cumprod" (for pictures from before its 1.7.0-225, when a float16 model held them in float16): the noise
         levels of the model's alphas_cumprod rounded to float16, computed in float16 as k-diffusion computes them
         (imagine.schedules.NoiseSchedule.a1111_downcast; for the samplers that step in noise levels).
+        old_prompt_editing: AUTOMATIC1111's "Old prompt editing timelines" (before its 1.6: a `when` under 1 a fraction,
+        else a step; imagine.prompt_editing). editing_first_pass: set by generate_hires for its second pass, the
+        first pass's prompt-editing steps (one timeline over both passes, as A1111).
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -652,7 +656,6 @@ class TextToImagePipeline:
         if self.c.prior is not None:
             from imagine.composable import split_and
             from imagine.pipelines.unclip import text_to_image
-            from imagine.prompt_editing import prompt_schedule
 
             # (A1111's prompt syntax, which its API always reads, counts only where a prompt uses it)
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -677,7 +680,7 @@ class TextToImagePipeline:
                      "discard_penultimate_sigma": discard_penultimate_sigma,
                      "strength_rule": strength_rule != "diffusers", "rng": rng != "cpu",
                      "noise_seed_delta": noise_seed_delta, "zero_terminal_snr": zero_terminal_snr,
-                     "downcast_alphas_cumprod": downcast_alphas_cumprod}
+                     "downcast_alphas_cumprod": downcast_alphas_cumprod, "old_prompt_editing": old_prompt_editing}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -818,7 +821,8 @@ class TextToImagePipeline:
                                  "use the refiner with a 4-channel model")
         self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
         # (A1111 schedules a second-order sampler's edits over 2N model calls; the denoiser counts its calls then)
-        editing = (2 * steps if _two_call(sampler) else steps) if prompt_editing else None
+        editing = Timeline(2 * steps if _two_call(sampler) else steps, editing_first_pass, old_prompt_editing) \
+            if prompt_editing else None
         # (A1111's edit guidance: always; CFG++'s samplers renoise with the unconditional prediction at scale 1 too)
         guided = guidance_scale != 1.0 or (self.edits and not image_guidance_gate) or is_cfg_pp(sampler)
         cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts, editing,
@@ -935,6 +939,8 @@ class TextToImagePipeline:
             params["zero_terminal_snr"] = True  # (A1111's "Noise Schedule: Zero Terminal SNR")
         if downcast_alphas_cumprod:
             params["downcast_alphas_cumprod"] = True  # (A1111's "Downcast alphas_cumprod: True")
+        if old_prompt_editing and prompt_editing:
+            params["old_prompt_editing"] = True  # (A1111's "Old prompt editing timelines: True")
         if seed_resize_from_h > 0 and seed_resize_from_w > 0:  # (A1111's W x H; written, as A1111, whenever set)
             params["seed_resize_from"] = f"{seed_resize_from_w}x{seed_resize_from_h}"
         if refine and report.get("refined"):  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
@@ -1039,9 +1045,11 @@ class TextToImagePipeline:
         negatives = [hires_negative_prompt] * len(first.seeds) if hires_negative_prompt else first.negatives
         if first.subseeds is not None:  # (the same variation seeds in both passes, as A1111)
             later = {**{k: v for k, v in later.items() if k != "subseed"}, "subseeds": first.subseeds}
+        # (prompt editing on one timeline over both passes, A1111's: the first pass's steps as it counts them)
+        first_editing = 2 * p["steps"] if _two_call(p["sampler"]) else p["steps"]
         second = self.generate(prompts, negatives, seeds=first.seeds, height=height, width=width,
                                steps=steps, strength=hires_strength, callback=callback, progress=progress,
-                               output_type=output_type, **start, **later)
+                               output_type=output_type, editing_first_pass=first_editing, **start, **later)
         params = {**second.parameters, "height": p["height"], "width": p["width"], "steps": p["steps"],
                   "hires_scale": float(hires_scale), "hires_steps": steps,
                   "hires_upscaler": HIRES_UPSCALERS[upscaler], "prompt": p["prompt"],

@@ -58,7 +58,7 @@ MAX_SEED = 2**32 - 1
 A1111_RNG_SOURCES = {"GPU": "cpu", "CPU": "cpu", "NV": "nv"}
 # the override_settings the API reads
 A1111_OVERRIDES_READ = ("emphasis", "randn_source", "eta_noise_seed_delta", "sd_noise_schedule",
-                        "use_downcasted_alpha_bar")
+                        "use_downcasted_alpha_bar", "use_old_scheduling")
 A1111_NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")  # its sd_noise_schedule
 
 
@@ -539,7 +539,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
               refiner: tuple | None = None, image_cfg: float | None = None, variation: tuple | None = None,
               seed_resize: tuple | None = None, rng: str = "cpu", noise_seed_delta: int = 0,
               eta: float | None = None, zero_terminal_snr: bool = False,
-              sampler_options: dict | None = None, downcast_alphas_cumprod: bool = False) -> str:
+              sampler_options: dict | None = None, downcast_alphas_cumprod: bool = False,
+              old_prompt_editing: bool = False) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -560,6 +561,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "rng": rng, "noise_seed_delta": noise_seed_delta, "eta": eta,
                              "zero_terminal_snr": zero_terminal_snr, "sampler_options": sampler_options or None,
                              "downcast_alphas_cumprod": downcast_alphas_cumprod,
+                             "old_prompt_editing": old_prompt_editing,
                              "version": f"imagine {version}"})
 
 
@@ -629,7 +631,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         "live_previews_enable": True, "show_progress_every_n_steps": 1, "CLIP_stop_at_last_layers": 1 + clip_skip,
         "sd_vae": vae_name or "Automatic", "emphasis": "Original", "eta_ddim": 0.0, "eta_ancestral": 1.0,
         "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_noise_schedule": "Default",
-        "use_downcasted_alpha_bar": False,
+        "use_downcasted_alpha_bar": False, "use_old_scheduling": False,
     }
     finished: dict[str, float] = {}  # recently finished job ids, for progress?id_task=
     preview_lock = threading.Lock()
@@ -724,6 +726,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         override_settings, else the server's options); its "No norm" mode is read as "Original"."""
         return str(setting(req, "emphasis", "Original")) != "None"
 
+    def a1111_old_scheduling(req) -> bool:
+        """AUTOMATIC1111's "use_old_scheduling" ("Old prompt editing timelines", before its 1.6: a when under 1 a
+        fraction of the steps, else a step; imagine.prompt_editing)."""
+        return setting(req, "use_old_scheduling", False)
+
     def a1111_noise(req) -> tuple[str, int, bool, bool]:
         """The images' noise as AUTOMATIC1111's settings make it (the request's override_settings, else the
         server's options): its "randn_source" ("GPU", its default, is torch's generator on the device: this server's
@@ -750,9 +757,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if settings.get("sd_noise_schedule", "Default") not in A1111_NOISE_SCHEDULES:
             raise ApiError(422, f"sd_noise_schedule must be one of {', '.join(A1111_NOISE_SCHEDULES)} (AUTOMATIC1111's "
                                 f"noise schedule for sampling); got {settings['sd_noise_schedule']!r}", field)
-        if not isinstance(settings.get("use_downcasted_alpha_bar", False), bool):
-            raise ApiError(422, "use_downcasted_alpha_bar must be true or false (AUTOMATIC1111's 'Downcast "
-                                f"alphas_cumprod'); got {settings['use_downcasted_alpha_bar']!r}", field)
+        for key, label in (("use_downcasted_alpha_bar", "Downcast alphas_cumprod"),
+                           ("use_old_scheduling", "Old prompt editing timelines")):
+            if not isinstance(settings.get(key, False), bool):
+                raise ApiError(422, f"{key} must be true or false (AUTOMATIC1111's '{label}'); got {settings[key]!r}",
+                               field)
         if settings.get("use_downcasted_alpha_bar") and settings.get("sd_noise_schedule") == "Zero Terminal SNR":
             raise ApiError(422, "use_downcasted_alpha_bar with sd_noise_schedule 'Zero Terminal SNR': A1111 starts such "
                                 "a run from an infinite noise level (sigma_max overflows float16); use one of the two",
@@ -1249,7 +1258,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     refiner_switch=refiner[1] if refiner else None, subseed_strength=variation,
                                     resize_mode=resize_mode, encoded_at=encoded_at, seed_resize=seed_resize,
                                     rng=rng, noise_seed_delta=seed_delta, zero_terminal_snr=zero_snr,
-                                    downcast_alphas_cumprod=downcast),
+                                    downcast_alphas_cumprod=downcast,
+                                    old_prompt_editing=a1111_old_scheduling(req)),
                   subseeds=subseeds,
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],
@@ -1269,7 +1279,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
                                job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
                                (subseeds[i], variation) if subseeds else None, seed_resize, rng, seed_delta,
-                               None if "eta" in unused else req.eta, zero_snr, asked_options, downcast)
+                               None if "eta" in unused else req.eta, zero_snr, asked_options, downcast,
+                               job.settings.old_prompt_editing)
                      for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:

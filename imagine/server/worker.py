@@ -96,6 +96,7 @@ class Settings:
     noise_seed_delta: int = 0  # A1111's eta noise seed delta (ENSD)
     zero_terminal_snr: bool = False  # A1111's "Zero Terminal SNR" noise schedule (its sd_noise_schedule)
     downcast_alphas_cumprod: bool = False  # A1111's "Downcast alphas_cumprod" (its use_downcasted_alpha_bar)
+    old_prompt_editing: bool = False  # A1111's "Old prompt editing timelines" (its use_old_scheduling)
 
 
 @dataclass(eq=False)
@@ -449,6 +450,7 @@ class ModelWorker:
                               **({"noise_seed_delta": s.noise_seed_delta} if s.noise_seed_delta else {}),
                               **({"zero_terminal_snr": True} if s.zero_terminal_snr else {}),
                               **({"downcast_alphas_cumprod": True} if s.downcast_alphas_cumprod else {}),
+                              **({"old_prompt_editing": True} if s.old_prompt_editing else {}),
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
                               **control)
                 images += res.images

@@ -160,7 +160,8 @@ async function generate(ev) {
   if (Number.isNaN(ensd) || ensd < 0) { showError("eta noise seed delta must be a whole number, 0 or more"); return; }
   body.override_settings = { randn_source: $("randn_source").value, eta_noise_seed_delta: ensd,
                              sd_noise_schedule: $("zero_terminal_snr").checked ? "Zero Terminal SNR" : "Default",
-                             use_downcasted_alpha_bar: $("downcast_alphas_cumprod").checked };
+                             use_downcasted_alpha_bar: $("downcast_alphas_cumprod").checked,
+                             use_old_scheduling: $("old_prompt_editing").checked };
   // img2img when a picture is chosen: A1111's body, the picture as a data URL, resized by the server to the size
   const file = $("init_image").files[0];
   const mask = $("mask").files[0];  // inpainting: A1111's mask (its other inpainting fields take their defaults)
@@ -250,6 +251,7 @@ async function readPicture() {
     $("zero_terminal_snr").checked = p["Noise Schedule"] === "Zero Terminal SNR";
     // (A1111's reader turns it on for its older versions' pictures: the API answers true)
     $("downcast_alphas_cumprod").checked = p["Downcast alphas_cumprod"] === true || p["Downcast alphas_cumprod"] === "True";
+    $("old_prompt_editing").checked = p["Old prompt editing timelines"] === true || p["Old prompt editing timelines"] === "True";
     $("noise").open = true;
   } catch (e) {
     showError("Could not read the picture: " + e);
