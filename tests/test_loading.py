@@ -356,6 +356,60 @@ def test_diffusers_folder_loads(tmp_path):
         assert rel_err(c.unet(x, t, context=ctx), pipe.unet(x, t, ctx).sample) < 1e-4
 
 
+def test_diffusers_folder_text_encoder_loads_strictly_with_clear_errors(tmp_path):
+    """transformers' from_pretrained fills a weight the file lacks, or one config.json gives another shape, with
+    random values and only logs it: a text_encoder/ folder must load whole and as configured, else a ValueError
+    naming the file and the keys; a truncated model.safetensors names the file; no tokenizer/ says tokenizer."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from imagine.loading.folder import load_folder
+
+    base = tmp_path / "base"
+    pipe = save_diffusers_folder(base, "sd1")
+
+    def variant(name, change):
+        folder = tmp_path / name
+        shutil.copytree(base, folder)
+        change(folder / "text_encoder")
+        return folder
+
+    def drop_key(te):
+        sd = load_file(te / "model.safetensors")
+        save_file({k: v for k, v in sd.items() if k != "encoder.layers.1.mlp.fc2.weight"}, te / "model.safetensors")
+    with pytest.raises(ValueError, match=r"text_encoder/model\.safetensors do not fit CLIPTextModel as configured in "
+                                         r".*text_encoder/config\.json: missing keys: encoder\.layers\.1\.mlp\.fc2"):
+        load_folder(variant("missing", drop_key))
+
+    def narrower(te):
+        cfg = json.loads((te / "config.json").read_text())
+        (te / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=32)))
+    with pytest.raises(ValueError, match=r"text_encoder/model\.safetensors do not fit CLIPTextModel .*shape "
+                                         r"mismatches: encoder\.layers\.0\.mlp\.fc1\.bias \(96,\) vs \(32,\)"):
+        load_folder(variant("misshapen", narrower))
+
+    def truncate(te):
+        data = (te / "model.safetensors").read_bytes()
+        (te / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"text_encoder/model\.safetensors is not a readable safetensors file .*"
+                                         "truncated or corrupt"):
+        load_folder(variant("truncated", truncate))
+
+    with pytest.raises(FileNotFoundError, match=r"^tokenizer folder not found: .*notok/tokenizer"):
+        load_folder(variant("notok", lambda te: shutil.rmtree(te.parent / "tokenizer")))
+
+    # a folder saved by transformers < 4.31 keeps the position_ids buffer in the file: no weight, it loads, and
+    # gives the states of the text encoder it was saved from
+    def old_transformers(te):
+        sd = load_file(te / "model.safetensors")
+        save_file(dict(sd, **{"text_model.embeddings.position_ids": torch.arange(77)[None]}), te / "model.safetensors")
+    c = load_folder(variant("old", old_transformers))
+    ids = c.text_encoder.tokenize(["a red circle"])["input_ids"]
+    with torch.no_grad():
+        assert rel_err(c.text_encoder.encode(["a red circle"]).states, pipe.text_encoder(ids).last_hidden_state) < 1e-5
+
+
 def test_prediction_type_argument_and_yaml(tmp_path):
     path = tmp_path / "v2.safetensors"
     write_single_file(path, "sd2")
@@ -687,6 +741,75 @@ def test_unknown_layouts_name_what_was_found(tmp_path):
         components_from_state(bad, "bad.safetensors", tokenizer=tmp_path / "tok")
 
 
+def test_sd2_file_converted_from_diffusers_keeps_every_block(tmp_path):
+    """A file written by diffusers' convert_diffusers_to_original_stable_diffusion.py holds only the OpenCLIP blocks
+    diffusers' text encoder has (the unused last one already gone) and no text_projection / logit_scale; every
+    block is used, so none is dropped: the states are diffusers' own. Run on a folder saved by transformers < 4.31
+    the converter also leaves the position_ids buffer, which is no weight. (The released layout, with the extra
+    block and the projection, is test_sd2_text_encoder_drops_last_block_and_pads_with_zero's.)"""
+    from safetensors.torch import save_file
+
+    unet, vae, text = tiny_diffusers_parts("sd2")
+    released = compvis_checkpoint(unet, vae, text, openclip=True)
+    p = "cond_stage_model.model."
+    extra = f"{p}transformer.resblocks.{text.config.num_hidden_layers}."
+    converted = {k: v for k, v in released.items()
+                 if not k.startswith((extra, p + "text_projection", p + "logit_scale"))}
+    old = dict(converted, **{p + "transformer.text_model.embeddings.position_ids": torch.arange(77)[None]})
+    write_clip_tokenizer(tmp_path / "tokenizer", "!")
+    prompts = ["a red circle", "the blue square"]
+    for name, state in (("converted", converted), ("converted_old", old)):
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+        c = load_single_file(tmp_path / f"{name}.safetensors")
+        assert c.text_encoder.model.config.num_hidden_layers == text.config.num_hidden_layers
+        ids = c.text_encoder.tokenize(prompts)["input_ids"]
+        with torch.no_grad():
+            assert rel_err(c.text_encoder.encode(prompts).states, text(ids).last_hidden_state) < 1e-4
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("no in_layers.2", r"expected the weight 'input_blocks\.1\.0\.in_layers\.2\.weight'"),
+    ("no proj_in", r"no proj_in weight"),
+    ("1-d in_layers.2", r"input_blocks\.1\.0\.in_layers\.2\.weight should be a 4-d weight .*got shape \(5,\)"),
+    ("1-d token embedding", r"embeddings\.token_embedding\.weight should be a 2-d weight .*got shape \(10,\)"),
+    ("1-d VAE conv_in", r"encoder\.conv_in\.weight should be a 4-d weight"),
+    # what the checks do not name (a 0-d tensor where the upscaler's noise-level classes go) still makes a
+    # ValueError naming the file and the layout, not an IndexError
+    ("0-d label_emb", r"damaged\.safetensors: the weights do not have the layout of an original SD 1\.x/2\.x "
+                      r"checkpoint \(.*IndexError"),
+])
+def test_damaged_single_files_get_clear_errors(tmp_path, damage, match):
+    unet, vae, text = tiny_diffusers_parts("sd1")
+    state = compvis_checkpoint(unet, vae, text, openclip=False)
+    u = "model.diffusion_model."
+    if damage == "no in_layers.2":
+        del state[u + "input_blocks.1.0.in_layers.2.weight"]
+    elif damage == "no proj_in":
+        state = {k: v for k, v in state.items() if ".proj_in." not in k}
+    elif damage == "1-d in_layers.2":
+        state[u + "input_blocks.1.0.in_layers.2.weight"] = torch.zeros(5)
+    elif damage == "1-d token embedding":
+        state["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(10)
+    elif damage == "1-d VAE conv_in":
+        state["first_stage_model.encoder.conv_in.weight"] = torch.zeros(3)
+    else:
+        state[u + "label_emb.weight"] = torch.tensor(1.0)
+    with pytest.raises(ValueError, match=match):
+        components_from_state(state, "damaged.safetensors", tokenizer=write_clip_tokenizer(tmp_path / "tok"))
+
+
+def test_unet_config_overrides_the_sample_size(tmp_path):
+    """unet_config overrides what was inferred, sample_size (and so the default picture size) included, also
+    over the 768-v models' 96."""
+    path = tmp_path / "v2.safetensors"
+    write_single_file(path, "sd2")
+    c = load_single_file(path, unet_config={"sample_size": 48})
+    assert c.unet.config.sample_size == 48 and c.defaults["height"] == c.defaults["width"] == 384
+    c = load_single_file(path, prediction_type="v_prediction", unet_config={"sample_size": 80})
+    assert c.unet.config.sample_size == 80 and c.defaults["height"] == 640
+    assert load_single_file(path, prediction_type="v_prediction").unet.config.sample_size == 96
+
+
 def test_inferred_config_and_keymap_round_trip():
     """keymap's own inverse (for export) undoes its forward map, and both agree with this file's
     independent mapping."""
@@ -782,3 +905,17 @@ def test_full_size_layouts_load_without_missing_or_unexpected_keys(tmp_path, whi
     assert c.vae.config.block_out_channels == (128, 256, 512, 512)
     te = c.text_encoder.model.config
     assert (te.hidden_size, te.num_hidden_layers) == ((768, 12) if which == "sd15" else (1024, 23))
+
+
+@pytest.mark.parametrize("layout", ["pruned of the projection", "converted from diffusers"])
+def test_full_size_sd2_text_tower_keeps_the_layers_sd2_uses(tmp_path, layout):
+    """SD 2.x conditions on the 23rd of ViT-H's 24 text blocks: a released file without text_projection (pruned)
+    still has the 24 and the last is dropped; a file converted from diffusers has the 23 and keeps them."""
+    state = _meta_full_size("sd21")
+    p = "cond_stage_model.model."
+    state = {k: v for k, v in state.items() if not k.startswith((p + "text_projection", p + "logit_scale"))}
+    if layout == "converted from diffusers":
+        state = {k: v for k, v in state.items() if not k.startswith(p + "transformer.resblocks.23.")}
+    c = components_from_state(state, "sd21.safetensors", tokenizer=write_clip_tokenizer(tmp_path / "tok", "!"),
+                              prediction_type="v_prediction")
+    assert c.text_encoder.model.config.num_hidden_layers == 23

@@ -327,6 +327,16 @@ def test_edm_checkpoints_and_broken_layouts_are_refused(tiny_state, toks):
     odd[k] = odd[k][:, :-TIME_DIM]
     with pytest.raises(ValueError, match=rf"label_emb.0.0 takes {PROJ + 5 * TIME_DIM} inputs"):
         components_from_state(odd, "x.safetensors", tokenizer=toks[0], tokenizer_2=toks[1])
+    # damaged files: a weight the inference reads is gone, or has lost a dimension the checks do not name; a
+    # ValueError naming the file and the layout, not a StopIteration / IndexError from deep inside
+    no_proj_in = {k: v for k, v in tiny_state.items() if ".proj_in." not in k}
+    with pytest.raises(ValueError, match="no proj_in weight"):
+        components_from_state(no_proj_in, "x.safetensors", tokenizer=toks[0], tokenizer_2=toks[1])
+    adm = "model.diffusion_model.label_emb.0.0.weight"  # (its inputs: .shape[1])
+    flat = dict(tiny_state, **{adm: tiny_state[adm].flatten()})
+    with pytest.raises(ValueError, match=r"x\.safetensors: the weights do not have the layout of an original SDXL "
+                                         r"checkpoint \(.*IndexError"):
+        components_from_state(flat, "x.safetensors", tokenizer=toks[0], tokenizer_2=toks[1])
 
 
 def test_tokenizer_lookup(tmp_path, monkeypatch, no_tokenizer_env):

@@ -34,7 +34,8 @@ Text encoder, SD 2.x (`cond_stage_model.model.*`): OpenCLIP's text tower. Its at
   q_proj / k_proj / v_proj. SD 2.x conditions on the penultimate layer's states through the final
   LayerNorm (Stability's `FrozenOpenCLIPEmbedder(layer="penultimate")`), which a CLIPTextModel
   with one layer fewer computes exactly: its last_hidden_state is final_layer_norm(layer L-1);
-  the unused last block and the contrastive `text_projection` / `logit_scale` are dropped.
+  the unused last block (where the file has it: a file converted from diffusers does not) and the
+  contrastive `text_projection` / `logit_scale` are dropped.
 
 `to_diffusers(...)` functions take the part of a checkpoint under one prefix (prefix removed)
 and return a new dict with our names; the tensors are not copied (only reshaped or split
@@ -304,10 +305,15 @@ def openclip_layers(state: Mapping[str, Tensor]) -> int:
 
 def openclip_to_transformers(state: Mapping[str, Tensor], keep_layers: int) -> dict[str, Tensor]:
     """SD 2.x `cond_stage_model.model.*` (prefix removed) -> a CLIPTextModel of `keep_layers`
-    layers (Stable Diffusion 2.x: all but the last, see the module docstring)."""
+    layers (Stable Diffusion 2.x: those it uses, see the module docstring and
+    `single_file.openclip_is_whole_tower`)."""
     out: dict[str, Tensor] = {}
     unknown = []
     for k, v in state.items():
+        if k.endswith("position_ids"):
+            # transformers' 0..76 index buffer, not a weight: diffusers' converter leaves it in files made from
+            # folders saved by transformers < 4.31, where it was persistent; CLIPTextModel rebuilds it
+            continue
         if k == "token_embedding.weight":
             out["embeddings.token_embedding.weight"] = v
         elif k == "positional_embedding":

@@ -82,6 +82,8 @@ MARKERS = ("v_pred", "ztsnr")  # empty tensors some fine-tunes carry (ComfyUI's 
 IGNORED_PREFIXES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus_alphas_cumprod",
                     "posterior_", "logvar", "model_ema.", "lvlb_weights", "denoiser.", BIGG_PREFIX + "logit_scale",
                     BIGG_PREFIX + "attn_mask", REFINER_BIGG_PREFIX + "logit_scale", REFINER_BIGG_PREFIX + "attn_mask")
+SDXL_LAYOUT = (f"an original SDXL checkpoint (model.diffusion_model.* U-Net, first_stage_model.* VAE, {CLIP_L_PREFIX}* "
+               f"CLIP ViT-L and {BIGG_PREFIX}* OpenCLIP ViT-bigG; the refiner: {REFINER_BIGG_PREFIX}*)")  # (for errors)
 OTHER_SDXL_LIKE = {
     "edm_mean": "a Playground v2.5 checkpoint (an EDM model: edm_mean / edm_std); imagine loads SDXL base models "
                 "(DDPM-trained, epsilon or v)",
@@ -232,10 +234,12 @@ def convert(state: dict[str, torch.Tensor], source: str = "checkpoint", *, scali
     parts = split_sdxl(state, source)
     name = Path(source).name
     refiner = parts["refiner"]
-    tcfg = None if refiner else sf.infer_text_config(parts["clip"], "clip")[0]  # CLIP ViT-L: quick_gelu, all layers
-    tcfg2 = infer_bigg_config(parts["openclip"])
-    ucfg, layers, attention = infer_unet_config(parts["unet"], tcfg2["projection_dim"],
-                                                numbers=REFINER_NUMBERS if refiner else SIZE_NUMBERS)
+    # CLIP ViT-L: quick_gelu, all layers
+    tcfg = None if refiner else sf._inferred(name, SDXL_LAYOUT, sf.infer_text_config, parts["clip"], "clip")[0]
+    tcfg2 = sf._inferred(name, SDXL_LAYOUT, infer_bigg_config, parts["openclip"])
+    numbers = REFINER_NUMBERS if refiner else SIZE_NUMBERS
+    ucfg, layers, attention = sf._inferred(name, SDXL_LAYOUT, infer_unet_config, parts["unet"],
+                                           tcfg2["projection_dim"], numbers=numbers)
     widths = [c["hidden_size"] for c in (tcfg, tcfg2) if c is not None]
     if ucfg["cross_attention_dim"] != sum(widths):
         raise ValueError(f"{name}: the U-Net cross-attends to {ucfg['cross_attention_dim']}-wide states but the text "
@@ -243,7 +247,7 @@ def convert(state: dict[str, torch.Tensor], source: str = "checkpoint", *, scali
     ucfg["sample_size"] = SDXL_SAMPLE_SIZE
     if unet_config:
         ucfg.update(unet_config)
-    vcfg, vlevels, vlayers = sf.infer_vae_config(parts["vae"])
+    vcfg, vlevels, vlayers = sf._inferred(name, SDXL_LAYOUT, sf.infer_vae_config, parts["vae"])
     vcfg["scaling_factor"] = SDXL_SCALING_FACTOR if scaling_factor is None else float(scaling_factor)
     vcfg["sample_size"] = 8 * SDXL_SAMPLE_SIZE
     return SDXLParts(

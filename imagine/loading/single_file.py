@@ -74,10 +74,13 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # LDM's DDPM module, its learned-logvar parameter, the EMA copy, and training bookkeeping.
 IGNORED_PREFIXES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus_alphas_cumprod",
                     "posterior_", "logvar", "model_ema.", "lvlb_weights", "ucg_", "cond_stage_model.model.visual.",
-                    "cond_stage_model.model.logit_scale", "cond_stage_model.model.text_projection",
+                    # (the OpenCLIP tower's text_projection / logit_scale stay in its part: they tell a released
+                    # file from a converted one, `openclip_is_whole_tower`; keymap drops them)
                     # SD's x4 upscaler: its low-resolution augmentation's schedule buffers (ImageConcatWithNoise-
                     # Augmentation), checked against the released config where the file has them
                     "low_scale_model.")
+SD_LAYOUT = ("an original SD 1.x/2.x checkpoint (model.diffusion_model.* U-Net, first_stage_model.* VAE, "
+             "cond_stage_model.transformer.* or cond_stage_model.model.* text encoder)")  # (for errors)
 SD2_BASE_GLOBAL_STEP = 875000  # the step count stored in SD 2.0/2.1 512-base .ckpt files (epsilon)
 KNOWN_OTHER_LAYOUTS = {  # SDXL (conditioner.embedders.*) goes to imagine.loading.sdxl before these are checked
     "conditioner.embedders.": "an SDXL checkpoint (conditioner.embedders.*) without its U-Net; imagine loads whole "
@@ -322,11 +325,30 @@ def split_by_prefix(state: dict[str, torch.Tensor], parts: dict[str, str], ignor
     return split, other
 
 
-def _need(state: dict, key: str, what: str) -> torch.Tensor:
+def _need(state: dict, key: str, what: str, ndim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+    """`state[key]`, or a ValueError naming the weight and the layout it belongs to; with `ndim`, also one when
+    the tensor has another number of dimensions (a damaged file), before the shape inference reads them."""
     if key not in state:
         near = sorted(state)[:6]
         raise ValueError(f"{what}: expected the weight {key!r} of an SD 1.x/2.x layout; found e.g. {near}")
-    return state[key]
+    t = state[key]
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if dims is not None and t.ndim not in dims:
+        want = " or ".join(f"{d}-d" for d in dims)
+        raise ValueError(f"{what}: {key} should be a {want} weight of an SD 1.x/2.x layout; got shape {tuple(t.shape)}")
+    return t
+
+
+def _inferred(name: str, expected: str, infer, *args, **kwargs):
+    """`infer(*args, **kwargs)` (a shape inference), with a KeyError / IndexError / StopIteration it raises made a
+    ValueError naming the file and the layout expected. The inference checks the weights it reads (`_need`); this
+    is the backstop for a damaged or pruned file that lacks a weight or a dimension those checks do not cover,
+    which would otherwise surface as a bare KeyError from deep inside."""
+    try:
+        return infer(*args, **kwargs)
+    except (KeyError, IndexError, StopIteration) as e:
+        raise ValueError(f"{name}: the weights do not have the layout of {expected} ({type(e).__name__}: {e}); the "
+                         "file may be damaged, pruned, or another kind of model") from None
 
 
 def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
@@ -335,9 +357,7 @@ def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
     residual blocks and attention flag per level (what the key map needs). `encoder_only`: the weights are
     a ControlNet's copy of the contracting path and bottleneck (`imagine.loading.controlnet`): no output
     blocks, so no out_channels in the config. `what` names the weights in errors."""
-    conv_in = _need(unet, "input_blocks.0.0.weight", what)
-    if conv_in.ndim != 4:
-        raise ValueError(f"{what}: input_blocks.0.0.weight should be a conv weight; got shape {tuple(conv_in.shape)}")
+    conv_in = _need(unet, "input_blocks.0.0.weight", what, ndim=4)
     # (its input channels: 4, or an inpainting model's 9, or instruct-pix2pix's 8: the pipeline tells them apart)
     levels: list[dict[str, Any]] = [{"channels": [], "attention": [], "depth": [], "only_cross": []}]
     n = 1
@@ -346,7 +366,7 @@ def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
             levels.append({"channels": [], "attention": [], "depth": [], "only_cross": []})
         else:
             lv = levels[-1]
-            lv["channels"].append(unet[f"input_blocks.{n}.0.in_layers.2.weight"].shape[0])
+            lv["channels"].append(_need(unet, f"input_blocks.{n}.0.in_layers.2.weight", what, ndim=4).shape[0])
             depth = len({k.split(".")[4] for k in unet if k.startswith(f"input_blocks.{n}.1.transformer_blocks.")})
             lv["attention"].append(f"input_blocks.{n}.1.norm.weight" in unet)
             lv["depth"].append(depth)
@@ -379,9 +399,12 @@ def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
     if first_attn is None:
         raise ValueError(f"{what}: no cross-attention (…transformer_blocks.0.attn2.to_k.weight) found: not a "
                          "text-conditioned SD 1.x/2.x U-Net")
-    context_dim = unet[first_attn].shape[1]
-    proj_in = next(v for k, v in sorted(unet.items()) if k.endswith(".proj_in.weight"))
-    linear = proj_in.ndim == 2
+    context_dim = _need(unet, first_attn, what, ndim=2).shape[1]
+    proj_in_key = next((k for k in sorted(unet) if k.endswith(".proj_in.weight")), None)
+    if proj_in_key is None:
+        raise ValueError(f"{what}: its spatial transformers have no proj_in weight (…1.proj_in.weight, a 1x1 conv in "
+                         "SD 1.x, a linear layer in SD 2.x); not a complete SD 1.x/2.x U-Net")
+    linear = _need(unet, proj_in_key, what, ndim=(2, 4)).ndim == 2
     # Heads are not visible in the weights; follow the released configs (see module docstring): SD's x4 upscaler
     # (the U-Net with noise-level classes, label_emb.weight) has num_heads 8 at every level
     upscaler = "label_emb.weight" in unet
@@ -389,10 +412,10 @@ def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
         heads: Any = [c // 64 for c in channels]
     else:
         heads = 8
-    time_dim = _need(unet, "time_embed.0.weight", what).shape[0]
+    time_dim = _need(unet, "time_embed.0.weight", what, ndim=2).shape[0]
     cfg = {
         "in_channels": conv_in.shape[1],
-        **({} if encoder_only else {"out_channels": _need(unet, "out.2.weight", what).shape[0]}),
+        **({} if encoder_only else {"out_channels": _need(unet, "out.2.weight", what, ndim=4).shape[0]}),
         "block_out_channels": channels, "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
@@ -421,13 +444,13 @@ def infer_vae_config(vae: dict[str, torch.Tensor]) -> tuple[dict[str, Any], int,
     levels = len({k.split(".")[2] for k in vae if k.startswith("encoder.down.")})
     if levels == 0:
         raise ValueError(f"{what}: no encoder.down.* blocks; found e.g. {sorted(vae)[:6]}")
-    channels = [_need(vae, f"encoder.down.{i}.block.0.conv1.weight", what).shape[0] for i in range(levels)]
+    channels = [_need(vae, f"encoder.down.{i}.block.0.conv1.weight", what, ndim=4).shape[0] for i in range(levels)]
     layers = len({k.split(".")[4] for k in vae if k.startswith("encoder.down.0.block.")})
     cfg = {
-        "in_channels": _need(vae, "encoder.conv_in.weight", what).shape[1],
-        "out_channels": _need(vae, "decoder.conv_out.weight", what).shape[0],
+        "in_channels": _need(vae, "encoder.conv_in.weight", what, ndim=4).shape[1],
+        "out_channels": _need(vae, "decoder.conv_out.weight", what, ndim=4).shape[0],
         "block_out_channels": channels, "layers_per_block": layers,
-        "latent_channels": _need(vae, "decoder.conv_in.weight", what).shape[1],
+        "latent_channels": _need(vae, "decoder.conv_in.weight", what, ndim=4).shape[1],
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in vae,
         "use_quant_conv": "quant_conv.weight" in vae, "use_post_quant_conv": "post_quant_conv.weight" in vae,
         "scaling_factor": SD_SCALING_FACTOR, "sample_size": 512,
@@ -437,26 +460,26 @@ def infer_vae_config(vae: dict[str, torch.Tensor]) -> tuple[dict[str, Any], int,
 
 def infer_text_config(text: dict[str, torch.Tensor], kind: str) -> tuple[dict[str, Any], int]:
     """A transformers CLIPTextConfig dict for the text encoder (prefix removed), and for OpenCLIP
-    the number of transformer layers to keep (all but the last: SD 2.x's penultimate layer)."""
+    the number of transformer layers to keep (SD 2.x's penultimate layer: see below)."""
     if kind == "clip":
         s = keymap.clip_to_transformers(text)
         what = "text encoder (cond_stage_model.transformer.*)"
-        tok = _need(s, "embeddings.token_embedding.weight", what)
-        pos = _need(s, "embeddings.position_embedding.weight", what)
+        tok = _need(s, "embeddings.token_embedding.weight", what, ndim=2)
+        pos = _need(s, "embeddings.position_embedding.weight", what, ndim=2)
         layers = len({k.split(".")[2] for k in s if k.startswith("encoder.layers.")})
-        inter = _need(s, "encoder.layers.0.mlp.fc1.weight", what).shape[0]
+        inter = _need(s, "encoder.layers.0.mlp.fc1.weight", what, ndim=2).shape[0]
         act = "quick_gelu"  # OpenAI CLIP's x * sigmoid(1.702 x)
         keep = layers
     else:
         what = "text encoder (cond_stage_model.model.*)"
-        tok = _need(text, "token_embedding.weight", what)
-        pos = _need(text, "positional_embedding", what)
+        tok = _need(text, "token_embedding.weight", what, ndim=2)
+        pos = _need(text, "positional_embedding", what, ndim=2)
         total = keymap.openclip_layers(text)
-        if total < 2:
-            raise ValueError(f"{what}: {total} transformer blocks; SD 2.x's OpenCLIP text tower has 24")
-        keep = total - 1  # SD 2.x conditions on the penultimate layer
+        keep = total - 1 if openclip_is_whole_tower(text) else total
+        if keep < 1:
+            raise ValueError(f"{what}: {total} transformer blocks; SD 2.x's OpenCLIP text tower has 24 (23 used)")
         layers = keep
-        inter = _need(text, "transformer.resblocks.0.mlp.c_fc.weight", what).shape[0]
+        inter = _need(text, "transformer.resblocks.0.mlp.c_fc.weight", what, ndim=2).shape[0]
         act = "gelu"  # OpenCLIP ViT-H/14: exact GELU
     width = tok.shape[1]
     cfg = {"vocab_size": tok.shape[0], "hidden_size": width, "intermediate_size": inter,
@@ -464,6 +487,30 @@ def infer_text_config(text: dict[str, torch.Tensor], kind: str) -> tuple[dict[st
            "max_position_embeddings": pos.shape[0], "hidden_act": act, "layer_norm_eps": 1e-5,
            "projection_dim": width}
     return cfg, keep
+
+
+VIT_H_WIDTH, VIT_H_BLOCKS = 1024, 24  # OpenCLIP ViT-H/14's text tower, SD 2.x's
+
+
+def openclip_is_whole_tower(text: dict[str, torch.Tensor]) -> bool:
+    """Whether an SD 2.x file's OpenCLIP text tower (prefix removed) is the whole of it, its last block unused.
+
+    SD 2.x conditions on the penultimate layer (Stability's FrozenOpenCLIPEmbedder(layer="penultimate")). Released
+    files carry the whole ViT-H/14 tower, 24 blocks and the contrastive text_projection, and the last block is
+    dropped here (AUTOMATIC1111 builds all 24 and stops one short at run time). A file converted from a diffusers
+    model (diffusers' convert_diffusers_to_original_stable_diffusion.py) holds only the blocks diffusers' text
+    encoder has, the unused one already gone (23 for SD 2.x), and no text_projection / logit_scale: every block
+    is used, and dropping one would condition on the wrong layer without a word. So: the whole tower when the
+    file has the projection, or has ViT-H's 24 blocks at its 1024 width (a file pruned of the projection)."""
+    if "text_projection" in text:
+        return True
+    tok = text.get("token_embedding.weight")
+    width = tok.shape[-1] if tok is not None and tok.ndim else None
+    whole = width == VIT_H_WIDTH and keymap.openclip_layers(text) == VIT_H_BLOCKS
+    if not whole:
+        log.info("SD 2.x text encoder without text_projection and %d blocks: converted from a diffusers model, "
+                 "every block kept", keymap.openclip_layers(text))
+    return whole
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,19 +707,20 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     name = Path(source).name
 
     # U-Net
-    ucfg, layers, attention = infer_unet_config(parts["unet"])
-    if unet_config:
-        ucfg.update(unet_config)
+    ucfg, layers, attention = _inferred(name, SD_LAYOUT, infer_unet_config, parts["unet"])
     # SD's x4 upscaler (stablediffusion's x4-upscaling.yaml): a U-Net with the low-resolution picture's noise level as
     # its class label, the picture concatenated to the latents
     upscaler = ucfg.get("num_class_embeds") is not None
+    # the released configs' latent size (64: 512 px; the upscaler's 128), before the caller's unet_config, which
+    # overrides what was inferred, sample_size included
+    ucfg["sample_size"] = 128 if upscaler else 64
+    ucfg.update(unet_config or {})
     unet_weights = {k: v for k, v in parts["unet"].items() if k != "label_emb.weight"}
     mapped = keymap.unet_to_diffusers(unet_weights, layers, attention, ucfg["mid_block_type"] is not None)
     if upscaler:
         mapped["class_embedding.weight"] = parts["unet"]["label_emb.weight"]
     text_kind = parts["text_kind"]
     sd2 = text_kind == "openclip"
-    ucfg["sample_size"] = 128 if upscaler else 64
     try:
         unet_cfg = UNetConfig.from_dict(ucfg)
     except ValueError as e:
@@ -682,12 +730,13 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
         prediction_type = X4_UPSCALER["prediction_type"]
     if prediction_type is None:
         prediction_type = sd2_prediction_type(unet, global_step, name) if sd2 else "epsilon"
-    if sd2 and prediction_type == "v_prediction" and not upscaler:  # the 768-v models: 768 px, 96x96 latents
+    if sd2 and prediction_type == "v_prediction" and not upscaler and "sample_size" not in (unet_config or {}):
+        # the 768-v models: 768 px, 96x96 latents (unless the caller said the size)
         unet_cfg = dataclasses.replace(unet_cfg, sample_size=96)
         unet.config = unet_cfg
 
     # VAE
-    vcfg, vlevels, vlayers = infer_vae_config(parts["vae"])
+    vcfg, vlevels, vlayers = _inferred(name, SD_LAYOUT, infer_vae_config, parts["vae"])
     if upscaler:
         vcfg["scaling_factor"] = X4_UPSCALER["scaling_factor"]
     if scaling_factor is not None:
@@ -696,7 +745,7 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     vae = _build(AutoencoderKL, VAEConfig.from_dict(vcfg), vmapped, f"{name} (VAE)", dtype)
 
     # Text encoder + tokenizer
-    tcfg, keep = infer_text_config(parts["text"], text_kind)
+    tcfg, keep = _inferred(name, SD_LAYOUT, infer_text_config, parts["text"], text_kind)
     tstate = (keymap.clip_to_transformers(parts["text"]) if text_kind == "clip"
               else keymap.openclip_to_transformers(parts["text"], keep))
     tok_dir = find_tokenizer(checkpoint_path or Path(source), text_kind, tokenizer)

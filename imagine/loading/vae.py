@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from imagine.loading import keymap
-from imagine.loading.single_file import SD_SCALING_FACTOR, _build, infer_vae_config, read_checkpoint
+from imagine.loading.single_file import SD_SCALING_FACTOR, _build, _inferred, infer_vae_config, read_checkpoint
 
 ORIGINAL_MARK = "encoder.down.0.block.0.conv1.weight"
 DIFFUSERS_MARK = "encoder.down_blocks.0.resnets.0.conv1.weight"
@@ -78,7 +78,7 @@ def vae_from_state(state: dict[str, torch.Tensor], source: str = "VAE", dtype: t
         raise ValueError(f"{name}: not a KL autoencoder (VAE); expected {ORIGINAL_MARK} (the original layout), "
                          f"{DIFFUSERS_MARK} (diffusers' names) or first_stage_model.* (a whole SD checkpoint); "
                          f"found {shown or 'no weights'}")
-    cfg, levels, layers = infer_vae_config(state)
+    cfg, levels, layers = _inferred(name, "a KL autoencoder (VAE) checkpoint, SD's layout", infer_vae_config, state)
     cfg["scaling_factor"] = float(SD_SCALING_FACTOR if scaling_factor is None else scaling_factor)
     mapped = keymap.vae_to_diffusers(state, levels, layers, cfg["mid_block_add_attention"])
     return _build(AutoencoderKL, VAEConfig.from_dict(cfg), mapped, f"{name} (VAE)", dtype)

@@ -31,6 +31,8 @@ class ImageEmbedder:
         import transformers
         from safetensors.torch import load_file
 
+        from imagine.models.io import load_transformers_model
+
         root = Path(root)
         for sub in ("image_encoder", "feature_extractor", "image_normalizer") if encoder else ("image_normalizer",):
             if not (root / sub).is_dir():
@@ -38,8 +40,7 @@ class ImageEmbedder:
                                         "feature_extractor/ and image_normalizer/)")
         tower = processor = None
         if encoder:
-            tower = transformers.CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder",
-                                                                               local_files_only=True).to(dtype)
+            tower = load_transformers_model(transformers.CLIPVisionModelWithProjection, root / "image_encoder", dtype)
             # (the Pillow processor: the default one wants torchvision, which this build of torch cannot use)
             kind = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
             processor = kind.from_pretrained(root / "feature_extractor", local_files_only=True)

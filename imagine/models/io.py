@@ -65,9 +65,16 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt - "
-            "re-download or re-save it") from None
+        raise unreadable_weights(path, e) from None
+
+
+def unreadable_weights(path: str | os.PathLike, error: BaseException) -> ValueError:
+    """The error for a weights file its reader refused (a cut download, a disk error): it names the file and
+    what to do, in place of the reader's own message from deep inside safetensors or torch."""
+    kind = "safetensors" if Path(path).suffix == ".safetensors" else "weights"
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return ValueError(f"{path} is not a readable {kind} file ({detail}); it may be truncated or corrupt - "
+                      "re-download or re-save it")
 
 
 def find_weights(folder: str | os.PathLike) -> Path:
@@ -131,17 +138,69 @@ def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], sou
     kept = sorted(k for k in set(own) - set(state) if may_lack is not None and may_lack(k))
     missing = sorted(set(own) - set(state) - set(kept))
     unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    wrong = sorted((k, tuple(state[k].shape), tuple(own[k].shape)) for k in set(own) & set(state)
+                   if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        def show(keys):
-            return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if wrong:
-            parts.append("shape mismatches: " + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
-        raise ValueError(f"weights from {source} do not fit {type(module).__name__} {layout}: " + "; ".join(parts))
+        raise misfit_error(source, type(module).__name__, layout, missing, unexpected, wrong)
     module.load_state_dict(state, strict=not kept, assign=assign)
     return kept
+
+
+def misfit_error(source: str, class_name: str, layout: str, missing, unexpected, wrong) -> ValueError:
+    """The error for weights that do not fit a module: the keys missing from them, those it has no place for, and
+    the (key, shape in the weights, shape in the module) that disagree; a few of each."""
+    def show(keys):
+        keys = list(keys)
+        return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {show(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {show(unexpected)}")
+    if wrong:
+        parts.append("shape mismatches: " + show(f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in wrong))
+    return ValueError(f"weights from {source} do not fit {class_name} {layout}: " + "; ".join(parts))
+
+
+# transformers' weight files in a model folder, in the order it looks for them
+TRANSFORMERS_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                             "pytorch_model.bin.index.json")
+
+
+def load_transformers_model(model_cls, folder: str | os.PathLike, dtype: torch.dtype | None = None):
+    """`model_cls.from_pretrained(folder)` (a transformers model class), offline and strict.
+
+    transformers fills a weight the file lacks, or one whose shape disagrees with config.json, with random
+    values and only logs a report: the model would load and compute silently wrong. Here the keys it reports
+    missing, unexpected or misshapen make a ValueError (as `load_state_into` words it for our own modules),
+    and a weights file its readers refuse (truncated, corrupt) one that names the file. `position_ids`, a
+    buffer older transformers saved and newer ones rebuild from the config, is no weight and is let pass."""
+    from safetensors import SafetensorError
+
+    folder = Path(folder)
+    read_config(folder)  # without a config.json transformers would build its default model around the weights
+    weights = next((folder / n for n in TRANSFORMERS_WEIGHT_NAMES if (folder / n).is_file()), None)
+    if weights is None:
+        found = sorted(p.name for p in folder.iterdir())
+        raise FileNotFoundError(f"no weights in {folder}: expected one of {', '.join(TRANSFORMERS_WEIGHT_NAMES)}; "
+                                f"found {found}")
+    try:
+        # ignore_mismatched_sizes: report a misshapen weight in the loading info (checked below) instead of
+        # raising transformers' RuntimeError that points at its log
+        model, info = model_cls.from_pretrained(folder, local_files_only=True, output_loading_info=True,
+                                                ignore_mismatched_sizes=True,
+                                                **({} if dtype is None else {"dtype": dtype}))
+    except (SafetensorError, RuntimeError) as e:  # what safetensors and torch.load raise for a damaged file
+        raise unreadable_weights(weights, e) from None
+
+    def real(keys):
+        return sorted(k for k in keys if not k.endswith("position_ids"))
+    missing, unexpected = real(info.get("missing_keys", ())), real(info.get("unexpected_keys", ()))
+    wrong = sorted(info.get("mismatched_keys", ()))
+    if missing or unexpected or wrong:
+        raise misfit_error(str(weights), model_cls.__name__, f"as configured in {folder / 'config.json'}", missing,
+                           unexpected, wrong)
+    if info.get("error_msgs"):
+        raise ValueError(f"weights from {weights} did not load into {model_cls.__name__}: "
+                         + "; ".join(map(str, info["error_msgs"][:3])))
+    return model

