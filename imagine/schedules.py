@@ -186,6 +186,21 @@ def kl_optimal_a1111(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
     return torch.tan(u * lo + (1.0 - u) * hi).double().numpy()
 
 
+def check_downcast(rule: str, sigma_schedule: str | None = None, name: str | None = None) -> None:
+    """A ValueError unless a run of this timestep rule (samplers.TIMESTEP_RULE) and schedule type is one A1111's
+    "Downcast alphas_cumprod" is reproduced for (NoiseSchedule.a1111_downcast): the samplers that step in noise levels.
+    `name`: the sampler's, for the message."""
+    if rule in ("ddpm", "ddim", "lcm"):
+        why = "A1111 then also takes sqrt(1 - abar) in float16 in DDIM's and PLMS's update, and its LCM its own table"
+    elif sigma_schedule in VP_TIME_SCHEDULES:
+        why = f"the {sigma_schedule} schedule type steps in continuous time over A1111's own table, as its UniPC does"
+    else:
+        return
+    raise ValueError(f"A1111's 'Downcast alphas_cumprod' is reproduced for the samplers that step in noise levels "
+                     f"(Euler, Euler a, LMS, Heun, DPM2, the DPM++ family, DPM fast and adaptive, Restart), not for "
+                     f"{name or 'the ' + rule + ' rule'}: {why}")
+
+
 def kdiffusion_levels(kind: str, log_table: torch.Tensor, n: int) -> np.ndarray:
     """The levels of "uniform" / "normal" (n timesteps evenly from T-1 to 0) and "sgm_uniform" (n + 1, the last left
     out) interpolated as k-diffusion's DiscreteSchedule.t_to_sigma does, in float32 (log sigma linear between the
@@ -702,12 +717,8 @@ class NoiseSchedule:
             # DDIM's last step would go up in noise)
             custom = (lambda lo, hi, n, lo_t=float(table[0]), hi_t=float(table[-1]):
                       np.clip(spaced_sigmas(sigma_schedule, lo, hi, n, None, levels_dtype), lo_t, hi_t))
-        if self.held_dtype == torch.float16 and (rule in ("ddpm", "ddim", "lcm") or sigma_schedule in VP_TIME_SCHEDULES):
-            raise ValueError("A1111's 'Downcast alphas_cumprod' is reproduced for the samplers that step in noise levels "
-                             "(Euler, Euler a, LMS, Heun, DPM2, the DPM++ family, DPM fast and adaptive, Restart); "
-                             f"the {rule} rule{'s ' + sigma_schedule if sigma_schedule in VP_TIME_SCHEDULES else ''} is "
-                             "not (A1111's DDIM and PLMS then take sqrt(1 - abar) in float16 too, its UniPC and LCM "
-                             "their own tables)")
+        if self.held_dtype == torch.float16:
+            check_downcast(rule, sigma_schedule)
         spacing = self.timestep_spacing if spacing is None else spacing
         steps_offset = self.steps_offset if steps_offset is None else int(steps_offset)
         if rule == "lcm":

@@ -71,7 +71,7 @@ def test_what_float16_cannot_hold_is_refused():
     with pytest.raises(ValueError, match="infinite noise level"):
         down.a1111_zero_terminal_snr()  # (A1111's rescale of a float16 abar overflows sigma_max)
     for rule, kind in (("ddim", None), ("ddpm", None), ("lcm", None), ("dpm_solver", "compvis_time_uniform")):
-        with pytest.raises(ValueError, match="A1111's DDIM and PLMS then take sqrt"):
+        with pytest.raises(ValueError, match=r"step in noise levels \(Euler.*\), not for the"):
             down.plan(10, rule=rule, sigma_schedule=kind)
 
 
@@ -164,10 +164,30 @@ def test_the_cli_and_the_a1111_api_follow(pipe, tmp_path, capsys):
                                 "use one of the two")):
             r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "override_settings": override}, timeout=60)
             assert r.status_code == 422 and said in r.text
-        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "sampler_name": "DDIM",
-                                                            "override_settings": {"use_downcasted_alpha_bar": True}},
-                       timeout=60)
-        assert r.status_code == 422 and "not for DDIM" in r.text
+        for other in ({"sampler_name": "DDIM"}, {"sampler_name": "DDPM"},
+                      {"sampler_name": "DPM++ 2M", "scheduler": "time_uniform"}):
+            r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, **other, "override_settings": {
+                "use_downcasted_alpha_bar": True}}, timeout=60)
+            assert r.status_code == 422 and "reproduced for the samplers that step in noise levels" in r.text, other
+        # a pair that cannot run, half from the options and half from the request (or the options posted)
+        assert httpx.post(f"{srv.url}/sdapi/v1/options", json={"sd_noise_schedule": "Zero Terminal SNR"},
+                          timeout=30).status_code == 200
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "override_settings": {
+            "use_downcasted_alpha_bar": True}}, timeout=60)
+        assert r.status_code == 422 and "use one of the two" in r.text
+        r = httpx.post(f"{srv.url}/sdapi/v1/options", json={"use_downcasted_alpha_bar": True}, timeout=30)
+        assert r.status_code == 422 and "use one of the two" in r.text
+    # refused before any work: no text encoded
+    encoded = []
+    encode = pipe.encode_prompts
+    pipe.encode_prompts = lambda *a, **k: (encoded.append(1), encode(*a, **k))[1]
+    try:
+        for sampler in ("DDIM", "ddpm", "UniPC"):
+            with pytest.raises(ValueError, match="reproduced for the samplers that step in noise levels"):
+                pipe.generate("a red circle", downcast_alphas_cumprod=True, **kw, **{**api, **a1111_settings(sampler)})
+    finally:
+        del pipe.encode_prompts
+    assert not encoded
     # an infotext from A1111 1.5 (no Downcast field: its version turns it on), run by the CLI as A1111 runs it
     text = tmp_path / "old.txt"
     text.write_text("a red circle\nSteps: 4, Sampler: Euler a, CFG scale: 5, Seed: 5, Size: 16x16, RNG: CPU, "

@@ -320,3 +320,38 @@ def test_a_pictures_parameters_fill_the_form(server, page, tmp_path):
     page.click("#generate")
     got = _gallery_download(page)
     assert got.tobytes() == made.convert("RGB").tobytes()
+
+
+def test_an_old_a1111_pictures_options_fill_the_form(server, page, tmp_path):
+    """An A1111 1.5 picture (its infotext's Version): the options A1111's reader turns on for it, Downcast alphas_cumprod
+    and Old prompt editing timelines, ticked, and the picture the form then makes is the API's with both; for an old
+    DDIM picture the downcast is left off (imagine reproduces it for the samplers that step in noise levels)."""
+    import httpx
+    from PIL import PngImagePlugin
+
+    text = ("a [red:blue:1.0] circle\nSteps: 3, Sampler: Euler a, CFG scale: 6, Seed: 77, Size: 32x32, RNG: CPU, "
+            "Version: v1.5.1")
+    path = tmp_path / "old.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (32, 32)).save(path, pnginfo=info)
+    _fill_form(page, server, prompt="something else", steps=9, seed=1, sampler="Euler", size=64)
+    page.click("#pnginfo summary")
+    page.set_input_files("#pnginfo_image", str(path))
+    page.wait_for_function("document.querySelector('#prompt').value === 'a [red:blue:1.0] circle'")
+    assert page.is_checked("#downcast_alphas_cumprod") and page.is_checked("#old_prompt_editing")
+    page.click("#generate")
+    got = _gallery_download(page)
+    body = {"prompt": "a [red:blue:1.0] circle", "steps": 3, "cfg_scale": 6, "width": 32, "height": 32, "seed": 77,
+            "sampler_name": "Euler a", "override_settings": {"randn_source": "CPU", "use_downcasted_alpha_bar": True,
+                                                             "use_old_scheduling": True}}
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert got.tobytes() == Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB").tobytes()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text.replace("Euler a", "DDIM"))
+    path = tmp_path / "old-ddim.png"
+    Image.new("RGB", (32, 32)).save(path, pnginfo=info)
+    page.set_input_files("#pnginfo_image", str(path))
+    page.wait_for_function("document.querySelector('#sampler').value === 'DDIM'")
+    assert not page.is_checked("#downcast_alphas_cumprod") and page.is_checked("#old_prompt_editing")

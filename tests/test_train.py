@@ -276,6 +276,13 @@ def test_a_run_keeps_its_own_checkpoints(tmp_path):
     assert "at step 4" in out.stdout
     assert ckpt.latest_checkpoint(run) == run / "checkpoints" / "step-00000006"
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000006", "step-00000008"]
+    # keep_checkpoints 4: the newest four stay, the set growing to four first
+    net = torch.nn.Linear(2, 2)
+    for step in range(1, 7):
+        ckpt.save_checkpoint(tmp_path / "k4", step, modules={"model": net}, optimizer=None, state={}, generators={},
+                             keep=4)
+    assert sorted(p.name for p in (tmp_path / "k4" / "checkpoints").glob("step-*")) == [
+        f"step-{s:08d}" for s in (3, 4, 5, 6)]
 
 
 def test_train_options_are_checked_and_yaml_floats_read(tmp_path):
@@ -290,7 +297,9 @@ def test_train_options_are_checked_and_yaml_floats_read(tmp_path):
                              ("checkpoint_every", 0, "train.checkpoint_every must be a whole number >= 1"),
                              ("log_every", 2.5, "train.log_every must be a whole number"),
                              ("grad_accum", 0, "train.grad_accum must be a whole number >= 1"),
-                             ("lr", "fast", "train.lr must be a number"), ("lr", 0, "train.lr must be > 0"),
+                             ("lr", "fast", "train.lr must be a number"), ("lr", 0, "train.lr must be a finite number > 0"),
+                             ("lr", float("inf"), "train.lr must be a finite number"),
+                             ("betas", "00", "train.betas must be two numbers"),
                              ("betas", [0.9], "train.betas must be two numbers"),
                              ("ema_decay", 1.0, "train.ema_decay must be below 1"),
                              ("compile", "yes", "train.compile must be true or false"),

@@ -733,6 +733,11 @@ class TextToImagePipeline:
                 final_step = d.get("final_step")
         final_step = final_step or "euler"
         schedule = self.a1111_schedule(downcast_alphas_cumprod, zero_terminal_snr)  # (its errors before any work)
+        if downcast_alphas_cumprod:
+            from imagine.samplers import TIMESTEP_RULE, resolve_sampler
+            from imagine.schedules import check_downcast
+
+            check_downcast(TIMESTEP_RULE[resolve_sampler(sampler)[0]], sigma_schedule, sampler)
         # a model's default start (matched) moves pure noise; an image-to-image run starts from its picture
         start = start or (None if init_image is not None or init_latents is not None else d.get("start")) or "noise"
         # (A scheduler config's clip_sample is not applied: diffusers' SD text-to-image and img2img pipelines set it

@@ -43,12 +43,13 @@ from imagine.samplers import (  # AUTOMATIC1111's labels and ways of our sampler
     A1111_SAMPLERS,
     A1111_SCHEDULE_NAMES,
     COMPVIS_SAMPLERS,
+    TIMESTEP_RULE,
     a1111_guidance_scale,
     a1111_schedule,
     a1111_settings,
     default_guidance_scale,
 )
-from imagine.schedules import COMPVIS_SCHEDULES, MODEL_SIGMA_SCHEDULES, SCHEDULE_LABELS, SIGMA_SCHEDULES
+from imagine.schedules import COMPVIS_SCHEDULES, MODEL_SIGMA_SCHEDULES, SCHEDULE_LABELS, SIGMA_SCHEDULES, check_downcast
 from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
                                    ShuttingDown)
 
@@ -736,7 +737,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         server's options): its "randn_source" ("GPU", its default, is torch's generator on the device: this server's
         CPU; "CPU"; "NV", an NVIDIA GPU's draws) as imagine's rng, its "eta_noise_seed_delta" (ENSD), whether its
         "sd_noise_schedule" is "Zero Terminal SNR", and its "use_downcasted_alpha_bar" ("Downcast alphas_cumprod")."""
-        check_noise_settings(request_overrides(req), "override_settings")  # (the options were checked when set)
+        # (with the server's options: a pair that cannot run may come half from each)
+        check_noise_settings({**options, **request_overrides(req)}, "override_settings")
         return (A1111_RNG_SOURCES[setting(req, "randn_source", "GPU")], int(setting(req, "eta_noise_seed_delta", 0)),
                 setting(req, "sd_noise_schedule", "Default") == "Zero Terminal SNR",
                 setting(req, "use_downcasted_alpha_bar", False))
@@ -1207,10 +1209,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         seed_resize = ((req.seed_resize_from_h, req.seed_resize_from_w)
                        if req.seed_resize_from_h > 0 and req.seed_resize_from_w > 0 else None)
         rng, seed_delta, zero_snr, downcast = a1111_noise(req)
-        if downcast and (sampler in COMPVIS_SAMPLERS or sampler == "lcm"):
-            raise ApiError(422, f"use_downcasted_alpha_bar ('Downcast alphas_cumprod') is reproduced for the samplers "
-                                f"that step in noise levels, not for {samplers.a1111_name(sampler)} (A1111 then takes "
-                                "more than the noise levels in float16)", "override_settings")
+        if downcast:
+            try:
+                check_downcast(TIMESTEP_RULE[sampler], a1111["sigma_schedule"], samplers.a1111_name(sampler))
+            except ValueError as e:
+                raise ApiError(422, f"use_downcasted_alpha_bar: {e}", "override_settings") from None
         units, unit_ignored = check_controlnet(req, inits is not None)
         unit_pictures = await run_in_threadpool(
             lambda: [_decode_image(u["image"], u["field"], rgb=False) if u["image"] else None for u in units])
@@ -1463,8 +1466,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"this server serves one model, {title!r}; cannot switch to {want!r}",
                            "sd_model_checkpoint")
         body.pop("sd_model_checkpoint", None)
-        check_noise_settings(body, "options")
-        options.update(body)
+        # (checked with the options kept: a pair that cannot run may come half from each; a whole-number delta made
+        # an int there)
+        checked = check_noise_settings({**options, **body}, "options")
+        options.update({k: checked[k] for k in body})
         return None
 
     @app.get("/sdapi/v1/cmd-flags")

@@ -109,7 +109,7 @@ def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Mod
     tmp.rename(final)
     io.atomic_write_bytes(ckpt_root / "latest", (final.name + "\n").encode())
     older = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p.name < final.name)
-    for old in older[:len(older) - (keep - 1)] if keep > 0 else []:
+    for old in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(".step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)

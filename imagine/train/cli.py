@@ -59,10 +59,12 @@ def _stack_images(ds) -> torch.Tensor | None:
 
 def run(args) -> dict:
     from imagine.train.data import build_dataset
-    from imagine.train.loop import run_training
+    from imagine.train.loop import check_run, run_training
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.output or cfg.get("output") or f"runs/{args.what}")
+    resume = Path(args.resume_from) if args.resume_from else (args.resume or args.export_only)
+    check_run(cfg, out, resume, args.export_only)  # (before the data and the model are built)
     data_cfg = cfg.setdefault("data", {"type": "shapes"})
     n_eval = int(data_cfg.get("eval_count", 64))
     if args.what == "vae":
@@ -91,6 +93,5 @@ def run(args) -> dict:
                 task.precompute_text(all_captions("train") + [""])
             elif hasattr(dataset, "captions"):
                 task.precompute_text(dataset.captions() + [""])
-    resume = Path(args.resume_from) if args.resume_from else (args.resume or args.export_only)
     result = run_training(cfg, task, dataset, out, resume=resume, export_only=args.export_only)
     return result

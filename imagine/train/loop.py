@@ -59,8 +59,9 @@ def check_train_options(tc: dict) -> dict:
             v = out[key] = float(v)
         except (TypeError, ValueError):
             raise ValueError(f"train.{key} must be a number; got {tc[key]!r}") from None
-        if not (v >= least if inclusive else v > least) or v != v:
-            raise ValueError(f"train.{key} must be {'>=' if inclusive else '>'} {least:g}; got {tc[key]!r}")
+        if not math.isfinite(v) or not (v >= least if inclusive else v > least):
+            raise ValueError(f"train.{key} must be a finite number {'>=' if inclusive else '>'} {least:g}; got "
+                             f"{tc[key]!r}")
     for key, least in _TRAIN_COUNTS.items():
         v = out[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
@@ -73,7 +74,7 @@ def check_train_options(tc: dict) -> dict:
                          f"and {out['min_lr_ratio']!r}")
     betas = out["betas"]
     try:
-        betas = out["betas"] = [float(b) for b in betas]
+        betas = out["betas"] = [float(b) for b in betas] if isinstance(betas, (list, tuple)) else None
     except (TypeError, ValueError):
         betas = None
     if not betas or len(betas) != 2 or not all(0 <= b < 1 for b in betas):
@@ -198,16 +199,25 @@ def _sum_across(accelerator, counts: SkipCounter) -> SkipCounter:
     return total
 
 
-def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | Path = False, accelerator=None,
-                 export_only: bool = False) -> dict:
+def check_run(cfg: dict, out_dir: Path, resume: bool | Path = False, export_only: bool = False) -> dict:
+    """What can be said of a run before its data and model are built: the train section's keys and values (the
+    train options with their defaults, numbers made floats, returned; the config's own values made so too), and a
+    fresh run into a folder that holds an earlier run's checkpoints (refused: they would mix, and --resume could
+    pick either)."""
     check_keys(cfg.get("train", {}), set(TRAIN_DEFAULTS), "train")
     tc = check_train_options({**TRAIN_DEFAULTS, **cfg.get("train", {})})
-    out_dir = Path(out_dir)
-    earlier = None if resume or export_only else ckpt.latest_checkpoint(out_dir)
-    if earlier is not None:  # (a fresh run there would mix its checkpoints with the earlier run's, and --resume
-        # could pick either)
+    cfg["train"] = {k: tc[k] for k in cfg.get("train", {})}  # (YAML's "1e-4" read as the number by every reader)
+    earlier = None if resume or export_only else ckpt.latest_checkpoint(Path(out_dir))
+    if earlier is not None:
         raise ValueError(f"{out_dir} holds checkpoints of an earlier run (the newest {earlier.name}): --resume "
                          "continues it; give another --output, or remove its checkpoints folder, to start afresh")
+    return tc
+
+
+def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | Path = False, accelerator=None,
+                 export_only: bool = False) -> dict:
+    tc = check_run(cfg, out_dir, resume, export_only)
+    out_dir = Path(out_dir)
     if accelerator is None:
         from accelerate import Accelerator
 

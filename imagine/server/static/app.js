@@ -249,8 +249,11 @@ async function readPicture() {
     $("randn_source").value = p["RNG"] === "CPU" ? "CPU" : "NV";
     $("eta_noise_seed_delta").value = p["ENSD"] || 0;
     $("zero_terminal_snr").checked = p["Noise Schedule"] === "Zero Terminal SNR";
-    // (A1111's reader turns it on for its older versions' pictures: the API answers true)
-    $("downcast_alphas_cumprod").checked = p["Downcast alphas_cumprod"] === true || p["Downcast alphas_cumprod"] === "True";
+    // (A1111's reader turns it on for its older versions' pictures: the API answers true; imagine reproduces it for
+    // the samplers that step in noise levels, so an old DDIM, PLMS, UniPC or LCM picture runs without it)
+    const ownTimesteps = ["DDIM", "PLMS", "UniPC", "LCM", "DDIM CFG++"].includes(p["Sampler"]);
+    $("downcast_alphas_cumprod").checked = !ownTimesteps &&
+      (p["Downcast alphas_cumprod"] === true || p["Downcast alphas_cumprod"] === "True");
     $("old_prompt_editing").checked = p["Old prompt editing timelines"] === true || p["Old prompt editing timelines"] === "True";
     $("noise").open = true;
   } catch (e) {
