@@ -227,5 +227,7 @@ def prompt_schedule(prompt: str, steps: int, first_pass: int | None = None, old:
 
 
 def text_at(schedule: list[tuple[int, str]], i: int) -> int:
-    """The index of the schedule's text that step i (from 0) reads: the first entry whose last step is >= i."""
-    return next((k for k, (end, _) in enumerate(schedule) if i <= end), len(schedule) - 1)
+    """The index of the schedule's text that step i (from 0) reads: the first entry whose last step is >= i; past the
+    last (an old-timeline hires pass longer than the first pass, whose steps its schedule spans) the first, as A1111's
+    reconstruct_cond_batch starts from it."""
+    return next((k for k, (end, _) in enumerate(schedule) if i <= end), 0)

@@ -396,6 +396,21 @@ def test_diffusers_folder_text_encoder_loads_strictly_with_clear_errors(tmp_path
                                          "truncated or corrupt"):
         load_folder(variant("truncated", truncate))
 
+    # a truncated pytorch_model.bin (torch.load's OSError) and a pickle weights_only refuses: named too
+    def truncated_bin(te):
+        torch.save(load_file(te / "model.safetensors"), te / "pytorch_model.bin")
+        (te / "model.safetensors").unlink()
+        data = (te / "pytorch_model.bin").read_bytes()
+        (te / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"text_encoder/pytorch_model\.bin is not a readable weights file"):
+        load_folder(variant("truncated_bin", truncated_bin))
+
+    def code_pickle(te):
+        (te / "model.safetensors").unlink()
+        (te / "pytorch_model.bin").write_bytes(pickle.dumps(Exception("runs code on load")))
+    with pytest.raises(ValueError, match=r"text_encoder/pytorch_model\.bin is not a readable weights file"):
+        load_folder(variant("code_pickle", code_pickle))
+
     with pytest.raises(FileNotFoundError, match=r"^tokenizer folder not found: .*notok/tokenizer"):
         load_folder(variant("notok", lambda te: shutil.rmtree(te.parent / "tokenizer")))
 

@@ -198,6 +198,14 @@ def test_hires_and_old_timelines_follow_a1111s_rules(prompt, steps, first_pass, 
     assert prompt_schedule(prompt, steps, first_pass, old) == want
 
 
+def test_past_the_schedules_end_the_first_text_is_read():
+    """An old-timeline hires pass longer than the first pass runs past its schedule's end (it spans the first pass's
+    steps): A1111's reconstruct_cond_batch then reads the first text."""
+    s = prompt_schedule("a [red:blue:2] circle", 8, first_pass=4, old=True)
+    assert s == [(2, "a red circle"), (4, "a blue circle")]
+    assert [s[text_at(s, i)][1].split()[1] for i in range(8)] == ["red"] * 3 + ["blue"] * 2 + ["red"] * 3
+
+
 def test_a_hires_second_pass_continues_the_first_passes_timeline(sd, monkeypatch):
     """`[red:blue:0.5]` has read blue since the first pass's middle: the second pass reads blue throughout, as the
     same run with the second pass's prompt "a blue circle" does (A1111 1.6+); a second pass on a timeline of its own

@@ -158,6 +158,17 @@ def test_the_callback_hears_the_prior_then_the_decoder(stable_unclip):
         ours.generate("a red circle", seed=1, steps=3, height=SIZE, width=SIZE, progress=False, callback=stop)
 
 
+def test_a1111s_prompt_options_count_only_where_a_prompt_uses_them(stable_unclip):
+    """The old prompt-editing timelines (A1111's use_old_scheduling, on in an old infotext) do nothing without an
+    edit: an unCLIP text-to-image model takes them then, and refuses them only where a prompt edits."""
+    _, _, ours = stable_unclip
+    kw = dict(height=SIZE, width=SIZE, steps=2, progress=False, output_type="latent", prompt_editing=True)
+    plain = ours.generate("a red circle", seed=4, **kw).latents
+    assert torch.equal(ours.generate("a red circle", seed=4, old_prompt_editing=True, **kw).latents, plain)
+    with pytest.raises(ValueError, match=r"old_prompt_editing, prompt_editing \(.*\): not for"):
+        ours.generate("a [red:blue:1] circle", seed=4, old_prompt_editing=True, **kw)
+
+
 def test_a_batch_is_its_images_alone(stable_unclip):
     folder, ref, ours = stable_unclip
     kw = dict(height=SIZE, width=SIZE, steps=4, progress=False, output_type="latent")

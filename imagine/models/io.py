@@ -9,6 +9,7 @@ previous file intact. Weights only ever load from safetensors here; pickle check
 from __future__ import annotations
 
 import json
+import pickle
 import os
 import tempfile
 from pathlib import Path
@@ -190,8 +191,12 @@ def load_transformers_model(model_cls, folder: str | os.PathLike, dtype: torch.d
         model, info = model_cls.from_pretrained(folder, local_files_only=True, output_loading_info=True,
                                                 ignore_mismatched_sizes=True,
                                                 **({} if dtype is None else {"dtype": dtype}))
-    except (SafetensorError, RuntimeError) as e:  # what safetensors and torch.load raise for a damaged file
-        raise unreadable_weights(weights, e) from None
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        # (what safetensors and torch.load raise for a damaged file, or a pickle weights_only refuses; a sharded
+        # folder's error is one shard's)
+        raise unreadable_weights(f"{weights}{' (one of its shards)' if weights.suffix == '.json' else ''}", e) from None
 
     def real(keys):
         return sorted(k for k in keys if not k.endswith("position_ids"))

@@ -661,10 +661,10 @@ class TextToImagePipeline:
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
             negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
             edit_steps = int(self.defaults["steps"] if steps is None else steps)
+            edits = prompt_editing and any(len(prompt_schedule(t, edit_steps)) > 1
+                                           for t in texts + [n for n in negs if n])
             given = {"guidance_rescale": guidance_rescale, "thresholding": thresholding,
-                     "threshold_range": threshold_range, "start": start,
-                     "prompt_editing": prompt_editing and any(len(prompt_schedule(t, edit_steps)) > 1
-                                                              for t in texts + [n for n in negs if n]),
+                     "threshold_range": threshold_range, "start": start, "prompt_editing": edits,
                      "composable": composable and any(len(parts) > 1 or parts[0][1] != 1.0
                                                       for parts in map(split_and, texts)),
                      "init_image": init_image, "strength": strength,
@@ -680,7 +680,8 @@ class TextToImagePipeline:
                      "discard_penultimate_sigma": discard_penultimate_sigma,
                      "strength_rule": strength_rule != "diffusers", "rng": rng != "cpu",
                      "noise_seed_delta": noise_seed_delta, "zero_terminal_snr": zero_terminal_snr,
-                     "downcast_alphas_cumprod": downcast_alphas_cumprod, "old_prompt_editing": old_prompt_editing}
+                     "downcast_alphas_cumprod": downcast_alphas_cumprod,
+                     "old_prompt_editing": old_prompt_editing and edits}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
