@@ -46,3 +46,43 @@ def test_a_side_process_that_dies_is_reported_not_waited_for(one_thread):
             sides["imagine_exact"](True)
     finally:
         stop()
+
+
+def test_a_calls_added_memory_is_what_it_takes(one_thread):
+    """Peak +MB is the resident memory a call takes above the level after the heap's free memory is returned: a call
+    that holds 100 MB of small blocks shows about 100 MB every time. (Measured against the heap as the calls before
+    left it, the same call showed 0 MB once glibc kept their freed blocks: a small block above them holds the heap's
+    top, so glibc's own trimming cannot return them.)"""
+    import torch
+
+    from imagine.bench.speed import _timed_call
+
+    kept = []
+
+    def side():
+        blocks = [torch.ones(65536) for _ in range(400)]  # 400 x 256 KB
+        kept.append(torch.ones(16))
+        return torch.stack([b.sum() for b in blocks])
+
+    added = [_timed_call(side)["peak_added_mb"] for _ in range(3)]
+    assert all(90 < mb < 200 for mb in added), added
+
+
+def test_the_serve_bench_percentiles_are_nearest_rank():
+    from imagine.bench.serve import _percentiles
+
+    p = _percentiles([float(x) for x in range(1, 11)])
+    assert (p["p50"], p["p90"], p["max"]) == (5.0, 9.0, 10.0)  # the ceil(0.5 * 10)-th and ceil(0.9 * 10)-th
+    assert _percentiles([float(x) for x in range(1, 101)])["p99"] == 99.0
+
+
+def test_the_samplers_goal_compares_equal_model_calls():
+    """A sampler that made more model calls than the budget (DPM adaptive's 57 at '10 steps') is not ours at 10."""
+    from imagine.bench.samplers import goal
+
+    res = {"floor": {"swd_std": 0.0001}, "results": {
+        "ours: adaptive": {"10": {"swd": 0.002, "gap": 0.0, "nfe": 57}},
+        "ours: dpmpp_2m": {"10": {"swd": 0.012, "gap": 0.0, "nfe": 10}},
+        "diffusers: DPM++2M": {"20": {"swd": 0.010, "gap": 0.0, "nfe": 20}}}}
+    g = goal(res)
+    assert (g["ours"], g["ours_nfe"], g["theirs_nfe"], g["met"]) == ("ours: dpmpp_2m", 10, 20, False)

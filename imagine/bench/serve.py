@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import socket
@@ -57,8 +58,8 @@ def _percentiles(xs: list[float]) -> dict:
         return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
     s = sorted(xs)
 
-    def q(f):  # nearest-rank percentile
-        return s[min(len(s) - 1, max(0, int(round(f * len(s) + 0.5)) - 1))]
+    def q(f):  # nearest-rank percentile: the ceil(f n)-th smallest
+        return s[min(len(s) - 1, max(0, math.ceil(f * len(s)) - 1))]
 
     return {"p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": s[-1], "mean": sum(s) / len(s)}
 
