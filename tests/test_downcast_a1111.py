@@ -23,6 +23,7 @@ from PIL import Image
 from test_k_diffusion import CONFIGS, _run_a1111, kd  # noqa: F401 (kd: the fixture)
 from test_loading import save_diffusers_folder
 from test_samplers_parity import SEEDS, SHAPE, make_model
+from test_zero_snr_a1111 import A1111_API_RUN, SMALL_RUN
 
 from imagine.commands.generate import infotext_defaults
 from imagine.images import a1111_backcompat, a1111_version, parse_a1111_parameters
@@ -142,9 +143,7 @@ def test_the_cli_and_the_a1111_api_follow(pipe, tmp_path, capsys):
     from imagine.cli import main
     from imagine.server.app import BackgroundServer, ServerConfig, create_app
 
-    kw = dict(steps=4, height=16, width=16, guidance_scale=5.0, seed=5, progress=False)
-    api = {**a1111_settings("Euler a"), "emphasis": True, "long_prompts": True, "prompt_editing": True,
-           "composable": True}
+    kw, api = SMALL_RUN, A1111_API_RUN
     want = pipe.generate("a red circle", downcast_alphas_cumprod=True, **kw, **api)
     assert want.parameters["downcast_alphas_cumprod"] is True
     assert want.images[0].tobytes() != pipe.generate("a red circle", **kw, **api).images[0].tobytes()
@@ -214,9 +213,7 @@ def test_old_prompt_editing_timelines_follow(pipe, tmp_path, capsys):
     flags = infotext_defaults(parse_a1111_parameters("a [red:blue:1.0] circle\nSteps: 4, Sampler: Euler a, CFG "
                                                      "scale: 5, Seed: 5, Size: 16x16, Version: v1.5.1"))
     assert flags["old_prompt_editing"] is True and flags["downcast_alphas_cumprod"] is True
-    kw = dict(steps=4, height=16, width=16, guidance_scale=5.0, seed=5, progress=False)
-    api = {**a1111_settings("Euler a"), "emphasis": True, "long_prompts": True, "prompt_editing": True,
-           "composable": True}
+    kw, api = SMALL_RUN, A1111_API_RUN
     want = pipe.generate("a [red:blue:1.0] circle", old_prompt_editing=True, **kw, **api)
     assert want.images[0].tobytes() == pipe.generate("a [red:blue:1] circle", **kw, **api).images[0].tobytes()
     assert want.images[0].tobytes() != pipe.generate("a [red:blue:1.0] circle", **kw, **api).images[0].tobytes()

@@ -84,6 +84,12 @@ def test_samplers_equal_a1111s_over_the_rescaled_schedule(kd, label):
     assert (plain - ours).abs().max() > 0.05  # (the option moves the picture)
 
 
+# a small run as the A1111 API makes it (Euler a under A1111's rules, its prompt syntax read), for the pipeline's side
+SMALL_RUN = dict(steps=4, height=16, width=16, guidance_scale=5.0, seed=5, progress=False)
+A1111_API_RUN = {**a1111_settings("Euler a"), "emphasis": True, "long_prompts": True, "prompt_editing": True,
+                 "composable": True}
+
+
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     from imagine.pipelines.text_to_image import TextToImagePipeline
@@ -98,9 +104,7 @@ def test_the_cli_and_the_a1111_api_follow(pipe, tmp_path, capsys):
     from imagine.cli import main
     from imagine.server.app import BackgroundServer, ServerConfig, create_app
 
-    kw = dict(steps=4, height=16, width=16, guidance_scale=5.0, seed=5, progress=False)
-    api = {**a1111_settings("Euler a"), "emphasis": True, "long_prompts": True, "prompt_editing": True,
-           "composable": True}
+    kw, api = SMALL_RUN, A1111_API_RUN
     want = pipe.generate("a red circle", zero_terminal_snr=True, **kw, **api)
     assert want.parameters["zero_terminal_snr"] is True
     plain = pipe.generate("a red circle", **kw, **api).images[0]
