@@ -124,6 +124,10 @@ def test_the_versions_a1111_turns_options_on_for():
     assert "downcast_alphas_cumprod" not in ddim
     assert any("not reproduced for DDIM" in n for n in ddim["_infotext_notes"])
     assert any("Pad conds v0" in n for n in ddim["_infotext_notes"])  # (turned on by A1111, not applied here)
+    for sampler in ("UniPC", "LCM", "PLMS"):  # (the levels A1111 runs them on: the refusal's own rule)
+        other = infotext_defaults(parse_a1111_parameters(text.replace("Euler a", sampler)))
+        assert "downcast_alphas_cumprod" not in other, sampler
+        assert any(f"not reproduced for {sampler}" in n for n in other["_infotext_notes"]), sampler
     new = infotext_defaults(parse_a1111_parameters(text.replace("v1.5.1", "v1.10.1") + ", Downcast alphas_cumprod: "
                                                                                        "True"))
     assert new["downcast_alphas_cumprod"] is True

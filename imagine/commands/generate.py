@@ -324,8 +324,8 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
     as A1111 made it: its sampling and prompt reading, and "_infotext_notes" for what is not applied or assumed.
     hires_scale: the --hires-scale given (an A1111 "Hires resize" to another shape is then not an error)."""
     from imagine.images import A1111_SIGMA_LABELS
-    from imagine.samplers import COMPVIS_SAMPLERS, a1111_settings, resolve_sampler
-    from imagine.schedules import SCHEDULE_LABELS
+    from imagine.samplers import COMPVIS_SAMPLERS, TIMESTEP_RULE, a1111_settings, resolve_sampler
+    from imagine.schedules import SCHEDULE_LABELS, check_downcast
 
     from imagine.images import a1111_backcompat
 
@@ -393,11 +393,14 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
         out["zero_terminal_snr"] = True
     if fields.get("Downcast alphas_cumprod") in ("True", True):
         fields.pop("Downcast alphas_cumprod")
-        if resolve_sampler(out.get("sampler", "Euler"))[0] in (*COMPVIS_SAMPLERS, "lcm"):
-            notes.append(f"Downcast alphas_cumprod: True (not reproduced for {out['sampler']}: A1111 then takes more "
-                         "than the noise levels in float16)")
-        else:
+        sampler = out.get("sampler", "Euler")  # (A1111's default)
+        run = a1111_settings(sampler)  # (the levels A1111 runs it on: the refusal's own rule, check_downcast)
+        try:
+            check_downcast(TIMESTEP_RULE[run["sampler"]], out.get("sigma_schedule") or run["sigma_schedule"], sampler)
             out["downcast_alphas_cumprod"] = True
+        except ValueError:
+            notes.append(f"Downcast alphas_cumprod: True (not reproduced for {sampler}: A1111 then takes more than the "
+                         "noise levels in float16)")
     elif fields.get("Downcast alphas_cumprod") == "False":
         fields.pop("Downcast alphas_cumprod")
     if fields.get("Old prompt editing timelines") in ("True", True, "False"):
