@@ -166,40 +166,40 @@ class Timeline:
         return min(self.steps, int(v))
 
 
-def _walk(items: list, steps: Timeline, points: set[int]) -> bool:
+def _walk(items: list, line: Timeline, points: set[int]) -> bool:
     """Collect the steps where the text may change; True if some part alternates."""
     alternates = False
     for it in items:
         if isinstance(it, _Round):
-            alternates |= _walk(it.inner, steps, points) | _walk(it.weight or [], steps, points)
+            alternates |= _walk(it.inner, line, points) | _walk(it.weight or [], line, points)
         elif isinstance(it, _Square):
-            alternates |= _walk(it.inner, steps, points)
+            alternates |= _walk(it.inner, line, points)
         elif isinstance(it, _Scheduled):
-            when = steps.when(it.when)
+            when = line.when(it.when)
             if when >= 1:
                 points.add(when)
-            alternates |= _walk(it.before, steps, points) | _walk(it.after, steps, points)
+            alternates |= _walk(it.before, line, points) | _walk(it.after, line, points)
         elif isinstance(it, _Alternate):
             alternates = True
             for o in it.options:
-                _walk(o, steps, points)
+                _walk(o, line, points)
     return alternates
 
 
-def _render(items: list, step: int, steps: Timeline) -> str:
+def _render(items: list, step: int, line: Timeline) -> str:
     out = []
     for it in items:
         if isinstance(it, _Text):
             out.append(it.text)
         elif isinstance(it, _Round):
-            weight = "" if it.weight is None else ":" + _render(it.weight, step, steps)
-            out.append("(" + _render(it.inner, step, steps) + weight + ")")
+            weight = "" if it.weight is None else ":" + _render(it.weight, step, line)
+            out.append("(" + _render(it.inner, step, line) + weight + ")")
         elif isinstance(it, _Square):
-            out.append("[" + _render(it.inner, step, steps) + "]")
+            out.append("[" + _render(it.inner, step, line) + "]")
         elif isinstance(it, _Scheduled):
-            out.append(_render(it.before if step <= steps.when(it.when) else it.after, step, steps))
+            out.append(_render(it.before if step <= line.when(it.when) else it.after, step, line))
         else:
-            out.append(_render(it.options[(step - 1) % len(it.options)], step, steps))
+            out.append(_render(it.options[(step - 1) % len(it.options)], step, line))
     return "".join(out)
 
 

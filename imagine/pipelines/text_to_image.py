@@ -448,9 +448,9 @@ class TextToImagePipeline:
         """(cond, uncond) for the U-Net: the prompts' and negative prompts' encodings (uncond None when not
         `guided`) with SDXL's size codes. A negative prompt None is not given: "" encoded, or zeros where the
         model says so (SDXL's force_zeros_for_empty_prompt). `editing_steps`: read AUTOMATIC1111's prompt editing
-        over a run of that many steps, or on an imagine.prompt_editing.Timeline (a hires. fix second pass's); where a text changes, that side is a
-        StepConditioning (imagine.guidance). `zero_empty`: whether a negative prompt not given is zeros (None: the
-        model's own rule). `composable`: read AUTOMATIC1111's AND (imagine.composable): where a prompt has parts (or
+        over a run of that many steps, or on an imagine.prompt_editing.Timeline (a hires. fix second pass's); where
+        a text changes, that side is a StepConditioning (imagine.guidance). `zero_empty`: whether a negative prompt
+        not given is zeros (None: the model's own rule). `composable`: read AUTOMATIC1111's AND (imagine.composable): where a prompt has parts (or
         a weight), cond is a ComposedConditioning, and uncond is made even without guidance (the parts pull from
         it)."""
         d = self.defaults
