@@ -503,7 +503,7 @@ def test_bench_samplers_runs_both_sides_and_reports_the_goal(tmp_path):
     assert ours["20"]["swd"] < ours["10"]["swd"]
     assert res["goal"]["ours"] == "ours: ddim" and res["goal"]["met"] is False  # DDIM@10 is worse than DDIM@20
     text = md.read_text()
-    assert "| ours: ddim |" in text and "Goal (ours at 10 steps" in text
+    assert "| ours: ddim |" in text and "Goal (ours at 10 model calls" in text and "10 calls) vs" in text
     assert main(["--from-json", str(js), "--markdown", str(tmp_path / "again.md")]) == 0
     assert (tmp_path / "again.md").read_text() == text
 
