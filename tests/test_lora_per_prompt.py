@@ -131,3 +131,22 @@ def test_a_tags_text_encoder_and_unet_strengths_are_a1111s(setup, tag, te, unet)
         alone.load_lora(tmp / "loras" / "style.safetensors", strength)
         got, exp = pipe._lora_parts()[part].state_dict(), alone._lora_parts()[part].state_dict()
         assert all(torch.equal(got[k], exp[k]) for k in exp), part
+
+
+def test_the_cli_batches_lines_by_the_loras_they_ask_for(setup):
+    """--from-file: a line asking for a LoRA runs in a batch of its own, so the line beside it gives the image it gives
+    alone (one batch merges one set of LoRAs for all its rows), and lines asking for one LoRA at two strengths run."""
+    from PIL import Image
+
+    from imagine.cli import main
+
+    tmp = setup
+    lines = tmp / "prompts.txt"
+    lines.write_text("a red circle <lora:style:0.7>\na blue square\na green circle <lora:style:0.4>\n")
+    for size in ("1", "3"):
+        assert main(["generate", "--model", str(tmp / "folder"), "--from-file", str(lines), "--steps", "3", "--seed",
+                     "50", "--lora-dir", str(tmp / "loras"), "--batch-size", size, "-q", "-o",
+                     str(tmp / f"b{size}")]) == 0
+    for one, three in zip(*(sorted((tmp / f"b{s}").glob("*.png")) for s in ("1", "3"))):
+        assert Image.open(one).convert("RGB").tobytes() == Image.open(three).convert("RGB").tobytes(), three.name
+    assert "Lora" not in Image.open(sorted((tmp / "b3").glob("*.png"))[1]).text["parameters"]

@@ -593,3 +593,65 @@ def test_bench_serve_accounts_for_every_request(tmp_path):
     assert report["failed"] == 0 and report["all_accounted"] and report["server_agrees"]
     assert report["server_counters"]["completed"] == report["answered"]
     assert code == 0
+
+
+def test_two_requests_with_one_task_id_get_their_own_images(server):
+    """A1111's force_task_id names a job for /progress; two jobs sent with the same one and batched together each get
+    their own images (the second's used to be given to both)."""
+    g, w = server.gated, server.worker
+    solo = {s: _pixels(_decode(_txt2img(server, prompt=p, seed=s).json()["images"][0]))
+            for p, s in (("a red circle", 1), ("a blue square", 99))}
+    g.gate.clear()
+    with ThreadPoolExecutor(3) as ex:
+        blocker = ex.submit(_txt2img, server, width=SIZE + 16)
+        _wait(g.waiting.is_set, what="the blocker to reach the gate")
+        futs = []
+        for k, (p, s) in enumerate((("a red circle", 1), ("a blue square", 99))):
+            futs.append((s, ex.submit(_txt2img, server, prompt=p, seed=s, force_task_id="same")))
+            _wait(lambda: w.queued() == k + 1, what="the request to be queued")
+        g.gate.set()
+        assert blocker.result().status_code == 200
+        for s, f in futs:
+            r = f.result()
+            assert r.status_code == 200 and json.loads(r.json()["info"])["batch_images"] == 2
+            assert np.abs(_pixels(_decode(r.json()["images"][0])) - solo[s]).max() <= 1, s
+
+
+def test_bodies_json_cannot_carry_and_pictures_past_the_limits(server):
+    """A chunked body over the limit is 413 as one with a length is; NaN and Infinity (Python's json reads them, JSON
+    has none) are a 422, not a 500 when echoed back nor an option that breaks GET /options; a picture that decodes
+    to more than MAX_PICTURE_PIXELS (a decompression bomb: kilobytes of PNG) is refused before it is decoded; a
+    txt2img body naming img2img's fields is run and says it ignored them; more ControlNet units than the server
+    takes is a 422 naming them; an OpenAI size of thousands of digits is a 400."""
+    from imagine.server.app import MAX_PICTURE_PIXELS
+
+    big = (b"{" + b" " * (1 << 16) + b"" for _ in range(140))  # 9 MiB in chunks, no length given
+    r = requests.post(server.url + "/sdapi/v1/txt2img", data=big, headers={"Content-Type": "application/json"},
+                      timeout=60)
+    assert r.status_code == 413 and "exceeds the server's limit" in r.text
+    for path, raw in (("/sdapi/v1/txt2img", '{"prompt": "a", "steps": NaN}'),
+                      ("/sdapi/v1/txt2img", '{"prompt": "a", "steps": 2, "width": 32, "height": 32, "foo": Infinity}'),
+                      ("/v1/images/generations", '{"prompt": "a", "n": -Infinity}'),
+                      ("/sdapi/v1/options", '{"foo": NaN}')):
+        r = requests.post(server.url + path, data=raw, headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 422 and "no NaN or Infinity" in r.text, (path, r.status_code, r.text)
+    assert requests.get(server.url + "/sdapi/v1/options", timeout=30).status_code == 200
+    side = int(MAX_PICTURE_PIXELS ** 0.5) + 8
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 1 << 20
+    r = requests.post(server.url + "/sdapi/v1/img2img", json={
+        "prompt": "a", "steps": 2, "width": 32, "height": 32, "init_images": [base64.b64encode(buf.getvalue()).decode()]},
+        timeout=60)
+    assert r.status_code == 422 and r.json()["field"] == "init_images" and "resize it first" in r.text
+    r = _txt2img(server, resize_mode=7, mask=5, enable_hr=False, hr_scale=2, denoising_strength=0.5)
+    assert r.status_code == 200, r.text
+    assert {"resize_mode", "mask", "hr_scale", "denoising_strength"} <= set(json.loads(r.json()["info"])[
+        "ignored_fields"])
+    r = _txt2img(server, enable_hr=True, hr_scale=1.5, denoising_strength=0.04, steps=50)  # (before the first pass)
+    assert r.status_code == 422 and r.json()["field"] == "denoising_strength" and "lays out 1250 steps" in r.text
+    r = _txt2img(server, alwayson_scripts={"controlnet": {"args": [{"enabled": False}] * 9}})
+    assert r.status_code == 422 and "takes up to 8" in r.text
+    r = requests.post(server.url + "/v1/images/generations", json={"prompt": "a", "size": "9" * 5000 + "x64"},
+                      timeout=30)
+    assert 400 <= r.status_code < 500 and r.json()["error"]["param"] == "size", r.text

@@ -227,7 +227,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default 4; 1 for DPM adaptive, whose steps follow its whole "
+                        "batch); prompts asking for other LoRAs run in batches of their own")
     p.add_argument("--output", "-o", default=None,
                    help="PNG path for one image (default imagine-<seed>.png), or a folder for several / --from-file")
     p.add_argument("--from-file", default=None, help="a text file with one prompt a line")
@@ -453,6 +455,23 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
     if not_applied:
         notes.append("not applied: " + ", ".join(not_applied))
     out["_infotext_notes"] = notes
+    return out
+
+
+def _batches(pipe, jobs: list, args) -> list[tuple[int, int]]:
+    """(start, end) of each batch of `jobs` ((prompt, k) pairs): --batch-size at most (default 4; 1 for a sampler whose
+    images depend on their batch, DPM adaptive, as the server runs it), and a new batch wherever the LoRAs the prompts
+    ask for change (one batch merges one set), so that every image is the one its prompt and seed give alone."""
+    from imagine.samplers import sampler_in
+
+    size = args.batch_size or (1 if args.sampler and sampler_in(args.sampler, ("dpm_adaptive",)) else 4)
+    asks = getattr(pipe, "loras_asked", None)
+    loras = [tuple(asks([p, args.negative_prompt or ""])) if asks else () for p, _ in jobs]
+    out, start = [], 0
+    for i in range(1, len(jobs) + 1):
+        if i == len(jobs) or i - start == size or loras[i] != loras[start]:
+            out.append((start, i))
+            start = i
     return out
 
 
@@ -778,7 +797,7 @@ def run(args) -> int:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")
     if args.noise_seed_delta < 0:
         raise ValueError(f"--noise-seed-delta (--ensd) must be 0 or more; got {args.noise_seed_delta}")
-    if args.num_images < 1 or args.batch_size < 1:
+    if args.num_images < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError("--num-images and --batch-size must be at least 1")
     if args.seed != -1 and not 0 <= args.seed <= MAX_SEED:  # not wrapped: the PNG would name another seed
         raise ValueError(f"--seed must be -1 (random) or 0..{MAX_SEED}; got {args.seed}")
@@ -902,8 +921,8 @@ def run(args) -> int:
         raise ValueError(f"--variation-strength must be in [0, 1]; got {args.variation_strength}")
     variation = (random.randint(0, MAX_SEED) if args.variation_seed is None or args.variation_seed < 0
                  else args.variation_seed)
-    for start in range(0, len(jobs), args.batch_size):
-        chunk = jobs[start:start + args.batch_size]
+    for start, end in _batches(pipe, jobs, args):
+        chunk = jobs[start:end]
         seeds = [(base + start + k) % (MAX_SEED + 1) for k in range(len(chunk))]
         run = conditioned or pipe.generate
         if args.hires_scale is not None:

@@ -44,6 +44,16 @@ def key_padding_mask(context_mask: torch.Tensor | None) -> torch.Tensor | None:
     return keep[:, None, None, :]
 
 
+def kept_lengths(mask: torch.Tensor) -> list[int] | None:
+    """For a [B, 1, 1, L] keep-mask (`key_padding_mask`) whose every row keeps a prefix of the keys (the padding a
+    batch of texts of different lengths gets at the end): each row's prefix length; None for any other mask."""
+    keep = mask[:, 0, 0, :]
+    n = keep.sum(dim=1)
+    if not torch.equal(torch.arange(keep.shape[1], device=keep.device) < n[:, None], keep):
+        return None
+    return n.tolist()
+
+
 def expand_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     """x [b, ...] -> [batch, ...] as torch.cat([x] * (batch // b)): the copies of a guidance batch
     that shared x up to here (the U-Net's `forward` on context of k times x's batch)."""
@@ -125,11 +135,29 @@ class Attention(nn.Module):
         dtype = q.dtype
         if self.upcast and dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()
-        out = fused_attention.attention(q, k, v) if mask is None else None  # bf16 on AVX512-BF16 CPUs
-        if out is None:
-            out = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        lengths = None if mask is None else kept_lengths(mask)
+        if lengths is None:
+            out = _attend(q, k, v, mask)
+        else:  # padding at the end of the keys: each row attends over its own keys, unmasked, so that a text's
+            # image does not depend on the longer texts beside it (a masked call runs another kernel, and rounds
+            # otherwise; alone, the same row takes this path too)
+            out = q.new_empty(q.shape[0], q.shape[2], q.shape[1] * v.shape[-1])
+            for n in sorted(set(lengths)):
+                rows = [i for i, m in enumerate(lengths) if m == n]
+                if len(rows) == len(lengths):
+                    out = _attend(q, k[:, :, :n], v[:, :, :n], None)
+                else:
+                    at = torch.tensor(rows, device=q.device)
+                    out[at] = _attend(q[at], k[at, :, :n], v[at, :, :n], None)
         out = out.to(dtype)
         return self.to_out[1](self.to_out[0](out))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q over k, v ([B, heads, N, d]) -> [B, N, heads * d]: our fused bf16 kernel where it serves (bf16
+    on AVX512-BF16 CPUs, no mask), else SDPA."""
+    out = fused_attention.attention(q, k, v) if mask is None else None
+    return out if out is not None else merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
 class GEGLU(nn.Module):

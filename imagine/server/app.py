@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -77,6 +78,7 @@ class ServerConfig:
     max_body_bytes: int | None = None
     queue_size: int = 16  # jobs waiting (the running batch not counted)
     max_batch: int = 8  # images per forward pass
+    max_controlnet_units: int = 8  # per request (each runs a ControlNet at every step; A1111's extension shows 3)
 
     def __post_init__(self):
         for k, v in asdict(self).items():
@@ -235,45 +237,56 @@ A1111_FILL_LABELS = {0: "fill", 2: "latent noise", 3: "latent nothing"}
 A1111_MASKED_CONTENT = {0: "original", 1: "original", 2: "latent_noise", 3: "latent_nothing"}
 INPAINTING_FIELDS = ("mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding", "inpainting_mask_invert")
+HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_second_pass_steps", "hr_upscaler", "hr_prompt", "hr_negative_prompt")
 MAX_MASK_BLUR = 256  # pixels (A1111's slider stops at 64; its API has no limit)
+
+
+MAX_PICTURE_PIXELS = 2**26  # 67 M pixels (8192 x 8192): a camera's picture fits; a 20 kB PNG that decodes to GBs not
+
+
+@contextlib.contextmanager
+def _opened_picture(raw: bytes, field: str, unreadable: str, status: int = 422):
+    """The picture in `raw`, opened (not decoded) and its size checked before anything decodes its pixels: over
+    MAX_PICTURE_PIXELS (a decompression bomb among them) or unreadable, a `status` error naming `field` (`unreadable`
+    says what to send)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.width * im.height > MAX_PICTURE_PIXELS:
+                raise ApiError(status, f"{field}: a picture of {im.width}x{im.height} pixels; up to "
+                                       f"{MAX_PICTURE_PIXELS:,} pixels are read (resize it first)", field)
+            yield im
+    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ApiError(status, f"{field}: {unreadable} ({type(e).__name__})", field) from None
 
 
 def _decode_image(data: str, field: str, rgb: bool = True):
     """A base64 picture (A1111 clients may prefix it with data:image/png;base64,) -> RGB PIL image (`rgb` False: as
     stored, its transparency kept for a ControlNet preprocessor), or 422."""
-    from PIL import Image, UnidentifiedImageError
-
     if not isinstance(data, str):
         raise ApiError(422, f"{field} must hold base64 strings", field)
     raw = data.split(",", 1)[1] if data.startswith("data:") else data
-    try:
-        with Image.open(io.BytesIO(base64.b64decode(raw, validate=False))) as im:
-            return im.convert("RGB") if rgb else (im.copy() if im.mode in ("RGB", "RGBA", "LA", "L", "P")
-                                                  else im.convert("RGBA"))
-    except (ValueError, UnidentifiedImageError, OSError) as e:
-        raise ApiError(422, f"{field}: not a base64 image Pillow can read ({type(e).__name__})", field) from None
+    with _opened_picture(base64.b64decode(raw, validate=False), field, "not a base64 image Pillow can read") as im:
+        return im.convert("RGB") if rgb else (im.copy() if im.mode in ("RGB", "RGBA", "LA", "L", "P")
+                                              else im.convert("RGBA"))
 
 
 def _decode_mask(data: str, field: str = "mask"):
     """A1111's mask (create_binary_mask, its mask_round on): a base64 picture -> grey "L" mask of 0 and 255, 255
     where the grey level (or, for a picture with transparency, the alpha) is over 128; or 422."""
-    from PIL import Image, UnidentifiedImageError
-
     if not isinstance(data, str):
         raise ApiError(422, f"{field} must be a base64 string", field)
     raw = data.split(",", 1)[1] if data.startswith("data:") else data
-    try:
-        with Image.open(io.BytesIO(base64.b64decode(raw, validate=False))) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                alpha = im.getchannel("A")
-                grey = alpha if alpha.getextrema() != (255, 255) else im.convert("L")
-            else:
-                grey = im.convert("L")
-    except (ValueError, UnidentifiedImageError, OSError) as e:
-        raise ApiError(422, f"{field}: not a base64 image Pillow can read ({type(e).__name__}); send a picture, "
-                            "white where it is painted anew, black where it is kept", field) from None
+    with _opened_picture(base64.b64decode(raw, validate=False), field, "not a base64 image Pillow can read; send a "
+                         "picture, white where it is painted anew, black where it is kept") as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            alpha = im.getchannel("A")
+            grey = alpha if alpha.getextrema() != (255, 255) else im.convert("L")
+        else:
+            grey = im.convert("L")
     return grey.point(lambda v: 255 if v > 128 else 0)
 
 
@@ -567,24 +580,73 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
 
 
 class _BodyLimit:
-    """Refuse bodies over `limit` bytes (by Content-Length) with 413, before they are read.
-    A plain ASGI middleware: it leaves `receive` alone, so disconnect detection still works."""
+    """Refuse bodies over `limit` bytes with 413 before the app reads them: by Content-Length, and a chunked body (no
+    length given) by counting it as it comes. A JSON body, and a chunked one, is read here (up to the limit) and handed
+    on whole; a JSON body holding NaN or Infinity, which Python's json reads but JSON has not (the app could not echo
+    it back: a 500, or a stored option that breaks /options), is a 422. A plain ASGI middleware: after the body,
+    `receive` is the server's own, so disconnect detection still works."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
+    async def _refuse(self, scope, send, status: int, message: str) -> None:
+        openai = scope.get("path", "").startswith("/v1/")
+        error = ({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+                 if openai else {"error": _status_kind(status), "detail": message})
+        body = json.dumps(error).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            for k, v in scope.get("headers", []):
-                if k == b"content-length" and v.isdigit() and int(v) > self.limit:
-                    body = json.dumps({"error": "TooLarge", "detail": f"request body of {int(v)} bytes exceeds "
-                                       f"the server's limit of {self.limit} bytes"}).encode()
-                    await send({"type": "http.response.start", "status": 413,
-                                "headers": [(b"content-type", b"application/json"),
-                                            (b"content-length", str(len(body)).encode())]})
-                    await send({"type": "http.response.body", "body": body})
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers", []))
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(scope, send, 413, f"request body of {int(length)} bytes exceeds the server's "
+                                                        f"limit of {self.limit} bytes")
+        chunked = length is None and b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        if not (chunked or headers.get(b"content-type", b"").startswith(b"application/json")):
+            return await self.app(scope, receive, send)
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # (the client went away)
+                return await self.app(scope, lambda m=message: _received(m), send)
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.limit:
+                return await self._refuse(scope, send, 413, f"request body of more than {self.limit} bytes exceeds "
+                                                            "the server's limit")
+            if not message.get("more_body"):
+                break
+        body = b"".join(parts)
+        if b"NaN" in body or b"Infinity" in body:
+            try:
+                json.loads(body, parse_constant=_not_json)
+            except _NotJson as e:
+                return await self._refuse(scope, send, 422, f"the body holds {e}, which is not a JSON number (JSON has "
+                                                            "no NaN or Infinity)")
+            except ValueError:
+                pass  # (another fault: the app names it)
+        whole = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay():
+            return whole.pop() if whole else await receive()
+        return await self.app(scope, replay, send)
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _not_json(constant: str):
+    raise _NotJson(constant)
+
+
+async def _received(message):
+    return message
 
 
 def _own_size(pipe) -> tuple[int, int]:
@@ -902,6 +964,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                         "ControlNet unit", "alwayson_scripts.controlnet")
             else:
                 ignored.append(f"alwayson_scripts.{key}")
+        if len(args or []) > cfg.max_controlnet_units:
+            raise ApiError(422, f"alwayson_scripts.controlnet.args holds {len(args)} units; this server takes up to "
+                                f"{cfg.max_controlnet_units} a request", "alwayson_scripts.controlnet.args")
         units = []
         titles = None
         for i, unit in enumerate(args or []):
@@ -1152,6 +1217,14 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             if not 0 < hr_strength <= 1:
                 raise ApiError(422, f"denoising_strength must be in (0, 1]; got {hr_strength!r}", "denoising_strength")
             check_int("hr_second_pass_steps", req.hr_second_pass_steps, 0, cfg.max_steps, " (the server's limit)")
+            # (A1111's second pass lays out int(steps / strength) levels and runs its last steps: within the model's
+            # timesteps, said before the first pass runs)
+            laid = int((req.hr_second_pass_steps or steps) / min(hr_strength, 0.999))
+            T = int(getattr(getattr(pipe, "schedule", None), "num_train_timesteps", 1000))
+            if laid > T:
+                raise ApiError(422, f"denoising_strength {hr_strength:g} with {req.hr_second_pass_steps or steps} hires "
+                                    f"steps lays out {laid} steps, over the model's {T} timesteps: raise "
+                                    "denoising_strength or take fewer hires steps", "denoising_strength")
             big = pipe.hires_size(height, width, req.hr_scale)
             check_int("height x hr_scale", big[0], 1, cfg.max_height, " (the server's limit)")
             check_int("width x hr_scale", big[1], 1, cfg.max_width, " (the server's limit)")
@@ -1178,6 +1251,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         sampler_field = "sampler_name" if req.sampler_name else "sampler_index"
         sampler, asked = resolve_sampler(sampler_field, req.sampler_name or req.sampler_index, req.scheduler)
         eta, options, unused = sampler_settings(sampler, req.eta, req.s_tmin, req.s_tmax, req.s_churn, req.s_noise)
+        if hires is None:  # (hires. fix runs from text only; its fields sent otherwise are not used)
+            unused += [k for k in HIRES_FIELDS if k in req.model_fields_set and (k != "enable_hr" or req.enable_hr)]
+            if inits is None and "denoising_strength" in req.model_fields_set:
+                unused.append("denoising_strength")
+        if "image_cfg_scale" in req.model_fields_set and not getattr(pipe, "edits", False):
+            unused.append("image_cfg_scale")  # (an instruct-pix2pix model's)
         asked_options = dict(options)  # (the request's, which the infotext writes as A1111's "Sigma churn"...)
         # run as AUTOMATIC1111 runs it (samplers.a1111_settings): the schedule type its "Automatic" picks, the model's
         # whole range, x_T = z sigma_max, DPM2 / DPM2 a / DPM++ 3M SDE's discarded level, k-diffusion's 3M warm-up
@@ -1224,14 +1303,16 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             unused = [*unused, *(k for k in INPAINTING_FIELDS if k in req.model_fields_set)]
         # (img2img's pictures are fitted by the pipeline, inpainting's by prepare_inpainting; a ControlNet unit without
         # a picture takes the picture as sent, as the extension takes A1111's init image)
-        resize_mode = RESIZE_MODES[getattr(req, "resize_mode", 0)]
+        img2img = isinstance(req, Img2ImgRequest)  # (txt2img's extras may name img2img's fields: not read)
+        mode = req.resize_mode if img2img else 0
+        resize_mode = RESIZE_MODES[mode]
         encoded_at = None  # (latent upscale: the size the pictures are encoded at, which jobs must share to batch)
         if inits is not None and hasattr(pipe, "check_resize_mode"):
             try:
                 if pipe.check_resize_mode(resize_mode, inits, None if mask is None else [mask]):
                     encoded_at = pipe.factor_size(inits[0])
             except ValueError as e:
-                raise ApiError(422, f"resize_mode {getattr(req, 'resize_mode', 0)}: {e}", "resize_mode") from None
+                raise ApiError(422, f"resize_mode {mode}: {e}", "resize_mode") from None
         if encoded_at is not None and (encoded_at[0] > cfg.max_width or encoded_at[1] > cfg.max_height):
             raise ApiError(422, f"resize_mode 3 (latent upscale) encodes the picture at its own size, "
                                 f"{encoded_at[0]}x{encoded_at[1]}; the server's limit is {cfg.max_width}x"
@@ -1330,7 +1411,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         dumped = sent.model_dump()
         if init is not None:
             dumped["init_images"] = [f"<{len(x)} base64 characters>" for x in req.init_images]  # not echoed back
-        if getattr(req, "mask", None):
+        if isinstance(req, Img2ImgRequest) and req.mask:
             dumped["mask"] = f"<{len(req.mask)} base64 characters>"
         if units:  # the control pictures are not echoed back either
             dumped["alwayson_scripts"] = _without_pictures(dumped.get("alwayson_scripts"))
@@ -1589,7 +1670,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         check_int("n", n, 1, cfg.max_images, " (the server's limit on images per request)")
         height, width = own_size
         if size not in (None, "auto"):
-            m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", size)
+            m = re.fullmatch(r"\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*", size)  # (int() of 5000 digits raises)
             if not m:
                 raise ApiError(422, f"size must be 'WIDTHxHEIGHT' (e.g. '{width}x{height}') or 'auto'; "
                                     f"got {size!r}", "size")
@@ -1668,8 +1749,6 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     async def openai_picture_form(request: Request, what: str) -> tuple[dict, object, object]:
         """An OpenAI images.edit / create_variation multipart body -> (its text fields, the picture, the mask file's
         picture or None), pictures with their transparency kept; 400 naming what is wrong."""
-        from PIL import Image, UnidentifiedImageError
-
         try:
             form = await request.form()
         except Exception:  # (not multipart/form-data, or a broken body)
@@ -1684,11 +1763,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             data = await upload.read()
             if len(data) > cfg.max_body_bytes:
                 raise ApiError(413, f"{field}: {len(data)} bytes; the server's limit is {cfg.max_body_bytes}", field)
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    return im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
-            except (ValueError, UnidentifiedImageError, OSError) as e:
-                raise ApiError(400, f"{field}: not a picture Pillow can read ({type(e).__name__})", field) from None
+            with _opened_picture(data, field, "not a picture Pillow can read", 400) as im:
+                return im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
 
         mask = form.get("mask")
         fields = {k: v for k, v in form.items() if isinstance(v, str)}

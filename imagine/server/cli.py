@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"jobs that may wait; past it requests get 429 with Retry-After (default {d.queue_size})")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help=f"images per forward pass when compatible requests are batched (default {d.max_batch})")
+    p.add_argument("--max-controlnet-units", type=int, default=d.max_controlnet_units,
+                   help=f"ControlNet units a request may send (default {d.max_controlnet_units}; each runs at every "
+                        "step)")
     p.add_argument("--max-width", type=int, default=d.max_width,
                    help="default: twice the model's own width (1024 for SD 1.x, 2048 for SDXL)")
     p.add_argument("--max-height", type=int, default=d.max_height,
@@ -74,7 +77,8 @@ def config_from_args(args) -> "ServerConfig":
 
     return ServerConfig(max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
                         max_images=args.max_images, max_prompt_length=args.max_prompt_length,
-                        queue_size=args.queue_size, max_batch=args.max_batch)
+                        queue_size=args.queue_size, max_batch=args.max_batch,
+                        max_controlnet_units=args.max_controlnet_units)
 
 
 def is_loopback(host: str) -> bool:

@@ -372,7 +372,11 @@ class ModelWorker:
             if s.strength is not None or s.noise_level is not None else None
         masks = [m for j in batch for m in j.masks] if s.inpainting else None  # (one settings: all have them)
         controls = [[im for j in batch for im in j.control_images[u]] for u in range(len(s.controlnets))]
-        offsets = dict(zip((j.id for j in batch), itertools.accumulate([0] + [len(j) for j in batch])))
+        firsts = list(itertools.accumulate([0] + [len(j) for j in batch]))  # (by place: two jobs may share an id,
+        # A1111's force_task_id; progress follows the first of them)
+        offsets: dict[str, int] = {}
+        for j, k in zip(batch, firsts):
+            offsets.setdefault(j.id, k)
         size = self.max_batch
         if _couples_batch(s.sampler) and batch[0].batch_size:  # (alone in its batch: _take_batch)
             size = min(size, batch[0].batch_size)
@@ -471,13 +475,12 @@ class ModelWorker:
         if not common:
             common = {"steps": s.steps, "sampler": s.sampler, "guidance_scale": s.guidance_scale,
                       "height": s.height, "width": s.width}
-        for job in batch:
+        for job, k in zip(batch, firsts):
             if job.cancelled:
                 job.state = "cancelled"
                 self.stats["cancelled"] += 1
                 job.future.set_exception(JobCancelled("the client disconnected while the job ran"))
                 continue
-            k = offsets[job.id]
             mine = images[k:k + len(job)]  # fewer if the interrupt came before its later chunks
             if not mine:
                 self.stats["failed"] += 1
