@@ -46,7 +46,10 @@ def key_padding_mask(context_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def kept_lengths(mask: torch.Tensor) -> list[int] | None:
     """For a [B, 1, 1, L] keep-mask (`key_padding_mask`) whose every row keeps a prefix of the keys (the padding a
-    batch of texts of different lengths gets at the end): each row's prefix length; None for any other mask."""
+    batch of texts of different lengths gets at the end): each row's prefix length; None for any other mask (one per
+    query, a causal one, or a float bias)."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.dtype != torch.bool:
+        return None
     keep = mask[:, 0, 0, :]
     n = keep.sum(dim=1)
     if not torch.equal(torch.arange(keep.shape[1], device=keep.device) < n[:, None], keep):
@@ -135,7 +138,8 @@ class Attention(nn.Module):
         dtype = q.dtype
         if self.upcast and dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()
-        lengths = None if mask is None else kept_lengths(mask)
+        # (not under torch.compile: per-row lengths are data-dependent shapes, which inductor cannot lay out)
+        lengths = None if mask is None or torch.compiler.is_compiling() else kept_lengths(mask)
         if lengths is None:
             out = _attend(q, k, v, mask)
         else:  # padding at the end of the keys: each row attends over its own keys, unmasked, so that a text's
