@@ -1479,6 +1479,13 @@ def sampler_in(name, names) -> bool:
         return False
 
 
+def couples_batch(sampler) -> bool:
+    """Whether a sampler's images depend on the rest of their batch: DPM adaptive picks its steps from the error over
+    the whole batch (as k-diffusion and A1111 do), so the server runs its requests alone and the CLI one image a
+    batch."""
+    return sampler_in(sampler, ("dpm_adaptive",))
+
+
 def is_cfg_pp(name) -> bool:
     """Whether `name` is a CFG++ sampler (CFG_PP_SAMPLERS), whose guidance scale is lambda."""
     return sampler_in(name, CFG_PP_SAMPLERS)

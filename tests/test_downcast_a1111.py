@@ -21,9 +21,8 @@ import torch
 from PIL import Image
 
 from test_k_diffusion import CONFIGS, _run_a1111, kd  # noqa: F401 (kd: the fixture)
-from test_loading import save_diffusers_folder
 from test_samplers_parity import SEEDS, SHAPE, make_model
-from test_zero_snr_a1111 import A1111_API_RUN, SMALL_RUN
+from test_zero_snr_a1111 import A1111_API_RUN, SMALL_RUN, tiny_sd1
 
 from imagine.commands.generate import infotext_defaults
 from imagine.images import a1111_backcompat, a1111_version, parse_a1111_parameters
@@ -135,11 +134,7 @@ def test_the_versions_a1111_turns_options_on_for():
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    from imagine.pipelines.text_to_image import TextToImagePipeline
-
-    folder = tmp_path_factory.mktemp("sd") / "folder"
-    save_diffusers_folder(folder, "sd1", scheduler="ddim")
-    return TextToImagePipeline.from_pretrained(folder)
+    return tiny_sd1(tmp_path_factory)
 
 
 def test_the_cli_and_the_a1111_api_follow(pipe, tmp_path, capsys):

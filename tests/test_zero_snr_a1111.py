@@ -90,13 +90,18 @@ A1111_API_RUN = {**a1111_settings("Euler a"), "emphasis": True, "long_prompts": 
                  "composable": True}
 
 
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+def tiny_sd1(tmp_path_factory, **kw):
+    """A tiny random SD-1-shaped pipeline (DDIM's scheduler config), `kw` for save_diffusers_folder."""
     from imagine.pipelines.text_to_image import TextToImagePipeline
 
     folder = tmp_path_factory.mktemp("sd") / "folder"
-    save_diffusers_folder(folder, "sd1", scheduler="ddim", prediction_type="v_prediction")
+    save_diffusers_folder(folder, "sd1", scheduler="ddim", **kw)
     return TextToImagePipeline.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return tiny_sd1(tmp_path_factory, prediction_type="v_prediction")
 
 
 def test_the_cli_and_the_a1111_api_follow(pipe, tmp_path, capsys):

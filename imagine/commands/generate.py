@@ -462,9 +462,9 @@ def _batches(pipe, jobs: list, args) -> list[tuple[int, int]]:
     """(start, end) of each batch of `jobs` ((prompt, k) pairs): --batch-size at most (default 4; 1 for a sampler whose
     images depend on their batch, DPM adaptive, as the server runs it), and a new batch wherever the LoRAs the prompts
     ask for change (one batch merges one set), so that every image is the one its prompt and seed give alone."""
-    from imagine.samplers import sampler_in
+    from imagine.samplers import couples_batch
 
-    size = args.batch_size or (1 if args.sampler and sampler_in(args.sampler, ("dpm_adaptive",)) else 4)
+    size = args.batch_size or (1 if couples_batch(args.sampler) else 4)
     asks = getattr(pipe, "loras_asked", None)
     loras = [tuple(asks([p, args.negative_prompt or ""])) if asks else () for p, _ in jobs]
     out, start = [], 0

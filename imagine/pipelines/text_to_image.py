@@ -450,7 +450,8 @@ class TextToImagePipeline:
         model says so (SDXL's force_zeros_for_empty_prompt). `editing_steps`: read AUTOMATIC1111's prompt editing
         over a run of that many steps, or on an imagine.prompt_editing.Timeline (a hires. fix second pass's); where
         a text changes, that side is a StepConditioning (imagine.guidance). `zero_empty`: whether a negative prompt
-        not given is zeros (None: the model's own rule). `composable`: read AUTOMATIC1111's AND (imagine.composable): where a prompt has parts (or
+        not given is zeros (None: the model's own rule). `composable`: read AUTOMATIC1111's AND (imagine.composable):
+        where a prompt has parts (or
         a weight), cond is a ComposedConditioning, and uncond is made even without guidance (the parts pull from
         it)."""
         d = self.defaults

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from imagine.samplers import couples_batch
+
 log = logging.getLogger(__name__)
 
 
@@ -304,7 +306,7 @@ class ModelWorker:
     def _take_batch(self) -> list[Job]:
         first = self._pending.popleft()
         batch, n = [first], len(first)
-        if _couples_batch(first.settings.sampler):  # (its result would depend on the requests it ran with)
+        if couples_batch(first.settings.sampler):  # (its result would depend on the requests it ran with)
             return batch
         for job in list(self._pending):
             if n >= self.max_batch:
@@ -378,7 +380,7 @@ class ModelWorker:
         for j, k in zip(batch, firsts):
             offsets.setdefault(j.id, k)
         size = self.max_batch
-        if _couples_batch(s.sampler) and batch[0].batch_size:  # (alone in its batch: _take_batch)
+        if couples_batch(s.sampler) and batch[0].batch_size:  # (alone in its batch: _take_batch)
             size = min(size, batch[0].batch_size)
         chunks = [(i, min(i + size, len(seeds))) for i in range(0, len(seeds), size)]
         self.stats["batches"] += 1
@@ -520,14 +522,6 @@ class ModelWorker:
         with torch.no_grad():
             x = self.pipe.decode(x0[i:i + 1])
         return to_pil(x[0])
-
-
-def _couples_batch(sampler: str) -> bool:
-    """Whether a sampler's images depend on the rest of their batch: DPM adaptive picks its steps from the error over
-    the whole batch (as k-diffusion and A1111 do), so its requests are not merged with others'."""
-    from imagine.samplers import sampler_in
-
-    return sampler_in(sampler, ("dpm_adaptive",))
 
 
 def _step_of(d: dict) -> int:
