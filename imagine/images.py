@@ -136,7 +136,11 @@ def a1111_parameters(p: dict) -> str:
     if schedule in COMPVIS_SCHEDULES:  # (A1111's own DDIM/PLMS/UniPC timesteps: no schedule type)
         schedule = None
 
-    put("Schedule type", SCHEDULE_LABELS.get(str(schedule), str(schedule).capitalize()) if schedule else None)
+    def schedule_label(name):
+        return SCHEDULE_LABELS.get(str(name), str(name).capitalize()) if name else None
+
+    shown = schedule_label(schedule)
+    put("Schedule type", shown)
     put("Schedule rho", p.get("schedule_rho"))
     cfg = p.get("guidance_scale")
     from imagine.samplers import A1111_CFGPP_SCALE, is_cfg_pp
@@ -187,6 +191,14 @@ def a1111_parameters(p: dict) -> str:
     put("Hires upscale", p.get("hires_scale"))
     put("Hires steps", p.get("hires_steps"))
     put("Hires upscaler", p.get("hires_upscaler"))
+    hires = p.get("hires_sampling")
+    if hires:  # A1111's "Hires sampler" / "Hires schedule type": written where they differ from the first pass's
+        label, named_karras = a1111_label(hires["sampler"])
+        put("Hires sampler", label if label != sampler else None)
+        after = p["a1111_hires_schedule"] if "a1111_hires_schedule" in p else (
+            hires.get("sigma_schedule") or ("karras" if named_karras or hires.get("karras") else None))
+        after = None if after in COMPVIS_SCHEDULES else schedule_label(after)
+        put("Hires schedule type", after if after != shown else None)
     put("Hires prompt", p.get("hires_prompt"))
     put("Hires negative prompt", p.get("hires_negative_prompt"))
     put("Final step", p.get("final_step"))

@@ -128,3 +128,113 @@ def test_the_a1111_api_runs_hires_fix(tmp_path, pipe):
         assert r.status_code == 422 and r.json()["field"] == "hr_prompt"
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "hr_scale": 8}, timeout=120)
         assert r.status_code == 422
+
+
+def _latent_hires_by_hand(pipe, prompt, seed, first_kw, second_kw, strength, scale=2):
+    """A1111's sample_hr_pass restated: the first pass's latents, bilinearly upscaled, then image to image with the
+    hires pass's own sampler (A1111 creates it anew from hr_sampler_name) at the same seed."""
+    first = pipe.generate(prompt, seed=seed, output_type="latent", progress=False, **first_kw)
+    h, w = first.latents.shape[-2:]
+    up = torch.nn.functional.interpolate(first.latents, size=(h * scale, w * scale), mode="bilinear",
+                                         align_corners=False)
+    return pipe.generate(prompt, seed=seed, init_latents=up, strength=strength, progress=False, **second_kw)
+
+
+def test_a_hires_sampler_samples_the_second_pass(pipe):
+    """hires_sampling: the second pass samples with its own sampler and schedule type (A1111's "Hires sampler" and
+    "Hires schedule type"); the parameters keep the first pass's sampling and name the second's apart."""
+    from imagine.images import a1111_parameters
+
+    kw = dict(steps=3, guidance_scale=4.0, height=16, width=16)
+    res = pipe.generate_hires("a red circle", hires_scale=2, hires_strength=0.6, seed=4, sampler="dpmpp_2m",
+                              hires_sampling={"sampler": "euler_a", "sigma_schedule": "karras"}, progress=False, **kw)
+    want = _latent_hires_by_hand(pipe, "a red circle", 4, {**kw, "sampler": "dpmpp_2m"},
+                                 {"steps": 3, "guidance_scale": 4.0, "sampler": "euler_a", "sigma_schedule": "karras"},
+                                 0.6)
+    plain = pipe.generate_hires("a red circle", hires_scale=2, hires_strength=0.6, seed=4, sampler="dpmpp_2m",
+                                progress=False, **kw)
+    assert res.images[0].tobytes() == want.images[0].tobytes() != plain.images[0].tobytes()
+    p = res.parameters
+    assert p["sampler"] == "dpmpp_2m" and "schedule_type" not in p
+    assert p["hires_sampling"] == {"sampler": "euler_a", "sigma_schedule": "karras"}
+    text = a1111_parameters({**p, "prompt": "a red circle"})
+    assert "Sampler: DPM++ 2M," in text and "Hires sampler: Euler a," in text and "Hires schedule type: Karras" in text
+    # the same sampler and schedule as the first pass's: nothing written
+    same = a1111_parameters({**p, "prompt": "x", "hires_sampling": {"sampler": "dpmpp_2m"}})
+    assert "Hires sampler" not in same and "Hires schedule type" not in same
+    for bad, match in (({"sigma_schedule": "karras"}, "with a 'sampler'"), ({"sampler": "euler", "steps": 3}, "'steps'"),
+                       ({"sampler": "euler_cfgpp"}, "CFG\\+\\+ samplers for both passes or for neither")):
+        with pytest.raises(ValueError, match=match):
+            pipe.generate_hires("x", hires_sampling=bad, steps=2, sampler="euler", progress=False)
+
+
+def test_the_cli_and_the_a1111_api_run_a_hires_sampler(tmp_path, pipe, capsys):
+    """--hires-sampler / --hires-schedule-type and the API's hr_sampler_name / hr_scheduler: the second pass as A1111
+    runs that sampler (samplers.a1111_settings, its fixed hires step count), the infotext naming it; an A1111 infotext
+    and imagine's own record run it again."""
+    import base64
+    import io
+
+    from imagine.cli import main
+    from imagine.images import read_infotext
+
+    model = pipe.c.source
+    first_kw = {**a1111_settings("DPM++ 2M"), "steps": 3, "guidance_scale": 3.0, "height": 16, "width": 16}
+    second_kw = {**a1111_settings("Euler a", "exponential"), "strength_rule": "a1111_fixed_steps", "steps": 3,
+                 "guidance_scale": 3.0}
+    want = _latent_hires_by_hand(pipe, "a red circle", 5, first_kw, second_kw, 0.5)
+    out = tmp_path / "big.png"
+    assert main(["generate", "--model", str(model), "a red circle", "--steps", "3", "--seed", "5", "--height", "16",
+                 "--width", "16", "--guidance-scale", "3", "--hires-scale", "2", "--hires-strength", "0.5",
+                 "--a1111-sampling", "--sampler", "DPM++ 2M", "--hires-sampler", "Euler a",
+                 "--hires-schedule-type", "Exponential", "-o", str(out), "-q"]) == 0
+    got = Image.open(out)
+    assert got.convert("RGB").tobytes() == want.images[0].tobytes()
+    text = read_infotext(out)
+    assert "Sampler: DPM++ 2M, Schedule type: Karras," in text
+    assert "Hires sampler: Euler a," in text and "Hires schedule type: Exponential" in text
+    # run again from imagine's own record, and from the A1111 infotext alone (a PNG without the record)
+    again = tmp_path / "again.png"
+    assert main(["generate", "--model", str(model), "--infotext", str(out), "-o", str(again), "-q"]) == 0
+    assert Image.open(again).convert("RGB").tobytes() == want.images[0].tobytes()
+    bare = tmp_path / "bare.png"
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)
+    got.save(bare, pnginfo=info)
+    a1111 = tmp_path / "a1111.png"
+    assert main(["generate", "--model", str(model), "--infotext", str(bare), "--rng", "cpu", "-o", str(a1111),
+                 "-q"]) == 0
+    assert Image.open(a1111).convert("RGB").tobytes() == want.images[0].tobytes()
+    assert main(["generate", "--model", str(model), "x", "--hires-sampler", "euler", "-q", "-o",
+                 str(tmp_path / "n.png")]) == 2
+    assert "--hires-sampler is for hires. fix's second pass: give --hires-scale too" in capsys.readouterr().err
+
+    httpx = pytest.importorskip("httpx")
+    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+
+    with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
+        body = {"prompt": "a red circle", "steps": 3, "seed": 5, "width": 16, "height": 16, "sampler_name": "DPM++ 2M",
+                "cfg_scale": 3, "enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5,
+                "hr_sampler_name": "Euler a", "hr_scheduler": "Exponential", "eta": 1.0}
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        assert got.convert("RGB").tobytes() == want.images[0].tobytes()
+        info = json.loads(r.json()["info"])
+        assert "Hires sampler: Euler a," in info["infotexts"][0]
+        assert "eta" not in info.get("ignored_fields", [])  # (Euler a takes it: used by one pass)
+        # "Use same sampler" is the first pass's: as no field
+        r1 = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "hr_sampler_name": "Use same sampler",
+                                                               "hr_scheduler": "Use same scheduler"}, timeout=120)
+        r2 = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={k: v for k, v in body.items()
+                                                              if k not in ("hr_sampler_name", "hr_scheduler")},
+                        timeout=120)
+        assert r1.json()["images"] == r2.json()["images"]
+        assert "Hires sampler" not in json.loads(r1.json()["info"])["infotexts"][0]
+        for field, value in (("hr_sampler_name", "Euler b"), ("hr_scheduler", "Fancy")):
+            r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, field: value}, timeout=60)
+            assert r.status_code == 422 and r.json()["field"] == field, r.text
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "enable_hr": False}, timeout=120)
+        assert {"hr_sampler_name", "hr_scheduler"} <= set(json.loads(r.json()["info"])["ignored_fields"])

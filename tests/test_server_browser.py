@@ -259,12 +259,13 @@ def test_the_controlnet_section_stays_hidden_without_controlnets(server, page):
 
 
 def test_hires_and_a_variation_seed_from_the_page(server, page):
-    """The Upscale section sends A1111's hires. fix (enable_hr, hr_scale, the hires strength) and the Variation section
+    """The Upscale section sends A1111's hires. fix (enable_hr, hr_scale, the hires strength and sampler) and the Variation section
     its subseed / subseed_strength: the gallery shows the pipeline's own image for them, at the larger size."""
     _fill_form(page, server, prompt="a red circle", steps=3, seed=12, sampler="Euler", size=32)
     page.click("#hires summary")
     page.fill("#hr_scale", "2")
     page.fill("#hr_strength", "0.6")
+    page.select_option("#hr_sampler", "Euler a")  # (A1111's hires sampler: the second pass's own)
     page.click("#variation summary")
     page.fill("#subseed", "40")
     page.fill("#subseed_strength", "0.3")
@@ -275,7 +276,8 @@ def test_hires_and_a_variation_seed_from_the_page(server, page):
     want = server.pipe.pipe.generate_hires("a red circle", hires_scale=2.0, hires_strength=0.6, steps=3, seed=12,
                                            subseeds=[40], subseed_strength=0.3, width=32, height=32,
                                            guidance_scale=cfg, emphasis=True, long_prompts=True, prompt_editing=True,
-                                           composable=True, progress=False, **a1111_settings("Euler")).images[0]
+                                           composable=True, progress=False, **a1111_settings("Euler"),
+                                           hires_sampling=a1111_settings("Euler a")).images[0]
     assert got.size == (64, 64) and got.tobytes() == want.tobytes()
 
 

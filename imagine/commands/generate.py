@@ -163,6 +163,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the hires pass's negative prompt (default: the negative prompt)")
     p.add_argument("--hires-upscaler", choices=["latent", "lanczos"], default="latent",
                    help="latent: the latents resized bilinearly (A1111's default 'Latent'); lanczos: the pictures")
+    p.add_argument("--hires-sampler", default=None, metavar="NAME",
+                   help="the hires pass's sampler (A1111's 'Hires sampler'; default: --sampler)")
+    p.add_argument("--hires-schedule-type", default=None, metavar="NAME",
+                   help="the hires pass's schedule type (A1111's 'Hires schedule type'; default: --schedule-type)")
     p.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
     p.add_argument("--style", action="append", default=[], metavar="NAME",
                    help="an AUTOMATIC1111 prompt style from --styles-file, merged into the prompt and the negative "
@@ -287,7 +291,8 @@ _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "step
                  "prompt_editing": "prompt_editing", "long_prompts": "long_prompts", "resize_mode": "resize_mode",
                  "masked_content": "masked_content", "zero_terminal_snr": "zero_terminal_snr",
                  "downcast_alphas_cumprod": "downcast_alphas_cumprod", "old_prompt_editing": "old_prompt_editing",
-                 "mask_invert": "invert_mask", "a1111_schedule": "_a1111_schedule"}
+                 "mask_invert": "invert_mask", "a1111_schedule": "_a1111_schedule",
+                 "hires_sampling": "_hires_sampling", "a1111_hires_schedule": "_a1111_hires_schedule"}
 
 
 def record_defaults(record: dict, init_image: bool = False, mask: bool = False) -> dict:
@@ -302,7 +307,7 @@ def record_defaults(record: dict, init_image: bool = False, mask: bool = False) 
     for key, dest in _RECORD_FLAGS.items():
         if not given.get(key, True):
             continue
-        if key in record and (record[key] is not None or key == "a1111_schedule"):
+        if key in record and (record[key] is not None or key.startswith("a1111_")):
             out[dest] = record.pop(key)
     if record.pop("emphasis", None) == "a1111":
         out["emphasis"] = True
@@ -446,6 +451,12 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
         for label, dest in (("Hires prompt", "hires_prompt"), ("Hires negative prompt", "hires_negative_prompt")):
             if fields.get(label):
                 out[dest] = fields.pop(label)
+        # (A1111's hires sampler and schedule type: written where they differ from the first pass's)
+        for label, dest, same in (("Hires sampler", "hires_sampler", "Use same sampler"),
+                                  ("Hires schedule type", "hires_schedule_type", "Use same scheduler")):
+            value = fields.pop(label, None)
+            if value and value != same:
+                out[dest] = value
         if "Denoising strength" in fields:
             out["hires_strength"] = number("Denoising strength")
     elif "Denoising strength" in fields and init_image:
@@ -458,13 +469,30 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
     return out
 
 
+def _a1111_sampling(name: str, schedule: str | None, sampler_options: dict | None, eta: float | None):
+    """Sampler `name` with schedule type `schedule` as AUTOMATIC1111 runs it (samplers.a1111_settings): (the sampler,
+    generate's other sampling keywords, the eta (A1111's eta_ancestral, 1, for DPM fast and DPM adaptive where none is
+    given), the schedule type its infotext names: the one asked, else the one its "Automatic" picked unless that is
+    k-diffusion's own levels; the CompVis samplers' own timesteps are never named, images.a1111_parameters)."""
+    from imagine.samplers import a1111_settings
+
+    a1111 = a1111_settings(name, schedule)
+    shown = schedule or (a1111["sigma_schedule"] if a1111["sigma_schedule"] != "uniform" else None)
+    sampling = {"sigma_schedule": a1111["sigma_schedule"],
+                "sampler_options": {**a1111.get("sampler_options", {}), **(sampler_options or {})} or None,
+                "start": a1111.get("start"),
+                **{k: a1111[k] for k in ("sigma_range", "discard_penultimate_sigma", "strength_rule")
+                   if a1111.get(k) not in (None, False, "spaced", "diffusers")}}
+    return a1111["sampler"], sampling, a1111.get("eta") if eta is None else eta, shown
+
+
 def _batches(pipe, jobs: list, args) -> list[tuple[int, int]]:
     """(start, end) of each batch of `jobs` ((prompt, k) pairs): --batch-size at most (default 4; 1 for a sampler whose
     images depend on their batch, DPM adaptive, as the server runs it), and a new batch wherever the LoRAs the prompts
     ask for change (one batch merges one set), so that every image is the one its prompt and seed give alone."""
     from imagine.samplers import couples_batch
 
-    size = args.batch_size or (1 if couples_batch(args.sampler) else 4)
+    size = args.batch_size or (1 if couples_batch(args.sampler) or couples_batch(args.hires_sampler) else 4)
     asks = getattr(pipe, "loras_asked", None)
     loras = [tuple(asks([p, args.negative_prompt or ""])) if asks else () for p, _ in jobs]
     out, start = [], 0
@@ -793,6 +821,15 @@ def run(args) -> int:
                              "out --karras, --sigma-range, --start, --discard-penultimate-sigma and --strength-rule "
                              "(name a schedule type with --schedule-type), or give --no-a1111-sampling")
         a1111_settings(args.sampler or "euler", args.sigma_schedule)  # (a bad name fails before the model loads)
+    for flag in ("hires_sampler", "hires_schedule_type"):
+        if getattr(args, flag) in ("Use same sampler", "Use same scheduler"):  # (A1111's labels for "as the first")
+            setattr(args, flag, None)
+        if getattr(args, flag) and args.hires_scale is None:
+            raise ValueError(f"--{flag.replace('_', '-')} is for hires. fix's second pass: give --hires-scale too")
+    if args.hires_sampler or args.hires_schedule_type:
+        from imagine.samplers import a1111_settings
+
+        a1111_settings(args.hires_sampler or args.sampler or "euler", args.hires_schedule_type)  # (names checked)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1; got {args.steps}")
     if args.noise_seed_delta < 0:
@@ -865,25 +902,32 @@ def run(args) -> int:
                                                prediction_type=args.prediction_type, tokenizer=args.tokenizer,
                                                tokenizer_2=args.tokenizer_2, clip_skip=args.clip_skip)
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
-    if args.a1111_sampling:
-        from imagine.samplers import a1111_guidance_scale, a1111_settings
+    asked_sampler = args.sampler or pipe.defaults["sampler"]
+    same = args.hires_sampler is None or args.hires_sampler == asked_sampler  # (its options then carry over)
+    hires_sampling = getattr(args, "_hires_sampling", None)  # (a run again from its record: as it ran)
+    if args.hires_sampler or args.hires_schedule_type:  # (A1111's hires sampler: the second pass samples so)
+        hires_sampling = {"sampler": args.hires_sampler or asked_sampler, "karras": args.karras, "rho": args.rho,
+                          "final_step": args.final_step, **sampling, **({} if same else {"sampler_options": None})}
+        if args.hires_schedule_type:  # (a schedule type named, "Automatic" the model's own: no Karras flag over it)
+            from imagine.samplers import a1111_schedule
 
-        a1111 = a1111_settings(args.sampler or pipe.defaults["sampler"], args.sigma_schedule)
-        args.sampler = a1111.pop("sampler")
-        # (the infotext's schedule type as A1111 writes it: the one asked, else the one its "Automatic" picked unless
-        # that is k-diffusion's own levels; the CompVis samplers' own timesteps are never named: images.a1111_parameters)
-        a1111_schedule = args.sigma_schedule or (a1111["sigma_schedule"] if a1111["sigma_schedule"] != "uniform"
-                                                 else None)
-        if args.eta is None:  # (A1111's eta_ancestral, 1, for DPM fast and DPM adaptive)
-            args.eta = a1111.get("eta")
+            hires_sampling.update(sigma_schedule=a1111_schedule(args.hires_schedule_type), karras=None)
+        if same:
+            hires_sampling["eta"] = args.eta
+    if args.a1111_sampling:
+        from imagine.samplers import a1111_guidance_scale
+
+        # (A1111's run of each pass's sampler, and the schedule type its infotext names: _a1111_sampling)
+        args.sampler, sampling, args.eta, a1111_schedule = _a1111_sampling(asked_sampler, args.sigma_schedule,
+                                                                           sampler_options, args.eta)
+        if args.hires_sampler or args.hires_schedule_type:
+            name, hires, eta, a1111_hires_schedule = _a1111_sampling(
+                args.hires_sampler or asked_sampler, args.hires_schedule_type or args.sigma_schedule,
+                sampler_options if same else None, args.eta if same else None)
+            hires_sampling = {"sampler": name, "eta": eta, **hires}
         # (DDIM CFG++: A1111's CFG scale / 12.5 is CFG++'s lambda)
         args.guidance_scale = a1111_guidance_scale(args.sampler, pipe.defaults["guidance_scale"]
                                                    if args.guidance_scale is None else args.guidance_scale)
-        sampling = {"sigma_schedule": a1111["sigma_schedule"],
-                    "sampler_options": {**a1111.get("sampler_options", {}), **(sampler_options or {})} or None,
-                    "start": a1111.get("start"),
-                    **{k: a1111[k] for k in ("sigma_range", "discard_penultimate_sigma", "strength_rule")
-                       if a1111.get(k) not in (None, False, "spaced", "diffusers")}}
     conditioned = _picture_model_run(pipe, args, picture)
     if args.a1111_sampling and conditioned is not None:
         raise ValueError(f"--a1111-sampling: not for {args.model}, whose pipeline (an upscaler, unCLIP variations or "
@@ -931,7 +975,7 @@ def run(args) -> int:
             run = functools.partial(pipe.generate_hires, hires_scale=args.hires_scale,
                                     hires_strength=args.hires_strength, hires_steps=args.hires_steps,
                                     hires_upscaler=args.hires_upscaler, hires_prompt=args.hires_prompt,
-                                    hires_negative_prompt=args.hires_negative_prompt)
+                                    hires_negative_prompt=args.hires_negative_prompt, hires_sampling=hires_sampling)
         res = run([p for p, _ in chunk], args.negative_prompt, steps=args.steps,
                             guidance_scale=args.guidance_scale, sampler=args.sampler, seeds=seeds,
                             height=height, width=width, guidance_rescale=args.guidance_rescale,
@@ -958,8 +1002,12 @@ def run(args) -> int:
                 params["subseed"] = res.subseeds[k]
             if args.a1111_sampling:
                 params["a1111_schedule"] = a1111_schedule
-            elif hasattr(args, "_a1111_schedule"):  # (an A1111-rule run again from its record: its infotext's naming)
-                params["a1111_schedule"] = args._a1111_schedule
+                if hires_sampling is not None:
+                    params["a1111_hires_schedule"] = a1111_hires_schedule
+            else:  # (an A1111-rule run again from its record: its infotext's naming)
+                for key in ("a1111_schedule", "a1111_hires_schedule"):
+                    if hasattr(args, "_" + key):
+                        params[key] = getattr(args, "_" + key)
             if mask_image is not None and args.invert_mask:
                 params["mask_invert"] = True  # (A1111's "Mask mode: Inpaint not masked")
             if control_units:  # the preprocessing too (A1111's ControlNet infotext)

@@ -35,6 +35,12 @@ from imagine.sampling import make_generators, posterior_generators
 log = logging.getLogger(__name__)
 
 HIRES_UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> AUTOMATIC1111's label
+# generate's keywords that say how a pass samples: hires. fix's second pass takes its own set (A1111's "Hires sampler",
+# "Hires schedule type"), and the parameters of its result keep the first pass's (the param keys named so)
+SAMPLING_KEYWORDS = ("sampler", "sigma_schedule", "karras", "eta", "rho", "final_step", "sampler_options", "start",
+                     "sigma_range", "discard_penultimate_sigma", "strength_rule")
+_SAMPLING_PARAMS = ("sampler", "schedule_type", "schedule_rho", "eta", "final_step", "start", "sampler_options",
+                    "sigma_range", "discard_penultimate_sigma")
 MASKED_CONTENTS = ("original", "latent_noise", "latent_nothing")  # inpainting's start where painted anew (A1111's)
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")  # LoRA files in a lora_dir, as AUTOMATIC1111 lists them
 # AUTOMATIC1111's <lora:name[:s[:unet s...]]>, and <lyco:...>, its alias of the same tag (LyCORIS files load alike)
@@ -1007,8 +1013,9 @@ class TextToImagePipeline:
     def generate_hires(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                        hires_scale: float = 2.0, hires_strength: float = 0.7, hires_steps: int | None = None,
                        hires_upscaler: str = "latent", hires_prompt: str | None = None,
-                       hires_negative_prompt: str | None = None, callback: Callable[[dict], None] | None = None,
-                       progress: bool = True, output_type: str = "pil", **kw) -> GenerationResult:
+                       hires_negative_prompt: str | None = None, hires_sampling: dict | None = None,
+                       callback: Callable[[dict], None] | None = None, progress: bool = True,
+                       output_type: str = "pil", **kw) -> GenerationResult:
         """AUTOMATIC1111's "hires. fix": text to image at the base size, upscaled by `hires_scale` (to the VAE's
         factor), then image to image at that size with `hires_strength` (A1111's hires denoising strength, default
         0.7) over `hires_steps` (default: the first pass's), each image with its own seed again: the large picture
@@ -1016,8 +1023,11 @@ class TextToImagePipeline:
         `hires_upscaler`: "latent" (A1111's default "Latent": the latents resized bilinearly, no VAE round trip;
         it wants a strength of 0.5 or more to clean up) or "lanczos" (the decoded pictures resized, then encoded).
         `hires_prompt` / `hires_negative_prompt`: the second pass's texts (A1111's "Hires prompt"; None or "": the
-        first pass's). `kw`: `generate`'s options, for both passes. The parameters give the first pass's size, as
-        A1111's infotext does, with the scale."""
+        first pass's). `hires_sampling`: how the second pass samples (A1111's "Hires sampler" and "Hires schedule
+        type"), all of it: generate's SAMPLING_KEYWORDS, "sampler" among them, in place of the first pass's (a key left
+        out takes generate's default; None: the first pass's). `kw`: `generate`'s options, for both passes. The
+        parameters give the first pass's size and sampling, as A1111's infotext does, with the scale and
+        "hires_sampling"."""
         if isinstance(hires_scale, bool) or not isinstance(hires_scale, (int, float)) or not 1 < hires_scale <= 4:
             raise ValueError(f"hires_scale must be a number in (1, 4]; got {hires_scale!r}")
         if hires_steps is not None and (not isinstance(hires_steps, int) or hires_steps < 1):
@@ -1028,6 +1038,22 @@ class TextToImagePipeline:
         if self.c.prior is not None:  # (its second pass would start from the first's latents, a picture)
             raise ValueError(f"hires. fix is not for {self.c.source or 'this model'}, an unCLIP text-to-image model "
                              "(prior and decoder): generate at the size wanted")
+        if hires_sampling is not None:
+            from imagine.samplers import is_cfg_pp
+
+            if not isinstance(hires_sampling, dict) or "sampler" not in hires_sampling:
+                raise ValueError("hires_sampling must be a dict of generate's sampling keywords with a 'sampler'; got "
+                                 f"{hires_sampling!r}")
+            unknown = sorted(set(hires_sampling) - set(SAMPLING_KEYWORDS))
+            if unknown:
+                raise ValueError(f"hires_sampling: {', '.join(map(repr, unknown))} not among generate's sampling "
+                                 f"keywords {', '.join(SAMPLING_KEYWORDS)}")
+            # (a CFG++ sampler reads the guidance scale as its lambda, the others as CFG's scale: one scale, two
+            # meanings)
+            if is_cfg_pp(hires_sampling["sampler"]) != is_cfg_pp(kw.get("sampler") or self.defaults["sampler"]):
+                raise ValueError(f"hires sampler {hires_sampling['sampler']!r}: a CFG++ sampler reads the guidance "
+                                 "scale as its lambda, the first pass's sampler as CFG's scale (or the other way "
+                                 "round); take CFG++ samplers for both passes or for neither")
         upscaler = str(hires_upscaler).lower()
         if upscaler not in HIRES_UPSCALERS:
             raise ValueError(f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)}; got {hires_upscaler!r}")
@@ -1040,6 +1066,8 @@ class TextToImagePipeline:
         height, width = self.hires_size(p["height"], p["width"], hires_scale)
         later = {k: v for k, v in kw.items()
                  if k not in ("seed", "seeds", "num_images_per_prompt", "height", "width", "steps", "strength")}
+        if hires_sampling is not None:  # (the second pass's sampling, all of it: A1111's hires sampler)
+            later = {**{k: v for k, v in later.items() if k not in SAMPLING_KEYWORDS}, **hires_sampling}
         if later.get("strength_rule") == "a1111":  # (A1111's second pass runs its steps in full, the last of more)
             later["strength_rule"] = "a1111_fixed_steps"
         steps = hires_steps or p["steps"]
@@ -1057,7 +1085,11 @@ class TextToImagePipeline:
         second = self.generate(prompts, negatives, seeds=first.seeds, height=height, width=width,
                                steps=steps, strength=hires_strength, callback=callback, progress=progress,
                                output_type=output_type, editing_first_pass=first_editing, **start, **later)
-        params = {**second.parameters, "height": p["height"], "width": p["width"], "steps": p["steps"],
+        params = second.parameters
+        if hires_sampling is not None:  # (the parameters name the first pass's sampling, and the second's apart)
+            params = {**{k: v for k, v in params.items() if k not in _SAMPLING_PARAMS},
+                      **{k: p[k] for k in _SAMPLING_PARAMS if k in p}, "hires_sampling": dict(hires_sampling)}
+        params = {**params, "height": p["height"], "width": p["width"], "steps": p["steps"],
                   "hires_scale": float(hires_scale), "hires_steps": steps,
                   "hires_upscaler": HIRES_UPSCALERS[upscaler], "prompt": p["prompt"],
                   "negative_prompt": p["negative_prompt"],

@@ -46,6 +46,7 @@ from imagine.samplers import (  # AUTOMATIC1111's labels and ways of our sampler
     COMPVIS_SAMPLERS,
     TIMESTEP_RULE,
     a1111_guidance_scale,
+    is_cfg_pp,
     a1111_schedule,
     a1111_settings,
     default_guidance_scale,
@@ -180,6 +181,8 @@ class Txt2ImgRequest(BaseModel):
     denoising_strength: float | None = None  # the hires pass's (A1111's default there: 0.7)
     hr_prompt: str = ""  # the hires pass's prompt ("": the prompt)
     hr_negative_prompt: str = ""  # the hires pass's negative prompt ("": the negative prompt)
+    hr_sampler_name: str | None = None  # the hires pass's sampler (None or "Use same sampler": sampler_name's)
+    hr_scheduler: str | None = None  # the hires pass's schedule type (None or "Use same scheduler": scheduler's)
     send_images: bool = True
     force_task_id: str | None = None  # lets /sdapi/v1/progress?id_task= follow this request
     subseed: int = -1  # A1111's variation seed (-1: random), image i's is subseed + i
@@ -237,7 +240,9 @@ A1111_FILL_LABELS = {0: "fill", 2: "latent noise", 3: "latent nothing"}
 A1111_MASKED_CONTENT = {0: "original", 1: "original", 2: "latent_noise", 3: "latent_nothing"}
 INPAINTING_FIELDS = ("mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding", "inpainting_mask_invert")
-HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_second_pass_steps", "hr_upscaler", "hr_prompt", "hr_negative_prompt")
+SAMPLER_FIELDS = ("eta", "s_tmin", "s_tmax", "s_churn", "s_noise")  # A1111's fields a sampler may or may not take
+HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_second_pass_steps", "hr_upscaler", "hr_prompt", "hr_negative_prompt",
+                "hr_sampler_name", "hr_scheduler")
 MAX_MASK_BLUR = 256  # pixels (A1111's slider stops at 64; its API has no limit)
 
 
@@ -554,7 +559,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
               seed_resize: tuple | None = None, rng: str = "cpu", noise_seed_delta: int = 0,
               eta: float | None = None, zero_terminal_snr: bool = False,
               sampler_options: dict | None = None, downcast_alphas_cumprod: bool = False,
-              old_prompt_editing: bool = False) -> str:
+              old_prompt_editing: bool = False, hires_sampling: dict | None = None,
+              hires_schedule: str | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -567,6 +573,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              **({"hires_scale": hires[0], "hires_steps": hires[2] or steps,
                                  "hires_upscaler": HIRES_UPSCALERS[hires[3]], "hires_prompt": hires[4],
                                  "hires_negative_prompt": hires[5]} if hires else {}),
+                             **({"hires_sampling": hires_sampling, "a1111_hires_schedule": hires_schedule}
+                                if hires_sampling else {}),
                              **(inpainting or {}), "controlnet_units": controlnets or None,
                              **({"refiner": refiner[0], "refiner_switch_at": refiner[1]} if refiner else {}),
                              "image_guidance_scale": image_cfg,
@@ -874,7 +882,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if not math.isfinite(v) or not 0 <= v <= 100:
             raise ApiError(422, f"{field} must be a finite number between 0 and 100; got {v}", field)
 
-    def resolve_sampler(field: str, name: str | None, scheduler: str | None = None) -> tuple[str, str | None]:
+    def resolve_sampler(field: str, name: str | None, scheduler: str | None = None,
+                        scheduler_field: str = "scheduler") -> tuple[str, str | None]:
         """-> (our sampler, its noise-level schedule: None for the model's own, or one of SCHEDULE_TYPES)."""
         try:
             sampler, karras = samplers.resolve(name) if name else (defaults["sampler"], None)
@@ -885,8 +894,28 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             try:  # (A1111 takes a name or its label: "Align Your Steps")
                 schedule = a1111_schedule(scheduler) or schedule
             except (ValueError, TypeError) as e:
-                raise ApiError(422, str(e), "scheduler") from None
+                raise ApiError(422, str(e), scheduler_field) from None
         return sampler, schedule
+
+    def a1111_run(sampler: str, asked: str | None, eta: float | None, options: tuple) -> tuple[dict, str | None]:
+        """`sampler` with schedule type `asked` (None: "Automatic") as AUTOMATIC1111 runs it (samplers.a1111_settings:
+        the schedule type its "Automatic" picks, the model's whole range, x_T = z sigma_max, DPM2 / DPM2 a / DPM++ 3M
+        SDE's discarded level, k-diffusion's 3M warm-up), with the request's eta and options (sampler_settings): (the
+        pass's sampling keywords, Settings' and generate's, the schedule type its infotext names: none where
+        "Automatic" left k-diffusion's own levels, "uniform", or the sampler is one of its CompVis ones, DDIM, PLMS
+        and UniPC, which A1111 runs on their own timesteps; a type named for them is applied here, and named)."""
+        a1111 = a1111_settings(sampler, asked)
+        if prior_model:  # (unCLIP's prior and decoder run diffusers' way: its pipeline takes no other start or range)
+            a1111 = {"sampler": sampler, "sigma_schedule": asked, "sigma_range": "spaced"}
+        schedule = a1111["sigma_schedule"]
+        run = {"sampler": sampler, "sigma_schedule": schedule,
+               # (A1111's eta_ancestral, 1, for DPM fast and DPM adaptive, whose own default is 0)
+               "eta": a1111.get("eta") if eta is None else eta,
+               "sampler_options": tuple(sorted({**dict(options), **a1111.get("sampler_options", {})}.items())),
+               "sigma_range": a1111["sigma_range"], "start": a1111.get("start", "noise"),
+               "discard_penultimate_sigma": a1111.get("discard_penultimate_sigma", False),
+               "strength_rule": a1111.get("strength_rule", "diffusers")}
+        return run, asked or (schedule if schedule != "uniform" and sampler not in COMPVIS_SAMPLERS else None)
 
     def sampler_settings(sampler: str, eta, s_tmin, s_tmax, s_churn=None, s_noise=None
                          ) -> tuple[float | None, tuple, list[str]]:
@@ -1258,19 +1287,26 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if "image_cfg_scale" in req.model_fields_set and not getattr(pipe, "edits", False):
             unused.append("image_cfg_scale")  # (an instruct-pix2pix model's)
         asked_options = dict(options)  # (the request's, which the infotext writes as A1111's "Sigma churn"...)
-        # run as AUTOMATIC1111 runs it (samplers.a1111_settings): the schedule type its "Automatic" picks, the model's
-        # whole range, x_T = z sigma_max, DPM2 / DPM2 a / DPM++ 3M SDE's discarded level, k-diffusion's 3M warm-up
-        a1111 = a1111_settings(sampler, asked)
-        if prior_model:  # (unCLIP's prior and decoder run diffusers' way: its pipeline takes no other start or range)
-            a1111 = {"sampler": sampler, "sigma_schedule": asked, "sigma_range": "spaced"}
-        if eta is None:  # (A1111's eta_ancestral, 1, for DPM fast and DPM adaptive, whose own default is 0)
-            eta = a1111.get("eta")
-        schedule = a1111["sigma_schedule"]
-        options = tuple(sorted({**dict(options), **a1111.get("sampler_options", {})}.items()))
-        # (its infotext names the schedule type unless "Automatic" left k-diffusion's own levels, "uniform", or the
-        # sampler is one of its CompVis ones, DDIM, PLMS and UniPC, which A1111 runs on their own timesteps; a type
-        # named for them is applied here, and named)
-        shown = asked or (schedule if schedule != "uniform" and sampler not in COMPVIS_SAMPLERS else None)
+        run, shown = a1111_run(sampler, asked, eta, options)
+        eta, schedule, options = run["eta"], run["sigma_schedule"], run["sampler_options"]
+        hires_sampling = hires_shown = None
+        if hires is not None:  # A1111's hires sampler and schedule type ("Use same ...": the first pass's)
+            same_sampler = req.hr_sampler_name in (None, "", "Use same sampler")
+            same_schedule = req.hr_scheduler in (None, "", "Use same scheduler")
+            hires_sampler, hires_asked = resolve_sampler(
+                "hr_sampler_name", req.sampler_name or req.sampler_index if same_sampler else req.hr_sampler_name,
+                req.scheduler if same_schedule else req.hr_scheduler, "hr_scheduler")
+            if (hires_sampler, hires_asked) != (sampler, asked):
+                if is_cfg_pp(hires_sampler) != is_cfg_pp(sampler):
+                    raise ApiError(422, f"hr_sampler_name {req.hr_sampler_name!r}: a CFG++ sampler's guidance is "
+                                        f"its lambda (cfg_scale / 12.5), {samplers.a1111_name(sampler)}'s is not: take "
+                                        "CFG++ samplers for both passes or for neither", "hr_sampler_name")
+                hires_eta, hires_options, hires_unused = sampler_settings(hires_sampler, req.eta, req.s_tmin,
+                                                                          req.s_tmax, req.s_churn, req.s_noise)
+                # (a field either pass takes is used)
+                unused = [k for k in unused if k in hires_unused or k not in SAMPLER_FIELDS]
+                hires_run, hires_shown = a1111_run(hires_sampler, hires_asked, hires_eta, hires_options)
+                hires_sampling = tuple(sorted(hires_run.items()))
         base = check_seed("seed", req.seed)
         seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
         variation = float(req.subseed_strength)
@@ -1290,7 +1326,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         rng, seed_delta, zero_snr, downcast = a1111_noise(req)
         if downcast:
             try:
-                check_downcast(TIMESTEP_RULE[sampler], a1111["sigma_schedule"], samplers.a1111_name(sampler))
+                check_downcast(TIMESTEP_RULE[sampler], schedule, samplers.a1111_name(sampler))
+                if hires_sampling:
+                    check_downcast(TIMESTEP_RULE[hires_sampler], hires_run["sigma_schedule"],
+                                   samplers.a1111_name(hires_sampler))
             except ValueError as e:
                 raise ApiError(422, f"use_downcasted_alpha_bar: {e}", "override_settings") from None
         units, unit_ignored = check_controlnet(req, inits is not None)
@@ -1326,9 +1365,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                   batch_size=batch_size, settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
                                     guidance_scale=a1111_guidance_scale(sampler, guidance),
                                     schedule=schedule, eta=eta, options=options,
-                                    sigma_range=a1111["sigma_range"], start=a1111.get("start", "noise"),
-                                    discard_penultimate_sigma=a1111.get("discard_penultimate_sigma", False),
-                                    strength_rule=a1111.get("strength_rule", "diffusers"),
+                                    sigma_range=run["sigma_range"], start=run["start"],
+                                    discard_penultimate_sigma=run["discard_penultimate_sigma"],
+                                    strength_rule=run["strength_rule"], hires_sampling=hires_sampling,
                                     emphasis=a1111_emphasis(req), long_prompts=True, prompt_editing=True,
                                     composable=True,
                                     strength=None if hires else strength,
@@ -1364,7 +1403,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
                                (subseeds[i], variation) if subseeds else None, seed_resize, rng, seed_delta,
                                None if "eta" in unused else req.eta, zero_snr, asked_options, downcast,
-                               job.settings.old_prompt_editing)
+                               job.settings.old_prompt_editing, hires_sampling and dict(hires_sampling), hires_shown)
                      for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:

@@ -84,6 +84,15 @@ class Settings:
     masked_content: str = "original"  # inpainting's start where painted anew (TextToImagePipeline.generate)
     loras: tuple = ()  # the --lora-dir LoRAs the prompts ask for (the pipeline merges them): one set per batch
     hires: tuple | None = None  # A1111's hires. fix: (scale, denoising strength, steps or None, upscaler)
+    # its second pass's own sampling (A1111's hires sampler / schedule type): generate's sampling keywords as sorted
+    # (name, value) pairs, the sampler's options among them as pairs (None: the first pass's)
+    hires_sampling: tuple | None = None
+
+    @property
+    def couples_batch(self) -> bool:
+        """Whether a pass's sampler makes an image depend on its batch (samplers.couples_batch: DPM adaptive)."""
+        return couples_batch(self.sampler) or bool(self.hires_sampling and
+                                                   couples_batch(dict(self.hires_sampling)["sampler"]))
     # ControlNet units (A1111's ControlNet extension): ((name of a loaded ControlNet, weight, guidance start, end),
     # ...) in order. Jobs batch only with the same units; each brings its own pictures (Job.control_images)
     controlnets: tuple = ()
@@ -306,7 +315,7 @@ class ModelWorker:
     def _take_batch(self) -> list[Job]:
         first = self._pending.popleft()
         batch, n = [first], len(first)
-        if couples_batch(first.settings.sampler):  # (its result would depend on the requests it ran with)
+        if first.settings.couples_batch:  # (its result would depend on the requests it ran with)
             return batch
         for job in list(self._pending):
             if n >= self.max_batch:
@@ -380,7 +389,7 @@ class ModelWorker:
         for j, k in zip(batch, firsts):
             offsets.setdefault(j.id, k)
         size = self.max_batch
-        if couples_batch(s.sampler) and batch[0].batch_size:  # (alone in its batch: _take_batch)
+        if s.couples_batch and batch[0].batch_size:  # (alone in its batch: _take_batch)
             size = min(size, batch[0].batch_size)
         chunks = [(i, min(i + size, len(seeds))) for i in range(0, len(seeds), size)]
         self.stats["batches"] += 1
@@ -411,7 +420,10 @@ class ModelWorker:
                     texts = dict(zip(("hires_prompt", "hires_negative_prompt"), texts))
                     run = functools.partial(self.pipe.generate_hires, hires_scale=scale, hires_upscaler=upscaler,
                                             **{k: v for k, v in texts.items() if v},
-                                            hires_strength=hires_strength, hires_steps=hires_steps)
+                                            hires_strength=hires_strength, hires_steps=hires_steps,
+                                            hires_sampling=s.hires_sampling and {
+                                                **dict(s.hires_sampling), "sampler_options":
+                                                dict(dict(s.hires_sampling)["sampler_options"]) or None})
                 control = {}
                 if controls:  # one picture per image for each unit (as a list per ControlNet when several)
                     pictures = [c[a:b] for c in controls]

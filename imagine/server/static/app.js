@@ -39,6 +39,9 @@ async function loadConfig() {
     $("negative_prompt").maxLength = lim.max_prompt_length;
     const sel = $("sampler");
     sel.replaceChildren(...c.samplers.map((n) => new Option(n, n, n === d.sampler, n === d.sampler)));
+    // the hires pass's sampler: the first pass's unless one is picked (A1111's "Use same sampler")
+    $("hr_sampler").replaceChildren(new Option("Use same sampler", "Use same sampler", true, true),
+                                    ...c.samplers.map((n) => new Option(n, n)));
   } catch (e) {
     showError("Could not read the server's settings: " + e);
   }
@@ -176,6 +179,8 @@ async function generate(ev) {
     body.enable_hr = true;
     body.hr_scale = parseFloat($("hr_scale").value);
     body.denoising_strength = parseFloat($("hr_strength").value);
+    body.hr_sampler_name = $("hr_sampler").value;
+    body.hr_scheduler = $("hr_scheduler").value;
   }
   // a control picture: one unit of A1111's ControlNet extension (its preprocessor, "none": the picture is the map)
   const control = $("control_image").files[0];
@@ -242,6 +247,12 @@ async function readPicture() {
     const hires = parseFloat(p["Hires upscale"] || "0") > 1;
     $("hr_scale").value = hires ? p["Hires upscale"] : 1;
     if (hires) { set("hr_strength", p["Denoising strength"]); $("hires").open = true; }
+    // (A1111 writes its hires sampler and schedule type only where they differ from the first pass's)
+    const hiresSampler = p["Hires sampler"] || "Use same sampler";
+    if (!has("hr_sampler", hiresSampler)) showError("This server has no sampler " + hiresSampler + ".");
+    $("hr_sampler").value = has("hr_sampler", hiresSampler) ? hiresSampler : "Use same sampler";
+    const hiresSchedule = p["Hires schedule type"] || "Use same scheduler";
+    $("hr_scheduler").value = has("hr_scheduler", hiresSchedule) ? hiresSchedule : "Use same scheduler";
     const variation = parseFloat(p["Variation seed strength"] || "0");
     $("subseed_strength").value = variation;
     if (variation > 0) { set("subseed", p["Variation seed"]); $("variation").open = true; }
