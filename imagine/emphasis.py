@@ -10,7 +10,10 @@ with w per token (1 for the start, end and padding tokens). The syntax, as AUTOM
 w; brackets nest (their factors multiply); `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are the characters
 themselves (a lone backslash is dropped); a bracket left open applies to the rest of the prompt; A1111's
 `BREAK` starts a new 75-token chunk where prompts are read in chunks (`imagine.long_prompts`); in one window it
-is taken out with a warning. Each piece is tokenized on its own, so a piece's tokens carry exactly its weight.
+is taken out with a warning. A BREAK inside brackets, `(a BREAK b)`, starts a new chunk here too, where
+AUTOMATIC1111 multiplies its BREAK marker's weight by the brackets' factor and then no longer recognises it,
+so it reads the word "BREAK" as text with that (negative) weight: an oddity of its own not followed. Each
+piece is tokenized on its own, so a piece's tokens carry exactly its weight.
 
 Off by default in the pipeline and the CLI (`--emphasis`), where a prompt means what diffusers reads in
 it; on for the server's AUTOMATIC1111 API, whose clients write prompts in this syntax.

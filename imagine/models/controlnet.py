@@ -27,6 +27,7 @@ from imagine.models.attention import expand_batch
 from imagine.models.unet import UNet2DConditionModel, UNetConfig
 
 DEFAULT_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # diffusers' conditioning_embedding_out_channels default
+MIRROR = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}  # a down block's up block
 
 
 class ControlNetConditioningEmbedding(nn.Module):
@@ -60,7 +61,13 @@ class ControlNetConfig(UNetConfig):
     global_pool_conditions: bool = False  # residuals averaged over the map (the shuffle ControlNet's)
 
     def __post_init__(self):
+        # no expanding path: its block types are the contracting path's mirror, whatever was given (a 2-level
+        # ControlNet built directly would otherwise inherit the U-Net's four defaults)
+        self.up_block_types = tuple(MIRROR.get(t, t) for t in reversed(tuple(self.down_block_types)))
         super().__post_init__()
+        if self.mid_block_type != "UNetMidBlock2DCrossAttn":
+            raise ValueError(f"ControlNet config: unsupported mid_block_type {self.mid_block_type!r}; valid: "
+                             "'UNetMidBlock2DCrossAttn' (a ControlNet adds its bottleneck's output to the U-Net's)")
         if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
             raise ValueError("controlnet_conditioning_channel_order must be 'rgb' or 'bgr'; got "
                              f"{self.controlnet_conditioning_channel_order!r}")
@@ -69,9 +76,7 @@ class ControlNetConfig(UNetConfig):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ControlNetConfig":
-        mirror = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
-        down = d.get("down_block_types", UNetConfig.down_block_types)
-        return super().from_dict({**d, "up_block_types": [mirror.get(t, t) for t in reversed(down)]})
+        return super().from_dict({k: v for k, v in d.items() if k != "up_block_types"})  # (see __post_init__)
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -83,7 +88,11 @@ class ControlNetConfig(UNetConfig):
 class ControlNetModel(UNet2DConditionModel):
     """The copy of the U-Net's contracting path and bottleneck (the parent's modules, `encoder_only`), the
     control picture's encoder, and the zero convolutions. `forward(x, t, context, control, scale)` returns
-    (the residuals for the U-Net's skips, the residual for its bottleneck)."""
+    (the residuals for the U-Net's skips, the residual for its bottleneck). A new one starts with the zero
+    convolutions (and the control encoder's last convolution) at zero, as diffusers builds it, so it adds nothing
+    until trained."""
+
+    class_embedding_act_fn = "silu"  # diffusers' ControlNetModel: a "timestep" class embedding's MLP uses SiLU
 
     def __init__(self, config: ControlNetConfig | dict | None = None):
         if not isinstance(config, ControlNetConfig):
@@ -99,6 +108,10 @@ class ControlNetModel(UNet2DConditionModel):
                 widths.append(c.block_out_channels[level])
         self.controlnet_down_blocks = nn.ModuleList([nn.Conv2d(w, w, 1) for w in widths])
         self.controlnet_mid_block = nn.Conv2d(c.block_out_channels[-1], c.block_out_channels[-1], 1)
+        # the zero convolutions (eq. 2's Z; sec. 3.1) and the control encoder's last layer start at zero
+        for conv in (self.controlnet_cond_embedding.conv_out, *self.controlnet_down_blocks, self.controlnet_mid_block):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def embed_control(self, control: torch.Tensor) -> torch.Tensor:
         """The control picture [B, 3, H, W] in [0, 1] -> its features at the latents' size (the same at every step:

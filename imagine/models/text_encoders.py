@@ -84,11 +84,17 @@ class TextEncoder(nn.Module):
             prompts = [self._expand(p) for p in prompts]
         # verbose=False: the tokenizer's own "sequence longer than" notice is replaced by ours below.
         full = self.tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-        for p, ids in zip(prompts, full):
-            if len(ids) > self.max_length:
-                kept = self.tokenizer.decode(ids[: self.max_length], skip_special_tokens=True)
-                log.warning("prompt truncated to the text encoder's %d-token window: %d of %d tokens cut "
-                            "(kept: %r)", self.max_length, len(ids) - self.max_length, len(ids), kept[-60:])
+        over = [i for i, ids in enumerate(full) if len(ids) > self.max_length]
+        if over:
+            # The truncation keeps the special tokens (CLIP's start and end, BERT's [CLS] and [SEP], T5's </s>) and
+            # max_length minus their number of text tokens: count and show those text tokens only.
+            text = self.tokenizer([prompts[i] for i in over], add_special_tokens=False, truncation=False,
+                                  verbose=False)["input_ids"]
+            for i, ids in zip(over, text):
+                read = self.max_length - (len(full[i]) - len(ids))  # the text tokens the encoder reads
+                kept = self.tokenizer.decode(ids[:read], skip_special_tokens=True)
+                log.warning("prompt truncated to the text encoder's %d-token window: %d of %d text tokens cut "
+                            "(kept: %r)", self.max_length, len(ids) - read, len(ids), kept[-60:])
         return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                               return_tensors="pt")
 

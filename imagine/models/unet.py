@@ -183,11 +183,12 @@ class UNetConfig:
                              "projection_class_embeddings_input_dim")
         if self.downsample_padding not in (0, 1):
             raise ValueError(f"UNet config: downsample_padding must be 0 or 1; got {self.downsample_padding}")
-        heads = self.heads_per_block
-        for c, h in zip(self.block_out_channels, heads):
+        heads, attended = self.heads_per_block, self.attention_levels
+        for level, (c, h) in enumerate(zip(self.block_out_channels, heads)):
             if c % self.norm_num_groups:
                 raise ValueError(f"UNet config: channels {c} not divisible by norm_num_groups {self.norm_num_groups}")
-            if h < 1 or c % h:
+            # (only where a level has attention: a plain level's head count is never used, as in diffusers)
+            if level in attended and (h < 1 or c % h):
                 raise ValueError(f"UNet config: {c} channels cannot be split into {h} attention heads "
                                  "(attention_head_dim holds the number of heads when num_attention_heads is None)")
 
@@ -200,6 +201,17 @@ class UNetConfig:
         """Attention heads per level (diffusers: `num_attention_heads or attention_head_dim`)."""
         return self._per_level(self.num_attention_heads if self.num_attention_heads is not None
                                else self.attention_head_dim)
+
+    @property
+    def attention_levels(self) -> frozenset[int]:
+        """The levels whose blocks have transformers: a cross-attention down block, or the mirrored up block,
+        and the last level when the mid block has attention."""
+        n = self.num_levels
+        levels = {i for i, t in enumerate(self.down_block_types) if t == "CrossAttnDownBlock2D"}
+        levels |= {n - 1 - i for i, t in enumerate(self.up_block_types) if t == "CrossAttnUpBlock2D"}
+        if self.mid_block_type == "UNetMidBlock2DCrossAttn":
+            levels.add(n - 1)
+        return frozenset(levels)
 
     @property
     def refiner_heads(self) -> int:
@@ -492,6 +504,10 @@ class UpBlock(_Checkpointable):
 class UNet2DConditionModel(nn.Module):
     """eps/x0/v-prediction network f(x_t, t, context) of latent diffusion; see the module docstring."""
 
+    # the activation of the "timestep" class embedding's MLP: None = the config's act_fn (diffusers' U-Net);
+    # the ControlNet's is SiLU whatever act_fn (diffusers' ControlNetModel)
+    class_embedding_act_fn: str | None = None
+
     def __init__(self, config: UNetConfig | dict | None = None, encoder_only: bool = False):
         """`encoder_only`: the embeddings, conv_in, the contracting path and the bottleneck, no expanding path
         (what a ControlNet copies of the U-Net, imagine.models.controlnet)."""
@@ -506,10 +522,11 @@ class UNet2DConditionModel(nn.Module):
         self.time_embedding = TimestepEmbedding(ch[0], c.time_embed_dim, c.act_fn)
         self.class_embedding = make_class_embedding(c.class_embed_type, c.num_class_embeds,
                                                     c.projection_class_embeddings_input_dim, c.time_embed_dim,
-                                                    ch[0], c.act_fn)
+                                                    ch[0], self.class_embedding_act_fn or c.act_fn)
         if c.addition_embed_type == "text_time":  # SDXL: pooled text + size codes, added to the time embedding
             self.add_time_proj = SinusoidalTimesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
-            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, c.time_embed_dim, c.act_fn)
+            # (diffusers builds this MLP with its default SiLU, whatever the config's act_fn)
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, c.time_embed_dim, "silu")
         self.context_refiner = (ContextRefiner(c.cross_attention_dim, c.context_refiner_layers, c.refiner_heads)
                                 if c.context_refiner_layers and c.has_cross_attention else None)
         self.down_blocks = nn.ModuleList([DownBlock(c, i, ch[max(i - 1, 0)], ch[i]) for i in range(c.num_levels)])

@@ -6,11 +6,14 @@ weight so that the latent keeps detail, downsampling factor f = 2^(levels-1)).
 
 Parameter names follow diffusers' `AutoencoderKL`, so Stable Diffusion's VAE weights (diffusers
 layout) load with no mapping. The latent the diffusion model sees is `scaling_factor * (z - shift)`
-(LDM sec. 4.3.2: rescale so the latent has roughly unit variance; 0.18215 for SD 1.x/2.x).
+(LDM sec. 4.3.2: rescale so the latent has roughly unit variance; 0.18215 for SD 1.x/2.x), or, for a VAE
+whose config has per-channel `latents_mean` / `latents_std` (Playground v2.5's),
+`(z - latents_mean) * scaling_factor / latents_std`, as diffusers' SDXL pipelines take it.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -20,6 +23,14 @@ from torch import nn
 
 from imagine.models import fused_attention, io
 from imagine.models.group_norm import group_norm, silu_of_norm
+
+log = logging.getLogger(__name__)
+
+# diffusers AutoencoderKL config keys that are not fields of VAEConfig and do not change the model's
+# arithmetic (force_upcast: diffusers' pipelines decode an fp16 VAE in float32); keys starting with "_"
+# (_class_name, _diffusers_version, _name_or_path, ...) are bookkeeping. Any other unknown key is
+# ignored with a warning that names it.
+HARMLESS_KEYS = frozenset({"force_upcast"})
 
 
 @dataclass
@@ -33,6 +44,10 @@ class VAEConfig:
     sample_size: int = 32
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
+    # per-channel statistics of the unscaled latent (Playground v2.5's VAE config; diffusers' SDXL pipelines:
+    # latent = (z - latents_mean) * scaling_factor / latents_std); None: scaling_factor alone
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
     act_fn: str = "silu"
     mid_block_add_attention: bool = True
     use_quant_conv: bool = True
@@ -59,6 +74,24 @@ class VAEConfig:
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"VAE config: channels {c} not divisible by norm_num_groups {self.norm_num_groups}")
+        for name in ("latents_mean", "latents_std"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, torch.Tensor):
+                v = v.flatten().tolist()
+            if not isinstance(v, (list, tuple)) or len(v) != self.latent_channels:
+                raise ValueError(f"VAE config: {name} must list one number per latent channel "
+                                 f"({self.latent_channels}); got {v!r}")
+            setattr(self, name, tuple(float(x) for x in v))
+        if (self.latents_mean is None) != (self.latents_std is None):
+            raise ValueError("VAE config: latents_mean and latents_std go together (diffusers applies them only as "
+                             "a pair); give both or neither")
+        if self.latents_std is not None and any(not x > 0 for x in self.latents_std):
+            raise ValueError(f"VAE config: latents_std must be positive; got {self.latents_std}")
+        if self.latents_mean is not None and self.shift_factor:
+            raise ValueError("VAE config: shift_factor and latents_mean / latents_std both given; the latent "
+                             "scaling takes one or the other")
 
     @property
     def downsampling_factor(self) -> int:
@@ -66,7 +99,14 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
+        """From a diffusers vae/config.json dict (or ours): fields are used; diffusers' bookkeeping keys
+        ("_class_name", ...) and `HARMLESS_KEYS` are dropped; any other key is dropped with a warning naming it
+        (it may change the arithmetic, which this VAE then does not follow)."""
         names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in d if k not in names and k not in HARMLESS_KEYS and not str(k).startswith("_"))
+        if unknown:
+            log.warning("VAE config: ignoring keys imagine's AutoencoderKL does not implement: %s",
+                        ", ".join(unknown))
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
@@ -278,12 +318,31 @@ class AutoencoderKL(nn.Module):
 
     # -- the latent the diffusion model sees (LDM sec. 4.3.2) --------------------------------
     def to_latent(self, z: torch.Tensor) -> torch.Tensor:
-        shift = self.config.shift_factor or 0.0
-        return (z - shift) * self.config.scaling_factor
+        """Unscaled latent z -> the diffusion model's: (z - shift) * scaling_factor, or with per-channel
+        statistics (z - latents_mean) * scaling_factor / latents_std (diffusers' SDXL img2img)."""
+        c = self.config
+        if c.latents_mean is not None:
+            mean, std = self._latent_stats(z)
+            return (z - mean) * c.scaling_factor / std
+        shift = c.shift_factor or 0.0
+        return (z - shift) * c.scaling_factor
 
     def from_latent(self, latent: torch.Tensor) -> torch.Tensor:
-        shift = self.config.shift_factor or 0.0
-        return latent / self.config.scaling_factor + shift
+        """The inverse of `to_latent`: latent / scaling_factor + shift, or latent * latents_std / scaling_factor +
+        latents_mean (diffusers' SDXL pipelines before decoding)."""
+        c = self.config
+        if c.latents_mean is not None:
+            mean, std = self._latent_stats(latent)
+            return latent * std / c.scaling_factor + mean
+        shift = c.shift_factor or 0.0
+        return latent / c.scaling_factor + shift
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        if like.ndim != 4 or like.shape[1] != c.latent_channels:
+            raise ValueError(f"expected a latent [B, {c.latent_channels}, h, w]; got {tuple(like.shape)}")
+        return tuple(torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+                     for v in (c.latents_mean, c.latents_std))
 
     def decode_latent(self, latent: torch.Tensor, tile: int | None = None, overlap: int = 8) -> torch.Tensor:
         """Scaled latent -> image in [-1, 1]; tiled when `tile` (in latent pixels) is smaller than the latent."""
@@ -300,8 +359,11 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"tile overlap ({overlap}) must be smaller than the tile ({tile})")
         f = self.config.downsampling_factor
         b, _, h, w = z.shape
-        out = torch.zeros(b, self.config.out_channels, h * f, w * f, dtype=z.dtype, device=z.device)
-        weight = torch.zeros(1, 1, h * f, w * f, dtype=z.dtype, device=z.device)
+        # the blend in float32 whatever the latent's dtype (bf16 would round the ramps and the weighted sums),
+        # the result in the decoder's dtype
+        out = torch.zeros(b, self.config.out_channels, h * f, w * f, dtype=torch.float32, device=z.device)
+        weight = torch.zeros(1, 1, h * f, w * f, dtype=torch.float32, device=z.device)
+        out_dtype = z.dtype
         stride = tile - overlap
         ys = list(range(0, max(h - tile, 0) + 1, stride)) or [0]
         xs = list(range(0, max(w - tile, 0) + 1, stride)) or [0]
@@ -312,13 +374,14 @@ class AutoencoderKL(nn.Module):
         for y0 in ys:
             for x0 in xs:
                 part = self.decode(z[:, :, y0:y0 + tile, x0:x0 + tile])
+                out_dtype = part.dtype
                 th, tw = part.shape[-2:]
-                ramp_y = _ramp(th, overlap * f, y0 > 0, y0 + tile < h, z)
-                ramp_x = _ramp(tw, overlap * f, x0 > 0, x0 + tile < w, z)
+                ramp_y = _ramp(th, overlap * f, y0 > 0, y0 + tile < h, out)
+                ramp_x = _ramp(tw, overlap * f, x0 > 0, x0 + tile < w, out)
                 wgt = ramp_y[:, None] * ramp_x[None, :]
-                out[:, :, y0 * f:y0 * f + th, x0 * f:x0 * f + tw] += part * wgt
+                out[:, :, y0 * f:y0 * f + th, x0 * f:x0 * f + tw] += part.float() * wgt
                 weight[:, :, y0 * f:y0 * f + th, x0 * f:x0 * f + tw] += wgt
-        return out / weight
+        return (out / weight).to(out_dtype)
 
     def _check_image(self, x: torch.Tensor) -> None:
         c = self.config
