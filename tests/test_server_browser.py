@@ -12,6 +12,7 @@ import io
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -357,3 +358,406 @@ def test_an_old_a1111_pictures_options_fill_the_form(server, page, tmp_path):
     page.set_input_files("#pnginfo_image", str(path))
     page.wait_for_function("document.querySelector('#sampler').value === 'DDIM'")
     assert not page.is_checked("#downcast_alphas_cumprod") and page.is_checked("#old_prompt_editing")
+
+
+# -- reading a picture's parameters, Reuse, Interrupt, the progress loop ----------------------------------------
+def _api_picture(server, body: dict, path: Path) -> bytes:
+    """A picture the API made for `body`, saved (with its infotext) at `path`: its RGB bytes."""
+    import httpx
+
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    path.write_bytes(base64.b64decode(r.json()["images"][0]))
+    return Image.open(path).convert("RGB").tobytes()
+
+
+def _infotext_picture(text: str, path: Path) -> Path:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (32, 32)).save(path, pnginfo=info)
+    return path
+
+
+def _read_picture(page, path: Path) -> None:
+    """PNG Info on the page: the picture chosen, its parameters in the form."""
+    if not page.eval_on_selector("#pnginfo", "d => d.open"):
+        page.click("#pnginfo summary")
+    page.evaluate("document.querySelector('#pnginfo_text').textContent = ''")
+    page.set_input_files("#pnginfo_image", str(path))
+    page.wait_for_function("document.querySelector('#pnginfo_text').textContent !== ''", timeout=30_000)
+
+
+def _cards(page) -> int:
+    return page.eval_on_selector_all(".gallery .card", "cs => cs.length")
+
+
+def _card_image(card) -> bytes:
+    href = card.query_selector("a.download").get_attribute("href")
+    return Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB").tobytes()
+
+
+def test_a_hires_pictures_parameters_make_it_again(server, page, tmp_path):
+    """A hires. fix picture with its own hires steps, the Lanczos upscaler, a hires prompt and negative prompt and a
+    hires sampler: all read into the Upscale section, and Generate makes the identical picture."""
+    body = {"prompt": "a red circle", "steps": 4, "cfg_scale": 6, "width": 32, "height": 32, "seed": 21,
+            "sampler_name": "Euler", "enable_hr": True, "hr_scale": 2, "denoising_strength": 0.55,
+            "hr_second_pass_steps": 3, "hr_upscaler": "Lanczos", "hr_prompt": "a blue square",
+            "hr_negative_prompt": "green", "hr_sampler_name": "Euler a", "hr_scheduler": "Karras",
+            "override_settings": {"randn_source": "CPU"}}
+    made = _api_picture(server, body, tmp_path / "hires.png")
+    _fill_form(page, server, prompt="something else", steps=9, seed=1, sampler="Euler a", size=64)
+    _read_picture(page, tmp_path / "hires.png")
+    values = page.evaluate("""() => Object.fromEntries(['hr_scale', 'hr_strength', 'hr_second_pass_steps', 'hr_upscaler',
+        'hr_prompt', 'hr_negative_prompt', 'hr_sampler', 'hr_scheduler'].map(k => [k, document.getElementById(k).value]))""")
+    assert values == {"hr_scale": "2", "hr_strength": "0.55", "hr_second_pass_steps": "3", "hr_upscaler": "Lanczos",
+                      "hr_prompt": "a blue square", "hr_negative_prompt": "green", "hr_sampler": "Euler a",
+                      "hr_scheduler": "Karras"}
+    assert page.eval_on_selector("#hires", "d => d.open") and page.is_hidden("#pnginfo_notice")
+    page.click("#generate")
+    got = _gallery_download(page)
+    assert got.size == (64, 64) and got.tobytes() == made
+
+
+def test_fine_values_from_a_picture_generate(server, page, tmp_path):
+    """Values between the number fields' old steps (CFG 7.25, a hires strength of 0.42, a variation strength of 0.33,
+    hires scale 1.5) read from a picture generate (no silent browser check stops them) the same picture; a second
+    picture without hires. fix puts the Upscale section back at its defaults."""
+    body = {"prompt": "a red circle", "steps": 3, "cfg_scale": 7.25, "width": 32, "height": 32, "seed": 5,
+            "sampler_name": "Euler", "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.42, "subseed": 8,
+            "subseed_strength": 0.33, "override_settings": {"randn_source": "CPU"}}
+    made = _api_picture(server, body, tmp_path / "fine.png")
+    _fill_form(page, server, prompt="something else", steps=9, seed=1, sampler="Euler a", size=64)
+    _read_picture(page, tmp_path / "fine.png")
+    assert page.input_value("#cfg_scale") == "7.25" and page.input_value("#hr_strength") == "0.42"
+    page.click("#generate")
+    got = _gallery_download(page)
+    assert got.size == (48, 48) and got.tobytes() == made
+    plain = {"prompt": "a blue square", "steps": 3, "width": 32, "height": 32, "seed": 6, "sampler_name": "Euler"}
+    _api_picture(server, plain, tmp_path / "plain.png")
+    _read_picture(page, tmp_path / "plain.png")
+    assert page.input_value("#prompt") == "a blue square"
+    assert [page.input_value(f"#{k}") for k in ("hr_scale", "hr_strength", "hr_second_pass_steps", "subseed_strength",
+                                                 "subseed")] == ["1", "0.7", "0", "0", "-1"]
+
+
+def test_the_page_says_which_field_is_wrong(server, page):
+    """The browser's own form checks are off: an empty or non-whole number, in view or in a folded section, is named in
+    the error box, for Generate and for Ctrl+Enter alike, and nothing is sent."""
+    _fill_form(page, server, prompt="a red circle", steps=3, seed=1, sampler="Euler", size=32)
+    accepted = page.evaluate("fetch('/imagine/v1/stats').then(r => r.json()).then(s => s.accepted)")
+    page.fill("#steps", "")
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "Steps" in page.inner_text("#error") and page.evaluate("document.activeElement.id") == "steps"
+    page.fill("#steps", "2.5")
+    page.click("#generate")
+    assert "whole number" in page.inner_text("#error")
+    page.fill("#steps", "1e1")  # (ten)
+    page.click("#hires summary")
+    page.fill("#hr_scale", "2")
+    page.fill("#hr_strength", "")
+    page.click("#hires summary")  # folded again: the check opens it
+    page.evaluate("document.querySelector('#error').hidden = true")
+    page.focus("#prompt")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "Upscale strength" in page.inner_text("#error") and page.eval_on_selector("#hires", "d => d.open")
+    assert page.evaluate("fetch('/imagine/v1/stats').then(r => r.json()).then(s => s.accepted)") == accepted
+
+
+def test_an_old_sampler_name_with_its_schedule_fills_both(server, page, tmp_path):
+    """A1111 before 1.9 wrote the schedule type in the sampler's name ("DPM++ 2M Karras"): the form gets DPM++ 2M
+    and Karras, and makes the picture the API makes for that name."""
+    text = "a red circle\nSteps: 3, Sampler: DPM++ 2M Karras, CFG scale: 6, Seed: 5, Size: 32x32, RNG: CPU, Version: v1.8.0"
+    _fill_form(page, server, prompt="something else", steps=9, seed=1, sampler="Euler", size=64)
+    _read_picture(page, _infotext_picture(text, tmp_path / "karras.png"))
+    assert page.input_value("#sampler") == "DPM++ 2M" and page.input_value("#scheduler") == "Karras"
+    assert page.is_hidden("#error")
+    page.click("#generate")
+    got = _gallery_download(page)
+    want = _api_picture(server, {"prompt": "a red circle", "steps": 3, "cfg_scale": 6, "width": 32, "height": 32,
+                                 "seed": 5, "sampler_name": "DPM++ 2M Karras",
+                                 "override_settings": {"randn_source": "CPU"}}, tmp_path / "want.png")
+    assert got.tobytes() == want
+
+
+def test_eta_seed_resize_and_imagines_schedule_types_are_read(server, page, tmp_path):
+    """Eta, Seed resize from and one of imagine's own schedule types (Time Uniform) are read into the form and sent;
+    a setting the page cannot apply (Emphasis) is named in a notice."""
+    text = ("a red circle\nSteps: 3, Sampler: Euler a, Schedule type: Time Uniform, CFG scale: 6, Eta: 0.5, Seed: 5, "
+            "Seed resize from: 48x40, Emphasis: No norm, RNG: CPU, Size: 32x32, Version: imagine 0.1.0")
+    _fill_form(page, server, prompt="something else", steps=9, seed=1, sampler="Euler", size=64)
+    _read_picture(page, _infotext_picture(text, tmp_path / "eta.png"))
+    assert page.input_value("#scheduler") == "Time Uniform" and page.input_value("#eta") == "0.5"
+    assert (page.input_value("#seed_resize_from_w"), page.input_value("#seed_resize_from_h")) == ("48", "40")
+    notice = page.inner_text("#pnginfo_notice")
+    assert "Emphasis: No norm" in notice and "Version" not in notice and "Eta" not in notice
+    page.click("#generate")
+    got = _gallery_download(page)
+    want = _api_picture(server, {"prompt": "a red circle", "steps": 3, "cfg_scale": 6, "width": 32, "height": 32,
+                                 "seed": 5, "sampler_name": "Euler a", "scheduler": "Time Uniform", "eta": 0.5,
+                                 "seed_resize_from_w": 48, "seed_resize_from_h": 40,
+                                 "override_settings": {"randn_source": "CPU"}}, tmp_path / "want.png")
+    assert got.tobytes() == want
+
+
+def test_reading_parameters_removes_the_chosen_picture(server, page, tmp_path):
+    """A picture to start from can be removed; with one chosen the Upscale section says it is not applied; reading a
+    picture's parameters removes it (else the form would make an img2img picture, without hires. fix)."""
+    start = tmp_path / "start.png"
+    Image.fromarray((np.indices((32, 32)).sum(0) % 16 * 16).astype(np.uint8)).convert("RGB").save(start)
+    _fill_form(page, server, prompt="x", steps=3, seed=1, sampler="Euler", size=32)
+    page.click("#img2img summary")
+    page.set_input_files("#init_image", str(start))
+    page.click("#hires summary")
+    page.fill("#hr_scale", "2")
+    assert page.is_visible("#hires_ignored") and "not applied" in page.inner_text("#hires_ignored")
+    page.click("#init_image_clear")
+    assert page.eval_on_selector("#init_image", "e => e.files.length") == 0 and page.is_hidden("#hires_ignored")
+    page.set_input_files("#init_image", str(start))
+    made = _api_picture(server, {"prompt": "a red circle", "steps": 3, "width": 32, "height": 32, "seed": 9,
+                                 "sampler_name": "Euler", "enable_hr": True, "hr_scale": 2,
+                                 "override_settings": {"randn_source": "CPU"}}, tmp_path / "made.png")
+    _read_picture(page, tmp_path / "made.png")
+    assert page.eval_on_selector("#init_image", "e => e.files.length") == 0
+    assert "picture to start from" in page.inner_text("#pnginfo_notice") and page.is_hidden("#hires_ignored")
+    page.click("#generate")
+    got = _gallery_download(page)
+    assert got.size == (64, 64) and got.tobytes() == made
+
+
+def test_reuse_puts_back_the_whole_request(server, page):
+    """Reuse on a card puts back the request that made it (hires. fix, variation, noise, batch size), with the card's
+    seed: Generate then makes the same images."""
+    _fill_form(page, server, prompt="a red circle", steps=3, seed=100, sampler="Euler", size=32)
+    page.fill("#batch_size", "2")
+    page.click("#hires summary")
+    page.fill("#hr_scale", "2")
+    page.fill("#hr_strength", "0.6")
+    page.fill("#hr_second_pass_steps", "2")
+    page.select_option("#hr_upscaler", "Lanczos")
+    page.click("#variation summary")
+    page.fill("#subseed", "40")
+    page.fill("#subseed_strength", "0.3")
+    page.click("#noise summary")
+    page.select_option("#randn_source", "NV")
+    page.fill("#eta_noise_seed_delta", "7")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('.gallery .card').length === 2", timeout=60_000)
+    first = {s: _card_image(page.query_selector(f".gallery .card[data-seed='{s}']")) for s in ("100", "101")}
+    for field, value in (("#prompt", "something else"), ("#hr_scale", "1"), ("#subseed_strength", "0"),
+                         ("#batch_size", "1"), ("#eta_noise_seed_delta", "0"), ("#seed", "-1")):
+        page.fill(field, value)
+    page.select_option("#randn_source", "CPU")
+    page.click(".gallery .card[data-seed='100'] .reuse")
+    got = page.evaluate("""() => Object.fromEntries(['prompt', 'seed', 'batch_size', 'hr_scale', 'hr_strength',
+        'hr_second_pass_steps', 'hr_upscaler', 'subseed', 'subseed_strength', 'randn_source', 'eta_noise_seed_delta']
+        .map(k => [k, document.getElementById(k).value]))""")
+    assert got == {"prompt": "a red circle", "seed": "100", "batch_size": "2", "hr_scale": "2", "hr_strength": "0.6",
+                   "hr_second_pass_steps": "2", "hr_upscaler": "Lanczos", "subseed": "40", "subseed_strength": "0.3",
+                   "randn_source": "NV", "eta_noise_seed_delta": "7"}
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('.gallery .card').length === 4", timeout=60_000)
+    again = [page.query_selector_all(".gallery .card")[i] for i in (0, 1)]
+    assert {c.get_attribute("data-seed"): _card_image(c) for c in again} == first
+
+
+def test_the_noise_section_starts_from_the_servers_options(server, page, tmp_path):
+    """The Noise section's first values are the server's options (POST /sdapi/v1/options), so the page's requests
+    make what a request without override_settings makes."""
+    import httpx
+
+    options = {"randn_source": "NV", "eta_noise_seed_delta": 31337, "sd_noise_schedule": "Zero Terminal SNR",
+               "use_old_scheduling": True}
+    assert httpx.post(f"{server.url}/sdapi/v1/options", json=options, timeout=30).status_code == 200
+    try:
+        _fill_form(page, server, prompt="a [red:blue:2] circle", steps=3, seed=12, sampler="Euler a", size=32)
+        page.wait_for_function("document.querySelector('#controlnet').dataset.ready === '1'")
+        assert page.input_value("#randn_source") == "NV" and page.input_value("#eta_noise_seed_delta") == "31337"
+        assert page.is_checked("#zero_terminal_snr") and page.is_checked("#old_prompt_editing")
+        assert not page.is_checked("#downcast_alphas_cumprod")
+        page.fill("#cfg_scale", "6")
+        page.click("#generate")
+        got = _gallery_download(page)
+        want = _api_picture(server, {"prompt": "a [red:blue:2] circle", "steps": 3, "cfg_scale": 6, "width": 32,
+                                     "height": 32, "seed": 12, "sampler_name": "Euler a"}, tmp_path / "want.png")
+        assert got.tobytes() == want
+    finally:
+        httpx.post(f"{server.url}/sdapi/v1/options", timeout=30, json={
+            "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_noise_schedule": "Default",
+            "use_downcasted_alpha_bar": False, "use_old_scheduling": False})
+
+
+def test_interrupt_stops_this_pages_job_only(server, page):
+    """While another client's job runs, the page's own job waits: Interrupt (then "Cancel") takes it out of the
+    queue through POST /imagine/v1/cancel and leaves the running job alone; once the page's job runs, Interrupt stops
+    it and the card is marked interrupted."""
+    import httpx
+
+    pipe = server.pipe
+    other = {}
+    pipe.held.clear()
+    pipe.hold.set()
+    pipe.release.clear()
+    body = {"prompt": "someone else's", "steps": 3, "width": 32, "height": 32, "seed": 3, "sampler_name": "Euler",
+            "force_task_id": "someone-else"}
+    thread = threading.Thread(target=lambda: other.update(
+        r=httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=120)))
+    thread.start()
+    try:
+        assert pipe.held.wait(60), "the other job never reached the sampler"
+        _fill_form(page, server, prompt="a red circle", steps=3, seed=1, sampler="Euler a", size=32)
+        assert page.is_disabled("#interrupt")
+        page.click("#generate")
+        page.wait_for_function("!document.querySelector('#interrupt').disabled", timeout=30_000)
+        assert page.inner_text("#interrupt") == "Cancel" and "waiting" in page.inner_text("#progress-text")
+        page.click("#interrupt")
+        page.wait_for_selector("#notice:not([hidden])", timeout=30_000)
+        assert "Cancelled" in page.inner_text("#notice") and page.is_enabled("#generate")
+        assert page.is_hidden("#error") and _cards(page) == 0
+        # (the cancel endpoint: a task that is not waiting nor running is a 404)
+        r = httpx.post(f"{server.url}/imagine/v1/cancel", params={"id_task": "nobody"}, timeout=30)
+        assert r.status_code == 404 and r.json()["field"] == "id_task"
+    finally:
+        pipe.hold.clear()
+        pipe.release.set()
+        thread.join(120)
+    import json
+
+    assert other["r"].status_code == 200
+    info = json.loads(other["r"].json()["info"])
+    assert info["interrupted"] is False and len(other["r"].json()["images"]) == 1
+
+    pipe.held.clear()
+    pipe.hold.set()
+    pipe.release.clear()
+    try:
+        page.click("#generate")
+        assert pipe.held.wait(60), "the page's job never reached the sampler"
+        page.wait_for_function("!document.querySelector('#interrupt').disabled", timeout=30_000)
+        assert page.inner_text("#interrupt") == "Interrupt"
+        page.click("#interrupt")
+        page.wait_for_function("document.querySelector('#interrupt').disabled")
+    finally:
+        pipe.hold.clear()
+        pipe.release.set()
+    card = page.wait_for_selector(".gallery .card", timeout=60_000)
+    assert "interrupted" in card.get_attribute("class") and "interrupted" in card.inner_text()
+
+
+_FETCH_LOG = """() => {
+  window.__log = [];
+  window.__gate = new Promise((resolve) => { window.__open = resolve; });
+  const real = window.fetch;
+  window.fetch = async (url, options) => {
+    const entry = { url: String(url), t: performance.now() };
+    window.__log.push(entry);
+    if (entry.url.includes('/sdapi/v1/progress')) await window.__gate;  // (held until the test opens the gate)
+    if (entry.url.includes('/sdapi/v1/txt2img') && window.__postDelay) {
+      await new Promise((r) => setTimeout(r, window.__postDelay));
+    }
+    return real(url, options);
+  };
+}"""
+
+
+def test_an_old_generations_progress_loop_stops(server, page):
+    """A progress poll still on its way when its generation ends does not poll that task again in the next one."""
+    pipe = server.pipe
+    _fill_form(page, server, prompt="a red circle", steps=2, seed=1, sampler="Euler", size=16)
+    page.evaluate(_FETCH_LOG)
+    page.click("#generate")
+    page.wait_for_selector(".gallery .card", timeout=60_000)  # (its first poll still waits at the gate)
+    first = page.evaluate("window.__log.find(e => e.url.includes('progress')).url.split('id_task=')[1]")
+    pipe.held.clear()
+    pipe.hold.set()
+    pipe.release.clear()
+    try:
+        page.click("#generate")
+        assert pipe.held.wait(60), "the second job never reached the sampler"
+        opened = page.evaluate("window.__open(), performance.now()")
+        page.wait_for_timeout(1500)
+        stale = page.evaluate(f"window.__log.filter(e => e.t > {opened} && e.url.endsWith('id_task={first}')).length")
+        second = page.evaluate(f"window.__log.filter(e => e.t > {opened} && e.url.includes('progress')"
+                               f" && !e.url.endsWith('id_task={first}')).length")
+        assert stale == 0 and second > 0
+        assert "step" in page.inner_text("#progress-text")
+    finally:
+        pipe.hold.clear()
+        pipe.release.set()
+    page.wait_for_function("document.querySelectorAll('.gallery .card').length === 2", timeout=60_000)
+
+
+def test_the_status_says_queued_until_the_server_has_the_job(server, page):
+    """Polls that reach the server before the request does show "queued…", not the server's "unknown task"."""
+    _fill_form(page, server, prompt="a red circle", steps=2, seed=1, sampler="Euler", size=16)
+    page.evaluate(_FETCH_LOG)
+    page.evaluate("window.__open(); window.__postDelay = 1500")
+    page.click("#generate")
+    page.wait_for_function("window.__log.filter(e => e.url.includes('progress')).length >= 2", timeout=30_000)
+    assert page.inner_text("#progress-text") == "queued…"
+    page.wait_for_selector(".gallery .card", timeout=60_000)
+
+
+def test_favicon_and_picture_types(server, page):
+    """No /favicon.ico request (the icon is inline); PNG Info takes JPEG and WebP pictures (their EXIF) too."""
+    asked = []
+    page.on("request", lambda r: asked.append(r.url))
+    _fill_form(page, server, prompt="x", steps=2, seed=1, sampler="Euler")
+    page.wait_for_timeout(500)
+    assert not [u for u in asked if u.endswith("/favicon.ico")]
+    accept = page.get_attribute("#pnginfo_image", "accept")
+    assert all(t in accept for t in ("image/png", "image/jpeg", "image/webp"))
+
+
+def test_cancel_by_task_id_leaves_a_batched_jobs_neighbour_alone(server):
+    """POST /imagine/v1/cancel on a job that runs in one batch with another request's job: "cancelling"; the other
+    request gets its image, the cancelled one a 499 that says it was cancelled; a waiting job: "cancelled"."""
+    import httpx
+
+    pipe, answers = server.pipe, {}
+
+    def post(name, **extra):
+        body = {"prompt": name, "steps": 3, "width": 32, "height": 32, "seed": 3, "sampler_name": "Euler",
+                "force_task_id": name, **extra}
+        answers[name] = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=120)
+
+    def queued(name):
+        return httpx.get(f"{server.url}/sdapi/v1/progress", params={"id_task": name},
+                         timeout=30).json()["textinfo"].startswith("waiting")
+
+    pipe.held.clear()
+    pipe.hold.set()
+    pipe.release.clear()
+    threads = [threading.Thread(target=post, args=("first",), kwargs={"sampler_name": "Euler a"})]
+    threads[0].start()
+    try:
+        assert pipe.held.wait(60)
+        for name in ("batched-a", "batched-b", "waiting"):
+            threads.append(threading.Thread(target=post, args=(name,), kwargs={"seed": 7} if name == "waiting" else {}))
+            threads[-1].start()
+            deadline = time.time() + 30
+            while not queued(name):
+                assert time.time() < deadline, f"{name} never queued"
+                time.sleep(0.05)
+        r = httpx.post(f"{server.url}/imagine/v1/cancel", params={"id_task": "waiting"}, timeout=30)
+        assert r.status_code == 200 and r.json() == {"id_task": "waiting", "states": ["cancelled"]}
+        pipe.held.clear()
+        pipe.release.set()  # ("first" goes on: the two batched jobs run next, held at their step 1)
+        pipe.release.clear()
+        assert pipe.held.wait(60), "the batch never reached the sampler"
+        running = httpx.get(f"{server.url}/sdapi/v1/progress", timeout=30).json()["state"]["job"].split(",")
+        assert running == ["batched-a", "batched-b"]
+        r = httpx.post(f"{server.url}/imagine/v1/cancel", params={"id_task": "batched-a"}, timeout=30)
+        assert r.json()["states"] == ["cancelling"]
+    finally:
+        pipe.hold.clear()
+        pipe.release.set()
+        for t in threads:
+            t.join(120)
+    assert answers["first"].status_code == 200 and answers["batched-b"].status_code == 200
+    assert len(answers["batched-b"].json()["images"]) == 1
+    for name in ("batched-a", "waiting"):
+        assert answers[name].status_code == 499 and "cancelled (POST /imagine/v1/cancel" in answers[name].json()["detail"]

@@ -705,6 +705,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         "use_downcasted_alpha_bar": False, "use_old_scheduling": False,
     }
     finished: dict[str, float] = {}  # recently finished job ids, for progress?id_task=
+    active: dict[str, list[Job]] = {}  # the jobs submitted and not yet answered, by id (for POST /imagine/v1/cancel)
+    cancel_asked: set[Job] = set()  # those cancelled by POST /imagine/v1/cancel (their answer says so)
     preview_lock = threading.Lock()
     preview_cache: dict[str, Any] = {"key": None, "b64": None}
 
@@ -1114,6 +1116,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         except ShuttingDown as e:
             raise ApiError(503, str(e)) from None
         waiting = asyncio.wrap_future(future)
+        active.setdefault(job.id, []).append(job)
         try:
             while True:
                 done, _ = await asyncio.wait({waiting}, timeout=0.25)
@@ -1128,6 +1131,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             except ValueError as e:  # the pipeline refused the parameters
                 raise ApiError(422, str(e)) from None
             except JobCancelled as e:
+                if job in cancel_asked:
+                    raise ApiError(499, f"the job was cancelled (POST /imagine/v1/cancel?id_task={job.id}) before it "
+                                        "finished") from None
                 raise ApiError(499, str(e)) from None
             except ShuttingDown as e:
                 raise ApiError(503, str(e)) from None
@@ -1136,6 +1142,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             except Exception as e:  # the pipeline failed on this job: an answer, not a dropped request
                 raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from None
         finally:
+            mine = active.get(job.id, [])
+            if job in mine:
+                mine.remove(job)
+            if not mine:
+                active.pop(job.id, None)
+            cancel_asked.discard(job)
             finished[job.id] = time.time()
             if len(finished) > 512:
                 for k in sorted(finished, key=finished.get)[:256]:
@@ -1659,6 +1671,29 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     def skip():
         worker.interrupt()
         return None
+
+    @app.post("/imagine/v1/cancel")
+    async def cancel(id_task: str):
+        """Stop one request's job by its task id (force_task_id), leaving other requests' jobs alone, where A1111's
+        /sdapi/v1/interrupt stops whatever runs. Per job, its state: "cancelled" (it was waiting: dropped, its request
+        answers 499), "interrupted" (it runs, alone or with jobs of the same id only: stopped at its next step, its
+        request answers with the images so far, as after /sdapi/v1/interrupt), "cancelling" (it runs in one batch
+        with other requests' jobs: they go on, its request answers 499 when the batch ends). 404: no such job waits or
+        runs. (Run on the event loop, as run_job is: the registry changes under neither.)"""
+        jobs = list(active.get(id_task, []))
+        if not jobs:
+            raise ApiError(404, f"no job with id_task {id_task!r} waits or runs (finished, cancelled, or never "
+                                "submitted)", "id_task")
+        states = []
+        for job in jobs:
+            if job in worker.running() and worker.interrupt(id_task):  # (a batch of this id's jobs only)
+                states.append("interrupted")
+                continue
+            state = worker.cancel(job)
+            if state in ("queued", "running"):
+                cancel_asked.add(job)
+            states.append({"queued": "cancelled", "running": "cancelling"}.get(state, state))
+        return {"id_task": id_task, "states": states}
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False, id_task: str | None = None):

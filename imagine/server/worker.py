@@ -250,11 +250,12 @@ class ModelWorker:
                 return "running"
             return job.state
 
-    def interrupt(self) -> bool:
+    def interrupt(self, job_id: str | None = None) -> bool:
         """Stop the running batch at its next step (AUTOMATIC1111's Interrupt). Its jobs get the
-        x0 estimates of that step. Returns whether anything was running."""
+        x0 estimates of that step. Returns whether anything was running. With `job_id`: only a batch
+        whose jobs all carry that id (checked and stopped under one lock: no other batch is hit)."""
         with self._cv:
-            if not self._running:
+            if not self._running or (job_id is not None and any(j.id != job_id for j in self._running)):
                 return False
             self._interrupt.set()
             return True

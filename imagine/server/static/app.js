@@ -1,17 +1,42 @@
 // The page: a form that posts AUTOMATIC1111's txt2img body to /sdapi/v1/txt2img (img2img's to /sdapi/v1/img2img
 // when a picture is chosen, with its mask if one is chosen too; a ControlNet unit when a control picture is chosen),
-// a progress bar
-// fed by polling /sdapi/v1/progress?id_task=<this request's id>, and a gallery of the results.
+// a progress bar fed by polling /sdapi/v1/progress?id_task=<this request's id> (Interrupt: POST
+// /imagine/v1/cancel?id_task=<it>, which stops this page's job and no one else's), and a gallery of the results.
+// One request body goes both ways: formBody reads the form into it (Generate), bodyToForm puts one back (a card's
+// Reuse, and a picture's parameters, A1111's PNG Info, read into a body by pictureBody).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const form = $("form");
 const gallery = $("gallery");
+const MAX_SEED = 2 ** 32 - 1;
+const FILES = ["init_image", "mask", "control_image"];  // the pictures a request may carry
+const SAMPLER_OPTIONS = [["eta", "Eta"], ["s_churn", "Sigma churn"], ["s_tmin", "Sigma tmin"], ["s_tmax", "Sigma tmax"],
+                         ["s_noise", "Sigma noise"]];  // A1111's body fields, their infotext labels
+const HIRES_FIELDS = ["enable_hr", "hr_scale", "hr_second_pass_steps", "hr_upscaler", "hr_prompt", "hr_negative_prompt",
+                      "hr_sampler_name", "hr_scheduler"];
 let busy = false;
+let generation = 0;  // the current generation's number: a poll loop of an older one stops when it sees it changed
+let job = null;  // the current generation's {n, id, seen, state: starting|queued|running|ending, stopping}
 let pollTimer = null;
+let serverOptions = {};  // GET /sdapi/v1/options
+const defaults = {};  // the form's first values, the server's settings in: a picture's reading starts from them
+
+// the tab's icon, inline (no /favicon.ico request; added here, as index.html's links are all the server's own paths)
+document.head.append(Object.assign(document.createElement("link"), {
+  rel: "icon",
+  href: "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E%3Crect width='16' " +
+        "height='16' rx='4' fill='%233056d3'/%3E%3Ccircle cx='8' cy='8' r='4' fill='%2312b5cb'/%3E%3C/svg%3E",
+}));
 
 function showError(message) {
   const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function showNotice(message) {
+  const box = $("notice");
   box.textContent = message;
   box.hidden = !message;
 }
@@ -22,6 +47,35 @@ function taskId() {
   return "page-" + Array.from(a, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+// the form's own fields (not the file pickers, not the buttons)
+function formFields() {
+  return [...form.elements].filter((e) => e.id && e.type !== "file" && !["BUTTON", "FIELDSET", "OUTPUT"].includes(e.tagName));
+}
+
+function fieldValue(e) { return e.type === "checkbox" ? e.checked : e.value; }
+
+function resetForm() {
+  for (const e of formFields()) {
+    if (!(e.id in defaults)) continue;
+    if (e.type === "checkbox") e.checked = defaults[e.id];
+    else e.value = defaults[e.id];
+  }
+}
+
+// the value of select `id`'s option that is `v`, case aside; null where there is none
+function optionValue(id, v) {
+  if (v === undefined || v === null) return null;
+  const want = String(v).trim().toLowerCase();
+  const option = [...$(id).options].find((o) => o.value.toLowerCase() === want);
+  return option ? option.value : null;
+}
+
+function setOptions(id, values, first = []) {
+  const keep = $(id).value;
+  $(id).replaceChildren(...first.map((n) => new Option(n, n)), ...values.map((n) => new Option(n, n)));
+  $(id).value = optionValue(id, keep) || $(id).options[0].value;
+}
+
 async function loadConfig() {
   try {
     const r = await fetch("/imagine/v1/config");
@@ -29,22 +83,44 @@ async function loadConfig() {
     $("model").textContent = c.model + "  ·  imagine " + c.version;
     const d = c.defaults, lim = c.limits;
     $("steps").value = d.steps; $("steps").max = lim.max_steps;
+    $("hr_second_pass_steps").max = lim.max_steps;
     $("cfg_scale").value = d.guidance_scale;
     for (const k of ["width", "height"]) {
       $(k).value = d[k]; $(k).step = c.size_multiple; $(k).min = c.size_multiple;
       $(k).max = lim["max_" + k];
     }
     $("batch_size").max = lim.max_images;
-    $("prompt").maxLength = lim.max_prompt_length;
-    $("negative_prompt").maxLength = lim.max_prompt_length;
+    for (const k of ["prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"]) $(k).maxLength = lim.max_prompt_length;
     const sel = $("sampler");
     sel.replaceChildren(...c.samplers.map((n) => new Option(n, n, n === d.sampler, n === d.sampler)));
     // the hires pass's sampler: the first pass's unless one is picked (A1111's "Use same sampler")
-    $("hr_sampler").replaceChildren(new Option("Use same sampler", "Use same sampler", true, true),
-                                    ...c.samplers.map((n) => new Option(n, n)));
+    setOptions("hr_sampler", c.samplers, ["Use same sampler"]);
   } catch (e) {
     showError("Could not read the server's settings: " + e);
   }
+  try {  // the schedule types the server runs (A1111's labels, imagine's own among them)
+    const r = await fetch("/sdapi/v1/schedulers");
+    if (r.ok) {
+      const labels = [...new Set((await r.json()).map((s) => s.label).filter((l) => l && l !== "Automatic"))];
+      if (labels.length) {
+        setOptions("scheduler", labels, ["Automatic"]);
+        setOptions("hr_scheduler", labels, ["Use same scheduler", "Automatic"]);
+      }
+    }
+  } catch (e) { /* the page's own list stays */ }
+  try {  // the server's noise settings: the Noise section starts from them (the page sends them with each request)
+    const r = await fetch("/sdapi/v1/options");
+    if (r.ok) {
+      serverOptions = await r.json();
+      const o = serverOptions;
+      // (A1111's "GPU", the server's default, is torch's generator on the server's device: its CPU, as the server reads it)
+      $("randn_source").value = o.randn_source === "NV" ? "NV" : "CPU";
+      $("eta_noise_seed_delta").value = Number.isInteger(o.eta_noise_seed_delta) ? o.eta_noise_seed_delta : 0;
+      $("zero_terminal_snr").checked = o.sd_noise_schedule === "Zero Terminal SNR";
+      $("downcast_alphas_cumprod").checked = o.use_downcasted_alpha_bar === true;
+      $("old_prompt_editing").checked = o.use_old_scheduling === true;
+    }
+  } catch (e) { /* the page's own defaults stay */ }
   try {  // the ControlNets the server loaded (A1111's ControlNet extension's list): the section shows when there are any
     const r = await fetch("/controlnet/model_list");
     const names = r.ok ? (await r.json()).model_list || [] : [];
@@ -56,41 +132,107 @@ async function loadConfig() {
   } catch (e) {
     $("controlnet").hidden = true;
   }
-  $("controlnet").dataset.ready = "1";  // (the list is read: the page's tests wait for it)
+  for (const e of formFields()) defaults[e.id] = fieldValue(e);
+  $("controlnet").dataset.ready = "1";  // (the lists are read: the page's tests wait for it)
+  document.body.dataset.ready = "1";
 }
 
-function setBusy(on) {
-  busy = on;
-  $("generate").disabled = on;
-  $("generate").textContent = on ? "Generating…" : "Generate";
-  $("interrupt").disabled = !on;
-  $("progress").hidden = !on;
-  if (!on) {
-    clearTimeout(pollTimer);
-    pollTimer = null;
+// -- the form's checks: the browser's own are off (novalidate), these say what is wrong ---------------------------
+class FieldError extends Error {
+  constructor(field, message) { super(message); this.field = field; }
+}
+
+// field `id` as a number: empty, not a number, not whole where it must be, or out of range: a FieldError
+function num(id, label, { integer = false, min = -Infinity, max = Infinity, above = null, optional = false } = {}) {
+  const raw = $(id).value.trim();
+  if (raw === "") {  // (a number field holds "" for what is not a number, too)
+    if (optional) return null;
+    throw new FieldError(id, label + " is empty or not a number: give " + (integer ? "a whole number." : "a number."));
   }
+  const v = Number(raw);
+  if (!Number.isFinite(v)) throw new FieldError(id, label + " must be a number; got " + raw + ".");
+  if (integer && !Number.isInteger(v)) throw new FieldError(id, label + " must be a whole number; got " + raw + ".");
+  const low = above !== null ? v <= above : v < min;
+  if (low || v > max) {
+    const from = above !== null ? "more than " + above : "at least " + min;
+    throw new FieldError(id, label + " must be " + (max < Infinity ? from + " and at most " + max : from) +
+                             "; got " + raw + ".");
+  }
+  return v;
 }
 
-async function poll(id) {
-  if (!busy) return;
-  try {
-    const r = await fetch("/sdapi/v1/progress?id_task=" + encodeURIComponent(id));
-    if (r.ok) {
-      const p = await r.json();
-      $("progress-fill").style.width = (100 * (p.progress || 0)).toFixed(1) + "%";
-      let text = p.textinfo || "starting…";
-      if (p.progress > 0 && p.eta_relative > 0) text += " · about " + p.eta_relative.toFixed(1) + " s left";
-      $("progress-text").textContent = text;
-      if (p.current_image) {
-        $("preview").src = "data:image/png;base64," + p.current_image;
-        $("preview").hidden = false;
-      }
+function chosenFiles() {
+  const out = {};
+  for (const id of FILES) if ($(id).files[0] && !(id === "control_image" && $("controlnet").hidden)) out[id] = $(id).files[0];
+  return out;
+}
+
+// the form as A1111's request body (its pictures left out: requestFor adds them), the endpoint, and the pictures
+function formBody() {
+  const prompt = $("prompt").value.trim();
+  if (!prompt) throw new FieldError("prompt", "Write a prompt first.");
+  const body = {
+    prompt, negative_prompt: $("negative_prompt").value.trim(),
+    steps: num("steps", "Steps", { integer: true, min: 1 }),
+    cfg_scale: num("cfg_scale", "Guidance (CFG)", { min: 0 }),
+    width: num("width", "Width", { integer: true, min: 1 }),
+    height: num("height", "Height", { integer: true, min: 1 }),
+    sampler_name: $("sampler").value, scheduler: $("scheduler").value,
+    seed: num("seed", "Seed", { integer: true, min: -1, max: MAX_SEED }),
+    batch_size: num("batch_size", "Images", { integer: true, min: 1 }), n_iter: 1,
+  };
+  for (const [id, label] of SAMPLER_OPTIONS) {  // (empty: the sampler's own)
+    const v = num(id, label, { min: 0, optional: true });
+    if (v !== null) body[id] = v;
+  }
+  // A1111's variation seed: another seed's start noise mixed in at that strength; its "resize seed from"
+  const variation = num("subseed_strength", "Variation strength", { min: 0, max: 1 });
+  if (variation > 0) {
+    body.subseed = num("subseed", "Variation seed", { integer: true, min: -1, max: MAX_SEED });
+    body.subseed_strength = variation;
+  }
+  const rw = num("seed_resize_from_w", "Resize seed from width", { integer: true, min: -1 });
+  const rh = num("seed_resize_from_h", "Resize seed from height", { integer: true, min: -1 });
+  if (rw > 0 && rh > 0) Object.assign(body, { seed_resize_from_w: rw, seed_resize_from_h: rh });
+  else if (rw > 0 || rh > 0) {
+    throw new FieldError(rw > 0 ? "seed_resize_from_h" : "seed_resize_from_w",
+                         "Resize seed from needs a width and a height (both 0: off).");
+  }
+  // A1111's noise settings, for this request only (its override_settings)
+  body.override_settings = {
+    randn_source: $("randn_source").value,
+    eta_noise_seed_delta: num("eta_noise_seed_delta", "Eta noise seed delta", { integer: true, min: 0 }),
+    sd_noise_schedule: $("zero_terminal_snr").checked ? "Zero Terminal SNR" : "Default",
+    use_downcasted_alpha_bar: $("downcast_alphas_cumprod").checked,
+    use_old_scheduling: $("old_prompt_editing").checked,
+  };
+  const files = chosenFiles();
+  let endpoint = "/sdapi/v1/txt2img";
+  if (files.mask && !files.init_image) throw new FieldError("mask", "A mask needs a picture to start from.");
+  if (files.init_image) {  // img2img: A1111's body, the picture resized by the server to the size (no hires. fix)
+    body.denoising_strength = num("denoising_strength", "Denoising strength", { above: 0, max: 1 });
+    endpoint = "/sdapi/v1/img2img";
+  } else {
+    const scale = num("hr_scale", "Upscale scale", { min: 1, max: 4 });
+    if (scale > 1) {  // A1111's hires. fix
+      Object.assign(body, {
+        enable_hr: true, hr_scale: scale,
+        denoising_strength: num("hr_strength", "Upscale strength", { above: 0, max: 1 }),
+        hr_second_pass_steps: num("hr_second_pass_steps", "Upscale steps", { integer: true, min: 0 }),
+        hr_upscaler: $("hr_upscaler").value,
+        hr_prompt: $("hr_prompt").value.trim(), hr_negative_prompt: $("hr_negative_prompt").value.trim(),
+        hr_sampler_name: $("hr_sampler").value, hr_scheduler: $("hr_scheduler").value,
+      });
     }
-  } catch (e) { /* the next poll tries again */ }
-  if (busy) pollTimer = setTimeout(() => poll(id), 400);
+  }
+  if (files.control_image) {  // one unit of A1111's ControlNet extension ("none": the picture is the map)
+    const weight = num("control_weight", "ControlNet weight", { min: 0 });
+    body.alwayson_scripts = { controlnet: { args: [{
+      enabled: true, image: null, model: $("controlnet_model").value, weight, module: $("control_module").value,
+    }] } };
+  }
+  return { body, endpoint, files };
 }
-
-function intValue(id) { return parseInt($(id).value, 10); }
 
 function readAsDataURL(file) {
   return new Promise((resolve, reject) => {
@@ -101,7 +243,155 @@ function readAsDataURL(file) {
   });
 }
 
-function addCard(b64, params, seed, interrupted) {
+// the body as sent: the pictures as data URLs, the task id the progress follows
+async function requestFor(body, files, id) {
+  const sent = JSON.parse(JSON.stringify(body));
+  sent.force_task_id = id;
+  if (files.init_image) sent.init_images = [await readAsDataURL(files.init_image)];
+  if (files.mask) sent.mask = await readAsDataURL(files.mask);
+  if (files.control_image) sent.alwayson_scripts.controlnet.args[0].image = await readAsDataURL(files.control_image);
+  return sent;
+}
+
+// -- a body back into the form: a card's Reuse, a picture's parameters -------------------------------------------
+function setFile(id, file) {
+  const t = new DataTransfer();
+  if (file) t.items.add(file);
+  $(id).files = t.files;
+}
+
+function updateFileButtons() {
+  for (const id of FILES) $(id + "_clear").hidden = !$(id).files.length;
+  // hires. fix runs from text only: with a picture to start from, the Upscale section is not applied
+  $("hires_ignored").hidden = !($("init_image").files.length && Number($("hr_scale").value) > 1);
+}
+
+// open the folded sections whose settings are not the defaults (a reader sees what applies)
+function openChangedSections() {
+  for (const d of form.querySelectorAll("details")) {
+    if (d.id === "pnginfo" || d.hidden) continue;
+    const changed = [...d.querySelectorAll("input, select, textarea")].some((e) =>
+      e.type === "file" ? e.files.length > 0 : e.id in defaults && fieldValue(e) !== defaults[e.id]);
+    if (changed) d.open = true;
+  }
+}
+
+function hiresUpscaler(name) {  // A1111's upscaler names as the server takes them: "Latent..." resizes the latents
+  return !name || /^latent/i.test(String(name)) ? "Latent" : "Lanczos";
+}
+
+function bodyToForm(b, files = {}) {
+  resetForm();
+  const set = (id, v) => { if (v !== undefined && v !== null && v !== "") $(id).value = v; };
+  const choose = (id, v) => { const o = optionValue(id, v); if (o !== null) $(id).value = o; };
+  $("prompt").value = b.prompt || "";
+  $("negative_prompt").value = b.negative_prompt || "";
+  for (const k of ["steps", "cfg_scale", "width", "height", "seed", "batch_size"]) set(k, b[k]);
+  choose("sampler", b.sampler_name);
+  choose("scheduler", b.scheduler || "Automatic");
+  for (const [id] of SAMPLER_OPTIONS) set(id, b[id]);
+  if (b.subseed_strength > 0) { set("subseed", b.subseed); set("subseed_strength", b.subseed_strength); }
+  if (b.seed_resize_from_w > 0 && b.seed_resize_from_h > 0) {
+    set("seed_resize_from_w", b.seed_resize_from_w); set("seed_resize_from_h", b.seed_resize_from_h);
+  }
+  const o = b.override_settings || {};
+  if ("randn_source" in o) $("randn_source").value = o.randn_source === "NV" ? "NV" : "CPU";
+  if ("eta_noise_seed_delta" in o) set("eta_noise_seed_delta", o.eta_noise_seed_delta);
+  if ("sd_noise_schedule" in o) $("zero_terminal_snr").checked = o.sd_noise_schedule === "Zero Terminal SNR";
+  if ("use_downcasted_alpha_bar" in o) $("downcast_alphas_cumprod").checked = o.use_downcasted_alpha_bar === true;
+  if ("use_old_scheduling" in o) $("old_prompt_editing").checked = o.use_old_scheduling === true;
+  if (b.enable_hr && !files.init_image) {
+    set("hr_scale", b.hr_scale);
+    set("hr_strength", b.denoising_strength ?? 0.7);  // (A1111's hires strength when none is sent)
+    set("hr_second_pass_steps", b.hr_second_pass_steps);
+    $("hr_upscaler").value = hiresUpscaler(b.hr_upscaler);
+    $("hr_prompt").value = b.hr_prompt || "";
+    $("hr_negative_prompt").value = b.hr_negative_prompt || "";
+    choose("hr_sampler", b.hr_sampler_name || "Use same sampler");
+    choose("hr_scheduler", b.hr_scheduler || "Use same scheduler");
+  } else {
+    set("denoising_strength", b.denoising_strength);  // (image to image's)
+  }
+  const unit = (((b.alwayson_scripts || {}).controlnet || {}).args || [])[0];
+  if (unit) {
+    choose("controlnet_model", unit.model); choose("control_module", unit.module); set("control_weight", unit.weight);
+  }
+  for (const id of FILES) setFile(id, files[id] || null);
+  updateFileButtons();
+  openChangedSections();
+}
+
+// -- progress, interrupt --------------------------------------------------------------------------------------
+function updateInterrupt() {
+  const b = $("interrupt");
+  const state = busy && job && !job.stopping ? job.state : null;
+  b.disabled = state !== "queued" && state !== "running";  // (only this page's own job, once the server has it)
+  b.textContent = state === "queued" ? "Cancel" : "Interrupt";
+  b.title = state === "queued" ? "take this page's job out of the server's queue"
+                               : "stop this page's job at its next step (the images so far are shown)";
+}
+
+function setBusy(on) {
+  busy = on;
+  $("generate").disabled = on;
+  $("generate").textContent = on ? "Generating…" : "Generate";
+  $("progress").hidden = !on;
+  if (!on) {
+    clearTimeout(pollTimer);
+    pollTimer = null;
+  }
+  updateInterrupt();
+}
+
+function showProgress(p, id) {
+  const running = String((p.state && p.state.job) || "").split(",").includes(id);
+  const waiting = typeof p.textinfo === "string" && p.textinfo.startsWith("waiting");
+  if (running || waiting) job.seen = true;
+  job.state = running ? "running" : waiting ? "queued" : job.seen ? "ending" : "starting";
+  updateInterrupt();
+  let text;
+  if (!job.seen) text = "queued…";  // (the request is on its way: the server does not know the task yet)
+  else if (running) {
+    text = p.textinfo || "starting…";
+    $("progress-fill").style.width = (100 * (p.progress || 0)).toFixed(1) + "%";
+    if (p.progress > 0 && p.eta_relative > 0) text += " · about " + p.eta_relative.toFixed(1) + " s left";
+    if (p.current_image) {
+      $("preview").src = "data:image/png;base64," + p.current_image;
+      $("preview").hidden = false;
+    }
+  } else text = p.textinfo || "finishing…";
+  if (job.stopping) text = "stopping… · " + text;
+  $("progress-text").textContent = text;
+}
+
+async function poll(n, id) {
+  if (n !== generation || !busy) return;
+  try {
+    const r = await fetch("/sdapi/v1/progress?id_task=" + encodeURIComponent(id));
+    const p = r.ok ? await r.json() : null;
+    if (n !== generation || !busy) return;  // (a newer generation polls its own task now)
+    if (p) showProgress(p, id);
+  } catch (e) { /* the next poll tries again */ }
+  if (n === generation && busy) pollTimer = setTimeout(() => poll(n, id), 400);
+}
+
+async function stopJob() {
+  const j = job;
+  if (!busy || !j || j.stopping || (j.state !== "queued" && j.state !== "running")) return;
+  j.stopping = true;
+  updateInterrupt();
+  $("progress-text").textContent = j.state === "queued" ? "cancelling…" : "interrupting…";
+  try {  // (this task only: POST /sdapi/v1/interrupt would stop whatever runs, someone else's job too)
+    const r = await fetch("/imagine/v1/cancel?id_task=" + encodeURIComponent(j.id), { method: "POST" });
+    if (!r.ok) j.stopping = false;  // (it ended meanwhile)
+  } catch (e) {
+    j.stopping = false;
+  }
+  updateInterrupt();
+}
+
+// -- the gallery ----------------------------------------------------------------------------------------------
+function addCard(b64, params, made) {
   const node = $("card-template").content.firstElementChild.cloneNode(true);
   const src = "data:image/png;base64," + b64;
   const img = node.querySelector(".image");
@@ -109,10 +399,13 @@ function addCard(b64, params, seed, interrupted) {
   img.alt = params.prompt;
   img.style.aspectRatio = params.width + " / " + params.height;
   node.querySelector(".prompt").textContent = params.prompt;
-  const rows = [["Seed", seed], ["Steps", params.steps], ["Sampler", params.sampler_name],
+  const rows = [["Seed", made.seed], ["Steps", params.steps], ["Sampler", params.sampler_name],
                 ["CFG", params.cfg_scale], ["Size", params.width + "×" + params.height]];
+  if (params.scheduler && params.scheduler !== "Automatic") rows.push(["Schedule", params.scheduler]);
+  if (params.enable_hr) rows.push(["Upscale", "×" + params.hr_scale + ", strength " + params.denoising_strength]);
+  if (params.subseed_strength > 0) rows.push(["Variation", made.subseed + " at " + params.subseed_strength]);
   if (params.negative_prompt) rows.push(["Negative", params.negative_prompt]);
-  if (interrupted) rows.push(["Note", "interrupted"]);
+  if (made.interrupted) rows.push(["Note", "interrupted"]);
   const dl = node.querySelector(".params");
   for (const [k, v] of rows) {
     const dt = document.createElement("dt"); dt.textContent = k;
@@ -121,88 +414,67 @@ function addCard(b64, params, seed, interrupted) {
   }
   const a = node.querySelector(".download");
   a.href = src;
-  a.download = "imagine-" + seed + ".png";
+  a.download = "imagine-" + made.seed + ".png";
   node.querySelector(".reuse").addEventListener("click", () => {
-    $("prompt").value = params.prompt;
-    $("negative_prompt").value = params.negative_prompt || "";
-    $("steps").value = params.steps; $("cfg_scale").value = params.cfg_scale;
-    $("width").value = params.width; $("height").value = params.height;
-    $("sampler").value = params.sampler_name; $("seed").value = seed;
-    $("scheduler").value = params.scheduler || "Automatic";
+    // the request that made the card, with this image's seed (and variation seed) in place of a random one
+    const again = { ...made.body, seed: made.seed };
+    if (made.body.subseed_strength > 0 && Number.isInteger(made.subseed)) again.subseed = made.subseed;
+    showError(""); showNotice("");
+    bodyToForm(again, made.files);
     window.scrollTo({ top: 0, behavior: "smooth" });
   });
-  if (interrupted) node.classList.add("interrupted");
-  node.dataset.seed = seed;
+  if (made.interrupted) node.classList.add("interrupted");
+  node.dataset.seed = made.seed;
   gallery.prepend(node);
   $("empty").hidden = true;
   $("clear").hidden = false;
 }
 
+function fieldProblem(e) {
+  showError(e.message);
+  const el = $(e.field);
+  const section = el && el.closest("details");
+  if (section) section.open = true;  // (a field in a folded section: shown)
+  if (el) el.focus();
+}
+
 async function generate(ev) {
   if (ev) ev.preventDefault();
   if (busy) return;
-  showError("");
-  const prompt = $("prompt").value.trim();
-  if (!prompt) { showError("Write a prompt first."); $("prompt").focus(); return; }
+  showError(""); showNotice("");
+  let request;
+  try {
+    request = formBody();
+  } catch (e) {
+    if (e instanceof FieldError) { fieldProblem(e); return; }
+    throw e;
+  }
+  const { body, endpoint, files } = request;
   const id = taskId();
-  const body = {
-    prompt, negative_prompt: $("negative_prompt").value.trim(),
-    steps: intValue("steps"), cfg_scale: parseFloat($("cfg_scale").value),
-    width: intValue("width"), height: intValue("height"),
-    sampler_name: $("sampler").value, scheduler: $("scheduler").value, seed: intValue("seed"),
-    batch_size: intValue("batch_size"), n_iter: 1, force_task_id: id,
-  };
-  for (const k of ["steps", "width", "height", "seed", "batch_size"]) {
-    if (Number.isNaN(body[k])) { showError(k + " must be a whole number"); return; }
+  let sent;
+  try {
+    sent = await requestFor(body, files, id);
+  } catch (e) {
+    showError("Could not read the chosen picture: " + e);
+    return;
   }
-  // A1111's variation seed: another seed's start noise mixed in at that strength
-  const variation = parseFloat($("subseed_strength").value);
-  if (variation > 0) { body.subseed = intValue("subseed"); body.subseed_strength = variation; }
-  // A1111's noise settings, for this request only (its override_settings)
-  const ensd = intValue("eta_noise_seed_delta");
-  if (Number.isNaN(ensd) || ensd < 0) { showError("eta noise seed delta must be a whole number, 0 or more"); return; }
-  body.override_settings = { randn_source: $("randn_source").value, eta_noise_seed_delta: ensd,
-                             sd_noise_schedule: $("zero_terminal_snr").checked ? "Zero Terminal SNR" : "Default",
-                             use_downcasted_alpha_bar: $("downcast_alphas_cumprod").checked,
-                             use_old_scheduling: $("old_prompt_editing").checked };
-  // img2img when a picture is chosen: A1111's body, the picture as a data URL, resized by the server to the size
-  const file = $("init_image").files[0];
-  const mask = $("mask").files[0];  // inpainting: A1111's mask (its other inpainting fields take their defaults)
-  let endpoint = "/sdapi/v1/txt2img";
-  if (mask && !file) { showError("A mask needs a picture to start from."); return; }
-  if (file) {
-    body.init_images = [await readAsDataURL(file)];
-    body.denoising_strength = parseFloat($("denoising_strength").value);
-    if (mask) body.mask = await readAsDataURL(mask);
-    endpoint = "/sdapi/v1/img2img";
-  } else if (parseFloat($("hr_scale").value) > 1) {  // A1111's hires. fix (text to image only)
-    body.enable_hr = true;
-    body.hr_scale = parseFloat($("hr_scale").value);
-    body.denoising_strength = parseFloat($("hr_strength").value);
-    body.hr_sampler_name = $("hr_sampler").value;
-    body.hr_scheduler = $("hr_scheduler").value;
-  }
-  // a control picture: one unit of A1111's ControlNet extension (its preprocessor, "none": the picture is the map)
-  const control = $("control_image").files[0];
-  if (control) {
-    const weight = parseFloat($("control_weight").value);
-    if (!Number.isFinite(weight)) { showError("the ControlNet weight must be a number"); return; }
-    body.alwayson_scripts = { controlnet: { args: [{
-      enabled: true, image: await readAsDataURL(control), model: $("controlnet_model").value, weight,
-      module: $("control_module").value,
-    }] } };
-  }
+  const n = ++generation;
+  job = { n, id, seen: false, state: "starting", stopping: false };
   setBusy(true);
   $("progress-fill").style.width = "0%";
   $("progress-text").textContent = "queued…";
   $("preview").hidden = true;
-  poll(id);
+  poll(n, id);
   try {
     const r = await fetch(endpoint, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(sent),
     });
     const data = await r.json().catch(() => ({}));
     if (!r.ok) {
+      if (r.status === 499 && job.stopping) {
+        showNotice("Cancelled: the job was stopped before it finished; nothing was made.");
+        return;
+      }
       let msg = data.detail || ("HTTP " + r.status);
       if (r.status === 429) msg = "The server is busy. Try again in " + (r.headers.get("Retry-After") || "a few") + " s.";
       showError(msg);
@@ -210,7 +482,9 @@ async function generate(ev) {
     }
     const info = JSON.parse(data.info);
     const params = { ...body, ...data.parameters };
-    data.images.forEach((b64, i) => addCard(b64, params, info.all_seeds[i], info.interrupted));
+    data.images.forEach((b64, i) => addCard(b64, params, {
+      body, files, seed: info.all_seeds[i], subseed: (info.all_subseeds || [])[i], interrupted: info.interrupted,
+    }));
     if (info.interrupted && !data.images.length) showError("Interrupted before any image was started.");
   } catch (e) {
     showError("Request failed: " + e);
@@ -219,11 +493,161 @@ async function generate(ev) {
   }
 }
 
-// A1111's PNG Info: a picture's parameters (its infotext, read by the server's /sdapi/v1/png-info) into the form
+// -- A1111's PNG Info: a picture's parameters (its infotext, read by the server's /sdapi/v1/png-info) -----------
+// the fields A1111's reader fills in where an infotext has none (imagine.images.A1111_INFOTEXT_DEFAULTS): at these
+// values they ask for nothing
+const A1111_DEFAULTS = {
+  "Clip skip": "1", "Hires resize-1": "0", "Hires resize-2": "0", "Hires sampler": "Use same sampler",
+  "Hires checkpoint": "Use same checkpoint", "Hires prompt": "", "Hires negative prompt": "",
+  "Mask mode": "Inpaint masked", "Masked content": "original", "Inpaint area": "Whole picture",
+  "Masked area padding": "32", "RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": "0",
+  "Schedule min sigma": "0", "Schedule rho": "0", "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",
+  "Hires schedule type": "Use same scheduler", "Refiner switch by sampling steps": "false",
+};
+// the fields the page reads into the form, and those that say how a picture was made but ask for nothing
+const READ_FIELDS = new Set([
+  "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2", "Eta",
+  "Eta DDIM", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise", "Variation seed", "Variation seed strength",
+  "Seed resize from-1", "Seed resize from-2", "RNG", "ENSD", "Noise Schedule", "Downcast alphas_cumprod",
+  "Old prompt editing timelines", "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler",
+  "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
+]);
+const RECORD_FIELDS = new Set(["Model", "Model hash", "Version", "VAE hash", "Lora hashes", "TI hashes", "Hashes",
+                               "Batch size", "Batch pos"]);
+
+function isTrue(v) { return v === true || String(v).toLowerCase() === "true"; }
+
+// a number from an infotext's text; undefined where it has none
+function infoNumber(v) {
+  if (v === undefined || v === null || String(v).trim() === "") return undefined;
+  return Number(v);
+}
+
+// A1111 before 1.9 wrote the schedule type into the sampler's name ("DPM++ 2M Karras"): [sampler, schedule type]
+function splitSampler(selectId, name) {
+  if (!name || optionValue(selectId, name)) return [optionValue(selectId, name) || name, null];
+  const labels = [...$("scheduler").options].map((o) => o.value).filter((v) => v !== "Automatic")
+    .sort((a, b) => b.length - a.length);
+  for (const label of labels) {
+    const tail = " " + label.toLowerCase();
+    if (String(name).toLowerCase().endsWith(tail)) {
+      const base = optionValue(selectId, String(name).slice(0, -tail.length).trim());
+      if (base) return [base, label];
+    }
+  }
+  return [name, null];
+}
+
+// an infotext's fields (as /sdapi/v1/png-info reads them) -> {body: A1111's request body for the same picture,
+// notApplied: the picture's settings the page cannot apply, problems: what stops it making the picture}
+function pictureBody(p) {
+  const body = { prompt: p["Prompt"] || "", negative_prompt: p["Negative prompt"] || "" };
+  const notApplied = [], problems = [];
+  const put = (key, label) => {
+    const v = infoNumber(p[label]);
+    if (v === undefined) return;
+    if (Number.isFinite(v)) body[key] = v;
+    else notApplied.push(label + ": " + p[label] + " (not a number)");
+  };
+  put("steps", "Steps"); put("cfg_scale", "CFG scale"); put("seed", "Seed");
+  put("width", "Size-1"); put("height", "Size-2");
+  const [sampler, impliedSchedule] = splitSampler("sampler", p["Sampler"]);
+  if (p["Sampler"] && !optionValue("sampler", sampler)) {
+    problems.push("This server has no sampler " + p["Sampler"] + "; the form has the server's default, " +
+                  defaults.sampler + ".");
+  } else if (p["Sampler"]) body.sampler_name = sampler;
+  let schedule = p["Schedule type"];
+  if ((!schedule || /^automatic$/i.test(schedule)) && impliedSchedule) schedule = impliedSchedule;
+  if (schedule && !optionValue("scheduler", schedule)) {
+    notApplied.push("Schedule type: " + schedule + " (this server has no such schedule type: Automatic is used)");
+  } else if (schedule) body.scheduler = optionValue("scheduler", schedule);
+  put("eta", p["Eta"] !== undefined ? "Eta" : "Eta DDIM");
+  for (const [key, label] of SAMPLER_OPTIONS.slice(1)) put(key, label);
+  const variation = infoNumber(p["Variation seed strength"]);
+  if (variation > 0) { body.subseed_strength = variation; put("subseed", "Variation seed"); }
+  put("seed_resize_from_w", "Seed resize from-1"); put("seed_resize_from_h", "Seed resize from-2");
+  // (no RNG written: A1111's default GPU source, an NVIDIA card's draws for most pictures: NV)
+  // (A1111's reader turns Downcast alphas_cumprod on for its older versions' pictures: the API answers true; imagine
+  // reproduces it for the samplers that step in noise levels, so an old DDIM, PLMS, UniPC or LCM picture runs without)
+  const ownTimesteps = ["DDIM", "PLMS", "UniPC", "LCM", "DDIM CFG++"].includes(body.sampler_name);
+  body.override_settings = {
+    randn_source: p["RNG"] === "CPU" ? "CPU" : "NV",
+    eta_noise_seed_delta: Number.isInteger(infoNumber(p["ENSD"])) ? infoNumber(p["ENSD"]) : 0,
+    sd_noise_schedule: p["Noise Schedule"] === "Zero Terminal SNR" ? "Zero Terminal SNR" : "Default",
+    use_downcasted_alpha_bar: !ownTimesteps && isTrue(p["Downcast alphas_cumprod"]),
+    use_old_scheduling: isTrue(p["Old prompt editing timelines"]),
+  };
+  if (infoNumber(p["Hires upscale"]) > 1) {
+    body.enable_hr = true;
+    put("hr_scale", "Hires upscale");
+    put("denoising_strength", "Denoising strength");
+    put("hr_second_pass_steps", "Hires steps");
+    body.hr_upscaler = hiresUpscaler(p["Hires upscaler"]);
+    if (p["Hires upscaler"] && p["Hires upscaler"] !== body.hr_upscaler) {
+      notApplied.push("Hires upscaler: " + p["Hires upscaler"] + " (run here as " + body.hr_upscaler + ", the server's " +
+                      (body.hr_upscaler === "Latent" ? "latent upscale)" : "image upscaler)"));
+    }
+    body.hr_prompt = p["Hires prompt"] || "";
+    body.hr_negative_prompt = p["Hires negative prompt"] || "";
+    let hiresSchedule = p["Hires schedule type"] || "Use same scheduler";
+    const named = p["Hires sampler"] && !/^use same sampler$/i.test(p["Hires sampler"]);
+    if (named) {
+      const [hiresSampler, implied] = splitSampler("hr_sampler", p["Hires sampler"]);
+      if (!optionValue("hr_sampler", hiresSampler)) problems.push("This server has no sampler " + p["Hires sampler"] + ".");
+      else body.hr_sampler_name = hiresSampler;
+      // (an old picture's "Hires sampler: Euler a" beside "Sampler: DPM++ 2M Karras": Euler a's own schedule)
+      if (/^use same scheduler$/i.test(hiresSchedule) && (implied || impliedSchedule)) hiresSchedule = implied || "Automatic";
+    }
+    if (!optionValue("hr_scheduler", hiresSchedule)) {
+      notApplied.push("Hires schedule type: " + hiresSchedule + " (this server has no such schedule type)");
+    } else body.hr_scheduler = optionValue("hr_scheduler", hiresSchedule);
+  } else if (infoNumber(p["Denoising strength"]) !== undefined) {
+    put("denoising_strength", "Denoising strength");
+    notApplied.push("Denoising strength: " + p["Denoising strength"] + " (an image-to-image picture's: set under " +
+                    "Start from a picture; choose the picture it started from there)");
+  }
+  for (const [k, v] of Object.entries(p)) {
+    if (READ_FIELDS.has(k) || RECORD_FIELDS.has(k)) continue;
+    if (k in A1111_DEFAULTS && String(v).toLowerCase() === A1111_DEFAULTS[k].toLowerCase()) continue;
+    if (k === "Clip skip" && String(v) === String(serverOptions.CLIP_stop_at_last_layers ?? 1)) continue;
+    if (k === "VAE" && v === serverOptions.sd_vae) continue;
+    const text = String(v);
+    notApplied.push(k + ": " + (text.length > 80 ? text.slice(0, 77) + "…" : text));
+  }
+  return { body, notApplied, problems };
+}
+
+function showPictureNotice(items, removed) {
+  const box = $("pnginfo_notice");
+  box.replaceChildren();
+  if (removed.length) {
+    const p = document.createElement("p");
+    p.textContent = "Removed the chosen " + removed.join(", ") + " (the picture's parameters are applied alone).";
+    box.append(p);
+  }
+  if (items.length) {
+    const p = document.createElement("p");
+    p.textContent = "Not applied by this page (the picture it makes may differ):";
+    const ul = document.createElement("ul");
+    ul.id = "pnginfo_not_applied";
+    for (const item of items) {
+      const li = document.createElement("li");
+      li.textContent = item;
+      ul.append(li);
+    }
+    box.append(p, ul);
+  }
+  box.hidden = !box.childElementCount;
+}
+
+const ready = loadConfig();
+
 async function readPicture() {
   const file = $("pnginfo_image").files[0];
   if (!file) return;
+  await ready;
   showError("");
+  showPictureNotice([], []);
   try {
     const r = await fetch("/sdapi/v1/png-info", {
       method: "POST", headers: { "Content-Type": "application/json" },
@@ -233,40 +657,16 @@ async function readPicture() {
     if (!r.ok) { showError(data.detail || ("HTTP " + r.status)); return; }
     $("pnginfo_text").textContent = data.info;
     $("pnginfo_text").hidden = !data.info;
-    if (!data.info) { showError("This picture carries no parameters (an A1111 or imagine PNG does)."); return; }
-    const p = data.parameters;
-    const set = (id, v) => { if (v !== undefined && v !== null && v !== "") $(id).value = v; };
-    $("prompt").value = p["Prompt"] || "";
-    $("negative_prompt").value = p["Negative prompt"] || "";
-    set("steps", p["Steps"]); set("cfg_scale", p["CFG scale"]); set("seed", p["Seed"]);
-    set("width", p["Size-1"]); set("height", p["Size-2"]);
-    const has = (id, v) => [...$(id).options].some((o) => o.value === v);
-    if (p["Sampler"] && !has("sampler", p["Sampler"])) showError("This server has no sampler " + p["Sampler"] + ".");
-    else set("sampler", p["Sampler"]);
-    $("scheduler").value = has("scheduler", p["Schedule type"]) ? p["Schedule type"] : "Automatic";
-    const hires = parseFloat(p["Hires upscale"] || "0") > 1;
-    $("hr_scale").value = hires ? p["Hires upscale"] : 1;
-    if (hires) { set("hr_strength", p["Denoising strength"]); $("hires").open = true; }
-    // (A1111 writes its hires sampler and schedule type only where they differ from the first pass's)
-    const hiresSampler = p["Hires sampler"] || "Use same sampler";
-    if (!has("hr_sampler", hiresSampler)) showError("This server has no sampler " + hiresSampler + ".");
-    $("hr_sampler").value = has("hr_sampler", hiresSampler) ? hiresSampler : "Use same sampler";
-    const hiresSchedule = p["Hires schedule type"] || "Use same scheduler";
-    $("hr_scheduler").value = has("hr_scheduler", hiresSchedule) ? hiresSchedule : "Use same scheduler";
-    const variation = parseFloat(p["Variation seed strength"] || "0");
-    $("subseed_strength").value = variation;
-    if (variation > 0) { set("subseed", p["Variation seed"]); $("variation").open = true; }
-    // (no RNG written: A1111's default GPU source, an NVIDIA card's draws for most pictures: NV)
-    $("randn_source").value = p["RNG"] === "CPU" ? "CPU" : "NV";
-    $("eta_noise_seed_delta").value = p["ENSD"] || 0;
-    $("zero_terminal_snr").checked = p["Noise Schedule"] === "Zero Terminal SNR";
-    // (A1111's reader turns it on for its older versions' pictures: the API answers true; imagine reproduces it for
-    // the samplers that step in noise levels, so an old DDIM, PLMS, UniPC or LCM picture runs without it)
-    const ownTimesteps = ["DDIM", "PLMS", "UniPC", "LCM", "DDIM CFG++"].includes(p["Sampler"]);
-    $("downcast_alphas_cumprod").checked = !ownTimesteps &&
-      (p["Downcast alphas_cumprod"] === true || p["Downcast alphas_cumprod"] === "True");
-    $("old_prompt_editing").checked = p["Old prompt editing timelines"] === true || p["Old prompt editing timelines"] === "True";
-    $("noise").open = true;
+    if (!data.info) {
+      showError("This picture carries no parameters (an A1111 or imagine PNG, JPEG or WebP does).");
+      return;
+    }
+    const { body, notApplied, problems } = pictureBody(data.parameters);
+    const names = { init_image: "picture to start from", mask: "mask", control_image: "control picture" };
+    const removed = FILES.filter((id) => $(id).files.length).map((id) => names[id]);
+    bodyToForm(body);  // (every field the picture lacks back at its default; the chosen pictures removed)
+    showPictureNotice(notApplied, removed);
+    if (problems.length) showError(problems.join(" "));
   } catch (e) {
     showError("Could not read the picture: " + e);
   }
@@ -274,14 +674,18 @@ async function readPicture() {
 
 $("pnginfo_image").addEventListener("change", readPicture);
 form.addEventListener("submit", generate);
-$("prompt").addEventListener("keydown", (e) => {
+form.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(e);
 });
 $("random-seed").addEventListener("click", () => { $("seed").value = -1; });
-$("interrupt").addEventListener("click", () => fetch("/sdapi/v1/interrupt", { method: "POST" }));
+$("interrupt").addEventListener("click", stopJob);
+for (const id of FILES) {
+  $(id).addEventListener("change", updateFileButtons);
+  $(id + "_clear").addEventListener("click", () => { setFile(id, null); updateFileButtons(); });
+}
+$("hr_scale").addEventListener("input", updateFileButtons);
 $("clear").addEventListener("click", () => {
   gallery.replaceChildren();
   $("empty").hidden = false;
   $("clear").hidden = true;
 });
-loadConfig();
