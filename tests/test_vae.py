@@ -56,6 +56,31 @@ def test_tiled_decode_close_to_full():
     assert (tiled - full).abs().mean() < 0.25 * full.abs().mean()
 
 
+def test_large_latents_decode_whole_as_diffusers_unless_memory_is_short(monkeypatch):
+    """decode_latents decodes a large latent (SDXL's 128 x 128 at 1024 pixels) whole, as diffusers' pipelines do, where
+    it fits in half the memory available; one image at a time where only one fits; in 64-latent tiles where not even
+    one does."""
+    from imagine.models import winograd
+    from imagine.pipelines.text_to_image import decode_bytes, decode_latents
+
+    cfg = dict(block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8)
+    ref, ours = _pair(cfg)
+    z = torch.randn(2, 4, 100, 72)
+    with torch.no_grad():
+        want = ref.decode(z / ours.config.scaling_factor).sample.clamp(-1, 1)
+        one = decode_bytes(ours, z[:1])
+        for free, tiled in ((4 * one, False), (3 * one, False), (one, True)):
+            monkeypatch.setattr(winograd, "_available_bytes", lambda free=free: free)
+            got = decode_latents(ours, z, "exact")
+            assert got.shape == want.shape
+            if tiled:  # (each tile its own GroupNorm statistics: close, not equal)
+                assert 1e-3 < _rel(got, want) < 0.5
+                tiles = torch.cat([ours.tiled_decode(z[i:i + 1] / ours.config.scaling_factor, 64) for i in range(2)])
+                assert _rel(got, tiles.clamp(-1, 1)) < 1e-4  # (exact_copy's packed weights: rounding apart)
+            else:
+                assert _rel(got, want) < 1e-4
+
+
 def test_kl_closed_form():
     mean = torch.tensor([[[[0.5]], [[-1.0]]]])
     logvar = torch.tensor([[[[math.log(2.0)]], [[0.0]]]])

@@ -185,3 +185,24 @@ def test_server_names_the_swapped_vae(tmp_path):
     with BackgroundServer(create_app(plain, ServerConfig(max_width=64, max_height=64))) as srv:
         assert httpx.get(f"{srv.url}/sdapi/v1/sd-vae").json() == []
         assert httpx.get(f"{srv.url}/sdapi/v1/options").json()["sd_vae"] == "Automatic"
+
+
+def test_a_vae_file_takes_the_models_per_channel_latent_statistics(tmp_path):
+    """A model whose VAE config carries latents_mean / latents_std (Playground v2.5's): a VAE file put in its place
+    (no config of its own) keeps the model's latent space, as it keeps a plain model's scaling factor; a refiner whose
+    VAE maps latents otherwise is refused."""
+    from imagine.pipelines.text_to_image import replace_vae
+
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    base = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    c = base.vae.config
+    c.latents_mean, c.latents_std = (0.5, -0.25, 0.1, 0.0), (2.0, 1.5, 0.5, 1.0)
+    file, _ = _write("original.safetensors", _other_vae(), tmp_path / "vae")
+    new = replace_vae(base.c, file).vae
+    assert new.config.latent_space() == c.latent_space()
+    z = torch.randn(1, 4, 4, 4)
+    assert torch.allclose(new.from_latent(z), z * torch.tensor(c.latents_std).view(1, -1, 1, 1) / c.scaling_factor
+                          + torch.tensor(c.latents_mean).view(1, -1, 1, 1))
+    other = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    with pytest.raises(ValueError, match="same latent space"):
+        base.load_refiner(other)

@@ -93,6 +93,11 @@ class VAEConfig:
             raise ValueError("VAE config: shift_factor and latents_mean / latents_std both given; the latent "
                              "scaling takes one or the other")
 
+    def latent_space(self) -> dict[str, Any]:
+        """What maps the VAE's latent to the diffusion model's (`AutoencoderKL.to_latent`): the scaling factor, the
+        shift, the per-channel statistics. Two VAEs with equal ones share a latent space where their weights do."""
+        return {k: getattr(self, k) for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")}
+
     @property
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
