@@ -457,6 +457,41 @@ def test_full_queue_gets_429_with_retry_after_and_nothing_is_dropped(server):
     assert answered_in < 10  # at once, not after the queue drained (loose: a busy CI machine)
 
 
+def test_live_previews_of_one_batch_decode_once_per_row_and_step(server, monkeypatch):
+    """Two requests run in one batch, each client polling its own task: each sees its own image's preview, and the
+    server decodes once per row and sampler step however often they poll (a one-slot cache decoded on every poll
+    that alternated between them)."""
+    g, w = server.gated, server.worker
+    decodes = []
+    real = w.preview
+    monkeypatch.setattr(w, "preview", lambda job_id=None: decodes.append(job_id) or real(job_id))
+    g.gate_at = 1
+    g.gate.clear()
+    try:
+        with ThreadPoolExecutor(3) as ex:
+            blocker = ex.submit(_txt2img, server, seed=1, steps=2)
+            _wait(g.waiting.is_set, what="the first job to reach the gate")
+            a = ex.submit(_txt2img, server, seed=10, steps=20, force_task_id="preview-a")
+            b = ex.submit(_txt2img, server, seed=20, steps=20, force_task_id="preview-b")
+            _wait(lambda: w.queued() == 2, what="both queued")
+            g.gate.set()  # the blocker goes on; the batch of a and b stops at its first step's gate
+            _wait(lambda: not g.waiting.is_set(), what="the blocker to pass the gate")
+            g.gate.clear()
+            _wait(lambda: g.waiting.is_set() and len(w.running()) == 2, what="a and b held in one batch")
+            decodes.clear()
+            seen = {}
+            for _ in range(3):
+                for task in ("preview-a", "preview-b"):
+                    p = requests.get(server.url + "/sdapi/v1/progress", params={"id_task": task}, timeout=30).json()
+                    seen.setdefault(task, set()).add(p["current_image"])
+            g.gate.set()
+            assert all(f.result().status_code == 200 for f in (blocker, a, b))
+    finally:
+        g.gate_at = 0
+    assert sorted(decodes) == ["preview-a", "preview-b"]  # one decode per row at this step, for six polls
+    assert all(len(v) == 1 and None not in v for v in seen.values()) and seen["preview-a"] != seen["preview-b"]
+
+
 def test_interrupt_returns_the_unfinished_images(server):
     g = server.gated
     g.gate_at = 1  # let one step run, so there is an x0 estimate to return

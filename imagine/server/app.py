@@ -708,7 +708,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     active: dict[str, list[Job]] = {}  # the jobs submitted and not yet answered, by id (for POST /imagine/v1/cancel)
     cancel_asked: set[Job] = set()  # those cancelled by POST /imagine/v1/cancel (their answer says so)
     preview_lock = threading.Lock()
-    preview_cache: dict[str, Any] = {"key": None, "b64": None}
+    # the live previews of the current sampler step, by the batch row shown (clients polling different jobs of one
+    # batch see different rows: one decode per row and step, however many pollers)
+    preview_cache: dict[str, Any] = {"step": None, "rows": {}}
 
     from contextlib import asynccontextmanager
 
@@ -1721,12 +1723,15 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         out["eta_relative"] = round(elapsed / done - elapsed, 3) if done > 0 else 0.0
         out["textinfo"] = f"step {p.step}/{p.steps}" + (f", batch {p.chunk + 1}/{p.chunks}" if p.chunks > 1 else "")
         if not skip_current_image and options.get("live_previews_enable", True) and p.denoised is not None:
-            key = f"{p.started}:{p.version}:{id_task}"
-            with preview_lock:  # at most one decode per sampler step, however many pollers
-                if preview_cache["key"] != key:
+            step = f"{p.started}:{p.version}"
+            with preview_lock:  # at most one decode per row and sampler step, however many pollers
+                if preview_cache["step"] != step:
+                    preview_cache.update(step=step, rows={})
+                row = worker.preview_row(id_task)
+                if row not in preview_cache["rows"]:
                     img = worker.preview(id_task)
-                    preview_cache.update(key=key, b64=_b64_png(img) if img is not None else None)
-                out["current_image"] = preview_cache["b64"]
+                    preview_cache["rows"][row] = _b64_png(img) if img is not None else None
+                out["current_image"] = preview_cache["rows"][row]
         return out
 
     # -- OpenAI ------------------------------------------------------------------------------

@@ -518,18 +518,25 @@ class ModelWorker:
             x = self.pipe.decode(denoised)
         return [to_pil(t) for t in x]
 
-    def preview(self, job_id: str | None = None):
-        """The running chunk's latest x0 estimate decoded to an image (the job's first image if
-        it is in this chunk, else the chunk's first), or None."""
+    def preview_row(self, job_id: str | None = None) -> int | None:
+        """The row of the running chunk's latest x0 estimate that `preview(job_id)` decodes (the job's
+        first image if it is in this chunk, else the chunk's first), or None where there is none."""
         p = self.progress
         x0 = p.denoised
         if x0 is None:
             return None
-        i = 0
         if job_id is not None and job_id in p.offsets:
             k = p.offsets[job_id] - p.chunk_start
             if 0 <= k < x0.shape[0]:
-                i = k
+                return k
+        return 0
+
+    def preview(self, job_id: str | None = None):
+        """The running chunk's latest x0 estimate decoded to an image (`preview_row`), or None."""
+        x0 = self.progress.denoised
+        i = self.preview_row(job_id)
+        if x0 is None or i is None or i >= x0.shape[0]:
+            return None
         from imagine.images import to_pil
 
         with torch.no_grad():
