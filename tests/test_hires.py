@@ -162,10 +162,18 @@ def test_a_hires_sampler_samples_the_second_pass(pipe):
     # the same sampler and schedule as the first pass's: nothing written
     same = a1111_parameters({**p, "prompt": "x", "hires_sampling": {"sampler": "dpmpp_2m"}})
     assert "Hires sampler" not in same and "Hires schedule type" not in same
+    runs = []
+    real = pipe.generate
     for bad, match in (({"sigma_schedule": "karras"}, "with a 'sampler'"), ({"sampler": "euler", "steps": 3}, "'steps'"),
-                       ({"sampler": "euler_cfgpp"}, "CFG\\+\\+ samplers for both passes or for neither")):
-        with pytest.raises(ValueError, match=match):
-            pipe.generate_hires("x", hires_sampling=bad, steps=2, sampler="euler", progress=False)
+                       ({"sampler": "euler_cfgpp"}, "CFG\\+\\+ samplers for both passes or for neither"),
+                       ({"sampler": "ddim", "sigma_schedule": "align_your_steps"}, "hires sampler 'ddim': align_your")):
+        pipe.generate = lambda *a, **k: runs.append(1) or real(*a, **k)
+        try:
+            with pytest.raises(ValueError, match=match):
+                pipe.generate_hires("x", hires_sampling=bad, steps=2, sampler="euler", progress=False)
+        finally:
+            del pipe.generate
+    assert not runs  # (refused before the first pass)
 
 
 def test_the_cli_and_the_a1111_api_run_a_hires_sampler(tmp_path, pipe, capsys):
@@ -238,3 +246,61 @@ def test_the_cli_and_the_a1111_api_run_a_hires_sampler(tmp_path, pipe, capsys):
             assert r.status_code == 422 and r.json()["field"] == field, r.text
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**body, "enable_hr": False}, timeout=120)
         assert {"hr_sampler_name", "hr_scheduler"} <= set(json.loads(r.json()["info"])["ignored_fields"])
+
+
+def test_eta_and_sigma_options_reach_the_hires_pass_whose_sampler_takes_them(tmp_path, pipe, capsys):
+    """--eta and --sampler-option go to each pass whose sampler takes them, as A1111 hands p.eta and its sigma
+    settings to whichever sampler it makes: a deterministic first pass with an ancestral hires sampler takes the eta
+    in the hires pass (it was refused), and Euler's churn stays with Euler when the hires pass is Heun's too."""
+    from imagine.cli import main
+
+    model = pipe.c.source
+    first_kw = {**a1111_settings("Euler"), "steps": 3, "guidance_scale": 3.0, "height": 16, "width": 16}
+    second_kw = {**a1111_settings("Euler a"), "strength_rule": "a1111_fixed_steps", "steps": 3, "guidance_scale": 3.0}
+    want = _latent_hires_by_hand(pipe, "a red circle", 5, first_kw, {**second_kw, "eta": 0.3}, 0.5)
+    base = ["generate", "--model", str(model), "a red circle", "--steps", "3", "--seed", "5", "--height", "16",
+            "--width", "16", "--guidance-scale", "3", "--hires-scale", "2", "--hires-strength", "0.5",
+            "--a1111-sampling", "-q"]
+    out = tmp_path / "eta.png"
+    assert main([*base, "--sampler", "Euler", "--hires-sampler", "Euler a", "--eta", "0.3", "-o", str(out)]) == 0
+    assert Image.open(out).convert("RGB").tobytes() == want.images[0].tobytes()
+    again = tmp_path / "again.png"  # (its record runs it again)
+    assert main(["generate", "--model", str(model), "--infotext", str(out), "-o", str(again), "-q"]) == 0
+    assert Image.open(again).tobytes() == Image.open(out).tobytes()
+    churn = {"sampler_options": {"s_churn": 0.5}}
+    want = _latent_hires_by_hand(pipe, "a red circle", 5, {**first_kw, **churn},
+                                 {**second_kw, **a1111_settings("Heun"), "strength_rule": "a1111_fixed_steps",
+                                  **churn}, 0.5)
+    out = tmp_path / "churn.png"
+    assert main([*base, "--sampler", "Euler", "--hires-sampler", "Heun", "--sampler-option", "s_churn=0.5",
+                 "-o", str(out)]) == 0
+    assert Image.open(out).convert("RGB").tobytes() == want.images[0].tobytes()
+    # taken by neither pass: the refusal names it
+    assert main([*base, "--sampler", "Euler", "--hires-sampler", "Heun", "--eta", "0.3", "-o", str(out)]) == 2
+    assert "takes no eta" in capsys.readouterr().err
+
+
+def test_an_automatic_schedule_type_read_back_leaves_the_hires_sampler_its_own(tmp_path, pipe):
+    """A1111's reader takes the schedule type its "Automatic" picks for the sampler (Karras for DPM++ 2M) as Automatic
+    (get_sampler_and_scheduler's convert_automatic), so a hires sampler on "Use same scheduler" runs its own levels
+    again: the infotext of such a run makes the same picture."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from imagine.cli import main
+    from imagine.images import read_infotext
+
+    model = pipe.c.source
+    out = tmp_path / "made.png"
+    assert main(["generate", "--model", str(model), "a red circle", "--steps", "3", "--seed", "5", "--height", "16",
+                 "--width", "16", "--hires-scale", "2", "--a1111-sampling", "--sampler", "DPM++ 2M",
+                 "--hires-sampler", "Euler a", "-o", str(out), "-q"]) == 0
+    text = read_infotext(out)
+    assert "Schedule type: Karras," in text and "Hires schedule type" not in text
+    bare = tmp_path / "bare.png"
+    info = PngInfo()
+    info.add_text("parameters", text)
+    Image.open(out).save(bare, pnginfo=info)
+    again = tmp_path / "again.png"
+    assert main(["generate", "--model", str(model), "--infotext", str(bare), "--rng", "cpu", "-o", str(again),
+                 "-q"]) == 0
+    assert Image.open(again).convert("RGB").tobytes() == Image.open(out).convert("RGB").tobytes()

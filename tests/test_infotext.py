@@ -65,7 +65,8 @@ def test_our_writer_reads_back():
                                   "variation_strength", "seed_resize_from", "hires_scale", "hires_steps",
                                   "hires_upscaler", "hires_strength", "clip_skip")} == {
         "prompt": "a red, circle", "negative_prompt": "blurry", "steps": 20, "sampler": "DPM++ 2M",
-        "sigma_schedule": "karras", "guidance_scale": 7.5, "seed": 12, "width": 512, "height": 768, "rng": "nv",
+        # (Karras is DPM++ 2M's "Automatic": read as Automatic, as A1111's reader does, which picks Karras again)
+        "sigma_schedule": None, "guidance_scale": 7.5, "seed": 12, "width": 512, "height": 768, "rng": "nv",
         "noise_seed_delta": 31337, "variation_seed": 40, "variation_strength": 0.25, "seed_resize_from": "512x512",
         "hires_scale": 1.5, "hires_steps": 10, "hires_upscaler": "latent", "hires_strength": 0.6, "clip_skip": 1}
     assert flags["a1111_sampling"] and flags["emphasis"] and flags["prompt_editing"]
@@ -86,6 +87,8 @@ def test_our_writer_reads_back():
 
 
 def test_a1111s_forms_map_onto_the_flags():
+    from imagine.samplers import a1111_settings
+
     old = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE.replace("Euler a", "DPM++ 2M Karras")
                                                    + ", Clip skip: 2, ENSD: 31337, Eta: 0.67, Emphasis: None"))
     assert (old["sampler"], old["sigma_schedule"], old["clip_skip"], old["noise_seed_delta"], old["eta"]) == (
@@ -118,8 +121,11 @@ def test_a1111s_forms_map_onto_the_flags():
     named = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE.replace("Euler a", "DPM++ 2M SDE Exponential")
                                                      + ", Hires upscale: 2, Hires upscaler: Latent (nearest), "
                                                        "Emphasis: No norm"))
-    assert (named["sampler"], named["sigma_schedule"], named["hires_upscaler"]) == ("DPM++ 2M SDE", "exponential",
-                                                                                    "latent")
+    assert (named["sampler"], named["sigma_schedule"], named["hires_upscaler"]) == ("DPM++ 2M SDE", None, "latent")
+    assert a1111_settings(named["sampler"])["sigma_schedule"] == "exponential"  # (its Automatic: read as such)
+    heun = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE.replace("Euler a", "Heun")
+                                                    + ", Schedule type: Exponential"))
+    assert heun["sigma_schedule"] == "exponential"  # (not Heun's Automatic: kept)
     assert any("Latent (nearest)" in n for n in named["_infotext_notes"])
     assert any("Emphasis: No norm" in n for n in named["_infotext_notes"])
     # a long quoted value (a hires prompt of thousands of characters, commas and "Label: value" inside) stays one value

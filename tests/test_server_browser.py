@@ -761,3 +761,19 @@ def test_cancel_by_task_id_leaves_a_batched_jobs_neighbour_alone(server):
     assert len(answers["batched-b"].json()["images"]) == 1
     for name in ("batched-a", "waiting"):
         assert answers[name].status_code == 499 and "cancelled (POST /imagine/v1/cancel" in answers[name].json()["detail"]
+
+
+def test_a_hires_picture_on_the_default_schedules_is_made_again(server, page, tmp_path):
+    """DPM++ 2M on "Automatic" (Karras, which the infotext names) with a hires sampler on "Use same scheduler" (Euler
+    a's own levels, not named): read back, Karras is taken as DPM++ 2M's Automatic, as A1111's reader takes it, so the
+    hires pass runs Euler a's own levels again and the form makes the same picture."""
+    body = {"prompt": "a red circle", "steps": 6, "cfg_scale": 6, "width": 32, "height": 32, "seed": 21,
+            "sampler_name": "DPM++ 2M", "scheduler": "Automatic", "enable_hr": True, "hr_scale": 2,
+            "denoising_strength": 0.7, "hr_sampler_name": "Euler a", "hr_scheduler": "Use same scheduler",
+            "override_settings": {"randn_source": "CPU"}}
+    made = _api_picture(server, body, tmp_path / "hires.png")
+    _fill_form(page, server, prompt="something else", steps=9, seed=1, sampler="Euler a", size=64)
+    _read_picture(page, tmp_path / "hires.png")
+    assert page.input_value("#scheduler") == "Automatic" and page.input_value("#hr_sampler") == "Euler a"
+    page.click("#generate")
+    assert _gallery_download(page).tobytes() == made

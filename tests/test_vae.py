@@ -58,8 +58,8 @@ def test_tiled_decode_close_to_full():
 
 def test_large_latents_decode_whole_as_diffusers_unless_memory_is_short(monkeypatch):
     """decode_latents decodes a large latent (SDXL's 128 x 128 at 1024 pixels) whole, as diffusers' pipelines do, where
-    it fits in half the memory available; one image at a time where only one fits; in 64-latent tiles where not even
-    one does."""
+    it fits in half the memory available, in 64-latent tiles where it does not; one image at a time, so that an
+    image's pixels do not depend on its batch."""
     from imagine.models import winograd
     from imagine.pipelines.text_to_image import decode_bytes, decode_latents
 
@@ -79,6 +79,8 @@ def test_large_latents_decode_whole_as_diffusers_unless_memory_is_short(monkeypa
                 assert _rel(got, tiles.clamp(-1, 1)) < 1e-4  # (exact_copy's packed weights: rounding apart)
             else:
                 assert _rel(got, want) < 1e-4
+            for i in range(2):  # (bit for bit the image decoded alone)
+                assert torch.equal(got[i:i + 1], decode_latents(ours, z[i:i + 1], "exact"))
 
 
 def test_kl_closed_form():

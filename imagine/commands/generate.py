@@ -376,6 +376,10 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
                 break
         if schedule == "Automatic":
             schedule = None
+        # (A1111's reader, get_sampler_and_scheduler's convert_automatic: the schedule type its "Automatic" picks for
+        # the sampler is read as Automatic, so that a hires pass on "Use same scheduler" takes its own sampler's)
+        if schedule and _automatic_pick(sampler, schedule):
+            schedule = None
         if schedule and resolve_sampler(sampler)[0] in COMPVIS_SAMPLERS:
             notes.append(f"Schedule type: {schedule} (A1111 runs {sampler} on its own timesteps)")
             schedule = None
@@ -486,13 +490,41 @@ def _a1111_sampling(name: str, schedule: str | None, sampler_options: dict | Non
     return a1111["sampler"], sampling, a1111.get("eta") if eta is None else eta, shown
 
 
+def _automatic_pick(sampler: str, schedule: str) -> bool:
+    """Whether schedule type `schedule` (a name or A1111's label) is the one A1111's "Automatic" picks for `sampler`
+    (samplers.A1111_AUTOMATIC; k-diffusion's own levels, "uniform", are not named as a pick, as in A1111)."""
+    from imagine.samplers import A1111_AUTOMATIC, a1111_schedule, resolve_sampler
+
+    try:
+        pick = A1111_AUTOMATIC.get(resolve_sampler(sampler)[0])
+        return pick not in (None, "uniform") and a1111_schedule(schedule) == pick
+    except ValueError:
+        return False
+
+
+def _pass_settings(sampler: str, eta: float | None, options: dict | None, other: str | None):
+    """The eta and sampler options of a pass run by `sampler` where the run's other pass (hires. fix's) samples with
+    `other` (None: there is none): each one given that `sampler` takes, or that neither takes (the pass's own refusal
+    then names it); (eta, options or None)."""
+    from imagine.samplers import option_names, resolve_sampler, takes_eta
+
+    if other is None:
+        return eta, options
+    this, that = resolve_sampler(sampler)[0], resolve_sampler(other)[0]
+    if eta is not None and not takes_eta(this) and takes_eta(that):
+        eta = None
+    mine, theirs = option_names(this), option_names(that)
+    return eta, {k: v for k, v in (options or {}).items() if k in mine or k not in theirs} or None
+
+
 def _batches(pipe, jobs: list, args) -> list[tuple[int, int]]:
     """(start, end) of each batch of `jobs` ((prompt, k) pairs): --batch-size at most (default 4; 1 for a sampler whose
     images depend on their batch, DPM adaptive, as the server runs it), and a new batch wherever the LoRAs the prompts
     ask for change (one batch merges one set), so that every image is the one its prompt and seed give alone."""
     from imagine.samplers import couples_batch
 
-    size = args.batch_size or (1 if couples_batch(args.sampler) or couples_batch(args.hires_sampler) else 4)
+    hires = (getattr(args, "_hires_sampling", None) or {}).get("sampler") or args.hires_sampler
+    size = args.batch_size or (1 if couples_batch(args.sampler) or couples_batch(hires) else 4)
     asks = getattr(pipe, "loras_asked", None)
     loras = [tuple(asks([p, args.negative_prompt or ""])) if asks else () for p, _ in jobs]
     out, start = [], 0
@@ -903,27 +935,33 @@ def run(args) -> int:
                                                tokenizer_2=args.tokenizer_2, clip_skip=args.clip_skip)
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
     asked_sampler = args.sampler or pipe.defaults["sampler"]
-    same = args.hires_sampler is None or args.hires_sampler == asked_sampler  # (its options then carry over)
     hires_sampling = getattr(args, "_hires_sampling", None)  # (a run again from its record: as it ran)
-    if args.hires_sampler or args.hires_schedule_type:  # (A1111's hires sampler: the second pass samples so)
-        hires_sampling = {"sampler": args.hires_sampler or asked_sampler, "karras": args.karras, "rho": args.rho,
-                          "final_step": args.final_step, **sampling, **({} if same else {"sampler_options": None})}
+    a1111_hires_schedule = getattr(args, "_a1111_hires_schedule", None)
+    hires_named = bool(args.hires_sampler or args.hires_schedule_type)  # (A1111's hires sampler: the second pass's)
+    hires_sampler = args.hires_sampler or asked_sampler
+    # --eta and --sampler-option go to each pass whose sampler takes them, as A1111 hands p.eta and its sigma
+    # settings to whichever sampler it makes (where neither pass's takes one, the first's refusal names it)
+    first_eta, first_options = _pass_settings(asked_sampler, args.eta, sampler_options,
+                                              hires_sampler if hires_named else None)
+    hires_eta, hires_options = _pass_settings(hires_sampler, args.eta, sampler_options, asked_sampler)
+    args.eta, sampling["sampler_options"] = first_eta, first_options
+    if hires_named:
+        hires_sampling = {"sampler": hires_sampler, "karras": args.karras, "rho": args.rho,
+                          "final_step": args.final_step, **sampling, "sampler_options": hires_options,
+                          "eta": hires_eta}
         if args.hires_schedule_type:  # (a schedule type named, "Automatic" the model's own: no Karras flag over it)
             from imagine.samplers import a1111_schedule
 
             hires_sampling.update(sigma_schedule=a1111_schedule(args.hires_schedule_type), karras=None)
-        if same:
-            hires_sampling["eta"] = args.eta
     if args.a1111_sampling:
         from imagine.samplers import a1111_guidance_scale
 
         # (A1111's run of each pass's sampler, and the schedule type its infotext names: _a1111_sampling)
         args.sampler, sampling, args.eta, a1111_schedule = _a1111_sampling(asked_sampler, args.sigma_schedule,
-                                                                           sampler_options, args.eta)
-        if args.hires_sampler or args.hires_schedule_type:
+                                                                           first_options, first_eta)
+        if hires_named:
             name, hires, eta, a1111_hires_schedule = _a1111_sampling(
-                args.hires_sampler or asked_sampler, args.hires_schedule_type or args.sigma_schedule,
-                sampler_options if same else None, args.eta if same else None)
+                hires_sampler, args.hires_schedule_type or args.sigma_schedule, hires_options, hires_eta)
             hires_sampling = {"sampler": name, "eta": eta, **hires}
         # (DDIM CFG++: A1111's CFG scale / 12.5 is CFG++'s lambda)
         args.guidance_scale = a1111_guidance_scale(args.sampler, pipe.defaults["guidance_scale"]

@@ -1054,6 +1054,19 @@ class TextToImagePipeline:
                 raise ValueError(f"hires sampler {hires_sampling['sampler']!r}: a CFG++ sampler reads the guidance "
                                  "scale as its lambda, the first pass's sampler as CFG's scale (or the other way "
                                  "round); take CFG++ samplers for both passes or for neither")
+            # (its sampler and schedule type laid out now, so that a pair that cannot run is refused before the
+            # first pass runs, not after)
+            from imagine.samplers import TIMESTEP_RULE, resolve_sampler
+
+            h = hires_sampling
+            try:
+                self.schedule.plan(hires_steps or kw.get("steps") or self.defaults["steps"],
+                                   rule=TIMESTEP_RULE[resolve_sampler(h["sampler"])[0]],
+                                   karras=bool(h.get("karras")), sigma_schedule=h.get("sigma_schedule"),
+                                   rho=h.get("rho"), sigma_range=h.get("sigma_range") or "spaced",
+                                   discard_penultimate_sigma=bool(h.get("discard_penultimate_sigma")))
+            except ValueError as e:
+                raise ValueError(f"hires sampler {h['sampler']!r}: {e}") from None
         upscaler = str(hires_upscaler).lower()
         if upscaler not in HIRES_UPSCALERS:
             raise ValueError(f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)}; got {hires_upscaler!r}")
@@ -1776,10 +1789,11 @@ def decode_latents(vae, latents: torch.Tensor, precision: str = "exact") -> torc
     `exact_copy` (float32, packed weights); the latent scaling stays in float32.
 
     Each image is decoded whole, as diffusers and AUTOMATIC1111 decode it (a tile has its own GroupNorm statistics
-    and mid-block attention, so tiles change the picture), the batch at once where its decode fits in half the memory
-    available now (`decode_bytes`), else one image at a time; an image whose decode alone would not fit is decoded in
-    64-latent tiles (`AutoencoderKL.tiled_decode`). Measured on SD's VAE at 1024 x 1024 (session 25, exact, 2
-    threads): whole 3.1 GB and 129 s, in tiles 0.8 GB and 196 s."""
+    and mid-block attention, so tiles change the picture), and alone: its pixels then do not depend on the batch it
+    came in (float32 convolutions round by batch shape: 25 pixels of a 3-image batch moved by one level), and a
+    batch's peak memory is one image's. Only an image whose decode would not fit in half the memory available now
+    (`decode_bytes`) is decoded in 64-latent tiles (`AutoencoderKL.tiled_decode`). Measured on SD's VAE at 1024 x
+    1024 (session 25, exact, 2 threads): whole 3.1 GB and 129 s, in tiles 0.8 GB and 196 s."""
     from imagine.models.winograd import _available_bytes
 
     m = fast_copy(vae) if precision == "fast" else exact_copy(vae)  # the module itself where neither applies
@@ -1788,12 +1802,8 @@ def decode_latents(vae, latents: torch.Tensor, precision: str = "exact") -> torc
         z = z.contiguous(memory_format=torch.channels_last)
     free = _available_bytes()
     budget = free // 2 if free is not None else None
-    one = decode_bytes(m, z[:1])
-    if budget is None or one * z.shape[0] <= budget:
-        x = m.decode(z)
-    else:
-        tile = 64 if one > budget and max(z.shape[-2:]) > 64 else None
-        x = torch.cat([m.tiled_decode(z[i:i + 1], tile) if tile else m.decode(z[i:i + 1]) for i in range(len(z))])
+    tile = 64 if budget is not None and decode_bytes(m, z[:1]) > budget and max(z.shape[-2:]) > 64 else None
+    x = torch.cat([m.tiled_decode(z[i:i + 1], tile) if tile else m.decode(z[i:i + 1]) for i in range(len(z))])
     return x.float().clamp(-1, 1)
 
 

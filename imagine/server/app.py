@@ -41,6 +41,7 @@ from imagine import preprocessors
 from imagine.diffusion import check_level
 from imagine.images import RESIZE_MODES, controlnet_unit_text, fit_picture
 from imagine.samplers import (  # AUTOMATIC1111's labels and ways of our samplers
+    A1111_AUTOMATIC,
     A1111_SAMPLERS,
     A1111_SCHEDULE_NAMES,
     COMPVIS_SAMPLERS,
@@ -1528,7 +1529,14 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     @app.get("/sdapi/v1/samplers")
     def get_samplers():
-        out = [{"name": n, "aliases": a, "options": {"imagine": s}} for n, a, s in samplers.a1111]
+        # (options: A1111's "scheduler", the schedule type its "Automatic" picks for the sampler where that is not
+        # k-diffusion's own levels, as A1111 lists it; and the sampler's name here)
+        def options(s: str) -> dict:
+            pick = A1111_AUTOMATIC.get(s)
+            return {"imagine": s, **({"scheduler": A1111_SCHEDULE_NAMES.get(pick, pick)}
+                                     if pick and pick != "uniform" else {})}
+
+        out = [{"name": n, "aliases": a, "options": options(s)} for n, a, s in samplers.a1111]
         out += [{"name": s, "aliases": [], "options": {"imagine": s}} for s in samplers.ours
                 if s not in {x for _, _, x in samplers.a1111}]
         return out

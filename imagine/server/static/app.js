@@ -20,6 +20,7 @@ let generation = 0;  // the current generation's number: a poll loop of an older
 let job = null;  // the current generation's {n, id, seen, state: starting|queued|running|ending, stopping}
 let pollTimer = null;
 let serverOptions = {};  // GET /sdapi/v1/options
+const automaticPick = {};  // sampler -> the schedule type (label) A1111's "Automatic" picks for it, where it names one
 const defaults = {};  // the form's first values, the server's settings in: a picture's reading starts from them
 
 // the tab's icon, inline (no /favicon.ico request; added here, as index.html's links are all the server's own paths)
@@ -101,7 +102,16 @@ async function loadConfig() {
   try {  // the schedule types the server runs (A1111's labels, imagine's own among them)
     const r = await fetch("/sdapi/v1/schedulers");
     if (r.ok) {
-      const labels = [...new Set((await r.json()).map((s) => s.label).filter((l) => l && l !== "Automatic"))];
+      const types = await r.json();
+      const labelOf = Object.fromEntries(types.map((s) => [s.name, s.label]));
+      const labels = [...new Set(types.map((s) => s.label).filter((l) => l && l !== "Automatic"))];
+      // each sampler's "Automatic" pick (A1111's samplers list: options.scheduler), by its label
+      const s = await fetch("/sdapi/v1/samplers");
+      if (s.ok) {
+        for (const x of await s.json()) {
+          if (x.options && x.options.scheduler) automaticPick[x.name] = labelOf[x.options.scheduler];
+        }
+      }
       if (labels.length) {
         setOptions("scheduler", labels, ["Automatic"]);
         setOptions("hr_scheduler", labels, ["Use same scheduler", "Automatic"]);
@@ -558,6 +568,10 @@ function pictureBody(p) {
   } else if (p["Sampler"]) body.sampler_name = sampler;
   let schedule = p["Schedule type"];
   if ((!schedule || /^automatic$/i.test(schedule)) && impliedSchedule) schedule = impliedSchedule;
+  // (A1111's reader: the schedule type "Automatic" picks for the sampler is read as Automatic, so that a hires pass on
+  // "Use same scheduler" takes its own sampler's, as it did; its get_sampler_and_scheduler's convert_automatic)
+  const pick = automaticPick[body.sampler_name || sampler];
+  if (schedule && pick && schedule.toLowerCase() === pick.toLowerCase()) schedule = "Automatic";
   if (schedule && !optionValue("scheduler", schedule)) {
     notApplied.push("Schedule type: " + schedule + " (this server has no such schedule type: Automatic is used)");
   } else if (schedule) body.scheduler = optionValue("scheduler", schedule);
