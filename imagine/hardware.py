@@ -17,19 +17,33 @@ import torch
 BF16_ENV = "IMAGINE_BF16"  # "1" / "0" overrides the detection (e.g. to measure emulated bf16)
 
 
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo's names of bf16 dot products
+
+
 @functools.lru_cache(maxsize=None)
 def native_bf16() -> bool:
-    """True when this CPU has native bfloat16 matrix instructions (oneDNN's own check, the one
-    torch.compile's inductor uses; /proc/cpuinfo's avx512_bf16 / amx_bf16 flags as a fallback)."""
+    """True when this CPU has native bfloat16 matrix instructions: AVX512-BF16 or AMX (the flags
+    `avx512_bf16` / `amx_bf16` of /proc/cpuinfo). oneDNN's own check
+    (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) is not that: it is true on any AVX512BW/VL/DQ CPU
+    (Skylake-SP, Cascade Lake, Ice Lake), where oneDNN emulates bf16 dot products and a bf16 convolution
+    is slower than a float32 one; it is the answer only where the flags cannot be read (no
+    /proc/cpuinfo, or a CPU that lists no x86 flags there, such as an ARM one)."""
     forced = os.environ.get(BF16_ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
+    flags = cpu_flags()
+    if flags:
+        return bool(flags & NATIVE_BF16_FLAGS)
+    return _onednn_bf16()
+
+
+def _onednn_bf16() -> bool:
+    """oneDNN's "bf16 supported" (AVX512BW/VL/DQ, AVX-NE-CONVERT, or an ARM CPU's bf16), False where this
+    torch build cannot say."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        pass
-    flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return False
 
 
 @functools.lru_cache(maxsize=None)

@@ -112,9 +112,10 @@ def test_torch_serves_where_the_kernel_does_not_apply(case, monkeypatch):
         assert torch.equal(group_norm(norm, x), norm(x))
 
 
-def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
-    """torch's extension builder waits forever for a lock a killed build left: imagine removes a lock older than a
-    build could take, and leaves a fresh one (a build in progress in another process) alone."""
+def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    """torch's extension builder waits forever for a lock a killed build left: imagine removes a lock no process
+    holds open (however young), and, where that cannot be told, one older than a build could take; a lock held
+    open (a build in progress in another process) is left alone."""
     import os
     import time
 
@@ -122,6 +123,15 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
     from torch.utils.cpp_extension import _get_build_directory
 
     lock = os.path.join(_get_build_directory("imagine_test_kernel", False), "lock")
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # held, as torch's builder holds it while it builds
+    try:
+        assert not native.remove_stale_lock("imagine_test_kernel") and os.path.exists(lock)
+    finally:
+        os.close(fd)
+    with pytest.warns(RuntimeWarning, match="no process has it open"):  # its builder was killed a moment ago
+        assert native.remove_stale_lock("imagine_test_kernel")
+    assert not os.path.exists(lock)
+    monkeypatch.setattr(native, "lock_holders", lambda lock: None)  # no /proc to tell: the age decides
     open(lock, "w").close()
     assert not native.remove_stale_lock("imagine_test_kernel") and os.path.exists(lock)
     old = time.time() - native.STALE_LOCK_SECONDS - 60

@@ -12,16 +12,55 @@ from imagine.testing import make_tiny_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_detection_follows_oneDNN_and_the_override(monkeypatch):
+@pytest.mark.parametrize("flags, onednn, want", [
+    ({"avx2", "fma"}, False, False),  # an AVX2-only part (oneDNN agrees)
+    ({"avx512f", "avx512bw", "avx512vl", "avx512dq"}, True, False),  # Skylake-SP / Cascade Lake / Ice Lake:
+    # oneDNN says "bf16 supported" (it can emulate it), but bf16 dot products are emulated and slower than fp32
+    ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}, True, True),  # Zen 4, Cooper Lake
+    ({"avx512f", "avx512bw", "amx_bf16", "amx_tile"}, True, True),  # AMX (Sapphire Rapids)
+    ({"amx_bf16"}, False, True),  # the flags decide, not oneDNN
+    (set(), True, True),  # no /proc/cpuinfo flags (macOS, ARM): oneDNN's answer
+    (set(), False, False),
+], ids=["avx2", "avx512-without-bf16", "avx512_bf16", "amx", "flags-over-oneDNN", "unreadable-yes", "unreadable-no"])
+def test_detection_needs_bf16_dot_products_in_the_cpu_flags(monkeypatch, flags, onednn, want):
+    """native_bf16(): AVX512-BF16 or AMX in /proc/cpuinfo's flags; oneDNN's check only where the flags cannot be
+    read (oneDNN's "bf16 supported" is true on any AVX512BW/VL/DQ CPU, where bf16 is emulated)."""
+    from imagine import hardware
+
+    monkeypatch.delenv(hardware.BF16_ENV, raising=False)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    hardware.native_bf16.cache_clear()
+    try:
+        assert native_bf16() is want
+        assert hardware.fast_dtype() == (torch.bfloat16 if want else torch.float32)
+    finally:
+        monkeypatch.undo()
+        hardware.native_bf16.cache_clear()
+
+
+def test_detection_override(monkeypatch):
+    from imagine import hardware
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    for value, want in (("0", False), ("1", True)):
+        monkeypatch.setenv(hardware.BF16_ENV, value)
+        hardware.native_bf16.cache_clear()
+        assert native_bf16() is want
+    monkeypatch.undo()
+    hardware.native_bf16.cache_clear()
+
+
+def test_detection_on_this_machine(monkeypatch):
     from imagine import hardware
 
     monkeypatch.delenv(hardware.BF16_ENV, raising=False)
     hardware.native_bf16.cache_clear()
     try:
-        assert native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        monkeypatch.setenv(hardware.BF16_ENV, "0")
-        hardware.native_bf16.cache_clear()
-        assert native_bf16() is False
+        flags = hardware.cpu_flags()
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        want = bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else onednn
+        assert native_bf16() is want
     finally:
         monkeypatch.undo()
         hardware.native_bf16.cache_clear()

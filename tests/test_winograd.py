@@ -162,46 +162,55 @@ def test_only_eligible_layers_are_converted_smallest_weights_first_within_the_bu
     assert sum(type(m) is WinogradConv2d for m in net) == 2  # channels < 256, stride, dilation, 1x1, groups: direct
 
 
-def test_the_larger_tile_is_built_only_where_the_shared_budget_allows():
-    """Each layer reserves its F(4x4) U (36/9 of the weight); F(6x6)'s U (64/9) on a 24x24-or-larger map
-    draws the difference from what the use_winograd call had left; without it, the U that is built
-    serves (both tiles give the convolution)."""
+def test_the_larger_tile_is_given_where_the_budget_allows_smallest_weights_first():
+    """Each layer reserves its F(4x4) U (36/9 of the weight); what the use_winograd call has left gives F(6x6)
+    (64/9) to layers, smallest weights first, each the difference. A layer without it runs F(4x4) on large maps
+    too; a layer with it runs F(4x4) on the maps where 4 is the tile, letting its F(6x6) U go where no memory
+    is left to hold both (rebuilt when needed again): the tile of a map never depends on the calls before."""
     a, b = _conv(256, 8), _conv(256, 8)
-    net = torch.nn.Sequential(a, b)
+    net = torch.nn.Sequential(b, a)
     f4, f6 = winograd.filter_bytes(a.weight, 4), winograd.filter_bytes(a.weight, 6)
     assert use_winograd(net, budget_bytes=2 * f4 + (f6 - f4)) == 2  # room for one F(6) U
+    assert a._tiles == {2, 4, 6} and b._tiles == {2, 4}  # equal sizes: the later module (an up path's larger map)
     x_big, x_small = torch.randn(1, 256, 24, 24), torch.randn(1, 256, 20, 20)
-    for conv in (a, b):
+    for conv in (b, a):  # (b first: the order of the calls decides nothing)
         want = F.conv2d(x_big, conv.weight, conv.bias, padding=1)
         assert _rel(conv(x_big), want) < 1e-5
-    assert sorted(a._u) == [6] and sorted(b._u) == [4]  # b found the pool empty and built F(4)
+    assert sorted(a._u) == [6] and sorted(b._u) == [4]
     assert a._budget is b._budget and a._budget.free == 0
     assert winograd.winograd_bytes(net) == f6 + f4
-    want = F.conv2d(x_small, a.weight, a.bias, padding=1)
-    assert _rel(a(x_small), want) < 1e-5 and sorted(a._u) == [6]  # no memory for a second U: F(6) serves
+    small = a(x_small)
+    assert torch.equal(small, winograd_conv3x3(x_small, winograd_filter(a.weight, 4), a.bias))
+    assert sorted(a._u) == [4] and winograd.winograd_bytes(net) == 2 * f4  # no memory for both: F(6)'s let go
+    assert torch.equal(a(x_big), winograd_conv3x3(x_big, winograd_filter(a.weight, 6), a.bias))
+    assert sorted(a._u) == [6] and a._budget.free == 0 and a._reserved == 0
     assert _rel(b(x_small), F.conv2d(x_small, b.weight, b.bias, padding=1)) < 1e-5 and sorted(b._u) == [4]
     with torch.no_grad():  # a new weight rebuilds the same tiles within the same memory
         a.weight.mul_(2)
     assert _rel(a(x_big), 2 * F.conv2d(x_big, a.weight / 2, None, padding=1) + a.bias.view(1, -1, 1, 1)) < 1e-5
     assert winograd.winograd_bytes(net) == f6 + f4 and a._budget.free == 0
-    c = _conv(256, 8)  # a generous budget: F(4) and F(6) both built, all within what was left
+    c = _conv(256, 8)  # a generous budget: F(4) and F(6) both held, the second from what was left
     assert use_winograd(c, budget_bytes=2**30) == 1
     c(x_big), c(x_small)
     assert sorted(c._u) == [4, 6] and c._budget.free == 2**30 - f4 - f6
 
 
-def test_calls_with_few_tiles_build_the_small_tile_within_the_reservation():
+def test_calls_with_few_tiles_use_the_small_tile_within_the_reservation():
     """F(2x2)'s U is 16/9 of the weight: built where F(4x4) would have under FEW_TILES tiles, from the
-    layer's reservation (its F(4x4) U), whose rest stays reserved; a later call that wants F(4x4)
-    without room for it runs on the F(2x2) U that is built."""
+    layer's reservation (its F(4x4) U). A later call that wants F(4x4), without memory for both, lets it go
+    and builds F(4x4): each map runs its own tile, as in a fresh process."""
     conv = _conv(256, 8)
     f2, f4 = (winograd.filter_bytes(conv.weight, m) for m in (2, 4))
     assert use_winograd(conv, budget_bytes=f4) == 1 and conv._budget.free == 0
-    x = torch.randn(2, 256, 8, 8)  # 8 tiles of F(4x4)
-    assert _rel(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
+    assert conv._tiles == {2, 4}
+    small = torch.randn(2, 256, 8, 8)  # 8 tiles of F(4x4)
+    first = conv(small)
+    assert _rel(first, F.conv2d(small, conv.weight, conv.bias, padding=1)) < 1e-5
     assert sorted(conv._u) == [2] and winograd.winograd_bytes(conv) == f2 and conv._reserved == f4 - f2
-    x = torch.randn(2, 256, 16, 16)  # 32 tiles: F(4x4) is the tile, but f4 does not fit in f4 - f2
-    assert _rel(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5 and sorted(conv._u) == [2]
+    x = torch.randn(2, 256, 16, 16)  # 32 tiles: F(4x4) is the tile
+    assert torch.equal(conv(x), winograd_conv3x3(x, winograd_filter(conv.weight, 4), conv.bias))
+    assert sorted(conv._u) == [4] and conv._reserved == 0
+    assert torch.equal(conv(small), first) and sorted(conv._u) == [2]
 
 
 def test_default_budget_is_half_the_available_memory_less_what_is_promised(monkeypatch):

@@ -61,11 +61,14 @@ def kernel():
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The kernel takes bf16 CPU tensors [B, H, N, D] with matching B and H, unit last stride, and no
-    gradient to carry (it has no backward)."""
-    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu" and q.ndim == 4
-            and k.shape[:2] == q.shape[:2] == v.shape[:2] and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-            and k.shape[2] > 0
+    """The kernel takes bf16 CPU tensors q [B, H, N, D], k and v [B, H, M, D] (one head size for all three,
+    as many values as keys, at least one key), unit last stride, and no gradient to carry (it has no
+    backward). Anything else (SDPA takes v's own head size, say) goes to SDPA: the kernel's checks never
+    refuse a call made here."""
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and q.device.type == k.device.type == v.device.type == "cpu" and q.ndim == k.ndim == v.ndim == 4
+            and k.shape[:2] == q.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0
+            and q.shape[3] == k.shape[3] == v.shape[3] > 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
 

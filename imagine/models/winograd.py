@@ -31,11 +31,14 @@ F(4x4)), so the fast mode uses Winograd only for float32 weights (CPUs without n
 
 Cost: U takes (m+2)^2 / 9 of the memory of the weight it comes from (1.8x for F(2x2), 4x for
 F(4x4), 7.1x for F(6x6)), so `use_winograd` reserves F(4x4)'s U for the convolutions with the
-smallest weights first, up to a memory budget, and what is left serves F(6x6) on the large maps
-where it pays (`best_tile`). Where a call has few tiles (the deep levels' 8x8 maps), reading U costs
-more than the products, and F(2x2)'s U, 4/9 of F(4x4)'s, wins. On maps with few channels the
-transforms cost more than the products save, and under 4x4 the layers stay direct. The thresholds are measured on a
-2-core AVX2 EPYC (docs/stable-diffusion.md).
+smallest weights first, up to a memory budget, and what is left lets layers, again the smallest
+weights first, hold F(6x6)'s, used on the large maps where it pays (`best_tile`). Where a call has
+few tiles (the deep levels' 8x8 maps), reading U costs more than the products, and F(2x2)'s U, 4/9
+of F(4x4)'s, wins. Which tiles a layer may use is fixed when it is converted, never by the calls
+it has run, so that a map is computed alike whatever ran before (a layer without F(6x6) runs
+F(4x4) on large maps); memory left over lets a layer hold a second U at once, else it rebuilds.
+On maps with few channels the transforms cost more than the products save, and under 4x4 the
+layers stay direct. The thresholds are measured on a 2-core AVX2 EPYC (docs/stable-diffusion.md).
 """
 
 from __future__ import annotations
@@ -239,6 +242,8 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
     m = _tile_of(u)
     n = m + 2  # input tile side
     co = u.shape[1]
+    if b * h * w == 0:  # an empty batch or map: nothing to compute (and no band to size)
+        return x.new_empty((b, co, h, w)).contiguous(memory_format=torch.channels_last)
     bt_, _, at_ = TRANSFORMS[m]
     bt = torch.tensor(bt_, dtype=u.dtype, device=x.device)
     at = torch.tensor(at_, dtype=u.dtype, device=x.device)
@@ -306,6 +311,8 @@ def _conv_by_kernel(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     th, tw = -(-h // m), -(-w // m)
     x = x.contiguous(memory_format=torch.channels_last)
     out = torch.empty((b, co, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if out.numel() == 0:
+        return out
     rows = max(1, band_elements // (n * n * b * tw * max(c, co)))
     for r0 in range(0, th, rows):
         r1 = min(th, r0 + rows)
@@ -325,20 +332,52 @@ def winograd_eligible(conv: nn.Conv2d) -> bool:
 
 
 class WinogradBudget:
-    """Memory for transformed filters shared by the layers one `use_winograd` call converted: each
-    layer holds `reserved` bytes (its F(4x4) U) and may draw on `free` for a larger tile's U."""
+    """Memory for transformed filters shared by the layers one `use_winograd` call converted, beyond what each
+    layer holds for itself (`WinogradConv2d._reserved`): a layer that has built one U draws a second one from
+    here, and where there is none left it lets its other U go (memory only: a layer's tiles are fixed)."""
 
     def __init__(self, free: int = 0):
         self.free = int(free)
+
+    def take(self, n: int) -> bool:
+        with _BUDGET_LOCK:
+            if n > self.free:
+                return False
+            self.free -= n
+            return True
+
+    def give(self, n: int) -> None:
+        with _BUDGET_LOCK:
+            self.free += n
+
+
+_BUDGET_LOCK = threading.Lock()  # (module-level: a budget, like the layers, stays deep-copyable)
+
+
+_LAYER_LOCKS: "weakref.WeakKeyDictionary[WinogradConv2d, threading.Lock]" = weakref.WeakKeyDictionary()
+_LAYER_LOCKS_LOCK = threading.Lock()
+
+
+def _layer_lock(layer: "WinogradConv2d") -> threading.Lock:
+    """The lock a layer builds its U under (kept outside the module, which stays deep-copyable)."""
+    with _LAYER_LOCKS_LOCK:
+        lock = _LAYER_LOCKS.get(layer)
+        if lock is None:
+            lock = _LAYER_LOCKS[layer] = threading.Lock()
+        return lock
 
 
 class WinogradConv2d(PackedConv2d):
     """An nn.Conv2d (same parameters and state-dict keys) that runs `winograd_conv3x3` on maps of
     at least `min_pixels` and with at least `min_channels` input channels, and the direct
     convolution otherwise, with its weight packed for oneDNN (`prepacked.PackedConv2d`). The tile is
-    `best_tile` of the map, if its U fits in this layer's reservation plus its budget's free memory
-    (else the tile whose U is built, else 4). U is built at the first call that needs it and rebuilt
-    if the weight changes; it is a cache, not part of the state dict. Inference only: under autograd it runs direct.
+    `best_tile` of the map if it is one of the layer's `_tiles`, else F(4x4) (`tile_for`): the tiles are
+    fixed by `use_winograd`, so that the tile, and with it the rounding, of a map never depends on the calls
+    before it (in this layer or in others). U is built at the first call that needs it and rebuilt if the
+    weight changes; it is a cache, not part of the state dict. The layer holds memory (`_reserved`) for the
+    largest of its tiles' U; a second U comes from its budget's shared memory, and where there is none
+    left the U built before is let go (rebuilt when needed again). Inference only: under autograd it runs
+    direct.
 
     `_source`, when set (a bf16 fast copy, see `use_winograd`'s `float32_from`), holds the float32
     weight and bias of the original layer: U is built from those and the Winograd arithmetic runs in
@@ -347,46 +386,73 @@ class WinogradConv2d(PackedConv2d):
     min_channels = MIN_CHANNELS
     min_pixels = MIN_PIXELS
     band_elements: int | None = None  # winograd_conv3x3's default
-    _reserved: int = 0  # bytes set aside by use_winograd and not yet spent on a U
+    _tiles: frozenset = frozenset((2, TILE))  # the output tiles this layer may use (TILE always)
+    _reserved: int = 0  # bytes set aside for this layer by use_winograd and not held by a U
+    _drawn: int = 0  # bytes of the U held that came from the budget's shared memory
     _budget: WinogradBudget | None = None
     _u: dict | None = None  # tile -> U
     _u_stamp: tuple | None = None
     _source: tuple | None = None  # (float32 weight, bias) to build U from, instead of self's
 
+    def tile_for(self, h: int, w: int) -> int:
+        """The output tile for h x w maps: `best_tile`'s, if this layer may use it, else F(4x4)."""
+        tile = best_tile(h, w)
+        return tile if tile in self._tiles else TILE
+
+    def _release(self, nbytes: int) -> None:
+        """A U of `nbytes` let go: its memory goes back where it came from (the shared memory first)."""
+        back = min(nbytes, self._drawn)
+        if back and self._budget is not None:
+            self._budget.give(back)
+        self._drawn -= back
+        self._reserved += nbytes - back
+
+    def _charge(self, nbytes: int) -> bool:
+        """Memory for a new U of `nbytes`: the layer's own first, then the shared memory."""
+        own = min(nbytes, self._reserved)
+        need = nbytes - own
+        if need and (self._budget is None or not self._budget.take(need)):
+            return False
+        self._reserved -= own
+        self._drawn += need
+        return True
+
     def _transformed(self, tile: int) -> torch.Tensor:
         wt = self.weight if self._source is None else self._source[0]
-        stamp = weight_stamp(wt)
-        if self._u is None:
-            self._u = {}
-        if self._u_stamp != stamp:  # a new weight: the memory of the old U is this layer's again
-            self._reserved += sum(t.numel() * t.element_size() for t in self._u.values())
-            self._u, self._u_stamp = {m: winograd_filter(wt, m) for m in self._u}, stamp
-            self._reserved -= sum(t.numel() * t.element_size() for t in self._u.values())
-        if tile not in self._u:
-            free = self._budget.free if self._budget is not None else 0
-            if filter_bytes(wt, tile) > self._reserved + free:
-                if self._u:  # no memory for this tile's U: the one already built serves (any tile is exact)
-                    return next(iter(self._u.values()))
-                tile = TILE  # the first U: the default tile, whose memory use_winograd reserved
-            cost = filter_bytes(wt, tile)
-            spent_own = min(cost, self._reserved)
-            self._reserved -= spent_own
-            if self._budget is not None:
-                self._budget.free -= cost - spent_own
-            self._u[tile] = winograd_filter(wt, tile)
-        return self._u[tile]
+        built = self._u
+        if built and tile in built and self._u_stamp == weight_stamp(wt):  # the per-call path: no lock
+            return built[tile]
+        with _layer_lock(self):  # two threads' first calls build one U and charge it once
+            if self._u is None or self._u_stamp != weight_stamp(wt):  # a new weight: the old U go first
+                for u in (self._u or {}).values():
+                    self._release(u.numel() * u.element_size())
+                self._u, self._u_stamp = {}, weight_stamp(wt, pin=True)
+            if tile not in self._u:
+                cost = filter_bytes(wt, tile)
+                if not self._charge(cost):  # no shared memory left: the U built before make room
+                    for u in self._u.values():
+                        self._release(u.numel() * u.element_size())
+                    self._u = {}
+                    if not self._charge(cost):  # (not from use_winograd, whose reservation covers each tile)
+                        self._reserved -= min(cost, self._reserved)
+                # Not an inference tensor even when built under torch.inference_mode: autograd may read it later.
+                with torch.inference_mode(False), torch.no_grad():
+                    u = winograd_filter(wt, tile)
+                self._u = {**self._u, tile: u}  # a new dict: calls on other threads read it without the lock
+            return self._u[tile]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.ndim == 4 and x.shape[1] >= self.min_channels and x.shape[-2] * x.shape[-1] >= self.min_pixels
                 and x.dtype == self.weight.dtype and not (torch.is_grad_enabled() and self.weight.requires_grad)):
-            tile = best_tile(x.shape[-2], x.shape[-1])
+            if x.shape[0] == 0:  # an empty batch: no U to build for it
+                return x.new_empty((0, self.out_channels, *x.shape[-2:])).contiguous(memory_format=torch.channels_last)
+            tile = self.tile_for(x.shape[-2], x.shape[-1])
             if torch.compiler.is_compiling():
                 # The graph reads the U built eagerly, under the memory budget (`_Autocast` makes one
                 # eager call before it compiles). A U computed in the graph would be folded into a
                 # second copy of every U and ignore the budget: SD 1.5's 8 GB twice, out of memory on
-                # a 24 GB machine. Without a built U the layer runs direct.
-                built = self._u or {}
-                u = built[tile] if tile in built else next(iter(built.values()), None)
+                # a 24 GB machine. Without this tile's U built the layer runs direct.
+                u = (self._u or {}).get(tile)
                 if u is None:
                     return self._direct(x)
             else:
@@ -449,8 +515,10 @@ def use_winograd(module: nn.Module, budget_bytes: int | None = None, float32_fro
                  min_pixels: int | None = None, narrow: bool = False) -> int:
     """Turn eligible nn.Conv2d layers inside `module` into WinogradConv2d in place (same objects,
     same parameters), as many as their F(4x4) filters fit in `budget_bytes` (default
-    `default_budget_bytes()`); returns how many. What is left of the budget stays shared by these
-    layers, for the larger U of F(6x6) on large maps (64/9 of the weight against 36/9).
+    `default_budget_bytes()`); returns how many. What is left of the budget then gives F(6x6), for
+    large maps, to as many of them as it covers, smallest weights first, the later of equal ones
+    first (its U takes 64/9 of the weight against 36/9: each such layer is given the difference);
+    the rest stays shared by these layers, to hold a second U at once.
 
     `float32_from`: the float32 module `module` is a lower-precision copy of (same layout): each
     converted layer builds its U from the original's float32 weight, and computes in float32
@@ -461,13 +529,14 @@ def use_winograd(module: nn.Module, budget_bytes: int | None = None, float32_fro
     (the channels double as the map halves), where a convolution takes as long as a deep level's
     for a fraction of the memory: so the smallest weights are taken first. (SD 1.5's U-Net: its
     3x3 filters on maps of 32x32 and more need 1 GB of U, those on 16x16 3.1 GB more, those on 8x8
-    4.7 GB more.) Whether a call runs Winograd or direct, and with which tile, is decided per call
-    (see WinogradConv2d).
+    4.7 GB more.) Whether a call runs Winograd or direct, and with which of the layer's tiles, is
+    decided per call from the map's size alone (see WinogradConv2d).
 
     `narrow`: also the layers with NARROW_CHANNELS to MIN_CHANNELS input channels (and NARROW_CHANNELS or
     more out), run by Winograd on maps of NARROW_MIN_PIXELS or more only (see NARROW_CHANNELS)."""
     budget = default_budget_bytes() if budget_bytes is None else int(budget_bytes)
     candidates = winograd_candidates(module, narrow)
+    position = {id(m): i for i, m in enumerate(candidates)}  # module order
     sources = {}
     if float32_from is not None:
         originals = dict(float32_from.named_modules())
@@ -482,7 +551,7 @@ def use_winograd(module: nn.Module, budget_bytes: int | None = None, float32_fro
                                   None if src.bias is None else src.bias.detach().float())
     candidates.sort(key=lambda m: m.weight.numel())  # stable: equal sizes keep the module order
     shared = WinogradBudget()
-    n = 0
+    converted = []
     for m in candidates:
         source = sources.get(id(m))
         cost = filter_bytes(m.weight if source is None else source[0], TILE)
@@ -490,15 +559,29 @@ def use_winograd(module: nn.Module, budget_bytes: int | None = None, float32_fro
             break
         budget -= cost
         m.__class__ = WinogradConv2d
-        m._reserved, m._budget, m._u, m._u_stamp, m._source = cost, shared, None, None, source
+        m._reserved, m._drawn, m._budget, m._u, m._u_stamp, m._source = cost, 0, shared, None, None, source
+        m._tiles = frozenset((2, TILE))  # F(2x2)'s U is smaller than F(4x4)'s: the same memory serves it
         if min_pixels is not None:
             m.min_pixels = int(min_pixels)
         if m.in_channels < MIN_CHANNELS:
             m.min_channels, m.min_pixels = NARROW_CHANNELS, max(m.min_pixels, NARROW_MIN_PIXELS)
         _CONVERTED.add(m)
-        n += 1
-    shared.free = budget if n else 0
-    return n
+        converted.append(m)
+    # What is left gives F(6x6) to the layers with the smallest weights first (those on the largest maps): the
+    # memory of its U over F(4x4)'s. Decided here, once, so that a map's tile does not depend on which layers
+    # happened to run a large map first. Among equal weights the later layer first: in a U-Net's up path (and a
+    # VAE's decoder, after its encoder) the later of two equal layers sits on the larger map, such as the
+    # convolution of an upsampler (SD 1.5 at 512x512: its 12 layers on 64x64 maps take 220 MB more this way).
+    for m in sorted(converted, key=lambda m: (m.weight.numel(), -position[id(m)])):
+        wt = m.weight if m._source is None else m._source[0]
+        extra = filter_bytes(wt, 6) - filter_bytes(wt, TILE)
+        if extra > budget:
+            break
+        budget -= extra
+        m._reserved += extra
+        m._tiles = m._tiles | {6}
+    shared.free = budget if converted else 0  # for a second U held at once
+    return len(converted)
 
 
 def winograd_bytes(module: nn.Module) -> int:

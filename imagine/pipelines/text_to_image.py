@@ -1472,11 +1472,13 @@ class TextToImagePipeline:
 _FAST_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
 
 
-def _weights_stamp(module: torch.nn.Module) -> tuple:
-    """Changes when a weight of `module` is replaced or modified in place."""
+def _weights_stamp(module: torch.nn.Module, pin: bool = False) -> tuple:
+    """Changes when a weight of `module` is replaced or modified in place. `pin`: the stamp a cached copy
+    keeps holds the tensors' storages, so that a replaced weight cannot be given a freed one's address
+    (`imagine.models.prepacked.WeightStamp`)."""
     from imagine.models.prepacked import weight_stamp
 
-    return tuple(weight_stamp(p) for p in module.state_dict(keep_vars=True).values())
+    return tuple(weight_stamp(p, pin) for p in module.state_dict(keep_vars=True).values())
 
 
 _EXACT_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
@@ -1615,14 +1617,28 @@ def _cached_copy(cache, module: torch.nn.Module, build) -> torch.nn.Module:
     (replaced, or modified in place through the parameters: a change through `.data` or under
     inference mode moves no version counter and is not seen; `forget_copies` drops the copies then).
     One thread builds while the others wait: the server's worker and a preview decode must not build
-    an SD-sized copy twice."""
+    an SD-sized copy twice. A stale copy is dropped before its replacement is built (two copies would be
+    alive at once, and the stale one's Winograd filters and budget would count against the new one's).
+    The copy is built outside inference mode (its tensors must serve autograd later too). `build` may
+    return None (nothing cached, None returned)."""
     with _COPY_LOCK:
         stamp = _weights_stamp(module)
         hit = cache.get(module)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        copy = build().eval()  # (not requires_grad_(False): a copy may share the original's parameters)
-        cache[module] = (stamp, copy)
+        if hit is not None:
+            stale = weakref.ref(hit[1])
+            del cache[module], hit
+            if stale() is not None:  # (a reference cycle, such as a compiled copy's, keeps it)
+                import gc
+
+                gc.collect()
+        with torch.inference_mode(False), torch.no_grad():
+            copy = build()
+        if copy is None:
+            return None
+        copy = copy.eval()  # (not requires_grad_(False): a copy may share the original's parameters)
+        cache[module] = (_weights_stamp(module, pin=True), copy)
         return copy
 
 
@@ -1700,16 +1716,21 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
       not used in bf16, where it loses 9x the accuracy). A module with no such convolution (the
       embedded default's channels are all under 256) gets the exact mode's copy (`exact_copy`).
     - In both copies the linear layers and the direct convolutions use weights packed once into
-      oneDNN's layout (`imagine.models.prepacked`: bit-identical outputs, no reorder per call), and
+      oneDNN's layout (`imagine.models.prepacked`: bit-identical outputs in bf16, the same to rounding
+      in float32, no reorder per call), and
       the GEGLUs run as two packed products with oneDNN post-ops (each output rounded once)."""
     from imagine.hardware import amx, fast_dtype
     from imagine.models.prepacked import use_prepacked
     from imagine.models.winograd import default_budget_bytes, transform_kernel, use_winograd, winograd_candidates
 
-    if fast_dtype() == torch.float32 and (not winograd_candidates(module) or default_budget_bytes() == 0):
+    if fast_dtype() == torch.float32 and not winograd_candidates(module):
         return exact_copy(module)  # nothing for Winograd to do: the float32 exact copy is the fast one
 
     def build_float32():
+        # The budget is looked at when a copy is made, not at each call: a copy made keeps being returned when
+        # the memory available drops later (its own promise counts against it), not the exact copy in turns.
+        if default_budget_bytes() == 0:
+            return None  # no memory for Winograd (or IMAGINE_WINOGRAD_GB=0): the exact copy serves, uncached
         copy = _sharing_copy(module)
         packs = _pack_bytes_if_they_fit(module, 4)
         if _weights_dtype(module) == torch.float32:  # (a module loaded in bf16 stays direct: Winograd loses 9x
@@ -1742,7 +1763,8 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
             use_prepacked(copy)  # after use_winograd, which converts only plain nn.Conv2d
         return copy.requires_grad_(False)  # its own bf16 weights
 
-    return _cached_copy(_FAST_COPIES, module, build_float32 if fast_dtype() == torch.float32 else build_bf16)
+    copy = _cached_copy(_FAST_COPIES, module, build_float32 if fast_dtype() == torch.float32 else build_bf16)
+    return exact_copy(module) if copy is None else copy
 
 
 BF16_WINOGRAD_MIN_PIXELS = 16 * 16  # smallest map for float32 Winograd in a bf16 copy (see fast_copy)
