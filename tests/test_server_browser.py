@@ -469,12 +469,17 @@ def test_the_page_says_which_field_is_wrong(server, page):
 
 def test_an_old_sampler_name_with_its_schedule_fills_both(server, page, tmp_path):
     """A1111 before 1.9 wrote the schedule type in the sampler's name ("DPM++ 2M Karras"): the form gets DPM++ 2M
-    and Karras, and makes the picture the API makes for that name."""
+    and, Karras being DPM++ 2M's "Automatic" pick, Automatic (A1111's reader converts it so), and makes the picture
+    the API makes for that name."""
     text = "a red circle\nSteps: 3, Sampler: DPM++ 2M Karras, CFG scale: 6, Seed: 5, Size: 32x32, RNG: CPU, Version: v1.8.0"
     _fill_form(page, server, prompt="something else", steps=9, seed=1, sampler="Euler", size=64)
     _read_picture(page, _infotext_picture(text, tmp_path / "karras.png"))
-    assert page.input_value("#sampler") == "DPM++ 2M" and page.input_value("#scheduler") == "Karras"
+    assert page.input_value("#sampler") == "DPM++ 2M" and page.input_value("#scheduler") == "Automatic"
     assert page.is_hidden("#error")
+    other = text.replace("DPM++ 2M Karras", "DPM++ 2M SDE Karras")  # (its Automatic is Exponential: Karras kept)
+    _read_picture(page, _infotext_picture(other, tmp_path / "sde.png"))
+    assert page.input_value("#sampler") == "DPM++ 2M SDE" and page.input_value("#scheduler") == "Karras"
+    _read_picture(page, _infotext_picture(text, tmp_path / "karras.png"))
     page.click("#generate")
     got = _gallery_download(page)
     want = _api_picture(server, {"prompt": "a red circle", "steps": 3, "cfg_scale": 6, "width": 32, "height": 32,
