@@ -8,6 +8,7 @@ download link; saves a screenshot to docs/serving-page.png.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import tempfile
@@ -47,6 +48,19 @@ class HeldPipe:
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
+
+    @contextlib.contextmanager
+    def holding(self):
+        """Within the block generate calls wait at sampler step 1 until `release`; at its end they no longer wait
+        and the one held goes on."""
+        self.held.clear()
+        self.hold.set()
+        self.release.clear()
+        try:
+            yield self
+        finally:
+            self.hold.clear()
+            self.release.set()
 
     def generate(self, prompts, negative_prompt=None, **kw):
         inner, seen = kw.get("callback"), [0]
@@ -635,19 +649,13 @@ def test_interrupt_stops_this_pages_job_only(server, page):
     info = json.loads(other["r"].json()["info"])
     assert info["interrupted"] is False and len(other["r"].json()["images"]) == 1
 
-    pipe.held.clear()
-    pipe.hold.set()
-    pipe.release.clear()
-    try:
+    with pipe.holding():
         page.click("#generate")
         assert pipe.held.wait(60), "the page's job never reached the sampler"
         page.wait_for_function("!document.querySelector('#interrupt').disabled", timeout=30_000)
         assert page.inner_text("#interrupt") == "Interrupt"
         page.click("#interrupt")
         page.wait_for_function("document.querySelector('#interrupt').disabled")
-    finally:
-        pipe.hold.clear()
-        pipe.release.set()
     card = page.wait_for_selector(".gallery .card", timeout=60_000)
     assert "interrupted" in card.get_attribute("class") and "interrupted" in card.inner_text()
 
@@ -676,10 +684,7 @@ def test_an_old_generations_progress_loop_stops(server, page):
     page.click("#generate")
     page.wait_for_selector(".gallery .card", timeout=60_000)  # (its first poll still waits at the gate)
     first = page.evaluate("window.__log.find(e => e.url.includes('progress')).url.split('id_task=')[1]")
-    pipe.held.clear()
-    pipe.hold.set()
-    pipe.release.clear()
-    try:
+    with pipe.holding():
         page.click("#generate")
         assert pipe.held.wait(60), "the second job never reached the sampler"
         opened = page.evaluate("window.__open(), performance.now()")
@@ -689,9 +694,6 @@ def test_an_old_generations_progress_loop_stops(server, page):
                                f" && !e.url.endsWith('id_task={first}')).length")
         assert stale == 0 and second > 0
         assert "step" in page.inner_text("#progress-text")
-    finally:
-        pipe.hold.clear()
-        pipe.release.set()
     page.wait_for_function("document.querySelectorAll('.gallery .card').length === 2", timeout=60_000)
 
 
