@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from imagine.data.judge import FAILURES, detect_objects, diagnose, judge_objects, parse_caption, score
 from imagine.data.shapes import FAMILIES, eval_prompts, is_heldout
+from imagine.hardware import PRECISION_HELP
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=None, help="noise levels' spacing (default: the model's)")
     parser.add_argument("--final-step", choices=["euler", "heun"], default=None,
                         help="the last step to sigma = 0 (default: the model's)")
-    parser.add_argument("--precision", choices=["exact", "fast"], default="exact",
-                        help="exact: fp32; fast: bf16 weights and channels-last where the CPU has native bf16 "
-                        "(AVX512-BF16 or AMX), else as exact")
+    parser.add_argument("--precision", choices=["exact", "fast"], default="exact", help=PRECISION_HELP)
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
                         help="run a preset sweep of settings (the papers' claims) and print one table")
 

@@ -17,6 +17,10 @@ import torch
 BF16_ENV = "IMAGINE_BF16"  # "1" / "0" overrides the detection (e.g. to measure emulated bf16)
 
 
+# the --precision flag's help (generate, serve, eval)
+PRECISION_HELP = ("exact: fp32 (on weights packed for oneDNN); fast: bf16 weights and channels-last where the CPU "
+                  "has native bf16 (AVX512-BF16 or AMX), else float32 with Winograd convolutions (as exact for a "
+                  "model with no convolution that takes them)")
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo's names of bf16 dot products
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from imagine.images import RESIZE_MODES, save_png
+from imagine.hardware import PRECISION_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -237,9 +238,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", default=None,
                    help="PNG path for one image (default imagine-<seed>.png), or a folder for several / --from-file")
     p.add_argument("--from-file", default=None, help="a text file with one prompt a line")
-    p.add_argument("--precision", choices=["exact", "fast"], default="exact",
-                   help="exact: fp32; fast: bf16 weights and channels-last where the CPU has native bf16 "
-                   "(AVX512-BF16 or AMX), else as exact")
+    p.add_argument("--precision", choices=["exact", "fast"], default="exact", help=PRECISION_HELP)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="the weights as loaded: bfloat16 halves the model's memory, for --precision fast only, whose "
                         "copies compute in bf16 anyway")
@@ -247,7 +246,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     single = p.add_argument_group("single-file checkpoints (.safetensors / .ckpt)")
     single.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                         help="what the U-Net predicts: epsilon (SD 1.x, SD 2.x base) or v_prediction (SD 2.x 768-v); "
-                             "default: from <name>.yaml beside the file, else epsilon")
+                             "default: from <name>.yaml beside the file, else for SD 2.x a .ckpt's global step, "
+                             "else AUTOMATIC1111's probe of the U-Net (docs/stable-diffusion.md)")
     single.add_argument("--tokenizer", default=None,
                         help="a CLIP tokenizer folder (vocab.json + merges.txt), if none sits beside the file")
     single.add_argument("--tokenizer-2", default=None,

@@ -14,6 +14,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from imagine.hardware import PRECISION_HELP
     from imagine.server.app import ServerConfig
 
     d = ServerConfig()
@@ -45,9 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="address to bind (default 127.0.0.1: this machine only; there is no authentication, "
                         "so bind another address only on a network you trust)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, AUTOMATIC1111's)")
-    p.add_argument("--precision", choices=["exact", "fast"], default="exact",
-                   help="exact: fp32; fast: bf16 weights and channels-last where the CPU has native bf16 "
-                   "(AVX512-BF16 or AMX), else as exact")
+    p.add_argument("--precision", choices=["exact", "fast"], default="exact", help=PRECISION_HELP)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="the weights as loaded: bfloat16 halves the model's memory, for --precision fast only, whose "
                         "copies compute in bf16 anyway")
