@@ -51,8 +51,10 @@ class Kernel:
     def build(self) -> None:
         from torch.utils.cpp_extension import load
 
-        print(f"imagine: loading {self.what} (compiled once per machine and torch version, about 10 s)",
-              file=sys.stderr)
+        lock = _lock_path(self.name)
+        if lock is None or not (lock.parent / f"{self.name}.so").is_file():  # (a build's output loads at once)
+            print(f"imagine: compiling {self.what} (once per machine and torch version, about 10 s)",
+                  file=sys.stderr)
         wait_for_lock(self.name, self.what)  # bounded, where torch's own wait for a killed build's lock is not
         with _bounded_baton(self.what):
             # -fopenmp: at::parallel_for is inline OpenMP; without it the ops would run on one thread.
