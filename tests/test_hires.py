@@ -304,3 +304,50 @@ def test_an_automatic_schedule_type_read_back_leaves_the_hires_sampler_its_own(t
     assert main(["generate", "--model", str(model), "--infotext", str(bare), "--rng", "cpu", "-o", str(again),
                  "-q"]) == 0
     assert Image.open(again).convert("RGB").tobytes() == Image.open(out).convert("RGB").tobytes()
+
+
+def test_progress_counts_the_two_passes(pipe):
+    """The second pass's reports carry "hires_pass", and the server's progress counts the two passes as halves of the
+    run, as A1111's does (it went to 100% at the first pass's end, then back to 10%); its text names the pass."""
+    import threading
+
+    httpx = pytest.importorskip("httpx")
+    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+
+    seen = []
+    pipe.generate_hires("x", hires_scale=2, steps=2, hires_steps=3, seed=1, height=16, width=16, progress=False,
+                        callback=lambda d: seen.append(bool(d.get("hires_pass"))))
+    assert seen == [False] * 2 + [True] * int(3 * 0.7)  # (diffusers' image-to-image count: int(steps x strength))
+
+    class Held:  # the real pipeline, its hires pass held at its second step
+        def __init__(self, inner):
+            self.inner, self.held, self.release = inner, threading.Event(), threading.Event()
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def generate_hires(self, *a, callback=None, **kw):
+            def hold(d):
+                callback(d)
+                if d.get("hires_pass") and d.get("step") == 1:
+                    self.held.set()
+                    self.release.wait(60)
+            return self.inner.generate_hires(*a, callback=hold, **kw)
+
+    held = Held(pipe)
+    with BackgroundServer(create_app(held, ServerConfig(max_width=64, max_height=64))) as srv:
+        body = {"prompt": "a red circle", "steps": 4, "seed": 5, "width": 16, "height": 16, "sampler_name": "Euler",
+                "enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5, "hr_second_pass_steps": 4,
+                "force_task_id": "two-passes"}
+        out = {}
+        thread = threading.Thread(target=lambda: out.update(r=httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body,
+                                                                          timeout=120)))
+        thread.start()
+        try:
+            assert held.held.wait(60)
+            p = httpx.get(f"{srv.url}/sdapi/v1/progress", params={"id_task": "two-passes"}, timeout=30).json()
+        finally:
+            held.release.set()
+            thread.join(120)
+    assert out["r"].status_code == 200
+    assert p["progress"] == pytest.approx(0.5 + 0.5 * 2 / 4) and "hires pass" in p["textinfo"]

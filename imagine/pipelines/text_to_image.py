@@ -1095,8 +1095,10 @@ class TextToImagePipeline:
             later = {**{k: v for k, v in later.items() if k != "subseed"}, "subseeds": first.subseeds}
         # (prompt editing on one timeline over both passes, A1111's: the first pass's steps as it counts them)
         first_editing = 2 * p["steps"] if _two_call(p["sampler"]) else p["steps"]
+        # (the second pass's reports say so: a progress display counts the two passes, as A1111's does)
+        second_callback = None if callback is None else (lambda d: callback({**d, "hires_pass": True}))
         second = self.generate(prompts, negatives, seeds=first.seeds, height=height, width=width,
-                               steps=steps, strength=hires_strength, callback=callback, progress=progress,
+                               steps=steps, strength=hires_strength, callback=second_callback, progress=progress,
                                output_type=output_type, editing_first_pass=first_editing, **start, **later)
         params = second.parameters
         if hires_sampling is not None:  # (the parameters name the first pass's sampling, and the second's apart)

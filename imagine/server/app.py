@@ -1725,11 +1725,14 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                 return out
         if not running or not p.steps:
             return out
-        done = (p.chunk + p.step / p.steps) / max(1, p.chunks)
+        # (hires. fix: two passes a chunk, each half of it, as A1111 counts them)
+        passes = max(1, p.passes)
+        done = (p.chunk * passes + int(p.hires_pass) + p.step / p.steps) / max(1, p.chunks * passes)
         elapsed = time.time() - p.started
         out["progress"] = round(done, 4)
         out["eta_relative"] = round(elapsed / done - elapsed, 3) if done > 0 else 0.0
-        out["textinfo"] = f"step {p.step}/{p.steps}" + (f", batch {p.chunk + 1}/{p.chunks}" if p.chunks > 1 else "")
+        out["textinfo"] = (f"step {p.step}/{p.steps}" + (", hires pass" if p.hires_pass else "")
+                           + (f", batch {p.chunk + 1}/{p.chunks}" if p.chunks > 1 else ""))
         if not skip_current_image and options.get("live_previews_enable", True) and p.denoised is not None:
             step = f"{p.started}:{p.version}"
             with preview_lock:  # at most one decode per row and sampler step, however many pollers

@@ -169,6 +169,8 @@ class Progress:
     chunk: int = 0
     chunks: int = 0
     chunk_start: int = 0  # index (in the batch) of the chunk's first image
+    passes: int = 1  # sampling passes per chunk: 2 with hires. fix (its second pass reports "hires_pass")
+    hires_pass: bool = False  # the chunk's hires. fix pass runs
     started: float = 0.0
     denoised: torch.Tensor | None = None  # the chunk's latest x0 estimate, for previews
     version: int = 0  # bumps at every step, so previews can be cached per step
@@ -396,11 +398,11 @@ class ModelWorker:
         self.stats["batches"] += 1
         t0 = time.time()
         self.progress = Progress(job_ids=[j.id for j in batch], offsets=offsets, steps=s.steps, chunks=len(chunks),
-                                 started=t0)
+                                 started=t0, passes=2 if s.hires is not None else 1)
         images, parameters, interrupted = [], {}, False
         for c, (a, b) in enumerate(chunks):
             p = self.progress
-            p.chunk, p.chunk_start, p.step, p.denoised = c, a, 0, None
+            p.chunk, p.chunk_start, p.step, p.denoised, p.hires_pass = c, a, 0, None, False
 
             def callback(d: dict, _p=p) -> None:
                 if self._interrupt.is_set() or all(j.cancelled for j in batch):
@@ -408,6 +410,7 @@ class ModelWorker:
                 if d.get("stage") == "prior":  # (unCLIP's prior, before the steps counted: interruptible, no preview)
                     return
                 _p.step = _step_of(d) + 1
+                _p.hires_pass = bool(d.get("hires_pass"))
                 if d.get("total"):  # (the steps this run takes: image to image's fewer, a schedule type's more)
                     _p.steps = int(d["total"])
                 x0 = d.get("denoised")
