@@ -1421,6 +1421,14 @@ def a1111_schedule(scheduler: str | None) -> str | None:
     return key
 
 
+def a1111_named_pick(name: str) -> str | None:
+    """The schedule type A1111's "Automatic" picks for sampler `name` where it names one (its sampler's options'
+    "scheduler", which its infotext reader takes back as Automatic); None where Automatic keeps k-diffusion's own
+    levels ("uniform") or A1111 runs the sampler otherwise. ValueError for a name that is not a sampler."""
+    pick = A1111_AUTOMATIC.get(resolve_sampler(name)[0])
+    return pick if pick != "uniform" else None
+
+
 def a1111_settings(name: str, scheduler: str | None = None) -> dict:
     """The sampling settings (keywords of `imagine.sampling.sample` and TextToImagePipeline.generate) that run
     AUTOMATIC1111's sampler `name` (a label such as "DPM++ 2M", an old "... Karras" name, or one of ours) with its

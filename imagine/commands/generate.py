@@ -378,7 +378,7 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
             schedule = None
         # (A1111's reader, get_sampler_and_scheduler's convert_automatic: the schedule type its "Automatic" picks for
         # the sampler is read as Automatic, so that a hires pass on "Use same scheduler" takes its own sampler's)
-        if schedule and _automatic_pick(sampler, schedule):
+        if schedule and _is_named_pick(sampler, schedule):
             schedule = None
         if schedule and resolve_sampler(sampler)[0] in COMPVIS_SAMPLERS:
             notes.append(f"Schedule type: {schedule} (A1111 runs {sampler} on its own timesteps)")
@@ -478,10 +478,10 @@ def _a1111_sampling(name: str, schedule: str | None, sampler_options: dict | Non
     generate's other sampling keywords, the eta (A1111's eta_ancestral, 1, for DPM fast and DPM adaptive where none is
     given), the schedule type its infotext names: the one asked, else the one its "Automatic" picked unless that is
     k-diffusion's own levels; the CompVis samplers' own timesteps are never named, images.a1111_parameters)."""
-    from imagine.samplers import a1111_settings
+    from imagine.samplers import a1111_named_pick, a1111_settings
 
     a1111 = a1111_settings(name, schedule)
-    shown = schedule or (a1111["sigma_schedule"] if a1111["sigma_schedule"] != "uniform" else None)
+    shown = schedule or a1111_named_pick(name)
     sampling = {"sigma_schedule": a1111["sigma_schedule"],
                 "sampler_options": {**a1111.get("sampler_options", {}), **(sampler_options or {})} or None,
                 "start": a1111.get("start"),
@@ -490,14 +490,14 @@ def _a1111_sampling(name: str, schedule: str | None, sampler_options: dict | Non
     return a1111["sampler"], sampling, a1111.get("eta") if eta is None else eta, shown
 
 
-def _automatic_pick(sampler: str, schedule: str) -> bool:
+def _is_named_pick(sampler: str, schedule: str) -> bool:
     """Whether schedule type `schedule` (a name or A1111's label) is the one A1111's "Automatic" picks for `sampler`
-    (samplers.A1111_AUTOMATIC; k-diffusion's own levels, "uniform", are not named as a pick, as in A1111)."""
-    from imagine.samplers import A1111_AUTOMATIC, a1111_schedule, resolve_sampler
+    (samplers.a1111_named_pick)."""
+    from imagine.samplers import a1111_named_pick, a1111_schedule
 
     try:
-        pick = A1111_AUTOMATIC.get(resolve_sampler(sampler)[0])
-        return pick not in (None, "uniform") and a1111_schedule(schedule) == pick
+        pick = a1111_named_pick(sampler)
+        return pick is not None and a1111_schedule(schedule) == pick
     except ValueError:
         return False
 

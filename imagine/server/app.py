@@ -41,12 +41,11 @@ from imagine import preprocessors
 from imagine.diffusion import check_level
 from imagine.images import RESIZE_MODES, controlnet_unit_text, fit_picture
 from imagine.samplers import (  # AUTOMATIC1111's labels and ways of our samplers
-    A1111_AUTOMATIC,
     A1111_SAMPLERS,
     A1111_SCHEDULE_NAMES,
-    COMPVIS_SAMPLERS,
     TIMESTEP_RULE,
     a1111_guidance_scale,
+    a1111_named_pick,
     is_cfg_pp,
     a1111_schedule,
     a1111_settings,
@@ -920,7 +919,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                "sigma_range": a1111["sigma_range"], "start": a1111.get("start", "noise"),
                "discard_penultimate_sigma": a1111.get("discard_penultimate_sigma", False),
                "strength_rule": a1111.get("strength_rule", "diffusers")}
-        return run, asked or (schedule if schedule != "uniform" and sampler not in COMPVIS_SAMPLERS else None)
+        return run, asked or (a1111_named_pick(sampler) if not prior_model else None)
 
     def sampler_settings(sampler: str, eta, s_tmin, s_tmax, s_churn=None, s_noise=None
                          ) -> tuple[float | None, tuple, list[str]]:
@@ -1532,9 +1531,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         # (options: A1111's "scheduler", the schedule type its "Automatic" picks for the sampler where that is not
         # k-diffusion's own levels, as A1111 lists it; and the sampler's name here)
         def options(s: str) -> dict:
-            pick = A1111_AUTOMATIC.get(s)
-            return {"imagine": s, **({"scheduler": A1111_SCHEDULE_NAMES.get(pick, pick)}
-                                     if pick and pick != "uniform" else {})}
+            pick = a1111_named_pick(s)
+            return {"imagine": s, **({"scheduler": A1111_SCHEDULE_NAMES.get(pick, pick)} if pick else {})}
 
         out = [{"name": n, "aliases": a, "options": options(s)} for n, a, s in samplers.a1111]
         out += [{"name": s, "aliases": [], "options": {"imagine": s}} for s in samplers.ours
