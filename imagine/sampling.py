@@ -496,6 +496,19 @@ def _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, cla
                          f"classifier_guidance_form='eps' (Alg. 2) with other samplers")
 
 
+def sampler_plan(schedule, sampler, steps, timestep_spacing=None, steps_offset=None, karras=False, rule=None,
+                 sigma_schedule=None, rho=None, sigma_range="spaced", discard_penultimate_sigma=False):
+    """(the sampler's canonical name, its function, the SamplingPlan it runs `steps` steps on): its timestep rule
+    (TIMESTEP_RULE) unless `rule` is given, a name's Karras hint ("... Karras") with `karras`. ValueError where the
+    sampler and the schedule type cannot go together."""
+    canonical, fn, karras_hint = resolve_sampler(sampler)
+    plan = schedule.plan(steps, rule=rule or TIMESTEP_RULE[canonical], spacing=timestep_spacing,
+                         steps_offset=steps_offset, karras=bool(karras) or karras_hint,
+                         sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range or "spaced",
+                         discard_penultimate_sigma=bool(discard_penultimate_sigma))
+    return canonical, fn, plan
+
+
 def _prepare(model, schedule, prediction_type, sampler, steps, timestep_spacing, steps_offset, karras, rule=None,
              sigma_schedule=None, rho=None, sigma_range="spaced", discard_penultimate_sigma=False):
     if not isinstance(schedule, NoiseSchedule):
@@ -503,11 +516,8 @@ def _prepare(model, schedule, prediction_type, sampler, steps, timestep_spacing,
     if not callable(model):
         raise TypeError("model must be callable as model(x_t, t, **cond)")
     prediction_type = check_prediction_type(schedule.prediction_type if prediction_type is None else prediction_type)
-    canonical, fn, karras_hint = resolve_sampler(sampler)
-    plan = schedule.plan(steps, rule=rule or TIMESTEP_RULE[canonical], spacing=timestep_spacing,
-                         steps_offset=steps_offset, karras=bool(karras) or karras_hint,
-                         sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range,
-                         discard_penultimate_sigma=discard_penultimate_sigma)
+    canonical, fn, plan = sampler_plan(schedule, sampler, steps, timestep_spacing, steps_offset, karras, rule,
+                                       sigma_schedule, rho, sigma_range, discard_penultimate_sigma)
     if prediction_type == "epsilon" and bool((plan.alphas_cumprod[:-1] == 0).any()):
         raise ValueError("an epsilon-predicting model cannot denoise at zero terminal SNR (abar = 0 at "
                          f"t = {float(plan.timesteps[0]):g}: x_0 is undefined from eps); use v_prediction "

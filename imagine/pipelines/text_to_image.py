@@ -1056,15 +1056,13 @@ class TextToImagePipeline:
                                  "round); take CFG++ samplers for both passes or for neither")
             # (its sampler and schedule type laid out now, so that a pair that cannot run is refused before the
             # first pass runs, not after)
-            from imagine.samplers import TIMESTEP_RULE, resolve_sampler
+            from imagine.sampling import sampler_plan
 
             h = hires_sampling
             try:
-                self.schedule.plan(hires_steps or kw.get("steps") or self.defaults["steps"],
-                                   rule=TIMESTEP_RULE[resolve_sampler(h["sampler"])[0]],
-                                   karras=bool(h.get("karras")), sigma_schedule=h.get("sigma_schedule"),
-                                   rho=h.get("rho"), sigma_range=h.get("sigma_range") or "spaced",
-                                   discard_penultimate_sigma=bool(h.get("discard_penultimate_sigma")))
+                sampler_plan(self.schedule, h["sampler"], hires_steps or kw.get("steps") or self.defaults["steps"],
+                             **{k: h[k] for k in ("karras", "sigma_schedule", "rho", "sigma_range",
+                                                  "discard_penultimate_sigma") if k in h})
             except ValueError as e:
                 raise ValueError(f"hires sampler {h['sampler']!r}: {e}") from None
         upscaler = str(hires_upscaler).lower()
