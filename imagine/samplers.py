@@ -95,6 +95,28 @@ def _distinct_levels(plan: SamplingPlan, name: str) -> None:
                              "steps, or trailing / linspace spacing, or Karras / exponential levels")
 
 
+def _ends_at_zero(plan: SamplingPlan, name: str) -> None:
+    # (Restart's segments are laid out over a run down to sigma = 0, or A1111's KL Optimal end above it, end_ve)
+    if float(plan.sigmas[-1]) != 0 and not plan.end_ve:
+        raise ValueError(f"{name} runs down to sigma = 0; this plan stops above it, at {float(plan.sigmas[-1]):.6g}")
+
+
+# What a sampler's own code refuses in a plan, by canonical name: check_plan runs it where the plan is laid out
+# (sampling.sampler_plan), so that a pair of sampler and schedule type that cannot run is refused before any work (a
+# hires pass's before the first pass), not only when the sampler starts.
+_PLAN_CHECKS = {"restart": _ends_at_zero,
+                **dict.fromkeys(("dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m",
+                                 "dpmpp_3m_sde"), _distinct_levels)}
+
+
+def check_plan(canonical: str, plan: SamplingPlan) -> None:
+    """ValueError where the sampler `canonical` (a SAMPLERS name) cannot run on `plan`, as its own code would refuse it
+    once started: Restart on a plan ending above sigma = 0, the DPM-Solver++ family on repeated noise levels."""
+    check = _PLAN_CHECKS.get(canonical)
+    if check is not None:
+        check(plan, canonical)
+
+
 # the samplers with a noise scale eta (see takes_eta)
 _ETA_SAMPLERS = ("ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
                  "dpmpp_3m_sde", "dpm_fast", "dpm_adaptive", "ddim_cfgpp", "euler_a_cfgpp")
@@ -440,8 +462,7 @@ def sample_restart(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noi
         raise ValueError(f"restart takes no eta (got {eta}): its noise is the restart's jump up, scaled by s_noise")
     if isinstance(s_noise, bool) or not isinstance(s_noise, (int, float)) or not s_noise >= 0:
         raise ValueError(f"s_noise (the restart noise's scale) must be a number >= 0; got {s_noise!r}")
-    if float(plan.sigmas[-1]) != 0 and not plan.end_ve:
-        raise ValueError("restart runs down to sigma = 0; this plan stops above it")
+    _ends_at_zero(plan, "restart")
     dtype = x.dtype
     segments = restart_segments(plan.sigmas.tolist(), restart_list)
     if getattr(denoise, "evaluations", None):  # (two calls a segment, one on the last: as Heun counts them)

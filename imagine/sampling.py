@@ -31,7 +31,7 @@ from imagine.guidance import (
     guided_model_output,
 )
 from imagine.samplers import (CFG_PP_SAMPLERS, COMPVIS_SAMPLERS, TIMESTEP_RULE, TWO_CALL_SAMPLERS, VE_RESULT_SAMPLERS,
-                              final_heun_step, invert_ddim, resolve_sampler)
+                              check_plan, final_heun_step, invert_ddim, resolve_sampler)
 from imagine.schedules import COMPVIS_SCHEDULES, NoiseSchedule, SamplingPlan, compvis_timesteps
 
 CLASSIFIER_FORMS = {"eps": "eps", "ddim": "eps", "epsilon": "eps", "mean": "mean", "ddpm": "mean"}
@@ -609,14 +609,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     """
     if strength_rule not in STRENGTH_RULES:
         raise ValueError(f"strength_rule must be one of {', '.join(map(repr, STRENGTH_RULES))}; got {strength_rule!r}")
-    plan_steps = steps
-    if init is not None and strength_rule == "a1111_fixed_steps":
-        _check_strength(strength)
-        plan_steps = int(steps / min(strength, 0.999))
-        if plan_steps > schedule.num_train_timesteps:
-            raise ValueError(f"strength_rule 'a1111_fixed_steps' runs {steps} steps as the last of "
-                             f"int({steps} / {strength}) = {plan_steps}, more than the model's "
-                             f"{schedule.num_train_timesteps} timesteps; raise the strength or lower the steps")
+    plan_steps = _plan_steps(schedule, steps, init is not None, strength, strength_rule)
     prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, plan_steps,
                                                     timestep_spacing, steps_offset, karras,
                                                     sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range,
@@ -670,11 +663,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     if mask is not None and init is None:
         raise ValueError("mask needs init: the x_0 to keep where mask is 0 (inpainting)")
     if init is not None:
-        start_abar = None  # (the level the image is noised to: the plan's first, but for A1111's CompVis samplers)
-        if strength_rule != "diffusers" and sigma_schedule in COMPVIS_SCHEDULES and canonical in COMPVIS_SAMPLERS:
-            plan, start_abar = _compvis_img2img(schedule, plan, sigma_schedule, strength, start, strength_rule, steps)
-        else:
-            plan = _img2img_plan(plan, strength, start, strength_rule, steps, plan_steps)
+        plan, start_abar = _img2img_run(schedule, canonical, plan, sigma_schedule, strength, start, strength_rule,
+                                        steps, plan_steps)
         shape = tuple(shape_or_noise.shape) if isinstance(shape_or_noise, torch.Tensor) else shape
         if not isinstance(init, torch.Tensor) or tuple(init.shape) != shape:
             raise ValueError(f"init must be a tensor of the sample's shape {shape}; got "
@@ -758,6 +748,48 @@ def _check_mask(mask, shape: tuple[int, ...]) -> torch.Tensor:
 def _check_strength(strength) -> None:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1] (1: from pure noise, as text-to-image); got {strength!r}")
+
+
+def _plan_steps(schedule: NoiseSchedule, steps: int, img2img: bool, strength, strength_rule: str) -> int:
+    # the steps the plan is laid out for: `steps`, but for A1111's fixed-steps rule, which runs them as the last of more
+    if not (img2img and strength_rule == "a1111_fixed_steps"):
+        return steps
+    _check_strength(strength)
+    plan_steps = int(steps / min(strength, 0.999))
+    if plan_steps > schedule.num_train_timesteps:
+        raise ValueError(f"strength_rule 'a1111_fixed_steps' runs {steps} steps as the last of "
+                         f"int({steps} / {strength}) = {plan_steps}, more than the model's "
+                         f"{schedule.num_train_timesteps} timesteps; raise the strength or lower the steps")
+    return plan_steps
+
+
+def _img2img_run(schedule: NoiseSchedule, canonical: str, plan: SamplingPlan, sigma_schedule, strength, start: str,
+                 strength_rule: str, steps: int, plan_steps: int) -> tuple[SamplingPlan, float | None]:
+    # (the plan an image-to-image run takes, the abar its image is noised to where that is not the plan's first:
+    # A1111's CompVis samplers, a level below)
+    if strength_rule != "diffusers" and sigma_schedule in COMPVIS_SCHEDULES and canonical in COMPVIS_SAMPLERS:
+        return _compvis_img2img(schedule, plan, sigma_schedule, strength, start, strength_rule, steps)
+    return _img2img_plan(plan, strength, start, strength_rule, steps, plan_steps), None
+
+
+def run_plan(schedule: NoiseSchedule, sampler: str, steps: int, *, img2img: bool = False, strength: float = 1.0,
+             strength_rule: str = "diffusers", start: str = "noise", timestep_spacing=None, steps_offset=None,
+             karras=False, sigma_schedule=None, rho=None, sigma_range="spaced",
+             discard_penultimate_sigma=False) -> SamplingPlan:
+    """The SamplingPlan `sample` runs `sampler` over for these settings (an image-to-image run's: the part it takes),
+    laid out without a model: a ValueError where the settings, or the sampler on that plan (samplers.check_plan),
+    cannot run, as `sample` would raise it, so that a caller can refuse a later run before doing any work (a hires
+    fix's second pass before its first)."""
+    if strength_rule not in STRENGTH_RULES:
+        raise ValueError(f"strength_rule must be one of {', '.join(map(repr, STRENGTH_RULES))}; got {strength_rule!r}")
+    plan_steps = _plan_steps(schedule, steps, img2img, strength, strength_rule)
+    canonical, _, plan = sampler_plan(schedule, sampler, plan_steps, timestep_spacing, steps_offset, karras, None,
+                                      sigma_schedule, rho, sigma_range, discard_penultimate_sigma)
+    if img2img:
+        plan, _ = _img2img_run(schedule, canonical, plan, sigma_schedule, strength, start, strength_rule, steps,
+                               plan_steps)
+    check_plan(canonical, plan)
+    return plan
 
 
 def _img2img_plan(plan: SamplingPlan, strength: float, start: str, rule: str = "diffusers",

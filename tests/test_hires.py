@@ -12,6 +12,7 @@ from PIL import Image
 
 from imagine.pipelines.text_to_image import TextToImagePipeline
 from imagine.samplers import a1111_settings
+from imagine.schedules import NoiseSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -166,7 +167,12 @@ def test_a_hires_sampler_samples_the_second_pass(pipe):
     real = pipe.generate
     for bad, match in (({"sigma_schedule": "karras"}, "with a 'sampler'"), ({"sampler": "euler", "steps": 3}, "'steps'"),
                        ({"sampler": "euler_cfgpp"}, "CFG\\+\\+ samplers for both passes or for neither"),
-                       ({"sampler": "ddim", "sigma_schedule": "align_your_steps"}, "hires sampler 'ddim': align_your")):
+                       ({"sampler": "ddim", "sigma_schedule": "align_your_steps"}, "hires sampler 'ddim': align_your"),
+                       # (refused by the sampler's own code on the plan the second pass runs: Restart needs a run
+                       # down to sigma 0, the LogSNR levels end at abar_0)
+                       ({"sampler": "restart", "sigma_schedule": "logsnr"},
+                        "hires sampler 'restart': restart runs down to sigma = 0; this plan stops above it"),
+                       ({"sampler": "euler", "start": "matched"}, "start='matched' moves pure noise")):
         pipe.generate = lambda *a, **k: runs.append(1) or real(*a, **k)
         try:
             with pytest.raises(ValueError, match=match):
@@ -351,3 +357,38 @@ def test_progress_counts_the_two_passes(pipe):
             thread.join(120)
     assert out["r"].status_code == 200
     assert p["progress"] == pytest.approx(0.5 + 0.5 * 2 / 4) and "hires pass" in p["textinfo"]
+
+
+@pytest.mark.parametrize("sampler,settings,strength", [
+    ("euler", {}, 0.6),
+    ("dpmpp_2m", {"sigma_schedule": "karras", "strength_rule": "a1111"}, 0.45),
+    ("euler_a", {"sigma_schedule": "exponential", "strength_rule": "a1111_fixed_steps"}, 0.7),
+    ("ddim", {"sigma_schedule": "compvis", "strength_rule": "a1111_fixed_steps"}, 0.5),
+    ("restart", {"sigma_schedule": "kl_optimal", "strength_rule": "a1111"}, 0.8),
+])
+def test_run_plan_is_the_plan_sample_runs(sampler, settings, strength):
+    """sampling.run_plan (what generate_hires lays out before its first pass) gives the levels `sample` steps through
+    for the same settings, its image-to-image rules included."""
+    from imagine.sampling import run_plan, sample
+
+    schedule = NoiseSchedule.from_config("scaled_linear")
+    seen = []
+    sample(lambda x, t, **c: torch.zeros_like(x), (1, 2, 4, 4), schedule=schedule, sampler=sampler, steps=9,
+           init=torch.zeros(1, 2, 4, 4), strength=strength, seeds=[1], progress=False,
+           callback=lambda d: seen.append(float(d["sigma"])), **settings)
+    plan = run_plan(schedule, sampler, 9, img2img=True, strength=strength, **settings)
+    levels = plan.sigmas.tolist()
+    assert seen and all(s in levels for s in seen) and seen[0] == levels[0]
+
+
+def test_run_plan_checks_the_part_an_image_to_image_run_takes():
+    """A sampler's own refusal (samplers.check_plan) reads the plan run: DPM++ 2M over linspace spacing at 1000 steps
+    repeats a level halfway down, which a run from strength 0.3 never reaches."""
+    from imagine.sampling import run_plan
+
+    schedule = NoiseSchedule.from_config("scaled_linear")
+    with pytest.raises(ValueError, match="dpmpp_2m: noise level .* repeats at steps 499 and 500 of 1000"):
+        run_plan(schedule, "dpmpp_2m", 1000, timestep_spacing="linspace")
+    assert len(run_plan(schedule, "dpmpp_2m", 1000, timestep_spacing="linspace", img2img=True, strength=0.3)) == 300
+    with pytest.raises(ValueError, match="restart runs down to sigma = 0; this plan stops above it"):
+        run_plan(schedule, "restart", 10, sigma_schedule="logsnr", img2img=True, strength=0.5)

@@ -1054,15 +1054,20 @@ class TextToImagePipeline:
                 raise ValueError(f"hires sampler {hires_sampling['sampler']!r}: a CFG++ sampler reads the guidance "
                                  "scale as its lambda, the first pass's sampler as CFG's scale (or the other way "
                                  "round); take CFG++ samplers for both passes or for neither")
-            # (its sampler and schedule type laid out now, so that a pair that cannot run is refused before the
-            # first pass runs, not after)
-            from imagine.sampling import sampler_plan
+            # (the second pass's plan laid out now, the part its image to image runs, so that a sampler and schedule
+            # type that cannot run it are refused before the first pass runs, not after)
+            from imagine.sampling import run_plan
 
             h = hires_sampling
+            rule = h.get("strength_rule", kw.get("strength_rule", "diffusers"))
             try:
-                sampler_plan(self.schedule, h["sampler"], hires_steps or kw.get("steps") or self.defaults["steps"],
-                             **{k: h[k] for k in ("karras", "sigma_schedule", "rho", "sigma_range",
-                                                  "discard_penultimate_sigma") if k in h})
+                run_plan(self.a1111_schedule(kw.get("downcast_alphas_cumprod", False),
+                                             kw.get("zero_terminal_snr", False)) or self.schedule,
+                         h["sampler"], hires_steps or kw.get("steps") or self.defaults["steps"], img2img=True,
+                         strength=hires_strength, start=h.get("start") or "noise",
+                         strength_rule="a1111_fixed_steps" if rule == "a1111" else rule,
+                         **self._plan_options(h.get("sigma_schedule")),
+                         **{k: h[k] for k in ("karras", "rho", "sigma_range", "discard_penultimate_sigma") if k in h})
             except ValueError as e:
                 raise ValueError(f"hires sampler {h['sampler']!r}: {e}") from None
         upscaler = str(hires_upscaler).lower()
@@ -1408,14 +1413,7 @@ class TextToImagePipeline:
         model's)."""
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
 
-        sc = self.c.scheduler_config
-        if sigma_schedule == "align_your_steps" and self.unet.config.addition_embed_type == "text_time":
-            sigma_schedule = "align_your_steps_sdxl"  # (SDXL's levels for an SDXL model, as A1111 picks them)
-        kwargs = {}
-        if sc.get("timestep_spacing"):
-            kwargs["timestep_spacing"] = sc["timestep_spacing"]
-        if sc.get("steps_offset") is not None:
-            kwargs["steps_offset"] = int(sc["steps_offset"])
+        kwargs = self._plan_options(sigma_schedule)
         model = _Autocast(self.unet) if self.precision == "fast" else exact_copy(self.unet)
         if concat is not None:  # an inpainting model's mask and masked-picture latents
             model = ConcatChannels(model, concat)
@@ -1444,13 +1442,26 @@ class TextToImagePipeline:
                       guidance_rescale=guidance_rescale, thresholding=thresholding, threshold_range=threshold_range,
                       karras=bool(karras), eta=eta,
                       generator=generators, noise_seeds=seeds, callback=callback, progress=progress,
-                      sigma_schedule=sigma_schedule, sigma_range=sigma_range,
+                      sigma_range=sigma_range,
                       discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
                       final_step=final_step, sampler_options=sampler_options, rho=rho, start=start,
                       init=init, strength=strength, mask=mask, guidance=guidance, **kwargs)
         if report is not None and refiner_switch is not None:
             report["refined"] = handoff.used  # (whether some step was the refiner's)
         return latents
+
+    def _plan_options(self, sigma_schedule) -> dict:
+        """The plan's layout as the model's scheduler config gives it (timestep spacing, steps offset), with the
+        schedule type `sigma_schedule`: the keywords of sampling.sample and sampling.run_plan."""
+        sc = self.c.scheduler_config
+        if sigma_schedule == "align_your_steps" and self.unet.config.addition_embed_type == "text_time":
+            sigma_schedule = "align_your_steps_sdxl"  # (SDXL's levels for an SDXL model, as A1111 picks them)
+        kwargs = {"sigma_schedule": sigma_schedule}
+        if sc.get("timestep_spacing"):
+            kwargs["timestep_spacing"] = sc["timestep_spacing"]
+        if sc.get("steps_offset") is not None:
+            kwargs["steps_offset"] = int(sc["steps_offset"])
+        return kwargs
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
