@@ -506,13 +506,16 @@ def test_eta_seed_resize_and_imagines_schedule_types_are_read(server, page, tmp_
     """Eta, Seed resize from and one of imagine's own schedule types (Time Uniform) are read into the form and sent;
     a setting the page cannot apply (Emphasis) is named in a notice."""
     text = ("a red circle\nSteps: 3, Sampler: Euler a, Schedule type: Time Uniform, CFG scale: 6, Eta: 0.5, Seed: 5, "
-            "Seed resize from: 48x40, Emphasis: No norm, RNG: CPU, Size: 32x32, Version: imagine 0.1.0")
+            "Seed resize from: 48x40, Emphasis: No norm, RNG: CPU, Size: 32x32, FP8 weight: Disable, "
+            "Masked area padding: 16, Version: imagine 0.1.0")
     _fill_form(page, server, prompt="something else", steps=9, seed=1, sampler="Euler", size=64)
     _read_picture(page, _infotext_picture(text, tmp_path / "eta.png"))
     assert page.input_value("#scheduler") == "Time Uniform" and page.input_value("#eta") == "0.5"
     assert (page.input_value("#seed_resize_from_w"), page.input_value("#seed_resize_from_h")) == ("48", "40")
     notice = page.inner_text("#pnginfo_notice")
     assert "Emphasis: No norm" in notice and "Version" not in notice and "Eta" not in notice
+    # (a field at the default A1111's reader fills in asks for nothing; the server's defaults, at another value named)
+    assert "FP8 weight" not in notice and "Masked area padding: 16" in notice
     page.click("#generate")
     got = _gallery_download(page)
     want = _api_picture(server, {"prompt": "a red circle", "steps": 3, "cfg_scale": 6, "width": 32, "height": 32,

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imagine import preprocessors
 from imagine.diffusion import check_level
-from imagine.images import RESIZE_MODES, controlnet_unit_text, fit_picture
+from imagine.images import A1111_INFOTEXT_DEFAULTS, RESIZE_MODES, controlnet_unit_text, fit_picture
 from imagine.samplers import (  # AUTOMATIC1111's labels and ways of our samplers
     A1111_SAMPLERS,
     A1111_SCHEDULE_NAMES,
@@ -1960,7 +1960,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                                                  "sampler": samplers.a1111_name(defaults["sampler"])},
                 "limits": {"max_width": cfg.max_width, "max_height": cfg.max_height, "max_steps": cfg.max_steps,
                            "max_images": cfg.max_images, "max_prompt_length": cfg.max_prompt_length},
-                "size_multiple": _size_multiple(pipe), "samplers": samplers.names()}
+                "size_multiple": _size_multiple(pipe), "samplers": samplers.names(),
+                # (the fields A1111's PNG Info reader fills in where an infotext has none: the page reads a picture's
+                # field at its default as asking for nothing)
+                "infotext_defaults": A1111_INFOTEXT_DEFAULTS}
 
     @app.get("/imagine/v1/stats")
     def get_stats():

@@ -83,6 +83,7 @@ async function loadConfig() {
     const c = await r.json();
     $("model").textContent = c.model + "  ·  imagine " + c.version;
     const d = c.defaults, lim = c.limits;
+    infotextDefaults = c.infotext_defaults || {};
     $("steps").value = d.steps; $("steps").max = lim.max_steps;
     $("hr_second_pass_steps").max = lim.max_steps;
     $("cfg_scale").value = d.guidance_scale;
@@ -504,16 +505,9 @@ async function generate(ev) {
 }
 
 // -- A1111's PNG Info: a picture's parameters (its infotext, read by the server's /sdapi/v1/png-info) -----------
-// the fields A1111's reader fills in where an infotext has none (imagine.images.A1111_INFOTEXT_DEFAULTS): at these
-// values they ask for nothing
-const A1111_DEFAULTS = {
-  "Clip skip": "1", "Hires resize-1": "0", "Hires resize-2": "0", "Hires sampler": "Use same sampler",
-  "Hires checkpoint": "Use same checkpoint", "Hires prompt": "", "Hires negative prompt": "",
-  "Mask mode": "Inpaint masked", "Masked content": "original", "Inpaint area": "Whole picture",
-  "Masked area padding": "32", "RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": "0",
-  "Schedule min sigma": "0", "Schedule rho": "0", "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",
-  "Hires schedule type": "Use same scheduler", "Refiner switch by sampling steps": "false",
-};
+// the fields A1111's reader fills in where an infotext has none (the server's imagine.images.A1111_INFOTEXT_DEFAULTS,
+// from /imagine/v1/config): at these values they ask for nothing
+let infotextDefaults = {};
 // the fields the page reads into the form, and those that say how a picture was made but ask for nothing
 const READ_FIELDS = new Set([
   "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2", "Eta",
@@ -622,7 +616,7 @@ function pictureBody(p) {
   }
   for (const [k, v] of Object.entries(p)) {
     if (READ_FIELDS.has(k) || RECORD_FIELDS.has(k)) continue;
-    if (k in A1111_DEFAULTS && String(v).toLowerCase() === A1111_DEFAULTS[k].toLowerCase()) continue;
+    if (k in infotextDefaults && String(v).toLowerCase() === String(infotextDefaults[k]).toLowerCase()) continue;
     if (k === "Clip skip" && String(v) === String(serverOptions.CLIP_stop_at_last_layers ?? 1)) continue;
     if (k === "VAE" && v === serverOptions.sd_vae) continue;
     const text = String(v);
