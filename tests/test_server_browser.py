@@ -193,6 +193,19 @@ def test_img2img_from_the_page(server, page, tmp_path):
                                      width=64, height=64, guidance_scale=cfg, emphasis=True,
                                      progress=False, **a1111_settings("Euler")).images[0]
     assert got.tobytes() == want.tobytes()
+    # a picture of another shape, brought to the size by the chosen resize mode (A1111's img2img "Resize mode")
+    wide = picture.crop((0, 0, 64, 40))
+    wide.save(path)
+    page.set_input_files("#init_image", str(path))
+    page.select_option("#resize_mode", "1")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('.gallery .card').length === 2", timeout=60_000)
+    got = _gallery_download(page)  # (the newest card comes first)
+    want = {mode: server.pipe.pipe.generate("a red circle", init_image=wide, strength=0.5, steps=4, seed=77,
+                                            width=64, height=64, guidance_scale=cfg, emphasis=True, progress=False,
+                                            resize_mode=mode, **a1111_settings("Euler")).images[0].tobytes()
+            for mode in ("crop_and_resize", "just_resize")}
+    assert got.tobytes() == want["crop_and_resize"] != want["just_resize"]
 
 
 def test_inpainting_from_the_page(server, page, tmp_path):

@@ -222,6 +222,7 @@ function formBody() {
   if (files.mask && !files.init_image) throw new FieldError("mask", "A mask needs a picture to start from.");
   if (files.init_image) {  // img2img: A1111's body, the picture resized by the server to the size (no hires. fix)
     body.denoising_strength = num("denoising_strength", "Denoising strength", { above: 0, max: 1 });
+    body.resize_mode = Number($("resize_mode").value);  // (A1111's 0-3: imagine.images.RESIZE_MODES)
     endpoint = "/sdapi/v1/img2img";
   } else {
     const scale = num("hr_scale", "Upscale scale", { min: 1, max: 4 });
@@ -322,6 +323,7 @@ function bodyToForm(b, files = {}) {
     choose("hr_scheduler", b.hr_scheduler || "Use same scheduler");
   } else {
     set("denoising_strength", b.denoising_strength);  // (image to image's)
+    $("resize_mode").value = String(b.resize_mode ?? 0);
   }
   const unit = (((b.alwayson_scripts || {}).controlnet || {}).args || [])[0];
   if (unit) {
