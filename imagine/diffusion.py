@@ -76,10 +76,14 @@ def augment(x: torch.Tensor, level: int, schedule, noise: torch.Tensor) -> torch
     return q_sample(x, torch.full((x.shape[0],), int(level)), schedule, noise)
 
 
-def check_level(level, top: int, hint: str = "") -> None:
-    """An augmentation's noise level must be a whole number from 0 to `top`: else a ValueError saying so."""
-    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= top:
+def check_level(level, top: int, hint: str = "") -> int:
+    """An augmentation's noise level must be a whole number from 0 to `top` (a Python or NumPy integer): else a
+    ValueError saying so; the level as an int."""
+    import numbers
+
+    if isinstance(level, bool) or not isinstance(level, numbers.Integral) or not 0 <= level <= top:
         raise ValueError(f"noise_level must be a whole number from 0 to {top}{hint}; got {level!r}")
+    return int(level)
 
 
 # -- prediction types ----------------------------------------------------------------------------

@@ -194,3 +194,27 @@ def test_served_unclip_makes_openai_variations(unclip, tmp_path):
         r = httpx.post(f"{srv.url}/v1/images/edits", files={"image": ("p.png", buf.getvalue(), "image/png")},
                        data={"prompt": "a hat"}, timeout=120)
         assert r.status_code == 422 and "use POST /v1/images/variations" in r.text
+
+
+def test_defaults_a_low_scale_and_pictures_without_prompts_are_diffusers(unclip):
+    """No guidance given: diffusers' default for the model (10); a scale at or below 1 runs the prompt's side alone
+    (diffusers' gate); two pictures and no prompt: one empty prompt each, as diffusers' pipeline."""
+    folder, ref, ours = unclip
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    kw = dict(height=32, width=32)
+    assert ours.defaults["guidance_scale"] == 10.0
+    for scale in (None, 0.5):
+        given = {} if scale is None else {"guidance_scale": scale}
+        want = ref(image=_picture(1), num_inference_steps=4, generator=torch.Generator().manual_seed(3),
+                   output_type="pt", **kw, **given).images[0].float()
+        got = _ours(ours, ours.variations(_picture(1), steps=4, seeds=[3], sampler="ddim", progress=False,
+                                          output_type="latent", **kw, **given))[0]
+        assert psnr(got, want) >= 50, (scale, psnr(got, want))
+    pictures = [_picture(1), _picture(2)]
+    want = ref(image=pictures, num_inference_steps=2, generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+               output_type="pt", **kw).images
+    got = _ours(ours, ours.variations(pictures, steps=2, seeds=[3, 4], sampler="ddim", progress=False,
+                                      output_type="latent", **kw))
+    assert all(psnr(a, b.float()) >= 50 for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="2 pictures for 3 prompts; give one, or one per prompt"):
+        ours.variations(pictures, ["a", "b", "c"], steps=1, progress=False)

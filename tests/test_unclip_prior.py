@@ -5,6 +5,8 @@ loop makes equals diffusers' to float rounding; whole generations are 50 dB or m
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -119,6 +121,47 @@ def test_the_prior_loop_gives_diffusers_embedding(stable_unclip, monkeypatch):
     assert want.std() > 0.1 and torch.allclose(got, want, atol=1e-5, rtol=1e-5), float((got - want).abs().max())
 
 
+def test_an_unclip_scheduler_prior_steps_over_its_own_timesteps(stable_unclip, tmp_path, monkeypatch):
+    """A prior_scheduler of diffusers' UnCLIPScheduler class (Karlo's) lays out round(i (T - 1) / (n - 1)), and each
+    step goes to the next of them, as diffusers' UnCLIPPipeline hands it prev_timestep (its StableUnCLIPPipeline hands
+    none, so that each of its steps goes down one timestep: not followed)."""
+    import shutil
+
+    from imagine.pipelines.unclip import prior_embeddings
+    from imagine.sampling import make_generators
+
+    folder = tmp_path / "karlo_scheduler"
+    shutil.copytree(stable_unclip[0], folder)
+    diffusers.UnCLIPScheduler(clip_sample_range=5.0, prediction_type="sample").save_pretrained(folder / "prior_scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "prior_scheduler": ["diffusers", "UnCLIPScheduler"]}))
+    ref = diffusers.StableUnCLIPPipeline.from_pretrained(folder, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    ours = TextToImagePipeline.from_pretrained(folder)
+    step, seen = ref.prior_scheduler.step, []
+
+    def karlo_step(model_output, timestep, sample, **kw):  # (UnCLIPPipeline's loop: the next timestep given)
+        ts = ref.prior_scheduler.timesteps.tolist()
+        i = ts.index(int(timestep))
+        return step(model_output, timestep, sample, prev_timestep=ts[i + 1] if i + 1 < len(ts) else None, **kw)
+
+    monkeypatch.setattr(ref.prior_scheduler, "step", karlo_step)
+    real = ref.noise_image_embeddings
+    monkeypatch.setattr(ref, "noise_image_embeddings",
+                        lambda image_embeds, **kw: (seen.append(image_embeds.clone()), real(image_embeds, **kw))[1])
+    ref("a red circle", height=SIZE, width=SIZE, num_inference_steps=1, prior_num_inference_steps=5,
+        generator=torch.Generator().manual_seed(5), output_type="latent")
+    assert ref.prior_scheduler.timesteps.tolist() == [999, 749, 500, 250, 0]
+    prior = ours.c.prior
+    steps = []
+    got = prior_embeddings(prior, ["a red circle"], make_generators(1, [5]), [5], steps=5, guidance_scale=4.0,
+                           sampler=prior.sampler, progress=False, callback=lambda d: steps.append(int(d["t"])))
+    assert steps == [999, 749, 500, 250, 0]
+    # (to 3e-3: diffusers' UnCLIPScheduler and DDPMScheduler themselves differ by 1e-3 in float32 over these steps)
+    assert torch.allclose(got, seen[0], rtol=0, atol=3e-3), float((got - seen[0]).abs().max())
+    assert prior.sampler == "ddpm" and prior.timestep_spacing == "linspace"
+
+
 @pytest.mark.parametrize("noise_level,sampler,scheduler", [(0, "ddim", "DDIMScheduler"),
                                                            (200, "euler", "EulerDiscreteScheduler")])
 def test_text_to_image_matches_diffusers(stable_unclip, noise_level, sampler, scheduler):
@@ -215,8 +258,11 @@ def test_errors_name_the_problem(stable_unclip):
                        text_to_image(ours, "a red circle", prior_guidance_scale=1.0, **kw).latents)
     with pytest.raises(ValueError, match="hires. fix is not for .* an unCLIP text-to-image model"):
         ours.generate_hires("a red circle", hires_scale=2)
-    with pytest.raises(ValueError, match="prior_steps must be at least 1"):
-        text_to_image(ours, "a red circle", prior_steps=0)
+    for bad in (0, 2.7, True):
+        with pytest.raises(ValueError, match="prior_steps must be a whole number of at least 1"):
+            text_to_image(ours, "a red circle", prior_steps=bad)
+    with pytest.raises(ValueError, match="prior_guidance_scale must be a finite number; got nan"):
+        text_to_image(ours, "a red circle", prior_guidance_scale=float("nan"))
     with pytest.raises(ValueError, match="no CLIP image encoder"):
         ours.variations(__import__("PIL.Image", fromlist=["x"]).new("RGB", (32, 32)), "a red circle")
 

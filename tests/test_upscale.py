@@ -234,3 +234,25 @@ def test_single_file_x4_matches_diffusers(tmp_path):
     state["noise_augmentor.betas"] = torch.zeros(1000)
     with pytest.raises(ValueError, match="looks like SD 2.1 unCLIP.*diffusers folder"):
         components_from_state(state, str(path))
+
+
+def test_defaults_and_a_scale_at_or_below_one_are_diffusers(x4):
+    """A call with no steps or guidance runs diffusers' own defaults for the upscaler (75 steps at guidance 9), and a
+    guidance scale at or below 1 runs the prompt's side alone, as diffusers' gate (guidance_scale > 1) does."""
+    folder, ref, ours = x4
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    assert (ours.defaults["steps"], ours.defaults["guidance_scale"]) == (75, 9.0)
+    want = ref("a red circle", image=_picture(1), generator=torch.Generator().manual_seed(3), output_type="pt").images
+    got = ours.upscale("a red circle", _picture(1), seed=3, progress=False, output_type="latent")
+    assert psnr(((ours.decode(got.latents) + 1) / 2).clamp(0, 1)[0], want[0].float()) >= 50
+    for scale in (0.5, 0.0):
+        want = ref("a red circle", image=_picture(1), num_inference_steps=4, guidance_scale=scale, noise_level=20,
+                   generator=torch.Generator().manual_seed(3), output_type="pt").images[0].float()
+        got = ours.upscale("a red circle", _picture(1), steps=4, guidance_scale=scale, noise_level=20, seed=3,
+                           sampler="ddim", progress=False, output_type="latent")
+        assert psnr(((ours.decode(got.latents) + 1) / 2).clamp(0, 1)[0], want) >= 50, scale
+    # (a NumPy integer is a noise level too; a picture under the VAE's factor is refused, as diffusers refuses it)
+    assert ours.upscale("x", _picture(1), steps=1, noise_level=np.int64(20), seed=1,
+                        progress=False).parameters["noise_level"] == 20
+    with pytest.raises(ValueError, match="a picture of 2x2 is under the VAE's factor 4 on a side"):
+        ours.upscale("x", _picture(1, (2, 2)), steps=1, progress=False)

@@ -19,12 +19,19 @@ import torch
 from imagine.models.io import read_json
 from imagine.models.text_encoders import TextEncoder, load_text_encoder
 
-# diffusers scheduler class -> the sampler of ours that follows the same algorithm
+# diffusers scheduler class -> the model's default sampler: the one of ours that follows the same algorithm, but for
+# PNDM and LMS (SD 1.x's folders name them), where it is AUTOMATIC1111's default, DPM++ 2M, as the 20 default steps are
+# A1111's (diffusers' default call runs PNDM over 50; `--sampler plms` is its PNDMScheduler, skip_prk_steps)
 SCHEDULER_TO_SAMPLER = {
     "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp_2m",
     "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
     "HeunDiscreteScheduler": "heun", "PNDMScheduler": "dpmpp_2m", "LMSDiscreteScheduler": "dpmpp_2m",
 }
+
+# the defaults of diffusers' own pipelines for these models (StableDiffusionUpscalePipeline's __call__: 75 steps at
+# guidance 9; StableUnCLIPPipeline's and StableUnCLIPImg2ImgPipeline's: 20 at 10), where model_index.json names none
+X4_DEFAULTS = {"steps": 75, "guidance_scale": 9.0}
+UNCLIP_DEFAULTS = {"steps": 20, "guidance_scale": 10.0}
 
 
 @dataclass
@@ -110,12 +117,16 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
         low_res = NoiseSchedule.from_diffusers_config(read_json(
             root / _sub(index["low_res_scheduler"], "low_res_scheduler") / "scheduler_config.json"))
         defaults.setdefault("max_noise_level", int(index.get("max_noise_level", 350)))
+        for k, v in X4_DEFAULTS.items():
+            defaults.setdefault(k, v)
     embedder = image_noise = prior = None
     if index.get("image_normalizer") and (index.get("image_encoder") or index.get("prior")):
         # diffusers' StableUnCLIPImg2ImgPipeline (a picture's CLIP embedding) or StableUnCLIPPipeline (a prior's)
         from imagine.models.image_encoder import ImageEmbedder
 
         embedder = ImageEmbedder.from_folder(root, dtype, encoder=bool(index.get("image_encoder")))
+        for k, v in UNCLIP_DEFAULTS.items():
+            defaults.setdefault(k, v)
         image_noise = NoiseSchedule.from_diffusers_config(read_json(
             root / _sub(index.get("image_noising_scheduler", []), "image_noising_scheduler") / "scheduler_config.json"))
         if index.get("prior"):

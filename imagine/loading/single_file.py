@@ -47,7 +47,7 @@ import torch
 
 from imagine.models import io
 from imagine.loading import keymap
-from imagine.loading.folder import Components
+from imagine.loading.folder import X4_DEFAULTS, Components
 
 log = logging.getLogger(__name__)
 
@@ -777,7 +777,7 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
                         "stored betas", name)
             low_cfg = dict(low_cfg, trained_betas=low_betas.double().tolist(), num_train_timesteps=len(low_betas))
         low_res = NoiseSchedule.from_diffusers_config(low_cfg)
-        defaults = {"max_noise_level": X4_UPSCALER["max_noise_level"]}
+        defaults = {"max_noise_level": X4_UPSCALER["max_noise_level"], **X4_DEFAULTS}
     return Components(unet=unet, text_encoder=text_encoder, schedule=schedule, prediction_type=prediction_type,
                       vae=vae, scheduler_config=sched_cfg, defaults=defaults, source=str(source),
                       low_res_schedule=low_res)

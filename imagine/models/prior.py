@@ -163,8 +163,18 @@ class DiffusionPrior:
         return SCHEDULER_TO_SAMPLER.get(self.scheduler_config.get("_class_name", ""), "ddpm")
 
     @property
+    def timestep_spacing(self) -> str | None:
+        """The scheduler's timestep spacing: diffusers' UnCLIPScheduler (Karlo's) lays its steps out as
+        round(i (T - 1) / (n - 1)), linspace spacing, whatever its config; the others as their config says."""
+        if self.scheduler_config.get("_class_name") == "UnCLIPScheduler":
+            return "linspace"
+        return self.scheduler_config.get("timestep_spacing")
+
+    @property
     def clip_range(self) -> float | None:
-        """The range x_0 is clipped to at every step (diffusers' clip_sample / clip_sample_range), else None."""
+        """The range x_0 is clipped to at every step (diffusers' clip_sample / clip_sample_range), else None. It holds
+        for whichever prior sampler runs (diffusers' Euler and DPM-Solver schedulers would not clip: a prior's x_0 is
+        kept in the range its scheduler was configured for)."""
         c = self.scheduler_config
         # (diffusers' DDPM and DDIM schedulers clip unless told not to)
         clip = c.get("clip_sample", c.get("_class_name") in ("DDPMScheduler", "DDIMScheduler", "UnCLIPScheduler",

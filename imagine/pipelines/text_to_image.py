@@ -1171,13 +1171,15 @@ class TextToImagePipeline:
         t0 = time.perf_counter()
         generators = make_generators(len(prompts), seeds)
         self.set_request_loras(self.loras_asked([*prompts, *(n for n in negatives if n)]))
-        cond, uncond = self.conditioning(prompts, negatives, height, width, guidance_scale != 1.0 or is_cfg_pp(sampler),
-                                         emphasis, long_prompts)
+        # (diffusers' gate for these models' pipelines, upscaler and unCLIP: a scale at or below 1 runs the prompt's
+        # side alone; generate's text to image guides at any scale other than 1, as AUTOMATIC1111)
+        guided = guidance_scale > 1.0 or is_cfg_pp(sampler)
+        cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts)
         label, negative_label, concat = condition(generators)
         cond = {**cond, "class_labels": label}
         uncond = None if uncond is None else {**uncond, "class_labels": negative_label}
         latents = self._sample((len(prompts), self.latent_channels, height // self.scale, width // self.scale), cond,
-                               uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                               uncond, steps=steps, guidance_scale=guidance_scale if guided else 1.0, sampler=sampler,
                                generators=generators, seeds=seeds, guidance_rescale=0.0, eta=eta, karras=bool(karras),
                                sigma_schedule=sigma_schedule, rho=rho, final_step=final_step or "euler",
                                sampler_options=sampler_options, thresholding=None, callback=callback,
@@ -1230,7 +1232,7 @@ class TextToImagePipeline:
         if len(images) == 1:
             images = images * n_prompts
         if len(images) != n_prompts:
-            what = {"init_image": "init images", "mask_image": "masks"}.get(name, "control pictures")
+            what = {"init_image": "init images", "mask_image": "masks", "image": "pictures"}.get(name, "control pictures")
             raise ValueError(f"{len(images)} {what} for {n_prompts} prompts; give one, or one per prompt")
         return [(im.convert(mode) if mode else im) for im in images for _ in range(per_prompt)]
 
@@ -1302,7 +1304,7 @@ class TextToImagePipeline:
 
         return upscale(self, prompt, image, negative_prompt, **kw)
 
-    def variations(self, image, prompt="", negative_prompt=None, **kw) -> GenerationResult:
+    def variations(self, image, prompt=None, negative_prompt=None, **kw) -> GenerationResult:
         """An unCLIP decoder's (SD 2.1 unCLIP) variations of a picture, from its CLIP image embedding:
         `imagine.pipelines.unclip.variations`."""
         from imagine.pipelines.unclip import variations

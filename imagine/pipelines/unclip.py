@@ -18,6 +18,9 @@ guidance against the empty caption, then taken back to CLIP's space by its train
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -48,7 +51,7 @@ def embedding_condition(embed, embedder, schedule, level: int):
     return condition
 
 
-def variations(pipe, image, prompt: str | list[str] = "", negative_prompt: str | list[str] | None = None, *,
+def variations(pipe, image, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
                noise_level: int = 0, steps: int | None = None, guidance_scale: float | None = None,
                sampler: str | None = None, seed: int | None = None, seeds: list[int] | None = None,
                num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
@@ -57,7 +60,7 @@ def variations(pipe, image, prompt: str | list[str] = "", negative_prompt: str |
                emphasis: bool = False, long_prompts: bool = False, callback=None, progress: bool = True,
                output_type: str = "pil"):
     """Images like `image` (a PIL picture, or one per prompt), at the model's own size unless height/width are
-    given, steered by `prompt` ("" by default, as diffusers'). `noise_level`: 0 (the embedding as it is) to the
+    given, steered by `prompt` (none given: "" for each picture, as diffusers'). `noise_level`: 0 (the embedding as it is) to the
     embedding schedule's last step. Each image's generator (its seed) draws its embedding's noise first, then the
     start noise, as diffusers' pipeline draws them for one image (for a batch diffusers draws one embedding noise
     for all; here each image has its own, so an image does not depend on its batch). The other options are
@@ -68,7 +71,9 @@ def variations(pipe, image, prompt: str | list[str] = "", negative_prompt: str |
     if embedder is None:
         raise ValueError(f"{pipe.c.source or 'this model'} takes no image embedding (an unCLIP model, e.g. SD 2.1 "
                          "unCLIP, has image_encoder/ and image_normalizer/); use generate()")
-    check_level(noise_level, schedule.num_train_timesteps - 1)
+    noise_level = check_level(noise_level, schedule.num_train_timesteps - 1)
+    if prompt is None:  # (one empty prompt a picture, as diffusers' StableUnCLIPImg2ImgPipeline)
+        prompt = [""] * len(image) if isinstance(image, (list, tuple)) else ""
     prompts, negatives, pictures, seeds = pipe._picture_batch(prompt, negative_prompt, image, num_images_per_prompt,
                                                               seed, seeds)
     height, width = pipe.output_size(height, width, None)
@@ -119,7 +124,7 @@ def prior_embeddings(prior, prompts: list[str], generators, seeds, *, steps: int
     z = sample(prior.model, (len(prompts), prior.model.embedding_dim), schedule=prior.schedule, sampler=sampler,
                steps=steps, cond=as_cond(text), uncond=uncond, guidance_scale=guidance_scale if guided else 1.0,
                thresholding="static" if prior.clip_range else None, threshold_range=prior.clip_range or 1.0,
-               timestep_spacing=c.get("timestep_spacing"), steps_offset=c.get("steps_offset"),
+               timestep_spacing=prior.timestep_spacing, steps_offset=c.get("steps_offset"),
                generator=generators, noise_seeds=seeds, progress=progress,
                callback=None if callback is None else lambda info: callback(
                    {"stage": "prior", **{k: info[k] for k in ("step", "total", "t", "sigma")}}))
@@ -147,11 +152,15 @@ def text_to_image(pipe, prompt: str | list[str], negative_prompt: str | list[str
     if prior is None:
         raise ValueError(f"{pipe.c.source or 'this model'} has no diffusion prior (an unCLIP text-to-image model, "
                          "e.g. SD 2.1 unCLIP with Karlo's prior, has prior/ and image_normalizer/); use generate()")
-    check_level(noise_level, schedule.num_train_timesteps - 1)
-    prior_steps = PRIOR_STEPS if prior_steps is None else int(prior_steps)
-    if prior_steps < 1:
-        raise ValueError(f"prior_steps must be at least 1; got {prior_steps}")
-    prior_guidance_scale = PRIOR_GUIDANCE if prior_guidance_scale is None else float(prior_guidance_scale)
+    noise_level = check_level(noise_level, schedule.num_train_timesteps - 1)
+    prior_steps = PRIOR_STEPS if prior_steps is None else prior_steps
+    if isinstance(prior_steps, bool) or not isinstance(prior_steps, numbers.Integral) or prior_steps < 1:
+        raise ValueError(f"prior_steps must be a whole number of at least 1; got {prior_steps!r}")
+    prior_guidance_scale = PRIOR_GUIDANCE if prior_guidance_scale is None else prior_guidance_scale
+    if (isinstance(prior_guidance_scale, bool) or not isinstance(prior_guidance_scale, numbers.Real)
+            or not math.isfinite(prior_guidance_scale)):
+        raise ValueError(f"prior_guidance_scale must be a finite number; got {prior_guidance_scale!r}")
+    prior_steps, prior_guidance_scale = int(prior_steps), float(prior_guidance_scale)
     prior_sampler = prior_sampler or prior.sampler
     prompts, negatives, _, seeds = pipe._picture_batch(prompt, negative_prompt, None, num_images_per_prompt, seed,
                                                        seeds, picture=False)

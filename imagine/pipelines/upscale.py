@@ -38,12 +38,16 @@ def upscale(pipe, prompt: str | list[str], image, negative_prompt: str | list[st
     if schedule is None:
         raise ValueError(f"{pipe.c.source or 'this model'} is not a super-resolution model (SD's x4 upscaler: a "
                          "U-Net reading the picture beside its latents, and a low_res_scheduler); use generate()")
-    check_level(noise_level, int(pipe.defaults.get("max_noise_level", 350)), " (this model's max_noise_level)")
+    noise_level = check_level(noise_level, int(pipe.defaults.get("max_noise_level", 350)),
+                              " (this model's max_noise_level)")
     prompts, negatives, pictures, seeds = pipe._picture_batch(prompt, negative_prompt, image, num_images_per_prompt,
                                                               seed, seeds)
     if len({im.size for im in pictures}) > 1:
         raise ValueError(f"the pictures are upscaled together: give pictures of one size (got "
                          f"{sorted({im.size for im in pictures})})")
+    if min(pictures[0].size) < pipe.scale:  # (diffusers: "height and width must be > 0" once brought to the factor)
+        raise ValueError(f"a picture of {pictures[0].size[0]}x{pictures[0].size[1]} is under the VAE's factor "
+                         f"{pipe.scale} on a side: give a picture of at least {pipe.scale}x{pipe.scale}")
     w, h = pipe.factor_size(pictures[0])
     if (w, h) != pictures[0].size:  # sides down to the VAE's factor, bicubic, as diffusers' pipeline takes them
         pictures = [im.resize((w, h), Image.BICUBIC) for im in pictures]
