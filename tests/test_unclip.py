@@ -6,6 +6,7 @@ offline and gives diffusers' StableUnCLIPImg2ImgPipeline's images at 50 dB or mo
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -148,6 +149,12 @@ def test_unclip_errors_and_cli(unclip, tmp_path, capsys):
                                                         "decoder": ["diffusers", "UNet2DConditionModel"]}))
     with pytest.raises(ValueError, match="has a diffusion prior but no image_normalizer.*StableUnCLIPPipeline"):
         TextToImagePipeline.from_pretrained(prior)
+    half = tmp_path / "half"  # (an unCLIP decoder's folder without its image_normalizer: named, not plain SD)
+    shutil.copytree(folder, half)
+    index = json.loads((half / "model_index.json").read_text())
+    (half / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "image_normalizer"}))
+    with pytest.raises(ValueError, match="has an image_encoder but no image_normalizer/ entry"):
+        TextToImagePipeline.from_pretrained(half)
     save_diffusers_folder(tmp_path / "sd", "sd1")
     with pytest.raises(ValueError, match="takes no image embedding"):
         TextToImagePipeline.from_pretrained(tmp_path / "sd").variations(_picture(1))

@@ -148,6 +148,15 @@ def test_upscaler_errors(x4, tmp_path):
     save_diffusers_folder(tmp_path / "sd", "sd1")
     with pytest.raises(ValueError, match="not a super-resolution model"):
         TextToImagePipeline.from_pretrained(tmp_path / "sd").upscale("a", _picture(1))
+    # (an upscaler's folder without its low_res_scheduler: named, not read as a U-Net of unknown inputs)
+    import shutil
+
+    half = tmp_path / "half_x4"
+    shutil.copytree(folder, half)
+    index = json.loads((half / "model_index.json").read_text())
+    (half / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "low_res_scheduler"}))
+    with pytest.raises(ValueError, match="4 \\+ 3 input channels, an upscaler's .* names no low_res_scheduler"):
+        TextToImagePipeline.from_pretrained(half)
 
 
 def test_generate_cli_upscales(x4, tmp_path, capsys):

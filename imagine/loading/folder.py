@@ -70,6 +70,11 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
         raise ValueError(f"{root} has a diffusion prior but no image_normalizer/ ({index.get('_class_name', '?')}): "
                          "imagine runs unCLIP's prior with an SD 2.1 unCLIP decoder (diffusers' StableUnCLIPPipeline "
                          "folders), not this pipeline")
+    # (a half-built StableUnCLIPImg2Img folder; an SD folder's optional IP-Adapter image_encoder is [null, null])
+    if _named(index.get("image_encoder")) and not _named(index.get("image_normalizer")):
+        raise ValueError(f"{root} has an image_encoder but no image_normalizer/ entry in model_index.json: an SD 2.1 "
+                         "unCLIP decoder (diffusers' StableUnCLIPImg2ImgPipeline) needs image_encoder/, "
+                         "feature_extractor/, image_normalizer/ and image_noising_scheduler/")
     for needed in ("unet", "scheduler", "text_encoder"):
         if needed not in index:
             raise ValueError(f"{root / 'model_index.json'} has no {needed!r} entry; a text-to-image folder needs "
@@ -185,6 +190,12 @@ def _not_a_model_folder(root: Path) -> str:
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
     listing = ", ".join(found[:10]) + (f" ... ({len(found)} entries)" if len(found) > 10 else "")
     return f"{needs}; found {listing or 'nothing'}"
+
+
+def _named(entry) -> bool:
+    # a model_index.json entry that names a component (["library", "Class"]), not diffusers' [null, null] for an
+    # optional one left out
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
 
 def _sub(entry, default: str) -> str:

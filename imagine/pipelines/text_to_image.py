@@ -92,6 +92,11 @@ class TextToImagePipeline:
             if inputs != latent + 3 or self.vae is None:
                 raise ValueError(f"{components.source or 'this model'}: an upscaler (it has a low_res_scheduler) "
                                  f"needs a VAE and a U-Net taking {latent} + 3 input channels; its takes {inputs}")
+        elif inputs == latent + 3 and self.vae is not None:  # (an x4 upscaler's U-Net without its low_res_scheduler)
+            raise ValueError(f"{components.source or 'this model'}: its U-Net takes {latent} + 3 input channels, an "
+                             "upscaler's (the picture's RGB beside the latents), but the folder names no "
+                             "low_res_scheduler (model_index.json's low_res_scheduler entry and low_res_scheduler/, as "
+                             "diffusers' StableDiffusionUpscalePipeline saves them)")
         elif inputs not in (latent, 2 * latent + 1, 2 * latent) or (inputs != latent and self.vae is None):
             raise ValueError(f"{components.source or 'this model'}: its U-Net takes {inputs} input channels; imagine "
                              f"runs U-Nets that take the {latent} channels of the noisy latents, or "
