@@ -72,9 +72,10 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
                          "folders), not this pipeline")
     # (a half-built StableUnCLIPImg2Img folder; an SD folder's optional IP-Adapter image_encoder is [null, null])
     if _named(index.get("image_encoder")) and not _named(index.get("image_normalizer")):
-        raise ValueError(f"{root} has an image_encoder but no image_normalizer/ entry in model_index.json: an SD 2.1 "
-                         "unCLIP decoder (diffusers' StableUnCLIPImg2ImgPipeline) needs image_encoder/, "
-                         "feature_extractor/, image_normalizer/ and image_noising_scheduler/")
+        raise ValueError(f"{root} has an image_encoder but no image_normalizer/ entry in model_index.json "
+                         f"({index.get('_class_name', '?')}): imagine runs an image embedding through SD 2.1 unCLIP's "
+                         "decoder (diffusers' StableUnCLIPImg2ImgPipeline folders: image_encoder/, feature_extractor/, "
+                         "image_normalizer/ and image_noising_scheduler/), not DALL-E 2's own (UnCLIPImageVariation)")
     for needed in ("unet", "scheduler", "text_encoder"):
         if needed not in index:
             raise ValueError(f"{root / 'model_index.json'} has no {needed!r} entry; a text-to-image folder needs "
