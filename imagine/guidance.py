@@ -138,6 +138,89 @@ def _forward_parts(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch
     return list(model(torch.cat([x] * k), torch.cat([t] * k), **both).chunk(k))
 
 
+# AUTOMATIC1111's "Pad prompt/negative prompt" options, for a prompt and negative prompt of different lengths:
+# "empty" (its pad_cond_uncond, infotext "Pad conds") fills the shorter up with the empty prompt's chunks; "v0" (its
+# pad_cond_uncond_v0, "Pad conds v0": what its DDIM always did before 1.6.0) repeats the negative's last state up to
+# the prompt's length, or cuts the negative to it
+PAD_CONDS = ("empty", "v0")
+
+
+def _pad_text(c: dict[str, Any], length: int, fill: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+    # each text of `c` ([B, L, D] under a key ending in "context") to `length`: cut, or `fill(states)`'s rows appended
+    # (a padding mask, where there is one, takes the new rows as read, as A1111's U-Net reads them)
+    out = dict(c)
+    for key, v in c.items():
+        if not (key.endswith("context") and torch.is_tensor(v) and v.ndim == 3) or v.shape[1] == length:
+            continue
+        mask = c.get(key + "_mask")
+        if v.shape[1] > length:
+            out[key] = v[:, :length]
+            if mask is not None:
+                out[key + "_mask"] = mask[:, :length]
+            continue
+        extra = fill(v)[:, : length - v.shape[1]].to(v)
+        out[key] = torch.cat([v, extra], dim=1)
+        if mask is not None:
+            out[key + "_mask"] = torch.cat([mask, torch.ones(extra.shape[:2], dtype=mask.dtype, device=mask.device)], 1)
+    return out
+
+
+class PaddedConds:
+    """A guidance rule (called as guided_model_output is) that first brings a prompt's and a negative prompt's texts to
+    one length by AUTOMATIC1111's rule `mode` (PAD_CONDS; its CFGDenoiser's pad_cond_uncond / pad_cond_uncond_v0), so
+    that they share the guidance batch, then runs `inner`. `empty`: the empty prompt's cond dict (one chunk, [1, 77, D]
+    states), for "empty". `padded` turns true once a step was padded (A1111 then writes the option in the infotext)."""
+
+    def __init__(self, mode: str, empty: dict[str, Any] | None = None, inner: Callable[..., torch.Tensor] | None = None):
+        if mode not in PAD_CONDS:
+            raise ValueError(f"pad_conds must be one of {', '.join(map(repr, PAD_CONDS))} (or None: off); got {mode!r}")
+        if mode == "empty" and empty is None:
+            raise ValueError("pad_conds 'empty' pads with the empty prompt's states: give `empty`")
+        self.mode, self.empty, self.inner, self.padded = mode, empty, inner or guided_model_output, False
+
+    def _length(self, cond: dict[str, Any]) -> int | None:
+        v = cond.get("context")
+        return v.shape[1] if torch.is_tensor(v) and v.ndim == 3 else None
+
+    def pad(self, cond: dict[str, Any], uncond: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        lc, lu = self._length(cond), self._length(uncond)
+        if lc is None or lu is None or lc == lu:
+            return cond, uncond
+        if self.mode == "v0":  # the negative's last state repeated, or the negative cut to the prompt's length
+            self.padded = True
+            return cond, _pad_text(uncond, lc, lambda v: v[:, -1:].expand(-1, lc - v.shape[1], -1))
+        chunk = self.empty["context"].shape[1]
+        repeats = (max(lc, lu) - min(lc, lu)) // chunk  # (whole chunks of the empty prompt, as A1111 counts them)
+        if repeats == 0:
+            return cond, uncond
+        self.padded = True
+
+        def fill(v):
+            e = self.empty["context"].to(v)
+            return e.expand(v.shape[0], -1, -1).repeat(1, repeats, 1)
+
+        if lc < lu:
+            return _pad_text(cond, lc + repeats * chunk, fill), uncond
+        return cond, _pad_text(uncond, lu + repeats * chunk, fill)
+
+    def __call__(self, model, x, t, cond, uncond, scale, rescale: float = 0.0, **kw):
+        from imagine.composable import ComposedConditioning
+
+        if uncond is not None:
+            if isinstance(cond, ComposedConditioning):  # (A1111 pads all of AND's parts, one stack, against it)
+                lengths = {self._length(p) for p in cond.parts}
+                if len(lengths) > 1:
+                    raise ValueError(f"pad_conds with AND parts of different lengths ({sorted(lengths)} tokens): A1111 "
+                                     "first fills the shorter parts with their last state, which imagine does not; "
+                                     "pad_conds off runs them")
+                pairs = [self.pad(p, uncond) for p in cond.parts]
+                cond = ComposedConditioning([c for c, _ in pairs], cond.weights)
+                uncond = pairs[0][1]
+            else:
+                cond, uncond = self.pad(cond, uncond)
+        return self.inner(model, x, t, cond, uncond, scale, rescale=rescale, **kw)
+
+
 def classifier_free_guidance(uncond_out: torch.Tensor, cond_out: torch.Tensor, scale: float) -> torch.Tensor:
     """Ho & Salimans 2022, eq. 6 (in its diffusers form): uncond + s (cond - uncond); s = 1 is cond alone."""
     return uncond_out + scale * (cond_out - uncond_out)

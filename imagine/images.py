@@ -165,6 +165,9 @@ def a1111_parameters(p: dict) -> str:
     put("ENSD", p.get("noise_seed_delta") or None)
     put("Downcast alphas_cumprod", True if p.get("downcast_alphas_cumprod") else None)
     put("Old prompt editing timelines", True if p.get("old_prompt_editing") else None)
+    # (A1111 writes its padding options only where a step was padded)
+    put("Pad conds", True if p.get("pad_conds") == "empty" and p.get("padded_conds") else None)
+    put("Pad conds v0", True if p.get("pad_conds") == "v0" and p.get("padded_conds") else None)
     put("Noise Schedule", "Zero Terminal SNR" if p.get("zero_terminal_snr") else None)
     put("Denoising strength", p.get("strength"))  # image to image, hires. fix (A1111 writes it later; order is free)
     if p.get("inpainting"):  # A1111's inpainting fields; it writes "Mask blur" only above 0, here 0 says "no blur"

@@ -520,7 +520,7 @@ def test_eta_seed_resize_and_imagines_schedule_types_are_read(server, page, tmp_
     a setting the page cannot apply (Emphasis) is named in a notice."""
     text = ("a red circle\nSteps: 3, Sampler: Euler a, Schedule type: Time Uniform, CFG scale: 6, Eta: 0.5, Seed: 5, "
             "Seed resize from: 48x40, Emphasis: No norm, RNG: CPU, Size: 32x32, FP8 weight: Disable, "
-            "Masked area padding: 16, Version: imagine 0.1.0")
+            "Masked area padding: 16, Pad conds: True, Version: imagine 0.1.0")
     _fill_form(page, server, prompt="something else", steps=9, seed=1, sampler="Euler", size=64)
     _read_picture(page, _infotext_picture(text, tmp_path / "eta.png"))
     assert page.input_value("#scheduler") == "Time Uniform" and page.input_value("#eta") == "0.5"
@@ -529,12 +529,14 @@ def test_eta_seed_resize_and_imagines_schedule_types_are_read(server, page, tmp_
     assert "Emphasis: No norm" in notice and "Version" not in notice and "Eta" not in notice
     # (a field at the default A1111's reader fills in asks for nothing; the server's defaults, at another value named)
     assert "FP8 weight" not in notice and "Masked area padding: 16" in notice
+    assert "Pad conds" not in notice and page.input_value("#pad_conds") == "empty"  # (read into the Noise section)
     page.click("#generate")
     got = _gallery_download(page)
     want = _api_picture(server, {"prompt": "a red circle", "steps": 3, "cfg_scale": 6, "width": 32, "height": 32,
                                  "seed": 5, "sampler_name": "Euler a", "scheduler": "Time Uniform", "eta": 0.5,
                                  "seed_resize_from_w": 48, "seed_resize_from_h": 40,
-                                 "override_settings": {"randn_source": "CPU"}}, tmp_path / "want.png")
+                                 "override_settings": {"randn_source": "CPU", "pad_cond_uncond": True}},
+                       tmp_path / "want.png")
     assert got.tobytes() == want
 
 
@@ -605,14 +607,14 @@ def test_the_noise_section_starts_from_the_servers_options(server, page, tmp_pat
     import httpx
 
     options = {"randn_source": "NV", "eta_noise_seed_delta": 31337, "sd_noise_schedule": "Zero Terminal SNR",
-               "use_old_scheduling": True}
+               "use_old_scheduling": True, "pad_cond_uncond_v0": True}
     assert httpx.post(f"{server.url}/sdapi/v1/options", json=options, timeout=30).status_code == 200
     try:
         _fill_form(page, server, prompt="a [red:blue:2] circle", steps=3, seed=12, sampler="Euler a", size=32)
         page.wait_for_function("document.querySelector('#controlnet').dataset.ready === '1'")
         assert page.input_value("#randn_source") == "NV" and page.input_value("#eta_noise_seed_delta") == "31337"
         assert page.is_checked("#zero_terminal_snr") and page.is_checked("#old_prompt_editing")
-        assert not page.is_checked("#downcast_alphas_cumprod")
+        assert not page.is_checked("#downcast_alphas_cumprod") and page.input_value("#pad_conds") == "v0"
         page.fill("#cfg_scale", "6")
         page.click("#generate")
         got = _gallery_download(page)
@@ -622,7 +624,7 @@ def test_the_noise_section_starts_from_the_servers_options(server, page, tmp_pat
     finally:
         httpx.post(f"{server.url}/sdapi/v1/options", timeout=30, json={
             "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_noise_schedule": "Default",
-            "use_downcasted_alpha_bar": False, "use_old_scheduling": False})
+            "use_downcasted_alpha_bar": False, "use_old_scheduling": False, "pad_cond_uncond_v0": False})
 
 
 def test_interrupt_stops_this_pages_job_only(server, page):

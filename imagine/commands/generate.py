@@ -149,6 +149,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "then turns it on): the noise levels from the model's alphas_cumprod rounded to float16, as a "
                         "float16 model held them; for the samplers that step in noise levels (not DDIM, PLMS, UniPC, "
                         "LCM)")
+    p.add_argument("--pad-conds", choices=("empty", "v0"), default=None,
+                   help="A1111's 'Pad prompt/negative prompt' options, for a prompt and negative prompt of different "
+                        "lengths (long prompts): 'empty' fills the shorter up with the empty prompt's chunks ('Pad "
+                        "conds'), 'v0' repeats the negative's last state up to the prompt's length or cuts it ('Pad "
+                        "conds v0', its DDIM and PLMS before 1.6.0, which an infotext from then turns on); both then "
+                        "share one U-Net batch. Default: off (two U-Net calls, A1111's default)")
     p.add_argument("--strength", "--denoising-strength", type=float, default=None,
                    help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
                         "(default 0.75, A1111's; 1 with --mask, diffusers' inpainting default: the masked part "
@@ -291,6 +297,7 @@ _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "step
                  "prompt_editing": "prompt_editing", "long_prompts": "long_prompts", "resize_mode": "resize_mode",
                  "masked_content": "masked_content", "zero_terminal_snr": "zero_terminal_snr",
                  "downcast_alphas_cumprod": "downcast_alphas_cumprod", "old_prompt_editing": "old_prompt_editing",
+                 "pad_conds": "pad_conds",
                  "mask_invert": "invert_mask", "a1111_schedule": "_a1111_schedule",
                  "hires_sampling": "_hires_sampling", "a1111_hires_schedule": "_a1111_hires_schedule"}
 
@@ -322,6 +329,7 @@ def record_defaults(record: dict, init_image: bool = False, mask: bool = False) 
         elif init_image:
             out["strength"] = record.pop("strength")
     record.pop("version", None)
+    record.pop("padded_conds", None)  # (whether the run padded: it follows from pad_conds and the prompts)
     notes = [f"not applied: {', '.join(f'{k}: {v}' for k, v in record.items())}"] if record else []
     return {**out, "_infotext_notes": notes}
 
@@ -416,6 +424,11 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
         fields.pop("Downcast alphas_cumprod")
     if fields.get("Old prompt editing timelines") in ("True", True, "False"):
         out["old_prompt_editing"] = fields.pop("Old prompt editing timelines") in ("True", True)
+    # (A1111's padding options; "v0" first, as its denoiser tries it first)
+    pads = {label: fields.pop(label) in ("True", True) for label in ("Pad conds v0", "Pad conds")
+            if fields.get(label) in ("True", True, "False", False)}
+    if pads.get("Pad conds v0") or pads.get("Pad conds"):
+        out["pad_conds"] = "v0" if pads.get("Pad conds v0") else "empty"
     source = fields.pop("RNG", "GPU")
     if source not in ("GPU", "CPU", "NV"):
         raise ValueError(f"--infotext: RNG {source!r} is not one of A1111's sources GPU, CPU, NV")
@@ -1032,6 +1045,7 @@ def run(args) -> int:
                             **({"zero_terminal_snr": True} if args.zero_terminal_snr else {}),
                             **({"downcast_alphas_cumprod": True} if args.downcast_alphas_cumprod else {}),
                             **({"old_prompt_editing": True} if args.old_prompt_editing else {}),
+                            **({"pad_conds": args.pad_conds} if args.pad_conds else {}),
                             **picture)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},

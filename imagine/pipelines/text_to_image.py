@@ -572,6 +572,7 @@ class TextToImagePipeline:
                  discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", rng: str = "cpu",
                  noise_seed_delta: int = 0, zero_terminal_snr: bool = False, downcast_alphas_cumprod: bool = False,
                  old_prompt_editing: bool = False, editing_first_pass: int | None = None,
+                 pad_conds: str | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -653,7 +654,11 @@ class TextToImagePipeline:
         (imagine.schedules.NoiseSchedule.a1111_downcast; for the samplers that step in noise levels).
         old_prompt_editing: AUTOMATIC1111's "Old prompt editing timelines" (before its 1.6: a `when` under 1 a fraction,
         else a step; imagine.prompt_editing). editing_first_pass: set by generate_hires for its second pass, the
-        first pass's prompt-editing steps (one timeline over both passes, as A1111).
+        first pass's prompt-editing steps (one timeline over both passes, as A1111). pad_conds: where a prompt and its
+        negative prompt differ in length (long prompts), AUTOMATIC1111's "Pad prompt/negative prompt" options
+        (imagine.guidance.PaddedConds): "empty" fills the shorter up with the empty prompt's chunks ("Pad conds"),
+        "v0" repeats the negative's last state up to the prompt's length or cuts it ("Pad conds v0", its DDIM's
+        before 1.6.0); both then share the guidance batch. None (the default, A1111's too): two U-Net calls.
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -693,7 +698,7 @@ class TextToImagePipeline:
                      "strength_rule": strength_rule != "diffusers", "rng": rng != "cpu",
                      "noise_seed_delta": noise_seed_delta, "zero_terminal_snr": zero_terminal_snr,
                      "downcast_alphas_cumprod": downcast_alphas_cumprod,
-                     "old_prompt_editing": old_prompt_editing and edits}
+                     "old_prompt_editing": old_prompt_editing and edits, "pad_conds": pad_conds}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -746,6 +751,12 @@ class TextToImagePipeline:
                 final_step = d.get("final_step")
         final_step = final_step or "euler"
         schedule = self.a1111_schedule(downcast_alphas_cumprod, zero_terminal_snr)  # (its errors before any work)
+        if pad_conds is not None:
+            from imagine.guidance import PAD_CONDS
+
+            if pad_conds not in PAD_CONDS:
+                raise ValueError(f"pad_conds must be one of {', '.join(map(repr, PAD_CONDS))} (or None: off); got "
+                                 f"{pad_conds!r}")
         if downcast_alphas_cumprod:
             from imagine.samplers import TIMESTEP_RULE, resolve_sampler
             from imagine.schedules import check_downcast
@@ -845,6 +856,11 @@ class TextToImagePipeline:
         guided = guidance_scale != 1.0 or (self.edits and not image_guidance_gate) or is_cfg_pp(sampler)
         cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts, editing,
                                          composable=composable)
+        padding = None
+        if pad_conds is not None:  # (A1111's empty prompt: its cond_stage_model_empty_prompt, "" encoded)
+            from imagine.guidance import PaddedConds
+
+            padding = PaddedConds(pad_conds, self.encode_prompts([""], False, False) if pad_conds == "empty" else None)
         if self.edits and controls and any(c[4] in ("guess", "controlnet") or c[0].config.global_pool_conditions
                                            for c in controls):
             raise ValueError("a ControlNet acting on the conditional half only (guess mode, 'ControlNet is more "
@@ -921,7 +937,7 @@ class TextToImagePipeline:
                                sampler_options=sampler_options, rho=rho, start=start, sigma_range=sigma_range,
                                discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
                                refiner_switch=refiner_switch if refine else None, report=report,
-                               schedule=schedule)
+                               schedule=schedule, padding=padding)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__}
@@ -959,6 +975,9 @@ class TextToImagePipeline:
             params["downcast_alphas_cumprod"] = True  # (A1111's "Downcast alphas_cumprod: True")
         if old_prompt_editing and prompt_editing:
             params["old_prompt_editing"] = True  # (A1111's "Old prompt editing timelines: True")
+        if padding is not None:
+            params["pad_conds"] = pad_conds  # (A1111's "Pad conds: True" / "Pad conds v0: True" where it padded)
+            params["padded_conds"] = padding.padded
         if seed_resize_from_h > 0 and seed_resize_from_w > 0:  # (A1111's W x H; written, as A1111, whenever set)
             params["seed_resize_from"] = f"{seed_resize_from_w}x{seed_resize_from_h}"
         if refine and report.get("refined"):  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
@@ -1415,9 +1434,9 @@ class TextToImagePipeline:
                 rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0, noise=None, mask=None,
                 concat=None, controls=None, refiner_switch=None, image_guidance_scale=None, image_guidance_gate=True,
                 report=None, sigma_range="spaced", discard_penultimate_sigma=False, strength_rule="diffusers",
-                schedule=None):
+                schedule=None, padding=None):
         """The sampler's run over the U-Net (and what wraps it); `schedule`: the run's noise schedule (None: the
-        model's)."""
+        model's); `padding`: an imagine.guidance.PaddedConds to run the guidance through."""
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
 
         kwargs = self._plan_options(sigma_schedule)
@@ -1433,6 +1452,9 @@ class TextToImagePipeline:
             model = ConcatFromCond(model)
             guidance = functools.partial(instruct_pix2pix_guidance, image_scale=image_guidance_scale,
                                          gate=image_guidance_gate)
+        if padding is not None:  # (the prompt and negative brought to one length before the guidance rule runs)
+            padding.inner = guidance or padding.inner
+            guidance = padding
         if controls:  # ControlNets (they see the noisy latents alone), each run as the U-Net is: its fast or exact copy
             from imagine.models.controlnet import Controlled
 

@@ -61,7 +61,7 @@ MAX_SEED = 2**32 - 1
 A1111_RNG_SOURCES = {"GPU": "cpu", "CPU": "cpu", "NV": "nv"}
 # the override_settings the API reads
 A1111_OVERRIDES_READ = ("emphasis", "randn_source", "eta_noise_seed_delta", "sd_noise_schedule",
-                        "use_downcasted_alpha_bar", "use_old_scheduling")
+                        "use_downcasted_alpha_bar", "use_old_scheduling", "pad_cond_uncond", "pad_cond_uncond_v0")
 A1111_NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")  # its sd_noise_schedule
 
 
@@ -560,7 +560,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
               eta: float | None = None, zero_terminal_snr: bool = False,
               sampler_options: dict | None = None, downcast_alphas_cumprod: bool = False,
               old_prompt_editing: bool = False, hires_sampling: dict | None = None,
-              hires_schedule: str | None = None) -> str:
+              hires_schedule: str | None = None, pad_conds: str | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -584,6 +584,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "zero_terminal_snr": zero_terminal_snr, "sampler_options": sampler_options or None,
                              "downcast_alphas_cumprod": downcast_alphas_cumprod,
                              "old_prompt_editing": old_prompt_editing,
+                             "pad_conds": pad_conds, "padded_conds": pad_conds is not None,
                              "version": f"imagine {version}"})
 
 
@@ -702,7 +703,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         "live_previews_enable": True, "show_progress_every_n_steps": 1, "CLIP_stop_at_last_layers": 1 + clip_skip,
         "sd_vae": vae_name or "Automatic", "emphasis": "Original", "eta_ddim": 0.0, "eta_ancestral": 1.0,
         "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_noise_schedule": "Default",
-        "use_downcasted_alpha_bar": False, "use_old_scheduling": False,
+        "use_downcasted_alpha_bar": False, "use_old_scheduling": False, "pad_cond_uncond": False,
+        "pad_cond_uncond_v0": False,
     }
     finished: dict[str, float] = {}  # recently finished job ids, for progress?id_task=
     active: dict[str, list[Job]] = {}  # the jobs submitted and not yet answered, by id (for POST /imagine/v1/cancel)
@@ -806,6 +808,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         fraction of the steps, else a step; imagine.prompt_editing)."""
         return setting(req, "use_old_scheduling", False)
 
+    def a1111_pad_conds(req) -> str | None:
+        """AUTOMATIC1111's "pad_cond_uncond_v0" and "pad_cond_uncond" (its denoiser tries v0 first) as generate's
+        pad_conds (imagine.guidance.PaddedConds)."""
+        return "v0" if setting(req, "pad_cond_uncond_v0", False) else \
+            "empty" if setting(req, "pad_cond_uncond", False) else None
+
     def a1111_noise(req) -> tuple[str, int, bool, bool]:
         """The images' noise as AUTOMATIC1111's settings make it (the request's override_settings, else the
         server's options): its "randn_source" ("GPU", its default, is torch's generator on the device: this server's
@@ -834,7 +842,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"sd_noise_schedule must be one of {', '.join(A1111_NOISE_SCHEDULES)} (AUTOMATIC1111's "
                                 f"noise schedule for sampling); got {settings['sd_noise_schedule']!r}", field)
         for key, label in (("use_downcasted_alpha_bar", "Downcast alphas_cumprod"),
-                           ("use_old_scheduling", "Old prompt editing timelines")):
+                           ("use_old_scheduling", "Old prompt editing timelines"),
+                           ("pad_cond_uncond", "Pad prompt/negative prompt"),
+                           ("pad_cond_uncond_v0", "Pad prompt/negative prompt (v0)")):
             if not isinstance(settings.get(key, False), bool):
                 raise ApiError(422, f"{key} must be true or false (AUTOMATIC1111's '{label}'); got {settings[key]!r}",
                                field)
@@ -1396,7 +1406,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     resize_mode=resize_mode, encoded_at=encoded_at, seed_resize=seed_resize,
                                     rng=rng, noise_seed_delta=seed_delta, zero_terminal_snr=zero_snr,
                                     downcast_alphas_cumprod=downcast,
-                                    old_prompt_editing=a1111_old_scheduling(req)),
+                                    old_prompt_editing=a1111_old_scheduling(req), pad_conds=a1111_pad_conds(req)),
                   subseeds=subseeds,
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],
@@ -1417,7 +1427,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
                                (subseeds[i], variation) if subseeds else None, seed_resize, rng, seed_delta,
                                None if "eta" in unused else req.eta, zero_snr, asked_options, downcast,
-                               job.settings.old_prompt_editing, hires_sampling and dict(hires_sampling), hires_shown)
+                               job.settings.old_prompt_editing, hires_sampling and dict(hires_sampling), hires_shown,
+                               # (written where a step was padded, as A1111 writes it)
+                               job.settings.pad_conds if result is not None and result.parameters.get("padded_conds")
+                               else None)
                      for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:

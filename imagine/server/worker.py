@@ -108,6 +108,7 @@ class Settings:
     zero_terminal_snr: bool = False  # A1111's "Zero Terminal SNR" noise schedule (its sd_noise_schedule)
     downcast_alphas_cumprod: bool = False  # A1111's "Downcast alphas_cumprod" (its use_downcasted_alpha_bar)
     old_prompt_editing: bool = False  # A1111's "Old prompt editing timelines" (its use_old_scheduling)
+    pad_conds: str | None = None  # A1111's "Pad prompt/negative prompt" options (generate's pad_conds)
 
 
 @dataclass(eq=False)
@@ -399,7 +400,7 @@ class ModelWorker:
         t0 = time.time()
         self.progress = Progress(job_ids=[j.id for j in batch], offsets=offsets, steps=s.steps, chunks=len(chunks),
                                  started=t0, passes=2 if s.hires is not None else 1)
-        images, parameters, interrupted = [], {}, False
+        images, parameters, interrupted, padded = [], {}, False, False
         for c, (a, b) in enumerate(chunks):
             p = self.progress
             p.chunk, p.chunk_start, p.step, p.denoised, p.hires_pass = c, a, 0, None, False
@@ -473,10 +474,13 @@ class ModelWorker:
                               **({"zero_terminal_snr": True} if s.zero_terminal_snr else {}),
                               **({"downcast_alphas_cumprod": True} if s.downcast_alphas_cumprod else {}),
                               **({"old_prompt_editing": True} if s.old_prompt_editing else {}),
+                              **({"pad_conds": s.pad_conds} if s.pad_conds else {}),
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
                               **control)
                 images += res.images
-                parameters = res.parameters
+                # (whether some chunk's prompt and negative were padded: A1111's infotext then names the option)
+                padded = padded or bool(res.parameters.get("padded_conds"))
+                parameters = {**res.parameters, "padded_conds": padded} if s.pad_conds else res.parameters
             except _Interrupted:
                 interrupted = True
                 images += self._partial_images(p.denoised, b - a, s)

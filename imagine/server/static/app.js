@@ -130,6 +130,7 @@ async function loadConfig() {
       $("zero_terminal_snr").checked = o.sd_noise_schedule === "Zero Terminal SNR";
       $("downcast_alphas_cumprod").checked = o.use_downcasted_alpha_bar === true;
       $("old_prompt_editing").checked = o.use_old_scheduling === true;
+      $("pad_conds").value = o.pad_cond_uncond_v0 === true ? "v0" : o.pad_cond_uncond === true ? "empty" : "";
     }
   } catch (e) { /* the page's own defaults stay */ }
   try {  // the ControlNets the server loaded (A1111's ControlNet extension's list): the section shows when there are any
@@ -216,6 +217,8 @@ function formBody() {
     sd_noise_schedule: $("zero_terminal_snr").checked ? "Zero Terminal SNR" : "Default",
     use_downcasted_alpha_bar: $("downcast_alphas_cumprod").checked,
     use_old_scheduling: $("old_prompt_editing").checked,
+    pad_cond_uncond: $("pad_conds").value === "empty",
+    pad_cond_uncond_v0: $("pad_conds").value === "v0",
   };
   const files = chosenFiles();
   let endpoint = "/sdapi/v1/txt2img";
@@ -312,6 +315,9 @@ function bodyToForm(b, files = {}) {
   if ("sd_noise_schedule" in o) $("zero_terminal_snr").checked = o.sd_noise_schedule === "Zero Terminal SNR";
   if ("use_downcasted_alpha_bar" in o) $("downcast_alphas_cumprod").checked = o.use_downcasted_alpha_bar === true;
   if ("use_old_scheduling" in o) $("old_prompt_editing").checked = o.use_old_scheduling === true;
+  if ("pad_cond_uncond" in o || "pad_cond_uncond_v0" in o) {
+    $("pad_conds").value = o.pad_cond_uncond_v0 === true ? "v0" : o.pad_cond_uncond === true ? "empty" : "";
+  }
   if (b.enable_hr && !files.init_image) {
     set("hr_scale", b.hr_scale);
     set("hr_strength", b.denoising_strength ?? 0.7);  // (A1111's hires strength when none is sent)
@@ -515,7 +521,7 @@ const READ_FIELDS = new Set([
   "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2", "Eta",
   "Eta DDIM", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise", "Variation seed", "Variation seed strength",
   "Seed resize from-1", "Seed resize from-2", "RNG", "ENSD", "Noise Schedule", "Downcast alphas_cumprod",
-  "Old prompt editing timelines", "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler",
+  "Old prompt editing timelines", "Pad conds", "Pad conds v0", "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler",
   "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
 ]);
 const RECORD_FIELDS = new Set(["Model", "Model hash", "Version", "VAE hash", "Lora hashes", "TI hashes", "Hashes",
@@ -586,6 +592,8 @@ function pictureBody(p) {
     sd_noise_schedule: p["Noise Schedule"] === "Zero Terminal SNR" ? "Zero Terminal SNR" : "Default",
     use_downcasted_alpha_bar: !ownTimesteps && isTrue(p["Downcast alphas_cumprod"]),
     use_old_scheduling: isTrue(p["Old prompt editing timelines"]),
+    pad_cond_uncond: isTrue(p["Pad conds"]),
+    pad_cond_uncond_v0: isTrue(p["Pad conds v0"]),
   };
   if (infoNumber(p["Hires upscale"]) > 1) {
     body.enable_hr = true;
