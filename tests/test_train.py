@@ -114,7 +114,8 @@ def test_empty_dataset_and_missing_caption_column_refused(tmp_path):
     data = make_folder(tmp_path / "data", n=4)
     with pytest.raises(ValueError, match="caption column 'caption' is in no record"):
         ImageFolderDataset(data, 16, caption_column="caption")
-    cfg = write_yaml(tmp_path / "bad.yaml", vae_config(empty))
+    # (a diffusion config: the VAE's loss and model sections would be refused first, as unknown keys)
+    cfg = write_yaml(tmp_path / "bad.yaml", {k: v for k, v in vae_config(empty).items() if k not in ("loss", "model")})
     out = run_cli("train", "diffusion", "--config", cfg, "--output", tmp_path / "r", check=False)
     assert out.returncode == 2 and "no records" in out.stderr
 
@@ -187,11 +188,11 @@ def test_resume_from_a_carried_checkpoint_without_optimizer(tmp_path):
     state = json.loads((tmp_path / "b" / "checkpoints" / "step-00000014" / "state.json").read_text())
     assert state["step"] == 14 and state["data_position"] == 14
 
-    # The committed form: package --checkpoint stores weights and EMA in fp16 and drops the optimizer.
+    # The compact form: package --checkpoint --compact stores weights and EMA in fp16 and drops the optimizer.
     from imagine.train.package import package_checkpoint
 
     small = tmp_path / "small"
-    package_checkpoint(tmp_path / "a" / "checkpoints" / "step-00000010", small)
+    package_checkpoint(tmp_path / "a" / "checkpoints" / "step-00000010", small, compact=True)
     assert not (small / "optimizer.safetensors").exists()
     full, half = (io.load_tensors(d / "ema.safetensors") for d in (tmp_path / "a" / "checkpoints" / "step-00000010", small))
     assert set(full) == set(half)
@@ -342,8 +343,8 @@ def test_bad_metadata_records_are_counted_once(tmp_path):
 def test_a_discriminators_optimizer_is_part_of_the_atomic_checkpoint(tmp_path, monkeypatch):
     """A VAE trained with its PatchGAN: the discriminator's AdamW state is written inside the checkpoint's atomic
     step, so a failure while writing it leaves the previous checkpoint as `latest` (it used to be written after the
-    rename, `latest` naming a checkpoint that could not resume); a packaged checkpoint leaves every optimizer's
-    moments out (float16 would flush them) and still resumes."""
+    rename, `latest` naming a checkpoint that could not resume); a compact packaged checkpoint leaves every
+    optimizer's moments out (float16 would flush them) and still resumes."""
     from imagine.models import io as mio
     from imagine.train import checkpoint as ckpt
     from imagine.train.cli import add_arguments, run
@@ -372,7 +373,7 @@ def test_a_discriminators_optimizer_is_part_of_the_atomic_checkpoint(tmp_path, m
     out = run_cli("train", "vae", "--config", cfg, "--output", tmp_path / "run", "--resume")
     assert "at step 2" in out.stdout and (tmp_path / "run" / "checkpoints" / "step-00000004" / "opt_disc.safetensors").is_file()
     small = tmp_path / "small"
-    package_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000004", small)
+    package_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000004", small, compact=True)
     assert not list(small.glob("opt*.safetensors"))
     out = run_cli("train", "vae", "--config", cfg, "--output", tmp_path / "c", "--resume-from", small, "--set",
                   "train.max_steps=5")

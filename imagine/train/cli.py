@@ -24,13 +24,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write model/ from the latest checkpoint (EMA weights) without training further")
 
 
+class _Part(torch.utils.data.Subset):
+    """Part of a map-style dataset, drawn as the dataset draws (its flips by epoch: data.ImageFolderDataset.draw)."""
+
+    def draw(self, i: int, epoch: int) -> dict:
+        get = getattr(self.dataset, "draw", None)
+        return get(self.indices[i], epoch) if get is not None else self.dataset[self.indices[i]]
+
+
 def _heldout_split(dataset, n_eval: int):
     """Hold out the last `n_eval` records (for PSNR); the rest is trained on."""
     n = len(dataset)
-    n_eval = min(n_eval, max(1, n // 10)) if n > 1 else 0
-    train = torch.utils.data.Subset(dataset, range(n - n_eval))
+    n_eval = min(n_eval, max(1, n // 10)) if n > 1 and n_eval > 0 else 0
+    train = _Part(dataset, range(n - n_eval))
     train.skipped = getattr(dataset, "skipped", {})
-    return train, torch.utils.data.Subset(dataset, range(n - n_eval, n))
+    return train, _Part(dataset, range(n - n_eval, n))
 
 
 def _heldout_shards(data_cfg: dict, n_eval: int):
@@ -58,14 +66,24 @@ def _stack_images(ds) -> torch.Tensor | None:
 
 
 def run(args) -> dict:
-    from imagine.train.data import build_dataset
+    from imagine.train.data import build_dataset, check_data_config
     from imagine.train.loop import check_run, run_training
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.output or cfg.get("output") or f"runs/{args.what}")
     resume = Path(args.resume_from) if args.resume_from else (args.resume or args.export_only)
-    check_run(cfg, out, resume, args.export_only)  # (before the data and the model are built)
+    # Every section checked before the data and the model are built.
+    check_run(cfg, out, resume, args.export_only)
+    if args.what == "vae":
+        from imagine.train.vae_task import check_vae_config
+
+        check_vae_config(cfg)
+    else:
+        from imagine.train.diffusion_task import check_diffusion_config
+
+        check_diffusion_config(cfg)
     data_cfg = cfg.setdefault("data", {"type": "shapes"})
+    check_data_config(data_cfg)
     n_eval = int(data_cfg.get("eval_count", 64))
     if args.what == "vae":
         from imagine.train.vae_task import VAETask
@@ -74,10 +92,22 @@ def run(args) -> dict:
             dataset, eval_ds = _heldout_shards(data_cfg, n_eval)
         elif data_cfg.get("type", "shapes") == "shapes":
             dataset = build_dataset(data_cfg, require_captions=False)
-            eval_ds = build_dataset({**data_cfg, "length": n_eval, "seed": int(data_cfg.get("seed", 0)) + 7919})
+            eval_ds = build_dataset({**data_cfg, "length": n_eval, "seed": int(data_cfg.get("seed", 0)) + 7919}) \
+                if n_eval else []
         else:
             dataset, eval_ds = _heldout_split(build_dataset(data_cfg, require_captions=False), n_eval)
-        task = VAETask(cfg, _stack_images(eval_ds))
+        eval_images = _stack_images(eval_ds)
+
+        def training_images():
+            """Training images for model.scaling_factor auto when none are held out: the first
+            data.eval_count (64 if 0) records of the data (of a stream: from its start)."""
+            n = n_eval or 64
+            if hasattr(dataset, "__len__"):
+                items = [dataset[i] for i in range(min(n, len(dataset)))]
+                return _stack_images(items)
+            return _stack_images(list(itertools.islice(iter(dataset), n)))
+
+        task = VAETask(cfg, eval_images, scale_images=training_images if eval_images is None else None)
     else:
         from imagine.train.diffusion_task import DiffusionTask
 

@@ -65,17 +65,25 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.records: list[dict] = []
         self.skipped = SkipCounter()
         if meta.is_file():
-            for n, line in enumerate(meta.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
+            # Read as bytes and decoded line by line: a line that is not UTF-8 is one malformed line (skipped,
+            # counted, named in a warning), not the end of the run.
+            bad_lines = []
+            for n, raw in enumerate(meta.read_bytes().splitlines(), 1):
                 try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                    if not line.strip():
+                        continue
                     rec = json.loads(line)
                     if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str):
                         raise ValueError("no file_name")
-                except (json.JSONDecodeError, ValueError):
+                except ValueError:   # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
                     self.skipped["malformed metadata lines"] += 1
+                    bad_lines.append(n)
                     continue
                 self.records.append(rec)
+            if bad_lines:
+                log.warning("%s: %d malformed line(s) skipped (not UTF-8, not JSON, or no file_name string): line %s",
+                            meta, len(bad_lines), ", ".join(map(str, bad_lines[:10])) + (" ..." if len(bad_lines) > 10 else ""))
         elif not require_captions:
             self.records = [{"file_name": p.name} for p in sorted(self.folder.iterdir())
                             if p.suffix.lower() in IMAGE_EXTS]
@@ -100,18 +108,30 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return [c for r in self.records if isinstance(c := r.get(self.caption_column), str) and c.strip()]
 
     def __getitem__(self, i):
+        return self.draw(i, 0)
+
+    def draw(self, i: int, epoch: int) -> dict:
+        """Record i as drawn in epoch `epoch`: its flip (with data.flip) is drawn from (seed, epoch, i), so a
+        record is seen both ways over the epochs, the same way on every run and resume."""
         rec = self.records[i]
         caption = rec.get(self.caption_column)
         if self.require_captions and (not isinstance(caption, str) or not caption.strip()):
-            return {"skip": "records without a caption"}
+            return {"skip": "records without a caption", "index": i}
+        flip = self.flip and flip_draw(self.seed, epoch, i)
         try:
             with Image.open(self.folder / rec["file_name"]) as img:
                 img.load()
-                flip = self.flip and random.Random(self.seed * 1_000_003 + i).random() < 0.5
                 x = image_to_tensor(img, self.resolution, flip)
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-            return {"skip": "corrupt or unreadable images"}
-        return {"image": x, "caption": caption or "", "index": i}
+            return {"skip": "corrupt or unreadable images", "index": i}
+        return {"image": x, "caption": caption or "", "index": i, "flip": flip}
+
+
+def flip_draw(seed: int, draw: int, record: int) -> bool:
+    """A fair coin from (seed, draw, record): `draw` is the epoch for a map-style dataset (each record is drawn
+    once an epoch), the place in the stream for a WebDataset one. (A str seed is hashed with SHA-512 by
+    `random`, the same in every process and Python run.)"""
+    return random.Random(f"flip {seed} {draw} {record}").random() < 0.5
 
 
 class ShapesTrainDataset(torch.utils.data.Dataset):
@@ -173,7 +193,10 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
                 if "__error__" in raw:
                     continue
                 seen += 1
-                captioned += self.caption_of(raw) is not None
+                try:
+                    captioned += self.caption_of(raw) is not None
+                except UnicodeDecodeError:
+                    pass
                 if seen >= n:
                     break
             if seen >= n:
@@ -225,13 +248,18 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
             yield current
 
     def caption_of(self, raw: dict) -> str | None:
+        """The sample's caption, None if it has none; UnicodeDecodeError if its caption is not UTF-8 (a record
+        to skip, not one to train on a caption mangled to U+FFFD)."""
         for k in self.caption_keys:
             if k in raw:
-                c = raw[k].decode("utf-8", "replace") if isinstance(raw[k], bytes) else str(raw[k])
+                c = raw[k].decode("utf-8") if isinstance(raw[k], bytes) else str(raw[k])
                 return c if c.strip() else None
         if "json" in raw:
             try:
-                c = json.loads(raw["json"]).get("caption")
+                c = json.loads(raw["json"].decode("utf-8") if isinstance(raw["json"], bytes) else raw["json"])
+                c = c.get("caption")
+            except UnicodeDecodeError:
+                raise
             except (ValueError, AttributeError):
                 return None
             return c if isinstance(c, str) and c.strip() else None
@@ -245,17 +273,23 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
         img_key = next((k for k in raw if k in _IMAGE_KEYS), None)
         if img_key is None:
             return {"skip": "records without an image"}
-        caption = self.caption_of(raw)
+        try:
+            caption = self.caption_of(raw)
+        except UnicodeDecodeError:
+            if self.require_captions:
+                return {"skip": "records whose caption is not UTF-8"}
+            caption = None   # (a VAE reads the image alone)
         if self.require_captions and caption is None:
             return {"skip": "records without a caption"}
+        # `number` counts the stream's records over the epochs, so a record's flip is drawn anew at every read.
+        flip = self.flip and flip_draw(self.seed, number, 0)
         try:
             with Image.open(_io.BytesIO(raw[img_key])) as img:
                 img.load()
-                flip = self.flip and random.Random(self.seed * 1_000_003 + number).random() < 0.5
                 x = image_to_tensor(img, self.resolution, flip)
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
             return {"skip": "corrupt or unreadable images"}
-        return {"image": x, "caption": caption or "", "index": number}
+        return {"image": x, "caption": caption or "", "index": number, "flip": flip}
 
     def __iter__(self):
         """One epoch (epoch 0's shard order), decoded; skipped samples are counted in `self.skipped`."""
@@ -278,10 +312,32 @@ DATA_KEYS = {"type", "resolution", "seed", "length", "split", "family_weights", 
              "caption_column", "flip", "urls", "eval_urls", "eval_count"}
 
 
-def build_dataset(cfg: dict, require_captions: bool = True):
-    from imagine.train.config import check_keys
+def check_data_config(cfg: dict) -> None:
+    """The data section's keys and values (a ValueError naming the key and what is valid), checked before any
+    data is read."""
+    from imagine.train.config import as_bool, as_choice, as_int, check_keys
 
     check_keys(cfg, DATA_KEYS, "data")
+    as_choice(cfg.get("type", "shapes"), "data.type", ("shapes", "imagefolder", "webdataset"))
+    for key, least in (("resolution", 1), ("seed", None), ("length", 1), ("eval_count", 0)):
+        if key in cfg:
+            as_int(cfg[key], f"data.{key}", least)
+    if "flip" in cfg:
+        as_bool(cfg["flip"], "data.flip")
+    for key in ("path", "caption_column", "split", "pair_order"):
+        if key in cfg and not (isinstance(cfg[key], str) and cfg[key]):
+            raise ValueError(f"data.{key} must be a non-empty string; got {cfg[key]!r}")
+    for key in ("urls", "eval_urls"):
+        v = cfg.get(key)
+        if v is not None and not (isinstance(v, str) and v or isinstance(v, list) and v
+                                  and all(isinstance(u, str) and u for u in v)):
+            raise ValueError(f"data.{key} must be a brace pattern or a list of shard paths or URLs; got {v!r}")
+    if cfg.get("family_weights") is not None and not isinstance(cfg["family_weights"], dict):
+        raise ValueError(f"data.family_weights must be a mapping of family to weight; got {cfg['family_weights']!r}")
+
+
+def build_dataset(cfg: dict, require_captions: bool = True):
+    check_data_config(cfg)
     kind = cfg.get("type", "shapes")
     res = int(cfg.get("resolution", 64))
     if kind == "shapes":
@@ -303,17 +359,24 @@ def build_dataset(cfg: dict, require_captions: bool = True):
 
 def collate(items: list[dict], skipped: SkipCounter) -> dict | None:
     """Stack the good records, count the skipped ones; None if the whole batch was bad. `slot` is
-    each record's place in the global batch (what per-sample randomness is drawn by)."""
+    each record's place in the global batch (what per-sample randomness is drawn by).
+
+    A bad record is counted once, when drawn in epoch 0 (`epoch`, set by the batch readers; absent: counted):
+    every epoch draws every record once, and a record bad in one epoch is bad in all, so the counts are of
+    records, not of reads, however many epochs a run makes (and they add up across processes, each record
+    being drawn by one process an epoch)."""
     good = []
     for k, it in enumerate(items):
         if "skip" in it:
-            skipped[it["skip"]] += 1
+            if it.get("epoch", 0) == 0:
+                skipped[it["skip"]] += 1
         else:
             good.append((it.get("slot", k), it))
     if not good:
         return None
     return {"image": torch.stack([g["image"] for _, g in good]), "caption": [g["caption"] for _, g in good],
-            "index": torch.tensor([g["index"] for _, g in good]), "slot": torch.tensor([s for s, _ in good])}
+            "index": torch.tensor([g["index"] for _, g in good]), "slot": torch.tensor([s for s, _ in good]),
+            "flip": torch.tensor([bool(g.get("flip", False)) for _, g in good])}
 
 
 class GlobalBatches:
@@ -333,22 +396,29 @@ class GlobalBatches:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.n, generator=g)
 
-    def next(self) -> list[int]:
+    def next_draws(self) -> list[tuple[int, int]]:
+        """This process's (epoch, record index) pairs of the next global batch."""
         start = self.position * self.batch
-        idx = []
-        while len(idx) < self.batch:
-            epoch, off = divmod(start + len(idx), self.n)
+        draws = []
+        while len(draws) < self.batch:
+            epoch, off = divmod(start + len(draws), self.n)
             perm = self._perm(epoch)
-            take = min(self.batch - len(idx), self.n - off)
-            idx.extend(perm[off:off + take].tolist())
+            take = min(self.batch - len(draws), self.n - off)
+            draws.extend((epoch, i) for i in perm[off:off + take].tolist())
         self.position += 1
         per = self.batch // self.world
-        return idx[self.rank * per:(self.rank + 1) * per]
+        return draws[self.rank * per:(self.rank + 1) * per]
+
+    def next(self) -> list[int]:
+        return [i for _, i in self.next_draws()]
 
     def take(self, dataset) -> list[dict]:
-        """This process's records of the next global batch, each tagged with its slot in it."""
+        """This process's records of the next global batch, each tagged with its slot in it and the epoch it was
+        drawn in (a dataset with `draw(i, epoch)` draws its flips from it)."""
         first = self.rank * (self.batch // self.world)
-        return [{**dataset[i], "slot": first + k} for k, i in enumerate(self.next())]
+        get = getattr(dataset, "draw", None)
+        return [{**(get(i, epoch) if get is not None else dataset[i]), "slot": first + k, "epoch": epoch}
+                for k, (epoch, i) in enumerate(self.next_draws())]
 
 
 class StreamBatches:
@@ -404,7 +474,7 @@ class StreamBatches:
             number = self._pos["consumed"]
             raw = next(self._stream)
             if slot in mine:
-                items.append({**self.ds.decode(raw, number), "slot": slot})
+                items.append({**self.ds.decode(raw, number), "slot": slot, "epoch": self._pos["epoch"]})
         return items
 
 

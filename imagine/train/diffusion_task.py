@@ -29,6 +29,90 @@ DIFFUSION_DEFAULTS = {
 }
 
 
+# the text encoders' keys (imagine.models.text_encoders.load_text_encoder)
+TEXT_ENCODER_KEYS = {"minilm": {"type", "path", "max_length"}, "clip": {"type", "path", "tokenizer", "clip_skip"},
+                     "t5": {"type", "path", "tokenizer", "max_length"}}
+# NoiseSchedule.from_config's keywords a training schedule may give (the prediction type is the config's own)
+SCHEDULE_KEYS = {"kind", "num_train_timesteps", "beta_start", "beta_end", "zero_terminal_snr", "trained_betas",
+                 "timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample", "variance_type"}
+
+
+def check_diffusion_config(cfg: dict) -> dict:
+    """Every section of a diffusion run's config but `train` (loop.check_run) and `data` (data.check_data_config)
+    checked before anything is built: unknown keys, values of the wrong kind, sampling settings the sampler would
+    refuse at the first sample grid or at export. Returns the task's settings with their defaults filled in."""
+    from imagine.models.unet import UNetConfig
+    from imagine.samplers import resolve_sampler
+    from imagine.schedules import NoiseSchedule
+    from imagine.train.config import as_bool, as_choice, as_int, as_mapping, as_number, check_fields
+
+    check_keys(cfg, {"seed", "output", "data", "model", "train", *DIFFUSION_DEFAULTS}, "the diffusion config")
+    as_int(cfg.get("seed", 0), "seed")
+    check_keys(cfg.get("sample") or {}, set(DIFFUSION_DEFAULTS["sample"]), "sample")
+    d = {**DIFFUSION_DEFAULTS, **{k: v for k, v in cfg.items() if k in DIFFUSION_DEFAULTS}}
+    d["sample"] = {**DIFFUSION_DEFAULTS["sample"], **(cfg.get("sample") or {})}
+    if d["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample'; got {d['prediction_type']!r}")
+    d["caption_dropout"] = as_number(d["caption_dropout"], "caption_dropout", 0.0, below=1.0)
+    d["min_snr_gamma"] = as_number(d["min_snr_gamma"], "min_snr_gamma", 0.0, inclusive=False, none=True)
+    for key in ("cache_text", "cache_latents"):
+        as_bool(d[key], key)
+    if d["vae"] is not None and not (isinstance(d["vae"], str) and d["vae"]):
+        raise ValueError(f"vae must be the path of a VAE folder, or null for pixel space; got {d['vae']!r}")
+    te = as_mapping(d["text_encoder"], "text_encoder")
+    kind = as_choice(te.get("type"), "text_encoder.type", tuple(TEXT_ENCODER_KEYS))
+    check_keys(te, TEXT_ENCODER_KEYS[kind], f"text_encoder (type {kind})")
+    if "max_length" in te:
+        as_int(te["max_length"], "text_encoder.max_length", 1)
+    if "clip_skip" in te:
+        as_int(te["clip_skip"], "text_encoder.clip_skip", 0)
+    for key in ("path", "tokenizer"):
+        if key in te and not (isinstance(te[key], str) and te[key]):
+            raise ValueError(f"text_encoder.{key} must be a path; got {te[key]!r}")
+    sched = as_mapping(d["schedule"], "schedule")
+    check_keys(sched, SCHEDULE_KEYS, "schedule")
+    try:
+        schedule = NoiseSchedule.from_config(**sched)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"schedule: {e}") from None
+    # the U-Net's keys must be its config's fields (UNetConfig.from_dict ignores other keys, as diffusers' folders
+    # hold some; a misspelt key in a run's config would be dropped silently)
+    check_fields(as_mapping(cfg.get("model", {}), "model"), UNetConfig, "model (the U-Net's UNetConfig fields)")
+    s = d["sample"]
+    if not isinstance(s["prompts"] or [], list) or not all(isinstance(p, str) for p in s["prompts"] or []):
+        raise ValueError(f"sample.prompts must be a list of prompts; got {s['prompts']!r}")
+    s["steps"] = as_int(s["steps"], "sample.steps", 1)
+    s["guidance_scale"] = as_number(s["guidance_scale"], "sample.guidance_scale")
+    s["seed"] = as_int(s["seed"], "sample.seed")
+    try:
+        resolve_sampler(s["sampler"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"sample.sampler: {e}") from None
+    from imagine.schedules import SIGMA_SCHEDULES
+
+    if s["sigma_schedule"] is not None:
+        as_choice(s["sigma_schedule"], "sample.sigma_schedule (or null)", SIGMA_SCHEDULES)
+    as_choice(s["final_step"] or "euler", "sample.final_step", ("euler", "heun"))
+    s["threshold_range"] = as_number(s["threshold_range"], "sample.threshold_range", 0.0, inclusive=False, none=True)
+    # The combination, as the sampler will see it at a sample grid and as the exported model's defaults: a dry run
+    # on a 1-element sample with a model that predicts zeros (milliseconds).
+    from imagine.sampling import sample
+
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sample(lambda x, t, **k: torch.zeros_like(x), (1, 1, 1, 1), schedule=schedule,
+                   prediction_type=d["prediction_type"], sampler=s["sampler"], steps=s["steps"], cond={}, uncond={},
+                   guidance_scale=s["guidance_scale"], seeds=[0], progress=False, sigma_schedule=s["sigma_schedule"],
+                   final_step=s["final_step"] or "euler")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"sample (sampler {s['sampler']!r}, steps {s['steps']}, sigma_schedule "
+                         f"{s['sigma_schedule']!r}, final_step {s['final_step']!r}): {e}") from None
+    return d
+
+
 class DiffusionTask(Task):
     name = "diffusion"
 
@@ -40,15 +124,7 @@ class DiffusionTask(Task):
         from imagine.schedules import NoiseSchedule
 
         self.cfg = cfg
-        check_keys(cfg, {"seed", "output", "data", "model", "train", *DIFFUSION_DEFAULTS}, "the diffusion config")
-        check_keys(cfg.get("sample") or {}, set(DIFFUSION_DEFAULTS["sample"]), "sample")
-        d = {**DIFFUSION_DEFAULTS, **{k: v for k, v in cfg.items() if k in DIFFUSION_DEFAULTS}}
-        d["sample"] = {**DIFFUSION_DEFAULTS["sample"], **(cfg.get("sample") or {})}
-        self.d = d
-        if d["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample'; got {d['prediction_type']!r}")
-        if not 0.0 <= float(d["caption_dropout"]) < 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1); got {d['caption_dropout']}")
+        d = self.d = check_diffusion_config(cfg)
         seed = int(cfg.get("seed", 0))
         self.text_encoder = text_encoder if text_encoder is not None else load_text_encoder(d["text_encoder"])
         self.vae = None
@@ -72,8 +148,12 @@ class DiffusionTask(Task):
             c = self.vae.config
             f = c.downsampling_factor
             res = int(cfg.get("data", {}).get("resolution", 64))
-            self.latent_cache = torch.zeros(dataset_len, 2 * c.latent_channels, res // f, res // f, dtype=torch.float16)
-            self.latent_filled = torch.zeros(dataset_len, dtype=torch.bool)
+            # one slot per (record, flip): with data.flip a record is drawn both ways (data.flip_draw)
+            ways = 2 if cfg.get("data", {}).get("flip", False) else 1
+            self.latent_cache = torch.zeros(dataset_len * ways, 2 * c.latent_channels, res // f, res // f,
+                                            dtype=torch.float16)
+            self.latent_filled = torch.zeros(dataset_len * ways, dtype=torch.bool)
+            self.latent_ways = ways
 
     def new_parameter(self, key: str) -> bool:
         from imagine.models.unet import new_parameter
@@ -122,14 +202,18 @@ class DiffusionTask(Task):
         if self.latent_cache is None:
             moments = torch.cat([(q := self.vae.encode(x)).mean, q.logvar], dim=1)
         else:
-            idx = batch["index"]
-            missing = ~self.latent_filled[idx]
-            if missing.any():
-                q = self.vae.encode(x[missing])
-                # Stored in fp16 and always read back from the store, so a resumed run sees the
-                # same values as an uninterrupted one.
-                self.latent_cache[idx[missing]] = torch.cat([q.mean, q.logvar], dim=1).to(torch.float16)
-                self.latent_filled[idx[missing]] = True
+            flip = batch.get("flip")
+            idx = batch["index"] * self.latent_ways + (flip.long() if flip is not None and self.latent_ways > 1 else 0)
+            for k in (~self.latent_filled[idx]).nonzero().flatten().tolist():
+                if self.latent_filled[idx[k]]:
+                    continue   # (the same record twice in a batch)
+                # Each record encoded on its own: the encoder's float rounding depends on the batch's size (its
+                # kernels differ by size), so a record encoded beside others would get other moments in a resumed
+                # run, which refills the store (it is not in the checkpoint) in batches made otherwise. Stored in
+                # fp16 and always read back from the store, so every read of a record sees the same values.
+                q = self.vae.encode(x[k:k + 1])
+                self.latent_cache[idx[k]] = torch.cat([q.mean, q.logvar], dim=1)[0].to(torch.float16)
+                self.latent_filled[idx[k]] = True
             moments = self.latent_cache[idx].float()
         mean, logvar = moments.chunk(2, dim=1)
         # LDM samples z from the posterior (not its mode) when building the training latents.

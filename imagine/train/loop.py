@@ -96,6 +96,60 @@ def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def rewarm_factor(step: int, since: int | None, warmup: int) -> float:
+    """The learning rate's factor while an optimizer whose moments restarted at step `since` warms up again: linear
+    over `warmup` steps, as at the start (AdamW's first update is about lr * sign(g) for every weight, whatever
+    the gradient's size, so without it a resume from a compact checkpoint jolts every weight by about lr)."""
+    if since is None or warmup <= 0 or step < since:
+        return 1.0
+    return min(1.0, (step - since + 1) / warmup)
+
+
+def _rewarm_note(tc: dict, step: int) -> str:
+    if tc["warmup_steps"] > 0:
+        return f"the learning rate warms up again over train.warmup_steps={tc['warmup_steps']} steps from step {step}"
+    return "train.warmup_steps is 0, so no warm-up: AdamW's first steps move every weight by about lr"
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """A resumed run's log.jsonl keeps the lines up to the checkpoint's step: the lines a killed run wrote after
+    it (and a line cut by the kill) go, so each step is logged once."""
+    if not path.is_file():
+        return
+    keep, dropped = [], 0
+    for line in path.read_bytes().splitlines():
+        try:
+            entry = json.loads(line)
+            ok = isinstance(entry, dict) and int(entry["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        io.atomic_write_bytes(path, b"".join(line + b"\n" for line in keep))
+        log.info("%s: dropped %d line(s) past step %d (written after the checkpoint resumed from)", path, dropped, step)
+
+
+def export_atomically(task: "Task", model: torch.nn.Module, folder: Path) -> None:
+    """task.export into a temporary folder beside `folder`, then renamed into place: a failure part-way leaves the
+    previous `folder` (or none), never a half-written model folder."""
+    import shutil
+
+    folder = Path(folder)
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    task.export(model, tmp)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 class Task:
     """What differs between the VAE and the diffusion model. The loop owns everything else.
 
@@ -260,6 +314,10 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
     skipped = SkipCounter(getattr(dataset, "skipped", {}) if main else {})
     step = 0
     gens = task.generators()
+    # optimizer name ("model": the trainable network's AdamW; else task.extra_optimizers') -> the step from which
+    # its learning rate warms up again (its moments restarted on a resume), kept in checkpoints
+    rewarm: dict[str, int] = {}
+    extra_lrs = {name: [g["lr"] for g in o.param_groups] for name, o in task.extra_optimizers.items()}
     if resume:
         if isinstance(resume, Path):
             if not (resume / "state.json").is_file():
@@ -267,9 +325,6 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
             last = resume
         else:
             last = ckpt.latest_checkpoint(out_dir)
-        if last is not None and not (last / "optimizer.safetensors").is_file():
-            log.warning("%s has no optimizer state: AdamW's moments start from zero (weights, EMA, data "
-                        "position and RNG states are restored)", last)
         if last is None:
             log.warning("--resume: no checkpoint in %s; starting from scratch", out_dir)
         else:
@@ -284,14 +339,26 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
             if meta["new_parameters"] and main:
                 print(f"{len(meta['new_parameters'])} parameters are not in {last} (a model extension switched on "
                       f"since): they start at their initialisation, e.g. {meta['new_parameters'][0]}")
+            step = meta["step"]
+            # A warm-up restarted at an earlier resume goes on; an optimizer whose moments are not restored
+            # (a compact checkpoint: package --compact; new parameters) warms up again from this step.
+            rewarm = {k: int(v) for k, v in meta.get("rewarm", {}).items()}
+            if not (last / "optimizer.safetensors").is_file() or meta["new_parameters"]:
+                rewarm["model"] = step
+                if not (last / "optimizer.safetensors").is_file():
+                    log.warning("%s has no optimizer state (a compact checkpoint): AdamW's moments start from zero, "
+                                "so this run does not continue the one that wrote it exactly; %s (weights, EMA, data "
+                                "position and RNG states are restored)", last, _rewarm_note(tc, step))
+                else:
+                    log.warning("%s: AdamW's moments start from zero; %s", last, _rewarm_note(tc, step))
             for name, o in task.extra_optimizers.items():
                 if name in meta.get("extra_optimizers", {}) and (last / f"opt_{name}.safetensors").is_file():
                     o.load_state_dict(ckpt.unflatten_optimizer(
                         io.load_tensors(last / f"opt_{name}.safetensors"), meta["extra_optimizers"][name]))
                 elif name in meta.get("extra_optimizers", {}):
-                    log.warning("%s has no state for the %s optimizer (a packaged checkpoint): its moments start "
-                                "from zero", last, name)
-            step = meta["step"]
+                    rewarm[name] = step
+                    log.warning("%s has no state for the %s optimizer (a compact checkpoint): its moments start "
+                                "from zero; %s", last, name, _rewarm_note(tc, step))
             batches.position = meta["data_position"]
             if main:  # (the checkpoint's counts include what the dataset counted while loading)
                 skipped = SkipCounter(meta.get("skipped", {}))
@@ -308,12 +375,16 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
             raise ValueError(f"the processes start at different steps ({-int(span[1])} to {int(span[0])}): every "
                              f"machine must see the same checkpoint (a shared run folder, or --resume-from a copy)")
 
+    if main and step > 0:
+        _truncate_log(out_dir / "log.jsonl", step)
     writer = None
     if main and tc["tensorboard"]:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(out_dir / "tensorboard"))
+            # resumed: the events a killed run wrote after its checkpoint are purged (TensorBoard hides the
+            # steps from purge_step on), so each step shows once
+            writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step + 1 if step > 0 else None)
         except ImportError:
             log.warning("tensorboard is not installed: no TensorBoard scalars")
 
@@ -331,7 +402,7 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
         ckpt.save_checkpoint(out_dir, step_now, modules=mods, optimizer=opt,
                              state={"data_position": batches.position, "config": cfg,
                                     "resolved": {"train": tc, **task.resolved_config()},
-                                    "skipped": dict(total_skipped),
+                                    "skipped": dict(total_skipped), "rewarm": dict(rewarm),
                                     "extra_optimizers": {k: v[1] for k, v in extra.items()}},
                              generators=gens, keep=tc["keep_checkpoints"],
                              files={f"opt_{k}": v[0] for k, v in extra.items()})
@@ -377,7 +448,12 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
     model.train()
     while step < total:
         for g in opt.param_groups:
-            g["lr"] = tc["lr"] * lr_factor(step, tc["warmup_steps"], total, tc["lr_schedule"], tc["min_lr_ratio"])
+            g["lr"] = tc["lr"] * lr_factor(step, tc["warmup_steps"], total, tc["lr_schedule"], tc["min_lr_ratio"]) \
+                * rewarm_factor(step, rewarm.get("model"), tc["warmup_steps"])
+        for name, o in task.extra_optimizers.items():
+            if name in rewarm:
+                for g, lr in zip(o.param_groups, extra_lrs[name]):
+                    g["lr"] = lr * rewarm_factor(step, rewarm[name], tc["warmup_steps"])
         logs: dict[str, float] = {}
         opt.zero_grad(set_to_none=True)
         batch = None
@@ -439,7 +515,7 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
         metrics = task.evaluate(final, step)
         result["eval"] = metrics
         if step >= total:
-            task.export(final, out_dir / "model")
+            export_atomically(task, final, out_dir / "model")
             result["model"] = str(out_dir / "model")
         print(f"skipped records: {skipped.report()}")
         if metrics:

@@ -63,27 +63,57 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
 
 
+def check_vae_config(cfg: dict) -> dict:
+    """Every section of a VAE run's config but `train` (loop.check_run) and `data` (data.check_data_config), checked
+    before anything is built. Returns the loss settings with their defaults filled in."""
+    from imagine.train.config import as_bool, as_int, as_mapping, as_number, check_fields
+
+    check_keys(cfg, {"seed", "output", "data", "model", "loss", "train"}, "the VAE's config")
+    as_int(cfg.get("seed", 0), "seed")
+    check_keys(cfg.get("loss", {}), set(VAE_LOSS_DEFAULTS), "loss")
+    lc = {**VAE_LOSS_DEFAULTS, **cfg.get("loss", {})}
+    if lc["reconstruction"] not in ("l1", "l2"):
+        raise ValueError(f"loss.reconstruction must be 'l1' or 'l2'; got {lc['reconstruction']!r}")
+    lc["kl_weight"] = as_number(lc["kl_weight"], "loss.kl_weight", 0.0)
+    lc["disc_weight"] = as_number(lc["disc_weight"], "loss.disc_weight", 0.0)
+    lc["disc_lr"] = as_number(lc["disc_lr"], "loss.disc_lr", 0.0, inclusive=False, none=True)
+    lc["disc_start"] = as_int(lc["disc_start"], "loss.disc_start", 0)
+    lc["disc_layers"] = as_int(lc["disc_layers"], "loss.disc_layers", 1)
+    as_bool(lc["discriminator"], "loss.discriminator")
+    model = as_mapping(cfg.get("model", {}), "model")
+    # the keys must be VAEConfig's fields (its from_dict reads diffusers' folders, so it drops other keys)
+    check_fields(model, VAEConfig, "model (the VAE's VAEConfig fields)")
+    sf = model.get("scaling_factor", VAEConfig.scaling_factor)
+    if sf != "auto":
+        try:
+            as_number(sf, "model.scaling_factor", 0.0, inclusive=False)
+        except ValueError:
+            raise ValueError(f"model.scaling_factor must be 'auto' (1 / std of the latents, measured at export) or a "
+                             f"finite number > 0; got {sf!r}") from None
+    return lc
+
+
 class VAETask(Task):
     name = "vae"
 
-    def __init__(self, cfg: dict, eval_images: torch.Tensor | None = None):
+    def __init__(self, cfg: dict, eval_images: torch.Tensor | None = None, scale_images=None):
+        """`scale_images`: when there are no held-out images (`eval_images` None), a callable giving training
+        images for `model.scaling_factor: auto` (read at export only)."""
         self.cfg = cfg
-        check_keys(cfg, {"seed", "output", "data", "model", "loss", "train"}, "the VAE's config")
-        check_keys(cfg.get("loss", {}), set(VAE_LOSS_DEFAULTS), "loss")
-        self.lc = {**VAE_LOSS_DEFAULTS, **cfg.get("loss", {})}
-        if self.lc["reconstruction"] not in ("l1", "l2"):
-            raise ValueError(f"loss.reconstruction must be 'l1' or 'l2'; got {self.lc['reconstruction']!r}")
+        self.lc = check_vae_config(cfg)
         torch.manual_seed(int(cfg.get("seed", 0)))
         mcfg = dict(cfg.get("model", {}))
-        # scaling_factor "auto": set at export to 1 / std of the training latents (LDM sec. 4.3.2,
-        # which is how 0.18215 was found for SD's VAE).
+        # scaling_factor "auto": set at export to 1 / std of the model's own latents (LDM sec. 4.3.2,
+        # which is how 0.18215 was found for SD's VAE); not given: SD's 0.18215 (VAEConfig's default).
         self.auto_scale = mcfg.get("scaling_factor") == "auto"
+        self.scale_given = "scaling_factor" in mcfg
         if self.auto_scale:
             mcfg["scaling_factor"] = 1.0
         self.trainable = AutoencoderKL(VAEConfig.from_dict(mcfg))
         self.step = ReconstructionStep(self.trainable)
         self.gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)) + 1)
         self.eval_images = eval_images
+        self.scale_images = scale_images
         self.disc = None
         self.extra_optimizers = {}
         if self.lc["discriminator"]:
@@ -148,7 +178,7 @@ class VAETask(Task):
                     dist.all_reduce(p.grad)
                     p.grad /= acc.num_processes
         opt.step()
-        return {"d_loss": float(d_loss) * batch.get("loss_scale", 1.0)}
+        return {"d_loss": float(d_loss.detach()) * batch.get("loss_scale", 1.0)}
 
     @torch.no_grad()
     def evaluate(self, model, step):
@@ -170,9 +200,33 @@ class VAETask(Task):
         rec = model.decode(model.encode(x).mode())
         save_grid([to_pil(t) for t in torch.cat([x, rec])], path, cols=8)
 
+    def latent_scale(self, model) -> tuple[float, str] | None:
+        """1 / std of the model's latents z ~ q(z|x) (LDM sec. 4.3.2), and which images they are of: the held-out
+        ones, else training images (`scale_images`); None if there are neither. The posterior samples are drawn
+        from a generator seeded with the config's seed, so the figure does not depend on how training went."""
+        images, which = self.eval_images, "held-out"
+        if images is None and self.scale_images is not None:
+            images, which = self.scale_images(), "training"
+        if images is None or len(images) == 0:
+            return None
+        g = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)))
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            z = torch.cat([model.encode(c).sample(g) for c in images.split(64)])
+        model.train(was)
+        return float(1.0 / z.float().flatten().std()), f"{len(images)} {which} images"
+
     def export(self, model, folder: Path):
-        if self.auto_scale and self.eval_images is not None:
-            with torch.no_grad():
-                z = torch.cat([model.encode(c).sample(self.gen) for c in self.eval_images.split(64)])
-            model.config.scaling_factor = float(1.0 / z.flatten().std())
+        if self.auto_scale:
+            found = self.latent_scale(model)
+            if found is None:
+                raise ValueError("model.scaling_factor auto: no images to measure the latents' std on")
+            model.config.scaling_factor = found[0]
+            print(f"model.scaling_factor auto: {found[0]:.6g} (1 / std of the latents of {found[1]})")
+        elif not self.scale_given:
+            found = self.latent_scale(model)
+            print(f"model.scaling_factor not set: exported Stable Diffusion's {model.config.scaling_factor:g} "
+                  + (f"(this VAE's latents have 1 / std {found[0]:.4g} on {found[1]}: set model.scaling_factor: "
+                     f"auto to use that)" if found else "(set model.scaling_factor: auto to measure this VAE's)"))
         model.save_pretrained(folder)
