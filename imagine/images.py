@@ -168,6 +168,7 @@ def a1111_parameters(p: dict) -> str:
     # (A1111 writes its padding options only where a step was padded)
     put("Pad conds", True if p.get("pad_conds") == "empty" and p.get("padded_conds") else None)
     put("Pad conds v0", True if p.get("pad_conds") == "v0" and p.get("padded_conds") else None)
+    put("Precision", p.get("precision"))  # (imagine's: fast mode's pictures differ from exact mode's)
     put("Noise Schedule", "Zero Terminal SNR" if p.get("zero_terminal_snr") else None)
     put("Denoising strength", p.get("strength"))  # image to image, hires. fix (A1111 writes it later; order is free)
     if p.get("inpainting"):  # A1111's inpainting fields; it writes "Mask blur" only above 0, here 0 says "no blur"

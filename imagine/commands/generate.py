@@ -15,6 +15,13 @@ from imagine.images import RESIZE_MODES, save_png
 from imagine.hardware import PRECISION_HELP
 
 
+
+def _schedule_name(text: str) -> str:
+    """--schedule-type's value: imagine's name, or A1111's label for it in any case ("Karras", "KL Optimal",
+    "Align Your Steps", "DDIM" for ddim_uniform)."""
+    key = str(text).strip().lower().replace(" ", "_").replace("-", "_")
+    return {"ddim": "ddim_uniform"}.get(key, key)
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="what to draw (or use --from-file)")
     p.add_argument("--model", "-m", help="model folder (ours or diffusers') or single-file checkpoint; "
@@ -162,14 +169,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hires-scale", "--hr-scale", type=float, default=None, metavar="S",
                    help="AUTOMATIC1111's hires. fix: generate at the base size, upscale by S (1 < S <= 4; see "
                         "--hires-upscaler) and run image to image there")
-    p.add_argument("--hires-strength", type=float, default=0.7, help="the hires pass's denoising strength (0.7)")
+    p.add_argument("--hires-strength", type=float, default=None,
+                   help="the hires pass's denoising strength (default 0.7)")
     p.add_argument("--hires-steps", type=int, default=None, help="the hires pass's steps (default: --steps)")
     p.add_argument("--hires-prompt", default=None, metavar="TEXT",
                    help="the hires pass's prompt (A1111's 'Hires prompt'; default: the prompt)")
     p.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
                    help="the hires pass's negative prompt (default: the negative prompt)")
-    p.add_argument("--hires-upscaler", choices=["latent", "lanczos"], default="latent",
-                   help="latent: the latents resized bilinearly (A1111's default 'Latent'); lanczos: the pictures")
+    p.add_argument("--hires-upscaler", choices=["latent", "lanczos"], default=None,
+                   help="latent: the latents resized bilinearly (A1111's 'Latent', the default); lanczos: the "
+                        "pictures")
     p.add_argument("--hires-sampler", default=None, metavar="NAME",
                    help="the hires pass's sampler (A1111's 'Hires sampler'; default: --sampler)")
     p.add_argument("--hires-schedule-type", default=None, metavar="NAME",
@@ -186,7 +195,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_sde, dpmpp_3m, dpmpp_3m_sde, "
                         "unipc, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm, restart, dpm_fast, "
                         "dpm_adaptive, ddim_cfgpp, euler_cfgpp, euler_a_cfgpp (A1111 names work too)")
-    p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None,
+    p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None, type=_schedule_name,
                    # (schedules.SIGMA_SCHEDULES, with no torch import to parse arguments)
                    choices=["karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
                             "align_your_steps_sdxl", "uniform", "normal", "sgm_uniform", "simple", "ddim_uniform",
@@ -235,15 +244,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold-range", type=float, default=None,
                    help="R, the data's range that thresholding holds x0 to (default: the model's, else 1 = pixels)")
     p.add_argument("--seed", type=int, default=-1, help="seed (-1: random); image i of a batch uses seed + i")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels, a multiple of the model's factor (8 for SD; default: the model's own size, or the "
+                        "--init-image's)")
+    p.add_argument("--width", type=int, default=None, help="pixels, as --height")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass (default 4; 1 for DPM adaptive, whose steps follow its whole "
                         "batch); prompts asking for other LoRAs run in batches of their own")
     p.add_argument("--output", "-o", default=None,
                    help="PNG path for one image (default imagine-<seed>.png), or a folder for several / --from-file")
-    p.add_argument("--from-file", default=None, help="a text file with one prompt a line")
+    p.add_argument("--from-file", default=None,
+                   help="a UTF-8 text file with one prompt a line (every non-blank line is a prompt); the images go "
+                        "to --output, a folder (default outputs/), as NNNNN-SEED.png with images.jsonl")
     p.add_argument("--precision", choices=["exact", "fast"], default="exact", help=PRECISION_HELP)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="the weights as loaded: bfloat16 halves the model's memory, for --precision fast only, whose "
@@ -274,10 +287,11 @@ def defaults_from(args) -> dict:
 
     own = read_imagine_parameters(args.infotext)
     if own is not None:
-        out = record_defaults(own, init_image=bool(args.init_image), mask=bool(args.mask))
+        out = record_defaults(_loaded_again(own, args, "model", "lora", "embeddings"),
+                              init_image=bool(args.init_image), mask=bool(args.mask))
     else:
-        out = infotext_defaults(parse_a1111_parameters(read_infotext(args.infotext)), init_image=bool(args.init_image),
-                                hires_scale=args.hires_scale)
+        out = infotext_defaults(_loaded_again(parse_a1111_parameters(read_infotext(args.infotext)), args, "Model",
+                                              None), init_image=bool(args.init_image), hires_scale=args.hires_scale)
     if args.from_file:  # (its prompts, not the picture's)
         out.pop("prompt", None)
     return out
@@ -297,9 +311,39 @@ _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "step
                  "prompt_editing": "prompt_editing", "long_prompts": "long_prompts", "resize_mode": "resize_mode",
                  "masked_content": "masked_content", "zero_terminal_snr": "zero_terminal_snr",
                  "downcast_alphas_cumprod": "downcast_alphas_cumprod", "old_prompt_editing": "old_prompt_editing",
-                 "pad_conds": "pad_conds",
+                 "pad_conds": "pad_conds", "precision": "precision", "dtype": "dtype",
                  "mask_invert": "invert_mask", "a1111_schedule": "_a1111_schedule",
                  "hires_sampling": "_hires_sampling", "a1111_hires_schedule": "_a1111_hires_schedule"}
+
+
+def _loaded_again(record: dict, args, model_key: str, lora_key: str | None, embeddings_key: str | None = None) -> dict:
+    """`record` without what this run loads again, so that the notes name only what is not applied: the model where
+    it is the one loaded now (by folder or file name, or its stem as A1111 names a checkpoint), the LoRAs that come
+    back, by the prompt's own tags or a --lora given again, and the embedding words an --embedding gives again."""
+    from imagine.pipelines.text_to_image import LORA_TAG
+
+    record = dict(record)
+    model = Path(args.model) if args.model else None
+    if record.get(model_key) in ((model.name, model.stem) if model else ("default",)):
+        record.pop(model_key)
+    if lora_key and record.get(lora_key):
+        again = {m.group(1) for text in (record.get("prompt"), record.get("negative_prompt"))
+                 for m in LORA_TAG.finditer(text or "")}
+        again |= {Path(spec.split(":")[0] if not Path(spec).exists() else spec).stem for spec in args.lora}
+        left = [item for item in str(record[lora_key]).split(", ") if item.split(": ")[0] not in again]
+        if left:
+            record[lora_key] = ", ".join(left)
+        else:
+            record.pop(lora_key)
+    if embeddings_key and record.get(embeddings_key):
+        # (a word the file itself names is known only once loaded: the file's name stands for it here)
+        given = {word or Path(path).stem for path, word in parse_embeddings(args.embedding)}
+        left = [w for w in str(record[embeddings_key]).split(", ") if w not in given]
+        if left:
+            record[embeddings_key] = ", ".join(left)
+        else:
+            record.pop(embeddings_key)
+    return record
 
 
 def record_defaults(record: dict, init_image: bool = False, mask: bool = False) -> dict:
@@ -424,6 +468,8 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
         fields.pop("Downcast alphas_cumprod")
     if fields.get("Old prompt editing timelines") in ("True", True, "False"):
         out["old_prompt_editing"] = fields.pop("Old prompt editing timelines") in ("True", True)
+    if fields.get("Precision") in ("fast", "exact"):  # (imagine's own field: fast mode's pictures differ)
+        out["precision"] = fields.pop("Precision")
     # (A1111's padding options; "v0" first, as its denoiser tries it first)
     pads = {label: fields.pop(label) in ("True", True) for label in ("Pad conds v0", "Pad conds")
             if fields.get(label) in ("True", True, "False", False)}
@@ -537,7 +583,12 @@ def _batches(pipe, jobs: list, args) -> list[tuple[int, int]]:
     from imagine.samplers import couples_batch
 
     hires = (getattr(args, "_hires_sampling", None) or {}).get("sampler") or args.hires_sampler
-    size = args.batch_size or (1 if couples_batch(args.sampler) or couples_batch(hires) else 4)
+    couples = couples_batch(args.sampler) or couples_batch(hires)
+    if couples and args.batch_size and args.batch_size > 1 and len(jobs) > 1:
+        print(f"imagine: warning: --batch-size {args.batch_size} with DPM adaptive: its step sizes follow the whole "
+              "batch, so each image depends on the others beside it (not the one its seed gives alone, nor made again "
+              "from its PNG); leave --batch-size out to run one image a batch", file=sys.stderr)
+    size = args.batch_size or (1 if couples else 4)
     asks = getattr(pipe, "loras_asked", None)
     loras = [tuple(asks([p, args.negative_prompt or ""])) if asks else () for p, _ in jobs]
     out, start = [], 0
@@ -551,6 +602,8 @@ def _batches(pipe, jobs: list, args) -> list[tuple[int, int]]:
 def _prompts(args) -> list[str]:
     if args.from_file:
         path = Path(args.from_file)
+        if path.is_dir():
+            raise ValueError(f"--from-file: {path} is a folder; give a text file with one prompt a line")
         if not path.is_file():
             raise FileNotFoundError(f"--from-file: {path} not found")
         if args.prompt is not None:
@@ -563,6 +616,11 @@ def _prompts(args) -> list[str]:
             raise ValueError(f"--from-file: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
                              f"{e.start}); save it as UTF-8") from None
         prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        options = [n for n, ln in enumerate(text.splitlines(), 1) if ln.strip().startswith("--")]
+        if options:  # (A1111's "Prompts from file" script reads such lines as its options: here they would be prompts)
+            raise ValueError(f"--from-file: {path} line {options[0]} starts with '--', an option line of A1111's "
+                             "'Prompts from file' script (--prompt ... --steps ...), which is not read here: give one "
+                             "prompt a line (every non-blank line is a prompt) and the options as flags")
         if not prompts:
             raise ValueError(f"--from-file: {path} holds no prompt")
         return prompts
@@ -596,6 +654,9 @@ def _output_target(output: str | None, many: bool) -> tuple[Path | None, Path | 
         _check_folder_path(folder, output)
         return folder, None
     file = Path(output)
+    if file.suffix.lower() != ".png":  # (the picture is written as PNG, its parameters in PNG text chunks)
+        raise ValueError(f"--output {output}: imagine writes PNG files (with the parameters in their text chunks); "
+                         "give a path ending in .png, or a folder")
     _check_folder_path(file.parent, output)
     return None, file
 
@@ -869,8 +930,27 @@ def run(args) -> int:
     for flag in ("hires_sampler", "hires_schedule_type"):
         if getattr(args, flag) in ("Use same sampler", "Use same scheduler"):  # (A1111's labels for "as the first")
             setattr(args, flag, None)
-        if getattr(args, flag) and args.hires_scale is None:
+    if args.hires_steps == 0:  # (A1111's "Hires steps: 0": the first pass's steps)
+        args.hires_steps = None
+    if args.hires_steps is not None and args.hires_steps < 0:
+        raise ValueError(f"--hires-steps must be at least 1 (0: the first pass's, as A1111); got {args.hires_steps}")
+    if args.hires_strength is not None and not 0 < args.hires_strength <= 1:
+        raise ValueError(f"--hires-strength must be in (0, 1] (A1111's hires denoising strength); got "
+                         f"{args.hires_strength}")
+    for flag in ("hires_sampler", "hires_schedule_type", "hires_strength", "hires_steps", "hires_prompt",
+                 "hires_negative_prompt", "hires_upscaler"):
+        if getattr(args, flag) is not None and args.hires_scale is None:
             raise ValueError(f"--{flag.replace('_', '-')} is for hires. fix's second pass: give --hires-scale too")
+    if args.strength is not None and not args.init_image:
+        raise ValueError("--strength is how far from --init-image an image-to-image run goes: give --init-image (a "
+                         "hires. fix pass's strength is --hires-strength)")
+    if args.karras is False and args.sampler and re.search(r"\bkarras\b", args.sampler, re.I):
+        raise ValueError(f"--no-karras with --sampler {args.sampler!r}, a name that asks for Karras levels: give the "
+                         "sampler's name without 'Karras', or leave out --no-karras")
+    if args.rho is not None and not (args.karras or args.sigma_schedule in ("karras", "polyexponential", "exponential")
+                                     or (args.sampler and re.search(r"\bkarras\b", args.sampler, re.I))):
+        raise ValueError(f"--rho {args.rho:g} is the exponent of the karras and polyexponential schedule types: give "
+                         "--schedule-type karras or polyexponential (or --karras), or leave out --rho")
     if args.hires_sampler or args.hires_schedule_type:
         from imagine.samplers import a1111_settings
 
@@ -1024,8 +1104,9 @@ def run(args) -> int:
             if args.init_image:
                 raise ValueError("--hires-scale starts from text; with --init-image leave it out")
             run = functools.partial(pipe.generate_hires, hires_scale=args.hires_scale,
-                                    hires_strength=args.hires_strength, hires_steps=args.hires_steps,
-                                    hires_upscaler=args.hires_upscaler, hires_prompt=args.hires_prompt,
+                                    hires_strength=0.7 if args.hires_strength is None else args.hires_strength,
+                                    hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler or "latent",
+                                    hires_prompt=args.hires_prompt,
                                     hires_negative_prompt=args.hires_negative_prompt, hires_sampling=hires_sampling)
         res = run([p for p, _ in chunk], args.negative_prompt, steps=args.steps,
                             guidance_scale=args.guidance_scale, sampler=args.sampler, seeds=seeds,

@@ -940,7 +940,7 @@ class TextToImagePipeline:
                                schedule=schedule, padding=padding)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
-                  "version": __import__("imagine").__version__}
+                  "version": __import__("imagine").__version__, **self.run_record()}
         if self.c.vae_source:
             params["vae"] = Path(self.c.vae_source).name
         if init is not None or masks is not None:
@@ -991,6 +991,9 @@ class TextToImagePipeline:
             params["long_prompts"] = True  # read in 75-token chunks (imagine.long_prompts)
         if getattr(self.text_encoder, "clip_skip", 0):
             params["clip_skip"] = self.text_encoder.clip_skip  # layers skipped (diffusers' numbering)
+        used = [w for w in self.embeddings if any(w in t for t in [*prompts, *(n for n in negatives if n)])]
+        if used:  # (the textual-inversion words the texts use: a run again needs them loaded, as A1111's "TI hashes")
+            params["embeddings"] = ", ".join(used)
         if self.loras or self.request_loras:
             params["lora"] = ", ".join(f"{name}: {_strength_text(strength)}"
                                        for name, strength in [*self.loras, *self.request_loras])
@@ -1141,6 +1144,16 @@ class TextToImagePipeline:
                                 subseeds=second.subseeds,
                                 seconds=first.seconds + second.seconds, latents=second.latents)
 
+    def run_record(self) -> dict:
+        """How this pipeline computes, for a run's record where it is not exact float32 (the images differ): precision
+        "fast" (bf16 and our kernels: the same picture again on a CPU of the same kind), the weights' dtype where not
+        float32."""
+        out = {"precision": "fast"} if self.precision == "fast" else {}
+        dtype = next(self.unet.parameters()).dtype
+        if dtype != torch.float32:
+            out["dtype"] = str(dtype).replace("torch.", "")
+        return out
+
     def hires_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
         """The hires. fix's second size: height and width times `scale`, to the VAE's factor."""
         f = self.scale
@@ -1210,7 +1223,7 @@ class TextToImagePipeline:
                                progress=progress, concat=concat)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, **params, "model": Path(self.c.source).name if self.c.source else "default",
-                  "version": __import__("imagine").__version__, "prompt": prompts[0],
+                  "version": __import__("imagine").__version__, **self.run_record(), "prompt": prompts[0],
                   "negative_prompt": negatives[0] or ""}
         if emphasis:
             params["emphasis"] = "a1111"

@@ -1,0 +1,94 @@
+"""Fixes from a review of `imagine generate` as an A1111/diffusers user would run it: fast mode is recorded and
+replayed; flags that would do nothing are refused by name; only PNG is written; --from-file refuses A1111's option
+lines; an embedding is recorded; a replay's notes name only what is not loaded again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from imagine.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+RUN = ["--steps", "3", "--seed", "7", "-q"]
+
+
+def test_fast_mode_is_recorded_and_a_replay_runs_it(tmp_path, capsys):
+    """A fast-mode picture (bf16: not the exact mode's) made again from its PNG alone is the same picture; the notes
+    do not call the default model, loaded again, not applied."""
+    first, again, exact = tmp_path / "fast.png", tmp_path / "again.png", tmp_path / "exact.png"
+    assert main(["generate", "two yellow circles", "--precision", "fast", "-o", str(first), *RUN]) == 0
+    made = Image.open(first)
+    assert json.loads(made.text["imagine"])["precision"] == "fast" and "Precision: fast" in made.text["parameters"]
+    capsys.readouterr()
+    assert main(["generate", "--infotext", str(first), "-o", str(again), "-q"]) == 0
+    assert "not applied" not in capsys.readouterr().err
+    assert Image.open(again).tobytes() == made.tobytes()
+    assert main(["generate", "two yellow circles", "-o", str(exact), *RUN]) == 0
+    assert "precision" not in json.loads(Image.open(exact).text["imagine"])
+    assert Image.open(exact).tobytes() != made.tobytes()  # (so the replay above had to run fast mode)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--strength", "0.5"], "--strength is how far from --init-image"),
+    (["--hires-steps", "3"], "--hires-steps is for hires. fix's second pass: give --hires-scale too"),
+    (["--hires-prompt", "y"], "--hires-prompt is for hires. fix's second pass"),
+    (["--hires-upscaler", "lanczos"], "--hires-upscaler is for hires. fix's second pass"),
+    (["--hires-strength", "0.5"], "--hires-strength is for hires. fix's second pass"),
+    (["--hires-scale", "2", "--hires-strength", "0"], "--hires-strength must be in \\(0, 1\\]"),
+    (["--no-karras", "--sampler", "DPM++ 2M Karras"], "--no-karras with --sampler 'DPM\\+\\+ 2M Karras'"),
+    (["--rho", "3", "--sampler", "ddim"], "--rho 3 is the exponent of the karras and polyexponential"),
+    (["-o", "x.jpg"], "--output x.jpg: imagine writes PNG files"),
+])
+def test_flags_that_would_do_nothing_are_refused(tmp_path, capsys, flags, message):
+    import re
+
+    out = ["-o", str(tmp_path / "x.png")] if "-o" not in flags else []
+    assert main(["generate", "a red circle", *flags, *out, *RUN]) != 0
+    assert re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_schedule_type_takes_a1111s_labels_and_hires_steps_0_is_the_first_pass(tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["generate", "a red circle", "--schedule-type", "KL Optimal", "-o", str(a), *RUN]) == 0
+    assert main(["generate", "a red circle", "--schedule-type", "kl_optimal", "-o", str(b), *RUN]) == 0
+    assert Image.open(a).tobytes() == Image.open(b).tobytes()
+    assert json.loads(Image.open(a).text["imagine"])["schedule_type"] == "kl_optimal"
+    c = tmp_path / "c.png"
+    assert main(["generate", "a red circle", "--hires-scale", "1.5", "--hires-steps", "0", "--hires-strength", "0.7",
+                 "-o", str(c), "--steps", "4", "--seed", "7", "-q"]) == 0
+    assert json.loads(Image.open(c).text["imagine"])["hires_steps"] == 4  # (A1111's 0: the first pass's steps)
+
+
+def test_from_file_refuses_a1111_option_lines_and_folders(tmp_path, capsys):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text('a red circle\n--prompt "two blue squares" --steps 5\n', encoding="utf-8")
+    assert main(["generate", "--from-file", str(lines), "-o", str(tmp_path / "out"), *RUN]) != 0
+    assert "line 2 starts with '--', an option line of A1111's 'Prompts from file' script" in capsys.readouterr().err
+    assert main(["generate", "--from-file", str(tmp_path), "-o", str(tmp_path / "out"), *RUN]) != 0
+    assert "is a folder; give a text file with one prompt a line" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_embedding_is_recorded_and_named_when_not_loaded_again(tmp_path, capsys):
+    from test_loading import write_single_file
+    from test_textual_inversion import _vectors, _write
+
+    single = tmp_path / "single" / "tiny-sd.safetensors"
+    write_single_file(single, "sd1")
+    path = _write("diffusers.bin", _vectors(2), tmp_path / "emb", "<style>")
+    first, again = tmp_path / "emb.png", tmp_path / "again.png"
+    common = ["--model", str(single), "--height", "32", "--width", "32"]
+    assert main(["generate", *common, "--embedding", f"{path}:mystyle", "a red circle, mystyle", "-o", str(first),
+                 *RUN]) == 0
+    assert json.loads(Image.open(first).text["imagine"])["embeddings"] == "mystyle"
+    capsys.readouterr()
+    assert main(["generate", *common, "--infotext", str(first), "-o", str(again), "-q"]) == 0
+    assert "not applied: embeddings: mystyle" in capsys.readouterr().err  # (and not the model, loaded again)
+    assert main(["generate", *common, "--embedding", f"{path}:mystyle", "--infotext", str(first), "-o", str(again),
+                 "-q"]) == 0
+    assert "not applied" not in capsys.readouterr().err
+    assert Image.open(again).tobytes() == Image.open(first).tobytes()
