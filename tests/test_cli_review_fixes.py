@@ -92,3 +92,20 @@ def test_an_embedding_is_recorded_and_named_when_not_loaded_again(tmp_path, caps
                  "-q"]) == 0
     assert "not applied" not in capsys.readouterr().err
     assert Image.open(again).tobytes() == Image.open(first).tobytes()
+
+
+def test_a_lora_tag_nothing_loads_is_refused_before_the_model_loads(tmp_path, capsys):
+    """(the model path does not exist: the refusal must come first)"""
+    assert main(["generate", "--model", str(tmp_path / "no-such-model"), "a <lora:watercolor:0.8> circle",
+                 "-o", str(tmp_path / "x.png"), *RUN]) != 0
+    err = capsys.readouterr().err
+    assert "asks for <lora:watercolor:0.8>, which no --lora merges: give the folder of LoRAs" in err
+
+
+def test_an_infotexts_seed_out_of_range_is_said_to_be_the_infotexts(tmp_path, capsys):
+    text = tmp_path / "big.txt"
+    text.write_text("a circle\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 5000000000, Size: 64x64\n",
+                    encoding="utf-8")
+    assert main(["generate", "--infotext", str(text), "-o", str(tmp_path / "a.png"), "-q"]) != 0
+    assert "--infotext" in (err := capsys.readouterr().err) and "its Seed 5000000000 is outside imagine's seeds" in err
+    assert main(["generate", "--infotext", str(text), "--seed", "3", "-o", str(tmp_path / "b.png"), "-q"]) == 0

@@ -294,6 +294,8 @@ def defaults_from(args) -> dict:
                                               None), init_image=bool(args.init_image), hires_scale=args.hires_scale)
     if args.from_file:  # (its prompts, not the picture's)
         out.pop("prompt", None)
+    if "seed" in out:  # (so that a seed out of range is said to be the infotext's)
+        out["_infotext_seed"] = out["seed"]
     return out
 
 
@@ -962,6 +964,9 @@ def run(args) -> int:
     if args.num_images < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError("--num-images and --batch-size must be at least 1")
     if args.seed != -1 and not 0 <= args.seed <= MAX_SEED:  # not wrapped: the PNG would name another seed
+        if getattr(args, "_infotext_seed", None) == args.seed:
+            raise ValueError(f"--infotext {args.infotext}: its Seed {args.seed} is outside imagine's seeds, "
+                             f"0..{MAX_SEED}; give --seed")
         raise ValueError(f"--seed must be -1 (random) or 0..{MAX_SEED}; got {args.seed}")
     for side in ("height", "width"):
         if getattr(args, side) is not None and getattr(args, side) <= 0:
@@ -1019,6 +1024,16 @@ def run(args) -> int:
     out_dir, out_file = _output_target(args.output, many)
     if args.dtype == "bfloat16" and args.precision != "fast":
         raise ValueError("--dtype bfloat16 is for --precision fast (exact mode computes in float32 on float32 weights)")
+    if args.lora_dir is None:  # (a tag no --lora merges and no --lora-dir holds: said before the model loads)
+        from imagine.pipelines.text_to_image import LORA_TAG
+
+        merged = {Path(path).stem for path, *_ in parse_loras(args.lora)}
+        for text in [*prompts, args.negative_prompt or "", args.hires_prompt or "", args.hires_negative_prompt or ""]:
+            for m in LORA_TAG.finditer(text):
+                if m[1].strip() not in merged:
+                    raise ValueError(f"the prompt asks for {m[0]}, which no --lora merges: give the folder of LoRAs "
+                                     f"that holds {m[1].strip()} (--lora-dir), or --lora PATH/{m[1].strip()}"
+                                     ".safetensors, or take the tag out of the prompt")
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
                                                dtype=getattr(__import__("torch"), args.dtype),
                                                loras=parse_loras(args.lora),
