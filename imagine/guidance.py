@@ -145,74 +145,79 @@ def _forward_parts(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch
 PAD_CONDS = ("empty", "v0")
 
 
-def _pad_text(c: dict[str, Any], length: int, fill: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
-    # each text of `c` ([B, L, D] under a key ending in "context") to `length`: cut, or `fill(states)`'s rows appended
-    # (a padding mask, where there is one, takes the new rows as read, as A1111's U-Net reads them)
-    out = dict(c)
-    for key, v in c.items():
-        if not (key.endswith("context") and torch.is_tensor(v) and v.ndim == 3) or v.shape[1] == length:
-            continue
-        mask = c.get(key + "_mask")
-        if v.shape[1] > length:
-            out[key] = v[:, :length]
-            if mask is not None:
-                out[key + "_mask"] = mask[:, :length]
-            continue
-        extra = fill(v)[:, : length - v.shape[1]].to(v)
-        out[key] = torch.cat([v, extra], dim=1)
-        if mask is not None:
-            out[key + "_mask"] = torch.cat([mask, torch.ones(extra.shape[:2], dtype=mask.dtype, device=mask.device)], 1)
-    return out
+def _rows(c: dict[str, Any]) -> list[torch.Tensor]:
+    # each row's own text states: a batch fills its shorter rows up at the end, masked out (context_mask)
+    v, mask = c["context"], c.get("context_mask")
+    return [v[r] if mask is None else v[r][: int(mask[r].sum())] for r in range(v.shape[0])]
+
+
+def _as_batch(c: dict[str, Any], rows: list[torch.Tensor], length: int) -> dict[str, Any]:
+    # `rows` back into c's "context" of `length` tokens, each row filled up at the end and the filling masked out
+    # (the other texts, e.g. an SDXL refiner's "refiner_context", as they are)
+    v = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), length, dtype=torch.bool, device=v.device)
+    for r, states in enumerate(rows):
+        v[r, : len(states)], mask[r, : len(states)] = states, True
+    out = {**c, "context": v}
+    out.pop("context_mask", None)
+    return out if bool(mask.all()) else {**out, "context_mask": mask}
 
 
 class PaddedConds:
-    """A guidance rule (called as guided_model_output is) that first brings a prompt's and a negative prompt's texts to
-    one length by AUTOMATIC1111's rule `mode` (PAD_CONDS; its CFGDenoiser's pad_cond_uncond / pad_cond_uncond_v0), so
-    that they share the guidance batch, then runs `inner`. `empty`: the empty prompt's cond dict (one chunk, [1, 77, D]
-    states), for "empty". `padded` turns true once a step was padded (A1111 then writes the option in the infotext)."""
+    """A guidance rule (called as guided_model_output is) that first brings each image's prompt and negative prompt
+    texts to one length by AUTOMATIC1111's rule `mode` (PAD_CONDS; its CFGDenoiser's pad_cond_uncond /
+    pad_cond_uncond_v0), so that they share the guidance batch, then runs `inner`. Each row of a batch is padded by
+    its own texts' lengths (a batch fills its shorter rows up and masks the filling: an image stays the one its prompt
+    gives alone). The base model's text ("context") is padded; an SDXL refiner's own text runs as it is. `empty`: the
+    empty prompt's cond dict (one chunk, [1, 77, D] states), for "empty". `padded_rows`: the rows some step padded (A1111
+    then writes the option in the image's infotext)."""
 
     def __init__(self, mode: str, empty: dict[str, Any] | None = None, inner: Callable[..., torch.Tensor] | None = None):
         if mode not in PAD_CONDS:
             raise ValueError(f"pad_conds must be one of {', '.join(map(repr, PAD_CONDS))} (or None: off); got {mode!r}")
         if mode == "empty" and empty is None:
             raise ValueError("pad_conds 'empty' pads with the empty prompt's states: give `empty`")
-        self.mode, self.empty, self.inner, self.padded = mode, empty, inner or guided_model_output, False
+        self.mode, self.empty, self.inner = mode, empty, inner or guided_model_output
+        self.padded_rows: set[int] = set()
 
-    def _length(self, cond: dict[str, Any]) -> int | None:
-        v = cond.get("context")
-        return v.shape[1] if torch.is_tensor(v) and v.ndim == 3 else None
+    @property
+    def padded(self) -> bool:
+        return bool(self.padded_rows)
+
+    def _pair(self, r: int, c: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lc, lu = len(c), len(u)
+        if lc == lu:
+            return c, u
+        if self.mode == "v0":  # the negative's last state repeated, or the negative cut to the prompt's length
+            self.padded_rows.add(r)
+            return c, (u[:lc] if lu > lc else torch.cat([u, u[-1:].expand(lc - lu, -1)]))
+        chunk = self.empty["context"][0].to(c)
+        repeats = abs(lc - lu) // len(chunk)  # (whole chunks of the empty prompt, as A1111 counts them)
+        if repeats == 0:
+            return c, u
+        self.padded_rows.add(r)
+        fill = chunk.repeat(repeats, 1)
+        return (torch.cat([c, fill]), u) if lc < lu else (c, torch.cat([u, fill]))
 
     def pad(self, cond: dict[str, Any], uncond: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        lc, lu = self._length(cond), self._length(uncond)
-        if lc is None or lu is None or lc == lu:
+        if not all(torch.is_tensor(x.get("context")) and x["context"].ndim == 3 for x in (cond, uncond)):
             return cond, uncond
-        if self.mode == "v0":  # the negative's last state repeated, or the negative cut to the prompt's length
-            self.padded = True
-            return cond, _pad_text(uncond, lc, lambda v: v[:, -1:].expand(-1, lc - v.shape[1], -1))
-        chunk = self.empty["context"].shape[1]
-        repeats = (max(lc, lu) - min(lc, lu)) // chunk  # (whole chunks of the empty prompt, as A1111 counts them)
-        if repeats == 0:
+        pairs = [self._pair(r, c, u) for r, (c, u) in enumerate(zip(_rows(cond), _rows(uncond)))]
+        if all(len(c) == len(u) for c, u in zip(_rows(cond), _rows(uncond))) and \
+                cond["context"].shape[1] == uncond["context"].shape[1]:
             return cond, uncond
-        self.padded = True
-
-        def fill(v):
-            e = self.empty["context"].to(v)
-            return e.expand(v.shape[0], -1, -1).repeat(1, repeats, 1)
-
-        if lc < lu:
-            return _pad_text(cond, lc + repeats * chunk, fill), uncond
-        return cond, _pad_text(uncond, lu + repeats * chunk, fill)
+        length = max(len(x) for pair in pairs for x in pair)
+        return _as_batch(cond, [c for c, _ in pairs], length), _as_batch(uncond, [u for _, u in pairs], length)
 
     def __call__(self, model, x, t, cond, uncond, scale, rescale: float = 0.0, **kw):
         from imagine.composable import ComposedConditioning
 
         if uncond is not None:
             if isinstance(cond, ComposedConditioning):  # (A1111 pads all of AND's parts, one stack, against it)
-                lengths = {self._length(p) for p in cond.parts}
+                lengths = {tuple(len(c) for c in _rows(p)) for p in cond.parts}
                 if len(lengths) > 1:
-                    raise ValueError(f"pad_conds with AND parts of different lengths ({sorted(lengths)} tokens): A1111 "
-                                     "first fills the shorter parts with their last state, which imagine does not; "
-                                     "pad_conds off runs them")
+                    raise ValueError("pad_conds with AND parts of different lengths: A1111 first fills the shorter "
+                                     "parts with their last state, which imagine does not; pad_conds off runs them")
                 pairs = [self.pad(p, uncond) for p in cond.parts]
                 cond = ComposedConditioning([c for c, _ in pairs], cond.weights)
                 uncond = pairs[0][1]

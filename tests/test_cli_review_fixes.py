@@ -39,7 +39,7 @@ def test_fast_mode_is_recorded_and_a_replay_runs_it(tmp_path, capsys):
     (["--hires-strength", "0.5"], "--hires-strength is for hires. fix's second pass"),
     (["--hires-scale", "2", "--hires-strength", "0"], "--hires-strength must be in \\(0, 1\\]"),
     (["--no-karras", "--sampler", "DPM++ 2M Karras"], "--no-karras with --sampler 'DPM\\+\\+ 2M Karras'"),
-    (["--rho", "3", "--sampler", "ddim"], "--rho 3 is the exponent of the karras and polyexponential"),
+    (["--no-karras", "--sampler", "k_dpmpp_2m_ka"], "--no-karras with --sampler 'k_dpmpp_2m_ka'"),
     (["-o", "x.jpg"], "--output x.jpg: imagine writes PNG files"),
 ])
 def test_flags_that_would_do_nothing_are_refused(tmp_path, capsys, flags, message):
@@ -109,3 +109,45 @@ def test_an_infotexts_seed_out_of_range_is_said_to_be_the_infotexts(tmp_path, ca
     assert main(["generate", "--infotext", str(text), "-o", str(tmp_path / "a.png"), "-q"]) != 0
     assert "--infotext" in (err := capsys.readouterr().err) and "its Seed 5000000000 is outside imagine's seeds" in err
     assert main(["generate", "--infotext", str(text), "--seed", "3", "-o", str(tmp_path / "b.png"), "-q"]) == 0
+
+
+def test_a_rho_no_schedule_type_reads_is_not_recorded(tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["generate", "a red circle", "--sampler", "ddim", "--rho", "3", "-o", str(a), *RUN]) == 0
+    assert "schedule_rho" not in json.loads(Image.open(a).text["imagine"])
+    assert "Schedule rho" not in Image.open(a).text["parameters"]
+    assert main(["generate", "a red circle", "--sampler", "k_dpmpp_2m_ka", "--rho", "5", "-o", str(b), *RUN]) == 0
+    assert json.loads(Image.open(b).text["imagine"])["schedule_rho"] == 5.0
+    c = tmp_path / "c.png"  # (A1111's "Automatic" schedule type: the sampler's own)
+    assert main(["generate", "a red circle", "--schedule-type", "Automatic", "-o", str(c), *RUN]) == 0
+
+
+def test_the_schedule_names_are_the_libraries():
+    from imagine.commands.generate import SCHEDULE_NAMES
+    from imagine.schedules import SIGMA_SCHEDULES
+
+    assert SCHEDULE_NAMES == tuple(SIGMA_SCHEDULES)
+
+
+def test_a_fast_servers_pictures_say_so_and_a_bf16_record_replays_in_exact_mode(tmp_path, capsys):
+    import base64
+    import io
+
+    import httpx
+
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+
+    pipe = TextToImagePipeline.from_pretrained(None, precision="fast")
+    with BackgroundServer(create_app(pipe, ServerConfig())) as srv:
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2, "seed": 3,
+                                                              "width": 64, "height": 64}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert "Precision: fast" in json.loads(r.json()["info"])["infotexts"][0]
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).text["parameters"].count("Precision: fast")
+    first, again = tmp_path / "bf16.png", tmp_path / "exact.png"
+    assert main(["generate", "a red circle", "--precision", "fast", "--dtype", "bfloat16", "-o", str(first),
+                 *RUN]) == 0
+    assert json.loads(Image.open(first).text["imagine"])["dtype"] == "bfloat16"
+    assert main(["generate", "--infotext", str(first), "--precision", "exact", "-o", str(again), "-q"]) == 0
+    assert "dtype" not in json.loads(Image.open(again).text["imagine"])

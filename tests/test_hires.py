@@ -392,3 +392,13 @@ def test_run_plan_checks_the_part_an_image_to_image_run_takes():
     assert len(run_plan(schedule, "dpmpp_2m", 1000, timestep_spacing="linspace", img2img=True, strength=0.3)) == 300
     with pytest.raises(ValueError, match="restart runs down to sigma = 0; this plan stops above it"):
         run_plan(schedule, "restart", 10, sigma_schedule="logsnr", img2img=True, strength=0.5)
+
+
+def test_the_hires_plan_check_reads_the_second_passs_own_rule(pipe):
+    """With a hires sampler, the second pass runs hires_sampling's settings alone (its strength rule too, diffusers'
+    where it names none): the early check must not lay out the first pass's A1111 rule (600 steps at strength 0.5
+    would be the last of 1200, more than the model's timesteps)."""
+    res = pipe.generate_hires("x", steps=1, hires_steps=600, hires_strength=0.5, strength_rule="a1111",
+                              sampler="euler", hires_sampling={"sampler": "euler"}, height=16, width=16, seed=1,
+                              progress=False, output_type="latent")
+    assert res.parameters["hires_steps"] == 600

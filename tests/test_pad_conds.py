@@ -60,7 +60,9 @@ def test_generate_pads_in_one_guidance_batch_and_says_so(sd1):
     from imagine.commands.generate import infotext_defaults
     from imagine.images import a1111_parameters, parse_a1111_parameters
 
-    _, pipe = sd1
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(sd1[1].c.source)  # (its own: the U-Net's forward is wrapped below)
     kw = dict(steps=3, guidance_scale=CFG, height=16, width=16, progress=False, output_type="latent",
               long_prompts=True, seed=5)
     calls = []
@@ -138,3 +140,17 @@ def test_the_a1111_api_and_the_cli_pad(sd1, tmp_path):
     Image.new("RGB", (16, 16)).save(bare, pnginfo=info)
     assert main(["generate", "--model", pipe.c.source, "--infotext", str(bare), "-o", str(again), "-q"]) == 0
     assert Image.open(again).convert("RGB").tobytes() == want.convert("RGB").tobytes()
+
+
+@pytest.mark.parametrize("mode", ["v0", "empty"])
+def test_each_image_of_a_batch_is_padded_by_its_own_texts(sd1, mode):
+    """A short prompt beside a long one in a batch is the image it gives alone (each row padded by its own texts'
+    lengths; a batch's filling stays masked out), and only the long prompt's image says it was padded."""
+    _, pipe = sd1
+    kw = dict(steps=3, guidance_scale=CFG, height=16, width=16, progress=False, output_type="latent",
+              long_prompts=True, pad_conds=mode)
+    both = pipe.generate([LONG, "a red circle"], "the square", seeds=[1, 2], **kw)
+    alone = [pipe.generate(p, "the square", seeds=[s], **kw) for p, s in ((LONG, 1), ("a red circle", 2))]
+    assert torch.equal(both.latents[1:], alone[1].latents) and torch.equal(both.latents[:1], alone[0].latents)
+    assert both.parameters["padded_conds"] == [True, False]
+    assert [a.parameters["padded_conds"] for a in alone] == [True, False]

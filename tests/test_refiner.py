@@ -343,3 +343,18 @@ def test_long_prompts_and_prompt_editing_reach_the_refiner(models):
     alone = pipe.generate("a red circle", NEGATIVE_LONG, seeds=[2], **kw)
     assert both.parameters["refiner"] == "refiner"
     assert torch.allclose(both.latents[1:], alone.latents, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["empty", "v0"])
+def test_padded_texts_with_a_refiner(models, mode):
+    """A1111's pad options pad the base model's texts; the refiner's own texts (another width) run as they are."""
+    from test_long_prompts import LONG
+
+    _, _, root = models
+    pipe = TextToImagePipeline.from_pretrained(root / "base", refiner=root / "refiner")
+    kw = dict(steps=4, refiner_switch=0.5, height=16, width=16, guidance_scale=CFG, progress=False,
+              output_type="latent", long_prompts=True, seed=1)
+    padded = pipe.generate(LONG, "the square", pad_conds=mode, **kw)
+    plain = pipe.generate(LONG, "the square", **kw)
+    assert padded.parameters["refiner"] == "refiner" and padded.parameters["padded_conds"] is True
+    assert not torch.equal(padded.latents, plain.latents)

@@ -155,6 +155,12 @@ def test_unclip_errors_and_cli(unclip, tmp_path, capsys):
     (half / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "image_normalizer"}))
     with pytest.raises(ValueError, match="has an image_encoder but no image_normalizer/ entry"):
         TextToImagePipeline.from_pretrained(half)
+    # an SD folder whose image_encoder is an IP-Adapter's (diffusers' load_ip_adapter names it) still loads as SD
+    save_diffusers_folder(tmp_path / "sd_ip", "sd1")
+    index = json.loads((tmp_path / "sd_ip" / "model_index.json").read_text())
+    index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"]
+    (tmp_path / "sd_ip" / "model_index.json").write_text(json.dumps(index))
+    assert TextToImagePipeline.from_pretrained(tmp_path / "sd_ip").c.image_embedder is None
     save_diffusers_folder(tmp_path / "sd", "sd1")
     with pytest.raises(ValueError, match="takes no image embedding"):
         TextToImagePipeline.from_pretrained(tmp_path / "sd").variations(_picture(1))

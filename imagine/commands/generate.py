@@ -16,11 +16,21 @@ from imagine.hardware import PRECISION_HELP
 
 
 
-def _schedule_name(text: str) -> str:
+# (schedules.SIGMA_SCHEDULES, with no torch import to parse arguments)
+SCHEDULE_NAMES = ("karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
+                  "align_your_steps_sdxl", "uniform", "normal", "sgm_uniform", "simple", "ddim_uniform", "compvis",
+                  "time_uniform", "time_quadratic", "logsnr", "compvis_time_uniform")
+
+
+def _schedule_name(text: str) -> str | None:
     """--schedule-type's value: imagine's name, or A1111's label for it in any case ("Karras", "KL Optimal",
-    "Align Your Steps", "DDIM" for ddim_uniform)."""
+    "Align Your Steps", "DDIM" for ddim_uniform); A1111's "Automatic": None, the sampler's own."""
     key = str(text).strip().lower().replace(" ", "_").replace("-", "_")
-    return {"ddim": "ddim_uniform"}.get(key, key)
+    name = None if key == "automatic" else {"ddim": "ddim_uniform"}.get(key, key)
+    if name is not None and name not in SCHEDULE_NAMES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(SCHEDULE_NAMES)}, or "
+                                         "A1111's labels: Karras, KL Optimal, Automatic...)")
+    return name
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="what to draw (or use --from-file)")
@@ -196,10 +206,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "unipc, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm, restart, dpm_fast, "
                         "dpm_adaptive, ddim_cfgpp, euler_cfgpp, euler_a_cfgpp (A1111 names work too)")
     p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None, type=_schedule_name,
-                   # (schedules.SIGMA_SCHEDULES, with no torch import to parse arguments)
-                   choices=["karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
-                            "align_your_steps_sdxl", "uniform", "normal", "sgm_uniform", "simple", "ddim_uniform",
-                            "compvis", "time_uniform", "time_quadratic", "logsnr", "compvis_time_uniform"],
+                   metavar="{" + ",".join(SCHEDULE_NAMES) + "}",
                    help="noise levels' spacing (A1111's schedule type; align_your_steps: SDXL's list for an SDXL "
                         "model; uniform/normal, sgm_uniform, simple, ddim_uniform: read off the model's own levels "
                         "as A1111 and ComfyUI do; time_uniform, time_quadratic, logsnr: the DPM-Solver and UniPC "
@@ -296,6 +303,8 @@ def defaults_from(args) -> dict:
         out.pop("prompt", None)
     if "seed" in out:  # (so that a seed out of range is said to be the infotext's)
         out["_infotext_seed"] = out["seed"]
+    if out.get("dtype") == "bfloat16":  # (a record's bf16 weights go with its fast mode: not with --precision exact)
+        out["_record_dtype"] = out["dtype"]
     return out
 
 
@@ -941,18 +950,18 @@ def run(args) -> int:
                          f"{args.hires_strength}")
     for flag in ("hires_sampler", "hires_schedule_type", "hires_strength", "hires_steps", "hires_prompt",
                  "hires_negative_prompt", "hires_upscaler"):
-        if getattr(args, flag) is not None and args.hires_scale is None:
+        # (an --infotext whose hires resize is no one scale sets them with a note saying to give --hires-scale)
+        if getattr(args, flag) is not None and args.hires_scale is None and not args.infotext:
             raise ValueError(f"--{flag.replace('_', '-')} is for hires. fix's second pass: give --hires-scale too")
     if args.strength is not None and not args.init_image:
         raise ValueError("--strength is how far from --init-image an image-to-image run goes: give --init-image (a "
                          "hires. fix pass's strength is --hires-strength)")
-    if args.karras is False and args.sampler and re.search(r"\bkarras\b", args.sampler, re.I):
-        raise ValueError(f"--no-karras with --sampler {args.sampler!r}, a name that asks for Karras levels: give the "
-                         "sampler's name without 'Karras', or leave out --no-karras")
-    if args.rho is not None and not (args.karras or args.sigma_schedule in ("karras", "polyexponential", "exponential")
-                                     or (args.sampler and re.search(r"\bkarras\b", args.sampler, re.I))):
-        raise ValueError(f"--rho {args.rho:g} is the exponent of the karras and polyexponential schedule types: give "
-                         "--schedule-type karras or polyexponential (or --karras), or leave out --rho")
+    if args.karras is False and args.sampler:
+        from imagine.samplers import resolve_sampler
+
+        if resolve_sampler(args.sampler)[2]:  # (a name that holds Karras levels: "DPM++ 2M Karras", k_dpmpp_2m_ka)
+            raise ValueError(f"--no-karras with --sampler {args.sampler!r}, a name that asks for Karras levels: give "
+                             "the sampler's name without 'Karras', or leave out --no-karras")
     if args.hires_sampler or args.hires_schedule_type:
         from imagine.samplers import a1111_settings
 
@@ -1023,7 +1032,11 @@ def run(args) -> int:
     many = len(jobs) > 1 or bool(args.from_file)
     out_dir, out_file = _output_target(args.output, many)
     if args.dtype == "bfloat16" and args.precision != "fast":
-        raise ValueError("--dtype bfloat16 is for --precision fast (exact mode computes in float32 on float32 weights)")
+        if getattr(args, "_record_dtype", None) == "bfloat16":  # (the picture's, not asked: exact mode's weights)
+            args.dtype = "float32"
+        else:
+            raise ValueError("--dtype bfloat16 is for --precision fast (exact mode computes in float32 on float32 "
+                             "weights)")
     if args.lora_dir is None:  # (a tag no --lora merges and no --lora-dir holds: said before the model loads)
         from imagine.pipelines.text_to_image import LORA_TAG
 
@@ -1148,6 +1161,8 @@ def run(args) -> int:
                       "prompt": chunk[k][0], "negative_prompt": args.negative_prompt or "", "seed": s}
             if res.subseeds:  # (A1111's "Variation seed" of this image)
                 params["subseed"] = res.subseeds[k]
+            if isinstance(params.get("padded_conds"), list):  # (whether this image's texts were padded)
+                params["padded_conds"] = params["padded_conds"][k]
             if args.a1111_sampling:
                 params["a1111_schedule"] = a1111_schedule
                 if hires_sampling is not None:

@@ -70,8 +70,10 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
         raise ValueError(f"{root} has a diffusion prior but no image_normalizer/ ({index.get('_class_name', '?')}): "
                          "imagine runs unCLIP's prior with an SD 2.1 unCLIP decoder (diffusers' StableUnCLIPPipeline "
                          "folders), not this pipeline")
-    # (a half-built StableUnCLIPImg2Img folder; an SD folder's optional IP-Adapter image_encoder is [null, null])
-    if _named(index.get("image_encoder")) and not _named(index.get("image_normalizer")):
+    # (a half-built StableUnCLIPImg2Img folder, or DALL-E 2's variation pipeline; an SD folder's image_encoder is an
+    # IP-Adapter's, [null, null] or named, and loads as SD)
+    if index.get("_class_name") in ("StableUnCLIPImg2ImgPipeline", "UnCLIPImageVariationPipeline") and \
+            not _named(index.get("image_normalizer")):
         raise ValueError(f"{root} has an image_encoder but no image_normalizer/ entry in model_index.json "
                          f"({index.get('_class_name', '?')}): imagine runs an image embedding through SD 2.1 unCLIP's "
                          "decoder (diffusers' StableUnCLIPImg2ImgPipeline folders: image_encoder/, feature_extractor/, "

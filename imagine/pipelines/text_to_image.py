@@ -29,7 +29,7 @@ from imagine.loading.folder import Components
 from imagine.composable import ComposedConditioning, split_and
 from imagine.prompt_editing import Timeline, prompt_schedule, text_at
 from imagine.refiner import check_switch, with_refiner
-from imagine.samplers import default_guidance_scale, is_cfg_pp
+from imagine.samplers import default_guidance_scale, is_cfg_pp, resolve_sampler
 from imagine.sampling import make_generators, posterior_generators
 
 log = logging.getLogger(__name__)
@@ -758,7 +758,7 @@ class TextToImagePipeline:
                 raise ValueError(f"pad_conds must be one of {', '.join(map(repr, PAD_CONDS))} (or None: off); got "
                                  f"{pad_conds!r}")
         if downcast_alphas_cumprod:
-            from imagine.samplers import TIMESTEP_RULE, resolve_sampler
+            from imagine.samplers import TIMESTEP_RULE
             from imagine.schedules import check_downcast
 
             check_downcast(TIMESTEP_RULE[resolve_sampler(sampler)[0]], sigma_schedule, sampler)
@@ -977,7 +977,9 @@ class TextToImagePipeline:
             params["old_prompt_editing"] = True  # (A1111's "Old prompt editing timelines: True")
         if padding is not None:
             params["pad_conds"] = pad_conds  # (A1111's "Pad conds: True" / "Pad conds v0: True" where it padded)
-            params["padded_conds"] = padding.padded
+            # (per image of a batch: each row is padded by its own texts' lengths)
+            rows = [r in padding.padded_rows for r in range(len(seeds))]
+            params["padded_conds"] = rows if len(rows) > 1 else rows[0]
         if seed_resize_from_h > 0 and seed_resize_from_w > 0:  # (A1111's W x H; written, as A1111, whenever set)
             params["seed_resize_from"] = f"{seed_resize_from_w}x{seed_resize_from_h}"
         if refine and report.get("refined"):  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
@@ -1001,7 +1003,9 @@ class TextToImagePipeline:
             params["guidance_rescale"] = guidance_rescale
         if sigma_schedule or karras:
             params["schedule_type"] = sigma_schedule or "karras"
-        if rho is not None:
+        # (rho where the levels take it: Karras's, the polyexponential's; a rho no schedule type reads is not recorded)
+        if rho is not None and (karras or sigma_schedule in ("karras", "polyexponential", "exponential")
+                                or resolve_sampler(sampler)[2]):
             params["schedule_rho"] = float(rho)
         if thresholding:
             params["thresholding"] = thresholding
@@ -1086,7 +1090,7 @@ class TextToImagePipeline:
             from imagine.sampling import run_plan
 
             h = hires_sampling
-            rule = h.get("strength_rule", kw.get("strength_rule", "diffusers"))
+            rule = h.get("strength_rule", "diffusers")  # (the second pass's: its sampling is hires_sampling's alone)
             try:
                 run_plan(self.a1111_schedule(kw.get("downcast_alphas_cumprod", False),
                                              kw.get("zero_terminal_snr", False)) or self.schedule,

@@ -560,7 +560,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
               eta: float | None = None, zero_terminal_snr: bool = False,
               sampler_options: dict | None = None, downcast_alphas_cumprod: bool = False,
               old_prompt_editing: bool = False, hires_sampling: dict | None = None,
-              hires_schedule: str | None = None, pad_conds: str | None = None) -> str:
+              hires_schedule: str | None = None, pad_conds: str | None = None,
+              run_record: dict | None = None) -> str:
     """AUTOMATIC1111's parameters text, so its PNG-info tab (and tools that read it) understand our PNGs:
     the CLI's writer (imagine.images.a1111_parameters), with the server's model hash and version."""
     from imagine.images import a1111_parameters
@@ -585,7 +586,7 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "downcast_alphas_cumprod": downcast_alphas_cumprod,
                              "old_prompt_editing": old_prompt_editing,
                              "pad_conds": pad_conds, "padded_conds": pad_conds is not None,
-                             "version": f"imagine {version}"})
+                             **(run_record or {}), "version": f"imagine {version}"})
 
 
 class _BodyLimit:
@@ -1430,7 +1431,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                job.settings.old_prompt_editing, hires_sampling and dict(hires_sampling), hires_shown,
                                # (written where a step was padded, as A1111 writes it)
                                job.settings.pad_conds if result is not None and result.parameters.get("padded_conds")
-                               else None)
+                               else None, pipe.run_record() if hasattr(pipe, "run_record") else None)
                      for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:

@@ -400,7 +400,7 @@ class ModelWorker:
         t0 = time.time()
         self.progress = Progress(job_ids=[j.id for j in batch], offsets=offsets, steps=s.steps, chunks=len(chunks),
                                  started=t0, passes=2 if s.hires is not None else 1)
-        images, parameters, interrupted, padded = [], {}, False, False
+        images, parameters, interrupted, padded = [], {}, False, set()
         for c, (a, b) in enumerate(chunks):
             p = self.progress
             p.chunk, p.chunk_start, p.step, p.denoised, p.hires_pass = c, a, 0, None, False
@@ -478,9 +478,11 @@ class ModelWorker:
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
                               **control)
                 images += res.images
-                # (whether some chunk's prompt and negative were padded: A1111's infotext then names the option)
-                padded = padded or bool(res.parameters.get("padded_conds"))
-                parameters = {**res.parameters, "padded_conds": padded} if s.pad_conds else res.parameters
+                # (the images whose prompt and negative were padded: A1111's infotext then names the option)
+                rows = res.parameters.get("padded_conds")
+                rows = rows if isinstance(rows, list) else [bool(rows)] * (b - a)
+                padded |= {a + i for i, f in enumerate(rows) if f}
+                parameters = res.parameters
             except _Interrupted:
                 interrupted = True
                 images += self._partial_images(p.denoised, b - a, s)
@@ -509,7 +511,10 @@ class ModelWorker:
                 job.future.set_exception(Interrupted("interrupted before this job's images were started"))
                 continue
             self.stats["completed"] += 1
-            job.future.set_result(JobResult(images=mine, seeds=list(job.seeds[:len(mine)]), parameters=dict(common),
+            mine_params = dict(common)
+            if s.pad_conds:  # (whether one of this job's images was padded)
+                mine_params["padded_conds"] = any(k + i in padded for i in range(len(mine)))
+            job.future.set_result(JobResult(images=mine, seeds=list(job.seeds[:len(mine)]), parameters=mine_params,
                                             interrupted=interrupted, seconds=seconds, batch_images=len(seeds)))
 
     def _partial_images(self, denoised, n: int, s: Settings) -> list:
