@@ -145,6 +145,11 @@ def _forward_parts(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch
 PAD_CONDS = ("empty", "v0")
 
 
+def check_pad_conds(mode) -> None:
+    if mode not in PAD_CONDS:
+        raise ValueError(f"pad_conds must be one of {', '.join(map(repr, PAD_CONDS))} (or None: off); got {mode!r}")
+
+
 def _rows(c: dict[str, Any]) -> list[torch.Tensor]:
     # each row's own text states: a batch fills its shorter rows up at the end, masked out (context_mask)
     v, mask = c["context"], c.get("context_mask")
@@ -173,12 +178,12 @@ class PaddedConds:
     then writes the option in the image's infotext)."""
 
     def __init__(self, mode: str, empty: dict[str, Any] | None = None, inner: Callable[..., torch.Tensor] | None = None):
-        if mode not in PAD_CONDS:
-            raise ValueError(f"pad_conds must be one of {', '.join(map(repr, PAD_CONDS))} (or None: off); got {mode!r}")
+        check_pad_conds(mode)
         if mode == "empty" and empty is None:
             raise ValueError("pad_conds 'empty' pads with the empty prompt's states: give `empty`")
         self.mode, self.empty, self.inner = mode, empty, inner or guided_model_output
         self.padded_rows: set[int] = set()
+        self._last = None  # (cond, uncond, their padded pair)
 
     @property
     def padded(self) -> bool:
@@ -202,12 +207,18 @@ class PaddedConds:
     def pad(self, cond: dict[str, Any], uncond: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         if not all(torch.is_tensor(x.get("context")) and x["context"].ndim == 3 for x in (cond, uncond)):
             return cond, uncond
-        pairs = [self._pair(r, c, u) for r, (c, u) in enumerate(zip(_rows(cond), _rows(uncond)))]
-        if all(len(c) == len(u) for c, u in zip(_rows(cond), _rows(uncond))) and \
-                cond["context"].shape[1] == uncond["context"].shape[1]:
-            return cond, uncond
-        length = max(len(x) for pair in pairs for x in pair)
-        return _as_batch(cond, [c for c, _ in pairs], length), _as_batch(uncond, [u for _, u in pairs], length)
+        last = self._last  # (the texts of most runs are the same dicts at every step: padded once)
+        if last is not None and last[0] is cond and last[1] is uncond:
+            return last[2]
+        rows = list(zip(_rows(cond), _rows(uncond)))
+        if all(len(c) == len(u) for c, u in rows) and cond["context"].shape[1] == uncond["context"].shape[1]:
+            out = cond, uncond
+        else:
+            pairs = [self._pair(r, c, u) for r, (c, u) in enumerate(rows)]
+            length = max(len(x) for pair in pairs for x in pair)
+            out = _as_batch(cond, [c for c, _ in pairs], length), _as_batch(uncond, [u for _, u in pairs], length)
+        self._last = (cond, uncond, out)
+        return out
 
     def __call__(self, model, x, t, cond, uncond, scale, rescale: float = 0.0, **kw):
         from imagine.composable import ComposedConditioning

@@ -101,9 +101,9 @@ def _ends_at_zero(plan: SamplingPlan, name: str) -> None:
         raise ValueError(f"{name} runs down to sigma = 0; this plan stops above it, at {float(plan.sigmas[-1]):.6g}")
 
 
-# What a sampler's own code refuses in a plan, by canonical name: check_plan runs it where the plan is laid out
-# (sampling.sampler_plan), so that a pair of sampler and schedule type that cannot run is refused before any work (a
-# hires pass's before the first pass), not only when the sampler starts.
+# What a sampler's own code refuses in a plan, by canonical name: check_plan runs it on the plan a run takes
+# (sampling.run_plan), so that a sampler and schedule type that cannot run are refused before any work (a hires pass's
+# before the first pass), not only when the sampler starts.
 _PLAN_CHECKS = {"restart": _ends_at_zero,
                 **dict.fromkeys(("dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m",
                                  "dpmpp_3m_sde"), _distinct_levels)}

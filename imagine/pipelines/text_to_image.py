@@ -752,11 +752,9 @@ class TextToImagePipeline:
         final_step = final_step or "euler"
         schedule = self.a1111_schedule(downcast_alphas_cumprod, zero_terminal_snr)  # (its errors before any work)
         if pad_conds is not None:
-            from imagine.guidance import PAD_CONDS
+            from imagine.guidance import check_pad_conds
 
-            if pad_conds not in PAD_CONDS:
-                raise ValueError(f"pad_conds must be one of {', '.join(map(repr, PAD_CONDS))} (or None: off); got "
-                                 f"{pad_conds!r}")
+            check_pad_conds(pad_conds)
         if downcast_alphas_cumprod:
             from imagine.samplers import TIMESTEP_RULE
             from imagine.schedules import check_downcast
