@@ -23,14 +23,16 @@ SCHEDULE_NAMES = ("karras", "exponential", "polyexponential", "beta", "kl_optima
 
 
 def _schedule_name(text: str) -> str | None:
-    """--schedule-type's value: imagine's name, or A1111's label for it in any case ("Karras", "KL Optimal",
-    "Align Your Steps", "DDIM" for ddim_uniform); A1111's "Automatic": None, the sampler's own."""
-    key = str(text).strip().lower().replace(" ", "_").replace("-", "_")
-    name = None if key == "automatic" else {"ddim": "ddim_uniform"}.get(key, key)
-    if name is not None and name not in SCHEDULE_NAMES:
-        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(SCHEDULE_NAMES)}, or "
-                                         "A1111's labels: Karras, KL Optimal, Automatic...)")
-    return name
+    """--schedule-type's value: imagine's name, or A1111's label for it (samplers.a1111_schedule: "Karras", "KL
+    Optimal", "DDIM" for ddim_uniform; "Automatic": None, the sampler's own)."""
+    if str(text) in SCHEDULE_NAMES:
+        return str(text)
+    from imagine.samplers import a1111_schedule
+
+    try:
+        return a1111_schedule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="what to draw (or use --from-file)")
