@@ -139,10 +139,10 @@ def as_mapping(value, key: str) -> dict:
     return value
 
 
-def check_fields(section, config_class, where: str, also=()) -> None:
+def check_fields(section, config_class, where: str) -> None:
     """The keys of a model section (`model:`) must be fields of its config class (dataclass): a misspelt key
     would otherwise be dropped silently by the class's from_dict, which reads diffusers' folders and so ignores
     keys it does not know."""
     from dataclasses import fields
 
-    check_keys(section, {f.name for f in fields(config_class)} | set(also), where)
+    check_keys(section, {f.name for f in fields(config_class)}, where)

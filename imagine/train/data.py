@@ -258,7 +258,7 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
             try:
                 c = json.loads(raw["json"].decode("utf-8") if isinstance(raw["json"], bytes) else raw["json"])
                 c = c.get("caption")
-            except UnicodeDecodeError:
+            except UnicodeDecodeError:  # (a ValueError too: not a caption-less record but one to skip)
                 raise
             except (ValueError, AttributeError):
                 return None
