@@ -12,7 +12,13 @@ which is also where diffusers hands over (its base runs the timesteps >= round((
 rest). A1111 swaps the model under the sampler, so the sampler's state (a multistep method's history) carries
 over, as here; diffusers runs two pipelines, the base to `denoising_end` and the refiner from `denoising_start`
 on the base's latents, which with a one-step sampler (Euler, DDIM) is the same run (tests/test_refiner.py).
-Image to image and short runs still reach the refiner: the last steps are always at low noise.
+Image to image and short runs still reach the refiner: the last steps are always at low noise. Once it has taken
+over it stays, as A1111's swapped weights stay: a Restart sampler's jumps back up to higher noise run the refiner.
+
+A1111's "Refiner switch by sampling steps" (`refiner_switch_by_sample_steps`, its rule before 1.8.0 and its
+infotext reader's for older pictures) hands over by the count of model calls instead: at the call k of the run
+(from 0) where k / N >= switch, N the run's steps as its sampler counts them (twice the steps for a sampler of two
+calls a step, Heun, DPM2, DPM++ SDE, Restart; `sampling.Denoiser.counted_steps`), told through `at_call`.
 """
 
 from __future__ import annotations
@@ -61,17 +67,19 @@ def with_refiner(cond, refiner_cond):
 
 
 class Handoff(nn.Module):
-    """`first` while the timestep is high, `second` from where `refines(t, switch)` (each with its own conditioning:
-    the keys under PREFIX are the second's). A model inside that follows the step (ControlNets) is told it through
-    `at_step`, as the sampler's denoiser tells it. `used`: whether the second ran."""
+    """`first` while the timestep is high, `second` from where `refines(t, switch)`, or with `by_steps` from the
+    model call k of N where k / N >= switch (each with its own conditioning: the keys under PREFIX are the
+    second's); once the second has run it runs to the end. A model inside that follows the step (ControlNets) is
+    told it through `at_step`, as the sampler's denoiser tells it. `used`: whether the second ran."""
 
     takes_guidance_half = True
 
-    def __init__(self, first, second, switch: float):
+    def __init__(self, first, second, switch: float, by_steps: bool = False):
         super().__init__()
         self.first, self.second, self.switch = first, second, check_switch(switch)
         self.shares_guidance_batch = all(bool(getattr(m, "shares_guidance_batch", False)) for m in (first, second))
         self.config = getattr(first, "config", None)
+        self.by_steps, self.call = bool(by_steps), None
         self.used = False
 
     def at_step(self, i: int, n: int) -> None:
@@ -79,8 +87,16 @@ class Handoff(nn.Module):
             if hasattr(m, "at_step"):
                 m.at_step(i, n)
 
+    def at_call(self, k: int, n: int) -> None:
+        """The sampler's denoiser: this is model call k (from 0) of a run of n steps as A1111 counts them."""
+        self.call = (k, n)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, guidance_half: str | None = None, **cond) -> torch.Tensor:
-        late = refines(t, self.switch)
+        if self.by_steps and self.call is None:
+            raise RuntimeError("a refiner switched by sampling steps needs the sampler's count of model calls "
+                               "(imagine.sampling.Denoiser tells it through at_call)")
+        late = self.used or (self.call[0] / self.call[1] >= self.switch if self.by_steps
+                             else refines(t, self.switch))
         self.used |= late
         model = self.second if late else self.first
         own = ({k[len(PREFIX):]: v for k, v in cond.items() if k.startswith(PREFIX)} if late

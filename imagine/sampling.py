@@ -238,6 +238,9 @@ class Denoiser:
         self._held: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.known: tuple[torch.Tensor, torch.Tensor, torch.Tensor, str] | None = None  # see keep_known
         self.evaluations: int | None = None  # the run's model evaluations where a step takes more than one
+        # the run's steps as AUTOMATIC1111's denoiser counts them (its total_steps: the plan's steps, twice for a
+        # sampler of two calls a step), which a model that follows the call count is told with it (`at_call`)
+        self.counted_steps = len(plan)
         # CFG++ (keep_unconditional): the unconditional x_0 of the last evaluation, beside the guided one it returns
         self.keep_uncond, self.uncond_x0, self._uncond_out = False, None, None
 
@@ -289,6 +292,9 @@ class Denoiser:
         if at_step is not None:  # a model whose inputs follow the step (ControlNets' guidance window)
             # counted in model evaluations where a step takes two (Heun: 2N - 1, as diffusers' doubled timesteps)
             at_step(*((self.calls, self.evaluations) if self.evaluations else (i, len(self.plan))))
+        at_call = getattr(self.model, "at_call", None)
+        if at_call is not None:  # (SDXL's refiner switched by sampling steps: imagine.refiner)
+            at_call(self.calls, self.counted_steps)
         # (the conditioning of step i, or for a sampler of two evaluations a step of the model call's count, as
         # AUTOMATIC1111 counts its prompt editing's steps: prompt editing changes it during the run)
         k = self.calls if self.evaluations else i
@@ -699,6 +705,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     if canonical in TWO_CALL_SAMPLERS:
         # (their last step, to sigma = 0, is one Euler evaluation; to a level above it, two)
         denoise.evaluations = 2 * len(plan) - (float(plan.sigmas[-1]) == 0)
+        denoise.counted_steps = 2 * len(plan)  # (A1111's "second_order" samplers: these, Restart included)
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
     kwargs.update(_sampler_options(canonical, sampler_options))
     if init is not None and kwargs.get("ends") == "model":  # (A1111's img2img runs DPM-Solver over the steps run)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,49 @@ def test_the_handoff_follows_a1111s_timestep_rule():
         Handoff(model("a"), model("b"), 1.5)
 
 
+@pytest.mark.parametrize("sampler, steps, switch, base_calls", [
+    ("euler", 10, 0.8, 8), ("dpmpp_2m", 10, 0.75, 8), ("heun", 5, 0.8, 8), ("dpm2", 6, 0.5, 6),
+    ("restart", 20, 0.3, 12), ("ddim", 7, 0.6, 5), ("plms", 10, 0.5, 5)])
+def test_switch_by_sampling_steps_counts_model_calls_as_a1111(sampler, steps, switch, base_calls):
+    """AUTOMATIC1111's "Refiner switch by sampling steps" (sd_samplers_common.apply_refiner): its denoiser counts
+    its calls from 0 and hands over at the first call k with k / total_steps >= switch, total_steps being the steps
+    run, twice for its "second_order" samplers (Heun, DPM2, DPM++ SDE, DPM++ 2S a, Restart): Heun's 5 steps are 10
+    to it though it calls 9 times, so at 0.8 the base runs 8 calls; PLMS's first step calls twice and counts once.
+    Once swapped, the refiner stays (Restart's jump back up to t = 529 after the handover at t = 204 runs it)."""
+    from imagine.sampling import sample
+    from imagine.schedules import NoiseSchedule
+
+    seen = []
+
+    def model(name):
+        return lambda x, t, **c: (seen.append((name, float(t.max()))), torch.zeros_like(x))[1]
+
+    h = Handoff(model("base"), model("refiner"), switch, by_steps=True)
+    sample(h, (1, 1, 2, 2), schedule=NoiseSchedule.from_config("scaled_linear"), prediction_type="epsilon", sampler=sampler,
+           steps=steps, seeds=0, progress=False)
+    names = [n for n, _ in seen]
+    assert names == ["base"] * base_calls + ["refiner"] * (len(names) - base_calls) and h.used
+    if sampler == "restart":  # (its restart jumps to higher noise come after the handover)
+        ts = [t for _, t in seen]
+        assert any(b > a for a, b in zip(ts[base_calls:], ts[base_calls + 1:]))
+
+
+def test_the_timestep_handoff_stays_with_the_refiner_once_it_has_run():
+    """A1111 swaps the weights under the sampler when the rule first holds and never back: a level above the switch
+    after the handover (Restart's jump up) is the refiner's."""
+    seen = []
+
+    def model(name):
+        return lambda x, t, **c: (seen.append(name), x)[1]
+
+    h = Handoff(model("base"), model("refiner"), 0.8)
+    for t in (999.0, 500.0, 150.0, 600.0, 50.0):
+        h(torch.zeros(1, 1), torch.tensor([t]))
+    assert seen == ["base", "base", "refiner", "refiner", "refiner"]
+    with pytest.raises(RuntimeError, match="count of model calls"):
+        Handoff(model("a"), model("b"), 0.8, by_steps=True)(torch.zeros(1, 1), torch.tensor([1.0]))
+
+
 def test_karras_noise_levels_switch_at_the_timestep_as_diffusers(models):
     """Euler on Karras noise levels (a one-step sampler: diffusers' two pipelines are one run): the refiner takes
     the steps below t = 200, where diffusers' ensemble hands over, not the last fifth of the steps (here 4 of the
@@ -149,6 +193,35 @@ def test_karras_noise_levels_switch_at_the_timestep_as_diffusers(models):
     res = pipe.generate(PROMPT, NEGATIVE, refiner_switch=0.8, sigma_schedule="karras", steps=10, guidance_scale=CFG,
                         seed=SEED, height=SIZE, width=SIZE, progress=False, output_type="latent")
     assert psnr(_image(pipe, res), want) >= 50
+
+
+def test_switch_by_sampling_steps_is_diffusers_ensemble_cut_after_that_many_steps(models):
+    """The same Karras levels switched by sampling steps: the refiner takes the last 2 of the 10 steps (8 / 10 >=
+    0.8), not the 4 below t = 200; diffusers' ensemble cut there (denoising_end just below the 8th timestep) is the
+    same run, 50 dB, and the timestep rule's picture is another."""
+    base, ref, root = models
+    from diffusers import EulerDiscreteScheduler
+
+    for p in (base, ref):
+        p.scheduler = EulerDiscreteScheduler.from_config(p.scheduler.config, use_karras_sigmas=True)
+    try:
+        base.scheduler.set_timesteps(10)
+        levels = base.scheduler.timesteps
+        cut = math.floor(float(levels[7]))  # (diffusers' base runs the timesteps >= round(1000 - 1000 d))
+        assert cut > float(levels[8])
+        want = _diffusers_ensemble(base, ref, 10, 1 - cut / 1000)
+    finally:
+        for p in (base, ref):
+            p.scheduler = make_scheduler("euler")
+    pipe = TextToImagePipeline.from_pretrained(root / "base", refiner=root / "refiner")
+    kw = dict(refiner_switch=0.8, sigma_schedule="karras", steps=10, guidance_scale=CFG, seed=SEED, height=SIZE,
+              width=SIZE, progress=False, output_type="latent")
+    res = pipe.generate(PROMPT, NEGATIVE, refiner_switch_by_steps=True, **kw)
+    assert psnr(_image(pipe, res), want) >= 50
+    assert res.parameters["refiner_switch_by_steps"] is True
+    assert psnr(_image(pipe, pipe.generate(PROMPT, NEGATIVE, **kw)), want) < 50
+    with pytest.raises(ValueError, match="refiner_switch_by_steps .* give it with refiner_switch"):
+        pipe.generate(PROMPT, steps=2, refiner_switch_by_steps=True, progress=False)
 
 
 def test_image_to_image_hires_and_lora_tags_with_a_refiner(models, tmp_path):
@@ -292,6 +365,69 @@ def test_the_cli_and_the_a1111_api_run_the_refiner(models, tmp_path, capsys):
         assert r.status_code == 422 and "valid: 'refiner'" in r.text
         r = post(refiner_checkpoint="refiner", refiner_switch_at=1.5)
         assert r.status_code == 422 and "refiner_switch_at must be in (0, 1]" in r.text
+
+
+def test_switch_by_sampling_steps_from_the_cli_the_api_and_an_old_a1111_infotext(models, tmp_path, capsys):
+    """A1111's "Refiner switch by sampling steps" through each door: --refiner-switch-by-steps, the API's
+    override_settings refiner_switch_by_sample_steps, and an infotext of A1111 before 1.8.0 (its reader turns the
+    option on for such pictures) given with --refiner; each the pipeline's picture, which at 0.45 of 5 Euler steps
+    differs from the timestep rule's (the refiner takes 2 steps, not 3). The infotext says it; a bad value is a 422;
+    without --refiner the infotext's refiner is named as not applied."""
+    httpx = pytest.importorskip("httpx")
+    from imagine.cli import main
+    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+
+    _, _, root = models
+    pipe = TextToImagePipeline.from_pretrained(root / "base", refiner=root / "refiner")
+    kw = dict(steps=5, guidance_scale=CFG, height=SIZE, width=SIZE, progress=False, **a1111_settings("Euler"))
+    want = pipe.generate(PROMPT, NEGATIVE, seed=4, refiner_switch=0.45, refiner_switch_by_steps=True, **kw)
+    want = want.images[0].convert("RGB").tobytes()
+    by_level = pipe.generate(PROMPT, NEGATIVE, seed=4, refiner_switch=0.45, **kw).images[0].convert("RGB").tobytes()
+    assert by_level != want
+    base_args = ["generate", "--model", str(root / "base"), PROMPT, "-n", NEGATIVE, "--steps", "5", "--sampler",
+                 "euler", "--a1111-sampling", "--seed", "4", "--height", str(SIZE), "--width", str(SIZE),
+                 "--guidance-scale", str(CFG), "-q"]
+    out = tmp_path / "by_steps.png"
+    code = main([*base_args, "--refiner", str(root / "refiner"), "--refiner-switch", "0.45",
+                 "--refiner-switch-by-steps", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    img = Image.open(out)
+    assert img.convert("RGB").tobytes() == want
+    assert "Refiner switch by sampling steps: True, Refiner: refiner, Refiner switch at: 0.45" in img.text["parameters"]
+    again = tmp_path / "again.png"  # (its own record, run again with the refiner)
+    assert main(["generate", "--model", str(root / "base"), "--infotext", str(out), "--refiner", str(root / "refiner"),
+                 "-o", str(again), "-q"]) == 0
+    assert Image.open(again).convert("RGB").tobytes() == want
+    old = tmp_path / "old.txt"  # (A1111 1.7.0-300's text of the same run: Euler's default there, Karras off)
+    old.write_text(f"{PROMPT}\nNegative prompt: {NEGATIVE}\nSteps: 5, Sampler: Euler, CFG scale: {CFG}, Seed: 4, "
+                   f"Size: {SIZE}x{SIZE}, Model: base, Refiner: refiner [0123abcd89], Refiner switch at: 0.45, "
+                   "RNG: CPU, Version: v1.7.0-300-g0123abcd")
+    from_old = tmp_path / "from_old.png"
+    assert main(["generate", "--model", str(root / "base"), "--infotext", str(old), "--refiner", str(root / "refiner"),
+                 "-o", str(from_old)]) == 0
+    err = capsys.readouterr().err
+    assert "A1111 turns on Refiner switch by sampling steps" in err and "not applied" not in err
+    assert Image.open(from_old).convert("RGB").tobytes() == want
+    assert main([*base_args[:-1], "--infotext", str(old), "-o", str(tmp_path / "no_refiner.png")]) == 0
+    assert "not applied: Refiner: refiner [0123abcd89], Refiner switch at: 0.45" in capsys.readouterr().err
+    assert main([*base_args, "--refiner-switch-by-steps", "-o", str(tmp_path / "x.png")]) != 0
+    assert "--refiner-switch-by-steps needs --refiner" in capsys.readouterr().err
+    with BackgroundServer(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as srv:
+        def post(overrides):
+            body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 5, "cfg_scale": CFG, "width": SIZE,
+                    "height": SIZE, "seed": 4, "sampler_name": "Euler", "refiner_checkpoint": "refiner",
+                    "refiner_switch_at": 0.45, "override_settings": overrides}
+            return httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=120)
+
+        r = post({"refiner_switch_by_sample_steps": True})
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        assert got.convert("RGB").tobytes() == want
+        info = json.loads(r.json()["info"])
+        assert info["extra_generation_params"]["Refiner switch by sampling steps"] is True
+        assert "Refiner switch by sampling steps: True" in info["infotexts"][0]
+        r = post({"refiner_switch_by_sample_steps": "yes"})
+        assert r.status_code == 422 and "refiner_switch_by_sample_steps must be true or false" in r.text
 
 
 # stabilityai/stable-diffusion-xl-refiner-1.0's unet/config.json (sgm's sd_xl_refiner.yaml: 384 channels, x1 x2 x4

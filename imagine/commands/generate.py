@@ -86,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner-switch", type=float, default=None, metavar="F",
                    help="the fraction of the steps after which the refiner takes over (default 0.8, AUTOMATIC1111's "
                         "'switch at')")
+    p.add_argument("--refiner-switch-by-steps", action="store_true",
+                   help="hand over to the refiner at that fraction of the sampler's model calls, not of the noise "
+                        "levels (AUTOMATIC1111's 'Refiner switch by sampling steps', its rule before 1.8.0)")
     p.add_argument("--emphasis", action=argparse.BooleanOptionalAction, default=False,
                    help="read AUTOMATIC1111's emphasis in the prompts: (word) x1.1, [word] /1.1, (word:1.3) x1.3 "
                         "(default: brackets are text, as in diffusers)")
@@ -296,11 +299,13 @@ def defaults_from(args) -> dict:
 
     own = read_imagine_parameters(args.infotext)
     if own is not None:
-        out = record_defaults(_loaded_again(own, args, "model", "lora", "embeddings"),
-                              init_image=bool(args.init_image), mask=bool(args.mask))
+        own, refiner = _refiner_again(own, args.refiner, ("refiner", "refiner_switch_at", "refiner_switch_by_steps"))
+        out = {**record_defaults(_loaded_again(own, args, "model", "lora", "embeddings"),
+                                 init_image=bool(args.init_image), mask=bool(args.mask)), **refiner}
     else:
         out = infotext_defaults(_loaded_again(parse_a1111_parameters(read_infotext(args.infotext)), args, "Model",
-                                              None), init_image=bool(args.init_image), hires_scale=args.hires_scale)
+                                              None), init_image=bool(args.init_image), hires_scale=args.hires_scale,
+                                refiner=args.refiner)
     if args.from_file:  # (its prompts, not the picture's)
         out.pop("prompt", None)
     if "seed" in out:  # (so that a seed out of range is said to be the infotext's)
@@ -327,6 +332,33 @@ _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "step
                  "pad_conds": "pad_conds", "precision": "precision", "dtype": "dtype",
                  "mask_invert": "invert_mask", "a1111_schedule": "_a1111_schedule",
                  "hires_sampling": "_hires_sampling", "a1111_hires_schedule": "_a1111_hires_schedule"}
+
+
+def _refiner_again(record: dict, refiner: str | None, keys: tuple[str, str, str]) -> tuple[dict, dict]:
+    """A picture's refiner settings (its refiner's name, switch at, switch by sampling steps: `keys` in `record`) as
+    flags where --refiner runs a refiner again (`refiner`, its path): (the record without them, the flags); a name
+    that is not the refiner's given (A1111 writes "name [hash]") stays for the notes. Without --refiner all stay for
+    the notes (and A1111's "switch by sampling steps", which it writes into every picture while the option is on, goes
+    where no refiner ran)."""
+    name_key, switch_key, by_steps_key = keys
+    record, out = dict(record), {}
+    if not record.get(name_key):
+        record.pop(by_steps_key, None)
+        return record, out
+    if not refiner:
+        return record, out
+    given = Path(refiner)
+    if re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", str(record[name_key])) in (given.name, given.stem):
+        record.pop(name_key)
+    if switch_key in record:
+        switch = record.pop(switch_key)
+        try:
+            out["refiner_switch"] = float(switch)
+        except (TypeError, ValueError):
+            raise ValueError(f"--infotext: the refiner's switch at {switch!r} is not a number") from None
+    if record.pop(by_steps_key, False) in (True, "True"):
+        out["refiner_switch_by_steps"] = True
+    return record, out
 
 
 def _loaded_again(record: dict, args, model_key: str, lora_key: str | None, embeddings_key: str | None = None) -> dict:
@@ -391,10 +423,12 @@ def record_defaults(record: dict, init_image: bool = False, mask: bool = False) 
     return {**out, "_infotext_notes": notes}
 
 
-def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float | None = None) -> dict:
+def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float | None = None,
+                      refiner: str | None = None) -> dict:
     """An AUTOMATIC1111 infotext's fields (imagine.images.parse_a1111_parameters) as this command's flags, for a run
     as A1111 made it: its sampling and prompt reading, and "_infotext_notes" for what is not applied or assumed.
-    hires_scale: the --hires-scale given (an A1111 "Hires resize" to another shape is then not an error)."""
+    hires_scale: the --hires-scale given (an A1111 "Hires resize" to another shape is then not an error); refiner:
+    the --refiner given (the picture's refiner settings then apply)."""
     from imagine.images import A1111_SIGMA_LABELS
     from imagine.samplers import COMPVIS_SAMPLERS, TIMESTEP_RULE, a1111_settings, resolve_sampler
     from imagine.schedules import SCHEDULE_LABELS, check_downcast
@@ -403,6 +437,8 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
 
     fields, notes = dict(fields), []
     notes += a1111_backcompat(fields)
+    fields, out_refiner = _refiner_again(fields, refiner, ("Refiner", "Refiner switch at",
+                                                          "Refiner switch by sampling steps"))
 
     def number(label: str, cast=float):
         value = fields.pop(label)
@@ -416,7 +452,7 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
     if emphasis not in ("Original", "None"):
         notes.append(f"Emphasis: {emphasis} (read as Original, A1111's default)")
     out: dict = {"a1111_sampling": True, "long_prompts": True, "prompt_editing": True, "composable": True,
-                 "emphasis": emphasis != "None"}
+                 "emphasis": emphasis != "None", **out_refiner}
     if fields.get("Start") == "sigma_max":  # (imagine's record of an A1111 run's start: the one these flags run)
         fields.pop("Start")
     prompt, negative = fields.pop("Prompt", ""), fields.pop("Negative prompt", "")
@@ -1022,14 +1058,18 @@ def run(args) -> int:
                     raise ValueError(f"--{flag.replace('_', '-')} must be a fraction of the steps, from 0 to 1; got "
                                      f"{value}")
                 picture[key] = value
-    if args.refiner_switch is not None and not args.refiner:
-        raise ValueError("--refiner-switch needs --refiner")
+    for flag, given in (("--refiner-switch", args.refiner_switch is not None),
+                        ("--refiner-switch-by-steps", args.refiner_switch_by_steps)):
+        if given and not args.refiner:
+            raise ValueError(f"{flag} needs --refiner")
     if args.refiner:
         if not Path(args.refiner).exists():
             raise FileNotFoundError(f"--refiner: {args.refiner} not found")
         from imagine.refiner import SWITCH, check_switch
 
         picture["refiner_switch"] = check_switch(SWITCH if args.refiner_switch is None else args.refiner_switch)
+        if args.refiner_switch_by_steps:
+            picture["refiner_switch_by_steps"] = True
     jobs = [(p, i) for p in prompts for i in range(args.num_images)]
     many = len(jobs) > 1 or bool(args.from_file)
     out_dir, out_file = _output_target(args.output, many)

@@ -564,7 +564,8 @@ class TextToImagePipeline:
                  control_guidance_start: float | list[float] | None = None,
                  control_guidance_end: float | list[float] | None = None,
                  control_mode: str | list[str] | None = None, guess_mode: bool = False,
-                 refiner_switch: float | None = None, image_guidance_scale: float | None = None,
+                 refiner_switch: float | None = None, refiner_switch_by_steps: bool = False,
+                 image_guidance_scale: float | None = None,
                  subseed: int | None = None, subseeds: list[int] | None = None, subseed_strength: float = 0.0,
                  seed_resize_from_h: int = 0, seed_resize_from_w: int = 0,
                  image_guidance_gate: bool = True, noise_level: int | None = None, prior_steps: int | None = None,
@@ -634,6 +635,8 @@ class TextToImagePipeline:
 
         refiner_switch (with a refiner loaded, `load_refiner`): the fraction of the steps after which SDXL's refiner
         takes over from this model (AUTOMATIC1111's "switch at", e.g. 0.8; imagine.refiner); None: no refiner.
+        refiner_switch_by_steps: hand over at that fraction of the sampler's model calls instead of the noise
+        levels (AUTOMATIC1111's "Refiner switch by sampling steps", its rule before 1.8.0).
 
         subseed, subseed_strength (AUTOMATIC1111's variation seed): each image's start noise moved towards the noise of
         its variation seed (subseed + i, or `subseeds`; a negative or None: random) by spherical interpolation
@@ -686,7 +689,8 @@ class TextToImagePipeline:
                                                       for parts in map(split_and, texts)),
                      "init_image": init_image, "strength": strength,
                      "init_latents": init_latents, "mask_image": mask_image, "control_image": control_image,
-                     "refiner_switch": refiner_switch, "image_guidance_scale": image_guidance_scale,
+                     "refiner_switch": refiner_switch, "refiner_switch_by_steps": refiner_switch_by_steps,
+                     "image_guidance_scale": image_guidance_scale,
                      "subseed_strength": subseed_strength,  # (a variation seed does nothing at strength 0)
                      "seed_resize_from_h": seed_resize_from_h, "seed_resize_from_w": seed_resize_from_w,
                      "masked_content": masked_content != "original", "resize_mode": resize_mode != "just_resize",
@@ -839,6 +843,10 @@ class TextToImagePipeline:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
 
         refine = refiner_switch is not None
+        if refiner_switch_by_steps is not False and (not refine or not isinstance(refiner_switch_by_steps, bool)):
+            raise ValueError("refiner_switch_by_steps (True or False) sets how refiner_switch hands over: give it with "
+                             f"refiner_switch; got {refiner_switch_by_steps!r}"
+                             f"{'' if refine else ' and no refiner_switch'}")
         if refine:
             refiner_switch = check_switch(refiner_switch)
             if self.refiner is None:
@@ -934,7 +942,8 @@ class TextToImagePipeline:
                                sigma_schedule=sigma_schedule, final_step=final_step,
                                sampler_options=sampler_options, rho=rho, start=start, sigma_range=sigma_range,
                                discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
-                               refiner_switch=refiner_switch if refine else None, report=report,
+                               refiner_switch=refiner_switch if refine else None,
+                               refiner_switch_by_steps=refiner_switch_by_steps, report=report,
                                schedule=schedule, padding=padding)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
@@ -983,6 +992,8 @@ class TextToImagePipeline:
         if refine and report.get("refined"):  # AUTOMATIC1111's infotext: "Refiner: name, Refiner switch at: 0.8"
             params["refiner"] = Path(self.refiner.c.source).name
             params["refiner_switch_at"] = refiner_switch
+            if refiner_switch_by_steps:
+                params["refiner_switch_by_steps"] = True  # (A1111's "Refiner switch by sampling steps: True")
         if composable:
             params["composable"] = True  # a AND b read (imagine.composable)
         if prompt_editing:
@@ -1105,7 +1116,7 @@ class TextToImagePipeline:
         # (a refiner runs in the second pass only: AUTOMATIC1111's default "hires_fix_refiner_pass")
         first = self.generate(prompt, negative_prompt, callback=callback, progress=progress,
                               output_type="pil" if upscaler == "lanczos" else "latent",
-                              **{k: v for k, v in kw.items() if k != "refiner_switch"})
+                              **{k: v for k, v in kw.items() if k not in ("refiner_switch", "refiner_switch_by_steps")})
         p = first.parameters
         f = self.scale
         height, width = self.hires_size(p["height"], p["width"], hires_scale)
@@ -1447,7 +1458,8 @@ class TextToImagePipeline:
     def _sample(self, shape, cond, uncond, *, steps, guidance_scale, sampler, generators, seeds, guidance_rescale, eta,
                 karras, thresholding, callback, progress, sigma_schedule=None, final_step="euler", sampler_options=None,
                 rho=None, start="noise", threshold_range=1.0, init=None, strength=1.0, noise=None, mask=None,
-                concat=None, controls=None, refiner_switch=None, image_guidance_scale=None, image_guidance_gate=True,
+                concat=None, controls=None, refiner_switch=None, refiner_switch_by_steps=False,
+                image_guidance_scale=None, image_guidance_gate=True,
                 report=None, sigma_range="spaced", discard_penultimate_sigma=False, strength_rule="diffusers",
                 schedule=None, padding=None):
         """The sampler's run over the U-Net (and what wraps it); `schedule`: the run's noise schedule (None: the
@@ -1479,7 +1491,8 @@ class TextToImagePipeline:
             from imagine.refiner import Handoff
 
             r = self.refiner.unet
-            model = handoff = Handoff(model, _Autocast(r) if self.precision == "fast" else exact_copy(r), refiner_switch)
+            model = handoff = Handoff(model, _Autocast(r) if self.precision == "fast" else exact_copy(r), refiner_switch,
+                                      by_steps=refiner_switch_by_steps)
         latents = sample(model, shape if noise is None else noise, schedule=schedule or self.schedule,
                          prediction_type=self.prediction_type, sampler=sampler,
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,

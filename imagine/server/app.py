@@ -61,7 +61,8 @@ MAX_SEED = 2**32 - 1
 A1111_RNG_SOURCES = {"GPU": "cpu", "CPU": "cpu", "NV": "nv"}
 # the override_settings the API reads
 A1111_OVERRIDES_READ = ("emphasis", "randn_source", "eta_noise_seed_delta", "sd_noise_schedule",
-                        "use_downcasted_alpha_bar", "use_old_scheduling", "pad_cond_uncond", "pad_cond_uncond_v0")
+                        "use_downcasted_alpha_bar", "use_old_scheduling", "pad_cond_uncond", "pad_cond_uncond_v0",
+                        "refiner_switch_by_sample_steps")
 A1111_NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")  # its sd_noise_schedule
 
 
@@ -577,7 +578,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              **({"hires_sampling": hires_sampling, "a1111_hires_schedule": hires_schedule}
                                 if hires_sampling else {}),
                              **(inpainting or {}), "controlnet_units": controlnets or None,
-                             **({"refiner": refiner[0], "refiner_switch_at": refiner[1]} if refiner else {}),
+                             **({"refiner": refiner[0], "refiner_switch_at": refiner[1],
+                                 "refiner_switch_by_steps": refiner[2]} if refiner else {}),
                              "image_guidance_scale": image_cfg,
                              **({"subseed": variation[0], "subseed_strength": variation[1]} if variation else {}),
                              **({"seed_resize_from": f"{seed_resize[1]}x{seed_resize[0]}"} if seed_resize else {}),
@@ -705,7 +707,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         "sd_vae": vae_name or "Automatic", "emphasis": "Original", "eta_ddim": 0.0, "eta_ancestral": 1.0,
         "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_noise_schedule": "Default",
         "use_downcasted_alpha_bar": False, "use_old_scheduling": False, "pad_cond_uncond": False,
-        "pad_cond_uncond_v0": False,
+        "pad_cond_uncond_v0": False, "refiner_switch_by_sample_steps": False,
     }
     finished: dict[str, float] = {}  # recently finished job ids, for progress?id_task=
     active: dict[str, list[Job]] = {}  # the jobs submitted and not yet answered, by id (for POST /imagine/v1/cancel)
@@ -845,7 +847,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         for key, label in (("use_downcasted_alpha_bar", "Downcast alphas_cumprod"),
                            ("use_old_scheduling", "Old prompt editing timelines"),
                            ("pad_cond_uncond", "Pad prompt/negative prompt"),
-                           ("pad_cond_uncond_v0", "Pad prompt/negative prompt (v0)")):
+                           ("pad_cond_uncond_v0", "Pad prompt/negative prompt (v0)"),
+                           ("refiner_switch_by_sample_steps", "Refiner switch by sampling steps")):
             if not isinstance(settings.get(key, False), bool):
                 raise ApiError(422, f"{key} must be true or false (AUTOMATIC1111's '{label}'); got {settings[key]!r}",
                                field)
@@ -869,9 +872,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"image_cfg_scale must be a finite number between 0 and 100; got {v}", "image_cfg_scale")
         return float(v)
 
-    def check_refiner(req) -> tuple[str, float] | None:
-        """A1111's refiner fields -> (the loaded refiner's name, switch at) or None: `refiner_checkpoint` must name
-        the refiner the server loaded (`imagine serve --refiner`); empty or "None" is none."""
+    def check_refiner(req) -> tuple[str, float, bool] | None:
+        """A1111's refiner fields -> (the loaded refiner's name, switch at, whether it switches by sampling steps, its
+        refiner_switch_by_sample_steps setting) or None: `refiner_checkpoint` must name the refiner the server loaded
+        (`imagine serve --refiner`); empty or "None" is none."""
         asked = (req.refiner_checkpoint or "").strip()
         if not asked or asked == "None":  # (refiner_switch_at then does nothing, as in A1111)
             return None
@@ -891,7 +895,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if not isinstance(switch, (int, float)) or not 0 < switch <= 1:
             raise ApiError(422, f"refiner_switch_at must be in (0, 1], the fraction of the noise levels done when the "
                                 f"refiner takes over (1: never); got {switch!r}", "refiner_switch_at")
-        return stem, float(switch)
+        return stem, float(switch), bool(setting(req, "refiner_switch_by_sample_steps", False))
 
     def check_guidance(field: str, v: float) -> None:
         if not math.isfinite(v) or not 0 <= v <= 100:
@@ -1403,7 +1407,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     if inpaint is not None else "original",
                                     controlnets=tuple((u["name"], u["weight"], u["start"], u["end"], u["mode"])
                                                       for u in units),
-                                    refiner_switch=refiner[1] if refiner else None, subseed_strength=variation,
+                                    refiner_switch=refiner[1] if refiner else None,
+                                    refiner_switch_by_steps=bool(refiner and refiner[2]), subseed_strength=variation,
                                     resize_mode=resize_mode, encoded_at=encoded_at, seed_resize=seed_resize,
                                     rng=rng, noise_seed_delta=seed_delta, zero_terminal_snr=zero_snr,
                                     downcast_alphas_cumprod=downcast,
@@ -1460,6 +1465,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                         **{f"ControlNet {i}": controlnet_unit_text(*unit)
                                            for i, unit in enumerate(cn_units)},
                                         **({"Refiner": refiner[0], "Refiner switch at": refiner[1]} if refiner
+                                           else {}),
+                                        **({"Refiner switch by sampling steps": True} if refiner and refiner[2]
                                            else {})},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": list(req.styles),
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1 + clip_skip,

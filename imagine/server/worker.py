@@ -99,6 +99,7 @@ class Settings:
     subseed_strength: float = 0.0  # A1111's variation seeds (Job.subseeds), their strength
     image_guidance_scale: float | None = None  # an instruct-pix2pix model's guidance on the picture
     refiner_switch: float | None = None  # SDXL's refiner (the pipeline's, `serve --refiner`) after this fraction of steps
+    refiner_switch_by_steps: bool = False  # ... of the sampler's model calls (A1111's refiner_switch_by_sample_steps)
     resize_mode: str = "just_resize"  # image to image: how the pictures are brought to the size (imagine.images)
     encoded_at: tuple | None = None  # its latent upscale: the size the pictures are encoded at (jobs share it to batch)
     noise_level: int | None = None  # an unCLIP decoder's variations of the jobs' pictures (TextToImagePipeline.variations)
@@ -460,6 +461,7 @@ class ModelWorker:
                               **({"prompt_editing": True} if s.prompt_editing else {}),
                               **({"composable": True} if s.composable else {}),
                               **({"refiner_switch": s.refiner_switch} if s.refiner_switch else {}),
+                              **({"refiner_switch_by_steps": True} if s.refiner_switch_by_steps else {}),
                               **({"subseeds": subseeds[a:b], "subseed_strength": s.subseed_strength}
                                  if subseeds else {}),
                               **({"image_guidance_scale": s.image_guidance_scale, "image_guidance_gate": False}
