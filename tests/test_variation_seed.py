@@ -66,9 +66,11 @@ def test_strengths_0_and_1_are_the_two_seeds_and_a_batch_changes_nothing(pipe):
     full = pipe.generate("a red circle", seed=5, subseed=9, subseed_strength=1.0, **KW)
     assert torch.equal(full.latents, other)  # (DDIM draws no noise after the start)
     mid = pipe.generate(["a red circle"] * 2, seed=5, subseed=9, subseed_strength=0.4, **KW)
-    assert mid.subseeds == [9, 10] and mid.parameters["subseed_strength"] == 0.4
+    # (A1111's processing: all_seeds = seed + (i if subseed_strength == 0 else 0), all_subseeds = subseed + i)
+    assert mid.seeds == [5, 5] and mid.subseeds == [9, 10] and mid.parameters["subseed_strength"] == 0.4
+    assert pipe.generate(["a red circle"] * 2, seed=5, subseed=9, subseed_strength=0.0, **KW).seeds == [5, 6]
     for i in range(2):
-        alone = pipe.generate("a red circle", seed=5 + i, subseed=9 + i, subseed_strength=0.4, **KW).latents
+        alone = pipe.generate("a red circle", seed=5, subseed=9 + i, subseed_strength=0.4, **KW).latents
         assert torch.allclose(mid.latents[i:i + 1], alone, atol=1e-5, rtol=0)
     assert float((mid.latents[:1] - plain.latents).abs().max()) > 0.1 and \
         float((mid.latents[:1] - other).abs().max()) > 0.1

@@ -641,6 +641,7 @@ class TextToImagePipeline:
         subseed, subseed_strength (AUTOMATIC1111's variation seed): each image's start noise moved towards the noise of
         its variation seed (subseed + i, or `subseeds`; a negative or None: random) by spherical interpolation
         (imagine.sampling.variation_noise); 0 leaves the seed's image, 1 gives the variation seed's start noise.
+        Above 0 every image of the call keeps `seed` (A1111's rule: the variation seeds tell them apart).
         seed_resize_from_h, seed_resize_from_w (AUTOMATIC1111's "resize seed from", pixels; 0: off): the noise the
         seeds give at that size is put in the middle of this size's (imagine.sampling.start_noise), so that an image
         found at one size keeps its composition at another.
@@ -836,11 +837,11 @@ class TextToImagePipeline:
         if inits is not None and not latent_upscale:  # (A1111 brings the mask to the size as it does the picture)
             inits = [fit_picture(im, width, height, resize_mode) for im in inits]
             masks = None if masks is None else [fit_picture(m, width, height, resize_mode) for m in masks]
-        if seeds is None:
-            base = random.randint(0, MAX_SEED) if seed is None or seed < 0 else int(seed)
-            seeds = [(base + i) % (MAX_SEED + 1) for i in range(len(prompts))]
-        elif len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
+        if isinstance(subseed_strength, bool) or not isinstance(subseed_strength, (int, float)) or \
+                not 0 <= subseed_strength <= 1:
+            raise ValueError(f"subseed_strength must be a number in [0, 1]; got {subseed_strength!r}")
+        # (AUTOMATIC1111's rule: with a variation seed at work every image keeps the seed; the variation seeds count up)
+        seeds = seed_list(seed, seeds, len(prompts), same=subseed_strength > 0)
 
         refine = refiner_switch is not None
         if refiner_switch_by_steps is not False and (not refine or not isinstance(refiner_switch_by_steps, bool)):
@@ -915,15 +916,8 @@ class TextToImagePipeline:
         if controls:
             inpaint["controls"] = [(net, self._pixels(pictures, width, height, normalize=False), scale, window, mode)
                                    for net, pictures, scale, window, mode in controls]
-        if isinstance(subseed_strength, bool) or not isinstance(subseed_strength, (int, float)) or \
-                not 0 <= subseed_strength <= 1:
-            raise ValueError(f"subseed_strength must be a number in [0, 1]; got {subseed_strength!r}")
         if subseed_strength > 0:  # A1111's variation seed: the start noise moved towards another seed's
-            if subseeds is None:
-                first = random.randint(0, MAX_SEED) if subseed is None or subseed < 0 else int(subseed)
-                subseeds = [(first + i) % (MAX_SEED + 1) for i in range(len(prompts))]
-            elif len(subseeds) != len(prompts):
-                raise ValueError(f"{len(subseeds)} subseeds for {len(prompts)} images")
+            subseeds = seed_list(subseed, subseeds, len(prompts), what="subseeds")
         else:
             subseeds = None
         if subseeds is not None or first_size is not None:  # A1111's seed options (imagine.sampling.start_noise)
@@ -1199,12 +1193,7 @@ class TextToImagePipeline:
             raise ValueError("give the picture (image=)")
         prompts = [p for p in prompts for _ in range(per_prompt)]
         negatives = [n for n in negatives for _ in range(per_prompt)]
-        if seeds is None:
-            base = random.randint(0, MAX_SEED) if seed is None or seed < 0 else int(seed)
-            seeds = [(base + i) % (MAX_SEED + 1) for i in range(len(prompts))]
-        elif len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images")
-        return prompts, negatives, pictures, list(seeds)
+        return prompts, negatives, pictures, seed_list(seed, seeds, len(prompts))
 
     def _picture_run(self, prompts, negatives, seeds, height: int, width: int, condition, *, steps, guidance_scale,
                      sampler, eta, karras, sigma_schedule, rho, final_step, sampler_options, emphasis, long_prompts,
@@ -1607,6 +1596,17 @@ def _strength_text(strength: float | tuple[float, float]) -> str:
 def _same_strength(a, b) -> bool:
     ta, tb = ((s, s) if isinstance(s, (int, float)) else tuple(s) for s in (a, b))
     return all(abs(x - y) <= 1e-6 for x, y in zip(ta, tb))
+
+
+def seed_list(seed: int | None, seeds, n: int, same: bool = False, what: str = "seeds") -> list[int]:
+    """The n images' seeds: `seeds` as given (n of them), else `seed` counting up, wrapping past MAX_SEED (a negative
+    or None: a random one); `same`: all `seed` (A1111's rule where a variation seed tells the images apart)."""
+    if seeds is not None:
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} {what} for {n} images")
+        return list(seeds)
+    base = random.randint(0, MAX_SEED) if seed is None or seed < 0 else int(seed)
+    return [(base + (0 if same else i)) % (MAX_SEED + 1) for i in range(n)]
 
 
 def _prompt_list(prompt, per_prompt) -> list[str]:
