@@ -119,3 +119,10 @@ def test_the_a1111_api_and_the_cli_follow(pipe, tmp_path, capsys):
     img = Image.open(out)
     assert img.convert("RGB").tobytes() == want_cli.convert("RGB").tobytes()
     assert "Variation seed: 9, Variation seed strength: 0.3" in img.text["parameters"]
+    two = tmp_path / "two"  # (two images: both keep seed 5, the variation seeds 9 and 10, as A1111 numbers them)
+    assert main(["generate", "--model", pipe.c.source, "a red circle", "--seed", "5", "--variation-seed", "9",
+                 "--variation-strength", "0.3", "--steps", "4", "--sampler", "ddim", "--guidance-scale", "5",
+                 "--height", "16", "--width", "16", "--num-images", "2", "-o", str(two), "-q"]) == 0
+    texts = [Image.open(f).text["parameters"] for f in sorted(two.glob("*.png"))]
+    assert [("Seed: 5," in t, "Variation seed: 9," in t, "Variation seed: 10," in t) for t in texts] == \
+        [(True, True, False), (True, False, True)]

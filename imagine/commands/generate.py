@@ -1168,7 +1168,8 @@ def run(args) -> int:
                  else args.variation_seed)
     for start, end in _batches(pipe, jobs, args):
         chunk = jobs[start:end]
-        seeds = [(base + start + k) % (MAX_SEED + 1) for k in range(len(chunk))]
+        # (A1111's rule: with a variation seed at work every image keeps the seed; the variation seeds count up)
+        seeds = [(base + (0 if args.variation_strength else start + k)) % (MAX_SEED + 1) for k in range(len(chunk))]
         run = conditioned or pipe.generate
         if args.hires_scale is not None:
             if args.init_image:
