@@ -285,6 +285,30 @@ def write_refiner_single_file(path: Path, ref) -> None:
     save_file(state, str(path))
 
 
+def test_a_lora_merges_into_the_refiner_alone(models, tmp_path):
+    """The refiner loaded as a model of its own takes a kohya LoRA: its U-Net layers, and its one text tower (bigG)
+    as lora_te2_, diffusers' text_encoder_2 (it crashed: the refiner was read as having two towers). Each weight
+    becomes W + (alpha / r) up @ down."""
+    from safetensors.torch import save_file
+
+    _, _, root = models
+    pipe = TextToImagePipeline.from_pretrained(root / "refiner")
+    unet_name, unet_mod = next((n, m) for n, m in pipe.unet.named_modules() if n.endswith("attn1.to_q"))
+    te = pipe.text_encoder.towers[0].model
+    te_name, te_mod = next((n, m) for n, m in te.named_modules() if n.endswith("self_attn.q_proj"))
+    g, tensors, want = torch.Generator().manual_seed(0), {}, {}
+    te_name = "text_model." + te_name.removeprefix("text_model.")  # (kohya's names: lora_te2_text_model_encoder_...)
+    for prefix, name, mod in (("lora_unet_", unet_name, unet_mod), ("lora_te2_", te_name, te_mod)):
+        key = prefix + name.replace(".", "_")
+        down, up = torch.randn(2, mod.weight.shape[1], generator=g), torch.randn(mod.weight.shape[0], 2, generator=g)
+        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(1.0)})
+        want[mod] = mod.weight.detach().clone() + 0.5 * up @ down
+    save_file(tensors, str(tmp_path / "refiner_lora.safetensors"))
+    pipe.load_lora(tmp_path / "refiner_lora.safetensors")
+    for mod, w in want.items():
+        assert torch.allclose(mod.weight, w, atol=1e-5)
+
+
 def test_the_original_refiner_file_loads_and_gives_the_folders_image(models, tmp_path):
     base, ref, root = models
     path = tmp_path / "sd_xl_refiner_tiny.safetensors"

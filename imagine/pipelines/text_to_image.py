@@ -348,7 +348,9 @@ class TextToImagePipeline:
     def _lora_parts(self) -> dict:
         towers = getattr(self.text_encoder, "towers", None)
         if towers is not None:  # SDXL: CLIP ViT-L and OpenCLIP bigG, diffusers' text_encoder and text_encoder_2
-            return {"unet": self.unet, "text_encoder": towers[0].model, "text_encoder_2": towers[1].model}
+            # (the refiner's one tower is bigG: its text_encoder_2, as diffusers' refiner pipeline names it)
+            names = ("text_encoder", "text_encoder_2")[-len(towers):]
+            return {"unet": self.unet, **{name: tower.model for name, tower in zip(names, towers)}}
         te = getattr(self.text_encoder, "model", None)
         return {"unet": self.unet, "text_encoder": te if isinstance(te, torch.nn.Module) else None}
 
