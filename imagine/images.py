@@ -188,6 +188,8 @@ def a1111_parameters(p: dict) -> str:
     if p.get("clip_skip"):  # diffusers' k layers skipped is A1111's "Clip skip: k + 1" (1 = the last layer)
         put("Clip skip", int(p["clip_skip"]) + 1)
     put("Lora", p.get("lora"))
+    put("Lora hashes", p.get("lora_hashes"))
+    put("TI hashes", p.get("ti_hashes"))
     # (A1111 writes its "switch by sampling steps" before the refiner's own fields, as its denoiser sets them)
     put("Refiner switch by sampling steps", True if p.get("refiner_switch_by_steps") else None)
     put("Refiner", _a1111_model(p["refiner"]) if p.get("refiner") else None)

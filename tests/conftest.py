@@ -6,6 +6,20 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def hash_cache(tmp_path_factory):
+    """The file hashes' cache (imagine.loading.hashes) in a folder of the test session, not the user's."""
+    import os
+
+    before = os.environ.get("IMAGINE_CACHE_DIR")
+    os.environ["IMAGINE_CACHE_DIR"] = str(tmp_path_factory.mktemp("imagine-cache"))
+    yield
+    if before is None:
+        os.environ.pop("IMAGINE_CACHE_DIR", None)
+    else:
+        os.environ["IMAGINE_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from a second thread, and on a shared, loaded 2-core machine OpenMP's

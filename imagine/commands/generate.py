@@ -300,12 +300,14 @@ def defaults_from(args) -> dict:
     own = read_imagine_parameters(args.infotext)
     if own is not None:
         own, refiner = _refiner_again(own, args.refiner, ("refiner", "refiner_switch_at", "refiner_switch_by_steps"))
-        out = {**record_defaults(_loaded_again(own, args, "model", "lora", "embeddings"),
+        out = {**record_defaults(_loaded_again(own, args, "model", "lora", "embeddings",
+                                               ("model_hash", "lora_hashes", "ti_hashes")),
                                  init_image=bool(args.init_image), mask=bool(args.mask)), **refiner}
     else:
-        out = infotext_defaults(_loaded_again(parse_a1111_parameters(read_infotext(args.infotext)), args, "Model",
-                                              None), init_image=bool(args.init_image), hires_scale=args.hires_scale,
-                                refiner=args.refiner)
+        fields = parse_a1111_parameters(read_infotext(args.infotext))
+        out = infotext_defaults(_loaded_again(fields, args, "Model", None, None,
+                                              ("Model hash", "Lora hashes", "TI hashes")),
+                                init_image=bool(args.init_image), hires_scale=args.hires_scale, refiner=args.refiner)
     if args.from_file:  # (its prompts, not the picture's)
         out.pop("prompt", None)
     if "seed" in out:  # (so that a seed out of range is said to be the infotext's)
@@ -361,33 +363,39 @@ def _refiner_again(record: dict, refiner: str | None, keys: tuple[str, str, str]
     return record, out
 
 
-def _loaded_again(record: dict, args, model_key: str, lora_key: str | None, embeddings_key: str | None = None) -> dict:
+def _loaded_again(record: dict, args, model_key: str, lora_key: str | None, embeddings_key: str | None,
+                  hash_keys: tuple[str, str, str]) -> dict:
     """`record` without what this run loads again, so that the notes name only what is not applied: the model where
-    it is the one loaded now (by folder or file name, or its stem as A1111 names a checkpoint), the LoRAs that come
-    back, by the prompt's own tags or a --lora given again, and the embedding words an --embedding gives again."""
+    it is the one loaded now (by folder or file name, or its stem as A1111 names a checkpoint, or by its A1111
+    "Model hash"; the hash stays in the notes where the file loaded has another), the LoRAs that come back, by the
+    prompt's own tags or a --lora given again, and the embedding words an --embedding gives again, with their
+    hashes (`hash_keys`: the record's keys of the model's, the LoRAs' and the embeddings')."""
+    from imagine.loading.hashes import model_hash
     from imagine.pipelines.text_to_image import LORA_TAG
 
     record = dict(record)
+    model_hash_key, lora_hashes_key, ti_hashes_key = hash_keys
     model = Path(args.model) if args.model else None
-    if record.get(model_key) in ((model.name, model.stem) if model else ("default",)):
+    held = model_hash(model) if model is not None and record.get(model_hash_key) else None
+    if held is not None and record[model_hash_key] == held:
+        record.pop(model_hash_key)
+        record.pop(model_key, None)  # (the same file under another name)
+    elif record.get(model_key) in ((model.name, model.stem) if model else ("default",)):
         record.pop(model_key)
-    if lora_key and record.get(lora_key):
-        again = {m.group(1) for text in (record.get("prompt"), record.get("negative_prompt"))
-                 for m in LORA_TAG.finditer(text or "")}
-        again |= {Path(spec.split(":")[0] if not Path(spec).exists() else spec).stem for spec in args.lora}
-        left = [item for item in str(record[lora_key]).split(", ") if item.split(": ")[0] not in again]
-        if left:
-            record[lora_key] = ", ".join(left)
-        else:
-            record.pop(lora_key)
-    if embeddings_key and record.get(embeddings_key):
-        # (a word the file itself names is known only once loaded: the file's name stands for it here)
-        given = {word or Path(path).stem for path, word in parse_embeddings(args.embedding)}
-        left = [w for w in str(record[embeddings_key]).split(", ") if w not in given]
-        if left:
-            record[embeddings_key] = ", ".join(left)
-        else:
-            record.pop(embeddings_key)
+        if held is None:  # (a folder, or imagine's own model: no file hash to hold the record's against)
+            record.pop(model_hash_key, None)
+    again = {m.group(1) for text in (record.get("prompt"), record.get("negative_prompt"), record.get("Prompt"),
+                                     record.get("Negative prompt")) for m in LORA_TAG.finditer(text or "")}
+    again |= {Path(spec.split(":")[0] if not Path(spec).exists() else spec).stem for spec in args.lora}
+    # (a word the file itself names is known only once loaded: the file's name stands for it here)
+    given = {word or Path(path).stem for path, word in parse_embeddings(args.embedding)}
+    for key, back in ((lora_key, again), (lora_hashes_key, again), (embeddings_key, given), (ti_hashes_key, given)):
+        if key and record.get(key):
+            left = [item for item in str(record[key]).split(", ") if item.split(": ")[0] not in back]
+            if left:
+                record[key] = ", ".join(left)
+            else:
+                record.pop(key)
     return record
 
 

@@ -8,6 +8,7 @@ its own generator seeded `seed + i` (AUTOMATIC1111's convention for batches).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -47,6 +48,7 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")  # LoRA files in a lora
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?((?::[^:>]*)*)>")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 MAX_SEED = 2**32 - 1
+_HASH_LIST_SYMBOLS = str.maketrans("", "", ":,")
 MAX_SEED_RESIZE = 8192  # pixels: AUTOMATIC1111's seed_resize_from_h/w (its sliders end at 2048)
 
 
@@ -120,6 +122,8 @@ class TextToImagePipeline:
         self.request_loras: list[tuple[str, float]] = []
         self._lora_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.embeddings: list[str] = []  # the words of the textual-inversion embeddings loaded
+        # the files of the LoRAs (by name) and embeddings (by word) loaded, for A1111's "Lora hashes" / "TI hashes"
+        self.network_files: dict[tuple[str, str], Path] = {}
         self.controlnets: list[tuple[str, torch.nn.Module]] = []  # (name, ControlNet) loaded, in order
         self._controlnet_files: dict[Path, torch.nn.Module] = {}  # a file loaded again shares its model
         self.refiner: "TextToImagePipeline | None" = None  # SDXL's refiner (load_refiner), for generate's refiner_switch
@@ -341,6 +345,7 @@ class TextToImagePipeline:
                 with torch.no_grad():
                     merge_lora(self._lora_parts(), layers, strength, Path(path).name, before=keep)
                 self.request_loras.append((name, strength))
+                self.network_files["lora", name] = Path(path)
         except BaseException:
             self.set_request_loras([])  # back to the model as loaded
             raise
@@ -362,7 +367,10 @@ class TextToImagePipeline:
         from imagine.loading.textual_inversion import read_embedding_file
 
         named, vectors = read_embedding_file(path)
-        return self._add_word(token or named or Path(path).stem, vectors, Path(path).name)
+        word = token or named or Path(path).stem
+        tokens = self._add_word(word, vectors, Path(path).name)
+        self.network_files["embedding", word] = Path(path)
+        return tokens
 
     def _add_word(self, word: str, vectors, source: str, check_only: bool = False) -> list[str]:
         """An embedding's word added to the text encoder(s) (`load_embedding`); check_only: only the checks."""
@@ -427,6 +435,7 @@ class TextToImagePipeline:
         for word, vectors in words.items():
             self._add_word(word, vectors, f"{Path(path).name} (bundled embedding {word!r})")
         self.loras.append((name, strength))
+        self.network_files["lora", name] = Path(path)
         return counts
 
     # -- running -------------------------------------------------------------------------------
@@ -1004,6 +1013,7 @@ class TextToImagePipeline:
         if self.loras or self.request_loras:
             params["lora"] = ", ".join(f"{name}: {_strength_text(strength)}"
                                        for name, strength in [*self.loras, *self.request_loras])
+        params.update(self.file_hashes(used, [name for name, _ in [*self.loras, *self.request_loras]]))
         if guidance_rescale and guidance_scale != 1.0:  # (at scale 1 there is no guidance to rescale)
             params["guidance_rescale"] = guidance_rescale
         if sigma_schedule or karras:
@@ -1152,6 +1162,28 @@ class TextToImagePipeline:
         return GenerationResult(images=second.images, seeds=second.seeds, parameters=params, negatives=second.negatives,
                                 subseeds=second.subseeds,
                                 seconds=first.seconds + second.seconds, latents=second.latents)
+
+    @functools.cached_property
+    def model_hash(self) -> str | None:
+        """AUTOMATIC1111's "Model hash" of this model's checkpoint file (None for a folder), found once: a
+        checkpoint's sha256 takes seconds (imagine.loading.hashes keeps it on disk too)."""
+        from imagine.loading.hashes import model_hash
+
+        return model_hash(self.c.source)
+
+    def file_hashes(self, words: list[str] = (), loras: list[str] = ()) -> dict:
+        """AUTOMATIC1111's hashes of the files a run used (imagine.loading.hashes), as a run's record keeps them:
+        "model_hash" (a single-file checkpoint's; a folder has none), "lora_hashes" and "ti_hashes" ("name: hash"
+        for the LoRAs and embedding words given, those loaded from files)."""
+        from imagine.loading.hashes import embedding_hash, lora_hash
+
+        out = {"model_hash": self.model_hash} if self.model_hash else {}
+        for key, kind, names, digest in (("lora_hashes", "lora", loras, lora_hash),
+                                         ("ti_hashes", "embedding", words, embedding_hash)):
+            files = [(name, self.network_files[kind, name]) for name in names if (kind, name) in self.network_files]
+            if files:  # (A1111 takes ":" and "," out of the names, which its list separates by)
+                out[key] = ", ".join(f"{name.translate(_HASH_LIST_SYMBOLS)}: {digest(path)}" for name, path in files)
+        return out
 
     def run_record(self) -> dict:
         """How this pipeline computes, for a run's record where it is not exact float32 (the images differ): precision
@@ -1463,8 +1495,6 @@ class TextToImagePipeline:
             model = ConcatChannels(model, concat)
         guidance = None
         if image_guidance_scale is not None:  # instruct-pix2pix: the picture's latents come with each pass's cond
-            import functools
-
             from imagine.guidance import instruct_pix2pix_guidance
 
             model = ConcatFromCond(model)

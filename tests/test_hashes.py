@@ -1,0 +1,89 @@
+"""AUTOMATIC1111's file hashes in infotexts (imagine.loading.hashes): "Model hash" is the first 10 hex digits of the
+checkpoint file's sha256 (its shorthash, Civitai's AutoV2), "Lora hashes" the first 12 of the sha256 of a
+.safetensors LoRA's tensor bytes after its header (kohya-ss's addnet hash, Civitai's AutoV3), "TI hashes" the first
+12 of an embedding file's sha256; each checked here against hashlib over the bytes, and FIPS 180-2's "abc" vector.
+The cache is kept while a file's size and time stay. A replay's notes leave out a model, LoRA or embedding loaded
+again (a renamed checkpoint by its hash) and name a model hash the file loaded does not have."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from imagine.cli import main
+from imagine.loading import hashes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+RUN = ["--steps", "2", "--seed", "3", "--height", "32", "--width", "32", "-q"]
+
+
+def test_the_hashes_are_sha256_of_the_files_bytes(tmp_path):
+    abc = tmp_path / "abc.bin"
+    abc.write_bytes(b"abc")
+    assert hashes.file_sha256(abc) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert hashes.model_hash(abc) == "ba7816bf8f" and hashes.embedding_hash(abc) == "ba7816bf8f01"
+    assert hashes.model_hash(tmp_path) is None  # (a folder: A1111 has no hash for it)
+    header = b'{"__metadata__":{"a":"b"}}'
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(len(header).to_bytes(8, "little") + header + b"tensor bytes")
+    assert hashes.lora_hash(lora) == hashlib.sha256(b"tensor bytes").hexdigest()[:12]
+    pt = tmp_path / "style.pt"
+    pt.write_bytes(b"abc")
+    assert hashes.lora_hash(pt) == "ba7816bf8f01"  # (not a safetensors file: the file's own sha256)
+
+
+def test_the_cache_holds_while_the_file_stays_and_a_bad_cache_is_rebuilt(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"abc")
+    first = hashes.file_sha256(f)
+    stat = f.stat()
+    f.write_bytes(b"xyz")  # (same size; the time put back: the cache answers)
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert hashes.file_sha256(f) == first
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # (a newer time: hashed again)
+    assert hashes.file_sha256(f) == hashlib.sha256(b"xyz").hexdigest()
+    (hashes.cache_dir() / "hashes.json").write_text("{not json", encoding="utf-8")
+    assert hashes.file_sha256(f) == hashlib.sha256(b"xyz").hexdigest()
+    assert json.loads((hashes.cache_dir() / "hashes.json").read_text(encoding="utf-8"))
+
+
+def test_a_single_files_picture_carries_a1111s_hashes_and_a_replay_knows_its_files(tmp_path, capsys):
+    from safetensors.torch import save_file
+    from test_loading import write_single_file
+    from test_lora import _kohya_lora
+    from test_textual_inversion import _vectors, _write
+
+    single = tmp_path / "single" / "tiny-sd.safetensors"
+    unet, _, text = write_single_file(single, "sd1")
+    lora = tmp_path / "style.safetensors"
+    save_file(_kohya_lora(unet, text), str(lora))
+    emb = _write("diffusers.bin", _vectors(2), tmp_path / "emb", "<style>")
+    data = lora.read_bytes()
+    lora_digest = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    model_digest = hashlib.sha256(single.read_bytes()).hexdigest()[:10]
+    out = tmp_path / "x.png"
+    flags = ["--lora", f"{lora}:0.5", "--embedding", f"{emb}:mystyle"]
+    assert main(["generate", "--model", str(single), *flags, "a red circle, mystyle", "-o", str(out), *RUN]) == 0
+    text = Image.open(out).text["parameters"]
+    assert f"Model hash: {model_digest}, Model: tiny-sd," in text
+    assert f'Lora hashes: "style: {lora_digest}"' in text
+    ti_digest = hashlib.sha256(emb.read_bytes()).hexdigest()[:12]
+    assert f'TI hashes: "mystyle: {ti_digest}"' in text
+    capsys.readouterr()
+    again = tmp_path / "again.png"
+    assert main(["generate", "--model", str(single), *flags, "--infotext", str(out), "-o", str(again), "-q"]) == 0
+    assert "not applied" not in capsys.readouterr().err
+    assert Image.open(again).tobytes() == Image.open(out).tobytes()
+    # an A1111 infotext of another name but this file's hash: the model loaded again; another hash is named
+    renamed = tmp_path / "a1111.txt"
+    renamed.write_text(f"a red circle\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 32x32, "
+                       f"Model hash: {model_digest}, Model: sd15-renamed, RNG: CPU", encoding="utf-8")
+    assert main(["generate", "--model", str(single), "--infotext", str(renamed), "-o", str(again), "-q"]) == 0
+    assert "not applied" not in capsys.readouterr().err
+    renamed.write_text(renamed.read_text().replace(model_digest, "0123456789").replace("sd15-renamed", "tiny-sd"))
+    assert main(["generate", "--model", str(single), "--infotext", str(renamed), "-o", str(again), "-q"]) == 0
+    assert "not applied: Model hash: 0123456789" in capsys.readouterr().err
