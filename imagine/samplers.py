@@ -1284,6 +1284,11 @@ COMPVIS_SAMPLERS = ("ddim", "plms", "ddim_cfgpp", "unipc")
 # the CFG++ samplers (Chung et al. 2024): they renoise with the unconditional prediction, so the unconditional pass runs
 # at every guidance scale (the pipelines encode the negative prompt at scale 1 too)
 CFG_PP_SAMPLERS = ("ddim_cfgpp", "euler_cfgpp", "euler_a_cfgpp")
+# the timestep_spacing default of the diffusers schedulers that run each timestep rule (DDIMScheduler, DDPMScheduler
+# and LCMScheduler "leading"; EulerDiscreteScheduler, DPMSolverMultistepScheduler, UniPC and the other k-diffusion
+# ports "linspace"), which a scheduler config without the key takes
+DIFFUSERS_DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "lcm": "leading", "dpm_solver": "linspace",
+                             "karras": "linspace"}
 TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmpp_2m_sde": "dpm_solver",
                  "dpmpp_2m_sde_heun": "dpm_solver", "dpmpp_sde": "karras",
                  "dpmpp_3m": "dpm_solver", "dpmpp_3m_sde": "dpm_solver", "unipc": "dpm_solver",

@@ -154,3 +154,31 @@ def test_winograd_fast_mode_stays_close_to_exact(tmp_path, monkeypatch, request,
     assert psnr(b, a) >= 30
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     assert psnr((fast.decode(z) + 1) / 2, (exact.decode(z) + 1) / 2) >= 30
+
+
+# SD 1.5's scheduler/scheduler_config.json as the hub has it (diffusers 0.6.0: no timestep_spacing key)
+SD15_SCHEDULER_FILE = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+                       "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+                       "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+                       "clip_sample": False}
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("dpmpp_2m", "DPMSolverMultistepScheduler"),
+                                                ("euler", "EulerDiscreteScheduler"), ("ddim", "DDIMScheduler")])
+def test_an_old_scheduler_config_gives_each_sampler_its_diffusers_schedulers_spacing(tmp_path, sampler, scheduler):
+    """A folder whose scheduler config predates timestep_spacing (SD 1.5's, SD 2.1's): diffusers' from_config gives
+    the sampler's scheduler its own default spacing (DPM++ and Euler "linspace": 999, 899, ...; DDIM "leading":
+    901, 801, ...), not PNDM's. imagine's picture is the diffusers user's, loaded and swapped as they do, 50 dB."""
+    import json
+
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    (tmp_path / "folder" / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_FILE))
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "folder", local_files_only=True)
+    ref.scheduler = getattr(diffusers, scheduler).from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    want = _diffusers_image(ref)
+    ours = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    assert psnr(_our_image(ours, sampler), want) >= 50
+    if sampler != "ddim":  # (the leading spacing PNDM's config would give is another picture)
+        ours.c.scheduler_config["timestep_spacing"] = "leading"
+        assert psnr(_our_image(ours, sampler), want) < 50

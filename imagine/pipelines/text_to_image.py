@@ -1112,7 +1112,7 @@ class TextToImagePipeline:
                          h["sampler"], hires_steps or kw.get("steps") or self.defaults["steps"], img2img=True,
                          strength=hires_strength, start=h.get("start") or "noise",
                          strength_rule="a1111_fixed_steps" if rule == "a1111" else rule,
-                         **self._plan_options(h.get("sigma_schedule")),
+                         **self._plan_options(h["sampler"], h.get("sigma_schedule")),
                          **{k: h[k] for k in ("karras", "rho", "sigma_range", "discard_penultimate_sigma") if k in h})
             except ValueError as e:
                 raise ValueError(f"hires sampler {h['sampler']!r}: {e}") from None
@@ -1489,7 +1489,7 @@ class TextToImagePipeline:
         model's); `padding`: an imagine.guidance.PaddedConds to run the guidance through."""
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
 
-        kwargs = self._plan_options(sigma_schedule)
+        kwargs = self._plan_options(sampler, sigma_schedule)
         model = _Autocast(self.unet) if self.precision == "fast" else exact_copy(self.unet)
         if concat is not None:  # an inpainting model's mask and masked-picture latents
             model = ConcatChannels(model, concat)
@@ -1528,15 +1528,22 @@ class TextToImagePipeline:
             report["refined"] = handoff.used  # (whether some step was the refiner's)
         return latents
 
-    def _plan_options(self, sigma_schedule) -> dict:
-        """The plan's layout as the model's scheduler config gives it (timestep spacing, steps offset), with the
-        schedule type `sigma_schedule`: the keywords of sampling.sample and sampling.run_plan."""
+    def _plan_options(self, sampler: str, sigma_schedule) -> dict:
+        """The plan's layout as the model's scheduler config gives it (timestep spacing, steps offset) for `sampler`,
+        with the schedule type `sigma_schedule`: the keywords of sampling.sample and sampling.run_plan. A diffusers
+        config without a timestep_spacing (SD 1.5's and 2.1's, written before diffusers had the key) gives each
+        sampler the spacing of the diffusers scheduler that runs it, as diffusers' from_config does (the key is
+        among its `_use_default_values`): "linspace" for Euler, DPM++ and the like, "leading" for DDIM and DDPM."""
+        from imagine.samplers import DIFFUSERS_DEFAULT_SPACING, TIMESTEP_RULE, resolve_sampler
+
         sc = self.c.scheduler_config
         if sigma_schedule == "align_your_steps" and self.unet.config.addition_embed_type == "text_time":
             sigma_schedule = "align_your_steps_sdxl"  # (SDXL's levels for an SDXL model, as A1111 picks them)
         kwargs = {"sigma_schedule": sigma_schedule}
         if sc.get("timestep_spacing"):
             kwargs["timestep_spacing"] = sc["timestep_spacing"]
+        elif sc.get("_class_name", "NoiseSchedule") != "NoiseSchedule":
+            kwargs["timestep_spacing"] = DIFFUSERS_DEFAULT_SPACING[TIMESTEP_RULE[resolve_sampler(sampler)[0]]]
         if sc.get("steps_offset") is not None:
             kwargs["steps_offset"] = int(sc["steps_offset"])
         return kwargs
