@@ -182,3 +182,22 @@ def test_an_old_scheduler_config_gives_each_sampler_its_diffusers_schedulers_spa
     if sampler != "ddim":  # (the leading spacing PNDM's config would give is another picture)
         ours.c.scheduler_config["timestep_spacing"] = "leading"
         assert psnr(_our_image(ours, sampler), want) < 50
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_a_guidance_scale_at_or_below_1_is_the_prompt_alone_as_diffusers_runs_it(tmp_path, scale):
+    """diffusers' pipelines guide only where guidance_scale > 1 (do_classifier_free_guidance): at 0, the setting of
+    SD-Turbo's model card, the prompt's prediction alone, not the negative's (the formula at 0); A1111's rules keep
+    the formula (scale 0: the negative prompt's prediction)."""
+    ref = save_diffusers_folder(tmp_path / "folder", "sd1", scheduler="euler")
+    with torch.no_grad():
+        want = ref(PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=4,
+                   guidance_scale=scale, generator=torch.Generator().manual_seed(SEED), output_type="pt").images[0]
+    ours = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    kw = dict(steps=4, guidance_scale=scale, sampler="euler", seed=SEED, height=SIZE, width=SIZE, progress=False,
+              output_type="latent")
+    res = ours.generate(PROMPT, NEGATIVE, **kw)
+    assert psnr(((ours.decode(res.latents)[0] + 1) / 2).clamp(0, 1), want.float()) >= 50
+    assert res.parameters["guidance_scale"] == scale
+    a1111 = ours.generate(PROMPT, NEGATIVE, **{**kw, "strength_rule": "a1111"})
+    assert not torch.equal(a1111.latents, res.latents)

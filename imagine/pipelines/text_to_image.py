@@ -870,8 +870,11 @@ class TextToImagePipeline:
         # (A1111 schedules a second-order sampler's edits over 2N model calls; the denoiser counts its calls then)
         editing = Timeline(2 * steps if _two_call(sampler) else steps, editing_first_pass, old_prompt_editing) \
             if prompt_editing else None
-        # (A1111's edit guidance: always; CFG++'s samplers renoise with the unconditional prediction at scale 1 too)
-        guided = guidance_scale != 1.0 or (self.edits and not image_guidance_gate) or is_cfg_pp(sampler)
+        # (diffusers' pipelines guide only above scale 1: at 0, SD-Turbo's setting there, the prompt's prediction
+        # alone; A1111's rules apply the formula at any scale but 1. A1111's edit guidance: always; CFG++'s samplers
+        # renoise with the unconditional prediction at scale 1 too)
+        above = guidance_scale > 1.0 if strength_rule == "diffusers" and not self.edits else guidance_scale != 1.0
+        guided = above or (self.edits and not image_guidance_gate) or is_cfg_pp(sampler)
         cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts, editing,
                                          composable=composable)
         padding = None
@@ -939,7 +942,8 @@ class TextToImagePipeline:
             inpaint["noise"] = start_noise(shape, generators, seeds, subseeds, float(subseed_strength), first_size,
                                            inpaint.get("noise"), rng)
         report: dict = {}
-        latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+        latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale if guided else 1.0,
+                               sampler=sampler,
                                generators=generators, seeds=seeds, init=init, strength=strength, **inpaint,
                                guidance_rescale=guidance_rescale, eta=eta, karras=karras,
                                thresholding=thresholding, threshold_range=threshold_range, callback=callback,
