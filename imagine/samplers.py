@@ -837,9 +837,10 @@ def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name,
         h = math.log(s / s_next)
         eta_i = eta if s_tmin <= s <= s_tmax else 0.0  # Karras et al. 2022, Alg. 2: noise only within [S_tmin, S_tmax]
         h_eta = (1.0 + eta_i) * h
-        # (diffusers' lower_order_final under 15 steps: 2nd order on the step before the last; 1st on a last step that
-        # ends above sigma = 0, its final_sigmas_type "sigma_min")
-        low = n < 15 and warmup == "diffusers"
+        # (diffusers' lower_order_final under 15 steps of the whole run, an image-to-image run's skipped ones too:
+        # 2nd order on the step before the last; 1st on a last step that ends above sigma = 0, its final_sigmas_type
+        # "sigma_min")
+        low = plan.lead + n < 15 and warmup == "diffusers"
         order = min(3, len(ms), 1 if (i == n - 1 and low) else 2 if (i == n - 2 and low) else 3)
         em1 = math.expm1(-h_eta)  # e^{-h_eta} - 1
         ratio = (s_next * alpha_next) / (s / math.sqrt(1.0 + s**2))

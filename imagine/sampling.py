@@ -717,6 +717,12 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         known = init.to(device=x.device, dtype=torch.float64)
         # (A1111's rules: its blend after denoising for its k-diffusion samplers, before it for its CompVis ones)
         keep = "replace" if strength_rule == "diffusers" else "input" if start_abar is not None else "denoised"
+        if keep == "replace" and not bool(((mask == 0) | (mask == 1)).all()):
+            # (the replacement is diffusers' only for a 0/1 mask, which its pipelines make by rounding at 0.5: it
+            # blends the model's input, diffusers the sampler's state, the same where the mask is 0 or 1)
+            raise ValueError("mask: values between 0 and 1 under diffusers' rules (strength_rule 'diffusers', which "
+                             "keeps the known part by replacement); give a mask of 0 and 1, or run A1111's rules "
+                             "(strength_rule 'a1111'), which blend a soft mask")
         denoise.keep_known(known, eps.to(x.device), mask.to(device=x.device, dtype=torch.float64), keep)
     with torch.no_grad():
         if start == "matched":

@@ -358,6 +358,9 @@ class SamplingPlan:
     # the steps of the same run that follow this plan's end (a head's: the final step run apart); the multistep
     # samplers lower their order towards the run's end, not the plan's
     follow: int = 0
+    # the steps of the same run before this plan's start (a tail's: image to image's), which diffusers' multistep
+    # schedulers count in the run's length (their lower_order_final under 15 steps)
+    lead: int = 0
     # [N] or None: the abar at which a v-prediction model's output is read as eps, where not at the step's own level
     # (AUTOMATIC1111's CompVis wrapper reads it at the timestep truncated to an integer: its UniPC's are fractional)
     v_alphas_cumprod: torch.Tensor | None = None
@@ -377,7 +380,7 @@ class SamplingPlan:
     def tail(self, start: int) -> "SamplingPlan":
         """The plan from step `start` on (img2img-style partial runs)."""
         return replace(self, timesteps=self.timesteps[start:], sigmas=self.sigmas[start:],
-                       alphas_cumprod=self.alphas_cumprod[start:],
+                       alphas_cumprod=self.alphas_cumprod[start:], lead=self.lead + start,
                        v_alphas_cumprod=None if self.v_alphas_cumprod is None else self.v_alphas_cumprod[start:])
 
 
@@ -713,10 +716,8 @@ class NoiseSchedule:
                 raise ValueError(f"{sigma_schedule}'s levels (sigma {AYS_SIGMAS[sigma_schedule][-1]} to "
                                  f"{AYS_SIGMAS[sigma_schedule][0]}) are for Stable Diffusion's noise schedule; this "
                                  f"model's reaches sigma {float(table[-1]):.4g}")
-            # held to the model's trained range (its last, 0.029, lies just under SD's sigma(t = 0) = 0.0292, where
-            # DDIM's last step would go up in noise)
-            custom = (lambda lo, hi, n, lo_t=float(table[0]), hi_t=float(table[-1]):
-                      np.clip(spaced_sigmas(sigma_schedule, lo, hi, n, None, levels_dtype), lo_t, hi_t))
+            # (as they are, as A1111 and ComfyUI take them: NVIDIA's 14.615 and 0.029 lie just outside SD's 14.6146 and
+            # 0.02917, which the model reads as its end timesteps)
         if self.held_dtype == torch.float16:
             check_downcast(rule, sigma_schedule)
         spacing = self.timestep_spacing if spacing is None else spacing

@@ -23,6 +23,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,6 +134,12 @@ def a1111_sigmas(kd, denoiser, scheduler: str, n: int) -> torch.Tensor:
             sigs.append(float(denoiser.sigmas[x]))
             x += ss
         return torch.tensor(sigs[::-1] + [0.0])
+    if scheduler == "align_your_steps":  # (get_align_your_steps_sigmas: NVIDIA's levels, log-linear in between)
+        levels = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+        if n != len(levels):
+            xs, ys = np.linspace(0, 1, len(levels)), np.log(levels[::-1])
+            levels = list(np.exp(np.interp(np.linspace(0, 1, n), xs, ys))[::-1])
+        return torch.FloatTensor(levels + [0.0])
     if scheduler == "kl_optimal":  # (sd_schedulers.kl_optimal: n + 1 levels over i / n, no 0 after sigma_min)
         u = torch.arange(n + 1) / n
         return torch.tan(u * torch.arctan(torch.tensor(lo)) + (1.0 - u) * torch.arctan(torch.tensor(hi)))
@@ -755,7 +762,7 @@ def test_strength_rules():
 
 
 @pytest.mark.parametrize("scheduler", ["uniform", "normal", "karras", "exponential", "sgm_uniform", "simple",
-                                       "ddim_uniform", "kl_optimal"])
+                                       "ddim_uniform", "kl_optimal", "align_your_steps"])
 @pytest.mark.parametrize("label", ["Euler", "DPM++ 2M", "DPM2", "DPM fast", "DPM adaptive", "DPM++ SDE",
                                    "DPM++ 3M SDE", "Restart"])
 def test_a1111_schedule_types_equal_theirs(kd, scheduler, label):
