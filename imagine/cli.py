@@ -67,12 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     top = build_parser()
     args, rest = top.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     module = importlib.import_module(args._module)
     prog = "imagine " + " ".join(x for x in (args.command, getattr(args, "target", None)) if x)
     sp = argparse.ArgumentParser(prog=prog, description=module.__doc__.strip().splitlines()[0] if module.__doc__ else None)
     module.add_arguments(sp)
+    # (-v after the command too: `imagine generate -v ...`)
+    sp.add_argument("-v", "--verbose", action="store_true", default=args.verbose, help="log more")
     sub_args = sp.parse_args(rest)
+    args.verbose = sub_args.verbose
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         # a command may take its flags' defaults from a file (generate --infotext): the flags are read again over
         # them, so those given win

@@ -151,3 +151,12 @@ def test_a_fast_servers_pictures_say_so_and_a_bf16_record_replays_in_exact_mode(
     assert json.loads(Image.open(first).text["imagine"])["dtype"] == "bfloat16"
     assert main(["generate", "--infotext", str(first), "--precision", "exact", "-o", str(again), "-q"]) == 0
     assert "dtype" not in json.loads(Image.open(again).text["imagine"])
+
+
+def test_verbose_is_taken_after_the_command_too(tmp_path):
+    """`imagine generate -v ...` as `imagine -v generate ...`: -v shows the error's traceback (here, the raise)."""
+    args = ["--model", str(tmp_path / "no-such-model"), "a red circle", "-o", str(tmp_path / "x.png"), *RUN]
+    assert main(["generate", *args]) == 2
+    for argv in (["-v", "generate", *args], ["generate", "-v", *args]):
+        with pytest.raises(FileNotFoundError):
+            main(argv)
