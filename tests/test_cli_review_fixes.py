@@ -160,3 +160,10 @@ def test_verbose_is_taken_after_the_command_too(tmp_path):
     for argv in (["-v", "generate", *args], ["generate", "-v", *args]):
         with pytest.raises(FileNotFoundError):
             main(argv)
+
+
+def test_a_loras_strength_that_is_not_a_number_is_named(tmp_path, capsys):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    assert main(["generate", "--lora", f"{lora}:abc", "a red circle", "-o", str(tmp_path / "x.png"), *RUN]) == 2
+    assert "the strength after the last colon, 'abc', is not a number" in capsys.readouterr().err

@@ -835,6 +835,10 @@ def parse_loras(items: list[str]) -> list[tuple[str, float | tuple[float, float]
     for item in items or []:
         path, unet = _number_suffix(item)
         if unet is None:
+            head, _, tail = item.rpartition(":")
+            if head and not Path(item).exists() and Path(head).exists():  # (a file, then a strength mistyped)
+                raise ValueError(f"--lora {item}: the strength after the last colon, {tail!r}, is not a number "
+                                 f"(e.g. {head}:0.8, or {head}:1:0.5 for the text encoders' and the U-Net's)")
             out.append((item, 1.0))
             continue
         head, te = _number_suffix(path)
