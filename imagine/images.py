@@ -187,6 +187,7 @@ def a1111_parameters(p: dict) -> str:
     put("VAE", p.get("vae"))
     if p.get("clip_skip"):  # diffusers' k layers skipped is A1111's "Clip skip: k + 1" (1 = the last layer)
         put("Clip skip", int(p["clip_skip"]) + 1)
+    put("Emphasis", "None" if p.get("emphasis") == "none" else None)  # (A1111's reader: brackets as text)
     put("Lora", p.get("lora"))
     put("Lora hashes", p.get("lora_hashes"))
     put("TI hashes", p.get("ti_hashes"))

@@ -167,3 +167,16 @@ def test_a_loras_strength_that_is_not_a_number_is_named(tmp_path, capsys):
     lora.write_bytes(b"")
     assert main(["generate", "--lora", f"{lora}:abc", "a red circle", "-o", str(tmp_path / "x.png"), *RUN]) == 2
     assert "the strength after the last colon, 'abc', is not a number" in capsys.readouterr().err
+
+
+def test_brackets_read_as_text_are_written_as_a1111s_emphasis_none(tmp_path):
+    """A1111 writes "Emphasis: None" where its emphasis is off and a prompt has "(" or "[" (sd_hijack_clip), so that
+    its reader takes them as text again; imagine's default reading (diffusers') is that one."""
+    texts = {}
+    for name, prompt, extra in (("plain", "a (red) circle", []), ("weighted", "a (red) circle", ["--emphasis"]),
+                                ("none", "a red circle", [])):
+        out = tmp_path / f"{name}.png"
+        assert main(["generate", prompt, "-o", str(out), *extra, *RUN]) == 0
+        texts[name] = Image.open(out).text["parameters"]
+    assert "Emphasis: None" in texts["plain"]
+    assert "Emphasis" not in texts["weighted"] and "Emphasis" not in texts["none"]

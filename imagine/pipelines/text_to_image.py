@@ -975,6 +975,8 @@ class TextToImagePipeline:
                 params["control_mode"] = [c[4] for c in controls]
         if emphasis:
             params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
+        elif any("(" in t or "[" in t for t in [*prompts, *(n for n in negatives if n)]):
+            params["emphasis"] = "none"  # (brackets read as text: A1111's "Emphasis: None", which it writes so)
         if self.edits and (image_guidance_gate or image_guidance_scale != 1):
             params["image_guidance_scale"] = image_guidance_scale  # (A1111's "Image CFG scale"; its default 1: none)
         if subseeds is not None:
