@@ -294,13 +294,27 @@ def clip_to_transformers(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 OPENCLIP_BLOCK_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
                           "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-OPENCLIP_DROPPED = ("text_projection", "logit_scale", "attn_mask")
+# dropped by exact name: the contrastive projection (OpenCLIP's `text_projection` [width, proj], or the Linear
+# weight `text_projection.weight` [proj, width] older diffusers scripts wrote; `openclip_projection` reads it where
+# it is used), the logit scale, the causal mask buffer
+OPENCLIP_DROPPED = ("text_projection", "text_projection.weight", "logit_scale", "attn_mask")
 
 
 def openclip_layers(state: Mapping[str, Tensor]) -> int:
     """Number of transformer blocks in an OpenCLIP text tower (prefix removed)."""
     ids = {int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")}
     return max(ids) + 1 if ids else 0
+
+
+def openclip_projection(state: Mapping[str, Tensor], what: str = "text encoder (OpenCLIP)") -> Tensor | None:
+    """An OpenCLIP text tower's projection P (prefix removed), applied as x @ P, [width, proj], or None: OpenCLIP's
+    `text_projection`, or `text_projection.weight` = P^T, the Linear weight diffusers' convert script wrote before
+    its fix (ComfyUI reads both)."""
+    if "text_projection" in state and "text_projection.weight" in state:
+        raise KeyMapError(f"{what}: has both text_projection and text_projection.weight; expected one projection")
+    if "text_projection.weight" in state:
+        return state["text_projection.weight"].t()
+    return state.get("text_projection")
 
 
 def openclip_to_transformers(state: Mapping[str, Tensor], keep_layers: int) -> dict[str, Tensor]:
@@ -339,7 +353,7 @@ def openclip_to_transformers(state: Mapping[str, Tensor], keep_layers: int) -> d
                     unknown.append(k)
                     continue
                 out[base + OPENCLIP_BLOCK_RENAMES[module] + "." + leaf] = v
-        elif k.split(".")[0] in OPENCLIP_DROPPED:
+        elif k in OPENCLIP_DROPPED:
             continue
         else:
             unknown.append(k)

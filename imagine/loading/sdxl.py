@@ -189,13 +189,13 @@ def infer_bigg_config(text: dict[str, torch.Tensor]) -> dict[str, Any]:
     text_projection [width, proj]."""
     what = f"SDXL text encoder 2 ({BIGG_PREFIX}*)"
     cfg, _ = sf.infer_text_config(text, "openclip")  # gelu, 64-wide heads; it keeps all but the last block (SD 2)
-    if "text_projection" not in text:
+    proj = keymap.openclip_projection(text, what)
+    if proj is None:
         raise ValueError(f"{what}: no text_projection; SDXL's pooled vector is the bigG tower's projected end-of-text "
                          "state, so the checkpoint must carry it")
-    proj = text["text_projection"]
     if proj.ndim != 2 or proj.shape[0] != cfg["hidden_size"]:
-        raise ValueError(f"{what}: text_projection has shape {tuple(proj.shape)}; expected [{cfg['hidden_size']}, "
-                         "projection width]")
+        raise ValueError(f"{what}: text_projection (as OpenCLIP's [width, proj]) has shape {tuple(proj.shape)}; "
+                         f"expected [{cfg['hidden_size']}, projection width]")
     cfg.update(num_hidden_layers=keymap.openclip_layers(text), projection_dim=proj.shape[1])
     return cfg
 
@@ -203,9 +203,9 @@ def infer_bigg_config(text: dict[str, torch.Tensor]) -> dict[str, Any]:
 def bigg_to_transformers(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The bigG tower (prefix removed) -> CLIPTextModelWithProjection's names without the `text_model.` prefix
     (see `build_projected_text_model`): SD 2's OpenCLIP map with all blocks, and text_projection.weight = P^T
-    (OpenCLIP applies x @ P; a Linear applies x @ W^T)."""
+    (OpenCLIP applies x @ P; a Linear applies x @ W^T; `keymap.openclip_projection` reads either name)."""
     out = keymap.openclip_to_transformers(text, keymap.openclip_layers(text))
-    out["text_projection.weight"] = text["text_projection"].t()
+    out["text_projection.weight"] = keymap.openclip_projection(text).t()
     return out
 
 
@@ -335,13 +335,28 @@ def build_projected_text_model(config: dict[str, Any], state: dict[str, torch.Te
     return sf.finish_clip_text_model(model, state)
 
 
+def marked_prediction_type(markers: set, name: str) -> str | None:
+    """The prediction type a file's MARKERS say: ComfyUI's `v_pred` (its CheckpointSave writes it into every
+    v-prediction model it saves, SDXL or SD 1.x/2.x) is v-prediction; else None (not said)."""
+    if "v_pred" not in markers:
+        return None
+    log.info("%s: v_pred marker: v-prediction", name)
+    return "v_prediction"
+
+
+def marked_schedule(cfg: dict[str, Any], markers: set, name: str) -> dict[str, Any]:
+    """A scheduler config with what a file's MARKERS say of it: ComfyUI's `ztsnr`, zero terminal SNR (diffusers'
+    rescale_betas_zero_snr, Lin et al. 2024)."""
+    if "ztsnr" not in markers:
+        return cfg
+    log.info("%s: ztsnr marker: zero terminal SNR (rescale_betas_zero_snr)", name)
+    return dict(cfg, rescale_betas_zero_snr=True)
+
+
 def _schedule(parts: SDXLParts, prediction_type: str, name: str) -> dict[str, Any]:
     """SDXL base's scheduler config, with what the file says: `ztsnr`, and stored betas or sgm's
     `denoiser.sigmas` when they differ from SD's betas beyond their dtype's rounding."""
-    cfg = dict(SDXL_SCHEDULER_CONFIG, prediction_type=prediction_type)
-    if "ztsnr" in parts.markers:
-        log.info("%s: ztsnr marker: zero terminal SNR (rescale_betas_zero_snr)", name)
-        cfg["rescale_betas_zero_snr"] = True
+    cfg = marked_schedule(dict(SDXL_SCHEDULER_CONFIG, prediction_type=prediction_type), parts.markers, name)
     betas = parts.betas
     if betas is None and parts.sigmas is not None and parts.sigmas.device.type != "meta":
         betas = _betas_from_sigmas(parts.sigmas, name)
@@ -395,9 +410,7 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     name = Path(source).name
     parts = convert(state, source, scaling_factor=scaling_factor, unet_config=unet_config)
     if prediction_type is None:
-        prediction_type = "v_prediction" if "v_pred" in parts.markers else "epsilon"
-        if "v_pred" in parts.markers:
-            log.info("%s: v_pred marker: v-prediction", name)
+        prediction_type = marked_prediction_type(parts.markers, name) or "epsilon"
 
     try:
         unet_cfg = UNetConfig.from_dict(parts.unet_config)

@@ -15,9 +15,10 @@ mapped by `imagine.loading.keymap`. Three things cannot be seen in the weights:
 - The prediction type. SD 1.x and SD 2.x "base" (512 px) predict the noise (epsilon); the SD 2.x
   768-v models (stable-diffusion-2, 2-1) predict v (Salimans & Ho 2022). `prediction_type=...`
   or Stability's `<name>.yaml` next to the file (`parameterization: "v"`, the convention of the
-  original repo and of AUTOMATIC1111) decide; else SD 1.x is epsilon, and SD 2.x is epsilon when
-  a .ckpt stores global_step 875000 (the 512-base, diffusers' rule) and otherwise what
-  AUTOMATIC1111's one-call U-Net probe says (`sd2_prediction_type`).
+  original repo and of AUTOMATIC1111) decide; else ComfyUI's empty `v_pred` marker key means v
+  (`sdxl.MARKERS`, read as for SDXL; its `ztsnr` means zero terminal SNR); else SD 1.x is epsilon,
+  and SD 2.x is epsilon when a .ckpt stores global_step 875000 (the 512-base, diffusers' rule) and
+  otherwise what AUTOMATIC1111's one-call U-Net probe says (`sd2_prediction_type`).
 - The tokenizer. Its vocab.json + merges.txt are in neither the checkpoint nor transformers; pass
   `tokenizer=FOLDER`, or put a `tokenizer/` folder next to the checkpoint, or set
   IMAGINE_CLIP_TOKENIZER, or have it in the local Hugging Face cache (searched, never fetched).
@@ -113,11 +114,7 @@ def _read_checkpoint_and_step(path: str | os.PathLike) -> tuple[dict[str, torch.
     if path.is_dir():
         raise ValueError(f"{path} is a folder; load_single_file takes a .safetensors or .ckpt file "
                          "(use load_folder for a model folder with model_index.json)")
-    kind = _file_kind(path)
-    if kind == "safetensors":
-        state = _read_safetensors(path)
-    else:
-        state = _read_pickle(path)
+    state = read_weights_file(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of weights")
     step = _as_int(state.get("global_step"))
@@ -127,8 +124,17 @@ def _read_checkpoint_and_step(path: str | os.PathLike) -> tuple[dict[str, torch.
     tensors = {k: v for k, v in state.items() if isinstance(k, str) and torch.is_tensor(v)}
     if not tensors:
         found = sorted(str(k) for k in state)[:8]
-        raise ValueError(f"{path} holds no tensors at its top level or under 'state_dict' (found keys {found})")
+        hint = ("; it looks like an AUTOMATIC1111 textual-inversion embedding (string_to_param): give it with "
+                "--embedding (load_embedding)" if "string_to_param" in state else "")
+        raise ValueError(f"{path} holds no tensors at its top level or under 'state_dict' (found keys {found}){hint}")
     return tensors, step
+
+
+def read_weights_file(path: str | os.PathLike) -> Any:
+    """What a weights file holds, read as its first bytes say (`_file_kind`), not as its suffix does: a
+    safetensors file's dict, or a weights-only pickle's object. The one reader of checkpoints and embeddings."""
+    path = Path(path)
+    return _read_safetensors(path) if _file_kind(path) == "safetensors" else _read_pickle(path)
 
 
 def _as_int(value: Any) -> int | None:
@@ -146,15 +152,24 @@ def _file_kind(path: Path) -> str:
     tell; a file that is neither gets an error saying what it looks like."""
     with open(path, "rb") as f:
         head = f.read(512)
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save: a zip archive, or (legacy) a pickle stream
+    # safetensors' whole layout first: its first byte is the header length's low byte, which may be 0x80, a
+    # pickle's first byte
+    if _is_safetensors_head(head, path.stat().st_size):
+        return "safetensors"
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[8:9] != b"{"):  # torch.save: a zip, or a legacy pickle
         return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < SAFETENSORS_MAX_HEADER:
-        return "safetensors"  # an 8-byte little-endian header length, then the JSON header
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        return "safetensors"  # damaged: load_tensors says truncated or corrupt, naming the file
+    if head[8:9] == b"{" or path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return "safetensors"  # damaged (cut short): load_tensors says truncated or corrupt, naming the file
     raise ValueError(f"{path} is not a torch checkpoint or a safetensors file: it is {_describe_head(head)}. "
                      f"Expected a .safetensors file or a torch checkpoint ({'/'.join(PICKLE_SUFFIXES)}: a zip "
                      "archive or pickle, as torch.save writes them)")
+
+
+def _is_safetensors_head(head: bytes, size: int) -> bool:
+    """Whether a file starts as safetensors does: an 8-byte little-endian header length n, then the n-byte JSON
+    header ("{..."), all within the file."""
+    n = int.from_bytes(head[:8], "little")
+    return len(head) >= 9 and head[8:9] == b"{" and n < SAFETENSORS_MAX_HEADER and 8 + n <= size
 
 
 def _describe_head(head: bytes) -> str:
@@ -270,9 +285,15 @@ def _first_line(s: str) -> str:
 # ---------------------------------------------------------------------------------------------
 def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, Any]:
     """Split an original SD checkpoint into its networks: {"unet": {...}, "vae": {...},
-    "text": {...}, "text_kind": "clip" | "openclip", "betas": tensor | None}, prefixes removed.
-    Raises ValueError naming what was found when the layout is not SD 1.x/2.x."""
+    "text": {...}, "text_kind": "clip" | "openclip", "betas": tensor | None, "markers": set of
+    `sdxl.MARKERS` present}, prefixes removed. Raises ValueError naming what was found when the layout is not
+    SD 1.x/2.x."""
+    from imagine.loading.sdxl import MARKERS  # (ComfyUI writes them into SD 1.x/2.x files too)
+
     keys = list(state)
+    add_on = _add_on(state)
+    if add_on:
+        raise ValueError(f"{source} {add_on}")
     if any(k.startswith(("noise_augmentor.", "embedder.model.visual.")) for k in keys):
         raise ValueError(f"{source} looks like SD 2.1 unCLIP (an OpenCLIP image tower, embedder.*, and a noise "
                          "augmentor beside the U-Net); imagine reads SD 2.1 unCLIP from its diffusers folder "
@@ -286,7 +307,9 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint")
                                    IGNORED_PREFIXES)
     kind = "clip" if split["clip"] else "openclip" if split["openclip"] else None
     parts: dict[str, Any] = {"unet": split["unet"], "vae": split["vae"], "text": split[kind] if kind else {},
-                             "text_kind": kind, "betas": state.get("betas")}
+                             "text_kind": kind, "betas": state.get("betas"),
+                             "markers": {k for k in other if k in MARKERS}}
+    other = [k for k in other if k not in MARKERS]
     if any(k.startswith(keymap.CLIP_PREFIX) for k in keys) and any(k.startswith(keymap.OPENCLIP_PREFIX) for k in keys):
         raise ValueError(f"{source} has both a CLIP (cond_stage_model.transformer.*) and an OpenCLIP "
                          "(cond_stage_model.model.*) text encoder; expected one")
@@ -306,6 +329,27 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint")
         raise ValueError(f"{source}: unexpected weights {', '.join(other[:6])}"
                          + (f" ... ({len(other)} in all)" if len(other) > 6 else "") + f"; {expected}")
     return parts
+
+
+# what a LoRA's keys have (kohya / AUTOMATIC1111 / LyCORIS prefixes; diffusers' and peft's down / up entries)
+LORA_KEY = re.compile(r"^lora_(?:unet|te\d?)_|\.(?:lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|"
+                      r"lora_linear_layer\.down|lora_linear_layer\.up)\.")
+EMBEDDING_KEYS = {"emb_params", "clip_l", "clip_g"}  # AUTOMATIC1111's .safetensors embeddings, SDXL's
+
+
+def _add_on(state: dict[str, torch.Tensor]) -> str | None:
+    """What a file given as the model looks like when it is an add-on to a model, a LoRA or a textual-inversion
+    embedding (for the error), else None."""
+    lora = next((k for k in state if LORA_KEY.search(k)), None)
+    if lora is not None:
+        return (f"looks like a LoRA (lora_down/lora_up keys, e.g. {lora}), not a model: give it with --lora "
+                "(TextToImagePipeline.load_lora) beside the model it was made for")
+    token, vectors = next(iter(state.items()), ("", None))  # diffusers' {token: vectors}, e.g. {"<cat-toy>": [768]}
+    single = len(state) == 1 and "." not in token and vectors.ndim in (1, 2)
+    if state and (set(state) <= EMBEDDING_KEYS or single):
+        return (f"looks like a textual-inversion embedding ({', '.join(sorted(state))}), not a model: give it with "
+                "--embedding (TextToImagePipeline.load_embedding) beside the model it was made for")
+    return None
 
 
 def split_by_prefix(state: dict[str, torch.Tensor], parts: dict[str, str], ignored: tuple[str, ...] = ()
@@ -502,7 +546,7 @@ def openclip_is_whole_tower(text: dict[str, torch.Tensor]) -> bool:
     encoder has, the unused one already gone (23 for SD 2.x), and no text_projection / logit_scale: every block
     is used, and dropping one would condition on the wrong layer without a word. So: the whole tower when the
     file has the projection, or has ViT-H's 24 blocks at its 1024 width (a file pruned of the projection)."""
-    if "text_projection" in text:
+    if keymap.openclip_projection(text) is not None:
         return True
     tok = text.get("token_embedding.weight")
     width = tok.shape[-1] if tok is not None and tok.ndim else None
@@ -656,8 +700,9 @@ def load_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32
 
     tokenizer: a CLIP tokenizer folder (vocab.json + merges.txt); see `find_tokenizer` for where
         it is looked for when omitted. prediction_type: "epsilon" (SD 1.x, SD 2.x base) or
-        "v_prediction" (SD 2.x 768-v); default: from `<name>.yaml` next to the file, else epsilon
-        for SD 1.x and, for SD 2.x, as `sd2_prediction_type` decides.
+        "v_prediction" (SD 2.x 768-v); default: from `<name>.yaml` next to the file, else v when the
+        file carries ComfyUI's `v_pred` marker, else epsilon for SD 1.x and, for SD 2.x, as
+        `sd2_prediction_type` decides.
     scaling_factor: the VAE latent scale (default SD's 0.18215). unet_config: entries that
         override the inferred U-Net config (e.g. attention_head_dim)."""
     path = Path(path)
@@ -705,6 +750,8 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     _check_options(prediction_type, dtype)
     parts = split_checkpoint(state, source)
     name = Path(source).name
+    if prediction_type is None:  # (the caller's or the .yaml's first; then ComfyUI's v_pred, before the SD 2 probe)
+        prediction_type = sdxl.marked_prediction_type(parts["markers"], name)
 
     # U-Net
     ucfg, layers, attention = _inferred(name, SD_LAYOUT, infer_unet_config, parts["unet"])
@@ -755,7 +802,8 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     text_encoder = CLIPTextEncoder(text_model, tok, max_len, f"{source} (text encoder)", clip_skip)
 
     # Noise schedule
-    sched_cfg = dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    sched_cfg = sdxl.marked_schedule(dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type), parts["markers"],
+                                     name)
     if upscaler:
         sched_cfg.update(beta_start=X4_UPSCALER["beta_start"], beta_end=X4_UPSCALER["beta_end"])
     betas = parts["betas"]

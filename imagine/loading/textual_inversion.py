@@ -33,6 +33,8 @@ import torch
 
 
 SDXL_TOWERS = ("clip_l", "clip_g")  # SDXL files' vectors for the first and the second text tower
+# which of SDXL's text encoders each takes (the refiner has the second alone, bigG, diffusers' text_encoder_2)
+TOWER_NAMES = {"clip_l": "SDXL's first text encoder", "clip_g": "SDXL's second text encoder"}
 
 
 def read_embedding(path: str | os.PathLike) -> tuple[str | None, torch.Tensor]:
@@ -51,12 +53,12 @@ def _sdxl_on_sd(source: str) -> str:
 def read_embedding_file(path: str | os.PathLike) -> tuple[str | None, torch.Tensor | dict[str, torch.Tensor]]:
     """(the word the file names or None, the vectors [n, d]) of an embedding file; for an SDXL file the vectors
     are {"clip_l": [n, d1], "clip_g": [n, d2]}."""
-    from imagine.loading.single_file import _file_kind, _read_pickle, _read_safetensors
+    from imagine.loading.single_file import read_weights_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"embedding not found: {path} (give a .pt, .bin or .safetensors file)")
-    obj = _read_safetensors(path) if _file_kind(path) == "safetensors" else _read_pickle(path)
+    obj = read_weights_file(path)  # (the checkpoints' reader: its format from its first bytes, weights-only pickles)
     return embedding_vectors(obj, path.name)
 
 
@@ -116,15 +118,16 @@ def add_embedding(encoder, token: str, vectors: torch.Tensor, source: str = "emb
 def add_sdxl_embedding(towers, token: str, vectors: dict[str, torch.Tensor] | torch.Tensor,
                        source: str = "embedding", check_only: bool = False) -> list[str]:
     """Give SDXL's two text towers the word `token`: the first reads it as `vectors["clip_l"]`, the second as
-    `vectors["clip_g"]` (n vectors each). Both are checked before either changes; returns the n tokens added
-    (check_only: only the checks)."""
+    `vectors["clip_g"]` (n vectors each). The refiner's one tower is bigG, the second: it takes `clip_g` (as
+    diffusers' refiner pipeline loads clip_g into its text_encoder_2). Every tower is checked before any changes;
+    returns the n tokens added (check_only: only the checks)."""
     if not isinstance(vectors, dict):
         raise ValueError(f"{source} is an SD 1.x/2.x embedding (one set of {vectors.shape[-1]}-wide vectors, for one "
                          "text encoder); an SDXL model needs an SDXL embedding, with clip_l and clip_g vectors for "
                          "its two text encoders")
-    pairs = list(zip(towers, SDXL_TOWERS))
-    for (tower, key), which in zip(pairs, ("first", "second")):
-        _check_fits(tower, token, vectors[key], f"{source} ({key})", f"SDXL's {which} text encoder",
+    pairs = list(zip(towers, SDXL_TOWERS[-len(towers):]))  # (the last ones: a refiner's one tower is bigG)
+    for tower, key in pairs:
+        _check_fits(tower, token, vectors[key], f"{source} ({key})", TOWER_NAMES[key],
                     "(SDXL: clip_l 768, clip_g 1280)")
     if check_only:
         return []
@@ -145,12 +148,25 @@ def _check_fits(encoder, token: str, vectors: torch.Tensor, source: str, what: s
                          "embedding another word (token=..., or --embedding PATH:WORD)")
 
 
+def _resize(model, n: int) -> None:
+    """`model.resize_token_embeddings(n)`, whose new rows are about to be overwritten: without transformers' mean
+    resizing (a multivariate normal over the old rows' covariance, O(width^3)), and with torch's global random state
+    kept, which the new rows' initialisation draws from (a seeded script's later draws stay as they were)."""
+    import inspect
+
+    takes = inspect.signature(model.resize_token_embeddings).parameters
+    options = {"mean_resizing": False} if "mean_resizing" in takes else {}  # (transformers >= 4.46)
+    weight = model.get_input_embeddings().weight
+    with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
+        model.resize_token_embeddings(n, **options)
+
+
 def _add(encoder, token: str, vectors: torch.Tensor) -> list[str]:
     model, tok = encoder.model, encoder.tokenizer
     tokens = word_tokens(token, vectors.shape[0])
     tok.add_tokens(tokens)
     ids = tok.convert_tokens_to_ids(tokens)
-    model.resize_token_embeddings(len(tok))
+    _resize(model, len(tok))
     emb = model.get_input_embeddings()
     emb.weight[ids] = vectors.to(emb.weight.dtype)
     encoder.expansions[token] = " ".join(tokens)

@@ -1,4 +1,5 @@
-"""Reading and writing model components: a folder of `config.json` plus `*.safetensors`.
+"""Reading and writing model components: a folder of `config.json` plus `*.safetensors` (or safetensors shards
+and their `.safetensors.index.json`, as save_pretrained writes a large model).
 
 This is diffusers' layout, so a diffusers component folder loads as it is, and ours loads in
 diffusers. Writes are atomic (temporary file, then rename), so a kill during a save leaves the
@@ -18,6 +19,9 @@ from typing import Any
 import torch
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+# the index of weights saved in shards (diffusers' save_pretrained past max_shard_size, 10 GB by default: e.g. any
+# float32 SDXL U-Net): {"weight_map": {name: shard file}} beside <stem>-0000k-of-0000n.safetensors
+WEIGHT_INDEX_NAMES = tuple(n + ".index.json" for n in WEIGHT_NAMES)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -56,13 +60,16 @@ def _shares_storage(t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> bool:
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file, with an error that names the file if it is missing or corrupt."""
+    """Load a safetensors file, or the shards a `.safetensors.index.json` lists, with an error that names the file
+    if it is missing or corrupt."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    if path.name.endswith(".safetensors.index.json"):
+        return load_shards(path, device)
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -78,18 +85,47 @@ def unreadable_weights(path: str | os.PathLike, error: BaseException) -> ValueEr
                       "re-download or re-save it")
 
 
+def load_shards(index: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of the shards a safetensors index (`weight_map`: name -> shard file beside it) lists, every
+    name checked to be in the shard it is listed in (a shard from another save would load silently wrong)."""
+    content = read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: expected a safetensors shard index, {{\"weight_map\": {{weight name: shard "
+                         "file}}, as diffusers' and transformers' save_pretrained write it; found no such weight_map")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard or not shard.endswith(".safetensors"):  # (no file outside the folder)
+            raise ValueError(f"{index}: lists the shard {shard!r}; expected a .safetensors file name in "
+                             f"{index.parent}")
+        if not (index.parent / shard).is_file():
+            raise FileNotFoundError(f"{index}: its shard {shard} is not in {index.parent}; the download may be "
+                                    "incomplete")
+        part = load_tensors(index.parent / shard, device)
+        lacking = sorted(k for k, v in weight_map.items() if v == shard and k not in part)
+        if lacking:
+            raise ValueError(f"{index.parent / shard} lacks {', '.join(lacking[:3])}"
+                             + (f" ... ({len(lacking)} in all)" if len(lacking) > 3 else "")
+                             + f", which {index.name} lists in it; the shards are from another save")
+        tensors.update(part)
+    return tensors
+
+
 def find_weights(folder: str | os.PathLike) -> Path:
+    """A component folder's weights: its safetensors file, else the index of its safetensors shards."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
-    for name in WEIGHT_NAMES:
+    for name in WEIGHT_NAMES + WEIGHT_INDEX_NAMES:
         if (folder / name).is_file():
             return folder / name
     found = sorted(p.name for p in folder.iterdir())
     raise FileNotFoundError(
-        f"no weights in {folder}: expected one of {', '.join(WEIGHT_NAMES)}; found {found or 'nothing'}"
-        + (" (a .bin pickle is not loaded from a component folder; convert it to safetensors)"
-           if any(n.endswith(".bin") for n in found) else ""))
+        f"no weights in {folder}: expected one of {', '.join(WEIGHT_NAMES + WEIGHT_INDEX_NAMES)}; found "
+        f"{found or 'nothing'}"
+        + (" (a .bin pickle is not loaded from a component folder, nor its .bin shards; convert it to safetensors)"
+           if any(n.endswith((".bin", ".bin.index.json")) for n in found) else ""))
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
