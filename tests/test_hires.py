@@ -56,7 +56,7 @@ def test_latent_hires_is_a_bilinear_latent_upscale_then_image_to_image(pipe):
                            sampler="euler", progress=False)
     assert other.images[0].tobytes() == second.images[0].tobytes()
     assert (other.parameters["prompt"], other.parameters["hires_prompt"]) == (["a red circle"], "a square")
-    with pytest.raises(ValueError, match="hires_upscaler must be one of latent, lanczos"):
+    with pytest.raises(ValueError, match="hires_upscaler must be one of latent, latent_antialiased"):
         pipe.generate_hires("x", hires_upscaler="ESRGAN_4x", steps=2, progress=False)
     with pytest.raises(ValueError, match="init_latents must be"):
         pipe.generate("x", init_latents=torch.zeros(2, 4, 8, 8), steps=2, progress=False)
@@ -65,9 +65,10 @@ def test_latent_hires_is_a_bilinear_latent_upscale_then_image_to_image(pipe):
 def test_hires_sizes_round_to_the_vae_factor_and_errors(pipe):
     assert pipe.scale == 2  # the tiny model's VAE factor
     res = pipe.generate_hires("x", hires_scale=1.5, steps=2, height=18, width=16, seed=1, progress=False)
-    assert res.images[0].size == (24, 28)  # 16 x 1.5 = 24; 18 x 1.5 = 27 -> 28, a multiple of 2
-    for bad in (1, 0.5, 5, True):
-        with pytest.raises(ValueError, match=r"hires_scale must be a number in \(1, 4\]"):
+    # (A1111's calculate_target_resolution: int(side x scale), then its latents floor-divided by the factor)
+    assert res.images[0].size == (24, 26)  # 16 x 1.5 = 24; 18 x 1.5 = 27 -> 26, a multiple of 2
+    for bad in (0.5, 5, True):
+        with pytest.raises(ValueError, match=r"hires_scale must be a number in \[1, 4\]"):
             pipe.generate_hires("x", hires_scale=bad, steps=2, progress=False)
     with pytest.raises(ValueError, match="hires_steps"):
         pipe.generate_hires("x", hires_steps=0, steps=2, progress=False)

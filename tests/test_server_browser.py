@@ -583,12 +583,12 @@ def test_reuse_puts_back_the_whole_request(server, page):
     page.fill("#eta_noise_seed_delta", "7")
     page.click("#generate")
     page.wait_for_function("document.querySelectorAll('.gallery .card').length === 2", timeout=60_000)
-    first = {s: _card_image(page.query_selector(f".gallery .card[data-seed='{s}']")) for s in ("100", "101")}
+    first = {s: _card_image(page.query_selector(f".gallery .card[data-subseed='{s}']")) for s in ("40", "41")}
     for field, value in (("#prompt", "something else"), ("#hr_scale", "1"), ("#subseed_strength", "0"),
                          ("#batch_size", "1"), ("#eta_noise_seed_delta", "0"), ("#seed", "-1")):
         page.fill(field, value)
     page.select_option("#randn_source", "CPU")
-    page.click(".gallery .card[data-seed='100'] .reuse")
+    page.click(".gallery .card[data-subseed='40'] .reuse")
     got = page.evaluate("""() => Object.fromEntries(['prompt', 'seed', 'batch_size', 'hr_scale', 'hr_strength',
         'hr_second_pass_steps', 'hr_upscaler', 'subseed', 'subseed_strength', 'randn_source', 'eta_noise_seed_delta']
         .map(k => [k, document.getElementById(k).value]))""")
@@ -598,7 +598,7 @@ def test_reuse_puts_back_the_whole_request(server, page):
     page.click("#generate")
     page.wait_for_function("document.querySelectorAll('.gallery .card').length === 4", timeout=60_000)
     again = [page.query_selector_all(".gallery .card")[i] for i in (0, 1)]
-    assert {c.get_attribute("data-seed"): _card_image(c) for c in again} == first
+    assert {c.get_attribute("data-subseed"): _card_image(c) for c in again} == first
 
 
 def test_the_noise_section_starts_from_the_servers_options(server, page, tmp_path):

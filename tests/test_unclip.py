@@ -203,10 +203,10 @@ def test_served_unclip_makes_openai_variations(unclip, tmp_path):
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "a", "steps": 2}, timeout=120)
         assert r.status_code == 422 and "use POST /v1/images/variations" in r.text
         r = httpx.post(f"{srv.url}/v1/images/generations", json={"prompt": "a"}, timeout=120)
-        assert r.status_code == 422 and "use POST /v1/images/variations" in r.text
+        assert r.status_code == 400 and "use POST /v1/images/variations" in r.text
         r = httpx.post(f"{srv.url}/v1/images/edits", files={"image": ("p.png", buf.getvalue(), "image/png")},
                        data={"prompt": "a hat"}, timeout=120)
-        assert r.status_code == 422 and "use POST /v1/images/variations" in r.text
+        assert r.status_code == 400 and "use POST /v1/images/variations" in r.text
 
 
 def test_defaults_a_low_scale_and_pictures_without_prompts_are_diffusers(unclip):

@@ -35,7 +35,16 @@ from imagine.sampling import make_generators, posterior_generators
 
 log = logging.getLogger(__name__)
 
-HIRES_UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> AUTOMATIC1111's label
+# the hires. fix's upscalers, ours -> AUTOMATIC1111's label: its latent upscale modes (shared.latent_upscale_modes, the
+# latents resized by torch's interpolate: LATENT_UPSCALE_MODES) and the picture upscalers it has without a model
+# ("None" resizes with Lanczos, as its images.resize_image does)
+HIRES_UPSCALERS = {"latent": "Latent", "latent_antialiased": "Latent (antialiased)", "latent_bicubic": "Latent (bicubic)",
+                   "latent_bicubic_antialiased": "Latent (bicubic antialiased)", "latent_nearest": "Latent (nearest)",
+                   "latent_nearest_exact": "Latent (nearest-exact)", "none": "None", "lanczos": "Lanczos",
+                   "nearest": "Nearest"}
+LATENT_UPSCALE_MODES = {"latent": ("bilinear", False), "latent_antialiased": ("bilinear", True),
+                        "latent_bicubic": ("bicubic", False), "latent_bicubic_antialiased": ("bicubic", True),
+                        "latent_nearest": ("nearest", False), "latent_nearest_exact": ("nearest-exact", False)}
 # generate's keywords that say how a pass samples: hires. fix's second pass takes its own set (A1111's "Hires sampler",
 # "Hires schedule type"), and the parameters of its result keep the first pass's (the param keys named so)
 SAMPLING_KEYWORDS = ("sampler", "sigma_schedule", "karras", "eta", "rho", "final_step", "sampler_options", "start",
@@ -1064,7 +1073,8 @@ class TextToImagePipeline:
 
     def generate_hires(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                        hires_scale: float = 2.0, hires_strength: float = 0.7, hires_steps: int | None = None,
-                       hires_upscaler: str = "latent", hires_prompt: str | None = None,
+                       hires_upscaler: str = "latent", hires_resize: tuple[int, int] | None = None,
+                       hires_prompt: str | None = None,
                        hires_negative_prompt: str | None = None, hires_sampling: dict | None = None,
                        callback: Callable[[dict], None] | None = None, progress: bool = True,
                        output_type: str = "pil", **kw) -> GenerationResult:
@@ -1072,16 +1082,25 @@ class TextToImagePipeline:
         factor), then image to image at that size with `hires_strength` (A1111's hires denoising strength, default
         0.7) over `hires_steps` (default: the first pass's), each image with its own seed again: the large picture
         keeps the small one's composition, which the model could not hold at a size it was not trained on.
-        `hires_upscaler`: "latent" (A1111's default "Latent": the latents resized bilinearly, no VAE round trip;
-        it wants a strength of 0.5 or more to clean up) or "lanczos" (the decoded pictures resized, then encoded).
+        `hires_upscaler` (HIRES_UPSCALERS, or A1111's labels): "latent" (A1111's default "Latent": the latents
+        resized bilinearly, no VAE round trip; it wants a strength of 0.5 or more to clean up) and A1111's other
+        latent modes (antialiased, bicubic, nearest), or "lanczos" / "nearest" / "none" (the decoded pictures
+        resized, then encoded). `hires_resize`: A1111's (hr_resize_x, hr_resize_y), a size in pixels in place of
+        the scale (`hires_target`; where both are given the upscaled picture is cut to them, centred: its latents
+        for a latent upscaler, as A1111 cuts them, the pictures before encoding for the others).
         `hires_prompt` / `hires_negative_prompt`: the second pass's texts (A1111's "Hires prompt"; None or "": the
         first pass's). `hires_sampling`: how the second pass samples (A1111's "Hires sampler" and "Hires schedule
         type"), all of it: generate's SAMPLING_KEYWORDS, "sampler" among them, in place of the first pass's (a key left
         out takes generate's default; None: the first pass's). `kw`: `generate`'s options, for both passes. The
         parameters give the first pass's size and sampling, as A1111's infotext does, with the scale and
         "hires_sampling"."""
-        if isinstance(hires_scale, bool) or not isinstance(hires_scale, (int, float)) or not 1 < hires_scale <= 4:
-            raise ValueError(f"hires_scale must be a number in (1, 4]; got {hires_scale!r}")
+        if isinstance(hires_scale, bool) or not isinstance(hires_scale, (int, float)) or not 1 <= hires_scale <= 4:
+            raise ValueError(f"hires_scale must be a number in [1, 4] (A1111's slider; 1: a second pass at the first "
+                             f"size); got {hires_scale!r}")
+        if hires_resize is not None and (len(hires_resize) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in hires_resize) or not any(hires_resize)):
+            raise ValueError(f"hires_resize must be (width, height) in pixels, whole numbers >= 0, not both 0 (0: from "
+                             f"the other side and the first pass's aspect); got {hires_resize!r}")
         if hires_steps is not None and (not isinstance(hires_steps, int) or hires_steps < 1):
             raise ValueError(f"hires_steps must be a positive integer or None (the first pass's); got {hires_steps!r}")
         if kw.get("init_image") is not None or kw.get("init_latents") is not None or kw.get("mask_image") is not None:
@@ -1122,16 +1141,16 @@ class TextToImagePipeline:
                          **{k: h[k] for k in ("karras", "rho", "sigma_range", "discard_penultimate_sigma") if k in h})
             except ValueError as e:
                 raise ValueError(f"hires sampler {h['sampler']!r}: {e}") from None
-        upscaler = str(hires_upscaler).lower()
-        if upscaler not in HIRES_UPSCALERS:
-            raise ValueError(f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)}; got {hires_upscaler!r}")
+        upscaler = hires_upscaler_key(hires_upscaler)
+        latent = LATENT_UPSCALE_MODES.get(upscaler)
         # (a refiner runs in the second pass only: AUTOMATIC1111's default "hires_fix_refiner_pass")
         first = self.generate(prompt, negative_prompt, callback=callback, progress=progress,
-                              output_type="pil" if upscaler == "lanczos" else "latent",
+                              output_type="latent" if latent else "pil",
                               **{k: v for k, v in kw.items() if k not in ("refiner_switch", "refiner_switch_by_steps")})
         p = first.parameters
         f = self.scale
-        height, width = self.hires_size(p["height"], p["width"], hires_scale)
+        (up_h, up_w), (cut_h, cut_w) = hires_target(p["height"], p["width"], hires_scale, hires_resize, f)
+        height, width = up_h - cut_h * f, up_w - cut_w * f
         later = {k: v for k, v in kw.items()
                  if k not in ("seed", "seeds", "num_images_per_prompt", "height", "width", "steps", "strength")}
         if hires_sampling is not None:  # (the second pass's sampling, all of it: A1111's hires sampler)
@@ -1139,11 +1158,17 @@ class TextToImagePipeline:
         if later.get("strength_rule") == "a1111":  # (A1111's second pass runs its steps in full, the last of more)
             later["strength_rule"] = "a1111_fixed_steps"
         steps = hires_steps or p["steps"]
-        if upscaler == "lanczos":
-            start = {"init_image": first.images}
-        else:  # A1111's "Latent": bilinear, no antialiasing
-            start = {"init_latents": torch.nn.functional.interpolate(
-                first.latents.float(), size=(height // f, width // f), mode="bilinear", align_corners=False)}
+        if latent:  # A1111's latent modes: torch's interpolate, its latents cut after (truncate_y / truncate_x)
+            mode, antialias = latent
+            x = torch.nn.functional.interpolate(first.latents.float(), size=(up_h // f, up_w // f), mode=mode,
+                                                antialias=antialias,
+                                                **({"align_corners": False} if mode in ("bilinear", "bicubic") else {}))
+            start = {"init_latents": x[:, :, cut_h // 2:x.shape[2] - (cut_h + 1) // 2,
+                                       cut_w // 2:x.shape[3] - (cut_w + 1) // 2]}
+        else:  # the pictures resized (Lanczos; nearest), cut before encoding where A1111 cuts the encoded latents
+            kind = Image.NEAREST if upscaler == "nearest" else Image.LANCZOS
+            box = (cut_w // 2 * f, cut_h // 2 * f, up_w - (cut_w + 1) // 2 * f, up_h - (cut_h + 1) // 2 * f)
+            start = {"init_image": [im.resize((up_w, up_h), kind).crop(box) for im in first.images]}
         prompts = [hires_prompt] * len(first.seeds) if hires_prompt else p["prompt"]
         negatives = [hires_negative_prompt] * len(first.seeds) if hires_negative_prompt else first.negatives
         if first.subseeds is not None:  # (the same variation seeds in both passes, as A1111)
@@ -1161,6 +1186,7 @@ class TextToImagePipeline:
                       **{k: p[k] for k in _SAMPLING_PARAMS if k in p}, "hires_sampling": dict(hires_sampling)}
         params = {**params, "height": p["height"], "width": p["width"], "steps": p["steps"],
                   "hires_scale": float(hires_scale), "hires_steps": steps,
+                  **({"hires_resize": f"{hires_resize[0]}x{hires_resize[1]}"} if hires_resize else {}),
                   "hires_upscaler": HIRES_UPSCALERS[upscaler], "prompt": p["prompt"],
                   "negative_prompt": p["negative_prompt"],
                   **({"hires_prompt": hires_prompt} if hires_prompt else {}),
@@ -1200,11 +1226,6 @@ class TextToImagePipeline:
         if dtype != torch.float32:
             out["dtype"] = str(dtype).replace("torch.", "")
         return out
-
-    def hires_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
-        """The hires. fix's second size: height and width times `scale`, to the VAE's factor."""
-        f = self.scale
-        return max(f, round(height * scale / f) * f), max(f, round(width * scale / f) * f)
 
     def _seed_resize(self, from_h, from_w, size: tuple) -> tuple[int, int] | None:
         """AUTOMATIC1111's seed_resize_from_h / _w (pixels; either <= 0: off) -> the latent size the seeds' noise is
@@ -1641,6 +1662,34 @@ def _strength_text(strength: float | tuple[float, float]) -> str:
 def _same_strength(a, b) -> bool:
     ta, tb = ((s, s) if isinstance(s, (int, float)) else tuple(s) for s in (a, b))
     return all(abs(x - y) <= 1e-6 for x, y in zip(ta, tb))
+
+
+def hires_upscaler_key(name: str) -> str:
+    """A hires. fix upscaler: one of HIRES_UPSCALERS' keys, or AUTOMATIC1111's label for it (case aside)."""
+    wanted = str(name).strip().lower()
+    for key, label in HIRES_UPSCALERS.items():
+        if wanted in (key, label.lower()):
+            return key
+    raise ValueError(f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)} (or A1111's labels: "
+                     f"{', '.join(HIRES_UPSCALERS.values())}); got {name!r}")
+
+
+def hires_target(height: int, width: int, scale: float, resize: tuple[int, int] | None = None,
+                 factor: int = 8) -> tuple[tuple[int, int], tuple[int, int]]:
+    """AUTOMATIC1111's hires. fix size (StableDiffusionProcessingTxt2Img.calculate_target_resolution) -> ((height,
+    width) upscaled to, down to the VAE's `factor`; (rows, columns) of latent cells then cut, centred). The size is
+    int(side x scale); or `resize`, A1111's (hr_resize_x, hr_resize_y) in pixels, in place of the scale: one of them
+    0, the other side from the first pass's aspect (floor division); both, upscaled to cover them at the first pass's
+    aspect and its latents cut by (upscaled - asked) // factor cells (its truncate_y / truncate_x)."""
+    rx, ry = resize or (0, 0)
+    if not rx and not ry:
+        up_x, up_y = int(width * scale), int(height * scale)
+    elif not ry or (rx and width / height < rx / ry):  # (as wide as asked; as tall as the aspect makes it)
+        up_x, up_y = rx, rx * height // width
+    else:
+        up_x, up_y = ry * width // height, ry
+    crop = ((up_y - ry) // factor, (up_x - rx) // factor) if rx and ry else (0, 0)
+    return (max(factor, up_y // factor * factor), max(factor, up_x // factor * factor)), crop
 
 
 def seed_list(seed: int | None, seeds, n: int, same: bool = False, what: str = "seeds") -> list[int]:

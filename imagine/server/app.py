@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import PngImagePlugin
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -52,8 +52,8 @@ from imagine.samplers import (  # AUTOMATIC1111's labels and ways of our sampler
     default_guidance_scale,
 )
 from imagine.schedules import COMPVIS_SCHEDULES, MODEL_SIGMA_SCHEDULES, SCHEDULE_LABELS, SIGMA_SCHEDULES, check_downcast
-from imagine.server.worker import (Interrupted, Job, JobCancelled, ModelWorker, QueueFull, Settings,
-                                   ShuttingDown)
+from imagine.server.worker import (Hires, Interrupted, Job, JobCancelled,
+                                   ModelWorker, QueueFull, Settings, ShuttingDown)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_SEED = 2**32 - 1
@@ -62,8 +62,17 @@ A1111_RNG_SOURCES = {"GPU": "cpu", "CPU": "cpu", "NV": "nv"}
 # the override_settings the API reads
 A1111_OVERRIDES_READ = ("emphasis", "randn_source", "eta_noise_seed_delta", "sd_noise_schedule",
                         "use_downcasted_alpha_bar", "use_old_scheduling", "pad_cond_uncond", "pad_cond_uncond_v0",
-                        "refiner_switch_by_sample_steps")
+                        "refiner_switch_by_sample_steps", "eta_ddim", "eta_ancestral", "CLIP_stop_at_last_layers")
 A1111_NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")  # its sd_noise_schedule
+# A1111's samplers with an eta and the option that gives it when a request sends none (its Sampler.initialize reads
+# eta_option_field), with the default at which its infotext writes none: its CompVis DDIM (and DDIM CFG++) read
+# eta_ddim ("Eta DDIM", 0); its k-diffusion samplers that take an eta read eta_ancestral ("Eta", 1)
+A1111_ETA_OPTIONS = {**dict.fromkeys(("ddim", "ddim_cfgpp"), ("eta_ddim", 0.0)),
+                     **dict.fromkeys(("euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde",
+                                      "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpm_fast", "dpm_adaptive"),
+                                     ("eta_ancestral", 1.0))}
+# A1111's StableDiffusionProcessingTxt2Img.denoising_strength default: its API's hires strength (its UI's slider: 0.7)
+A1111_HIRES_DENOISING = 0.75
 
 
 @dataclass
@@ -177,9 +186,11 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = 1
     enable_hr: bool = False  # A1111's hires. fix: width x height first, then upscaled by hr_scale
     hr_scale: float = 2.0
+    hr_resize_x: int = 0  # A1111's "resize width to" / "height to": either non-zero, the hires size, not hr_scale
+    hr_resize_y: int = 0
     hr_second_pass_steps: int = 0  # 0: the first pass's steps
-    hr_upscaler: str | None = None  # "Latent..." (A1111's default): the latents; any other name: Lanczos
-    denoising_strength: float | None = None  # the hires pass's (A1111's default there: 0.7)
+    hr_upscaler: str | None = None  # A1111's name: a latent upscale mode ("Latent", its default, ...) or None / Lanczos
+    denoising_strength: float | None = None  # the hires pass's (A1111's API default there: 0.75)
     hr_prompt: str = ""  # the hires pass's prompt ("": the prompt)
     hr_negative_prompt: str = ""  # the hires pass's negative prompt ("": the negative prompt)
     hr_sampler_name: str | None = None  # the hires pass's sampler (None or "Use same sampler": sampler_name's)
@@ -192,6 +203,16 @@ class Txt2ImgRequest(BaseModel):
     seed_resize_from_w: int = -1  # size goes in the middle of this size's (TextToImagePipeline.generate)
     refiner_checkpoint: str | None = None  # SDXL's refiner: the one loaded with `imagine serve --refiner`
     refiner_switch_at: float | None = None  # the fraction of the steps after which it takes over (default 0.8)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data):
+        """A1111's API fields are all Optional (its modules/api/models.py makes each Optional[...]), and clients built
+        from its schema send null for a field left at its default: a null is read as not sent (seed -1, styles [],
+        negative_prompt "", batch_size 1, ...)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
 
 class DetectRequest(BaseModel):
@@ -242,8 +263,8 @@ A1111_MASKED_CONTENT = {0: "original", 1: "original", 2: "latent_noise", 3: "lat
 INPAINTING_FIELDS = ("mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
                      "inpaint_full_res_padding", "inpainting_mask_invert")
 SAMPLER_FIELDS = ("eta", "s_tmin", "s_tmax", "s_churn", "s_noise")  # A1111's fields a sampler may or may not take
-HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_second_pass_steps", "hr_upscaler", "hr_prompt", "hr_negative_prompt",
-                "hr_sampler_name", "hr_scheduler")
+HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_second_pass_steps", "hr_upscaler",
+                "hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler")
 MAX_MASK_BLUR = 256  # pixels (A1111's slider stops at 64; its API has no limit)
 
 
@@ -268,14 +289,29 @@ def _opened_picture(raw: bytes, field: str, unreadable: str, status: int = 422):
 
 
 def _decode_image(data: str, field: str, rgb: bool = True):
-    """A base64 picture (A1111 clients may prefix it with data:image/png;base64,) -> RGB PIL image (`rgb` False: as
-    stored, its transparency kept for a ControlNet preprocessor), or 422."""
+    """A base64 picture (A1111 clients may prefix it with data:image/png;base64,) -> RGB PIL image, its transparency
+    laid on white (`_flatten`; `rgb` False: as stored, its transparency kept for a ControlNet preprocessor), or 422."""
     if not isinstance(data, str):
         raise ApiError(422, f"{field} must hold base64 strings", field)
     raw = data.split(",", 1)[1] if data.startswith("data:") else data
     with _opened_picture(base64.b64decode(raw, validate=False), field, "not a base64 image Pillow can read") as im:
-        return im.convert("RGB") if rgb else (im.copy() if im.mode in ("RGB", "RGBA", "LA", "L", "P")
-                                              else im.convert("RGBA"))
+        return _flatten(im) if rgb else (im.copy() if im.mode in ("RGB", "RGBA", "LA", "L", "P")
+                                         else im.convert("RGBA"))
+
+
+def _flatten(im):
+    """An RGB picture of `im`, its transparency (RGBA, LA, PA, a palette's or colour key's) laid on white:
+    AUTOMATIC1111 flattens img2img's pictures onto its img2img_background_color, #ffffff (images.flatten in
+    StableDiffusionProcessingImg2Img.init), where convert("RGB") would show the colour hidden under transparent
+    pixels (often black)."""
+    from PIL import Image
+
+    if im.mode not in ("RGBA", "LA", "PA") and "transparency" not in im.info:
+        return im.convert("RGB")
+    im = im.convert("RGBA")
+    background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+    background.paste(im, mask=im)  # (A1111's flatten: the picture pasted over the colour through its alpha)
+    return background.convert("RGB")
 
 
 def _decode_mask(data: str, field: str = "mask"):
@@ -469,8 +505,7 @@ class _ClientGone(Exception):
 
 
 _A1111_SCRIPTS = {"txt2img": [], "img2img": []}
-_EMPTY_LISTS = ["upscalers", "latent-upscale-modes", "hypernetworks", "face-restorers",
-                "realesrgan-models", "artist-categories", "artists"]
+_EMPTY_LISTS = ["hypernetworks", "face-restorers", "realesrgan-models", "artist-categories", "artists"]
 
 
 def _openai_path(request: Request) -> bool:
@@ -480,6 +515,9 @@ def _openai_path(request: Request) -> bool:
 def _error_response(request: Request, status: int, message: str, field: str | None = None,
                     headers: dict | None = None, kind: str | None = None, errors: Any = None) -> JSONResponse:
     if _openai_path(request):
+        # OpenAI answers a request it will not run (a bad n, size, prompt, a body it cannot read) with 400, which its
+        # client raises as BadRequestError; 422 is our A1111 API's
+        status = 400 if status == 422 else status
         otype = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
                  422: "invalid_request_error", 429: "rate_limit_error", 503: "server_busy"}.get(status, "server_error")
         body = {"error": {"message": message, "type": kind or otype, "param": field, "code": None}}
@@ -554,7 +592,7 @@ def _b64_png(img, infotext: str | None = None) -> str:
 
 def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int,
               model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None,
-              clip_skip: int = 0, strength: float | None = None, hires: tuple | None = None,
+              clip_skip: int = 0, strength: float | None = None, hires: Hires | None = None,
               inpainting: dict | None = None, controlnets: list | None = None,
               refiner: tuple | None = None, image_cfg: float | None = None, variation: tuple | None = None,
               seed_resize: tuple | None = None, rng: str = "cpu", noise_seed_delta: int = 0,
@@ -568,13 +606,13 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
     from imagine.images import a1111_parameters
     from imagine.pipelines.text_to_image import HIRES_UPSCALERS
 
-    return a1111_parameters({"prompt": prompt, "negative_prompt": negative, "steps": steps, "sampler": sampler,
+    text = a1111_parameters({"prompt": prompt, "negative_prompt": negative, "steps": steps, "sampler": sampler,
                              "schedule_type": schedule, "guidance_scale": cfg, "seed": seed, "width": w,
                              "height": h, "model_hash": model_hash[:10], "model": model, "vae": vae,
                              "clip_skip": clip_skip, "strength": strength,
-                             **({"hires_scale": hires[0], "hires_steps": hires[2] or steps,
-                                 "hires_upscaler": HIRES_UPSCALERS[hires[3]], "hires_prompt": hires[4],
-                                 "hires_negative_prompt": hires[5]} if hires else {}),
+                             **({"hires_scale": hires.scale, "hires_steps": hires.steps or steps,
+                                 "hires_upscaler": HIRES_UPSCALERS[hires.upscaler], "hires_prompt": hires.prompt,
+                                 "hires_negative_prompt": hires.negative_prompt} if hires else {}),
                              **({"hires_sampling": hires_sampling, "a1111_hires_schedule": hires_schedule}
                                 if hires_sampling else {}),
                              **(inpainting or {}), "controlnet_units": controlnets or None,
@@ -589,20 +627,26 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "old_prompt_editing": old_prompt_editing,
                              "pad_conds": pad_conds, "padded_conds": pad_conds is not None,
                              **(run_record or {}), "version": f"imagine {version}"})
+    if hires and hires.resize:  # A1111 writes "Hires resize: XxY" where a size was asked, in place of the scale
+        head, _, last = text.rpartition("\n")
+        text = head + "\n" + re.sub(r"Hires upscale: [^,]*", f"Hires resize: {hires.resize[0]}x{hires.resize[1]}",
+                                      last, count=1)
+    return text
 
 
 class _BodyLimit:
     """Refuse bodies over `limit` bytes with 413 before the app reads them: by Content-Length, and a chunked body (no
-    length given) by counting it as it comes. A JSON body, and a chunked one, is read here (up to the limit) and handed
-    on whole; a JSON body holding NaN or Infinity, which Python's json reads but JSON has not (the app could not echo
-    it back: a 500, or a stored option that breaks /options), is a 422. A plain ASGI middleware: after the body,
-    `receive` is the server's own, so disconnect detection still works."""
+    length given) by counting it as it comes. Every body but a form's is read here (up to the limit), whatever its
+    content type, and handed on whole; one holding NaN or Infinity, which Python's json reads but JSON has not (the app
+    could not echo it back: a 500, or a stored option that breaks /options), is a 422 (400 on OpenAI's paths). A plain
+    ASGI middleware: after the body, `receive` is the server's own, so disconnect detection still works."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
     async def _refuse(self, scope, send, status: int, message: str) -> None:
         openai = scope.get("path", "").startswith("/v1/")
+        status = 400 if openai and status == 422 else status  # (OpenAI's status for a bad request: _error_response)
         error = ({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
                  if openai else {"error": _status_kind(status), "detail": message})
         body = json.dumps(error).encode()
@@ -619,7 +663,11 @@ class _BodyLimit:
             return await self._refuse(scope, send, 413, f"request body of {int(length)} bytes exceeds the server's "
                                                         f"limit of {self.limit} bytes")
         chunked = length is None and b"chunked" in headers.get(b"transfer-encoding", b"").lower()
-        if not (chunked or headers.get(b"content-type", b"").startswith(b"application/json")):
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        # (every body but a form's is read here: FastAPI and request.json() read a body of any other content type, or
+        # none, as JSON, so NaN would pass with text/plain; a form's files are not JSON and its fields not read so)
+        form = kind in (b"multipart/form-data", b"application/x-www-form-urlencoded")
+        if not chunked and (form or length in (None, b"0")):
             return await self.app(scope, receive, send)
         parts, size = [], 0
         while True:
@@ -844,6 +892,14 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if settings.get("sd_noise_schedule", "Default") not in A1111_NOISE_SCHEDULES:
             raise ApiError(422, f"sd_noise_schedule must be one of {', '.join(A1111_NOISE_SCHEDULES)} (AUTOMATIC1111's "
                                 f"noise schedule for sampling); got {settings['sd_noise_schedule']!r}", field)
+        for key in ("eta_ddim", "eta_ancestral"):  # (A1111's sliders: 0 to 1; its API takes any number)
+            v = settings.get(key, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ApiError(422, f"{key} must be a finite number >= 0 (AUTOMATIC1111's eta for "
+                                    f"{'DDIM' if key == 'eta_ddim' else 'its ancestral and SDE samplers'} when a "
+                                    f"request sends none); got {v!r}", field)
+        if "CLIP_stop_at_last_layers" in settings:
+            settings["CLIP_stop_at_last_layers"] = check_clip_stop(settings["CLIP_stop_at_last_layers"], field)
         for key, label in (("use_downcasted_alpha_bar", "Downcast alphas_cumprod"),
                            ("use_old_scheduling", "Old prompt editing timelines"),
                            ("pad_cond_uncond", "Pad prompt/negative prompt"),
@@ -857,6 +913,54 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                 "a run from an infinite noise level (sigma_max overflows float16); use one of the two",
                            field)
         return settings
+
+    def clip_stop_most() -> int | None:
+        """The largest CLIP_stop_at_last_layers the text encoder takes (its clip_skip setter's bound, plus one: A1111
+        counts the last layer as 1), or None for a text encoder without clip skip (not CLIP)."""
+        from imagine.models.text_encoders import SDXLCLIPTower
+
+        encoder = getattr(pipe, "text_encoder", None)
+        if encoder is None or not hasattr(encoder, "clip_skip"):
+            return None
+        most = []
+        for tower in getattr(encoder, "towers", None) or [encoder]:
+            layers = int(getattr(getattr(getattr(tower, "model", None), "config", None), "num_hidden_layers", 0) or 0)
+            most.append(layers - (1 if isinstance(tower, SDXLCLIPTower) else 0) if layers else 12)
+        return min(most)
+
+    def check_clip_stop(v, field: str) -> int:
+        """A1111's CLIP_stop_at_last_layers (1: the last layer's states, 2: the one before, ...) checked against the
+        text encoder, or 422 naming `field`: a text encoder without clip skip takes the server's own value only."""
+        if isinstance(v, float) and v.is_integer():  # (a JSON client may send 2.0)
+            v = int(v)
+        most = clip_stop_most()
+        if most is None and v != 1 + clip_skip:
+            kind = getattr(getattr(pipe, "text_encoder", None), "kind", "not CLIP")
+            raise ApiError(422, f"CLIP_stop_at_last_layers {v!r}: this server's text encoder ({kind}) has no clip skip "
+                                f"to change; the server's value is {1 + clip_skip}", field)
+        if most is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most):
+            raise ApiError(422, f"CLIP_stop_at_last_layers must be an integer from 1 (the last layer) to {most} (this "
+                                f"model's text encoder); got {v!r}", field)
+        return v
+
+    def a1111_clip_skip(req) -> int | None:
+        """The text encoder's clip_skip for this request (diffusers' numbering: A1111's CLIP_stop_at_last_layers - 1),
+        from the request's override_settings, else the server's options, as A1111 reads it per run; set for the job
+        (ModelWorker._using_clip_skip). None for a text encoder without one."""
+        v = check_clip_stop(setting(req, "CLIP_stop_at_last_layers", 1 + clip_skip), "override_settings")
+        return None if clip_stop_most() is None else v - 1
+
+    def a1111_eta(req, sampler: str, eta: float | None) -> tuple[float | None, float | None]:
+        """(the eta a pass of `sampler` runs with, the eta its infotext writes), as A1111's Sampler.initialize sets
+        them: the request's eta, else its eta_ddim option for DDIM (and DDIM CFG++) and its eta_ancestral for its
+        ancestral and SDE samplers (the request's override_settings, else the server's options), written as "Eta DDIM"
+        / "Eta" where not at A1111's default (0 / 1). Our own samplers: the eta sent, written as sent."""
+        if sampler not in A1111_ETA_OPTIONS:
+            return eta, eta
+        option, default = A1111_ETA_OPTIONS[sampler]
+        if eta is None:
+            eta = float(setting(req, option, default))
+        return eta, (eta if eta != default else None)
 
     def image_guidance(req, inits) -> float | None:
         """img2img's image_cfg_scale for an instruct-pix2pix model (A1111's "Image CFG scale"; not given: 1, plain
@@ -896,6 +1000,45 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"refiner_switch_at must be in (0, 1], the fraction of the noise levels done when the "
                                 f"refiner takes over (1: never); got {switch!r}", "refiner_switch_at")
         return stem, float(switch), bool(setting(req, "refiner_switch_by_sample_steps", False))
+
+    def hires_target(req, height: int, width: int) -> tuple[int, int] | None:
+        """A1111's hires. fix size fields checked (the size is text_to_image.hires_target's, A1111's
+        calculate_target_resolution): hr_scale in [1, 4], or hr_resize_x / hr_resize_y in pixels in place of it; the
+        size it gives within the server's limits. -> (hr_resize_x, hr_resize_y) where a size is asked, else None; 422
+        naming the field."""
+        from imagine.pipelines.text_to_image import hires_target as target
+
+        f = _size_multiple(pipe)
+        rx, ry = req.hr_resize_x, req.hr_resize_y
+        check_int("hr_resize_x", rx, 0, cfg.max_width, " (pixels, the server's limit; 0: from hr_resize_y or hr_scale)")
+        check_int("hr_resize_y", ry, 0, cfg.max_height, " (pixels, the server's limit; 0: from hr_resize_x or "
+                  "hr_scale)")
+        scale = req.hr_scale
+        if not rx and not ry and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1 <= scale <= 4):
+            raise ApiError(422, f"hr_scale must be in [1, 4] (1: a second pass at the same size); got {scale!r}",
+                           "hr_scale")
+        resize = (rx, ry) if rx or ry else None
+        (up_h, up_w), (cut_h, cut_w) = target(height, width, scale, resize, f)
+        final = (up_h - cut_h * f, up_w - cut_w * f)
+        field = "hr_resize_x" if rx else "hr_resize_y" if ry else "hr_scale"
+        if final[0] > cfg.max_height or final[1] > cfg.max_width or up_h * up_w > MAX_PICTURE_PIXELS:
+            raise ApiError(422, f"{field}: the hires size {final[1]}x{final[0]} (upscaled from {width}x{height}) is "
+                                f"past the server's limit of {cfg.max_width}x{cfg.max_height}", field)
+        return resize
+
+    def hires_upscaler(name: str | None) -> str:
+        """A1111's hr_upscaler -> text_to_image.HIRES_UPSCALERS' key: its latent upscale modes, None / Lanczos /
+        Nearest (case aside), "latent" when none is given (A1111's latent_upscale_default_mode); another (a model's,
+        e.g. R-ESRGAN 4x+) is a 422 naming the valid ones, as A1111 refuses a name it does not have."""
+        from imagine.pipelines.text_to_image import HIRES_UPSCALERS, hires_upscaler_key
+
+        if name in (None, ""):
+            return "latent"
+        try:
+            return hires_upscaler_key(name)
+        except ValueError:
+            raise ApiError(422, f"hr_upscaler {name!r} is not an upscaler this server runs (no upscaler models); "
+                                f"valid: {', '.join(HIRES_UPSCALERS.values())}", "hr_upscaler") from None
 
     def check_guidance(field: str, v: float) -> None:
         if not math.isfinite(v) or not 0 <= v <= 100:
@@ -1264,14 +1407,17 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if init is not None and not req.width and not req.height:  # the picture's size, to the model's factor
             f = _size_multiple(pipe)
             width, height = (max(f, v // f * f) for v in init.size)
+            if width > cfg.max_width or height > cfg.max_height:  # (A1111's API would run 512 x 512: say what to send)
+                raise ApiError(422, f"width: img2img sent without width and height runs at the picture's own size, "
+                                    f"{width}x{height}, past the server's limit of {cfg.max_width}x{cfg.max_height}; "
+                                    "send width and height (the picture is brought to them by resize_mode)", "width")
         else:
             width = req.width or defaults["width"]
             height = req.height or defaults["height"]
         hires = None
+        check_size(height, width)
         if getattr(req, "enable_hr", False) and inits is None:
-            hr_strength = 0.7 if req.denoising_strength is None else req.denoising_strength
-            if not isinstance(req.hr_scale, (int, float)) or not 1 < req.hr_scale <= 4:
-                raise ApiError(422, f"hr_scale must be in (1, 4]; got {req.hr_scale!r}", "hr_scale")
+            hr_strength = A1111_HIRES_DENOISING if req.denoising_strength is None else req.denoising_strength
             if not 0 < hr_strength <= 1:
                 raise ApiError(422, f"denoising_strength must be in (0, 1]; got {hr_strength!r}", "denoising_strength")
             check_int("hr_second_pass_steps", req.hr_second_pass_steps, 0, cfg.max_steps, " (the server's limit)")
@@ -1283,11 +1429,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                 raise ApiError(422, f"denoising_strength {hr_strength:g} with {req.hr_second_pass_steps or steps} hires "
                                     f"steps lays out {laid} steps, over the model's {T} timesteps: raise "
                                     "denoising_strength or take fewer hires steps", "denoising_strength")
-            big = pipe.hires_size(height, width, req.hr_scale)
-            check_int("height x hr_scale", big[0], 1, cfg.max_height, " (the server's limit)")
-            check_int("width x hr_scale", big[1], 1, cfg.max_width, " (the server's limit)")
-            # A1111's "Latent" family resizes latents (its default); every other upscaler name is an image one here
-            upscaler = "latent" if str(req.hr_upscaler or "Latent").lower().startswith("latent") else "lanczos"
+            resize = hires_target(req, height, width)
+            upscaler = hires_upscaler(req.hr_upscaler)
             # (A1111's hr_prompt / hr_negative_prompt: the second pass's texts; "" the first pass's), checked as the
             # prompt is, before the job is queued
             check_prompt("hr_prompt", req.hr_prompt)
@@ -1295,10 +1438,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             if prompt_loras(req.hr_prompt, req.hr_negative_prompt):
                 raise ApiError(422, "hr_prompt: <lora:...> tags are read in the prompt; the hires pass keeps the "
                                     "prompt's LoRAs", "hr_prompt")
-            hires = (float(req.hr_scale), float(hr_strength), req.hr_second_pass_steps or None, upscaler,
-                     req.hr_prompt or None, req.hr_negative_prompt or None)
+            hires = Hires(float(req.hr_scale), float(hr_strength), req.hr_second_pass_steps or None, upscaler,
+                          req.hr_prompt or None, req.hr_negative_prompt or None, resize)
             strength = float(hr_strength)
-        check_size(height, width)
         refiner = check_refiner(req)
         check_int("batch_size", batch_size, 1, cfg.max_images, " (the server's limit on images per request)")
         check_int("n_iter", req.n_iter, 1, cfg.max_images, " (the server's limit on images per request)")
@@ -1313,9 +1455,13 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             unused += [k for k in HIRES_FIELDS if k in req.model_fields_set and (k != "enable_hr" or req.enable_hr)]
             if inits is None and "denoising_strength" in req.model_fields_set:
                 unused.append("denoising_strength")
+        elif hires.resize and "hr_scale" in req.model_fields_set:  # (a size asked stands for the scale, as in A1111)
+            unused.append("hr_scale")
         if "image_cfg_scale" in req.model_fields_set and not getattr(pipe, "edits", False):
             unused.append("image_cfg_scale")  # (an instruct-pix2pix model's)
         asked_options = dict(options)  # (the request's, which the infotext writes as A1111's "Sigma churn"...)
+        rng, seed_delta, zero_snr, downcast = a1111_noise(req)  # (its settings checked: eta_ddim, eta_ancestral too)
+        eta, eta_shown = a1111_eta(req, sampler, eta)
         run, shown = a1111_run(sampler, asked, eta, options)
         eta, schedule, options = run["eta"], run["sigma_schedule"], run["sampler_options"]
         hires_sampling = hires_shown = None
@@ -1332,27 +1478,29 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                         "CFG++ samplers for both passes or for neither", "hr_sampler_name")
                 hires_eta, hires_options, hires_unused = sampler_settings(hires_sampler, req.eta, req.s_tmin,
                                                                           req.s_tmax, req.s_churn, req.s_noise)
+                hires_eta = a1111_eta(req, hires_sampler, hires_eta)[0]  # (A1111 makes the hires sampler anew)
                 # (a field either pass takes is used)
                 unused = [k for k in unused if k in hires_unused or k not in SAMPLER_FIELDS]
                 hires_run, hires_shown = a1111_run(hires_sampler, hires_asked, hires_eta, hires_options)
                 hires_sampling = tuple(sorted(hires_run.items()))
         base = check_seed("seed", req.seed)
-        seeds = [(base + i) % (MAX_SEED + 1) for i in range(n)]
         variation = float(req.subseed_strength)
         if not math.isfinite(variation) or not 0 <= variation <= 1:
             raise ApiError(422, f"subseed_strength must be a number in [0, 1]; got {req.subseed_strength}",
                            "subseed_strength")
-        subseeds = None
-        if variation > 0:
-            first = check_seed("subseed", req.subseed)
-            subseeds = [(first + i) % (MAX_SEED + 1) for i in range(n)]
+        # A1111's processing: all_seeds = [seed + (x if subseed_strength == 0 else 0)], all_subseeds = [subseed + x]:
+        # with a variation strength every image keeps the seed and only the variation seeds count up; the subseed is
+        # drawn (for -1) and reported at strength 0 too
+        seeds = [(base + (0 if variation > 0 else i)) % (MAX_SEED + 1) for i in range(n)]
+        first = check_seed("subseed", req.subseed)
+        all_subseeds = [(first + i) % (MAX_SEED + 1) for i in range(n)]
+        subseeds = all_subseeds if variation > 0 else None
         check_int("seed_resize_from_h", req.seed_resize_from_h, -1, cfg.max_height, " (pixels, the server's limit; "
                   "0 or -1: off)")
         check_int("seed_resize_from_w", req.seed_resize_from_w, -1, cfg.max_width, " (pixels, the server's limit; "
                   "0 or -1: off)")
         seed_resize = ((req.seed_resize_from_h, req.seed_resize_from_w)
                        if req.seed_resize_from_h > 0 and req.seed_resize_from_w > 0 else None)
-        rng, seed_delta, zero_snr, downcast = a1111_noise(req)
         if downcast:
             try:
                 check_downcast(TIMESTEP_RULE[sampler], schedule, samplers.a1111_name(sampler))
@@ -1412,7 +1560,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     resize_mode=resize_mode, encoded_at=encoded_at, seed_resize=seed_resize,
                                     rng=rng, noise_seed_delta=seed_delta, zero_terminal_snr=zero_snr,
                                     downcast_alphas_cumprod=downcast,
-                                    old_prompt_editing=a1111_old_scheduling(req), pad_conds=a1111_pad_conds(req)),
+                                    old_prompt_editing=a1111_old_scheduling(req), pad_conds=a1111_pad_conds(req),
+                                    clip_skip=a1111_clip_skip(req)),
                   subseeds=subseeds,
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],
@@ -1427,12 +1576,13 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                      *(u.get("settings", {}).get(k) for k in ("resolution", "low", "high")), u["pixel_perfect"],
                      u["mode"]) for u in units]
         # (the run's guidance scale: for DDIM CFG++ its lambda, which the infotext writes back as A1111's CFG scale)
+        skipped_layers = clip_skip if job.settings.clip_skip is None else job.settings.clip_skip
         infotexts = [_infotext(req.prompt, req.negative_prompt, steps, sampler, job.settings.guidance_scale, s, width,
-                               height, name, fingerprint, version, vae_name, shown, clip_skip, strength, hires,
+                               height, name, fingerprint, version, vae_name, shown, skipped_layers, strength, hires,
                                inpaint.parameters() if inpaint is not None else None, cn_units, refiner,
                                job.settings.image_guidance_scale if job.settings.image_guidance_scale != 1 else None,
                                (subseeds[i], variation) if subseeds else None, seed_resize, rng, seed_delta,
-                               None if "eta" in unused else req.eta, zero_snr, asked_options, downcast,
+                               eta_shown, zero_snr, asked_options, downcast,
                                job.settings.old_prompt_editing, hires_sampling and dict(hires_sampling), hires_shown,
                                # (written where a step was padded, as A1111 writes it)
                                job.settings.pad_conds if result is not None and result.parameters.get("padded_conds")
@@ -1453,8 +1603,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         info = {
             "prompt": req.prompt, "all_prompts": [req.prompt] * len(used),
             "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * len(used),
-            "seed": seeds[0], "all_seeds": used, "subseed": (subseeds or seeds)[0],
-            "all_subseeds": (subseeds or used)[:len(used)], "subseed_strength": variation, "width": width, "height": height, "sampler_name": a_name, "sampler": sampler,
+            "seed": seeds[0], "all_seeds": used, "subseed": all_subseeds[0], "all_subseeds": all_subseeds[:len(used)],
+            "subseed_strength": variation, "width": width, "height": height, "sampler_name": a_name, "sampler": sampler,
             "scheduler": asked or "automatic", "cfg_scale": guidance, "steps": steps,
             "batch_size": batch_size, "n_iter": req.n_iter, "restore_faces": False,
             "face_restoration_model": None, "sd_model_name": name, "sd_model_hash": fingerprint[:10],
@@ -1469,13 +1619,14 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                         **({"Refiner switch by sampling steps": True} if refiner and refiner[2]
                                            else {})},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": list(req.styles),
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1 + clip_skip,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1 + skipped_layers,
             "is_using_inpainting_conditioning": bool(getattr(pipe, "image_conditioned", False)),
             "version": f"imagine {version}", **mask_info,
             "task_id": job.id, "interrupted": result is None or result.interrupted,
-            "ignored_fields": sorted([*(k for k in (req.model_extra or {})
-                                        if not (k in ("alwayson_scripts", "override_settings")
-                                                and isinstance(req.model_extra[k], dict))),
+            "skipped": bool(result and result.skipped),
+            # (a null is a field not sent, A1111's Optional: not listed)
+            "ignored_fields": sorted([*(k for k, v in (req.model_extra or {}).items() if v is not None and not (
+                                        k in ("alwayson_scripts", "override_settings") and isinstance(v, dict))),
                                       *(f"override_settings.{k}" for k in request_overrides(req)
                                         if k not in A1111_OVERRIDES_READ),
                                       *unused, *unit_ignored]),
@@ -1616,8 +1767,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
-        try:
-            body = await request.json()
+        try:  # (NaN and Infinity refused here too, whatever the body's content type: a stored one breaks GET options)
+            body = json.loads(await request.body(), parse_constant=_not_json)
+        except _NotJson as e:
+            raise ApiError(422, f"the body holds {e}, which is not a JSON number (JSON has no NaN or "
+                                "Infinity)") from None
         except ValueError as e:
             raise ApiError(422, f"the body is not valid JSON ({e})") from None
         if not isinstance(body, dict):
@@ -1686,6 +1840,19 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     for _path in _EMPTY_LISTS:
         app.add_api_route(f"/sdapi/v1/{_path}", lambda: [], methods=["GET"])
 
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers():  # A1111's list (its sd_upscalers), of the image upscalers the hires. fix runs here (no models)
+        from imagine.pipelines.text_to_image import HIRES_UPSCALERS, LATENT_UPSCALE_MODES
+
+        return [{"name": label, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for key, label in HIRES_UPSCALERS.items() if key not in LATENT_UPSCALE_MODES]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes():  # A1111's (shared.latent_upscale_modes), all run here
+        from imagine.pipelines.text_to_image import HIRES_UPSCALERS, LATENT_UPSCALE_MODES
+
+        return [{"name": HIRES_UPSCALERS[key]} for key in LATENT_UPSCALE_MODES]
+
     @app.get("/sdapi/v1/prompt-styles")
     def prompt_styles():  # A1111's list (`imagine serve --styles`)
         return [{"name": st.name, "prompt": st.prompt, "negative_prompt": st.negative_prompt}
@@ -1698,7 +1865,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     @app.post("/sdapi/v1/skip")
     def skip():
-        worker.interrupt()
+        """A1111's skip (state.skip()): the running chunk, one forward pass of images (an n_iter round), stops at its
+        next step and keeps its images as they are; the batch's later chunks run."""
+        worker.skip()
         return None
 
     @app.post("/imagine/v1/cancel")
@@ -1729,7 +1898,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         p = worker.progress
         running = worker.running()
         queued = worker.queued()
-        state = {"skipped": False, "interrupted": p.interrupted, "stopping_generation": False,
+        state = {"skipped": p.skipped, "interrupted": p.interrupted, "stopping_generation": False,
                  "job": ",".join(p.job_ids), "job_count": len(running) + queued,
                  "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(p.started or time.time())),
                  "job_no": p.chunk, "sampling_step": p.step, "sampling_steps": p.steps}

@@ -24,7 +24,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -59,6 +59,23 @@ class _Interrupted(Exception):
     pass
 
 
+class _Skipped(_Interrupted):
+    # raised from the sampler callback on a skip: the chunk stops at the current step, the batch goes on
+    pass
+
+
+class Hires(NamedTuple):
+    """A job's A1111 hires. fix (Settings.hires): TextToImagePipeline.generate_hires's options."""
+
+    scale: float  # hr_scale (the infotext's "Hires upscale" when no size is asked)
+    strength: float  # the second pass's denoising strength
+    steps: int | None  # its steps (None: the first pass's)
+    upscaler: str  # a key of text_to_image.HIRES_UPSCALERS
+    prompt: str | None  # the second pass's texts (None: the first pass's)
+    negative_prompt: str | None
+    resize: tuple | None = None  # A1111's (hr_resize_x, hr_resize_y) when asked (its infotext's "Hires resize")
+
+
 @dataclass(frozen=True)
 class Settings:
     """What jobs must share to run in one forward pass."""
@@ -83,7 +100,7 @@ class Settings:
     inpainting: bool = False  # the jobs carry masks (white: paint anew), one per image
     masked_content: str = "original"  # inpainting's start where painted anew (TextToImagePipeline.generate)
     loras: tuple = ()  # the --lora-dir LoRAs the prompts ask for (the pipeline merges them): one set per batch
-    hires: tuple | None = None  # A1111's hires. fix: (scale, denoising strength, steps or None, upscaler)
+    hires: Hires | None = None  # A1111's hires. fix
     # its second pass's own sampling (A1111's hires sampler / schedule type): generate's sampling keywords as sorted
     # (name, value) pairs, the sampler's options among them as pairs (None: the first pass's)
     hires_sampling: tuple | None = None
@@ -110,6 +127,9 @@ class Settings:
     downcast_alphas_cumprod: bool = False  # A1111's "Downcast alphas_cumprod" (its use_downcasted_alpha_bar)
     old_prompt_editing: bool = False  # A1111's "Old prompt editing timelines" (its use_old_scheduling)
     pad_conds: str | None = None  # A1111's "Pad prompt/negative prompt" options (generate's pad_conds)
+    # the text encoder's clip_skip for the job (A1111's CLIP_stop_at_last_layers - 1; ModelWorker._using_clip_skip):
+    # jobs batch only with the same; None: the encoder's as loaded
+    clip_skip: int | None = None
 
 
 @dataclass(eq=False)
@@ -156,6 +176,7 @@ class JobResult:
     seeds: list[int]
     parameters: dict[str, Any]
     interrupted: bool = False  # True: the images are the x0 estimates at the step the interrupt came
+    skipped: bool = False  # True: some of the images are the x0 estimates at the step a skip came (the others ran on)
     seconds: float = 0.0
     batch_images: int = 0  # how many images shared the forward passes (this job's and others')
 
@@ -177,6 +198,7 @@ class Progress:
     denoised: torch.Tensor | None = None  # the chunk's latest x0 estimate, for previews
     version: int = 0  # bumps at every step, so previews can be cached per step
     interrupted: bool = False
+    skipped: bool = False  # a skip stops the running chunk (A1111's state.skipped, until its next round starts)
 
 
 class ModelWorker:
@@ -194,6 +216,7 @@ class ModelWorker:
         self._cv = threading.Condition()
         self._running: list[Job] = []
         self._interrupt = threading.Event()
+        self._skip = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.progress = Progress()
@@ -264,6 +287,17 @@ class ModelWorker:
             self._interrupt.set()
             return True
 
+    def skip(self) -> bool:
+        """Stop the running chunk (one forward pass of images: an n_iter round of an A1111 request) at its next step,
+        AUTOMATIC1111's Skip: its images are the x0 estimates of that step, as A1111 keeps the skipped round's, and the
+        batch goes on with its next chunk. Returns whether anything was running."""
+        with self._cv:
+            if not self._running:
+                return False
+            self._skip.set()
+            self.progress.skipped = True
+            return True
+
     # -- queries -----------------------------------------------------------------------------
     def queued(self) -> int:
         with self._cv:
@@ -309,6 +343,21 @@ class ModelWorker:
             pipe.controlnets = full
             self._all_controlnets = None
 
+    @contextlib.contextmanager
+    def _using_clip_skip(self, value: int | None):
+        """The text encoder at `value` layers skipped for a batch (A1111's CLIP_stop_at_last_layers, per request), and
+        as loaded again afterwards."""
+        encoder = getattr(self.pipe, "text_encoder", None)
+        if value is None or encoder is None or encoder.clip_skip == value:
+            yield
+            return
+        saved = encoder.clip_skip
+        encoder.clip_skip = value
+        try:
+            yield
+        finally:
+            encoder.clip_skip = saved
+
     def retry_after(self) -> int:
         """Seconds until a slot is likely to free: the mean time per image times the images
         ahead in the queue, capped to a batch's worth, at least 1."""
@@ -344,6 +393,7 @@ class ModelWorker:
                     job.state, job.started = "running", now
                 self._running = batch
                 self._interrupt.clear()
+                self._skip.clear()
             try:
                 self._run_isolated(batch)
             except BaseException as e:  # never let the thread die with jobs unanswered
@@ -401,14 +451,19 @@ class ModelWorker:
         t0 = time.time()
         self.progress = Progress(job_ids=[j.id for j in batch], offsets=offsets, steps=s.steps, chunks=len(chunks),
                                  started=t0, passes=2 if s.hires is not None else 1)
-        images, parameters, interrupted, padded = [], {}, False, set()
+        images, parameters, interrupted, padded, cut = [], {}, False, set(), set()
         for c, (a, b) in enumerate(chunks):
             p = self.progress
             p.chunk, p.chunk_start, p.step, p.denoised, p.hires_pass = c, a, 0, None, False
+            with self._cv:  # (a skip ends the round it came in: A1111 resets state.skipped as a round starts)
+                self._skip.clear()
+                p.skipped = False
 
             def callback(d: dict, _p=p) -> None:
                 if self._interrupt.is_set() or all(j.cancelled for j in batch):
                     raise _Interrupted
+                if self._skip.is_set():
+                    raise _Skipped
                 if d.get("stage") == "prior":  # (unCLIP's prior, before the steps counted: interruptible, no preview)
                     return
                 _p.step = _step_of(d) + 1
@@ -422,11 +477,11 @@ class ModelWorker:
             try:
                 run = self.pipe.generate
                 if s.hires is not None:
-                    scale, hires_strength, hires_steps, upscaler, *texts = s.hires
-                    texts = dict(zip(("hires_prompt", "hires_negative_prompt"), texts))
-                    run = functools.partial(self.pipe.generate_hires, hires_scale=scale, hires_upscaler=upscaler,
-                                            **{k: v for k, v in texts.items() if v},
-                                            hires_strength=hires_strength, hires_steps=hires_steps,
+                    h = s.hires
+                    texts = {"hires_prompt": h.prompt, "hires_negative_prompt": h.negative_prompt}
+                    run = functools.partial(self.pipe.generate_hires, hires_scale=h.scale, hires_resize=h.resize,
+                                            hires_upscaler=h.upscaler, **{k: v for k, v in texts.items() if v},
+                                            hires_strength=h.strength, hires_steps=h.steps,
                                             hires_sampling=s.hires_sampling and {
                                                 **dict(s.hires_sampling), "sampler_options":
                                                 dict(dict(s.hires_sampling)["sampler_options"]) or None})
@@ -447,7 +502,7 @@ class ModelWorker:
                         control["control_mode"] = modes
                 if s.noise_level is not None:  # unCLIP's variations of the jobs' pictures
                     run = functools.partial(self.pipe.variations, inits[a:b], noise_level=s.noise_level)
-                with self._using_controlnets([u[0] for u in s.controlnets]):
+                with self._using_controlnets([u[0] for u in s.controlnets]), self._using_clip_skip(s.clip_skip):
                     res = run(prompts[a:b], negatives[a:b], seeds=seeds[a:b], steps=s.steps,
                               guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
                               width=s.width, sigma_schedule=s.schedule, eta=s.eta,
@@ -485,12 +540,16 @@ class ModelWorker:
                 rows = rows if isinstance(rows, list) else [bool(rows)] * (b - a)
                 padded |= {a + i for i, f in enumerate(rows) if f}
                 parameters = res.parameters
+            except _Skipped:  # A1111's skip: this round's images as they were, the next rounds run
+                images += self._partial_images(p.denoised, b - a, s)
+                cut |= set(range(a, b))
+                self.stats["skipped"] += 1
             except _Interrupted:
                 interrupted = True
                 images += self._partial_images(p.denoised, b - a, s)
                 break
         seconds = time.time() - t0
-        if not interrupted:
+        if not interrupted and not cut:
             n = len(seeds)
             mean = seconds / n
             self._seconds_per_image = mean if self._seconds_per_image is None else 0.7 * self._seconds_per_image + 0.3 * mean
@@ -517,7 +576,8 @@ class ModelWorker:
             if s.pad_conds:  # (whether one of this job's images was padded)
                 mine_params["padded_conds"] = any(k + i in padded for i in range(len(mine)))
             job.future.set_result(JobResult(images=mine, seeds=list(job.seeds[:len(mine)]), parameters=mine_params,
-                                            interrupted=interrupted, seconds=seconds, batch_images=len(seeds)))
+                                            interrupted=interrupted, seconds=seconds, batch_images=len(seeds),
+                                            skipped=any(k + i in cut for i in range(len(mine)))))
 
     def _partial_images(self, denoised, n: int, s: Settings) -> list:
         """Interrupted: decode the last x0 estimate, as AUTOMATIC1111 returns the unfinished

@@ -291,8 +291,11 @@ function openChangedSections() {
   }
 }
 
-function hiresUpscaler(name) {  // A1111's upscaler names as the server takes them: "Latent..." resizes the latents
-  return !name || /^latent/i.test(String(name)) ? "Latent" : "Lanczos";
+function hiresUpscaler(name) {  // an A1111 upscaler name as the server takes it: one it runs, else its nearest kind
+  // (the page's list: the upscalers the server runs, its /sdapi/v1/latent-upscale-modes and /sdapi/v1/upscalers)
+  const runs = [...$("hr_upscaler").options].map((o) => o.value);
+  const known = runs.find((n) => n.toLowerCase() === String(name || "").trim().toLowerCase());
+  return known || (!name || /^latent/i.test(String(name)) ? "Latent" : "Lanczos");
 }
 
 function bodyToForm(b, files = {}) {
@@ -443,7 +446,9 @@ function addCard(b64, params, made) {
     window.scrollTo({ top: 0, behavior: "smooth" });
   });
   if (made.interrupted) node.classList.add("interrupted");
+  // (with a variation strength a batch's images share the seed, as A1111's: the subseed tells them apart)
   node.dataset.seed = made.seed;
+  if (made.body.subseed_strength > 0 && Number.isInteger(made.subseed)) node.dataset.subseed = made.subseed;
   gallery.prepend(node);
   $("empty").hidden = true;
   $("clear").hidden = false;
@@ -603,7 +608,7 @@ function pictureBody(p) {
     body.hr_upscaler = hiresUpscaler(p["Hires upscaler"]);
     if (p["Hires upscaler"] && p["Hires upscaler"] !== body.hr_upscaler) {
       notApplied.push("Hires upscaler: " + p["Hires upscaler"] + " (run here as " + body.hr_upscaler + ", the server's " +
-                      (body.hr_upscaler === "Latent" ? "latent upscale)" : "image upscaler)"));
+                      (body.hr_upscaler.startsWith("Latent") ? "latent upscale)" : "image upscaler)"));
     }
     body.hr_prompt = p["Hires prompt"] || "";
     body.hr_negative_prompt = p["Hires negative prompt"] || "";
