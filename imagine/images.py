@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -288,9 +289,11 @@ def parse_a1111_parameters(text: str, defaults: bool = False) -> dict:
     """An infotext read as AUTOMATIC1111's parse_generation_parameters reads it: "Prompt" (the lines before one that
     starts "Negative prompt:"), "Negative prompt" (that line on), and the fields of the last line, which counts as
     fields only when it holds three or more; a quoted value is read as JSON (its unquote), a "WxH" value becomes
-    "Label-1" and "Label-2" (e.g. "Size-1": "512"). Values stay text, as A1111 keeps them. defaults: A1111's values
-    for the fields not there (A1111_INFOTEXT_DEFAULTS), as its reader adds them, and the options it turns on for
-    its older versions' pictures (a1111_backcompat). Longer than MAX_INFOTEXT: an error."""
+    "Label-1" and "Label-2" (e.g. "Size-1": "512"), an empty value ("RNG: ,") is skipped. Values stay text, as A1111
+    keeps them. Its old hires. fix form is turned into today's on every read (restore_old_hires_fix). defaults:
+    A1111's values for the fields not there (A1111_INFOTEXT_DEFAULTS and a1111_derived_defaults), as its reader adds
+    them, and the options it turns on for its older versions' pictures (a1111_backcompat). Longer than MAX_INFOTEXT:
+    an error."""
     if len(str(text)) > MAX_INFOTEXT:
         raise ValueError(f"an infotext of {len(str(text))} characters; up to {MAX_INFOTEXT} are read (A1111's are a few "
                          "thousand)")
@@ -298,14 +301,21 @@ def parse_a1111_parameters(text: str, defaults: bool = False) -> dict:
     if len(_A1111_FIELD.findall(last)) < 3:
         lines.append(last)
         last = ""
-    prompt, negative, in_negative = [], [], False
+    prompt, negative, in_negative = "", "", False
     for line in lines:
         line = line.strip()
         if line.startswith("Negative prompt:"):
             in_negative, line = True, line[len("Negative prompt:"):].strip()
-        (negative if in_negative else prompt).append(line)
-    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+        # (A1111 puts the "\n" before a line only once the text has begun: "Negative prompt:" alone on its line
+        # and the text on the next reads without a leading line break)
+        if in_negative:
+            negative += ("\n" if negative else "") + line
+        else:
+            prompt += ("\n" if prompt else "") + line
+    out = {"Prompt": prompt, "Negative prompt": negative}
     for key, value in _A1111_FIELD.findall(last):
+        if not value:  # (A1111's reader fails on an empty value's first character and skips the field)
+            continue
         if len(value) > 1 and value[0] == value[-1] == '"':
             try:
                 value = json.loads(value)
@@ -316,31 +326,120 @@ def parse_a1111_parameters(text: str, defaults: bool = False) -> dict:
             out[f"{key}-1"], out[f"{key}-2"] = size.group(1), size.group(2)
         else:
             out[key] = value
+    restore_old_hires_fix(out)
     if defaults:
         out = {**A1111_INFOTEXT_DEFAULTS, **out}
+        a1111_derived_defaults(out)
         a1111_backcompat(out)
     return out
 
 
-def picture_infotext(img: Image.Image) -> str | None:
-    """A picture's infotext as A1111 reads it (read_info_from_image): a PNG's "parameters" text chunk, or a JPEG's or
-    WebP's EXIF UserComment (A1111 writes those as "UNICODE\\0" and UTF-16); None where there is none. Reads what
-    opening the file read, not the pixels."""
-    text = img.info.get("parameters")
-    if isinstance(text, str):
-        return text
+def old_hires_first_pass(width: int, height: int) -> tuple[int, int]:
+    """The first pass's size A1111's hires. fix before 1.0 picked for a width x height picture (its
+    processing.old_hires_fix_first_pass_dimensions): scaled to about 512 x 512 pixels, each side rounded up to 64."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"First pass size: 0x0 with Size: {width}x{height}: A1111's old hires. fix takes its first "
+                         "pass's size from the picture's, which has no pixels")
+    scale = math.sqrt(512 * 512 / (width * height))
+    return math.ceil(scale * width / 64) * 64, math.ceil(scale * height / 64) * 64
+
+
+def restore_old_hires_fix(fields: dict, old_width_height: bool = False) -> None:
+    """A1111 1.10's restore_old_hires_fix_params (infotext_utils), which its reader runs on every infotext: one of its
+    hires. fix before 1.0 ("Size" the picture's, "First pass size" where it started, 0x0 for its own choice,
+    old_hires_first_pass) becomes today's form in `fields`: "Size" the first pass's, "Hires resize" the picture's
+    (whole numbers, as A1111 sets them). old_width_height: A1111's use_old_hires_fix_width_height option (off by
+    default): a "Hires resize" is then read as the picture's "Size" instead."""
+    if old_width_height:
+        width, height = int(fields.get("Hires resize-1", 0)), int(fields.get("Hires resize-2", 0))
+        if width and height:
+            fields["Size-1"], fields["Size-2"] = width, height
+            return
+    if fields.get("First pass size-1") is None or fields.get("First pass size-2") is None:
+        return
+    first = int(fields["First pass size-1"]), int(fields["First pass size-2"])
+    width, height = int(fields.get("Size-1", 512)), int(fields.get("Size-2", 512))
+    if first[0] == 0 or first[1] == 0:
+        first = old_hires_first_pass(width, height)
+    fields["Size-1"], fields["Size-2"] = first
+    fields["Hires resize-1"], fields["Hires resize-2"] = width, height
+
+
+def a1111_derived_defaults(fields: dict) -> None:
+    """The defaults A1111 1.10's parse_generation_parameters derives from an infotext's other fields, set in `fields`
+    (which holds A1111_INFOTEXT_DEFAULTS'): "Emphasis: Original" where the prompt or negative prompt weights a piece
+    (its prompt_uses_emphasis), a "Hypernet" appended to the prompt as its <hypernet:name:strength> tag (after that
+    test, as A1111 makes it), and "Cache FP16 weight for LoRA: False" where "FP8 weight" is not "Disable"."""
+    from imagine.emphasis import parse_emphasis  # (A1111's parse_prompt_attention: the same weights, BREAKs aside)
+
+    if "Emphasis" not in fields and any(
+            weight not in (1.0, None) for text in (fields["Prompt"], fields["Negative prompt"])
+            for _, weight in parse_emphasis(text, breaks=True)):
+        fields["Emphasis"] = "Original"
+    if fields.get("Hypernet") is not None:
+        fields["Prompt"] += f"<hypernet:{fields['Hypernet']}:{fields.get('Hypernet strength', '1.0')}>"
+    if "Cache FP16 weight for LoRA" not in fields and fields["FP8 weight"] != "Disable":
+        fields["Cache FP16 weight for LoRA"] = False
+
+
+# the EXIF UserComment's character codes (its first 8 bytes) A1111's piexif.helper.UserComment.load reads; UNICODE is
+# UTF-16 (_user_comment_utf16). (Under "ASCII", UTF-8: the same text for ASCII, where piexif makes others "?".)
+_USER_COMMENT_CODES = {b"ASCII\0\0\0": "utf-8", b"JIS\0\0\0\0\0": "shift_jis"}
+
+
+def _user_comment_utf16(body: bytes) -> str:
+    """A UNICODE UserComment's text. A1111 writes it big-endian (piexif), and reads it so; little-endian here only
+    where a byte-order mark FF FE says so, or where no zero byte sits at an even offset and most code units end in
+    one (Latin text written little-endian, as Windows does). A1111's own text always has its fields line's ASCII,
+    whose zero bytes sit at even offsets in big-endian: read big-endian whatever else it holds (a Japanese prompt's
+    ideographic spaces, U+3000, put theirs at odd offsets)."""
+    if body[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return body[2:].decode("utf-16-le" if body[:2] == b"\xff\xfe" else "utf-16-be", "replace")
+    little = body[0::2].count(0) == 0 and body[1::2].count(0) * 2 > len(body) // 2
+    return body.decode("utf-16-le" if little else "utf-16-be", "replace")
+
+
+def _user_comment_text(raw) -> str:
+    """An EXIF UserComment's text as A1111 reads it (read_info_from_image): by its 8-byte character code, else (no
+    known code: none, or a tool's raw text) the bytes as UTF-8, errors ignored. NUL padding is taken off (never text:
+    A1111 would keep it)."""
+    if isinstance(raw, str):
+        return raw.strip("\0")
+    head, body = raw[:8], raw[8:]
+    if len(raw) >= 8 and head == b"UNICODE\0":
+        return _user_comment_utf16(body).rstrip("\0")
+    if len(raw) >= 8 and head in _USER_COMMENT_CODES:
+        return body.decode(_USER_COMMENT_CODES[head], "replace").rstrip("\0")
+    return raw.decode("utf-8", "ignore").strip("\0")
+
+
+def _exif_comment(data) -> str:
+    """The text of the UserComment in a picture's EXIF block (`image.info["exif"]`); "" where there is none or the
+    block is broken, as A1111 passes over it."""
     try:
-        comment = img.getexif().get_ifd(0x8769).get(0x9286)  # (the Exif IFD's UserComment)
-    except Exception:  # (a broken EXIF block: no infotext, as A1111 passes over it)
-        return None
-    if isinstance(comment, bytes):
-        head, body = comment[:8], comment[8:]
-        if head == b"UNICODE\0":
-            be, le = body.decode("utf-16-be", "replace"), body.decode("utf-16-le", "replace")
-            # (A1111's piexif writes big-endian; some tools little-endian: the one that reads as text)
-            return max((be, le), key=lambda t: sum(c.isprintable() or c in "\n\t" for c in t)).rstrip("\0")
-        return body.decode("utf-8", "replace").rstrip("\0") if head in (b"ASCII\0\0\0", b"\0" * 8) else None
-    return comment if isinstance(comment, str) and comment else None
+        exif = Image.Exif()
+        exif.load(data)
+        raw = exif.get_ifd(0x8769).get(0x9286, b"")  # (the Exif IFD's UserComment)
+    except Exception:  # (a broken EXIF block)
+        return ""
+    return _user_comment_text(raw) if isinstance(raw, (bytes, str)) else ""
+
+
+def picture_infotext(img: Image.Image) -> str | None:
+    """A picture's infotext as A1111 1.10 reads it (modules/images.py read_info_from_image): a PNG's "parameters" text
+    chunk, replaced by the EXIF UserComment (A1111's JPEG and WebP infotext, "UNICODE\\0" and UTF-16) where the
+    picture has EXIF and the comment has text; a picture without EXIF whose "comment" (a GIF's or JPEG's) is read in
+    its place, UTF-8. None where there is none. Reads what opening the file read, not the pixels."""
+    info = img.info or {}
+    text = info.get("parameters")
+    if "exif" in info:
+        comment = _exif_comment(info["exif"])
+        if comment:
+            text = comment
+    elif "comment" in info:  # (A1111's "for gif"; it reads a JPEG's comment so too)
+        comment = info["comment"]
+        text = comment.decode("utf-8", "ignore") if isinstance(comment, bytes) else comment
+    return text if isinstance(text, str) else None
 
 
 def read_infotext(path: str | os.PathLike) -> str:

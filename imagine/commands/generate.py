@@ -296,6 +296,7 @@ def defaults_from(args) -> dict:
     if not args.infotext:
         return {}
     from imagine.images import parse_a1111_parameters, read_imagine_parameters, read_infotext
+    from imagine.models.text_encoders import text_encoder_family  # (read from configs or names: no weights)
 
     own = read_imagine_parameters(args.infotext)
     if own is not None:
@@ -307,7 +308,8 @@ def defaults_from(args) -> dict:
         fields = parse_a1111_parameters(read_infotext(args.infotext))
         out = infotext_defaults(_loaded_again(fields, args, "Model", None, None,
                                               ("Model hash", "Lora hashes", "TI hashes")),
-                                init_image=bool(args.init_image), hires_scale=args.hires_scale, refiner=args.refiner)
+                                init_image=bool(args.init_image), hires_scale=args.hires_scale, refiner=args.refiner,
+                                text_encoder=text_encoder_family(args.model))
     if args.from_file:  # (its prompts, not the picture's)
         out.pop("prompt", None)
     if "seed" in out:  # (so that a seed out of range is said to be the infotext's)
@@ -431,12 +433,22 @@ def record_defaults(record: dict, init_image: bool = False, mask: bool = False) 
     return {**out, "_infotext_notes": notes}
 
 
+# A1111's text encoders that read no "Clip skip", which it writes into every infotext while its option is above 1,
+# whatever the model: why, by the model's text encoder (imagine.models.text_encoders.text_encoder_family)
+_A1111_CLIP_SKIP_IGNORED = {
+    "openclip": "SD 2.x's OpenCLIP text encoder always takes the penultimate layer (its sd_hijack_open_clip)",
+    "sdxl": "SDXL's text encoders read it only under its sdxl_clip_l_skip option, off by default, and then in the "
+            "ViT-L one alone"}
+
+
 def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float | None = None,
-                      refiner: str | None = None) -> dict:
+                      refiner: str | None = None, text_encoder: str | None = None) -> dict:
     """An AUTOMATIC1111 infotext's fields (imagine.images.parse_a1111_parameters) as this command's flags, for a run
     as A1111 made it: its sampling and prompt reading, and "_infotext_notes" for what is not applied or assumed.
     hires_scale: the --hires-scale given (an A1111 "Hires resize" to another shape is then not an error); refiner:
-    the --refiner given (the picture's refiner settings then apply)."""
+    the --refiner given (the picture's refiner settings then apply); text_encoder: the model's text encoder family
+    ("clip", "openclip", "sdxl", imagine.models.text_encoders.text_encoder_family; None: not known): A1111 ignores
+    its "Clip skip" on SD 2.x and SDXL, so there it is a note."""
     from imagine.images import A1111_SIGMA_LABELS
     from imagine.samplers import COMPVIS_SAMPLERS, TIMESTEP_RULE, a1111_settings, resolve_sampler
     from imagine.schedules import SCHEDULE_LABELS, check_downcast
@@ -504,7 +516,10 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
         out["sampler_option"] = options
     if "Clip skip" in fields:  # (A1111's 1 is the last layer; diffusers' clip_skip counts the layers skipped)
         skip = number("Clip skip", int)
-        if skip > 1:
+        if skip > 1 and text_encoder in _A1111_CLIP_SKIP_IGNORED:
+            notes.append(f"Clip skip: {skip} (not applied: A1111 ignores it here, "
+                         f"{_A1111_CLIP_SKIP_IGNORED[text_encoder]})")
+        elif skip > 1:
             out["clip_skip"] = skip - 1
     schedule = fields.pop("Noise Schedule", "Default")
     if schedule not in ("Default", "Zero Terminal SNR"):
@@ -581,6 +596,8 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
             out["hires_strength"] = number("Denoising strength")
     elif "Denoising strength" in fields and init_image:
         out["strength"] = number("Denoising strength")
+    # (A1111's hires. fix before 1.0: its reader has made it today's "Size" and "Hires resize", read above)
+    fields.pop("First pass size-1", None), fields.pop("First pass size-2", None)
     not_applied = [f"{k}: {v}" for k, v in fields.items()
                    if not (k in ("Version", "Hires resize-1", "Hires resize-2") or (k.startswith("Hires ") and not v))]
     if not_applied:

@@ -465,6 +465,64 @@ def minilm_folder() -> Path:
     return folder
 
 
+# the key prefixes of an original single-file checkpoint's text encoders, SDXL's first (its ViT-L is
+# conditioner.embedders.0.transformer.*)
+_CHECKPOINT_TOWERS = (("conditioner.embedders.", "sdxl"), ("cond_stage_model.model.", "openclip"),
+                      ("cond_stage_model.transformer.", "clip"))
+
+
+def text_encoder_family(model) -> str | None:
+    """Which text encoder a model (a folder or an original single file) holds, read cheaply from its configs or its
+    weights' names, never the weights: "sdxl" (SDXL's two towers, or its refiner's one), "openclip" (SD 2.x's OpenCLIP
+    ViT-H, which transformers runs with exact GELU where OpenAI's CLIP has quick GELU), "clip" (SD 1.x's), or None:
+    another text encoder, no model given, or one this cannot tell (an old-format pickle, an unreadable file)."""
+    if model is None:
+        return None
+    path = Path(model)
+    try:
+        return _folder_family(path) if path.is_dir() else _file_family(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # (the loader says what is wrong with it)
+
+
+def _folder_family(root: Path) -> str | None:
+    import json
+
+    index = json.loads((root / "model_index.json").read_text())
+    if index.get("text_encoder_2"):
+        return "sdxl"
+    entry = index.get("text_encoder")
+    if isinstance(entry, dict):  # (ours: {"type": "clip", "path": ...})
+        if entry.get("type") != "clip":
+            return None
+        folder = root / entry.get("path", "text_encoder")
+    elif isinstance(entry, list) and entry[-1:] == ["CLIPTextModel"]:
+        folder = root / "text_encoder"
+    else:
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    return "openclip" if config.get("hidden_act", "quick_gelu") == "gelu" else "clip"
+
+
+def _file_family(path: Path) -> str | None:
+    import json
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if zipfile.is_zipfile(f):  # torch.save's zip: the weights' names are in its pickle, the weights beside it
+            with zipfile.ZipFile(f) as archive:
+                pickled = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                names = archive.read(pickled[0]).decode("latin-1") if pickled else ""
+        else:  # safetensors: an 8-byte length, then the JSON header that names every tensor
+            n = int.from_bytes(head, "little")
+            if len(head) < 8 or n > 100_000_000:
+                return None
+            f.seek(8)  # (is_zipfile read the file's end)
+            names = "\n".join(json.loads(f.read(n)))
+    return next((family for prefix, family in _CHECKPOINT_TOWERS if prefix in names), None)
+
+
 def load_text_encoder(spec: dict, root: Path | None = None, dtype=torch.float32) -> TextEncoder:
     """Build a text encoder from a model folder's description, e.g. {"type": "minilm", "max_length": 32},
     {"type": "clip", "path": "text_encoder", "tokenizer": "tokenizer"}, {"type": "t5", "path": ...}."""

@@ -102,7 +102,7 @@ class UNetConfig:
     layers_per_block: int | tuple[int, ...] = 2
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
-    dropout: float = 0.0
+    dropout: float = 0.0  # (the residual blocks' only, as in diffusers: `_transformer`)
     act_fn: str = "silu"
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
@@ -405,9 +405,12 @@ class _Checkpointable(nn.Module):
 
 
 def _transformer(cfg: UNetConfig, channels: int, heads: int, layers: int, only_cross: bool) -> SpatialTransformer:
+    # no dropout inside the attention blocks: diffusers' CrossAttnDownBlock2D / CrossAttnUpBlock2D /
+    # UNetMidBlock2DCrossAttn build their Transformer2DModel without it (as LDM's SpatialTransformer is built), so
+    # the config's `dropout` is the residual blocks' alone
     return SpatialTransformer(channels, heads, channels // heads, cfg.cross_attention_dim, layers,
                               cfg.norm_num_groups, cfg.use_linear_projection, only_cross, cfg.upcast_attention,
-                              cfg.dropout, cfg.attention_position_embedding)
+                              0.0, cfg.attention_position_embedding)
 
 
 class DownBlock(_Checkpointable):
