@@ -391,3 +391,19 @@ def test_img2img_at_the_pictures_size_past_the_limit_says_to_send_width_and_heig
     r = client.post("/sdapi/v1/img2img", json={"prompt": "a", "steps": 2, "width": 16, "height": 16,
                                                "init_images": [_b64(Image.new("RGB", (120, 90)))]})
     assert _image(r).size == (16, 16)
+
+
+def test_clip_stop_at_last_layers_is_not_applied_where_a1111_ignores_it(tmp_path):
+    """A1111 reads CLIP_stop_at_last_layers for SD 1.x's CLIP alone: SD 2.x's OpenCLIP tower always takes its
+    penultimate layer (sd_hijack_open_clip). On an SD 2.x-shaped model (exact GELU) the option changes nothing."""
+    from test_loading import save_diffusers_folder
+
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    save_diffusers_folder(tmp_path / "sd2", "sd2")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "sd2")
+    assert pipe.text_encoder.model.config.hidden_act == "gelu"
+    with TestClient(create_app(pipe, ServerConfig(**CFG))) as c:
+        base = c.post("/sdapi/v1/txt2img", json=BODY)
+        r = c.post("/sdapi/v1/txt2img", json={**BODY, "override_settings": {"CLIP_stop_at_last_layers": 2}})
+        assert r.status_code == 200 and _image(r).tobytes() == _image(base).tobytes()

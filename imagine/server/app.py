@@ -943,12 +943,22 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                 f"model's text encoder); got {v!r}", field)
         return v
 
+    def a1111_ignores_clip_skip() -> bool:
+        """A1111 reads CLIP_stop_at_last_layers for SD 1.x's CLIP alone: SD 2.x's OpenCLIP tower (exact GELU, where
+        OpenAI's CLIP has quick GELU) always takes its penultimate layer (sd_hijack_open_clip), and SDXL's towers skip
+        only under its sdxl_clip_l_skip option, off by default."""
+        encoder = getattr(pipe, "text_encoder", None)
+        if getattr(encoder, "towers", None):
+            return True
+        return getattr(getattr(getattr(encoder, "model", None), "config", None), "hidden_act", None) == "gelu"
+
     def a1111_clip_skip(req) -> int | None:
         """The text encoder's clip_skip for this request (diffusers' numbering: A1111's CLIP_stop_at_last_layers - 1),
         from the request's override_settings, else the server's options, as A1111 reads it per run; set for the job
-        (ModelWorker._using_clip_skip). None for a text encoder without one."""
+        (ModelWorker._using_clip_skip). None for a text encoder without one, and where A1111 ignores the option (SD
+        2.x, SDXL: the server's own clip skip, `serve --clip-skip`, stays)."""
         v = check_clip_stop(setting(req, "CLIP_stop_at_last_layers", 1 + clip_skip), "override_settings")
-        return None if clip_stop_most() is None else v - 1
+        return None if clip_stop_most() is None or a1111_ignores_clip_skip() else v - 1
 
     def a1111_eta(req, sampler: str, eta: float | None) -> tuple[float | None, float | None]:
         """(the eta a pass of `sampler` runs with, the eta its infotext writes), as A1111's Sampler.initialize sets
