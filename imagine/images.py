@@ -198,7 +198,10 @@ def a1111_parameters(p: dict) -> str:
     put("Refiner switch at", p.get("refiner_switch_at"))
     for i, unit in enumerate(controlnet_units(p)):
         put(f"ControlNet {i}", controlnet_unit_text(*unit))
-    put("Hires upscale", p.get("hires_scale"))
+    if p.get("hires_resize"):  # A1111 writes the size asked in place of the scale
+        put("Hires resize", p["hires_resize"])
+    else:
+        put("Hires upscale", p.get("hires_scale"))
     put("Hires steps", p.get("hires_steps"))
     put("Hires upscaler", p.get("hires_upscaler"))
     hires = p.get("hires_sampling")

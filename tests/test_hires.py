@@ -93,6 +93,17 @@ def test_generate_cli_hires(tmp_path, pipe, capsys):
                                                                       steps=2, seed=3, progress=False)
     assert img.convert("RGB").tobytes() == want.images[0].tobytes()
     assert torch.is_tensor(want.latents)
+    # A1111's other latent modes by its label: torch's bicubic interpolation of the latents (a record replays it)
+    bicubic = tmp_path / "bicubic.png"
+    assert main(["generate", "--model", str(model), "a red circle", "--steps", "2", "--seed", "3", "--hires-scale",
+                 "2", "--hires-strength", "0.5", "--hires-upscaler", "Latent (bicubic)", "-o", str(bicubic), "-q"]) == 0
+    first = TextToImagePipeline.from_pretrained(model).generate("a red circle", steps=2, seed=3, progress=False,
+                                                                output_type="latent")
+    up = torch.nn.functional.interpolate(first.latents, size=(16, 16), mode="bicubic", align_corners=False)
+    second = TextToImagePipeline.from_pretrained(model).generate("a red circle", seed=3, init_latents=up,
+                                                                 strength=0.5, steps=2, progress=False)
+    assert Image.open(bicubic).convert("RGB").tobytes() == second.images[0].tobytes() != want.images[0].tobytes()
+    assert "Hires upscaler: Latent (bicubic)" in Image.open(bicubic).text["parameters"]
 
 
 def test_the_a1111_api_runs_hires_fix(tmp_path, pipe):

@@ -117,16 +117,18 @@ def test_a1111s_forms_map_onto_the_flags():
     assert "hires_scale" not in other and any("give --hires-scale" in n for n in other["_infotext_notes"])
     given = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + ", Hires resize: 768x1024"), hires_scale=2.0)
     assert not any("Hires resize" in n for n in given["_infotext_notes"])  # (the --hires-scale given stands)
-    # A1111 1.6-1.8's schedule in the sampler's name; its Latent upscalers' variants and "No norm" said as read
+    # A1111 1.6-1.8's schedule in the sampler's name; its Latent upscalers' variants run as they are (since session
+    # 27); "No norm" said as read
     named = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE.replace("Euler a", "DPM++ 2M SDE Exponential")
                                                      + ", Hires upscale: 2, Hires upscaler: Latent (nearest), "
                                                        "Emphasis: No norm"))
-    assert (named["sampler"], named["sigma_schedule"], named["hires_upscaler"]) == ("DPM++ 2M SDE", None, "latent")
+    assert (named["sampler"], named["sigma_schedule"], named["hires_upscaler"]) == ("DPM++ 2M SDE", None,
+                                                                                    "latent_nearest")
     assert a1111_settings(named["sampler"])["sigma_schedule"] == "exponential"  # (its Automatic: read as such)
     heun = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE.replace("Euler a", "Heun")
                                                     + ", Schedule type: Exponential"))
     assert heun["sigma_schedule"] == "exponential"  # (not Heun's Automatic: kept)
-    assert any("Latent (nearest)" in n for n in named["_infotext_notes"])
+    assert not any("Latent (nearest)" in n for n in named["_infotext_notes"])
     assert any("Emphasis: No norm" in n for n in named["_infotext_notes"])
     # a long quoted value (a hires prompt of thousands of characters, commas and "Label: value" inside) stays one value
     long = "(masterpiece:1.2), Steps: 99, " * 200

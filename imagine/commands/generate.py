@@ -182,7 +182,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 0.75, A1111's; 1 with --mask, diffusers' inpainting default: the masked part "
                         "starts from pure noise)")
     p.add_argument("--hires-scale", "--hr-scale", type=float, default=None, metavar="S",
-                   help="AUTOMATIC1111's hires. fix: generate at the base size, upscale by S (1 < S <= 4; see "
+                   help="AUTOMATIC1111's hires. fix: generate at the base size, upscale by S (1 <= S <= 4; see "
                         "--hires-upscaler) and run image to image there")
     p.add_argument("--hires-strength", type=float, default=None,
                    help="the hires pass's denoising strength (default 0.7)")
@@ -191,9 +191,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the hires pass's prompt (A1111's 'Hires prompt'; default: the prompt)")
     p.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
                    help="the hires pass's negative prompt (default: the negative prompt)")
-    p.add_argument("--hires-upscaler", choices=["latent", "lanczos"], default=None,
-                   help="latent: the latents resized bilinearly (A1111's 'Latent', the default); lanczos: the "
-                        "pictures")
+    p.add_argument("--hires-upscaler", default=None, metavar="NAME",
+                   help="latent: the latents resized bilinearly (A1111's 'Latent', the default), or its other latent "
+                        "modes (latent_antialiased, latent_bicubic, latent_bicubic_antialiased, latent_nearest, "
+                        "latent_nearest_exact); lanczos, nearest, none: the pictures resized (A1111's labels too)")
     p.add_argument("--hires-sampler", default=None, metavar="NAME",
                    help="the hires pass's sampler (A1111's 'Hires sampler'; default: --sampler)")
     p.add_argument("--hires-schedule-type", default=None, metavar="NAME",
@@ -405,7 +406,7 @@ def record_defaults(record: dict, init_image: bool = False, mask: bool = False) 
     """imagine's own record of a run (a PNG's "imagine" chunk) as this command's flags, for the same run again: its
     sampling as run (a run under --a1111-sampling too: its levels, start and steps spelled out, its infotext's
     schedule naming kept); "_infotext_notes" says what is not applied (the model and what was loaded with it)."""
-    from imagine.pipelines.text_to_image import HIRES_UPSCALERS
+    from imagine.pipelines.text_to_image import hires_upscaler_key
 
     record, out = dict(record), {}
     # (the picture's settings only where the picture and its mask are given again: said otherwise)
@@ -420,8 +421,7 @@ def record_defaults(record: dict, init_image: bool = False, mask: bool = False) 
     if record.get("sampler_options"):
         out["sampler_option"] = [f"{k}={v}" for k, v in record.pop("sampler_options").items()]
     if "hires_upscaler" in record:
-        labels = {label: name for name, label in HIRES_UPSCALERS.items()}
-        out["hires_upscaler"] = labels.get(record.pop("hires_upscaler"), "lanczos")
+        out["hires_upscaler"] = hires_upscaler_key(record.pop("hires_upscaler"))
     if "strength" in record:
         if "hires_scale" in out:
             out["hires_strength"] = record.pop("strength")
@@ -450,6 +450,7 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
     ("clip", "openclip", "sdxl", imagine.models.text_encoders.text_encoder_family; None: not known): A1111 ignores
     its "Clip skip" on SD 2.x and SDXL, so there it is a note."""
     from imagine.images import A1111_SIGMA_LABELS
+    from imagine.pipelines.text_to_image import hires_upscaler_key
     from imagine.samplers import COMPVIS_SAMPLERS, TIMESTEP_RULE, a1111_settings, resolve_sampler
     from imagine.schedules import SCHEDULE_LABELS, check_downcast
 
@@ -579,8 +580,10 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
             out["hires_steps"] = number("Hires steps", int)
         if "Hires upscaler" in fields:
             upscaler = fields.pop("Hires upscaler")
-            out["hires_upscaler"] = "latent" if upscaler.startswith("Latent") else "lanczos"
-            if upscaler not in ("Lanczos", "Latent"):
+            try:
+                out["hires_upscaler"] = hires_upscaler_key(upscaler)
+            except ValueError:  # (an upscaler model's, e.g. R-ESRGAN 4x+: none here)
+                out["hires_upscaler"] = "latent" if upscaler.startswith("Latent") else "lanczos"
                 notes.append(f"Hires upscaler: {upscaler} (upscaled with "
                              f"{'bilinear Latent' if upscaler.startswith('Latent') else 'Lanczos'} here)")
         for label, dest in (("Hires prompt", "hires_prompt"), ("Hires negative prompt", "hires_negative_prompt")):

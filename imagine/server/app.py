@@ -606,11 +606,12 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
     from imagine.images import a1111_parameters
     from imagine.pipelines.text_to_image import HIRES_UPSCALERS
 
-    text = a1111_parameters({"prompt": prompt, "negative_prompt": negative, "steps": steps, "sampler": sampler,
+    return a1111_parameters({"prompt": prompt, "negative_prompt": negative, "steps": steps, "sampler": sampler,
                              "schedule_type": schedule, "guidance_scale": cfg, "seed": seed, "width": w,
                              "height": h, "model_hash": model_hash[:10], "model": model, "vae": vae,
                              "clip_skip": clip_skip, "strength": strength,
                              **({"hires_scale": hires.scale, "hires_steps": hires.steps or steps,
+                                 "hires_resize": hires.resize and f"{hires.resize[0]}x{hires.resize[1]}",
                                  "hires_upscaler": HIRES_UPSCALERS[hires.upscaler], "hires_prompt": hires.prompt,
                                  "hires_negative_prompt": hires.negative_prompt} if hires else {}),
                              **({"hires_sampling": hires_sampling, "a1111_hires_schedule": hires_schedule}
@@ -627,11 +628,6 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "old_prompt_editing": old_prompt_editing,
                              "pad_conds": pad_conds, "padded_conds": pad_conds is not None,
                              **(run_record or {}), "version": f"imagine {version}"})
-    if hires and hires.resize:  # A1111 writes "Hires resize: XxY" where a size was asked, in place of the scale
-        head, _, last = text.rpartition("\n")
-        text = head + "\n" + re.sub(r"Hires upscale: [^,]*", f"Hires resize: {hires.resize[0]}x{hires.resize[1]}",
-                                      last, count=1)
-    return text
 
 
 class _BodyLimit:
