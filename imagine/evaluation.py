@@ -160,8 +160,8 @@ def format_report(report: dict) -> str:
     c = report["counts"]
     lines.append(f"{'overall':<10} {_fmt(report['overall']):>6} {str(c['correct']) + '/' + str(c['n']):>9} "
                  f"{_fmt(report['seen']['score']):>6} {_fmt(report['heldout']['score']):>9}")
-    lines.append("overall = mean of the family scores; seen/held-out = mean over the families that have such "
-                 f"prompts; held-out gap (pair, relation: seen - held-out) = {_fmt(report.get('heldout_gap'))}")
+    lines.append("overall = mean of the family scores; seen/held-out = mean over the families that have held-out "
+                 f"prompts (pair, relation); held-out gap (seen - held-out) = {_fmt(report.get('heldout_gap'))}")
     for f, counts in report.get("failures", {}).items():
         lines.append(f"failures, {f}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
     return "\n".join(lines)
@@ -296,12 +296,18 @@ def format_sweep(rows: list[dict], reports: list[dict], defaults: dict) -> str:
     head = ("| sampler | steps | guidance | thresholding | schedule, last step | " + " | ".join(FAMILIES)
             + " | overall | seen | held-out |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    from imagine.samplers import same_sampler
+
     for opt, rep in zip(rows, reports):
         fam = rep["families"]
-        cells = [str(opt.get("sampler", defaults.get("sampler"))), str(opt.get("steps", defaults.get("steps"))),
+        sampler = opt.get("sampler", defaults.get("sampler"))
+        # (the model's default schedule and last step come with its default sampler alone, as generate gives them)
+        own = same_sampler(str(sampler), str(defaults.get("sampler")))
+        schedule = opt.get("sigma_schedule") or (defaults.get("sigma_schedule") if own and not opt.get("karras")
+                                                 else None)
+        cells = [str(sampler), str(opt.get("steps", defaults.get("steps"))),
                  str(_guidance_used(opt, defaults)), _threshold_cell(opt, defaults),
-                 f"{opt.get('sigma_schedule') or defaults.get('sigma_schedule') or '-'}, "
-                 f"{opt.get('final_step') or defaults.get('final_step') or 'euler'}"]
+                 f"{schedule or '-'}, {opt.get('final_step') or (defaults.get('final_step') if own else None) or 'euler'}"]
         cells += [f"{fam[f]['score']:.3f}" if f in fam else "-" for f in FAMILIES]
         cells += [f"{rep['overall']:.3f}", f"{rep['seen']['score']:.3f}", f"{rep['heldout']['score']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1549,6 +1549,14 @@ def a1111_label(name: str) -> tuple[str, bool]:
     return next((label for label, _, ours in A1111_SAMPLERS if ours == canonical), canonical), bool(karras)
 
 
+def same_sampler(a: str, b: str) -> bool:
+    """Whether two sampler names (canonical, AUTOMATIC1111's, diffusers' scheduler classes) are one sampler."""
+    try:
+        return resolve_sampler(a)[0] == resolve_sampler(b)[0]
+    except (TypeError, ValueError):
+        return a == b
+
+
 def resolve_sampler(name: str) -> tuple[str, Callable[..., torch.Tensor], bool]:
     """(canonical name, function, Karras sigmas implied by the name) for a sampler name or alias."""
     if not isinstance(name, str):

@@ -153,3 +153,27 @@ def test_thresholding_sweep_rows_follow_the_models_range():
     table = E.format_sweep(ranged, [{"families": {}, "overall": 0.0, "seen": {"score": 0.0},
                                      "heldout": {"score": 0.0}}] * 5, {"threshold_range": 4.84})
     assert "| static, R = 4.84 |" in table
+
+
+def test_seen_is_scored_over_the_families_held_out_prompts_have(prompts):
+    """The seen score is pair and relation's, as the held-out one: a count family failing on seen prompts alone does
+    not drag "seen" under "held-out" (it read 0.90 against 1.00 here)."""
+    def all_but_count(ps, seeds):
+        return [blank([p], [s])[0] if p in COUNT else oracle([p], [s])[0] for p, s in zip(ps, seeds)]
+
+    COUNT = {p["caption"] for p in prompts if p["family"] == "count"}
+    report = E.evaluate_shapes(all_but_count, prompts)
+    assert report["seen"]["score"] == report["heldout"]["score"] == 1.0 and report["heldout_gap"] == 0.0
+    assert report["seen"]["families"]["count"]["score"] == 0.0  # (listed still, per family)
+
+
+def test_a_sweep_row_names_the_schedule_its_sampler_ran():
+    """The model's default schedule and last step come with its default sampler alone (generate's rule): a row of
+    another sampler ran without them and its cell says so."""
+    defaults = {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 3.0, "sigma_schedule": "karras",
+                "final_step": "heun"}
+    empty = {"families": {}, "overall": 0.0, "seen": {"score": 0.0}, "heldout": {"score": 0.0}}
+    table = E.format_sweep([{"sampler": "ddim"}, {"sampler": "DPM++ 2M"}], [empty, empty], defaults)
+    rows = table.splitlines()[2:]
+    assert "| ddim |" in rows[0] and "| -, euler |" in rows[0]
+    assert "| karras, heun |" in rows[1]

@@ -291,8 +291,9 @@ def score(results) -> dict:
     Returns dict(
       overall: mean of the family scores (all prompts),
       families: {family: {score, correct, n}},
-      seen / heldout: {score: mean of its family scores, correct, n, families: {...}} - heldout
-        holds the held-out pair and relation prompts, seen all the others,
+      seen / heldout: {score, correct, n, families: {...}} - heldout holds the held-out pair and relation
+        prompts, seen all the others (its families listed, single, sized and count among them); each score is the
+        mean of the family scores over the families held-out prompts have (pair, relation), like for like,
       heldout_gap: mean over pair and relation of seen minus held-out score (where both exist),
       counts: {n, correct}).
     """
@@ -317,6 +318,9 @@ def score(results) -> dict:
 
     everything = block(tallies["all"])
     seen, held = block(tallies["seen"]), block(tallies["heldout"])
+    # (the seen score over the families that have held-out prompts, pair and relation, as the held-out score is:
+    # like for like; a seen family of its own, count, would otherwise move it)
+    seen["score"] = block({f: t for f, t in tallies["seen"].items() if f in tallies["heldout"]})["score"]
     gaps = [seen["families"][f]["score"] - held["families"][f]["score"]
             for f in ("pair", "relation") if f in seen["families"] and f in held["families"]]
     return dict(overall=everything["score"], families=everything["families"], seen=seen, heldout=held,

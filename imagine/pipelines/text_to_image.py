@@ -768,7 +768,9 @@ class TextToImagePipeline:
         steps = int(d["steps"] if steps is None else steps)
         guidance_scale = _default_guidance(d, guidance_scale, sampler or d["sampler"])
         sampler = sampler or d["sampler"]
-        if _same_sampler(sampler, d["sampler"]):  # the model's default sampler (by any of its names) comes with
+        from imagine.samplers import same_sampler
+
+        if same_sampler(sampler, d["sampler"]):  # the model's default sampler (by any of its names) comes with
             # its default schedule and last step
             if karras is None and sigma_schedule is None:
                 sigma_schedule = d.get("sigma_schedule")
@@ -1735,16 +1737,6 @@ def _default_guidance(defaults: dict, guidance_scale: float | None, sampler: str
         warnings.warn(f"{sampler}: guidance_scale {guidance_scale} is CFG++'s lambda, whose range is about 0 to 1 "
                       "(A1111's CFG scale / 12.5: 7.5 -> 0.6)", stacklevel=3)
     return guidance_scale
-
-
-def _same_sampler(a: str, b: str) -> bool:
-    """Whether two sampler names (canonical, AUTOMATIC1111's, diffusers' scheduler classes) are one sampler."""
-    from imagine.samplers import resolve_sampler
-
-    try:
-        return resolve_sampler(a)[0] == resolve_sampler(b)[0]
-    except (TypeError, ValueError):
-        return a == b
 
 
 def replace_vae(components: Components, vae: str | Path, dtype: torch.dtype = torch.float32) -> Components:
