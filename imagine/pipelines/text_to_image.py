@@ -825,8 +825,11 @@ class TextToImagePipeline:
         elif image_guidance_scale is not None:
             raise ValueError("image_guidance_scale is for instruct-pix2pix models (8-channel U-Nets, which read the "
                              "picture to edit); this model's U-Net does not")
-        if strength is None:
-            strength = 1.0 if masks is not None else 0.8  # diffusers' defaults for inpainting and image to image
+        if strength is None:  # diffusers' pipelines' defaults: inpainting 1.0 (SDXL's 0.9999: 19 of 20 steps, from
+            # the noised picture), image to image 0.8 (SDXL's 0.3; 0.8 with ControlNets)
+            sdxl = self.unet.config.addition_embed_type == "text_time"
+            strength = (0.9999 if sdxl else 1.0) if masks is not None else \
+                0.3 if sdxl and control_image is None else 0.8
         if control_image is None and (guess_mode or not all(v is None for v in (
                 controlnet_scale, control_guidance_start, control_guidance_end, control_mode))):
             raise ValueError("controlnet_scale / control_guidance_start / control_guidance_end / control_mode / guess_mode "
