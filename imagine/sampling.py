@@ -706,6 +706,10 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         # (their last step, to sigma = 0, is one Euler evaluation; to a level above it, two)
         denoise.evaluations = 2 * len(plan) - (float(plan.sigmas[-1]) == 0)
         denoise.counted_steps = 2 * len(plan)  # (A1111's "second_order" samplers: these, Restart included)
+    elif canonical in COMPVIS_SAMPLERS and strength_rule != "diffusers":
+        # (A1111's CompVis samplers count the steps asked, and in image to image t_enc + 1 for the t_enc they run:
+        # sd_samplers_timesteps' launch_sampling)
+        denoise.counted_steps = steps if init is None else len(plan) + 1
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
     kwargs.update(_sampler_options(canonical, sampler_options))
     if init is not None and kwargs.get("ends") == "model":  # (A1111's img2img runs DPM-Solver over the steps run)

@@ -87,3 +87,24 @@ def test_a_single_files_picture_carries_a1111s_hashes_and_a_replay_knows_its_fil
     renamed.write_text(renamed.read_text().replace(model_digest, "0123456789").replace("sd15-renamed", "tiny-sd"))
     assert main(["generate", "--model", str(single), "--infotext", str(renamed), "-o", str(again), "-q"]) == 0
     assert "not applied: Model hash: 0123456789" in capsys.readouterr().err
+
+
+def test_a_lora_file_moved_after_it_loaded_changes_nothing(tmp_path):
+    """The hashes are found as the files load: a LoRA moved (or gone) afterwards leaves the runs as they were, with
+    its hash (generate failed after sampling, stat-ing the old path)."""
+    from safetensors.torch import save_file
+    from test_loading import write_single_file
+    from test_lora import _kohya_lora
+
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    single = tmp_path / "single" / "tiny-sd.safetensors"
+    unet, _, text = write_single_file(single, "sd1")
+    lora = tmp_path / "style.safetensors"
+    save_file(_kohya_lora(unet, text), str(lora))
+    digest = hashes.lora_hash(lora)
+    pipe = TextToImagePipeline.from_pretrained(single)
+    pipe.load_lora(lora)
+    lora.rename(tmp_path / "moved.safetensors")
+    res = pipe.generate("a red circle", steps=1, height=32, width=32, progress=False, output_type="latent")
+    assert res.parameters["lora_hashes"] == f"style: {digest}"

@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,33 @@ def test_switch_by_sampling_steps_counts_model_calls_as_a1111(sampler, steps, sw
     if sampler == "restart":  # (its restart jumps to higher noise come after the handover)
         ts = [t for _, t in seen]
         assert any(b > a for a, b in zip(ts[base_calls:], ts[base_calls + 1:]))
+
+
+@pytest.mark.parametrize("label, steps, strength, switch, base_calls", [
+    ("DDIM", 30, None, 0.8, 24), ("PLMS", 30, None, 0.8, 24), ("DDIM", 20, 0.5, 0.8, 9), ("UniPC", 20, 0.5, 0.8, 9),
+    ("Euler", 20, 0.5, 0.8, 9)])
+def test_switch_by_sampling_steps_counts_a1111s_compvis_samplers_steps(label, steps, strength, switch, base_calls):
+    """A1111's CompVis samplers (sd_samplers_timesteps) count the steps asked in text to image, though 30 DDIM steps
+    lay out 31 levels there, and t_enc + 1 in image to image (launch_sampling(t_enc + 1)) for the t_enc they run; its
+    k-diffusion samplers count the steps run (t_enc + 1 of them)."""
+    from imagine.sampling import sample
+    from imagine.schedules import NoiseSchedule
+
+    seen = []
+
+    def model(name):
+        return lambda x, t, **c: (seen.append(name), torch.zeros_like(x))[1]
+
+    s = a1111_settings(label)
+    kw = dict(sampler=s["sampler"], sigma_schedule=s["sigma_schedule"], sampler_options=s.get("sampler_options"),
+              strength_rule=s["strength_rule"])
+    if strength is not None:
+        kw.update(init=torch.zeros(1, 1, 2, 2), strength=strength)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (30 DDIM steps: 31 levels, said in a warning)
+        sample(Handoff(model("base"), model("refiner"), switch, by_steps=True), (1, 1, 2, 2), seeds=0, steps=steps,
+               schedule=NoiseSchedule.from_config("scaled_linear"), prediction_type="epsilon", progress=False, **kw)
+    assert seen.count("base") == base_calls and seen[base_calls:] == ["refiner"] * (len(seen) - base_calls)
 
 
 def test_the_timestep_handoff_stays_with_the_refiner_once_it_has_run():

@@ -131,8 +131,9 @@ class TextToImagePipeline:
         self.request_loras: list[tuple[str, float]] = []
         self._lora_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.embeddings: list[str] = []  # the words of the textual-inversion embeddings loaded
-        # the files of the LoRAs (by name) and embeddings (by word) loaded, for A1111's "Lora hashes" / "TI hashes"
-        self.network_files: dict[tuple[str, str], Path] = {}
+        # A1111's hashes of the LoRAs (by name) and embeddings (by word) loaded from files, found as they load (a file
+        # moved later changes nothing), for its "Lora hashes" / "TI hashes"
+        self.network_hashes: dict[tuple[str, str], str] = {}
         self.controlnets: list[tuple[str, torch.nn.Module]] = []  # (name, ControlNet) loaded, in order
         self._controlnet_files: dict[Path, torch.nn.Module] = {}  # a file loaded again shares its model
         self.refiner: "TextToImagePipeline | None" = None  # SDXL's refiner (load_refiner), for generate's refiner_switch
@@ -328,6 +329,7 @@ class TextToImagePipeline:
         on top of those merged at load: the weights the previous set changed are first put back as they were, bit
         for bit, so that an image does not depend on the requests before it. Nothing is done when the set is the
         one merged already (a change makes the cached fast and exact copies rebuild)."""
+        from imagine.loading.hashes import lora_hash
         from imagine.loading.lora import merge_lora, read_lora_file
 
         if [(n, s) for n, _, s in wanted] == self.request_loras:
@@ -354,7 +356,7 @@ class TextToImagePipeline:
                 with torch.no_grad():
                     merge_lora(self._lora_parts(), layers, strength, Path(path).name, before=keep)
                 self.request_loras.append((name, strength))
-                self.network_files["lora", name] = Path(path)
+                self.network_hashes["lora", name] = lora_hash(path)
         except BaseException:
             self.set_request_loras([])  # back to the model as loaded
             raise
@@ -373,12 +375,13 @@ class TextToImagePipeline:
         Gal et al. 2022): `token`, else the word the file names (diffusers), else the file's name (AUTOMATIC1111).
         SDXL takes SDXL files (`clip_l` and `clip_g` vectors, one set per text tower). Returns the tokens added; a
         prompt that says the word reads all of them."""
+        from imagine.loading.hashes import embedding_hash
         from imagine.loading.textual_inversion import read_embedding_file
 
         named, vectors = read_embedding_file(path)
         word = token or named or Path(path).stem
         tokens = self._add_word(word, vectors, Path(path).name)
-        self.network_files["embedding", word] = Path(path)
+        self.network_hashes["embedding", word] = embedding_hash(path)
         return tokens
 
     def _add_word(self, word: str, vectors, source: str, check_only: bool = False) -> list[str]:
@@ -412,6 +415,7 @@ class TextToImagePipeline:
         Hu et al. 2021 eq. 3), `strength` s as AUTOMATIC1111's `<lora:name:s>`, or (the text encoders' s, the
         U-Net's s) as its `<lora:name:te:unet>`. It stays merged; load the model again to drop it. Returns the layers
         merged per part."""
+        from imagine.loading.hashes import lora_hash
         from imagine.loading.lora import merge_lora, read_lora_file
         from imagine.loading.textual_inversion import word_tokens
 
@@ -444,7 +448,7 @@ class TextToImagePipeline:
         for word, vectors in words.items():
             self._add_word(word, vectors, f"{Path(path).name} (bundled embedding {word!r})")
         self.loras.append((name, strength))
-        self.network_files["lora", name] = Path(path)
+        self.network_hashes["lora", name] = lora_hash(path)
         return counts
 
     # -- running -------------------------------------------------------------------------------
@@ -1206,20 +1210,20 @@ class TextToImagePipeline:
         checkpoint's sha256 takes seconds (imagine.loading.hashes keeps it on disk too)."""
         from imagine.loading.hashes import model_hash
 
-        return model_hash(self.c.source)
+        try:
+            return model_hash(self.c.source)
+        except OSError:  # (the file moved or gone since it loaded: no hash rather than a failed run)
+            return None
 
     def file_hashes(self, words: list[str] = (), loras: list[str] = ()) -> dict:
         """AUTOMATIC1111's hashes of the files a run used (imagine.loading.hashes), as a run's record keeps them:
         "model_hash" (a single-file checkpoint's; a folder has none), "lora_hashes" and "ti_hashes" ("name: hash"
         for the LoRAs and embedding words given, those loaded from files)."""
-        from imagine.loading.hashes import embedding_hash, lora_hash
-
         out = {"model_hash": self.model_hash} if self.model_hash else {}
-        for key, kind, names, digest in (("lora_hashes", "lora", loras, lora_hash),
-                                         ("ti_hashes", "embedding", words, embedding_hash)):
-            files = [(name, self.network_files[kind, name]) for name in names if (kind, name) in self.network_files]
-            if files:  # (A1111 takes ":" and "," out of the names, which its list separates by)
-                out[key] = ", ".join(f"{name.translate(_HASH_LIST_SYMBOLS)}: {digest(path)}" for name, path in files)
+        for key, kind, names in (("lora_hashes", "lora", loras), ("ti_hashes", "embedding", words)):
+            held = [(name, self.network_hashes[kind, name]) for name in names if (kind, name) in self.network_hashes]
+            if held:  # (A1111 takes ":" and "," out of the names, which its list separates by)
+                out[key] = ", ".join(f"{name.translate(_HASH_LIST_SYMBOLS)}: {digest}" for name, digest in held)
         return out
 
     def run_record(self) -> dict:
