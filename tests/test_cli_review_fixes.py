@@ -33,7 +33,7 @@ def test_fast_mode_is_recorded_and_a_replay_runs_it(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,message", [
     (["--strength", "0.5"], "--strength is how far from --init-image"),
-    (["--hires-steps", "3"], "--hires-steps is for hires. fix's second pass: give --hires-scale too"),
+    (["--hires-steps", "3"], r"--hires-steps is for hires. fix's second pass: give --hires-scale \(or --hires-resize\) too"),
     (["--hires-prompt", "y"], "--hires-prompt is for hires. fix's second pass"),
     (["--hires-upscaler", "lanczos"], "--hires-upscaler is for hires. fix's second pass"),
     (["--hires-strength", "0.5"], "--hires-strength is for hires. fix's second pass"),

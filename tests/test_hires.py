@@ -235,7 +235,7 @@ def test_the_cli_and_the_a1111_api_run_a_hires_sampler(tmp_path, pipe, capsys):
     assert Image.open(a1111).convert("RGB").tobytes() == want.images[0].tobytes()
     assert main(["generate", "--model", str(model), "x", "--hires-sampler", "euler", "-q", "-o",
                  str(tmp_path / "n.png")]) == 2
-    assert "--hires-sampler is for hires. fix's second pass: give --hires-scale too" in capsys.readouterr().err
+    assert "--hires-sampler is for hires. fix's second pass: give --hires-scale (or --hires-resize) too" in capsys.readouterr().err
 
     httpx = pytest.importorskip("httpx")
     from imagine.server.app import BackgroundServer, ServerConfig, create_app
@@ -414,3 +414,28 @@ def test_the_hires_plan_check_reads_the_second_passs_own_rule(pipe):
                               sampler="euler", hires_sampling={"sampler": "euler"}, height=16, width=16, seed=1,
                               progress=False, output_type="latent")
     assert res.parameters["hires_steps"] == 600
+
+
+def test_the_cli_takes_a_hires_size_and_replays_it(tmp_path, capsys):
+    """--hires-resize WxH is A1111's "Resize width to / height to" (generate_hires(hires_resize)): written as its
+    "Hires resize", read back from the record and from an A1111 infotext (whose size it ran at: a scale from it
+    lost pixels to int(), e.g. 704 -> 960 wide ran 952)."""
+    from imagine.cli import main
+    from imagine.testing import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny")
+    out, again = tmp_path / "r.png", tmp_path / "again.png"
+    args = ["generate", "--model", str(model), "a red circle", "--steps", "2", "--seed", "3", "-q"]
+    assert main([*args, "--hires-resize", "30x0", "--width", "22", "-o", str(out)]) == 0
+    img = Image.open(out)
+    # (A1111's calculate_target_resolution: 30 x 16 // 22 = 21 rows, down to the VAE's factor 2: 20)
+    assert img.size == (30, 20) and "Hires resize: 30x0" in img.text["parameters"]
+    assert main(["generate", "--model", str(model), "--infotext", str(out), "-o", str(again), "-q"]) == 0
+    assert "not applied" not in capsys.readouterr().err
+    assert Image.open(again).tobytes() == img.tobytes()
+    text = tmp_path / "a1111.txt"
+    text.write_text(img.text["parameters"].split("\n")[-1].join(["a red circle\n", ""]).replace("Version", "X"))
+    assert main(["generate", "--model", str(model), "--infotext", str(text), "-o", str(again), "-q"]) == 0
+    assert Image.open(again).size == (30, 20)
+    assert main([*args, "--hires-resize", "30", "-o", str(again)]) != 0
+    assert "--hires-resize must be WIDTHxHEIGHT" in capsys.readouterr().err

@@ -108,15 +108,14 @@ def test_a1111s_forms_map_onto_the_flags():
     assert ddim["sigma_schedule"] is None and ddim["eta"] == 0.3  # (A1111 runs DDIM on its own timesteps)
     resized = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + ", Hires resize: 768x768, Denoising "
                                                                        "strength: 0.5, Hires upscaler: R-ESRGAN 4x+"))
-    assert (resized["hires_scale"], resized["hires_strength"], resized["hires_upscaler"]) == (1.5, 0.5, "lanczos")
-    # A1111's aspect-keeping "resize to" (0 for a side), and one to another shape: said, not applied, unless the
-    # scale is given
-    kept = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + ", Hires resize: 0x768"))
-    assert kept["hires_scale"] == 1.5
-    other = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + ", Hires resize: 768x1024"))
-    assert "hires_scale" not in other and any("give --hires-scale" in n for n in other["_infotext_notes"])
-    given = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + ", Hires resize: 768x1024"), hires_scale=2.0)
-    assert not any("Hires resize" in n for n in given["_infotext_notes"])  # (the --hires-scale given stands)
+    assert (resized["hires_resize"], resized["hires_strength"], resized["hires_upscaler"]) == ("768x768", 0.5,
+                                                                                              "lanczos")
+    # A1111's "resize to" runs as a size (its calculate_target_resolution, generate_hires(hires_resize)): one side 0
+    # and another shape too (since session 27; they were read as a scale, or said and not applied)
+    for size in ("0x768", "768x1024"):
+        read = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE + f", Hires resize: {size}"))
+        assert read["hires_resize"] == size and "hires_scale" not in read
+        assert not any("Hires resize" in n for n in read["_infotext_notes"])
     # A1111 1.6-1.8's schedule in the sampler's name; its Latent upscalers' variants run as they are (since session
     # 27); "No norm" said as read
     named = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE.replace("Euler a", "DPM++ 2M SDE Exponential")

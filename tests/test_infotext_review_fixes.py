@@ -266,7 +266,8 @@ def test_the_old_hires_fix_runs_as_a1111_runs_it():
     text = f"a castle\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 1024x1024, Denoising strength: 0.7, " \
            "First pass size: 512x512"
     flags = infotext_defaults(parse_a1111_parameters(text))
-    assert (flags["width"], flags["height"], flags["hires_scale"], flags["hires_strength"]) == (512, 512, 2.0, 0.7)
+    assert (flags["width"], flags["height"], flags["hires_resize"], flags["hires_strength"]) == (512, 512, "1024x1024",
+                                                                                                0.7)
     assert not any("First pass size" in n for n in flags["_infotext_notes"])
     # A1111's use_old_hires_fix_width_height option (off by default): "Hires resize" is then the picture's size
     for fields in ({"Size-1": "512", "Size-2": "512", "Hires resize-1": "1024", "Hires resize-2": "768"},

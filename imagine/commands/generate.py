@@ -184,6 +184,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hires-scale", "--hr-scale", type=float, default=None, metavar="S",
                    help="AUTOMATIC1111's hires. fix: generate at the base size, upscale by S (1 <= S <= 4; see "
                         "--hires-upscaler) and run image to image there")
+    p.add_argument("--hires-resize", default=None, metavar="WxH",
+                   help="hires. fix to this size instead of a scale (A1111's 'Resize width to' / 'height to'; 0 for "
+                        "a side: from the other and the first pass's aspect; both: upscaled to cover them, then cut "
+                        "to them, centred)")
     p.add_argument("--hires-strength", type=float, default=None,
                    help="the hires pass's denoising strength (default 0.7)")
     p.add_argument("--hires-steps", type=int, default=None, help="the hires pass's steps (default: --steps)")
@@ -309,7 +313,7 @@ def defaults_from(args) -> dict:
         fields = parse_a1111_parameters(read_infotext(args.infotext))
         out = infotext_defaults(_loaded_again(fields, args, "Model", None, None,
                                               ("Model hash", "Lora hashes", "TI hashes")),
-                                init_image=bool(args.init_image), hires_scale=args.hires_scale, refiner=args.refiner,
+                                init_image=bool(args.init_image), refiner=args.refiner,
                                 text_encoder=text_encoder_family(args.model))
     if args.from_file:  # (its prompts, not the picture's)
         out.pop("prompt", None)
@@ -329,7 +333,8 @@ _RECORD_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "step
                  "thresholding": "thresholding", "threshold_range": "threshold_range", "eta": "eta", "rng": "rng",
                  "noise_seed_delta": "noise_seed_delta", "clip_skip": "clip_skip", "subseed": "variation_seed",
                  "subseed_strength": "variation_strength", "seed_resize_from": "seed_resize_from",
-                 "hires_scale": "hires_scale", "hires_steps": "hires_steps", "hires_prompt": "hires_prompt",
+                 "hires_scale": "hires_scale", "hires_resize": "hires_resize", "hires_steps": "hires_steps",
+                 "hires_prompt": "hires_prompt",
                  "hires_negative_prompt": "hires_negative_prompt", "composable": "composable",
                  "prompt_editing": "prompt_editing", "long_prompts": "long_prompts", "resize_mode": "resize_mode",
                  "masked_content": "masked_content", "zero_terminal_snr": "zero_terminal_snr",
@@ -423,7 +428,7 @@ def record_defaults(record: dict, init_image: bool = False, mask: bool = False) 
     if "hires_upscaler" in record:
         out["hires_upscaler"] = hires_upscaler_key(record.pop("hires_upscaler"))
     if "strength" in record:
-        if "hires_scale" in out:
+        if "hires_scale" in out or "hires_resize" in out:
             out["hires_strength"] = record.pop("strength")
         elif init_image:
             out["strength"] = record.pop("strength")
@@ -441,12 +446,11 @@ _A1111_CLIP_SKIP_IGNORED = {
             "ViT-L one alone"}
 
 
-def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float | None = None,
-                      refiner: str | None = None, text_encoder: str | None = None) -> dict:
+def infotext_defaults(fields: dict, init_image: bool = False, refiner: str | None = None,
+                      text_encoder: str | None = None) -> dict:
     """An AUTOMATIC1111 infotext's fields (imagine.images.parse_a1111_parameters) as this command's flags, for a run
     as A1111 made it: its sampling and prompt reading, and "_infotext_notes" for what is not applied or assumed.
-    hires_scale: the --hires-scale given (an A1111 "Hires resize" to another shape is then not an error); refiner:
-    the --refiner given (the picture's refiner settings then apply); text_encoder: the model's text encoder family
+    refiner: the --refiner given (the picture's refiner settings then apply); text_encoder: the model's text encoder family
     ("clip", "openclip", "sdxl", imagine.models.text_encoders.text_encoder_family; None: not known): A1111 ignores
     its "Clip skip" on SD 2.x and SDXL, so there it is a note."""
     from imagine.images import A1111_SIGMA_LABELS
@@ -566,15 +570,8 @@ def infotext_defaults(fields: dict, init_image: bool = False, hires_scale: float
     if hires:
         if "Hires upscale" in fields:
             out["hires_scale"] = number("Hires upscale")
-        else:  # A1111's "resize to WxH" form (0 for a side: kept to the other's scale): the scale it gives
-            w, h = resize
-            sw, sh = w / out.get("width", 512), h / out.get("height", 512)
-            scale = sw if h == 0 else sh if w == 0 else sw
-            if w and h and abs(sh - sw) > 1e-6 and hires_scale is None:
-                notes.append(f"Hires resize: {w:g}x{h:g} (not one scale of {out.get('width', 512)}x"
-                             f"{out.get('height', 512)}: give --hires-scale)")
-            else:
-                out["hires_scale"] = scale
+        else:  # A1111's "resize to WxH" form (0 for a side: from the other and the first pass's aspect)
+            out["hires_resize"] = f"{int(resize[0])}x{int(resize[1])}"
             fields.pop("Hires resize-1", None), fields.pop("Hires resize-2", None)
         if "Hires steps" in fields:
             out["hires_steps"] = number("Hires steps", int)
@@ -817,7 +814,7 @@ def _picture_model_run(pipe, args, picture: dict):
     unused = [flag for flag, given in (("--init-image", kind == "prior" and "init_image" in picture),
                                        ("--mask", "mask_image" in picture), ("--strength", args.strength is not None),
                                        ("--controlnet", "control_image" in picture),
-                                       ("--hires-scale", args.hires_scale is not None),
+                                       ("--hires-scale", args.hires_scale is not None or bool(args.hires_resize)),
                                        ("--resize-mode", bool(args.resize_mode)),
                                        ("--height/--width", kind == "upscaler" and (args.height is not None
                                                                                     or args.width is not None)),
@@ -845,6 +842,17 @@ def _picture_model_run(pipe, args, picture: dict):
         return pipe.variations(image, prompts, negative, height=height, width=width, **common,
                                noise_level=args.noise_level or 0)
     return run
+
+
+def _hires_resize(text: str | None) -> tuple[int, int] | None:
+    """--hires-resize WxH -> (width, height) in pixels (0 for a side: from the other), or None."""
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", str(text))
+    if not m or not (int(m[1]) or int(m[2])):
+        raise ValueError(f"--hires-resize must be WIDTHxHEIGHT in pixels, e.g. 1024x768 (0 for one side: from the "
+                         f"other and the first pass's aspect); got {text!r}")
+    return int(m[1]), int(m[2])
 
 
 def parse_loras(items: list[str]) -> list[tuple[str, float | tuple[float, float]]]:
@@ -1020,9 +1028,10 @@ def run(args) -> int:
                          f"{args.hires_strength}")
     for flag in ("hires_sampler", "hires_schedule_type", "hires_strength", "hires_steps", "hires_prompt",
                  "hires_negative_prompt", "hires_upscaler"):
-        # (an --infotext whose hires resize is no one scale sets them with a note saying to give --hires-scale)
-        if getattr(args, flag) is not None and args.hires_scale is None and not args.infotext:
-            raise ValueError(f"--{flag.replace('_', '-')} is for hires. fix's second pass: give --hires-scale too")
+        if getattr(args, flag) is not None and args.hires_scale is None and not args.hires_resize \
+                and not args.infotext:
+            raise ValueError(f"--{flag.replace('_', '-')} is for hires. fix's second pass: give --hires-scale (or "
+                             "--hires-resize) too")
     if args.strength is not None and not args.init_image:
         raise ValueError("--strength is how far from --init-image an image-to-image run goes: give --init-image (a "
                          "hires. fix pass's strength is --hires-strength)")
@@ -1203,10 +1212,11 @@ def run(args) -> int:
         # (A1111's rule: with a variation seed at work every image keeps the seed; the variation seeds count up)
         seeds = [(base + (0 if args.variation_strength else start + k)) % (MAX_SEED + 1) for k in range(len(chunk))]
         run = conditioned or pipe.generate
-        if args.hires_scale is not None:
+        if args.hires_scale is not None or args.hires_resize:
             if args.init_image:
                 raise ValueError("--hires-scale starts from text; with --init-image leave it out")
-            run = functools.partial(pipe.generate_hires, hires_scale=args.hires_scale,
+            run = functools.partial(pipe.generate_hires, hires_scale=2.0 if args.hires_scale is None else args.hires_scale,
+                                    hires_resize=_hires_resize(args.hires_resize),
                                     hires_strength=0.7 if args.hires_strength is None else args.hires_strength,
                                     hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler or "latent",
                                     hires_prompt=args.hires_prompt,

@@ -1194,8 +1194,9 @@ class TextToImagePipeline:
             params = {**{k: v for k, v in params.items() if k not in _SAMPLING_PARAMS},
                       **{k: p[k] for k in _SAMPLING_PARAMS if k in p}, "hires_sampling": dict(hires_sampling)}
         params = {**params, "height": p["height"], "width": p["width"], "steps": p["steps"],
-                  "hires_scale": float(hires_scale), "hires_steps": steps,
-                  **({"hires_resize": f"{hires_resize[0]}x{hires_resize[1]}"} if hires_resize else {}),
+                  # (a size asked stands for the scale, as A1111's infotext says it)
+                  **({"hires_resize": f"{hires_resize[0]}x{hires_resize[1]}"} if hires_resize
+                     else {"hires_scale": float(hires_scale)}), "hires_steps": steps,
                   "hires_upscaler": HIRES_UPSCALERS[upscaler], "prompt": p["prompt"],
                   "negative_prompt": p["negative_prompt"],
                   **({"hires_prompt": hires_prompt} if hires_prompt else {}),
