@@ -73,10 +73,41 @@ def a1111_latent_mask(masks: list[Image.Image], width: int, height: int, size) -
 A1111_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 
 
-def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
-    """A1111's mask blur: a Gaussian blur of the grey mask (radius in pixels; 0 leaves it as it is)."""
+def blur_mask(mask: Image.Image, radius: float, radius_y: float | None = None) -> Image.Image:
+    """A1111's mask blur (its StableDiffusionProcessingImg2Img.init): the grey mask blurred along x by mask_blur_x
+    (`radius`), then along y by mask_blur_y (`radius_y`, else `radius`), each as its
+    `cv2.GaussianBlur(np.array(mask), (2 * int(2.5 * sigma + 0.5) + 1, 1), sigma)` (and (1, k) for y); 0 leaves
+    that direction as it is. Written without OpenCV (`gaussian_blur_1d`): its 8-bit GaussianBlur computes in fixed
+    point, which this float computation matches to within 1 grey level, not bit for bit."""
     mask = mask.convert("L")
-    return mask.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else mask
+    radius_y = radius if radius_y is None else radius_y
+    a = np.asarray(mask)
+    if radius > 0:
+        a = gaussian_blur_1d(a, radius, axis=1)
+    if radius_y > 0:
+        a = gaussian_blur_1d(a, radius_y, axis=0)
+    return Image.fromarray(a) if radius > 0 or radius_y > 0 else mask
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """OpenCV's Gaussian kernel for A1111's mask blur: k = 2 * int(2.5 * sigma + 0.5) + 1 taps (A1111's size),
+    weights exp(-(i - (k - 1) / 2)^2 / (2 sigma^2)) summing to 1 (cv2.getGaussianKernel)."""
+    k = 2 * int(2.5 * sigma + 0.5) + 1
+    x = np.arange(k, dtype=np.float64) - (k - 1) / 2
+    w = np.exp(-x * x / (2.0 * sigma * sigma))
+    return w / w.sum()
+
+
+def gaussian_blur_1d(a: np.ndarray, sigma: float, axis: int) -> np.ndarray:
+    """An 8-bit picture blurred along `axis` by `gaussian_kernel(sigma)`, its edges mirrored without repeating the
+    edge pixel (OpenCV's BORDER_DEFAULT, BORDER_REFLECT_101: ..., 2, 1 | 0, 1, 2, ...), rounded to 0..255."""
+    w = gaussian_kernel(sigma)
+    r, n = len(w) // 2, a.shape[axis]
+    period = max(2 * (n - 1), 1)
+    j = np.arange(-r, n + r) % period  # (reflected as often as the kernel's reach asks)
+    x = np.take(a.astype(np.float64), np.where(j < n, j, period - j), axis=axis)
+    out = sum(wk * np.take(x, range(k, k + n), axis=axis) for k, wk in enumerate(w))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def fill_masked(picture: Image.Image, mask: Image.Image) -> Image.Image:

@@ -87,9 +87,13 @@ class Handoff(nn.Module):
             if hasattr(m, "at_step"):
                 m.at_step(i, n)
 
-    def at_call(self, k: int, n: int) -> None:
-        """The sampler's denoiser: this is model call k (from 0) of a run of n steps as A1111 counts them."""
+    def at_call(self, k: int, n: int, i: int, steps: int) -> None:
+        """The sampler's denoiser: this is model call k (from 0) of a run of n steps as A1111 counts them (its
+        total_steps), within step i of its `steps` (its state.sampling_steps); passed on to the models inside."""
         self.call = (k, n)
+        for m in (self.first, self.second):
+            if hasattr(m, "at_call"):
+                m.at_call(k, n, i, steps)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, guidance_half: str | None = None, **cond) -> torch.Tensor:
         if self.by_steps and self.call is None:

@@ -241,6 +241,8 @@ class Denoiser:
         # the run's steps as AUTOMATIC1111's denoiser counts them (its total_steps: the plan's steps, twice for a
         # sampler of two calls a step), which a model that follows the call count is told with it (`at_call`)
         self.counted_steps = len(plan)
+        # its state.sampling_steps: the same without the doubling (the steps its callback counts, i after step i)
+        self.sampling_steps = len(plan)
         # CFG++ (keep_unconditional): the unconditional x_0 of the last evaluation, beside the guided one it returns
         self.keep_uncond, self.uncond_x0, self._uncond_out = False, None, None
 
@@ -293,8 +295,8 @@ class Denoiser:
             # counted in model evaluations where a step takes two (Heun: 2N - 1, as diffusers' doubled timesteps)
             at_step(*((self.calls, self.evaluations) if self.evaluations else (i, len(self.plan))))
         at_call = getattr(self.model, "at_call", None)
-        if at_call is not None:  # (SDXL's refiner switched by sampling steps: imagine.refiner)
-            at_call(self.calls, self.counted_steps)
+        if at_call is not None:  # (A1111's counts: SDXL's refiner by sampling steps, ControlNet windows)
+            at_call(self.calls, self.counted_steps, i, self.sampling_steps)
         # (the conditioning of step i, or for a sampler of two evaluations a step of the model call's count, as
         # AUTOMATIC1111 counts its prompt editing's steps: prompt editing changes it during the run)
         k = self.calls if self.evaluations else i
@@ -709,7 +711,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     elif canonical in COMPVIS_SAMPLERS and strength_rule != "diffusers":
         # (A1111's CompVis samplers count the steps asked, and in image to image t_enc + 1 for the t_enc they run:
         # sd_samplers_timesteps' launch_sampling)
-        denoise.counted_steps = steps if init is None else len(plan) + 1
+        denoise.counted_steps = denoise.sampling_steps = steps if init is None else len(plan) + 1
     kwargs = {"variance_type": variance_type} if canonical == "ddpm" else {}
     kwargs.update(_sampler_options(canonical, sampler_options))
     if init is not None and kwargs.get("ends") == "model":  # (A1111's img2img runs DPM-Solver over the steps run)

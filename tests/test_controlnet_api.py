@@ -227,8 +227,9 @@ def test_two_units_in_their_order_and_a_real_client(server, models):
 
 
 def test_guidance_window_reaches_the_pipeline(server, models):
-    """guidance_start / guidance_end: the pipeline's control_guidance_start / end (diffusers' rule: a step acts when
-    it lies within the window), and the infotext says the window."""
+    """guidance_start / guidance_end: the pipeline's control_guidance_start / end, which under A1111's rules (the
+    API's) act by the ControlNet extension's rule (models.controlnet.a1111_acts; this test asserted diffusers' rule
+    before, which the extension does not follow: test_controlnet_review_fixes), and the infotext says the window."""
     r = _post(server, seed=17, steps=5, **_units(_unit("edges", _edges(), guidance_start=0.2, guidance_end=0.6)))
     assert r.status_code == 200, r.text
     pipe = _pipe(models, "edges")
@@ -313,7 +314,8 @@ def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
     ({"model": "edges", "module": "depth_midas"}, ".module", "'depth_midas' is not one imagine runs; valid: 'none', "),
     ({"model": "edges", "resize_mode": "Stretch"}, ".resize_mode", "must be 'Just Resize', 'Crop and Resize' or"),
     ({"model": "edges", "threshold_a": "x"}, ".threshold_a", "must be a number (-1: the preprocessor's default)"),
-    ({"model": "edges", "guidance_start": 0.6, "guidance_end": 0.4}, ".guidance_start", "must be below guidance_end"),
+    # (the extension refuses only start > end; start == end is accepted: test_controlnet_review_fixes)
+    ({"model": "edges", "guidance_start": 0.6, "guidance_end": 0.4}, ".guidance_start", "must not be above guidance_end"),
     ({"model": "edges", "guidance_end": 1.5}, ".guidance_end", "between 0 and 1"),
     ({"model": "edges", "guidance": -1}, ".guidance", "between 0 and 1"),
     ({"model": "depth [12345678]"}, ".model", "'depth [12345678]' is not a loaded ControlNet; loaded: edges ["),

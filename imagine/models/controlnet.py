@@ -195,6 +195,15 @@ def _add(h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     return torch.cat([h] * (rows // h.shape[0])) + torch.cat([cond] * (rows // cond.shape[0]))
 
 
+def a1111_acts(i: int, n: int, window: tuple[float, float]) -> bool:
+    """Whether a unit acts at the model call of sampler step i of n, by the ControlNet extension's rule (its
+    hook.py guidance_schedule_handler: stopped when `sampling_step / total < start or > end`). Its sampling_step
+    is A1111's state.sampling_step, which the sampler's callback sets to i after step i: step i's call sees
+    max(i - 1, 0) (both calls of a two-call sampler's step the same); total is state.sampling_steps, the steps run."""
+    done = max(i - 1, 0) / n
+    return not (done < window[0] or done > window[1])
+
+
 class Controlled(nn.Module):
     """The denoiser a sampler calls with ControlNets: each ControlNet reads (x_t, t, the text) and its control
     picture, and the sum of their residuals (scaled) goes into the U-Net's skips and bottleneck (diffusers'
@@ -206,14 +215,15 @@ class Controlled(nn.Module):
     ("ControlNet is more important": its level factors, the conditional rows only). A pooled ControlNet (shuffle)
     always acts on the conditional rows only, as diffusers runs it, unscaled by level in guess mode.
     A ControlNet acts on the steps i of n with start <= i / n and (i + 1) / n <= end (diffusers'
-    control_guidance_start / end, A1111's starting and ending control step), which the sampler's denoiser tells
-    through `at_step`; outside them it is not run. A guidance batch (x once, k rows of conditioning) passes
+    control_guidance_start / end), which the sampler's denoiser tells through `at_step`; outside them it is not
+    run. window_rule "a1111" (A1111's rules: its ControlNet extension's) reads them by `a1111_acts` over the step
+    and steps its denoiser tells through `at_call`. A guidance batch (x once, k rows of conditioning) passes
     through: the control pictures are the same for every copy. Conditional and unconditional texts of different
     lengths come in two calls, each told its `guidance_half` ("uncond" / "cond")."""
 
     takes_guidance_half = True
 
-    def __init__(self, model, controls: list[tuple]):
+    def __init__(self, model, controls: list[tuple], window_rule: str = "diffusers"):
         super().__init__()
         self.model = model
         self.nets = nn.ModuleList([c[0] for c in controls])
@@ -226,15 +236,26 @@ class Controlled(nn.Module):
                 raise ValueError(f"control mode must be one of {', '.join(CONTROL_MODES)}; got {c[3]!r}")
         self.shares_guidance_batch = bool(getattr(model, "shares_guidance_batch", False))
         self.config = getattr(model, "config", None)
+        if window_rule not in ("diffusers", "a1111"):
+            raise ValueError(f"window_rule must be 'diffusers' or 'a1111'; got {window_rule!r}")
+        self.window_rule = window_rule
         self.step: tuple[int, int] | None = None  # (i, n), set by the denoiser before each call
+        self.a1111_step: tuple[int, int] | None = None  # (step, A1111's sampling_steps), set by the denoiser
         self._features: dict[int, torch.Tensor] = {}  # per unit: its picture's features, made at its first call
 
     def at_step(self, i: int, n: int) -> None:
         self.step = (i, n)
 
+    def at_call(self, k: int, n: int, i: int, steps: int) -> None:
+        """The sampler's denoiser: model call k of n as A1111 counts them, within its step i of `steps` (its
+        state.sampling_steps), which the extension's window rule reads."""
+        self.a1111_step = (i, steps)
+
     def _acts(self, window: tuple[float, float]) -> bool:
         if self.step is None:
             return True
+        if self.window_rule == "a1111" and self.a1111_step is not None:
+            return a1111_acts(*self.a1111_step, window)
         i, n = self.step
         return not (i / n < window[0] or (i + 1) / n > window[1])
 

@@ -843,7 +843,8 @@ class TextToImagePipeline:
                                           n_prompts, num_images_per_prompt,
                                           0.0 if control_guidance_start is None else control_guidance_start,
                                           1.0 if control_guidance_end is None else control_guidance_end,
-                                          "guess" if guess_mode else (control_mode or "balanced"))
+                                          "guess" if guess_mode else (control_mode or "balanced"),
+                                          a1111=strength_rule != "diffusers")
         if init_latents is not None:  # image to image from latents (hires. fix's latent upscale)
             if inits is not None:
                 raise ValueError("give init_image or init_latents, not both")
@@ -1347,7 +1348,7 @@ class TextToImagePipeline:
         return [(im.convert(mode) if mode else im) for im in images for _ in range(per_prompt)]
 
     def _control_pictures(self, control_image, scales, n_prompts: int, per_prompt: int, starts=0.0,
-                          ends=1.0, modes="balanced") -> list[tuple]:
+                          ends=1.0, modes="balanced", a1111: bool = False) -> list[tuple]:
         """(ControlNet, one RGB picture per image of the batch, scale, (start, end), control mode) per loaded
         ControlNet; [] with no picture."""
         if control_image is None:
@@ -1377,9 +1378,10 @@ class TextToImagePipeline:
         scales = per_controlnet(scales, "controlnet_scale")
         starts = per_controlnet(starts, "control_guidance_start", 0.0, 1.0)
         ends = per_controlnet(ends, "control_guidance_end", 0.0, 1.0)
-        for s, e in zip(starts, ends):
-            if s >= e:
-                raise ValueError(f"control_guidance_start ({s:g}) must be below control_guidance_end ({e:g})")
+        for s, e in zip(starts, ends):  # (A1111's ControlNet extension runs start == end: one step)
+            if s > e or (s == e and not a1111):
+                raise ValueError(f"control_guidance_start ({s:g}) must be below control_guidance_end ({e:g})"
+                                 + ("" if a1111 else " (equal: under A1111's rules)"))
         from imagine.models.controlnet import CONTROL_MODES
 
         modes = [modes] * n if isinstance(modes, str) else list(modes)
@@ -1544,7 +1546,9 @@ class TextToImagePipeline:
             from imagine.models.controlnet import Controlled
 
             copy = fast_copy if self.precision == "fast" else exact_copy
-            model = Controlled(model, [(copy(net), *rest) for net, *rest in controls])
+            # (the guidance windows by A1111's ControlNet extension's rule under A1111's rules, else diffusers')
+            model = Controlled(model, [(copy(net), *rest) for net, *rest in controls],
+                               window_rule="diffusers" if strength_rule == "diffusers" else "a1111")
         if refiner_switch is not None:  # SDXL's refiner for the last steps (imagine.refiner)
             from imagine.refiner import Handoff
 

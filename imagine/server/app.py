@@ -386,7 +386,7 @@ class _Inpainting:
     """One img2img request's A1111 inpainting, made ready for the pipeline (`prepare_inpainting`): per picture, what
     the model gets (picture and mask, at the generation size) and how its result goes back (`finish`)."""
 
-    blur: int
+    blur: int  # mask_blur_x
     fill: int  # 0 fill, 1 original
     full_res: bool  # "Only masked" (False also when the mask was blank: A1111 then runs plain img2img)
     padding: int
@@ -396,24 +396,30 @@ class _Inpainting:
     originals: list  # per picture: what the result is laid over
     overlays: list  # per picture: the mask the result is laid over it with (blurred; x2 without "Only masked")
     boxes: list  # per picture: the crop (left, top, right, bottom) for "Only masked", else None
+    blur_y: int | None = None  # mask_blur_y (None: as blur)
+
+    @property
+    def mask_blur(self) -> int | None:
+        """A1111's mask_blur property: the radius when x and y agree, else None (its infotext then has none)."""
+        return self.blur if self.blur_y in (None, self.blur) else None
 
     def finish(self, image, k: int):
         """Picture k's result -> A1111's answer: pasted back into the crop (resized to it) for "Only masked", then
         laid over the original with the blurred mask, so the kept part is the original's own pixels."""
-        from PIL import Image
-
         from imagine.inpainting import paste_over
 
         box, original = self.boxes[k], self.originals[k]
         if box is not None:
             whole = original.copy()
-            whole.paste(image.convert("RGB").resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS), box[:2])
+            # (A1111's apply_overlay: `image = images.resize_image(1, image, w, h)`, crop and resize, then paste)
+            whole.paste(fit_picture(image.convert("RGB"), box[2] - box[0], box[3] - box[1], "crop_and_resize"),
+                        box[:2])
             image = whole
         return paste_over(image, original, self.overlays[k])
 
     def parameters(self) -> dict:
         """For the infotext (imagine.images.a1111_parameters)."""
-        return {"inpainting": True, "mask_blur": self.blur, "inpaint_full_res": self.full_res,
+        return {"inpainting": True, "mask_blur": self.mask_blur, "inpaint_full_res": self.full_res,
                 "inpaint_full_res_padding": self.padding, "masked_content": A1111_FILL_LABELS.get(self.fill),
                 "mask_invert": bool(self.invert)}
 
@@ -422,8 +428,8 @@ class _Inpainting:
         out = {}
         if self.invert:
             out["Mask mode"] = "Inpaint not masked"
-        if self.blur > 0:
-            out["Mask blur"] = self.blur
+        if (self.blur > 0 or (self.blur_y or 0) > 0) and self.mask_blur is not None:
+            out["Mask blur"] = self.mask_blur
         if self.full_res:
             out["Inpaint area"] = "Only masked"
             out["Masked area padding"] = self.padding
@@ -433,13 +439,17 @@ class _Inpainting:
 
 
 def prepare_inpainting(pictures: list, mask, width: int, height: int, *, blur: int, fill: int, full_res: bool,
-                       padding: int, invert: int, resize_mode: str = "just_resize") -> _Inpainting | None:
+                       padding: int, invert: int, resize_mode: str = "just_resize",
+                       blur_y: int | None = None) -> _Inpainting | None:
     """AUTOMATIC1111's img2img inpainting (its StableDiffusionProcessingImg2Img.init) around imagine's pipeline:
-    the binary mask (`_decode_mask`) inverted if asked, blurred (`blur_mask`); then either "Only masked" (the crop
-    around the mask, grown by `padding` and to width:height, `crop_region`, resized to width x height; the result
-    is pasted back) or the whole picture and the mask brought to width x height by `resize_mode` (`fit_picture`;
-    its overlay mask doubled, as A1111's, so the result shows fully from mid-blur inward); `fill` 0 fills the part to paint with the colours around it
-    (`fill_masked`) before encoding. None when "Only masked" finds a blank mask: A1111 then runs plain img2img."""
+    the binary mask (`_decode_mask`) inverted if asked, blurred (`blur_mask`: `blur` along x, `blur_y` along y,
+    else `blur`); then either "Only masked" (the crop
+    around the mask, grown by `padding` and to width:height, `crop_region`, brought to width x height by "resize
+    and fill" and its result pasted back by "crop and resize", as A1111's resize_image(2, ...) and
+    resize_image(1, ...)) or the whole picture and the mask brought to width x height by `resize_mode`
+    (`fit_picture`; its overlay mask doubled, as A1111's, so the result shows fully from mid-blur inward); every
+    `fill` but 1 ("original") fills the part to paint with the colours around it (`fill_masked`) before encoding,
+    as A1111 does. None when "Only masked" finds a blank mask: A1111 then runs plain img2img."""
     from PIL import Image, ImageOps
 
     from imagine.inpainting import blur_mask, crop_region, fill_masked
@@ -447,26 +457,26 @@ def prepare_inpainting(pictures: list, mask, width: int, height: int, *, blur: i
     mask = mask.convert("L")
     if invert:
         mask = ImageOps.invert(mask)
-    mask = blur_mask(mask, blur)
+    mask = blur_mask(mask, blur, blur_y)
     if full_res and mask.getbbox() is None:
         return None
-    size = (width, height)
     out = _Inpainting(blur=blur, fill=fill, full_res=full_res, padding=padding, invert=invert, inits=[], masks=[],
-                      originals=[], overlays=[], boxes=[])
+                      originals=[], overlays=[], boxes=[], blur_y=blur_y)
     for picture in pictures:
         picture = picture.convert("RGB")
         if full_res:
             overlay = mask if mask.size == picture.size else mask.resize(picture.size, Image.LANCZOS)
             box = crop_region(overlay, width, height, padding) or (0, 0, *picture.size)
-            start = picture.crop(box).resize(size, Image.LANCZOS)
-            model_mask = overlay.crop(box).resize(size, Image.LANCZOS)
+            # (A1111: `images.resize_image(2, crop, self.width, self.height)`, resize and fill, picture and mask)
+            start = fit_picture(picture.crop(box), width, height, "resize_and_fill")
+            model_mask = fit_picture(overlay.crop(box), width, height, "resize_and_fill")
         else:
             box = None
             picture = fit_picture(picture, width, height, resize_mode)
             model_mask = fit_picture(mask, width, height, resize_mode)
             overlay = model_mask.point(lambda v: min(255, 2 * v))
             start = picture
-        if fill == 0:
+        if fill != 1:  # A1111: `if self.inpainting_fill != 1: image = masking.fill(image, latent_mask)`
             start = fill_masked(start, model_mask)
         out.inits.append(start)
         out.masks.append(model_mask)
@@ -1216,8 +1226,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                     raise ApiError(422, f"{where}.{key} must be a number between 0 and 1 (the fraction of the steps); "
                                         f"got {v!r}", f"{where}.{key}")
                 window.append(float(v))
-            if window[0] >= window[1]:
-                raise ApiError(422, f"{where}.guidance_start ({window[0]:g}) must be below guidance_end "
+            if window[0] > window[1]:  # (the extension refuses only start > end: start == end is one step)
+                raise ApiError(422, f"{where}.guidance_start ({window[0]:g}) must not be above guidance_end "
                                     f"({window[1]:g})", f"{where}.guidance_start")
             key = "image" if unit.get("image") not in (None, "") or "input_image" not in unit else "input_image"
             image, unused = _unit_picture(unit.get(key), f"{where}.{key}")
@@ -1231,10 +1241,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         return units, ignored
 
     def control_pictures(units: list[dict], pictures: list, n: int, starts: list | None,
-                         inpaint: "_Inpainting | None", width: int, height: int) -> list[list]:
+                         inpaint: "_Inpainting | None", width: int, height: int,
+                         resize_mode: str = "just_resize") -> list[list]:
         """Per unit, its map for each of the n images: the unit's own picture through its preprocessor, fitted to
         the image's size by its resize mode; a unit without a picture (img2img) reads the picture the image starts
-        from, as the extension takes the init image, stretched as the init picture is (img2img's "Just resize").
+        from, as the extension takes the init image, fitted by img2img's `resize_mode` (its get_input_data:
+        `resize_mode_from_value(p.resize_mode)`; latent upscale, which it does not know, stretches: "Just Resize").
         For "Only masked" inpainting the map is made at the init picture's size and cut to the same crop, as the
         extension crops it. Each unit records the settings of its first map (its infotext)."""
         out = []
@@ -1258,6 +1270,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                     made[key] = preprocessors.fit(m, *size, mode)
                 return made[key]
 
+            init_mode = "just_resize" if resize_mode == "latent_upscale" else resize_mode
             per_image = []
             for i in range(n):
                 own = picture is not None
@@ -1268,7 +1281,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                     per_image.append(prepared(source, inpaint.originals[k].size, mode).crop(inpaint.boxes[k]))
                 else:
                     source = picture if own else starts[i % len(starts)]
-                    per_image.append(prepared(source, (width, height), unit["resize"] if own else "just_resize"))
+                    per_image.append(prepared(source, (width, height), unit["resize"] if own else init_mode))
             out.append(per_image)
         return out
 
@@ -1351,18 +1364,14 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     def check_inpainting(req) -> dict:
         """A1111's inpainting options -> prepare_inpainting's keywords, or 422 naming the field. mask_blur sets
-        both radii, as in A1111; else mask_blur_x and mask_blur_y (4 each) must agree: one radius blurs here."""
+        both radii, as in A1111; else mask_blur_x and mask_blur_y (4 each) blur along x and y."""
         if req.mask_blur is not None:
-            blur = req.mask_blur
+            blur = blur_y = req.mask_blur
             check_int("mask_blur", blur, 0, MAX_MASK_BLUR, " (pixels)")
         else:
             check_int("mask_blur_x", req.mask_blur_x, 0, MAX_MASK_BLUR, " (pixels)")
             check_int("mask_blur_y", req.mask_blur_y, 0, MAX_MASK_BLUR, " (pixels)")
-            if req.mask_blur_x != req.mask_blur_y:
-                raise ApiError(422, f"mask_blur_x ({req.mask_blur_x}) and mask_blur_y ({req.mask_blur_y}) differ: "
-                                    "imagine blurs the mask with one radius; give mask_blur, or equal mask_blur_x "
-                                    "and mask_blur_y", "mask_blur_x")
-            blur = req.mask_blur_x
+            blur, blur_y = req.mask_blur_x, req.mask_blur_y
         if req.inpainting_fill not in (0, 1, 2, 3):
             raise ApiError(422, f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent "
                                 f"nothing); got {req.inpainting_fill!r}", "inpainting_fill")
@@ -1372,7 +1381,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if req.inpaint_full_res_padding < 0:
             raise ApiError(422, f"inpaint_full_res_padding must be a number of pixels >= 0; got "
                                 f"{req.inpaint_full_res_padding}", "inpaint_full_res_padding")
-        return {"blur": int(blur), "fill": int(req.inpainting_fill), "full_res": bool(req.inpaint_full_res),
+        return {"blur": int(blur), "blur_y": int(blur_y), "fill": int(req.inpainting_fill), "full_res": bool(req.inpaint_full_res),
                 "padding": int(req.inpaint_full_res_padding), "invert": int(req.inpainting_mask_invert),
                 "resize_mode": RESIZE_MODES[req.resize_mode]}
 
@@ -1542,7 +1551,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         starts = inpaint.inits if inpaint is not None else inits
         # (with hires. fix the maps are made at the first pass's size; the second pass takes them scaled up)
         controls = await run_in_threadpool(lambda: control_pictures(units, unit_pictures, n, starts, inpaint, width,
-                                                                    height))
+                                                                    height, resize_mode))
         # an empty negative prompt is none given: zeros on SDXL, as AUTOMATIC1111 runs it (encoded "" elsewhere)
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt or None] * n, seeds=seeds,
                   batch_size=batch_size, settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
@@ -1603,7 +1612,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         mask_info = {}
         if mask is not None:  # as sent, with what was done ("Only masked" is off when the mask was blank)
             o = mask_options
-            mask_info = {"mask_blur": o["blur"], "inpainting_fill": o["fill"], "inpainting_mask_invert": o["invert"],
+            mask_info = {"mask_blur": o["blur"] if o["blur"] == o["blur_y"] else None,  # (A1111's mask_blur)
+                         "inpainting_fill": o["fill"], "inpainting_mask_invert": o["invert"],
                          "inpaint_full_res": inpaint is not None and inpaint.full_res,
                          "inpaint_full_res_padding": o["padding"]}
         info = {

@@ -495,7 +495,8 @@ class ModelWorker:
                     modes = [u[4] if len(u) > 4 else "balanced" for u in units]
                     control = {"control_image": pictures[0] if one else pictures,
                                "controlnet_scale": weights[0] if one else weights}
-                    if any(v != 0 for v in starts) or any(v != 1 for v in ends):  # a guidance window
+                    # (the pipeline runs them by the ControlNet extension's rule: A1111's rules)
+                    if any(v != 0 for v in starts) or any(v != 1 for v in ends):
                         control.update(control_guidance_start=starts[0] if one else starts,
                                        control_guidance_end=ends[0] if one else ends)
                     if any(m != "balanced" for m in modes):
