@@ -108,3 +108,30 @@ def test_a_lora_file_moved_after_it_loaded_changes_nothing(tmp_path):
     lora.rename(tmp_path / "moved.safetensors")
     res = pipe.generate("a red circle", steps=1, height=32, width=32, progress=False, output_type="latent")
     assert res.parameters["lora_hashes"] == f"style: {digest}"
+
+
+def test_the_a1111_api_writes_the_same_hashes(tmp_path):
+    """The server's "Model hash" (its sd-models hash, its checkpoint title) is the file's sha256 as A1111's, the one
+    the CLI writes (it was a fingerprint of the file's ends), and its infotexts carry the run's Lora hashes."""
+    from fastapi.testclient import TestClient
+    from safetensors.torch import save_file
+    from test_loading import write_single_file
+    from test_lora import _kohya_lora
+
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.server.app import ServerConfig, create_app
+
+    single = tmp_path / "single" / "tiny-sd.safetensors"
+    unet, _, text = write_single_file(single, "sd1")
+    lora = tmp_path / "style.safetensors"
+    save_file(_kohya_lora(unet, text), str(lora))
+    pipe = TextToImagePipeline.from_pretrained(single)
+    pipe.load_lora(lora)
+    digest = hashlib.sha256(single.read_bytes()).hexdigest()
+    with TestClient(create_app(pipe, ServerConfig(max_width=64, max_height=64))) as c:
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 1, "width": 32, "height": 32})
+        assert r.status_code == 200, r.text
+        infotext = json.loads(r.json()["info"])["infotexts"][0]
+        assert f"Model hash: {digest[:10]}, Model: tiny-sd" in infotext
+        assert f'Lora hashes: "style: {hashes.lora_hash(lora)}"' in infotext
+        assert c.get("/sdapi/v1/sd-models").json()[0]["sha256"] == digest

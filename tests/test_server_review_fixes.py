@@ -238,8 +238,10 @@ def test_clip_stop_at_last_layers_runs_per_request_and_is_restored(clip_folder):
 # -- 5. transparent init pictures ------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
 def test_transparent_init_pictures_are_laid_on_white(client, mode):
-    """A1111 flattens an img2img picture onto img2img_background_color (#ffffff) before use; convert("RGB") showed
-    the colour hidden under transparent pixels (here black) instead."""
+    """A1111 flattens an RGBA img2img picture onto img2img_background_color (#ffffff) before use (images.flatten,
+    after fix_png_transparency, which makes RGBA of a palette picture with per-entry transparency bytes only);
+    convert("RGB") showed the colour hidden under transparent pixels (here black) instead. An LA picture, or a
+    palette with one transparent index, A1111 converts as it is."""
     picture = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
     picture.paste((255, 0, 0, 255), (4, 4, 12, 12))
     sent = picture.convert("LA") if mode == "LA" else picture
@@ -250,6 +252,8 @@ def test_transparent_init_pictures_are_laid_on_white(client, mode):
         sent.info["transparency"] = 0
     white = Image.new("RGB", (16, 16), (255, 255, 255))
     white.paste(sent.convert("RGBA"), mask=sent.convert("RGBA"))
+    if mode != "RGBA":  # (A1111: convert("RGB"), the hidden colour shown)
+        white = sent.convert("RGB")
     body = {**BODY, "denoising_strength": 0.5}
     got = client.post("/sdapi/v1/img2img", json={**body, "init_images": [_b64(sent)]})
     want = client.post("/sdapi/v1/img2img", json={**body, "init_images": [_b64(white)]})
@@ -258,7 +262,7 @@ def test_transparent_init_pictures_are_laid_on_white(client, mode):
     mask.paste(255, (6, 6, 10, 10))
     r = client.post("/sdapi/v1/img2img", json={**body, "init_images": [_b64(sent)], "mask": _b64(mask), "mask_blur": 0,
                                                "inpaint_full_res": False})
-    assert _image(r).convert("RGB").getpixel((0, 0)) == (255, 255, 255)  # (the kept part: the flattened picture)
+    assert _image(r).convert("RGB").getpixel((0, 0)) == white.getpixel((0, 0))  # (the kept part: the picture used)
 
 
 # -- 6. OpenAI's 400 -----------------------------------------------------------------------------

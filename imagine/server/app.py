@@ -306,7 +306,9 @@ def _flatten(im):
     pixels (often black)."""
     from PIL import Image
 
-    if im.mode not in ("RGBA", "LA", "PA") and "transparency" not in im.info:
+    # (A1111's fix_png_transparency makes RGBA of an RGB or palette picture whose transparency is per-entry bytes;
+    # flatten lays RGBA alone on the colour: an LA picture or a single transparent index becomes plain RGB)
+    if im.mode != "RGBA" and not (im.mode in ("RGB", "P") and isinstance(im.info.get("transparency"), bytes)):
         return im.convert("RGB")
     im = im.convert("RGBA")
     background = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -744,7 +746,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     samplers = SamplerTable(our_sampler_names())
     source = str(getattr(getattr(pipe, "c", None), "source", "") or "")
     name = model_name or (Path(source).name if source else "") or "default"
-    fingerprint = model_fingerprint(source) if source else hashlib.sha256(name.encode()).hexdigest()
+    if source and Path(source).is_file():  # (A1111's hash of a checkpoint: its sha256, the infotext's 10 digits)
+        from imagine.loading.hashes import file_sha256
+
+        fingerprint = file_sha256(source)
+    else:  # (a folder, which A1111 does not load: a fingerprint of its files in that place)
+        fingerprint = model_fingerprint(source) if source else hashlib.sha256(name.encode()).hexdigest()
     title = f"{name} [{fingerprint[:10]}]"
     version = imagine.__version__
     defaults = _model_defaults(pipe, samplers)
@@ -1601,7 +1608,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                job.settings.old_prompt_editing, hires_sampling and dict(hires_sampling), hires_shown,
                                # (written where a step was padded, as A1111 writes it)
                                job.settings.pad_conds if result is not None and result.parameters.get("padded_conds")
-                               else None, pipe.run_record() if hasattr(pipe, "run_record") else None)
+                               else None, {**(pipe.run_record() if hasattr(pipe, "run_record") else {}),
+                                           # (A1111's "Lora hashes" / "TI hashes" of the files the run used)
+                                           **{k: result.parameters[k] for k in ("lora_hashes", "ti_hashes")
+                                              if result is not None and k in result.parameters}})
                      for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:
