@@ -803,3 +803,19 @@ def test_a_hires_picture_on_the_default_schedules_is_made_again(server, page, tm
     assert page.input_value("#scheduler") == "Automatic" and page.input_value("#hr_sampler") == "Euler a"
     page.click("#generate")
     assert _gallery_download(page).tobytes() == made
+
+
+def test_a_hires_size_from_the_page_and_from_a_picture(server, page, tmp_path):
+    """The Upscale section's "Resize width to / height to" sends A1111's hr_resize_x / hr_resize_y (a size in place
+    of the scale); a picture made so ("Hires resize: 48x0") reads back into them and Generate makes it again."""
+    body = {"prompt": "a red circle", "steps": 3, "cfg_scale": 6, "width": 32, "height": 32, "seed": 21,
+            "sampler_name": "Euler", "enable_hr": True, "hr_resize_x": 48, "denoising_strength": 0.55,
+            "override_settings": {"randn_source": "CPU"}}
+    made = _api_picture(server, body, tmp_path / "resized.png")
+    _fill_form(page, server, prompt="something else", steps=9, seed=1, sampler="Euler a", size=64)
+    _read_picture(page, tmp_path / "resized.png")
+    assert [page.input_value(f"#{k}") for k in ("hr_resize_x", "hr_resize_y")] == ["48", "0"]
+    assert page.is_hidden("#pnginfo_notice")
+    page.click("#generate")
+    got = _gallery_download(page)
+    assert got.size == (48, 48) and got.tobytes() == made

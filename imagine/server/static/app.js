@@ -13,8 +13,8 @@ const MAX_SEED = 2 ** 32 - 1;
 const FILES = ["init_image", "mask", "control_image"];  // the pictures a request may carry
 const SAMPLER_OPTIONS = [["eta", "Eta"], ["s_churn", "Sigma churn"], ["s_tmin", "Sigma tmin"], ["s_tmax", "Sigma tmax"],
                          ["s_noise", "Sigma noise"]];  // A1111's body fields, their infotext labels
-const HIRES_FIELDS = ["enable_hr", "hr_scale", "hr_second_pass_steps", "hr_upscaler", "hr_prompt", "hr_negative_prompt",
-                      "hr_sampler_name", "hr_scheduler"];
+const HIRES_FIELDS = ["enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_second_pass_steps", "hr_upscaler",
+                      "hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler"];
 let busy = false;
 let generation = 0;  // the current generation's number: a poll loop of an older one stops when it sees it changed
 let job = null;  // the current generation's {n, id, seen, state: starting|queued|running|ending, stopping}
@@ -229,9 +229,12 @@ function formBody() {
     endpoint = "/sdapi/v1/img2img";
   } else {
     const scale = num("hr_scale", "Upscale scale", { min: 1, max: 4 });
-    if (scale > 1) {  // A1111's hires. fix
+    // (A1111's "Resize width to / height to": a size in place of the scale, either side 0 from the other)
+    const resizeX = num("hr_resize_x", "Resize width to", { integer: true, min: 0 });
+    const resizeY = num("hr_resize_y", "Resize height to", { integer: true, min: 0 });
+    if (scale > 1 || resizeX > 0 || resizeY > 0) {  // A1111's hires. fix
       Object.assign(body, {
-        enable_hr: true, hr_scale: scale,
+        enable_hr: true, hr_scale: scale, hr_resize_x: resizeX, hr_resize_y: resizeY,
         denoising_strength: num("hr_strength", "Upscale strength", { above: 0, max: 1 }),
         hr_second_pass_steps: num("hr_second_pass_steps", "Upscale steps", { integer: true, min: 0 }),
         hr_upscaler: $("hr_upscaler").value,
@@ -278,7 +281,8 @@ function setFile(id, file) {
 function updateFileButtons() {
   for (const id of FILES) $(id + "_clear").hidden = !$(id).files.length;
   // hires. fix runs from text only: with a picture to start from, the Upscale section is not applied
-  $("hires_ignored").hidden = !($("init_image").files.length && Number($("hr_scale").value) > 1);
+  $("hires_ignored").hidden = !($("init_image").files.length && (Number($("hr_scale").value) > 1 ||
+                                Number($("hr_resize_x").value) > 0 || Number($("hr_resize_y").value) > 0));
 }
 
 // open the folded sections whose settings are not the defaults (a reader sees what applies)
@@ -323,6 +327,8 @@ function bodyToForm(b, files = {}) {
   }
   if (b.enable_hr && !files.init_image) {
     set("hr_scale", b.hr_scale);
+    set("hr_resize_x", b.hr_resize_x || 0);
+    set("hr_resize_y", b.hr_resize_y || 0);
     set("hr_strength", b.denoising_strength ?? 0.7);  // (A1111's hires strength when none is sent)
     set("hr_second_pass_steps", b.hr_second_pass_steps);
     $("hr_upscaler").value = hiresUpscaler(b.hr_upscaler);
@@ -424,7 +430,11 @@ function addCard(b64, params, made) {
   const rows = [["Seed", made.seed], ["Steps", params.steps], ["Sampler", params.sampler_name],
                 ["CFG", params.cfg_scale], ["Size", params.width + "×" + params.height]];
   if (params.scheduler && params.scheduler !== "Automatic") rows.push(["Schedule", params.scheduler]);
-  if (params.enable_hr) rows.push(["Upscale", "×" + params.hr_scale + ", strength " + params.denoising_strength]);
+  if (params.enable_hr) {
+    const to = params.hr_resize_x || params.hr_resize_y ? "to " + params.hr_resize_x + "×" + params.hr_resize_y
+      : "×" + params.hr_scale;
+    rows.push(["Upscale", to + ", strength " + params.denoising_strength]);
+  }
   if (params.subseed_strength > 0) rows.push(["Variation", made.subseed + " at " + params.subseed_strength]);
   if (params.negative_prompt) rows.push(["Negative", params.negative_prompt]);
   if (made.interrupted) rows.push(["Note", "interrupted"]);
@@ -526,7 +536,7 @@ const READ_FIELDS = new Set([
   "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1", "Size-2", "Eta",
   "Eta DDIM", "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise", "Variation seed", "Variation seed strength",
   "Seed resize from-1", "Seed resize from-2", "RNG", "ENSD", "Noise Schedule", "Downcast alphas_cumprod",
-  "Old prompt editing timelines", "Pad conds", "Pad conds v0", "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler",
+  "Old prompt editing timelines", "Pad conds", "Pad conds v0", "Denoising strength", "Hires upscale", "Hires resize-1", "Hires resize-2", "Hires steps", "Hires upscaler",
   "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
 ]);
 const RECORD_FIELDS = new Set(["Model", "Model hash", "Version", "VAE hash", "Lora hashes", "TI hashes", "Hashes",
@@ -600,9 +610,11 @@ function pictureBody(p) {
     pad_cond_uncond: isTrue(p["Pad conds"]),
     pad_cond_uncond_v0: isTrue(p["Pad conds v0"]),
   };
-  if (infoNumber(p["Hires upscale"]) > 1) {
+  if (infoNumber(p["Hires upscale"]) > 1 || infoNumber(p["Hires resize-1"]) > 0 || infoNumber(p["Hires resize-2"]) > 0) {
     body.enable_hr = true;
     put("hr_scale", "Hires upscale");
+    put("hr_resize_x", "Hires resize-1");
+    put("hr_resize_y", "Hires resize-2");
     put("denoising_strength", "Denoising strength");
     put("hr_second_pass_steps", "Hires steps");
     body.hr_upscaler = hiresUpscaler(p["Hires upscaler"]);
