@@ -81,17 +81,24 @@ def test_fit_follows_the_extensions_resize_modes():
     middle 64 columns (from 32). Resize and Fill: k = min = 0.64, scaled to 64 x 32, centred 16 rows down on the
     median colour of the picture's border. Just Resize: stretched."""
     src = _columns(100, 50)
+    # (the resize is the extension's high_quality_resize, cv2 INTER_CUBIC up / INTER_AREA down for a many-colour
+    # map -- no longer Lanczos, which thickened or erased binary edge maps; imagine's 8-bit rounding may be a level
+    # off OpenCV's fixed-point paths, hence the tolerance of 1)
+    def close(a, b):
+        return a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
     crop = np.asarray(pp.fit(src, 64, 64, "crop_and_resize"))
-    want = np.asarray(src.resize((128, 64), Image.LANCZOS))[:, 32:96]
-    assert crop.shape == (64, 64, 3) and np.array_equal(crop, want)
+    want = cv2.resize(np.asarray(src), (128, 64), interpolation=cv2.INTER_CUBIC)[:, 32:96]
+    assert crop.shape == (64, 64, 3) and close(crop, want)
     fill = np.asarray(pp.fit(src, 64, 64, "resize_and_fill"))
     a = np.asarray(src)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     median = np.median(border, axis=0).astype(np.uint8)
     assert np.array_equal(fill[:16], np.broadcast_to(median, (16, 64, 3)))
     assert np.array_equal(fill[48:], np.broadcast_to(median, (16, 64, 3)))
-    assert np.array_equal(fill[16:48], np.asarray(src.resize((64, 32), Image.LANCZOS)))
-    assert np.array_equal(np.asarray(pp.fit(src, 64, 64, "just_resize")), np.asarray(src.resize((64, 64), Image.LANCZOS)))
+    assert close(fill[16:48], cv2.resize(np.asarray(src), (64, 32), interpolation=cv2.INTER_AREA))
+    assert close(np.asarray(pp.fit(src, 64, 64, "just_resize")),
+                 cv2.resize(np.asarray(src), (64, 64), interpolation=cv2.INTER_AREA))
     # a two-colour map (edges) stays two colours
     edges = pp.canny(Image.fromarray(_photo(50, 100, 3)), resolution=50)
     out = np.asarray(pp.fit(edges, 64, 64, "crop_and_resize"))
