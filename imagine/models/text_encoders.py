@@ -485,6 +485,15 @@ def text_encoder_family(model) -> str | None:
         return None  # (the loader says what is wrong with it)
 
 
+def loaded_family(encoder) -> str | None:
+    """`text_encoder_family` of a text encoder already loaded: "sdxl" (towers), "openclip" (a CLIP model with exact
+    GELU: SD 2.x's OpenCLIP ViT-H), "clip" (quick GELU: SD 1.x's), else None."""
+    if getattr(encoder, "towers", None):
+        return "sdxl"
+    act = getattr(getattr(getattr(encoder, "model", None), "config", None), "hidden_act", None)
+    return {"gelu": "openclip", "quick_gelu": "clip"}.get(act) if getattr(encoder, "kind", None) == "clip" else None
+
+
 def _folder_family(root: Path) -> str | None:
     import json
 

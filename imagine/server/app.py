@@ -960,10 +960,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         """A1111 reads CLIP_stop_at_last_layers for SD 1.x's CLIP alone: SD 2.x's OpenCLIP tower (exact GELU, where
         OpenAI's CLIP has quick GELU) always takes its penultimate layer (sd_hijack_open_clip), and SDXL's towers skip
         only under its sdxl_clip_l_skip option, off by default."""
-        encoder = getattr(pipe, "text_encoder", None)
-        if getattr(encoder, "towers", None):
-            return True
-        return getattr(getattr(getattr(encoder, "model", None), "config", None), "hidden_act", None) == "gelu"
+        from imagine.models.text_encoders import loaded_family
+
+        return loaded_family(getattr(pipe, "text_encoder", None)) in ("openclip", "sdxl")
 
     def a1111_clip_skip(req) -> int | None:
         """The text encoder's clip_skip for this request (diffusers' numbering: A1111's CLIP_stop_at_last_layers - 1),
