@@ -135,6 +135,15 @@ def _eta(name: str, eta, default: float) -> float:
     return eta
 
 
+def _noise_scale(name: str, s_noise) -> float:
+    # s_noise: the scale of the fresh noise a stochastic step adds (k-diffusion's s_noise; A1111's "Sigma noise",
+    # which it passes to the samplers of its sampler_extra_params); 1 is the sampler's own SDE
+    if isinstance(s_noise, bool) or not isinstance(s_noise, (int, float)) or not 0 <= s_noise < math.inf:
+        raise ValueError(f"{name}: s_noise (the scale of its fresh noise) must be a number >= 0 and finite; "
+                         f"got {s_noise!r}")
+    return float(s_noise)
+
+
 def _check_band(s_tmin, s_tmax) -> None:
     if not 0 <= s_tmin <= s_tmax:
         raise ValueError(f"need 0 <= s_tmin <= s_tmax; got s_tmin={s_tmin}, s_tmax={s_tmax}")
@@ -460,8 +469,7 @@ def sample_restart(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noi
     returns the VE sample."""
     if eta not in (None, 0, 0.0):
         raise ValueError(f"restart takes no eta (got {eta}): its noise is the restart's jump up, scaled by s_noise")
-    if isinstance(s_noise, bool) or not isinstance(s_noise, (int, float)) or not s_noise >= 0:
-        raise ValueError(f"s_noise (the restart noise's scale) must be a number >= 0; got {s_noise!r}")
+    s_noise = _noise_scale("restart", s_noise)
     _ends_at_zero(plan, "restart")
     dtype = x.dtype
     segments = restart_segments(plan.sigmas.tolist(), restart_list)
@@ -533,7 +541,7 @@ def sample_lms(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=N
     return _ve_to_vp(x, sigmas[-1], dtype)
 
 
-def _dpm2(denoise, x, plan, *, eta, noise, callback, progress, name, churn=(0.0, 0.0, math.inf, 1.0)):
+def _dpm2(denoise, x, plan, *, eta, noise, callback, progress, name, churn=(0.0, 0.0, math.inf, 1.0), s_noise=1.0):
     sigmas, dtype = plan.sigmas.tolist(), x.dtype
     x = _vp_to_ve(x, sigmas[0])
     for i in _steps(plan, progress, name):
@@ -550,7 +558,7 @@ def _dpm2(denoise, x, plan, *, eta, noise, callback, progress, name, churn=(0.0,
             d_mid = (x_mid - denoise.at_sigma(_ve_to_vp(x_mid, s_mid, dtype), s_mid, i)) / s_mid
             x = x + (s_down - s) * d_mid
         if eta > 0 and s_next > 0:
-            x = x + s_up * _noise(noise, x_t).double()
+            x = x + (s_up * s_noise) * _noise(noise, x_t).double()
     return _ve_to_vp(x, sigmas[-1], dtype)
 
 
@@ -570,24 +578,26 @@ def sample_dpm2(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
 
 
 def sample_dpm2_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
-                          callback=None, progress: bool = True) -> torch.Tensor:
+                          callback=None, progress: bool = True, s_noise: float = 1.0) -> torch.Tensor:
     """DPM2 ancestral (k-diffusion's sample_dpm_2_ancestral, A1111's "DPM2 a"): the DPM2 midpoint step down to
     sigma_down (midpoint sqrt(sigma sigma_down)), then fresh noise up to sigma_next, split as Euler ancestral's
-    (sigma_up^2 = eta^2 sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2); eta = 0 is DPM2."""
+    (sigma_up^2 = eta^2 sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2), scaled by s_noise; eta = 0 is DPM2."""
     eta = _eta("dpm2_a", eta, 1.0)
-    return _dpm2(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress, name="dpm2_a")
+    return _dpm2(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress, name="dpm2_a",
+                 s_noise=_noise_scale("dpm2_a", s_noise))
 
 
 def sample_dpmpp_2s_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
-                              callback=None, progress: bool = True) -> torch.Tensor:
+                              callback=None, progress: bool = True, s_noise: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral, A1111's "DPM++ 2S a"): Lu et al. 2022
     ("DPM-Solver++"), Algorithm 1 (singlestep, 2nd order) with r = 1/2, down to sigma_down of the ancestral split,
     then fresh noise up to sigma_next. In VE space (alpha = 1) with lambda = -log sigma, h = lambda_down - lambda:
         u = (sigma_mid / sigma) x - (e^{-h/2} - 1) D(x; sigma),            sigma_mid = sigma e^{-h/2},
         x_down = (sigma_down / sigma) x - (e^{-h} - 1) D(u; sigma_mid)
     (the data-prediction exponential integrator, eq. 9, with x_0 taken at the midpoint). The last step (to
-    sigma = 0) is Euler, i.e. x_0 = D(x). eta = 0 is the deterministic DPM-Solver++(2S). 2N - 1 model calls."""
-    eta = _eta("dpmpp_2s_a", eta, 1.0)
+    sigma = 0) is Euler, i.e. x_0 = D(x). eta = 0 is the deterministic DPM-Solver++(2S); s_noise scales the fresh
+    noise. 2N - 1 model calls."""
+    eta, s_noise = _eta("dpmpp_2s_a", eta, 1.0), _noise_scale("dpmpp_2s_a", s_noise)
     sigmas, dtype = plan.sigmas.tolist(), x.dtype
     x = _vp_to_ve(x, sigmas[0])
     for i in _steps(plan, progress, "dpmpp_2s_a"):
@@ -604,12 +614,13 @@ def sample_dpmpp_2s_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingP
             u = (s_mid / s) * x - math.expm1(-0.5 * h) * denoised
             x = (s_down / s) * x - math.expm1(-h) * denoise.at_sigma(_ve_to_vp(u, s_mid, dtype), s_mid, i)
         if eta > 0 and s_next > 0:
-            x = x + s_up * _noise(noise, x_t).double()
+            x = x + (s_up * s_noise) * _noise(noise, x_t).double()
     return _ve_to_vp(x, sigmas[-1], dtype)
 
 
 def sample_dpmpp_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
-                     progress: bool = True, r: float = 0.5, sde_noise: str = "brownian") -> torch.Tensor:
+                     progress: bool = True, r: float = 0.5, sde_noise: str = "brownian",
+                     s_noise: float = 1.0) -> torch.Tensor:
     """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde, A1111's "DPM++ SDE", diffusers' DPMSolverSDEScheduler): Lu
     et al. 2022 ("DPM-Solver++"), Algorithm 1 (singlestep, 2nd order) on the reverse SDE, each of its two substeps
     an ancestral one. In VE space with lambda = -log sigma, h = lambda_next - lambda, sigma_r = sigma e^{-r h}:
@@ -621,8 +632,9 @@ def sample_dpmpp_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, n
     normalized increment of the sample's noise between the two levels: both substeps start at sigma, so with
     sde_noise "brownian" (A1111's and diffusers') their noises are one Brownian path's, correlated as the SDE
     needs (so sde_noise is "brownian" only here). r in (0, 1]: where in log sigma the midpoint lies (1/2, the default,
-    is A1111's and diffusers'). The last step (to sigma = 0) is Euler, x_0 = D(x). 2N - 1 model calls."""
-    eta = _eta("dpmpp_sde", eta, 1.0)
+    is A1111's and diffusers'). s_noise scales su_1 and su_2's noise. The last step (to sigma = 0) is Euler,
+    x_0 = D(x). 2N - 1 model calls."""
+    eta, s_noise = _eta("dpmpp_sde", eta, 1.0), _noise_scale("dpmpp_sde", s_noise)
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
         raise ValueError(f"r (the midpoint's place in log sigma) must be in (0, 1]; got {r!r}")
     if eta > 0 and (sde_noise == "independent" or (noise is not None and getattr(noise, "brownian", None) is None)):
@@ -646,13 +658,13 @@ def sample_dpmpp_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, n
         u = (s_down / s) * x + (1 - s_down / s) * denoised
         at, at_mid, at_next = _float32_levels(s, s_next, r)
         if s_up > 0:
-            u = u + s_up * z(at, at_mid).double()
+            u = u + (s_up * s_noise) * z(at, at_mid).double()
         denoised_mid = denoise.at_sigma(_ve_to_vp(u, s_mid, dtype), s_mid, i)
         s_down, s_up = _ancestral_step(s, s_next, eta)
         d = (1 - 1 / (2 * r)) * denoised + (1 / (2 * r)) * denoised_mid
         x = (s_down / s) * x + (1 - s_down / s) * d
         if s_up > 0:
-            x = x + s_up * z(at, at_next).double()
+            x = x + (s_up * s_noise) * z(at, at_next).double()
     return _ve_to_vp(x, sigmas[-1], dtype)
 
 
@@ -738,7 +750,7 @@ def sample_lcm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=N
 
 # -- DPM-Solver++ (Lu et al. 2022) -----------------------------------------------------------------------
 def _dpm_solver_pp_2m(denoise, x, plan, *, eta, noise, callback, progress, name, s_tmin=0.0, s_tmax=math.inf,
-                      solver_type="midpoint", sde_noise="brownian"):
+                      solver_type="midpoint", sde_noise="brownian", s_noise=1.0):
     # VP quantities: alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma alpha, lambda = log(alpha/sigma_vp) = -log sigma
     _distinct_levels(plan, name)
     sigmas = plan.sigmas.tolist()
@@ -768,7 +780,7 @@ def _dpm_solver_pp_2m(denoise, x, plan, *, eta, noise, callback, progress, name,
             c = -0.5 * math.expm1(-h_eta) if solver_type == "midpoint" else math.expm1(-h_eta) / h_eta + 1
             x = x + (alpha_next * c * h / h_last) * (denoised - old_denoised)
         if eta_i > 0:
-            x = x + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * eta_i * h))) * z(s, s_next)
+            x = x + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * eta_i * h)) * s_noise) * z(s, s_next)
         old_denoised, h_last = denoised, h
     return x
 
@@ -785,22 +797,24 @@ def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, no
 
 def sample_dpmpp_2m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
                         callback=None, progress: bool = True, s_tmin: float = 0.0, s_tmax: float = math.inf,
-                        sde_noise: str = "brownian") -> torch.Tensor:
+                        sde_noise: str = "brownian", s_noise: float = 1.0) -> torch.Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 4 and appendix; k-diffusion's sample_dpmpp_2m_sde, diffusers'
     "sde-dpmsolver++" with the midpoint correction): the same 2nd-order data prediction on the reverse SDE, adding
     noise of variance sigma_next^2 (1 - e^{-2h}) each step; eta in [0, 1] blends to the ODE (eta = 0). s_tmin,
     s_tmax: the band of noise levels that get noise (Karras et al. 2022, Alg. 2's S_tmin/S_tmax); outside it the
     step is the ODE's (A1111 exposes the same two settings). sde_noise: "brownian" (each sample's Brownian path,
-    as A1111 draws it; imagine.brownian) or "independent" (a fresh draw per step, as diffusers)."""
+    as A1111 draws it; imagine.brownian) or "independent" (a fresh draw per step, as diffusers). s_noise scales
+    the noise (k-diffusion's; A1111's "Sigma noise")."""
     eta = _eta("dpmpp_2m_sde", eta, 1.0)
     _check_band(s_tmin, s_tmax)
     return _dpm_solver_pp_2m(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
-                             name="dpmpp_2m_sde", s_tmin=float(s_tmin), s_tmax=float(s_tmax), sde_noise=sde_noise)
+                             name="dpmpp_2m_sde", s_tmin=float(s_tmin), s_tmax=float(s_tmax),
+                             s_noise=_noise_scale("dpmpp_2m_sde", s_noise), sde_noise=sde_noise)
 
 
 def sample_dpmpp_2m_sde_heun(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
                              callback=None, progress: bool = True, s_tmin: float = 0.0, s_tmax: float = math.inf,
-                             sde_noise: str = "brownian") -> torch.Tensor:
+                             sde_noise: str = "brownian", s_noise: float = 1.0) -> torch.Tensor:
     """SDE-DPM-Solver++(2M) with the "heun" correction (k-diffusion's solver_type='heun', A1111's "DPM++ 2M SDE
     Heun", diffusers' solver_type="heun"): the previous x_0's difference weighted by its exact integral against
     e^{-h_eta (1 - tau)}, (e^{-h_eta} - 1)/h_eta + 1, instead of the midpoint rule's (1 - e^{-h_eta})/2. One model
@@ -809,6 +823,7 @@ def sample_dpmpp_2m_sde_heun(denoise: Denoise, x: torch.Tensor, plan: SamplingPl
     _check_band(s_tmin, s_tmax)
     return _dpm_solver_pp_2m(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
                              name="dpmpp_2m_sde_heun", s_tmin=float(s_tmin), s_tmax=float(s_tmax),
+                             s_noise=_noise_scale("dpmpp_2m_sde_heun", s_noise),
                              solver_type="heun", sde_noise=sde_noise)
 
 
@@ -816,7 +831,7 @@ WARMUPS = ("diffusers", "k_diffusion")  # the 3M solvers' first steps: see sampl
 
 
 def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name, s_tmin=0.0, s_tmax=math.inf,
-                      sde_noise="brownian", warmup="diffusers"):
+                      sde_noise="brownian", warmup="diffusers", s_noise=1.0):
     # The 3rd-order multistep data-prediction solver on the ODE (eta = 0) or the reverse SDE (eta = 1): the
     # Taylor terms of x_0(lambda) integrated exactly against the weight (1 + eta) e^{-(1 + eta)(lambda_next -
     # lambda)}, so every phi below is the ODE's with h replaced by h_eta = (1 + eta) h.
@@ -862,7 +877,7 @@ def _dpm_solver_pp_3m(denoise, x, plan, *, eta, noise, callback, progress, name,
                 x = x + (alpha_next * (em1 / h_eta + 1.0)) * d1 \
                       - (alpha_next * ((em1 + h_eta) / h_eta**2 - 0.5)) * d2
         if eta_i > 0:
-            x = x + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * eta_i * h))) * z(s, s_next)
+            x = x + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * eta_i * h)) * s_noise) * z(s, s_next)
         hs = (hs + [h])[-2:]
     return x
 
@@ -888,7 +903,7 @@ def sample_dpmpp_3m(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, no
 
 def sample_dpmpp_3m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
                         callback=None, progress: bool = True, s_tmin: float = 0.0, s_tmax: float = math.inf,
-                        sde_noise: str = "brownian", warmup: str = "diffusers") -> torch.Tensor:
+                        sde_noise: str = "brownian", warmup: str = "diffusers", s_noise: float = 1.0) -> torch.Tensor:
     """SDE-DPM-Solver++(3M) (Lu et al. 2022, sec. 4 and appendix; k-diffusion's sample_dpmpp_3m_sde, A1111's
     "DPM++ 3M SDE", with diffusers' warm-up: see docs/samplers.md): the 3M solver on the reverse SDE, whose
     data-prediction solution weights x_0(lambda) by (1 + eta) e^{-(1 + eta)(lambda_next - lambda)}: with
@@ -898,13 +913,13 @@ def sample_dpmpp_3m_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *
     phi_2 = (e^{-h_eta} - 1)/h_eta + 1; eta = 0 is DPM-Solver++(3M). Fresh noise forgets the error of the start
     sample (e.g. under a schedule whose terminal SNR is not zero) as an ODE solver cannot. diffusers' third-order
     sde-dpmsolver++ (0.42) has -1/2 where the integral gives +1/2 in the D2 weight (its weight tends to -1, not
-    0, as h -> 0); the parity test corrects that one term. s_tmin, s_tmax, sde_noise: as for dpmpp_2m_sde;
+    0, as h -> 0); the parity test corrects that one term. s_tmin, s_tmax, sde_noise, s_noise: as for dpmpp_2m_sde;
     warmup: as for dpmpp_3m ("k_diffusion" is A1111's "DPM++ 3M SDE", which also discards the penultimate level)."""
     eta = _eta("dpmpp_3m_sde", eta, 1.0)
     _check_band(s_tmin, s_tmax)
     return _dpm_solver_pp_3m(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
                              name="dpmpp_3m_sde", s_tmin=float(s_tmin), s_tmax=float(s_tmax), sde_noise=sde_noise,
-                             warmup=warmup)
+                             warmup=warmup, s_noise=_noise_scale("dpmpp_3m_sde", s_noise))
 
 
 # -- DPM-Solver (Lu et al. 2022), singlestep: fixed steps ("DPM fast") and adaptive ones -------------------
@@ -1037,7 +1052,7 @@ def sample_dpm_fast(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, no
     Euler ancestral's sigma_down, then s_noise times fresh noise fills up to the next level. Prompt editing and
     ControlNet windows count model calls, as A1111's denoiser counts its steps. calls: K (default N; A1111's text to
     image passes the steps asked, which `sample` gives with ends "model", where a schedule type may lay out more)."""
-    eta = _eta("dpm_fast", eta, 0.0)
+    eta, s_noise = _eta("dpm_fast", eta, 0.0), _noise_scale("dpm_fast", s_noise)
     n = len(plan) if calls is None else calls
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"dpm_fast: calls (its model calls) must be a positive int; got {calls!r}")
@@ -1082,7 +1097,7 @@ def sample_dpm_adaptive(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *
     takes order 1.5). Off-grid calls count as the plan's step nearest their level (prompt editing, ControlNet
     windows). The callback reports each attempted step, with total the steps so far plus the rest of the range at
     the current step size (an estimate: the count is not known ahead)."""
-    eta = _eta("dpm_adaptive", eta, 0.0)
+    eta, s_noise = _eta("dpm_adaptive", eta, 0.0), _noise_scale("dpm_adaptive", s_noise)
     if order not in (2, 3):
         raise ValueError(f"dpm_adaptive's order must be 2 or 3 (DPM-Solver-12 or -23); got {order!r}")
     for name, v in (("rtol", rtol), ("atol", atol), ("h_init", h_init), ("accept_safety", accept_safety)):

@@ -194,14 +194,15 @@ class BlendAfterDenoising:
 
 
 def _run_a1111(kd, cfg, label, total, first=0, init=0.0, scheduler=None, seeds=SEEDS, img2img=False, paint=None,
-               inner=None):
+               inner=None, options=None):
     """A1111's run of k-diffusion sampler `label` over the levels of a `total`-step plan from level `first` on,
     starting at x = init + z sigma_first (z each image's first draw); Brownian trees over the whole plan. DPM fast
     and DPM adaptive get their ends from the model's range in txt2img, from the levels run in img2img. With `paint`
     (a latent mask, 1 where painted anew: A1111's nmask) its inpainting: the blend after denoising, and the result
     blended with the init at the end (its processing's samples * nmask + init_latent * mask). `inner`: what the
-    denoiser wraps (default CompVisModel(cfg))."""
+    denoiser wraps (default CompVisModel(cfg)). `options`: more keywords for the k-diffusion function."""
     funcname, kwargs, automatic, discard, brownian = A1111[label]
+    kwargs = {**kwargs, **(options or {})}
     wrapper = kd.external.CompVisVDenoiser if cfg["prediction_type"] == "v_prediction" else kd.external.CompVisDenoiser
     denoiser = wrapper(CompVisModel(cfg) if inner is None else inner)
     sigmas = a1111_sigmas(kd, denoiser, scheduler or automatic or "uniform", total + 1 if discard else total)
@@ -655,6 +656,26 @@ def test_churn_equals_k_diffusion(kd, label, churn):
     assert err < TOL, f"{label} with {churn}: max |ours - k-diffusion| = {err:.2e}"
     plain = run_ours(cfg, label, steps)
     assert (ours.float() - plain.float()).abs().max().item() > 1e-2  # (the churn does move the result)
+
+
+@pytest.mark.parametrize("label", ["DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun",
+                                   "DPM++ 3M SDE", "DPM fast", "DPM adaptive"])
+def test_s_noise_equals_k_diffusion(kd, label):
+    """The fresh noise's scale s_noise ("Sigma noise") on the stochastic samplers A1111 passes it to (its
+    sampler_extra_params: DPM fast, DPM2 a, DPM++ 2S a / SDE / 2M SDE / 3M SDE) and DPM adaptive, as k-diffusion
+    scales it. (Euler a is not among them: A1111 never passes it s_noise, and its sampler takes none.)"""
+    cfg, steps = CONFIGS[0], 8
+    theirs, _ = _run_a1111(kd, cfg, label, steps, options={"s_noise": 0.8})
+    settings = a1111_settings(label)
+    settings["sampler_options"] = {**settings.get("sampler_options", {}), "s_noise": 0.8}
+    ours = sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps, seeds=SEEDS,
+                  progress=False, **settings)
+    err = (ours.float() - theirs).abs().max().item()
+    assert err < TOL, f"{label} with s_noise 0.8: max |ours - k-diffusion| = {err:.2e}"
+    assert (ours.float() - run_ours(cfg, label, steps).float()).abs().max().item() > 1e-2  # (s_noise does act)
+    with pytest.raises(ValueError, match="s_noise .* must be a number >= 0"):
+        sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), steps=steps, seeds=SEEDS,
+               progress=False, **{**settings, "sampler_options": {**settings["sampler_options"], "s_noise": -1}})
 
 
 def test_churn_options_are_checked_and_count_steps():

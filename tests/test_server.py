@@ -269,6 +269,19 @@ def test_a1111_eta_and_noise_band(server, pipe):
                           sampler_options=options, progress=False, **a1111).images[0]
     got = _pixels(_decode(r.json()["images"][0]))
     assert np.array_equal(got, _pixels(want)) and not np.array_equal(got, _pixels(plain))
+    # s_noise reaches the samplers of A1111's sampler_extra_params (DPM++ 2M SDE), not Euler a (not among them)
+    r = _txt2img(server, sampler_name="DPM++ 2M SDE", s_noise=0.8, seed=6)
+    assert r.status_code == 200, r.text
+    a1111 = a1111_settings("DPM++ 2M SDE")
+    options = a1111.pop("sampler_options", {})
+    want = pipe.generate("a red circle", seed=6, steps=STEPS, height=SIZE, width=SIZE, guidance_scale=5.0,
+                         sampler_options={**options, "s_noise": 0.8}, progress=False, **a1111).images[0]
+    plain = pipe.generate("a red circle", seed=6, steps=STEPS, height=SIZE, width=SIZE, guidance_scale=5.0,
+                          sampler_options=options, progress=False, **a1111).images[0]
+    got = _pixels(_decode(r.json()["images"][0]))
+    assert np.array_equal(got, _pixels(want)) and not np.array_equal(got, _pixels(plain))
+    r = _txt2img(server, sampler_name="Euler a", s_noise=0.8)
+    assert r.status_code == 200 and json.loads(r.json()["info"])["ignored_fields"] == ["s_noise"]
     r = _txt2img(server, sampler_name="Euler", eta=0.5, s_tmin=0.0, s_tmax=0.0, s_churn=0.0, s_noise=1.0)
     assert r.status_code == 200 and json.loads(r.json()["info"])["ignored_fields"] == ["eta"]
     r = _txt2img(server, sampler_name="DDIM", s_tmin=0.0, s_churn=0.0, s_noise=1.0)
