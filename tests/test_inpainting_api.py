@@ -325,3 +325,27 @@ def test_latent_noise_and_latent_nothing_fills(plain):
         assert f"Masked content: {label}" in json.loads(r.json()["info"])["infotexts"][0]
         keep = np.asarray(_mask().convert("L")) < 128  # the kept part is the original's; the painted part the result's
         assert np.array_equal(np.asarray(got)[~keep], np.asarray(want.convert("RGB"))[~keep])
+
+
+def test_latent_noise_fill_of_every_round_is_the_first_rounds(plain):
+    """A1111 fills "latent noise" once for the whole job (StableDiffusionProcessingImg2Img.init, from
+    all_seeds[0:batch_size]): with n_iter 2 the second round's image (seed 6) starts from seed 5's fill, its own
+    noise from seed 6 (the pipeline's latent_noise_seeds)."""
+    pipe = plain.pipe
+    r = _post(plain, init_images=[_b64(_picture())], mask=_b64(_mask()), seed=5, inpainting_fill=2, n_iter=2,
+              batch_size=1, inpaint_full_res=False, mask_blur=0, denoising_strength=0.6)
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["all_seeds"] == [5, 6]
+    got = [np.asarray(_image(b)) for b in r.json()["images"][:2]]
+    start = fill_masked(_picture(), _mask().convert("L"))
+    kw = dict(init_image=start, mask_image=_mask(), strength=0.6, masked_content="latent_noise", progress=False, **API)
+    first = pipe.generate("a red circle", seed=5, **kw).images[0]
+    second = pipe.generate("a red circle", seed=6, latent_noise_seeds=[5], **kw).images[0]
+    own = pipe.generate("a red circle", seed=6, **kw).images[0]
+    keep = np.asarray(_mask().convert("L")) < 128
+    for image, want in zip(got, (first, second)):
+        assert np.array_equal(image[~keep], np.asarray(want.convert("RGB"))[~keep])
+    assert not np.array_equal(np.asarray(second), np.asarray(own))  # (the first round's fill is not the own one)
+    with pytest.raises(ValueError, match="latent_noise_seeds are for masked_content 'latent_noise'"):
+        pipe.generate("a red circle", seed=6, latent_noise_seeds=[5],
+                      **{**kw, "masked_content": "latent_nothing"})

@@ -31,7 +31,7 @@ from imagine.composable import ComposedConditioning, split_and
 from imagine.prompt_editing import Timeline, prompt_schedule, text_at
 from imagine.refiner import check_switch, with_refiner
 from imagine.samplers import default_guidance_scale, is_cfg_pp, resolve_sampler
-from imagine.sampling import make_generators, posterior_generators
+from imagine.sampling import PerSampleNoise, make_generators, posterior_generators
 
 log = logging.getLogger(__name__)
 
@@ -583,7 +583,7 @@ class TextToImagePipeline:
                  emphasis: bool = False, long_prompts: bool = False, prompt_editing: bool = False,
                  composable: bool = False, init_image=None, strength: float | None = None,
                  init_latents: torch.Tensor | None = None, mask_image=None, masked_content: str = "original",
-                 resize_mode: str = "just_resize", control_image=None,
+                 latent_noise_seeds: list[int] | None = None, resize_mode: str = "just_resize", control_image=None,
                  controlnet_scale: float | list[float] | None = None,
                  control_guidance_start: float | list[float] | None = None,
                  control_guidance_end: float | list[float] | None = None,
@@ -645,7 +645,9 @@ class TextToImagePipeline:
         from the text (everything masked), as AUTOMATIC1111 runs it. masked_content (AUTOMATIC1111's "masked
         content" for the part painted anew, which matters below strength 1): "original" (the picture), "latent_noise"
         (the latents there replaced by the run's own start noise, as A1111 draws it from the image's seed) or
-        "latent_nothing" (zeros).
+        "latent_nothing" (zeros). latent_noise_seeds (one per image): the seeds whose first draw is that noise
+        instead (AUTOMATIC1111 fills every n_iter round from the first round's seeds, all_seeds[0:batch_size], as its
+        processing fills the picture once for the whole job).
 
         control_image, controlnet_scale: the loaded ControlNets' pictures (`load_controlnet`), as diffusers'
         ControlNet pipelines take them: with one ControlNet a PIL image (or one per prompt) and a float; with
@@ -812,6 +814,9 @@ class TextToImagePipeline:
             raise ValueError(f"masked_content must be one of {', '.join(MASKED_CONTENTS)}; got {masked_content!r}")
         if masked_content != "original" and masks is None:
             raise ValueError(f"masked_content={masked_content!r} is for inpainting: give mask_image (and init_image)")
+        if latent_noise_seeds is not None and masked_content != "latent_noise":
+            raise ValueError("latent_noise_seeds are for masked_content 'latent_noise' (the seeds of its fill); got "
+                             f"masked_content={masked_content!r}")
         if strength is not None and inits is None and init_latents is None:
             raise ValueError("strength is image to image's (denoising strength); give init_image (or init_latents) "
                              "with it, or leave it out for text to image")
@@ -925,8 +930,10 @@ class TextToImagePipeline:
         encoders = generators if strength_rule == "diffusers" else posterior_generators(seeds)
         inpaint = {}
         if masks is not None or self.image_conditioned:
+            fill = None if latent_noise_seeds is None else \
+                PerSampleNoise(make_generators(len(prompts), latent_noise_seeds, rng=rng)).draw(shape)
             init, inpaint = self._inpainting(inits, masks, shape, width, height, generators, encoders, strength,
-                                             init_latents, masked_content, strength_rule)
+                                             init_latents, masked_content, strength_rule, fill)
         else:
             if inits is None or edit_from_noise:
                 init = None
@@ -1431,7 +1438,7 @@ class TextToImagePipeline:
 
     def _inpainting(self, inits, masks, shape, width: int, height: int, generators, encoders, strength: float,
                     init_latents: torch.Tensor | None = None, masked_content: str = "original",
-                    strength_rule: str = "diffusers"):
+                    strength_rule: str = "diffusers", fill: torch.Tensor | None = None):
         """The start and the model's inputs of an inpainting run, with diffusers' draws in diffusers' order (each
         image's generator: the picture's posterior, then the start noise, then the masked picture's posterior); the
         posteriors' draws come from `encoders` (the images' generators, or under A1111's rules streams of their own).
@@ -1439,9 +1446,9 @@ class TextToImagePipeline:
         num_images_per_prompt > 1 diffusers encodes a shared picture once, with the first image's generator: its
         later images differ from the same seeds run alone).
         An inpainting model given no mask paints everything anew: its mask is all ones, its masked picture all
-        zeros (AUTOMATIC1111's conditioning for such a model in text to image and image to image)."""
+        zeros (AUTOMATIC1111's conditioning for such a model in text to image and image to image). `fill`: the
+        noise of masked_content "latent_noise" (default: the start noise)."""
         from imagine.inpainting import a1111_latent_mask, latent_mask, masked_pixels, prepare_masks
-        from imagine.sampling import PerSampleNoise
 
         if self.vae is None:
             raise ValueError("inpainting needs a latent model (with a VAE); this model works on pixels")
@@ -1464,7 +1471,10 @@ class TextToImagePipeline:
         a1111 = strength_rule != "diffusers" and masks is not None
         keep = a1111_latent_mask(masks, width, height, shape[-2:]) if a1111 else latent_mask(mask, shape[-2:])
         if init is not None and masked_content != "original":  # A1111's masked content, in the part painted anew
-            fill = noise if masked_content == "latent_noise" else torch.zeros_like(init)
+            if masked_content == "latent_nothing":
+                fill = torch.zeros_like(init)
+            elif fill is None:
+                fill = noise
             init = torch.lerp(init, fill.to(init.dtype), keep.to(init.dtype))
         if image_cond:
             masked = self._encode_pixels(masked_pixels(pixels, mask), encoders)
@@ -1507,8 +1517,6 @@ class TextToImagePipeline:
     @torch.no_grad()
     def _encode_pixels(self, x: torch.Tensor, generators) -> torch.Tensor:
         """Pixels [B, 3, H, W] in [-1, 1] -> scaled latents z ~ q(z | x), drawn with each image's generator."""
-        from imagine.sampling import PerSampleNoise
-
         m = fast_copy(self.vae) if self.precision == "fast" else exact_copy(self.vae)
         xm = x.to(_weights_dtype(m))
         if m is not self.vae:  # the copies run channels-last maps

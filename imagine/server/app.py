@@ -1584,6 +1584,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                     old_prompt_editing=a1111_old_scheduling(req), pad_conds=a1111_pad_conds(req),
                                     clip_skip=a1111_clip_skip(req)),
                   subseeds=subseeds,
+                  # (A1111 fills "latent noise" once for the job, from all_seeds[0:batch_size]: every n_iter round
+                  # gets the first round's fill)
+                  latent_noise_seeds=[seeds[i % batch_size] for i in range(n)]
+                  if inpaint is not None and int(req.inpainting_fill) == 2 else None,
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],
                   control_images=controls or None)

@@ -142,6 +142,8 @@ class Job:
     masks: list | None = None  # inpainting (with init_images and settings.inpainting): a PIL mask per prompt
     control_images: list | None = None  # per unit of settings.controlnets: a list of one PIL picture per prompt
     subseeds: list[int] | None = None  # A1111's variation seeds, one per image (with settings.subseed_strength)
+    # the seeds of masked content "latent noise"'s fill, one per image (A1111's: the first n_iter round's)
+    latent_noise_seeds: list[int] | None = None
     # images per sampling batch where the sampler couples a batch's images (DPM adaptive): A1111's batch_size, each
     # n_iter round its own batch (None: the worker's max_batch)
     batch_size: int | None = None
@@ -434,6 +436,8 @@ class ModelWorker:
         negatives = [p for j in batch for p in j.negative_prompts]
         seeds = [x for j in batch for x in j.seeds]
         subseeds = [x for j in batch for x in (j.subseeds or j.seeds)] if s.subseed_strength else None
+        fill_seeds = [x for j in batch for x in (j.latent_noise_seeds or j.seeds)] \
+            if s.masked_content == "latent_noise" else None
         inits = [im for j in batch for im in (j.init_images or [])] \
             if s.strength is not None or s.noise_level is not None else None
         masks = [m for j in batch for m in j.masks] if s.inpainting else None  # (one settings: all have them)
@@ -520,6 +524,7 @@ class ModelWorker:
                               **({"refiner_switch_by_steps": True} if s.refiner_switch_by_steps else {}),
                               **({"subseeds": subseeds[a:b], "subseed_strength": s.subseed_strength}
                                  if subseeds else {}),
+                              **({"latent_noise_seeds": fill_seeds[a:b]} if fill_seeds else {}),
                               **({"image_guidance_scale": s.image_guidance_scale, "image_guidance_gate": False}
                                  if s.image_guidance_scale is not None else {}),
                               **({"init_image": inits[a:b], "strength": s.strength}
