@@ -110,13 +110,14 @@ def _scaled_size(h: int, w: int, resolution: int) -> tuple[int, int]:
 
 
 def _at_resolution(x: np.ndarray, resolution: int) -> np.ndarray:
-    """The picture scaled so that its short side is `resolution` (bicubic up, area down, as the extension's
-    cv2 INTER_CUBIC / INTER_AREA), then padded with its edge to a multiple of 64 at the bottom and right."""
+    """The picture scaled so that its short side is `resolution` (the extension's resize_image_with_pad: cv2
+    INTER_CUBIC up, INTER_AREA down, `cv_resize`), then padded with its edge to a multiple of 64 at the bottom and
+    right."""
     h, w = x.shape[:2]
     k = resolution / min(h, w)
     size = _scaled_size(h, w, resolution)
     if size != (w, h):
-        x = np.asarray(Image.fromarray(x).resize(size, Image.BICUBIC if k > 1 else Image.BOX))
+        x = cv_resize(x, size, "cubic" if k > 1 else "area")
     pad = [(0, -n % 64) for n in x.shape[:2]] + [(0, 0)] * (x.ndim - 2)
     return np.pad(x, pad, mode="edge")
 

@@ -54,6 +54,22 @@ def test_canny_at_its_resolution_pads_to_64_as_the_extension():
     assert pp.canny(Image.fromarray(x), resolution=64).size == (96, 64)
 
 
+@pytest.mark.parametrize("resolution", [64, 72, 160, 512])
+def test_canny_at_another_resolution_resizes_as_opencv(resolution):
+    """Away from the picture's size the extension resizes with cv2 (INTER_CUBIC up, INTER_AREA down; its
+    resize_image_with_pad) before Canny: the edges are OpenCV's of that picture (within a few pixels where a cubic
+    rounding tie puts a grey level one off: Canny's thresholds can flip there)."""
+    x = _photo(100, 150, 7)
+    k = resolution / 100
+    size = (int(np.round(150 * k)), int(np.round(100 * k)))
+    scaled = cv2.resize(x, size, interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    padded = np.pad(scaled, [(0, -n % 64) for n in scaled.shape[:2]] + [(0, 0)], mode="edge")
+    want = cv2.Canny(padded, 100.0, 200.0)[: size[1], : size[0]]
+    got = np.asarray(pp.canny(Image.fromarray(x), resolution=resolution))[..., 0]
+    assert got.shape == want.shape
+    assert (got != want).mean() < 1e-3, f"{(got != want).sum()} of {want.size} edge pixels differ"
+
+
 def test_invert_and_the_settings_rules():
     x = _photo(20, 30, 1)
     assert np.array_equal(np.asarray(pp.preprocess("invert (from white bg & black line)", Image.fromarray(x))), 255 - x)
