@@ -279,6 +279,7 @@ def test_img2img_unit_without_a_picture_reads_the_init_image(server, models):
 def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
     """enable_hr: both passes read the picture (generate_hires, as the extension's hr_option "Both"); "Only masked"
     inpainting: the control picture is cut to the same crop as the init picture, as the extension crops it."""
+    from imagine.images import fit_picture
     from imagine.preprocessors import fit
     from imagine.server.app import prepare_inpainting
 
@@ -300,7 +301,10 @@ def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
     inp = prepare_inpainting([picture], mask, 16, 16, blur=4, fill=0, full_res=True, padding=0, invert=0)
     box = inp.boxes[0]
     assert box is not None and box != (0, 0, SIZE, SIZE)
-    control = fit(_edges(size=2 * SIZE), SIZE, SIZE, "crop_and_resize").crop(box)
+    # (the extension crops, then preprocesses: the picture to the init's size by the unit's mode, cut to the crop,
+    # to the image's size by "Resize and fill", A1111's resize_image each time)
+    control = fit_picture(fit_picture(_edges(size=2 * SIZE), SIZE, SIZE, "crop_and_resize").crop(box), 16, 16,
+                          "resize_and_fill")
     result = pipe.generate("a red circle", init_image=inp.inits[0], mask_image=inp.masks[0], control_image=control,
                            strength=0.75, seed=16, height=16, width=16, emphasis=True, progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == inp.finish(result, 0).tobytes()
@@ -309,7 +313,7 @@ def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
               **_units(_unit("edges")))
     assert r.status_code == 200, r.text
     result = pipe.generate("a red circle", init_image=inp.inits[0], mask_image=inp.masks[0],
-                           control_image=picture.crop(box), strength=0.75, seed=16, height=16, width=16, emphasis=True,
+                           control_image=fit_picture(picture.crop(box), 16, 16, "resize_and_fill"), strength=0.75, seed=16, height=16, width=16, emphasis=True,
                            progress=False, **API).images[0]
     assert _image(r.json()["images"][0]).tobytes() == inp.finish(result, 0).tobytes()
 

@@ -1253,11 +1253,14 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         the image's size by its resize mode; a unit without a picture (img2img) reads the picture the image starts
         from, as the extension takes the init image, fitted by img2img's `resize_mode` (its get_input_data:
         `resize_mode_from_value(p.resize_mode)`; latent upscale, which it does not know, stretches: "Just Resize").
-        For "Only masked" inpainting the map is made at the init picture's size and cut to the same crop, as the
-        extension crops it. Each unit records the settings of its first map (its infotext)."""
+        For "Only masked" inpainting the extension crops before it preprocesses: the picture brought to the init
+        picture's size by the unit's resize mode, cut to the same crop, brought to the image's size by "Resize and
+        fill" (A1111's resize_image each time), and then preprocessed. Each unit records the settings of its first
+        map (its infotext)."""
         out = []
         for unit, picture in zip(units, pictures):
             made: dict[tuple, object] = {}
+            crops: dict[tuple, object] = {}  # (held here: `made` keys on the crops' ids)
 
             def prepared(source, size, mode):
                 """The preprocessed map of `source` fitted to `size` (made once per picture and size)."""
@@ -1282,9 +1285,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                 own = picture is not None
                 k = i % len(inpaint.boxes) if inpaint is not None else None
                 if inpaint is not None and inpaint.boxes[k] is not None:
-                    source = picture if own else inpaint.originals[k]
+                    source, box = (picture if own else inpaint.originals[k]), inpaint.boxes[k]
                     mode = unit["resize"] if own else "just_resize"
-                    per_image.append(prepared(source, inpaint.originals[k].size, mode).crop(inpaint.boxes[k]))
+                    if (id(source), box) not in crops:
+                        whole = fit_picture(source, *inpaint.originals[k].size, mode)
+                        crops[id(source), box] = fit_picture(whole.crop(box), width, height, "resize_and_fill")
+                    per_image.append(prepared(crops[id(source), box], (width, height), mode))
                 else:
                     source = picture if own else starts[i % len(starts)]
                     per_image.append(prepared(source, (width, height), unit["resize"] if own else init_mode))
