@@ -277,21 +277,44 @@ def test_img2img_unit_without_a_picture_reads_the_init_image(server, models):
 
 
 def test_hires_fix_and_only_masked_inpainting_with_a_unit(server, models):
-    """enable_hr: both passes read the picture (generate_hires, as the extension's hr_option "Both"); "Only masked"
-    inpainting: the control picture is cut to the same crop as the init picture, as the extension crops it."""
+    """enable_hr: both passes read the picture (generate_hires, as the extension's hr_option "Both"), each pass its
+    map fitted to its own size from the one preprocessed map (the extension's hint_cond / hr_hint_cond), a canny unit
+    with the soft weights in the second pass (its hook's forced soft injection); "Only masked" inpainting: the
+    control picture is cut to the same crop as the init picture, as the extension crops it."""
     from imagine.images import fit_picture
-    from imagine.preprocessors import fit
+    from imagine.preprocessors import canny, fit
     from imagine.server.app import prepare_inpainting
 
     pipe = _pipe(models, "edges")
     r = _post(server, seed=15, width=16, height=16, enable_hr=True, hr_scale=2, denoising_strength=0.6,
               **_units(_unit("edges", _edges())))
     assert r.status_code == 200, r.text
-    # the map fitted to the first pass's size (the extension's default "Crop and Resize"), scaled up for the second
-    want = pipe.generate_hires("a red circle", control_image=fit(_edges(), 16, 16, "crop_and_resize"), seed=15,
-                               height=16, width=16, hires_scale=2.0,
-                               hires_strength=0.6, emphasis=True, progress=False, **API).images[0]
+    # the map fitted to each pass's size (the extension's default "Crop and Resize")
+    kw = dict(seed=15, height=16, width=16, hires_scale=2.0, hires_strength=0.6, emphasis=True, progress=False, **API)
+    want = pipe.generate_hires("a red circle", control_image=fit(_edges(), 16, 16, "crop_and_resize"),
+                               hires_control_image=fit(_edges(), 32, 32, "crop_and_resize"), **kw).images[0]
     assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
+    scaled_up = pipe.generate_hires("a red circle", control_image=fit(_edges(), 16, 16, "crop_and_resize"),
+                                    **kw).images[0]
+    assert want.tobytes() != scaled_up.tobytes()  # (the first pass's map scaled up: another picture)
+    # a canny unit: its edges made once at the first pass's resolution, fitted to each pass, "balanced" in the first
+    # pass and with the soft weights ("prompt") in the second
+    photo = _picture(seed=4)
+    r = _post(server, seed=15, width=16, height=16, enable_hr=True, hr_scale=2, denoising_strength=0.6,
+              **_units(_unit("edges", photo, module="canny", processor_res=64)))
+    assert r.status_code == 200, r.text
+    edges = canny(photo, 100, 200, 64)
+    want = pipe.generate_hires("a red circle", control_image=fit(edges, 16, 16, "crop_and_resize"),
+                               hires_control_image=fit(edges, 32, 32, "crop_and_resize"),
+                               hires_control_mode="prompt", **kw).images[0]
+    assert _image(r.json()["images"][0]).tobytes() == want.tobytes()
+    balanced = pipe.generate_hires("a red circle", control_image=fit(edges, 16, 16, "crop_and_resize"),
+                                   hires_control_image=fit(edges, 32, 32, "crop_and_resize"), **kw).images[0]
+    assert want.tobytes() != balanced.tobytes()
+    with pytest.raises(ValueError, match="give control_image .the first pass's. too"):
+        pipe.generate_hires("a red circle", hires_control_image=edges, **kw)
+    with pytest.raises(ValueError, match="hires_control_mode must be one of balanced, prompt"):
+        pipe.generate_hires("a red circle", control_image=edges, hires_control_mode="soft", **kw)
 
     picture, mask = _picture(seed=3), Image.new("L", (SIZE, SIZE))
     mask.paste(255, (4, 6, 14, 12))

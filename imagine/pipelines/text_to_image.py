@@ -1093,6 +1093,7 @@ class TextToImagePipeline:
                        hires_upscaler: str = "latent", hires_resize: tuple[int, int] | None = None,
                        hires_prompt: str | None = None,
                        hires_negative_prompt: str | None = None, hires_sampling: dict | None = None,
+                       hires_control_image=None, hires_control_mode: str | list[str] | None = None,
                        callback: Callable[[dict], None] | None = None, progress: bool = True,
                        output_type: str = "pil", **kw) -> GenerationResult:
         """AUTOMATIC1111's "hires. fix": text to image at the base size, upscaled by `hires_scale` (to the VAE's
@@ -1108,7 +1109,10 @@ class TextToImagePipeline:
         `hires_prompt` / `hires_negative_prompt`: the second pass's texts (A1111's "Hires prompt"; None or "": the
         first pass's). `hires_sampling`: how the second pass samples (A1111's "Hires sampler" and "Hires schedule
         type"), all of it: generate's SAMPLING_KEYWORDS, "sampler" among them, in place of the first pass's (a key left
-        out takes generate's default; None: the first pass's). `kw`: `generate`'s options, for both passes. The
+        out takes generate's default; None: the first pass's). `hires_control_image`, `hires_control_mode`: the second
+        pass's ControlNet pictures and modes, as control_image / control_mode take them (None: the first pass's,
+        the pictures resized by generate; A1111's ControlNet extension fits its map to the hires size apart, and
+        runs canny and mlsd units with the soft weights there). `kw`: `generate`'s options, for both passes. The
         parameters give the first pass's size and sampling, as A1111's infotext does, with the scale and
         "hires_sampling"."""
         if isinstance(hires_scale, bool) or not isinstance(hires_scale, (int, float)) or not 1 <= hires_scale <= 4:
@@ -1158,6 +1162,16 @@ class TextToImagePipeline:
                          **{k: h[k] for k in ("karras", "rho", "sigma_range", "discard_penultimate_sigma") if k in h})
             except ValueError as e:
                 raise ValueError(f"hires sampler {h['sampler']!r}: {e}") from None
+        if (hires_control_image is not None or hires_control_mode is not None) and kw.get("control_image") is None:
+            raise ValueError("hires_control_image / hires_control_mode are the second pass's ControlNet pictures and "
+                             "modes: give control_image (the first pass's) too")
+        if hires_control_mode is not None:
+            from imagine.models.controlnet import CONTROL_MODES
+
+            modes = [hires_control_mode] if isinstance(hires_control_mode, str) else list(hires_control_mode)
+            if any(m not in CONTROL_MODES for m in modes):
+                raise ValueError(f"hires_control_mode must be one of {', '.join(CONTROL_MODES)}, or one per "
+                                 f"ControlNet; got {hires_control_mode!r}")
         upscaler = hires_upscaler_key(hires_upscaler)
         latent = LATENT_UPSCALE_MODES.get(upscaler)
         # (a refiner runs in the second pass only: AUTOMATIC1111's default "hires_fix_refiner_pass")
@@ -1174,6 +1188,8 @@ class TextToImagePipeline:
             later = {**{k: v for k, v in later.items() if k not in SAMPLING_KEYWORDS}, **hires_sampling}
         if later.get("strength_rule") == "a1111":  # (A1111's second pass runs its steps in full, the last of more)
             later["strength_rule"] = "a1111_fixed_steps"
+        later.update({k: v for k, v in (("control_image", hires_control_image), ("control_mode", hires_control_mode))
+                      if v is not None})
         steps = hires_steps or p["steps"]
         if latent:  # A1111's latent modes: torch's interpolate, its latents cut after (truncate_y / truncate_x)
             mode, antialias = latent

@@ -1248,7 +1248,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     def control_pictures(units: list[dict], pictures: list, n: int, starts: list | None,
                          inpaint: "_Inpainting | None", width: int, height: int,
-                         resize_mode: str = "just_resize") -> list[list]:
+                         resize_mode: str = "just_resize", hires_size: tuple[int, int] | None = None
+                         ) -> tuple[list[list], list[list] | None]:
         """Per unit, its map for each of the n images: the unit's own picture through its preprocessor, fitted to
         the image's size by its resize mode; a unit without a picture (img2img) reads the picture the image starts
         from, as the extension takes the init image, fitted by img2img's `resize_mode` (its get_input_data:
@@ -1256,14 +1257,17 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         For "Only masked" inpainting the extension crops before it preprocesses: the picture brought to the init
         picture's size by the unit's resize mode, cut to the same crop, brought to the image's size by "Resize and
         fill" (A1111's resize_image each time), and then preprocessed. Each unit records the settings of its first
-        map (its infotext)."""
-        out = []
+        map (its infotext). With `hires_size` (a hires. fix's second pass, width x height) also the maps for that
+        pass: the same preprocessed map fitted to that size by the same mode (the extension's hr_hint_cond), else
+        None."""
+        out, hires_out = [], ([] if hires_size else None)
         for unit, picture in zip(units, pictures):
             made: dict[tuple, object] = {}
             crops: dict[tuple, object] = {}  # (held here: `made` keys on the crops' ids)
 
-            def prepared(source, size, mode):
-                """The preprocessed map of `source` fitted to `size` (made once per picture and size)."""
+            def prepared(source, size, mode, fit_to=None):
+                """The preprocessed map of `source` for an image of `size` (made once per picture and size), fitted
+                to `fit_to` (default: size)."""
                 key = (id(source), size, mode)
                 if key not in made:
                     res, free = unit["processor_res"], False
@@ -1276,11 +1280,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                                      unit["threshold_b"], free)
                     except ValueError as e:
                         raise ApiError(422, f"{unit['field']}: {e}", unit["field"]) from None
-                    made[key] = preprocessors.fit(m, *size, mode)
-                return made[key]
+                    made[key] = m
+                return preprocessors.fit(made[key], *(fit_to or size), mode)
 
             init_mode = "just_resize" if resize_mode == "latent_upscale" else resize_mode
-            per_image = []
+            per_image, hires_maps = [], []
             for i in range(n):
                 own = picture is not None
                 k = i % len(inpaint.boxes) if inpaint is not None else None
@@ -1293,9 +1297,14 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                     per_image.append(prepared(crops[id(source), box], (width, height), mode))
                 else:
                     source = picture if own else starts[i % len(starts)]
-                    per_image.append(prepared(source, (width, height), unit["resize"] if own else init_mode))
+                    mode = unit["resize"] if own else init_mode
+                    per_image.append(prepared(source, (width, height), mode))
+                    if hires_size:
+                        hires_maps.append(prepared(source, (width, height), mode, hires_size))
             out.append(per_image)
-        return out
+            if hires_size:
+                hires_out.append(hires_maps)
+        return out, hires_out
 
     async def run_job(request: Request, job: Job):
         """The job's result from the worker; None if it was interrupted before it began. A client that went
@@ -1561,9 +1570,21 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                 f"{encoded_at[0]}x{encoded_at[1]}; the server's limit is {cfg.max_width}x"
                                 f"{cfg.max_height}: send a smaller picture or another resize_mode", "init_images")
         starts = inpaint.inits if inpaint is not None else inits
-        # (with hires. fix the maps are made at the first pass's size; the second pass takes them scaled up)
-        controls = await run_in_threadpool(lambda: control_pictures(units, unit_pictures, n, starts, inpaint, width,
-                                                                    height, resize_mode))
+        hires_size = None
+        if hires is not None and units:  # (the extension fits each map to the second pass's size apart: hr_hint_cond)
+            from imagine.pipelines.text_to_image import hires_target as target
+
+            f = _size_multiple(pipe)
+            (up_h, up_w), (cut_h, cut_w) = target(height, width, hires.scale, hires.resize, f)
+            hires_size = (up_w - cut_w * f, up_h - cut_h * f)
+            # (its hook runs canny and mlsd units with the soft weights in the hires pass, "to reduce artifacts":
+            # "balanced" as "My prompt is more important" there)
+            modes = tuple("prompt" if u["mode"] == "balanced" and ("canny" in u["module"] or "mlsd" in u["module"])
+                          else u["mode"] for u in units)
+            if modes != tuple(u["mode"] for u in units):
+                hires = hires._replace(control_modes=modes)
+        controls, hires_controls = await run_in_threadpool(
+            lambda: control_pictures(units, unit_pictures, n, starts, inpaint, width, height, resize_mode, hires_size))
         # an empty negative prompt is none given: zeros on SDXL, as AUTOMATIC1111 runs it (encoded "" elsewhere)
         job = Job(prompts=[req.prompt] * n, negative_prompts=[req.negative_prompt or None] * n, seeds=seeds,
                   batch_size=batch_size, settings=Settings(height=height, width=width, steps=steps, sampler=sampler,
@@ -1596,7 +1617,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                   if inpaint is not None and int(req.inpainting_fill) == 2 else None,
                   init_images=None if not starts else [starts[i % len(starts)] for i in range(n)],
                   masks=None if inpaint is None else [inpaint.masks[i % len(inits)] for i in range(n)],
-                  control_images=controls or None)
+                  control_images=controls or None, hires_control_images=hires_controls or None)
         if req.force_task_id:
             job.id = str(req.force_task_id)[:200]
         result = await run_job(request, job)

@@ -74,6 +74,7 @@ class Hires(NamedTuple):
     prompt: str | None  # the second pass's texts (None: the first pass's)
     negative_prompt: str | None
     resize: tuple | None = None  # A1111's (hr_resize_x, hr_resize_y) when asked (its infotext's "Hires resize")
+    control_modes: tuple | None = None  # the second pass's ControlNet mode per unit (None: the first pass's)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class Job:
     init_images: list | None = None  # image to image: a PIL image per prompt
     masks: list | None = None  # inpainting (with init_images and settings.inpainting): a PIL mask per prompt
     control_images: list | None = None  # per unit of settings.controlnets: a list of one PIL picture per prompt
+    hires_control_images: list | None = None  # the same for a hires. fix's second pass (None: control_images)
     subseeds: list[int] | None = None  # A1111's variation seeds, one per image (with settings.subseed_strength)
     # the seeds of masked content "latent noise"'s fill, one per image (A1111's: the first n_iter round's)
     latent_noise_seeds: list[int] | None = None
@@ -163,10 +165,10 @@ class Job:
             raise ValueError("an inpainting job needs settings.inpainting, and one init image and one mask per "
                              "image; any other job neither")
         units = len(self.settings.controlnets)
-        pictures = self.control_images or []
-        if len(pictures) != units or any(len(p) != len(self.seeds) for p in pictures):
-            raise ValueError(f"a job with {units} ControlNet units needs one list of control pictures per unit, one "
-                             f"picture per image ({len(self.seeds)}); got {[len(p) for p in pictures]}")
+        for pictures in (self.control_images or [], self.hires_control_images or self.control_images or []):
+            if len(pictures) != units or any(len(p) != len(self.seeds) for p in pictures):
+                raise ValueError(f"a job with {units} ControlNet units needs one list of control pictures per unit, "
+                                 f"one picture per image ({len(self.seeds)}); got {[len(p) for p in pictures]}")
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -442,6 +444,9 @@ class ModelWorker:
             if s.strength is not None or s.noise_level is not None else None
         masks = [m for j in batch for m in j.masks] if s.inpainting else None  # (one settings: all have them)
         controls = [[im for j in batch for im in j.control_images[u]] for u in range(len(s.controlnets))]
+        hires_controls = [[im for j in batch for im in (j.hires_control_images or j.control_images)[u]]
+                          for u in range(len(s.controlnets))] \
+            if s.hires is not None and any(j.hires_control_images for j in batch) else None
         firsts = list(itertools.accumulate([0] + [len(j) for j in batch]))  # (by place: two jobs may share an id,
         # A1111's force_task_id; progress follows the first of them)
         offsets: dict[str, int] = {}
@@ -505,6 +510,12 @@ class ModelWorker:
                                        control_guidance_end=ends[0] if one else ends)
                     if any(m != "balanced" for m in modes):
                         control["control_mode"] = modes
+                    if hires_controls:  # (the second pass's own maps: the ControlNet extension's hr_hint_cond)
+                        control["hires_control_image"] = [c[a:b] for c in hires_controls]
+                        if one:
+                            control["hires_control_image"] = control["hires_control_image"][0]
+                    if s.hires is not None and s.hires.control_modes is not None:
+                        control["hires_control_mode"] = list(s.hires.control_modes)
                 if s.noise_level is not None:  # unCLIP's variations of the jobs' pictures
                     run = functools.partial(self.pipe.variations, inits[a:b], noise_level=s.noise_level)
                 with self._using_controlnets([u[0] for u in s.controlnets]), self._using_clip_skip(s.clip_skip):
