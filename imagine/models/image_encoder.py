@@ -11,6 +11,34 @@ from pathlib import Path
 import torch
 
 
+def normalizer_weights(folder: Path) -> Path:
+    """The image_normalizer's statistics file: diffusers' own name (diffusion_pytorch_model.safetensors, as every
+    component folder is read), else a variant's alone (e.g. diffusion_pytorch_model.fp16.safetensors, what a download
+    of that variant holds). A full download holds both, and the variant sorts first: its float16 mean and std are
+    the statistics rounded (std to 4e-4), not the ones the model was trained with."""
+    from imagine.models.io import WEIGHT_NAMES
+
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    variants = sorted(folder.glob("*.safetensors"))
+    if not variants:
+        raise FileNotFoundError(f"{folder}: no .safetensors with the embeddings' mean and std")
+    return variants[0]
+
+
+def flatten_picture(picture):
+    """A picture as CLIP's image processor reads it (transformers' convert_to_rgb, which diffusers' unCLIP pipelines
+    hand PIL pictures to): its transparency (an alpha band, or a palette's or colour key's) laid on white, where
+    convert("RGB") would keep the colours hidden under transparent pixels (often black)."""
+    from PIL import Image
+
+    if "A" not in picture.getbands() and picture.info.get("transparency") is None:
+        return picture.convert("RGB")
+    rgba = picture.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
 class ImageEmbedder:
     """encoder None: the statistics alone, for embeddings that come from elsewhere (unCLIP's prior)."""
 
@@ -44,12 +72,10 @@ class ImageEmbedder:
             # (the Pillow processor: the default one wants torchvision, which this build of torch cannot use)
             kind = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
             processor = kind.from_pretrained(root / "feature_extractor", local_files_only=True)
-        weights = sorted((root / "image_normalizer").glob("*.safetensors"))
-        if not weights:
-            raise FileNotFoundError(f"{root / 'image_normalizer'}: no .safetensors with the embeddings' mean and std")
-        stats = load_file(str(weights[0]))
+        weights = normalizer_weights(root / "image_normalizer")
+        stats = load_file(str(weights))
         if not {"mean", "std"} <= stats.keys():
-            raise ValueError(f"{weights[0]}: expected 'mean' and 'std'; found {sorted(stats)}")
+            raise ValueError(f"{weights}: expected 'mean' and 'std'; found {sorted(stats)}")
         embedder = cls(tower, processor, stats["mean"], stats["std"])
         if tower is not None and embedder.dim != tower.config.projection_dim:
             raise ValueError(f"{root}: the image encoder projects to {tower.config.projection_dim}, its normalizer "
@@ -58,11 +84,11 @@ class ImageEmbedder:
 
     @torch.no_grad()
     def embed(self, pictures: list) -> torch.Tensor:
-        """PIL pictures -> their CLIP image embeddings [B, D] (float32)."""
+        """PIL pictures -> their CLIP image embeddings [B, D] (float32); transparency on white (`flatten_picture`)."""
         if self.encoder is None:
             raise ValueError("this model has no CLIP image encoder (image_encoder/): its image embeddings come from "
                              "its diffusion prior, so it makes images from text, not variations of a picture")
-        pixels = self.processor(images=[p.convert("RGB") for p in pictures], return_tensors="pt").pixel_values
+        pixels = self.processor(images=[flatten_picture(p) for p in pictures], return_tensors="pt").pixel_values
         w = next(self.encoder.parameters())
         return self.encoder(pixels.to(device=w.device, dtype=w.dtype)).image_embeds.float()
 

@@ -145,6 +145,20 @@ class PriorTransformer(nn.Module):
         return model.to(dtype).eval()
 
 
+def scheduler_config(config: dict) -> dict:
+    """A prior_scheduler's config as NoiseSchedule reads it. diffusers' UnCLIPScheduler (Karlo's own prior_scheduler)
+    has one beta schedule, squaredcos_cap_v2 (Nichol & Dhariwal's cosine), and configs saved before it took a
+    `beta_schedule` argument do not name it (Karlo's, diffusers 0.12.0.dev0): read as every other scheduler's default,
+    linear, the prior would sample on another schedule (abar_500 0.078 in place of 0.49). Another named schedule is
+    refused, as diffusers refuses it."""
+    if config.get("_class_name") != "UnCLIPScheduler":
+        return config
+    kind = config.get("beta_schedule") or "squaredcos_cap_v2"
+    if kind != "squaredcos_cap_v2":
+        raise ValueError(f"UnCLIPScheduler has the squaredcos_cap_v2 beta schedule only; got {kind!r}")
+    return {**config, "beta_schedule": kind}
+
+
 @dataclass
 class DiffusionPrior:
     """A prior with what it reads and how it samples: the model, its caption encoder
@@ -200,8 +214,18 @@ class DiffusionPrior:
             raise ValueError(f"{root}: the prior's text encoder is {te_class!r}; imagine runs "
                              "CLIPTextModelWithProjection (Karlo's, SD 2.1 unCLIP's)")
         model = PriorTransformer.from_pretrained(root / "prior", dtype)
+        made = model.config["clip_embed_dim"] or model.embedding_dim
+        if made != model.embedding_dim:  # (its x_0 prediction is the next step's sample: one width for both)
+            raise ValueError(f"{root / 'prior'}: the prior predicts {made}-wide embeddings (clip_embed_dim) from "
+                             f"{model.embedding_dim}-wide samples (embedding_dim); a diffusion prior samples its own "
+                             "predictions, so the two must be equal")
         text = CLIPPriorTextEncoder.from_folder(root / "prior_text_encoder", root / "prior_tokenizer", dtype=dtype)
-        config = io.read_json(root / "prior_scheduler" / "scheduler_config.json")
+        path = root / "prior_scheduler" / "scheduler_config.json"
+        config = io.read_json(path)
+        try:
+            config = scheduler_config(config)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         schedule = NoiseSchedule.from_diffusers_config(config)
         widths = {"text embedding": int(text.model.config.projection_dim), "token states": text.dim}
         inner = model.config["num_attention_heads"] * model.config["attention_head_dim"]

@@ -22,6 +22,7 @@ import math
 import numbers
 
 import torch
+from PIL import Image
 
 
 def image_condition(embedder, embeds: torch.Tensor, noise: torch.Tensor, level: int, schedule) -> torch.Tensor:
@@ -66,12 +67,19 @@ def variations(pipe, image, prompt: str | list[str] | None = None, negative_prom
     for all; here each image has its own, so an image does not depend on its batch). The other options are
     generate's."""
     from imagine.diffusion import check_level
+    from imagine.models.image_encoder import flatten_picture
 
     embedder, schedule = pipe.c.image_embedder, pipe.c.image_noise_schedule
     if embedder is None:
         raise ValueError(f"{pipe.c.source or 'this model'} takes no image embedding (an unCLIP model, e.g. SD 2.1 "
                          "unCLIP, has image_encoder/ and image_normalizer/); use generate()")
     noise_level = check_level(noise_level, schedule.num_train_timesteps - 1)
+    # (a picture's transparency on white, as CLIP's image processor lays it in diffusers' pipeline: the batch's own
+    # RGB conversion would keep the colours under transparent pixels)
+    if isinstance(image, Image.Image):
+        image = flatten_picture(image)
+    elif isinstance(image, (list, tuple)):
+        image = [flatten_picture(im) if isinstance(im, Image.Image) else im for im in image]
     if prompt is None:  # (one empty prompt a picture, as diffusers' StableUnCLIPImg2ImgPipeline)
         prompt = [""] * len(image) if isinstance(image, (list, tuple)) else ""
     prompts, negatives, pictures, seeds = pipe._picture_batch(prompt, negative_prompt, image, num_images_per_prompt,
