@@ -140,10 +140,13 @@ def test_an_unclip_scheduler_prior_steps_over_its_own_timesteps(stable_unclip, t
     ours = TextToImagePipeline.from_pretrained(folder)
     step, seen = ref.prior_scheduler.step, []
 
-    def karlo_step(model_output, timestep, sample, **kw):  # (UnCLIPPipeline's loop: the next timestep given)
+    # (UnCLIPPipeline's loop: the next timestep given; `generator` named, as diffusers passes the seeded generator
+    # only to a step whose signature has it, else its noise comes from torch's global generator)
+    def karlo_step(model_output, timestep, sample, generator=None, **kw):
         ts = ref.prior_scheduler.timesteps.tolist()
         i = ts.index(int(timestep))
-        return step(model_output, timestep, sample, prev_timestep=ts[i + 1] if i + 1 < len(ts) else None, **kw)
+        return step(model_output, timestep, sample, prev_timestep=ts[i + 1] if i + 1 < len(ts) else None,
+                    generator=generator, **kw)
 
     monkeypatch.setattr(ref.prior_scheduler, "step", karlo_step)
     real = ref.noise_image_embeddings
