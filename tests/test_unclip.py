@@ -172,6 +172,17 @@ def test_unclip_errors_and_cli(unclip, tmp_path, capsys):
                            width=32, progress=False).images[0]
     assert Image.open(out).convert("RGB").tobytes() == want.tobytes()
     assert json.loads(Image.open(out).info["imagine"])["noise_level"] == 50
+    # a transparent PNG: its variations are the picture's on white, as CLIP's image processor reads it (the CLI read
+    # it as RGB, keeping the colours under the transparent pixels)
+    rgba = _picture(7).convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.arange(50, dtype=np.uint8) * 5, (40, 1))))
+    rgba.save(src)
+    assert main(["generate", "--model", str(folder), "--init-image", str(src), "a red circle", "--steps", "4",
+                 "--seed", "2", "--noise-level", "50", "--height", "32", "--width", "32", "-o", str(out)]) == 0
+    kw = dict(steps=4, seed=2, noise_level=50, height=32, width=32, progress=False)
+    want = ours.variations(Image.open(src), "a red circle", **kw).images[0]
+    assert Image.open(out).convert("RGB").tobytes() == want.tobytes()
+    assert want.tobytes() != ours.variations(Image.open(src).convert("RGB"), "a red circle", **kw).images[0].tobytes()
     assert main(["generate", "--model", str(folder), "a", "--steps", "2", "-o", str(tmp_path / "x.png")]) != 0
     assert "unCLIP decoder (SD 2.1 unCLIP): give the picture with --init-image" in capsys.readouterr().err
 

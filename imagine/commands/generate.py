@@ -753,8 +753,9 @@ def _next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def _read_image(path: str, option: str = "--init-image", mode: str = "RGB"):
-    """--init-image (or --mask): a picture PIL can open, read now (before the model loads), or one clear error."""
+def _read_image(path: str, option: str = "--init-image", mode: str | None = "RGB"):
+    """--init-image (or --mask): a picture PIL can open, read now (before the model loads), or one clear error; in
+    `mode` (None: its own, a palette expanded)."""
     from PIL import Image, UnidentifiedImageError
 
     if not Path(path).is_file():
@@ -1061,7 +1062,9 @@ def run(args) -> int:
             raise ValueError(f"--{side} must be a positive number of pixels; got {getattr(args, side)}")
     if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
         raise FileNotFoundError(f"--lora-dir: {args.lora_dir} is not a folder")
-    init_image = _read_image(args.init_image) if args.init_image else None
+    # (in its own mode: the pipelines take it as diffusers' do, image to image as RGB, unCLIP's variations with
+    # any transparency on white as CLIP's image processor)
+    init_image = _read_image(args.init_image, mode=None) if args.init_image else None
     mask_image = _read_mask(args)
     controlnets, control_images = _read_controls(args)
     picture = {}  # image to image (A1111's default strength 0.75), inpainting (the pipeline's, 1, unless given)
