@@ -15,7 +15,11 @@ from PIL import Image, PngImagePlugin
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
-    """[3, H, W] in [-1, 1] -> RGB image (rounded, clipped)."""
+    """[3, H, W] in [-1, 1] -> RGB image ([1, H, W] -> grey): clipped to [-1, 1], then 127.5 (x + 1) rounded half
+    to even, the 8-bit values diffusers' VaeImageProcessor.postprocess gives ((x / 2 + 0.5).clamp(0, 1) * 255,
+    rounded; equal bit for bit). Not AUTOMATIC1111's: its processing.py takes 255 x of the clamped [0, 1]
+    picture and casts it to uint8, which truncates (every level rounded down, a picture half a level darker
+    on average)."""
     if x.ndim != 3:
         raise ValueError(f"to_pil expects one image [C, H, W]; got {tuple(x.shape)}")
     a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
@@ -23,6 +27,9 @@ def to_pil(x: torch.Tensor) -> Image.Image:
 
 
 def from_pil(img: Image.Image) -> torch.Tensor:
+    """A picture -> [3, H, W] in [-1, 1] (Pillow's RGB of it: transparency dropped, not laid on a colour), v / 127.5 - 1
+    of its 8-bit values, equal bit for bit to diffusers' VaeImageProcessor (2 (v / 255) - 1) and to AUTOMATIC1111's
+    img2img (v / 255, then 2 x - 1)."""
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
@@ -37,11 +44,18 @@ def fit_picture(picture: Image.Image, width: int, height: int, mode: str = "just
     - crop_and_resize: scaled (aspect kept) to cover width x height, centred, the overhang cut off;
     - resize_and_fill: scaled to fit inside, centred, and the two bands beside it filled with its first and last
       rows (or columns) stretched across them (with Pillow's default filter, as A1111 writes it).
-    (latent_upscale leaves the picture as it is: the pipeline resizes its latents.)"""
+    (latent_upscale leaves the picture as it is: the pipeline resizes its latents.)
+    A palette picture is taken as RGB (RGBA where it has transparency) and a 1-bit one as grey, L: Pillow resizes
+    those two modes by nearest neighbour whatever filter is asked, and a palette picture pasted on a new canvas
+    would lose its colours (a black-and-white palette mask came out all black)."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}; got {mode!r}")
     if mode == "latent_upscale" or picture.size == (width, height):
         return picture
+    if picture.mode in ("P", "PA"):
+        picture = picture.convert("RGBA" if picture.mode == "PA" or "transparency" in picture.info else "RGB")
+    elif picture.mode == "1":
+        picture = picture.convert("L")
     if mode == "just_resize":
         return picture.resize((width, height), Image.LANCZOS)
     ratio, src_ratio = width / height, picture.width / picture.height
@@ -526,8 +540,12 @@ def controlnet_units(p: dict) -> list[tuple]:
 
 
 def grid(images: list[Image.Image], cols: int, pad: int = 2, bg=(255, 255, 255)) -> Image.Image:
+    """The pictures in rows of `cols`, `pad` pixels apart on `bg`, each in a cell of the first picture's size."""
     if not images:
         raise ValueError("grid of no images")
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1 or isinstance(pad, bool) or \
+            not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"grid: cols must be a whole number >= 1 and pad one >= 0; got cols {cols!r}, pad {pad!r}")
     w, h = images[0].size
     rows = (len(images) + cols - 1) // cols
     out = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), bg)

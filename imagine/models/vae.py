@@ -27,7 +27,9 @@ from imagine.models.group_norm import group_norm, silu_of_norm
 log = logging.getLogger(__name__)
 
 # diffusers AutoencoderKL config keys that are not fields of VAEConfig and do not change the model's
-# arithmetic (force_upcast: diffusers' pipelines decode an fp16 VAE in float32); keys starting with "_"
+# arithmetic (force_upcast: diffusers' pipelines decode an fp16 VAE in float32, as AUTOMATIC1111's "upcast VAE" /
+# NaN check retries one; imagine's VAE runs in float32 or bfloat16, whose range SDXL's VAE does not overflow, and
+# never in float16); keys starting with "_"
 # (_class_name, _diffusers_version, _name_or_path, ...) are bookkeeping. Any other unknown key is
 # ignored with a warning that names it.
 HARMLESS_KEYS = frozenset({"force_upcast"})
@@ -273,10 +275,17 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """z = mean + std * eps, eps drawn with `generator`, or given as `noise` (e.g. one generator per image)."""
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z = mean + std * eps: eps drawn with `generator` as diffusers' `latent_dist.sample(generator)` draws it
+        (its `randn_tensor`: one draw of the whole batch's shape; a list of one generator per image, each drawing
+        its image's [1, C, h, w]; on the generator's device, then moved), or given as `noise` (the posterior's
+        shape)."""
         if noise is None:
-            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+            noise = _randn(tuple(self.mean.shape), generator, self.mean.dtype, self.mean.device)
+        elif tuple(noise.shape) != tuple(self.mean.shape):  # (a broadcast would give images one another's noise)
+            raise ValueError(f"posterior noise must have the posterior's shape {tuple(self.mean.shape)}; "
+                             f"got {tuple(noise.shape)}")
         return self.mean + self.std * noise.to(device=self.mean.device, dtype=self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
@@ -357,11 +366,20 @@ class AutoencoderKL(nn.Module):
         return self.decode(z)
 
     def tiled_decode(self, z: torch.Tensor, tile: int = 32, overlap: int = 8) -> torch.Tensor:
-        """Decode overlapping latent tiles and blend them with linear ramps, so that memory is
-        bounded by the tile size, not the image size. The mid-block attention then only sees a
-        tile; seams are hidden by the blend (the same trade as diffusers' and A1111's tiled VAE)."""
-        if overlap >= tile:
-            raise ValueError(f"tile overlap ({overlap}) must be smaller than the tile ({tile})")
+        """Decode overlapping latent tiles (`tile` latent pixels a side, `overlap` shared with the next) and
+        blend them with linear ramps over the overlap, each pixel the weighted mean of the tiles that cover it,
+        so that the decoder's working memory is bounded by the tile size, not the image size. Each tile has its
+        own GroupNorm statistics and mid-block attention, so the picture is close to the whole decode, not
+        equal; the seams are hidden by the blend. The trade diffusers' `enable_tiling` makes, but not its
+        arithmetic: diffusers steps by 3/4 of its tile, ramps the next tile in from weight 0 (blend_v /
+        blend_h) and crops, where here the last tile is moved back to end at the edge and the ramps are
+        symmetric (weights 1/(n+1) .. n/(n+1) over n overlapping pixels). (AUTOMATIC1111 decodes whole; its
+        Tiled VAE extension shares GroupNorm statistics between tiles, which this does not.)"""
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+            raise ValueError(f"tile must be a whole number of latent pixels >= 1; got {tile!r}")
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
+            raise ValueError(f"tile overlap must be a whole number of latent pixels from 0 to the tile's {tile} "
+                             f"(excluded); got {overlap!r}")
         f = self.config.downsampling_factor
         b, _, h, w = z.shape
         # the blend in float32 whatever the latent's dtype (bf16 would round the ramps and the weighted sums),
@@ -407,6 +425,22 @@ class AutoencoderKL(nn.Module):
         path = io.find_weights(folder)
         io.load_state_into(model, io.load_tensors(path), str(path))
         return model.to(dtype).eval()
+
+
+def _randn(shape: tuple[int, ...], generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """N(0, I) draws of `shape` as diffusers' `randn_tensor` makes them: a list of one generator is that
+    generator; a list of one per image draws each image's [1, ...] with its own; each on its generator's
+    device (without one, on `device`)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) == 1:
+            generator = generator[0]
+        elif len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}; give one, or one per image")
+        else:
+            return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype)
+                              for g in generator])
+    return torch.randn(shape, generator=generator, device=generator.device if generator is not None else device,
+                       dtype=dtype)
 
 
 def _ramp(n: int, overlap: int, fade_in: bool, fade_out: bool, like: torch.Tensor) -> torch.Tensor:
