@@ -1,8 +1,10 @@
 """The hashes AUTOMATIC1111 writes into its infotexts, by which it, its readers and model sites (Civitai's "AutoV2"
 and "AutoV3") know a picture's files: "Model hash" (the checkpoint file's sha256, its first 10 hex digits, A1111's
-`shorthash`), "Lora hashes" (a LoRA's: for a .safetensors file the sha256 of what follows its header, kohya-ss's
-and the additional-networks extension's "addnet" hash, so that editing the metadata keeps it; else the file's;
-12 digits) and "TI hashes" (an embedding file's sha256, 12 digits).
+`shorthash`), "Lora hashes" (a LoRA's: for a .safetensors file the `sshs_model_hash` kohya-ss writes into its
+metadata where there is one, which AUTOMATIC1111 takes before hashing anything (extensions-builtin/Lora/network.py,
+NetworkOnDisk), else the sha256 of what follows its header, kohya-ss's and the additional-networks extension's
+"addnet" hash, so that editing the metadata keeps it; else the file's; 12 digits) and "TI hashes" (an embedding
+file's sha256, 12 digits).
 
 A checkpoint is gigabytes, a second or more of hashing each: the full hashes are kept in a cache file (as A1111's
 cache.json), keyed by the file's resolved path and checked against its size and modification time, so that a file
@@ -85,8 +87,27 @@ def model_hash(source: str | os.PathLike | None) -> str | None:
 
 
 def lora_hash(path: str | os.PathLike) -> str:
-    """A1111's LoRA shorthash: the addnet hash of a .safetensors file, the file's sha256 otherwise."""
-    return file_sha256(path, addnet=Path(path).suffix.lower() == ".safetensors")[:NETWORK_HASH_DIGITS]
+    """A1111's LoRA shorthash: a .safetensors file's `sshs_model_hash` metadata, else its addnet hash; the file's
+    sha256 otherwise (A1111 tells the kinds apart by the suffix)."""
+    safetensors = Path(path).suffix.lower() == ".safetensors"
+    if safetensors and (held := safetensors_metadata(path).get("sshs_model_hash")):
+        return held[:NETWORK_HASH_DIGITS]
+    return file_sha256(path, addnet=safetensors)[:NETWORK_HASH_DIGITS]
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's header (its string values), {} when it has none or the file's
+    header does not read as one (A1111's read_metadata_from_safetensors, which then hashes the file)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100 * 1024 * 1024:
+                return {}
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
 
 
 def embedding_hash(path: str | os.PathLike) -> str:

@@ -25,7 +25,8 @@ The files people have come in three namings, all read here offline, for SD 1.x/2
   `label_emb_0_0` / `_2` = the time and added-condition MLPs). Those names depend on the U-Net's layout
   (residual blocks per level, levels without attention: SDXL's first level has none), so they are
   placed from the model's own layout (`keymap.unet_module_table`, as for single files), for any U-Net;
-  diffusers' underscored names are read too;
+  diffusers' underscored names are read too; peft's `lora_A` / `lora_B` under these layer names are down / up,
+  as AUTOMATIC1111 reads them (diffusers refuses them);
 - diffusers / peft (`unet.down_blocks.0....to_q.lora_A.weight`, `.lora_B.weight`;
   `text_encoder.text_model.encoder...`, `text_encoder_2....` for SDXL's second tower), alpha and rank
   from the `lora_adapter_metadata` that diffusers writes into the safetensors header (`unet.lora_alpha`,
@@ -33,7 +34,9 @@ The files people have come in three namings, all read here offline, for SD 1.x/2
 - diffusers' older attention-processor names (`...attn1.processor.to_q_lora.down.weight`, and
   `.lora.down.weight` / `.lora_linear_layer.down.weight`).
 
-With no alpha given, alpha = r (a scale of 1), as kohya-ss and diffusers take it.
+With no alpha given, alpha = r (a scale of 1), as kohya-ss and diffusers take it. A LoRA made on a 4-channel U-Net
+merges into an inpainting model (9 input channels) as AUTOMATIC1111 merges it: its update of the first convolution
+acts on the latent channels, zeros for the other five.
 
 LyCORIS' other kinds, in kohya-ss names, are merged as AUTOMATIC1111's built-in Lora extension merges them
 (`update` has the formulas): LoCon's Tucker form (`lora_mid`), LoHa (`hada_w1_a` ...), LoKr (`lokr_w1` ...),
@@ -61,8 +64,10 @@ import torch
 
 # kohya-ss / AUTOMATIC1111 / LyCORIS: <prefix>_<the module's name with _ for .>.<entry>
 KOHYA = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_([^.]+)\.(.+)$")
-# a layer's entries in those files -> their names here (AUTOMATIC1111's extensions-builtin/Lora reads the same)
+# a layer's entries in those files -> their names here (AUTOMATIC1111's extensions-builtin/Lora reads the same; its
+# network_lora also takes peft's lora_A / lora_B under a kohya-ss layer name, as down / up)
 KOHYA_ENTRIES = {"lora_down.weight": "lora_down", "lora_up.weight": "lora_up", "lora_mid.weight": "lora_mid",
+                 "lora_A.weight": "lora_down", "lora_B.weight": "lora_up",
                  **{e: e for e in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                                    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
                                    "diff", "diff_b", "w_norm", "b_norm", "dora_scale", "alpha", "scale")}}
@@ -178,28 +183,35 @@ class LoraLayer:
         return update({k: v.to("meta") for k, v in self.w.items() if k not in DORA}).shape
 
     def delta(self, strength: float = 1.0, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The change to the layer's weight at strength s, in float32, in `weight`'s shape (needed for DoRA):
-        s * factor * update; with DoRA (Liu et al. 2024, eq. 5: W' = m (W0 + dW) / ||W0 + dW||), the weight's
-        direction and magnitude set as the file's tool does it:
+        """The change to the layer's weight at strength s, in float32, in `weight`'s shape (needed for DoRA) and on
+        its device: s * factor * update; an update made for a 4-channel U-Net's first
+        convolution, given an inpainting model's 9-channel one, acts on the 4 latent channels, zeros for the mask
+        and masked-image channels (AUTOMATIC1111 pads it so; diffusers refuses the file). With DoRA (Liu et al.
+        2024, eq. 5: W' = m (W0 + dW) / ||W0 + dW||), the weight's direction and magnitude set as the file's tool
+        does it:
         - LyCORIS' `dora_scale`, AUTOMATIC1111's rule: s ((W0 + dW) m / ||W0 + dW|| - W0), the norm over each
           input column, dW = factor * update (where m has one value per output row, LyCORIS' wd_on_out, the norm
           is over each row, as LyCORIS computes it: A1111 would divide by column norms there too);
         - peft's magnitude (diffusers' files), diffusers' rule: m (W0 + s dW) / ||W0 + s dW|| - W0, rows."""
-        d = self.factor() * update({k: v.float() for k, v in self.w.items() if k not in DORA})
+        device = None if weight is None else weight.device
+        d = self.factor() * update({k: v.to(device=device, dtype=torch.float32) for k, v in self.w.items()
+                                    if k not in DORA})
         if weight is None:
             if any(k in self.w for k in DORA):
                 raise ValueError(f"{self.part} layer {self.module}: DoRA needs the layer's weight")
             return strength * d
         w0 = weight.float()
+        if d.numel() != w0.numel() and _inpainting_input(d.numel(), w0.shape):
+            # (before DoRA, which then sees the whole weight; AUTOMATIC1111 pads after it and fails there)
+            d = torch.nn.functional.pad(d.reshape(w0.shape[0], 4, *w0.shape[2:]), (0, 0, 0, 0, 0, w0.shape[1] - 4))
         d = d.reshape(w0.shape)
         if "dora_scale" in self.w:
-            merged = w0 + d
-            return strength * (merged * (self.w["dora_scale"].float().reshape(_dora_shape(self.w["dora_scale"], w0.shape))
-                                         / _norms(merged, _dora_axis(self.w["dora_scale"], w0.shape))) - w0)
+            merged, m = w0 + d, self.w["dora_scale"].to(device=device, dtype=torch.float32)
+            return strength * (merged * (m.reshape(_dora_shape(m, w0.shape)) / _norms(merged, _dora_axis(m, w0.shape)))
+                               - w0)
         if "magnitude" in self.w:
-            merged = w0 + strength * d
-            return self.w["magnitude"].float().reshape(_dora_shape(self.w["magnitude"], w0.shape, rows=True)) \
-                * merged / _norms(merged, 0) - w0
+            merged, m = w0 + strength * d, self.w["magnitude"].to(device=device, dtype=torch.float32)
+            return m.reshape(_dora_shape(m, w0.shape, rows=True)) * merged / _norms(merged, 0) - w0
         return strength * d
 
     def bias_delta(self, strength: float = 1.0) -> torch.Tensor | None:
@@ -217,7 +229,7 @@ class LoraLayer:
             shape = self.shape()
         except (RuntimeError, IndexError, ValueError):  # (what torch says of factors that do not multiply)
             return f"factors {factors} do not multiply"
-        if shape[0] != w.shape[0] or shape.numel() != w.numel():
+        if shape[0] != w.shape[0] or (shape.numel() != w.numel() and not _inpainting_input(shape.numel(), w.shape)):
             return f"factors {factors} for a weight of shape {tuple(w.shape)}"
         bias = self.bias_delta()
         if bias is not None and (module.bias is None or module.bias.numel() != bias.numel()):
@@ -229,6 +241,13 @@ class LoraLayer:
             if key in self.w and _dora_shape(self.w[key], w.shape, rows=key == "magnitude") is None:
                 return f"DoRA magnitudes of shape {tuple(self.w[key].shape)} for a weight of shape {tuple(w.shape)}"
         return None
+
+
+def _inpainting_input(numel: int, shape: torch.Size) -> bool:
+    """Whether an update of `numel` values is one for a 4-channel input convolution and `shape` that convolution's
+    weight in an inpainting U-Net (9 input channels: the latents, the mask, the masked picture's latents), which
+    AUTOMATIC1111 fills up with zeros (networks.network_apply_weights)."""
+    return len(shape) == 4 and shape[1] == 9 and numel == shape[0] * 4 * shape[2:].numel()
 
 
 def _dora_axis(m: torch.Tensor, shape: torch.Size) -> int:
@@ -395,11 +414,14 @@ def _incomplete(w: dict[str, torch.Tensor]) -> str | None:
 
 def _metadata_alpha(metadata: dict, part: str, module: str, rank: int) -> float | None:
     """alpha from diffusers' saved peft LoraConfig: alpha_pattern, else lora_alpha; rsLoRA (Kalajdzievski 2023)
-    scales by alpha / sqrt(r), expressed here as the alpha that gives that over r."""
+    scales by alpha / sqrt(r), expressed here as the alpha that gives that over r. A pattern is matched as peft's
+    get_pattern_key matches it, re.match(rf"(.*\\.)?({pattern})$", module), the first that matches in the file's
+    order taking the layer."""
     alpha = metadata.get(f"{part}.lora_alpha")
     for pattern, value in (metadata.get(f"{part}.alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+        if re.match(rf"(.*\.)?({pattern})$", module):
             alpha = value
+            break
     if alpha is None:
         return None
     return float(alpha) * math.sqrt(rank) if metadata.get(f"{part}.use_rslora") else float(alpha)
@@ -535,6 +557,6 @@ def merge_lora(models: dict[str, torch.nn.Module | None], layers: list[LoraLayer
             if change is not None:
                 if before is not None:
                     before(param)
-                param.copy_((param.float() + change.reshape(param.shape)).to(param.dtype))
+                param.copy_((param.float() + change.reshape(param.shape).to(param.device)).to(param.dtype))
         counts[layer.part] = counts.get(layer.part, 0) + 1
     return counts

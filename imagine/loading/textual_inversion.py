@@ -77,6 +77,9 @@ def embedding_vectors(obj, source: str) -> tuple[str | None, torch.Tensor | dict
                              f"{parts['clip_g'].shape[0]}; an SDXL word needs as many for each text encoder")
         return None, parts
     if isinstance(obj.get("string_to_param"), dict) and obj["string_to_param"]:  # AUTOMATIC1111 .pt
+        if len(obj["string_to_param"]) > 1:  # (AUTOMATIC1111: "embedding file has multiple terms in it")
+            raise ValueError(f"{source}: its string_to_param holds {len(obj['string_to_param'])} terms "
+                             f"({', '.join(map(str, obj['string_to_param']))}); an embedding file holds one")
         vectors = next(iter(obj["string_to_param"].values()))
     elif "emb_params" in obj:  # AUTOMATIC1111 .safetensors
         vectors = obj["emb_params"]
@@ -168,6 +171,6 @@ def _add(encoder, token: str, vectors: torch.Tensor) -> list[str]:
     ids = tok.convert_tokens_to_ids(tokens)
     _resize(model, len(tok))
     emb = model.get_input_embeddings()
-    emb.weight[ids] = vectors.to(emb.weight.dtype)
+    emb.weight[ids] = vectors.to(device=emb.weight.device, dtype=emb.weight.dtype)
     encoder.expansions[token] = " ".join(tokens)
     return tokens

@@ -14,8 +14,9 @@ People keep fine-tuned VAEs as files beside their checkpoints: Stability's `vae-
 - a folder: `config.json` plus weights (ours or diffusers' `AutoencoderKL`), or a whole diffusers
   model folder, whose `vae/` is taken.
 
-A file carries no config: the shape is read off the weights (`single_file.infer_vae_config`) and the
-latent scaling factor is the caller's (the model being decoded keeps its own, as in AUTOMATIC1111).
+A file carries no config: the shape is read off the weights (`single_file.infer_vae_config`; GroupNorm's
+group count, which no weight shows, is LDM's and every SD-family VAE's 32), and the latent scaling factor is the
+caller's (the model being decoded keeps its own, as in AUTOMATIC1111).
 """
 
 from __future__ import annotations
