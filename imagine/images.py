@@ -14,14 +14,17 @@ import torch
 from PIL import Image, PngImagePlugin
 
 
-def to_pil(x: torch.Tensor) -> Image.Image:
+def to_pil(x: torch.Tensor, truncate: bool = False) -> Image.Image:
     """[3, H, W] in [-1, 1] -> RGB image ([1, H, W] -> grey): clipped to [-1, 1], then 127.5 (x + 1) rounded half
     to even, the 8-bit values diffusers' VaeImageProcessor.postprocess gives ((x / 2 + 0.5).clamp(0, 1) * 255,
-    rounded; equal bit for bit). Not AUTOMATIC1111's: its processing.py takes 255 x of the clamped [0, 1]
-    picture and casts it to uint8, which truncates (every level rounded down, a picture half a level darker
-    on average)."""
+    rounded; equal bit for bit). `truncate`: AUTOMATIC1111's instead (its processing.py: 255 x of the clamped
+    (x + 1) / 2, cast to uint8, which truncates: every level rounded down, a picture half a level darker on
+    average)."""
     if x.ndim != 3:
         raise ValueError(f"to_pil expects one image [C, H, W]; got {tuple(x.shape)}")
+    if truncate:
+        a = (255.0 * ((x.detach().float() + 1.0) / 2.0).clamp(0, 1)).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(a if a.shape[2] != 1 else a[:, :, 0])
     a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(a if a.shape[2] != 1 else a[:, :, 0])
 

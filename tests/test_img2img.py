@@ -198,3 +198,18 @@ def test_the_a1111_img2img_endpoint_takes_one_picture_per_image(tmp_path):
             assert got == want, i
         r = httpx.post(f"{srv.url}/sdapi/v1/img2img", json={**body, "batch_size": 1}, timeout=120)
         assert r.status_code == 422 and "2 pictures for a batch_size of 1" in r.json()["detail"]
+
+
+def test_a1111_rules_truncate_the_8_bit_picture(tmp_path):
+    """Under A1111's rules the picture's 8-bit values are A1111's processing.py's: 255 (x + 1) / 2 of the clamped
+    decode, cast to uint8 (truncated); diffusers' rounding otherwise (VaeImageProcessor.postprocess)."""
+    save_diffusers_folder(tmp_path / "folder", "sd1")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    kw = dict(steps=3, seed=SEED, progress=False, sampler="euler")
+    latents = pipe.generate(PROMPT, output_type="latent", strength_rule="a1111", **kw).latents
+    x = pipe.decode(latents)[0].float()
+    a1111 = (255. * np.moveaxis(torch.clamp((x + 1.0) / 2.0, 0.0, 1.0).numpy(), 0, 2)).astype(np.uint8)
+    diffusers_way = (np.moveaxis(((x / 2 + 0.5).clamp(0, 1) * 255).numpy(), 0, 2)).round().astype(np.uint8)
+    got = np.asarray(pipe.generate(PROMPT, strength_rule="a1111", **kw).images[0])
+    assert np.array_equal(got, a1111) and not np.array_equal(a1111, diffusers_way)
+    assert np.array_equal(np.asarray(pipe.generate(PROMPT, **kw).images[0]), diffusers_way)

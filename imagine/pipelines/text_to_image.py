@@ -1067,10 +1067,12 @@ class TextToImagePipeline:
             params["sigma_range"] = sigma_range
         if discard_penultimate_sigma:
             params["discard_penultimate_sigma"] = True
-        if strength_rule != "diffusers" and (init is not None):
+        if strength_rule != "diffusers":  # (image to image's steps, and the picture's 8-bit rounding below)
             params["strength_rule"] = strength_rule
-        # (latents asked for: no VAE decode; hires. fix's latent upscale and the parity tests decode themselves)
-        images = [to_pil(t) for t in self.decode(latents)] if output_type == "pil" else []
+        # (latents asked for: no VAE decode; hires. fix's latent upscale and the parity tests decode themselves;
+        # under A1111's rules its 8-bit pictures, truncated)
+        images = [to_pil(t, truncate=strength_rule != "diffusers") for t in self.decode(latents)] \
+            if output_type == "pil" else []
         return GenerationResult(images=images, seeds=seeds, seconds=time.time() - t0, latents=latents, negatives=negatives,
                                 subseeds=list(subseeds) if subseeds is not None else None,
                                 parameters={**params, "prompt": prompts,
