@@ -396,8 +396,10 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, bound: float 
     if not 0 < percentile <= 1:
         raise ValueError(f"threshold_percentile must be in (0, 1]; got {percentile}")
     bound = check_threshold_range(bound)
-    flat = x0.reshape(x0.shape[0], -1)
-    s = torch.quantile(flat.abs().float(), percentile, dim=1).clamp(min=bound).to(x0.dtype)
+    flat = x0.reshape(x0.shape[0], -1).abs()
+    if flat.dtype not in (torch.float32, torch.float64):  # (as diffusers: the quantile in float64 for a float64 x_0)
+        flat = flat.float()
+    s = torch.quantile(flat, percentile, dim=1).clamp(min=bound).to(x0.dtype)
     s = s.view(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) * (bound / s)
 

@@ -43,6 +43,15 @@ ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
 A1111_ZERO_SNR_ALPHA_CUMPROD = 4.8973451890853435e-08
 
 
+def floor_zero_snr(abar):
+    """abar (a tensor or array) with its zeros, and only them, set to ZERO_SNR_ALPHA_CUMPROD, as diffusers' sigma-based
+    schedulers floor abar_T = 0: a positive abar stays as it is, below the floor too (AUTOMATIC1111's zero-terminal-SNR
+    abar_T = 4.9e-8, sigma_max 4518.8, is its own first level, not 2^-24's 4096)."""
+    if torch.is_tensor(abar):
+        return torch.where(abar > 0, abar, torch.full_like(abar, ZERO_SNR_ALPHA_CUMPROD))
+    return np.where(abar > 0, abar, ZERO_SNR_ALPHA_CUMPROD)
+
+
 def linear_betas(num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """Ho et al. 2020, sec. 4: betas rising linearly from 1e-4 to 0.02 over T = 1000 steps."""
     return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
@@ -287,7 +296,7 @@ def vp_time_levels(kind: str, alphas_cumprod, n: int, t_max: float = 1.0) -> tup
     (The schedule type "compvis_time_uniform" is time_uniform over another count of steps: NoiseSchedule.plan.)"""
     if kind not in ("time_uniform", "time_quadratic", "logsnr"):
         raise ValueError(f"a continuous-time schedule type must be time_uniform, time_quadratic or logsnr; got {kind!r}")
-    abar = np.maximum(np.asarray(alphas_cumprod, dtype=np.float64), ZERO_SNR_ALPHA_CUMPROD)
+    abar = floor_zero_snr(np.asarray(alphas_cumprod, dtype=np.float64))
     T = len(abar)  # (zero terminal SNR: abar_T = 0 floored as the sigma-based plans floor it, log abar stays finite)
     if not 1.0 / T < t_max <= 1.0:
         raise ValueError(f"t_max must be in (1/T, 1] = ({1.0 / T:g}, 1]; got {t_max!r}")
@@ -479,6 +488,15 @@ class NoiseSchedule:
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict; got {type(config).__name__}")
         c = config
+        # an EDM scheduler (Karras et al. 2022's continuous sigma, the model fed c_noise = log(sigma) / 4: Playground
+        # v2.5's EDMDPMSolverMultistepScheduler, EDMEulerScheduler) has no betas, and read as DDPM's linear default its
+        # model would see the wrong time; nor do our plans feed a model c_noise where a discrete scheduler is told to
+        # (timestep_type "continuous", diffusers' EulerDiscreteScheduler for v-prediction EDM models)
+        if str(c.get("_class_name", "")).startswith("EDM") or "sigma_data" in c \
+                or c.get("timestep_type", "discrete") not in (None, "discrete"):
+            raise ValueError(f"{c.get('_class_name') or 'this scheduler config'} describes an EDM (continuous-sigma) "
+                             f"model (sigma_data, or timestep_type {c.get('timestep_type')!r}): imagine samples "
+                             "discrete-time models whose scheduler has betas (DDPM, DDIM, Euler, DPM-Solver, ...)")
         kind = c.get("beta_schedule", c.get("kind", "linear"))
         if c.get("trained_betas") is not None:
             kind = "custom"
@@ -607,8 +625,7 @@ class NoiseSchedule:
         # k-diffusion holds them, computed in `held_dtype` (AUTOMATIC1111's CompVis models keep abar in float32, and
         # k-diffusion takes sqrt((1 - abar) / abar) in float32: 1e-5 apart at SD's low end, which moves a Brownian
         # tree's ends; float16 under A1111's downcast)
-        a = self.alphas_cumprod.numpy().copy()
-        a[a <= 0] = ZERO_SNR_ALPHA_CUMPROD
+        a = floor_zero_snr(self.alphas_cumprod.numpy())
         if held:
             a = torch.from_numpy(a).to(self.held_dtype)
             return (((1 - a) / a) ** 0.5).double().numpy()
@@ -801,7 +818,7 @@ class NoiseSchedule:
             # writes 1000 for T, which SD's models have)
             t_top = torch.tensor(1.0) if top is None else torch.tensor(float(top)) / T + 1 / T
             t_in = (torch.linspace(float(t_top), 1.0 / T, len(t), dtype=torch.float32)[:-1] - 1.0 / T) * float(T)
-            v_abar = self.alphas_cumprod[t_in.long().clamp(0, T - 1)].clamp_min(ZERO_SNR_ALPHA_CUMPROD)
+            v_abar = floor_zero_snr(self.alphas_cumprod[t_in.long().clamp(0, T - 1)])
         return SamplingPlan(timesteps=torch.from_numpy(T * t[:-1] - 1.0), sigmas=torch.from_numpy(np.sqrt(
             (1 - abar) / abar)), alphas_cumprod=torch.from_numpy(abar), rule=rule, spacing=spacing,
             v_alphas_cumprod=v_abar)
@@ -839,7 +856,7 @@ class NoiseSchedule:
             raise ValueError(f"the lcm sampler's levels are read off its distillation timesteps; {kind!r} does not "
                              "apply to it (a relative schedule type, or one read off the model's levels, does)")
         k = int(origin[0] - origin[1]) if len(origin) > 1 else 1
-        a = torch.from_numpy(self.alphas_cumprod.numpy()[origin[::-1].copy()]).float().clamp_min(ZERO_SNR_ALPHA_CUMPROD)
+        a = floor_zero_snr(torch.from_numpy(self.alphas_cumprod.numpy()[origin[::-1].copy()]).float())
         table = ((1 - a) / a) ** 0.5  # least noisy first, float32, as A1111 holds it
         log_table = table.log()
 
