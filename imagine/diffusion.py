@@ -165,13 +165,15 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
 def training_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cond: dict[str, Any] | None, schedule,
                   prediction_type: str, generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
                   t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                  reduction: str = "mean") -> torch.Tensor:
+                  reduction: str = "mean", input_noise: torch.Tensor | None = None) -> torch.Tensor:
     """The simplified DDPM objective (Ho et al. 2020, eq. 14 / Algorithm 1), for any prediction type.
 
     t ~ Uniform{0..T-1} and eps ~ N(0, I) are drawn from `generator` unless given; the model sees
     x_t = q_sample(x0, t, eps) as `model(x_t, t.float(), **cond)`. Returns the mean over the batch
     (reduction="mean") or one loss per sample ("none"), each the mean squared error over the
-    sample's elements, times the min-SNR-gamma weight if `min_snr_gamma` is set.
+    sample's elements, times the min-SNR-gamma weight if `min_snr_gamma` is set. `input_noise`: the noise x_t is
+    made with where it is not the target's eps (input perturbation, Ning et al. 2023: eps + gamma xi in x_t, eps in
+    the target).
     """
     check_prediction_type(prediction_type)
     if reduction not in ("mean", "none"):
@@ -189,7 +191,7 @@ def training_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cond: di
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
     abar = _abar_at(schedule, t).to(x0.device)
-    x_t = q_sample(x0, t, schedule, noise)
+    x_t = q_sample(x0, t, schedule, noise if input_noise is None else input_noise)
     prediction = model(x_t, t.to(torch.float32), **(cond or {}))
     if prediction.shape != x0.shape:
         raise ValueError(f"model output shape {tuple(prediction.shape)} differs from x0 shape {tuple(x0.shape)}")

@@ -50,6 +50,9 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def rng_state(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):   # (dropout and randn on a GPU draw from these)
+            tensors[f"cuda.{i}"] = st
     for name, g in generators.items():
         tensors[f"gen.{name}"] = g.get_state()
     np_state = np.random.get_state()
@@ -61,6 +64,12 @@ def rng_state(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.T
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generators: dict[str, torch.Generator]) -> None:
     torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    elif cuda:
+        log.warning("the checkpoint holds the RNG states of %d GPU(s); %d here: they are not restored", len(cuda),
+                    torch.cuda.device_count() if torch.cuda.is_available() else 0)
     for name, g in generators.items():
         if f"gen.{name}" in tensors:
             g.set_state(tensors[f"gen.{name}"])
@@ -105,13 +114,21 @@ def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, torch.nn.Mod
     meta["rng"] = rm
     io.atomic_write_json(tmp / "state.json", meta)
     if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+        # (a run resumed from an earlier checkpoint reaching this step again): the old folder is renamed away whole
+        # before the new one takes its name, so `step-N` is never a half-deleted folder that still has its state.json
+        old = ckpt_root / f".step-{step:08d}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
     io.atomic_write_bytes(ckpt_root / "latest", (final.name + "\n").encode())
     older = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p.name < final.name)
     for old in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_root.glob(".step-*.tmp"):
+    for stale in [*ckpt_root.glob(".step-*.tmp"), *ckpt_root.glob(".step-*.old")]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
 

@@ -104,8 +104,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def captions(self) -> list[str]:
-        """The captions of the records that have one (read from metadata.jsonl, no image opened)."""
-        return [c for r in self.records if isinstance(c := r.get(self.caption_column), str) and c.strip()]
+        """The captions of the records that have one (read from metadata.jsonl, no image opened); every one of a
+        record's list of captions."""
+        return [c for r in self.records for c in caption_choices(r.get(self.caption_column))]
 
     def __getitem__(self, i):
         return self.draw(i, 0)
@@ -114,9 +115,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """Record i as drawn in epoch `epoch`: its flip (with data.flip) is drawn from (seed, epoch, i), so a
         record is seen both ways over the epochs, the same way on every run and resume."""
         rec = self.records[i]
-        caption = rec.get(self.caption_column)
-        if self.require_captions and (not isinstance(caption, str) or not caption.strip()):
+        choices = caption_choices(rec.get(self.caption_column))
+        if self.require_captions and not choices:
             return {"skip": "records without a caption", "index": i}
+        # a list of captions (diffusers' train_text_to_image takes one at random): one drawn from (seed, epoch, i)
+        caption = choices[0] if len(choices) == 1 else \
+            choices[random.Random(f"caption {self.seed} {epoch} {i}").randrange(len(choices))] if choices else ""
         flip = self.flip and flip_draw(self.seed, epoch, i)
         try:
             with Image.open(self.folder / rec["file_name"]) as img:
@@ -125,6 +129,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
             return {"skip": "corrupt or unreadable images", "index": i}
         return {"image": x, "caption": caption or "", "index": i, "flip": flip}
+
+
+def caption_choices(value) -> list[str]:
+    """A record's captions: a string, or a list of strings (the Hugging Face convention diffusers' train_text_to_image
+    reads: one is taken at random each time); empty and non-string entries left out."""
+    items = value if isinstance(value, list) else [value]
+    return [c for c in items if isinstance(c, str) and c.strip()]
 
 
 def flip_draw(seed: int, draw: int, record: int) -> bool:

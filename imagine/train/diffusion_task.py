@@ -1,7 +1,9 @@
 """Training a text-conditioned diffusion model, in pixel space or on a frozen VAE's latents.
 
 DDPM's simplified objective (Ho et al. 2020, eq. 14) with epsilon or v prediction (Salimans & Ho
-2022), optional min-SNR weighting (Hang et al. 2023); latent diffusion when a VAE is given
+2022), optional min-SNR weighting (Hang et al. 2023), offset noise (`noise_offset`, diffusers' and
+kohya's option of that name) and input perturbation (`input_perturbation`, Ning et al. 2023, as
+diffusers' train_text_to_image); latent diffusion when a VAE is given
 (Rombach et al. 2022: the U-Net learns on scaling_factor * z); a frozen text encoder whose states
 the U-Net cross-attends to; captions dropped to the empty prompt with probability
 `caption_dropout` so the same network learns the unconditional model for classifier-free
@@ -11,6 +13,7 @@ both encoders are frozen.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +23,8 @@ from imagine.train.config import check_keys
 from imagine.train.loop import Task, global_slots
 
 DIFFUSION_DEFAULTS = {
-    "prediction_type": "epsilon", "caption_dropout": 0.1, "min_snr_gamma": None,
+    "prediction_type": "epsilon", "caption_dropout": 0.1, "min_snr_gamma": None, "noise_offset": 0.0,
+    "input_perturbation": 0.0,
     "schedule": {"kind": "scaled_linear", "num_train_timesteps": 1000},
     "text_encoder": {"type": "minilm", "max_length": 32},
     "vae": None, "cache_text": True, "cache_latents": True,
@@ -55,6 +59,8 @@ def check_diffusion_config(cfg: dict) -> dict:
         raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample'; got {d['prediction_type']!r}")
     d["caption_dropout"] = as_number(d["caption_dropout"], "caption_dropout", 0.0, below=1.0)
     d["min_snr_gamma"] = as_number(d["min_snr_gamma"], "min_snr_gamma", 0.0, inclusive=False, none=True)
+    d["noise_offset"] = as_number(d["noise_offset"], "noise_offset", 0.0)
+    d["input_perturbation"] = as_number(d["input_perturbation"], "input_perturbation", 0.0)
     for key in ("cache_text", "cache_latents"):
         as_bool(d[key], key)
     if d["vae"] is not None and not (isinstance(d["vae"], str) and d["vae"]):
@@ -75,6 +81,11 @@ def check_diffusion_config(cfg: dict) -> dict:
         schedule = NoiseSchedule.from_config(**sched)
     except (TypeError, ValueError) as e:
         raise ValueError(f"schedule: {e}") from None
+    if float(schedule.alphas_cumprod[-1]) == 0 and d["prediction_type"] == "epsilon":
+        # (kohya's sd-scripts warns the same; diffusers' scripts say nothing)
+        warnings.warn("schedule.zero_terminal_snr with prediction_type epsilon: at the last timestep x_t is the noise "
+                      "itself, so the eps target is trivial there and x_0 cannot be recovered from it; Lin et al. "
+                      "2023 train zero terminal SNR with v_prediction")
     # the U-Net's keys must be its config's fields (UNetConfig.from_dict ignores other keys, as diffusers' folders
     # hold some; a misspelt key in a run's config would be dropped silently)
     check_fields(as_mapping(cfg.get("model", {}), "model"), UNetConfig, "model (the U-Net's UNetConfig fields)")
@@ -99,8 +110,6 @@ def check_diffusion_config(cfg: dict) -> dict:
     from imagine.sampling import sample
 
     try:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sample(lambda x, t, **k: torch.zeros_like(x), (1, 1, 1, 1), schedule=schedule,
@@ -155,6 +164,18 @@ class DiffusionTask(Task):
             self.latent_filled = torch.zeros(dataset_len * ways, dtype=torch.bool)
             self.latent_ways = ways
 
+    def bind(self, model, accelerator) -> None:
+        super().bind(model, accelerator)
+        # the frozen encoders beside the U-Net (the accelerator placed it); the caches stay on the CPU
+        dev = accelerator.device
+        if self.vae is not None:
+            self.vae.to(dev)
+        if isinstance(self.text_encoder, torch.nn.Module):
+            self.text_encoder.to(dev)
+
+    def _device(self) -> torch.device:
+        return self.accelerator.device if self.accelerator is not None else torch.device("cpu")
+
     def new_parameter(self, key: str) -> bool:
         from imagine.models.unet import new_parameter
 
@@ -175,7 +196,9 @@ class DiffusionTask(Task):
             chunk = todo[i:i + batch]
             enc = self.text_encoder.encode(chunk)
             for j, c in enumerate(chunk):
-                self.text_cache[c] = (enc.states[j].clone(), None if enc.mask is None else enc.mask[j].clone())
+                # (kept in fp32 on the CPU: a caption first met under autocast is not stored in bf16 beside fp32 ones)
+                self.text_cache[c] = (enc.states[j].float().cpu().clone(),
+                                      None if enc.mask is None else enc.mask[j].cpu().clone())
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.d["cache_text"]:
@@ -196,7 +219,8 @@ class DiffusionTask(Task):
     @torch.no_grad()
     def to_x0(self, batch) -> torch.Tensor:
         G, slot = global_slots(batch)
-        x = batch["image"]
+        dev = self._device()
+        x = batch["image"].to(dev)
         if self.vae is None:
             return x
         if self.latent_cache is None:
@@ -212,12 +236,12 @@ class DiffusionTask(Task):
                 # run, which refills the store (it is not in the checkpoint) in batches made otherwise. Stored in
                 # fp16 and always read back from the store, so every read of a record sees the same values.
                 q = self.vae.encode(x[k:k + 1])
-                self.latent_cache[idx[k]] = torch.cat([q.mean, q.logvar], dim=1)[0].to(torch.float16)
+                self.latent_cache[idx[k]] = torch.cat([q.mean, q.logvar], dim=1)[0].to("cpu", torch.float16)
                 self.latent_filled[idx[k]] = True
-            moments = self.latent_cache[idx].float()
+            moments = self.latent_cache[idx].float().to(dev)
         mean, logvar = moments.chunk(2, dim=1)
         # LDM samples z from the posterior (not its mode) when building the training latents.
-        eps = torch.randn((G, *mean.shape[1:]), generator=self.gen)[slot]
+        eps = torch.randn((G, *mean.shape[1:]), generator=self.gen)[slot].to(dev)
         z = mean + torch.exp(0.5 * logvar) * eps
         return self.vae.to_latent(z)
 
@@ -226,17 +250,34 @@ class DiffusionTask(Task):
 
         # Every random choice is drawn for the whole global batch and indexed by the sample's slot
         # in it, so sample j sees the same dropout, timestep and noise on any number of processes
-        # (and the gradient averaged by DDP is the one-process gradient).
+        # (and the gradient averaged by DDP is the one-process gradient). The draws are made on the
+        # CPU generators (the same on any device) and moved to the model's device.
         G, slot = global_slots(batch)
+        d = self.d
         captions = list(batch["caption"])
-        drop = (torch.rand(G, generator=self.drop_gen) < float(self.d["caption_dropout"]))[slot]
+        drop = (torch.rand(G, generator=self.drop_gen) < float(d["caption_dropout"]))[slot]
         captions = ["" if dr else c for c, dr in zip(captions, drop.tolist())]
-        cond = self.encode_text(captions)
-        x0 = self.to_x0(batch)
+        dev = self._device()
+        cond = {k: v.to(dev) for k, v in self.encode_text(captions).items()}
+        x0 = self.to_x0(batch).float()   # (an encode under autocast gives bf16 latents: x_t and the target in fp32)
         t = torch.randint(0, self.schedule.num_train_timesteps, (G,), generator=self.gen)[slot]
-        noise = torch.randn((G, *x0.shape[1:]), generator=self.gen, dtype=x0.dtype)[slot]
-        loss = training_loss(self.trainable if self.model is None else self.model, x0, cond, self.schedule, self.d["prediction_type"],
-                             t=t, noise=noise, min_snr_gamma=self.d["min_snr_gamma"])
+        shape = (G, *x0.shape[1:])
+        noise = torch.randn(shape, generator=self.gen, dtype=x0.dtype)[slot]
+        if d["noise_offset"]:
+            # offset noise (Guttenberg 2023; diffusers' --noise_offset, kohya's noise_offset): a per-channel constant
+            # added to the noise, so the model learns to change an image's mean (very dark or bright images); the
+            # target is this noise
+            noise = noise + d["noise_offset"] * torch.randn((G, shape[1], *([1] * (len(shape) - 2))),
+                                                            generator=self.gen, dtype=x0.dtype)[slot]
+        input_noise = None
+        if d["input_perturbation"]:
+            # input perturbation (Ning et al. 2023; diffusers' --input_perturbation): x_t is made with a perturbed
+            # noise, the target stays the unperturbed one
+            input_noise = (noise + d["input_perturbation"]
+                           * torch.randn(shape, generator=self.gen, dtype=x0.dtype)[slot]).to(dev)
+        loss = training_loss(self.trainable if self.model is None else self.model, x0, cond, self.schedule,
+                             d["prediction_type"], t=t.to(dev), noise=noise.to(dev), min_snr_gamma=d["min_snr_gamma"],
+                             input_noise=input_noise)
         return loss, {"loss": float(loss.detach())}
 
     # -- sampling and export -------------------------------------------------------------------
@@ -246,8 +287,9 @@ class DiffusionTask(Task):
         from imagine.sampling import sample
 
         model.eval()
-        cond = self.encode_text(prompts)
-        uncond = self.encode_text([""] * len(prompts))
+        dev = next(model.parameters()).device
+        cond = {k: v.to(dev) for k, v in self.encode_text(prompts).items()}
+        uncond = {k: v.to(dev) for k, v in self.encode_text([""] * len(prompts)).items()}
         c = model.config
         res = int(self.cfg.get("data", {}).get("resolution", 64))
         f = self.vae.config.downsampling_factor if self.vae is not None else 1
@@ -257,8 +299,8 @@ class DiffusionTask(Task):
                    seeds=[seed + i for i in range(len(prompts))], progress=False, sigma_schedule=sigma_schedule,
                    final_step=final_step)
         if self.vae is not None:
-            x = self.vae.decode_latent(x)
-        return x.clamp(-1, 1)
+            x = self.vae.decode_latent(x.to(self._device()))
+        return x.clamp(-1, 1).cpu()
 
     def sample_grid(self, model, path: Path, step: int):
         from imagine.images import save_grid, to_pil

@@ -1,8 +1,10 @@
 """Exponential moving average of the weights (used for sampling, as in DDPM and LDM).
 
-The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so the average is not
-dominated by the random initialisation early in training (the schedule of Tensorflow's
-ExponentialMovingAverage with num_updates, which LDM's LitEma uses).
+The decay warms up as diffusers' EMAModel's (its default, use_ema_warmup false): 0 at the first
+update (the average starts as the weights after the first step, not the random initialisation),
+then min(decay, (1 + n) / (10 + n)) after n updates (the schedule of Tensorflow's
+ExponentialMovingAverage with num_updates, which LDM's LitEma uses too). Without the warm-up the
+decay is `decay` from the first update.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ class EMA(nn.Module):
 
     def current_decay(self) -> float:
         n = int(self.num_updates)
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        if not self.warmup:
+            return self.decay
+        return 0.0 if n == 0 else min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -33,7 +37,10 @@ class EMA(nn.Module):
         self.num_updates += 1
         ema_params = dict(self.model.named_parameters())
         for name, p in model.named_parameters():
-            ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1.0 - d)
+            if d == 0.0:
+                ema_params[name].copy_(p.detach())
+            else:
+                ema_params[name].lerp_(p.detach().to(ema_params[name].device, ema_params[name].dtype), 1.0 - d)
         ema_bufs = dict(self.model.named_buffers())
         for name, b in model.named_buffers():
             ema_bufs[name].copy_(b)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from imagine import __version__
 from imagine.models import io
 from imagine.train import checkpoint as ckpt
-from imagine.train.config import check_keys
+from imagine.train.config import as_int, check_keys
 from imagine.train.data import SkipCounter, collate, make_batches
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ def check_train_options(tc: dict) -> dict:
             raise ValueError(f"train.{key} must be a finite number {'>=' if inclusive else '>'} {least:g}; got "
                              f"{tc[key]!r}")
     for key, least in _TRAIN_COUNTS.items():
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < least:
-            raise ValueError(f"train.{key} must be a whole number >= {least}; got {v!r}")
+        out[key] = as_int(out[key], f"train.{key}", least)   # (YAML's 1e5 taken as 100000, as data's counts)
     for key in _TRAIN_SWITCHES:
         if not isinstance(out[key], bool):
             raise ValueError(f"train.{key} must be true or false; got {out[key]!r}")
@@ -81,6 +79,13 @@ def check_train_options(tc: dict) -> dict:
         raise ValueError(f"train.betas must be two numbers in [0, 1) (AdamW's); got {tc['betas']!r}")
     if out["lr_schedule"] not in ("cosine", "constant"):
         raise ValueError(f"unknown train.lr_schedule {out['lr_schedule']!r}; valid: 'cosine', 'constant'")
+    from imagine.hardware import resolve_mixed_precision
+
+    mp = resolve_mixed_precision(out["mixed_precision"])   # (a ValueError naming the key and the valid values)
+    if mp == "fp16" and not torch.cuda.is_available():
+        # accelerate's autocast does nothing for fp16 on a CPU: the run would train in fp32 and say fp16
+        raise ValueError("train.mixed_precision fp16 needs a GPU (on a CPU accelerate would run the whole step in "
+                         "fp32); use bf16, auto or no")
     return out
 
 
@@ -253,6 +258,30 @@ def _sum_across(accelerator, counts: SkipCounter) -> SkipCounter:
     return total
 
 
+def _plain(state: dict) -> dict:
+    """A GradScaler's state_dict as JSON (its scale may be a one-element tensor)."""
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def _warn_changed(meta: dict, cfg: dict, tc: dict, last: Path) -> None:
+    """Warn when the settings the data order and the random draws depend on differ from the checkpoint's: its data
+    position counts global batches of its batch size, its permutations and draws come from its seed and data."""
+    old_cfg, old_train = meta.get("config"), (meta.get("resolved") or {}).get("train")
+    if not isinstance(old_cfg, dict):
+        return
+    pairs = {"seed": (old_cfg.get("seed", 0), cfg.get("seed", 0))}
+    if isinstance(old_train, dict):
+        pairs.update({f"train.{k}": (old_train.get(k), tc.get(k)) for k in ("batch_size", "grad_accum")})
+    old_data, data = old_cfg.get("data") or {}, cfg.get("data") or {}
+    if isinstance(old_data, dict) and isinstance(data, dict):
+        pairs.update({f"data.{k}": (old_data.get(k), data.get(k)) for k in sorted(set(old_data) | set(data))
+                      if k != "path"})
+    changed = [f"{k} {a!r} -> {b!r}" for k, (a, b) in pairs.items() if a != b]
+    if changed:
+        log.warning("%s was written with other settings (%s): the run goes on from its step, but its data order and "
+                    "random draws are not those the run that wrote it would have had", last, "; ".join(changed))
+
+
 def check_run(cfg: dict, out_dir: Path, resume: bool | Path = False, export_only: bool = False) -> dict:
     """What can be said of a run before its data and model are built: the train section's keys and values (the
     train options with their defaults, numbers made floats, returned; the config's own values made so too), and a
@@ -300,6 +329,9 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
     # The EMA is only read for samples, evaluation and export, which the main process does.
     ema = EMA(net, tc["ema_decay"], tc["ema_warmup"]) if tc["ema_decay"] > 0 and main else None
     model, opt = accelerator.prepare(task.step_module(), opt)
+    if ema is not None:
+        ema.to(accelerator.device)   # (beside the weights it follows: prepare placed them on the device)
+    scaler = getattr(accelerator, "scaler", None)   # (fp16 on a GPU)
     if tc["compile"]:
         # Only the training forward (and so its backward) runs compiled (inductor): the parameters
         # are the same tensors, so the optimizer, EMA, checkpoints and samples see the plain module.
@@ -329,7 +361,8 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
             log.warning("--resume: no checkpoint in %s; starting from scratch", out_dir)
         else:
             mods = {"model": net, **task.checkpoint_modules()}
-            if ema is not None:
+            ema_missing = ema is not None and not (last / "ema.safetensors").is_file()
+            if ema is not None and not ema_missing:
                 mods["ema"] = ema
             meta = ckpt.load_checkpoint(last, modules=mods, optimizer=opt, generators=gens,
                                         may_lack=task.new_parameter)
@@ -340,6 +373,12 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
                 print(f"{len(meta['new_parameters'])} parameters are not in {last} (a model extension switched on "
                       f"since): they start at their initialisation, e.g. {meta['new_parameters'][0]}")
             step = meta["step"]
+            if ema_missing:   # (written with train.ema_decay 0): the average starts from the resumed weights
+                ema.model.load_state_dict(net.state_dict())
+                log.warning("%s has no EMA (ema.safetensors; written with train.ema_decay 0): the EMA starts from "
+                            "its weights", last)
+            if main:
+                _warn_changed(meta, cfg, tc, last)
             # A warm-up restarted at an earlier resume goes on; an optimizer whose moments are not restored
             # (a compact checkpoint: package --compact; new parameters) warms up again from this step.
             rewarm = {k: int(v) for k, v in meta.get("rewarm", {}).items()}
@@ -359,6 +398,8 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
                     rewarm[name] = step
                     log.warning("%s has no state for the %s optimizer (a compact checkpoint): its moments start "
                                 "from zero; %s", last, name, _rewarm_note(tc, step))
+            if scaler is not None and meta.get("grad_scaler"):
+                scaler.load_state_dict(meta["grad_scaler"])
             batches.position = meta["data_position"]
             if main:  # (the checkpoint's counts include what the dataset counted while loading)
                 skipped = SkipCounter(meta.get("skipped", {}))
@@ -403,7 +444,10 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
                              state={"data_position": batches.position, "config": cfg,
                                     "resolved": {"train": tc, **task.resolved_config()},
                                     "skipped": dict(total_skipped), "rewarm": dict(rewarm),
-                                    "extra_optimizers": {k: v[1] for k, v in extra.items()}},
+                                    "extra_optimizers": {k: v[1] for k, v in extra.items()},
+                                    # fp16 on a GPU: the loss scale (else it restarts at 65536 and the first steps
+                                    # after a resume are skipped while it falls back)
+                                    **({"grad_scaler": _plain(scaler.state_dict())} if scaler is not None else {})},
                              generators=gens, keep=tc["keep_checkpoints"],
                              files={f"opt_{k}": v[0] for k, v in extra.items()})
 
@@ -499,6 +543,8 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
                         writer.add_scalar(f"eval/{k}", v, step)
         if main and tc["sample_every"] and step % tc["sample_every"] == 0:
             task.sample_grid(eval_model, out_dir / "samples" / f"step-{step:08d}.png", step)
+        if eval_model is net and not net.training:
+            model.train()   # (without an EMA, evaluation and samples ran on the trained network itself)
         stop_now = deadline is not None and _agree(accelerator, main and time.time() > deadline, "any")
         if step % tc["checkpoint_every"] == 0 or step == total or stop_now:
             save(step)

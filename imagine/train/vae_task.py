@@ -53,7 +53,9 @@ class ReconstructionStep(nn.Module):
     def forward(self, x, slot, global_batch: int, generator: torch.Generator):
         posterior = self.vae.encode(x)
         m = posterior.mean
-        eps = torch.randn((global_batch, *m.shape[1:]), generator=generator, device=m.device, dtype=m.dtype)[slot]
+        # (drawn on the generator's device, the CPU, and moved: the same draws whatever device trains)
+        eps = torch.randn((global_batch, *m.shape[1:]), generator=generator, device=generator.device,
+                          dtype=m.dtype)[slot].to(m.device)
         return self.vae.decode(m + posterior.std * eps), posterior
 
 
@@ -133,12 +135,17 @@ class VAETask(Task):
     def checkpoint_modules(self):
         return {"disc": self.disc} if self.disc is not None else {}
 
+    def bind(self, model, accelerator) -> None:
+        super().bind(model, accelerator)
+        if self.disc is not None:   # (outside the prepared module: placed beside it by hand)
+            self.disc.to(accelerator.device)
+
     def _gan_on(self, step):
         return self.disc is not None and step >= self.lc["disc_start"]
 
     def loss(self, batch, step):
         model = self.trainable
-        x = batch["image"]
+        x = batch["image"].to(self.accelerator.device if self.accelerator is not None else "cpu")
         G, slot = global_slots(batch)
         rec, posterior = (self.step if self.model is None else self.model)(x, slot, G, self.gen)
         diff = (rec.float() - x).abs() if self.lc["reconstruction"] == "l1" else (rec.float() - x) ** 2
@@ -146,7 +153,12 @@ class VAETask(Task):
         kl = posterior.kl().float().mean()
         loss = nll + self.lc["kl_weight"] * kl
         parts = {"rec": float(diff.detach().mean()), "kl": float(kl.detach())}
-        self._last = (x, rec)
+        # the discriminator's inputs, one entry per micro-batch of this step (train.grad_accum): it steps once a step
+        # on all of them, as the autoencoder does
+        if self.disc is not None:
+            if getattr(self, "_pending_step", None) != step:
+                self._pending, self._pending_step = [], step
+            self._pending.append((x, rec.detach(), float(batch.get("loss_scale", 1.0))))
         if self._gan_on(step):
             g_loss = -self.disc(rec).mean()
             last = model.decoder.conv_out.weight
@@ -159,14 +171,18 @@ class VAETask(Task):
         return loss, parts
 
     def after_backward(self, batch, step):
+        pending, self._pending, self._pending_step = getattr(self, "_pending", []), [], None
         if not self._gan_on(step):
             return {}
-        x, rec = self._last
         opt = self.extra_optimizers["disc"]
         opt.zero_grad(set_to_none=True)
-        # Hinge loss (Lim & Ye 2017): push real logits above 1 and fake logits below -1.
-        d_loss = 0.5 * (F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(rec.detach())).mean())
-        (d_loss * batch.get("loss_scale", 1.0)).backward()   # slice weight, as the loop's (1.0 on one process)
+        logged = 0.0
+        for x, rec, scale in pending:
+            # Hinge loss (Lim & Ye 2017): push real logits above 1 and fake logits below -1; each micro-batch
+            # weighted by its slice weight, as the loop's (1.0 on one process), over the micro-batches
+            d_loss = 0.5 * (F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(rec)).mean())
+            (d_loss * (scale / len(pending))).backward()
+            logged += float(d_loss.detach()) * (scale / len(pending))
         acc = self.accelerator
         if acc is not None and acc.num_processes > 1:
             # The discriminator is outside DDP (it runs twice a step): average its gradients by
@@ -178,7 +194,7 @@ class VAETask(Task):
                     dist.all_reduce(p.grad)
                     p.grad /= acc.num_processes
         opt.step()
-        return {"d_loss": float(d_loss.detach()) * batch.get("loss_scale", 1.0)}
+        return {"d_loss": logged}
 
     @torch.no_grad()
     def evaluate(self, model, step):
@@ -186,8 +202,10 @@ class VAETask(Task):
             return {}
         model.eval()
         scores = []
+        dev = next(model.parameters()).device
         for chunk in self.eval_images.split(64):
-            scores.append(psnr(model.decode(model.encode(chunk).mode()), chunk))
+            chunk = chunk.to(dev)
+            scores.append(psnr(model.decode(model.encode(chunk).mode()), chunk).cpu())
         return {"psnr": float(torch.cat(scores).mean())}
 
     @torch.no_grad()
@@ -197,7 +215,7 @@ class VAETask(Task):
         from imagine.images import save_grid, to_pil
 
         x = self.eval_images[:8]
-        rec = model.decode(model.encode(x).mode())
+        rec = model.decode(model.encode(x.to(next(model.parameters()).device)).mode()).cpu()
         save_grid([to_pil(t) for t in torch.cat([x, rec])], path, cols=8)
 
     def latent_scale(self, model) -> tuple[float, str] | None:
@@ -213,7 +231,12 @@ class VAETask(Task):
         was = model.training
         model.eval()
         with torch.no_grad():
-            z = torch.cat([model.encode(c).sample(g) for c in images.split(64)])
+            dev = next(model.parameters()).device
+            zs = []
+            for c in images.split(64):
+                q = model.encode(c.to(dev))   # (eps from the CPU generator, whatever the device)
+                zs.append(q.sample(noise=torch.randn(q.mean.shape, generator=g, dtype=q.mean.dtype)).cpu())
+            z = torch.cat(zs)
         model.train(was)
         return float(1.0 / z.float().flatten().std()), f"{len(images)} {which} images"
 
