@@ -5,13 +5,15 @@ are then rescaled so that their mean stays what it was (AUTOMATIC1111's default 
 
     z' = z * w,    z'' = z' * mean(z) / mean(z'),
 
-with w per token (1 for the start, end and padding tokens). The syntax, as AUTOMATIC1111 documents it:
+with w per token (1 for the start, end and padding tokens); its "No norm" mode (A1111 1.8+) stops at z'
+(`apply_emphasis(..., mode="No norm")`). The syntax, as AUTOMATIC1111 documents it:
 `(text)` multiplies the weight of `text` by 1.1, `[text]` divides it by 1.1, `(text:w)` multiplies it by
 w; brackets nest (their factors multiply); `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are the characters
-themselves (a lone backslash is dropped); a bracket left open applies to the rest of the prompt; A1111's
-`BREAK` starts a new 75-token chunk where prompts are read in chunks (`imagine.long_prompts`); in one window it
-is taken out with a warning. A BREAK inside brackets, `(a BREAK b)`, starts a new chunk here too, where
-AUTOMATIC1111 multiplies its BREAK marker's weight by the brackets' factor and then no longer recognises it,
+themselves (a lone backslash is dropped, though, as in A1111, it keeps the text on its two sides apart where
+its weight differs from theirs: `.(\\:2)]` is the pieces "." and "]"); a bracket left open applies to the rest of
+the prompt; A1111's `BREAK` starts a new 75-token chunk where prompts are read in chunks (`imagine.long_prompts`);
+in one window it is taken out with a warning. A BREAK inside brackets, `(a BREAK b)`, starts a new chunk here too,
+where AUTOMATIC1111 multiplies its BREAK marker's weight by the brackets' factor and then no longer recognises it,
 so it reads the word "BREAK" as text with that (negative) weight: an oddity of its own not followed. Each
 piece is tokenized on its own, so a piece's tokens carry exactly its weight.
 
@@ -29,6 +31,9 @@ import torch
 log = logging.getLogger(__name__)
 
 ROUND, SQUARE = 1.1, 1 / 1.1
+# AUTOMATIC1111's "emphasis" setting (1.8+, modules/sd_emphasis.py): "None" reads brackets as text; "Ignore" reads the
+# syntax but applies no weights; "Original" weights and restores the mean; "No norm" weights without restoring it
+EMPHASIS_MODES = ("None", "Ignore", "Original", "No norm")
 BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _TOKENS = re.compile(r"""
 \\\(|\\\)|\\\[|\\]|\\\\|\\|   # escapes
@@ -59,9 +64,8 @@ def parse_emphasis(text: str, breaks: bool = False) -> list[tuple[str, float | N
 
     for m in _TOKENS.finditer(text):
         tok, weight = m.group(0), m.group(1)
-        if tok.startswith("\\"):  # an escaped character is itself; a lone backslash is dropped (as A1111)
-            if tok[1:]:
-                pieces.append([tok[1:], 1.0])
+        if tok.startswith("\\"):  # an escaped character is itself; a lone backslash is an empty piece (as A1111)
+            pieces.append([tok[1:], 1.0])
         elif tok == "(":
             round_open.append(len(pieces))
         elif tok == "[":
@@ -85,15 +89,16 @@ def parse_emphasis(text: str, breaks: bool = False) -> list[tuple[str, float | N
         scale(start, ROUND)
     for start in square_open:
         scale(start, SQUARE)
+    # Neighbours of one weight merge as in A1111, empty pieces (a lone backslash, a BREAK's edges) included: an empty
+    # piece of another weight keeps the text on its two sides apart, each side then tokenized on its own
+    # (`.(\\:2)]`: "." and "]", not ".]"); then the empty pieces, which have no tokens, are left out.
     merged: list[list] = []
     for piece in pieces:
-        if not piece[0] and piece[1] is not None:
-            continue
         if merged and merged[-1][1] == piece[1] and piece[1] is not None:
             merged[-1][0] += piece[0]
         else:
             merged.append(piece)
-    return [(p, w) for p, w in merged] or [("", 1.0)]
+    return [(p, w) for p, w in merged if p or w is None] or [("", 1.0)]
 
 
 def weighted_tokens(tokenizer, text: str, max_length: int) -> tuple[list[int], list[float], int, int]:
@@ -131,9 +136,18 @@ def token_ids(tokenizer, text: str, special: bool, pad_to: int | None = None) ->
     return list(tokenizer([text], add_special_tokens=special, verbose=False, **kw)["input_ids"][0])
 
 
-def apply_emphasis(states: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def apply_emphasis(states: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None,
+                   mode: str = "Original") -> torch.Tensor:
     """z * w rescaled to z's mean, per prompt (AUTOMATIC1111's "Original" emphasis). `mask`: the tokens an
-    encoder's states count for (None: all, as CLIP's 77)."""
+    encoder's states count for (None: all, as CLIP's 77). `mode`: A1111's emphasis setting (its sd_emphasis, 1.8+):
+    "Original"; "No norm", z * w without the rescale ("seems to work better for SDXL"); "Ignore" (the syntax read,
+    its weights not applied) and "None" (nothing to apply: the brackets were text) leave the states as they are."""
+    if mode not in EMPHASIS_MODES:
+        raise ValueError(f"emphasis mode must be one of {', '.join(EMPHASIS_MODES)} (AUTOMATIC1111's); got {mode!r}")
+    if mode in ("None", "Ignore"):
+        return states
+    if mode == "No norm":
+        return states * weights.to(states.dtype)[..., None]
     m = (torch.ones_like(weights) if mask is None else mask).to(states.dtype)[..., None]
     count = m.sum(dim=(1, 2), keepdim=True).clamp_min(1) * states.shape[-1]
 

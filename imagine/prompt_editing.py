@@ -6,7 +6,13 @@
 - `[a|b|c]` alternates, one word a step (`[cat|]`: the word every other step).
 - They nest, inside each other and inside emphasis brackets, which stay in the text for `imagine.emphasis`:
   `(a [red:blue:0.5] ball:1.2)`. A bracket that fits none of these is text; a '|' outside `[a|b]` (A1111's
-  grammar has none) or a lone backslash at the end leaves the whole prompt unparsed, as A1111 leaves it.
+  grammar has none), a lone backslash at the end or a backslash before a line break leaves the whole prompt
+  unparsed, as A1111 leaves it. `when` is a number as A1111's grammar has them (`1e1`, `.5`, `+2`, ASCII digits);
+  one past float's range (`1e400`, where A1111's int() fails) is past the steps; brackets nested some hundreds
+  deep (past Python's recursion, where A1111's parser fails too) leave the prompt as written.
+- An edit at the top level directly followed by a stray `]`, `[`, `(`, `)` or `:` (`[a:b:3]]`, `[a:3]:`) A1111's
+  parser (lark's Earley, its ambiguity resolved in an order that changes with Python's hash seed) reads as an edit
+  in some processes and as plain text in others; here it is always the edit.
 
 A hires. fix second pass reads the same `when` on one timeline over both passes, as A1111 1.6+ does: a step number
 counts from the first pass's start (`[a:b:25]` after a 20-step first pass switches at this pass's step 5), a fraction
@@ -23,11 +29,14 @@ A1111's counting, kept so that its prompts give its images. A prompt it cannot p
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 _SPECIAL = "[]():|"
-_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*")  # (lark's SIGNED_NUMBER)
+# lark's SIGNED_NUMBER: ASCII digits only ('\d' would take other scripts' digits, which float() reads but A1111's
+# grammar does not)
+_NUMBER = re.compile(r"\s*([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*")
 
 
 @dataclass
@@ -74,7 +83,14 @@ class _Parser:
     def plain(self) -> str:
         start = self.i
         while self.i < len(self.s) and self.s[self.i] not in _SPECIAL:
-            self.i += 2 if self.s[self.i] == "\\" and self.i + 1 < len(self.s) else 1
+            if self.s[self.i] == "\\":
+                # A1111's plain text takes a backslash with the character after it (its regex's `\\.`), which is
+                # not a line break: a backslash before one, or at the end, leaves the prompt unparsed
+                if self.i + 1 >= len(self.s) or self.s[self.i + 1] == "\n":
+                    raise _Unparsable
+                self.i += 2
+            else:
+                self.i += 1
         return self.s[start:self.i]
 
     def prompt(self, stops: str) -> list:
@@ -136,12 +152,12 @@ class _Parser:
 
 
 def _parse(prompt: str) -> list | None:
-    if (len(prompt) - len(prompt.rstrip("\\"))) % 2:  # a lone backslash at the end escapes nothing: not parsed
-        return None
     p = _Parser(prompt)
     try:
         items = p.prompt("")
     except _Unparsable:
+        return None
+    except RecursionError:  # brackets nested some hundreds deep (A1111's lark fails on them too): read as written
         return None
     return items
 
@@ -163,6 +179,8 @@ class Timeline:
             v = (v - (self.first_pass is not None)) * self.steps
         else:
             v = v - (self.first_pass or 0)
+        if math.isinf(v):  # (a number past float's range, 1e400: A1111's int() raises; here it is past either end)
+            return self.steps if v > 0 else -1
         return min(self.steps, int(v))
 
 

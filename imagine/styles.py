@@ -3,8 +3,8 @@ columns `name`, `prompt`, `negative_prompt`; older files call the prompt column 
 texts before anything reads them, so a style may hold emphasis, prompt editing or `<lora:...>` tags.
 
 A style's text is merged into the prompt as A1111's `merge_prompts` does: where it holds `{prompt}` the prompt goes
-there, else the two are joined with ", " (either one empty: the other alone). Several styles apply in the order
-named, each to the result of the one before. The PNG's parameters carry the merged texts, as A1111's do."""
+there, else the two are joined with ", " (either one empty: the other alone, stripped). Several styles apply in the
+order named, each to the result of the one before. The PNG's parameters carry the merged texts, as A1111's do."""
 
 from __future__ import annotations
 
