@@ -136,6 +136,29 @@ def token_ids(tokenizer, text: str, special: bool, pad_to: int | None = None) ->
     return list(tokenizer([text], add_special_tokens=special, verbose=False, **kw)["input_ids"][0])
 
 
+def emphasis_mode(emphasis) -> str:
+    """generate's `emphasis` as one of A1111's modes (EMPHASIS_MODES): False or None -> "None" (brackets are text),
+    True -> "Original"; a mode as it is."""
+    if emphasis is None or emphasis is False:
+        return "None"
+    if emphasis is True:
+        return "Original"
+    if isinstance(emphasis, str) and emphasis in EMPHASIS_MODES:
+        return emphasis
+    raise ValueError(f"emphasis must be True, False or one of AUTOMATIC1111's modes {', '.join(EMPHASIS_MODES)}; "
+                     f"got {emphasis!r}")
+
+
+def emphasis_record(emphasis, texts: list[str]) -> str | None:
+    """A run's record of its emphasis (its parameters' "emphasis"): "a1111" for the "Original" mode; for A1111's other
+    modes their name ("none", "no_norm", "ignore") where a text has brackets, as A1111 writes its "Emphasis: ..."
+    only then; else None."""
+    mode = emphasis_mode(emphasis)
+    if mode == "Original":
+        return "a1111"
+    return mode.lower().replace(" ", "_") if any("(" in t or "[" in t for t in texts) else None
+
+
 def apply_emphasis(states: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None,
                    mode: str = "Original") -> torch.Tensor:
     """z * w rescaled to z's mean, per prompt (AUTOMATIC1111's "Original" emphasis). `mask`: the tokens an

@@ -79,6 +79,34 @@ def test_weighted_states_are_the_closed_form(clip):
     assert not torch.allclose(got, plain, atol=1e-3)
 
 
+def test_a1111s_other_emphasis_modes(clip):
+    """A1111's "No norm" (sd_emphasis.EmphasisOriginalNoNorm: z * w, no mean restored; chunks too) and "Ignore" (the
+    syntax read, no weights): the encoder's states; the record and infotext name the mode where a text has brackets."""
+    from imagine.images import a1111_parameters
+
+    enc = clip.text_encoder
+    text = "a red circle left of the blue square"
+    plain = enc.encode([text]).states.double()
+    ids = enc.tokenize([text])["input_ids"][0].tolist()
+    red = enc.tokenizer("red", add_special_tokens=False)["input_ids"]
+    at = next(i for i in range(len(ids)) if ids[i:i + len(red)] == red)
+    w = torch.ones(len(ids), dtype=torch.float64)
+    w[at:at + len(red)] = 1.5
+    weighted = "a (red:1.5) circle left of the blue square"
+    for long_prompts in (False, True):
+        got = enc.encode([weighted], emphasis="No norm", long_prompts=long_prompts).states.double()
+        assert torch.allclose(got, plain * w[None, :, None], rtol=1e-5, atol=1e-6)
+        ignored = enc.encode([weighted], emphasis="Ignore", long_prompts=long_prompts).states
+        assert torch.allclose(ignored.double(), plain, atol=1e-6)
+    with pytest.raises(ValueError, match="one of AUTOMATIC1111's modes None, Ignore, Original, No norm"):
+        enc.encode([weighted], emphasis="no norm")
+    kw = dict(steps=2, seed=5, height=16, width=16, progress=False, output_type="latent")
+    res = clip.generate(weighted, emphasis="No norm", **kw)
+    assert res.parameters["emphasis"] == "no_norm" and "Emphasis: No norm" in a1111_parameters(res.parameters)
+    assert not torch.equal(res.latents, clip.generate(weighted, emphasis=True, **kw).latents)
+    assert "emphasis" not in clip.generate(text, emphasis="No norm", **kw).parameters  # (no brackets: none said)
+
+
 def test_a_prompts_weights_do_not_depend_on_its_batch(clip):
     one = clip.text_encoder.encode(["a (red:1.4) circle"], emphasis=True).states
     two = clip.text_encoder.encode(["the [[blue]] square", "a (red:1.4) circle"], emphasis=True).states

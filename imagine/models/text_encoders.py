@@ -112,21 +112,26 @@ class TextEncoder(nn.Module):
         return prompt
 
     @torch.no_grad()
-    def encode(self, prompts: list[str] | str, emphasis: bool = False, long_prompts: bool = False) -> TextEncoding:
+    def encode(self, prompts: list[str] | str, emphasis: bool | str = False, long_prompts: bool = False
+               ) -> TextEncoding:
         """Per-token states (+ mask, pooled vector). `emphasis`: read AUTOMATIC1111's `(word:1.3)` / `[word]`
-        syntax in the prompts (`imagine.emphasis`) instead of taking the brackets as text. `long_prompts`: a CLIP
-        encoder reads a prompt past its window in 75-token chunks (`imagine.long_prompts`), giving 77 k states;
-        an encoder with a padding mask (MiniLM, T5) keeps its one window."""
+        syntax in the prompts (`imagine.emphasis`) instead of taking the brackets as text; True is its "Original"
+        mode, or one of its modes by name (`emphasis_mode`: "No norm" weights without restoring the mean). `long_prompts`:
+        a CLIP encoder reads a prompt past its window in 75-token chunks (`imagine.long_prompts`), giving 77 k
+        states; an encoder with a padding mask (MiniLM, T5) keeps its one window."""
+        from imagine.emphasis import emphasis_mode
+
+        mode = emphasis_mode(emphasis)
         if long_prompts and not self.uses_mask:
-            return self._encode_chunks([prompts] if isinstance(prompts, str) else list(prompts), emphasis)
-        if emphasis:
-            return self._encode_emphasis([prompts] if isinstance(prompts, str) else list(prompts))
+            return self._encode_chunks([prompts] if isinstance(prompts, str) else list(prompts), mode)
+        if mode != "None":
+            return self._encode_emphasis([prompts] if isinstance(prompts, str) else list(prompts), mode)
         tok = self.tokenize(prompts)
         ids = tok["input_ids"].to(self.device)
         mask = tok["attention_mask"].to(self.device).bool()
         return self._encode(ids, mask)
 
-    def _encode_emphasis(self, prompts: list[str]) -> TextEncoding:
+    def _encode_emphasis(self, prompts: list[str], mode: str = "Original") -> TextEncoding:
         from imagine.emphasis import apply_emphasis, weighted_tokens
 
         if not all(isinstance(p, str) for p in prompts):
@@ -141,7 +146,7 @@ class TextEncoder(nn.Module):
         weights = torch.tensor([r[1] for r in rows], device=self.device)
         mask = torch.tensor([[i < r[2] for i in range(self.max_length)] for r in rows], device=self.device)
         enc = self._encode(ids, mask)
-        states = apply_emphasis(enc.states, weights, mask if self.uses_mask else None)
+        states = apply_emphasis(enc.states, weights, mask if self.uses_mask else None, mode)
         return replace(enc, states=states)
 
     def chunks(self, prompt: str, emphasis: bool = False, runs: dict | None = None) -> list:
@@ -163,7 +168,7 @@ class TextEncoder(nn.Module):
                 runs[ids[0]] = list(ids)
         return runs
 
-    def _encode_chunks(self, prompts: list[str], emphasis: bool) -> TextEncoding:
+    def _encode_chunks(self, prompts: list[str], mode: str) -> TextEncoding:
         """Each prompt's chunks encoded chunk by chunk over the batch, each chunk's emphasis applied to its own
         states, the states side by side; the pooled vector is the first chunk's (AUTOMATIC1111's
         FrozenCLIPEmbedderWithCustomWords). A prompt with fewer chunks than the batch's longest is filled up
@@ -173,7 +178,7 @@ class TextEncoder(nn.Module):
         from imagine.long_prompts import empty_chunk
 
         runs = self._runs()  # (once for the batch)
-        rows = [self.chunks(p, emphasis, runs) for p in prompts]
+        rows = [self.chunks(p, mode != "None", runs) for p in prompts]
         empty = empty_chunk(self.tokenizer, self.max_length)
         parts, first = [], None
         for i in range(max(len(r) for r in rows)):
@@ -181,8 +186,9 @@ class TextEncoder(nn.Module):
             ids = torch.tensor([c.ids for c in chunk], device=self.device)
             enc = self._encode(ids, torch.ones_like(ids, dtype=torch.bool))
             states = enc.states
-            if emphasis:
-                states = apply_emphasis(states, torch.tensor([c.weights for c in chunk], device=self.device))
+            if mode != "None":
+                states = apply_emphasis(states, torch.tensor([c.weights for c in chunk], device=self.device), None,
+                                        mode)
             parts.append(states)
             if first is None:
                 first = enc
@@ -393,7 +399,8 @@ class SDXLTextEncoder(nn.Module):
         return self.towers[0].chunks(prompt, emphasis)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str] | str, emphasis: bool = False, long_prompts: bool = False) -> TextEncoding:
+    def encode(self, prompts: list[str] | str, emphasis: bool | str = False, long_prompts: bool = False
+               ) -> TextEncoding:
         encodings = [t.encode(prompts, emphasis=emphasis, long_prompts=long_prompts) for t in self.towers]
         if len({e.states.shape[1] for e in encodings}) > 1:  # (both towers read one BPE vocabulary: never)
             raise ValueError(f"SDXL's two tokenizers read the prompt as {[e.states.shape[1] for e in encodings]} "

@@ -28,6 +28,7 @@ from imagine.guidance import check_threshold_range
 from imagine.images import RESIZE_MODES, fit_picture, to_pil
 from imagine.loading.folder import Components
 from imagine.composable import ComposedConditioning, split_and
+from imagine.emphasis import emphasis_record
 from imagine.prompt_editing import Timeline, prompt_schedule, text_at
 from imagine.refiner import check_switch, with_refiner
 from imagine.samplers import default_guidance_scale, is_cfg_pp, resolve_sampler
@@ -472,13 +473,13 @@ class TextToImagePipeline:
                                  f"e.g. {max(f, v // f * f)} or {(v // f + 1) * f})")
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], emphasis: bool = False,
+    def encode_prompts(self, prompts: list[str], emphasis: bool | str = False,
                        long_prompts: bool = False) -> dict[str, torch.Tensor]:
         return self.text_encoder.encode(prompts, emphasis=emphasis, long_prompts=long_prompts).as_cond()
 
     @torch.no_grad()
     def conditioning(self, prompts: list[str], negatives: list[str | None], height: int, width: int,
-                     guided: bool = True, emphasis: bool = False, long_prompts: bool = False,
+                     guided: bool = True, emphasis: bool | str = False, long_prompts: bool = False,
                      editing_steps=None, zero_empty: bool | None = None, composable: bool = False):
         """(cond, uncond) for the U-Net: the prompts' and negative prompts' encodings (uncond None when not
         `guided`) with SDXL's size codes. A negative prompt None is not given: "" encoded, or zeros where the
@@ -580,7 +581,7 @@ class TextToImagePipeline:
                  eta: float | None = None, karras: bool | None = None, thresholding: str | None = None,
                  threshold_range: float | None = None, sigma_schedule: str | None = None, final_step: str | None = None,
                  sampler_options: dict | None = None, rho: float | None = None, start: str | None = None,
-                 emphasis: bool = False, long_prompts: bool = False, prompt_editing: bool = False,
+                 emphasis: bool | str = False, long_prompts: bool = False, prompt_editing: bool = False,
                  composable: bool = False, init_image=None, strength: float | None = None,
                  init_latents: torch.Tensor | None = None, mask_image=None, masked_content: str = "original",
                  latent_noise_seeds: list[int] | None = None, resize_mode: str = "just_resize", control_image=None,
@@ -614,7 +615,7 @@ class TextToImagePipeline:
         (the trapezoidal last step, imagine.samplers.final_heun_step); sampler_options: e.g. {"order": 3} for unipc; start: "noise"
         (diffusers' start) or "matched" (x_T moved to the mean of q(x_T), imagine.sampling.Denoiser.matched_start);
         emphasis: read AUTOMATIC1111's `(word:1.3)` / `[word]` syntax as weights (imagine.emphasis; off: brackets are
-        text, as in diffusers); long_prompts: a CLIP text encoder reads a prompt past its 77-token window in
+        text, as in diffusers; True is A1111's "Original", or one of its modes by name: "No norm", "Ignore", "None"); long_prompts: a CLIP text encoder reads a prompt past its 77-token window in
         75-token chunks, BREAK starting a new one with emphasis (AUTOMATIC1111's way, imagine.long_prompts; off:
         cut at the window with a warning, as diffusers); prompt_editing: read AUTOMATIC1111's `[from:to:when]` and
         `[a|b]`, a text that changes during the run (imagine.prompt_editing; off: brackets are text or emphasis);
@@ -999,10 +1000,10 @@ class TextToImagePipeline:
                 for (name, _), (_, _, scale, window, _) in zip(self.controlnets, controls))
             if any(c[4] != "balanced" for c in controls):
                 params["control_mode"] = [c[4] for c in controls]
-        if emphasis:
-            params["emphasis"] = "a1111"  # (word:1.3) read as weights (imagine.emphasis)
-        elif any("(" in t or "[" in t for t in [*prompts, *(n for n in negatives if n)]):
-            params["emphasis"] = "none"  # (brackets read as text: A1111's "Emphasis: None", which it writes so)
+        # ((word:1.3) read as weights, "a1111"; or brackets read as text, or another of A1111's modes, which its
+        # infotext names: "Emphasis: None" / "No norm" / "Ignore")
+        if (record := emphasis_record(emphasis, [*prompts, *(n for n in negatives if n)])) is not None:
+            params["emphasis"] = record
         if self.edits and (image_guidance_gate or image_guidance_scale != 1):
             params["image_guidance_scale"] = image_guidance_scale  # (A1111's "Image CFG scale"; its default 1: none)
         if subseeds is not None:
@@ -1324,8 +1325,8 @@ class TextToImagePipeline:
                   "width": width, **params, "model": Path(self.c.source).name if self.c.source else "default",
                   "version": __import__("imagine").__version__, **self.run_record(), "prompt": prompts[0],
                   "negative_prompt": negatives[0] or ""}
-        if emphasis:
-            params["emphasis"] = "a1111"
+        if (record := emphasis_record(emphasis, [*prompts, *(n for n in negatives if n)])) is not None:
+            params["emphasis"] = record
         if sigma_schedule or karras:
             params["schedule_type"] = sigma_schedule or "karras"
         images = [] if output_type == "latent" else [to_pil(im) for im in self.decode(latents)]

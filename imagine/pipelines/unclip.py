@@ -99,14 +99,14 @@ def variations(pipe, image, prompt: str | list[str] | None = None, negative_prom
 PRIOR_STEPS, PRIOR_GUIDANCE = 25, 4.0
 
 
-def prior_text(pipe, prompt: str, emphasis: bool, long_prompts: bool) -> str:
+def prior_text(pipe, prompt: str, emphasis: bool | str, long_prompts: bool) -> str:
     """The caption as the prior reads it: plain text, without the syntax that the decoder's text encoder reads
     (AUTOMATIC1111's LoRA tags, which must name merged LoRAs; with emphasis, its brackets and weights; with
     long_prompts, BREAK): the prior has its own CLIP tower, which no weight or chunk reaches."""
-    from imagine.emphasis import BREAK, parse_emphasis
+    from imagine.emphasis import BREAK, emphasis_mode, parse_emphasis
 
     text = pipe._without_lora_tags(prompt)
-    if emphasis:
+    if emphasis_mode(emphasis) != "None":
         text = "".join(" " if w is None else piece for piece, w in parse_emphasis(text, breaks=True))
     elif long_prompts:
         text = BREAK.sub(" ", text)
