@@ -314,19 +314,29 @@ def invert_ddim(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
     """DDIM inversion: x_0 -> x_T by running the deterministic DDIM ODE backwards (Song et al. 2021,
     sec. 4.3, eq. 14), through the plan's levels from its end to its start.
 
-    Going from level i+1 to the noisier level i, eps is the network's at timestep t_i evaluated on the
-    current, less noisy sample (the usual approximation eps(x_{t-1}, t) ~ eps(x_t, t), as in diffusers'
-    DDIMInverseScheduler), then x_i = sqrt(abar_i) x0' + sqrt(1 - abar_i) eps with x0' the x_0 that
-    eps implies at level i+1. Sampling the same plan with ddim (eta = 0) maps the result back.
+    Going from level i+1 to the noisier level i, the network is evaluated at timestep t_i on the current,
+    less noisy sample (the usual approximation eps(x_{t-1}, t) ~ eps(x_t, t)), and its output read as diffusers'
+    DDIMInverseScheduler reads it: an eps as it is, a v or an x_0 at the level the sample is at, abar_{i+1}
+    (v: x0' = sqrt(abar) x - sqrt(1 - abar) v, eps = sqrt(abar) v + sqrt(1 - abar) x); then
+    x_i = sqrt(abar_i) x0' + sqrt(1 - abar_i) eps with x0' the x_0 at level i+1. Sampling the same plan with ddim
+    (eta = 0) maps the result back.
     """
     _deterministic("ddim inversion", eta)
     abar = plan.alphas_cumprod.tolist()
+    kind = getattr(denoise, "prediction_type", "epsilon")
     for i in reversed(range(len(plan))):
         a_from, a_to = abar[i + 1], abar[i]
-        x0 = denoise(x, i)
+        x0 = denoise(x, i)  # (the model's output turned into x_0 at level i, the timestep it was given)
         _report(callback, plan, i, x, x0)
-        eps = (x - math.sqrt(a_to) * x0) / math.sqrt(1 - a_to)
-        x0 = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
+        if kind == "v_prediction":
+            v = (math.sqrt(a_to) * x - x0) / math.sqrt(1 - a_to)
+            x0 = math.sqrt(a_from) * x - math.sqrt(1 - a_from) * v
+            eps = math.sqrt(a_from) * v + math.sqrt(1 - a_from) * x
+        elif kind == "sample" and a_from < 1:
+            eps = (x - math.sqrt(a_from) * x0) / math.sqrt(1 - a_from)
+        else:
+            eps = (x - math.sqrt(a_to) * x0) / math.sqrt(1 - a_to)
+            x0 = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
         x = math.sqrt(a_to) * x0 + math.sqrt(1 - a_to) * eps
     return x
 

@@ -485,6 +485,37 @@ def test_ddim_inversion_reconstructs():
         assert float((other - x0).pow(2).mean().sqrt()) > 5 * rms
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ddim_inversion_is_diffusers_inverse_scheduler(prediction_type):
+    """invert() against diffusers' DDIMInverseScheduler on the same model and schedule, for each prediction type: the
+    model's output at t_i on the less noisy sample, a v or an x_0 read at that sample's level (before session 28 a v
+    or x_0 was read at t_i's: 0.89 and 120 away)."""
+    from diffusers import DDIMInverseScheduler
+
+    from imagine.sampling import invert
+
+    cfg = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+           "beta_end": 0.012, "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1,
+           "timestep_spacing": "leading", "clip_sample": False, "prediction_type": prediction_type}
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.3
+
+    def model(x, t, **cond):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        t = t.reshape(-1, 1, 1, 1) if t.ndim else t
+        return torch.tanh(torch.einsum("ij,bjhw->bihw", w, x.double()) + t / 1000.0).to(x.dtype)
+
+    x0 = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    inverse = DDIMInverseScheduler.from_config(cfg)
+    inverse.set_timesteps(10)
+    want = x0.clone()
+    for t in inverse.timesteps:
+        want = inverse.step(model(want, t), t, want).prev_sample
+    got = invert(model, x0.clone(), schedule=NoiseSchedule.from_diffusers_config(cfg), prediction_type=prediction_type,
+                 steps=10, progress=False)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
 def test_bench_samplers_runs_both_sides_and_reports_the_goal(tmp_path):
     """`imagine bench samplers` end to end on a small ring run: both sides, equal numbers for the shared
     algorithm, the goal line, JSON and the markdown tables."""
