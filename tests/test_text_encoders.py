@@ -142,3 +142,25 @@ def test_server_reports_clip_skip_in_a1111_numbering(tmp_path):
 
         info = json.loads(r.json()["info"])
         assert info["clip_skip"] == 2 and "Clip skip: 2" in info["infotexts"][0]
+
+
+def test_use_attention_mask_in_a_clip_config_is_diffusers_reading(tmp_path):
+    """A text encoder whose config.json sets use_attention_mask (diffusers' StableDiffusionPipeline.encode_prompt
+    then passes the tokenizer's padding mask) gives diffusers' prompt states; without it, all 77 are attended."""
+    import json
+
+    pytest.importorskip("diffusers")
+    from test_loading import save_diffusers_folder
+
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    ref = save_diffusers_folder(tmp_path / "sd", "sd1")
+    plain = TextToImagePipeline.from_pretrained(tmp_path / "sd").encode_prompts(["a red circle"])["context"]
+    config = tmp_path / "sd" / "text_encoder" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_attention_mask": True}))
+    ours = TextToImagePipeline.from_pretrained(tmp_path / "sd").encode_prompts(["a red circle"])["context"]
+    ref.text_encoder.config.use_attention_mask = True
+    with torch.no_grad():
+        want = ref.encode_prompt("a red circle", "cpu", 1, False)[0]
+    assert torch.allclose(ours, want, atol=1e-5)
+    assert not torch.allclose(plain, want, atol=1e-3)  # (the padding tokens' states differ)

@@ -249,7 +249,8 @@ class MiniLMTextEncoder(TextEncoder):
 
 class CLIPTextEncoder(TextEncoder):
     """CLIP's text transformer, Stable Diffusion style: every one of the 77 states is attended (no
-    mask), pooled = the state at the end-of-text token after the final layer norm. `clip_skip` = k
+    mask, unless its config sets use_attention_mask, as diffusers reads it), pooled = the state at the end-of-text
+    token after the final layer norm. `clip_skip` = k
     takes the states k layers before the last, through the final layer norm (A1111's option)."""
 
     kind = "clip"
@@ -275,7 +276,10 @@ class CLIPTextEncoder(TextEncoder):
 
     @torch.no_grad()
     def _encode(self, ids, mask):
-        out = self.model(input_ids=ids, output_hidden_states=self.clip_skip > 0)
+        # (a text encoder whose config sets use_attention_mask gets the padding mask, as diffusers' pipelines pass
+        # it then; Stable Diffusion's CLIP attends to all 77 tokens)
+        masked = {"attention_mask": mask.long()} if getattr(self.model.config, "use_attention_mask", False) else {}
+        out = self.model(input_ids=ids, output_hidden_states=self.clip_skip > 0, **masked)
         if self.clip_skip > 0:
             # transformers < 5.6 nests the layers under .text_model; newer CLIPTextModel does not.
             tower = getattr(self.model, "text_model", self.model)
