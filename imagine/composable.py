@@ -6,8 +6,8 @@ their pulls away from the unconditional prediction:
 
     e~ = e(x, 0) + s * sum_k w_k (e(x, c_k) - e(x, 0)),
 
-one forward over [uncond; c_1; ...; c_K] (two or more where their lengths differ;
-`imagine.guidance.composed_guidance`). As A1111 (`get_multicond_prompt_list`): the prompt is split at the word AND
+one forward over [uncond; c_1; ...; c_K] (parts of different lengths filled up with their last state, as A1111
+stacks them; two forwards where the uncond's length differs; `imagine.guidance.composed_guidance`). As A1111 (`get_multicond_prompt_list`): the prompt is split at the word AND
 (in capitals), a part's trailing `:w` is its weight (default 1; also with a single part, where it scales the
 guidance), and each part may carry prompt editing and emphasis of its own. A1111 reads AND in the prompt only, not
 in the negative prompt.

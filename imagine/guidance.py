@@ -145,6 +145,24 @@ def _forward_parts(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch
 PAD_CONDS = ("empty", "v0")
 
 
+def fill_parts(cond):
+    """AND's parts (an imagine.composable.ComposedConditioning at one step) brought to one text length as
+    AUTOMATIC1111's stack_conds brings them (prompt_parser.reconstruct_multicond_batch): each part's text filled up
+    with its last state repeated, to the longest part's length. Per image (A1111 takes the longest over its whole
+    batch; here an image's parts alone decide, so that an image stays the one its prompt gives alone). Parts of one
+    length are returned as they are."""
+    from imagine.composable import ComposedConditioning
+
+    if not all(torch.is_tensor(p.get("context")) and p["context"].ndim == 3 for p in cond.parts):
+        return cond
+    rows = [_rows(p) for p in cond.parts]
+    if len({len(r) for part in rows for r in part}) == 1 and len({p["context"].shape[1] for p in cond.parts}) == 1:
+        return cond
+    longest = [max(len(part[r]) for part in rows) for r in range(len(rows[0]))]
+    filled = [[torch.cat([v, v[-1:].expand(n - len(v), -1)]) for v, n in zip(part, longest)] for part in rows]
+    return ComposedConditioning([_as_batch(p, f, max(longest)) for p, f in zip(cond.parts, filled)], cond.weights)
+
+
 def check_pad_conds(mode) -> None:
     if mode not in PAD_CONDS:
         raise ValueError(f"pad_conds must be one of {', '.join(map(repr, PAD_CONDS))} (or None: off); got {mode!r}")
@@ -225,10 +243,7 @@ class PaddedConds:
 
         if uncond is not None:
             if isinstance(cond, ComposedConditioning):  # (A1111 pads all of AND's parts, one stack, against it)
-                lengths = {tuple(len(c) for c in _rows(p)) for p in cond.parts}
-                if len(lengths) > 1:
-                    raise ValueError("pad_conds with AND parts of different lengths: A1111 first fills the shorter "
-                                     "parts with their last state, which imagine does not; pad_conds off runs them")
+                cond = fill_parts(cond)  # (the parts first brought to one length, as A1111 stacks them)
                 pairs = [self.pad(p, uncond) for p in cond.parts]
                 cond = ComposedConditioning([c for c, _ in pairs], cond.weights)
                 uncond = pairs[0][1]
@@ -281,12 +296,13 @@ def composed_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: to
                       uncond: dict[str, Any] | None, scale: float, rescale: float = 0.0,
                       parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Composable diffusion's conjunction (Liu et al. 2022, eq. 10; AUTOMATIC1111's AND): with K parts c_k of
-    weights w_k per image, e~ = e(x, 0) + s * sum_k w_k (e(x, c_k) - e(x, 0)). One forward over [uncond; c_1; ...;
-    c_K] where the texts are of one length (the cross-attention U-Net takes x once with the (K + 1) B rows of
-    text), else one forward each. Guidance rescale (Lin et al.) takes the first part as its conditional output.
+    weights w_k per image, e~ = e(x, 0) + s * sum_k w_k (e(x, c_k) - e(x, 0)). The parts are first filled up to one
+    length as A1111 stacks them (`fill_parts`); one forward over [uncond; c_1; ...; c_K] where the uncond is of that
+    length too (the cross-attention U-Net takes x once with the (K + 1) B rows of text), else one forward each. Guidance rescale (Lin et al.) takes the first part as its conditional output.
     parts: as guided_model_output's."""
     if uncond is None:
         raise ValueError("AND (composed prompts) needs the unconditional pass: give uncond")
+    cond = fill_parts(cond)  # (parts of different lengths filled up as A1111 stacks them)
     outs = _forward_parts(model, x, t, [uncond, *cond.parts], ["uncond"] + ["cond"] * len(cond.parts))
     nothing = outs[0]
     if parts is not None:

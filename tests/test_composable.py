@@ -114,3 +114,35 @@ def test_the_a1111_api_and_the_cli_read_and(sd, tmp_path, capsys):
     want = pipe.generate(prompt, composable=True, prompt_editing=True, emphasis=True, long_prompts=True,
                          **kw).images[0].convert("RGB").tobytes()
     assert api_and_cli_images(pipe, prompt, ["--a1111-prompts"], tmp_path, capsys) == (want, want)
+
+
+def _stack_conds(tensors):
+    """A1111's prompt_parser.stack_conds, restated: every text filled up to the longest with its last vector."""
+    n = max(t.shape[0] for t in tensors)
+    return torch.stack([torch.cat([t, t[-1:].repeat(n - t.shape[0], 1)]) for t in tensors])
+
+
+def test_and_parts_of_different_lengths_are_filled_as_a1111_stacks_them(sd):
+    """A part past 75 tokens (two chunks) beside a short one: the short one's states filled up with its last state
+    (A1111's reconstruct_multicond_batch), in the guidance and under pad_conds (which refused them before)."""
+    from imagine.composable import ComposedConditioning
+    from imagine.guidance import fill_parts
+
+    _, pipe = sd
+    g = torch.Generator().manual_seed(0)
+    long_part, short = torch.randn(2, 154, 8, generator=g), torch.randn(2, 77, 8, generator=g)
+    mask = torch.ones(2, 154, dtype=torch.bool)
+    mask[1, 77:] = False  # (the second image's first part is short too: filled only to its own parts' longest)
+    filled = fill_parts(ComposedConditioning([{"context": long_part, "context_mask": mask}, {"context": short}],
+                                             torch.ones(2, 2)))
+    want0 = _stack_conds([long_part[0], short[0]])
+    assert torch.equal(filled.parts[0]["context"][0], want0[0]) and torch.equal(filled.parts[1]["context"][0], want0[1])
+    want1 = _stack_conds([long_part[1, :77], short[1]])
+    assert torch.equal(filled.parts[1]["context"][1, :77], want1[1]) and not filled.parts[1]["context_mask"][1, 77:].any()
+    words = " ".join(["red circle"] * 45)  # (over 75 tokens: two chunks)
+    kw = dict(steps=2, height=16, width=16, progress=False, output_type="latent", composable=True, long_prompts=True,
+              guidance_scale=CFG, seed=4)
+    padded = pipe.generate(f"{words} AND a blue square", "x", pad_conds="empty", **kw)
+    assert padded.latents.isfinite().all()
+    plain = pipe.generate(f"{words} AND a blue square", "x", **kw)
+    assert plain.latents.isfinite().all()
