@@ -100,8 +100,9 @@ class PerSampleNoise:
     def __init__(self, generators: torch.Generator | Sequence[torch.Generator] | None,
                  tree_seeds: Sequence[int] | None = None, levels: tuple[float, float] | None = None):
         self.generators = generators
-        # the SDE samplers' Brownian paths (imagine.brownian): seeded with tree_seeds (else one draw from each
-        # sample's generator when first asked for), over the noise levels `levels` (else the asking sampler's)
+        # the SDE samplers' Brownian paths (imagine.brownian): seeded with tree_seeds (else ImageNoiseStreams' own
+        # seeds, or one draw from each sample's generator when first asked for), over the noise levels `levels` (else
+        # the asking sampler's)
         self.tree_seeds, self.levels, self._paths = tree_seeds, levels, None
 
     def brownian(self, like: torch.Tensor, levels: tuple[float, float]):
@@ -109,7 +110,11 @@ class PerSampleNoise:
         if self._paths is None:
             from imagine.brownian import BrownianTreeNoise, tree_seeds
 
-            seeds = tree_seeds(like.shape[0], self.tree_seeds, self.generators)
+            given = self.tree_seeds
+            if given is None and isinstance(self.generators, (list, tuple)) and self.generators and \
+                    all(isinstance(g, ImageNoiseStream) for g in self.generators):
+                given = [g.seed for g in self.generators]  # (A1111 seeds each image's tree with the image's seed)
+            seeds = tree_seeds(like.shape[0], given, self.generators)
             self._paths = BrownianTreeNoise(seeds, like.shape[1:], *(self.levels or levels),
                                             rng=stream_rng(self.generators))
         return self._paths
@@ -188,6 +193,11 @@ def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], seeds
     (`seed_resized_noise`); with subseed_strength > 0, the noise at the seed's size is first moved towards the
     variation seeds' (`subseeds`) at that size (`variation_noise`). rng: the source of those fresh streams'
     draws (ImageNoiseStream)."""
+    if subseed_strength and subseeds is None:
+        raise ValueError(f"subseed_strength {subseed_strength} needs subseeds, the variation seeds (one per image)")
+    if first_size is not None and (len(tuple(first_size)) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in first_size)):
+        raise ValueError(f"first_size must be (h, w) in latent cells, ints >= 0; got {first_size!r}")
     own = PerSampleNoise(generators).draw_start(shape) if own is None else own
     resized = first_size is not None and tuple(first_size) != tuple(shape[-2:])
     if not resized and not subseed_strength:
@@ -436,13 +446,20 @@ def make_generators(batch: int, seeds=None, generator=None, rng: str = "cpu",
     if seeds is not None:
         if isinstance(seeds, bool):
             raise TypeError("seeds must be an int or a list of ints")
-        if isinstance(seeds, int):
+        counted = isinstance(seeds, int)
+        if counted:
             seeds = [seeds + i for i in range(batch)]
         seeds = list(seeds)
         if len(seeds) != batch:
             raise ValueError(f"{len(seeds)} seeds for a batch of {batch}: give one seed per sample (or one int)")
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise TypeError(f"seeds must be ints; got {seeds!r}")
+        low = 0 if rng == "nv" else -2**63  # (torch's generator takes a 64-bit seed, signed or not; Philox's a key)
+        out = [s for s in seeds if not low <= s <= 2**64 - 1]
+        if out:
+            raise ValueError(f"seed {out[0]} is outside the {rng!r} source's range [{'0' if low == 0 else '-2^63'}, "
+                             f"2^64 - 1]"
+                             f"{' (an int seed counts up: seed + i for image i)' if counted and batch > 1 else ''}")
         if rng != "cpu" or seed_delta:
             return [ImageNoiseStream(s, rng, seed_delta) for s in seeds]
         return [torch.Generator().manual_seed(s) for s in seeds]
@@ -552,6 +569,10 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            device: torch.device | str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
+    model: model(x_t, t, **cond); one with `at_run` (imagine.refiner.Handoff) is told before its first call how the
+        run reads a fractional timestep: at_run(rule=..., num_train_timesteps=..., schedule=...), "diffusers" under
+        strength_rule "diffusers", else AUTOMATIC1111's, "a1111_timesteps" for its CompVis samplers (COMPVIS_SAMPLERS),
+        "a1111" for the others.
     shape_or_noise: the full shape (B, C, H, W), or a start-noise tensor of unit variance [B, ...]
         (scaled by the sampler's initial noise scale, as diffusers treats `latents=`).
     schedule / prediction_type: the model's training schedule and output type (default: the schedule's).
@@ -653,6 +674,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     if isinstance(shape_or_noise, torch.Tensor):
         if shape_or_noise.ndim < 2:
             raise ValueError(f"start noise must be batch-first [B, ...]; got shape {tuple(shape_or_noise.shape)}")
+        if not bool(torch.isfinite(shape_or_noise).all()):
+            raise ValueError("the start noise has NaN or inf values")
         batch = shape_or_noise.shape[0]
     else:
         shape = tuple(shape_or_noise)
@@ -677,6 +700,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         if not isinstance(init, torch.Tensor) or tuple(init.shape) != shape:
             raise ValueError(f"init must be a tensor of the sample's shape {shape}; got "
                              f"{tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__}")
+        if not bool(torch.isfinite(init).all()):  # (else the model's first output is blamed for it)
+            raise ValueError("init has NaN or inf values: the x_0 to start from must be finite")
         device = _model_device(model) if device is None else device
         # drawn in float32, as diffusers draws it
         if isinstance(shape_or_noise, torch.Tensor):
@@ -719,6 +744,11 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     elif canonical == "dpm_fast" and kwargs.get("ends") == "model":  # (A1111's txt2img: K = the steps asked)
         kwargs.setdefault("calls", steps)
     denoise.keep_uncond = canonical in CFG_PP_SAMPLERS  # (set before a matched start's first model call)
+    at_run = getattr(model, "at_run", None)
+    if at_run is not None:  # (a model that follows the run's rules, SDXL's refiner handoff: imagine.refiner)
+        at_run(rule="diffusers" if strength_rule == "diffusers" else
+               "a1111_timesteps" if canonical in COMPVIS_SAMPLERS else "a1111",
+               num_train_timesteps=schedule.num_train_timesteps, schedule=schedule)
     if mask is not None:
         known = init.to(device=x.device, dtype=torch.float64)
         # (A1111's rules: its blend after denoising for its k-diffusion samplers, before it for its CompVis ones)
