@@ -958,7 +958,8 @@ def _dpm_solver_span(denoise, plan: SamplingPlan, name: str, ends: str) -> tuple
         end = float(plan.sigmas[-2])
     if levels[0] <= end:
         raise ValueError(f"{name} integrates from the plan's first noise level to its last above 0 (ends={ends!r}), "
-                         f"so it needs two different levels above 0 (at least 2 steps); got {levels}")
+                         f"so it needs two different levels above 0 (at least 2 steps run: an image-to-image "
+                         f"strength runs only its share of the steps asked); got {levels}")
     return levels[0], end
 
 
