@@ -32,7 +32,82 @@ def _schedule_name(text: str) -> str | None:
     try:
         return a1111_schedule(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(_suggesting(str(e), text, _schedule_candidates(), _name_key)) from None
+
+
+def _name_key(name: str) -> str:
+    """A name as the libraries compare names: case, spaces, hyphens and underscores aside."""
+    return "".join(ch for ch in str(name).lower() if ch not in " -_")
+
+
+def _schedule_candidates() -> list[str]:
+    from imagine.schedules import SCHEDULE_LABELS
+
+    return ["automatic", *SCHEDULE_NAMES, *SCHEDULE_LABELS.values()]
+
+
+def _sampler_candidates(a1111_first: bool = False) -> list[str]:
+    """The sampler names a near miss is matched against: ours, A1111's labels and their '... Karras' forms (A1111's
+    first where the name given is spelled as A1111 spells them, with capitals or spaces)."""
+    from imagine.samplers import A1111_SAMPLERS, SAMPLERS, resolve_sampler
+
+    labels = [label for label, _, _ in A1111_SAMPLERS]
+    names = [*labels, *SAMPLERS] if a1111_first else [*SAMPLERS, *labels]
+    for label, _, _ in A1111_SAMPLERS:
+        try:
+            resolve_sampler(f"{label} Karras")
+            names.append(f"{label} Karras")
+        except ValueError:
+            pass
+    return names
+
+
+def _suggesting(message: str, name, candidates, key=None) -> str:
+    """`message` (a library's refusal of `name`, which it quotes) with the near misses of `name` after it."""
+    from imagine.cli import did_you_mean
+
+    hint = did_you_mean(str(name), candidates, key=key)
+    quoted = repr(str(name))
+    if not hint:
+        return message
+    return message.replace(quoted, quoted + hint, 1) if quoted in message else message + hint
+
+
+def _check_sampler(flag: str, name: str | None) -> None:
+    """A sampler name checked before the model loads, with its near misses: "--sampler: unknown sampler 'eulr' (did you
+    mean 'euler'?); valid names: ..."."""
+    from imagine.samplers import resolve_sampler
+
+    if name is None:
+        return
+    try:
+        resolve_sampler(name)
+    except ValueError as e:
+        a1111 = name != name.lower() or " " in name
+        raise ValueError(f"{flag}: " + _suggesting(str(e), name, _sampler_candidates(a1111), _name_key)) from None
+
+
+def _finite(text: str) -> float:
+    """A float flag's value: a finite number (NaN or inf would run, and draw NaN pictures or none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text!r}")
+    return value
+
+
+class _NegativePrompt(argparse.Action):
+    """-n / --negative-prompt. `-n 4` is the negative prompt "4" here (README), where other tools' -n is a count of
+    images: a bare whole number after -n is refused, saying so (--negative-prompt "4" still gives it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "-n" and str(values).strip().isdigit():
+            raise argparse.ArgumentError(self, f"-n is the negative prompt here, and {values!r} is a number: for "
+                                               f"{values.strip()} images per prompt give --num-images "
+                                               f"{values.strip()} (a negative prompt of digits: --negative-prompt)")
+        setattr(namespace, self.dest, values)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="what to draw (or use --from-file)")
@@ -69,43 +144,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="balanced (default); A1111's 'My prompt is more important' (prompt) or 'ControlNet is more "
                         "important' (controlnet); or diffusers' guess mode (guess)")
     p.add_argument("--control-resize", choices=["just_resize", "crop_and_resize", "resize_and_fill"],
-                   default="just_resize",
+                   default=None,
                    help="how a control map of another shape meets the image's: stretched (default, as diffusers), "
                         "scaled to cover and cut at the centre (the extension's default), or scaled to fit and the "
                         "rest filled with its border's colour")
-    p.add_argument("--control-start", type=float, default=None, metavar="F",
+    p.add_argument("--control-start", type=_finite, default=None, metavar="F",
                    help="the fraction of the steps before the ControlNets act (default 0; diffusers' "
                         "control_guidance_start, A1111's starting control step)")
-    p.add_argument("--control-end", type=float, default=None, metavar="F",
+    p.add_argument("--control-end", type=_finite, default=None, metavar="F",
                    help="the fraction of the steps after which the ControlNets stop (default 1; diffusers' "
                         "control_guidance_end, A1111's ending control step)")
     p.add_argument("--refiner", default=None, metavar="PATH",
                    help="SDXL's refiner (a diffusers folder or the original sd_xl_refiner file) for the last steps: "
                         "the sampler's run goes on with it after --refiner-switch of the steps (AUTOMATIC1111's "
                         "Refiner)")
-    p.add_argument("--refiner-switch", type=float, default=None, metavar="F",
+    p.add_argument("--refiner-switch", type=_finite, default=None, metavar="F",
                    help="the fraction of the steps after which the refiner takes over (default 0.8, AUTOMATIC1111's "
                         "'switch at')")
     p.add_argument("--refiner-switch-by-steps", action="store_true",
                    help="hand over to the refiner at that fraction of the sampler's model calls, not of the noise "
                         "levels (AUTOMATIC1111's 'Refiner switch by sampling steps', its rule before 1.8.0)")
-    p.add_argument("--emphasis", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--emphasis", action=argparse.BooleanOptionalAction, default=None,
                    help="read AUTOMATIC1111's emphasis in the prompts: (word) x1.1, [word] /1.1, (word:1.3) x1.3 "
                         "(default: brackets are text, as in diffusers)")
-    p.add_argument("--prompt-editing", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--prompt-editing", action=argparse.BooleanOptionalAction, default=None,
                    help="read AUTOMATIC1111's prompt editing: [from:to:when] (when: a step, or with a '.' a fraction "
                         "of the steps) and [a|b] (alternating every step); default: brackets are text or emphasis")
     p.add_argument("--old-prompt-editing", action=argparse.BooleanOptionalAction, default=False,
                    help="with prompt editing, A1111's 'Old prompt editing timelines' (before its 1.6; an infotext from "
                         "then turns it on): a when under 1 is a fraction of the steps, else a step, and hires. fix's "
                         "second pass reads the first pass's steps")
-    p.add_argument("--composable", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--composable", action=argparse.BooleanOptionalAction, default=None,
                    help="read AUTOMATIC1111's AND: 'a cat AND a dog :0.8', several prompts guiding one image "
                         "(composable diffusion), each part's trailing :w its weight")
     p.add_argument("--a1111-prompts", action="store_true",
                    help="read prompts as AUTOMATIC1111 does: --emphasis, --long-prompts, --prompt-editing and "
                         "--composable together (what the server's A1111 API reads)")
-    p.add_argument("--long-prompts", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--long-prompts", action=argparse.BooleanOptionalAction, default=None,
                    help="read a prompt past CLIP's 77-token window in 75-token chunks, as AUTOMATIC1111 and ComfyUI "
                         "do (with --emphasis, BREAK starts a new chunk); default: cut at the window with a warning, "
                         "as diffusers")
@@ -129,7 +204,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior-steps", type=int, default=None, metavar="N",
                    help="an unCLIP model with a diffusion prior (SD 2.1 unCLIP with Karlo's prior): the prior's steps "
                         "(default 25)")
-    p.add_argument("--prior-guidance-scale", type=float, default=None, metavar="S",
+    p.add_argument("--prior-guidance-scale", type=_finite, default=None, metavar="S",
                    help="an unCLIP model with a diffusion prior: the prior's guidance against the empty caption "
                         "(default 4)")
     p.add_argument("--noise-level", type=int, default=None, metavar="N",
@@ -137,13 +212,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its max_noise_level (default 20; more invents more detail); for an unCLIP decoder (SD 2.1 "
                         "unCLIP): how much noise the picture's CLIP embedding gets (default 0; more keeps less of it); "
                         "for an unCLIP model with a diffusion prior: how much noise the prior's embedding gets")
-    p.add_argument("--image-guidance-scale", type=float, default=None, metavar="S",
+    p.add_argument("--image-guidance-scale", type=_finite, default=None, metavar="S",
                    help="an instruct-pix2pix model's guidance on the picture to edit (--init-image), beside "
                         "--guidance-scale on the instruction (default 1.5; A1111's 'Image CFG scale')")
     p.add_argument("--variation-seed", "--subseed", type=int, default=None, metavar="N",
                    help="AUTOMATIC1111's variation seed: the start noise moves towards this seed's (image i: N + i; "
-                        "-1: random) by --variation-strength")
-    p.add_argument("--variation-strength", "--subseed-strength", type=float, default=0.0, metavar="S",
+                        "-1: random) by --variation-strength, which it needs")
+    p.add_argument("--variation-strength", "--subseed-strength", type=_finite, default=0.0, metavar="S",
                    help="how far towards the variation seed's noise, 0 (the seed's image) to 1")
     p.add_argument("--seed-resize-from", default=None, metavar="WxH",
                    help="AUTOMATIC1111's 'resize seed from': the noise the seed gives at WxH pixels goes in the "
@@ -177,20 +252,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "conds'), 'v0' repeats the negative's last state up to the prompt's length or cuts it ('Pad "
                         "conds v0', its DDIM and PLMS before 1.6.0, which an infotext from then turns on); both then "
                         "share one U-Net batch. Default: off (two U-Net calls, A1111's default)")
-    p.add_argument("--strength", "--denoising-strength", type=float, default=None,
+    p.add_argument("--strength", "--denoising-strength", type=_finite, default=None,
                    help="with --init-image: how far from the picture, 0 < s <= 1; the last int(steps * s) steps run "
                         "(default 0.75, A1111's; 1 with --mask, diffusers' inpainting default: the masked part "
                         "starts from pure noise)")
-    p.add_argument("--hires-scale", "--hr-scale", type=float, default=None, metavar="S",
+    p.add_argument("--hires-scale", "--hr-scale", type=_finite, default=None, metavar="S",
                    help="AUTOMATIC1111's hires. fix: generate at the base size, upscale by S (1 <= S <= 4; see "
                         "--hires-upscaler) and run image to image there")
     p.add_argument("--hires-resize", default=None, metavar="WxH",
                    help="hires. fix to this size instead of a scale (A1111's 'Resize width to' / 'height to'; 0 for "
                         "a side: from the other and the first pass's aspect; both: upscaled to cover them, then cut "
                         "to them, centred)")
-    p.add_argument("--hires-strength", type=float, default=None,
-                   help="the hires pass's denoising strength (default 0.7)")
-    p.add_argument("--hires-steps", type=int, default=None, help="the hires pass's steps (default: --steps)")
+    p.add_argument("--hires-strength", type=_finite, default=None, metavar="S",
+                   help="the hires pass's denoising strength, 0 < S <= 1 (default 0.7)")
+    p.add_argument("--hires-steps", type=int, default=None, metavar="N",
+                   help="the hires pass's steps (default, or 0 as in A1111: --steps)")
     p.add_argument("--hires-prompt", default=None, metavar="TEXT",
                    help="the hires pass's prompt (A1111's 'Hires prompt'; default: the prompt)")
     p.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
@@ -203,28 +279,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the hires pass's sampler (A1111's 'Hires sampler'; default: --sampler)")
     p.add_argument("--hires-schedule-type", default=None, metavar="NAME",
                    help="the hires pass's schedule type (A1111's 'Hires schedule type'; default: --schedule-type)")
-    p.add_argument("--negative-prompt", "-n", default=None, help="what to steer away from")
+    p.add_argument("--negative-prompt", "-n", default=None, action=_NegativePrompt, metavar="TEXT",
+                   help="what to steer away from (A1111's negative prompt; -n is this, not a number of images: "
+                        "--num-images)")
     p.add_argument("--style", action="append", default=[], metavar="NAME",
                    help="an AUTOMATIC1111 prompt style from --styles-file, merged into the prompt and the negative "
                         "prompt (its {prompt} marks where the prompt goes; else appended after a comma); repeatable, "
                         "applied in order")
     p.add_argument("--styles-file", default=None, metavar="CSV",
                    help="AUTOMATIC1111's styles.csv (columns name, prompt, negative_prompt)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (model default if omitted)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="sampling steps (default: the model's, 20 for the embedded model)")
     p.add_argument("--sampler", default=None,
                    help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_sde, dpmpp_3m, dpmpp_3m_sde, "
                         "unipc, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm, restart, dpm_fast, "
                         "dpm_adaptive, ddim_cfgpp, euler_cfgpp, euler_a_cfgpp (A1111 names work too)")
     p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None, type=_schedule_name,
-                   metavar="{" + ",".join(SCHEDULE_NAMES) + "}",
-                   help="noise levels' spacing (A1111's schedule type; align_your_steps: SDXL's list for an SDXL "
+                   metavar="NAME",
+                   help=f"noise levels' spacing: {', '.join(SCHEDULE_NAMES)}, or A1111's labels ('Karras', 'SGM "
+                        "Uniform', 'Automatic'...) (A1111's schedule type; align_your_steps: SDXL's list for an SDXL "
                         "model; uniform/normal, sgm_uniform, simple, ddim_uniform: read off the model's own levels "
                         "as A1111 and ComfyUI do; time_uniform, time_quadratic, logsnr: the DPM-Solver and UniPC "
                         "code's steps in continuous time, ending at abar_0); default: the model's")
     p.add_argument("--sigma-range", choices=["spaced", "model"], default="spaced",
                    help="what --schedule-type (or a '... Karras' sampler) spans: the spaced timesteps' levels "
                         "(diffusers', the default) or the model's whole trained range (AUTOMATIC1111's)")
-    p.add_argument("--rho", type=float, default=None,
+    p.add_argument("--rho", type=_finite, default=None,
                    help="the schedule type's exponent (karras: 7, polyexponential: 1 = exponential)")
     p.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a further option of the sampler, repeatable: e.g. s_tmin=1.5 (SDE samplers' noise band), "
@@ -248,30 +328,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its 'Automatic' picks unless --schedule-type names one, over the model's whole range, "
                         "x_T = z sigma_max, its discarded level for DPM2 / DPM2 a / DPM++ 3M SDE, k-diffusion's "
                         "3M warm-up and A1111's image-to-image step count (what the server's A1111 API does)")
-    p.add_argument("--guidance-scale", "--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2023 guidance rescale phi (0..1)")
+    p.add_argument("--guidance-scale", "--cfg-scale", type=_finite, default=None, metavar="S",
+                   help="classifier-free guidance scale (A1111's CFG scale; default: the model's, 7.5 for SD, 3 for "
+                        "the embedded model; a CFG++ sampler's lambda, 0..1)")
+    p.add_argument("--guidance-rescale", type=_finite, default=0.0, metavar="PHI",
+                   help="Lin et al. 2023 guidance rescale phi, 0..1 (default 0: off)")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help="Karras sigma spacing")
-    p.add_argument("--eta", type=float, default=None,
+    p.add_argument("--eta", type=_finite, default=None,
                    help="DDIM's eta (ddim, ddim_cfgpp; default 0: deterministic), or the noise scale of the ancestral "
                         "and SDE samplers (euler_a, euler_a_cfgpp, dpm2_a, dpmpp_2s_a, dpmpp_sde, dpmpp_2m_sde, "
                         "dpmpp_3m_sde; default 1), or of dpm_fast and dpm_adaptive (default 0; 1 under "
                         "--a1111-sampling, as A1111)")
     p.add_argument("--thresholding", choices=["static", "dynamic"], default=None,
                    help="clip x0 predictions (Imagen's dynamic thresholding, or static [-R, R])")
-    p.add_argument("--threshold-range", type=float, default=None,
+    p.add_argument("--threshold-range", type=_finite, default=None,
                    help="R, the data's range that thresholding holds x0 to (default: the model's, else 1 = pixels)")
-    p.add_argument("--seed", type=int, default=-1, help="seed (-1: random); image i of a batch uses seed + i")
-    p.add_argument("--height", type=int, default=None,
+    p.add_argument("--seed", type=int, default=-1, metavar="N",
+                   help="seed, 0..4294967295 (-1, the default: random); the run's image i uses seed + i, counting on "
+                        "over the prompts of --from-file (with --variation-strength every image keeps the seed and "
+                        "the variation seeds count up instead, as in A1111)")
+    p.add_argument("--height", type=int, default=None, metavar="PIXELS",
                    help="pixels, a multiple of the model's factor (8 for SD; default: the model's own size, or the "
                         "--init-image's)")
-    p.add_argument("--width", type=int, default=None, help="pixels, as --height")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--width", type=int, default=None, metavar="PIXELS", help="pixels, as --height")
+    p.add_argument("--num-images", type=int, default=1, metavar="N",
+                   help="images per prompt (default 1; A1111's batch count x batch size); several go to a folder: "
+                        "see --output")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images per forward pass (default 4; 1 for DPM adaptive, whose steps follow its whole "
                         "batch); prompts asking for other LoRAs run in batches of their own")
-    p.add_argument("--output", "-o", default=None,
-                   help="PNG path for one image (default imagine-<seed>.png), or a folder for several / --from-file")
-    p.add_argument("--from-file", default=None,
+    p.add_argument("--output", "-o", default=None, metavar="PATH",
+                   help="one image: a .png path in an existing folder (a file there is replaced), or a folder (one "
+                        "that exists, or a path ending in '/', created) for imagine-<seed>.png; default "
+                        "imagine-<seed>.png here. A default name never replaces a file: imagine-<seed>-1.png... "
+                        "Several images or --from-file: a folder (default outputs/, created) of NNNNN-<seed>.png "
+                        "numbered on from the highest there, as A1111 numbers, with images.jsonl (a line per image). "
+                        "Each PNG is written whole or not at all (a temporary file renamed)")
+    p.add_argument("--from-file", default=None, metavar="FILE",
                    help="a UTF-8 text file with one prompt a line (every non-blank line is a prompt); the images go "
                         "to --output, a folder (default outputs/), as NNNNN-SEED.png with images.jsonl")
     p.add_argument("--precision", choices=["exact", "fast"], default="exact", help=PRECISION_HELP)
@@ -289,9 +382,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     single.add_argument("--tokenizer-2", default=None,
                         help="SDXL's second (OpenCLIP ViT-bigG) tokenizer folder, if no tokenizer_2/ sits beside the "
                              "file")
-    single.add_argument("--clip-skip", type=int, default=None,
-                        help="use the states N layers before the last, diffusers' clip_skip (1 = the penultimate "
-                             "layer); AUTOMATIC1111's 'Clip skip' is N + 1")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="a CLIP text encoder's states N layers before the last, diffusers' clip_skip (1 = the "
+                        "penultimate layer; any model with CLIP, folder or file); AUTOMATIC1111's 'Clip skip' is N + 1")
 
 
 def defaults_from(args) -> dict:
@@ -301,6 +394,8 @@ def defaults_from(args) -> dict:
     if not args.infotext:
         return {}
     from imagine.images import parse_a1111_parameters, read_imagine_parameters, read_infotext
+
+    _check_infotext_file(args.infotext)
     from imagine.models.text_encoders import text_encoder_family  # (read from configs or names: no weights)
 
     own = read_imagine_parameters(args.infotext)
@@ -317,11 +412,37 @@ def defaults_from(args) -> dict:
                                 text_encoder=text_encoder_family(args.model))
     if args.from_file:  # (its prompts, not the picture's)
         out.pop("prompt", None)
+    if args.hires_scale is not None:  # (hires. fix's two forms: the one given wins over the picture's other)
+        out.pop("hires_resize", None)
+    if args.hires_resize:
+        out.pop("hires_scale", None)
     if "seed" in out:  # (so that a seed out of range is said to be the infotext's)
         out["_infotext_seed"] = out["seed"]
     if out.get("dtype") == "bfloat16":  # (a record's bf16 weights go with its fast mode: not with --precision exact)
         out["_record_dtype"] = out["dtype"]
     return out
+
+
+_PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".avif", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def _check_infotext_file(path: str) -> None:
+    """--infotext's file: a picture, or a text file; a folder, or a file named as a picture that is not one (read as
+    text it would run its bytes as a prompt), is refused."""
+    from PIL import Image, UnidentifiedImageError
+
+    given = Path(path)
+    if given.is_dir():
+        raise ValueError(f"--infotext: {path} is a folder; give a PNG with A1111's parameters, or a text file")
+    if given.is_file() and given.suffix.lower() in _PICTURE_SUFFIXES:
+        try:
+            with Image.open(given):
+                pass
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"--infotext: {path} is named as a picture but is not one Pillow can read ({e}); give "
+                             "the picture, or its parameters in a text file") from None
+        except Image.DecompressionBombError:  # (a picture: its reader says what is wrong with it)
+            pass
 
 
 # imagine's record of a run (TextToImagePipeline.generate's parameters, with the CLI's) -> this command's flags
@@ -732,6 +853,9 @@ def _output_target(output: str | None, many: bool) -> tuple[Path | None, Path | 
         raise ValueError(f"--output {output}: imagine writes PNG files (with the parameters in their text chunks); "
                          "give a path ending in .png, or a folder")
     _check_folder_path(file.parent, output)
+    if not file.parent.is_dir():  # (a mistyped folder is said, not made: a folder given as a folder is made)
+        raise ValueError(f"--output {output}: the folder {file.parent} does not exist; create it first, or give "
+                         f"-o {file.parent}{os.sep} to have it made (the image is then imagine-<seed>.png in it)")
     return None, file
 
 
@@ -742,6 +866,16 @@ def _check_folder_path(folder: Path, output: str | None) -> None:
             if not p.is_dir():
                 raise ValueError(f"--output {output}: {p} is a file, not a folder")
             return
+
+
+def _free_name(path: Path) -> Path:
+    """`path` if no file is there, else the first free `<stem>-1.png`, `<stem>-2.png`, ...: a name imagine picks
+    (imagine-<seed>.png) never replaces an earlier picture (one the user names, -o x.png, is replaced)."""
+    n, free = 0, path
+    while free.exists() or free.is_symlink():
+        n += 1
+        free = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return free
 
 
 def _next_number(folder: Path) -> int:
@@ -758,6 +892,8 @@ def _read_image(path: str, option: str = "--init-image", mode: str | None = "RGB
     `mode` (None: its own, a palette expanded)."""
     from PIL import Image, UnidentifiedImageError
 
+    if Path(path).is_dir():
+        raise ValueError(f"{option}: {path} is a folder; give a picture file")
     if not Path(path).is_file():
         raise FileNotFoundError(f"{option}: {path} not found")
     try:
@@ -977,12 +1113,113 @@ def parse_sampler_options(items: list[str]) -> dict:
     return out
 
 
+def _karras_name(name: str) -> bool:
+    from imagine.samplers import resolve_sampler
+
+    return resolve_sampler(name)[2]
+
+
+def _check_values(args, max_seed: int) -> None:
+    """What can be said of the flags before the model loads (which takes minutes for SDXL): the names of samplers and
+    upscalers (with their near misses), the numbers' ranges, and flags that would do nothing, each by its flag."""
+    from imagine.pipelines.text_to_image import HIRES_UPSCALERS, hires_upscaler_key
+
+    _check_sampler("--sampler", args.sampler)
+    _check_sampler("--hires-sampler", args.hires_sampler)
+    if args.hires_upscaler is not None:
+        try:
+            hires_upscaler_key(args.hires_upscaler)
+        except ValueError:
+            from imagine.cli import did_you_mean
+
+            hint = did_you_mean(args.hires_upscaler, [*HIRES_UPSCALERS, *HIRES_UPSCALERS.values()], _name_key)
+            raise ValueError(f"--hires-upscaler: unknown upscaler {args.hires_upscaler!r}{hint}; valid: "
+                             f"{', '.join(HIRES_UPSCALERS)} (or A1111's labels: "
+                             f"{', '.join(dict.fromkeys(HIRES_UPSCALERS.values()))})") from None
+    _hires_resize(args.hires_resize)  # (its form)
+    for flag, value, ok, valid in (
+            ("--strength", args.strength, lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("--hires-scale", args.hires_scale, lambda v: 1 <= v <= 4, "in [1, 4] (A1111's slider)"),
+            ("--guidance-rescale", args.guidance_rescale, lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("--variation-strength", args.variation_strength, lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("--threshold-range", args.threshold_range, lambda v: v > 0, "above 0"),
+            ("--rho", args.rho, lambda v: v > 0, "above 0"),
+            ("--eta", args.eta, lambda v: v >= 0, "0 or more"),
+            ("--prior-steps", args.prior_steps, lambda v: v >= 1, "at least 1"),
+            ("--noise-level", args.noise_level, lambda v: v >= 0, "0 or more"),
+            ("--clip-skip", args.clip_skip, lambda v: v >= 0, "0 (the last layer) or more"),
+            ("--image-guidance-scale", args.image_guidance_scale, lambda v: v >= 0, "0 or more")):
+        if value is not None and not ok(value):
+            raise ValueError(f"{flag} must be {valid}; got {value:g}")
+    if args.variation_seed is not None and args.variation_seed != -1 and not 0 <= args.variation_seed <= max_seed:
+        raise ValueError(f"--variation-seed must be -1 (random) or 0..{max_seed}; got {args.variation_seed}")
+    if args.hires_scale is not None and args.hires_resize:
+        raise ValueError("--hires-scale and --hires-resize are two ways to size hires. fix's second pass: give one "
+                         "(A1111's 'Upscale by' or its 'Resize width/height to')")
+    if args.a1111_prompts:
+        off = [f"--no-{f.replace('_', '-')}" for f in ("emphasis", "long_prompts", "prompt_editing", "composable")
+               if getattr(args, f) is False]
+        if off:
+            raise ValueError(f"--a1111-prompts turns on --emphasis, --long-prompts, --prompt-editing and --composable "
+                             f"together; with {', '.join(off)} give the ones wanted instead")
+    karras_name = bool(args.sampler) and _karras_name(args.sampler)  # (--a1111-sampling: a1111_settings says it)
+    if (args.karras or karras_name) and args.sigma_schedule not in (None, "karras") and not args.a1111_sampling:
+        asks = "--karras" if args.karras else f"--sampler {args.sampler!r}"
+        raise ValueError(f"{asks} asks for Karras levels and --schedule-type {args.sigma_schedule} for others: give "
+                         "one (a '... Karras' name is the sampler with --schedule-type karras)")
+    if (args.hires_scale is not None or args.hires_resize) and args.init_image:
+        raise ValueError("--hires-scale / --hires-resize start from text (A1111's txt2img hires. fix); with "
+                         "--init-image leave them out")
+    if args.infotext:  # (an infotext's or a record's values are the run's as it was: not said to do nothing)
+        return
+    for flag, given, needs in (
+            ("--variation-seed", args.variation_seed is not None and not args.variation_strength,
+             "--variation-strength above 0 (how far towards its noise)"),
+            ("--threshold-range", args.threshold_range is not None and not args.thresholding, "--thresholding"),
+            ("--control-resolution", args.control_resolution is not None and not args.controlnet, "a --controlnet"),
+            ("--control-resize", args.control_resize is not None and not args.controlnet, "a --controlnet"),
+            ("--old-prompt-editing", args.old_prompt_editing and not (args.prompt_editing or args.a1111_prompts),
+             "--prompt-editing (or --a1111-prompts): it changes how [from:to:when] is read")):
+        if given:
+            raise ValueError(f"{flag} does nothing without {needs}")
+
+
+def _check_memory(args) -> None:
+    """A size no machine here could hold refused before it is drawn (the system would kill the run part-way, with no
+    word): the final picture's float32 pixels alone, a bound far below what the model takes, against the memory."""
+    if args.height is None or args.width is None or min(args.height, args.width) <= 0:  # (said later)
+        return
+    scale = 1.0
+    if args.hires_resize:
+        w, h = _hires_resize(args.hires_resize)
+        scale = max(w / args.width, h / args.height)
+    elif args.hires_scale is not None:
+        scale = args.hires_scale
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # (no sysconf: not said)
+        return
+    need = 12 * args.height * args.width * scale * scale  # (RGB float32)
+    if need > memory:
+        raise ValueError(f"--height {args.height} --width {args.width}"
+                         f"{' with hires. fix' if scale != 1 else ''}: the picture's pixels alone take "
+                         f"{need / 2**30:.0f} GiB as float32, more than this machine's {memory / 2**30:.0f} GiB of "
+                         "memory; give a smaller size")
+
+
 def run(args) -> int:
     from imagine.pipelines.text_to_image import MAX_SEED, TextToImagePipeline
 
     for note in getattr(args, "_infotext_notes", None) or []:  # (what an --infotext left out or assumed: said
         print(f"imagine: --infotext: {note}", file=sys.stderr)  # with -q too, which only stops the progress bar)
     prompts = _prompts(args)
+    for flag in ("hires_sampler", "hires_schedule_type"):
+        if getattr(args, flag) in ("Use same sampler", "Use same scheduler"):  # (A1111's labels for "as the first")
+            setattr(args, flag, None)
+    if args.hires_steps == 0:  # (A1111's "Hires steps: 0": the first pass's steps)
+        args.hires_steps = None
+    _check_values(args, MAX_SEED)  # (names, ranges, flags that would do nothing: before the model loads)
+    _check_memory(args)
     seed_resize = {}  # (read before the model loads: a bad value fails fast)
     if args.seed_resize_from:
         m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", args.seed_resize_from)
@@ -1017,11 +1254,6 @@ def run(args) -> int:
                              "out --karras, --sigma-range, --start, --discard-penultimate-sigma and --strength-rule "
                              "(name a schedule type with --schedule-type), or give --no-a1111-sampling")
         a1111_settings(args.sampler or "euler", args.sigma_schedule)  # (a bad name fails before the model loads)
-    for flag in ("hires_sampler", "hires_schedule_type"):
-        if getattr(args, flag) in ("Use same sampler", "Use same scheduler"):  # (A1111's labels for "as the first")
-            setattr(args, flag, None)
-    if args.hires_steps == 0:  # (A1111's "Hires steps: 0": the first pass's steps)
-        args.hires_steps = None
     if args.hires_steps is not None and args.hires_steps < 0:
         raise ValueError(f"--hires-steps must be at least 1 (0: the first pass's, as A1111); got {args.hires_steps}")
     if args.hires_strength is not None and not 0 < args.hires_strength <= 1:
@@ -1190,7 +1422,7 @@ def run(args) -> int:
     control_units = None
     if controlnets:  # the maps made and fitted to the image's size, as the pipeline will choose it
         size_h, size_w = pipe.output_size(height, width, init_image if init_image is not None else control_images[0])
-        maps, used = prepare_control_maps(control_images, preps, size_w, size_h, args.control_resize,
+        maps, used = prepare_control_maps(control_images, preps, size_w, size_h, args.control_resize or "just_resize",
                                           args.control_resolution)
         picture["control_image"] = maps[0] if len(maps) == 1 else maps
         control_units = [(name, scale, picture.get("control_guidance_start", 0.0), picture.get("control_guidance_end",
@@ -1206,8 +1438,6 @@ def run(args) -> int:
     import random
 
     base = random.randint(0, MAX_SEED) if args.seed < 0 else args.seed
-    if not 0 <= args.variation_strength <= 1:
-        raise ValueError(f"--variation-strength must be in [0, 1]; got {args.variation_strength}")
     variation = (random.randint(0, MAX_SEED) if args.variation_seed is None or args.variation_seed < 0
                  else args.variation_seed)
     for start, end in _batches(pipe, jobs, args):
@@ -1216,8 +1446,6 @@ def run(args) -> int:
         seeds = [(base + (0 if args.variation_strength else start + k)) % (MAX_SEED + 1) for k in range(len(chunk))]
         run = conditioned or pipe.generate
         if args.hires_scale is not None or args.hires_resize:
-            if args.init_image:
-                raise ValueError("--hires-scale starts from text; with --init-image leave it out")
             run = functools.partial(pipe.generate_hires, hires_scale=2.0 if args.hires_scale is None else args.hires_scale,
                                     hires_resize=_hires_resize(args.hires_resize),
                                     hires_strength=0.7 if args.hires_strength is None else args.hires_strength,
@@ -1265,10 +1493,10 @@ def run(args) -> int:
                 params["controlnet_units"] = control_units
             if many:
                 path = out_dir / f"{first + start + k:05d}-{s}.png"
-            elif out_dir is not None:
-                path = out_dir / f"imagine-{s}.png"
+            elif out_file is not None:
+                path = out_file
             else:
-                path = out_file or Path(f"imagine-{s}.png")
+                path = _free_name((out_dir or Path()) / f"imagine-{s}.png")
             save_png(img, path, params)
             if many:
                 # one line per image, written as soon as its PNG is: a run stopped part-way keeps the records

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -45,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; there is no authentication, "
                         "so bind another address only on a network you trust)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860, AUTOMATIC1111's)")
+    p.add_argument("--port", type=int, default=7860,
+                   help="port (default 7860, AUTOMATIC1111's; 0: a free one, which the start line names); taken "
+                        "before the model loads, so a port in use is said at once")
     p.add_argument("--precision", choices=["exact", "fast"], default="exact", help=PRECISION_HELP)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="the weights as loaded: bfloat16 halves the model's memory, for --precision fast only, whose "
@@ -58,15 +62,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"ControlNet units a request may send (default {d.max_controlnet_units}; each runs at every "
                         "step)")
     p.add_argument("--max-width", type=int, default=d.max_width,
-                   help="default: twice the model's own width (1024 for SD 1.x, 2048 for SDXL)")
+                   help="the widest picture a request may ask for, in pixels (default: twice the model's own width: "
+                        "1024 for SD 1.x, 2048 for SDXL; 422 past it)")
     p.add_argument("--max-height", type=int, default=d.max_height,
-                   help="default: twice the model's own height (1024 for SD 1.x, 2048 for SDXL)")
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"default {d.max_steps}")
+                   help="the highest picture a request may ask for (default: twice the model's own height)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help=f"the most sampling steps a request may ask for (default {d.max_steps})")
     p.add_argument("--max-images", type=int, default=d.max_images,
                    help=f"images per request: batch_size x n_iter, or n (default {d.max_images})")
     p.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length,
                    help=f"characters in a prompt or negative prompt (default {d.max_prompt_length})")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads, at least 1 (default: torch's "
+                                                                 "choice)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
 
@@ -89,25 +96,66 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _check_limits(args) -> None:
+    """The limits and queue flags by their names (ServerConfig would name its fields)."""
+    for flag in ("queue_size", "max_batch", "max_controlnet_units", "max_width", "max_height", "max_steps",
+                 "max_images", "max_prompt_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1; got {value}")
+    if args.clip_skip is not None and args.clip_skip < 0:
+        raise ValueError(f"--clip-skip must be 0 (the last layer) or more; got {args.clip_skip}")
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """The server's sockets, listening now (before the model loads, which takes minutes for SDXL), so that an address
+    this machine has not, a port in use or one it may not take is said at once, in one line; held while the model
+    loads (another server cannot take the port meanwhile) and closed just before uvicorn binds it again. Bound as
+    uvicorn binds (address reuse; each address `host` names, IPv6 ones IPv6 only)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: not an address to listen on ({e.strerror})") from None
+    socks: list[socket.socket] = []
+    failed: OSError | None = None
+    for family, kind, proto, _, addr in {(i[0], i[1], i[2], None, i[4]): None for i in infos}:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and socks:  # (a free port: the same one on every address)
+                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
+            sock.bind(addr)
+            sock.listen(2048)  # (uvicorn's backlog; listening holds the port: bound alone, another could bind it too)
+            socks.append(sock)
+        except OSError as e:
+            sock.close()
+            if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and failed is None:
+                failed = e  # (one of a name's addresses this machine lacks, e.g. ::1 without IPv6: the others serve)
+                continue
+            for s in socks:
+                s.close()
+            why = {errno.EADDRINUSE: "the port is in use (another server? give another --port)",
+                   errno.EACCES: "permission denied (ports below 1024 need privileges; give another --port)"}
+            raise ValueError(f"--host {host} --port {port}: cannot listen there: "
+                             f"{why.get(e.errno, e.strerror or str(e))}") from None
+    if not socks:
+        raise ValueError(f"--host {host}: not an address of this machine ({failed.strerror if failed else 'none'})")
+    return socks
+
+
 def run(args) -> int:
     import torch
-    import uvicorn
-
-    from imagine.pipelines.text_to_image import TextToImagePipeline
-    from imagine.server.app import create_app
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535; got {args.port}")
+    _check_limits(args)
     config = config_from_args(args)
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1; got {args.threads}")
         torch.set_num_threads(args.threads)
-    if not is_loopback(args.host):
-        print(f"imagine serve: warning: binding {args.host}: other machines can reach this server, and it has no "
-              "authentication", file=sys.stderr)
-    from imagine.commands.generate import parse_embeddings, parse_loras
-
     for path in args.controlnet:  # before the model loads
         if not Path(path).exists():
             raise FileNotFoundError(f"--controlnet: {path} not found")
@@ -121,6 +169,24 @@ def run(args) -> int:
 
     if args.dtype == "bfloat16" and args.precision != "fast":
         raise ValueError("--dtype bfloat16 is for --precision fast (exact mode computes in float32 on float32 weights)")
+    socks = listen(args.host, args.port)  # (last of the checks: held while the model loads)
+    if not is_loopback(args.host):
+        print(f"imagine serve: warning: binding {args.host}: other machines can reach this server, and it has no "
+              "authentication", file=sys.stderr)
+    try:
+        return _serve(args, socks, config, styles)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _serve(args, socks, config, styles) -> int:
+    import uvicorn
+
+    from imagine.commands.generate import parse_embeddings, parse_loras
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.server.app import create_app
+
     pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
                                                dtype=getattr(__import__("torch"), args.dtype),
                                                loras=parse_loras(args.lora),
@@ -134,8 +200,11 @@ def run(args) -> int:
     app = create_app(pipe, config, styles=styles)
     app.state.listen = not is_loopback(args.host)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"imagine serve: {app.state.worker.pipe.c.source or 'default model'} on http://{shown}:{args.port}/ "
+    port = socks[0].getsockname()[1]  # (the one taken, for --port 0)
+    print(f"imagine serve: {app.state.worker.pipe.c.source or 'default model'} on http://{shown}:{port}/ "
           f"(API: /sdapi/v1/txt2img, /v1/images/generations; queue {config.queue_size}, batch {config.max_batch})",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    for s in socks:  # (held while the model loaded; uvicorn binds the same port again at once)
+        s.close()
+    uvicorn.run(app, host=args.host, port=port, log_level=args.log_level, timeout_graceful_shutdown=30)
     return 0

@@ -1,4 +1,7 @@
-"""`imagine train vae|diffusion --config run.yaml [--set key=value ...] [--resume]`."""
+"""Train a VAE or a text-conditioned diffusion model from a YAML config (docs/training.md).
+
+`imagine train vae|diffusion --config run.yaml [--set key=value ...] [--resume]`.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +16,24 @@ from imagine.train.config import load_config
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=["vae", "diffusion"], help="which model to train")
-    p.add_argument("--config", "-c", help="the run's YAML config (see configs/)")
+    p.add_argument("--config", "-c", metavar="YAML",
+                   help="the run's YAML config (see configs/ and docs/training.md); without it every value is the "
+                        "built-in default (the shapes data) and --set's")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
-    p.add_argument("--output", "-o", help="run folder (checkpoints, samples, logs, and the trained model in model/)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+                   help="override a config value, e.g. --set train.max_steps=100 (repeatable; VALUE is read as YAML)")
+    p.add_argument("--output", "-o", metavar="DIR",
+                   help="run folder (checkpoints, samples, logs, and the trained model in model/); default: the "
+                        "config's output, else runs/vae or runs/diffusion. A fresh run refuses a folder that holds "
+                        "checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run folder's latest checkpoint (none yet: start afresh, with a warning)")
     p.add_argument("--resume-from", metavar="CHECKPOINT",
-                   help="continue from this checkpoint folder (e.g. one committed to carry a run across machines)")
+                   help="continue from this checkpoint folder (checkpoints/step-NNNNNNNN, e.g. one committed to carry "
+                        "a run across machines; a run folder, its checkpoints/ or their 'latest' file: the latest), "
+                        "writing to --output")
     p.add_argument("--export-only", action="store_true",
-                   help="write model/ from the latest checkpoint (EMA weights) without training further")
+                   help="write model/ from the latest checkpoint (or --resume-from's; EMA weights) without training "
+                        "further")
 
 
 class _Part(torch.utils.data.Subset):
@@ -65,13 +77,41 @@ def _stack_images(ds) -> torch.Tensor | None:
     return torch.stack(imgs) if imgs else None
 
 
+def _checkpoint_given(path: str) -> Path:
+    """--resume-from's folder: a checkpoint (it holds state.json), or the latest of a run folder, of its checkpoints/
+    folder or of their 'latest' file; anything else refused before the data and the model are built."""
+    from imagine.train.checkpoint import latest_checkpoint
+
+    given = Path(path)
+    if (given / "state.json").is_file():
+        return given
+    for run in (given, given.parent if given.name == "checkpoints" else None,
+                given.parent.parent if given.name == "latest" and given.is_file() else None):
+        if run is not None and (given.is_dir() or given.is_file()):
+            found = latest_checkpoint(run)
+            if found is not None:
+                return found
+    what = "not found" if not given.exists() else "not a checkpoint folder (no state.json)"
+    raise FileNotFoundError(f"--resume-from {path}: {what}; give a checkpoints/step-NNNNNNNN folder, or a run folder "
+                            "with checkpoints")
+
+
 def run(args) -> dict:
+    from imagine.train.checkpoint import latest_checkpoint
     from imagine.train.data import build_dataset, check_data_config
     from imagine.train.loop import check_run, run_training
 
+    if args.config is not None and Path(args.config).is_dir():
+        raise ValueError(f"--config {args.config} is a folder; give the run's YAML file (see configs/)")
     cfg = load_config(args.config, args.overrides)
     out = Path(args.output or cfg.get("output") or f"runs/{args.what}")
-    resume = Path(args.resume_from) if args.resume_from else (args.resume or args.export_only)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{'--output' if args.output else 'output'} {out} is a file; the run folder must be a folder "
+                         "(new or existing)")
+    resume = _checkpoint_given(args.resume_from) if args.resume_from else (args.resume or args.export_only)
+    if args.export_only and not args.resume_from and latest_checkpoint(out) is None:
+        raise ValueError(f"--export-only: no checkpoint in {out}/checkpoints to export (give the run's --output, or "
+                         "--resume-from a checkpoint)")
     # Every section checked before the data and the model are built.
     check_run(cfg, out, resume, args.export_only)
     if args.what == "vae":
