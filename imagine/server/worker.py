@@ -8,13 +8,20 @@ keeps its own control pictures): their prompts are concatenated into one `pipe.g
 noise from its own generator, so a job's images are those it would get alone.
 
 Nothing accepted is dropped: a job's future always ends with its result or an exception
-(`QueueFull` is raised at submission, before anything is accepted).
+(`QueueFull` is raised at submission, before anything is accepted). A job is answered as soon as its own images are
+made, while the batch's later chunks run on for the others; a job cancelled while it waits never runs, and a chunk
+whose jobs are all cancelled is not sampled.
+
+Threads: request handlers call submit, cancel, interrupt, skip and the queries; the worker thread runs the batches.
+The queue, the running list and every job's state and answer change under one lock (`_cv`). `progress` is published
+whole (a new `Progress` at each step, never changed after), so a reader sees one step's numbers, never half of two.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -61,6 +68,12 @@ class _Interrupted(Exception):
 
 class _Skipped(_Interrupted):
     # raised from the sampler callback on a skip: the chunk stops at the current step, the batch goes on
+    pass
+
+
+class _ChunkCancelled(_Interrupted):
+    # raised from the sampler callback when every job with images in the running chunk is cancelled: its images are
+    # not wanted, the batch goes on with its next chunk
     pass
 
 
@@ -187,10 +200,14 @@ class JobResult:
 
 @dataclass
 class Progress:
-    """What the worker is doing now, for /sdapi/v1/progress."""
+    """What the worker is doing now, for /sdapi/v1/progress. The worker publishes a new one at each step and never
+    changes one it published (`ModelWorker._publish`): read `worker.progress` once and use that object's fields.
+    step / steps stays within 0..1 and never goes back within a pass (a sampler whose step count is an estimate,
+    DPM adaptive's, has its estimate held where it would make the fraction go back)."""
 
     job_ids: list[str] = field(default_factory=list)
     offsets: dict[str, int] = field(default_factory=dict)  # job id -> index of its first image in the batch
+    spans: dict[str, tuple] = field(default_factory=dict)  # job id -> (first, end) indices of its images in the batch
     step: int = 0
     steps: int = 0
     chunk: int = 0
@@ -227,6 +244,7 @@ class ModelWorker:
         self.stats = collections.Counter()  # accepted, rejected, completed, failed, cancelled, interrupted, batches
         self._seconds_per_image = None  # running mean, for Retry-After and ETA
         self._all_controlnets: list | None = None  # pipe.controlnets while a batch runs a selection of them
+        self._controlnets_lock = threading.Lock()  # (the swap and controlnets() read both: never half of it)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "ModelWorker":
@@ -265,8 +283,10 @@ class ModelWorker:
         return job.future
 
     def cancel(self, job: Job) -> str:
-        """The client is gone: drop the job if it waits, stop its batch if it runs alone.
-        Returns the state the job was in."""
+        """The client is gone: drop the job if it waits (it never runs); if it runs, its images are not wanted: a chunk
+        whose jobs are all cancelled stops at its next step (or is not started), and the job is answered JobCancelled
+        when its chunks are done. Returns the state the job was in: "queued", "running", or (nothing to do) "done"
+        or "cancelled"."""
         with self._cv:
             if job.state == "queued" and job in self._pending:
                 self._pending.remove(job)
@@ -299,7 +319,7 @@ class ModelWorker:
             if not self._running:
                 return False
             self._skip.set()
-            self.progress.skipped = True
+            self._publish(skipped=True)
             return True
 
     # -- queries -----------------------------------------------------------------------------
@@ -323,8 +343,9 @@ class ModelWorker:
 
     def controlnets(self) -> list[tuple[str, Any]]:
         """The ControlNets loaded into the pipeline, (name, model) in order, whatever the running batch uses."""
-        saved = self._all_controlnets
-        return list(saved if saved is not None else getattr(self.pipe, "controlnets", None) or [])
+        with self._controlnets_lock:
+            saved = self._all_controlnets
+            return list(saved if saved is not None else getattr(self.pipe, "controlnets", None) or [])
 
     @contextlib.contextmanager
     def _using_controlnets(self, names: list[str]):
@@ -339,13 +360,15 @@ class ModelWorker:
         missing = [n for n in names if n not in nets]
         if missing:
             raise ValueError(f"no ControlNet named {', '.join(map(repr, missing))} is loaded")
-        self._all_controlnets = full
-        pipe.controlnets = [(n, nets[n]) for n in names]
+        with self._controlnets_lock:
+            self._all_controlnets = full
+            pipe.controlnets = [(n, nets[n]) for n in names]
         try:
             yield
         finally:
-            pipe.controlnets = full
-            self._all_controlnets = None
+            with self._controlnets_lock:
+                pipe.controlnets = full
+                self._all_controlnets = None
 
     @contextlib.contextmanager
     def _using_clip_skip(self, value: int | None):
@@ -401,11 +424,19 @@ class ModelWorker:
             try:
                 self._run_isolated(batch)
             except BaseException as e:  # never let the thread die with jobs unanswered
-                log.exception("batch failed")
-                for job in batch:
-                    if not job.future.done():
+                log.exception("the model worker stops")
+                with self._cv:
+                    for job in batch:
+                        if not job.future.done():
+                            self.stats["failed"] += 1
+                            job.future.set_exception(RuntimeError(f"generation failed: {e!r}"))
+                    # (nothing runs the queue any more: refuse new jobs and fail the waiting ones, not strand them)
+                    self._stopping = True
+                    while self._pending:
+                        job = self._pending.popleft()
+                        job.state = "cancelled"
                         self.stats["failed"] += 1
-                        job.future.set_exception(RuntimeError(f"generation failed: {e!r}"))
+                        job.future.set_exception(ShuttingDown(f"the model worker stopped ({e!r}); the job did not run"))
                 raise
             finally:
                 with self._cv:
@@ -414,23 +445,60 @@ class ModelWorker:
                             job.state = "done"
                     self._running = []
                     self.progress = Progress()
+                # (the thread waits for the next job holding nothing of this batch: its pictures and answers go with
+                # their requests)
+                batch = job = None
 
     def _run_isolated(self, batch: list[Job]) -> None:
-        """Run a batch; if it fails, run its jobs one by one, so one job whose input breaks the
-        pipeline fails alone and the others still get their images."""
+        """Run a batch; if it fails, run its jobs not yet answered one by one, so one job whose input breaks the
+        pipeline fails alone and the others still get their images (a cancelled one is answered, not run again)."""
         try:
             self._run_batch(batch)
         except Exception as e:
-            if len(batch) > 1 and not any(j.future.done() for j in batch):
-                log.warning("a batch of %d jobs failed (%r); running them one by one", len(batch), e)
-                for job in batch:
+            left = [j for j in batch if not j.future.done()]
+            if len(batch) > 1 and left:
+                log.warning("a batch of %d jobs failed (%r); running %d of them one by one", len(batch), e, len(left))
+                for job in left:
+                    with self._cv:
+                        if job.cancelled:
+                            self._answer(job, None)
+                            continue
                     self._run_isolated([job])
                 return
             log.exception("generation failed")
-            for job in batch:
-                if not job.future.done():
-                    self.stats["failed"] += 1
-                    job.future.set_exception(e)
+            with self._cv:
+                for job in left:
+                    if job.cancelled:
+                        self._answer(job, None)
+                    else:
+                        self.stats["failed"] += 1
+                        job.state = "done"
+                        job.future.set_exception(e)
+
+    def _publish(self, **changes) -> None:
+        """`progress` with these fields changed, as a new object (readers hold the old one whole)."""
+        self.progress = dataclasses.replace(self.progress, **changes)
+
+    def _answer(self, job: Job, result: "JobResult | None") -> None:
+        """Set the job's future (under _cv): JobCancelled if it was cancelled, Interrupted if it has no image, else
+        its result; the job leaves the running list (the batch may run on for others)."""
+        if job.future.done():
+            return
+        if job.cancelled:
+            job.state = "cancelled"
+            self.stats["cancelled"] += 1
+            job.future.set_exception(JobCancelled("the client disconnected while the job ran" if job.started else
+                                                  "the client disconnected before the job ran"))
+        elif result is None or not result.images:
+            job.state = "done"
+            self.stats["failed"] += 1
+            job.future.set_exception(Interrupted("interrupted before this job's images were started"))
+        else:
+            job.state = "done"
+            self.stats["completed"] += 1
+            job.future.set_result(result)
+        if any(j is job for j in self._running):
+            self._running = [j for j in self._running if j is not job]
 
     def _run_batch(self, batch: list[Job]) -> None:
         s = batch[0].settings
@@ -450,38 +518,67 @@ class ModelWorker:
         firsts = list(itertools.accumulate([0] + [len(j) for j in batch]))  # (by place: two jobs may share an id,
         # A1111's force_task_id; progress follows the first of them)
         offsets: dict[str, int] = {}
+        spans: dict[str, tuple] = {}
         for j, k in zip(batch, firsts):
             offsets.setdefault(j.id, k)
+            spans.setdefault(j.id, (k, k + len(j)))
         size = self.max_batch
         if s.couples_batch and batch[0].batch_size:  # (alone in its batch: _take_batch)
             size = min(size, batch[0].batch_size)
         chunks = [(i, min(i + size, len(seeds))) for i in range(0, len(seeds), size)]
         self.stats["batches"] += 1
         t0 = time.time()
-        self.progress = Progress(job_ids=[j.id for j in batch], offsets=offsets, steps=s.steps, chunks=len(chunks),
-                                 started=t0, passes=2 if s.hires is not None else 1)
-        images, parameters, interrupted, padded, cut = [], {}, False, set(), set()
-        for c, (a, b) in enumerate(chunks):
-            p = self.progress
-            p.chunk, p.chunk_start, p.step, p.denoised, p.hires_pass = c, a, 0, None, False
-            with self._cv:  # (a skip ends the round it came in: A1111 resets state.skipped as a round starts)
-                self._skip.clear()
-                p.skipped = False
+        with self._cv:
+            self.progress = Progress(job_ids=[j.id for j in batch], offsets=offsets, spans=spans, steps=s.steps,
+                                     chunks=len(chunks), started=t0, passes=2 if s.hires is not None else 1)
+        # the batch's images by place (None: not made: its chunk was not started, or dropped as all its jobs were
+        # cancelled); the chunks that were cut by a skip; the images whose texts were padded; each chunk's parameters
+        images: list = [None] * len(seeds)
+        cut, padded, chunk_parameters = set(), set(), {}
+        interrupted, dropped = False, False
+        jobs_at = [(j, k, k + len(j)) for j, k in zip(batch, firsts)]
 
-            def callback(d: dict, _p=p) -> None:
-                if self._interrupt.is_set() or all(j.cancelled for j in batch):
+        def answer_finished(upto: int) -> None:  # (under _cv) the jobs whose images all lie before `upto`
+            for job, k, end in jobs_at:
+                if end <= upto and not job.future.done():
+                    self._answer(job, self._result(job, k, end, images, cut, padded, chunk_parameters, chunks, s,
+                                                   interrupted, t0, len(seeds)))
+
+        for c, (a, b) in enumerate(chunks):
+            mine = [j for j, k, end in jobs_at if k < b and end > a]  # the jobs with images in this chunk
+            with self._cv:
+                if self._interrupt.is_set():  # (A1111: a round not started when the interrupt came does not run)
+                    interrupted = True
+                    break
+                if all(j.cancelled for j in mine):  # (nobody waits for these images)
+                    dropped = True
+                    answer_finished(b)
+                    continue
+                # (a skip ends the round it came in: A1111 resets state.skipped as a round starts)
+                self._skip.clear()
+                self._publish(chunk=c, chunk_start=a, step=0, steps=s.steps, denoised=None, hires_pass=False,
+                              skipped=False)
+
+            def callback(d: dict, _mine=mine) -> None:
+                if d.get("stage") != "prior":  # (unCLIP's prior, before the steps counted: interruptible, no preview)
+                    x0 = d.get("denoised")
+                    x0 = x0.detach().clone() if isinstance(x0, torch.Tensor) else None
+                    with self._cv:
+                        p = self.progress
+                        step, hires = _step_of(d) + 1, bool(d.get("hires_pass"))
+                        # (the steps this run takes: image to image's fewer, a schedule type's more)
+                        total = int(d["total"]) if d.get("total") else p.steps
+                        if hires == p.hires_pass and p.step > 0 and p.steps > 0 and step * p.steps < p.step * total:
+                            total = (step * p.steps) // p.step  # (an estimate that grew: held, the bar never goes back)
+                        self._publish(step=step, steps=max(total, step, 1), hires_pass=hires, denoised=x0,
+                                      version=p.version + 1)
+                # (after the step's x0 is kept: an interrupted chunk's images are this step's estimates)
+                if self._interrupt.is_set():
                     raise _Interrupted
+                if all(j.cancelled for j in _mine):
+                    raise _ChunkCancelled
                 if self._skip.is_set():
                     raise _Skipped
-                if d.get("stage") == "prior":  # (unCLIP's prior, before the steps counted: interruptible, no preview)
-                    return
-                _p.step = _step_of(d) + 1
-                _p.hires_pass = bool(d.get("hires_pass"))
-                if d.get("total"):  # (the steps this run takes: image to image's fewer, a schedule type's more)
-                    _p.steps = int(d["total"])
-                x0 = d.get("denoised")
-                _p.denoised = x0.detach().clone() if isinstance(x0, torch.Tensor) else None
-                _p.version += 1
 
             try:
                 run = self.pipe.generate
@@ -551,50 +648,66 @@ class ModelWorker:
                               **({"pad_conds": s.pad_conds} if s.pad_conds else {}),
                               **({"mask_image": masks[a:b], "masked_content": s.masked_content} if masks else {}),
                               **control)
-                images += res.images
+                images[a:b] = res.images
                 # (the images whose prompt and negative were padded: A1111's infotext then names the option)
                 rows = res.parameters.get("padded_conds")
                 rows = rows if isinstance(rows, list) else [bool(rows)] * (b - a)
                 padded |= {a + i for i, f in enumerate(rows) if f}
-                parameters = res.parameters
+                chunk_parameters[c] = res.parameters
+            except _ChunkCancelled:  # (its jobs are all cancelled: no images to decode)
+                dropped = True
             except _Skipped:  # A1111's skip: this round's images as they were, the next rounds run
-                images += self._partial_images(p.denoised, b - a, s)
+                images[a:b] = self._partial_images(self.progress.denoised, b - a, s)
                 cut |= set(range(a, b))
                 self.stats["skipped"] += 1
             except _Interrupted:
                 interrupted = True
-                images += self._partial_images(p.denoised, b - a, s)
+                images[a:b] = self._partial_images(self.progress.denoised, b - a, s)
                 break
+            with self._cv:
+                answer_finished(b)
         seconds = time.time() - t0
-        if not interrupted and not cut:
+        if not interrupted and not cut and not dropped:
             n = len(seeds)
             mean = seconds / n
             self._seconds_per_image = mean if self._seconds_per_image is None else 0.7 * self._seconds_per_image + 0.3 * mean
-        if interrupted:
-            self.progress.interrupted = True
-            self.stats["interrupted"] += 1
-        common = {k: v for k, v in parameters.items() if k not in ("prompt", "negative_prompt")}
+        with self._cv:
+            if interrupted:
+                self._publish(interrupted=True)
+                self.stats["interrupted"] += 1
+            for job, k, end in jobs_at:  # (the rest: those with images past an interrupt, or none)
+                if not job.future.done():
+                    self._answer(job, self._result(job, k, end, images, cut, padded, chunk_parameters, chunks, s,
+                                                   interrupted, t0, len(seeds)))
+
+    @staticmethod
+    def _result(job: Job, k: int, end: int, images: list, cut: set, padded: set, chunk_parameters: dict,
+                chunks: list, s: Settings, interrupted: bool, t0: float, batch_images: int) -> "JobResult | None":
+        """Job's result from the batch's images k..end (those made: a prefix, as chunks run in order), None if it has
+        none. Its parameters are those of the last chunk with its images. `interrupted`: the batch was interrupted
+        before this job was answered (a job whose chunks were all done before it was answered then)."""
+        mine = []
+        for im in images[k:end]:
+            if im is None:
+                break
+            mine.append(im)
+        if not mine:
+            return None
+        made_to = k + len(mine)
+        parameters = {}
+        for c, (a, b) in enumerate(chunks):
+            if a < made_to and b > k and c in chunk_parameters:
+                parameters = chunk_parameters[c]
+        common = {key: v for key, v in parameters.items() if key not in ("prompt", "negative_prompt")}
         if not common:
             common = {"steps": s.steps, "sampler": s.sampler, "guidance_scale": s.guidance_scale,
                       "height": s.height, "width": s.width}
-        for job, k in zip(batch, firsts):
-            if job.cancelled:
-                job.state = "cancelled"
-                self.stats["cancelled"] += 1
-                job.future.set_exception(JobCancelled("the client disconnected while the job ran"))
-                continue
-            mine = images[k:k + len(job)]  # fewer if the interrupt came before its later chunks
-            if not mine:
-                self.stats["failed"] += 1
-                job.future.set_exception(Interrupted("interrupted before this job's images were started"))
-                continue
-            self.stats["completed"] += 1
-            mine_params = dict(common)
-            if s.pad_conds:  # (whether one of this job's images was padded)
-                mine_params["padded_conds"] = any(k + i in padded for i in range(len(mine)))
-            job.future.set_result(JobResult(images=mine, seeds=list(job.seeds[:len(mine)]), parameters=mine_params,
-                                            interrupted=interrupted, seconds=seconds, batch_images=len(seeds),
-                                            skipped=any(k + i in cut for i in range(len(mine)))))
+        if s.pad_conds:  # (whether one of this job's images was padded)
+            common["padded_conds"] = any(i in padded for i in range(k, made_to))
+        return JobResult(images=mine, seeds=list(job.seeds[:len(mine)]), parameters=common,
+                         interrupted=interrupted,
+                         seconds=time.time() - t0, batch_images=batch_images,
+                         skipped=any(i in cut for i in range(k, made_to)))
 
     def _partial_images(self, denoised, n: int, s: Settings) -> list:
         """Interrupted: decode the last x0 estimate, as AUTOMATIC1111 returns the unfinished
@@ -610,29 +723,35 @@ class ModelWorker:
         return [to_pil(t) for t in x]
 
     def preview_row(self, job_id: str | None = None) -> int | None:
-        """The row of the running chunk's latest x0 estimate that `preview(job_id)` decodes (the job's
-        first image if it is in this chunk, else the chunk's first), or None where there is none."""
-        p = self.progress
-        x0 = p.denoised
-        if x0 is None:
-            return None
-        if job_id is not None and job_id in p.offsets:
-            k = p.offsets[job_id] - p.chunk_start
-            if 0 <= k < x0.shape[0]:
-                return k
-        return 0
+        """The row of the running chunk's latest x0 estimate that `preview(job_id)` decodes: the job's first image in
+        this chunk; None where there is none, or where the job has no image in this chunk (another request's image is
+        not shown to it). Without a job id (A1111's progress, which follows whatever runs) the chunk's first."""
+        return _preview_row(self.progress, job_id)
 
     def preview(self, job_id: str | None = None):
         """The running chunk's latest x0 estimate decoded to an image (`preview_row`), or None."""
-        x0 = self.progress.denoised
-        i = self.preview_row(job_id)
-        if x0 is None or i is None or i >= x0.shape[0]:
+        p = self.progress  # (one snapshot: the row and the estimate of the same step)
+        i = _preview_row(p, job_id)
+        if i is None:
             return None
         from imagine.images import to_pil
 
         with torch.no_grad():
-            x = self.pipe.decode(x0[i:i + 1])
+            x = self.pipe.decode(p.denoised[i:i + 1])
         return to_pil(x[0])
+
+
+def _preview_row(p: Progress, job_id: str | None) -> int | None:
+    x0 = p.denoised
+    if x0 is None:
+        return None
+    if job_id is None:
+        return 0
+    if job_id not in p.spans:
+        return None
+    first, end = p.spans[job_id]
+    row = max(first, p.chunk_start) - p.chunk_start
+    return row if row < min(x0.shape[0], end - p.chunk_start) else None
 
 
 def _step_of(d: dict) -> int:

@@ -3,7 +3,9 @@
 // a progress bar fed by polling /sdapi/v1/progress?id_task=<this request's id> (Interrupt: POST
 // /imagine/v1/cancel?id_task=<it>, which stops this page's job and no one else's), and a gallery of the results.
 // One request body goes both ways: formBody reads the form into it (Generate), bodyToForm puts one back (a card's
-// Reuse, and a picture's parameters, A1111's PNG Info, read into a body by pictureBody).
+// Reuse, and a picture's parameters, A1111's PNG Info, read into a body by pictureBody: chosen under "Parameters from
+// a picture" or dropped anywhere on the page). The Parameters box shows the chosen card's infotext (the newest
+// batch's first image, as A1111 shows it), and the seed's recycle button puts that card's seed back.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -16,12 +18,16 @@ const SAMPLER_OPTIONS = [["eta", "Eta"], ["s_churn", "Sigma churn"], ["s_tmin", 
 const HIRES_FIELDS = ["enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_second_pass_steps", "hr_upscaler",
                       "hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler"];
 let busy = false;
+let starting = false;  // Generate was clicked and the request is being made (busy follows): a second click waits
 let generation = 0;  // the current generation's number: a poll loop of an older one stops when it sees it changed
 let job = null;  // the current generation's {n, id, seen, state: starting|queued|running|ending, stopping}
 let pollTimer = null;
 let serverOptions = {};  // GET /sdapi/v1/options
 const automaticPick = {};  // sampler -> the schedule type (label) A1111's "Automatic" picks for it, where it names one
 const defaults = {};  // the form's first values, the server's settings in: a picture's reading starts from them
+let limits = {};  // the server's limits (/imagine/v1/config)
+let selected = null;  // the gallery card whose infotext the Parameters box shows
+let reading = 0;  // the latest picture read for its parameters (an older reading that answers late is dropped)
 
 // the tab's icon, inline (no /favicon.ico request; added here, as index.html's links are all the server's own paths)
 document.head.append(Object.assign(document.createElement("link"), {
@@ -81,8 +87,10 @@ async function loadConfig() {
   try {
     const r = await fetch("/imagine/v1/config");
     const c = await r.json();
+    if (!r.ok) throw new Error(c.detail || "HTTP " + r.status);
     $("model").textContent = c.model + "  ·  imagine " + c.version;
     const d = c.defaults, lim = c.limits;
+    limits = lim;
     infotextDefaults = c.infotext_defaults || {};
     $("steps").value = d.steps; $("steps").max = lim.max_steps;
     $("hr_second_pass_steps").max = lim.max_steps;
@@ -92,6 +100,7 @@ async function loadConfig() {
       $(k).max = lim["max_" + k];
     }
     $("batch_size").max = lim.max_images;
+    $("n_iter").max = lim.max_images;
     for (const k of ["prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"]) $(k).maxLength = lim.max_prompt_length;
     const sel = $("sampler");
     sel.replaceChildren(...c.samplers.map((n) => new Option(n, n, n === d.sampler, n === d.sampler)));
@@ -191,8 +200,14 @@ function formBody() {
     height: num("height", "Height", { integer: true, min: 1 }),
     sampler_name: $("sampler").value, scheduler: $("scheduler").value,
     seed: num("seed", "Seed", { integer: true, min: -1, max: MAX_SEED }),
-    batch_size: num("batch_size", "Images", { integer: true, min: 1 }), n_iter: 1,
+    batch_size: num("batch_size", "Batch size", { integer: true, min: 1 }),
+    n_iter: num("n_iter", "Batch count", { integer: true, min: 1 }),
   };
+  if (limits.max_images && body.batch_size * body.n_iter > limits.max_images) {  // (the server's limit on a request)
+    throw new FieldError(body.n_iter > 1 ? "n_iter" : "batch_size", "Batch count × batch size is " +
+                         body.batch_size * body.n_iter + " images; the server makes at most " + limits.max_images +
+                         " a request.");
+  }
   for (const [id, label] of SAMPLER_OPTIONS) {  // (empty: the sampler's own)
     const v = num(id, label, { min: 0, optional: true });
     if (v !== null) body[id] = v;
@@ -244,7 +259,7 @@ function formBody() {
     }
   }
   if (files.control_image) {  // one unit of A1111's ControlNet extension ("none": the picture is the map)
-    const weight = num("control_weight", "ControlNet weight", { min: 0 });
+    const weight = num("control_weight", "ControlNet weight", { min: 0, max: 2 });
     body.alwayson_scripts = { controlnet: { args: [{
       enabled: true, image: null, model: $("controlnet_model").value, weight, module: $("control_module").value,
     }] } };
@@ -308,7 +323,7 @@ function bodyToForm(b, files = {}) {
   const choose = (id, v) => { const o = optionValue(id, v); if (o !== null) $(id).value = o; };
   $("prompt").value = b.prompt || "";
   $("negative_prompt").value = b.negative_prompt || "";
-  for (const k of ["steps", "cfg_scale", "width", "height", "seed", "batch_size"]) set(k, b[k]);
+  for (const k of ["steps", "cfg_scale", "width", "height", "seed", "batch_size", "n_iter"]) set(k, b[k]);
   choose("sampler", b.sampler_name);
   choose("scheduler", b.scheduler || "Automatic");
   for (const [id] of SAMPLER_OPTIONS) set(id, b[id]);
@@ -398,8 +413,12 @@ async function poll(n, id) {
     const r = await fetch("/sdapi/v1/progress?id_task=" + encodeURIComponent(id));
     const p = r.ok ? await r.json() : null;
     if (n !== generation || !busy) return;  // (a newer generation polls its own task now)
-    if (p) showProgress(p, id);
-  } catch (e) { /* the next poll tries again */ }
+    if (p) { job.failures = 0; showProgress(p, id); }
+  } catch (e) {  // (the next poll tries again)
+    if (n === generation && busy && ++job.failures >= 3) {
+      $("progress-text").textContent = "the server does not answer (" + e.message + "); still trying…";
+    }
+  }
   if (n === generation && busy) pollTimer = setTimeout(() => poll(n, id), 400);
 }
 
@@ -419,7 +438,19 @@ async function stopJob() {
 }
 
 // -- the gallery ----------------------------------------------------------------------------------------------
-function addCard(b64, params, made) {
+// the Parameters box shows this card's infotext (A1111's "generation info" of the selected image); the recycle
+// button takes its seed
+function selectCard(node) {
+  if (selected) selected.classList.remove("selected");
+  selected = node && node.isConnected ? node : null;
+  if (selected) selected.classList.add("selected");
+  const text = selected ? selected.dataset.infotext || "" : "";
+  $("infotext").textContent = text;
+  $("info").hidden = !text;
+  $("reuse-seed").disabled = !selected;
+}
+
+function makeCard(b64, params, made) {
   const node = $("card-template").content.firstElementChild.cloneNode(true);
   const src = "data:image/png;base64," + b64;
   const img = node.querySelector(".image");
@@ -436,6 +467,7 @@ function addCard(b64, params, made) {
     rows.push(["Upscale", to + ", strength " + params.denoising_strength]);
   }
   if (params.subseed_strength > 0) rows.push(["Variation", made.subseed + " at " + params.subseed_strength]);
+  if (params.n_iter > 1 || params.batch_size > 1) rows.push(["Batch", params.n_iter + " × " + params.batch_size]);
   if (params.negative_prompt) rows.push(["Negative", params.negative_prompt]);
   if (made.interrupted) rows.push(["Note", "interrupted"]);
   const dl = node.querySelector(".params");
@@ -459,9 +491,31 @@ function addCard(b64, params, made) {
   // (with a variation strength a batch's images share the seed, as A1111's: the subseed tells them apart)
   node.dataset.seed = made.seed;
   if (made.body.subseed_strength > 0 && Number.isInteger(made.subseed)) node.dataset.subseed = made.subseed;
-  gallery.prepend(node);
+  node.dataset.infotext = made.infotext || "";
+  img.addEventListener("click", () => selectCard(node));
+  return node;
+}
+
+// a request's images at the top of the gallery, in their order (seed, seed + 1, ...), the first one selected
+function addCards(nodes) {
+  if (!nodes.length) return;
+  gallery.prepend(...nodes);
   $("empty").hidden = true;
   $("clear").hidden = false;
+  selectCard(nodes[0]);
+}
+
+// a server's refusal names its field (422's `field`): that field is shown, as the page's own checks show theirs
+const SERVER_FIELDS = { sampler_name: "sampler", hr_sampler_name: "hr_sampler", init_images: "init_image" };
+function showServerField(field, endpoint) {
+  if (!field) return;
+  let id = SERVER_FIELDS[field] || field;
+  if (field === "denoising_strength") id = endpoint.endsWith("img2img") ? "denoising_strength" : "hr_strength";
+  const el = $(id);
+  if (!el || !form.contains(el)) return;
+  const section = el.closest("details");
+  if (section) section.open = true;
+  el.focus();
 }
 
 function fieldProblem(e) {
@@ -474,7 +528,17 @@ function fieldProblem(e) {
 
 async function generate(ev) {
   if (ev) ev.preventDefault();
-  if (busy) return;
+  if (busy || starting) return;
+  starting = true;
+  try {
+    await ready;  // (the server's lists and defaults in the form first)
+    await run();
+  } finally {
+    starting = false;
+  }
+}
+
+async function run() {
   showError(""); showNotice("");
   let request;
   try {
@@ -493,7 +557,7 @@ async function generate(ev) {
     return;
   }
   const n = ++generation;
-  job = { n, id, seen: false, state: "starting", stopping: false };
+  job = { n, id, seen: false, state: "starting", stopping: false, failures: 0 };
   setBusy(true);
   $("progress-fill").style.width = "0%";
   $("progress-text").textContent = "queued…";
@@ -509,16 +573,19 @@ async function generate(ev) {
         showNotice("Cancelled: the job was stopped before it finished; nothing was made.");
         return;
       }
-      let msg = data.detail || ("HTTP " + r.status);
+      let msg = typeof data.detail === "string" && data.detail ? data.detail
+        : data.detail ? JSON.stringify(data.detail) : "The server answered HTTP " + r.status + ".";
       if (r.status === 429) msg = "The server is busy. Try again in " + (r.headers.get("Retry-After") || "a few") + " s.";
       showError(msg);
+      showServerField(data.field, endpoint);
       return;
     }
     const info = JSON.parse(data.info);
     const params = { ...body, ...data.parameters };
-    data.images.forEach((b64, i) => addCard(b64, params, {
+    addCards(data.images.map((b64, i) => makeCard(b64, params, {
       body, files, seed: info.all_seeds[i], subseed: (info.all_subseeds || [])[i], interrupted: info.interrupted,
-    }));
+      infotext: (info.infotexts || [])[i],
+    })));
     if (info.interrupted && !data.images.length) showError("Interrupted before any image was started.");
   } catch (e) {
     showError("Request failed: " + e);
@@ -680,6 +747,7 @@ const ready = loadConfig();
 async function readPicture() {
   const file = $("pnginfo_image").files[0];
   if (!file) return;
+  const mine = ++reading;
   await ready;
   showError("");
   showPictureNotice([], []);
@@ -688,8 +756,9 @@ async function readPicture() {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ image: await readAsDataURL(file) }),
     });
-    const data = await r.json();
-    if (!r.ok) { showError(data.detail || ("HTTP " + r.status)); return; }
+    const data = await r.json().catch(() => ({}));
+    if (mine !== reading) return;  // (another picture was chosen meanwhile)
+    if (!r.ok) { showError(data.detail || ("The server answered HTTP " + r.status + ".")); return; }
     $("pnginfo_text").textContent = data.info;
     $("pnginfo_text").hidden = !data.info;
     if (!data.info) {
@@ -708,19 +777,75 @@ async function readPicture() {
 }
 
 $("pnginfo_image").addEventListener("change", readPicture);
+// (the same picture chosen again is read again: the form may have changed since)
+$("pnginfo_image").addEventListener("click", () => { $("pnginfo_image").value = ""; });
+
+// a picture dropped anywhere on the page (but on a file picker, which takes it as its own) is read for its
+// parameters, as A1111's PNG Info and ComfyUI's canvas take a dropped picture; without this the browser would leave
+// the page to show the file
+function carriesFiles(e) { return !!e.dataTransfer && [...e.dataTransfer.types].includes("Files"); }
+function onPicker(e) { return e.target instanceof HTMLInputElement && e.target.type === "file"; }
+document.addEventListener("dragover", (e) => {
+  if (!carriesFiles(e)) return;
+  e.preventDefault();
+  e.dataTransfer.dropEffect = "copy";
+  document.body.classList.toggle("dropping", !onPicker(e));
+});
+document.addEventListener("dragleave", (e) => {
+  if (!e.relatedTarget) document.body.classList.remove("dropping");
+});
+document.addEventListener("drop", (e) => {
+  document.body.classList.remove("dropping");
+  if (!carriesFiles(e)) return;
+  e.preventDefault();
+  const files = [...e.dataTransfer.files];
+  if (onPicker(e)) {  // (a picker with its own drop: the picture is its own, as when chosen)
+    if (files.length) {
+      setFile(e.target.id, files[0]);
+      e.target.dispatchEvent(new Event("change", { bubbles: true }));
+    }
+    return;
+  }
+  const file = files.find((f) => /^image\//.test(f.type) || /\.(png|jpe?g|webp)$/i.test(f.name));
+  if (!file) {
+    showError("Drop a picture (PNG, JPEG or WebP) to read the parameters it was made with.");
+    return;
+  }
+  setFile("pnginfo_image", file);
+  $("pnginfo").open = true;
+  readPicture();
+});
 form.addEventListener("submit", generate);
 form.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(e);
 });
 $("random-seed").addEventListener("click", () => { $("seed").value = -1; });
+$("reuse-seed").addEventListener("click", () => {  // (A1111's recycle button: the chosen image's seed)
+  if (selected && selected.dataset.seed) $("seed").value = selected.dataset.seed;
+});
+$("copy-info").addEventListener("click", async () => {
+  const text = $("infotext").textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    $("copy-info").textContent = "Copied";
+  } catch (e) {  // (no clipboard without a secure context: the text is selected to copy by hand)
+    const range = document.createRange();
+    range.selectNodeContents($("infotext"));
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    $("copy-info").textContent = "Selected: Ctrl+C";
+  }
+  setTimeout(() => { $("copy-info").textContent = "Copy"; }, 1500);
+});
 $("interrupt").addEventListener("click", stopJob);
 for (const id of FILES) {
   $(id).addEventListener("change", updateFileButtons);
   $(id + "_clear").addEventListener("click", () => { setFile(id, null); updateFileButtons(); });
 }
-$("hr_scale").addEventListener("input", updateFileButtons);
+for (const id of ["hr_scale", "hr_resize_x", "hr_resize_y"]) $(id).addEventListener("input", updateFileButtons);
 $("clear").addEventListener("click", () => {
   gallery.replaceChildren();
+  selectCard(null);
   $("empty").hidden = false;
   $("clear").hidden = true;
 });
