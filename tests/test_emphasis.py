@@ -5,6 +5,7 @@ syntax encodes exactly as without emphasis; the server's A1111 API reads the syn
 from __future__ import annotations
 
 import base64
+import json
 import io
 
 import pytest
@@ -142,6 +143,16 @@ def test_the_a1111_api_reads_emphasis_unless_told_none(tmp_path):
         assert image("(a red circle:1.5)") != plain
         literal = image("(a red circle:1.0)", override_settings={"emphasis": "None"})
         assert literal != plain  # the brackets and the number are text then
+        # A1111's "No norm": the weights without the mean restored (weight 1: the plain states; 1.5: not Original's)
+        assert image("(a red circle:1.0)", override_settings={"emphasis": "No norm"}) == plain
+        assert image("(a red circle:1.5)", override_settings={"emphasis": "No norm"}) != image("(a red circle:1.5)")
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "(a red circle:1.5)", "steps": 2, "width": 16,
+                                                             "height": 16, "seed": 3,
+                                                             "override_settings": {"emphasis": "No norm"}}, timeout=120)
+        assert "Emphasis: No norm" in json.loads(r.json()["info"])["infotexts"][0]
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "a", "steps": 2, "width": 16, "height": 16,
+                                                             "override_settings": {"emphasis": "Strong"}}, timeout=120)
+        assert r.status_code == 422 and "must be one of None, Ignore, Original, No norm" in r.text
 
 
 def test_bad_weights_and_break_are_said(caplog):

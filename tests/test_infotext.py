@@ -117,7 +117,7 @@ def test_a1111s_forms_map_onto_the_flags():
         assert read["hires_resize"] == size and "hires_scale" not in read
         assert not any("Hires resize" in n for n in read["_infotext_notes"])
     # A1111 1.6-1.8's schedule in the sampler's name; its Latent upscalers' variants run as they are (since session
-    # 27); "No norm" said as read
+    # 27); "No norm" run as its mode
     named = infotext_defaults(parse_a1111_parameters(A1111_EXAMPLE.replace("Euler a", "DPM++ 2M SDE Exponential")
                                                      + ", Hires upscale: 2, Hires upscaler: Latent (nearest), "
                                                        "Emphasis: No norm"))
@@ -128,7 +128,8 @@ def test_a1111s_forms_map_onto_the_flags():
                                                     + ", Schedule type: Exponential"))
     assert heun["sigma_schedule"] == "exponential"  # (not Heun's Automatic: kept)
     assert not any("Latent (nearest)" in n for n in named["_infotext_notes"])
-    assert any("Emphasis: No norm" in n for n in named["_infotext_notes"])
+    # (since session 28 "No norm" runs as A1111's mode, not read as Original with a note)
+    assert named["emphasis"] == "No norm" and not any("Emphasis" in n for n in named["_infotext_notes"])
     # a long quoted value (a hires prompt of thousands of characters, commas and "Label: value" inside) stays one value
     long = "(masterpiece:1.2), Steps: 99, " * 200
     got = parse_a1111_parameters(A1111_EXAMPLE + ", Hires prompt: " + __import__("json").dumps(long) + ", ENSD: 1")

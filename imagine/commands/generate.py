@@ -542,8 +542,9 @@ def record_defaults(record: dict, init_image: bool = False, mask: bool = False) 
             continue
         if key in record and (record[key] is not None or key.startswith("a1111_")):
             out[dest] = record.pop(key)
-    if record.pop("emphasis", None) == "a1111":
-        out["emphasis"] = True
+    emphasis = {"a1111": True, "no_norm": "No norm", "ignore": "Ignore"}.get(record.pop("emphasis", None))
+    if emphasis is not None:  # (A1111's "Original", or its other modes by name: imagine.emphasis.emphasis_record)
+        out["emphasis"] = emphasis
     if record.get("sampler_options"):
         out["sampler_option"] = [f"{k}={v}" for k, v in record.pop("sampler_options").items()]
     if "hires_upscaler" in record:
@@ -594,11 +595,14 @@ def infotext_defaults(fields: dict, init_image: bool = False, refiner: str | Non
             raise ValueError(f"--infotext: {label} {value!r} is not a{' whole' if cast is int else ''} "
                              "number") from None
 
+    from imagine.emphasis import EMPHASIS_MODES
+
     emphasis = fields.pop("Emphasis", "Original")
-    if emphasis not in ("Original", "None"):
+    if emphasis not in EMPHASIS_MODES:
         notes.append(f"Emphasis: {emphasis} (read as Original, A1111's default)")
+        emphasis = "Original"
     out: dict = {"a1111_sampling": True, "long_prompts": True, "prompt_editing": True, "composable": True,
-                 "emphasis": emphasis != "None", **out_refiner}
+                 "emphasis": {"Original": True, "None": False}.get(emphasis, emphasis), **out_refiner}
     if fields.get("Start") == "sigma_max":  # (imagine's record of an A1111 run's start: the one these flags run)
         fields.pop("Start")
     prompt, negative = fields.pop("Prompt", ""), fields.pop("Negative prompt", "")

@@ -862,10 +862,17 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         """An A1111 setting for this request: its override_settings' value, else the server's option, else `default`."""
         return request_overrides(req).get(name, options.get(name, default))
 
-    def a1111_emphasis(req) -> bool:
-        """AUTOMATIC1111 reads its (word:1.3) syntax unless its "emphasis" setting is "None" (the request's
-        override_settings, else the server's options); its "No norm" mode is read as "Original"."""
-        return str(setting(req, "emphasis", "Original")) != "None"
+    def a1111_emphasis(req) -> bool | str:
+        """AUTOMATIC1111's "emphasis" setting (the request's override_settings, else the server's options) as
+        generate's `emphasis`: "Original" True, "None" False (brackets as text), "No norm" and "Ignore" by name; another
+        value is a 422 naming A1111's four."""
+        from imagine.emphasis import EMPHASIS_MODES
+
+        mode = str(setting(req, "emphasis", "Original"))
+        if mode not in EMPHASIS_MODES:
+            raise ApiError(422, f"override_settings.emphasis must be one of {', '.join(EMPHASIS_MODES)} "
+                                f"(AUTOMATIC1111's); got {mode!r}", "override_settings")
+        return {"Original": True, "None": False}.get(mode, mode)
 
     def a1111_old_scheduling(req) -> bool:
         """AUTOMATIC1111's "use_old_scheduling" ("Old prompt editing timelines", before its 1.6: a when under 1 a
@@ -1639,8 +1646,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                # (written where a step was padded, as A1111 writes it)
                                job.settings.pad_conds if result is not None and result.parameters.get("padded_conds")
                                else None, {**(pipe.run_record() if hasattr(pipe, "run_record") else {}),
-                                           # (A1111's "Lora hashes" / "TI hashes" of the files the run used)
-                                           **{k: result.parameters[k] for k in ("lora_hashes", "ti_hashes")
+                                           # (A1111's "Lora hashes" / "TI hashes" of the files the run used,
+                                           # and its "Emphasis" where not "Original" and a text has brackets)
+                                           **{k: result.parameters[k] for k in ("lora_hashes", "ti_hashes", "emphasis")
                                               if result is not None and k in result.parameters}})
                      for i, s in enumerate(used)]
         encoded = []

@@ -106,7 +106,8 @@ class Settings:
     strength_rule: str = "diffusers"  # which steps image to image takes (imagine.sampling.sample): A1111's for its API
     eta: float | None = None  # the sampler's noise scale (None: its default)
     options: tuple = ()  # the sampler's own options as sorted (name, value) pairs, e.g. (("s_tmin", 1.5),)
-    emphasis: bool = False  # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default)
+    # AUTOMATIC1111's (word:1.3) syntax read as weights (its API's default, True; or its "No norm" / "Ignore" mode)
+    emphasis: bool | str = False
     long_prompts: bool = False  # prompts past the text encoder's window read in 75-token chunks (imagine.long_prompts)
     prompt_editing: bool = False  # A1111's [from:to:when] and [a|b] read (imagine.prompt_editing)
     composable: bool = False  # A1111's AND read (imagine.composable)
@@ -620,7 +621,7 @@ class ModelWorker:
                               guidance_scale=s.guidance_scale, sampler=s.sampler, height=s.height,
                               width=s.width, sigma_schedule=s.schedule, eta=s.eta,
                               sampler_options=dict(s.options) or None, callback=callback, progress=False,
-                              **({"emphasis": True} if s.emphasis else {}),
+                              **({"emphasis": s.emphasis} if s.emphasis else {}),
                               **({"sigma_range": s.sigma_range} if s.sigma_range != "spaced" else {}),
                               **({"start": s.start} if s.start != "noise" else {}),
                               **({"discard_penultimate_sigma": True} if s.discard_penultimate_sigma else {}),
