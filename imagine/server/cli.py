@@ -9,6 +9,10 @@ import logging
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (the annotation's; the app loads when a server starts)
+    from imagine.server.app import ServerConfig
 
 log = logging.getLogger(__name__)
 
