@@ -459,3 +459,21 @@ def test_bf16_weights_for_the_fast_mode(models, tmp_path, capsys):
     assert TextToImagePipeline.from_pretrained(models["folder"], dtype=torch.bfloat16).unet.dtype == torch.bfloat16
     code, _, err = _run(capsys, "--model", models["folder"], "x", "--dtype", "bfloat16", "-q")
     assert code == 2 and "--dtype bfloat16 is for --precision fast" in err
+
+
+def test_emphasis_mode_runs_a1111s_modes(models, tmp_path, capsys):
+    """--emphasis-mode 'No norm' is generate(emphasis='No norm'): the picture and A1111's 'Emphasis: No norm'."""
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    out = tmp_path / "nonorm.png"
+    code, _, err = _run(capsys, "--model", models["folder"], "a (red:1.5) circle", "--steps", 2, "--sampler", "ddim",
+                        "--seed", 3, "--height", 16, "--width", 16, "--emphasis-mode", "No norm", "-o", out, "-q")
+    assert code == 0, err
+    want = TextToImagePipeline.from_pretrained(models["folder"]).generate(
+        "a (red:1.5) circle", steps=2, sampler="ddim", seed=3, height=16, width=16, emphasis="No norm",
+        progress=False).images[0]
+    img = Image.open(out)
+    assert img.convert("RGB").tobytes() == want.tobytes() and "Emphasis: No norm" in img.text["parameters"]
+    code, _, err = _run(capsys, "--model", models["folder"], "a", "--no-emphasis", "--emphasis-mode", "Ignore",
+                        "-o", tmp_path / "x.png", "-q")
+    assert code == 2 and "--no-emphasis and --emphasis-mode 'Ignore': give one" in err

@@ -167,6 +167,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emphasis", action=argparse.BooleanOptionalAction, default=None,
                    help="read AUTOMATIC1111's emphasis in the prompts: (word) x1.1, [word] /1.1, (word:1.3) x1.3 "
                         "(default: brackets are text, as in diffusers)")
+    p.add_argument("--emphasis-mode", default=None, choices=["Original", "No norm", "Ignore", "None"],
+                   help="AUTOMATIC1111's emphasis setting by name (implies --emphasis): 'Original' (its default: the "
+                        "weights, the mean restored), 'No norm' (the weights alone), 'Ignore' (the syntax read, no "
+                        "weights), 'None' (brackets are text)")
     p.add_argument("--prompt-editing", action=argparse.BooleanOptionalAction, default=None,
                    help="read AUTOMATIC1111's prompt editing: [from:to:when] (when: a step, or with a '.' a fraction "
                         "of the steps) and [a|b] (alternating every step); default: brackets are text or emphasis")
@@ -1160,6 +1164,9 @@ def _check_values(args, max_seed: int) -> None:
     if args.hires_scale is not None and args.hires_resize:
         raise ValueError("--hires-scale and --hires-resize are two ways to size hires. fix's second pass: give one "
                          "(A1111's 'Upscale by' or its 'Resize width/height to')")
+    if args.emphasis_mode and args.emphasis is False:
+        raise ValueError(f"--no-emphasis and --emphasis-mode {args.emphasis_mode!r}: give one (--emphasis-mode None "
+                         "reads brackets as text)")
     if args.a1111_prompts:
         off = [f"--no-{f.replace('_', '-')}" for f in ("emphasis", "long_prompts", "prompt_editing", "composable")
                if getattr(args, f) is False]
@@ -1462,7 +1469,7 @@ def run(args) -> int:
                             karras=args.karras, eta=args.eta, thresholding=args.thresholding,
                             threshold_range=args.threshold_range,
                             final_step=args.final_step, rho=args.rho, **sampling,
-                            emphasis=args.emphasis or args.a1111_prompts,
+                            emphasis=args.emphasis_mode or args.emphasis or args.a1111_prompts,
                             long_prompts=args.long_prompts or args.a1111_prompts,
                             prompt_editing=args.prompt_editing or args.a1111_prompts,
                             composable=args.composable or args.a1111_prompts,
