@@ -128,3 +128,13 @@ def test_sizes_need_only_the_vae_factor(bf16_mode):
     assert psnr(from_pil(fast.images[0]), from_pil(exact.images[0])) > 30
     with pytest.raises(ValueError, match="height 38 is not a multiple of 4"):
         pipe.generate("x", steps=1, height=38, width=44, progress=False)
+
+
+def test_a_nan_guidance_scale_is_refused():
+    """NaN is not above 1: read as no guidance, it ran unguided without a word; now named, as inf was."""
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(None)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            pipe.generate("a red circle", steps=2, seed=1, guidance_scale=bad, progress=False, output_type="latent")

@@ -1770,6 +1770,8 @@ def _default_guidance(defaults: dict, guidance_scale: float | None, sampler: str
     if guidance_scale is None:
         return default_guidance_scale(defaults["guidance_scale"], sampler)
     guidance_scale = float(guidance_scale)
+    if not math.isfinite(guidance_scale):  # (NaN would read as "not above 1": no guidance, without a word)
+        raise ValueError(f"guidance_scale must be a finite number; got {guidance_scale}")
     if is_cfg_pp(sampler) and guidance_scale > 2:
         import warnings
 
