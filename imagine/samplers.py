@@ -1335,7 +1335,8 @@ def _alias(canonical: str, *names: str, karras: bool = False) -> None:
 
 
 def _key(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch not in " -_")
+    """A name as samplers and schedule types are compared: case, spaces, hyphens and underscores aside."""
+    return "".join(ch for ch in str(name).lower() if ch not in " -_")
 
 
 _alias("ddpm", "ddpm", "DDPMScheduler", "ddpm_fixed_small")

@@ -36,8 +36,10 @@ def _schedule_name(text: str) -> str | None:
 
 
 def _name_key(name: str) -> str:
-    """A name as the libraries compare names: case, spaces, hyphens and underscores aside."""
-    return "".join(ch for ch in str(name).lower() if ch not in " -_")
+    """A name as the libraries compare names (samplers' key: case, spaces, hyphens and underscores aside)."""
+    from imagine.samplers import _key
+
+    return _key(name)
 
 
 def _schedule_candidates() -> list[str]:

@@ -1274,8 +1274,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
             def prepared(source, size, mode, fit_to=None):
                 """The preprocessed map of `source` for an image of `size` (made once per picture and size), fitted
-                to `fit_to` (default: size)."""
-                key = (id(source), size, mode)
+                to `fit_to` (default: size), each once: n images of one picture share it."""
+                key, fit_to = (id(source), size, mode), fit_to or size
+                if key + (fit_to,) in made:
+                    return made[key + (fit_to,)]
                 if key not in made:
                     res, free = unit["processor_res"], False
                     if unit["pixel_perfect"]:  # (its resolution is not held to the slider's range)
@@ -1288,7 +1290,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                     except ValueError as e:
                         raise ApiError(422, f"{unit['field']}: {e}", unit["field"]) from None
                     made[key] = m
-                return preprocessors.fit(made[key], *(fit_to or size), mode)
+                made[key + (fit_to,)] = preprocessors.fit(made[key], *fit_to, mode)
+                return made[key + (fit_to,)]
 
             init_mode = "just_resize" if resize_mode == "latent_upscale" else resize_mode
             per_image, hires_maps = [], []
