@@ -507,8 +507,10 @@ class ModelWorker:
         negatives = [p for j in batch for p in j.negative_prompts]
         seeds = [x for j in batch for x in j.seeds]
         subseeds = [x for j in batch for x in (j.subseeds or j.seeds)] if s.subseed_strength else None
+        # (only where a job's fill seeds are not its own: the pipeline's default is the images' own start noise)
         fill_seeds = [x for j in batch for x in (j.latent_noise_seeds or j.seeds)] \
-            if s.masked_content == "latent_noise" else None
+            if s.masked_content == "latent_noise" and any(j.latent_noise_seeds and j.latent_noise_seeds != j.seeds
+                                                          for j in batch) else None
         inits = [im for j in batch for im in (j.init_images or [])] \
             if s.strength is not None or s.noise_level is not None else None
         masks = [m for j in batch for m in j.masks] if s.inpainting else None  # (one settings: all have them)
