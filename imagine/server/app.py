@@ -770,7 +770,6 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         "use_downcasted_alpha_bar": False, "use_old_scheduling": False, "pad_cond_uncond": False,
         "pad_cond_uncond_v0": False, "refiner_switch_by_sample_steps": False,
     }
-    finished: dict[str, float] = {}  # recently finished job ids, for progress?id_task=
     active: dict[str, list[Job]] = {}  # the jobs submitted and not yet answered, by id (for POST /imagine/v1/cancel)
     cancel_asked: set[Job] = set()  # those cancelled by POST /imagine/v1/cancel (their answer says so)
     preview_lock = threading.Lock()
@@ -1358,10 +1357,6 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             if not mine:
                 active.pop(job.id, None)
             cancel_asked.discard(job)
-            finished[job.id] = time.time()
-            if len(finished) > 512:
-                for k in sorted(finished, key=finished.get)[:256]:
-                    finished.pop(k, None)
 
     # -- AUTOMATIC1111 -----------------------------------------------------------------------
     @app.post("/sdapi/v1/txt2img")
@@ -1973,7 +1968,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                "current_task": p.job_ids[0] if p.job_ids else None, "queued": queued}
         position = worker.position(id_task) if id_task else 0 if running else None
         if id_task:
-            out["completed"] = position is None and id_task in finished
+            out["completed"] = position is None and worker.ended(id_task)
             if position is None or position > 0:
                 out["textinfo"] = (f"waiting: position {position} in the queue" if position
                                    else "finished" if out["completed"] else "unknown task")

@@ -237,6 +237,9 @@ class ModelWorker:
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._running: list[Job] = []
+        # ids of recently answered jobs (the newest 512), recorded as each future is set, before the job leaves
+        # the running list: a poll of progress?id_task= never falls between "running" and "finished"
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._interrupt = threading.Event()
         self._skip = threading.Event()
         self._stopping = False
@@ -280,8 +283,16 @@ class ModelWorker:
                 raise QueueFull(len(self._pending), self.retry_after())
             self._pending.append(job)
             self.stats["accepted"] += 1
+            job.future.add_done_callback(lambda _, job_id=job.id: self._record_end(job_id))
             self._cv.notify()
         return job.future
+
+    def _record_end(self, job_id: str) -> None:
+        with self._cv:  # (reentrant: futures are set with _cv held)
+            self._ended[job_id] = None
+            self._ended.move_to_end(job_id)
+            while len(self._ended) > 512:
+                self._ended.popitem(last=False)
 
     def cancel(self, job: Job) -> str:
         """The client is gone: drop the job if it waits (it never runs); if it runs, its images are not wanted: a chunk
@@ -341,6 +352,11 @@ class ModelWorker:
                 if j.id == job_id:
                     return k
         return None
+
+    def ended(self, job_id: str) -> bool:
+        """Whether a job with this id was answered (done, failed or cancelled) among the last 512 answered."""
+        with self._cv:
+            return job_id in self._ended
 
     def controlnets(self) -> list[tuple[str, Any]]:
         """The ControlNets loaded into the pipeline, (name, model) in order, whatever the running batch uses."""
