@@ -80,11 +80,15 @@ def fit_picture(picture: Image.Image, width: int, height: int, mode: str = "just
     return out
 
 
-def save_png(img: Image.Image, path: str | os.PathLike, parameters: dict | None = None) -> Path:
+def save_png(img: Image.Image, path: str | os.PathLike, parameters: dict | None = None,
+             exclusive: bool = False) -> Path:
     """Save a PNG with the generation parameters in its text chunks: `parameters` in
     AUTOMATIC1111's one-line form (so its PNG-info tab reads it) and `imagine` as JSON.
     Written to a temporary file beside it and renamed, so a reader never sees half a PNG; the
-    temporary file is removed if either step fails."""
+    temporary file is removed if either step fails. `exclusive`: FileExistsError if a file is at
+    `path` when it is written (another process took the name meanwhile: it is left alone), by a
+    hard link, which creates the name only if it is free; where the file system has none, the name
+    is reserved by an exclusive create first (a reader may then see an empty file for a moment)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder; give a PNG file path", str(path))
@@ -93,14 +97,30 @@ def save_png(img: Image.Image, path: str | os.PathLike, parameters: dict | None 
     if parameters:
         info.add_text("parameters", a1111_parameters(parameters))
         info.add_text("imagine", json.dumps(parameters, sort_keys=True))
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # (per process: two writers never share one)
     try:
         img.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
+        if exclusive:
+            _place_exclusive(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _place_exclusive(tmp: Path, path: Path) -> None:
+    """Move the written file `tmp` to `path` only if no file is there (FileExistsError otherwise)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (e.g. FAT, some network shares): reserve the name, then replace it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")

@@ -10,7 +10,7 @@ import requests
 
 pytest.importorskip("webuiapi")
 
-from test_server import SIZE, STEPS, _txt2img, _wait, pipe, server, tiny_model  # noqa: E402,F401
+from test_server import _txt2img, _wait, pipe, server, tiny_model  # noqa: E402,F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -888,6 +888,25 @@ def _free_name(path: Path) -> Path:
     return free
 
 
+def _save_numbered(img, folder: Path, number: int, seed: int, params: dict) -> tuple[Path, int]:
+    """Save as `<number>-<seed>.png`, or, where another run into the folder took that name since the count, under
+    the next free number then: (the path, the number for the next image)."""
+    while True:
+        try:
+            return save_png(img, folder / f"{number:05d}-{seed}.png", params, exclusive=True), number + 1
+        except FileExistsError:
+            number = max(number + 1, _next_number(folder))
+
+
+def _save_free(img, path: Path, params: dict) -> Path:
+    """Save under `_free_name(path)`, choosing again where another process took that name meanwhile."""
+    while True:
+        try:
+            return save_png(img, _free_name(path), params, exclusive=True)
+        except FileExistsError:
+            continue
+
+
 def _next_number(folder: Path) -> int:
     """The first free NNNNN- number in `folder`: one more than the highest there, as AUTOMATIC1111 numbers
     its outputs, so a second run into the same folder adds to the first instead of overwriting it."""
@@ -1444,10 +1463,10 @@ def run(args) -> int:
                          for (name, _), (_, scale), u in zip(pipe.controlnets, controlnets, used)]
         if args.control_mode:
             picture["control_mode"] = args.control_mode
-    first = 0
+    number = 0  # (the next image's NNNNN- number in a --from-file folder)
     if many:
         out_dir.mkdir(parents=True, exist_ok=True)
-        first = _next_number(out_dir)
+        number = _next_number(out_dir)
     import random
 
     base = random.randint(0, MAX_SEED) if args.seed < 0 else args.seed
@@ -1505,12 +1524,11 @@ def run(args) -> int:
             if control_units:  # the preprocessing too (A1111's ControlNet infotext)
                 params["controlnet_units"] = control_units
             if many:
-                path = out_dir / f"{first + start + k:05d}-{s}.png"
+                path, number = _save_numbered(img, out_dir, number, s, params)
             elif out_file is not None:
-                path = out_file
+                path = save_png(img, out_file, params)
             else:
-                path = _free_name((out_dir or Path()) / f"imagine-{s}.png")
-            save_png(img, path, params)
+                path = _save_free(img, (out_dir or Path()) / f"imagine-{s}.png", params)
             if many:
                 # one line per image, written as soon as its PNG is: a run stopped part-way keeps the records
                 # of the images it wrote (one write of a whole line to a file opened for appending)
