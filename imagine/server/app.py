@@ -232,6 +232,12 @@ class PngInfoRequest(BaseModel):
     image: str = ""
 
 
+class InfotextRequest(BaseModel):
+    """/imagine/v1/infotext body: an infotext as text (pasted from a PNG Info tab or a model site)."""
+
+    text: str = ""
+
+
 class Img2ImgRequest(Txt2ImgRequest):
     """A1111's img2img body: txt2img's, plus the pictures and how far from them to go, and A1111's inpainting:
     `mask` (white: paint anew) with its options, in A1111's defaults, and `resize_mode` (0 just resize, 1 crop and
@@ -1826,6 +1832,22 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         except ValueError as e:
             raise ApiError(422, f"image: {e}", "image") from None
         return {"info": info, "items": items, "parameters": parameters}
+
+    @app.post("/imagine/v1/infotext")
+    def infotext(req: InfotextRequest):
+        """An infotext given as text, read as /sdapi/v1/png-info reads a picture's: for the page's "read parameters
+        from the prompt" (A1111's paste button, which reads an infotext pasted into the prompt box). `parameters`
+        holds A1111's values for the fields it lacks; `has_settings` says whether it had a settings line ("Steps: 20,
+        Sampler: ...", three fields or more, as A1111 tells one) at all: plain prompt text has none."""
+        from imagine.images import parse_a1111_parameters
+
+        text = req.text.strip()
+        try:
+            read = parse_a1111_parameters(text) if text else {}
+            parameters = parse_a1111_parameters(text, defaults=True) if text else {}
+        except ValueError as e:
+            raise ApiError(422, f"text: {e}", "text") from None
+        return {"info": text, "parameters": parameters, "has_settings": any(k not in ("Prompt", "Negative prompt") for k in read)}
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):

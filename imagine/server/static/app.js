@@ -586,6 +586,7 @@ async function run() {
       body, files, seed: info.all_seeds[i], subseed: (info.all_subseeds || [])[i], interrupted: info.interrupted,
       infotext: (info.infotexts || [])[i],
     })));
+    if ((info.infotexts || [])[0]) lastInfotext = info.infotexts[0];
     if (info.interrupted && !data.images.length) showError("Interrupted before any image was started.");
   } catch (e) {
     showError("Request failed: " + e);
@@ -759,22 +760,62 @@ async function readPicture() {
     const data = await r.json().catch(() => ({}));
     if (mine !== reading) return;  // (another picture was chosen meanwhile)
     if (!r.ok) { showError(data.detail || ("The server answered HTTP " + r.status + ".")); return; }
-    $("pnginfo_text").textContent = data.info;
-    $("pnginfo_text").hidden = !data.info;
     if (!data.info) {
+      $("pnginfo_text").hidden = true;
       showError("This picture carries no parameters (an A1111 or imagine PNG, JPEG or WebP does).");
       return;
     }
-    const { body, notApplied, problems } = pictureBody(data.parameters);
-    const names = { init_image: "picture to start from", mask: "mask", control_image: "control picture" };
-    const removed = FILES.filter((id) => $(id).files.length).map((id) => names[id]);
-    bodyToForm(body);  // (every field the picture lacks back at its default; the chosen pictures removed)
-    showPictureNotice(notApplied, removed);
-    if (problems.length) showError(problems.join(" "));
+    applyInfotext(data.info, data.parameters);
   } catch (e) {
     showError("Could not read the picture: " + e);
   }
 }
+
+// an infotext read by the server (its text, and its fields as /sdapi/v1/png-info gives them) into the form
+function applyInfotext(info, parameters) {
+  $("pnginfo_text").textContent = info;
+  $("pnginfo_text").hidden = !info;
+  const { body, notApplied, problems } = pictureBody(parameters);
+  const names = { init_image: "picture to start from", mask: "mask", control_image: "control picture" };
+  const removed = FILES.filter((id) => $(id).files.length).map((id) => names[id]);
+  bodyToForm(body);  // (every field the infotext lacks back at its default; the chosen pictures removed)
+  showPictureNotice(notApplied, removed);
+  if (notApplied.length || removed.length) $("pnginfo").open = true;  // (where the notice shows)
+  if (problems.length) showError(problems.join(" "));
+}
+
+// A1111's paste button (↙): an infotext pasted into the prompt box (from a PNG Info tab or a model's page) is read
+// into the form; with the prompt box empty, the last picture this page made is read again, as A1111 reads its last
+// generation. Plain prompt text (no "Steps: ..., Sampler: ..." line) changes nothing.
+let lastInfotext = "";
+async function readPromptParameters() {
+  const text = $("prompt").value.trim() || lastInfotext;
+  const mine = ++reading;
+  await ready;
+  showError("");
+  if (!text) {
+    showError("Paste an infotext (a prompt with its \"Steps: ..., Sampler: ...\" line) into the prompt box first.");
+    return;
+  }
+  try {
+    const r = await fetch("/imagine/v1/infotext", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text }),
+    });
+    const data = await r.json().catch(() => ({}));
+    if (mine !== reading) return;
+    if (!r.ok) { showError(data.detail || ("The server answered HTTP " + r.status + ".")); return; }
+    if (!data.has_settings) {
+      showError("The prompt box holds no parameters line (\"Steps: 20, Sampler: ..., CFG scale: ...\" after the " +
+                "prompt): nothing was changed.");
+      return;
+    }
+    showPictureNotice([], []);
+    applyInfotext(data.info, data.parameters);
+  } catch (e) {
+    showError("Could not read the parameters: " + e);
+  }
+}
+$("read_prompt").addEventListener("click", readPromptParameters);
 
 $("pnginfo_image").addEventListener("change", readPicture);
 // (the same picture chosen again is read again: the form may have changed since)
