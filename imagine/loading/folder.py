@@ -21,11 +21,13 @@ from imagine.models.text_encoders import TextEncoder, load_text_encoder
 
 # diffusers scheduler class -> the model's default sampler: the one of ours that follows the same algorithm, but for
 # PNDM and LMS (SD 1.x's folders name them), where it is AUTOMATIC1111's default, DPM++ 2M, as the 20 default steps are
-# A1111's (diffusers' default call runs PNDM over 50; `--sampler plms` is its PNDMScheduler, skip_prk_steps)
+# A1111's (diffusers' default call runs PNDM over 50; `--sampler plms` is its PNDMScheduler, skip_prk_steps).
+# LCMScheduler: a model saved with an LCM-LoRA fused in, whose U-Net (no guidance code) gets no LCM defaults from it
 SCHEDULER_TO_SAMPLER = {
     "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp_2m",
     "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
     "HeunDiscreteScheduler": "heun", "PNDMScheduler": "dpmpp_2m", "LMSDiscreteScheduler": "dpmpp_2m",
+    "LCMScheduler": "lcm",
 }
 
 # the defaults of diffusers' own pipelines for these models (StableDiffusionUpscalePipeline's __call__: 75 steps at
@@ -78,6 +80,11 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
                          f"({index.get('_class_name', '?')}): imagine runs an image embedding through SD 2.1 unCLIP's "
                          "decoder (diffusers' StableUnCLIPImg2ImgPipeline folders: image_encoder/, feature_extractor/, "
                          "image_normalizer/ and image_noising_scheduler/), not DALL-E 2's own (UnCLIPImageVariation)")
+    if _named(index.get("depth_estimator")):  # its U-Net takes the estimated depth map as a 5th channel
+        raise ValueError(f"{root} is SD 2 depth ({index.get('_class_name', '?')}: a depth_estimator/ beside a U-Net "
+                         "that takes the depth map as a 5th channel, diffusers' StableDiffusionDepth2ImgPipeline); "
+                         "imagine runs SD 1.x/2.x/SDXL text-to-image, inpainting and instruct-pix2pix models, not "
+                         "depth-to-image")
     for needed in ("unet", "scheduler", "text_encoder"):
         if needed not in index:
             raise ValueError(f"{root / 'model_index.json'} has no {needed!r} entry; a text-to-image folder needs "

@@ -30,7 +30,9 @@ stored betas are used.
 
 SDXL base checkpoints (text encoders under `conditioner.embedders.*`) are read by
 `imagine.loading.sdxl`, to which `components_from_state` hands them; it reuses the shape inference and
-key maps here.
+key maps here. SD 2.1 Turbo, saved by the same sgm code, keeps its OpenCLIP tower under
+`conditioner.embedders.0.model.*` and its schedule as `denoiser.sigmas`; it is read as SD 2.x
+(`_sgm_sd2_to_ldm`).
 """
 
 from __future__ import annotations
@@ -298,6 +300,10 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint")
         raise ValueError(f"{source} looks like SD 2.1 unCLIP (an OpenCLIP image tower, embedder.*, and a noise "
                          "augmentor beside the U-Net); imagine reads SD 2.1 unCLIP from its diffusers folder "
                          "(image_encoder/, image_normalizer/, ...), not from a single file")
+    if any(k.startswith("depth_model.") for k in keys):  # AUTOMATIC1111 tells it by its MiDaS estimator's keys
+        raise ValueError(f"{source} looks like SD 2 depth (stable-diffusion-2-depth: a MiDaS depth estimator, "
+                         "depth_model.*, beside a U-Net that takes the depth map as a 5th channel); imagine runs "
+                         "SD 1.x/2.x text-to-image, inpainting and instruct-pix2pix models, not depth-to-image")
     for prefix, what in KNOWN_OTHER_LAYOUTS.items():
         if any(k.startswith(prefix) for k in keys) and not any(k.startswith(keymap.UNET_PREFIX + "input_blocks.")
                                                              for k in keys):
@@ -739,6 +745,7 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     from imagine.schedules import NoiseSchedule
     from imagine.loading import sdxl
 
+    state = _sgm_sd2_to_ldm(state, Path(source).name)
     if sdxl.is_sdxl(state):
         return sdxl.components_from_state(state, source, dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                                           prediction_type=prediction_type, scaling_factor=scaling_factor,
@@ -831,6 +838,31 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
                       low_res_schedule=low_res)
 
 
+# SD 2.1 Turbo (stabilityai/sd-turbo) is saved by Stability's sgm code: its OpenCLIP ViT-H tower sits where the SDXL
+# refiner keeps bigG (conditioner.embedders.0.model.*) and its schedule is sgm's denoiser.sigmas. AUTOMATIC1111
+# (sd_models.get_state_dict_from_checkpoint, is_sd2_turbo) renames conditioner.embedders.0. to cond_stage_model.;
+# diffusers reads the tower from there too. Told from the refiner by its U-Net: no label_emb (no size conditioning).
+SGM_TEXT_PREFIX = "conditioner.embedders.0."
+
+
+def _sgm_sd2_to_ldm(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """An SD 2.x state dict in sgm's layout (SD 2.1 Turbo) -> the LDM layout; any other state dict as it is."""
+    if SGM_TEXT_PREFIX + "model.ln_final.weight" not in state or \
+            any(k.startswith(keymap.UNET_PREFIX + "label_emb.") for k in state):
+        return state
+    out = {("cond_stage_model." + k[len(SGM_TEXT_PREFIX):] if k.startswith(SGM_TEXT_PREFIX) else k): v
+           for k, v in state.items()}
+    sigmas = out.pop("denoiser.sigmas", None)
+    if sigmas is not None and "betas" not in out and sigmas.device.type != "meta":
+        from imagine.loading.sdxl import _betas_from_sigmas
+
+        betas = _betas_from_sigmas(sigmas, name)  # None: SD's own schedule
+        if betas is not None:
+            out["betas"] = betas
+    log.info("%s: an SD 2.x checkpoint in sgm's layout (SD 2.1 Turbo: conditioner.embedders.0.model.*)", name)
+    return out
+
+
 def _is_sd_schedule(betas: torch.Tensor, c: dict = SD_SCHEDULER_CONFIG) -> bool:
     """Whether stored betas are the scaled_linear schedule of the config `c` (SD's: linear in sqrt(beta) from
     sqrt(0.00085) to sqrt(0.012), 1000 steps), up to the rounding of the dtype they were stored in (fp16/bf16 prunes
@@ -851,11 +883,18 @@ def sd2_prediction_type(unet: torch.nn.Module, global_step: int | None, name: st
     is_using_v_parameterization_for_sd2): run the U-Net once on x = 0.5 (1x4x8x8), t = 999,
     context = 0.5 (1x2xwidth); a v-prediction model's output at the last step is close to -x
     (v = -x0 there, for a flat input), an epsilon model's is noise-like, so mean(out - x) < -1
-    means v. The threshold is calibrated on the released SD 2 weights. One call on an 8x8 latent is
+    means v. The threshold is calibrated on the released SD 2 weights; a U-Net that takes more than the
+    latents (SD 2 inpainting's 9 channels) is epsilon unprobed, as in AUTOMATIC1111. One call on an 8x8 latent is
     cheap; on the meta device (no weights) there is nothing to run, and epsilon is kept."""
     if global_step == SD2_BASE_GLOBAL_STEP:
         log.info("%s: SD 2.x weights with global_step %d (the 512-px base models): epsilon prediction", name,
                  global_step)
+        return "epsilon"
+    if unet.config.in_channels != unet.config.out_channels:
+        # an inpainting U-Net (9 channels): AUTOMATIC1111 picks v2-inpainting-inference.yaml (epsilon) without the
+        # probe, which feeds 4 latent channels, and diffusers stabilityai/stable-diffusion-2-inpainting's config
+        log.info("%s: SD 2.x weights whose U-Net takes %d channels, not the latents alone (inpainting): epsilon "
+                 "prediction", name, unet.config.in_channels)
         return "epsilon"
     first = next(unet.parameters())
     if first.device.type == "meta":
@@ -882,14 +921,15 @@ def sd2_prediction_type(unet: torch.nn.Module, global_step: int | None, name: st
 
 def _prediction_type_from_yaml(path: Path) -> str | None:
     """Stability's inference config next to the checkpoint (`<name>.yaml`, as AUTOMATIC1111
-    reads it): `parameterization: "v"` marks a v-prediction model."""
+    reads it): `parameterization: "v"` marks a v-prediction model (LDM's configs, SD 1.x/2.x); in sgm's
+    (SDXL, SD 2.1 Turbo), which have no `parameterization`, the denoiser's scaling_config does."""
     yaml = path.with_suffix(".yaml")
     if not yaml.is_file():
         return None
     text = yaml.read_text(errors="replace")
     m = re.search(r"^\s*parameterization\s*:\s*[\"']?(\w+)[\"']?", text, re.MULTILINE)
     if not m:
-        return "epsilon"
+        return _sgm_prediction_type(text, yaml)
     value = m.group(1)
     if value == "v":
         return "v_prediction"
@@ -898,3 +938,20 @@ def _prediction_type_from_yaml(path: Path) -> str | None:
     if value == "x0":
         return "sample"
     raise ValueError(f"{yaml}: unknown parameterization {value!r}; valid: eps, v, x0")
+
+
+# sgm's denoiser scalings (sgm/modules/diffusionmodules/denoiser_scaling.py) -> the prediction type; AUTOMATIC1111
+# (sd_models_xl.extend_sdxl) runs v-prediction for VScaling, epsilon otherwise
+SGM_SCALINGS = {"EpsScaling": "epsilon", "VScaling": "v_prediction"}
+
+
+def _sgm_prediction_type(text: str, yaml: Path) -> str:
+    """The prediction type of an sgm config's `denoiser_scaling.<Class>` target; epsilon when it names none (LDM's
+    default parameterization), an error for one of the EDM scalings imagine does not run."""
+    m = re.search(r"denoiser_scaling\.(\w+)", text)
+    if not m:
+        return "epsilon"
+    if m.group(1) not in SGM_SCALINGS:
+        raise ValueError(f"{yaml}: its denoiser's scaling is {m.group(1)} (an EDM model); imagine runs DDPM-trained "
+                         f"models, whose sgm scaling is one of {', '.join(SGM_SCALINGS)}")
+    return SGM_SCALINGS[m.group(1)]
