@@ -22,6 +22,10 @@ WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 # the index of weights saved in shards (diffusers' save_pretrained past max_shard_size, 10 GB by default: e.g. any
 # float32 SDXL U-Net): {"weight_map": {name: shard file}} beside <stem>-0000k-of-0000n.safetensors
 WEIGHT_INDEX_NAMES = tuple(n + ".index.json" for n in WEIGHT_NAMES)
+# the pickle forms diffusers saved before safetensors (2022-era fine-tunes' folders), which its from_pretrained still
+# loads: read with torch.load(weights_only=True) only, and only where no safetensors file is there
+PICKLE_WEIGHT_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+PICKLE_INDEX_NAMES = tuple(n + ".index.json" for n in PICKLE_WEIGHT_NAMES)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -68,12 +72,26 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.name.endswith(".safetensors.index.json"):
+    if path.name.endswith((".safetensors.index.json", ".bin.index.json")):
         return load_shards(path, device)
+    if path.suffix == ".bin":
+        return _load_pickled_tensors(path, device)
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise unreadable_weights(path, e) from None
+
+
+def _load_pickled_tensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """A `.bin` state dict, through the checkpoint reader's torch.load(weights_only=True) (a pickle that needs more
+    than tensors is refused, naming what it needs)."""
+    from imagine.loading.single_file import read_weights_file
+
+    state = read_weights_file(path)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{path} does not hold a state dict (names to tensors), as diffusers' save_pretrained "
+                         f"writes one; found {type(state).__name__}")
+    return {k: v.to(device) for k, v in state.items()}
 
 
 def unreadable_weights(path: str | os.PathLike, error: BaseException) -> ValueError:
@@ -96,9 +114,9 @@ def load_shards(index: Path, device: str | torch.device = "cpu") -> dict[str, to
                          "file}}, as diffusers' and transformers' save_pretrained write it; found no such weight_map")
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        if Path(shard).name != shard or not shard.endswith(".safetensors"):  # (no file outside the folder)
-            raise ValueError(f"{index}: lists the shard {shard!r}; expected a .safetensors file name in "
-                             f"{index.parent}")
+        kind = ".bin" if index.name.endswith(".bin.index.json") else ".safetensors"
+        if Path(shard).name != shard or not shard.endswith(kind):  # (no file outside the folder)
+            raise ValueError(f"{index}: lists the shard {shard!r}; expected a {kind} file name in {index.parent}")
         if not (index.parent / shard).is_file():
             raise FileNotFoundError(f"{index}: its shard {shard} is not in {index.parent}; the download may be "
                                     "incomplete")
@@ -113,19 +131,23 @@ def load_shards(index: Path, device: str | torch.device = "cpu") -> dict[str, to
 
 
 def find_weights(folder: str | os.PathLike) -> Path:
-    """A component folder's weights: its safetensors file, else the index of its safetensors shards."""
+    """A component folder's weights: its safetensors file, else the index of its safetensors shards, else (an old
+    save) its .bin pickle or the index of its .bin shards, as diffusers' from_pretrained prefers them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
-    for name in WEIGHT_NAMES + WEIGHT_INDEX_NAMES:
+    names = WEIGHT_NAMES + WEIGHT_INDEX_NAMES + PICKLE_WEIGHT_NAMES + PICKLE_INDEX_NAMES
+    for name in names:
         if (folder / name).is_file():
             return folder / name
     found = sorted(p.name for p in folder.iterdir())
+    variants = [n for n in found if n.startswith(tuple(n.split(".")[0] + "." for n in WEIGHT_NAMES))
+                and n.endswith((".safetensors", ".bin"))]
     raise FileNotFoundError(
-        f"no weights in {folder}: expected one of {', '.join(WEIGHT_NAMES + WEIGHT_INDEX_NAMES)}; found "
-        f"{found or 'nothing'}"
-        + (" (a .bin pickle is not loaded from a component folder, nor its .bin shards; convert it to safetensors)"
-           if any(n.endswith((".bin", ".bin.index.json")) for n in found) else ""))
+        f"no weights in {folder}: expected one of {', '.join(names)}; found {found or 'nothing'}"
+        + (f" ({variants[0]} is a variant's file, e.g. fp16: rename it to "
+           f"{'diffusion_pytorch_model' if variants[0].startswith('diffusion') else 'model'}"
+           f"{Path(variants[0]).suffix} to load it)" if variants else ""))
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
