@@ -8,6 +8,10 @@
   augmented low-res input (Ho et al. 2021, CDM sec. 4.1; Saharia et al. 2022, Imagen sec. 2.5),
   or a CLIP image embedding (Ramesh et al. 2022, unCLIP sec. 2.1: "projecting and adding CLIP
   embeddings to the existing timestep embedding").
+- A guidance-distilled latent consistency model (Luo et al. 2023, LCM, sec. 4.2 and Algorithm 1: the U-Net takes
+  the guidance scale w as an input) gets w as a sinusoidal code (`guidance_scale_embedding`), which a bias-free
+  linear (`TimestepEmbedding.cond_proj`, diffusers' `time_cond_proj_dim`) adds to the time's sinusoidal code
+  before the MLP.
 
 Module and parameter names follow diffusers (`time_embedding.linear_1`, `class_embedding.*`).
 """
@@ -63,6 +67,28 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, 
     return emb
 
 
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sinusoidal code of guidance scales w [B] -> [B, dim] that an LCM distilled with guidance takes
+    (diffusers' LatentConsistencyModelPipeline.get_guidance_scale_embedding, after VDM's model_vdm.py):
+    [sin(1000 w f_i), cos(1000 w f_i)] with f_i = 10000^(-i / (half - 1)), sines first, an odd `dim` padded
+    with a zero. The callers pass diffusers' w: the classifier-free scale minus 1 (LCM's own w, where w = 0 is
+    the prompt alone).
+
+    The frequencies are rounded as diffusers rounds them (float32 log(10000) / (half - 1), then exp of
+    i x -that), not as `timestep_embedding` does: at 1000 w ~ 7500 the two roundings part by up to 1e-3 in
+    the code."""
+    if not torch.is_tensor(w) or w.ndim != 1 or w.dtype == torch.bool or w.is_complex():
+        got = tuple(w.shape) if torch.is_tensor(w) else type(w).__name__
+        raise ValueError(f"guidance scales w must be a real 1-D tensor [B]; got {got}")
+    half = dim // 2
+    if half < 2:
+        raise ValueError(f"guidance embedding width must be at least 4 (time_cond_proj_dim); got {dim}")
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    args = (w * 1000.0).float()[:, None] * freqs[None, :]
+    return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=-1), (0, dim % 2))
+
+
 class SinusoidalTimesteps(nn.Module):
     """`timestep_embedding` as a (parameter-free) module, so the U-Net's `time_proj` reads as in diffusers."""
 
@@ -78,15 +104,21 @@ class TimestepEmbedding(nn.Module):
     """The MLP after the sinusoidal code: linear -> act -> linear (Ho et al. 2020, appendix B).
 
     Also used, unchanged, to project arbitrary vectors (unCLIP image embeddings), since it is just
-    two linear layers."""
+    two linear layers. With `cond_dim` (diffusers' time_cond_proj_dim: a guidance-distilled LCM), a bias-free
+    linear `cond_proj` maps a condition vector (`guidance_scale_embedding`) to the code's width and adds it
+    to the code before the MLP, where diffusers' TimestepEmbedding adds it."""
 
-    def __init__(self, in_dim: int, dim: int, act_fn: str = "silu", out_dim: int | None = None):
+    def __init__(self, in_dim: int, dim: int, act_fn: str = "silu", out_dim: int | None = None,
+                 cond_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim is not None else None
         self.act = activation(act_fn)
         self.linear_2 = nn.Linear(dim, out_dim or dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            x = x + self.cond_proj(condition)
         return self.linear_2(self.act(self.linear_1(x)))
 
 

@@ -7,13 +7,15 @@ Rombach et al. 2022 (LDM), sec. 3.3: spatial transformer blocks after the residu
 attention levels, whose cross-attention reads the text encoder's token states (LDM eq. 3; see
 `imagine.models.attention`). Extra conditioning vectors (class labels, unCLIP image embeddings,
 CDM/Imagen noise-augmentation levels) are embedded and added to the time embedding
-(`imagine.models.embeddings`).
+(`imagine.models.embeddings`); a guidance-distilled latent consistency model's guidance scale (Luo et al. 2023,
+LCM; diffusers' `time_cond_proj_dim`) enters as `timestep_cond`, added to the time's sinusoidal code.
 
 The config uses the field names of diffusers' `UNet2DConditionModel` config.json and the modules
 use its parameter names, so a diffusers `unet/` folder loads with `from_pretrained` and a
 diffusers state_dict with `load_state_dict(strict=True)`, with no key mapping.
 
-The call follows docs/DESIGN.md: `model(x_t, t, context=..., context_mask=..., class_labels=...)`.
+The call follows docs/DESIGN.md: `model(x_t, t, context=..., context_mask=..., class_labels=...)`, an LCM's
+`timestep_cond=...` a cond dict entry like the others.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ FIXED_KEYS: dict[str, Any] = {
     "time_embedding_type": "positional",
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "attention_type": "default",
@@ -120,6 +121,9 @@ class UNetConfig:
     # text vector and the sinusoidal codes of the six size numbers (addition_time_embed_dim wide each)
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
+    # a guidance-distilled LCM's (Luo et al. 2023): the width of its guidance-scale code, which a bias-free linear
+    # adds to the time's sinusoidal code (`timestep_cond`; imagine.models.embeddings.guidance_scale_embedding)
+    time_cond_proj_dim: int | None = None
     # imagine's own extensions, off in every SD config (and then left out of config.json, so a
     # folder stays diffusers-readable): a 2-D position code in every spatial transformer, and a
     # trainable transformer over the text states (imagine.models.attention.ContextRefiner).
@@ -181,6 +185,10 @@ class UNetConfig:
         if self.class_embed_type in ("projection", "simple_projection") and not self.projection_class_embeddings_input_dim:
             raise ValueError(f"UNet config: class_embed_type {self.class_embed_type!r} needs "
                              "projection_class_embeddings_input_dim")
+        if self.time_cond_proj_dim is not None and (isinstance(self.time_cond_proj_dim, bool) or not isinstance(
+                self.time_cond_proj_dim, int) or self.time_cond_proj_dim < 1):
+            raise ValueError(f"UNet config: time_cond_proj_dim must be None or a positive integer (the width of an "
+                             f"LCM's guidance-scale code, 256 in LCM_Dreamshaper_v7); got {self.time_cond_proj_dim!r}")
         if self.downsample_padding not in (0, 1):
             raise ValueError(f"UNet config: downsample_padding must be 0 or 1; got {self.downsample_padding}")
         heads, attended = self.heads_per_block, self.attention_levels
@@ -522,7 +530,7 @@ class UNet2DConditionModel(nn.Module):
         self.act = activation(c.act_fn)
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_proj = SinusoidalTimesteps(ch[0], c.flip_sin_to_cos, c.freq_shift)
-        self.time_embedding = TimestepEmbedding(ch[0], c.time_embed_dim, c.act_fn)
+        self.time_embedding = TimestepEmbedding(ch[0], c.time_embed_dim, c.act_fn, cond_dim=c.time_cond_proj_dim)
         self.class_embedding = make_class_embedding(c.class_embed_type, c.num_class_embeds,
                                                     c.projection_class_embeddings_input_dim, c.time_embed_dim,
                                                     ch[0], self.class_embedding_act_fn or c.act_fn)
@@ -564,6 +572,7 @@ class UNet2DConditionModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                timestep_cond: torch.Tensor | None = None,
                 down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
                 mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, in_channels, H, W] (any H, W); t a scalar or [B]
@@ -571,6 +580,8 @@ class UNet2DConditionModel(nn.Module):
         context_mask [B, L] bool, True = attend to that token; class_labels per config.class_embed_type;
         text_embeds [B, D] and time_ids [B, 6] for addition_embed_type "text_time" (SDXL: the pooled text
         vector, and the original size, crop corner and target size, each (height, width));
+        timestep_cond [B, time_cond_proj_dim] for a guidance-distilled LCM (its guidance-scale code,
+        imagine.models.embeddings.guidance_scale_embedding; required where the config has time_cond_proj_dim);
         down_block_additional_residuals (one per skip, conv_in's first) and mid_block_additional_residual: a
         ControlNet's outputs, added to the skips and to the bottleneck's output (Zhang et al. 2023, eq. 4).
         Returns [B, out_channels, H, W] in x's dtype (the network runs in its weights' dtype).
@@ -581,7 +592,12 @@ class UNet2DConditionModel(nn.Module):
         input (the class embedding, else the first cross-attention: in SD, conv_in, the first
         residual block and the first self-attention over the largest map), which then run once."""
         out_dtype = x.dtype
-        x, emb_act, context, mask, rows = self.embed(x, t, context, context_mask, class_labels, text_embeds, time_ids)
+        if (d := self.config.time_cond_proj_dim) is not None and timestep_cond is None:
+            raise ValueError(f"this UNet (a guidance-distilled LCM, time_cond_proj_dim={d}) needs timestep_cond "
+                             f"[B, {d}]: the guidance scale's code, "
+                             "imagine.models.embeddings.guidance_scale_embedding(scale - 1, time_cond_proj_dim)")
+        x, emb_act, context, mask, rows = self.embed(x, t, context, context_mask, class_labels, text_embeds, time_ids,
+                                                     timestep_cond)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
@@ -603,10 +619,12 @@ class UNet2DConditionModel(nn.Module):
             del skips[-n:]
         return expand_batch(self.conv_out(self.act(self.conv_norm_out(h))), rows).to(out_dtype)
 
-    def embed(self, x, t, context=None, context_mask=None, class_labels=None, text_embeds=None, time_ids=None):
+    def embed(self, x, t, context=None, context_mask=None, class_labels=None, text_embeds=None, time_ids=None,
+              timestep_cond=None):
         """The inputs checked and embedded, as the contracting path takes them: (x in the weights' dtype,
         act(time embedding + any class / SDXL embedding), context, the key padding mask, the rows of the call:
-        k * B for a guidance batch)."""
+        k * B for a guidance batch). `timestep_cond` None on a U-Net with time_cond_proj_dim leaves cond_proj out,
+        as diffusers does (its ControlNets run so; `forward` asks for it)."""
         c = self.config
         t, context, context_mask = self._check_inputs(x, t, context, context_mask)
         rows = x.shape[0] if context is None else context.shape[0]  # k * B for a guidance batch
@@ -615,7 +633,12 @@ class UNet2DConditionModel(nn.Module):
         if context is not None:
             context = context.to(x.dtype)
         # Time embedding (DDPM appendix B): sinusoidal code in float32, then the MLP in the model's dtype.
-        emb = self.time_embedding(self.time_proj(t).to(x.dtype))
+        code = self.time_proj(t).to(x.dtype)
+        if timestep_cond is not None:  # an LCM's guidance code, added to the time's code (diffusers' TimestepEmbedding)
+            timestep_cond = self._timestep_cond(timestep_cond, x, rows)
+            emb = self.time_embedding(expand_batch(code, timestep_cond.shape[0]), timestep_cond)
+        else:
+            emb = self.time_embedding(code)
         if self.class_embedding is not None:
             class_emb = self._class_embedding(class_labels, x, rows)
             emb = expand_batch(emb, class_emb.shape[0]) + class_emb
@@ -635,6 +658,20 @@ class UNet2DConditionModel(nn.Module):
         if c.center_input_sample:
             x = 2 * x - 1.0
         return x, emb_act, context, mask, rows
+
+    def _timestep_cond(self, cond, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """An LCM's guidance code [B or rows, time_cond_proj_dim] checked, in x's dtype."""
+        d = self.config.time_cond_proj_dim
+        if d is None:
+            raise ValueError("timestep_cond given, but this UNet takes no guidance-scale code "
+                             "(config.time_cond_proj_dim is None; a guidance-distilled LCM's is e.g. 256)")
+        b = x.shape[0]
+        if not torch.is_tensor(cond) or cond.ndim != 2 or cond.shape[1] != d or cond.shape[0] not in (b, rows):
+            got = tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__
+            batch = f", or [{rows}, {d}] for the guidance batch" if rows != b else ""
+            raise ValueError(f"timestep_cond must be a tensor [{b}, {d}] (x's batch by time_cond_proj_dim{batch}); "
+                             f"got {got}")
+        return cond.to(x.dtype)
 
     def _text_time_embedding(self, text_embeds, time_ids, x: torch.Tensor, rows: int) -> torch.Tensor:
         """SDXL's added embedding (Podell et al. 2023, sec. 2.2): MLP(cat[pooled text, sinusoidal codes of the

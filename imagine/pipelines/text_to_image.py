@@ -60,6 +60,9 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "defaul
 MAX_SEED = 2**32 - 1
 _HASH_LIST_SYMBOLS = str.maketrans("", "", ":,")
 MAX_SEED_RESIZE = 8192  # pixels: AUTOMATIC1111's seed_resize_from_h/w (its sliders end at 2048)
+# a guidance-distilled LCM's defaults (its U-Net has time_cond_proj_dim): diffusers' LatentConsistencyModelPipeline's
+# __call__ (4 steps at guidance 8.5) with LCMScheduler's multistep consistency sampling
+LCM_DEFAULTS = {"steps": 4, "guidance_scale": 8.5, "sampler": "lcm"}
 
 
 @dataclass
@@ -117,7 +120,8 @@ class TextToImagePipeline:
         self.text_encoder = components.text_encoder
         self.schedule = components.schedule
         self.prediction_type = components.prediction_type
-        self.defaults = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m", **components.defaults}
+        self.defaults = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m",
+                         **(LCM_DEFAULTS if u.time_cond_proj_dim is not None else {}), **components.defaults}
         pooled = getattr(components.text_encoder, "pooled_dim", None)
         if u.addition_embed_type == "text_time" and pooled and "aesthetic_score" not in self.defaults and (
                 u.projection_class_embeddings_input_dim - pooled == 5 * u.addition_time_embed_dim):
@@ -700,7 +704,11 @@ class TextToImagePipeline:
 
         An unCLIP text-to-image model (a diffusion prior and an SD 2.1 unCLIP decoder) runs `imagine.pipelines.unclip.
         text_to_image` (noise_level, prior_steps, prior_guidance_scale: its options, None for the prior's defaults);
-        the options that steer a picture, the text or the start noise are not for it."""
+        the options that steer a picture, the text or the start noise are not for it.
+
+        A guidance-distilled latent consistency model (its U-Net has time_cond_proj_dim: `guidance_embedded`) runs as
+        diffusers' LatentConsistencyModelPipeline: one U-Net call a step, guidance_scale given to the U-Net as the
+        code of guidance_scale - 1, no negative prompt; by default the lcm sampler, 4 steps at guidance 8.5."""
         if self.c.prior is not None:
             from imagine.composable import split_and
             from imagine.pipelines.unclip import text_to_image
@@ -767,6 +775,12 @@ class TextToImagePipeline:
             negatives = [n for n in negs for _ in range(num_images_per_prompt)]
         if not all(n is None or isinstance(n, str) for n in negatives):
             raise TypeError("negative prompts must be strings (or None: not given)")
+        if self.guidance_embedded and any(negatives):
+            raise ValueError(f"negative_prompt: {self.c.source or 'this model'} is a guidance-distilled latent "
+                             "consistency model (its U-Net takes the guidance scale, time_cond_proj_dim): it learned "
+                             "classifier-free guidance against the empty prompt and runs no unconditional pass, so a "
+                             "negative prompt cannot act (diffusers' LatentConsistencyModelPipeline takes none); "
+                             "leave it out or empty")
         if self.picture_model:
             call = "upscale(prompt, image)" if self.c.low_res_schedule is not None else "variations(image, prompt)"
             raise ValueError(f"{self.c.source or 'this model'} is {self.picture_model}, which a picture conditions "
@@ -900,8 +914,13 @@ class TextToImagePipeline:
         # renoise with the unconditional prediction at scale 1 too)
         above = guidance_scale > 1.0 if strength_rule == "diffusers" and not self.edits else guidance_scale != 1.0
         guided = above or (self.edits and not image_guidance_gate) or is_cfg_pp(sampler)
+        if self.guidance_embedded:  # (the scale goes in as the U-Net's guidance code, one pass a step)
+            self._check_guidance_embedded(sampler, guidance_rescale)
+            guided = False
         cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts, editing,
                                          composable=composable)
+        if self.guidance_embedded:
+            cond = self._with_guidance_code(cond, guidance_scale, len(prompts))
         padding = None
         if pad_conds is not None:  # (A1111's empty prompt: its cond_stage_model_empty_prompt, "" encoded)
             from imagine.guidance import PaddedConds
@@ -1423,6 +1442,47 @@ class TextToImagePipeline:
         """Whether the model is InstructPix2Pix's (Brooks et al. 2023): its U-Net reads the picture to edit, as
         latents beside the noisy latents (4 + 4 = 8 input channels in SD's), and follows an instruction."""
         return self.unet.config.in_channels == 2 * self.latent_channels
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """Whether the U-Net takes the guidance scale as an input (a guidance-distilled latent consistency model, Luo
+        et al. 2023, LCM sec. 4.2; diffusers' time_cond_proj_dim, e.g. SimianLuo/LCM_Dreamshaper_v7). generate then
+        runs as diffusers' pipelines run such a U-Net (LatentConsistencyModelPipeline; StableDiffusion(XL)Pipeline
+        likewise): one U-Net call a step on the prompt alone, no classifier-free guidance pass, the scale s given as
+        the code of w = s - 1 (`imagine.models.embeddings.guidance_scale_embedding`; diffusers' CFG scale is LCM's
+        w + 1), a non-empty negative prompt refused. The defaults are LCM_DEFAULTS (the lcm sampler, 4 steps,
+        8.5). Any other sampler runs too, the same way (diffusers lets any scheduler step such a U-Net with the
+        code), but the model was distilled for the lcm sampler's few steps at its distillation timesteps; CFG++
+        samplers, which need the unconditional pass, are refused."""
+        return self.unet.config.time_cond_proj_dim is not None
+
+    def _check_guidance_embedded(self, sampler: str, guidance_rescale: float) -> None:
+        """The options a guidance-distilled LCM's run cannot honour, refused by name."""
+        if is_cfg_pp(sampler):
+            raise ValueError(f"sampler {sampler!r}: a CFG++ sampler renoises with the unconditional prediction, which "
+                             "a guidance-distilled LCM (time_cond_proj_dim) does not make; take e.g. 'lcm'")
+        if guidance_rescale:
+            raise ValueError("guidance_rescale rescales classifier-free guidance, which a guidance-distilled LCM "
+                             "(time_cond_proj_dim) does not run (its scale is an input of the U-Net); leave it 0")
+        sc = self.c.scheduler_config
+        if resolve_sampler(sampler)[0] == "lcm" and int(sc.get("original_inference_steps") or 50) != 50:
+            from imagine.schedules import LCM_ORIGINAL_STEPS
+
+            raise ValueError(f"the lcm sampler runs over LCM's {LCM_ORIGINAL_STEPS} distillation timesteps; this "
+                             f"model's scheduler config says original_inference_steps="
+                             f"{sc['original_inference_steps']}, which imagine does not lay out")
+
+    def _with_guidance_code(self, cond, guidance_scale: float, batch: int):
+        """cond with a guidance-distilled LCM's `timestep_cond`: the code of w = guidance_scale - 1 for each of the
+        batch's rows, as diffusers' LatentConsistencyModelPipeline makes it (float32 w)."""
+        from imagine.models.embeddings import guidance_scale_embedding
+
+        if isinstance(cond, ComposedConditioning):
+            raise ValueError("AND (composed prompts) combines predictions against the unconditional one, which a "
+                             "guidance-distilled LCM (time_cond_proj_dim) does not make; give one prompt")
+        w = torch.tensor(guidance_scale - 1, dtype=torch.float32).repeat(batch)
+        code = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim).to(self.unet.device)
+        return _each_step(cond, lambda c: {**c, "timestep_cond": code})
 
     @property
     def picture_model(self) -> str | None:
