@@ -15,7 +15,8 @@ keys are diffusers' `ControlNetModel`'s, so a diffusers ControlNet folder loads 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import torch
@@ -24,10 +25,27 @@ from torch.nn import functional as F
 
 from imagine.models import io
 from imagine.models.attention import expand_batch
-from imagine.models.unet import UNet2DConditionModel, UNetConfig
+from imagine.models.unet import EXTENSIONS_OFF, UNet2DConditionModel, UNetConfig
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # diffusers' conditioning_embedding_out_channels default
 MIRROR = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}  # a down block's up block
+# diffusers' ControlNetModel's config keys (its __init__'s arguments). It ignores any other key of a config.json (a
+# U-Net's center_input_sample, time_embedding_dim, time_cond_proj_dim, conv_in_kernel, ...), and so does
+# `ControlNetConfig.from_dict`; imagine's own extensions (`EXTENSIONS_OFF`) are kept.
+CONTROLNET_KEYS = frozenset({
+    "in_channels", "conditioning_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
+    "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor",
+    "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "encoder_hid_dim",
+    "encoder_hid_dim_type", "attention_head_dim", "num_attention_heads", "use_linear_projection", "class_embed_type",
+    "addition_embed_type", "addition_time_embed_dim", "num_class_embeds", "upcast_attention",
+    "resnet_time_scale_shift", "projection_class_embeddings_input_dim", "controlnet_conditioning_channel_order",
+    "conditioning_embedding_out_channels", "global_pool_conditions", "addition_embed_type_num_heads"})
+# the U-Net fields a ControlNet has no use for (no expanding path, no output): any value is harmless
+NO_EXPANDING_PATH = frozenset({"up_block_types", "out_channels", "sample_size"})
+# the class embeddings diffusers' ControlNetModel builds (any other class_embed_type: none, the labels unread)
+CONTROLNET_CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection")
 
 
 class ControlNetConditioningEmbedding(nn.Module):
@@ -64,10 +82,19 @@ class ControlNetConfig(UNetConfig):
         # no expanding path: its block types are the contracting path's mirror, whatever was given (a 2-level
         # ControlNet built directly would otherwise inherit the U-Net's four defaults)
         self.up_block_types = tuple(MIRROR.get(t, t) for t in reversed(tuple(self.down_block_types)))
-        super().__post_init__()
-        if self.mid_block_type != "UNetMidBlock2DCrossAttn":
+        if self.mid_block_type != "UNetMidBlock2DCrossAttn":  # (before the U-Net's check, which allows None)
             raise ValueError(f"ControlNet config: unsupported mid_block_type {self.mid_block_type!r}; valid: "
                              "'UNetMidBlock2DCrossAttn' (a ControlNet adds its bottleneck's output to the U-Net's)")
+        for f in fields(self):
+            if (f.name not in CONTROLNET_KEYS | NO_EXPANDING_PATH and f.name not in EXTENSIONS_OFF
+                    and f.default is not MISSING and getattr(self, f.name) != f.default):
+                raise ValueError(f"ControlNet config: {f.name}={getattr(self, f.name)!r} is a U-Net setting diffusers' "
+                                 f"ControlNetModel does not have (it ignores the key); leave it at {f.default!r}")
+        if self.class_embed_type not in CONTROLNET_CLASS_EMBED_TYPES:
+            raise ValueError(f"ControlNet config: class_embed_type {self.class_embed_type!r} is not one diffusers' "
+                             "ControlNetModel builds (it would run without a class embedding); valid: None, "
+                             "'timestep', 'identity', 'projection'")
+        super().__post_init__()
         if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
             raise ValueError("controlnet_conditioning_channel_order must be 'rgb' or 'bgr'; got "
                              f"{self.controlnet_conditioning_channel_order!r}")
@@ -76,13 +103,18 @@ class ControlNetConfig(UNetConfig):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ControlNetConfig":
-        return super().from_dict({k: v for k, v in d.items() if k != "up_block_types"})  # (see __post_init__)
+        """From a diffusers ControlNet config.json dict, or a U-Net's (a new ControlNet's): read as diffusers'
+        ControlNetModel reads it, the keys it does not take ignored (`CONTROLNET_KEYS`)."""
+        ignored = sorted(k for k in d if not str(k).startswith("_") and k not in CONTROLNET_KEYS
+                         and k not in EXTENSIONS_OFF and k not in NO_EXPANDING_PATH)
+        if ignored:
+            log.info("ControlNet config: ignoring keys diffusers' ControlNetModel does not take: %s",
+                     ", ".join(ignored))
+        return super().from_dict({k: v for k, v in d.items() if k in CONTROLNET_KEYS or k in EXTENSIONS_OFF})
 
     def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        for k in ("up_block_types", "out_channels", "sample_size", "center_input_sample"):
-            d.pop(k, None)
-        return d
+        """diffusers' ControlNetModel's keys (and imagine's extensions where on)."""
+        return {k: v for k, v in super().to_dict().items() if k in CONTROLNET_KEYS or k in EXTENSIONS_OFF}
 
 
 class ControlNetModel(UNet2DConditionModel):
@@ -94,9 +126,14 @@ class ControlNetModel(UNet2DConditionModel):
 
     class_embedding_act_fn = "silu"  # diffusers' ControlNetModel: a "timestep" class embedding's MLP uses SiLU
 
-    def __init__(self, config: ControlNetConfig | dict | None = None):
+    def __init__(self, config: ControlNetConfig | UNetConfig | dict | None = None):
+        if isinstance(config, UNetConfig) and not isinstance(config, ControlNetConfig):
+            config = config.to_dict()  # a U-Net's: its copy (diffusers' ControlNetModel.from_unet)
+        if config is not None and not isinstance(config, (ControlNetConfig, dict)):
+            raise TypeError("ControlNetModel takes a ControlNetConfig, a UNetConfig or a config dict; got "
+                            f"{type(config).__name__}")
         if not isinstance(config, ControlNetConfig):
-            config = ControlNetConfig.from_dict(config if isinstance(config, dict) else {})
+            config = ControlNetConfig.from_dict(config or {})
         super().__init__(config, encoder_only=True)
         c = self.config
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
@@ -134,8 +171,9 @@ class ControlNetModel(UNet2DConditionModel):
         cond = self.embed_control(control) if control_features is None else control_features
         x, emb_act, context, mask, rows = self.embed(x, t, context, context_mask, class_labels, text_embeds, time_ids)
         if cond.shape[-2:] != x.shape[-2:]:
+            factor = 2 ** (len(self.config.conditioning_embedding_out_channels) - 1)  # (one stride-2 conv a width)
             raise ValueError(f"the control picture maps to {tuple(cond.shape[-2:])} features, the latents are "
-                             f"{tuple(x.shape[-2:])}: give it at the image's size (the latents' times 8)")
+                             f"{tuple(x.shape[-2:])}: give it at the image's size (the latents' times {factor})")
         h = self.conv_in(x)
         h = _add(h, cond)
         skips = [h]
