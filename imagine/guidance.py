@@ -267,6 +267,21 @@ def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, phi: float) -
     return phi * (guided * factor) + (1 - phi) * guided
 
 
+def split_variance(out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A model output of twice x's channels is (prediction, learned variance) (Nichol & Dhariwal 2021, Improved DDPM
+    sec. 3.1: the U-Net's extra channels interpolate the log variance); any other is (prediction, None)."""
+    c = x.shape[1]
+    if out.ndim == x.ndim and out.shape[1] == 2 * c:
+        return out[:, :c], out[:, c:]
+    return out, None
+
+
+def _with_variance(guided: torch.Tensor, variance: torch.Tensor | None) -> torch.Tensor:
+    # guidance moves the prediction only: a learned variance is the conditional pass's own, as GLIDE's sampling code
+    # and diffusers' IF and unCLIP pipelines keep it
+    return guided if variance is None else torch.cat([guided, variance.to(guided.dtype)], dim=1)
+
+
 def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
                         cond: dict[str, Any] | None, uncond: dict[str, Any] | None = None, scale: float = 1.0,
                         rescale: float = 0.0, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -286,10 +301,12 @@ def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: 
         if parts is not None:
             parts["uncond"] = out
         return out
-    uncond_out, cond_out = _forward_parts(model, x, t, [uncond, cond], ["uncond", "cond"])
+    (uncond_out, _), (cond_out, variance) = (split_variance(o, x) for o in _forward_parts(
+        model, x, t, [uncond, cond], ["uncond", "cond"]))
     if parts is not None:
         parts["uncond"] = uncond_out
-    return rescale_guidance(classifier_free_guidance(uncond_out, cond_out, scale), cond_out, rescale)
+    return _with_variance(rescale_guidance(classifier_free_guidance(uncond_out, cond_out, scale), cond_out, rescale),
+                          variance)
 
 
 def composed_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond,
@@ -304,6 +321,8 @@ def composed_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: to
         raise ValueError("AND (composed prompts) needs the unconditional pass: give uncond")
     cond = fill_parts(cond)  # (parts of different lengths filled up as A1111 stacks them)
     outs = _forward_parts(model, x, t, [uncond, *cond.parts], ["uncond"] + ["cond"] * len(cond.parts))
+    variance = split_variance(outs[1], x)[1]  # (the first part's, as guidance rescale reads it)
+    outs = [split_variance(o, x)[0] for o in outs]
     nothing = outs[0]
     if parts is not None:
         parts["uncond"] = nothing
@@ -311,7 +330,7 @@ def composed_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: to
     guided = nothing.clone()
     for j, out in enumerate(outs[1:]):
         guided = guided + (out - nothing) * (scale * w[:, j]).view(-1, *[1] * (nothing.ndim - 1))
-    return rescale_guidance(guided, outs[1], rescale)
+    return _with_variance(rescale_guidance(guided, outs[1], rescale), variance)
 
 
 def instruct_pix2pix_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
@@ -342,11 +361,12 @@ def instruct_pix2pix_guidance(model: Callable[..., torch.Tensor], x: torch.Tenso
             parts["uncond"] = out
         return out
     none = {**uncond, "concat": torch.zeros_like(uncond["concat"])}
-    text, image, nothing = _forward_parts(model, x, t, [cond, uncond, none])
+    (text, variance), (image, _), (nothing, _) = (split_variance(o, x) for o in _forward_parts(
+        model, x, t, [cond, uncond, none]))
     if parts is not None:
         parts["uncond"] = nothing
     guided = nothing + scale * (text - image) + image_scale * (image - nothing)
-    return rescale_guidance(guided, text, rescale)
+    return _with_variance(rescale_guidance(guided, text, rescale), variance)
 
 
 # -- classifier guidance --------------------------------------------------------------------------

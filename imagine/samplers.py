@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from imagine.schedules import SamplingPlan, karras_sigmas
+from imagine.schedules import VARIANCE_TYPES, SamplingPlan, karras_sigmas
 
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -217,10 +217,16 @@ def sample_ddpm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
     "fixed_large" = beta (sec. 3.2: both give similar samples). No noise on the step that lands on
     x_0 (Alg. 2, z = 0 at t = 1). With classifier guidance in its DDPM form, the mean moves by s * Sigma * grad
     log p(y | x_t) (Dhariwal & Nichol 2021, Algorithm 1) through `denoise.mean_shift`.
+
+    "learned_range": the model's own variance (Nichol & Dhariwal 2021, Improved DDPM eq. 15), from a U-Net with
+    twice the channels out, whose extra channels give v in [-1, 1] (`Denoiser.variance`; guidance leaves them the
+    conditional pass's): Sigma = exp(f log beta + (1 - f) log beta_tilde), f = (v + 1) / 2, beta_tilde floored at
+    1e-20 as diffusers' DDPMScheduler floors it (the models of GLIDE, unCLIP's decoder and DeepFloyd IF).
     """
     _deterministic("ddpm", eta)  # its noise is fixed by the variance choice
-    if variance_type not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large'; got {variance_type!r}")
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(f"variance_type must be one of {', '.join(map(repr, VARIANCE_TYPES))}; got "
+                         f"{variance_type!r}")
     abar = plan.alphas_cumprod.tolist()
     mean_shift = getattr(denoise, "mean_shift", None)
     for i in _steps(plan, progress, "ddpm"):
@@ -231,10 +237,23 @@ def sample_ddpm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
         # posterior mean, eq. 7: mu = sqrt(abar_prev) beta / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x_t
         mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
         variance = beta if variance_type == "fixed_large" else (1 - a_prev) / (1 - a_t) * beta
+        if variance_type == "learned_range":
+            variance = _learned_variance(getattr(denoise, "variance", None), beta, variance, x)
         if mean_shift is not None:
             mean = mean + mean_shift(x, i, variance)
-        x = mean if a_prev >= 1.0 else mean + math.sqrt(variance) * _noise(noise, x)  # z = 0 when landing on x_0
+        if a_prev < 1.0:  # z = 0 when landing on x_0
+            mean = mean + (variance.sqrt() if torch.is_tensor(variance) else math.sqrt(variance)) * _noise(noise, x)
+        x = mean
     return x
+
+
+def _learned_variance(v: torch.Tensor | None, beta: float, beta_tilde: float, x: torch.Tensor) -> torch.Tensor:
+    """Improved DDPM eq. 15: exp(f log beta + (1 - f) log beta_tilde), f = (v + 1) / 2, per element."""
+    if v is None:
+        raise ValueError("variance_type 'learned_range' needs a model with a learned variance (twice the sample's "
+                         f"channels out: {2 * x.shape[1]} for {x.shape[1]}); this one gives none - use 'fixed_small'")
+    f = (v.double() + 1.0) / 2.0
+    return torch.exp(f * math.log(beta) + (1.0 - f) * math.log(max(beta_tilde, 1e-20))).to(x.dtype)
 
 
 # -- DDIM ------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from imagine.guidance import (
     classifier_gradient,
     classifier_mean_shift,
     guided_model_output,
+    split_variance,
 )
 from imagine.samplers import (CFG_PP_SAMPLERS, COMPVIS_SAMPLERS, TIMESTEP_RULE, TWO_CALL_SAMPLERS, VE_RESULT_SAMPLERS,
                               check_plan, final_heun_step, invert_ddim, resolve_sampler)
@@ -255,6 +256,9 @@ class Denoiser:
         self.sampling_steps = len(plan)
         # CFG++ (keep_unconditional): the unconditional x_0 of the last evaluation, beside the guided one it returns
         self.keep_uncond, self.uncond_x0, self._uncond_out = False, None, None
+        # a model with a learned variance (twice x's channels out): its variance output of the last evaluation, in
+        # [-1, 1] (Improved DDPM eq. 15's v, as 2v - 1); None for a model without
+        self.variance: torch.Tensor | None = None
 
     def keep_known(self, x0: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, rule: str = "replace") -> None:
         """Inpainting: keep the known x_0 where `mask` is 0 (1: painted anew), by one of three rules.
@@ -321,11 +325,9 @@ class Denoiser:
                                  "`parts` (see imagine.guidance.guided_model_output)") from e
             raise
         self.calls += 1
+        out, self.variance = split_variance(out, x)  # (a learned variance: sample_ddpm's "learned_range" reads it)
         if out.shape != x.shape:
-            if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1]:
-                out = out[:, : x.shape[1]]  # learned variance (improved DDPM): we sample with fixed variances
-            else:
-                raise ValueError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+            raise ValueError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
         if parts is not None:
             self._uncond_out = parts["uncond"][:, : x.shape[1]]
         if not bool(torch.isfinite(out).all()):

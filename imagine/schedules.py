@@ -23,6 +23,9 @@ import torch
 
 SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine", "custom")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# DDPM's posterior variance (Ho et al. 2020, sec. 3.2: beta_tilde or beta), or the model's own interpolation between
+# their logs (Nichol & Dhariwal 2021, Improved DDPM eq. 15: "learned_range", a U-Net with twice the channels out)
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 # How a sampler family lays its steps out; see `SamplingPlan`.
 TIMESTEP_RULES = ("ddpm", "ddim", "karras", "dpm_solver", "lcm")
@@ -416,8 +419,9 @@ class NoiseSchedule:
             raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}; got {timestep_spacing!r}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
-        if variance_type not in ("fixed_small", "fixed_large"):
-            raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large'; got {variance_type!r}")
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type must be one of {', '.join(map(repr, VARIANCE_TYPES))}; got "
+                             f"{variance_type!r}")
         if int(steps_offset) != steps_offset or steps_offset < 0:
             raise ValueError(f"steps_offset must be a non-negative integer; got {steps_offset!r}")
         self.kind = kind
@@ -504,8 +508,9 @@ class NoiseSchedule:
             raise ValueError(f"beta_schedule {kind!r} is not supported; valid: {sorted(_FROM_DIFFUSERS_KIND)}")
         kind = _FROM_DIFFUSERS_KIND.get(kind, kind)
         variance_type = c.get("variance_type") or "fixed_small"
-        if variance_type not in ("fixed_small", "fixed_large"):
-            variance_type = "fixed_small"  # learned variances: we sample with the fixed posterior variance
+        if variance_type not in VARIANCE_TYPES:
+            # ("learned", the log variance itself, and the _log forms: sampled with the fixed posterior variance)
+            variance_type = "fixed_small"
         return cls.from_config(
             kind, num_train_timesteps=int(c.get("num_train_timesteps", 1000)),
             # absent keys mean diffusers' defaults (1e-4, 0.02), whatever the beta_schedule
