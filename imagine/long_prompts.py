@@ -28,10 +28,12 @@ BACKTRACK = 20  # AUTOMATIC1111's default "comma padding backtrack"
 
 @dataclass
 class Chunk:
-    """One window: `ids` (max_length of them: start, text, end, padding) and a weight per id."""
+    """One window: `ids` (max_length of them: start, text, end, padding), a weight per id, and how many of the ids are
+    real (start, text, end: what the tokenizer's attention mask marks)."""
 
     ids: list[int]
     weights: list[float]
+    real: int
 
 
 def prompt_chunks(tokenizer, text: str, max_length: int, emphasis: bool = True, backtrack: int = BACKTRACK,
@@ -53,7 +55,7 @@ def prompt_chunks(tokenizer, text: str, max_length: int, emphasis: bool = True, 
         nonlocal ids, weights, last_comma
         pad = max_length - len(before) - len(ids) - len(after)
         chunks.append(Chunk(before + ids + after + padding[:pad], [1.0] * len(before) + weights + [1.0] * (
-            len(after) + pad)))
+            len(after) + pad), len(before) + len(ids) + len(after)))
         ids, weights, last_comma = [], [], -1
 
     pieces = parse_emphasis(text, breaks=True) if emphasis else [(text, 1.0)]

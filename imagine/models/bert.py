@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
+SUPPORTED = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute", "is_decoder": False}
 
 
 def supports(config: dict) -> bool:
-    """Whether `config` (a transformers config.json) describes a BERT this module computes exactly."""
+    """Whether `config` (a transformers config.json) describes a BERT this module computes exactly (an encoder: a
+    BERT with is_decoder attends causally in transformers, where these blocks attend both ways)."""
     return (config.get("model_type") == "bert" and config.get("hidden_act", "gelu") == "gelu"
-            and config.get("position_embedding_type", "absolute") == "absolute")
+            and config.get("position_embedding_type", "absolute") == "absolute" and not config.get("is_decoder", False))
 
 
 class _Embeddings(nn.Module):

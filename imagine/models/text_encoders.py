@@ -61,7 +61,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.max_length = int(max_length)
+        self.max_length = _check_window(max_length, model, tokenizer)
         self.source = source
         # textual-inversion words read as several tokens: word -> "word word_1 ... word_{n-1}"
         # (imagine.loading.textual_inversion)
@@ -184,7 +184,10 @@ class TextEncoder(nn.Module):
         for i in range(max(len(r) for r in rows)):
             chunk = [r[i] if i < len(r) else empty for r in rows]
             ids = torch.tensor([c.ids for c in chunk], device=self.device)
-            enc = self._encode(ids, torch.ones_like(ids, dtype=torch.bool))
+            # (each chunk's padding mask, which a CLIP whose config sets use_attention_mask is given, as diffusers
+            # gives it each window's)
+            real = torch.tensor([[i < c.real for i in range(ids.shape[1])] for c in chunk], device=self.device)
+            enc = self._encode(ids, real)
             states = enc.states
             if mode != "None":
                 states = apply_emphasis(states, torch.tensor([c.weights for c in chunk], device=self.device), None,
@@ -238,7 +241,7 @@ class MiniLMTextEncoder(TextEncoder):
                            bert.WordPieceTokenizer(Path(folder) / "tokenizer.json"), max_length, str(folder))
             if backend == "imagine":
                 raise ValueError(f"{folder} is not a plain BERT folder (config.json of model_type 'bert' with "
-                                 f"absolute positions and gelu, model.safetensors, tokenizer.json)")
+                                 f"absolute positions and gelu, not a decoder; model.safetensors, tokenizer.json)")
         from transformers import AutoModel, AutoTokenizer
 
         folder = _check_folder(folder)
@@ -286,7 +289,7 @@ class CLIPTextEncoder(TextEncoder):
             states = tower.final_layer_norm(out.hidden_states[-(self.clip_skip + 1)])
         else:
             states = out.last_hidden_state
-        return TextEncoding(states, None, out.pooler_output)
+        return TextEncoding(states, None, end_token_state(out, ids, self.tokenizer))
 
     @classmethod
     def from_folder(cls, text_encoder_folder, tokenizer_folder=None, dtype=torch.float32, clip_skip: int = 0):
@@ -313,7 +316,8 @@ class SDXLCLIPTower(CLIPTextEncoder):
         projection = getattr(self.model, "text_projection", None)
         tower = getattr(self.model, "text_model", self.model) if projection is not None else self.model
         out = tower(input_ids=ids, output_hidden_states=True)
-        pooled = out.pooler_output if projection is None else project_rows(projection, out.pooler_output)
+        pooled = end_token_state(out, ids, self.tokenizer)
+        pooled = pooled if projection is None else project_rows(projection, pooled)
         return TextEncoding(out.hidden_states[-(self.clip_skip + 2)], None, pooled)
 
     @CLIPTextEncoder.clip_skip.setter
@@ -323,6 +327,20 @@ class SDXLCLIPTower(CLIPTextEncoder):
             raise ValueError(f"clip_skip must be an integer from 0 (SDXL's penultimate layer) to {max(layers - 2, 0)} "
                              f"(this text encoder has {layers} layers); got {value!r}")
         self._clip_skip = value
+
+
+def end_token_state(out, ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """CLIP's pooled vector: the final states at each row's first end-of-text token, where OpenCLIP and AUTOMATIC1111
+    read it. transformers reads it there too, except for a config of the legacy eos_token_id 2 (Stability's SDXL and
+    SD 1.5 folders), where it takes the highest id's state: a textual-inversion word's added ids are higher than the
+    end token's, and the pooled vector (SDXL's `text_embeds`) was the word's (diffusers issue #10754). A row without
+    the end token keeps transformers' pooled vector."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return out.pooler_output
+    hit = ids == eos
+    pooled = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), hit.int().argmax(-1)]
+    return torch.where(hit.any(-1, keepdim=True), pooled, out.pooler_output)
 
 
 def project_rows(projection, pooled: torch.Tensor) -> torch.Tensor:
@@ -343,7 +361,8 @@ class CLIPPriorTextEncoder(TextEncoder):
     def _encode(self, ids, mask):
         tower = getattr(self.model, "text_model", self.model)
         out = tower(input_ids=ids)
-        return TextEncoding(out.last_hidden_state, mask, project_rows(self.model.text_projection, out.pooler_output))
+        return TextEncoding(out.last_hidden_state, mask,
+                            project_rows(self.model.text_projection, end_token_state(out, ids, self.tokenizer)))
 
     @classmethod
     def from_folder(cls, text_encoder_folder, tokenizer_folder=None, dtype=torch.float32):
@@ -560,6 +579,23 @@ def load_text_encoder(spec: dict, root: Path | None = None, dtype=torch.float32)
         return T5TextEncoder.from_folder(where("path"), where("tokenizer"), max_length=spec.get("max_length", 128),
                                          dtype=dtype)
     raise ValueError(f"unknown text encoder type {kind!r}; valid: 'minilm', 'clip', 't5'")
+
+
+def _check_window(max_length, model, tokenizer) -> int:
+    """`max_length`, or a ValueError naming the valid range: room for the tokenizer's own special tokens (CLIP's start
+    and end, BERT's [CLS] and [SEP], T5's </s>) and one text token, and no more tokens than the model has learned
+    positions (CLIP's 77, BERT's 512: past them its position embedding has no row; T5's relative positions have no
+    end)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    specials = 0 if tokenizer is None else len(tokenizer([""], add_special_tokens=True, verbose=False)["input_ids"][0])
+    # (a whole float, as a YAML or JSON config may write it, is taken)
+    whole = not isinstance(max_length, bool) and (isinstance(max_length, int) or (
+        isinstance(max_length, float) and max_length.is_integer()))
+    if not whole or max_length <= specials or (positions and max_length > positions):
+        upto = f" to {positions} (the text encoder's positions)" if positions else ""
+        raise ValueError(f"max_length must be an integer from {specials + 1} (the tokenizer's {specials} special "
+                         f"tokens and one of text){upto}; got {max_length!r}")
+    return int(max_length)
 
 
 def _quiet_transformers() -> None:
