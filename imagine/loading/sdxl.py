@@ -106,7 +106,7 @@ def is_refiner(state: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(REFINER_BIGG_PREFIX) for k in keys) and not any(k.startswith(CLIP_L_PREFIX) for k in keys)
 
 
-def split_sdxl(state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, Any]:
+def split_sdxl(state: dict[str, torch.Tensor], source: str = "checkpoint", vae_given: bool = False) -> dict[str, Any]:
     """An original SDXL base or refiner state dict -> {"unet", "vae", "clip" (empty for the refiner), "openclip":
     {...} (prefixes removed), "refiner": bool, "markers": set of MARKERS present, "betas", "sigmas": tensor | None}.
     ValueError, naming what was found, for EDM models, a missing network or weights of no known place."""
@@ -127,11 +127,12 @@ def split_sdxl(state: dict[str, torch.Tensor], source: str = "checkpoint") -> di
     needed = [("U-Net", "unet"), ("VAE", "vae"), ("OpenCLIP ViT-bigG text encoder", "openclip")]
     if not refiner:
         needed.insert(2, ("CLIP ViT-L text encoder", "clip"))
-    missing = [name for name, part in needed if not parts[part]]
+    missing = [name for name, part in needed if not parts[part] and not (part == "vae" and vae_given)]
     if missing:
         tops = sorted({".".join(k.split(".")[:3]) for k in keys})
         shown = ", ".join(tops[:10]) + (f" ... ({len(tops)} groups)" if len(tops) > 10 else "")
-        raise ValueError(f"{source}: no {' and no '.join(missing)} weights found; {expected}; found {shown}")
+        raise ValueError(f"{source}: no {' and no '.join(missing)} weights found; {expected}; found {shown}"
+                         + (sf.NO_VAE_HINT if missing == ["VAE"] else ""))
     if other:
         raise ValueError(f"{source}: unexpected weights {', '.join(other[:6])}"
                          + (f" ... ({len(other)} in all)" if len(other) > 6 else "") + f"; {expected}")
@@ -216,7 +217,7 @@ class SDXLParts:
 
     unet_config: dict[str, Any]
     unet: dict[str, torch.Tensor]
-    vae_config: dict[str, Any]
+    vae_config: dict[str, Any] | None  # (None: the checkpoint has no VAE)
     vae: dict[str, torch.Tensor]
     text_config: dict[str, Any] | None  # CLIP ViT-L (CLIPTextConfig keys); None for the refiner
     text: dict[str, torch.Tensor]  # CLIPTextModel names without `text_model.`
@@ -229,9 +230,10 @@ class SDXLParts:
 
 
 def convert(state: dict[str, torch.Tensor], source: str = "checkpoint", *, scaling_factor: float | None = None,
-            unet_config: dict[str, Any] | None = None) -> SDXLParts:
-    """An original SDXL base state dict -> SDXLParts (no tensor copied: renamed, split or transposed views)."""
-    parts = split_sdxl(state, source)
+            unet_config: dict[str, Any] | None = None, vae_given: bool = False) -> SDXLParts:
+    """An original SDXL base state dict -> SDXLParts (no tensor copied: renamed, split or transposed views; with
+    `vae_given`, a state without VAE weights gives vae_config None)."""
+    parts = split_sdxl(state, source, vae_given)
     name = Path(source).name
     refiner = parts["refiner"]
     # CLIP ViT-L: quick_gelu, all layers
@@ -247,12 +249,15 @@ def convert(state: dict[str, torch.Tensor], source: str = "checkpoint", *, scali
     ucfg["sample_size"] = SDXL_SAMPLE_SIZE
     if unet_config:
         ucfg.update(unet_config)
-    vcfg, vlevels, vlayers = sf._inferred(name, SDXL_LAYOUT, sf.infer_vae_config, parts["vae"])
-    vcfg["scaling_factor"] = SDXL_SCALING_FACTOR if scaling_factor is None else float(scaling_factor)
-    vcfg["sample_size"] = 8 * SDXL_SAMPLE_SIZE
+    vcfg, vae = None, {}
+    if parts["vae"]:
+        vcfg, vlevels, vlayers = sf._inferred(name, SDXL_LAYOUT, sf.infer_vae_config, parts["vae"])
+        vcfg["scaling_factor"] = SDXL_SCALING_FACTOR if scaling_factor is None else float(scaling_factor)
+        vcfg["sample_size"] = 8 * SDXL_SAMPLE_SIZE
+        vae = keymap.vae_to_diffusers(parts["vae"], vlevels, vlayers, vcfg["mid_block_add_attention"])
     return SDXLParts(
         unet_config=ucfg, unet=unet_to_diffusers(parts["unet"], layers, attention, ucfg["mid_block_type"] is not None),
-        vae_config=vcfg, vae=keymap.vae_to_diffusers(parts["vae"], vlevels, vlayers, vcfg["mid_block_add_attention"]),
+        vae_config=vcfg, vae=vae,
         text_config=tcfg, text=keymap.clip_to_transformers(parts["clip"]) if not refiner else {},
         text_config_2=tcfg2, text_2=bigg_to_transformers(parts["openclip"]),
         markers=parts["markers"], betas=parts["betas"], sigmas=parts["sigmas"], refiner=refiner)
@@ -391,7 +396,7 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
                           tokenizer_2: str | os.PathLike | None = None, prediction_type: str | None = None,
                           scaling_factor: float | None = None, unet_config: dict[str, Any] | None = None,
                           clip_skip: int = 0, checkpoint_path: Path | None = None,
-                          global_step: int | None = None) -> Components:
+                          global_step: int | None = None, vae=None) -> Components:
     """An original SDXL base state dict -> Components (imagine's U-Net and VAE, an SDXLTextEncoder of
     transformers' CLIPTextModel + CLIPTextModelWithProjection), built on the meta device and given the
     checkpoint's tensors (no copy when already in `dtype`; meta tensors give meta modules).
@@ -408,7 +413,7 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
 
     sf._check_options(prediction_type, dtype)
     name = Path(source).name
-    parts = convert(state, source, scaling_factor=scaling_factor, unet_config=unet_config)
+    parts = convert(state, source, scaling_factor=scaling_factor, unet_config=unet_config, vae_given=vae is not None)
     if prediction_type is None:
         prediction_type = marked_prediction_type(parts.markers, name) or "epsilon"
 
@@ -417,7 +422,9 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     except ValueError as e:
         raise ValueError(f"{name}: the SDXL U-Net read off the weights is not buildable: {e}") from None
     unet = sf._build(UNet2DConditionModel, unet_cfg, parts.unet, f"{name} (U-Net)", dtype)
-    vae = sf._build(AutoencoderKL, VAEConfig.from_dict(parts.vae_config), parts.vae, f"{name} (VAE)", dtype)
+    vae = (sf._build(AutoencoderKL, VAEConfig.from_dict(parts.vae_config), parts.vae, f"{name} (VAE)", dtype)
+           if parts.vae_config is not None else  # (pruned of its VAE: the one given)
+           sf.given_vae(vae, SDXL_SCALING_FACTOR if scaling_factor is None else scaling_factor))
 
     checkpoint = checkpoint_path or Path(source)
     tok_dirs = (None if parts.refiner else find_tokenizer(checkpoint, "tokenizer", tokenizer),

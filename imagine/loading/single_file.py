@@ -285,7 +285,8 @@ def _first_line(s: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # What is in it
 # ---------------------------------------------------------------------------------------------
-def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, Any]:
+def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint",
+                     vae_given: bool = False) -> dict[str, Any]:
     """Split an original SD checkpoint into its networks: {"unet": {...}, "vae": {...},
     "text": {...}, "text_kind": "clip" | "openclip", "betas": tensor | None, "markers": set of
     `sdxl.MARKERS` present}, prefixes removed. Raises ValueError naming what was found when the layout is not
@@ -323,7 +324,7 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint")
                                                ("VAE", "vae", keymap.VAE_PREFIX),
                                                ("text encoder", "text", "cond_stage_model.transformer.* or "
                                                                         "cond_stage_model.model."))
-               if not parts[part]]
+               if not parts[part] and not (part == "vae" and vae_given)]
     if missing or other:
         tops = sorted({".".join(k.split(".")[:2]) for k in keys})
         shown = ", ".join(tops[:10]) + (f" ... ({len(tops)} groups)" if len(tops) > 10 else "")
@@ -331,10 +332,26 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint")
                     "(U-Net), first_stage_model.* (VAE) and cond_stage_model.transformer.* (SD 1.x CLIP) or "
                     "cond_stage_model.model.* (SD 2.x OpenCLIP)")
         if missing:
-            raise ValueError(f"{source}: no {' and no '.join(missing)} weights found; {expected}; found {shown}")
+            raise ValueError(f"{source}: no {' and no '.join(missing)} weights found; {expected}; found {shown}"
+                             + (NO_VAE_HINT if missing == ["VAE"] else ""))
         raise ValueError(f"{source}: unexpected weights {', '.join(other[:6])}"
                          + (f" ... ({len(other)} in all)" if len(other) > 6 else "") + f"; {expected}")
     return parts
+
+
+# a checkpoint pruned of its VAE ("no VAE" releases) runs with one given beside it, as diffusers' from_single_file takes
+# vae= and A1111 its "SD VAE" setting
+NO_VAE_HINT = (" (a checkpoint saved without its VAE: give one, --vae FILE or from_pretrained(vae=...), "
+               "e.g. vae-ft-mse-840000-ema-pruned.safetensors for SD 1.x, sdxl_vae.safetensors for SDXL)")
+
+
+def given_vae(vae, scaling_factor: float) -> Any:
+    """The VAE given for a checkpoint that has none (`load_single_file(vae=...)`), in the model's latent space: the
+    family's scaling factor, as a VAE file takes its model's (`replace_vae`)."""
+    if vae is None:
+        return None
+    vae.config.scaling_factor = float(scaling_factor)
+    return vae
 
 
 # what a LoRA's keys have (kohya / AUTOMATIC1111 / LyCORIS prefixes; diffusers' and peft's down / up entries)
@@ -700,9 +717,11 @@ def finish_clip_text_model(model, state: dict[str, torch.Tensor]):
 def load_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
                      tokenizer: str | os.PathLike | None = None, prediction_type: str | None = None,
                      scaling_factor: float | None = None, unet_config: dict[str, Any] | None = None,
-                     clip_skip: int = 0, tokenizer_2: str | os.PathLike | None = None) -> Components:
+                     clip_skip: int = 0, tokenizer_2: str | os.PathLike | None = None, vae=None) -> Components:
     """Load an original SD 1.x/2.x or SDXL base checkpoint (.safetensors or .ckpt) into Components, offline
     (SDXL: `imagine.loading.sdxl`, whose docstring says what differs; tokenizer_2 is its second tokenizer).
+    vae: an AutoencoderKL (`imagine.loading.vae.load_vae`) for a checkpoint saved without its VAE weights (taken in
+    the family's latent space); a checkpoint with its own keeps them (the pipeline's `replace_vae` swaps them).
 
     tokenizer: a CLIP tokenizer folder (vocab.json + merges.txt); see `find_tokenizer` for where
         it is looked for when omitted. prediction_type: "epsilon" (SD 1.x, SD 2.x base) or
@@ -718,7 +737,7 @@ def load_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32
     state, step = _read_checkpoint_and_step(path)
     return components_from_state(state, str(path), dtype, tokenizer=tokenizer, prediction_type=prediction_type,
                                  scaling_factor=scaling_factor, unet_config=unet_config, clip_skip=clip_skip,
-                                 checkpoint_path=path, global_step=step, tokenizer_2=tokenizer_2)
+                                 checkpoint_path=path, global_step=step, tokenizer_2=tokenizer_2, vae=vae)
 
 
 def _check_options(prediction_type, dtype) -> None:
@@ -733,7 +752,7 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
                           prediction_type: str | None = None, scaling_factor: float | None = None,
                           unet_config: dict[str, Any] | None = None, clip_skip: int = 0,
                           checkpoint_path: Path | None = None, global_step: int | None = None,
-                          tokenizer_2: str | os.PathLike | None = None) -> Components:
+                          tokenizer_2: str | os.PathLike | None = None, vae=None) -> Components:
     """`load_single_file` after the file is read: an original SD 1.x/2.x state dict -> Components (an SDXL
     one, with conditioner.embedders.*, goes to `imagine.loading.sdxl.components_from_state`). The
     tensors are taken as they are (no copy when already in `dtype`); meta tensors give a model
@@ -750,12 +769,12 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
         return sdxl.components_from_state(state, source, dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                                           prediction_type=prediction_type, scaling_factor=scaling_factor,
                                           unet_config=unet_config, clip_skip=clip_skip,
-                                          checkpoint_path=checkpoint_path, global_step=global_step)
+                                          checkpoint_path=checkpoint_path, global_step=global_step, vae=vae)
     if tokenizer_2 is not None:
         raise ValueError(f"tokenizer_2 is the second tokenizer of an SDXL checkpoint; {Path(source).name} is not one "
                          "(no conditioner.embedders.* weights)")
     _check_options(prediction_type, dtype)
-    parts = split_checkpoint(state, source)
+    parts = split_checkpoint(state, source, vae_given=vae is not None)
     name = Path(source).name
     if prediction_type is None:  # (the caller's or the .yaml's first; then ComfyUI's v_pred, before the SD 2 probe)
         prediction_type = sdxl.marked_prediction_type(parts["markers"], name)
@@ -790,13 +809,15 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
         unet.config = unet_cfg
 
     # VAE
-    vcfg, vlevels, vlayers = _inferred(name, SD_LAYOUT, infer_vae_config, parts["vae"])
-    if upscaler:
-        vcfg["scaling_factor"] = X4_UPSCALER["scaling_factor"]
-    if scaling_factor is not None:
-        vcfg["scaling_factor"] = float(scaling_factor)
-    vmapped = keymap.vae_to_diffusers(parts["vae"], vlevels, vlayers, vcfg["mid_block_add_attention"])
-    vae = _build(AutoencoderKL, VAEConfig.from_dict(vcfg), vmapped, f"{name} (VAE)", dtype)
+    scale = float(scaling_factor) if scaling_factor is not None else \
+        X4_UPSCALER["scaling_factor"] if upscaler else VAEConfig.scaling_factor
+    if parts["vae"]:
+        vcfg, vlevels, vlayers = _inferred(name, SD_LAYOUT, infer_vae_config, parts["vae"])
+        vcfg["scaling_factor"] = scale
+        vmapped = keymap.vae_to_diffusers(parts["vae"], vlevels, vlayers, vcfg["mid_block_add_attention"])
+        vae = _build(AutoencoderKL, VAEConfig.from_dict(vcfg), vmapped, f"{name} (VAE)", dtype)
+    else:  # (pruned of its VAE: the one given)
+        vae = given_vae(vae, scale)
 
     # Text encoder + tokenizer
     tcfg, keep = _inferred(name, SD_LAYOUT, infer_text_config, parts["text"], text_kind)

@@ -178,14 +178,16 @@ class TextToImagePipeline:
             comps = load_folder(path, dtype=dtype)
         else:
             from imagine.loading.single_file import load_single_file
+            from imagine.loading.vae import load_vae
 
-            comps = load_single_file(path, dtype=dtype, **given)
+            vae_model = load_vae(vae, dtype) if vae is not None else None  # (read once; also for a file without one)
+            comps = load_single_file(path, dtype=dtype, vae=vae_model, **given)
         if clip_skip is not None:
             if not hasattr(comps.text_encoder, "clip_skip"):
                 raise ValueError(f"clip_skip: {path}'s text encoder is not CLIP ({comps.text_encoder.kind})")
             comps.text_encoder.clip_skip = clip_skip
         if vae is not None:
-            comps = replace_vae(comps, vae, dtype)
+            comps = replace_vae(comps, vae, dtype, vae_model if not path.is_dir() else None)
         pipe = cls(comps, precision=precision)
         # (the embedding files first: a word a LoRA also bundles keeps the file's vectors, as in AUTOMATIC1111)
         for item in embeddings or []:
@@ -1840,11 +1842,12 @@ def _default_guidance(defaults: dict, guidance_scale: float | None, sampler: str
     return guidance_scale
 
 
-def replace_vae(components: Components, vae: str | Path, dtype: torch.dtype = torch.float32) -> Components:
-    """`components` with the VAE at `vae` (a file or folder, `imagine.loading.vae.load_vae`) in place of
-    its own. A file's VAE takes the model's latent space (scaling factor, shift, per-channel statistics:
-    VAEConfig.latent_space), as AUTOMATIC1111 takes its scaling (the file has no config; a fine-tuned decoder keeps
-    its model's latent space); a folder's config carries its own."""
+def replace_vae(components: Components, vae: str | Path, dtype: torch.dtype = torch.float32,
+                loaded: torch.nn.Module | None = None) -> Components:
+    """`components` with the VAE at `vae` (a file or folder, `imagine.loading.vae.load_vae`; `loaded`: it, already
+    read) in place of its own. A file's VAE takes the model's latent space (scaling factor, shift, per-channel
+    statistics: VAEConfig.latent_space), as AUTOMATIC1111 takes its scaling (the file has no config; a fine-tuned
+    decoder keeps its model's latent space); a folder's config carries its own."""
     from dataclasses import replace
 
     from imagine.loading.vae import load_vae
@@ -1853,7 +1856,9 @@ def replace_vae(components: Components, vae: str | Path, dtype: torch.dtype = to
     if own is None:
         raise ValueError(f"--vae {vae}: the model {components.source or 'default'} works on pixels and has no VAE "
                          "to replace")
-    new = load_vae(vae, dtype)
+    if own is loaded:  # (a checkpoint without a VAE of its own took it in its latent space)
+        return replace(components, vae_source=str(vae))
+    new = loaded if loaded is not None else load_vae(vae, dtype)
     if not Path(vae).is_dir():
         for key, value in own.config.latent_space().items():
             setattr(new.config, key, value)
