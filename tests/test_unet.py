@@ -194,16 +194,16 @@ def test_config_from_dict():
     json.dumps(cfg.to_dict())
     # num_attention_heads, when given, is the number of heads; attention_head_dim is then unused.
     assert UNetConfig.from_dict(dict(d, num_attention_heads=(2, 8))).heads_per_block == (2, 8)
-    with pytest.raises(ValueError, match="down block type 'SimpleCrossAttnDownBlock2D'"):
-        UNetConfig.from_dict(dict(d, down_block_types=["SimpleCrossAttnDownBlock2D", "DownBlock2D"]))
+    with pytest.raises(ValueError, match="down block type 'AttnDownBlock2D'"):
+        UNetConfig.from_dict(dict(d, down_block_types=["AttnDownBlock2D", "DownBlock2D"]))
     with pytest.raises(ValueError, match="mid_block_type"):
-        UNetConfig.from_dict(dict(d, mid_block_type="UNetMidBlock2DSimpleCrossAttn"))
+        UNetConfig.from_dict(dict(d, mid_block_type="UNetMidBlock2D"))
     with pytest.raises(ValueError, match="unsupported addition_embed_type 'image'; valid: None or 'text_time'"):
         UNetConfig.from_dict(dict(d, addition_embed_type="image"))
     with pytest.raises(ValueError, match="'text_time' needs addition_time_embed_dim and projection_class_embeddings"):
         UNetConfig.from_dict(dict(d, addition_embed_type="text_time"))  # SDXL's, without its sizes
     with pytest.raises(ValueError, match="resnet_time_scale_shift"):
-        UNetConfig.from_dict(dict(d, resnet_time_scale_shift="scale_shift"))
+        UNetConfig.from_dict(dict(d, resnet_time_scale_shift="ada_group"))
     with pytest.raises(ValueError, match="attention heads"):
         UNetConfig.from_dict(dict(d, attention_head_dim=3))
     with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):

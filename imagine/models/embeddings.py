@@ -12,6 +12,9 @@
   the guidance scale w as an input) gets w as a sinusoidal code (`guidance_scale_embedding`), which a bias-free
   linear (`TimestepEmbedding.cond_proj`, diffusers' `time_cond_proj_dim`) adds to the time's sinusoidal code
   before the MLP.
+- GLIDE (Nichol et al. 2022, sec. 2.3) puts its text transformer's final token embedding in place of ADM's class
+  embedding; DeepFloyd IF adds its text encoder's states, attention-pooled to one vector, to the time embedding
+  (`TextTimeEmbedding`; diffusers' `addition_embed_type: "text"`).
 
 Module and parameter names follow diffusers (`time_embedding.linear_1`, `class_embedding.*`).
 """
@@ -152,3 +155,48 @@ def make_class_embedding(kind: str | None, num_class_embeds: int | None, project
         # diffusers builds this MLP with its default SiLU, whatever the config's act_fn.
         return TimestepEmbedding(projection_dim, time_embed_dim, "silu")
     return nn.Linear(projection_dim, time_embed_dim)
+
+
+class AttentionPooling(nn.Module):
+    """Attention pooling of tokens [B, L, D] to one vector [B, D] (CLIP's ResNet head, Radford et al. 2021, as IF
+    uses it): a query token, the tokens' mean plus a learned vector, attends over itself and the tokens,
+
+        c = mean(x) + p,  q = c W_q,  K = [c; x] W_k,  V = [c; x] W_v,  out = softmax(q K^T / sqrt(d)) V  (per head).
+
+    Every token counts, padding included (diffusers passes no mask here). Computed in float32: one query."""
+
+    def __init__(self, heads: int, dim: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention pooling: width {dim} cannot be split into {heads} heads "
+                             "(addition_embed_type_num_heads)")
+        self.num_heads = heads
+        self.positional_embedding = nn.Parameter(torch.randn(1, dim) / dim ** 0.5)
+        self.k_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query = x.mean(dim=1, keepdim=True) + self.positional_embedding.to(x.dtype)
+        seq = torch.cat([query, x], dim=1)
+
+        def heads(t):  # [B, N, D] -> [B, heads, N, D / heads] in float32
+            return t.float().unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(heads(self.q_proj(query)), heads(self.k_proj(seq)),
+                                             heads(self.v_proj(seq)))
+        return out.transpose(1, 2).flatten(2)[:, 0].to(x.dtype)
+
+
+class TextTimeEmbedding(nn.Module):
+    """The text states [B, L, D] -> a vector [B, time_embed_dim] added to the time embedding (IF; diffusers'
+    `addition_embed_type: "text"`): LayerNorm, attention pooling, a linear to the embedding's width, LayerNorm."""
+
+    def __init__(self, dim: int, time_embed_dim: int, heads: int = 64):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.pool = AttentionPooling(heads, dim)
+        self.proj = nn.Linear(dim, time_embed_dim)
+        self.norm2 = nn.LayerNorm(time_embed_dim)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.proj(self.pool(self.norm1(text))))

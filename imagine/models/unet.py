@@ -9,6 +9,10 @@ attention levels, whose cross-attention reads the text encoder's token states (L
 CDM/Imagen noise-augmentation levels) are embedded and added to the time embedding
 (`imagine.models.embeddings`); a guidance-distilled latent consistency model's guidance scale (Luo et al. 2023,
 LCM; diffusers' `time_cond_proj_dim`) enters as `timestep_cond`, added to the time's sinusoidal code.
+The pixel-space ADM / GLIDE family (DeepFloyd IF's cascade, Karlo's unCLIP decoder) is built from the same levels
+with BigGAN residual resampling, adaptive group norm and GLIDE's attention to the text appended to every attention
+layer's keys and values (`imagine.models.adm_blocks`); their U-Nets output twice the input's channels where they
+learn the variance (Nichol & Dhariwal 2021), which this network just returns.
 
 The config uses the field names of diffusers' `UNet2DConditionModel` config.json and the modules
 use its parameter names, so a diffusers `unet/` folder loads with `from_pretrained` and a
@@ -29,35 +33,35 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from imagine.models import io
+from imagine.models.adm_blocks import RESAMPLE_MODES, AddedKVAttention, resample
 from imagine.models.attention import ContextRefiner, SpatialTransformer, expand_batch, key_padding_mask
 from imagine.models.embeddings import (
-    CLASS_EMBED_TYPES, SinusoidalTimesteps, TimestepEmbedding, activation, make_class_embedding,
+    CLASS_EMBED_TYPES, SinusoidalTimesteps, TextTimeEmbedding, TimestepEmbedding, activation, make_class_embedding,
 )
 from imagine.models.group_norm import silu_of_norm
 
-DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
+# LDM's levels (spatial transformers, convolution resampling) and ADM / GLIDE's (residual resampling, GLIDE's
+# attention; `imagine.models.adm_blocks`)
+ADM_DOWN_BLOCK_TYPES = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
+ADM_UP_BLOCK_TYPES = ("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D") + ADM_DOWN_BLOCK_TYPES
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D") + ADM_UP_BLOCK_TYPES
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2DSimpleCrossAttn", None)
+ADM_BLOCK_TYPES = ADM_DOWN_BLOCK_TYPES + ADM_UP_BLOCK_TYPES + ("UNetMidBlock2DSimpleCrossAttn",)
+GLIDE_ATTENTION_TYPES = ("SimpleCrossAttnDownBlock2D", "SimpleCrossAttnUpBlock2D", "UNetMidBlock2DSimpleCrossAttn")
+TIME_SCALE_SHIFTS = ("default", "scale_shift")
 
 # diffusers config keys this U-Net does not implement, with the one value each may take (the
 # value under which the feature is off). Any other value is refused rather than silently dropped.
-# Keys not listed here and not fields of UNetConfig are ignored (e.g. `mid_block_only_cross_attention`
-# and `addition_embed_type_num_heads`, which do nothing for the supported block types).
+# Keys not listed here and not fields of UNetConfig are ignored.
 FIXED_KEYS: dict[str, Any] = {
     "dual_cross_attention": False,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional",
-    "time_embedding_act_fn": None,
     "timestep_post_act": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "attention_type": "default",
     "class_embeddings_concat": False,
-    "cross_attention_norm": None,
     "reverse_transformer_layers_per_block": None,
 }
 
@@ -85,7 +89,8 @@ class UNetConfig:
     NUMBER of attention heads per level whenever `num_attention_heads` is None (every SD 1.x/2.x
     config); each head is then out_channels // heads wide. `num_attention_heads`, when given,
     is the number of heads and takes precedence (diffusers 0.42 refuses it outright; we accept it
-    with that meaning). See `heads_per_block`.
+    with that meaning). See `heads_per_block`. In the GLIDE attention blocks (SimpleCrossAttn*) diffusers reads
+    attention_head_dim as each head's width instead (IF and Karlo: 64), and so do we (`glide_head_dim`).
     """
 
     sample_size: int | tuple[int, int] | None = None
@@ -124,6 +129,24 @@ class UNetConfig:
     # a guidance-distilled LCM's (Luo et al. 2023): the width of its guidance-scale code, which a bias-free linear
     # adds to the time's sinusoidal code (`timestep_cond`; imagine.models.embeddings.guidance_scale_embedding)
     time_cond_proj_dim: int | None = None
+    # ADM (Dhariwal & Nichol 2021): "scale_shift" is adaptive group norm, GN(h) (1 + s) + b with (s, b) from the
+    # time embedding, in every residual block; the ADM blocks' residual outputs divided by resnet_out_scale_factor,
+    # and with resnet_skip_time_act their projections take the time embedding without act() (IF's stage II, whose
+    # embedding went through time_embedding_act_fn once, after the class and text embeddings were added)
+    resnet_time_scale_shift: str = "default"
+    resnet_skip_time_act: bool = False
+    resnet_out_scale_factor: float = 1.0
+    time_embedding_act_fn: str | None = None
+    # IF: a linear from the text encoder's width (T5-XXL's 4096) to cross_attention_dim ("text_proj"), and the
+    # attention-pooled text states (addition_embed_type "text", addition_embed_type_num_heads heads) added to the
+    # time embedding
+    encoder_hid_dim: int | None = None
+    encoder_hid_dim_type: str | None = None
+    addition_embed_type_num_heads: int = 64
+    # GLIDE's attention (SimpleCrossAttn blocks): the text group-normalised first ("group_norm", IF's), and the
+    # mid block's attention reading the text alone (None: only_cross_attention's, when that is one bool)
+    cross_attention_norm: str | None = None
+    mid_block_only_cross_attention: bool | None = None
     # imagine's own extensions, off in every SD config (and then left out of config.json, so a
     # folder stays diffusers-readable): a 2-D position code in every spatial transformer, and a
     # trainable transformer over the text states (imagine.models.attention.ContextRefiner).
@@ -149,7 +172,7 @@ class UNetConfig:
                     raise ValueError(f"UNet config: unsupported {kind} block type {t!r}; valid: {', '.join(valid)}")
         if self.mid_block_type not in MID_BLOCK_TYPES:
             raise ValueError(f"UNet config: unsupported mid_block_type {self.mid_block_type!r}; "
-                             "valid: 'UNetMidBlock2DCrossAttn' or None")
+                             "valid: 'UNetMidBlock2DCrossAttn', 'UNetMidBlock2DSimpleCrossAttn' or None")
         if isinstance(self.cross_attention_dim, tuple):
             # diffusers allows one per level; one context can only feed them all if they agree.
             if len(set(self.cross_attention_dim)) != 1:
@@ -174,9 +197,9 @@ class UNetConfig:
         if self.class_embed_type not in CLASS_EMBED_TYPES:
             raise ValueError(f"UNet config: unsupported class_embed_type {self.class_embed_type!r}; "
                              f"valid: {CLASS_EMBED_TYPES}")
-        if self.addition_embed_type not in (None, "text_time"):
+        if self.addition_embed_type not in (None, "text_time", "text"):
             raise ValueError(f"UNet config: unsupported addition_embed_type {self.addition_embed_type!r}; valid: "
-                             "None or 'text_time' (SDXL)")
+                             "None or 'text_time' (SDXL) or 'text' (DeepFloyd IF: the pooled text states)")
         if self.addition_embed_type == "text_time" and not (self.addition_time_embed_dim
                                                             and self.projection_class_embeddings_input_dim):
             raise ValueError("UNet config: addition_embed_type 'text_time' needs addition_time_embed_dim and "
@@ -199,6 +222,75 @@ class UNetConfig:
             if level in attended and (h < 1 or c % h):
                 raise ValueError(f"UNet config: {c} channels cannot be split into {h} attention heads "
                                  "(attention_head_dim holds the number of heads when num_attention_heads is None)")
+        self._check_adm()
+
+    def _check_adm(self) -> None:
+        """The ADM / GLIDE settings (`imagine.models.adm_blocks`)."""
+        self._check_residual_settings()
+        self._check_text_settings()
+        if any(t in GLIDE_ATTENTION_TYPES for t in self._block_types):
+            self._check_glide_heads()
+
+    @property
+    def _block_types(self) -> tuple:
+        return self.down_block_types + self.up_block_types + (self.mid_block_type,)
+
+    def _check_residual_settings(self) -> None:
+        if self.resnet_time_scale_shift not in TIME_SCALE_SHIFTS:
+            raise ValueError(f"UNet config: unsupported resnet_time_scale_shift {self.resnet_time_scale_shift!r}; "
+                             f"valid: {', '.join(map(repr, TIME_SCALE_SHIFTS))}")
+        if self.time_embedding_act_fn is not None:
+            activation(self.time_embedding_act_fn)  # raises on an unknown name
+        s = self.resnet_out_scale_factor
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0:
+            raise ValueError(f"UNet config: resnet_out_scale_factor must be a positive number; got {s!r}")
+        if self.resnet_skip_time_act and any(t not in ADM_BLOCK_TYPES for t in self._block_types if t is not None):
+            raise ValueError("UNet config: resnet_skip_time_act is taken only by the ADM blocks (diffusers' "
+                             f"{', '.join(ADM_BLOCK_TYPES)}); with other block types in the same U-Net it is not "
+                             "supported")
+
+    def _check_text_settings(self) -> None:
+        if self.encoder_hid_dim_type is None and self.encoder_hid_dim is not None:
+            self.encoder_hid_dim_type = "text_proj"  # (as diffusers reads such a config)
+        if self.encoder_hid_dim_type not in (None, "text_proj"):
+            raise ValueError(f"UNet config: unsupported encoder_hid_dim_type {self.encoder_hid_dim_type!r}; valid: "
+                             "None or 'text_proj' (DeepFloyd IF's linear from the text encoder's width)")
+        if self.encoder_hid_dim_type == "text_proj" and not self.encoder_hid_dim:
+            raise ValueError("UNet config: encoder_hid_dim_type 'text_proj' needs encoder_hid_dim (the text "
+                             "encoder's width, 4096 for IF's T5-XXL)")
+        heads = self.addition_embed_type_num_heads
+        if self.addition_embed_type == "text" and (not self.has_cross_attention or self.context_dim % heads):
+            raise ValueError(f"UNet config: addition_embed_type 'text' pools the text states ({self.context_dim} "
+                             f"wide) with addition_embed_type_num_heads={heads} heads: it needs cross-attention "
+                             "blocks and a width the heads divide")
+        if self.cross_attention_norm not in (None, "group_norm"):
+            raise ValueError(f"UNet config: unsupported cross_attention_norm {self.cross_attention_norm!r}; valid: "
+                             "None or 'group_norm' (DeepFloyd IF's)")
+        if self.cross_attention_norm and self.cross_attention_dim % 32:
+            raise ValueError(f"UNet config: cross_attention_norm 'group_norm' takes 32 groups of the text's "
+                             f"{self.cross_attention_dim} channels (cross_attention_dim): not divisible")
+        if self.mid_block_only_cross_attention not in (None, True, False):
+            raise ValueError("UNet config: mid_block_only_cross_attention must be None, true or false; "
+                             f"got {self.mid_block_only_cross_attention!r}")
+
+    def _check_glide_heads(self) -> None:
+        """GLIDE attention blocks' heads are attention_head_dim wide (`glide_head_dim`), and must fill the channels
+        (diffusers' AttnAddedKVProcessor reshapes the heads' output to the channels)."""
+        if self.num_attention_heads is not None:
+            raise ValueError("UNet config: num_attention_heads is not supported with the GLIDE attention blocks "
+                             f"({', '.join(GLIDE_ATTENTION_TYPES)}), whose attention_head_dim is each head's width")
+        for d in self._per_level(self.attention_head_dim):
+            if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+                raise ValueError(f"UNet config: attention_head_dim must be positive integers (each head's "
+                                 f"width in the GLIDE attention blocks); got {d!r}")
+        rev = tuple(reversed(self.block_out_channels))
+        blocks = [*zip(self.down_block_types, self.block_out_channels, range(self.num_levels)),
+                  *zip(self.up_block_types, rev, range(self.num_levels)),
+                  (self.mid_block_type, self.block_out_channels[-1], -1)]
+        for kind, c, i in blocks:
+            if kind in GLIDE_ATTENTION_TYPES and c % self.glide_head_dim(i):
+                raise ValueError(f"UNet config: a {kind} of {c} channels cannot be split into attention heads "
+                                 f"{self.glide_head_dim(i)} wide (attention_head_dim)")
 
     # -- derived values ------------------------------------------------------------------------
     def _per_level(self, v) -> tuple:
@@ -220,6 +312,26 @@ class UNetConfig:
         if self.mid_block_type == "UNetMidBlock2DCrossAttn":
             levels.add(n - 1)
         return frozenset(levels)
+
+    def glide_head_dim(self, index: int) -> int:
+        """The head width of a GLIDE attention block: attention_head_dim of the down block `index` (-1: the mid
+        block's, the last level's). diffusers indexes the up blocks' by their own index too, not by the mirrored
+        level, and so do we (the same whenever attention_head_dim is one number, as in IF and Karlo)."""
+        return self._per_level(self.attention_head_dim)[index]
+
+    @property
+    def mid_only_cross(self) -> bool:
+        """Whether the GLIDE mid block's attention reads the text alone: mid_block_only_cross_attention, or
+        only_cross_attention where that is one bool (diffusers' rule)."""
+        if self.mid_block_only_cross_attention is not None:
+            return self.mid_block_only_cross_attention
+        return self.only_cross_attention if isinstance(self.only_cross_attention, bool) else False
+
+    @property
+    def context_dim(self) -> int:
+        """The width of the text states the U-Net takes: encoder_hid_dim when a linear maps them to
+        cross_attention_dim (IF's "text_proj"), else cross_attention_dim."""
+        return self.encoder_hid_dim if self.encoder_hid_dim_type == "text_proj" else self.cross_attention_dim
 
     @property
     def refiner_heads(self) -> int:
@@ -243,8 +355,7 @@ class UNetConfig:
 
     @property
     def has_cross_attention(self) -> bool:
-        return (any(t.startswith("CrossAttn") for t in self.down_block_types + self.up_block_types)
-                or self.mid_block_type == "UNetMidBlock2DCrossAttn")
+        return any(_has_attention(t) for t in self._block_types)
 
     # -- dict round trip -------------------------------------------------------------------------
     @classmethod
@@ -324,18 +435,29 @@ class ResnetBlock(nn.Module):
     (DDPM appendix B; the Wide-ResNet block with GroupNorm):
 
         h = conv1(act(GN1(x))) + W act(emb);  h = conv2(dropout(act(GN2(h))));  out = (skip(x) + h) / s
-    """
+
+    `time_scale_shift` "scale_shift" is ADM's adaptive group norm (Dhariwal & Nichol 2021, sec. 3, AdaGN):
+    (y_s, y_b) = W act(emb),  h = conv2(dropout(act(GN2(conv1(act(GN1(x)))) (1 + y_s) + y_b))).
+    `resample` "down" / "up" is ADM's BigGAN-style resampling residual block: both x and act(GN1(x)) are
+    resampled before conv1 (`imagine.models.adm_blocks.resample`). The caller passes act(emb) as `emb_act`, or emb
+    itself where the U-Net skips that act (diffusers' resnet_skip_time_act)."""
 
     def __init__(self, cin: int, cout: int, temb: int, groups: int, eps: float, act_fn: str,
-                 dropout: float = 0.0, output_scale_factor: float = 1.0):
+                 dropout: float = 0.0, output_scale_factor: float = 1.0, time_scale_shift: str = "default",
+                 resample: str | None = None):
         super().__init__()
+        if time_scale_shift not in TIME_SCALE_SHIFTS or resample not in RESAMPLE_MODES:
+            raise ValueError(f"ResnetBlock: time_scale_shift must be one of {TIME_SCALE_SHIFTS} and resample one of "
+                             f"{RESAMPLE_MODES}; got {time_scale_shift!r}, {resample!r}")
         self.act_fn = act_fn
         self.act = activation(act_fn)
         self.act_ = activation(act_fn, inplace=True)
         self.output_scale_factor = output_scale_factor
+        self.scale_shift = time_scale_shift == "scale_shift"
+        self.resample = resample
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb, cout)
+        self.time_emb_proj = nn.Linear(temb, 2 * cout if self.scale_shift else cout)
         self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
@@ -347,31 +469,41 @@ class ResnetBlock(nn.Module):
             return silu_of_norm(norm, x, inplace=inplace)
         return self.act_(norm(x))
 
-    def forward(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
-        """emb_act: act(time embedding) [B, temb], computed once per forward by the U-Net."""
-        if torch.is_grad_enabled():
-            h = self.conv1(self.act(self.norm1(x)))
-            e = self.time_emb_proj(emb_act)
-            n = max(h.shape[0], e.shape[0])  # per-copy embeddings part a guidance batch's copies here
-            h, x, e = expand_batch(h, n), expand_batch(x, n), expand_batch(e, n)
-            h = h + e[:, :, None, None]
-            h = self.conv2(self.dropout(self.act(self.norm2(h))))
-            skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-            out = skip + h
-            return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
-        # Inference: the same arithmetic, updating the block's own intermediates in place, which
-        # saves allocating (and page-faulting) a full feature map per step on a CPU.
-        h = self.conv1(self._act_of_norm(self.norm1, x))
+    def forward(self, x: torch.Tensor, emb_act: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """emb_act: act(time embedding) [B, temb], computed once per forward by the U-Net; `size`: the map size an
+        upsampling block reaches where it is not twice x's (`resample`)."""
+        grad = torch.is_grad_enabled()
+        h = self.act(self.norm1(x)) if grad else self._act_of_norm(self.norm1, x)
+        if self.resample is not None:
+            h, x = resample(h, self.resample, size), resample(x, self.resample, size)
+        h = self.conv1(h)
         e = self.time_emb_proj(emb_act)
         if e.shape[0] != h.shape[0]:  # a guidance batch: per-copy embeddings part its copies here;
             n = max(h.shape[0], e.shape[0])  # after they parted, the shared embedding serves every copy
             h, x, e = expand_batch(h, n), expand_batch(x, n), expand_batch(e, n)
-        h += e[:, :, None, None]
-        h = self.conv2(self.dropout(self._act_of_norm(self.norm2, h, inplace=True)))  # h is ours
-        h += x if self.conv_shortcut is None else self.conv_shortcut(x)
+        h = self.conv2(self.dropout(self._time_conditioned(h, e[:, :, None, None], grad)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        if grad:
+            out = skip + h
+            return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+        # Inference: the residual sums go in place into the block's own intermediates, which saves
+        # allocating (and page-faulting) a full feature map per step on a CPU.
+        h += skip
         if self.output_scale_factor != 1.0:
             h /= self.output_scale_factor
         return h
+
+    def _time_conditioned(self, h: torch.Tensor, e: torch.Tensor, grad: bool) -> torch.Tensor:
+        """act(GN2(h + e)) (DDPM), or with scale_shift act(GN2(h) (1 + y_s) + y_b), (y_s, y_b) = e (ADM's AdaGN).
+        Without autograd h (the block's own conv output) is overwritten."""
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+            return self.act(h) if grad else self.act_(h)
+        if grad:
+            return self.act(self.norm2(h + e))
+        h += e
+        return self._act_of_norm(self.norm2, h, inplace=True)
 
 
 class Downsample(nn.Module):
@@ -421,23 +553,50 @@ def _transformer(cfg: UNetConfig, channels: int, heads: int, layers: int, only_c
                               0.0, cfg.attention_position_embedding)
 
 
+def _resnet(cfg: UNetConfig, cin: int, cout: int, adm: bool, output_scale_factor: float | None = None,
+            resample: str | None = None) -> ResnetBlock:
+    """A residual block of the config: every block type takes resnet_time_scale_shift; diffusers gives
+    resnet_out_scale_factor to the ADM levels only (the mid blocks take mid_block_scale_factor)."""
+    if output_scale_factor is None:
+        output_scale_factor = cfg.resnet_out_scale_factor if adm else 1.0
+    return ResnetBlock(cin, cout, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn, cfg.dropout,
+                       output_scale_factor, cfg.resnet_time_scale_shift, resample)
+
+
+def _attention(cfg: UNetConfig, kind: str, channels: int, level: int, index: int, only_cross: bool) -> nn.Module:
+    """The attention after a residual block: LDM's spatial transformer (CrossAttn* blocks; `level`'s heads) or
+    GLIDE's attention over the map and the text (SimpleCrossAttn* blocks; heads attention_head_dim[index] wide)."""
+    if kind in GLIDE_ATTENTION_TYPES:
+        d = cfg.glide_head_dim(index)
+        return AddedKVAttention(channels, channels // d, d, cfg.cross_attention_dim, cfg.norm_num_groups,
+                                only_cross, cfg.cross_attention_norm == "group_norm")
+    return _transformer(cfg, channels, cfg.heads_per_block[level],
+                        cfg._per_level(cfg.transformer_layers_per_block)[level], only_cross)
+
+
+def _has_attention(kind: str | None) -> bool:
+    return kind is not None and "CrossAttn" in kind
+
+
 class DownBlock(_Checkpointable):
-    """One level of the contracting path (diffusers' CrossAttnDownBlock2D / DownBlock2D): residual
-    blocks, each followed by a spatial transformer on attention levels, then a downsampler. Every
-    intermediate output is kept as a skip for the expanding path."""
+    """One level of the contracting path: residual blocks, each followed by attention on attention levels, then a
+    downsampler. Every intermediate output is kept as a skip for the expanding path.
+
+    LDM's levels (diffusers' CrossAttnDownBlock2D / DownBlock2D): spatial transformers, a stride-2 convolution.
+    ADM's (ResnetDownsampleBlock2D / SimpleCrossAttnDownBlock2D): GLIDE's attention, and a residual block that
+    average-pools inside (BigGAN's, Dhariwal & Nichol 2021 sec. 3)."""
 
     def __init__(self, cfg: UNetConfig, level: int, cin: int, cout: int):
         super().__init__()
-        cross = cfg.down_block_types[level] == "CrossAttnDownBlock2D"
+        kind = cfg.down_block_types[level]
+        adm = kind in ADM_DOWN_BLOCK_TYPES
         n = cfg._per_level(cfg.layers_per_block)[level]
-        self.resnets = nn.ModuleList([
-            ResnetBlock(cin if i == 0 else cout, cout, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps,
-                        cfg.act_fn, cfg.dropout) for i in range(n)])
-        self.attentions = nn.ModuleList([
-            _transformer(cfg, cout, cfg.heads_per_block[level], cfg._per_level(cfg.transformer_layers_per_block)[level],
-                         cfg._per_level(cfg.only_cross_attention)[level]) for _ in range(n)]) if cross else None
-        last = level == cfg.num_levels - 1
-        self.downsamplers = None if last else nn.ModuleList([Downsample(cout, cfg.downsample_padding)])
+        self.resnets = nn.ModuleList([_resnet(cfg, cin if i == 0 else cout, cout, adm) for i in range(n)])
+        only_cross = cfg._per_level(cfg.only_cross_attention)[level]
+        self.attentions = nn.ModuleList([_attention(cfg, kind, cout, level, level, only_cross) for _ in range(n)]) \
+            if _has_attention(kind) else None
+        self.downsamplers = None if level == cfg.num_levels - 1 else nn.ModuleList([
+            _resnet(cfg, cout, cout, adm, resample="down") if adm else Downsample(cout, cfg.downsample_padding)])
 
     def forward(self, x, emb_act, context, mask):
         skips = []
@@ -447,26 +606,25 @@ class DownBlock(_Checkpointable):
                 x = self._run(self.attentions[i], x, context, mask)
             skips.append(x)
         if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
+            down = self.downsamplers[0]
+            x = self._run(down, x, emb_act) if isinstance(down, ResnetBlock) else down(x)
             skips.append(x)
         return x, skips
 
 
 class MidBlock(_Checkpointable):
-    """The bottleneck (diffusers' UNetMidBlock2DCrossAttn): resnet, transformer, resnet. Its
-    transformer always has self-attention (diffusers does not pass only_cross_attention here)."""
+    """The bottleneck: resnet, attention, resnet. LDM's (diffusers' UNetMidBlock2DCrossAttn) transformer always
+    has self-attention (diffusers does not pass only_cross_attention there); GLIDE's (UNetMidBlock2DSimpleCrossAttn)
+    attention follows `mid_only_cross`."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        c = cfg.block_out_channels[-1]
-
-        def resnet():
-            return ResnetBlock(c, c, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn, cfg.dropout,
-                               output_scale_factor=cfg.mid_block_scale_factor)
-
-        self.resnets = nn.ModuleList([resnet(), resnet()])
+        c, kind = cfg.block_out_channels[-1], cfg.mid_block_type
+        adm = kind in ADM_BLOCK_TYPES
+        self.resnets = nn.ModuleList([
+            _resnet(cfg, c, c, adm, output_scale_factor=cfg.mid_block_scale_factor) for _ in range(2)])
         self.attentions = nn.ModuleList([
-            _transformer(cfg, c, cfg.heads_per_block[-1], cfg._per_level(cfg.transformer_layers_per_block)[-1], False)])
+            _attention(cfg, kind, c, cfg.num_levels - 1, -1, cfg.mid_only_cross if adm else False)])
 
     def forward(self, x, emb_act, context, mask):
         x = self._run(self.resnets[0], x, emb_act)
@@ -475,26 +633,28 @@ class MidBlock(_Checkpointable):
 
 
 class UpBlock(_Checkpointable):
-    """One level of the expanding path (diffusers' CrossAttnUpBlock2D / UpBlock2D): layers_per_block + 1
-    residual blocks, each taking the previous output concatenated (on channels) with the next skip,
-    each followed by a transformer on attention levels, then an upsampler."""
+    """One level of the expanding path: layers_per_block + 1 residual blocks, each taking the previous output
+    concatenated (on channels) with the next skip, each followed by attention on attention levels, then an
+    upsampler: LDM's (diffusers' CrossAttnUpBlock2D / UpBlock2D) nearest x2 and a convolution, ADM's
+    (ResnetUpsampleBlock2D / SimpleCrossAttnUpBlock2D) a residual block that upsamples inside."""
 
     def __init__(self, cfg: UNetConfig, i: int):
         super().__init__()
         rev = tuple(reversed(cfg.block_out_channels))
         level = cfg.num_levels - 1 - i  # the mirrored down level
-        cross = cfg.up_block_types[i] == "CrossAttnUpBlock2D"
+        kind = cfg.up_block_types[i]
+        adm = kind in ADM_UP_BLOCK_TYPES
         cout, cprev = rev[i], rev[max(i - 1, 0)]
         cskip_last = rev[min(i + 1, cfg.num_levels - 1)]  # the skip from the level below (or conv_in)
         n = cfg._per_level(cfg.layers_per_block)[level] + 1
         self.resnets = nn.ModuleList([
-            ResnetBlock((cprev if j == 0 else cout) + (cskip_last if j == n - 1 else cout), cout, cfg.time_embed_dim,
-                        cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn, cfg.dropout) for j in range(n)])
-        self.attentions = nn.ModuleList([
-            _transformer(cfg, cout, cfg.heads_per_block[level], cfg._per_level(cfg.transformer_layers_per_block)[level],
-                         cfg._per_level(cfg.only_cross_attention)[level]) for _ in range(n)]) if cross else None
-        last = i == cfg.num_levels - 1
-        self.upsamplers = None if last else nn.ModuleList([Upsample(cout)])
+            _resnet(cfg, (cprev if j == 0 else cout) + (cskip_last if j == n - 1 else cout), cout, adm)
+            for j in range(n)])
+        only_cross = cfg._per_level(cfg.only_cross_attention)[level]
+        self.attentions = nn.ModuleList([_attention(cfg, kind, cout, level, i, only_cross) for _ in range(n)]) \
+            if _has_attention(kind) else None
+        self.upsamplers = None if i == cfg.num_levels - 1 else nn.ModuleList([
+            _resnet(cfg, cout, cout, adm, resample="up") if adm else Upsample(cout)])
 
     def forward(self, x, skips, emb_act, context, mask, size=None):
         for j, resnet in enumerate(self.resnets):
@@ -505,7 +665,8 @@ class UpBlock(_Checkpointable):
             if self.attentions is not None:
                 x = self._run(self.attentions[j], x, context, mask)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x, size)
+            up = self.upsamplers[0]
+            x = self._run(up, x, emb_act, size) if isinstance(up, ResnetBlock) else up(x, size)
         return x
 
 
@@ -538,6 +699,13 @@ class UNet2DConditionModel(nn.Module):
             self.add_time_proj = SinusoidalTimesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
             # (diffusers builds this MLP with its default SiLU, whatever the config's act_fn)
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, c.time_embed_dim, "silu")
+        elif c.addition_embed_type == "text":  # IF: the attention-pooled text states, added to the time embedding
+            self.add_embedding = TextTimeEmbedding(c.context_dim, c.time_embed_dim, c.addition_embed_type_num_heads)
+        # IF: after the embeddings are summed (diffusers' time_embed_act; no parameters)
+        self.time_embed_act = activation(c.time_embedding_act_fn) if c.time_embedding_act_fn else None
+        # IF: the text encoder's states (T5-XXL: 4096 wide) -> cross_attention_dim, for every attention layer
+        self.encoder_hid_proj = nn.Linear(c.encoder_hid_dim, c.cross_attention_dim) \
+            if c.encoder_hid_dim_type == "text_proj" else None
         self.context_refiner = (ContextRefiner(c.cross_attention_dim, c.context_refiner_layers, c.refiner_heads)
                                 if c.context_refiner_layers and c.has_cross_attention else None)
         self.down_blocks = nn.ModuleList([DownBlock(c, i, ch[max(i - 1, 0)], ch[i]) for i in range(c.num_levels)])
@@ -576,8 +744,10 @@ class UNet2DConditionModel(nn.Module):
                 down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
                 mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, in_channels, H, W] (any H, W); t a scalar or [B]
-        (training-timestep units, may be fractional); context [B, L, cross_attention_dim];
-        context_mask [B, L] bool, True = attend to that token; class_labels per config.class_embed_type;
+        (training-timestep units, may be fractional); context [B, L, cross_attention_dim] (IF's: [B, L,
+        encoder_hid_dim], the text encoder's states); context_mask [B, L] bool, True = attend to that token (in
+        the attention layers; IF's pooled text and text norm read every token, as diffusers');
+        class_labels per config.class_embed_type;
         text_embeds [B, D] and time_ids [B, 6] for addition_embed_type "text_time" (SDXL: the pooled text
         vector, and the original size, crop corner and target size, each (height, width));
         timestep_cond [B, time_cond_proj_dim] for a guidance-distilled LCM (its guidance-scale code,
@@ -622,7 +792,8 @@ class UNet2DConditionModel(nn.Module):
     def embed(self, x, t, context=None, context_mask=None, class_labels=None, text_embeds=None, time_ids=None,
               timestep_cond=None):
         """The inputs checked and embedded, as the contracting path takes them: (x in the weights' dtype,
-        act(time embedding + any class / SDXL embedding), context, the key padding mask, the rows of the call:
+        act(time embedding + any class / SDXL / IF text embedding), context (through encoder_hid_proj, if any), the
+        key padding mask, the rows of the call:
         k * B for a guidance batch). `timestep_cond` None on a U-Net with time_cond_proj_dim leaves cond_proj out,
         as diffusers does (its ControlNets run so; `forward` asks for it)."""
         c = self.config
@@ -645,19 +816,33 @@ class UNet2DConditionModel(nn.Module):
         elif class_labels is not None:
             raise ValueError("class_labels given, but this UNet has no class embedding (config.class_embed_type "
                              "and num_class_embeds are None)")
-        if c.addition_embed_type == "text_time":
-            add_emb = self._text_time_embedding(text_embeds, time_ids, x, rows)
-            emb = expand_batch(emb, add_emb.shape[0]) + add_emb
-        elif text_embeds is not None or time_ids is not None:
-            raise ValueError("text_embeds / time_ids given, but this UNet takes no such conditioning "
-                             "(config.addition_embed_type is None; SDXL's is 'text_time')")
-        emb_act = self.act(emb)  # every residual block applies act() before its projection
+        emb = self._added_embedding(emb, text_embeds, time_ids, context, x, rows)
+        if self.time_embed_act is not None:  # IF: once, on the sum
+            emb = self.time_embed_act(emb)
+        # every residual block applies act() before its projection (ADM blocks with resnet_skip_time_act: not)
+        emb_act = emb if c.resnet_skip_time_act else self.act(emb)
         mask = key_padding_mask(context_mask)
+        if self.encoder_hid_proj is not None:  # IF: the encoder's width -> cross_attention_dim (after the pooling)
+            context = self.encoder_hid_proj(context)
         if self.context_refiner is not None:
             context = self.context_refiner(context, mask)
         if c.center_input_sample:
             x = 2 * x - 1.0
         return x, emb_act, context, mask, rows
+
+    def _added_embedding(self, emb, text_embeds, time_ids, context, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """emb plus SDXL's embedding of the pooled text and size numbers ("text_time"), or IF's attention-pooled
+        text states ("text": from the encoder's states before encoder_hid_proj, every token counted, as diffusers
+        pools them unmasked), per config.addition_embed_type."""
+        kind = self.config.addition_embed_type
+        if kind != "text_time" and (text_embeds is not None or time_ids is not None):
+            raise ValueError(f"text_embeds / time_ids given, but this UNet takes no such conditioning "
+                             f"(config.addition_embed_type is {kind!r}; SDXL's is 'text_time')")
+        if kind is None:
+            return emb
+        add = self._text_time_embedding(text_embeds, time_ids, x, rows) if kind == "text_time" \
+            else self.add_embedding(context)
+        return expand_batch(emb, add.shape[0]) + add
 
     def _timestep_cond(self, cond, x: torch.Tensor, rows: int) -> torch.Tensor:
         """An LCM's guidance code [B or rows, time_cond_proj_dim] checked, in x's dtype."""
@@ -750,14 +935,15 @@ class UNet2DConditionModel(nn.Module):
             if context is not None or context_mask is not None:
                 raise ValueError("this UNet has no cross-attention blocks; pass context=None and context_mask=None")
             return t, None, None
+        d = c.context_dim
         if context is None:
-            raise ValueError(f"this UNet cross-attends to text: pass context [B, L, {c.cross_attention_dim}]")
+            raise ValueError(f"this UNet cross-attends to text: pass context [B, L, {d}]")
         if not torch.is_tensor(context) or context.ndim != 3:
             got = tuple(context.shape) if torch.is_tensor(context) else type(context).__name__
-            raise ValueError(f"context must be a tensor [B, L, {c.cross_attention_dim}]; got {got}")
-        if context.shape[-1] != c.cross_attention_dim:
-            raise ValueError(f"context width {context.shape[-1]} does not match the UNet's cross_attention_dim "
-                             f"{c.cross_attention_dim}")
+            raise ValueError(f"context must be a tensor [B, L, {d}]; got {got}")
+        if context.shape[-1] != d:
+            what = "encoder_hid_dim" if c.encoder_hid_dim_type else "cross_attention_dim"
+            raise ValueError(f"context width {context.shape[-1]} does not match the UNet's {what} {d}")
         if context.shape[0] != b and (b == 0 or context.shape[0] % b):
             raise ValueError(f"batch mismatch: x has {b} samples but context has {context.shape[0]} (it must have "
                              f"as many, or k times as many for a guidance batch whose k copies share x)")
