@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import os
 import random
 import re
@@ -711,6 +712,7 @@ class TextToImagePipeline:
         A guidance-distilled latent consistency model (its U-Net has time_cond_proj_dim: `guidance_embedded`) runs as
         diffusers' LatentConsistencyModelPipeline: one U-Net call a step, guidance_scale given to the U-Net as the
         code of guidance_scale - 1, no negative prompt; by default the lcm sampler, 4 steps at guidance 8.5."""
+        _check_output_type(output_type)
         if self.c.prior is not None:
             from imagine.composable import split_and
             from imagine.pipelines.unclip import text_to_image
@@ -788,7 +790,7 @@ class TextToImagePipeline:
             raise ValueError(f"{self.c.source or 'this model'} is {self.picture_model}, which a picture conditions "
                              f"throughout; use {call} (the CLI: --init-image PICTURE)")
         d = self.defaults
-        steps = int(d["steps"] if steps is None else steps)
+        steps = _steps(steps, d["steps"])
         guidance_scale = _default_guidance(d, guidance_scale, sampler or d["sampler"])
         sampler = sampler or d["sampler"]
         from imagine.samplers import same_sampler
@@ -1139,6 +1141,7 @@ class TextToImagePipeline:
         runs canny and mlsd units with the soft weights there). `kw`: `generate`'s options, for both passes. The
         parameters give the first pass's size and sampling, as A1111's infotext does, with the scale and
         "hires_sampling"."""
+        _check_output_type(output_type)  # (before the first pass runs)
         if isinstance(hires_scale, bool) or not isinstance(hires_scale, (int, float)) or not 1 <= hires_scale <= 4:
             raise ValueError(f"hires_scale must be a number in [1, 4] (A1111's slider; 1: a second pass at the first "
                              f"size); got {hires_scale!r}")
@@ -1322,8 +1325,9 @@ class TextToImagePipeline:
         for the negatives, channels to concatenate or None), its noise drawn from each image's generator before the
         start noise (as diffusers' pipelines draw them); the sampling; the decoded images (none for output_type
         "latent") and the parameters (`params` with what generate records)."""
+        _check_output_type(output_type)
         d = self.defaults
-        steps = int(d["steps"] if steps is None else steps)
+        steps = _steps(steps, d["steps"])
         guidance_scale = _default_guidance(d, guidance_scale, sampler or d["sampler"])
         sampler = sampler or d["sampler"]
         t0 = time.perf_counter()
@@ -1816,6 +1820,29 @@ def _prompt_list(prompt, per_prompt) -> list[str]:
     if not isinstance(per_prompt, int) or isinstance(per_prompt, bool) or per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be a positive integer; got {per_prompt!r}")
     return prompts
+
+
+OUTPUT_TYPES = ("pil", "latent")  # generate's results: PIL images, or the latents alone (result.latents, no decode)
+
+
+def _check_output_type(output_type) -> None:
+    """output_type must be one of OUTPUT_TYPES (diffusers' "np" and "pt" would otherwise run the whole batch and
+    give no image)."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be 'pil' (PIL images) or 'latent' (the latents alone, in result.latents, "
+                         f"not decoded); got {output_type!r} (for diffusers' 'np' or 'pt', decode result.latents with "
+                         "pipe.decode: images in [-1, 1])")
+
+
+def _steps(steps, default) -> int:
+    """The sampler's steps asked, a whole number (not a bool: 2.5 must not run 2 steps), or None: the model's
+    `default`."""
+    if steps is None:
+        return int(default)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise ValueError(f"steps must be a whole number of sampling steps (1 up to the model's training timesteps); "
+                         f"got {steps!r}")
+    return int(steps)
 
 
 def _two_call(sampler: str) -> bool:
