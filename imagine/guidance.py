@@ -15,6 +15,8 @@
 - Thresholding of x_0 (Saharia et al. 2022, Imagen, sec. 2.3): static clips to [-1, 1]; dynamic
   takes s = the p-th percentile of |x_0| per sample, s = max(s, 1), clips to [-s, s] and divides by s;
   `threshold_range` R carries both to data in [-R, R] (a latent), R = 1 being the paper's pixels.
+  An upper cap on s (`max_value`, DeepFloyd IF's sample_max_value 1.5, as diffusers' DDPMScheduler with
+  thresholding clamps s to [1, sample_max_value]) bounds how far a sample is pushed inwards.
 """
 
 from __future__ import annotations
@@ -425,17 +427,38 @@ def static_threshold(x0: torch.Tensor, bound: float = 1.0) -> torch.Tensor:
     return x0.clamp(-bound, bound)
 
 
-def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, bound: float = 1.0) -> torch.Tensor:
+def check_threshold_max(max_value) -> float | None:
+    """The cap on dynamic thresholding's s, in units of R: None (no cap, the paper's rule) or a finite number >= 1
+    (a cap below 1 would rescale samples already within the data range); else a ValueError naming what is valid."""
+    if max_value is None:
+        return None
+    try:
+        value = float(max_value)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(max_value, bool) or not (value >= 1 and math.isfinite(value)):
+        raise ValueError(f"threshold_max must be None (no cap) or a finite number >= 1, the largest s dynamic "
+                         f"thresholding divides by, in units of threshold_range (DeepFloyd IF's sample_max_value: "
+                         f"1.5); got {max_value!r}")
+    return value
+
+
+def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, bound: float = 1.0,
+                      max_value: float | None = None) -> torch.Tensor:
     """Saharia et al. 2022, sec. 2.3: per sample, s = the `percentile` quantile of |x_0|; s = max(s, R);
     x_0 = clip(x_0, -s, s) * R / s (R = 1 in the paper). Pushes saturated values inwards instead of
-    flattening them; a sample whose quantile stays within R is only clipped, never rescaled."""
+    flattening them; a sample whose quantile stays within R is only clipped, never rescaled.
+    `max_value` M caps s at M R (diffusers' DDPMScheduler with thresholding: s clamped to [1, sample_max_value];
+    DeepFloyd IF's M = 1.5): values past M R are clipped there, and nothing is divided by more than M."""
     if not 0 < percentile <= 1:
         raise ValueError(f"threshold_percentile must be in (0, 1]; got {percentile}")
     bound = check_threshold_range(bound)
+    max_value = check_threshold_max(max_value)
     flat = x0.reshape(x0.shape[0], -1).abs()
     if flat.dtype not in (torch.float32, torch.float64):  # (as diffusers: the quantile in float64 for a float64 x_0)
         flat = flat.float()
-    s = torch.quantile(flat, percentile, dim=1).clamp(min=bound).to(x0.dtype)
+    s = torch.quantile(flat, percentile, dim=1)
+    s = s.clamp(min=bound, max=None if max_value is None else max_value * bound).to(x0.dtype)
     s = s.view(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) * (bound / s)
 
@@ -450,11 +473,12 @@ def latent_threshold_range(latents: torch.Tensor, percentile: float = 0.995) -> 
 
 
 def apply_threshold(x0: torch.Tensor, thresholding: str | None, percentile: float = 0.995,
-                    bound: float = 1.0) -> torch.Tensor:
+                    bound: float = 1.0, max_value: float | None = None) -> torch.Tensor:
+    """x_0 thresholded by the rule `thresholding` (None: as it is); `max_value`: the dynamic rule's cap on s."""
     if thresholding is None:
         return x0
     if thresholding == "static":
         return static_threshold(x0, bound)
     if thresholding == "dynamic":
-        return dynamic_threshold(x0, percentile, bound)
+        return dynamic_threshold(x0, percentile, bound, max_value)
     raise ValueError(f"thresholding must be None, 'static' or 'dynamic'; got {thresholding!r}")

@@ -24,6 +24,7 @@ from imagine.guidance import (
     apply_threshold,
     check_cond,
     cond_at,
+    check_threshold_max,
     check_threshold_range,
     classifier_eps_shift,
     classifier_gradient,
@@ -233,7 +234,7 @@ class Denoiser:
                  classifier: Callable[..., torch.Tensor] | None = None, classifier_scale: float = 0.0,
                  classifier_form: str = "eps", thresholding: str | None = None, threshold_percentile: float = 0.995,
                  threshold_range: float = 1.0, guidance: Callable[..., torch.Tensor] | None = None,
-                 schedule: NoiseSchedule | None = None):
+                 schedule: NoiseSchedule | None = None, threshold_max: float | None = None):
         self.model, self.plan, self.schedule = model, plan, schedule
         # how cond and uncond combine: classifier-free guidance, or another rule (InstructPix2Pix's three passes)
         self.guidance = guidance or guided_model_output
@@ -244,6 +245,7 @@ class Denoiser:
         self.classifier_form = classifier_form
         self.thresholding, self.threshold_percentile = thresholding, threshold_percentile
         self.threshold_range = float(threshold_range)
+        self.threshold_max = check_threshold_max(threshold_max)  # (dynamic thresholding's cap on s, in units of R)
         self.calls = 0
         # (D(x_T), and its unconditional x_0) computed by matched_start, for the first step
         self._held: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -385,7 +387,8 @@ class Denoiser:
             x0 = predict_x0(eps, x, abar, "epsilon")
         else:
             x0 = predict_x0(out, x, abar, kind)
-        x0 = apply_threshold(x0, self.thresholding, self.threshold_percentile, self.threshold_range)
+        x0 = apply_threshold(x0, self.thresholding, self.threshold_percentile, self.threshold_range,
+                             self.threshold_max)
         if rule == "denoised":
             x0 = torch.lerp(x0_known.to(x0.dtype), x0, mask.to(x0.dtype))
         return x0
@@ -498,7 +501,7 @@ def initial_noise_scale(plan: SamplingPlan, start: str = "noise") -> float:
 
 
 def _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, classifier_scale, form, thresholding,
-                       threshold_percentile, canonical, threshold_range=1.0):
+                       threshold_percentile, canonical, threshold_range=1.0, threshold_max=None):
     if not math.isfinite(float(guidance_scale)):
         raise ValueError(f"guidance_scale must be a finite number; got {guidance_scale}")
     if guidance_scale != 1 and uncond is None:
@@ -511,6 +514,9 @@ def _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, cla
     if not 0 < float(threshold_percentile) <= 1:
         raise ValueError(f"threshold_percentile must be in (0, 1]; got {threshold_percentile}")
     check_threshold_range(threshold_range)
+    if check_threshold_max(threshold_max) is not None and thresholding != "dynamic":
+        raise ValueError(f"threshold_max caps dynamic thresholding's s; it needs thresholding='dynamic' (got "
+                         f"thresholding={thresholding!r})")
     if form not in CLASSIFIER_FORMS:
         raise ValueError(f"classifier_guidance_form must be one of {sorted(CLASSIFIER_FORMS)}; got {form!r}")
     if classifier_scale and classifier is None:
@@ -557,8 +563,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            cond: dict[str, Any] | None = None, uncond: dict[str, Any] | None = None, guidance_scale: float = 1.0,
            guidance_rescale: float = 0.0, classifier: Callable[..., torch.Tensor] | None = None,
            classifier_scale: float = 0.0, classifier_guidance_form: str = "eps", thresholding: str | None = None,
-           threshold_percentile: float = 0.995, threshold_range: float = 1.0, timestep_spacing: str | None = None,
-           steps_offset: int | None = None,
+           threshold_percentile: float = 0.995, threshold_range: float = 1.0, threshold_max: float | None = None,
+           timestep_spacing: str | None = None, steps_offset: int | None = None,
            karras: bool | None = False, eta: float | None = None, seeds: int | Sequence[int] | None = None,
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = True, final_step: str = "euler",
@@ -601,6 +607,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         (Alg. 2, any sampler) or "mean" (Alg. 1, ddpm only).
     thresholding: None, "static" or "dynamic" (Imagen) on every x_0 prediction; threshold_range R: the data's
         range [-R, R] the rules hold x_0 to (1: pixels, Imagen's case; a latent's range: guidance.latent_threshold_range).
+    threshold_max: a cap M >= 1 on dynamic thresholding's s (s in [R, M R]; None: no cap), diffusers' DDPMScheduler
+        sample_max_value with thresholding=True (DeepFloyd IF: percentile 0.95, M = 1.5).
     seeds / generator: reproducible noise, one generator per sample (see module doc).
     rng, seed_delta (with seeds): each sample's stream as AUTOMATIC1111 keeps it (ImageNoiseStream): "cpu" (torch's
         CPU generator, as a generator seeded so) or "nv" (an NVIDIA GPU's draws, A1111's "NV" source, for its Brownian
@@ -672,7 +680,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(map(repr, STARTS))}; got {start!r}")
     _validate_guidance(guidance_scale, guidance_rescale, uncond, classifier, classifier_scale,
-                       classifier_guidance_form, thresholding, threshold_percentile, canonical, threshold_range)
+                       classifier_guidance_form, thresholding, threshold_percentile, canonical, threshold_range,
+                       threshold_max)
     if isinstance(shape_or_noise, torch.Tensor):
         if shape_or_noise.ndim < 2:
             raise ValueError(f"start noise must be batch-first [B, ...]; got shape {tuple(shape_or_noise.shape)}")
@@ -730,7 +739,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     variance_type = schedule.variance_type
     denoise = Denoiser(model, plan, prediction_type, cond, uncond, guidance_scale, guidance_rescale, classifier,
                        classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,
-                       threshold_percentile, threshold_range, guidance, schedule=schedule)
+                       threshold_percentile, threshold_range, guidance, schedule=schedule,
+                       threshold_max=threshold_max)
     if canonical in TWO_CALL_SAMPLERS:
         # (their last step, to sigma = 0, is one Euler evaluation; to a level above it, two)
         denoise.evaluations = 2 * len(plan) - (float(plan.sigmas[-1]) == 0)
