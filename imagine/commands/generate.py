@@ -218,6 +218,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its max_noise_level (default 20; more invents more detail); for an unCLIP decoder (SD 2.1 "
                         "unCLIP): how much noise the picture's CLIP embedding gets (default 0; more keeps less of it); "
                         "for an unCLIP model with a diffusion prior: how much noise the prior's embedding gets")
+    p.add_argument("--stage-2", default=None, metavar="FOLDER",
+                   help="a pixel cascade's super-resolution stage (DeepFloyd IF: --model IF-I-... --stage-2 IF-II-...): "
+                        "the first stage's 64 px pictures made 256 px, with its noise conditioning augmentation "
+                        "(--noise-level, default 250)")
+    p.add_argument("--stage-2-steps", type=int, default=None, metavar="N",
+                   help="the super-resolution stage's DDPM steps (default 50, diffusers' IF)")
+    p.add_argument("--stage-2-guidance-scale", type=_finite, default=None, metavar="S",
+                   help="the super-resolution stage's classifier-free guidance (default 4, diffusers' IF)")
     p.add_argument("--image-guidance-scale", type=_finite, default=None, metavar="S",
                    help="an instruct-pix2pix model's guidance on the picture to edit (--init-image), beside "
                         "--guidance-scale on the instruction (default 1.5; A1111's 'Image CFG scale')")
@@ -1010,6 +1018,95 @@ def _picture_model_run(pipe, args, picture: dict):
     return run
 
 
+# the flags a pixel cascade's run reads (imagine.pipelines.cascade); any other, given, is refused by name
+CASCADE_FLAGS = {"prompt", "model", "negative_prompt", "steps", "guidance_scale", "seed", "num_images", "output",
+                 "from_file", "quiet", "stage_2", "stage_2_steps", "stage_2_guidance_scale", "noise_level", "command",
+                 "func", "verbose"}
+
+
+def _cascade_model(model: str | None) -> str | None:
+    """The diffusers pipeline class of a pixel cascade's folder (IFPipeline, IFSuperResolutionPipeline), else None."""
+    index = Path(model) / "model_index.json" if model else None
+    if index is None or not index.is_file():
+        return None
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (ValueError, OSError):
+        return None
+    return name if name in ("IFPipeline", "IFSuperResolutionPipeline") else None
+
+
+def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
+    """A pixel cascade (DeepFloyd IF: stage I --model, stage II --stage-2): its pictures, as numbered or named PNGs
+    with their parameters, each image from its own seed (base + k) whatever the batch."""
+    import argparse
+
+    import torch
+
+    from imagine.images import save_png
+    from imagine.pipelines import cascade
+
+    if _cascade_model(args.model) != "IFPipeline":
+        raise ValueError(f"--stage-2 follows a pixel cascade's first stage: --model must be a DeepFloyd IF stage I "
+                         f"folder (model_index.json: IFPipeline); got {args.model!r}")
+    if args.stage_2 is not None and _cascade_model(args.stage_2) != "IFSuperResolutionPipeline":
+        raise ValueError(f"--stage-2 {args.stage_2}: not a DeepFloyd IF super-resolution folder (model_index.json: "
+                         "IFSuperResolutionPipeline)")
+    blank = argparse.ArgumentParser()
+    add_arguments(blank)
+    defaults = vars(blank.parse_args([]))
+    idle = sorted(k for k, v in vars(args).items() if not k.startswith("_") and k not in CASCADE_FLAGS
+                  and k in defaults and v != defaults[k])
+    if idle:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in idle)}: not for a pixel cascade (DeepFloyd "
+                         "IF), which takes the prompt, --negative-prompt, --steps, --guidance-scale, --seed, "
+                         "--num-images, --stage-2 (--stage-2-steps, --stage-2-guidance-scale, --noise-level), -o")
+    _check_values(args, max_seed)  # (the numbers' ranges, --seed, --steps, --num-images, --noise-level)
+    for flag, value in (("--num-images", args.num_images), ("--stage-2-steps", args.stage_2_steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1; got {value}")
+    if args.stage_2 is None and (args.stage_2_steps is not None or args.stage_2_guidance_scale is not None
+                                 or args.noise_level is not None):
+        raise ValueError("--stage-2-steps, --stage-2-guidance-scale and --noise-level are for the super-resolution "
+                         "stage: give --stage-2 FOLDER too")
+    jobs = [(p, k) for p in prompts for k in range(args.num_images)]
+    many = len(jobs) > 1 or bool(args.from_file)
+    out_dir, out_file = _output_target(args.output, many)
+    import random
+
+    base = random.randint(0, max_seed) if args.seed < 0 else args.seed
+    first = cascade.IFStage.from_pretrained(args.model)
+    second = cascade.IFStage.from_pretrained(args.stage_2, encoder=first.encoder) if args.stage_2 else None
+    steps = (args.steps or cascade.STAGE_1_STEPS, args.stage_2_steps or cascade.STAGE_2_STEPS)
+    scales = (cascade.STAGE_1_GUIDANCE if args.guidance_scale is None else args.guidance_scale,
+              cascade.STAGE_2_GUIDANCE if args.stage_2_guidance_scale is None else args.stage_2_guidance_scale)
+    level = cascade.NOISE_LEVEL if args.noise_level is None else args.noise_level
+    number = _next_number(out_dir) if many else 0
+    for i, (prompt, _) in enumerate(jobs):
+        seed = (base + i) % (max_seed + 1)
+        states = first.encode(prompt, args.negative_prompt)
+        generator = [torch.Generator().manual_seed(seed)]  # (both stages draw from it, stage I first, as diffusers)
+        low = cascade.text_to_image(first, states, steps=steps[0], guidance_scale=scales[0], generator=generator,
+                                    output_type="pt", progress=not args.quiet)
+        img = (cascade.super_resolution(second, states, low, steps=steps[1], guidance_scale=scales[1],
+                                        noise_level=level, generator=generator, progress=not args.quiet)[0]
+               if second is not None else cascade.pictures(low)[0])
+        params = {"prompt": prompt, "negative_prompt": args.negative_prompt or "", "seed": seed, "steps": steps[0],
+                  "guidance_scale": scales[0], "sampler": "ddpm", "width": img.width, "height": img.height,
+                  "model": Path(args.model).name}
+        if second is not None:
+            params.update(stage_2=Path(args.stage_2).name, stage_2_steps=steps[1], stage_2_guidance_scale=scales[1],
+                          noise_level=level)
+        if many:
+            path, number = _save_numbered(img, out_dir, number, seed, params)
+        elif out_file is not None:
+            path = save_png(img, out_file, params)
+        else:
+            path = _save_free(img, (out_dir or Path()) / f"imagine-{seed}.png", params)
+        print(path, flush=True)
+    return 0
+
+
 def _hires_resize(text: str | None) -> tuple[int, int] | None:
     """--hires-resize WxH -> (width, height) in pixels (0 for a side: from the other), or None."""
     if not text:
@@ -1245,6 +1342,8 @@ def run(args) -> int:
     for note in getattr(args, "_infotext_notes", None) or []:  # (what an --infotext left out or assumed: said
         print(f"imagine: --infotext: {note}", file=sys.stderr)  # with -q too, which only stops the progress bar)
     prompts = _prompts(args)
+    if _cascade_model(args.model) or args.stage_2 is not None:
+        return _cascade_run(args, prompts, MAX_SEED)
     for flag in ("hires_sampler", "hires_schedule_type"):
         if getattr(args, flag) in ("Use same sampler", "Use same scheduler"):  # (A1111's labels for "as the first")
             setattr(args, flag, None)

@@ -241,14 +241,16 @@ def _run(stage: IFStage, model, start: torch.Tensor | tuple, states: PromptState
                   callback=callback, **stage.thresholds)
 
 
-def _output(x: torch.Tensor, output_type: str):
-    """diffusers' IF output: "pt" the samples themselves (as a next stage takes them), "pil" (x / 2 + 0.5) clamped to
-    [0, 1] as 8-bit pictures."""
+def pictures(x: torch.Tensor) -> list:
+    """A stage's samples as diffusers' IF pipelines give them: (x / 2 + 0.5) clamped to [0, 1], 8-bit pictures."""
     from imagine.images import to_pil
 
-    if output_type == "pt":
-        return x
     return [to_pil(row) for row in x.float().cpu()]
+
+
+def _output(x: torch.Tensor, output_type: str):
+    """"pt": the samples themselves (as a next stage takes them); "pil": `pictures`."""
+    return x if output_type == "pt" else pictures(x)
 
 
 def _check_output(output_type) -> None:

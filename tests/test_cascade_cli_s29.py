@@ -1,0 +1,80 @@
+"""`imagine generate` on DeepFloyd IF folders (session 29): --model IF-I (stage I) and --stage-2 IF-II, each image
+from its own seed's generator through both stages, as diffusers' IF documentation chains IFPipeline and
+IFSuperResolutionPipeline with one generator; flags a cascade does not read are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from test_cascade_if_s29 import KW, parts, psnr  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def folders(parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("if")
+    theirs_1, theirs_2, _, _ = parts
+    theirs_1.save_pretrained(root / "IF-I")
+    theirs_2.save_pretrained(root / "IF-II")
+    return root / "IF-I", root / "IF-II"
+
+
+def _run(capsys, *argv):
+    from imagine.cli import main
+
+    code = main(["generate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_runs_both_stages_as_diffusers(parts, folders, tmp_path, capsys):
+    theirs_1, theirs_2, _, _ = parts
+    one, two = folders
+    out = tmp_path / "cascade.png"
+    code, _, err = _run(capsys, "--model", one, "--stage-2", two, "A Red circle", "-n", "blue square", "--steps", 5,
+                        "--stage-2-steps", 4, "--guidance-scale", 6, "--stage-2-guidance-scale", 3,
+                        "--noise-level", 100, "--seed", 11, "-o", out, "-q")
+    assert code == 0, err
+    g = torch.Generator().manual_seed(11)
+    low = theirs_1("A Red circle", negative_prompt="blue square", num_inference_steps=5, guidance_scale=6.0,
+                   generator=g, output_type="pt", **KW).images
+    want = theirs_2("A Red circle", image=low, negative_prompt="blue square", num_inference_steps=4,
+                    guidance_scale=3.0, noise_level=100, generator=g, output_type="pil", **KW).images
+    got = Image.open(out)
+    assert got.size == want[0].size == (32, 32)
+    assert psnr([got.convert("RGB")], want) >= 50
+    record = json.loads(got.text["imagine"])
+    assert (record["seed"], record["stage_2"], record["noise_level"], record["steps"]) == (11, "IF-II", 100, 5)
+
+
+def test_stage_one_alone_and_several_images(parts, folders, tmp_path, capsys):
+    theirs_1 = parts[0]
+    one, _ = folders
+    code, stdout, err = _run(capsys, "--model", one, "a cat", "--steps", 4, "--seed", 3, "--num-images", 2,
+                             "-o", tmp_path / "out", "-q")
+    assert code == 0, err
+    files = sorted((tmp_path / "out").glob("*.png"))
+    assert [f.name for f in files] == ["00000-3.png", "00001-4.png"]
+    for f, seed in zip(files, (3, 4)):  # (each image its own seed's, whatever the batch)
+        want = theirs_1("a cat", num_inference_steps=4, generator=torch.Generator().manual_seed(seed), **KW).images
+        assert psnr([Image.open(f).convert("RGB")], want) >= 50
+
+
+def test_flags_a_cascade_does_not_read_are_refused(folders, tmp_path, capsys):
+    one, two = folders
+    code, _, err = _run(capsys, "--model", one, "a cat", "--sampler", "euler", "-o", tmp_path / "x.png")
+    assert code != 0 and "--sampler: not for a pixel cascade" in err
+    code, _, err = _run(capsys, "--model", one, "a cat", "--noise-level", 10, "-o", tmp_path / "x.png")
+    assert code != 0 and "give --stage-2 FOLDER too" in err
+    code, _, err = _run(capsys, "--model", two, "a cat", "-o", tmp_path / "x.png")
+    assert code != 0 and "must be a DeepFloyd IF stage I folder" in err
+    code, _, err = _run(capsys, "--model", one, "--stage-2", two, "a cat", "--stage-2-steps", 0)
+    assert code != 0 and "--stage-2-steps must be at least 1" in err
+    code, _, err = _run(capsys, "--model", one, "a cat", "--num-images", 0)
+    assert code != 0 and "--num-images" in err
+    assert not list(tmp_path.glob("*.png"))
