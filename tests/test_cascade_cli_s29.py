@@ -78,3 +78,12 @@ def test_flags_a_cascade_does_not_read_are_refused(folders, tmp_path, capsys):
     code, _, err = _run(capsys, "--model", one, "a cat", "--num-images", 0)
     assert code != 0 and "--num-images" in err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_the_latent_pipeline_and_the_server_name_an_if_folder(folders):
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    for folder in folders:
+        with pytest.raises(ValueError, match=r"is a DeepFloyd IF stage \(IF(SuperResolution)?Pipeline\), a pixel "
+                                             r"cascade: run it with `imagine generate --model IF-I-FOLDER"):
+            TextToImagePipeline.from_pretrained(folder)

@@ -80,6 +80,10 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
                          f"({index.get('_class_name', '?')}): imagine runs an image embedding through SD 2.1 unCLIP's "
                          "decoder (diffusers' StableUnCLIPImg2ImgPipeline folders: image_encoder/, feature_extractor/, "
                          "image_normalizer/ and image_noising_scheduler/), not DALL-E 2's own (UnCLIPImageVariation)")
+    if index.get("_class_name") in ("IFPipeline", "IFSuperResolutionPipeline"):  # (pixels: no VAE, two stages)
+        raise ValueError(f"{root} is a DeepFloyd IF stage ({index['_class_name']}), a pixel cascade: run it with "
+                         "`imagine generate --model IF-I-FOLDER --stage-2 IF-II-FOLDER` or imagine.pipelines.cascade "
+                         "(IFCascade, IFStage); the latent pipeline and the server do not take it")
     if _named(index.get("depth_estimator")):  # its U-Net takes the estimated depth map as a 5th channel
         raise ValueError(f"{root} is SD 2 depth ({index.get('_class_name', '?')}: a depth_estimator/ beside a U-Net "
                          "that takes the depth map as a 5th channel, diffusers' StableDiffusionDepth2ImgPipeline); "
