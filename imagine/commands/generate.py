@@ -1052,6 +1052,10 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
     if args.stage_2 is not None and _cascade_model(args.stage_2) != "IFSuperResolutionPipeline":
         raise ValueError(f"--stage-2 {args.stage_2}: not a DeepFloyd IF super-resolution folder (model_index.json: "
                          "IFSuperResolutionPipeline)")
+    if args.infotext:  # (its values, set as flags' defaults, would be refused below as flags never given)
+        raise ValueError(f"--infotext {args.infotext}: a pixel cascade (DeepFloyd IF) is not run again from a "
+                         "picture's parameters; give them as flags: the prompt, --negative-prompt, --seed, --steps, "
+                         "--guidance-scale, --stage-2-steps, --stage-2-guidance-scale, --noise-level")
     blank = argparse.ArgumentParser()
     add_arguments(blank)
     defaults = vars(blank.parse_args([]))
@@ -1081,6 +1085,8 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
     scales = (cascade.STAGE_1_GUIDANCE if args.guidance_scale is None else args.guidance_scale,
               cascade.STAGE_2_GUIDANCE if args.stage_2_guidance_scale is None else args.stage_2_guidance_scale)
     level = cascade.NOISE_LEVEL if args.noise_level is None else args.noise_level
+    if second is not None:  # (said before stage I runs; stage II would say it after)
+        cascade._check_noise_level(second, level)
     number = _next_number(out_dir) if many else 0
     for i, (prompt, _) in enumerate(jobs):
         seed = (base + i) % (max_seed + 1)

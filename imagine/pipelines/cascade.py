@@ -97,6 +97,8 @@ def encode_prompts(encoder, prompt: str | Sequence[str], negative_prompt: str | 
     """The prompts' and negative prompts' T5 states as IF reads them (`preprocess_text`, 77 tokens padded, the
     encoder run with the attention mask). negative_prompt: None ("" for each prompt), one for all, or one per prompt."""
     prompts = preprocess_text(prompt)
+    if not prompts:
+        raise ValueError("give at least one prompt (a string, or a list of them)")
     if negative_prompt is None:
         negatives = [""] * len(prompts)
     else:
@@ -205,7 +207,9 @@ def _check_steps(steps) -> int:
 
 
 def _size(stage: IFStage, height, width) -> tuple[int, int]:
-    height, width = height or stage.sample_size, width or stage.sample_size
+    # (None: the stage's size; a 0 given is refused, not taken for None)
+    height = stage.sample_size if height is None else height
+    width = stage.sample_size if width is None else width
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int (pixels; default the stage's {stage.sample_size}); "
@@ -225,19 +229,31 @@ def _generator(batch: int, generator, seed):
     return make_generators(batch, None, generator)
 
 
-def _run(stage: IFStage, model, start: torch.Tensor | tuple, states: PromptStates, extra: dict[str, torch.Tensor],
-         steps: int, guidance_scale: float, generator, progress: bool, callback) -> torch.Tensor:
-    from imagine.sampling import sample
-
+def _check_scale(guidance_scale) -> float:
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
             or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number (> 1: classifier-free guidance; at or below 1 the "
                          f"conditional pass alone, as diffusers' IF pipelines); got {guidance_scale!r}")
-    guided = float(guidance_scale) > 1.0  # (diffusers' IF pipelines: guidance only above 1)
+    return float(guidance_scale)
+
+
+def _check_noise_level(stage: IFStage, noise_level) -> int:
+    from imagine.diffusion import check_level
+
+    top = stage.noising_schedule.num_train_timesteps - 1
+    return check_level(noise_level, top, " (a timestep of the stage's image_noising_scheduler)")
+
+
+def _run(stage: IFStage, model, start: torch.Tensor | tuple, states: PromptStates, extra: dict[str, torch.Tensor],
+         steps: int, guidance_scale: float, generator, progress: bool, callback) -> torch.Tensor:
+    from imagine.sampling import sample
+
+    guidance_scale = _check_scale(guidance_scale)
+    guided = guidance_scale > 1.0  # (diffusers' IF pipelines: guidance only above 1)
     cond = {"context": states.cond, **extra}
     uncond = {"context": states.uncond, **extra} if guided else None
     return sample(model, start, schedule=stage.schedule, sampler="ddpm", steps=steps, cond=cond, uncond=uncond,
-                  guidance_scale=float(guidance_scale) if guided else 1.0, generator=generator, progress=progress,
+                  guidance_scale=guidance_scale if guided else 1.0, generator=generator, progress=progress,
                   callback=callback, **stage.thresholds)
 
 
@@ -305,6 +321,9 @@ def _pictures(image, batch: int) -> torch.Tensor:
                         f"{sorted({type(i).__name__ for i in items})}")
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"image tensors must be [B, 3, h, w] RGB in [-1, 1]; got {tuple(x.shape)}")
+    if not x.is_floating_point():  # (8-bit values 0..255 would be read as far outside [-1, 1])
+        raise ValueError(f"image tensors must be floating point in [-1, 1]; got {x.dtype} (8-bit pixels: give PIL "
+                         f"pictures, or v / 127.5 - 1)")
     if x.shape[0] != batch:
         raise ValueError(f"{x.shape[0]} pictures for {batch} prompts: give one picture per prompt")
     if not bool(torch.isfinite(x).all()):
@@ -323,15 +342,14 @@ def super_resolution(stage: IFStage, prompt: str | Sequence[str] | PromptStates,
     noise conditioning augmentation's level s, 0 <= s < the noising schedule's timesteps (Imagen sec. 2.5: the
     upsampled picture is taken to q(x_s | x_0) and s is the U-Net's class label). Other arguments: as
     text_to_image's."""
-    from imagine.diffusion import augment, check_level
+    from imagine.diffusion import augment
     from imagine.sampling import ConcatChannels, PerSampleNoise
 
     if not stage.super_resolution:
         raise ValueError(f"{stage.source or 'this stage'} is not a super-resolution stage (no "
                          f"image_noising_scheduler): use text_to_image()")
     _check_output(output_type)
-    top = stage.noising_schedule.num_train_timesteps - 1
-    noise_level = check_level(noise_level, top, " (a timestep of the stage's image_noising_scheduler)")
+    noise_level = _check_noise_level(stage, noise_level)
     n = _check_count(num_images_per_prompt)
     states = _states(stage, prompt, negative_prompt, 1)
     pictures = _pictures(image, len(states)).repeat_interleave(n, 0)
@@ -375,7 +393,10 @@ class IFCascade:
         """The prompts' pictures at stage II's size. steps, guidance_scale: (stage I's, stage II's). generator / seed:
         as text_to_image's, shared by both stages."""
         _check_output(output_type)
-        steps, scales = _pair(steps, "steps"), _pair(guidance_scale, "guidance_scale")
+        # (stage II's settings checked too before stage I runs)
+        steps = tuple(_check_steps(s) for s in _pair(steps, "steps"))
+        scales = tuple(_check_scale(s) for s in _pair(guidance_scale, "guidance_scale"))
+        noise_level = _check_noise_level(self.stage_2, noise_level)
         states = encode_prompts(self.stage_1.encoder, prompt, negative_prompt).repeat(
             _check_count(num_images_per_prompt))
         generator = _generator(len(states), generator, seed)
