@@ -1021,7 +1021,7 @@ def _picture_model_run(pipe, args, picture: dict):
 # the flags a pixel cascade's run reads (imagine.pipelines.cascade); any other, given, is refused by name
 CASCADE_FLAGS = {"prompt", "model", "negative_prompt", "steps", "guidance_scale", "seed", "num_images", "output",
                  "from_file", "quiet", "stage_2", "stage_2_steps", "stage_2_guidance_scale", "noise_level", "command",
-                 "func", "verbose"}
+                 "func", "verbose", "dtype"}
 
 
 def _cascade_model(model: str | None) -> str | None:
@@ -1064,7 +1064,8 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
     if idle:
         raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in idle)}: not for a pixel cascade (DeepFloyd "
                          "IF), which takes the prompt, --negative-prompt, --steps, --guidance-scale, --seed, "
-                         "--num-images, --stage-2 (--stage-2-steps, --stage-2-guidance-scale, --noise-level), -o")
+                         "--num-images, --dtype, --stage-2 (--stage-2-steps, --stage-2-guidance-scale, "
+                         "--noise-level), -o")
     _check_values(args, max_seed)  # (the numbers' ranges, --seed, --steps, --num-images, --noise-level)
     for flag, value in (("--num-images", args.num_images), ("--stage-2-steps", args.stage_2_steps)):
         if value is not None and value < 1:
@@ -1079,8 +1080,11 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
     import random
 
     base = random.randint(0, max_seed) if args.seed < 0 else args.seed
-    first = cascade.IFStage.from_pretrained(args.model)
-    second = cascade.IFStage.from_pretrained(args.stage_2, encoder=first.encoder) if args.stage_2 else None
+    # (--dtype bfloat16: the weights in bf16, half the memory: IF-I-XL and T5-XXL take about 36 GB in float32; the
+    # sampler's state stays float32)
+    dtype = getattr(torch, args.dtype)
+    first = cascade.IFStage.from_pretrained(args.model, dtype)
+    second = cascade.IFStage.from_pretrained(args.stage_2, dtype, encoder=first.encoder) if args.stage_2 else None
     steps = (args.steps or cascade.STAGE_1_STEPS, args.stage_2_steps or cascade.STAGE_2_STEPS)
     scales = (cascade.STAGE_1_GUIDANCE if args.guidance_scale is None else args.guidance_scale,
               cascade.STAGE_2_GUIDANCE if args.stage_2_guidance_scale is None else args.stage_2_guidance_scale)
@@ -1099,7 +1103,7 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
                if second is not None else cascade.pictures(low)[0])
         params = {"prompt": prompt, "negative_prompt": args.negative_prompt or "", "seed": seed, "steps": steps[0],
                   "guidance_scale": scales[0], "sampler": "ddpm", "width": img.width, "height": img.height,
-                  "model": Path(args.model).name}
+                  "model": Path(args.model).name, **({"dtype": args.dtype} if args.dtype != "float32" else {})}
         if second is not None:
             params.update(stage_2=Path(args.stage_2).name, stage_2_steps=steps[1], stage_2_guidance_scale=scales[1],
                           noise_level=level)
