@@ -194,6 +194,11 @@ def training_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cond: di
     x_t = q_sample(x0, t, schedule, noise if input_noise is None else input_noise)
     prediction = model(x_t, t.to(torch.float32), **(cond or {}))
     if prediction.shape != x0.shape:
+        if prediction.ndim == x0.ndim and prediction.shape[1] == 2 * x0.shape[1]:
+            raise ValueError(f"the model outputs twice x0's {x0.shape[1]} channels: a learned variance (Improved DDPM's "
+                             "out_channels = 2 x in_channels), whose hybrid loss (L_simple + lambda L_vlb, Nichol & "
+                             "Dhariwal 2021 sec. 3.1) this trainer does not compute; train a U-Net with out_channels = "
+                             "in_channels")
         raise ValueError(f"model output shape {tuple(prediction.shape)} differs from x0 shape {tuple(x0.shape)}")
     target = training_target(x0, noise, abar, prediction_type)
     loss = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)

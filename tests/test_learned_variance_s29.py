@@ -93,3 +93,14 @@ def test_learned_range_without_a_variance_output_is_refused():
     with pytest.raises(ValueError, match="needs a model with a learned variance"):
         sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), sampler="ddpm", steps=3,
                seeds=SEEDS, progress=False)
+
+
+def test_training_a_learned_variance_model_is_named():
+    from imagine.diffusion import training_loss
+
+    cfg = config("linear", "leading", "epsilon")
+    model = model_with_variance(cfg)
+    schedule = NoiseSchedule.from_diffusers_config(cfg)
+    with pytest.raises(ValueError, match=r"outputs twice x0's 2 channels: a learned variance .* hybrid loss"):
+        training_loss(lambda x, t: model(x, t, Y_COND), torch.zeros(SHAPE), None, schedule, "epsilon",
+                      generator=torch.Generator().manual_seed(0))
