@@ -1092,13 +1092,15 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
     if second is not None:  # (said before stage I runs; stage II would say it after)
         cascade._check_noise_level(second, level)
     number = _next_number(out_dir) if many else 0
+    states = {}
     for i, (prompt, _) in enumerate(jobs):
         seed = (base + i) % (max_seed + 1)
-        states = first.encode(prompt, args.negative_prompt)
+        if prompt not in states:  # (T5 once per prompt: XXL takes seconds a text)
+            states = {prompt: first.encode(prompt, args.negative_prompt)}
         generator = [torch.Generator().manual_seed(seed)]  # (both stages draw from it, stage I first, as diffusers)
-        low = cascade.text_to_image(first, states, steps=steps[0], guidance_scale=scales[0], generator=generator,
-                                    output_type="pt", progress=not args.quiet)
-        img = (cascade.super_resolution(second, states, low, steps=steps[1], guidance_scale=scales[1],
+        low = cascade.text_to_image(first, states[prompt], steps=steps[0], guidance_scale=scales[0],
+                                    generator=generator, output_type="pt", progress=not args.quiet)
+        img = (cascade.super_resolution(second, states[prompt], low, steps=steps[1], guidance_scale=scales[1],
                                         noise_level=level, generator=generator, progress=not args.quiet)[0]
                if second is not None else cascade.pictures(low)[0])
         params = {"prompt": prompt, "negative_prompt": args.negative_prompt or "", "seed": seed, "steps": steps[0],
