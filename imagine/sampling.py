@@ -574,7 +574,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            noise_seeds: int | Sequence[int] | None = None, sigma_range: str = "spaced",
            discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", rng: str = "cpu",
            seed_delta: int = 0, dtype: torch.dtype = torch.float32,
-           device: torch.device | str | None = None) -> torch.Tensor:
+           device: torch.device | str | None = None, lcm_strength: bool = False) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     model: model(x_t, t, **cond); one with `at_run` (imagine.refiner.Handoff) is told before its first call how the
@@ -640,6 +640,9 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         0.999)) steps); both A1111 rules start from q(x_t | x_0), at strength 1 too. Over the schedule types of its
         CompVis samplers (DDIM, PLMS, UniPC: "compvis", "compvis_time_uniform") they run its CompVis image to image,
         which starts the sampler a level below the image's (_compvis_img2img).
+    lcm_strength: the lcm sampler's image to image as an LCM pipeline runs it (diffusers'
+        LatentConsistencyModelImg2ImgPipeline: all `steps` laid out over the distillation timesteps below the strength,
+        NoiseSchedule._lcm_plan) rather than diffusers' img2img cut (int(steps * strength) of the full plan).
     mask: inpainting with init (Denoiser.keep_known: the replacement method; with an A1111 strength rule A1111's
         blend, before denoising for DDIM, PLMS, DDIM CFG++ and UniPC on their CompVis schedule types, after it for every
         other run): [B or 1, 1 or C, ...] in [0, 1],
@@ -706,7 +709,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         raise ValueError("mask needs init: the x_0 to keep where mask is 0 (inpainting)")
     if init is not None:
         plan, start_abar = _img2img_run(schedule, canonical, plan, sigma_schedule, strength, start, strength_rule,
-                                        steps, plan_steps)
+                                        steps, plan_steps, lcm_strength)
         shape = tuple(shape_or_noise.shape) if isinstance(shape_or_noise, torch.Tensor) else shape
         if not isinstance(init, torch.Tensor) or tuple(init.shape) != shape:
             raise ValueError(f"init must be a tensor of the sample's shape {shape}; got "
@@ -825,9 +828,16 @@ def _plan_steps(schedule: NoiseSchedule, steps: int, img2img: bool, strength, st
 
 
 def _img2img_run(schedule: NoiseSchedule, canonical: str, plan: SamplingPlan, sigma_schedule, strength, start: str,
-                 strength_rule: str, steps: int, plan_steps: int) -> tuple[SamplingPlan, float | None]:
+                 strength_rule: str, steps: int, plan_steps: int,
+                 lcm_strength: bool = False) -> tuple[SamplingPlan, float | None]:
     # (the plan an image-to-image run takes, the abar its image is noised to where that is not the plan's first:
-    # A1111's CompVis samplers, a level below)
+    # A1111's CompVis samplers, a level below; lcm_strength: an LCM pipeline's rule, every step of `steps` laid out
+    # below the strength, NoiseSchedule._lcm_plan)
+    if lcm_strength and canonical == "lcm" and sigma_schedule is None and strength_rule == "diffusers":
+        _check_strength(strength)
+        if start == "matched":
+            raise ValueError("start='matched' moves pure noise; an image-to-image run starts from the image")
+        return schedule._lcm_plan(steps, None, plan.spacing, strength=float(strength)), None
     if strength_rule != "diffusers" and sigma_schedule in COMPVIS_SCHEDULES and canonical in COMPVIS_SAMPLERS:
         return _compvis_img2img(schedule, plan, sigma_schedule, strength, start, strength_rule, steps)
     return _img2img_plan(plan, strength, start, strength_rule, steps, plan_steps), None
@@ -836,7 +846,7 @@ def _img2img_run(schedule: NoiseSchedule, canonical: str, plan: SamplingPlan, si
 def run_plan(schedule: NoiseSchedule, sampler: str, steps: int, *, img2img: bool = False, strength: float = 1.0,
              strength_rule: str = "diffusers", start: str = "noise", timestep_spacing=None, steps_offset=None,
              karras=False, sigma_schedule=None, rho=None, sigma_range="spaced",
-             discard_penultimate_sigma=False) -> SamplingPlan:
+             discard_penultimate_sigma=False, lcm_strength: bool = False) -> SamplingPlan:
     """The SamplingPlan `sample` runs `sampler` over for these settings (an image-to-image run's: the part it takes),
     laid out without a model: a ValueError where the settings, or the sampler on that plan (samplers.check_plan),
     cannot run, as `sample` would raise it, so that a caller can refuse a later run before doing any work (a hires
@@ -848,7 +858,7 @@ def run_plan(schedule: NoiseSchedule, sampler: str, steps: int, *, img2img: bool
                                       sigma_schedule, rho, sigma_range, discard_penultimate_sigma)
     if img2img:
         plan, _ = _img2img_run(schedule, canonical, plan, sigma_schedule, strength, start, strength_rule, steps,
-                               plan_steps)
+                               plan_steps, lcm_strength)
     check_plan(canonical, plan)
     return plan
 

@@ -829,17 +829,20 @@ class NoiseSchedule:
             v_alphas_cumprod=v_abar)
 
     def _lcm_plan(self, steps: int, sigma_schedule: str | None, spacing: str, rho: float | None = None,
-                  whole: bool = True) -> SamplingPlan:
+                  whole: bool = True, strength: float = 1.0) -> SamplingPlan:
         # the "lcm" rule (see `plan`): diffusers' LCMScheduler picks floor(j * n0 / steps) of the n0 distillation
-        # timesteps, most noisy first; with a schedule type, AUTOMATIC1111's LCM (_lcm_levels)
+        # timesteps, most noisy first; with a schedule type, AUTOMATIC1111's LCM (_lcm_levels). `strength` < 1: an
+        # LCM pipeline's image to image (diffusers' LatentConsistencyModelImg2ImgPipeline, LCMScheduler.set_timesteps
+        # with strength): the first int(n0 * strength) distillation timesteps only, `steps` of them all run
         T = self.num_train_timesteps
         k = max(T // LCM_ORIGINAL_STEPS, 1)
-        origin = (np.arange(1, min(LCM_ORIGINAL_STEPS, T) + 1) * k - 1)[::-1]
+        origin = (np.arange(1, int(min(LCM_ORIGINAL_STEPS, T) * strength) + 1) * k - 1)[::-1]
         if sigma_schedule is not None:
             return self._lcm_levels(origin, steps, sigma_schedule, spacing, rho, whole)
         if steps > len(origin):
-            raise ValueError(f"the lcm sampler takes at most the {len(origin)} timesteps its model was distilled at; "
-                             f"got steps={steps}")
+            raise ValueError(f"the lcm sampler takes at most the {len(origin)} timesteps its model was distilled at"
+                             + (f" below strength {strength} (int({LCM_ORIGINAL_STEPS} x {strength})); raise the "
+                                "strength or lower the steps" if strength < 1 else "") + f"; got steps={steps}")
         t = origin[np.floor(np.linspace(0, len(origin), steps, endpoint=False)).astype(np.int64)]
         abar = np.append(self.alphas_cumprod.numpy()[t], 1.0)
         with np.errstate(divide="ignore"):

@@ -1185,7 +1185,7 @@ class TextToImagePipeline:
                          h["sampler"], hires_steps or kw.get("steps") or self.defaults["steps"], img2img=True,
                          strength=hires_strength, start=h.get("start") or "noise",
                          strength_rule="a1111_fixed_steps" if rule == "a1111" else rule,
-                         **self._plan_options(h["sampler"], h.get("sigma_schedule")),
+                         lcm_strength=self.guidance_embedded, **self._plan_options(h["sampler"], h.get("sigma_schedule")),
                          **{k: h[k] for k in ("karras", "rho", "sigma_range", "discard_penultimate_sigma") if k in h})
             except ValueError as e:
                 raise ValueError(f"hires sampler {h['sampler']!r}: {e}") from None
@@ -1657,7 +1657,8 @@ class TextToImagePipeline:
                       sigma_range=sigma_range,
                       discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
                       final_step=final_step, sampler_options=sampler_options, rho=rho, start=start,
-                      init=init, strength=strength, mask=mask, guidance=guidance, **kwargs)
+                      init=init, strength=strength, mask=mask, guidance=guidance,
+                      lcm_strength=self.guidance_embedded, **kwargs)  # (an LCM pipeline's image to image)
         if report is not None and refiner_switch is not None:
             report["refined"] = handoff.used  # (whether some step was the refiner's)
         return latents
