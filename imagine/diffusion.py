@@ -10,11 +10,14 @@ A network can predict any of three quantities, equivalent given x_t and t (names
 Since alpha^2 + sigma^2 = 1: x_0 = alpha x_t - sigma v and eps = sigma x_t + alpha v.
 
 The loss is the simplified objective of Ho et al. (eq. 14), ||target - prediction||^2 at a uniform
-random t, optionally with the min-SNR-gamma weights of Hang et al. 2023.
+random t, optionally with the min-SNR-gamma weights of Hang et al. 2023. A network that also learns its
+variance (twice the channels out) is trained with Nichol & Dhariwal 2021's hybrid objective (Improved DDPM
+sec. 3.1), L_simple + lambda L_vlb, the variational bound's term at t (`vlb_term`) reaching the variance only.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -142,6 +145,54 @@ def training_target(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t, pre
     return velocity(x0, noise, alphas_cumprod_t)
 
 
+# -- the variational bound (Ho et al. 2020 eq. 5; Nichol & Dhariwal 2021 sec. 3.1, eq. 15) --------
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log p(x) of 8-bit data scaled to [-1, 1] under N(mean, exp(log_scale)^2) integrated over each value's bin of
+    width 2/255, the edge bins open to -inf / +inf (Ho et al. 2020 eq. 13, the decoder p(x_0 | x_1)), elementwise."""
+    normal = torch.distributions.Normal(mean, torch.exp(log_scale))
+    upper, lower = normal.cdf(x + 1.0 / 255), normal.cdf(x - 1.0 / 255)
+    return torch.where(x < -0.999, upper.clamp_min(1e-12).log(),
+                       torch.where(x > 0.999, (1 - lower).clamp_min(1e-12).log(),
+                                   (upper - lower).clamp_min(1e-12).log()))
+
+
+def vlb_term(mean_prediction: torch.Tensor, variance_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
+             t: torch.Tensor, schedule, prediction_type: str) -> torch.Tensor:
+    """The variational bound's term at t per sample, in bits per dimension: KL(q(x_{t-1} | x_t, x_0) ||
+    p(x_{t-1} | x_t)) for t > 0 and the decoder's -log p(x_0 | x_1) at t = 0 (Ho et al. 2020 eq. 5), with p's mean
+    from `mean_prediction` and its log variance v log beta_t + (1 - v) log beta_tilde_t, v = (variance_output + 1) /
+    2 (Improved DDPM eq. 15; beta_tilde_0 = 0 read as beta_tilde_1, as its code clips it). The model's input x_t is
+    made from x_0 at t."""
+    abar = schedule.alphas_cumprod.double()
+    t = t.long().cpu()
+    abar_t = abar[t]
+    abar_prev = torch.where(t > 0, abar[(t - 1).clamp_min(0)], torch.ones_like(abar_t))
+    beta = 1 - abar_t / abar_prev
+    beta_tilde = (1 - abar_prev) / (1 - abar_t) * beta
+    beta_tilde_1 = (1 - abar[0]) / (1 - abar[1]) * (1 - abar[1] / abar[0])
+    log_small = torch.where(t > 0, beta_tilde, beta_tilde_1.expand_as(beta_tilde)).log()
+
+    def per(c):  # [B] -> broadcast over x, float32
+        return _per_sample(c.to(x0.device), x0).float()
+
+    def posterior_mean(x_start):  # eq. 7
+        return per(abar_prev.sqrt() * beta / (1 - abar_t)) * x_start + per((1 - beta).sqrt() * (1 - abar_prev) /
+                                                                          (1 - abar_t)) * x_t.float()
+
+    f = (variance_output.float() + 1) / 2
+    logvar_p = f * per(beta.log()) + (1 - f) * per(log_small)
+    mean_p = posterior_mean(predict_x0(mean_prediction.float(), x_t.float(), abar_t, prediction_type))
+    kl = normal_kl(posterior_mean(x0.float()), per(log_small), mean_p, logvar_p).flatten(1).mean(1)
+    nll = -discretized_gaussian_log_likelihood(x0.float(), mean_p, 0.5 * logvar_p).flatten(1).mean(1)
+    return torch.where(t.to(x0.device) == 0, nll, kl) / math.log(2.0)
+
+
 # -- loss ------------------------------------------------------------------------------------------
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 8 and its conversions, sec. 3.4).
@@ -165,7 +216,8 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
 def training_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cond: dict[str, Any] | None, schedule,
                   prediction_type: str, generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
                   t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                  reduction: str = "mean", input_noise: torch.Tensor | None = None) -> torch.Tensor:
+                  reduction: str = "mean", input_noise: torch.Tensor | None = None,
+                  vlb_weight: float | None = None) -> torch.Tensor:
     """The simplified DDPM objective (Ho et al. 2020, eq. 14 / Algorithm 1), for any prediction type.
 
     t ~ Uniform{0..T-1} and eps ~ N(0, I) are drawn from `generator` unless given; the model sees
@@ -173,7 +225,9 @@ def training_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cond: di
     (reduction="mean") or one loss per sample ("none"), each the mean squared error over the
     sample's elements, times the min-SNR-gamma weight if `min_snr_gamma` is set. `input_noise`: the noise x_t is
     made with where it is not the target's eps (input perturbation, Ning et al. 2023: eps + gamma xi in x_t, eps in
-    the target).
+    the target). A model with twice x0's channels out learns its variance: with `vlb_weight` lambda the loss is
+    Improved DDPM's hybrid L_simple + lambda T L_vlb(t) (sec. 3.1: lambda = 0.001; T L_vlb(t) estimates the whole
+    bound, `vlb_term`), the bound's gradient reaching the variance only (the mean is held, as the paper stops it).
     """
     check_prediction_type(prediction_type)
     if reduction not in ("mean", "none"):
@@ -193,16 +247,21 @@ def training_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cond: di
     abar = _abar_at(schedule, t).to(x0.device)
     x_t = q_sample(x0, t, schedule, noise if input_noise is None else input_noise)
     prediction = model(x_t, t.to(torch.float32), **(cond or {}))
+    variance = None
+    if prediction.ndim == x0.ndim and prediction.shape[1] == 2 * x0.shape[1]:
+        if vlb_weight is None:
+            raise ValueError(f"the model outputs twice x0's {x0.shape[1]} channels: a learned variance (Improved "
+                             "DDPM's out_channels = 2 x in_channels), trained by the hybrid loss: give vlb_weight "
+                             "(the paper's lambda, 0.001)")
+        prediction, variance = prediction[:, : x0.shape[1]], prediction[:, x0.shape[1]:]
     if prediction.shape != x0.shape:
-        if prediction.ndim == x0.ndim and prediction.shape[1] == 2 * x0.shape[1]:
-            raise ValueError(f"the model outputs twice x0's {x0.shape[1]} channels: a learned variance (Improved DDPM's "
-                             "out_channels = 2 x in_channels), whose hybrid loss (L_simple + lambda L_vlb, Nichol & "
-                             "Dhariwal 2021 sec. 3.1) this trainer does not compute; train a U-Net with out_channels = "
-                             "in_channels")
         raise ValueError(f"model output shape {tuple(prediction.shape)} differs from x0 shape {tuple(x0.shape)}")
     target = training_target(x0, noise, abar, prediction_type)
     loss = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
     if min_snr_gamma is not None:
         snr = abar / (1 - abar)
         loss = loss * min_snr_weights(snr, float(min_snr_gamma), prediction_type).to(loss)
+    if variance is not None:  # (the bound's term through the variance alone: the mean prediction held)
+        loss = loss + float(vlb_weight) * T * vlb_term(prediction.detach(), variance, x0, x_t, t, schedule,
+                                                       prediction_type)
     return loss.mean() if reduction == "mean" else loss

@@ -95,12 +95,13 @@ def test_learned_range_without_a_variance_output_is_refused():
                seeds=SEEDS, progress=False)
 
 
-def test_training_a_learned_variance_model_is_named():
+def test_training_a_learned_variance_model_without_vlb_weight_is_named():
     from imagine.diffusion import training_loss
 
     cfg = config("linear", "leading", "epsilon")
     model = model_with_variance(cfg)
     schedule = NoiseSchedule.from_diffusers_config(cfg)
-    with pytest.raises(ValueError, match=r"outputs twice x0's 2 channels: a learned variance .* hybrid loss"):
+    with pytest.raises(ValueError, match=r"outputs twice x0's 2 channels: a learned variance .* hybrid loss: give "
+                                         r"vlb_weight"):
         training_loss(lambda x, t: model(x, t, Y_COND), torch.zeros(SHAPE), None, schedule, "epsilon",
                       generator=torch.Generator().manual_seed(0))

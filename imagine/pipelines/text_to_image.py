@@ -462,7 +462,12 @@ class TextToImagePipeline:
     # -- running -------------------------------------------------------------------------------
     @property
     def latent_channels(self) -> int:
-        return self.vae.config.latent_channels if self.vae is not None else self.unet.config.out_channels
+        """The sample's channels: the VAE's latent's, or a pixel model's output's (half of them where the U-Net also
+        outputs its learned variance, the schedule's "learned_range")."""
+        if self.vae is not None:
+            return self.vae.config.latent_channels
+        out = self.unet.config.out_channels
+        return out // 2 if self.c.schedule.variance_type == "learned_range" else out
 
     @property
     def scale(self) -> int:

@@ -25,6 +25,9 @@ from imagine.train.loop import Task, global_slots
 DIFFUSION_DEFAULTS = {
     "prediction_type": "epsilon", "caption_dropout": 0.1, "min_snr_gamma": None, "noise_offset": 0.0,
     "input_perturbation": 0.0,
+    # Improved DDPM's lambda (sec. 3.1) for a U-Net that learns its variance (out_channels = 2 x in_channels): the
+    # hybrid loss L_simple + lambda L_vlb (imagine.diffusion.training_loss); unused by any other U-Net
+    "vlb_weight": 0.001,
     "schedule": {"kind": "scaled_linear", "num_train_timesteps": 1000},
     "text_encoder": {"type": "minilm", "max_length": 32},
     "vae": None, "cache_text": True, "cache_latents": True,
@@ -61,6 +64,7 @@ def check_diffusion_config(cfg: dict) -> dict:
     d["min_snr_gamma"] = as_number(d["min_snr_gamma"], "min_snr_gamma", 0.0, inclusive=False, none=True)
     d["noise_offset"] = as_number(d["noise_offset"], "noise_offset", 0.0)
     d["input_perturbation"] = as_number(d["input_perturbation"], "input_perturbation", 0.0)
+    d["vlb_weight"] = as_number(d["vlb_weight"], "vlb_weight", 0.0)
     for key in ("cache_text", "cache_latents"):
         as_bool(d[key], key)
     if d["vae"] is not None and not (isinstance(d["vae"], str) and d["vae"]):
@@ -89,6 +93,14 @@ def check_diffusion_config(cfg: dict) -> dict:
     # the U-Net's keys must be its config's fields (UNetConfig.from_dict ignores other keys, as diffusers' folders
     # hold some; a misspelt key in a run's config would be dropped silently)
     check_fields(as_mapping(cfg.get("model", {}), "model"), UNetConfig, "model (the U-Net's UNetConfig fields)")
+    model = {**{f: getattr(UNetConfig, f) for f in ("in_channels", "out_channels")}, **cfg.get("model", {})}
+    learned = model["out_channels"] == 2 * model["in_channels"]
+    if (schedule.variance_type == "learned_range") != learned:
+        raise ValueError("schedule.variance_type 'learned_range' samples with a learned variance, which a U-Net "
+                         "with out_channels = 2 x in_channels learns (Improved DDPM; trained by the hybrid loss, "
+                         f"vlb_weight): the model has in_channels {model['in_channels']} and out_channels "
+                         f"{model['out_channels']}, the schedule variance_type {schedule.variance_type!r}; give both "
+                         "or neither")
     s = d["sample"]
     if not isinstance(s["prompts"] or [], list) or not all(isinstance(p, str) for p in s["prompts"] or []):
         raise ValueError(f"sample.prompts must be a list of prompts; got {s['prompts']!r}")
@@ -112,7 +124,8 @@ def check_diffusion_config(cfg: dict) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sample(lambda x, t, **k: torch.zeros_like(x), (1, 1, 1, 1), schedule=schedule,
+            sample(lambda x, t, **k: torch.zeros_like(x).repeat(1, 2 if learned else 1, 1, 1), (1, 1, 1, 1),
+                   schedule=schedule,
                    prediction_type=d["prediction_type"], sampler=s["sampler"], steps=s["steps"], cond={}, uncond={},
                    guidance_scale=s["guidance_scale"], seeds=[0], progress=False, sigma_schedule=s["sigma_schedule"],
                    final_step=s["final_step"] or "euler")
@@ -277,7 +290,7 @@ class DiffusionTask(Task):
                            * torch.randn(shape, generator=self.gen, dtype=x0.dtype)[slot]).to(dev)
         loss = training_loss(self.trainable if self.model is None else self.model, x0, cond, self.schedule,
                              d["prediction_type"], t=t.to(dev), noise=noise.to(dev), min_snr_gamma=d["min_snr_gamma"],
-                             input_noise=input_noise)
+                             input_noise=input_noise, vlb_weight=d["vlb_weight"])
         return loss, {"loss": float(loss.detach())}
 
     # -- sampling and export -------------------------------------------------------------------
@@ -293,7 +306,8 @@ class DiffusionTask(Task):
         c = model.config
         res = int(self.cfg.get("data", {}).get("resolution", 64))
         f = self.vae.config.downsampling_factor if self.vae is not None else 1
-        shape = (c.out_channels, res // f, res // f)
+        # (the sample's channels: half the output's where the U-Net also outputs its learned variance)
+        shape = (c.out_channels // (2 if self.schedule.variance_type == "learned_range" else 1), res // f, res // f)
         x = sample(model, (len(prompts), *shape), schedule=self.schedule, prediction_type=self.d["prediction_type"],
                    sampler=sampler, steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
                    seeds=[seed + i for i in range(len(prompts))], progress=False, sigma_schedule=sigma_schedule,
