@@ -114,3 +114,30 @@ def test_bfloat16_weights_for_the_memory(folders, tmp_path, capsys, monkeypatch)
     assert json.loads(Image.open(paths["bfloat16"]).text["imagine"])["dtype"] == "bfloat16"
     db = psnr([Image.open(paths["bfloat16"]).convert("RGB")], [Image.open(paths["float32"]).convert("RGB")])
     assert db > 20  # (24 dB measured: bf16 weights drift on random ones; unrelated pictures are near 10 dB)
+
+
+def test_stage_3_is_sds_x4_upscaler_on_stage_2s_picture(folders, tmp_path_factory, tmp_path, capsys):
+    """--stage-3 FOLDER (IF's stage III: SD's x4 upscaler) makes stage II's picture 4x larger at noise level 100, as
+    diffusers' StableDiffusionUpscalePipeline does on that picture with the image's seed."""
+    from test_upscale import _tiny_upscaler
+
+    one, two = folders
+    x4 = tmp_path_factory.mktemp("x4") / "folder"
+    _tiny_upscaler(x4)
+    import diffusers
+
+    ref = diffusers.StableDiffusionUpscalePipeline.from_pretrained(x4, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    base = ["--model", one, "--stage-2", two, "A Red circle", "--steps", 3, "--stage-2-steps", 3, "--seed", 9, "-q"]
+    code, _, err = _run(capsys, *base, "-o", tmp_path / "two.png")
+    assert code == 0, err
+    code, _, err = _run(capsys, *base, "--stage-3", x4, "-o", tmp_path / "three.png")
+    assert code == 0, err
+    low = Image.open(tmp_path / "two.png").convert("RGB")
+    want = ref("A Red circle", image=low, noise_level=100, generator=torch.Generator().manual_seed(9)).images
+    got = Image.open(tmp_path / "three.png")
+    assert got.size == want[0].size == (4 * low.width, 4 * low.height)
+    assert psnr([got.convert("RGB")], want) >= 50
+    assert json.loads(got.text["imagine"])["stage_3_noise_level"] == 100
+    code, _, err = _run(capsys, "--model", one, "a cat", "--stage-3", x4)
+    assert code != 0 and "give --stage-2 FOLDER too" in err

@@ -226,6 +226,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the super-resolution stage's DDPM steps (default 50, diffusers' IF)")
     p.add_argument("--stage-2-guidance-scale", type=_finite, default=None, metavar="S",
                    help="the super-resolution stage's classifier-free guidance (default 4, diffusers' IF)")
+    p.add_argument("--stage-3", default=None, metavar="FOLDER",
+                   help="after --stage-2, a super-resolution model of SD's x4 upscaler's kind (DeepFloyd IF's stage III: "
+                        "stable-diffusion-x4-upscaler): the 256 px pictures made 1024 px; its noise level "
+                        "--stage-3-noise-level (default 100, IF's), its own steps and guidance by default")
+    p.add_argument("--stage-3-noise-level", type=int, default=None, metavar="N",
+                   help="the stage III picture's noise level (default 100, as DeepFloyd IF's documentation runs it)")
     p.add_argument("--image-guidance-scale", type=_finite, default=None, metavar="S",
                    help="an instruct-pix2pix model's guidance on the picture to edit (--init-image), beside "
                         "--guidance-scale on the instruction (default 1.5; A1111's 'Image CFG scale')")
@@ -1021,7 +1027,8 @@ def _picture_model_run(pipe, args, picture: dict):
 # the flags a pixel cascade's run reads (imagine.pipelines.cascade); any other, given, is refused by name
 CASCADE_FLAGS = {"prompt", "model", "negative_prompt", "steps", "guidance_scale", "seed", "num_images", "output",
                  "from_file", "quiet", "stage_2", "stage_2_steps", "stage_2_guidance_scale", "noise_level", "command",
-                 "func", "verbose", "dtype"}
+                 "func", "verbose", "dtype", "stage_3", "stage_3_noise_level"}
+IF_STAGE_3_NOISE_LEVEL = 100  # (DeepFloyd IF's documentation runs SD's x4 upscaler as stage III at this level)
 
 
 def _cascade_model(model: str | None) -> str | None:
@@ -1071,9 +1078,11 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1; got {value}")
     if args.stage_2 is None and (args.stage_2_steps is not None or args.stage_2_guidance_scale is not None
-                                 or args.noise_level is not None):
-        raise ValueError("--stage-2-steps, --stage-2-guidance-scale and --noise-level are for the super-resolution "
-                         "stage: give --stage-2 FOLDER too")
+                                 or args.noise_level is not None or args.stage_3 is not None):
+        raise ValueError("--stage-2-steps, --stage-2-guidance-scale, --noise-level and --stage-3 are for the "
+                         "super-resolution stages: give --stage-2 FOLDER too")
+    if args.stage_3 is None and args.stage_3_noise_level is not None:
+        raise ValueError("--stage-3-noise-level is for stage III: give --stage-3 FOLDER too")
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]
     many = len(jobs) > 1 or bool(args.from_file)
     out_dir, out_file = _output_target(args.output, many)
@@ -1091,6 +1100,15 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
     level = cascade.NOISE_LEVEL if args.noise_level is None else args.noise_level
     if second is not None:  # (said before stage I runs; stage II would say it after)
         cascade._check_noise_level(second, level)
+    third = None
+    if args.stage_3 is not None:  # (SD's x4 upscaler, as IF's documentation chains it)
+        from imagine.pipelines.text_to_image import TextToImagePipeline
+
+        third = TextToImagePipeline.from_pretrained(args.stage_3, dtype=dtype)
+        if third.c.low_res_schedule is None:
+            raise ValueError(f"--stage-3 {args.stage_3}: not a super-resolution model of SD's x4 upscaler's kind "
+                             "(no low_res_scheduler)")
+        level_3 = IF_STAGE_3_NOISE_LEVEL if args.stage_3_noise_level is None else args.stage_3_noise_level
     number = _next_number(out_dir) if many else 0
     states = {}
     for i, (prompt, _) in enumerate(jobs):
@@ -1103,12 +1121,17 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
         img = (cascade.super_resolution(second, states[prompt], low, steps=steps[1], guidance_scale=scales[1],
                                         noise_level=level, generator=generator, progress=not args.quiet)[0]
                if second is not None else cascade.pictures(low)[0])
+        if third is not None:  # (its draws from the image's seed, as the x4 upscaler draws them alone)
+            img = third.upscale(prompt, img, args.negative_prompt, noise_level=level_3, seed=seed,
+                                progress=not args.quiet).images[0]
         params = {"prompt": prompt, "negative_prompt": args.negative_prompt or "", "seed": seed, "steps": steps[0],
                   "guidance_scale": scales[0], "sampler": "ddpm", "width": img.width, "height": img.height,
                   "model": Path(args.model).name, **({"dtype": args.dtype} if args.dtype != "float32" else {})}
         if second is not None:
             params.update(stage_2=Path(args.stage_2).name, stage_2_steps=steps[1], stage_2_guidance_scale=scales[1],
                           noise_level=level)
+        if third is not None:
+            params.update(stage_3=Path(args.stage_3).name, stage_3_noise_level=level_3)
         if many:
             path, number = _save_numbered(img, out_dir, number, seed, params)
         elif out_file is not None:
