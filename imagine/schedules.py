@@ -507,9 +507,11 @@ class NoiseSchedule:
         if kind not in _FROM_DIFFUSERS_KIND and kind not in SCHEDULE_KINDS:
             raise ValueError(f"beta_schedule {kind!r} is not supported; valid: {sorted(_FROM_DIFFUSERS_KIND)}")
         kind = _FROM_DIFFUSERS_KIND.get(kind, kind)
-        variance_type = c.get("variance_type") or "fixed_small"
+        # (diffusers' "_log" forms draw with the same variances, computed through their logs; "learned", a model's
+        # raw variance output, is sampled with the fixed posterior variance)
+        variance_type = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}.get(
+            c.get("variance_type") or "fixed_small", c.get("variance_type") or "fixed_small")
         if variance_type not in VARIANCE_TYPES:
-            # ("learned", the log variance itself, and the _log forms: sampled with the fixed posterior variance)
             variance_type = "fixed_small"
         return cls.from_config(
             kind, num_train_timesteps=int(c.get("num_train_timesteps", 1000)),

@@ -105,3 +105,19 @@ def test_training_a_learned_variance_model_without_vlb_weight_is_named():
                                          r"vlb_weight"):
         training_loss(lambda x, t: model(x, t, Y_COND), torch.zeros(SHAPE), None, schedule, "epsilon",
                       generator=torch.Generator().manual_seed(0))
+
+
+def test_diffusers_log_variance_types_draw_their_variances():
+    """DDPMScheduler's "fixed_small_log" draws with beta_tilde through its log (as fixed_small: against diffusers);
+    "fixed_large_log" names GLIDE's max_log, log beta, which diffusers' step takes the square root of (NaN): read as
+    fixed_large, the variance it names (it was read as fixed_small before)."""
+    from test_samplers_parity import run_diffusers, run_ours
+
+    cfg = config("linear", "leading", "epsilon", steps_offset=0, variance_type="fixed_small_log")
+    assert NoiseSchedule.from_diffusers_config(cfg).variance_type == "fixed_small"
+    check(run_ours(cfg, "ddpm"), run_diffusers(diffusers.DDPMScheduler(**cfg, clip_sample=False)))
+    large = config("linear", "leading", "epsilon", steps_offset=0, variance_type="fixed_large_log")
+    assert NoiseSchedule.from_diffusers_config(large).variance_type == "fixed_large"
+    assert not bool(torch.isfinite(run_diffusers(diffusers.DDPMScheduler(**large, clip_sample=False))).all())
+    check(run_ours(large, "ddpm"), run_diffusers(diffusers.DDPMScheduler(**{**large, "variance_type": "fixed_large"},
+                                                                        clip_sample=False)))
