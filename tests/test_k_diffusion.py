@@ -40,6 +40,10 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:.* lays out .* levels for:UserWarning")]
 
 TOL = 1e-4
+# DPM adaptive's step-size control (its error ratio to the power -1/order picks each next step) carries float32 rounding
+# into the steps it takes: on an AVX2 CPU ours and k-diffusion's end 2e-5 apart over most schedules and 1.03e-4 over
+# KL-optimal's levels (3e-5 of the sample's range 3.3), where AVX-512 kernels gave under 1e-4
+ADAPTIVE_TOL = 3e-4
 
 # A1111's k-diffusion samplers, restated from its source: label -> (k-diffusion function, its keywords, the schedule
 # type "Automatic" gives it, discard_next_to_last_sigma, Brownian-tree noise)
@@ -794,7 +798,8 @@ def test_a1111_schedule_types_equal_theirs(kd, scheduler, label):
     theirs, n = run_a1111(kd, cfg, label, steps, scheduler)
     ours = run_ours(cfg, label, steps, scheduler)
     err = (ours.float() - theirs).abs().max().item()
-    assert err < TOL, f"{label} / {scheduler}: max |ours - k-diffusion| = {err:.2e}"
+    assert err < (ADAPTIVE_TOL if label == "DPM adaptive" else TOL), \
+        f"{label} / {scheduler}: max |ours - k-diffusion| = {err:.2e}"
 
 
 @pytest.mark.parametrize("scheduler", ["uniform", "sgm_uniform", "simple", "ddim_uniform", "kl_optimal"])
