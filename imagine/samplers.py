@@ -1616,3 +1616,32 @@ def resolve_sampler(name: str) -> tuple[str, Callable[..., torch.Tensor], bool]:
                          f"forms of the k-diffusion ones and of UniPC, and k_euler-style names)")
     canonical, karras = hit
     return canonical, SAMPLERS[canonical], karras
+
+
+def stored_scheduler_keys(scheduler_config: dict | None) -> dict:
+    """A diffusers scheduler config without the keys it lists in `_use_default_values` (those diffusers filled in with
+    its class's defaults when it loaded a file that lacked them): what `OtherScheduler.from_config` carries over."""
+    sc = dict(scheduler_config or {})
+    for key in sc.get("_use_default_values") or ():
+        sc.pop(key, None)
+    return sc
+
+
+def diffusers_plan_layout(scheduler_config: dict | None, sampler: str) -> dict:
+    """The plan's layout (`sample`'s timestep_spacing and steps_offset keywords) that a diffusers scheduler config
+    gives `sampler`, as diffusers' `OtherScheduler.from_config(config)` builds the scheduler that runs it: a key the
+    config has is carried over; a key it lacks (or lists in `_use_default_values`, the keys diffusers records as
+    absent from the file a scheduler was loaded from) takes the new scheduler's own default, so a config without a
+    timestep_spacing (SD 1.5's and 2.1's, DeepFloyd IF's, written before diffusers had the key) gives "linspace" to
+    Euler, DPM++, UniPC and the like and "leading" to DDIM and DDPM (DIFFUSERS_DEFAULT_SPACING). A config of
+    imagine's own (no _class_name, or "NoiseSchedule") lacking the key: the schedule's setting (no keyword). Every
+    diffusers scheduler's steps_offset default is 0, the schedule's own."""
+    sc = stored_scheduler_keys(scheduler_config)
+    layout = {}
+    if sc.get("timestep_spacing"):
+        layout["timestep_spacing"] = sc["timestep_spacing"]
+    elif sc.get("_class_name", "NoiseSchedule") != "NoiseSchedule":
+        layout["timestep_spacing"] = DIFFUSERS_DEFAULT_SPACING[TIMESTEP_RULE[resolve_sampler(sampler)[0]]]
+    if sc.get("steps_offset") is not None:
+        layout["steps_offset"] = int(sc["steps_offset"])
+    return layout

@@ -67,8 +67,8 @@ def test_stage_one_alone_and_several_images(parts, folders, tmp_path, capsys):
 
 def test_flags_a_cascade_does_not_read_are_refused(folders, tmp_path, capsys):
     one, two = folders
-    code, _, err = _run(capsys, "--model", one, "a cat", "--sampler", "euler", "-o", tmp_path / "x.png")
-    assert code != 0 and "--sampler: not for a pixel cascade" in err
+    code, _, err = _run(capsys, "--model", one, "a cat", "--eta", "0.5", "-o", tmp_path / "x.png")
+    assert code != 0 and "--eta: not for a pixel cascade" in err
     code, _, err = _run(capsys, "--model", one, "a cat", "--noise-level", 10, "-o", tmp_path / "x.png")
     assert code != 0 and "give --stage-2 FOLDER too" in err
     code, _, err = _run(capsys, "--model", two, "a cat", "-o", tmp_path / "x.png")

@@ -313,7 +313,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None,
                    help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_sde, dpmpp_3m, dpmpp_3m_sde, "
                         "unipc, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm, restart, dpm_fast, "
-                        "dpm_adaptive, ddim_cfgpp, euler_cfgpp, euler_a_cfgpp (A1111 names work too)")
+                        "dpm_adaptive, ddim_cfgpp, euler_cfgpp, euler_a_cfgpp (A1111 names work too); a pixel cascade "
+                        "(DeepFloyd IF) runs ddpm (its default), ddim, dpmpp_2m, unipc, euler, euler_a, in both stages")
     p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None, type=_schedule_name,
                    metavar="NAME",
                    help=f"noise levels' spacing: {', '.join(SCHEDULE_NAMES)}, or A1111's labels ('Karras', 'SGM "
@@ -1027,7 +1028,7 @@ def _picture_model_run(pipe, args, picture: dict):
 # the flags a pixel cascade's run reads (imagine.pipelines.cascade); any other, given, is refused by name
 CASCADE_FLAGS = {"prompt", "model", "negative_prompt", "steps", "guidance_scale", "seed", "num_images", "output",
                  "from_file", "quiet", "stage_2", "stage_2_steps", "stage_2_guidance_scale", "noise_level", "command",
-                 "func", "verbose", "dtype", "stage_3", "stage_3_noise_level"}
+                 "func", "verbose", "dtype", "stage_3", "stage_3_noise_level", "sampler"}
 IF_STAGE_3_NOISE_LEVEL = 100  # (DeepFloyd IF's documentation runs SD's x4 upscaler as stage III at this level)
 
 
@@ -1062,7 +1063,7 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
     if args.infotext:  # (its values, set as flags' defaults, would be refused below as flags never given)
         raise ValueError(f"--infotext {args.infotext}: a pixel cascade (DeepFloyd IF) is not run again from a "
                          "picture's parameters; give them as flags: the prompt, --negative-prompt, --seed, --steps, "
-                         "--guidance-scale, --stage-2-steps, --stage-2-guidance-scale, --noise-level")
+                         "--guidance-scale, --sampler, --stage-2-steps, --stage-2-guidance-scale, --noise-level")
     blank = argparse.ArgumentParser()
     add_arguments(blank)
     defaults = vars(blank.parse_args([]))
@@ -1070,9 +1071,11 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
                   and k in defaults and v != defaults[k])
     if idle:
         raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in idle)}: not for a pixel cascade (DeepFloyd "
-                         "IF), which takes the prompt, --negative-prompt, --steps, --guidance-scale, --seed, "
-                         "--num-images, --dtype, --stage-2 (--stage-2-steps, --stage-2-guidance-scale, "
+                         "IF), which takes the prompt, --negative-prompt, --steps, --guidance-scale, --sampler, "
+                         "--seed, --num-images, --dtype, --stage-2 (--stage-2-steps, --stage-2-guidance-scale, "
                          "--noise-level), -o")
+    # (one sampler for both stages, said before the models load, with the names a cascade runs: cascade.SAMPLERS)
+    sampler = "ddpm" if args.sampler is None else cascade.check_sampler(args.sampler)[0]
     _check_values(args, max_seed)  # (the numbers' ranges, --seed, --steps, --num-images, --noise-level)
     for flag, value in (("--num-images", args.num_images), ("--stage-2-steps", args.stage_2_steps)):
         if value is not None and value < 1:
@@ -1117,15 +1120,16 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
             states = {prompt: first.encode(prompt, args.negative_prompt)}
         generator = [torch.Generator().manual_seed(seed)]  # (both stages draw from it, stage I first, as diffusers)
         low = cascade.text_to_image(first, states[prompt], steps=steps[0], guidance_scale=scales[0],
-                                    generator=generator, output_type="pt", progress=not args.quiet)
+                                    generator=generator, output_type="pt", progress=not args.quiet, sampler=sampler)
         img = (cascade.super_resolution(second, states[prompt], low, steps=steps[1], guidance_scale=scales[1],
-                                        noise_level=level, generator=generator, progress=not args.quiet)[0]
+                                        noise_level=level, generator=generator, progress=not args.quiet,
+                                        sampler=sampler)[0]
                if second is not None else cascade.pictures(low)[0])
         if third is not None:  # (its draws from the image's seed, as the x4 upscaler draws them alone)
             img = third.upscale(prompt, img, args.negative_prompt, noise_level=level_3, seed=seed,
                                 progress=not args.quiet).images[0]
         params = {"prompt": prompt, "negative_prompt": args.negative_prompt or "", "seed": seed, "steps": steps[0],
-                  "guidance_scale": scales[0], "sampler": "ddpm", "width": img.width, "height": img.height,
+                  "guidance_scale": scales[0], "sampler": sampler, "width": img.width, "height": img.height,
                   "model": Path(args.model).name, **({"dtype": args.dtype} if args.dtype != "float32" else {})}
         if second is not None:
             params.update(stage_2=Path(args.stage_2).name, stage_2_steps=steps[1], stage_2_guidance_scale=scales[1],

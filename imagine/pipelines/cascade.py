@@ -11,9 +11,14 @@ the previous stage's picture and the text, make it larger (stage II: 256 px). He
   (no mask is passed to the U-Net). The negative prompt is "" by default.
 - sampling: classifier-free guidance (Imagen sec. 2.2; diffusers' rule: on when the scale is > 1) keeping the
   conditional pass's learned variance (Improved DDPM's "learned_range": the U-Net has twice the channels out), and
-  DDPM over the scheduler config's timesteps (imagine.sampling.sample); x_0 held by the scheduler config's rule:
-  dynamic thresholding (Imagen sec. 2.3; IF: percentile 0.95, its s capped at sample_max_value 1.5) where
-  `thresholding` is set, else clipping to [-clip_sample_range, clip_sample_range] where `clip_sample` is.
+  a sampler over the scheduler config's timesteps (imagine.sampling.sample): DDPM by default (the learned variance
+  read), or another (SAMPLERS) as diffusers runs it after `OtherScheduler.from_config(scheduler.config)`: the plan
+  laid out by the config's keys and the new scheduler's defaults for the keys it lacks
+  (imagine.samplers.diffusers_plan_layout), the prediction's channels alone stepped. x_0 held by the scheduler
+  config's rule as that sampler's diffusers scheduler applies it (`thresholding_rule`): dynamic thresholding (Imagen
+  sec. 2.3; IF: percentile 0.95, its s capped at sample_max_value 1.5) where `thresholding` is set, else clipping to
+  [-clip_sample_range, clip_sample_range] where `clip_sample` is (DDPM, DDIM); DPM++ 2M and UniPC threshold but never
+  clip; Euler neither.
 - super-resolution (CDM sec. 2 and 4.1; Imagen sec. 2.5, noise conditioning augmentation): the low-resolution picture
   is upsampled to the stage's size (bilinear, corners aligned, as diffusers' F.interpolate call), taken to level
   `noise_level` of the stage's own image_noising_scheduler by q(x_s | x_0) (imagine.diffusion.augment) and concatenated
@@ -44,9 +49,20 @@ STAGE_1_STEPS, STAGE_1_GUIDANCE = 100, 7.0  # diffusers' IFPipeline defaults
 STAGE_2_STEPS, STAGE_2_GUIDANCE, NOISE_LEVEL = 50, 4.0, 250  # IFSuperResolutionPipeline's
 OUTPUT_TYPES = ("pil", "pt")
 
-# diffusers' DDPMScheduler defaults for the keys a scheduler config may leave out
+# diffusers' DDPMScheduler defaults for the keys a scheduler config may leave out (DDIMScheduler's,
+# DPMSolverMultistepScheduler's and UniPCMultistepScheduler's are the same for the keys they have)
 _DDPM_DEFAULTS = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
                   "clip_sample": True, "clip_sample_range": 1.0}
+# The samplers a stage runs, and how the diffusers scheduler that runs each holds x_0 ("threshold_or_clip": its step
+# thresholds if `thresholding` is set, else clips if `clip_sample` is; "threshold": thresholds if set, never clips;
+# None: neither). diffusers' IF pipelines give the scheduler the learned variance too when its config's variance_type
+# is "learned" / "learned_range" (IF's, which from_config carries to any class): DDPMScheduler reads it and
+# DPMSolverMultistepScheduler drops it; DDIMScheduler, UniPCMultistepScheduler and the Euler schedulers take the 6
+# channels for 3 and fail. Here they step the prediction's channels (the variance left out, as diffusers runs them
+# when the config's variance_type is cleared): SAMPLERS_DIFFUSERS_RUNS are the ones diffusers runs on IF's config.
+SAMPLERS = {"ddpm": "threshold_or_clip", "ddim": "threshold_or_clip", "dpmpp_2m": "threshold", "unipc": "threshold",
+            "euler": None, "euler_a": None}
+SAMPLERS_DIFFUSERS_RUNS = ("ddpm", "dpmpp_2m")
 
 
 def preprocess_text(text: str | Sequence[str]) -> list[str]:
@@ -58,17 +74,46 @@ def preprocess_text(text: str | Sequence[str]) -> list[str]:
     return [t.lower().strip() for t in texts]
 
 
-def thresholding_rule(config: dict[str, Any]) -> dict[str, Any]:
-    """The x_0 rule a DDPM scheduler config asks for, as `sample` keywords: diffusers' DDPMScheduler.step applies
-    dynamic thresholding (its `thresholding`: percentile dynamic_thresholding_ratio, s in [1, sample_max_value]) if
-    set, else clips to +-clip_sample_range if clip_sample is set (its default), else nothing."""
-    c = {**_DDPM_DEFAULTS, **{k: v for k, v in config.items() if k in _DDPM_DEFAULTS and v is not None}}
+def thresholding_rule(config: dict[str, Any], sampler: str = "ddpm") -> dict[str, Any]:
+    """The x_0 rule a scheduler config asks of `sampler`, as `sample` keywords, as the diffusers scheduler that runs it
+    applies it (SAMPLERS): DDPMScheduler.step and DDIMScheduler.step apply dynamic thresholding (`thresholding`:
+    percentile dynamic_thresholding_ratio, s in [1, sample_max_value]) if set, else clip to +-clip_sample_range if
+    clip_sample is set (their default), else nothing; DPMSolverMultistepScheduler (dpmsolver++) and
+    UniPCMultistepScheduler threshold their x_0 if set and have no clipping; the Euler schedulers do neither."""
+    rule = SAMPLERS[check_sampler(sampler)[0]]
+    from imagine.samplers import stored_scheduler_keys
+
+    sc = stored_scheduler_keys(config)  # (a key absent from the file: the class's default, as diffusers)
+    c = {**_DDPM_DEFAULTS, **{k: v for k, v in sc.items() if k in _DDPM_DEFAULTS and v is not None}}
+    if rule is None:
+        return {}
     if c["thresholding"]:
         return {"thresholding": "dynamic", "threshold_percentile": float(c["dynamic_thresholding_ratio"]),
                 "threshold_max": float(c["sample_max_value"])}
-    if c["clip_sample"]:
+    if c["clip_sample"] and rule == "threshold_or_clip":
         return {"thresholding": "static", "threshold_range": float(c["clip_sample_range"])}
     return {}
+
+
+def check_sampler(sampler) -> tuple[str, bool]:
+    """(canonical name, Karras sigmas implied: always False) of a sampler a cascade stage runs (SAMPLERS; imagine's
+    aliases too, e.g. "DPM++ 2M", "DPMSolverMultistepScheduler"); a ValueError naming them otherwise."""
+    from imagine.samplers import resolve_sampler
+
+    valid = ", ".join(SAMPLERS)
+    try:
+        canonical, _, karras = resolve_sampler(sampler)
+    except (TypeError, ValueError):
+        raise ValueError(f"unknown sampler {sampler!r} for a pixel cascade (DeepFloyd IF); valid: {valid} (diffusers "
+                         f"runs IF with {' and '.join(SAMPLERS_DIFFUSERS_RUNS)})") from None
+    if canonical not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} ({canonical}) is not one a pixel cascade (DeepFloyd IF) runs; valid: "
+                         f"{valid} (diffusers runs IF with {' and '.join(SAMPLERS_DIFFUSERS_RUNS)})")
+    if karras:  # (diffusers truncates the Karras levels' timesteps to int on IF's cosine schedule, which ours don't)
+        raise ValueError(f"sampler {sampler!r}: Karras sigmas are not run for a pixel cascade (DeepFloyd IF): on its "
+                         f"cosine schedule diffusers truncates their timesteps to whole ones and imagine keeps them "
+                         f"fractional, so the pictures would not be diffusers'; give one of {valid}")
+    return canonical, karras
 
 
 @dataclass
@@ -150,6 +195,16 @@ class IFStage:
     @property
     def thresholds(self) -> dict[str, Any]:
         return thresholding_rule(self.scheduler_config)
+
+    def sampling(self, sampler: str = "ddpm") -> dict[str, Any]:
+        """`sample`'s keywords for running this stage with `sampler` as diffusers runs it after
+        `OtherScheduler.from_config(scheduler.config)`: the sampler, its plan's layout (diffusers_plan_layout) and
+        its x_0 rule (thresholding_rule)."""
+        from imagine.samplers import diffusers_plan_layout
+
+        check_sampler(sampler)
+        return {"sampler": sampler, **diffusers_plan_layout(self.scheduler_config, sampler),
+                **thresholding_rule(self.scheduler_config, sampler)}
 
     def encode(self, prompt, negative_prompt=None) -> PromptStates:
         if self.encoder is None:
@@ -245,16 +300,18 @@ def _check_noise_level(stage: IFStage, noise_level) -> int:
 
 
 def _run(stage: IFStage, model, start: torch.Tensor | tuple, states: PromptStates, extra: dict[str, torch.Tensor],
-         steps: int, guidance_scale: float, generator, progress: bool, callback) -> torch.Tensor:
+         steps: int, guidance_scale: float, generator, progress: bool, callback, sampler: str = "ddpm"
+         ) -> torch.Tensor:
     from imagine.sampling import sample
 
     guidance_scale = _check_scale(guidance_scale)
     guided = guidance_scale > 1.0  # (diffusers' IF pipelines: guidance only above 1)
     cond = {"context": states.cond, **extra}
     uncond = {"context": states.uncond, **extra} if guided else None
-    return sample(model, start, schedule=stage.schedule, sampler="ddpm", steps=steps, cond=cond, uncond=uncond,
+    # (a sampler but DDPM steps the guided prediction's channels: the Denoiser splits the learned variance off)
+    return sample(model, start, schedule=stage.schedule, steps=steps, cond=cond, uncond=uncond,
                   guidance_scale=guidance_scale if guided else 1.0, generator=generator, progress=progress,
-                  callback=callback, **stage.thresholds)
+                  callback=callback, **stage.sampling(sampler))
 
 
 def pictures(x: torch.Tensor) -> list:
@@ -278,21 +335,23 @@ def text_to_image(stage: IFStage, prompt: str | Sequence[str] | PromptStates,
                   negative_prompt: str | Sequence[str] | None = None, *, steps: int = STAGE_1_STEPS,
                   guidance_scale: float = STAGE_1_GUIDANCE, num_images_per_prompt: int = 1, height: int | None = None,
                   width: int | None = None, generator=None, seed: int | None = None, output_type: str = "pil",
-                  progress: bool = True, callback=None):
+                  progress: bool = True, callback=None, sampler: str = "ddpm"):
     """IF's stage I (diffusers' IFPipeline): the prompts' pictures at the stage's size (64 px for IF-I). prompt: text
     (one or a list) or PromptStates. guidance_scale: classifier-free guidance when > 1 (at or below 1, the conditional
     pass alone, as diffusers). generator: one torch.Generator for the batch or one per image (seed: an int, for
     torch.Generator().manual_seed(seed)). output_type "pil" (pictures) or "pt" (the samples in [-1, 1], unclamped,
-    what stage II takes)."""
+    what stage II takes). sampler: one of SAMPLERS ("ddpm", IF's own; "dpmpp_2m" as diffusers' IFPipeline with
+    DPMSolverMultistepScheduler.from_config(pipe.scheduler.config); see the module doc)."""
     if stage.super_resolution:
         raise ValueError(f"{stage.source or 'this stage'} is a super-resolution stage (it reads a picture): use "
                          f"super_resolution()")
     _check_output(output_type)
+    check_sampler(sampler)
     states = _states(stage, prompt, negative_prompt, num_images_per_prompt)
     height, width = _size(stage, height, width)
     shape = (len(states), stage.channels, height, width)
     x = _run(stage, stage.model, shape, states, {}, _check_steps(steps), guidance_scale,
-             _generator(shape[0], generator, seed), progress, callback)
+             _generator(shape[0], generator, seed), progress, callback, sampler)
     return _output(x, output_type)
 
 
@@ -336,12 +395,14 @@ def super_resolution(stage: IFStage, prompt: str | Sequence[str] | PromptStates,
                      guidance_scale: float = STAGE_2_GUIDANCE, noise_level: int = NOISE_LEVEL,
                      num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
                      generator=None, seed: int | None = None, output_type: str = "pil", progress: bool = True,
-                     callback=None):
+                     callback=None, sampler: str = "ddpm"):
     """IF's stage II (diffusers' IFSuperResolutionPipeline): `image` (one picture per prompt: PIL, or stage I's "pt"
     tensor in [-1, 1]) made at the stage's size (256 px for IF-II), as the prompt describes it. noise_level: the
     noise conditioning augmentation's level s, 0 <= s < the noising schedule's timesteps (Imagen sec. 2.5: the
     upsampled picture is taken to q(x_s | x_0) and s is the U-Net's class label). Other arguments: as
-    text_to_image's."""
+    text_to_image's. (The upsampled picture reaches the U-Net as it is with every sampler; diffusers' pipeline
+    concatenates it before scale_model_input, so its Euler schedulers would scale it with the sample by
+    1 / sqrt(sigma^2 + 1): see docs/cascades.md.)"""
     from imagine.diffusion import augment
     from imagine.sampling import ConcatChannels, PerSampleNoise
 
@@ -349,6 +410,7 @@ def super_resolution(stage: IFStage, prompt: str | Sequence[str] | PromptStates,
         raise ValueError(f"{stage.source or 'this stage'} is not a super-resolution stage (no "
                          f"image_noising_scheduler): use text_to_image()")
     _check_output(output_type)
+    check_sampler(sampler)
     noise_level = _check_noise_level(stage, noise_level)
     n = _check_count(num_images_per_prompt)
     states = _states(stage, prompt, negative_prompt, 1)
@@ -363,7 +425,7 @@ def super_resolution(stage: IFStage, prompt: str | Sequence[str] | PromptStates,
     low = augment(low, noise_level, stage.noising_schedule, draws.draw(tuple(low.shape)))  # then the picture's)
     label = torch.full((batch,), noise_level, dtype=torch.long)
     x = _run(stage, ConcatChannels(stage.model, low), start, states, {"class_labels": label}, _check_steps(steps),
-             guidance_scale, generator, progress, callback)
+             guidance_scale, generator, progress, callback, sampler)
     return _output(x, output_type)
 
 
@@ -389,11 +451,15 @@ class IFCascade:
                  steps: tuple[int, int] = (STAGE_1_STEPS, STAGE_2_STEPS),
                  guidance_scale: tuple[float, float] = (STAGE_1_GUIDANCE, STAGE_2_GUIDANCE),
                  noise_level: int = NOISE_LEVEL, num_images_per_prompt: int = 1, generator=None,
-                 seed: int | None = None, output_type: str = "pil", progress: bool = True):
+                 seed: int | None = None, output_type: str = "pil", progress: bool = True,
+                 sampler: str | tuple[str, str] = "ddpm"):
         """The prompts' pictures at stage II's size. steps, guidance_scale: (stage I's, stage II's). generator / seed:
-        as text_to_image's, shared by both stages."""
+        as text_to_image's, shared by both stages. sampler: one name for both stages, or (stage I's, stage II's)."""
         _check_output(output_type)
         # (stage II's settings checked too before stage I runs)
+        samplers = (sampler, sampler) if isinstance(sampler, str) else _pair(sampler, "sampler")
+        for name in samplers:
+            check_sampler(name)
         steps = tuple(_check_steps(s) for s in _pair(steps, "steps"))
         scales = tuple(_check_scale(s) for s in _pair(guidance_scale, "guidance_scale"))
         noise_level = _check_noise_level(self.stage_2, noise_level)
@@ -401,10 +467,10 @@ class IFCascade:
             _check_count(num_images_per_prompt))
         generator = _generator(len(states), generator, seed)
         low = text_to_image(self.stage_1, states, steps=steps[0], guidance_scale=scales[0], generator=generator,
-                            output_type="pt", progress=progress)
+                            output_type="pt", progress=progress, sampler=samplers[0])
         return super_resolution(self.stage_2, states, low, steps=steps[1], guidance_scale=scales[1],
                                 noise_level=noise_level, generator=generator, output_type=output_type,
-                                progress=progress)
+                                progress=progress, sampler=samplers[1])
 
 
 def _pair(value, name: str) -> tuple:

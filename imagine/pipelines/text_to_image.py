@@ -1673,20 +1673,13 @@ class TextToImagePipeline:
         with the schedule type `sigma_schedule`: the keywords of sampling.sample and sampling.run_plan. A diffusers
         config without a timestep_spacing (SD 1.5's and 2.1's, written before diffusers had the key) gives each
         sampler the spacing of the diffusers scheduler that runs it, as diffusers' from_config does (the key is
-        among its `_use_default_values`): "linspace" for Euler, DPM++ and the like, "leading" for DDIM and DDPM."""
-        from imagine.samplers import DIFFUSERS_DEFAULT_SPACING, TIMESTEP_RULE, resolve_sampler
+        among its `_use_default_values`): "linspace" for Euler, DPM++ and the like, "leading" for DDIM and DDPM
+        (samplers.diffusers_plan_layout, the rule the pixel cascade shares)."""
+        from imagine.samplers import diffusers_plan_layout
 
-        sc = self.c.scheduler_config
         if sigma_schedule == "align_your_steps" and self.unet.config.addition_embed_type == "text_time":
             sigma_schedule = "align_your_steps_sdxl"  # (SDXL's levels for an SDXL model, as A1111 picks them)
-        kwargs = {"sigma_schedule": sigma_schedule}
-        if sc.get("timestep_spacing"):
-            kwargs["timestep_spacing"] = sc["timestep_spacing"]
-        elif sc.get("_class_name", "NoiseSchedule") != "NoiseSchedule":
-            kwargs["timestep_spacing"] = DIFFUSERS_DEFAULT_SPACING[TIMESTEP_RULE[resolve_sampler(sampler)[0]]]
-        if sc.get("steps_offset") is not None:
-            kwargs["steps_offset"] = int(sc["steps_offset"])
-        return kwargs
+        return {"sigma_schedule": sigma_schedule, **diffusers_plan_layout(self.c.scheduler_config, sampler)}
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
