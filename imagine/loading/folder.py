@@ -69,9 +69,14 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
         raise FileNotFoundError(_not_a_model_folder(root))
     index = read_json(root / "model_index.json")
     if index.get("prior") and not index.get("image_normalizer"):  # DALL-E 2's own cascade (UnCLIPPipeline), Kandinsky
+        karlo = index.get("_class_name") == "UnCLIPPipeline" or all(
+            index.get(k) for k in ("decoder", "text_proj", "super_res_first", "super_res_last"))
         raise ValueError(f"{root} has a diffusion prior but no image_normalizer/ ({index.get('_class_name', '?')}): "
-                         "imagine runs unCLIP's prior with an SD 2.1 unCLIP decoder (diffusers' StableUnCLIPPipeline "
-                         "folders), not this pipeline")
+                         "the latent pipeline runs unCLIP's prior with an SD 2.1 unCLIP decoder (diffusers' "
+                         "StableUnCLIPPipeline folders), not this pipeline" + (
+                             "; it is Karlo's pixel cascade (diffusers' UnCLIPPipeline: prior, 64 px decoder, "
+                             "super-resolution to 256 px): run it with imagine.pipelines.karlo "
+                             "(KarloPipeline.from_pretrained(folder)(prompt))" if karlo else ""))
     # (a half-built StableUnCLIPImg2Img folder, or DALL-E 2's variation pipeline; an SD folder's image_encoder is an
     # IP-Adapter's, [null, null] or named, and loads as SD)
     if index.get("_class_name") in ("StableUnCLIPImg2ImgPipeline", "UnCLIPImageVariationPipeline") and \

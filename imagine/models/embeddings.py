@@ -200,3 +200,69 @@ class TextTimeEmbedding(nn.Module):
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         return self.norm2(self.proj(self.pool(self.norm1(text))))
+
+
+# diffusers' UnCLIPTextProjModel config keys and defaults (time_embed_dim and cross_attention_dim have none)
+UNCLIP_TEXT_PROJ_DEFAULTS = dict(clip_extra_context_tokens=4, clip_embeddings_dim=768)
+
+
+class UnCLIPTextProj(nn.Module):
+    """unCLIP's decoder conditioning (Ramesh et al. 2022, sec. 2.1: "projecting and adding CLIP embeddings to the
+    existing timestep embedding, and by projecting CLIP embeddings into four extra tokens of context that are
+    concatenated to the sequence of outputs from the GLIDE text encoder"; diffusers' UnCLIPTextProjModel, its
+    parameter names). For a CLIP image embedding z_i [B, D], the caption's CLIP text embedding z_t [B, D] and its
+    token states s [B, L, D]:
+
+        e   = W_i z_i + W_t z_t                                   (added to the decoder's time embedding)
+        ctx = [ W_c z_i as n tokens ; LayerNorm(W_s s) ]          (the decoder's text, n + L tokens)
+
+    The unconditional side of classifier-free guidance (sec. 2.1: "randomly setting the CLIP embeddings to zero (or
+    a learned embedding) 10% of the time") takes the learned embedding in place of z_i (`unconditional`)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        unknown = sorted(k for k in config if not k.startswith("_")
+                         and k not in (*UNCLIP_TEXT_PROJ_DEFAULTS, "time_embed_dim", "cross_attention_dim"))
+        if unknown:
+            raise ValueError(f"unknown UnCLIPTextProjModel config keys {unknown}")
+        c = self.config = {**UNCLIP_TEXT_PROJ_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+        missing = [k for k in ("time_embed_dim", "cross_attention_dim") if not isinstance(c.get(k), int)]
+        if missing:
+            raise ValueError(f"UnCLIPTextProjModel config needs integer {missing}")
+        d, n, w = c["clip_embeddings_dim"], c["clip_extra_context_tokens"], c["cross_attention_dim"]
+        self.extra_tokens = n
+        self.learned_classifier_free_guidance_embeddings = nn.Parameter(torch.zeros(d))
+        self.embedding_proj = nn.Linear(d, c["time_embed_dim"])  # W_t
+        self.clip_image_embeddings_project_to_time_embeddings = nn.Linear(d, c["time_embed_dim"])  # W_i
+        self.clip_extra_context_tokens_proj = nn.Linear(d, n * w)  # W_c
+        self.encoder_hidden_states_proj = nn.Linear(d, w)  # W_s
+        self.text_encoder_hidden_states_norm = nn.LayerNorm(w)
+
+    def unconditional(self, batch: int) -> torch.Tensor:
+        """The learned embedding that stands for "no image embedding" [batch, D]."""
+        return self.learned_classifier_free_guidance_embeddings[None].expand(batch, -1)
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (ctx [B, n + L, cross_attention_dim], e [B, time_embed_dim]), in the weights' dtype."""
+        dtype = self.embedding_proj.weight.dtype
+        image_embeds, text_embeds, states = image_embeds.to(dtype), text_embeds.to(dtype), states.to(dtype)
+        b = image_embeds.shape[0]
+        e = self.clip_image_embeddings_project_to_time_embeddings(image_embeds) + self.embedding_proj(text_embeds)
+        # the n extra tokens: the projection laid out [width, n] (diffusers' reshape(B, -1, n) then permute)
+        extra = self.clip_extra_context_tokens_proj(image_embeds).reshape(b, -1, self.extra_tokens).transpose(1, 2)
+        text = self.text_encoder_hidden_states_norm(self.encoder_hidden_states_proj(states))
+        return torch.cat([extra, text], dim=1), e
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "UnCLIPTextProj":
+        """A diffusers-layout text_proj folder (config.json + safetensors), in eval mode."""
+        from imagine.models import io
+
+        try:
+            model = cls(io.read_config(folder, "UnCLIPTextProjModel"))
+        except ValueError as e:
+            raise ValueError(f"{folder}/config.json: {e}") from None
+        path = io.find_weights(folder)
+        io.load_state_into(model, io.load_tensors(path), str(path))
+        return model.to(dtype).eval()

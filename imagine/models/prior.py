@@ -159,6 +159,13 @@ def scheduler_config(config: dict) -> dict:
     return {**config, "beta_schedule": kind}
 
 
+def timestep_spacing(config: dict) -> str | None:
+    """A scheduler config's timestep spacing: diffusers' UnCLIPScheduler (Karlo's prior, decoder and super-resolution
+    schedulers) lays its n steps out as round(i (T - 1) / (n - 1)), linspace spacing, whatever its config; another
+    scheduler as its config says."""
+    return "linspace" if config.get("_class_name") == "UnCLIPScheduler" else config.get("timestep_spacing")
+
+
 @dataclass
 class DiffusionPrior:
     """A prior with what it reads and how it samples: the model, its caption encoder
@@ -178,11 +185,8 @@ class DiffusionPrior:
 
     @property
     def timestep_spacing(self) -> str | None:
-        """The scheduler's timestep spacing: diffusers' UnCLIPScheduler (Karlo's) lays its steps out as
-        round(i (T - 1) / (n - 1)), linspace spacing, whatever its config; the others as their config says."""
-        if self.scheduler_config.get("_class_name") == "UnCLIPScheduler":
-            return "linspace"
-        return self.scheduler_config.get("timestep_spacing")
+        """The scheduler's timestep spacing (`timestep_spacing`)."""
+        return timestep_spacing(self.scheduler_config)
 
     @property
     def clip_range(self) -> float | None:

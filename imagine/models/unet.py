@@ -170,7 +170,7 @@ class UNetConfig:
             for t in getattr(self, f"{kind}_block_types"):
                 if t not in valid:
                     raise ValueError(f"UNet config: unsupported {kind} block type {t!r}; valid: {', '.join(valid)}")
-        if self.mid_block_type not in MID_BLOCK_TYPES:
+        if self.mid_block_type not in self._mid_block_types:
             raise ValueError(f"UNet config: unsupported mid_block_type {self.mid_block_type!r}; "
                              "valid: 'UNetMidBlock2DCrossAttn', 'UNetMidBlock2DSimpleCrossAttn' or None")
         if isinstance(self.cross_attention_dim, tuple):
@@ -223,6 +223,8 @@ class UNetConfig:
                 raise ValueError(f"UNet config: {c} channels cannot be split into {h} attention heads "
                                  "(attention_head_dim holds the number of heads when num_attention_heads is None)")
         self._check_adm()
+
+    _mid_block_types = MID_BLOCK_TYPES  # (UNet2DConfig's: its own)
 
     def _check_adm(self) -> None:
         """The ADM / GLIDE settings (`imagine.models.adm_blocks`)."""
@@ -415,6 +417,81 @@ class UNetConfig:
                    projection_class_embeddings_input_dim=1280 + 6 * 256)
 
 
+# diffusers' UNet2DModel (the unconditional / class-conditional U-Net: Karlo's super-resolution stages): its config
+# keys, the levels it may have here (no text: the residual levels of LDM and ADM) and its mid block.
+UNET_2D_KEYS = ("sample_size", "in_channels", "out_channels", "center_input_sample", "time_embedding_dim",
+                "freq_shift", "flip_sin_to_cos", "down_block_types", "mid_block_type", "up_block_types",
+                "block_out_channels", "layers_per_block", "mid_block_scale_factor", "downsample_padding", "dropout",
+                "act_fn", "attention_head_dim", "norm_num_groups", "attn_norm_num_groups", "norm_eps",
+                "resnet_time_scale_shift", "add_attention", "class_embed_type", "num_class_embeds")
+UNET_2D_DOWN_BLOCK_TYPES = ("DownBlock2D", "ResnetDownsampleBlock2D")
+UNET_2D_UP_BLOCK_TYPES = ("UpBlock2D", "ResnetUpsampleBlock2D")
+UNET_2D_CLASS_EMBED_TYPES = (None, "timestep", "identity")
+
+
+@dataclass
+class UNet2DConfig(UNetConfig):
+    """diffusers' `UNet2DModel` config (its field names and defaults): the DDPM / ADM U-Net without text, the time
+    embedding (and an optional class embedding) its only condition. Its mid block is "UNetMidBlock2D": resnet,
+    self-attention over the map (`add_attention`; heads attention_head_dim wide, None: one head), resnet. Its levels
+    here are those without attention (DownBlock2D / UpBlock2D, ADM's ResnetDownsampleBlock2D / ResnetUpsampleBlock2D:
+    Karlo's super-resolution U-Nets); diffusers' Attn*Block2D, skip and k-diffusion levels are refused, as are the
+    Fourier and learned time embeddings. downsample_type / upsample_type change only the refused Attn levels, and are
+    ignored."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2D"
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    block_out_channels: tuple[int, ...] = (224, 448, 672, 896)
+    attention_head_dim: int | None = 8
+    add_attention: bool = True
+    attn_norm_num_groups: int | None = None
+
+    _mid_block_types = ("UNetMidBlock2D", None)
+
+    def __post_init__(self):
+        for kind, valid in (("down", UNET_2D_DOWN_BLOCK_TYPES), ("up", UNET_2D_UP_BLOCK_TYPES)):
+            for t in tuple(getattr(self, f"{kind}_block_types")):
+                if t not in valid:
+                    raise ValueError(f"UNet2DModel config: unsupported {kind} block type {t!r}; valid: "
+                                     f"{', '.join(valid)}")
+        if self.mid_block_type not in self._mid_block_types:
+            raise ValueError(f"UNet2DModel config: mid_block_type must be 'UNetMidBlock2D' or None; got "
+                             f"{self.mid_block_type!r}")
+        if self.act_fn != "silu":  # (diffusers' UNet2DModel takes SiLU for its time MLP and output whatever act_fn)
+            raise ValueError(f"UNet2DModel config: act_fn {self.act_fn!r} is not supported (only 'silu')")
+        if self.class_embed_type not in UNET_2D_CLASS_EMBED_TYPES:
+            raise ValueError(f"UNet2DModel config: unsupported class_embed_type {self.class_embed_type!r}; valid: "
+                             f"{UNET_2D_CLASS_EMBED_TYPES}")
+        super().__post_init__()
+        c = self.block_out_channels[-1]
+        d = self.attention_head_dim
+        if self.mid_block_type is not None and self.add_attention:
+            if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1 or c % d):
+                raise ValueError(f"UNet2DModel config: the mid block's {c} channels cannot be split into attention "
+                                 f"heads {d!r} wide (attention_head_dim)")
+            g = self.attn_norm_num_groups
+            if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1 or c % g):
+                raise ValueError(f"UNet2DModel config: attn_norm_num_groups {g!r} does not divide the mid block's "
+                                 f"{c} channels")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UNet2DConfig":
+        """From a diffusers UNet2DModel config.json dict: its keys used, the time embedding checked to be the
+        sinusoidal one, other keys ignored."""
+        kind = d.get("time_embedding_type", "positional")
+        if kind != "positional":
+            raise ValueError(f"UNet2DModel config: time_embedding_type {kind!r} is not supported (only 'positional')")
+        return cls(**{k: v for k, v in d.items() if k in UNET_2D_KEYS})
+
+    def to_dict(self) -> dict[str, Any]:
+        """UNet2DModel's keys alone (so diffusers reads the folder as it wrote it)."""
+        d = super().to_dict()
+        return {k: d[k] for k in UNET_2D_KEYS}
+
+
 def _add_residual(h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """h + a ControlNet's residual, either of which may hold one copy of a guidance batch the other holds k of."""
     rows = max(h.shape[0], residual.shape[0])
@@ -574,6 +651,19 @@ def _attention(cfg: UNetConfig, kind: str, channels: int, level: int, index: int
                         cfg._per_level(cfg.transformer_layers_per_block)[level], only_cross)
 
 
+def _map_attention(cfg: "UNet2DConfig", channels: int) -> AddedKVAttention:
+    """UNet2DModel's mid-block attention (diffusers' UNetMidBlock2D): self-attention over the map, heads
+    attention_head_dim wide (None: one head), the output rescaled by mid_block_scale_factor; group-normalised with
+    attn_norm_num_groups groups, or by default norm_num_groups, except under AdaGN ("scale_shift"), where diffusers
+    builds no norm there."""
+    d = cfg.attention_head_dim or channels
+    groups = cfg.attn_norm_num_groups
+    if groups is None and cfg.resnet_time_scale_shift == "default":
+        groups = cfg.norm_num_groups
+    return AddedKVAttention(channels, channels // d, d, None, groups, eps=cfg.norm_eps,
+                            rescale_output_factor=cfg.mid_block_scale_factor)
+
+
 def _has_attention(kind: str | None) -> bool:
     return kind is not None and "CrossAttn" in kind
 
@@ -623,12 +713,16 @@ class MidBlock(_Checkpointable):
         adm = kind in ADM_BLOCK_TYPES
         self.resnets = nn.ModuleList([
             _resnet(cfg, c, c, adm, output_scale_factor=cfg.mid_block_scale_factor) for _ in range(2)])
-        self.attentions = nn.ModuleList([
-            _attention(cfg, kind, c, cfg.num_levels - 1, -1, cfg.mid_only_cross if adm else False)])
+        if kind == "UNetMidBlock2D":  # (UNet2DModel's: self-attention over the map alone, or none)
+            self.attentions = nn.ModuleList([_map_attention(cfg, c)]) if cfg.add_attention else None
+        else:
+            self.attentions = nn.ModuleList([
+                _attention(cfg, kind, c, cfg.num_levels - 1, -1, cfg.mid_only_cross if adm else False)])
 
     def forward(self, x, emb_act, context, mask):
         x = self._run(self.resnets[0], x, emb_act)
-        x = self._run(self.attentions[0], x, context, mask)
+        if self.attentions is not None:
+            x = self._run(self.attentions[0], x, context, mask)
         return self._run(self.resnets[1], x, emb_act)
 
 
@@ -676,6 +770,8 @@ class UpBlock(_Checkpointable):
 class UNet2DConditionModel(nn.Module):
     """eps/x0/v-prediction network f(x_t, t, context) of latent diffusion; see the module docstring."""
 
+    config_class = UNetConfig
+    diffusers_class = "UNet2DConditionModel"  # (config.json's _class_name)
     # the activation of the "timestep" class embedding's MLP: None = the config's act_fn (diffusers' U-Net);
     # the ControlNet's is SiLU whatever act_fn (diffusers' ControlNetModel)
     class_embedding_act_fn: str | None = None
@@ -685,8 +781,8 @@ class UNet2DConditionModel(nn.Module):
         (what a ControlNet copies of the U-Net, imagine.models.controlnet)."""
         super().__init__()
         if isinstance(config, dict):
-            config = UNetConfig.from_dict(config)
-        self.config = c = config if config is not None else UNetConfig()
+            config = self.config_class.from_dict(config)
+        self.config = c = config if config is not None else self.config_class()
         ch = c.block_out_channels
         self.act = activation(c.act_fn)
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
@@ -960,15 +1056,15 @@ class UNet2DConditionModel(nn.Module):
     # -- folders (diffusers' layout) -------------------------------------------------------------
     def save_pretrained(self, folder) -> None:
         """Write config.json (with _class_name and _imagine_version) and diffusion_pytorch_model.safetensors."""
-        io.save_component(self, self.config.to_dict(), folder, "UNet2DConditionModel")
+        io.save_component(self, self.config.to_dict(), folder, self.diffusers_class)
 
     @classmethod
     def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "UNet2DConditionModel":
         """Load a diffusers-layout unet folder (config.json + diffusion_pytorch_model.safetensors or
         model.safetensors), in eval mode."""
-        cfg = io.read_config(folder, "UNet2DConditionModel")
+        cfg = io.read_config(folder, cls.diffusers_class)
         try:
-            config = UNetConfig.from_dict(cfg)
+            config = cls.config_class.from_dict(cfg)
         except ValueError as e:
             raise ValueError(f"{folder}/config.json: {e}") from None
         # Build on the meta device (no init work: the weights are about to be replaced) and let the loaded
@@ -981,5 +1077,24 @@ class UNet2DConditionModel(nn.Module):
         io.load_state_into(model, state, str(path), assign=True)
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
-            raise RuntimeError(f"UNet2DConditionModel.from_pretrained: {left[:3]} not set by the weights")
+            raise RuntimeError(f"{cls.__name__}.from_pretrained: {left[:3]} not set by the weights")
         return model.to(dtype).eval()
+
+
+class UNet2DModel(UNet2DConditionModel):
+    """diffusers' `UNet2DModel`: the U-Net of DDPM (Ho et al. 2020, appendix B) and ADM without text, f(x_t, t) or
+    with a class embedding f(x_t, t, class_labels). Karlo's super-resolution stages (Ramesh et al. 2022, sec. 2.1:
+    "two diffusion upsampler models ... 64x64 -> 256x256 -> 1024x1024"; Karlo's 64 -> 256 pair) are such U-Nets of
+    ADM's BigGAN residual levels and AdaGN, reading the noisy sample and the upsampled picture on channels. The same
+    network as `UNet2DConditionModel`, with its config (`UNet2DConfig`) and diffusers' key names, so a diffusers
+    UNet2DModel folder loads with `from_pretrained`."""
+
+    config_class = UNet2DConfig
+    diffusers_class = "UNet2DModel"
+    class_embedding_act_fn = "silu"  # (diffusers' UNet2DModel builds its "timestep" class MLP with SiLU)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, in_channels, H, W]; t a scalar or [B]; class_labels per config.class_embed_type. Returns
+        [B, out_channels, H, W] in x's dtype."""
+        return super().forward(x, t, class_labels=class_labels)

@@ -1,0 +1,234 @@
+"""unCLIP's own cascade, as Kakao Brain's Karlo releases it (diffusers' UnCLIPPipeline folders).
+
+unCLIP (Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP Latents", DALL-E 2) makes an
+image from a caption y in three steps (sec. 2 and fig. 2):
+
+1. the prior P(z_i | y) (sec. 2.2): a diffusion over CLIP's image embedding z_i, given the caption's CLIP text
+   embedding and token states (`imagine.models.prior`; the same prior SD 2.1 unCLIP's text-to-image form borrows,
+   run by the same function, `imagine.pipelines.unclip.prior_embeddings`);
+2. the decoder P(x | z_i, y) (sec. 2.1): a GLIDE / ADM pixel U-Net at 64 px (`imagine.models.unet`,
+   `imagine.models.adm_blocks`) whose time embedding gets projections of z_i and of the text embedding added, and
+   whose text is four tokens projected from z_i before the caption's projected states (`UnCLIPTextProj`); guided by
+   classifier-free guidance against the learned "no embedding" vector and the empty caption, with Improved DDPM's
+   learned variance (Nichol & Dhariwal 2021, eq. 15);
+3. super-resolution (sec. 2.1, after CDM, Ho et al. 2022): the 64 px picture upsampled to 256 px (bicubic with
+   antialiasing, as diffusers' F.interpolate call) and concatenated to the noisy sample as input channels of an
+   unconditional ADM U-Net (`imagine.models.unet.UNet2DModel`): `super_res_first` for every step but the last,
+   `super_res_last` for the last one (Karlo's pair).
+
+Every stage samples with diffusers' UnCLIPScheduler rule: DDPM ancestral steps (Ho et al. 2020, eq. 6-7) on the
+strided schedule, timesteps round(i (T - 1) / (n - 1)) ("linspace"), x_0 clipped to +-clip_sample_range, the
+posterior variance beta_tilde ("fixed_small_log") or the learned one ("learned_range"), no noise on the step to x_0
+(`imagine.sampling.sample`, sampler "ddpm"). The random draws come from the generator in diffusers' order: the
+prior's start noise and step noises, the decoder's, the super-resolution stage's, so a seed gives diffusers' picture.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from imagine.pipelines.cascade import _check_count, _check_output, _check_scale, _generator, pictures, \
+    thresholding_rule
+
+COMPONENTS = ("prior", "decoder", "text_proj", "super_res_first", "super_res_last", "text_encoder", "tokenizer",
+              "prior_scheduler", "decoder_scheduler", "super_res_scheduler")
+# diffusers' UnCLIPPipeline defaults
+PRIOR_STEPS, DECODER_STEPS, SUPER_RES_STEPS = 25, 25, 7
+PRIOR_GUIDANCE, DECODER_GUIDANCE = 4.0, 8.0
+
+
+@dataclass
+class Stage:
+    """A pixel stage's sampling settings, from its diffusers scheduler_config.json: the training schedule (its
+    variance type included), the timestep spacing and the x_0 rule."""
+
+    config: dict[str, Any]
+    schedule: Any
+
+    @classmethod
+    def from_config(cls, path) -> "Stage":
+        from imagine.models import io
+        from imagine.models.prior import scheduler_config
+        from imagine.schedules import NoiseSchedule
+
+        try:
+            config = scheduler_config(io.read_json(path))
+            return cls(config, NoiseSchedule.from_diffusers_config(dict(config)))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def sample(self, model, start, *, steps: int, generator, progress: bool, callback, **kwargs) -> torch.Tensor:
+        from imagine.models.prior import timestep_spacing
+        from imagine.sampling import sample
+
+        return sample(model, start, schedule=self.schedule, sampler="ddpm", steps=steps, generator=generator,
+                      timestep_spacing=timestep_spacing(self.config), steps_offset=self.config.get("steps_offset"),
+                      progress=progress, callback=callback, **thresholding_rule(self.config), **kwargs)
+
+
+class LastStepSwitch(torch.nn.Module):
+    """`first` for every step of a run but the last, `last` for the last (Karlo's super_res_first / super_res_last);
+    the sampler names the step through `at_step(i, n)` before each model call."""
+
+    def __init__(self, first, last):
+        super().__init__()
+        self.first, self.last = first, last
+        self.current = first
+
+    def at_step(self, i: int, n: int) -> None:
+        self.current = self.last if i == n - 1 else self.first
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return self.current(x, t, **cond)
+
+
+def upsample(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The decoder's picture taken to the super-resolution size as diffusers' UnCLIPPipeline takes it: bicubic,
+    corners not aligned, with antialiasing (torch's, whose bicubic kernel is then a = -0.5, PIL's)."""
+    return F.interpolate(image, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
+
+
+def _check_steps(steps, name: str) -> int:
+    # (UnCLIPScheduler's spacing divides by n - 1: one step has no layout)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 2:
+        raise ValueError(f"{name} must be a whole number of at least 2 (UnCLIPScheduler spaces its steps "
+                         f"round(i (T - 1) / (n - 1))); got {steps!r}")
+    return int(steps)
+
+
+def _stage_callback(callback, stage: str):
+    if callback is None:
+        return None
+    return lambda info: callback({"stage": stage, **info})
+
+
+class KarloPipeline:
+    """Karlo / DALL-E 2's unCLIP cascade: caption -> CLIP image embedding (prior) -> 64 px (decoder) -> 256 px
+    (super-resolution). Load a diffusers UnCLIPPipeline folder with `from_pretrained`, call with a prompt."""
+
+    def __init__(self, prior, text_proj, decoder, super_res_first, super_res_last, decoder_stage: Stage,
+                 super_res_stage: Stage, source: str = ""):
+        self.prior, self.text_proj, self.decoder = prior, text_proj, decoder
+        self.super_res_first, self.super_res_last = super_res_first, super_res_last
+        self.decoder_stage, self.super_res_stage, self.source = decoder_stage, super_res_stage, source
+        self._check_widths()
+
+    @property
+    def text_encoder(self):
+        """The CLIP text tower (with projection) that both the prior and the decoder's text projection read."""
+        return self.prior.text_encoder
+
+    def _check_widths(self) -> None:
+        c, d = self.text_proj.config, self.decoder.config
+        wanted = {"time_embed_dim": d.time_embed_dim, "cross_attention_dim": d.cross_attention_dim,
+                  "clip_embeddings_dim": self.prior.model.embedding_dim}
+        got = {k: c[k] for k in wanted}
+        if got != wanted:
+            raise ValueError(f"{self.source}: text_proj gives {got}, the decoder and prior read {wanted}")
+        if d.class_embed_type != "identity":
+            raise ValueError(f"{self.source}: Karlo's decoder adds text_proj's embedding as an 'identity' class "
+                             f"embedding; this one has class_embed_type {d.class_embed_type!r}")
+        sr = self.super_res_first.config
+        if sr.in_channels != 2 * d.in_channels or self.super_res_last.config.in_channels != sr.in_channels:
+            raise ValueError(f"{self.source}: the super-resolution U-Nets read the sample and the upsampled picture "
+                             f"({2 * d.in_channels} channels); they take {sr.in_channels} and "
+                             f"{self.super_res_last.config.in_channels}")
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "KarloPipeline":
+        """A diffusers UnCLIPPipeline folder (kakaobrain/karlo-v1-alpha's layout): model_index.json naming prior,
+        decoder, text_proj, super_res_first, super_res_last, text_encoder (CLIPTextModelWithProjection), tokenizer
+        and the three schedulers."""
+        from imagine.models import io
+        from imagine.models.embeddings import UnCLIPTextProj
+        from imagine.models.prior import DiffusionPrior, PriorTransformer
+        from imagine.models.text_encoders import CLIPPriorTextEncoder
+        from imagine.models.unet import UNet2DConditionModel, UNet2DModel
+
+        root = Path(folder)
+        index = io.read_json(root / "model_index.json")
+        missing = [k for k in COMPONENTS if not index.get(k) or not (root / k).is_dir()]
+        if missing:
+            raise ValueError(f"{root} is not a complete Karlo / unCLIP folder (diffusers' UnCLIPPipeline): missing "
+                             f"{', '.join(missing)} (it needs {', '.join(COMPONENTS)})")
+        te_class = index["text_encoder"][1] if isinstance(index["text_encoder"], list) else None
+        if te_class != "CLIPTextModelWithProjection":
+            raise ValueError(f"{root}: the text encoder is {te_class!r}; Karlo's is CLIPTextModelWithProjection")
+        text = CLIPPriorTextEncoder.from_folder(root / "text_encoder", root / "tokenizer", dtype=dtype)
+        prior_stage = Stage.from_config(root / "prior_scheduler" / "scheduler_config.json")
+        prior = DiffusionPrior(PriorTransformer.from_pretrained(root / "prior", dtype), text, prior_stage.schedule,
+                               prior_stage.config)
+        return cls(prior, UnCLIPTextProj.from_pretrained(root / "text_proj", dtype),
+                   UNet2DConditionModel.from_pretrained(root / "decoder", dtype),
+                   UNet2DModel.from_pretrained(root / "super_res_first", dtype),
+                   UNet2DModel.from_pretrained(root / "super_res_last", dtype),
+                   Stage.from_config(root / "decoder_scheduler" / "scheduler_config.json"),
+                   Stage.from_config(root / "super_res_scheduler" / "scheduler_config.json"), str(root))
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str], *, num_images_per_prompt: int = 1,
+                 prior_steps: int = PRIOR_STEPS, decoder_steps: int = DECODER_STEPS,
+                 super_res_steps: int = SUPER_RES_STEPS, prior_guidance_scale: float = PRIOR_GUIDANCE,
+                 decoder_guidance_scale: float = DECODER_GUIDANCE, generator=None, seed: int | None = None,
+                 output_type: str = "pil", progress: bool = True, callback=None):
+        """The prompts' pictures at the super-resolution size (Karlo: 256 px). Steps and guidance scales per stage,
+        diffusers' UnCLIPPipeline defaults (25 / 25 / 7 steps, guidance 4 for the prior and 8 for the decoder;
+        guidance runs where a scale is > 1; the super-resolution stage has none). generator: one torch.Generator for
+        the batch, or one per image (seed: an int, for torch.Generator().manual_seed(seed)). output_type "pil"
+        (pictures) or "pt" (the samples [B, 3, H, W] in [-1, 1]). callback hears every step as the sampler's info
+        with "stage": "prior" / "decoder" / "super_res"."""
+        from imagine.pipelines.unclip import prior_embeddings
+        from imagine.sampling import ConcatChannels
+
+        _check_output(output_type)
+        prior_steps = _check_steps(prior_steps, "prior_steps")
+        decoder_steps = _check_steps(decoder_steps, "decoder_steps")
+        super_res_steps = _check_steps(super_res_steps, "super_res_steps")
+        prior_scale, decoder_scale = _check_scale(prior_guidance_scale), _check_scale(decoder_guidance_scale)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt: give a string, or a non-empty list of them")
+        n = _check_count(num_images_per_prompt)
+        prompts = [p for p in prompts for _ in range(n)]
+        batch = len(prompts)
+        generator = _generator(batch, generator, seed)
+
+        # 1. the prior: z_i ~ P(z_i | y), un-normalized (sec. 2.2)
+        z = prior_embeddings(self.prior, prompts, generator, None, steps=prior_steps, guidance_scale=prior_scale,
+                             sampler="ddpm", progress=progress, callback=_stage_callback(callback, "prior"))
+
+        # 2. the decoder at 64 px: x ~ P(x | z_i, y) (sec. 2.1), guided against (learned no-embedding, "")
+        text = self.text_encoder.encode(prompts)
+        context, added = self.text_proj(z, text.pooled, text.states)
+        keep = F.pad(text.mask.to(torch.bool), (self.text_proj.extra_tokens, 0), value=True)  # (the z_i tokens: kept)
+        cond = {"context": context, "context_mask": keep, "class_labels": added}
+        guided = decoder_scale > 1.0
+        uncond = None
+        if guided:
+            empty = self.text_encoder.encode([""] * batch)
+            u_context, u_added = self.text_proj(self.text_proj.unconditional(batch), empty.pooled, empty.states)
+            u_keep = F.pad(empty.mask.to(torch.bool), (self.text_proj.extra_tokens, 0), value=True)
+            uncond = {"context": u_context, "context_mask": u_keep, "class_labels": u_added}
+        d = self.decoder.config
+        side = int(d.sample_size)
+        small = self.decoder_stage.sample(
+            self.decoder, (batch, d.in_channels, side, side), steps=decoder_steps, generator=generator,
+            progress=progress, callback=_stage_callback(callback, "decoder"), cond=cond, uncond=uncond,
+            guidance_scale=decoder_scale if guided else 1.0).clamp(-1, 1)
+
+        # 3. super-resolution to 256 px: the upsampled picture on channels (no draw: the start noise is the next)
+        sr = self.super_res_first.config
+        side = int(sr.sample_size)
+        low = upsample(small.float(), (side, side))
+        model = LastStepSwitch(ConcatChannels(self.super_res_first, low), ConcatChannels(self.super_res_last, low))
+        x = self.super_res_stage.sample(model, (batch, sr.in_channels // 2, side, side), steps=super_res_steps,
+                                        generator=generator,
+                                        progress=progress, callback=_stage_callback(callback, "super_res"))
+        return x if output_type == "pt" else pictures(x)
+
