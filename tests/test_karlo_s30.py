@@ -248,3 +248,47 @@ def test_errors(karlo, tmp_path):
 
     with pytest.raises(ValueError, match="has a diffusion prior but no image_normalizer.*imagine.pipelines.karlo"):
         load_folder(folder)
+
+
+def _generate(capsys, *argv):
+    from imagine.cli import main
+
+    code = main(["generate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_runs_karlo_as_diffusers(karlo, tmp_path, capsys):
+    """`imagine generate --model KARLO_FOLDER`: each image from its own seed (base + k), diffusers' picture for that
+    seed's generator; the decoder's steps and guidance from --steps / --guidance-scale, the prior's and the
+    super-resolution stage's from their flags; the parameters in the PNG."""
+    from PIL import Image
+
+    folder, ref, _ = karlo
+    code, out, err = _generate(capsys, "--model", folder, "horse", "--steps", 3, "--guidance-scale", 5,
+                               "--prior-steps", 2, "--prior-guidance-scale", 3, "--stage-2-steps", 5, "--seed", 3,
+                               "--num-images", 2, "-o", tmp_path / "out", "-q")
+    assert code == 0, err
+    files = sorted((tmp_path / "out").glob("*.png"))
+    assert [f.name for f in files] == ["00000-3.png", "00001-4.png"]
+    for f, seed in zip(files, (3, 4)):
+        want = ref("horse", prior_num_inference_steps=2, decoder_num_inference_steps=3,
+                   super_res_num_inference_steps=5, prior_guidance_scale=3.0, decoder_guidance_scale=5.0,
+                   generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+        picture = Image.open(f)
+        diff = np.abs(np.asarray(picture.convert("RGB")).astype(int) - np.round(want * 255).astype(int))
+        assert diff.max() <= 1
+        params = json.loads(picture.info["imagine"])
+        assert {k: params[k] for k in ("prompt", "seed", "steps", "guidance_scale", "prior_steps",
+                                       "prior_guidance_scale", "stage_2_steps", "width")} == \
+            {"prompt": "horse", "seed": seed, "steps": 3, "guidance_scale": 5.0, "prior_steps": 2,
+             "prior_guidance_scale": 3.0, "stage_2_steps": 5, "width": 64}
+
+
+def test_generate_refuses_what_karlo_does_not_read(karlo, tmp_path, capsys):
+    folder, _, _ = karlo
+    code, _, err = _generate(capsys, "--model", folder, "horse", "-n", "blurry", "-o", tmp_path / "x.png")
+    assert code != 0 and "--negative-prompt: not for Karlo's unCLIP cascade" in err
+    code, _, err = _generate(capsys, "--model", folder, "horse", "--prior-steps", 1, "-o", tmp_path / "x.png")
+    assert code != 0 and "--prior-steps must be at least 2" in err
+    assert not (tmp_path / "x.png").exists()

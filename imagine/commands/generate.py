@@ -1033,7 +1033,8 @@ IF_STAGE_3_NOISE_LEVEL = 100  # (DeepFloyd IF's documentation runs SD's x4 upsca
 
 
 def _cascade_model(model: str | None) -> str | None:
-    """The diffusers pipeline class of a pixel cascade's folder (IFPipeline, IFSuperResolutionPipeline), else None."""
+    """The diffusers pipeline class of a pixel cascade's folder (IFPipeline, IFSuperResolutionPipeline;
+    UnCLIPPipeline, Karlo's), else None."""
     index = Path(model) / "model_index.json" if model else None
     if index is None or not index.is_file():
         return None
@@ -1041,17 +1042,14 @@ def _cascade_model(model: str | None) -> str | None:
         name = json.loads(index.read_text()).get("_class_name")
     except (ValueError, OSError):
         return None
-    return name if name in ("IFPipeline", "IFSuperResolutionPipeline") else None
+    return name if name in ("IFPipeline", "IFSuperResolutionPipeline", "UnCLIPPipeline") else None
 
 
 def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
     """A pixel cascade (DeepFloyd IF: stage I --model, stage II --stage-2): its pictures, as numbered or named PNGs
     with their parameters, each image from its own seed (base + k) whatever the batch."""
-    import argparse
-
     import torch
 
-    from imagine.images import save_png
     from imagine.pipelines import cascade
 
     if _cascade_model(args.model) != "IFPipeline":
@@ -1064,16 +1062,9 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
         raise ValueError(f"--infotext {args.infotext}: a pixel cascade (DeepFloyd IF) is not run again from a "
                          "picture's parameters; give them as flags: the prompt, --negative-prompt, --seed, --steps, "
                          "--guidance-scale, --sampler, --stage-2-steps, --stage-2-guidance-scale, --noise-level")
-    blank = argparse.ArgumentParser()
-    add_arguments(blank)
-    defaults = vars(blank.parse_args([]))
-    idle = sorted(k for k, v in vars(args).items() if not k.startswith("_") and k not in CASCADE_FLAGS
-                  and k in defaults and v != defaults[k])
-    if idle:
-        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in idle)}: not for a pixel cascade (DeepFloyd "
-                         "IF), which takes the prompt, --negative-prompt, --steps, --guidance-scale, --sampler, "
-                         "--seed, --num-images, --dtype, --stage-2 (--stage-2-steps, --stage-2-guidance-scale, "
-                         "--noise-level), -o")
+    _refuse_idle_flags(args, CASCADE_FLAGS, "a pixel cascade (DeepFloyd IF), which takes the prompt, "
+                       "--negative-prompt, --steps, --guidance-scale, --sampler, --seed, --num-images, --dtype, "
+                       "--stage-2 (--stage-2-steps, --stage-2-guidance-scale, --noise-level), -o")
     # (one sampler for both stages, said before the models load, with the names a cascade runs: cascade.SAMPLERS)
     sampler = "ddpm" if args.sampler is None else cascade.check_sampler(args.sampler)[0]
     _check_values(args, max_seed)  # (the numbers' ranges, --seed, --steps, --num-images, --noise-level)
@@ -1086,12 +1077,6 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
                          "super-resolution stages: give --stage-2 FOLDER too")
     if args.stage_3 is None and args.stage_3_noise_level is not None:
         raise ValueError("--stage-3-noise-level is for stage III: give --stage-3 FOLDER too")
-    jobs = [(p, k) for p in prompts for k in range(args.num_images)]
-    many = len(jobs) > 1 or bool(args.from_file)
-    out_dir, out_file = _output_target(args.output, many)
-    import random
-
-    base = random.randint(0, max_seed) if args.seed < 0 else args.seed
     # (--dtype bfloat16: the weights in bf16, half the memory: IF-I-XL and T5-XXL take about 36 GB in float32; the
     # sampler's state stays float32)
     dtype = getattr(torch, args.dtype)
@@ -1112,10 +1097,10 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
             raise ValueError(f"--stage-3 {args.stage_3}: not a super-resolution model of SD's x4 upscaler's kind "
                              "(no low_res_scheduler)")
         level_3 = IF_STAGE_3_NOISE_LEVEL if args.stage_3_noise_level is None else args.stage_3_noise_level
-    number = _next_number(out_dir) if many else 0
     states = {}
-    for i, (prompt, _) in enumerate(jobs):
-        seed = (base + i) % (max_seed + 1)
+
+    def picture(prompt: str, seed: int):
+        nonlocal states
         if prompt not in states:  # (T5 once per prompt: XXL takes seconds a text)
             states = {prompt: first.encode(prompt, args.negative_prompt)}
         generator = [torch.Generator().manual_seed(seed)]  # (both stages draw from it, stage I first, as diffusers)
@@ -1136,6 +1121,39 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
                           noise_level=level)
         if third is not None:
             params.update(stage_3=Path(args.stage_3).name, stage_3_noise_level=level_3)
+        return img, params
+
+    return _save_pictures(args, prompts, max_seed, picture)
+
+
+def _refuse_idle_flags(args, allowed: set[str], what: str) -> None:
+    """A pixel cascade's run reads `allowed` flags alone: any other given (away from its default) is refused by name."""
+    import argparse
+
+    blank = argparse.ArgumentParser()
+    add_arguments(blank)
+    defaults = vars(blank.parse_args([]))
+    idle = sorted(k for k, v in vars(args).items() if not k.startswith("_") and k not in allowed
+                  and k in defaults and v != defaults[k])
+    if idle:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in idle)}: not for {what}")
+
+
+def _save_pictures(args, prompts: list[str], max_seed: int, picture) -> int:
+    """A pixel cascade's pictures (`picture(prompt, seed) -> (PIL image, parameters)`), --num-images per prompt, each
+    from its own seed (base + k, whatever the batch), as numbered or named PNGs with their parameters."""
+    import random
+
+    from imagine.images import save_png
+
+    jobs = [(p, k) for p in prompts for k in range(args.num_images)]
+    many = len(jobs) > 1 or bool(args.from_file)
+    out_dir, out_file = _output_target(args.output, many)
+    base = random.randint(0, max_seed) if args.seed < 0 else args.seed
+    number = _next_number(out_dir) if many else 0
+    for i, (prompt, _) in enumerate(jobs):
+        seed = (base + i) % (max_seed + 1)
+        img, params = picture(prompt, seed)
         if many:
             path, number = _save_numbered(img, out_dir, number, seed, params)
         elif out_file is not None:
@@ -1144,6 +1162,52 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
             path = _save_free(img, (out_dir or Path()) / f"imagine-{seed}.png", params)
         print(path, flush=True)
     return 0
+
+
+# the flags Karlo's unCLIP cascade reads (imagine.pipelines.karlo); any other, given, is refused by name
+KARLO_FLAGS = {"prompt", "model", "steps", "guidance_scale", "prior_steps", "prior_guidance_scale", "stage_2_steps",
+               "seed", "num_images", "output", "from_file", "quiet", "command", "func", "verbose", "dtype"}
+
+
+def _karlo_run(args, prompts: list[str], max_seed: int) -> int:
+    """Karlo / DALL-E 2's unCLIP cascade (a diffusers UnCLIPPipeline folder): prior (--prior-steps,
+    --prior-guidance-scale), 64 px decoder (--steps, --guidance-scale), super-resolution to 256 px
+    (--stage-2-steps), diffusers' defaults; each image from its own seed."""
+    import torch
+
+    from imagine.pipelines import karlo
+
+    if args.infotext:
+        raise ValueError(f"--infotext {args.infotext}: Karlo's unCLIP cascade is not run again from a picture's "
+                         "parameters; give them as flags")
+    _refuse_idle_flags(args, KARLO_FLAGS, "Karlo's unCLIP cascade (a UnCLIPPipeline folder), which takes the prompt, "
+                       "--steps and --guidance-scale (the decoder's), --prior-steps, --prior-guidance-scale, "
+                       "--stage-2-steps (the super-resolution stage's), --seed, --num-images, --dtype, -o")
+    _check_values(args, max_seed)
+    # (UnCLIPScheduler spaces n steps round(i (T - 1) / (n - 1)): each stage runs 2 or more)
+    for flag, value in (("--steps", args.steps), ("--prior-steps", args.prior_steps),
+                        ("--stage-2-steps", args.stage_2_steps), ("--num-images", args.num_images)):
+        if value is not None and value < (1 if flag == "--num-images" else 2):
+            raise ValueError(f"{flag} must be at least {1 if flag == '--num-images' else 2} for Karlo's unCLIP "
+                             f"cascade; got {value}")
+    pipe = karlo.KarloPipeline.from_pretrained(args.model, getattr(torch, args.dtype))
+    settings = dict(prior_steps=args.prior_steps or karlo.PRIOR_STEPS, decoder_steps=args.steps or karlo.DECODER_STEPS,
+                    super_res_steps=args.stage_2_steps or karlo.SUPER_RES_STEPS,
+                    prior_guidance_scale=karlo.PRIOR_GUIDANCE if args.prior_guidance_scale is None
+                    else args.prior_guidance_scale,
+                    decoder_guidance_scale=karlo.DECODER_GUIDANCE if args.guidance_scale is None
+                    else args.guidance_scale)
+
+    def picture(prompt: str, seed: int):
+        img = pipe(prompt, generator=[torch.Generator().manual_seed(seed)], progress=not args.quiet, **settings)[0]
+        params = {"prompt": prompt, "seed": seed, "steps": settings["decoder_steps"],
+                  "guidance_scale": settings["decoder_guidance_scale"], "sampler": "ddpm",
+                  "prior_steps": settings["prior_steps"], "prior_guidance_scale": settings["prior_guidance_scale"],
+                  "stage_2_steps": settings["super_res_steps"], "width": img.width, "height": img.height,
+                  "model": Path(args.model).name, **({"dtype": args.dtype} if args.dtype != "float32" else {})}
+        return img, params
+
+    return _save_pictures(args, prompts, max_seed, picture)
 
 
 def _hires_resize(text: str | None) -> tuple[int, int] | None:
@@ -1381,6 +1445,8 @@ def run(args) -> int:
     for note in getattr(args, "_infotext_notes", None) or []:  # (what an --infotext left out or assumed: said
         print(f"imagine: --infotext: {note}", file=sys.stderr)  # with -q too, which only stops the progress bar)
     prompts = _prompts(args)
+    if _cascade_model(args.model) == "UnCLIPPipeline" and args.stage_2 is None:
+        return _karlo_run(args, prompts, MAX_SEED)
     if _cascade_model(args.model) or args.stage_2 is not None:
         return _cascade_run(args, prompts, MAX_SEED)
     for flag in ("hires_sampler", "hires_schedule_type"):

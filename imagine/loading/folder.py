@@ -75,8 +75,8 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
                          "the latent pipeline runs unCLIP's prior with an SD 2.1 unCLIP decoder (diffusers' "
                          "StableUnCLIPPipeline folders), not this pipeline" + (
                              "; it is Karlo's pixel cascade (diffusers' UnCLIPPipeline: prior, 64 px decoder, "
-                             "super-resolution to 256 px): run it with imagine.pipelines.karlo "
-                             "(KarloPipeline.from_pretrained(folder)(prompt))" if karlo else ""))
+                             "super-resolution to 256 px): run it with `imagine generate --model FOLDER` or "
+                             "imagine.pipelines.karlo (KarloPipeline.from_pretrained(folder)(prompt))" if karlo else ""))
     # (a half-built StableUnCLIPImg2Img folder, or DALL-E 2's variation pipeline; an SD folder's image_encoder is an
     # IP-Adapter's, [null, null] or named, and loads as SD)
     if index.get("_class_name") in ("StableUnCLIPImg2ImgPipeline", "UnCLIPImageVariationPipeline") and \
