@@ -29,6 +29,16 @@ from imagine.sampling import sample
 from imagine.schedules import NoiseSchedule, compvis_count
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# ours against A1111's UniPC: the largest difference relative to the largest value. The test model's samples reach
+# |x| ~ 13.5, where float32's rounding through the two implementations' different operation orders left up to 1.07e-4
+# absolute (8e-6 relative; the old bar was 1e-4 absolute) on session 30's AVX2 CPU
+REL_TOL = 1.5e-5
+
+
+def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours - theirs).abs().max() / theirs.abs().max())
+
+
 EPS = config("scaled_linear", "leading", "epsilon")
 V = config("scaled_linear", "leading", "v_prediction")
 
@@ -184,8 +194,8 @@ def ours(cfg, steps, cfg_scale, scheduler=None, strength_rule=None, init=None, s
 @pytest.mark.parametrize("steps, cfg_scale", [(5, 5.0), (8, 1.0), (20, 4.0), (10, 3.5), (50, 3.0)])
 def test_unipc_equals_a1111s(cfg, steps, cfg_scale):
     theirs = a1111_unipc(cfg, steps, cfg_scale)
-    err = float((ours(cfg, steps, cfg_scale) - theirs).abs().max())
-    assert err < 1e-4, f"{steps} steps, CFG {cfg_scale}: max |ours - A1111's| = {err:.2e}"
+    err = rel_err(ours(cfg, steps, cfg_scale), theirs)
+    assert err < REL_TOL, f"{steps} steps, CFG {cfg_scale}: max |ours - A1111's| / max |A1111's| = {err:.2e}"
 
 
 @pytest.mark.parametrize("steps, asked_more", [(30, 31), (7, 8)])
@@ -195,15 +205,15 @@ def test_unipc_takes_a1111s_step_count(steps, asked_more):
     theirs = a1111_unipc(EPS, steps, 4.0)
     with pytest.warns(UserWarning, match=f"the run takes {asked_more} steps"):
         got = ours(EPS, steps, 4.0)
-    err = float((got - theirs).abs().max())
-    assert err < 1e-4, f"{steps} steps: max |ours - A1111's| = {err:.2e}"
+    err = rel_err(got, theirs)
+    assert err < REL_TOL, f"{steps} steps: max |ours - A1111's| / max |A1111's| = {err:.2e}"
 
 
 @pytest.mark.parametrize("order, variant", [(1, "bh1"), (2, "bh1"), (2, "bh2"), (3, "bh2"), (4, "bh1")])
 def test_unipc_orders_and_variants_equal_a1111s(order, variant):
     theirs = a1111_unipc(EPS, 10, 5.0, order=order, variant=variant)
-    err = float((ours(EPS, 10, 5.0, order=order, variant=variant) - theirs).abs().max())
-    assert err < 1e-4, f"order {order}, {variant}: max |ours - A1111's| = {err:.2e}"
+    err = rel_err(ours(EPS, 10, 5.0, order=order, variant=variant), theirs)
+    assert err < REL_TOL, f"order {order}, {variant}: max |ours - A1111's| / max |A1111's| = {err:.2e}"
 
 
 @pytest.mark.parametrize("ours_name, skip", [("time_quadratic", "time_quadratic"), ("logsnr", "logSNR")])
@@ -211,8 +221,8 @@ def test_unipc_skip_types_equal_a1111s(ours_name, skip):
     """A1111's other skip types (its uni_pc_skip_type setting) are our schedule types of those names (at a step count
     where its CompVis count is the same)."""
     theirs = a1111_unipc(EPS, 8, 4.0, skip=skip)
-    err = float((ours(EPS, 8, 4.0, scheduler=ours_name) - theirs).abs().max())
-    assert err < 1e-4, f"{skip}: max |ours - A1111's| = {err:.2e}"
+    err = rel_err(ours(EPS, 8, 4.0, scheduler=ours_name), theirs)
+    assert err < REL_TOL, f"{skip}: max |ours - A1111's| / max |A1111's| = {err:.2e}"
 
 
 def test_time_uniform_levels_follow_the_papers_interpolation():
@@ -243,8 +253,8 @@ def test_unipc_img2img_equals_a1111s(cfg, steps, strength, fixed):
     theirs = a1111_unipc(cfg, steps, 3.0, init=init, strength=strength, fixed=fixed)
     got = ours(cfg, steps, 3.0, init=init, strength=strength,
                strength_rule="a1111_fixed_steps" if fixed else None)
-    err = float((got - theirs).abs().max())
-    assert err < 1e-4, f"{steps} steps at {strength}: max |ours - A1111's| = {err:.2e}"
+    err = rel_err(got, theirs)
+    assert err < REL_TOL, f"{steps} steps at {strength}: max |ours - A1111's| / max |A1111's| = {err:.2e}"
 
 
 # -- plans that end above sigma = 0 ------------------------------------------------------------------------------------
@@ -276,8 +286,8 @@ def test_multistep_orders_on_a_plan_that_ends_at_abar_0(sampler, order, steps):
                  if sampler == "dpmpp_3m" else
                  UniPCMultistepScheduler.from_config(cfg, solver_order=order, final_sigmas_type="sigma_min"))
     theirs = run_diffusers(scheduler, steps)
-    err = float((ours - theirs).abs().max())
-    assert err < 1e-4, f"{sampler} order {order}, {steps} steps: max |ours - diffusers'| = {err:.2e}"
+    err = rel_err(ours, theirs)
+    assert err < REL_TOL, f"{sampler} order {order}, {steps} steps: max |ours - diffusers'| = {err:.2e}"
 
 
 @pytest.mark.parametrize("sampler", ["heun", "euler", "dpm2", "lms"])
@@ -299,8 +309,8 @@ def test_karras_samplers_on_a_plan_that_ends_at_abar_0(kd, sampler):
     ours = sample(CompVisModel(EPS).model, SHAPE, schedule=schedule, sampler=sampler, steps=8, seeds=SEEDS,
                   progress=False, sigma_schedule="time_uniform", start="sigma_max").double()
     ours = ours * math.sqrt(1 + float(plan.sigmas[-1]) ** 2)
-    err = float((ours - theirs).abs().max())
-    assert err < 1e-4, f"{sampler}: max |ours - k-diffusion's| = {err:.2e}"
+    err = rel_err(ours, theirs)
+    assert err < REL_TOL, f"{sampler}: max |ours - k-diffusion's| = {err:.2e}"
 
 
 def test_continuous_time_types_floor_zero_terminal_snr():
@@ -360,5 +370,5 @@ def test_unipc_inpainting_equals_a1111s(cfg, strength):
     init = torch.linspace(-1, 1, math.prod(SHAPE)).reshape(SHAPE)
     paint = paint_mask()
     theirs = a1111_unipc(cfg, 20, 3.0, init=init, strength=strength, paint=paint)
-    err = float((ours(cfg, 20, 3.0, init=init, strength=strength, mask=paint) - theirs).abs().max())
-    assert err < 1e-4, f"strength {strength}: max |ours - A1111's| = {err:.2e}"
+    err = rel_err(ours(cfg, 20, 3.0, init=init, strength=strength, mask=paint), theirs)
+    assert err < REL_TOL, f"strength {strength}: max |ours - A1111's| / max |A1111's| = {err:.2e}"
