@@ -29,6 +29,7 @@ from PIL import Image
 
 from test_cascade_if_s29 import (  # noqa: F401 (fixture)
     KW, NOISING, PICTURES, PROMPTS, SCHEDULER, TOL, nontrivial, parts, psnr, rel)
+from test_cascade_cli_s29 import folders  # noqa: F401 (fixture)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -267,14 +268,7 @@ def test_unsupported_samplers_are_refused_by_name(fresh):
     assert check_sampler("Euler a") == ("euler_a", False)
 
 
-# -- the CLI ----------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def folders(parts, tmp_path_factory):
-    root = tmp_path_factory.mktemp("if")
-    theirs_1, theirs_2, _, _ = parts
-    theirs_1.save_pretrained(root / "IF-I")
-    theirs_2.save_pretrained(root / "IF-II")
-    return root / "IF-I", root / "IF-II"
+# -- the CLI (test_cascade_cli_s29's folders: diffusers' tiny IF pipelines saved) ---------------------------------------
 
 
 def test_generate_with_a_sampler_is_diffusers(fresh, folders, tmp_path, capsys):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_cascade_cli_s29 import _run as _generate  # noqa: E402
 from test_loading import VOCAB, write_clip_tokenizer  # noqa: E402
 from test_sd_parity import psnr  # noqa: E402
 from test_unclip_prior import _tiny_prior  # noqa: E402
@@ -248,14 +249,6 @@ def test_errors(karlo, tmp_path):
 
     with pytest.raises(ValueError, match="has a diffusion prior but no image_normalizer.*imagine.pipelines.karlo"):
         load_folder(folder)
-
-
-def _generate(capsys, *argv):
-    from imagine.cli import main
-
-    code = main(["generate", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_generate_runs_karlo_as_diffusers(karlo, tmp_path, capsys):
