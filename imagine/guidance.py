@@ -271,7 +271,8 @@ def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, phi: float) -
 
 def split_variance(out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A model output of twice x's channels is (prediction, learned variance) (Nichol & Dhariwal 2021, Improved DDPM
-    sec. 3.1: the U-Net's extra channels interpolate the log variance); any other is (prediction, None)."""
+    sec. 3.1: the U-Net's extra channels interpolate the log variance, "learned_range"; or, diffusers' "learned",
+    are the variance itself); any other is (prediction, None)."""
     c = x.shape[1]
     if out.ndim == x.ndim and out.shape[1] == 2 * c:
         return out[:, :c], out[:, c:]

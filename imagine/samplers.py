@@ -222,6 +222,8 @@ def sample_ddpm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
     twice the channels out, whose extra channels give v in [-1, 1] (`Denoiser.variance`; guidance leaves them the
     conditional pass's): Sigma = exp(f log beta + (1 - f) log beta_tilde), f = (v + 1) / 2, beta_tilde floored at
     1e-20 as diffusers' DDPMScheduler floors it (the models of GLIDE, unCLIP's decoder and DeepFloyd IF).
+    "learned": diffusers' DDPMScheduler's other learned form, the extra channels taken as Sigma itself (not its log,
+    unclamped; negative values refused, where diffusers' square root gives NaN).
     """
     _deterministic("ddpm", eta)  # its noise is fixed by the variance choice
     if variance_type not in VARIANCE_TYPES:
@@ -239,6 +241,8 @@ def sample_ddpm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
         variance = beta if variance_type == "fixed_large" else (1 - a_prev) / (1 - a_t) * beta
         if variance_type == "learned_range":
             variance = _learned_variance(getattr(denoise, "variance", None), beta, variance, x)
+        elif variance_type == "learned":
+            variance = _raw_learned_variance(getattr(denoise, "variance", None), x, a_prev < 1.0)
         if mean_shift is not None:
             mean = mean + mean_shift(x, i, variance)
         if a_prev < 1.0:  # z = 0 when landing on x_0
@@ -247,13 +251,29 @@ def sample_ddpm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
     return x
 
 
+def _no_learned_variance(name: str, x: torch.Tensor) -> ValueError:
+    return ValueError(f"variance_type {name!r} needs a model with a learned variance (twice the sample's channels "
+                      f"out: {2 * x.shape[1]} for {x.shape[1]}); this one gives none - use 'fixed_small'")
+
+
 def _learned_variance(v: torch.Tensor | None, beta: float, beta_tilde: float, x: torch.Tensor) -> torch.Tensor:
     """Improved DDPM eq. 15: exp(f log beta + (1 - f) log beta_tilde), f = (v + 1) / 2, per element."""
     if v is None:
-        raise ValueError("variance_type 'learned_range' needs a model with a learned variance (twice the sample's "
-                         f"channels out: {2 * x.shape[1]} for {x.shape[1]}); this one gives none - use 'fixed_small'")
+        raise _no_learned_variance("learned_range", x)
     f = (v.double() + 1.0) / 2.0
     return torch.exp(f * math.log(beta) + (1.0 - f) * math.log(max(beta_tilde, 1e-20))).to(x.dtype)
+
+
+def _raw_learned_variance(v: torch.Tensor | None, x: torch.Tensor, noisy: bool) -> torch.Tensor:
+    """diffusers' DDPMScheduler "learned": the model's extra channels are the variance itself (no log, no range, no
+    clamp), its square root scaling the noise. A negative value, where noise is drawn, is refused (diffusers' step
+    takes its square root: NaN)."""
+    if v is None:
+        raise _no_learned_variance("learned", x)
+    if noisy and bool((v < 0).any()):
+        raise ValueError(f"variance_type 'learned': the model's variance channels hold negative values (min "
+                         f"{float(v.min()):.3g}); a variance must be >= 0 (diffusers' DDPMScheduler gives NaN there)")
+    return v.to(x.dtype)
 
 
 # -- DDIM ------------------------------------------------------------------------------------------------

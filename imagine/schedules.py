@@ -24,8 +24,11 @@ import torch
 SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine", "custom")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # DDPM's posterior variance (Ho et al. 2020, sec. 3.2: beta_tilde or beta), or the model's own interpolation between
-# their logs (Nichol & Dhariwal 2021, Improved DDPM eq. 15: "learned_range", a U-Net with twice the channels out)
-VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+# their logs (Nichol & Dhariwal 2021, Improved DDPM eq. 15: "learned_range", a U-Net with twice the channels out), or
+# the model's extra channels taken as the variance itself (diffusers' DDPMScheduler "learned": not a log)
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
+# the types whose model outputs twice the sample's channels (the second half its variance)
+LEARNED_VARIANCE_TYPES = ("learned_range", "learned")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 # How a sampler family lays its steps out; see `SamplingPlan`.
 TIMESTEP_RULES = ("ddpm", "ddim", "karras", "dpm_solver", "lcm")
@@ -507,8 +510,8 @@ class NoiseSchedule:
         if kind not in _FROM_DIFFUSERS_KIND and kind not in SCHEDULE_KINDS:
             raise ValueError(f"beta_schedule {kind!r} is not supported; valid: {sorted(_FROM_DIFFUSERS_KIND)}")
         kind = _FROM_DIFFUSERS_KIND.get(kind, kind)
-        # (diffusers' "_log" forms draw with the same variances, computed through their logs; "learned", a model's
-        # raw variance output, is sampled with the fixed posterior variance)
+        # (diffusers' "_log" forms draw with the same variances, computed through their logs; "learned" is the model's
+        # raw variance output, as diffusers' DDPMScheduler takes it)
         variance_type = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}.get(
             c.get("variance_type") or "fixed_small", c.get("variance_type") or "fixed_small")
         if variance_type not in VARIANCE_TYPES:

@@ -847,7 +847,8 @@ class UNet2DConditionModel(nn.Module):
         text_embeds [B, D] and time_ids [B, 6] for addition_embed_type "text_time" (SDXL: the pooled text
         vector, and the original size, crop corner and target size, each (height, width));
         timestep_cond [B, time_cond_proj_dim] for a guidance-distilled LCM (its guidance-scale code,
-        imagine.models.embeddings.guidance_scale_embedding; required where the config has time_cond_proj_dim);
+        imagine.models.embeddings.guidance_scale_embedding); left out (None) on such a U-Net, cond_proj adds
+        nothing, as in diffusers' TimestepEmbedding (`if condition is not None`);
         down_block_additional_residuals (one per skip, conv_in's first) and mid_block_additional_residual: a
         ControlNet's outputs, added to the skips and to the bottleneck's output (Zhang et al. 2023, eq. 4).
         Returns [B, out_channels, H, W] in x's dtype (the network runs in its weights' dtype).
@@ -858,10 +859,6 @@ class UNet2DConditionModel(nn.Module):
         input (the class embedding, else the first cross-attention: in SD, conv_in, the first
         residual block and the first self-attention over the largest map), which then run once."""
         out_dtype = x.dtype
-        if (d := self.config.time_cond_proj_dim) is not None and timestep_cond is None:
-            raise ValueError(f"this UNet (a guidance-distilled LCM, time_cond_proj_dim={d}) needs timestep_cond "
-                             f"[B, {d}]: the guidance scale's code, "
-                             "imagine.models.embeddings.guidance_scale_embedding(scale - 1, time_cond_proj_dim)")
         x, emb_act, context, mask, rows = self.embed(x, t, context, context_mask, class_labels, text_embeds, time_ids,
                                                      timestep_cond)
         h = self.conv_in(x)
@@ -891,7 +888,7 @@ class UNet2DConditionModel(nn.Module):
         act(time embedding + any class / SDXL / IF text embedding), context (through encoder_hid_proj, if any), the
         key padding mask, the rows of the call:
         k * B for a guidance batch). `timestep_cond` None on a U-Net with time_cond_proj_dim leaves cond_proj out,
-        as diffusers does (its ControlNets run so; `forward` asks for it)."""
+        as diffusers does (its ControlNets and plain calls run so)."""
         c = self.config
         t, context, context_mask = self._check_inputs(x, t, context, context_mask)
         rows = x.shape[0] if context is None else context.shape[0]  # k * B for a guidance batch

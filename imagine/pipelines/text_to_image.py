@@ -463,11 +463,13 @@ class TextToImagePipeline:
     @property
     def latent_channels(self) -> int:
         """The sample's channels: the VAE's latent's, or a pixel model's output's (half of them where the U-Net also
-        outputs its learned variance, the schedule's "learned_range")."""
+        outputs its learned variance, the schedule's "learned_range" or "learned")."""
+        from imagine.schedules import LEARNED_VARIANCE_TYPES
+
         if self.vae is not None:
             return self.vae.config.latent_channels
         out = self.unet.config.out_channels
-        return out // 2 if self.c.schedule.variance_type == "learned_range" else out
+        return out // 2 if self.c.schedule.variance_type in LEARNED_VARIANCE_TYPES else out
 
     @property
     def scale(self) -> int:

@@ -85,6 +85,10 @@ def check_diffusion_config(cfg: dict) -> dict:
         schedule = NoiseSchedule.from_config(**sched)
     except (TypeError, ValueError) as e:
         raise ValueError(f"schedule: {e}") from None
+    if schedule.variance_type == "learned":  # (the hybrid loss trains Improved DDPM's interpolation, eq. 15)
+        raise ValueError("schedule.variance_type 'learned' (a raw variance output, diffusers' DDPMScheduler's) is "
+                         "sampled, not trained, here: train 'learned_range' (Improved DDPM's interpolation, with "
+                         "out_channels = 2 x in_channels) or a fixed one ('fixed_small', 'fixed_large')")
     if float(schedule.alphas_cumprod[-1]) == 0 and d["prediction_type"] == "epsilon":
         # (kohya's sd-scripts warns the same; diffusers' scripts say nothing)
         warnings.warn("schedule.zero_terminal_snr with prediction_type epsilon: at the last timestep x_t is the noise "
