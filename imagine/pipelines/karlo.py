@@ -179,10 +179,11 @@ class KarloPipeline:
                  output_type: str = "pil", progress: bool = True, callback=None):
         """The prompts' pictures at the super-resolution size (Karlo: 256 px). Steps and guidance scales per stage,
         diffusers' UnCLIPPipeline defaults (25 / 25 / 7 steps, guidance 4 for the prior and 8 for the decoder;
-        guidance runs where a scale is > 1; the super-resolution stage has none). generator: one torch.Generator for
-        the batch, or one per image (seed: an int, for torch.Generator().manual_seed(seed)). output_type "pil"
-        (pictures) or "pt" (the samples [B, 3, H, W] in [-1, 1]). callback hears every step as the sampler's info
-        with "stage": "prior" / "decoder" / "super_res"."""
+        as diffusers, guidance runs in both stages, each at its own scale, when either scale is > 1, a scale below 1
+        then extrapolating towards the unconditional output; the super-resolution stage has none). generator: one
+        torch.Generator for the batch, or one per image (seed: an int, for torch.Generator().manual_seed(seed)).
+        output_type "pil" (pictures) or "pt" (the samples [B, 3, H, W] in [-1, 1]). callback hears every step as the
+        sampler's info with "stage": "prior" / "decoder" / "super_res"."""
         from imagine.pipelines.unclip import prior_embeddings
         from imagine.sampling import ConcatChannels
 
@@ -199,16 +200,19 @@ class KarloPipeline:
         batch = len(prompts)
         generator = _generator(batch, generator, seed)
 
+        # diffusers' switch: guidance in both stages, each at its own scale, when either scale is > 1 (a scale below
+        # 1 then extrapolates towards the unconditional output in its stage; at 1 it is the conditional pass)
+        guided = prior_scale > 1.0 or decoder_scale > 1.0
+
         # 1. the prior: z_i ~ P(z_i | y), un-normalized (sec. 2.2)
         z = prior_embeddings(self.prior, prompts, generator, None, steps=prior_steps, guidance_scale=prior_scale,
-                             sampler="ddpm", progress=progress, callback=_stage_callback(callback, "prior"))
+                             sampler="ddpm", progress=progress, callback=callback, guided=guided)
 
         # 2. the decoder at 64 px: x ~ P(x | z_i, y) (sec. 2.1), guided against (learned no-embedding, "")
         text = self.text_encoder.encode(prompts)
         context, added = self.text_proj(z, text.pooled, text.states)
         keep = F.pad(text.mask.to(torch.bool), (self.text_proj.extra_tokens, 0), value=True)  # (the z_i tokens: kept)
         cond = {"context": context, "context_mask": keep, "class_labels": added}
-        guided = decoder_scale > 1.0
         uncond = None
         if guided:
             empty = self.text_encoder.encode([""] * batch)
