@@ -88,9 +88,10 @@ def test_guidance_keeps_the_conditional_variance():
     torch.testing.assert_close(out[:, c:], cond[:, c:])
 
 
-def test_learned_range_without_a_variance_output_is_refused():
-    cfg = config("linear", "leading", "epsilon", variance_type="learned_range")
-    with pytest.raises(ValueError, match="needs a model with a learned variance"):
+@pytest.mark.parametrize("variance_type", ["learned_range", "learned"])
+def test_a_learned_variance_without_a_variance_output_is_refused(variance_type):
+    cfg = config("linear", "leading", "epsilon", variance_type=variance_type)
+    with pytest.raises(ValueError, match=f"'{variance_type}' needs a model with a learned variance"):
         sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), sampler="ddpm", steps=3,
                seeds=SEEDS, progress=False)
 

@@ -161,15 +161,6 @@ def test_ddpm_learned_negative_variance_is_refused_where_diffusers_gives_nan():
         run_ours_raw(cfg, 5, offset=-0.05)
 
 
-def test_ddpm_learned_without_a_variance_output_is_refused():
-    from test_samplers_parity import SEEDS, SHAPE, make_model
-
-    cfg = config("linear", "leading", "epsilon", variance_type="learned")
-    with pytest.raises(ValueError, match="'learned' needs a model with a learned variance"):
-        sample(make_model(cfg), SHAPE, schedule=NoiseSchedule.from_diffusers_config(cfg), sampler="ddpm", steps=3,
-               seeds=SEEDS, progress=False)
-
-
 def test_training_refuses_the_raw_learned_variance():
     """The hybrid loss (Improved DDPM) trains "learned_range"; a "learned" schedule is named and refused."""
     from imagine.train.diffusion_task import check_diffusion_config
