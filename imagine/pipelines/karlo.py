@@ -204,18 +204,21 @@ class KarloPipeline:
         # 1 then extrapolates towards the unconditional output in its stage; at 1 it is the conditional pass)
         guided = prior_scale > 1.0 or decoder_scale > 1.0
 
+        # the prompts through CLIP's text tower once: the prior and the decoder's projection read the same states
+        text = self.text_encoder.encode(prompts)
+        empty = self.text_encoder.encode([""] * batch) if guided else None
+
         # 1. the prior: z_i ~ P(z_i | y), un-normalized (sec. 2.2)
         z = prior_embeddings(self.prior, prompts, generator, None, steps=prior_steps, guidance_scale=prior_scale,
-                             sampler="ddpm", progress=progress, callback=callback, guided=guided)
+                             sampler="ddpm", progress=progress, callback=callback, guided=guided,
+                             encoded=(text, empty))
 
         # 2. the decoder at 64 px: x ~ P(x | z_i, y) (sec. 2.1), guided against (learned no-embedding, "")
-        text = self.text_encoder.encode(prompts)
         context, added = self.text_proj(z, text.pooled, text.states)
         keep = F.pad(text.mask.to(torch.bool), (self.text_proj.extra_tokens, 0), value=True)  # (the z_i tokens: kept)
         cond = {"context": context, "context_mask": keep, "class_labels": added}
         uncond = None
         if guided:
-            empty = self.text_encoder.encode([""] * batch)
             u_context, u_added = self.text_proj(self.text_proj.unconditional(batch), empty.pooled, empty.states)
             u_keep = F.pad(empty.mask.to(torch.bool), (self.text_proj.extra_tokens, 0), value=True)
             uncond = {"context": u_context, "context_mask": u_keep, "class_labels": u_added}

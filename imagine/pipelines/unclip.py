@@ -114,23 +114,27 @@ def prior_text(pipe, prompt: str, emphasis: bool | str, long_prompts: bool) -> s
 
 
 def prior_embeddings(prior, prompts: list[str], generators, seeds, *, steps: int, guidance_scale: float,
-                     sampler: str, progress: bool = True, callback=None, guided: bool | None = None) -> torch.Tensor:
+                     sampler: str, progress: bool = True, callback=None, guided: bool | None = None,
+                     encoded: tuple | None = None) -> torch.Tensor:
     """unCLIP's prior (Ramesh et al. 2022, sec. 2.2): a CLIP image embedding [B, D] per prompt, sampled from P(z_i | y)
     with classifier-free guidance against the empty caption (as the prior was trained, and as diffusers' pipeline
     guides it), each image's noise from its own generator, then un-normalized. guided: None, guidance where the scale
     is > 1 (diffusers' StableUnCLIPPipeline's gate); True, at the scale given, below 1 too (its UnCLIPPipeline guides
     both stages once either scale is > 1), the conditional pass alone at exactly 1. `callback` hears each step as
     {"stage": "prior", "step", "total", "t", "sigma"}: no x or denoised (embeddings, not latents to preview); it may
-    raise to stop the run, as for the decoder's steps."""
+    raise to stop the run, as for the decoder's steps. encoded: (the prompts', the empty captions') encodings by the
+    prior's text encoder, where the caller has them (Karlo's decoder reads the same tower's)."""
     from imagine.sampling import sample
 
     def as_cond(enc):
         return {"proj_embedding": enc.pooled, "context": enc.states, "context_mask": enc.mask}
 
-    text = prior.text_encoder.encode(prompts)
+    text, empty = encoded if encoded is not None else (prior.text_encoder.encode(prompts), None)
     # (diffusers' gate: a scale at or below 1 runs the caption alone; at 1 the guided result is the caption's)
     guided = guidance_scale > 1.0 if guided is None else bool(guided) and guidance_scale != 1.0
-    uncond = as_cond(prior.text_encoder.encode([""] * len(prompts))) if guided else None
+    if guided and empty is None:
+        empty = prior.text_encoder.encode([""] * len(prompts))
+    uncond = as_cond(empty) if guided else None
     c = prior.scheduler_config
     z = sample(prior.model, (len(prompts), prior.model.embedding_dim), schedule=prior.schedule, sampler=sampler,
                steps=steps, cond=as_cond(text), uncond=uncond, guidance_scale=guidance_scale if guided else 1.0,
