@@ -208,8 +208,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(resize_and_fill), or encode it at its own size and resize the latents (latent_upscale, "
                         "no --mask); AUTOMATIC1111's img2img resize modes")
     p.add_argument("--prior-steps", type=int, default=None, metavar="N",
-                   help="an unCLIP model with a diffusion prior (SD 2.1 unCLIP with Karlo's prior): the prior's steps "
-                        "(default 25)")
+                   help="an unCLIP model with a diffusion prior (SD 2.1 unCLIP with Karlo's prior, or a Karlo "
+                        "UnCLIPPipeline folder): the prior's steps (default 25)")
     p.add_argument("--prior-guidance-scale", type=_finite, default=None, metavar="S",
                    help="an unCLIP model with a diffusion prior: the prior's guidance against the empty caption "
                         "(default 4)")
@@ -223,7 +223,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the first stage's 64 px pictures made 256 px, with its noise conditioning augmentation "
                         "(--noise-level, default 250)")
     p.add_argument("--stage-2-steps", type=int, default=None, metavar="N",
-                   help="the super-resolution stage's DDPM steps (default 50, diffusers' IF)")
+                   help="the super-resolution stage's steps (default 50, diffusers' IF; for a Karlo UnCLIPPipeline "
+                        "folder 7, its super-resolution stage needing no --stage-2)")
     p.add_argument("--stage-2-guidance-scale", type=_finite, default=None, metavar="S",
                    help="the super-resolution stage's classifier-free guidance (default 4, diffusers' IF)")
     p.add_argument("--stage-3", default=None, metavar="FOLDER",
@@ -309,7 +310,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--styles-file", default=None, metavar="CSV",
                    help="AUTOMATIC1111's styles.csv (columns name, prompt, negative_prompt)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="sampling steps (default: the model's, 20 for the embedded model)")
+                   help="sampling steps (default: the model's, 20 for the embedded model; a Karlo UnCLIPPipeline "
+                        "folder: its decoder's, 25)")
     p.add_argument("--sampler", default=None,
                    help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_sde, dpmpp_3m, dpmpp_3m_sde, "
                         "unipc, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm, restart, dpm_fast, "
@@ -351,7 +353,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "3M warm-up and A1111's image-to-image step count (what the server's A1111 API does)")
     p.add_argument("--guidance-scale", "--cfg-scale", type=_finite, default=None, metavar="S",
                    help="classifier-free guidance scale (A1111's CFG scale; default: the model's, 7.5 for SD, 3 for "
-                        "the embedded model; a CFG++ sampler's lambda, 0..1)")
+                        "the embedded model; a CFG++ sampler's lambda, 0..1; a Karlo UnCLIPPipeline folder: its "
+                        "decoder's, 8)")
     p.add_argument("--guidance-rescale", type=_finite, default=0.0, metavar="PHI",
                    help="Lin et al. 2023 guidance rescale phi, 0..1 (default 0: off)")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help="Karras sigma spacing")
