@@ -192,10 +192,6 @@ class IFStage:
     def super_resolution(self) -> bool:
         return self.noising_config is not None
 
-    @property
-    def thresholds(self) -> dict[str, Any]:
-        return thresholding_rule(self.scheduler_config)
-
     def sampling(self, sampler: str = "ddpm") -> dict[str, Any]:
         """`sample`'s keywords for running this stage with `sampler` as diffusers runs it after
         `OtherScheduler.from_config(scheduler.config)`: the sampler, its plan's layout (diffusers_plan_layout) and
