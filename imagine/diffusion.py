@@ -265,3 +265,40 @@ def training_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cond: di
         loss = loss + float(vlb_weight) * T * vlb_term(prediction.detach(), variance, x0, x_t, t, schedule,
                                                        prediction_type)
     return loss.mean() if reduction == "mean" else loss
+
+
+# -- continuous time (Kingma et al. 2021, VDM; Imagen's training) ---------------------------------
+def continuous_training_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, log_snr: torch.Tensor,
+                             noise: torch.Tensor, prediction_type: str, cond: dict[str, Any] | None = None,
+                             min_snr_gamma: float | None = None, reduction: str = "mean") -> torch.Tensor:
+    """The simplified objective at a continuous noise level (VDM, Kingma et al. 2021; Imagen's base and
+    super-resolution models, trained at t ~ U[0, 1] with lambda(t) the log-SNR of a continuous schedule).
+
+    x_lambda = alpha x_0 + sigma eps with alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda); the model sees
+    `model(x_lambda, lambda, **cond)` (the noise level as its condition, imagen-pytorch's `get_condition`); the target
+    is eps, x_0 or v = alpha eps - sigma x_0 (Salimans & Ho 2022) as in `training_target`, the loss each sample's mean
+    squared error, times the min-SNR-gamma weight (Hang et al. 2023; SNR = e^lambda) if `min_snr_gamma` is set.
+    `log_snr` [B], `noise` like x0."""
+    check_prediction_type(prediction_type)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
+    if cond is not None and not isinstance(cond, dict):
+        raise TypeError(f"cond must be a dict of keyword arguments for the model; got {type(cond).__name__}")
+    log_snr = torch.as_tensor(log_snr, device=x0.device)
+    if log_snr.shape != (x0.shape[0],):
+        raise ValueError(f"log_snr must have shape [{x0.shape[0]}] (one noise level per sample); got "
+                         f"{tuple(log_snr.shape)}")
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
+    lam = log_snr.double()
+    # (alpha and sigma from lambda by sigmoid, not sigma = sqrt(1 - alpha^2): exact at high SNR too)
+    alpha, sigma = _per_sample(torch.sigmoid(lam).sqrt(), x0), _per_sample(torch.sigmoid(-lam).sqrt(), x0)
+    x_t = alpha * x0 + sigma * noise
+    prediction = model(x_t, log_snr.to(torch.float32), **(cond or {}))
+    if prediction.shape != x0.shape:
+        raise ValueError(f"model output shape {tuple(prediction.shape)} differs from x0 shape {tuple(x0.shape)}")
+    target = {"epsilon": noise, "sample": x0, "v_prediction": alpha * noise - sigma * x0}[prediction_type]
+    loss = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    if min_snr_gamma is not None:
+        loss = loss * min_snr_weights(lam.exp(), float(min_snr_gamma), prediction_type).to(loss)
+    return loss.mean() if reduction == "mean" else loss
