@@ -139,7 +139,39 @@ def check_diffusion_config(cfg: dict) -> dict:
     return d
 
 
-class DiffusionTask(Task):
+class CaptionStates:
+    """A frozen text encoder's states for the captions, cached (`cache_text`) since the encoder never changes; shared
+    by the tasks that train a text-conditioned denoiser (needs `text_encoder`, `text_cache` and `d["cache_text"]`)."""
+
+    def precompute_text(self, captions: list[str], batch: int = 256) -> None:
+        """Encode and cache `captions` in chunks of `batch` (sorted, so the chunks, and with them the
+        float rounding of each caption's states, depend only on the list given)."""
+        todo = sorted(set(captions) - set(self.text_cache))
+        for i in range(0, len(todo), batch):
+            chunk = todo[i:i + batch]
+            enc = self.text_encoder.encode(chunk)
+            for j, c in enumerate(chunk):
+                # (kept in fp32 on the CPU: a caption first met under autocast is not stored in bf16 beside fp32 ones)
+                self.text_cache[c] = (enc.states[j].float().cpu().clone(),
+                                      None if enc.mask is None else enc.mask[j].cpu().clone())
+
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.d["cache_text"]:
+            # A caption not cached up front is encoded on its own: its states must not depend on
+            # which captions shared its batch (they do, by float rounding), or a resumed run would
+            # differ from an uninterrupted one.
+            for c in sorted(set(captions) - set(self.text_cache)):
+                self.precompute_text([c])
+            states = torch.stack([self.text_cache[c][0] for c in captions])
+            masks = [self.text_cache[c][1] for c in captions]
+            cond = {"context": states}
+            if masks[0] is not None:
+                cond["context_mask"] = torch.stack(masks)
+            return cond
+        return self.text_encoder.encode(captions).as_cond()
+
+
+class DiffusionTask(CaptionStates, Task):
     name = "diffusion"
 
     def __init__(self, cfg: dict, dataset_len: int | None = None, text_encoder=None):
@@ -203,34 +235,6 @@ class DiffusionTask(Task):
 
     def resolved_config(self):
         return {**self.d, "model": self.trainable.config.to_dict()}
-
-    # -- conditioning --------------------------------------------------------------------------
-    def precompute_text(self, captions: list[str], batch: int = 256) -> None:
-        """Encode and cache `captions` in chunks of `batch` (sorted, so the chunks, and with them the
-        float rounding of each caption's states, depend only on the list given)."""
-        todo = sorted(set(captions) - set(self.text_cache))
-        for i in range(0, len(todo), batch):
-            chunk = todo[i:i + batch]
-            enc = self.text_encoder.encode(chunk)
-            for j, c in enumerate(chunk):
-                # (kept in fp32 on the CPU: a caption first met under autocast is not stored in bf16 beside fp32 ones)
-                self.text_cache[c] = (enc.states[j].float().cpu().clone(),
-                                      None if enc.mask is None else enc.mask[j].cpu().clone())
-
-    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if self.d["cache_text"]:
-            # A caption not cached up front is encoded on its own: its states must not depend on
-            # which captions shared its batch (they do, by float rounding), or a resumed run would
-            # differ from an uninterrupted one.
-            for c in sorted(set(captions) - set(self.text_cache)):
-                self.precompute_text([c])
-            states = torch.stack([self.text_cache[c][0] for c in captions])
-            masks = [self.text_cache[c][1] for c in captions]
-            cond = {"context": states}
-            if masks[0] is not None:
-                cond["context_mask"] = torch.stack(masks)
-            return cond
-        return self.text_encoder.encode(captions).as_cond()
 
     # -- data to x_0 -----------------------------------------------------------------------------
     @torch.no_grad()
