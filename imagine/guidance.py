@@ -8,6 +8,9 @@
 - Guidance rescale (Lin et al. 2023, sec. 3.4, eq. 15-16): with std over each sample's elements,
   rescaled = cfg * std(cond) / std(cfg), then phi * rescaled + (1 - phi) * cfg; it undoes the
   over-exposure large scales cause. Applied to the raw prediction, as diffusers' pipelines do.
+- Projected guidance (Sadat et al. 2024, APG's projection; imagen-pytorch 2.1.0's default): the update cond - uncond
+  less its part along cond (or a fraction of it), per sample; `projected_guidance`, a `combine` rule of
+  guided_model_output. Fraction 1 is classifier-free guidance.
 - Classifier guidance (Dhariwal & Nichol 2021): the gradient g of log p_phi(y | x_t, t) from a
   classifier trained on noisy images either shifts the DDPM posterior mean by s * Sigma * g
   (Algorithm 1) or the predicted noise by -sqrt(1 - abar_t) * s * g (Algorithm 2, for DDIM and
@@ -259,6 +262,26 @@ def classifier_free_guidance(uncond_out: torch.Tensor, cond_out: torch.Tensor, s
     return uncond_out + scale * (cond_out - uncond_out)
 
 
+def projected_guidance(uncond_out: torch.Tensor, cond_out: torch.Tensor, scale: float,
+                       parallel_fraction: float = 0.0) -> torch.Tensor:
+    """Guidance with the update's part along the conditional output scaled by eta = `parallel_fraction` (Sadat et al.
+    2024, "Eliminating Oversaturation and Artifacts of High Guidance Scales in Diffusion Models", arXiv 2410.02416,
+    sec. 3 and Algorithm 1, APG without its momentum and norm threshold): with the update D = cond - uncond split, per
+    sample over all its elements, into D_par = (<D, cond> / <cond, cond>) cond and D_orth = D - D_par,
+
+        guided = cond + (s - 1) (D_orth + eta D_par).
+
+    The parallel part is what over-saturates at high scales; eta = 1 is classifier-free guidance (uncond + s D),
+    eta = 0 (imagen-pytorch 2.1.0's default, Unet.forward_with_cond_scale) drops it. The projection in float64, as
+    imagen-pytorch's; a sample whose cond is all zero has no parallel part."""
+    dtype = cond_out.dtype
+    cond, update = cond_out.double().flatten(1), (cond_out - uncond_out).double().flatten(1)
+    norm_sq = (cond * cond).sum(1, keepdim=True)
+    parallel = (update * cond).sum(1, keepdim=True) / torch.where(norm_sq > 0, norm_sq, 1.0) * cond
+    kept = (update - parallel + parallel_fraction * parallel).to(dtype).view_as(cond_out)
+    return cond_out + (scale - 1) * kept
+
+
 def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, phi: float) -> torch.Tensor:
     """Lin et al. 2023, eq. 15-16: x_rescaled = x_cfg * std(x_pos) / std(x_cfg) per sample;
     result = phi * x_rescaled + (1 - phi) * x_cfg."""
@@ -287,13 +310,16 @@ def _with_variance(guided: torch.Tensor, variance: torch.Tensor | None) -> torch
 
 def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
                         cond: dict[str, Any] | None, uncond: dict[str, Any] | None = None, scale: float = 1.0,
-                        rescale: float = 0.0, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                        rescale: float = 0.0, parts: dict[str, torch.Tensor] | None = None,
+                        combine: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = classifier_free_guidance
+                        ) -> torch.Tensor:
     """The model's prediction at (x, t), with classifier-free guidance when scale != 1 and uncond is
     given: one forward on cat([x, x]) with every cond tensor concatenated [uncond; cond]. A model
     whose `shares_guidance_batch` is true (the cross-attention U-Net) gets x and t once with the
     2B rows of context, and runs the layers both halves share once. `parts`, a dict, receives the unconditional
     output as parts["uncond"] (CFG++'s samplers renoise with it; it is computed at scale 1 too; with no uncond it is
-    the output itself)."""
+    the output itself). `combine(uncond_out, cond_out, scale)`: how the two outputs make the guided one
+    (classifier_free_guidance; e.g. functools.partial(projected_guidance, parallel_fraction=0.0), imagen-pytorch's)."""
     from imagine.composable import ComposedConditioning
 
     if isinstance(cond, ComposedConditioning):  # AUTOMATIC1111's AND
@@ -308,8 +334,7 @@ def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: 
         model, x, t, [uncond, cond], ["uncond", "cond"]))
     if parts is not None:
         parts["uncond"] = uncond_out
-    return _with_variance(rescale_guidance(classifier_free_guidance(uncond_out, cond_out, scale), cond_out, rescale),
-                          variance)
+    return _with_variance(rescale_guidance(combine(uncond_out, cond_out, scale), cond_out, rescale), variance)
 
 
 def composed_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond,

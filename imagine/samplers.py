@@ -209,7 +209,7 @@ def _ve_to_vp(x: torch.Tensor, sigma: float, dtype: torch.dtype) -> torch.Tensor
 
 # -- DDPM ------------------------------------------------------------------------------------------------
 def sample_ddpm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
-                progress: bool = True, variance_type: str = "fixed_small") -> torch.Tensor:
+                progress: bool = True, variance_type: str = "fixed_small", final_noise: bool = True) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), on the plan's sub-sequence of timesteps.
 
     Each step draws from the posterior q(x_prev | x_t, x_0 = D(x_t)) (eq. 6-7), with the strided
@@ -224,8 +224,17 @@ def sample_ddpm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
     1e-20 as diffusers' DDPMScheduler floors it (the models of GLIDE, unCLIP's decoder and DeepFloyd IF).
     "learned": diffusers' DDPMScheduler's other learned form, the extra channels taken as Sigma itself (not its log,
     unclamped; negative values refused, where diffusers' square root gives NaN).
+
+    Continuous time (Kingma et al. 2021, VDM, eq. 33; Imagen as imagen-pytorch samples it) is this same step on a plan
+    of log-SNR levels (schedules.continuous_plan): with c = -expm1(lambda_t - lambda_s) = beta / (1 - abar_t), VDM's
+    q(z_s | z_t, x) has mean alpha_s ((1 - c) z_t / alpha_t + c x) = eq. 7's mean and variance sigma_s^2 c = beta_tilde.
+    Its run ends at t = 0, a level of finite SNR (abar_0 < 1), where no noise is added: `final_noise` False (the
+    step to the plan's last level then gives the posterior's mean; True, the default, adds noise wherever that
+    level is below abar = 1).
     """
     _deterministic("ddpm", eta)  # its noise is fixed by the variance choice
+    if not isinstance(final_noise, bool):
+        raise TypeError(f"final_noise must be True or False; got {final_noise!r}")
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {', '.join(map(repr, VARIANCE_TYPES))}; got "
                          f"{variance_type!r}")
@@ -245,7 +254,8 @@ def sample_ddpm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
             variance = _raw_learned_variance(getattr(denoise, "variance", None), x, a_prev < 1.0)
         if mean_shift is not None:
             mean = mean + mean_shift(x, i, variance)
-        if a_prev < 1.0:  # z = 0 when landing on x_0
+        # z = 0 when landing on x_0 (or, final_noise False, on the run's end: not a head's, which the run goes on from)
+        if a_prev < 1.0 and (final_noise or i < len(plan) - 1 or plan.follow > 0):
             mean = mean + (variance.sqrt() if torch.is_tensor(variance) else math.sqrt(variance)) * _noise(noise, x)
         x = mean
     return x

@@ -102,6 +102,55 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return betas_of(zero_terminal_snr_abar(torch.cumprod(1 - betas.double(), 0)))
 
 
+# -- continuous time (Kingma et al. 2021, VDM; Imagen as imagen-pytorch trains it) -----------------------------------
+# t in [0, 1] instead of 0..T-1, the schedule given by its log-SNR lambda(t) = log(alpha_t^2 / sigma_t^2), with
+# alpha_t^2 = sigmoid(lambda), sigma_t^2 = sigmoid(-lambda) (variance preserving): abar(t) = sigmoid(lambda(t)).
+CONTINUOUS_SCHEDULES = ("cosine", "linear")
+COSINE_OFFSET = 0.008  # Nichol & Dhariwal's s, which keeps beta small near t = 0
+# the floor under cosine's SNR^-1 = 1 / cos^2 - 1 (imagen-pytorch's log(..., eps=1e-5)): lambda(t) <= log(1e5); never
+# reached on [0, 1] (the smallest, at t = 0, is tan^2(s / (1 + s) pi / 2) = 1.55e-4), kept as the peer has it
+COSINE_INVERSE_SNR_FLOOR = 1e-5
+
+
+def cosine_log_snr(t: torch.Tensor, s: float = COSINE_OFFSET) -> torch.Tensor:
+    """Nichol & Dhariwal 2021's abar(t) = cos^2((t + s) / (1 + s) pi / 2) (eq. 17, f(0) left out as imagen-pytorch
+    leaves it) as a log-SNR: lambda = -log(1 / cos^2(...) - 1), the inverse SNR floored at 1e-5. In t's dtype, as
+    imagen-pytorch computes it on its float32 times: at t = 1, float32's pi / 2 gives cos = -4.4e-8 and lambda = -33.9
+    (float64's lambda there is -74.7), so the level the model was trained at is float32's."""
+    inverse_snr = torch.cos((t + s) / (1 + s) * math.pi * 0.5) ** -2 - 1
+    return -torch.log(inverse_snr.clamp(min=COSINE_INVERSE_SNR_FLOOR))
+
+
+def linear_log_snr(t: torch.Tensor) -> torch.Tensor:
+    """DDPM's linear betas (1e-4 to 0.02 over T = 1000) in continuous time: abar(t) = exp(-(1e-4 t + 10 t^2)) nearly,
+    as a log-SNR, lambda = -log(expm1(1e-4 + 10 t^2)) (the v-diffusion code's get_ddpm_schedule; Kingma et al. 2021).
+    In t's dtype."""
+    return -torch.log(torch.expm1(1e-4 + 10 * t**2))
+
+
+def log_snr(kind: str, t: torch.Tensor) -> torch.Tensor:
+    """lambda(t) of a continuous-time schedule (CONTINUOUS_SCHEDULES), in t's dtype."""
+    if kind == "cosine":
+        return cosine_log_snr(t)
+    if kind == "linear":
+        return linear_log_snr(t)
+    raise ValueError(f"a continuous-time noise schedule must be one of {CONTINUOUS_SCHEDULES}; got {kind!r}")
+
+
+def alpha_sigma(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) of a log-SNR: alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda), so alpha^2 + sigma^2 = 1 and
+    alpha^2 / sigma^2 = exp(lambda)."""
+    return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+
+
+def continuous_times(steps: int) -> torch.Tensor:
+    """The time grid of a continuous-time run of `steps` steps: steps + 1 times from 1 down to 0, even, in float32
+    (imagen-pytorch's get_sampling_timesteps: linspace(1, 0, T + 1), the model evaluated at each but the last)."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1; got {steps!r}")
+    return torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float32)
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0,
                   dtype: torch.dtype = torch.float64) -> np.ndarray:
     """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
@@ -397,6 +446,18 @@ class SamplingPlan:
         return replace(self, timesteps=self.timesteps[start:], sigmas=self.sigmas[start:],
                        alphas_cumprod=self.alphas_cumprod[start:], lead=self.lead + start,
                        v_alphas_cumprod=None if self.v_alphas_cumprod is None else self.v_alphas_cumprod[start:])
+
+
+def continuous_plan(kind: str, steps: int) -> SamplingPlan:
+    """A SamplingPlan over `continuous_times(steps)` of the continuous-time schedule `kind`: `timesteps` are the times
+    t in [0, 1] (float32 values: the model reads lambda(t) from them), `alphas_cumprod` = sigmoid(lambda(t)) at every
+    time, t = 0 included, lambda computed in float32 as imagen-pytorch computes it (its level at t = 1 is float32's),
+    then held in float64. The run ends at t = 0, whose SNR is finite (VDM's z_0): abar(0) = 0.99984 (cosine), 0.9999
+    (linear), not 1. DDPM's step on this plan is VDM's ancestral step (samplers.sample_ddpm)."""
+    t = continuous_times(steps)
+    lam = log_snr(kind, t).double()
+    return SamplingPlan(timesteps=t[:-1].double(), sigmas=torch.exp(-lam / 2), alphas_cumprod=torch.sigmoid(lam),
+                        rule="ddpm", spacing="linspace")
 
 
 class NoiseSchedule:

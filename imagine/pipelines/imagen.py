@@ -1,0 +1,401 @@
+"""Imagen (Saharia et al. 2022) as lucidrains' imagen-pytorch (2.1.0) trains and samples it: a cascade of U-Nets in
+pixels, text -> a small picture -> larger ones, each stage a continuous-time diffusion (Kingma et al. 2021, VDM).
+
+- Noise: each stage's schedule is a log-SNR lambda(t) of the time t in [0, 1] ("cosine" for the first two stages,
+  "linear" after, by default; imagine.schedules.log_snr), alpha_t^2 = sigmoid(lambda); the U-Net is conditioned on
+  lambda(t) itself. A stage samples over the grid t = 1, 1 - 1/T, ..., 0 (T its training `timesteps`) by the
+  ancestral step of VDM eq. 33, which is DDPM's step on that grid's abar (imagine.samplers.sample_ddpm over
+  imagine.schedules.continuous_plan, no noise on the step to t = 0, whose SNR is finite). `steps` other than T runs the
+  same sampler on a coarser grid (ours: imagen-pytorch samples at its T only).
+- x_0: from the prediction (`pred_objectives`: "noise", "v" or "x_start"), then dynamic thresholding (Imagen sec. 2.3,
+  percentile 0.95 by default; imagine.guidance.dynamic_threshold) or, per stage where it is off, clipping to [-1, 1].
+- Guidance: imagen-pytorch 2.1.0's (Unet.forward_with_cond_scale): cond + (s - 1) (cond - uncond) with, by default,
+  the update's part along cond removed (imagine.guidance.projected_guidance, Sadat et al. 2024's projection), the
+  unconditional rows the U-Net's learned null text (`text_dropped`); one forward over the 2B rows.
+- Super-resolution (Imagen sec. 2.5, noise conditioning augmentation): the previous stage's picture, in [0, 1],
+  resized to the stage's size (F.interpolate, `resize_mode` "nearest" by default), taken to [-1, 1], noised to time
+  `lowres_sample_noise_level` (0.2) of the `lowres_noise_schedule` ("linear"), and given to the U-Net with that
+  level's log-SNR.
+- Draws, per stage in imagen-pytorch's order: the low-resolution picture's noise (super-resolution stages), the start
+  noise, then a draw at every step, the last step's too, which imagen-pytorch makes and masks (t_next = 0) and which is
+  made and dropped here so that the stream stays its. With `seeds` (or generators), one generator per image
+  (imagine.sampling.make_generators): the same seed gives the same picture whatever the batch, and it is the picture
+  imagen-pytorch samples at batch 1 after torch.manual_seed(seed). With neither, torch's global generator at batch
+  shape, as imagen-pytorch draws: after the same torch.manual_seed, the pictures of Imagen.sample.
+- Text: T5 states with their padding zeroed and the mask of real tokens (imagen-pytorch's t5_encode_text: padding to
+  the longest prompt, at most 256 tokens), given as `text_embeds` / `text_masks`, or encoded here from prompts by
+  imagine's T5TextEncoder (read 256 tokens at most, cut to the longest and the padding zeroed: the same states, the
+  attention mask hiding the padding either way).
+
+Checkpoints: an ImagenTrainer's torch.save dict ('model': the Imagen state dict, unets under "unets.{i}.";
+'imagen_params': its ImagenConfig dict; 'ema': the EMA unets) loads offline with `from_imagen_pytorch`, the U-Nets as
+imagine.models.efficient_unet.EfficientUNet.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pickle
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+MAX_TEXT_LENGTH = 256  # imagen-pytorch's t5 MAX_LENGTH: prompts are cut to 256 tokens
+OUTPUT_TYPES = ("pt", "pil")
+# imagen-pytorch's pred_objectives -> imagine's prediction types
+PREDICTION_TYPES = {"noise": "epsilon", "v": "v_prediction", "x_start": "sample"}
+# Imagen keywords that only training reads (accepted from a checkpoint's config and not used to sample)
+TRAINING_ONLY = ("text_encoder_name", "loss_type", "random_crop_sizes", "per_sample_random_aug_noise_level",
+                 "only_train_unet_number", "temporal_downsample_factor", "resize_cond_video_frames",
+                 "min_snr_loss_weight", "min_snr_gamma", "video")
+RESIZE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
+# the Imagen keywords sampling reads (ImagenPipeline's, besides unets, image_sizes and text_embed_dim)
+IMAGEN_SETTINGS = ("timesteps", "noise_schedules", "pred_objectives", "lowres_noise_schedule",
+                   "lowres_sample_noise_level", "dynamic_thresholding", "dynamic_thresholding_percentile",
+                   "resize_mode", "auto_normalize_img", "channels", "condition_on_text", "cond_drop_prob")
+
+
+def per_stage(value, stages: int, name: str) -> tuple:
+    """One value per stage: a list or tuple as it is (of `stages` values), else the value repeated (imagen-pytorch's
+    cast_tuple)."""
+    out = tuple(value) if isinstance(value, (list, tuple)) else (value,) * stages
+    if len(out) != stages:
+        raise ValueError(f"{name}: {len(out)} values for {stages} unets; give one value, or one per unet")
+    return out
+
+
+def stage_noise_schedules(noise_schedules, stages: int) -> tuple[str, ...]:
+    """imagen-pytorch's per-stage schedules: the values given, filled up to two with "cosine", then with "linear"."""
+    given = tuple(noise_schedules) if isinstance(noise_schedules, (list, tuple)) else (noise_schedules,)
+    given = given + ("cosine",) * max(2 - len(given), 0)
+    return given + ("linear",) * max(stages - len(given), 0)
+
+
+class StageModel:
+    """One stage's U-Net as imagine's Denoiser calls a model, model(x_t, t, **cond): t the continuous time, given to
+    the U-Net as its log-SNR (imagen-pytorch's get_condition, in float32); a self-conditioned U-Net (its config's
+    self_cond) gets the previous step's x_0 estimate, `previous_x0` (set after each step; None: zeros)."""
+
+    def __init__(self, unet: Callable[..., torch.Tensor], noise_schedule: str):
+        from imagine.schedules import log_snr
+
+        log_snr(noise_schedule, torch.zeros(1))  # (checks the name)
+        self.unet, self.noise_schedule = unet, noise_schedule
+        config = getattr(unet, "config", None)
+        self.self_cond = bool(getattr(config, "self_cond", getattr(unet, "self_cond", False)))
+        self.previous_x0: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        from imagine.schedules import log_snr
+
+        previous = None
+        if self.self_cond and self.previous_x0 is not None:  # (a guidance batch: the rows of every part)
+            previous = self.previous_x0.repeat(x.shape[0] // self.previous_x0.shape[0], 1, 1, 1).to(x.dtype)
+        return self.unet(x, log_snr(self.noise_schedule, t.float()), self_cond=previous, **cond)
+
+
+class ImagenPipeline:
+    """An imagen-pytorch Imagen's cascade (module doc). unets: one model per stage, each called as EfficientUNet is,
+    unet(x, noise_cond, *, text_embeds, text_mask, lowres_cond_img, lowres_noise_cond, self_cond, text_dropped); the
+    other keywords are imagen-pytorch Imagen's, with its defaults, per stage where it takes them per unet (timesteps,
+    noise_schedules, pred_objectives, dynamic_thresholding). cond_drop_prob only says whether the unets learned the
+    null text (guidance needs it > 0). text_encoder: an imagine T5TextEncoder reading 256 tokens (for prompts)."""
+
+    def __init__(self, unets: Sequence[Callable[..., torch.Tensor]], *, image_sizes: Sequence[int],
+                 timesteps: int | Sequence[int] = 1000, noise_schedules: str | Sequence[str] = "cosine",
+                 pred_objectives: str | Sequence[str] = "noise", lowres_noise_schedule: str = "linear",
+                 lowres_sample_noise_level: float = 0.2, dynamic_thresholding: bool | Sequence[bool] = True,
+                 dynamic_thresholding_percentile: float = 0.95, resize_mode: str = "nearest",
+                 auto_normalize_img: bool = True, channels: int = 3, condition_on_text: bool = True,
+                 text_embed_dim: int | None = None, cond_drop_prob: float = 0.1, text_encoder=None):
+        from imagine.schedules import CONTINUOUS_SCHEDULES
+
+        self.unets = list(unets) if isinstance(unets, (list, tuple)) else [unets]
+        n = len(self.unets)
+        if not n or not all(callable(u) for u in self.unets):
+            raise TypeError("unets must be one or more callable models (imagine.models.efficient_unet.EfficientUNet)")
+        self.image_sizes = per_stage(image_sizes, 1, "image_sizes") if isinstance(image_sizes, int) \
+            else tuple(image_sizes)
+        if len(self.image_sizes) != n:
+            raise ValueError(f"{n} unets for {len(self.image_sizes)} image sizes {self.image_sizes}: give one size "
+                             "per unet")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in self.image_sizes):
+            raise ValueError(f"image_sizes must be positive ints; got {self.image_sizes}")
+        self.timesteps = per_stage(timesteps, n, "timesteps")
+        for T in self.timesteps:
+            if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+                raise ValueError(f"timesteps must be ints >= 1 (one, or one per unet); got {self.timesteps}")
+        self.noise_schedules = stage_noise_schedules(noise_schedules, n)
+        for kind in (*self.noise_schedules, lowres_noise_schedule):
+            if kind not in CONTINUOUS_SCHEDULES:
+                raise ValueError(f"noise schedule {kind!r} is not one of {CONTINUOUS_SCHEDULES}")
+        self.pred_objectives = per_stage(pred_objectives, n, "pred_objectives")
+        for objective in self.pred_objectives:
+            if objective not in PREDICTION_TYPES:
+                raise ValueError(f"pred_objectives must be among {tuple(PREDICTION_TYPES)}; got {objective!r}")
+        self.dynamic_thresholding = tuple(bool(d) for d in per_stage(dynamic_thresholding, n, "dynamic_thresholding"))
+        if not 0 < dynamic_thresholding_percentile <= 1:
+            raise ValueError(f"dynamic_thresholding_percentile must be in (0, 1]; got "
+                             f"{dynamic_thresholding_percentile}")
+        self.dynamic_thresholding_percentile = float(dynamic_thresholding_percentile)
+        self.lowres_noise_schedule = lowres_noise_schedule
+        self.lowres_sample_noise_level = _check_level(lowres_sample_noise_level)
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}; got {resize_mode!r}")
+        self.resize_mode, self.auto_normalize_img = resize_mode, bool(auto_normalize_img)
+        self.channels, self.condition_on_text = int(channels), bool(condition_on_text)
+        self.cond_drop_prob = float(cond_drop_prob)
+        self.text_encoder = text_encoder
+        if text_embed_dim is None and self.condition_on_text:
+            text_embed_dim = getattr(text_encoder, "dim", None) or getattr(
+                getattr(self.unets[0], "config", None), "text_embed_dim", None)
+            if text_embed_dim is None:
+                raise ValueError("text_embed_dim: give the text encoder's width (T5's d_model; 768 for t5-v1_1-base)")
+        self.text_embed_dim = int(text_embed_dim) if self.condition_on_text else None
+        if text_encoder is not None:
+            if getattr(text_encoder, "max_length", MAX_TEXT_LENGTH) != MAX_TEXT_LENGTH:
+                raise ValueError(f"imagen-pytorch reads prompts up to {MAX_TEXT_LENGTH} T5 tokens; this text encoder "
+                                 f"reads {text_encoder.max_length} (build it with max_length={MAX_TEXT_LENGTH})")
+            if getattr(text_encoder, "dim", self.text_embed_dim) != self.text_embed_dim:
+                raise ValueError(f"the text encoder's states are {text_encoder.dim} wide; the unets read "
+                                 f"{self.text_embed_dim} (text_embed_dim)")
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_imagen_pytorch(cls, path_or_state, *, config: dict | None = None, ema: bool = False,
+                            t5_folder=None, dtype: torch.dtype = torch.float32) -> "ImagenPipeline":
+        """An imagen-pytorch checkpoint: a file ImagenTrainer.save wrote (read with torch.load(weights_only=True)), or
+        that dict. Its 'imagen_params' (the ImagenConfig dict) give the cascade, else `config` (the same dict: unets
+        as lists of Unet keywords, image_sizes, ...). ema: the trainer's EMA unets ('ema'; imagen-pytorch's trainer
+        samples with them) instead of 'model''s. t5_folder: a local T5 encoder folder (with its tokenizer) for
+        prompts; without it, sample with text_embeds."""
+        from imagine.models.efficient_unet import EfficientUNet, unet_config_from_imagen, unet_state_from_imagen
+
+        checkpoint = read_checkpoint(path_or_state)
+        if checkpoint.get("imagen_type") == "elucidated":
+            raise ValueError("this is an ElucidatedImagen checkpoint (imagen_type 'elucidated'): it samples with "
+                             "Karras et al.'s sampler over its own sigmas, which is not built here; only Imagen's "
+                             "continuous-time DDPM checkpoints ('original') load")
+        params = config if config is not None else checkpoint.get("imagen_params")
+        if params is None:
+            raise ValueError("this checkpoint holds no 'imagen_params' (its Imagen was not built from an ImagenConfig):"
+                             " give config=, the ImagenConfig dict (unets as lists of Unet keywords, image_sizes, ...)")
+        if not isinstance(params, dict) or not isinstance(params.get("unets"), (list, tuple)):
+            raise ValueError("the Imagen config must be a dict with 'unets' (a list of Unet keyword dicts) and "
+                             "'image_sizes'")
+        if params.get("video"):
+            raise ValueError("a video Imagen (Unet3D) is not built here; only image checkpoints load")
+        sizes = params.get("image_sizes")
+        sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
+        if len(sizes) != len(params["unets"]):
+            raise ValueError(f"the config lists {len(params['unets'])} unets for {len(sizes)} image sizes {sizes}: "
+                             "give one size per unet")
+        state = checkpoint["ema"] if ema else checkpoint["model"]
+        if ema and not isinstance(state, dict):
+            raise ValueError("ema=True: this checkpoint holds no EMA unets ('ema')")
+        unets = []
+        for i in range(len(params["unets"])):
+            unet = EfficientUNet(unet_config_from_imagen(params, i))
+            unet.load_state_dict(unet_state_from_imagen(state, i, ema=ema))
+            unets.append(unet.to(dtype).eval())
+        encoder = None
+        if t5_folder is not None:
+            from imagine.models.text_encoders import T5TextEncoder
+
+            encoder = T5TextEncoder.from_folder(t5_folder, max_length=MAX_TEXT_LENGTH, dtype=dtype)
+        settings = {k: v for k, v in params.items() if k not in ("unets", "image_sizes", "text_embed_dim",
+                                                                 *TRAINING_ONLY)}
+        unknown = sorted(set(settings) - set(IMAGEN_SETTINGS))
+        if unknown:
+            raise ValueError(f"the Imagen config has keys imagine does not know: {unknown}; known: "
+                             f"{sorted({'unets', 'image_sizes', 'text_embed_dim', *IMAGEN_SETTINGS, *TRAINING_ONLY})}")
+        return cls(unets, image_sizes=sizes, text_embed_dim=unets[0].config.text_embed_dim, text_encoder=encoder,
+                   **settings)
+
+    # -- text --------------------------------------------------------------------------------------
+    def encode_text(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states [B, L, D], mask [B, L]) of the prompts as imagen-pytorch's t5_encode_text gives them: L the longest
+        prompt's tokens (at most 256), the padding's states zeroed."""
+        if self.text_encoder is None:
+            raise ValueError("no text encoder: give text_embeds (and text_masks), imagen-pytorch's t5_encode_text "
+                             "output, or load with t5_folder= (a local T5 encoder folder)")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or not all(isinstance(t, str) and t for t in texts):
+            raise ValueError("texts must be one or more non-empty strings")
+        encoded = self.text_encoder.encode(texts)
+        mask = encoded.mask.bool()
+        length = int(mask.sum(1).max())
+        mask = mask[:, :length]
+        return encoded.states[:, :length].masked_fill(~mask[..., None], 0.0), mask
+
+    def _text(self, texts, text_embeds, text_masks, batch_size) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        if not self.condition_on_text:
+            if texts is not None or text_embeds is not None:
+                raise ValueError("this Imagen was trained without text (condition_on_text False): give no text")
+            return None, None, _check_count(batch_size)
+        if text_embeds is None:
+            if texts is None:
+                raise ValueError("give texts (prompts, with a T5 text encoder) or text_embeds (T5 states [B, L, D])")
+            text_embeds, text_masks = self.encode_text(texts)
+        elif texts is not None:
+            raise ValueError("give texts or text_embeds, not both")
+        if not torch.is_tensor(text_embeds) or text_embeds.ndim != 3:
+            got = tuple(text_embeds.shape) if torch.is_tensor(text_embeds) else type(text_embeds).__name__
+            raise ValueError(f"text_embeds must be T5 states [B, L, D]; got {got}")
+        if text_embeds.shape[-1] != self.text_embed_dim:
+            raise ValueError(f"text_embeds are {text_embeds.shape[-1]} wide; this Imagen's unets read "
+                             f"{self.text_embed_dim} (its text encoder's width)")
+        if text_masks is None:  # (imagen-pytorch's default: the tokens whose states are not all zero)
+            text_masks = (text_embeds != 0).any(dim=-1)
+        if not torch.is_tensor(text_masks) or tuple(text_masks.shape) != tuple(text_embeds.shape[:2]):
+            raise ValueError(f"text_masks must be [B, L] = {tuple(text_embeds.shape[:2])} (True: a token); got "
+                             f"{tuple(text_masks.shape) if torch.is_tensor(text_masks) else type(text_masks).__name__}")
+        return text_embeds.float(), text_masks.bool(), text_embeds.shape[0]
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def sample(self, texts: str | Sequence[str] | None = None, *, text_embeds: torch.Tensor | None = None,
+               text_masks: torch.Tensor | None = None, cond_scale: float | Sequence[float] = 1.0,
+               seeds: int | Sequence[int] | None = None, generator=None, stop_at_unet_number: int | None = None,
+               steps: int | Sequence[int | None] | None = None, batch_size: int = 1,
+               lowres_sample_noise_level: float | None = None, cfg_remove_parallel_component: bool = True,
+               cfg_keep_parallel_frac: float = 0.0, output_type: str = "pt", progress: bool = True,
+               callback: Callable[[dict], None] | None = None):
+        """The cascade's pictures: [B, C, H, W] in [0, 1] (in [-1, 1] where auto_normalize_img is off), or PIL
+        pictures (output_type "pil"), of the last stage run (`stop_at_unet_number`: stop after that stage, from 1).
+        cond_scale: guidance scale, one or one per stage (1: the conditional pass alone). seeds / generator: per-image
+        noise (module doc); neither: torch's global generator, as imagen-pytorch. steps: None (each stage's trained
+        T), or an int or one per stage: the same sampler on a grid of that many steps (not imagen-pytorch's).
+        cfg_remove_parallel_component, cfg_keep_parallel_frac: imagen-pytorch's guidance settings (the update's part
+        along the conditional output kept by that fraction when removed). batch_size: for an Imagen without text.
+        callback(info): after each step, with info["stage"] (from 1) besides the sampler's keys."""
+        from imagine.guidance import guided_model_output, projected_guidance
+        from imagine.samplers import sample_ddpm
+        from imagine.sampling import Denoiser, PerSampleNoise, make_generators
+        from imagine.schedules import alpha_sigma, continuous_plan, log_snr
+
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        n = len(self.unets)
+        last = n if stop_at_unet_number is None else stop_at_unet_number
+        if isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= n:
+            raise ValueError(f"stop_at_unet_number must be a unet number from 1 to {n}; got {stop_at_unet_number!r}")
+        scales = per_stage(cond_scale, n, "cond_scale")
+        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scales):
+            raise ValueError(f"cond_scale must be finite numbers; got {scales}")
+        if any(s != 1 for s in scales[:last]) and self.condition_on_text and self.cond_drop_prob <= 0:
+            raise ValueError("this Imagen was trained without dropping the text (cond_drop_prob 0): its unets have no "
+                             "learned null text, so classifier-free guidance cannot run; use cond_scale 1")
+        stage_steps = [T if s is None else s for s, T in zip(per_stage(steps, n, "steps"), self.timesteps)]
+        level = self.lowres_sample_noise_level if lowres_sample_noise_level is None \
+            else _check_level(lowres_sample_noise_level)
+        fraction = 1.0 if not cfg_remove_parallel_component else float(cfg_keep_parallel_frac)
+        guidance = functools.partial(guided_model_output,
+                                     combine=functools.partial(projected_guidance, parallel_fraction=fraction))
+        text_embeds, text_masks, batch = self._text(texts, text_embeds, text_masks, batch_size)
+        device = _device(self.unets[0])
+        noise = PerSampleNoise(make_generators(batch, seeds, generator))
+        picture = None  # the last stage's output, in [0, 1] (auto_normalize_img) as imagen-pytorch hands it on
+        for k in range(last):
+            size, kind = self.image_sizes[k], self.noise_schedules[k]
+            shape = (batch, self.channels, size, size)
+            extra: dict[str, Any] = {}
+            if k > 0:  # noise conditioning augmentation of the previous stage's picture
+                low = picture if picture.shape[-1] == size else F.interpolate(picture, size, mode=self.resize_mode)
+                low = self._normalize(low)
+                t_low = torch.full((batch,), level, dtype=torch.float32)
+                lam = log_snr(self.lowres_noise_schedule, t_low)
+                a, s = (v.view(-1, 1, 1, 1).to(device) for v in alpha_sigma(lam))
+                extra = {"lowres_cond_img": a * low + s * noise.draw(tuple(low.shape)).to(device),
+                         "lowres_noise_cond": lam.to(device)}
+            x = noise.draw(shape).to(device)
+            plan = continuous_plan(kind, int(stage_steps[k]))
+            model = StageModel(self.unets[k], kind)
+            cond, uncond = extra, None
+            if self.condition_on_text:
+                text = {"text_embeds": text_embeds.to(device), "text_mask": text_masks.to(device)}
+                cond = {**text, **extra, "text_dropped": torch.zeros(batch, dtype=torch.bool, device=device)}
+                if scales[k] != 1:
+                    uncond = {**cond, "text_dropped": torch.ones(batch, dtype=torch.bool, device=device)}
+            denoise = Denoiser(model, plan, PREDICTION_TYPES[self.pred_objectives[k]], cond, uncond,
+                               float(scales[k]) if uncond is not None else 1.0,
+                               thresholding="dynamic" if self.dynamic_thresholding[k] else "static",
+                               threshold_percentile=self.dynamic_thresholding_percentile, guidance=guidance)
+
+            def step_done(info, stage=k + 1, model=model):
+                model.previous_x0 = info["denoised"]  # (self-conditioning's input at the next step)
+                if callback is not None:
+                    callback({**info, "stage": stage})
+
+            with torch.no_grad():
+                x = sample_ddpm(denoise, x, plan, noise=noise, callback=step_done, progress=progress,
+                                final_noise=False)
+            noise.draw(shape)  # (the last step's draw, which imagen-pytorch makes and masks: the stream stays its)
+            picture = self._unnormalize(x.clamp(-1.0, 1.0))
+        return picture if output_type == "pt" else pictures(picture, self.auto_normalize_img)
+
+    __call__ = sample
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 - 1 if self.auto_normalize_img else x
+
+    def _unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 1) * 0.5 if self.auto_normalize_img else x
+
+
+def read_checkpoint(path_or_state) -> dict:
+    """An imagen-pytorch trainer checkpoint as a dict with 'model': from a file by torch.load(weights_only=True)
+    (tensors and plain values only: no code runs), or the dict itself."""
+    if isinstance(path_or_state, (str, Path)):
+        path = Path(path_or_state)
+        if not path.is_file():
+            raise FileNotFoundError(f"no imagen-pytorch checkpoint at {path}")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path} needs more than tensors and plain values to unpickle (it stores objects whose "
+                             f"code would run on loading), so imagine does not load it (torch.load weights_only=True):"
+                             f" re-save it as a dict of tensors, numbers, strings, lists and dicts ({e})") from None
+    else:
+        checkpoint = path_or_state
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"an imagen-pytorch checkpoint is a dict (ImagenTrainer.save); got "
+                         f"{type(checkpoint).__name__}")
+    if not isinstance(checkpoint.get("model"), dict):
+        raise ValueError(f"this checkpoint has no 'model' (the Imagen state dict ImagenTrainer.save stores); its keys: "
+                         f"{sorted(map(str, checkpoint))}")
+    return checkpoint
+
+
+def pictures(x: torch.Tensor, unit_range: bool = True) -> list:
+    """Samples as 8-bit pictures: from [0, 1] as imagen-pytorch's return_pil_images (torchvision's ToPILImage:
+    255 x, truncated), or from [-1, 1] (auto_normalize_img off) as imagine.images.to_pil."""
+    from PIL import Image
+
+    from imagine.images import to_pil
+
+    if not unit_range:
+        return [to_pil(row) for row in x.float().cpu()]
+    rows = (x.float().cpu().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(r if r.shape[2] != 1 else r[:, :, 0]) for r in rows]
+
+
+def _check_level(level) -> float:
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 <= level <= 1:
+        raise ValueError(f"lowres_sample_noise_level must be a time in [0, 1] of the lowres noise schedule; got "
+                         f"{level!r}")
+    return float(level)
+
+
+def _check_count(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {n!r}")
+    return n
+
+
+def _device(model) -> torch.device:
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if callable(parameters) else None
+    return first.device if first is not None else torch.device("cpu")
