@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from imagine.schedules import PREDICTION_TYPES
+from imagine.schedules import PREDICTION_TYPES, alpha_sigma
 
 
 def check_prediction_type(prediction_type: str) -> str:
@@ -291,8 +291,7 @@ def continuous_training_loss(model: Callable[..., torch.Tensor], x0: torch.Tenso
     if noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
     lam = log_snr.double()
-    # (alpha and sigma from lambda by sigmoid, not sigma = sqrt(1 - alpha^2): exact at high SNR too)
-    alpha, sigma = _per_sample(torch.sigmoid(lam).sqrt(), x0), _per_sample(torch.sigmoid(-lam).sqrt(), x0)
+    alpha, sigma = (_per_sample(v, x0) for v in alpha_sigma(lam))
     x_t = alpha * x0 + sigma * noise
     prediction = model(x_t, log_snr.to(torch.float32), **(cond or {}))
     if prediction.shape != x0.shape:

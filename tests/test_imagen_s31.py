@@ -318,6 +318,8 @@ def test_prompts_through_t5_as_t5_encode_text():
     states, mask = ours.encode_text(prompts)
     assert torch.equal(mask, their_mask) and states.shape == theirs.shape
     assert rel(states, theirs) < 1e-6
-    with pytest.raises(ValueError, match="max_length=256"):
-        ImagenPipeline([lambda *a, **k: None], image_sizes=8, text_embed_dim=T5_DIM,
-                       text_encoder=T5TextEncoder(model, tok, 77, "tiny-t5"))
+    # (any encoder of the unets' width serves a cascade trained here; imagen-pytorch's T5 reads 256 tokens, which
+    # from_imagen_pytorch builds it with) a wrong width is refused
+    with pytest.raises(ValueError, match=f"states are {T5_DIM} wide; the unets read {T5_DIM + 1}"):
+        ImagenPipeline([lambda *a, **k: None], image_sizes=8, text_embed_dim=T5_DIM + 1,
+                       text_encoder=T5TextEncoder(model, tok, 256, "tiny-t5"))

@@ -102,7 +102,9 @@ class ImagenPipeline:
     unet(x, noise_cond, *, text_embeds, text_mask, lowres_cond_img, lowres_noise_cond, self_cond, text_dropped); the
     other keywords are imagen-pytorch Imagen's, with its defaults, per stage where it takes them per unet (timesteps,
     noise_schedules, pred_objectives, dynamic_thresholding). cond_drop_prob only says whether the unets learned the
-    null text (guidance needs it > 0). text_encoder: an imagine T5TextEncoder reading 256 tokens (for prompts)."""
+    null text (guidance needs it > 0). text_encoder: for prompts, an imagine text encoder of the unets' width (an
+    imagen-pytorch checkpoint's: T5 reading 256 tokens, from_imagen_pytorch(t5_folder=); a cascade trained here: the
+    run's encoder, which from_pretrained builds from the folder)."""
 
     def __init__(self, unets: Sequence[Callable[..., torch.Tensor]], *, image_sizes: Sequence[int],
                  timesteps: int | Sequence[int] = 1000, noise_schedules: str | Sequence[str] = "cosine",
@@ -149,6 +151,7 @@ class ImagenPipeline:
         self.channels, self.condition_on_text = int(channels), bool(condition_on_text)
         self.cond_drop_prob = float(cond_drop_prob)
         self.text_encoder = text_encoder
+        self.defaults: dict[str, Any] = {}  # a folder's generation defaults (from_pretrained)
         if text_embed_dim is None and self.condition_on_text:
             text_embed_dim = getattr(text_encoder, "dim", None) or getattr(
                 getattr(self.unets[0], "config", None), "text_embed_dim", None)
@@ -156,9 +159,6 @@ class ImagenPipeline:
                 raise ValueError("text_embed_dim: give the text encoder's width (T5's d_model; 768 for t5-v1_1-base)")
         self.text_embed_dim = int(text_embed_dim) if self.condition_on_text else None
         if text_encoder is not None:
-            if getattr(text_encoder, "max_length", MAX_TEXT_LENGTH) != MAX_TEXT_LENGTH:
-                raise ValueError(f"imagen-pytorch reads prompts up to {MAX_TEXT_LENGTH} T5 tokens; this text encoder "
-                                 f"reads {text_encoder.max_length} (build it with max_length={MAX_TEXT_LENGTH})")
             if getattr(text_encoder, "dim", self.text_embed_dim) != self.text_embed_dim:
                 raise ValueError(f"the text encoder's states are {text_encoder.dim} wide; the unets read "
                                  f"{self.text_embed_dim} (text_embed_dim)")
@@ -199,7 +199,7 @@ class ImagenPipeline:
         unets = []
         for i in range(len(params["unets"])):
             unet = EfficientUNet(unet_config_from_imagen(params, i))
-            unet.load_state_dict(unet_state_from_imagen(state, i, ema=ema))
+            unet.load_state(unet_state_from_imagen(state, i, ema=ema), f"unet {i + 1} of the imagen-pytorch checkpoint")
             unets.append(unet.to(dtype).eval())
         encoder = None
         if t5_folder is not None:
@@ -214,6 +214,86 @@ class ImagenPipeline:
                              f"{sorted({'unets', 'image_sizes', 'text_embed_dim', *IMAGEN_SETTINGS, *TRAINING_ONLY})}")
         return cls(unets, image_sizes=sizes, text_embed_dim=unets[0].config.text_embed_dim, text_encoder=encoder,
                    **settings)
+
+    # -- imagine's own folder ------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The keywords that rebuild this cascade around its unets (what model_index.json stores)."""
+        return {"image_sizes": list(self.image_sizes), "timesteps": list(self.timesteps),
+                "noise_schedules": list(self.noise_schedules), "pred_objectives": list(self.pred_objectives),
+                "lowres_noise_schedule": self.lowres_noise_schedule,
+                "lowres_sample_noise_level": self.lowres_sample_noise_level,
+                "dynamic_thresholding": list(self.dynamic_thresholding),
+                "dynamic_thresholding_percentile": self.dynamic_thresholding_percentile,
+                "resize_mode": self.resize_mode, "auto_normalize_img": self.auto_normalize_img,
+                "channels": self.channels, "condition_on_text": self.condition_on_text,
+                "text_embed_dim": self.text_embed_dim, "cond_drop_prob": self.cond_drop_prob}
+
+    def save_pretrained(self, folder, *, text_encoder: dict | None = None, defaults: dict | None = None,
+                        training_config: dict | None = None) -> None:
+        """A cascade folder: model_index.json (class ImagenPipeline, the library version, `settings()`, the text
+        encoder's description for imagine.models.text_encoders.load_text_encoder, the generation `defaults`, the
+        training config) and one EfficientUNet folder per stage, unet_1, unet_2, ... (config.json + safetensors).
+        Written beside the target and renamed into place, so a failure leaves the previous folder whole."""
+        import shutil
+        import tempfile
+
+        from imagine import __version__
+        from imagine.models.io import atomic_write_json
+
+        folder = Path(folder)
+        if not all(hasattr(u, "save_pretrained") for u in self.unets):
+            raise TypeError("only a cascade of EfficientUNets saves as a folder")
+        if text_encoder is not None and not (isinstance(text_encoder, dict) and "type" in text_encoder):
+            raise ValueError(f"text_encoder must describe the encoder ({{'type': 'minilm' | 'clip' | 't5', ...}}); got "
+                             f"{text_encoder!r}")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+        try:
+            names = [f"unet_{k + 1}" for k in range(len(self.unets))]
+            for unet, name in zip(self.unets, names):
+                unet.save_pretrained(tmp / name)
+            atomic_write_json(tmp / "model_index.json", {
+                "_class_name": "ImagenPipeline", "_imagine_version": __version__, "unets": names, **self.settings(),
+                **({"text_encoder": text_encoder} if text_encoder is not None else {}),
+                **({"defaults": defaults} if defaults else {}),
+                **({"training_config": training_config} if training_config is not None else {})})
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                folder.rename(old)
+                tmp.rename(folder)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32, text_encoder=None) -> "ImagenPipeline":
+        """A cascade folder save_pretrained wrote; its text encoder built from the folder's description unless one is
+        given (`text_encoder`). `defaults` (the steps and guidance the run sampled with) in `.defaults`."""
+        from imagine.models.efficient_unet import EfficientUNet
+        from imagine.models.io import read_json
+
+        folder = Path(folder)
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{folder} is not an Imagen cascade folder: no model_index.json")
+        spec = read_json(index)
+        if spec.get("_class_name") != "ImagenPipeline" or not isinstance(spec.get("unets"), list):
+            raise ValueError(f"{index} describes a {spec.get('_class_name')!r}, not an Imagen cascade "
+                             "(_class_name ImagenPipeline with a list of unets)")
+        unets = [EfficientUNet.from_pretrained(folder / name, dtype=dtype).eval() for name in spec["unets"]]
+        if text_encoder is None and spec.get("text_encoder") is not None:
+            from imagine.models.text_encoders import load_text_encoder
+
+            text_encoder = load_text_encoder(spec["text_encoder"], root=folder, dtype=dtype)
+        settings = {k: v for k, v in spec.items() if k not in ("unets", "text_encoder", "defaults", "training_config")
+                    and not k.startswith("_")}
+        pipe = cls(unets, text_encoder=text_encoder, **settings)
+        pipe.defaults = dict(spec.get("defaults") or {})
+        return pipe
 
     # -- text --------------------------------------------------------------------------------------
     def encode_text(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
