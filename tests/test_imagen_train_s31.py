@@ -1,7 +1,13 @@
-"""Imagen's training objective in continuous time (imagine.diffusion.continuous_training_loss) against imagen-pytorch's
-Imagen.p_losses on the same Unet, images, times and noise: eps, v and x_0 targets, with and without min-SNR-gamma."""
+"""Imagen's training: the objective in continuous time (imagine.diffusion.continuous_training_loss) against
+imagen-pytorch's Imagen.p_losses on the same Unet, images, times and noise (eps, v and x_0 targets, with and without
+min-SNR-gamma); and `imagine train imagen` (imagine/train/imagen_task.py): a base stage and a super-resolution stage on
+top of it train, resume to the same weights, export cascade folders that sample."""
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +65,131 @@ def test_loss_refuses_bad_shapes():
         continuous_training_loss(model, x0, torch.zeros(2), torch.zeros(2, 3, 4, 5), "epsilon")
     with pytest.raises(ValueError, match="prediction_type"):
         continuous_training_loss(model, x0, torch.zeros(2), torch.zeros_like(x0), "noise")
+
+
+# -- `imagine train imagen`: one stage of a cascade ----------------------------------------------------------------
+TINY_BASE = {"dim": 16, "dim_mults": [1, 2], "num_resnet_blocks": 1, "layer_attns": [False, True],
+             "layer_cross_attns": [False, True], "attn_heads": 2, "attn_dim_head": 8, "max_text_len": 8}
+TINY_SR = {**TINY_BASE, "layer_attns": [False, False], "memory_efficient": True}
+
+
+def stage_config(image_size: int, previous=None, model=TINY_BASE, **train):
+    return {
+        "seed": 0,
+        "data": {"type": "shapes", "length": 64, "seed": 1, "resolution": 64},
+        "text_encoder": {"type": "minilm", "max_length": 8},
+        "model": model,
+        "imagen": {"image_size": image_size, **({"previous": str(previous)} if previous else {})},
+        "sample": {"prompts": ["a red circle", "two blue squares"], "steps": 4, "guidance_scale": 3.0},
+        "train": {"batch_size": 8, "lr": 1e-3, "max_steps": 6, "warmup_steps": 1, "checkpoint_every": 3,
+                  "log_every": 2, "progress": False, "tensorboard": False, "deterministic": True, "threads": 1,
+                  "sample_every": 6, **train},
+    }
+
+
+def train(tmp_path, name: str, cfg: dict, *extra: str) -> Path:
+    import argparse
+
+    import yaml
+
+    from imagine.train.cli import add_arguments, run
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    run(p.parse_args(["imagen", "--config", str(path), "--output", str(tmp_path / name), *extra]))
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("imagen"), "base", stage_config(16))
+
+
+def test_a_base_stage_trains_exports_and_samples(base_run):
+    from imagine.pipelines.imagen import ImagenPipeline
+
+    log = [json.loads(line) for line in (base_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6] and all(math.isfinite(r["loss"]) for r in log)
+    assert (base_run / "samples" / "step-00000006.png").is_file()
+    pipe = ImagenPipeline.from_pretrained(base_run / "model")
+    assert pipe.image_sizes == (16,) and pipe.noise_schedules == ("cosine",) and pipe.defaults == {
+        "steps": 4, "guidance_scale": 3.0}
+    # the exported unet is the checkpoint's EMA (what the grids sample with), in the folder's own format
+    from imagine.models import io
+
+    ema = io.load_tensors(base_run / "checkpoints" / "step-00000006" / "ema.safetensors")  # (the EMA's "model." keys)
+    unet = pipe.unets[0].state_dict()
+    assert {f"model.{k}" for k in unet} <= set(ema) and all(torch.equal(ema[f"model.{k}"], unet[k]) for k in unet)
+    # one seed, one picture, whatever the batch
+    pictures = pipe.sample(["a red circle", "two blue squares"], seeds=[5, 6], cond_scale=3.0, steps=4,
+                           progress=False)
+    alone = pipe.sample(["two blue squares"], seeds=[6], cond_scale=3.0, steps=4, progress=False)
+    assert pictures.shape == (2, 3, 16, 16) and torch.allclose(pictures[1:], alone, atol=1e-5)
+
+
+def test_a_resumed_stage_ends_with_the_weights_of_an_unbroken_run(base_run, tmp_path):
+    from imagine.models import io
+
+    resumed = train(tmp_path, "resumed", stage_config(16), "--resume-from",
+                    str(base_run / "checkpoints" / "step-00000003"))
+    a = io.load_tensors(base_run / "model" / "unet_1" / "diffusion_pytorch_model.safetensors")
+    b = io.load_tensors(resumed / "model" / "unet_1" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_super_resolution_stage_samples_through_the_cascade_below(base_run, tmp_path):
+    from imagine.pipelines.imagen import ImagenPipeline
+
+    sr = train(tmp_path, "sr", stage_config(32, previous=base_run / "model", model=TINY_SR))
+    pipe = ImagenPipeline.from_pretrained(sr / "model")
+    base = ImagenPipeline.from_pretrained(base_run / "model")
+    assert pipe.image_sizes == (16, 32) and pipe.unets[1].config.lowres_cond and not pipe.unets[0].config.lowres_cond
+    a, b = pipe.unets[0].state_dict(), base.unets[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the stage below is carried over unchanged
+    big = pipe.sample(["a red circle"], seeds=[2], cond_scale=3.0, steps=4, progress=False)
+    small = pipe.sample(["a red circle"], seeds=[2], cond_scale=3.0, steps=4, progress=False, stop_at_unet_number=1)
+    assert big.shape == (1, 3, 32, 16 * 2) and torch.allclose(small, base.sample(
+        ["a red circle"], seeds=[2], cond_scale=3.0, steps=4, progress=False), atol=1e-6)
+
+
+def test_the_stage_pictures_are_the_data_averaged_down_and_resized_back():
+    from imagine.train.imagen_task import ImagenTask
+
+    class Below:  # the cascade below a 16 px stage: 8 px
+        image_sizes, unets, text_embed_dim = (8,), [], 384
+
+    task = ImagenTask.__new__(ImagenTask)
+    task.d = {"imagen": {"image_size": 16, "resize_mode": "nearest"}}
+    task.previous = Below()
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    x0, low = task.pictures(images)
+    # closed forms: the mean over each 4x4 block; the 8 px picture's 8x8 blocks, each pixel repeated twice each way
+    assert torch.allclose(x0, images.unflatten(2, (16, 4)).unflatten(4, (16, 4)).mean((3, 5)), atol=1e-6)
+    small = images.unflatten(2, (8, 8)).unflatten(4, (8, 8)).mean((3, 5))
+    assert torch.allclose(low, small.repeat_interleave(2, 2).repeat_interleave(2, 3), atol=1e-6)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"imagen": {"image_size": 128}}, "larger than the data's pictures"),
+    ({"imagen": {"image_size": 16, "previous": 3}}, "imagen.previous must be the folder"),
+    ({"imagen": {"image_size": 16, "noise_schedule": "sigmoid"}}, "unknown imagen.noise_schedule"),
+    ({"imagen": {"image_size": 16, "typo": 1}}, "typo"),
+    ({"model": {**TINY_BASE, "lowres_cond": True}}, "lowres_cond is set by the stage"),
+    ({"model": {**TINY_BASE, "channels_typo": 3}}, "channels_typo"),
+    ({"prediction_type": "noise"}, "unknown prediction_type"),
+    ({"sample": {"prompts": [""]}}, "sample.prompts"),
+])
+def test_bad_stage_configs_are_refused_by_name(change, message):
+    from imagine.train.imagen_task import check_imagen_config
+
+    with pytest.raises(ValueError, match=message):
+        check_imagen_config({**stage_config(16), **change})
+
+
+def test_a_stage_must_be_larger_than_the_cascade_below(base_run):
+    from imagine.train.imagen_task import ImagenTask
+
+    with pytest.raises(ValueError, match="must be larger than the size of the cascade below \\(16"):
+        ImagenTask(stage_config(16, previous=base_run / "model", model=TINY_SR))

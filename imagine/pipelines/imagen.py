@@ -68,10 +68,11 @@ def per_stage(value, stages: int, name: str) -> tuple:
 
 
 def stage_noise_schedules(noise_schedules, stages: int) -> tuple[str, ...]:
-    """imagen-pytorch's per-stage schedules: the values given, filled up to two with "cosine", then with "linear"."""
+    """imagen-pytorch's per-stage schedules: the values given, filled up to two with "cosine", then with "linear",
+    one per stage (its zip with the unets drops the rest)."""
     given = tuple(noise_schedules) if isinstance(noise_schedules, (list, tuple)) else (noise_schedules,)
     given = given + ("cosine",) * max(2 - len(given), 0)
-    return given + ("linear",) * max(stages - len(given), 0)
+    return (given + ("linear",) * max(stages - len(given), 0))[:stages]
 
 
 class StageModel:

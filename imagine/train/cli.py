@@ -1,6 +1,7 @@
-"""Train a VAE or a text-conditioned diffusion model from a YAML config (docs/training.md).
+"""Train a VAE, a text-conditioned diffusion model or a stage of an Imagen cascade from a YAML config
+(docs/training.md).
 
-`imagine train vae|diffusion --config run.yaml [--set key=value ...] [--resume]`.
+`imagine train vae|diffusion|imagen --config run.yaml [--set key=value ...] [--resume]`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from imagine.train.config import load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["vae", "diffusion"], help="which model to train")
+    p.add_argument("what", choices=["vae", "diffusion", "imagen"],
+                   help="which model to train: the KL autoencoder, the latent (or pixel) diffusion U-Net, or one stage "
+                        "of an Imagen cascade (an Efficient U-Net; imagen.previous names the stages below)")
     p.add_argument("--config", "-c", metavar="YAML",
                    help="the run's YAML config (see configs/ and docs/training.md); without it every value is the "
                         "built-in default (the shapes data) and --set's")
@@ -23,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable; VALUE is read as YAML)")
     p.add_argument("--output", "-o", metavar="DIR",
                    help="run folder (checkpoints, samples, logs, and the trained model in model/); default: the "
-                        "config's output, else runs/vae or runs/diffusion. A fresh run refuses a folder that holds "
-                        "checkpoints")
+                        "config's output, else runs/vae, runs/diffusion or runs/imagen. A fresh run refuses a folder "
+                        "that holds checkpoints")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run folder's latest checkpoint (none yet: start afresh, with a warning)")
     p.add_argument("--resume-from", metavar="CHECKPOINT",
@@ -118,6 +121,10 @@ def run(args) -> dict:
         from imagine.train.vae_task import check_vae_config
 
         check_vae_config(cfg)
+    elif args.what == "imagen":
+        from imagine.train.imagen_task import check_imagen_config
+
+        check_imagen_config(cfg)
     else:
         from imagine.train.diffusion_task import check_diffusion_config
 
@@ -149,11 +156,16 @@ def run(args) -> dict:
 
         task = VAETask(cfg, eval_images, scale_images=training_images if eval_images is None else None)
     else:
-        from imagine.train.diffusion_task import DiffusionTask
-
         dataset = build_dataset(data_cfg)
-        # Latents are cached by record index for map-style datasets; a stream is encoded as it comes.
-        task = DiffusionTask(cfg, dataset_len=len(dataset) if hasattr(dataset, "__len__") else None)
+        if args.what == "imagen":
+            from imagine.train.imagen_task import ImagenTask
+
+            task = ImagenTask(cfg)
+        else:
+            from imagine.train.diffusion_task import DiffusionTask
+
+            # Latents are cached by record index for map-style datasets; a stream is encoded as it comes.
+            task = DiffusionTask(cfg, dataset_len=len(dataset) if hasattr(dataset, "__len__") else None)
         if task.d["cache_text"]:
             # Every caption the data can hold, encoded up front in a fixed order (a resumed run
             # then sees exactly the states an uninterrupted one saw).
