@@ -23,8 +23,8 @@ def _peer_imagen(ip, objective, min_snr_gamma, schedule="cosine"):
     unet = ip.Unet(dim=16, dim_mults=(1, 2), num_resnet_blocks=1, text_embed_dim=TEXT_DIM, attn_heads=2,
                    attn_dim_head=8, layer_attns=(False, True), layer_cross_attns=(False, True))
     imagen = ip.Imagen(unets=(unet,), image_sizes=(8,), text_embed_dim=TEXT_DIM, timesteps=10, cond_drop_prob=0.0,
-                       pred_objectives=objective, noise_schedules=schedule, min_snr_loss_weight=min_snr_gamma is not None,
-                       min_snr_gamma=min_snr_gamma or 5)
+                       pred_objectives=objective, noise_schedules=schedule,
+                       min_snr_loss_weight=min_snr_gamma is not None, min_snr_gamma=min_snr_gamma or 5)
     with torch.no_grad():  # (its zero-initialised output layers would make every prediction 0)
         for p in imagen.parameters():
             p.add_(0.05 * torch.randn_like(p))
