@@ -240,7 +240,10 @@ def run(args) -> int:
         raise ValueError(f"--n-per-family must be at least 1; got {args.n_per_family}")
     from imagine.pipelines.text_to_image import TextToImagePipeline
 
-    pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision)  # None: the default model
+    if _is_imagen_folder(args.model):
+        pipe = ImagenShapes(args)
+    else:
+        pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision)  # None: the default model
     base = {k: v for k, v in dict(steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
                                   thresholding=args.thresholding, threshold_range=getattr(args, "threshold_range", None),
                                   sigma_schedule=getattr(args, "sigma_schedule", None),
@@ -259,6 +262,55 @@ def run(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(_json_safe(reports), indent=1))
     return 0
+
+
+def _is_imagen_folder(model) -> bool:
+    index = Path(model) / "model_index.json" if model else None
+    if index is None or not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("_class_name") == "ImagenPipeline"
+    except ValueError:
+        return False
+
+
+class ImagenShapes:
+    """An Imagen cascade folder (imagine train imagen's model/) as the shapes eval calls a pipeline: pipe(prompts,
+    seeds=, steps=, guidance_scale=) -> PIL pictures on the task's 64x64 canvas (a cascade ending below 64 px is
+    judged on its pictures resized up, bicubic). Its sampler is fixed (DDPM on the stage's log-SNR grid), so only
+    steps and the guidance scale (its cond_scale, every stage) vary."""
+
+    OPTIONS = ("steps", "guidance_scale")
+    CANVAS = 64  # shared/specs/shapes.md
+
+    def __init__(self, args):
+        from imagine.pipelines.imagen import ImagenPipeline
+
+        given = [flag for flag, value in (("--sampler", args.sampler), ("--thresholding", args.thresholding),
+                                          ("--threshold-range", args.threshold_range),
+                                          ("--schedule-type", args.sigma_schedule), ("--final-step", args.final_step))
+                 if value is not None] + (["--precision fast"] if args.precision != "exact" else [])
+        if args.sweep not in (None, "guidance"):
+            given.append(f"--sweep {args.sweep}")
+        if given:
+            raise ValueError(f"{', '.join(given)}: not for an Imagen cascade, which samples by DDPM on its stages' "
+                             "log-SNR grids with dynamic thresholding (its folder's settings); it takes --steps, "
+                             "--guidance-scale and --sweep guidance")
+        self.pipe = ImagenPipeline.from_pretrained(args.model)
+        # (as the sweep table names them: DDPM over each stage's log-SNR grid, its last step the posterior's mean)
+        self.defaults = {"steps": self.pipe.defaults.get("steps"), "sampler": "ddpm", "sigma_schedule": "log-SNR",
+                         "final_step": "mean", "guidance_scale": self.pipe.defaults.get("guidance_scale", 1.0)}
+
+    def __call__(self, prompts, seeds, progress=False, **options):
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not for an Imagen cascade (it takes {', '.join(self.OPTIONS)})")
+        steps = options.get("steps", self.defaults["steps"])
+        scale = options.get("guidance_scale", self.defaults["guidance_scale"])
+        pictures = self.pipe.sample(list(prompts), seeds=list(seeds), steps=steps, cond_scale=scale,
+                                    output_type="pil", progress=progress)
+        return [p if p.width == self.CANVAS else p.resize((self.CANVAS, self.CANVAS), Image.BICUBIC)
+                for p in pictures]
 
 
 def _threshold_cell(opt: dict, defaults: dict) -> str:

@@ -193,3 +193,25 @@ def test_a_stage_must_be_larger_than_the_cascade_below(base_run):
 
     with pytest.raises(ValueError, match="must be larger than the size of the cascade below \\(16"):
         ImagenTask(stage_config(16, previous=base_run / "model", model=TINY_SR))
+
+
+def test_shapes_eval_judges_a_cascade_on_the_64px_canvas(base_run):
+    import argparse
+
+    from PIL import Image
+
+    from imagine.evaluation import ImagenShapes, add_arguments
+    from imagine.pipelines.imagen import ImagenPipeline
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    shapes = ImagenShapes(p.parse_args(["--model", str(base_run / "model")]))
+    got = shapes(["a red circle", "two blue squares"], [3, 4], steps=3, guidance_scale=2.0)
+    own = ImagenPipeline.from_pretrained(base_run / "model").sample(
+        ["a red circle", "two blue squares"], seeds=[3, 4], steps=3, cond_scale=2.0, output_type="pil", progress=False)
+    assert [g.size for g in got] == [(64, 64)] * 2 and own[0].size == (16, 16)  # (16 px pictures, judged at 64)
+    assert all(g.tobytes() == o.resize((64, 64), Image.BICUBIC).tobytes() for g, o in zip(got, own))
+    with pytest.raises(ValueError, match="--sampler, --final-step: not for an Imagen cascade"):
+        ImagenShapes(p.parse_args(["--model", str(base_run / "model"), "--sampler", "ddim", "--final-step", "heun"]))
+    with pytest.raises(ValueError, match="--sweep samplers"):
+        ImagenShapes(p.parse_args(["--model", str(base_run / "model"), "--sweep", "samplers"]))
