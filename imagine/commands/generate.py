@@ -113,8 +113,15 @@ class _NegativePrompt(argparse.Action):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="what to draw (or use --from-file)")
-    p.add_argument("--model", "-m", help="model folder (ours or diffusers') or single-file checkpoint; "
-                                         "default: the embedded shapes model")
+    p.add_argument("--model", "-m", help="model folder (ours or diffusers') or single-file checkpoint, or an "
+                                         "imagen-pytorch trainer checkpoint (see --text-encoder); default: the "
+                                         "embedded shapes model")
+    p.add_argument("--text-encoder", default=None, metavar="FOLDER",
+                   help="an imagen-pytorch checkpoint's T5 (its google/t5-v1_1-base, unless trained with another): a "
+                        "local T5 encoder folder with its tokenizer; needed for its prompts (nothing is downloaded)")
+    p.add_argument("--ema-weights", action="store_true",
+                   help="an imagen-pytorch checkpoint: sample with the trainer's EMA unets ('ema', which its "
+                        "trainer samples with) instead of its 'model' weights")
     p.add_argument("--vae", default=None,
                    help="a VAE file (.safetensors / .ckpt, original or diffusers names) or folder to decode with "
                         "instead of the model's own (AUTOMATIC1111's SD VAE), e.g. vae-ft-mse-840000-ema-pruned")
@@ -311,7 +318,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="AUTOMATIC1111's styles.csv (columns name, prompt, negative_prompt)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="sampling steps (default: the model's, 20 for the embedded model; a Karlo UnCLIPPipeline "
-                        "folder: its decoder's, 25)")
+                        "folder: its decoder's, 25; an Imagen cascade: every stage's, default the folder's, else "
+                        "each stage's trained timesteps)")
     p.add_argument("--sampler", default=None,
                    help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_sde, dpmpp_3m, dpmpp_3m_sde, "
                         "unipc, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm, restart, dpm_fast, "
@@ -354,7 +362,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", "--cfg-scale", type=_finite, default=None, metavar="S",
                    help="classifier-free guidance scale (A1111's CFG scale; default: the model's, 7.5 for SD, 3 for "
                         "the embedded model; a CFG++ sampler's lambda, 0..1; a Karlo UnCLIPPipeline folder: its "
-                        "decoder's, 8)")
+                        "decoder's, 8; an Imagen cascade: every stage's cond_scale, default the folder's, else 1 as "
+                        "imagen-pytorch's Imagen.sample)")
     p.add_argument("--guidance-rescale", type=_finite, default=0.0, metavar="PHI",
                    help="Lin et al. 2023 guidance rescale phi, 0..1 (default 0: off)")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help="Karras sigma spacing")
@@ -916,6 +925,22 @@ def _save_numbered(img, folder: Path, number: int, seed: int, params: dict) -> t
             number = max(number + 1, _next_number(folder))
 
 
+def _save_image(img, params: dict, seed: int, many: bool, out_dir: Path | None, out_file: Path | None,
+                number: int) -> tuple[Path, int]:
+    """One image where `_output_target` sends the run's: several (`many`) numbered into the folder, each with its line
+    in images.jsonl; one at -o FILE, or as imagine-<seed>.png. (The path, the next image's number.)"""
+    if not many:
+        if out_file is not None:
+            return save_png(img, out_file, params), number
+        return _save_free(img, (out_dir or Path()) / f"imagine-{seed}.png", params), number
+    path, number = _save_numbered(img, out_dir, number, seed, params)
+    # one line per image, written as soon as its PNG is: a run stopped part-way keeps the records of the images it
+    # wrote (one write of a whole line to a file opened for appending)
+    with open(out_dir / "images.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"file": path.name, **params}, ensure_ascii=False) + "\n")
+    return path, number
+
+
 def _save_free(img, path: Path, params: dict) -> Path:
     """Save under `_free_name(path)`, choosing again where another process took that name meanwhile."""
     while True:
@@ -1036,8 +1061,8 @@ IF_STAGE_3_NOISE_LEVEL = 100  # (DeepFloyd IF's documentation runs SD's x4 upsca
 
 
 def _cascade_model(model: str | None) -> str | None:
-    """The diffusers pipeline class of a pixel cascade's folder (IFPipeline, IFSuperResolutionPipeline;
-    UnCLIPPipeline, Karlo's), else None."""
+    """The pipeline class of a pixel cascade's folder (diffusers' IFPipeline, IFSuperResolutionPipeline;
+    UnCLIPPipeline, Karlo's; imagine's ImagenPipeline), else None."""
     index = Path(model) / "model_index.json" if model else None
     if index is None or not index.is_file():
         return None
@@ -1045,7 +1070,7 @@ def _cascade_model(model: str | None) -> str | None:
         name = json.loads(index.read_text()).get("_class_name")
     except (ValueError, OSError):
         return None
-    return name if name in ("IFPipeline", "IFSuperResolutionPipeline", "UnCLIPPipeline") else None
+    return name if name in ("IFPipeline", "IFSuperResolutionPipeline", "UnCLIPPipeline", "ImagenPipeline") else None
 
 
 def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
@@ -1144,10 +1169,9 @@ def _refuse_idle_flags(args, allowed: set[str], what: str) -> None:
 
 def _save_pictures(args, prompts: list[str], max_seed: int, picture) -> int:
     """A pixel cascade's pictures (`picture(prompt, seed) -> (PIL image, parameters)`), --num-images per prompt, each
-    from its own seed (base + k, whatever the batch), as numbered or named PNGs with their parameters."""
+    from its own seed (base + k, whatever the batch), as numbered PNGs with images.jsonl or named PNGs, with their
+    parameters (`_save_image`)."""
     import random
-
-    from imagine.images import save_png
 
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]
     many = len(jobs) > 1 or bool(args.from_file)
@@ -1157,12 +1181,7 @@ def _save_pictures(args, prompts: list[str], max_seed: int, picture) -> int:
     for i, (prompt, _) in enumerate(jobs):
         seed = (base + i) % (max_seed + 1)
         img, params = picture(prompt, seed)
-        if many:
-            path, number = _save_numbered(img, out_dir, number, seed, params)
-        elif out_file is not None:
-            path = save_png(img, out_file, params)
-        else:
-            path = _save_free(img, (out_dir or Path()) / f"imagine-{seed}.png", params)
+        path, number = _save_image(img, params, seed, many, out_dir, out_file, number)
         print(path, flush=True)
     return 0
 
@@ -1209,6 +1228,93 @@ def _karlo_run(args, prompts: list[str], max_seed: int) -> int:
                   "stage_2_steps": settings["super_res_steps"], "width": img.width, "height": img.height,
                   "model": Path(args.model).name, **({"dtype": args.dtype} if args.dtype != "float32" else {})}
         return img, params
+
+    return _save_pictures(args, prompts, max_seed, picture)
+
+
+# the flags an Imagen cascade's run reads (imagine.pipelines.imagen); any other, given, is refused by name
+IMAGEN_FLAGS = {"prompt", "model", "steps", "guidance_scale", "seed", "num_images", "output", "from_file", "quiet",
+                "command", "func", "verbose", "dtype", "text_encoder", "ema_weights"}
+IMAGEN_GUIDANCE = 1.0  # imagen-pytorch's Imagen.sample cond_scale (its `imagen` command samples at 5)
+IMAGEN_T5 = "google/t5-v1_1-base"  # imagen-pytorch's DEFAULT_T5_NAME, a checkpoint's text_encoder_name if none saved
+
+
+def _imagen_checkpoint(model: str | None) -> dict | None:
+    """--model as an imagen-pytorch trainer checkpoint: a file that torch.load(weights_only=True) reads as a dict with
+    'model' (the Imagen's weights) and 'imagen_params' (its ImagenConfig), whatever its name; else None (a folder, a
+    .safetensors file, an SD checkpoint, anything else: left to the other loaders and their errors). Read memory-mapped,
+    so an SD checkpoint's tensors are not read here."""
+    path = Path(model) if model else None
+    if path is None or not path.is_file() or path.suffix.lower() == ".safetensors":
+        return None
+    import torch
+
+    try:  # (a pickle needing code, a legacy or foreign file: not imagen-pytorch's, said by the other loaders)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    ok = isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict) and "imagen_params" in checkpoint
+    return checkpoint if ok else None
+
+
+def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None) -> int:
+    """An Imagen cascade (imagine.pipelines.imagen): imagine's cascade folder (model_index.json: ImagenPipeline), or an
+    imagen-pytorch trainer checkpoint (`checkpoint`, the file's dict), its prompts read by --text-encoder's T5. Every
+    stage samples --steps steps at --guidance-scale (cond_scale); each image from its own seed, the picture
+    imagen-pytorch samples at batch 1 after torch.manual_seed(seed)."""
+    import torch
+
+    from imagine.pipelines.imagen import ImagenPipeline
+
+    if args.infotext:
+        raise ValueError(f"--infotext {args.infotext}: an Imagen cascade is not run again from a picture's parameters; "
+                         "give them as flags: the prompt, --seed, --steps, --guidance-scale")
+    _refuse_idle_flags(args, IMAGEN_FLAGS, "an Imagen cascade, which takes the prompt, --steps and --guidance-scale "
+                       "(every stage's), --seed, --num-images, --dtype, -o, and for an imagen-pytorch checkpoint "
+                       "--text-encoder and --ema-weights")
+    _check_values(args, max_seed)
+    for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1; got {value}")
+    dtype = getattr(torch, args.dtype)
+    if checkpoint is None:
+        for flag, given in (("--text-encoder", args.text_encoder is not None), ("--ema-weights", args.ema_weights)):
+            if given:
+                raise ValueError(f"{flag} is for an imagen-pytorch checkpoint (--model FILE); {args.model} is an "
+                                 "Imagen cascade folder, which holds one set of weights and names its text encoder in "
+                                 "model_index.json")
+        pipe = ImagenPipeline.from_pretrained(args.model, dtype=dtype)
+    else:
+        params = checkpoint["imagen_params"]
+        on_text = not isinstance(params, dict) or params.get("condition_on_text", True)
+        if args.text_encoder is None and on_text:
+            name = params.get("text_encoder_name") if isinstance(params, dict) else None
+            raise ValueError(f"--model {args.model} is an imagen-pytorch checkpoint, whose prompts are read by the T5 "
+                             f"it was trained with ({name or IMAGEN_T5}), which imagen-pytorch downloads and imagine "
+                             "does not: give --text-encoder FOLDER, a local copy of that T5 encoder with its tokenizer")
+        if args.text_encoder is not None and not Path(args.text_encoder).is_dir():
+            raise FileNotFoundError(f"--text-encoder: {args.text_encoder} is not a folder; give a local T5 encoder "
+                                    "folder with its tokenizer")
+        if args.ema_weights and not isinstance(checkpoint.get("ema"), dict):
+            raise ValueError(f"--ema-weights: {args.model} holds no EMA unets ('ema': its trainer ran without EMA); "
+                             "leave the flag out to sample with its 'model' weights")
+        pipe = ImagenPipeline.from_imagen_pytorch(checkpoint, ema=args.ema_weights, t5_folder=args.text_encoder,
+                                                  dtype=dtype)
+    steps = args.steps or pipe.defaults.get("steps")  # (None: each stage's trained timesteps)
+    scale = pipe.defaults.get("guidance_scale", IMAGEN_GUIDANCE) if args.guidance_scale is None \
+        else args.guidance_scale
+    stage_steps = pipe.timesteps if steps is None else (int(steps),) * len(pipe.unets)
+    recorded = {"steps": stage_steps[0] if len(set(stage_steps)) == 1 else list(stage_steps),
+                "guidance_scale": float(scale), "sampler": "ddpm", "model": Path(args.model).name,
+                "stages": len(pipe.unets),
+                **({"text_encoder": Path(args.text_encoder).name} if args.text_encoder else {}),
+                **({"ema_weights": True} if args.ema_weights else {}),
+                **({"dtype": args.dtype} if args.dtype != "float32" else {})}
+
+    def picture(prompt: str, seed: int):
+        img = pipe.sample([prompt], cond_scale=scale, seeds=[seed], steps=steps, output_type="pil",
+                          progress=not args.quiet)[0]
+        return img, {"prompt": prompt, "seed": seed, **recorded, "width": img.width, "height": img.height}
 
     return _save_pictures(args, prompts, max_seed, picture)
 
@@ -1448,6 +1554,13 @@ def run(args) -> int:
     for note in getattr(args, "_infotext_notes", None) or []:  # (what an --infotext left out or assumed: said
         print(f"imagine: --infotext: {note}", file=sys.stderr)  # with -q too, which only stops the progress bar)
     prompts = _prompts(args)
+    checkpoint = _imagen_checkpoint(args.model)
+    if checkpoint is not None or _cascade_model(args.model) == "ImagenPipeline":
+        return _imagen_run(args, prompts, MAX_SEED, checkpoint)
+    for flag, given in (("--text-encoder", args.text_encoder is not None), ("--ema-weights", args.ema_weights)):
+        if given:
+            raise ValueError(f"{flag} is for an imagen-pytorch checkpoint (--model FILE: a dict with 'model' and "
+                             f"'imagen_params'), and {args.model or 'the embedded model'} is not one")
     if _cascade_model(args.model) == "UnCLIPPipeline" and args.stage_2 is None:
         return _karlo_run(args, prompts, MAX_SEED)
     if _cascade_model(args.model) or args.stage_2 is not None:
@@ -1730,16 +1843,6 @@ def run(args) -> int:
                 params["mask_invert"] = True  # (A1111's "Mask mode: Inpaint not masked")
             if control_units:  # the preprocessing too (A1111's ControlNet infotext)
                 params["controlnet_units"] = control_units
-            if many:
-                path, number = _save_numbered(img, out_dir, number, s, params)
-            elif out_file is not None:
-                path = save_png(img, out_file, params)
-            else:
-                path = _save_free(img, (out_dir or Path()) / f"imagine-{s}.png", params)
-            if many:
-                # one line per image, written as soon as its PNG is: a run stopped part-way keeps the records
-                # of the images it wrote (one write of a whole line to a file opened for appending)
-                with open(out_dir / "images.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"file": path.name, **params}, ensure_ascii=False) + "\n")
+            path, number = _save_image(img, params, s, many, out_dir, out_file, number)
             print(path, flush=True)
     return 0

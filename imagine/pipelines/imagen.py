@@ -194,7 +194,7 @@ class ImagenPipeline:
         if len(sizes) != len(params["unets"]):
             raise ValueError(f"the config lists {len(params['unets'])} unets for {len(sizes)} image sizes {sizes}: "
                              "give one size per unet")
-        state = checkpoint["ema"] if ema else checkpoint["model"]
+        state = checkpoint.get("ema") if ema else checkpoint["model"]
         if ema and not isinstance(state, dict):
             raise ValueError("ema=True: this checkpoint holds no EMA unets ('ema')")
         unets = []
