@@ -215,3 +215,10 @@ def test_shapes_eval_judges_a_cascade_on_the_64px_canvas(base_run):
         ImagenShapes(p.parse_args(["--model", str(base_run / "model"), "--sampler", "ddim", "--final-step", "heun"]))
     with pytest.raises(ValueError, match="--sweep samplers"):
         ImagenShapes(p.parse_args(["--model", str(base_run / "model"), "--sweep", "samplers"]))
+
+
+def test_the_latent_pipeline_refuses_a_cascade_folder_naming_what_runs_it(base_run):
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    with pytest.raises(ValueError, match="is an Imagen cascade .*imagine generate --model FOLDER"):
+        TextToImagePipeline.from_pretrained(base_run / "model")

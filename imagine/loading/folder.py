@@ -89,6 +89,11 @@ def load_folder(root: str | Path, dtype: torch.dtype = torch.float32) -> Compone
         raise ValueError(f"{root} is a DeepFloyd IF stage ({index['_class_name']}), a pixel cascade: run it with "
                          "`imagine generate --model IF-I-FOLDER --stage-2 IF-II-FOLDER` or imagine.pipelines.cascade "
                          "(IFCascade, IFStage); the latent pipeline and the server do not take it")
+    if index.get("_class_name") == "ImagenPipeline":  # (imagine's Imagen cascade: pixels, Efficient U-Nets)
+        raise ValueError(f"{root} is an Imagen cascade (ImagenPipeline: {', '.join(map(str, index.get('unets', [])))}),"
+                         " a pixel cascade: run it with `imagine generate --model FOLDER`, `imagine eval shapes "
+                         "--model FOLDER` or imagine.pipelines.imagen.ImagenPipeline.from_pretrained; the latent "
+                         "pipeline and the server do not take it")
     if _named(index.get("depth_estimator")):  # its U-Net takes the estimated depth map as a 5th channel
         raise ValueError(f"{root} is SD 2 depth ({index.get('_class_name', '?')}: a depth_estimator/ beside a U-Net "
                          "that takes the depth map as a 5th channel, diffusers' StableDiffusionDepth2ImgPipeline); "
