@@ -521,7 +521,8 @@ def _ratios(sides: dict, key: str = "median_s") -> dict:
     return r
 
 
-def _table(title: str, sides: dict, quality_key: str, quality_fmt: str) -> str:
+def _table(title: str, sides: dict, quality_key: str, quality_fmt: str, ratios: Callable = _ratios) -> str:
+    """The sides' figures, one line each, then `ratios(sides, key)` by wall clock and by CPU time."""
     lines = [title, f"  {'side':<22} {'median s':>9} {'cpu s':>7} {'calls (wall s)':<30} {'peak +MB':>9} "
                     f"{quality_key:>14}"]
     for n, s in sides.items():
@@ -530,7 +531,7 @@ def _table(title: str, sides: dict, quality_key: str, quality_fmt: str) -> str:
         lines.append(f"  {n:<22} {s['median_s']:>9.3f} {s['median_cpu_s']:>7.2f} {calls:<30} "
                      f"{s['peak_added_mb']:>9.0f} {(quality_fmt % q) if q is not None else '-':>14}")
     for label, key in (("wall", "median_s"), ("cpu", "median_cpu_s")):
-        parts = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in _ratios(sides, key).items()]
+        parts = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in ratios(sides, key).items()]
         lines.append(f"  ratios ({label}): " + ", ".join(parts))
     return "\n".join(lines)
 

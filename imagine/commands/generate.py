@@ -1234,7 +1234,7 @@ def _karlo_run(args, prompts: list[str], max_seed: int) -> int:
 
 # the flags an Imagen cascade's run reads (imagine.pipelines.imagen); any other, given, is refused by name
 IMAGEN_FLAGS = {"prompt", "model", "steps", "guidance_scale", "seed", "num_images", "output", "from_file", "quiet",
-                "command", "func", "verbose", "dtype", "text_encoder", "ema_weights"}
+                "command", "func", "verbose", "dtype", "precision", "text_encoder", "ema_weights"}
 IMAGEN_GUIDANCE = 1.0  # imagen-pytorch's Imagen.sample cond_scale (its `imagen` command samples at 5)
 IMAGEN_T5 = "google/t5-v1_1-base"  # imagen-pytorch's DEFAULT_T5_NAME, a checkpoint's text_encoder_name if none saved
 
@@ -1270,8 +1270,8 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
         raise ValueError(f"--infotext {args.infotext}: an Imagen cascade is not run again from a picture's parameters; "
                          "give them as flags: the prompt, --seed, --steps, --guidance-scale")
     _refuse_idle_flags(args, IMAGEN_FLAGS, "an Imagen cascade, which takes the prompt, --steps and --guidance-scale "
-                       "(every stage's), --seed, --num-images, --dtype, -o, and for an imagen-pytorch checkpoint "
-                       "--text-encoder and --ema-weights")
+                       "(every stage's), --seed, --num-images, --precision, --dtype, -o, and for an imagen-pytorch "
+                       "checkpoint --text-encoder and --ema-weights")
     _check_values(args, max_seed)
     for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
         if value is not None and value < 1:
@@ -1283,7 +1283,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
                 raise ValueError(f"{flag} is for an imagen-pytorch checkpoint (--model FILE); {args.model} is an "
                                  "Imagen cascade folder, which holds one set of weights and names its text encoder in "
                                  "model_index.json")
-        pipe = ImagenPipeline.from_pretrained(args.model, dtype=dtype)
+        pipe = ImagenPipeline.from_pretrained(args.model, dtype=dtype, precision=args.precision)
     else:
         params = checkpoint["imagen_params"]
         on_text = not isinstance(params, dict) or params.get("condition_on_text", True)
@@ -1299,7 +1299,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
             raise ValueError(f"--ema-weights: {args.model} holds no EMA unets ('ema': its trainer ran without EMA); "
                              "leave the flag out to sample with its 'model' weights")
         pipe = ImagenPipeline.from_imagen_pytorch(checkpoint, ema=args.ema_weights, t5_folder=args.text_encoder,
-                                                  dtype=dtype)
+                                                  dtype=dtype, precision=args.precision)
     steps = args.steps or pipe.defaults.get("steps")  # (None: each stage's trained timesteps)
     scale = pipe.defaults.get("guidance_scale", IMAGEN_GUIDANCE) if args.guidance_scale is None \
         else args.guidance_scale
@@ -1309,7 +1309,8 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
                 "stages": len(pipe.unets),
                 **({"text_encoder": Path(args.text_encoder).name} if args.text_encoder else {}),
                 **({"ema_weights": True} if args.ema_weights else {}),
-                **({"dtype": args.dtype} if args.dtype != "float32" else {})}
+                **({"dtype": args.dtype} if args.dtype != "float32" else {}),
+                **({"precision": args.precision} if args.precision != "exact" else {})}
 
     def picture(prompt: str, seed: int):
         img = pipe.sample([prompt], cond_scale=scale, seeds=[seed], steps=steps, output_type="pil",

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 MAX_TEXT_LENGTH = 256  # imagen-pytorch's t5 MAX_LENGTH: prompts are cut to 256 tokens
 OUTPUT_TYPES = ("pt", "pil")
+PRECISIONS = ("exact", "fast")
 # imagen-pytorch's pred_objectives -> imagine's prediction types
 PREDICTION_TYPES = {"noise": "epsilon", "v": "v_prediction", "x_start": "sample"}
 # Imagen keywords that only training reads (accepted from a checkpoint's config and not used to sample)
@@ -113,7 +114,8 @@ class ImagenPipeline:
                  lowres_sample_noise_level: float = 0.2, dynamic_thresholding: bool | Sequence[bool] = True,
                  dynamic_thresholding_percentile: float = 0.95, resize_mode: str = "nearest",
                  auto_normalize_img: bool = True, channels: int = 3, condition_on_text: bool = True,
-                 text_embed_dim: int | None = None, cond_drop_prob: float = 0.1, text_encoder=None):
+                 text_embed_dim: int | None = None, cond_drop_prob: float = 0.1, text_encoder=None,
+                 precision: str = "exact"):
         from imagine.schedules import CONTINUOUS_SCHEDULES
 
         self.unets = list(unets) if isinstance(unets, (list, tuple)) else [unets]
@@ -153,6 +155,10 @@ class ImagenPipeline:
         self.cond_drop_prob = float(cond_drop_prob)
         self.text_encoder = text_encoder
         self.defaults: dict[str, Any] = {}  # a folder's generation defaults (from_pretrained)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+        self.precision = precision
+        self._runs: dict[int, Callable[..., torch.Tensor]] = {}  # each stage's U-Net as it runs (`stage_unet`)
         if text_embed_dim is None and self.condition_on_text:
             text_embed_dim = getattr(text_encoder, "dim", None) or getattr(
                 getattr(self.unets[0], "config", None), "text_embed_dim", None)
@@ -167,13 +173,14 @@ class ImagenPipeline:
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def from_imagen_pytorch(cls, path_or_state, *, config: dict | None = None, ema: bool = False,
-                            t5_folder=None, dtype: torch.dtype = torch.float32) -> "ImagenPipeline":
+                            t5_folder=None, dtype: torch.dtype = torch.float32,
+                            precision: str = "exact") -> "ImagenPipeline":
         """An imagen-pytorch checkpoint: a file ImagenTrainer.save wrote (read with torch.load(weights_only=True)), or
         that dict. Its 'imagen_params' (the ImagenConfig dict) give the cascade, else `config` (the same dict: unets
         as lists of Unet keywords, image_sizes, ...). ema: the trainer's EMA unets ('ema'; imagen-pytorch's trainer
         samples with them) instead of 'model''s. t5_folder: a local T5 encoder folder (with its tokenizer) for
         prompts; without it, sample with text_embeds."""
-        from imagine.models.efficient_unet import EfficientUNet, unet_config_from_imagen, unet_state_from_imagen
+        from imagine.models.efficient_unet import EfficientUNet
 
         checkpoint = read_checkpoint(path_or_state)
         if checkpoint.get("imagen_type") == "elucidated":
@@ -194,14 +201,11 @@ class ImagenPipeline:
         if len(sizes) != len(params["unets"]):
             raise ValueError(f"the config lists {len(params['unets'])} unets for {len(sizes)} image sizes {sizes}: "
                              "give one size per unet")
-        state = checkpoint.get("ema") if ema else checkpoint["model"]
-        if ema and not isinstance(state, dict):
+        if ema and not isinstance(checkpoint.get("ema"), dict):
             raise ValueError("ema=True: this checkpoint holds no EMA unets ('ema')")
-        unets = []
-        for i in range(len(params["unets"])):
-            unet = EfficientUNet(unet_config_from_imagen(params, i))
-            unet.load_state(unet_state_from_imagen(state, i, ema=ema), f"unet {i + 1} of the imagen-pytorch checkpoint")
-            unets.append(unet.to(dtype).eval())
+        checkpoint = {**checkpoint, "imagen_params": params}  # (the config given, where the checkpoint has none)
+        unets = [EfficientUNet.from_imagen_checkpoint(checkpoint, i, ema=ema).to(dtype)
+                 for i in range(len(params["unets"]))]
         encoder = None
         if t5_folder is not None:
             from imagine.models.text_encoders import T5TextEncoder
@@ -214,7 +218,7 @@ class ImagenPipeline:
             raise ValueError(f"the Imagen config has keys imagine does not know: {unknown}; known: "
                              f"{sorted({'unets', 'image_sizes', 'text_embed_dim', *IMAGEN_SETTINGS, *TRAINING_ONLY})}")
         return cls(unets, image_sizes=sizes, text_embed_dim=unets[0].config.text_embed_dim, text_encoder=encoder,
-                   **settings)
+                   precision=precision, **settings)
 
     # -- imagine's own folder ------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -271,7 +275,8 @@ class ImagenPipeline:
             raise
 
     @classmethod
-    def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32, text_encoder=None) -> "ImagenPipeline":
+    def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32, text_encoder=None,
+                        precision: str = "exact") -> "ImagenPipeline":
         """A cascade folder save_pretrained wrote; its text encoder built from the folder's description unless one is
         given (`text_encoder`). `defaults` (the steps and guidance the run sampled with) in `.defaults`."""
         from imagine.models.efficient_unet import EfficientUNet
@@ -292,7 +297,7 @@ class ImagenPipeline:
             text_encoder = load_text_encoder(spec["text_encoder"], root=folder, dtype=dtype)
         settings = {k: v for k, v in spec.items() if k not in ("unets", "text_encoder", "defaults", "training_config")
                     and not k.startswith("_")}
-        pipe = cls(unets, text_encoder=text_encoder, **settings)
+        pipe = cls(unets, text_encoder=text_encoder, precision=precision, **settings)
         pipe.defaults = dict(spec.get("defaults") or {})
         return pipe
 
@@ -393,7 +398,7 @@ class ImagenPipeline:
                          "lowres_noise_cond": lam.to(device)}
             x = noise.draw(shape).to(device)
             plan = continuous_plan(kind, int(stage_steps[k]))
-            model = StageModel(self.unets[k], kind)
+            model = StageModel(self.stage_unet(k), kind)
             cond, uncond = extra, None
             if self.condition_on_text:
                 text = {"text_embeds": text_embeds.to(device), "text_mask": text_masks.to(device)}
@@ -418,6 +423,22 @@ class ImagenPipeline:
         return picture if output_type == "pt" else pictures(picture, self.auto_normalize_img)
 
     __call__ = sample
+
+    def stage_unet(self, k: int) -> Callable[..., torch.Tensor]:
+        """Stage k's U-Net as `precision` runs it, made once: "exact", float32 on weights packed once for oneDNN
+        (imagine.pipelines.text_to_image.exact_copy: the same kernels and arithmetic, about 1e-6 relative); "fast",
+        its fast copy (`_Autocast`: bf16 where the CPU multiplies it natively, else float32 with Winograd 3x3
+        convolutions on the large maps). A model that is not a torch module runs as it is. Both copies share the
+        U-Net's weights, so they see no later change to them: a pipeline made for a moment's sampling (a training
+        run's grid) is made anew each time."""
+        if k not in self._runs:
+            from imagine.pipelines.text_to_image import _Autocast, exact_copy
+
+            unet = self.unets[k]
+            if isinstance(unet, torch.nn.Module):
+                unet = exact_copy(unet) if self.precision == "exact" else _Autocast(unet)
+            self._runs[k] = unet
+        return self._runs[k]
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2 - 1 if self.auto_normalize_img else x
