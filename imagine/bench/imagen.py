@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from imagine.bench.speed import _alternate, _in_process, _loadavg, _rel, _table
+from imagine.bench.speed import _alternate, _finish, _in_process, _loadavg, _rel, _table
 from imagine.models.efficient_unet import PRESETS, EfficientUNet, EfficientUNetConfig
 
 SIDES = ("imagen_pytorch", "imagen_pytorch_batched", "imagine", "imagine_exact", "imagine_fast")
@@ -243,9 +242,4 @@ def run(args) -> int:
         print(_table(f"U-Net {m} ({low}{r['size']} px, one image's guided step): seconds per step", r["sides"],
                      "rel_diff_vs_imagen_pytorch", "%.1e", ratios=_ratios))
         gc.collect()
-    results["load_average_end"] = _loadavg()
-    print(f"load average at the end: {results['load_average_end']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0
+    return _finish(results, args.json)

@@ -641,10 +641,15 @@ def run(args) -> int:
                      "%.1f dB"))
         if "psnr_vs_imagine_exact_db" in r["sides"].get("imagine_fast", {}):
             print(f"  imagine fast vs exact image: {r['sides']['imagine_fast']['psnr_vs_imagine_exact_db']:.1f} dB")
+    return _finish(results, args.json)
+
+
+def _finish(results: dict, json_path: str | None) -> int:
+    """The run's end: the load average then (printed and kept), the results written to `json_path` if given."""
     results["load_average_end"] = _loadavg()
     print(f"load average at the end: {results['load_average_end']}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(results, f, indent=2)
     return 0
 
