@@ -276,26 +276,27 @@ def _is_imagen_folder(model) -> bool:
 
 class ImagenShapes:
     """An Imagen cascade folder (imagine train imagen's model/) as the shapes eval calls a pipeline: pipe(prompts,
-    seeds=, steps=, guidance_scale=) -> PIL pictures on the task's 64x64 canvas (a cascade ending below 64 px is
-    judged on its pictures resized up, bicubic). Its sampler is fixed (DDPM on the stage's log-SNR grid), so only
-    steps and the guidance scale (its cond_scale, every stage) vary."""
+    seeds=, steps=, guidance_scale=, sampler=) -> PIL pictures on the task's 64x64 canvas (a cascade ending below
+    64 px is judged on its pictures resized up, bicubic). Its stages sample on their log-SNR grids (DDPM by default,
+    imagine.pipelines.imagen.SAMPLERS), so the steps, the sampler and the guidance scale (its cond_scale, every
+    stage) vary."""
 
-    OPTIONS = ("steps", "guidance_scale")
+    OPTIONS = ("steps", "guidance_scale", "sampler")
     CANVAS = 64  # shared/specs/shapes.md
 
     def __init__(self, args):
         from imagine.pipelines.imagen import ImagenPipeline
 
-        given = [flag for flag, value in (("--sampler", args.sampler), ("--thresholding", args.thresholding),
+        given = [flag for flag, value in (("--thresholding", args.thresholding),
                                           ("--threshold-range", args.threshold_range),
                                           ("--schedule-type", args.sigma_schedule), ("--final-step", args.final_step))
                  if value is not None] + (["--precision fast"] if args.precision != "exact" else [])
-        if args.sweep not in (None, "guidance"):
+        if args.sweep not in (None, "guidance", "samplers"):
             given.append(f"--sweep {args.sweep}")
         if given:
-            raise ValueError(f"{', '.join(given)}: not for an Imagen cascade, which samples by DDPM on its stages' "
-                             "log-SNR grids with dynamic thresholding (its folder's settings); it takes --steps, "
-                             "--guidance-scale and --sweep guidance")
+            raise ValueError(f"{', '.join(given)}: not for an Imagen cascade, which samples on its stages' log-SNR "
+                             "grids with its folder's thresholding; it takes --steps, --sampler, --guidance-scale "
+                             "and --sweep guidance or samplers")
         self.pipe = ImagenPipeline.from_pretrained(args.model)
         # (as the sweep table names them: DDPM over each stage's log-SNR grid, its last step the posterior's mean)
         self.defaults = {"steps": self.pipe.defaults.get("steps"), "sampler": "ddpm", "sigma_schedule": "log-SNR",
@@ -308,7 +309,8 @@ class ImagenShapes:
         steps = options.get("steps", self.defaults["steps"])
         scale = options.get("guidance_scale", self.defaults["guidance_scale"])
         pictures = self.pipe.sample(list(prompts), seeds=list(seeds), steps=steps, cond_scale=scale,
-                                    output_type="pil", progress=progress)
+                                    output_type="pil", progress=progress,
+                                    sampler=options.get("sampler", self.defaults["sampler"]))
         return [p if p.width == self.CANVAS else p.resize((self.CANVAS, self.CANVAS), Image.BICUBIC)
                 for p in pictures]
 

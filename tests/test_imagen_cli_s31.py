@@ -184,6 +184,13 @@ def test_folder_samples_at_its_defaults(folder, tmp_path):
     assert worst <= 1 and share < 0.05 and want.std() > 10
     assert {k: record(out)[k] for k in ("steps", "guidance_scale", "model", "stages")} == {
         "steps": 3, "guidance_scale": 2.0, "model": "cascade", "stages": 2}
+    # --sampler: another solver on the stages' grids, recorded
+    out = tmp_path / "dpm.png"
+    run = cli("--model", cascade, PROMPT, "--seed", 4, "--sampler", "DPM++ 2M", "-o", out)
+    assert run.returncode == 0, run.stderr
+    assert np.array_equal(pixels(out), pixels(ours.sample([PROMPT], seeds=[4], steps=3, cond_scale=2.0,
+                                                          output_type="pil", progress=False, sampler="dpmpp_2m")[0]))
+    assert record(out)["sampler"] == "dpmpp_2m" and not np.array_equal(pixels(out), got)
 
 
 def test_from_file_numbered_pngs_and_jsonl(folder, tmp_path):
@@ -222,8 +229,10 @@ def test_refusals(checkpoint, folder, tmp_path, capsys):
     cascade, _ = folder
     err = refused("--model", path, PROMPT, "-o", tmp_path / "x.png")
     assert "imagen-pytorch checkpoint" in err and f"({T5_NAME})" in err and "give --text-encoder FOLDER" in err
-    err = refused("--model", cascade, PROMPT, "--sampler", "euler", "--negative-prompt", "blue", "--height", 32)
-    assert "--height, --negative-prompt, --sampler: not for an Imagen cascade" in err
+    err = refused("--model", cascade, PROMPT, "--eta", 0.5, "--negative-prompt", "blue", "--height", 32)
+    assert "--eta, --height, --negative-prompt: not for an Imagen cascade" in err
+    assert "does not run on an Imagen stage's log-SNR grid here" in refused("--model", cascade, PROMPT, "--sampler",
+                                                                             "dpmpp_2m_sde")
     assert "--text-encoder is for an imagen-pytorch checkpoint" in refused("--model", cascade, PROMPT,
                                                                            "--text-encoder", t5_dir)
     err = refused("--model", path, PROMPT, "--text-encoder", tmp_path / "nowhere")

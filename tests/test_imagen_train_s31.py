@@ -211,10 +211,10 @@ def test_shapes_eval_judges_a_cascade_on_the_64px_canvas(base_run):
         ["a red circle", "two blue squares"], seeds=[3, 4], steps=3, cond_scale=2.0, output_type="pil", progress=False)
     assert [g.size for g in got] == [(64, 64)] * 2 and own[0].size == (16, 16)  # (16 px pictures, judged at 64)
     assert all(g.tobytes() == o.resize((64, 64), Image.BICUBIC).tobytes() for g, o in zip(got, own))
-    with pytest.raises(ValueError, match="--sampler, --final-step: not for an Imagen cascade"):
+    with pytest.raises(ValueError, match="--final-step: not for an Imagen cascade"):
         ImagenShapes(p.parse_args(["--model", str(base_run / "model"), "--sampler", "ddim", "--final-step", "heun"]))
-    with pytest.raises(ValueError, match="--sweep samplers"):
-        ImagenShapes(p.parse_args(["--model", str(base_run / "model"), "--sweep", "samplers"]))
+    with pytest.raises(ValueError, match="--sweep schedules"):
+        ImagenShapes(p.parse_args(["--model", str(base_run / "model"), "--sweep", "schedules"]))
 
 
 def test_the_latent_pipeline_refuses_a_cascade_folder_naming_what_runs_it(base_run):

@@ -1234,7 +1234,7 @@ def _karlo_run(args, prompts: list[str], max_seed: int) -> int:
 
 # the flags an Imagen cascade's run reads (imagine.pipelines.imagen); any other, given, is refused by name
 IMAGEN_FLAGS = {"prompt", "model", "steps", "guidance_scale", "seed", "num_images", "output", "from_file", "quiet",
-                "command", "func", "verbose", "dtype", "precision", "text_encoder", "ema_weights"}
+                "command", "func", "verbose", "dtype", "precision", "sampler", "text_encoder", "ema_weights"}
 IMAGEN_GUIDANCE = 1.0  # imagen-pytorch's Imagen.sample cond_scale (its `imagen` command samples at 5)
 IMAGEN_T5 = "google/t5-v1_1-base"  # imagen-pytorch's DEFAULT_T5_NAME, a checkpoint's text_encoder_name if none saved
 
@@ -1270,7 +1270,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
         raise ValueError(f"--infotext {args.infotext}: an Imagen cascade is not run again from a picture's parameters; "
                          "give them as flags: the prompt, --seed, --steps, --guidance-scale")
     _refuse_idle_flags(args, IMAGEN_FLAGS, "an Imagen cascade, which takes the prompt, --steps and --guidance-scale "
-                       "(every stage's), --seed, --num-images, --precision, --dtype, -o, and for an imagen-pytorch "
+                       "(every stage's), --sampler, --seed, --num-images, --precision, --dtype, -o, and for an imagen-pytorch "
                        "checkpoint --text-encoder and --ema-weights")
     _check_values(args, max_seed)
     for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
@@ -1300,12 +1300,15 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
                              "leave the flag out to sample with its 'model' weights")
         pipe = ImagenPipeline.from_imagen_pytorch(checkpoint, ema=args.ema_weights, t5_folder=args.text_encoder,
                                                   dtype=dtype, precision=args.precision)
+    from imagine.pipelines.imagen import check_sampler
+
+    sampler = check_sampler(args.sampler or "ddpm")
     steps = args.steps or pipe.defaults.get("steps")  # (None: each stage's trained timesteps)
     scale = pipe.defaults.get("guidance_scale", IMAGEN_GUIDANCE) if args.guidance_scale is None \
         else args.guidance_scale
     stage_steps = pipe.timesteps if steps is None else (int(steps),) * len(pipe.unets)
     recorded = {"steps": stage_steps[0] if len(set(stage_steps)) == 1 else list(stage_steps),
-                "guidance_scale": float(scale), "sampler": "ddpm", "model": Path(args.model).name,
+                "guidance_scale": float(scale), "sampler": sampler, "model": Path(args.model).name,
                 "stages": len(pipe.unets),
                 **({"text_encoder": Path(args.text_encoder).name} if args.text_encoder else {}),
                 **({"ema_weights": True} if args.ema_weights else {}),
@@ -1314,7 +1317,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
 
     def picture(prompt: str, seed: int):
         img = pipe.sample([prompt], cond_scale=scale, seeds=[seed], steps=steps, output_type="pil",
-                          progress=not args.quiet)[0]
+                          progress=not args.quiet, sampler=sampler)[0]
         return img, {"prompt": prompt, "seed": seed, **recorded, "width": img.width, "height": img.height}
 
     return _save_pictures(args, prompts, max_seed, picture)

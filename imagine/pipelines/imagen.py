@@ -46,6 +46,9 @@ import torch.nn.functional as F
 MAX_TEXT_LENGTH = 256  # imagen-pytorch's t5 MAX_LENGTH: prompts are cut to 256 tokens
 OUTPUT_TYPES = ("pt", "pil")
 PRECISIONS = ("exact", "fast")
+# the samplers a stage runs on its log-SNR grid: imagen-pytorch's DDPM (the default), and ODE / multistep solvers that
+# need no more than the grid's levels (few steps); the others (SDE forms, CompVis loops, LCM) are refused by name
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "unipc", "euler", "euler_a")
 # imagen-pytorch's pred_objectives -> imagine's prediction types
 PREDICTION_TYPES = {"noise": "epsilon", "v": "v_prediction", "x_start": "sample"}
 # Imagen keywords that only training reads (accepted from a checkpoint's config and not used to sample)
@@ -348,7 +351,7 @@ class ImagenPipeline:
                steps: int | Sequence[int | None] | None = None, batch_size: int = 1,
                lowres_sample_noise_level: float | None = None, cfg_remove_parallel_component: bool = True,
                cfg_keep_parallel_frac: float = 0.0, output_type: str = "pt", progress: bool = True,
-               callback: Callable[[dict], None] | None = None):
+               callback: Callable[[dict], None] | None = None, sampler: str | Sequence[str] = "ddpm"):
         """The cascade's pictures: [B, C, H, W] in [0, 1] (in [-1, 1] where auto_normalize_img is off), or PIL
         pictures (output_type "pil"), of the last stage run (`stop_at_unet_number`: stop after that stage, from 1).
         cond_scale: guidance scale, one or one per stage (1: the conditional pass alone). seeds / generator: per-image
@@ -356,9 +359,12 @@ class ImagenPipeline:
         T), or an int or one per stage: the same sampler on a grid of that many steps (not imagen-pytorch's).
         cfg_remove_parallel_component, cfg_keep_parallel_frac: imagen-pytorch's guidance settings (the update's part
         along the conditional output kept by that fraction when removed). batch_size: for an Imagen without text.
-        callback(info): after each step, with info["stage"] (from 1) besides the sampler's keys."""
+        callback(info): after each step, with info["stage"] (from 1) besides the sampler's keys. sampler: one name or
+        one per stage (`SAMPLERS`): "ddpm", imagen-pytorch's (VDM's ancestral step), or an ODE / multistep solver on
+        the same log-SNR levels (ours, for few steps: DDIM, DPM-Solver++ 2M, UniPC, Euler; Euler a), each run
+        ending at the grid's t = 0 as DDPM's does."""
         from imagine.guidance import guided_model_output, projected_guidance
-        from imagine.samplers import sample_ddpm
+        from imagine.samplers import resolve_sampler
         from imagine.sampling import Denoiser, PerSampleNoise, make_generators
         from imagine.schedules import alpha_sigma, continuous_plan, log_snr
 
@@ -375,6 +381,7 @@ class ImagenPipeline:
             raise ValueError("this Imagen was trained without dropping the text (cond_drop_prob 0): its unets have no "
                              "learned null text, so classifier-free guidance cannot run; use cond_scale 1")
         stage_steps = [T if s is None else s for s, T in zip(per_stage(steps, n, "steps"), self.timesteps)]
+        samplers = [check_sampler(name) for name in per_stage(sampler, n, "sampler")]
         level = self.lowres_sample_noise_level if lowres_sample_noise_level is None \
             else _check_level(lowres_sample_noise_level)
         fraction = 1.0 if not cfg_remove_parallel_component else float(cfg_keep_parallel_frac)
@@ -415,9 +422,11 @@ class ImagenPipeline:
                 if callback is not None:
                     callback({**info, "stage": stage})
 
-            with torch.no_grad():
-                x = sample_ddpm(denoise, x, plan, noise=noise, callback=step_done, progress=progress,
-                                final_noise=False)
+            name = samplers[k]
+            run = resolve_sampler(name)[1]
+            with torch.no_grad():  # (DDPM's last step to t = 0 adds no noise, as imagen-pytorch's)
+                x = run(denoise, x, plan, noise=noise, callback=step_done, progress=progress,
+                        **({"final_noise": False} if name == "ddpm" else {}))
             noise.draw(shape)  # (the last step's draw, which imagen-pytorch makes and masks: the stream stays its)
             picture = self._unnormalize(x.clamp(-1.0, 1.0))
         return picture if output_type == "pt" else pictures(picture, self.auto_normalize_img)
@@ -445,6 +454,18 @@ class ImagenPipeline:
 
     def _unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x + 1) * 0.5 if self.auto_normalize_img else x
+
+
+def check_sampler(name) -> str:
+    """The canonical name of a sampler a stage runs on its log-SNR grid (SAMPLERS; imagine's aliases taken), else a
+    ValueError naming them."""
+    from imagine.samplers import resolve_sampler
+
+    canonical, _, karras = resolve_sampler(name)
+    if canonical not in SAMPLERS or karras:
+        raise ValueError(f"sampler {name!r} does not run on an Imagen stage's log-SNR grid here; valid: "
+                         f"{', '.join(SAMPLERS)}")
+    return canonical
 
 
 def read_checkpoint(path_or_state) -> dict:
