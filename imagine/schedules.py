@@ -122,8 +122,9 @@ def cosine_log_snr(t: torch.Tensor, s: float = COSINE_OFFSET) -> torch.Tensor:
 
 
 def linear_log_snr(t: torch.Tensor) -> torch.Tensor:
-    """DDPM's linear betas (1e-4 to 0.02 over T = 1000) in continuous time: abar(t) = exp(-(1e-4 t + 10 t^2)) nearly,
-    as a log-SNR, lambda = -log(expm1(1e-4 + 10 t^2)) (the v-diffusion code's get_ddpm_schedule; Kingma et al. 2021).
+    """DDPM's linear betas (1e-4 to 0.02 over T = 1000) in continuous time, as the v-diffusion code's get_ddpm_schedule
+    (and imagen-pytorch's beta_linear_log_snr) has it: lambda = -log(expm1(1e-4 + 10 t^2)), i.e. abar(t) =
+    exp(-(1e-4 + 10 t^2)), close to the VP SDE's exp(-(0.1 t + 9.95 t^2)) of those betas (Song et al. 2021, eq. 33).
     In t's dtype."""
     return -torch.log(torch.expm1(1e-4 + 10 * t**2))
 
