@@ -143,6 +143,15 @@ class CaptionStates:
     """A frozen text encoder's states for the captions, cached (`cache_text`) since the encoder never changes; shared
     by the tasks that train a text-conditioned denoiser (needs `text_encoder`, `text_cache` and `d["cache_text"]`)."""
 
+    def bind(self, model, accelerator) -> None:
+        super().bind(model, accelerator)
+        # the frozen encoder beside the denoiser (the accelerator placed it); the cache stays on the CPU
+        if isinstance(self.text_encoder, torch.nn.Module):
+            self.text_encoder.to(accelerator.device)
+
+    def _device(self) -> torch.device:
+        return self.accelerator.device if self.accelerator is not None else torch.device("cpu")
+
     def precompute_text(self, captions: list[str], batch: int = 256) -> None:
         """Encode and cache `captions` in chunks of `batch` (sorted, so the chunks, and with them the
         float rounding of each caption's states, depend only on the list given)."""
@@ -214,16 +223,9 @@ class DiffusionTask(CaptionStates, Task):
             self.latent_ways = ways
 
     def bind(self, model, accelerator) -> None:
-        super().bind(model, accelerator)
-        # the frozen encoders beside the U-Net (the accelerator placed it); the caches stay on the CPU
-        dev = accelerator.device
+        super().bind(model, accelerator)  # (the text encoder: CaptionStates.bind)
         if self.vae is not None:
-            self.vae.to(dev)
-        if isinstance(self.text_encoder, torch.nn.Module):
-            self.text_encoder.to(dev)
-
-    def _device(self) -> torch.device:
-        return self.accelerator.device if self.accelerator is not None else torch.device("cpu")
+            self.vae.to(accelerator.device)
 
     def new_parameter(self, key: str) -> bool:
         from imagine.models.unet import new_parameter

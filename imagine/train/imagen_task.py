@@ -152,14 +152,6 @@ class ImagenTask(CaptionStates, Task):
         self.drop_gen = torch.Generator().manual_seed(seed + 2)  # caption dropout
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def _device(self) -> torch.device:
-        return self.accelerator.device if self.accelerator is not None else torch.device("cpu")
-
-    def bind(self, model, accelerator) -> None:
-        super().bind(model, accelerator)
-        if isinstance(self.text_encoder, torch.nn.Module):
-            self.text_encoder.to(accelerator.device)
-
     def generators(self):
         return {"noise": self.gen, "dropout": self.drop_gen}
 
