@@ -267,8 +267,10 @@ def test_bad_checkpoints_and_inputs(tmp_path):
     good = trainer_checkpoint(imagen)
     with pytest.raises(ValueError, match="no 'model'"):
         read_checkpoint({k: v for k, v in good.items() if k != "model"})
-    with pytest.raises(ValueError, match="Elucidated"):
-        ImagenPipeline.from_imagen_pytorch({**good, "imagen_type": "elucidated"})
+    with pytest.raises(ValueError, match="the ElucidatedImagen config has keys imagine does not know: .*'timesteps'"):
+        ImagenPipeline.from_imagen_pytorch({**good, "imagen_type": "elucidated"})  # (an Imagen config called elucidated)
+    with pytest.raises(ValueError, match="imagen_type 'video' is not one imagine samples"):
+        ImagenPipeline.from_imagen_pytorch({**good, "imagen_type": "video"})
     with pytest.raises(ValueError, match="2 unets for 1 image sizes"):
         ImagenPipeline.from_imagen_pytorch({**good, "imagen_params": {**good["imagen_params"], "image_sizes": [8]}})
     with pytest.raises(ValueError, match="no 'imagen_params'"):

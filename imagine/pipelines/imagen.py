@@ -38,10 +38,12 @@ import functools
 import math
 import pickle
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from imagine.sampling import Denoiser
 
 MAX_TEXT_LENGTH = 256  # imagen-pytorch's t5 MAX_LENGTH: prompts are cut to 256 tokens
 OUTPUT_TYPES = ("pt", "pil")
@@ -80,26 +82,57 @@ def stage_noise_schedules(noise_schedules, stages: int) -> tuple[str, ...]:
 
 
 class StageModel:
-    """One stage's U-Net as imagine's Denoiser calls a model, model(x_t, t, **cond): t the continuous time, given to
-    the U-Net as its log-SNR (imagen-pytorch's get_condition, in float32); a self-conditioned U-Net (its config's
-    self_cond) gets the previous step's x_0 estimate, `previous_x0` (set after each step; None: zeros)."""
+    """One stage's U-Net as imagine's Denoiser calls a model, model(x_t, t, **cond): t the plan's timestep, given to the
+    U-Net as `condition(t)` (Imagen's: the log-SNR of the continuous time t, imagen-pytorch's get_condition, in
+    float32; ElucidatedImagen's: c_noise, made by imagine.edm.preconditioned_output, as it is); a self-conditioned
+    U-Net (its config's self_cond) gets the previous evaluation's x_0 estimate, `previous_x0` (None: zeros), which
+    `StageDenoiser` keeps."""
 
-    def __init__(self, unet: Callable[..., torch.Tensor], noise_schedule: str):
-        from imagine.schedules import log_snr
-
-        log_snr(noise_schedule, torch.zeros(1))  # (checks the name)
-        self.unet, self.noise_schedule = unet, noise_schedule
+    def __init__(self, unet: Callable[..., torch.Tensor], condition: Callable[[torch.Tensor], torch.Tensor]):
+        self.unet, self.condition = unet, condition
         config = getattr(unet, "config", None)
         self.self_cond = bool(getattr(config, "self_cond", getattr(unet, "self_cond", False)))
         self.previous_x0: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        from imagine.schedules import log_snr
-
         previous = None
         if self.self_cond and self.previous_x0 is not None:  # (a guidance batch: the rows of every part)
             previous = self.previous_x0.repeat(x.shape[0] // self.previous_x0.shape[0], 1, 1, 1).to(x.dtype)
-        return self.unet(x, log_snr(self.noise_schedule, t.float()), self_cond=previous, **cond)
+        return self.unet(x, self.condition(t), self_cond=previous, **cond)
+
+
+def log_snr_condition(noise_schedule: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Imagen's noise condition: t -> lambda(t) of the stage's continuous schedule, in float32 (the name checked)."""
+    from imagine.schedules import log_snr
+
+    log_snr(noise_schedule, torch.zeros(1))  # (checks the name)
+    return lambda t: log_snr(noise_schedule, t.float())
+
+
+class StageSampling(NamedTuple):
+    """How a stage runs (ImagenPipeline.stage_sampling): the sampler's plan; `condition`, the plan's timestep -> the
+    U-Net's noise condition; the prediction type its output is read as; the Denoiser's guidance rule; keywords for the
+    sampler; the start noise's scale; the draws made after the run to keep the peer's random stream."""
+
+    plan: Any
+    condition: Callable[[torch.Tensor], torch.Tensor]
+    prediction_type: str
+    guidance: Callable[..., torch.Tensor]
+    options: dict
+    trailing_draws: int = 0
+    start_scale: float = 1.0
+    schedule: Any = None  # (Denoiser.at_sigma's timestep map, for samplers that evaluate between the levels)
+
+
+class StageDenoiser(Denoiser):
+    """imagine.sampling.Denoiser for a stage: every evaluation's x_0 (guided and thresholded) becomes the stage
+    model's `previous_x0`, the next evaluation's self-conditioning input, as imagen-pytorch hands its x_start on
+    (Heun's second evaluation of a step included)."""
+
+    def _denoise(self, *args, **kwargs) -> torch.Tensor:
+        x0 = super()._denoise(*args, **kwargs)
+        self.model.previous_x0 = x0
+        return x0
 
 
 class ImagenPipeline:
@@ -186,10 +219,7 @@ class ImagenPipeline:
         from imagine.models.efficient_unet import EfficientUNet
 
         checkpoint = read_checkpoint(path_or_state)
-        if checkpoint.get("imagen_type") == "elucidated":
-            raise ValueError("this is an ElucidatedImagen checkpoint (imagen_type 'elucidated'): it samples with "
-                             "Karras et al.'s sampler over its own sigmas, which is not built here; only Imagen's "
-                             "continuous-time DDPM checkpoints ('original') load")
+        klass = pipeline_class(checkpoint.get("imagen_type", "original"), cls)
         params = config if config is not None else checkpoint.get("imagen_params")
         if params is None:
             raise ValueError("this checkpoint holds no 'imagen_params' (its Imagen was not built from an ImagenConfig):"
@@ -216,19 +246,23 @@ class ImagenPipeline:
             encoder = T5TextEncoder.from_folder(t5_folder, max_length=MAX_TEXT_LENGTH, dtype=dtype)
         settings = {k: v for k, v in params.items() if k not in ("unets", "image_sizes", "text_embed_dim",
                                                                  *TRAINING_ONLY)}
-        unknown = sorted(set(settings) - set(IMAGEN_SETTINGS))
+        unknown = sorted(set(settings) - set(klass.settings_keys))
         if unknown:
-            raise ValueError(f"the Imagen config has keys imagine does not know: {unknown}; known: "
-                             f"{sorted({'unets', 'image_sizes', 'text_embed_dim', *IMAGEN_SETTINGS, *TRAINING_ONLY})}")
-        return cls(unets, image_sizes=sizes, text_embed_dim=unets[0].config.text_embed_dim, text_encoder=encoder,
+            raise ValueError(f"the {klass.__name__[:-8]} config has keys imagine does not know: {unknown}; known: "
+                             f"{sorted({'unets', 'image_sizes', 'text_embed_dim', *klass.settings_keys, *TRAINING_ONLY})}")
+        return klass(unets, image_sizes=sizes, text_embed_dim=unets[0].config.text_embed_dim, text_encoder=encoder,
                    precision=precision, **settings)
 
     # -- imagine's own folder ------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         """The keywords that rebuild this cascade around its unets (what model_index.json stores)."""
-        return {"image_sizes": list(self.image_sizes), "timesteps": list(self.timesteps),
-                "noise_schedules": list(self.noise_schedules), "pred_objectives": list(self.pred_objectives),
-                "lowres_noise_schedule": self.lowres_noise_schedule,
+        return {**self.common_settings(), "timesteps": list(self.timesteps),
+                "noise_schedules": list(self.noise_schedules), "pred_objectives": list(self.pred_objectives)}
+
+    def common_settings(self) -> dict[str, Any]:
+        """settings() shared by Imagen and ElucidatedImagen: the cascade's sizes, low-resolution noise, thresholding,
+        pictures and text."""
+        return {"image_sizes": list(self.image_sizes), "lowres_noise_schedule": self.lowres_noise_schedule,
                 "lowres_sample_noise_level": self.lowres_sample_noise_level,
                 "dynamic_thresholding": list(self.dynamic_thresholding),
                 "dynamic_thresholding_percentile": self.dynamic_thresholding_percentile,
@@ -261,7 +295,8 @@ class ImagenPipeline:
             for unet, name in zip(self.unets, names):
                 unet.save_pretrained(tmp / name)
             atomic_write_json(tmp / "model_index.json", {
-                "_class_name": "ImagenPipeline", "_imagine_version": __version__, "unets": names, **self.settings(),
+                "_class_name": "ImagenPipeline", "_imagine_version": __version__, "imagen_type": self.imagen_type,
+                "unets": names, **self.settings(),
                 **({"text_encoder": text_encoder} if text_encoder is not None else {}),
                 **({"defaults": defaults} if defaults else {}),
                 **({"training_config": training_config} if training_config is not None else {})})
@@ -298,9 +333,11 @@ class ImagenPipeline:
             from imagine.models.text_encoders import load_text_encoder
 
             text_encoder = load_text_encoder(spec["text_encoder"], root=folder, dtype=dtype)
-        settings = {k: v for k, v in spec.items() if k not in ("unets", "text_encoder", "defaults", "training_config")
+        klass = pipeline_class(spec.get("imagen_type", "original"), cls)
+        settings = {k: v for k, v in spec.items()
+                    if k not in ("unets", "text_encoder", "defaults", "training_config", "imagen_type")
                     and not k.startswith("_")}
-        pipe = cls(unets, text_encoder=text_encoder, precision=precision, **settings)
+        pipe = klass(unets, text_encoder=text_encoder, precision=precision, **settings)
         pipe.defaults = dict(spec.get("defaults") or {})
         return pipe
 
@@ -351,7 +388,7 @@ class ImagenPipeline:
                steps: int | Sequence[int | None] | None = None, batch_size: int = 1,
                lowres_sample_noise_level: float | None = None, cfg_remove_parallel_component: bool = True,
                cfg_keep_parallel_frac: float = 0.0, output_type: str = "pt", progress: bool = True,
-               callback: Callable[[dict], None] | None = None, sampler: str | Sequence[str] = "ddpm"):
+               callback: Callable[[dict], None] | None = None, sampler: str | Sequence[str] | None = None):
         """The cascade's pictures: [B, C, H, W] in [0, 1] (in [-1, 1] where auto_normalize_img is off), or PIL
         pictures (output_type "pil"), of the last stage run (`stop_at_unet_number`: stop after that stage, from 1).
         cond_scale: guidance scale, one or one per stage (1: the conditional pass alone). seeds / generator: per-image
@@ -365,8 +402,8 @@ class ImagenPipeline:
         ending at the grid's t = 0 as DDPM's does."""
         from imagine.guidance import guided_model_output, projected_guidance
         from imagine.samplers import resolve_sampler
-        from imagine.sampling import Denoiser, PerSampleNoise, make_generators
-        from imagine.schedules import alpha_sigma, continuous_plan, log_snr
+        from imagine.sampling import PerSampleNoise, make_generators
+        from imagine.schedules import alpha_sigma, log_snr
 
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
@@ -380,8 +417,8 @@ class ImagenPipeline:
         if any(s != 1 for s in scales[:last]) and self.condition_on_text and self.cond_drop_prob <= 0:
             raise ValueError("this Imagen was trained without dropping the text (cond_drop_prob 0): its unets have no "
                              "learned null text, so classifier-free guidance cannot run; use cond_scale 1")
-        stage_steps = [T if s is None else s for s, T in zip(per_stage(steps, n, "steps"), self.timesteps)]
-        samplers = [check_sampler(name) for name in per_stage(sampler, n, "sampler")]
+        stage_steps = [self.default_steps(k) if s is None else s for k, s in enumerate(per_stage(steps, n, "steps"))]
+        samplers = [self.check_sampler(name) for name in per_stage(sampler, n, "sampler")]
         level = self.lowres_sample_noise_level if lowres_sample_noise_level is None \
             else _check_level(lowres_sample_noise_level)
         fraction = 1.0 if not cfg_remove_parallel_component else float(cfg_keep_parallel_frac)
@@ -392,7 +429,7 @@ class ImagenPipeline:
         noise = PerSampleNoise(make_generators(batch, seeds, generator))
         picture = None  # the last stage's output, in [0, 1] (auto_normalize_img) as imagen-pytorch hands it on
         for k in range(last):
-            size, kind = self.image_sizes[k], self.noise_schedules[k]
+            size = self.image_sizes[k]
             shape = (batch, self.channels, size, size)
             extra: dict[str, Any] = {}
             if k > 0:  # noise conditioning augmentation of the previous stage's picture
@@ -402,36 +439,66 @@ class ImagenPipeline:
                 lam = log_snr(self.lowres_noise_schedule, t_low)
                 a, s = (v.view(-1, 1, 1, 1).to(device) for v in alpha_sigma(lam))
                 extra = {"lowres_cond_img": a * low + s * noise.draw(tuple(low.shape)).to(device),
-                         "lowres_noise_cond": lam.to(device)}
-            x = noise.draw(shape).to(device)
-            plan = continuous_plan(kind, int(stage_steps[k]))
-            model = StageModel(self.stage_unet(k), kind)
+                         "lowres_noise_cond": self.lowres_condition(t_low, lam).to(device)}
+            stage = self.stage_sampling(k, int(stage_steps[k]), samplers[k], guidance)
+            x = noise.draw(shape).to(device) * stage.start_scale
+            model = StageModel(self.stage_unet(k), stage.condition)
             cond, uncond = extra, None
             if self.condition_on_text:
                 text = {"text_embeds": text_embeds.to(device), "text_mask": text_masks.to(device)}
                 cond = {**text, **extra, "text_dropped": torch.zeros(batch, dtype=torch.bool, device=device)}
                 if scales[k] != 1:
                     uncond = {**cond, "text_dropped": torch.ones(batch, dtype=torch.bool, device=device)}
-            denoise = Denoiser(model, plan, PREDICTION_TYPES[self.pred_objectives[k]], cond, uncond,
-                               float(scales[k]) if uncond is not None else 1.0,
-                               thresholding="dynamic" if self.dynamic_thresholding[k] else "static",
-                               threshold_percentile=self.dynamic_thresholding_percentile, guidance=guidance)
+            denoise = StageDenoiser(model, stage.plan, stage.prediction_type, cond, uncond,
+                                    float(scales[k]) if uncond is not None else 1.0,
+                                    thresholding="dynamic" if self.dynamic_thresholding[k] else "static",
+                                    threshold_percentile=self.dynamic_thresholding_percentile,
+                                    guidance=stage.guidance, schedule=stage.schedule)
 
-            def step_done(info, stage=k + 1, model=model):
-                model.previous_x0 = info["denoised"]  # (self-conditioning's input at the next step)
+            def step_done(info, stage_number=k + 1):
                 if callback is not None:
-                    callback({**info, "stage": stage})
+                    callback({**info, "stage": stage_number})
 
-            name = samplers[k]
-            run = resolve_sampler(name)[1]
-            with torch.no_grad():  # (DDPM's last step to t = 0 adds no noise, as imagen-pytorch's)
-                x = run(denoise, x, plan, noise=noise, callback=step_done, progress=progress,
-                        **({"final_noise": False} if name == "ddpm" else {}))
-            noise.draw(shape)  # (the last step's draw, which imagen-pytorch makes and masks: the stream stays its)
+            with torch.no_grad():
+                x = resolve_sampler(samplers[k])[1](denoise, x, stage.plan, noise=noise, callback=step_done,
+                                                    progress=progress, **stage.options)
+            for _ in range(stage.trailing_draws):  # (draws imagen-pytorch makes and leaves unused: the stream stays its)
+                noise.draw(shape)
             picture = self._unnormalize(x.clamp(-1.0, 1.0))
         return picture if output_type == "pt" else pictures(picture, self.auto_normalize_img)
 
     __call__ = sample
+
+    # -- what a stage samples with (ElucidatedImagenPipeline has its own) -----------------------------------------
+    imagen_type = "original"  # imagen-pytorch's name for a continuous-time DDPM Imagen (its trainer's imagen_type)
+    default_sampler = "ddpm"  # imagen-pytorch's
+    samplers = SAMPLERS
+    settings_keys = IMAGEN_SETTINGS  # the config keys sampling reads (an imagen-pytorch config's others refused)
+
+    def default_steps(self, k: int) -> int:
+        """Stage k's steps when none are asked: its trained T (imagen-pytorch samples at it)."""
+        return self.timesteps[k]
+
+    def check_sampler(self, name: str | None) -> str:
+        """The canonical name of a sampler this cascade's stages run (None: the default), else a ValueError naming
+        them."""
+        return check_sampler(self.default_sampler if name is None else name, self.samplers)
+
+    def lowres_condition(self, t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """The noise level a super-resolution U-Net is told for its augmented input at time t (log-SNR lam): lam,
+        imagen-pytorch's get_condition, what the U-Net was trained on."""
+        return lam
+
+    def stage_sampling(self, k: int, steps: int, sampler: str, guidance: Callable[..., torch.Tensor]) -> StageSampling:
+        """Stage k's run: the continuous-time grid of `steps` steps of its schedule (imagine.schedules.continuous_plan),
+        the U-Net told lambda(t), its pred_objective read as imagine's prediction type; DDPM's last step adds no noise
+        and its draw, made and masked by imagen-pytorch, is made here after the run."""
+        from imagine.schedules import continuous_plan
+
+        return StageSampling(plan=continuous_plan(self.noise_schedules[k], steps),
+                             condition=log_snr_condition(self.noise_schedules[k]),
+                             prediction_type=PREDICTION_TYPES[self.pred_objectives[k]], guidance=guidance,
+                             options={"final_noise": False} if sampler == "ddpm" else {}, trailing_draws=1)
 
     def stage_unet(self, k: int) -> Callable[..., torch.Tensor]:
         """Stage k's U-Net as `precision` runs it, made once: "exact", float32 on weights packed once for oneDNN
@@ -456,15 +523,32 @@ class ImagenPipeline:
         return (x + 1) * 0.5 if self.auto_normalize_img else x
 
 
-def check_sampler(name) -> str:
-    """The canonical name of a sampler a stage runs on its log-SNR grid (SAMPLERS; imagine's aliases taken), else a
-    ValueError naming them."""
+def pipeline_class(imagen_type, asked: type) -> type:
+    """The pipeline class of an imagen-pytorch imagen_type ("original": ImagenPipeline, "elucidated":
+    imagine.pipelines.elucidated_imagen.ElucidatedImagenPipeline); `asked`, the class a loader was called on, must be
+    it or its base."""
+    from imagine.pipelines.elucidated_imagen import ElucidatedImagenPipeline
+
+    classes = {"original": ImagenPipeline, "elucidated": ElucidatedImagenPipeline}
+    if imagen_type not in classes:
+        raise ValueError(f"imagen_type {imagen_type!r} is not one imagine samples; known: {sorted(classes)}")
+    klass = classes[imagen_type]
+    if not issubclass(klass, asked):
+        raise ValueError(f"this is an imagen_type {imagen_type!r} cascade; load it with {klass.__name__} (or "
+                         "ImagenPipeline, which picks the class)")
+    return klass
+
+
+def check_sampler(name, samplers: Sequence[str] = SAMPLERS) -> str:
+    """The canonical name of a sampler among `samplers` (an Imagen stage's on its log-SNR grid, by default; imagine's
+    aliases taken), else a ValueError naming them."""
     from imagine.samplers import resolve_sampler
 
     canonical, _, karras = resolve_sampler(name)
-    if canonical not in SAMPLERS or karras:
-        raise ValueError(f"sampler {name!r} does not run on an Imagen stage's log-SNR grid here; valid: "
-                         f"{', '.join(SAMPLERS)}")
+    if canonical not in samplers or karras:
+        grid = "log-SNR grid" if samplers is SAMPLERS else "noise levels"
+        raise ValueError(f"sampler {name!r} does not run on an Imagen stage's {grid} here; valid: "
+                         f"{', '.join(samplers)}")
     return canonical
 
 

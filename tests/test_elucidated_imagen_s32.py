@@ -1,0 +1,235 @@
+"""ElucidatedImagen (imagen-pytorch 2.1.0's Imagen in the terms of Karras et al. 2022, EDM): imagine.edm and
+imagine.pipelines.elucidated_imagen against ElucidatedImagen.sample and its training loss on the same weights, and
+against the probability-flow ODE's closed form for Gaussian data."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import imagen_peer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ip = imagen_peer.load()
+
+import test_imagen_s31 as s31  # noqa: E402  (its tiny U-Nets, the peer's U-Net behind EfficientUNet's call, texts)
+
+from imagine import edm  # noqa: E402
+from imagine.pipelines.elucidated_imagen import ElucidatedImagenPipeline  # noqa: E402
+from imagine.pipelines.imagen import ImagenPipeline  # noqa: E402
+
+STEPS = (32, 24)
+# (at these steps the sampler is imagen-pytorch's to float rounding; with churn and guidance together these random
+# U-Nets amplify rounding chaotically: a 1e-7 relative change of the U-Net's output moves the picture by 7e-3, so
+# churn is compared at guidance 1 and guidance with S_churn 0)
+
+
+def build(**kw):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        imagen = ip.ElucidatedImagenConfig(unets=s31.UNETS, image_sizes=s31.SIZES, text_embed_dim=s31.TEXT_DIM,
+                                           cond_drop_prob=0.5, num_sample_steps=STEPS, **kw).create()
+        s31.spread(imagen, 1)
+    return imagen.eval()
+
+
+def ours_of(imagen, lowres_noise_cond="time", **kw) -> ElucidatedImagenPipeline:
+    hp = imagen.hparams
+    return ElucidatedImagenPipeline(
+        [s31.PeerUNet(u) for u in imagen.unets], image_sizes=imagen.image_sizes, text_embed_dim=s31.TEXT_DIM,
+        cond_drop_prob=imagen.cond_drop_prob, lowres_noise_cond=lowres_noise_cond,
+        **{k: [getattr(h, k) for h in hp] for k in ("num_sample_steps", "sigma_min", "sigma_max", "sigma_data", "rho",
+                                                     "S_churn", "S_tmin", "S_tmax", "S_noise")}, **kw)
+
+
+def peer_sample(imagen, seed: int, **kw) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return imagen.sample(use_tqdm=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def imagen():
+    return build()
+
+
+@pytest.mark.parametrize("churn,scale", [(80.0, 1.0), (0.0, 3.0)])
+def test_cascade_matches_elucidated_sample(churn, scale):
+    """Heun (Algorithm 2; with churn, S_churn 80, or without) through both stages, torch's global generator as the peer
+    draws; the super-resolution stage told the time as imagen-pytorch's sample tells it (lowres_noise_cond="time")."""
+    imagen = build(S_churn=churn)
+    embeds, mask = s31.texts()
+    theirs = peer_sample(imagen, 5, text_embeds=embeds, text_masks=mask, cond_scale=scale)
+    torch.manual_seed(5)
+    ours = ours_of(imagen).sample(text_embeds=embeds, text_masks=mask, cond_scale=scale, progress=False)
+    print(f"S_churn {churn}, cond_scale {scale}: max abs {float((ours - theirs).abs().max()):.2e}, PSNR "
+          f"{s31.psnr(ours, theirs):.1f} dB")
+    assert ours.shape == theirs.shape == (2, 3, 16, 16)
+    assert float((ours - theirs).abs().max()) < 1e-4
+    assert float(theirs.std()) > 0.05
+
+
+def test_per_image_seeds_are_the_peers_batch_1(imagen):
+    """seeds: image i is the peer's batch-1 picture after torch.manual_seed(seeds[i]), whatever the batch. (With
+    S_churn 0 the peer still draws at every step, before the next stage's noise: the S_churn 0 case above.)"""
+    embeds, mask = s31.texts()
+    both = ours_of(imagen).sample(text_embeds=embeds, text_masks=mask, seeds=[21, 22], progress=False)
+    for i, seed in enumerate((21, 22)):
+        theirs = peer_sample(imagen, seed, text_embeds=embeds[i:i + 1], text_masks=mask[i:i + 1])
+        assert float((both[i:i + 1] - theirs).abs().max()) < 1e-4, i
+
+
+class Recording:  # (not a torch module: the pipeline runs it as it is, not a copy)
+    def __init__(self, unet):
+        self.unet, self.self_cond, self.seen = unet, unet.self_cond, []
+
+    def __call__(self, x, noise_cond, **kw):
+        if kw.get("lowres_noise_cond") is not None:
+            self.seen.append(kw["lowres_noise_cond"].clone())
+        return self.unet(x, noise_cond, **kw)
+
+
+def test_super_resolution_is_told_the_log_snr_it_was_trained_on(imagen):
+    """The peer trains a super-resolution U-Net on lowres_noise_schedule.get_condition(t) (the log-SNR) and its
+    ElucidatedImagen.sample tells it t: by default the stage is told lambda(0.2) of the linear schedule, the level it
+    was trained on; "time" gives the peer's 0.2."""
+    embeds, mask = s31.texts()
+    lam = float(ip.imagen_pytorch.beta_linear_log_snr(torch.tensor(0.2)))
+    assert abs(lam - math.log(1 / math.expm1(1e-4 + 10 * 0.2**2))) < 1e-5
+    for mode, want in (("log_snr", lam), ("time", 0.2)):
+        pipe = ours_of(imagen, lowres_noise_cond=mode)
+        pipe.unets[1] = Recording(pipe.unets[1])
+        pipe.sample(text_embeds=embeds, text_masks=mask, seeds=[1, 2], steps=2, progress=False)
+        seen = torch.cat(pipe.unets[1].seen)
+        assert seen.numel() and torch.allclose(seen, torch.full_like(seen, want), atol=1e-6), (mode, seen)
+
+
+def test_training_loss_equals_the_peers_forward(imagen):
+    """imagine.edm.training_loss at the peer's draws (ln sigma ~ N(P_mean, P_std^2), then the noise) equals
+    ElucidatedImagen.forward's loss for the base stage (cond_drop_prob 0: no mask draws)."""
+    imagen.cond_drop_prob = 0.0
+    try:
+        embeds, mask = s31.texts()
+        images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+        torch.manual_seed(11)
+        theirs = imagen(images, text_embeds=embeds, text_masks=mask, unet_number=1)
+        torch.manual_seed(11)
+        sigma = edm.training_sigmas(2, -1.2, 1.2)
+        noise = torch.randn(2, 3, 8, 8)
+        ours = edm.training_loss(s31.PeerUNet(imagen.unets[0]), images * 2 - 1, sigma, noise, 0.5,
+                                 cond={"text_embeds": embeds, "text_mask": mask})
+    finally:
+        imagen.cond_drop_prob = 0.5
+    assert abs(float(ours) - float(theirs)) < 1e-5 * float(theirs)
+    per_sample = edm.training_loss(s31.PeerUNet(imagen.unets[0]), images * 2 - 1, sigma, noise, 0.5,
+                                   cond={"text_embeds": embeds, "text_mask": mask}, reduction="none")
+    assert per_sample.shape == (2,) and abs(float(per_sample.mean()) - float(ours)) < 1e-6
+
+
+def test_coefficients_closed_forms():
+    """Table 1: c_skip + c_out^2 / sigma_data^2 = 1 (D of pure noise is the data's scale), c_in^2 (sigma^2 +
+    sigma_data^2) = 1, lambda = 1 / c_out^2; c_noise = ln(sigma) / 4."""
+    sigma = torch.tensor([0.002, 0.1, 0.5, 3.0, 80.0], dtype=torch.float64)
+    c_skip, c_out, c_in = edm.coefficients(sigma, 0.5)
+    assert torch.allclose(c_skip + c_out**2 / 0.25, torch.ones_like(sigma))
+    assert torch.allclose(c_in**2 * (sigma**2 + 0.25), torch.ones_like(sigma))
+    assert torch.allclose(edm.loss_weight(sigma, 0.5), c_out**-2)
+    assert torch.allclose(edm.c_noise(sigma), sigma.log() / 4)
+    plan = edm.edm_plan(6, 0.002, 80.0, 7.0)
+    assert float(plan.sigmas[0]) == pytest.approx(80.0, rel=1e-6) and float(plan.sigmas[-2]) == pytest.approx(0.002)
+    assert float(plan.sigmas[-1]) == 0 and torch.equal(plan.timesteps, plan.sigmas[:-1])
+    assert torch.allclose(plan.alphas_cumprod, 1 / (1 + plan.sigmas**2))
+
+
+# -- checkpoints and folders -------------------------------------------------------------------------------------
+def trainer_checkpoint(imagen) -> dict:
+    """What ImagenTrainer.save writes for an ElucidatedImagen built from an ElucidatedImagenConfig."""
+    return {"model": imagen.state_dict(), "version": ip.version.__version__, "steps": torch.zeros(2, dtype=torch.long),
+            "imagen_type": "elucidated", "imagen_params": imagen._config}
+
+
+def test_trainer_checkpoint_and_folder(imagen, tmp_path):
+    path = tmp_path / "checkpoint.0.pt"
+    torch.save(trainer_checkpoint(imagen), path)
+    ours = ImagenPipeline.from_imagen_pytorch(path)
+    assert isinstance(ours, ElucidatedImagenPipeline) and ours.num_sample_steps == STEPS
+    assert ours.lowres_noise_cond == "log_snr" and ours.S_churn == (80.0, 80.0) and ours.sigma_data == (0.5, 0.5)
+    embeds, mask = s31.texts()
+    theirs = peer_sample(imagen, 7, text_embeds=embeds, text_masks=mask)
+    ours.lowres_noise_cond = "time"  # (the peer's)
+    torch.manual_seed(7)
+    got = ours.sample(text_embeds=embeds, text_masks=mask, progress=False)
+    print(f"EfficientUNet from an ElucidatedImagen checkpoint: max abs {float((got - theirs).abs().max()):.2e}, "
+          f"PSNR {s31.psnr(got, theirs):.1f} dB")
+    assert float((got - theirs).abs().max()) < 1e-4 and s31.psnr(got, theirs) > 100
+    ours.save_pretrained(tmp_path / "cascade")
+    back = ImagenPipeline.from_pretrained(tmp_path / "cascade")
+    assert isinstance(back, ElucidatedImagenPipeline) and back.settings() == ours.settings()
+    a = back.sample(text_embeds=embeds, text_masks=mask, cond_scale=3.0, seeds=[1, 2], steps=4, progress=False)
+    b = ours.sample(text_embeds=embeds, text_masks=mask, cond_scale=3.0, seeds=[1, 2], steps=4, progress=False)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="imagen_type 'elucidated' cascade; load it with ElucidatedImagenPipeline"):
+        s31.ImagenPipeline.from_pretrained.__func__(type("Other", (ImagenPipeline,), {}), tmp_path / "cascade")
+
+
+def test_refusals(imagen):
+    unets = [s31.PeerUNet(u) for u in imagen.unets]
+    with pytest.raises(ValueError, match="timesteps is an Imagen"):
+        ElucidatedImagenPipeline(unets, image_sizes=s31.SIZES, text_embed_dim=s31.TEXT_DIM, timesteps=10)
+    with pytest.raises(ValueError, match="sigma_min must be below sigma_max"):
+        ElucidatedImagenPipeline(unets, image_sizes=s31.SIZES, text_embed_dim=s31.TEXT_DIM, sigma_min=2, sigma_max=1)
+    with pytest.raises(ValueError, match="num_sample_steps must be ints >= 2"):
+        ElucidatedImagenPipeline(unets, image_sizes=s31.SIZES, text_embed_dim=s31.TEXT_DIM, num_sample_steps=[4, 1])
+    with pytest.raises(ValueError, match="lowres_noise_cond must be one of"):
+        ElucidatedImagenPipeline(unets, image_sizes=s31.SIZES, text_embed_dim=s31.TEXT_DIM, lowres_noise_cond="t")
+    with pytest.raises(ValueError, match="S_churn must be finite numbers >= 0"):
+        ElucidatedImagenPipeline(unets, image_sizes=s31.SIZES, text_embed_dim=s31.TEXT_DIM, S_churn=-1)
+    pipe = ours_of(imagen)
+    with pytest.raises(ValueError, match="does not run on an Imagen stage's noise levels here; valid: heun, euler"):
+        pipe.sample(text_embeds=s31.texts()[0], sampler="ddpm", progress=False)
+    with pytest.raises(ValueError, match="keys imagine does not know: \\['timesteps'\\]"):
+        good = trainer_checkpoint(imagen)
+        ImagenPipeline.from_imagen_pytorch({**good, "imagen_params": {**good["imagen_params"], "timesteps": 4}})
+
+
+# -- samplers over EDM's levels, against the probability-flow ODE's closed form ----------------------------------------
+class GaussianDataF:
+    """The network whose D is exact for data y ~ N(mu, s^2 I): D(x; sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu), given
+    as F = (D - c_skip x) / c_out from the preconditioned input c_in x and c_noise = ln(sigma) / 4. Text ignored."""
+
+    mu, s = 0.1, 0.2
+
+    def __call__(self, x_in, noise_cond, **_):
+        sigma = (4 * noise_cond.double()).exp().view(-1, 1, 1, 1)
+        c_skip, c_out, c_in = edm.coefficients(sigma, 0.5)
+        x = x_in.double() / c_in
+        d = self.mu + self.s**2 / (self.s**2 + sigma**2) * (x - self.mu)
+        return ((d - c_skip * x) / c_out).to(x_in.dtype)
+
+
+@pytest.mark.parametrize("sampler,order", [("heun", 2), ("dpm2", 2), ("dpmpp_2m", 2), ("euler", 1)])
+def test_samplers_converge_where_the_probability_flow_ode_lands(sampler, order):
+    """For Gaussian data the ODE dx/dsigma = (x - D) / sigma keeps z = (x - mu) / sqrt(s^2 + sigma^2) fixed: the start
+    x = sigma_max n ends at mu + s z at sigma = 0. With S_churn 0 the solvers converge there at their order (measured,
+    max |error| at 16 / 64 steps: Heun 5.7e-2 / 2.8e-3, DPM2 3.2e-2 / 1.6e-3, DPM++ 2M 5.5e-2 / 2.9e-3, Euler
+    1.2e-1 / 3.0e-2: 4^order between them); Heun with churn, an SDE sampler, ends elsewhere."""
+    f = GaussianDataF()
+    text = torch.randn(1, 3, 4)
+    from imagine.sampling import PerSampleNoise, make_generators
+
+    n = PerSampleNoise(make_generators(1, [7], None)).draw((1, 3, 8, 8)).double()  # (the stage's first draw)
+    expected = f.mu + f.s * (80.0 * n - f.mu) / math.sqrt(f.s**2 + 80.0**2)
+
+    def error(steps, churn=0.0):
+        pipe = ElucidatedImagenPipeline([f], image_sizes=[8], text_embed_dim=4, dynamic_thresholding=False,
+                                        S_churn=churn)
+        got = pipe.sample(text_embeds=text, seeds=[7], steps=steps, sampler=sampler, progress=False)
+        return float(((got.double() * 2 - 1) - expected).abs().max())
+
+    coarse, fine = error(16), error(64)
+    print(f"{sampler}: max error 16 steps {coarse:.2e}, 64 steps {fine:.2e}")
+    assert 0.6 * 4**order < coarse / fine < 1.6 * 4**order and fine < 0.05, (sampler, coarse, fine)
+    if sampler == "heun":
+        assert error(64, churn=80.0) > 10 * fine
