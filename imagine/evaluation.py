@@ -278,8 +278,9 @@ class ImagenShapes:
     """An Imagen cascade folder (imagine train imagen's model/) as the shapes eval calls a pipeline: pipe(prompts,
     seeds=, steps=, guidance_scale=, sampler=) -> PIL pictures on the task's 64x64 canvas (a cascade ending below
     64 px is judged on its pictures resized up, bicubic). Its stages sample on their log-SNR grids (DDPM by default,
-    imagine.pipelines.imagen.SAMPLERS), so the steps, the sampler and the guidance scale (its cond_scale, every
-    stage) vary."""
+    imagine.pipelines.imagen.SAMPLERS), or an ElucidatedImagen's over EDM's levels (Heun with churn by default,
+    imagine.pipelines.elucidated_imagen.SAMPLERS), so the steps, the sampler and the guidance scale (its cond_scale,
+    every stage) vary."""
 
     OPTIONS = ("steps", "guidance_scale", "sampler")
     CANVAS = 64  # shared/specs/shapes.md
@@ -298,9 +299,15 @@ class ImagenShapes:
                              "grids with its folder's thresholding; it takes --steps, --sampler, --guidance-scale "
                              "and --sweep guidance or samplers")
         self.pipe = ImagenPipeline.from_pretrained(args.model)
-        # (as the sweep table names them: DDPM over each stage's log-SNR grid, its last step the posterior's mean)
-        self.defaults = {"steps": self.pipe.defaults.get("steps"), "sampler": "ddpm", "sigma_schedule": "log-SNR",
-                         "final_step": "mean", "guidance_scale": self.pipe.defaults.get("guidance_scale", 1.0)}
+        edm = self.pipe.imagen_type == "elucidated"
+        if edm and args.sweep == "samplers":
+            raise ValueError("--sweep samplers runs DDPM / DDIM / DPM++ 2M on Imagen's log-SNR grids; this is an "
+                             "ElucidatedImagen cascade (EDM levels): give --sampler and --steps instead")
+        # (as the sweep table names them: DDPM over each stage's log-SNR grid, its last step the posterior's mean; an
+        # ElucidatedImagen's Heun over EDM's levels, its last step Euler's)
+        self.defaults = {"steps": self.pipe.defaults.get("steps"), "sampler": self.pipe.default_sampler,
+                         "sigma_schedule": "EDM (Karras)" if edm else "log-SNR", "final_step": "euler" if edm else "mean",
+                         "guidance_scale": self.pipe.defaults.get("guidance_scale", 1.0)}
 
     def __call__(self, prompts, seeds, progress=False, **options):
         unknown = sorted(set(options) - set(self.OPTIONS))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,3 +234,126 @@ def test_samplers_converge_where_the_probability_flow_ode_lands(sampler, order):
     assert 0.6 * 4**order < coarse / fine < 1.6 * 4**order and fine < 0.05, (sampler, coarse, fine)
     if sampler == "heun":
         assert error(64, churn=80.0) > 10 * fine
+
+
+# -- `imagine train imagen` with imagen.type elucidated ---------------------------------------------------------------
+def elucidated_stage(image_size: int, previous=None, **imagen):
+    from test_imagen_train_s31 import TINY_BASE, TINY_SR, stage_config
+
+    cfg = stage_config(image_size, previous, model=TINY_SR if previous else TINY_BASE)
+    cfg["imagen"].update({"type": "elucidated", "sigma_min": 0.01, "sigma_max": 40.0, "S_churn": 10.0, **imagen})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def edm_base(tmp_path_factory):
+    from test_imagen_train_s31 import train
+
+    return train(tmp_path_factory.mktemp("edm"), "base", elucidated_stage(16))
+
+
+def test_an_elucidated_stage_trains_resumes_and_exports(edm_base, tmp_path):
+    import json
+
+    from test_imagen_train_s31 import train
+
+    from imagine.models import io
+
+    log = [json.loads(line) for line in (edm_base / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6] and all(math.isfinite(r["loss"]) for r in log)
+    assert (edm_base / "samples" / "step-00000006.png").is_file()
+    pipe = ImagenPipeline.from_pretrained(edm_base / "model")
+    assert isinstance(pipe, ElucidatedImagenPipeline) and pipe.default_sampler == "heun"
+    assert pipe.num_sample_steps == (4,) and pipe.sigma_min == (0.01,) and pipe.sigma_max == (40.0,)
+    assert pipe.S_churn == (10.0,) and pipe.sigma_data == (0.5,) and pipe.P_mean == (-1.2,)
+    pictures = pipe.sample(["a red circle", "two blue squares"], seeds=[5, 6], cond_scale=3.0, progress=False)
+    alone = pipe.sample(["two blue squares"], seeds=[6], cond_scale=3.0, progress=False)
+    assert pictures.shape == (2, 3, 16, 16) and torch.allclose(pictures[1:], alone, atol=1e-5)
+    resumed = train(tmp_path, "resumed", elucidated_stage(16), "--resume-from",
+                    str(edm_base / "checkpoints" / "step-00000003"))
+    a = io.load_tensors(edm_base / "model" / "unet_1" / "diffusion_pytorch_model.safetensors")
+    b = io.load_tensors(resumed / "model" / "unet_1" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_elucidated_super_resolution_stage_on_its_base(edm_base, tmp_path):
+    from test_imagen_train_s31 import stage_config, train
+
+    from imagine.train.imagen_task import ImagenTask
+
+    sr = train(tmp_path, "sr", elucidated_stage(32, previous=edm_base / "model", sigma_data=0.4))
+    pipe = ImagenPipeline.from_pretrained(sr / "model")
+    assert isinstance(pipe, ElucidatedImagenPipeline) and pipe.image_sizes == (16, 32)
+    assert pipe.sigma_data == (0.5, 0.4) and pipe.num_sample_steps == (4, 4)
+    assert pipe.sample(["a red circle"], seeds=[2], progress=False).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="is imagen type 'elucidated' and this stage 'original'"):
+        ImagenTask(stage_config(32, previous=edm_base / "model", model=elucidated_stage(32, edm_base)["model"]))
+
+
+def test_the_stage_draws_its_levels_from_its_lognormal(edm_base):
+    """ln(sigma) ~ N(P_mean, P_std^2): the levels the U-Net is told (c_noise = ln(sigma) / 4) over 40 batches of 8."""
+    from imagine.train.imagen_task import ImagenTask
+
+    task = ImagenTask(elucidated_stage(16, P_mean=-3.0, P_std=0.5))
+    seen = []
+
+    def unet(x, noise_cond, **_):
+        seen.append(4 * noise_cond)
+        return torch.zeros_like(x)
+
+    task.model = unet
+    batch = {"image": torch.zeros(8, 3, 64, 64), "caption": ["a red circle"] * 8}
+    for step in range(40):
+        loss, _ = task.loss(batch, step)
+        assert math.isfinite(float(loss))
+    ln_sigma = torch.cat(seen).double()
+    assert abs(float(ln_sigma.mean()) + 3.0) < 0.1 and abs(float(ln_sigma.std()) - 0.5) < 0.1
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"prediction_type": "v_prediction", "imagen": {"type": "elucidated"}},
+     "prediction_type: not for an ElucidatedImagen stage"),
+    ({"imagen": {"type": "elucidated", "noise_schedule": "cosine"}}, "imagen.noise_schedule: not for"),
+    ({"imagen": {"type": "elucidated", "sigma_min": 3.0, "sigma_max": 2.0}}, "sigma_min must be below sigma_max"),
+    ({"imagen": {"S_churn": 5.0}}, "imagen.S_churn: ElucidatedImagen settings; this stage is imagen.type original"),
+    ({"imagen": {"type": "edm"}}, "imagen.type"),
+])
+def test_bad_elucidated_configs_are_refused_by_name(change, message):
+    from test_imagen_train_s31 import stage_config
+
+    from imagine.train.imagen_task import check_imagen_config
+
+    cfg = stage_config(16)
+    cfg = {**cfg, **change, "imagen": {**cfg["imagen"], **change.get("imagen", {})}}
+    with pytest.raises(ValueError, match=message):
+        check_imagen_config(cfg)
+
+
+def test_imagine_generate_samples_an_elucidated_checkpoint(tmp_path, one_thread):
+    """`imagine generate --model CHECKPOINT --text-encoder T5`: Heun with the checkpoint's churn over its
+    num_sample_steps by default, the pipeline's picture to the pixel (one thread both sides); --sampler names an EDM
+    sampler, an Imagen one is refused naming the valid ones."""
+    from test_cascade_if_s29 import T5_DIM, t5, tokenizer
+    from test_imagen_cli_s31 import PROMPT, cli, pixels, record
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        imagen = ip.ElucidatedImagenConfig(unets=[{**u, "text_embed_dim": T5_DIM} for u in s31.UNETS],
+                                           image_sizes=s31.SIZES, text_embed_dim=T5_DIM, cond_drop_prob=0.5,
+                                           num_sample_steps=(4, 3)).create()
+        s31.spread(imagen, 1)
+    path = tmp_path / "checkpoint.7.pt"
+    torch.save(trainer_checkpoint(imagen), path)
+    t5().save_pretrained(tmp_path / "t5")
+    tokenizer().save_pretrained(tmp_path / "t5")
+    out = tmp_path / "out.png"
+    run = cli("--model", path, "--text-encoder", tmp_path / "t5", PROMPT, "--seed", 3, "--guidance-scale", 2,
+              "-o", out)
+    assert run.returncode == 0, run.stderr
+    ours = ImagenPipeline.from_imagen_pytorch(path, t5_folder=tmp_path / "t5").sample(
+        [PROMPT], seeds=[3], cond_scale=2.0, output_type="pil", progress=False)[0]
+    assert np.array_equal(pixels(out), pixels(ours)) and pixels(out).std() > 10
+    assert record(out) == {"prompt": PROMPT, "seed": 3, "steps": [4, 3], "guidance_scale": 2.0, "sampler": "heun",
+                           "model": path.name, "stages": 2, "text_encoder": "t5", "width": 16, "height": 16}
+    run = cli("--model", path, "--text-encoder", tmp_path / "t5", PROMPT, "--sampler", "ddpm", "-o", out)
+    assert run.returncode != 0 and "valid: heun, euler, euler_a, dpm2, dpmpp_2m, dpmpp_2s_a" in run.stderr

@@ -319,12 +319,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="sampling steps (default: the model's, 20 for the embedded model; a Karlo UnCLIPPipeline "
                         "folder: its decoder's, 25; an Imagen cascade: every stage's, default the folder's, else "
-                        "each stage's trained timesteps)")
+                        "each stage's trained timesteps (an ElucidatedImagen's: its num_sample_steps))")
     p.add_argument("--sampler", default=None,
                    help="ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_sde, dpmpp_3m, dpmpp_3m_sde, "
                         "unipc, euler, euler_a, heun, lms, dpm2, dpm2_a, dpmpp_2s_a, plms, lcm, restart, dpm_fast, "
                         "dpm_adaptive, ddim_cfgpp, euler_cfgpp, euler_a_cfgpp (A1111 names work too); a pixel cascade "
-                        "(DeepFloyd IF) runs ddpm (its default), ddim, dpmpp_2m, unipc, euler, euler_a, in both stages")
+                        "(DeepFloyd IF, Imagen) runs ddpm (its default), ddim, dpmpp_2m, unipc, euler, euler_a, in "
+                        "every stage; an ElucidatedImagen heun (its default, with its churn), euler, euler_a, dpm2, "
+                        "dpmpp_2m, dpmpp_2s_a")
     p.add_argument("--schedule-type", "--sigma-schedule", dest="sigma_schedule", default=None, type=_schedule_name,
                    metavar="NAME",
                    help=f"noise levels' spacing: {', '.join(SCHEDULE_NAMES)}, or A1111's labels ('Karras', 'SGM "
@@ -1300,13 +1302,12 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
                              "leave the flag out to sample with its 'model' weights")
         pipe = ImagenPipeline.from_imagen_pytorch(checkpoint, ema=args.ema_weights, t5_folder=args.text_encoder,
                                                   dtype=dtype, precision=args.precision)
-    from imagine.pipelines.imagen import check_sampler
-
-    sampler = check_sampler(args.sampler or "ddpm")
-    steps = args.steps or pipe.defaults.get("steps")  # (None: each stage's trained timesteps)
+    sampler = pipe.check_sampler(args.sampler)  # (None: the cascade's own, ddpm or an ElucidatedImagen's heun)
+    steps = args.steps or pipe.defaults.get("steps")  # (None: each stage's own, its trained timesteps or num_sample_steps)
     scale = pipe.defaults.get("guidance_scale", IMAGEN_GUIDANCE) if args.guidance_scale is None \
         else args.guidance_scale
-    stage_steps = pipe.timesteps if steps is None else (int(steps),) * len(pipe.unets)
+    stage_steps = [pipe.default_steps(k) for k in range(len(pipe.unets))] if steps is None \
+        else (int(steps),) * len(pipe.unets)
     recorded = {"steps": stage_steps[0] if len(set(stage_steps)) == 1 else list(stage_steps),
                 "guidance_scale": float(scale), "sampler": sampler, "model": Path(args.model).name,
                 "stages": len(pipe.unets),

@@ -55,10 +55,36 @@ def _numbers(value, n: int, name: str, ok: Callable[[float], bool], valid: str) 
     return tuple(float(v) for v in values)
 
 
+def check_edm_settings(n: int, **settings) -> dict[str, tuple]:
+    """ElucidatedImagen's keywords (EDM_DEFAULTS' names; those not given take their defaults), each one value or one
+    per stage, checked: a dict of per-stage tuples for n stages. A ValueError names what is wrong and what is valid."""
+    unknown = sorted(set(settings) - set(EDM_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown ElucidatedImagen settings {unknown}; known: {list(EDM_DEFAULTS)}")
+    v = {**EDM_DEFAULTS, **settings}
+    steps = per_stage(v["num_sample_steps"], n, "num_sample_steps")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 2 for s in steps):
+        raise ValueError(f"num_sample_steps must be ints >= 2 (one, or one per unet); got {steps}")
+    positive = (lambda x: x > 0 and math.isfinite(x)), "finite numbers > 0"
+    at_least_0 = (lambda x: x >= 0 and math.isfinite(x)), "finite numbers >= 0"
+    rules = {"sigma_min": positive, "sigma_max": positive, "sigma_data": positive, "rho": positive,
+             "P_mean": (math.isfinite, "finite numbers"), "P_std": at_least_0, "S_churn": at_least_0,
+             "S_tmin": at_least_0, "S_tmax": ((lambda x: x >= 0), "numbers >= 0 (inf: no upper end)"),
+             "S_noise": at_least_0}
+    out = {"num_sample_steps": steps, **{k: _numbers(v[k], n, k, *rule) for k, rule in rules.items()}}
+    if any(lo >= hi for lo, hi in zip(out["sigma_min"], out["sigma_max"])):
+        raise ValueError(f"sigma_min must be below sigma_max at every stage; got {out['sigma_min']} and "
+                         f"{out['sigma_max']}")
+    if any(lo > hi for lo, hi in zip(out["S_tmin"], out["S_tmax"])):
+        raise ValueError(f"S_tmin must not exceed S_tmax at any stage; got {out['S_tmin']} and {out['S_tmax']}")
+    return out
+
+
 class ElucidatedImagenPipeline(ImagenPipeline):
-    """imagen-pytorch's ElucidatedImagen cascade (module doc). The keywords are its own (per stage where it takes one
-    value or one per unet) besides ImagenPipeline's common ones (image_sizes, lowres noise, thresholding, resize_mode,
-    text); `lowres_noise_cond`: what a super-resolution U-Net is told of its input's noise ("log_snr", as trained;
+    """imagen-pytorch's ElucidatedImagen cascade (module doc). The keywords are its own: EDM_DEFAULTS' (num_sample_steps,
+    sigma_min, sigma_max, sigma_data, rho, P_mean, P_std, S_churn, S_tmin, S_tmax, S_noise; one value, or one per
+    unet) besides ImagenPipeline's common ones (image_sizes, lowres noise, thresholding, resize_mode, text);
+    `lowres_noise_cond`: what a super-resolution U-Net is told of its input's noise ("log_snr", as trained;
     "time", imagen-pytorch 2.1.0's ElucidatedImagen.sample)."""
 
     imagen_type = "elucidated"
@@ -67,40 +93,16 @@ class ElucidatedImagenPipeline(ImagenPipeline):
     settings_keys = ELUCIDATED_SETTINGS
 
     def __init__(self, unets: Sequence[Callable[..., torch.Tensor]], *, image_sizes: Sequence[int],
-                 num_sample_steps: int | Sequence[int] = 32, sigma_min: float | Sequence[float] = 0.002,
-                 sigma_max: float | Sequence[float] = 80.0, sigma_data: float | Sequence[float] = 0.5,
-                 rho: float | Sequence[float] = 7.0, P_mean: float | Sequence[float] = -1.2,
-                 P_std: float | Sequence[float] = 1.2, S_churn: float | Sequence[float] = 80.0,
-                 S_tmin: float | Sequence[float] = 0.05, S_tmax: float | Sequence[float] = 50.0,
-                 S_noise: float | Sequence[float] = 1.003, lowres_noise_cond: str = "log_snr", **common):
+                 lowres_noise_cond: str = "log_snr", **settings):
         for key in ("timesteps", "noise_schedules", "pred_objectives"):
-            if key in common:
+            if key in settings:
                 raise ValueError(f"{key} is an Imagen (continuous-time DDPM) keyword; an ElucidatedImagen samples over "
-                                 f"sigma: num_sample_steps, sigma_min, sigma_max, rho, S_churn, ...")
-        super().__init__(unets, image_sizes=image_sizes, **common)
-        n = len(self.unets)
+                                 f"sigma: {', '.join(EDM_DEFAULTS)}")
+        super().__init__(unets, image_sizes=image_sizes, **{k: v for k, v in settings.items() if k not in EDM_DEFAULTS})
         self.timesteps = self.noise_schedules = self.pred_objectives = None  # (Imagen's; not used here)
-        steps = per_stage(num_sample_steps, n, "num_sample_steps")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 2 for s in steps):
-            raise ValueError(f"num_sample_steps must be ints >= 2 (one, or one per unet); got {steps}")
-        self.num_sample_steps = steps
-        positive = (lambda v: v > 0 and math.isfinite(v)), "finite numbers > 0"
-        at_least_0 = (lambda v: v >= 0 and math.isfinite(v)), "finite numbers >= 0"
-        self.sigma_min = _numbers(sigma_min, n, "sigma_min", *positive)
-        self.sigma_max = _numbers(sigma_max, n, "sigma_max", *positive)
-        if any(lo >= hi for lo, hi in zip(self.sigma_min, self.sigma_max)):
-            raise ValueError(f"sigma_min must be below sigma_max at every stage; got {self.sigma_min} and "
-                             f"{self.sigma_max}")
-        self.sigma_data = _numbers(sigma_data, n, "sigma_data", *positive)
-        self.rho = _numbers(rho, n, "rho", *positive)
-        self.P_mean = _numbers(P_mean, n, "P_mean", math.isfinite, "finite numbers")
-        self.P_std = _numbers(P_std, n, "P_std", *at_least_0)
-        self.S_churn = _numbers(S_churn, n, "S_churn", *at_least_0)
-        self.S_tmin = _numbers(S_tmin, n, "S_tmin", *at_least_0)
-        self.S_tmax = _numbers(S_tmax, n, "S_tmax", lambda v: v >= 0, "numbers >= 0 (inf: no upper end)")
-        if any(lo > hi for lo, hi in zip(self.S_tmin, self.S_tmax)):
-            raise ValueError(f"S_tmin must not exceed S_tmax at any stage; got {self.S_tmin} and {self.S_tmax}")
-        self.S_noise = _numbers(S_noise, n, "S_noise", *at_least_0)
+        edm = check_edm_settings(len(self.unets), **{k: v for k, v in settings.items() if k in EDM_DEFAULTS})
+        for key, values in edm.items():
+            setattr(self, key, values)
         if lowres_noise_cond not in LOWRES_NOISE_CONDS:
             raise ValueError(f"lowres_noise_cond must be one of {LOWRES_NOISE_CONDS}; got {lowres_noise_cond!r}")
         self.lowres_noise_cond = lowres_noise_cond

@@ -22,6 +22,13 @@ the cascade with its stage on top.
   F.interpolate's nearest mode; averaging keeps the small picture what a stage below, trained on averaged pictures,
   makes.)
 
+- ElucidatedImagen (`imagen.type: elucidated`; Karras et al. 2022, EDM, as imagen-pytorch's ElucidatedImagen):
+  ln(sigma) ~ N(P_mean, P_std^2), x = x_0 + sigma eps, the U-Net preconditioned (eq. 7: it sees c_in x and ln(sigma)
+  / 4) and the loss lambda(sigma) |D(x; sigma) - x_0|^2 (imagine.edm.training_loss); prediction_type, min_snr_gamma
+  and noise_schedule do not apply. The stage's sampling settings (sigma_min, sigma_max, rho, S_churn, S_tmin, S_tmax,
+  S_noise; imagine.pipelines.elucidated_imagen) go into the exported cascade, which samples with Heun and churn.
+  Every stage of a cascade is of one type.
+
 Every random draw is made for the global batch from the task's generators and indexed by slot, as DiffusionTask's.
 """
 
@@ -37,6 +44,7 @@ from imagine.train.diffusion_task import TEXT_ENCODER_KEYS, CaptionStates
 from imagine.train.loop import Task, global_slots
 
 IMAGEN_STAGE_DEFAULTS = {
+    "type": "original",            # imagen-pytorch's imagen_type: "original" (continuous-time DDPM) or "elucidated" (EDM)
     "image_size": None,            # this stage's picture size (None: data.resolution)
     "previous": None,              # a super-resolution stage: the cascade folder below it (an earlier run's model/)
     "noise_schedule": None,        # None: imagen-pytorch's, "cosine" for the first two stages, "linear" after
@@ -52,6 +60,10 @@ IMAGEN_DEFAULTS = {
     "imagen": IMAGEN_STAGE_DEFAULTS,
     "sample": {"prompts": [], "steps": 50, "guidance_scale": 5.0, "seed": 0},
 }
+IMAGEN_TYPES = ("original", "elucidated")
+# an ElucidatedImagen stage's EDM settings in its config (imagen.*; num_sample_steps is sample.steps)
+EDM_TRAINING = ("sigma_data", "P_mean", "P_std", "sigma_min", "sigma_max", "rho", "S_churn", "S_tmin", "S_tmax",
+                "S_noise")
 # imagine's prediction types -> imagen-pytorch's pred_objectives (the cascade folder keeps the latter, as its pipeline)
 OBJECTIVES = {"epsilon": "noise", "v_prediction": "v", "sample": "x_start"}
 
@@ -65,11 +77,26 @@ def check_imagen_config(cfg: dict) -> dict:
     from imagine.train.config import as_bool, as_choice, as_int, as_mapping, as_number, check_fields
 
     check_keys(cfg, {"seed", "output", "data", "model", "train", *IMAGEN_DEFAULTS}, "the imagen config")
-    check_keys(as_mapping(cfg.get("imagen") or {}, "imagen"), set(IMAGEN_STAGE_DEFAULTS), "imagen")
+    from imagine.pipelines.elucidated_imagen import check_edm_settings
+
+    check_keys(as_mapping(cfg.get("imagen") or {}, "imagen"), {*IMAGEN_STAGE_DEFAULTS, *EDM_TRAINING}, "imagen")
     check_keys(as_mapping(cfg.get("sample") or {}, "sample"), set(IMAGEN_DEFAULTS["sample"]), "sample")
     d = {**IMAGEN_DEFAULTS, **{k: v for k, v in cfg.items() if k in IMAGEN_DEFAULTS}}
     d["imagen"] = s = {**IMAGEN_STAGE_DEFAULTS, **(cfg.get("imagen") or {})}
     d["sample"] = {**IMAGEN_DEFAULTS["sample"], **(cfg.get("sample") or {})}
+    as_choice(s["type"], "imagen.type", IMAGEN_TYPES)
+    edm_given = sorted(k for k in EDM_TRAINING if k in s)
+    if s["type"] == "elucidated":
+        given = [k for k in ("prediction_type", "min_snr_gamma") if k in cfg] + \
+            (["imagen.noise_schedule"] if s["noise_schedule"] is not None else [])
+        if given:
+            raise ValueError(f"{', '.join(given)}: not for an ElucidatedImagen stage (imagen.type elucidated), which "
+                             f"learns EDM's preconditioned denoiser; its settings are imagen.{', imagen.'.join(EDM_TRAINING)}")
+        edm = check_edm_settings(1, **{k: s[k] for k in edm_given})
+        s.update({k: edm[k][0] for k in EDM_TRAINING})
+    elif edm_given:
+        raise ValueError(f"imagen.{', imagen.'.join(edm_given)}: ElucidatedImagen settings; this stage is imagen.type "
+                         "original (continuous-time DDPM): set imagen.type elucidated, or leave them out")
     as_choice(d["prediction_type"], "prediction_type", tuple(OBJECTIVES))
     d["caption_dropout"] = as_number(d["caption_dropout"], "caption_dropout", 0.0, below=1.0)
     d["min_snr_gamma"] = as_number(d["min_snr_gamma"], "min_snr_gamma", 0.0, inclusive=False, none=True)
@@ -132,11 +159,15 @@ class ImagenTask(CaptionStates, Task):
             if not low < s["image_size"]:
                 raise ValueError(f"imagen.image_size {s['image_size']} must be larger than the size of the cascade "
                                  f"below ({low}, {s['previous']})")
+            if self.previous.imagen_type != s["type"]:
+                raise ValueError(f"the cascade below ({s['previous']}) is imagen type {self.previous.imagen_type!r} "
+                                 f"and this stage {s['type']!r}: every stage of a cascade is of one type")
             if self.previous.text_embed_dim != self.text_encoder.dim:
                 raise ValueError(f"the cascade below ({s['previous']}) reads {self.previous.text_embed_dim}-wide text "
                                  f"states; this run's text encoder gives {self.text_encoder.dim}: train every stage "
                                  "on the same encoder")
-        self.noise_schedule = s["noise_schedule"] or stage_noise_schedules("cosine", below + 1)[below]
+        self.noise_schedule = None if s["type"] == "elucidated" else \
+            s["noise_schedule"] or stage_noise_schedules("cosine", below + 1)[below]
         model = {**cfg.get("model", {}), "lowres_cond": self.previous is not None}
         model.setdefault("text_embed_dim", self.text_encoder.dim)
         ucfg = EfficientUNetConfig.from_dict(model)
@@ -179,6 +210,7 @@ class ImagenTask(CaptionStates, Task):
         return x0, F.interpolate(small, s["image_size"], mode=s["resize_mode"]).clamp(-1, 1)
 
     def loss(self, batch, step):
+        from imagine import edm
         from imagine.diffusion import continuous_training_loss
         from imagine.schedules import alpha_sigma, log_snr
 
@@ -189,33 +221,45 @@ class ImagenTask(CaptionStates, Task):
         cond = {k: v.to(dev) for k, v in self.text_inputs(list(batch["caption"])).items()}
         cond["text_dropped"] = dropped
         x0, low = self.pictures(batch["image"].to(dev).float())
-        t = torch.rand(G, generator=self.gen, dtype=torch.float64)[slot]
+        if s["type"] == "elucidated":
+            z = torch.randn(G, generator=self.gen, dtype=torch.float64)[slot]
+        else:
+            t = torch.rand(G, generator=self.gen, dtype=torch.float64)[slot]
         noise = torch.randn((G, *x0.shape[1:]), generator=self.gen)[slot].to(dev)
         if low is not None:  # noise conditioning augmentation, one level for the batch
             lam_low = log_snr(s["lowres_noise_schedule"], torch.rand(1, generator=self.gen).expand(G)[slot])
             eps_low = torch.randn((G, *low.shape[1:]), generator=self.gen)[slot].to(dev)
             a, b = (v.view(-1, 1, 1, 1).to(dev) for v in alpha_sigma(lam_low))
             cond.update(lowres_cond_img=a * low + b * eps_low, lowres_noise_cond=lam_low.to(dev))
-        lam = log_snr(self.noise_schedule, t.float()).to(dev)
         model = self.trainable if self.model is None else self.model
-        loss = continuous_training_loss(model, x0, lam, noise, d["prediction_type"], cond=cond,
-                                        min_snr_gamma=d["min_snr_gamma"])
+        if s["type"] == "elucidated":  # EDM: ln(sigma) ~ N(P_mean, P_std^2) (the draw `t` was, from the same stream)
+            sigma = (s["P_mean"] + s["P_std"] * z).float().exp().to(dev)
+            loss = edm.training_loss(model, x0, sigma, noise, s["sigma_data"], cond=cond)
+        else:
+            lam = log_snr(self.noise_schedule, t.float()).to(dev)
+            loss = continuous_training_loss(model, x0, lam, noise, d["prediction_type"], cond=cond,
+                                            min_snr_gamma=d["min_snr_gamma"])
         return loss, {"loss": float(loss.detach())}
 
     # -- sampling and export -------------------------------------------------------------------
     def pipeline(self, model):
         """The cascade to this stage: the frozen stages below (imagen.previous) and `model` on top."""
+        from imagine.pipelines.elucidated_imagen import ElucidatedImagenPipeline
         from imagine.pipelines.imagen import ImagenPipeline
 
         s, below = self.d["imagen"], self.previous
         steps = int(self.d["sample"]["steps"])
-        stage = {"image_sizes": [s["image_size"]], "timesteps": [steps], "noise_schedules": [self.noise_schedule],
-                 "pred_objectives": [OBJECTIVES[self.d["prediction_type"]]],
-                 "dynamic_thresholding": [s["dynamic_thresholding"]]}
+        stage = {"image_sizes": [s["image_size"]], "dynamic_thresholding": [s["dynamic_thresholding"]]}
+        if s["type"] == "elucidated":
+            stage.update({"num_sample_steps": [steps], **{k: [s[k]] for k in EDM_TRAINING}})
+        else:
+            stage.update({"timesteps": [steps], "noise_schedules": [self.noise_schedule],
+                          "pred_objectives": [OBJECTIVES[self.d["prediction_type"]]]})
         if below is not None:
             for key, ours in stage.items():
                 stage[key] = [*getattr(below, key), *ours]
-        return ImagenPipeline([*(below.unets if below is not None else []), model], **stage,
+        pipeline = ElucidatedImagenPipeline if s["type"] == "elucidated" else ImagenPipeline
+        return pipeline([*(below.unets if below is not None else []), model], **stage,
                               lowres_noise_schedule=s["lowres_noise_schedule"],
                               lowres_sample_noise_level=s["lowres_sample_noise_level"],
                               dynamic_thresholding_percentile=s["dynamic_thresholding_percentile"],
