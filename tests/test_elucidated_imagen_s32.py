@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ip = imagen_peer.load()
 
 import test_imagen_s31 as s31  # noqa: E402  (its tiny U-Nets, the peer's U-Net behind EfficientUNet's call, texts)
+from test_imagen_cli_s31 import folder  # noqa: E402, F401  (its MiniLM-width cascade folder, a fixture)
 
 from imagine import edm  # noqa: E402
 from imagine.pipelines.elucidated_imagen import ElucidatedImagenPipeline  # noqa: E402
@@ -357,3 +358,73 @@ def test_imagine_generate_samples_an_elucidated_checkpoint(tmp_path, one_thread)
                            "model": path.name, "stages": 2, "text_encoder": "t5", "width": 16, "height": 16}
     run = cli("--model", path, "--text-encoder", tmp_path / "t5", PROMPT, "--sampler", "ddpm", "-o", out)
     assert run.returncode != 0 and "valid: heun, euler, euler_a, dpm2, dpmpp_2m, dpmpp_2s_a" in run.stderr
+
+
+# -- starting at a super-resolution stage (imagen-pytorch's start_at_unet_number / start_image_or_video) -------------
+@pytest.mark.parametrize("kind", ["original", "elucidated"])
+def test_start_at_the_super_resolution_stage_is_the_peers(kind):
+    """A 12 px picture handed to stage 2 (resized to stage 1's 8 px by nearest, then noised and enlarged to 16 px):
+    Imagen.sample / ElucidatedImagen.sample(start_at_unet_number=2, start_image_or_video=...) with the global
+    generator, and with per-image seeds each the peer's batch-1 picture; PIL pictures as their 8-bit tensor."""
+    from PIL import Image
+
+    imagen = s31.build_imagen() if kind == "original" else build()
+    ours = s31.ours_of(imagen) if kind == "original" else ours_of(imagen)
+    embeds, mask = s31.texts()
+    start = (torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(8)) * 255).floor() / 255
+    scale = 3.0 if kind == "original" else 1.0  # (the elucidated sampler with churn: guidance 1, as above)
+    theirs = peer_sample(imagen, 5, text_embeds=embeds, text_masks=mask, cond_scale=scale, start_at_unet_number=2,
+                         start_image_or_video=start)
+    torch.manual_seed(5)
+    got = ours.sample(text_embeds=embeds, text_masks=mask, cond_scale=scale, start_at_unet_number=2,
+                      start_image=start, progress=False)
+    assert got.shape == theirs.shape == (2, 3, 16, 16) and float((got - theirs).abs().max()) < 1e-4
+    pil = [Image.fromarray((row.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()) for row in start]
+    seeded = ours.sample(text_embeds=embeds, text_masks=mask, cond_scale=scale, start_at_unet_number=2,
+                         start_image=pil, seeds=[21, 22], progress=False)
+    for i, seed in enumerate((21, 22)):
+        one = peer_sample(imagen, seed, text_embeds=embeds[i:i + 1], text_masks=mask[i:i + 1], cond_scale=scale,
+                          start_at_unet_number=2, start_image_or_video=start[i:i + 1])
+        assert float((seeded[i:i + 1] - one).abs().max()) < 1e-4, i
+
+
+def test_start_image_refusals():
+    imagen = s31.build_imagen()
+    ours, (embeds, mask) = s31.ours_of(imagen), s31.texts()
+    kw = dict(text_embeds=embeds, text_masks=mask, progress=False, steps=2)
+    with pytest.raises(ValueError, match="start_at_unet_number 2: give start_image"):
+        ours.sample(start_at_unet_number=2, **kw)
+    with pytest.raises(ValueError, match="start_image: give start_at_unet_number \\(2 to 2\\)"):
+        ours.sample(start_image=torch.rand(2, 3, 8, 8), **kw)
+    with pytest.raises(ValueError, match="start_at_unet_number must be a unet number from 1 to 1"):
+        ours.sample(start_at_unet_number=2, stop_at_unet_number=1, start_image=torch.rand(2, 3, 8, 8), **kw)
+    with pytest.raises(ValueError, match="the cascade's stages are square"):
+        ours.sample(start_at_unet_number=2, start_image=torch.rand(2, 3, 8, 6), **kw)
+    with pytest.raises(ValueError, match="float tensor \\[B, 3, H, W\\] with B = 2 or 1; got torch.float32"):
+        ours.sample(start_at_unet_number=2, start_image=torch.rand(3, 3, 8, 8), **kw)
+
+
+def test_imagine_generate_enlarges_a_start_image(folder, tmp_path, one_thread):
+    """`imagine generate --model CASCADE_FOLDER --start-image small.png`: stage 2 on the picture (resized to stage 1's
+    8 px), the pipeline's picture to the pixel, recorded; refused for a latent model and for a stage the cascade has
+    not."""
+    from PIL import Image
+    from test_imagen_cli_s31 import PROMPT, cli, pixels, record
+
+    cascade, _ = folder
+    small = Image.fromarray((torch.rand(10, 10, 3, generator=torch.Generator().manual_seed(1)) * 255).to(
+        torch.uint8).numpy())
+    small.save(tmp_path / "small.png")
+    out = tmp_path / "big.png"
+    run = cli("--model", cascade, PROMPT, "--start-image", tmp_path / "small.png", "--seed", 4, "-o", out)
+    assert run.returncode == 0, run.stderr
+    want = ImagenPipeline.from_pretrained(cascade).sample([PROMPT], seeds=[4], steps=3, cond_scale=2.0,
+                                                          output_type="pil", progress=False, start_at_unet_number=2,
+                                                          start_image=small)[0]
+    assert np.array_equal(pixels(out), pixels(want)) and pixels(out).shape == (16, 16, 3)
+    assert {k: record(out)[k] for k in ("start_image", "start_at_stage", "steps")} == {
+        "start_image": "small.png", "start_at_stage": 2, "steps": 3}
+    run = cli("--model", cascade, PROMPT, "--start-image", tmp_path / "small.png", "--start-at-stage", 3, "-o", out)
+    assert run.returncode != 0 and "has stages 1 to 2" in run.stderr
+    run = cli(PROMPT, "--start-image", tmp_path / "small.png", "-o", out)
+    assert run.returncode != 0 and "--start-image is for an Imagen cascade" in run.stderr

@@ -122,6 +122,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-weights", action="store_true",
                    help="an imagen-pytorch checkpoint: sample with the trainer's EMA unets ('ema', which its "
                         "trainer samples with) instead of its 'model' weights")
+    p.add_argument("--start-image", default=None, metavar="PATH",
+                   help="an Imagen cascade: enlarge this picture with its super-resolution stages instead of making "
+                        "one (imagen-pytorch's start_image_or_video; square, resized to the size of the stage before "
+                        "--start-at-stage)")
+    p.add_argument("--start-at-stage", type=int, default=None, metavar="K",
+                   help="an Imagen cascade: the stage that takes --start-image (imagen-pytorch's start_at_unet_number; "
+                        "default 2 with --start-image)")
     p.add_argument("--vae", default=None,
                    help="a VAE file (.safetensors / .ckpt, original or diffusers names) or folder to decode with "
                         "instead of the model's own (AUTOMATIC1111's SD VAE), e.g. vae-ft-mse-840000-ema-pruned")
@@ -1236,7 +1243,8 @@ def _karlo_run(args, prompts: list[str], max_seed: int) -> int:
 
 # the flags an Imagen cascade's run reads (imagine.pipelines.imagen); any other, given, is refused by name
 IMAGEN_FLAGS = {"prompt", "model", "steps", "guidance_scale", "seed", "num_images", "output", "from_file", "quiet",
-                "command", "func", "verbose", "dtype", "precision", "sampler", "text_encoder", "ema_weights"}
+                "command", "func", "verbose", "dtype", "precision", "sampler", "text_encoder", "ema_weights",
+                "start_image", "start_at_stage"}
 IMAGEN_GUIDANCE = 1.0  # imagen-pytorch's Imagen.sample cond_scale (its `imagen` command samples at 5)
 IMAGEN_T5 = "google/t5-v1_1-base"  # imagen-pytorch's DEFAULT_T5_NAME, a checkpoint's text_encoder_name if none saved
 
@@ -1272,9 +1280,11 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
         raise ValueError(f"--infotext {args.infotext}: an Imagen cascade is not run again from a picture's parameters; "
                          "give them as flags: the prompt, --seed, --steps, --guidance-scale")
     _refuse_idle_flags(args, IMAGEN_FLAGS, "an Imagen cascade, which takes the prompt, --steps and --guidance-scale "
-                       "(every stage's), --sampler, --seed, --num-images, --precision, --dtype, -o, and for an imagen-pytorch "
-                       "checkpoint --text-encoder and --ema-weights")
+                       "(every stage's), --sampler, --seed, --num-images, --precision, --dtype, -o, --start-image with "
+                       "--start-at-stage, and for an imagen-pytorch checkpoint --text-encoder and --ema-weights")
     _check_values(args, max_seed)
+    start = _read_image(args.start_image, "--start-image") if args.start_image else None
+    first = args.start_at_stage if args.start_at_stage is not None else 2 if start is not None else 1
     for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1; got {value}")
@@ -1306,11 +1316,15 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
     steps = args.steps or pipe.defaults.get("steps")  # (None: each stage's own, its trained timesteps or num_sample_steps)
     scale = pipe.defaults.get("guidance_scale", IMAGEN_GUIDANCE) if args.guidance_scale is None \
         else args.guidance_scale
-    stage_steps = [pipe.default_steps(k) for k in range(len(pipe.unets))] if steps is None \
-        else (int(steps),) * len(pipe.unets)
+    if not 1 <= first <= len(pipe.unets) or (first > 1) != (start is not None):
+        raise ValueError(f"--start-at-stage {first}: {args.model} has stages 1 to {len(pipe.unets)}, and a stage after "
+                         "the first enlarges the --start-image picture (give both, or neither)")
+    stage_steps = [pipe.default_steps(k) for k in range(first - 1, len(pipe.unets))] if steps is None \
+        else (int(steps),) * (len(pipe.unets) - first + 1)
     recorded = {"steps": stage_steps[0] if len(set(stage_steps)) == 1 else list(stage_steps),
                 "guidance_scale": float(scale), "sampler": sampler, "model": Path(args.model).name,
                 "stages": len(pipe.unets),
+                **({"start_image": Path(args.start_image).name, "start_at_stage": first} if start else {}),
                 **({"text_encoder": Path(args.text_encoder).name} if args.text_encoder else {}),
                 **({"ema_weights": True} if args.ema_weights else {}),
                 **({"dtype": args.dtype} if args.dtype != "float32" else {}),
@@ -1318,7 +1332,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
 
     def picture(prompt: str, seed: int):
         img = pipe.sample([prompt], cond_scale=scale, seeds=[seed], steps=steps, output_type="pil",
-                          progress=not args.quiet, sampler=sampler)[0]
+                          progress=not args.quiet, sampler=sampler, start_at_unet_number=first, start_image=start)[0]
         return img, {"prompt": prompt, "seed": seed, **recorded, "width": img.width, "height": img.height}
 
     return _save_pictures(args, prompts, max_seed, picture)
@@ -1566,6 +1580,10 @@ def run(args) -> int:
         if given:
             raise ValueError(f"{flag} is for an imagen-pytorch checkpoint (--model FILE: a dict with 'model' and "
                              f"'imagen_params'), and {args.model or 'the embedded model'} is not one")
+    for flag, given in (("--start-image", args.start_image), ("--start-at-stage", args.start_at_stage)):
+        if given is not None and not _cascade_model(args.model) and args.stage_2 is None:
+            raise ValueError(f"{flag} is for an Imagen cascade (its super-resolution stages enlarge a picture), and "
+                             f"{args.model or 'the embedded model'} is not one; for image to image give --init-image")
     if _cascade_model(args.model) == "UnCLIPPipeline" and args.stage_2 is None:
         return _karlo_run(args, prompts, MAX_SEED)
     if _cascade_model(args.model) or args.stage_2 is not None:

@@ -388,7 +388,8 @@ class ImagenPipeline:
                steps: int | Sequence[int | None] | None = None, batch_size: int = 1,
                lowres_sample_noise_level: float | None = None, cfg_remove_parallel_component: bool = True,
                cfg_keep_parallel_frac: float = 0.0, output_type: str = "pt", progress: bool = True,
-               callback: Callable[[dict], None] | None = None, sampler: str | Sequence[str] | None = None):
+               callback: Callable[[dict], None] | None = None, sampler: str | Sequence[str] | None = None,
+               start_at_unet_number: int = 1, start_image=None):
         """The cascade's pictures: [B, C, H, W] in [0, 1] (in [-1, 1] where auto_normalize_img is off), or PIL
         pictures (output_type "pil"), of the last stage run (`stop_at_unet_number`: stop after that stage, from 1).
         cond_scale: guidance scale, one or one per stage (1: the conditional pass alone). seeds / generator: per-image
@@ -399,7 +400,10 @@ class ImagenPipeline:
         callback(info): after each step, with info["stage"] (from 1) besides the sampler's keys. sampler: one name or
         one per stage (`SAMPLERS`): "ddpm", imagen-pytorch's (VDM's ancestral step), or an ODE / multistep solver on
         the same log-SNR levels (ours, for few steps: DDIM, DPM-Solver++ 2M, UniPC, Euler; Euler a), each run
-        ending at the grid's t = 0 as DDPM's does."""
+        ending at the grid's t = 0 as DDPM's does. start_at_unet_number (> 1) with start_image: the super-resolution
+        stages from that one on, given a picture in the previous stage's place (imagen-pytorch's
+        start_image_or_video: a square picture in [0, 1] as that stage would hand it on, resized to its size by
+        resize_mode; a tensor [B or 1, C, H, W] or PIL pictures), e.g. to make a picture larger."""
         from imagine.guidance import guided_model_output, projected_guidance
         from imagine.samplers import resolve_sampler
         from imagine.sampling import PerSampleNoise, make_generators
@@ -411,6 +415,16 @@ class ImagenPipeline:
         last = n if stop_at_unet_number is None else stop_at_unet_number
         if isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= n:
             raise ValueError(f"stop_at_unet_number must be a unet number from 1 to {n}; got {stop_at_unet_number!r}")
+        first = start_at_unet_number
+        if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= last:
+            raise ValueError(f"start_at_unet_number must be a unet number from 1 to {last} (the last stage run); got "
+                             f"{start_at_unet_number!r}")
+        if first > 1 and start_image is None:
+            raise ValueError(f"start_at_unet_number {first}: give start_image, the picture stage {first} enlarges")
+        if first == 1 and start_image is not None:
+            raise ValueError(f"start_image: give start_at_unet_number (2 to {n}), the stage that enlarges it; stage 1 "
+                             "makes its picture from noise" if n > 1 else "start_image: this cascade has one stage, "
+                             "which makes its picture from noise")
         scales = per_stage(cond_scale, n, "cond_scale")
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scales):
             raise ValueError(f"cond_scale must be finite numbers; got {scales}")
@@ -427,8 +441,9 @@ class ImagenPipeline:
         text_embeds, text_masks, batch = self._text(texts, text_embeds, text_masks, batch_size)
         device = _device(self.unets[0])
         noise = PerSampleNoise(make_generators(batch, seeds, generator))
-        picture = None  # the last stage's output, in [0, 1] (auto_normalize_img) as imagen-pytorch hands it on
-        for k in range(last):
+        # the last stage's output, in [0, 1] (auto_normalize_img) as imagen-pytorch hands it on
+        picture = None if first == 1 else self._start_picture(start_image, batch, first - 1, device)
+        for k in range(first - 1, last):
             size = self.image_sizes[k]
             shape = (batch, self.channels, size, size)
             extra: dict[str, Any] = {}
@@ -515,6 +530,37 @@ class ImagenPipeline:
                 unet = exact_copy(unet) if self.precision == "exact" else _Autocast(unet)
             self._runs[k] = unet
         return self._runs[k]
+
+    def _start_picture(self, image, batch: int, k: int, device) -> torch.Tensor:
+        """start_image as stage k - 1 (0-based k) would hand it on: a float tensor [batch, C, s, s] at that stage's size
+        s (resized by resize_mode, as imagen-pytorch's resize_image_to), from a tensor [B or 1, C, H, W] or PIL
+        pictures (taken to [0, 1], or [-1, 1] where auto_normalize_img is off)."""
+        import numpy as np
+        from PIL import Image
+
+        if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image
+                                              and all(isinstance(i, Image.Image) for i in image)):
+            rows = [image] if isinstance(image, Image.Image) else list(image)
+            mode = {1: "L", 3: "RGB"}.get(self.channels)
+            if mode is None:
+                raise ValueError(f"start_image: PIL pictures are for 1- or 3-channel cascades; this one has "
+                                 f"{self.channels} channels: give a tensor")
+            arrays = [torch.from_numpy(np.asarray(r.convert(mode), dtype=np.float32)) / 255.0 for r in rows]
+            if len({a.shape for a in arrays}) != 1:
+                raise ValueError(f"start_image: the pictures differ in size ({sorted({a.shape[:2] for a in arrays})})")
+            image = torch.stack([a if a.ndim == 3 else a[..., None] for a in arrays]).permute(0, 3, 1, 2)
+            image = image if self.auto_normalize_img else image * 2 - 1
+        if not torch.is_tensor(image) or image.ndim != 4 or image.shape[1] != self.channels \
+                or image.shape[0] not in (1, batch) or not image.is_floating_point():
+            got = f"{image.dtype} {tuple(image.shape)}" if torch.is_tensor(image) else type(image).__name__
+            raise ValueError(f"start_image must be PIL pictures or a float tensor [B, {self.channels}, H, W] with B = "
+                             f"{batch} or 1; got {got}")
+        if image.shape[-1] != image.shape[-2]:
+            raise ValueError(f"start_image is {image.shape[-1]}x{image.shape[-2]}: the cascade's stages are square; "
+                             "crop or pad it square first")
+        size = self.image_sizes[k - 1]
+        image = image.float().to(device).expand(batch, -1, -1, -1)
+        return image if image.shape[-1] == size else F.interpolate(image, size, mode=self.resize_mode)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2 - 1 if self.auto_normalize_img else x
