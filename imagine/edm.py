@@ -48,10 +48,10 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return (sigma**2 + sigma_data**2) * (sigma * sigma_data) ** -2
 
 
-def training_sigmas(batch: int, p_mean: float, p_std: float, *, generator: torch.Generator | None = None,
-                    device=None) -> torch.Tensor:
-    """The training noise levels [batch]: ln(sigma) ~ N(P_mean, P_std^2) (Table 1; -1.2, 1.2 in the paper)."""
-    return (p_mean + p_std * torch.randn(batch, generator=generator, device=device)).exp()
+def training_sigmas(z: torch.Tensor, p_mean: float, p_std: float) -> torch.Tensor:
+    """The training noise levels from standard normal draws z: ln(sigma) = P_mean + P_std z, so ln(sigma) ~
+    N(P_mean, P_std^2) (Table 1; -1.2, 1.2 in the paper); in float32, as imagen-pytorch draws them."""
+    return (p_mean + p_std * z.float()).exp()
 
 
 def denoise(model: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, sigma_data: float,

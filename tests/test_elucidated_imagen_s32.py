@@ -118,7 +118,7 @@ def test_training_loss_equals_the_peers_forward(imagen):
         torch.manual_seed(11)
         theirs = imagen(images, text_embeds=embeds, text_masks=mask, unet_number=1)
         torch.manual_seed(11)
-        sigma = edm.training_sigmas(2, -1.2, 1.2)
+        sigma = edm.training_sigmas(torch.randn(2), -1.2, 1.2)
         noise = torch.randn(2, 3, 8, 8)
         ours = edm.training_loss(s31.PeerUNet(imagen.unets[0]), images * 2 - 1, sigma, noise, 0.5,
                                  cond={"text_embeds": embeds, "text_mask": mask})
@@ -189,7 +189,7 @@ def test_refusals(imagen):
     with pytest.raises(ValueError, match="S_churn must be finite numbers >= 0"):
         ElucidatedImagenPipeline(unets, image_sizes=s31.SIZES, text_embed_dim=s31.TEXT_DIM, S_churn=-1)
     pipe = ours_of(imagen)
-    with pytest.raises(ValueError, match="does not run on an Imagen stage's noise levels here; valid: heun, euler"):
+    with pytest.raises(ValueError, match="does not run on an ElucidatedImagen stage's noise levels here; valid: heun, euler"):
         pipe.sample(text_embeds=s31.texts()[0], sampler="ddpm", progress=False)
     with pytest.raises(ValueError, match="keys imagine does not know: \\['timesteps'\\]"):
         good = trainer_checkpoint(imagen)

@@ -1285,6 +1285,9 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
     _check_values(args, max_seed)
     start = _read_image(args.start_image, "--start-image") if args.start_image else None
     first = args.start_at_stage if args.start_at_stage is not None else 2 if start is not None else 1
+    if (first > 1) != (start is not None):
+        raise ValueError(f"--start-at-stage {first}: a stage after the first enlarges the --start-image picture, and "
+                         "stage 1 makes its own: give --start-image with a stage from 2 on, or neither")
     for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1; got {value}")
@@ -1316,9 +1319,8 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
     steps = args.steps or pipe.defaults.get("steps")  # (None: each stage's own, its trained timesteps or num_sample_steps)
     scale = pipe.defaults.get("guidance_scale", IMAGEN_GUIDANCE) if args.guidance_scale is None \
         else args.guidance_scale
-    if not 1 <= first <= len(pipe.unets) or (first > 1) != (start is not None):
-        raise ValueError(f"--start-at-stage {first}: {args.model} has stages 1 to {len(pipe.unets)}, and a stage after "
-                         "the first enlarges the --start-image picture (give both, or neither)")
+    if first > len(pipe.unets):
+        raise ValueError(f"--start-at-stage {first}: {args.model} has stages 1 to {len(pipe.unets)}")
     stage_steps = [pipe.default_steps(k) for k in range(first - 1, len(pipe.unets))] if steps is None \
         else (int(steps),) * (len(pipe.unets) - first + 1)
     recorded = {"steps": stage_steps[0] if len(set(stage_steps)) == 1 else list(stage_steps),

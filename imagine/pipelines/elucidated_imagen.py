@@ -90,6 +90,7 @@ class ElucidatedImagenPipeline(ImagenPipeline):
     imagen_type = "elucidated"
     default_sampler = "heun"  # Karras et al.'s Algorithm 2, imagen-pytorch's
     samplers = SAMPLERS
+    sampler_levels = "an ElucidatedImagen stage's noise levels"
     settings_keys = ELUCIDATED_SETTINGS
 
     def __init__(self, unets: Sequence[Callable[..., torch.Tensor]], *, image_sizes: Sequence[int],

@@ -488,6 +488,7 @@ class ImagenPipeline:
     imagen_type = "original"  # imagen-pytorch's name for a continuous-time DDPM Imagen (its trainer's imagen_type)
     default_sampler = "ddpm"  # imagen-pytorch's
     samplers = SAMPLERS
+    sampler_levels = "an Imagen stage's log-SNR grid"  # (what the samplers step over, for check_sampler's error)
     settings_keys = IMAGEN_SETTINGS  # the config keys sampling reads (an imagen-pytorch config's others refused)
 
     def default_steps(self, k: int) -> int:
@@ -495,9 +496,15 @@ class ImagenPipeline:
         return self.timesteps[k]
 
     def check_sampler(self, name: str | None) -> str:
-        """The canonical name of a sampler this cascade's stages run (None: the default), else a ValueError naming
-        them."""
-        return check_sampler(self.default_sampler if name is None else name, self.samplers)
+        """The canonical name of a sampler this cascade's stages run (`samplers`; None: the default; imagine's aliases
+        taken), else a ValueError naming them."""
+        from imagine.samplers import resolve_sampler
+
+        canonical, _, karras = resolve_sampler(self.default_sampler if name is None else name)
+        if canonical not in self.samplers or karras:
+            raise ValueError(f"sampler {name!r} does not run on {self.sampler_levels} here; valid: "
+                             f"{', '.join(self.samplers)}")
+        return canonical
 
     def lowres_condition(self, t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """The noise level a super-resolution U-Net is told for its augmented input at time t (log-SNR lam): lam,
@@ -583,19 +590,6 @@ def pipeline_class(imagen_type, asked: type) -> type:
         raise ValueError(f"this is an imagen_type {imagen_type!r} cascade; load it with {klass.__name__} (or "
                          "ImagenPipeline, which picks the class)")
     return klass
-
-
-def check_sampler(name, samplers: Sequence[str] = SAMPLERS) -> str:
-    """The canonical name of a sampler among `samplers` (an Imagen stage's on its log-SNR grid, by default; imagine's
-    aliases taken), else a ValueError naming them."""
-    from imagine.samplers import resolve_sampler
-
-    canonical, _, karras = resolve_sampler(name)
-    if canonical not in samplers or karras:
-        grid = "log-SNR grid" if samplers is SAMPLERS else "noise levels"
-        raise ValueError(f"sampler {name!r} does not run on an Imagen stage's {grid} here; valid: "
-                         f"{', '.join(samplers)}")
-    return canonical
 
 
 def read_checkpoint(path_or_state) -> dict:

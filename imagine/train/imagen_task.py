@@ -222,7 +222,7 @@ class ImagenTask(CaptionStates, Task):
         cond["text_dropped"] = dropped
         x0, low = self.pictures(batch["image"].to(dev).float())
         if s["type"] == "elucidated":
-            z = torch.randn(G, generator=self.gen, dtype=torch.float64)[slot]
+            z = torch.randn(G, generator=self.gen)[slot]
         else:
             t = torch.rand(G, generator=self.gen, dtype=torch.float64)[slot]
         noise = torch.randn((G, *x0.shape[1:]), generator=self.gen)[slot].to(dev)
@@ -233,7 +233,7 @@ class ImagenTask(CaptionStates, Task):
             cond.update(lowres_cond_img=a * low + b * eps_low, lowres_noise_cond=lam_low.to(dev))
         model = self.trainable if self.model is None else self.model
         if s["type"] == "elucidated":  # EDM: ln(sigma) ~ N(P_mean, P_std^2) (the draw `t` was, from the same stream)
-            sigma = (s["P_mean"] + s["P_std"] * z).float().exp().to(dev)
+            sigma = edm.training_sigmas(z, s["P_mean"], s["P_std"]).to(dev)
             loss = edm.training_loss(model, x0, sigma, noise, s["sigma_data"], cond=cond)
         else:
             lam = log_snr(self.noise_schedule, t.float()).to(dev)
