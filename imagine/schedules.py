@@ -449,13 +449,48 @@ class SamplingPlan:
                        v_alphas_cumprod=None if self.v_alphas_cumprod is None else self.v_alphas_cumprod[start:])
 
 
-def continuous_plan(kind: str, steps: int) -> SamplingPlan:
+CONTINUOUS_SPACINGS = ("uniform", "karras")  # a continuous-time run's grid: even in t (imagen-pytorch's), or Karras'
+
+
+def continuous_time_of(kind: str, lam: torch.Tensor) -> torch.Tensor:
+    """The time t in [0, 1] at which the continuous schedule `kind` has log-SNR lam (lambda(t) falls with t), by
+    bisection in float64: 60 halvings, to 1e-18 of the interval; levels beyond the schedule's ends give its ends."""
+    lo = torch.zeros_like(lam, dtype=torch.float64)
+    hi = torch.ones_like(lam, dtype=torch.float64)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        above = log_snr(kind, mid) > lam  # (still less noisy than lam: t lies beyond mid)
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return (lo + hi) / 2
+
+
+def continuous_times_karras(kind: str, steps: int, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """A few-step grid for a continuous-time run: t = 1, then the times of Karras et al. 2022's eq. 5 levels (rho 7) in
+    sigma = exp(-lambda / 2) from min(sigma_max, sigma(1)) down to sigma(0), `steps` + 1 times in float32 (as the
+    model reads them). The even grid in t spends its first steps where the SNR is below 1e-4 (the cosine schedule's
+    lambda runs from -33.9 at t = 1) and little where the picture forms; Karras' spacing puts them at low noise. The
+    first step, from t = 1 to sigma_max (SNR 1.6e-4 at 80), takes the sample across levels where nothing is
+    decided."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise ValueError(f"steps must be an int >= 2 for Karras spacing; got {steps!r}")
+    ends = log_snr(kind, torch.tensor([1.0, 0.0], dtype=torch.float32)).double()
+    top, bottom = float(torch.exp(-ends[0] / 2)), float(torch.exp(-ends[1] / 2))
+    sig = torch.from_numpy(karras_sigmas(bottom, min(sigma_max, top), steps, rho))
+    t = continuous_time_of(kind, -2 * torch.log(sig)).float()
+    t[-1] = 0.0
+    return torch.cat([torch.ones(1), t])
+
+
+def continuous_plan(kind: str, steps: int, spacing: str = "uniform") -> SamplingPlan:
     """A SamplingPlan over `continuous_times(steps)` of the continuous-time schedule `kind`: `timesteps` are the times
     t in [0, 1] (float32 values: the model reads lambda(t) from them), `alphas_cumprod` = sigmoid(lambda(t)) at every
     time, t = 0 included, lambda computed in float32 as imagen-pytorch computes it (its level at t = 1 is float32's),
     then held in float64. The run ends at t = 0, whose SNR is finite (VDM's z_0): abar(0) = 0.99984 (cosine), 0.9999
-    (linear), not 1. DDPM's step on this plan is VDM's ancestral step (samplers.sample_ddpm)."""
-    t = continuous_times(steps)
+    (linear), not 1. DDPM's step on this plan is VDM's ancestral step (samplers.sample_ddpm). spacing "karras": the
+    times of `continuous_times_karras` instead of the even grid (ours, for few steps)."""
+    if spacing not in CONTINUOUS_SPACINGS:
+        raise ValueError(f"spacing must be one of {CONTINUOUS_SPACINGS}; got {spacing!r}")
+    t = continuous_times(steps) if spacing == "uniform" else continuous_times_karras(kind, steps)
     lam = log_snr(kind, t).double()
     return SamplingPlan(timesteps=t[:-1].double(), sigmas=torch.exp(-lam / 2), alphas_cumprod=torch.sigmoid(lam),
                         rule="ddpm", spacing="linspace")

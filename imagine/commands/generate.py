@@ -340,7 +340,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Uniform', 'Automatic'...) (A1111's schedule type; align_your_steps: SDXL's list for an SDXL "
                         "model; uniform/normal, sgm_uniform, simple, ddim_uniform: read off the model's own levels "
                         "as A1111 and ComfyUI do; time_uniform, time_quadratic, logsnr: the DPM-Solver and UniPC "
-                        "code's steps in continuous time, ending at abar_0); default: the model's")
+                        "code's steps in continuous time, ending at abar_0); default: the model's; an Imagen "
+                        "cascade: uniform (its even grid in t, the default) or karras (Karras-spaced, for few steps)")
     p.add_argument("--sigma-range", choices=["spaced", "model"], default="spaced",
                    help="what --schedule-type (or a '... Karras' sampler) spans: the spaced timesteps' levels "
                         "(diffusers', the default) or the model's whole trained range (AUTOMATIC1111's)")
@@ -1244,7 +1245,7 @@ def _karlo_run(args, prompts: list[str], max_seed: int) -> int:
 # the flags an Imagen cascade's run reads (imagine.pipelines.imagen); any other, given, is refused by name
 IMAGEN_FLAGS = {"prompt", "model", "steps", "guidance_scale", "seed", "num_images", "output", "from_file", "quiet",
                 "command", "func", "verbose", "dtype", "precision", "sampler", "text_encoder", "ema_weights",
-                "start_image", "start_at_stage"}
+                "start_image", "start_at_stage", "sigma_schedule"}
 IMAGEN_GUIDANCE = 1.0  # imagen-pytorch's Imagen.sample cond_scale (its `imagen` command samples at 5)
 IMAGEN_T5 = "google/t5-v1_1-base"  # imagen-pytorch's DEFAULT_T5_NAME, a checkpoint's text_encoder_name if none saved
 
@@ -1280,7 +1281,8 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
         raise ValueError(f"--infotext {args.infotext}: an Imagen cascade is not run again from a picture's parameters; "
                          "give them as flags: the prompt, --seed, --steps, --guidance-scale")
     _refuse_idle_flags(args, IMAGEN_FLAGS, "an Imagen cascade, which takes the prompt, --steps and --guidance-scale "
-                       "(every stage's), --sampler, --seed, --num-images, --precision, --dtype, -o, --start-image with "
+                       "(every stage's), --sampler, --schedule-type, --seed, --num-images, --precision, --dtype, -o, "
+                       "--start-image with "
                        "--start-at-stage, and for an imagen-pytorch checkpoint --text-encoder and --ema-weights")
     _check_values(args, max_seed)
     start = _read_image(args.start_image, "--start-image") if args.start_image else None
@@ -1321,12 +1323,16 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
         else args.guidance_scale
     if first > len(pipe.unets):
         raise ValueError(f"--start-at-stage {first}: {args.model} has stages 1 to {len(pipe.unets)}")
+    if args.sigma_schedule not in (None, *pipe.schedule_types):
+        raise ValueError(f"--schedule-type {args.sigma_schedule}: this cascade's stages run on "
+                         f"{' or '.join(pipe.schedule_types)} levels")
     stage_steps = [pipe.default_steps(k) for k in range(first - 1, len(pipe.unets))] if steps is None \
         else (int(steps),) * (len(pipe.unets) - first + 1)
     recorded = {"steps": stage_steps[0] if len(set(stage_steps)) == 1 else list(stage_steps),
                 "guidance_scale": float(scale), "sampler": sampler, "model": Path(args.model).name,
                 "stages": len(pipe.unets),
                 **({"start_image": Path(args.start_image).name, "start_at_stage": first} if start else {}),
+                **({"schedule_type": args.sigma_schedule} if args.sigma_schedule else {}),
                 **({"text_encoder": Path(args.text_encoder).name} if args.text_encoder else {}),
                 **({"ema_weights": True} if args.ema_weights else {}),
                 **({"dtype": args.dtype} if args.dtype != "float32" else {}),
@@ -1334,7 +1340,8 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
 
     def picture(prompt: str, seed: int):
         img = pipe.sample([prompt], cond_scale=scale, seeds=[seed], steps=steps, output_type="pil",
-                          progress=not args.quiet, sampler=sampler, start_at_unet_number=first, start_image=start)[0]
+                          progress=not args.quiet, sampler=sampler, start_at_unet_number=first, start_image=start,
+                          schedule_type=args.sigma_schedule)[0]
         return img, {"prompt": prompt, "seed": seed, **recorded, "width": img.width, "height": img.height}
 
     return _save_pictures(args, prompts, max_seed, picture)

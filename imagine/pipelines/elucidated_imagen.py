@@ -91,6 +91,7 @@ class ElucidatedImagenPipeline(ImagenPipeline):
     default_sampler = "heun"  # Karras et al.'s Algorithm 2, imagen-pytorch's
     samplers = SAMPLERS
     sampler_levels = "an ElucidatedImagen stage's noise levels"
+    schedule_types = ("karras",)  # (EDM's eq. 5 levels)
     settings_keys = ELUCIDATED_SETTINGS
 
     def __init__(self, unets: Sequence[Callable[..., torch.Tensor]], *, image_sizes: Sequence[int],
@@ -118,7 +119,8 @@ class ElucidatedImagenPipeline(ImagenPipeline):
     def lowres_condition(self, t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         return lam if self.lowres_noise_cond == "log_snr" else t
 
-    def stage_sampling(self, k: int, steps: int, sampler: str, guidance: Callable[..., torch.Tensor]) -> StageSampling:
+    def stage_sampling(self, k: int, steps: int, sampler: str, guidance: Callable[..., torch.Tensor],
+                       spacing: str = "karras") -> StageSampling:
         """Stage k's run over eq. 5's levels (imagine.edm.edm_plan; the model's timestep is sigma), D of eq. 7 read
         as an x_0 prediction, the start x = sigma_max n; Algorithm 2's churn for the samplers that take it. With
         S_churn 0 imagen-pytorch still draws at every step: those draws are made after the run."""

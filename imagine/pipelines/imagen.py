@@ -389,7 +389,7 @@ class ImagenPipeline:
                lowres_sample_noise_level: float | None = None, cfg_remove_parallel_component: bool = True,
                cfg_keep_parallel_frac: float = 0.0, output_type: str = "pt", progress: bool = True,
                callback: Callable[[dict], None] | None = None, sampler: str | Sequence[str] | None = None,
-               start_at_unet_number: int = 1, start_image=None):
+               start_at_unet_number: int = 1, start_image=None, schedule_type: str | None = None):
         """The cascade's pictures: [B, C, H, W] in [0, 1] (in [-1, 1] where auto_normalize_img is off), or PIL
         pictures (output_type "pil"), of the last stage run (`stop_at_unet_number`: stop after that stage, from 1).
         cond_scale: guidance scale, one or one per stage (1: the conditional pass alone). seeds / generator: per-image
@@ -403,7 +403,9 @@ class ImagenPipeline:
         ending at the grid's t = 0 as DDPM's does. start_at_unet_number (> 1) with start_image: the super-resolution
         stages from that one on, given a picture in the previous stage's place (imagen-pytorch's
         start_image_or_video: a square picture in [0, 1] as that stage would hand it on, resized to its size by
-        resize_mode; a tensor [B or 1, C, H, W] or PIL pictures), e.g. to make a picture larger."""
+        resize_mode; a tensor [B or 1, C, H, W] or PIL pictures), e.g. to make a picture larger. schedule_type: the
+        stages' grid, "uniform" in t (imagen-pytorch's, the default) or "karras" (ours, for few steps:
+        imagine.schedules.continuous_times_karras); an ElucidatedImagen's levels are Karras' own."""
         from imagine.guidance import guided_model_output, projected_guidance
         from imagine.samplers import resolve_sampler
         from imagine.sampling import PerSampleNoise, make_generators
@@ -433,6 +435,10 @@ class ImagenPipeline:
                              "learned null text, so classifier-free guidance cannot run; use cond_scale 1")
         stage_steps = [self.default_steps(k) if s is None else s for k, s in enumerate(per_stage(steps, n, "steps"))]
         samplers = [self.check_sampler(name) for name in per_stage(sampler, n, "sampler")]
+        spacing = self.schedule_types[0] if schedule_type is None else schedule_type
+        if spacing not in self.schedule_types:
+            raise ValueError(f"schedule_type {schedule_type!r}: this cascade's stages run on "
+                             f"{' or '.join(map(repr, self.schedule_types))} levels")
         level = self.lowres_sample_noise_level if lowres_sample_noise_level is None \
             else _check_level(lowres_sample_noise_level)
         fraction = 1.0 if not cfg_remove_parallel_component else float(cfg_keep_parallel_frac)
@@ -455,7 +461,7 @@ class ImagenPipeline:
                 a, s = (v.view(-1, 1, 1, 1).to(device) for v in alpha_sigma(lam))
                 extra = {"lowres_cond_img": a * low + s * noise.draw(tuple(low.shape)).to(device),
                          "lowres_noise_cond": self.lowres_condition(t_low, lam).to(device)}
-            stage = self.stage_sampling(k, int(stage_steps[k]), samplers[k], guidance)
+            stage = self.stage_sampling(k, int(stage_steps[k]), samplers[k], guidance, spacing)
             x = noise.draw(shape).to(device) * stage.start_scale
             model = StageModel(self.stage_unet(k), stage.condition)
             cond, uncond = extra, None
@@ -489,6 +495,7 @@ class ImagenPipeline:
     default_sampler = "ddpm"  # imagen-pytorch's
     samplers = SAMPLERS
     sampler_levels = "an Imagen stage's log-SNR grid"  # (what the samplers step over, for check_sampler's error)
+    schedule_types = ("uniform", "karras")  # its grids (imagine.schedules.CONTINUOUS_SPACINGS), the default first
     settings_keys = IMAGEN_SETTINGS  # the config keys sampling reads (an imagen-pytorch config's others refused)
 
     def default_steps(self, k: int) -> int:
@@ -511,13 +518,15 @@ class ImagenPipeline:
         imagen-pytorch's get_condition, what the U-Net was trained on."""
         return lam
 
-    def stage_sampling(self, k: int, steps: int, sampler: str, guidance: Callable[..., torch.Tensor]) -> StageSampling:
-        """Stage k's run: the continuous-time grid of `steps` steps of its schedule (imagine.schedules.continuous_plan),
+    def stage_sampling(self, k: int, steps: int, sampler: str, guidance: Callable[..., torch.Tensor],
+                       spacing: str = "uniform") -> StageSampling:
+        """Stage k's run: the continuous-time grid of `steps` steps of its schedule (imagine.schedules.continuous_plan,
+        even in t or Karras-spaced),
         the U-Net told lambda(t), its pred_objective read as imagine's prediction type; DDPM's last step adds no noise
         and its draw, made and masked by imagen-pytorch, is made here after the run."""
         from imagine.schedules import continuous_plan
 
-        return StageSampling(plan=continuous_plan(self.noise_schedules[k], steps),
+        return StageSampling(plan=continuous_plan(self.noise_schedules[k], steps, spacing),
                              condition=log_snr_condition(self.noise_schedules[k]),
                              prediction_type=PREDICTION_TYPES[self.pred_objectives[k]], guidance=guidance,
                              options={"final_noise": False} if sampler == "ddpm" else {}, trailing_draws=1)
