@@ -489,3 +489,21 @@ def test_karras_spacing_brings_few_step_runs_nearer_the_ode(sampler, factor):
     with pytest.raises(ValueError, match="this cascade's stages run on 'karras' levels"):
         ElucidatedImagenPipeline([GaussianDataF()], image_sizes=[8], text_embed_dim=4).sample(
             text_embeds=text, schedule_type="uniform", progress=False)
+
+
+def test_shapes_eval_runs_an_elucidated_cascade(edm_base):
+    import argparse
+
+    from imagine.evaluation import ImagenShapes, add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    shapes = ImagenShapes(p.parse_args(["--model", str(edm_base / "model")]))
+    assert shapes.defaults["sampler"] == "heun" and shapes.defaults["sigma_schedule"] == "EDM (Karras)"
+    got = shapes(["a red circle"], [3], steps=3, guidance_scale=2.0)
+    own = ImagenPipeline.from_pretrained(edm_base / "model").sample(["a red circle"], seeds=[3], steps=3,
+                                                                    cond_scale=2.0, output_type="pil",
+                                                                    progress=False)
+    assert got[0].size == (64, 64) and got[0].tobytes() == own[0].resize((64, 64), 3).tobytes()  # (3: bicubic)
+    with pytest.raises(ValueError, match="--sweep samplers runs DDPM"):
+        ImagenShapes(p.parse_args(["--model", str(edm_base / "model"), "--sweep", "samplers"]))
