@@ -437,6 +437,18 @@ def test_imagine_generate_enlarges_a_start_image(folder, tmp_path, one_thread):
     assert np.array_equal(pixels(out), pixels(want)) and record(out)["schedule_type"] == "karras"
     run = cli("--model", cascade, PROMPT, "--schedule-type", "exponential", "-o", out)
     assert run.returncode != 0 and "stages run on uniform or karras levels" in run.stderr
+    # --init-image --strength 0.5: image to image at stage 1 (the 10 px picture resized to 8), recorded
+    run = cli("--model", cascade, PROMPT, "--init-image", tmp_path / "small.png", "--strength", 0.5, "--seed", 4,
+              "--steps", 4, "-o", out)
+    assert run.returncode == 0, run.stderr
+    want = ImagenPipeline.from_pretrained(cascade).sample([PROMPT], seeds=[4], steps=4, cond_scale=2.0,
+                                                          output_type="pil", progress=False, init_image=small,
+                                                          strength=0.5)[0]
+    assert np.array_equal(pixels(out), pixels(want))
+    assert {k: record(out)[k] for k in ("init_image", "strength")} == {"init_image": "small.png", "strength": 0.5}
+    run = cli("--model", cascade, PROMPT, "--init-image", tmp_path / "small.png", "--start-image",
+              tmp_path / "small.png", "-o", out)
+    assert run.returncode != 0 and "give one" in run.stderr
 
 
 # -- Karras spacing on Imagen's continuous-time grid ----------------------------------------------------------------
@@ -507,3 +519,52 @@ def test_shapes_eval_runs_an_elucidated_cascade(edm_base):
     assert got[0].size == (64, 64) and got[0].tobytes() == own[0].resize((64, 64), 3).tobytes()  # (3: bicubic)
     with pytest.raises(ValueError, match="--sweep samplers runs DDPM"):
         ImagenShapes(p.parse_args(["--model", str(edm_base / "model"), "--sweep", "samplers"]))
+
+
+# -- image to image at stage 1 (SDEdit) --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["original", "elucidated"])
+def test_image_to_image_lands_where_the_ode_takes_the_noised_picture(kind):
+    """init_image at strength s: the picture x_0 noised to the level abar where the last int(steps s) steps start,
+    x = sqrt(abar) x_0 + sqrt(1 - abar) eps (eps the stage's start noise), then those steps. For Gaussian data the
+    probability-flow ODE from there ends at alpha_0 mu + sqrt(alpha_0^2 s^2 + sigma_0^2) z, z = (x - sqrt(abar) mu) /
+    sqrt(abar s^2 + 1 - abar): an ODE sampler with many steps lands there (DPM++ 2M on Imagen's grid and on EDM's),
+    calling the model int(steps s) times."""
+    from imagine.sampling import PerSampleNoise, make_generators
+    from imagine.schedules import continuous_plan
+
+    calls = []
+    if kind == "original":
+        base = s31.GaussianDataUnet()
+        unet = (lambda *a, **k: calls.append(1) or base(*a, **k))
+        pipe = ImagenPipeline([unet], image_sizes=[8], text_embed_dim=4, dynamic_thresholding=False, timesteps=1000)
+        plan, sampler, steps = continuous_plan("cosine", 400), "dpmpp_2m", 400
+    else:
+        base = GaussianDataF()
+        unet = (lambda *a, **k: calls.append(1) or base(*a, **k))
+        pipe = ElucidatedImagenPipeline([unet], image_sizes=[8], text_embed_dim=4, dynamic_thresholding=False,
+                                        S_churn=0.0)
+        plan, sampler, steps = edm.edm_plan(200, 0.002, 80.0, 7.0), "dpmpp_2m", 200
+    mu, sd = base.mu, base.s
+    x0 = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))  # (in [0, 1]: x_0 = 2 x - 1)
+    eps = PerSampleNoise(make_generators(1, [7], None)).draw((1, 3, 8, 8)).double()
+    text = torch.randn(1, 3, 4)
+    for strength in (0.3, 0.7):
+        calls.clear()
+        got = pipe.sample(text_embeds=text, seeds=[7], steps=steps, sampler=sampler, progress=False,
+                          init_image=x0, strength=strength)
+        start = len(plan) - int(len(plan) * strength)
+        abar, abar_0 = float(plan.alphas_cumprod[start]), float(plan.alphas_cumprod[-1])
+        x = math.sqrt(abar) * (2 * x0.double() - 1) + math.sqrt(1 - abar) * eps
+        z = (x - math.sqrt(abar) * mu) / math.sqrt(abar * sd**2 + 1 - abar)
+        want = (math.sqrt(abar_0) * mu + math.sqrt(abar_0 * sd**2 + 1 - abar_0) * z).clamp(-1, 1)
+        err = float(((got.double() * 2 - 1) - want).abs().max())
+        print(f"{kind} strength {strength}: max error {err:.2e}, {len(calls)} calls")
+        assert err < 1e-3, (strength, err)
+        assert len(calls) == int(len(plan) * strength)  # (DPM++ 2M: one call a step)
+    with pytest.raises(ValueError, match="strength must be in \\(0, 1\\]"):
+        pipe.sample(text_embeds=text, init_image=x0, strength=0.0, progress=False)
+    with pytest.raises(ValueError, match="runs none"):
+        pipe.sample(text_embeds=text, init_image=x0, strength=0.01, steps=20, sampler=sampler, progress=False)
+    with pytest.raises(ValueError, match="init_image is image to image at stage 1"):
+        s31.ours_of(s31.build_imagen()).sample(text_embeds=s31.texts()[0], init_image=x0, start_at_unet_number=2,
+                                               start_image=x0, progress=False)

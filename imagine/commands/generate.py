@@ -1245,7 +1245,7 @@ def _karlo_run(args, prompts: list[str], max_seed: int) -> int:
 # the flags an Imagen cascade's run reads (imagine.pipelines.imagen); any other, given, is refused by name
 IMAGEN_FLAGS = {"prompt", "model", "steps", "guidance_scale", "seed", "num_images", "output", "from_file", "quiet",
                 "command", "func", "verbose", "dtype", "precision", "sampler", "text_encoder", "ema_weights",
-                "start_image", "start_at_stage", "sigma_schedule"}
+                "start_image", "start_at_stage", "sigma_schedule", "init_image", "strength"}
 IMAGEN_GUIDANCE = 1.0  # imagen-pytorch's Imagen.sample cond_scale (its `imagen` command samples at 5)
 IMAGEN_T5 = "google/t5-v1_1-base"  # imagen-pytorch's DEFAULT_T5_NAME, a checkpoint's text_encoder_name if none saved
 
@@ -1283,9 +1283,16 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
     _refuse_idle_flags(args, IMAGEN_FLAGS, "an Imagen cascade, which takes the prompt, --steps and --guidance-scale "
                        "(every stage's), --sampler, --schedule-type, --seed, --num-images, --precision, --dtype, -o, "
                        "--start-image with "
-                       "--start-at-stage, and for an imagen-pytorch checkpoint --text-encoder and --ema-weights")
+                       "--start-at-stage, --init-image with --strength, and for an imagen-pytorch checkpoint "
+                       "--text-encoder and --ema-weights")
     _check_values(args, max_seed)
     start = _read_image(args.start_image, "--start-image") if args.start_image else None
+    init = _read_image(args.init_image) if args.init_image else None
+    if args.strength is not None and init is None:
+        raise ValueError("--strength is how far from --init-image: give the picture")
+    if init is not None and start is not None:
+        raise ValueError("--init-image (image to image at stage 1) and --start-image (the super-resolution stages "
+                         "enlarge it): give one")
     first = args.start_at_stage if args.start_at_stage is not None else 2 if start is not None else 1
     if (first > 1) != (start is not None):
         raise ValueError(f"--start-at-stage {first}: a stage after the first enlarges the --start-image picture, and "
@@ -1323,6 +1330,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
         else args.guidance_scale
     if first > len(pipe.unets):
         raise ValueError(f"--start-at-stage {first}: {args.model} has stages 1 to {len(pipe.unets)}")
+    strength = 0.75 if args.strength is None else float(args.strength)  # (A1111's default denoising strength)
     if args.sigma_schedule not in (None, *pipe.schedule_types):
         raise ValueError(f"--schedule-type {args.sigma_schedule}: this cascade's stages run on "
                          f"{' or '.join(pipe.schedule_types)} levels")
@@ -1333,6 +1341,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
                 "stages": len(pipe.unets),
                 **({"start_image": Path(args.start_image).name, "start_at_stage": first} if start else {}),
                 **({"schedule_type": args.sigma_schedule} if args.sigma_schedule else {}),
+                **({"init_image": Path(args.init_image).name, "strength": strength} if init else {}),
                 **({"text_encoder": Path(args.text_encoder).name} if args.text_encoder else {}),
                 **({"ema_weights": True} if args.ema_weights else {}),
                 **({"dtype": args.dtype} if args.dtype != "float32" else {}),
@@ -1341,7 +1350,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
     def picture(prompt: str, seed: int):
         img = pipe.sample([prompt], cond_scale=scale, seeds=[seed], steps=steps, output_type="pil",
                           progress=not args.quiet, sampler=sampler, start_at_unet_number=first, start_image=start,
-                          schedule_type=args.sigma_schedule)[0]
+                          schedule_type=args.sigma_schedule, init_image=init, strength=strength)[0]
         return img, {"prompt": prompt, "seed": seed, **recorded, "width": img.width, "height": img.height}
 
     return _save_pictures(args, prompts, max_seed, picture)

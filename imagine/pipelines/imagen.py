@@ -389,7 +389,8 @@ class ImagenPipeline:
                lowres_sample_noise_level: float | None = None, cfg_remove_parallel_component: bool = True,
                cfg_keep_parallel_frac: float = 0.0, output_type: str = "pt", progress: bool = True,
                callback: Callable[[dict], None] | None = None, sampler: str | Sequence[str] | None = None,
-               start_at_unet_number: int = 1, start_image=None, schedule_type: str | None = None):
+               start_at_unet_number: int = 1, start_image=None, schedule_type: str | None = None,
+               init_image=None, strength: float = 0.75):
         """The cascade's pictures: [B, C, H, W] in [0, 1] (in [-1, 1] where auto_normalize_img is off), or PIL
         pictures (output_type "pil"), of the last stage run (`stop_at_unet_number`: stop after that stage, from 1).
         cond_scale: guidance scale, one or one per stage (1: the conditional pass alone). seeds / generator: per-image
@@ -405,7 +406,12 @@ class ImagenPipeline:
         start_image_or_video: a square picture in [0, 1] as that stage would hand it on, resized to its size by
         resize_mode; a tensor [B or 1, C, H, W] or PIL pictures), e.g. to make a picture larger. schedule_type: the
         stages' grid, "uniform" in t (imagen-pytorch's, the default) or "karras" (ours, for few steps:
-        imagine.schedules.continuous_times_karras); an ElucidatedImagen's levels are Karras' own."""
+        imagine.schedules.continuous_times_karras); an ElucidatedImagen's levels are Karras' own. init_image with
+        strength: image to image (SDEdit, Meng et al. 2022) at the first stage: the picture (square, in [0, 1], a
+        tensor or PIL pictures; resized to stage 1's size by resize_mode) noised to the level int(steps * strength)
+        steps before the end of stage 1's grid, x = sqrt(abar) x_0 + sqrt(1 - abar) eps with eps the stage's start
+        noise, and those last steps run (diffusers' img2img rule); later stages as usual. (Not imagen-pytorch's
+        init_images, which adds the picture to unit noise.)"""
         from imagine.guidance import guided_model_output, projected_guidance
         from imagine.samplers import resolve_sampler
         from imagine.sampling import PerSampleNoise, make_generators
@@ -448,7 +454,16 @@ class ImagenPipeline:
         device = _device(self.unets[0])
         noise = PerSampleNoise(make_generators(batch, seeds, generator))
         # the last stage's output, in [0, 1] (auto_normalize_img) as imagen-pytorch hands it on
-        picture = None if first == 1 else self._start_picture(start_image, batch, first - 1, device)
+        picture = None if first == 1 else self._picture(start_image, batch, self.image_sizes[first - 2], device,
+                                                          "start_image")
+        init = None
+        if init_image is not None:
+            if first > 1:
+                raise ValueError("init_image is image to image at stage 1; with start_at_unet_number > 1 the stages "
+                                 "enlarge start_image: give one of them")
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+                raise ValueError(f"strength must be in (0, 1] (how far from init_image); got {strength!r}")
+            init = self._normalize(self._picture(init_image, batch, self.image_sizes[0], device, "init_image"))
         for k in range(first - 1, last):
             size = self.image_sizes[k]
             shape = (batch, self.channels, size, size)
@@ -462,7 +477,16 @@ class ImagenPipeline:
                 extra = {"lowres_cond_img": a * low + s * noise.draw(tuple(low.shape)).to(device),
                          "lowres_noise_cond": self.lowres_condition(t_low, lam).to(device)}
             stage = self.stage_sampling(k, int(stage_steps[k]), samplers[k], guidance, spacing)
-            x = noise.draw(shape).to(device) * stage.start_scale
+            eps = noise.draw(shape).to(device)
+            x, plan = eps * stage.start_scale, stage.plan
+            if init is not None and k == 0:  # SDEdit: the picture noised to the level the last steps start from
+                run = int(len(plan) * strength)
+                if run < 1:
+                    raise ValueError(f"strength {strength} of {len(plan)} steps runs none: raise the strength or the "
+                                     "steps")
+                plan = plan.tail(len(plan) - run)
+                abar = float(plan.alphas_cumprod[0])
+                x = math.sqrt(abar) * init + math.sqrt(1.0 - abar) * eps
             model = StageModel(self.stage_unet(k), stage.condition)
             cond, uncond = extra, None
             if self.condition_on_text:
@@ -470,7 +494,7 @@ class ImagenPipeline:
                 cond = {**text, **extra, "text_dropped": torch.zeros(batch, dtype=torch.bool, device=device)}
                 if scales[k] != 1:
                     uncond = {**cond, "text_dropped": torch.ones(batch, dtype=torch.bool, device=device)}
-            denoise = StageDenoiser(model, stage.plan, stage.prediction_type, cond, uncond,
+            denoise = StageDenoiser(model, plan, stage.prediction_type, cond, uncond,
                                     float(scales[k]) if uncond is not None else 1.0,
                                     thresholding="dynamic" if self.dynamic_thresholding[k] else "static",
                                     threshold_percentile=self.dynamic_thresholding_percentile,
@@ -481,7 +505,7 @@ class ImagenPipeline:
                     callback({**info, "stage": stage_number})
 
             with torch.no_grad():
-                x = resolve_sampler(samplers[k])[1](denoise, x, stage.plan, noise=noise, callback=step_done,
+                x = resolve_sampler(samplers[k])[1](denoise, x, plan, noise=noise, callback=step_done,
                                                     progress=progress, **stage.options)
             for _ in range(stage.trailing_draws):  # (draws imagen-pytorch makes and leaves unused: the stream stays its)
                 noise.draw(shape)
@@ -547,10 +571,10 @@ class ImagenPipeline:
             self._runs[k] = unet
         return self._runs[k]
 
-    def _start_picture(self, image, batch: int, k: int, device) -> torch.Tensor:
-        """start_image as stage k - 1 (0-based k) would hand it on: a float tensor [batch, C, s, s] at that stage's size
-        s (resized by resize_mode, as imagen-pytorch's resize_image_to), from a tensor [B or 1, C, H, W] or PIL
-        pictures (taken to [0, 1], or [-1, 1] where auto_normalize_img is off)."""
+    def _picture(self, image, batch: int, size: int, device, name: str) -> torch.Tensor:
+        """A picture given to the cascade (start_image, init_image) as a stage hands one on: a float tensor [batch, C,
+        size, size] (resized by resize_mode, as imagen-pytorch's resize_image_to), from a tensor [B or 1, C, H, W] or
+        PIL pictures (taken to [0, 1], or [-1, 1] where auto_normalize_img is off)."""
         import numpy as np
         from PIL import Image
 
@@ -559,22 +583,21 @@ class ImagenPipeline:
             rows = [image] if isinstance(image, Image.Image) else list(image)
             mode = {1: "L", 3: "RGB"}.get(self.channels)
             if mode is None:
-                raise ValueError(f"start_image: PIL pictures are for 1- or 3-channel cascades; this one has "
+                raise ValueError(f"{name}: PIL pictures are for 1- or 3-channel cascades; this one has "
                                  f"{self.channels} channels: give a tensor")
             arrays = [torch.from_numpy(np.asarray(r.convert(mode), dtype=np.float32)) / 255.0 for r in rows]
             if len({a.shape for a in arrays}) != 1:
-                raise ValueError(f"start_image: the pictures differ in size ({sorted({a.shape[:2] for a in arrays})})")
+                raise ValueError(f"{name}: the pictures differ in size ({sorted({a.shape[:2] for a in arrays})})")
             image = torch.stack([a if a.ndim == 3 else a[..., None] for a in arrays]).permute(0, 3, 1, 2)
             image = image if self.auto_normalize_img else image * 2 - 1
         if not torch.is_tensor(image) or image.ndim != 4 or image.shape[1] != self.channels \
                 or image.shape[0] not in (1, batch) or not image.is_floating_point():
             got = f"{image.dtype} {tuple(image.shape)}" if torch.is_tensor(image) else type(image).__name__
-            raise ValueError(f"start_image must be PIL pictures or a float tensor [B, {self.channels}, H, W] with B = "
+            raise ValueError(f"{name} must be PIL pictures or a float tensor [B, {self.channels}, H, W] with B = "
                              f"{batch} or 1; got {got}")
         if image.shape[-1] != image.shape[-2]:
-            raise ValueError(f"start_image is {image.shape[-1]}x{image.shape[-2]}: the cascade's stages are square; "
+            raise ValueError(f"{name} is {image.shape[-1]}x{image.shape[-2]}: the cascade's stages are square; "
                              "crop or pad it square first")
-        size = self.image_sizes[k - 1]
         image = image.float().to(device).expand(batch, -1, -1, -1)
         return image if image.shape[-1] == size else F.interpolate(image, size, mode=self.resize_mode)
 
