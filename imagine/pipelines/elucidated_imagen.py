@@ -20,8 +20,10 @@ continuous-time VP one.
   `lowres_noise_cond="time"` reproduces its pictures.
 - `P_mean`, `P_std`: the training noise distribution (ln sigma ~ N(P_mean, P_std^2)), kept with the cascade; sampling
   does not read them.
-- Not built: sample-time sigma_min / sigma_max / skip_steps overrides, init images, inpainting (imagen-pytorch's
-  RePaint resampling), video.
+- Image to image and enlarging a given picture: ImagenPipeline.sample's init_image / strength (SDEdit over these
+  levels) and start_at_unet_number / start_image, as for Imagen.
+- Not built: sample-time sigma_min / sigma_max / skip_steps overrides, imagen-pytorch's own init_images (the picture
+  added to noise at sigma_max), inpainting (its RePaint resampling), video.
 """
 
 from __future__ import annotations
