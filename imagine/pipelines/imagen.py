@@ -427,12 +427,6 @@ class ImagenPipeline:
         if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= last:
             raise ValueError(f"start_at_unet_number must be a unet number from 1 to {last} (the last stage run); got "
                              f"{start_at_unet_number!r}")
-        if first > 1 and start_image is None:
-            raise ValueError(f"start_at_unet_number {first}: give start_image, the picture stage {first} enlarges")
-        if first == 1 and start_image is not None:
-            raise ValueError(f"start_image: give start_at_unet_number (2 to {n}), the stage that enlarges it; stage 1 "
-                             "makes its picture from noise" if n > 1 else "start_image: this cascade has one stage, "
-                             "which makes its picture from noise")
         scales = per_stage(cond_scale, n, "cond_scale")
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scales):
             raise ValueError(f"cond_scale must be finite numbers; got {scales}")
@@ -453,17 +447,8 @@ class ImagenPipeline:
         text_embeds, text_masks, batch = self._text(texts, text_embeds, text_masks, batch_size)
         device = _device(self.unets[0])
         noise = PerSampleNoise(make_generators(batch, seeds, generator))
-        # the last stage's output, in [0, 1] (auto_normalize_img) as imagen-pytorch hands it on
-        picture = None if first == 1 else self._picture(start_image, batch, self.image_sizes[first - 2], device,
-                                                          "start_image")
-        init = None
-        if init_image is not None:
-            if first > 1:
-                raise ValueError("init_image is image to image at stage 1; with start_at_unet_number > 1 the stages "
-                                 "enlarge start_image: give one of them")
-            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-                raise ValueError(f"strength must be in (0, 1] (how far from init_image); got {strength!r}")
-            init = self._normalize(self._picture(init_image, batch, self.image_sizes[0], device, "init_image"))
+        # picture: the last stage's output, in [0, 1] (auto_normalize_img) as imagen-pytorch hands it on
+        picture, init = self._given_pictures(first, start_image, init_image, strength, batch, device)
         for k in range(first - 1, last):
             size = self.image_sizes[k]
             shape = (batch, self.channels, size, size)
@@ -570,6 +555,28 @@ class ImagenPipeline:
                 unet = exact_copy(unet) if self.precision == "exact" else _Autocast(unet)
             self._runs[k] = unet
         return self._runs[k]
+
+    def _given_pictures(self, first: int, start_image, init_image, strength, batch: int, device):
+        """(start_image as stage first - 1 hands it on, or None; init_image at stage 1's size in [-1, 1], or None),
+        the combinations checked."""
+        n = len(self.unets)
+        if first > 1 and start_image is None:
+            raise ValueError(f"start_at_unet_number {first}: give start_image, the picture stage {first} enlarges")
+        if first == 1 and start_image is not None:
+            raise ValueError(f"start_image: give start_at_unet_number (2 to {n}), the stage that enlarges it; stage 1 "
+                             "makes its picture from noise" if n > 1 else "start_image: this cascade has one stage, "
+                             "which makes its picture from noise")
+        if init_image is not None and first > 1:
+            raise ValueError("init_image is image to image at stage 1; with start_at_unet_number > 1 the stages "
+                             "enlarge start_image: give one of them")
+        if init_image is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                                       or not 0 < strength <= 1):
+            raise ValueError(f"strength must be in (0, 1] (how far from init_image); got {strength!r}")
+        start = None if first == 1 else self._picture(start_image, batch, self.image_sizes[first - 2], device,
+                                                        "start_image")
+        init = None if init_image is None else \
+            self._normalize(self._picture(init_image, batch, self.image_sizes[0], device, "init_image"))
+        return start, init
 
     def _picture(self, image, batch: int, size: int, device, name: str) -> torch.Tensor:
         """A picture given to the cascade (start_image, init_image) as a stage hands one on: a float tensor [batch, C,
