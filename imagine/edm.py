@@ -116,9 +116,8 @@ def preconditioned_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t
     if kw.get("parts") is not None:
         raise ValueError("a preconditioned (EDM) model's guidance keeps no unconditional x_0: the CFG++ samplers do not "
                          "run on it")
-    sigma = t.float()
+    sigma, x64 = t.float(), x.double()
     c_skip, c_out, c_in = (c.double().view(-1, 1, 1, 1) for c in coefficients(sigma, sigma_data))
     to_ve = (1.0 + sigma.double() ** 2).sqrt().view(-1, 1, 1, 1)
-    f = guidance(model, (x.double() * (c_in * to_ve)).to(x.dtype), c_noise(sigma), cond, uncond, scale,
-                 rescale=rescale)
-    return (x.double() * (c_skip * to_ve) + c_out * f.double()).to(x.dtype)
+    f = guidance(model, (x64 * (c_in * to_ve)).to(x.dtype), c_noise(sigma), cond, uncond, scale, rescale=rescale)
+    return (x64 * (c_skip * to_ve) + c_out * f.double()).to(x.dtype)

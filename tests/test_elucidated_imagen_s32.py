@@ -256,9 +256,7 @@ def edm_base(tmp_path_factory):
 def test_an_elucidated_stage_trains_resumes_and_exports(edm_base, tmp_path):
     import json
 
-    from test_imagen_train_s31 import train
-
-    from imagine.models import io
+    from test_imagen_train_s31 import same_exported_stage, train
 
     log = [json.loads(line) for line in (edm_base / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6] and all(math.isfinite(r["loss"]) for r in log)
@@ -272,9 +270,7 @@ def test_an_elucidated_stage_trains_resumes_and_exports(edm_base, tmp_path):
     assert pictures.shape == (2, 3, 16, 16) and torch.allclose(pictures[1:], alone, atol=1e-5)
     resumed = train(tmp_path, "resumed", elucidated_stage(16), "--resume-from",
                     str(edm_base / "checkpoints" / "step-00000003"))
-    a = io.load_tensors(edm_base / "model" / "unet_1" / "diffusion_pytorch_model.safetensors")
-    b = io.load_tensors(resumed / "model" / "unet_1" / "diffusion_pytorch_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_exported_stage(edm_base, resumed)
 
 
 def test_an_elucidated_super_resolution_stage_on_its_base(edm_base, tmp_path):

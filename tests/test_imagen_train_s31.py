@@ -129,14 +129,18 @@ def test_a_base_stage_trains_exports_and_samples(base_run):
     assert pictures.shape == (2, 3, 16, 16) and torch.allclose(pictures[1:], alone, atol=1e-5)
 
 
-def test_a_resumed_stage_ends_with_the_weights_of_an_unbroken_run(base_run, tmp_path):
+def same_exported_stage(run_a: Path, run_b: Path) -> bool:
+    """The two runs' exported top stages hold the same weights, bit for bit."""
     from imagine.models import io
 
+    a, b = (io.load_tensors(r / "model" / "unet_1" / "diffusion_pytorch_model.safetensors") for r in (run_a, run_b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_stage_ends_with_the_weights_of_an_unbroken_run(base_run, tmp_path):
     resumed = train(tmp_path, "resumed", stage_config(16), "--resume-from",
                     str(base_run / "checkpoints" / "step-00000003"))
-    a = io.load_tensors(base_run / "model" / "unet_1" / "diffusion_pytorch_model.safetensors")
-    b = io.load_tensors(resumed / "model" / "unet_1" / "diffusion_pytorch_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_exported_stage(base_run, resumed)
 
 
 def test_a_super_resolution_stage_samples_through_the_cascade_below(base_run, tmp_path):

@@ -1294,7 +1294,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
         raise ValueError("--init-image (image to image at stage 1) and --start-image (the super-resolution stages "
                          "enlarge it): give one")
     first = args.start_at_stage if args.start_at_stage is not None else 2 if start is not None else 1
-    if (first > 1) != (start is not None):
+    if first < 1 or (first > 1) != (start is not None):
         raise ValueError(f"--start-at-stage {first}: a stage after the first enlarges the --start-image picture, and "
                          "stage 1 makes its own: give --start-image with a stage from 2 on, or neither")
     for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
