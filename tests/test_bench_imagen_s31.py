@@ -12,8 +12,10 @@ import torch
 import imagen_peer
 from imagine.bench import imagen as bench
 from imagine.cli import BENCHES, main
+from imagine.hardware import native_bf16
 
 RTOL = 1e-5  # max |ours - peer| / max |peer|, float32 (tests/test_efficient_unet_s31.py's)
+BF16_BOUND = 0.15  # the same in bf16 (8 significant bits): a wrong weight or layout gives about 1
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,10 @@ def test_bench_runs_end_to_end_with_both_sides(ip, tmp_path, capsys):
         assert set(m["sides"]) == set(bench.SIDES)
         assert m["sides"]["imagen_pytorch"]["rel_diff_vs_imagen_pytorch"] == 0.0  # (the reference itself)
         for name, side in m["sides"].items():
-            assert side["rel_diff_vs_imagen_pytorch"] < 1e-4, name
+            # (the fast side computes in bf16 where the CPU has it natively: 5.6e-2 measured on a Zen 4 for these tiny
+            # random nets; float32 elsewhere)
+            bound = BF16_BOUND if name == "imagine_fast" and native_bf16() else 1e-4
+            assert side["rel_diff_vs_imagen_pytorch"] < bound, (name, side["rel_diff_vs_imagen_pytorch"])
             assert len(side["seconds"]) == 1 and side["median_s"] > 0 and side["median_cpu_s"] >= 0
             assert side["peak_added_mb"] >= 0 and "output" not in side
         assert {"imagine_vs_imagen_pytorch", "imagine_fast_vs_imagen_pytorch_batched"} <= set(m["ratios"]["cpu"])

@@ -25,6 +25,10 @@ from imagine.schedules import alpha_sigma, continuous_plan, log_snr  # noqa: E40
 
 TEXT_DIM = 16
 SIZES = (8, 16)
+# ours against the peer's pictures in [0, 1] after a cascade: float32 rounding only (the kernels' sums differ by CPU:
+# up to 1.1e-4 measured on an AVX-512 Zen 4 at guidance 3 in session 33, under 1e-4 on the AVX2 Zen 3 of sessions
+# 31-32); a wrong draw or formula moves them by 1e-2 or more
+PICTURE_ATOL = 2e-4
 TIMESTEPS = (6, 5)
 
 
@@ -199,7 +203,7 @@ def test_cascade_matches_imagen_sample(imagen, scale):
     assert ours.shape == theirs.shape == (2, 3, 16, 16)
     print(f"{imagen.pred_objectives[0]} cond_scale {scale}: max abs {float((ours - theirs).abs().max()):.2e}, "
           f"PSNR {psnr(ours, theirs):.1f} dB")
-    assert float((ours - theirs).abs().max()) < 1e-4
+    assert float((ours - theirs).abs().max()) < PICTURE_ATOL
     assert float(theirs.std()) > 0.05  # (a picture, not a constant)
 
 
@@ -211,12 +215,12 @@ def test_per_image_seeds_are_peer_batch_1(imagen):
     both = ours.sample(text_embeds=embeds, text_masks=mask, cond_scale=3.0, seeds=[21, 22], progress=False)
     for i, seed in enumerate((21, 22)):
         theirs = peer_sample(imagen, seed, text_embeds=embeds[i:i + 1], text_masks=mask[i:i + 1], cond_scale=3.0)
-        assert float((both[i:i + 1] - theirs).abs().max()) < 1e-4
+        assert float((both[i:i + 1] - theirs).abs().max()) < PICTURE_ATOL
     alone = ours.sample(text_embeds=embeds[1:], text_masks=mask[1:], cond_scale=3.0, seeds=[22], progress=False)
-    assert float((alone - both[1:]).abs().max()) < 1e-4  # (float rounding of batch 1 vs 2 only)
+    assert float((alone - both[1:]).abs().max()) < PICTURE_ATOL  # (float rounding of batch 1 vs 2 only)
     first = ours.sample(text_embeds=embeds, text_masks=mask, seeds=[21, 22], stop_at_unet_number=1, progress=False)
     theirs = peer_sample(imagen, 21, text_embeds=embeds[:1], text_masks=mask[:1], stop_at_unet_number=1)
-    assert first.shape == (2, 3, 8, 8) and float((first[:1] - theirs).abs().max()) < 1e-4
+    assert first.shape == (2, 3, 8, 8) and float((first[:1] - theirs).abs().max()) < PICTURE_ATOL
 
 
 def test_coarser_grid_and_static_clipping():
@@ -230,7 +234,7 @@ def test_coarser_grid_and_static_clipping():
                        dynamic_thresholding=False).eval()
     for i in range(2):
         theirs = peer_sample(coarse, i + 1, text_embeds=embeds[i:i + 1], text_masks=mask[i:i + 1], cond_scale=3.0)
-        assert float((ours[i:i + 1] - theirs).abs().max()) < 1e-4
+        assert float((ours[i:i + 1] - theirs).abs().max()) < PICTURE_ATOL
     pil = ours_of(imagen, dynamic_thresholding=False).sample(
         text_embeds=embeds, text_masks=mask, cond_scale=3.0, seeds=[1, 2], steps=3, output_type="pil", progress=False)
     assert [p.size for p in pil] == [(16, 16)] * 2
