@@ -342,22 +342,25 @@ class ImagenPipeline:
         return pipe
 
     # -- text --------------------------------------------------------------------------------------
-    def encode_text(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, texts: str | Sequence[str], emphasis: bool | str = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(states [B, L, D], mask [B, L]) of the prompts as imagen-pytorch's t5_encode_text gives them: L the longest
-        prompt's tokens (at most 256), the padding's states zeroed."""
+        prompt's tokens (at most 256), the padding's states zeroed. `emphasis`: AUTOMATIC1111's `(word:1.3)` read as
+        weights on the states (TextEncoder.encode; not imagen-pytorch's)."""
         if self.text_encoder is None:
             raise ValueError("no text encoder: give text_embeds (and text_masks), imagen-pytorch's t5_encode_text "
                              "output, or load with t5_folder= (a local T5 encoder folder)")
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts or not all(isinstance(t, str) and t for t in texts):
             raise ValueError("texts must be one or more non-empty strings")
-        encoded = self.text_encoder.encode(texts)
+        encoded = self.text_encoder.encode(texts, emphasis=emphasis)
         mask = encoded.mask.bool()
         length = int(mask.sum(1).max())
         mask = mask[:, :length]
         return encoded.states[:, :length].masked_fill(~mask[..., None], 0.0), mask
 
-    def _text(self, texts, text_embeds, text_masks, batch_size) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    def _text(self, texts, text_embeds, text_masks, batch_size, emphasis: bool | str = False
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
         if not self.condition_on_text:
             if texts is not None or text_embeds is not None:
                 raise ValueError("this Imagen was trained without text (condition_on_text False): give no text")
@@ -365,7 +368,7 @@ class ImagenPipeline:
         if text_embeds is None:
             if texts is None:
                 raise ValueError("give texts (prompts, with a T5 text encoder) or text_embeds (T5 states [B, L, D])")
-            text_embeds, text_masks = self.encode_text(texts)
+            text_embeds, text_masks = self.encode_text(texts, emphasis)
         elif texts is not None:
             raise ValueError("give texts or text_embeds, not both")
         if not torch.is_tensor(text_embeds) or text_embeds.ndim != 3:
@@ -390,7 +393,7 @@ class ImagenPipeline:
                cfg_keep_parallel_frac: float = 0.0, output_type: str = "pt", progress: bool = True,
                callback: Callable[[dict], None] | None = None, sampler: str | Sequence[str] | None = None,
                start_at_unet_number: int = 1, start_image=None, schedule_type: str | None = None,
-               init_image=None, strength: float = 0.75):
+               init_image=None, strength: float = 0.75, emphasis: bool | str = False):
         """The cascade's pictures: [B, C, H, W] in [0, 1] (in [-1, 1] where auto_normalize_img is off), or PIL
         pictures (output_type "pil"), of the last stage run (`stop_at_unet_number`: stop after that stage, from 1).
         cond_scale: guidance scale, one or one per stage (1: the conditional pass alone). seeds / generator: per-image
@@ -411,7 +414,8 @@ class ImagenPipeline:
         tensor or PIL pictures; resized to stage 1's size by resize_mode) noised to the level int(steps * strength)
         steps before the end of stage 1's grid, x = sqrt(abar) x_0 + sqrt(1 - abar) eps with eps the stage's start
         noise, and those last steps run (diffusers' img2img rule); later stages as usual. (Not imagen-pytorch's
-        init_images, which adds the picture to unit noise.)"""
+        init_images, which adds the picture to unit noise.) emphasis: AUTOMATIC1111's `(word:1.3)` in the texts read
+        as weights (encode_text)."""
         from imagine.guidance import guided_model_output, projected_guidance
         from imagine.samplers import resolve_sampler
         from imagine.sampling import PerSampleNoise, make_generators
@@ -444,7 +448,7 @@ class ImagenPipeline:
         fraction = 1.0 if not cfg_remove_parallel_component else float(cfg_keep_parallel_frac)
         guidance = functools.partial(guided_model_output,
                                      combine=functools.partial(projected_guidance, parallel_fraction=fraction))
-        text_embeds, text_masks, batch = self._text(texts, text_embeds, text_masks, batch_size)
+        text_embeds, text_masks, batch = self._text(texts, text_embeds, text_masks, batch_size, emphasis)
         device = _device(self.unets[0])
         noise = PerSampleNoise(make_generators(batch, seeds, generator))
         # picture: the last stage's output, in [0, 1] (auto_normalize_img) as imagen-pytorch hands it on

@@ -727,6 +727,8 @@ def _own_size(pipe) -> tuple[int, int]:
     """The model's own (height, width): its defaults, else the U-Net's sample size times the VAE's factor, else
     512 x 512."""
     d = getattr(pipe, "defaults", {}) or {}
+    if d.get("height") and d.get("width"):  # (a pixel cascade names its size: it has no one U-Net)
+        return int(d["height"]), int(d["width"])
     try:
         sample = pipe.unet.config.sample_size or 64
         sample = (sample[0], sample[-1]) if isinstance(sample, (tuple, list)) else (sample, sample)
@@ -749,7 +751,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     if cfg.max_body_bytes is None:
         cfg = replace(cfg, max_body_bytes=max(8 << 20, 4 * (4 * cfg.max_width * cfg.max_height) * 4 // 3))
     worker = worker or ModelWorker(pipe, queue_size=cfg.queue_size, max_batch=cfg.max_batch)
-    samplers = SamplerTable(our_sampler_names())
+    # (a cascade's own samplers: imagine.server.cascade.ImagenServing.sampler_names)
+    samplers = SamplerTable(getattr(pipe, "sampler_names", None) or our_sampler_names())
     source = str(getattr(getattr(pipe, "c", None), "source", "") or "")
     name = model_name or (Path(source).name if source else "") or "default"
     if source and Path(source).is_file():  # (A1111's hash of a checkpoint: its sha256, the infotext's 10 digits)
@@ -764,6 +767,10 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     # (SD 2.1 unCLIP's decoder for a picture's embedding; with a diffusion prior the model makes images from text)
     prior_model = getattr(getattr(pipe, "c", None), "prior", None) is not None  # (unCLIP's text to image)
     unclip_model = getattr(getattr(pipe, "c", None), "image_embedder", None) is not None and not prior_model
+    # the samplers run on the model's own levels, as diffusers runs them (unCLIP's prior and decoder; an Imagen
+    # cascade's stages), not on AUTOMATIC1111's k-diffusion levels
+    own_levels = prior_model or bool(getattr(pipe, "own_levels", False))
+    schedule_types = tuple(getattr(pipe, "schedule_types", None) or SCHEDULE_TYPES)
     # CLIP layers skipped at load (imagine serve --clip-skip; diffusers' numbering, A1111's is 1 + it)
     clip_skip = int(getattr(getattr(pipe, "text_encoder", None), "clip_skip", 0) or 0)
     vae_source = str(getattr(getattr(pipe, "c", None), "vae_source", "") or "")
@@ -1101,7 +1108,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         "Automatic" left k-diffusion's own levels, "uniform", or the sampler is one of its CompVis ones, DDIM, PLMS
         and UniPC, which A1111 runs on their own timesteps; a type named for them is applied here, and named)."""
         a1111 = a1111_settings(sampler, asked)
-        if prior_model:  # (unCLIP's prior and decoder run diffusers' way: its pipeline takes no other start or range)
+        if own_levels:  # (diffusers' way: such a pipeline takes no other start or range)
             a1111 = {"sampler": sampler, "sigma_schedule": asked, "sigma_range": "spaced"}
         schedule = a1111["sigma_schedule"]
         run = {"sampler": sampler, "sigma_schedule": schedule,
@@ -1111,7 +1118,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                "sigma_range": a1111["sigma_range"], "start": a1111.get("start", "noise"),
                "discard_penultimate_sigma": a1111.get("discard_penultimate_sigma", False),
                "strength_rule": a1111.get("strength_rule", "diffusers")}
-        return run, asked or (a1111_named_pick(sampler) if not prior_model else None)
+        return run, asked or (a1111_named_pick(sampler) if not own_levels else None)
 
     def sampler_settings(sampler: str, eta, s_tmin, s_tmax, s_churn=None, s_noise=None
                          ) -> tuple[float | None, tuple, list[str]]:
@@ -1786,7 +1793,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                  "need_inner_model": False}] + [
                 {"name": A1111_SCHEDULE_NAMES.get(k, k), "label": SCHEDULE_LABELS[k],
                  "aliases": ["SGMUniform"] if k == "sgm_uniform" else None, "default_rho": rho.get(k, -1),
-                 "need_inner_model": k in MODEL_SIGMA_SCHEDULES} for k in SCHEDULE_TYPES]
+                 "need_inner_model": k in MODEL_SIGMA_SCHEDULES} for k in schedule_types]
 
     @app.get("/sdapi/v1/sd-models")
     def get_sd_models():
@@ -2273,7 +2280,7 @@ def _size_multiple(pipe) -> int:
 
 def _model_defaults(pipe, samplers: SamplerTable) -> dict:
     d = dict(getattr(pipe, "defaults", {}) or {})
-    sample = getattr(pipe.unet.config, "sample_size", None) or 32
+    sample = getattr(pipe.unet.config, "sample_size", None) or 32 if not (d.get("height") and d.get("width")) else 1
     if isinstance(sample, (tuple, list)):
         sh, sw = int(sample[0]), int(sample[1])
     else:

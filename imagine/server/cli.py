@@ -184,6 +184,36 @@ def run(args) -> int:
             s.close()
 
 
+# the flags that change a latent model (its VAE, LoRAs, embeddings, ControlNets, refiner, CLIP), which a pixel cascade
+# has none of: refused by name
+LATENT_ONLY_FLAGS = ("vae", "lora", "lora_dir", "embedding", "controlnet", "refiner", "clip_skip")
+
+
+def _cascade(args, config):
+    """An Imagen cascade folder's pipeline behind the server's interface (imagine.server.cascade), else None (a latent
+    model, loaded by TextToImagePipeline). The other pixel cascades (DeepFloyd IF, Karlo's unCLIP) are refused by
+    name: `imagine generate` runs them."""
+    from imagine.commands.generate import _cascade_model
+
+    kind = _cascade_model(args.model)
+    if kind is None:
+        return None
+    if kind != "ImagenPipeline":
+        raise ValueError(f"{args.model} is a {kind} folder, which imagine serve does not run (it serves latent models "
+                         "and Imagen cascades); imagine generate --model runs it")
+    given = [f"--{f.replace('_', '-')}" for f in LATENT_ONLY_FLAGS if getattr(args, f) not in (None, [], False)]
+    if given:
+        raise ValueError(f"{args.model} is an Imagen cascade (pixels, no VAE or CLIP): {', '.join(given)} "
+                         "change a latent model; leave them out")
+    import torch
+
+    from imagine.pipelines.imagen import ImagenPipeline
+    from imagine.server.cascade import ImagenServing
+
+    pipe = ImagenPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype), precision=args.precision)
+    return ImagenServing(pipe, source=args.model, max_steps=config.max_steps)
+
+
 def _serve(args, socks, config, styles) -> int:
     import uvicorn
 
@@ -191,12 +221,14 @@ def _serve(args, socks, config, styles) -> int:
     from imagine.pipelines.text_to_image import TextToImagePipeline
     from imagine.server.app import create_app
 
-    pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
-                                               dtype=getattr(__import__("torch"), args.dtype),
-                                               loras=parse_loras(args.lora),
-                                               embeddings=parse_embeddings(args.embedding),
-                                               controlnets=list(args.controlnet), clip_skip=args.clip_skip,
-                                               refiner=args.refiner)
+    pipe = _cascade(args, config)
+    if pipe is None:
+        pipe = TextToImagePipeline.from_pretrained(args.model, precision=args.precision, vae=args.vae,
+                                                   dtype=getattr(__import__("torch"), args.dtype),
+                                                   loras=parse_loras(args.lora),
+                                                   embeddings=parse_embeddings(args.embedding),
+                                                   controlnets=list(args.controlnet), clip_skip=args.clip_skip,
+                                                   refiner=args.refiner)
     if pipe.c.low_res_schedule is not None:  # (an unCLIP decoder serves OpenAI's variations)
         raise ValueError(f"{args.model} is {pipe.picture_model}, which a picture conditions throughout; imagine serve "
                          "runs text-to-image models and unCLIP decoders: use imagine generate --init-image PICTURE")

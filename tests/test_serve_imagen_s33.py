@@ -1,0 +1,163 @@
+"""`imagine serve` on an Imagen cascade folder (session 33): imagine.server.cascade.ImagenServing behind the same app,
+AUTOMATIC1111's and OpenAI's endpoints.
+
+The truth is ImagenPipeline.sample on the same folder (itself checked against imagen-pytorch 2.1.0 in
+test_imagen_s31 / test_imagen_cli_s31): a served picture must be the one sample makes from the same seed, to the pixel,
+at any batch size (per-image seeds); what a cascade does not run must be a 422 that names it."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from test_imagen_cli_s31 import PROMPT, folder  # noqa: F401 (fixture: a tiny two-stage cascade, 8 -> 16 px)
+
+from imagine.pipelines.imagen import ImagenPipeline  # noqa: E402
+from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
+from imagine.server.cascade import ImagenServing, _overall  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZE = 16  # (the cascade's last stage)
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):  # noqa: F811
+    return ImagenPipeline.from_pretrained(folder[0])
+
+
+@pytest.fixture(scope="module")
+def server(pipe, folder):  # noqa: F811
+    app = create_app(ImagenServing(pipe, source=str(folder[0])), ServerConfig(max_batch=4, max_steps=20))
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+def pixels(picture) -> np.ndarray:
+    return np.asarray(picture.convert("RGB"), dtype=np.int16)
+
+
+def decoded(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def b64png(picture: Image.Image) -> str:
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def txt2img(srv, **kw) -> requests.Response:
+    body = {"prompt": PROMPT, "seed": 4, "steps": 3, "cfg_scale": 2.0, "width": SIZE, "height": SIZE, **kw}
+    return requests.post(srv.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+
+
+def test_txt2img_pictures_are_the_pipelines_at_any_batch(server, pipe):
+    """A1111's txt2img, a batch of 2 with DPM++ 2M: sample's pictures from seeds 4 and 5; OpenAI's generations with
+    seed 5 alone: the second of them (the batch does not change a picture)."""
+    r = txt2img(server, sampler_name="DPM++ 2M", batch_size=2)
+    assert r.status_code == 200, r.text
+    got = [pixels(decoded(b)) for b in r.json()["images"]]
+    want = pipe.sample([PROMPT] * 2, seeds=[4, 5], steps=3, cond_scale=2.0, sampler="dpmpp_2m", output_type="pil",
+                       progress=False)
+    assert [g.shape for g in got] == [(SIZE, SIZE, 3)] * 2
+    assert all(np.array_equal(g, pixels(w)) for g, w in zip(got, want))
+    assert not np.array_equal(got[0], got[1]) and got[0].std() > 10
+    info = r.json()["info"]
+    assert '"all_seeds": [4, 5]' in info and "DPM++ 2M" in info
+    r = requests.post(server.url + "/v1/images/generations", timeout=120,
+                      json={"prompt": PROMPT, "n": 1, "size": f"{SIZE}x{SIZE}", "seed": 5, "steps": 3,
+                            "guidance_scale": 2.0, "sampler": "dpmpp_2m", "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    assert np.array_equal(pixels(decoded(r.json()["data"][0]["b64_json"])), got[1])
+
+
+def test_defaults_and_listings_are_the_cascades(server, pipe):
+    """No sampler, steps or scale: the folder's (3 steps, guidance 2) with the cascade's own sampler (DDPM); the
+    samplers and schedule types listed are the cascade's."""
+    r = txt2img(server, steps=None, cfg_scale=None, seed=7)
+    assert r.status_code == 200, r.text
+    want = pipe.sample([PROMPT], seeds=[7], steps=3, cond_scale=2.0, output_type="pil", progress=False)[0]
+    assert np.array_equal(pixels(decoded(r.json()["images"][0])), pixels(want))
+    listed = {s["options"]["imagine"] for s in requests.get(server.url + "/sdapi/v1/samplers", timeout=30).json()}
+    assert listed == set(pipe.samplers)
+    types = [s["label"] for s in requests.get(server.url + "/sdapi/v1/schedulers", timeout=30).json()]
+    assert types == ["Automatic", "Uniform", "Karras"]
+    # a Karras grid asked by its A1111 scheduler name: sample's schedule_type "karras"
+    r = txt2img(server, sampler_name="DPM++ 2M", scheduler="Karras")
+    assert r.status_code == 200, r.text
+    want = pipe.sample([PROMPT], seeds=[4], steps=3, cond_scale=2.0, sampler="dpmpp_2m", schedule_type="karras",
+                       output_type="pil", progress=False)[0]
+    assert np.array_equal(pixels(decoded(r.json()["images"][0])), pixels(want))
+
+
+def test_emphasis_is_read(server, pipe):
+    """A1111's (word:1.5): the states weighted as sample(emphasis=True) weights them, a picture of its own."""
+    prompt = "a (red:1.5) circle"
+    r = txt2img(server, prompt=prompt, sampler_name="DDIM")
+    assert r.status_code == 200, r.text
+    got = pixels(decoded(r.json()["images"][0]))
+    kw = dict(seeds=[4], steps=3, cond_scale=2.0, sampler="ddim", output_type="pil", progress=False)
+    assert np.array_equal(got, pixels(pipe.sample([prompt], emphasis=True, **kw)[0]))
+    assert not np.array_equal(got, pixels(pipe.sample([prompt], **kw)[0]))
+
+
+def test_img2img_is_stage_one_image_to_image(server, pipe):
+    """A1111's img2img: sample's init_image / strength (SDEdit at stage 1) on the picture."""
+    start = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    body = {"prompt": PROMPT, "seed": 3, "steps": 4, "cfg_scale": 2.0, "width": SIZE, "height": SIZE,
+            "sampler_name": "DDIM", "init_images": [b64png(start)], "denoising_strength": 0.5}
+    r = requests.post(server.url + "/sdapi/v1/img2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    want = pipe.sample([PROMPT], seeds=[3], steps=4, cond_scale=2.0, sampler="ddim", init_image=[start],
+                       strength=0.5, output_type="pil", progress=False)[0]
+    assert np.array_equal(pixels(decoded(r.json()["images"][0])), pixels(want))
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"negative_prompt": "blue"}, "no negative prompt"),
+    ({"width": 32, "height": 32}, f"{SIZE}x{SIZE} pictures"),
+    ({"sampler_name": "LMS"}, "unknown sampler"),
+    ({"prompt": "a red circle AND a blue square"}, "AND"),
+    ({"prompt": "a [red:blue:0.5] circle"}, "prompt editing"),
+    ({"subseed_strength": 0.5, "subseed": 3}, "variation seeds"),
+    ({"enable_hr": True, "hr_scale": 2}, "hires. fix"),
+    ({"sampler_name": "DDIM", "eta": 0.5}, "runs at eta 0"),
+])
+def test_what_a_cascade_does_not_run_is_refused_by_name(server, change, named):
+    r = txt2img(server, **change)
+    assert r.status_code == 422, (change, r.status_code, r.text[:300])
+    assert named in r.text, r.text[:500]
+
+
+def test_progress_counts_every_stage():
+    """The stages' reports as one count: stage 2's steps follow stage 1's, out of the whole cascade's."""
+    seen = []
+    report = _overall(seen.append, [3, 3])
+    for stage, total in ((1, 2), (2, 3)):  # (stage 1 ran 2 of its steps: image to image)
+        for k in range(total):
+            report({"stage": stage, "step": k, "total": total})
+    assert [(d["step"], d["total"]) for d in seen] == [(0, 5), (1, 5), (2, 5), (3, 5), (4, 5)]
+
+
+def test_serve_loads_a_cascade_and_refuses_latent_flags(folder, tmp_path):  # noqa: F811
+    from imagine.server.cli import _cascade
+
+    args = argparse.Namespace(model=str(folder[0]), vae=None, lora=[], lora_dir=None, embedding=[], controlnet=[],
+                              refiner=None, clip_skip=None, dtype="float32", precision="exact")
+    served = _cascade(args, ServerConfig(max_steps=20))
+    assert isinstance(served, ImagenServing) and served.defaults["height"] == SIZE
+    assert served.defaults["steps"] == 3 and served.defaults["sampler"] == "ddpm"
+    with pytest.raises(ValueError, match="--lora, --clip-skip change a latent model"):
+        _cascade(argparse.Namespace(**{**vars(args), "lora": ["x.safetensors"], "clip_skip": 1}), ServerConfig())
+    other = tmp_path / "if"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "IFPipeline"}')
+    with pytest.raises(ValueError, match="IFPipeline folder, which imagine serve does not run"):
+        _cascade(argparse.Namespace(**{**vars(args), "model": str(other)}), ServerConfig())
+    assert _cascade(argparse.Namespace(**{**vars(args), "model": str(tmp_path)}), ServerConfig()) is None
