@@ -770,7 +770,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     # the samplers run on the model's own levels, as diffusers runs them (unCLIP's prior and decoder; an Imagen
     # cascade's stages), not on AUTOMATIC1111's k-diffusion levels
     own_levels = prior_model or bool(getattr(pipe, "own_levels", False))
-    schedule_types = tuple(getattr(pipe, "schedule_types", None) or SCHEDULE_TYPES)
+    schedule_types = tuple(pipe.schedule_types) if hasattr(pipe, "schedule_types") else SCHEDULE_TYPES
     # CLIP layers skipped at load (imagine serve --clip-skip; diffusers' numbering, A1111's is 1 + it)
     clip_skip = int(getattr(getattr(pipe, "text_encoder", None), "clip_skip", 0) or 0)
     vae_source = str(getattr(getattr(pipe, "c", None), "vae_source", "") or "")

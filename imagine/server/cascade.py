@@ -1,22 +1,23 @@
-"""An Imagen cascade behind the server (`imagine serve --model CASCADE`).
+"""Pixel cascades behind the server (`imagine serve --model CASCADE`): Imagen and Karlo's unCLIP.
 
 The server's worker and app drive a TextToImagePipeline: `generate` (prompts, seeds and the run's settings -> a
 GenerationResult), `decode` (a step's x_0 estimate -> pixels, for live previews and interrupted jobs), `check_size`,
-`defaults`. `ImagenServing` gives those calls for an ImagenPipeline or ElucidatedImagenPipeline folder, each run by
-`ImagenPipeline.sample` with per-image seeds, so a served picture is the one `imagine generate --model CASCADE` makes
-from the same seed (at any batch size). Every stage runs the request's steps and guidance, as `imagine generate` runs
-them.
+`defaults`. `CascadeServing` gives those calls for a pixel cascade, each image from its own seed, so a served picture
+is the one `imagine generate --model CASCADE` makes from that seed (at any batch size): `ImagenServing` for an
+ImagenPipeline or ElucidatedImagenPipeline folder (ImagenPipeline.sample; every stage at the request's steps and
+guidance), `KarloServing` for a diffusers UnCLIPPipeline folder (imagine.pipelines.karlo; the request's steps and
+guidance are the decoder's).
 
-What a cascade does not run is refused by name (a 422 from the server), not ignored: negative prompts (Imagen's
-guidance runs against its learned null text), AUTOMATIC1111's AND and [from:to:when] syntax, variation seeds,
-inpainting, ControlNet, hires. fix, sampler options. A1111's emphasis `(word:1.3)` is read (the text encoder weights
-the states as for the latent models), and its img2img runs as the cascade's image to image at stage 1
+What a cascade does not run is refused by name (a 422 from the server), not ignored: negative prompts (the guidance
+runs against the learned null text), AUTOMATIC1111's AND and [from:to:when] syntax, variation seeds, inpainting,
+ControlNet, hires. fix, sampler options. Imagen reads A1111's emphasis `(word:1.3)` (the text encoder weights the
+states as for the latent models; Karlo refuses it) and runs its img2img as image to image at stage 1
 (ImagenPipeline.sample's init_image / strength)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -33,38 +34,37 @@ NOT_RUN = {
     "downcast_alphas_cumprod": "use_downcasted_alpha_bar", "pad_conds": "pad_cond_uncond",
     "sigma_range": "AUTOMATIC1111's k-diffusion levels", "start": "AUTOMATIC1111's k-diffusion levels",
     "discard_penultimate_sigma": "AUTOMATIC1111's k-diffusion levels",
-    "strength_rule": "AUTOMATIC1111's image-to-image step rule",
+    "strength_rule": "AUTOMATIC1111's image-to-image step rule", "init_image": "img2img (an init picture)",
 }
 # the eta a cascade's sampler runs at (ImagenPipeline's samplers take no eta: DDPM and Euler a draw fresh noise at
 # every step, the others none); a client's eta equal to it is accepted, another refused
 SAMPLER_ETA = {"ddpm": 1.0, "euler_a": 1.0, "dpmpp_2s_a": 1.0}
 
 
-class ImagenServing:
-    """An ImagenPipeline (or ElucidatedImagenPipeline) with the TextToImagePipeline calls the server makes."""
+class CascadeServing:
+    """A pixel cascade with the TextToImagePipeline calls the server makes. A subclass says what its cascade runs:
+    `_run` (the pictures), `stage_steps` (the steps each stage takes, for the progress), its samplers, schedule
+    types, size and defaults, and whether it reads emphasis and takes an init picture."""
 
     own_levels = True  # (the app runs the cascade's samplers on its own grids, not AUTOMATIC1111's levels)
     scale = 1  # (pixels: no latent factor)
     controlnets: dict = {}
+    reads_emphasis = False
+    takes_init = False
 
-    def __init__(self, pipe, source: str | None = None, max_steps: int | None = None):
-        self.pipe = pipe
-        self.size = int(pipe.image_sizes[-1])
+    def __init__(self, source: str | None, size: int, description: str, sampler_names, schedule_types,
+                 defaults: dict):
+        self.size = int(size)
         self.c = SimpleNamespace(source=str(source or ""), low_res_schedule=None, prior=None, image_embedder=None,
                                  vae_source=None)
-        self.description = f"an {type(pipe).__name__.removesuffix('Pipeline')} cascade"
-        self.sampler_names = list(pipe.samplers)
-        self.schedule_types = tuple(pipe.schedule_types)
-        steps = pipe.defaults.get("steps") or pipe.default_steps(0)  # (a folder's, else stage 1's trained count)
-        from imagine.commands.generate import IMAGEN_GUIDANCE
-
-        self.defaults = {"height": self.size, "width": self.size, "sampler": pipe.default_sampler,
-                         "steps": int(min(steps, max_steps) if max_steps else steps),
-                         "guidance_scale": float(pipe.defaults.get("guidance_scale", IMAGEN_GUIDANCE))}
+        self.description = description
+        self.sampler_names = list(sampler_names)
+        self.schedule_types = tuple(schedule_types)
+        self.defaults = {"height": self.size, "width": self.size, **defaults}
 
     def check_size(self, height: int, width: int) -> None:
         if (height, width) != (self.size, self.size):
-            raise ValueError(f"this Imagen cascade makes {self.size}x{self.size} pictures (its last stage's size); "
+            raise ValueError(f"{self.description} makes {self.size}x{self.size} pictures (its last stage's size); "
                              f"got {width}x{height}")
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,25 +78,28 @@ class ImagenServing:
                  emphasis: bool | str = False, long_prompts: bool = False, prompt_editing: bool = False,
                  composable: bool = False, old_prompt_editing: bool = False, init_image=None,
                  strength: float | None = None, resize_mode: str = "just_resize", **others):
-        """The cascade's pictures of `prompts`, one per seed, every stage at `steps` and `guidance_scale`.
-        long_prompts: the text encoder's one window either way (MiniLM and T5 read a padding mask; a longer prompt is
-        cut with a warning). init_image / strength: image to image at stage 1, the pictures first brought to the
-        cascade's size by `resize_mode` (imagine.images.fit_picture, as AUTOMATIC1111's img2img)."""
+        """The cascade's pictures of `prompts`, one per seed (each from its own: the same picture at any batch).
+        long_prompts: the text encoder's one window either way (a longer prompt is cut with a warning).
+        init_image / strength: image to image, the pictures first brought to the cascade's size by `resize_mode`
+        (imagine.images.fit_picture, as AUTOMATIC1111's img2img)."""
         from imagine.pipelines.text_to_image import GenerationResult
 
+        if init_image is not None and not self.takes_init:
+            others["init_image"] = init_image
         if others:
             named = sorted({NOT_RUN.get(k, k) for k in others})
             raise ValueError(f"{self.description} does not run {', '.join(named)}; it takes the prompt, seed, steps, "
-                             f"guidance scale, sampler ({', '.join(self.sampler_names)}) and schedule type, and an "
-                             "init picture with a denoising strength")
+                             f"guidance scale, sampler ({', '.join(self.sampler_names)})"
+                             + (" and schedule type, and an init picture with a denoising strength"
+                                if self.takes_init else ""))
         self.check_size(height, width)
         if any(negative_prompts or []):
             raise ValueError(f"{self.description} takes no negative prompt: its guidance runs against the learned "
-                             "null text it was trained with (imagen-pytorch's), not against a second text")
-        self._check_prompts(prompts, steps, composable, prompt_editing)
+                             "null text it was trained with, not against a second text")
+        self._check_prompts(prompts, steps, emphasis, composable, prompt_editing)
         if sampler_options:
             raise ValueError(f"sampler options {sorted(dict(sampler_options))}: {self.description}'s samplers take "
-                             "their settings from the model (an ElucidatedImagen's S_churn, S_tmin, ... in its folder)")
+                             "their settings from the model")
         ran = SAMPLER_ETA.get(sampler, 0.0)
         if eta is not None and float(eta) != ran:
             raise ValueError(f"eta {eta}: {self.description}'s {sampler} runs at eta {ran:g}")
@@ -110,20 +113,13 @@ class ImagenServing:
             from imagine.images import fit_picture
 
             pictures = [fit_picture(p.convert("RGB"), self.size, self.size, resize_mode) for p in init_image]
-        n = len(self.pipe.unets)
-        run = [int(steps)] * n
-        if pictures is not None:
-            run[0] = int(int(steps) * float(strength))  # (the last steps of stage 1's grid: sample's SDEdit rule)
-        images = self.pipe.sample(list(prompts), seeds=list(seeds), cond_scale=float(guidance_scale), steps=int(steps),
-                                  sampler=sampler, schedule_type=sigma_schedule, output_type="pil", progress=progress,
-                                  callback=_overall(callback, run), init_image=pictures,
-                                  emphasis=emphasis, **({"strength": float(strength)} if pictures else {}))
-        parameters: dict[str, Any] = {"steps": int(steps), "sampler": sampler, "guidance_scale": float(guidance_scale),
-                                      "height": self.size, "width": self.size, "stages": n}
-        if sigma_schedule:
-            parameters["schedule_type"] = sigma_schedule
-        if pictures is not None:
-            parameters["strength"] = float(strength)
+        run = self.stage_steps(int(steps), None if pictures is None else float(strength))
+        images, parameters = self._run(list(prompts), list(seeds), int(steps), float(guidance_scale), sampler,
+                                       sigma_schedule, emphasis, pictures, strength, _overall(callback, run))
+        parameters = {"steps": int(steps), "sampler": sampler, "guidance_scale": float(guidance_scale),
+                      "height": self.size, "width": self.size, **parameters,
+                      **({"schedule_type": sigma_schedule} if sigma_schedule else {}),
+                      **({"strength": float(strength)} if pictures is not None else {})}
         return GenerationResult(images=images, seeds=list(seeds), parameters=parameters)
 
     def generate_hires(self, *args, **kwargs):
@@ -131,12 +127,19 @@ class ImagenServing:
                          "fix is for latent models; leave enable_hr off")
 
     def variations(self, *args, **kwargs):
-        raise ValueError(f"{self.description} makes no variations of a picture (an unCLIP decoder does); use img2img")
+        raise ValueError(f"{self.description} makes no variations of a picture (an unCLIP decoder does)")
 
-    def _check_prompts(self, prompts: list[str], steps: int, composable: bool, prompt_editing: bool) -> None:
-        """AUTOMATIC1111's AND and prompt editing, which a cascade does not run: refused where a prompt uses them (a
-        prompt without them reads the same either way)."""
+    def _check_prompts(self, prompts: list[str], steps: int, emphasis, composable: bool, prompt_editing: bool) -> None:
+        """AUTOMATIC1111's emphasis (where the cascade does not read it), AND and prompt editing: refused where a
+        prompt uses them (a prompt without them reads the same either way)."""
         for p in prompts:
+            if emphasis and not self.reads_emphasis:
+                from imagine.emphasis import parse_emphasis
+
+                if any(w not in (1.0, None) for _, w in parse_emphasis(p, breaks=True)):
+                    raise ValueError(f"{self.description} does not read AUTOMATIC1111's emphasis ((word:1.3), "
+                                     f"[word]): write the prompt without it, or send the emphasis option 'None'; got "
+                                     f"{p!r}")
             if composable:
                 from imagine.composable import split_and
 
@@ -151,18 +154,83 @@ class ImagenServing:
                                      f", [a|b]): write the prompt without it; got {p!r}")
 
 
-def _overall(callback: Callable[[dict], None] | None, run: list[int]) -> Callable[[dict], None] | None:
-    """The stages' step reports as one count over the whole cascade (`run`: the steps each stage is expected to take;
-    a stage's own report of its total replaces its guess): step k of stage s is step sum(run[:s-1]) + k of
-    sum(run)."""
+class ImagenServing(CascadeServing):
+    """An ImagenPipeline (or ElucidatedImagenPipeline) folder: every stage at the request's steps and guidance, as
+    `imagine generate` runs them; emphasis read (ImagenPipeline.sample's); img2img as image to image at stage 1."""
+
+    reads_emphasis = True
+    takes_init = True
+
+    def __init__(self, pipe, source: str | None = None, max_steps: int | None = None):
+        from imagine.commands.generate import IMAGEN_GUIDANCE
+
+        self.pipe = pipe
+        steps = pipe.defaults.get("steps") or pipe.default_steps(0)  # (a folder's, else stage 1's trained count)
+        super().__init__(source, pipe.image_sizes[-1],
+                         f"an {type(pipe).__name__.removesuffix('Pipeline')} cascade", pipe.samplers,
+                         pipe.schedule_types,
+                         {"sampler": pipe.default_sampler, "steps": int(min(steps, max_steps) if max_steps else steps),
+                          "guidance_scale": float(pipe.defaults.get("guidance_scale", IMAGEN_GUIDANCE))})
+
+    def stage_steps(self, steps: int, strength: float | None) -> dict:
+        run = {k + 1: steps for k in range(len(self.pipe.unets))}
+        if strength is not None:
+            run[1] = int(steps * strength)  # (the last steps of stage 1's grid: sample's SDEdit rule)
+        return run
+
+    def _run(self, prompts, seeds, steps, guidance, sampler, schedule, emphasis, pictures, strength, callback):
+        images = self.pipe.sample(prompts, seeds=seeds, cond_scale=guidance, steps=steps, sampler=sampler,
+                                  schedule_type=schedule, output_type="pil", progress=False, callback=callback,
+                                  emphasis=emphasis, init_image=pictures,
+                                  **({"strength": float(strength)} if pictures is not None else {}))
+        return images, {"stages": len(self.pipe.unets)}
+
+
+class KarloServing(CascadeServing):
+    """Karlo's unCLIP cascade (a diffusers UnCLIPPipeline folder, imagine.pipelines.karlo): the request's steps and
+    guidance scale are the decoder's (as `imagine generate`'s --steps and --guidance-scale), the prior and the
+    super-resolution stage at diffusers' defaults; DDPM throughout (UnCLIPScheduler's)."""
+
+    def __init__(self, pipe, source: str | None = None):
+        from imagine.pipelines import karlo
+
+        self.pipe = pipe
+        super().__init__(source, pipe.super_res_first.config.sample_size, "Karlo's unCLIP cascade", ["ddpm"], (),
+                         {"sampler": "ddpm", "steps": karlo.DECODER_STEPS,
+                          "guidance_scale": karlo.DECODER_GUIDANCE})
+        self.settings = {"prior_steps": karlo.PRIOR_STEPS, "prior_guidance_scale": karlo.PRIOR_GUIDANCE,
+                         "super_res_steps": karlo.SUPER_RES_STEPS}
+
+    def stage_steps(self, steps: int, strength: float | None) -> dict:
+        return {"decoder": steps, "super_res": self.settings["super_res_steps"]}  # (the prior's are not counted)
+
+    def _run(self, prompts, seeds, steps, guidance, sampler, schedule, emphasis, pictures, strength, callback):
+        if steps < 2:
+            raise ValueError(f"steps {steps}: Karlo's decoder runs 2 or more (UnCLIPScheduler's spacing)")
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        images = self.pipe(prompts, generator=generators, decoder_steps=steps, decoder_guidance_scale=guidance,
+                           progress=False, callback=callback, **self.settings)
+        return images, dict(self.settings)
+
+
+def _overall(callback: Callable[[dict], None] | None, run: dict) -> Callable[[dict], None] | None:
+    """The stages' step reports as one count over the whole cascade (`run`: the steps each counted stage is expected
+    to take, by its "stage" in the reports, in order; a stage's own report of its total replaces the guess): step k of
+    a stage is k plus the steps of the stages before it, out of all of them. A stage not in `run` (Karlo's prior)
+    reports as it is."""
     if callback is None:
         return None
-    run = list(run)
+    run = dict(run)
+    order = list(run)
 
     def report(info: dict) -> None:
-        s = int(info["stage"]) - 1
+        stage = info.get("stage")
+        if stage not in run:
+            callback(info)
+            return
         if info.get("total"):
-            run[s] = int(info["total"])
-        callback({**info, "step": sum(run[:s]) + int(info.get("step", 0)), "total": sum(run)})
+            run[stage] = int(info["total"])
+        before = sum(run[k] for k in order[:order.index(stage)])
+        callback({**info, "step": before + int(info.get("step", 0)), "total": sum(run.values())})
 
     return report

@@ -190,28 +190,37 @@ LATENT_ONLY_FLAGS = ("vae", "lora", "lora_dir", "embedding", "controlnet", "refi
 
 
 def _cascade(args, config):
-    """An Imagen cascade folder's pipeline behind the server's interface (imagine.server.cascade), else None (a latent
-    model, loaded by TextToImagePipeline). The other pixel cascades (DeepFloyd IF, Karlo's unCLIP) are refused by
-    name: `imagine generate` runs them."""
+    """A pixel cascade folder's pipeline behind the server's interface (imagine.server.cascade): an Imagen cascade, or
+    Karlo's unCLIP cascade; None for anything else (a latent model, loaded by TextToImagePipeline). DeepFloyd IF's
+    stages are refused by name: `imagine generate` runs them."""
     from imagine.commands.generate import _cascade_model
 
     kind = _cascade_model(args.model)
     if kind is None:
         return None
-    if kind != "ImagenPipeline":
-        raise ValueError(f"{args.model} is a {kind} folder, which imagine serve does not run (it serves latent models "
-                         "and Imagen cascades); imagine generate --model runs it")
+    what = {"ImagenPipeline": "an Imagen cascade", "UnCLIPPipeline": "Karlo's unCLIP cascade"}.get(kind)
+    if what is None:
+        raise ValueError(f"{args.model} is a {kind} folder, which imagine serve does not run (it serves latent models, "
+                         "Imagen cascades and Karlo's unCLIP cascade); imagine generate --model runs it")
     given = [f"--{f.replace('_', '-')}" for f in LATENT_ONLY_FLAGS if getattr(args, f) not in (None, [], False)]
     if given:
-        raise ValueError(f"{args.model} is an Imagen cascade (pixels, no VAE or CLIP): {', '.join(given)} "
+        raise ValueError(f"{args.model} is {what} (pixels, no VAE or SD text encoder): {', '.join(given)} "
                          "change a latent model; leave them out")
     import torch
 
-    from imagine.pipelines.imagen import ImagenPipeline
-    from imagine.server.cascade import ImagenServing
+    from imagine.server import cascade
 
-    pipe = ImagenPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype), precision=args.precision)
-    return ImagenServing(pipe, source=args.model, max_steps=config.max_steps)
+    dtype = getattr(torch, args.dtype)
+    if kind == "UnCLIPPipeline":
+        from imagine.pipelines.karlo import KarloPipeline
+
+        if args.precision != "exact":
+            raise ValueError(f"--precision {args.precision}: Karlo's unCLIP cascade runs in float32 (exact) here")
+        return cascade.KarloServing(KarloPipeline.from_pretrained(args.model, dtype), source=args.model)
+    from imagine.pipelines.imagen import ImagenPipeline
+
+    pipe = ImagenPipeline.from_pretrained(args.model, dtype=dtype, precision=args.precision)
+    return cascade.ImagenServing(pipe, source=args.model, max_steps=config.max_steps)
 
 
 def _serve(args, socks, config, styles) -> int:

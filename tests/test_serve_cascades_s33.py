@@ -1,9 +1,10 @@
-"""`imagine serve` on an Imagen cascade folder (session 33): imagine.server.cascade.ImagenServing behind the same app,
-AUTOMATIC1111's and OpenAI's endpoints.
+"""`imagine serve` on pixel cascade folders (session 33): imagine.server.cascade behind the same app, AUTOMATIC1111's
+and OpenAI's endpoints.
 
-The truth is ImagenPipeline.sample on the same folder (itself checked against imagen-pytorch 2.1.0 in
+Imagen: the truth is ImagenPipeline.sample on the same folder (itself checked against imagen-pytorch 2.1.0 in
 test_imagen_s31 / test_imagen_cli_s31): a served picture must be the one sample makes from the same seed, to the pixel,
-at any batch size (per-image seeds); what a cascade does not run must be a 422 that names it."""
+at any batch size (per-image seeds). Karlo: diffusers' UnCLIPPipeline on the same weights with the seed's generator,
+within one 8-bit level (test_karlo_s30's bound). What a cascade does not run must be a 422 that names it."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import io
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
 from test_imagen_cli_s31 import PROMPT, folder  # noqa: F401 (fixture: a tiny two-stage cascade, 8 -> 16 px)
 
 from imagine.pipelines.imagen import ImagenPipeline  # noqa: E402
 from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
-from imagine.server.cascade import ImagenServing, _overall  # noqa: E402
+from imagine.server.cascade import ImagenServing, KarloServing, _overall  # noqa: E402
+from test_karlo_s30 import karlo  # noqa: E402,F401 (fixture: a tiny Karlo folder, diffusers' pipeline, ours)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 16  # (the cascade's last stage)
@@ -138,7 +141,7 @@ def test_what_a_cascade_does_not_run_is_refused_by_name(server, change, named):
 def test_progress_counts_every_stage():
     """The stages' reports as one count: stage 2's steps follow stage 1's, out of the whole cascade's."""
     seen = []
-    report = _overall(seen.append, [3, 3])
+    report = _overall(seen.append, {1: 3, 2: 3})
     for stage, total in ((1, 2), (2, 3)):  # (stage 1 ran 2 of its steps: image to image)
         for k in range(total):
             report({"stage": stage, "step": k, "total": total})
@@ -161,3 +164,57 @@ def test_serve_loads_a_cascade_and_refuses_latent_flags(folder, tmp_path):  # no
     with pytest.raises(ValueError, match="IFPipeline folder, which imagine serve does not run"):
         _cascade(argparse.Namespace(**{**vars(args), "model": str(other)}), ServerConfig())
     assert _cascade(argparse.Namespace(**{**vars(args), "model": str(tmp_path)}), ServerConfig()) is None
+
+
+@pytest.fixture(scope="module")
+def karlo_server(karlo):  # noqa: F811
+    folder, _, ours = karlo
+    app = create_app(KarloServing(ours, source=str(folder)), ServerConfig(max_batch=4))
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+def test_karlo_txt2img_is_diffusers_unclip_per_seed(karlo_server, karlo):  # noqa: F811
+    """Karlo's cascade served: the request's steps and guidance are the decoder's, the prior and super-resolution
+    stage at diffusers' defaults (25 steps, guidance 4; 7 steps); each image diffusers' picture for its seed."""
+    _, ref, _ = karlo
+    body = {"prompt": "horse", "seed": 3, "steps": 3, "cfg_scale": 5.0, "width": 64, "height": 64, "batch_size": 2}
+    r = requests.post(karlo_server.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    for b64, seed in zip(r.json()["images"], (3, 4)):
+        want = ref("horse", decoder_num_inference_steps=3, decoder_guidance_scale=5.0, output_type="np",
+                   generator=torch.Generator().manual_seed(seed)).images[0]
+        assert np.abs(pixels(decoded(b64)) - np.round(want * 255).astype(int)).max() <= 1
+    names = [s["name"] for s in requests.get(karlo_server.url + "/sdapi/v1/samplers", timeout=30).json()]
+    assert names == ["DDPM"]
+    types = [s["label"] for s in requests.get(karlo_server.url + "/sdapi/v1/schedulers", timeout=30).json()]
+    assert types == ["Automatic"]
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"prompt": "a (horse:1.3)"}, "does not read AUTOMATIC1111's emphasis"),
+    ({"scheduler": "Karras"}, "schedule type 'karras'"),
+    ({"steps": 1}, "runs 2 or more"),
+    ({"width": 32, "height": 32}, "64x64 pictures"),
+])
+def test_karlo_refusals(karlo_server, change, named):
+    body = {"prompt": "horse", "seed": 3, "steps": 3, "width": 64, "height": 64, **change}
+    r = requests.post(karlo_server.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+    assert r.status_code == 422 and named in r.text, (r.status_code, r.text[:400])
+
+
+def test_karlo_takes_no_init_picture(karlo_server, karlo):  # noqa: F811
+    start = b64png(Image.new("RGB", (64, 64), (200, 10, 10)))
+    r = requests.post(karlo_server.url + "/sdapi/v1/img2img", timeout=120,
+                      json={"prompt": "horse", "seed": 3, "steps": 3, "width": 64, "height": 64,
+                            "init_images": [start], "denoising_strength": 0.5})
+    assert r.status_code == 422 and "img2img (an init picture)" in r.text, r.text[:400]
+    from imagine.server.cli import _cascade
+
+    args = argparse.Namespace(model=str(karlo[0]), vae=None, lora=[], lora_dir=None, embedding=[], controlnet=[],
+                              refiner=None, clip_skip=None, dtype="float32", precision="exact")
+    served = _cascade(args, ServerConfig())
+    assert isinstance(served, KarloServing) and served.defaults == {"height": 64, "width": 64, "sampler": "ddpm",
+                                                                     "steps": 25, "guidance_scale": 8.0}
+    with pytest.raises(ValueError, match="Karlo's unCLIP cascade runs in float32"):
+        _cascade(argparse.Namespace(**{**vars(args), "precision": "fast"}), ServerConfig())
