@@ -218,3 +218,17 @@ def test_karlo_takes_no_init_picture(karlo_server, karlo):  # noqa: F811
                                                                      "steps": 25, "guidance_scale": 8.0}
     with pytest.raises(ValueError, match="Karlo's unCLIP cascade runs in float32"):
         _cascade(argparse.Namespace(**{**vars(args), "precision": "fast"}), ServerConfig())
+
+
+def test_an_elucidated_cascade_serves_its_own_sampler_and_levels():
+    """An ElucidatedImagen: Heun (Algorithm 2) at its num_sample_steps by default, on Karras' levels only."""
+    import test_elucidated_imagen_s32 as s32
+    from imagine.pipelines.elucidated_imagen import SAMPLERS
+
+    served = ImagenServing(s32.ours_of(s32.build()))
+    assert served.defaults["sampler"] == "heun" and served.defaults["steps"] == s32.STEPS[0]  # (stage 1's)
+    assert served.schedule_types == ("karras",) and served.sampler_names == list(SAMPLERS)
+    assert served.description == "an ElucidatedImagen cascade"
+    with pytest.raises(ValueError, match="stages run on 'karras' levels"):
+        served.generate(["a circle"], seeds=[1], steps=2, guidance_scale=1.0, sampler="heun", height=SIZE, width=SIZE,
+                        sigma_schedule="uniform")

@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = ServerConfig()
     p.add_argument("--model", "-m", default=None,
-                   help="model folder (ours or diffusers') or single-file checkpoint; default: the embedded model")
+                   help="model folder (ours or diffusers') or single-file checkpoint, or a pixel cascade's folder (an "
+                        "Imagen cascade, Karlo's UnCLIPPipeline); default: the embedded model")
     p.add_argument("--vae", default=None,
                    help="a VAE file or folder to decode with instead of the model's own (AUTOMATIC1111's SD VAE)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH[:UNET]]",
