@@ -232,33 +232,73 @@ def sample_ddpm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
     step to the plan's last level then gives the posterior's mean; True, the default, adds noise wherever that
     level is below abar = 1).
     """
+    _check_ddpm(eta, final_noise, variance_type)
+    for i in _steps(plan, progress, "ddpm"):
+        x = _ddpm_step(denoise, x, plan, i, noise, callback, variance_type, final_noise)
+    return x
+
+
+def _check_ddpm(eta, final_noise, variance_type: str) -> None:
     _deterministic("ddpm", eta)  # its noise is fixed by the variance choice
     if not isinstance(final_noise, bool):
         raise TypeError(f"final_noise must be True or False; got {final_noise!r}")
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {', '.join(map(repr, VARIANCE_TYPES))}; got "
                          f"{variance_type!r}")
-    abar = plan.alphas_cumprod.tolist()
+
+
+def _ddpm_step(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, i: int, noise, callback, variance_type: str,
+               final_noise: bool) -> torch.Tensor:
+    """sample_ddpm's step i: x_t -> x_prev, a draw from the posterior q(x_prev | x_t, x_0 = D(x_t))."""
+    a_t, a_prev = float(plan.alphas_cumprod[i]), float(plan.alphas_cumprod[i + 1])
+    x0 = denoise(x, i)
+    _report(callback, plan, i, x, x0)
+    beta = 1.0 - a_t / a_prev
+    # posterior mean, eq. 7: mu = sqrt(abar_prev) beta / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x_t
+    mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
+    variance = beta if variance_type == "fixed_large" else (1 - a_prev) / (1 - a_t) * beta
+    if variance_type == "learned_range":
+        variance = _learned_variance(getattr(denoise, "variance", None), beta, variance, x)
+    elif variance_type == "learned":
+        variance = _raw_learned_variance(getattr(denoise, "variance", None), x, a_prev < 1.0)
     mean_shift = getattr(denoise, "mean_shift", None)
-    for i in _steps(plan, progress, "ddpm"):
-        a_t, a_prev = abar[i], abar[i + 1]
-        x0 = denoise(x, i)
-        _report(callback, plan, i, x, x0)
-        beta = 1.0 - a_t / a_prev
-        # posterior mean, eq. 7: mu = sqrt(abar_prev) beta / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x_t
-        mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
-        variance = beta if variance_type == "fixed_large" else (1 - a_prev) / (1 - a_t) * beta
-        if variance_type == "learned_range":
-            variance = _learned_variance(getattr(denoise, "variance", None), beta, variance, x)
-        elif variance_type == "learned":
-            variance = _raw_learned_variance(getattr(denoise, "variance", None), x, a_prev < 1.0)
-        if mean_shift is not None:
-            mean = mean + mean_shift(x, i, variance)
-        # z = 0 when landing on x_0 (or, final_noise False, on the run's end: not a head's, which the run goes on from)
-        if a_prev < 1.0 and (final_noise or i < len(plan) - 1 or plan.follow > 0):
-            mean = mean + (variance.sqrt() if torch.is_tensor(variance) else math.sqrt(variance)) * _noise(noise, x)
-        x = mean
-    return x
+    if mean_shift is not None:
+        mean = mean + mean_shift(x, i, variance)
+    # z = 0 when landing on x_0 (or, final_noise False, on the run's end: not a head's, which the run goes on from)
+    if a_prev < 1.0 and (final_noise or i < len(plan) - 1 or plan.follow > 0):
+        mean = mean + (variance.sqrt() if torch.is_tensor(variance) else math.sqrt(variance)) * _noise(noise, x)
+    return mean
+
+
+def sample_repaint(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, known: torch.Tensor,
+                   keep: torch.Tensor, resample_times: int = 5, noise=None, eta=None, callback=None,
+                   progress: bool = True, variance_type: str = "fixed_small", final_noise: bool = True) -> torch.Tensor:
+    """RePaint (Lugmayr et al. 2022, Algorithm 1 with jump length 1): inpainting with a model that never saw a mask.
+
+    Before each DDPM step (sample_ddpm's) the kept part (`keep` 1) of x_t is a fresh draw of q(x_t | x_0 = known),
+    sqrt(abar_t) known + sqrt(1 - abar_t) z (eq. 8's x_{t-1}^known, at the level the step starts from), the rest
+    x_t's own (eq. 8's x^unknown), and the step is taken; then, `resample_times` - 1 times, x_{t-1} goes back to t by
+    the forward process, q(x_t | x_{t-1}) = N(sqrt(abar_t / abar_{t-1}) x_{t-1}, (1 - abar_t / abar_{t-1}) I) (sec.
+    4.2, "resampling"), and the whole is done again: the painted part learns what the kept part's noise left out, where
+    one pass (`resample_times` 1: the replacement method with fresh draws) keeps only its own guess. The step that
+    lands on the plan's end is not repeated (nothing is sent back from there). `keep` broadcasts over x (1 or 0); the
+    result's kept part is `known`. Draws per pass: the kept part's, the step's, the way back's."""
+    _check_ddpm(eta, final_noise, variance_type)
+    if isinstance(resample_times, bool) or not isinstance(resample_times, int) or resample_times < 1:
+        raise ValueError(f"resample_times must be an integer >= 1 (1: no resampling); got {resample_times!r}")
+    keep = keep.to(device=x.device, dtype=x.dtype)
+    known = known.to(device=x.device, dtype=x.dtype)
+    abar = plan.alphas_cumprod.tolist()
+    last = len(plan) - 1
+    for i in _steps(plan, progress, "repaint"):
+        for r in range(resample_times if i < last else 1):
+            x_known = math.sqrt(abar[i]) * known + math.sqrt(1.0 - abar[i]) * _noise(noise, x)
+            x = keep * x_known + (1.0 - keep) * x
+            x = _ddpm_step(denoise, x, plan, i, noise, callback, variance_type, final_noise)
+            if r < resample_times - 1:  # back to step i's level (the strided beta of the step just taken)
+                ratio = abar[i] / abar[i + 1]
+                x = math.sqrt(ratio) * x + math.sqrt(1.0 - ratio) * _noise(noise, x)
+    return keep * known + (1.0 - keep) * x
 
 
 def _no_learned_variance(name: str, x: torch.Tensor) -> ValueError:

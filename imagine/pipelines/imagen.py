@@ -393,7 +393,8 @@ class ImagenPipeline:
                cfg_keep_parallel_frac: float = 0.0, output_type: str = "pt", progress: bool = True,
                callback: Callable[[dict], None] | None = None, sampler: str | Sequence[str] | None = None,
                start_at_unet_number: int = 1, start_image=None, schedule_type: str | None = None,
-               init_image=None, strength: float = 0.75, emphasis: bool | str = False):
+               init_image=None, strength: float = 0.75, emphasis: bool | str = False, inpaint_images=None,
+               inpaint_masks=None, inpaint_resample_times: int = 5):
         """The cascade's pictures: [B, C, H, W] in [0, 1] (in [-1, 1] where auto_normalize_img is off), or PIL
         pictures (output_type "pil"), of the last stage run (`stop_at_unet_number`: stop after that stage, from 1).
         cond_scale: guidance scale, one or one per stage (1: the conditional pass alone). seeds / generator: per-image
@@ -415,9 +416,14 @@ class ImagenPipeline:
         steps before the end of stage 1's grid, x = sqrt(abar) x_0 + sqrt(1 - abar) eps with eps the stage's start
         noise, and those last steps run (diffusers' img2img rule); later stages as usual. (Not imagen-pytorch's
         init_images, which adds the picture to unit noise.) emphasis: AUTOMATIC1111's `(word:1.3)` in the texts read
-        as weights (encode_text)."""
+        as weights (encode_text). inpaint_images with inpaint_masks (imagen-pytorch's): inpainting at every stage by
+        RePaint (imagine.samplers.sample_repaint; DDPM's steps, each redone inpaint_resample_times times): the
+        pictures (as start_image) kept where the masks ([B or 1, H, W] tensors, True / 1: keep, imagen-pytorch's
+        convention) say, resized to each stage as imagen-pytorch resizes them; the rest painted anew. (imagen-pytorch
+        sends x back a level with less noise than the forward process adds, and repeats its last step on its own
+        output; imagine follows the paper: with inpaint_resample_times 1 the pictures are imagen-pytorch's.)"""
         from imagine.guidance import guided_model_output, projected_guidance
-        from imagine.samplers import resolve_sampler
+        from imagine.samplers import resolve_sampler, sample_repaint
         from imagine.sampling import PerSampleNoise, make_generators
         from imagine.schedules import alpha_sigma, log_snr
 
@@ -453,6 +459,8 @@ class ImagenPipeline:
         noise = PerSampleNoise(make_generators(batch, seeds, generator))
         # picture: the last stage's output, in [0, 1] (auto_normalize_img) as imagen-pytorch hands it on
         picture, init = self._given_pictures(first, start_image, init_image, strength, batch, device)
+        inpaint = self._inpainting(inpaint_images, inpaint_masks, inpaint_resample_times, samplers, first,
+                                   init_image, batch)
         for k in range(first - 1, last):
             size = self.image_sizes[k]
             shape = (batch, self.channels, size, size)
@@ -493,9 +501,15 @@ class ImagenPipeline:
                 if callback is not None:
                     callback({**info, "stage": stage_number})
 
+            run, options = resolve_sampler(samplers[k])[1], dict(stage.options)
+            if inpaint is not None:  # RePaint over the stage's DDPM steps, the pictures at the stage's size
+                images, masks = inpaint
+                known = self._normalize(self._picture(images, batch, size, device, "inpaint_images"))
+                keep = F.interpolate(masks.to(device), size, mode=self.resize_mode) != 0
+                run = sample_repaint
+                options.update(known=known, keep=keep, resample_times=inpaint_resample_times)
             with torch.no_grad():
-                x = resolve_sampler(samplers[k])[1](denoise, x, plan, noise=noise, callback=step_done,
-                                                    progress=progress, **stage.options)
+                x = run(denoise, x, plan, noise=noise, callback=step_done, progress=progress, **options)
             for _ in range(stage.trailing_draws):  # (draws imagen-pytorch makes and leaves unused: the stream stays its)
                 noise.draw(shape)
             picture = self._unnormalize(x.clamp(-1.0, 1.0))
@@ -581,6 +595,31 @@ class ImagenPipeline:
         init = None if init_image is None else \
             self._normalize(self._picture(init_image, batch, self.image_sizes[0], device, "init_image"))
         return start, init
+
+    def _inpainting(self, images, masks, resample_times, samplers, first: int, init_image, batch: int):
+        """(inpaint_images, their masks as float [B, 1, H, W]), or None; the combinations checked."""
+        if images is None and masks is None:
+            return None
+        if images is None or masks is None:
+            raise ValueError("inpainting needs inpaint_images and inpaint_masks (True: keep the picture there), both")
+        if "ddpm" not in self.samplers:
+            raise ValueError(f"inpainting is not built for {type(self).__name__} (RePaint here redoes DDPM's steps, "
+                             "which its levels do not run)")
+        if first > 1 or init_image is not None:
+            raise ValueError("inpaint_images: inpainting runs from stage 1 on noise; give no start_image / "
+                             "start_at_unet_number or init_image with it")
+        if any(name != "ddpm" for name in samplers):
+            raise ValueError(f"inpainting (RePaint) runs DDPM's steps, which it redoes; sampler {samplers} asked: use "
+                             "'ddpm'")
+        if isinstance(resample_times, bool) or not isinstance(resample_times, int) or resample_times < 1:
+            raise ValueError(f"inpaint_resample_times must be an integer >= 1; got {resample_times!r}")
+        if not torch.is_tensor(masks) or masks.ndim not in (3, 4) or (masks.ndim == 4 and masks.shape[1] != 1) \
+                or masks.shape[0] not in (1, batch):
+            got = tuple(masks.shape) if torch.is_tensor(masks) else type(masks).__name__
+            raise ValueError(f"inpaint_masks must be a tensor [B, H, W] (True or 1: keep) with B = {batch} or 1; got "
+                             f"{got}")
+        masks = (masks if masks.ndim == 4 else masks[:, None]).float().expand(batch, -1, -1, -1)
+        return images, masks
 
     def _picture(self, image, batch: int, size: int, device, name: str) -> torch.Tensor:
         """A picture given to the cascade (start_image, init_image) as a stage hands one on: a float tensor [batch, C,
