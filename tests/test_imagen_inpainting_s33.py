@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import test_imagen_s31 as s31
-from imagine.pipelines.imagen import ImagenPipeline
+from test_imagen_cli_s31 import folder  # noqa: F401 (fixture: a MiniLM cascade folder, 8 -> 16 px, 3 steps, guidance 2)
+
+from imagine.pipelines.imagen import ImagenPipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_refusals(imagen):
     with pytest.raises(ValueError, match=r"inpaint_masks must be a tensor \[B, H, W\]"):
         ours.sample(inpaint_images=pictures, inpaint_masks=keep[:, None, None], **kw)
     with pytest.raises(ValueError, match="give no start_image"):
-        ours.sample(inpaint_images=pictures, inpaint_masks=keep, init_image=pictures, **kw)
+        ours.sample(inpaint_images=pictures, inpaint_masks=keep, start_at_unet_number=2, start_image=pictures, **kw)
 
 
 # -- resampling, against a closed form -------------------------------------------------------------------------------
@@ -115,3 +117,40 @@ def test_resampling_reaches_the_conditional_mean():
     errors[10] = abs(float(ten.mean()) - want_mean)
     assert errors[1] > 1.5e-2 and errors[1] > 2 * errors[2] > 4 * errors[10] and errors[10] < 2e-3, errors
     assert abs(float(ten.std()) / want_std - 1) < 0.15, float(ten.std())
+
+
+def test_imagine_generate_inpaints_with_a_mask(folder, tmp_path):  # noqa: F811
+    """`imagine generate --model CASCADE --init-image P --mask M` (white: painted anew), at --strength 0.67 (stage 1's
+    RePaint from the picture noised two of three steps before the end) and 2 passes a step: sample's picture to the
+    pixel, the kept part the picture's own (up to 8-bit rounding), the run's settings in the PNG."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from test_imagen_cli_s31 import PROMPT, cli
+
+    cascade, _ = folder
+    rng = np.random.default_rng(2)
+    start = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (6, 0, 16, 16))
+    start.save(tmp_path / "start.png"), mask.save(tmp_path / "mask.png")
+    out = tmp_path / "painted.png"
+    run = cli("--model", cascade, PROMPT, "--seed", 4, "--init-image", tmp_path / "start.png", "--mask",
+              tmp_path / "mask.png", "--strength", 0.67, "--inpaint-resample-times", 2, "-o", out)
+    assert run.returncode == 0, run.stderr
+    keep = torch.zeros(1, 16, 16, dtype=torch.bool)
+    keep[..., :6] = True
+    want = ImagenPipeline.from_pretrained(cascade).sample(
+        [PROMPT], seeds=[4], steps=3, cond_scale=2.0, init_image=start, strength=0.67, inpaint_images=start,
+        inpaint_masks=keep, inpaint_resample_times=2, output_type="pil", progress=False)[0]
+    got = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    assert np.array_equal(got, np.asarray(want, dtype=np.int16))
+    assert np.abs(got[:, :6] - np.asarray(start, dtype=np.int16)[:, :6]).max() <= 1
+    params = json.loads(Image.open(out).info["imagine"])
+    assert {k: params[k] for k in ("mask", "strength", "inpaint_resample_times")} == {
+        "mask": "mask.png", "strength": 0.67, "inpaint_resample_times": 2}
+    run = cli("--model", cascade, PROMPT, "--init-image", tmp_path / "start.png", "--mask", tmp_path / "mask.png",
+              "--sampler", "ddim", "-o", tmp_path / "x.png")
+    assert run.returncode != 0 and "use 'ddpm'" in run.stderr

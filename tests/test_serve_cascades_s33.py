@@ -232,3 +232,25 @@ def test_an_elucidated_cascade_serves_its_own_sampler_and_levels():
     with pytest.raises(ValueError, match="stages run on 'karras' levels"):
         served.generate(["a circle"], seeds=[1], steps=2, guidance_scale=1.0, sampler="heun", height=SIZE, width=SIZE,
                         sigma_schedule="uniform")
+
+
+def test_img2img_with_a_mask_is_repaint(server, pipe):
+    """A1111's inpainting (white: painted anew) on an Imagen cascade: ImagenPipeline.sample's RePaint at strength 1
+    (the painted part from noise, 5 passes a step), the kept part the picture's own (A1111's paste back)."""
+    start = Image.fromarray(np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (SIZE // 2, 0, SIZE, SIZE))  # (the right half painted anew)
+    body = {"prompt": PROMPT, "seed": 3, "steps": 3, "cfg_scale": 2.0, "width": SIZE, "height": SIZE,
+            "init_images": [b64png(start)], "mask": b64png(mask), "mask_blur": 0, "inpainting_fill": 1,
+            "denoising_strength": 1.0}
+    r = requests.post(server.url + "/sdapi/v1/img2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    got = pixels(decoded(r.json()["images"][0]))
+    keep = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
+    keep[..., :SIZE // 2] = True
+    want = pixels(pipe.sample([PROMPT], seeds=[3], steps=3, cond_scale=2.0, inpaint_images=[start],
+                              inpaint_masks=keep, output_type="pil", progress=False)[0])
+    assert np.array_equal(got[:, SIZE // 2:], want[:, SIZE // 2:])
+    assert np.array_equal(got[:, :SIZE // 2], pixels(start)[:, :SIZE // 2])
+    r = requests.post(server.url + "/sdapi/v1/img2img", json={**body, "sampler_name": "DDIM"}, timeout=120)
+    assert r.status_code == 422 and "RePaint" in r.text and "use 'ddpm'" in r.text, r.text[:300]

@@ -211,6 +211,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inpainting (with --init-image): a mask picture, white where the picture is painted anew, "
                         "black where it is kept (grey counts as white from 50%%); resized to the image's size. "
                         "Its result is diffusers' inpainting pipeline's (no blur, no paste back of the picture)")
+    p.add_argument("--inpaint-resample-times", type=int, default=None, metavar="N",
+                   help="an Imagen cascade's inpainting (--init-image with --mask): RePaint's passes a step (Lugmayr "
+                        "et al. 2022; default 5, imagen-pytorch's; 1: the replacement method)")
     p.add_argument("--invert-mask", action=argparse.BooleanOptionalAction, default=False,
                    help="with --mask: paint the black part anew and keep the white (A1111's 'Inpaint not masked')")
     p.add_argument("--masked-content", default=None, choices=["original", "latent_noise", "latent_nothing"],
@@ -1245,7 +1248,8 @@ def _karlo_run(args, prompts: list[str], max_seed: int) -> int:
 # the flags an Imagen cascade's run reads (imagine.pipelines.imagen); any other, given, is refused by name
 IMAGEN_FLAGS = {"prompt", "model", "steps", "guidance_scale", "seed", "num_images", "output", "from_file", "quiet",
                 "command", "func", "verbose", "dtype", "precision", "sampler", "text_encoder", "ema_weights",
-                "start_image", "start_at_stage", "sigma_schedule", "init_image", "strength"}
+                "start_image", "start_at_stage", "sigma_schedule", "init_image", "strength", "mask", "invert_mask",
+                "inpaint_resample_times"}
 IMAGEN_GUIDANCE = 1.0  # imagen-pytorch's Imagen.sample cond_scale (its `imagen` command samples at 5)
 IMAGEN_T5 = "google/t5-v1_1-base"  # imagen-pytorch's DEFAULT_T5_NAME, a checkpoint's text_encoder_name if none saved
 
@@ -1275,7 +1279,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
     imagen-pytorch samples at batch 1 after torch.manual_seed(seed)."""
     import torch
 
-    from imagine.pipelines.imagen import ImagenPipeline
+    from imagine.pipelines.imagen import INPAINT_RESAMPLE_TIMES, ImagenPipeline
 
     if args.infotext:
         raise ValueError(f"--infotext {args.infotext}: an Imagen cascade is not run again from a picture's parameters; "
@@ -1283,13 +1287,18 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
     _refuse_idle_flags(args, IMAGEN_FLAGS, "an Imagen cascade, which takes the prompt, --steps and --guidance-scale "
                        "(every stage's), --sampler, --schedule-type, --seed, --num-images, --precision, --dtype, -o, "
                        "--start-image with "
-                       "--start-at-stage, --init-image with --strength, and for an imagen-pytorch checkpoint "
-                       "--text-encoder and --ema-weights")
+                       "--start-at-stage, --init-image with --strength and --mask (--invert-mask, "
+                       "--inpaint-resample-times), and for an imagen-pytorch checkpoint --text-encoder and "
+                       "--ema-weights")
     _check_values(args, max_seed)
     start = _read_image(args.start_image, "--start-image") if args.start_image else None
     init = _read_image(args.init_image) if args.init_image else None
+    mask = _read_mask(args)  # (white: painted anew)
     if args.strength is not None and init is None:
         raise ValueError("--strength is how far from --init-image: give the picture")
+    if args.inpaint_resample_times is not None and (mask is None or args.inpaint_resample_times < 1):
+        raise ValueError("--inpaint-resample-times is RePaint's passes a step (1 or more) for inpainting: give it "
+                         f"with --init-image and --mask; got {args.inpaint_resample_times}")
     if init is not None and start is not None:
         raise ValueError("--init-image (image to image at stage 1) and --start-image (the super-resolution stages "
                          "enlarge it): give one")
@@ -1330,7 +1339,13 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
         else args.guidance_scale
     if first > len(pipe.unets):
         raise ValueError(f"--start-at-stage {first}: {args.model} has stages 1 to {len(pipe.unets)}")
-    strength = 0.75 if args.strength is None else float(args.strength)  # (A1111's default denoising strength)
+    # (A1111's default denoising strength; inpainting's, diffusers': 1, the painted part from noise)
+    strength = (1.0 if mask is not None else 0.75) if args.strength is None else float(args.strength)
+    keep = None
+    if mask is not None:  # imagen-pytorch's inpaint_masks: True where the picture is kept (black in --mask)
+        from imagine.inpainting import prepare_masks
+
+        keep = prepare_masks([mask], *init.size)[:, 0] == 0
     if args.sigma_schedule not in (None, *pipe.schedule_types):
         raise ValueError(f"--schedule-type {args.sigma_schedule}: this cascade's stages run on "
                          f"{' or '.join(pipe.schedule_types)} levels")
@@ -1342,6 +1357,8 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
                 **({"start_image": Path(args.start_image).name, "start_at_stage": first} if start else {}),
                 **({"schedule_type": args.sigma_schedule} if args.sigma_schedule else {}),
                 **({"init_image": Path(args.init_image).name, "strength": strength} if init else {}),
+                **({"mask": Path(args.mask).name, "inpaint_resample_times": args.inpaint_resample_times or INPAINT_RESAMPLE_TIMES,
+                    **({"invert_mask": True} if args.invert_mask else {})} if mask is not None else {}),
                 **({"text_encoder": Path(args.text_encoder).name} if args.text_encoder else {}),
                 **({"ema_weights": True} if args.ema_weights else {}),
                 **({"dtype": args.dtype} if args.dtype != "float32" else {}),
@@ -1350,7 +1367,9 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
     def picture(prompt: str, seed: int):
         img = pipe.sample([prompt], cond_scale=scale, seeds=[seed], steps=steps, output_type="pil",
                           progress=not args.quiet, sampler=sampler, start_at_unet_number=first, start_image=start,
-                          schedule_type=args.sigma_schedule, init_image=init, strength=strength)[0]
+                          schedule_type=args.sigma_schedule, init_image=init if mask is None or strength < 1 else None,
+                          strength=strength, inpaint_images=None if mask is None else init, inpaint_masks=keep,
+                          inpaint_resample_times=args.inpaint_resample_times or INPAINT_RESAMPLE_TIMES)[0]
         return img, {"prompt": prompt, "seed": seed, **recorded, "width": img.width, "height": img.height}
 
     return _save_pictures(args, prompts, max_seed, picture)
@@ -1602,6 +1621,9 @@ def run(args) -> int:
         if given is not None and not _cascade_model(args.model) and args.stage_2 is None:
             raise ValueError(f"{flag} is for an Imagen cascade (its super-resolution stages enlarge a picture), and "
                              f"{args.model or 'the embedded model'} is not one; for image to image give --init-image")
+    if args.inpaint_resample_times is not None:
+        raise ValueError(f"--inpaint-resample-times is RePaint's passes for an Imagen cascade's inpainting, and "
+                         f"{args.model or 'the embedded model'} is not one (its --mask inpainting is diffusers')")
     if _cascade_model(args.model) == "UnCLIPPipeline" and args.stage_2 is None:
         return _karlo_run(args, prompts, MAX_SEED)
     if _cascade_model(args.model) or args.stage_2 is not None:

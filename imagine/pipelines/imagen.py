@@ -48,6 +48,7 @@ from imagine.sampling import Denoiser
 MAX_TEXT_LENGTH = 256  # imagen-pytorch's t5 MAX_LENGTH: prompts are cut to 256 tokens
 OUTPUT_TYPES = ("pt", "pil")
 PRECISIONS = ("exact", "fast")
+INPAINT_RESAMPLE_TIMES = 5  # RePaint's passes a step by default (imagen-pytorch's inpaint_resample_times)
 # the samplers a stage runs on its log-SNR grid: imagen-pytorch's DDPM (the default), and ODE / multistep solvers that
 # need no more than the grid's levels (few steps); the others (SDE forms, CompVis loops, LCM) are refused by name
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "unipc", "euler", "euler_a")
@@ -394,7 +395,7 @@ class ImagenPipeline:
                callback: Callable[[dict], None] | None = None, sampler: str | Sequence[str] | None = None,
                start_at_unet_number: int = 1, start_image=None, schedule_type: str | None = None,
                init_image=None, strength: float = 0.75, emphasis: bool | str = False, inpaint_images=None,
-               inpaint_masks=None, inpaint_resample_times: int = 5):
+               inpaint_masks=None, inpaint_resample_times: int = INPAINT_RESAMPLE_TIMES):
         """The cascade's pictures: [B, C, H, W] in [0, 1] (in [-1, 1] where auto_normalize_img is off), or PIL
         pictures (output_type "pil"), of the last stage run (`stop_at_unet_number`: stop after that stage, from 1).
         cond_scale: guidance scale, one or one per stage (1: the conditional pass alone). seeds / generator: per-image
@@ -421,7 +422,10 @@ class ImagenPipeline:
         pictures (as start_image) kept where the masks ([B or 1, H, W] tensors, True / 1: keep, imagen-pytorch's
         convention) say, resized to each stage as imagen-pytorch resizes them; the rest painted anew. (imagen-pytorch
         sends x back a level with less noise than the forward process adds, and repeats its last step on its own
-        output; imagine follows the paper: with inpaint_resample_times 1 the pictures are imagen-pytorch's.)"""
+        output; imagine follows the paper: with inpaint_resample_times 1 the pictures are imagen-pytorch's.) With
+        init_image and strength too, stage 1's RePaint runs the last int(steps * strength) steps from init_image
+        noised there (AUTOMATIC1111's inpainting at a denoising strength below 1; init_image is usually the
+        inpainted picture itself)."""
         from imagine.guidance import guided_model_output, projected_guidance
         from imagine.samplers import resolve_sampler, sample_repaint
         from imagine.sampling import PerSampleNoise, make_generators
@@ -459,8 +463,7 @@ class ImagenPipeline:
         noise = PerSampleNoise(make_generators(batch, seeds, generator))
         # picture: the last stage's output, in [0, 1] (auto_normalize_img) as imagen-pytorch hands it on
         picture, init = self._given_pictures(first, start_image, init_image, strength, batch, device)
-        inpaint = self._inpainting(inpaint_images, inpaint_masks, inpaint_resample_times, samplers, first,
-                                   init_image, batch)
+        inpaint = self._inpainting(inpaint_images, inpaint_masks, inpaint_resample_times, samplers, first, batch)
         for k in range(first - 1, last):
             size = self.image_sizes[k]
             shape = (batch, self.channels, size, size)
@@ -596,7 +599,7 @@ class ImagenPipeline:
             self._normalize(self._picture(init_image, batch, self.image_sizes[0], device, "init_image"))
         return start, init
 
-    def _inpainting(self, images, masks, resample_times, samplers, first: int, init_image, batch: int):
+    def _inpainting(self, images, masks, resample_times, samplers, first: int, batch: int):
         """(inpaint_images, their masks as float [B, 1, H, W]), or None; the combinations checked."""
         if images is None and masks is None:
             return None
@@ -605,9 +608,9 @@ class ImagenPipeline:
         if "ddpm" not in self.samplers:
             raise ValueError(f"inpainting is not built for {type(self).__name__} (RePaint here redoes DDPM's steps, "
                              "which its levels do not run)")
-        if first > 1 or init_image is not None:
-            raise ValueError("inpaint_images: inpainting runs from stage 1 on noise; give no start_image / "
-                             "start_at_unet_number or init_image with it")
+        if first > 1:
+            raise ValueError("inpaint_images: inpainting runs from stage 1; give no start_image / start_at_unet_number "
+                             "with it")
         if any(name != "ddpm" for name in samplers):
             raise ValueError(f"inpainting (RePaint) runs DDPM's steps, which it redoes; sampler {samplers} asked: use "
                              "'ddpm'")

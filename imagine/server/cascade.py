@@ -50,7 +50,7 @@ class CascadeServing:
     scale = 1  # (pixels: no latent factor)
     controlnets: dict = {}
     reads_emphasis = False
-    takes_init = False
+    takes_init = False  # (img2img, and inpainting with a mask)
 
     def __init__(self, source: str | None, size: int, description: str, sampler_names, schedule_types,
                  defaults: dict):
@@ -77,15 +77,21 @@ class CascadeServing:
                  callback: Callable[[dict], None] | None = None, progress: bool = False,
                  emphasis: bool | str = False, long_prompts: bool = False, prompt_editing: bool = False,
                  composable: bool = False, old_prompt_editing: bool = False, init_image=None,
-                 strength: float | None = None, resize_mode: str = "just_resize", **others):
+                 strength: float | None = None, resize_mode: str = "just_resize", mask_image=None,
+                 masked_content: str = "original", **others):
         """The cascade's pictures of `prompts`, one per seed (each from its own: the same picture at any batch).
         long_prompts: the text encoder's one window either way (a longer prompt is cut with a warning).
         init_image / strength: image to image, the pictures first brought to the cascade's size by `resize_mode`
-        (imagine.images.fit_picture, as AUTOMATIC1111's img2img)."""
+        (imagine.images.fit_picture, as AUTOMATIC1111's img2img); with mask_image (white: painted anew, as A1111's and
+        diffusers'), inpainting, the masks brought to the size the same way."""
         from imagine.pipelines.text_to_image import GenerationResult
 
         if init_image is not None and not self.takes_init:
             others["init_image"] = init_image
+        if mask_image is not None and not self.takes_init:
+            others["mask_image"] = mask_image
+        if masked_content != "original":  # (A1111's inpainting_fill other than "original")
+            others["masked_content"] = masked_content
         if others:
             named = sorted({NOT_RUN.get(k, k) for k in others})
             raise ValueError(f"{self.description} does not run {', '.join(named)}; it takes the prompt, seed, steps, "
@@ -108,14 +114,22 @@ class CascadeServing:
                              f"{' or '.join(map(repr, self.schedule_types))} levels")
         if (init_image is None) != (strength is None):
             raise ValueError("image to image needs both the init pictures and a denoising strength")
-        pictures = None
+        if mask_image is not None and init_image is None:
+            raise ValueError("a mask needs the picture whose black part is kept (inpainting)")
+        pictures, keep = None, None
         if init_image is not None:
             from imagine.images import fit_picture
 
             pictures = [fit_picture(p.convert("RGB"), self.size, self.size, resize_mode) for p in init_image]
-        run = self.stage_steps(int(steps), None if pictures is None else float(strength))
+        if mask_image is not None:
+            from imagine.images import fit_picture
+            from imagine.inpainting import prepare_masks
+
+            fitted = [fit_picture(m, self.size, self.size, resize_mode) for m in mask_image]
+            keep = prepare_masks(fitted, self.size, self.size)[:, 0] == 0
+        run = self.stage_steps(int(steps), None if pictures is None else float(strength), keep is not None)
         images, parameters = self._run(list(prompts), list(seeds), int(steps), float(guidance_scale), sampler,
-                                       sigma_schedule, emphasis, pictures, strength, _overall(callback, run))
+                                       sigma_schedule, emphasis, pictures, strength, keep, _overall(callback, run))
         parameters = {"steps": int(steps), "sampler": sampler, "guidance_scale": float(guidance_scale),
                       "height": self.size, "width": self.size, **parameters,
                       **({"schedule_type": sigma_schedule} if sigma_schedule else {}),
@@ -156,7 +170,9 @@ class CascadeServing:
 
 class ImagenServing(CascadeServing):
     """An ImagenPipeline (or ElucidatedImagenPipeline) folder: every stage at the request's steps and guidance, as
-    `imagine generate` runs them; emphasis read (ImagenPipeline.sample's); img2img as image to image at stage 1."""
+    `imagine generate` runs them; emphasis read (ImagenPipeline.sample's); img2img as image to image at stage 1, and
+    with a mask as RePaint at every stage (INPAINT_RESAMPLE_TIMES passes a step, imagen-pytorch's default), from the picture noised at the
+    denoising strength where it is below 1."""
 
     reads_emphasis = True
     takes_init = True
@@ -172,18 +188,24 @@ class ImagenServing(CascadeServing):
                          {"sampler": pipe.default_sampler, "steps": int(min(steps, max_steps) if max_steps else steps),
                           "guidance_scale": float(pipe.defaults.get("guidance_scale", IMAGEN_GUIDANCE))})
 
-    def stage_steps(self, steps: int, strength: float | None) -> dict:
+    def stage_steps(self, steps: int, strength: float | None, inpainting: bool = False) -> dict:
+        # (RePaint's passes each report their step: counted as one)
         run = {k + 1: steps for k in range(len(self.pipe.unets))}
-        if strength is not None:
+        if strength is not None and (not inpainting or strength < 1):
             run[1] = int(steps * strength)  # (the last steps of stage 1's grid: sample's SDEdit rule)
         return run
 
-    def _run(self, prompts, seeds, steps, guidance, sampler, schedule, emphasis, pictures, strength, callback):
+    def _run(self, prompts, seeds, steps, guidance, sampler, schedule, emphasis, pictures, strength, keep, callback):
+        start = pictures if keep is None or float(strength) < 1 else None  # (inpainting at 1: the painted part anew)
         images = self.pipe.sample(prompts, seeds=seeds, cond_scale=guidance, steps=steps, sampler=sampler,
-                                  schedule_type=schedule, output_type="pil", progress=False, callback=callback,
-                                  emphasis=emphasis, init_image=pictures,
-                                  **({"strength": float(strength)} if pictures is not None else {}))
-        return images, {"stages": len(self.pipe.unets)}
+                                  schedule_type=schedule, output_type="pil", progress=False, callback=_once(callback),
+                                  emphasis=emphasis, init_image=start,
+                                  **({"strength": float(strength)} if start is not None else {}),
+                                  **({"inpaint_images": pictures, "inpaint_masks": keep} if keep is not None else {}))
+        from imagine.pipelines.imagen import INPAINT_RESAMPLE_TIMES
+
+        return images, {"stages": len(self.pipe.unets),
+                        **({"inpaint_resample_times": INPAINT_RESAMPLE_TIMES} if keep is not None else {})}
 
 
 class KarloServing(CascadeServing):
@@ -201,16 +223,31 @@ class KarloServing(CascadeServing):
         self.settings = {"prior_steps": karlo.PRIOR_STEPS, "prior_guidance_scale": karlo.PRIOR_GUIDANCE,
                          "super_res_steps": karlo.SUPER_RES_STEPS}
 
-    def stage_steps(self, steps: int, strength: float | None) -> dict:
+    def stage_steps(self, steps: int, strength: float | None, inpainting: bool = False) -> dict:
         return {"decoder": steps, "super_res": self.settings["super_res_steps"]}  # (the prior's are not counted)
 
-    def _run(self, prompts, seeds, steps, guidance, sampler, schedule, emphasis, pictures, strength, callback):
+    def _run(self, prompts, seeds, steps, guidance, sampler, schedule, emphasis, pictures, strength, keep, callback):
         if steps < 2:
             raise ValueError(f"steps {steps}: Karlo's decoder runs 2 or more (UnCLIPScheduler's spacing)")
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         images = self.pipe(prompts, generator=generators, decoder_steps=steps, decoder_guidance_scale=guidance,
                            progress=False, callback=callback, **self.settings)
         return images, dict(self.settings)
+
+
+def _once(callback: Callable[[dict], None] | None) -> Callable[[dict], None] | None:
+    """A stage's reports with RePaint's repeated passes of a step heard once (the first pass of each step)."""
+    if callback is None:
+        return None
+    seen: set = set()
+
+    def report(info: dict) -> None:
+        key = (info.get("stage"), info.get("step"))
+        if key not in seen:
+            seen.add(key)
+            callback(info)
+
+    return report
 
 
 def _overall(callback: Callable[[dict], None] | None, run: dict) -> Callable[[dict], None] | None:
