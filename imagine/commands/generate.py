@@ -1341,7 +1341,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
         raise ValueError(f"--start-at-stage {first}: {args.model} has stages 1 to {len(pipe.unets)}")
     # (A1111's default denoising strength; inpainting's, diffusers': 1, the painted part from noise)
     strength = (1.0 if mask is not None else 0.75) if args.strength is None else float(args.strength)
-    keep = None
+    keep, passes = None, args.inpaint_resample_times or INPAINT_RESAMPLE_TIMES
     if mask is not None:  # imagen-pytorch's inpaint_masks: True where the picture is kept (black in --mask)
         from imagine.inpainting import prepare_masks
 
@@ -1357,7 +1357,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
                 **({"start_image": Path(args.start_image).name, "start_at_stage": first} if start else {}),
                 **({"schedule_type": args.sigma_schedule} if args.sigma_schedule else {}),
                 **({"init_image": Path(args.init_image).name, "strength": strength} if init else {}),
-                **({"mask": Path(args.mask).name, "inpaint_resample_times": args.inpaint_resample_times or INPAINT_RESAMPLE_TIMES,
+                **({"mask": Path(args.mask).name, "inpaint_resample_times": passes,
                     **({"invert_mask": True} if args.invert_mask else {})} if mask is not None else {}),
                 **({"text_encoder": Path(args.text_encoder).name} if args.text_encoder else {}),
                 **({"ema_weights": True} if args.ema_weights else {}),
@@ -1369,7 +1369,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
                           progress=not args.quiet, sampler=sampler, start_at_unet_number=first, start_image=start,
                           schedule_type=args.sigma_schedule, init_image=init if mask is None or strength < 1 else None,
                           strength=strength, inpaint_images=None if mask is None else init, inpaint_masks=keep,
-                          inpaint_resample_times=args.inpaint_resample_times or INPAINT_RESAMPLE_TIMES)[0]
+                          inpaint_resample_times=passes)[0]
         return img, {"prompt": prompt, "seed": seed, **recorded, "width": img.width, "height": img.height}
 
     return _save_pictures(args, prompts, max_seed, picture)

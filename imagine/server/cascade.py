@@ -116,13 +116,12 @@ class CascadeServing:
             raise ValueError("image to image needs both the init pictures and a denoising strength")
         if mask_image is not None and init_image is None:
             raise ValueError("a mask needs the picture whose black part is kept (inpainting)")
+        from imagine.images import fit_picture
+
         pictures, keep = None, None
         if init_image is not None:
-            from imagine.images import fit_picture
-
             pictures = [fit_picture(p.convert("RGB"), self.size, self.size, resize_mode) for p in init_image]
         if mask_image is not None:
-            from imagine.images import fit_picture
             from imagine.inpainting import prepare_masks
 
             fitted = [fit_picture(m, self.size, self.size, resize_mode) for m in mask_image]
@@ -171,8 +170,8 @@ class CascadeServing:
 class ImagenServing(CascadeServing):
     """An ImagenPipeline (or ElucidatedImagenPipeline) folder: every stage at the request's steps and guidance, as
     `imagine generate` runs them; emphasis read (ImagenPipeline.sample's); img2img as image to image at stage 1, and
-    with a mask as RePaint at every stage (INPAINT_RESAMPLE_TIMES passes a step, imagen-pytorch's default), from the picture noised at the
-    denoising strength where it is below 1."""
+    with a mask as RePaint at every stage (INPAINT_RESAMPLE_TIMES passes a step, imagen-pytorch's default), from the
+    picture noised at the denoising strength where it is below 1."""
 
     reads_emphasis = True
     takes_init = True
