@@ -2280,13 +2280,12 @@ def _size_multiple(pipe) -> int:
 
 def _model_defaults(pipe, samplers: SamplerTable) -> dict:
     d = dict(getattr(pipe, "defaults", {}) or {})
-    sample = getattr(pipe.unet.config, "sample_size", None) or 32 if not (d.get("height") and d.get("width")) else 1
-    if isinstance(sample, (tuple, list)):
-        sh, sw = int(sample[0]), int(sample[1])
-    else:
-        sh = sw = int(sample)
-    height = int(d.get("height") or sh * pipe.scale)
-    width = int(d.get("width") or sw * pipe.scale)
+    height, width = d.get("height"), d.get("width")
+    if not (height and width):  # (a pixel cascade names both: it has no one U-Net)
+        sample = getattr(pipe.unet.config, "sample_size", None) or 32
+        sh, sw = (int(sample[0]), int(sample[1])) if isinstance(sample, (tuple, list)) else (int(sample),) * 2
+        height, width = height or sh * pipe.scale, width or sw * pipe.scale
+    height, width = int(height), int(width)
     sampler = d.get("sampler") or "dpmpp_2m"
     try:
         sampler = samplers.resolve(sampler)[0]
