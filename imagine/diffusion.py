@@ -270,7 +270,8 @@ def training_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cond: di
 # -- continuous time (Kingma et al. 2021, VDM; Imagen's training) ---------------------------------
 def continuous_training_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, log_snr: torch.Tensor,
                              noise: torch.Tensor, prediction_type: str, cond: dict[str, Any] | None = None,
-                             min_snr_gamma: float | None = None, reduction: str = "mean") -> torch.Tensor:
+                             min_snr_gamma: float | None = None, reduction: str = "mean",
+                             self_condition: bool = False) -> torch.Tensor:
     """The simplified objective at a continuous noise level (VDM, Kingma et al. 2021; Imagen's base and
     super-resolution models, trained at t ~ U[0, 1] with lambda(t) the log-SNR of a continuous schedule).
 
@@ -278,7 +279,9 @@ def continuous_training_loss(model: Callable[..., torch.Tensor], x0: torch.Tenso
     `model(x_lambda, lambda, **cond)` (the noise level as its condition, imagen-pytorch's `get_condition`); the target
     is eps, x_0 or v = alpha eps - sigma x_0 (Salimans & Ho 2022) as in `training_target`, the loss each sample's mean
     squared error, times the min-SNR-gamma weight (Hang et al. 2023; SNR = e^lambda) if `min_snr_gamma` is set.
-    `log_snr` [B], `noise` like x0."""
+    `log_snr` [B], `noise` like x0. `self_condition`: the model first estimates x_0 without gradient and is then called
+    with it as `self_cond` (self-conditioning, Chen et al. 2022, "Analog Bits", sec. 3.3: at sampling it sees the
+    previous step's estimate; the caller takes this pass half the time, so the model also learns to do without)."""
     check_prediction_type(prediction_type)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
@@ -293,7 +296,12 @@ def continuous_training_loss(model: Callable[..., torch.Tensor], x0: torch.Tenso
     lam = log_snr.double()
     alpha, sigma = (_per_sample(v, x0) for v in alpha_sigma(lam))
     x_t = alpha * x0 + sigma * noise
-    prediction = model(x_t, log_snr.to(torch.float32), **(cond or {}))
+    cond = dict(cond or {})
+    if self_condition:  # (x_0 from the first estimate as its prediction type says: alpha^2 = sigmoid(lambda))
+        with torch.no_grad():
+            first = model(x_t, log_snr.to(torch.float32), **cond)
+            cond["self_cond"] = predict_x0(first.double(), x_t, torch.sigmoid(lam), prediction_type).to(first.dtype)
+    prediction = model(x_t, log_snr.to(torch.float32), **cond)
     if prediction.shape != x0.shape:
         raise ValueError(f"model output shape {tuple(prediction.shape)} differs from x0 shape {tuple(x0.shape)}")
     target = {"epsilon": noise, "sample": x0, "v_prediction": alpha * noise - sigma * x0}[prediction_type]

@@ -63,9 +63,12 @@ def denoise(model: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Te
 
 
 def training_loss(model: Callable[..., torch.Tensor], y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
-                  sigma_data: float, cond: dict[str, Any] | None = None, reduction: str = "mean") -> torch.Tensor:
+                  sigma_data: float, cond: dict[str, Any] | None = None, reduction: str = "mean",
+                  self_condition: bool = False) -> torch.Tensor:
     """Eq. 8's loss at given levels: lambda(sigma) times each sample's mean squared error of D(y + sigma n; sigma)
-    against y (imagen-pytorch's ElucidatedImagen.forward). y [B, ...] the clean data, sigma [B], noise like y."""
+    against y (imagen-pytorch's ElucidatedImagen.forward). y [B, ...] the clean data, sigma [B], noise like y.
+    `self_condition`: D is first evaluated without gradient and its x_0 given to the network as `self_cond`
+    (self-conditioning, Chen et al. 2022; as imagen-pytorch's, on the passes its caller draws)."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
     if noise.shape != y.shape:
@@ -74,7 +77,11 @@ def training_loss(model: Callable[..., torch.Tensor], y: torch.Tensor, sigma: to
         raise ValueError(f"sigma must be [{y.shape[0]}] positive noise levels (one per sample); got "
                          f"{tuple(sigma.shape)}")
     x = y + sigma.view(-1, *([1] * (y.ndim - 1))) * noise
-    denoised = denoise(model, x, sigma, sigma_data, **(cond or {}))
+    cond = dict(cond or {})
+    if self_condition:
+        with torch.no_grad():
+            cond["self_cond"] = denoise(model, x, sigma, sigma_data, **cond)
+    denoised = denoise(model, x, sigma, sigma_data, **cond)
     loss = (denoised.float() - y.float()).pow(2).flatten(1).mean(1) * loss_weight(sigma.float(), sigma_data)
     return loss.mean() if reduction == "mean" else loss
 

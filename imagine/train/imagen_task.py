@@ -22,6 +22,9 @@ the cascade with its stage on top.
   F.interpolate's nearest mode; averaging keeps the small picture what a stage below, trained on averaged pictures,
   makes.)
 
+- Self-conditioning (Chen et al. 2022, sec. 3.3; `model.self_cond`): half the batches (one draw each) first estimate
+  x_0 without gradient and give it to the U-Net as `self_cond`, as its sampler gives the previous step's estimate.
+
 - ElucidatedImagen (`imagen.type: elucidated`; Karras et al. 2022, EDM, as imagen-pytorch's ElucidatedImagen):
   ln(sigma) ~ N(P_mean, P_std^2), x = x_0 + sigma eps, the U-Net preconditioned (eq. 7: it sees c_in x and ln(sigma)
   / 4) and the loss lambda(sigma) |D(x; sigma) - x_0|^2 (imagine.edm.training_loss); prediction_type, min_snr_gamma
@@ -231,14 +234,18 @@ class ImagenTask(CaptionStates, Task):
             eps_low = torch.randn((G, *low.shape[1:]), generator=self.gen)[slot].to(dev)
             a, b = (v.view(-1, 1, 1, 1).to(dev) for v in alpha_sigma(lam_low))
             cond.update(lowres_cond_img=a * low + b * eps_low, lowres_noise_cond=lam_low.to(dev))
+        # a self-conditioned U-Net (model.self_cond): half the batches first estimate x_0 and are given it, one draw
+        # for the batch (Chen et al. 2022; imagen-pytorch's), as sampling gives the previous step's estimate
+        self_condition = bool(self.trainable.config.self_cond) and float(torch.rand(1, generator=self.gen)) < 0.5
         model = self.trainable if self.model is None else self.model
         if s["type"] == "elucidated":  # EDM: ln(sigma) ~ N(P_mean, P_std^2) (the draw `t` was, from the same stream)
             sigma = edm.training_sigmas(z, s["P_mean"], s["P_std"]).to(dev)
-            loss = edm.training_loss(model, x0, sigma, noise, s["sigma_data"], cond=cond)
+            loss = edm.training_loss(model, x0, sigma, noise, s["sigma_data"], cond=cond,
+                                     self_condition=self_condition)
         else:
             lam = log_snr(self.noise_schedule, t.float()).to(dev)
             loss = continuous_training_loss(model, x0, lam, noise, d["prediction_type"], cond=cond,
-                                            min_snr_gamma=d["min_snr_gamma"])
+                                            min_snr_gamma=d["min_snr_gamma"], self_condition=self_condition)
         return loss, {"loss": float(loss.detach())}
 
     # -- sampling and export -------------------------------------------------------------------
