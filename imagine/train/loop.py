@@ -5,7 +5,8 @@ One process or several through Hugging Face accelerate (DDP; `accelerate launch
 takes its slice, so N processes follow the same curve as one. AdamW, linear warm-up then cosine
 decay, gradient clipping and accumulation, EMA, bf16 autocast on CPU (fp16/bf16 on GPU), atomic
 checkpoints with exact resume, a tqdm bar with loss, it/s and ETA, TensorBoard scalars and a
-sample grid every N steps.
+sample grid every N steps. Ctrl-C (SIGINT) or SIGTERM ends the step under way, writes a checkpoint and stops, as
+train.max_minutes does (a second one stops at once); `--resume` continues.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -223,6 +226,32 @@ def _agree(accelerator, flag: bool, how: str) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     t = accelerator.reduce(t, "sum")
     return bool(t.item() == accelerator.num_processes) if how == "all" else bool(t.item() > 0)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While training: SIGINT (Ctrl-C) and SIGTERM set the event this yields instead of killing the run, so the loop
+    ends its step and writes a checkpoint; a second signal gets the usual handling (a KeyboardInterrupt, or the end)
+    at once. Outside the main thread (where Python takes no handlers) an event that is never set."""
+    asked = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        asked.set()
+        asked.signal = signal.Signals(signum).name
+        for sig, old in previous.items():  # (the next one is handled as before: a second Ctrl-C stops at once)
+            signal.signal(sig, old)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield asked
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _slice_sizes(accelerator, n: int, has_stand_in: bool) -> list[tuple[int, bool]]:
@@ -490,68 +519,73 @@ def run_training(cfg: dict, task: Task, dataset, out_dir: Path, resume: bool | P
     t_start, losses, history = time.time(), [], []
     deadline = t_start + 60 * float(tc["max_minutes"]) if tc["max_minutes"] else None
     model.train()
-    while step < total:
-        for g in opt.param_groups:
-            g["lr"] = tc["lr"] * lr_factor(step, tc["warmup_steps"], total, tc["lr_schedule"], tc["min_lr_ratio"]) \
-                * rewarm_factor(step, rewarm.get("model"), tc["warmup_steps"])
-        for name, o in task.extra_optimizers.items():
-            if name in rewarm:
-                for g, lr in zip(o.param_groups, extra_lrs[name]):
-                    g["lr"] = lr * rewarm_factor(step, rewarm[name], tc["warmup_steps"])
-        logs: dict[str, float] = {}
-        opt.zero_grad(set_to_none=True)
-        batch = None
-        for micro in range(tc["grad_accum"]):
-            batch, scale = next_batch()
-            sync = micro == tc["grad_accum"] - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    loss, parts = task.loss(batch, step)
-                accelerator.backward(loss * scale / tc["grad_accum"])
-            for k, v in parts.items():
-                logs[k] = logs.get(k, 0.0) + v * scale / tc["grad_accum"]
-        if tc["grad_clip"]:
-            logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, tc["grad_clip"]))
-        opt.step()
-        logs.update(task.after_backward(batch, step))
-        logs = _mean_across(accelerator, logs)
-        if ema is not None:
-            ema.update(net)
-        step += 1
-        losses.append(logs.get("loss", float("nan")))
-        bar.update(1)
-        if step % tc["log_every"] == 0 or step == total:
-            mean_loss = sum(losses[-tc["log_every"]:]) / len(losses[-tc["log_every"]:])
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-            history.append({"step": step, "loss": mean_loss, **{k: v for k, v in logs.items() if k != "loss"}})
-            if writer is not None:
-                writer.add_scalar("train/loss", mean_loss, step)
-                writer.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
-                for k, v in logs.items():
-                    if k != "loss":
-                        writer.add_scalar(f"train/{k}", v, step)
-            if main:
-                with open(out_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(history[-1]) + "\n")
-        eval_model = ema.model if ema is not None else net
-        if main and tc["eval_every"] and step % tc["eval_every"] == 0:
-            metrics = task.evaluate(eval_model, step)
-            if metrics:
-                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    with stop_signals() as asked:  # (Ctrl-C, SIGTERM: a checkpoint, then the end; handlers restored whatever happens)
+        while step < total:
+            for g in opt.param_groups:
+                g["lr"] = tc["lr"] * lr_factor(step, tc["warmup_steps"], total, tc["lr_schedule"], tc["min_lr_ratio"]) \
+                    * rewarm_factor(step, rewarm.get("model"), tc["warmup_steps"])
+            for name, o in task.extra_optimizers.items():
+                if name in rewarm:
+                    for g, lr in zip(o.param_groups, extra_lrs[name]):
+                        g["lr"] = lr * rewarm_factor(step, rewarm[name], tc["warmup_steps"])
+            logs: dict[str, float] = {}
+            opt.zero_grad(set_to_none=True)
+            batch = None
+            for micro in range(tc["grad_accum"]):
+                batch, scale = next_batch()
+                sync = micro == tc["grad_accum"] - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        loss, parts = task.loss(batch, step)
+                    accelerator.backward(loss * scale / tc["grad_accum"])
+                for k, v in parts.items():
+                    logs[k] = logs.get(k, 0.0) + v * scale / tc["grad_accum"]
+            if tc["grad_clip"]:
+                logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, tc["grad_clip"]))
+            opt.step()
+            logs.update(task.after_backward(batch, step))
+            logs = _mean_across(accelerator, logs)
+            if ema is not None:
+                ema.update(net)
+            step += 1
+            losses.append(logs.get("loss", float("nan")))
+            bar.update(1)
+            if step % tc["log_every"] == 0 or step == total:
+                mean_loss = sum(losses[-tc["log_every"]:]) / len(losses[-tc["log_every"]:])
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+                history.append({"step": step, "loss": mean_loss, **{k: v for k, v in logs.items() if k != "loss"}})
                 if writer is not None:
-                    for k, v in metrics.items():
-                        writer.add_scalar(f"eval/{k}", v, step)
-        if main and tc["sample_every"] and step % tc["sample_every"] == 0:
-            task.sample_grid(eval_model, out_dir / "samples" / f"step-{step:08d}.png", step)
-        if eval_model is net and not net.training:
-            model.train()   # (without an EMA, evaluation and samples ran on the trained network itself)
-        stop_now = deadline is not None and _agree(accelerator, main and time.time() > deadline, "any")
-        if step % tc["checkpoint_every"] == 0 or step == total or stop_now:
-            save(step)
-        if stop_now:
-            if main:
-                print(f"train.max_minutes reached at step {step}: checkpoint written; continue with --resume")
-            break
+                    writer.add_scalar("train/loss", mean_loss, step)
+                    writer.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
+                    for k, v in logs.items():
+                        if k != "loss":
+                            writer.add_scalar(f"train/{k}", v, step)
+                if main:
+                    with open(out_dir / "log.jsonl", "a") as f:
+                        f.write(json.dumps(history[-1]) + "\n")
+            eval_model = ema.model if ema is not None else net
+            if main and tc["eval_every"] and step % tc["eval_every"] == 0:
+                metrics = task.evaluate(eval_model, step)
+                if metrics:
+                    tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                    if writer is not None:
+                        for k, v in metrics.items():
+                            writer.add_scalar(f"eval/{k}", v, step)
+            if main and tc["sample_every"] and step % tc["sample_every"] == 0:
+                task.sample_grid(eval_model, out_dir / "samples" / f"step-{step:08d}.png", step)
+            if eval_model is net and not net.training:
+                model.train()   # (without an EMA, evaluation and samples ran on the trained network itself)
+            late = deadline is not None and main and time.time() > deadline
+            stop_now = (deadline is not None or accelerator.num_processes > 1 or asked.is_set()) and \
+                _agree(accelerator, late or asked.is_set(), "any")
+            if step % tc["checkpoint_every"] == 0 or step == total or stop_now:
+                save(step)
+            if stop_now:
+                if main:
+                    why = "train.max_minutes reached" if late else \
+                        f"stopped ({getattr(asked, 'signal', 'a signal')} here or in another process)"
+                    print(f"{why} at step {step}: checkpoint written; continue with --resume", flush=True)
+                break
     bar.close()
     skipped = _sum_across(accelerator, skipped)
     accelerator.wait_for_everyone()
