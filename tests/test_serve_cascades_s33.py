@@ -22,7 +22,8 @@ from test_imagen_cli_s31 import PROMPT, folder  # noqa: F401 (fixture: a tiny tw
 
 from imagine.pipelines.imagen import ImagenPipeline  # noqa: E402
 from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
-from imagine.server.cascade import ImagenServing, KarloServing, _overall  # noqa: E402
+from imagine.server.cascade import IFServing, ImagenServing, KarloServing, _overall  # noqa: E402
+from test_cascade_if_s29 import parts  # noqa: E402,F401 (fixture: tiny IF stages I and II, diffusers' and ours)
 from test_karlo_s30 import karlo  # noqa: E402,F401 (fixture: a tiny Karlo folder, diffusers' pipeline, ours)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,7 +162,7 @@ def test_serve_loads_a_cascade_and_refuses_latent_flags(folder, tmp_path):  # no
     other = tmp_path / "if"
     other.mkdir()
     (other / "model_index.json").write_text('{"_class_name": "IFPipeline"}')
-    with pytest.raises(ValueError, match="IFPipeline folder, which imagine serve does not run"):
+    with pytest.raises(ValueError, match="is not a diffusers IF folder: it needs unet/ and scheduler/"):
         _cascade(argparse.Namespace(**{**vars(args), "model": str(other)}), ServerConfig())
     assert _cascade(argparse.Namespace(**{**vars(args), "model": str(tmp_path)}), ServerConfig()) is None
 
@@ -216,8 +217,8 @@ def test_karlo_takes_no_init_picture(karlo_server, karlo):  # noqa: F811
     served = _cascade(args, ServerConfig())
     assert isinstance(served, KarloServing) and served.defaults == {"height": 64, "width": 64, "sampler": "ddpm",
                                                                      "steps": 25, "guidance_scale": 8.0}
-    with pytest.raises(ValueError, match="Karlo's unCLIP cascade runs in float32"):
-        _cascade(argparse.Namespace(**{**vars(args), "precision": "fast"}), ServerConfig())
+    fast = _cascade(argparse.Namespace(**{**vars(args), "precision": "fast", "dtype": "bfloat16"}), ServerConfig())
+    assert next(fast.pipe.decoder.parameters()).dtype == torch.bfloat16  # (its fast form: bf16 weights)
 
 
 def test_an_elucidated_cascade_serves_its_own_sampler_and_levels():
@@ -254,3 +255,59 @@ def test_img2img_with_a_mask_is_repaint(server, pipe):
     assert np.array_equal(got[:, :SIZE // 2], pixels(start)[:, :SIZE // 2])
     r = requests.post(server.url + "/sdapi/v1/img2img", json={**body, "sampler_name": "DDIM"}, timeout=120)
     assert r.status_code == 422 and "RePaint" in r.text and "use 'ddpm'" in r.text, r.text[:300]
+
+
+@pytest.fixture(scope="module")
+def if_server(parts):
+    _, _, first, second = parts
+    app = create_app(IFServing(first, second, source="if"), ServerConfig(max_batch=4))
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+def test_if_txt2img_is_diffusers_chained_per_seed(if_server, parts):
+    """DeepFloyd IF served (stage I at the request's steps, guidance and sampler, stage II at diffusers' defaults: 50
+    steps, guidance 4, noise level 250), the negative prompt read: each image diffusers' IFPipeline then
+    IFSuperResolutionPipeline chained with its seed's generator (diffusers' IF documentation), 50 dB or more."""
+    import diffusers
+    from test_cascade_if_s29 import SCHEDULER, psnr
+
+    theirs_1, theirs_2, _, _ = parts
+    body = {"prompt": "a red circle", "negative_prompt": "blue", "seed": 3, "steps": 4, "cfg_scale": 5.0,
+            "width": 32, "height": 32, "batch_size": 2, "sampler_name": "DPM++ 2M"}
+    r = requests.post(if_server.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    cond, uncond = theirs_1.encode_prompt("a red circle", negative_prompt="blue", clean_caption=False)
+    kept = theirs_1.scheduler, theirs_2.scheduler
+    for pipe_ in (theirs_1, theirs_2):  # (DPM++ 2M from the stages' DDPM config, as imagine runs it)
+        pipe_.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(SCHEDULER)
+    for b64, seed in zip(r.json()["images"], (3, 4)):
+        g = torch.Generator().manual_seed(seed)
+        low = theirs_1(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=4, generator=g,
+                       guidance_scale=5.0, output_type="pt").images
+        want = theirs_2(image=low, prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=50,
+                        generator=g, guidance_scale=4.0, noise_level=250).images
+        assert psnr([decoded(b64)], want) >= 50
+    theirs_1.scheduler, theirs_2.scheduler = kept
+    r = requests.post(if_server.url + "/sdapi/v1/txt2img", json={**body, "sampler_name": "LMS"}, timeout=120)
+    assert r.status_code == 422 and "unknown sampler" in r.text
+
+
+def test_serve_loads_if_stages_and_refuses_a_misplaced_stage_2(parts, folder, tmp_path):  # noqa: F811
+    from imagine.server.cli import _cascade
+
+    theirs_1, theirs_2, _, _ = parts
+    theirs_1.save_pretrained(tmp_path / "one")
+    theirs_2.save_pretrained(tmp_path / "two")
+    args = argparse.Namespace(model=str(tmp_path / "one"), stage_2=str(tmp_path / "two"), vae=None, lora=[],
+                              lora_dir=None, embedding=[], controlnet=[], refiner=None, clip_skip=None,
+                              dtype="float32", precision="exact")
+    served = _cascade(args, ServerConfig())
+    assert isinstance(served, IFServing) and served.size == 32 and served.defaults["steps"] == 100
+    alone = _cascade(argparse.Namespace(**{**vars(args), "stage_2": None}), ServerConfig())
+    assert alone.size == 16 and alone.second is None
+    with pytest.raises(ValueError, match="serve stage I .* with it as --stage-2"):
+        _cascade(argparse.Namespace(**{**vars(args), "model": str(tmp_path / "two"), "stage_2": None}),
+                 ServerConfig())
+    with pytest.raises(ValueError, match="--stage-2 is DeepFloyd IF's super-resolution stage"):
+        _cascade(argparse.Namespace(**{**vars(args), "model": str(folder[0])}), ServerConfig())

@@ -51,6 +51,7 @@ class CascadeServing:
     controlnets: dict = {}
     reads_emphasis = False
     takes_init = False  # (img2img, and inpainting with a mask)
+    takes_negative = False  # (a negative prompt: guidance against a second text, not the learned null text)
 
     def __init__(self, source: str | None, size: int, description: str, sampler_names, schedule_types,
                  defaults: dict):
@@ -99,7 +100,7 @@ class CascadeServing:
                              + (" and schedule type, and an init picture with a denoising strength"
                                 if self.takes_init else ""))
         self.check_size(height, width)
-        if any(negative_prompts or []):
+        if any(negative_prompts or []) and not self.takes_negative:
             raise ValueError(f"{self.description} takes no negative prompt: its guidance runs against the learned "
                              "null text it was trained with, not against a second text")
         self._check_prompts(prompts, steps, emphasis, composable, prompt_editing)
@@ -127,8 +128,9 @@ class CascadeServing:
             fitted = [fit_picture(m, self.size, self.size, resize_mode) for m in mask_image]
             keep = prepare_masks(fitted, self.size, self.size)[:, 0] == 0
         run = self.stage_steps(int(steps), None if pictures is None else float(strength), keep is not None)
-        images, parameters = self._run(list(prompts), list(seeds), int(steps), float(guidance_scale), sampler,
-                                       sigma_schedule, emphasis, pictures, strength, keep, _overall(callback, run))
+        images, parameters = self._run(list(prompts), [n or "" for n in negative_prompts or [None] * len(prompts)],
+                                       list(seeds), int(steps), float(guidance_scale), sampler, sigma_schedule,
+                                       emphasis, pictures, strength, keep, _overall(callback, run))
         parameters = {"steps": int(steps), "sampler": sampler, "guidance_scale": float(guidance_scale),
                       "height": self.size, "width": self.size, **parameters,
                       **({"schedule_type": sigma_schedule} if sigma_schedule else {}),
@@ -194,7 +196,8 @@ class ImagenServing(CascadeServing):
             run[1] = int(steps * strength)  # (the last steps of stage 1's grid: sample's SDEdit rule)
         return run
 
-    def _run(self, prompts, seeds, steps, guidance, sampler, schedule, emphasis, pictures, strength, keep, callback):
+    def _run(self, prompts, negatives, seeds, steps, guidance, sampler, schedule, emphasis, pictures, strength, keep,
+             callback):
         start = pictures if keep is None or float(strength) < 1 else None  # (inpainting at 1: the painted part anew)
         images = self.pipe.sample(prompts, seeds=seeds, cond_scale=guidance, steps=steps, sampler=sampler,
                                   schedule_type=schedule, output_type="pil", progress=False, callback=_once(callback),
@@ -225,13 +228,60 @@ class KarloServing(CascadeServing):
     def stage_steps(self, steps: int, strength: float | None, inpainting: bool = False) -> dict:
         return {"decoder": steps, "super_res": self.settings["super_res_steps"]}  # (the prior's are not counted)
 
-    def _run(self, prompts, seeds, steps, guidance, sampler, schedule, emphasis, pictures, strength, keep, callback):
+    def _run(self, prompts, negatives, seeds, steps, guidance, sampler, schedule, emphasis, pictures, strength, keep,
+             callback):
         if steps < 2:
             raise ValueError(f"steps {steps}: Karlo's decoder runs 2 or more (UnCLIPScheduler's spacing)")
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         images = self.pipe(prompts, generator=generators, decoder_steps=steps, decoder_guidance_scale=guidance,
                            progress=False, callback=callback, **self.settings)
         return images, dict(self.settings)
+
+
+class IFServing(CascadeServing):
+    """DeepFloyd IF (a diffusers IFPipeline folder, with an IFSuperResolutionPipeline folder as stage II:
+    imagine.pipelines.cascade): the request's steps, guidance scale and sampler are stage I's (as `imagine generate`'s
+    --steps, --guidance-scale, --sampler), stage II runs diffusers' defaults (50 steps, guidance 4, noise level 250)
+    with the same sampler; negative prompts are read (IF guides against the encoded negative, "" by default)."""
+
+    takes_negative = True
+
+    def __init__(self, first, second=None, source: str | None = None):
+        from imagine.pipelines import cascade
+
+        self.first, self.second = first, second
+        super().__init__(source, (second or first).sample_size, "DeepFloyd IF" + (" (stages I and II)" if second
+                                                                                  else " (stage I)"),
+                         list(cascade.SAMPLERS), (), {"sampler": "ddpm", "steps": cascade.STAGE_1_STEPS,
+                                                      "guidance_scale": cascade.STAGE_1_GUIDANCE})
+        self.settings = {} if second is None else {"stage_2_steps": cascade.STAGE_2_STEPS,
+                                                   "stage_2_guidance_scale": cascade.STAGE_2_GUIDANCE,
+                                                   "noise_level": cascade.NOISE_LEVEL}
+
+    def stage_steps(self, steps: int, strength: float | None, inpainting: bool = False) -> dict:
+        return {1: steps, **({2: self.settings["stage_2_steps"]} if self.second is not None else {})}
+
+    def _run(self, prompts, negatives, seeds, steps, guidance, sampler, schedule, emphasis, pictures, strength, keep,
+             callback):
+        from imagine.pipelines import cascade
+
+        states = cascade.encode_prompts(self.first.encoder, prompts, negatives)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # (stage I draws first, then stage II)
+        low = cascade.text_to_image(self.first, states, steps=steps, guidance_scale=guidance, generator=generators,
+                                    output_type="pt" if self.second is not None else "pil", progress=False,
+                                    callback=_tagged(callback, 1), sampler=sampler)
+        if self.second is None:
+            return low, {}
+        s = self.settings
+        images = cascade.super_resolution(self.second, states, low, steps=s["stage_2_steps"],
+                                          guidance_scale=s["stage_2_guidance_scale"], noise_level=s["noise_level"],
+                                          generator=generators, progress=False, callback=_tagged(callback, 2),
+                                          sampler=sampler)
+        return images, dict(s)
+
+
+def _tagged(callback, stage):
+    return None if callback is None else (lambda info: callback({**info, "stage": stage}))
 
 
 def _once(callback: Callable[[dict], None] | None) -> Callable[[dict], None] | None:

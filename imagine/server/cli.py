@@ -26,7 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     p.add_argument("--model", "-m", default=None,
                    help="model folder (ours or diffusers') or single-file checkpoint, or a pixel cascade's folder (an "
-                        "Imagen cascade, Karlo's UnCLIPPipeline); default: the embedded model")
+                        "Imagen cascade, Karlo's UnCLIPPipeline, DeepFloyd IF's stage I with --stage-2); default: the "
+                        "embedded model")
+    p.add_argument("--stage-2", default=None, metavar="FOLDER",
+                   help="DeepFloyd IF: the super-resolution stage's folder (IFSuperResolutionPipeline) after --model's "
+                        "stage I; served pictures are its size")
     p.add_argument("--vae", default=None,
                    help="a VAE file or folder to decode with instead of the model's own (AUTOMATIC1111's SD VAE)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH[:UNET]]",
@@ -191,18 +195,23 @@ LATENT_ONLY_FLAGS = ("vae", "lora", "lora_dir", "embedding", "controlnet", "refi
 
 
 def _cascade(args, config):
-    """A pixel cascade folder's pipeline behind the server's interface (imagine.server.cascade): an Imagen cascade, or
-    Karlo's unCLIP cascade; None for anything else (a latent model, loaded by TextToImagePipeline). DeepFloyd IF's
-    stages are refused by name: `imagine generate` runs them."""
+    """A pixel cascade folder's pipeline behind the server's interface (imagine.server.cascade): an Imagen cascade,
+    Karlo's unCLIP cascade, or DeepFloyd IF (stage I, and --stage-2); None for anything else (a latent model, loaded
+    by TextToImagePipeline)."""
     from imagine.commands.generate import _cascade_model
 
     kind = _cascade_model(args.model)
+    stage_2 = getattr(args, "stage_2", None)
+    if stage_2 is not None and kind != "IFPipeline":
+        raise ValueError(f"--stage-2 is DeepFloyd IF's super-resolution stage after its stage I (--model, an IFPipeline "
+                         f"folder); {args.model or 'the embedded model'} is not one")
     if kind is None:
         return None
-    what = {"ImagenPipeline": "an Imagen cascade", "UnCLIPPipeline": "Karlo's unCLIP cascade"}.get(kind)
-    if what is None:
-        raise ValueError(f"{args.model} is a {kind} folder, which imagine serve does not run (it serves latent models, "
-                         "Imagen cascades and Karlo's unCLIP cascade); imagine generate --model runs it")
+    what = {"ImagenPipeline": "an Imagen cascade", "UnCLIPPipeline": "Karlo's unCLIP cascade",
+            "IFPipeline": "DeepFloyd IF"}.get(kind)
+    if what is None:  # (IFSuperResolutionPipeline)
+        raise ValueError(f"{args.model} is a {kind} folder, DeepFloyd IF's super-resolution stage: serve stage I "
+                         f"(--model IF-I folder) with it as --stage-2")
     given = [f"--{f.replace('_', '-')}" for f in LATENT_ONLY_FLAGS if getattr(args, f) not in (None, [], False)]
     if given:
         raise ValueError(f"{args.model} is {what} (pixels, no VAE or SD text encoder): {', '.join(given)} "
@@ -211,12 +220,21 @@ def _cascade(args, config):
 
     from imagine.server import cascade
 
-    dtype = getattr(torch, args.dtype)
+    # (IF and Karlo run as loaded: their fast form is bf16 weights, half the memory)
+    dtype = torch.bfloat16 if args.precision == "fast" and kind != "ImagenPipeline" else getattr(torch, args.dtype)
+    if kind == "IFPipeline":
+        from imagine.pipelines import cascade as if_cascade
+
+        if stage_2 is not None and _cascade_model(stage_2) != "IFSuperResolutionPipeline":
+            raise ValueError(f"--stage-2 {stage_2}: not a DeepFloyd IF super-resolution folder (model_index.json: "
+                             "IFSuperResolutionPipeline)")
+        first = if_cascade.IFStage.from_pretrained(args.model, dtype)
+        second = None if stage_2 is None else if_cascade.IFStage.from_pretrained(stage_2, dtype,
+                                                                                 encoder=first.encoder)
+        return cascade.IFServing(first, second, source=args.model)
     if kind == "UnCLIPPipeline":
         from imagine.pipelines.karlo import KarloPipeline
 
-        if args.precision != "exact":
-            raise ValueError(f"--precision {args.precision}: Karlo's unCLIP cascade runs in float32 (exact) here")
         return cascade.KarloServing(KarloPipeline.from_pretrained(args.model, dtype), source=args.model)
     from imagine.pipelines.imagen import ImagenPipeline
 
