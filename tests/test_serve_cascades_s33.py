@@ -18,7 +18,7 @@ import requests
 import torch
 from PIL import Image
 
-from test_imagen_cli_s31 import PROMPT, folder  # noqa: F401 (fixture: a tiny two-stage cascade, 8 -> 16 px)
+from test_imagen_cli_s31 import PROMPT, checkpoint, folder  # noqa: F401 (fixtures: tiny two-stage cascades, 8 -> 16 px)
 
 from imagine.pipelines.imagen import ImagenPipeline  # noqa: E402
 from imagine.server.app import BackgroundServer, ServerConfig, create_app  # noqa: E402
@@ -153,7 +153,8 @@ def test_serve_loads_a_cascade_and_refuses_latent_flags(folder, tmp_path):  # no
     from imagine.server.cli import _cascade
 
     args = argparse.Namespace(model=str(folder[0]), vae=None, lora=[], lora_dir=None, embedding=[], controlnet=[],
-                              refiner=None, clip_skip=None, dtype="float32", precision="exact")
+                              refiner=None, clip_skip=None, dtype="float32", precision="exact",
+                              text_encoder=None, ema_weights=False)
     served = _cascade(args, ServerConfig(max_steps=20))
     assert isinstance(served, ImagenServing) and served.defaults["height"] == SIZE
     assert served.defaults["steps"] == 3 and served.defaults["sampler"] == "ddpm"
@@ -213,7 +214,8 @@ def test_karlo_takes_no_init_picture(karlo_server, karlo):  # noqa: F811
     from imagine.server.cli import _cascade
 
     args = argparse.Namespace(model=str(karlo[0]), vae=None, lora=[], lora_dir=None, embedding=[], controlnet=[],
-                              refiner=None, clip_skip=None, dtype="float32", precision="exact")
+                              refiner=None, clip_skip=None, dtype="float32", precision="exact",
+                              text_encoder=None, ema_weights=False)
     served = _cascade(args, ServerConfig())
     assert isinstance(served, KarloServing) and served.defaults == {"height": 64, "width": 64, "sampler": "ddpm",
                                                                      "steps": 25, "guidance_scale": 8.0}
@@ -311,3 +313,23 @@ def test_serve_loads_if_stages_and_refuses_a_misplaced_stage_2(parts, folder, tm
                  ServerConfig())
     with pytest.raises(ValueError, match="--stage-2 is DeepFloyd IF's super-resolution stage"):
         _cascade(argparse.Namespace(**{**vars(args), "model": str(folder[0])}), ServerConfig())
+
+
+def test_serve_loads_an_imagen_pytorch_checkpoint(checkpoint, folder, tmp_path):  # noqa: F811
+    """`imagine serve --model FILE --text-encoder T5 [--ema-weights]`, as `imagine generate` loads it (one function):
+    the checkpoint's EMA unets; the flags refused where they do not apply."""
+    from imagine.server.cli import _cascade
+
+    path, t5_folder, loaded = checkpoint
+    args = argparse.Namespace(model=str(path), vae=None, lora=[], lora_dir=None, embedding=[], controlnet=[],
+                              refiner=None, clip_skip=None, dtype="float32", precision="exact",
+                              text_encoder=str(t5_folder), ema_weights=True)
+    served = _cascade(args, ServerConfig(max_steps=20))
+    assert isinstance(served, ImagenServing) and served.size == SIZE and served.defaults["steps"] == 6  # (its T)
+    want = loaded[True].unets[0].state_dict()
+    got = served.pipe.unets[0].state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want if k in got) and len(set(got) & set(want)) > 10
+    with pytest.raises(ValueError, match="give --text-encoder FOLDER"):
+        _cascade(argparse.Namespace(**{**vars(args), "text_encoder": None}), ServerConfig())
+    with pytest.raises(ValueError, match="--ema-weights is for an imagen-pytorch checkpoint"):
+        _cascade(argparse.Namespace(**{**vars(args), "model": str(tmp_path), "text_encoder": None}), ServerConfig())

@@ -1272,14 +1272,47 @@ def _imagen_checkpoint(model: str | None) -> dict | None:
     return checkpoint if ok else None
 
 
+def load_imagen(args, checkpoint: dict | None):
+    """The Imagen cascade `args.model` names (`imagine generate` and `imagine serve`): imagine's cascade folder, or an
+    imagen-pytorch trainer checkpoint (`checkpoint`, the file's dict) with --text-encoder (its T5, a local folder) and
+    --ema-weights; --dtype and --precision as given. The flags' combinations are checked first."""
+    import torch
+
+    from imagine.pipelines.imagen import ImagenPipeline
+
+    dtype = getattr(torch, args.dtype)
+    if checkpoint is None:
+        for flag, given in (("--text-encoder", args.text_encoder is not None), ("--ema-weights", args.ema_weights)):
+            if given:
+                raise ValueError(f"{flag} is for an imagen-pytorch checkpoint (--model FILE); {args.model} is an "
+                                 "Imagen cascade folder, which holds one set of weights and names its text encoder in "
+                                 "model_index.json")
+        pipe = ImagenPipeline.from_pretrained(args.model, dtype=dtype, precision=args.precision)
+    else:
+        params = checkpoint["imagen_params"]
+        on_text = not isinstance(params, dict) or params.get("condition_on_text", True)
+        if args.text_encoder is None and on_text:
+            name = params.get("text_encoder_name") if isinstance(params, dict) else None
+            raise ValueError(f"--model {args.model} is an imagen-pytorch checkpoint, whose prompts are read by the T5 "
+                             f"it was trained with ({name or IMAGEN_T5}), which imagen-pytorch downloads and imagine "
+                             "does not: give --text-encoder FOLDER, a local copy of that T5 encoder with its tokenizer")
+        if args.text_encoder is not None and not Path(args.text_encoder).is_dir():
+            raise FileNotFoundError(f"--text-encoder: {args.text_encoder} is not a folder; give a local T5 encoder "
+                                    "folder with its tokenizer")
+        if args.ema_weights and not isinstance(checkpoint.get("ema"), dict):
+            raise ValueError(f"--ema-weights: {args.model} holds no EMA unets ('ema': its trainer ran without EMA); "
+                             "leave the flag out to sample with its 'model' weights")
+        pipe = ImagenPipeline.from_imagen_pytorch(checkpoint, ema=args.ema_weights, t5_folder=args.text_encoder,
+                                                  dtype=dtype, precision=args.precision)
+    return pipe
+
+
 def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None) -> int:
     """An Imagen cascade (imagine.pipelines.imagen): imagine's cascade folder (model_index.json: ImagenPipeline), or an
     imagen-pytorch trainer checkpoint (`checkpoint`, the file's dict), its prompts read by --text-encoder's T5. Every
     stage samples --steps steps at --guidance-scale (cond_scale); each image from its own seed, the picture
     imagen-pytorch samples at batch 1 after torch.manual_seed(seed)."""
-    import torch
-
-    from imagine.pipelines.imagen import INPAINT_RESAMPLE_TIMES, ImagenPipeline
+    from imagine.pipelines.imagen import INPAINT_RESAMPLE_TIMES
 
     if args.infotext:
         raise ValueError(f"--infotext {args.infotext}: an Imagen cascade is not run again from a picture's parameters; "
@@ -1309,30 +1342,7 @@ def _imagen_run(args, prompts: list[str], max_seed: int, checkpoint: dict | None
     for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1; got {value}")
-    dtype = getattr(torch, args.dtype)
-    if checkpoint is None:
-        for flag, given in (("--text-encoder", args.text_encoder is not None), ("--ema-weights", args.ema_weights)):
-            if given:
-                raise ValueError(f"{flag} is for an imagen-pytorch checkpoint (--model FILE); {args.model} is an "
-                                 "Imagen cascade folder, which holds one set of weights and names its text encoder in "
-                                 "model_index.json")
-        pipe = ImagenPipeline.from_pretrained(args.model, dtype=dtype, precision=args.precision)
-    else:
-        params = checkpoint["imagen_params"]
-        on_text = not isinstance(params, dict) or params.get("condition_on_text", True)
-        if args.text_encoder is None and on_text:
-            name = params.get("text_encoder_name") if isinstance(params, dict) else None
-            raise ValueError(f"--model {args.model} is an imagen-pytorch checkpoint, whose prompts are read by the T5 "
-                             f"it was trained with ({name or IMAGEN_T5}), which imagen-pytorch downloads and imagine "
-                             "does not: give --text-encoder FOLDER, a local copy of that T5 encoder with its tokenizer")
-        if args.text_encoder is not None and not Path(args.text_encoder).is_dir():
-            raise FileNotFoundError(f"--text-encoder: {args.text_encoder} is not a folder; give a local T5 encoder "
-                                    "folder with its tokenizer")
-        if args.ema_weights and not isinstance(checkpoint.get("ema"), dict):
-            raise ValueError(f"--ema-weights: {args.model} holds no EMA unets ('ema': its trainer ran without EMA); "
-                             "leave the flag out to sample with its 'model' weights")
-        pipe = ImagenPipeline.from_imagen_pytorch(checkpoint, ema=args.ema_weights, t5_folder=args.text_encoder,
-                                                  dtype=dtype, precision=args.precision)
+    pipe = load_imagen(args, checkpoint)
     sampler = pipe.check_sampler(args.sampler)  # (None: the cascade's own, ddpm or an ElucidatedImagen's heun)
     steps = args.steps or pipe.defaults.get("steps")  # (None: each stage's own, its trained timesteps or num_sample_steps)
     scale = pipe.defaults.get("guidance_scale", IMAGEN_GUIDANCE) if args.guidance_scale is None \

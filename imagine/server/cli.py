@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage-2", default=None, metavar="FOLDER",
                    help="DeepFloyd IF: the super-resolution stage's folder (IFSuperResolutionPipeline) after --model's "
                         "stage I; served pictures are its size")
+    p.add_argument("--text-encoder", default=None, metavar="FOLDER",
+                   help="an imagen-pytorch checkpoint (--model FILE): a local copy of the T5 encoder it was trained "
+                        "with, with its tokenizer")
+    p.add_argument("--ema-weights", action="store_true",
+                   help="an imagen-pytorch checkpoint: serve its trainer's EMA unets (what its trainer samples with)")
     p.add_argument("--vae", default=None,
                    help="a VAE file or folder to decode with instead of the model's own (AUTOMATIC1111's SD VAE)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH[:UNET]]",
@@ -198,10 +203,16 @@ def _cascade(args, config):
     """A pixel cascade folder's pipeline behind the server's interface (imagine.server.cascade): an Imagen cascade,
     Karlo's unCLIP cascade, or DeepFloyd IF (stage I, and --stage-2); None for anything else (a latent model, loaded
     by TextToImagePipeline)."""
-    from imagine.commands.generate import _cascade_model
+    from imagine.commands.generate import _cascade_model, _imagen_checkpoint
 
-    kind = _cascade_model(args.model)
+    checkpoint = _imagen_checkpoint(args.model)
+    kind = "ImagenPipeline" if checkpoint is not None else _cascade_model(args.model)
     stage_2 = getattr(args, "stage_2", None)
+    if kind != "ImagenPipeline":
+        for flag in ("text_encoder", "ema_weights"):
+            if getattr(args, flag, None):
+                raise ValueError(f"--{flag.replace('_', '-')} is for an imagen-pytorch checkpoint (--model FILE); "
+                                 f"{args.model or 'the embedded model'} is not one")
     if stage_2 is not None and kind != "IFPipeline":
         raise ValueError(f"--stage-2 is DeepFloyd IF's super-resolution stage after its stage I (--model, an IFPipeline "
                          f"folder); {args.model or 'the embedded model'} is not one")
@@ -236,10 +247,9 @@ def _cascade(args, config):
         from imagine.pipelines.karlo import KarloPipeline
 
         return cascade.KarloServing(KarloPipeline.from_pretrained(args.model, dtype), source=args.model)
-    from imagine.pipelines.imagen import ImagenPipeline
+    from imagine.commands.generate import load_imagen
 
-    pipe = ImagenPipeline.from_pretrained(args.model, dtype=dtype, precision=args.precision)
-    return cascade.ImagenServing(pipe, source=args.model, max_steps=config.max_steps)
+    return cascade.ImagenServing(load_imagen(args, checkpoint), source=args.model, max_steps=config.max_steps)
 
 
 def _serve(args, socks, config, styles) -> int:
