@@ -1,4 +1,4 @@
-"""Pixel cascades behind the server (`imagine serve --model CASCADE`): Imagen and Karlo's unCLIP.
+"""Pixel cascades behind the server (`imagine serve --model CASCADE`): Imagen, Karlo's unCLIP, DeepFloyd IF.
 
 The server's worker and app drive a TextToImagePipeline: `generate` (prompts, seeds and the run's settings -> a
 GenerationResult), `decode` (a step's x_0 estimate -> pixels, for live previews and interrupted jobs), `check_size`,
@@ -6,13 +6,14 @@ GenerationResult), `decode` (a step's x_0 estimate -> pixels, for live previews 
 is the one `imagine generate --model CASCADE` makes from that seed (at any batch size): `ImagenServing` for an
 ImagenPipeline or ElucidatedImagenPipeline folder (ImagenPipeline.sample; every stage at the request's steps and
 guidance), `KarloServing` for a diffusers UnCLIPPipeline folder (imagine.pipelines.karlo; the request's steps and
-guidance are the decoder's).
+guidance are the decoder's), `IFServing` for DeepFloyd IF's stage I and II folders (imagine.pipelines.cascade; the
+request's are stage I's).
 
-What a cascade does not run is refused by name (a 422 from the server), not ignored: negative prompts (the guidance
-runs against the learned null text), AUTOMATIC1111's AND and [from:to:when] syntax, variation seeds, inpainting,
-ControlNet, hires. fix, sampler options. Imagen reads A1111's emphasis `(word:1.3)` (the text encoder weights the
-states as for the latent models; Karlo refuses it) and runs its img2img as image to image at stage 1
-(ImagenPipeline.sample's init_image / strength)."""
+What a cascade does not run is refused by name (a 422 from the server), not ignored: negative prompts where it guides
+against a learned null text (Imagen, Karlo; IF reads them: it guides against an encoded text), AUTOMATIC1111's AND and
+[from:to:when] syntax, variation seeds, ControlNet, hires. fix, sampler options. Imagen reads A1111's emphasis
+`(word:1.3)` (the text encoder weights the states as for the latent models; Karlo and IF refuse it) and runs its
+img2img as image to image at stage 1 (ImagenPipeline.sample's init_image / strength), and with a mask as RePaint."""
 
 from __future__ import annotations
 
@@ -198,14 +199,14 @@ class ImagenServing(CascadeServing):
 
     def _run(self, prompts, negatives, seeds, steps, guidance, sampler, schedule, emphasis, pictures, strength, keep,
              callback):
+        from imagine.pipelines.imagen import INPAINT_RESAMPLE_TIMES
+
         start = pictures if keep is None or float(strength) < 1 else None  # (inpainting at 1: the painted part anew)
         images = self.pipe.sample(prompts, seeds=seeds, cond_scale=guidance, steps=steps, sampler=sampler,
                                   schedule_type=schedule, output_type="pil", progress=False, callback=_once(callback),
                                   emphasis=emphasis, init_image=start,
                                   **({"strength": float(strength)} if start is not None else {}),
                                   **({"inpaint_images": pictures, "inpaint_masks": keep} if keep is not None else {}))
-        from imagine.pipelines.imagen import INPAINT_RESAMPLE_TIMES
-
         return images, {"stages": len(self.pipe.unets),
                         **({"inpaint_resample_times": INPAINT_RESAMPLE_TIMES} if keep is not None else {})}
 
