@@ -24,6 +24,7 @@ from the plan, so the same function serves any schedule, spacing or Karras sigma
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -271,19 +272,23 @@ def _ddpm_step(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, i: int, no
 
 
 def sample_repaint(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, known: torch.Tensor,
-                   keep: torch.Tensor, resample_times: int = 5, noise=None, eta=None, callback=None,
-                   progress: bool = True, variance_type: str = "fixed_small", final_noise: bool = True) -> torch.Tensor:
+                   keep: torch.Tensor, resample_times: int = 5, step: str = "ddpm", noise=None, eta=None,
+                   callback=None, progress: bool = True, **step_options) -> torch.Tensor:
     """RePaint (Lugmayr et al. 2022, Algorithm 1 with jump length 1): inpainting with a model that never saw a mask.
 
-    Before each DDPM step (sample_ddpm's) the kept part (`keep` 1) of x_t is a fresh draw of q(x_t | x_0 = known),
+    Before each step (`step`: "ddpm", sample_ddpm's, with its variance_type / final_noise; or "heun", sample_heun's,
+    with its churn options, as an ElucidatedImagen stage runs it) the kept part (`keep` 1) of x_t is a fresh draw of q(x_t | x_0 = known),
     sqrt(abar_t) known + sqrt(1 - abar_t) z (eq. 8's x_{t-1}^known, at the level the step starts from), the rest
     x_t's own (eq. 8's x^unknown), and the step is taken; then, `resample_times` - 1 times, x_{t-1} goes back to t by
     the forward process, q(x_t | x_{t-1}) = N(sqrt(abar_t / abar_{t-1}) x_{t-1}, (1 - abar_t / abar_{t-1}) I) (sec.
     4.2, "resampling"), and the whole is done again: the painted part learns what the kept part's noise left out, where
     one pass (`resample_times` 1: the replacement method with fresh draws) keeps only its own guess. The step that
     lands on the plan's end is not repeated (nothing is sent back from there). `keep` broadcasts over x (1 or 0); the
-    result's kept part is `known`. Draws per pass: the kept part's, the step's, the way back's."""
-    _check_ddpm(eta, final_noise, variance_type)
+    result's kept part is `known`. Draws per pass: the kept part's, the step's, the way back's. x and the levels are
+    VP (x_t = alpha_t x_0 + sigma_t eps, abar = alpha^2), as every sampler here takes them: an EDM plan's abar is
+    1 / (1 + sigma^2), so the kept part is x_0 + sigma z and the way back adds sqrt(sigma_t^2 - sigma_s^2) z in VE
+    terms, the same forward process."""
+    take = _repaint_step(step, eta, step_options, x.dtype)
     if isinstance(resample_times, bool) or not isinstance(resample_times, int) or resample_times < 1:
         raise ValueError(f"resample_times must be an integer >= 1 (1: no resampling); got {resample_times!r}")
     keep = keep.to(device=x.device, dtype=x.dtype)
@@ -294,11 +299,36 @@ def sample_repaint(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, kno
         for r in range(resample_times if i < last else 1):
             x_known = math.sqrt(abar[i]) * known + math.sqrt(1.0 - abar[i]) * _noise(noise, x)
             x = keep * x_known + (1.0 - keep) * x
-            x = _ddpm_step(denoise, x, plan, i, noise, callback, variance_type, final_noise)
+            x = take(denoise, x, plan, i, noise, callback)
             if r < resample_times - 1:  # back to step i's level (the strided beta of the step just taken)
                 ratio = abar[i] / abar[i + 1]
                 x = math.sqrt(ratio) * x + math.sqrt(1.0 - ratio) * _noise(noise, x)
     return keep * known + (1.0 - keep) * x
+
+
+def _repaint_step(name: str, eta, options: dict, dtype) -> Callable:
+    """RePaint's step `name` with its options checked: (denoise, x, plan, i, noise, callback) -> x at level i + 1,
+    x in VP terms."""
+    if name == "ddpm":
+        unknown = sorted(set(options) - {"variance_type", "final_noise"})
+        variance_type, final_noise = options.get("variance_type", "fixed_small"), options.get("final_noise", True)
+        _check_ddpm(eta, final_noise, variance_type)
+        step = functools.partial(_ddpm_step, variance_type=variance_type, final_noise=final_noise)
+    elif name == "heun":
+        unknown = sorted(set(options) - {"s_churn", "s_tmin", "s_tmax", "s_noise"})
+        _deterministic("heun", eta)
+        churn = _check_churn("heun", options.get("s_churn", 0.0), options.get("s_tmin", 0.0),
+                             options.get("s_tmax", math.inf), options.get("s_noise", 1.0))
+
+        def step(denoise, x, plan, i, noise, callback):
+            s, s_next = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
+            x = _heun_step(denoise, _vp_to_ve(x, s), plan, i, churn, noise, dtype, callback)
+            return _ve_to_vp(x, s_next, dtype)
+    else:
+        raise ValueError(f"RePaint steps 'ddpm' or 'heun' (samplers of one step it can redo); got {name!r}")
+    if unknown:
+        raise TypeError(f"RePaint's {name} step takes no {', '.join(unknown)}")
+    return step
 
 
 def _no_learned_variance(name: str, x: torch.Tensor) -> ValueError:
@@ -503,18 +533,25 @@ def sample_heun(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=
     sigmas, dtype = plan.sigmas.tolist(), x.dtype
     x = _vp_to_ve(x, sigmas[0])
     for i in _steps(plan, progress, "heun"):
-        s_next = sigmas[i + 1]
-        x, s, denoised = _churned(denoise, x, plan, i, churn, noise, dtype, callback)  # (s: sigma_hat)
-        d = (x - denoised) / s
-        x_euler = x + (s_next - s) * d
-        if s_next == 0:
-            x = x_euler
-        else:  # (a plan that ends above sigma = 0, e.g. at abar_0, corrects its last step at that level too)
-            x_next = _ve_to_vp(x_euler, s_next, dtype)
-            d_next = (x_euler - (denoise(x_next, i + 1) if i + 1 < len(plan) else denoise.at_sigma(x_next, s_next, i))
-                      ) / s_next
-            x = x + (s_next - s) * (d + d_next) / 2
+        x = _heun_step(denoise, x, plan, i, churn, noise, dtype, callback)
     return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def _heun_step(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, i: int, churn, noise, dtype,
+               callback) -> torch.Tensor:
+    """sample_heun's step i, x in VE terms: the churn (`_churned`), an Euler step to sigma_next and, above sigma = 0,
+    the average of the slopes at both ends."""
+    s_next = float(plan.sigmas[i + 1])
+    x, s, denoised = _churned(denoise, x, plan, i, churn, noise, dtype, callback)  # (s: sigma_hat)
+    d = (x - denoised) / s
+    x_euler = x + (s_next - s) * d
+    if s_next == 0:
+        return x_euler
+    # (a plan that ends above sigma = 0, e.g. at abar_0, corrects its last step at that level too)
+    x_next = _ve_to_vp(x_euler, s_next, dtype)
+    d_next = (x_euler - (denoise(x_next, i + 1) if i + 1 < len(plan) else denoise.at_sigma(x_next, s_next, i))
+              ) / s_next
+    return x + (s_next - s) * (d + d_next) / 2
 
 
 def restart_segments(sigmas: list[float], restart_list: dict | None = None) -> list[tuple[float, float]]:

@@ -418,11 +418,12 @@ class ImagenPipeline:
         noise, and those last steps run (diffusers' img2img rule); later stages as usual. (Not imagen-pytorch's
         init_images, which adds the picture to unit noise.) emphasis: AUTOMATIC1111's `(word:1.3)` in the texts read
         as weights (encode_text). inpaint_images with inpaint_masks (imagen-pytorch's): inpainting at every stage by
-        RePaint (imagine.samplers.sample_repaint; DDPM's steps, each redone inpaint_resample_times times): the
-        pictures (as start_image) kept where the masks ([B or 1, H, W] tensors, True / 1: keep, imagen-pytorch's
-        convention) say, resized to each stage as imagen-pytorch resizes them; the rest painted anew. (imagen-pytorch
-        sends x back a level with less noise than the forward process adds, and repeats its last step on its own
-        output; imagine follows the paper: with inpaint_resample_times 1 the pictures are imagen-pytorch's.) With
+        RePaint (imagine.samplers.sample_repaint; DDPM's steps, an ElucidatedImagen's Heun steps with its churn, each
+        redone inpaint_resample_times times): the pictures (as start_image) kept where the masks ([B or 1, H, W]
+        tensors, True / 1: keep, imagen-pytorch's convention) say, resized to each stage as imagen-pytorch resizes
+        them; the rest painted anew. (imagen-pytorch sends x back a level with less noise than the forward process
+        adds, and repeats its last step on its own output; imagine follows the paper: with inpaint_resample_times 1
+        the pictures are imagen-pytorch's Imagen's.) With
         init_image and strength too, stage 1's RePaint runs the last int(steps * strength) steps from init_image
         noised there (AUTOMATIC1111's inpainting at a denoising strength below 1; init_image is usually the
         inpainted picture itself)."""
@@ -510,7 +511,7 @@ class ImagenPipeline:
                 known = self._normalize(self._picture(images, batch, size, device, "inpaint_images"))
                 keep = F.interpolate(masks.to(device), size, mode=self.resize_mode) != 0
                 run = sample_repaint
-                options.update(known=known, keep=keep, resample_times=inpaint_resample_times)
+                options.update(known=known, keep=keep, resample_times=inpaint_resample_times, step=samplers[k])
             with torch.no_grad():
                 x = run(denoise, x, plan, noise=noise, callback=step_done, progress=progress, **options)
             for _ in range(stage.trailing_draws):  # (draws imagen-pytorch makes and leaves unused: the stream stays its)
@@ -605,15 +606,13 @@ class ImagenPipeline:
             return None
         if images is None or masks is None:
             raise ValueError("inpainting needs inpaint_images and inpaint_masks (True: keep the picture there), both")
-        if "ddpm" not in self.samplers:
-            raise ValueError(f"inpainting is not built for {type(self).__name__} (RePaint here redoes DDPM's steps, "
-                             "which its levels do not run)")
         if first > 1:
             raise ValueError("inpaint_images: inpainting runs from stage 1; give no start_image / start_at_unet_number "
                              "with it")
-        if any(name != "ddpm" for name in samplers):
-            raise ValueError(f"inpainting (RePaint) runs DDPM's steps, which it redoes; sampler {samplers} asked: use "
-                             "'ddpm'")
+        steps = [name for name in ("ddpm", "heun") if name in self.samplers]  # (RePaint redoes one step at a time)
+        if any(name not in steps for name in samplers):
+            raise ValueError(f"inpainting (RePaint) redoes single steps: sampler {samplers} asked; use "
+                             f"{' or '.join(map(repr, steps))}")
         if isinstance(resample_times, bool) or not isinstance(resample_times, int) or resample_times < 1:
             raise ValueError(f"inpaint_resample_times must be an integer >= 1; got {resample_times!r}")
         if not torch.is_tensor(masks) or masks.ndim not in (3, 4) or (masks.ndim == 4 and masks.shape[1] != 1) \
