@@ -71,21 +71,39 @@ def test_refusals(imagen):
 M, S_COMMON, S_OWN = 0.1, 0.3, 0.1  # x_0 = M + S_COMMON g + S_OWN e_j: one g per picture, e_j per pixel
 
 
+def common_part_x0(x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E[x_0 | x] for x = alpha x_0 + sigma eps, x_0 ~ N(M, C) with C = S_OWN^2 I + S_COMMON^2 11^T over a picture's n
+    values: M + alpha C (alpha^2 C + sigma^2 I)^-1 (x - alpha M), by Sherman-Morrison with d = alpha^2 S_OWN^2 +
+    sigma^2, k = alpha^2 S_COMMON^2 (float64; alpha, sigma [B, 1, 1, 1])."""
+    y = x.double() - alpha * M
+    n = y[0].numel()
+    d, k = alpha**2 * S_OWN**2 + sigma**2, alpha**2 * S_COMMON**2
+    total = y.sum(dim=(1, 2, 3), keepdim=True)
+    u = (y - k * total / (d + n * k)) / d  # (Cov^-1 y)
+    return M + alpha * (S_OWN**2 * u + S_COMMON**2 * total / (d + n * k))
+
+
+def left_half_kept():
+    """(the picture, its kept left half as a mask, the painted half's closed-form mean and spread): the kept half
+    tells the common part g (posterior precision 1 + n_kept S_COMMON^2 / S_OWN^2), so the painted half's mean is
+    M + S_COMMON E[g | kept]."""
+    g = torch.Generator().manual_seed(0)
+    known = M + S_COMMON * 1.5 + S_OWN * torch.randn(1, 3, 8, 8, generator=g, dtype=torch.float64)
+    keep = torch.zeros(1, 8, 8, dtype=torch.bool)
+    keep[:, :, :4] = True
+    precision = 1 + 3 * 8 * 4 * S_COMMON**2 / S_OWN**2
+    mean = M + S_COMMON * (S_COMMON / S_OWN**2) * float((known[..., :4] - M).sum()) / precision
+    return known, keep, mean, math.sqrt(S_OWN**2 + S_COMMON**2 / precision)
+
+
 class CommonPartUnet:
-    """The exact noise prediction for x_0 ~ N(M, C), C = S_OWN^2 I + S_COMMON^2 11^T over a picture's n values:
-    E[x_0 | x_t] = M + alpha C (alpha^2 C + sigma^2 I)^-1 (x_t - alpha M), by Sherman-Morrison with d = alpha^2
-    S_OWN^2 + sigma^2, k = alpha^2 S_COMMON^2; read from the log-SNR the stage conditions on. Text is ignored."""
+    """The exact noise prediction for common_part_x0's data, read from the log-SNR the stage conditions on (alpha^2 =
+    sigmoid(lambda)). Text is ignored."""
 
     def __call__(self, x, noise_cond, **_):
         a2 = torch.sigmoid(noise_cond.double()).view(-1, 1, 1, 1)
         alpha, sigma = a2.sqrt(), (1 - a2).sqrt()
-        y = x.double() - alpha * M
-        n = y[0].numel()
-        d, k = a2 * S_OWN**2 + sigma**2, a2 * S_COMMON**2
-        total = y.sum(dim=(1, 2, 3), keepdim=True)
-        u = (y - k * total / (d + n * k)) / d  # (Cov^-1 y)
-        x0 = M + alpha * (S_OWN**2 * u + S_COMMON**2 * total / (d + n * k))
-        return ((x.double() - alpha * x0) / sigma).to(x.dtype)
+        return ((x.double() - alpha * common_part_x0(x, alpha, sigma)) / sigma).to(x.dtype)
 
 
 def test_resampling_reaches_the_conditional_mean():
@@ -96,13 +114,7 @@ def test_resampling_reaches_the_conditional_mean():
     imagen-pytorch's way back, less noise than the forward process adds, 0.066: measured with a copy of the loop)."""
     pipe = ImagenPipeline([CommonPartUnet()], image_sizes=[8], text_embed_dim=4, dynamic_thresholding=False,
                           timesteps=1000)
-    g = torch.Generator().manual_seed(0)
-    known = M + S_COMMON * 1.5 + S_OWN * torch.randn(1, 3, 8, 8, generator=g, dtype=torch.float64)
-    keep = torch.zeros(1, 8, 8, dtype=torch.bool)
-    keep[:, :, :4] = True
-    precision = 1 + 3 * 8 * 4 * S_COMMON**2 / S_OWN**2
-    want_mean = M + S_COMMON * (S_COMMON / S_OWN**2) * float((known[..., :4] - M).sum()) / precision
-    want_std = math.sqrt(S_OWN**2 + S_COMMON**2 / precision)
+    known, keep, want_mean, want_std = left_half_kept()
     batch = 64
 
     def painted(passes: int) -> torch.Tensor:
@@ -157,9 +169,8 @@ def test_imagine_generate_inpaints_with_a_mask(folder, tmp_path):  # noqa: F811
 
 
 class CommonPartF:
-    """CommonPartUnet's data for an ElucidatedImagen stage: F = (D - c_skip x) / c_out with D(x; sigma) = E[x_0 | x]
-    = M + C (C + sigma^2 I)^-1 (x - M) for x = x_0 + sigma n (Sherman-Morrison, d = S_OWN^2 + sigma^2, k =
-    S_COMMON^2), read from c_in x and c_noise = ln(sigma) / 4."""
+    """common_part_x0's data for an ElucidatedImagen stage: F = (D - c_skip x) / c_out with D(x; sigma) = E[x_0 | x]
+    for x = x_0 + sigma n (alpha 1), read from c_in x and c_noise = ln(sigma) / 4."""
 
     def __call__(self, x_in, noise_cond, **_):
         from imagine import edm
@@ -167,13 +178,7 @@ class CommonPartF:
         sigma = (4 * noise_cond.double()).exp().view(-1, 1, 1, 1)
         c_skip, c_out, c_in = edm.coefficients(sigma, 0.5)
         x = x_in.double() / c_in
-        y = x - M
-        n = y[0].numel()
-        d, k = S_OWN**2 + sigma**2, S_COMMON**2
-        total = y.sum(dim=(1, 2, 3), keepdim=True)
-        u = (y - k * total / (d + n * k)) / d
-        x0 = M + S_OWN**2 * u + S_COMMON**2 * total / (d + n * k)
-        return ((x0 - c_skip * x) / c_out).to(x_in.dtype)
+        return ((common_part_x0(x, torch.ones_like(sigma), sigma) - c_skip * x) / c_out).to(x_in.dtype)
 
 
 def test_elucidated_resampling_reaches_the_conditional_mean():
@@ -185,12 +190,7 @@ def test_elucidated_resampling_reaches_the_conditional_mean():
 
     pipe = ElucidatedImagenPipeline([CommonPartF()], image_sizes=[8], text_embed_dim=4, dynamic_thresholding=False,
                                     S_churn=0.0)
-    g = torch.Generator().manual_seed(0)
-    known = M + S_COMMON * 1.5 + S_OWN * torch.randn(1, 3, 8, 8, generator=g, dtype=torch.float64)
-    keep = torch.zeros(1, 8, 8, dtype=torch.bool)
-    keep[:, :, :4] = True
-    precision = 1 + 3 * 8 * 4 * S_COMMON**2 / S_OWN**2
-    want = M + S_COMMON * (S_COMMON / S_OWN**2) * float((known[..., :4] - M).sum()) / precision
+    known, keep, want, _ = left_half_kept()
     batch = 32
 
     def error(passes: int) -> float:
