@@ -277,8 +277,8 @@ def sample_repaint(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, kno
     """RePaint (Lugmayr et al. 2022, Algorithm 1 with jump length 1): inpainting with a model that never saw a mask.
 
     Before each step (`step`: "ddpm", sample_ddpm's, with its variance_type / final_noise; or "heun", sample_heun's,
-    with its churn options, as an ElucidatedImagen stage runs it) the kept part (`keep` 1) of x_t is a fresh draw of q(x_t | x_0 = known),
-    sqrt(abar_t) known + sqrt(1 - abar_t) z (eq. 8's x_{t-1}^known, at the level the step starts from), the rest
+    with its churn options, as an ElucidatedImagen stage runs it) the kept part (`keep` 1) of x_t is a fresh draw of
+    q(x_t | x_0 = known), sqrt(abar_t) known + sqrt(1 - abar_t) z (eq. 8's x_{t-1}^known, at the level the step starts from), the rest
     x_t's own (eq. 8's x^unknown), and the step is taken; then, `resample_times` - 1 times, x_{t-1} goes back to t by
     the forward process, q(x_t | x_{t-1}) = N(sqrt(abar_t / abar_{t-1}) x_{t-1}, (1 - abar_t / abar_{t-1}) I) (sec.
     4.2, "resampling"), and the whole is done again: the painted part learns what the kept part's noise left out, where
