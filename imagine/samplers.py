@@ -278,16 +278,16 @@ def sample_repaint(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, kno
 
     Before each step (`step`: "ddpm", sample_ddpm's, with its variance_type / final_noise; or "heun", sample_heun's,
     with its churn options, as an ElucidatedImagen stage runs it) the kept part (`keep` 1) of x_t is a fresh draw of
-    q(x_t | x_0 = known), sqrt(abar_t) known + sqrt(1 - abar_t) z (eq. 8's x_{t-1}^known, at the level the step starts from), the rest
-    x_t's own (eq. 8's x^unknown), and the step is taken; then, `resample_times` - 1 times, x_{t-1} goes back to t by
-    the forward process, q(x_t | x_{t-1}) = N(sqrt(abar_t / abar_{t-1}) x_{t-1}, (1 - abar_t / abar_{t-1}) I) (sec.
-    4.2, "resampling"), and the whole is done again: the painted part learns what the kept part's noise left out, where
-    one pass (`resample_times` 1: the replacement method with fresh draws) keeps only its own guess. The step that
-    lands on the plan's end is not repeated (nothing is sent back from there). `keep` broadcasts over x (1 or 0); the
-    result's kept part is `known`. Draws per pass: the kept part's, the step's, the way back's. x and the levels are
-    VP (x_t = alpha_t x_0 + sigma_t eps, abar = alpha^2), as every sampler here takes them: an EDM plan's abar is
-    1 / (1 + sigma^2), so the kept part is x_0 + sigma z and the way back adds sqrt(sigma_t^2 - sigma_s^2) z in VE
-    terms, the same forward process."""
+    q(x_t | x_0 = known), sqrt(abar_t) known + sqrt(1 - abar_t) z (eq. 8's x_{t-1}^known, at the level the step
+    starts from), the rest x_t's own (eq. 8's x^unknown), and the step is taken; then, `resample_times` - 1 times,
+    x_{t-1} goes back to t by the forward process, q(x_t | x_{t-1}) = N(sqrt(abar_t / abar_{t-1}) x_{t-1}, (1 -
+    abar_t / abar_{t-1}) I) (sec. 4.2, "resampling"), and the whole is done again: the painted part learns what the
+    kept part's noise left out, where one pass (`resample_times` 1: the replacement method with fresh draws) keeps
+    only its own guess. The step that lands on the plan's end is not repeated (nothing is sent back from there).
+    `keep` broadcasts over x (1 or 0); the result's kept part is `known`. Draws per pass: the kept part's, the
+    step's, the way back's. x and the levels are VP (x_t = alpha_t x_0 + sigma_t eps, abar = alpha^2), as every
+    sampler here takes them: an EDM plan's abar is 1 / (1 + sigma^2), so the kept part is x_0 + sigma z and the way
+    back adds sqrt(sigma_t^2 - sigma_s^2) z in VE terms, the same forward process."""
     take = _repaint_step(step, eta, step_options, x.dtype)
     if isinstance(resample_times, bool) or not isinstance(resample_times, int) or resample_times < 1:
         raise ValueError(f"resample_times must be an integer >= 1 (1: no resampling); got {resample_times!r}")
