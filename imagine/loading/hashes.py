@@ -63,10 +63,9 @@ def file_sha256(path: str | os.PathLike, addnet: bool = False) -> str:
     path = Path(path).resolve()
     stat = path.stat()
     key = f"{'addnet:' if addnet else ''}{path}"
-    cache = _read_cache()
-    held = cache.get(key)
-    if isinstance(held, dict) and held.get("size") == stat.st_size and held.get("mtime") == stat.st_mtime:
-        return str(held["sha256"])
+    held = cached_sha256(path, addnet)
+    if held is not None:
+        return held
     h = hashlib.sha256()
     with open(path, "rb") as f:
         if addnet:
@@ -77,6 +76,20 @@ def file_sha256(path: str | os.PathLike, addnet: bool = False) -> str:
     cache[key] = {"size": stat.st_size, "mtime": stat.st_mtime, "sha256": h.hexdigest()}
     _write_cache(cache)
     return h.hexdigest()
+
+
+def cached_sha256(path: str | os.PathLike, addnet: bool = False) -> str | None:
+    """file_sha256's value if the cache holds it for the file as it is now, else None (nothing is hashed: a listing
+    of checkpoints shows the hashes known, as A1111's does, and a file is hashed when it loads)."""
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    held = _read_cache().get(f"{'addnet:' if addnet else ''}{path}")
+    if isinstance(held, dict) and held.get("size") == stat.st_size and held.get("mtime") == stat.st_mtime:
+        return str(held["sha256"])
+    return None
 
 
 def model_hash(source: str | os.PathLike | None) -> str | None:

@@ -1856,6 +1856,21 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"text: {e}", "text") from None
         return {"info": text, "parameters": parameters, "has_settings": any(k not in ("Prompt", "Negative prompt") for k in read)}
 
+    def apply_options(body: dict) -> None:
+        """A1111's settings set (POST /sdapi/v1/options; imagine serve --ckpt-dir carries them to the next model): an
+        ApiError naming a bad one, and then none is set."""
+        want = body.get("sd_model_checkpoint")
+        if want is not None and want not in (title, name, fingerprint[:10]):
+            raise ApiError(422, f"this server serves one model, {title!r}; cannot switch to {want!r} (imagine serve "
+                                "--ckpt-dir DIR serves a folder of them)", "sd_model_checkpoint")
+        body = {k: v for k, v in body.items() if k != "sd_model_checkpoint"}
+        # (checked with the options kept: a pair that cannot run may come half from each; a whole-number delta made
+        # an int there)
+        checked = check_noise_settings({**options, **body}, "options")
+        options.update({k: checked[k] for k in body})
+
+    app.state.apply_options = apply_options
+
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
         try:  # (NaN and Infinity refused here too, whatever the body's content type: a stored one breaks GET options)
@@ -1867,15 +1882,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"the body is not valid JSON ({e})") from None
         if not isinstance(body, dict):
             raise ApiError(422, f"options must be a JSON object of option names to values; got {type(body).__name__}")
-        want = body.get("sd_model_checkpoint")
-        if want is not None and want not in (title, name, fingerprint[:10]):
-            raise ApiError(422, f"this server serves one model, {title!r}; cannot switch to {want!r}",
-                           "sd_model_checkpoint")
-        body.pop("sd_model_checkpoint", None)
-        # (checked with the options kept: a pair that cannot run may come half from each; a whole-number delta made
-        # an int there)
-        checked = check_noise_settings({**options, **body}, "options")
-        options.update({k: checked[k] for k in body})
+        apply_options(body)
         return None
 
     @app.get("/sdapi/v1/cmd-flags")

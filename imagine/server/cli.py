@@ -28,6 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model folder (ours or diffusers') or single-file checkpoint, or a pixel cascade's folder (an "
                         "Imagen cascade, Karlo's UnCLIPPipeline, DeepFloyd IF's stage I with --stage-2); default: the "
                         "embedded model")
+    p.add_argument("--ckpt-dir", default=None, metavar="DIR",
+                   help="a folder of checkpoints (.safetensors, .ckpt, model folders), AUTOMATIC1111's: "
+                        "/sdapi/v1/sd-models lists them, and a client picks one through /sdapi/v1/options' "
+                        "sd_model_checkpoint or a request's override_settings; --model (default: the folder's first) "
+                        "is served at start, and the other flags apply to each")
+    p.add_argument("--checkpoints-in-memory", type=int, default=1, metavar="N",
+                   help="with --ckpt-dir: how many checkpoints stay loaded (A1111's sd_checkpoints_limit; default 1: "
+                        "the one served leaves memory before the next loads)")
     p.add_argument("--stage-2", default=None, metavar="FOLDER",
                    help="DeepFloyd IF: the super-resolution stage's folder (IFSuperResolutionPipeline) after --model's "
                         "stage I; served pictures are its size")
@@ -117,6 +125,8 @@ def _check_limits(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1; got {value}")
+    if args.checkpoints_in_memory < 1:
+        raise ValueError(f"--checkpoints-in-memory must be at least 1; got {args.checkpoints_in_memory}")
     if args.clip_skip is not None and args.clip_skip < 0:
         raise ValueError(f"--clip-skip must be 0 (the last layer) or more; got {args.clip_skip}")
 
@@ -175,6 +185,8 @@ def run(args) -> int:
             raise FileNotFoundError(f"--controlnet: {path} not found")
     if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
         raise FileNotFoundError(f"--lora-dir: {args.lora_dir} is not a folder")
+    if args.ckpt_dir is not None and not Path(args.ckpt_dir).is_dir():
+        raise FileNotFoundError(f"--ckpt-dir: {args.ckpt_dir} is not a folder")
     if args.refiner is not None and not Path(args.refiner).exists():
         raise FileNotFoundError(f"--refiner: {args.refiner} not found")
     from imagine.styles import read_styles
@@ -252,9 +264,8 @@ def _cascade(args, config):
     return cascade.ImagenServing(load_imagen(args, checkpoint), source=args.model, max_steps=config.max_steps)
 
 
-def _serve(args, socks, config, styles) -> int:
-    import uvicorn
-
+def _model_app(args, config, styles, model_name: str | None = None):
+    """The app serving `args.model` as the flags load it."""
     from imagine.commands.generate import parse_embeddings, parse_loras
     from imagine.pipelines.text_to_image import TextToImagePipeline
     from imagine.server.app import create_app
@@ -271,11 +282,48 @@ def _serve(args, socks, config, styles) -> int:
         raise ValueError(f"{args.model} is {pipe.picture_model}, which a picture conditions throughout; imagine serve "
                          "runs text-to-image models and unCLIP decoders: use imagine generate --init-image PICTURE")
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
-    app = create_app(pipe, config, styles=styles)
+    app = create_app(pipe, config, styles=styles, model_name=model_name)
     app.state.listen = not is_loopback(args.host)
+    return app
+
+
+def _checkpoint_server(args, config, styles):
+    """imagine serve --ckpt-dir: the folder's checkpoints behind one server (imagine.server.checkpoints), --model (else
+    the folder's first, else the embedded model) served first."""
+    from imagine.server.checkpoints import Checkpoint, CheckpointServer, scan
+
+    folder = Path(args.ckpt_dir).resolve()
+
+    def listed():
+        return scan(folder)
+
+    found = listed()
+    if args.model is not None:
+        path = Path(args.model).resolve()
+        first = next((c for c in found if c.path == path), Checkpoint(path, path.name))
+    else:
+        first = found[0] if found else Checkpoint(None, "default")
+
+    def load(checkpoint):
+        # (the flags apply to each: a folder's cascade refuses a latent model's, by name, as at start)
+        model = str(checkpoint.path) if checkpoint.path is not None else None
+        return _model_app(argparse.Namespace(**{**vars(args), "model": model}), config, styles, checkpoint.name)
+
+    return CheckpointServer(first, load(first), load, listed, keep=args.checkpoints_in_memory)
+
+
+def _serve(args, socks, config, styles) -> int:
+    import uvicorn
+
+    if args.ckpt_dir is not None:
+        app = _checkpoint_server(args, config, styles)
+        source = f"{app.current.name} (of {len(app.checkpoints)} in {args.ckpt_dir})"
+    else:
+        app = _model_app(args, config, styles)
+        source = app.state.worker.pipe.c.source or "default model"
     shown = f"[{args.host}]" if ":" in args.host else args.host
     port = socks[0].getsockname()[1]  # (the one taken, for --port 0)
-    print(f"imagine serve: {app.state.worker.pipe.c.source or 'default model'} on http://{shown}:{port}/ "
+    print(f"imagine serve: {source} on http://{shown}:{port}/ "
           f"(API: /sdapi/v1/txt2img, /v1/images/generations; queue {config.queue_size}, batch {config.max_batch})",
           file=sys.stderr, flush=True)
     for s in socks:  # (held while the model loaded; uvicorn binds the same port again at once)

@@ -88,7 +88,8 @@ async function loadConfig() {
     const r = await fetch("/imagine/v1/config");
     const c = await r.json();
     if (!r.ok) throw new Error(c.detail || "HTTP " + r.status);
-    $("model").textContent = c.model + "  ·  imagine " + c.version;
+    const several = await loadCheckpoints(c.model);
+    $("model").textContent = (several ? "" : c.model + "  ·  ") + "imagine " + c.version;
     const d = c.defaults, lim = c.limits;
     limits = lim;
     infotextDefaults = c.infotext_defaults || {};
@@ -157,6 +158,40 @@ async function loadConfig() {
   $("controlnet").dataset.ready = "1";  // (the lists are read: the page's tests wait for it)
   document.body.dataset.ready = "1";
 }
+
+// the server's checkpoints (imagine serve --ckpt-dir; A1111's checkpoint picker): shown when there are several; whether it is
+async function loadCheckpoints(current) {
+  try {
+    const r = await fetch("/sdapi/v1/sd-models");
+    const titles = r.ok ? (await r.json()).map((m) => m.title) : [];
+    $("checkpoint").replaceChildren(...titles.map((t) => new Option(t, t)));
+    $("checkpoint").value = current;
+    $("checkpoint").hidden = titles.length < 2 || !titles.includes(current);
+  } catch (e) {
+    $("checkpoint").hidden = true;
+  }
+  return !$("checkpoint").hidden;
+}
+
+// another checkpoint picked: the server loads it (A1111's way, POST /sdapi/v1/options), then the page reads its settings
+async function changeCheckpoint() {
+  const title = $("checkpoint").value;
+  $("checkpoint").disabled = true;
+  $("model").textContent = "loading " + title + "\u2026";
+  showError("");
+  try {
+    const r = await fetch("/sdapi/v1/options", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sd_model_checkpoint: title }),
+    });
+    if (!r.ok) showError((await r.json().catch(() => ({}))).detail || "HTTP " + r.status);
+  } catch (e) {
+    showError("Could not change the checkpoint: " + e);
+  }
+  await loadConfig();
+  $("checkpoint").disabled = false;
+}
+$("checkpoint").addEventListener("change", changeCheckpoint);
 
 // -- the form's checks: the browser's own are off (novalidate), these say what is wrong ---------------------------
 class FieldError extends Error {

@@ -1,0 +1,369 @@
+"""A folder of checkpoints behind one server, as AUTOMATIC1111 serves its models/Stable-diffusion folder:
+`imagine serve --ckpt-dir DIR`.
+
+`/sdapi/v1/sd-models` lists the folder's checkpoints (.safetensors and .ckpt files, and model folders: diffusers' or
+ours, a model_index.json in them) by A1111's titles; `POST /sdapi/v1/options {"sd_model_checkpoint": title}` loads one
+and serves it from then on, and a request's `override_settings.sd_model_checkpoint` runs that request on another one
+(and, unless `override_settings_restore_afterwards` is false, goes back after it), as A1111 does. One model is in
+memory at a time unless told (`--checkpoints-in-memory`, A1111's sd_checkpoints_limit).
+
+Each checkpoint is served by its own app (imagine.server.app.create_app around its pipeline, made when it first
+loads); `CheckpointServer` is the ASGI app in front of them. It changes models only between pictures: a switch shuts
+the gate to new generating requests, waits for those under way to be answered, loads, and opens it again, so a
+picture is never made half on one model. Everything else (progress, options, listings) goes to the model being
+served at that moment. The settings set through /sdapi/v1/options are carried to each model that loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from imagine.server.app import ApiError, _BodyLimit, _error_response, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+# the requests that make pictures: they wait while the model changes, and a change waits for them
+GENERATING = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/v1/images/edits",
+              "/v1/images/variations")
+_CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")  # A1111's re_strip_checksum: a title's " [hash]"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint the server can load: `path` (None: the embedded default model) and `name`, A1111's (its path
+    within the folder, e.g. "sdxl/base.safetensors")."""
+
+    path: Path | None
+    name: str
+
+    @property
+    def model_name(self) -> str:  # (A1111's: the name without its suffix, path separators as "_")
+        stem = self.name[: -len(self.path.suffix)] if self.path is not None and self.path.is_file() else self.name
+        return re.sub(r"[/\\]", "_", stem)
+
+    def sha256(self) -> str | None:
+        """A file's sha256 when it is known (hashed when the file loaded; hashing gigabytes to list them would take
+        minutes): A1111's listing too shows a hash once it has one. A folder's fingerprint (imagine.server.app's)."""
+        if self.path is None:
+            return None
+        if self.path.is_dir():
+            return model_fingerprint(str(self.path))
+        from imagine.loading.hashes import cached_sha256
+
+        return cached_sha256(self.path)
+
+    def title(self, sha256: str | None = None) -> str:
+        return f"{self.name} [{sha256[:10]}]" if sha256 else self.name
+
+    def aliases(self) -> set[str]:
+        """The names that pick it out exactly (A1111's CheckpointInfo.ids)."""
+        sha = self.sha256()
+        names = {self.name, self.model_name, self.title(sha)}
+        if self.path is not None:
+            names.add(self.path.stem if self.path.is_file() else self.path.name)
+        if sha:
+            names |= {sha, sha[:10]}
+        return names
+
+    def listing(self) -> dict:
+        """Its entry in /sdapi/v1/sd-models, A1111's shape."""
+        sha = self.sha256()
+        return {"title": self.title(sha), "model_name": self.model_name, "hash": sha[:10] if sha else None,
+                "sha256": sha, "filename": str(self.path) if self.path is not None else self.name, "config": None}
+
+
+def scan(folder: Path) -> list[Checkpoint]:
+    """The checkpoints in `folder` and its subfolders, by name: .safetensors and .ckpt files, and model folders (a
+    model_index.json in them; nothing inside one is listed apart)."""
+    folder = Path(folder)
+    models = {p.parent for p in folder.rglob("model_index.json")}
+    found = [Checkpoint(p, p.relative_to(folder).as_posix()) for p in sorted(models)]
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file() and not any(m in p.parents for m in models):
+            found.append(Checkpoint(p, p.relative_to(folder).as_posix()))
+    return sorted(found, key=lambda c: c.name.lower())
+
+
+def find(checkpoints: list[Checkpoint], wanted: str, closest: bool = False) -> Checkpoint | None:
+    """The checkpoint `wanted` names: one of its exact names (what A1111's /options takes); with `closest`, else the
+    shortest title holding it, else holding it without its " [hash]" (A1111's get_closet_checkpoint_match, which its
+    override_settings and infotexts go through)."""
+    for c in checkpoints:
+        if wanted in c.aliases():
+            return c
+    if closest:
+        for text in (wanted, _CHECKSUM.sub("", wanted)):
+            found = sorted((c for c in checkpoints if text and text in c.title(c.sha256())),
+                           key=lambda c: len(c.title(c.sha256())))
+            if found:
+                return found[0]
+    return None
+
+
+class CheckpointServer:
+    """The ASGI app of `imagine serve --ckpt-dir`: `first` (a Checkpoint) is served by `first_app`; `load(checkpoint)`
+    makes another's app (imagine.server.app.create_app around its pipeline; its worker is started here). `listed()`
+    gives the checkpoints the server offers (called again by /sdapi/v1/refresh-checkpoints). `keep`: how many models
+    stay in memory (the least recently served goes first)."""
+
+    def __init__(self, first: Checkpoint, first_app, load: Callable[[Checkpoint], Any],
+                 listed: Callable[[], list[Checkpoint]], keep: int = 1):
+        if keep < 1:
+            raise ValueError(f"checkpoints in memory must be at least 1; got {keep}")
+        self._load, self._listed, self.keep = load, listed, keep
+        self.checkpoints = self._offered(first)
+        self.current = first
+        self._apps: OrderedDict[Checkpoint, Any] = OrderedDict({first: first_app})
+        self._carried: dict = {}  # the settings set through /sdapi/v1/options, for each model that loads
+        self._switching = asyncio.Lock()  # (one change of model at a time)
+        self._open = asyncio.Event()  # set: generating requests go through
+        self._open.set()
+        self._idle = asyncio.Event()  # set: no generating request under way
+        self._idle.set()
+        self._under_way = 0
+        self._ready = asyncio.Event()  # clear while a model loads in place of the one served (nothing to answer with)
+        self._ready.set()
+
+    @property
+    def app(self):
+        """The app of the model served now."""
+        return self._apps[self.current]
+
+    def _offered(self, first: Checkpoint) -> list[Checkpoint]:
+        listed = self._listed()
+        return listed if first in listed else [first, *listed]
+
+    # -- ASGI --------------------------------------------------------------------------------
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self._lifespan(receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        method, path = scope["method"], scope["path"]
+        if method == "GET" and path == "/sdapi/v1/sd-models":
+            return await JSONResponse([c.listing() for c in self.checkpoints])(scope, receive, send)
+        if method == "POST" and path == "/sdapi/v1/refresh-checkpoints":
+            self.checkpoints = self._offered(self.current)
+            return await JSONResponse(None)(scope, receive, send)
+        if method == "GET" and path == "/v1/models":
+            data = [{"id": c.name, "object": "model", "created": 0, "owned_by": "imagine"} for c in self.checkpoints]
+            return await JSONResponse({"object": "list", "data": data})(scope, receive, send)
+        await self._ready.wait()
+        if method == "POST" and (path == "/sdapi/v1/options" or path in GENERATING):
+            # (the body read whole, within the served model's limit, and handed on)
+            limit = self.app.state.config.max_body_bytes
+            handler = self._options if path == "/sdapi/v1/options" else self._generate
+            return await _BodyLimit(handler, limit)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    async def _lifespan(self, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.app.state.worker.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                for app in self._apps.values():
+                    await run_in_threadpool(app.state.worker.stop)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- the requests it reads ---------------------------------------------------------------
+    async def _options(self, scope, receive, send):
+        body, receive = await _whole_body(receive)
+        settings = _json_object(body)
+        want = settings.get("sd_model_checkpoint") if settings is not None else None
+        if want is not None:
+            target = find(self.checkpoints, str(want))
+            if target is None:
+                return await self._refuse(scope, receive, send, f"sd_model_checkpoint: no checkpoint {want!r} here; "
+                                          f"the server has {self._titles()}", "sd_model_checkpoint")
+            try:
+                async with self._switching:
+                    await self._change_to(target)
+            except ApiError as e:
+                return await self._refuse(scope, receive, send, e.message, e.field)
+            settings = {k: v for k, v in settings.items() if k != "sd_model_checkpoint"}
+            body, receive = _replayed(json.dumps(settings).encode(), receive)
+        status = await _forward(self.app, scope, receive, send)
+        if status == 200 and settings:
+            self._carried.update((k, v) for k, v in settings.items() if k != "sd_model_checkpoint")
+
+    async def _generate(self, scope, receive, send):
+        body, receive = await _whole_body(receive)
+        request = _json_object(body) or {}
+        override = request.get("override_settings")
+        want = override.get("sd_model_checkpoint") if isinstance(override, dict) else None
+        if want is None and scope["path"] == "/v1/images/generations" and isinstance(request.get("model"), str):
+            # (OpenAI's `model`, where it names one of ours: a client's default, e.g. "dall-e-2", runs on the one
+            # served)
+            target = find(self.checkpoints, request["model"])
+        elif want is not None:
+            target = find(self.checkpoints, str(want), closest=True)
+            if target is None:
+                return await self._refuse(scope, receive, send, f"override_settings.sd_model_checkpoint: no "
+                                          f"checkpoint like {want!r} here; the server has {self._titles()}",
+                                          "override_settings")
+            # (read here: the model's own app would list it among the settings it did not read)
+            request["override_settings"] = {k: v for k, v in override.items() if k != "sd_model_checkpoint"}
+            body, receive = _replayed(json.dumps(request).encode(), receive)
+        else:
+            target = None
+        if target is None or target == self.current:
+            return await self._run(scope, receive, send)
+        restore = request.get("override_settings_restore_afterwards", True) is not False
+        async with self._switching:
+            self._open.clear()
+            try:
+                before = self.current
+                try:
+                    await self._change_to(target)
+                except ApiError as e:
+                    return await self._refuse(scope, receive, send, e.message, e.field)
+                answer = []  # (held until the model is back, as A1111 answers: a client's next request finds it)
+
+                async def held(message):
+                    answer.append(message)
+                try:
+                    await self.app(scope, receive, held)
+                finally:
+                    if restore:
+                        try:
+                            await self._change_to(before)
+                        except ApiError as e:  # (the model that did load is served)
+                            log.warning("override_settings_restore_afterwards: %s", e.message)
+                    for message in answer:
+                        await send(message)
+            finally:
+                self._open.set()
+
+    async def _run(self, scope, receive, send):
+        """A generating request on the model served now; waits while the model changes."""
+        await self._open.wait()
+        self._under_way += 1
+        self._idle.clear()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._under_way -= 1
+            if not self._under_way:
+                self._idle.set()
+
+    # -- changing the model ------------------------------------------------------------------
+    async def _change_to(self, target: Checkpoint) -> None:
+        """Serve `target` from now on (called holding _switching): new pictures wait, those under way finish on the
+        model they began on, then it loads (or is found in memory). An ApiError if it cannot load: the model served
+        before is served still (loaded again if it had to leave memory)."""
+        if target == self.current:
+            return
+        was_open = self._open.is_set()
+        self._open.clear()
+        try:
+            await self._idle.wait()
+            if target not in self._apps and len(self._apps) >= self.keep:
+                self._ready.clear()  # (the model served leaves memory first: every request waits for the new one)
+            await run_in_threadpool(self._serve, target)
+        finally:
+            self._ready.set()
+            if was_open:
+                self._open.set()
+
+    def _serve(self, target: Checkpoint) -> None:
+        if target in self._apps:
+            self._apps.move_to_end(target)
+            self.current = target
+            return
+        before = self.current
+        self._make_room(self.keep - 1)  # (before loading: two models of several GB need not fit at once)
+        try:
+            app = self._started(target)
+        except Exception as e:
+            log.warning("checkpoint %s did not load: %s", target.name, e)
+            if before not in self._apps:
+                self._apps[before] = self._started(before)
+            raise ApiError(422, f"sd_model_checkpoint: {target.name} did not load ({type(e).__name__}: {e}); still "
+                                f"serving {before.name}", "sd_model_checkpoint") from None
+        self._apps[target] = app
+        self.current = target
+
+    def _started(self, checkpoint: Checkpoint):
+        app = self._load(checkpoint)
+        app.state.worker.start()
+        try:
+            app.state.apply_options(dict(self._carried))
+        except ApiError:  # (one this model cannot take: the others, one at a time)
+            for k, v in self._carried.items():
+                try:
+                    app.state.apply_options({k: v})
+                except ApiError as e:
+                    log.warning("setting %s=%r not carried to %s: %s", k, v, checkpoint.name, e.message)
+        return app
+
+    def _make_room(self, room: int) -> None:
+        while len(self._apps) > room:
+            checkpoint, app = self._apps.popitem(last=False)
+            app.state.worker.stop()
+            del app
+            gc.collect()
+            log.info("checkpoint %s left memory", checkpoint.name)
+
+    def _titles(self) -> str:
+        return ", ".join(repr(c.title(c.sha256())) for c in self.checkpoints) or "none"
+
+    async def _refuse(self, scope, receive, send, message: str, field: str | None) -> None:
+        await _error_response(Request(scope), 422, message, field)(scope, receive, send)
+
+
+async def _whole_body(receive) -> tuple[bytes, Callable]:
+    """The request's body, and a `receive` that gives it again and then the client's own messages."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(parts), _replayed(b"".join(parts), receive, message)[1]
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return _replayed(b"".join(parts), receive)
+
+
+def _replayed(body: bytes, receive, after: dict | None = None) -> tuple[bytes, Callable]:
+    messages = [{"type": "http.request", "body": body, "more_body": False}, *([after] if after else [])]
+
+    async def again():
+        return messages.pop(0) if messages else await receive()
+    return body, again
+
+
+def _json_object(body: bytes) -> dict | None:
+    """The body as a JSON object, or None (a form, or not JSON: the model's own app says what is wrong)."""
+    try:
+        value = json.loads(body) if body else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+async def _forward(app, scope, receive, send) -> int:
+    """Run the request on `app`; its response's status."""
+    status = 0
+
+    async def sent(message):
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+    await app(scope, receive, sent)
+    return status
