@@ -138,9 +138,9 @@ def _a1111_quote(value) -> str:
 
 
 def _a1111_model(name: str) -> str:
-    """A1111 writes the checkpoint's name without its extension (tiny-sd.safetensors -> tiny-sd); a folder's
-    name (a diffusers model, which may hold a dot, e.g. sd-v1.5) stays whole."""
-    name = str(name)
+    """A1111 writes the checkpoint's name without its folder or extension (sd15/tiny-sd.safetensors -> tiny-sd, its
+    name_for_extra); a model folder's name (a diffusers model, which may hold a dot, e.g. sd-v1.5) stays whole."""
+    name = str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     for suffix in _CHECKPOINT_SUFFIXES:
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]

@@ -118,7 +118,7 @@ def test_lists_switches_and_carries_settings(ckpt_dir, alone):
         assert list(server._apps) == [server.current]  # (one in memory: alpha left before beta loaded)
         pixels, info = _txt2img(srv)
         assert np.array_equal(pixels, alone["sub/beta"][0]) and info == alone["sub/beta"][1]
-        assert "Model: sub/beta," in info
+        assert "Model: beta," in info  # (A1111's name_for_extra: no folder)
 
 
 def test_override_settings_runs_one_request_on_another_model(ckpt_dir, alone):
@@ -277,3 +277,36 @@ def test_the_page_picks_a_checkpoint(ckpt_dir, alone):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_a_single_file_is_listed_by_name_until_hashed_then_with_its_sha256(tmp_path):
+    """A1111's listing: a file not yet hashed is listed by its name; once it loads (and is hashed), by its title
+    with the file's sha256 (hashlib's over its bytes), which the infotext carries."""
+    import hashlib
+
+    from test_loading import write_single_file
+
+    write_single_file(tmp_path / "sd" / "tiny-sd.safetensors", "sd1")
+    testing = pytest.importorskip("imagine.testing")
+    testing.make_tiny_model(tmp_path / "alpha")
+    digest = hashlib.sha256((tmp_path / "sd" / "tiny-sd.safetensors").read_bytes()).hexdigest()
+    server = _served(_args(tmp_path))
+    with BackgroundServer(server) as srv:
+        models = requests.get(srv.url + "/sdapi/v1/sd-models", timeout=30).json()
+        assert [(m["title"], m["hash"]) for m in models][1] == ("sd/tiny-sd.safetensors", None)
+        r = requests.post(srv.url + "/sdapi/v1/options", json={"sd_model_checkpoint": "sd/tiny-sd.safetensors"},
+                          timeout=120)
+        assert r.status_code == 200, r.text
+        models = requests.get(srv.url + "/sdapi/v1/sd-models", timeout=30).json()
+        assert models[1] == {"title": f"sd/tiny-sd.safetensors [{digest[:10]}]", "model_name": "sd_tiny-sd",
+                             "hash": digest[:10], "sha256": digest,
+                             "filename": str(tmp_path / "sd" / "tiny-sd.safetensors"), "config": None}
+        assert _options(srv)["sd_model_checkpoint"] == models[1]["title"]
+        body = {**BODY, "width": 32, "height": 32}
+        _, info = _txt2img(srv, **body)
+        assert f"Model hash: {digest[:10]}, Model: tiny-sd," in info
+        # its hash names it now, as A1111's aliases do
+        assert requests.post(srv.url + "/sdapi/v1/options", json={"sd_model_checkpoint": "alpha"}, timeout=60).ok
+        assert requests.post(srv.url + "/sdapi/v1/options", json={"sd_model_checkpoint": digest[:10]},
+                             timeout=60).ok
+        assert server.current.name == "sd/tiny-sd.safetensors"

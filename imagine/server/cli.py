@@ -290,13 +290,11 @@ def _model_app(args, config, styles, model_name: str | None = None):
 def _checkpoint_server(args, config, styles):
     """imagine serve --ckpt-dir: the folder's checkpoints behind one server (imagine.server.checkpoints), --model (else
     the folder's first, else the embedded model) served first."""
+    from functools import partial
+
     from imagine.server.checkpoints import Checkpoint, CheckpointServer, scan
 
-    folder = Path(args.ckpt_dir).resolve()
-
-    def listed():
-        return scan(folder)
-
+    listed = partial(scan, Path(args.ckpt_dir).resolve())
     found = listed()
     if args.model is not None:
         path = Path(args.model).resolve()
