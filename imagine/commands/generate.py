@@ -1083,7 +1083,8 @@ def _cascade_model(model: str | None) -> str | None:
         name = json.loads(index.read_text()).get("_class_name")
     except (ValueError, OSError):
         return None
-    return name if name in ("IFPipeline", "IFSuperResolutionPipeline", "UnCLIPPipeline", "ImagenPipeline") else None
+    return name if name in ("IFPipeline", "IFSuperResolutionPipeline", "UnCLIPPipeline", "UnCLIPImageVariationPipeline",
+                            "ImagenPipeline") else None
 
 
 def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
@@ -1243,6 +1244,57 @@ def _karlo_run(args, prompts: list[str], max_seed: int) -> int:
         return img, params
 
     return _save_pictures(args, prompts, max_seed, picture)
+
+
+# the flags Karlo's image-variation cascade reads; any other, given, is refused by name
+KARLO_VARIATION_FLAGS = {"model", "init_image", "steps", "guidance_scale", "stage_2_steps", "seed", "num_images",
+                         "output", "quiet", "command", "func", "verbose", "dtype"}
+
+
+def _karlo_variations_run(args, max_seed: int) -> int:
+    """DALL-E 2's variations of --init-image with Karlo's image-variation cascade (a diffusers
+    UnCLIPImageVariationPipeline folder): the picture's CLIP image embedding through the 64 px decoder (--steps,
+    --guidance-scale) and the super-resolution stage (--stage-2-steps), diffusers' defaults; --num-images variations,
+    each from its own seed."""
+    import torch
+
+    from imagine.pipelines import karlo
+
+    what = "Karlo's image-variation cascade (an UnCLIPImageVariationPipeline folder)"
+    if args.prompt is not None or args.from_file:
+        raise ValueError(f"{what} takes no prompt: a variation reads the picture's CLIP embedding alone (the caption "
+                         "is empty); give --init-image")
+    if args.infotext:
+        raise ValueError(f"--infotext {args.infotext}: {what} is not run again from a picture's parameters; give "
+                         "them as flags")
+    _refuse_idle_flags(args, KARLO_VARIATION_FLAGS, f"{what}, which takes --init-image, --steps and --guidance-scale "
+                       "(the decoder's), --stage-2-steps (the super-resolution stage's), --seed, --num-images, "
+                       "--dtype, -o")
+    if not args.init_image:
+        raise ValueError(f"{args.model} is {what}: give the picture to vary with --init-image")
+    _check_values(args, max_seed)
+    for flag, value in (("--steps", args.steps), ("--stage-2-steps", args.stage_2_steps)):
+        if value is not None and value < 2:
+            raise ValueError(f"{flag} must be at least 2 for {what}; got {value}")
+    picture = _read_image(args.init_image, mode=None)
+    pipe = karlo.KarloPipeline.from_pretrained(args.model, getattr(torch, args.dtype))
+    settings = dict(decoder_steps=args.steps or karlo.DECODER_STEPS,
+                    super_res_steps=args.stage_2_steps or karlo.SUPER_RES_STEPS,
+                    decoder_guidance_scale=karlo.DECODER_GUIDANCE if args.guidance_scale is None
+                    else args.guidance_scale)
+    z = pipe.image_embedder.embed([picture])  # (once: each variation differs by its seed alone)
+
+    def variation(_, seed: int):
+        img = pipe.variations(None, image_embeddings=z, generator=[torch.Generator().manual_seed(seed)],
+                              progress=not args.quiet, **settings)[0]
+        params = {"prompt": "", "seed": seed, "steps": settings["decoder_steps"],
+                  "guidance_scale": settings["decoder_guidance_scale"], "sampler": "ddpm",
+                  "stage_2_steps": settings["super_res_steps"], "width": img.width, "height": img.height,
+                  "init_image": Path(args.init_image).name, "model": Path(args.model).name,
+                  **({"dtype": args.dtype} if args.dtype != "float32" else {})}
+        return img, params
+
+    return _save_pictures(args, [""], max_seed, variation)
 
 
 # the flags an Imagen cascade's run reads (imagine.pipelines.imagen); any other, given, is refused by name
@@ -1619,6 +1671,8 @@ def run(args) -> int:
 
     for note in getattr(args, "_infotext_notes", None) or []:  # (what an --infotext left out or assumed: said
         print(f"imagine: --infotext: {note}", file=sys.stderr)  # with -q too, which only stops the progress bar)
+    if _cascade_model(args.model) == "UnCLIPImageVariationPipeline":
+        return _karlo_variations_run(args, MAX_SEED)
     prompts = _prompts(args)
     checkpoint = _imagen_checkpoint(args.model)
     if checkpoint is not None or _cascade_model(args.model) == "ImagenPipeline":

@@ -54,15 +54,17 @@ class ImageEmbedder:
         return self.mean.shape[-1]
 
     @classmethod
-    def from_folder(cls, root: str | Path, dtype: torch.dtype = torch.float32, encoder: bool = True) -> "ImageEmbedder":
-        """A model folder's image_encoder/, feature_extractor/ and image_normalizer/ (encoder=False: the last alone)."""
+    def from_folder(cls, root: str | Path, dtype: torch.dtype = torch.float32, encoder: bool = True,
+                    normalizer: bool = True) -> "ImageEmbedder":
+        """A model folder's image_encoder/, feature_extractor/ and image_normalizer/ (encoder=False: the last alone;
+        normalizer=False: the first two, the embeddings as the tower gives them, for Karlo's variations)."""
         import transformers
         from safetensors.torch import load_file
 
         from imagine.models.io import load_transformers_model
 
         root = Path(root)
-        for sub in ("image_encoder", "feature_extractor", "image_normalizer") if encoder else ("image_normalizer",):
+        for sub in ("image_encoder", "feature_extractor")[: 2 * encoder] + ("image_normalizer",)[: int(normalizer)]:
             if not (root / sub).is_dir():
                 raise FileNotFoundError(f"{root}: an image-embedding model needs {sub}/ (with image_encoder/, "
                                         "feature_extractor/ and image_normalizer/)")
@@ -72,6 +74,9 @@ class ImageEmbedder:
             # (the Pillow processor: the default one wants torchvision, which this build of torch cannot use)
             kind = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
             processor = kind.from_pretrained(root / "feature_extractor", local_files_only=True)
+        if not normalizer:  # (no statistics: normalize is the identity)
+            width = tower.config.projection_dim
+            return cls(tower, processor, torch.zeros(width), torch.ones(width))
         weights = normalizer_weights(root / "image_normalizer")
         stats = load_file(str(weights))
         if not {"mean", "std"} <= stats.keys():

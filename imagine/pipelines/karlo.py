@@ -38,6 +38,9 @@ from imagine.pipelines.cascade import _check_count, _check_output, _check_scale,
 
 COMPONENTS = ("prior", "decoder", "text_proj", "super_res_first", "super_res_last", "text_encoder", "tokenizer",
               "prior_scheduler", "decoder_scheduler", "super_res_scheduler")
+# diffusers' UnCLIPImageVariationPipeline (kakaobrain/karlo-v1-alpha-image-variations): no prior; CLIP's image tower
+VARIATION_COMPONENTS = ("decoder", "text_proj", "super_res_first", "super_res_last", "text_encoder", "tokenizer",
+                        "image_encoder", "feature_extractor", "decoder_scheduler", "super_res_scheduler")
 # diffusers' UnCLIPPipeline defaults
 PRIOR_STEPS, DECODER_STEPS, SUPER_RES_STEPS = 25, 25, 7
 PRIOR_GUIDANCE, DECODER_GUIDANCE = 4.0, 8.0
@@ -110,24 +113,31 @@ def _stage_callback(callback, stage: str):
 
 class KarloPipeline:
     """Karlo / DALL-E 2's unCLIP cascade: caption -> CLIP image embedding (prior) -> 64 px (decoder) -> 256 px
-    (super-resolution). Load a diffusers UnCLIPPipeline folder with `from_pretrained`, call with a prompt."""
+    (super-resolution). Load a diffusers UnCLIPPipeline folder with `from_pretrained`, call with a prompt; or an
+    UnCLIPImageVariationPipeline folder (no prior, CLIP's image tower: `image_embedder`), `variations(picture)`."""
 
     def __init__(self, prior, text_proj, decoder, super_res_first, super_res_last, decoder_stage: Stage,
-                 super_res_stage: Stage, source: str = ""):
+                 super_res_stage: Stage, source: str = "", *, text_encoder=None, image_embedder=None):
+        if prior is None and (text_encoder is None or image_embedder is None):
+            raise ValueError("Karlo without its prior makes variations of pictures: give the text encoder and the "
+                             "image embedder (an UnCLIPImageVariationPipeline folder)")
         self.prior, self.text_proj, self.decoder = prior, text_proj, decoder
         self.super_res_first, self.super_res_last = super_res_first, super_res_last
         self.decoder_stage, self.super_res_stage, self.source = decoder_stage, super_res_stage, source
+        self._text_encoder = text_encoder if prior is None else prior.text_encoder
+        self.image_embedder = image_embedder  # (imagine.models.image_encoder.ImageEmbedder: CLIP's image tower)
         self._check_widths()
 
     @property
     def text_encoder(self):
         """The CLIP text tower (with projection) that both the prior and the decoder's text projection read."""
-        return self.prior.text_encoder
+        return self._text_encoder
 
     def _check_widths(self) -> None:
         c, d = self.text_proj.config, self.decoder.config
+        clip = self.prior.model.embedding_dim if self.prior is not None else self.image_embedder.dim
         wanted = {"time_embed_dim": d.time_embed_dim, "cross_attention_dim": d.cross_attention_dim,
-                  "clip_embeddings_dim": self.prior.model.embedding_dim}
+                  "clip_embeddings_dim": clip}
         got = {k: c[k] for k in wanted}
         if got != wanted:
             raise ValueError(f"{self.source}: text_proj gives {got}, the decoder and prior read {wanted}")
@@ -144,32 +154,43 @@ class KarloPipeline:
     def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "KarloPipeline":
         """A diffusers UnCLIPPipeline folder (kakaobrain/karlo-v1-alpha's layout): model_index.json naming prior,
         decoder, text_proj, super_res_first, super_res_last, text_encoder (CLIPTextModelWithProjection), tokenizer
-        and the three schedulers."""
+        and the three schedulers; or an UnCLIPImageVariationPipeline folder (kakaobrain/karlo-v1-alpha-image-
+        variations'), with image_encoder (CLIPVisionModelWithProjection) and feature_extractor in place of the prior
+        and its scheduler."""
         from imagine.models import io
         from imagine.models.embeddings import UnCLIPTextProj
+        from imagine.models.image_encoder import ImageEmbedder
         from imagine.models.prior import DiffusionPrior, PriorTransformer
         from imagine.models.text_encoders import CLIPPriorTextEncoder
         from imagine.models.unet import UNet2DConditionModel, UNet2DModel
 
         root = Path(folder)
         index = io.read_json(root / "model_index.json")
-        missing = [k for k in COMPONENTS if not index.get(k) or not (root / k).is_dir()]
+        variation = index.get("_class_name") == "UnCLIPImageVariationPipeline"
+        kind, needed = (("UnCLIPImageVariationPipeline", VARIATION_COMPONENTS) if variation
+                        else ("UnCLIPPipeline", COMPONENTS))
+        missing = [k for k in needed if not index.get(k) or not (root / k).is_dir()]
         if missing:
-            raise ValueError(f"{root} is not a complete Karlo / unCLIP folder (diffusers' UnCLIPPipeline): missing "
-                             f"{', '.join(missing)} (it needs {', '.join(COMPONENTS)})")
+            raise ValueError(f"{root} is not a complete Karlo / unCLIP folder (diffusers' {kind}): missing "
+                             f"{', '.join(missing)} (it needs {', '.join(needed)})")
         te_class = index["text_encoder"][1] if isinstance(index["text_encoder"], list) else None
         if te_class != "CLIPTextModelWithProjection":
             raise ValueError(f"{root}: the text encoder is {te_class!r}; Karlo's is CLIPTextModelWithProjection")
         text = CLIPPriorTextEncoder.from_folder(root / "text_encoder", root / "tokenizer", dtype=dtype)
-        prior_stage = Stage.from_config(root / "prior_scheduler" / "scheduler_config.json")
-        prior = DiffusionPrior(PriorTransformer.from_pretrained(root / "prior", dtype), text, prior_stage.schedule,
-                               prior_stage.config)
+        prior = image = None
+        if variation:  # (the picture's own embedding: no statistics to undo)
+            image = ImageEmbedder.from_folder(root, dtype, normalizer=False)
+        else:
+            prior_stage = Stage.from_config(root / "prior_scheduler" / "scheduler_config.json")
+            prior = DiffusionPrior(PriorTransformer.from_pretrained(root / "prior", dtype), text,
+                                   prior_stage.schedule, prior_stage.config)
         return cls(prior, UnCLIPTextProj.from_pretrained(root / "text_proj", dtype),
                    UNet2DConditionModel.from_pretrained(root / "decoder", dtype),
                    UNet2DModel.from_pretrained(root / "super_res_first", dtype),
                    UNet2DModel.from_pretrained(root / "super_res_last", dtype),
                    Stage.from_config(root / "decoder_scheduler" / "scheduler_config.json"),
-                   Stage.from_config(root / "super_res_scheduler" / "scheduler_config.json"), str(root))
+                   Stage.from_config(root / "super_res_scheduler" / "scheduler_config.json"), str(root),
+                   text_encoder=text, image_embedder=image)
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], *, num_images_per_prompt: int = 1,
@@ -185,8 +206,10 @@ class KarloPipeline:
         output_type "pil" (pictures) or "pt" (the samples [B, 3, H, W] in [-1, 1]). callback hears every step as the
         sampler's info with "stage": "prior" / "decoder" / "super_res"."""
         from imagine.pipelines.unclip import prior_embeddings
-        from imagine.sampling import ConcatChannels
 
+        if self.prior is None:
+            raise ValueError(f"{self.source or 'this Karlo model'} is Karlo's image-variation cascade (no prior): it "
+                             "makes variations of a picture (variations(picture)), not pictures from text")
         _check_output(output_type)
         prior_steps = _check_steps(prior_steps, "prior_steps")
         decoder_steps = _check_steps(decoder_steps, "decoder_steps")
@@ -212,13 +235,62 @@ class KarloPipeline:
         z = prior_embeddings(self.prior, prompts, generator, None, steps=prior_steps, guidance_scale=prior_scale,
                              sampler="ddpm", progress=progress, callback=callback, guided=guided,
                              encoded=(text, empty))
+        x = self._decode(z, text, empty, generator, decoder_steps=decoder_steps, super_res_steps=super_res_steps,
+                         decoder_scale=decoder_scale if guided else 1.0, progress=progress, callback=callback)
+        return x if output_type == "pt" else pictures(x)
 
+    @torch.no_grad()
+    def variations(self, image, *, num_images_per_prompt: int = 1, decoder_steps: int = DECODER_STEPS,
+                   super_res_steps: int = SUPER_RES_STEPS, decoder_guidance_scale: float = DECODER_GUIDANCE,
+                   generator=None, seed: int | None = None, image_embeddings: torch.Tensor | None = None,
+                   output_type: str = "pil", progress: bool = True, callback=None):
+        """DALL-E 2's variations of a picture (Ramesh et al. 2022, sec. 3.1, fig. 3: "the bipartite latent
+        representation (z_i, x_T)"; the decoder inverted no further than z_i, so x_T is fresh noise): its CLIP image
+        embedding z_i (`image_embedder`; or `image_embeddings` [B, D] given, e.g. an interpolation of two, sec.
+        3.2) decoded with the empty caption, as diffusers' UnCLIPImageVariationPipeline (its defaults: 25 / 7 steps,
+        guidance 8 against the learned no-embedding vector, on when the scale is > 1). image: a PIL picture or a list
+        of them; num_images_per_prompt variations of each. The rest as __call__."""
+        _check_output(output_type)
+        decoder_steps = _check_steps(decoder_steps, "decoder_steps")
+        super_res_steps = _check_steps(super_res_steps, "super_res_steps")
+        scale = _check_scale(decoder_guidance_scale)
+        n = _check_count(num_images_per_prompt)
+        if image_embeddings is None:
+            if self.image_embedder is None or self.image_embedder.encoder is None:
+                raise ValueError(f"{self.source or 'this Karlo model'} has no CLIP image encoder (Karlo's text-to-"
+                                 "image folder): give image_embeddings, or load an UnCLIPImageVariationPipeline folder")
+            images = [image] if not isinstance(image, (list, tuple)) else list(image)
+            if not images:
+                raise ValueError("image: give a picture, or a non-empty list of them")
+            z = self.image_embedder.embed(images)
+        else:
+            z = image_embeddings.float()
+            if z.ndim != 2 or z.shape[1] != self.text_proj.config["clip_embeddings_dim"]:
+                raise ValueError(f"image_embeddings: expected [B, {self.text_proj.config['clip_embeddings_dim']}]; "
+                                 f"got {list(z.shape)}")
+        z = z.repeat_interleave(n, dim=0)
+        batch = z.shape[0]
+        generator = _generator(batch, generator, seed)
+        guided = scale > 1.0
+        text = self.text_encoder.encode([""] * batch)  # (the empty caption, conditional and unconditional alike)
+        x = self._decode(z, text, text if guided else None, generator, decoder_steps=decoder_steps,
+                         super_res_steps=super_res_steps, decoder_scale=scale if guided else 1.0, progress=progress,
+                         callback=callback)
+        return x if output_type == "pt" else pictures(x)
+
+    def _decode(self, z: torch.Tensor, text, empty, generator, *, decoder_steps: int, super_res_steps: int,
+                decoder_scale: float, progress: bool, callback) -> torch.Tensor:
+        """Steps 2 and 3: the CLIP image embeddings z [B, D] (with the caption's encoding `text`, and `empty`'s,
+        the unconditional side's, when guided) -> the pictures [B, 3, H, W] in [-1, 1]."""
+        from imagine.sampling import ConcatChannels
+
+        batch = z.shape[0]
         # 2. the decoder at 64 px: x ~ P(x | z_i, y) (sec. 2.1), guided against (learned no-embedding, "")
         context, added = self.text_proj(z, text.pooled, text.states)
         keep = F.pad(text.mask.to(torch.bool), (self.text_proj.extra_tokens, 0), value=True)  # (the z_i tokens: kept)
         cond = {"context": context, "context_mask": keep, "class_labels": added}
         uncond = None
-        if guided:
+        if empty is not None:
             u_context, u_added = self.text_proj(self.text_proj.unconditional(batch), empty.pooled, empty.states)
             u_keep = F.pad(empty.mask.to(torch.bool), (self.text_proj.extra_tokens, 0), value=True)
             uncond = {"context": u_context, "context_mask": u_keep, "class_labels": u_added}
@@ -227,15 +299,14 @@ class KarloPipeline:
         small = self.decoder_stage.sample(
             self.decoder, (batch, d.in_channels, side, side), steps=decoder_steps, generator=generator,
             progress=progress, callback=_stage_callback(callback, "decoder"), cond=cond, uncond=uncond,
-            guidance_scale=decoder_scale if guided else 1.0).clamp(-1, 1)
+            guidance_scale=decoder_scale).clamp(-1, 1)
 
         # 3. super-resolution to 256 px: the upsampled picture on channels (no draw: the start noise is the next)
         sr = self.super_res_first.config
         side = int(sr.sample_size)
         low = upsample(small.float(), (side, side))
         model = LastStepSwitch(ConcatChannels(self.super_res_first, low), ConcatChannels(self.super_res_last, low))
-        x = self.super_res_stage.sample(model, (batch, sr.in_channels // 2, side, side), steps=super_res_steps,
-                                        generator=generator,
-                                        progress=progress, callback=_stage_callback(callback, "super_res"))
-        return x if output_type == "pt" else pictures(x)
+        return self.super_res_stage.sample(model, (batch, sr.in_channels // 2, side, side), steps=super_res_steps,
+                                           generator=generator,
+                                           progress=progress, callback=_stage_callback(callback, "super_res"))
 

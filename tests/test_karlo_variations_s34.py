@@ -1,0 +1,164 @@
+"""DALL-E 2's variations of a picture (Ramesh et al. 2022, sec. 3.1) with Karlo's image-variation cascade
+(`KarloPipeline.variations`, a diffusers UnCLIPImageVariationPipeline folder) against diffusers on the same tiny
+random weights: the decoder and super-resolution U-Nets, text projection and CLIP text tower of the tiny Karlo of
+`test_karlo_s30`, and a tiny CLIP vision tower with projection; saved by diffusers, loaded by imagine.
+
+The truth: diffusers' UnCLIPImageVariationPipeline at the same seed: its decoder's sample (read off its scheduler's last
+step, within the bounds of the text-to-image cascade's test) and its pictures (50 dB or more); its CLIP image embedding
+(1e-5); and that another picture gives another decoder sample, by 50 times the distance from diffusers' (the final
+picture, after the super-resolution stage's own noise, tells the two apart by less: 41 dB)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_karlo_s30 import E, _last_samples, _tiny_karlo  # noqa: E402
+from test_sd_parity import psnr  # noqa: E402
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from imagine.pipelines.karlo import KarloPipeline  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _picture(seed: int, size=(40, 30)) -> Image.Image:
+    rng = np.random.default_rng(seed)  # (smooth: a CLIP tower reads a picture, not pixel noise)
+    small = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def variations(tmp_path_factory):
+    karlo = _tiny_karlo(tmp_path_factory.mktemp("karlo") / "text")
+    torch.manual_seed(2)
+    encoder = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=32, projection_dim=E, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        image_size=32, patch_size=4)).eval()
+    with torch.no_grad():  # (embeddings of the size of CLIP's: the decoder reads them through text_proj)
+        encoder.visual_projection.weight.mul_(8)
+    ref = diffusers.UnCLIPImageVariationPipeline(
+        decoder=karlo.decoder, text_encoder=karlo.text_encoder, tokenizer=karlo.tokenizer, text_proj=karlo.text_proj,
+        feature_extractor=transformers.CLIPImageProcessor(crop_size=32, size=32), image_encoder=encoder,
+        super_res_first=karlo.super_res_first, super_res_last=karlo.super_res_last,
+        decoder_scheduler=karlo.decoder_scheduler, super_res_scheduler=karlo.super_res_scheduler)
+    ref.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("karlo") / "variations"
+    ref.save_pretrained(folder, safe_serialization=True)
+    return folder, ref, KarloPipeline.from_pretrained(folder)
+
+
+def test_the_embedding_is_clips(variations):
+    _, ref, ours = variations
+    pictures = [_picture(1), _picture(2, (30, 50))]
+    with torch.no_grad():
+        want = ref.image_encoder(ref.feature_extractor(images=pictures, return_tensors="pt").pixel_values).image_embeds
+    got = ours.image_embedder.embed(pictures)
+    assert got.shape == (2, E) and float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("steps, scale, per_picture, count", [
+    ((3, 5), 8.0, 1, 1),  # diffusers' guidance scale
+    ((4, 6), 1.0, 1, 1),  # no guidance
+    ((2, 5), 3.0, 2, 2),  # two pictures, two variations each, from one generator
+])
+def test_variations_match_diffusers(variations, steps, scale, per_picture, count):
+    _, ref, ours = variations
+    pictures = [_picture(1), _picture(2, (30, 50))][:count]
+    seen = _last_samples(ref.decoder_scheduler)
+    try:
+        want = ref(image=pictures if count > 1 else pictures[0], num_images_per_prompt=per_picture,
+                   decoder_num_inference_steps=steps[0], super_res_num_inference_steps=steps[1],
+                   decoder_guidance_scale=scale, generator=torch.Generator().manual_seed(5), output_type="np").images
+    finally:
+        del ref.decoder_scheduler.step
+    decoded = []
+    got = ours.variations(pictures if count > 1 else pictures[0], num_images_per_prompt=per_picture,
+                          decoder_steps=steps[0], super_res_steps=steps[1], decoder_guidance_scale=scale,
+                          generator=torch.Generator().manual_seed(5), output_type="pt", progress=False,
+                          callback=lambda info: decoded.append(info["denoised"]) if info["stage"] == "decoder" else 0)
+    assert got.shape == (count * per_picture, 3, 64, 64)
+    diff = (decoded[-1] - seen[-1]).abs().flatten()  # (the bounds of test_karlo_s30, which says why)
+    assert float(torch.quantile(diff, 0.999)) < 3e-3 and float(diff.mean()) < 1e-3
+    image = (got * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    want = torch.from_numpy(want)
+    assert 0.2 < float(((want > 0.01) & (want < 0.99)).float().mean())  # (not a saturated picture)
+    assert psnr(image, want) >= 50, psnr(image, want)
+
+
+def test_the_picture_matters_and_embeddings_may_be_given(variations):
+    """Another picture, another variation (the decoder's sample, 4e-4 from diffusers' on average, moves by 0.04 on
+    average); image_embeddings given (an interpolation's, sec. 3.2) = the picture's when they are its embedding; 8-bit
+    pictures with seed= are diffusers' within one level."""
+    _, ref, ours = variations
+    kw = dict(decoder_steps=3, super_res_steps=5, progress=False)
+
+    def decoder_sample(picture):
+        seen = []
+        ours.variations(picture, seed=4, output_type="pt", callback=lambda info: seen.append(info["denoised"])
+                        if info["stage"] == "decoder" else 0, **kw)
+        return seen[-1]
+    assert float((decoder_sample(_picture(1)) - decoder_sample(_picture(3))).abs().mean()) > 0.02
+    a = ours.variations(_picture(1), seed=4, output_type="pt", **kw)
+    z = ours.image_embedder.embed([_picture(1)])
+    assert torch.equal(ours.variations(None, image_embeddings=z, seed=4, output_type="pt", **kw), a)
+    got = ours.variations(_picture(1), seed=4, **kw)[0]
+    want = ref(image=_picture(1), decoder_num_inference_steps=3, super_res_num_inference_steps=5,
+               generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+    assert np.abs(np.asarray(got).astype(int) - np.round(want * 255).astype(int)).max() <= 1
+
+
+def test_what_each_folder_does_not_do(variations, tmp_path):
+    import shutil
+
+    folder, _, ours = variations
+    with pytest.raises(ValueError, match="image-variation cascade .no prior.*variations"):
+        ours("a horse", progress=False)
+    with pytest.raises(ValueError, match=r"image_embeddings: expected \[B, 32\]"):
+        ours.variations(None, image_embeddings=torch.zeros(1, 7), progress=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    shutil.rmtree(broken / "image_encoder")
+    with pytest.raises(ValueError, match="UnCLIPImageVariationPipeline.*missing image_encoder"):
+        KarloPipeline.from_pretrained(broken)
+
+
+def test_generate_makes_variations_as_diffusers(variations, tmp_path, capsys):
+    """`imagine generate --model KARLO_VARIATIONS --init-image PIC`: each variation from its own seed (base + k),
+    diffusers' picture for that seed's generator within one 8-bit level; the parameters in the PNG; a prompt or a flag
+    it does not read is refused by name."""
+    import json
+
+    from test_cascade_cli_s29 import _run as _generate
+
+    folder, ref, _ = variations
+    source = tmp_path / "source.png"
+    _picture(2, (30, 50)).save(source)
+    code, _, err = _generate(capsys, "--model", folder, "--init-image", source, "--steps", 3, "--guidance-scale", 5,
+                             "--stage-2-steps", 5, "--seed", 3, "--num-images", 2, "-o", tmp_path / "out", "-q")
+    assert code == 0, err
+    files = sorted((tmp_path / "out").glob("*.png"))
+    assert [f.name for f in files] == ["00000-3.png", "00001-4.png"]
+    for f, seed in zip(files, (3, 4)):
+        want = ref(image=Image.open(source), decoder_num_inference_steps=3, super_res_num_inference_steps=5,
+                   decoder_guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
+                   output_type="np").images[0]
+        picture = Image.open(f)
+        diff = np.abs(np.asarray(picture.convert("RGB")).astype(int) - np.round(want * 255).astype(int))
+        assert diff.max() <= 1
+        params = json.loads(picture.info["imagine"])
+        assert {k: params[k] for k in ("seed", "steps", "guidance_scale", "stage_2_steps", "init_image", "width")} == \
+            {"seed": seed, "steps": 3, "guidance_scale": 5.0, "stage_2_steps": 5, "init_image": "source.png",
+             "width": 64}
+    code, _, err = _generate(capsys, "--model", folder, "a horse", "--init-image", source, "-o", tmp_path / "x.png")
+    assert code != 0 and "takes no prompt" in err
+    code, _, err = _generate(capsys, "--model", folder, "--init-image", source, "--sampler", "euler",
+                             "-o", tmp_path / "x.png")
+    assert code != 0 and "--sampler: not for Karlo's image-variation cascade" in err
+    code, _, err = _generate(capsys, "--model", folder, "-o", tmp_path / "x.png")
+    assert code != 0 and "give the picture to vary with --init-image" in err
+    assert not (tmp_path / "x.png").exists()
