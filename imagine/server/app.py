@@ -2180,10 +2180,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if unclip_model:  # unCLIP's variations (DALL-E 2's own kind): the picture's CLIP embedding, noised to noise_level
             noise_level = form_number(fields, "noise_level", int)
             noise_level = 0 if noise_level is None else noise_level
+            noising = pipe.c.image_noise_schedule  # (None: a decoder that reads the embedding unnoised, Karlo's)
             try:
-                check_level(noise_level, pipe.c.image_noise_schedule.num_train_timesteps - 1)
+                check_level(noise_level, noising.num_train_timesteps - 1 if noising is not None else 0)
             except ValueError as e:
-                raise ApiError(422, str(e), "noise_level") from None
+                raise ApiError(422, str(e) + ("" if noising is not None else " (this model's decoder reads the "
+                                              "picture's CLIP embedding unnoised)"), "noise_level") from None
         k = len(seeds)
         rgb = picture.convert("RGB")
         if picture.mode == "RGBA" and mask is None:  # (what lies under transparent pixels is not the picture: white)

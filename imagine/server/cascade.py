@@ -53,12 +53,13 @@ class CascadeServing:
     reads_emphasis = False
     takes_init = False  # (img2img, and inpainting with a mask)
     takes_negative = False  # (a negative prompt: guidance against a second text, not the learned null text)
+    picture_model = None  # (a cascade that makes variations of a picture and nothing else names itself here)
 
     def __init__(self, source: str | None, size: int, description: str, sampler_names, schedule_types,
                  defaults: dict):
         self.size = int(size)
         self.c = SimpleNamespace(source=str(source or ""), low_res_schedule=None, prior=None, image_embedder=None,
-                                 vae_source=None)
+                                 image_noise_schedule=None, vae_source=None)
         self.description = description
         self.sampler_names = list(sampler_names)
         self.schedule_types = tuple(schedule_types)
@@ -80,13 +81,18 @@ class CascadeServing:
                  emphasis: bool | str = False, long_prompts: bool = False, prompt_editing: bool = False,
                  composable: bool = False, old_prompt_editing: bool = False, init_image=None,
                  strength: float | None = None, resize_mode: str = "just_resize", mask_image=None,
-                 masked_content: str = "original", **others):
+                 masked_content: str = "original", variation_of: list | None = None, **others):
         """The cascade's pictures of `prompts`, one per seed (each from its own: the same picture at any batch).
         long_prompts: the text encoder's one window either way (a longer prompt is cut with a warning).
         init_image / strength: image to image, the pictures first brought to the cascade's size by `resize_mode`
         (imagine.images.fit_picture, as AUTOMATIC1111's img2img); with mask_image (white: painted anew, as A1111's and
-        diffusers'), inpainting, the masks brought to the size the same way."""
+        diffusers'), inpainting, the masks brought to the size the same way. variation_of: the pictures a variation
+        cascade varies (`variations`)."""
         from imagine.pipelines.text_to_image import GenerationResult
+
+        if (variation_of is None) == (self.picture_model is not None):
+            raise ValueError(f"{self.description} makes variations of a picture (variations), not pictures from text"
+                             if variation_of is None else f"{self.description} makes no variations of a picture")
 
         if init_image is not None and not self.takes_init:
             others["init_image"] = init_image
@@ -120,7 +126,7 @@ class CascadeServing:
             raise ValueError("a mask needs the picture whose black part is kept (inpainting)")
         from imagine.images import fit_picture
 
-        pictures, keep = None, None
+        pictures, keep = variation_of, None  # (a variation's pictures as given: CLIP's processor sizes them itself)
         if init_image is not None:
             pictures = [fit_picture(p.convert("RGB"), self.size, self.size, resize_mode) for p in init_image]
         if mask_image is not None:
@@ -128,22 +134,32 @@ class CascadeServing:
 
             fitted = [fit_picture(m, self.size, self.size, resize_mode) for m in mask_image]
             keep = prepare_masks(fitted, self.size, self.size)[:, 0] == 0
-        run = self.stage_steps(int(steps), None if pictures is None else float(strength), keep is not None)
+        run = self.stage_steps(int(steps), None if strength is None else float(strength), keep is not None)
         images, parameters = self._run(list(prompts), [n or "" for n in negative_prompts or [None] * len(prompts)],
                                        list(seeds), int(steps), float(guidance_scale), sampler, sigma_schedule,
                                        emphasis, pictures, strength, keep, _overall(callback, run))
         parameters = {"steps": int(steps), "sampler": sampler, "guidance_scale": float(guidance_scale),
                       "height": self.size, "width": self.size, **parameters,
                       **({"schedule_type": sigma_schedule} if sigma_schedule else {}),
-                      **({"strength": float(strength)} if pictures is not None else {})}
+                      **({"strength": float(strength)} if strength is not None else {})}
         return GenerationResult(images=images, seeds=list(seeds), parameters=parameters)
 
     def generate_hires(self, *args, **kwargs):
         raise ValueError(f"{self.description} makes its large picture with its own super-resolution stages: hires. "
                          "fix is for latent models; leave enable_hr off")
 
-    def variations(self, *args, **kwargs):
-        raise ValueError(f"{self.description} makes no variations of a picture (an unCLIP decoder does)")
+    def variations(self, image, prompts, negative_prompts=None, *, noise_level: int = 0, **kwargs):
+        """Variations of the pictures `image` (one per seed), where the cascade makes them (picture_model): the
+        server's call for OpenAI's variations; the caption empty."""
+        if self.picture_model is None:
+            raise ValueError(f"{self.description} makes no variations of a picture (an unCLIP decoder does)")
+        if noise_level:
+            raise ValueError(f"noise_level {noise_level}: {self.description} reads the picture's CLIP embedding as it "
+                             "is (its decoder was trained without noise on it): give 0")
+        if any(prompts):
+            raise ValueError(f"{self.description} takes no prompt: a variation reads the picture's CLIP embedding "
+                             "alone (the caption is empty)")
+        return self.generate(prompts, negative_prompts, variation_of=list(image), **kwargs)
 
     def _check_prompts(self, prompts: list[str], steps: int, emphasis, composable: bool, prompt_editing: bool) -> None:
         """AUTOMATIC1111's emphasis (where the cascade does not read it), AND and prompt editing: refused where a
@@ -214,17 +230,24 @@ class ImagenServing(CascadeServing):
 class KarloServing(CascadeServing):
     """Karlo's unCLIP cascade (a diffusers UnCLIPPipeline folder, imagine.pipelines.karlo): the request's steps and
     guidance scale are the decoder's (as `imagine generate`'s --steps and --guidance-scale), the prior and the
-    super-resolution stage at diffusers' defaults; DDPM throughout (UnCLIPScheduler's)."""
+    super-resolution stage at diffusers' defaults; DDPM throughout (UnCLIPScheduler's). Karlo's image-variation folder
+    (UnCLIPImageVariationPipeline: no prior) makes variations of a picture alone (OpenAI's variations endpoint)."""
 
     def __init__(self, pipe, source: str | None = None):
         from imagine.pipelines import karlo
 
         self.pipe = pipe
-        super().__init__(source, pipe.super_res_first.config.sample_size, "Karlo's unCLIP cascade", ["ddpm"], (),
+        varies = pipe.prior is None
+        super().__init__(source, pipe.super_res_first.config.sample_size,
+                         "Karlo's image-variation cascade" if varies else "Karlo's unCLIP cascade", ["ddpm"], (),
                          {"sampler": "ddpm", "steps": karlo.DECODER_STEPS,
                           "guidance_scale": karlo.DECODER_GUIDANCE})
-        self.settings = {"prior_steps": karlo.PRIOR_STEPS, "prior_guidance_scale": karlo.PRIOR_GUIDANCE,
-                         "super_res_steps": karlo.SUPER_RES_STEPS}
+        self.settings = {"super_res_steps": karlo.SUPER_RES_STEPS}
+        if varies:
+            self.picture_model = "Karlo's image-variation cascade (DALL-E 2's decoder, from a picture's CLIP embedding)"
+            self.c.image_embedder = pipe.image_embedder
+        else:
+            self.settings.update(prior_steps=karlo.PRIOR_STEPS, prior_guidance_scale=karlo.PRIOR_GUIDANCE)
 
     def stage_steps(self, steps: int, strength: float | None, inpainting: bool = False) -> dict:
         return {"decoder": steps, "super_res": self.settings["super_res_steps"]}  # (the prior's are not counted)
@@ -234,8 +257,13 @@ class KarloServing(CascadeServing):
         if steps < 2:
             raise ValueError(f"steps {steps}: Karlo's decoder runs 2 or more (UnCLIPScheduler's spacing)")
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        images = self.pipe(prompts, generator=generators, decoder_steps=steps, decoder_guidance_scale=guidance,
-                           progress=False, callback=callback, **self.settings)
+        if self.picture_model is not None:  # (`pictures`: the ones to vary)
+            images = self.pipe.variations(pictures, generator=generators, decoder_steps=steps,
+                                          decoder_guidance_scale=guidance, progress=False, callback=callback,
+                                          **self.settings)
+        else:
+            images = self.pipe(prompts, generator=generators, decoder_steps=steps, decoder_guidance_scale=guidance,
+                               progress=False, callback=callback, **self.settings)
         return images, dict(self.settings)
 
 

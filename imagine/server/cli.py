@@ -231,7 +231,7 @@ def _cascade(args, config):
     if kind is None:
         return None
     what = {"ImagenPipeline": "an Imagen cascade", "UnCLIPPipeline": "Karlo's unCLIP cascade",
-            "IFPipeline": "DeepFloyd IF"}.get(kind)
+            "UnCLIPImageVariationPipeline": "Karlo's image-variation cascade", "IFPipeline": "DeepFloyd IF"}.get(kind)
     if what is None:  # (IFSuperResolutionPipeline)
         raise ValueError(f"{args.model} is a {kind} folder, DeepFloyd IF's super-resolution stage: serve stage I "
                          f"(--model IF-I folder) with it as --stage-2")
@@ -255,7 +255,7 @@ def _cascade(args, config):
         second = None if stage_2 is None else if_cascade.IFStage.from_pretrained(stage_2, dtype,
                                                                                  encoder=first.encoder)
         return cascade.IFServing(first, second, source=args.model)
-    if kind == "UnCLIPPipeline":
+    if kind in ("UnCLIPPipeline", "UnCLIPImageVariationPipeline"):
         from imagine.pipelines.karlo import KarloPipeline
 
         return cascade.KarloServing(KarloPipeline.from_pretrained(args.model, dtype), source=args.model)
