@@ -10,6 +10,8 @@ picture, after the super-resolution stage's own noise, tells the two apart by le
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -137,8 +139,6 @@ def test_generate_makes_variations_as_diffusers(variations, tmp_path, capsys):
     """`imagine generate --model KARLO_VARIATIONS --init-image PIC`: each variation from its own seed (base + k),
     diffusers' picture for that seed's generator within one 8-bit level; the parameters in the PNG; a prompt or a flag
     it does not read is refused by name."""
-    import json
-
     from test_cascade_cli_s29 import _run as _generate
 
     folder, ref, _ = variations
@@ -209,3 +209,101 @@ def test_served_variations_are_the_pipelines(variations):
             assert r.status_code == 400 and said in r.text, r.text
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "a", "steps": 2}, timeout=120)
         assert r.status_code == 422 and "use POST /v1/images/variations" in r.text
+
+
+# -- interpolations and text diffs (sec. 3.2, 3.3) ------------------------------------------------------------------
+def test_slerp_closed_forms():
+    from imagine.pipelines.karlo import slerp
+
+    a, b = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 4.0, 0.0]])  # orthogonal, norms 2 and 4
+    for t in (0.0, 0.25, 0.5, 1.0):
+        want = ((1 - t) * 2 + t * 4) * torch.tensor([[np.cos(t * np.pi / 2), np.sin(t * np.pi / 2), 0.0]],
+                                                     dtype=torch.float32)
+        assert torch.allclose(slerp(a, b, t), want, atol=1e-6), t
+    # the angle moves linearly: a third of the way at t = 1/3, for any angle between them
+    c = torch.tensor([[np.cos(2.0), np.sin(2.0), 0.0]], dtype=torch.float32)
+    third = slerp(torch.tensor([[1.0, 0.0, 0.0]]), c, 1 / 3)
+    assert abs(float(torch.atan2(third[0, 1], third[0, 0])) - 2.0 / 3) < 1e-6
+    # parallel rows: linear; opposite rows: no great circle
+    assert torch.allclose(slerp(a, 3 * a, 0.5), 2 * a, atol=1e-6)
+    with pytest.raises(ValueError, match="opposite directions"):
+        slerp(a, -a, 0.5)
+
+
+def test_interpolation_frames_are_the_slerped_embeddings_from_one_noise(variations):
+    _, _, ours = variations
+    kw = dict(decoder_steps=2, super_res_steps=2, progress=False, output_type="pt")
+    start, end = _picture(1), _picture(3)
+    frames = ours.interpolations(start, end, frames=3, seed=6, **kw)
+    assert frames.shape == (3, 3, 64, 64)
+    # (a frame at batch 3 as alone, within float32's kernels' batch differences: 1.7e-5 seen)
+    assert torch.allclose(frames[0], ours.variations(start, seed=6, **kw)[0], atol=1e-4)  # (the ends: the
+    assert torch.allclose(frames[2], ours.variations(end, seed=6, **kw)[0], atol=1e-4)  # pictures' variations)
+    from imagine.pipelines.karlo import slerp
+
+    z = ours.image_embedder.embed([start, end])
+    middle = ours.variations(None, image_embeddings=slerp(z[:1], z[1:], 0.5), seed=6, **kw)[0]
+    assert torch.allclose(frames[1], middle, atol=1e-4) and not torch.allclose(frames[1], frames[0], atol=1e-2)
+    with pytest.raises(ValueError, match="frames must be"):
+        ours.interpolations(start, end, frames=1)
+
+
+def test_text_diff_turns_the_embedding_towards_the_captions_difference(variations):
+    """z_d = norm(z_t - z_t0) from the text tower's projected embeddings; frame k decodes slerp(z_i, |z_i| z_d,
+    theta_k): its angle to z_i is theta_k times the angle between z_i and z_d; frame 0 is the picture's variation."""
+    _, ref, ours = variations
+    kw = dict(decoder_steps=2, super_res_steps=2, progress=False, output_type="pt")
+    seen = []
+    decode = ours._decode
+    ours._decode = lambda z, *a, **k: seen.append(z.clone()) or decode(z, *a, **k)
+    try:
+        frames = ours.text_diff(_picture(1), "a red cube", "a blue cube", frames=3, max_theta=0.4, seed=2, **kw)
+    finally:
+        del ours._decode
+    z_i = ours.image_embedder.embed([_picture(1)])[0]
+    with torch.no_grad():  # (diffusers' text tower: the projected text embeddings)
+        ids = ref.tokenizer(["a blue cube", "a red cube"], padding="max_length", return_tensors="pt").input_ids
+        z_t = ref.text_encoder(ids).text_embeds
+    z_d = (z_t[0] - z_t[1]) / (z_t[0] - z_t[1]).norm()
+    path = seen[0]
+    omega = torch.arccos(torch.dot(z_i / z_i.norm(), z_d))
+    for k, theta in enumerate((0.0, 0.2, 0.4)):
+        assert abs(float(path[k].norm() - z_i.norm())) < 1e-4 * float(z_i.norm())
+        angle = torch.arccos((torch.dot(path[k], z_i) / (path[k].norm() * z_i.norm())).clamp(-1, 1))
+        assert abs(float(angle - theta * omega)) < 1e-3, (k, float(angle), float(theta * omega))
+    assert torch.allclose(frames[0], ours.variations(_picture(1), seed=2, **kw)[0], atol=1e-4)
+    with pytest.raises(ValueError, match="same CLIP text embedding"):
+        ours.text_diff(_picture(1), "a cube", "a cube")
+
+
+def test_generate_writes_interpolation_and_text_diff_frames(variations, tmp_path, capsys):
+    from test_cascade_cli_s29 import _run as _generate
+
+    folder, _, ours = variations
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    _picture(1).save(a)
+    _picture(3).save(b)
+    common = ("--model", folder, "--init-image", a, "--steps", 2, "--stage-2-steps", 2, "--seed", 6, "-q")
+    code, _, err = _generate(capsys, *common, "--interpolate-to", b, "--frames", 3, "-o", tmp_path / "walk")
+    assert code == 0, err
+    files = sorted((tmp_path / "walk").glob("*.png"))
+    assert len(files) == 3
+    want = ours.interpolations(Image.open(a), Image.open(b), frames=3, seed=6, decoder_steps=2, super_res_steps=2,
+                               progress=False)
+    for f, w, theta in zip(files, want, (0.0, 0.5, 1.0)):
+        picture = Image.open(f)
+        assert picture.convert("RGB").tobytes() == w.tobytes()
+        params = json.loads(picture.info["imagine"])
+        assert params["theta"] == theta and params["interpolate_to"] == "b.png" and params["seed"] == 6
+    code, _, err = _generate(capsys, *common, "--text-diff", "a red cube", "a blue cube", "--frames", 2,
+                             "--max-theta", 0.3, "-o", tmp_path / "diff")
+    assert code == 0, err
+    files = sorted((tmp_path / "diff").glob("*.png"))
+    assert [json.loads(Image.open(f).info["imagine"])["theta"] for f in files] == [0.0, 0.3]
+    for extra, said in ((("--frames", 3), "--frames is for --interpolate-to or --text-diff"),
+                        (("--interpolate-to", b, "--text-diff", "x", "y"), "not both"),
+                        (("--interpolate-to", b, "--frames", 1), "--frames must be at least 2"),
+                        (("--text-diff", "x", "y", "--max-theta", 2), "--max-theta must be in (0, 1]")):
+        code, _, err = _generate(capsys, *common, *extra, "-o", tmp_path / "none")
+        assert code != 0 and said in err, err
+    assert not (tmp_path / "none").exists()

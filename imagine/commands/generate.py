@@ -230,6 +230,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior-guidance-scale", type=_finite, default=None, metavar="S",
                    help="an unCLIP model with a diffusion prior: the prior's guidance against the empty caption "
                         "(default 4)")
+    p.add_argument("--interpolate-to", default=None, metavar="PATH",
+                   help="Karlo's image-variation folder: frames from --init-image to this picture (DALL-E 2's "
+                        "interpolations: their CLIP embeddings slerped, every frame from --seed's noise)")
+    p.add_argument("--text-diff", nargs=2, default=None, metavar=("DESCRIPTION", "TARGET"),
+                   help="Karlo's image-variation folder: frames turning --init-image (described by DESCRIPTION) "
+                        "towards TARGET (DALL-E 2's text diffs), up to --max-theta")
+    p.add_argument("--frames", type=int, default=None, metavar="N",
+                   help="--interpolate-to / --text-diff: the frames, both ends counted (default 5)")
+    p.add_argument("--max-theta", type=_finite, default=None, metavar="T",
+                   help="--text-diff: how far to turn, a fraction of the angle to the text diff (default 0.5)")
     p.add_argument("--noise-level", type=int, default=None, metavar="N",
                    help="with --init-image, for SD's x4 upscaler: how much noise its low-resolution picture gets, 0 to "
                         "its max_noise_level (default 20; more invents more detail); for an unCLIP decoder (SD 2.1 "
@@ -1248,14 +1258,15 @@ def _karlo_run(args, prompts: list[str], max_seed: int) -> int:
 
 # the flags Karlo's image-variation cascade reads; any other, given, is refused by name
 KARLO_VARIATION_FLAGS = {"model", "init_image", "steps", "guidance_scale", "stage_2_steps", "seed", "num_images",
-                         "output", "quiet", "command", "func", "verbose", "dtype"}
+                         "output", "quiet", "command", "func", "verbose", "dtype", "interpolate_to", "text_diff",
+                         "frames", "max_theta"}
 
 
 def _karlo_variations_run(args, max_seed: int) -> int:
     """DALL-E 2's variations of --init-image with Karlo's image-variation cascade (a diffusers
     UnCLIPImageVariationPipeline folder): the picture's CLIP image embedding through the 64 px decoder (--steps,
     --guidance-scale) and the super-resolution stage (--stage-2-steps), diffusers' defaults; --num-images variations,
-    each from its own seed."""
+    each from its own seed. With --interpolate-to or --text-diff, --frames frames from --seed's noise instead."""
     import torch
 
     from imagine.pipelines import karlo
@@ -1269,19 +1280,38 @@ def _karlo_variations_run(args, max_seed: int) -> int:
                          "them as flags")
     _refuse_idle_flags(args, KARLO_VARIATION_FLAGS, f"{what}, which takes --init-image, --steps and --guidance-scale "
                        "(the decoder's), --stage-2-steps (the super-resolution stage's), --seed, --num-images, "
-                       "--dtype, -o")
+                       "--interpolate-to or --text-diff with --frames (and --max-theta), --dtype, -o")
     if not args.init_image:
         raise ValueError(f"{args.model} is {what}: give the picture to vary with --init-image")
+    path = args.interpolate_to is not None or args.text_diff is not None
+    if args.interpolate_to is not None and args.text_diff is not None:
+        raise ValueError("give --interpolate-to or --text-diff, not both")
+    for flag, given in (("--frames", args.frames is not None), ("--max-theta", args.max_theta is not None)):
+        if given and not (path if flag == "--frames" else args.text_diff is not None):
+            raise ValueError(f"{flag} is for {'--interpolate-to or --text-diff' if flag == '--frames' else '--text-diff'}")
+    if path and args.num_images != 1:
+        raise ValueError("--num-images: the frames of --interpolate-to / --text-diff share --seed's noise; give "
+                         "--frames for more")
+    frames = 5 if args.frames is None else args.frames
+    if frames < 2:
+        raise ValueError(f"--frames must be at least 2 (both ends); got {frames}")
+    max_theta = 0.5 if args.max_theta is None else args.max_theta
+    if not 0 < max_theta <= 1:
+        raise ValueError(f"--max-theta must be in (0, 1]; got {max_theta}")
     _check_values(args, max_seed)
     for flag, value in (("--steps", args.steps), ("--stage-2-steps", args.stage_2_steps)):
         if value is not None and value < 2:
             raise ValueError(f"{flag} must be at least 2 for {what}; got {value}")
     picture = _read_image(args.init_image, mode=None)
+    end = _read_image(args.interpolate_to, "--interpolate-to", mode=None) if args.interpolate_to else None
+    out_dir = _output_target(args.output or "frames", True)[0] if path else None  # (before the model loads)
     pipe = karlo.KarloPipeline.from_pretrained(args.model, getattr(torch, args.dtype))
     settings = dict(decoder_steps=args.steps or karlo.DECODER_STEPS,
                     super_res_steps=args.stage_2_steps or karlo.SUPER_RES_STEPS,
                     decoder_guidance_scale=karlo.DECODER_GUIDANCE if args.guidance_scale is None
                     else args.guidance_scale)
+    if path:
+        return _karlo_frames(args, pipe, picture, end, frames, max_theta, settings, max_seed, out_dir)
     z = pipe.image_embedder.embed([picture])  # (once: each variation differs by its seed alone)
 
     def variation(_, seed: int):
@@ -1295,6 +1325,35 @@ def _karlo_variations_run(args, max_seed: int) -> int:
         return img, params
 
     return _save_pictures(args, [""], max_seed, variation)
+
+
+def _karlo_frames(args, pipe, picture, end, frames: int, max_theta: float, settings: dict, max_seed: int,
+                  out_dir: Path) -> int:
+    """--interpolate-to / --text-diff: the frames as numbered PNGs in `out_dir` (-o's folder, default frames/), each
+    with its theta in its parameters."""
+    import random
+
+    seed = random.randint(0, max_seed) if args.seed < 0 else args.seed
+    if end is not None:
+        images = pipe.interpolations(picture, end, frames=frames, seed=seed, progress=not args.quiet, **settings)
+        thetas = [k / (frames - 1) for k in range(frames)]
+        what = {"interpolate_to": Path(args.interpolate_to).name}
+    else:
+        description, target = args.text_diff
+        images = pipe.text_diff(picture, description, target, frames=frames, max_theta=max_theta, seed=seed,
+                                progress=not args.quiet, **settings)
+        thetas = [max_theta * k / (frames - 1) for k in range(frames)]
+        what = {"text_diff": [description, target]}
+    number = _next_number(out_dir)
+    for img, theta in zip(images, thetas):
+        params = {"prompt": "", "seed": seed, "steps": settings["decoder_steps"],
+                  "guidance_scale": settings["decoder_guidance_scale"], "sampler": "ddpm",
+                  "stage_2_steps": settings["super_res_steps"], "width": img.width, "height": img.height,
+                  "init_image": Path(args.init_image).name, **what, "theta": round(theta, 6),
+                  "model": Path(args.model).name, **({"dtype": args.dtype} if args.dtype != "float32" else {})}
+        path, number = _save_image(img, params, seed, True, out_dir, None, number)
+        print(path, flush=True)
+    return 0
 
 
 # the flags an Imagen cascade's run reads (imagine.pipelines.imagen); any other, given, is refused by name

@@ -46,6 +46,26 @@ PRIOR_STEPS, DECODER_STEPS, SUPER_RES_STEPS = 25, 25, 7
 PRIOR_GUIDANCE, DECODER_GUIDANCE = 4.0, 8.0
 
 
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation (Shoemake 1985) of rows of a and b, as unCLIP moves between CLIP embeddings (Ramesh et
+    al. 2022, sec. 3.2-3.3): the direction turned from a's towards b's by the fraction t of the angle omega between
+    them, (sin((1 - t) omega) a^ + sin(t omega) b^) / sin(omega), and the norm taken linearly from |a| to |b| (CLIP
+    compares embeddings on the sphere; Karlo's decoder reads the tower's unnormalized ones). Rows within 1e-6 rad of
+    parallel are interpolated linearly; opposite rows have no one great circle between them: an error."""
+    if t in (0, 1):  # (the ends exactly: a path's first and last frames are the two embeddings' own)
+        return (a if t == 0 else b).clone()
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    ua, ub = a / na, b / nb
+    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)
+    sin = torch.sin(omega)
+    if bool(((sin <= 1e-6) & (cos < 0)).any()):
+        raise ValueError("slerp: the two embeddings point in opposite directions (no one great circle joins them)")
+    turned = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / sin.clamp_min(1e-12)
+    direction = torch.where(sin > 1e-6, turned, (1 - t) * ua + t * ub)
+    return direction / direction.norm(dim=-1, keepdim=True) * ((1 - t) * na + t * nb)
+
+
 @dataclass
 class Stage:
     """A pixel stage's sampling settings, from its diffusers scheduler_config.json: the training schedule (its
@@ -256,13 +276,10 @@ class KarloPipeline:
         scale = _check_scale(decoder_guidance_scale)
         n = _check_count(num_images_per_prompt)
         if image_embeddings is None:
-            if self.image_embedder is None or self.image_embedder.encoder is None:
-                raise ValueError(f"{self.source or 'this Karlo model'} has no CLIP image encoder (Karlo's text-to-"
-                                 "image folder): give image_embeddings, or load an UnCLIPImageVariationPipeline folder")
             images = [image] if not isinstance(image, (list, tuple)) else list(image)
-            if not images:
-                raise ValueError("image: give a picture, or a non-empty list of them")
-            z = self.image_embedder.embed(images)
+            if not images or any(p is None for p in images):
+                raise ValueError("image: give a picture, or a non-empty list of them (or image_embeddings)")
+            z = self._embeddings(images)
         else:
             z = image_embeddings.float()
             if z.ndim != 2 or z.shape[1] != self.text_proj.config["clip_embeddings_dim"]:
@@ -277,6 +294,53 @@ class KarloPipeline:
                          super_res_steps=super_res_steps, decoder_scale=scale if guided else 1.0, progress=progress,
                          callback=callback)
         return x if output_type == "pt" else pictures(x)
+
+    def interpolations(self, start, end, *, frames: int = 5, seed: int = 0, **options):
+        """DALL-E 2's interpolations between two pictures (Ramesh et al. 2022, sec. 3.2, fig. 4): their CLIP image
+        embeddings z_1, z_2, and frames decoded from z_theta = slerp(z_1, z_2, theta) as theta goes from 0 to 1 in
+        `frames` steps, every frame from the same noise (`seed`'s: the paper fixes x_T along the trajectory), so the
+        first frame is `start`'s variation at that seed and the last `end`'s. options: variations' (decoder_steps,
+        super_res_steps, decoder_guidance_scale, output_type, progress, callback)."""
+        if not isinstance(frames, int) or frames < 2:
+            raise ValueError(f"frames must be a whole number of 2 or more (the two pictures' own); got {frames!r}")
+        z = self._embeddings([start, end])
+        path = torch.cat([slerp(z[:1], z[1:], k / (frames - 1)) for k in range(frames)])
+        return self._frames(path, seed, options)
+
+    def text_diff(self, image, description: str, target: str, *, frames: int = 5, max_theta: float = 0.5,
+                  seed: int = 0, **options):
+        """DALL-E 2's text diffs (sec. 3.3, fig. 5): a picture changed towards a new caption. With z_t0 the CLIP text
+        embedding of `description` (a caption of the picture as it is) and z_t of `target`, the text diff z_d =
+        norm(z_t - z_t0); the frames decode z_theta = slerp(z_i, z_d, theta) for theta from 0 to `max_theta`
+        (the paper: "typically in [0.25, 0.50]"), z_d taken at z_i's norm, every frame from the same noise. The first
+        frame is the picture's own variation at that seed."""
+        if not isinstance(frames, int) or frames < 2:
+            raise ValueError(f"frames must be a whole number of 2 or more; got {frames!r}")
+        if not 0 < float(max_theta) <= 1:
+            raise ValueError(f"max_theta must be in (0, 1] (of the angle from the picture's embedding to the text "
+                             f"diff); got {max_theta!r}")
+        z_i = self._embeddings([image])
+        z_t = self.text_encoder.encode([target, description]).pooled.float()
+        z_d = z_t[:1] - z_t[1:]
+        if float(z_d.norm()) == 0:
+            raise ValueError("text_diff: the description and the target give the same CLIP text embedding; nothing to "
+                             "move towards")
+        z_d = z_d / z_d.norm(dim=-1, keepdim=True) * z_i.norm(dim=-1, keepdim=True)
+        path = torch.cat([slerp(z_i, z_d, float(max_theta) * k / (frames - 1)) for k in range(frames)])
+        return self._frames(path, seed, options)
+
+    def _embeddings(self, pictures: list) -> torch.Tensor:
+        if self.image_embedder is None or self.image_embedder.encoder is None:
+            raise ValueError(f"{self.source or 'this Karlo model'} has no CLIP image encoder (Karlo's text-to-image "
+                             "folder): load an UnCLIPImageVariationPipeline folder")
+        return self.image_embedder.embed(pictures)
+
+    def _frames(self, path: torch.Tensor, seed: int, options: dict):
+        if "generator" in options or "image_embeddings" in options or "num_images_per_prompt" in options:
+            raise ValueError("the frames share one noise, `seed`'s; give seed, not generator, image_embeddings or "
+                             "num_images_per_prompt")
+        generators = [torch.Generator().manual_seed(int(seed)) for _ in range(path.shape[0])]
+        return self.variations(None, image_embeddings=path, generator=generators, **options)
 
     def _decode(self, z: torch.Tensor, text, empty, generator, *, decoder_steps: int, super_res_steps: int,
                 decoder_scale: float, progress: bool, callback) -> torch.Tensor:
