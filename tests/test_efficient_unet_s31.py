@@ -191,7 +191,7 @@ def test_round_trip_through_folder(ip, tmp_path):
     ({"use_linear_cross_attn": True}, "use_linear_cross_attn=True is not supported"),
     ({"cross_embed_downsample": True}, "cross_embed_downsample=True is not supported"),
     ({"combine_upsample_fmaps": True}, "combine_upsample_fmaps=True is not supported"),
-    ({"cond_images_channels": 3}, "cond_images_channels=3 is not supported; valid: 0"),
+    ({"cond_images_channels": -1}, "cond_images_channels must be a whole number, 0 .no conditioning picture. or more"),
     ({"resize_mode": "sideways"}, "resize_mode 'sideways' is not one of"),
     ({"num_resnet_blocks": (1, 2, 3)}, "num_resnet_blocks lists 3 values for 2 levels"),
     ({"text_embed_dim": None}, "cond_on_text needs text_embed_dim"),

@@ -62,9 +62,11 @@ INTERPOLATION_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "bicubi
 class EfficientUNetConfig:
     """imagen-pytorch's `Unet.__init__` keywords and defaults (2.1.0), so `EfficientUNetConfig(**unet_kwargs)` holds
     what `Unet(**unet_kwargs)` builds. A per-level setting is one value or a tuple with one value per `dim_mults`
-    entry. `num_image_tokens`, `out_dim`, `dropout`, `layer_attns_add_text_cond`, `cross_embed_downsample_kernel_sizes`
-    and `resize_mode` are accepted and, as in imagen-pytorch's Unet, change nothing here (the self-attention layers
-    always read the conditioning tokens; `resize_mode` resizes only conditioning images, which are not built)."""
+    entry. `num_image_tokens`, `out_dim`, `dropout`, `layer_attns_add_text_cond` and
+    `cross_embed_downsample_kernel_sizes` are accepted and, as in imagen-pytorch's Unet, change nothing here (the
+    self-attention layers always read the conditioning tokens). `cond_images_channels` > 0: the U-Net reads a
+    conditioning picture of that many channels (imagen-pytorch's cond_images), resized to x's size by `resize_mode`
+    and put before x's channels."""
 
     dim: int
     text_embed_dim: int | None = T5_WIDTHS["google/t5-v1_1-base"]
@@ -135,9 +137,10 @@ class EfficientUNetConfig:
             if any(self.per_level(name)):  # (one value, or one per level)
                 raise ValueError(f"EfficientUNet config: {name}={getattr(self, name)!r} is not supported; "
                                  f"valid: {valid}")
-        if self.cond_images_channels != 0:
-            raise ValueError(f"EfficientUNet config: cond_images_channels={self.cond_images_channels!r} is not "
-                             "supported; valid: 0 (no conditioning image besides the low-resolution one)")
+        if isinstance(self.cond_images_channels, bool) or not isinstance(self.cond_images_channels, int) \
+                or self.cond_images_channels < 0:
+            raise ValueError(f"EfficientUNet config: cond_images_channels must be a whole number, 0 (no conditioning "
+                             f"picture) or more; got {self.cond_images_channels!r}")
         if self.resize_mode not in INTERPOLATION_MODES:
             raise ValueError(f"EfficientUNet config: resize_mode {self.resize_mode!r} is not one of "
                              f"{', '.join(INTERPOLATION_MODES)}")
@@ -600,7 +603,7 @@ class EfficientUNet(nn.Module):
         self.channels_out = c.channels_out or c.channels
 
         # x, then [self-conditioning x_0 estimate], then [the upsampled low-resolution picture] (CDM, Ho et al. 2021)
-        init_channels = c.channels * (1 + int(c.lowres_cond) + int(c.self_cond))
+        init_channels = c.channels * (1 + int(c.lowres_cond) + int(c.self_cond)) + c.cond_images_channels
         self.init_conv = (CrossEmbedLayer(init_channels, init_dim, c.init_cross_embed_kernel_sizes)
                           if c.init_cross_embed else
                           nn.Conv2d(init_channels, init_dim, c.init_conv_kernel_size,
@@ -708,7 +711,7 @@ class EfficientUNet(nn.Module):
         return tokens, pooled
 
     def _check_inputs(self, x, noise_cond, text_embeds, text_mask, lowres_cond_img, lowres_noise_cond, self_cond,
-                      text_dropped) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      text_dropped, cond_images=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The inputs checked against the config (an error says what is wrong and what is valid); returns the noise
         levels as float tensors [B]."""
         c = self.config
@@ -743,6 +746,15 @@ class EfficientUNet(nn.Module):
         elif lowres_cond_img is not None or lowres_noise_cond is not None:
             raise ValueError("this U-Net takes no low-resolution picture (lowres_cond=False); pass lowres_cond_img and "
                              "lowres_noise_cond only to a super-resolution stage")
+        if c.cond_images_channels:
+            wanted = f"[B, {c.cond_images_channels}, H, W] with B = {b}"
+            if not torch.is_tensor(cond_images) or cond_images.ndim != 4 or cond_images.shape[0] != b \
+                    or cond_images.shape[1] != c.cond_images_channels:
+                got = tuple(cond_images.shape) if torch.is_tensor(cond_images) else type(cond_images).__name__
+                raise ValueError(f"this U-Net reads a conditioning picture (cond_images_channels="
+                                 f"{c.cond_images_channels}): cond_images must be a tensor {wanted}; got {got}")
+        elif cond_images is not None:
+            raise ValueError("this U-Net reads no conditioning picture (cond_images_channels=0); pass cond_images=None")
         if self_cond is not None:
             if not c.self_cond:
                 raise ValueError("this U-Net is not self-conditioned (self_cond=False); pass self_cond=None")
@@ -773,16 +785,18 @@ class EfficientUNet(nn.Module):
     def forward(self, x: torch.Tensor, noise_cond: torch.Tensor, *, text_embeds: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, lowres_cond_img: torch.Tensor | None = None,
                 lowres_noise_cond: torch.Tensor | None = None, self_cond: torch.Tensor | None = None,
-                text_dropped: torch.Tensor | None = None) -> torch.Tensor:
+                text_dropped: torch.Tensor | None = None, cond_images: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, channels, H, W], the noised picture; noise_cond [B] the noise level it was trained on (imagen-pytorch's
         `time`: GaussianDiffusionContinuousTimes.get_condition, the log-SNR); text_embeds [B, L, text_embed_dim] with
         text_mask [B, L] (True: a token); for a super-resolution stage, lowres_cond_img (the noise-augmented
         low-resolution picture at x's size) and lowres_noise_cond [B] its level; self_cond the previous x_0 estimate
         (zeros when None, for a self-conditioned model); text_dropped [B] bool, True where the row takes the null
-        text (classifier-free guidance's unconditional rows)."""
+        text (classifier-free guidance's unconditional rows); cond_images [B, cond_images_channels, H', W'] for a
+        U-Net that reads a conditioning picture (any size: resized to x's by resize_mode, as imagen-pytorch's; read
+        as given, no normalization; kept in the unconditional rows too)."""
         c = self.config
         noise_cond, lowres_noise_cond = self._check_inputs(x, noise_cond, text_embeds, text_mask, lowres_cond_img,
-                                                           lowres_noise_cond, self_cond, text_dropped)
+                                                           lowres_noise_cond, self_cond, text_dropped, cond_images)
         dtype, w = x.dtype, self.dtype
         x = x.to(w)
         if c.self_cond:
@@ -790,6 +804,10 @@ class EfficientUNet(nn.Module):
         if c.lowres_cond:
             lowres_cond_img = lowres_cond_img.to(w)
             x = torch.cat([x, lowres_cond_img], dim=1)
+        if c.cond_images_channels:  # (imagen-pytorch: resized to x's side, put first)
+            if cond_images.shape[-2:] != x.shape[-2:]:
+                cond_images = F.interpolate(cond_images.float(), x.shape[-1], mode=c.resize_mode)
+            x = torch.cat([cond_images.to(w), x], dim=1)
         x = self.init_conv(x)
         init_conv_residual = x if c.init_conv_to_final_conv_residual else None
 

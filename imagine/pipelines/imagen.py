@@ -395,7 +395,7 @@ class ImagenPipeline:
                callback: Callable[[dict], None] | None = None, sampler: str | Sequence[str] | None = None,
                start_at_unet_number: int = 1, start_image=None, schedule_type: str | None = None,
                init_image=None, strength: float = 0.75, emphasis: bool | str = False, inpaint_images=None,
-               inpaint_masks=None, inpaint_resample_times: int = INPAINT_RESAMPLE_TIMES):
+               inpaint_masks=None, inpaint_resample_times: int = INPAINT_RESAMPLE_TIMES, cond_images=None):
         """The cascade's pictures: [B, C, H, W] in [0, 1] (in [-1, 1] where auto_normalize_img is off), or PIL
         pictures (output_type "pil"), of the last stage run (`stop_at_unet_number`: stop after that stage, from 1).
         cond_scale: guidance scale, one or one per stage (1: the conditional pass alone). seeds / generator: per-image
@@ -426,7 +426,10 @@ class ImagenPipeline:
         the pictures are imagen-pytorch's Imagen's.) With
         init_image and strength too, stage 1's RePaint runs the last int(steps * strength) steps from init_image
         noised there (AUTOMATIC1111's inpainting at a denoising strength below 1; init_image is usually the
-        inpainted picture itself)."""
+        inpainted picture itself). cond_images (imagen-pytorch's): the conditioning pictures of the stages whose U-Nets
+        read one (cond_images_channels > 0; e.g. a segmentation map or a sketch): a tensor [B or 1, C, H, W] (uint8
+        taken to [0, 1], floats as given) or PIL pictures (in [0, 1]), each such U-Net resizing them to its size,
+        the unconditional rows of guidance reading them too."""
         from imagine.guidance import guided_model_output, projected_guidance
         from imagine.samplers import resolve_sampler, sample_repaint
         from imagine.sampling import PerSampleNoise, make_generators
@@ -465,6 +468,7 @@ class ImagenPipeline:
         # picture: the last stage's output, in [0, 1] (auto_normalize_img) as imagen-pytorch hands it on
         picture, init = self._given_pictures(first, start_image, init_image, strength, batch, device)
         inpaint = self._inpainting(inpaint_images, inpaint_masks, inpaint_resample_times, samplers, first, batch)
+        conditioning = self._cond_images(cond_images, batch, first, last, device)
         for k in range(first - 1, last):
             size = self.image_sizes[k]
             shape = (batch, self.channels, size, size)
@@ -477,6 +481,8 @@ class ImagenPipeline:
                 a, s = (v.view(-1, 1, 1, 1).to(device) for v in alpha_sigma(lam))
                 extra = {"lowres_cond_img": a * low + s * noise.draw(tuple(low.shape)).to(device),
                          "lowres_noise_cond": self.lowres_condition(t_low, lam).to(device)}
+            if conditioning[k] is not None:
+                extra["cond_images"] = conditioning[k]
             stage = self.stage_sampling(k, int(stage_steps[k]), samplers[k], guidance, spacing)
             eps = noise.draw(shape).to(device)
             x, plan = eps * stage.start_scale, stage.plan
@@ -622,6 +628,48 @@ class ImagenPipeline:
                              f"{got}")
         masks = (masks if masks.ndim == 4 else masks[:, None]).float().expand(batch, -1, -1, -1)
         return images, masks
+
+    def _cond_images(self, cond_images, batch: int, first: int, last: int, device) -> list:
+        """Per stage, the conditioning pictures its U-Net reads ([batch, C, H, W], as given: each U-Net resizes them),
+        or None for a U-Net that reads none; an error where they are missing, not read by any stage run, or of the
+        wrong kind."""
+        import numpy as np
+        from PIL import Image
+
+        def channels(unet) -> int:
+            return int(getattr(getattr(unet, "config", None), "cond_images_channels",
+                               getattr(unet, "cond_images_channels", 0)) or 0)
+        wanted = [channels(self.unets[k]) if first - 1 <= k < last else 0 for k in range(len(self.unets))]
+        if cond_images is None:
+            if any(wanted):
+                raise ValueError(f"stage {[bool(w) for w in wanted].index(True) + 1}'s U-Net reads a conditioning "
+                                 "picture (cond_images_channels > 0): give cond_images")
+            return [None] * len(self.unets)
+        if not any(wanted):
+            raise ValueError("cond_images: no stage run here reads a conditioning picture (their U-Nets have "
+                             "cond_images_channels 0)")
+        if isinstance(cond_images, Image.Image) or (isinstance(cond_images, (list, tuple)) and cond_images
+                                                    and all(isinstance(i, Image.Image) for i in cond_images)):
+            rows = [cond_images] if isinstance(cond_images, Image.Image) else list(cond_images)
+            arrays = [np.asarray(r, dtype=np.float32) / 255.0 for r in rows]
+            if len({a.shape for a in arrays}) != 1:
+                raise ValueError(f"cond_images: the pictures differ in size or mode ({sorted({a.shape for a in arrays})})")
+            cond_images = torch.stack([torch.from_numpy(a if a.ndim == 3 else a[..., None]) for a in arrays])
+            cond_images = cond_images.permute(0, 3, 1, 2)
+        if torch.is_tensor(cond_images) and cond_images.dtype == torch.uint8:  # (imagen-pytorch's cast)
+            cond_images = cond_images.float() / 255.0
+        need = {w for w in wanted if w}
+        if not torch.is_tensor(cond_images) or cond_images.ndim != 4 or not cond_images.is_floating_point() \
+                or cond_images.shape[0] not in (1, batch) or {cond_images.shape[1]} != need:
+            got = f"{cond_images.dtype} {tuple(cond_images.shape)}" if torch.is_tensor(cond_images) else \
+                type(cond_images).__name__
+            raise ValueError(f"cond_images must be PIL pictures or a tensor [B, C, H, W] with B = {batch} or 1 and C "
+                             f"= {' and '.join(map(str, sorted(need)))} (the U-Nets' cond_images_channels); got {got}")
+        if cond_images.shape[-1] != cond_images.shape[-2]:
+            raise ValueError(f"cond_images are {cond_images.shape[-1]}x{cond_images.shape[-2]}: the cascade's stages "
+                             "are square; give square pictures")
+        cond_images = cond_images.expand(batch, -1, -1, -1).to(device)
+        return [cond_images if w else None for w in wanted]
 
     def _picture(self, image, batch: int, size: int, device, name: str) -> torch.Tensor:
         """A picture given to the cascade (start_image, init_image) as a stage hands one on: a float tensor [batch, C,

@@ -127,6 +127,10 @@ def check_imagen_config(cfg: dict) -> dict:
                                                      below=1.0 + 1e-12)
     model = as_mapping(cfg.get("model", {}), "model")
     check_fields(model, EfficientUNetConfig, "model (the Efficient U-Net's EfficientUNetConfig fields)")
+    if model.get("cond_images_channels"):
+        raise ValueError("model.cond_images_channels: a stage that reads conditioning pictures (imagen-pytorch's "
+                         "cond_images) is not trained here (the datasets hold captions and pictures, no conditioning "
+                         "pictures); leave it 0. Such stages sample (ImagenPipeline.sample(cond_images=))")
     if "lowres_cond" in model and bool(model["lowres_cond"]) != (s["previous"] is not None):
         raise ValueError("model.lowres_cond is set by the stage (true exactly when imagen.previous names the cascade "
                          "below): leave it out")
