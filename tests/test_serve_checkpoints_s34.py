@@ -310,3 +310,24 @@ def test_a_single_file_is_listed_by_name_until_hashed_then_with_its_sha256(tmp_p
         assert requests.post(srv.url + "/sdapi/v1/options", json={"sd_model_checkpoint": digest[:10]},
                              timeout=60).ok
         assert server.current.name == "sd/tiny-sd.safetensors"
+
+
+def test_unload_and_reload_checkpoint(ckpt_dir, alone):
+    """A1111's unload-checkpoint takes the model out of memory (its worker stopped); reload-checkpoint, or the next
+    request, loads it again, and its pictures are the same."""
+    server = _served(_args(ckpt_dir))
+    loads = []
+    load = server._load
+    server._load = lambda c: loads.append(c.name) or load(c)
+    with BackgroundServer(server) as srv:
+        assert requests.post(srv.url + "/sdapi/v1/unload-checkpoint", timeout=30).status_code == 200
+        assert not server._apps
+        assert requests.post(srv.url + "/sdapi/v1/reload-checkpoint", timeout=60).status_code == 200
+        assert list(server._apps) == [server.current] and loads == ["alpha"]
+        assert requests.post(srv.url + "/sdapi/v1/unload-checkpoint", timeout=30).status_code == 200
+        assert np.array_equal(_txt2img(srv)[0], alone["alpha"][0])  # (loaded again by the request)
+        assert loads == ["alpha", "alpha"]
+        assert requests.post(srv.url + "/sdapi/v1/unload-checkpoint", timeout=30).status_code == 200
+        r = requests.post(srv.url + "/sdapi/v1/options", json={"sd_model_checkpoint": "sub/beta"}, timeout=60)
+        assert r.status_code == 200, r.text  # (from nothing loaded to another model)
+        assert np.array_equal(_txt2img(srv)[0], alone["sub/beta"][0])

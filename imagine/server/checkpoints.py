@@ -158,10 +158,26 @@ class CheckpointServer:
         if method == "POST" and path == "/sdapi/v1/refresh-checkpoints":
             self.checkpoints = self._offered(self.current)
             return await JSONResponse(None)(scope, receive, send)
+        if method == "POST" and path in ("/sdapi/v1/unload-checkpoint", "/sdapi/v1/reload-checkpoint"):
+            async with self._switching:  # (A1111's: the model leaves memory, or comes back; a request reloads it too)
+                if path.endswith("unload-checkpoint"):
+                    await self._unload()
+                else:
+                    try:
+                        await self._change_to(self.current)
+                    except ApiError as e:
+                        return await self._refuse(scope, receive, send, e.message, e.field)
+            return await JSONResponse(None)(scope, receive, send)
         if method == "GET" and path == "/v1/models":
             data = [{"id": c.name, "object": "model", "created": 0, "owned_by": "imagine"} for c in self.checkpoints]
             return await JSONResponse({"object": "list", "data": data})(scope, receive, send)
         await self._ready.wait()
+        if self.current not in self._apps:  # (unloaded: the next request loads it again, as A1111's does)
+            try:
+                async with self._switching:
+                    await self._change_to(self.current)
+            except ApiError as e:
+                return await _error_response(Request(scope), 503, e.message, e.field)(scope, receive, send)
         if method == "POST" and (path == "/sdapi/v1/options" or path in GENERATING):
             # (the body read whole, within the served model's limit, and handed on)
             limit = self.app.state.config.max_body_bytes
@@ -263,11 +279,23 @@ class CheckpointServer:
                 self._idle.set()
 
     # -- changing the model ------------------------------------------------------------------
+    async def _unload(self) -> None:
+        """Every model out of memory (A1111's unload-checkpoint), after the pictures under way (called holding
+        _switching)."""
+        self._open.clear()
+        try:
+            await self._idle.wait()
+            self._ready.clear()
+            await run_in_threadpool(self._make_room, 0)
+        finally:
+            self._ready.set()
+            self._open.set()
+
     async def _change_to(self, target: Checkpoint) -> None:
         """Serve `target` from now on (called holding _switching): new pictures wait, those under way finish on the
         model they began on, then it loads (or is found in memory). An ApiError if it cannot load: the model served
         before is served still (loaded again if it had to leave memory)."""
-        if target == self.current:
+        if target == self.current and target in self._apps:
             return
         was_open = self._open.is_set()
         self._open.clear()
@@ -287,6 +315,14 @@ class CheckpointServer:
             self.current = target
             return
         before = self.current
+        if before not in self._apps:  # (after an unload: nothing to go back to if it fails; the next request tries again)
+            try:
+                self._apps[target] = self._started(target)
+            except Exception as e:
+                raise ApiError(422, f"sd_model_checkpoint: {target.name} did not load ({type(e).__name__}: {e}); no "
+                                    "model is loaded", "sd_model_checkpoint") from None
+            self.current = target
+            return
         self._make_room(self.keep - 1)  # (before loading: two models of several GB need not fit at once)
         try:
             app = self._started(target)
