@@ -214,11 +214,19 @@ def test_a_switch_waits_for_the_picture_under_way(ckpt_dir, alone):
         switch.start()
         time.sleep(0.5)
         assert server.current.name == "alpha" and switch.is_alive()  # (waiting for the picture)
+        # a request naming alpha, the model served as it arrives, waits at the gate behind the switch: it must still
+        # run on alpha (and leave beta served after it)
+        named = threading.Thread(target=lambda: answers.update(named=_txt2img(
+            srv, override_settings={"sd_model_checkpoint": "alpha"})))
+        named.start()
+        time.sleep(0.5)
         gate.set()
-        first.join(60)
-        switch.join(60)
+        for t in (first, switch, named):
+            t.join(60)
         assert np.array_equal(answers["first"][0], alone["alpha"][0])
-        assert answers["switch"].status_code == 200 and server.current.name == "sub/beta"
+        assert answers["switch"].status_code == 200
+        assert np.array_equal(answers["named"][0], alone["alpha"][0]) and "Model: alpha," in answers["named"][1]
+        assert server.current.name == "sub/beta"
         assert np.array_equal(_txt2img(srv)[0], alone["sub/beta"][0])
 
 
@@ -227,6 +235,10 @@ def test_serve_flags_are_checked(ckpt_dir, tmp_path):
         cli.run(_args(tmp_path / "none"))
     with pytest.raises(ValueError, match="--checkpoints-in-memory must be at least 1"):
         cli.run(_args(ckpt_dir, "--checkpoints-in-memory", "0"))
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    with pytest.raises(ValueError, match="--checkpoints-in-memory is for --ckpt-dir"):
+        cli.run(p.parse_args(["--checkpoints-in-memory", "2"]))
     empty = tmp_path / "empty"
     empty.mkdir()
     server = _served(_args(empty))  # (an empty folder: the embedded model, listed alone)

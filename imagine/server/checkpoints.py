@@ -238,8 +238,8 @@ class CheckpointServer:
             body, receive = _replayed(json.dumps(request).encode(), receive)
         else:
             target = None
-        if target is None or target == self.current:
-            return await self._run(scope, receive, send)
+        if (target is None or target == self.current) and await self._run(scope, receive, send, target):
+            return
         restore = request.get("override_settings_restore_afterwards", True) is not False
         async with self._switching:
             self._open.clear()
@@ -266,9 +266,12 @@ class CheckpointServer:
             finally:
                 self._open.set()
 
-    async def _run(self, scope, receive, send):
-        """A generating request on the model served now; waits while the model changes."""
+    async def _run(self, scope, receive, send, expected: Checkpoint | None = None) -> bool:
+        """A generating request on the model served now; waits while the model changes. With `expected` (the model
+        the request names), False if another is served once the gate opens (the request then changes to it)."""
         await self._open.wait()
+        if expected is not None and self.current != expected:
+            return False
         self._under_way += 1
         self._idle.clear()
         try:
@@ -277,6 +280,7 @@ class CheckpointServer:
             self._under_way -= 1
             if not self._under_way:
                 self._idle.set()
+        return True
 
     # -- changing the model ------------------------------------------------------------------
     async def _unload(self) -> None:

@@ -26,14 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     p.add_argument("--model", "-m", default=None,
                    help="model folder (ours or diffusers') or single-file checkpoint, or a pixel cascade's folder (an "
-                        "Imagen cascade, Karlo's UnCLIPPipeline, DeepFloyd IF's stage I with --stage-2); default: the "
-                        "embedded model")
+                        "Imagen cascade, Karlo's UnCLIPPipeline or UnCLIPImageVariationPipeline, DeepFloyd IF's stage I "
+                        "with --stage-2); default: the embedded model (with --ckpt-dir: the folder's first)")
     p.add_argument("--ckpt-dir", default=None, metavar="DIR",
                    help="a folder of checkpoints (.safetensors, .ckpt, model folders), AUTOMATIC1111's: "
                         "/sdapi/v1/sd-models lists them, and a client picks one through /sdapi/v1/options' "
                         "sd_model_checkpoint or a request's override_settings; --model (default: the folder's first) "
                         "is served at start, and the other flags apply to each")
-    p.add_argument("--checkpoints-in-memory", type=int, default=1, metavar="N",
+    p.add_argument("--checkpoints-in-memory", type=int, default=None, metavar="N",
                    help="with --ckpt-dir: how many checkpoints stay loaded (A1111's sd_checkpoints_limit; default 1: "
                         "the one served leaves memory before the next loads)")
     p.add_argument("--stage-2", default=None, metavar="FOLDER",
@@ -125,8 +125,12 @@ def _check_limits(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1; got {value}")
-    if args.checkpoints_in_memory < 1:
-        raise ValueError(f"--checkpoints-in-memory must be at least 1; got {args.checkpoints_in_memory}")
+    if args.checkpoints_in_memory is not None:
+        if args.ckpt_dir is None:
+            raise ValueError("--checkpoints-in-memory is for --ckpt-dir (a folder of checkpoints); one model is served "
+                             "without it")
+        if args.checkpoints_in_memory < 1:
+            raise ValueError(f"--checkpoints-in-memory must be at least 1; got {args.checkpoints_in_memory}")
     if args.clip_skip is not None and args.clip_skip < 0:
         raise ValueError(f"--clip-skip must be 0 (the last layer) or more; got {args.clip_skip}")
 
@@ -307,7 +311,7 @@ def _checkpoint_server(args, config, styles):
         model = str(checkpoint.path) if checkpoint.path is not None else None
         return _model_app(argparse.Namespace(**{**vars(args), "model": model}), config, styles, checkpoint.name)
 
-    return CheckpointServer(first, load(first), load, listed, keep=args.checkpoints_in_memory)
+    return CheckpointServer(first, load(first), load, listed, keep=args.checkpoints_in_memory or 1)
 
 
 def _serve(args, socks, config, styles) -> int:
