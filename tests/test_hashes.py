@@ -51,6 +51,23 @@ def test_the_cache_holds_while_the_file_stays_and_a_bad_cache_is_rebuilt(tmp_pat
     assert json.loads((hashes.cache_dir() / "hashes.json").read_text(encoding="utf-8"))
 
 
+def test_files_gone_leave_the_cache_and_cached_sha256_hashes_nothing(tmp_path):
+    """A file deleted since it was hashed is dropped at the next write (the cache does not grow without end);
+    cached_sha256 answers only what the cache holds for the file as it is."""
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    assert hashes.cached_sha256(a) is None  # (not hashed yet: nothing is read)
+    hashes.file_sha256(a)
+    assert hashes.cached_sha256(a) == hashlib.sha256(b"a").hexdigest()
+    a.unlink()
+    hashes.file_sha256(b)
+    held = json.loads((hashes.cache_dir() / "hashes.json").read_text(encoding="utf-8"))
+    assert str(b.resolve()) in held and str(a.resolve()) not in held
+    b.write_bytes(b"bb")  # (changed: not the cached value)
+    assert hashes.cached_sha256(b) is None
+
+
 def test_a_single_files_picture_carries_a1111s_hashes_and_a_replay_knows_its_files(tmp_path, capsys):
     from safetensors.torch import save_file
     from test_loading import write_single_file

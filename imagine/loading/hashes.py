@@ -36,12 +36,22 @@ def _cache_file() -> Path:
     return cache_dir() / "hashes.json"
 
 
+_read: tuple = (None, {})  # (the cache file's path, size and modification time when read; what it held)
+
+
 def _read_cache() -> dict:
+    """The cache (a copy), read again only when the file changed: a listing of many checkpoints asks it once each."""
+    global _read
+    path = _cache_file()
     try:
-        data = json.loads(_cache_file().read_text(encoding="utf-8"))
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if _read[0] != key:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            _read = (key, data if isinstance(data, dict) else {})
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    return dict(_read[1])
 
 
 def _write_cache(data: dict) -> None:
@@ -73,6 +83,8 @@ def file_sha256(path: str | os.PathLike, addnet: bool = False) -> str:
         for block in iter(lambda: f.read(_BLOCK), b""):
             h.update(block)
     cache = _read_cache()  # (another process may have added to it meanwhile)
+    # (files gone since are forgotten: the cache holds the files there are)
+    cache = {k: v for k, v in cache.items() if Path(k.removeprefix("addnet:")).exists()}
     cache[key] = {"size": stat.st_size, "mtime": stat.st_mtime, "sha256": h.hexdigest()}
     _write_cache(cache)
     return h.hexdigest()
