@@ -39,6 +39,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 GENERATING = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/v1/images/edits",
               "/v1/images/variations")
 _CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")  # A1111's re_strip_checksum: a title's " [hash]"
+_FINGERPRINTS: dict = {}  # a model folder -> (its files' names, sizes and times, its fingerprint)
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,12 @@ class Checkpoint:
         minutes): A1111's listing too shows a hash once it has one. A folder's fingerprint (imagine.server.app's)."""
         if self.path is None:
             return None
-        if self.path.is_dir():
-            return model_fingerprint(str(self.path))
+        if self.path.is_dir():  # (remembered while its files' sizes and times stay: listings and matches ask often)
+            files = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in self.path.rglob("*")
+                                 if p.is_file()))
+            if _FINGERPRINTS.get(self.path, (None,))[0] != files:
+                _FINGERPRINTS[self.path] = (files, model_fingerprint(str(self.path)))
+            return _FINGERPRINTS[self.path][1]
         from imagine.loading.hashes import cached_sha256
 
         return cached_sha256(self.path)
