@@ -109,13 +109,20 @@ def test_lists_switches_and_carries_settings(ckpt_dir, alone):
         pixels, info = _txt2img(srv)
         assert np.array_equal(pixels, alone["alpha"][0]) and info == alone["alpha"][1]
 
-        # a setting set before the switch is kept after it
+        # a setting set before the switch is kept after it; the model switched from is gone from memory (FastAPI's
+        # endpoint caches held every app's endpoints, and with them its pipeline)
+        import gc
+        import weakref
+
+        alpha = weakref.ref(server.app.state.pipe)
         assert requests.post(srv.url + "/sdapi/v1/options", json={"eta_ancestral": 0.5}, timeout=30).ok
         r = requests.post(srv.url + "/sdapi/v1/options", json={"sd_model_checkpoint": models[2]["title"]}, timeout=60)
         assert r.status_code == 200, r.text
         options = _options(srv)
         assert options["sd_model_checkpoint"] == models[2]["title"] and options["eta_ancestral"] == 0.5
         assert list(server._apps) == [server.current]  # (one in memory: alpha left before beta loaded)
+        gc.collect()
+        assert alpha() is None
         pixels, info = _txt2img(srv)
         assert np.array_equal(pixels, alone["sub/beta"][0]) and info == alone["sub/beta"][1]
         assert "Model: beta," in info  # (A1111's name_for_extra: no folder)
