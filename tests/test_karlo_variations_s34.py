@@ -307,3 +307,6 @@ def test_generate_writes_interpolation_and_text_diff_frames(variations, tmp_path
         code, _, err = _generate(capsys, *common, *extra, "-o", tmp_path / "none")
         assert code != 0 and said in err, err
     assert not (tmp_path / "none").exists()
+    # (the flags are Karlo's variation folder's: another model refuses them)
+    code, _, err = _generate(capsys, "a red circle", "--interpolate-to", b, "-o", tmp_path / "x.png")
+    assert code != 0 and "--interpolate-to is for Karlo's image-variation folder" in err

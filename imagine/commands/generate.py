@@ -1286,9 +1286,10 @@ def _karlo_variations_run(args, max_seed: int) -> int:
     path = args.interpolate_to is not None or args.text_diff is not None
     if args.interpolate_to is not None and args.text_diff is not None:
         raise ValueError("give --interpolate-to or --text-diff, not both")
-    for flag, given in (("--frames", args.frames is not None), ("--max-theta", args.max_theta is not None)):
-        if given and not (path if flag == "--frames" else args.text_diff is not None):
-            raise ValueError(f"{flag} is for {'--interpolate-to or --text-diff' if flag == '--frames' else '--text-diff'}")
+    if args.frames is not None and not path:
+        raise ValueError("--frames is for --interpolate-to or --text-diff")
+    if args.max_theta is not None and args.text_diff is None:
+        raise ValueError("--max-theta is for --text-diff")
     if path and args.num_images != 1:
         raise ValueError("--num-images: the frames of --interpolate-to / --text-diff share --seed's noise; give "
                          "--frames for more")
@@ -1317,14 +1318,18 @@ def _karlo_variations_run(args, max_seed: int) -> int:
     def variation(_, seed: int):
         img = pipe.variations(None, image_embeddings=z, generator=[torch.Generator().manual_seed(seed)],
                               progress=not args.quiet, **settings)[0]
-        params = {"prompt": "", "seed": seed, "steps": settings["decoder_steps"],
-                  "guidance_scale": settings["decoder_guidance_scale"], "sampler": "ddpm",
-                  "stage_2_steps": settings["super_res_steps"], "width": img.width, "height": img.height,
-                  "init_image": Path(args.init_image).name, "model": Path(args.model).name,
-                  **({"dtype": args.dtype} if args.dtype != "float32" else {})}
-        return img, params
+        return img, _variation_parameters(args, settings, img, seed)
 
     return _save_pictures(args, [""], max_seed, variation)
+
+
+def _variation_parameters(args, settings: dict, img, seed: int, **more) -> dict:
+    """A Karlo variation's (or frame's) parameters, for its PNG."""
+    return {"prompt": "", "seed": seed, "steps": settings["decoder_steps"],
+            "guidance_scale": settings["decoder_guidance_scale"], "sampler": "ddpm",
+            "stage_2_steps": settings["super_res_steps"], "width": img.width, "height": img.height,
+            "init_image": Path(args.init_image).name, **more, "model": Path(args.model).name,
+            **({"dtype": args.dtype} if args.dtype != "float32" else {})}
 
 
 def _karlo_frames(args, pipe, picture, end, frames: int, max_theta: float, settings: dict, max_seed: int,
@@ -1346,11 +1351,7 @@ def _karlo_frames(args, pipe, picture, end, frames: int, max_theta: float, setti
         what = {"text_diff": [description, target]}
     number = _next_number(out_dir)
     for img, theta in zip(images, thetas):
-        params = {"prompt": "", "seed": seed, "steps": settings["decoder_steps"],
-                  "guidance_scale": settings["decoder_guidance_scale"], "sampler": "ddpm",
-                  "stage_2_steps": settings["super_res_steps"], "width": img.width, "height": img.height,
-                  "init_image": Path(args.init_image).name, **what, "theta": round(theta, 6),
-                  "model": Path(args.model).name, **({"dtype": args.dtype} if args.dtype != "float32" else {})}
+        params = _variation_parameters(args, settings, img, seed, **what, theta=round(theta, 6))
         path, number = _save_image(img, params, seed, True, out_dir, None, number)
         print(path, flush=True)
     return 0
@@ -1732,6 +1733,10 @@ def run(args) -> int:
         print(f"imagine: --infotext: {note}", file=sys.stderr)  # with -q too, which only stops the progress bar)
     if _cascade_model(args.model) == "UnCLIPImageVariationPipeline":
         return _karlo_variations_run(args, MAX_SEED)
+    for flag in ("interpolate_to", "text_diff", "frames", "max_theta"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} is for Karlo's image-variation folder (an "
+                             f"UnCLIPImageVariationPipeline), and {args.model or 'the embedded model'} is not one")
     prompts = _prompts(args)
     checkpoint = _imagen_checkpoint(args.model)
     if checkpoint is not None or _cascade_model(args.model) == "ImagenPipeline":
