@@ -123,6 +123,16 @@ def test_lists_switches_and_carries_settings(ckpt_dir, alone):
         assert list(server._apps) == [server.current]  # (one in memory: alpha left before beta loaded)
         gc.collect()
         assert alpha() is None
+        # and the model a request ran on by override_settings, after the restore (the request's scope held its app)
+        loaded = []
+        load = server._load
+        server._load = lambda c: loaded.append(load(c)) or loaded[-1]
+        beta = weakref.ref(server.app.state.pipe)
+        _txt2img(srv, override_settings={"sd_model_checkpoint": "alpha"})
+        pipes = [weakref.ref(app.state.pipe) for app in loaded]  # (alpha for the request, then beta anew)
+        del loaded[:]
+        gc.collect()
+        assert beta() is None and pipes[0]() is None and pipes[1]() is server.app.state.pipe
         pixels, info = _txt2img(srv)
         assert np.array_equal(pixels, alone["sub/beta"][0]) and info == alone["sub/beta"][1]
         assert "Model: beta," in info  # (A1111's name_for_extra: no folder)

@@ -156,7 +156,7 @@ class CheckpointServer:
         if scope["type"] == "lifespan":
             return await self._lifespan(receive, send)
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return await self._serve_request(scope, receive, send)
         method, path = scope["method"], scope["path"]
         if method == "GET" and path == "/sdapi/v1/sd-models":
             return await JSONResponse([c.listing() for c in self.checkpoints])(scope, receive, send)
@@ -188,7 +188,13 @@ class CheckpointServer:
             limit = self.app.state.config.max_body_bytes
             handler = self._options if path == "/sdapi/v1/options" else self._generate
             return await _BodyLimit(handler, limit)(scope, receive, send)
-        return await self.app(scope, receive, send)
+        return await self._serve_request(scope, receive, send)
+
+    async def _serve_request(self, scope, receive, send) -> None:
+        """The request on the model's app, on a copy of its scope: Starlette writes the app, its route and endpoint
+        into the scope, and the server keeps a connection's last scope while it stays open (a browser's keep-alive),
+        which would keep a model that left memory there."""
+        await self.app(dict(scope), receive, send)
 
     async def _lifespan(self, receive, send):
         while True:
@@ -259,7 +265,7 @@ class CheckpointServer:
                 async def held(message):
                     answer.append(message)
                 try:
-                    await self.app(scope, receive, held)
+                    await self._serve_request(scope, receive, held)
                 finally:
                     if restore:
                         try:
@@ -280,7 +286,7 @@ class CheckpointServer:
         self._under_way += 1
         self._idle.clear()
         try:
-            await self.app(scope, receive, send)
+            await self._serve_request(scope, receive, send)
         finally:
             self._under_way -= 1
             if not self._under_way:
@@ -424,5 +430,5 @@ async def _forward(app, scope, receive, send) -> int:
         if message["type"] == "http.response.start":
             status = message["status"]
         await send(message)
-    await app(scope, receive, sent)
+    await app(dict(scope), receive, sent)  # (a copy: CheckpointServer._serve_request says why)
     return status
