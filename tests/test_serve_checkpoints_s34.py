@@ -339,6 +339,14 @@ def test_a_single_file_is_listed_by_name_until_hashed_then_with_its_sha256(tmp_p
         assert requests.post(srv.url + "/sdapi/v1/options", json={"sd_model_checkpoint": digest[:10]},
                              timeout=60).ok
         assert server.current.name == "sd/tiny-sd.safetensors"
+    # the file served alone (`imagine serve --model FILE`) is listed by A1111's names too
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+
+    app = create_app(TextToImagePipeline.from_pretrained(tmp_path / "sd" / "tiny-sd.safetensors"), CONFIG)
+    with BackgroundServer(app) as srv:
+        alone = requests.get(srv.url + "/sdapi/v1/sd-models", timeout=30).json()[0]
+    assert (alone["title"], alone["model_name"], alone["sha256"]) == (f"tiny-sd.safetensors [{digest[:10]}]",
+                                                                      "tiny-sd", digest)
 
 
 def test_unload_and_reload_checkpoint(ckpt_dir, alone):

@@ -573,6 +573,13 @@ def _describe_validation(errors: list[dict]) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", first
 
 
+def a1111_model_name(name: str, is_file: bool) -> str:
+    """A1111's model_name of a checkpoint named `name` (its path in the models folder): without a file's suffix, path
+    separators as "_" (sub/base.safetensors -> sub_base)."""
+    stem = name.rsplit(".", 1)[0] if is_file and "." in name else name
+    return re.sub(r"[/\\]", "_", stem)
+
+
 def model_fingerprint(source: str) -> str:
     """A stable fingerprint of the weights: sha256 over each weight file's name, size, and first
     and last 64 KiB (hashing gigabytes at start-up would delay serving by many seconds). It
@@ -1797,7 +1804,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     @app.get("/sdapi/v1/sd-models")
     def get_sd_models():
-        models = [{"title": title, "model_name": name, "hash": fingerprint[:10], "sha256": fingerprint,
+        models = [{"title": title, "model_name": a1111_model_name(name, Path(source).is_file() if source else False),
+                   "hash": fingerprint[:10], "sha256": fingerprint,
                    "filename": source, "config": None}]
         refiner = getattr(pipe, "refiner", None)
         if refiner is not None:  # (A1111 lists its refiner among the checkpoints: clients pick refiner_checkpoint here)

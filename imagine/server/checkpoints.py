@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from imagine.server.app import ApiError, _BodyLimit, _error_response, model_fingerprint
+from imagine.server.app import ApiError, _BodyLimit, _error_response, a1111_model_name, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,8 @@ class Checkpoint:
     name: str
 
     @property
-    def model_name(self) -> str:  # (A1111's: the name without its suffix, path separators as "_")
-        stem = self.name[: -len(self.path.suffix)] if self.path is not None and self.path.is_file() else self.name
-        return re.sub(r"[/\\]", "_", stem)
+    def model_name(self) -> str:
+        return a1111_model_name(self.name, self.path is not None and self.path.is_file())
 
     def sha256(self) -> str | None:
         """A file's sha256 when it is known (hashed when the file loaded; hashing gigabytes to list them would take
