@@ -2259,6 +2259,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                 "limits": {"max_width": cfg.max_width, "max_height": cfg.max_height, "max_steps": cfg.max_steps,
                            "max_images": cfg.max_images, "max_prompt_length": cfg.max_prompt_length},
                 "size_multiple": _size_multiple(pipe), "samplers": samplers.names(),
+                # (an unCLIP decoder makes variations of a picture alone: the page sends them to OpenAI's endpoint)
+                "variations_only": unclip_model,
                 # (the fields A1111's PNG Info reader fills in where an infotext has none: the page reads a picture's
                 # field at its default as asking for nothing)
                 "infotext_defaults": A1111_INFOTEXT_DEFAULTS}

@@ -26,6 +26,7 @@ let serverOptions = {};  // GET /sdapi/v1/options
 const automaticPick = {};  // sampler -> the schedule type (label) A1111's "Automatic" picks for it, where it names one
 const defaults = {};  // the form's first values, the server's settings in: a picture's reading starts from them
 let limits = {};  // the server's limits (/imagine/v1/config)
+let variationsOnly = false;  // the model makes variations of a picture alone (an unCLIP decoder): OpenAI's endpoint
 let selected = null;  // the gallery card whose infotext the Parameters box shows
 let reading = 0;  // the latest picture read for its parameters (an older reading that answers late is dropped)
 
@@ -92,6 +93,11 @@ async function loadConfig() {
     $("model").textContent = (several ? "" : c.model + "  ·  ") + "imagine " + c.version;
     const d = c.defaults, lim = c.limits;
     limits = lim;
+    variationsOnly = !!c.variations_only;
+    if (variationsOnly) {
+      $("img2img").open = true;
+      showNotice("This model makes variations of a picture: choose it under \u201cStart from a picture\u201d.");
+    }
     infotextDefaults = c.infotext_defaults || {};
     $("steps").value = d.steps; $("steps").max = lim.max_steps;
     $("hr_second_pass_steps").max = lim.max_steps;
@@ -226,7 +232,7 @@ function chosenFiles() {
 // the form as A1111's request body (its pictures left out: requestFor adds them), the endpoint, and the pictures
 function formBody() {
   const prompt = $("prompt").value.trim();
-  if (!prompt) throw new FieldError("prompt", "Write a prompt first.");
+  if (!prompt && !variationsOnly) throw new FieldError("prompt", "Write a prompt first.");  // (a variation needs none)
   const body = {
     prompt, negative_prompt: $("negative_prompt").value.trim(),
     steps: num("steps", "Steps", { integer: true, min: 1 }),
@@ -583,6 +589,7 @@ async function run() {
     throw e;
   }
   const { body, endpoint, files } = request;
+  if (variationsOnly) return runVariations(body, files);
   const id = taskId();
   let sent;
   try {
@@ -623,6 +630,41 @@ async function run() {
     })));
     if ((info.infotexts || [])[0]) lastInfotext = info.infotexts[0];
     if (info.interrupted && !data.images.length) showError("Interrupted before any image was started.");
+  } catch (e) {
+    showError("Request failed: " + e);
+  } finally {
+    setBusy(false);
+  }
+}
+
+// an unCLIP decoder's variations of the chosen picture (OpenAI's images.create_variation, as the server takes it)
+async function runVariations(body, files) {
+  if (!files.init_image) {
+    fieldProblem(new FieldError("init_image", "This model makes variations of a picture: choose the picture."));
+    return;
+  }
+  const form = new FormData();
+  form.append("image", files.init_image);
+  form.append("n", String(body.batch_size * body.n_iter));
+  form.append("response_format", "b64_json");
+  for (const [k, v] of [["seed", body.seed], ["steps", body.steps], ["guidance_scale", body.cfg_scale],
+                        ["sampler", body.sampler_name], ["prompt", body.prompt]]) {
+    if (v !== "" && v !== undefined) form.append(k, String(v));
+  }
+  ++generation;
+  setBusy(true);
+  $("progress-fill").style.width = "0%";
+  $("progress-text").textContent = "making variations…";
+  try {
+    const r = await fetch("/v1/images/variations", { method: "POST", body: form });
+    const data = await r.json().catch(() => ({}));
+    if (!r.ok) {
+      showError((data.error && data.error.message) || "The server answered HTTP " + r.status + ".");
+      return;
+    }
+    const [width, height] = String(data.size || "").split("x").map(Number);
+    const params = { ...body, width: width || body.width, height: height || body.height };
+    addCards(data.data.map((d) => makeCard(d.b64_json, params, { body, files, seed: d.seed })));
   } catch (e) {
     showError("Request failed: " + e);
   } finally {
