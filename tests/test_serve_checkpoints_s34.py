@@ -345,6 +345,11 @@ def test_a_single_file_is_listed_by_name_until_hashed_then_with_its_sha256(tmp_p
     app = create_app(TextToImagePipeline.from_pretrained(tmp_path / "sd" / "tiny-sd.safetensors"), CONFIG)
     with BackgroundServer(app) as srv:
         alone = requests.get(srv.url + "/sdapi/v1/sd-models", timeout=30).json()[0]
+        for name in ("tiny-sd", "tiny-sd.safetensors", digest[:10], alone["title"]):  # (A1111's names for it)
+            r = requests.post(srv.url + "/sdapi/v1/options", json={"sd_model_checkpoint": name}, timeout=30)
+            assert r.status_code == 200, (name, r.text)
+        r = requests.post(srv.url + "/sdapi/v1/options", json={"sd_model_checkpoint": "other"}, timeout=30)
+        assert r.status_code == 422 and "--ckpt-dir" in r.json()["detail"]
     assert (alone["title"], alone["model_name"], alone["sha256"]) == (f"tiny-sd.safetensors [{digest[:10]}]",
                                                                       "tiny-sd", digest)
 

@@ -769,6 +769,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     else:  # (a folder, which A1111 does not load: a fingerprint of its files in that place)
         fingerprint = model_fingerprint(source) if source else hashlib.sha256(name.encode()).hexdigest()
     title = f"{name} [{fingerprint[:10]}]"
+    checkpoint_model_name = a1111_model_name(name, bool(source) and Path(source).is_file())
     version = imagine.__version__
     defaults = _model_defaults(pipe, samplers)
     # (SD 2.1 unCLIP's decoder for a picture's embedding; with a diffusion prior the model makes images from text)
@@ -1804,8 +1805,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
     @app.get("/sdapi/v1/sd-models")
     def get_sd_models():
-        models = [{"title": title, "model_name": a1111_model_name(name, Path(source).is_file() if source else False),
-                   "hash": fingerprint[:10], "sha256": fingerprint,
+        models = [{"title": title, "model_name": checkpoint_model_name, "hash": fingerprint[:10], "sha256": fingerprint,
                    "filename": source, "config": None}]
         refiner = getattr(pipe, "refiner", None)
         if refiner is not None:  # (A1111 lists its refiner among the checkpoints: clients pick refiner_checkpoint here)
@@ -1868,7 +1868,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         """A1111's settings set (POST /sdapi/v1/options; imagine serve --ckpt-dir carries them to the next model): an
         ApiError naming a bad one, and then none is set."""
         want = body.get("sd_model_checkpoint")
-        if want is not None and want not in (title, name, fingerprint[:10]):
+        # (its names as A1111 takes them: title, name, model name, hash)
+        if want is not None and want not in (title, name, checkpoint_model_name, fingerprint[:10], fingerprint):
             raise ApiError(422, f"this server serves one model, {title!r}; cannot switch to {want!r} (imagine serve "
                                 "--ckpt-dir DIR serves a folder of them)", "sd_model_checkpoint")
         body = {k: v for k, v in body.items() if k != "sd_model_checkpoint"}
