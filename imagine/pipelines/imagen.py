@@ -653,7 +653,8 @@ class ImagenPipeline:
             rows = [cond_images] if isinstance(cond_images, Image.Image) else list(cond_images)
             arrays = [np.asarray(r, dtype=np.float32) / 255.0 for r in rows]
             if len({a.shape for a in arrays}) != 1:
-                raise ValueError(f"cond_images: the pictures differ in size or mode ({sorted({a.shape for a in arrays})})")
+                shapes = sorted({a.shape for a in arrays})
+                raise ValueError(f"cond_images: the pictures differ in size or mode ({shapes})")
             cond_images = torch.stack([torch.from_numpy(a if a.ndim == 3 else a[..., None]) for a in arrays])
             cond_images = cond_images.permute(0, 3, 1, 2)
         if torch.is_tensor(cond_images) and cond_images.dtype == torch.uint8:  # (imagen-pytorch's cast)

@@ -329,7 +329,7 @@ class CheckpointServer:
             self.current = target
             return
         before = self.current
-        if before not in self._apps:  # (after an unload: nothing to go back to if it fails; the next request tries again)
+        if before not in self._apps:  # (after an unload: nothing to go back to if it fails; the next request retries)
             try:
                 self._apps[target] = self._started(target)
             except Exception as e:

@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     p.add_argument("--model", "-m", default=None,
                    help="model folder (ours or diffusers') or single-file checkpoint, or a pixel cascade's folder (an "
-                        "Imagen cascade, Karlo's UnCLIPPipeline or UnCLIPImageVariationPipeline, DeepFloyd IF's stage I "
-                        "with --stage-2); default: the embedded model (with --ckpt-dir: the folder's first)")
+                        "Imagen cascade, Karlo's UnCLIPPipeline or UnCLIPImageVariationPipeline, DeepFloyd IF's stage "
+                        "I with --stage-2); default: the embedded model (with --ckpt-dir: the folder's first)")
     p.add_argument("--ckpt-dir", default=None, metavar="DIR",
                    help="a folder of checkpoints (.safetensors, .ckpt, model folders), AUTOMATIC1111's: "
                         "/sdapi/v1/sd-models lists them, and a client picks one through /sdapi/v1/options' "
