@@ -377,3 +377,16 @@ def test_the_page_makes_variations(variations, tmp_path):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_later_stages_flags_are_refused_for_a_latent_model(tmp_path, capsys):
+    """--stage-2-steps / --stage-2-guidance-scale / --stage-3 are a cascade's later stages': a latent model has none,
+    and the flags, which it passed over before, are refused by name."""
+    from test_cascade_cli_s29 import _run as _generate
+
+    testing = pytest.importorskip("imagine.testing")
+    tiny = testing.make_tiny_model(tmp_path / "tiny")
+    for flag, value in (("--stage-2-guidance-scale", "3"), ("--stage-2-steps", "4"), ("--stage-3", str(tmp_path))):
+        code, _, err = _generate(capsys, "--model", tiny, "a cat", flag, value, "-o", tmp_path / "x.png")
+        assert code != 0 and f"{flag}: for a pixel cascade's later stages" in err, err
+    assert not (tmp_path / "x.png").exists()

@@ -1756,6 +1756,11 @@ def run(args) -> int:
         return _karlo_run(args, prompts, MAX_SEED)
     if _cascade_model(args.model) or args.stage_2 is not None:
         return _cascade_run(args, prompts, MAX_SEED)
+    stages = [f"--{f.replace('_', '-')}" for f in ("stage_2_steps", "stage_2_guidance_scale", "stage_3",
+                                                    "stage_3_noise_level") if getattr(args, f) is not None]
+    if stages:  # (a latent model has no later stages: the flags would do nothing)
+        raise ValueError(f"{', '.join(stages)}: for a pixel cascade's later stages (DeepFloyd IF with --stage-2, a "
+                         f"Karlo folder); {args.model or 'the embedded model'} is a latent model")
     for flag in ("hires_sampler", "hires_schedule_type"):
         if getattr(args, flag) in ("Use same sampler", "Use same scheduler"):  # (A1111's labels for "as the first")
             setattr(args, flag, None)
