@@ -334,49 +334,37 @@ def test_the_page_makes_variations(variations, tmp_path):
     picture to OpenAI's variations endpoint: the cards are the pipeline's variations per seed."""
     import base64
     import io
-    import os
 
-    if not os.path.exists("/usr/bin/chromium"):
-        pytest.skip("/usr/bin/chromium is absent (Debian's chromium package; .ci/run installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    from headless import page_at
+
     from imagine.server.app import BackgroundServer, ServerConfig, create_app
     from imagine.server.cascade import KarloServing
 
     folder, _, ours = variations
     source = tmp_path / "source.png"
     _picture(2, (30, 50)).save(source)
-    with BackgroundServer(create_app(KarloServing(ours, source=str(folder)), ServerConfig(max_batch=2))) as srv, \
-            sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                    args=["--headless", "--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(srv.url + "/")
-            page.wait_for_function("document.body.dataset.ready === '1'")
-            assert "makes variations of a picture" in page.inner_text("#notice")
-            page.fill("#prompt", "")
-            page.click("#generate")  # (no picture yet: said at its field)
-            page.wait_for_selector("#error:not([hidden]), .field-error", timeout=10_000)
-            page.set_input_files("#init_image", str(source))
-            page.fill("#steps", "3")
-            page.fill("#seed", "4")
-            page.fill("#batch_size", "2")
-            page.click("#generate")
-            page.wait_for_function("document.querySelectorAll('.gallery .card').length === 2", timeout=120_000)
-            cards = page.query_selector_all(".gallery .card")
-            seeds = sorted(int(c.get_attribute("data-seed")) for c in cards)
-            assert seeds == [4, 5]
-            for card in cards:
-                seed = int(card.get_attribute("data-seed"))
-                href = card.query_selector("a.download").get_attribute("href")
-                got = Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB")
-                want = ours.variations(Image.open(source), seed=seed, decoder_steps=3, progress=False)[0]
-                assert got.tobytes() == want.tobytes()
-            assert not errors, errors
-        finally:
-            browser.close()
+    app = create_app(KarloServing(ours, source=str(folder)), ServerConfig(max_batch=2))
+    with BackgroundServer(app) as srv, page_at(srv.url) as (page, errors):
+        assert "makes variations of a picture" in page.inner_text("#notice")
+        page.fill("#prompt", "")
+        page.click("#generate")  # (no picture yet: said at its field)
+        page.wait_for_selector("#error:not([hidden]), .field-error", timeout=10_000)
+        page.set_input_files("#init_image", str(source))
+        page.fill("#steps", "3")
+        page.fill("#seed", "4")
+        page.fill("#batch_size", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('.gallery .card').length === 2", timeout=120_000)
+        cards = page.query_selector_all(".gallery .card")
+        seeds = sorted(int(c.get_attribute("data-seed")) for c in cards)
+        assert seeds == [4, 5]
+        for card in cards:
+            seed = int(card.get_attribute("data-seed"))
+            href = card.query_selector("a.download").get_attribute("href")
+            got = Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("RGB")
+            want = ours.variations(Image.open(source), seed=seed, decoder_steps=3, progress=False)[0]
+            assert got.tobytes() == want.tobytes()
+        assert not errors, errors
 
 
 def test_later_stages_flags_are_refused_for_a_latent_model(tmp_path, capsys):

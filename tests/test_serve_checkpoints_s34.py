@@ -265,47 +265,34 @@ def test_serve_flags_are_checked(ckpt_dir, tmp_path):
 def test_the_page_picks_a_checkpoint(ckpt_dir, alone):
     """The page's checkpoint picker (shown when the server has several): picking one loads it, and the next picture
     is that model's."""
-    import os
+    from headless import page_at
 
-    if not os.path.exists("/usr/bin/chromium"):
-        pytest.skip("/usr/bin/chromium is absent (Debian's chromium package; .ci/run installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     server = _served(_args(ckpt_dir))
-    with BackgroundServer(server) as srv, sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                    args=["--headless", "--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(srv.url + "/")
-            page.wait_for_function("document.body.dataset.ready === '1'")
-            titles = [m["title"] for m in requests.get(srv.url + "/sdapi/v1/sd-models", timeout=30).json()]
-            assert page.is_visible("#checkpoint") and page.input_value("#checkpoint") == titles[0]
-            assert page.eval_on_selector_all("#checkpoint option", "os => os.map(o => o.value)") == titles
-            page.select_option("#checkpoint", titles[2])
-            page.wait_for_function("!document.querySelector('#checkpoint').disabled && "
-                                   "!document.querySelector('#model').textContent.startsWith('loading')")
-            assert server.current.name == "sub/beta" and page.input_value("#checkpoint") == titles[2]
-            assert page.is_hidden("#error")
-            page.select_option("#checkpoint", titles[1])  # (broken.safetensors: the error shows, beta stays)
-            page.wait_for_selector("#error:not([hidden])", timeout=60_000)
-            assert "did not load" in page.inner_text("#error")
-            page.wait_for_function("!document.querySelector('#checkpoint').disabled")
-            assert page.input_value("#checkpoint") == titles[2] and server.current.name == "sub/beta"
+    with BackgroundServer(server) as srv, page_at(srv.url) as (page, errors):
+        titles = [m["title"] for m in requests.get(srv.url + "/sdapi/v1/sd-models", timeout=30).json()]
+        assert page.is_visible("#checkpoint") and page.input_value("#checkpoint") == titles[0]
+        assert page.eval_on_selector_all("#checkpoint option", "os => os.map(o => o.value)") == titles
+        page.select_option("#checkpoint", titles[2])
+        page.wait_for_function("!document.querySelector('#checkpoint').disabled && "
+                               "!document.querySelector('#model').textContent.startsWith('loading')")
+        assert server.current.name == "sub/beta" and page.input_value("#checkpoint") == titles[2]
+        assert page.is_hidden("#error")
+        page.select_option("#checkpoint", titles[1])  # (broken.safetensors: the error shows, beta stays)
+        page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+        assert "did not load" in page.inner_text("#error")
+        page.wait_for_function("!document.querySelector('#checkpoint').disabled")
+        assert page.input_value("#checkpoint") == titles[2] and server.current.name == "sub/beta"
 
-            page.fill("#prompt", BODY["prompt"])
-            for field in ("steps", "seed", "width", "height"):
-                page.fill(f"#{field}", str(BODY[field]))
-            page.fill("#cfg_scale", str(BODY["cfg_scale"]))
-            page.select_option("#sampler", BODY["sampler_name"])
-            page.click("#generate")
-            card = page.wait_for_selector(".gallery .card", timeout=60_000)
-            href = card.query_selector("a.download").get_attribute("href")
-            assert np.array_equal(_pixels(href.split(",", 1)[1]), alone["sub/beta"][0])
-            assert not errors, errors
-        finally:
-            browser.close()
+        page.fill("#prompt", BODY["prompt"])
+        for field in ("steps", "seed", "width", "height"):
+            page.fill(f"#{field}", str(BODY[field]))
+        page.fill("#cfg_scale", str(BODY["cfg_scale"]))
+        page.select_option("#sampler", BODY["sampler_name"])
+        page.click("#generate")
+        card = page.wait_for_selector(".gallery .card", timeout=60_000)
+        href = card.query_selector("a.download").get_attribute("href")
+        assert np.array_equal(_pixels(href.split(",", 1)[1]), alone["sub/beta"][0])
+        assert not errors, errors
 
 
 def test_a_single_file_is_listed_by_name_until_hashed_then_with_its_sha256(tmp_path):
