@@ -136,6 +136,27 @@ class StageDenoiser(Denoiser):
         return x0
 
 
+def _pil_pictures(value) -> bool:
+    """A PIL picture, or a non-empty list of them."""
+    from PIL import Image
+
+    return isinstance(value, Image.Image) or (isinstance(value, (list, tuple)) and bool(value)
+                                              and all(isinstance(i, Image.Image) for i in value))
+
+
+def _pictures_tensor(pictures, mode: str | None, name: str) -> torch.Tensor:
+    """PIL pictures (one, or a list of one size) as a float tensor [B, C, H, W] in [0, 1], in `mode` (None: their
+    own); `name` in the error of pictures that differ in size or mode."""
+    import numpy as np
+    from PIL import Image
+
+    rows = [pictures] if isinstance(pictures, Image.Image) else list(pictures)
+    arrays = [np.asarray(r if mode is None else r.convert(mode), dtype=np.float32) / 255.0 for r in rows]
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"{name}: the pictures differ in size or mode ({sorted({a.shape for a in arrays})})")
+    return torch.stack([torch.from_numpy(a if a.ndim == 3 else a[..., None]) for a in arrays]).permute(0, 3, 1, 2)
+
+
 class ImagenPipeline:
     """An imagen-pytorch Imagen's cascade (module doc). unets: one model per stage, each called as EfficientUNet is,
     unet(x, noise_cond, *, text_embeds, text_mask, lowres_cond_img, lowres_noise_cond, self_cond, text_dropped); the
@@ -633,9 +654,6 @@ class ImagenPipeline:
         """Per stage, the conditioning pictures its U-Net reads ([batch, C, H, W], as given: each U-Net resizes them),
         or None for a U-Net that reads none; an error where they are missing, not read by any stage run, or of the
         wrong kind."""
-        import numpy as np
-        from PIL import Image
-
         def channels(unet) -> int:
             return int(getattr(getattr(unet, "config", None), "cond_images_channels",
                                getattr(unet, "cond_images_channels", 0)) or 0)
@@ -648,15 +666,8 @@ class ImagenPipeline:
         if not any(wanted):
             raise ValueError("cond_images: no stage run here reads a conditioning picture (their U-Nets have "
                              "cond_images_channels 0)")
-        if isinstance(cond_images, Image.Image) or (isinstance(cond_images, (list, tuple)) and cond_images
-                                                    and all(isinstance(i, Image.Image) for i in cond_images)):
-            rows = [cond_images] if isinstance(cond_images, Image.Image) else list(cond_images)
-            arrays = [np.asarray(r, dtype=np.float32) / 255.0 for r in rows]
-            if len({a.shape for a in arrays}) != 1:
-                shapes = sorted({a.shape for a in arrays})
-                raise ValueError(f"cond_images: the pictures differ in size or mode ({shapes})")
-            cond_images = torch.stack([torch.from_numpy(a if a.ndim == 3 else a[..., None]) for a in arrays])
-            cond_images = cond_images.permute(0, 3, 1, 2)
+        if _pil_pictures(cond_images):  # (in their own mode: a conditioning picture has the channels it has)
+            cond_images = _pictures_tensor(cond_images, None, "cond_images")
         if torch.is_tensor(cond_images) and cond_images.dtype == torch.uint8:  # (imagen-pytorch's cast)
             cond_images = cond_images.float() / 255.0
         need = {w for w in wanted if w}
@@ -676,20 +687,12 @@ class ImagenPipeline:
         """A picture given to the cascade (start_image, init_image) as a stage hands one on: a float tensor [batch, C,
         size, size] (resized by resize_mode, as imagen-pytorch's resize_image_to), from a tensor [B or 1, C, H, W] or
         PIL pictures (taken to [0, 1], or [-1, 1] where auto_normalize_img is off)."""
-        import numpy as np
-        from PIL import Image
-
-        if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image
-                                              and all(isinstance(i, Image.Image) for i in image)):
-            rows = [image] if isinstance(image, Image.Image) else list(image)
+        if _pil_pictures(image):
             mode = {1: "L", 3: "RGB"}.get(self.channels)
             if mode is None:
                 raise ValueError(f"{name}: PIL pictures are for 1- or 3-channel cascades; this one has "
                                  f"{self.channels} channels: give a tensor")
-            arrays = [torch.from_numpy(np.asarray(r.convert(mode), dtype=np.float32)) / 255.0 for r in rows]
-            if len({a.shape for a in arrays}) != 1:
-                raise ValueError(f"{name}: the pictures differ in size ({sorted({a.shape[:2] for a in arrays})})")
-            image = torch.stack([a if a.ndim == 3 else a[..., None] for a in arrays]).permute(0, 3, 1, 2)
+            image = _pictures_tensor(image, mode, name)
             image = image if self.auto_normalize_img else image * 2 - 1
         if not torch.is_tensor(image) or image.ndim != 4 or image.shape[1] != self.channels \
                 or image.shape[0] not in (1, batch) or not image.is_floating_point():
