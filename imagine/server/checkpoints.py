@@ -230,7 +230,9 @@ class CheckpointServer:
 
     async def _generate(self, scope, receive, send):
         body, receive = await _whole_body(receive)
-        request = _json_object(body) or {}
+        # (parsed only where it may name a model: an img2img body holds megabytes of base64 pictures)
+        names = b"sd_model_checkpoint" in body or (scope["path"] == "/v1/images/generations" and b'"model"' in body)
+        request = (_json_object(body) if names else None) or {}
         override = request.get("override_settings")
         want = override.get("sd_model_checkpoint") if isinstance(override, dict) else None
         if want is None and scope["path"] == "/v1/images/generations" and isinstance(request.get("model"), str):
