@@ -165,7 +165,8 @@ async function loadConfig() {
   document.body.dataset.ready = "1";
 }
 
-// the server's checkpoints (imagine serve --ckpt-dir; A1111's checkpoint picker): shown when there are several; whether it is
+// the server's checkpoints (imagine serve --ckpt-dir; A1111's checkpoint picker): shown when there are
+// several; whether it is
 async function loadCheckpoints(current) {
   try {
     const r = await fetch("/sdapi/v1/sd-models");
@@ -179,7 +180,8 @@ async function loadCheckpoints(current) {
   return !$("checkpoint").hidden;
 }
 
-// another checkpoint picked: the server loads it (A1111's way, POST /sdapi/v1/options), then the page reads its settings
+// another checkpoint picked: the server loads it (A1111's way, POST /sdapi/v1/options), then the page reads
+// its settings
 async function changeCheckpoint() {
   const title = $("checkpoint").value;
   $("checkpoint").disabled = true;
