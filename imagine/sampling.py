@@ -39,7 +39,8 @@ from imagine.schedules import COMPVIS_SCHEDULES, NoiseSchedule, SamplingPlan, co
 CLASSIFIER_FORMS = {"eps": "eps", "ddim": "eps", "epsilon": "eps", "mean": "mean", "ddpm": "mean"}
 
 
-RNG_SOURCES = ("cpu", "nv")  # where a seed's normal draws come from: ImageNoiseStream
+# where a seed's normal draws come from: ImageNoiseStream ("cpu", "nv"), or ComfyUI's one stream for a batch
+RNG_SOURCES = ("cpu", "nv", "comfyui")
 
 
 class ImageNoiseStream:
@@ -77,10 +78,34 @@ class ImageNoiseStream:
         self._started = True
 
 
+class BatchNoiseStream:
+    """ComfyUI's noise for a batch: one seed for all its images. The start noise is one draw of the whole batch
+    from torch's CPU generator seeded so (its prepare_noise: image 0 is the seed's, the others follow on in the same
+    stream), and the steps' noise (its ancestral samplers' default_noise_sampler) draws the whole batch from a fresh
+    generator of seed + 1 (`started`; ComfyUI adds the 1 where the sample is on the CPU, as here). The SDE samplers'
+    Brownian path is one tree over the whole batch seeded with the seed itself (PerSampleNoise.brownian).
+    An image depends on its place in the batch: ComfyUI's batches are made so (EmptyLatentImage's batch_size)."""
+
+    device = torch.device("cpu")
+    rng = "cpu"
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self._stream = torch.Generator().manual_seed(self.seed)
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(shape, generator=self._stream, dtype=dtype)
+
+    def started(self) -> None:
+        """The start noise is drawn: the steps' noise comes from a fresh stream of seed + 1."""
+        self._stream = torch.Generator().manual_seed((self.seed + 1) % 2**64)
+
+
 def check_rng(rng: str, seed_delta: int = 0) -> None:
     if rng not in RNG_SOURCES:
-        raise ValueError(f"rng must be one of {', '.join(map(repr, RNG_SOURCES))} (torch's CPU generator, or the "
-                         f"draws of an NVIDIA GPU as AUTOMATIC1111's 'NV' source); got {rng!r}")
+        raise ValueError(f"rng must be one of {', '.join(map(repr, RNG_SOURCES))} (torch's CPU generator, the "
+                         f"draws of an NVIDIA GPU as AUTOMATIC1111's 'NV' source, or ComfyUI's one stream for a "
+                         f"batch); got {rng!r}")
     if isinstance(seed_delta, bool) or not isinstance(seed_delta, int) or seed_delta < 0:
         raise ValueError(f"seed_delta (AUTOMATIC1111's eta noise seed delta, ENSD) must be an int >= 0; got "
                          f"{seed_delta!r}")
@@ -112,6 +137,10 @@ class PerSampleNoise:
         if self._paths is None:
             from imagine.brownian import BrownianTreeNoise, tree_seeds
 
+            if isinstance(self.generators, BatchNoiseStream):  # (ComfyUI's: one tree over the batch, of its seed)
+                tree = BrownianTreeNoise([self.generators.seed], like.shape, *(self.levels or levels))
+                self._paths = lambda sigma, sigma_next: tree(sigma, sigma_next)[0]
+                return self._paths
             given = self.tree_seeds
             if given is None and isinstance(self.generators, (list, tuple)) and self.generators and \
                     all(isinstance(g, ImageNoiseStream) for g in self.generators):
@@ -133,8 +162,9 @@ class PerSampleNoise:
 
     def started(self) -> None:
         """The start noise is drawn (here, or given): the ImageNoiseStreams go on as after it."""
-        for g in self.generators if isinstance(self.generators, (list, tuple)) else ():
-            if isinstance(g, ImageNoiseStream):
+        streams = self.generators if isinstance(self.generators, (list, tuple)) else [self.generators]
+        for g in streams:
+            if isinstance(g, (ImageNoiseStream, BatchNoiseStream)):
                 g.started()
 
     def draw(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -147,6 +177,8 @@ class PerSampleNoise:
                               for gi in g])
         if g is None:
             return torch.randn(shape, dtype=dtype)
+        if isinstance(g, BatchNoiseStream):
+            return g.randn(shape, dtype)
         return torch.randn(shape, generator=g, device=g.device, dtype=dtype).cpu()
 
 
@@ -212,7 +244,7 @@ def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], seeds
     return torch.stack([seed_resized_noise(a, b) for a, b in zip(own, seeded)]) if resized else seeded
 
 
-STARTS = ("noise", "matched", "sigma_max")
+STARTS = ("noise", "matched", "sigma_max", "comfyui")
 # Which steps an image-to-image run takes (`_img2img_plan`)
 STRENGTH_RULES = ("diffusers", "a1111", "a1111_fixed_steps")
 KEEP_RULES = ("replace", "denoised", "input")  # how inpainting keeps the known part: Denoiser.keep_known
@@ -234,8 +266,13 @@ class Denoiser:
                  classifier: Callable[..., torch.Tensor] | None = None, classifier_scale: float = 0.0,
                  classifier_form: str = "eps", thresholding: str | None = None, threshold_percentile: float = 0.995,
                  threshold_range: float = 1.0, guidance: Callable[..., torch.Tensor] | None = None,
-                 schedule: NoiseSchedule | None = None, threshold_max: float | None = None):
+                 schedule: NoiseSchedule | None = None, threshold_max: float | None = None,
+                 quantize: bool = False):
         self.model, self.plan, self.schedule = model, plan, schedule
+        if quantize and schedule is None:
+            raise ValueError("quantize reads each level's nearest training timestep off the training schedule: "
+                             "Denoiser(..., schedule=...)")
+        self.quantize = bool(quantize)
         # how cond and uncond combine: classifier-free guidance, or another rule (InstructPix2Pix's three passes)
         self.guidance = guidance or guided_model_output
         self.prediction_type = check_prediction_type(prediction_type)
@@ -341,8 +378,9 @@ class Denoiser:
         if i == 0 and self._held is not None:
             (held, self.uncond_x0), self._held = self._held, None
             return held
-        return self._denoise(x, i, float(self.plan.timesteps[i]), float(self.plan.alphas_cumprod[i]), known=i > 0,
-                             on_grid=True)
+        t = self.schedule.nearest_timestep(float(self.plan.sigmas[i])) if self.quantize else \
+            float(self.plan.timesteps[i])
+        return self._denoise(x, i, t, float(self.plan.alphas_cumprod[i]), known=i > 0, on_grid=True)
 
     def at_sigma(self, x: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
         """D(x; sigma) at a noise level off the plan's grid, evaluated within step i (its conditioning is that of
@@ -354,7 +392,8 @@ class Denoiser:
         if self.schedule is None:
             raise ValueError("evaluating the denoiser between the plan's noise levels needs the training schedule: "
                              "Denoiser(..., schedule=...)")
-        t = float(self.schedule.sigma_to_t(float(sigma)))
+        t = self.schedule.nearest_timestep(float(sigma)) if self.quantize else \
+            float(self.schedule.sigma_to_t(float(sigma)))
         return self._denoise(x, i, t, 1.0 / (1.0 + float(sigma) ** 2), known=True)
 
     def _denoise(self, x: torch.Tensor, i: int, t: float, abar: float, known: bool,
@@ -452,8 +491,8 @@ def make_generators(batch: int, seeds=None, generator=None, rng: str = "cpu",
         if isinstance(seeds, bool):
             raise TypeError("seeds must be an int or a list of ints")
         counted = isinstance(seeds, int)
-        if counted:
-            seeds = [seeds + i for i in range(batch)]
+        if counted:  # (ComfyUI's one seed is the batch's)
+            seeds = [seeds + (0 if rng == "comfyui" else i) for i in range(batch)]
         seeds = list(seeds)
         if len(seeds) != batch:
             raise ValueError(f"{len(seeds)} seeds for a batch of {batch}: give one seed per sample (or one int)")
@@ -465,6 +504,11 @@ def make_generators(batch: int, seeds=None, generator=None, rng: str = "cpu",
             raise ValueError(f"seed {out[0]} is outside the {rng!r} source's range [{'0' if low == 0 else '-2^63'}, "
                              f"2^64 - 1]"
                              f"{' (an int seed counts up: seed + i for image i)' if counted and batch > 1 else ''}")
+        if rng == "comfyui":  # (one seed for the batch: ComfyUI's KSampler has one)
+            if len(set(seeds)) != 1 or seed_delta:
+                raise ValueError(f"rng 'comfyui' draws a batch from one seed (ComfyUI's): give the same seed for "
+                                 f"every image and no seed_delta; got seeds {seeds[:4]}{'...' if len(seeds) > 4 else ''}")
+            return BatchNoiseStream(seeds[0])
         if rng != "cpu" or seed_delta:
             return [ImageNoiseStream(s, rng, seed_delta) for s in seeds]
         return [torch.Generator().manual_seed(s) for s in seeds]
@@ -484,6 +528,14 @@ def posterior_generators(seeds: Sequence[int]) -> list[ImageNoiseStream]:
     seed + 2^32, a key no image seed (< 2^32) has under either source (torch's CPU generator reads only a seed's low
     32 bits, so seed + 2^32 there would be the image's own stream)."""
     return [ImageNoiseStream((int(s) + 2**32) % 2**64, "nv") for s in seeds]
+
+
+def comfyui_max_denoise(schedule: NoiseSchedule, plan: SamplingPlan) -> bool:
+    """ComfyUI's max_denoise: whether the run's first level is at the model's sigma_max (its float32 table's last,
+    within a relative 1e-5) or above it; its start then scales the noise by sqrt(1 + sigma^2), else by sigma."""
+    top = schedule.held_sigma_max()
+    first = float(plan.sigmas[0])
+    return math.isclose(top, first, rel_tol=1e-5) or first > top
 
 
 def initial_noise_scale(plan: SamplingPlan, start: str = "noise") -> float:
@@ -574,7 +626,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            noise_seeds: int | Sequence[int] | None = None, sigma_range: str = "spaced",
            discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", rng: str = "cpu",
            seed_delta: int = 0, dtype: torch.dtype = torch.float32,
-           device: torch.device | str | None = None, lcm_strength: bool = False) -> torch.Tensor:
+           device: torch.device | str | None = None, lcm_strength: bool = False,
+           quantize: bool = False) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     model: model(x_t, t, **cond); one with `at_run` (imagine.refiner.Handoff) is told before its first call how the
@@ -628,7 +681,12 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         where the schedule's terminal SNR is not zero; docs/samplers.md) or "sigma_max" (x_T = z sigma_max in VE
         terms, z sqrt(1 - abar) in VP terms, for every sampler: k-diffusion's and AUTOMATIC1111's start; diffusers
         scales z so for its Euler-family samplers with linspace or trailing spacing only). An image-to-image run
-        starts from q(x_t | x_0) with "noise" or "sigma_max" alike.
+        starts from q(x_t | x_0) with "noise" or "sigma_max" alike. "comfyui": ComfyUI's rule (its noise_scaling
+        with max_denoise), which looks at the first level run: at the model's sigma_max (within 1e-5) or above,
+        x_VE = x_0 + z sqrt(1 + sigma^2), i.e. x_T = sqrt(abar) x_0 + z (z alone for text to image, whose x_0, its
+        empty latent, is 0), else x_VE = x_0 + z sigma, q(x_t | x_0) (z sqrt(1 - abar) from an empty latent).
+    quantize: the model sees each level's nearest training timestep (nearest in log sigma, in float32: k-diffusion's
+        quantize=True, and ComfyUI's every run) instead of the fractional one.
     init, strength: image-to-image (SDEdit, Meng et al. 2022): x_0 to start from, [B, ...] of the sample's shape;
         the plan's last int(steps * strength) steps run from x_0 taken to their first level by q(x_t | x_0) =
         N(sqrt(abar) x_0, (1 - abar) I) with the samples' own noise (drawn after any draws the caller made with
@@ -717,11 +775,15 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         if not bool(torch.isfinite(init).all()):  # (else the model's first output is blamed for it)
             raise ValueError("init has NaN or inf values: the x_0 to start from must be finite")
         device = _model_device(model) if device is None else device
+        full = start == "comfyui" and comfyui_max_denoise(schedule, plan)
         # drawn in float32, as diffusers draws it
         if isinstance(shape_or_noise, torch.Tensor):
             noise.started()
         eps = (shape_or_noise if isinstance(shape_or_noise, torch.Tensor) else noise.draw_start(shape)).to(torch.float64).cpu()
-        if mask is not None and strength == 1 and strength_rule == "diffusers":
+        if full:  # (ComfyUI's max_denoise: the latent plus z sqrt(1 + sigma^2) in VE terms)
+            x = (math.sqrt(float(plan.alphas_cumprod[0])) * init.to(torch.float64).cpu() + eps).to(device=device,
+                                                                                                   dtype=dtype)
+        elif mask is not None and strength == 1 and strength_rule == "diffusers":
             # (diffusers' inpainting starts from noise at strength 1; A1111's from q(x_t | x_0) with t its first)
             x = (eps * initial_noise_scale(plan, start)).to(device=device, dtype=dtype)
         else:
@@ -738,12 +800,16 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         else:
             z = noise.draw_start(shape)
             device = _model_device(model) if device is None else device
-        x = (z.to(torch.float64) * initial_noise_scale(plan, start)).to(device=device, dtype=dtype)
+        if start == "comfyui":  # (from its empty latent: z sqrt(1 + sigma^2) or z sigma in VE terms)
+            scale = 1.0 if comfyui_max_denoise(schedule, plan) else initial_noise_scale(plan, "sigma_max")
+        else:
+            scale = initial_noise_scale(plan, start)
+        x = (z.to(torch.float64) * scale).to(device=device, dtype=dtype)
     variance_type = schedule.variance_type
     denoise = Denoiser(model, plan, prediction_type, cond, uncond, guidance_scale, guidance_rescale, classifier,
                        classifier_scale, CLASSIFIER_FORMS[classifier_guidance_form], thresholding,
                        threshold_percentile, threshold_range, guidance, schedule=schedule,
-                       threshold_max=threshold_max)
+                       threshold_max=threshold_max, quantize=quantize)
     if canonical in TWO_CALL_SAMPLERS:
         # (their last step, to sigma = 0, is one Euler evaluation; to a level above it, two)
         denoise.evaluations = 2 * len(plan) - (float(plan.sigmas[-1]) == 0)

@@ -743,6 +743,17 @@ class NoiseSchedule:
         levels, in their dtype."""
         return torch.from_numpy(self._sigma_table(held=True)).to(self.held_dtype).log()
 
+    def held_sigma_max(self) -> float:
+        """The largest level of the held table (k-diffusion's and ComfyUI's sigma_max, float32 for a float32 schedule)."""
+        return float(self._sigma_table(held=True).max())
+
+    def nearest_timestep(self, sigma: float) -> float:
+        """The training timestep whose level is nearest to `sigma` in log sigma, over the held table's logs with sigma
+        in their dtype (k-diffusion's sigma_to_t with quantize=True, ComfyUI's model_sampling.timestep: argmin of
+        |log sigma - log sigma_t|, the first of two at a tie)."""
+        logs = self.kdiffusion_log_sigmas()
+        return float(int(((torch.tensor(float(sigma), dtype=logs.dtype).log() - logs).abs().argmin())))
+
     def _log_sigma_table(self) -> np.ndarray:
         # log sigma_t that levels are read against (sigma_to_t, t_to_sigma): float64, or a downcast schedule's as
         # k-diffusion holds them (float16 logs are up to 1.5e-3 off, a quarter of a timestep at SD's low end)

@@ -612,7 +612,7 @@ class TextToImagePipeline:
                  discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", rng: str = "cpu",
                  noise_seed_delta: int = 0, zero_terminal_snr: bool = False, downcast_alphas_cumprod: bool = False,
                  old_prompt_editing: bool = False, editing_first_pass: int | None = None,
-                 pad_conds: str | None = None,
+                 pad_conds: str | None = None, quantize: bool = False,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -704,6 +704,9 @@ class TextToImagePipeline:
         (imagine.guidance.PaddedConds): "empty" fills the shorter up with the empty prompt's chunks ("Pad conds"),
         "v0" repeats the negative's last state up to the prompt's length or cuts it ("Pad conds v0", its DDIM's
         before 1.6.0); both then share the guidance batch. None (the default, A1111's too): two U-Net calls.
+        quantize: the U-Net sees each noise level's nearest training timestep (k-diffusion's quantize, ComfyUI's way;
+        imagine.sampling.sample). rng "comfyui" with start "comfyui": ComfyUI's noise (one seed for the batch,
+        imagine.sampling.BatchNoiseStream) and start (its max_denoise rule).
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -749,7 +752,8 @@ class TextToImagePipeline:
                      "strength_rule": strength_rule != "diffusers", "rng": rng != "cpu",
                      "noise_seed_delta": noise_seed_delta, "zero_terminal_snr": zero_terminal_snr,
                      "downcast_alphas_cumprod": downcast_alphas_cumprod,
-                     "old_prompt_editing": old_prompt_editing and edits, "pad_conds": pad_conds}
+                     "old_prompt_editing": old_prompt_editing and edits, "pad_conds": pad_conds,
+                     "quantize": quantize}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -1010,7 +1014,7 @@ class TextToImagePipeline:
                                discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
                                refiner_switch=refiner_switch if refine else None,
                                refiner_switch_by_steps=refiner_switch_by_steps, report=report,
-                               schedule=schedule, padding=padding)
+                               schedule=schedule, padding=padding, quantize=quantize)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__, **self.run_record()}
@@ -1623,7 +1627,7 @@ class TextToImagePipeline:
                 concat=None, controls=None, refiner_switch=None, refiner_switch_by_steps=False,
                 image_guidance_scale=None, image_guidance_gate=True,
                 report=None, sigma_range="spaced", discard_penultimate_sigma=False, strength_rule="diffusers",
-                schedule=None, padding=None):
+                schedule=None, padding=None, quantize=False):
         """The sampler's run over the U-Net (and what wraps it); `schedule`: the run's noise schedule (None: the
         model's); `padding`: an imagine.guidance.PaddedConds to run the guidance through."""
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
@@ -1665,7 +1669,8 @@ class TextToImagePipeline:
                       discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
                       final_step=final_step, sampler_options=sampler_options, rho=rho, start=start,
                       init=init, strength=strength, mask=mask, guidance=guidance,
-                      lcm_strength=self.guidance_embedded, **kwargs)  # (an LCM pipeline's image to image)
+                      lcm_strength=self.guidance_embedded, quantize=quantize,
+                      **kwargs)  # (an LCM pipeline's image to image)
         if report is not None and refiner_switch is not None:
             report["refined"] = handoff.used  # (whether some step was the refiner's)
         return latents
