@@ -516,7 +516,7 @@ def make_generators(batch: int, seeds=None, generator=None, rng: str = "cpu",
         if len(generator) != batch:
             raise ValueError(f"{len(generator)} generators for a batch of {batch}: give one per sample")
         return list(generator)
-    if generator is not None and not isinstance(generator, torch.Generator):
+    if generator is not None and not isinstance(generator, (torch.Generator, BatchNoiseStream)):
         raise TypeError(f"generator must be a torch.Generator or a list of them; got {type(generator).__name__}")
     return generator
 

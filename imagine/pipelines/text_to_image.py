@@ -1600,12 +1600,16 @@ class TextToImagePipeline:
                          for im in images])
         return x if normalize else (x + 1) / 2
 
-    @torch.no_grad()
     def _edit_latents(self, images: list[Image.Image], width: int, height: int) -> torch.Tensor:
         """instruct-pix2pix's picture condition: the mode of q(z | x) of each picture, not scaled (the model was
         trained on them so, and diffusers' pipeline gives them so)."""
+        return self.vae_mode(self._pixels(images, width, height))
+
+    @torch.no_grad()
+    def vae_mode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, H, W] in [-1, 1] -> the mode of q(z | x), not scaled (float32)."""
         m = fast_copy(self.vae) if self.precision == "fast" else exact_copy(self.vae)
-        x = self._pixels(images, width, height).to(_weights_dtype(m))
+        x = x.to(_weights_dtype(m))
         if m is not self.vae:
             x = x.contiguous(memory_format=torch.channels_last)
         return m.encode(x).mode().float()

@@ -745,10 +745,12 @@ def _own_size(pipe) -> tuple[int, int]:
 
 
 def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker | None = None,
-               model_name: str | None = None, styles: dict | None = None) -> FastAPI:
+               model_name: str | None = None, styles: dict | None = None,
+               comfyui_dir: str | None = None) -> FastAPI:
     """The app around `pipe` (a TextToImagePipeline, or anything with its generate/decode/
     check_size/defaults). The worker thread starts with the app and stops with it. `styles`: A1111's prompt
-    styles by name (`imagine.styles.read_styles`), which requests name in `styles`."""
+    styles by name (`imagine.styles.read_styles`), which requests name in `styles`. `comfyui_dir`: the folder of
+    ComfyUI's output, input and temp folders (imagine.server.comfyui; None: a new temporary folder)."""
     import imagine
 
     cfg = config or ServerConfig()
@@ -812,6 +814,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                   description="Text-to-image diffusion: AUTOMATIC1111- and OpenAI-compatible API")
     app.state.worker, app.state.config, app.state.pipe = worker, cfg, pipe
     app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
+    if hasattr(pipe, "vae_mode") and not prior_model and not unclip_model:  # ComfyUI's API (latent text to image)
+        from imagine.server.comfyui import add_routes
+
+        add_routes(app, pipe, worker, model_name=name, max_steps=cfg.max_steps,
+                   max_width=cfg.max_width, max_height=cfg.max_height, base_dir=comfyui_dir, version=version)
 
     # -- errors ------------------------------------------------------------------------------
     @app.exception_handler(ApiError)

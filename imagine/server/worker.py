@@ -31,7 +31,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -163,6 +163,9 @@ class Job:
     # images per sampling batch where the sampler couples a batch's images (DPM adaptive): A1111's batch_size, each
     # n_iter round its own batch (None: the worker's max_batch)
     batch_size: int | None = None
+    # a job that runs its own work on the pipeline, alone (a ComfyUI graph): call(pipe, run) -> its answer, `run` a
+    # GraphRun (its steps' callback, its passes, the clip skip); the prompts and seeds are then for listings only
+    call: Callable[[Any, "GraphRun"], Any] | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     state: str = "queued"  # queued -> running -> done | cancelled
@@ -413,12 +416,13 @@ class ModelWorker:
     def _take_batch(self) -> list[Job]:
         first = self._pending.popleft()
         batch, n = [first], len(first)
-        if first.settings.couples_batch:  # (its result would depend on the requests it ran with)
+        if first.settings.couples_batch or first.call is not None:  # (its result would depend on the requests it
+            # ran with; a job with its own work runs alone)
             return batch
         for job in list(self._pending):
             if n >= self.max_batch:
                 break
-            if job.settings == first.settings and n + len(job) <= self.max_batch:
+            if job.call is None and job.settings == first.settings and n + len(job) <= self.max_batch:
                 self._pending.remove(job)
                 batch.append(job)
                 n += len(job)
@@ -517,7 +521,64 @@ class ModelWorker:
         if any(j is job for j in self._running):
             self._running = [j for j in self._running if j is not job]
 
+    def _run_call(self, job: Job) -> None:
+        """A job with its own work (job.call): run alone, its progress published at each step (a new pass, a graph's
+        next sampler, starts the count again), stopped at the next step by an interrupt (answered Interrupted: a graph
+        keeps nothing of an interrupted run, as ComfyUI's) or by its client's cancel."""
+        t0 = time.time()
+        with self._cv:
+            self.progress = Progress(job_ids=[job.id], offsets={job.id: 0}, spans={job.id: (0, len(job))},
+                                     steps=job.settings.steps, chunks=1, started=t0)
+        run = GraphRun(self, job)
+        try:
+            answer = job.call(self.pipe, run)
+        except _ChunkCancelled:
+            answer = None
+        except _Interrupted:
+            with self._cv:
+                self._publish(interrupted=True)
+                self.stats["interrupted"] += 1
+                job.state = "done"
+                job.future.set_exception(Interrupted("interrupted while the job ran"))
+            return
+        with self._cv:
+            if job.cancelled:
+                self._answer(job, None)
+                return
+            job.state = "done"
+            self.stats["completed"] += 1
+            job.future.set_result(answer)
+
+    def _stepper(self, mine: list[Job], skippable: bool = True) -> Callable[[dict], None]:
+        """The sampler callback of a run for the jobs `mine`: publishes the step (and its x0 for previews), and stops
+        the run at an interrupt, a skip (where `skippable`: A1111's rounds), or when every job of it is cancelled."""
+
+        def callback(d: dict) -> None:
+            if d.get("stage") != "prior":  # (unCLIP's prior, before the steps counted: interruptible, no preview)
+                x0 = d.get("denoised")
+                x0 = x0.detach().clone() if isinstance(x0, torch.Tensor) else None
+                with self._cv:
+                    p = self.progress
+                    step, hires = _step_of(d) + 1, bool(d.get("hires_pass"))
+                    # (the steps this run takes: image to image's fewer, a schedule type's more)
+                    total = int(d["total"]) if d.get("total") else p.steps
+                    if hires == p.hires_pass and p.step > 0 and p.steps > 0 and step * p.steps < p.step * total:
+                        total = (step * p.steps) // p.step  # (an estimate that grew: held, the bar never goes back)
+                    self._publish(step=step, steps=max(total, step, 1), hires_pass=hires, denoised=x0,
+                                  version=p.version + 1)
+            # (after the step's x0 is kept: an interrupted chunk's images are this step's estimates)
+            if self._interrupt.is_set():
+                raise _Interrupted
+            if all(j.cancelled for j in mine):
+                raise _ChunkCancelled
+            if skippable and self._skip.is_set():
+                raise _Skipped
+
+        return callback
+
     def _run_batch(self, batch: list[Job]) -> None:
+        if batch[0].call is not None:
+            return self._run_call(batch[0])
         s = batch[0].settings
         prompts = [p for j in batch for p in j.prompts]
         negatives = [p for j in batch for p in j.negative_prompts]
@@ -578,27 +639,7 @@ class ModelWorker:
                 self._publish(chunk=c, chunk_start=a, step=0, steps=s.steps, denoised=None, hires_pass=False,
                               skipped=False)
 
-            def callback(d: dict, _mine=mine) -> None:
-                if d.get("stage") != "prior":  # (unCLIP's prior, before the steps counted: interruptible, no preview)
-                    x0 = d.get("denoised")
-                    x0 = x0.detach().clone() if isinstance(x0, torch.Tensor) else None
-                    with self._cv:
-                        p = self.progress
-                        step, hires = _step_of(d) + 1, bool(d.get("hires_pass"))
-                        # (the steps this run takes: image to image's fewer, a schedule type's more)
-                        total = int(d["total"]) if d.get("total") else p.steps
-                        if hires == p.hires_pass and p.step > 0 and p.steps > 0 and step * p.steps < p.step * total:
-                            total = (step * p.steps) // p.step  # (an estimate that grew: held, the bar never goes back)
-                        self._publish(step=step, steps=max(total, step, 1), hires_pass=hires, denoised=x0,
-                                      version=p.version + 1)
-                # (after the step's x0 is kept: an interrupted chunk's images are this step's estimates)
-                if self._interrupt.is_set():
-                    raise _Interrupted
-                if all(j.cancelled for j in _mine):
-                    raise _ChunkCancelled
-                if self._skip.is_set():
-                    raise _Skipped
-
+            callback = self._stepper(mine)
             try:
                 run = self.pipe.generate
                 if s.hires is not None:
@@ -758,6 +799,37 @@ class ModelWorker:
         with torch.no_grad():
             x = self.pipe.decode(p.denoised[i:i + 1])
         return to_pil(x[0])
+
+
+class GraphRun:
+    """What a job with its own work (Job.call) gets from the worker: `step(d)`, the sampler callback of its runs
+    (progress, previews, interrupt, cancel); `new_pass(steps, **info)` before each sampler run (the count starts
+    again; `info` is handed to the job's `on_step`); `using_clip_skip(v)`, the text encoder's clip skip for a block."""
+
+    def __init__(self, worker: "ModelWorker", job: Job):
+        self._worker, self.job = worker, job
+        self._callback = worker._stepper([job], skippable=False)
+        self.on_step: Callable[[int, int], None] | None = None  # (value, max) after each step: a ComfyUI "progress"
+
+    def new_pass(self, steps: int) -> None:
+        with self._worker._cv:
+            self._worker._publish(step=0, steps=max(1, int(steps)), denoised=None, hires_pass=False)
+
+    def step(self, d: dict) -> None:
+        self._callback(d)
+        if self.on_step is not None:
+            p = self._worker.progress
+            self.on_step(p.step, p.steps)
+
+    def check(self) -> None:
+        """Between a graph's nodes: stop here on an interrupt or a cancel (as at a step)."""
+        if self._worker._interrupt.is_set():
+            raise _Interrupted
+        if self.job.cancelled:
+            raise _ChunkCancelled
+
+    def using_clip_skip(self, value: int | None):
+        return self._worker._using_clip_skip(value)
 
 
 def _preview_row(p: Progress, job_id: str | None) -> int | None:

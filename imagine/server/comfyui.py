@@ -1,0 +1,902 @@
+"""ComfyUI's API over the served model: its clients queue a graph of nodes (its "API format" workflow) with
+`POST /prompt`, follow it on the `/ws` socket, find its pictures in `/history/{prompt_id}` and fetch them from `/view`.
+
+A graph runs in the model worker as one job (Job.call, alone, as ComfyUI runs one prompt at a time), node by node,
+each node's outputs computed once for the prompt. The nodes are ComfyUI's core ones that a text-to-image workflow and
+its image-to-image and hires. fix forms are made of: CheckpointLoaderSimple (the served model), CLIPTextEncode,
+CLIPSetLastLayer, EmptyLatentImage, KSampler, VAEDecode, VAEEncode, LatentUpscale, LatentUpscaleBy, LoadImage,
+SaveImage and PreviewImage. KSampler runs the pipeline's sampler as ComfyUI's does (imagine.sampling: its noise, one
+seed for the batch; its start; the nearest training timestep; its schedulers; image to image from a latent with
+`denoise`), so that a seed gives ComfyUI's picture. ComfyUI's facts carried over are named where they are used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import re
+import string
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from fastapi import Request, UploadFile, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image, ImageOps, PngImagePlugin
+
+MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  # its KSampler's seed range
+MAX_HISTORY = 10000  # its PromptQueue's history size
+# ComfyUI's sampler names -> ours, where ours is the same k-diffusion algorithm (its "ddim" is Euler: its
+# samplers.sampler_object), and whether ComfyUI lays out one more level and drops the one before the end for it
+# (its KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
+SAMPLERS = {"euler": ("euler", False), "euler_cfg_pp": ("euler_cfgpp", False), "euler_ancestral": ("euler_a", False),
+            "euler_ancestral_cfg_pp": ("euler_a_cfgpp", False), "heun": ("heun", False), "dpm_2": ("dpm2", True),
+            "dpm_2_ancestral": ("dpm2_a", True), "lms": ("lms", False), "dpmpp_2s_ancestral": ("dpmpp_2s_a", False),
+            "dpmpp_sde": ("dpmpp_sde", False), "dpmpp_2m": ("dpmpp_2m", False),
+            "dpmpp_2m_sde": ("dpmpp_2m_sde", False), "dpmpp_2m_sde_heun": ("dpmpp_2m_sde_heun", False),
+            "dpmpp_3m_sde": ("dpmpp_3m_sde", False), "ddim": ("euler", False)}
+# its schedulers -> our schedule types over the model's whole range (imagine.schedules: the same rules)
+SCHEDULERS = {"simple": "simple", "sgm_uniform": "sgm_uniform", "karras": "karras", "exponential": "exponential",
+              "ddim_uniform": "ddim_uniform", "beta": "beta", "normal": "normal"}
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")  # its LatentUpscale's (bislerp not here)
+
+
+class NodeError(Exception):
+    """A node's input failed validation: ComfyUI's node error {"type", "message", "details", "extra_info"}."""
+
+    def __init__(self, kind: str, message: str, details: str, input_name: str | None = None, **extra):
+        super().__init__(f"{message}: {details}")
+        self.error = {"type": kind, "message": message, "details": details,
+                      "extra_info": {**({"input_name": input_name} if input_name else {}), **extra}}
+
+
+@dataclass
+class Clip:
+    """A CLIP output: the layers skipped from the last (None: the model's own, ComfyUI's -1 for SD 1.x)."""
+
+    skip: int | None = None
+
+
+@dataclass
+class Conditioning:
+    text: str
+    skip: int | None
+
+
+@dataclass
+class Node:
+    """One of ComfyUI's node classes: its inputs as its INPUT_TYPES gives them, outputs, and what it does."""
+
+    inputs: Callable[["ComfyState"], dict]  # state -> {"required": {...}, "optional": {...}, "hidden": {...}}
+    outputs: tuple[str, ...]
+    run: Callable[..., Any]  # (ctx, **inputs) -> a tuple of outputs, or {"ui": ..., "result": (...)}
+    category: str
+    description: str = ""
+    output_names: tuple[str, ...] | None = None
+    output_node: bool = False
+    display_name: str | None = None
+
+
+@dataclass
+class Prompt:
+    """A queued graph: ComfyUI's queue item [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
+
+    number: float
+    id: str
+    graph: dict
+    extra_data: dict
+    outputs: list[str]
+    client_id: str | None
+    job: Any = None
+    state: str = "queued"  # queued -> running -> done
+
+    def item(self) -> list:
+        return [self.number, self.id, self.graph, self.extra_data, self.outputs]
+
+
+@dataclass
+class ComfyState:
+    pipe: Any
+    worker: Any
+    model_name: str
+    base_dir: Path
+    max_steps: int
+    max_width: int
+    max_height: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    prompts: "OrderedDict[str, Prompt]" = field(default_factory=OrderedDict)  # queued and running, in order
+    history: "OrderedDict[str, dict]" = field(default_factory=OrderedDict)
+    sockets: dict = field(default_factory=dict)  # client id -> websocket
+    loop: asyncio.AbstractEventLoop | None = None
+    counter: int = 0
+
+    def folder(self, kind: str) -> Path:
+        if kind not in ("output", "input", "temp"):
+            raise ValueError(f"type must be output, input or temp; got {kind!r}")
+        path = self.base_dir / kind
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def input_files(self) -> list[str]:
+        folder = self.folder("input")
+        return sorted(str(p.relative_to(folder)).replace(os.sep, "/") for p in folder.rglob("*")
+                      if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"))
+
+    def emit(self, event: str, data: dict, client_id: str | None = None) -> None:
+        """A message to a client's socket (None: every client), from any thread."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        message = json.dumps({"type": event, "data": data})
+        targets = [client_id] if client_id is not None else None
+
+        def send():
+            for sid, ws in list(self.sockets.items()):
+                if targets is None or sid in targets:
+                    asyncio.ensure_future(_send(ws, message))
+
+        loop.call_soon_threadsafe(send)
+
+    def queue_remaining(self) -> int:
+        with self.lock:
+            return sum(1 for p in self.prompts.values() if p.state != "done")
+
+    def emit_status(self) -> None:
+        self.emit("status", {"status": {"exec_info": {"queue_remaining": self.queue_remaining()}}})
+
+
+async def _send(ws, message: str) -> None:
+    try:
+        await ws.send_text(message)
+    except Exception:  # (a socket that went away: its handler drops it)
+        pass
+
+
+# -- the nodes -----------------------------------------------------------------------------------------------------
+def _int(default, lo, hi, step=1, **more):
+    return ("INT", {"default": default, "min": lo, "max": hi, "step": step, **more})
+
+
+def _checkpoint(ctx, ckpt_name):
+    return ("model", Clip(), "vae")
+
+
+def _clip_text_encode(ctx, text, clip):
+    return (Conditioning(str(text), clip.skip),)
+
+
+def _clip_set_last_layer(ctx, clip, stop_at_clip_layer):
+    # (ComfyUI's -1 is the last layer's states, -2 the one before, layer-normed as its SD 1.x CLIP does)
+    return (Clip(skip=-int(stop_at_clip_layer) - 1),)
+
+
+def _empty_latent(ctx, width, height, batch_size):
+    pipe = ctx.state.pipe
+    f = int(getattr(pipe, "scale", 8))
+    return ({"samples": torch.zeros([int(batch_size), int(pipe.latent_channels), int(height) // f, int(width) // f])},)
+
+
+def _ksampler(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise):
+    return (ctx.sample(latent_image, int(seed), int(steps), float(cfg), sampler_name, scheduler, positive, negative,
+                       float(denoise)),)
+
+
+def _vae_decode(ctx, samples, vae):
+    return (ctx.decode(samples["samples"]),)
+
+
+def _vae_encode(ctx, pixels, vae):
+    return ({"samples": ctx.encode(pixels)},)
+
+
+def _latent_upscale(ctx, samples, upscale_method, width, height, crop):
+    f = int(getattr(ctx.state.pipe, "scale", 8))
+    z = samples["samples"]
+    w, h = int(width) // f, int(height) // f
+    if w == 0 and h == 0:
+        return (samples,)
+    if w == 0:  # (ComfyUI: a side of 0 keeps the aspect ratio)
+        w = max(1, round(z.shape[3] * h / z.shape[2]))
+    elif h == 0:
+        h = max(1, round(z.shape[2] * w / z.shape[3]))
+    return ({**samples, "samples": _upscale(z, upscale_method, w, h, crop)},)
+
+
+def _latent_upscale_by(ctx, samples, upscale_method, scale_by):
+    z = samples["samples"]
+    w, h = round(z.shape[3] * float(scale_by)), round(z.shape[2] * float(scale_by))
+    return ({**samples, "samples": _upscale(z, upscale_method, w, h, "disabled")},)
+
+
+def _upscale(z: torch.Tensor, method: str, w: int, h: int, crop: str) -> torch.Tensor:
+    """ComfyUI's common_upscale: an optional centre crop to the target's aspect ratio, then torch's interpolation."""
+    if crop == "center":
+        old_w, old_h = z.shape[3], z.shape[2]
+        old_aspect, new_aspect = old_w / old_h, w / h
+        x = y = 0
+        if old_aspect > new_aspect:
+            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+        elif old_aspect < new_aspect:
+            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+        z = z[:, :, y:old_h - y, x:old_w - x]
+    if method == "bicubic" or method == "bilinear":
+        return torch.nn.functional.interpolate(z, size=(h, w), mode=method, align_corners=False)
+    return torch.nn.functional.interpolate(z, size=(h, w), mode=method)
+
+
+def _load_image(ctx, image):
+    path = ctx.state.folder("input") / image
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        if "A" in im.getbands():  # (ComfyUI's mask: 1 - alpha)
+            mask = 1.0 - torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0)
+        else:
+            mask = torch.zeros((64, 64), dtype=torch.float32)
+    return (torch.from_numpy(rgb)[None], mask[None])
+
+
+def _save_image(ctx, images, filename_prefix="ComfyUI"):
+    return {"ui": {"images": ctx.save(images, str(filename_prefix), "output")}, "result": ()}
+
+
+def _preview_image(ctx, images):
+    prefix = "ComfyUI_temp_" + "".join(random.choice(string.ascii_lowercase) for _ in range(5))
+    return {"ui": {"images": ctx.save(images, prefix, "temp")}, "result": ()}
+
+
+def _samplers_list(state):
+    return list(SAMPLERS)
+
+
+NODES: dict[str, Node] = {
+    "CheckpointLoaderSimple": Node(
+        lambda s: {"required": {"ckpt_name": ([s.model_name], {"tooltip": "The served model (imagine serve "
+                                                                          "--ckpt-dir serves several)."})}},
+        ("MODEL", "CLIP", "VAE"), _checkpoint, "loaders", "Loads a diffusion model checkpoint.",
+        display_name="Load Checkpoint"),
+    "CLIPTextEncode": Node(
+        lambda s: {"required": {"text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)}},
+        ("CONDITIONING",), _clip_text_encode, "conditioning", "Encodes a text prompt with the CLIP model.",
+        display_name="CLIP Text Encode (Prompt)"),
+    "CLIPSetLastLayer": Node(
+        lambda s: {"required": {"clip": ("CLIP",), "stop_at_clip_layer": _int(-1, -24, -1)}},
+        ("CLIP",), _clip_set_last_layer, "conditioning", display_name="CLIP Set Last Layer"),
+    "EmptyLatentImage": Node(
+        lambda s: {"required": {"width": _int(512, 16, MAX_RESOLUTION, 8), "height": _int(512, 16, MAX_RESOLUTION, 8),
+                                "batch_size": _int(1, 1, 4096)}},
+        ("LATENT",), _empty_latent, "latent", "Creates a batch of empty latent images to be denoised.",
+        display_name="Empty Latent Image"),
+    "KSampler": Node(
+        lambda s: {"required": {
+            "model": ("MODEL",), "seed": _int(0, 0, MAX_SEED, control_after_generate=True),
+            "steps": _int(20, 1, 10000), "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                                           "round": 0.01}),
+            "sampler_name": (list(SAMPLERS),), "scheduler": (list(SCHEDULERS),), "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",), "latent_image": ("LATENT",),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01})}},
+        ("LATENT",), _ksampler, "sampling", "Denoises the latent image with the model, the prompts and the sampler.",
+        display_name="KSampler"),
+    "VAEDecode": Node(lambda s: {"required": {"samples": ("LATENT",), "vae": ("VAE",)}}, ("IMAGE",), _vae_decode,
+                      "latent", "Decodes latent images back into pixel space images.", display_name="VAE Decode"),
+    "VAEEncode": Node(lambda s: {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}, ("LATENT",), _vae_encode,
+                      "latent", display_name="VAE Encode"),
+    "LatentUpscale": Node(
+        lambda s: {"required": {"samples": ("LATENT",), "upscale_method": (list(UPSCALE_METHODS),),
+                                "width": _int(512, 0, MAX_RESOLUTION, 8), "height": _int(512, 0, MAX_RESOLUTION, 8),
+                                "crop": (["disabled", "center"],)}},
+        ("LATENT",), _latent_upscale, "latent", display_name="Upscale Latent"),
+    "LatentUpscaleBy": Node(
+        lambda s: {"required": {"samples": ("LATENT",), "upscale_method": (list(UPSCALE_METHODS),),
+                                "scale_by": ("FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01})}},
+        ("LATENT",), _latent_upscale_by, "latent", display_name="Upscale Latent By"),
+    "LoadImage": Node(
+        lambda s: {"required": {"image": (s.input_files(), {"image_upload": True})}},
+        ("IMAGE", "MASK"), _load_image, "image", display_name="Load Image"),
+    "SaveImage": Node(
+        lambda s: {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
+                   "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}},
+        (), _save_image, "image", "Saves the input images to the output directory.", output_node=True,
+        display_name="Save Image"),
+    "PreviewImage": Node(
+        lambda s: {"required": {"images": ("IMAGE",)}, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}},
+        (), _preview_image, "image", "Saves the input images to the temporary directory.", output_node=True,
+        display_name="Preview Image"),
+}
+
+
+def object_info(state: ComfyState, name: str) -> dict:
+    """ComfyUI's /object_info entry of a node class."""
+    node = NODES[name]
+    inputs = node.inputs(state)
+    return {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items() if k != "hidden"},
+            "output": list(node.outputs), "output_is_list": [False] * len(node.outputs),
+            "output_name": list(node.output_names or node.outputs), "name": name,
+            "display_name": node.display_name or name, "description": node.description,
+            "python_module": "nodes", "category": node.category, "output_node": node.output_node}
+
+
+# -- validation: ComfyUI's validate_prompt --------------------------------------------------------------------------
+def _is_link(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and isinstance(v[0], (str, int)) and isinstance(v[1], int)
+
+
+def validate(state: ComfyState, graph) -> tuple[dict | None, list[str], dict]:
+    """-> (prompt error or None, the output nodes to execute, node errors by id), as ComfyUI's validate_prompt."""
+    if not isinstance(graph, dict) or not graph:
+        return ({"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided",
+                 "extra_info": {}}, [], {})
+    for nid, node in graph.items():
+        if not isinstance(node, dict) or "class_type" not in node:
+            return ({"type": "invalid_prompt", "message": f"Cannot execute because a node is missing the class_type "
+                                                          f"property.: Node ID '#{nid}'",
+                     "details": "", "extra_info": {}}, [], {})
+        if node["class_type"] not in NODES:
+            return ({"type": "missing_node_type", "message": f"Node '{node['class_type']}' not found. This server "
+                                                             f"runs ComfyUI's core nodes: {', '.join(NODES)}",
+                     "details": f"Node ID '#{nid}'", "extra_info": {"node_id": nid, "class_type": node["class_type"]}},
+                    [], {})
+    outputs = sorted((nid for nid, n in graph.items() if NODES[n["class_type"]].output_node),
+                     key=lambda k: (0, int(k)) if str(k).isdigit() else (1, str(k)))
+    if not outputs:
+        return ({"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "", "extra_info": {}},
+                [], {})
+    checked: dict[str, list] = {}
+
+    def check(nid: str, seen: tuple) -> bool:
+        if nid in checked:
+            return not checked[nid]
+        node = graph[nid]
+        spec = NODES[node["class_type"]].inputs(state)
+        inputs = node.get("inputs", {}) if isinstance(node.get("inputs"), dict) else {}
+        errors, ok = [], True
+        for name, info in spec.get("required", {}).items():
+            kind, opts = info[0], info[1] if len(info) > 1 else {}
+            if name not in inputs:
+                errors.append({"type": "required_input_missing", "message": "Required input is missing",
+                               "details": name, "extra_info": {"input_name": name}})
+                continue
+            v = inputs[name]
+            if _is_link(v):
+                src = str(v[0])
+                if src not in graph:
+                    errors.append({"type": "bad_linked_input", "message": "Bad linked input, must be a length-2 list "
+                                   "of [string, int]", "details": f"{name}: node {src} does not exist",
+                                   "extra_info": {"input_name": name, "linked_node": v}})
+                    continue
+                if src in seen:
+                    errors.append({"type": "dependency_cycle", "message": "Dependency cycle detected",
+                                   "details": f"{name}: {src}", "extra_info": {"input_name": name}})
+                    continue
+                out = NODES[graph[src]["class_type"]].outputs
+                got = out[v[1]] if 0 <= v[1] < len(out) else None
+                if got != kind:
+                    errors.append({"type": "return_type_mismatch", "message": "Return type mismatch between linked "
+                                   "nodes", "details": f"{name}, received_type({got}) mismatch input_type({kind})",
+                                   "extra_info": {"input_name": name, "received_type": got, "linked_node": v}})
+                    continue
+                if not check(src, seen + (nid,)):
+                    ok = False
+                continue
+            try:
+                inputs[name] = _value(name, kind, opts, v)
+            except NodeError as e:
+                errors.append(e.error)
+        if errors:
+            checked[nid] = errors
+            return False
+        checked[nid] = []
+        return ok
+
+    node_errors: dict = {}
+    good = []
+    for nid in outputs:
+        if check(nid, ()):
+            good.append(nid)
+    for nid, errors in checked.items():
+        if errors:
+            node_errors[nid] = {"errors": errors, "dependent_outputs": [o for o in outputs if o not in good],
+                                "class_type": graph[nid]["class_type"]}
+    if len(good) < len(outputs) or node_errors:
+        details = "".join(f"\n{e['message']}: {e['details']}" for v in node_errors.values() for e in v["errors"])
+        return ({"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                 "details": details.strip(), "extra_info": {}}, good, node_errors)
+    return None, outputs, {}
+
+
+def _value(name: str, kind, opts: dict, v):
+    """A widget value as ComfyUI's validation converts and bounds it."""
+    if isinstance(kind, list):
+        if v not in kind:
+            shown = kind if len(kind) <= 20 else kind[:20] + ["..."]
+            raise NodeError("value_not_in_list", "Value not in list", f"{name}: '{v}' not in {shown}", name,
+                            received_value=v)
+        return v
+    try:
+        if kind == "INT":
+            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                raise ValueError
+            v = int(v)
+        elif kind == "FLOAT":
+            v = float(v)
+            if not math.isfinite(v):
+                raise ValueError
+        elif kind == "STRING":
+            v = str(v)
+        elif kind == "BOOLEAN":
+            v = bool(v)
+    except (TypeError, ValueError):
+        raise NodeError("invalid_input_type", f"Failed to convert an input value to a {kind} value",
+                        f"{name}, {v!r}", name, received_value=v) from None
+    if "min" in opts and v < opts["min"]:
+        raise NodeError("value_smaller_than_min", f"Value {v} smaller than min of {opts['min']}", name, name,
+                        received_value=v)
+    if "max" in opts and v > opts["max"]:
+        raise NodeError("value_bigger_than_max", f"Value {v} bigger than max of {opts['max']}", name, name,
+                        received_value=v)
+    return v
+
+
+# -- execution -------------------------------------------------------------------------------------------------------
+class Execution:
+    """One prompt's run in the model worker: its nodes' outputs, computed once each, and what KSampler, the VAE nodes
+    and the image savers do with the pipeline."""
+
+    def __init__(self, state: ComfyState, prompt: Prompt, run):
+        self.state, self.prompt, self.run = state, prompt, run
+        self.values: dict[str, Any] = {}
+        self.outputs: dict[str, dict] = {}
+        self.executed: list[str] = []
+        self.current: str | None = None
+
+    def emit(self, event: str, data: dict) -> None:
+        self.state.emit(event, {**data, "prompt_id": self.prompt.id}, self.prompt.client_id)
+
+    def __call__(self, pipe, run) -> dict:
+        self.run = run
+        self.emit("execution_start", {"timestamp": _ms()})
+        self.emit("execution_cached", {"nodes": [], "timestamp": _ms()})
+        for nid in self.prompt.outputs:
+            self.value(nid)
+        return self.outputs
+
+    def value(self, nid: str):
+        if nid in self.values:
+            return self.values[nid]
+        node = self.prompt.graph[nid]
+        spec = NODES[node["class_type"]]
+        given = node.get("inputs", {})
+        kwargs = {}
+        for name, v in given.items():
+            if _is_link(v):
+                kwargs[name] = self.value(str(v[0]))[v[1]]
+            elif name in spec.inputs(self.state).get("required", {}):
+                kwargs[name] = v
+        self.run.check()
+        self.current = nid
+        self.emit("executing", {"node": nid, "display_node": nid})
+        out = spec.run(self, **kwargs)
+        if isinstance(out, dict):
+            ui = out.get("ui")
+            if ui is not None:
+                self.outputs[nid] = ui
+                self.emit("executed", {"node": nid, "display_node": nid, "output": ui})
+            out = out.get("result", ())
+        self.values[nid] = out
+        self.executed.append(nid)
+        return out
+
+    # -- what the nodes do with the pipeline ----------------------------------------------------------------------
+    def sample(self, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+               positive: Conditioning, negative: Conditioning, denoise: float) -> dict:
+        """ComfyUI's KSampler (its common_ksampler): one seed for the batch's noise (BatchNoiseStream), the levels
+        of its scheduler over the model's range, its start, the nearest training timesteps, classifier-free guidance
+        at any cfg but 1; image to image from a non-empty latent at `denoise` (its last steps + 1 levels of
+        int(steps / denoise)). denoise 0 gives the latent back (its set_steps: no levels)."""
+        if steps > self.state.max_steps:
+            raise ValueError(f"steps {steps} is past the server's limit of {self.state.max_steps}")
+        z = latent["samples"]
+        if denoise <= 0:
+            return latent
+        pipe = self.state.pipe
+        f = int(getattr(pipe, "scale", 8))
+        if z.shape[3] * f > self.state.max_width or z.shape[2] * f > self.state.max_height:
+            raise ValueError(f"the latent is for {z.shape[3] * f}x{z.shape[2] * f} pixels, past the server's limit "
+                             f"of {self.state.max_width}x{self.state.max_height}")
+        if positive.skip != negative.skip:
+            raise ValueError("positive and negative come from different CLIP layers (CLIPSetLastLayer): this server "
+                             "encodes both with one")
+        sampler, discard = SAMPLERS[sampler_name]
+        n = z.shape[0]
+        self.run.new_pass(steps)
+        node = self.current
+        self.run.on_step = lambda value, most: self.emit("progress", {"value": value, "max": most, "node": node})
+        skip = None if positive.skip is None else int(getattr(pipe.text_encoder, "clip_skip", 0) or 0) + positive.skip
+        try:
+            with self.run.using_clip_skip(skip):
+                result = pipe.generate([positive.text] * n, [negative.text] * n, seeds=[seed] * n, steps=steps,
+                                       guidance_scale=cfg, sampler=sampler, sigma_schedule=SCHEDULERS[scheduler],
+                                       sigma_range="model", discard_penultimate_sigma=discard, start="comfyui",
+                                       rng="comfyui", quantize=True, init_latents=z.clone(),
+                                       strength=min(float(denoise), 1.0), strength_rule="a1111_fixed_steps",
+                                       long_prompts=True, callback=self.run.step, progress=False,
+                                       output_type="latent")
+        finally:
+            self.run.on_step = None
+        return {**latent, "samples": result.latents.float()}
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.state.pipe.decode(latents)  # [-1, 1]; ComfyUI's VAEDecode: clamp((x + 1) / 2, 0, 1), [B, H, W, C]
+        return ((x.float() + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's VAEEncode: the picture cropped to the VAE's factor about its centre, encoded to the posterior's
+        mean (deterministic: a seed never enters it)."""
+        pipe = self.state.pipe
+        f = int(getattr(pipe, "scale", 8))
+        h, w = pixels.shape[1] // f * f, pixels.shape[2] // f * f
+        if h == 0 or w == 0:
+            raise ValueError(f"the picture is {pixels.shape[2]}x{pixels.shape[1]}: VAEEncode needs at least {f} "
+                             "pixels a side")
+        dy, dx = (pixels.shape[1] % f) // 2, (pixels.shape[2] % f) // 2
+        x = pixels[:, dy:dy + h, dx:dx + w, :3].permute(0, 3, 1, 2) * 2.0 - 1.0
+        if h > self.state.max_height or w > self.state.max_width:
+            raise ValueError(f"the picture is {w}x{h}, past the server's limit of {self.state.max_width}x"
+                             f"{self.state.max_height}")
+        return pipe.vae.to_latent(pipe.vae_mode(x.float()))
+
+    def save(self, images: torch.Tensor, prefix: str, kind: str) -> list[dict]:
+        """ComfyUI's SaveImage / PreviewImage: PNGs named <prefix>_<counter:05>_.png, the counter one past the
+        folder's largest for the prefix; the graph ("prompt") and the client's extra_pnginfo ("workflow") as PNG text
+        chunks; 8 bits by truncation (its np.clip(255 x).astype(uint8))."""
+        base = self.state.folder(kind).resolve()
+        sub, _, name = prefix.replace("\\", "/").rpartition("/")
+        folder = (base / sub).resolve()
+        if os.path.commonpath([str(base), str(folder)]) != str(base) or not name:
+            raise ValueError(f"filename_prefix {prefix!r}: saving outside the {kind} folder is not allowed")
+        folder.mkdir(parents=True, exist_ok=True)
+        pattern = re.compile(re.escape(name) + r"_(\d+)_")
+        counter = max([int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))], default=0) + 1
+        meta = PngImagePlugin.PngInfo()
+        meta.add_text("prompt", json.dumps(self.prompt.graph))
+        for key, v in (self.prompt.extra_data.get("extra_pnginfo") or {}).items():
+            meta.add_text(str(key), json.dumps(v))
+        out = []
+        for image in images:
+            array = np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)
+            file = f"{name}_{counter:05}_.png"
+            Image.fromarray(array).save(folder / file, pnginfo=meta, compress_level=4 if kind == "output" else 1)
+            out.append({"filename": file, "subfolder": sub, "type": kind})
+            counter += 1
+        return out
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+# -- the routes --------------------------------------------------------------------------------------------------------
+def add_routes(app, pipe, worker, *, model_name: str, max_steps: int, max_width: int, max_height: int,
+               base_dir: str | Path | None = None, version: str = "") -> ComfyState:
+    """ComfyUI's routes on `app` (also under /api, as ComfyUI serves them). `base_dir` holds the output, input and temp
+    folders (None: a new temporary folder)."""
+    import tempfile
+
+    from imagine.server.worker import Job, QueueFull, Settings, ShuttingDown
+
+    base = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="imagine-comfyui-"))
+    state = ComfyState(pipe, worker, model_name, base, max_steps, max_width, max_height)
+
+    def route(path: str, methods: list[str]):
+        def add(fn):
+            for prefix in ("", "/api"):
+                app.add_api_route(prefix + path, fn, methods=methods, include_in_schema=not prefix)
+            return fn
+        return add
+
+    def finish(prompt: Prompt, execution: Execution, future) -> None:
+        """The prompt's history entry and last messages, when its job ends (in the worker's thread)."""
+        from imagine.server.worker import Interrupted, JobCancelled
+
+        messages = [["execution_start", {"prompt_id": prompt.id, "timestamp": _ms()}],
+                    ["execution_cached", {"nodes": [], "prompt_id": prompt.id, "timestamp": _ms()}]]
+        e = future.exception()
+        if isinstance(e, JobCancelled) and not execution.executed and execution.current is None:
+            with state.lock:  # (deleted from the queue before it ran: ComfyUI keeps no history of it)
+                prompt.state = "done"
+                state.prompts.pop(prompt.id, None)
+            state.emit_status()
+            return
+        status = "success"
+        if e is None:
+            messages.append(["execution_success", {"prompt_id": prompt.id, "timestamp": _ms()}])
+            execution.emit("execution_success", {"timestamp": _ms()})
+        else:
+            status = "error"
+            node = execution.current
+            info = {"prompt_id": prompt.id, "node_id": node,
+                    "node_type": prompt.graph[node]["class_type"] if node else None,
+                    "executed": list(execution.executed), "timestamp": _ms()}
+            if isinstance(e, (Interrupted, JobCancelled)):
+                messages.append(["execution_interrupted", info])
+                execution.emit("execution_interrupted", info)
+            else:
+                info.update(exception_message=str(e), exception_type=type(e).__name__, traceback=[],
+                            current_inputs={}, current_outputs={})
+                messages.append(["execution_error", info])
+                execution.emit("execution_error", info)
+        execution.emit("executing", {"node": None})
+        with state.lock:
+            prompt.state = "done"
+            state.prompts.pop(prompt.id, None)
+            state.history[prompt.id] = {
+                "prompt": prompt.item(), "outputs": execution.outputs,
+                "status": {"status_str": status, "completed": status == "success", "messages": messages},
+                "meta": {nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
+                         for nid in execution.outputs}}
+            while len(state.history) > MAX_HISTORY:
+                state.history.popitem(last=False)
+        state.emit_status()
+
+    @route("/prompt", ["POST"])
+    async def post_prompt(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": {"type": "invalid_prompt", "message": "the body is not JSON",
+                                           "details": "", "extra_info": {}}, "node_errors": {}}, status_code=400)
+        if not isinstance(body, dict) or "prompt" not in body:
+            return JSONResponse({"error": {"type": "no_prompt", "message": "No prompt provided",
+                                           "details": "No prompt provided", "extra_info": {}}, "node_errors": {}},
+                                status_code=400)
+        state.loop = asyncio.get_running_loop()
+        graph = body["prompt"]
+        error, outputs, node_errors = validate(state, graph)
+        if error is not None:
+            return JSONResponse({"error": error, "node_errors": node_errors}, status_code=400)
+        prompt_id = body.get("prompt_id") or str(uuid.uuid4())
+        try:
+            prompt_id = str(uuid.UUID(str(prompt_id)))
+        except ValueError:
+            return JSONResponse({"error": {"type": "invalid_prompt_id", "message": "Invalid prompt_id format",
+                                           "details": f"prompt_id must be a valid UUID: {prompt_id!r}",
+                                           "extra_info": {}}, "node_errors": {}}, status_code=400)
+        extra = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
+        client_id = body.get("client_id")
+        if client_id is not None:
+            extra = {**extra, "client_id": client_id}
+        with state.lock:
+            if prompt_id in state.prompts or prompt_id in state.history:
+                return JSONResponse({"error": {"type": "invalid_prompt_id", "message": "prompt_id already used",
+                                               "details": prompt_id, "extra_info": {}}, "node_errors": {}},
+                                    status_code=400)
+            number = body.get("number")
+            if not isinstance(number, (int, float)) or isinstance(number, bool):
+                number = state.counter
+            if body.get("front"):
+                number = -number
+            state.counter += 1
+        prompt = Prompt(float(number) if isinstance(number, float) else number, prompt_id, graph, extra, outputs,
+                        client_id)
+        execution = Execution(state, prompt, None)
+        job = Job(prompts=[""], negative_prompts=[""], seeds=[0], call=execution,
+                  settings=Settings(height=0, width=0, steps=1, sampler="euler", guidance_scale=1.0))
+        job.id = prompt_id
+        prompt.job = job
+        try:
+            future = worker.submit(job)
+        except QueueFull as e:
+            return JSONResponse({"error": {"type": "queue_full", "message": str(e), "details": "", "extra_info": {}},
+                                 "node_errors": {}}, status_code=429, headers={"Retry-After": str(e.retry_after)})
+        except ShuttingDown as e:
+            return JSONResponse({"error": {"type": "shutting_down", "message": str(e), "details": "",
+                                           "extra_info": {}}, "node_errors": {}}, status_code=503)
+        with state.lock:
+            state.prompts[prompt_id] = prompt
+        future.add_done_callback(lambda f: finish(prompt, execution, f))
+        state.emit_status()
+        return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+
+    @route("/prompt", ["GET"])
+    def get_prompt():
+        return {"exec_info": {"queue_remaining": state.queue_remaining()}}
+
+    def queue_items() -> tuple[list, list]:
+        running, pending = [], []
+        with state.lock:
+            for p in state.prompts.values():
+                (running if worker.position(p.id) == 0 else pending).append(p.item())
+        return running, pending
+
+    @route("/queue", ["GET"])
+    def get_queue():
+        running, pending = queue_items()
+        return {"queue_running": running, "queue_pending": pending}
+
+    @route("/queue", ["POST"])
+    async def post_queue(request: Request):
+        body = await _json(request)
+        with state.lock:
+            waiting = [p for p in state.prompts.values() if worker.position(p.id) not in (0, None)]
+        if body.get("clear"):
+            for p in waiting:
+                worker.cancel(p.job)
+        for pid in body.get("delete") or []:
+            for p in waiting:
+                if p.id == pid:
+                    worker.cancel(p.job)
+        return Response(status_code=200)
+
+    @route("/interrupt", ["POST"])
+    async def post_interrupt(request: Request):
+        body = await _json(request)
+        pid = body.get("prompt_id")
+        if pid is None:  # (ComfyUI's global interrupt: whatever runs, a prompt of ours or not)
+            worker.interrupt()
+        else:
+            worker.interrupt(job_id=str(pid))
+        return Response(status_code=200)
+
+    @route("/history", ["GET"])
+    def get_history(max_items: int | None = None, offset: int = -1):
+        with state.lock:
+            items = list(state.history.items())
+        if offset is not None and offset >= 0:
+            items = items[offset:]
+        if max_items is not None:
+            items = items[-max_items:] if offset is None or offset < 0 else items[:max_items]
+        return dict(items)
+
+    @route("/history/{prompt_id}", ["GET"])
+    def get_history_item(prompt_id: str):
+        with state.lock:
+            entry = state.history.get(prompt_id)
+        return {prompt_id: entry} if entry is not None else {}
+
+    @route("/history", ["POST"])
+    async def post_history(request: Request):
+        body = await _json(request)
+        with state.lock:
+            if body.get("clear"):
+                state.history.clear()
+            for pid in body.get("delete") or []:
+                state.history.pop(pid, None)
+        return Response(status_code=200)
+
+    @route("/view", ["GET"])
+    def view(filename: str, type: str = "output", subfolder: str = "", preview: str | None = None,
+             channel: str | None = None):
+        try:
+            base = state.folder(type).resolve()
+        except ValueError as e:
+            return Response(str(e), status_code=400)
+        path = (base / subfolder / filename).resolve()
+        if os.path.commonpath([str(base), str(path)]) != str(base) or filename in ("", ".", ".."):
+            return Response("the file is outside its folder", status_code=403)
+        if not path.is_file():
+            return Response(status_code=404)
+        if preview is None and channel in (None, "rgba"):
+            return FileResponse(path, headers={"Content-Disposition": f'filename="{path.name}"'})
+        import io
+
+        with Image.open(path) as im:
+            im.load()
+        if channel == "rgb":
+            im = im.convert("RGB")
+        elif channel == "a":
+            alpha = im.getchannel("A") if "A" in im.getbands() else Image.new("L", im.size, 255)
+            im = Image.new("RGBA", im.size, (0, 0, 0, 0))
+            im.putalpha(alpha)
+        buffer = io.BytesIO()
+        kind, quality = "png", 90
+        if preview:
+            kind, _, q = preview.partition(";")
+            kind = kind if kind in ("webp", "jpeg") else "webp"
+            quality = int(q) if q.isdigit() else 90
+            if kind == "jpeg":
+                im = im.convert("RGB")
+        im.save(buffer, format=kind.upper(), **({"quality": quality} if kind != "png" else {}))
+        return Response(buffer.getvalue(), media_type=f"image/{kind}")
+
+    @route("/upload/image", ["POST"])
+    async def upload_image(request: Request):
+        form = await request.form()
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile) and not hasattr(upload, "read"):
+            return Response("the form needs a file field 'image'", status_code=400)
+        kind = str(form.get("type") or "input")
+        sub = str(form.get("subfolder") or "")
+        try:
+            base = state.folder(kind).resolve()
+        except ValueError as e:
+            return Response(str(e), status_code=400)
+        folder = (base / sub).resolve()
+        name = Path(upload.filename or "image.png").name
+        if os.path.commonpath([str(base), str(folder)]) != str(base) or name in ("", ".", ".."):
+            return Response("the file would be outside its folder", status_code=400)
+        data = await upload.read()
+        try:
+            import io
+
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+        except Exception:
+            return Response(f"{name} is not a picture Pillow reads", status_code=400)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / name
+        if str(form.get("overwrite") or "").lower() not in ("true", "1"):
+            stem, suffix, k = target.stem, target.suffix, 1
+            while target.exists():  # (ComfyUI's rule: "name (1).png", ...)
+                target = folder / f"{stem} ({k}){suffix}"
+                k += 1
+        tmp = target.with_name(target.name + ".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        return {"name": target.name, "subfolder": sub, "type": kind}
+
+    @route("/object_info", ["GET"])
+    def get_object_info():
+        return {name: object_info(state, name) for name in NODES}
+
+    @route("/object_info/{node_class}", ["GET"])
+    def get_object_info_node(node_class: str):
+        return {node_class: object_info(state, node_class)} if node_class in NODES else {}
+
+    @route("/system_stats", ["GET"])
+    def system_stats():
+        from imagine.models.winograd import _available_bytes
+
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return {"system": {"os": os.name, "ram_total": total, "ram_free": _available_bytes() or 0,
+                           "comfyui_version": f"imagine {version}", "python_version": sys.version,
+                           "pytorch_version": torch.__version__, "embedded_python": False, "argv": sys.argv},
+                "devices": [{"name": platform.processor() or "cpu", "type": "cpu", "index": None, "vram_total": 0,
+                             "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0}]}
+
+    @route("/embeddings", ["GET"])
+    def embeddings():
+        return sorted(getattr(pipe, "embedding_names", lambda: [])())
+
+    @route("/extensions", ["GET"])
+    def extensions():
+        return []
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket):
+        await websocket.accept()
+        state.loop = asyncio.get_running_loop()
+        sid = websocket.query_params.get("clientId") or uuid.uuid4().hex
+        state.sockets[sid] = websocket
+        try:
+            await websocket.send_text(json.dumps({"type": "status", "data": {
+                "status": {"exec_info": {"queue_remaining": state.queue_remaining()}}, "sid": sid}}))
+            while True:
+                await websocket.receive_text()
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            if state.sockets.get(sid) is websocket:
+                del state.sockets[sid]
+
+    app.state.comfyui = state
+    return state
+
+
+async def _json(request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
