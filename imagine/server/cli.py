@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "name it in AUTOMATIC1111's refiner_checkpoint (with refiner_switch_at, default 0.8)")
     p.add_argument("--clip-skip", type=int, default=None,
                    help="use the CLIP states N layers before the last (diffusers' clip_skip; A1111's 'Clip skip' N + 1)")
+    p.add_argument("--comfyui-dir", default=None, metavar="DIR",
+                   help="the folder of ComfyUI's output, input and temp folders for its API (/prompt, /view, "
+                        "/upload/image; SaveImage writes DIR/output). Default: a new temporary folder")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; there is no authentication, "
                         "so bind another address only on a network you trust)")
@@ -286,7 +289,7 @@ def _model_app(args, config, styles, model_name: str | None = None):
         raise ValueError(f"{args.model} is {pipe.picture_model}, which a picture conditions throughout; imagine serve "
                          "runs text-to-image models and unCLIP decoders: use imagine generate --init-image PICTURE")
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
-    app = create_app(pipe, config, styles=styles, model_name=model_name)
+    app = create_app(pipe, config, styles=styles, model_name=model_name, comfyui_dir=args.comfyui_dir)
     app.state.listen = not is_loopback(args.host)
     return app
 
@@ -326,7 +329,7 @@ def _serve(args, socks, config, styles) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     port = socks[0].getsockname()[1]  # (the one taken, for --port 0)
     print(f"imagine serve: {source} on http://{shown}:{port}/ "
-          f"(API: /sdapi/v1/txt2img, /v1/images/generations; queue {config.queue_size}, batch {config.max_batch})",
+          f"(API: /sdapi/v1/txt2img, /v1/images/generations, ComfyUI's /prompt; queue {config.queue_size}, batch {config.max_batch})",
           file=sys.stderr, flush=True)
     for s in socks:  # (held while the model loaded; uvicorn binds the same port again at once)
         s.close()

@@ -1,0 +1,278 @@
+"""ComfyUI's API (imagine/server/comfyui.py) on a tiny model, through a real server.
+
+The pictures are held to ComfyUI's KSampler restated with k-diffusion's sampler functions (which ComfyUI vendors) over
+the model's U-Net and text encodings: its noise (one torch.manual_seed(seed) draw for the batch, the ancestral steps'
+from seed + 1 on a CPU), its start (z sqrt(1 + sigma_max^2), or latent + z sigma_0 below sigma_max), the nearest
+training timestep (DiscreteEpsDDPMDenoiser(quantize=True)), its Karras and "normal" levels, its image to image (the last
+steps + 1 levels of int(steps / denoise)), its VAEDecode ((x + 1) / 2 clamped) and SaveImage (8 bits by truncation).
+The answers' shapes are those of ComfyUI's server.py (its /prompt errors, history entries, queue, socket messages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from imagine.server.app import BackgroundServer, ServerConfig, create_app
+from test_k_diffusion import kd  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.testing import make_tiny_model
+
+    return TextToImagePipeline.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("tiny-model")))
+
+
+@pytest.fixture(scope="module")
+def server(pipe, tmp_path_factory):
+    app = create_app(pipe, ServerConfig(max_width=128, max_height=128, max_steps=50),
+                     comfyui_dir=str(tmp_path_factory.mktemp("comfy")))
+    with BackgroundServer(app) as srv:
+        srv.name = requests.get(srv.url + "/object_info/CheckpointLoaderSimple").json()[
+            "CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0][0]
+        yield srv
+
+
+def graph(name, seed=5, steps=4, cfg=6.0, sampler="euler_ancestral", scheduler="karras", batch=2, text="a red circle",
+          latent=None, denoise=1.0, save="SaveImage"):
+    g = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
+         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 16, "height": 16, "batch_size": batch}},
+         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["4", 1]}},
+         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+         "3": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+                                                    "scheduler": scheduler, "denoise": denoise, "model": ["4", 0],
+                                                    "positive": ["6", 0], "negative": ["7", 0],
+                                                    "latent_image": latent or ["5", 0]}},
+         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+         "9": {"class_type": save, "inputs": {"images": ["8", 0]}}}
+    if save == "SaveImage":
+        g["9"]["inputs"]["filename_prefix"] = "ComfyUI"
+    return g
+
+
+def run(srv, g, **body) -> tuple[str, dict]:
+    r = requests.post(srv.url + "/prompt", json={"prompt": g, **body})
+    assert r.status_code == 200, r.text
+    pid = r.json()["prompt_id"]
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        h = requests.get(f"{srv.url}/history/{pid}").json()
+        if h:
+            return pid, h[pid]
+        time.sleep(0.05)
+    raise AssertionError("the prompt did not finish")
+
+
+def pictures(srv, entry, node="9") -> list[np.ndarray]:
+    out = []
+    for image in entry["outputs"][node]["images"]:
+        r = requests.get(srv.url + "/view", params=image)
+        assert r.status_code == 200
+        out.append(np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")))
+    return out
+
+
+def comfy_reference(kd, pipe, text, seed, steps, cfg, sampler, sigmas_of, batch, latent=None, denoise=1.0):
+    """ComfyUI's KSampler -> VAEDecode -> SaveImage, restated over the pipeline's U-Net and text encodings."""
+    cond, uncond = pipe.encode_prompts([text] * batch), pipe.encode_prompts([""] * batch)
+
+    class Guided(torch.nn.Module):  # (its cfg_function: uncond + (cond - uncond) * cfg)
+        def forward(self, x, t, **kw):
+            t = t.float().expand(x.shape[0])
+            e_c, e_u = pipe.unet(x, t, **cond), pipe.unet(x, t, **uncond)
+            return e_u + (e_c - e_u) * cfg
+
+    den = kd.external.DiscreteEpsDDPMDenoiser(Guided(), pipe.schedule.alphas_cumprod.float(), quantize=True)
+    n = int(steps / denoise) if denoise < 1 else steps
+    sigmas = sigmas_of(kd, den, n)[-(steps + 1):]
+    shape = (batch, pipe.latent_channels, 8, 8) if latent is None else tuple(latent.shape)
+    z = torch.randn(shape, generator=torch.manual_seed(seed))
+    latent = torch.zeros(shape) if latent is None else latent
+    top = float(den.sigma_max)
+    full = abs(float(sigmas[0]) - top) <= 1e-5 * top or float(sigmas[0]) > top
+    x = latent + z * (torch.sqrt(1 + sigmas[0] ** 2) if full else sigmas[0])
+    g = torch.Generator().manual_seed(seed + 1)
+    kw = {"noise_sampler": lambda s, s_next: torch.randn(shape, generator=g)} if "ancestral" in sampler else {}
+    with torch.no_grad():
+        out = getattr(kd.sampling, sampler)(den, x, sigmas, disable=True, **kw)
+        images = ((pipe.decode(out) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+    return [np.clip(255.0 * im.numpy(), 0, 255).astype(np.uint8) for im in images]
+
+
+def karras(kd, den, n):
+    return kd.sampling.get_sigmas_karras(n, float(den.sigma_min), float(den.sigma_max))
+
+
+def normal(kd, den, n):
+    return den.get_sigmas(n)
+
+
+def close(a: np.ndarray, b: np.ndarray) -> bool:
+    # (the pipeline's packed float32 weights against the module's: a rounding may cross a level, not more)
+    d = np.abs(a.astype(int) - b.astype(int))
+    return d.max() <= 1 and (d > 0).mean() < 0.01
+
+
+def test_a_text_to_image_graph_gives_comfyuis_pictures(server, pipe, kd):
+    seed = 2**64 - 5  # (ComfyUI's seeds reach 2^64 - 1; its default workflow's is 156680208700286)
+    pid, entry = run(server, graph(server.name, seed=seed), client_id="t1")
+    assert entry["status"]["status_str"] == "success" and entry["status"]["completed"]
+    assert [m[0] for m in entry["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]
+    assert entry["prompt"][1] == pid and entry["prompt"][4] == ["9"] and entry["prompt"][3] == {"client_id": "t1"}
+    files = entry["outputs"]["9"]["images"]
+    assert [f["type"] for f in files] == ["output", "output"]
+    assert all(f["filename"].startswith("ComfyUI_") and f["filename"].endswith("_.png") for f in files)
+    got = pictures(server, entry)
+    want = comfy_reference(kd, pipe, "a red circle", seed, 4, 6.0, "sample_euler_ancestral", karras, 2)
+    assert all(close(a, b) for a, b in zip(got, want))
+    assert not np.array_equal(got[0], got[1])  # (image 1 is the batch draw's second row, not seed + 1's)
+    # the graph travels in the PNG, as ComfyUI writes it ("prompt"; the client's extra_pnginfo beside it)
+    r = requests.get(server.url + "/view", params=files[0])
+    assert json.loads(Image.open(io.BytesIO(r.content)).text["prompt"])["3"]["inputs"]["seed"] == seed
+
+
+def test_normal_scheduler_euler_and_ddim_and_a_png_workflow(server, pipe, kd):
+    want = comfy_reference(kd, pipe, "a blue square", 77, 5, 3.0, "sample_euler", normal, 1)
+    for name in ("euler", "ddim"):  # (ComfyUI's ddim is Euler)
+        _, entry = run(server, graph(server.name, seed=77, steps=5, cfg=3.0, sampler=name, scheduler="normal",
+                                     batch=1, text="a blue square"),
+                       extra_data={"extra_pnginfo": {"workflow": {"nodes": [1, 2]}}})
+        assert close(pictures(server, entry)[0], want[0]), name
+        r = requests.get(server.url + "/view", params=entry["outputs"]["9"]["images"][0])
+        assert json.loads(Image.open(io.BytesIO(r.content)).text["workflow"]) == {"nodes": [1, 2]}
+
+
+def test_image_to_image_from_an_uploaded_picture(server, pipe, kd):
+    rgb = np.random.default_rng(0).integers(0, 256, (19, 17, 3), dtype=np.uint8)  # (cropped to 16 x 18 by VAEEncode)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    r = requests.post(server.url + "/upload/image", files={"image": ("pic.png", buffer.getvalue(), "image/png")})
+    assert r.status_code == 200 and r.json() == {"name": "pic.png", "subfolder": "", "type": "input"}
+    r2 = requests.post(server.url + "/upload/image", files={"image": ("pic.png", buffer.getvalue(), "image/png")})
+    assert r2.json()["name"] == "pic (1).png"  # (not overwritten unless asked)
+    g = graph(server.name, seed=3, steps=4, cfg=4.0, sampler="euler", scheduler="normal", batch=1,
+              latent=["11", 0], denoise=0.5)
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": "pic.png"}}
+    g["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    _, entry = run(server, g)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    got = pictures(server, entry)[0]
+    assert got.shape == (18, 16, 3)
+    pixels = torch.from_numpy(rgb[:18, :16].astype(np.float32) / 255.0)  # ((19 % 2) // 2 = 0 offsets)
+    latent = pipe.vae.to_latent(pipe.vae_mode(pixels.permute(2, 0, 1)[None] * 2 - 1))
+    want = comfy_reference(kd, pipe, "a red circle", 3, 4, 4.0, "sample_euler", normal, 1, latent=latent, denoise=0.5)
+    assert close(got, want[0])
+
+
+def test_validation_errors_have_comfyuis_shape(server):
+    g = graph(server.name)
+    g["3"]["inputs"].update(sampler_name="nope", steps=0)
+    del g["3"]["inputs"]["cfg"]
+    r = requests.post(server.url + "/prompt", json={"prompt": g})
+    assert r.status_code == 400
+    body = r.json()
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    kinds = {e["type"]: e for e in body["node_errors"]["3"]["errors"]}
+    assert set(kinds) == {"value_not_in_list", "value_smaller_than_min", "required_input_missing"}
+    assert kinds["required_input_missing"]["extra_info"]["input_name"] == "cfg"
+    assert body["node_errors"]["3"]["class_type"] == "KSampler" and body["node_errors"]["3"]["dependent_outputs"] == ["9"]
+    no_out = graph(server.name)
+    del no_out["9"]
+    assert requests.post(server.url + "/prompt", json={"prompt": no_out}).json()["error"]["type"] == \
+        "prompt_no_outputs"
+    unknown = {**graph(server.name), "12": {"class_type": "SomeCustomNode", "inputs": {}}}
+    r = requests.post(server.url + "/prompt", json={"prompt": unknown})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "missing_node_type"
+    wrong = graph(server.name)
+    wrong["8"]["inputs"]["samples"] = ["6", 0]  # (a CONDITIONING into a LATENT input)
+    e = requests.post(server.url + "/prompt", json={"prompt": wrong}).json()["node_errors"]["8"]["errors"][0]
+    assert e["type"] == "return_type_mismatch"
+    assert requests.post(server.url + "/prompt", json={"prompt": graph("other.safetensors")}).json()[
+        "node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"
+
+
+def test_the_socket_tells_the_run_and_queue_and_history_answer(server):
+    import websockets
+
+    async def listen():
+        async with websockets.connect(server.url.replace("http", "ws") + "/ws?clientId=me") as ws:
+            first = json.loads(await ws.recv())
+            assert first["type"] == "status" and first["data"]["sid"] == "me"
+            r = requests.post(server.url + "/prompt", json={"prompt": graph(server.name, steps=3, save="PreviewImage"),
+                                                           "client_id": "me"})
+            pid = r.json()["prompt_id"]
+            seen = []
+            while True:
+                m = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                if m["type"] == "status":
+                    continue
+                seen.append(m)
+                if m["type"] == "executing" and m["data"]["node"] is None:
+                    return pid, seen
+
+    pid, seen = asyncio.run(listen())
+    kinds = [m["type"] for m in seen]
+    assert kinds[:2] == ["execution_start", "execution_cached"] and kinds[-2:] == ["execution_success", "executing"]
+    progress = [m["data"] for m in seen if m["type"] == "progress"]
+    assert [p["value"] for p in progress] == [1, 2, 3] and {p["max"] for p in progress} == {3}
+    assert all(p["node"] == "3" and p["prompt_id"] == pid for p in progress)
+    executed = [m["data"] for m in seen if m["type"] == "executed"]
+    assert len(executed) == 1 and executed[0]["node"] == "9"
+    assert [i["type"] for i in executed[0]["output"]["images"]] == ["temp", "temp"]
+    order = [m["data"]["node"] for m in seen if m["type"] == "executing"]
+    assert order.index("3") < order.index("8") < order.index("9")
+    assert requests.get(server.url + "/queue").json() == {"queue_running": [], "queue_pending": []}
+    assert pid in requests.get(server.url + "/history").json()
+    assert requests.post(server.url + "/history", json={"delete": [pid]}).status_code == 200
+    assert requests.get(f"{server.url}/history/{pid}").json() == {}
+
+
+def test_view_refuses_paths_outside_its_folders(server):
+    assert requests.get(server.url + "/view", params={"filename": "../x.png", "type": "output"}).status_code == 403
+    assert requests.get(server.url + "/view", params={"filename": "missing.png"}).status_code == 404
+    assert requests.get(server.url + "/view", params={"filename": "a.png", "type": "secret"}).status_code == 400
+
+
+def test_object_info_lists_the_nodes_with_their_inputs(server):
+    info = requests.get(server.url + "/api/object_info").json()
+    assert {"KSampler", "CLIPTextEncode", "EmptyLatentImage", "VAEDecode", "SaveImage", "LoadImage"} <= set(info)
+    ks = info["KSampler"]
+    assert ks["output"] == ["LATENT"] and ks["input"]["required"]["seed"][1]["max"] == 2**64 - 1
+    assert "euler_ancestral" in ks["input"]["required"]["sampler_name"][0]
+    assert info["SaveImage"]["output_node"] is True
+
+
+def test_an_interrupt_ends_the_prompt_as_interrupted(server):
+    g = graph(server.name, steps=40, batch=1)
+    r = requests.post(server.url + "/prompt", json={"prompt": g})
+    pid = r.json()["prompt_id"]
+    t0 = time.time()
+    while requests.get(server.url + "/queue").json()["queue_running"] == [] and time.time() - t0 < 30:
+        time.sleep(0.01)
+    requests.post(server.url + "/interrupt", json={"prompt_id": pid})
+    _, entry = run_wait(server, pid)
+    assert entry["status"]["status_str"] == "error"
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+    assert entry["outputs"] == {}
+
+
+def run_wait(srv, pid):
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        h = requests.get(f"{srv.url}/history/{pid}").json()
+        if h:
+            return pid, h[pid]
+        time.sleep(0.05)
+    raise AssertionError("the prompt did not finish")
