@@ -19,6 +19,11 @@ piece is tokenized on its own, so a piece's tokens carry exactly its weight.
 
 Off by default in the pipeline and the CLI (`--emphasis`), where a prompt means what diffusers reads in
 it; on for the server's AUTOMATIC1111 API, whose clients write prompts in this syntax.
+
+ComfyUI reads its own form of the syntax (mode "ComfyUI", its comfy/sd1_clip.py; the server's ComfyUI API):
+`(text)` multiplies by 1.1 and nests, `(text:w)` sets the weight to w (not a product), `[text]` is text, `\\(` and
+`\\)` are the characters (`parse_comfyui`); and it weights a token's state towards the empty prompt's state at the
+same position instead of scaling it, z' = z_empty + (z - z_empty) w, with no rescale (`apply_comfyui`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ ROUND, SQUARE = 1.1, 1 / 1.1
 # AUTOMATIC1111's "emphasis" setting (1.8+, modules/sd_emphasis.py): "None" reads brackets as text; "Ignore" reads the
 # syntax but applies no weights; "Original" weights and restores the mean; "No norm" weights without restoring it
 EMPHASIS_MODES = ("None", "Ignore", "Original", "No norm")
+COMFYUI = "ComfyUI"  # ComfyUI's weights (parse_comfyui, apply_comfyui): a mode of generate's, not one of A1111's
 BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _TOKENS = re.compile(r"""
 \\\(|\\\)|\\\[|\\]|\\\\|\\|   # escapes
@@ -101,12 +107,75 @@ def parse_emphasis(text: str, breaks: bool = False) -> list[tuple[str, float | N
     return [(p, w) for p, w in merged if p or w is None] or [("", 1.0)]
 
 
-def weighted_tokens(tokenizer, text: str, max_length: int) -> tuple[list[int], list[float], int, int]:
+def parse_comfyui(text: str) -> list[tuple[str, float]]:
+    """`text` -> [(segment, weight)] as ComfyUI's token_weights reads it: a parenthesised group at the top level
+    (parse_parentheses: a ")" with nothing open is text, one left open runs to the end as text) weighs its inside 1.1
+    times the weight around it, or w where it ends in ":w" (the last colon; a colon not followed by a number is text);
+    groups nest; escaped `\\(` / `\\)` are the characters. Empty segments are left out."""
+    escaped = text.replace("\\)", "\0\1").replace("\\(", "\0\2")
+
+    def groups(s: str) -> list[str]:
+        out, current, depth = [], "", 0
+        for ch in s:
+            if ch == "(":
+                if depth == 0:
+                    if current:
+                        out.append(current)
+                    current = "("
+                else:
+                    current += ch
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+                if depth == 0:
+                    out.append(current + ")")
+                    current = ""
+                else:
+                    current += ch
+            else:
+                current += ch
+        if current:
+            out.append(current)
+        return out
+
+    def weights(s: str, current: float) -> list[tuple[str, float]]:
+        out = []
+        for g in groups(s):
+            if len(g) >= 2 and g[0] == "(" and g[-1] == ")":
+                inner, w = g[1:-1], current * 1.1
+                colon = inner.rfind(":")
+                if colon > 0:
+                    try:
+                        w = float(inner[colon + 1:])
+                        inner = inner[:colon]
+                    except ValueError:
+                        pass
+                out += weights(inner, w)
+            else:
+                out.append((g, current))
+        return out
+
+    pieces = [(p.replace("\0\1", ")").replace("\0\2", "("), w) for p, w in weights(escaped, 1.0)]
+    return [(p, w) for p, w in pieces if p]
+
+
+def apply_comfyui(states: torch.Tensor, weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's weights (its encode_token_weights): where a token's weight is not 1, its state moves along the line
+    from the empty prompt's state at that position, z_empty + (z - z_empty) w; `empty` [1 or B, N, D] is the encoding
+    of the empty prompt's window (start, end, padding)."""
+    w = weights.to(states.dtype)[..., None]
+    e = empty.to(states.dtype)
+    return torch.where(w != 1, (states - e) * w + e, states)
+
+
+def weighted_tokens(tokenizer, text: str, max_length: int, comfyui: bool = False
+                    ) -> tuple[list[int], list[float], int, int]:
     """The ids of `text` with its emphasis taken out, with the tokenizer's own start / end tokens and padding to
     `max_length`, a weight per id (1 for those), how many are real (not padding), and how many tokens past the
-    window were cut. Each piece is tokenized on its own (its tokens carry its weight)."""
+    window were cut. Each piece is tokenized on its own (its tokens carry its weight). `comfyui`: ComfyUI's syntax
+    (parse_comfyui)."""
     ids, weights = [], []
-    for piece, w in parse_emphasis(text):
+    for piece, w in (parse_comfyui(text) if comfyui else parse_emphasis(text)):
         if not piece:
             continue
         tok = token_ids(tokenizer, piece, False)
@@ -143,10 +212,10 @@ def emphasis_mode(emphasis) -> str:
         return "None"
     if emphasis is True:
         return "Original"
-    if isinstance(emphasis, str) and emphasis in EMPHASIS_MODES:
+    if isinstance(emphasis, str) and (emphasis in EMPHASIS_MODES or emphasis == COMFYUI):
         return emphasis
-    raise ValueError(f"emphasis must be True, False or one of AUTOMATIC1111's modes {', '.join(EMPHASIS_MODES)}; "
-                     f"got {emphasis!r}")
+    raise ValueError(f"emphasis must be True, False, one of AUTOMATIC1111's modes {', '.join(EMPHASIS_MODES)} or "
+                     f"{COMFYUI!r}; got {emphasis!r}")
 
 
 def emphasis_record(emphasis, texts: list[str]) -> str | None:
@@ -156,6 +225,8 @@ def emphasis_record(emphasis, texts: list[str]) -> str | None:
     mode = emphasis_mode(emphasis)
     if mode == "Original":
         return "a1111"
+    if mode == COMFYUI:
+        return "comfyui" if any("(" in t for t in texts) else None
     return mode.lower().replace(" ", "_") if any("(" in t or "[" in t for t in texts) else None
 
 

@@ -94,6 +94,41 @@ def prompt_chunks(tokenizer, text: str, max_length: int, emphasis: bool = True, 
     return chunks
 
 
+def comfyui_chunks(tokenizer, text: str, max_length: int, max_word_length: int = 8) -> list[Chunk]:
+    """`text` as ComfyUI cuts it into windows (its SD1Tokenizer.tokenize_with_weights): its weighted segments
+    (imagine.emphasis.parse_comfyui), each tokenized whole, are laid in windows of max_length - 2 tokens; a segment
+    that does not fit in what is left of a window starts the next one (the rest padded) unless it has
+    max_word_length tokens or more, which is cut at the window's end and goes on in the next."""
+    from imagine.emphasis import parse_comfyui
+
+    before, after, padding = special_tokens(tokenizer, max_length)
+    length = max_length - len(before) - len(after)
+    chunks: list[Chunk] = []
+    ids: list[int] = []
+    weights: list[float] = []
+
+    def close() -> None:
+        nonlocal ids, weights
+        pad = length - len(ids)
+        chunks.append(Chunk(before + ids + after + padding[:pad], [1.0] * len(before) + weights + [1.0] * (
+            len(after) + pad), len(before) + len(ids) + len(after)))
+        ids, weights = [], []
+
+    for piece, weight in parse_comfyui(text):
+        group = token_ids(tokenizer, piece, False)
+        large = len(group) >= max_word_length
+        while group:
+            if len(group) + len(ids) > length:
+                if large:
+                    room = length - len(ids)
+                    ids, weights, group = ids + group[:room], weights + [weight] * room, group[room:]
+                close()
+            else:
+                ids, weights, group = ids + group, weights + [weight] * len(group), []
+    close()
+    return chunks
+
+
 def empty_chunk(tokenizer, max_length: int) -> Chunk:
     """The window of "": what a shorter prompt of a batch is filled up with."""
     return prompt_chunks(tokenizer, "", max_length, emphasis=False)[0]

@@ -86,7 +86,8 @@ def pictures(srv, entry, node="9") -> list[np.ndarray]:
 
 def comfy_reference(kd, pipe, text, seed, steps, cfg, sampler, sigmas_of, batch, latent=None, denoise=1.0):
     """ComfyUI's KSampler -> VAEDecode -> SaveImage, restated over the pipeline's U-Net and text encodings."""
-    cond, uncond = pipe.encode_prompts([text] * batch), pipe.encode_prompts([""] * batch)
+    # (its weights: imagine.emphasis' "ComfyUI" mode, held to its encode_token_weights in test_comfyui_prompts_s35)
+    cond, uncond = pipe.encode_prompts([text] * batch, "ComfyUI", True), pipe.encode_prompts([""] * batch)
 
     class Guided(torch.nn.Module):  # (its cfg_function: uncond + (cond - uncond) * cfg)
         def forward(self, x, t, **kw):
@@ -152,6 +153,17 @@ def test_normal_scheduler_euler_and_ddim_and_a_png_workflow(server, pipe, kd):
         assert close(pictures(server, entry)[0], want[0]), name
         r = requests.get(server.url + "/view", params=entry["outputs"]["9"]["images"][0])
         assert json.loads(Image.open(io.BytesIO(r.content)).text["workflow"]) == {"nodes": [1, 2]}
+
+
+def test_a_weighted_prompt_is_read_with_comfyuis_weights(server, pipe, kd):
+    text = "a (red:1.6) circle"
+    _, entry = run(server, graph(server.name, seed=9, steps=4, cfg=5.0, sampler="euler", scheduler="normal", batch=1,
+                                 text=text))
+    got = pictures(server, entry)[0]
+    assert close(got, comfy_reference(kd, pipe, text, 9, 4, 5.0, "sample_euler", normal, 1)[0])
+    # (the brackets read as text are another encoding)
+    plain = pipe.encode_prompts([text]), pipe.encode_prompts([text], "ComfyUI")
+    assert (plain[0]["context"] - plain[1]["context"]).abs().max() > 1e-3
 
 
 def test_image_to_image_from_an_uploaded_picture(server, pipe, kd):

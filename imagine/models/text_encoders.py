@@ -132,12 +132,12 @@ class TextEncoder(nn.Module):
         return self._encode(ids, mask)
 
     def _encode_emphasis(self, prompts: list[str], mode: str = "Original") -> TextEncoding:
-        from imagine.emphasis import apply_emphasis, weighted_tokens
+        from imagine.emphasis import COMFYUI, apply_comfyui, apply_emphasis, weighted_tokens
 
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
-        rows = [weighted_tokens(self.tokenizer, self._expand(p) if self.expansions else p, self.max_length)
-                for p in prompts]
+        rows = [weighted_tokens(self.tokenizer, self._expand(p) if self.expansions else p, self.max_length,
+                                comfyui=mode == COMFYUI) for p in prompts]
         for p, (_, _, _, cut) in zip(prompts, rows):
             if cut:
                 log.warning("prompt truncated to the text encoder's %d-token window: %d tokens cut (%r)",
@@ -146,16 +146,31 @@ class TextEncoder(nn.Module):
         weights = torch.tensor([r[1] for r in rows], device=self.device)
         mask = torch.tensor([[i < r[2] for i in range(self.max_length)] for r in rows], device=self.device)
         enc = self._encode(ids, mask)
-        states = apply_emphasis(enc.states, weights, mask if self.uses_mask else None, mode)
+        if mode == COMFYUI:
+            states = apply_comfyui(enc.states, weights, self._empty_states())
+        else:
+            states = apply_emphasis(enc.states, weights, mask if self.uses_mask else None, mode)
         return replace(enc, states=states)
+
+    def _empty_states(self) -> torch.Tensor:
+        """The states of the empty prompt's window [1, max_length, D] (ComfyUI's weights move towards them)."""
+        from imagine.long_prompts import empty_chunk
+
+        chunk = empty_chunk(self.tokenizer, self.max_length)
+        real = torch.tensor([[i < chunk.real for i in range(len(chunk.ids))]], device=self.device)
+        return self._encode(torch.tensor([chunk.ids], device=self.device), real).states
 
     def chunks(self, prompt: str, emphasis: bool = False, runs: dict | None = None) -> list:
         """`prompt`'s 75-token chunks (`imagine.long_prompts.prompt_chunks`), its textual-inversion words expanded
         and kept whole (`runs`: `_runs()`, given when already made)."""
-        from imagine.long_prompts import prompt_chunks
+        from imagine.emphasis import COMFYUI
+        from imagine.long_prompts import comfyui_chunks, prompt_chunks
 
         if not isinstance(prompt, str):
             raise TypeError("prompts must be strings")
+        if emphasis == COMFYUI:  # (ComfyUI's windows, its syntax read)
+            return comfyui_chunks(self.tokenizer, self._expand(prompt) if self.expansions else prompt,
+                                  self.max_length)
         return prompt_chunks(self.tokenizer, self._expand(prompt) if self.expansions else prompt, self.max_length,
                              emphasis, runs=self._runs() if runs is None else runs)
 
@@ -174,11 +189,12 @@ class TextEncoder(nn.Module):
         FrozenCLIPEmbedderWithCustomWords). A prompt with fewer chunks than the batch's longest is filled up
         with empty chunks that the mask hides (A1111 lets its U-Net see them, which changes a prompt's image
         with the prompts beside it; masked, a prompt gives its image whatever the batch)."""
-        from imagine.emphasis import apply_emphasis
+        from imagine.emphasis import COMFYUI, apply_comfyui, apply_emphasis
         from imagine.long_prompts import empty_chunk
 
         runs = self._runs()  # (once for the batch)
-        rows = [self.chunks(p, mode != "None", runs) for p in prompts]
+        rows = [self.chunks(p, COMFYUI if mode == COMFYUI else mode != "None", runs) for p in prompts]
+        empty_states = self._empty_states() if mode == COMFYUI else None
         empty = empty_chunk(self.tokenizer, self.max_length)
         parts, first = [], None
         for i in range(max(len(r) for r in rows)):
@@ -189,7 +205,10 @@ class TextEncoder(nn.Module):
             real = torch.tensor([[i < c.real for i in range(ids.shape[1])] for c in chunk], device=self.device)
             enc = self._encode(ids, real)
             states = enc.states
-            if mode != "None":
+            if mode == COMFYUI:
+                states = apply_comfyui(states, torch.tensor([c.weights for c in chunk], device=self.device),
+                                       empty_states)
+            elif mode != "None":
                 states = apply_emphasis(states, torch.tensor([c.weights for c in chunk], device=self.device), None,
                                         mode)
             parts.append(states)

@@ -501,7 +501,8 @@ class Execution:
     # -- what the nodes do with the pipeline ----------------------------------------------------------------------
     def sample(self, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
                positive: Conditioning, negative: Conditioning, denoise: float) -> dict:
-        """ComfyUI's KSampler (its common_ksampler): one seed for the batch's noise (BatchNoiseStream), the levels
+        """ComfyUI's KSampler (its common_ksampler): the texts read with its weights and windows (imagine.emphasis'
+        "ComfyUI" mode), one seed for the batch's noise (BatchNoiseStream), the levels
         of its scheduler over the model's range, its start, the nearest training timesteps, classifier-free guidance
         at any cfg but 1; image to image from a non-empty latent at `denoise` (its last steps + 1 levels of
         int(steps / denoise)). denoise 0 gives the latent back (its set_steps: no levels)."""
@@ -531,7 +532,8 @@ class Execution:
                                        sigma_range="model", discard_penultimate_sigma=discard, start="comfyui",
                                        rng="comfyui", quantize=True, init_latents=z.clone(),
                                        strength=min(float(denoise), 1.0), strength_rule="a1111_fixed_steps",
-                                       long_prompts=True, callback=self.run.step, progress=False,
+                                       emphasis="ComfyUI", long_prompts=True, callback=self.run.step,
+                                       progress=False,
                                        output_type="latent")
         finally:
             self.run.on_step = None
