@@ -14,6 +14,7 @@ timesteps that scheduler would pass: the same seed and weights give diffusers' i
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -530,6 +531,23 @@ def posterior_generators(seeds: Sequence[int]) -> list[ImageNoiseStream]:
     return [ImageNoiseStream((int(s) + 2**32) % 2**64, "nv") for s in seeds]
 
 
+def comfyui_window(plan: SamplingPlan, start_step: int, last_step: int, full_denoise: bool) -> SamplingPlan | None:
+    """The plan of ComfyUI's KSamplerAdvanced (common_ksampler): the levels up to `last_step` (its sigmas[:last + 1]),
+    the last set to 0 when they were cut and `full_denoise`, then from `start_step` on; None where no step is left.
+    A run of its own (k-diffusion's samplers start and end on the levels given): no lead or follow."""
+    n = len(plan)
+    t, s, a = plan.timesteps, plan.sigmas.clone(), plan.alphas_cumprod.clone()
+    if last_step < n:
+        t, s, a = t[:last_step], s[:last_step + 1], a[:last_step + 1]
+        if full_denoise:
+            s[-1], a[-1] = 0.0, 1.0
+    if start_step >= len(t):
+        return None
+    t, s, a = t[start_step:], s[start_step:], a[start_step:]
+    return replace(plan, timesteps=t, sigmas=s, alphas_cumprod=a, follow=0, lead=0, v_alphas_cumprod=None,
+                   end_ve=float(s[-1]) > 0)
+
+
 def comfyui_max_denoise(schedule: NoiseSchedule, plan: SamplingPlan) -> bool:
     """ComfyUI's max_denoise: whether the run's first level is at the model's sigma_max (its float32 table's last,
     within a relative 1e-5) or above it; its start then scales the noise by sqrt(1 + sigma^2), else by sigma."""
@@ -627,7 +645,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", rng: str = "cpu",
            seed_delta: int = 0, dtype: torch.dtype = torch.float32,
            device: torch.device | str | None = None, lcm_strength: bool = False,
-           quantize: bool = False) -> torch.Tensor:
+           quantize: bool = False, window: tuple[int, int, bool] | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     model: model(x_t, t, **cond); one with `at_run` (imagine.refiner.Handoff) is told before its first call how the
@@ -685,6 +703,11 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         with max_denoise), which looks at the first level run: at the model's sigma_max (within 1e-5) or above,
         x_VE = x_0 + z sqrt(1 + sigma^2), i.e. x_T = sqrt(abar) x_0 + z (z alone for text to image, whose x_0, its
         empty latent, is 0), else x_VE = x_0 + z sigma, q(x_t | x_0) (z sqrt(1 - abar) from an empty latent).
+    window: (start_at_step, end_at_step, full_denoise), ComfyUI's KSamplerAdvanced (its common_ksampler's start_step,
+        last_step and force_full_denoise): the plan's levels from start_at_step to end_at_step, the last set to 0 where
+        the window cut the plan and full_denoise; from `init`, a latent in VE terms (a run ending above 0 hands one on:
+        ComfyUI's leftover noise), with the start noise (zeros: its add_noise "disable") scaled by the "comfyui" start
+        rule. A window with no step left gives `init` back.
     quantize: the model sees each level's nearest training timestep (nearest in log sigma, in float32: k-diffusion's
         quantize=True, and ComfyUI's every run) instead of the fractional one.
     init, strength: image-to-image (SDEdit, Meng et al. 2022): x_0 to start from, [B, ...] of the sample's shape;
@@ -709,7 +732,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     """
     if strength_rule not in STRENGTH_RULES:
         raise ValueError(f"strength_rule must be one of {', '.join(map(repr, STRENGTH_RULES))}; got {strength_rule!r}")
-    plan_steps = _plan_steps(schedule, steps, init is not None, strength, strength_rule)
+    plan_steps = _plan_steps(schedule, steps, init is not None and window is None, strength, strength_rule)
     prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, plan_steps,
                                                     timestep_spacing, steps_offset, karras,
                                                     sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range,
@@ -760,14 +783,24 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
 
         noise_seeds = tree_seeds(batch, seeds if noise_seeds is None else noise_seeds)
     levels = [v for v in plan.sigmas.tolist() if v > 0]
-    noise = PerSampleNoise(generators, noise_seeds, (min(levels), max(levels)) if len(levels) > 1 else None)
+    # (A1111's trees span the whole plan's levels; ComfyUI's the levels its sampler is given: the run's)
+    noise = PerSampleNoise(generators, noise_seeds, (min(levels), max(levels)) if len(levels) > 1 and not isinstance(
+        generators, BatchNoiseStream) else None)
     cond = check_cond(cond, batch, "cond")
     uncond = check_cond(uncond, batch, "uncond") if uncond is not None else None
     if mask is not None and init is None:
         raise ValueError("mask needs init: the x_0 to keep where mask is 0 (inpainting)")
-    if init is not None:
+    if window is not None:
+        if init is None or strength != 1.0:
+            raise ValueError("window (ComfyUI's KSamplerAdvanced steps) runs from a latent: give init (zeros for an "
+                             "empty one) and no strength")
+        plan, start_abar = comfyui_window(plan, *window), None
+        if plan is None:  # (ComfyUI gives the latent back)
+            return init.clone()
+    elif init is not None:
         plan, start_abar = _img2img_run(schedule, canonical, plan, sigma_schedule, strength, start, strength_rule,
                                         steps, plan_steps, lcm_strength)
+    if init is not None:
         shape = tuple(shape_or_noise.shape) if isinstance(shape_or_noise, torch.Tensor) else shape
         if not isinstance(init, torch.Tensor) or tuple(init.shape) != shape:
             raise ValueError(f"init must be a tensor of the sample's shape {shape}; got "

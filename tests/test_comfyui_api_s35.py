@@ -84,8 +84,10 @@ def pictures(srv, entry, node="9") -> list[np.ndarray]:
     return out
 
 
-def comfy_reference(kd, pipe, text, seed, steps, cfg, sampler, sigmas_of, batch, latent=None, denoise=1.0):
-    """ComfyUI's KSampler -> VAEDecode -> SaveImage, restated over the pipeline's U-Net and text encodings."""
+def comfy_reference(kd, pipe, text, seed, steps, cfg, sampler, sigmas_of, batch, latent=None, denoise=1.0,
+                    window=None, decode=True):
+    """ComfyUI's KSampler -> VAEDecode -> SaveImage, restated over the pipeline's U-Net and text encodings; `window`:
+    KSamplerAdvanced's (start_at_step, end_at_step, force_full_denoise, add_noise) instead of denoise."""
     # (its weights: imagine.emphasis' "ComfyUI" mode, held to its encode_token_weights in test_comfyui_prompts_s35)
     cond, uncond = pipe.encode_prompts([text] * batch, "ComfyUI", True), pipe.encode_prompts([""] * batch)
 
@@ -98,8 +100,17 @@ def comfy_reference(kd, pipe, text, seed, steps, cfg, sampler, sigmas_of, batch,
     den = kd.external.DiscreteEpsDDPMDenoiser(Guided(), pipe.schedule.alphas_cumprod.float(), quantize=True)
     n = int(steps / denoise) if denoise < 1 else steps
     sigmas = sigmas_of(kd, den, n)[-(steps + 1):]
+    if window is not None:  # (its common_ksampler: last_step, force_full_denoise, then start_step)
+        start, end, full, add_noise = window
+        if end < len(sigmas) - 1:
+            sigmas = sigmas[:end + 1].clone()
+            if full:
+                sigmas[-1] = 0
+        sigmas = sigmas[start:]
     shape = (batch, pipe.latent_channels, 8, 8) if latent is None else tuple(latent.shape)
     z = torch.randn(shape, generator=torch.manual_seed(seed))
+    if window is not None and not window[3]:
+        z = torch.zeros(shape)
     latent = torch.zeros(shape) if latent is None else latent
     top = float(den.sigma_max)
     full = abs(float(sigmas[0]) - top) <= 1e-5 * top or float(sigmas[0]) > top
@@ -108,6 +119,8 @@ def comfy_reference(kd, pipe, text, seed, steps, cfg, sampler, sigmas_of, batch,
     kw = {"noise_sampler": lambda s, s_next: torch.randn(shape, generator=g)} if "ancestral" in sampler else {}
     with torch.no_grad():
         out = getattr(kd.sampling, sampler)(den, x, sigmas, disable=True, **kw)
+        if not decode:
+            return out
         images = ((pipe.decode(out) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
     return [np.clip(255.0 * im.numpy(), 0, 255).astype(np.uint8) for im in images]
 
@@ -185,6 +198,61 @@ def test_image_to_image_from_an_uploaded_picture(server, pipe, kd):
     pixels = torch.from_numpy(rgb[:18, :16].astype(np.float32) / 255.0)  # ((19 % 2) // 2 = 0 offsets)
     latent = pipe.vae.to_latent(pipe.vae_mode(pixels.permute(2, 0, 1)[None] * 2 - 1))
     want = comfy_reference(kd, pipe, "a red circle", 3, 4, 4.0, "sample_euler", normal, 1, latent=latent, denoise=0.5)
+    assert close(got, want[0])
+
+
+def test_a_base_and_finish_pair_of_advanced_samplers(server, pipe, kd):
+    # (the two-pass graph of ComfyUI's SDXL base + refiner examples, on one model: the first pass stops at step 3
+    # with its leftover noise, the second takes that latent on without adding noise)
+    g = graph(server.name, batch=1)
+    ks = g.pop("3")["inputs"]
+    common = {k: ks[k] for k in ("model", "positive", "negative")}
+    common.update(steps=6, cfg=5.0, sampler_name="dpmpp_2m", scheduler="karras")
+    g["3"] = {"class_type": "KSamplerAdvanced", "inputs": {**common, "add_noise": "enable", "noise_seed": 12,
+              "latent_image": ["5", 0], "start_at_step": 0, "end_at_step": 3, "return_with_leftover_noise": "enable"}}
+    g["13"] = {"class_type": "KSamplerAdvanced", "inputs": {**common, "add_noise": "disable", "noise_seed": 12,
+               "latent_image": ["3", 0], "start_at_step": 3, "end_at_step": 10000,
+               "return_with_leftover_noise": "disable"}}
+    g["8"]["inputs"]["samples"] = ["13", 0]
+    _, entry = run(server, g)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    first = comfy_reference(kd, pipe, "a red circle", 12, 6, 5.0, "sample_dpmpp_2m", karras, 1,
+                            window=(0, 3, False, True), decode=False)
+    want = comfy_reference(kd, pipe, "a red circle", 12, 6, 5.0, "sample_dpmpp_2m", karras, 1, latent=first,
+                           window=(3, 10000, True, False))
+    assert close(pictures(server, entry)[0], want[0])
+
+
+def test_a_hires_fix_graph_upscales_the_latent_and_samples_again(server, pipe, kd):
+    g = graph(server.name, seed=31, steps=4, cfg=5.0, sampler="dpmpp_2m_sde_gpu", scheduler="karras", batch=1)
+    g["10"] = {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0], "upscale_method": "nearest-exact",
+                                                         "width": 32, "height": 24, "crop": "disabled"}}
+    g["11"] = {"class_type": "KSampler", "inputs": {**g["3"]["inputs"], "sampler_name": "euler", "denoise": 0.5,
+                                                    "latent_image": ["10", 0]}}
+    g["8"]["inputs"]["samples"] = ["11", 0]
+    _, entry = run(server, g)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    got = pictures(server, entry)[0]
+    assert got.shape == (24, 32, 3)
+
+    # (the first pass: DPM++ 2M SDE on ComfyUI's one Brownian tree for the batch, seeded with the seed)
+    cond, uncond = pipe.encode_prompts(["a red circle"], "ComfyUI", True), pipe.encode_prompts([""])
+
+    class Guided(torch.nn.Module):
+        def forward(self, x, t, **kw):
+            t = t.float().expand(x.shape[0])
+            e_c, e_u = pipe.unet(x, t, **cond), pipe.unet(x, t, **uncond)
+            return e_u + (e_c - e_u) * 5.0
+
+    den = kd.external.DiscreteEpsDDPMDenoiser(Guided(), pipe.schedule.alphas_cumprod.float(), quantize=True)
+    sigmas = karras(kd, den, 4)
+    x = torch.randn((1, pipe.latent_channels, 8, 8), generator=torch.manual_seed(31)) * torch.sqrt(1 + sigmas[0] ** 2)
+    with torch.no_grad():
+        first = kd.sampling.sample_dpmpp_2m_sde(den, x, sigmas, disable=True, noise_sampler=kd.sampling.
+                                                BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(),
+                                                                         seed=31))
+    up = torch.nn.functional.interpolate(first, size=(12, 16), mode="nearest-exact")
+    want = comfy_reference(kd, pipe, "a red circle", 31, 4, 5.0, "sample_euler", karras, 1, latent=up, denoise=0.5)
     assert close(got, want[0])
 
 

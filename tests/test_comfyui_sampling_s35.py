@@ -109,3 +109,57 @@ def test_batch_noise_is_one_draw_of_the_batch_and_steps_draw_from_seed_plus_one(
     assert torch.equal(g.randn((3, 2, 4)), torch.randn((3, 2, 4), generator=torch.manual_seed(6)))
     with pytest.raises(ValueError, match="one seed"):
         make_generators(2, [5, 6], rng="comfyui")
+
+
+def test_sde_image_to_image_takes_its_tree_over_the_levels_it_runs(kd):
+    # (ComfyUI's BrownianTreeNoiseSampler spans the sigmas its sampler is given: an image-to-image run's own)
+    shape, seed, steps = (2, 4, 8, 8), 21, 5
+    latent = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    ref = comfy_run(kd, kd.sampling.sample_dpmpp_2m_sde, shape, seed, steps, latent=latent, denoise=0.6, sde=True)
+    got = ours("dpmpp_2m_sde", shape, seed, steps, init=latent, strength=0.6, strength_rule="a1111_fixed_steps")
+    assert (got.float() - ref).abs().max() < 2e-4 * ref.abs().max()
+
+
+def advanced_reference(kd, fn, shape, seed, steps, latent, start, end, full, add_noise, ancestral=False):
+    """ComfyUI's KSamplerAdvanced (common_ksampler with start_step, last_step, force_full_denoise, disable_noise)."""
+    den = kd.external.DiscreteEpsDDPMDenoiser(Inner(), SCHEDULE.alphas_cumprod.float(), quantize=True)
+    sigmas = den.get_sigmas(steps)
+    if end < len(sigmas) - 1:
+        sigmas = sigmas[:end + 1].clone()
+        if full:
+            sigmas[-1] = 0
+    sigmas = sigmas[start:]
+    z = torch.randn(shape, generator=torch.manual_seed(seed)) if add_noise else torch.zeros(shape)
+    top = float(den.sigma_max)
+    scale = torch.sqrt(1 + sigmas[0] ** 2) if abs(float(sigmas[0]) - top) <= 1e-5 * top else sigmas[0]
+    kw = {}
+    if ancestral:
+        g = torch.Generator().manual_seed(seed + 1)
+        kw["noise_sampler"] = lambda s, s_next: torch.randn(shape, generator=g)
+    return fn(den, latent + z * scale, sigmas, disable=True, **kw)
+
+
+@pytest.mark.parametrize("name,fn,ancestral", [("euler_a", "sample_euler_ancestral", True),
+                                               ("dpmpp_2m", "sample_dpmpp_2m", False)])
+def test_ksampler_advanced_windows_chain_as_comfyuis(kd, name, fn, ancestral):
+    # (its two-pass form: the first pass stops at step 5 with its leftover noise, the second takes that latent on
+    # without adding noise; a refiner graph's shape)
+    shape, seed, steps = (2, 4, 8, 8), 99, 8
+    empty = torch.zeros(shape)
+    f = getattr(kd.sampling, fn)
+    first = advanced_reference(kd, f, shape, seed, steps, empty, 0, 5, False, True, ancestral)
+    second = advanced_reference(kd, f, shape, seed, steps, first, 5, 10000, True, False, ancestral)
+
+    def run(init, window, add_noise):
+        return sample(eps_model, shape if add_noise else torch.zeros(shape), schedule=SCHEDULE, sampler=name,
+                      steps=steps, seeds=[seed] * 2, rng="comfyui", start="comfyui", quantize=True,
+                      sigma_schedule="normal", sigma_range="model", progress=False, init=init, window=window)
+
+    got_first = run(empty, (0, 5, False), True)
+    assert (got_first.float() - first).abs().max() < 2e-4 * first.abs().max()  # (a VE latent with noise left)
+    got_second = run(got_first.float(), (5, 10000, True), False)
+    assert (got_second.float() - second).abs().max() < 2e-4 * second.abs().max()
+    # a window cut at step 5 with full denoise ends at sigma 0; one with no step left gives the latent back
+    cut = advanced_reference(kd, f, shape, seed, steps, empty, 0, 5, True, True, ancestral)
+    assert (run(empty, (0, 5, True), True).float() - cut).abs().max() < 2e-4 * cut.abs().max()
+    assert torch.equal(run(first, (8, 10000, True), False), first)

@@ -612,7 +612,7 @@ class TextToImagePipeline:
                  discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", rng: str = "cpu",
                  noise_seed_delta: int = 0, zero_terminal_snr: bool = False, downcast_alphas_cumprod: bool = False,
                  old_prompt_editing: bool = False, editing_first_pass: int | None = None,
-                 pad_conds: str | None = None, quantize: bool = False,
+                 pad_conds: str | None = None, quantize: bool = False, window: tuple | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -706,7 +706,9 @@ class TextToImagePipeline:
         before 1.6.0); both then share the guidance batch. None (the default, A1111's too): two U-Net calls.
         quantize: the U-Net sees each noise level's nearest training timestep (k-diffusion's quantize, ComfyUI's way;
         imagine.sampling.sample). rng "comfyui" with start "comfyui": ComfyUI's noise (one seed for the batch,
-        imagine.sampling.BatchNoiseStream) and start (its max_denoise rule).
+        imagine.sampling.BatchNoiseStream) and start (its max_denoise rule). window (with init_latents, VE latents as
+        ComfyUI hands them on, and strength 1): (start_at_step, end_at_step, full_denoise, add_noise), ComfyUI's
+        KSamplerAdvanced (imagine.sampling.sample's window; add_noise False: no start noise).
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -753,7 +755,7 @@ class TextToImagePipeline:
                      "noise_seed_delta": noise_seed_delta, "zero_terminal_snr": zero_terminal_snr,
                      "downcast_alphas_cumprod": downcast_alphas_cumprod,
                      "old_prompt_editing": old_prompt_editing and edits, "pad_conds": pad_conds,
-                     "quantize": quantize}
+                     "quantize": quantize, "window": window}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -1002,6 +1004,11 @@ class TextToImagePipeline:
             # follows on)
             inpaint["noise"] = start_noise(shape, generators, seeds, subseeds, float(subseed_strength), first_size,
                                            inpaint.get("noise"), rng)
+        if window is not None:
+            if init_latents is None or strength != 1:
+                raise ValueError("window (ComfyUI's KSamplerAdvanced) runs from init_latents at strength 1")
+            if not window[3]:  # (its add_noise "disable": the latent as it is)
+                inpaint["noise"] = torch.zeros(shape)
         report: dict = {}
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale if guided else 1.0,
                                sampler=sampler,
@@ -1014,7 +1021,8 @@ class TextToImagePipeline:
                                discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
                                refiner_switch=refiner_switch if refine else None,
                                refiner_switch_by_steps=refiner_switch_by_steps, report=report,
-                               schedule=schedule, padding=padding, quantize=quantize)
+                               schedule=schedule, padding=padding, quantize=quantize,
+                               window=None if window is None else tuple(window[:3]))
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__, **self.run_record()}
@@ -1631,7 +1639,7 @@ class TextToImagePipeline:
                 concat=None, controls=None, refiner_switch=None, refiner_switch_by_steps=False,
                 image_guidance_scale=None, image_guidance_gate=True,
                 report=None, sigma_range="spaced", discard_penultimate_sigma=False, strength_rule="diffusers",
-                schedule=None, padding=None, quantize=False):
+                schedule=None, padding=None, quantize=False, window=None):
         """The sampler's run over the U-Net (and what wraps it); `schedule`: the run's noise schedule (None: the
         model's); `padding`: an imagine.guidance.PaddedConds to run the guidance through."""
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
@@ -1673,7 +1681,7 @@ class TextToImagePipeline:
                       discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
                       final_step=final_step, sampler_options=sampler_options, rho=rho, start=start,
                       init=init, strength=strength, mask=mask, guidance=guidance,
-                      lcm_strength=self.guidance_embedded, quantize=quantize,
+                      lcm_strength=self.guidance_embedded, quantize=quantize, window=window,
                       **kwargs)  # (an LCM pipeline's image to image)
         if report is not None and refiner_switch is not None:
             report["refined"] = handoff.used  # (whether some step was the refiner's)

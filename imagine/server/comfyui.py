@@ -46,7 +46,10 @@ SAMPLERS = {"euler": ("euler", False), "euler_cfg_pp": ("euler_cfgpp", False), "
             "dpm_2_ancestral": ("dpm2_a", True), "lms": ("lms", False), "dpmpp_2s_ancestral": ("dpmpp_2s_a", False),
             "dpmpp_sde": ("dpmpp_sde", False), "dpmpp_2m": ("dpmpp_2m", False),
             "dpmpp_2m_sde": ("dpmpp_2m_sde", False), "dpmpp_2m_sde_heun": ("dpmpp_2m_sde_heun", False),
-            "dpmpp_3m_sde": ("dpmpp_3m_sde", False), "ddim": ("euler", False)}
+            "dpmpp_3m_sde": ("dpmpp_3m_sde", False), "ddim": ("euler", False),
+            # (its _gpu forms grow the Brownian tree on the sample's device: on a CPU, as here, the same tree)
+            "dpmpp_sde_gpu": ("dpmpp_sde", False), "dpmpp_2m_sde_gpu": ("dpmpp_2m_sde", False),
+            "dpmpp_2m_sde_heun_gpu": ("dpmpp_2m_sde_heun", False), "dpmpp_3m_sde_gpu": ("dpmpp_3m_sde", False)}
 # its schedulers -> our schedule types over the model's whole range (imagine.schedules: the same rules)
 SCHEDULERS = {"simple": "simple", "sgm_uniform": "sgm_uniform", "karras": "karras", "exponential": "exponential",
               "ddim_uniform": "ddim_uniform", "beta": "beta", "normal": "normal"}
@@ -193,6 +196,13 @@ def _ksampler(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, n
                        float(denoise)),)
 
 
+def _ksampler_advanced(ctx, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                       latent_image, start_at_step, end_at_step, return_with_leftover_noise):
+    window = (int(start_at_step), int(end_at_step), return_with_leftover_noise != "enable", add_noise == "enable")
+    return (ctx.sample(latent_image, int(noise_seed), int(steps), float(cfg), sampler_name, scheduler, positive,
+                       negative, 1.0, window),)
+
+
 def _vae_decode(ctx, samples, vae):
     return (ctx.decode(samples["samples"]),)
 
@@ -289,6 +299,15 @@ NODES: dict[str, Node] = {
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01})}},
         ("LATENT",), _ksampler, "sampling", "Denoises the latent image with the model, the prompts and the sampler.",
         display_name="KSampler"),
+    "KSamplerAdvanced": Node(
+        lambda s: {"required": {
+            "model": ("MODEL",), "add_noise": (["enable", "disable"],),
+            "noise_seed": _int(0, 0, MAX_SEED, control_after_generate=True), "steps": _int(20, 1, 10000),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (list(SAMPLERS),), "scheduler": (list(SCHEDULERS),), "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",), "latent_image": ("LATENT",), "start_at_step": _int(0, 0, 10000),
+            "end_at_step": _int(10000, 0, 10000), "return_with_leftover_noise": (["disable", "enable"],)}},
+        ("LATENT",), _ksampler_advanced, "sampling", display_name="KSampler (Advanced)"),
     "VAEDecode": Node(lambda s: {"required": {"samples": ("LATENT",), "vae": ("VAE",)}}, ("IMAGE",), _vae_decode,
                       "latent", "Decodes latent images back into pixel space images.", display_name="VAE Decode"),
     "VAEEncode": Node(lambda s: {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}, ("LATENT",), _vae_encode,
@@ -500,12 +519,13 @@ class Execution:
 
     # -- what the nodes do with the pipeline ----------------------------------------------------------------------
     def sample(self, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
-               positive: Conditioning, negative: Conditioning, denoise: float) -> dict:
+               positive: Conditioning, negative: Conditioning, denoise: float, window: tuple | None = None) -> dict:
         """ComfyUI's KSampler (its common_ksampler): the texts read with its weights and windows (imagine.emphasis'
         "ComfyUI" mode), one seed for the batch's noise (BatchNoiseStream), the levels
         of its scheduler over the model's range, its start, the nearest training timesteps, classifier-free guidance
         at any cfg but 1; image to image from a non-empty latent at `denoise` (its last steps + 1 levels of
-        int(steps / denoise)). denoise 0 gives the latent back (its set_steps: no levels)."""
+        int(steps / denoise)). denoise 0 gives the latent back (its set_steps: no levels). `window`: KSamplerAdvanced's
+        (start_at_step, end_at_step, full denoise, add noise), imagine.sampling.comfyui_window."""
         if steps > self.state.max_steps:
             raise ValueError(f"steps {steps} is past the server's limit of {self.state.max_steps}")
         z = latent["samples"]
@@ -532,6 +552,7 @@ class Execution:
                                        sigma_range="model", discard_penultimate_sigma=discard, start="comfyui",
                                        rng="comfyui", quantize=True, init_latents=z.clone(),
                                        strength=min(float(denoise), 1.0), strength_rule="a1111_fixed_steps",
+                                       window=window,
                                        emphasis="ComfyUI", long_prompts=True, callback=self.run.step,
                                        progress=False,
                                        output_type="latent")
