@@ -507,8 +507,9 @@ def make_generators(batch: int, seeds=None, generator=None, rng: str = "cpu",
                              f"{' (an int seed counts up: seed + i for image i)' if counted and batch > 1 else ''}")
         if rng == "comfyui":  # (one seed for the batch: ComfyUI's KSampler has one)
             if len(set(seeds)) != 1 or seed_delta:
+                more = "..." if len(seeds) > 4 else ""
                 raise ValueError(f"rng 'comfyui' draws a batch from one seed (ComfyUI's): give the same seed for "
-                                 f"every image and no seed_delta; got seeds {seeds[:4]}{'...' if len(seeds) > 4 else ''}")
+                                 f"every image and no seed_delta; got seeds {seeds[:4]}{more}")
             return BatchNoiseStream(seeds[0])
         if rng != "cpu" or seed_delta:
             return [ImageNoiseStream(s, rng, seed_delta) for s in seeds]

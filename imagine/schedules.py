@@ -744,7 +744,8 @@ class NoiseSchedule:
         return torch.from_numpy(self._sigma_table(held=True)).to(self.held_dtype).log()
 
     def held_sigma_max(self) -> float:
-        """The largest level of the held table (k-diffusion's and ComfyUI's sigma_max, float32 for a float32 schedule)."""
+        """The largest level of the held table (k-diffusion's and ComfyUI's sigma_max; float32 for a float32
+        schedule)."""
         return float(self._sigma_table(held=True).max())
 
     def nearest_timestep(self, sigma: float) -> float:

@@ -38,7 +38,7 @@ def pipe(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(pipe, tmp_path_factory):
     app = create_app(pipe, ServerConfig(max_width=128, max_height=128, max_steps=50),
-                     comfyui_dir=str(tmp_path_factory.mktemp("comfy")))
+                     comfyui=str(tmp_path_factory.mktemp("comfy")))
     with BackgroundServer(app) as srv:
         srv.name = requests.get(srv.url + "/object_info/CheckpointLoaderSimple").json()[
             "CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0][0]
@@ -267,7 +267,8 @@ def test_validation_errors_have_comfyuis_shape(server):
     kinds = {e["type"]: e for e in body["node_errors"]["3"]["errors"]}
     assert set(kinds) == {"value_not_in_list", "value_smaller_than_min", "required_input_missing"}
     assert kinds["required_input_missing"]["extra_info"]["input_name"] == "cfg"
-    assert body["node_errors"]["3"]["class_type"] == "KSampler" and body["node_errors"]["3"]["dependent_outputs"] == ["9"]
+    assert body["node_errors"]["3"]["class_type"] == "KSampler"
+    assert body["node_errors"]["3"]["dependent_outputs"] == ["9"]
     no_out = graph(server.name)
     del no_out["9"]
     assert requests.post(server.url + "/prompt", json={"prompt": no_out}).json()["error"]["type"] == \
@@ -356,3 +357,46 @@ def run_wait(srv, pid):
             return pid, h[pid]
         time.sleep(0.05)
     raise AssertionError("the prompt did not finish")
+
+
+def test_a_folder_of_checkpoints_runs_each_prompt_on_the_one_it_names(tmp_path):
+    """`imagine serve --ckpt-dir`: CheckpointLoaderSimple offers the folder's checkpoints; a prompt runs on the one it
+    names (its picture that of a server serving only that model), the queue and history are one across models."""
+    import argparse
+
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.server import cli
+    from imagine.testing import make_tiny_model
+
+    make_tiny_model(tmp_path / "models" / "alpha", seed=0)
+    make_tiny_model(tmp_path / "models" / "sub" / "beta", seed=5)
+    config = ServerConfig(max_width=64, max_height=64, max_steps=20)
+    truth = {}
+    for name in ("alpha", "sub/beta"):
+        app = create_app(TextToImagePipeline.from_pretrained(tmp_path / "models" / name), config, model_name=name,
+                         comfyui=str(tmp_path / ("alone-" + name.replace("/", "-"))))
+        with BackgroundServer(app) as srv:
+            truth[name] = pictures(srv, run(srv, graph(name, batch=1))[1])[0]
+    assert not np.array_equal(truth["alpha"], truth["sub/beta"])
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["--ckpt-dir", str(tmp_path / "models"), "--threads", "1",
+                         "--comfyui-dir", str(tmp_path / "comfy")])
+    with BackgroundServer(cli._checkpoint_server(args, config, None)) as srv:
+        info = requests.get(srv.url + "/object_info/CheckpointLoaderSimple").json()
+        assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == ["alpha", "sub/beta"]
+        done = []
+        for name in ("sub/beta", "alpha", "sub/beta"):
+            pid, entry = run(srv, graph(name, batch=1))
+            assert np.array_equal(pictures(srv, entry)[0], truth[name]), name
+            done.append(pid)
+        assert set(done) <= set(requests.get(srv.url + "/history").json())  # (one history across the models)
+        assert requests.get(srv.url + "/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("sub/beta")
+        two = {**graph("alpha"), "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sub/beta"}}}
+        r = requests.post(srv.url + "/prompt", json={"prompt": two})
+        assert r.status_code == 400 and "one checkpoint" in r.json()["error"]["message"]
+        r = requests.post(srv.url + "/prompt", json={"prompt": graph("gamma.safetensors")})
+        assert r.json()["node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"
+        # files saved under --comfyui-dir, one counter across the models
+        assert sorted(p.name for p in (tmp_path / "comfy" / "output").iterdir()) == [
+            "ComfyUI_00001_.png", "ComfyUI_00002_.png", "ComfyUI_00003_.png"]

@@ -746,11 +746,12 @@ def _own_size(pipe) -> tuple[int, int]:
 
 def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker | None = None,
                model_name: str | None = None, styles: dict | None = None,
-               comfyui_dir: str | None = None) -> FastAPI:
+               comfyui=None) -> FastAPI:
     """The app around `pipe` (a TextToImagePipeline, or anything with its generate/decode/
     check_size/defaults). The worker thread starts with the app and stops with it. `styles`: A1111's prompt
-    styles by name (`imagine.styles.read_styles`), which requests name in `styles`. `comfyui_dir`: the folder of
-    ComfyUI's output, input and temp folders (imagine.server.comfyui; None: a new temporary folder)."""
+    styles by name (`imagine.styles.read_styles`), which requests name in `styles`. `comfyui`: ComfyUI's API state
+    (imagine.server.comfyui.ComfyState, shared by a checkpoint server's models) or the folder of its output, input and
+    temp folders (None: a new temporary folder)."""
     import imagine
 
     cfg = config or ServerConfig()
@@ -815,10 +816,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     app.state.worker, app.state.config, app.state.pipe = worker, cfg, pipe
     app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
     if hasattr(pipe, "vae_mode") and not prior_model and not unclip_model:  # ComfyUI's API (latent text to image)
-        from imagine.server.comfyui import add_routes
+        from imagine.server import comfyui as comfy
 
-        add_routes(app, pipe, worker, model_name=name, max_steps=cfg.max_steps,
-                   max_width=cfg.max_width, max_height=cfg.max_height, base_dir=comfyui_dir, version=version)
+        shared = comfyui if isinstance(comfyui, comfy.ComfyState) else comfy.new_state(comfyui)
+        comfy.add_routes(app, comfy.Served(pipe, worker, name, cfg.max_steps, cfg.max_width, cfg.max_height), shared,
+                   version)
 
     # -- errors ------------------------------------------------------------------------------
     @app.exception_handler(ApiError)

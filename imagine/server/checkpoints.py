@@ -124,7 +124,7 @@ class CheckpointServer:
     stay in memory (the least recently served goes first)."""
 
     def __init__(self, first: Checkpoint, first_app, load: Callable[[Checkpoint], Any],
-                 listed: Callable[[], list[Checkpoint]], keep: int = 1):
+                 listed: Callable[[], list[Checkpoint]], keep: int = 1, comfyui=None):
         if keep < 1:
             raise ValueError(f"checkpoints in memory must be at least 1; got {keep}")
         self._load, self._listed, self.keep = load, listed, keep
@@ -140,6 +140,9 @@ class CheckpointServer:
         self._under_way = 0
         self._ready = asyncio.Event()  # clear while a model loads in place of the one served (nothing to answer with)
         self._ready.set()
+        if comfyui is not None:  # ComfyUI's API, one state for the models' apps (imagine.server.comfyui)
+            comfyui.checkpoint_names = lambda: [c.name for c in self.checkpoints]
+            comfyui.on_queued = self._hold_for
 
     @property
     def app(self):
@@ -182,6 +185,8 @@ class CheckpointServer:
                     await self._change_to(self.current)
             except ApiError as e:
                 return await _error_response(Request(scope), 503, e.message, e.field)(scope, receive, send)
+        if method == "POST" and path in ("/prompt", "/api/prompt"):
+            return await _BodyLimit(self._comfyui_prompt, self.app.state.config.max_body_bytes)(scope, receive, send)
         if method == "POST" and (path == "/sdapi/v1/options" or path in GENERATING):
             # (the body read whole, within the served model's limit, and handed on)
             limit = self.app.state.config.max_body_bytes
@@ -277,6 +282,46 @@ class CheckpointServer:
                         await send(message)
             finally:
                 self._open.set()
+
+    async def _comfyui_prompt(self, scope, receive, send):
+        """ComfyUI's POST /prompt: on the model its CheckpointLoaderSimple names (changed to first, and kept, as ComfyUI
+        keeps the model it loaded); the model stays until the prompt's job ends (`_hold_for`)."""
+        body, receive = await _whole_body(receive)
+        graph = (_json_object(body) or {}).get("prompt")
+        names = sorted({n["inputs"]["ckpt_name"] for n in graph.values() if isinstance(n, dict)
+                        and n.get("class_type") == "CheckpointLoaderSimple" and isinstance(n.get("inputs"), dict)
+                        and isinstance(n["inputs"].get("ckpt_name"), str)}) if isinstance(graph, dict) else []
+        if len(names) > 1:
+            message = (f"this server runs a prompt on one checkpoint; CheckpointLoaderSimple names {names}: send one "
+                       "prompt per checkpoint")
+            error = {"type": "prompt_outputs_failed_validation", "message": message, "details": "", "extra_info": {}}
+            return await JSONResponse({"error": error, "node_errors": {}}, status_code=400)(scope, receive, send)
+        target = find(self.checkpoints, names[0]) if names else None  # (a name not here: the app says so)
+        while True:
+            if target is not None and target != self.current:
+                try:
+                    async with self._switching:
+                        await self._change_to(target)
+                except ApiError as e:
+                    error = {"type": "prompt_outputs_failed_validation", "message": e.message, "details": "",
+                             "extra_info": {}}
+                    return await JSONResponse({"error": error, "node_errors": {}}, status_code=400)(scope, receive,
+                                                                                                  send)
+            if await self._run(scope, receive, send, target):
+                return
+
+    def _hold_for(self, future) -> None:
+        """A ComfyUI prompt's job was queued (in the event loop): the model it runs on stays until the job ends."""
+        loop = asyncio.get_running_loop()
+        self._under_way += 1
+        self._idle.clear()
+
+        def ended() -> None:
+            self._under_way -= 1
+            if not self._under_way:
+                self._idle.set()
+
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(ended))
 
     async def _run(self, scope, receive, send, expected: Checkpoint | None = None) -> bool:
         """A generating request on the model served now; waits while the model changes. With `expected` (the model

@@ -271,8 +271,9 @@ def _cascade(args, config):
     return cascade.ImagenServing(load_imagen(args, checkpoint), source=args.model, max_steps=config.max_steps)
 
 
-def _model_app(args, config, styles, model_name: str | None = None):
-    """The app serving `args.model` as the flags load it."""
+def _model_app(args, config, styles, model_name: str | None = None, comfyui=None):
+    """The app serving `args.model` as the flags load it; `comfyui`: the ComfyUI API's state shared by a checkpoint
+    server's models (None: its own, in --comfyui-dir)."""
     from imagine.commands.generate import parse_embeddings, parse_loras
     from imagine.pipelines.text_to_image import TextToImagePipeline
     from imagine.server.app import create_app
@@ -289,7 +290,7 @@ def _model_app(args, config, styles, model_name: str | None = None):
         raise ValueError(f"{args.model} is {pipe.picture_model}, which a picture conditions throughout; imagine serve "
                          "runs text-to-image models and unCLIP decoders: use imagine generate --init-image PICTURE")
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
-    app = create_app(pipe, config, styles=styles, model_name=model_name, comfyui_dir=args.comfyui_dir)
+    app = create_app(pipe, config, styles=styles, model_name=model_name, comfyui=comfyui or args.comfyui_dir)
     app.state.listen = not is_loopback(args.host)
     return app
 
@@ -300,6 +301,7 @@ def _checkpoint_server(args, config, styles):
     from functools import partial
 
     from imagine.server.checkpoints import Checkpoint, CheckpointServer, scan
+    from imagine.server.comfyui import new_state
 
     listed = partial(scan, Path(args.ckpt_dir).resolve())
     found = listed()
@@ -312,9 +314,11 @@ def _checkpoint_server(args, config, styles):
     def load(checkpoint):
         # (the flags apply to each: a folder's cascade refuses a latent model's, by name, as at start)
         model = str(checkpoint.path) if checkpoint.path is not None else None
-        return _model_app(argparse.Namespace(**{**vars(args), "model": model}), config, styles, checkpoint.name)
+        return _model_app(argparse.Namespace(**{**vars(args), "model": model}), config, styles, checkpoint.name,
+                          comfyui)
 
-    return CheckpointServer(first, load(first), load, listed, keep=args.checkpoints_in_memory or 1)
+    comfyui = new_state(args.comfyui_dir)  # (one queue, history and set of folders for the models' ComfyUI API)
+    return CheckpointServer(first, load(first), load, listed, keep=args.checkpoints_in_memory or 1, comfyui=comfyui)
 
 
 def _serve(args, socks, config, styles) -> int:
@@ -329,7 +333,8 @@ def _serve(args, socks, config, styles) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     port = socks[0].getsockname()[1]  # (the one taken, for --port 0)
     print(f"imagine serve: {source} on http://{shown}:{port}/ "
-          f"(API: /sdapi/v1/txt2img, /v1/images/generations, ComfyUI's /prompt; queue {config.queue_size}, batch {config.max_batch})",
+          f"(API: /sdapi/v1/txt2img, /v1/images/generations, ComfyUI's /prompt; queue {config.queue_size}, "
+          f"batch {config.max_batch})",
           file=sys.stderr, flush=True)
     for s in socks:  # (held while the model loaded; uvicorn binds the same port again at once)
         s.close()

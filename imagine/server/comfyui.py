@@ -110,14 +110,27 @@ class Prompt:
 
 
 @dataclass
-class ComfyState:
+class Served:
+    """The model a prompt runs on: its pipeline and worker, its name (ComfyUI's ckpt_name) and the server's limits."""
+
     pipe: Any
     worker: Any
-    model_name: str
-    base_dir: Path
+    name: str
     max_steps: int
     max_width: int
     max_height: int
+
+
+@dataclass
+class ComfyState:
+    """What the ComfyUI API keeps across its prompts: the queue and history, the sockets, the folders; one for the
+    server, shared by the models of `imagine serve --ckpt-dir` (each model's app runs its prompts on its worker).
+    `checkpoint_names()`: what CheckpointLoaderSimple offers; `on_queued(future)`: told of each prompt's job as it is
+    queued (the checkpoint server keeps the model until the job ends)."""
+
+    base_dir: Path
+    checkpoint_names: Callable[[], list[str]] | None = None
+    on_queued: Callable[[Any], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     prompts: "OrderedDict[str, Prompt]" = field(default_factory=OrderedDict)  # queued and running, in order
     history: "OrderedDict[str, dict]" = field(default_factory=OrderedDict)
@@ -173,6 +186,8 @@ def _int(default, lo, hi, step=1, **more):
 
 
 def _checkpoint(ctx, ckpt_name):
+    if ckpt_name != ctx.served.name:  # (a checkpoint server changes to the one a prompt names before it is queued)
+        raise ValueError(f"ckpt_name {ckpt_name!r}: this prompt runs on {ctx.served.name!r}")
     return ("model", Clip(), "vae")
 
 
@@ -186,7 +201,7 @@ def _clip_set_last_layer(ctx, clip, stop_at_clip_layer):
 
 
 def _empty_latent(ctx, width, height, batch_size):
-    pipe = ctx.state.pipe
+    pipe = ctx.served.pipe
     f = int(getattr(pipe, "scale", 8))
     return ({"samples": torch.zeros([int(batch_size), int(pipe.latent_channels), int(height) // f, int(width) // f])},)
 
@@ -212,7 +227,7 @@ def _vae_encode(ctx, pixels, vae):
 
 
 def _latent_upscale(ctx, samples, upscale_method, width, height, crop):
-    f = int(getattr(ctx.state.pipe, "scale", 8))
+    f = int(getattr(ctx.served.pipe, "scale", 8))
     z = samples["samples"]
     w, h = int(width) // f, int(height) // f
     if w == 0 and h == 0:
@@ -273,8 +288,8 @@ def _samplers_list(state):
 
 NODES: dict[str, Node] = {
     "CheckpointLoaderSimple": Node(
-        lambda s: {"required": {"ckpt_name": ([s.model_name], {"tooltip": "The served model (imagine serve "
-                                                                          "--ckpt-dir serves several)."})}},
+        lambda s: {"required": {"ckpt_name": (s.checkpoint_names(), {"tooltip": "The served model (imagine serve "
+                                                                               "--ckpt-dir serves several)."})}},
         ("MODEL", "CLIP", "VAE"), _checkpoint, "loaders", "Loads a diffusion model checkpoint.",
         display_name="Load Checkpoint"),
     "CLIPTextEncode": Node(
@@ -330,7 +345,8 @@ NODES: dict[str, Node] = {
         (), _save_image, "image", "Saves the input images to the output directory.", output_node=True,
         display_name="Save Image"),
     "PreviewImage": Node(
-        lambda s: {"required": {"images": ("IMAGE",)}, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}},
+        lambda s: {"required": {"images": ("IMAGE",)},
+                   "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}},
         (), _preview_image, "image", "Saves the input images to the temporary directory.", output_node=True,
         display_name="Preview Image"),
 }
@@ -473,8 +489,8 @@ class Execution:
     """One prompt's run in the model worker: its nodes' outputs, computed once each, and what KSampler, the VAE nodes
     and the image savers do with the pipeline."""
 
-    def __init__(self, state: ComfyState, prompt: Prompt, run):
-        self.state, self.prompt, self.run = state, prompt, run
+    def __init__(self, state: ComfyState, served: Served, prompt: Prompt):
+        self.state, self.served, self.prompt, self.run = state, served, prompt, None
         self.values: dict[str, Any] = {}
         self.outputs: dict[str, dict] = {}
         self.executed: list[str] = []
@@ -526,16 +542,17 @@ class Execution:
         at any cfg but 1; image to image from a non-empty latent at `denoise` (its last steps + 1 levels of
         int(steps / denoise)). denoise 0 gives the latent back (its set_steps: no levels). `window`: KSamplerAdvanced's
         (start_at_step, end_at_step, full denoise, add noise), imagine.sampling.comfyui_window."""
-        if steps > self.state.max_steps:
-            raise ValueError(f"steps {steps} is past the server's limit of {self.state.max_steps}")
+        limits = self.served
+        if steps > limits.max_steps:
+            raise ValueError(f"steps {steps} is past the server's limit of {limits.max_steps}")
         z = latent["samples"]
         if denoise <= 0:
             return latent
-        pipe = self.state.pipe
+        pipe = self.served.pipe
         f = int(getattr(pipe, "scale", 8))
-        if z.shape[3] * f > self.state.max_width or z.shape[2] * f > self.state.max_height:
+        if z.shape[3] * f > limits.max_width or z.shape[2] * f > limits.max_height:
             raise ValueError(f"the latent is for {z.shape[3] * f}x{z.shape[2] * f} pixels, past the server's limit "
-                             f"of {self.state.max_width}x{self.state.max_height}")
+                             f"of {limits.max_width}x{limits.max_height}")
         if positive.skip != negative.skip:
             raise ValueError("positive and negative come from different CLIP layers (CLIPSetLastLayer): this server "
                              "encodes both with one")
@@ -561,13 +578,13 @@ class Execution:
         return {**latent, "samples": result.latents.float()}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        x = self.state.pipe.decode(latents)  # [-1, 1]; ComfyUI's VAEDecode: clamp((x + 1) / 2, 0, 1), [B, H, W, C]
+        x = self.served.pipe.decode(latents)  # [-1, 1]; ComfyUI's VAEDecode: clamp((x + 1) / 2, 0, 1), [B, H, W, C]
         return ((x.float() + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """ComfyUI's VAEEncode: the picture cropped to the VAE's factor about its centre, encoded to the posterior's
         mean (deterministic: a seed never enters it)."""
-        pipe = self.state.pipe
+        pipe, limits = self.served.pipe, self.served
         f = int(getattr(pipe, "scale", 8))
         h, w = pixels.shape[1] // f * f, pixels.shape[2] // f * f
         if h == 0 or w == 0:
@@ -575,9 +592,9 @@ class Execution:
                              "pixels a side")
         dy, dx = (pixels.shape[1] % f) // 2, (pixels.shape[2] % f) // 2
         x = pixels[:, dy:dy + h, dx:dx + w, :3].permute(0, 3, 1, 2) * 2.0 - 1.0
-        if h > self.state.max_height or w > self.state.max_width:
-            raise ValueError(f"the picture is {w}x{h}, past the server's limit of {self.state.max_width}x"
-                             f"{self.state.max_height}")
+        if h > limits.max_height or w > limits.max_width:
+            raise ValueError(f"the picture is {w}x{h}, past the server's limit of {limits.max_width}x"
+                             f"{limits.max_height}")
         return pipe.vae.to_latent(pipe.vae_mode(x.float()))
 
     def save(self, images: torch.Tensor, prefix: str, kind: str) -> list[dict]:
@@ -611,16 +628,20 @@ def _ms() -> int:
 
 
 # -- the routes --------------------------------------------------------------------------------------------------------
-def add_routes(app, pipe, worker, *, model_name: str, max_steps: int, max_width: int, max_height: int,
-               base_dir: str | Path | None = None, version: str = "") -> ComfyState:
-    """ComfyUI's routes on `app` (also under /api, as ComfyUI serves them). `base_dir` holds the output, input and temp
-    folders (None: a new temporary folder)."""
+def new_state(base_dir: str | Path | None = None) -> ComfyState:
+    """The API's state, its output, input and temp folders in `base_dir` (None: a new temporary folder)."""
     import tempfile
 
+    return ComfyState(Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="imagine-comfyui-")))
+
+
+def add_routes(app, served: Served, state: ComfyState, version: str = "") -> ComfyState:
+    """ComfyUI's routes on `app` (also under /api, as ComfyUI serves them), running prompts on `served`."""
     from imagine.server.worker import Job, QueueFull, Settings, ShuttingDown
 
-    base = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="imagine-comfyui-"))
-    state = ComfyState(pipe, worker, model_name, base, max_steps, max_width, max_height)
+    pipe, worker = served.pipe, served.worker
+    if state.checkpoint_names is None:
+        state.checkpoint_names = lambda: [served.name]
 
     def route(path: str, methods: list[str]):
         def add(fn):
@@ -660,8 +681,7 @@ def add_routes(app, pipe, worker, *, model_name: str, max_steps: int, max_width:
                             current_inputs={}, current_outputs={})
                 messages.append(["execution_error", info])
                 execution.emit("execution_error", info)
-        execution.emit("executing", {"node": None})
-        with state.lock:
+        with state.lock:  # (in history and out of the queue before the last message, as ComfyUI's task_done)
             prompt.state = "done"
             state.prompts.pop(prompt.id, None)
             state.history[prompt.id] = {
@@ -671,6 +691,7 @@ def add_routes(app, pipe, worker, *, model_name: str, max_steps: int, max_width:
                          for nid in execution.outputs}}
             while len(state.history) > MAX_HISTORY:
                 state.history.popitem(last=False)
+        execution.emit("executing", {"node": None})
         state.emit_status()
 
     @route("/prompt", ["POST"])
@@ -713,7 +734,7 @@ def add_routes(app, pipe, worker, *, model_name: str, max_steps: int, max_width:
             state.counter += 1
         prompt = Prompt(float(number) if isinstance(number, float) else number, prompt_id, graph, extra, outputs,
                         client_id)
-        execution = Execution(state, prompt, None)
+        execution = Execution(state, served, prompt)
         job = Job(prompts=[""], negative_prompts=[""], seeds=[0], call=execution,
                   settings=Settings(height=0, width=0, steps=1, sampler="euler", guidance_scale=1.0))
         job.id = prompt_id
@@ -728,6 +749,8 @@ def add_routes(app, pipe, worker, *, model_name: str, max_steps: int, max_width:
                                            "extra_info": {}}, "node_errors": {}}, status_code=503)
         with state.lock:
             state.prompts[prompt_id] = prompt
+        if state.on_queued is not None:
+            state.on_queued(future)
         future.add_done_callback(lambda f: finish(prompt, execution, f))
         state.emit_status()
         return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
@@ -736,11 +759,16 @@ def add_routes(app, pipe, worker, *, model_name: str, max_steps: int, max_width:
     def get_prompt():
         return {"exec_info": {"queue_remaining": state.queue_remaining()}}
 
+    def queued() -> list[Prompt]:
+        # (copied under the lock, asked of the worker after it: the worker answers a job holding its own lock, and
+        # a job's end takes this one, so this one is never held while asking it)
+        with state.lock:
+            return list(state.prompts.values())
+
     def queue_items() -> tuple[list, list]:
         running, pending = [], []
-        with state.lock:
-            for p in state.prompts.values():
-                (running if worker.position(p.id) == 0 else pending).append(p.item())
+        for p in queued():
+            (running if worker.position(p.id) == 0 else pending).append(p.item())
         return running, pending
 
     @route("/queue", ["GET"])
@@ -751,8 +779,7 @@ def add_routes(app, pipe, worker, *, model_name: str, max_steps: int, max_width:
     @route("/queue", ["POST"])
     async def post_queue(request: Request):
         body = await _json(request)
-        with state.lock:
-            waiting = [p for p in state.prompts.values() if worker.position(p.id) not in (0, None)]
+        waiting = [p for p in queued() if worker.position(p.id) not in (0, None)]
         if body.get("clear"):
             for p in waiting:
                 worker.cancel(p.job)
