@@ -65,7 +65,10 @@ def graph(name, seed=5, steps=4, cfg=6.0, sampler="euler_ancestral", scheduler="
 def run(srv, g, **body) -> tuple[str, dict]:
     r = requests.post(srv.url + "/prompt", json={"prompt": g, **body})
     assert r.status_code == 200, r.text
-    pid = r.json()["prompt_id"]
+    return run_wait(srv, r.json()["prompt_id"])
+
+
+def run_wait(srv, pid) -> tuple[str, dict]:
     t0 = time.time()
     while time.time() - t0 < 120:
         h = requests.get(f"{srv.url}/history/{pid}").json()
@@ -347,16 +350,6 @@ def test_an_interrupt_ends_the_prompt_as_interrupted(server):
     assert entry["status"]["status_str"] == "error"
     assert entry["status"]["messages"][-1][0] == "execution_interrupted"
     assert entry["outputs"] == {}
-
-
-def run_wait(srv, pid):
-    t0 = time.time()
-    while time.time() - t0 < 120:
-        h = requests.get(f"{srv.url}/history/{pid}").json()
-        if h:
-            return pid, h[pid]
-        time.sleep(0.05)
-    raise AssertionError("the prompt did not finish")
 
 
 def test_a_folder_of_checkpoints_runs_each_prompt_on_the_one_it_names(tmp_path):

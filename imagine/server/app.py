@@ -819,8 +819,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         from imagine.server import comfyui as comfy
 
         shared = comfyui if isinstance(comfyui, comfy.ComfyState) else comfy.new_state(comfyui)
-        comfy.add_routes(app, comfy.Served(pipe, worker, name, cfg.max_steps, cfg.max_width, cfg.max_height), shared,
-                   version)
+        served = comfy.Served(pipe, worker, name, cfg.max_steps, cfg.max_width, cfg.max_height)
+        comfy.add_routes(app, served, shared, version)
 
     # -- errors ------------------------------------------------------------------------------
     @app.exception_handler(ApiError)

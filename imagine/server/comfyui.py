@@ -617,7 +617,9 @@ class Execution:
         for image in images:
             array = np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)
             file = f"{name}_{counter:05}_.png"
-            Image.fromarray(array).save(folder / file, pnginfo=meta, compress_level=4 if kind == "output" else 1)
+            part = folder / f".{file}.part"  # (written whole, then named: /view never serves half a file)
+            Image.fromarray(array).save(part, format="PNG", pnginfo=meta, compress_level=4 if kind == "output" else 1)
+            os.replace(part, folder / file)
             out.append({"filename": file, "subfolder": sub, "type": kind})
             counter += 1
         return out

@@ -416,8 +416,9 @@ class ModelWorker:
     def _take_batch(self) -> list[Job]:
         first = self._pending.popleft()
         batch, n = [first], len(first)
-        if first.settings.couples_batch or first.call is not None:  # (its result would depend on the requests it
-            # ran with; a job with its own work runs alone)
+        # (a sampler that couples a batch: its result would depend on the requests it ran with; a job with its own work
+        # runs alone)
+        if first.settings.couples_batch or first.call is not None:
             return batch
         for job in list(self._pending):
             if n >= self.max_batch:
