@@ -393,3 +393,51 @@ def test_a_folder_of_checkpoints_runs_each_prompt_on_the_one_it_names(tmp_path):
         # files saved under --comfyui-dir, one counter across the models
         assert sorted(p.name for p in (tmp_path / "comfy" / "output").iterdir()) == [
             "ComfyUI_00001_.png", "ComfyUI_00002_.png", "ComfyUI_00003_.png"]
+
+
+def test_lora_loaders_merge_their_files_at_their_strengths(tmp_path):
+    """LoraLoader (U-Net and text encoder strengths apart) and LoraLoaderModelOnly on files of serve --lora-dir: the
+    pictures of a model with those LoRAs merged at load at the same strengths (the merge itself is held to diffusers'
+    in tests/test_lora.py), and afterwards, without them, the plain model's again."""
+    from safetensors.torch import save_file
+
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from test_loading import save_diffusers_folder
+    from test_lora import _kohya_lora
+
+    ref = save_diffusers_folder(tmp_path / "folder", "sd1", scheduler="ddim")
+    (tmp_path / "loras").mkdir()
+    save_file(_kohya_lora(ref.unet, ref.text_encoder, seed=0), str(tmp_path / "loras" / "style.safetensors"))
+    config = ServerConfig(max_width=64, max_height=64, max_steps=20)
+
+    def lora_graph(name, *loaders):
+        g = graph(name, batch=1, sampler="euler", scheduler="normal")
+        g["5"]["inputs"].update(width=32, height=32)
+        for k, (kind, inputs) in enumerate(loaders):
+            nid, before = str(20 + k), str(20 + k - 1) if k else "4"
+            g[nid] = {"class_type": kind, "inputs": {**inputs, "model": [before, 0], "lora_name": "style.safetensors",
+                                                    **({"clip": [before, 1]} if kind == "LoraLoader" else {})}}
+            g["3"]["inputs"]["model"] = [nid, 0]
+            if kind == "LoraLoader":
+                g["6"]["inputs"]["clip"] = g["7"]["inputs"]["clip"] = [nid, 1]
+        return g
+
+    def picture(pipe, g):
+        app = create_app(pipe, config, model_name="folder", comfyui=str(tmp_path / f"c{len(list(tmp_path.iterdir()))}"))
+        with BackgroundServer(app) as srv:
+            _, entry = run(srv, g)
+            assert entry["status"]["status_str"] == "success", entry["status"]
+            return pictures(srv, entry)[0]
+
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "folder")
+    pipe.lora_dir = tmp_path / "loras"
+    plain = picture(pipe, lora_graph("folder"))
+    both = picture(pipe, lora_graph("folder", ("LoraLoader", {"strength_model": 0.7, "strength_clip": 0.4})))
+    model_only = picture(pipe, lora_graph("folder", ("LoraLoaderModelOnly", {"strength_model": 0.3}),
+                                          ("LoraLoaderModelOnly", {"strength_model": 0.4})))  # (they add: 0.7)
+    assert np.array_equal(picture(pipe, lora_graph("folder")), plain)  # (the weights put back exactly)
+    file = tmp_path / "loras" / "style.safetensors"
+    for got, strengths in ((both, (0.4, 0.7)), (model_only, (0.0, 0.7))):
+        merged = TextToImagePipeline.from_pretrained(tmp_path / "folder", loras=[(file, strengths)])
+        assert np.array_equal(got, picture(merged, lora_graph("folder"))), strengths
+    assert not np.array_equal(both, plain) and not np.array_equal(both, model_only)

@@ -65,17 +65,26 @@ class NodeError(Exception):
                       "extra_info": {**({"input_name": input_name} if input_name else {}), **extra}}
 
 
-@dataclass
+@dataclass(frozen=True)
+class Model:
+    """A MODEL output: the LoRAs its LoraLoaders put on the U-Net, ((file name, strength), ...)."""
+
+    loras: tuple = ()
+
+
+@dataclass(frozen=True)
 class Clip:
-    """A CLIP output: the layers skipped from the last (None: the model's own, ComfyUI's -1 for SD 1.x)."""
+    """A CLIP output: the layers skipped from the last (None: the model's own, ComfyUI's -1 for SD 1.x), and the LoRAs
+    put on the text encoder."""
 
     skip: int | None = None
+    loras: tuple = ()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Conditioning:
     text: str
-    skip: int | None
+    clip: Clip
 
 
 @dataclass
@@ -130,6 +139,7 @@ class ComfyState:
 
     base_dir: Path
     checkpoint_names: Callable[[], list[str]] | None = None
+    lora_names: Callable[[], list[str]] | None = None  # what LoraLoader offers: the files of serve --lora-dir
     on_queued: Callable[[Any], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     prompts: "OrderedDict[str, Prompt]" = field(default_factory=OrderedDict)  # queued and running, in order
@@ -185,19 +195,36 @@ def _int(default, lo, hi, step=1, **more):
     return ("INT", {"default": default, "min": lo, "max": hi, "step": step, **more})
 
 
+def _strength():
+    return ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})
+
+
 def _checkpoint(ctx, ckpt_name):
     if ckpt_name != ctx.served.name:  # (a checkpoint server changes to the one a prompt names before it is queued)
         raise ValueError(f"ckpt_name {ckpt_name!r}: this prompt runs on {ctx.served.name!r}")
-    return ("model", Clip(), "vae")
+    return (Model(), Clip(), "vae")
 
 
 def _clip_text_encode(ctx, text, clip):
-    return (Conditioning(str(text), clip.skip),)
+    return (Conditioning(str(text), clip),)
 
 
 def _clip_set_last_layer(ctx, clip, stop_at_clip_layer):
     # (ComfyUI's -1 is the last layer's states, -2 the one before, layer-normed as its SD 1.x CLIP does)
-    return (Clip(skip=-int(stop_at_clip_layer) - 1),)
+    return (Clip(-int(stop_at_clip_layer) - 1, clip.loras),)
+
+
+def _lora_loader(ctx, model, clip, lora_name, strength_model, strength_clip):
+    # (ComfyUI's LoraLoader patches W + s dW into the U-Net and the text encoder, each at its own strength; a strength
+    # of 0 on both loads nothing)
+    if float(strength_model) == 0 and float(strength_clip) == 0:
+        return (model, clip)
+    return (Model(model.loras + ((lora_name, float(strength_model)),)),
+            Clip(clip.skip, clip.loras + ((lora_name, float(strength_clip)),)))
+
+
+def _lora_loader_model_only(ctx, model, lora_name, strength_model):
+    return (Model(model.loras + ((lora_name, float(strength_model)),)) if float(strength_model) else model,)
 
 
 def _empty_latent(ctx, width, height, batch_size):
@@ -207,14 +234,14 @@ def _empty_latent(ctx, width, height, batch_size):
 
 
 def _ksampler(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise):
-    return (ctx.sample(latent_image, int(seed), int(steps), float(cfg), sampler_name, scheduler, positive, negative,
+    return (ctx.sample(model, latent_image, int(seed), int(steps), float(cfg), sampler_name, scheduler, positive, negative,
                        float(denoise)),)
 
 
 def _ksampler_advanced(ctx, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                        latent_image, start_at_step, end_at_step, return_with_leftover_noise):
     window = (int(start_at_step), int(end_at_step), return_with_leftover_noise != "enable", add_noise == "enable")
-    return (ctx.sample(latent_image, int(noise_seed), int(steps), float(cfg), sampler_name, scheduler, positive,
+    return (ctx.sample(model, latent_image, int(noise_seed), int(steps), float(cfg), sampler_name, scheduler, positive,
                        negative, 1.0, window),)
 
 
@@ -296,6 +323,15 @@ NODES: dict[str, Node] = {
         lambda s: {"required": {"text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)}},
         ("CONDITIONING",), _clip_text_encode, "conditioning", "Encodes a text prompt with the CLIP model.",
         display_name="CLIP Text Encode (Prompt)"),
+    "LoraLoader": Node(
+        lambda s: {"required": {"model": ("MODEL",), "clip": ("CLIP",), "lora_name": (s.lora_names(),),
+                                "strength_model": _strength(), "strength_clip": _strength()}},
+        ("MODEL", "CLIP"), _lora_loader, "loaders", "LoRAs of serve --lora-dir, merged for the prompt's sampling.",
+        display_name="Load LoRA"),
+    "LoraLoaderModelOnly": Node(
+        lambda s: {"required": {"model": ("MODEL",), "lora_name": (s.lora_names(),),
+                                "strength_model": _strength()}},
+        ("MODEL",), _lora_loader_model_only, "loaders", display_name="LoraLoaderModelOnly"),
     "CLIPSetLastLayer": Node(
         lambda s: {"required": {"clip": ("CLIP",), "stop_at_clip_layer": _int(-1, -24, -1)}},
         ("CLIP",), _clip_set_last_layer, "conditioning", display_name="CLIP Set Last Layer"),
@@ -534,14 +570,17 @@ class Execution:
         return out
 
     # -- what the nodes do with the pipeline ----------------------------------------------------------------------
-    def sample(self, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
-               positive: Conditioning, negative: Conditioning, denoise: float, window: tuple | None = None) -> dict:
+    def sample(self, model: Model, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str,
+               scheduler: str, positive: Conditioning, negative: Conditioning, denoise: float,
+               window: tuple | None = None) -> dict:
         """ComfyUI's KSampler (its common_ksampler): the texts read with its weights and windows (imagine.emphasis'
         "ComfyUI" mode), one seed for the batch's noise (BatchNoiseStream), the levels
         of its scheduler over the model's range, its start, the nearest training timesteps, classifier-free guidance
         at any cfg but 1; image to image from a non-empty latent at `denoise` (its last steps + 1 levels of
         int(steps / denoise)). denoise 0 gives the latent back (its set_steps: no levels). `window`: KSamplerAdvanced's
-        (start_at_step, end_at_step, full denoise, add noise), imagine.sampling.comfyui_window."""
+        (start_at_step, end_at_step, full denoise, add noise), imagine.sampling.comfyui_window. The LoRAs of `model`
+        and of the texts' CLIP are merged for the run as AUTOMATIC1111's tags ask the pipeline to
+        (`<lora:name:te=..:unet=..>`, the files of serve --lora-dir; put back after)."""
         limits = self.served
         if steps > limits.max_steps:
             raise ValueError(f"steps {steps} is past the server's limit of {limits.max_steps}")
@@ -553,18 +592,22 @@ class Execution:
         if z.shape[3] * f > limits.max_width or z.shape[2] * f > limits.max_height:
             raise ValueError(f"the latent is for {z.shape[3] * f}x{z.shape[2] * f} pixels, past the server's limit "
                              f"of {limits.max_width}x{limits.max_height}")
-        if positive.skip != negative.skip:
-            raise ValueError("positive and negative come from different CLIP layers (CLIPSetLastLayer): this server "
-                             "encodes both with one")
+        if positive.clip != negative.clip:
+            raise ValueError("positive and negative come from different CLIPs (CLIPSetLastLayer, LoraLoader): this "
+                             "server encodes both with one text encoder")
+        te, unet = _summed(positive.clip.loras), _summed(model.loras)
+        tags = "".join(f"<lora:{_lora_stem(name)}:te={te.get(name, 0.0)!r}:unet={unet.get(name, 0.0)!r}>"
+                       for name in dict.fromkeys([*te, *unet]))
         sampler, discard = SAMPLERS[sampler_name]
         n = z.shape[0]
         self.run.new_pass(steps)
         node = self.current
         self.run.on_step = lambda value, most: self.emit("progress", {"value": value, "max": most, "node": node})
-        skip = None if positive.skip is None else int(getattr(pipe.text_encoder, "clip_skip", 0) or 0) + positive.skip
+        skip = None if positive.clip.skip is None else \
+            int(getattr(pipe.text_encoder, "clip_skip", 0) or 0) + positive.clip.skip
         try:
             with self.run.using_clip_skip(skip):
-                result = pipe.generate([positive.text] * n, [negative.text] * n, seeds=[seed] * n, steps=steps,
+                result = pipe.generate([positive.text + tags] * n, [negative.text] * n, seeds=[seed] * n, steps=steps,
                                        guidance_scale=cfg, sampler=sampler, sigma_schedule=SCHEDULERS[scheduler],
                                        sigma_range="model", discard_penultimate_sigma=discard, start="comfyui",
                                        rng="comfyui", quantize=True, init_latents=z.clone(),
@@ -625,11 +668,36 @@ class Execution:
         return out
 
 
+def _summed(loras: tuple) -> dict[str, float]:
+    """LoRAs loaded twice add up (W + s1 dW + s2 dW, as ComfyUI's patches add)."""
+    out: dict[str, float] = {}
+    for name, s in loras:
+        out[name] = out.get(name, 0.0) + s
+    return out
+
+
+def _lora_stem(name: str) -> str:
+    """ComfyUI's lora_name (a file of the LoRA folder) as the pipeline's LoRA tags name it (without its suffix)."""
+    from imagine.pipelines.text_to_image import LORA_SUFFIXES
+
+    path = Path(name)
+    return path.with_suffix("").as_posix() if path.suffix.lower() in LORA_SUFFIXES else path.as_posix()
+
+
 def _ms() -> int:
     return int(time.time() * 1000)
 
 
 # -- the routes --------------------------------------------------------------------------------------------------------
+def _lora_files(folder) -> list[str]:
+    from imagine.pipelines.text_to_image import LORA_SUFFIXES
+
+    if folder is None or not Path(folder).is_dir():
+        return []
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")
+                  if p.is_file() and p.suffix.lower() in LORA_SUFFIXES)
+
+
 def new_state(base_dir: str | Path | None = None) -> ComfyState:
     """The API's state, its output, input and temp folders in `base_dir` (None: a new temporary folder)."""
     import tempfile
@@ -644,6 +712,8 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
     pipe, worker = served.pipe, served.worker
     if state.checkpoint_names is None:
         state.checkpoint_names = lambda: [served.name]
+    if state.lora_names is None:  # (a checkpoint server's models share --lora-dir)
+        state.lora_names = lambda: _lora_files(getattr(pipe, "lora_dir", None))
 
     def route(path: str, methods: list[str]):
         def add(fn):
