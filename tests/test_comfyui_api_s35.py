@@ -375,14 +375,33 @@ def test_a_folder_of_checkpoints_runs_each_prompt_on_the_one_it_names(tmp_path):
     cli.add_arguments(p)
     args = p.parse_args(["--ckpt-dir", str(tmp_path / "models"), "--threads", "1",
                          "--comfyui-dir", str(tmp_path / "comfy")])
-    with BackgroundServer(cli._checkpoint_server(args, config, None)) as srv:
+    import gc
+    import threading
+    import weakref
+
+    import websockets.sync.client
+
+    server = cli._checkpoint_server(args, config, None)
+    with BackgroundServer(server) as srv:
         info = requests.get(srv.url + "/object_info/CheckpointLoaderSimple").json()
         assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == ["alpha", "sub/beta"]
-        done = []
-        for name in ("sub/beta", "alpha", "sub/beta"):
-            pid, entry = run(srv, graph(name, batch=1))
-            assert np.array_equal(pictures(srv, entry)[0], truth[name]), name
-            done.append(pid)
+        # a client's socket open across the changes of model: it hears every prompt, and keeps no model in memory
+        with websockets.sync.client.connect(srv.url.replace("http", "ws") + "/ws?clientId=c1") as socket:
+            heard: list[dict] = []
+            listening = threading.Thread(target=lambda: [heard.append(json.loads(m)) for m in socket], daemon=True)
+            listening.start()
+            done, models = [], [weakref.ref(server.app.state.pipe)]  # (the one the socket came in on, too)
+            for name in ("sub/beta", "alpha", "sub/beta"):
+                pid, entry = run(srv, graph(name, batch=1), client_id="c1")
+                assert np.array_equal(pictures(srv, entry)[0], truth[name]), name
+                done.append(pid)
+                models.append(weakref.ref(server.app.state.pipe))
+            gc.collect()
+            assert [m() is None for m in models] == [True, True, True, False]  # (those switched from are gone)
+            t0 = time.time()
+            while sum(m["type"] == "execution_success" for m in heard) < 3 and time.time() - t0 < 30:
+                time.sleep(0.05)
+            assert [m["data"]["prompt_id"] for m in heard if m["type"] == "execution_success"] == done
         assert set(done) <= set(requests.get(srv.url + "/history").json())  # (one history across the models)
         assert requests.get(srv.url + "/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("sub/beta")
         two = {**graph("alpha"), "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sub/beta"}}}

@@ -140,9 +140,13 @@ class CheckpointServer:
         self._under_way = 0
         self._ready = asyncio.Event()  # clear while a model loads in place of the one served (nothing to answer with)
         self._ready.set()
+        self._comfyui_socket = None
         if comfyui is not None:  # ComfyUI's API, one state for the models' apps (imagine.server.comfyui)
+            from imagine.server.comfyui import socket_app
+
             comfyui.checkpoint_names = lambda: [c.name for c in self.checkpoints]
             comfyui.on_queued = self._hold_for
+            self._comfyui_socket = socket_app(comfyui)  # (served here: it outlives the models' apps)
 
     @property
     def app(self):
@@ -157,6 +161,8 @@ class CheckpointServer:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
             return await self._lifespan(receive, send)
+        if scope["type"] == "websocket" and self._comfyui_socket is not None and scope["path"] in ("/ws", "/api/ws"):
+            return await self._comfyui_socket(scope, receive, send)
         if scope["type"] != "http":
             return await self._serve_request(scope, receive, send)
         method, path = scope["method"], scope["path"]

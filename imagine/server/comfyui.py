@@ -710,10 +710,12 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
     from imagine.server.worker import Job, QueueFull, Settings, ShuttingDown
 
     pipe, worker = served.pipe, served.worker
+    # (what the state keeps holds names, not the model: a checkpoint server's state outlives the models it served)
+    name, lora_dir = served.name, getattr(pipe, "lora_dir", None)
     if state.checkpoint_names is None:
-        state.checkpoint_names = lambda: [served.name]
+        state.checkpoint_names = lambda: [name]
     if state.lora_names is None:  # (a checkpoint server's models share --lora-dir)
-        state.lora_names = lambda: _lora_files(getattr(pipe, "lora_dir", None))
+        state.lora_names = lambda: _lora_files(lora_dir)
 
     def route(path: str, methods: list[str]):
         def add(fn):
@@ -995,7 +997,17 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
     def extensions():
         return []
 
-    @app.websocket("/ws")
+    for prefix in ("", "/api"):
+        app.add_api_websocket_route(prefix + "/ws", socket_endpoint(state))
+    app.state.comfyui = state
+    return state
+
+
+def socket_endpoint(state: ComfyState):
+    """ComfyUI's /ws?clientId= socket: a status message first, then the messages of the client's prompts (and the
+    queue's status to all). It holds nothing of a model (a checkpoint server serves it apart, `socket_app`: an open
+    socket would keep the app it came through, and its model, in memory)."""
+
     async def ws(websocket: WebSocket):
         await websocket.accept()
         state.loop = asyncio.get_running_loop()
@@ -1012,8 +1024,16 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
             if state.sockets.get(sid) is websocket:
                 del state.sockets[sid]
 
-    app.state.comfyui = state
-    return state
+    return ws
+
+
+def socket_app(state: ComfyState):
+    """The socket alone, as an ASGI app (a checkpoint server's, in front of its models' apps)."""
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+
+    endpoint = socket_endpoint(state)
+    return Starlette(routes=[WebSocketRoute("/ws", endpoint), WebSocketRoute("/api/ws", endpoint)])
 
 
 async def _json(request) -> dict:
