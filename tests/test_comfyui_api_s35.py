@@ -259,6 +259,37 @@ def test_a_hires_fix_graph_upscales_the_latent_and_samples_again(server, pipe, k
     assert close(got, want[0])
 
 
+def test_image_scale_and_invert_before_the_encoder(server, pipe, kd):
+    # (ComfyUI's ImageScale "lanczos": each picture to 8 bits by truncation, Pillow's Lanczos, / 255; a width of 0 keeps
+    # the aspect ratio; ImageInvert: 1 - x)
+    rgb = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    requests.post(server.url + "/upload/image", files={"image": ("wide.png", buffer.getvalue(), "image/png")},
+                  data={"overwrite": "true"})
+    g = graph(server.name, seed=8, steps=3, cfg=4.0, sampler="euler", scheduler="normal", batch=1, latent=["11", 0],
+              denoise=0.6)
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": "wide.png"}}
+    g["12"] = {"class_type": "ImageScale", "inputs": {"image": ["10", 0], "upscale_method": "lanczos", "width": 0,
+                                                      "height": 12, "crop": "disabled"}}
+    g["13"] = {"class_type": "ImageInvert", "inputs": {"image": ["12", 0]}}
+    g["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["13", 0], "vae": ["4", 2]}}
+    _, entry = run(server, g)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    got = pictures(server, entry)[0]
+    assert got.shape == (12, 16, 3)
+    loaded = rgb.astype(np.float32) / 255.0
+    small = Image.fromarray(np.clip(255.0 * loaded, 0, 255).astype(np.uint8)).resize((16, 12), Image.LANCZOS)
+    pixels = 1.0 - torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)
+    latent = pipe.vae.to_latent(pipe.vae_mode(pixels.permute(2, 0, 1)[None] * 2 - 1))
+    want = comfy_reference(kd, pipe, "a red circle", 8, 3, 4.0, "sample_euler", normal, 1, latent=latent, denoise=0.6)
+    assert close(got, want[0])
+    big = {**g, "12": {**g["12"], "inputs": {**g["12"]["inputs"], "width": 4096, "height": 4096}}}
+    _, entry = run(server, big)  # (past the server's size limit: the node's error, in ComfyUI's execution_error)
+    error = entry["status"]["messages"][-1]
+    assert error[0] == "execution_error" and error[1]["node_id"] == "12" and "limit" in error[1]["exception_message"]
+
+
 def test_validation_errors_have_comfyuis_shape(server):
     g = graph(server.name)
     g["3"]["inputs"].update(sampler_name="nope", steps=0)

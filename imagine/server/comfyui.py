@@ -253,27 +253,49 @@ def _vae_encode(ctx, pixels, vae):
     return ({"samples": ctx.encode(pixels)},)
 
 
+def _sides(x: torch.Tensor, w: int, h: int) -> tuple[int, int] | None:
+    """ComfyUI's target size: a side of 0 keeps the aspect ratio; both 0, no change (None)."""
+    if w == 0 and h == 0:
+        return None
+    if w == 0:
+        w = max(1, round(x.shape[3] * h / x.shape[2]))
+    elif h == 0:
+        h = max(1, round(x.shape[2] * w / x.shape[3]))
+    return w, h
+
+
 def _latent_upscale(ctx, samples, upscale_method, width, height, crop):
     f = int(getattr(ctx.served.pipe, "scale", 8))
-    z = samples["samples"]
-    w, h = int(width) // f, int(height) // f
-    if w == 0 and h == 0:
-        return (samples,)
-    if w == 0:  # (ComfyUI: a side of 0 keeps the aspect ratio)
-        w = max(1, round(z.shape[3] * h / z.shape[2]))
-    elif h == 0:
-        h = max(1, round(z.shape[2] * w / z.shape[3]))
-    return ({**samples, "samples": _upscale(z, upscale_method, w, h, crop)},)
+    size = _sides(samples["samples"], int(width) // f, int(height) // f)
+    return (samples if size is None else {**samples, "samples": ctx.scaled(samples["samples"], upscale_method, *size,
+                                                                            crop, f)},)
 
 
 def _latent_upscale_by(ctx, samples, upscale_method, scale_by):
-    z = samples["samples"]
+    z, f = samples["samples"], int(getattr(ctx.served.pipe, "scale", 8))
     w, h = round(z.shape[3] * float(scale_by)), round(z.shape[2] * float(scale_by))
-    return ({**samples, "samples": _upscale(z, upscale_method, w, h, "disabled")},)
+    return ({**samples, "samples": ctx.scaled(z, upscale_method, w, h, "disabled", f)},)
+
+
+def _image_scale(ctx, image, upscale_method, width, height, crop):
+    x = image.movedim(-1, 1)
+    size = _sides(x, int(width), int(height))
+    return (image if size is None else ctx.scaled(x, upscale_method, *size, crop).movedim(1, -1),)
+
+
+def _image_scale_by(ctx, image, upscale_method, scale_by):
+    x = image.movedim(-1, 1)
+    w, h = round(x.shape[3] * float(scale_by)), round(x.shape[2] * float(scale_by))
+    return (ctx.scaled(x, upscale_method, w, h, "disabled").movedim(1, -1),)
+
+
+def _image_invert(ctx, image):
+    return (1.0 - image,)
 
 
 def _upscale(z: torch.Tensor, method: str, w: int, h: int, crop: str) -> torch.Tensor:
-    """ComfyUI's common_upscale: an optional centre crop to the target's aspect ratio, then torch's interpolation."""
+    """ComfyUI's common_upscale [B, C, H, W]: an optional centre crop to the target's aspect ratio, then torch's
+    interpolation, or for pictures "lanczos", Pillow's on each picture in 8 bits (its lanczos: truncated, then /255)."""
     if crop == "center":
         old_w, old_h = z.shape[3], z.shape[2]
         old_aspect, new_aspect = old_w / old_h, w / h
@@ -283,6 +305,11 @@ def _upscale(z: torch.Tensor, method: str, w: int, h: int, crop: str) -> torch.T
         elif old_aspect < new_aspect:
             y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
         z = z[:, :, y:old_h - y, x:old_w - x]
+    if method == "lanczos":
+        pictures = [Image.fromarray(np.clip(255.0 * x.movedim(0, -1).cpu().numpy(), 0, 255).astype(np.uint8))
+                    for x in z]
+        return torch.stack([torch.from_numpy(np.asarray(p.resize((w, h), resample=Image.LANCZOS), dtype=np.float32)
+                                             / 255.0).movedim(-1, 0) for p in pictures])
     if method == "bicubic" or method == "bilinear":
         return torch.nn.functional.interpolate(z, size=(h, w), mode=method, align_corners=False)
     return torch.nn.functional.interpolate(z, size=(h, w), mode=method)
@@ -372,6 +399,17 @@ NODES: dict[str, Node] = {
         lambda s: {"required": {"samples": ("LATENT",), "upscale_method": (list(UPSCALE_METHODS),),
                                 "scale_by": ("FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01})}},
         ("LATENT",), _latent_upscale_by, "latent", display_name="Upscale Latent By"),
+    "ImageScale": Node(
+        lambda s: {"required": {"image": ("IMAGE",), "upscale_method": ([*UPSCALE_METHODS, "lanczos"],),
+                                "width": _int(512, 0, MAX_RESOLUTION), "height": _int(512, 0, MAX_RESOLUTION),
+                                "crop": (["disabled", "center"],)}},
+        ("IMAGE",), _image_scale, "image/upscaling", display_name="Upscale Image"),
+    "ImageScaleBy": Node(
+        lambda s: {"required": {"image": ("IMAGE",), "upscale_method": ([*UPSCALE_METHODS, "lanczos"],),
+                                "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01})}},
+        ("IMAGE",), _image_scale_by, "image/upscaling", display_name="Upscale Image By"),
+    "ImageInvert": Node(lambda s: {"required": {"image": ("IMAGE",)}}, ("IMAGE",), _image_invert, "image",
+                        display_name="Invert Image"),
     "LoadImage": Node(
         lambda s: {"required": {"image": (s.input_files(), {"image_upload": True})}},
         ("IMAGE", "MASK"), _load_image, "image", display_name="Load Image"),
@@ -619,6 +657,13 @@ class Execution:
         finally:
             self.run.on_step = None
         return {**latent, "samples": result.latents.float()}
+
+    def scaled(self, x: torch.Tensor, method: str, w: int, h: int, crop: str, factor: int = 1) -> torch.Tensor:
+        """`_upscale` within the server's size limit (`factor`: pixels per cell, for latents)."""
+        if w * factor > self.served.max_width or h * factor > self.served.max_height:
+            raise ValueError(f"{w * factor}x{h * factor} pixels is past the server's limit of "
+                             f"{self.served.max_width}x{self.served.max_height}")
+        return _upscale(x, method, w, h, crop)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         x = self.served.pipe.decode(latents)  # [-1, 1]; ComfyUI's VAEDecode: clamp((x + 1) / 2, 0, 1), [B, H, W, C]
