@@ -248,7 +248,7 @@ def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], seeds
 STARTS = ("noise", "matched", "sigma_max", "comfyui")
 # Which steps an image-to-image run takes (`_img2img_plan`)
 STRENGTH_RULES = ("diffusers", "a1111", "a1111_fixed_steps")
-KEEP_RULES = ("replace", "denoised", "input")  # how inpainting keeps the known part: Denoiser.keep_known
+KEEP_RULES = ("replace", "denoised", "input", "comfyui")  # how inpainting keeps the known part: Denoiser.keep_known
 
 
 class Denoiser:
@@ -318,7 +318,11 @@ class Denoiser:
         "input": A1111's for its CompVis samplers, DDIM, PLMS and UniPC (its blend before denoising): the model sees
         the clean x_0 where mask is 0, x_in = mask * x_t + (1 - mask) * x_0, and its output, read as eps at x_in,
         gives the prediction at the sampler's own x_t.
-        `sample` sets the result to x_0 where mask is 0 (so do diffusers and A1111)."""
+        "comfyui": ComfyUI's (its KSamplerX0Inpaint): both, at every model call, the model's input mixed with the known
+        latent at the call's level and the prediction with the known latent, x_in = mask x + (1 - mask) (sqrt(abar)
+        x_0 + sqrt(1 - abar) eps), D <- mask D + (1 - mask) x_0, x_0 its latent as given (noise left in it too).
+        `sample` sets the result to x_0 where mask is 0 (so do diffusers and A1111), but for "comfyui", whose last
+        prediction has it."""
         if rule not in KEEP_RULES:
             raise ValueError(f"rule must be one of {', '.join(map(repr, KEEP_RULES))}; got {rule!r}")
         self.known = (x0, eps, mask, rule)
@@ -403,7 +407,7 @@ class Denoiser:
         rule, x_in = None, x
         if self.known is not None:
             x0_known, eps, mask, rule = self.known
-            if rule == "replace" and known:
+            if (rule == "replace" and known) or rule == "comfyui":
                 x = x_in = torch.lerp((math.sqrt(abar) * x0_known + math.sqrt(1.0 - abar) * eps).to(x.dtype), x,
                                       mask.to(x.dtype))
             elif rule == "input":
@@ -429,7 +433,7 @@ class Denoiser:
             x0 = predict_x0(out, x, abar, kind)
         x0 = apply_threshold(x0, self.thresholding, self.threshold_percentile, self.threshold_range,
                              self.threshold_max)
-        if rule == "denoised":
+        if rule in ("denoised", "comfyui"):
             x0 = torch.lerp(x0_known.to(x0.dtype), x0, mask.to(x0.dtype))
         return x0
 
@@ -867,7 +871,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
     if mask is not None:
         known = init.to(device=x.device, dtype=torch.float64)
         # (A1111's rules: its blend after denoising for its k-diffusion samplers, before it for its CompVis ones)
-        keep = "replace" if strength_rule == "diffusers" else "input" if start_abar is not None else "denoised"
+        keep = "comfyui" if start == "comfyui" else "replace" if strength_rule == "diffusers" else \
+            "input" if start_abar is not None else "denoised"
         if keep == "replace" and not bool(((mask == 0) | (mask == 1)).all()):
             # (the replacement is diffusers' only for a 0/1 mask, which its pipelines make by rounding at 0.5: it
             # blends the model's input, diffusers the sampler's state, the same where the mask is 0 or 1)
@@ -891,7 +896,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
             x = final_heun_step(denoise, x, plan, callback=callback)
     if plan.end_ve and float(plan.sigmas[-1]) > 0 and canonical not in VE_RESULT_SAMPLERS:  # (x / alpha)
         x = (x.double() * math.sqrt(1.0 + float(plan.sigmas[-1]) ** 2)).to(x.dtype)
-    if mask is not None:  # the known part is x_0 itself (diffusers' last blend is with the clean latents)
+    if mask is not None and start != "comfyui":  # the known part is x_0 itself (diffusers' last blend is with the
+        # clean latents; ComfyUI's last prediction is blended, and a window's end above 0 keeps its noise)
         x = torch.lerp(known.to(x.dtype), x, mask.to(x.dtype))
     return x
 

@@ -88,7 +88,7 @@ def pictures(srv, entry, node="9") -> list[np.ndarray]:
 
 
 def comfy_reference(kd, pipe, text, seed, steps, cfg, sampler, sigmas_of, batch, latent=None, denoise=1.0,
-                    window=None, decode=True):
+                    window=None, decode=True, mask=None):
     """ComfyUI's KSampler -> VAEDecode -> SaveImage, restated over the pipeline's U-Net and text encodings; `window`:
     KSamplerAdvanced's (start_at_step, end_at_step, force_full_denoise, add_noise) instead of denoise."""
     # (its weights: imagine.emphasis' "ComfyUI" mode, held to its encode_token_weights in test_comfyui_prompts_s35)
@@ -118,6 +118,13 @@ def comfy_reference(kd, pipe, text, seed, steps, cfg, sampler, sigmas_of, batch,
     top = float(den.sigma_max)
     full = abs(float(sigmas[0]) - top) <= 1e-5 * top or float(sigmas[0]) > top
     x = latent + z * (torch.sqrt(1 + sigmas[0] ** 2) if full else sigmas[0])
+    if mask is not None:  # (its prepare_mask and KSamplerX0Inpaint)
+        m = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]), size=shape[2:], mode="bilinear")
+        plain, known = den, latent
+
+        def den(x, sigma, **kw):
+            s = sigma.view(-1, 1, 1, 1)
+            return plain(x * m + (known + z * s) * (1 - m), sigma) * m + known * (1 - m)
     g = torch.Generator().manual_seed(seed + 1)
     kw = {"noise_sampler": lambda s, s_next: torch.randn(shape, generator=g)} if "ancestral" in sampler else {}
     with torch.no_grad():
@@ -288,6 +295,36 @@ def test_image_scale_and_invert_before_the_encoder(server, pipe, kd):
     _, entry = run(server, big)  # (past the server's size limit: the node's error, in ComfyUI's execution_error)
     error = entry["status"]["messages"][-1]
     assert error[0] == "execution_error" and error[1]["node_id"] == "12" and "limit" in error[1]["exception_message"]
+
+
+def test_inpainting_with_a_noise_mask_from_the_pictures_alpha(server, pipe, kd):
+    # (LoadImage's MASK is 1 - alpha: the transparent part is painted anew; SetLatentNoiseMask on VAEEncode's latent)
+    rgba = np.random.default_rng(2).integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[4:12, 6:14, 3] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    requests.post(server.url + "/upload/image", files={"image": ("holed.png", buffer.getvalue(), "image/png")},
+                  data={"overwrite": "true"})
+    g = graph(server.name, seed=14, steps=4, cfg=4.0, sampler="euler_ancestral", scheduler="karras", batch=1,
+              latent=["14", 0])
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": "holed.png"}}
+    g["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    g["14"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["11", 0], "mask": ["10", 1]}}
+    _, entry = run(server, g)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    got = pictures(server, entry)[0]
+    pixels = torch.from_numpy(rgba[..., :3].astype(np.float32) / 255.0)
+    latent = pipe.vae.to_latent(pipe.vae_mode(pixels.permute(2, 0, 1)[None] * 2 - 1))
+    mask = 1.0 - torch.from_numpy(rgba[..., 3].astype(np.float32) / 255.0)[None]
+    want = comfy_reference(kd, pipe, "a red circle", 14, 4, 4.0, "sample_euler_ancestral", karras, 1, latent=latent,
+                           mask=mask)
+    assert close(got, want[0])
+    plain = comfy_reference(kd, pipe, "a red circle", 14, 4, 4.0, "sample_euler_ancestral", karras, 1, latent=latent)
+    assert not close(got, plain[0])  # (the mask is read)
+    g["3"]["inputs"]["sampler_name"] = "ddim"
+    _, entry = run(server, g)
+    assert "use euler" in entry["status"]["messages"][-1][1]["exception_message"]
 
 
 def test_validation_errors_have_comfyuis_shape(server):

@@ -163,3 +163,37 @@ def test_ksampler_advanced_windows_chain_as_comfyuis(kd, name, fn, ancestral):
     cut = advanced_reference(kd, f, shape, seed, steps, empty, 0, 5, True, True, ancestral)
     assert (run(empty, (0, 5, True), True).float() - cut).abs().max() < 2e-4 * cut.abs().max()
     assert torch.equal(run(first, (8, 10000, True), False), first)
+
+
+@pytest.mark.parametrize("name,fn,ancestral", [("euler_a", "sample_euler_ancestral", True),
+                                               ("dpmpp_2m", "sample_dpmpp_2m", False)])
+@pytest.mark.parametrize("denoise", [1.0, 0.7])
+def test_a_noise_mask_keeps_the_latent_as_comfyuis_ksampler_x0_inpaint(kd, name, fn, ancestral, denoise):
+    """ComfyUI's KSamplerX0Inpaint: at every call the model sees x where the mask is 1 and the latent noised with the
+    start noise at the call's level (latent + z sigma) where it is 0, and its prediction is the latent there."""
+    shape, seed, steps = (2, 4, 8, 8), 5, 6
+    latent = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 1:5] = 1.0
+    mask = torch.nn.functional.interpolate(mask, size=(8, 8), mode="bilinear")  # (a soft edge is kept soft)
+    mask[1, :, 5:] = 0.5
+    den = kd.external.DiscreteEpsDDPMDenoiser(Inner(), SCHEDULE.alphas_cumprod.float(), quantize=True)
+    n = int(steps / denoise) if denoise < 1 else steps
+    sigmas = den.get_sigmas(n)[-(steps + 1):]
+    z = torch.randn(shape, generator=torch.manual_seed(seed))
+    m = mask.expand(shape)
+
+    def inpaint(x, sigma, **kw):
+        s = sigma.view(-1, 1, 1, 1)
+        out = den(x * m + (latent + z * s) * (1 - m), sigma)
+        return out * m + latent * (1 - m)
+
+    top = float(den.sigma_max)
+    x = latent + z * (torch.sqrt(1 + sigmas[0] ** 2) if abs(float(sigmas[0]) - top) <= 1e-5 * top else sigmas[0])
+    kw = {}
+    if ancestral:
+        g = torch.Generator().manual_seed(seed + 1)
+        kw["noise_sampler"] = lambda s, s_next: torch.randn(shape, generator=g)
+    ref = getattr(kd.sampling, fn)(inpaint, x, sigmas, disable=True, **kw)
+    got = ours(name, shape, seed, steps, init=latent, strength=denoise, strength_rule="a1111_fixed_steps", mask=mask)
+    assert (got.float() - ref).abs().max() < 2e-4 * ref.abs().max()

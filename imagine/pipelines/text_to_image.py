@@ -613,6 +613,7 @@ class TextToImagePipeline:
                  noise_seed_delta: int = 0, zero_terminal_snr: bool = False, downcast_alphas_cumprod: bool = False,
                  old_prompt_editing: bool = False, editing_first_pass: int | None = None,
                  pad_conds: str | None = None, quantize: bool = False, window: tuple | None = None,
+                 latent_mask: torch.Tensor | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -708,7 +709,9 @@ class TextToImagePipeline:
         imagine.sampling.sample). rng "comfyui" with start "comfyui": ComfyUI's noise (one seed for the batch,
         imagine.sampling.BatchNoiseStream) and start (its max_denoise rule). window (with init_latents, VE latents as
         ComfyUI hands them on, and strength 1): (start_at_step, end_at_step, full_denoise, add_noise), ComfyUI's
-        KSamplerAdvanced (imagine.sampling.sample's window; add_noise False: no start noise).
+        KSamplerAdvanced (imagine.sampling.sample's window; add_noise False: no start noise). latent_mask (with
+        init_latents): [B or 1, 1, h, w] at the latents' size, 1 where the run paints, 0 where it keeps init_latents
+        (ComfyUI's noise mask; imagine.sampling.sample's mask, its keep rule by the start rule).
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -755,7 +758,7 @@ class TextToImagePipeline:
                      "noise_seed_delta": noise_seed_delta, "zero_terminal_snr": zero_terminal_snr,
                      "downcast_alphas_cumprod": downcast_alphas_cumprod,
                      "old_prompt_editing": old_prompt_editing and edits, "pad_conds": pad_conds,
-                     "quantize": quantize, "window": window}
+                     "quantize": quantize, "window": window, "latent_mask": latent_mask}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -966,6 +969,9 @@ class TextToImagePipeline:
         # their own, each image's stream giving its start noise first as A1111's does
         encoders = generators if strength_rule == "diffusers" else posterior_generators(seeds)
         inpaint = {}
+        if latent_mask is not None and (masks is not None or self.image_conditioned):
+            raise ValueError("latent_mask (ComfyUI's noise mask) is for a 4-channel U-Net without mask_image; an "
+                             "inpainting model reads the mask and the masked picture: give mask_image")
         if masks is not None or self.image_conditioned:
             fill = None if latent_noise_seeds is None else \
                 PerSampleNoise(make_generators(len(prompts), latent_noise_seeds, rng=rng)).draw(shape)
@@ -984,6 +990,10 @@ class TextToImagePipeline:
                 init = self.encode_images(inits, width, height, encoders)
             if init_latents is not None:
                 init = init_latents.float()
+            if latent_mask is not None:
+                if init_latents is None:
+                    raise ValueError("latent_mask keeps part of init_latents: give them")
+                inpaint["mask"] = latent_mask.float()
         if self.edits:  # the picture's latents: the mode of q(z | x), unscaled, as diffusers gives them
             picture = self._edit_latents(inits, width, height)
             cond = _each_step(cond, lambda c: {**c, "concat": picture})

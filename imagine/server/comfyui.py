@@ -245,6 +245,10 @@ def _ksampler_advanced(ctx, model, add_noise, noise_seed, steps, cfg, sampler_na
                        negative, 1.0, window),)
 
 
+def _set_latent_noise_mask(ctx, samples, mask):
+    return ({**samples, "noise_mask": mask.reshape(-1, 1, *mask.shape[-2:])},)
+
+
 def _vae_decode(ctx, samples, vae):
     return (ctx.decode(samples["samples"]),)
 
@@ -386,6 +390,8 @@ NODES: dict[str, Node] = {
             "negative": ("CONDITIONING",), "latent_image": ("LATENT",), "start_at_step": _int(0, 0, 10000),
             "end_at_step": _int(10000, 0, 10000), "return_with_leftover_noise": (["disable", "enable"],)}},
         ("LATENT",), _ksampler_advanced, "sampling", display_name="KSampler (Advanced)"),
+    "SetLatentNoiseMask": Node(lambda s: {"required": {"samples": ("LATENT",), "mask": ("MASK",)}}, ("LATENT",),
+                               _set_latent_noise_mask, "latent/inpaint", display_name="Set Latent Noise Mask"),
     "VAEDecode": Node(lambda s: {"required": {"samples": ("LATENT",), "vae": ("VAE",)}}, ("IMAGE",), _vae_decode,
                       "latent", "Decodes latent images back into pixel space images.", display_name="VAE Decode"),
     "VAEEncode": Node(lambda s: {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}, ("LATENT",), _vae_encode,
@@ -638,6 +644,14 @@ class Execution:
                        for name in dict.fromkeys([*te, *unet]))
         sampler, discard = SAMPLERS[sampler_name]
         n = z.shape[0]
+        mask = latent.get("noise_mask")
+        if mask is not None:  # (its prepare_mask: bilinear to the latents' size, repeated to the batch)
+            if sampler_name == "ddim":
+                raise ValueError("ComfyUI's ddim inpaints with noise of its own (seed + 1); with a noise mask use "
+                                 "euler, which is the same sampler")
+            mask = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(),
+                                                   size=tuple(z.shape[2:]), mode="bilinear")
+            mask = mask.repeat(math.ceil(n / mask.shape[0]), 1, 1, 1)[:n]
         self.run.new_pass(steps)
         node = self.current
         self.run.on_step = lambda value, most: self.emit("progress", {"value": value, "max": most, "node": node})
@@ -650,7 +664,7 @@ class Execution:
                                        sigma_range="model", discard_penultimate_sigma=discard, start="comfyui",
                                        rng="comfyui", quantize=True, init_latents=z.clone(),
                                        strength=min(float(denoise), 1.0), strength_rule="a1111_fixed_steps",
-                                       window=window,
+                                       window=window, latent_mask=mask,
                                        emphasis="ComfyUI", long_prompts=True, callback=self.run.step,
                                        progress=False,
                                        output_type="latent")
