@@ -353,6 +353,13 @@ def test_validation_errors_have_comfyuis_shape(server):
     assert e["type"] == "return_type_mismatch"
     assert requests.post(server.url + "/prompt", json={"prompt": graph("other.safetensors")}).json()[
         "node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"
+    deep = graph(server.name)  # (a chain of 5000 latent upscales: refused, not a crash)
+    for k in range(5000):
+        deep[f"u{k}"] = {"class_type": "LatentUpscaleBy", "inputs": {
+            "samples": [f"u{k - 1}" if k else "5", 0], "upscale_method": "area", "scale_by": 1.0}}
+    deep["3"]["inputs"]["latent_image"] = ["u4999", 0]
+    r = requests.post(server.url + "/prompt", json={"prompt": deep})
+    assert r.status_code == 400 and "too deep" in r.json()["error"]["message"]
 
 
 def test_the_socket_tells_the_run_and_queue_and_history_answer(server):

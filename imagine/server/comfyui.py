@@ -840,7 +840,11 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
                                 status_code=400)
         state.loop = asyncio.get_running_loop()
         graph = body["prompt"]
-        error, outputs, node_errors = validate(state, graph)
+        try:
+            error, outputs, node_errors = validate(state, graph)
+        except RecursionError:  # (a chain of links deeper than Python's stack: said, not a 500)
+            error, outputs, node_errors = {"type": "invalid_prompt", "message": "the graph's links are too deep to "
+                                           "follow", "details": f"{len(graph)} nodes", "extra_info": {}}, [], {}
         if error is not None:
             return JSONResponse({"error": error, "node_errors": node_errors}, status_code=400)
         prompt_id = body.get("prompt_id") or str(uuid.uuid4())
