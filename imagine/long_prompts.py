@@ -1,4 +1,5 @@
-"""Prompts longer than CLIP's window, read as AUTOMATIC1111 (and ComfyUI) read them: in chunks of 75 tokens.
+"""Prompts longer than CLIP's window, read as AUTOMATIC1111 reads them: in chunks of 75 tokens (ComfyUI cuts its own
+way: `comfyui_chunks`).
 
 CLIP's text transformer has 77 positions: a start token, 75 tokens of text and an end token. A longer prompt is
 cut into chunks of 75 tokens; each chunk gets its own start and end tokens and padding, is encoded on its own,
