@@ -45,7 +45,7 @@ def test_progress_of_a_task_goes_from_running_to_finished_without_a_gap(server, 
         p = requests.get(server.url + "/sdapi/v1/progress", params={"id_task": task}, timeout=30).json()
         release.set()
         assert answer.result(120).status_code == 200
-    assert p["completed"] is True and p["textinfo"] == "finished", p
+    assert p["completed"] is True and p["textinfo"] == "finished" and p["progress"] == 1.0, p
 
 
 def test_an_unknown_task_is_still_unknown(server):

@@ -2023,6 +2023,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         position = worker.position(id_task) if id_task else 0 if running else None
         if id_task:
             out["completed"] = position is None and worker.ended(id_task)
+            if out["completed"]:  # (all of it done: a poll between its last step and its end never reads a drop)
+                out["progress"] = 1.0
             if position is None or position > 0:
                 out["textinfo"] = (f"waiting: position {position} in the queue" if position
                                    else "finished" if out["completed"] else "unknown task")
