@@ -159,12 +159,15 @@ def parse_comfyui(text: str) -> list[tuple[str, float]]:
     return [(p, w) for p, w in pieces if p]
 
 
-def apply_comfyui(states: torch.Tensor, weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+def apply_comfyui(states: torch.Tensor, weights: torch.Tensor, empty) -> torch.Tensor:
     """ComfyUI's weights (its encode_token_weights): where a token's weight is not 1, its state moves along the line
     from the empty prompt's state at that position, z_empty + (z - z_empty) w; `empty` [1 or B, N, D] is the encoding
-    of the empty prompt's window (start, end, padding)."""
+    of the empty prompt's window (start, end, padding), or a callable giving it: called only where a weight is not 1
+    (ComfyUI encodes the empty prompt only then)."""
+    if not bool((weights != 1).any()):
+        return states
     w = weights.to(states.dtype)[..., None]
-    e = empty.to(states.dtype)
+    e = (empty() if callable(empty) else empty).to(states.dtype)
     return torch.where(w != 1, (states - e) * w + e, states)
 
 

@@ -54,9 +54,7 @@ def prompt_chunks(tokenizer, text: str, max_length: int, emphasis: bool = True, 
 
     def close() -> None:
         nonlocal ids, weights, last_comma
-        pad = max_length - len(before) - len(ids) - len(after)
-        chunks.append(Chunk(before + ids + after + padding[:pad], [1.0] * len(before) + weights + [1.0] * (
-            len(after) + pad), len(before) + len(ids) + len(after)))
+        chunks.append(_window(before, ids, weights, after, padding, max_length))
         ids, weights, last_comma = [], [], -1
 
     pieces = parse_emphasis(text, breaks=True) if emphasis else [(text, 1.0)]
@@ -110,9 +108,7 @@ def comfyui_chunks(tokenizer, text: str, max_length: int, max_word_length: int =
 
     def close() -> None:
         nonlocal ids, weights
-        pad = length - len(ids)
-        chunks.append(Chunk(before + ids + after + padding[:pad], [1.0] * len(before) + weights + [1.0] * (
-            len(after) + pad), len(before) + len(ids) + len(after)))
+        chunks.append(_window(before, ids, weights, after, padding, max_length))
         ids, weights = [], []
 
     for piece, weight in parse_comfyui(text):
@@ -128,6 +124,14 @@ def comfyui_chunks(tokenizer, text: str, max_length: int, max_word_length: int =
                 ids, weights, group = ids + group, weights + [weight] * len(group), []
     close()
     return chunks
+
+
+def _window(before: list[int], ids: list[int], weights: list[float], after: list[int], padding: list[int],
+            max_length: int) -> Chunk:
+    """A chunk of text ids with the tokenizer's start / end tokens and padding to max_length (weight 1 for those)."""
+    pad = max_length - len(before) - len(ids) - len(after)
+    return Chunk(before + ids + after + padding[:pad], [1.0] * len(before) + weights + [1.0] * (len(after) + pad),
+                 len(before) + len(ids) + len(after))
 
 
 def empty_chunk(tokenizer, max_length: int) -> Chunk:

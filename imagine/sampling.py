@@ -35,7 +35,7 @@ from imagine.guidance import (
 )
 from imagine.samplers import (CFG_PP_SAMPLERS, COMPVIS_SAMPLERS, TIMESTEP_RULE, TWO_CALL_SAMPLERS, VE_RESULT_SAMPLERS,
                               check_plan, final_heun_step, invert_ddim, resolve_sampler)
-from imagine.schedules import COMPVIS_SCHEDULES, NoiseSchedule, SamplingPlan, compvis_timesteps
+from imagine.schedules import COMPVIS_SCHEDULES, NoiseSchedule, SamplingPlan, compvis_timesteps, nearest_timestep
 
 CLASSIFIER_FORMS = {"eps": "eps", "ddim": "eps", "epsilon": "eps", "mean": "mean", "ddpm": "mean"}
 
@@ -273,7 +273,8 @@ class Denoiser:
         if quantize and schedule is None:
             raise ValueError("quantize reads each level's nearest training timestep off the training schedule: "
                              "Denoiser(..., schedule=...)")
-        self.quantize = bool(quantize)
+        # (the table of log sigma the nearest timestep is read off, once for the run)
+        self._log_sigmas = schedule.kdiffusion_log_sigmas() if quantize else None
         # how cond and uncond combine: classifier-free guidance, or another rule (InstructPix2Pix's three passes)
         self.guidance = guidance or guided_model_output
         self.prediction_type = check_prediction_type(prediction_type)
@@ -383,7 +384,7 @@ class Denoiser:
         if i == 0 and self._held is not None:
             (held, self.uncond_x0), self._held = self._held, None
             return held
-        t = self.schedule.nearest_timestep(float(self.plan.sigmas[i])) if self.quantize else \
+        t = nearest_timestep(self._log_sigmas, float(self.plan.sigmas[i])) if self._log_sigmas is not None else \
             float(self.plan.timesteps[i])
         return self._denoise(x, i, t, float(self.plan.alphas_cumprod[i]), known=i > 0, on_grid=True)
 
@@ -397,7 +398,7 @@ class Denoiser:
         if self.schedule is None:
             raise ValueError("evaluating the denoiser between the plan's noise levels needs the training schedule: "
                              "Denoiser(..., schedule=...)")
-        t = self.schedule.nearest_timestep(float(sigma)) if self.quantize else \
+        t = nearest_timestep(self._log_sigmas, float(sigma)) if self._log_sigmas is not None else \
             float(self.schedule.sigma_to_t(float(sigma)))
         return self._denoise(x, i, t, 1.0 / (1.0 + float(sigma) ** 2), known=True)
 

@@ -403,6 +403,13 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str, steps_o
     return (np.arange(n) * (T // n))[::-1].astype(np.float64) + steps_offset
 
 
+def nearest_timestep(log_sigmas: torch.Tensor, sigma: float) -> float:
+    """The training timestep whose level is nearest to `sigma` in log sigma, over a schedule's held table of log sigma
+    (NoiseSchedule.kdiffusion_log_sigmas) with sigma in its dtype: k-diffusion's sigma_to_t with quantize=True and
+    ComfyUI's model_sampling.timestep, argmin |log sigma - log sigma_t| (the first of two at a tie)."""
+    return float(int((torch.tensor(float(sigma), dtype=log_sigmas.dtype).log() - log_sigmas).abs().argmin()))
+
+
 @dataclass(frozen=True)
 class SamplingPlan:
     """The steps of one sampling run: step i evaluates the model at `timesteps[i]` on a sample whose
@@ -747,13 +754,6 @@ class NoiseSchedule:
         """The largest level of the held table (k-diffusion's and ComfyUI's sigma_max; float32 for a float32
         schedule)."""
         return float(self._sigma_table(held=True).max())
-
-    def nearest_timestep(self, sigma: float) -> float:
-        """The training timestep whose level is nearest to `sigma` in log sigma, over the held table's logs with sigma
-        in their dtype (k-diffusion's sigma_to_t with quantize=True, ComfyUI's model_sampling.timestep: argmin of
-        |log sigma - log sigma_t|, the first of two at a tie)."""
-        logs = self.kdiffusion_log_sigmas()
-        return float(int(((torch.tensor(float(sigma), dtype=logs.dtype).log() - logs).abs().argmin())))
 
     def _log_sigma_table(self) -> np.ndarray:
         # log sigma_t that levels are read against (sigma_to_t, t_to_sigma): float64, or a downcast schedule's as

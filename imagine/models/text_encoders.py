@@ -14,6 +14,7 @@ All load from local folders, no hub call ever: CLIP and T5 through transformers 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -147,7 +148,7 @@ class TextEncoder(nn.Module):
         mask = torch.tensor([[i < r[2] for i in range(self.max_length)] for r in rows], device=self.device)
         enc = self._encode(ids, mask)
         if mode == COMFYUI:
-            states = apply_comfyui(enc.states, weights, self._empty_states())
+            states = apply_comfyui(enc.states, weights, self._empty_states)
         else:
             states = apply_emphasis(enc.states, weights, mask if self.uses_mask else None, mode)
         return replace(enc, states=states)
@@ -194,7 +195,7 @@ class TextEncoder(nn.Module):
 
         runs = self._runs()  # (once for the batch)
         rows = [self.chunks(p, COMFYUI if mode == COMFYUI else mode != "None", runs) for p in prompts]
-        empty_states = self._empty_states() if mode == COMFYUI else None
+        empty_states = functools.lru_cache(maxsize=None)(self._empty_states)  # (encoded once, if a weight asks)
         empty = empty_chunk(self.tokenizer, self.max_length)
         parts, first = [], None
         for i in range(max(len(r) for r in rows)):
