@@ -234,8 +234,8 @@ def _empty_latent(ctx, width, height, batch_size):
 
 
 def _ksampler(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise):
-    return (ctx.sample(model, latent_image, int(seed), int(steps), float(cfg), sampler_name, scheduler, positive, negative,
-                       float(denoise)),)
+    return (ctx.sample(model, latent_image, int(seed), int(steps), float(cfg), sampler_name, scheduler, positive,
+                       negative, float(denoise)),)
 
 
 def _ksampler_advanced(ctx, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
