@@ -120,7 +120,8 @@ def check_plan(canonical: str, plan: SamplingPlan) -> None:
 
 # the samplers with a noise scale eta (see takes_eta)
 _ETA_SAMPLERS = ("ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
-                 "dpmpp_3m_sde", "dpm_fast", "dpm_adaptive", "ddim_cfgpp", "euler_a_cfgpp")
+                 "dpmpp_3m_sde", "dpm_fast", "dpm_adaptive", "ddim_cfgpp", "euler_a_cfgpp", "res_multistep_a",
+                 "res_multistep_a_cfgpp", "dpmpp_2s_a_cfgpp")
 
 
 def _deterministic(name: str, eta) -> None:
@@ -1313,20 +1314,32 @@ class _PIDStepSize:
 
 
 def sample_unipc(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
-                 progress: bool = True, order: int = 2, variant: str = "bh2") -> torch.Tensor:
+                 progress: bool = True, order: int = 2, variant: str = "bh2", floor: float | None = None
+                 ) -> torch.Tensor:
     """UniPC (Zhao et al. 2023, "UniPC: a unified predictor-corrector framework", Algorithms 1-3, data
     prediction): a UniP-p predictor to the next level, then, once the model has been evaluated there, the
     UniC corrector redoes the step with that new x_0 included (order p+1) at no extra model call. B(h) is
     e^{-h} - 1 ("bh2") or -h ("bh1"); the rho coefficients solve R rho = b (eq. 9 and appendix), with
     rho = 1/2 for the 2nd-order predictor. Warm-up with lower orders, and the order lowered towards the run's end
     (order min(p, steps left): diffusers' and the UniPC code's lower_order_final); a last step to sigma = 0 returns x_0,
-    one to a level above it (the continuous-time schedule types' t = 1/T) the predictor's x, with no corrector."""
+    one to a level above it (the continuous-time schedule types' t = 1/T) the predictor's x, with no corrector.
+    floor: a run to sigma = 0 stops at sigma = floor instead and hands on the VE sample x / alpha there (ComfyUI's
+    uni_pc and uni_pc_bh2, which run the UniPC code with its end t = 1e-3 read as a sigma: floor 0.001, order 3)."""
     _deterministic("unipc", eta)
     if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
         raise ValueError(f"UniPC order must be an integer from 1 to 4; got {order!r}")
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2'; got {variant!r}")
     sigmas, n = plan.sigmas.tolist(), _run_steps(plan)
+    floored = floor is not None and sigmas[-1] == 0
+    if floored:
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < sigmas[-2]:
+            raise ValueError(f"UniPC floor must be a level between 0 and the run's last above 0 ({sigmas[-2]:.4g}); "
+                             f"got {floor!r}")
+        if len(plan) == 1:  # (ComfyUI's code runs order min(3, steps - 1) = 0 there: no step at all)
+            raise ValueError("UniPC with a floor (ComfyUI's uni_pc) takes at least 2 steps; ComfyUI's own hands a "
+                             "1-step run back unstepped")
+        sigmas[-1] = float(floor)
     lam = [-math.log(s) if s > 0 else math.inf for s in sigmas]  # lambda = log(alpha/sigma_vp) = -log(sigma_VE)
     ms: list[torch.Tensor] = []
     x_prev, last_order = None, 0
@@ -1341,7 +1354,7 @@ def sample_unipc(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise
         last_order = min(order, len(ms), n - i)
         x_prev = x
         x = _unipc_update(x, ms, lam, sigmas, i, last_order, variant)
-    return x
+    return (x.double() * math.sqrt(1.0 + sigmas[-1] ** 2)).to(x.dtype) if floored else x
 
 
 def _unipc_update(x, ms, lam, sigmas, i, order, variant, new=None):
@@ -1374,6 +1387,397 @@ def _unipc_update(x, ms, lam, sigmas, i, order, variant, new=None):
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     return torch.linalg.solve(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)).tolist()
+
+
+# -- ComfyUI's further samplers (its comfy/k_diffusion/sampling.py), in VE terms ----------------------------------
+def _slope_multistep(denoise, x, plan, *, name, max_order, weights, callback, progress):
+    """The linear multistep loop of iPNDM and DEIS on the probability-flow ODE in sigma: the slopes
+    d_i = (x_i - D(x_i; sigma_i)) / sigma_i of the last `max_order` steps, x_{i+1} = x_i + sum_k w_k d_{i-k} with
+    weights(sigmas, i, order) (newest first) at order min(max_order, i + 1), and a last step to sigma = 0 that returns
+    D (the Euler step there lands on it)."""
+    if isinstance(max_order, bool) or not isinstance(max_order, int) or not 1 <= max_order <= 4:
+        raise ValueError(f"{name}: max_order must be an integer from 1 to 4; got {max_order!r}")
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    ds: list[torch.Tensor] = []  # the slopes, oldest first
+    for i in _steps(plan, progress, name):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i)
+        _report(callback, plan, i, x_t, denoised)
+        ds = (ds + [(x - denoised) / s])[-max_order:]
+        if s_next == 0:
+            x = denoised.double()
+        else:
+            x = x + sum(w * d for w, d in zip(weights(sigmas, i, len(ds)), reversed(ds)))
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+# Adams-Bashforth's coefficients for equal steps, newest slope first
+_ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def sample_ipndm(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                 progress: bool = True, max_order: int = 4) -> torch.Tensor:
+    """iPNDM (Zhang & Chen 2023, "Fast sampling of diffusion models with exponential integrator", sec. 5 and
+    appendix: PNDM's linear multistep (Liu et al. 2022) started with lower orders instead of Runge-Kutta steps), as
+    ComfyUI's ipndm runs it after zju-pi's diff-solvers: Adams-Bashforth on the probability-flow ODE in sigma with the
+    equal-step coefficients whatever the levels' spacing, x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_k b_k d_{i-k},
+    b = (1), (3/2, -1/2), (23/12, -16/12, 5/12), (55/24, -59/24, 37/24, -9/24) at orders 1-4. One model call a step."""
+    _deterministic("ipndm", eta)
+    return _slope_multistep(denoise, x, plan, name="ipndm", max_order=max_order, callback=callback, progress=progress,
+                            weights=lambda sig, i, k: [(sig[i + 1] - sig[i]) * b for b in _ADAMS_BASHFORTH[k]])
+
+
+def _ipndm_v_weights(sig: list[float], i: int, order: int) -> list[float]:
+    # the variable-step Adams-Bashforth coefficients of diff-solvers' iPNDM-v (ComfyUI's ipndm_v), h_k the step sizes
+    # in sigma back from level i (h = sigma_{i+1} - sigma_i, h1 = sigma_i - sigma_{i-1}, ...)
+    h = sig[i + 1] - sig[i]
+    if order == 1:
+        return [h]
+    h1 = sig[i] - sig[i - 1]
+    c1, c2 = (2 + h / h1) / 2, -(h / h1) / 2
+    if order == 2:
+        return [h * c1, h * c2]
+    h2 = sig[i - 1] - sig[i - 2]
+    t1 = (1 - h / (3 * (h + h1)) * (h * (h + h1)) / (h1 * (h1 + h2))) / 2
+    if order == 3:
+        return [h * (c1 + t1), h * (c2 - (1 + h1 / h2) * t1), h * t1 * h1 / h2]
+    h3 = sig[i - 2] - sig[i - 3]
+    t2 = ((1 - h / (3 * (h + h1))) / 2 + (1 - h / (2 * (h + h1))) * h / (6 * (h + h1 + h2))) \
+        * (h * (h + h1) * (h + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    g = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    return [h * (c1 + t1 + t2), h * (c2 - (1 + h1 / h2) * t1 - (1 + h1 / h2 + g) * t2),
+            h * (t1 * h1 / h2 + (h1 / h2 + g * (1 + h2 / h3)) * t2), h * (-t2 * g * h1 / h2)]
+
+
+def sample_ipndm_v(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                   progress: bool = True, max_order: int = 4) -> torch.Tensor:
+    """iPNDM with variable steps (ComfyUI's ipndm_v, after zju-pi's diff-solvers; Zhang & Chen 2023): as ipndm, with
+    the Adams-Bashforth coefficients of unequal steps, from the ratios of the last steps' lengths in sigma (on equal
+    steps ipndm's up to order 3; its order-4 formula then gives 57/24, -65/24, 43/24, -11/24, not Adams-Bashforth's
+    55/24, -59/24, 37/24, -9/24, and is kept as ComfyUI has it). One model call a step."""
+    _deterministic("ipndm_v", eta)
+    return _slope_multistep(denoise, x, plan, name="ipndm_v", max_order=max_order, weights=_ipndm_v_weights,
+                            callback=callback, progress=progress)
+
+
+# DEIS's time for EDM's levels (diff-solvers' edm2t, as ComfyUI calls it: EDM's range 0.002 to 80 and eps_s = 1e-3,
+# whatever the model's): the VP-SDE of linear beta through both ends, sigma(t)^2 = exp(beta_d t^2 / 2 + beta_min t) - 1
+_DEIS_EDM = (1e-3, 0.002, 80.0)
+_DEIS_POINTS = 10000  # its quadrature's points
+
+
+def deis_coefficients(sigmas: list[float], max_order: int = 3) -> list[list[float]]:
+    """tAB-DEIS's weights (Zhang & Chen 2023, eq. 14: the exponential integrator with eps extrapolated by the Lagrange
+    polynomial through the last steps, in the VP time t): for step i of order k = min(max_order, i + 1), the
+    weights of d_i, d_{i-1}, ... are int_{t_i}^{t_{i+1}} l_j(tau) dsigma/dtau dtau, with the level's t from
+    diff-solvers' edm2t (`_DEIS_EDM`) and the integral summed as ComfyUI's get_deis_coeff_list (deis_mode "tab")
+    sums it: 10000 points from t_i to t_{i+1} inclusive, each times (t_{i+1} - t_i) / 10000. Order 1, and a step
+    to sigma = 0, get none (an Euler step)."""
+    eps_s, s_min, s_max = _DEIS_EDM
+    beta_d = 2 * (math.log(s_min**2 + 1) / eps_s - math.log(s_max**2 + 1)) / (eps_s - 1)
+    beta_min = math.log(s_max**2 + 1) - 0.5 * beta_d
+    t = [(math.sqrt(beta_min**2 + 2 * beta_d * math.log(s * s + 1)) - beta_min) / beta_d for s in sigmas]
+    out: list[list[float]] = []
+    for i in range(len(sigmas) - 1):
+        k = min(i + 1, max_order)
+        if k == 1 or sigmas[i + 1] == 0:
+            out.append([])
+            continue
+        tau = np.linspace(t[i], t[i + 1], _DEIS_POINTS)
+        abar = np.exp(-0.5 * beta_d * tau**2 - beta_min * tau)
+        dsigma = 0.5 * (beta_d * tau + beta_min) / np.sqrt(abar * (1 - abar))  # d sigma / d tau
+        nodes = [t[i - j] for j in range(k)]
+        weights = []
+        for j in range(k):
+            basis = np.ones_like(tau)
+            for m, node in enumerate(nodes):
+                if m != j:
+                    basis *= (tau - node) / (nodes[j] - node)
+            weights.append(float(np.sum(dsigma * basis) * (t[i + 1] - t[i]) / _DEIS_POINTS))
+        out.append(weights)
+    return out
+
+
+def sample_deis(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                progress: bool = True, max_order: int = 3) -> torch.Tensor:
+    """DEIS (Zhang & Chen 2023, "Fast sampling of diffusion models with exponential integrator"), its tAB form on the
+    probability-flow ODE in sigma, as ComfyUI's deis runs it: x_{i+1} = x_i + sum_j C_ij d_{i-j} with the weights
+    `deis_coefficients` (eps Lagrange-extrapolated in DEIS's VP time), Euler on the first step. One model call a
+    step."""
+    _deterministic("deis", eta)
+    table: list[list[float]] = []
+
+    def weights(sig, i, k):
+        if not table:
+            table.extend(deis_coefficients(sig, max_order))
+        return table[i] if k > 1 else [sig[i + 1] - sig[i]]
+
+    return _slope_multistep(denoise, x, plan, name="deis", max_order=max_order, weights=weights, callback=callback,
+                            progress=progress)
+
+
+def sample_heunpp2(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                   progress: bool = True) -> torch.Tensor:
+    """Heun++ (ComfyUI's heunpp2, after Carzit's sd-webui-samplers-scheduler): each step from sigma_i to sigma_{i+1}
+    averages the slope at sigma_i with those of Euler predictions at the next two levels, weighted by the levels'
+    share of 3 sigma_0: w2 = sigma_{i+1} / (3 sigma_0), w3 = sigma_{i+2} / (3 sigma_0), w1 = 1 - w2 - w3; the step
+    before the last uses the next level alone (Heun with w2 = sigma_{i+1} / (2 sigma_0)), the last is Euler. Up to 3
+    model calls a step, at the plan's own levels."""
+    _deterministic("heunpp2", eta)
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    n = len(plan)
+
+    def slope(x_ve, j):  # (x - D) / sigma at the plan's level j
+        return (x_ve - denoise(_ve_to_vp(x_ve, sigmas[j], dtype), j)) / sigmas[j]
+
+    for i in _steps(plan, progress, "heunpp2"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i)
+        _report(callback, plan, i, x_t, denoised)
+        d = (x - denoised) / s
+        dt = s_next - s
+        if i + 1 == n:
+            x = x + dt * d
+            continue
+        x_2 = x + dt * d
+        d_2 = slope(x_2, i + 1)
+        if i + 2 == n:
+            w2 = s_next / (2 * sigmas[0])
+            x = x + dt * ((1 - w2) * d + w2 * d_2)
+        else:
+            d_3 = slope(x_2 + (sigmas[i + 2] - s_next) * d_2, i + 2)
+            w2, w3 = s_next / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
+            x = x + dt * ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3)
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def _res_multistep(denoise, x, plan, *, eta, noise, callback, progress, name, cfg_pp=False, s_noise=1.0):
+    # ComfyUI's res_multistep: RES's 2nd-order multistep exponential integrator (Zhang et al. 2023, "Improved order
+    # analysis and design of exponential integrator for diffusion models sampling", arXiv 2308.02157) in lambda =
+    # -log sigma, down to Euler ancestral's sigma_down; the previous x_0 enters at the ratio c2 of the previous step,
+    # measured (as ComfyUI measures it) from sigma_{i-1} to the previous step's sigma_down
+    uncond_x0 = _unconditional_x0(denoise, cfg_pp, name)
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    old, old_down = None, None
+    for i in _steps(plan, progress, name):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i).double()
+        _report(callback, plan, i, x_t, denoised)
+        u = uncond_x0().double() if cfg_pp else denoised
+        s_down, s_up = _ancestral_step(s, s_next, eta)
+        if s_down == 0 or old is None:
+            x = denoised + (s_down / s) * (x - u) if cfg_pp else x + (s_down - s) * (x - denoised) / s
+        else:
+            h = math.log(s / s_down)
+            c2 = math.log(old_down / sigmas[i - 1]) / h
+            phi1 = math.expm1(-h) / -h
+            phi2 = (phi1 - 1) / -h
+            if cfg_pp:
+                x = x + (denoised - u)
+            x = math.exp(-h) * x + h * ((phi1 - phi2 / c2) * u + (phi2 / c2) * old)
+        if eta > 0 and s_next > 0:
+            x = x + (s_up * s_noise) * _noise(noise, x_t).double()
+        old, old_down = u, s_down
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def sample_res_multistep(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                         callback=None, progress: bool = True) -> torch.Tensor:
+    """RES multistep (Zhang et al. 2023, "Improved order analysis and design of exponential integrator for diffusion
+    models sampling", its 2nd-order multistep; ComfyUI's res_multistep): in lambda = -log sigma, h = lambda_{i+1} -
+    lambda_i, x_{i+1} = e^{-h} x_i + h ((phi_1(-h) - phi_2(-h) / c2) D_i + (phi_2(-h) / c2) D_{i-1}), with
+    phi_1(z) = (e^z - 1) / z, phi_2(z) = (phi_1(z) - 1) / z and c2 = (lambda_{i-1} - lambda_i) / h (negative: the
+    previous x_0 lies behind); Euler on the first step. One model call a step."""
+    _deterministic("res_multistep", eta)
+    return _res_multistep(denoise, x, plan, eta=0.0, noise=noise, callback=callback, progress=progress,
+                          name="res_multistep")
+
+
+def sample_res_multistep_ancestral(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                                   callback=None, progress: bool = True, s_noise: float = 1.0) -> torch.Tensor:
+    """RES multistep down to Euler ancestral's sigma_down, then fresh noise up to sigma_next (ComfyUI's
+    res_multistep_ancestral; eta default 1, s_noise scales the noise); c2 from sigma_{i-1} to the previous step's
+    sigma_down, as ComfyUI measures it."""
+    eta = _eta("res_multistep_a", eta, 1.0)
+    return _res_multistep(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
+                          name="res_multistep_a", s_noise=_noise_scale("res_multistep_a", s_noise))
+
+
+def sample_res_multistep_cfgpp(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                               callback=None, progress: bool = True) -> torch.Tensor:
+    """RES multistep with CFG++ (Chung et al. 2024; ComfyUI's res_multistep_cfg_pp): the step integrates the
+    unconditional x_0 (the previous one too) from x + (D - D_u), its Euler first step is D + sigma_next (x - D_u) /
+    sigma."""
+    _deterministic("res_multistep_cfgpp", eta)
+    return _res_multistep(denoise, x, plan, eta=0.0, noise=noise, callback=callback, progress=progress,
+                          name="res_multistep_cfgpp", cfg_pp=True)
+
+
+def sample_res_multistep_ancestral_cfgpp(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None,
+                                         eta=None, callback=None, progress: bool = True,
+                                         s_noise: float = 1.0) -> torch.Tensor:
+    """RES multistep ancestral with CFG++ (ComfyUI's res_multistep_ancestral_cfg_pp)."""
+    eta = _eta("res_multistep_a_cfgpp", eta, 1.0)
+    return _res_multistep(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress,
+                          name="res_multistep_a_cfgpp", cfg_pp=True,
+                          s_noise=_noise_scale("res_multistep_a_cfgpp", s_noise))
+
+
+def _gradient_estimation(denoise, x, plan, *, callback, progress, name, ge_gamma, cfg_pp=False):
+    if isinstance(ge_gamma, bool) or not isinstance(ge_gamma, (int, float)) or not math.isfinite(ge_gamma):
+        raise ValueError(f"{name}: ge_gamma must be a finite number; got {ge_gamma!r}")
+    uncond_x0 = _unconditional_x0(denoise, cfg_pp, name)
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    old_d = None
+    for i in _steps(plan, progress, name):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i).double()
+        _report(callback, plan, i, x_t, denoised)
+        d = (x - (uncond_x0().double() if cfg_pp else denoised)) / s
+        if s_next == 0:
+            x = denoised
+        else:
+            x = denoised + s_next * d if cfg_pp else x + (s_next - s) * d
+            if old_d is not None:
+                x = x + ((ge_gamma - 1) * (s_next - s)) * (d - old_d)
+        old_d = d
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def sample_gradient_estimation(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                               callback=None, progress: bool = True, ge_gamma: float = 2.0) -> torch.Tensor:
+    """Gradient estimation (Permenter & Yuan 2024, "Interpreting and improving diffusion models from an optimization
+    perspective", Algorithm 2; ComfyUI's gradient_estimation): Euler with the slope d_i + (gamma - 1)(d_i - d_{i-1})
+    from the second step on, d = (x - D) / sigma, gamma = 2 (the paper's); a last step to sigma = 0 returns D."""
+    _deterministic("gradient_estimation", eta)
+    return _gradient_estimation(denoise, x, plan, callback=callback, progress=progress, name="gradient_estimation",
+                                ge_gamma=ge_gamma)
+
+
+def sample_gradient_estimation_cfgpp(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                                     callback=None, progress: bool = True, ge_gamma: float = 2.0) -> torch.Tensor:
+    """Gradient estimation with CFG++ (ComfyUI's gradient_estimation_cfg_pp): the slope from the unconditional x_0,
+    the step D + sigma_next d, then the same (gamma - 1)(d_i - d_{i-1}) (sigma_next - sigma) correction."""
+    _deterministic("gradient_estimation_cfgpp", eta)
+    return _gradient_estimation(denoise, x, plan, callback=callback, progress=progress,
+                                name="gradient_estimation_cfgpp", ge_gamma=ge_gamma, cfg_pp=True)
+
+
+def sample_dpmpp_2m_cfgpp(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                          callback=None, progress: bool = True) -> torch.Tensor:
+    """DPM-Solver++(2M) with CFG++ (ComfyUI's dpmpp_2m_cfg_pp): with h = lambda_{i+1} - lambda_i, lambda = -log sigma,
+    and r = h_{i-1} / h, x_{i+1} = D + e^{-h} (x - D_u) - (e^{-h} - 1) (D - D_u,{i-1}) / (2 r), where D_u is the
+    unconditional x_0 and D_u,{i-1} the previous one: the guided x_0 plus DPM++ 2M's step from the unconditional ones.
+    The first step and a step to sigma = 0 leave out the history term. One model call a step."""
+    _deterministic("dpmpp_2m_cfgpp", eta)
+    uncond_x0 = _unconditional_x0(denoise, True, "dpmpp_2m_cfgpp")
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    old = None
+    for i in _steps(plan, progress, "dpmpp_2m_cfgpp"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i).double()
+        _report(callback, plan, i, x_t, denoised)
+        u = uncond_x0().double()
+        if s_next == 0:
+            x = denoised
+        else:
+            h = math.log(s / s_next)
+            x = denoised + math.exp(-h) * (x - u)
+            if old is not None:
+                r = math.log(sigmas[i - 1] / s) / h
+                x = x - (math.expm1(-h) / (2 * r)) * (denoised - old)
+        old = u
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def sample_dpmpp_2s_ancestral_cfgpp(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                                    callback=None, progress: bool = True, s_noise: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(2S) ancestral with CFG++ (ComfyUI's dpmpp_2s_ancestral_cfg_pp): DPM++ 2S a's step to sigma_down
+    taken along the unconditional x_0 (the midpoint's too: the midpoint call's unconditional x_0 finishes the step),
+    fresh noise up to sigma_next, then the first call's guidance D - D_u added. 2N - 1 model calls."""
+    eta, s_noise = _eta("dpmpp_2s_a_cfgpp", eta, 1.0), _noise_scale("dpmpp_2s_a_cfgpp", s_noise)
+    uncond_x0 = _unconditional_x0(denoise, True, "dpmpp_2s_a_cfgpp")
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    for i in _steps(plan, progress, "dpmpp_2s_a_cfgpp"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i).double()
+        _report(callback, plan, i, x_t, denoised)
+        u = uncond_x0().double()
+        s_down, s_up = _ancestral_step(s, s_next, eta)
+        if s_down == 0:
+            x = u
+        else:
+            h = math.log(s / s_down)
+            s_mid = s * math.exp(-0.5 * h)
+            x_mid = (s_mid / s) * x - math.expm1(-0.5 * h) * u
+            denoise.at_sigma(_ve_to_vp(x_mid, s_mid, dtype), s_mid, i)  # (its unconditional x_0 is what counts)
+            x = (s_down / s) * x - math.expm1(-h) * uncond_x0().double()
+        if eta > 0 and s_next > 0:
+            x = x + (s_up * s_noise) * _noise(noise, x_t).double()
+        x = x + (denoised - u)
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def _er_sde_scale(v):
+    # ER-SDE's default noise scale function (its "ER SDE 5" / ComfyUI's default_er_sde_noise_scaler)
+    return v * (np.exp(v**0.3) + 10.0)
+
+
+def sample_er_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                  progress: bool = True, s_noise: float = 1.0, max_stage: int = 3) -> torch.Tensor:
+    """ER-SDE-Solver-3 (Cui et al. 2023, "Elucidating the solution space of extended reverse-time SDE for diffusion
+    models", its ER-SDE-Solver-3 in VE terms; ComfyUI's er_sde): with the noise scale function
+    f(l) = l (e^{l^0.3} + 10) of lambda_VE = sigma and r = f(sigma_{i+1}) / f(sigma_i), x_{i+1} = r x + (1 - r) D,
+    plus the 2nd and 3rd stages' divided differences of D times (dt + S1 f(sigma_{i+1})) and (dt^2 / 2 + S2
+    f(sigma_{i+1})), their integrals S summed over 200 points (as ComfyUI), then s_noise times fresh noise of
+    variance sigma_{i+1}^2 - r^2 sigma_i^2. A last step to sigma = 0 returns D. One model call a step."""
+    _deterministic("er_sde", eta)
+    s_noise = _noise_scale("er_sde", s_noise)
+    if isinstance(max_stage, bool) or max_stage not in (1, 2, 3):
+        raise ValueError(f"er_sde: max_stage must be 1, 2 or 3; got {max_stage!r}")
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    points = np.arange(200, dtype=np.float64)
+    old, old_d = None, None
+    for i in _steps(plan, progress, "er_sde"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i).double()
+        _report(callback, plan, i, x_t, denoised)
+        stage = min(max_stage, i + 1)
+        if s_next == 0:
+            x = denoised
+        else:
+            r = float(_er_sde_scale(s_next) / _er_sde_scale(s))
+            x = r * x + (1 - r) * denoised
+            if stage >= 2:
+                dt = s_next - s
+                step = -dt / 200
+                pos = s_next + points * step
+                scaled = _er_sde_scale(pos)
+                d = (denoised - old) / (s - sigmas[i - 1])
+                x = x + (dt + float(np.sum(1 / scaled) * step) * _er_sde_scale(s_next)) * d
+                if stage >= 3:
+                    s_u = float(np.sum((pos - s) / scaled) * step)
+                    x = x + (dt * dt / 2 + s_u * _er_sde_scale(s_next)) * (d - old_d) / ((s - sigmas[i - 2]) / 2)
+                old_d = d
+            if s_noise > 0:
+                x = x + (s_noise * math.sqrt(max(s_next**2 - s * s * r * r, 0.0))) * _noise(noise, x_t).double()
+        old = denoised
+    return _ve_to_vp(x, sigmas[-1], dtype)
 
 
 # -- the last step ---------------------------------------------------------------------------------------
@@ -1425,10 +1829,24 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim_cfgpp": sample_ddim_cfgpp,
     "euler_cfgpp": sample_euler_cfgpp,
     "euler_a_cfgpp": sample_euler_ancestral_cfgpp,
+    # ComfyUI's further samplers
+    "ipndm": sample_ipndm,
+    "ipndm_v": sample_ipndm_v,
+    "deis": sample_deis,
+    "heunpp2": sample_heunpp2,
+    "res_multistep": sample_res_multistep,
+    "res_multistep_a": sample_res_multistep_ancestral,
+    "res_multistep_cfgpp": sample_res_multistep_cfgpp,
+    "res_multistep_a_cfgpp": sample_res_multistep_ancestral_cfgpp,
+    "gradient_estimation": sample_gradient_estimation,
+    "gradient_estimation_cfgpp": sample_gradient_estimation_cfgpp,
+    "dpmpp_2m_cfgpp": sample_dpmpp_2m_cfgpp,
+    "dpmpp_2s_a_cfgpp": sample_dpmpp_2s_ancestral_cfgpp,
+    "er_sde": sample_er_sde,
 }
 # the samplers that evaluate the model twice a step (once on the last, to sigma = 0): AUTOMATIC1111 counts their
 # prompt-editing steps (and ControlNet windows) in model calls, 2N - 1 of them
-TWO_CALL_SAMPLERS = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")
+TWO_CALL_SAMPLERS = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart", "dpmpp_2s_a_cfgpp")
 # the samplers whose result at a last level above 0 is already the VE sample x / alpha, as k-diffusion's (the others
 # hand on the VP one, which sampling.sample turns into VE for a plan with end_ve)
 VE_RESULT_SAMPLERS = ("dpm_fast", "dpm_adaptive", "restart")
@@ -1436,7 +1854,8 @@ VE_RESULT_SAMPLERS = ("dpm_fast", "dpm_adaptive", "restart")
 COMPVIS_SAMPLERS = ("ddim", "plms", "ddim_cfgpp", "unipc")
 # the CFG++ samplers (Chung et al. 2024): they renoise with the unconditional prediction, so the unconditional pass runs
 # at every guidance scale (the pipelines encode the negative prompt at scale 1 too)
-CFG_PP_SAMPLERS = ("ddim_cfgpp", "euler_cfgpp", "euler_a_cfgpp")
+CFG_PP_SAMPLERS = ("ddim_cfgpp", "euler_cfgpp", "euler_a_cfgpp", "res_multistep_cfgpp", "res_multistep_a_cfgpp",
+                   "gradient_estimation_cfgpp", "dpmpp_2m_cfgpp", "dpmpp_2s_a_cfgpp")
 # the timestep_spacing default of the diffusers schedulers that run each timestep rule (DDIMScheduler, DDPMScheduler
 # and LCMScheduler "leading"; EulerDiscreteScheduler, DPMSolverMultistepScheduler, UniPC and the other k-diffusion
 # ports "linspace"), which a scheduler config without the key takes
@@ -1448,7 +1867,9 @@ TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmp
                  "euler": "karras", "euler_a": "karras", "heun": "karras", "lms": "karras", "dpm2": "karras",
                  "dpm2_a": "karras", "dpmpp_2s_a": "karras", "plms": "ddim", "lcm": "lcm", "restart": "karras",
                  "dpm_fast": "karras", "dpm_adaptive": "karras", "ddim_cfgpp": "ddim", "euler_cfgpp": "karras",
-                 "euler_a_cfgpp": "karras"}
+                 "euler_a_cfgpp": "karras", **dict.fromkeys(("ipndm", "ipndm_v", "deis", "heunpp2", "res_multistep",
+                 "res_multistep_a", "res_multistep_cfgpp", "res_multistep_a_cfgpp", "gradient_estimation",
+                 "gradient_estimation_cfgpp", "dpmpp_2m_cfgpp", "dpmpp_2s_a_cfgpp", "er_sde"), "karras")}
 
 # What people type (AUTOMATIC1111's labels, k-diffusion's k_ names, diffusers' classes and algorithm
 # types) -> (canonical name, Karras sigmas implied?). Lookup ignores case, spaces, '-' and '_'.
@@ -1508,6 +1929,21 @@ _alias("dpm_adaptive", "DPM adaptive Karras", "dpm_adaptive_karras", karras=True
 _alias("ddim_cfgpp", "ddim_cfgpp", "DDIM CFG++", "ddim_cfg_pp")
 _alias("euler_cfgpp", "euler_cfgpp", "Euler CFG++", "euler_cfg_pp")
 _alias("euler_a_cfgpp", "euler_a_cfgpp", "Euler a CFG++", "euler_ancestral_cfg_pp", "euler_ancestral_cfgpp")
+# ComfyUI's further samplers, by its names
+_alias("ipndm", "ipndm", "iPNDM")
+_alias("ipndm_v", "ipndm_v", "iPNDM v")
+_alias("deis", "deis", "DEIS")
+_alias("heunpp2", "heunpp2", "Heun++ 2", "heunpp")
+_alias("res_multistep", "res_multistep", "RES multistep")
+_alias("res_multistep_a", "res_multistep_a", "res_multistep_ancestral", "RES multistep a")
+_alias("res_multistep_cfgpp", "res_multistep_cfgpp", "res_multistep_cfg_pp", "RES multistep CFG++")
+_alias("res_multistep_a_cfgpp", "res_multistep_a_cfgpp", "res_multistep_ancestral_cfg_pp", "RES multistep a CFG++")
+_alias("gradient_estimation", "gradient_estimation", "Gradient Estimation")
+_alias("gradient_estimation_cfgpp", "gradient_estimation_cfgpp", "gradient_estimation_cfg_pp",
+       "Gradient Estimation CFG++")
+_alias("dpmpp_2m_cfgpp", "dpmpp_2m_cfgpp", "dpmpp_2m_cfg_pp", "DPM++ 2M CFG++")
+_alias("dpmpp_2s_a_cfgpp", "dpmpp_2s_a_cfgpp", "dpmpp_2s_ancestral_cfg_pp", "DPM++ 2S a CFG++")
+_alias("er_sde", "er_sde", "ER SDE", "ER-SDE-Solver-3")
 # AUTOMATIC1111's old names of its Karras variants (k_<sampler>_ka)
 for _name, _canonical in (("k_lms_ka", "lms"), ("k_dpm_2_ka", "dpm2"), ("k_dpm_2_a_ka", "dpm2_a"),
                           ("k_dpmpp_2s_a_ka", "dpmpp_2s_a"), ("k_dpmpp_2m_ka", "dpmpp_2m"),

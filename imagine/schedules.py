@@ -162,7 +162,8 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0,
     return ((hi + ramp * (lo - hi)) ** rho).double().numpy()
 
 
-SIGMA_RANGES = ("spaced", "model")  # what a schedule type spans: NoiseSchedule.plan's sigma_range
+# what a schedule type spans: NoiseSchedule.plan's sigma_range ("comfyui": the model's range, ComfyUI's layout)
+SIGMA_RANGES = ("spaced", "model", "comfyui")
 # The schedule types read off the model's own discrete levels sigma(0..T-1) (`model_levels`); the others span a range
 MODEL_SIGMA_SCHEDULES = ("uniform", "normal", "sgm_uniform", "simple", "ddim_uniform", "compvis")
 # The discretisations of the DPM-Solver and UniPC code in continuous VP time (`vp_time_levels`): they end at t = 1/T,
@@ -173,11 +174,12 @@ VP_TIME_SCHEDULES = ("time_uniform", "time_quadratic", "logsnr", "compvis_time_u
 # names no schedule type for and its image to image runs its own way (sampling._compvis_img2img)
 COMPVIS_SCHEDULES = ("compvis", "compvis_time_uniform")
 SIGMA_SCHEDULES = ("karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
-                   "align_your_steps_sdxl") + MODEL_SIGMA_SCHEDULES + VP_TIME_SCHEDULES
+                   "align_your_steps_sdxl", "linear_quadratic") + MODEL_SIGMA_SCHEDULES + VP_TIME_SCHEDULES
 BETA_SIGMAS = (0.6, 0.6)  # Lee et al. 2024's (and diffusers', A1111's, ComfyUI's) default alpha, beta
 # AUTOMATIC1111's labels of the schedule types (its infotexts' "Schedule type: ...", its API's scheduler labels)
 SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "polyexponential": "Polyexponential",
                    "beta": "Beta", "kl_optimal": "KL Optimal", "align_your_steps": "Align Your Steps",
+                   "linear_quadratic": "Linear Quadratic",
                    "align_your_steps_sdxl": "Align Your Steps", "uniform": "Uniform", "normal": "Normal",
                    "sgm_uniform": "SGM Uniform", "simple": "Simple", "ddim_uniform": "DDIM", "compvis": "CompVis",
                    "time_uniform": "Time Uniform", "time_quadratic": "Time Quadratic", "logsnr": "LogSNR",
@@ -205,6 +207,10 @@ def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: fl
                        derive as KL-optimal when the data is a single point (ComfyUI's "KL Optimal": n levels ending
                        at sigma_min, then 0; A1111's, which NoiseSchedule.plan lays out under sigma_range "model", n + 1
                        over i/n, stopping at sigma_min);
+      linear_quadratic: sigma = sigma_max (1 - s_i), s rising linearly from 0 to 0.025 over the first n // 2 levels,
+                       then along the parabola that meets it there and reaches 1 at level n, the 0 after the last
+                       (Genmo's Mochi schedule, ComfyUI's "linear_quadratic"): most steps at the top of the range, for
+                       models whose composition is set by the first, noisiest steps; sigma_min is not used.
       align_your_steps(_sdxl): the levels Sabour et al. 2024 ("Align Your Steps") optimised for SD 1.5 (SDXL) at 10
                        steps, AYS_SIGMAS, for n levels interpolated linearly in log sigma over their index (NVIDIA's
                        recipe, as A1111 and ComfyUI do); absolute levels, for SD's noise schedule: the range is theirs.
@@ -227,6 +233,8 @@ def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: fl
         from scipy.stats import beta
 
         return sigma_min + beta.ppf(1.0 - np.linspace(0.0, 1.0, n), *BETA_SIGMAS) * (sigma_max - sigma_min)
+    if kind == "linear_quadratic":
+        return sigma_max * (1.0 - linear_quadratic_ramp(n))
     if kind == "kl_optimal":
         u = np.linspace(0.0, 1.0, n)
         return np.tan((1.0 - u) * math.atan(sigma_max) + u * math.atan(sigma_min))
@@ -234,6 +242,20 @@ def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int, rho: fl
         return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=dtype).exp().double().numpy()
     ramp = torch.linspace(1.0, 0.0, n, dtype=dtype) ** (1.0 if rho is None else rho)
     return torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).double().numpy()
+
+
+def linear_quadratic_ramp(n: int, threshold: float = 0.025) -> np.ndarray:
+    """The first n of Mochi's n + 1 ramp values s_0 = 0 .. s_n = 1 (its linear_quadratic_schedule, as ComfyUI holds
+    it): s_i = i threshold / m for i < m = n // 2, then the quadratic a i^2 + b i + c through (m, threshold) with the
+    linear part's slope there, reaching 1 at i = n. One step: s_0 = 0 alone."""
+    if n == 1:
+        return np.zeros(1)
+    m = n // 2
+    excess = m - threshold * n  # (its threshold_noise_step_diff)
+    a = excess / (m * (n - m) ** 2)
+    b = threshold / m - 2 * excess / (n - m) ** 2
+    i = np.arange(n, dtype=np.float64)
+    return np.where(i < m, i * threshold / m, a * i**2 + b * i + a * m * m)
 
 
 def _check_no_rho(kind: str, rho: float | None) -> None:
@@ -798,7 +820,9 @@ class NoiseSchedule:
         sigma_range: "spaced" (diffusers: such a schedule spans the spaced timesteps' levels, or with the dpm_solver
         rule the whole range) or "model" (k-diffusion's and AUTOMATIC1111's: the model's whole trained range,
         sigma(0) to sigma(T-1), with fractional timesteps for every rule; the model's levels as k-diffusion holds
-        them, in float32, so that a Brownian tree spans what A1111's spans). The schedule types read off the model's
+        them, in float32, so that a Brownian tree spans what A1111's spans) or "comfyui" (ComfyUI's calculate_sigmas:
+        the model's range as "model", one layout for every sampler, whatever its rule, its LCM's and DDPM's too, and
+        KL Optimal as its n levels then 0, not A1111's n + 1 down to sigma_min). The schedule types read off the model's
         own levels ("uniform", "normal", "sgm_uniform", "simple", "ddim_uniform", "compvis": `model_levels`) set the
         timesteps themselves, whatever the spacing and range.
         discard_penultimate_sigma: lay out steps + 1 levels and leave out the last before the end, so that the last
@@ -836,7 +860,13 @@ class NoiseSchedule:
             raise ValueError(f"sigma_schedule must be one of {SIGMA_SCHEDULES} or None; got {sigma_schedule!r}")
         if sigma_range not in SIGMA_RANGES:
             raise ValueError(f"sigma_range must be one of {', '.join(map(repr, SIGMA_RANGES))}; got {sigma_range!r}")
-        whole = sigma_range == "model"
+        if sigma_range == "comfyui":
+            if sigma_schedule is None:
+                raise ValueError("sigma_range 'comfyui' lays out a ComfyUI scheduler's levels; give sigma_schedule "
+                                 "(normal, karras, exponential, sgm_uniform, simple, ddim_uniform, beta, kl_optimal, "
+                                 "linear_quadratic)")
+            rule = "karras"  # (ComfyUI's levels do not depend on the sampler)
+        whole = sigma_range != "spaced"
         if sigma_schedule is not None:
             _check_no_rho(sigma_schedule, rho)
         levels_dtype = torch.float32 if whole else torch.float64  # (k-diffusion's precision over the model's range)
@@ -901,7 +931,7 @@ class NoiseSchedule:
                     # int64, a quirk we do not copy: our models take fractional t)
                     if self.kind != "cosine" and not whole:
                         t = t.round()
-            end_ve = whole and sigma_schedule == "kl_optimal"
+            end_ve = sigma_range == "model" and sigma_schedule == "kl_optimal"
             if end_ve:  # (AUTOMATIC1111's KL Optimal: n + 1 levels over i / n, down to sigma_min and no further)
                 sig = kl_optimal_a1111(float(table[0]), float(table[-1]), len(t))
                 t = self.sigma_to_t(sig[:-1])

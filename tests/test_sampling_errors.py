@@ -36,7 +36,9 @@ def test_registry_names_and_aliases():
     assert sampler_names() == ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_sde", "dpmpp_3m",
                                "dpmpp_3m_sde", "unipc", "euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2s_a",
                                "plms", "lcm", "restart", "dpm_fast", "dpm_adaptive", "ddim_cfgpp", "euler_cfgpp",
-                               "euler_a_cfgpp"]
+                               "euler_a_cfgpp", "ipndm", "ipndm_v", "deis", "heunpp2", "res_multistep",
+                               "res_multistep_a", "res_multistep_cfgpp", "res_multistep_a_cfgpp", "gradient_estimation",
+                               "gradient_estimation_cfgpp", "dpmpp_2m_cfgpp", "dpmpp_2s_a_cfgpp", "er_sde"]
     for alias, (name, karras) in {"DPM++ 2M": ("dpmpp_2m", False), "DPM++ 2M Karras": ("dpmpp_2m", True),
                                   "Euler a": ("euler_a", False), "Euler": ("euler", False), "Heun": ("heun", False),
                                   "DDIM": ("ddim", False), "DDPM": ("ddpm", False), "k_euler": ("euler", False),
@@ -50,7 +52,7 @@ def test_registry_names_and_aliases():
 
 
 def test_sampler_options_checked():
-    with pytest.raises(ValueError, match="sampler 'unipc' takes no option 'solver_order'; its options: order, variant"):
+    with pytest.raises(ValueError, match="sampler 'unipc' takes no option 'solver_order'; its options: order, variant, floor"):
         run(sampler="unipc", sampler_options={"solver_order": 3})
     with pytest.raises(ValueError, match="UniPC order must be an integer from 1 to 4"):
         run(sampler="unipc", sampler_options={"order": 7})

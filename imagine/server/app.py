@@ -101,8 +101,10 @@ class ServerConfig:
 
 # -- samplers: AUTOMATIC1111's names -> ours (imagine.samplers.A1111_SAMPLERS: A1111 name, its aliases,
 # our sampler). Only those whose sampler exists here are offered.
-# A1111's schedule types of ours (align_your_steps picks SDXL's levels for an SDXL model, as A1111 does)
-SCHEDULE_TYPES = tuple(s for s in SIGMA_SCHEDULES if s != "align_your_steps_sdxl" and s not in COMPVIS_SCHEDULES)
+# A1111's schedule types of ours (align_your_steps picks SDXL's levels for an SDXL model, as A1111 does; the CompVis
+# ones and ComfyUI's linear_quadratic are not its)
+SCHEDULE_TYPES = tuple(s for s in SIGMA_SCHEDULES if s not in ("align_your_steps_sdxl", "linear_quadratic")
+                       and s not in COMPVIS_SCHEDULES)
 _FALLBACK_SAMPLERS = ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a", "heun"]
 
 

@@ -38,21 +38,39 @@ from PIL import Image, ImageOps, PngImagePlugin
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # its KSampler's seed range
 MAX_HISTORY = 10000  # its PromptQueue's history size
-# ComfyUI's sampler names -> ours, where ours is the same k-diffusion algorithm (its "ddim" is Euler: its
-# samplers.sampler_object), and whether ComfyUI lays out one more level and drops the one before the end for it
-# (its KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
-SAMPLERS = {"euler": ("euler", False), "euler_cfg_pp": ("euler_cfgpp", False), "euler_ancestral": ("euler_a", False),
-            "euler_ancestral_cfg_pp": ("euler_a_cfgpp", False), "heun": ("heun", False), "dpm_2": ("dpm2", True),
-            "dpm_2_ancestral": ("dpm2_a", True), "lms": ("lms", False), "dpmpp_2s_ancestral": ("dpmpp_2s_a", False),
-            "dpmpp_sde": ("dpmpp_sde", False), "dpmpp_2m": ("dpmpp_2m", False),
-            "dpmpp_2m_sde": ("dpmpp_2m_sde", False), "dpmpp_2m_sde_heun": ("dpmpp_2m_sde_heun", False),
-            "dpmpp_3m_sde": ("dpmpp_3m_sde", False), "ddim": ("euler", False),
+# ComfyUI's sampler names (its KSAMPLER_NAMES + ddim, uni_pc, uni_pc_bh2, in its order) -> ours, where ours is the same
+# algorithm (its "ddim" is Euler: its samplers.sampler_object), whether ComfyUI lays out one more level and drops the
+# one before the end for it (its KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS), and the options it runs it with
+_UNIPC = {"order": 3, "floor": 0.001}  # (its uni_pc.sample_unipc: order min(3, steps - 1), the end t = 0.001)
+SAMPLERS = {"euler": ("euler", False, {}), "euler_cfg_pp": ("euler_cfgpp", False, {}),
+            "euler_ancestral": ("euler_a", False, {}), "euler_ancestral_cfg_pp": ("euler_a_cfgpp", False, {}),
+            "heun": ("heun", False, {}), "heunpp2": ("heunpp2", False, {}), "dpm_2": ("dpm2", True, {}),
+            "dpm_2_ancestral": ("dpm2_a", True, {}), "lms": ("lms", False, {}),
+            # (its dpm_fast / dpm_adaptive run from the first level to the last above 0, dpm_fast in `steps` calls)
+            "dpm_fast": ("dpm_fast", False, {"ends": "plan"}),
+            "dpm_adaptive": ("dpm_adaptive", False, {"ends": "plan"}), "dpmpp_2s_ancestral": ("dpmpp_2s_a", False, {}),
+            "dpmpp_2s_ancestral_cfg_pp": ("dpmpp_2s_a_cfgpp", False, {}),
+            "dpmpp_sde": ("dpmpp_sde", False, {}), "dpmpp_sde_gpu": ("dpmpp_sde", False, {}),
+            "dpmpp_2m": ("dpmpp_2m", False, {}), "dpmpp_2m_cfg_pp": ("dpmpp_2m_cfgpp", False, {}),
             # (its _gpu forms grow the Brownian tree on the sample's device: on a CPU, as here, the same tree)
-            "dpmpp_sde_gpu": ("dpmpp_sde", False), "dpmpp_2m_sde_gpu": ("dpmpp_2m_sde", False),
-            "dpmpp_2m_sde_heun_gpu": ("dpmpp_2m_sde_heun", False), "dpmpp_3m_sde_gpu": ("dpmpp_3m_sde", False)}
-# its schedulers -> our schedule types over the model's whole range (imagine.schedules: the same rules)
+            "dpmpp_2m_sde": ("dpmpp_2m_sde", False, {}), "dpmpp_2m_sde_gpu": ("dpmpp_2m_sde", False, {}),
+            "dpmpp_2m_sde_heun": ("dpmpp_2m_sde_heun", False, {}),
+            "dpmpp_2m_sde_heun_gpu": ("dpmpp_2m_sde_heun", False, {}),
+            "dpmpp_3m_sde": ("dpmpp_3m_sde", False, {}), "dpmpp_3m_sde_gpu": ("dpmpp_3m_sde", False, {}),
+            "ddpm": ("ddpm", False, {}), "lcm": ("lcm", False, {}), "ipndm": ("ipndm", False, {}),
+            "ipndm_v": ("ipndm_v", False, {}), "deis": ("deis", False, {}),
+            "res_multistep": ("res_multistep", False, {}), "res_multistep_cfg_pp": ("res_multistep_cfgpp", False, {}),
+            "res_multistep_ancestral": ("res_multistep_a", False, {}),
+            "res_multistep_ancestral_cfg_pp": ("res_multistep_a_cfgpp", False, {}),
+            "gradient_estimation": ("gradient_estimation", False, {}),
+            "gradient_estimation_cfg_pp": ("gradient_estimation_cfgpp", False, {}), "er_sde": ("er_sde", False, {}),
+            "ddim": ("euler", False, {}), "uni_pc": ("unipc", False, {**_UNIPC, "variant": "bh1"}),
+            "uni_pc_bh2": ("unipc", False, {**_UNIPC, "variant": "bh2"})}
+# its schedulers (its SCHEDULER_NAMES, in its order) -> our schedule types over the model's whole range as ComfyUI lays
+# them out (imagine.schedules, sigma_range "comfyui": the same rules)
 SCHEDULERS = {"simple": "simple", "sgm_uniform": "sgm_uniform", "karras": "karras", "exponential": "exponential",
-              "ddim_uniform": "ddim_uniform", "beta": "beta", "normal": "normal"}
+              "ddim_uniform": "ddim_uniform", "beta": "beta", "normal": "normal",
+              "linear_quadratic": "linear_quadratic", "kl_optimal": "kl_optimal"}
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")  # its LatentUpscale's (bislerp not here)
 
 
@@ -642,7 +660,7 @@ class Execution:
         te, unet = _summed(positive.clip.loras), _summed(model.loras)
         tags = "".join(f"<lora:{_lora_stem(name)}:te={te.get(name, 0.0)!r}:unet={unet.get(name, 0.0)!r}>"
                        for name in dict.fromkeys([*te, *unet]))
-        sampler, discard = SAMPLERS[sampler_name]
+        sampler, discard, options = SAMPLERS[sampler_name]
         n = z.shape[0]
         mask = latent.get("noise_mask")
         if mask is not None:  # (its prepare_mask: bilinear to the latents' size, repeated to the batch)
@@ -661,7 +679,8 @@ class Execution:
             with self.run.using_clip_skip(skip):
                 result = pipe.generate([positive.text + tags] * n, [negative.text] * n, seeds=[seed] * n, steps=steps,
                                        guidance_scale=cfg, sampler=sampler, sigma_schedule=SCHEDULERS[scheduler],
-                                       sigma_range="model", discard_penultimate_sigma=discard, start="comfyui",
+                                       sampler_options=options or None, sigma_range="comfyui",
+                                       discard_penultimate_sigma=discard, start="comfyui",
                                        rng="comfyui", quantize=True, init_latents=z.clone(),
                                        strength=min(float(denoise), 1.0), strength_rule="a1111_fixed_steps",
                                        window=window, latent_mask=mask,
