@@ -11,6 +11,7 @@ The answers' shapes are those of ComfyUI's server.py (its /prompt errors, histor
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import time
@@ -126,9 +127,13 @@ def comfy_reference(kd, pipe, text, seed, steps, cfg, sampler, sigmas_of, batch,
             s = sigma.view(-1, 1, 1, 1)
             return plain(x * m + (known + z * s) * (1 - m), sigma) * m + known * (1 - m)
     g = torch.Generator().manual_seed(seed + 1)
-    kw = {"noise_sampler": lambda s, s_next: torch.randn(shape, generator=g)} if "ancestral" in sampler else {}
+    if callable(sampler):  # (a restatement of ComfyUI's own, fn(model, x, sigmas): test_comfyui_samplers_s36)
+        fn = sampler
+    else:
+        kw = {"noise_sampler": lambda s, s_next: torch.randn(shape, generator=g)} if "ancestral" in sampler else {}
+        fn = functools.partial(getattr(kd.sampling, sampler), disable=True, **kw)
     with torch.no_grad():
-        out = getattr(kd.sampling, sampler)(den, x, sigmas, disable=True, **kw)
+        out = fn(den, x, sigmas)
         if not decode:
             return out
         images = ((pipe.decode(out) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)

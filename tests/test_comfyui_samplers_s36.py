@@ -63,9 +63,9 @@ def comfy_start(model, steps, seed=SEED):
     return sigmas, z * torch.sqrt(1 + sigmas[0] ** 2)  # (normal starts at sigma_max: its max_denoise start)
 
 
-def step_noise(seed=SEED):
+def step_noise(shape, seed=SEED):
     g = torch.Generator().manual_seed(seed + 1)  # (its default_noise_sampler on a CPU)
-    return lambda: torch.randn(SHAPE, generator=g)
+    return lambda: torch.randn(shape, generator=g)
 
 
 def ours(name, steps, **kw):
@@ -203,11 +203,11 @@ def c_heunpp2(model, x, sigmas):
 
 
 def c_res_multistep(model, x, sigmas, eta=0.0, cfg_pp=False):
-    noise = step_noise()
+    noise = step_noise(x.shape)
     old_down = old = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
-        u = model.uncond
+        u = model.uncond if cfg_pp else None
         down, up = ancestral(sigmas[i], sigmas[i + 1], eta)
         if down == 0 or old is None:
             if cfg_pp:
@@ -269,7 +269,7 @@ def c_dpmpp_2m_cfg_pp(model, x, sigmas):
 
 
 def c_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, eta=1.0):
-    noise = step_noise()
+    noise = step_noise(x.shape)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         u = model.uncond
@@ -291,7 +291,7 @@ def c_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, eta=1.0):
 
 
 def c_er_sde(model, x, sigmas, max_stage=3):
-    noise = step_noise()
+    noise = step_noise(x.shape)
     scaler = lambda v: v * ((v**0.3).exp() + 10.0)  # noqa: E731
     pts = torch.arange(0, 200.0)
     lam = sigmas  # (lambda_VE = sigma / alpha with alpha = 1)
@@ -322,7 +322,7 @@ def c_er_sde(model, x, sigmas, max_stage=3):
 
 
 def c_ddpm(model, x, sigmas):
-    noise = step_noise()
+    noise = step_noise(x.shape)
     for i in range(len(sigmas) - 1):
         s, s_prev = sigmas[i], sigmas[i + 1]
         denoised = model(x, s)
@@ -338,7 +338,7 @@ def c_ddpm(model, x, sigmas):
 
 
 def c_lcm(model, x, sigmas):
-    noise = step_noise()
+    noise = step_noise(x.shape)
     for i in range(len(sigmas) - 1):
         x = model(x, sigmas[i])
         if sigmas[i + 1] > 0:
@@ -557,6 +557,25 @@ def test_deis_weights_integrate_polynomials_of_the_vp_time_exactly():
 
 
 # -- the schedulers ---------------------------------------------------------------------------------------------------
+def comfy_kl_optimal(n, s_min, s_max):
+    """Its kl_optimal_scheduler: n levels tan(u atan sigma_min + (1 - u) atan sigma_max), u = i / (n - 1), then 0."""
+    u = torch.arange(n, dtype=torch.float64) / (n - 1)
+    return torch.cat([(u * math.atan(s_min) + (1 - u) * math.atan(s_max)).tan(), torch.zeros(1, dtype=torch.float64)])
+
+
+def comfy_linear_quadratic(n, s_max, threshold=0.025):
+    """Its linear_quadratic_schedule (Mochi's): the ramp's complement times sigma_max."""
+    if n == 1:
+        ramp = [0.0, 1.0]
+    else:
+        m = n // 2
+        diff = m - threshold * n
+        qc = diff / (m * (n - m) ** 2)
+        lc = threshold / m - 2 * diff / ((n - m) ** 2)
+        ramp = [i * threshold / m for i in range(m)] + [qc * i * i + lc * i + qc * m * m for i in range(m, n)] + [1.0]
+    return torch.tensor([1.0 - r for r in ramp], dtype=torch.float64) * s_max
+
+
 def test_kl_optimal_and_linear_quadratic_are_comfyuis_levels():
     """ComfyUI's kl_optimal_scheduler (n levels tan(u atan sigma_min + (1 - u) atan sigma_max), u = i / (n - 1), then
     0: not A1111's n + 1 down to sigma_min) and linear_quadratic_schedule (Mochi's ramp times sigma_max), over the
@@ -565,26 +584,14 @@ def test_kl_optimal_and_linear_quadratic_are_comfyuis_levels():
     s_min, s_max = float(table[0]), float(table[-1])
     for n in (1, 2, 5, 12):
         plan = SCHEDULE.plan(n, sigma_schedule="kl_optimal", sigma_range="comfyui")
-        idx = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
-        want = torch.cat([(idx * math.atan(s_min) + (1 - idx) * math.atan(s_max)).tan(), torch.zeros(1)])
-        if n > 1:
-            assert torch.allclose(plan.sigmas, want.double(), rtol=1e-6), n
+        if n > 1:  # (one level: its formula divides by n - 1 = 0)
+            assert torch.allclose(plan.sigmas, comfy_kl_optimal(n, s_min, s_max), rtol=1e-6), n
         assert not plan.end_ve and float(plan.sigmas[-1]) == 0
         a1111 = SCHEDULE.plan(n, rule="karras", sigma_schedule="kl_optimal", sigma_range="model")
         assert a1111.end_ve and float(a1111.sigmas[-1]) > 0  # (A1111's: down to sigma_min)
     for n in (1, 2, 3, 8, 25):
         plan = SCHEDULE.plan(n, sigma_schedule="linear_quadratic", sigma_range="comfyui")
-        if n == 1:
-            ramp = [0.0, 1.0]
-        else:
-            m = n // 2
-            lin = [i * 0.025 / m for i in range(m)]
-            diff = m - 0.025 * n
-            qc = diff / (m * (n - m) ** 2)
-            lc = 0.025 / m - 2 * diff / ((n - m) ** 2)
-            ramp = lin + [qc * i * i + lc * i + qc * m * m for i in range(m, n)] + [1.0]
-        want = torch.tensor([1.0 - r for r in ramp], dtype=torch.float64) * s_max
-        assert torch.allclose(plan.sigmas, want, rtol=1e-6, atol=1e-9), n
+        assert torch.allclose(plan.sigmas, comfy_linear_quadratic(n, s_max), rtol=1e-6, atol=1e-9), n
 
 
 def test_comfyui_levels_are_the_same_for_every_sampler():
@@ -612,3 +619,31 @@ def test_comfyuis_ksampler_offers_its_names():
         assert comfyui.SAMPLERS[name][0] in SAMPLERS, name
     assert list(comfyui.SCHEDULERS) == ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta",
                                         "normal", "linear_quadratic", "kl_optimal"]
+
+
+# -- through a real server --------------------------------------------------------------------------------------------
+from test_comfyui_api_s35 import close as close_pixels, comfy_reference, graph, pictures, pipe, run, server  # noqa
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("sampler,scheduler,restated", [
+    ("uni_pc_bh2", "kl_optimal", lambda m, x, s: c_uni_pc(m, x, s, "bh2")),
+    ("ipndm", "linear_quadratic", c_ipndm),
+    ("res_multistep_ancestral", "karras", lambda m, x, s: c_res_multistep(m, x, s, eta=1.0)),
+    ("lcm", "sgm_uniform", c_lcm)])
+def test_a_graph_with_comfyuis_further_samplers_and_schedulers(server, pipe, kd, sampler, scheduler, restated):
+    """KSampler -> VAEDecode -> SaveImage through the server with these names gives ComfyUI's pictures: its sampler
+    restated above, on its scheduler's levels over the model's range (k-diffusion's sgm_uniform, the formulas above),
+    over the model's own U-Net, text encoder and VAE (test_comfyui_api_s35's reference, its truncation to 8 bits)."""
+    levels = {"kl_optimal": lambda kd, den, n: comfy_kl_optimal(n, float(den.sigma_min), float(den.sigma_max)).float(),
+              "linear_quadratic": lambda kd, den, n: comfy_linear_quadratic(n, float(den.sigma_max)).float(),
+              "karras": lambda kd, den, n: kd.sampling.get_sigmas_karras(n, float(den.sigma_min),
+                                                                         float(den.sigma_max)),
+              "sgm_uniform": lambda kd, den, n: torch.cat([den.t_to_sigma(torch.linspace(len(den.sigmas) - 1, 0,
+                                                                                         n + 1)[:-1]),
+                                                           torch.zeros(1)])}[scheduler]
+    _, entry = run(server, graph(server.name, seed=SEED, steps=6, cfg=4.0, sampler=sampler, scheduler=scheduler,
+                                 batch=2, text="a green triangle"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    want = comfy_reference(kd, pipe, "a green triangle", SEED, 6, 4.0, restated, levels, 2)
+    assert all(close_pixels(a, b) for a, b in zip(pictures(server, entry), want))
