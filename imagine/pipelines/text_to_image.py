@@ -137,6 +137,7 @@ class TextToImagePipeline:
         self.request_loras: list[tuple[str, float]] = []
         self._lora_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.embeddings: list[str] = []  # the words of the textual-inversion embeddings loaded
+        self.embedding_files: dict[str, str] = {}  # word -> the file name it was loaded from (load_embedding)
         # A1111's hashes of the LoRAs (by name) and embeddings (by word) loaded from files, found as they load (a file
         # moved later changes nothing), for its "Lora hashes" / "TI hashes"
         self.network_hashes: dict[tuple[str, str], str] = {}
@@ -390,6 +391,7 @@ class TextToImagePipeline:
         word = token or named or Path(path).stem
         tokens = self._add_word(word, vectors, Path(path).name)
         self.network_hashes["embedding", word] = embedding_hash(path)
+        self.embedding_files[word] = Path(path).name
         return tokens
 
     def _add_word(self, word: str, vectors, source: str, check_only: bool = False) -> list[str]:

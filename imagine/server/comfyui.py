@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import platform
@@ -35,6 +36,7 @@ from fastapi import Request, UploadFile, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image, ImageOps, PngImagePlugin
 
+log = logging.getLogger(__name__)
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # its KSampler's seed range
 MAX_HISTORY = 10000  # its PromptQueue's history size
@@ -223,8 +225,32 @@ def _checkpoint(ctx, ckpt_name):
     return (Model(), Clip(), "vae")
 
 
+# ComfyUI's `embedding:NAME` word (its sd1_clip tokenize_with_weights): at the start of a word (the text's, after a
+# space or a group's bracket), NAME up to the word's end, a weight's colon or trailing commas
+EMBEDDING_WORD = re.compile(r"(?<![^ ()])embedding:([^ (),:]+)")
+
+
+def comfyui_embeddings(text: str, files: dict[str, str]) -> str:
+    """`text` with ComfyUI's `embedding:NAME` words read as it reads them: the word of the textual inversion loaded
+    from the file NAME names (with or without its extension, as ComfyUI names its models/embeddings files; `files`
+    maps our words to their files, the pipeline's embedding_files), its weight the word's; a NAME no loaded file has
+    is left out, as ComfyUI leaves it out, with a warning in the log."""
+    by_name = {n: word for word, f in files.items() for n in (f, Path(f).stem)}
+
+    def word(m: re.Match) -> str:
+        found = by_name.get(m.group(1))
+        if found is None:
+            log.warning("embedding:%s names no embedding this server loaded (serve --embedding); left out, as "
+                        "ComfyUI leaves out one it does not have", m.group(1))
+            return ""
+        # (commas after it are a word of their own in ComfyUI's reading: kept apart)
+        return found + (" " if m.string.startswith(",", m.end()) else "")
+
+    return EMBEDDING_WORD.sub(word, text) if "embedding:" in text else text
+
+
 def _clip_text_encode(ctx, text, clip):
-    return (Conditioning(str(text), clip),)
+    return (Conditioning(comfyui_embeddings(str(text), getattr(ctx.served.pipe, "embedding_files", {})), clip),)
 
 
 def _clip_set_last_layer(ctx, clip, stop_at_clip_layer):
@@ -1073,7 +1099,8 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
 
     @route("/embeddings", ["GET"])
     def embeddings():
-        return sorted(getattr(pipe, "embedding_names", lambda: [])())
+        # (ComfyUI's: its embeddings folder's file names without the extension)
+        return sorted(Path(f).stem for f in getattr(pipe, "embedding_files", {}).values())
 
     @route("/extensions", ["GET"])
     def extensions():
