@@ -615,7 +615,7 @@ class TextToImagePipeline:
                  noise_seed_delta: int = 0, zero_terminal_snr: bool = False, downcast_alphas_cumprod: bool = False,
                  old_prompt_editing: bool = False, editing_first_pass: int | None = None,
                  pad_conds: str | None = None, quantize: bool = False, window: tuple | None = None,
-                 latent_mask: torch.Tensor | None = None,
+                 latent_mask: torch.Tensor | None = None, latent_concat: torch.Tensor | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -713,7 +713,9 @@ class TextToImagePipeline:
         ComfyUI hands them on, and strength 1): (start_at_step, end_at_step, full_denoise, add_noise), ComfyUI's
         KSamplerAdvanced (imagine.sampling.sample's window; add_noise False: no start noise). latent_mask (with
         init_latents): [B or 1, 1, h, w] at the latents' size, 1 where the run paints, 0 where it keeps init_latents
-        (ComfyUI's noise mask; imagine.sampling.sample's mask, its keep rule by the start rule).
+        (ComfyUI's noise mask; imagine.sampling.sample's mask, its keep rule by the start rule). latent_concat (with
+        init_latents, for an inpainting model): [B, 1 + C, h, w], the mask and masked-picture latents its U-Net reads
+        beside the sample, made by the caller (ComfyUI's concat_cond); latent_mask may come with it.
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -760,7 +762,8 @@ class TextToImagePipeline:
                      "noise_seed_delta": noise_seed_delta, "zero_terminal_snr": zero_terminal_snr,
                      "downcast_alphas_cumprod": downcast_alphas_cumprod,
                      "old_prompt_editing": old_prompt_editing and edits, "pad_conds": pad_conds,
-                     "quantize": quantize, "window": window, "latent_mask": latent_mask}
+                     "quantize": quantize, "window": window, "latent_mask": latent_mask,
+                     "latent_concat": latent_concat}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -971,10 +974,22 @@ class TextToImagePipeline:
         # their own, each image's stream giving its start noise first as A1111's does
         encoders = generators if strength_rule == "diffusers" else posterior_generators(seeds)
         inpaint = {}
-        if latent_mask is not None and (masks is not None or self.image_conditioned):
+        if latent_concat is not None:  # (an inpainting model's channels as the caller made them: ComfyUI's)
+            want = (len(prompts), self.unet.config.in_channels - self.latent_channels, *shape[2:])
+            if not self.image_conditioned or masks is not None or init_latents is None:
+                raise ValueError("latent_concat is an inpainting model's mask and masked-picture latents, with "
+                                 "init_latents and no mask_image")
+            if tuple(latent_concat.shape) != want:
+                raise ValueError(f"latent_concat must be {list(want)} (the mask, then the masked picture's latents); "
+                                 f"got {list(latent_concat.shape)}")
+            init, inpaint = init_latents.float(), {"concat": latent_concat.float()}
+            if latent_mask is not None:
+                inpaint["mask"] = latent_mask.float()
+        elif latent_mask is not None and (masks is not None or self.image_conditioned):
             raise ValueError("latent_mask (ComfyUI's noise mask) is for a 4-channel U-Net without mask_image; an "
-                             "inpainting model reads the mask and the masked picture: give mask_image")
-        if masks is not None or self.image_conditioned:
+                             "inpainting model reads the mask and the masked picture: give mask_image (or "
+                             "latent_concat)")
+        elif masks is not None or self.image_conditioned:
             fill = None if latent_noise_seeds is None else \
                 PerSampleNoise(make_generators(len(prompts), latent_noise_seeds, rng=rng)).draw(shape)
             init, inpaint = self._inpainting(inits, masks, shape, width, height, generators, encoders, strength,

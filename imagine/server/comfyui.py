@@ -103,8 +103,12 @@ class Clip:
 
 @dataclass(frozen=True)
 class Conditioning:
+    """A CONDITIONING output: the text, the CLIP that encodes it, and InpaintModelConditioning's concat_latent_image
+    and concat_mask ((latents, mask) or None), which an inpainting model reads beside the sample."""
+
     text: str
     clip: Clip
+    concat: Any = field(default=None, compare=False)
 
 
 @dataclass
@@ -301,6 +305,83 @@ def _vae_encode(ctx, pixels, vae):
     return ({"samples": ctx.encode(pixels)},)
 
 
+def _masked_grey(pixels: torch.Tensor, mask: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's inpainting picture (VAEEncodeForInpaint, InpaintModelConditioning): the mask bilinear to the
+    picture's size, both cropped about their centre to the VAE's factor, the masked part (the mask rounded) grey 0.5.
+    Returns (picture [B, H, W, 3], mask [B, 1, H, W])."""
+    h, w = pixels.shape[1] // f * f, pixels.shape[2] // f * f
+    if h == 0 or w == 0:
+        raise ValueError(f"the picture is {pixels.shape[2]}x{pixels.shape[1]}: the VAE needs at least {f} pixels a "
+                         "side")
+    mask = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(), size=tuple(pixels.shape[1:3]),
+                                           mode="bilinear")
+    dy, dx = (pixels.shape[1] % f) // 2, (pixels.shape[2] % f) // 2
+    pixels, mask = pixels[:, dy:dy + h, dx:dx + w, :3], mask[:, :, dy:dy + h, dx:dx + w]
+    keep = (1.0 - mask.round()).squeeze(1)[..., None]
+    return (pixels - 0.5) * keep + 0.5, mask
+
+
+def _vae_encode_for_inpaint(ctx, pixels, vae, mask, grow_mask_by):
+    # (ComfyUI's: the picture with its masked part grey, and the noise mask grown by a box of grow_mask_by pixels)
+    grey, mask = _masked_grey(pixels, mask, ctx.factor())
+    g = int(grow_mask_by)
+    if g > 0:
+        grown = torch.nn.functional.conv2d(mask.round(), torch.ones(1, 1, g, g), padding=math.ceil((g - 1) / 2))
+        mask = grown.clamp(0, 1)[:, :, :grey.shape[1], :grey.shape[2]]
+    return ({"samples": ctx.encode(grey), "noise_mask": mask.round()},)
+
+
+def _inpaint_model_conditioning(ctx, positive, negative, vae, pixels, mask, noise_mask=True):
+    # (ComfyUI's: the grey-masked picture's latents and the mask ride on both conditionings; the latent is the whole
+    # picture's, with the mask as its noise mask unless noise_mask is off)
+    grey, mask = _masked_grey(pixels, mask, ctx.factor())
+    concat = (ctx.encode(grey), mask)
+    latent = {"samples": ctx.encode(pixels), **({"noise_mask": mask} if noise_mask else {})}
+    return (Conditioning(positive.text, positive.clip, concat), Conditioning(negative.text, negative.clip, concat),
+            latent)
+
+
+# an inpainting model's "masked picture" where no mask is given: ComfyUI's latents of grey for SD's VAE (its
+# blank_inpaint_image_like)
+BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
+
+
+def _batch_resized(x: torch.Tensor, n: int) -> torch.Tensor:
+    """ComfyUI's utils.resize_to_batch_size: n items picked evenly from x's batch (not repeated in turn)."""
+    b = x.shape[0]
+    if b == n:
+        return x
+    if n <= 1:
+        return x[:n]
+    if n < b:
+        scale = (b - 1) / (n - 1)
+        return x[[min(round(i * scale), b - 1) for i in range(n)]]
+    return x[[min(math.floor((i + 0.0001) * b / n), b - 1) for i in range(n)]]
+
+
+def inpaint_concat(z: torch.Tensor, concat, noise_mask: torch.Tensor | None) -> torch.Tensor:
+    """An inpainting model's extra channels as ComfyUI's concat_cond makes them for a run from latents z: the mask
+    (InpaintModelConditioning's, else the latent's noise mask; bilinear to the latents' size, rounded) and the masked
+    picture's latents (InpaintModelConditioning's, else z itself), each brought to z's batch; with neither, a mask of
+    ones and BLANK_INPAINT_LATENT."""
+    n, size = z.shape[0], tuple(z.shape[2:])
+    mask = concat[1] if concat is not None else noise_mask
+    if mask is None:
+        blank = torch.tensor(BLANK_INPAINT_LATENT, dtype=z.dtype).view(1, -1, 1, 1)
+        if z.shape[1] != blank.shape[1]:
+            raise ValueError(f"ComfyUI's blank inpainting latents are for 4-channel latents; this model's have "
+                             f"{z.shape[1]}: give the inpainting model a mask (VAEEncodeForInpaint, "
+                             "InpaintModelConditioning or SetLatentNoiseMask)")
+        return torch.cat([torch.ones(n, 1, *size, dtype=z.dtype), blank.expand(n, -1, *size)], dim=1)
+    picture = z if concat is None else concat[0]
+    if tuple(picture.shape[1:]) != tuple(z.shape[1:]):
+        picture = torch.nn.functional.interpolate(picture.float(), size=size, mode="bilinear")
+    mask = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    if tuple(mask.shape[-2:]) != size:
+        mask = torch.nn.functional.interpolate(mask, size=size, mode="bilinear")
+    return torch.cat([_batch_resized(mask.round(), n), _batch_resized(picture.float(), n)], dim=1)
+
+
 def _sides(x: torch.Tensor, w: int, h: int) -> tuple[int, int] | None:
     """ComfyUI's target size: a side of 0 keeps the aspect ratio; both 0, no change (None)."""
     if w == 0 and h == 0:
@@ -440,6 +521,17 @@ NODES: dict[str, Node] = {
                       "latent", "Decodes latent images back into pixel space images.", display_name="VAE Decode"),
     "VAEEncode": Node(lambda s: {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}, ("LATENT",), _vae_encode,
                       "latent", display_name="VAE Encode"),
+    "VAEEncodeForInpaint": Node(
+        lambda s: {"required": {"pixels": ("IMAGE",), "vae": ("VAE",), "mask": ("MASK",),
+                                "grow_mask_by": _int(6, 0, 64)}},
+        ("LATENT",), _vae_encode_for_inpaint, "latent/inpaint", display_name="VAE Encode (for Inpainting)"),
+    "InpaintModelConditioning": Node(
+        lambda s: {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "vae": ("VAE",),
+                                "pixels": ("IMAGE",), "mask": ("MASK",),
+                                "noise_mask": ("BOOLEAN", {"default": True, "tooltip": "Add a noise mask to the "
+                                               "latent so sampling will only happen within the mask."})}},
+        ("CONDITIONING", "CONDITIONING", "LATENT"), _inpaint_model_conditioning, "conditioning/inpaint",
+        output_names=("positive", "negative", "latent"), display_name="InpaintModelConditioning"),
     "LatentUpscale": Node(
         lambda s: {"required": {"samples": ("LATENT",), "upscale_method": (list(UPSCALE_METHODS),),
                                 "width": _int(512, 0, MAX_RESOLUTION, 8), "height": _int(512, 0, MAX_RESOLUTION, 8),
@@ -683,12 +775,17 @@ class Execution:
         if positive.clip != negative.clip:
             raise ValueError("positive and negative come from different CLIPs (CLIPSetLastLayer, LoraLoader): this "
                              "server encodes both with one text encoder")
+        if positive.concat is not negative.concat:
+            raise ValueError("positive and negative carry different inpainting pictures (InpaintModelConditioning): "
+                             "this server gives the inpainting model one for both passes")
         te, unet = _summed(positive.clip.loras), _summed(model.loras)
         tags = "".join(f"<lora:{_lora_stem(name)}:te={te.get(name, 0.0)!r}:unet={unet.get(name, 0.0)!r}>"
                        for name in dict.fromkeys([*te, *unet]))
         sampler, discard, options = SAMPLERS[sampler_name]
         n = z.shape[0]
         mask = latent.get("noise_mask")
+        # (an inpainting model reads its mask and masked picture beside the sample, as ComfyUI's concat_cond makes them)
+        concat = inpaint_concat(z, positive.concat, mask) if getattr(pipe, "image_conditioned", False) else None
         if mask is not None:  # (its prepare_mask: bilinear to the latents' size, repeated to the batch)
             if sampler_name == "ddim":
                 raise ValueError("ComfyUI's ddim inpaints with noise of its own (seed + 1); with a noise mask use "
@@ -709,7 +806,7 @@ class Execution:
                                        discard_penultimate_sigma=discard, start="comfyui",
                                        rng="comfyui", quantize=True, init_latents=z.clone(),
                                        strength=min(float(denoise), 1.0), strength_rule="a1111_fixed_steps",
-                                       window=window, latent_mask=mask,
+                                       window=window, latent_mask=mask, latent_concat=concat,
                                        emphasis="ComfyUI", long_prompts=True, callback=self.run.step,
                                        progress=False,
                                        output_type="latent")
@@ -727,6 +824,10 @@ class Execution:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         x = self.served.pipe.decode(latents)  # [-1, 1]; ComfyUI's VAEDecode: clamp((x + 1) / 2, 0, 1), [B, H, W, C]
         return ((x.float() + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+
+    def factor(self) -> int:
+        """The VAE's pixels per latent cell."""
+        return int(getattr(self.served.pipe, "scale", 8))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """ComfyUI's VAEEncode: the picture cropped to the VAE's factor about its centre, encoded to the posterior's
