@@ -346,9 +346,14 @@ class Denoiser:
     def _t(self, x: torch.Tensor, t: float) -> torch.Tensor:
         return torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
 
-    def model_output(self, x: torch.Tensor, i: int, t: float | None = None) -> torch.Tensor:
-        """The (guided) model output for step i's x, at the step's timestep or at `t` (an off-grid evaluation)."""
+    def model_output(self, x: torch.Tensor, i: int, t: float | None = None,
+                     sigma: float | None = None) -> torch.Tensor:
+        """The (guided) model output for step i's x, at the step's timestep or at `t` (an off-grid evaluation, at
+        noise level `sigma`)."""
         t = float(self.plan.timesteps[i]) if t is None else t
+        at_level = getattr(self.model, "at_level", None)
+        if at_level is not None:  # a model whose inputs follow the noise level (ControlNets' windows, ComfyUI's rule)
+            at_level(float(self.plan.sigmas[i]) if sigma is None else sigma)
         at_step = getattr(self.model, "at_step", None)
         if at_step is not None:  # a model whose inputs follow the step (ControlNets' guidance window)
             # counted in model evaluations where a step takes two (Heun: 2N - 1, as diffusers' doubled timesteps)
@@ -386,7 +391,8 @@ class Denoiser:
             return held
         t = nearest_timestep(self._log_sigmas, float(self.plan.sigmas[i])) if self._log_sigmas is not None else \
             float(self.plan.timesteps[i])
-        return self._denoise(x, i, t, float(self.plan.alphas_cumprod[i]), known=i > 0, on_grid=True)
+        return self._denoise(x, i, t, float(self.plan.alphas_cumprod[i]), known=i > 0, on_grid=True,
+                             sigma=float(self.plan.sigmas[i]))
 
     def at_sigma(self, x: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
         """D(x; sigma) at a noise level off the plan's grid, evaluated within step i (its conditioning is that of
@@ -400,10 +406,10 @@ class Denoiser:
                              "Denoiser(..., schedule=...)")
         t = nearest_timestep(self._log_sigmas, float(sigma)) if self._log_sigmas is not None else \
             float(self.schedule.sigma_to_t(float(sigma)))
-        return self._denoise(x, i, t, 1.0 / (1.0 + float(sigma) ** 2), known=True)
+        return self._denoise(x, i, t, 1.0 / (1.0 + float(sigma) ** 2), known=True, sigma=float(sigma))
 
     def _denoise(self, x: torch.Tensor, i: int, t: float, abar: float, known: bool,
-                 on_grid: bool = False) -> torch.Tensor:
+                 on_grid: bool = False, sigma: float | None = None) -> torch.Tensor:
         # model -> guidance -> x_0 -> classifier guidance (eps form) -> thresholding, at timestep t and level abar
         rule, x_in = None, x
         if self.known is not None:
@@ -413,7 +419,7 @@ class Denoiser:
                                       mask.to(x.dtype))
             elif rule == "input":
                 x_in = torch.lerp(x0_known.to(x.dtype), x, mask.to(x.dtype))
-        out, kind = self.model_output(x_in, i, t), self.prediction_type
+        out, kind = self.model_output(x_in, i, t, sigma), self.prediction_type
         uncond_out = self._uncond_out if self.keep_uncond else None
         read_abar = abar  # (the output read as eps at the model's own input, where that is not the sample)
         if on_grid and kind == "v_prediction" and self.plan.v_alphas_cumprod is not None:

@@ -309,6 +309,17 @@ def kdiffusion_t_to_sigma(t: torch.Tensor, log_table: torch.Tensor) -> torch.Ten
     return ((1 - w) * log_table[lo] + w * log_table[hi]).exp()
 
 
+def comfyui_percent_sigma(log_table: torch.Tensor, percent: float) -> float:
+    """ComfyUI's model_sampling.percent_to_sigma: the noise level `percent` of the way into a run, sigma at timestep
+    (1 - percent) 999 of the model's float32 table of log sigma (log-linear between neighbours, k-diffusion's
+    t_to_sigma; its 999 written out whatever the table's length); 0 or less gives 999999999.9, 1 or more 0."""
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    return float(kdiffusion_t_to_sigma(torch.tensor((1.0 - percent) * 999.0), log_table))
+
+
 def float32_levels(levels: np.ndarray) -> np.ndarray:
     """Levels rounded to float32, as k-diffusion and AUTOMATIC1111 hold them (float64 again, for the plan)."""
     return np.asarray(levels, dtype=np.float64).astype(np.float32).astype(np.float64)

@@ -255,13 +255,16 @@ class Controlled(nn.Module):
     A ControlNet acts on the steps i of n with start <= i / n and (i + 1) / n <= end (diffusers'
     control_guidance_start / end), which the sampler's denoiser tells through `at_step`; outside them it is not
     run. window_rule "a1111" (A1111's rules: its ControlNet extension's) reads them by `a1111_acts` over the step
-    and steps its denoiser tells through `at_call`. A guidance batch (x once, k rows of conditioning) passes
+    and steps its denoiser tells through `at_call`; "comfyui" (ComfyUI's ControlNetApplyAdvanced: start and end
+    percents) acts where the call's noise level, told through `at_level`, lies between the levels of the end and the
+    start percent (`schedules.comfyui_percent_sigma` over `schedule`, the run's NoiseSchedule). A ControlNet at scale
+    0 is not run (its residuals would be 0). A guidance batch (x once, k rows of conditioning) passes
     through: the control pictures are the same for every copy. Conditional and unconditional texts of different
     lengths come in two calls, each told its `guidance_half` ("uncond" / "cond")."""
 
     takes_guidance_half = True
 
-    def __init__(self, model, controls: list[tuple], window_rule: str = "diffusers"):
+    def __init__(self, model, controls: list[tuple], window_rule: str = "diffusers", schedule=None):
         super().__init__()
         self.model = model
         self.nets = nn.ModuleList([c[0] for c in controls])
@@ -274,9 +277,19 @@ class Controlled(nn.Module):
                 raise ValueError(f"control mode must be one of {', '.join(CONTROL_MODES)}; got {c[3]!r}")
         self.shares_guidance_batch = bool(getattr(model, "shares_guidance_batch", False))
         self.config = getattr(model, "config", None)
-        if window_rule not in ("diffusers", "a1111"):
-            raise ValueError(f"window_rule must be 'diffusers' or 'a1111'; got {window_rule!r}")
+        if window_rule not in ("diffusers", "a1111", "comfyui"):
+            raise ValueError(f"window_rule must be 'diffusers', 'a1111' or 'comfyui'; got {window_rule!r}")
         self.window_rule = window_rule
+        self.levels: list[tuple[float, float]] = []  # ComfyUI's rule: per ControlNet the (low, high) level it acts in
+        if window_rule == "comfyui":
+            from imagine.schedules import comfyui_percent_sigma
+
+            if schedule is None:
+                raise ValueError("window_rule 'comfyui' reads its percents over the run's noise schedule: give it")
+            table = schedule.kdiffusion_log_sigmas()
+            self.levels = [(comfyui_percent_sigma(table, c[2][1]), comfyui_percent_sigma(table, c[2][0]))
+                           for c in self.controls]
+        self.sigma: float | None = None  # the call's noise level (at_level), for ComfyUI's rule
         self.step: tuple[int, int] | None = None  # (i, n), set by the denoiser before each call
         self.a1111_step: tuple[int, int] | None = None  # (step, A1111's sampling_steps), set by the denoiser
         self._features: dict[int, torch.Tensor] = {}  # per unit: its picture's features, made at its first call
@@ -284,12 +297,18 @@ class Controlled(nn.Module):
     def at_step(self, i: int, n: int) -> None:
         self.step = (i, n)
 
+    def at_level(self, sigma: float) -> None:
+        self.sigma = sigma
+
     def at_call(self, k: int, n: int, i: int, steps: int) -> None:
         """The sampler's denoiser: model call k of n as A1111 counts them, within its step i of `steps` (its
         state.sampling_steps), which the extension's window rule reads."""
         self.a1111_step = (i, steps)
 
-    def _acts(self, window: tuple[float, float]) -> bool:
+    def _acts(self, window: tuple[float, float], k: int = 0) -> bool:
+        if self.window_rule == "comfyui":  # (its get_control: not run where sigma > its start's or < its end's)
+            low, high = self.levels[k]
+            return self.sigma is None or low <= self.sigma <= high
         if self.step is None:
             return True
         if self.window_rule == "a1111" and self.a1111_step is not None:
@@ -301,7 +320,7 @@ class Controlled(nn.Module):
         down, mid = None, None
         keys = ("context", "context_mask", "class_labels", "text_embeds", "time_ids")
         for k, (net, (picture, scale, window, mode)) in enumerate(zip(self.nets, self.controls)):
-            if not self._acts(window):
+            if scale == 0 or not self._acts(window, k):
                 continue
             dtype = next(net.parameters()).dtype
             xin = x.to(dtype).contiguous(memory_format=torch.channels_last)  # the layout the fast and exact copies run

@@ -142,6 +142,7 @@ class TextToImagePipeline:
         # moved later changes nothing), for its "Lora hashes" / "TI hashes"
         self.network_hashes: dict[tuple[str, str], str] = {}
         self.controlnets: list[tuple[str, torch.nn.Module]] = []  # (name, ControlNet) loaded, in order
+        self.controlnet_files: dict[str, str] = {}  # name -> the file (or folder) name it was loaded from
         self._controlnet_files: dict[Path, torch.nn.Module] = {}  # a file loaded again shares its model
         self.refiner: "TextToImagePipeline | None" = None  # SDXL's refiner (load_refiner), for generate's refiner_switch
         # (the fast mode leaves these modules as they are: it runs bf16 channels-last copies, see fast_copy)
@@ -283,6 +284,7 @@ class TextToImagePipeline:
         self.controlnets.append((name, net.eval().requires_grad_(False)))
         if not isinstance(path, ControlNetModel):
             self._controlnet_files[Path(path).resolve()] = net
+            self.controlnet_files[name] = Path(path).name
         return name
 
     def _without_lora_tags(self, prompt: str) -> str:
@@ -1689,9 +1691,11 @@ class TextToImagePipeline:
             from imagine.models.controlnet import Controlled
 
             copy = fast_copy if self.precision == "fast" else exact_copy
-            # (the guidance windows by A1111's ControlNet extension's rule under A1111's rules, else diffusers')
-            model = Controlled(model, [(copy(net), *rest) for net, *rest in controls],
-                               window_rule="diffusers" if strength_rule == "diffusers" else "a1111")
+            # (the guidance windows by ComfyUI's rule under its start, by A1111's ControlNet extension's under A1111's
+            # rules, else diffusers')
+            rule = "comfyui" if start == "comfyui" else "diffusers" if strength_rule == "diffusers" else "a1111"
+            model = Controlled(model, [(copy(net), *rest) for net, *rest in controls], window_rule=rule,
+                               schedule=schedule or self.schedule)
         if refiner_switch is not None:  # SDXL's refiner for the last steps (imagine.refiner)
             from imagine.refiner import Handoff
 

@@ -13,6 +13,7 @@ seed for the batch; its start; the nearest training timestep; its schedulers; im
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -109,6 +110,9 @@ class Conditioning:
     text: str
     clip: Clip
     concat: Any = field(default=None, compare=False)
+    # the ControlNets applied, in order: (its index among the pipeline's, hint [B, H, W, 3], strength, start percent,
+    # end percent, whether ControlNetApply (the old node) put it, which ComfyUI also applies to a negative without any)
+    controls: tuple = field(default=(), compare=False)
 
 
 @dataclass
@@ -164,6 +168,7 @@ class ComfyState:
     base_dir: Path
     checkpoint_names: Callable[[], list[str]] | None = None
     lora_names: Callable[[], list[str]] | None = None  # what LoraLoader offers: the files of serve --lora-dir
+    controlnet_names: Callable[[], list[str]] | None = None  # what ControlNetLoader offers: serve --controlnet's
     on_queued: Callable[[Any], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     prompts: "OrderedDict[str, Prompt]" = field(default_factory=OrderedDict)  # queued and running, in order
@@ -297,6 +302,45 @@ def _set_latent_noise_mask(ctx, samples, mask):
     return ({**samples, "noise_mask": mask.reshape(-1, 1, *mask.shape[-2:])},)
 
 
+def controlnet_names(pipe) -> list[str]:
+    """What ControlNetLoader offers: the loaded ControlNets' file names (as ComfyUI names its controlnet folder's
+    files) and their names here."""
+    files = getattr(pipe, "controlnet_files", {})
+    return list(dict.fromkeys(n for name, _ in getattr(pipe, "controlnets", []) for n in (files.get(name), name) if n))
+
+
+def _controlnet_index(pipe, name: str) -> int:
+    files = getattr(pipe, "controlnet_files", {})
+    for k, (loaded, _) in enumerate(getattr(pipe, "controlnets", [])):
+        if name in (loaded, files.get(loaded)):
+            return k
+    raise ValueError(f"control_net_name {name!r}: no such ControlNet is loaded (serve --controlnet)")
+
+
+def _controlnet_loader(ctx, control_net_name):
+    return (_controlnet_index(ctx.served.pipe, control_net_name),)
+
+
+def _with_control(c: Conditioning, control: tuple) -> Conditioning:
+    return dataclasses.replace(c, controls=c.controls + (control,))
+
+
+def _controlnet_apply_advanced(ctx, positive, negative, control_net, image, strength, start_percent, end_percent,
+                               vae=None):
+    # (ComfyUI's: both conditionings get the ControlNet, chained after any they have; strength 0 changes nothing)
+    if float(strength) == 0:
+        return (positive, negative)
+    control = (control_net, image, float(strength), float(start_percent), float(end_percent), False)
+    return (_with_control(positive, control), _with_control(negative, control))
+
+
+def _controlnet_apply(ctx, conditioning, control_net, image, strength):
+    # (ComfyUI's old "Apply ControlNet": the whole run; a negative with no ControlNet of its own gets it too)
+    if float(strength) == 0:
+        return (conditioning,)
+    return (_with_control(conditioning, (control_net, image, float(strength), 0.0, 1.0, True)),)
+
+
 def _vae_decode(ctx, samples, vae):
     return (ctx.decode(samples["samples"]),)
 
@@ -337,8 +381,7 @@ def _inpaint_model_conditioning(ctx, positive, negative, vae, pixels, mask, nois
     grey, mask = _masked_grey(pixels, mask, ctx.factor())
     concat = (ctx.encode(grey), mask)
     latent = {"samples": ctx.encode(pixels), **({"noise_mask": mask} if noise_mask else {})}
-    return (Conditioning(positive.text, positive.clip, concat), Conditioning(negative.text, negative.clip, concat),
-            latent)
+    return (dataclasses.replace(positive, concat=concat), dataclasses.replace(negative, concat=concat), latent)
 
 
 # an inpainting model's "masked picture" where no mask is given: ComfyUI's latents of grey for SD's VAE (its
@@ -525,6 +568,24 @@ NODES: dict[str, Node] = {
         lambda s: {"required": {"pixels": ("IMAGE",), "vae": ("VAE",), "mask": ("MASK",),
                                 "grow_mask_by": _int(6, 0, 64)}},
         ("LATENT",), _vae_encode_for_inpaint, "latent/inpaint", display_name="VAE Encode (for Inpainting)"),
+    "ControlNetLoader": Node(
+        lambda s: {"required": {"control_net_name": (s.controlnet_names(),)}}, ("CONTROL_NET",), _controlnet_loader,
+        "loaders", "The ControlNets of serve --controlnet, by their file names or names.",
+        display_name="Load ControlNet Model"),
+    "ControlNetApplyAdvanced": Node(
+        lambda s: {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
+                                "control_net": ("CONTROL_NET",), "image": ("IMAGE",),
+                                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+                                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+                                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})},
+                   "optional": {"vae": ("VAE",)}},
+        ("CONDITIONING", "CONDITIONING"), _controlnet_apply_advanced, "conditioning/controlnet",
+        output_names=("positive", "negative"), display_name="Apply ControlNet"),
+    "ControlNetApply": Node(
+        lambda s: {"required": {"conditioning": ("CONDITIONING",), "control_net": ("CONTROL_NET",),
+                                "image": ("IMAGE",),
+                                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01})}},
+        ("CONDITIONING",), _controlnet_apply, "conditioning/controlnet", display_name="Apply ControlNet (OLD)"),
     "InpaintModelConditioning": Node(
         lambda s: {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "vae": ("VAE",),
                                 "pixels": ("IMAGE",), "mask": ("MASK",),
@@ -786,6 +847,7 @@ class Execution:
         mask = latent.get("noise_mask")
         # (an inpainting model reads its mask and masked picture beside the sample, as ComfyUI's concat_cond makes them)
         concat = inpaint_concat(z, positive.concat, mask) if getattr(pipe, "image_conditioned", False) else None
+        controls = self.controls(positive, negative, z)
         if mask is not None:  # (its prepare_mask: bilinear to the latents' size, repeated to the batch)
             if sampler_name == "ddim":
                 raise ValueError("ComfyUI's ddim inpaints with noise of its own (seed + 1); with a noise mask use "
@@ -806,13 +868,55 @@ class Execution:
                                        discard_penultimate_sigma=discard, start="comfyui",
                                        rng="comfyui", quantize=True, init_latents=z.clone(),
                                        strength=min(float(denoise), 1.0), strength_rule="a1111_fixed_steps",
-                                       window=window, latent_mask=mask, latent_concat=concat,
+                                       window=window, latent_mask=mask, latent_concat=concat, **controls,
                                        emphasis="ComfyUI", long_prompts=True, callback=self.run.step,
                                        progress=False,
                                        output_type="latent")
         finally:
             self.run.on_step = None
         return {**latent, "samples": result.latents.float()}
+
+    def controls(self, positive: Conditioning, negative: Conditioning, z: torch.Tensor) -> dict:
+        """generate's ControlNet arguments for the prompt's ControlNets, which ComfyUI runs on both passes (the old
+        ControlNetApply's also on a negative with none of its own): per loaded ControlNet its hint, brought to the
+        picture's size as ComfyUI brings it (nearest-exact after a centre crop to the aspect), strength and percents
+        (read by ComfyUI's rule: imagine.models.controlnet.Controlled's "comfyui"); one not applied, or applied with
+        start >= end (never active), at scale 0."""
+        pos = positive.controls
+        neg = negative.controls or tuple(c for c in pos if c[5])
+        if not pos and not neg:
+            return {}
+        same = len(pos) == len(neg) and all(a[0] == b[0] and a[1] is b[1] and a[2:5] == b[2:5]
+                                            for a, b in zip(pos, neg))
+        if not same:
+            raise ValueError("positive and negative carry different ControlNets: this server applies one chain to both "
+                             "passes (ControlNetApplyAdvanced on both, or the old ControlNetApply on the positive)")
+        pipe, used = self.served.pipe, {}
+        for index, *rest in pos:
+            if index in used:
+                raise ValueError(f"ControlNet {pipe.controlnets[index][0]!r} is applied twice in one prompt; this "
+                                 "server runs each loaded one once a prompt (load it again under another name: serve "
+                                 "--controlnet PATH:NAME)")
+            used[index] = rest
+        f, n = int(getattr(pipe, "scale", 8)), z.shape[0]
+        w, h = z.shape[3] * f, z.shape[2] * f
+        pictures, scales, starts, ends = [], [], [], []
+        for k in range(len(pipe.controlnets)):
+            image, strength, start, end, _ = used.get(k, (None, 0.0, 0.0, 1.0, False))
+            if image is None or start >= end:
+                pictures.append([Image.new("RGB", (w, h))] * n)
+                scales.append(0.0)
+                starts.append(0.0)
+                ends.append(1.0)
+                continue
+            hint = _upscale(image.permute(0, 3, 1, 2).float(), "nearest-exact", w, h, "center")
+            hint = (hint.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            pictures.append([Image.fromarray(hint[i % len(hint)]) for i in range(n)])  # (its broadcast_image_to)
+            scales.append(strength)
+            starts.append(start)
+            ends.append(end)
+        return {"control_image": pictures if len(pictures) > 1 else pictures[0], "controlnet_scale": scales,
+                "control_guidance_start": starts, "control_guidance_end": ends}
 
     def scaled(self, x: torch.Tensor, method: str, w: int, h: int, crop: str, factor: int = 1) -> torch.Tensor:
         """`_upscale` within the server's size limit (`factor`: pixels per cell, for latents)."""
@@ -921,6 +1025,9 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
         state.checkpoint_names = lambda: [name]
     if state.lora_names is None:  # (a checkpoint server's models share --lora-dir)
         state.lora_names = lambda: _lora_files(lora_dir)
+    if state.controlnet_names is None:  # (and --controlnet)
+        nets = controlnet_names(pipe)
+        state.controlnet_names = lambda: nets
 
     def route(path: str, methods: list[str]):
         def add(fn):
