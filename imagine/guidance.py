@@ -62,8 +62,12 @@ def check_cond(cond: dict[str, Any] | None, batch: int, name: str = "cond") -> d
     if isinstance(cond, StepConditioning):
         check_cond(cond.at(0), batch, name)
         return cond
+    from imagine.area_conditioning import AreaConditioning, check_entries
     from imagine.composable import ComposedConditioning
 
+    if isinstance(cond, AreaConditioning):
+        check_entries(cond, batch, name)
+        return cond
     if isinstance(cond, ComposedConditioning):
         for part in cond.parts:
             check_cond(part, batch, name)
@@ -320,10 +324,13 @@ def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: 
     output as parts["uncond"] (CFG++'s samplers renoise with it; it is computed at scale 1 too; with no uncond it is
     the output itself). `combine(uncond_out, cond_out, scale)`: how the two outputs make the guided one
     (classifier_free_guidance; e.g. functools.partial(projected_guidance, parallel_fraction=0.0), imagen-pytorch's)."""
+    from imagine.area_conditioning import AreaConditioning
     from imagine.composable import ComposedConditioning
 
     if isinstance(cond, ComposedConditioning):  # AUTOMATIC1111's AND
         return composed_guidance(model, x, t, cond, uncond, scale, rescale, parts=parts)
+    if isinstance(cond, AreaConditioning):  # ComfyUI's lists of conditionings with areas, masks, strengths
+        return area_guidance(model, x, t, cond, uncond, scale, rescale, parts=parts, combine=combine)
     cond = cond or {}
     if uncond is None or (scale == 1 and parts is None):  # (CFG++ needs the unconditional pass at scale 1 too)
         out = model(x, t, **cond)
@@ -335,6 +342,26 @@ def guided_model_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: 
     if parts is not None:
         parts["uncond"] = uncond_out
     return _with_variance(rescale_guidance(combine(uncond_out, cond_out, scale), cond_out, rescale), variance)
+
+
+def area_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond, uncond, scale: float,
+                  rescale: float = 0.0, parts: dict[str, torch.Tensor] | None = None,
+                  combine: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = classifier_free_guidance
+                  ) -> torch.Tensor:
+    """Classifier-free guidance between two sides that are imagine.area_conditioning.AreaConditioning lists (ComfyUI's
+    conditionings): each side's prediction is its entries' weighted per-cell average (`side_output`); the
+    unconditional side is not run where uncond is None or, unless `parts` asks for it, at scale 1."""
+    from imagine.area_conditioning import side_output
+
+    cond_out = side_output(model, x, t, cond, uncond)
+    if uncond is None or (scale == 1 and parts is None):
+        if parts is not None:
+            parts["uncond"] = cond_out
+        return cond_out
+    uncond_out = side_output(model, x, t, uncond, cond)
+    if parts is not None:
+        parts["uncond"] = uncond_out
+    return rescale_guidance(combine(uncond_out, cond_out, scale), cond_out, rescale)
 
 
 def composed_guidance(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond,

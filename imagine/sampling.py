@@ -351,9 +351,11 @@ class Denoiser:
         """The (guided) model output for step i's x, at the step's timestep or at `t` (an off-grid evaluation, at
         noise level `sigma`)."""
         t = float(self.plan.timesteps[i]) if t is None else t
-        at_level = getattr(self.model, "at_level", None)
-        if at_level is not None:  # a model whose inputs follow the noise level (ControlNets' windows, ComfyUI's rule)
-            at_level(float(self.plan.sigmas[i]) if sigma is None else sigma)
+        level = float(self.plan.sigmas[i]) if sigma is None else sigma
+        for told in (self.model, self.cond, self.uncond):  # a model or conditioning that follows the noise level
+            at_level = getattr(told, "at_level", None)  # (ControlNets' and ComfyUI's conditionings' windows)
+            if at_level is not None:
+                at_level(level)
         at_step = getattr(self.model, "at_step", None)
         if at_step is not None:  # a model whose inputs follow the step (ControlNets' guidance window)
             # counted in model evaluations where a step takes two (Heun: 2N - 1, as diffusers' doubled timesteps)

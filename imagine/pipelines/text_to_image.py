@@ -618,6 +618,7 @@ class TextToImagePipeline:
                  old_prompt_editing: bool = False, editing_first_pass: int | None = None,
                  pad_conds: str | None = None, quantize: bool = False, window: tuple | None = None,
                  latent_mask: torch.Tensor | None = None, latent_concat: torch.Tensor | None = None,
+                 conditioning: Callable | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -717,7 +718,10 @@ class TextToImagePipeline:
         init_latents): [B or 1, 1, h, w] at the latents' size, 1 where the run paints, 0 where it keeps init_latents
         (ComfyUI's noise mask; imagine.sampling.sample's mask, its keep rule by the start rule). latent_concat (with
         init_latents, for an inpainting model): [B, 1 + C, h, w], the mask and masked-picture latents its U-Net reads
-        beside the sample, made by the caller (ComfyUI's concat_cond); latent_mask may come with it.
+        beside the sample, made by the caller (ComfyUI's concat_cond); latent_mask may come with it. conditioning:
+        (pipe, n, height, width, guided) -> (cond, uncond), made in place of the prompts' encoding, once the LoRAs
+        their tags ask for are merged (ComfyUI's conditioning lists, imagine.area_conditioning; uncond None: no
+        unconditional pass).
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -765,7 +769,7 @@ class TextToImagePipeline:
                      "downcast_alphas_cumprod": downcast_alphas_cumprod,
                      "old_prompt_editing": old_prompt_editing and edits, "pad_conds": pad_conds,
                      "quantize": quantize, "window": window, "latent_mask": latent_mask,
-                     "latent_concat": latent_concat}
+                     "latent_concat": latent_concat, "conditioning": conditioning}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -944,8 +948,11 @@ class TextToImagePipeline:
         if self.guidance_embedded:  # (the scale goes in as the U-Net's guidance code, one pass a step)
             self._check_guidance_embedded(sampler, guidance_rescale)
             guided = False
-        cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts, editing,
-                                         composable=composable)
+        if conditioning is not None:  # (the caller's own, ComfyUI's lists)
+            cond, uncond = conditioning(self, len(prompts), height, width, guided)
+        else:
+            cond, uncond = self.conditioning(prompts, negatives, height, width, guided, emphasis, long_prompts,
+                                             editing, composable=composable)
         if self.guidance_embedded:
             cond = self._with_guidance_code(cond, guidance_scale, len(prompts))
         padding = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -104,15 +105,34 @@ class Clip:
 
 @dataclass(frozen=True)
 class Conditioning:
-    """A CONDITIONING output: the text, the CLIP that encodes it, and InpaintModelConditioning's concat_latent_image
-    and concat_mask ((latents, mask) or None), which an inpainting model reads beside the sample."""
+    """An entry of a CONDITIONING output (which is a tuple of them, as ComfyUI's is a list): how its tensors are made
+    (`encoding`: ("text", text), ("zero", enc), ("average", to, from, w) or ("concat", to, from)), the CLIP that
+    encodes the texts, the values the Conditioning* nodes set (`options`, (key, value) pairs, a later one winning:
+    area, strength, mask, mask_strength, bounds, start_percent, end_percent), and InpaintModelConditioning's
+    concat_latent_image and concat_mask ((latents, mask) or None), which an inpainting model reads beside the
+    sample."""
 
-    text: str
+    encoding: tuple
     clip: Clip
     concat: Any = field(default=None, compare=False)
     # the ControlNets applied, in order: (its index among the pipeline's, hint [B, H, W, 3], strength, start percent,
     # end percent, whether ControlNetApply (the old node) put it, which ComfyUI also applies to a negative without any)
     controls: tuple = field(default=(), compare=False)
+    options: tuple = field(default=(), compare=False)
+
+    @property
+    def text(self) -> str | None:
+        """The text, where the entry is one text's encoding and nothing more."""
+        return self.encoding[1] if self.encoding[0] == "text" and not self.options else None
+
+
+def _each(conditioning: tuple, **values) -> tuple:
+    return tuple(dataclasses.replace(c, **values) for c in conditioning)
+
+
+def _set(conditioning: tuple, **options) -> tuple:
+    """ComfyUI's node_helpers.conditioning_set_values: each entry with these values set."""
+    return tuple(dataclasses.replace(c, options=c.options + tuple(options.items())) for c in conditioning)
 
 
 @dataclass
@@ -259,7 +279,117 @@ def comfyui_embeddings(text: str, files: dict[str, str]) -> str:
 
 
 def _clip_text_encode(ctx, text, clip):
-    return (Conditioning(comfyui_embeddings(str(text), getattr(ctx.served.pipe, "embedding_files", {})), clip),)
+    text = comfyui_embeddings(str(text), getattr(ctx.served.pipe, "embedding_files", {}))
+    return ((Conditioning(("text", text), clip),),)
+
+
+# -- the Conditioning* nodes (ComfyUI's nodes.py; imagine.area_conditioning runs what they set) --
+def _conditioning_combine(ctx, conditioning_1, conditioning_2):
+    return (conditioning_1 + conditioning_2,)
+
+
+def _conditioning_set_area(ctx, conditioning, width, height, x, y, strength):
+    # (its area in latent cells: pixels // 8, whatever the VAE's factor, as ComfyUI writes it)
+    return (_set(conditioning, area=(int(height) // 8, int(width) // 8, int(y) // 8, int(x) // 8),
+                 strength=float(strength), bounds=False),)
+
+
+def _conditioning_set_area_percentage(ctx, conditioning, width, height, x, y, strength):
+    return (_set(conditioning, area=("percentage", float(height), float(width), float(y), float(x)),
+                 strength=float(strength), bounds=False),)
+
+
+def _conditioning_set_area_strength(ctx, conditioning, strength):
+    return (_set(conditioning, strength=float(strength)),)
+
+
+def _conditioning_set_mask(ctx, conditioning, mask, strength, set_cond_area):
+    return (_set(conditioning, mask=mask if mask.ndim == 3 else mask[None], bounds=set_cond_area != "default",
+                 mask_strength=float(strength)),)
+
+
+def _conditioning_set_timestep_range(ctx, conditioning, start, end):
+    return (_set(conditioning, start_percent=float(start), end_percent=float(end)),)
+
+
+def _conditioning_zero_out(ctx, conditioning):
+    return (tuple(dataclasses.replace(c, encoding=("zero", c.encoding)) for c in conditioning),)
+
+
+def _conditioning_average(ctx, conditioning_to, conditioning_from, conditioning_to_strength):
+    # (ComfyUI's: each entry of `to` averaged with the first of `from`, its other values kept)
+    if len(conditioning_from) > 1:
+        log.warning("ConditioningAverage: conditioning_from has %d entries; only the first is used, as ComfyUI "
+                    "uses it", len(conditioning_from))
+    first = conditioning_from[0].encoding
+    w = float(conditioning_to_strength)
+    return (tuple(dataclasses.replace(c, encoding=("average", c.encoding, first, w)) for c in conditioning_to),)
+
+
+def _conditioning_concat(ctx, conditioning_to, conditioning_from):
+    if len(conditioning_from) > 1:
+        log.warning("ConditioningConcat: conditioning_from has %d entries; only the first is used, as ComfyUI "
+                    "uses it", len(conditioning_from))
+    first = conditioning_from[0].encoding
+    return (tuple(dataclasses.replace(c, encoding=("concat", c.encoding, first)) for c in conditioning_to),)
+
+
+def _chain(controls: tuple) -> tuple:
+    # (a ControlNet chain compared with its hints by identity)
+    return tuple((c[0], id(c[1]), *c[2:]) for c in controls)
+
+
+def _area_conditioning(positive: tuple, negative: tuple, pipe, n: int, height: int, width: int, guided: bool):
+    """generate's `conditioning` for ComfyUI's lists: each entry's tensors (`_encoded`, with the size codes of an
+    SDXL model) and the values its Conditioning* nodes set, the timestep range's percents read as ComfyUI reads them
+    (schedules.comfyui_percent_sigma)."""
+    from imagine.area_conditioning import AreaConditioning, AreaEntry
+    from imagine.schedules import comfyui_percent_sigma
+
+    table, sizes, cache = pipe.schedule.kdiffusion_log_sigmas(), pipe.size_conditioning(n, height, width), {}
+
+    def side(entries: tuple) -> AreaConditioning:
+        out = []
+        for c in entries:
+            o = dict(c.options)
+            levels = None if "start_percent" not in o else (comfyui_percent_sigma(table, o["start_percent"]),
+                                                            comfyui_percent_sigma(table, o["end_percent"]))
+            out.append(AreaEntry({**_encoded(pipe, c.encoding, n, cache), **sizes}, area=o.get("area"),
+                                 strength=o.get("strength", 1.0), mask=o.get("mask"),
+                                 mask_strength=o.get("mask_strength", 1.0), bounds=o.get("bounds", False),
+                                 levels=levels))
+        return AreaConditioning(out)
+
+    return side(positive), side(negative) if guided else None
+
+
+def _encoded(pipe, encoding: tuple, n: int, cache: dict) -> dict:
+    """An entry's tensors for a batch of n: its text encoded as ComfyUI reads it (its weights and windows), or
+    ConditioningZeroOut's zeros (the states and the pooled vector), ConditioningAverage's w to + (1 - w) from (from
+    cut, or filled with zeros, to to's length; the pooled vectors alike where both have one), ConditioningConcat's
+    states side by side."""
+    kind = encoding[0]
+    if kind == "text":
+        if encoding[1] not in cache:
+            cache[encoding[1]] = pipe.encode_prompts([encoding[1]] * n, "ComfyUI", True)
+        return dict(cache[encoding[1]])
+    if kind == "zero":
+        c = _encoded(pipe, encoding[1], n, cache)
+        return {k: (torch.zeros_like(v) if k in ("context", "text_embeds") else v) for k, v in c.items()}
+    to, other = _encoded(pipe, encoding[1], n, cache), _encoded(pipe, encoding[2], n, cache)
+    if to.get("context_mask") is not None or other.get("context_mask") is not None:
+        raise ValueError(f"Conditioning{kind.title()} works on CLIP's states; this model's text encoder masks its "
+                         "tokens")
+    a, b = to["context"], other["context"]
+    if kind == "average":
+        w = encoding[3]
+        if b.shape[1] < a.shape[1]:
+            b = torch.cat([b, torch.zeros(b.shape[0], a.shape[1] - b.shape[1], b.shape[2], dtype=b.dtype)], dim=1)
+        out = {**to, "context": a * w + b[:, :a.shape[1]] * (1 - w)}
+        if to.get("text_embeds") is not None and other.get("text_embeds") is not None:
+            out["text_embeds"] = to["text_embeds"] * w + other["text_embeds"] * (1 - w)
+        return out
+    return {**to, "context": torch.cat([a, b], dim=1)}
 
 
 def _clip_set_last_layer(ctx, clip, stop_at_clip_layer):
@@ -317,12 +447,20 @@ def _controlnet_index(pipe, name: str) -> int:
     raise ValueError(f"control_net_name {name!r}: no such ControlNet is loaded (serve --controlnet)")
 
 
+def _strength_0_10():
+    return ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01})
+
+
+def _fraction(default: float, step: float = 0.01):
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": step})
+
+
 def _controlnet_loader(ctx, control_net_name):
     return (_controlnet_index(ctx.served.pipe, control_net_name),)
 
 
-def _with_control(c: Conditioning, control: tuple) -> Conditioning:
-    return dataclasses.replace(c, controls=c.controls + (control,))
+def _with_control(conditioning: tuple, control: tuple) -> tuple:
+    return tuple(dataclasses.replace(c, controls=c.controls + (control,)) for c in conditioning)
 
 
 def _controlnet_apply_advanced(ctx, positive, negative, control_net, image, strength, start_percent, end_percent,
@@ -381,7 +519,7 @@ def _inpaint_model_conditioning(ctx, positive, negative, vae, pixels, mask, nois
     grey, mask = _masked_grey(pixels, mask, ctx.factor())
     concat = (ctx.encode(grey), mask)
     latent = {"samples": ctx.encode(pixels), **({"noise_mask": mask} if noise_mask else {})}
-    return (dataclasses.replace(positive, concat=concat), dataclasses.replace(negative, concat=concat), latent)
+    return (_each(positive, concat=concat), _each(negative, concat=concat), latent)
 
 
 # an inpainting model's "masked picture" where no mask is given: ComfyUI's latents of grey for SD's VAE (its
@@ -568,6 +706,41 @@ NODES: dict[str, Node] = {
         lambda s: {"required": {"pixels": ("IMAGE",), "vae": ("VAE",), "mask": ("MASK",),
                                 "grow_mask_by": _int(6, 0, 64)}},
         ("LATENT",), _vae_encode_for_inpaint, "latent/inpaint", display_name="VAE Encode (for Inpainting)"),
+    "ConditioningCombine": Node(
+        lambda s: {"required": {"conditioning_1": ("CONDITIONING",), "conditioning_2": ("CONDITIONING",)}},
+        ("CONDITIONING",), _conditioning_combine, "conditioning", display_name="Conditioning (Combine)"),
+    "ConditioningSetArea": Node(
+        lambda s: {"required": {"conditioning": ("CONDITIONING",), "width": _int(64, 64, MAX_RESOLUTION, 8),
+                                "height": _int(64, 64, MAX_RESOLUTION, 8), "x": _int(0, 0, MAX_RESOLUTION, 8),
+                                "y": _int(0, 0, MAX_RESOLUTION, 8), "strength": _strength_0_10()}},
+        ("CONDITIONING",), _conditioning_set_area, "conditioning", display_name="Conditioning (Set Area)"),
+    "ConditioningSetAreaPercentage": Node(
+        lambda s: {"required": {"conditioning": ("CONDITIONING",), "width": _fraction(1.0), "height": _fraction(1.0),
+                                "x": _fraction(0.0), "y": _fraction(0.0), "strength": _strength_0_10()}},
+        ("CONDITIONING",), _conditioning_set_area_percentage, "conditioning",
+        display_name="Conditioning (Set Area with Percentage)"),
+    "ConditioningSetAreaStrength": Node(
+        lambda s: {"required": {"conditioning": ("CONDITIONING",), "strength": _strength_0_10()}},
+        ("CONDITIONING",), _conditioning_set_area_strength, "conditioning", display_name="ConditioningSetAreaStrength"),
+    "ConditioningSetMask": Node(
+        lambda s: {"required": {"conditioning": ("CONDITIONING",), "mask": ("MASK",), "strength": _strength_0_10(),
+                                "set_cond_area": (["default", "mask bounds"],)}},
+        ("CONDITIONING",), _conditioning_set_mask, "conditioning", display_name="Conditioning (Set Mask)"),
+    "ConditioningSetTimestepRange": Node(
+        lambda s: {"required": {"conditioning": ("CONDITIONING",), "start": _fraction(0.0, 0.001),
+                                "end": _fraction(1.0, 0.001)}},
+        ("CONDITIONING",), _conditioning_set_timestep_range, "advanced/conditioning",
+        display_name="ConditioningSetTimestepRange"),
+    "ConditioningZeroOut": Node(
+        lambda s: {"required": {"conditioning": ("CONDITIONING",)}}, ("CONDITIONING",), _conditioning_zero_out,
+        "advanced/conditioning", display_name="ConditioningZeroOut"),
+    "ConditioningAverage": Node(
+        lambda s: {"required": {"conditioning_to": ("CONDITIONING",), "conditioning_from": ("CONDITIONING",),
+                                "conditioning_to_strength": _fraction(1.0)}},
+        ("CONDITIONING",), _conditioning_average, "conditioning", display_name="Conditioning (Average)"),
+    "ConditioningConcat": Node(
+        lambda s: {"required": {"conditioning_to": ("CONDITIONING",), "conditioning_from": ("CONDITIONING",)}},
+        ("CONDITIONING",), _conditioning_concat, "conditioning", display_name="Conditioning (Concat)"),
     "ControlNetLoader": Node(
         lambda s: {"required": {"control_net_name": (s.controlnet_names(),)}}, ("CONTROL_NET",), _controlnet_loader,
         "loaders", "The ControlNets of serve --controlnet, by their file names or names.",
@@ -812,7 +985,7 @@ class Execution:
 
     # -- what the nodes do with the pipeline ----------------------------------------------------------------------
     def sample(self, model: Model, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str,
-               scheduler: str, positive: Conditioning, negative: Conditioning, denoise: float,
+               scheduler: str, positive: tuple, negative: tuple, denoise: float,
                window: tuple | None = None) -> dict:
         """ComfyUI's KSampler (its common_ksampler): the texts read with its weights and windows (imagine.emphasis'
         "ComfyUI" mode), one seed for the batch's noise (BatchNoiseStream), the levels
@@ -821,7 +994,10 @@ class Execution:
         int(steps / denoise)). denoise 0 gives the latent back (its set_steps: no levels). `window`: KSamplerAdvanced's
         (start_at_step, end_at_step, full denoise, add noise), imagine.sampling.comfyui_window. The LoRAs of `model`
         and of the texts' CLIP are merged for the run as AUTOMATIC1111's tags ask the pipeline to
-        (`<lora:name:te=..:unet=..>`, the files of serve --lora-dir; put back after)."""
+        (`<lora:name:te=..:unet=..>`, the files of serve --lora-dir; put back after). `positive` and `negative` are
+        lists of conditioning entries: one text each goes to the pipeline as text; anything more (several entries,
+        areas, masks, strengths, timestep ranges, zeroed, averaged or concatenated encodings) as ComfyUI's lists
+        (`_area_conditioning`, imagine.area_conditioning)."""
         limits = self.served
         if steps > limits.max_steps:
             raise ValueError(f"steps {steps} is past the server's limit of {limits.max_steps}")
@@ -833,21 +1009,34 @@ class Execution:
         if z.shape[3] * f > limits.max_width or z.shape[2] * f > limits.max_height:
             raise ValueError(f"the latent is for {z.shape[3] * f}x{z.shape[2] * f} pixels, past the server's limit "
                              f"of {limits.max_width}x{limits.max_height}")
-        if positive.clip != negative.clip:
+        if not positive or not negative:
+            raise ValueError("positive and negative must each hold a conditioning")
+        entries, first = (*positive, *negative), positive[0]
+        if any(c.clip != first.clip for c in entries):
             raise ValueError("positive and negative come from different CLIPs (CLIPSetLastLayer, LoraLoader): this "
                              "server encodes both with one text encoder")
-        if positive.concat is not negative.concat:
+        if any(c.concat is not first.concat for c in entries):
             raise ValueError("positive and negative carry different inpainting pictures (InpaintModelConditioning): "
                              "this server gives the inpainting model one for both passes")
-        te, unet = _summed(positive.clip.loras), _summed(model.loras)
+        for side in (positive, negative):
+            if any(_chain(c.controls) != _chain(side[0].controls) for c in side):
+                raise ValueError("the entries of a conditioning carry different ControlNets: this server applies one "
+                                 "chain to a side")
+        simple = len(positive) == len(negative) == 1 and first.text is not None and negative[0].text is not None
+        areas = not simple and any(dict(c.options).get("area") is not None or dict(c.options).get("bounds")
+                                   for c in entries)
+        if areas and (first.concat is not None or first.controls or negative[0].controls):
+            raise ValueError("an area (ConditioningSetArea, a mask's bounds) crops the sample; this server does not "
+                             "crop an inpainting model's picture or a ControlNet's hint with it")
+        te, unet = _summed(first.clip.loras), _summed(model.loras)
         tags = "".join(f"<lora:{_lora_stem(name)}:te={te.get(name, 0.0)!r}:unet={unet.get(name, 0.0)!r}>"
                        for name in dict.fromkeys([*te, *unet]))
         sampler, discard, options = SAMPLERS[sampler_name]
         n = z.shape[0]
         mask = latent.get("noise_mask")
         # (an inpainting model reads its mask and masked picture beside the sample, as ComfyUI's concat_cond makes them)
-        concat = inpaint_concat(z, positive.concat, mask) if getattr(pipe, "image_conditioned", False) else None
-        controls = self.controls(positive, negative, z)
+        concat = inpaint_concat(z, first.concat, mask) if getattr(pipe, "image_conditioned", False) else None
+        controls = self.controls(first, negative[0], z)
         if mask is not None:  # (its prepare_mask: bilinear to the latents' size, repeated to the batch)
             if sampler_name == "ddim":
                 raise ValueError("ComfyUI's ddim inpaints with noise of its own (seed + 1); with a noise mask use "
@@ -858,11 +1047,13 @@ class Execution:
         self.run.new_pass(steps)
         node = self.current
         self.run.on_step = lambda value, most: self.emit("progress", {"value": value, "max": most, "node": node})
-        skip = None if positive.clip.skip is None else \
-            int(getattr(pipe.text_encoder, "clip_skip", 0) or 0) + positive.clip.skip
+        skip = None if first.clip.skip is None else \
+            int(getattr(pipe.text_encoder, "clip_skip", 0) or 0) + first.clip.skip
+        texts = ([first.text + tags] * n, [negative[0].text] * n) if simple else ([tags] * n, [""] * n)
+        lists = None if simple else functools.partial(_area_conditioning, positive, negative)
         try:
             with self.run.using_clip_skip(skip):
-                result = pipe.generate([positive.text + tags] * n, [negative.text] * n, seeds=[seed] * n, steps=steps,
+                result = pipe.generate(*texts, conditioning=lists, seeds=[seed] * n, steps=steps,
                                        guidance_scale=cfg, sampler=sampler, sigma_schedule=SCHEDULERS[scheduler],
                                        sampler_options=options or None, sigma_range="comfyui",
                                        discard_penultimate_sigma=discard, start="comfyui",
