@@ -66,3 +66,45 @@ def test_an_sdxl_graph_gives_comfyuis_picture(tmp_path, kd):
         out = kd.sampling.sample_dpmpp_2m(den, z * torch.sqrt(1 + sigmas[0] ** 2), sigmas, disable=True)
         image = ((pipe.decode(out) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)[0]
     assert not close(got, np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8))
+
+
+def test_clip_text_encode_sdxl_gives_each_tower_its_text_and_its_size_codes(tmp_path, kd):
+    """CLIPTextEncodeSDXL: text_l through the CLIP-L tower, text_g through bigG (its pooled vector too), as diffusers'
+    SDXL pipeline reads prompt and prompt_2; the size codes (height, width, crop_h, crop_w, target_height,
+    target_width) its node sets; the negative a plain CLIPTextEncode with the picture's own."""
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from test_sdxl import save_sdxl_folder
+
+    ref = save_sdxl_folder(tmp_path / "xl")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "xl")
+    app = create_app(pipe, ServerConfig(max_width=64, max_height=64, max_steps=20), model_name="xl",
+                     comfyui=str(tmp_path / "comfy"))
+    seed, steps, cfg, w, h = 4, 4, 4.0, 32, 24
+    g = graph("xl", seed=seed, steps=steps, cfg=cfg, sampler="euler", scheduler="normal", batch=1)
+    g["5"]["inputs"].update(width=w, height=h)
+    g["6"] = {"class_type": "CLIPTextEncodeSDXL",
+              "inputs": {"clip": ["4", 1], "width": 40, "height": 48, "crop_w": 8, "crop_h": 0, "target_width": 32,
+                         "target_height": 24, "text_g": "a red circle", "text_l": "a blue square"}}
+    with BackgroundServer(app) as srv:
+        _, entry = run(srv, g)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        got = pictures(srv, entry)[0]
+    with torch.no_grad():
+        pe, ne, pp, npp = ref.encode_prompt("a blue square", prompt_2="a red circle", negative_prompt="",
+                                            do_classifier_free_guidance=True)
+    cond = {"context": pe, "text_embeds": pp, "time_ids": torch.tensor([[48, 40, 0, 8, 24, 32]], dtype=torch.float32)}
+    uncond = {"context": ne, "text_embeds": npp, "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)}
+
+    class Guided(torch.nn.Module):
+        def forward(self, x, t, **kw):
+            t = t.float().expand(x.shape[0])
+            e_c, e_u = pipe.unet(x, t, **cond), pipe.unet(x, t, **uncond)
+            return e_u + (e_c - e_u) * cfg
+
+    den = kd.external.DiscreteEpsDDPMDenoiser(Guided(), pipe.schedule.alphas_cumprod.float(), quantize=True)
+    sigmas = den.get_sigmas(steps)
+    z = torch.randn(1, 4, h // pipe.scale, w // pipe.scale, generator=torch.manual_seed(seed))
+    with torch.no_grad():
+        out = kd.sampling.sample_euler(den, z * torch.sqrt(1 + sigmas[0] ** 2), sigmas, disable=True)
+        image = ((pipe.decode(out) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)[0]
+    assert close(got, np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8))

@@ -283,6 +283,14 @@ def _clip_text_encode(ctx, text, clip):
     return ((Conditioning(("text", text), clip),),)
 
 
+def _clip_text_encode_sdxl(ctx, clip, width, height, crop_w, crop_h, target_width, target_height, text_g, text_l):
+    # (ComfyUI's: text_g for the bigG tower and the pooled vector, text_l for the CLIP-L tower, its own size codes)
+    files = getattr(ctx.served.pipe, "embedding_files", {})
+    sizes = (int(height), int(width), int(crop_h), int(crop_w), int(target_height), int(target_width))
+    return ((Conditioning(("sdxl", comfyui_embeddings(str(text_g), files), comfyui_embeddings(str(text_l), files),
+                           sizes), clip),),)
+
+
 # -- the Conditioning* nodes (ComfyUI's nodes.py; imagine.area_conditioning runs what they set) --
 def _conditioning_combine(ctx, conditioning_1, conditioning_2):
     return (conditioning_1 + conditioning_2,)
@@ -354,7 +362,8 @@ def _area_conditioning(positive: tuple, negative: tuple, pipe, n: int, height: i
             o = dict(c.options)
             levels = None if "start_percent" not in o else (comfyui_percent_sigma(table, o["start_percent"]),
                                                             comfyui_percent_sigma(table, o["end_percent"]))
-            out.append(AreaEntry({**_encoded(pipe, c.encoding, n, cache), **sizes}, area=o.get("area"),
+            # (an entry's own size codes, CLIPTextEncodeSDXL's, before the picture's)
+            out.append(AreaEntry({**sizes, **_encoded(pipe, c.encoding, n, cache)}, area=o.get("area"),
                                  strength=o.get("strength", 1.0), mask=o.get("mask"),
                                  mask_strength=o.get("mask_strength", 1.0), bounds=o.get("bounds", False),
                                  levels=levels))
@@ -373,6 +382,21 @@ def _encoded(pipe, encoding: tuple, n: int, cache: dict) -> dict:
         if encoding[1] not in cache:
             cache[encoding[1]] = pipe.encode_prompts([encoding[1]] * n, "ComfyUI", True)
         return dict(cache[encoding[1]])
+    if kind == "sdxl":  # (CLIPTextEncodeSDXL: the towers' states of their own texts, the shorter filled with "")
+        towers = getattr(pipe.text_encoder, "towers", None)
+        if towers is None or len(towers) != 2:
+            raise ValueError("CLIPTextEncodeSDXL is for SDXL's two text towers; this model has "
+                             f"{'one' if towers is not None else 'another text encoder'}: use CLIPTextEncode")
+        g, low = (_encoded(pipe, ("text", t), n, cache) for t in encoding[1:3])
+        d = towers[0].dim
+        a, b = low["context"][..., :d], g["context"][..., d:]
+        empty = _encoded(pipe, ("text", ""), n, cache)["context"] if a.shape[1] != b.shape[1] else None
+        while a.shape[1] < b.shape[1]:
+            a = torch.cat([a, empty[..., :d]], dim=1)
+        while b.shape[1] < a.shape[1]:
+            b = torch.cat([b, empty[..., d:]], dim=1)
+        return {**g, "context": torch.cat([a, b], dim=-1),
+                "time_ids": torch.tensor([encoding[3]], dtype=torch.float32).repeat(n, 1)}
     if kind == "zero":
         c = _encoded(pipe, encoding[1], n, cache)
         return {k: (torch.zeros_like(v) if k in ("context", "text_embeds") else v) for k, v in c.items()}
@@ -706,6 +730,14 @@ NODES: dict[str, Node] = {
         lambda s: {"required": {"pixels": ("IMAGE",), "vae": ("VAE",), "mask": ("MASK",),
                                 "grow_mask_by": _int(6, 0, 64)}},
         ("LATENT",), _vae_encode_for_inpaint, "latent/inpaint", display_name="VAE Encode (for Inpainting)"),
+    "CLIPTextEncodeSDXL": Node(
+        lambda s: {"required": {"clip": ("CLIP",), "width": _int(1024, 0, MAX_RESOLUTION),
+                                "height": _int(1024, 0, MAX_RESOLUTION), "crop_w": _int(0, 0, MAX_RESOLUTION),
+                                "crop_h": _int(0, 0, MAX_RESOLUTION), "target_width": _int(1024, 0, MAX_RESOLUTION),
+                                "target_height": _int(1024, 0, MAX_RESOLUTION),
+                                "text_g": ("STRING", {"multiline": True, "dynamicPrompts": True}),
+                                "text_l": ("STRING", {"multiline": True, "dynamicPrompts": True})}},
+        ("CONDITIONING",), _clip_text_encode_sdxl, "advanced/conditioning", display_name="CLIPTextEncodeSDXL"),
     "ConditioningCombine": Node(
         lambda s: {"required": {"conditioning_1": ("CONDITIONING",), "conditioning_2": ("CONDITIONING",)}},
         ("CONDITIONING",), _conditioning_combine, "conditioning", display_name="Conditioning (Combine)"),
