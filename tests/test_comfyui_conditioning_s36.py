@@ -256,3 +256,12 @@ def test_average_and_concat(served, kd):
     got = served_picture(srv, nodes, ("21", 0))
     assert close(got, reference(kd, pipe, [entry(pipe, cond={"context": torch.cat([a, b], dim=1)})],
                                 [entry(pipe, "")]))
+
+
+def test_an_a1111_lora_tag_is_text_to_comfyui(served, kd):
+    """ComfyUI reads `<lora:name:1>` in a CLIPTextEncode text as words (the pipeline's A1111 reading would look for a
+    LoRA file and fail here, where none is served)."""
+    srv, pipe, _ = served
+    words = "a <lora:style:0.8> red circle"
+    got = served_picture(srv, {"20": text(words)}, ("20", 0))
+    assert close(got, reference(kd, pipe, [entry(pipe, words)], [entry(pipe, "")]))

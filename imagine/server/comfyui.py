@@ -38,6 +38,8 @@ from fastapi import Request, UploadFile, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image, ImageOps, PngImagePlugin
 
+from imagine.pipelines.text_to_image import LORA_TAG
+
 log = logging.getLogger(__name__)
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # its KSampler's seed range
@@ -1054,7 +1056,10 @@ class Execution:
             if any(_chain(c.controls) != _chain(side[0].controls) for c in side):
                 raise ValueError("the entries of a conditioning carry different ControlNets: this server applies one "
                                  "chain to a side")
-        simple = len(positive) == len(negative) == 1 and first.text is not None and negative[0].text is not None
+        # (one text a side goes to the pipeline as text, unless it holds what reads as an A1111 LoRA tag there: ComfyUI
+        # reads `<lora:...>` as text, as the lists' own encoding does)
+        simple = len(positive) == len(negative) == 1 and first.text is not None and negative[0].text is not None \
+            and not any(LORA_TAG.search(t) for t in (first.text, negative[0].text))
         areas = not simple and any(dict(c.options).get("area") is not None or dict(c.options).get("bounds")
                                    for c in entries)
         if areas and (first.concat is not None or first.controls or negative[0].controls):
