@@ -149,6 +149,9 @@ class Node:
     output_names: tuple[str, ...] | None = None
     output_node: bool = False
     display_name: str | None = None
+    # (state, inputs) -> what, beside the inputs, says whether the node's output changed (ComfyUI's IS_CHANGED: a
+    # loaded file's hash); None: the inputs alone
+    changed: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -196,6 +199,9 @@ class ComfyState:
     prompts: "OrderedDict[str, Prompt]" = field(default_factory=OrderedDict)  # queued and running, in order
     history: "OrderedDict[str, dict]" = field(default_factory=OrderedDict)
     sockets: dict = field(default_factory=dict)  # client id -> websocket
+    # the last prompt's node outputs by their inputs' signature (ComfyUI's classic cache): a node of the next prompt
+    # with the same signature is not run again
+    cache: dict = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
     counter: int = 0
 
@@ -651,6 +657,14 @@ def _upscale(z: torch.Tensor, method: str, w: int, h: int, crop: str) -> torch.T
     return torch.nn.functional.interpolate(z, size=(h, w), mode=method)
 
 
+def _input_file_hash(state, inputs) -> str:
+    # (LoadImage's IS_CHANGED: the file's SHA-256, so an upload under the same name is loaded again)
+    import hashlib
+
+    path = state.folder("input") / str(inputs.get("image", ""))
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
 def _load_image(ctx, image):
     path = ctx.state.folder("input") / image
     with Image.open(path) as im:
@@ -822,7 +836,7 @@ NODES: dict[str, Node] = {
                         display_name="Invert Image"),
     "LoadImage": Node(
         lambda s: {"required": {"image": (s.input_files(), {"image_upload": True})}},
-        ("IMAGE", "MASK"), _load_image, "image", display_name="Load Image"),
+        ("IMAGE", "MASK"), _load_image, "image", display_name="Load Image", changed=_input_file_hash),
     "SaveImage": Node(
         lambda s: {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
                    "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}},
@@ -979,21 +993,52 @@ class Execution:
         self.outputs: dict[str, dict] = {}
         self.executed: list[str] = []
         self.current: str | None = None
+        self.keys: dict[str, str] = {}  # node -> its signature
+        self.cached: list[str] = []  # the nodes whose outputs the last prompt's cache holds
 
     def emit(self, event: str, data: dict) -> None:
         self.state.emit(event, {**data, "prompt_id": self.prompt.id}, self.prompt.client_id)
 
     def __call__(self, pipe, run) -> dict:
         self.run = run
-        self.emit("execution_start", {"timestamp": _ms()})
-        self.emit("execution_cached", {"nodes": [], "timestamp": _ms()})
         for nid in self.prompt.outputs:
-            self.value(nid)
+            self.key(nid)
+        previous = self.state.cache
+        self.cached = sorted((nid for nid, k in self.keys.items() if k in previous), key=lambda n: (len(n), n))
+        self.emit("execution_start", {"timestamp": _ms()})
+        self.emit("execution_cached", {"nodes": self.cached, "timestamp": _ms()})
+        try:
+            for nid in self.prompt.outputs:
+                self.value(nid)
+        finally:  # (the cache holds this prompt's nodes now, those that finished or were cached: its classic cache)
+            self.state.cache = {k: (self.values[nid], self.outputs.get(nid)) if nid in self.values else previous[k]
+                                for nid, k in self.keys.items() if nid in self.values or k in previous}
         return self.outputs
+
+    def key(self, nid: str) -> str:
+        """The node's signature, ComfyUI's cache key: its class, what its IS_CHANGED says, its widget values and the
+        signatures of the nodes its links come from (with the output taken)."""
+        if nid not in self.keys:
+            node = self.prompt.graph[nid]
+            spec = NODES[node["class_type"]]
+            given = node.get("inputs", {})
+            inputs = [[name, *((self.key(str(v[0])), v[1]) if _is_link(v) else (v,))]
+                      for name, v in sorted(given.items())]
+            changed = spec.changed(self.state, given) if spec.changed is not None else None
+            self.keys[nid] = json.dumps([node["class_type"], changed, inputs], default=str)
+        return self.keys[nid]
 
     def value(self, nid: str):
         if nid in self.values:
             return self.values[nid]
+        hit = self.state.cache.get(self.keys.get(nid))
+        if hit is not None:  # (not run again: its outputs, and an output node's pictures, as the last prompt left them)
+            out, ui = hit
+            if ui is not None:
+                self.outputs[nid] = ui
+                self.emit("executed", {"node": nid, "display_node": nid, "output": ui})
+            self.values[nid] = out
+            return out
         node = self.prompt.graph[nid]
         spec = NODES[node["class_type"]]
         given = node.get("inputs", {})
@@ -1269,7 +1314,7 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
         from imagine.server.worker import Interrupted, JobCancelled
 
         messages = [["execution_start", {"prompt_id": prompt.id, "timestamp": _ms()}],
-                    ["execution_cached", {"nodes": [], "prompt_id": prompt.id, "timestamp": _ms()}]]
+                    ["execution_cached", {"nodes": execution.cached, "prompt_id": prompt.id, "timestamp": _ms()}]]
         e = future.exception()
         if isinstance(e, JobCancelled) and not execution.executed and execution.current is None:
             with state.lock:  # (deleted from the queue before it ran: ComfyUI keeps no history of it)
