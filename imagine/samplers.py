@@ -121,7 +121,7 @@ def check_plan(canonical: str, plan: SamplingPlan) -> None:
 # the samplers with a noise scale eta (see takes_eta)
 _ETA_SAMPLERS = ("ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
                  "dpmpp_3m_sde", "dpm_fast", "dpm_adaptive", "ddim_cfgpp", "euler_a_cfgpp", "res_multistep_a",
-                 "res_multistep_a_cfgpp", "dpmpp_2s_a_cfgpp")
+                 "res_multistep_a_cfgpp", "dpmpp_2s_a_cfgpp", "seeds_2", "seeds_3")
 
 
 def _deterministic(name: str, eta) -> None:
@@ -1780,6 +1780,90 @@ def sample_er_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, nois
     return _ve_to_vp(x, sigmas[-1], dtype)
 
 
+def _seeds(denoise, x, plan, *, eta, noise, callback, progress, name, rs, s_noise=1.0, solver_type="phi_1"):
+    # SEEDS' stages in lambda = -log sigma (VE: alpha = 1), the noise of each stage carried to the next with the
+    # factor of the lambda it moves and topped up with fresh noise (ComfyUI's sample_seeds_2 / sample_seeds_3)
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    x = _vp_to_ve(x, sigmas[0])
+    inject = eta > 0 and s_noise > 0
+    for i in _steps(plan, progress, name):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x, s, dtype)
+        denoised = denoise(x_t, i).double()
+        _report(callback, plan, i, x_t, denoised)
+        if s_next == 0:
+            x = denoised
+            continue
+        h = math.log(s / s_next)
+        h_eta = h * (eta + 1)
+        ds, z, prev_r = [denoised], None, 0.0
+        for k, r in enumerate(rs):  # the stages at lambda_s + r h
+            s_k = s * math.exp(-r * h)
+            if k == 0:
+                x_k = (s_k / s) * math.exp(-r * h * eta) * x - math.expm1(-r * h_eta) * denoised
+            else:  # (SEEDS-3's second stage: the phi_2 combination of the first two x_0)
+                a2 = rs[1] / rs[0] * _h_phi_2(-rs[1] * h_eta)
+                x_k = (s_k / s) * math.exp(-r * h * eta) * x - ((math.expm1(-r * h_eta) - a2) * denoised + a2 * ds[1])
+            if inject:
+                z = _carried(z, noise, x_t, prev_r, r, h, eta)
+                x_k = x_k + (s_k * s_noise) * z
+            ds.append(denoise.at_sigma(_ve_to_vp(x_k, s_k, dtype), s_k, i).double())
+            prev_r = r
+        last = ds[-1]
+        if len(rs) == 1 and solver_type == "phi_1":
+            x = (s_next / s) * math.exp(-h * eta) * x - math.expm1(-h_eta) * torch.lerp(denoised, last, 1 / (2 * rs[0]))
+        else:
+            b = _h_phi_2(-h_eta) / rs[-1]
+            x = (s_next / s) * math.exp(-h * eta) * x - ((math.expm1(-h_eta) - b) * denoised + b * last)
+        if inject:
+            x = x + (s_next * s_noise) * _carried(z, noise, x_t, prev_r, 1.0, h, eta)
+    return _ve_to_vp(x, sigmas[-1], dtype)
+
+
+def _h_phi_2(z: float) -> float:
+    # h phi_2(h) at h = z: (e^z - 1 - z) / z
+    return (math.expm1(z) - z) / z
+
+
+def _carried(z, noise, x_t, r_from: float, r_to: float, h: float, eta: float) -> torch.Tensor:
+    """SEEDS' noise at lambda_s + r_to h: the noise at r_from carried by e^{(r_from - r_to) h eta}, plus fresh noise of
+    variance 1 - e^{2 (r_from - r_to) h eta} (at the start, r_from = 0, the fresh noise alone)."""
+    seg = (r_from - r_to) * h * eta
+    fresh = math.sqrt(-math.expm1(2 * seg)) * _noise(noise, x_t).double()
+    return fresh if z is None else z * math.exp(seg) + fresh
+
+
+def sample_seeds_2(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                   progress: bool = True, s_noise: float = 1.0, r: float = 0.5, solver_type: str = "phi_1"
+                   ) -> torch.Tensor:
+    """SEEDS-2 (Gonzalez et al. 2023, "SEEDS: Exponential SDE solvers for fast high-quality sampling from diffusion
+    models", its 2-stage data-prediction solver; ComfyUI's seeds_2): in lambda = -log sigma, h = lambda_next - lambda,
+    a stage at lambda + r h, x_1 = (sigma_1 / sigma) e^{-r h eta} x - (e^{-r h (1 + eta)} - 1) D plus noise, then
+    x_next = (sigma_next / sigma) e^{-h eta} x - (e^{-h (1 + eta)} - 1) D~, with D~ = D + (D_1 - D) / (2 r) ("phi_1")
+    or the phi_2 combination ("phi_2"), plus noise carried from the stage and fresh noise (eta, default 1, the SDE's;
+    0 the ODE; s_noise scales it). 2N - 1 model calls."""
+    eta, s_noise = _eta("seeds_2", eta, 1.0), _noise_scale("seeds_2", s_noise)
+    if solver_type not in ("phi_1", "phi_2"):
+        raise ValueError(f"seeds_2: solver_type must be 'phi_1' or 'phi_2'; got {solver_type!r}")
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+        raise ValueError(f"seeds_2: r (the stage's place in the step) must be in (0, 1]; got {r!r}")
+    return _seeds(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress, name="seeds_2",
+                  rs=(float(r),), s_noise=s_noise, solver_type=solver_type)
+
+
+def sample_seeds_3(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                   progress: bool = True, s_noise: float = 1.0, r_1: float = 1 / 3, r_2: float = 2 / 3
+                   ) -> torch.Tensor:
+    """SEEDS-3 (Gonzalez et al. 2023; ComfyUI's seeds_3): stages at lambda + r_1 h and lambda + r_2 h (the second
+    from the phi_2 combination of D and D_1), then x_next from D and D_2 by phi_2, the noise carried through the
+    stages and topped up (eta default 1, s_noise). 3N - 2 model calls."""
+    eta, s_noise = _eta("seeds_3", eta, 1.0), _noise_scale("seeds_3", s_noise)
+    if not 0 < r_1 < r_2 <= 1:
+        raise ValueError(f"seeds_3: need 0 < r_1 < r_2 <= 1; got r_1={r_1}, r_2={r_2}")
+    return _seeds(denoise, x, plan, eta=eta, noise=noise, callback=callback, progress=progress, name="seeds_3",
+                  rs=(float(r_1), float(r_2)), s_noise=s_noise)
+
+
 # -- the last step ---------------------------------------------------------------------------------------
 def final_heun_step(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, callback=None) -> torch.Tensor:
     """The step from the plan's last level sigma_{N-1} to sigma = 0 by the trapezoidal rule (Heun, Karras et al.
@@ -1843,6 +1927,8 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_2m_cfgpp": sample_dpmpp_2m_cfgpp,
     "dpmpp_2s_a_cfgpp": sample_dpmpp_2s_ancestral_cfgpp,
     "er_sde": sample_er_sde,
+    "seeds_2": sample_seeds_2,
+    "seeds_3": sample_seeds_3,
 }
 # the samplers that evaluate the model twice a step (once on the last, to sigma = 0): AUTOMATIC1111 counts their
 # prompt-editing steps (and ControlNet windows) in model calls, 2N - 1 of them
@@ -1869,7 +1955,8 @@ TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmp
                  "dpm_fast": "karras", "dpm_adaptive": "karras", "ddim_cfgpp": "ddim", "euler_cfgpp": "karras",
                  "euler_a_cfgpp": "karras", **dict.fromkeys(("ipndm", "ipndm_v", "deis", "heunpp2", "res_multistep",
                  "res_multistep_a", "res_multistep_cfgpp", "res_multistep_a_cfgpp", "gradient_estimation",
-                 "gradient_estimation_cfgpp", "dpmpp_2m_cfgpp", "dpmpp_2s_a_cfgpp", "er_sde"), "karras")}
+                 "gradient_estimation_cfgpp", "dpmpp_2m_cfgpp", "dpmpp_2s_a_cfgpp", "er_sde", "seeds_2", "seeds_3"),
+                 "karras")}
 
 # What people type (AUTOMATIC1111's labels, k-diffusion's k_ names, diffusers' classes and algorithm
 # types) -> (canonical name, Karras sigmas implied?). Lookup ignores case, spaces, '-' and '_'.
@@ -1944,6 +2031,8 @@ _alias("gradient_estimation_cfgpp", "gradient_estimation_cfgpp", "gradient_estim
 _alias("dpmpp_2m_cfgpp", "dpmpp_2m_cfgpp", "dpmpp_2m_cfg_pp", "DPM++ 2M CFG++")
 _alias("dpmpp_2s_a_cfgpp", "dpmpp_2s_a_cfgpp", "dpmpp_2s_ancestral_cfg_pp", "DPM++ 2S a CFG++")
 _alias("er_sde", "er_sde", "ER SDE", "ER-SDE-Solver-3")
+_alias("seeds_2", "seeds_2", "SEEDS-2")
+_alias("seeds_3", "seeds_3", "SEEDS-3")
 # AUTOMATIC1111's old names of its Karras variants (k_<sampler>_ka)
 for _name, _canonical in (("k_lms_ka", "lms"), ("k_dpm_2_ka", "dpm2"), ("k_dpm_2_a_ka", "dpm2_a"),
                           ("k_dpmpp_2s_a_ka", "dpmpp_2s_a"), ("k_dpmpp_2m_ka", "dpmpp_2m"),

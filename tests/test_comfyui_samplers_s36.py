@@ -321,6 +321,46 @@ def c_er_sde(model, x, sigmas, max_stage=3):
     return x
 
 
+def c_seeds(model, x, sigmas, three=False, eta=1.0, r=0.5):
+    """sample_seeds_2 (r 0.5, phi_1) / sample_seeds_3 (r_1 1/3, r_2 2/3) for an eps model (alpha = 1)."""
+    noise = step_noise(x.shape)
+    phi1 = torch.expm1
+    phi2 = lambda h: (torch.expm1(h) - h) / h  # noqa: E731
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        ls, lt = -torch.log(sigmas[i]), -torch.log(sigmas[i + 1])
+        h = lt - ls
+        h_eta = h * (eta + 1)
+        r1 = 1 / 3 if three else r
+        s1 = torch.exp(-torch.lerp(ls, lt, r1))
+        x2 = s1 / sigmas[i] * (-r1 * h * eta).exp() * x - phi1(-r1 * h_eta) * denoised
+        sde = (-2 * r1 * h * eta).expm1().neg().sqrt() * noise()
+        x2 = x2 + sde * s1
+        d2 = model(x2, s1)
+        if not three:
+            d = torch.lerp(denoised, d2, 1 / (2 * r))
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - phi1(-h_eta) * d
+            seg = (r - 1) * h * eta
+        else:
+            r2 = 2 / 3
+            s2 = torch.exp(-torch.lerp(ls, lt, r2))
+            a32 = r2 / r1 * phi2(-r2 * h_eta)
+            a31 = phi1(-r2 * h_eta) - a32
+            x3 = s2 / sigmas[i] * (-r2 * h * eta).exp() * x - (a31 * denoised + a32 * d2)
+            seg = (r1 - r2) * h * eta
+            sde = sde * seg.exp() + seg.mul(2).expm1().neg().sqrt() * noise()
+            d3 = model(x3 + sde * s2, s2)
+            b3 = phi2(-h_eta) / r2
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - ((phi1(-h_eta) - b3) * denoised + b3 * d3)
+            seg = (r2 - 1) * h * eta
+        sde = sde * seg.exp() + seg.mul(2).expm1().neg().sqrt() * noise()
+        x = x + sde * sigmas[i + 1]
+    return x
+
+
 def c_ddpm(model, x, sigmas):
     noise = step_noise(x.shape)
     for i in range(len(sigmas) - 1):
@@ -412,6 +452,8 @@ RESTATED = {
     "dpmpp_2m_cfgpp": (c_dpmpp_2m_cfg_pp, {}),
     "dpmpp_2s_a_cfgpp": (c_dpmpp_2s_ancestral_cfg_pp, {}),
     "er_sde": (c_er_sde, {}),
+    "seeds_2": (c_seeds, {}),
+    "seeds_3": (lambda m, x, s: c_seeds(m, x, s, three=True), {}),
     "ddpm": (c_ddpm, {}),
     "lcm": (c_lcm, {}),
     "unipc": (lambda m, x, s: c_uni_pc(m, x, s, "bh1"), {"sampler_options": {"order": 3, "variant": "bh1",
@@ -615,7 +657,8 @@ def test_comfyuis_ksampler_offers_its_names():
     assert names[-3:] == ["ddim", "uni_pc", "uni_pc_bh2"]
     for name in ("heunpp2", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp", "ddpm", "lcm",
                  "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
-                 "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde"):
+                 "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde",
+                 "seeds_2", "seeds_3"):
         assert comfyui.SAMPLERS[name][0] in SAMPLERS, name
     assert list(comfyui.SCHEDULERS) == ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta",
                                         "normal", "linear_quadratic", "kl_optimal"]

@@ -70,6 +70,7 @@ SAMPLERS = {"euler": ("euler", False, {}), "euler_cfg_pp": ("euler_cfgpp", False
             "res_multistep_ancestral_cfg_pp": ("res_multistep_a_cfgpp", False, {}),
             "gradient_estimation": ("gradient_estimation", False, {}),
             "gradient_estimation_cfg_pp": ("gradient_estimation_cfgpp", False, {}), "er_sde": ("er_sde", False, {}),
+            "seeds_2": ("seeds_2", False, {}), "seeds_3": ("seeds_3", False, {}),
             "ddim": ("euler", False, {}), "uni_pc": ("unipc", False, {**_UNIPC, "variant": "bh1"}),
             "uni_pc_bh2": ("unipc", False, {**_UNIPC, "variant": "bh2"})}
 # its schedulers (its SCHEDULER_NAMES, in its order) -> our schedule types over the model's whole range as ComfyUI lays
