@@ -121,7 +121,7 @@ def check_plan(canonical: str, plan: SamplingPlan) -> None:
 # the samplers with a noise scale eta (see takes_eta)
 _ETA_SAMPLERS = ("ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
                  "dpmpp_3m_sde", "dpm_fast", "dpm_adaptive", "ddim_cfgpp", "euler_a_cfgpp", "res_multistep_a",
-                 "res_multistep_a_cfgpp", "dpmpp_2s_a_cfgpp", "seeds_2", "seeds_3")
+                 "res_multistep_a_cfgpp", "dpmpp_2s_a_cfgpp", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece")
 
 
 def _deterministic(name: str, eta) -> None:
@@ -1864,6 +1864,104 @@ def sample_seeds_3(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noi
                   rs=(float(r_1), float(r_2)), s_noise=s_noise)
 
 
+def _sa_weights(lambdas: list[float], lam_s: float, lam_t: float, tau: float) -> list[float]:
+    """SA-Solver's b (Xue et al. 2023, eqs. 15 and 18, data prediction, VE so alpha_t = 1): the integrals over
+    [lam_s, lam_t] of (1 + tau^2) e^{(1 + tau^2)(lam - lam_t)} l_k(lam), l_k the Lagrange basis through `lambdas`
+    (oldest first), each x^p e^{...} integral by parts (ComfyUI's compute_exponential_coeffs), the basis by solving
+    the transposed Vandermonde system, as ComfyUI's compute_stochastic_adams_b_coeffs."""
+    n, mul, h = len(lambdas), 1 + tau * tau, lam_t - lam_s
+    terms = [lam_t**p - lam_s**p * math.exp(-mul * h) for p in range(n)]
+    moments = [sum((-1) ** (i - j) * math.exp(math.lgamma(i + 1) - math.lgamma(j + 1)) / mul ** (i - j) * terms[j]
+                   for j in range(i + 1)) for i in range(n)]
+    return _solve([[lam**p for lam in lambdas] for p in range(n)], moments)
+
+
+def _sa_solver(denoise, x, plan, *, tau, levels, noise, callback, progress, name, s_noise, predictor_order,
+               corrector_order, pece):
+    sigmas, dtype = plan.sigmas.tolist(), x.dtype
+    lam = [-math.log(s) if s > 0 else math.inf for s in sigmas]
+    x = _vp_to_ve(x, sigmas[0])
+    x_pred, h, tau_t, z, preds = x, 0.0, 0.0, None, []
+    to_end = sigmas[-1] == 0  # (lower orders towards a run that ends at 0)
+    n = len(plan)
+    for i in _steps(plan, progress, name):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_t = _ve_to_vp(x_pred, s, dtype)
+        denoised = denoise(x_t, i).double()
+        _report(callback, plan, i, x_t, denoised)
+        preds = (preds + [denoised])[-max(predictor_order, corrector_order):]
+        p_order = min(predictor_order, len(preds))
+        c_order = 0 if i == 0 or (s_next == 0 and not pece) else min(corrector_order, len(preds))
+        if to_end:
+            p_order, c_order = min(p_order, n - 1 - i), min(c_order, n - i)
+        if c_order == 0:
+            x = x_pred
+        else:  # the corrector: the step from sigma_{i-1} again, with the x_0 at sigma_i among the nodes
+            b = _sa_weights(lam[i - c_order + 1:i + 1], lam[i - 1], lam[i], tau_t)
+            x = (s / sigmas[i - 1]) * math.exp(-tau_t * tau_t * h) * x + sum(w * d for w, d in zip(b, preds[-c_order:]))
+            if tau_t > 0 and s_noise > 0:
+                x = x + z
+            if pece:  # (its PECE: the model again at the corrected x)
+                denoised = denoise(_ve_to_vp(x, s, dtype), i).double()
+                preds[-1] = denoised
+        if s_next == 0:
+            x_pred = denoised
+        else:  # the predictor, to sigma_{i+1}
+            tau_t = tau if levels[1] <= s_next <= levels[0] else 0.0
+            b = _sa_weights(lam[i - p_order + 1:i + 1], lam[i], lam[i + 1], tau_t)
+            h = lam[i + 1] - lam[i]
+            x_pred = (s_next / s) * math.exp(-tau_t * tau_t * h) * x + sum(w * d for w, d in zip(b, preds[-p_order:]))
+            if tau_t > 0 and s_noise > 0:
+                z = (s_next * s_noise * math.sqrt(-math.expm1(-2 * tau_t * tau_t * h))) * _noise(noise, x_t).double()
+                x_pred = x_pred + z
+    return _ve_to_vp(x_pred, sigmas[-1], dtype)
+
+
+def _sa_options(name, denoise, eta, tau_levels, predictor_order, corrector_order):
+    tau = _eta(name, eta, 1.0)
+    for what, v in (("predictor_order", predictor_order), ("corrector_order", corrector_order)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 6:
+            raise ValueError(f"{name}: {what} must be an integer from 1 to 6; got {v!r}")
+    if tau_levels is None:  # (ComfyUI's default interval: the levels 20% and 80% into the model's range)
+        from imagine.schedules import comfyui_percent_sigma
+
+        schedule = getattr(denoise, "schedule", None)
+        if schedule is None:
+            raise ValueError(f"{name}: its stochastic interval is read off the model's noise schedule; give "
+                             "tau_levels=(high, low) or an imagine.sampling.Denoiser with a schedule")
+        table = schedule.kdiffusion_log_sigmas()
+        tau_levels = (comfyui_percent_sigma(table, 0.2), comfyui_percent_sigma(table, 0.8))
+    return tau, tuple(float(v) for v in tau_levels)
+
+
+def sample_sa_solver(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None, callback=None,
+                     progress: bool = True, s_noise: float = 1.0, predictor_order: int = 3, corrector_order: int = 4,
+                     tau_levels: tuple[float, float] | None = None) -> torch.Tensor:
+    """SA-Solver (Xue et al. 2023, "SA-Solver: Stochastic Adams solver for fast sampling of diffusion models",
+    Algorithm 1 in data prediction; ComfyUI's sa_solver): a stochastic Adams predictor (order 3) to the next level and,
+    once the model has been evaluated there, a corrector (order 4) that redoes the step with that x_0 among its
+    Lagrange nodes; x_next = (sigma_next / sigma) e^{-tau^2 h} x + sum_k b_k D_k (+ noise of variance
+    sigma_next^2 (1 - e^{-2 tau^2 h}) within the stochastic interval), h the step in lambda = -log sigma. tau (eta,
+    default 1) between the `tau_levels` (high, low; default ComfyUI's, the model's levels 20% and 80% of the way),
+    0 elsewhere; orders lowered towards a run that ends at 0, and its last step returns D. One model call a step."""
+    tau, levels = _sa_options("sa_solver", denoise, eta, tau_levels, predictor_order, corrector_order)
+    return _sa_solver(denoise, x, plan, tau=tau, levels=levels, noise=noise, callback=callback, progress=progress,
+                      name="sa_solver", s_noise=_noise_scale("sa_solver", s_noise), predictor_order=predictor_order,
+                      corrector_order=corrector_order, pece=False)
+
+
+def sample_sa_solver_pece(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noise=None, eta=None,
+                          callback=None, progress: bool = True, s_noise: float = 1.0, predictor_order: int = 3,
+                          corrector_order: int = 4, tau_levels: tuple[float, float] | None = None) -> torch.Tensor:
+    """SA-Solver in PECE mode (predict, evaluate, correct, evaluate; ComfyUI's sa_solver_pece): the model is
+    evaluated again at each corrected x, which replaces the predicted x's x_0; the last step is corrected too. 2N - 1
+    model calls."""
+    tau, levels = _sa_options("sa_solver_pece", denoise, eta, tau_levels, predictor_order, corrector_order)
+    return _sa_solver(denoise, x, plan, tau=tau, levels=levels, noise=noise, callback=callback, progress=progress,
+                      name="sa_solver_pece", s_noise=_noise_scale("sa_solver_pece", s_noise),
+                      predictor_order=predictor_order, corrector_order=corrector_order, pece=True)
+
+
 # -- the last step ---------------------------------------------------------------------------------------
 def final_heun_step(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, callback=None) -> torch.Tensor:
     """The step from the plan's last level sigma_{N-1} to sigma = 0 by the trapezoidal rule (Heun, Karras et al.
@@ -1929,6 +2027,8 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "er_sde": sample_er_sde,
     "seeds_2": sample_seeds_2,
     "seeds_3": sample_seeds_3,
+    "sa_solver": sample_sa_solver,
+    "sa_solver_pece": sample_sa_solver_pece,
 }
 # the samplers that evaluate the model twice a step (once on the last, to sigma = 0): AUTOMATIC1111 counts their
 # prompt-editing steps (and ControlNet windows) in model calls, 2N - 1 of them
@@ -1955,8 +2055,8 @@ TIMESTEP_RULE = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpm_solver", "dpmp
                  "dpm_fast": "karras", "dpm_adaptive": "karras", "ddim_cfgpp": "ddim", "euler_cfgpp": "karras",
                  "euler_a_cfgpp": "karras", **dict.fromkeys(("ipndm", "ipndm_v", "deis", "heunpp2", "res_multistep",
                  "res_multistep_a", "res_multistep_cfgpp", "res_multistep_a_cfgpp", "gradient_estimation",
-                 "gradient_estimation_cfgpp", "dpmpp_2m_cfgpp", "dpmpp_2s_a_cfgpp", "er_sde", "seeds_2", "seeds_3"),
-                 "karras")}
+                 "gradient_estimation_cfgpp", "dpmpp_2m_cfgpp", "dpmpp_2s_a_cfgpp", "er_sde", "seeds_2", "seeds_3",
+                 "sa_solver", "sa_solver_pece"), "karras")}
 
 # What people type (AUTOMATIC1111's labels, k-diffusion's k_ names, diffusers' classes and algorithm
 # types) -> (canonical name, Karras sigmas implied?). Lookup ignores case, spaces, '-' and '_'.
@@ -2033,6 +2133,8 @@ _alias("dpmpp_2s_a_cfgpp", "dpmpp_2s_a_cfgpp", "dpmpp_2s_ancestral_cfg_pp", "DPM
 _alias("er_sde", "er_sde", "ER SDE", "ER-SDE-Solver-3")
 _alias("seeds_2", "seeds_2", "SEEDS-2")
 _alias("seeds_3", "seeds_3", "SEEDS-3")
+_alias("sa_solver", "sa_solver", "SA-Solver")
+_alias("sa_solver_pece", "sa_solver_pece", "SA-Solver PECE")
 # AUTOMATIC1111's old names of its Karras variants (k_<sampler>_ka)
 for _name, _canonical in (("k_lms_ka", "lms"), ("k_dpm_2_ka", "dpm2"), ("k_dpm_2_a_ka", "dpm2_a"),
                           ("k_dpmpp_2s_a_ka", "dpmpp_2s_a"), ("k_dpmpp_2m_ka", "dpmpp_2m"),

@@ -361,6 +361,66 @@ def c_seeds(model, x, sigmas, three=False, eta=1.0, r=0.5):
     return x
 
 
+def c_sa_coeffs(lambdas, lam_s, lam_t, tau):
+    """sa_solver.compute_stochastic_adams_b_coeffs (VE: alpha_t = 1) in torch, as its code computes it."""
+    n = lambdas.shape[0]
+    mul, h = 1 + tau**2, lam_t - lam_s
+    p = torch.arange(n, dtype=lambdas.dtype)
+    terms = lam_t**p - lam_s**p * (-mul * h).exp()
+    depth = p.unsqueeze(1) - p.unsqueeze(0)
+    logf = (p + 1).lgamma()
+    m = logf.unsqueeze(1) - logf.unsqueeze(0)
+    if tau > 0:
+        m = m - depth * math.log(mul)
+    m = (m.exp() * torch.where(depth % 2 == 0, 1.0, -1.0)).tril()
+    return torch.linalg.solve(torch.vander(lambdas, n, increasing=True).T, m @ terms)
+
+
+def c_sa_solver(model, x, sigmas, pece=False, start=None, end=None):
+    noise = step_noise(x.shape)
+    lambdas = -sigmas.log()
+    x_pred, h, tau_t, z, preds = x, 0.0, 0.0, 0.0, []
+    to_end = sigmas[-1].item() == 0
+    for i in range(len(sigmas) - 1):
+        denoised = model(x_pred, sigmas[i])
+        preds = (preds + [denoised])[-4:]
+        po = min(3, len(preds))
+        co = 0 if i == 0 or (sigmas[i + 1] == 0 and not pece) else min(4, len(preds))
+        if to_end:
+            po, co = min(po, len(sigmas) - 2 - i), min(co, len(sigmas) - 1 - i)
+        if co == 0:
+            x = x_pred
+        else:
+            b = c_sa_coeffs(lambdas[i - co + 1:i + 1], lambdas[i - 1], lambdas[i], tau_t)
+            x = sigmas[i] / sigmas[i - 1] * (-(tau_t**2) * h).exp() * x + torch.tensordot(
+                torch.stack(preds[-co:], dim=1), b, dims=([1], [0]))
+            if tau_t > 0:
+                x = x + z
+            if pece:
+                denoised = model(x, sigmas[i])
+                preds[-1] = denoised
+        if sigmas[i + 1] == 0:
+            x_pred = denoised
+        else:
+            tau_t = 1.0 if start >= sigmas[i + 1].item() >= end else 0.0
+            b = c_sa_coeffs(lambdas[i - po + 1:i + 1], lambdas[i], lambdas[i + 1], tau_t)
+            h = lambdas[i + 1] - lambdas[i]
+            x_pred = sigmas[i + 1] / sigmas[i] * (-(tau_t**2) * h).exp() * x + torch.tensordot(
+                torch.stack(preds[-po:], dim=1), b, dims=([1], [0]))
+            if tau_t > 0:
+                z = noise() * sigmas[i + 1] * (-2 * tau_t**2 * h).expm1().neg().sqrt()
+                x_pred = x_pred + z
+    return x_pred
+
+
+def sa_window():
+    from test_comfyui_controlnet_s36 import percent_sigma
+
+    class Pipe:  # (percent_sigma reads the model's schedule off a pipeline)
+        schedule = SCHEDULE
+    return percent_sigma(Pipe, 0.2), percent_sigma(Pipe, 0.8)
+
+
 def c_ddpm(model, x, sigmas):
     noise = step_noise(x.shape)
     for i in range(len(sigmas) - 1):
@@ -454,6 +514,8 @@ RESTATED = {
     "er_sde": (c_er_sde, {}),
     "seeds_2": (c_seeds, {}),
     "seeds_3": (lambda m, x, s: c_seeds(m, x, s, three=True), {}),
+    "sa_solver": (lambda m, x, s: c_sa_solver(m, x, s, False, *sa_window()), {}),
+    "sa_solver_pece": (lambda m, x, s: c_sa_solver(m, x, s, True, *sa_window()), {}),
     "ddpm": (c_ddpm, {}),
     "lcm": (c_lcm, {}),
     "unipc": (lambda m, x, s: c_uni_pc(m, x, s, "bh1"), {"sampler_options": {"order": 3, "variant": "bh1",
@@ -658,7 +720,7 @@ def test_comfyuis_ksampler_offers_its_names():
     for name in ("heunpp2", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp", "ddpm", "lcm",
                  "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
                  "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde",
-                 "seeds_2", "seeds_3"):
+                 "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"):
         assert comfyui.SAMPLERS[name][0] in SAMPLERS, name
     assert list(comfyui.SCHEDULERS) == ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta",
                                         "normal", "linear_quadratic", "kl_optimal"]

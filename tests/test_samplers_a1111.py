@@ -386,7 +386,8 @@ def test_names_and_options():
     assert {s for s in SAMPLERS if takes_eta(s)} == {"ddim", "euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde",
                                                      "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpm_fast",
                                                      "dpm_adaptive", "ddim_cfgpp", "euler_a_cfgpp", "res_multistep_a",
-                                                     "res_multistep_a_cfgpp", "dpmpp_2s_a_cfgpp", "seeds_2", "seeds_3"}
+                                                     "res_multistep_a_cfgpp", "dpmpp_2s_a_cfgpp", "seeds_2", "seeds_3",
+                                                     "sa_solver", "sa_solver_pece"}
     cfg = config("scaled_linear", "leading", "epsilon")
     for sampler in ("lms", "dpm2", "plms"):
         with pytest.raises(ValueError, match="deterministic and takes no eta"):

@@ -39,7 +39,7 @@ def test_registry_names_and_aliases():
                                "euler_a_cfgpp", "ipndm", "ipndm_v", "deis", "heunpp2", "res_multistep",
                                "res_multistep_a", "res_multistep_cfgpp", "res_multistep_a_cfgpp", "gradient_estimation",
                                "gradient_estimation_cfgpp", "dpmpp_2m_cfgpp", "dpmpp_2s_a_cfgpp", "er_sde",
-                               "seeds_2", "seeds_3"]
+                               "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"]
     for alias, (name, karras) in {"DPM++ 2M": ("dpmpp_2m", False), "DPM++ 2M Karras": ("dpmpp_2m", True),
                                   "Euler a": ("euler_a", False), "Euler": ("euler", False), "Heun": ("heun", False),
                                   "DDIM": ("ddim", False), "DDPM": ("ddpm", False), "k_euler": ("euler", False),

@@ -71,6 +71,7 @@ SAMPLERS = {"euler": ("euler", False, {}), "euler_cfg_pp": ("euler_cfgpp", False
             "gradient_estimation": ("gradient_estimation", False, {}),
             "gradient_estimation_cfg_pp": ("gradient_estimation_cfgpp", False, {}), "er_sde": ("er_sde", False, {}),
             "seeds_2": ("seeds_2", False, {}), "seeds_3": ("seeds_3", False, {}),
+            "sa_solver": ("sa_solver", False, {}), "sa_solver_pece": ("sa_solver_pece", False, {}),
             "ddim": ("euler", False, {}), "uni_pc": ("unipc", False, {**_UNIPC, "variant": "bh1"}),
             "uni_pc_bh2": ("unipc", False, {**_UNIPC, "variant": "bh2"})}
 # its schedulers (its SCHEDULER_NAMES, in its order) -> our schedule types over the model's whole range as ComfyUI lays
