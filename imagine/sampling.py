@@ -85,16 +85,25 @@ class BatchNoiseStream:
     stream), and the steps' noise (its ancestral samplers' default_noise_sampler) draws the whole batch from a fresh
     generator of seed + 1 (`started`; ComfyUI adds the 1 where the sample is on the CPU, as here). The SDE samplers'
     Brownian path is one tree over the whole batch seeded with the seed itself (PerSampleNoise.brownian).
-    An image depends on its place in the batch: ComfyUI's batches are made so (EmptyLatentImage's batch_size)."""
+    An image depends on its place in the batch: ComfyUI's batches are made so (EmptyLatentImage's batch_size).
+    `indices` (a latent's batch_index, LatentFromBatch's): image i's start noise is the indices[i]-th of single-image
+    draws made in turn up to the largest index, so a picture taken out of a batch gets its noise in it."""
 
     device = torch.device("cpu")
     rng = "cpu"
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, indices: list[int] | None = None):
         self.seed = int(seed)
         self._stream = torch.Generator().manual_seed(self.seed)
+        self.indices = None if indices is None else [int(i) for i in indices]
 
     def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.indices is not None:  # (the start draw only: its prepare_noise with noise_inds)
+            if len(self.indices) != shape[0] or min(self.indices) < 0:
+                raise ValueError(f"batch indices {self.indices} for a batch of {shape[0]}: one index >= 0 per image")
+            indices, self.indices = self.indices, None
+            draws = [torch.randn((1, *shape[1:]), generator=self._stream, dtype=dtype) for _ in range(max(indices) + 1)]
+            return torch.cat([draws[i] for i in indices])
         return torch.randn(shape, generator=self._stream, dtype=dtype)
 
     def started(self) -> None:

@@ -618,7 +618,7 @@ class TextToImagePipeline:
                  old_prompt_editing: bool = False, editing_first_pass: int | None = None,
                  pad_conds: str | None = None, quantize: bool = False, window: tuple | None = None,
                  latent_mask: torch.Tensor | None = None, latent_concat: torch.Tensor | None = None,
-                 conditioning: Callable | None = None,
+                 conditioning: Callable | None = None, noise_indices: list[int] | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -721,7 +721,8 @@ class TextToImagePipeline:
         beside the sample, made by the caller (ComfyUI's concat_cond); latent_mask may come with it. conditioning:
         (pipe, n, height, width, guided) -> (cond, uncond), made in place of the prompts' encoding, once the LoRAs
         their tags ask for are merged (ComfyUI's conditioning lists, imagine.area_conditioning; uncond None: no
-        unconditional pass).
+        unconditional pass). noise_indices (rng "comfyui"): a latent's batch_index, each image's start noise the draw
+        of that place in a batch (imagine.sampling.BatchNoiseStream).
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -769,7 +770,7 @@ class TextToImagePipeline:
                      "downcast_alphas_cumprod": downcast_alphas_cumprod,
                      "old_prompt_editing": old_prompt_editing and edits, "pad_conds": pad_conds,
                      "quantize": quantize, "window": window, "latent_mask": latent_mask,
-                     "latent_concat": latent_concat, "conditioning": conditioning}
+                     "latent_concat": latent_concat, "conditioning": conditioning, "noise_indices": noise_indices}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -979,6 +980,10 @@ class TextToImagePipeline:
             cond, uncond = (with_refiner(c, r) for c, r in zip((cond, uncond), refined))
         shape = (len(prompts), self.latent_channels, height // self.scale, width // self.scale)
         generators = make_generators(len(prompts), seeds, rng=rng, seed_delta=noise_seed_delta)
+        if noise_indices is not None:
+            if rng != "comfyui":
+                raise ValueError("noise_indices (ComfyUI's batch_index) go with rng 'comfyui'")
+            generators.indices = [int(i) for i in noise_indices]
         # the VAE's posterior draws: from the images' streams first, as diffusers; under A1111's rules from streams of
         # their own, each image's stream giving its start noise first as A1111's does
         encoders = generators if strength_rule == "diffusers" else posterior_generators(seeds)

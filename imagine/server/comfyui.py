@@ -513,6 +513,128 @@ def _controlnet_apply(ctx, conditioning, control_net, image, strength):
     return (_with_control(conditioning, (control_net, image, float(strength), 0.0, 1.0, True)),)
 
 
+# -- latent and picture utilities (ComfyUI's nodes.py) --
+def _repeat_latent_batch(ctx, samples, amount):
+    s, z, amount = dict(samples), samples["samples"], int(amount)
+    s["samples"] = z.repeat(amount, 1, 1, 1)
+    if "noise_mask" in samples and samples["noise_mask"].shape[0] > 1:  # (a mask of one is every image's already)
+        s["noise_mask"] = samples["noise_mask"].repeat(amount, 1, 1, 1)
+    if "batch_index" in s:  # (the repeats' noise follows the batch's: each repeat offset by its span)
+        index = s["batch_index"]
+        offset = max(index) - min(index) + 1
+        s["batch_index"] = index + [k + i * offset for i in range(1, amount) for k in index]
+    return (s,)
+
+
+def _latent_from_batch(ctx, samples, batch_index, length):
+    # (ComfyUI's: the images keep their places in the batch, batch_index, so that their noise is theirs in it)
+    s, z = dict(samples), samples["samples"]
+    first = min(z.shape[0] - 1, int(batch_index))
+    length = min(z.shape[0] - first, int(length))
+    s["samples"] = z[first:first + length].clone()
+    if "noise_mask" in samples:
+        masks = samples["noise_mask"]
+        if masks.shape[0] == 1:
+            s["noise_mask"] = masks.clone()
+        else:
+            if masks.shape[0] < z.shape[0]:
+                masks = masks.repeat(math.ceil(z.shape[0] / masks.shape[0]), 1, 1, 1)[:z.shape[0]]
+            s["noise_mask"] = masks[first:first + length].clone()
+    s["batch_index"] = samples["batch_index"][first:first + length] if "batch_index" in samples else \
+        list(range(first, first + length))
+    return (s,)
+
+
+def _latent_composite(ctx, samples_to, samples_from, x, y, feather):
+    # (ComfyUI's: pixels // 8 as latent cells; with a feather, samples_from faded in over it where it lies inside)
+    x, y, feather = int(x) // 8, int(y) // 8, int(feather) // 8
+    out, to, src = dict(samples_to), samples_to["samples"], samples_from["samples"]
+    s = to.clone()
+    src = src[:, :, :to.shape[2] - y, :to.shape[3] - x]
+    region = (slice(None), slice(None), slice(y, y + src.shape[2]), slice(x, x + src.shape[3]))
+    if feather == 0:
+        s[region] = src
+    else:
+        mask = torch.ones_like(src)
+        for t in range(feather):
+            w = (t + 1) / feather
+            if y != 0:
+                mask[:, :, t:t + 1, :] *= w
+            if y + src.shape[2] < to.shape[2]:
+                mask[:, :, mask.shape[2] - 1 - t:mask.shape[2] - t, :] *= w
+            if x != 0:
+                mask[:, :, :, t:t + 1] *= w
+            if x + src.shape[3] < to.shape[3]:
+                mask[:, :, :, mask.shape[3] - 1 - t:mask.shape[3] - t] *= w
+        s[region] = src * mask + s[region] * (1 - mask)
+    out["samples"] = s
+    return (out,)
+
+
+def _latent_blend(ctx, samples1, samples2, blend_factor):
+    a, b = samples1["samples"], samples2["samples"]
+    if a.shape != b.shape:  # (its bicubic resize of the second to the first's size)
+        b = _upscale(b, "bicubic", a.shape[3], a.shape[2], "center")
+    return ({**samples1, "samples": a * float(blend_factor) + b * (1 - float(blend_factor))},)
+
+
+def _latent_crop(ctx, samples, width, height, x, y):
+    z = samples["samples"]
+    x, y = min(int(x) // 8, z.shape[3] - 8), min(int(y) // 8, z.shape[2] - 8)  # (at least 8 cells left, as its)
+    return ({**samples, "samples": z[:, :, y:y + int(height) // 8, x:x + int(width) // 8]},)
+
+
+def _latent_rotate(ctx, samples, rotation):
+    k = {"none": 0, "90 degrees": 1, "180 degrees": 2, "270 degrees": 3}[rotation]
+    return ({**samples, "samples": torch.rot90(samples["samples"], k=k, dims=[3, 2])},)
+
+
+def _latent_flip(ctx, samples, flip_method):
+    return ({**samples, "samples": torch.flip(samples["samples"], dims=[2 if flip_method.startswith("x") else 3])},)
+
+
+def _image_batch(ctx, image1, image2):
+    if image1.shape[1:] != image2.shape[1:]:  # (the second brought to the first's size, bilinear after a centre crop)
+        image2 = _upscale(image2.permute(0, 3, 1, 2), "bilinear", image1.shape[2], image1.shape[1],
+                          "center").permute(0, 2, 3, 1)
+    return (torch.cat([image1, image2], dim=0),)
+
+
+def _empty_image(ctx, width, height, batch_size, color):
+    c = int(color)
+    rgb = torch.tensor([((c >> 16) & 0xFF) / 0xFF, ((c >> 8) & 0xFF) / 0xFF, (c & 0xFF) / 0xFF])
+    return (rgb.view(1, 1, 1, 3).repeat(int(batch_size), int(height), int(width), 1),)
+
+
+def _image_pad_for_outpaint(ctx, image, left, top, right, bottom, feathering):
+    """ComfyUI's ImagePadForOutpaint: the picture on a grey (0.5) canvas grown by the margins, and a mask of 1 on the
+    margins, 0 on the picture except, within `feathering` of a grown side, ((feathering - d) / feathering)^2."""
+    b, h, w, c = image.shape
+    left, top, right, bottom, feathering = int(left), int(top), int(right), int(bottom), int(feathering)
+    out = torch.full((b, h + top + bottom, w + left + right, c), 0.5)
+    out[:, top:top + h, left:left + w] = image
+    mask = torch.ones(h + top + bottom, w + left + right)
+    inner = torch.zeros(h, w)
+    if feathering > 0 and feathering * 2 < h and feathering * 2 < w:
+        i, j = torch.arange(h).view(-1, 1).float(), torch.arange(w).view(1, -1).float()
+        big = torch.full_like(i, float(h)), torch.full_like(j, float(w))
+        d = torch.minimum(torch.minimum(i if top else big[0], (h - i) if bottom else big[0]),
+                          torch.minimum(j if left else big[1], (w - j) if right else big[1]))
+        inner = torch.where(d < feathering, ((feathering - d) / feathering) ** 2, torch.zeros(()))
+    mask[top:top + h, left:left + w] = inner
+    return (out, mask)
+
+
+def _load_image_mask(ctx, image, channel):
+    with Image.open(ctx.state.folder("input") / image) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.getbands() != ("R", "G", "B", "A"):
+            im = im.convert("RGBA")
+        c = channel[0].upper()
+        mask = torch.from_numpy(np.asarray(im.getchannel(c), dtype=np.float32) / 255.0)
+    return ((1.0 - mask if c == "A" else mask)[None],)
+
+
 def _vae_decode(ctx, samples, vae):
     return (ctx.decode(samples["samples"]),)
 
@@ -836,6 +958,48 @@ NODES: dict[str, Node] = {
         ("IMAGE",), _image_scale_by, "image/upscaling", display_name="Upscale Image By"),
     "ImageInvert": Node(lambda s: {"required": {"image": ("IMAGE",)}}, ("IMAGE",), _image_invert, "image",
                         display_name="Invert Image"),
+    "ImageBatch": Node(lambda s: {"required": {"image1": ("IMAGE",), "image2": ("IMAGE",)}}, ("IMAGE",),
+                       _image_batch, "image", display_name="Batch Images"),
+    "EmptyImage": Node(
+        lambda s: {"required": {"width": _int(512, 1, MAX_RESOLUTION), "height": _int(512, 1, MAX_RESOLUTION),
+                                "batch_size": _int(1, 1, 4096), "color": _int(0, 0, 0xFFFFFF, display="color")}},
+        ("IMAGE",), _empty_image, "image", display_name="EmptyImage"),
+    "ImagePadForOutpaint": Node(
+        lambda s: {"required": {"image": ("IMAGE",), "left": _int(0, 0, MAX_RESOLUTION, 8),
+                                "top": _int(0, 0, MAX_RESOLUTION, 8), "right": _int(0, 0, MAX_RESOLUTION, 8),
+                                "bottom": _int(0, 0, MAX_RESOLUTION, 8), "feathering": _int(40, 0, MAX_RESOLUTION)}},
+        ("IMAGE", "MASK"), _image_pad_for_outpaint, "image", display_name="Pad Image for Outpainting"),
+    "RepeatLatentBatch": Node(
+        lambda s: {"required": {"samples": ("LATENT",), "amount": _int(1, 1, 64)}}, ("LATENT",), _repeat_latent_batch,
+        "latent/batch", display_name="Repeat Latent Batch"),
+    "LatentFromBatch": Node(
+        lambda s: {"required": {"samples": ("LATENT",), "batch_index": _int(0, 0, 63), "length": _int(1, 1, 64)}},
+        ("LATENT",), _latent_from_batch, "latent/batch", display_name="Latent From Batch"),
+    "LatentComposite": Node(
+        lambda s: {"required": {"samples_to": ("LATENT",), "samples_from": ("LATENT",),
+                                "x": _int(0, 0, MAX_RESOLUTION, 8), "y": _int(0, 0, MAX_RESOLUTION, 8),
+                                "feather": _int(0, 0, MAX_RESOLUTION, 8)}},
+        ("LATENT",), _latent_composite, "latent", display_name="Latent Composite"),
+    "LatentBlend": Node(
+        lambda s: {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",), "blend_factor": _fraction(0.5)}},
+        ("LATENT",), _latent_blend, "_for_testing", display_name="Latent Blend"),
+    "LatentCrop": Node(
+        lambda s: {"required": {"samples": ("LATENT",), "width": _int(512, 64, MAX_RESOLUTION, 8),
+                                "height": _int(512, 64, MAX_RESOLUTION, 8), "x": _int(0, 0, MAX_RESOLUTION, 8),
+                                "y": _int(0, 0, MAX_RESOLUTION, 8)}},
+        ("LATENT",), _latent_crop, "latent/transform", display_name="Crop Latent"),
+    "LatentRotate": Node(
+        lambda s: {"required": {"samples": ("LATENT",),
+                                "rotation": (["none", "90 degrees", "180 degrees", "270 degrees"],)}},
+        ("LATENT",), _latent_rotate, "latent/transform", display_name="Rotate Latent"),
+    "LatentFlip": Node(
+        lambda s: {"required": {"samples": ("LATENT",),
+                                "flip_method": (["x-axis: vertically", "y-axis: horizontally"],)}},
+        ("LATENT",), _latent_flip, "latent/transform", display_name="Flip Latent"),
+    "LoadImageMask": Node(
+        lambda s: {"required": {"image": (s.input_files(), {"image_upload": True}),
+                                "channel": (["alpha", "red", "green", "blue"],)}},
+        ("MASK",), _load_image_mask, "mask", display_name="Load Image (as Mask)", changed=_input_file_hash),
     "LoadImage": Node(
         lambda s: {"required": {"image": (s.input_files(), {"image_upload": True})}},
         ("IMAGE", "MASK"), _load_image, "image", display_name="Load Image", changed=_input_file_hash),
@@ -1138,6 +1302,7 @@ class Execution:
         try:
             with self.run.using_clip_skip(skip):
                 result = pipe.generate(*texts, conditioning=lists, seeds=[seed] * n, steps=steps,
+                                       noise_indices=latent.get("batch_index"),
                                        guidance_scale=cfg, sampler=sampler, sigma_schedule=SCHEDULERS[scheduler],
                                        sampler_options=options or None, sigma_range="comfyui",
                                        discard_penultimate_sigma=discard, start="comfyui",
