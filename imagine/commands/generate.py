@@ -18,7 +18,7 @@ from imagine.hardware import PRECISION_HELP
 
 # (schedules.SIGMA_SCHEDULES, with no torch import to parse arguments)
 SCHEDULE_NAMES = ("karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
-                  "align_your_steps_sdxl", "uniform", "normal", "sgm_uniform", "simple", "ddim_uniform", "compvis",
+                  "align_your_steps_sdxl", "linear_quadratic", "uniform", "normal", "sgm_uniform", "simple", "ddim_uniform", "compvis",
                   "time_uniform", "time_quadratic", "logsnr", "compvis_time_uniform")
 
 
