@@ -571,6 +571,22 @@ def comfyui_window(plan: SamplingPlan, start_step: int, last_step: int, full_den
                    end_ve=float(s[-1]) > 0)
 
 
+def levels_plan(schedule: NoiseSchedule, levels: Sequence[float], rule: str = "karras") -> SamplingPlan | None:
+    """The plan of explicit noise levels (ComfyUI's SIGMAS): each step at its level's fractional timestep (the nearest
+    under `quantize`), ending at the last level (VE hand-on above 0, as a KSamplerAdvanced window's); None for fewer
+    than two levels (no step: ComfyUI gives the latent back)."""
+    sig = torch.tensor([float(v) for v in levels], dtype=torch.float64)
+    if len(sig) < 2:
+        return None
+    if not bool(torch.isfinite(sig).all()) or bool((sig[:-1] <= 0).any()) or float(sig[-1]) < 0 \
+            or bool((sig.diff() >= 0).any()):
+        raise ValueError(f"noise levels must fall strictly, all above 0 but the last (0 or above); got "
+                         f"{[round(v, 6) for v in sig.tolist()]}")
+    t = torch.as_tensor(schedule.sigma_to_t(sig[:-1].numpy()), dtype=torch.float64)
+    return SamplingPlan(timesteps=t, sigmas=sig, alphas_cumprod=1.0 / (1.0 + sig**2), rule=rule,
+                        end_ve=float(sig[-1]) > 0)
+
+
 def comfyui_max_denoise(schedule: NoiseSchedule, plan: SamplingPlan) -> bool:
     """ComfyUI's max_denoise: whether the run's first level is at the model's sigma_max (its float32 table's last,
     within a relative 1e-5) or above it; its start then scales the noise by sqrt(1 + sigma^2), else by sigma."""
@@ -668,7 +684,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            discard_penultimate_sigma: bool = False, strength_rule: str = "diffusers", rng: str = "cpu",
            seed_delta: int = 0, dtype: torch.dtype = torch.float32,
            device: torch.device | str | None = None, lcm_strength: bool = False,
-           quantize: bool = False, window: tuple[int, int, bool] | None = None) -> torch.Tensor:
+           quantize: bool = False, window: tuple[int, int, bool] | None = None,
+           levels: Sequence[float] | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     model: model(x_t, t, **cond); one with `at_run` (imagine.refiner.Handoff) is told before its first call how the
@@ -731,6 +748,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         the window cut the plan and full_denoise; from `init`, a latent in VE terms (a run ending above 0 hands one on:
         ComfyUI's leftover noise), with the start noise (zeros: its add_noise "disable") scaled by the "comfyui" start
         rule. A window with no step left gives `init` back.
+    levels: the run's noise levels themselves (ComfyUI's SIGMAS: its SamplerCustom), falling, ending at 0 or above
+        (then the VE sample there is handed on); run from `init` as a window is (`levels_plan`); `steps` is ignored.
     quantize: the model sees each level's nearest training timestep (nearest in log sigma, in float32: k-diffusion's
         quantize=True, and ComfyUI's every run) instead of the fractional one.
     init, strength: image-to-image (SDEdit, Meng et al. 2022): x_0 to start from, [B, ...] of the sample's shape;
@@ -805,19 +824,20 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         from imagine.brownian import tree_seeds
 
         noise_seeds = tree_seeds(batch, seeds if noise_seeds is None else noise_seeds)
-    levels = [v for v in plan.sigmas.tolist() if v > 0]
+    spanned = [v for v in plan.sigmas.tolist() if v > 0]
     # (A1111's trees span the whole plan's levels; ComfyUI's the levels its sampler is given: the run's)
-    noise = PerSampleNoise(generators, noise_seeds, (min(levels), max(levels)) if len(levels) > 1 and not isinstance(
-        generators, BatchNoiseStream) else None)
+    noise = PerSampleNoise(generators, noise_seeds, (min(spanned), max(spanned)) if len(spanned) > 1 and not
+                           isinstance(generators, BatchNoiseStream) else None)
     cond = check_cond(cond, batch, "cond")
     uncond = check_cond(uncond, batch, "uncond") if uncond is not None else None
     if mask is not None and init is None:
         raise ValueError("mask needs init: the x_0 to keep where mask is 0 (inpainting)")
-    if window is not None:
-        if init is None or strength != 1.0:
-            raise ValueError("window (ComfyUI's KSamplerAdvanced steps) runs from a latent: give init (zeros for an "
-                             "empty one) and no strength")
-        plan, start_abar = comfyui_window(plan, *window), None
+    if window is not None or levels is not None:
+        if init is None or strength != 1.0 or (window is not None and levels is not None):
+            raise ValueError("window (ComfyUI's KSamplerAdvanced steps) or levels (its SamplerCustom's sigmas) run "
+                             "from a latent: give init (zeros for an empty one), no strength and one of them")
+        plan, start_abar = (comfyui_window(plan, *window) if levels is None else
+                            levels_plan(schedule, levels, plan.rule)), None
         if plan is None:  # (ComfyUI gives the latent back)
             return init.clone()
     elif init is not None:

@@ -619,6 +619,7 @@ class TextToImagePipeline:
                  pad_conds: str | None = None, quantize: bool = False, window: tuple | None = None,
                  latent_mask: torch.Tensor | None = None, latent_concat: torch.Tensor | None = None,
                  conditioning: Callable | None = None, noise_indices: list[int] | None = None,
+                 levels: list[float] | None = None, add_noise: bool = True,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -722,7 +723,9 @@ class TextToImagePipeline:
         (pipe, n, height, width, guided) -> (cond, uncond), made in place of the prompts' encoding, once the LoRAs
         their tags ask for are merged (ComfyUI's conditioning lists, imagine.area_conditioning; uncond None: no
         unconditional pass). noise_indices (rng "comfyui"): a latent's batch_index, each image's start noise the draw
-        of that place in a batch (imagine.sampling.BatchNoiseStream).
+        of that place in a batch (imagine.sampling.BatchNoiseStream). levels (with init_latents, VE as ComfyUI hands
+        them on, and strength 1): the run's noise levels themselves (ComfyUI's SamplerCustom; imagine.sampling.sample's
+        levels). add_noise False: no start noise (its add_noise off).
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -770,7 +773,8 @@ class TextToImagePipeline:
                      "downcast_alphas_cumprod": downcast_alphas_cumprod,
                      "old_prompt_editing": old_prompt_editing and edits, "pad_conds": pad_conds,
                      "quantize": quantize, "window": window, "latent_mask": latent_mask,
-                     "latent_concat": latent_concat, "conditioning": conditioning, "noise_indices": noise_indices}
+                     "latent_concat": latent_concat, "conditioning": conditioning, "noise_indices": noise_indices,
+                     "levels": levels, "add_noise": add_noise is not True}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -1045,10 +1049,11 @@ class TextToImagePipeline:
             # follows on)
             inpaint["noise"] = start_noise(shape, generators, seeds, subseeds, float(subseed_strength), first_size,
                                            inpaint.get("noise"), rng)
-        if window is not None:
+        if window is not None or levels is not None:
             if init_latents is None or strength != 1:
-                raise ValueError("window (ComfyUI's KSamplerAdvanced) runs from init_latents at strength 1")
-            if not window[3]:  # (its add_noise "disable": the latent as it is)
+                raise ValueError("window (ComfyUI's KSamplerAdvanced) and levels (its SamplerCustom) run from "
+                                 "init_latents at strength 1")
+            if not add_noise or (window is not None and not window[3]):  # (its add_noise off: the latent as it is)
                 inpaint["noise"] = torch.zeros(shape)
         report: dict = {}
         latents = self._sample(shape, cond, uncond, steps=steps, guidance_scale=guidance_scale if guided else 1.0,
@@ -1063,7 +1068,7 @@ class TextToImagePipeline:
                                refiner_switch=refiner_switch if refine else None,
                                refiner_switch_by_steps=refiner_switch_by_steps, report=report,
                                schedule=schedule, padding=padding, quantize=quantize,
-                               window=None if window is None else tuple(window[:3]))
+                               window=None if window is None else tuple(window[:3]), levels=levels)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__, **self.run_record()}
@@ -1680,7 +1685,7 @@ class TextToImagePipeline:
                 concat=None, controls=None, refiner_switch=None, refiner_switch_by_steps=False,
                 image_guidance_scale=None, image_guidance_gate=True,
                 report=None, sigma_range="spaced", discard_penultimate_sigma=False, strength_rule="diffusers",
-                schedule=None, padding=None, quantize=False, window=None):
+                schedule=None, padding=None, quantize=False, window=None, levels=None):
         """The sampler's run over the U-Net (and what wraps it); `schedule`: the run's noise schedule (None: the
         model's); `padding`: an imagine.guidance.PaddedConds to run the guidance through."""
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
@@ -1724,7 +1729,7 @@ class TextToImagePipeline:
                       discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
                       final_step=final_step, sampler_options=sampler_options, rho=rho, start=start,
                       init=init, strength=strength, mask=mask, guidance=guidance,
-                      lcm_strength=self.guidance_embedded, quantize=quantize, window=window,
+                      lcm_strength=self.guidance_embedded, quantize=quantize, window=window, levels=levels,
                       **kwargs)  # (an LCM pipeline's image to image)
         if report is not None and refiner_switch is not None:
             report["refined"] = handoff.used  # (whether some step was the refiner's)

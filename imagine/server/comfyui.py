@@ -485,6 +485,10 @@ def _strength_0_10():
     return ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01})
 
 
+def _level(default: float):
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 5000.0, "step": 0.01, "round": False})
+
+
 def _fraction(default: float, step: float = 0.01):
     return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": step})
 
@@ -633,6 +637,62 @@ def _load_image_mask(ctx, image, channel):
         c = channel[0].upper()
         mask = torch.from_numpy(np.asarray(im.getchannel(c), dtype=np.float32) / 255.0)
     return ((1.0 - mask if c == "A" else mask)[None],)
+
+
+def _keeping_x0(step, kept: dict, info: dict) -> None:
+    kept["x0"] = info["denoised"]
+    step(info)
+
+
+# -- custom sampling (ComfyUI's comfy_extras/nodes_custom_sampler.py) --
+def _ksampler_select(ctx, sampler_name):
+    return (sampler_name,)
+
+
+def _sigmas_of(ctx, scheduler: str, steps: int) -> torch.Tensor:
+    # (its calculate_sigmas: the scheduler's levels over the model's range, as KSampler lays them out, no discard)
+    plan = ctx.served.pipe.schedule.plan(int(steps), sigma_schedule=SCHEDULERS[scheduler], sigma_range="comfyui")
+    return plan.sigmas.float()
+
+
+def _basic_scheduler(ctx, model, scheduler, steps, denoise):
+    steps, denoise = int(steps), float(denoise)
+    if denoise <= 0:
+        return (torch.zeros(0),)
+    return (_sigmas_of(ctx, scheduler, int(steps / denoise) if denoise < 1 else steps)[-(steps + 1):],)
+
+
+def _karras_scheduler(ctx, steps, sigma_max, sigma_min, rho):
+    from imagine.schedules import karras_sigmas
+
+    levels = karras_sigmas(float(sigma_min), float(sigma_max), int(steps), float(rho), torch.float32)
+    return (torch.cat([torch.from_numpy(levels).float(), torch.zeros(1)]),)
+
+
+def _exponential_scheduler(ctx, steps, sigma_max, sigma_min):
+    levels = torch.linspace(math.log(float(sigma_max)), math.log(float(sigma_min)), int(steps)).exp()
+    return (torch.cat([levels, torch.zeros(1)]),)
+
+
+def _sd_turbo_scheduler(ctx, model, steps, denoise):
+    # (its: of the timesteps 999, 899, ..., 99, `steps` from the one int(10 denoise) from the end, then 0)
+    from imagine.schedules import kdiffusion_t_to_sigma
+
+    start = 10 - int(10 * float(denoise))
+    t = torch.flip(torch.arange(1, 11) * 100 - 1, (0,))[start:start + int(steps)]
+    sigmas = kdiffusion_t_to_sigma(t, ctx.served.pipe.schedule.kdiffusion_log_sigmas())
+    return (torch.cat([sigmas, torch.zeros(1)]),)
+
+
+def _split_sigmas(ctx, sigmas, step):
+    return (sigmas[:int(step) + 1], sigmas[int(step):])
+
+
+def _sampler_custom(ctx, model, add_noise, noise_seed, cfg, positive, negative, sampler, sigmas, latent_image):
+    kept: dict = {}
+    out = ctx.sample(model, latent_image, int(noise_seed), max(len(sigmas) - 1, 1), float(cfg), sampler, None,
+                     positive, negative, 1.0, levels=sigmas, add_noise=bool(add_noise), denoised=kept)
+    return (out, {**out, "samples": kept["x0"].float()} if "x0" in kept else out)
 
 
 def _vae_decode(ctx, samples, vae):
@@ -913,6 +973,39 @@ NODES: dict[str, Node] = {
     "ConditioningConcat": Node(
         lambda s: {"required": {"conditioning_to": ("CONDITIONING",), "conditioning_from": ("CONDITIONING",)}},
         ("CONDITIONING",), _conditioning_concat, "conditioning", display_name="Conditioning (Concat)"),
+    "KSamplerSelect": Node(lambda s: {"required": {"sampler_name": (list(SAMPLERS),)}}, ("SAMPLER",),
+                           _ksampler_select, "sampling/custom_sampling/samplers", display_name="KSamplerSelect"),
+    "BasicScheduler": Node(
+        lambda s: {"required": {"model": ("MODEL",), "scheduler": (list(SCHEDULERS),), "steps": _int(20, 1, 10000),
+                                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01})}},
+        ("SIGMAS",), _basic_scheduler, "sampling/custom_sampling/schedulers", display_name="BasicScheduler"),
+    "KarrasScheduler": Node(
+        lambda s: {"required": {"steps": _int(20, 1, 10000), "sigma_max": _level(14.614642),
+                                "sigma_min": _level(0.0291675), "rho": ("FLOAT", {"default": 7.0, "min": 0.0,
+                                                                                  "max": 100.0, "step": 0.01})}},
+        ("SIGMAS",), _karras_scheduler, "sampling/custom_sampling/schedulers", display_name="KarrasScheduler"),
+    "ExponentialScheduler": Node(
+        lambda s: {"required": {"steps": _int(20, 1, 10000), "sigma_max": _level(14.614642),
+                                "sigma_min": _level(0.0291675)}},
+        ("SIGMAS",), _exponential_scheduler, "sampling/custom_sampling/schedulers",
+        display_name="ExponentialScheduler"),
+    "SDTurboScheduler": Node(
+        lambda s: {"required": {"model": ("MODEL",), "steps": _int(1, 1, 10),
+                                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01})}},
+        ("SIGMAS",), _sd_turbo_scheduler, "sampling/custom_sampling/schedulers", display_name="SDTurboScheduler"),
+    "SplitSigmas": Node(
+        lambda s: {"required": {"sigmas": ("SIGMAS",), "step": _int(0, 0, 10000)}}, ("SIGMAS", "SIGMAS"),
+        _split_sigmas, "sampling/custom_sampling/sigmas", output_names=("high_sigmas", "low_sigmas"),
+        display_name="SplitSigmas"),
+    "SamplerCustom": Node(
+        lambda s: {"required": {"model": ("MODEL",), "add_noise": ("BOOLEAN", {"default": True}),
+                                "noise_seed": _int(0, 0, MAX_SEED, control_after_generate=True),
+                                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                                  "round": 0.01}),
+                                "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "sampler": ("SAMPLER",),
+                                "sigmas": ("SIGMAS",), "latent_image": ("LATENT",)}},
+        ("LATENT", "LATENT"), _sampler_custom, "sampling/custom_sampling", output_names=("output", "denoised_output"),
+        display_name="SamplerCustom"),
     "ControlNetLoader": Node(
         lambda s: {"required": {"control_net_name": (s.controlnet_names(),)}}, ("CONTROL_NET",), _controlnet_loader,
         "loaders", "The ControlNets of serve --controlnet, by their file names or names.",
@@ -1230,8 +1323,9 @@ class Execution:
 
     # -- what the nodes do with the pipeline ----------------------------------------------------------------------
     def sample(self, model: Model, latent: dict, seed: int, steps: int, cfg: float, sampler_name: str,
-               scheduler: str, positive: tuple, negative: tuple, denoise: float,
-               window: tuple | None = None) -> dict:
+               scheduler: str | None, positive: tuple, negative: tuple, denoise: float,
+               window: tuple | None = None, levels: torch.Tensor | None = None, add_noise: bool = True,
+               denoised: dict | None = None) -> dict:
         """ComfyUI's KSampler (its common_ksampler): the texts read with its weights and windows (imagine.emphasis'
         "ComfyUI" mode), one seed for the batch's noise (BatchNoiseStream), the levels
         of its scheduler over the model's range, its start, the nearest training timesteps, classifier-free guidance
@@ -1242,7 +1336,8 @@ class Execution:
         (`<lora:name:te=..:unet=..>`, the files of serve --lora-dir; put back after). `positive` and `negative` are
         lists of conditioning entries: one text each goes to the pipeline as text; anything more (several entries,
         areas, masks, strengths, timestep ranges, zeroed, averaged or concatenated encodings) as ComfyUI's lists
-        (`_area_conditioning`, imagine.area_conditioning)."""
+        (`_area_conditioning`, imagine.area_conditioning). `levels`: SamplerCustom's sigmas in place of the
+        scheduler's (no noise with add_noise off); `denoised` receives the last step's x_0 prediction ("x0")."""
         limits = self.served
         if steps > limits.max_steps:
             raise ValueError(f"steps {steps} is past the server's limit of {limits.max_steps}")
@@ -1292,6 +1387,10 @@ class Execution:
             mask = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(),
                                                    size=tuple(z.shape[2:]), mode="bilinear")
             mask = mask.repeat(math.ceil(n / mask.shape[0]), 1, 1, 1)[:n]
+        if levels is not None:
+            if len(levels) < 2:  # (no step: ComfyUI gives the latent back)
+                return latent
+            steps = len(levels) - 1
         self.run.new_pass(steps)
         node = self.current
         self.run.on_step = lambda value, most: self.emit("progress", {"value": value, "max": most, "node": node})
@@ -1303,13 +1402,17 @@ class Execution:
             with self.run.using_clip_skip(skip):
                 result = pipe.generate(*texts, conditioning=lists, seeds=[seed] * n, steps=steps,
                                        noise_indices=latent.get("batch_index"),
-                                       guidance_scale=cfg, sampler=sampler, sigma_schedule=SCHEDULERS[scheduler],
+                                       guidance_scale=cfg, sampler=sampler,
+                                       sigma_schedule=SCHEDULERS[scheduler] if scheduler else "normal",
                                        sampler_options=options or None, sigma_range="comfyui",
                                        discard_penultimate_sigma=discard, start="comfyui",
                                        rng="comfyui", quantize=True, init_latents=z.clone(),
                                        strength=min(float(denoise), 1.0), strength_rule="a1111_fixed_steps",
                                        window=window, latent_mask=mask, latent_concat=concat, **controls,
-                                       emphasis="ComfyUI", long_prompts=True, callback=self.run.step,
+                                       levels=None if levels is None else [float(v) for v in levels],
+                                       add_noise=add_noise, emphasis="ComfyUI", long_prompts=True,
+                                       callback=self.run.step if denoised is None else
+                                       functools.partial(_keeping_x0, self.run.step, denoised),
                                        progress=False,
                                        output_type="latent")
         finally:
