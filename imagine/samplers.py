@@ -1390,6 +1390,14 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
 
 
 # -- ComfyUI's further samplers (its comfy/k_diffusion/sampling.py), in VE terms ----------------------------------
+def _evaluated(denoise, x: torch.Tensor, plan: SamplingPlan, i: int, dtype, callback):
+    """Step i's model call on x (VE): the VP sample the model reads and D there (float64), reported."""
+    x_t = _ve_to_vp(x, float(plan.sigmas[i]), dtype)
+    denoised = denoise(x_t, i).double()
+    _report(callback, plan, i, x_t, denoised)
+    return x_t, denoised
+
+
 def _slope_multistep(denoise, x, plan, *, name, max_order, weights, callback, progress):
     """The linear multistep loop of iPNDM and DEIS on the probability-flow ODE in sigma: the slopes
     d_i = (x_i - D(x_i; sigma_i)) / sigma_i of the last `max_order` steps, x_{i+1} = x_i + sum_k w_k d_{i-k} with
@@ -1402,9 +1410,7 @@ def _slope_multistep(denoise, x, plan, *, name, max_order, weights, callback, pr
     ds: list[torch.Tensor] = []  # the slopes, oldest first
     for i in _steps(plan, progress, name):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise(x_t, i)
-        _report(callback, plan, i, x_t, denoised)
+        x_t, denoised = _evaluated(denoise, x, plan, i, dtype, callback)
         ds = (ds + [(x - denoised) / s])[-max_order:]
         if s_next == 0:
             x = denoised.double()
@@ -1536,9 +1542,7 @@ def sample_heunpp2(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, noi
 
     for i in _steps(plan, progress, "heunpp2"):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise(x_t, i)
-        _report(callback, plan, i, x_t, denoised)
+        x_t, denoised = _evaluated(denoise, x, plan, i, dtype, callback)
         d = (x - denoised) / s
         dt = s_next - s
         if i + 1 == n:
@@ -1567,9 +1571,7 @@ def _res_multistep(denoise, x, plan, *, eta, noise, callback, progress, name, cf
     old, old_down = None, None
     for i in _steps(plan, progress, name):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise(x_t, i).double()
-        _report(callback, plan, i, x_t, denoised)
+        x_t, denoised = _evaluated(denoise, x, plan, i, dtype, callback)
         u = uncond_x0().double() if cfg_pp else denoised
         s_down, s_up = _ancestral_step(s, s_next, eta)
         if s_down == 0 or old is None:
@@ -1639,9 +1641,7 @@ def _gradient_estimation(denoise, x, plan, *, callback, progress, name, ge_gamma
     old_d = None
     for i in _steps(plan, progress, name):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise(x_t, i).double()
-        _report(callback, plan, i, x_t, denoised)
+        x_t, denoised = _evaluated(denoise, x, plan, i, dtype, callback)
         d = (x - (uncond_x0().double() if cfg_pp else denoised)) / s
         if s_next == 0:
             x = denoised
@@ -1685,9 +1685,7 @@ def sample_dpmpp_2m_cfgpp(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan,
     old = None
     for i in _steps(plan, progress, "dpmpp_2m_cfgpp"):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise(x_t, i).double()
-        _report(callback, plan, i, x_t, denoised)
+        x_t, denoised = _evaluated(denoise, x, plan, i, dtype, callback)
         u = uncond_x0().double()
         if s_next == 0:
             x = denoised
@@ -1712,9 +1710,7 @@ def sample_dpmpp_2s_ancestral_cfgpp(denoise: Denoise, x: torch.Tensor, plan: Sam
     x = _vp_to_ve(x, sigmas[0])
     for i in _steps(plan, progress, "dpmpp_2s_a_cfgpp"):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise(x_t, i).double()
-        _report(callback, plan, i, x_t, denoised)
+        x_t, denoised = _evaluated(denoise, x, plan, i, dtype, callback)
         u = uncond_x0().double()
         s_down, s_up = _ancestral_step(s, s_next, eta)
         if s_down == 0:
@@ -1754,9 +1750,7 @@ def sample_er_sde(denoise: Denoise, x: torch.Tensor, plan: SamplingPlan, *, nois
     old, old_d = None, None
     for i in _steps(plan, progress, "er_sde"):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise(x_t, i).double()
-        _report(callback, plan, i, x_t, denoised)
+        x_t, denoised = _evaluated(denoise, x, plan, i, dtype, callback)
         stage = min(max_stage, i + 1)
         if s_next == 0:
             x = denoised
@@ -1788,9 +1782,7 @@ def _seeds(denoise, x, plan, *, eta, noise, callback, progress, name, rs, s_nois
     inject = eta > 0 and s_noise > 0
     for i in _steps(plan, progress, name):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x_t = _ve_to_vp(x, s, dtype)
-        denoised = denoise(x_t, i).double()
-        _report(callback, plan, i, x_t, denoised)
+        x_t, denoised = _evaluated(denoise, x, plan, i, dtype, callback)
         if s_next == 0:
             x = denoised
             continue
@@ -1886,9 +1878,7 @@ def _sa_solver(denoise, x, plan, *, tau, levels, noise, callback, progress, name
     n = len(plan)
     for i in _steps(plan, progress, name):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x_t = _ve_to_vp(x_pred, s, dtype)
-        denoised = denoise(x_t, i).double()
-        _report(callback, plan, i, x_t, denoised)
+        x_t, denoised = _evaluated(denoise, x_pred, plan, i, dtype, callback)
         preds = (preds + [denoised])[-max(predictor_order, corrector_order):]
         p_order = min(predictor_order, len(preds))
         c_order = 0 if i == 0 or (s_next == 0 and not pece) else min(corrector_order, len(preds))

@@ -20,6 +20,7 @@ from PIL import Image
 
 from imagine.server.app import BackgroundServer, ServerConfig, create_app
 from test_comfyui_api_s35 import close, graph, pictures, run
+from test_comfyui_controlnet_s36 import percent_sigma
 from test_k_diffusion import kd  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,18 +45,6 @@ def served(tmp_path_factory):
     with BackgroundServer(app) as srv:
         requests.post(srv.url + "/upload/image", files={"image": ("mask.png", buffer.getvalue(), "image/png")})
         yield srv, pipe, 1.0 - torch.from_numpy(rgba[..., 3].astype(np.float32) / 255.0)[None]
-
-
-def percent_sigma(pipe, p):  # (its percent_to_sigma, as in test_comfyui_controlnet_s36)
-    if p <= 0:
-        return 999999999.9
-    if p >= 1:
-        return 0.0
-    abar = pipe.schedule.alphas_cumprod.float()
-    log_sigmas = (((1 - abar) / abar) ** 0.5).log()
-    t = torch.tensor((1 - p) * 999.0)
-    lo, hi, w = int(t.floor()), int(t.ceil()), t.frac()
-    return float(((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp())
 
 
 def entry(pipe, text=None, cond=None, **values):
