@@ -1943,26 +1943,33 @@ def replace_vae(components: Components, vae: str | Path, dtype: torch.dtype = to
     decoder keeps its model's latent space); a folder's config carries its own."""
     from dataclasses import replace
 
-    from imagine.loading.vae import load_vae
-
     own = components.vae
     if own is None:
         raise ValueError(f"--vae {vae}: the model {components.source or 'default'} works on pixels and has no VAE "
                          "to replace")
     if own is loaded:  # (a checkpoint without a VAE of its own took it in its latent space)
         return replace(components, vae_source=str(vae))
+    return replace(components, vae=fitted_vae(own, vae, dtype, loaded), vae_source=str(vae))
+
+
+def fitted_vae(own: torch.nn.Module, vae: str | Path, dtype: torch.dtype = torch.float32,
+               loaded: torch.nn.Module | None = None, what: str = "--vae") -> torch.nn.Module:
+    """The VAE at `vae` (`loaded`: it, already read) for a model whose VAE is `own`: a file's takes `own`'s latent
+    space (replace_vae); one of another kind of model (channels, factor) is a ValueError naming `what`."""
+    from imagine.loading.vae import load_vae
+
     new = loaded if loaded is not None else load_vae(vae, dtype)
     if not Path(vae).is_dir():
         for key, value in own.config.latent_space().items():
             setattr(new.config, key, value)
-    for what in ("latent_channels", "in_channels", "out_channels"):
-        if getattr(new.config, what) != getattr(own.config, what):
-            raise ValueError(f"--vae {vae}: its {what} is {getattr(new.config, what)}, the model's VAE has "
-                             f"{getattr(own.config, what)}; it belongs to another kind of model")
+    for attr in ("latent_channels", "in_channels", "out_channels"):
+        if getattr(new.config, attr) != getattr(own.config, attr):
+            raise ValueError(f"{what} {vae}: its {attr} is {getattr(new.config, attr)}, the model's VAE has "
+                             f"{getattr(own.config, attr)}; it belongs to another kind of model")
     if new.config.downsampling_factor != own.config.downsampling_factor:
-        raise ValueError(f"--vae {vae}: it scales images down {new.config.downsampling_factor}x, the model's VAE "
+        raise ValueError(f"{what} {vae}: it scales images down {new.config.downsampling_factor}x, the model's VAE "
                          f"{own.config.downsampling_factor}x; it belongs to another kind of model")
-    return replace(components, vae=new, vae_source=str(vae))
+    return new
 
 
 def _cached_copy(cache, module: torch.nn.Module, build) -> torch.nn.Module:

@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="a folder of LoRA files that prompts ask for as AUTOMATIC1111's <lora:name:STRENGTH> (merged "
                         "for the requests that ask, and put back exactly after)")
+    p.add_argument("--vae-dir", default=None, metavar="DIR",
+                   help="a folder of VAE files (and VAE folders) that ComfyUI graphs load with VAELoader by name")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
                    help="a textual-inversion embedding to load at start, repeatable")
     p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
@@ -192,6 +194,8 @@ def run(args) -> int:
             raise FileNotFoundError(f"--controlnet: {path} not found")
     if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
         raise FileNotFoundError(f"--lora-dir: {args.lora_dir} is not a folder")
+    if args.vae_dir is not None and not Path(args.vae_dir).is_dir():
+        raise FileNotFoundError(f"--vae-dir: {args.vae_dir} is not a folder")
     if args.ckpt_dir is not None and not Path(args.ckpt_dir).is_dir():
         raise FileNotFoundError(f"--ckpt-dir: {args.ckpt_dir} is not a folder")
     if args.refiner is not None and not Path(args.refiner).exists():
@@ -215,7 +219,7 @@ def run(args) -> int:
 
 # the flags that change a latent model (its VAE, LoRAs, embeddings, ControlNets, refiner, CLIP), which a pixel cascade
 # has none of: refused by name
-LATENT_ONLY_FLAGS = ("vae", "lora", "lora_dir", "embedding", "controlnet", "refiner", "clip_skip")
+LATENT_ONLY_FLAGS = ("vae", "vae_dir", "lora", "lora_dir", "embedding", "controlnet", "refiner", "clip_skip")
 
 
 def _cascade(args, config):
@@ -290,6 +294,7 @@ def _model_app(args, config, styles, model_name: str | None = None, comfyui=None
         raise ValueError(f"{args.model} is {pipe.picture_model}, which a picture conditions throughout; imagine serve "
                          "runs text-to-image models and unCLIP decoders: use imagine generate --init-image PICTURE")
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
+    pipe.vae_dir = Path(args.vae_dir) if args.vae_dir else None
     app = create_app(pipe, config, styles=styles, model_name=model_name, comfyui=comfyui or args.comfyui_dir)
     app.state.listen = not is_loopback(args.host)
     return app

@@ -196,6 +196,8 @@ class ComfyState:
     checkpoint_names: Callable[[], list[str]] | None = None
     lora_names: Callable[[], list[str]] | None = None  # what LoraLoader offers: the files of serve --lora-dir
     controlnet_names: Callable[[], list[str]] | None = None  # what ControlNetLoader offers: serve --controlnet's
+    vae_names: Callable[[], list[str]] | None = None  # what VAELoader offers: the files of serve --vae-dir
+    vae: tuple | None = None  # (the last VAE VAELoader loaded: (its path, a weakref to the VAE it was fitted to, it))
     on_queued: Callable[[Any], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     prompts: "OrderedDict[str, Prompt]" = field(default_factory=OrderedDict)  # queued and running, in order
@@ -695,12 +697,16 @@ def _sampler_custom(ctx, model, add_noise, noise_seed, cfg, positive, negative, 
     return (out, {**out, "samples": kept["x0"].float()} if "x0" in kept else out)
 
 
+def _vae_loader(ctx, vae_name):
+    return (("file", str(vae_name)),)
+
+
 def _vae_decode(ctx, samples, vae):
-    return (ctx.decode(samples["samples"]),)
+    return (ctx.decode(samples["samples"], vae),)
 
 
 def _vae_encode(ctx, pixels, vae):
-    return ({"samples": ctx.encode(pixels)},)
+    return ({"samples": ctx.encode(pixels, vae)},)
 
 
 def _masked_grey(pixels: torch.Tensor, mask: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -726,15 +732,15 @@ def _vae_encode_for_inpaint(ctx, pixels, vae, mask, grow_mask_by):
     if g > 0:
         grown = torch.nn.functional.conv2d(mask.round(), torch.ones(1, 1, g, g), padding=math.ceil((g - 1) / 2))
         mask = grown.clamp(0, 1)[:, :, :grey.shape[1], :grey.shape[2]]
-    return ({"samples": ctx.encode(grey), "noise_mask": mask.round()},)
+    return ({"samples": ctx.encode(grey, vae), "noise_mask": mask.round()},)
 
 
 def _inpaint_model_conditioning(ctx, positive, negative, vae, pixels, mask, noise_mask=True):
     # (ComfyUI's: the grey-masked picture's latents and the mask ride on both conditionings; the latent is the whole
     # picture's, with the mask as its noise mask unless noise_mask is off)
     grey, mask = _masked_grey(pixels, mask, ctx.factor())
-    concat = (ctx.encode(grey), mask)
-    latent = {"samples": ctx.encode(pixels), **({"noise_mask": mask} if noise_mask else {})}
+    concat = (ctx.encode(grey, vae), mask)
+    latent = {"samples": ctx.encode(pixels, vae), **({"noise_mask": mask} if noise_mask else {})}
     return (_each(positive, concat=concat), _each(negative, concat=concat), latent)
 
 
@@ -926,6 +932,8 @@ NODES: dict[str, Node] = {
                       "latent", "Decodes latent images back into pixel space images.", display_name="VAE Decode"),
     "VAEEncode": Node(lambda s: {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}, ("LATENT",), _vae_encode,
                       "latent", display_name="VAE Encode"),
+    "VAELoader": Node(lambda s: {"required": {"vae_name": (s.vae_names(),)}}, ("VAE",), _vae_loader, "loaders",
+                      "The VAE files of serve --vae-dir.", display_name="Load VAE"),
     "VAEEncodeForInpaint": Node(
         lambda s: {"required": {"pixels": ("IMAGE",), "vae": ("VAE",), "mask": ("MASK",),
                                 "grow_mask_by": _int(6, 0, 64)}},
@@ -1468,15 +1476,39 @@ class Execution:
                              f"{self.served.max_width}x{self.served.max_height}")
         return _upscale(x, method, w, h, crop)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        x = self.served.pipe.decode(latents)  # [-1, 1]; ComfyUI's VAEDecode: clamp((x + 1) / 2, 0, 1), [B, H, W, C]
+    def vae(self, vae):
+        """The VAE a VAE value names: the model's own (None), or VAELoader's file of serve --vae-dir, loaded once and
+        kept while the prompts name it (in the model's latent space, as serve --vae fits one)."""
+        if not isinstance(vae, tuple):
+            return None
+        from imagine.pipelines.text_to_image import fitted_vae
+
+        pipe = self.served.pipe
+        folder = getattr(pipe, "vae_dir", None)
+        path = Path(folder) / vae[1] if folder is not None else None
+        if path is None or not path.exists():
+            raise ValueError(f"vae_name {vae[1]!r}: no such VAE in serve --vae-dir")
+        kept = self.state.vae
+        if kept is None or kept[0] != path or kept[1]() is not pipe.vae:
+            import weakref
+
+            self.state.vae = None  # (the one kept before goes first)
+            self.state.vae = kept = (path, weakref.ref(pipe.vae), fitted_vae(pipe.vae, path, what="VAELoader").eval())
+        return kept[2]
+
+    def decode(self, latents: torch.Tensor, vae=None) -> torch.Tensor:
+        from imagine.pipelines.text_to_image import decode_latents
+
+        pipe, own = self.served.pipe, self.vae(vae)
+        x = pipe.decode(latents) if own is None else decode_latents(own, latents, "exact")
+        # ([-1, 1]; ComfyUI's VAEDecode: clamp((x + 1) / 2, 0, 1), [B, H, W, C])
         return ((x.float() + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
 
     def factor(self) -> int:
         """The VAE's pixels per latent cell."""
         return int(getattr(self.served.pipe, "scale", 8))
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, vae=None) -> torch.Tensor:
         """ComfyUI's VAEEncode: the picture cropped to the VAE's factor about its centre, encoded to the posterior's
         mean (deterministic: a seed never enters it)."""
         pipe, limits = self.served.pipe, self.served
@@ -1490,6 +1522,10 @@ class Execution:
         if h > limits.max_height or w > limits.max_width:
             raise ValueError(f"the picture is {w}x{h}, past the server's limit of {limits.max_width}x"
                              f"{limits.max_height}")
+        own = self.vae(vae)
+        if own is not None:
+            with torch.no_grad():
+                return own.to_latent(own.encode(x.float()).mode().float())
         return pipe.vae.to_latent(pipe.vae_mode(x.float()))
 
     def save(self, images: torch.Tensor, prefix: str, kind: str) -> list[dict]:
@@ -1541,6 +1577,17 @@ def _ms() -> int:
 
 
 # -- the routes --------------------------------------------------------------------------------------------------------
+def _vae_files(folder) -> list[str]:
+    # (its vae folder's files, and VAE folders with a config.json)
+    if folder is None or not Path(folder).is_dir():
+        return []
+    folders = [p for p in Path(folder).rglob("*") if p.is_dir() and (p / "config.json").is_file()]
+    files = [p for p in Path(folder).rglob("*") if p.is_file()
+             and p.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
+             and not any(f in p.parents for f in folders)]  # (a VAE folder's own weights are it)
+    return sorted(p.relative_to(folder).as_posix() for p in folders + files)
+
+
 def _lora_files(folder) -> list[str]:
     from imagine.pipelines.text_to_image import LORA_SUFFIXES
 
@@ -1568,6 +1615,9 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
         state.checkpoint_names = lambda: [name]
     if state.lora_names is None:  # (a checkpoint server's models share --lora-dir)
         state.lora_names = lambda: _lora_files(lora_dir)
+    if state.vae_names is None:  # (and --vae-dir)
+        vae_dir = getattr(pipe, "vae_dir", None)
+        state.vae_names = lambda: _vae_files(vae_dir)
     if state.controlnet_names is None:  # (and --controlnet)
         nets = controlnet_names(pipe)
         state.controlnet_names = lambda: nets
