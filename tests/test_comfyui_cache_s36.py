@@ -57,3 +57,15 @@ def test_an_upload_under_the_same_name_is_loaded_again(server):
     _, changed = run(server, g)
     assert "10" not in cached(changed) and "3" not in cached(changed) and "6" in cached(changed)
     assert not np.array_equal(pictures(server, changed)[0], pictures(server, first)[0])
+
+
+def test_model_folders_and_free(server):
+    assert requests.get(server.url + "/models").json() == ["checkpoints", "loras", "vae", "controlnet", "embeddings"]
+    assert requests.get(server.url + "/models/checkpoints").json() == [server.name]
+    assert requests.get(server.url + "/api/models/loras").json() == []
+    assert requests.get(server.url + "/models/upscale_models").status_code == 404
+    g = graph(server.name, seed=99, steps=3, batch=1)
+    run(server, g)
+    assert requests.post(server.url + "/free", json={"free_memory": True}).status_code == 200
+    _, again = run(server, g)  # (the cache let go: the graph runs again)
+    assert cached(again) == []

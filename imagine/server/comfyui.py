@@ -1907,6 +1907,33 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
     def extensions():
         return []
 
+    folders = {"checkpoints": lambda: state.checkpoint_names(), "loras": lambda: state.lora_names(),
+               "vae": lambda: state.vae_names(), "controlnet": lambda: state.controlnet_names(),
+               "embeddings": embeddings}
+
+    @route("/models", ["GET"])
+    def model_folders():  # (ComfyUI's model folder types, those served here)
+        return list(folders)
+
+    @route("/models/{folder}", ["GET"])
+    def model_files(folder: str):
+        if folder not in folders:
+            return JSONResponse({"error": f"no model folder {folder!r}; these are served: {', '.join(folders)}"},
+                                status_code=404)
+        return folders[folder]()
+
+    @route("/free", ["POST"])
+    async def free(request: Request):
+        # (ComfyUI's: unload_models / free_memory; here the node cache and a VAELoader VAE are let go, the served
+        # model stays)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        if isinstance(body, dict) and (body.get("unload_models") or body.get("free_memory")):
+            state.cache, state.vae = {}, None
+        return Response(status_code=200)
+
     for prefix in ("", "/api"):
         app.add_api_websocket_route(prefix + "/ws", socket_endpoint(state))
     app.state.comfyui = state
