@@ -697,6 +697,121 @@ def _sampler_custom(ctx, model, add_noise, noise_seed, cfg, positive, negative, 
     return (out, {**out, "samples": kept["x0"].float()} if "x0" in kept else out)
 
 
+# -- masks (ComfyUI's comfy_extras/nodes_mask.py) --
+def _batched(x: torch.Tensor, n: int) -> torch.Tensor:
+    # (its repeat_to_batch_size: repeated in turn, or cut, to n)
+    return x[:n] if x.shape[0] >= n else x.repeat(math.ceil(n / x.shape[0]), *[1] * (x.ndim - 1))[:n]
+
+
+def _composite(destination, source, x, y, mask=None, multiplier=8, resize_source=False):
+    """Its composite: `source` over `destination` [B, C, H, W] at (x, y) / multiplier, under `mask` (bilinear to the
+    source's size), the part outside the destination dropped."""
+    if resize_source:
+        source = torch.nn.functional.interpolate(source, size=tuple(destination.shape[2:]), mode="bilinear")
+    source = _batched(source, destination.shape[0])
+    x = max(-source.shape[3] * multiplier, min(int(x), destination.shape[3] * multiplier))
+    y = max(-source.shape[2] * multiplier, min(int(y), destination.shape[2] * multiplier))
+    left, top = x // multiplier, y // multiplier
+    right, bottom = left + source.shape[3], top + source.shape[2]
+    if mask is None:
+        mask = torch.ones_like(source)
+    else:
+        mask = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(),
+                                               size=tuple(source.shape[2:]), mode="bilinear")
+        mask = _batched(mask, source.shape[0])
+    w, h = destination.shape[3] - left + min(0, x), destination.shape[2] - top + min(0, y)
+    mask = mask[:, :, :h, :w]
+    destination[:, :, top:bottom, left:right] = mask * source[:, :, :h, :w] + \
+        (1 - mask) * destination[:, :, top:bottom, left:right]
+    return destination
+
+
+def _latent_composite_masked(ctx, destination, source, x, y, resize_source, mask=None):
+    return ({**destination, "samples": _composite(destination["samples"].clone(), source["samples"], x, y, mask, 8,
+                                                  bool(resize_source))},)
+
+
+def _image_composite_masked(ctx, destination, source, x, y, resize_source, mask=None):
+    if destination.shape[-1] != source.shape[-1]:
+        raise ValueError("ImageCompositeMasked: the pictures have other channel counts (RGB and RGBA)")
+    out = _composite(destination.clone().permute(0, 3, 1, 2), source.permute(0, 3, 1, 2), x, y, mask, 1,
+                     bool(resize_source))
+    return (out.permute(0, 2, 3, 1),)
+
+
+def _mask_to_image(ctx, mask):
+    return (mask.reshape(-1, 1, *mask.shape[-2:]).permute(0, 2, 3, 1).expand(-1, -1, -1, 3),)
+
+
+def _image_to_mask(ctx, image, channel):
+    index = ["red", "green", "blue", "alpha"].index(channel)
+    if index >= image.shape[-1]:
+        raise ValueError(f"ImageToMask: the picture has no {channel} channel")
+    return (image[:, :, :, index],)
+
+
+def _solid_mask(ctx, value, width, height):
+    return (torch.full((1, int(height), int(width)), float(value)),)
+
+
+def _invert_mask(ctx, mask):
+    return (1.0 - mask,)
+
+
+def _crop_mask(ctx, mask, x, y, width, height):
+    mask = mask.reshape(-1, *mask.shape[-2:])
+    return (mask[:, int(y):int(y) + int(height), int(x):int(x) + int(width)],)
+
+
+def _mask_composite(ctx, destination, source, x, y, operation):
+    out = destination.reshape(-1, *destination.shape[-2:]).clone()
+    source = source.reshape(-1, *source.shape[-2:])
+    left, top = int(x), int(y)
+    right, bottom = min(left + source.shape[-1], out.shape[-1]), min(top + source.shape[-2], out.shape[-2])
+    a, b = out[:, top:bottom, left:right], source[:, :bottom - top, :right - left]
+    ops = {"multiply": lambda: a * b, "add": lambda: a + b, "subtract": lambda: a - b,
+           "and": lambda: (a.round().bool() & b.round().bool()).float(),
+           "or": lambda: (a.round().bool() | b.round().bool()).float(),
+           "xor": lambda: (a.round().bool() ^ b.round().bool()).float()}
+    out[:, top:bottom, left:right] = ops[operation]()
+    return (out.clamp(0.0, 1.0),)
+
+
+def _feather_mask(ctx, mask, left, top, right, bottom):
+    # (its loops, index -0 included: the far sides' ramps start on the first row and column, as ComfyUI's do)
+    out = mask.reshape(-1, *mask.shape[-2:]).clone()
+    left, right = min(int(left), out.shape[-1]), min(int(right), out.shape[-1])
+    top, bottom = min(int(top), out.shape[-2]), min(int(bottom), out.shape[-2])
+    for k in range(left):
+        out[:, :, k] *= (k + 1.0) / left
+    for k in range(right):
+        out[:, :, -k] *= (k + 1) / right
+    for k in range(top):
+        out[:, k, :] *= (k + 1) / top
+    for k in range(bottom):
+        out[:, -k, :] *= (k + 1) / bottom
+    return (out,)
+
+
+def _grow_mask(ctx, mask, expand, tapered_corners):
+    # (its scipy grey dilation, or erosion for expand < 0, by a 3x3 cross or square, |expand| times)
+    import scipy.ndimage
+
+    c = 0 if tapered_corners else 1
+    kernel = np.array([[c, 1, c], [1, 1, 1], [c, 1, c]])
+    out = []
+    for m in mask.reshape(-1, *mask.shape[-2:]):
+        a = m.numpy()
+        for _ in range(abs(int(expand))):
+            a = (scipy.ndimage.grey_erosion if int(expand) < 0 else scipy.ndimage.grey_dilation)(a, footprint=kernel)
+        out.append(torch.from_numpy(a))
+    return (torch.stack(out),)
+
+
+def _threshold_mask(ctx, mask, value):
+    return ((mask > float(value)).float(),)
+
+
 def _vae_loader(ctx, vae_name):
     return (("file", str(vae_name)),)
 
@@ -932,6 +1047,46 @@ NODES: dict[str, Node] = {
                       "latent", "Decodes latent images back into pixel space images.", display_name="VAE Decode"),
     "VAEEncode": Node(lambda s: {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}, ("LATENT",), _vae_encode,
                       "latent", display_name="VAE Encode"),
+    "LatentCompositeMasked": Node(
+        lambda s: {"required": {"destination": ("LATENT",), "source": ("LATENT",),
+                                "x": _int(0, 0, MAX_RESOLUTION, 8), "y": _int(0, 0, MAX_RESOLUTION, 8),
+                                "resize_source": ("BOOLEAN", {"default": False})}, "optional": {"mask": ("MASK",)}},
+        ("LATENT",), _latent_composite_masked, "latent", display_name="LatentCompositeMasked"),
+    "ImageCompositeMasked": Node(
+        lambda s: {"required": {"destination": ("IMAGE",), "source": ("IMAGE",), "x": _int(0, 0, MAX_RESOLUTION),
+                                "y": _int(0, 0, MAX_RESOLUTION), "resize_source": ("BOOLEAN", {"default": False})},
+                   "optional": {"mask": ("MASK",)}},
+        ("IMAGE",), _image_composite_masked, "image", display_name="ImageCompositeMasked"),
+    "MaskToImage": Node(lambda s: {"required": {"mask": ("MASK",)}}, ("IMAGE",), _mask_to_image, "mask",
+                        display_name="Convert Mask to Image"),
+    "ImageToMask": Node(lambda s: {"required": {"image": ("IMAGE",), "channel": (["red", "green", "blue", "alpha"],)}},
+                        ("MASK",), _image_to_mask, "mask", display_name="Convert Image to Mask"),
+    "SolidMask": Node(
+        lambda s: {"required": {"value": _fraction(1.0), "width": _int(512, 1, MAX_RESOLUTION),
+                                "height": _int(512, 1, MAX_RESOLUTION)}},
+        ("MASK",), _solid_mask, "mask", display_name="SolidMask"),
+    "InvertMask": Node(lambda s: {"required": {"mask": ("MASK",)}}, ("MASK",), _invert_mask, "mask",
+                       display_name="InvertMask"),
+    "CropMask": Node(
+        lambda s: {"required": {"mask": ("MASK",), "x": _int(0, 0, MAX_RESOLUTION), "y": _int(0, 0, MAX_RESOLUTION),
+                                "width": _int(512, 1, MAX_RESOLUTION), "height": _int(512, 1, MAX_RESOLUTION)}},
+        ("MASK",), _crop_mask, "mask", display_name="CropMask"),
+    "MaskComposite": Node(
+        lambda s: {"required": {"destination": ("MASK",), "source": ("MASK",), "x": _int(0, 0, MAX_RESOLUTION),
+                                "y": _int(0, 0, MAX_RESOLUTION),
+                                "operation": (["multiply", "add", "subtract", "and", "or", "xor"],)}},
+        ("MASK",), _mask_composite, "mask", display_name="MaskComposite"),
+    "FeatherMask": Node(
+        lambda s: {"required": {"mask": ("MASK",), "left": _int(0, 0, MAX_RESOLUTION),
+                                "top": _int(0, 0, MAX_RESOLUTION), "right": _int(0, 0, MAX_RESOLUTION),
+                                "bottom": _int(0, 0, MAX_RESOLUTION)}},
+        ("MASK",), _feather_mask, "mask", display_name="FeatherMask"),
+    "GrowMask": Node(
+        lambda s: {"required": {"mask": ("MASK",), "expand": _int(0, -MAX_RESOLUTION, MAX_RESOLUTION),
+                                "tapered_corners": ("BOOLEAN", {"default": True})}},
+        ("MASK",), _grow_mask, "mask", display_name="GrowMask"),
+    "ThresholdMask": Node(lambda s: {"required": {"mask": ("MASK",), "value": _fraction(0.5)}}, ("MASK",),
+                          _threshold_mask, "mask", display_name="ThresholdMask"),
     "VAELoader": Node(lambda s: {"required": {"vae_name": (s.vae_names(),)}}, ("VAE",), _vae_loader, "loaders",
                       "The VAE files of serve --vae-dir.", display_name="Load VAE"),
     "VAEEncodeForInpaint": Node(
