@@ -619,7 +619,7 @@ class TextToImagePipeline:
                  pad_conds: str | None = None, quantize: bool = False, window: tuple | None = None,
                  latent_mask: torch.Tensor | None = None, latent_concat: torch.Tensor | None = None,
                  conditioning: Callable | None = None, noise_indices: list[int] | None = None,
-                 levels: list[float] | None = None, add_noise: bool = True,
+                 levels: list[float] | None = None, add_noise: bool = True, prediction_type: str | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -725,7 +725,8 @@ class TextToImagePipeline:
         unconditional pass). noise_indices (rng "comfyui"): a latent's batch_index, each image's start noise the draw
         of that place in a batch (imagine.sampling.BatchNoiseStream). levels (with init_latents, VE as ComfyUI hands
         them on, and strength 1): the run's noise levels themselves (ComfyUI's SamplerCustom; imagine.sampling.sample's
-        levels). add_noise False: no start noise (its add_noise off).
+        levels). add_noise False: no start noise (its add_noise off). prediction_type: what the U-Net's output is read
+        as in place of the model's own ("epsilon", "v_prediction": ComfyUI's ModelSamplingDiscrete).
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -774,7 +775,7 @@ class TextToImagePipeline:
                      "old_prompt_editing": old_prompt_editing and edits, "pad_conds": pad_conds,
                      "quantize": quantize, "window": window, "latent_mask": latent_mask,
                      "latent_concat": latent_concat, "conditioning": conditioning, "noise_indices": noise_indices,
-                     "levels": levels, "add_noise": add_noise is not True}
+                     "levels": levels, "add_noise": add_noise is not True, "prediction_type": prediction_type}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -1068,7 +1069,8 @@ class TextToImagePipeline:
                                refiner_switch=refiner_switch if refine else None,
                                refiner_switch_by_steps=refiner_switch_by_steps, report=report,
                                schedule=schedule, padding=padding, quantize=quantize,
-                               window=None if window is None else tuple(window[:3]), levels=levels)
+                               window=None if window is None else tuple(window[:3]), levels=levels,
+                               prediction_type=prediction_type)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__, **self.run_record()}
@@ -1685,7 +1687,7 @@ class TextToImagePipeline:
                 concat=None, controls=None, refiner_switch=None, refiner_switch_by_steps=False,
                 image_guidance_scale=None, image_guidance_gate=True,
                 report=None, sigma_range="spaced", discard_penultimate_sigma=False, strength_rule="diffusers",
-                schedule=None, padding=None, quantize=False, window=None, levels=None):
+                schedule=None, padding=None, quantize=False, window=None, levels=None, prediction_type=None):
         """The sampler's run over the U-Net (and what wraps it); `schedule`: the run's noise schedule (None: the
         model's); `padding`: an imagine.guidance.PaddedConds to run the guidance through."""
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
@@ -1720,7 +1722,7 @@ class TextToImagePipeline:
             model = handoff = Handoff(model, _Autocast(r) if self.precision == "fast" else exact_copy(r), refiner_switch,
                                       by_steps=refiner_switch_by_steps)
         latents = sample(model, shape if noise is None else noise, schedule=schedule or self.schedule,
-                         prediction_type=self.prediction_type, sampler=sampler,
+                         prediction_type=prediction_type or self.prediction_type, sampler=sampler,
                       steps=steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, thresholding=thresholding, threshold_range=threshold_range,
                       karras=bool(karras), eta=eta,

@@ -93,9 +93,12 @@ class NodeError(Exception):
 
 @dataclass(frozen=True)
 class Model:
-    """A MODEL output: the LoRAs its LoraLoaders put on the U-Net, ((file name, strength), ...)."""
+    """A MODEL output: the LoRAs its LoraLoaders put on the U-Net, ((file name, strength), ...), and what its
+    ModelSamplingDiscrete says: the prediction its output is read as (None: the model's own) and zsnr."""
 
     loras: tuple = ()
+    prediction: str | None = None
+    zsnr: bool = False
 
 
 @dataclass(frozen=True)
@@ -433,17 +436,28 @@ def _clip_set_last_layer(ctx, clip, stop_at_clip_layer):
     return (Clip(-int(stop_at_clip_layer) - 1, clip.loras),)
 
 
+def _model_sampling_discrete(ctx, model, sampling, zsnr):
+    # (ComfyUI's: the U-Net's output read as eps or v, over the schedule rescaled to zero terminal SNR with zsnr, its
+    # rescale_zero_terminal_snr_sigmas: A1111's, the last abar 4.8973e-8)
+    kinds = {"eps": "epsilon", "v_prediction": "v_prediction"}
+    if sampling not in kinds:
+        raise ValueError(f"ModelSamplingDiscrete sampling {sampling!r} is not run by this server (eps and "
+                         "v_prediction are; LCM-distilled models run their lcm sampler as they are)")
+    return (dataclasses.replace(model, prediction=kinds[sampling], zsnr=bool(zsnr)),)
+
+
 def _lora_loader(ctx, model, clip, lora_name, strength_model, strength_clip):
     # (ComfyUI's LoraLoader patches W + s dW into the U-Net and the text encoder, each at its own strength; a strength
     # of 0 on both loads nothing)
     if float(strength_model) == 0 and float(strength_clip) == 0:
         return (model, clip)
-    return (Model(model.loras + ((lora_name, float(strength_model)),)),
+    return (dataclasses.replace(model, loras=model.loras + ((lora_name, float(strength_model)),)),
             Clip(clip.skip, clip.loras + ((lora_name, float(strength_clip)),)))
 
 
 def _lora_loader_model_only(ctx, model, lora_name, strength_model):
-    return (Model(model.loras + ((lora_name, float(strength_model)),)) if float(strength_model) else model,)
+    return (dataclasses.replace(model, loras=model.loras + ((lora_name, float(strength_model)),))
+            if float(strength_model) else model,)
 
 
 def _empty_latent(ctx, width, height, batch_size):
@@ -1005,6 +1019,11 @@ NODES: dict[str, Node] = {
         lambda s: {"required": {"text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)}},
         ("CONDITIONING",), _clip_text_encode, "conditioning", "Encodes a text prompt with the CLIP model.",
         display_name="CLIP Text Encode (Prompt)"),
+    "ModelSamplingDiscrete": Node(
+        lambda s: {"required": {"model": ("MODEL",),
+                                "sampling": (["eps", "v_prediction", "lcm", "x0", "img_to_img"],),
+                                "zsnr": ("BOOLEAN", {"default": False})}},
+        ("MODEL",), _model_sampling_discrete, "advanced/model", display_name="ModelSamplingDiscrete"),
     "LoraLoader": Node(
         lambda s: {"required": {"model": ("MODEL",), "clip": ("CLIP",), "lora_name": (s.lora_names(),),
                                 "strength_model": _strength(), "strength_clip": _strength()}},
@@ -1564,7 +1583,8 @@ class Execution:
         try:
             with self.run.using_clip_skip(skip):
                 result = pipe.generate(*texts, conditioning=lists, seeds=[seed] * n, steps=steps,
-                                       noise_indices=latent.get("batch_index"),
+                                       noise_indices=latent.get("batch_index"), prediction_type=model.prediction,
+                                       zero_terminal_snr=model.zsnr,
                                        guidance_scale=cfg, sampler=sampler,
                                        sigma_schedule=SCHEDULERS[scheduler] if scheduler else "normal",
                                        sampler_options=options or None, sigma_range="comfyui",
