@@ -644,7 +644,9 @@ def sampler_plan(schedule, sampler, steps, timestep_spacing=None, steps_offset=N
     (TIMESTEP_RULE) unless `rule` is given, a name's Karras hint ("... Karras") with `karras`. ValueError where the
     sampler and the schedule type cannot go together."""
     canonical, fn, karras_hint = resolve_sampler(sampler)
-    plan = schedule.plan(steps, rule=rule or TIMESTEP_RULE[canonical], spacing=timestep_spacing,
+    # (ComfyUI's levels do not depend on the sampler: one rule for all, unless asked, its LCM model sampling's)
+    rule = rule or ("karras" if sigma_range == "comfyui" else TIMESTEP_RULE[canonical])
+    plan = schedule.plan(steps, rule=rule, spacing=timestep_spacing,
                          steps_offset=steps_offset, karras=bool(karras) or karras_hint,
                          sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range or "spaced",
                          discard_penultimate_sigma=bool(discard_penultimate_sigma))
@@ -685,7 +687,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
            seed_delta: int = 0, dtype: torch.dtype = torch.float32,
            device: torch.device | str | None = None, lcm_strength: bool = False,
            quantize: bool = False, window: tuple[int, int, bool] | None = None,
-           levels: Sequence[float] | None = None) -> torch.Tensor:
+           levels: Sequence[float] | None = None, rule: str | None = None) -> torch.Tensor:
     """Sample a batch with one of the samplers (see `imagine.samplers`) and return x_0.
 
     model: model(x_t, t, **cond); one with `at_run` (imagine.refiner.Handoff) is told before its first call how the
@@ -750,6 +752,8 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         rule. A window with no step left gives `init` back.
     levels: the run's noise levels themselves (ComfyUI's SIGMAS: its SamplerCustom), falling, ending at 0 or above
         (then the VE sample there is handed on); run from `init` as a window is (`levels_plan`); `steps` is ignored.
+    rule: the timestep rule of the plan in place of the sampler's (schedules.TIMESTEP_RULES; "lcm" with a schedule type:
+        its levels over the LCM distillation timesteps, ComfyUI's LCM model sampling under sigma_range "comfyui").
     quantize: the model sees each level's nearest training timestep (nearest in log sigma, in float32: k-diffusion's
         quantize=True, and ComfyUI's every run) instead of the fractional one.
     init, strength: image-to-image (SDEdit, Meng et al. 2022): x_0 to start from, [B, ...] of the sample's shape;
@@ -776,7 +780,7 @@ def sample(model: Callable[..., torch.Tensor], shape_or_noise: Sequence[int] | t
         raise ValueError(f"strength_rule must be one of {', '.join(map(repr, STRENGTH_RULES))}; got {strength_rule!r}")
     plan_steps = _plan_steps(schedule, steps, init is not None and window is None, strength, strength_rule)
     prediction_type, canonical, fn, plan = _prepare(model, schedule, prediction_type, sampler, plan_steps,
-                                                    timestep_spacing, steps_offset, karras,
+                                                    timestep_spacing, steps_offset, karras, rule=rule,
                                                     sigma_schedule=sigma_schedule, rho=rho, sigma_range=sigma_range,
                                                     discard_penultimate_sigma=discard_penultimate_sigma)
     if final_step not in ("euler", "heun"):

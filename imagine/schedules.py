@@ -828,14 +828,16 @@ class NoiseSchedule:
         `spaced_sigmas`, with `rho`) replaces the
         spacing's levels the way Karras sigmas do (karras=True is sigma_schedule="karras"); with the
         dpm_solver rule t is rounded for every such schedule (diffusers truncates exponential ones to int).
-        sigma_range: "spaced" (diffusers: such a schedule spans the spaced timesteps' levels, or with the dpm_solver
-        rule the whole range) or "model" (k-diffusion's and AUTOMATIC1111's: the model's whole trained range,
-        sigma(0) to sigma(T-1), with fractional timesteps for every rule; the model's levels as k-diffusion holds
-        them, in float32, so that a Brownian tree spans what A1111's spans) or "comfyui" (ComfyUI's calculate_sigmas:
-        the model's range as "model", one layout for every sampler, whatever its rule, its LCM's and DDPM's too, and
-        KL Optimal as its n levels then 0, not A1111's n + 1 down to sigma_min). The schedule types read off the model's
-        own levels ("uniform", "normal", "sgm_uniform", "simple", "ddim_uniform", "compvis": `model_levels`) set the
-        timesteps themselves, whatever the spacing and range.
+        sigma_range: "spaced" (diffusers: such a schedule spans the spaced timesteps' levels, or with the
+        dpm_solver rule the whole range) or "model" (k-diffusion's and AUTOMATIC1111's: the model's whole
+        trained range, sigma(0) to sigma(T-1), with fractional timesteps for every rule; the model's levels as
+        k-diffusion holds them, in float32, so that a Brownian tree spans what A1111's spans) or "comfyui"
+        (ComfyUI's calculate_sigmas: the model's range as "model", and KL Optimal as its n levels then 0, not
+        A1111's n + 1 down to sigma_min; `sampling.sampler_plan` gives every sampler the "karras" rule under it,
+        ComfyUI's one layout, unless a rule is asked: "lcm" for its LCM model sampling, the distillation
+        timesteps' table). The schedule types read off the model's own levels ("uniform", "normal",
+        "sgm_uniform", "simple", "ddim_uniform", "compvis": `model_levels`) set the timesteps themselves,
+        whatever the spacing and range.
         discard_penultimate_sigma: lay out steps + 1 levels and leave out the last before the end, so that the last
         step is a long one (AUTOMATIC1111's "discard_next_to_last_sigma", on for its DPM2, DPM2 a and DPM++ 3M SDE:
         their last step from a small sigma is where they err most).
@@ -876,7 +878,6 @@ class NoiseSchedule:
                 raise ValueError("sigma_range 'comfyui' lays out a ComfyUI scheduler's levels; give sigma_schedule "
                                  "(normal, karras, exponential, sgm_uniform, simple, ddim_uniform, beta, kl_optimal, "
                                  "linear_quadratic)")
-            rule = "karras"  # (ComfyUI's levels do not depend on the sampler)
         whole = sigma_range != "spaced"
         if sigma_schedule is not None:
             _check_no_rho(sigma_schedule, rho)
@@ -900,7 +901,8 @@ class NoiseSchedule:
         spacing = self.timestep_spacing if spacing is None else spacing
         steps_offset = self.steps_offset if steps_offset is None else int(steps_offset)
         if rule == "lcm":
-            return self._lcm_plan(int(steps), sigma_schedule, spacing, rho, whole)
+            # (A1111's KL Optimal under its range; ComfyUI's over the distillation table under "comfyui")
+            return self._lcm_plan(int(steps), sigma_schedule, spacing, rho, sigma_range == "model")
         if sigma_schedule in VP_TIME_SCHEDULES:  # (their own end, abar_0, whatever the rule: the code they come from)
             return self.vp_time_plan(sigma_schedule, int(steps), rule=rule, spacing=spacing)
         t = spaced_timesteps(T, int(steps), spacing, steps_offset, rule)

@@ -54,3 +54,47 @@ def test_v_prediction_and_zsnr(server, pipe, kd):
     g["20"]["inputs"]["sampling"] = "lcm"
     _, entry = run(server, g)
     assert "not run by this server" in entry["status"]["messages"][-1][1]["exception_message"]
+
+
+def test_lcm_model_sampling(server, pipe, kd):
+    """ModelSamplingDiscrete "lcm" + the lcm sampler on sgm_uniform, as ComfyUI runs it: its distilled model sampling
+    (the table of the 50 timesteps 19, 39, ..., 999; a level's timestep the nearest of them; its LCM c_skip / c_out
+    at that timestep), sgm_uniform over that table, x = D then D + sigma_next z (z from seed + 1)."""
+    g = graph(server.name, seed=6, steps=4, cfg=1.5, sampler="lcm", scheduler="sgm_uniform", batch=1)
+    g["20"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["4", 0], "sampling": "lcm", "zsnr": False}}
+    g["3"]["inputs"]["model"] = ["20", 0]
+    _, entry = run(server, g)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    cond, uncond = pipe.encode_prompts(["a red circle"], "ComfyUI", True), pipe.encode_prompts([""])
+    abar = pipe.schedule.alphas_cumprod.float()
+    full = ((1 - abar) / abar) ** 0.5
+    table = torch.stack([full[999 - x * 20] for x in range(50)]).flip(0)  # (its sigmas_valid, least noisy first)
+    log_t = table.log()
+
+    def sigma_of(t):  # (its sigma(): the table's index (t - 19) / 20, log-linear)
+        i = torch.clamp((t - 19) / 20, 0, 49)
+        lo, hi, w = i.floor().long(), i.ceil().long(), i.frac()
+        return ((1 - w) * log_t[lo] + w * log_t[hi]).exp()
+
+    def model(x, sigma):
+        t = (sigma.log() - log_t[:, None]).abs().argmin(dim=0) * 20 + 19  # (its timestep())
+        xin = x / torch.sqrt(1 + sigma**2)
+        e_c = pipe.unet(xin, t.float(), **cond)
+        e_u = pipe.unet(xin, t.float(), **uncond)
+        eps = e_u + (e_c - e_u) * 1.5
+        x0 = x - eps * sigma
+        st = t.float() * 10.0
+        c_skip, c_out = 0.25 / (st**2 + 0.25), st / (st**2 + 0.25) ** 0.5
+        return c_out * x0 + c_skip * x
+
+    sigmas = torch.cat([sigma_of(torch.linspace(999, 19, 5)[:-1]), torch.zeros(1)])
+    z = torch.randn(1, pipe.latent_channels, 8, 8, generator=torch.manual_seed(6))
+    g1 = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        x = z * torch.sqrt(1 + sigmas[0] ** 2)
+        for i in range(4):
+            x = model(x, sigmas[i:i + 1])
+            if sigmas[i + 1] > 0:
+                x = x + sigmas[i + 1] * torch.randn(x.shape, generator=g1)
+        image = ((pipe.decode(x) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)[0]
+    assert close(pictures(server, entry)[0], (image.numpy() * 255).clip(0, 255).astype("uint8"))

@@ -620,6 +620,7 @@ class TextToImagePipeline:
                  latent_mask: torch.Tensor | None = None, latent_concat: torch.Tensor | None = None,
                  conditioning: Callable | None = None, noise_indices: list[int] | None = None,
                  levels: list[float] | None = None, add_noise: bool = True, prediction_type: str | None = None,
+                 timestep_rule: str | None = None,
                  callback: Callable[[dict], None] | None = None, progress: bool = True,
                  output_type: str = "pil") -> GenerationResult:
         """Text to images. Options left None take the model's defaults (model_index.json "defaults",
@@ -726,7 +727,9 @@ class TextToImagePipeline:
         of that place in a batch (imagine.sampling.BatchNoiseStream). levels (with init_latents, VE as ComfyUI hands
         them on, and strength 1): the run's noise levels themselves (ComfyUI's SamplerCustom; imagine.sampling.sample's
         levels). add_noise False: no start noise (its add_noise off). prediction_type: what the U-Net's output is read
-        as in place of the model's own ("epsilon", "v_prediction": ComfyUI's ModelSamplingDiscrete).
+        as in place of the model's own ("epsilon", "v_prediction": ComfyUI's ModelSamplingDiscrete). timestep_rule:
+        the plan's timestep rule in place of the sampler's ("lcm": ComfyUI's LCM model sampling, its levels over the
+        distillation timesteps; imagine.sampling.sample's rule).
 
         An instruct-pix2pix model (`edits`: Brooks et al. 2023) edits init_image as the prompt instructs, as diffusers'
         StableDiffusionInstructPix2PixPipeline: its U-Net reads the picture's latents at every step, and guidance
@@ -775,7 +778,8 @@ class TextToImagePipeline:
                      "old_prompt_editing": old_prompt_editing and edits, "pad_conds": pad_conds,
                      "quantize": quantize, "window": window, "latent_mask": latent_mask,
                      "latent_concat": latent_concat, "conditioning": conditioning, "noise_indices": noise_indices,
-                     "levels": levels, "add_noise": add_noise is not True, "prediction_type": prediction_type}
+                     "levels": levels, "add_noise": add_noise is not True, "prediction_type": prediction_type,
+                     "timestep_rule": timestep_rule}
             unused = sorted(k for k, v in given.items() if v is not None and v is not False
                             and not (isinstance(v, (int, float, str)) and v in (0, 0.0, "noise")))
             if unused:
@@ -1070,7 +1074,7 @@ class TextToImagePipeline:
                                refiner_switch_by_steps=refiner_switch_by_steps, report=report,
                                schedule=schedule, padding=padding, quantize=quantize,
                                window=None if window is None else tuple(window[:3]), levels=levels,
-                               prediction_type=prediction_type)
+                               prediction_type=prediction_type, rule=timestep_rule)
         params = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "height": height,
                   "width": width, "model": Path(self.c.source).name or "default",
                   "version": __import__("imagine").__version__, **self.run_record()}
@@ -1687,7 +1691,8 @@ class TextToImagePipeline:
                 concat=None, controls=None, refiner_switch=None, refiner_switch_by_steps=False,
                 image_guidance_scale=None, image_guidance_gate=True,
                 report=None, sigma_range="spaced", discard_penultimate_sigma=False, strength_rule="diffusers",
-                schedule=None, padding=None, quantize=False, window=None, levels=None, prediction_type=None):
+                schedule=None, padding=None, quantize=False, window=None, levels=None, prediction_type=None,
+                rule=None):
         """The sampler's run over the U-Net (and what wraps it); `schedule`: the run's noise schedule (None: the
         model's); `padding`: an imagine.guidance.PaddedConds to run the guidance through."""
         from imagine.sampling import ConcatChannels, ConcatFromCond, sample
@@ -1712,8 +1717,8 @@ class TextToImagePipeline:
             copy = fast_copy if self.precision == "fast" else exact_copy
             # (the guidance windows by ComfyUI's rule under its start, by A1111's ControlNet extension's under A1111's
             # rules, else diffusers')
-            rule = "comfyui" if start == "comfyui" else "diffusers" if strength_rule == "diffusers" else "a1111"
-            model = Controlled(model, [(copy(net), *rest) for net, *rest in controls], window_rule=rule,
+            windows = "comfyui" if start == "comfyui" else "diffusers" if strength_rule == "diffusers" else "a1111"
+            model = Controlled(model, [(copy(net), *rest) for net, *rest in controls], window_rule=windows,
                                schedule=schedule or self.schedule)
         if refiner_switch is not None:  # SDXL's refiner for the last steps (imagine.refiner)
             from imagine.refiner import Handoff
@@ -1731,7 +1736,7 @@ class TextToImagePipeline:
                       discard_penultimate_sigma=discard_penultimate_sigma, strength_rule=strength_rule,
                       final_step=final_step, sampler_options=sampler_options, rho=rho, start=start,
                       init=init, strength=strength, mask=mask, guidance=guidance,
-                      lcm_strength=self.guidance_embedded, quantize=quantize, window=window, levels=levels,
+                      lcm_strength=self.guidance_embedded, quantize=quantize, window=window, levels=levels, rule=rule,
                       **kwargs)  # (an LCM pipeline's image to image)
         if report is not None and refiner_switch is not None:
             report["refined"] = handoff.used  # (whether some step was the refiner's)

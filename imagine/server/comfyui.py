@@ -99,6 +99,7 @@ class Model:
     loras: tuple = ()
     prediction: str | None = None
     zsnr: bool = False
+    lcm: bool = False  # (its "lcm" model sampling: the LCM distillation timesteps' table)
 
 
 @dataclass(frozen=True)
@@ -439,11 +440,16 @@ def _clip_set_last_layer(ctx, clip, stop_at_clip_layer):
 def _model_sampling_discrete(ctx, model, sampling, zsnr):
     # (ComfyUI's: the U-Net's output read as eps or v, over the schedule rescaled to zero terminal SNR with zsnr, its
     # rescale_zero_terminal_snr_sigmas: A1111's, the last abar 4.8973e-8)
-    kinds = {"eps": "epsilon", "v_prediction": "v_prediction"}
+    # "lcm": ComfyUI's ModelSamplingDiscreteDistilled, the table of the 50 distillation timesteps (19, 39, ..., 999),
+    # a level's timestep the nearest of them (schedules.NoiseSchedule._lcm_levels, A1111's LCM denoiser's rule); its
+    # LCM boundary scalings at those timesteps move x_0 by under 7e-6 (samplers.sample_lcm) and are left out
+    kinds = {"eps": "epsilon", "v_prediction": "v_prediction", "lcm": "epsilon"}
     if sampling not in kinds:
-        raise ValueError(f"ModelSamplingDiscrete sampling {sampling!r} is not run by this server (eps and "
-                         "v_prediction are; LCM-distilled models run their lcm sampler as they are)")
-    return (dataclasses.replace(model, prediction=kinds[sampling], zsnr=bool(zsnr)),)
+        raise ValueError(f"ModelSamplingDiscrete sampling {sampling!r} is not run by this server (eps, v_prediction "
+                         "and lcm are)")
+    if sampling == "lcm" and zsnr:
+        raise ValueError("ModelSamplingDiscrete: lcm with zsnr is not run by this server")
+    return (dataclasses.replace(model, prediction=kinds[sampling], zsnr=bool(zsnr), lcm=sampling == "lcm"),)
 
 
 def _lora_loader(ctx, model, clip, lora_name, strength_model, strength_clip):
@@ -1570,6 +1576,8 @@ class Execution:
                                                    size=tuple(z.shape[2:]), mode="bilinear")
             mask = mask.repeat(math.ceil(n / mask.shape[0]), 1, 1, 1)[:n]
         if levels is not None:
+            if model.lcm:
+                raise ValueError("SamplerCustom on ModelSamplingDiscrete's lcm is not run by this server: use KSampler")
             if len(levels) < 2:  # (no step: ComfyUI gives the latent back)
                 return latent
             steps = len(levels) - 1
@@ -1584,12 +1592,12 @@ class Execution:
             with self.run.using_clip_skip(skip):
                 result = pipe.generate(*texts, conditioning=lists, seeds=[seed] * n, steps=steps,
                                        noise_indices=latent.get("batch_index"), prediction_type=model.prediction,
-                                       zero_terminal_snr=model.zsnr,
+                                       zero_terminal_snr=model.zsnr, timestep_rule="lcm" if model.lcm else None,
                                        guidance_scale=cfg, sampler=sampler,
                                        sigma_schedule=SCHEDULERS[scheduler] if scheduler else "normal",
                                        sampler_options=options or None, sigma_range="comfyui",
                                        discard_penultimate_sigma=discard, start="comfyui",
-                                       rng="comfyui", quantize=True, init_latents=z.clone(),
+                                       rng="comfyui", quantize=not model.lcm, init_latents=z.clone(),
                                        strength=min(float(denoise), 1.0), strength_rule="a1111_fixed_steps",
                                        window=window, latent_mask=mask, latent_concat=concat, **controls,
                                        levels=None if levels is None else [float(v) for v in levels],
