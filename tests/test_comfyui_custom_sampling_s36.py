@@ -90,3 +90,33 @@ def test_sd_turbo_and_exponential_levels(pipe):
         assert torch.allclose(got, torch.cat([log_sigmas[t].exp(), torch.zeros(1)])), (steps, denoise)
     e = c._exponential_scheduler(ctx, 4, 10.0, 0.1)[0]
     assert torch.allclose(e, torch.tensor([10.0, 10 ** (1 / 3), 10 ** (-1 / 3), 0.1, 0.0]), rtol=1e-5)
+
+
+def test_sampler_custom_advanced_is_sampler_custom(server):
+    """SamplerCustomAdvanced with RandomNoise + CFGGuider gives SamplerCustom's picture, with BasicGuider its cfg-1
+    picture, with DisableNoise its add_noise-off picture; BasicGuider refuses a CFG++ sampler."""
+    sched = {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "karras", "steps": 5,
+                                                         "denoise": 1.0}}
+    for noise, guider, cfg, add in (
+            ({"class_type": "RandomNoise", "inputs": {"noise_seed": 21}},
+             {"class_type": "CFGGuider", "inputs": {"model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+                                                    "cfg": 5.0}}, 5.0, True),
+            ({"class_type": "RandomNoise", "inputs": {"noise_seed": 21}},
+             {"class_type": "BasicGuider", "inputs": {"model": ["4", 0], "conditioning": ["6", 0]}}, 1.0, True),
+            ({"class_type": "DisableNoise", "inputs": {}},
+             {"class_type": "CFGGuider", "inputs": {"model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+                                                    "cfg": 5.0}}, 5.0, False)):
+        g = custom(server.name, "dpmpp_2m", sched, cfg=cfg, add_noise=add)
+        _, plain = run(server, g)
+        adv = dict(g)
+        adv["30"], adv["31"] = noise, guider
+        adv["3"] = {"class_type": "SamplerCustomAdvanced",
+                    "inputs": {"noise": ["30", 0], "guider": ["31", 0], "sampler": ["20", 0], "sigmas": ["21", 0],
+                               "latent_image": ["5", 0]}}
+        _, entry = run(server, adv)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        assert np.array_equal(pictures(server, entry)[0], pictures(server, plain)[0]), guider["class_type"]
+    adv["20"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_cfg_pp"}}
+    adv["31"] = {"class_type": "BasicGuider", "inputs": {"model": ["4", 0], "conditioning": ["6", 0]}}
+    _, entry = run(server, adv)
+    assert "BasicGuider does not make" in entry["status"]["messages"][-1][1]["exception_message"]

@@ -39,6 +39,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image, ImageOps, PngImagePlugin
 
 from imagine.pipelines.text_to_image import LORA_TAG
+from imagine.samplers import CFG_PP_SAMPLERS
 
 log = logging.getLogger(__name__)
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
@@ -832,6 +833,34 @@ def _threshold_mask(ctx, mask, value):
     return ((mask > float(value)).float(),)
 
 
+def _random_noise(ctx, noise_seed):
+    return (int(noise_seed),)
+
+
+def _disable_noise(ctx):
+    return (None,)
+
+
+def _cfg_guider(ctx, model, positive, negative, cfg):
+    return ((model, positive, negative, float(cfg)),)
+
+
+def _basic_guider(ctx, model, conditioning):
+    # (no unconditional pass: cfg 1, the conditioning standing in for the negative it does not run)
+    return ((model, conditioning, conditioning, 1.0),)
+
+
+def _sampler_custom_advanced(ctx, noise, guider, sampler, sigmas, latent_image):
+    model, positive, negative, cfg = guider
+    if positive is negative and SAMPLERS[sampler][0] in CFG_PP_SAMPLERS:
+        raise ValueError(f"{sampler} renoises with the unconditional prediction, which BasicGuider does not make: use "
+                         "CFGGuider")
+    kept: dict = {}
+    out = ctx.sample(model, latent_image, 0 if noise is None else noise, max(len(sigmas) - 1, 1), cfg, sampler, None,
+                     positive, negative, 1.0, levels=sigmas, add_noise=noise is not None, denoised=kept)
+    return (out, {**out, "samples": kept["x0"].float()} if "x0" in kept else out)
+
+
 def _vae_loader(ctx, vae_name):
     return (("file", str(vae_name)),)
 
@@ -1194,6 +1223,23 @@ NODES: dict[str, Node] = {
                                 "sigmas": ("SIGMAS",), "latent_image": ("LATENT",)}},
         ("LATENT", "LATENT"), _sampler_custom, "sampling/custom_sampling", output_names=("output", "denoised_output"),
         display_name="SamplerCustom"),
+    "RandomNoise": Node(lambda s: {"required": {"noise_seed": _int(0, 0, MAX_SEED, control_after_generate=True)}},
+                        ("NOISE",), _random_noise, "sampling/custom_sampling/noise", display_name="RandomNoise"),
+    "DisableNoise": Node(lambda s: {"required": {}}, ("NOISE",), _disable_noise, "sampling/custom_sampling/noise",
+                         display_name="DisableNoise"),
+    "CFGGuider": Node(
+        lambda s: {"required": {"model": ("MODEL",), "positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
+                                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                                  "round": 0.01})}},
+        ("GUIDER",), _cfg_guider, "sampling/custom_sampling/guiders", display_name="CFGGuider"),
+    "BasicGuider": Node(
+        lambda s: {"required": {"model": ("MODEL",), "conditioning": ("CONDITIONING",)}}, ("GUIDER",), _basic_guider,
+        "sampling/custom_sampling/guiders", display_name="BasicGuider"),
+    "SamplerCustomAdvanced": Node(
+        lambda s: {"required": {"noise": ("NOISE",), "guider": ("GUIDER",), "sampler": ("SAMPLER",),
+                                "sigmas": ("SIGMAS",), "latent_image": ("LATENT",)}},
+        ("LATENT", "LATENT"), _sampler_custom_advanced, "sampling/custom_sampling",
+        output_names=("output", "denoised_output"), display_name="SamplerCustomAdvanced"),
     "ControlNetLoader": Node(
         lambda s: {"required": {"control_net_name": (s.controlnet_names(),)}}, ("CONTROL_NET",), _controlnet_loader,
         "loaders", "The ControlNets of serve --controlnet, by their file names or names.",
