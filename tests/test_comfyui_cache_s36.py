@@ -69,3 +69,31 @@ def test_model_folders_and_free(server):
     assert requests.post(server.url + "/free", json={"free_memory": True}).status_code == 200
     _, again = run(server, g)  # (the cache let go: the graph runs again)
     assert cached(again) == []
+
+
+def test_front_runs_next_and_numbers_order_the_queue(server):
+    """ComfyUI's queue runs by number: a prompt sent with `front` (a negative number) runs before those waiting, and
+    /queue lists the waiting in that order."""
+    import time
+
+    def send(seed, **body):
+        g = graph(server.name, seed=seed, steps=3, batch=1)
+        return requests.post(server.url + "/prompt", json={"prompt": g, **body}).json()["prompt_id"]
+
+    heavy = graph(server.name, seed=1, steps=20, batch=2)  # (a few seconds: the two others are sent meanwhile)
+    heavy["5"]["inputs"].update(width=64, height=64)
+    first = requests.post(server.url + "/prompt", json={"prompt": heavy}).json()["prompt_id"]
+    later, front = send(2), send(3, front=True)
+    pending = [item[1] for item in requests.get(server.url + "/queue").json()["queue_pending"]]
+    if first not in pending:  # (the heavy one runs; the two wait)
+        assert pending == [front, later]
+    starts = {}
+    for pid in (first, later, front):
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            h = requests.get(f"{server.url}/history/{pid}").json()
+            if h:
+                starts[pid] = h[pid]["status"]["messages"][0][1]["timestamp"]
+                break
+            time.sleep(0.05)
+    assert starts[first] <= starts[front] <= starts[later]

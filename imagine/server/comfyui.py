@@ -1947,7 +1947,7 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
         prompt = Prompt(float(number) if isinstance(number, float) else number, prompt_id, graph, extra, outputs,
                         client_id)
         execution = Execution(state, served, prompt)
-        job = Job(prompts=[""], negative_prompts=[""], seeds=[0], call=execution,
+        job = Job(prompts=[""], negative_prompts=[""], seeds=[0], call=execution, priority=float(number),
                   settings=Settings(height=0, width=0, steps=1, sampler="euler", guidance_scale=1.0))
         job.id = prompt_id
         prompt.job = job
@@ -1979,7 +1979,7 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
 
     def queue_items() -> tuple[list, list]:
         running, pending = [], []
-        for p in queued():
+        for p in sorted(queued(), key=lambda p: p.number):  # (in the order they run: by number)
             (running if worker.position(p.id) == 0 else pending).append(p.item())
         return running, pending
 

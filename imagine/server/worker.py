@@ -166,6 +166,9 @@ class Job:
     # a job that runs its own work on the pipeline, alone (a ComfyUI graph): call(pipe, run) -> its answer, `run` a
     # GraphRun (its steps' callback, its passes, the clip skip); the prompts and seeds are then for listings only
     call: Callable[[Any, "GraphRun"], Any] | None = None
+    # where it queues (ComfyUI's prompt number: the queue runs the lowest first, `front` ones negative, so next); None
+    # (the other jobs): in order of arrival, as number 0
+    priority: float | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     state: str = "queued"  # queued -> running -> done | cancelled
@@ -284,7 +287,12 @@ class ModelWorker:
             if len(self._pending) >= self.queue_size:
                 self.stats["rejected"] += 1
                 raise QueueFull(len(self._pending), self.retry_after())
-            self._pending.append(job)
+            if job.priority is None:
+                self._pending.append(job)
+            else:  # (before the first job waiting with a higher number)
+                k = next((i for i, j in enumerate(self._pending) if (j.priority or 0) > job.priority),
+                         len(self._pending))
+                self._pending.insert(k, job)
             self.stats["accepted"] += 1
             job.future.add_done_callback(lambda _, job_id=job.id: self._record_end(job_id))
             self._cv.notify()
