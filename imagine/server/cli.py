@@ -194,7 +194,7 @@ def run(args) -> int:
             raise FileNotFoundError(f"--controlnet: {path} not found")
     if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
         raise FileNotFoundError(f"--lora-dir: {args.lora_dir} is not a folder")
-    if args.vae_dir is not None and not Path(args.vae_dir).is_dir():
+    if getattr(args, "vae_dir", None) is not None and not Path(args.vae_dir).is_dir():
         raise FileNotFoundError(f"--vae-dir: {args.vae_dir} is not a folder")
     if args.ckpt_dir is not None and not Path(args.ckpt_dir).is_dir():
         raise FileNotFoundError(f"--ckpt-dir: {args.ckpt_dir} is not a folder")
@@ -246,7 +246,7 @@ def _cascade(args, config):
     if what is None:  # (IFSuperResolutionPipeline)
         raise ValueError(f"{args.model} is a {kind} folder, DeepFloyd IF's super-resolution stage: serve stage I "
                          f"(--model IF-I folder) with it as --stage-2")
-    given = [f"--{f.replace('_', '-')}" for f in LATENT_ONLY_FLAGS if getattr(args, f) not in (None, [], False)]
+    given = [f"--{f.replace('_', '-')}" for f in LATENT_ONLY_FLAGS if getattr(args, f, None) not in (None, [], False)]
     if given:
         raise ValueError(f"{args.model} is {what} (pixels, no VAE or SD text encoder): {', '.join(given)} "
                          "change a latent model; leave them out")
@@ -294,7 +294,7 @@ def _model_app(args, config, styles, model_name: str | None = None, comfyui=None
         raise ValueError(f"{args.model} is {pipe.picture_model}, which a picture conditions throughout; imagine serve "
                          "runs text-to-image models and unCLIP decoders: use imagine generate --init-image PICTURE")
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
-    pipe.vae_dir = Path(args.vae_dir) if args.vae_dir else None
+    pipe.vae_dir = Path(args.vae_dir) if getattr(args, "vae_dir", None) else None
     app = create_app(pipe, config, styles=styles, model_name=model_name, comfyui=comfyui or args.comfyui_dir)
     app.state.listen = not is_loopback(args.host)
     return app
