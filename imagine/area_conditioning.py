@@ -126,7 +126,8 @@ def _weights(e: AreaEntry, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]
         mult = m.repeat(crop.shape[0] // m.shape[0], crop.shape[1], 1, 1) * e.strength
     else:
         mult = torch.ones_like(crop) * e.strength
-    if area is not None:  # (the inner edges fade in over 8 cells: the first rows after an offset, the last before an end)
+    # (the inner edges fade in over 8 cells: the first rows after an offset, the last before an end)
+    if area is not None:
         ramp = torch.arange(1, FEATHER + 1, dtype=mult.dtype, device=mult.device) / FEATHER
         for dim, (size, start, full) in ((2, (area[0], area[2], h)), (3, (area[1], area[3], w))):
             if (start != 0 or size + start < full) and mult.shape[dim] < FEATHER:

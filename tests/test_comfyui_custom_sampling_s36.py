@@ -1,8 +1,9 @@
 """ComfyUI's custom sampling nodes through a real server: SamplerCustom with KSamplerSelect and its schedulers
-(BasicScheduler, KarrasScheduler, ExponentialScheduler, SDTurboScheduler) and SplitSigmas. BasicScheduler + SamplerCustom
-gives KSampler's picture (denoise too); KarrasScheduler's own range against ComfyUI's code restated over the model;
-SplitSigmas' two halves, the second from the first's leftover noise without noise of its own, give the whole run's
-picture with a deterministic sampler; SamplerCustom's denoised output is the last step's x_0."""
+(BasicScheduler, KarrasScheduler, ExponentialScheduler, SDTurboScheduler) and SplitSigmas.
+BasicScheduler + SamplerCustom gives KSampler's picture (denoise too); KarrasScheduler's own range against ComfyUI's
+code restated over the model; SplitSigmas' two halves, the second from the first's leftover noise without noise of
+its own, give the whole run's picture with a deterministic sampler; SamplerCustom's denoised output is the last
+step's x_0."""
 
 from __future__ import annotations
 

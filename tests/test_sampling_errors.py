@@ -53,7 +53,8 @@ def test_registry_names_and_aliases():
 
 
 def test_sampler_options_checked():
-    with pytest.raises(ValueError, match="sampler 'unipc' takes no option 'solver_order'; its options: order, variant, floor"):
+    expected = "sampler 'unipc' takes no option 'solver_order'; its options: order, variant, floor"
+    with pytest.raises(ValueError, match=expected):
         run(sampler="unipc", sampler_options={"solver_order": 3})
     with pytest.raises(ValueError, match="UniPC order must be an integer from 1 to 4"):
         run(sampler="unipc", sampler_options={"order": 7})

@@ -18,8 +18,8 @@ from imagine.hardware import PRECISION_HELP
 
 # (schedules.SIGMA_SCHEDULES, with no torch import to parse arguments)
 SCHEDULE_NAMES = ("karras", "exponential", "polyexponential", "beta", "kl_optimal", "align_your_steps",
-                  "align_your_steps_sdxl", "linear_quadratic", "uniform", "normal", "sgm_uniform", "simple", "ddim_uniform", "compvis",
-                  "time_uniform", "time_quadratic", "logsnr", "compvis_time_uniform")
+                  "align_your_steps_sdxl", "linear_quadratic", "uniform", "normal", "sgm_uniform", "simple",
+                  "ddim_uniform", "compvis", "time_uniform", "time_quadratic", "logsnr", "compvis_time_uniform")
 
 
 def _schedule_name(text: str) -> str | None:
