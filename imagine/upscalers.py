@@ -1,0 +1,418 @@
+"""Upscaler models: ESRGAN-family and Real-ESRGAN compact files read from disk, run over tiles, as the apps run them.
+
+People keep super-resolution networks beside their Stable Diffusion checkpoints ("4x-UltraSharp.pth",
+"RealESRGAN_x4plus.pth", ...) and use them in three places: to enlarge a picture (AUTOMATIC1111's Extras tab,
+ComfyUI's "Upscale Image (using Model)"), and in the hires. fix, where the first pass's pictures are enlarged by the
+model before the second pass. Their networks are in `imagine.models.esrgan`; this module reads the files (any of the
+layouts in use: ESRGAN's original "model.N" sequence, BSRGAN/RealSR's, Real-ESRGAN's, with "params_ema" / "params"
+wrappers and "module." prefixes), and runs a model over a picture the way each app does, so that its pictures are
+the app's:
+
+- `tiled_scale`: ComfyUI's tiling (comfy.utils.tiled_scale_multidim, as its ImageUpscaleWithModel calls it: 512-pixel
+  tiles overlapping by 32, each tile's result weighted by a ramp over the overlap, in float). Our default too.
+- `a1111_tiled`: AUTOMATIC1111's (modules/upscaler_utils.upscale_with_model: 192-pixel tiles overlapping by 8 cut
+  with images.split_grid, each run on its own as an 8-bit picture and pasted back with images.combine_grid's
+  8-bit masks; its pictures go in as BGR, as it passes them).
+- `a1111_upscale`: A1111's Upscaler.upscale: the model run up to 3 times until the picture reaches the size
+  (its sides to a multiple of 8 below), then Lanczos to that size; its "Lanczos", "Nearest" and "None" upscalers.
+
+`UpscaleModel.__call__` runs the network as spandrel (the loader ComfyUI and A1111 use) does: the picture padded
+to the model's size multiple (reflect, then replicate), the padding cut off after, the result clamped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imagine.models.esrgan import CompactSRNet, RRDBNet
+
+UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
+# A1111's names for Real-ESRGAN's published files (modules/realesrgan_model.get_realesrgan_models): its API and
+# infotexts name these models so, and the others by their file name without the suffix
+A1111_REALESRGAN_NAMES = {"RealESRGAN_x4plus": "R-ESRGAN 4x+", "RealESRGAN_x4plus_anime_6B": "R-ESRGAN 4x+ Anime6B",
+                          "RealESRGAN_x2plus": "R-ESRGAN 2x+", "realesr-general-x4v3": "R-ESRGAN General 4xV3",
+                          "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
+                          "realesr-animevideov3": "R-ESRGAN AnimeVideo"}
+A1111_TILE, A1111_OVERLAP = 192, 8  # A1111's ESRGAN_tile and ESRGAN_tile_overlap defaults
+COMFYUI_TILE, COMFYUI_OVERLAP = 512, 32  # ComfyUI's ImageUpscaleWithModel
+A1111_PASSES = 3  # Upscaler.upscale runs the model at most this many times
+
+
+@dataclass
+class UpscaleModel:
+    """A loaded upscaler: `net` (RRDBNet or CompactSRNet), `scale` (how much larger its pictures come out),
+    `architecture` ("ESRGAN", "ESRGAN+", "Real-ESRGAN Compact"), `multiple_of` (the size its input is padded to),
+    `name` (the file's stem) and `path`."""
+
+    net: torch.nn.Module
+    scale: int
+    architecture: str
+    multiple_of: int = 1
+    minimum: int = 2
+    name: str = ""
+    path: str = ""
+
+    @property
+    def a1111_name(self) -> str:
+        """The name AUTOMATIC1111 lists this model under (Real-ESRGAN's published files by its own names)."""
+        return A1111_REALESRGAN_NAMES.get(self.name, self.name)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 3, h, w) in [0, 1] -> (batch, 3, h * scale, w * scale) in [0, 1]."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"an upscaler takes pictures as (batch, 3, height, width); got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        size = lambda n: max(self.minimum, -(-n // self.multiple_of) * self.multiple_of)  # noqa: E731
+        pad_h, pad_w = size(h) - h, size(w) - w
+        if pad_h or pad_w:  # reflect as far as it reaches (size - 1), then replicate, as spandrel pads
+            rh, rw = min(pad_h, h - 1), min(pad_w, w - 1)
+            x = torch.nn.functional.pad(x, (0, rw, 0, rh), "reflect")
+            x = torch.nn.functional.pad(x, (0, pad_w - rw, 0, pad_h - rh), "replicate")
+        param = next(self.net.parameters())
+        out = self.net(x.to(param.dtype)).float()
+        return out[..., :h * self.scale, :w * self.scale].clamp_(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a file
+# ---------------------------------------------------------------------------------------------
+def load_upscale_model(path: str | os.PathLike) -> UpscaleModel:
+    """An upscaler file (.pth / .pt read with torch.load(weights_only=True), or .safetensors) as an UpscaleModel,
+    its architecture and sizes found from its weights. A file of another kind gets an error naming what it holds."""
+    from imagine.loading.single_file import read_weights_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"upscaler model not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; an upscaler model is one file (.pth, .pt or .safetensors)")
+    state = read_weights_file(path)
+    model = upscale_model_from_state(state, str(path))
+    model.name, model.path = path.stem, str(path)
+    return model
+
+
+def upscale_model_from_state(state: dict, source: str = "upscaler") -> UpscaleModel:
+    """`load_upscale_model` on weights already read."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{source} holds a {type(state).__name__}, not a dict of weights")
+    for wrapper in ("params_ema", "params", "state_dict", "model"):  # (BasicSR's and Lightning's nestings)
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()
+             if isinstance(k, str) and torch.is_tensor(v)}
+    if "body.0.weight" in state and "body.1.weight" in state and state["body.1.weight"].ndim == 1:
+        return _compact(state)
+    renamed = esrgan_state(state, source)
+    return _rrdb(renamed, source)
+
+
+def _compact(state: dict) -> UpscaleModel:
+    last = max(int(m.group(1)) for k in state if (m := re.fullmatch(r"body\.(\d+)\.weight", k)))
+    in_ch, features = state["body.0.weight"].shape[1], state["body.0.weight"].shape[0]
+    shuffled = state[f"body.{last}.weight"].shape[0]
+    out_ch = next((c for c in (in_ch, 3, 4, 1) if shuffled % c == 0 and math.isqrt(shuffled // c) ** 2 == shuffled // c),
+                  None)
+    if out_ch is None:
+        raise ValueError(f"a compact upscaler whose last layer makes {shuffled} channels: not out * scale^2 for "
+                         "1, 3 or 4 output channels")
+    scale = math.isqrt(shuffled // out_ch)
+    net = CompactSRNet(in_ch, out_ch, features, (last - 2) // 2, scale)
+    _load(net, state, "Real-ESRGAN Compact")
+    return UpscaleModel(net.eval(), scale, "Real-ESRGAN Compact")
+
+
+# the layouts' names for RRDBNet's parts (ESRGAN's "old arch" is handled apart: its parts are numbered in sequence)
+_RENAMES = (
+    (re.compile(r"RRDB_trunk\.(\d+)\.RDB(\d)\.conv(\d)\.(weight|bias)"), r"body.\1.rdb\2.conv\3.\4"),  # BSRGAN/RealSR
+    (re.compile(r"trunk_conv\.(weight|bias)"), r"conv_body.\1"),
+    (re.compile(r"upconv(\d)\.(weight|bias)"), r"conv_up\1.\2"),
+    (re.compile(r"HRconv\.(weight|bias)"), r"conv_hr.\1"),
+)
+
+
+def esrgan_state(state: dict, source: str = "upscaler") -> dict:
+    """An ESRGAN-family state dict in RRDBNet's names (Real-ESRGAN's), whichever layout it came in: Real-ESRGAN's
+    as it is; BSRGAN/RealSR's "RRDB_trunk"/"trunk_conv"/"upconvN"/"HRconv"; ESRGAN's original sequence, where
+    model.0 is the first convolution, model.1.sub.i the RRDBs (their convolutions at .0) and model.1.sub.<blocks>
+    the trunk's last convolution, then per x2 an upsample, a convolution and an activation (model.3, .6, ...), the
+    high-resolution convolution two places later and the last one two after that."""
+    if "conv_first.weight" in state:
+        out = {}
+        for k, v in state.items():
+            for rx, new in _RENAMES:
+                if rx.fullmatch(k):
+                    k = rx.sub(new, k)
+                    break
+            out[k] = v
+        return out
+    if "model.0.weight" not in state or not any(k.startswith("model.1.sub.") for k in state):
+        found = ", ".join(sorted(state)[:6])
+        raise ValueError(f"{source} is not an upscaler model this program reads (ESRGAN / Real-ESRGAN RRDBNet, or "
+                         f"Real-ESRGAN's compact net): its weights start {found} ...; expected 'conv_first.weight' "
+                         "and 'body.0.rdb1.conv1.weight', 'model.0.weight' and 'model.1.sub.0.RDB1.conv1.0.weight', or "
+                         "'body.0.weight' and 'body.1.weight'")
+    out = {"conv_first.weight": state["model.0.weight"], "conv_first.bias": state["model.0.bias"]}
+    blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"model\.1\.sub\.(\d+)\.RDB", k)))
+    for k, v in state.items():
+        if m := re.fullmatch(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.(weight|bias)", k):
+            out[f"body.{m[1]}.rdb{m[2]}.conv{m[3]}.{m[4]}"] = v
+        elif m := re.fullmatch(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv1x1\.(weight|bias)", k):
+            out[f"body.{m[1]}.rdb{m[2]}.conv1x1.{m[3]}"] = v
+    out["conv_body.weight"] = state[f"model.1.sub.{blocks}.weight"]
+    out["conv_body.bias"] = state[f"model.1.sub.{blocks}.bias"]
+    convs = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"model\.(\d+)\.weight", k)) and m[1] != "0")
+    if len(convs) < 2:
+        raise ValueError(f"{source}: an ESRGAN sequence without its last convolutions (found model.{convs})")
+    *ups, hr, last = convs
+    if ups != [3 * (i + 1) for i in range(len(ups))] or hr != 3 * len(ups) + 2 or last != hr + 2:
+        raise ValueError(f"{source}: ESRGAN convolutions at model.{convs}; expected upsampling ones at model.3, "
+                         "model.6, ... (x2 each: other scales are not read), then two more two places apart")
+    for i, n in enumerate(ups, 1):
+        out[f"conv_up{i}.weight"], out[f"conv_up{i}.bias"] = state[f"model.{n}.weight"], state[f"model.{n}.bias"]
+    out["conv_hr.weight"], out["conv_hr.bias"] = state[f"model.{hr}.weight"], state[f"model.{hr}.bias"]
+    out["conv_last.weight"], out["conv_last.bias"] = state[f"model.{last}.weight"], state[f"model.{last}.bias"]
+    return out
+
+
+def _rrdb(state: dict, source: str) -> UpscaleModel:
+    need = ("conv_first.weight", "body.0.rdb1.conv1.weight", "conv_body.weight", "conv_hr.weight", "conv_last.weight")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ValueError(f"{source}: an RRDBNet upscaler without {', '.join(missing)}")
+    blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"body\.(\d+)\.rdb", k)))
+    ups = sum(1 for k in state if re.fullmatch(r"conv_up\d\.weight", k))
+    in_ch = state["conv_first.weight"].shape[1]
+    out_ch = state["conv_last.weight"].shape[0]
+    unshuffle = next((f for f in (2, 4) if in_ch == out_ch * f * f), None)  # (Real-ESRGAN's x2 and x1 models)
+    plus = any(".conv1x1." in k for k in state)
+    net = RRDBNet(in_ch // (unshuffle or 1) ** 2, out_ch, state["conv_first.weight"].shape[0], blocks,
+                  state["body.0.rdb1.conv1.weight"].shape[0], 2 ** ups, plus, unshuffle)
+    _load(net, state, "ESRGAN")
+    # (spandrel asks the pixel-unshuffle models for sizes a multiple of 4, at least 4, and pads to them)
+    return UpscaleModel(net.eval(), net.picture_scale, "ESRGAN+" if plus else "ESRGAN",
+                        multiple_of=4 if unshuffle else 1, minimum=4 if unshuffle else 2)
+
+
+def _load(net: torch.nn.Module, state: dict, kind: str) -> None:
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"a {kind} upscaler whose weights do not fit the network inferred from them: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    wrong = [k for k in own if own[k].shape != state[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(f"a {kind} upscaler whose {k} is {tuple(state[k].shape)}, not {tuple(own[k].shape)} as the "
+                         "rest of its weights imply")
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+
+
+def find_upscalers(folder: str | os.PathLike) -> dict[str, Path]:
+    """The upscaler files in `folder` (and its subfolders), by file stem, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"upscaler folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in UPSCALER_SUFFIXES)
+    return {p.stem: p for p in files}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one over a picture
+# ---------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def tiled_scale(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], scale: float, tile: int = COMFYUI_TILE,
+                overlap: int = COMFYUI_OVERLAP, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """`fn` (a picture -> `scale` times larger) over tiles of `x` (batch, c, h, w), ComfyUI's tiled_scale: a picture
+    that fits one tile runs whole; else tiles start every tile - overlap pixels (the last ones cut by the edge,
+    shifted back to start at most `overlap` before it), and each result is weighted, along each side longer than
+    the ramp, by (t + 1) / ramp at its t-th row from either edge (ramp = overlap * scale), the weighted sum
+    divided by the weights. `progress(done, total)` after each tile."""
+    b, _, h, w = x.shape
+    out_h, out_w = round(h * scale), round(w * scale)
+    ramp = round(overlap * scale)
+    starts = [range(0, n - overlap, tile - overlap) if n > tile else [0] for n in (h, w)]
+    total = b * (1 if h <= tile and w <= tile else len(starts[0]) * len(starts[1]))
+    results, done = [], 0
+    for i in range(b):
+        one = x[i:i + 1]
+        if h <= tile and w <= tile:
+            results.append(fn(one).float())
+            done += 1
+            if progress:
+                progress(done, total)
+            continue
+        acc = torch.zeros(1, 3, out_h, out_w)
+        weight = torch.zeros_like(acc)
+        for y0 in starts[0]:
+            for x0 in starts[1]:
+                y = max(0, min(h - overlap, y0))
+                xx = max(0, min(w - overlap, x0))
+                part = fn(one[..., y:y + min(tile, h - y), xx:xx + min(tile, w - xx)]).float()
+                mask = torch.ones_like(part)
+                for dim in (2, 3):
+                    n = mask.shape[dim]
+                    if ramp >= n:
+                        continue
+                    for t in range(ramp):
+                        mask.narrow(dim, t, 1).mul_((t + 1) / ramp)
+                        mask.narrow(dim, n - 1 - t, 1).mul_((t + 1) / ramp)
+                oy, ox = round(y * scale), round(xx * scale)
+                acc[..., oy:oy + part.shape[2], ox:ox + part.shape[3]] += part * mask
+                weight[..., oy:oy + part.shape[2], ox:ox + part.shape[3]] += mask
+                done += 1
+                if progress:
+                    progress(done, total)
+        results.append(acc / weight)
+    return torch.cat(results)
+
+
+def upscale_pictures(model: UpscaleModel, x: torch.Tensor, tile: int = COMFYUI_TILE, overlap: int = COMFYUI_OVERLAP,
+                     progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """ComfyUI's ImageUpscaleWithModel on (batch, 3, h, w) pictures in [0, 1]: the model over `tiled_scale`'s tiles
+    (`tile` 0: whole), the result clamped to [0, 1]."""
+    if tile < 0 or overlap < 0 or (tile and overlap >= tile):
+        raise ValueError(f"tile must be 0 (whole pictures) or more than overlap >= 0; got tile {tile}, "
+                         f"overlap {overlap}")
+    if not tile:
+        return model(x).clamp(0, 1)
+    return tiled_scale(x, model, model.scale, tile, overlap, progress).clamp(0, 1)
+
+
+def upscale_image(model: UpscaleModel, image: Image.Image, scale: float | None = None,
+                  size: tuple[int, int] | None = None, tile: int = COMFYUI_TILE, overlap: int = COMFYUI_OVERLAP,
+                  progress: Callable[[int, int], None] | None = None) -> Image.Image:
+    """`image` made `scale` times larger (default: the model's own scale), or to `size` (width, height): the model
+    run until the picture is at least that large (at most A1111_PASSES times), then Lanczos to the size wanted,
+    rounded to whole pixels. Tiles as `upscale_pictures` (blended in float, RGB, rounded to 8 bits at the end)."""
+    if size is None:
+        scale = float(model.scale if scale is None else scale)
+        if not scale > 0:
+            raise ValueError(f"scale must be more than 0; got {scale}")
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    elif scale is not None:
+        raise ValueError("give scale or size, not both")
+    image = image.convert("RGB")
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    for _ in range(A1111_PASSES):
+        if x.shape[3] >= size[0] and x.shape[2] >= size[1]:
+            break
+        x = upscale_pictures(model, x, tile, overlap, progress)
+    out = Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), "RGB")
+    return out if out.size == tuple(size) else out.resize(tuple(size), Image.LANCZOS)
+
+
+# ---------------------------------------------------------------------------------------------
+# AUTOMATIC1111's way
+# ---------------------------------------------------------------------------------------------
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """images.split_grid's tile positions along a side of n pixels: ceil((n - overlap) / (tile - overlap)) tiles
+    spread evenly (int of k * (n - tile) / (count - 1)), a tile reaching the edge moved to end at it (so a side
+    shorter than a tile gets one tile starting before the picture, its outside black)."""
+    count = math.ceil((n - overlap) / (tile - overlap))
+    step = (n - tile) / (count - 1) if count > 1 else 0
+    return [n - tile if int(k * step) + tile >= n else int(k * step) for k in range(count)]
+
+
+def _model_on_8bit(model: UpscaleModel, tile: Image.Image) -> Image.Image:
+    """A1111's upscale_pil_patch: an 8-bit RGB picture in as BGR in [0, 1], the result clamped, rounded to 8 bits
+    and turned back to RGB."""
+    bgr = np.ascontiguousarray(np.asarray(tile.convert("RGB"))[:, :, ::-1].transpose(2, 0, 1)) / 255
+    out = model(torch.from_numpy(bgr)[None].float())[0]
+    arr = (255.0 * out.clamp(0, 1).permute(1, 2, 0).numpy()).round().astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(arr[:, :, ::-1]), "RGB")
+
+
+def a1111_tiled(model: UpscaleModel, image: Image.Image, tile: int = A1111_TILE,
+                overlap: int = A1111_OVERLAP) -> Image.Image:
+    """A1111's upscale_with_model: `image` cut into tiles (images.split_grid, `_tile_starts`), each run on its own
+    (`_model_on_8bit`), and put together as images.combine_grid does: within a row, each tile after the first is
+    pasted over its left neighbour through an 8-bit mask rising from 0 over its first `overlap * s` columns
+    (int(255 t / (overlap s))), then the rest of it on top; the rows likewise top to bottom. `tile` <= 0: the whole
+    picture at once."""
+    if tile <= 0:
+        return _model_on_8bit(model, image)
+    w, h = image.size
+    xs, ys = _tile_starts(w, tile, overlap), _tile_starts(h, tile, overlap)
+    s = 1
+    rows = []
+    for y in ys:
+        row = []
+        for x in xs:
+            out = _model_on_8bit(model, image.crop((x, y, x + tile, y + tile)))
+            s = out.width // tile
+            row.append((x * s, out))
+        rows.append((y * s, row))
+    ov, th, tw = overlap * s, tile * s, tile * s
+    ramp = (np.arange(ov, dtype=np.float32) * 255 / ov).astype(np.uint8) if ov else np.zeros(0, np.uint8)
+    mask_w = Image.fromarray(np.repeat(ramp[None, :], th, 0), "L")
+    mask_h = Image.fromarray(np.repeat(ramp[:, None], w * s, 1), "L")
+    picture = Image.new("RGB", (w * s, h * s))
+    for y, row in rows:
+        line = Image.new("RGB", (w * s, th))
+        for x, out in row:
+            if x == 0:
+                line.paste(out, (0, 0))
+                continue
+            line.paste(out.crop((0, 0, ov, th)), (x, 0), mask=mask_w)
+            line.paste(out.crop((ov, 0, tw, th)), (x + ov, 0))
+        if y == 0:
+            picture.paste(line, (0, 0))
+            continue
+        picture.paste(line.crop((0, 0, line.width, ov)), (0, y), mask=mask_h)
+        picture.paste(line.crop((0, ov, line.width, th)), (0, y + ov))
+    return picture
+
+
+def a1111_upscale(image: Image.Image, scale: float, upscaler: UpscaleModel | str,
+                  tile: int = A1111_TILE, overlap: int = A1111_OVERLAP) -> Image.Image:
+    """A1111's Upscaler.upscale: the size wanted is int(side * scale) down to a multiple of 8; `upscaler` (a model,
+    or "Lanczos" / "Nearest", which resize by `scale` in one go) runs until the picture is at least that large (at
+    most 3 times; at once for scale 1 only if smaller), then a Lanczos resize to that size. "None" returns the
+    picture as it is."""
+    if isinstance(upscaler, str):
+        kind = {"lanczos": Image.LANCZOS, "nearest": Image.NEAREST, "none": None}.get(upscaler.lower(), "?")
+        if kind == "?":
+            raise ValueError(f"upscaler must be a model, 'Lanczos', 'Nearest' or 'None'; got {upscaler!r}")
+        if kind is None:
+            return image
+    dest_w, dest_h = int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8)
+    for i in range(A1111_PASSES):
+        if image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1):
+            break
+        before = image.size
+        if isinstance(upscaler, str):
+            image = image.resize((int(image.width * scale), int(image.height * scale)), kind)
+        else:
+            image = a1111_tiled(upscaler, image, tile, overlap)
+        if image.size == before:
+            break
+    if image.size != (dest_w, dest_h):
+        image = image.resize((dest_w, dest_h), Image.LANCZOS)
+    return image
+
+
+def a1111_resize(image: Image.Image, width: int, height: int, upscaler: UpscaleModel | str | None) -> Image.Image:
+    """A1111's images.resize_image(0, ...) with an upscaler, as its hires. fix enlarges the first pass's pictures:
+    where the picture must grow, `a1111_upscale` by max(width / w, height / h), then Lanczos to (width, height)
+    if it is not that size yet."""
+    if upscaler is None or (isinstance(upscaler, str) and upscaler.lower() == "none"):
+        return image.resize((width, height), Image.LANCZOS)
+    scale = max(width / image.width, height / image.height)
+    if scale > 1.0:
+        image = a1111_upscale(image, scale, upscaler)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return image
