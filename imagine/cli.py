@@ -20,6 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 COMMANDS = {
     "generate": ("imagine.commands.generate", "generate images from a prompt (the embedded default model if no --model)"),
+    "upscale": ("imagine.commands.upscale", "enlarge pictures with an upscaler model (ESRGAN, Real-ESRGAN)"),
     "train": ("imagine.train.cli", "train a VAE or a text-conditioned diffusion model"),
     "serve": ("imagine.server.cli", "serve the AUTOMATIC1111- and OpenAI-style HTTP API and the web page"),
 }

@@ -22,6 +22,7 @@ to the model's size multiple (reflect, then replicate), the padding cut off afte
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -227,6 +228,26 @@ def find_upscalers(folder: str | os.PathLike) -> dict[str, Path]:
         raise ValueError(f"upscaler folder not found: {folder}")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in UPSCALER_SUFFIXES)
     return {p.stem: p for p in files}
+
+
+def upscaler_named(name: str, folder: str | os.PathLike | None = None) -> UpscaleModel | None:
+    """The upscaler model `name` stands for: a file path, or (with `folder`) a file there by its stem or by the
+    name A1111 lists it under ("R-ESRGAN 4x+" for RealESRGAN_x4plus.pth); None when it names no file (a built-in
+    upscaler's name such as "Lanczos" or "Latent", or a model that is not there). Loaded once per file version."""
+    path = Path(name)
+    if path.suffix.lower() in UPSCALER_SUFFIXES and path.is_file():
+        return _load_cached(str(path.resolve()), path.stat().st_mtime_ns)
+    if folder is None:
+        return None
+    files = find_upscalers(folder)
+    by_a1111 = {A1111_REALESRGAN_NAMES.get(stem, stem).lower(): p for stem, p in files.items()}
+    found = files.get(name) or by_a1111.get(name.lower())
+    return None if found is None else _load_cached(str(found.resolve()), found.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str, mtime_ns: int) -> UpscaleModel:
+    return load_upscale_model(path)
 
 
 # ---------------------------------------------------------------------------------------------

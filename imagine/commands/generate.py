@@ -322,7 +322,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hires-upscaler", default=None, metavar="NAME",
                    help="latent: the latents resized bilinearly (A1111's 'Latent', the default), or its other latent "
                         "modes (latent_antialiased, latent_bicubic, latent_bicubic_antialiased, latent_nearest, "
-                        "latent_nearest_exact); lanczos, nearest, none: the pictures resized (A1111's labels too)")
+                        "latent_nearest_exact); lanczos, nearest, none: the pictures resized (A1111's labels too); "
+                        "or an upscaler model (ESRGAN / Real-ESRGAN .pth or .safetensors): its path, or its name in "
+                        "--upscaler-dir (the file's stem, or A1111's name such as 'R-ESRGAN 4x+')")
+    p.add_argument("--upscaler-dir", default=None, metavar="DIR",
+                   help="a folder of upscaler models (A1111's models/ESRGAN and models/RealESRGAN, ComfyUI's "
+                        "models/upscale_models) that --hires-upscaler and an infotext's 'Hires upscaler' name")
     p.add_argument("--hires-sampler", default=None, metavar="NAME",
                    help="the hires pass's sampler (A1111's 'Hires sampler'; default: --sampler)")
     p.add_argument("--hires-schedule-type", default=None, metavar="NAME",
@@ -465,7 +470,7 @@ def defaults_from(args) -> dict:
         out = infotext_defaults(_loaded_again(fields, args, "Model", None, None,
                                               ("Model hash", "Lora hashes", "TI hashes")),
                                 init_image=bool(args.init_image), refiner=args.refiner,
-                                text_encoder=text_encoder_family(args.model))
+                                text_encoder=text_encoder_family(args.model), upscaler_dir=args.upscaler_dir)
     if args.from_file:  # (its prompts, not the picture's)
         out.pop("prompt", None)
     if args.hires_scale is not None:  # (hires. fix's two forms: the one given wins over the picture's other)
@@ -604,7 +609,11 @@ def record_defaults(record: dict, init_image: bool = False, mask: bool = False) 
     if record.get("sampler_options"):
         out["sampler_option"] = [f"{k}={v}" for k, v in record.pop("sampler_options").items()]
     if "hires_upscaler" in record:
-        out["hires_upscaler"] = hires_upscaler_key(record.pop("hires_upscaler"))
+        name = record.pop("hires_upscaler")
+        try:
+            out["hires_upscaler"] = hires_upscaler_key(name)
+        except ValueError:  # (an upscaler model's name: --upscaler-dir must have it, as it had to for the run)
+            out["hires_upscaler"] = name
     if "strength" in record:
         if "hires_scale" in out or "hires_resize" in out:
             out["hires_strength"] = record.pop("strength")
@@ -625,12 +634,13 @@ _A1111_CLIP_SKIP_IGNORED = {
 
 
 def infotext_defaults(fields: dict, init_image: bool = False, refiner: str | None = None,
-                      text_encoder: str | None = None) -> dict:
+                      text_encoder: str | None = None, upscaler_dir: str | None = None) -> dict:
     """An AUTOMATIC1111 infotext's fields (imagine.images.parse_a1111_parameters) as this command's flags, for a run
     as A1111 made it: its sampling and prompt reading, and "_infotext_notes" for what is not applied or assumed.
     refiner: the --refiner given (the picture's refiner settings then apply); text_encoder: the model's text encoder family
     ("clip", "openclip", "sdxl", imagine.models.text_encoders.text_encoder_family; None: not known): A1111 ignores
-    its "Clip skip" on SD 2.x and SDXL, so there it is a note."""
+    its "Clip skip" on SD 2.x and SDXL, so there it is a note. upscaler_dir: --upscaler-dir, where a "Hires upscaler"
+    model (R-ESRGAN 4x+, ...) is looked for (not there: Lanczos, and a note)."""
     from imagine.images import A1111_SIGMA_LABELS
     from imagine.pipelines.text_to_image import hires_upscaler_key
     from imagine.samplers import COMPVIS_SAMPLERS, TIMESTEP_RULE, a1111_settings, resolve_sampler
@@ -760,10 +770,16 @@ def infotext_defaults(fields: dict, init_image: bool = False, refiner: str | Non
             upscaler = fields.pop("Hires upscaler")
             try:
                 out["hires_upscaler"] = hires_upscaler_key(upscaler)
-            except ValueError:  # (an upscaler model's, e.g. R-ESRGAN 4x+: none here)
-                out["hires_upscaler"] = "latent" if upscaler.startswith("Latent") else "lanczos"
-                notes.append(f"Hires upscaler: {upscaler} (upscaled with "
-                             f"{'bilinear Latent' if upscaler.startswith('Latent') else 'Lanczos'} here)")
+            except ValueError:  # (an upscaler model's, e.g. R-ESRGAN 4x+: run where upscaler_dir has it)
+                from imagine.upscalers import upscaler_named
+
+                if upscaler_named(upscaler, upscaler_dir) is not None:
+                    out["hires_upscaler"] = upscaler
+                else:
+                    out["hires_upscaler"] = "latent" if upscaler.startswith("Latent") else "lanczos"
+                    notes.append(f"Hires upscaler: {upscaler} (upscaled with "
+                                 f"{'bilinear Latent' if upscaler.startswith('Latent') else 'Lanczos'} here: no such "
+                                 f"model{' in ' + str(upscaler_dir) if upscaler_dir else ''}; see --upscaler-dir)")
         for label, dest in (("Hires prompt", "hires_prompt"), ("Hires negative prompt", "hires_negative_prompt")):
             if fields.get(label):
                 out[dest] = fields.pop(label)
@@ -1635,6 +1651,16 @@ def _karras_name(name: str) -> bool:
     return resolve_sampler(name)[2]
 
 
+def _hires_upscaler(args):
+    """--hires-upscaler's upscaler model (imagine.upscalers.UpscaleModel) where it names one (a file, or a model in
+    --upscaler-dir), else None (a built-in upscaler's name)."""
+    from imagine.upscalers import upscaler_named
+
+    if args.hires_upscaler is None:
+        return None
+    return upscaler_named(args.hires_upscaler, getattr(args, "upscaler_dir", None))
+
+
 def _check_values(args, max_seed: int) -> None:
     """What can be said of the flags before the model loads (which takes minutes for SDXL): the names of samplers and
     upscalers (with their near misses), the numbers' ranges, and flags that would do nothing, each by its flag."""
@@ -1646,12 +1672,19 @@ def _check_values(args, max_seed: int) -> None:
         try:
             hires_upscaler_key(args.hires_upscaler)
         except ValueError:
-            from imagine.cli import did_you_mean
+            if _hires_upscaler(args) is None:
+                from imagine.cli import did_you_mean
+                from imagine.upscalers import A1111_REALESRGAN_NAMES, find_upscalers
 
-            hint = did_you_mean(args.hires_upscaler, [*HIRES_UPSCALERS, *HIRES_UPSCALERS.values()], _name_key)
-            raise ValueError(f"--hires-upscaler: unknown upscaler {args.hires_upscaler!r}{hint}; valid: "
-                             f"{', '.join(HIRES_UPSCALERS)} (or A1111's labels: "
-                             f"{', '.join(dict.fromkeys(HIRES_UPSCALERS.values()))})") from None
+                models = ([A1111_REALESRGAN_NAMES.get(stem, stem) for stem in find_upscalers(args.upscaler_dir)]
+                          if args.upscaler_dir else [])
+                hint = did_you_mean(args.hires_upscaler, [*HIRES_UPSCALERS, *HIRES_UPSCALERS.values(), *models],
+                                    _name_key)
+                where = (f"; models in {args.upscaler_dir}: {', '.join(models) or 'none'}" if args.upscaler_dir
+                         else "; or an upscaler model's file (or its name with --upscaler-dir)")
+                raise ValueError(f"--hires-upscaler: unknown upscaler {args.hires_upscaler!r}{hint}; valid: "
+                                 f"{', '.join(HIRES_UPSCALERS)} (or A1111's labels: "
+                                 f"{', '.join(dict.fromkeys(HIRES_UPSCALERS.values()))}){where}") from None
     _hires_resize(args.hires_resize)  # (its form)
     for flag, value, ok, valid in (
             ("--strength", args.strength, lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -1997,7 +2030,8 @@ def run(args) -> int:
             run = functools.partial(pipe.generate_hires, hires_scale=2.0 if args.hires_scale is None else args.hires_scale,
                                     hires_resize=_hires_resize(args.hires_resize),
                                     hires_strength=0.7 if args.hires_strength is None else args.hires_strength,
-                                    hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler or "latent",
+                                    hires_steps=args.hires_steps,
+                                    hires_upscaler=_hires_upscaler(args) or args.hires_upscaler or "latent",
                                     hires_prompt=args.hires_prompt,
                                     hires_negative_prompt=args.hires_negative_prompt, hires_sampling=hires_sampling)
         res = run([p for p, _ in chunk], args.negative_prompt, steps=args.steps,

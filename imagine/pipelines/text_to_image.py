@@ -1187,7 +1187,7 @@ class TextToImagePipeline:
 
     def generate_hires(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                        hires_scale: float = 2.0, hires_strength: float = 0.7, hires_steps: int | None = None,
-                       hires_upscaler: str = "latent", hires_resize: tuple[int, int] | None = None,
+                       hires_upscaler: Any = "latent", hires_resize: tuple[int, int] | None = None,
                        hires_prompt: str | None = None,
                        hires_negative_prompt: str | None = None, hires_sampling: dict | None = None,
                        hires_control_image=None, hires_control_mode: str | list[str] | None = None,
@@ -1200,7 +1200,8 @@ class TextToImagePipeline:
         `hires_upscaler` (HIRES_UPSCALERS, or A1111's labels): "latent" (A1111's default "Latent": the latents
         resized bilinearly, no VAE round trip; it wants a strength of 0.5 or more to clean up) and A1111's other
         latent modes (antialiased, bicubic, nearest), or "lanczos" / "nearest" / "none" (the decoded pictures
-        resized, then encoded). `hires_resize`: A1111's (hr_resize_x, hr_resize_y), a size in pixels in place of
+        resized, then encoded), or an upscaler model (imagine.upscalers.UpscaleModel, e.g. R-ESRGAN 4x+: the
+        decoded pictures enlarged by it over A1111's tiles, then Lanczos to the size, as A1111 runs it). `hires_resize`: A1111's (hr_resize_x, hr_resize_y), a size in pixels in place of
         the scale (`hires_target`; where both are given the upscaled picture is cut to them, centred: its latents
         for a latent upscaler, as A1111 cuts them, the pictures before encoding for the others).
         `hires_prompt` / `hires_negative_prompt`: the second pass's texts (A1111's "Hires prompt"; None or "": the
@@ -1270,7 +1271,10 @@ class TextToImagePipeline:
             if any(m not in CONTROL_MODES for m in modes):
                 raise ValueError(f"hires_control_mode must be one of {', '.join(CONTROL_MODES)}, or one per "
                                  f"ControlNet; got {hires_control_mode!r}")
-        upscaler = hires_upscaler_key(hires_upscaler)
+        from imagine.upscalers import UpscaleModel
+
+        model = hires_upscaler if isinstance(hires_upscaler, UpscaleModel) else None
+        upscaler = "model" if model is not None else hires_upscaler_key(hires_upscaler)
         latent = LATENT_UPSCALE_MODES.get(upscaler)
         # (a refiner runs in the second pass only: AUTOMATIC1111's default "hires_fix_refiner_pass")
         first = self.generate(prompt, negative_prompt, callback=callback, progress=progress,
@@ -1297,9 +1301,14 @@ class TextToImagePipeline:
             start = {"init_latents": x[:, :, cut_h // 2:x.shape[2] - (cut_h + 1) // 2,
                                        cut_w // 2:x.shape[3] - (cut_w + 1) // 2]}
         else:  # the pictures resized (Lanczos; nearest), cut before encoding where A1111 cuts the encoded latents
-            kind = Image.NEAREST if upscaler == "nearest" else Image.LANCZOS
             box = (cut_w // 2 * f, cut_h // 2 * f, up_w - (cut_w + 1) // 2 * f, up_h - (cut_h + 1) // 2 * f)
-            start = {"init_image": [im.resize((up_w, up_h), kind).crop(box) for im in first.images]}
+            if model is not None:  # (an upscaler model as A1111's images.resize_image runs it: imagine.upscalers)
+                from imagine.upscalers import a1111_resize
+
+                start = {"init_image": [a1111_resize(im, up_w, up_h, model).crop(box) for im in first.images]}
+            else:
+                kind = Image.NEAREST if upscaler == "nearest" else Image.LANCZOS
+                start = {"init_image": [im.resize((up_w, up_h), kind).crop(box) for im in first.images]}
         prompts = [hires_prompt] * len(first.seeds) if hires_prompt else p["prompt"]
         negatives = [hires_negative_prompt] * len(first.seeds) if hires_negative_prompt else first.negatives
         if first.subseeds is not None:  # (the same variation seeds in both passes, as A1111)
@@ -1319,7 +1328,8 @@ class TextToImagePipeline:
                   # (a size asked stands for the scale, as A1111's infotext says it)
                   **({"hires_resize": f"{hires_resize[0]}x{hires_resize[1]}"} if hires_resize
                      else {"hires_scale": float(hires_scale)}), "hires_steps": steps,
-                  "hires_upscaler": HIRES_UPSCALERS[upscaler], "prompt": p["prompt"],
+                  "hires_upscaler": model.a1111_name if model is not None else HIRES_UPSCALERS[upscaler],
+                  "prompt": p["prompt"],
                   "negative_prompt": p["negative_prompt"],
                   **({"hires_prompt": hires_prompt} if hires_prompt else {}),
                   **({"hires_negative_prompt": hires_negative_prompt} if hires_negative_prompt else {})}
