@@ -48,7 +48,7 @@ COMFYUI_TILE, COMFYUI_OVERLAP = 512, 32  # ComfyUI's ImageUpscaleWithModel
 A1111_PASSES = 3  # Upscaler.upscale runs the model at most this many times
 
 
-@dataclass
+@dataclass(eq=False)  # (one object per file version, compared and hashed as itself: a server's jobs hold it)
 class UpscaleModel:
     """A loaded upscaler: `net` (RRDBNet or CompactSRNet), `scale` (how much larger its pictures come out),
     `architecture` ("ESRGAN", "ESRGAN+", "Real-ESRGAN Compact"), `multiple_of` (the size its input is padded to),
@@ -236,13 +236,19 @@ def upscaler_named(name: str, folder: str | os.PathLike | None = None) -> Upscal
     upscaler's name such as "Lanczos" or "Latent", or a model that is not there). Loaded once per file version."""
     path = Path(name)
     if path.suffix.lower() in UPSCALER_SUFFIXES and path.is_file():
-        return _load_cached(str(path.resolve()), path.stat().st_mtime_ns)
+        return cached_upscale_model(path)
     if folder is None:
         return None
     files = find_upscalers(folder)
     by_a1111 = {A1111_REALESRGAN_NAMES.get(stem, stem).lower(): p for stem, p in files.items()}
     found = files.get(name) or by_a1111.get(name.lower())
-    return None if found is None else _load_cached(str(found.resolve()), found.stat().st_mtime_ns)
+    return None if found is None else cached_upscale_model(found)
+
+
+def cached_upscale_model(path: str | os.PathLike) -> UpscaleModel:
+    """`load_upscale_model`, loaded once per file version (the last 4 kept): a server's requests share it."""
+    path = Path(path).resolve()
+    return _load_cached(str(path), path.stat().st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4)

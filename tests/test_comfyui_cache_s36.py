@@ -60,10 +60,12 @@ def test_an_upload_under_the_same_name_is_loaded_again(server):
 
 
 def test_model_folders_and_free(server):
-    assert requests.get(server.url + "/models").json() == ["checkpoints", "loras", "vae", "controlnet", "embeddings"]
+    assert requests.get(server.url + "/models").json() == ["checkpoints", "loras", "vae", "controlnet",
+                                                           "upscale_models", "embeddings"]
     assert requests.get(server.url + "/models/checkpoints").json() == [server.name]
     assert requests.get(server.url + "/api/models/loras").json() == []
-    assert requests.get(server.url + "/models/upscale_models").status_code == 404
+    assert requests.get(server.url + "/models/upscale_models").json() == []  # (no --upscaler-dir)
+    assert requests.get(server.url + "/models/style_models").status_code == 404
     g = graph(server.name, seed=99, steps=3, batch=1)
     run(server, g)
     assert requests.post(server.url + "/free", json={"free_memory": True}).status_code == 200

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import html
 import io
 import json
 import math
@@ -32,7 +33,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import PngImagePlugin
+from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -232,6 +233,33 @@ class PngInfoRequest(BaseModel):
     """A1111's /sdapi/v1/png-info body: a base64 picture (a data: prefix allowed)."""
 
     image: str = ""
+
+
+class ExtrasRequest(BaseModel):
+    """AUTOMATIC1111's Extras fields (ExtrasBaseRequest), with its defaults."""
+
+    model_config = ConfigDict(extra="allow")
+    resize_mode: int = 0  # 0: upscaling_resize times; 1: to upscaling_resize_w x upscaling_resize_h
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0
+    codeformer_visibility: float = 0
+    codeformer_weight: float = 0
+    upscaling_resize: float = 2
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str | None = "None"
+    upscaler_2: str | None = "None"
+    extras_upscaler_2_visibility: float = 0
+    upscale_first: bool = False
+
+
+class ExtrasSingleRequest(ExtrasRequest):
+    image: str = ""
+
+
+class ExtrasBatchRequest(ExtrasRequest):
+    imageList: list = []  # noqa: N815 (A1111's name)
 
 
 class InfotextRequest(BaseModel):
@@ -525,7 +553,7 @@ class _ClientGone(Exception):
 
 
 _A1111_SCRIPTS = {"txt2img": [], "img2img": []}
-_EMPTY_LISTS = ["hypernetworks", "face-restorers", "realesrgan-models", "artist-categories", "artists"]
+_EMPTY_LISTS = ["hypernetworks", "face-restorers", "artist-categories", "artists"]
 
 
 def _openai_path(request: Request) -> bool:
@@ -617,6 +645,22 @@ def _b64_png(img, infotext: str | None = None) -> str:
     return base64.b64encode(png_bytes(img, infotext)).decode("ascii")
 
 
+def _png_texts(data: str) -> dict[str, str]:
+    """The text chunks of a base64 picture (a PNG's generation parameters), which A1111's Extras carry over."""
+    raw = data.split(",", 1)[1] if data.startswith("data:") else data
+    with Image.open(io.BytesIO(base64.b64decode(raw, validate=False))) as im:
+        return {k: v for k, v in im.info.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _b64_png_texts(img, texts: dict[str, str]) -> str:
+    info = PngImagePlugin.PngInfo()
+    for k, v in texts.items():
+        info.add_text(k, v)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int,
               model: str, model_hash: str, version: str, vae: str | None = None, schedule: str | None = None,
               clip_skip: int = 0, strength: float | None = None, hires: Hires | None = None,
@@ -639,7 +683,8 @@ def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, 
                              "clip_skip": clip_skip, "strength": strength,
                              **({"hires_scale": hires.scale, "hires_steps": hires.steps or steps,
                                  "hires_resize": hires.resize and f"{hires.resize[0]}x{hires.resize[1]}",
-                                 "hires_upscaler": HIRES_UPSCALERS[hires.upscaler], "hires_prompt": hires.prompt,
+                                 "hires_upscaler": (HIRES_UPSCALERS[hires.upscaler] if isinstance(hires.upscaler, str)
+                                                    else hires.upscaler.a1111_name), "hires_prompt": hires.prompt,
                                  "hires_negative_prompt": hires.negative_prompt} if hires else {}),
                              **({"hires_sampling": hires_sampling, "a1111_hires_schedule": hires_schedule}
                                 if hires_sampling else {}),
@@ -1086,10 +1131,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                 f"past the server's limit of {cfg.max_width}x{cfg.max_height}", field)
         return resize
 
-    def hires_upscaler(name: str | None) -> str:
+    def hires_upscaler(name: str | None):
         """A1111's hr_upscaler -> text_to_image.HIRES_UPSCALERS' key: its latent upscale modes, None / Lanczos /
-        Nearest (case aside), "latent" when none is given (A1111's latent_upscale_default_mode); another (a model's,
-        e.g. R-ESRGAN 4x+) is a 422 naming the valid ones, as A1111 refuses a name it does not have."""
+        Nearest (case aside), "latent" when none is given (A1111's latent_upscale_default_mode); or an upscaler
+        model in `serve --upscaler-dir` by A1111's name for it (imagine.upscalers.UpscaleModel); another is a 422
+        naming the valid ones, as A1111 refuses a name it does not have."""
         from imagine.pipelines.text_to_image import HIRES_UPSCALERS, hires_upscaler_key
 
         if name in (None, ""):
@@ -1097,8 +1143,32 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         try:
             return hires_upscaler_key(name)
         except ValueError:
-            raise ApiError(422, f"hr_upscaler {name!r} is not an upscaler this server runs (no upscaler models); "
-                                f"valid: {', '.join(HIRES_UPSCALERS.values())}", "hr_upscaler") from None
+            model = upscaler_model(name, "hr_upscaler")
+            if model is not None:
+                return model
+            raise ApiError(422, f"hr_upscaler {name!r} is not an upscaler this server runs; valid: "
+                                f"{', '.join([*HIRES_UPSCALERS.values(), *upscaler_models()])}", "hr_upscaler") from None
+
+    def upscaler_models() -> list[str]:
+        """The names A1111 lists the models of `serve --upscaler-dir` under (imagine.upscalers.A1111_REALESRGAN_NAMES
+        for Real-ESRGAN's published files, else the file's stem)."""
+        from imagine.upscalers import A1111_REALESRGAN_NAMES, find_upscalers
+
+        folder = getattr(pipe, "upscaler_dir", None)
+        return [] if folder is None else [A1111_REALESRGAN_NAMES.get(stem, stem) for stem in find_upscalers(folder)]
+
+    def upscaler_model(name: str, field: str):
+        """The upscaler model `name` (A1111's name, or the file's stem) in `serve --upscaler-dir`, loaded (once per
+        file version); None when there is none of that name; a file that is no upscaler model: 422."""
+        from imagine.upscalers import upscaler_named
+
+        folder = getattr(pipe, "upscaler_dir", None)
+        if folder is None or Path(name).name != name:  # (a name, never a path from a client)
+            return None
+        try:
+            return upscaler_named(name, folder)
+        except (ValueError, OSError) as e:
+            raise ApiError(422, f"{field}: {e}", field) from None
 
     def check_guidance(field: str, v: float) -> None:
         if not math.isfinite(v) or not 0 <= v <= 100:
@@ -1959,11 +2029,124 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         app.add_api_route(f"/sdapi/v1/{_path}", lambda: [], methods=["GET"])
 
     @app.get("/sdapi/v1/upscalers")
-    def upscalers():  # A1111's list (its sd_upscalers), of the image upscalers the hires. fix runs here (no models)
+    def upscalers():  # A1111's list (its sd_upscalers): the picture upscalers, then the models of --upscaler-dir
         from imagine.pipelines.text_to_image import HIRES_UPSCALERS, LATENT_UPSCALE_MODES
+        from imagine.upscalers import A1111_REALESRGAN_NAMES, find_upscalers
 
-        return [{"name": label, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for key, label in HIRES_UPSCALERS.items() if key not in LATENT_UPSCALE_MODES]
+        folder = getattr(pipe, "upscaler_dir", None)
+        files = find_upscalers(folder) if folder is not None else {}
+        # (A1111's scale field: 4 for ESRGAN models whatever they are, Real-ESRGAN's own for its files)
+        return ([{"name": label, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                 for key, label in HIRES_UPSCALERS.items() if key not in LATENT_UPSCALE_MODES]
+                + [{"name": A1111_REALESRGAN_NAMES.get(stem, stem), "model_name": stem, "model_path": str(path),
+                    "model_url": None, "scale": 2 if "x2" in stem else 4} for stem, path in files.items()])
+
+    @app.get("/sdapi/v1/realesrgan-models")
+    def realesrgan_models():  # A1111's list of its Real-ESRGAN upscalers that are on disk
+        from imagine.upscalers import A1111_REALESRGAN_NAMES, find_upscalers
+
+        folder = getattr(pipe, "upscaler_dir", None)
+        files = find_upscalers(folder) if folder is not None else {}
+        return [{"name": A1111_REALESRGAN_NAMES[stem], "path": str(path), "scale": 2 if "x2" in stem else 4}
+                for stem, path in files.items() if stem in A1111_REALESRGAN_NAMES]
+
+    @app.post("/sdapi/v1/extra-single-image")
+    async def extra_single_image(req: ExtrasSingleRequest, request: Request):
+        """A1111's Extras on one picture (its run_extras through the postprocessing upscale script): the picture
+        enlarged by upscaler_1 (and upscaler_2 blended in at extras_upscaler_2_visibility), by upscaling_resize
+        (resize_mode 0) or to upscaling_resize_w x upscaling_resize_h (resize_mode 1; upscaling_crop: cut to it,
+        centred). Its PNG keeps the picture's text chunks and adds "postprocessing"."""
+        images, info = await run_extras(req, [(req.image, "image")], request)
+        return {"html_info": info, "image": images[0]}
+
+    @app.post("/sdapi/v1/extra-batch-images")
+    async def extra_batch_images(req: ExtrasBatchRequest, request: Request):
+        """A1111's Extras on a list of pictures (imageList: [{"data": base64, "name": ...}])."""
+        items = [(item.get("data") if isinstance(item, dict) else None, f"imageList[{i}].data")
+                 for i, item in enumerate(req.imageList)]
+        images, info = await run_extras(req, items, request)
+        return {"html_info": info, "images": images}
+
+    async def run_extras(req, items: list, request: Request) -> tuple[list[str], str]:
+        from imagine.upscalers import a1111_upscale
+
+        if not items:
+            raise ApiError(422, "imageList: give at least one picture", "imageList")
+        if len(items) > cfg.max_images:
+            raise ApiError(422, f"imageList: {len(items)} pictures; up to {cfg.max_images} a request (the server's "
+                                "limit)", "imageList")
+        for field in ("gfpgan_visibility", "codeformer_visibility"):
+            if getattr(req, field):
+                raise ApiError(422, f"{field}: this server has no face restorers (/sdapi/v1/face-restorers lists "
+                                    "none); send 0", field)
+        if req.resize_mode not in (0, 1):
+            raise ApiError(422, f"resize_mode must be 0 (scale by upscaling_resize) or 1 (to upscaling_resize_w x "
+                                f"upscaling_resize_h); got {req.resize_mode}", "resize_mode")
+        if req.resize_mode == 0 and not (math.isfinite(req.upscaling_resize) and 0 < req.upscaling_resize <= 8):
+            raise ApiError(422, f"upscaling_resize must be in (0, 8] (A1111's slider); got {req.upscaling_resize}",
+                           "upscaling_resize")
+        if req.resize_mode == 1:
+            for field in ("upscaling_resize_w", "upscaling_resize_h"):
+                check_int(field, getattr(req, field), 1, 8192, "")
+        if not 0 <= req.extras_upscaler_2_visibility <= 1:
+            raise ApiError(422, f"extras_upscaler_2_visibility must be in [0, 1]; got "
+                                f"{req.extras_upscaler_2_visibility}", "extras_upscaler_2_visibility")
+
+        def upscaler(name, field):
+            if name in (None, "", "None"):
+                return None
+            if name.lower() in ("lanczos", "nearest"):
+                return name.capitalize()
+            model = upscaler_model(name, field)
+            if model is None:
+                raise ApiError(422, f"{field}: no upscaler named {name!r}; valid: "
+                                    f"{', '.join(['None', 'Lanczos', 'Nearest', *upscaler_models()])}", field)
+            return model
+
+        first, second = upscaler(req.upscaler_1, "upscaler_1"), upscaler(req.upscaler_2, "upscaler_2")
+        pictures = []
+        for data, field in items:
+            picture = _decode_image(data, field)
+            size = picture.size if req.resize_mode == 0 else (req.upscaling_resize_w, req.upscaling_resize_h)
+            grows = req.upscaling_resize if req.resize_mode == 0 else max(size[0] / picture.width,
+                                                                          size[1] / picture.height)
+            if int(picture.width * grows) * int(picture.height * grows) > MAX_PICTURE_PIXELS:
+                raise ApiError(422, f"{field}: enlarged {grows:g} times the picture would be past "
+                                    f"{MAX_PICTURE_PIXELS:,} pixels", field)
+            pictures.append((picture, grows, _png_texts(data)))
+        if first is None:  # (A1111's upscale script does nothing without an upscaler_1)
+            return [_b64_png_texts(p, texts) for p, _, texts in pictures], ""
+        name = lambda u: u if isinstance(u, str) else u.a1111_name  # noqa: E731
+        how = (f"Postprocess upscale by: {req.upscaling_resize:g}" if req.resize_mode == 0 else
+               f"Postprocess upscale to: {req.upscaling_resize_w}x{req.upscaling_resize_h}")
+        info = f"{how}, Postprocess upscaler: {name(first)}"
+        if second is not None and req.extras_upscaler_2_visibility > 0:
+            info += f", Postprocess upscaler 2: {name(second)}"
+
+        def work(_pipe, run):
+            from PIL import Image
+
+            out = []
+            for picture, grows, texts in pictures:
+                run.check()
+                done = a1111_upscale(picture, grows, first)
+                if second is not None and req.extras_upscaler_2_visibility > 0:
+                    other = a1111_upscale(picture, grows, second)
+                    done = Image.blend(done, other.convert(done.mode), req.extras_upscaler_2_visibility)
+                if req.resize_mode == 1 and req.upscaling_crop:  # (cut to the size, centred, as A1111's script)
+                    w, h = req.upscaling_resize_w, req.upscaling_resize_h
+                    cut = Image.new("RGB", (w, h))
+                    cut.paste(done, box=(w // 2 - done.width // 2, h // 2 - done.height // 2))
+                    done = cut
+                out.append(_b64_png_texts(done, {**texts, "postprocessing": info}))
+            return out
+
+        job = Job(prompts=[""], negative_prompts=[""], seeds=[0], call=work,
+                  settings=Settings(height=0, width=0, steps=1, sampler="euler", guidance_scale=1.0))
+        images = await run_job(request, job)
+        if images is None:
+            raise ApiError(409, "interrupted before the pictures were enlarged")
+        return images, f"<p>{html.escape(info)}</p>"
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     def latent_upscale_modes():  # A1111's (shared.latent_upscale_modes), all run here

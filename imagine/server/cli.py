@@ -57,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "for the requests that ask, and put back exactly after)")
     p.add_argument("--vae-dir", default=None, metavar="DIR",
                    help="a folder of VAE files (and VAE folders) that ComfyUI graphs load with VAELoader by name")
+    p.add_argument("--upscaler-dir", default=None, metavar="DIR",
+                   help="a folder of upscaler models (ESRGAN, Real-ESRGAN: A1111's models/ESRGAN and RealESRGAN, "
+                        "ComfyUI's models/upscale_models): A1111's hr_upscaler and Extras, ComfyUI's "
+                        "UpscaleModelLoader")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
                    help="a textual-inversion embedding to load at start, repeatable")
     p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
@@ -196,6 +200,8 @@ def run(args) -> int:
         raise FileNotFoundError(f"--lora-dir: {args.lora_dir} is not a folder")
     if getattr(args, "vae_dir", None) is not None and not Path(args.vae_dir).is_dir():
         raise FileNotFoundError(f"--vae-dir: {args.vae_dir} is not a folder")
+    if getattr(args, "upscaler_dir", None) is not None and not Path(args.upscaler_dir).is_dir():
+        raise FileNotFoundError(f"--upscaler-dir: {args.upscaler_dir} is not a folder")
     if args.ckpt_dir is not None and not Path(args.ckpt_dir).is_dir():
         raise FileNotFoundError(f"--ckpt-dir: {args.ckpt_dir} is not a folder")
     if args.refiner is not None and not Path(args.refiner).exists():
@@ -219,7 +225,8 @@ def run(args) -> int:
 
 # the flags that change a latent model (its VAE, LoRAs, embeddings, ControlNets, refiner, CLIP), which a pixel cascade
 # has none of: refused by name
-LATENT_ONLY_FLAGS = ("vae", "vae_dir", "lora", "lora_dir", "embedding", "controlnet", "refiner", "clip_skip")
+LATENT_ONLY_FLAGS = ("vae", "vae_dir", "upscaler_dir", "lora", "lora_dir", "embedding", "controlnet", "refiner",
+                     "clip_skip")
 
 
 def _cascade(args, config):
@@ -295,6 +302,7 @@ def _model_app(args, config, styles, model_name: str | None = None, comfyui=None
                          "runs text-to-image models and unCLIP decoders: use imagine generate --init-image PICTURE")
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
     pipe.vae_dir = Path(args.vae_dir) if getattr(args, "vae_dir", None) else None
+    pipe.upscaler_dir = Path(args.upscaler_dir) if getattr(args, "upscaler_dir", None) else None
     app = create_app(pipe, config, styles=styles, model_name=model_name, comfyui=comfyui or args.comfyui_dir)
     app.state.listen = not is_loopback(args.host)
     return app

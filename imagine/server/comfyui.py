@@ -202,6 +202,7 @@ class ComfyState:
     lora_names: Callable[[], list[str]] | None = None  # what LoraLoader offers: the files of serve --lora-dir
     controlnet_names: Callable[[], list[str]] | None = None  # what ControlNetLoader offers: serve --controlnet's
     vae_names: Callable[[], list[str]] | None = None  # what VAELoader offers: the files of serve --vae-dir
+    upscaler_names: Callable[[], list[str]] | None = None  # what UpscaleModelLoader offers: serve --upscaler-dir's
     vae: tuple | None = None  # (the last VAE VAELoader loaded: (its path, a weakref to the VAE it was fitted to, it))
     on_queued: Callable[[Any], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -865,6 +866,20 @@ def _vae_loader(ctx, vae_name):
     return (("file", str(vae_name)),)
 
 
+def _upscale_model_loader(ctx, model_name):
+    return (ctx.upscale_model(model_name),)
+
+
+def _image_upscale_with_model(ctx, upscale_model, image):
+    """ComfyUI's ImageUpscaleWithModel: the pictures ([B, H, W, C]) through the model over 512-pixel tiles
+    overlapping by 32 (imagine.upscalers.upscale_pictures, its tiled_scale), clamped to [0, 1]."""
+    from imagine.upscalers import COMFYUI_OVERLAP, COMFYUI_TILE, upscale_pictures
+
+    x = image[..., :3].movedim(-1, 1).float()
+    ctx.check_size(x.shape[3] * upscale_model.scale, x.shape[2] * upscale_model.scale)
+    return (upscale_pictures(upscale_model, x, COMFYUI_TILE, COMFYUI_OVERLAP).movedim(1, -1).contiguous(),)
+
+
 def _vae_decode(ctx, samples, vae):
     return (ctx.decode(samples["samples"], vae),)
 
@@ -1143,6 +1158,12 @@ NODES: dict[str, Node] = {
                           _threshold_mask, "mask", display_name="ThresholdMask"),
     "VAELoader": Node(lambda s: {"required": {"vae_name": (s.vae_names(),)}}, ("VAE",), _vae_loader, "loaders",
                       "The VAE files of serve --vae-dir.", display_name="Load VAE"),
+    "UpscaleModelLoader": Node(lambda s: {"required": {"model_name": (s.upscaler_names(),)}}, ("UPSCALE_MODEL",),
+                               _upscale_model_loader, "loaders", "The upscaler models of serve --upscaler-dir.",
+                               display_name="Load Upscale Model"),
+    "ImageUpscaleWithModel": Node(lambda s: {"required": {"upscale_model": ("UPSCALE_MODEL",), "image": ("IMAGE",)}},
+                                  ("IMAGE",), _image_upscale_with_model, "image/upscaling",
+                                  display_name="Upscale Image (using Model)"),
     "VAEEncodeForInpaint": Node(
         lambda s: {"required": {"pixels": ("IMAGE",), "vae": ("VAE",), "mask": ("MASK",),
                                 "grow_mask_by": _int(6, 0, 64)}},
@@ -1705,6 +1726,22 @@ class Execution:
                              f"{self.served.max_width}x{self.served.max_height}")
         return _upscale(x, method, w, h, crop)
 
+    def check_size(self, w: int, h: int) -> None:
+        if w > self.served.max_width or h > self.served.max_height:
+            raise ValueError(f"{w}x{h} pixels is past the server's limit of {self.served.max_width}x"
+                             f"{self.served.max_height}")
+
+    def upscale_model(self, name: str):
+        """UpscaleModelLoader's model: the file `name` of serve --upscaler-dir (its path there), loaded once per file
+        version (imagine.upscalers)."""
+        from imagine.upscalers import cached_upscale_model
+
+        folder = getattr(self.served.pipe, "upscaler_dir", None)
+        path = Path(folder) / name if folder is not None else None
+        if path is None or not path.is_file() or Path(folder).resolve() not in path.resolve().parents:
+            raise ValueError(f"model_name {name!r}: no such upscaler model in serve --upscaler-dir")
+        return cached_upscale_model(path)
+
     def vae(self, vae):
         """The VAE a VAE value names: the model's own (None), or VAELoader's file of serve --vae-dir, loaded once and
         kept while the prompts name it (in the model's latent space, as serve --vae fits one)."""
@@ -1817,6 +1854,15 @@ def _vae_files(folder) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folders + files)
 
 
+def _upscaler_files(folder) -> list[str]:
+    from imagine.upscalers import UPSCALER_SUFFIXES
+
+    if folder is None or not Path(folder).is_dir():
+        return []
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")
+                  if p.is_file() and p.suffix.lower() in UPSCALER_SUFFIXES)
+
+
 def _lora_files(folder) -> list[str]:
     from imagine.pipelines.text_to_image import LORA_SUFFIXES
 
@@ -1847,6 +1893,9 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
     if state.vae_names is None:  # (and --vae-dir)
         vae_dir = getattr(pipe, "vae_dir", None)
         state.vae_names = lambda: _vae_files(vae_dir)
+    if state.upscaler_names is None:  # (and --upscaler-dir)
+        upscaler_dir = getattr(pipe, "upscaler_dir", None)
+        state.upscaler_names = lambda: _upscaler_files(upscaler_dir)
     if state.controlnet_names is None:  # (and --controlnet)
         nets = controlnet_names(pipe)
         state.controlnet_names = lambda: nets
@@ -2138,6 +2187,7 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
 
     folders = {"checkpoints": lambda: state.checkpoint_names(), "loras": lambda: state.lora_names(),
                "vae": lambda: state.vae_names(), "controlnet": lambda: state.controlnet_names(),
+               "upscale_models": lambda: state.upscaler_names(),
                "embeddings": embeddings}
 
     @route("/models", ["GET"])
