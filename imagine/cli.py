@@ -32,6 +32,7 @@ BENCHES = {
     "samplers": ("imagine.bench.samplers", "our samplers vs diffusers' schedulers on exact Gaussian-mixture models"),
     "speed": ("imagine.bench.speed", "U-Net step and VAE decode time vs diffusers on identical weights"),
     "imagen": ("imagine.bench.imagen", "Imagen's U-Net step vs imagen-pytorch's Unet on identical weights"),
+    "upscale": ("imagine.bench.upscale", "upscaler models (ESRGAN, Real-ESRGAN) vs spandrel on identical weights"),
     "train": ("imagine.bench.train", "training throughput vs a plain diffusers U-Net training step"),
     "serve": ("imagine.bench.serve", "load test of `imagine serve` on loopback"),
     "default": ("imagine.bench.default", "cold start to saved image with the embedded default model"),

@@ -340,3 +340,60 @@ def test_bad_files_are_named(tmp_path):
         load_upscale_model(tmp_path / "cut.pth")
     with pytest.raises(ValueError, match="tile must be 0"):
         upscale_pictures(upscale_model_from_state(spandrel_compact(2, convs=1)), pictures(1, 4, 4), tile=8, overlap=8)
+
+
+def test_the_fast_precision_is_close_and_the_copies_are_shared():
+    model = upscale_model_from_state(to_real_esrgan(spandrel_esrgan(4, seed=18)))
+    x = pictures(1, 9, 11)
+    exact, fast = model(x), model.with_precision("fast")(x)
+    assert model.with_precision("exact") is model and model.with_precision("fast").net is model.net
+    assert (fast - exact).abs().max() < 0.02  # (bf16 where the CPU has it; float32 otherwise)
+    with pytest.raises(ValueError, match="precision must be 'exact' or 'fast'"):
+        model.with_precision("half")
+
+
+def test_the_upscale_command(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import PngImagePlugin
+
+    torch.save({"params_ema": spandrel_compact(2, convs=1, seed=19)}, tmp_path / "realesr-animevideov3.pth")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 20")
+    picture(10, 7).save(tmp_path / "a.png", pnginfo=info)
+    picture(6, 6, seed=9).save(tmp_path / "b.png")
+
+    def imagine(*a):
+        return subprocess.run([sys.executable, "-m", "imagine.cli", "upscale", *a], capture_output=True, text=True,
+                              cwd=tmp_path)
+
+    r = imagine("a.png", "--model", "R-ESRGAN AnimeVideo", "--upscaler-dir", ".", "--size", "25x9")
+    assert r.returncode == 0, r.stderr
+    out = Image.open(tmp_path / "a-upscaled.png")
+    assert out.size == (25, 9) and out.info["parameters"] == "a cat\nSteps: 20"
+    assert out.info["postprocessing"] == "Postprocess upscale to: 25x9, Postprocess upscaler: R-ESRGAN AnimeVideo"
+    model = load_upscale_model(tmp_path / "realesr-animevideov3.pth")
+    assert np.array_equal(np.asarray(out), np.asarray(upscale_image(model, picture(10, 7), size=(25, 9))))
+    r = imagine("a.png", "b.png", "-m", "realesr-animevideov3.pth", "--tiling", "a1111", "-o", "big")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "big" / "b-upscaled.png")),
+                          np.asarray(a1111_upscale(picture(6, 6, seed=9), 2, model)))
+    for args, message in ((("a.png", "-m", "nope"), "no such upscaler model"),
+                          (("a.png", "-m", "realesr-animevideov3.pth", "--size", "9"), "--size must be WIDTHxHEIGHT"),
+                          (("c.png", "-m", "realesr-animevideov3.pth"), "picture not found: c.png"),
+                          (("a.png", "b.png", "-m", "realesr-animevideov3.pth", "-o", "one.png"), "give a folder")):
+        r = imagine(*args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
+def test_the_bench_runs_both_sides_on_the_same_weights(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "imagine.cli", "bench", "upscale", "--models", "tiny", "--tile", "16",
+                        "--repeats", "1", "--json", str(tmp_path / "b.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    sides = json.loads((tmp_path / "b.json").read_text())["models"][0]["sides"]
+    assert sides["imagine_exact"]["rel_diff_vs_spandrel"] < 1e-5 and sides["imagine_fast"]["rel_diff_vs_spandrel"] < 0.05

@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -87,28 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_peer():
-    """The imagen_pytorch package. It imports torchvision and kornia at the top (for pictures and training's crops),
-    which do not import beside some torch builds, and reads T5's width from the hub: where a plain import fails, the
-    repository's offline loader (tests/imagen_peer.py: stand-ins for those modules, T5's width answered offline) is
-    used, in a source checkout."""
-    if importlib.util.find_spec("imagen_pytorch") is None:
-        raise ModuleNotFoundError("imagine bench imagen compares against imagen-pytorch: "
-                                  "pip install --no-deps imagen-pytorch==2.1.0 (with einops, beartype, ema-pytorch)")
-    try:
-        import imagen_pytorch
+    """The imagen_pytorch package (imagine.bench.peers: tests/imagen_peer.py's offline import where a plain one
+    fails on torchvision, kornia or the hub)."""
+    from imagine.bench.peers import import_peer
 
-        return imagen_pytorch
-    except Exception:  # noqa: BLE001 - torchvision / kornia / the hub: the offline loader below
-        for name in [n for n in sys.modules if n == "imagen_pytorch" or n.startswith("imagen_pytorch.")]:
-            del sys.modules[name]  # (a half-imported package)
-    loader = Path(__file__).resolve().parents[2] / "tests" / "imagen_peer.py"
-    if not loader.is_file():
-        raise ModuleNotFoundError("imagen_pytorch does not import here (torchvision / kornia / the hub) and this is "
-                                  f"not a source checkout with {loader.name}")
-    spec = importlib.util.spec_from_file_location("imagen_peer", loader)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.load()
+    return import_peer("imagen_pytorch", "imagen_peer.py",
+                       "pip install --no-deps imagen-pytorch==2.1.0 (with einops, beartype, ema-pytorch)")
 
 
 def build(shape: Shape, seed: int = 0) -> tuple[torch.nn.Module, EfficientUNet, dict]:

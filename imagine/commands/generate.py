@@ -1658,7 +1658,8 @@ def _hires_upscaler(args):
 
     if args.hires_upscaler is None:
         return None
-    return upscaler_named(args.hires_upscaler, getattr(args, "upscaler_dir", None))
+    model = upscaler_named(args.hires_upscaler, getattr(args, "upscaler_dir", None))
+    return None if model is None else model.with_precision(getattr(args, "precision", None) or "exact")
 
 
 def _check_values(args, max_seed: int) -> None:

@@ -36,6 +36,9 @@ def add_arguments(p) -> None:
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default 32 / 8)")
     p.add_argument("--output", "-o", default=None, metavar="PATH",
                    help="a PNG file (one picture), or a folder (default: beside each picture, NAME-upscaled.png)")
+    p.add_argument("--precision", choices=["exact", "fast"], default="exact",
+                   help="exact: float32 (default); fast: bf16 where the CPU has it natively, about 2x (imagine bench "
+                        "upscale: 2.0-2.2x spandrel's float32 on a Zen 4, 54-75 dB from it)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
 
 
@@ -88,6 +91,7 @@ def run(args) -> int:
     if model is None:
         where = f" in {args.upscaler_dir}" if args.upscaler_dir else " (give a file path, or --upscaler-dir)"
         raise ValueError(f"--model {args.model!r}: no such upscaler model{where}")
+    model = model.with_precision(args.precision)
     for src, dst in zip(args.images, targets):
         t0 = time.perf_counter()
         with Image.open(src) as opened:

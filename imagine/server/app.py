@@ -1166,9 +1166,11 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
         if folder is None or Path(name).name != name:  # (a name, never a path from a client)
             return None
         try:
-            return upscaler_named(name, folder)
+            model = upscaler_named(name, folder)
         except (ValueError, OSError) as e:
             raise ApiError(422, f"{field}: {e}", field) from None
+        # (in the served model's precision: serve --precision fast runs its upscalers in bf16 too)
+        return None if model is None else model.with_precision(getattr(pipe, "precision", None) or "exact")
 
     def check_guidance(field: str, v: float) -> None:
         if not math.isfinite(v) or not 0 <= v <= 100:

@@ -1740,7 +1740,7 @@ class Execution:
         path = Path(folder) / name if folder is not None else None
         if path is None or not path.is_file() or Path(folder).resolve() not in path.resolve().parents:
             raise ValueError(f"model_name {name!r}: no such upscaler model in serve --upscaler-dir")
-        return cached_upscale_model(path)
+        return cached_upscale_model(path).with_precision(getattr(self.served.pipe, "precision", None) or "exact")
 
     def vae(self, vae):
         """The VAE a VAE value names: the model's own (None), or VAELoader's file of serve --vae-dir, loaded once and
