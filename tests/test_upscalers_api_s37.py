@@ -197,3 +197,31 @@ def test_comfyui_upscale_image_using_model(pipe, folder, tmp_path):
     want = np.clip(want * 255, 0, 255).astype(np.uint8)  # (SaveImage's 8 bits: truncated)
     d = np.abs(got.astype(np.int16) - want.astype(np.int16))
     assert got.shape == want.shape == (40, 1060, 3) and d.max() <= 1 and (d > 0).mean() < 0.01
+
+
+def test_generate_with_a_model_upscaler_and_an_infotext_naming_one(pipe, folder, tmp_path):
+    import subprocess
+    import sys
+
+    from imagine.commands.generate import infotext_defaults
+    from imagine.images import parse_a1111_parameters
+
+    text = ("a cat\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 16x16, Denoising strength: 0.5, "
+            "Hires upscale: 2, Hires upscaler: R-ESRGAN 2x+")
+    found = infotext_defaults(parse_a1111_parameters(text), upscaler_dir=str(folder))
+    assert found["hires_upscaler"] == "R-ESRGAN 2x+" and not any("Hires" in n for n in found["_infotext_notes"])
+    missing = infotext_defaults(parse_a1111_parameters(text))
+    assert missing["hires_upscaler"] == "lanczos"
+    assert any("R-ESRGAN 2x+ (upscaled with Lanczos here" in n for n in missing["_infotext_notes"])
+    model_dir = pipe.c.source
+    r = subprocess.run([sys.executable, "-m", "imagine.cli", "generate", "a red circle", "--model", str(model_dir),
+                        "--steps", "2", "--width", "16", "--height", "16", "--hires-scale", "2", "--hires-upscaler",
+                        "R-ESRGAN 2x+", "--upscaler-dir", str(folder), "-o", str(tmp_path / "h.png"), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = Image.open(tmp_path / "h.png")
+    assert out.size == (32, 32) and "Hires upscaler: R-ESRGAN 2x+" in out.info["parameters"]
+    r = subprocess.run([sys.executable, "-m", "imagine.cli", "generate", "x", "--model", str(model_dir),
+                        "--hires-scale", "2", "--hires-upscaler", "R-ESRGAN 2x", "--upscaler-dir", str(folder)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "did you mean 'R-ESRGAN 2x+'" in r.stderr and "models in" in r.stderr, r.stderr
