@@ -252,6 +252,8 @@ def a1111_parameters(p: dict) -> str:
         put("Hires schedule type", after if after != shown else None)
     put("Hires prompt", p.get("hires_prompt"))
     put("Hires negative prompt", p.get("hires_negative_prompt"))
+    put("SD upscale overlap", p.get("sd_upscale_overlap"))  # (A1111's SD upscale script)
+    put("SD upscale upscaler", p.get("sd_upscale_upscaler"))
     put("Final step", p.get("final_step"))
     put("Start", p.get("start"))
     for k, v in (p.get("sampler_options") or {}).items():  # (A1111's labels for its four, "Sigma churn"...)

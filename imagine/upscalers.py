@@ -378,45 +378,67 @@ def _model_on_8bit(model: UpscaleModel, tile: Image.Image) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr[:, :, ::-1]), "RGB")
 
 
-def a1111_tiled(model: UpscaleModel, image: Image.Image, tile: int = A1111_TILE,
-                overlap: int = A1111_OVERLAP) -> Image.Image:
-    """A1111's upscale_with_model: `image` cut into tiles (images.split_grid, `_tile_starts`), each run on its own
-    (`_model_on_8bit`), and put together as images.combine_grid does: within a row, each tile after the first is
-    pasted over its left neighbour through an 8-bit mask rising from 0 over its first `overlap * s` columns
-    (int(255 t / (overlap s))), then the rest of it on top; the rows likewise top to bottom. `tile` <= 0: the whole
-    picture at once."""
-    if tile <= 0:
-        return _model_on_8bit(model, image)
+@dataclass
+class Grid:
+    """A1111's images.Grid: `rows` of (y, [(x, tile picture)]), the tiles' size, the whole picture's, the overlap."""
+
+    rows: list
+    tile_w: int
+    tile_h: int
+    image_w: int
+    image_h: int
+    overlap: int
+
+
+def split_grid(image: Image.Image, tile_w: int, tile_h: int, overlap: int) -> Grid:
+    """A1111's images.split_grid: `image` cut into tile_w x tile_h tiles overlapping by at least `overlap`
+    (`_tile_starts` along each side; a tile reaching past the picture is black there)."""
+    if not 0 <= overlap < min(tile_w, tile_h):
+        raise ValueError(f"the tiles' overlap must be at least 0 and less than a tile's side ({tile_w}x{tile_h}); "
+                         f"got {overlap}")
     w, h = image.size
-    xs, ys = _tile_starts(w, tile, overlap), _tile_starts(h, tile, overlap)
-    s = 1
-    rows = []
-    for y in ys:
-        row = []
-        for x in xs:
-            out = _model_on_8bit(model, image.crop((x, y, x + tile, y + tile)))
-            s = out.width // tile
-            row.append((x * s, out))
-        rows.append((y * s, row))
-    ov, th, tw = overlap * s, tile * s, tile * s
-    ramp = (np.arange(ov, dtype=np.float32) * 255 / ov).astype(np.uint8) if ov else np.zeros(0, np.uint8)
-    mask_w = Image.fromarray(np.repeat(ramp[None, :], th, 0), "L")
-    mask_h = Image.fromarray(np.repeat(ramp[:, None], w * s, 1), "L")
-    picture = Image.new("RGB", (w * s, h * s))
-    for y, row in rows:
-        line = Image.new("RGB", (w * s, th))
-        for x, out in row:
+    rows = [(y, [(x, image.crop((x, y, x + tile_w, y + tile_h))) for x in _tile_starts(w, tile_w, overlap)])
+            for y in _tile_starts(h, tile_h, overlap)]
+    return Grid(rows, tile_w, tile_h, w, h, overlap)
+
+
+def combine_grid(grid: Grid) -> Image.Image:
+    """A1111's images.combine_grid: within a row, each tile after the first pasted over its left neighbour through an
+    8-bit mask rising from 0 over its first `overlap` columns (int(255 t / overlap)), then the rest of it on top; the
+    rows likewise, top to bottom."""
+    ov, th = grid.overlap, grid.tile_h
+    ramp = (np.arange(ov, dtype=np.float32) * 255 / max(ov, 1)).astype(np.uint8)
+    mask_w = Image.fromarray(np.repeat(ramp[None, :], th, 0), "L") if ov else None
+    mask_h = Image.fromarray(np.repeat(ramp[:, None], grid.image_w, 1), "L") if ov else None
+    picture = Image.new("RGB", (grid.image_w, grid.image_h))
+    for y, row in grid.rows:
+        line = Image.new("RGB", (grid.image_w, th))
+        for x, tile in row:
             if x == 0:
-                line.paste(out, (0, 0))
+                line.paste(tile, (0, 0))
                 continue
-            line.paste(out.crop((0, 0, ov, th)), (x, 0), mask=mask_w)
-            line.paste(out.crop((ov, 0, tw, th)), (x + ov, 0))
+            if ov:
+                line.paste(tile.crop((0, 0, ov, th)), (x, 0), mask=mask_w)
+            line.paste(tile.crop((ov, 0, tile.width, th)), (x + ov, 0))
         if y == 0:
             picture.paste(line, (0, 0))
             continue
-        picture.paste(line.crop((0, 0, line.width, ov)), (0, y), mask=mask_h)
+        if ov:
+            picture.paste(line.crop((0, 0, line.width, ov)), (0, y), mask=mask_h)
         picture.paste(line.crop((0, ov, line.width, th)), (0, y + ov))
     return picture
+
+
+def a1111_tiled(model: UpscaleModel, image: Image.Image, tile: int = A1111_TILE,
+                overlap: int = A1111_OVERLAP) -> Image.Image:
+    """A1111's upscale_with_model: `image` cut into tiles (`split_grid`), each run on its own (`_model_on_8bit`),
+    and put together by `combine_grid` at the model's scale. `tile` <= 0: the whole picture at once."""
+    if tile <= 0:
+        return _model_on_8bit(model, image)
+    grid = split_grid(image, tile, tile, overlap)
+    s = model.scale
+    rows = [(y * s, [(x * s, _model_on_8bit(model, t)) for x, t in row]) for y, row in grid.rows]
+    return combine_grid(Grid(rows, tile * s, tile * s, grid.image_w * s, grid.image_h * s, overlap * s))
 
 
 def a1111_upscale(image: Image.Image, scale: float, upscaler: UpscaleModel | str,

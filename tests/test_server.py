@@ -175,7 +175,7 @@ def test_a1111_listing_endpoints(server):
     assert api.util_get_current_model() == models[0]
     api.util_set_model(models[0])  # posts options with the same checkpoint: accepted
     assert api.get_options()["samples_format"] == "png"
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    assert api.get_scripts() == {"txt2img": [], "img2img": ["sd upscale"]}
     assert [(s["name"], s["label"]) for s in api.get_schedulers()] == [
         ("automatic", "Automatic"), ("karras", "Karras"), ("exponential", "Exponential"),
         ("polyexponential", "Polyexponential"), ("beta", "Beta"), ("kl_optimal", "KL Optimal"),

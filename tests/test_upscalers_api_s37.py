@@ -225,3 +225,44 @@ def test_generate_with_a_model_upscaler_and_an_infotext_naming_one(pipe, folder,
                         "--hires-scale", "2", "--hires-upscaler", "R-ESRGAN 2x", "--upscaler-dir", str(folder)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "did you mean 'R-ESRGAN 2x+'" in r.stderr and "models in" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_the_sd_upscale_script_is_a1111s(client, folder, batch_size):
+    """A1111's "SD upscale" (scripts/sd_upscale.py) restated: the picture through Upscaler.upscale, cut by
+    split_grid into width x height tiles, each through img2img (batch j of batch_size tiles from the seed of the
+    batch before + 1), put back by combine_grid; here each tile's img2img is a plain img2img request."""
+    from test_upscalers_s37 import a1111_combine_grid, a1111_split_grid
+
+    img = picture(20, 12, seed=8)
+    common = {"prompt": "a red circle", "steps": 2, "width": 16, "height": 16, "denoising_strength": 0.5,
+              "sampler_name": "Euler"}
+    r = client.post("/sdapi/v1/img2img", json={**common, "init_images": [b64_png(img)], "seed": 7,
+                                               "batch_size": batch_size, "script_name": "SD upscale",
+                                               "script_args": [None, 4, "R-ESRGAN 2x+", 2.0]})
+    assert r.status_code == 200, r.text
+    got = opened(r.json()["images"][0])
+    big = a1111_extras(img, 2.0, "RealESRGAN_x2plus.pth", folder)
+    grid = a1111_split_grid(big, 16, 16, 4)
+    tiles = [t for _, _, row in grid for _, _, t in row]
+    done, seed = [], 7
+    for j in range(0, len(tiles), batch_size):
+        part = tiles[j:j + batch_size]
+        a = client.post("/sdapi/v1/img2img", json={**common, "init_images": [b64_png(t) for t in part], "seed": seed,
+                                                   "batch_size": len(part)})
+        done += [opened(b).convert("RGB") for b in a.json()["images"]]
+        seed += 1
+    k = iter(done)
+    for row in grid:
+        for cell in row[2]:
+            cell[2] = next(k)
+    want = a1111_combine_grid([[y * 1, h, [[x, w, t] for x, w, t in row]] for y, h, row in grid], 16, 40, 24, 4)
+    assert got.size == (40, 24) and close(got.convert("RGB"), want)
+    assert "SD upscale overlap: 4, SD upscale upscaler: R-ESRGAN 2x+" in got.info["parameters"]
+    import json
+
+    info = json.loads(r.json()["info"])
+    assert (info["width"], info["height"], info["seed"]) == (40, 24, 7)
+    bad = client.post("/sdapi/v1/img2img", json={**common, "init_images": [b64_png(img)], "script_name": "SD upscale",
+                                                 "script_args": [None, 4, 99, 2.0]})
+    assert bad.status_code == 422 and "0: None" in bad.text

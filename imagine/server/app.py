@@ -58,6 +58,7 @@ from imagine.server.worker import (Hires, Interrupted, Job, JobCancelled,
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_SEED = 2**32 - 1
+MAX_SD_UPSCALE_TILES = 256  # img2img runs one SD upscale request may make (tiles x n_iter)
 # AUTOMATIC1111's random number generator sources as imagine's rng ("GPU" draws with torch on the device: the CPU here)
 A1111_RNG_SOURCES = {"GPU": "cpu", "CPU": "cpu", "NV": "nv"}
 # the override_settings the API reads
@@ -552,7 +553,7 @@ class _ClientGone(Exception):
     pass
 
 
-_A1111_SCRIPTS = {"txt2img": [], "img2img": []}
+_A1111_SCRIPTS = {"txt2img": [], "img2img": ["sd upscale"]}  # (A1111 lists its scripts by lower-case title)
 _EMPTY_LISTS = ["hypernetworks", "face-restorers", "artist-categories", "artists"]
 
 
@@ -1488,9 +1489,99 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             raise ApiError(422, f"resize_mode must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3 "
                                 f"(just resize, latent upscale); got {req.resize_mode!r}", "resize_mode")
         mask_options = check_inpainting(req) if req.mask else None
+        script = (req.model_extra or {}).get("script_name")
+        if isinstance(script, str) and script.strip().lower() == "sd upscale":
+            return await sd_upscale_script(req, request)
         inits = await run_in_threadpool(lambda: [_decode_image(x, "init_images") for x in req.init_images])
         mask = await run_in_threadpool(_decode_mask, req.mask) if req.mask else None
         return await a1111_generate(req, request, inits, float(req.denoising_strength), mask, mask_options)
+
+    async def sd_upscale_script(req, request: Request):
+        """A1111's "SD upscale" img2img script (scripts/sd_upscale.py; `script_name: "SD upscale"`, `script_args:
+        [info, overlap, upscaler (index into /sdapi/v1/upscalers, or its name), scale_factor]`): the picture enlarged
+        by the upscaler (Upscaler.upscale), cut into width x height tiles overlapping by `overlap`
+        (imagine.upscalers.split_grid), each tile run through img2img, and the tiles put back (combine_grid). Seeds
+        as A1111's: round n of n_iter starts at seed + n, each batch of batch_size tiles after the first starts at the
+        seed of the one before plus 1. The answer's pictures carry the first batch's infotext, with "SD upscale
+        overlap" and "SD upscale upscaler"."""
+        from imagine.upscalers import a1111_upscale, combine_grid, split_grid
+
+        if req.mask:
+            raise ApiError(422, "script SD upscale enlarges the whole picture: send it without a mask", "mask")
+        args = list((req.model_extra or {}).get("script_args") or [])
+        overlap = args[1] if len(args) > 1 else 64
+        chosen = args[2] if len(args) > 2 else 0
+        scale = args[3] if len(args) > 3 else 2.0
+        names = [u["name"] for u in upscalers()]
+        if isinstance(chosen, str):
+            index = next((i for i, n in enumerate(names) if n.lower() == chosen.strip().lower()), None)
+        elif isinstance(chosen, int) and not isinstance(chosen, bool) and 0 <= chosen < len(names):
+            index = chosen
+        else:
+            index = None
+        if index is None:
+            raise ApiError(422, f"script_args[2]: the upscaler (an index into /sdapi/v1/upscalers or a name); got "
+                                f"{chosen!r}; valid: {', '.join(f'{i}: {n}' for i, n in enumerate(names))}",
+                           "script_args")
+        label = names[index]
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 8:
+            raise ApiError(422, f"script_args[3]: the scale factor, a number in (0, 8]; got {scale!r}", "script_args")
+        if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap < min(req.width, req.height):
+            raise ApiError(422, f"script_args[1]: the tiles' overlap in pixels, 0 up to less than the tile's side "
+                                f"({req.width}x{req.height}); got {overlap!r}", "script_args")
+        upscaler = None if label == "None" else label if label in ("Lanczos", "Nearest") else \
+            upscaler_model(label, "script_args")
+        picture = await run_in_threadpool(_decode_image, req.init_images[0], "init_images")
+        if int(picture.width * scale) * int(picture.height * scale) > MAX_PICTURE_PIXELS:
+            raise ApiError(422, f"init_images: enlarged {scale:g} times the picture would be past "
+                                f"{MAX_PICTURE_PIXELS:,} pixels", "init_images")
+
+        def enlarge(_pipe, run):
+            run.check()
+            return picture if upscaler is None else a1111_upscale(picture, scale, upscaler)
+
+        big = await run_job(request, Job(prompts=[""], negative_prompts=[""], seeds=[0], call=enlarge,
+                                         settings=Settings(height=0, width=0, steps=1, sampler="euler",
+                                                           guidance_scale=1.0)))
+        if big is None:
+            raise ApiError(409, "interrupted before the picture was enlarged")
+        grid = split_grid(big, req.width, req.height, overlap)
+        tiles = [tile for _, row in grid.rows for _, tile in row]
+        if len(tiles) * req.n_iter > MAX_SD_UPSCALE_TILES:
+            raise ApiError(422, f"script SD upscale: {len(tiles)} tiles of {req.width}x{req.height} x n_iter "
+                                f"{req.n_iter}; up to {MAX_SD_UPSCALE_TILES} img2img runs a request: take larger "
+                                "tiles (width, height) or a smaller scale", "script_args")
+        seed = req.seed if req.seed is not None and req.seed >= 0 else random.randint(0, MAX_SEED)
+        batch = max(1, req.batch_size)
+        extra = {"sd_upscale_overlap": overlap, "sd_upscale_upscaler": label}
+        base = {k: v for k, v in req.model_dump().items() if k not in ("script_name", "script_args")}
+        pictures, first = [], None
+        for n in range(req.n_iter):
+            s, done = seed + n, []
+            for j in range(0, len(tiles), batch):
+                part = tiles[j:j + batch]
+                sub = Img2ImgRequest(**{**base, "seed": s, "n_iter": 1, "batch_size": len(part),
+                                        "init_images": ["-"] * len(part), "send_images": True})
+                answer = await a1111_generate(sub, request, part, float(req.denoising_strength), extra_params=extra)
+                info = json.loads(answer["info"])
+                if first is None:
+                    first = (answer, info)
+                if info["interrupted"] and len(answer["images"]) < len(part):
+                    raise ApiError(409, "interrupted while the tiles ran")
+                done += [_decode_image(b, "tile") for b in answer["images"]]
+                s = info["seed"] + 1  # (A1111: p.seed = processed.seed + 1)
+            k = iter(done)
+            rows = [(y, [(x, next(k)) for x, _ in row]) for y, row in grid.rows]
+            pictures.append(combine_grid(replace(grid, rows=rows)))
+        answer, info = first
+        infotext = info["infotexts"][0]
+        info = {**info, "seed": seed, "all_seeds": [seed + n for n in range(req.n_iter)], "width": big.width,
+                "height": big.height, "infotexts": [infotext] * len(pictures), "n_iter": req.n_iter,
+                "batch_size": req.batch_size, "extra_generation_params": {
+                    **info.get("extra_generation_params", {}), "SD upscale overlap": overlap,
+                    "SD upscale upscaler": label}}
+        encoded = await run_in_threadpool(lambda: [_b64_png(p, infotext) for p in pictures]) if req.send_images else []
+        return {"images": encoded, "parameters": answer["parameters"], "info": json.dumps(info)}
 
     def check_inpainting(req) -> dict:
         """A1111's inpainting options -> prepare_inpainting's keywords, or 422 naming the field. mask_blur sets
@@ -1516,7 +1607,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                 "resize_mode": RESIZE_MODES[req.resize_mode]}
 
     async def a1111_generate(req, request: Request, inits: list | None = None, strength: float | None = None,
-                             mask=None, mask_options: dict | None = None):
+                             mask=None, mask_options: dict | None = None, extra_params: dict | None = None):
         """txt2img, and img2img with `inits` (one picture for every image, or one per image of a batch: then the
         batch is that many, as A1111 sets it), inpainting with `mask` (`prepare_inpainting`)."""
         only_variations()
@@ -1751,7 +1842,8 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                                            # (A1111's "Lora hashes" / "TI hashes" of the files the run used,
                                            # and its "Emphasis" where not "Original" and a text has brackets)
                                            **{k: result.parameters[k] for k in ("lora_hashes", "ti_hashes", "emphasis")
-                                              if result is not None and k in result.parameters}})
+                                              if result is not None and k in result.parameters},
+                                           **(extra_params or {})})
                      for i, s in enumerate(used)]
         encoded = []
         if req.send_images and images:
