@@ -27,6 +27,7 @@ COMMANDS = {
 EVALS = {
     "shapes": ("imagine.evaluation", "score a model on the shapes task with the exact judge"),
     "captions": ("imagine.caption_probe", "which caption words a model uses, per noise level (denoising error)"),
+    "upscaler": ("imagine.upscaler_eval", "score an upscaler on held-out shapes scenes against bicubic and Lanczos"),
 }
 BENCHES = {
     "samplers": ("imagine.bench.samplers", "our samplers vs diffusers' schedulers on exact Gaussian-mixture models"),

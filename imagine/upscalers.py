@@ -44,6 +44,9 @@ A1111_REALESRGAN_NAMES = {"RealESRGAN_x4plus": "R-ESRGAN 4x+", "RealESRGAN_x4plu
                           "RealESRGAN_x2plus": "R-ESRGAN 2x+", "realesr-general-x4v3": "R-ESRGAN General 4xV3",
                           "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
                           "realesr-animevideov3": "R-ESRGAN AnimeVideo"}
+# the embedded upscaler: Real-ESRGAN's compact net, x4, trained here on the shapes task's scenes (64 -> 256 px) by
+# imagine train upscaler --config configs/shapes-upscaler-x4.yaml (docs/upscalers.md)
+EMBEDDED_UPSCALER = Path(__file__).resolve().parent / "weights" / "upscaler-shapes-x4"
 A1111_TILE, A1111_OVERLAP = 192, 8  # A1111's ESRGAN_tile and ESRGAN_tile_overlap defaults
 COMFYUI_TILE, COMFYUI_OVERLAP = 512, 32  # ComfyUI's ImageUpscaleWithModel
 A1111_PASSES = 3  # Upscaler.upscale runs the model at most this many times
@@ -108,11 +111,18 @@ def load_upscale_model(path: str | os.PathLike) -> UpscaleModel:
     its architecture and sizes found from its weights. A file of another kind gets an error naming what it holds."""
     from imagine.loading.single_file import read_weights_file
 
+    from imagine.models import io
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"upscaler model not found: {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; an upscaler model is one file (.pth, .pt or .safetensors)")
+    if path.is_dir():  # (a folder of config.json and weights: imagine train upscaler's export)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is a folder without config.json; an upscaler model is one file (.pth, .pt or "
+                             ".safetensors), or a folder imagine train upscaler exported")
+        model = upscale_model_from_state(io.load_tensors(io.find_weights(path)), str(path))
+        model.name, model.path = path.name, str(path)
+        return model
     state = read_weights_file(path)
     model = upscale_model_from_state(state, str(path))
     model.name, model.path = path.stem, str(path)
@@ -139,8 +149,8 @@ def _compact(state: dict) -> UpscaleModel:
     last = max(int(m.group(1)) for k in state if (m := re.fullmatch(r"body\.(\d+)\.weight", k)))
     in_ch, features = state["body.0.weight"].shape[1], state["body.0.weight"].shape[0]
     shuffled = state[f"body.{last}.weight"].shape[0]
-    out_ch = next((c for c in (in_ch, 3, 4, 1) if shuffled % c == 0 and math.isqrt(shuffled // c) ** 2 == shuffled // c),
-                  None)
+    square = lambda n: math.isqrt(n) ** 2 == n  # noqa: E731
+    out_ch = next((c for c in (in_ch, 3, 4, 1) if shuffled % c == 0 and square(shuffled // c)), None)
     if out_ch is None:
         raise ValueError(f"a compact upscaler whose last layer makes {shuffled} channels: not out * scale^2 for "
                          "1, 3 or 4 output channels")
@@ -247,17 +257,22 @@ def find_upscalers(folder: str | os.PathLike) -> dict[str, Path]:
 
 
 def upscaler_named(name: str, folder: str | os.PathLike | None = None) -> UpscaleModel | None:
-    """The upscaler model `name` stands for: a file path, or (with `folder`) a file there by its stem or by the
-    name A1111 lists it under ("R-ESRGAN 4x+" for RealESRGAN_x4plus.pth); None when it names no file (a built-in
-    upscaler's name such as "Lanczos" or "Latent", or a model that is not there). Loaded once per file version."""
+    """The upscaler model `name` stands for: a file path (or a folder imagine train upscaler exported), or (with
+    `folder`) a file there by its stem or by the name A1111 lists it under ("R-ESRGAN 4x+" for
+    RealESRGAN_x4plus.pth), or "default": the embedded shapes upscaler (EMBEDDED_UPSCALER, x4, trained for the
+    embedded default model's pictures) unless `folder` has a model of that name; None when it names no model (a
+    built-in upscaler's name such as "Lanczos" or "Latent", or a model that is not there). Loaded once per file
+    version."""
     path = Path(name)
-    if path.suffix.lower() in UPSCALER_SUFFIXES and path.is_file():
+    if (path.suffix.lower() in UPSCALER_SUFFIXES and path.is_file()) or (path / "config.json").is_file():
         return cached_upscale_model(path)
-    if folder is None:
-        return None
-    files = find_upscalers(folder)
-    by_a1111 = {A1111_REALESRGAN_NAMES.get(stem, stem).lower(): p for stem, p in files.items()}
-    found = files.get(name) or by_a1111.get(name.lower())
+    found = None
+    if folder is not None:
+        files = find_upscalers(folder)
+        by_a1111 = {A1111_REALESRGAN_NAMES.get(stem, stem).lower(): p for stem, p in files.items()}
+        found = files.get(name) or by_a1111.get(name.lower())
+    if found is None and name == "default":
+        found = EMBEDDED_UPSCALER
     return None if found is None else cached_upscale_model(found)
 
 

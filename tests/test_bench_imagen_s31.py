@@ -66,8 +66,8 @@ def test_the_sides_make_the_peers_guided_step(ip, name):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--models", "base32"], "unknown model 'base32'; valid: tiny, tiny_sr, base64"),
-    (["--models", " , "], "name at least one of tiny"),
+    (["--models", "base32"], r"--models: unknown \['base32'\]; valid: tiny, tiny_sr, base64"),
+    (["--models", " , "], "--models: name at least one of tiny"),
     (["--sides", "imagine,diffusers_fp32"], r"unknown \['diffusers_fp32'\]; valid: imagen_pytorch"),
     (["--repeats", "0"], "--repeats must be at least 1; got 0"),
     (["--threads", "0"], "--threads must be at least 1; got 0"),

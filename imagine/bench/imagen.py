@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from imagine.bench.speed import _alternate, _finish, _in_process, _loadavg, _rel, _table
+from imagine.bench.speed import _alternate, _finish, _in_process, _loadavg, _names, _rel, _table
 from imagine.models.efficient_unet import PRESETS, EfficientUNet, EfficientUNetConfig
 
 SIDES = ("imagen_pytorch", "imagen_pytorch_batched", "imagine", "imagine_exact", "imagine_fast")
@@ -193,16 +193,8 @@ def run(args) -> int:
         raise ValueError(f"--repeats must be at least 1; got {args.repeats}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1; got {args.threads}")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models:
-        raise ValueError(f"--models: name at least one of {', '.join(MODELS)}")
-    for m in models:
-        if m not in MODELS:
-            raise ValueError(f"--models: unknown model {m!r}; valid: {', '.join(MODELS)}")
-    side_names = [s.strip() for s in args.sides.split(",") if s.strip()] if args.sides else list(DEFAULT_SIDES)
-    unknown = [s for s in side_names if s not in SIDES]
-    if unknown or not side_names:
-        raise ValueError(f"--sides: unknown {unknown or 'empty'}; valid: {', '.join(SIDES)}")
+    models = _names(args.models, MODELS, "--models")
+    side_names = _names(args.sides, SIDES, "--sides", DEFAULT_SIDES)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_peer()

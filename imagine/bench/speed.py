@@ -252,6 +252,17 @@ def _side_process(spec: tuple, name: str, threads: int, conn) -> None:
             conn.send(e)
 
 
+def _names(text: str | None, valid, flag: str, default=None) -> list[str]:
+    """A comma-separated flag's names (--models, --sides), each one of `valid`; None or empty: `default`."""
+    names = [n.strip() for n in text.split(",") if n.strip()] if text else list(default or [])
+    if not names:
+        raise ValueError(f"{flag}: name at least one of {', '.join(valid)}")
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"{flag}: unknown {unknown}; valid: {', '.join(valid)}")
+    return names
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 

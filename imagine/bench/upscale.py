@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from imagine.bench.speed import _alternate, _finish, _in_process, _loadavg, _rel, _table
+from imagine.bench.speed import _alternate, _finish, _in_process, _loadavg, _names, _rel, _table
 
 SIDES = ("spandrel", "imagine_exact", "imagine_fast")
 # spandrel's ESRGAN / Compact keywords: the shapes of the files people use
@@ -107,14 +107,8 @@ def run(args) -> int:
         raise ValueError(f"--threads must be at least 1; got {args.threads}")
     if args.tile < 8:
         raise ValueError(f"--tile must be at least 8 pixels; got {args.tile}")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODELS]
-    if unknown or not models:
-        raise ValueError(f"--models: unknown {unknown or 'empty'}; valid: {', '.join(MODELS)}")
-    side_names = [s.strip() for s in args.sides.split(",") if s.strip()] if args.sides else list(SIDES)
-    unknown = [s for s in side_names if s not in SIDES]
-    if unknown or not side_names:
-        raise ValueError(f"--sides: unknown {unknown or 'empty'}; valid: {', '.join(SIDES)}")
+    models = _names(args.models, MODELS, "--models")
+    side_names = _names(args.sides, SIDES, "--sides", SIDES)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_peer()

@@ -1,6 +1,7 @@
 """Enlarge pictures with an upscaler model (ESRGAN, Real-ESRGAN, ...), as AUTOMATIC1111's Extras tab and ComfyUI's
 "Upscale Image (using Model)" do.
 
+  imagine upscale circle.png                      # the embedded shapes upscaler, x4
   imagine upscale photo.png --model RealESRGAN_x4plus.pth -o big.png
   imagine upscale a.png b.png --model "R-ESRGAN 4x+" --upscaler-dir ~/models/ESRGAN --scale 2 -o out/
 
@@ -20,10 +21,11 @@ from pathlib import Path
 
 def add_arguments(p) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="pictures to enlarge (PNG, JPEG, WebP, ...)")
-    p.add_argument("--model", "-m", required=True, metavar="PATH|NAME",
+    p.add_argument("--model", "-m", default="default", metavar="PATH|NAME",
                    help="the upscaler model: a .pth / .pt / .safetensors file (ESRGAN, ESRGAN+, BSRGAN, Real-ESRGAN, "
-                        "Real-ESRGAN compact), or its name in --upscaler-dir (file stem, or A1111's name such as "
-                        "'R-ESRGAN 4x+')")
+                        "Real-ESRGAN compact), a folder imagine train upscaler exported, or its name in --upscaler-dir "
+                        "(file stem, or A1111's name such as 'R-ESRGAN 4x+'); default: the embedded shapes upscaler "
+                        "(x4, for the embedded default model's pictures)")
     p.add_argument("--upscaler-dir", default=None, metavar="DIR", help="a folder of upscaler models")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--scale", type=float, default=None, help="how much larger (default: the model's own scale)")

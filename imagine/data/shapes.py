@@ -260,15 +260,22 @@ def _patch(shape: str, size: int, color: str) -> np.ndarray:
     return out
 
 
-def render_array(scene_or_objects) -> np.ndarray:
-    """[64, 64, 3] uint8 rendering of a Scene (or of a sequence of ShapeObject)."""
+def render_array(scene_or_objects, scale: int = 1) -> np.ndarray:
+    """[64, 64, 3] uint8 rendering of a Scene (or of a sequence of ShapeObject); `scale` k: the same scene k times
+    finer, [64k, 64k, 3] (each box k times larger, drawn with the same sub-pixel coverage: the training pictures of
+    an upscaler, whose area average is the 64-pixel rendering but for a few levels at the edges, where the finer
+    drawing samples each 64-pixel pixel (4k)^2 times and the 64-pixel one 16)."""
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise ValueError(f"scale must be a whole number >= 1; got {scale!r}")
     objects = scene_or_objects.objects if isinstance(scene_or_objects, Scene) else scene_or_objects
-    img = np.full((CANVAS, CANVAS, 3), 255, np.uint8)
+    n = CANVAS * scale
+    img = np.full((n, n, 3), 255, np.uint8)
     for o in objects:
         if not (0 <= o.x and 0 <= o.y and o.x + o.size <= CANVAS and o.y + o.size <= CANVAS):
             raise ValueError(f"object {o} does not lie inside the {CANVAS}x{CANVAS} canvas")
         # boxes never overlap, so pasting the whole patch (white outside the shape) is exact
-        img[o.y:o.y + o.size, o.x:o.x + o.size] = _patch(o.shape, o.size, o.color)
+        x, y, size = o.x * scale, o.y * scale, o.size * scale
+        img[y:y + size, x:x + size] = _patch(o.shape, size, o.color)
     return img
 
 
@@ -420,7 +427,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, length: int, seed: int = 0, split: str = "train", families=None,
-                 family_weights=None, canonical_prob: float = 0.5, pair_order: str = "any"):
+                 family_weights=None, canonical_prob: float = 0.5, pair_order: str = "any", render_scale: int = 1):
         if not isinstance(length, int) or length < 1:
             raise ValueError(f"length must be a positive integer; got {length!r}")
         if pair_order not in PAIR_ORDERS:
@@ -450,6 +457,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.cum_weights = list(np.cumsum([w / total for w in weights]))
         self.canonical_prob = canonical_prob
         self.pair_order = pair_order
+        self.render_scale = render_scale  # (the pictures 64 x render_scale pixels: render_array's scale)
 
     def __len__(self):
         return self.length
@@ -476,5 +484,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         if i < 0:
             i += self.length
         scene, caption = self.scene(i)
-        x = torch.from_numpy(render_array(scene)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-        return {"image": x, "caption": caption, "family": scene.family}
+        def tensor(a):
+            return torch.from_numpy(a).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+        item = {"image": tensor(render_array(scene, self.render_scale)), "caption": caption, "family": scene.family}
+        if self.render_scale > 1:  # (and its 64-pixel picture: what an upscaler trained on the pair is given)
+            item["low"] = tensor(render_array(scene))
+        return item

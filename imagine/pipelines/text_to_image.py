@@ -1201,9 +1201,10 @@ class TextToImagePipeline:
         resized bilinearly, no VAE round trip; it wants a strength of 0.5 or more to clean up) and A1111's other
         latent modes (antialiased, bicubic, nearest), or "lanczos" / "nearest" / "none" (the decoded pictures
         resized, then encoded), or an upscaler model (imagine.upscalers.UpscaleModel, e.g. R-ESRGAN 4x+: the
-        decoded pictures enlarged by it over A1111's tiles, then Lanczos to the size, as A1111 runs it). `hires_resize`: A1111's (hr_resize_x, hr_resize_y), a size in pixels in place of
-        the scale (`hires_target`; where both are given the upscaled picture is cut to them, centred: its latents
-        for a latent upscaler, as A1111 cuts them, the pictures before encoding for the others).
+        decoded pictures enlarged by it over A1111's tiles, then Lanczos to the size, as A1111 runs it).
+        `hires_resize`: A1111's (hr_resize_x, hr_resize_y), a size in pixels in place of the scale (`hires_target`;
+        where both are given the upscaled picture is cut to them, centred: its latents for a latent upscaler, as
+        A1111 cuts them, the pictures before encoding for the others).
         `hires_prompt` / `hires_negative_prompt`: the second pass's texts (A1111's "Hires prompt"; None or "": the
         first pass's). `hires_sampling`: how the second pass samples (A1111's "Hires sampler" and "Hires schedule
         type"), all of it: generate's SAMPLING_KEYWORDS, "sampler" among them, in place of the first pass's (a key left

@@ -1147,8 +1147,9 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
             model = upscaler_model(name, "hr_upscaler")
             if model is not None:
                 return model
-            raise ApiError(422, f"hr_upscaler {name!r} is not an upscaler this server runs; valid: "
-                                f"{', '.join([*HIRES_UPSCALERS.values(), *upscaler_models()])}", "hr_upscaler") from None
+            valid = ", ".join([*HIRES_UPSCALERS.values(), *upscaler_models()])
+            raise ApiError(422, f"hr_upscaler {name!r} is not an upscaler this server runs; valid: {valid}",
+                           "hr_upscaler") from None
 
     def upscaler_models() -> list[str]:
         """The names A1111 lists the models of `serve --upscaler-dir` under (imagine.upscalers.A1111_REALESRGAN_NAMES

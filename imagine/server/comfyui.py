@@ -875,8 +875,13 @@ def _image_upscale_with_model(ctx, upscale_model, image):
     overlapping by 32 (imagine.upscalers.upscale_pictures, its tiled_scale), clamped to [0, 1]."""
     from imagine.upscalers import COMFYUI_OVERLAP, COMFYUI_TILE, upscale_pictures
 
+    from imagine.server.app import MAX_PICTURE_PIXELS
+
     x = image[..., :3].movedim(-1, 1).float()
-    ctx.check_size(x.shape[3] * upscale_model.scale, x.shape[2] * upscale_model.scale)
+    w, h = x.shape[3] * upscale_model.scale, x.shape[2] * upscale_model.scale
+    if w * h > MAX_PICTURE_PIXELS:  # (the picture cap, not the generation size limit: upscalers make large pictures)
+        raise ValueError(f"upscaled, the picture would be {w}x{h}: past the server's cap of {MAX_PICTURE_PIXELS:,} "
+                         "pixels")
     return (upscale_pictures(upscale_model, x, COMFYUI_TILE, COMFYUI_OVERLAP).movedim(1, -1).contiguous(),)
 
 
@@ -1725,11 +1730,6 @@ class Execution:
             raise ValueError(f"{w * factor}x{h * factor} pixels is past the server's limit of "
                              f"{self.served.max_width}x{self.served.max_height}")
         return _upscale(x, method, w, h, crop)
-
-    def check_size(self, w: int, h: int) -> None:
-        if w > self.served.max_width or h > self.served.max_height:
-            raise ValueError(f"{w}x{h} pixels is past the server's limit of {self.served.max_width}x"
-                             f"{self.served.max_height}")
 
     def upscale_model(self, name: str):
         """UpscaleModelLoader's model: the file `name` of serve --upscaler-dir (its path there), loaded once per file

@@ -16,9 +16,10 @@ from imagine.train.config import load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["vae", "diffusion", "imagen"],
-                   help="which model to train: the KL autoencoder, the latent (or pixel) diffusion U-Net, or one stage "
-                        "of an Imagen cascade (an Efficient U-Net; imagen.previous names the stages below)")
+    p.add_argument("what", choices=["vae", "diffusion", "imagen", "upscaler"],
+                   help="which model to train: the KL autoencoder, the latent (or pixel) diffusion U-Net, one stage "
+                        "of an Imagen cascade (an Efficient U-Net; imagen.previous names the stages below), or an "
+                        "upscaler model (Real-ESRGAN's compact net or an RRDBNet, on pictures made smaller)")
     p.add_argument("--config", "-c", metavar="YAML",
                    help="the run's YAML config (see configs/ and docs/training.md); without it every value is the "
                         "built-in default (the shapes data) and --set's")
@@ -121,6 +122,10 @@ def run(args) -> dict:
         from imagine.train.vae_task import check_vae_config
 
         check_vae_config(cfg)
+    elif args.what == "upscaler":
+        from imagine.train.upscaler_task import check_upscaler_config
+
+        check_upscaler_config(cfg)
     elif args.what == "imagen":
         from imagine.train.imagen_task import check_imagen_config
 
@@ -132,7 +137,7 @@ def run(args) -> dict:
     data_cfg = cfg.setdefault("data", {"type": "shapes"})
     check_data_config(data_cfg)
     n_eval = int(data_cfg.get("eval_count", 64))
-    if args.what == "vae":
+    if args.what in ("vae", "upscaler"):
         from imagine.train.vae_task import VAETask
 
         if data_cfg.get("type") == "webdataset":
@@ -154,7 +159,15 @@ def run(args) -> dict:
                 return _stack_images(items)
             return _stack_images(list(itertools.islice(iter(dataset), n)))
 
-        task = VAETask(cfg, eval_images, scale_images=training_images if eval_images is None else None)
+        if args.what == "upscaler":
+            from imagine.train.upscaler_task import UpscalerTask
+
+            lows = [it["low"] for it in (eval_ds if isinstance(eval_ds, list) else
+                                         [eval_ds[i] for i in range(len(eval_ds))]) if "low" in it]
+            task = UpscalerTask(cfg, eval_images, torch.stack(lows) if lows and len(lows) == len(eval_images)
+                                else None)
+        else:
+            task = VAETask(cfg, eval_images, scale_images=training_images if eval_images is None else None)
     else:
         dataset = build_dataset(data_cfg)
         if args.what == "imagen":

@@ -152,20 +152,21 @@ class ShapesTrainDataset(torch.utils.data.Dataset):
                  family_weights=None, pair_order: str = "any"):
         from imagine.data.shapes import ShapesDataset
 
-        if resolution != 64:
-            raise ValueError(f"the shapes task renders at 64x64 (shared/specs/shapes.md); got resolution {resolution}")
+        if resolution % 64 or resolution < 64:
+            raise ValueError(f"the shapes task renders at 64x64 (shared/specs/shapes.md), or its scenes k times finer "
+                             f"for an upscaler (64k: 128, 256, ...); got resolution {resolution}")
         # family_weights (dict family -> weight; default uniform) shifts training toward the
         # families the model finds hard, e.g. relations; pair_order "left_first" names a pair's
         # objects in reading order (imagine.data.shapes.ShapesDataset).
         self.inner = ShapesDataset(length=length, seed=seed, split=split, family_weights=family_weights,
-                                   pair_order=pair_order)
+                                   pair_order=pair_order, render_scale=resolution // 64)
 
     def __len__(self):
         return len(self.inner)
 
     def __getitem__(self, i):
         item = self.inner[i]
-        return {"image": item["image"], "caption": item["caption"], "index": i}
+        return {"index": i, **{k: item[k] for k in ("image", "caption", "low") if k in item}}
 
 
 class WebDatasetShards(torch.utils.data.IterableDataset):
@@ -385,9 +386,12 @@ def collate(items: list[dict], skipped: SkipCounter) -> dict | None:
             good.append((it.get("slot", k), it))
     if not good:
         return None
-    return {"image": torch.stack([g["image"] for _, g in good]), "caption": [g["caption"] for _, g in good],
-            "index": torch.tensor([g["index"] for _, g in good]), "slot": torch.tensor([s for s, _ in good]),
-            "flip": torch.tensor([bool(g.get("flip", False)) for _, g in good])}
+    batch = {"image": torch.stack([g["image"] for _, g in good]), "caption": [g["caption"] for _, g in good],
+             "index": torch.tensor([g["index"] for _, g in good]), "slot": torch.tensor([s for s, _ in good]),
+             "flip": torch.tensor([bool(g.get("flip", False)) for _, g in good])}
+    if all("low" in g for _, g in good):  # (the shapes' 64-pixel pictures of scenes drawn finer: an upscaler's inputs)
+        batch["low"] = torch.stack([g["low"] for _, g in good])
+    return batch
 
 
 class GlobalBatches:
