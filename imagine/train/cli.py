@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
+import logging
 from pathlib import Path
 
 import torch
@@ -75,9 +77,16 @@ def _heldout_shards(data_cfg: dict, n_eval: int):
     return dataset, list(itertools.islice(iter(eval_ds), n_eval))
 
 
-def _stack_images(ds) -> torch.Tensor | None:
+def _stack_images(ds, what: str = "held-out") -> torch.Tensor | None:
+    """The pictures of `ds` stacked; records the data skips (a corrupt image) left out, counted in a warning."""
     items = list(ds) if isinstance(ds, list) else [ds[i] for i in range(len(ds))]
     imgs = [it["image"] for it in items if "image" in it]
+    reasons = collections.Counter(it.get("skip", "records without an image") for it in items if "image" not in it)
+    if reasons:
+        logging.getLogger(__name__).warning(
+            "%d of the %d %s record(s) skipped (%s)%s", sum(reasons.values()), len(items), what,
+            ", ".join(f"{n} {why}" for why, n in reasons.items()),
+            "" if imgs else ": no held-out pictures, so no PSNR is measured" if what == "held-out" else "")
     return torch.stack(imgs) if imgs else None
 
 
@@ -156,8 +165,8 @@ def run(args) -> dict:
             n = n_eval or 64
             if hasattr(dataset, "__len__"):
                 items = [dataset[i] for i in range(min(n, len(dataset)))]
-                return _stack_images(items)
-            return _stack_images(list(itertools.islice(iter(dataset), n)))
+                return _stack_images(items, "training")
+            return _stack_images(list(itertools.islice(iter(dataset), n)), "training")
 
         if args.what == "upscaler":
             from imagine.train.upscaler_task import UpscalerTask
