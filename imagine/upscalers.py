@@ -1,18 +1,20 @@
-"""Upscaler models: ESRGAN-family and Real-ESRGAN compact files read from disk, run over tiles, as the apps run them.
+"""Upscaler models: ESRGAN-family, Real-ESRGAN compact and SwinIR files read from disk, run over tiles, as the apps
+run them.
 
 People keep super-resolution networks beside their Stable Diffusion checkpoints ("4x-UltraSharp.pth",
 "RealESRGAN_x4plus.pth", ...) and use them in three places: to enlarge a picture (AUTOMATIC1111's Extras tab,
 ComfyUI's "Upscale Image (using Model)"), and in the hires. fix, where the first pass's pictures are enlarged by the
-model before the second pass. Their networks are in `imagine.models.esrgan`; this module reads the files (any of the
-layouts in use: ESRGAN's original "model.N" sequence, BSRGAN/RealSR's, Real-ESRGAN's, with "params_ema" / "params"
-wrappers and "module." prefixes), and runs a model over a picture the way each app does, so that its pictures are
-the app's:
+model before the second pass. Their networks are in `imagine.models.esrgan` and `imagine.models.swinir`; this module
+reads the files (any of the layouts in use: ESRGAN's original "model.N" sequence, BSRGAN/RealSR's, Real-ESRGAN's,
+SwinIR's, with "params_ema" / "params" wrappers and "module." prefixes), and runs a model over a picture the way each
+app does, so that its pictures are the app's:
 
 - `tiled_scale`: ComfyUI's tiling (comfy.utils.tiled_scale_multidim, as its ImageUpscaleWithModel calls it: 512-pixel
   tiles overlapping by 32, each tile's result weighted by a ramp over the overlap, in float). Our default too.
 - `a1111_tiled`: AUTOMATIC1111's (modules/upscaler_utils.upscale_with_model: 192-pixel tiles overlapping by 8 cut
   with images.split_grid, each run on its own as an 8-bit picture and pasted back with images.combine_grid's
   8-bit masks; its pictures go in as BGR, as it passes them).
+- `a1111_tiled_2`: A1111's upscale_2, the way it runs SwinIR (the same tiles' results averaged in float, BGR).
 - `a1111_upscale`: A1111's Upscaler.upscale: the model run up to 3 times until the picture reaches the size
   (its sides to a multiple of 8 below), then Lanczos to that size; its "Lanczos", "Nearest" and "None" upscalers.
 
@@ -36,6 +38,7 @@ import torch
 from PIL import Image
 
 from imagine.models.esrgan import CompactSRNet, RRDBNet
+from imagine.models.swinir import SwinIR
 
 UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
 # A1111's names for Real-ESRGAN's published files (modules/realesrgan_model.get_realesrgan_models): its API and
@@ -44,6 +47,8 @@ A1111_REALESRGAN_NAMES = {"RealESRGAN_x4plus": "R-ESRGAN 4x+", "RealESRGAN_x4plu
                           "RealESRGAN_x2plus": "R-ESRGAN 2x+", "realesr-general-x4v3": "R-ESRGAN General 4xV3",
                           "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
                           "realesr-animevideov3": "R-ESRGAN AnimeVideo"}
+# ... and every model's: SwinIR's built-in one is saved as SwinIR_4x.pth (extensions-builtin/SwinIR)
+A1111_NAMES = {**A1111_REALESRGAN_NAMES, "SwinIR_4x": "SwinIR 4x"}
 # the embedded upscaler: Real-ESRGAN's compact net, x4, trained here on the shapes task's scenes (64 -> 256 px) by
 # imagine train upscaler --config configs/shapes-upscaler-x4.yaml (docs/upscalers.md)
 EMBEDDED_UPSCALER = Path(__file__).resolve().parent / "weights" / "upscaler-shapes-x4"
@@ -54,8 +59,9 @@ A1111_PASSES = 3  # Upscaler.upscale runs the model at most this many times
 
 @dataclass(eq=False)  # (one object per file version, compared and hashed as itself: a server's jobs hold it)
 class UpscaleModel:
-    """A loaded upscaler: `net` (RRDBNet or CompactSRNet), `scale` (how much larger its pictures come out),
-    `architecture` ("ESRGAN", "ESRGAN+", "Real-ESRGAN Compact"), `multiple_of` (the size its input is padded to),
+    """A loaded upscaler: `net` (RRDBNet, CompactSRNet or SwinIR), `scale` (how much larger its pictures come out),
+    `architecture` ("ESRGAN", "ESRGAN+", "Real-ESRGAN Compact", "SwinIR"), `multiple_of` (the size its input is
+    padded to),
     `name` (the file's stem) and `path`."""
 
     net: torch.nn.Module
@@ -79,7 +85,7 @@ class UpscaleModel:
     @property
     def a1111_name(self) -> str:
         """The name AUTOMATIC1111 lists this model under (Real-ESRGAN's published files by its own names)."""
-        return A1111_REALESRGAN_NAMES.get(self.name, self.name)
+        return A1111_NAMES.get(self.name, self.name)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +147,8 @@ def upscale_model_from_state(state: dict, source: str = "upscaler") -> UpscaleMo
              if isinstance(k, str) and torch.is_tensor(v)}
     if "body.0.weight" in state and "body.1.weight" in state and state["body.1.weight"].ndim == 1:
         return _compact(state)
+    if "layers.0.residual_group.blocks.0.norm1.weight" in state:
+        return _swinir(state, source)
     renamed = esrgan_state(state, source)
     return _rrdb(renamed, source)
 
@@ -232,6 +240,64 @@ def _rrdb(state: dict, source: str) -> UpscaleModel:
                         multiple_of=4 if unshuffle else 1, minimum=4 if unshuffle else 2)
 
 
+def _swinir(state: dict, source: str) -> UpscaleModel:
+    """A SwinIR file (the authors' network_swinir.py names), its configuration read from the weights' names and
+    shapes as spandrel reads it: the reconstruction from which of conv_before_upsample / conv_up1 / upsample.0 are
+    there, the scale from the upsampling layers, depths and heads per RSTB, the window from the bias index, the
+    training crop from the stored shift mask, img_range 255 for window 7 (the JPEG models)."""
+    state = dict(state)
+    if "conv_first.1.weight" in state:  # (community files starting with a pixel unshuffle: Sequential(unshuffle, conv))
+        for p in ("weight", "bias"):
+            state[f"conv_first.{p}"] = state.pop(f"conv_first.1.{p}")
+    if "absolute_pos_embed" in state:
+        raise ValueError(f"{source}: a SwinIR with an absolute position embedding (ape), which ties it to one picture "
+                         "size; the released models have none and only those are read")
+    first = state["conv_first.weight"]
+    embed_dim, in_ch = first.shape[0], first.shape[1]
+    if "conv_before_upsample.0.weight" in state:
+        upsampler = "nearest+conv" if "conv_up1.weight" in state else "pixelshuffle"
+    else:
+        upsampler = "pixelshuffledirect" if "upsample.0.weight" in state else ""
+    out_ch = state["conv_last.weight"].shape[0] if "conv_last.weight" in state else in_ch
+    features = state["conv_before_upsample.0.weight"].shape[0] if "conv_before_upsample.0.weight" in state else 64
+    if upsampler == "nearest+conv":
+        scale = 2 ** sum(1 for k in state if re.fullmatch(r"conv_up\d\.weight", k))
+    elif upsampler == "pixelshuffle":
+        convs = sorted(int(m[1]) for k in state if (m := re.fullmatch(r"upsample\.(\d+)\.weight", k)))
+        scale = math.prod(math.isqrt(state[f"upsample.{i}.weight"].shape[0] // features) for i in convs)
+    elif upsampler == "pixelshuffledirect":
+        scale = math.isqrt(state["upsample.0.bias"].shape[0] // out_ch)
+    else:
+        scale = 1
+    block0 = "layers.0.residual_group.blocks.0."
+    window = math.isqrt(state[block0 + "attn.relative_position_index"].shape[0]) \
+        if block0 + "attn.relative_position_index" in state \
+        else (math.isqrt(state[block0 + "attn.relative_position_bias_table"].shape[0]) + 1) // 2
+    mask = state.get("layers.0.residual_group.blocks.1.attn_mask")
+    img_size = math.isqrt(mask.shape[0]) * window if mask is not None else 64
+    n_layers = 1 + max(int(m[1]) for k in state if (m := re.match(r"layers\.(\d+)\.", k)))
+    depths = [1 + max(int(m[1]) for k in state if (m := re.match(rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.", k)))
+              for i in range(n_layers)]
+    heads = [state[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1]
+             for i in range(n_layers)]
+    mlp_ratio = state[block0 + "mlp.fc1.bias"].shape[0] / embed_dim
+    unshuffle = next((u for u in (1, 2, 4) if in_ch % (u * u) == 0 and in_ch // (u * u) in (1, 3, 4)
+                      and (u == 1 or in_ch // (u * u) == out_ch)), 1)
+    net = SwinIR(in_ch // unshuffle ** 2, out_ch, embed_dim, depths, heads, window, mlp_ratio, upsampler, scale,
+                 features, "1conv" if "conv_after_body.weight" in state else "3conv", 255.0 if window == 7 else 1.0,
+                 "patch_embed.norm.weight" in state, img_size, unshuffle)
+    # the buffers its files carry: the shift masks for the training crop (made per size here) and the bias index
+    state = {k: v for k, v in state.items() if not k.endswith(".attn_mask")}
+    for k, v in net.state_dict().items():
+        if k.endswith("relative_position_index"):
+            if k in state and not torch.equal(state[k].long(), v):
+                raise ValueError(f"{source}: its {k} is not the relative position index of a {window}x{window} window")
+            state[k] = v
+    _load(net, state, "SwinIR")
+    # (spandrel asks SwinIR for pictures of at least 16 pixels, a multiple of unshuffle^2, and pads to them)
+    return UpscaleModel(net.eval(), net.picture_scale, "SwinIR", multiple_of=unshuffle ** 2, minimum=16)
+
+
 def _load(net: torch.nn.Module, state: dict, kind: str) -> None:
     own = net.state_dict()
     missing = sorted(set(own) - set(state))
@@ -269,7 +335,7 @@ def upscaler_named(name: str, folder: str | os.PathLike | None = None) -> Upscal
     found = None
     if folder is not None:
         files = find_upscalers(folder)
-        by_a1111 = {A1111_REALESRGAN_NAMES.get(stem, stem).lower(): p for stem, p in files.items()}
+        by_a1111 = {A1111_NAMES.get(stem, stem).lower(): p for stem, p in files.items()}
         found = files.get(name) or by_a1111.get(name.lower())
     if found is None and name == "default":
         found = EMBEDDED_UPSCALER
@@ -456,6 +522,33 @@ def a1111_tiled(model: UpscaleModel, image: Image.Image, tile: int = A1111_TILE,
     return combine_grid(Grid(rows, tile * s, tile * s, grid.image_w * s, grid.image_h * s, overlap * s))
 
 
+def a1111_tiled_2(model: UpscaleModel, image: Image.Image, tile: int = A1111_TILE,
+                  overlap: int = A1111_OVERLAP) -> Image.Image:
+    """A1111's upscale_2 (upscaler_utils.tiled_upscale_2, the way it runs SwinIR: SWIN_tile 192, SWIN_tile_overlap
+    8): the picture as BGR in float, tiles of min(tile, h, w) starting every tile - overlap pixels with the last one
+    at the edge, each tile's result added in and the sum divided by how many tiles cover each pixel (no ramp), then
+    clamped and rounded to 8 bits. `tile` <= 0: the whole picture at once."""
+    bgr = torch.from_numpy(np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1].transpose(2, 0, 1)) / 255)
+    x = bgr.float()[None]
+    _, c, h, w = x.shape
+    tile, s = min(tile, h, w), model.scale
+    if tile <= 0:
+        out = model(x)
+    else:
+        if not 0 <= overlap < tile:
+            raise ValueError(f"the tiles' overlap must be at least 0 and less than a tile's side ({tile}); "
+                             f"got {overlap}")
+        starts = lambda n: list(range(0, n - tile, tile - overlap)) + [n - tile]  # noqa: E731
+        out, count = torch.zeros(1, c, h * s, w * s), torch.zeros(1, 1, h * s, w * s)
+        for y in starts(h):
+            for x0 in starts(w):
+                out[..., y * s:(y + tile) * s, x0 * s:(x0 + tile) * s] += model(x[..., y:y + tile, x0:x0 + tile])
+                count[..., y * s:(y + tile) * s, x0 * s:(x0 + tile) * s] += 1
+        out = out / count
+    arr = (255.0 * out[0].clamp(0, 1).permute(1, 2, 0).numpy()).round().astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(arr[:, :, ::-1]), "RGB")
+
+
 def a1111_upscale(image: Image.Image, scale: float, upscaler: UpscaleModel | str,
                   tile: int = A1111_TILE, overlap: int = A1111_OVERLAP) -> Image.Image:
     """A1111's Upscaler.upscale: the size wanted is int(side * scale) down to a multiple of 8; `upscaler` (a model,
@@ -475,8 +568,9 @@ def a1111_upscale(image: Image.Image, scale: float, upscaler: UpscaleModel | str
         before = image.size
         if isinstance(upscaler, str):
             image = image.resize((int(image.width * scale), int(image.height * scale)), kind)
-        else:
-            image = a1111_tiled(upscaler, image, tile, overlap)
+        else:  # (A1111's SwinIR upscaler tiles with upscale_2, its ESRGAN ones with upscale_with_model)
+            tiled = a1111_tiled_2 if upscaler.architecture == "SwinIR" else a1111_tiled
+            image = tiled(upscaler, image, tile, overlap)
         if image.size == before:
             break
     if image.size != (dest_w, dest_h):

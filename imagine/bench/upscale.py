@@ -1,7 +1,7 @@
 """Upscaler models against spandrel on identical weights: `imagine bench upscale`.
 
-spandrel (0.4.2) is how ComfyUI (Upscale Image (using Model)) and AUTOMATIC1111 (1.8 and later: ESRGAN, Real-ESRGAN)
-run these models; on a CPU both run them in float32. Per model shape, spandrel's own network gets its default
+spandrel (0.4.2) is how ComfyUI (Upscale Image (using Model)) and AUTOMATIC1111 (1.8 and later: ESRGAN, Real-ESRGAN,
+SwinIR) run these models; on a CPU both run them in float32. Per model shape, spandrel's own network gets its default
 random initialisation (no download), imagine loads the same state dict (imagine.upscalers), and each side enlarges
 one picture tile in turn, round after round (imagine.bench.speed's `_alternate`). The sides:
 
@@ -33,7 +33,15 @@ MODELS = {
                 "ESRGAN 4x, 6 RRDBs (R-ESRGAN 4x+ Anime6B)"),
     "compact4x": ("Compact", dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=32, upscale=4),
                   "Real-ESRGAN compact 4x, 32 convolutions (realesr-general-x4v3)"),
+    "swinir4x": ("SwinIR", dict(img_size=64, embed_dim=240, depths=[6] * 9, num_heads=[8] * 9, window_size=8,
+                                mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="3conv"),
+                 "SwinIR-L 4x real-world, 9 RSTBs of 6 layers, 240 wide (A1111's SwinIR 4x)"),
+    "swinir_m4x": ("SwinIR", dict(img_size=64, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=8,
+                                  mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="1conv"),
+                   "SwinIR-M 4x real-world, 6 RSTBs of 6 layers, 180 wide"),
     "tiny": ("ESRGAN", dict(in_nc=3, out_nc=3, num_filters=16, num_blocks=2, scale=2), "test size: ESRGAN 2x, 2 RRDBs"),
+    "tiny_swinir": ("SwinIR", dict(img_size=16, embed_dim=24, depths=[2], num_heads=[2], window_size=8, upscale=2,
+                                   upsampler="nearest+conv"), "test size: SwinIR 2x, one RSTB of 2 layers"),
 }
 
 
@@ -63,7 +71,7 @@ def build(name: str, seed: int = 0):
     arch, kwargs, _ = MODELS[name]
     module = __import__(type(spandrel.MAIN_REGISTRY.get(arch).architecture).__module__, fromlist=[arch])
     torch.manual_seed(seed)
-    net = getattr(module, "ESRGAN" if arch == "ESRGAN" else "Compact")(**kwargs).eval()
+    net = getattr(module, arch)(**kwargs).eval()
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return spandrel.ModelLoader().load_from_state_dict(state).eval(), upscale_model_from_state(state)
 

@@ -1675,9 +1675,9 @@ def _check_values(args, max_seed: int) -> None:
         except ValueError:
             if _hires_upscaler(args) is None:
                 from imagine.cli import did_you_mean
-                from imagine.upscalers import A1111_REALESRGAN_NAMES, find_upscalers
+                from imagine.upscalers import A1111_NAMES, find_upscalers
 
-                models = ([A1111_REALESRGAN_NAMES.get(stem, stem) for stem in find_upscalers(args.upscaler_dir)]
+                models = ([A1111_NAMES.get(stem, stem) for stem in find_upscalers(args.upscaler_dir)]
                           if args.upscaler_dir else [])
                 hint = did_you_mean(args.hires_upscaler, [*HIRES_UPSCALERS, *HIRES_UPSCALERS.values(), *models],
                                     _name_key)

@@ -1152,12 +1152,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                            "hr_upscaler") from None
 
     def upscaler_models() -> list[str]:
-        """The names A1111 lists the models of `serve --upscaler-dir` under (imagine.upscalers.A1111_REALESRGAN_NAMES
+        """The names A1111 lists the models of `serve --upscaler-dir` under (imagine.upscalers.A1111_NAMES
         for Real-ESRGAN's published files, else the file's stem)."""
-        from imagine.upscalers import A1111_REALESRGAN_NAMES, find_upscalers
+        from imagine.upscalers import A1111_NAMES, find_upscalers
 
         folder = getattr(pipe, "upscaler_dir", None)
-        return [] if folder is None else [A1111_REALESRGAN_NAMES.get(stem, stem) for stem in find_upscalers(folder)]
+        return [] if folder is None else [A1111_NAMES.get(stem, stem) for stem in find_upscalers(folder)]
 
     def upscaler_model(name: str, field: str):
         """The upscaler model `name` (A1111's name, or the file's stem) in `serve --upscaler-dir`, loaded (once per
@@ -2126,14 +2126,14 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
     @app.get("/sdapi/v1/upscalers")
     def upscalers():  # A1111's list (its sd_upscalers): the picture upscalers, then the models of --upscaler-dir
         from imagine.pipelines.text_to_image import HIRES_UPSCALERS, LATENT_UPSCALE_MODES
-        from imagine.upscalers import A1111_REALESRGAN_NAMES, find_upscalers
+        from imagine.upscalers import A1111_NAMES, find_upscalers
 
         folder = getattr(pipe, "upscaler_dir", None)
         files = find_upscalers(folder) if folder is not None else {}
         # (A1111's scale field: 4 for ESRGAN models whatever they are, Real-ESRGAN's own for its files)
         return ([{"name": label, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
                  for key, label in HIRES_UPSCALERS.items() if key not in LATENT_UPSCALE_MODES]
-                + [{"name": A1111_REALESRGAN_NAMES.get(stem, stem), "model_name": stem, "model_path": str(path),
+                + [{"name": A1111_NAMES.get(stem, stem), "model_name": stem, "model_path": str(path),
                     "model_url": None, "scale": 2 if "x2" in stem else 4} for stem, path in files.items()])
 
     @app.get("/sdapi/v1/realesrgan-models")
