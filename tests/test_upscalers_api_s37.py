@@ -169,6 +169,28 @@ def test_hr_upscaler_names_a_model_of_the_folder(client):
     assert r.json()["images"][0] != lanczos.json()["images"][0]
 
 
+def listen(srv, graph):
+    """A prompt run while its client listens on ComfyUI's socket: (prompt id, the messages up to the end)."""
+    import asyncio
+    import json
+
+    import websockets
+
+    async def go():
+        async with websockets.connect(srv.url.replace("http", "ws") + "/ws?clientId=up") as ws:
+            await ws.recv()
+            pid = requests.post(srv.url + "/prompt", json={"prompt": graph, "client_id": "up"}).json()["prompt_id"]
+            seen = []
+            while True:
+                m = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                if m["type"] != "status":
+                    seen.append(m)
+                if m["type"] == "executing" and m["data"]["node"] is None:
+                    return pid, seen
+
+    return asyncio.run(go())
+
+
 def test_comfyui_upscale_image_using_model(pipe, folder, tmp_path):
     app = create_app(pipe, ServerConfig(max_width=2048, max_height=256, max_steps=10), model_name="tiny",
                      comfyui=str(tmp_path / "comfy"))
@@ -179,14 +201,18 @@ def test_comfyui_upscale_image_using_model(pipe, folder, tmp_path):
          "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "RealESRGAN_x2plus.pth"}},
          "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
          "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "up"}}}
-    from test_comfyui_api_s35 import pictures, run
+    from test_comfyui_api_s35 import pictures
 
     with BackgroundServer(app) as srv:
         names = requests.get(srv.url + "/object_info/UpscaleModelLoader").json()["UpscaleModelLoader"]
         assert names["input"]["required"]["model_name"][0] == ["2x-Compact.pth", "RealESRGAN_x2plus.pth"]
         assert requests.get(srv.url + "/models/upscale_models").json() == ["2x-Compact.pth", "RealESRGAN_x2plus.pth"]
         requests.post(srv.url + "/upload/image", files={"image": ("wide.png", buf.getvalue(), "image/png")})
-        _, entry = run(srv, g)
+        pid, seen = listen(srv, g)
+        progress = [m["data"] for m in seen if m["type"] == "progress"]  # (one per tile: two)
+        assert [(p["value"], p["max"], p["node"], p["prompt_id"]) for p in progress] == [(1, 2, "3", pid),
+                                                                                        (2, 2, "3", pid)]
+        entry = requests.get(srv.url + f"/history/{pid}").json()[pid]
         assert entry["status"]["status_str"] == "success", entry["status"]
         got = pictures(srv, entry, node="4")[0]
         bad = dict(g, **{"2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "nope.pth"}}})

@@ -872,7 +872,8 @@ def _upscale_model_loader(ctx, model_name):
 
 def _image_upscale_with_model(ctx, upscale_model, image):
     """ComfyUI's ImageUpscaleWithModel: the pictures ([B, H, W, C]) through the model over 512-pixel tiles
-    overlapping by 32 (imagine.upscalers.upscale_pictures, its tiled_scale), clamped to [0, 1]."""
+    overlapping by 32 (imagine.upscalers.upscale_pictures, its tiled_scale), clamped to [0, 1]; a "progress" message
+    per tile, its max the tiles of the batch (comfy.utils.get_tiled_scale_steps: one for a picture within a tile)."""
     from imagine.upscalers import COMFYUI_OVERLAP, COMFYUI_TILE, upscale_pictures
 
     from imagine.server.app import MAX_PICTURE_PIXELS
@@ -882,7 +883,9 @@ def _image_upscale_with_model(ctx, upscale_model, image):
     if w * h > MAX_PICTURE_PIXELS:  # (the picture cap, not the generation size limit: upscalers make large pictures)
         raise ValueError(f"upscaled, the picture would be {w}x{h}: past the server's cap of {MAX_PICTURE_PIXELS:,} "
                          "pixels")
-    return (upscale_pictures(upscale_model, x, COMFYUI_TILE, COMFYUI_OVERLAP).movedim(1, -1).contiguous(),)
+    node = ctx.current  # (ComfyUI's ProgressBar over the tiles: a "progress" message after each, as KSampler's steps)
+    progress = lambda done, total: ctx.emit("progress", {"value": done, "max": total, "node": node})  # noqa: E731
+    return (upscale_pictures(upscale_model, x, COMFYUI_TILE, COMFYUI_OVERLAP, progress).movedim(1, -1).contiguous(),)
 
 
 def _vae_decode(ctx, samples, vae):
