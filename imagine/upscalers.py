@@ -38,6 +38,8 @@ import torch
 from PIL import Image
 
 from imagine.models.esrgan import CompactSRNet, RRDBNet
+from imagine.models.plksr import RealPLKSR
+from imagine.models.span import SPAN
 from imagine.models.swinir import SwinIR
 
 UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
@@ -149,6 +151,10 @@ def upscale_model_from_state(state: dict, source: str = "upscaler") -> UpscaleMo
         return _compact(state)
     if "layers.0.residual_group.blocks.0.norm1.weight" in state:
         return _swinir(state, source)
+    if "conv_1.sk.weight" in state and "block_1.c1_r.sk.weight" in state:
+        return _span(state, source)
+    if "feats.0.weight" in state and "feats.1.refine.weight" in state:
+        return _plksr(state, source)
     renamed = esrgan_state(state, source)
     return _rrdb(renamed, source)
 
@@ -156,13 +162,7 @@ def upscale_model_from_state(state: dict, source: str = "upscaler") -> UpscaleMo
 def _compact(state: dict) -> UpscaleModel:
     last = max(int(m.group(1)) for k in state if (m := re.fullmatch(r"body\.(\d+)\.weight", k)))
     in_ch, features = state["body.0.weight"].shape[1], state["body.0.weight"].shape[0]
-    shuffled = state[f"body.{last}.weight"].shape[0]
-    square = lambda n: math.isqrt(n) ** 2 == n  # noqa: E731
-    out_ch = next((c for c in (in_ch, 3, 4, 1) if shuffled % c == 0 and square(shuffled // c)), None)
-    if out_ch is None:
-        raise ValueError(f"a compact upscaler whose last layer makes {shuffled} channels: not out * scale^2 for "
-                         "1, 3 or 4 output channels")
-    scale = math.isqrt(shuffled // out_ch)
+    out_ch, scale = _shuffled_out(state[f"body.{last}.weight"].shape[0], in_ch, "a compact upscaler")
     net = CompactSRNet(in_ch, out_ch, features, (last - 2) // 2, scale)
     _load(net, state, "Real-ESRGAN Compact")
     return UpscaleModel(net.eval(), scale, "Real-ESRGAN Compact")
@@ -194,10 +194,12 @@ def esrgan_state(state: dict, source: str = "upscaler") -> dict:
         return out
     if "model.0.weight" not in state or not any(k.startswith("model.1.sub.") for k in state):
         found = ", ".join(sorted(state)[:6])
-        raise ValueError(f"{source} is not an upscaler model this program reads (ESRGAN / Real-ESRGAN RRDBNet, or "
-                         f"Real-ESRGAN's compact net): its weights start {found} ...; expected 'conv_first.weight' "
-                         "and 'body.0.rdb1.conv1.weight', 'model.0.weight' and 'model.1.sub.0.RDB1.conv1.0.weight', or "
-                         "'body.0.weight' and 'body.1.weight'")
+        raise ValueError(f"{source} is not an upscaler model this program reads (ESRGAN / Real-ESRGAN RRDBNet, "
+                         f"Real-ESRGAN's compact net, SwinIR, SPAN, RealPLKSR): its weights start {found} ...; "
+                         "expected 'conv_first.weight' and 'body.0.rdb1.conv1.weight', 'model.0.weight' and "
+                         "'model.1.sub.0.RDB1.conv1.0.weight', 'body.0.weight' and 'body.1.weight', "
+                         "'layers.0.residual_group.blocks.0.norm1.weight', 'conv_1.sk.weight' or "
+                         "'feats.1.refine.weight'")
     out = {"conv_first.weight": state["model.0.weight"], "conv_first.bias": state["model.0.bias"]}
     blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"model\.1\.sub\.(\d+)\.RDB", k)))
     for k, v in state.items():
@@ -296,6 +298,53 @@ def _swinir(state: dict, source: str) -> UpscaleModel:
     _load(net, state, "SwinIR")
     # (spandrel asks SwinIR for pictures of at least 16 pixels, a multiple of unshuffle^2, and pads to them)
     return UpscaleModel(net.eval(), net.picture_scale, "SwinIR", multiple_of=unshuffle ** 2, minimum=16)
+
+
+def _shuffled_out(channels: int, in_ch: int, what: str) -> tuple[int, int]:
+    """(output channels, scale) of a last convolution making `channels` = out * scale^2 for a pixel shuffle."""
+    square = lambda n: math.isqrt(n) ** 2 == n  # noqa: E731
+    out_ch = next((c for c in (in_ch, 3, 4, 1) if channels % c == 0 and square(channels // c)), None)
+    if out_ch is None:
+        raise ValueError(f"{what} whose last layer makes {channels} channels: not out * scale^2 for 1, 3 or 4 output "
+                         "channels")
+    return out_ch, math.isqrt(channels // out_ch)
+
+
+def _span(state: dict, source: str) -> UpscaleModel:
+    """A SPAN file: features and input channels from conv_1's skip, output channels and scale from the upsampler, the
+    input normalisation unless the file has its "no_norm" buffer; the re-parameterised 3x3s rebuilt from their
+    branches (`SPAN.fuse`), as the authors' code does at each call."""
+    first = state["conv_1.sk.weight"]
+    features, in_ch = first.shape[0], first.shape[1]
+    out_ch, scale = _shuffled_out(state["upsampler.0.weight"].shape[0], in_ch, f"{source}: a SPAN")
+    net = SPAN(in_ch, out_ch, features, scale, norm="no_norm" not in state)
+    own = net.state_dict()
+    state = {**{k: v for k, v in own.items() if k.endswith("eval_conv.weight") or k.endswith("eval_conv.bias")},
+             **state}  # (the 3x3s are rebuilt below: a file may leave them out)
+    _load(net, state, "SPAN")
+    net.fuse()
+    return UpscaleModel(net.eval(), scale, "SPAN")
+
+
+def _plksr(state: dict, source: str) -> UpscaleModel:
+    """A RealPLKSR file (`feats.N` names): width, blocks, kernel, the partial channels, element-wise attention and the
+    LayerNorm variant from its weights; GroupNorm's 4 groups as the community trains them (the weights cannot say)."""
+    if "feats.1.channe_mixer.0.weight" in state:
+        raise ValueError(f"{source} is a PLKSR of the paper's own code (feats.N.channe_mixer): only RealPLKSR files "
+                         "(feats.N.channel_mixer) are read")
+    if "to_img.init_pos" in state:
+        raise ValueError(f"{source} is a RealPLKSR with DySample's learned upsampler (to_img.*), which is not read "
+                         "here; RealPLKSR files with a pixel shuffle are")
+    if "feats.1.lk.conv.weight" not in state:
+        raise ValueError(f"{source}: a RealPLKSR without feats.1.lk.conv.weight (its large kernel)")
+    dim = state["feats.0.weight"].shape[0]
+    last = max(int(m[1]) for k in state if (m := re.fullmatch(r"feats\.(\d+)\.weight", k)))
+    _, scale = _shuffled_out(state[f"feats.{last}.weight"].shape[0], 3, f"{source}: a RealPLKSR")
+    lk = state["feats.1.lk.conv.weight"]
+    net = RealPLKSR(dim, last - 2, scale, lk.shape[2], lk.shape[0] / dim, "feats.1.attn.f.0.weight" in state,
+                    "feats.1.layer_norm.weight" in state)
+    _load(net, state, "RealPLKSR")
+    return UpscaleModel(net.eval(), scale, "RealPLKSR")
 
 
 def _load(net: torch.nn.Module, state: dict, kind: str) -> None:

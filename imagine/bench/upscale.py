@@ -1,9 +1,9 @@
 """Upscaler models against spandrel on identical weights: `imagine bench upscale`.
 
-spandrel (0.4.2) is how ComfyUI (Upscale Image (using Model)) and AUTOMATIC1111 (1.8 and later: ESRGAN, Real-ESRGAN,
-SwinIR) run these models; on a CPU both run them in float32. Per model shape, spandrel's own network gets its default
-random initialisation (no download), imagine loads the same state dict (imagine.upscalers), and each side enlarges
-one picture tile in turn, round after round (imagine.bench.speed's `_alternate`). The sides:
+spandrel (0.4.2) is how ComfyUI (Upscale Image (using Model)) and AUTOMATIC1111 (1.8 and later) run these models
+(ESRGAN, Real-ESRGAN, SwinIR, SPAN, RealPLKSR); on a CPU both run them in float32. Per model shape, spandrel's own
+network gets its default random initialisation (no download), imagine loads the same state dict (imagine.upscalers),
+and each side enlarges one picture tile in turn, round after round (imagine.bench.speed's `_alternate`). The sides:
 
   spandrel        spandrel's ImageModelDescriptor in float32, as ComfyUI and A1111 call it on a CPU
   imagine_exact   imagine.upscalers.UpscaleModel, precision "exact" (float32, weights packed once for oneDNN)
@@ -39,6 +39,10 @@ MODELS = {
     "swinir_m4x": ("SwinIR", dict(img_size=64, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=8,
                                   mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="1conv"),
                    "SwinIR-M 4x real-world, 6 RSTBs of 6 layers, 180 wide"),
+    "span4x": ("SPAN", dict(num_in_ch=3, num_out_ch=3, feature_channels=48, upscale=4),
+               "SPAN 4x, 48 features (4x-ClearRealityV1)"),
+    "realplksr4x": ("PLKSR", dict(dim=64, n_blocks=28, upscaling_factor=4, kernel_size=17),
+                    "RealPLKSR 4x, 28 blocks of 64, 17x17 kernels (4xNomosWebPhoto_RealPLKSR)", "RealPLKSR"),
     "tiny": ("ESRGAN", dict(in_nc=3, out_nc=3, num_filters=16, num_blocks=2, scale=2), "test size: ESRGAN 2x, 2 RRDBs"),
     "tiny_swinir": ("SwinIR", dict(img_size=16, embed_dim=24, depths=[2], num_heads=[2], window_size=8, upscale=2,
                                    upsampler="nearest+conv"), "test size: SwinIR 2x, one RSTB of 2 layers"),
@@ -68,10 +72,10 @@ def build(name: str, seed: int = 0):
     from imagine.upscalers import upscale_model_from_state
 
     spandrel = load_peer()
-    arch, kwargs, _ = MODELS[name]
+    arch, kwargs, _, *cls = MODELS[name]
     module = __import__(type(spandrel.MAIN_REGISTRY.get(arch).architecture).__module__, fromlist=[arch])
     torch.manual_seed(seed)
-    net = getattr(module, arch)(**kwargs).eval()
+    net = getattr(module, cls[0] if cls else arch)(**kwargs).eval()
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return spandrel.ModelLoader().load_from_state_dict(state).eval(), upscale_model_from_state(state)
 
