@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imagine.models.dat import DAT
 from imagine.models.esrgan import CompactSRNet, RRDBNet
 from imagine.models.plksr import RealPLKSR
 from imagine.models.span import SPAN
@@ -151,6 +152,8 @@ def upscale_model_from_state(state: dict, source: str = "upscaler") -> UpscaleMo
         return _compact(state)
     if "layers.0.residual_group.blocks.0.norm1.weight" in state:
         return _swinir(state, source)
+    if "before_RG.1.weight" in state and "layers.0.blocks.0.ffn.sg.conv.weight" in state:
+        return _dat(state, source)
     if "conv_1.sk.weight" in state and "block_1.c1_r.sk.weight" in state:
         return _span(state, source)
     if "feats.0.weight" in state and "feats.1.refine.weight" in state:
@@ -195,11 +198,11 @@ def esrgan_state(state: dict, source: str = "upscaler") -> dict:
     if "model.0.weight" not in state or not any(k.startswith("model.1.sub.") for k in state):
         found = ", ".join(sorted(state)[:6])
         raise ValueError(f"{source} is not an upscaler model this program reads (ESRGAN / Real-ESRGAN RRDBNet, "
-                         f"Real-ESRGAN's compact net, SwinIR, SPAN, RealPLKSR): its weights start {found} ...; "
+                         f"Real-ESRGAN's compact net, SwinIR, DAT, SPAN, RealPLKSR): its weights start {found} ...; "
                          "expected 'conv_first.weight' and 'body.0.rdb1.conv1.weight', 'model.0.weight' and "
                          "'model.1.sub.0.RDB1.conv1.0.weight', 'body.0.weight' and 'body.1.weight', "
-                         "'layers.0.residual_group.blocks.0.norm1.weight', 'conv_1.sk.weight' or "
-                         "'feats.1.refine.weight'")
+                         "'layers.0.residual_group.blocks.0.norm1.weight', 'before_RG.1.weight', 'conv_1.sk.weight' "
+                         "or 'feats.1.refine.weight'")
     out = {"conv_first.weight": state["model.0.weight"], "conv_first.bias": state["model.0.bias"]}
     blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"model\.1\.sub\.(\d+)\.RDB", k)))
     for k, v in state.items():
@@ -265,8 +268,7 @@ def _swinir(state: dict, source: str) -> UpscaleModel:
     if upsampler == "nearest+conv":
         scale = 2 ** sum(1 for k in state if re.fullmatch(r"conv_up\d\.weight", k))
     elif upsampler == "pixelshuffle":
-        convs = sorted(int(m[1]) for k in state if (m := re.fullmatch(r"upsample\.(\d+)\.weight", k)))
-        scale = math.prod(math.isqrt(state[f"upsample.{i}.weight"].shape[0] // features) for i in convs)
+        scale = _upsample_scale(state, features)
     elif upsampler == "pixelshuffledirect":
         scale = math.isqrt(state["upsample.0.bias"].shape[0] // out_ch)
     else:
@@ -308,6 +310,48 @@ def _shuffled_out(channels: int, in_ch: int, what: str) -> tuple[int, int]:
         raise ValueError(f"{what} whose last layer makes {channels} channels: not out * scale^2 for 1, 3 or 4 output "
                          "channels")
     return out_ch, math.isqrt(channels // out_ch)
+
+
+def _upsample_scale(state: dict, features: int) -> int:
+    """The scale of a "pixelshuffle" reconstruction (SwinIR's, DAT's): the product of its convolutions' shuffles."""
+    convs = sorted(int(m[1]) for k in state if (m := re.fullmatch(r"upsample\.(\d+)\.weight", k)))
+    return math.prod(math.isqrt(state[f"upsample.{i}.weight"].shape[0] // features) for i in convs)
+
+
+def _dat(state: dict, source: str) -> UpscaleModel:
+    """A DAT file (the authors' names): width, blocks and heads per group (heads from a channel block's temperature,
+    or twice a spatial block's bias heads), the rectangles from the stored offsets, the FFN's expansion, the
+    reconstruction and its scale, the 1conv / 3conv residual, as spandrel reads them; the upsampling width from the
+    weights (spandrel builds 64 always)."""
+    first = state["conv_first.weight"]
+    dim, in_ch = first.shape[0], first.shape[1]
+    groups = 1 + max(int(m[1]) for k in state if (m := re.match(r"layers\.(\d+)\.blocks\.", k)))
+    depths = [1 + max(int(m[1]) for k in state if (m := re.match(rf"layers\.{g}\.blocks\.(\d+)\.", k)))
+              for g in range(groups)]
+    heads = [state[f"layers.{g}.blocks.1.attn.temperature"].shape[0] if depths[g] >= 2 else
+             2 * state[f"layers.{g}.blocks.0.attn.attns.0.pos.pos3.2.weight"].shape[0] for g in range(groups)]
+    offsets = state.get("layers.0.blocks.0.attn.attns.0.rpe_biases")
+    if offsets is None:
+        raise ValueError(f"{source}: a DAT without layers.0.blocks.0.attn.attns.0.rpe_biases, which gives its "
+                         "attention rectangles")
+    split = tuple(int(v) + 1 for v in offsets[-1])
+    pixelshuffle = "conv_last.weight" in state
+    features = state["conv_before_upsample.0.weight"].shape[0] if pixelshuffle else dim
+    scale = _upsample_scale(state, features) if pixelshuffle else \
+        math.isqrt(state["upsample.0.weight"].shape[0] // in_ch)
+    net = DAT(in_ch, dim, split, depths, heads, state["layers.0.blocks.0.ffn.fc1.weight"].shape[0] / dim,
+              "layers.0.blocks.0.attn.qkv.bias" in state, scale, features,
+              "1conv" if "conv_after_body.weight" in state else "3conv",
+              "pixelshuffle" if pixelshuffle else "pixelshuffledirect")
+    own = net.state_dict()
+    state = {k: v for k, v in state.items() if ".attn_mask_" not in k}  # (shift masks for the training crop)
+    for k, v in own.items():  # (the offsets and their index: recomputed, checked where the file has them)
+        if k.endswith("rpe_biases") or k.endswith("relative_position_index"):
+            if k in state and not torch.equal(state[k].to(v.dtype), v):
+                raise ValueError(f"{source}: its {k} is not that of a {split[0]}x{split[1]} rectangle")
+            state[k] = v
+    _load(net, state, "DAT")
+    return UpscaleModel(net.eval(), scale, "DAT", minimum=16)  # (spandrel pads DAT's pictures to 16 at least)
 
 
 def _span(state: dict, source: str) -> UpscaleModel:

@@ -1,7 +1,7 @@
 """Upscaler models against spandrel on identical weights: `imagine bench upscale`.
 
 spandrel (0.4.2) is how ComfyUI (Upscale Image (using Model)) and AUTOMATIC1111 (1.8 and later) run these models
-(ESRGAN, Real-ESRGAN, SwinIR, SPAN, RealPLKSR); on a CPU both run them in float32. Per model shape, spandrel's own
+(ESRGAN, Real-ESRGAN, SwinIR, DAT, SPAN, RealPLKSR); on a CPU both run them in float32. Per model shape, spandrel's own
 network gets its default random initialisation (no download), imagine loads the same state dict (imagine.upscalers),
 and each side enlarges one picture tile in turn, round after round (imagine.bench.speed's `_alternate`). The sides:
 
@@ -39,6 +39,9 @@ MODELS = {
     "swinir_m4x": ("SwinIR", dict(img_size=64, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=8,
                                   mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="1conv"),
                    "SwinIR-M 4x real-world, 6 RSTBs of 6 layers, 180 wide"),
+    "dat4x": ("DAT", dict(img_size=64, embed_dim=180, split_size=[8, 32], depth=[6] * 6, num_heads=[6] * 6,
+                          expansion_factor=2.0, upscale=4),
+              "DAT 4x, 6 groups of 6 blocks, 180 wide, 8x32 rectangles (4xNomos8kDAT)"),
     "span4x": ("SPAN", dict(num_in_ch=3, num_out_ch=3, feature_channels=48, upscale=4),
                "SPAN 4x, 48 features (4x-ClearRealityV1)"),
     "realplksr4x": ("PLKSR", dict(dim=64, n_blocks=28, upscaling_factor=4, kernel_size=17),
