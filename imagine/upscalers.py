@@ -39,6 +39,7 @@ from PIL import Image
 
 from imagine.models.dat import DAT
 from imagine.models.esrgan import CompactSRNet, RRDBNet
+from imagine.models.hat import HAT
 from imagine.models.plksr import RealPLKSR
 from imagine.models.span import SPAN
 from imagine.models.swinir import SwinIR
@@ -148,16 +149,23 @@ def upscale_model_from_state(state: dict, source: str = "upscaler") -> UpscaleMo
             break
     state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()
              if isinstance(k, str) and torch.is_tensor(v)}
-    if "body.0.weight" in state and "body.1.weight" in state and state["body.1.weight"].ndim == 1:
-        return _compact(state)
-    if "layers.0.residual_group.blocks.0.norm1.weight" in state:
-        return _swinir(state, source)
-    if "before_RG.1.weight" in state and "layers.0.blocks.0.ffn.sg.conv.weight" in state:
-        return _dat(state, source)
-    if "conv_1.sk.weight" in state and "block_1.c1_r.sk.weight" in state:
-        return _span(state, source)
-    if "feats.0.weight" in state and "feats.1.refine.weight" in state:
-        return _plksr(state, source)
+    # (each architecture by a name only it has; a weight its reader needs and the file lacks is named)
+    for kind, found, read in (
+            ("Real-ESRGAN Compact", "body.0.weight" in state and "body.1.weight" in state
+             and state["body.1.weight"].ndim == 1, lambda: _compact(state)),
+            ("HAT", "layers.0.residual_group.overlap_attn.relative_position_bias_table" in state,
+             lambda: _hat(state, source)),
+            ("SwinIR", "layers.0.residual_group.blocks.0.norm1.weight" in state, lambda: _swinir(state, source)),
+            ("DAT", "before_RG.1.weight" in state and "layers.0.blocks.0.ffn.sg.conv.weight" in state,
+             lambda: _dat(state, source)),
+            ("SPAN", "conv_1.sk.weight" in state and "block_1.c1_r.sk.weight" in state, lambda: _span(state, source)),
+            ("RealPLKSR", "feats.0.weight" in state and "feats.1.refine.weight" in state,
+             lambda: _plksr(state, source))):
+        if found:
+            try:
+                return read()
+            except KeyError as e:
+                raise ValueError(f"{source}: a {kind} upscaler without {e.args[0]}, which its weights need") from None
     renamed = esrgan_state(state, source)
     return _rrdb(renamed, source)
 
@@ -198,7 +206,8 @@ def esrgan_state(state: dict, source: str = "upscaler") -> dict:
     if "model.0.weight" not in state or not any(k.startswith("model.1.sub.") for k in state):
         found = ", ".join(sorted(state)[:6])
         raise ValueError(f"{source} is not an upscaler model this program reads (ESRGAN / Real-ESRGAN RRDBNet, "
-                         f"Real-ESRGAN's compact net, SwinIR, DAT, SPAN, RealPLKSR): its weights start {found} ...; "
+                         f"Real-ESRGAN's compact net, SwinIR, HAT, DAT, SPAN, RealPLKSR): its weights start {found} "
+                         "...; "
                          "expected 'conv_first.weight' and 'body.0.rdb1.conv1.weight', 'model.0.weight' and "
                          "'model.1.sub.0.RDB1.conv1.0.weight', 'body.0.weight' and 'body.1.weight', "
                          "'layers.0.residual_group.blocks.0.norm1.weight', 'before_RG.1.weight', 'conv_1.sk.weight' "
@@ -352,6 +361,40 @@ def _dat(state: dict, source: str) -> UpscaleModel:
             state[k] = v
     _load(net, state, "DAT")
     return UpscaleModel(net.eval(), scale, "DAT", minimum=16)  # (spandrel pads DAT's pictures to 16 at least)
+
+
+def _hat(state: dict, source: str) -> UpscaleModel:
+    """A HAT file (the authors' names): width, blocks and heads per group, the window from its bias table, the
+    overlapping window from the OCAB's, every hidden width from its layer's shape (where spandrel turns them into
+    ratios and back), the 1conv / identity residual, the patch norm; the CAB's weight alpha = 0.01 as all HAT
+    models use (the weights cannot say)."""
+    if "absolute_pos_embed" in state:
+        raise ValueError(f"{source}: a HAT with an absolute position embedding (ape), which ties it to one picture "
+                         "size; the released models have none and only those are read")
+    first = state["conv_first.weight"]
+    dim, in_ch = first.shape[0], first.shape[1]
+    groups = 1 + max(int(m[1]) for k in state if (m := re.match(r"layers\.(\d+)\.", k)))
+    g = lambda i, rest: f"layers.{i}.residual_group.{rest}"  # noqa: E731
+    depths = [1 + max(int(m[1]) for k in state if (m := re.match(re.escape(g(i, "blocks.")) + r"(\d+)\.", k)))
+              for i in range(groups)]
+    heads = [state[g(i, "overlap_attn.relative_position_bias_table")].shape[1] for i in range(groups)]
+    window = (math.isqrt(state[g(0, "blocks.0.attn.relative_position_bias_table")].shape[0]) + 1) // 2
+    overlap = math.isqrt(state[g(0, "overlap_attn.relative_position_bias_table")].shape[0]) + 1 - window
+    features = state["conv_last.weight"].shape[1]
+    net = HAT(in_ch, dim, depths, heads, window, overlap, state[g(0, "blocks.0.mlp.fc1.weight")].shape[0],
+              state[g(0, "blocks.0.conv_block.cab.0.weight")].shape[0],
+              state[g(0, "blocks.0.conv_block.cab.3.attention.1.weight")].shape[0],
+              state[g(0, "overlap_attn.mlp.fc1.weight")].shape[0], g(0, "blocks.0.attn.qkv.bias") in state,
+              _upsample_scale(state, features), features,
+              "1conv" if "conv_after_body.weight" in state else "identity", "patch_embed.norm.weight" in state)
+    for k, v in net.state_dict().items():  # (the position indices: recomputed, checked where the file has them)
+        if k.startswith("relative_position_index_"):
+            if k in state and not torch.equal(state[k].long(), v):
+                raise ValueError(f"{source}: its {k} is not that of a {window}-pixel window with {overlap}-pixel "
+                                 "overlapping ones")
+            state = {**state, k: v}
+    _load(net, state, "HAT")
+    return UpscaleModel(net.eval(), net.scale, "HAT", minimum=16)  # (spandrel pads HAT's pictures to 16 at least)
 
 
 def _span(state: dict, source: str) -> UpscaleModel:

@@ -94,5 +94,5 @@ def test_other_kinds_are_named():
         upscale_model_from_state(paper)
     with pytest.raises(ValueError, match="SPAN upscaler whose weights do not fit"):
         upscale_model_from_state({k: v for k, v in span_state(7).items() if not k.startswith("block_6")})
-    with pytest.raises(ValueError, match="SwinIR, DAT, SPAN, RealPLKSR"):
+    with pytest.raises(ValueError, match="SwinIR, HAT, DAT, SPAN, RealPLKSR"):
         upscale_model_from_state({"unknown.weight": torch.zeros(3)})

@@ -1,9 +1,10 @@
 """Upscaler models against spandrel on identical weights: `imagine bench upscale`.
 
 spandrel (0.4.2) is how ComfyUI (Upscale Image (using Model)) and AUTOMATIC1111 (1.8 and later) run these models
-(ESRGAN, Real-ESRGAN, SwinIR, DAT, SPAN, RealPLKSR); on a CPU both run them in float32. Per model shape, spandrel's own
-network gets its default random initialisation (no download), imagine loads the same state dict (imagine.upscalers),
-and each side enlarges one picture tile in turn, round after round (imagine.bench.speed's `_alternate`). The sides:
+(ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, SPAN, RealPLKSR); on a CPU both run them in float32. Per model shape,
+spandrel's own network gets its default random initialisation (no download), imagine loads the same state dict
+(imagine.upscalers), and each side enlarges one picture tile in turn, round after round (imagine.bench.speed's
+`_alternate`). The sides:
 
   spandrel        spandrel's ImageModelDescriptor in float32, as ComfyUI and A1111 call it on a CPU
   imagine_exact   imagine.upscalers.UpscaleModel, precision "exact" (float32, weights packed once for oneDNN)
@@ -39,6 +40,9 @@ MODELS = {
     "swinir_m4x": ("SwinIR", dict(img_size=64, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=8,
                                   mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="1conv"),
                    "SwinIR-M 4x real-world, 6 RSTBs of 6 layers, 180 wide"),
+    "hat4x": ("HAT", dict(img_size=64, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=16,
+                          compress_ratio=3, squeeze_factor=30, overlap_ratio=0.5, mlp_ratio=2.0, upscale=4),
+              "HAT 4x, 6 groups of 6 blocks, 180 wide, 16-px windows (Real_HAT_GAN_SRx4)"),
     "dat4x": ("DAT", dict(img_size=64, embed_dim=180, split_size=[8, 32], depth=[6] * 6, num_heads=[6] * 6,
                           expansion_factor=2.0, upscale=4),
               "DAT 4x, 6 groups of 6 blocks, 180 wide, 8x32 rectangles (4xNomos8kDAT)"),
