@@ -51,8 +51,10 @@ A1111_REALESRGAN_NAMES = {"RealESRGAN_x4plus": "R-ESRGAN 4x+", "RealESRGAN_x4plu
                           "RealESRGAN_x2plus": "R-ESRGAN 2x+", "realesr-general-x4v3": "R-ESRGAN General 4xV3",
                           "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
                           "realesr-animevideov3": "R-ESRGAN AnimeVideo"}
-# ... and every model's: SwinIR's built-in one is saved as SwinIR_4x.pth (extensions-builtin/SwinIR)
-A1111_NAMES = {**A1111_REALESRGAN_NAMES, "SwinIR_4x": "SwinIR 4x"}
+# ... and every model's: SwinIR's built-in one is saved as SwinIR_4x.pth (extensions-builtin/SwinIR), its DAT ones as
+# DAT_x2.pth ... (modules/dat_model.get_dat_models)
+A1111_NAMES = {**A1111_REALESRGAN_NAMES, "SwinIR_4x": "SwinIR 4x", "DAT_x2": "DAT x2", "DAT_x3": "DAT x3",
+               "DAT_x4": "DAT x4"}
 # the embedded upscaler: Real-ESRGAN's compact net, x4, trained here on the shapes task's scenes (64 -> 256 px) by
 # imagine train upscaler --config configs/shapes-upscaler-x4.yaml (docs/upscalers.md)
 EMBEDDED_UPSCALER = Path(__file__).resolve().parent / "weights" / "upscaler-shapes-x4"
