@@ -98,8 +98,8 @@ def test_a_hat_file_through_imagine_upscale_and_a_dat_one_by_a1111s_name(tmp_pat
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8))
     picture.save(tmp_path / "in.png")
     r = subprocess.run([sys.executable, "-m", "imagine.cli", "upscale", str(tmp_path / "in.png"), "-m",
-                        str(tmp_path / "4x-HAT-test.safetensors"), "--tiling", "a1111", "-o", str(tmp_path / "out.png")],
-                       capture_output=True, text=True)
+                        str(tmp_path / "4x-HAT-test.safetensors"), "--tiling", "a1111",
+                        "-o", str(tmp_path / "out.png")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out = Image.open(tmp_path / "out.png")
     model = upscale_model_from_state(spandrel_hat(5))
