@@ -1,13 +1,13 @@
-"""Upscaler models: ESRGAN-family, Real-ESRGAN compact and SwinIR files read from disk, run over tiles, as the apps
-run them.
+"""Upscaler models: ESRGAN-family, Real-ESRGAN compact, SwinIR, HAT, DAT, SPAN and RealPLKSR files read from disk,
+run over tiles, as the apps run them.
 
 People keep super-resolution networks beside their Stable Diffusion checkpoints ("4x-UltraSharp.pth",
 "RealESRGAN_x4plus.pth", ...) and use them in three places: to enlarge a picture (AUTOMATIC1111's Extras tab,
 ComfyUI's "Upscale Image (using Model)"), and in the hires. fix, where the first pass's pictures are enlarged by the
-model before the second pass. Their networks are in `imagine.models.esrgan` and `imagine.models.swinir`; this module
-reads the files (any of the layouts in use: ESRGAN's original "model.N" sequence, BSRGAN/RealSR's, Real-ESRGAN's,
-SwinIR's, with "params_ema" / "params" wrappers and "module." prefixes), and runs a model over a picture the way each
-app does, so that its pictures are the app's:
+model before the second pass. Their networks are in `imagine.models` (esrgan, swinir, hat, dat, span, plksr); this
+module reads the files (any of the layouts in use: ESRGAN's original "model.N" sequence, BSRGAN/RealSR's,
+Real-ESRGAN's, the transformers' authors' names, with "params_ema" / "params" wrappers and "module." prefixes), and
+runs a model over a picture the way each app does, so that its pictures are the app's:
 
 - `tiled_scale`: ComfyUI's tiling (comfy.utils.tiled_scale_multidim, as its ImageUpscaleWithModel calls it: 512-pixel
   tiles overlapping by 32, each tile's result weighted by a ramp over the overlap, in float). Our default too.
@@ -65,9 +65,9 @@ A1111_PASSES = 3  # Upscaler.upscale runs the model at most this many times
 
 @dataclass(eq=False)  # (one object per file version, compared and hashed as itself: a server's jobs hold it)
 class UpscaleModel:
-    """A loaded upscaler: `net` (RRDBNet, CompactSRNet or SwinIR), `scale` (how much larger its pictures come out),
-    `architecture` ("ESRGAN", "ESRGAN+", "Real-ESRGAN Compact", "SwinIR"), `multiple_of` (the size its input is
-    padded to),
+    """A loaded upscaler: `net` (RRDBNet, CompactSRNet, SwinIR, HAT, DAT, SPAN or RealPLKSR), `scale` (how much
+    larger its pictures come out), `architecture` ("ESRGAN", "ESRGAN+", "Real-ESRGAN Compact", "SwinIR", "HAT",
+    "DAT", "SPAN", "RealPLKSR"), `multiple_of` and `minimum` (the sizes its input is padded to, as spandrel pads),
     `name` (the file's stem) and `path`."""
 
     net: torch.nn.Module
@@ -209,11 +209,10 @@ def esrgan_state(state: dict, source: str = "upscaler") -> dict:
         found = ", ".join(sorted(state)[:6])
         raise ValueError(f"{source} is not an upscaler model this program reads (ESRGAN / Real-ESRGAN RRDBNet, "
                          f"Real-ESRGAN's compact net, SwinIR, HAT, DAT, SPAN, RealPLKSR): its weights start {found} "
-                         "...; "
-                         "expected 'conv_first.weight' and 'body.0.rdb1.conv1.weight', 'model.0.weight' and "
+                         "...; expected 'conv_first.weight' and 'body.0.rdb1.conv1.weight', 'model.0.weight' and "
                          "'model.1.sub.0.RDB1.conv1.0.weight', 'body.0.weight' and 'body.1.weight', "
-                         "'layers.0.residual_group.blocks.0.norm1.weight', 'before_RG.1.weight', 'conv_1.sk.weight' "
-                         "or 'feats.1.refine.weight'")
+                         "'layers.0.residual_group.blocks.0.norm1.weight' (SwinIR; HAT's with overlap_attn), "
+                         "'before_RG.1.weight', 'conv_1.sk.weight' or 'feats.1.refine.weight'")
     out = {"conv_first.weight": state["model.0.weight"], "conv_first.bias": state["model.0.bias"]}
     blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"model\.1\.sub\.(\d+)\.RDB", k)))
     for k, v in state.items():
