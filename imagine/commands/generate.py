@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -325,6 +326,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "latent_nearest_exact); lanczos, nearest, none: the pictures resized (A1111's labels too); "
                         "or an upscaler model (ESRGAN / Real-ESRGAN .pth or .safetensors): its path, or its name in "
                         "--upscaler-dir (the file's stem, or A1111's name such as 'R-ESRGAN 4x+')")
+    p.add_argument("--sd-upscale", type=_finite, default=None, metavar="S",
+                   help="A1111's 'SD upscale' script: --init-image enlarged S times (0 < S <= 8) by "
+                        "--sd-upscale-upscaler, cut into --width x --height tiles overlapping by --sd-upscale-overlap, "
+                        "each tile through image to image at --strength (tiles in batches of --batch-size, default 1, "
+                        "each batch's seeds from the one before plus 1, as A1111's), put back together")
+    p.add_argument("--sd-upscale-upscaler", default=None, metavar="NAME",
+                   help="what enlarges the picture first: lanczos (default here), nearest, none (A1111's UI default: "
+                        "the picture as it is, only its tiles redrawn), or an upscaler model (a path, or a name in "
+                        "--upscaler-dir as for --hires-upscaler)")
+    p.add_argument("--sd-upscale-overlap", type=int, default=None, metavar="PIXELS",
+                   help="the tiles' overlap (default 64, A1111's, or an eighth of a tile's side if that is less)")
     p.add_argument("--upscaler-dir", default=None, metavar="DIR",
                    help="a folder of upscaler models (A1111's models/ESRGAN and models/RealESRGAN, ComfyUI's "
                         "models/upscale_models) that --hires-upscaler and an infotext's 'Hires upscaler' name")
@@ -1723,6 +1735,7 @@ def _check_values(args, max_seed: int) -> None:
     if (args.hires_scale is not None or args.hires_resize) and args.init_image:
         raise ValueError("--hires-scale / --hires-resize start from text (A1111's txt2img hires. fix); with "
                          "--init-image leave them out")
+    _check_sd_upscale(args)
     if args.infotext:  # (an infotext's or a record's values are the run's as it was: not said to do nothing)
         return
     for flag, given, needs in (
@@ -1735,6 +1748,90 @@ def _check_values(args, max_seed: int) -> None:
              "--prompt-editing (or --a1111-prompts): it changes how [from:to:when] is read")):
         if given:
             raise ValueError(f"{flag} does nothing without {needs}")
+
+
+def _sd_upscale_upscaler(args):
+    """--sd-upscale-upscaler as imagine.upscalers.a1111_upscale takes it: "Lanczos" / "Nearest", None for none (the
+    picture as it is), or an upscaler model."""
+    from imagine.upscalers import upscaler_named
+
+    name = args.sd_upscale_upscaler or "lanczos"
+    built_in = {"lanczos": "Lanczos", "nearest": "Nearest", "none": None}
+    if name.lower() in built_in:
+        return built_in[name.lower()]
+    model = upscaler_named(name, getattr(args, "upscaler_dir", None))
+    if model is None:
+        from imagine.upscalers import A1111_NAMES, find_upscalers
+
+        models = [A1111_NAMES.get(stem, stem) for stem in find_upscalers(args.upscaler_dir)] if args.upscaler_dir \
+            else []
+        where = (f"; models in {args.upscaler_dir}: {', '.join(models) or 'none'}" if args.upscaler_dir
+                 else "; or an upscaler model's file (or its name with --upscaler-dir)")
+        raise ValueError(f"--sd-upscale-upscaler: unknown upscaler {name!r}; valid: lanczos, nearest, none{where}")
+    return model.with_precision(getattr(args, "precision", None) or "exact")
+
+
+def _check_sd_upscale(args) -> None:
+    """--sd-upscale's flags, before the model loads: the scale, the overlap, the upscaler's name, and the flags it
+    cannot run with."""
+    given = [f for f in ("sd_upscale_upscaler", "sd_upscale_overlap") if getattr(args, f) is not None]
+    if args.sd_upscale is None:
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is for --sd-upscale (A1111's SD upscale script)")
+        return
+    if not 0 < args.sd_upscale <= 8:
+        raise ValueError(f"--sd-upscale must be in (0, 8] (A1111's scale factor); got {args.sd_upscale:g}")
+    if not args.init_image:
+        raise ValueError("--sd-upscale enlarges a picture: give it with --init-image")
+    for flag, on in (("--mask", args.mask), ("--controlnet", args.controlnet), ("--resize-mode", args.resize_mode),
+                     ("--variation-strength", args.variation_strength), ("--refiner", args.refiner),
+                     ("--seed-resize-from", getattr(args, "seed_resize_from", None))):
+        if on:
+            raise ValueError(f"{flag} and --sd-upscale: A1111's SD upscale script redraws the whole picture tile by "
+                             "tile with plain image to image; leave one out")
+    overlap = args.sd_upscale_overlap
+    side = min(v for v in (args.width, args.height) if v is not None) if (args.width or args.height) else None
+    if overlap is not None and (overlap < 0 or (side is not None and overlap >= side)):
+        raise ValueError(f"--sd-upscale-overlap must be 0 or more and less than a tile's side (--width x --height"
+                         f"{f': {side}' if side else ''}); got {overlap}")
+    _sd_upscale_upscaler(args)
+
+
+def _sd_upscale(args, pipe, jobs, seeds, init_image, call, save) -> None:
+    """A1111's SD upscale script (scripts/sd_upscale.py) for each job (prompt, seed): `init_image` enlarged by
+    Upscaler.upscale (a1111_upscale; "none": as it is), cut by split_grid into tiles of the run's size overlapping
+    by --sd-upscale-overlap, the tiles through `call` (image to image) in batches of --batch-size (default 1), batch
+    j's seeds s_j + i with s_0 the job's seed and s_(j+1) = s_j + 1 (A1111: p.seed = processed.seed + 1), put back
+    by combine_grid; `save(picture, params, seed)` with the first batch's parameters, the two the script adds."""
+    from imagine.upscalers import a1111_upscale, combine_grid, split_grid
+
+    upscaler = _sd_upscale_upscaler(args)
+    label = "None" if upscaler is None else upscaler if isinstance(upscaler, str) else upscaler.a1111_name
+    big = init_image.convert("RGB") if upscaler is None else a1111_upscale(init_image.convert("RGB"), args.sd_upscale,
+                                                                          upscaler)
+    height, width = pipe.output_size(args.height, args.width)  # (the tiles: the run's size, else the model's own)
+    # (A1111's 64 on its 512-px tiles: an eighth of a smaller tile's side, where 64 would not fit)
+    overlap = min(64, min(width, height) // 8) if args.sd_upscale_overlap is None else args.sd_upscale_overlap
+    if overlap >= min(width, height):
+        raise ValueError(f"--sd-upscale-overlap {overlap} must be less than a tile's side ({width}x{height})")
+    grid = split_grid(big, width, height, overlap)
+    tiles = [tile for _, row in grid.rows for _, tile in row]
+    batch = args.batch_size or 1
+    for (prompt, _), seed in zip(jobs, seeds):
+        done, first, s = [], None, seed
+        for j in range(0, len(tiles), batch):
+            part = tiles[j:j + batch]
+            res = call([prompt] * len(part), [s + i for i in range(len(part))], part, height, width)
+            first = first or res
+            done += list(res.images)
+            s += 1
+        it = iter(done)
+        picture = combine_grid(dataclasses.replace(grid, rows=[(y, [(x, next(it)) for x, _ in row])
+                                                               for y, row in grid.rows]))
+        params = {**{k: v for k, v in first.parameters.items() if k not in ("prompt", "negative_prompt")},
+                  "prompt": prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
+                  "sd_upscale_overlap": overlap, "sd_upscale_upscaler": label}
+        save(picture, params, seed)
 
 
 def _check_memory(args) -> None:
@@ -2022,6 +2119,41 @@ def run(args) -> int:
     base = random.randint(0, MAX_SEED) if args.seed < 0 else args.seed
     variation = (random.randint(0, MAX_SEED) if args.variation_seed is None or args.variation_seed < 0
                  else args.variation_seed)
+    def call(run, prompts, seeds, subseeds, picture):
+        return run(prompts, args.negative_prompt, steps=args.steps,
+                   guidance_scale=args.guidance_scale, sampler=args.sampler, seeds=seeds,
+                   height=height, width=width, guidance_rescale=args.guidance_rescale,
+                   karras=args.karras, eta=args.eta, thresholding=args.thresholding,
+                   threshold_range=args.threshold_range,
+                   final_step=args.final_step, rho=args.rho, **sampling,
+                   emphasis=args.emphasis_mode or args.emphasis or args.a1111_prompts,
+                   long_prompts=args.long_prompts or args.a1111_prompts,
+                   prompt_editing=args.prompt_editing or args.a1111_prompts,
+                   composable=args.composable or args.a1111_prompts,
+                   **({"subseeds": subseeds, "subseed_strength": args.variation_strength} if subseeds else {}),
+                   **seed_resize, progress=not args.quiet,
+                   **({"rng": args.rng} if args.rng != "cpu" else {}),
+                   **({"noise_seed_delta": args.noise_seed_delta} if args.noise_seed_delta else {}),
+                   **({"zero_terminal_snr": True} if args.zero_terminal_snr else {}),
+                   **({"downcast_alphas_cumprod": True} if args.downcast_alphas_cumprod else {}),
+                   **({"old_prompt_editing": True} if args.old_prompt_editing else {}),
+                   **({"pad_conds": args.pad_conds} if args.pad_conds else {}),
+                   **picture)
+
+    if args.sd_upscale is not None:  # (A1111's SD upscale script: each image is a picture's tiles redrawn)
+        def tiles_run(prompts, seeds, tiles, tile_h, tile_w):
+            nonlocal height, width
+            height, width = tile_h, tile_w
+            return call(conditioned or pipe.generate, prompts, seeds, None, {**picture, "init_image": tiles})
+
+        def save(img, params, seed):
+            nonlocal number
+            path, number = _save_image(img, params, seed, many, out_dir, out_file, number)
+            print(path, flush=True)
+
+        _sd_upscale(args, pipe, jobs, [(base + k) % (MAX_SEED + 1) for k in range(len(jobs))], init_image, tiles_run,
+                    save)
+        return 0
     for start, end in _batches(pipe, jobs, args):
         chunk = jobs[start:end]
         # (A1111's rule: with a variation seed at work every image keeps the seed; the variation seeds count up)
@@ -2035,26 +2167,9 @@ def run(args) -> int:
                                     hires_upscaler=_hires_upscaler(args) or args.hires_upscaler or "latent",
                                     hires_prompt=args.hires_prompt,
                                     hires_negative_prompt=args.hires_negative_prompt, hires_sampling=hires_sampling)
-        res = run([p for p, _ in chunk], args.negative_prompt, steps=args.steps,
-                            guidance_scale=args.guidance_scale, sampler=args.sampler, seeds=seeds,
-                            height=height, width=width, guidance_rescale=args.guidance_rescale,
-                            karras=args.karras, eta=args.eta, thresholding=args.thresholding,
-                            threshold_range=args.threshold_range,
-                            final_step=args.final_step, rho=args.rho, **sampling,
-                            emphasis=args.emphasis_mode or args.emphasis or args.a1111_prompts,
-                            long_prompts=args.long_prompts or args.a1111_prompts,
-                            prompt_editing=args.prompt_editing or args.a1111_prompts,
-                            composable=args.composable or args.a1111_prompts,
-                            **({"subseeds": [(variation + start + k) % (MAX_SEED + 1) for k in range(len(chunk))],
-                                "subseed_strength": args.variation_strength} if args.variation_strength else {}),
-                            **seed_resize, progress=not args.quiet,
-                            **({"rng": args.rng} if args.rng != "cpu" else {}),
-                            **({"noise_seed_delta": args.noise_seed_delta} if args.noise_seed_delta else {}),
-                            **({"zero_terminal_snr": True} if args.zero_terminal_snr else {}),
-                            **({"downcast_alphas_cumprod": True} if args.downcast_alphas_cumprod else {}),
-                            **({"old_prompt_editing": True} if args.old_prompt_editing else {}),
-                            **({"pad_conds": args.pad_conds} if args.pad_conds else {}),
-                            **picture)
+        subseeds = [(variation + start + k) % (MAX_SEED + 1) for k in range(len(chunk))] \
+            if args.variation_strength else None
+        res = call(run, [p for p, _ in chunk], seeds, subseeds, picture)
         for k, (img, s) in enumerate(zip(res.images, res.seeds)):
             params = {**{k2: v for k2, v in res.parameters.items() if k2 not in ("prompt", "negative_prompt")},
                       "prompt": chunk[k][0], "negative_prompt": args.negative_prompt or "", "seed": s}
