@@ -2141,6 +2141,10 @@ def run(args) -> int:
                    **picture)
 
     if args.sd_upscale is not None:  # (A1111's SD upscale script: each image is a picture's tiles redrawn)
+        if conditioned is not None:
+            raise ValueError(f"--sd-upscale redraws tiles with a text-to-image model's image to image; "
+                             f"{args.model} runs its own picture pipeline (an upscaler, unCLIP variations or a prior)")
+
         def tiles_run(prompts, seeds, tiles, tile_h, tile_w):
             nonlocal height, width
             height, width = tile_h, tile_w
