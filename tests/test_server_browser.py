@@ -819,3 +819,48 @@ def test_a_hires_size_from_the_page_and_from_a_picture(server, page, tmp_path):
     page.click("#generate")
     got = _gallery_download(page)
     assert got.size == (48, 48) and got.tobytes() == made
+
+
+@pytest.fixture(scope="module")
+def upscaler_server(tmp_path_factory):
+    """A server with an upscaler folder (serve --upscaler-dir) holding a random Real-ESRGAN compact x2 file."""
+    import torch
+
+    from imagine.models.esrgan import CompactSRNet
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.testing import make_tiny_model
+
+    folder = tmp_path_factory.mktemp("upscalers")
+    torch.manual_seed(5)
+    torch.save(CompactSRNet(3, 3, 8, 2, 2).state_dict(), folder / "2x-Test.pth")
+    pipe = TextToImagePipeline.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("tiny-up")))
+    pipe.upscaler_dir = folder
+    with BackgroundServer(create_app(pipe, ServerConfig(max_width=256, max_height=256))) as srv:
+        srv.folder = folder
+        yield srv
+
+
+def test_upscale_a_picture_from_the_page(upscaler_server, page, tmp_path):
+    """The "Upscale a picture" section (A1111's Extras) lists the server's upscaler models first, sends the chosen
+    picture to /sdapi/v1/extra-single-image and shows the result as a card: A1111's Upscaler.upscale with that model
+    (imagine.upscalers.a1111_upscale); the hires. fix's upscaler list offers the model too."""
+    from imagine.upscalers import a1111_upscale, load_upscale_model
+
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    path = tmp_path / "small.png"
+    picture.save(path)
+    page.goto(upscaler_server.url + "/")
+    page.wait_for_function("document.body.dataset.ready === '1'")
+    assert page.eval_on_selector("#extras_upscaler", "s => [...s.options].map(o => o.value)") == \
+        ["2x-Test", "Lanczos", "Nearest"]
+    assert "2x-Test" in page.eval_on_selector("#hr_upscaler", "s => [...s.options].map(o => o.value)")
+    page.click("#extras summary")
+    page.click("#extras_run")  # (no picture yet: said, nothing sent)
+    assert "Choose the picture to upscale" in page.text_content("#error")
+    page.set_input_files("#extras_image", str(path))
+    page.fill("#extras_scale", "2")
+    page.click("#extras_run")
+    got = _gallery_download(page)
+    want = a1111_upscale(picture, 2, load_upscale_model(upscaler_server.folder / "2x-Test.pth"))
+    assert got.size == (80, 48) and got.tobytes() == want.tobytes()
+    assert "Postprocess upscaler: 2x-Test" in page.text_content("#infotext")

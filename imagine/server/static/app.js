@@ -149,6 +149,17 @@ async function loadConfig() {
       $("pad_conds").value = o.pad_cond_uncond_v0 === true ? "v0" : o.pad_cond_uncond === true ? "empty" : "";
     }
   } catch (e) { /* the page's own defaults stay */ }
+  try {  // the upscalers the server runs (A1111's /sdapi/v1/upscalers): its models for the hires. fix and for Extras
+    const r = await fetch("/sdapi/v1/upscalers");
+    if (r.ok) {
+      const names = (await r.json()).map((u) => u.name).filter((n) => n && n !== "None");
+      const have = new Set([...$("hr_upscaler").options].map((o) => o.value));
+      $("hr_upscaler").append(...names.filter((n) => !have.has(n)).map((n) => new Option(n, n)));
+      const models = names.filter((n) => n !== "Lanczos" && n !== "Nearest");
+      $("extras_upscaler").replaceChildren(...[...models, "Lanczos", "Nearest"].map((n, i) => new Option(n, n, i === 0,
+                                                                                                          i === 0)));
+    }
+  } catch (e) { /* the page's own list stays */ }
   try {  // the ControlNets the server loaded (A1111's ControlNet extension's list): the section shows when there are any
     const r = await fetch("/controlnet/model_list");
     const names = r.ok ? (await r.json()).model_list || [] : [];
@@ -639,6 +650,58 @@ async function run() {
   }
 }
 
+// Extras: the chosen picture enlarged by an upscaler (A1111's /sdapi/v1/extra-single-image), a card of its own
+async function runExtras() {
+  showError(""); showNotice("");
+  const file = $("extras_image").files[0];
+  if (!file) { fieldProblem(new FieldError("extras_image", "Choose the picture to upscale.")); return; }
+  const scale = Number($("extras_scale").value);
+  if (!(scale > 0 && scale <= 8)) {
+    fieldProblem(new FieldError("extras_scale", "The scale must be more than 0 and at most 8."));
+    return;
+  }
+  const upscaler = $("extras_upscaler").value;
+  $("extras_run").disabled = true;
+  try {
+    const body = { image: await readAsDataURL(file), resize_mode: 0, upscaling_resize: scale, upscaler_1: upscaler };
+    const r = await fetch("/sdapi/v1/extra-single-image", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    const data = await r.json().catch(() => ({}));
+    if (!r.ok) {
+      showError(typeof data.detail === "string" && data.detail ? data.detail : "The server answered HTTP " + r.status + ".");
+      return;
+    }
+    const img = new Image();
+    img.src = "data:image/png;base64," + data.image;
+    await img.decode();
+    const node = $("card-template").content.firstElementChild.cloneNode(true);
+    const shown = node.querySelector(".image");
+    shown.src = img.src;
+    shown.alt = file.name + " upscaled";
+    shown.style.aspectRatio = img.naturalWidth + " / " + img.naturalHeight;
+    node.querySelector(".prompt").textContent = file.name;
+    const dl = node.querySelector(".params");
+    for (const [k, v] of [["Upscaler", upscaler], ["Scale", "×" + scale], ["Size", img.naturalWidth + "×" + img.naturalHeight]]) {
+      const dt = document.createElement("dt"); dt.textContent = k;
+      const dd = document.createElement("dd"); dd.textContent = v;
+      dl.append(dt, dd);
+    }
+    const a = node.querySelector(".download");
+    a.href = img.src;
+    a.download = file.name.replace(/\.[^.]*$/, "") + "-upscaled.png";
+    node.querySelector(".reuse").hidden = true;  // (no generation settings to put back)
+    node.dataset.infotext = data.html_info || "";
+    shown.addEventListener("click", () => selectCard(node));
+    node.classList.add("upscaled");
+    addCards([node]);
+  } catch (e) {
+    showError("Upscale failed: " + e);
+  } finally {
+    $("extras_run").disabled = false;
+  }
+}
+
 // an unCLIP decoder's variations of the chosen picture (OpenAI's images.create_variation, as the server takes it)
 async function runVariations(body, files) {
   if (!files.init_image) {
@@ -936,6 +999,7 @@ document.addEventListener("drop", (e) => {
   readPicture();
 });
 form.addEventListener("submit", generate);
+$("extras_run").addEventListener("click", runExtras);
 form.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(e);
 });
