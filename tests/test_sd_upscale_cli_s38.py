@@ -91,3 +91,40 @@ def test_bad_sd_upscale_flags_are_named(tiny, tmp_path, capsys):
                             "--mask and --sd-upscale")):
         assert main([*base, *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+def test_an_sd_upscale_infotext_gives_its_overlap_and_upscaler(tiny, tmp_path, capsys):
+    """A picture A1111's script made carries its tiles' Size, "SD upscale overlap" and "SD upscale upscaler" (not its
+    scale): with --sd-upscale and --init-image they apply (the run equals one given them as flags); without, a note."""
+    from imagine.commands.generate import infotext_defaults
+    from imagine.images import parse_a1111_parameters
+
+    text = ("a red circle\nSteps: 3, Sampler: Euler, CFG scale: 4, Seed: 11, Size: 16x16, Denoising strength: 0.6, "
+            "SD upscale overlap: 4, SD upscale upscaler: Nearest")
+    fields = parse_a1111_parameters(text)
+    read = infotext_defaults(fields, init_image=True, sd_upscale=True)
+    assert (read["sd_upscale_overlap"], read["sd_upscale_upscaler"], read["width"], read["height"]) == (4, "Nearest",
+                                                                                                        16, 16)
+    other = infotext_defaults(fields, init_image=True)
+    assert "sd_upscale_overlap" not in other and any("give --init-image and --sd-upscale S" in n
+                                                     for n in other["_infotext_notes"])
+    missing = infotext_defaults(parse_a1111_parameters(text.replace("Nearest", "4x-Nope")), init_image=True,
+                                sd_upscale=True)
+    assert "sd_upscale_upscaler" not in missing and any("SD upscale upscaler: 4x-Nope" in n
+                                                       for n in missing["_infotext_notes"])
+    src, info = tmp_path / "src.png", tmp_path / "made.png"
+    picture(20, 12).save(src)
+    from PIL import PngImagePlugin
+
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", text)
+    picture(8, 8).save(info, pnginfo=meta)
+    made = {}
+    for name, extra in (("read", []), ("given", ["--sd-upscale-upscaler", "nearest", "--sd-upscale-overlap", "4"]),
+                        ("lanczos", ["--sd-upscale-upscaler", "lanczos"])):
+        out = tmp_path / f"{name}.png"
+        assert main(["generate", "--model", str(tiny), "--infotext", str(info), "--init-image", str(src),
+                     "--sd-upscale", "2", *extra, "-o", str(out), "-q"]) == 0
+        made[name] = np.asarray(Image.open(out))
+    assert made["read"].shape == (24, 40, 3) and np.array_equal(made["read"], made["given"])
+    assert not np.array_equal(made["read"], made["lanczos"])  # (the infotext's upscaler did apply)

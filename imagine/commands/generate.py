@@ -482,7 +482,8 @@ def defaults_from(args) -> dict:
         out = infotext_defaults(_loaded_again(fields, args, "Model", None, None,
                                               ("Model hash", "Lora hashes", "TI hashes")),
                                 init_image=bool(args.init_image), refiner=args.refiner,
-                                text_encoder=text_encoder_family(args.model), upscaler_dir=args.upscaler_dir)
+                                text_encoder=text_encoder_family(args.model), upscaler_dir=args.upscaler_dir,
+                                sd_upscale=args.sd_upscale is not None)
     if args.from_file:  # (its prompts, not the picture's)
         out.pop("prompt", None)
     if args.hires_scale is not None:  # (hires. fix's two forms: the one given wins over the picture's other)
@@ -646,13 +647,15 @@ _A1111_CLIP_SKIP_IGNORED = {
 
 
 def infotext_defaults(fields: dict, init_image: bool = False, refiner: str | None = None,
-                      text_encoder: str | None = None, upscaler_dir: str | None = None) -> dict:
+                      text_encoder: str | None = None, upscaler_dir: str | None = None,
+                      sd_upscale: bool = False) -> dict:
     """An AUTOMATIC1111 infotext's fields (imagine.images.parse_a1111_parameters) as this command's flags, for a run
     as A1111 made it: its sampling and prompt reading, and "_infotext_notes" for what is not applied or assumed.
     refiner: the --refiner given (the picture's refiner settings then apply); text_encoder: the model's text encoder family
     ("clip", "openclip", "sdxl", imagine.models.text_encoders.text_encoder_family; None: not known): A1111 ignores
     its "Clip skip" on SD 2.x and SDXL, so there it is a note. upscaler_dir: --upscaler-dir, where a "Hires upscaler"
-    model (R-ESRGAN 4x+, ...) is looked for (not there: Lanczos, and a note)."""
+    model (R-ESRGAN 4x+, ...) is looked for (not there: Lanczos, and a note). sd_upscale: --sd-upscale is given (A1111's
+    SD upscale script: its infotext's overlap and upscaler then apply; its scale is not in the infotext)."""
     from imagine.images import A1111_SIGMA_LABELS
     from imagine.pipelines.text_to_image import hires_upscaler_key
     from imagine.samplers import COMPVIS_SAMPLERS, TIMESTEP_RULE, a1111_settings, resolve_sampler
@@ -805,6 +808,22 @@ def infotext_defaults(fields: dict, init_image: bool = False, refiner: str | Non
             out["hires_strength"] = number("Denoising strength")
     elif "Denoising strength" in fields and init_image:
         out["strength"] = number("Denoising strength")
+    script = {k: fields.pop(k) for k in ("SD upscale overlap", "SD upscale upscaler") if k in fields}
+    if script and sd_upscale and init_image:  # (A1111's SD upscale script: its "Size" is the tiles')
+        if "SD upscale overlap" in script:
+            out["sd_upscale_overlap"] = int(float(script["SD upscale overlap"]))
+        upscaler = script.get("SD upscale upscaler")
+        if upscaler:
+            from imagine.upscalers import upscaler_named
+
+            if upscaler.lower() in ("none", "lanczos", "nearest") or upscaler_named(upscaler, upscaler_dir):
+                out["sd_upscale_upscaler"] = upscaler
+            else:
+                notes.append(f"SD upscale upscaler: {upscaler} (enlarged with Lanczos here: no such model"
+                             f"{' in ' + str(upscaler_dir) if upscaler_dir else ''}; see --upscaler-dir)")
+    elif script:
+        notes.append(", ".join(f"{k}: {v}" for k, v in script.items()) + " (A1111's SD upscale script: give "
+                     "--init-image and --sd-upscale S, the scale its infotext does not record)")
     # (A1111's hires. fix before 1.0: its reader has made it today's "Size" and "Hires resize", read above)
     fields.pop("First pass size-1", None), fields.pop("First pass size-2", None)
     not_applied = [f"{k}: {v}" for k, v in fields.items()
