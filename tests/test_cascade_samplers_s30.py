@@ -313,3 +313,38 @@ def test_generate_refuses_a_sampler_it_does_not_run(folders, tmp_path, capsys):
     _, err = capsys.readouterr()
     assert code != 0 and "unknown sampler 'nope' for a pixel cascade (DeepFloyd IF); valid: ddpm, ddim" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_with_a_sampler_per_stage_is_diffusers(folders, tmp_path, capsys):  # noqa: F811 (fixture)
+    """(session 38) `--sampler "DPM++ 2M" --stage-2-sampler ddpm`: stage I with DPM-Solver, stage II with its DDPM,
+    as diffusers' two pipelines loaded from the same folders, the first with DPMSolverMultistepScheduler.from_config,
+    one generator through both; the record names both samplers; --stage-2-sampler without --stage-2 is refused."""
+    from imagine.cli import main
+
+    one, two = folders
+    out = tmp_path / "cascade.png"
+    code = main(["generate", "--model", str(one), "--stage-2", str(two), "a red circle", "--sampler", "DPM++ 2M",
+                 "--stage-2-sampler", "ddpm", "--steps", "5", "--stage-2-steps", "4", "--seed", "11", "-o", str(out),
+                 "-q"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = diffusers.IFPipeline.from_pretrained(one, safety_checker=None, watermarker=None,
+                                                     feature_extractor=None, requires_safety_checker=False)
+        second = diffusers.IFSuperResolutionPipeline.from_pretrained(
+            two, safety_checker=None, watermarker=None, feature_extractor=None, requires_safety_checker=False)
+    for p in (first, second):
+        p.set_progress_bar_config(disable=True)
+    first.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(first.scheduler.config)
+    g = torch.Generator().manual_seed(11)
+    low = first("a red circle", num_inference_steps=5, generator=g, output_type="pt", **KW).images
+    want = second("a red circle", image=low, num_inference_steps=4, generator=g, **KW).images
+    got = Image.open(out)
+    print(f"CLI dpmpp_2m + ddpm: {psnr([got.convert('RGB')], want):.1f} dB")
+    assert psnr([got.convert("RGB")], want) >= 50
+    record = json.loads(got.text["imagine"])
+    assert (record["sampler"], record["stage_2_sampler"]) == ("dpmpp_2m", "ddpm")
+    code = main(["generate", "--model", str(one), "a cat", "--stage-2-sampler", "ddim", "-o",
+                 str(tmp_path / "x.png"), "-q"])
+    assert code != 0 and "give --stage-2 FOLDER too" in capsys.readouterr().err

@@ -255,6 +255,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "folder 7, its super-resolution stage needing no --stage-2)")
     p.add_argument("--stage-2-guidance-scale", type=_finite, default=None, metavar="S",
                    help="the super-resolution stage's classifier-free guidance (default 4, diffusers' IF)")
+    p.add_argument("--stage-2-sampler", default=None, metavar="NAME",
+                   help="the super-resolution stage's sampler (a pixel cascade's names, as --sampler; default: "
+                        "--sampler's, as diffusers' two pipelines each with its own scheduler)")
     p.add_argument("--stage-3", default=None, metavar="FOLDER",
                    help="after --stage-2, a super-resolution model of SD's x4 upscaler's kind (DeepFloyd IF's stage III: "
                         "stable-diffusion-x4-upscaler): the 256 px pictures made 1024 px; its noise level "
@@ -1126,7 +1129,7 @@ def _picture_model_run(pipe, args, picture: dict):
 # the flags a pixel cascade's run reads (imagine.pipelines.cascade); any other, given, is refused by name
 CASCADE_FLAGS = {"prompt", "model", "negative_prompt", "steps", "guidance_scale", "seed", "num_images", "output",
                  "from_file", "quiet", "stage_2", "stage_2_steps", "stage_2_guidance_scale", "noise_level", "command",
-                 "func", "verbose", "dtype", "stage_3", "stage_3_noise_level", "sampler"}
+                 "func", "verbose", "dtype", "stage_3", "stage_3_noise_level", "sampler", "stage_2_sampler"}
 IF_STAGE_3_NOISE_LEVEL = 100  # (DeepFloyd IF's documentation runs SD's x4 upscaler as stage III at this level)
 
 
@@ -1163,17 +1166,20 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
                          "--guidance-scale, --sampler, --stage-2-steps, --stage-2-guidance-scale, --noise-level")
     _refuse_idle_flags(args, CASCADE_FLAGS, "a pixel cascade (DeepFloyd IF), which takes the prompt, "
                        "--negative-prompt, --steps, --guidance-scale, --sampler, --seed, --num-images, --dtype, "
-                       "--stage-2 (--stage-2-steps, --stage-2-guidance-scale, --noise-level), -o")
-    # (one sampler for both stages, said before the models load, with the names a cascade runs: cascade.SAMPLERS)
+                       "--stage-2 (--stage-2-steps, --stage-2-guidance-scale, --stage-2-sampler, --noise-level), -o")
+    # (the samplers, said before the models load, with the names a cascade runs: cascade.SAMPLERS; stage II's
+    # --sampler's unless --stage-2-sampler names its own)
     sampler = "ddpm" if args.sampler is None else cascade.check_sampler(args.sampler)[0]
+    sampler_2 = sampler if args.stage_2_sampler is None else cascade.check_sampler(args.stage_2_sampler)[0]
     _check_values(args, max_seed)  # (the numbers' ranges, --seed, --steps, --num-images, --noise-level)
     for flag, value in (("--num-images", args.num_images), ("--stage-2-steps", args.stage_2_steps)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1; got {value}")
     if args.stage_2 is None and (args.stage_2_steps is not None or args.stage_2_guidance_scale is not None
-                                 or args.noise_level is not None or args.stage_3 is not None):
-        raise ValueError("--stage-2-steps, --stage-2-guidance-scale, --noise-level and --stage-3 are for the "
-                         "super-resolution stages: give --stage-2 FOLDER too")
+                                 or args.noise_level is not None or args.stage_3 is not None
+                                 or args.stage_2_sampler is not None):
+        raise ValueError("--stage-2-steps, --stage-2-guidance-scale, --stage-2-sampler, --noise-level and --stage-3 "
+                         "are for the super-resolution stages: give --stage-2 FOLDER too")
     if args.stage_3 is None and args.stage_3_noise_level is not None:
         raise ValueError("--stage-3-noise-level is for stage III: give --stage-3 FOLDER too")
     # (--dtype bfloat16: the weights in bf16, half the memory: IF-I-XL and T5-XXL take about 36 GB in float32; the
@@ -1207,7 +1213,7 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
                                     generator=generator, output_type="pt", progress=not args.quiet, sampler=sampler)
         img = (cascade.super_resolution(second, states[prompt], low, steps=steps[1], guidance_scale=scales[1],
                                         noise_level=level, generator=generator, progress=not args.quiet,
-                                        sampler=sampler)[0]
+                                        sampler=sampler_2)[0]
                if second is not None else cascade.pictures(low)[0])
         if third is not None:  # (its draws from the image's seed, as the x4 upscaler draws them alone)
             img = third.upscale(prompt, img, args.negative_prompt, noise_level=level_3, seed=seed,
@@ -1217,7 +1223,7 @@ def _cascade_run(args, prompts: list[str], max_seed: int) -> int:
                   "model": Path(args.model).name, **({"dtype": args.dtype} if args.dtype != "float32" else {})}
         if second is not None:
             params.update(stage_2=Path(args.stage_2).name, stage_2_steps=steps[1], stage_2_guidance_scale=scales[1],
-                          noise_level=level)
+                          noise_level=level, **({"stage_2_sampler": sampler_2} if sampler_2 != sampler else {}))
         if third is not None:
             params.update(stage_3=Path(args.stage_3).name, stage_3_noise_level=level_3)
         return img, params
@@ -1906,8 +1912,8 @@ def run(args) -> int:
         return _karlo_run(args, prompts, MAX_SEED)
     if _cascade_model(args.model) or args.stage_2 is not None:
         return _cascade_run(args, prompts, MAX_SEED)
-    stages = [f"--{f.replace('_', '-')}" for f in ("stage_2_steps", "stage_2_guidance_scale", "stage_3",
-                                                    "stage_3_noise_level") if getattr(args, f) is not None]
+    stages = [f"--{f.replace('_', '-')}" for f in ("stage_2_steps", "stage_2_guidance_scale", "stage_2_sampler",
+                                                    "stage_3", "stage_3_noise_level") if getattr(args, f) is not None]
     if stages:  # (a latent model has no later stages: the flags would do nothing)
         raise ValueError(f"{', '.join(stages)}: for a pixel cascade's later stages (DeepFloyd IF with --stage-2, a "
                          f"Karlo folder); {args.model or 'the embedded model'} is a latent model")
