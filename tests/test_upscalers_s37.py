@@ -387,6 +387,35 @@ def test_the_upscale_command(tmp_path):
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
 
 
+def test_a_folder_of_pictures_with_a_broken_one(tmp_path):
+    """(session 38) A folder given as IMAGE: its pictures (not its subfolders'), each into FOLDER/upscaled/ (or -o);
+    a file that is not a picture is skipped and named, the rest written, and the exit code says so (1)."""
+    import subprocess
+    import sys
+
+    from imagine.upscalers import EMBEDDED_UPSCALER
+
+    photos = tmp_path / "photos"
+    (photos / "deeper").mkdir(parents=True)
+    picture(8, 6, seed=1).save(photos / "one.png")
+    picture(5, 7, seed=2).save(photos / "two.jpg", quality=95)
+    picture(4, 4, seed=3).save(photos / "deeper" / "not-read.png")
+    (photos / "broken.png").write_bytes(b"not a picture")
+    (photos / "notes.txt").write_text("left alone")
+    r = subprocess.run([sys.executable, "-m", "imagine.cli", "upscale", str(photos)], capture_output=True, text=True)
+    assert r.returncode == 1 and "skipped" in r.stderr and "broken.png" in r.stderr, r.stderr
+    assert "1 of 3 pictures skipped" in r.stderr
+    made = sorted(p.name for p in (photos / "upscaled").iterdir())
+    assert made == ["one-upscaled.png", "two-upscaled.png"]
+    model = load_upscale_model(EMBEDDED_UPSCALER)
+    want = upscale_image(model, Image.open(photos / "one.png").convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(photos / "upscaled" / "one-upscaled.png")), np.asarray(want))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = subprocess.run([sys.executable, "-m", "imagine.cli", "upscale", str(empty)], capture_output=True, text=True)
+    assert r.returncode == 2 and "a folder with no pictures in it" in r.stderr, r.stderr
+
+
 def test_the_bench_runs_both_sides_on_the_same_weights(tmp_path):
     import json
     import subprocess

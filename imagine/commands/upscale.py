@@ -1,9 +1,11 @@
-"""Enlarge pictures with an upscaler model (ESRGAN, Real-ESRGAN, ...), as AUTOMATIC1111's Extras tab and ComfyUI's
-"Upscale Image (using Model)" do.
+"""Enlarge pictures with an upscaler model (ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, SPAN, RealPLKSR), as AUTOMATIC1111's
+Extras tab and ComfyUI's "Upscale Image (using Model)" do.
 
   imagine upscale circle.png                      # the embedded shapes upscaler, x4
   imagine upscale photo.png --model RealESRGAN_x4plus.pth -o big.png
   imagine upscale a.png b.png --model "R-ESRGAN 4x+" --upscaler-dir ~/models/ESRGAN --scale 2 -o out/
+  imagine upscale photos/ --model 4x-UltraSharp.pth    # a folder's pictures (A1111's batch from directory) into
+                                                       # photos/upscaled/; a picture that cannot be read is skipped
 
 The model runs over tiles (ComfyUI's: 512 pixels overlapping by 32, blended in float; or A1111's with --tiling
 a1111: 192 overlapping by 8, pasted through 8-bit masks, its pictures in BGR) until the picture is at least the size
@@ -20,11 +22,14 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="pictures to enlarge (PNG, JPEG, WebP, ...)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="pictures to enlarge (PNG, JPEG, WebP, ...), or folders of them (their pictures, not their "
+                        "subfolders', each folder's into FOLDER/upscaled/ unless -o says where)")
     p.add_argument("--model", "-m", default="default", metavar="PATH|NAME",
                    help="the upscaler model: a .pth / .pt / .safetensors file (ESRGAN, ESRGAN+, BSRGAN, Real-ESRGAN, "
-                        "Real-ESRGAN compact), a folder imagine train upscaler exported, or its name in --upscaler-dir "
-                        "(file stem, or A1111's name such as 'R-ESRGAN 4x+'); default: the embedded shapes upscaler "
+                        "Real-ESRGAN compact, SwinIR, HAT, DAT, SPAN, RealPLKSR), a folder imagine train upscaler "
+                        "exported, or its name in --upscaler-dir (file stem, or A1111's name such as 'R-ESRGAN 4x+'); "
+                        "default: the embedded shapes upscaler "
                         "(x4, for the embedded default model's pictures)")
     p.add_argument("--upscaler-dir", default=None, metavar="DIR", help="a folder of upscaler models")
     size = p.add_mutually_exclusive_group()
@@ -40,7 +45,8 @@ def add_arguments(p) -> None:
                    help="a PNG file (one picture), or a folder (default: beside each picture, NAME-upscaled.png)")
     p.add_argument("--precision", choices=["exact", "fast"], default="exact",
                    help="exact: float32 (default); fast: bf16 where the CPU has it natively, about 2x (imagine bench "
-                        "upscale: 2.0-2.2x spandrel's float32 on a Zen 4, 54-75 dB from it)")
+                        "upscale: 1.9-3.5x spandrel's float32 on a Zen 4 by architecture, 40-75 dB from it on random "
+                        "weights)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
 
 
@@ -54,16 +60,39 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _targets(args) -> list[Path]:
-    images = [Path(p) for p in args.images]
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif")
+
+
+def _sources(args) -> list[tuple[Path, Path | None]]:
+    """(picture, the folder it was found in or None) for each IMAGE: a file as it is; a folder's picture files
+    (by suffix, sorted, not its subfolders'), none of them an error naming the folder."""
+    out = []
+    for item in args.images:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in PICTURE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{path}: a folder with no pictures in it ({', '.join(PICTURE_SUFFIXES)})")
+            out += [(p, path) for p in found]
+        elif path.is_file():
+            out.append((path, None))
+        else:
+            raise FileNotFoundError(f"picture not found: {path}")
+    return out
+
+
+def _targets(args, sources: list[tuple[Path, Path | None]]) -> list[Path]:
+    """Where each picture goes: -o (a PNG for one picture, else a folder of NAME-upscaled.png); without it, beside a
+    picture named on its own, and into FOLDER/upscaled/ for a folder's."""
     if args.output is None:
-        return [p.with_name(f"{p.stem}-upscaled.png") for p in images]
+        return [folder / "upscaled" / f"{p.stem}-upscaled.png" if folder is not None
+                else p.with_name(f"{p.stem}-upscaled.png") for p, folder in sources]
     out = Path(args.output)
-    if len(images) == 1 and out.suffix.lower() == ".png" and not out.is_dir():
+    if len(sources) == 1 and sources[0][1] is None and out.suffix.lower() == ".png" and not out.is_dir():
         return [out]
     if out.suffix and not out.is_dir():
-        raise ValueError(f"-o {out}: for {len(images)} pictures give a folder, or one PNG file for one picture")
-    return [out / f"{p.stem}-upscaled.png" for p in images]
+        raise ValueError(f"-o {out}: for {len(sources)} pictures give a folder, or one PNG file for one picture")
+    return [out / f"{p.stem}-upscaled.png" for p, _ in sources]
 
 
 def run(args) -> int:
@@ -85,20 +114,24 @@ def run(args) -> int:
     overlap = (A1111_OVERLAP if a1111 else COMFYUI_OVERLAP) if args.overlap is None else args.overlap
     if tile < 0 or overlap < 0 or (tile and overlap >= tile):
         raise ValueError(f"--tile must be 0 (whole pictures) or more than --overlap >= 0; got {tile} and {overlap}")
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"picture not found: {', '.join(missing)}")
-    targets = _targets(args)
+    sources = _sources(args)
+    targets = _targets(args, sources)
     model = upscaler_named(args.model, args.upscaler_dir)
     if model is None:
         where = f" in {args.upscaler_dir}" if args.upscaler_dir else " (give a file path, or --upscaler-dir)"
         raise ValueError(f"--model {args.model!r}: no such upscaler model{where}")
     model = model.with_precision(args.precision)
-    for src, dst in zip(args.images, targets):
+    skipped = []
+    for (src, _), dst in zip(sources, targets):
         t0 = time.perf_counter()
-        with Image.open(src) as opened:
-            texts = {k: v for k, v in opened.info.items() if isinstance(k, str) and isinstance(v, str)}
-            picture = opened.convert("RGB")
+        try:
+            with Image.open(src) as opened:
+                texts = {k: v for k, v in opened.info.items() if isinstance(k, str) and isinstance(v, str)}
+                picture = opened.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:  # (the rest still run)
+            skipped.append(src)
+            print(f"imagine: skipped {src}: not a picture this program reads ({e})", file=sys.stderr)
+            continue
         if a1111:
             if size is not None:
                 out = a1111_resize(picture, *size, model)
@@ -122,4 +155,8 @@ def run(args) -> int:
             tmp.unlink(missing_ok=True)
         print(f"{dst}: {picture.width}x{picture.height} -> {out.width}x{out.height} with {model.a1111_name} "
               f"({model.architecture} x{model.scale}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if skipped:
+        print(f"imagine: {len(skipped)} of {len(sources)} pictures skipped (unreadable): "
+              f"{', '.join(str(p) for p in skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
+        return 1
     return 0
