@@ -271,6 +271,19 @@ def test_unsupported_samplers_are_refused_by_name(fresh):
 # -- the CLI (test_cascade_cli_s29's folders: diffusers' tiny IF pipelines saved) ---------------------------------------
 
 
+def diffusers_pipelines(one, two):
+    """diffusers' IF stage I and II pipelines loaded from the folders the CLI reads, their progress bars off."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = diffusers.IFPipeline.from_pretrained(one, safety_checker=None, watermarker=None,
+                                                     feature_extractor=None, requires_safety_checker=False)
+        second = diffusers.IFSuperResolutionPipeline.from_pretrained(
+            two, safety_checker=None, watermarker=None, feature_extractor=None, requires_safety_checker=False)
+    for p in (first, second):
+        p.set_progress_bar_config(disable=True)
+    return first, second
+
+
 def test_generate_with_a_sampler_is_diffusers(fresh, folders, tmp_path, capsys):
     """`imagine generate --model IF-I --stage-2 IF-II --sampler "DPM++ 2M"`: both stages with the sampler, as diffusers'
     pipelines loaded from the same folders with DPMSolverMultistepScheduler.from_config; the PNG names it."""
@@ -282,14 +295,8 @@ def test_generate_with_a_sampler_is_diffusers(fresh, folders, tmp_path, capsys):
                  "--steps", "5", "--stage-2-steps", "4", "--seed", "11", "-o", str(out), "-q"])
     _, err = capsys.readouterr()
     assert code == 0, err
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        first = diffusers.IFPipeline.from_pretrained(one, safety_checker=None, watermarker=None,
-                                                     feature_extractor=None, requires_safety_checker=False)
-        second = diffusers.IFSuperResolutionPipeline.from_pretrained(
-            two, safety_checker=None, watermarker=None, feature_extractor=None, requires_safety_checker=False)
+    first, second = diffusers_pipelines(one, two)
     for p in (first, second):
-        p.set_progress_bar_config(disable=True)
         p.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(p.scheduler.config)
     g = torch.Generator().manual_seed(11)
     low = first("a red circle", num_inference_steps=5, generator=g, output_type="pt", **KW).images
@@ -328,14 +335,7 @@ def test_generate_with_a_sampler_per_stage_is_diffusers(folders, tmp_path, capsy
                  "-q"])
     _, err = capsys.readouterr()
     assert code == 0, err
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        first = diffusers.IFPipeline.from_pretrained(one, safety_checker=None, watermarker=None,
-                                                     feature_extractor=None, requires_safety_checker=False)
-        second = diffusers.IFSuperResolutionPipeline.from_pretrained(
-            two, safety_checker=None, watermarker=None, feature_extractor=None, requires_safety_checker=False)
-    for p in (first, second):
-        p.set_progress_bar_config(disable=True)
+    first, second = diffusers_pipelines(one, two)
     first.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(first.scheduler.config)
     g = torch.Generator().manual_seed(11)
     low = first("a red circle", num_inference_steps=5, generator=g, output_type="pt", **KW).images
