@@ -450,12 +450,20 @@ def _load(net: torch.nn.Module, state: dict, kind: str) -> None:
     net.load_state_dict({k: v.float() for k, v in state.items()})
 
 
+# the subfolders of A1111's and ComfyUI's models/ folders that hold upscalers: a models/ folder given as a whole is
+# read through these only (its checkpoints, LoRAs and VAEs are not upscalers)
+UPSCALER_SUBFOLDERS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "upscale_models")
+
+
 def find_upscalers(folder: str | os.PathLike) -> dict[str, Path]:
-    """The upscaler files in `folder` (and its subfolders), by file stem, sorted by name."""
+    """The upscaler files in `folder` (and its subfolders), by file stem, sorted by name; for a models/ folder of A1111
+    or ComfyUI (one with an ESRGAN, RealESRGAN, SwinIR, DAT, HAT or upscale_models subfolder) those subfolders' only."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"upscaler folder not found: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in UPSCALER_SUFFIXES)
+    roots = [folder / name for name in UPSCALER_SUBFOLDERS if (folder / name).is_dir()] or [folder]
+    files = sorted(p for root in roots for p in root.rglob("*")
+                   if p.is_file() and p.suffix.lower() in UPSCALER_SUFFIXES)
     return {p.stem: p for p in files}
 
 

@@ -429,3 +429,24 @@ def test_the_bench_runs_both_sides_on_the_same_weights(tmp_path):
         sides = model["sides"]
         assert sides["imagine_exact"]["rel_diff_vs_spandrel"] < 1e-5, model["model"]
         assert sides["imagine_fast"]["rel_diff_vs_spandrel"] < 0.05, model["model"]
+
+
+def test_an_a1111_models_folder_is_read_through_its_upscaler_subfolders(tmp_path):
+    """(session 38) --upscaler-dir pointed at A1111's whole models/ folder: its ESRGAN, RealESRGAN, SwinIR, DAT
+    subfolders are read, its Stable-diffusion checkpoints and LoRAs are not listed as upscalers; a plain folder is read
+    whole, subfolders too."""
+    from imagine.upscalers import find_upscalers
+
+    models = tmp_path / "models"
+    for sub, name in (("ESRGAN", "4x-UltraSharp.pth"), ("RealESRGAN", "RealESRGAN_x4plus.pth"),
+                      ("SwinIR", "SwinIR_4x.pth"), ("DAT", "DAT_x2.pth"), ("Stable-diffusion", "sd15.safetensors"),
+                      ("Lora", "style.safetensors")):
+        (models / sub).mkdir(parents=True)
+        (models / sub / name).write_bytes(b"")
+    assert sorted(find_upscalers(models)) == ["4x-UltraSharp", "DAT_x2", "RealESRGAN_x4plus", "SwinIR_4x"]
+    assert sorted(find_upscalers(models / "Stable-diffusion")) == ["sd15"]  # (a folder of its own: read whole)
+    plain = tmp_path / "mine"
+    (plain / "deeper").mkdir(parents=True)
+    (plain / "a.pth").write_bytes(b"")
+    (plain / "deeper" / "b.safetensors").write_bytes(b"")
+    assert sorted(find_upscalers(plain)) == ["a", "b"]
