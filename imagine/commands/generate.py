@@ -327,7 +327,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="latent: the latents resized bilinearly (A1111's 'Latent', the default), or its other latent "
                         "modes (latent_antialiased, latent_bicubic, latent_bicubic_antialiased, latent_nearest, "
                         "latent_nearest_exact); lanczos, nearest, none: the pictures resized (A1111's labels too); "
-                        "or an upscaler model (ESRGAN / Real-ESRGAN .pth or .safetensors): its path, or its name in "
+                        "or an upscaler model (ESRGAN, SwinIR, HAT, DAT, ...: .pth or .safetensors): its path, or its "
+                        "name in "
                         "--upscaler-dir (the file's stem, or A1111's name such as 'R-ESRGAN 4x+')")
     p.add_argument("--sd-upscale", type=_finite, default=None, metavar="S",
                    help="A1111's 'SD upscale' script: --init-image enlarged S times (0 < S <= 8) by "
@@ -341,8 +342,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sd-upscale-overlap", type=int, default=None, metavar="PIXELS",
                    help="the tiles' overlap (default 64, A1111's, or an eighth of a tile's side if that is less)")
     p.add_argument("--upscaler-dir", default=None, metavar="DIR",
-                   help="a folder of upscaler models (A1111's models/ESRGAN and models/RealESRGAN, ComfyUI's "
-                        "models/upscale_models) that --hires-upscaler and an infotext's 'Hires upscaler' name")
+                   help="a folder of upscaler models (A1111's models/ESRGAN, RealESRGAN, SwinIR, DAT, or its whole "
+                        "models/ folder; ComfyUI's models/upscale_models) that --hires-upscaler, --sd-upscale-upscaler "
+                        "and an infotext's 'Hires upscaler' name")
     p.add_argument("--hires-sampler", default=None, metavar="NAME",
                    help="the hires pass's sampler (A1111's 'Hires sampler'; default: --sampler)")
     p.add_argument("--hires-schedule-type", default=None, metavar="NAME",

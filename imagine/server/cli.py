@@ -58,8 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-dir", default=None, metavar="DIR",
                    help="a folder of VAE files (and VAE folders) that ComfyUI graphs load with VAELoader by name")
     p.add_argument("--upscaler-dir", default=None, metavar="DIR",
-                   help="a folder of upscaler models (ESRGAN, Real-ESRGAN: A1111's models/ESRGAN and RealESRGAN, "
-                        "ComfyUI's models/upscale_models): A1111's hr_upscaler and Extras, ComfyUI's "
+                   help="a folder of upscaler models (ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, SPAN, RealPLKSR: "
+                        "A1111's models/ESRGAN, RealESRGAN, SwinIR, DAT, or its whole models/ folder; ComfyUI's "
+                        "models/upscale_models): A1111's hr_upscaler, Extras and SD upscale, ComfyUI's "
                         "UpscaleModelLoader")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
                    help="a textual-inversion embedding to load at start, repeatable")
