@@ -2130,11 +2130,12 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
 
         folder = getattr(pipe, "upscaler_dir", None)
         files = find_upscalers(folder) if folder is not None else {}
-        # (A1111's scale field: 4 for ESRGAN models whatever they are, Real-ESRGAN's own for its files)
+        # (A1111's scale field: 4 for ESRGAN models whatever they are, Real-ESRGAN's and DAT's own for theirs)
         return ([{"name": label, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
                  for key, label in HIRES_UPSCALERS.items() if key not in LATENT_UPSCALE_MODES]
                 + [{"name": A1111_NAMES.get(stem, stem), "model_name": stem, "model_path": str(path),
-                    "model_url": None, "scale": 2 if "x2" in stem else 4} for stem, path in files.items()])
+                    "model_url": None, "scale": {"DAT_x3": 3}.get(stem, 2 if "x2" in stem else 4)}
+                   for stem, path in files.items()])
 
     @app.get("/sdapi/v1/realesrgan-models")
     def realesrgan_models():  # A1111's list of its Real-ESRGAN upscalers that are on disk
