@@ -31,13 +31,12 @@ through torch's scaled_dot_product_attention with the bias and the mask as one a
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagine.models.swinir import RGB_MEAN, SHIFT_MASK, residual_conv
+from imagine.models.swinir import RGB_MEAN, SHIFT_MASK, pixelshuffle_upsample, residual_conv
 
 
 def offsets(h_sp: int, w_sp: int) -> torch.Tensor:
@@ -247,9 +246,7 @@ class DAT(nn.Module):
         if upsampler == "pixelshuffle":
             self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, features, 3, 1, 1),
                                                       nn.LeakyReLU(inplace=True))
-            steps = [(4, 2)] * int(math.log2(scale)) if scale & (scale - 1) == 0 else [(9, 3)]
-            self.upsample = nn.Sequential(*[m for k, s in steps
-                                            for m in (nn.Conv2d(features, k * features, 3, 1, 1), nn.PixelShuffle(s))])
+            self.upsample = pixelshuffle_upsample(features, scale)
             self.conv_last = nn.Conv2d(features, in_channels, 3, 1, 1)
         else:
             self.upsample = nn.Sequential(nn.Conv2d(embed_dim, scale ** 2 * in_channels, 3, 1, 1),

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagine.models.swinir import RGB_MEAN, Mlp, relative_position_index, shift_mask
+from imagine.models.swinir import (RGB_MEAN, Mlp, WindowAttention, pixelshuffle_upsample, relative_position_index,
+                                   shift_mask, unwindows, windows)
 
 
 def overlap_position_index(window: int, overlap: int) -> torch.Tensor:
@@ -56,38 +57,6 @@ class ChannelAttentionBlock(nn.Module):
         return y * self.cab[3].attention(y)
 
 
-class WindowAttention(nn.Module):
-    """(Shifted) window self-attention with a relative position bias table (its index given by the network)."""
-
-    def __init__(self, dim: int, heads: int, window: int, qkv_bias: bool):
-        super().__init__()
-        self.heads = heads
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, bias_index, mask):  # x: (batch, windows, n, C)
-        b, w, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, w, n, 3, self.heads, c // self.heads).permute(3, 0, 1, 4, 2, 5)
-        add = self.relative_position_bias_table[bias_index.view(-1)].view(n, n, -1).permute(2, 0, 1).to(q.dtype)[None]
-        if mask is not None:
-            add = add + mask.to(q.dtype)[:, None]
-        out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-                                             attn_mask=add.expand(b, -1, -1, -1, -1).flatten(0, 1)
-                                             if add.shape[0] > 1 else add)
-        return self.proj(out.view(b, w, self.heads, n, -1).transpose(2, 3).reshape(b, w, n, c))
-
-
-def _windows(x: torch.Tensor, m: int) -> torch.Tensor:
-    b, h, w, c = x.shape
-    return x.view(b, h // m, m, w // m, m, c).transpose(2, 3).reshape(b, -1, m * m, c)
-
-
-def _unwindows(x: torch.Tensor, m: int, h: int, w: int) -> torch.Tensor:
-    b, c = x.shape[0], x.shape[-1]
-    return x.view(b, h // m, w // m, m, m, c).transpose(2, 3).reshape(b, h, w, c)
-
-
 class HAB(nn.Module):
     """The hybrid attention block (eq. 3-4) on a (batch, H, W, C) map whose sides are multiples of the window."""
 
@@ -95,7 +64,7 @@ class HAB(nn.Module):
         super().__init__()
         self.window, self.shift, self.conv_scale = window, shift, conv_scale
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, heads, window, qkv_bias)
+        self.attn = WindowAttention(dim, window, heads, qkv_bias, own_index=False)  # (HAT's index: the network's)
         self.conv_block = ChannelAttentionBlock(dim, cab_hidden, squeezed)
         self.mlp = Mlp(dim, mlp_hidden)
 
@@ -106,8 +75,8 @@ class HAB(nn.Module):
         conv = self.conv_block(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if s:
             y = torch.roll(y, (-s, -s), (1, 2))
-        y = _unwindows(self.attn(_windows(y, m), bias_index, shift_mask(h, w, m, s).to(x.device) if s else None),
-                       m, h, w)
+        y = unwindows(self.attn(windows(y, m), shift_mask(h, w, m, s).to(x.device) if s else None, bias_index),
+                      m, h, w)
         if s:
             y = torch.roll(y, (s, s), (1, 2))
         x = x + y + conv * self.conv_scale
@@ -130,7 +99,7 @@ class OCAB(nn.Module):
         b, h, w, c = x.shape
         m, mo, heads, d = self.window, self.overlap, self.heads, c // self.heads
         q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)
-        q = _windows(q, m).view(b, -1, m * m, heads, d).transpose(2, 3).flatten(0, 1)  # (b nw, heads, m^2, d)
+        q = windows(q, m).view(b, -1, m * m, heads, d).transpose(2, 3).flatten(0, 1)  # (b nw, heads, m^2, d)
 
         def around(t):  # the M_o x M_o windows centred on the M x M ones, zero outside the map
             cols = F.unfold(t.permute(0, 3, 1, 2), mo, padding=(mo - m) // 2, stride=m)  # (b, c mo^2, nw)
@@ -138,7 +107,7 @@ class OCAB(nn.Module):
 
         bias = self.relative_position_bias_table[bias_index.view(-1)].view(m * m, mo * mo, -1).permute(2, 0, 1)
         out = F.scaled_dot_product_attention(q, around(k), around(v), attn_mask=bias.to(q.dtype)[None])
-        out = _unwindows(out.view(b, -1, heads, m * m, d).transpose(2, 3).reshape(b, -1, m * m, c), m, h, w)
+        out = unwindows(out.view(b, -1, heads, m * m, d).transpose(2, 3).reshape(b, -1, m * m, c), m, h, w)
         x = self.proj(out) + x
         return x + self.mlp(self.norm2(x))
 
@@ -193,9 +162,7 @@ class HAT(nn.Module):
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1) if resi_connection == "1conv" \
             else nn.Identity()
         self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, features, 3, 1, 1), nn.LeakyReLU(inplace=True))
-        steps = [(4, 2)] * (scale.bit_length() - 1) if scale & (scale - 1) == 0 else [(9, 3)]
-        self.upsample = nn.Sequential(*[m for k, s in steps
-                                        for m in (nn.Conv2d(features, k * features, 3, 1, 1), nn.PixelShuffle(s))])
+        self.upsample = pixelshuffle_upsample(features, scale)
         self.conv_last = nn.Conv2d(features, in_channels, 3, 1, 1)
 
     def forward(self, x):

@@ -77,27 +77,49 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class WindowAttention(nn.Module):
-    """Multi-head self-attention inside M x M windows with a relative position bias (Swin eq. 4)."""
+def windows(x: torch.Tensor, m: int) -> torch.Tensor:
+    """A (batch, H, W, C) map as its m x m windows: (batch, windows, m^2, C), windows row by row."""
+    b, h, w, c = x.shape
+    return x.view(b, h // m, m, w // m, m, c).transpose(2, 3).reshape(b, -1, m * m, c)
 
-    def __init__(self, dim: int, window: int, heads: int):
+
+def unwindows(x: torch.Tensor, m: int, h: int, w: int) -> torch.Tensor:
+    """`windows`' inverse: (batch, windows, m^2, C) -> (batch, h, w, C)."""
+    b, c = x.shape[0], x.shape[-1]
+    return x.view(b, h // m, w // m, m, m, c).transpose(2, 3).reshape(b, h, w, c)
+
+
+def pixelshuffle_upsample(features: int, scale: int) -> nn.Sequential:
+    """The "pixelshuffle" reconstruction's upsampling (SwinIR's, HAT's, DAT's `upsample`): a 3x3 convolution to 4x the
+    features and a pixel shuffle by 2 per factor of 2, or one to 9x and a shuffle by 3 for scale 3."""
+    steps = [(4, 2)] * (scale.bit_length() - 1) if scale & (scale - 1) == 0 else [(9, 3)]
+    return nn.Sequential(*[m for k, s in steps
+                           for m in (nn.Conv2d(features, k * features, 3, 1, 1), nn.PixelShuffle(s))])
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside M x M windows with a relative position bias (Swin eq. 4). `own_index`: the
+    bias index is this module's buffer (SwinIR's files carry it per block); else the network passes it (HAT's)."""
+
+    def __init__(self, dim: int, window: int, heads: int, qkv_bias: bool = True, own_index: bool = True):
         super().__init__()
         self.window, self.heads = window, heads
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        # (a buffer in the authors' network, so their files carry it; it is recomputed here, the same)
-        self.register_buffer("relative_position_index", relative_position_index(window))
-        self.qkv = nn.Linear(dim, 3 * dim)
+        if own_index:  # (a buffer in the authors' network, so their files carry it; it is recomputed here, the same)
+            self.register_buffer("relative_position_index", relative_position_index(window))
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def bias(self) -> torch.Tensor:
+    def bias(self, index: torch.Tensor | None = None) -> torch.Tensor:
         n = self.window ** 2
-        return self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        index = self.relative_position_index if index is None else index
+        return self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (batch, windows, M^2, C); mask: (windows, M^2, M^2) or None."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (batch, windows, M^2, C); mask: (windows, M^2, M^2) or None; index: the bias index where not own."""
         b, w, n, c = x.shape
         q, k, v = self.qkv(x).view(b, w, n, 3, self.heads, c // self.heads).permute(3, 0, 1, 4, 2, 5)
-        add = self.bias().to(q.dtype)[None]  # (1, heads, n, n)
+        add = self.bias(index).to(q.dtype)[None]  # (1, heads, n, n)
         if mask is not None:
             add = add + mask.to(q.dtype)[:, None]  # (windows, heads, n, n)
         out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
@@ -124,9 +146,7 @@ class SwinLayer(nn.Module):
         y = self.norm1(x)
         if s:
             y = torch.roll(y, (-s, -s), (1, 2))
-        windows = y.view(b, h // m, m, w // m, m, c).transpose(2, 3).reshape(b, -1, m * m, c)
-        y = self.attn(windows, shift_mask(h, w, m, s).to(x.device) if s else None)
-        y = y.view(b, h // m, w // m, m, m, c).transpose(2, 3).reshape(b, h, w, c)
+        y = unwindows(self.attn(windows(y, m), shift_mask(h, w, m, s).to(x.device) if s else None), m, h, w)
         if s:
             y = torch.roll(y, (s, s), (1, 2))
         x = x + y
@@ -207,9 +227,7 @@ class SwinIR(nn.Module):
 
         if upsampler == "pixelshuffle":
             self.conv_before_upsample = before_upsample()
-            steps = [(4, 2)] * int(math.log2(scale)) if scale & (scale - 1) == 0 else [(9, 3)]
-            self.upsample = nn.Sequential(*[m for k, s in steps
-                                            for m in (nn.Conv2d(features, k * features, 3, 1, 1), nn.PixelShuffle(s))])
+            self.upsample = pixelshuffle_upsample(features, scale)
             self.conv_last = nn.Conv2d(features, out_channels, 3, 1, 1)
         elif upsampler == "pixelshuffledirect":
             self.upsample = nn.Sequential(nn.Conv2d(embed_dim, scale ** 2 * out_channels, 3, 1, 1),
