@@ -30,13 +30,12 @@ through torch's scaled_dot_product_attention with the bias and the mask as one a
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagine.models.swinir import RGB_MEAN, SHIFT_MASK, pixelshuffle_upsample, residual_conv
+from imagine.models.swinir import RGB_MEAN, pixelshuffle_upsample, residual_conv, shift_mask
 
 
 def offsets(h_sp: int, w_sp: int) -> torch.Tensor:
@@ -53,21 +52,6 @@ def offset_index(h_sp: int, w_sp: int) -> torch.Tensor:
     c = torch.stack([ys.flatten(), xs.flatten()])
     d = c[:, :, None] - c[:, None, :]
     return (d[0] + h_sp - 1) * (2 * w_sp - 1) + d[1] + w_sp - 1
-
-
-@functools.lru_cache(maxsize=32)
-def shift_mask(height: int, width: int, h_sp: int, w_sp: int, s_h: int, s_w: int) -> torch.Tensor:
-    """(windows, n, n): SHIFT_MASK between positions of a rolled map's rectangle that came from different regions
-    (each side split at size - window and size - shift, as for Swin's square windows)."""
-    def parts(n, win, shift):
-        p = torch.zeros(n, dtype=torch.long)
-        p[n - win:n - shift] = 1
-        p[n - shift:] = 2
-        return p
-
-    region = (parts(height, h_sp, s_h)[:, None] * 3 + parts(width, w_sp, s_w)[None, :]).float()
-    r = region.view(height // h_sp, h_sp, width // w_sp, w_sp).transpose(1, 2).reshape(-1, h_sp * w_sp)
-    return torch.where(r[:, None, :] != r[:, :, None], SHIFT_MASK, 0.0)
 
 
 class DynamicPosBias(nn.Module):

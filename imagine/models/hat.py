@@ -75,7 +75,7 @@ class HAB(nn.Module):
         conv = self.conv_block(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if s:
             y = torch.roll(y, (-s, -s), (1, 2))
-        y = unwindows(self.attn(windows(y, m), shift_mask(h, w, m, s).to(x.device) if s else None, bias_index),
+        y = unwindows(self.attn(windows(y, m), shift_mask(h, w, m, m, s, s).to(x.device) if s else None, bias_index),
                       m, h, w)
         if s:
             y = torch.roll(y, (s, s), (1, 2))

@@ -52,19 +52,20 @@ def relative_position_index(window: int) -> torch.Tensor:
     return d[0] * (2 * window - 1) + d[1]
 
 
-@functools.lru_cache(maxsize=16)
-def shift_mask(height: int, width: int, window: int, shift: int) -> torch.Tensor:
-    """(windows, M^2, M^2): 0 between positions of the same region of the rolled map, SHIFT_MASK between others.
-    After a roll by -shift, the last `shift` rows (and columns) came from the top (left): each side splits into
-    [0, size - M), [size - M, size - shift), [size - shift, size), and a position's region is its pair of parts."""
-    def parts(n):
+@functools.lru_cache(maxsize=32)
+def shift_mask(height: int, width: int, win_h: int, win_w: int, shift_h: int, shift_w: int) -> torch.Tensor:
+    """(windows, n, n) for win_h x win_w windows (n = win_h win_w): 0 between positions of the same region of the
+    rolled map, SHIFT_MASK between others. After a roll by -shift, the last `shift` rows (columns) came from the top
+    (left): each side splits into [0, size - win), [size - win, size - shift), [size - shift, size), and a position's
+    region is its pair of parts. Swin's square windows (win_h = win_w = M, shift M / 2) and DAT's rectangles."""
+    def parts(n, win, shift):
         p = torch.zeros(n, dtype=torch.long)
-        p[n - window:n - shift] = 1
+        p[n - win:n - shift] = 1
         p[n - shift:] = 2
         return p
 
-    region = (parts(height)[:, None] * 3 + parts(width)[None, :]).float()  # (H, W)
-    r = region.view(height // window, window, width // window, window).transpose(1, 2).reshape(-1, window * window)
+    region = (parts(height, win_h, shift_h)[:, None] * 3 + parts(width, win_w, shift_w)[None, :]).float()
+    r = region.view(height // win_h, win_h, width // win_w, win_w).transpose(1, 2).reshape(-1, win_h * win_w)
     return torch.where(r[:, None, :] != r[:, :, None], SHIFT_MASK, 0.0)
 
 
@@ -146,7 +147,7 @@ class SwinLayer(nn.Module):
         y = self.norm1(x)
         if s:
             y = torch.roll(y, (-s, -s), (1, 2))
-        y = unwindows(self.attn(windows(y, m), shift_mask(h, w, m, s).to(x.device) if s else None), m, h, w)
+        y = unwindows(self.attn(windows(y, m), shift_mask(h, w, m, m, s, s).to(x.device) if s else None), m, h, w)
         if s:
             y = torch.roll(y, (s, s), (1, 2))
         x = x + y
