@@ -1714,14 +1714,10 @@ def _check_values(args, max_seed: int) -> None:
         except ValueError:
             if _hires_upscaler(args) is None:
                 from imagine.cli import did_you_mean
-                from imagine.upscalers import A1111_NAMES, find_upscalers
 
-                models = ([A1111_NAMES.get(stem, stem) for stem in find_upscalers(args.upscaler_dir)]
-                          if args.upscaler_dir else [])
+                models, where = _upscaler_models(args)
                 hint = did_you_mean(args.hires_upscaler, [*HIRES_UPSCALERS, *HIRES_UPSCALERS.values(), *models],
                                     _name_key)
-                where = (f"; models in {args.upscaler_dir}: {', '.join(models) or 'none'}" if args.upscaler_dir
-                         else "; or an upscaler model's file (or its name with --upscaler-dir)")
                 raise ValueError(f"--hires-upscaler: unknown upscaler {args.hires_upscaler!r}{hint}; valid: "
                                  f"{', '.join(HIRES_UPSCALERS)} (or A1111's labels: "
                                  f"{', '.join(dict.fromkeys(HIRES_UPSCALERS.values()))}){where}") from None
@@ -1777,6 +1773,17 @@ def _check_values(args, max_seed: int) -> None:
             raise ValueError(f"{flag} does nothing without {needs}")
 
 
+def _upscaler_models(args) -> tuple[list[str], str]:
+    """The upscaler models --upscaler-dir holds (by A1111's names), and the words an unknown upscaler's error ends
+    with: that list, or how to name a model."""
+    from imagine.upscalers import A1111_NAMES, find_upscalers
+
+    if not args.upscaler_dir:
+        return [], "; or an upscaler model's file (or its name with --upscaler-dir)"
+    models = [A1111_NAMES.get(stem, stem) for stem in find_upscalers(args.upscaler_dir)]
+    return models, f"; models in {args.upscaler_dir}: {', '.join(models) or 'none'}"
+
+
 def _sd_upscale_upscaler(args):
     """--sd-upscale-upscaler as imagine.upscalers.a1111_upscale takes it: "Lanczos" / "Nearest", None for none (the
     picture as it is), or an upscaler model."""
@@ -1788,12 +1795,7 @@ def _sd_upscale_upscaler(args):
         return built_in[name.lower()]
     model = upscaler_named(name, getattr(args, "upscaler_dir", None))
     if model is None:
-        from imagine.upscalers import A1111_NAMES, find_upscalers
-
-        models = [A1111_NAMES.get(stem, stem) for stem in find_upscalers(args.upscaler_dir)] if args.upscaler_dir \
-            else []
-        where = (f"; models in {args.upscaler_dir}: {', '.join(models) or 'none'}" if args.upscaler_dir
-                 else "; or an upscaler model's file (or its name with --upscaler-dir)")
+        _, where = _upscaler_models(args)
         raise ValueError(f"--sd-upscale-upscaler: unknown upscaler {name!r}; valid: lanczos, nearest, none{where}")
     return model.with_precision(getattr(args, "precision", None) or "exact")
 
