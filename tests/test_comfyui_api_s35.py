@@ -484,14 +484,17 @@ def test_a_folder_of_checkpoints_runs_each_prompt_on_the_one_it_names(tmp_path):
             assert [m["data"]["prompt_id"] for m in heard if m["type"] == "execution_success"] == done
         assert set(done) <= set(requests.get(srv.url + "/history").json())  # (one history across the models)
         assert requests.get(srv.url + "/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("sub/beta")
-        two = {**graph("alpha"), "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sub/beta"}}}
-        r = requests.post(srv.url + "/prompt", json={"prompt": two})
-        assert r.status_code == 400 and "one checkpoint" in r.json()["error"]["message"]
+        # a prompt naming two (session 39): it runs on the one served, the other loaded beside it for its nodes
+        two = {**graph("alpha", batch=1), "20": {"class_type": "CheckpointLoaderSimple",
+                                                 "inputs": {"ckpt_name": "sub/beta"}}}
+        _, entry = run(srv, two)
+        assert np.array_equal(pictures(srv, entry)[0], truth["alpha"])
+        assert server.current.name == "sub/beta" and sorted(c.name for c in server._apps) == ["alpha", "sub/beta"]
         r = requests.post(srv.url + "/prompt", json={"prompt": graph("gamma.safetensors")})
         assert r.json()["node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"
         # files saved under --comfyui-dir, one counter across the models
         assert sorted(p.name for p in (tmp_path / "comfy" / "output").iterdir()) == [
-            "ComfyUI_00001_.png", "ComfyUI_00002_.png", "ComfyUI_00003_.png"]
+            "ComfyUI_00001_.png", "ComfyUI_00002_.png", "ComfyUI_00003_.png", "ComfyUI_00004_.png"]
 
 
 def test_lora_loaders_merge_their_files_at_their_strengths(tmp_path):

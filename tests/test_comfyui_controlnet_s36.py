@@ -184,10 +184,10 @@ def test_the_hints_reach_the_pipeline_as_comfyui_sizes_them():
     hint = torch.rand(2, 40, 48, 3)
     hint = (hint * 255).round() / 255  # (8-bit values, as LoadImage gives)
     ex = Execution.__new__(Execution)
-    ex.served = SimpleNamespace(pipe=SimpleNamespace(scale=8, controlnets=[("a", None), ("b", None), ("c", None)]))
+    pipe = SimpleNamespace(scale=8, controlnets=[("a", None), ("b", None), ("c", None)])
     controls = ((0, hint, 0.7, 0.2, 0.9, False), (2, hint, 1.0, 0.5, 0.5, False))
     cond = Conditioning(("text", "x"), Clip(), controls=controls)
-    got = ex.controls(cond, Conditioning(("text", ""), Clip(), controls=controls), torch.zeros(3, 4, 4, 4))
+    got = ex.controls(pipe, cond, Conditioning(("text", ""), Clip(), controls=controls), torch.zeros(3, 4, 4, 4))
     assert got["controlnet_scale"] == [0.7, 0.0, 0.0]
     assert got["control_guidance_start"][0] == 0.2 and got["control_guidance_end"][0] == 0.9
     want = torch.nn.functional.interpolate(hint.permute(0, 3, 1, 2)[:, :, :, 4:44], size=(32, 32),
@@ -195,5 +195,5 @@ def test_the_hints_reach_the_pipeline_as_comfyui_sizes_them():
     for i, picture in enumerate(got["control_image"][0]):  # (images 0, 1, 0 of the batch of 3)
         expected = (want[i % 2].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
         assert np.array_equal(np.asarray(picture), expected), i
-    assert ex.controls(Conditioning(("text", "x"), Clip()), Conditioning(("text", ""), Clip()),
+    assert ex.controls(pipe, Conditioning(("text", "x"), Clip()), Conditioning(("text", ""), Clip()),
                        torch.zeros(1, 4, 4, 4)) == {}

@@ -83,10 +83,10 @@ def test_split_sigmas_chain_is_the_whole_run_and_the_denoised_output(server):
 def test_sd_turbo_and_exponential_levels(pipe):
     from types import SimpleNamespace
 
-    ctx = SimpleNamespace(served=SimpleNamespace(pipe=pipe))
+    ctx = SimpleNamespace(pipe_of=lambda ckpt: pipe)
     log_sigmas = pipe.schedule.kdiffusion_log_sigmas()
     for steps, denoise, first in ((1, 1.0, 999), (4, 1.0, 999), (2, 0.5, 499)):
-        got = c._sd_turbo_scheduler(ctx, None, steps, denoise)[0]
+        got = c._sd_turbo_scheduler(ctx, c.Model(), steps, denoise)[0]
         t = torch.tensor([first - 100 * k for k in range(steps)])
         assert torch.allclose(got, torch.cat([log_sigmas[t].exp(), torch.zeros(1)])), (steps, denoise)
     e = c._exponential_scheduler(ctx, 4, 10.0, 0.1)[0]

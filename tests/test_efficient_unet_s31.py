@@ -14,7 +14,9 @@ import imagen_peer
 from imagine.models.efficient_unet import (PRESETS, EfficientUNet, EfficientUNetConfig, unet_config_from_imagen,
                                            unet_state_from_imagen)
 
-RTOL = 1e-5  # max |ours - peer| / max |peer|, float32
+# max |ours - peer| / max |peer|, float32 (the sums' order differs: 1.04e-5 seen once on an AVX2-only CPU, session 39;
+# a wrong weight or layer is off by 1e-2 or more)
+RTOL = 3e-5
 TINY = dict(dim=16, text_embed_dim=16, attn_heads=2, attn_dim_head=8, max_text_len=8, attn_pool_num_latents=4)
 
 CONFIGS = {

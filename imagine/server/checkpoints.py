@@ -146,6 +146,7 @@ class CheckpointServer:
 
             comfyui.checkpoint_names = lambda: [c.name for c in self.checkpoints]
             comfyui.on_queued = self._hold_for
+            comfyui.other_pipe = self._loaded_pipe
             self._comfyui_socket = socket_app(comfyui)  # (served here: it outlives the models' apps)
 
     @property
@@ -210,13 +211,19 @@ class CheckpointServer:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.app.state.worker.start()
+                self._start_workers()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 for app in self._apps.values():
                     await run_in_threadpool(app.state.worker.stop)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _start_workers(self) -> None:
+        # (the models in memory: a server started again starts them again; a method, so that no frame waiting in
+        # _lifespan holds a model that later leaves memory)
+        for app in self._apps.values():
+            app.state.worker.start()
 
     # -- the requests it reads ---------------------------------------------------------------
     async def _options(self, scope, receive, send):
@@ -291,29 +298,32 @@ class CheckpointServer:
 
     async def _comfyui_prompt(self, scope, receive, send):
         """ComfyUI's POST /prompt: on the model its CheckpointLoaderSimple names (changed to first, and kept, as ComfyUI
-        keeps the model it loaded); the model stays until the prompt's job ends (`_hold_for`)."""
+        keeps the model it loaded); the model stays until the prompt's job ends (`_hold_for`). A prompt that names
+        several (SDXL's base and refiner, a second model for a hires. fix pass) runs on the one served if it is among
+        them, else on the first named, with the others loaded beside it (`_loaded_pipe`): as many models as it names
+        are in memory while it runs, whatever --checkpoints-in-memory says, as ComfyUI loads what a prompt needs."""
         body, receive = await _whole_body(receive)
         graph = (_json_object(body) or {}).get("prompt")
-        names = sorted({n["inputs"]["ckpt_name"] for n in graph.values() if isinstance(n, dict)
-                        and n.get("class_type") == "CheckpointLoaderSimple" and isinstance(n.get("inputs"), dict)
-                        and isinstance(n["inputs"].get("ckpt_name"), str)}) if isinstance(graph, dict) else []
-        if len(names) > 1:
-            message = (f"this server runs a prompt on one checkpoint; CheckpointLoaderSimple names {names}: send one "
-                       "prompt per checkpoint")
-            error = {"type": "prompt_outputs_failed_validation", "message": message, "details": "", "extra_info": {}}
-            return await JSONResponse({"error": error, "node_errors": {}}, status_code=400)(scope, receive, send)
-        target = find(self.checkpoints, names[0]) if names else None  # (a name not here: the app says so)
+        names = list(dict.fromkeys(
+            n["inputs"]["ckpt_name"] for _, n in sorted(graph.items(), key=lambda kv: (len(kv[0]), kv[0]))
+            if isinstance(n, dict) and n.get("class_type") == "CheckpointLoaderSimple"
+            and isinstance(n.get("inputs"), dict) and isinstance(n["inputs"].get("ckpt_name"), str))) \
+            if isinstance(graph, dict) else []
+        named = list(dict.fromkeys(c for c in (find(self.checkpoints, n) for n in names) if c is not None))
+        # (a name not here: the app's validation says so)
+        target = self.current if self.current in named else (named[0] if named else None)
+        others = [c for c in named if c != target]
         while True:
-            if target is not None and target != self.current:
+            if target is not None and (target != self.current or any(c not in self._apps for c in others)):
                 try:
                     async with self._switching:
-                        await self._change_to(target)
+                        await self._change_to(target, others)
                 except ApiError as e:
                     error = {"type": "prompt_outputs_failed_validation", "message": e.message, "details": "",
                              "extra_info": {}}
                     return await JSONResponse({"error": error, "node_errors": {}}, status_code=400)(scope, receive,
                                                                                                   send)
-            if await self._run(scope, receive, send, target):
+            if await self._run(scope, receive, send, target, others):
                 return
 
     def _hold_for(self, future) -> None:
@@ -329,11 +339,12 @@ class CheckpointServer:
 
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(ended))
 
-    async def _run(self, scope, receive, send, expected: Checkpoint | None = None) -> bool:
+    async def _run(self, scope, receive, send, expected: Checkpoint | None = None, beside: list = ()) -> bool:
         """A generating request on the model served now; waits while the model changes. With `expected` (the model
-        the request names), False if another is served once the gate opens (the request then changes to it)."""
+        the request names), False if another is served once the gate opens, or one of those it needs `beside` it has
+        left memory (the request then changes to it)."""
         await self._open.wait()
-        if expected is not None and self.current != expected:
+        if expected is not None and (self.current != expected or any(c not in self._apps for c in beside)):
             return False
         self._under_way += 1
         self._idle.clear()
@@ -358,28 +369,57 @@ class CheckpointServer:
             self._ready.set()
             self._open.set()
 
-    async def _change_to(self, target: Checkpoint) -> None:
+    async def _change_to(self, target: Checkpoint, beside: list[Checkpoint] = ()) -> None:
         """Serve `target` from now on (called holding _switching): new pictures wait, those under way finish on the
-        model they began on, then it loads (or is found in memory). An ApiError if it cannot load: the model served
-        before is served still (loaded again if it had to leave memory)."""
-        if target == self.current and target in self._apps:
+        model they began on, then it loads (or is found in memory), and the checkpoints `beside` it (a ComfyUI
+        prompt's others) load too. An ApiError if one cannot load: the model served before is served still (loaded
+        again if it had to leave memory)."""
+        if target == self.current and target in self._apps and all(c in self._apps for c in beside):
             return
         was_open = self._open.is_set()
         self._open.clear()
         try:
             await self._idle.wait()
-            if target not in self._apps and len(self._apps) >= self.keep:
+            if target not in self._apps and len(self._apps) >= max(self.keep, 1 + len(beside)):
                 self._ready.clear()  # (the model served leaves memory first: every request waits for the new one)
             await run_in_threadpool(self._serve, target)
+            if beside:
+                await run_in_threadpool(self._load_beside, target, list(beside))
         finally:
             self._ready.set()
             if was_open:
                 self._open.set()
 
+    def _load_beside(self, target: Checkpoint, beside: list[Checkpoint]) -> None:
+        """The checkpoints `beside` in memory with `target` (the others kept stay before them; those least recently
+        served leave first to make room)."""
+        wanted = [target, *beside]
+        for c in wanted:
+            if c in self._apps:
+                self._apps.move_to_end(c)
+        missing = [c for c in beside if c not in self._apps]
+        room = max(self.keep, len(wanted)) - len(missing)
+        self._make_room(room)  # (those wanted are the most recent: they stay)
+        for c in missing:
+            try:
+                self._apps[c] = self._started(c)
+            except Exception as e:
+                log.warning("checkpoint %s did not load: %s", c.name, e)
+                raise ApiError(422, f"ckpt_name: {c.name} did not load ({type(e).__name__}: {e})",
+                               "sd_model_checkpoint") from None
+
+    def _loaded_pipe(self, name: str):
+        """The pipeline of the checkpoint `name` if it is in memory (ComfyState.other_pipe: called in a prompt's job,
+        while no model can change), else None."""
+        c = find(self.checkpoints, name)
+        app = self._apps.get(c) if c is not None else None
+        return app.state.pipe if app is not None else None
+
     def _serve(self, target: Checkpoint) -> None:
         if target in self._apps:
             self._apps.move_to_end(target)
             self.current = target
+            self._make_room(self.keep)  # (a ComfyUI prompt's others, loaded beside the one it ran on, go now)
             return
         before = self.current
         if before not in self._apps:  # (after an unload: nothing to go back to if it fails; the next request retries)

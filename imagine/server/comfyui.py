@@ -94,9 +94,11 @@ class NodeError(Exception):
 
 @dataclass(frozen=True)
 class Model:
-    """A MODEL output: the LoRAs its LoraLoaders put on the U-Net, ((file name, strength), ...), and what its
-    ModelSamplingDiscrete says: the prediction its output is read as (None: the model's own) and zsnr."""
+    """A MODEL output: the checkpoint it is (CheckpointLoaderSimple's ckpt_name; None: the one served), the LoRAs its
+    LoraLoaders put on the U-Net, ((file name, strength), ...), and what its ModelSamplingDiscrete says: the
+    prediction its output is read as (None: the model's own) and zsnr."""
 
+    ckpt: str | None = None
     loras: tuple = ()
     prediction: str | None = None
     zsnr: bool = False
@@ -105,11 +107,19 @@ class Model:
 
 @dataclass(frozen=True)
 class Clip:
-    """A CLIP output: the layers skipped from the last (None: the model's own, ComfyUI's -1 for SD 1.x), and the LoRAs
-    put on the text encoder."""
+    """A CLIP output: the layers skipped from the last (None: the model's own, ComfyUI's -1 for SD 1.x), the LoRAs
+    put on the text encoder, and the checkpoint whose text encoder it is (None: the one served)."""
 
     skip: int | None = None
     loras: tuple = ()
+    ckpt: str | None = None
+
+
+@dataclass(frozen=True)
+class Vae:
+    """A VAE output of CheckpointLoaderSimple: the checkpoint's own VAE (VAELoader's is ("file", name))."""
+
+    ckpt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,9 @@ class ComfyState:
     vae_names: Callable[[], list[str]] | None = None  # what VAELoader offers: the files of serve --vae-dir
     upscaler_names: Callable[[], list[str]] | None = None  # what UpscaleModelLoader offers: serve --upscaler-dir's
     vae: tuple | None = None  # (the last VAE VAELoader loaded: (its path, a weakref to the VAE it was fitted to, it))
+    # a checkpoint's pipeline by its name, where it is in memory beside the one served (a checkpoint server loads the
+    # checkpoints a prompt names before it runs); None: none
+    other_pipe: Callable[[str], Any] | None = None
     on_queued: Callable[[Any], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     prompts: "OrderedDict[str, Prompt]" = field(default_factory=OrderedDict)  # queued and running, in order
@@ -267,9 +280,8 @@ def _strength():
 
 
 def _checkpoint(ctx, ckpt_name):
-    if ckpt_name != ctx.served.name:  # (a checkpoint server changes to the one a prompt names before it is queued)
-        raise ValueError(f"ckpt_name {ckpt_name!r}: this prompt runs on {ctx.served.name!r}")
-    return (Model(), Clip(), "vae")
+    ctx.pipe_of(ckpt_name)  # (a checkpoint server loads those a prompt names before it is queued)
+    return (Model(ckpt_name), Clip(ckpt=ckpt_name), Vae(ckpt_name))
 
 
 # ComfyUI's `embedding:NAME` word (its sd1_clip tokenize_with_weights): at the start of a word (the text's, after a
@@ -297,16 +309,23 @@ def comfyui_embeddings(text: str, files: dict[str, str]) -> str:
 
 
 def _clip_text_encode(ctx, text, clip):
-    text = comfyui_embeddings(str(text), getattr(ctx.served.pipe, "embedding_files", {}))
+    text = comfyui_embeddings(str(text), getattr(ctx.pipe_of(clip.ckpt), "embedding_files", {}))
     return ((Conditioning(("text", text), clip),),)
 
 
 def _clip_text_encode_sdxl(ctx, clip, width, height, crop_w, crop_h, target_width, target_height, text_g, text_l):
     # (ComfyUI's: text_g for the bigG tower and the pooled vector, text_l for the CLIP-L tower, its own size codes)
-    files = getattr(ctx.served.pipe, "embedding_files", {})
+    files = getattr(ctx.pipe_of(clip.ckpt), "embedding_files", {})
     sizes = (int(height), int(width), int(crop_h), int(crop_w), int(target_height), int(target_width))
     return ((Conditioning(("sdxl", comfyui_embeddings(str(text_g), files), comfyui_embeddings(str(text_l), files),
                            sizes), clip),),)
+
+
+def _clip_text_encode_sdxl_refiner(ctx, ascore, width, height, text, clip):
+    # (ComfyUI's: the text with an aesthetic score and a size, which a refiner reads as (height, width, 0, 0, ascore)
+    # on either side, its SDXLRefiner.encode_adm; an SDXL base reads the size alone)
+    text = comfyui_embeddings(str(text), getattr(ctx.pipe_of(clip.ckpt), "embedding_files", {}))
+    return ((Conditioning(("refiner", text, (int(height), int(width), float(ascore))), clip),),)
 
 
 # -- the Conditioning* nodes (ComfyUI's nodes.py; imagine.area_conditioning runs what they set) --
@@ -372,9 +391,12 @@ def _area_conditioning(positive: tuple, negative: tuple, pipe, n: int, height: i
     from imagine.area_conditioning import AreaConditioning, AreaEntry
     from imagine.schedules import comfyui_percent_sigma
 
-    table, sizes, cache = pipe.schedule.kdiffusion_log_sigmas(), pipe.size_conditioning(n, height, width), {}
+    table, cache = pipe.schedule.kdiffusion_log_sigmas(), {}
 
-    def side(entries: tuple) -> AreaConditioning:
+    def side(entries: tuple, negative: bool) -> AreaConditioning:
+        # (the picture's size codes; a refiner's aesthetic score is the negative one on the negative side, as ComfyUI's
+        # SDXLRefiner.encode_adm reads its prompt_type)
+        sizes = pipe.size_conditioning(n, height, width, negative=negative)
         out = []
         for c in entries:
             o = dict(c.options)
@@ -387,7 +409,7 @@ def _area_conditioning(positive: tuple, negative: tuple, pipe, n: int, height: i
                                  levels=levels))
         return AreaConditioning(out)
 
-    return side(positive), side(negative) if guided else None
+    return side(positive, False), side(negative, True) if guided else None
 
 
 def _encoded(pipe, encoding: tuple, n: int, cache: dict) -> dict:
@@ -415,6 +437,15 @@ def _encoded(pipe, encoding: tuple, n: int, cache: dict) -> dict:
             b = torch.cat([b, empty[..., d:]], dim=1)
         return {**g, "context": torch.cat([a, b], dim=-1),
                 "time_ids": torch.tensor([encoding[3]], dtype=torch.float32).repeat(n, 1)}
+    if kind == "refiner":  # (CLIPTextEncodeSDXLRefiner's)
+        out = _encoded(pipe, ("text", encoding[1]), n, cache)
+        h, w, score = encoding[2]
+        codes = pipe.size_conditioning(n, h, w)
+        if "time_ids" in codes:
+            if codes["time_ids"].shape[1] == 5:  # (a refiner's five: the aesthetic score last)
+                codes["time_ids"][:, 4] = score
+            out["time_ids"] = codes["time_ids"]
+        return out
     if kind == "zero":
         c = _encoded(pipe, encoding[1], n, cache)
         return {k: (torch.zeros_like(v) if k in ("context", "text_embeds") else v) for k, v in c.items()}
@@ -436,7 +467,7 @@ def _encoded(pipe, encoding: tuple, n: int, cache: dict) -> dict:
 
 def _clip_set_last_layer(ctx, clip, stop_at_clip_layer):
     # (ComfyUI's -1 is the last layer's states, -2 the one before, layer-normed as its SD 1.x CLIP does)
-    return (Clip(-int(stop_at_clip_layer) - 1, clip.loras),)
+    return (dataclasses.replace(clip, skip=-int(stop_at_clip_layer) - 1),)
 
 
 def _model_sampling_discrete(ctx, model, sampling, zsnr):
@@ -460,7 +491,7 @@ def _lora_loader(ctx, model, clip, lora_name, strength_model, strength_clip):
     if float(strength_model) == 0 and float(strength_clip) == 0:
         return (model, clip)
     return (dataclasses.replace(model, loras=model.loras + ((lora_name, float(strength_model)),)),
-            Clip(clip.skip, clip.loras + ((lora_name, float(strength_clip)),)))
+            dataclasses.replace(clip, loras=clip.loras + ((lora_name, float(strength_clip)),)))
 
 
 def _lora_loader_model_only(ctx, model, lora_name, strength_model):
@@ -673,9 +704,9 @@ def _ksampler_select(ctx, sampler_name):
     return (sampler_name,)
 
 
-def _sigmas_of(ctx, scheduler: str, steps: int) -> torch.Tensor:
+def _sigmas_of(ctx, model: Model, scheduler: str, steps: int) -> torch.Tensor:
     # (its calculate_sigmas: the scheduler's levels over the model's range, as KSampler lays them out, no discard)
-    plan = ctx.served.pipe.schedule.plan(int(steps), sigma_schedule=SCHEDULERS[scheduler], sigma_range="comfyui")
+    plan = ctx.pipe_of(model.ckpt).schedule.plan(int(steps), sigma_schedule=SCHEDULERS[scheduler], sigma_range="comfyui")
     return plan.sigmas.float()
 
 
@@ -683,7 +714,7 @@ def _basic_scheduler(ctx, model, scheduler, steps, denoise):
     steps, denoise = int(steps), float(denoise)
     if denoise <= 0:
         return (torch.zeros(0),)
-    return (_sigmas_of(ctx, scheduler, int(steps / denoise) if denoise < 1 else steps)[-(steps + 1):],)
+    return (_sigmas_of(ctx, model, scheduler, int(steps / denoise) if denoise < 1 else steps)[-(steps + 1):],)
 
 
 def _karras_scheduler(ctx, steps, sigma_max, sigma_min, rho):
@@ -704,7 +735,7 @@ def _sd_turbo_scheduler(ctx, model, steps, denoise):
 
     start = 10 - int(10 * float(denoise))
     t = torch.flip(torch.arange(1, 11) * 100 - 1, (0,))[start:start + int(steps)]
-    sigmas = kdiffusion_t_to_sigma(t, ctx.served.pipe.schedule.kdiffusion_log_sigmas())
+    sigmas = kdiffusion_t_to_sigma(t, ctx.pipe_of(model.ckpt).schedule.kdiffusion_log_sigmas())
     return (torch.cat([sigmas, torch.zeros(1)]),)
 
 
@@ -914,7 +945,7 @@ def _masked_grey(pixels: torch.Tensor, mask: torch.Tensor, f: int) -> tuple[torc
 
 def _vae_encode_for_inpaint(ctx, pixels, vae, mask, grow_mask_by):
     # (ComfyUI's: the picture with its masked part grey, and the noise mask grown by a box of grow_mask_by pixels)
-    grey, mask = _masked_grey(pixels, mask, ctx.factor())
+    grey, mask = _masked_grey(pixels, mask, ctx.factor(vae))
     g = int(grow_mask_by)
     if g > 0:
         grown = torch.nn.functional.conv2d(mask.round(), torch.ones(1, 1, g, g), padding=math.ceil((g - 1) / 2))
@@ -925,7 +956,7 @@ def _vae_encode_for_inpaint(ctx, pixels, vae, mask, grow_mask_by):
 def _inpaint_model_conditioning(ctx, positive, negative, vae, pixels, mask, noise_mask=True):
     # (ComfyUI's: the grey-masked picture's latents and the mask ride on both conditionings; the latent is the whole
     # picture's, with the mask as its noise mask unless noise_mask is off)
-    grey, mask = _masked_grey(pixels, mask, ctx.factor())
+    grey, mask = _masked_grey(pixels, mask, ctx.factor(vae))
     concat = (ctx.encode(grey, vae), mask)
     latent = {"samples": ctx.encode(pixels, vae), **({"noise_mask": mask} if noise_mask else {})}
     return (_each(positive, concat=concat), _each(negative, concat=concat), latent)
@@ -1184,6 +1215,12 @@ NODES: dict[str, Node] = {
                                 "text_g": ("STRING", {"multiline": True, "dynamicPrompts": True}),
                                 "text_l": ("STRING", {"multiline": True, "dynamicPrompts": True})}},
         ("CONDITIONING",), _clip_text_encode_sdxl, "advanced/conditioning", display_name="CLIPTextEncodeSDXL"),
+    "CLIPTextEncodeSDXLRefiner": Node(
+        lambda s: {"required": {"ascore": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 1000.0, "step": 0.01}),
+                                "width": _int(1024, 0, MAX_RESOLUTION), "height": _int(1024, 0, MAX_RESOLUTION),
+                                "text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)}},
+        ("CONDITIONING",), _clip_text_encode_sdxl_refiner, "advanced/conditioning",
+        display_name="CLIPTextEncodeSDXLRefiner"),
     "ConditioningCombine": Node(
         lambda s: {"required": {"conditioning_1": ("CONDITIONING",), "conditioning_2": ("CONDITIONING",)}},
         ("CONDITIONING",), _conditioning_combine, "conditioning", display_name="Conditioning (Combine)"),
@@ -1521,6 +1558,17 @@ class Execution:
     def emit(self, event: str, data: dict) -> None:
         self.state.emit(event, {**data, "prompt_id": self.prompt.id}, self.prompt.client_id)
 
+    def pipe_of(self, ckpt: str | None):
+        """The pipeline of the checkpoint `ckpt` (None: the one served): the prompt's other checkpoints are in memory
+        beside it while it runs (a checkpoint server's, ComfyState.other_pipe)."""
+        if ckpt is None or ckpt == self.served.name:
+            return self.served.pipe
+        other = self.state.other_pipe(ckpt) if self.state.other_pipe is not None else None
+        if other is None:
+            raise ValueError(f"ckpt_name {ckpt!r}: this prompt runs on {self.served.name!r}, and no other checkpoint "
+                             "is loaded beside it (imagine serve --ckpt-dir serves several)")
+        return other
+
     def __call__(self, pipe, run) -> dict:
         self.run = run
         for nid in self.prompt.outputs:
@@ -1607,7 +1655,7 @@ class Execution:
         z = latent["samples"]
         if denoise <= 0:
             return latent
-        pipe = self.served.pipe
+        pipe = self.pipe_of(model.ckpt)
         f = int(getattr(pipe, "scale", 8))
         if z.shape[3] * f > limits.max_width or z.shape[2] * f > limits.max_height:
             raise ValueError(f"the latent is for {z.shape[3] * f}x{z.shape[2] * f} pixels, past the server's limit "
@@ -1618,6 +1666,10 @@ class Execution:
         if any(c.clip != first.clip for c in entries):
             raise ValueError("positive and negative come from different CLIPs (CLIPSetLastLayer, LoraLoader): this "
                              "server encodes both with one text encoder")
+        if self.pipe_of(first.clip.ckpt) is not pipe:
+            raise ValueError(f"the conditioning was encoded with the CLIP of {first.clip.ckpt!r} and the model is "
+                             f"{model.ckpt!r}: this server encodes a model's texts with its own text encoder (encode "
+                             "them with the CLIP of the checkpoint the model comes from, as a refiner graph does)")
         if any(c.concat is not first.concat for c in entries):
             raise ValueError("positive and negative carry different inpainting pictures (InpaintModelConditioning): "
                              "this server gives the inpainting model one for both passes")
@@ -1642,7 +1694,7 @@ class Execution:
         mask = latent.get("noise_mask")
         # (an inpainting model reads its mask and masked picture beside the sample, as ComfyUI's concat_cond makes them)
         concat = inpaint_concat(z, first.concat, mask) if getattr(pipe, "image_conditioned", False) else None
-        controls = self.controls(first, negative[0], z)
+        controls = self.controls(pipe, first, negative[0], z)
         if mask is not None:  # (its prepare_mask: bilinear to the latents' size, repeated to the batch)
             if sampler_name == "ddim":
                 raise ValueError("ComfyUI's ddim inpaints with noise of its own (seed + 1); with a noise mask use "
@@ -1685,7 +1737,7 @@ class Execution:
             self.run.on_step = None
         return {**latent, "samples": result.latents.float()}
 
-    def controls(self, positive: Conditioning, negative: Conditioning, z: torch.Tensor) -> dict:
+    def controls(self, pipe, positive: Conditioning, negative: Conditioning, z: torch.Tensor) -> dict:
         """generate's ControlNet arguments for the prompt's ControlNets, which ComfyUI runs on both passes (the old
         ControlNetApply's also on a negative with none of its own): per loaded ControlNet its hint, brought to the
         picture's size as ComfyUI brings it (nearest-exact after a centre crop to the aspect), strength and percents
@@ -1700,7 +1752,7 @@ class Execution:
         if not same:
             raise ValueError("positive and negative carry different ControlNets: this server applies one chain to both "
                              "passes (ControlNetApplyAdvanced on both, or the old ControlNetApply on the positive)")
-        pipe, used = self.served.pipe, {}
+        used = {}
         for index, *rest in pos:
             if index in used:
                 raise ValueError(f"ControlNet {pipe.controlnets[index][0]!r} is applied twice in one prompt; this "
@@ -1746,8 +1798,8 @@ class Execution:
         return cached_upscale_model(path).with_precision(getattr(self.served.pipe, "precision", None) or "exact")
 
     def vae(self, vae):
-        """The VAE a VAE value names: the model's own (None), or VAELoader's file of serve --vae-dir, loaded once and
-        kept while the prompts name it (in the model's latent space, as serve --vae fits one)."""
+        """The VAE a VAE value names: a checkpoint's own (None), or VAELoader's file of serve --vae-dir, loaded once
+        and kept while the prompts name it (in the served model's latent space, as serve --vae fits one)."""
         if not isinstance(vae, tuple):
             return None
         from imagine.pipelines.text_to_image import fitted_vae
@@ -1768,19 +1820,19 @@ class Execution:
     def decode(self, latents: torch.Tensor, vae=None) -> torch.Tensor:
         from imagine.pipelines.text_to_image import decode_latents
 
-        pipe, own = self.served.pipe, self.vae(vae)
+        pipe, own = self.pipe_of(getattr(vae, "ckpt", None)), self.vae(vae)
         x = pipe.decode(latents) if own is None else decode_latents(own, latents, "exact")
         # ([-1, 1]; ComfyUI's VAEDecode: clamp((x + 1) / 2, 0, 1), [B, H, W, C])
         return ((x.float() + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
 
-    def factor(self) -> int:
+    def factor(self, vae=None) -> int:
         """The VAE's pixels per latent cell."""
-        return int(getattr(self.served.pipe, "scale", 8))
+        return int(getattr(self.pipe_of(getattr(vae, "ckpt", None)), "scale", 8))
 
     def encode(self, pixels: torch.Tensor, vae=None) -> torch.Tensor:
         """ComfyUI's VAEEncode: the picture cropped to the VAE's factor about its centre, encoded to the posterior's
         mean (deterministic: a seed never enters it)."""
-        pipe, limits = self.served.pipe, self.served
+        pipe, limits = self.pipe_of(getattr(vae, "ckpt", None)), self.served
         f = int(getattr(pipe, "scale", 8))
         h, w = pixels.shape[1] // f * f, pixels.shape[2] // f * f
         if h == 0 or w == 0:
