@@ -822,7 +822,7 @@ class TextToImagePipeline:
                              "classifier-free guidance against the empty prompt and runs no unconditional pass, so a "
                              "negative prompt cannot act (diffusers' LatentConsistencyModelPipeline takes none); "
                              "leave it out or empty")
-        if self.picture_model:
+        if self.picture_model and conditioning is None:  # (ComfyUI's lists carry an unCLIP model's class input)
             call = "upscale(prompt, image)" if self.c.low_res_schedule is not None else "variations(image, prompt)"
             raise ValueError(f"{self.c.source or 'this model'} is {self.picture_model}, which a picture conditions "
                              f"throughout; use {call} (the CLI: --init-image PICTURE)")

@@ -863,7 +863,7 @@ def create_app(pipe, config: ServerConfig | None = None, *, worker: ModelWorker 
                   description="Text-to-image diffusion: AUTOMATIC1111- and OpenAI-compatible API")
     app.state.worker, app.state.config, app.state.pipe = worker, cfg, pipe
     app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
-    if hasattr(pipe, "vae_mode") and not prior_model and not unclip_model:  # ComfyUI's API (latent text to image)
+    if hasattr(pipe, "vae_mode") and not prior_model:  # ComfyUI's API (latent text to image; unCLIP's nodes)
         from imagine.server import comfyui as comfy
 
         shared = comfyui if isinstance(comfyui, comfy.ComfyState) else comfy.new_state(comfyui)

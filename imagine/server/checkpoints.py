@@ -297,16 +297,19 @@ class CheckpointServer:
                 self._open.set()
 
     async def _comfyui_prompt(self, scope, receive, send):
+
         """ComfyUI's POST /prompt: on the model its CheckpointLoaderSimple names (changed to first, and kept, as ComfyUI
         keeps the model it loaded); the model stays until the prompt's job ends (`_hold_for`). A prompt that names
         several (SDXL's base and refiner, a second model for a hires. fix pass) runs on the one served if it is among
         them, else on the first named, with the others loaded beside it (`_loaded_pipe`): as many models as it names
         are in memory while it runs, whatever --checkpoints-in-memory says, as ComfyUI loads what a prompt needs."""
+        from imagine.server.comfyui import CHECKPOINT_LOADERS
+
         body, receive = await _whole_body(receive)
         graph = (_json_object(body) or {}).get("prompt")
         names = list(dict.fromkeys(
             n["inputs"]["ckpt_name"] for _, n in sorted(graph.items(), key=lambda kv: (len(kv[0]), kv[0]))
-            if isinstance(n, dict) and n.get("class_type") == "CheckpointLoaderSimple"
+            if isinstance(n, dict) and n.get("class_type") in CHECKPOINT_LOADERS
             and isinstance(n.get("inputs"), dict) and isinstance(n["inputs"].get("ckpt_name"), str))) \
             if isinstance(graph, dict) else []
         named = list(dict.fromkeys(c for c in (find(self.checkpoints, n) for n in names) if c is not None))

@@ -123,6 +123,24 @@ class Vae:
 
 
 @dataclass(frozen=True)
+class ClipVision:
+    """A CLIP_VISION output of unCLIPCheckpointLoader: the checkpoint's CLIP image tower (an unCLIP model's)."""
+
+    ckpt: str | None = None
+
+
+@dataclass(eq=False)
+class ClipVisionOutput:
+    """A CLIP_VISION_OUTPUT (CLIPVisionEncode's): the pictures' projected CLIP image embeddings [B, D]."""
+
+    image_embeds: torch.Tensor
+
+
+# the nodes that load a checkpoint by its ckpt_name (a checkpoint server loads the ones a prompt names)
+CHECKPOINT_LOADERS = ("CheckpointLoaderSimple", "unCLIPCheckpointLoader")
+
+
+@dataclass(frozen=True)
 class Conditioning:
     """An entry of a CONDITIONING output (which is a tuple of them, as ComfyUI's is a list): how its tensors are made
     (`encoding`: ("text", text), ("zero", enc), ("average", to, from, w) or ("concat", to, from)), the CLIP that
@@ -284,6 +302,83 @@ def _checkpoint(ctx, ckpt_name):
     return (Model(ckpt_name), Clip(ckpt=ckpt_name), Vae(ckpt_name))
 
 
+def _unclip_checkpoint(ctx, ckpt_name):
+    # (ComfyUI's unCLIPCheckpointLoader: an unCLIP checkpoint's parts and its CLIP image tower)
+    embedder = getattr(getattr(ctx.pipe_of(ckpt_name), "c", None), "image_embedder", None)
+    if embedder is None or embedder.encoder is None:
+        raise ValueError(f"ckpt_name {ckpt_name!r} is not an unCLIP model (SD 2.1 unCLIP: a U-Net that reads a CLIP "
+                         "image embedding, with its image tower): load it with CheckpointLoaderSimple")
+    return (Model(ckpt_name), Clip(ckpt=ckpt_name), Vae(ckpt_name), ClipVision(ckpt_name))
+
+
+def comfyui_clip_preprocess(image: torch.Tensor, size: int, mean, std, crop: bool = True) -> torch.Tensor:
+    """ComfyUI's clip_preprocess: pictures [B, H, W, C] in [0, 1] to a CLIP tower's pixel values: the shorter side to
+    `size` (crop; else both sides) by torch's antialiased bicubic, the middle cut out, 8-bit rounded, normalized."""
+    mean = torch.tensor(mean, dtype=image.dtype).view(3, 1, 1)
+    std = torch.tensor(std, dtype=image.dtype).view(3, 1, 1)
+    x = image[..., :3].movedim(-1, 1)
+    if not (x.shape[2] == size and x.shape[3] == size):
+        if crop:
+            scale = size / min(x.shape[2], x.shape[3])
+            to = (round(scale * x.shape[2]), round(scale * x.shape[3]))
+        else:
+            to = (size, size)
+        x = torch.nn.functional.interpolate(x, size=to, mode="bicubic", antialias=True)
+        h, w = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
+        x = x[:, :, h:h + size, w:w + size]
+    x = torch.clip(255.0 * x, 0, 255).round() / 255.0
+    return (x - mean) / std
+
+
+def _clip_vision_encode(ctx, clip_vision, image, crop="center"):
+    # (ComfyUI's CLIPVisionEncode: the tower's projected embedding of its preprocessed pictures)
+    embedder = ctx.pipe_of(clip_vision.ckpt).c.image_embedder
+    p = embedder.processor
+    crop_size = p.crop_size  # (a dict, or transformers' SizeDict, or a number)
+    size = int(crop_size if isinstance(crop_size, (int, float)) else
+               (crop_size["height"] if isinstance(crop_size, dict) else crop_size.height))
+    pixels = comfyui_clip_preprocess(image.float(), size, p.image_mean, p.image_std, crop == "center")
+    w = next(embedder.encoder.parameters())
+    with torch.no_grad():
+        embeds = embedder.encoder(pixels.to(device=w.device, dtype=w.dtype)).image_embeds.float()
+    return (ClipVisionOutput(embeds),)
+
+
+def _unclip_conditioning(ctx, conditioning, clip_vision_output, strength, noise_augmentation):
+    # (ComfyUI's unCLIPConditioning: each entry keeps a list of (embedding, strength, noise augmentation) that an
+    # unCLIP model reads; strength 0 changes nothing)
+    if float(strength) == 0:
+        return (conditioning,)
+    one = (clip_vision_output.image_embeds, float(strength), float(noise_augmentation))
+    return (tuple(dataclasses.replace(c, options=c.options + (("unclip", dict(c.options).get("unclip", ()) + (one,)),))
+                  for c in conditioning),)
+
+
+UNCLIP_MERGE_AUGMENTATION = 0.05  # (ComfyUI's unclip_noise_augment_merge default)
+
+
+def unclip_label(pipe, unclip: tuple, seed: int, n: int) -> torch.Tensor:
+    """An unCLIP U-Net's class input [n, 2D] for a conditioning's unCLIPConditioning list, as ComfyUI's unclip_adm
+    makes it: each embedding row normalized, noised to level round(999 aug) with noise from torch.manual_seed(seed -
+    10) (ComfyUI's KSampler seed - 10), un-normalized, its level's code appended, times its strength; several summed,
+    then noised again at round(999 * 0.05) (ComfyUI draws that noise from its global generator; here the same seeded
+    draw); none: zeros (ComfyUI's encode_adm without one)."""
+    from imagine.pipelines.unclip import image_condition
+
+    embedder, schedule = pipe.c.image_embedder, pipe.c.image_noise_schedule
+    top, d = int(schedule.num_train_timesteps), embedder.dim
+    if not unclip:
+        return torch.zeros(n, 2 * d)
+
+    def noised(z: torch.Tensor, augmentation: float) -> torch.Tensor:
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(int(seed) - 10))
+        return image_condition(embedder, z, noise, round((top - 1) * augmentation), schedule)
+
+    out = [noised(row[None].float(), aug) * strength for embeds, strength, aug in unclip for row in embeds]
+    label = out[0] if len(out) == 1 else noised(torch.stack(out).sum(0)[:, :d], UNCLIP_MERGE_AUGMENTATION)
+    return label.repeat(n, 1)
+
+
 # ComfyUI's `embedding:NAME` word (its sd1_clip tokenize_with_weights): at the start of a word (the text's, after a
 # space or a group's bracket), NAME up to the word's end, a weight's colon or trailing commas
 EMBEDDING_WORD = re.compile(r"(?<![^ ()])embedding:([^ (),:]+)")
@@ -384,14 +479,17 @@ def _chain(controls: tuple) -> tuple:
     return tuple((c[0], id(c[1]), *c[2:]) for c in controls)
 
 
-def _area_conditioning(positive: tuple, negative: tuple, pipe, n: int, height: int, width: int, guided: bool):
+def _area_conditioning(positive: tuple, negative: tuple, pipe, n: int, height: int, width: int, guided: bool,
+                       seed: int = 0):
     """generate's `conditioning` for ComfyUI's lists: each entry's tensors (`_encoded`, with the size codes of an
-    SDXL model) and the values its Conditioning* nodes set, the timestep range's percents read as ComfyUI reads them
+    SDXL model, an unCLIP model's class input from its unCLIPConditioning list and the seed: `unclip_label`) and the
+    values its Conditioning* nodes set, the timestep range's percents read as ComfyUI reads them
     (schedules.comfyui_percent_sigma)."""
     from imagine.area_conditioning import AreaConditioning, AreaEntry
     from imagine.schedules import comfyui_percent_sigma
 
     table, cache = pipe.schedule.kdiffusion_log_sigmas(), {}
+    unclip = is_unclip(pipe)
 
     def side(entries: tuple, negative: bool) -> AreaConditioning:
         # (the picture's size codes; a refiner's aesthetic score is the negative one on the negative side, as ComfyUI's
@@ -403,13 +501,20 @@ def _area_conditioning(positive: tuple, negative: tuple, pipe, n: int, height: i
             levels = None if "start_percent" not in o else (comfyui_percent_sigma(table, o["start_percent"]),
                                                             comfyui_percent_sigma(table, o["end_percent"]))
             # (an entry's own size codes, CLIPTextEncodeSDXL's, before the picture's)
-            out.append(AreaEntry({**sizes, **_encoded(pipe, c.encoding, n, cache)}, area=o.get("area"),
+            labels = {"class_labels": unclip_label(pipe, o.get("unclip", ()), seed, n)} if unclip else {}
+            out.append(AreaEntry({**sizes, **_encoded(pipe, c.encoding, n, cache), **labels}, area=o.get("area"),
                                  strength=o.get("strength", 1.0), mask=o.get("mask"),
                                  mask_strength=o.get("mask_strength", 1.0), bounds=o.get("bounds", False),
                                  levels=levels))
         return AreaConditioning(out)
 
     return side(positive, False), side(negative, True) if guided else None
+
+
+def is_unclip(pipe) -> bool:
+    """Whether the model reads a CLIP image embedding throughout (an SD 2.1 unCLIP decoder)."""
+    c = getattr(pipe, "c", None)
+    return getattr(c, "image_embedder", None) is not None and getattr(c, "prior", None) is None
 
 
 def _encoded(pipe, encoding: tuple, n: int, cache: dict) -> dict:
@@ -1104,6 +1209,20 @@ NODES: dict[str, Node] = {
                                                                                "--ckpt-dir serves several)."})}},
         ("MODEL", "CLIP", "VAE"), _checkpoint, "loaders", "Loads a diffusion model checkpoint.",
         display_name="Load Checkpoint"),
+    "unCLIPCheckpointLoader": Node(
+        lambda s: {"required": {"ckpt_name": (s.checkpoint_names(),)}}, ("MODEL", "CLIP", "VAE", "CLIP_VISION"),
+        _unclip_checkpoint, "loaders", "Loads an unCLIP checkpoint and its CLIP image tower.",
+        display_name="unCLIPCheckpointLoader"),
+    "CLIPVisionEncode": Node(
+        lambda s: {"required": {"clip_vision": ("CLIP_VISION",), "image": ("IMAGE",),
+                                "crop": (["center", "none"],)}},
+        ("CLIP_VISION_OUTPUT",), _clip_vision_encode, "conditioning", display_name="CLIP Vision Encode"),
+    "unCLIPConditioning": Node(
+        lambda s: {"required": {"conditioning": ("CONDITIONING",), "clip_vision_output": ("CLIP_VISION_OUTPUT",),
+                                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+                                "noise_augmentation": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0,
+                                                                 "step": 0.01})}},
+        ("CONDITIONING",), _unclip_conditioning, "conditioning", display_name="unCLIPConditioning"),
     "CLIPTextEncode": Node(
         lambda s: {"required": {"text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)}},
         ("CONDITIONING",), _clip_text_encode, "conditioning", "Encodes a text prompt with the CLIP model.",
@@ -1679,8 +1798,13 @@ class Execution:
                                  "chain to a side")
         # (one text a side goes to the pipeline as text, unless it holds what reads as an A1111 LoRA tag there: ComfyUI
         # reads `<lora:...>` as text, as the lists' own encoding does)
+        unclip = is_unclip(pipe)
+        if not unclip and any(dict(c.options).get("unclip") for c in entries):
+            raise ValueError("unCLIPConditioning is for an unCLIP model (SD 2.1 unCLIP, whose U-Net reads the image "
+                             f"embedding); {model.ckpt or 'this model'!r} does not read one")
+        # (an unCLIP model reads its class input on every entry: zeros where unCLIPConditioning gave none, as ComfyUI)
         simple = len(positive) == len(negative) == 1 and first.text is not None and negative[0].text is not None \
-            and not any(LORA_TAG.search(t) for t in (first.text, negative[0].text))
+            and not any(LORA_TAG.search(t) for t in (first.text, negative[0].text)) and not unclip
         areas = not simple and any(dict(c.options).get("area") is not None or dict(c.options).get("bounds")
                                    for c in entries)
         if areas and (first.concat is not None or first.controls or negative[0].controls):
@@ -1714,7 +1838,7 @@ class Execution:
         skip = None if first.clip.skip is None else \
             int(getattr(pipe.text_encoder, "clip_skip", 0) or 0) + first.clip.skip
         texts = ([first.text + tags] * n, [negative[0].text] * n) if simple else ([tags] * n, [""] * n)
-        lists = None if simple else functools.partial(_area_conditioning, positive, negative)
+        lists = None if simple else functools.partial(_area_conditioning, positive, negative, seed=seed)
         try:
             with self.run.using_clip_skip(skip):
                 result = pipe.generate(*texts, conditioning=lists, seeds=[seed] * n, steps=steps,
