@@ -300,6 +300,64 @@ OPENCLIP_BLOCK_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.ou
 OPENCLIP_DROPPED = ("text_projection", "text_projection.weight", "logit_scale", "attn_mask")
 
 
+# heads of the CLIP image towers in use (not visible in the weights: OpenCLIP's head_width, OpenAI's width / 64);
+# another width: width / 64
+CLIP_VISION_HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16}
+
+
+def openclip_visual_to_transformers(state: Mapping[str, Tensor], what: str, act: str = "gelu"
+                                    ) -> tuple[dict, dict[str, Tensor]]:
+    """A CLIP image tower in OpenCLIP's / OpenAI's names (`visual.*`, prefix removed: conv1, class_embedding,
+    positional_embedding, ln_pre, transformer.resblocks.N.*, ln_post, proj) -> (transformers' CLIPVisionConfig
+    arguments read off its shapes, CLIPVisionModelWithProjection's state dict). `act`: its MLP's activation (OpenAI's
+    towers quick_gelu, OpenCLIP's gelu)."""
+    for key in ("conv1.weight", "positional_embedding", "class_embedding", "proj", "ln_post.weight"):
+        if key not in state:
+            raise KeyMapError(f"{what}: no {key}; found {sorted(state)[:8]}")
+    conv, pos = state["conv1.weight"], state["positional_embedding"]
+    width, patch = conv.shape[0], conv.shape[2]
+    side = round((pos.shape[0] - 1) ** 0.5)
+    if conv.ndim != 4 or side * side != pos.shape[0] - 1:
+        raise KeyMapError(f"{what}: conv1 {tuple(conv.shape)} and positional_embedding {tuple(pos.shape)} are not a "
+                          "ViT's square grid of patches and a class token")
+    layers = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")), default=-1)
+    if not layers:
+        raise KeyMapError(f"{what}: no transformer.resblocks.*")
+    config = {"hidden_size": width, "patch_size": patch, "image_size": side * patch, "num_hidden_layers": layers,
+              "num_attention_heads": CLIP_VISION_HEADS.get(width, max(1, width // 64)),
+              "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+              "projection_dim": state["proj"].shape[1], "hidden_act": act, "layer_norm_eps": 1e-5}
+    out = {"vision_model.embeddings.patch_embedding.weight": conv,
+           "vision_model.embeddings.class_embedding": state["class_embedding"],
+           "vision_model.embeddings.position_embedding.weight": pos,
+           "visual_projection.weight": state["proj"].t().contiguous()}
+    names = {"ln_pre": "vision_model.pre_layrnorm", "ln_post": "vision_model.post_layernorm"}
+    unknown = []
+    for k, v in state.items():
+        if k in ("conv1.weight", "positional_embedding", "class_embedding", "proj"):
+            continue
+        module, _, leaf = k.rpartition(".")
+        if module in names:
+            out[f"{names[module]}.{leaf}"] = v
+        elif k.startswith("transformer.resblocks."):
+            _, _, layer, rest = k.split(".", 3)
+            base = f"vision_model.encoder.layers.{layer}."
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                for x, part in zip("qkv", v.chunk(3, dim=0)):
+                    out[base + f"self_attn.{x}_proj.{rest.rsplit('_', 1)[-1]}"] = part
+            elif rest.rpartition(".")[0] in OPENCLIP_BLOCK_RENAMES:
+                module, _, leaf = rest.rpartition(".")
+                out[base + OPENCLIP_BLOCK_RENAMES[module] + "." + leaf] = v
+            else:
+                unknown.append(k)
+        else:
+            unknown.append(k)
+    if unknown:
+        raise KeyMapError(f"{what}: unexpected weights {unknown[:6]}" + (f" ... ({len(unknown)})" if len(unknown) > 6
+                                                                         else ""))
+    return config, out
+
+
 def openclip_layers(state: Mapping[str, Tensor]) -> int:
     """Number of transformer blocks in an OpenCLIP text tower (prefix removed)."""
     ids = {int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")}

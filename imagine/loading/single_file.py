@@ -297,10 +297,18 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint",
     add_on = _add_on(state)
     if add_on:
         raise ValueError(f"{source} {add_on}")
-    if any(k.startswith(("noise_augmentor.", "embedder.model.visual.")) for k in keys):
-        raise ValueError(f"{source} looks like SD 2.1 unCLIP (an OpenCLIP image tower, embedder.*, and a noise "
-                         "augmentor beside the U-Net); imagine reads SD 2.1 unCLIP from its diffusers folder "
-                         "(image_encoder/, image_normalizer/, ...), not from a single file")
+    # SD 2.1 unCLIP (sd21-unclip-h / -l): its CLIP image tower (embedder.model.visual.*: OpenCLIP's ViT-H/14, or
+    # OpenAI's ViT-L/14 whose text half and pixel statistics, embedder.model.* / embedder.mean/std, are not used) and
+    # its noise augmentor's schedule buffers beside the U-Net
+    image_tower = {k[len(UNCLIP_TOWER_PREFIX):]: state[k] for k in keys if k.startswith(UNCLIP_TOWER_PREFIX)}
+    if any(k.startswith("noise_augmentor.") for k in keys) and not image_tower:
+        raise ValueError(f"{source} looks like SD 2.1 unCLIP (a noise augmentor, noise_augmentor.*) but has no CLIP "
+                         f"image tower ({UNCLIP_TOWER_PREFIX}*); it cannot embed a picture")
+    if image_tower:
+        # (OpenAI's tower, sd21-unclip-l's ClipImageEmbedder, comes with its text half; OpenCLIP's, -h's, alone)
+        openai = any(k.startswith("embedder.model.transformer.") for k in keys)
+        state = {k: v for k, v in state.items() if not k.startswith(("embedder.", "noise_augmentor."))}
+        keys = list(state)
     if any(k.startswith("depth_model.") for k in keys):  # AUTOMATIC1111 tells it by its MiDaS estimator's keys
         raise ValueError(f"{source} looks like SD 2 depth (stable-diffusion-2-depth: a MiDaS depth estimator, "
                          "depth_model.*, beside a U-Net that takes the depth map as a 5th channel); imagine runs "
@@ -315,7 +323,8 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str = "checkpoint",
     kind = "clip" if split["clip"] else "openclip" if split["openclip"] else None
     parts: dict[str, Any] = {"unet": split["unet"], "vae": split["vae"], "text": split[kind] if kind else {},
                              "text_kind": kind, "betas": state.get("betas"),
-                             "markers": {k for k in other if k in MARKERS}}
+                             "markers": {k for k in other if k in MARKERS}, "image_tower": image_tower,
+                             "image_tower_act": "quick_gelu" if image_tower and openai else "gelu"}
     other = [k for k in other if k not in MARKERS]
     if any(k.startswith(keymap.CLIP_PREFIX) for k in keys) and any(k.startswith(keymap.OPENCLIP_PREFIX) for k in keys):
         raise ValueError(f"{source} has both a CLIP (cond_stage_model.transformer.*) and an OpenCLIP "
@@ -500,9 +509,10 @@ def infer_unet_config(unet: dict[str, torch.Tensor], encoder_only: bool = False,
     if upscaler:  # the noise level of the low-resolution picture's augmentation, as a class label (one per level)
         cfg["num_class_embeds"] = unet["label_emb.weight"].shape[0]
     elif any(k.startswith("label_emb.") for k in unet):
-        raise ValueError(f"{what}: has a vector embedding (label_emb.0.*: SD 2.1 unCLIP's image embedding); imagine "
-                         "reads SD 2.1 unCLIP from its diffusers folder (image_encoder/, image_normalizer/, ...), not "
-                         "from a single file")
+        # SD 2.1 unCLIP's vector input (LDM's num_classes "sequential", adm_in_channels): the noised image embedding
+        # and its level's code, through Linear-SiLU-Linear into the time embedding (diffusers' "projection")
+        cfg["class_embed_type"] = "projection"
+        cfg["projection_class_embeddings_input_dim"] = _need(unet, "label_emb.0.0.weight", what, ndim=2).shape[1]
     return cfg, layers, attention
 
 
@@ -700,10 +710,11 @@ def build_clip_text_model(config: dict[str, Any], state: dict[str, torch.Tensor]
 
 
 def finish_clip_text_model(model, state: dict[str, torch.Tensor]):
-    """A transformers CLIP text model whose weights were assigned from `state`: the buffers outside the state dict,
+    """A transformers CLIP text (or vision) model whose weights were assigned from `state`: the buffers outside the state dict,
     still on the meta device, rebuilt (position_ids), or a clear error for one this loader does not know."""
     device = next(iter(state.values())).device
-    emb = getattr(model, "text_model", model).embeddings
+    emb = getattr(model, "text_model", None) or getattr(model, "vision_model", model)  # (a text or image tower)
+    emb = emb.embeddings
     if hasattr(emb, "position_ids"):
         n = emb.position_ids.shape[-1]
         emb.register_buffer("position_ids", torch.arange(n, device=device).expand(1, -1), persistent=False)
@@ -788,10 +799,19 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     # overrides what was inferred, sample_size included
     ucfg["sample_size"] = 128 if upscaler else 64
     ucfg.update(unet_config or {})
-    unet_weights = {k: v for k, v in parts["unet"].items() if k != "label_emb.weight"}
+    unet_weights = {k: v for k, v in parts["unet"].items() if not k.startswith("label_emb.")}
     mapped = keymap.unet_to_diffusers(unet_weights, layers, attention, ucfg["mid_block_type"] is not None)
     if upscaler:
         mapped["class_embedding.weight"] = parts["unet"]["label_emb.weight"]
+    unclip = ucfg.get("class_embed_type") == "projection"
+    if unclip:
+        if not parts["image_tower"]:
+            raise ValueError(f"{name}: its U-Net reads an image embedding (label_emb.0.*: SD 2.1 unCLIP) but the file "
+                             f"has no CLIP image tower ({UNCLIP_TOWER_PREFIX}*) to make one")
+        for i, layer in ((0, "linear_1"), (2, "linear_2")):
+            for leaf in ("weight", "bias"):
+                mapped[f"class_embedding.{layer}.{leaf}"] = _need(parts["unet"], f"label_emb.0.{i}.{leaf}",
+                                                                  f"{name} (U-Net)")
     text_kind = parts["text_kind"]
     sd2 = text_kind == "openclip"
     try:
@@ -801,6 +821,8 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
     unet = _build(UNet2DConditionModel, unet_cfg, mapped, f"{name} (U-Net)", dtype)
     if prediction_type is None and upscaler:
         prediction_type = X4_UPSCALER["prediction_type"]
+    if prediction_type is None and unclip:  # (the released configs, v2-1-stable-unclip-*-inference.yaml: v)
+        prediction_type = "v_prediction"
     if prediction_type is None:
         prediction_type = sd2_prediction_type(unet, global_step, name) if sd2 else "epsilon"
     if sd2 and prediction_type == "v_prediction" and not upscaler and "sample_size" not in (unet_config or {}):
@@ -854,9 +876,47 @@ def components_from_state(state: dict[str, torch.Tensor], source: str = "checkpo
             low_cfg = dict(low_cfg, trained_betas=low_betas.double().tolist(), num_train_timesteps=len(low_betas))
         low_res = NoiseSchedule.from_diffusers_config(low_cfg)
         defaults = {"max_noise_level": X4_UPSCALER["max_noise_level"], **X4_DEFAULTS}
+    embedder = image_noise = None
+    if unclip:
+        from imagine.loading.folder import UNCLIP_DEFAULTS
+
+        embedder, image_noise = unclip_parts(parts["image_tower"], name, dtype, parts["image_tower_act"])
+        if 2 * embedder.dim != unet_cfg.projection_class_embeddings_input_dim:
+            raise ValueError(f"{name}: the image tower projects to {embedder.dim} dimensions; the U-Net's image input "
+                             f"(label_emb.0.0) takes {unet_cfg.projection_class_embeddings_input_dim}, not twice that")
+        defaults.update(UNCLIP_DEFAULTS)
     return Components(unet=unet, text_encoder=text_encoder, schedule=schedule, prediction_type=prediction_type,
                       vae=vae, scheduler_config=sched_cfg, defaults=defaults, source=str(source),
-                      low_res_schedule=low_res)
+                      low_res_schedule=low_res, image_embedder=embedder, image_noise_schedule=image_noise)
+
+
+UNCLIP_TOWER_PREFIX = "embedder.model.visual."
+# SD 2.1 unCLIP's noise augmentor (LDM's CLIPEmbeddingNoiseAugmentation in the released configs): 1000 steps of the
+# squaredcos_cap_v2 schedule; its embedding statistics are not saved in the file (a non-persistent buffer, mean 0 and
+# std 1 unless its config names a stats file), so the identity, as ComfyUI runs these files
+UNCLIP_NOISE_SCHEDULE = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
+CLIP_PIXEL_MEAN, CLIP_PIXEL_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def unclip_parts(tower: dict[str, torch.Tensor], name: str, dtype: torch.dtype, act: str = "gelu"):
+    """An unCLIP file's image embedder (its CLIP vision tower in transformers' CLIPVisionModelWithProjection, CLIP's
+    picture processing at the tower's size, the identity statistics) and its augmentation's noise schedule."""
+    import transformers
+
+    from imagine.models.image_encoder import ImageEmbedder
+    from imagine.schedules import NoiseSchedule
+
+    config, state = keymap.openclip_visual_to_transformers(tower, f"{name} ({UNCLIP_TOWER_PREFIX}*)", act)
+    model = _build(transformers.CLIPVisionModelWithProjection, transformers.CLIPVisionConfig(**config), state,
+                   f"{name} (image tower)", dtype)
+    model = finish_clip_text_model(model, state)  # (its position_ids, built on the meta device)
+    kind = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    size = config["image_size"]
+    processor = kind(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                     image_mean=CLIP_PIXEL_MEAN, image_std=CLIP_PIXEL_STD)
+    width = config["projection_dim"]
+    embedder = ImageEmbedder(model, processor, torch.zeros(width), torch.ones(width))
+    return embedder, NoiseSchedule.from_diffusers_config(dict(UNCLIP_NOISE_SCHEDULE))
 
 
 # SD 2.1 Turbo (stabilityai/sd-turbo) is saved by Stability's sgm code: its OpenCLIP ViT-H tower sits where the SDXL
