@@ -183,8 +183,9 @@ def test_round_trip_through_folder(ip, tmp_path):
     loaded = EfficientUNet.from_pretrained(tmp_path / "unet")
     assert loaded.config == ours.config and not loaded.training
     a = inputs(ours.config, seed=10)
-    # (to float rounding: two runs may take other kernels, e.g. as the memory other processes leave changes)
-    assert relative(run_ours(loaded, a), run_ours(ours, a)) < 1e-6
+    # (to float rounding: two runs may take other kernels, e.g. as the memory other processes leave changes; 1.09e-6
+    # seen on an AVX2-only CPU, session 39; the weights themselves are checked equal below)
+    assert relative(run_ours(loaded, a), run_ours(ours, a)) < 5e-6
     assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(), ours.state_dict().values()))
 
 
