@@ -190,3 +190,27 @@ def test_a_model_with_another_checkpoints_texts_is_a_clear_error_and_memory_goes
         # a name the folder lacks, beside one it has: ComfyUI's validation error
         r = requests.post(srv.url + "/prompt", json={"prompt": refiner_graph(refiner="gamma.safetensors")})
         assert r.json()["node_errors"]["12"]["errors"][0]["type"] == "value_not_in_list"
+
+
+def test_a_second_checkpoint_that_does_not_load_is_a_validation_error(tmp_path):
+    """A prompt naming a checkpoint that fails to load beside the served one gets ComfyUI's 400 naming it; the
+    served model stays and serves the next prompt."""
+    from imagine.server import cli
+    from imagine.testing import make_tiny_model
+    from test_comfyui_api_s35 import graph
+
+    make_tiny_model(tmp_path / "models" / "alpha", seed=0)
+    (tmp_path / "models" / "broken.safetensors").write_bytes(b"not a checkpoint at all")
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["--ckpt-dir", str(tmp_path / "models"), "--model", str(tmp_path / "models" / "alpha"),
+                         "--threads", "1", "--comfyui-dir", str(tmp_path / "comfy")])
+    server = cli._checkpoint_server(args, ServerConfig(max_width=64, max_height=64, max_steps=20), None)
+    with BackgroundServer(server) as srv:
+        two = {**graph("alpha", batch=1), "20": {"class_type": "CheckpointLoaderSimple",
+                                                 "inputs": {"ckpt_name": "broken.safetensors"}}}
+        r = requests.post(srv.url + "/prompt", json={"prompt": two})
+        assert r.status_code == 400 and "broken.safetensors did not load" in r.json()["error"]["message"]
+        assert [c.name for c in server._apps] == ["alpha"]
+        _, entry = run(srv, graph("alpha", batch=1))
+        assert entry["status"]["status_str"] == "success", entry["status"]

@@ -146,3 +146,39 @@ def test_an_unclip_file_without_its_image_tower_is_refused_by_name(tmp_path):
     save_file({k: v for k, v in no_tower.items() if not k.startswith("noise_augmentor.")}, str(path))
     with pytest.raises(ValueError, match=r"reads an image embedding \(label_emb\.0\.\*: SD 2\.1 unCLIP\)"):
         load_single_file(path)
+
+
+def test_an_unclip_file_runs_from_the_cli_and_comfyuis_unclip_nodes(tmp_path):
+    """The file as users run it: `imagine generate --model FILE --init-image PIC` (the pipeline's variation, to the
+    byte), and `imagine serve`'s ComfyUI API with unCLIPCheckpointLoader on it (the picture's embedding reaches the
+    picture: without unCLIPConditioning it is another)."""
+    from PIL import Image
+
+    from imagine.cli import main
+    from imagine.loading.single_file import load_single_file
+    from imagine.pipelines.text_to_image import TextToImagePipeline
+    from imagine.server.app import BackgroundServer, ServerConfig, create_app
+    from test_comfyui_api_s35 import close, pictures, run
+    from test_comfyui_unclip_s39 import unclip_graph
+
+    ref = tiny_unclip_pipeline(tmp_path / "parts", "gelu")
+    path = tmp_path / "single" / "sd21-unclip-h.safetensors"
+    unclip_file(ref, path, False)
+    ours = TextToImagePipeline(load_single_file(path))
+    src, out = tmp_path / "pic.png", tmp_path / "var.png"
+    _picture(7).save(src)
+    assert main(["generate", "--model", str(path), "--init-image", str(src), "a red circle", "--steps", "4",
+                 "--seed", "2", "--noise-level", "50", "--height", "32", "--width", "32", "-o", str(out)]) == 0
+    want = ours.variations(Image.open(src).convert("RGB"), "a red circle", steps=4, seed=2, noise_level=50, height=32,
+                           width=32, progress=False).images[0]
+    assert Image.open(out).convert("RGB").tobytes() == want.tobytes()
+    app = create_app(ours, ServerConfig(max_width=64, max_height=64, max_steps=20), model_name="unclip",
+                     comfyui=str(tmp_path / "comfy"))
+    (tmp_path / "comfy" / "input").mkdir(parents=True, exist_ok=True)
+    _picture(0).save(tmp_path / "comfy" / "input" / "pic0.png")
+    with BackgroundServer(app) as srv:
+        _, entry = run(srv, unclip_graph())
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        _, plain = run(srv, unclip_graph(uses=()))
+        assert plain["status"]["status_str"] == "success", plain["status"]
+        assert not close(pictures(srv, entry)[0], pictures(srv, plain)[0])

@@ -710,7 +710,8 @@ def build_clip_text_model(config: dict[str, Any], state: dict[str, torch.Tensor]
 
 
 def finish_clip_text_model(model, state: dict[str, torch.Tensor]):
-    """A transformers CLIP text (or vision) model whose weights were assigned from `state`: the buffers outside the state dict,
+    """A transformers CLIP text (or vision) model whose weights were assigned from `state`: the buffers outside the
+    state dict,
     still on the meta device, rebuilt (position_ids), or a clear error for one this loader does not know."""
     device = next(iter(state.values())).device
     emb = getattr(model, "text_model", None) or getattr(model, "vision_model", model)  # (a text or image tower)

@@ -811,7 +811,8 @@ def _ksampler_select(ctx, sampler_name):
 
 def _sigmas_of(ctx, model: Model, scheduler: str, steps: int) -> torch.Tensor:
     # (its calculate_sigmas: the scheduler's levels over the model's range, as KSampler lays them out, no discard)
-    plan = ctx.pipe_of(model.ckpt).schedule.plan(int(steps), sigma_schedule=SCHEDULERS[scheduler], sigma_range="comfyui")
+    plan = ctx.pipe_of(model.ckpt).schedule.plan(int(steps), sigma_schedule=SCHEDULERS[scheduler],
+                                                 sigma_range="comfyui")
     return plan.sigmas.float()
 
 
