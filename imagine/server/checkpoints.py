@@ -297,7 +297,6 @@ class CheckpointServer:
                 self._open.set()
 
     async def _comfyui_prompt(self, scope, receive, send):
-
         """ComfyUI's POST /prompt: on the model its CheckpointLoaderSimple names (changed to first, and kept, as ComfyUI
         keeps the model it loaded); the model stays until the prompt's job ends (`_hold_for`). A prompt that names
         several (SDXL's base and refiner, a second model for a hires. fix pass) runs on the one served if it is among
@@ -385,7 +384,7 @@ class CheckpointServer:
             await self._idle.wait()
             if target not in self._apps and len(self._apps) >= max(self.keep, 1 + len(beside)):
                 self._ready.clear()  # (the model served leaves memory first: every request waits for the new one)
-            await run_in_threadpool(self._serve, target)
+            await run_in_threadpool(self._serve, target, list(beside))
             if beside:
                 await run_in_threadpool(self._load_beside, target, list(beside))
         finally:
@@ -418,11 +417,16 @@ class CheckpointServer:
         app = self._apps.get(c) if c is not None else None
         return app.state.pipe if app is not None else None
 
-    def _serve(self, target: Checkpoint) -> None:
+    def _serve(self, target: Checkpoint, beside: list[Checkpoint] = ()) -> None:
+        # (`beside`: a ComfyUI prompt's other checkpoints, kept if in memory: the most recent, they leave last)
+        for c in beside:
+            if c in self._apps:
+                self._apps.move_to_end(c)
+        room = max(self.keep, 1 + len(beside))
         if target in self._apps:
             self._apps.move_to_end(target)
             self.current = target
-            self._make_room(self.keep)  # (a ComfyUI prompt's others, loaded beside the one it ran on, go now)
+            self._make_room(room)  # (a ComfyUI prompt's others, loaded beside the one it ran on, go now)
             return
         before = self.current
         if before not in self._apps:  # (after an unload: nothing to go back to if it fails; the next request retries)
@@ -433,7 +437,7 @@ class CheckpointServer:
                                     "model is loaded", "sd_model_checkpoint") from None
             self.current = target
             return
-        self._make_room(self.keep - 1)  # (before loading: two models of several GB need not fit at once)
+        self._make_room(room - 1)  # (before loading: two models of several GB need not fit at once)
         try:
             app = self._started(target)
         except Exception as e:
