@@ -1145,6 +1145,79 @@ def _image_scale_by(ctx, image, upscale_method, scale_by):
     return (ctx.scaled(x, upscale_method, w, h, "disabled").movedim(1, -1),)
 
 
+def _image_scale_to_total_pixels(ctx, image, upscale_method, megapixels):
+    # (comfy_extras/nodes_post_processing.py: the side lengths that hold `megapixels` x 1024^2 pixels, the aspect kept)
+    x = image.movedim(-1, 1)
+    scale = math.sqrt(int(float(megapixels) * 1024 * 1024) / (x.shape[3] * x.shape[2]))
+    return (ctx.scaled(x, upscale_method, round(x.shape[3] * scale), round(x.shape[2] * scale), "disabled")
+            .movedim(1, -1),)
+
+
+def _image_crop(ctx, image, width, height, x, y):
+    # (nodes_images.py's ImageCrop: the corner held inside the picture, the crop cut at its edges)
+    x, y = min(int(x), image.shape[2] - 1), min(int(y), image.shape[1] - 1)
+    return (image[:, y:y + int(height), x:x + int(width), :],)
+
+
+def _repeat_image_batch(ctx, image, amount):
+    return (image.repeat((int(amount), 1, 1, 1)),)
+
+
+def _image_from_batch(ctx, image, batch_index, length):
+    first = min(image.shape[0] - 1, int(batch_index))
+    return (image[first:first + min(image.shape[0] - first, int(length))].clone(),)
+
+
+BLEND_MODES = ("normal", "multiply", "screen", "overlay", "soft_light", "difference")
+
+
+def _image_blend(ctx, image1, image2, blend_factor, blend_mode):
+    # (nodes_post_processing.py's ImageBlend: image2 brought to image1's size (bicubic, centre crop), blended by the
+    # mode, then mixed with image1 by the factor, clamped to [0, 1])
+    a = image1
+    b = image2 if image2.shape == a.shape else \
+        _upscale(image2.movedim(-1, 1), "bicubic", a.shape[2], a.shape[1], "center").movedim(1, -1)
+    soft = torch.where(a <= 0.25, ((16 * a - 12) * a + 4) * a, torch.sqrt(a))
+    blended = {"normal": lambda: b, "multiply": lambda: a * b, "screen": lambda: 1 - (1 - a) * (1 - b),
+               "overlay": lambda: torch.where(a <= 0.5, 2 * a * b, 1 - 2 * (1 - a) * (1 - b)),
+               "soft_light": lambda: torch.where(b <= 0.5, a - (1 - 2 * b) * a * (1 - a), a + (2 * b - 1) * (soft - a)),
+               "difference": lambda: a - b}[blend_mode]()
+    f = float(blend_factor)
+    return (torch.clamp(a * (1 - f) + blended * f, 0, 1),)
+
+
+def _gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
+    # (its gaussian_kernel: exp(-d^2 / 2 sigma^2) over a size x size grid spanning [-1, 1], summing to 1; d squared
+    # after its square root, as it rounds)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    d = torch.sqrt(x * x + y * y)
+    g = torch.exp(-(d * d) / (2.0 * sigma * sigma))
+    return g / g.sum()
+
+
+def _filtered(image: torch.Tensor, kernel: torch.Tensor, radius: int) -> torch.Tensor:
+    # (a kernel per channel over the picture reflect-padded by the radius, as its blur and sharpen run it)
+    c = image.shape[3]
+    x = torch.nn.functional.pad(image.permute(0, 3, 1, 2), (radius,) * 4, "reflect")
+    out = torch.nn.functional.conv2d(x, kernel.repeat(c, 1, 1).unsqueeze(1), padding=kernel.shape[0] // 2, groups=c)
+    return out[:, :, radius:-radius, radius:-radius].permute(0, 2, 3, 1)
+
+
+def _image_blur(ctx, image, blur_radius, sigma):
+    r = int(blur_radius)
+    return (image if r == 0 else _filtered(image, _gaussian_kernel(2 * r + 1, float(sigma)), r),)
+
+
+def _image_sharpen(ctx, image, sharpen_radius, sigma, alpha):
+    # (its kernel: the Gaussian times -10 alpha, its centre raised so that it sums to 1; clamped after)
+    r = int(sharpen_radius)
+    if r == 0:
+        return (image,)
+    kernel = _gaussian_kernel(2 * r + 1, float(sigma)) * -(float(alpha) * 10)
+    kernel[r, r] = kernel[r, r] - kernel.sum() + 1.0
+    return (torch.clamp(_filtered(image, kernel, r), 0, 1),)
+
+
 def _image_invert(ctx, image):
     return (1.0 - image,)
 
@@ -1469,6 +1542,34 @@ NODES: dict[str, Node] = {
         lambda s: {"required": {"image": ("IMAGE",), "upscale_method": ([*UPSCALE_METHODS, "lanczos"],),
                                 "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01})}},
         ("IMAGE",), _image_scale_by, "image/upscaling", display_name="Upscale Image By"),
+    "ImageScaleToTotalPixels": Node(
+        lambda s: {"required": {"image": ("IMAGE",), "upscale_method": ([*UPSCALE_METHODS, "lanczos"],),
+                                "megapixels": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 16.0, "step": 0.01})}},
+        ("IMAGE",), _image_scale_to_total_pixels, "image/upscaling", display_name="ImageScaleToTotalPixels"),
+    "ImageCrop": Node(
+        lambda s: {"required": {"image": ("IMAGE",), "width": _int(512, 1, MAX_RESOLUTION),
+                                "height": _int(512, 1, MAX_RESOLUTION), "x": _int(0, 0, MAX_RESOLUTION),
+                                "y": _int(0, 0, MAX_RESOLUTION)}},
+        ("IMAGE",), _image_crop, "image/transform", display_name="ImageCrop"),
+    "RepeatImageBatch": Node(lambda s: {"required": {"image": ("IMAGE",), "amount": _int(1, 1, 4096)}}, ("IMAGE",),
+                             _repeat_image_batch, "image/batch", display_name="RepeatImageBatch"),
+    "ImageFromBatch": Node(
+        lambda s: {"required": {"image": ("IMAGE",), "batch_index": _int(0, 0, 4095), "length": _int(1, 1, 4096)}},
+        ("IMAGE",), _image_from_batch, "image/batch", display_name="ImageFromBatch"),
+    "ImageBlend": Node(
+        lambda s: {"required": {"image1": ("IMAGE",), "image2": ("IMAGE",),
+                                "blend_factor": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01}),
+                                "blend_mode": (list(BLEND_MODES),)}},
+        ("IMAGE",), _image_blend, "image/postprocessing", display_name="Image Blend"),
+    "ImageBlur": Node(
+        lambda s: {"required": {"image": ("IMAGE",), "blur_radius": _int(1, 1, 31),
+                                "sigma": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1})}},
+        ("IMAGE",), _image_blur, "image/postprocessing", display_name="Image Blur"),
+    "ImageSharpen": Node(
+        lambda s: {"required": {"image": ("IMAGE",), "sharpen_radius": _int(1, 1, 31),
+                                "sigma": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.01}),
+                                "alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.01})}},
+        ("IMAGE",), _image_sharpen, "image/postprocessing", display_name="Image Sharpen"),
     "ImageInvert": Node(lambda s: {"required": {"image": ("IMAGE",)}}, ("IMAGE",), _image_invert, "image",
                         display_name="Invert Image"),
     "ImageBatch": Node(lambda s: {"required": {"image1": ("IMAGE",), "image2": ("IMAGE",)}}, ("IMAGE",),
