@@ -142,3 +142,43 @@ def test_scale_to_total_pixels_crop_and_batches(server):
     r = requests.post(srv.url + "/prompt", json={"prompt": {**g, "5": {**g["5"], "inputs": {
         **g["5"]["inputs"], "length": 0}}}})
     assert r.json()["node_errors"]["5"]["errors"][0]["type"] == "value_smaller_than_min"
+
+
+def test_latent_math_and_batch_seed_behavior(server):
+    """LatentAdd / LatentSubtract / LatentMultiply / LatentBatch as nodes_latent.py's (the second brought to the
+    first's size bilinearly after a centre crop, its batch repeated to the first's; LatentBatch's places kept for the
+    noise); LatentBatchSeedBehavior "fixed" gives every image of a batch the first one's start noise (so one picture
+    a deterministic sampler makes from an empty latent), "random" each its own."""
+    from imagine.server import comfyui as c
+
+    a = {"samples": torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(1))}
+    b = {"samples": torch.randn(1, 4, 3, 4, generator=torch.Generator().manual_seed(2)), "batch_index": [5]}
+    b2 = F.interpolate(b["samples"], size=(6, 8), mode="bilinear").repeat(2, 1, 1, 1)  # (same aspect: no crop)
+    assert torch.allclose(c._latent_add(None, a, b)[0]["samples"], a["samples"] + b2)
+    assert torch.allclose(c._latent_subtract(None, a, b)[0]["samples"], a["samples"] - b2)
+    assert torch.equal(c._latent_multiply(None, a, -0.5)[0]["samples"], a["samples"] * -0.5)
+    batched = c._latent_batch(None, a, b)[0]
+    assert torch.allclose(batched["samples"], torch.cat([a["samples"], b2[:1]])) and batched["batch_index"] == [0, 1, 5]
+    assert c._latent_batch_seed_behavior(None, batched, "fixed")[0]["batch_index"] == [0, 0, 0]
+    assert "batch_index" not in c._latent_batch_seed_behavior(None, batched, "random")[0]
+    srv, _ = server
+
+    def graph(behavior):
+        return {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny"}},
+                "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
+                "11": {"class_type": "LatentBatchSeedBehavior", "inputs": {"samples": ["5", 0],
+                                                                           "seed_behavior": behavior}},
+                "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["4", 1]}},
+                "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+                "3": {"class_type": "KSampler", "inputs": {
+                    "model": ["4", 0], "seed": 3, "steps": 3, "cfg": 3.0, "sampler_name": "euler",
+                    "scheduler": "normal", "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["11", 0],
+                    "denoise": 1.0}},
+                "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+                "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "seeds"}}}
+
+    _, fixed = run(srv, graph("fixed"))
+    _, free = run(srv, graph("random"))
+    fixed, free = pictures(srv, fixed), pictures(srv, free)
+    assert all(np.array_equal(p, fixed[0]) for p in fixed) and np.array_equal(fixed[0], free[0])
+    assert not np.array_equal(free[0], free[1])

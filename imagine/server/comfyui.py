@@ -742,6 +742,48 @@ def _latent_blend(ctx, samples1, samples2, blend_factor):
     return ({**samples1, "samples": a * float(blend_factor) + b * (1 - float(blend_factor))},)
 
 
+def _reshaped_to(shape, z: torch.Tensor, repeat_batch: bool = True) -> torch.Tensor:
+    # (comfy_extras/nodes_latent.py's reshape_latent_to: bilinear to the target's size after a centre crop, then the
+    # batch repeated or cut to the target's, its repeat_to_batch_size)
+    if z.shape[1:] != shape[1:]:
+        z = _upscale(z, "bilinear", shape[-1], shape[-2], "center")
+    if repeat_batch and z.shape[0] != shape[0]:
+        z = z.repeat([math.ceil(shape[0] / z.shape[0])] + [1] * (z.ndim - 1))[:shape[0]]
+    return z
+
+
+def _latent_add(ctx, samples1, samples2):
+    a = samples1["samples"]
+    return ({**samples1, "samples": a + _reshaped_to(a.shape, samples2["samples"])},)
+
+
+def _latent_subtract(ctx, samples1, samples2):
+    a = samples1["samples"]
+    return ({**samples1, "samples": a - _reshaped_to(a.shape, samples2["samples"])},)
+
+
+def _latent_multiply(ctx, samples, multiplier):
+    return ({**samples, "samples": samples["samples"] * float(multiplier)},)
+
+
+def _latent_batch(ctx, samples1, samples2):
+    # (the two batches one after the other, each image keeping its place for the start noise, its batch_index)
+    a = samples1["samples"]
+    b = _reshaped_to(a.shape, samples2["samples"], repeat_batch=False)
+    index = list(samples1.get("batch_index", range(a.shape[0]))) + list(samples2.get("batch_index", range(b.shape[0])))
+    return ({**samples1, "samples": torch.cat((a, b), dim=0), "batch_index": index},)
+
+
+def _latent_batch_seed_behavior(ctx, samples, seed_behavior):
+    # ("random": each image its own place's noise; "fixed": every image the first one's)
+    out = dict(samples)
+    if seed_behavior == "random":
+        out.pop("batch_index", None)
+    else:
+        out["batch_index"] = [list(samples.get("batch_index", [0]))[0]] * samples["samples"].shape[0]
+    return (out,)
+
+
 def _latent_crop(ctx, samples, width, height, x, y):
     z = samples["samples"]
     x, y = min(int(x) // 8, z.shape[3] - 8), min(int(y) // 8, z.shape[2] - 8)  # (at least 8 cells left, as its)
@@ -1594,6 +1636,19 @@ NODES: dict[str, Node] = {
                                 "x": _int(0, 0, MAX_RESOLUTION, 8), "y": _int(0, 0, MAX_RESOLUTION, 8),
                                 "feather": _int(0, 0, MAX_RESOLUTION, 8)}},
         ("LATENT",), _latent_composite, "latent", display_name="Latent Composite"),
+    "LatentAdd": Node(lambda s: {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",)}}, ("LATENT",),
+                      _latent_add, "latent/advanced", display_name="LatentAdd"),
+    "LatentSubtract": Node(lambda s: {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",)}}, ("LATENT",),
+                           _latent_subtract, "latent/advanced", display_name="LatentSubtract"),
+    "LatentMultiply": Node(
+        lambda s: {"required": {"samples": ("LATENT",),
+                                "multiplier": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})}},
+        ("LATENT",), _latent_multiply, "latent/advanced", display_name="LatentMultiply"),
+    "LatentBatch": Node(lambda s: {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",)}}, ("LATENT",),
+                        _latent_batch, "latent/batch", display_name="LatentBatch"),
+    "LatentBatchSeedBehavior": Node(
+        lambda s: {"required": {"samples": ("LATENT",), "seed_behavior": (["random", "fixed"], {"default": "fixed"})}},
+        ("LATENT",), _latent_batch_seed_behavior, "latent/advanced", display_name="LatentBatchSeedBehavior"),
     "LatentBlend": Node(
         lambda s: {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",), "blend_factor": _fraction(0.5)}},
         ("LATENT",), _latent_blend, "_for_testing", display_name="Latent Blend"),
