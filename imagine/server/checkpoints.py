@@ -386,21 +386,17 @@ class CheckpointServer:
                 self._ready.clear()  # (the model served leaves memory first: every request waits for the new one)
             await run_in_threadpool(self._serve, target, list(beside))
             if beside:
-                await run_in_threadpool(self._load_beside, target, list(beside))
+                await run_in_threadpool(self._load_beside, list(beside))
         finally:
             self._ready.set()
             if was_open:
                 self._open.set()
 
-    def _load_beside(self, target: Checkpoint, beside: list[Checkpoint]) -> None:
-        """The checkpoints `beside` in memory with `target` (the others kept stay before them; those least recently
-        served leave first to make room)."""
-        wanted = [target, *beside]
-        for c in wanted:
-            if c in self._apps:
-                self._apps.move_to_end(c)
+    def _load_beside(self, beside: list[Checkpoint]) -> None:
+        """The checkpoints `beside` in memory with the one served, after `_serve(target, beside)` made them (those there
+        already) the most recent: those least recently served leave first to make room."""
         missing = [c for c in beside if c not in self._apps]
-        room = max(self.keep, len(wanted)) - len(missing)
+        room = max(self.keep, 1 + len(beside)) - len(missing)
         self._make_room(room)  # (those wanted are the most recent: they stay)
         for c in missing:
             try:

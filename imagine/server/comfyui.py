@@ -308,7 +308,7 @@ def _unclip_checkpoint(ctx, ckpt_name):
     if embedder is None or embedder.encoder is None:
         raise ValueError(f"ckpt_name {ckpt_name!r} is not an unCLIP model (SD 2.1 unCLIP: a U-Net that reads a CLIP "
                          "image embedding, with its image tower): load it with CheckpointLoaderSimple")
-    return (Model(ckpt_name), Clip(ckpt=ckpt_name), Vae(ckpt_name), ClipVision(ckpt_name))
+    return (*_checkpoint(ctx, ckpt_name), ClipVision(ckpt_name))
 
 
 def comfyui_clip_preprocess(image: torch.Tensor, size: int, mean, std, crop: bool = True) -> torch.Tensor:
@@ -747,9 +747,7 @@ def _reshaped_to(shape, z: torch.Tensor, repeat_batch: bool = True) -> torch.Ten
     # batch repeated or cut to the target's, its repeat_to_batch_size)
     if z.shape[1:] != shape[1:]:
         z = _upscale(z, "bilinear", shape[-1], shape[-2], "center")
-    if repeat_batch and z.shape[0] != shape[0]:
-        z = z.repeat([math.ceil(shape[0] / z.shape[0])] + [1] * (z.ndim - 1))[:shape[0]]
-    return z
+    return _batched(z, shape[0]) if repeat_batch else z
 
 
 def _latent_add(ctx, samples1, samples2):
