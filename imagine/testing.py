@@ -72,3 +72,49 @@ def make_image_folder(root: str | Path, n: int = 24, size: int = 16, bad: int = 
         lines.append({"file_name": f"nocap{j}.png"})
     (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     return root
+
+
+def run_cli(*argv, check: bool = False, threads: int | None = None):
+    """`imagine ARGV` in this process, reported as a subprocess would be (a CompletedProcess: exit code, stdout,
+    stderr), for tests. A new interpreter spends 3-5 s importing torch before it reads a flag; this spends none.
+    What a command changes for the whole process (torch's threads, deterministic algorithms, the global RNG, the
+    environment) is put back after it, so the tests after it see none of it. `threads`: torch's threads during the
+    command (None: this process's). A command that must be killed or signalled still needs a process of its own."""
+    import contextlib
+    import io
+    import logging
+    import os
+    import subprocess
+
+    from imagine.cli import main
+
+    argv = [str(a) for a in argv]
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.random.get_rng_state(), dict(os.environ))
+    out, err = io.StringIO(), io.StringIO()
+    # (its log to its stderr, as main's logging.basicConfig would send it in a process of its own)
+    handler, root = logging.StreamHandler(err), logging.getLogger()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    level = root.level
+    root.setLevel(logging.INFO if {"-v", "--verbose"} & set(argv) else logging.WARNING)
+    root.addHandler(handler)
+    torch.set_num_threads(threads or saved[0])
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # (argparse's usage errors)
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        threads_before, deterministic, warn_only, rng, environ = saved
+        torch.set_num_threads(threads_before)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.random.set_rng_state(rng)
+        os.environ.clear()
+        os.environ.update(environ)
+    result = subprocess.CompletedProcess(["imagine", *argv], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise subprocess.CalledProcessError(code, result.args, result.stdout, result.stderr)
+    return result

@@ -2,8 +2,6 @@
 (Its judge score is a benchmark result in docs/default-model.md, not a test.)"""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -50,8 +48,10 @@ def test_odd_prompts_give_an_image(pipe, prompt):
 
 
 def test_cli_errors_are_clear(tmp_path):
+    from imagine.testing import run_cli
+
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "imagine.cli", "generate", *args], capture_output=True, text=True)
+        return run_cli("generate", *args)
 
     r = run("a red circle", "--sampler", "nope", "-o", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "unknown sampler 'nope'" in r.stderr and "dpmpp_2m" in r.stderr

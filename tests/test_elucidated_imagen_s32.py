@@ -246,6 +246,7 @@ def elucidated_stage(image_size: int, previous=None, **imagen):
     return cfg
 
 
+# (the tests on it are one xdist group: trained once, not on each worker)
 @pytest.fixture(scope="module")
 def edm_base(tmp_path_factory):
     from test_imagen_train_s31 import train
@@ -253,6 +254,7 @@ def edm_base(tmp_path_factory):
     return train(tmp_path_factory.mktemp("edm"), "base", elucidated_stage(16))
 
 
+@pytest.mark.xdist_group("edm_base")
 def test_an_elucidated_stage_trains_resumes_and_exports(edm_base, tmp_path):
     import json
 
@@ -273,6 +275,7 @@ def test_an_elucidated_stage_trains_resumes_and_exports(edm_base, tmp_path):
     assert same_exported_stage(edm_base, resumed)
 
 
+@pytest.mark.xdist_group("edm_base")
 def test_an_elucidated_super_resolution_stage_on_its_base(edm_base, tmp_path):
     from test_imagen_train_s31 import stage_config, train
 
@@ -287,6 +290,7 @@ def test_an_elucidated_super_resolution_stage_on_its_base(edm_base, tmp_path):
         ImagenTask(stage_config(32, previous=edm_base / "model", model=elucidated_stage(32, edm_base)["model"]))
 
 
+@pytest.mark.xdist_group("edm_base")
 def test_the_stage_draws_its_levels_from_its_lognormal(edm_base):
     """ln(sigma) ~ N(P_mean, P_std^2): the levels the U-Net is told (c_noise = ln(sigma) / 4) over 40 batches of 8."""
     from imagine.train.imagen_task import ImagenTask
@@ -499,6 +503,7 @@ def test_karras_spacing_brings_few_step_runs_nearer_the_ode(sampler, factor):
             text_embeds=text, schedule_type="uniform", progress=False)
 
 
+@pytest.mark.xdist_group("edm_base")
 def test_shapes_eval_runs_an_elucidated_cascade(edm_base):
     import argparse
 

@@ -84,22 +84,19 @@ def test_bad_hat_files_are_named():
 def test_a_hat_file_through_imagine_upscale_and_a_dat_one_by_a1111s_name(tmp_path):
     """The command end to end with a HAT .safetensors (A1111's tiling: its ESRGAN folder runs spandrel's models through
     upscale_with_model), equal to imagine.upscalers.a1111_upscale in this process; A1111's "DAT x2" is DAT_x2.pth."""
-    import subprocess
-    import sys
-
     import numpy as np
     from PIL import Image
     from safetensors.torch import save_file
 
+    from imagine.testing import run_cli
     from imagine.upscalers import a1111_upscale, upscaler_named
     from test_dat_s38 import spandrel_dat
 
     save_file(spandrel_hat(5), str(tmp_path / "4x-HAT-test.safetensors"))
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8))
     picture.save(tmp_path / "in.png")
-    r = subprocess.run([sys.executable, "-m", "imagine.cli", "upscale", str(tmp_path / "in.png"), "-m",
-                        str(tmp_path / "4x-HAT-test.safetensors"), "--tiling", "a1111",
-                        "-o", str(tmp_path / "out.png")], capture_output=True, text=True)
+    r = run_cli("upscale", tmp_path / "in.png", "-m", tmp_path / "4x-HAT-test.safetensors", "--tiling", "a1111",
+                "-o", tmp_path / "out.png")
     assert r.returncode == 0, r.stderr
     out = Image.open(tmp_path / "out.png")
     model = upscale_model_from_state(spandrel_hat(5))

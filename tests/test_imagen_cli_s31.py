@@ -1,6 +1,6 @@
 """`imagine generate --model` on Imagen cascades (session 31): an imagen-pytorch trainer checkpoint file, its prompts
 read by a local T5 (--text-encoder), and imagine's own cascade folder (ImagenPipeline.save_pretrained), run through
-`python -m imagine.cli` in a subprocess.
+imagine.cli's main in this process as `imagine generate` (imagine.testing.run_cli: exit code, stdout, stderr).
 
 The truth is imagen-pytorch 2.1.0 on the same weights: its own loader (load_imagen_from_checkpoint, the 'model' or the
 EMA unets) and Imagen.sample after torch.manual_seed(seed), the prompts encoded by its own t5_encode_text on the same
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -30,19 +29,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ip = imagen_peer.load()
 
 from imagine.pipelines.imagen import ImagenPipeline  # noqa: E402
+from imagine.testing import run_cli  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 T5_NAME = "tiny-t5"  # (the checkpoint's text_encoder_name, under which the peer finds the tiny T5)
 MINILM_DIM = 384  # all-MiniLM-L6-v2's width, the folder cascade's text_embed_dim
 PROMPT = "a red circle on the left"
-# one thread in the subprocess as in this one (one_thread): the same float32 sums, so pictures equal to the pixel
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def cli(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "imagine.cli", "generate", *map(str, argv), "-q"], env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    # (on one thread, as this module's own sampling (one_thread): the same float32 sums, so pictures equal to the pixel)
+    return run_cli("generate", *argv, "-q", threads=1)
 
 
 def peer_imagen(unets, text_embed_dim: int, timesteps=TIMESTEPS):

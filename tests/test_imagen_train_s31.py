@@ -17,6 +17,9 @@ from imagine.diffusion import continuous_training_loss
 
 TEXT_DIM = 16
 
+# (one xdist worker takes the module: base_run, the stage its tests read, trained once and not on each worker)
+pytestmark = pytest.mark.xdist_group("imagen_train_s31")
+
 
 def _peer_imagen(ip, objective, min_snr_gamma, schedule="cosine"):
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from imagine.models import io
+from imagine import testing
 from imagine.testing import make_image_folder as make_folder
 from imagine.train.config import load_config
 
@@ -38,9 +39,9 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     return path
 
 
-def run_cli(*args, check=True, env=None):
-    return subprocess.run([sys.executable, "-m", "imagine.cli", *map(str, args)], capture_output=True, text=True,
-                          check=check, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+def run_cli(*args, check=True):
+    # (in this process: imagine.testing.run_cli; the kill test below needs a process of its own)
+    return testing.run_cli(*args, check=check)
 
 
 def test_vae_loss_falls_and_psnr_reported(tmp_path):

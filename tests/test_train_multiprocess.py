@@ -32,7 +32,9 @@ TINY_UNET = {"sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_c
              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 2,
              "cross_attention_dim": 384, "norm_num_groups": 4}
 
-pytestmark = pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
+# (one xdist worker takes the whole module: its runs, a minute of training, once and not on each worker)
+pytestmark = [pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed"),
+              pytest.mark.xdist_group("train_multiprocess")]
 
 
 def write_config(path: Path, data: Path, **train) -> Path:

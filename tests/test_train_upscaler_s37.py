@@ -50,9 +50,10 @@ def train(tmp_path, cfg, *extra):
 def test_it_learns_to_beat_bicubic_and_exports_an_upscaler_model(tmp_path):
     from imagine.upscalers import load_upscale_model, upscale_image
 
-    result = train(tmp_path, config(max_steps=600, eval_every=600))
+    result = train(tmp_path, config(max_steps=300, eval_every=300))
     ev = result["eval"]
-    assert ev["psnr"] > ev["psnr_bicubic"] + 3.0, ev  # (mean PSNR over held-out scenes; 40.5 against 33.3 seen)
+    # (mean PSNR over held-out scenes: 38.2 against 33.3 seen after 300 steps, 40.5 after 600)
+    assert ev["psnr"] > ev["psnr_bicubic"] + 3.0, ev
     model = load_upscale_model(tmp_path / "run" / "model")
     assert (model.scale, model.architecture) == (2, "Real-ESRGAN Compact")
     from PIL import Image
@@ -66,7 +67,7 @@ def test_it_learns_to_beat_bicubic_and_exports_an_upscaler_model(tmp_path):
         assert out.size == (128, 128)
         ours += ((np.asarray(out, np.float64) - truth) ** 2).mean()
         bicubic += ((np.asarray(small.resize((128, 128), Image.BICUBIC), np.float64) - truth) ** 2).mean()
-    assert ours < 0.95 * bicubic, (ours / 20, bicubic / 20)  # (24.7 against 28.6 seen)
+    assert ours < 0.95 * bicubic, (ours / 20, bicubic / 20)  # (24.8 against 28.6 seen)
 
 
 def exported(folder):

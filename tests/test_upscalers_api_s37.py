@@ -226,11 +226,9 @@ def test_comfyui_upscale_image_using_model(pipe, folder, tmp_path):
 
 
 def test_generate_with_a_model_upscaler_and_an_infotext_naming_one(pipe, folder, tmp_path):
-    import subprocess
-    import sys
-
     from imagine.commands.generate import infotext_defaults
     from imagine.images import parse_a1111_parameters
+    from imagine.testing import run_cli
 
     text = ("a cat\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 16x16, Denoising strength: 0.5, "
             "Hires upscale: 2, Hires upscaler: R-ESRGAN 2x+")
@@ -240,16 +238,14 @@ def test_generate_with_a_model_upscaler_and_an_infotext_naming_one(pipe, folder,
     assert missing["hires_upscaler"] == "lanczos"
     assert any("R-ESRGAN 2x+ (upscaled with Lanczos here" in n for n in missing["_infotext_notes"])
     model_dir = pipe.c.source
-    r = subprocess.run([sys.executable, "-m", "imagine.cli", "generate", "a red circle", "--model", str(model_dir),
-                        "--steps", "2", "--width", "16", "--height", "16", "--hires-scale", "2", "--hires-upscaler",
-                        "R-ESRGAN 2x+", "--upscaler-dir", str(folder), "-o", str(tmp_path / "h.png"), "-q"],
-                       capture_output=True, text=True)
+    r = run_cli("generate", "a red circle", "--model", model_dir, "--steps", 2, "--width", 16, "--height", 16,
+                "--hires-scale", 2, "--hires-upscaler", "R-ESRGAN 2x+", "--upscaler-dir", folder, "-o", tmp_path / "h.png",
+                "-q")
     assert r.returncode == 0, r.stderr
     out = Image.open(tmp_path / "h.png")
     assert out.size == (32, 32) and "Hires upscaler: R-ESRGAN 2x+" in out.info["parameters"]
-    r = subprocess.run([sys.executable, "-m", "imagine.cli", "generate", "x", "--model", str(model_dir),
-                        "--hires-scale", "2", "--hires-upscaler", "R-ESRGAN 2x", "--upscaler-dir", str(folder)],
-                       capture_output=True, text=True)
+    r = run_cli("generate", "x", "--model", model_dir, "--hires-scale", 2, "--hires-upscaler", "R-ESRGAN 2x",
+                "--upscaler-dir", folder)
     assert r.returncode == 2 and "did you mean 'R-ESRGAN 2x+'" in r.stderr and "models in" in r.stderr, r.stderr
 
 

@@ -352,11 +352,10 @@ def test_the_fast_precision_is_close_and_the_copies_are_shared():
         model.with_precision("half")
 
 
-def test_the_upscale_command(tmp_path):
-    import subprocess
-    import sys
-
+def test_the_upscale_command(tmp_path, monkeypatch):
     from PIL import PngImagePlugin
+
+    from imagine.testing import run_cli
 
     torch.save({"params_ema": spandrel_compact(2, convs=1, seed=19)}, tmp_path / "realesr-animevideov3.pth")
     info = PngImagePlugin.PngInfo()
@@ -364,9 +363,10 @@ def test_the_upscale_command(tmp_path):
     picture(10, 7).save(tmp_path / "a.png", pnginfo=info)
     picture(6, 6, seed=9).save(tmp_path / "b.png")
 
+    monkeypatch.chdir(tmp_path)
+
     def imagine(*a):
-        return subprocess.run([sys.executable, "-m", "imagine.cli", "upscale", *a], capture_output=True, text=True,
-                              cwd=tmp_path)
+        return run_cli("upscale", *a)
 
     r = imagine("a.png", "--model", "R-ESRGAN AnimeVideo", "--upscaler-dir", ".", "--size", "25x9")
     assert r.returncode == 0, r.stderr
@@ -390,9 +390,7 @@ def test_the_upscale_command(tmp_path):
 def test_a_folder_of_pictures_with_a_broken_one(tmp_path):
     """(session 38) A folder given as IMAGE: its pictures (not its subfolders'), each into FOLDER/upscaled/ (or -o);
     a file that is not a picture is skipped and named, the rest written, and the exit code says so (1)."""
-    import subprocess
-    import sys
-
+    from imagine.testing import run_cli
     from imagine.upscalers import EMBEDDED_UPSCALER
 
     photos = tmp_path / "photos"
@@ -402,7 +400,7 @@ def test_a_folder_of_pictures_with_a_broken_one(tmp_path):
     picture(4, 4, seed=3).save(photos / "deeper" / "not-read.png")
     (photos / "broken.png").write_bytes(b"not a picture")
     (photos / "notes.txt").write_text("left alone")
-    r = subprocess.run([sys.executable, "-m", "imagine.cli", "upscale", str(photos)], capture_output=True, text=True)
+    r = run_cli("upscale", photos)
     assert r.returncode == 1 and "skipped" in r.stderr and "broken.png" in r.stderr, r.stderr
     assert "1 of 3 pictures skipped" in r.stderr
     made = sorted(p.name for p in (photos / "upscaled").iterdir())
@@ -412,18 +410,17 @@ def test_a_folder_of_pictures_with_a_broken_one(tmp_path):
     assert np.array_equal(np.asarray(Image.open(photos / "upscaled" / "one-upscaled.png")), np.asarray(want))
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = subprocess.run([sys.executable, "-m", "imagine.cli", "upscale", str(empty)], capture_output=True, text=True)
+    r = run_cli("upscale", empty)
     assert r.returncode == 2 and "a folder with no pictures in it" in r.stderr, r.stderr
 
 
 def test_the_bench_runs_both_sides_on_the_same_weights(tmp_path):
     import json
-    import subprocess
-    import sys
 
-    r = subprocess.run([sys.executable, "-m", "imagine.cli", "bench", "upscale", "--models", "tiny,tiny_swinir",
-                        "--tile", "16", "--repeats", "1", "--json", str(tmp_path / "b.json")],
-                       capture_output=True, text=True)
+    from imagine.testing import run_cli
+
+    r = run_cli("bench", "upscale", "--models", "tiny,tiny_swinir", "--tile", 16, "--repeats", 1, "--json",
+                tmp_path / "b.json")
     assert r.returncode == 0, r.stderr
     for model in json.loads((tmp_path / "b.json").read_text())["models"]:
         sides = model["sides"]
