@@ -902,22 +902,30 @@ CLIP_PIXEL_MEAN, CLIP_PIXEL_STD = [0.48145466, 0.4578275, 0.40821073], [0.268629
 def unclip_parts(tower: dict[str, torch.Tensor], name: str, dtype: torch.dtype, act: str = "gelu"):
     """An unCLIP file's image embedder (its CLIP vision tower in transformers' CLIPVisionModelWithProjection, CLIP's
     picture processing at the tower's size, the identity statistics) and its augmentation's noise schedule."""
-    import transformers
-
-    from imagine.models.image_encoder import ImageEmbedder
     from imagine.schedules import NoiseSchedule
 
     config, state = keymap.openclip_visual_to_transformers(tower, f"{name} ({UNCLIP_TOWER_PREFIX}*)", act)
-    model = _build(transformers.CLIPVisionModelWithProjection, transformers.CLIPVisionConfig(**config), state,
-                   f"{name} (image tower)", dtype)
+    return clip_image_embedder(config, state, f"{name} (image tower)", dtype), \
+        NoiseSchedule.from_diffusers_config(dict(UNCLIP_NOISE_SCHEDULE))
+
+
+def clip_image_embedder(config: dict[str, Any], state: dict[str, torch.Tensor], source: str, dtype: torch.dtype):
+    """A CLIP image tower (transformers' CLIPVisionConfig arguments and CLIPVisionModelWithProjection's state dict) as
+    an ImageEmbedder: CLIP's picture processing at the tower's size, the identity statistics (an unCLIP file's
+    tower and ComfyUI's clip_vision files carry none)."""
+    import transformers
+
+    from imagine.models.image_encoder import ImageEmbedder
+
+    model = _build(transformers.CLIPVisionModelWithProjection, transformers.CLIPVisionConfig(**config), state, source,
+                   dtype)
     model = finish_clip_text_model(model, state)  # (its position_ids, built on the meta device)
     kind = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     size = config["image_size"]
     processor = kind(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                      image_mean=CLIP_PIXEL_MEAN, image_std=CLIP_PIXEL_STD)
     width = config["projection_dim"]
-    embedder = ImageEmbedder(model, processor, torch.zeros(width), torch.ones(width))
-    return embedder, NoiseSchedule.from_diffusers_config(dict(UNCLIP_NOISE_SCHEDULE))
+    return ImageEmbedder(model, processor, torch.zeros(width), torch.ones(width))
 
 
 # SD 2.1 Turbo (stabilityai/sd-turbo) is saved by Stability's sgm code: its OpenCLIP ViT-H tower sits where the SDXL

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "for the requests that ask, and put back exactly after)")
     p.add_argument("--vae-dir", default=None, metavar="DIR",
                    help="a folder of VAE files (and VAE folders) that ComfyUI graphs load with VAELoader by name")
+    p.add_argument("--clip-vision-dir", default=None, metavar="DIR",
+                   help="a folder of CLIP image tower files (ComfyUI's models/clip_vision: clip_vision_g.safetensors "
+                        "for SDXL's Revision) that ComfyUI graphs load with CLIPVisionLoader by name")
     p.add_argument("--upscaler-dir", default=None, metavar="DIR",
                    help="a folder of upscaler models (ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, SPAN, RealPLKSR: "
                         "A1111's models/ESRGAN, RealESRGAN, SwinIR, DAT, or its whole models/ folder; ComfyUI's "
@@ -201,6 +204,8 @@ def run(args) -> int:
         raise FileNotFoundError(f"--lora-dir: {args.lora_dir} is not a folder")
     if getattr(args, "vae_dir", None) is not None and not Path(args.vae_dir).is_dir():
         raise FileNotFoundError(f"--vae-dir: {args.vae_dir} is not a folder")
+    if getattr(args, "clip_vision_dir", None) is not None and not Path(args.clip_vision_dir).is_dir():
+        raise FileNotFoundError(f"--clip-vision-dir: {args.clip_vision_dir} is not a folder")
     if getattr(args, "upscaler_dir", None) is not None and not Path(args.upscaler_dir).is_dir():
         raise FileNotFoundError(f"--upscaler-dir: {args.upscaler_dir} is not a folder")
     if args.ckpt_dir is not None and not Path(args.ckpt_dir).is_dir():
@@ -226,8 +231,8 @@ def run(args) -> int:
 
 # the flags that change a latent model (its VAE, LoRAs, embeddings, ControlNets, refiner, CLIP), which a pixel cascade
 # has none of: refused by name
-LATENT_ONLY_FLAGS = ("vae", "vae_dir", "upscaler_dir", "lora", "lora_dir", "embedding", "controlnet", "refiner",
-                     "clip_skip")
+LATENT_ONLY_FLAGS = ("vae", "vae_dir", "clip_vision_dir", "upscaler_dir", "lora", "lora_dir", "embedding", "controlnet",
+                     "refiner", "clip_skip")
 
 
 def _cascade(args, config):
@@ -304,6 +309,7 @@ def _model_app(args, config, styles, model_name: str | None = None, comfyui=None
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
     pipe.vae_dir = Path(args.vae_dir) if getattr(args, "vae_dir", None) else None
     pipe.upscaler_dir = Path(args.upscaler_dir) if getattr(args, "upscaler_dir", None) else None
+    pipe.clip_vision_dir = Path(args.clip_vision_dir) if getattr(args, "clip_vision_dir", None) else None
     app = create_app(pipe, config, styles=styles, model_name=model_name, comfyui=comfyui or args.comfyui_dir)
     app.state.listen = not is_loopback(args.host)
     return app

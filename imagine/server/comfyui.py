@@ -124,9 +124,11 @@ class Vae:
 
 @dataclass(frozen=True)
 class ClipVision:
-    """A CLIP_VISION output of unCLIPCheckpointLoader: the checkpoint's CLIP image tower (an unCLIP model's)."""
+    """A CLIP_VISION output: unCLIPCheckpointLoader's, the checkpoint's CLIP image tower (an unCLIP model's), or
+    CLIPVisionLoader's, the tower file `file` of serve --clip-vision-dir."""
 
     ckpt: str | None = None
+    file: str | None = None
 
 
 @dataclass(eq=False)
@@ -231,7 +233,9 @@ class ComfyState:
     controlnet_names: Callable[[], list[str]] | None = None  # what ControlNetLoader offers: serve --controlnet's
     vae_names: Callable[[], list[str]] | None = None  # what VAELoader offers: the files of serve --vae-dir
     upscaler_names: Callable[[], list[str]] | None = None  # what UpscaleModelLoader offers: serve --upscaler-dir's
+    clip_vision_names: Callable[[], list[str]] | None = None  # what CLIPVisionLoader offers: serve --clip-vision-dir's
     vae: tuple | None = None  # (the last VAE VAELoader loaded: (its path, a weakref to the VAE it was fitted to, it))
+    clip_vision: tuple | None = None  # (the last tower CLIPVisionLoader loaded: (its path, its file's mtime, it))
     # a checkpoint's pipeline by its name, where it is in memory beside the one served (a checkpoint server loads the
     # checkpoints a prompt names before it runs); None: none
     other_pipe: Callable[[str], Any] | None = None
@@ -330,9 +334,14 @@ def comfyui_clip_preprocess(image: torch.Tensor, size: int, mean, std, crop: boo
     return (x - mean) / std
 
 
+def _clip_vision_loader(ctx, clip_name):
+    ctx.clip_vision_embedder(ClipVision(file=clip_name))  # (loaded now: a file that is no tower fails this node)
+    return (ClipVision(file=clip_name),)
+
+
 def _clip_vision_encode(ctx, clip_vision, image, crop="center"):
     # (ComfyUI's CLIPVisionEncode: the tower's projected embedding of its preprocessed pictures)
-    embedder = ctx.pipe_of(clip_vision.ckpt).c.image_embedder
+    embedder = ctx.clip_vision_embedder(clip_vision)
     p = embedder.processor
     crop_size = p.crop_size  # (a dict, or transformers' SizeDict, or a number)
     size = int(crop_size if isinstance(crop_size, (int, float)) else
@@ -363,20 +372,42 @@ def unclip_label(pipe, unclip: tuple, seed: int, n: int) -> torch.Tensor:
     10) (ComfyUI's KSampler seed - 10), un-normalized, its level's code appended, times its strength; several summed,
     then noised again at round(999 * 0.05) (ComfyUI draws that noise from its global generator; here the same seeded
     draw); none: zeros (ComfyUI's encode_adm without one)."""
+    embedder = pipe.c.image_embedder
+    if not unclip:
+        return torch.zeros(n, 2 * embedder.dim)
+    return _unclip_adm(embedder, pipe.c.image_noise_schedule, unclip, seed).repeat(n, 1)
+
+
+def _unclip_adm(embedder, schedule, unclip: tuple, seed: int) -> torch.Tensor:
+    # (ComfyUI's unclip_adm, [1, 2D]: see unclip_label)
     from imagine.pipelines.unclip import image_condition
 
-    embedder, schedule = pipe.c.image_embedder, pipe.c.image_noise_schedule
     top, d = int(schedule.num_train_timesteps), embedder.dim
-    if not unclip:
-        return torch.zeros(n, 2 * d)
 
     def noised(z: torch.Tensor, augmentation: float) -> torch.Tensor:
         noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(int(seed) - 10))
         return image_condition(embedder, z, noise, round((top - 1) * augmentation), schedule)
 
     out = [noised(row[None].float(), aug) * strength for embeds, strength, aug in unclip for row in embeds]
-    label = out[0] if len(out) == 1 else noised(torch.stack(out).sum(0)[:, :d], UNCLIP_MERGE_AUGMENTATION)
-    return label.repeat(n, 1)
+    return out[0] if len(out) == 1 else noised(torch.stack(out).sum(0)[:, :d], UNCLIP_MERGE_AUGMENTATION)
+
+
+def revision_pooled(unclip: tuple, seed: int, n: int, width: int) -> torch.Tensor:
+    """SDXL's Revision, [n, width]: an SDXL model given unCLIPConditioning reads, in place of its text's pooled vector,
+    the image embedding noised as an unCLIP model's class input is (`unclip_label`) by SDXL's own noise augmentor
+    (ComfyUI's sdxl_pooled: CLIPEmbeddingNoiseAugmentation, 1000 squaredcos_cap_v2 steps, identity statistics), the
+    level's code cut off: unclip_adm(...)[:, :1280], 1280 the pooled vector's width and ViT-bigG's embedding's."""
+    from imagine.loading.single_file import UNCLIP_NOISE_SCHEDULE
+    from imagine.models.image_encoder import ImageEmbedder
+    from imagine.schedules import NoiseSchedule
+
+    d = unclip[0][0].shape[-1]
+    if d != width:
+        raise ValueError(f"unCLIPConditioning on SDXL (Revision): the CLIP vision embeddings are {d} wide and this "
+                         f"model's pooled text vector is {width}: Revision reads ViT-bigG's (clip_vision_g)")
+    identity = ImageEmbedder(None, None, torch.zeros(width), torch.ones(width))
+    schedule = NoiseSchedule.from_diffusers_config(dict(UNCLIP_NOISE_SCHEDULE))
+    return _unclip_adm(identity, schedule, unclip, seed)[:, :width].repeat(n, 1)
 
 
 # ComfyUI's `embedding:NAME` word (its sd1_clip tokenize_with_weights): at the start of a word (the text's, after a
@@ -502,13 +533,22 @@ def _area_conditioning(positive: tuple, negative: tuple, pipe, n: int, height: i
                                                             comfyui_percent_sigma(table, o["end_percent"]))
             # (an entry's own size codes, CLIPTextEncodeSDXL's, before the picture's)
             labels = {"class_labels": unclip_label(pipe, o.get("unclip", ()), seed, n)} if unclip else {}
-            out.append(AreaEntry({**sizes, **_encoded(pipe, c.encoding, n, cache), **labels}, area=o.get("area"),
+            encoded = _encoded(pipe, c.encoding, n, cache)
+            if not unclip and o.get("unclip"):  # (SDXL's Revision: the picture's pooled vector for the text's)
+                encoded["text_embeds"] = revision_pooled(o["unclip"], seed, n, encoded["text_embeds"].shape[-1])
+            out.append(AreaEntry({**sizes, **encoded, **labels}, area=o.get("area"),
                                  strength=o.get("strength", 1.0), mask=o.get("mask"),
                                  mask_strength=o.get("mask_strength", 1.0), bounds=o.get("bounds", False),
                                  levels=levels))
         return AreaConditioning(out)
 
     return side(positive, False), side(negative, True) if guided else None
+
+
+def _is_sdxl(pipe) -> bool:
+    # (a model whose U-Net reads a pooled text vector beside the size codes: SDXL's base or refiner)
+    config = getattr(getattr(pipe, "unet", None), "config", None)
+    return getattr(config, "addition_embed_type", None) == "text_time"
 
 
 def is_unclip(pipe) -> bool:
@@ -762,6 +802,19 @@ def _latent_subtract(ctx, samples1, samples2):
 
 def _latent_multiply(ctx, samples, multiplier):
     return ({**samples, "samples": samples["samples"] * float(multiplier)},)
+
+
+def _latent_interpolate(ctx, samples1, samples2, ratio):
+    """Its LatentInterpolate: at each position the two latents' channel vectors, each taken to unit length, mixed
+    ratio : 1 - ratio, taken to unit length again and given the lengths mixed the same way (a zero vector counts as
+    zero: its nan_to_num). ComfyUI divides [B, C, H, W] by norms [B, H, W], which lines up only at batch 1; here the
+    norms keep their channel axis, the same numbers at batch 1 and each picture's own at any batch."""
+    a = samples1["samples"]
+    b = _reshaped_to(a.shape, samples2["samples"])
+    r = float(ratio)
+    m1, m2 = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    t = torch.nan_to_num(a / m1) * r + torch.nan_to_num(b / m2) * (1.0 - r)
+    return ({**samples1, "samples": torch.nan_to_num(t / t.norm(dim=1, keepdim=True)) * (m1 * r + m2 * (1.0 - r))},)
 
 
 def _latent_batch(ctx, samples1, samples2):
@@ -1327,6 +1380,10 @@ NODES: dict[str, Node] = {
         lambda s: {"required": {"ckpt_name": (s.checkpoint_names(),)}}, ("MODEL", "CLIP", "VAE", "CLIP_VISION"),
         _unclip_checkpoint, "loaders", "Loads an unCLIP checkpoint and its CLIP image tower.",
         display_name="unCLIPCheckpointLoader"),
+    "CLIPVisionLoader": Node(
+        lambda s: {"required": {"clip_name": (s.clip_vision_names(),)}}, ("CLIP_VISION",), _clip_vision_loader,
+        "loaders", "Loads a CLIP image tower file of serve --clip-vision-dir (clip_vision_g.safetensors for SDXL's "
+        "Revision).", display_name="Load CLIP Vision"),
     "CLIPVisionEncode": Node(
         lambda s: {"required": {"clip_vision": ("CLIP_VISION",), "image": ("IMAGE",),
                                 "crop": (["center", "none"],)}},
@@ -1642,6 +1699,9 @@ NODES: dict[str, Node] = {
         lambda s: {"required": {"samples": ("LATENT",),
                                 "multiplier": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})}},
         ("LATENT",), _latent_multiply, "latent/advanced", display_name="LatentMultiply"),
+    "LatentInterpolate": Node(
+        lambda s: {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",), "ratio": _fraction(1.0)}},
+        ("LATENT",), _latent_interpolate, "latent/advanced", display_name="LatentInterpolate"),
     "LatentBatch": Node(lambda s: {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",)}}, ("LATENT",),
                         _latent_batch, "latent/batch", display_name="LatentBatch"),
     "LatentBatchSeedBehavior": Node(
@@ -1843,6 +1903,22 @@ class Execution:
                              "is loaded beside it (imagine serve --ckpt-dir serves several)")
         return other
 
+    def clip_vision_embedder(self, clip_vision: ClipVision):
+        """A CLIP_VISION's tower (an ImageEmbedder): a checkpoint's own, or the file of serve --clip-vision-dir that
+        CLIPVisionLoader names, loaded once and kept while the prompts name it."""
+        if clip_vision.file is None:
+            return self.pipe_of(clip_vision.ckpt).c.image_embedder
+        folder = getattr(self.served.pipe, "clip_vision_dir", None)
+        path = Path(folder) / clip_vision.file if folder is not None else None
+        if path is None or not path.is_file() or Path(folder).resolve() not in path.resolve().parents:
+            raise ValueError(f"clip_name {clip_vision.file!r}: no such CLIP vision file in serve --clip-vision-dir")
+        kept = self.state.clip_vision
+        if kept is None or kept[0] != path or kept[1] != path.stat().st_mtime_ns:
+            from imagine.loading.clip_vision import load_clip_vision
+
+            self.state.clip_vision = kept = (path, path.stat().st_mtime_ns, load_clip_vision(path))
+        return kept[2]
+
     def __call__(self, pipe, run) -> dict:
         self.run = run
         for nid in self.prompt.outputs:
@@ -1954,12 +2030,15 @@ class Execution:
         # (one text a side goes to the pipeline as text, unless it holds what reads as an A1111 LoRA tag there: ComfyUI
         # reads `<lora:...>` as text, as the lists' own encoding does)
         unclip = is_unclip(pipe)
-        if not unclip and any(dict(c.options).get("unclip") for c in entries):
+        revision = not unclip and any(dict(c.options).get("unclip") for c in entries)
+        if revision and not _is_sdxl(pipe):
             raise ValueError("unCLIPConditioning is for an unCLIP model (SD 2.1 unCLIP, whose U-Net reads the image "
-                             f"embedding); {model.ckpt or 'this model'!r} does not read one")
-        # (an unCLIP model reads its class input on every entry: zeros where unCLIPConditioning gave none, as ComfyUI)
+                             "embedding) or SDXL (Revision: the embedding in place of the pooled text vector); "
+                             f"{model.ckpt or 'this model'!r} reads neither")
+        # (an unCLIP model reads its class input on every entry: zeros where unCLIPConditioning gave none, as ComfyUI;
+        # SDXL given one reads it in its pooled vector's place on those entries)
         simple = len(positive) == len(negative) == 1 and first.text is not None and negative[0].text is not None \
-            and not any(LORA_TAG.search(t) for t in (first.text, negative[0].text)) and not unclip
+            and not any(LORA_TAG.search(t) for t in (first.text, negative[0].text)) and not unclip and not revision
         areas = not simple and any(dict(c.options).get("area") is not None or dict(c.options).get("bounds")
                                    for c in entries)
         if areas and (first.concat is not None or first.controls or negative[0].controls):
@@ -2200,10 +2279,15 @@ def _upscaler_files(folder) -> list[str]:
 def _lora_files(folder) -> list[str]:
     from imagine.pipelines.text_to_image import LORA_SUFFIXES
 
+    return _weight_files(folder, LORA_SUFFIXES)
+
+
+def _weight_files(folder, suffixes=(".safetensors", ".ckpt", ".pt", ".pth", ".bin")) -> list[str]:
+    # (a folder's weight files, its subfolders' too, by their paths in it)
     if folder is None or not Path(folder).is_dir():
         return []
     return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")
-                  if p.is_file() and p.suffix.lower() in LORA_SUFFIXES)
+                  if p.is_file() and p.suffix.lower() in suffixes)
 
 
 def new_state(base_dir: str | Path | None = None) -> ComfyState:
@@ -2230,6 +2314,9 @@ def add_routes(app, served: Served, state: ComfyState, version: str = "") -> Com
     if state.upscaler_names is None:  # (and --upscaler-dir)
         upscaler_dir = getattr(pipe, "upscaler_dir", None)
         state.upscaler_names = lambda: _upscaler_files(upscaler_dir)
+    if state.clip_vision_names is None:  # (and --clip-vision-dir)
+        clip_vision_dir = getattr(pipe, "clip_vision_dir", None)
+        state.clip_vision_names = lambda: _weight_files(clip_vision_dir)
     if state.controlnet_names is None:  # (and --controlnet)
         nets = controlnet_names(pipe)
         state.controlnet_names = lambda: nets
