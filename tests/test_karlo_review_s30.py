@@ -50,7 +50,9 @@ def test_karlo_guidance_runs_in_both_stages_when_either_scale_is_above_1(karlo, 
     diff = (small - small_want).abs().flatten()
     print(f"prior {prior_scale} decoder {decoder_scale}: decoder sample max diff {float(diff.max()):.2e}, "
           f"rel {rel(small, small_want):.2e}; picture {float(psnr_pt((got * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), want)):.1f} dB")
-    assert float(torch.quantile(diff, 0.999)) < 3e-3 and float(diff.mean()) < 1e-3
+    # (float rounding, amplified by the decoder's guidance at 8: the 99.9% quantile seen from 9e-4 to 5e-3, as MKL's
+    # sums change with the memory the process has used before; the prior at 1 in place of 0.5 moves it by 3.8e-2)
+    assert float(torch.quantile(diff, 0.999)) < 1e-2 and float(diff.mean()) < 1e-3
     assert psnr_pt((got * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), want) >= 65
 
 
