@@ -156,15 +156,16 @@ def test_more_steps_converge_on_one_path():
 
     def distance(sampler, noise, n):
         kw = dict(karras=True, sampler_options={"sde_noise": noise})
-        if (sampler, noise) not in fine_runs:  # (the 320-step run, once per sampler and noise)
-            fine_runs[sampler, noise] = run_ours(cfg, sampler, steps=320, **kw)
+        if (sampler, noise) not in fine_runs:  # (the 160-step run, once per sampler and noise)
+            fine_runs[sampler, noise] = run_ours(cfg, sampler, steps=160, **kw)
         return float((run_ours(cfg, sampler, steps=n, **kw) - fine_runs[sampler, noise]).pow(2).mean().sqrt())
 
+    # (seen: 20 steps 0.25-0.40 from the 160-step image, 80 steps 0.048-0.105; independent draws at 80 steps 1.62)
     for sampler in ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"):
-        coarse, fine = distance(sampler, "brownian", 20), distance(sampler, "brownian", 160)
+        coarse, fine = distance(sampler, "brownian", 20), distance(sampler, "brownian", 80)
         assert fine < 0.15 and fine < coarse / 2, (sampler, coarse, fine)
         if sampler != "dpmpp_sde":  # (its substeps need the paths: no independent draws)
-            assert distance(sampler, "independent", 160) > 1.0, sampler
+            assert distance(sampler, "independent", 80) > 1.0, sampler
 
 
 # -- seeds, options and errors -------------------------------------------------------------------------------------
