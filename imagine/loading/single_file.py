@@ -690,7 +690,9 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str)
 def _build(cls, config, state, source: str, dtype: torch.dtype):
     """Build on the meta device (no init work: every weight is about to be replaced), then take
     the checkpoint's tensors as the parameters."""
-    with torch.device("meta"):
+    from imagine.models.io import without_random_init
+
+    with torch.device("meta"), without_random_init():
         model = cls(config)
     _assign(model, _cast(state, dtype), source)
     return model.eval()
@@ -701,8 +703,10 @@ def build_clip_text_model(config: dict[str, Any], state: dict[str, torch.Tensor]
     """A transformers CLIPTextModel with these weights (built on the meta device)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from imagine.models.io import without_random_init
+
     cfg = CLIPTextConfig(**config, **(token_ids or {}))
-    with torch.device("meta"):
+    with torch.device("meta"), without_random_init():
         model = CLIPTextModel(cfg)
     state = _cast(state, dtype)
     _assign(model, state, source)

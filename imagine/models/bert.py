@@ -141,9 +141,12 @@ class BertEncoder(nn.Module):
 
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
-        # (built on the CPU: a meta-device build runs nn.init through torch._refs, which imports torch._dynamo,
-        # seconds of import for nothing)
-        model = cls(config)
+        # (built on the CPU without its random draws: a meta-device build runs nn.init through torch._refs, which
+        # imports torch._dynamo, seconds of import for nothing)
+        from imagine.models.io import without_random_init
+
+        with without_random_init():
+            model = cls(config)
         state = load_file(str(folder / "model.safetensors"))
         state = {k.removeprefix("bert."): v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         extra = {k for k in state if k.startswith("pooler.") or k == "embeddings.position_ids"}

@@ -200,7 +200,7 @@ class ControlNetModel(UNet2DConditionModel):
         """A diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors)."""
         cfg = io.read_config(folder, "ControlNetModel")
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), io.without_random_init():
                 model = cls.from_config_dict(cfg)
         except ValueError as e:
             raise ValueError(f"{folder}/config.json: {e}") from None

@@ -909,7 +909,7 @@ class EfficientUNet(nn.Module):
             config = EfficientUNetConfig.from_dict(cfg)
         except ValueError as e:
             raise ValueError(f"{folder}/config.json: {e}") from None
-        with torch.device("meta"):
+        with torch.device("meta"), io.without_random_init():
             model = cls(config)
         path = io.find_weights(folder)
         io.load_state_into(model, io.load_tensors(path), str(path), assign=True)

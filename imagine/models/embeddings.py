@@ -260,7 +260,8 @@ class UnCLIPTextProj(nn.Module):
         from imagine.models import io
 
         try:
-            model = cls(io.read_config(folder, "UnCLIPTextProjModel"))
+            with io.without_random_init():  # (every weight is loaded next)
+                model = cls(io.read_config(folder, "UnCLIPTextProjModel"))
         except ValueError as e:
             raise ValueError(f"{folder}/config.json: {e}") from None
         path = io.find_weights(folder)

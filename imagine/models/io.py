@@ -186,6 +186,29 @@ def save_component(module: torch.nn.Module, config: dict[str, Any], folder: str 
     atomic_write_json(folder / "config.json", full)
 
 
+class _NoRandomInit(torch.overrides.TorchFunctionMode):
+    # (nn.init's random fills, called as functions or as Tensor methods, do nothing: the tensor is given back)
+    FILLS = frozenset({torch.nn.init.uniform_, torch.nn.init.normal_, torch.nn.init.trunc_normal_,
+                       torch.nn.init.kaiming_uniform_, torch.nn.init.kaiming_normal_, torch.nn.init.xavier_uniform_,
+                       torch.nn.init.xavier_normal_, torch.nn.init.orthogonal_, torch.Tensor.uniform_,
+                       torch.Tensor.normal_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FILLS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def without_random_init() -> torch.overrides.TorchFunctionMode:
+    """A context in which modules are built without drawing their random initial weights (nn.init's random fills
+    skipped; the parameters hold whatever memory they were given), for a model whose every weight is loaded next:
+    the draws would be thrown away, and they are most of a small model's loading time (MiniLM's 30522 x 384 word
+    table alone). Only this thread is affected (torch's function modes are per thread); not for training from
+    scratch."""
+    return _NoRandomInit()
+
+
 def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False,
                     layout: str = "as configured", may_lack=None) -> list[str]:
     """`load_state_dict(strict=True)` with an error that lists what was missing, unexpected or

@@ -137,7 +137,8 @@ class PriorTransformer(nn.Module):
         """A diffusers-layout prior folder (config.json + safetensors), in eval mode."""
         cfg = io.read_config(folder, "PriorTransformer")
         try:
-            model = cls(cfg)
+            with io.without_random_init():  # (every weight is loaded next)
+                model = cls(cfg)
         except ValueError as e:
             raise ValueError(f"{folder}/config.json: {e}") from None
         path = io.find_weights(folder)

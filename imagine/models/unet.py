@@ -1067,7 +1067,7 @@ class UNet2DConditionModel(nn.Module):
         # Build on the meta device (no init work: the weights are about to be replaced) and let the loaded
         # tensors become the parameters (assign). Not to_empty(): on meta tensors it goes through torch._refs,
         # whose import (torch.fx symbolic shapes) cost a second of every cold start.
-        with torch.device("meta"):
+        with torch.device("meta"), io.without_random_init():
             model = cls(config)
         path = io.find_weights(folder)
         state = io.load_tensors(path)

@@ -421,7 +421,8 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "AutoencoderKL":
         cfg = io.read_config(folder, "AutoencoderKL")
-        model = cls(VAEConfig.from_dict(cfg))
+        with io.without_random_init():  # (every weight is loaded next)
+            model = cls(VAEConfig.from_dict(cfg))
         path = io.find_weights(folder)
         io.load_state_into(model, io.load_tensors(path), str(path))
         return model.to(dtype).eval()

@@ -2124,7 +2124,9 @@ def fast_copy(module: torch.nn.Module) -> torch.nn.Module:
         state = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v.contiguous()
                  for k, v in state.items()}
         try:
-            with torch.device("meta"):
+            from imagine.models.io import without_random_init
+
+            with torch.device("meta"), without_random_init():
                 copy = type(module)(module.config)  # no init work: the weights are assigned below
             copy.load_state_dict(state, strict=True, assign=True)
         except (TypeError, AttributeError, RuntimeError):
