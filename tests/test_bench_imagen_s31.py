@@ -11,7 +11,7 @@ import torch
 
 import imagen_peer
 from imagine.bench import imagen as bench
-from imagine.cli import BENCHES, main
+from imagine.cli import BENCHES
 from imagine.hardware import native_bf16
 
 RTOL = 1e-5  # max |ours - peer| / max |peer|, float32 (tests/test_efficient_unet_s31.py's)
@@ -23,16 +23,18 @@ def ip():
     return imagen_peer.load()  # (the offline import, before the bench's own loader looks for it)
 
 
-def test_bench_runs_end_to_end_with_both_sides(ip, tmp_path, capsys):
+def test_bench_runs_end_to_end_with_both_sides(tmp_path):
+    import subprocess
+    import sys
+
     out = tmp_path / "imagen.json"
     assert BENCHES["imagen"][0] == "imagine.bench.imagen"
-    threads = torch.get_num_threads()
-    try:
-        code = main(["bench", "imagen", "--models", "tiny,tiny_sr", "--repeats", "1", "--threads", "1",
-                     "--sides", ",".join(bench.SIDES), "--json", str(out)])
-    finally:
-        torch.set_num_threads(threads)  # (the flag sets the process's)
-    assert code == 0
+    # (in a process of its own: the bench collects garbage before each timed call, which takes seconds each in a test
+    # worker's heap of thousands of tests)
+    r = subprocess.run([sys.executable, "-m", "imagine.cli", "bench", "imagen", "--models", "tiny,tiny_sr", "--repeats",
+                        "1", "--threads", "1", "--sides", ",".join(bench.SIDES), "--json", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [m["model"] for m in result["models"]] == ["tiny", "tiny_sr"]
     assert result["imagen_pytorch"] == "2.1.0" and result["threads"] == 1
@@ -47,7 +49,7 @@ def test_bench_runs_end_to_end_with_both_sides(ip, tmp_path, capsys):
             assert len(side["seconds"]) == 1 and side["median_s"] > 0 and side["median_cpu_s"] >= 0
             assert side["peak_added_mb"] >= 0 and "output" not in side
         assert {"imagine_vs_imagen_pytorch", "imagine_fast_vs_imagen_pytorch_batched"} <= set(m["ratios"]["cpu"])
-    text = capsys.readouterr().out
+    text = r.stdout
     assert "U-Net tiny_sr (8 -> 16 px" in text and "rel_diff_vs_imagen_pytorch" in text
 
 

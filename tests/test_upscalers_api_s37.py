@@ -239,8 +239,8 @@ def test_generate_with_a_model_upscaler_and_an_infotext_naming_one(pipe, folder,
     assert any("R-ESRGAN 2x+ (upscaled with Lanczos here" in n for n in missing["_infotext_notes"])
     model_dir = pipe.c.source
     r = run_cli("generate", "a red circle", "--model", model_dir, "--steps", 2, "--width", 16, "--height", 16,
-                "--hires-scale", 2, "--hires-upscaler", "R-ESRGAN 2x+", "--upscaler-dir", folder, "-o", tmp_path / "h.png",
-                "-q")
+                "--hires-scale", 2, "--hires-upscaler", "R-ESRGAN 2x+", "--upscaler-dir", folder,
+                "-o", tmp_path / "h.png", "-q")
     assert r.returncode == 0, r.stderr
     out = Image.open(tmp_path / "h.png")
     assert out.size == (32, 32) and "Hires upscaler: R-ESRGAN 2x+" in out.info["parameters"]
