@@ -13,6 +13,7 @@ both encoders are frozen.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -154,15 +155,28 @@ class CaptionStates:
 
     def precompute_text(self, captions: list[str], batch: int = 256) -> None:
         """Encode and cache `captions` in chunks of `batch` (sorted, so the chunks, and with them the
-        float rounding of each caption's states, depend only on the list given)."""
+        float rounding of each caption's states, depend only on the list given). Captions past the text encoder's
+        window are told once, counted (the encoder's own warning per prompt would be thousands of lines for a
+        dataset's captions)."""
         todo = sorted(set(captions) - set(self.text_cache))
-        for i in range(0, len(todo), batch):
-            chunk = todo[i:i + batch]
-            enc = self.text_encoder.encode(chunk)
-            for j, c in enumerate(chunk):
-                # (kept in fp32 on the CPU: a caption first met under autocast is not stored in bf16 beside fp32 ones)
-                self.text_cache[c] = (enc.states[j].float().cpu().clone(),
-                                      None if enc.mask is None else enc.mask[j].cpu().clone())
+        cut = _CountedWarnings()
+        encoder_log = logging.getLogger("imagine.models.text_encoders")
+        encoder_log.addFilter(cut)
+        try:
+            for i in range(0, len(todo), batch):
+                chunk = todo[i:i + batch]
+                enc = self.text_encoder.encode(chunk)
+                for j, c in enumerate(chunk):
+                    # (kept in fp32 on the CPU: a caption first met under autocast is not stored in bf16 beside fp32
+                    # ones)
+                    self.text_cache[c] = (enc.states[j].float().cpu().clone(),
+                                          None if enc.mask is None else enc.mask[j].cpu().clone())
+        finally:
+            encoder_log.removeFilter(cut)
+        if cut.count:
+            logging.getLogger(__name__).warning(
+                "%d of %d captions are longer than the text encoder's window and were cut (the first: %s)",
+                cut.count, len(todo), cut.first)
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.d["cache_text"]:
@@ -178,6 +192,19 @@ class CaptionStates:
                 cond["context_mask"] = torch.stack(masks)
             return cond
         return self.text_encoder.encode(captions).as_cond()
+
+
+class _CountedWarnings:
+    # (a logging filter that holds back the warnings of a logger and counts them, keeping the first's text)
+    def __init__(self):
+        self.count, self.first = 0, None
+
+    def filter(self, record) -> bool:
+        if record.levelno == logging.WARNING:
+            self.count += 1
+            self.first = self.first or record.getMessage()
+            return False
+        return True
 
 
 class DiffusionTask(CaptionStates, Task):
