@@ -60,12 +60,11 @@ def load_clip_vision(path: str | os.PathLike, dtype: torch.dtype = torch.float32
     what = f"{path.name} (CLIP vision)"
     if "visual.transformer.resblocks.0.attn.in_proj_weight" in state or "conv1.weight" in state:
         tower = _prefixed(state, "visual.") if "visual.conv1.weight" in state else state
-        layers = keymap.openclip_layers(tower)
-        act = "quick_gelu" if (tower["conv1.weight"].shape[0], layers) == OPENAI_VIT_L else "gelu"
-        config, state = keymap.openclip_visual_to_transformers(tower, what, act)
+        config, state = keymap.openclip_visual_to_transformers(tower, what)
     else:
         state = {k: v for k, v in state.items() if k != "vision_model.embeddings.position_ids"}
         config = clip_vision_config(state, what)
-        config["hidden_act"] = "quick_gelu" if (config["hidden_size"], config["num_hidden_layers"]) == OPENAI_VIT_L \
-            else "gelu"
+    # (the activation as ComfyUI's configs give it: OpenAI's ViT-L/14 quick_gelu, the OpenCLIP towers GELU)
+    config["hidden_act"] = "quick_gelu" if (config["hidden_size"], config["num_hidden_layers"]) == OPENAI_VIT_L \
+        else "gelu"
     return clip_image_embedder(config, state, what, dtype)
